@@ -1,0 +1,34 @@
+"""`memfit <command>`: one thin entry point; each family registers its own subcommands."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each family owns its commands in its own `cli` module, which defines `register(subparsers)`: it adds
+# parsers whose `func(args) -> int` runs the command. Registration must stay cheap: heavy imports
+# (torch, ortools, ...) happen inside `func`, so `memfit --help` is instant.
+FAMILY_CLIS = ("memfit.llm.cli", "memfit.train.cli", "memfit.plan.cli", "memfit.quant.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memfit", description="Run, serve and train models inside a memory budget.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in FAMILY_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency inside the module: surface it
+                raise
+            continue  # that family has no commands yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`LLM`: offline batch generation, in the convention people know from vLLM.
+
+    from memfit.llm import LLM, SamplingParams
+    llm = LLM(model="memfit-tiny", kv_cache="virtual", kv_budget="256MiB", dtype="float32")
+    outs = llm.generate(["def add(a, b):"], SamplingParams(max_tokens=32, temperature=0))
+    print(outs[0].text)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+from memfit.llm.engine import EngineConfig, LLMEngine
+from memfit.llm.outputs import RequestOutput
+from memfit.llm.sampling import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "memfit-tiny", **engine_options) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model), **engine_options)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Seq[str] | None = None,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        prompt_token_ids: Seq[Seq[int]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (strings, or token id lists); outputs come back in prompt order."""
+        if prompts is not None and prompt_token_ids is not None:
+            raise ValueError("give prompts or prompt_token_ids, not both")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items: list[tuple[str | None, list[int] | None]]
+        if prompt_token_ids is not None:
+            items = [(None, list(ids)) for ids in prompt_token_ids]
+        elif prompts is not None:
+            items = [(p, None) for p in prompts]
+        else:
+            raise ValueError("give prompts or prompt_token_ids")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"{len(params)} sampling params for {len(items)} prompts")
+        # Validate everything before queueing anything, so a bad prompt does not leave half a batch queued.
+        ids = []
+        for (text, toks), p in zip(items, params):
+            ids.append(toks if toks is not None else self.tokenizer.encode(text))
+        order = [self.engine.add_request(prompt_token_ids=t, params=p) for t, p in zip(ids, params)]
+        return self._run(order, [t for t, _ in items], use_tqdm)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        rid = self.engine.add_request(prompt_token_ids=ids, params=sampling_params)
+        return self._run([rid], [prompt], False)[0]
+
+    def _run(self, order: list[str], prompts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(order), desc="generate", unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if progress is not None:
+                            progress.update(1)
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        results = [done[rid] for rid in order]
+        for out, text in zip(results, prompts):
+            out.prompt = text
+        return results

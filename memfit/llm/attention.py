@@ -1,0 +1,130 @@
+"""Attention backends: the one seam between the model and the KV cache.
+
+The model flattens every token of a step into one dimension (N tokens from several sequences, prefill
+chunks and decode tokens mixed) and, in each layer, hands its post-RoPE q/k/v to an `AttentionBackend`.
+The backend decides where K/V live (nowhere, a virtual-memory cache, a paged pool) and returns the
+attention output. So the model never knows about caches, and a cache never knows about the model.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (N, Hq, D), k/v: (N, Hkv, D) for this step's N tokens -> (N, Hq, D)."""
+        ...
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Boolean mask (q_len, kv_len), True where attention is allowed. The q_len queries are the *last*
+    q_len positions of a kv_len context (a prefill chunk after a cached prefix, or a decode token)."""
+    offset = kv_len - q_len
+    qpos = torch.arange(q_len, device=device).unsqueeze(1) + offset  # (q_len, 1)
+    kpos = torch.arange(kv_len, device=device).unsqueeze(0)  # (1, kv_len)
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention for one sequence. q: (Tq, Hq, D); k, v: (Tk, Hkv, D), Tk >= Tq -> (Tq, Hq, D)."""
+    tq, tk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
+    gqa = qh.shape[0] != kh.shape[0]
+    if tq == tk and window is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif tq == 1 and (window is None or tk <= window):
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)  # decode: sees all
+    else:
+        mask = causal_mask(tq, tk, q.device, window)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)  # (Tq, Hq, D)
+
+
+class DenseCausalAttention:
+    """No cache: each sequence attends causally to its own tokens in this step. Used for plain forward
+    passes (parity tests, training the bundled model)."""
+
+    def __init__(self, seq_lens: list[int], scale: float, window: int | None = None) -> None:
+        self.seq_lens = seq_lens
+        self.scale = scale
+        self.window = window
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if len(self.seq_lens) == 1:
+            return attend_one(q, k, v, self.scale, self.window)
+        if self.window is None and len(set(self.seq_lens)) == 1:
+            # Equal lengths (training batches): one batched SDPA call instead of a loop.
+            b, t = len(self.seq_lens), self.seq_lens[0]
+            qb = q.view(b, t, *q.shape[1:]).transpose(1, 2)  # (B, Hq, T, D)
+            kb = k.view(b, t, *k.shape[1:]).transpose(1, 2)  # (B, Hkv, T, D)
+            vb = v.view(b, t, *v.shape[1:]).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=True, scale=self.scale, enable_gqa=qb.shape[1] != kb.shape[1]
+            )
+            return out.transpose(1, 2).reshape(q.shape)
+        outs, start = [], 0
+        for n in self.seq_lens:
+            outs.append(attend_one(q[start : start + n], k[start : start + n], v[start : start + n], self.scale, self.window))
+            start += n
+        return torch.cat(outs, dim=0)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Batched single-token attention over padded caches.
+
+    q: (B, Hq, D); k, v: (B, L, Hkv, D) (often a strided view straight into the cache); lens: (B,) valid
+    lengths, or None when every row uses all L positions -> (B, Hq, D).
+    """
+    qh = q.unsqueeze(2)  # (B, Hq, 1, D)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, L, D)
+    mask = None
+    if lens is not None:
+        mask = (torch.arange(k.shape[1], device=k.device) < lens.unsqueeze(1)).view(k.shape[0], 1, 1, -1)  # (B,1,1,L)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+    return out.squeeze(2)
+
+
+class CachedAttention:
+    """Attention over a KV cache for one engine step.
+
+    The step's tokens are ordered decode sequences first (one token each, rows 0..B-1), then prefill
+    chunks. Per layer: write the new K/V into the cache, then attend decode rows in one batched call
+    over `context_batch` and each prefill chunk over its sequence's `context`.
+    """
+
+    def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None) -> None:
+        self.kv = kv
+        self.steps = steps  # list[SeqStep], decode steps first
+        self.num_decode = num_decode
+        self.scale = scale
+        self.window = window
+        self.plan = kv.plan_step(steps)
+        self.decode_plan = kv.plan_step(steps[:num_decode]) if num_decode > 1 else None
+        ends = [s.end for s in steps[:num_decode]]
+        # Rows all equally long need no mask (the common case when a batch started together).
+        self.decode_lens = None if len(set(ends)) <= 1 else torch.tensor(ends, device=kv.layout.device)
+        if window is not None and ends and max(ends) > window:
+            self.decode_plan = None  # sliding window: fall back to per-sequence attention
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.kv.write(layer, self.plan, k, v)
+        out = torch.empty_like(q)
+        first = 0
+        if self.decode_plan is not None:
+            kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
+            b = self.num_decode
+            out[:b] = decode_attention(q[:b], kc, vc, self.decode_lens, self.scale)
+            first = b
+        row = first
+        for i in range(first, len(self.steps)):
+            n = self.steps[i].num_new
+            kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D)
+            out[row : row + n] = attend_one(q[row : row + n], kc, vc, self.scale, self.window)
+            row += n
+        return out

@@ -1,0 +1,248 @@
+"""LLMEngine (step-wise, for servers) and LLM (batch `generate`, the API people know from vLLM).
+
+`LLMEngine.step()` is schedule -> run -> post-process. Data flows one way:
+scheduler (decides) -> KV manager (reserves) -> runner (computes, samples) -> post-process (detokenize,
+stop checks) -> outputs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memfit.llm.kv import create_kv_cache
+from memfit.llm.kv.base import KVLayout
+from memfit.llm.loader import load_model, resolve_model_path
+from memfit.llm.models.config import parse_dtype
+from memfit.llm.outputs import CompletionOutput, RequestOutput
+from memfit.llm.request import Sequence, SeqStatus
+from memfit.llm.runner import ModelRunner
+from memfit.llm.sampling import SamplingParams, make_generator
+from memfit.llm.scheduler import Scheduler, SchedulerConfig
+from memfit.llm.textstream import TextStream
+from memfit.llm.tokenizer import Tokenizer
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes, resolve_budget
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (prompt too long, empty, ...); the message says what to change."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its configured limit (the server answers 429)."""
+
+
+@dataclass
+class EngineConfig:
+    model: str = "memfit-tiny"  # a local Hugging Face model directory, or a bundled model's name
+    dtype: str | None = None  # float32 | bfloat16 | float16; None = the checkpoint's dtype
+    device: str = "auto"  # auto = cuda if available, else cpu
+    kv_cache: str = "virtual"  # virtual (vAttention) | paged (vLLM-style baseline)
+    kv_budget: int | float | str | None = None  # bytes ("2GiB") or a fraction of available memory
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int | None = None
+    block_size: int = 16  # paged cache only
+    timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
+        config = config or EngineConfig()
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown engine option {key!r}")
+            setattr(config, key, value)
+        self.config = config
+        self.device = config.resolved_device()
+        path = resolve_model_path(config.model)
+        self.model_path = Path(path)
+        dtype = parse_dtype(config.dtype) if config.dtype else None
+        self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = Tokenizer.from_dir(path)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
+        self.kv_budget = MemoryBudget(self._budget_bytes(), Tier.DEVICE, name="kv_budget")
+        kv_opts = {"max_seqs": config.max_num_seqs}
+        if config.kv_cache == "paged":
+            kv_opts = {"block_size": config.block_size}
+        self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
+        )
+        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
+        self._seqs: dict[str, Sequence] = {}
+        self._streams: dict[str, TextStream] = {}
+        self._counter = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.timeline = None
+        if config.timeline:
+            from memfit.memory.measure import MemoryTimeline
+
+            self.timeline = MemoryTimeline(jsonl_path=config.timeline)
+
+    def _budget_bytes(self) -> int:
+        cfg = self.config
+        if cfg.kv_budget is not None:
+            return resolve_budget(cfg.kv_budget, Tier.DEVICE, str(self.device))
+        # Default: room for every sequence slot at full length, but never more than 40% of what is free.
+        full = cfg.max_num_seqs * self.max_model_len * self.layout.bytes_per_token
+        return max(1, min(full, int(0.4 * available_memory(Tier.DEVICE, str(self.device)))))
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        session_id: str | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("give a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty: it must contain at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
+            raise RequestError(f"prompt_token_ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens but the model's context is {self.max_model_len} "
+                "tokens, and at least one token must be left to generate; shorten the prompt"
+            )
+        self._check_fits_budget(len(prompt_token_ids), params)
+        if self.config.max_waiting is not None and len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.scheduler.waiting)} requests are already waiting (limit {self.config.max_waiting})")
+        request_id = request_id or f"req-{next(self._counter)}"
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, session_id,
+            generator=make_generator(params.seed),
+        )
+        if session_id is not None:
+            self._adopt_session_kv(seq)
+        self._seqs[request_id] = seq
+        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _check_fits_budget(self, prompt_len: int, params: SamplingParams) -> None:
+        total = min(prompt_len + params.max_tokens, self.max_model_len)
+        need = self.kv.bytes_needed(total)
+        if need > self.kv_budget.limit_bytes:
+            from memfit.llm.fit import fit_report
+
+            report = fit_report(self.model_config, self.dtype, context_len=total, batch=1, kv_budget=self.kv_budget.limit_bytes)
+            raise MemoryBudgetExceeded(
+                f"one sequence of {total} tokens needs {format_bytes(need)} of KV cache but the KV budget is "
+                f"{format_bytes(self.kv_budget.limit_bytes)}; raise --kv-budget or lower max_tokens.\n{report}"
+            )
+
+    def _adopt_session_kv(self, seq: Sequence) -> None:
+        """Multi-turn reuse: if the session's previous turn left its KV, and this prompt extends the
+        tokens that KV holds, take it over so only the new tokens are prefilled."""
+        old = self.scheduler.take_retained(seq.session_id)  # type: ignore[arg-type]
+        if old is None:
+            return
+        cached = old.all_token_ids[: old.num_computed]
+        n = len(cached)
+        if n == 0 or seq.prompt_token_ids[:n] != cached:
+            self.kv.free(old.seq_id)
+            return
+        seq.seq_id = old.seq_id  # the KV manager knows the cache by this id
+        # At least the last prompt token is fed again so there are logits to sample from.
+        seq.num_computed = min(n, len(seq.prompt_token_ids) - 1)
+        seq.num_cached_prompt = seq.num_computed
+
+    def end_session(self, session_id: str) -> None:
+        self.scheduler.drop_retained(session_id)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.abort(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                head = self.scheduler.waiting[0]
+                raise MemoryBudgetExceeded(
+                    f"request {head.request_id} cannot be scheduled: the KV budget "
+                    f"({format_bytes(self.kv_budget.limit_bytes)}) has no room even with nothing running"
+                )
+            return []
+        result = self.runner.execute(sched.scheduled)
+        self.num_steps += 1
+        outputs = []
+        for seq, token, logprobs in zip(result.sampled_seqs, result.token_ids, result.logprobs):
+            seq.append_token(token, logprobs)
+            self.num_generated_tokens += 1
+            stream = self._streams[seq.request_id]
+            stream.add(seq.output_token_ids)
+            reason = "stop" if stream.stopped else seq.check_token_stop()
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq, stream))
+        if self.timeline is not None:
+            self._record_timeline(sched.num_tokens)
+        return outputs
+
+    def _output(self, seq: Sequence, stream: TextStream) -> RequestOutput:
+        finished = seq.is_finished
+        text, delta = stream.emit(final=finished)
+        completion = CompletionOutput(
+            index=0, text=text, token_ids=list(seq.output_token_ids), logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason if finished else None, delta_text=delta,
+        )
+        out = RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, outputs=[completion], finished=finished,
+            num_cached_tokens=seq.num_cached_prompt,
+        )
+        if finished:
+            self._seqs.pop(seq.request_id, None)
+            self._streams.pop(seq.request_id, None)
+        return out
+
+    def _record_timeline(self, step_tokens: int) -> None:
+        st = self.kv.stats()
+        self.timeline.record(  # type: ignore[union-attr]
+            step=self.num_steps, step_tokens=step_tokens, kv_committed_bytes=st.committed_bytes,
+            kv_used_bytes=st.used_bytes, kv_waste_bytes=st.waste_bytes, tokens_held=st.tokens_held,
+            kv_budget_bytes=st.budget_bytes, num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+        )
+
+    def stats(self) -> dict:
+        st = self.kv.stats()
+        return {
+            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+            "kv_committed_bytes": st.committed_bytes, "kv_used_bytes": st.used_bytes,
+            "kv_waste_bytes": st.waste_bytes, "kv_budget_bytes": st.budget_bytes, "tokens_held": st.tokens_held,
+            "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
+        }
+
+    def close(self) -> None:
+        self.kv.close()

@@ -1,0 +1,251 @@
+"""`paged` KV cache: a vLLM-style block pool, the baseline the `virtual` cache is compared against.
+
+Per layer, K and V are each a pool `(num_blocks, block_size, Hkv, D)`; a sequence owns a *block table*
+(the list of its block ids, in position order), and position p lives in block `table[p // block_size]`
+at offset `p % block_size`. Free blocks sit in a deque used as a stack: allocate and free are O(1), and
+the most recently freed (cache-warm) block is handed out first.
+
+Memory accounting. The pool tensors are allocated once, up front, as vLLM does; `num_blocks` defaults to
+what the budget has room for (capped at `max_seqs` full-length sequences when `max_seqs` is given), so
+the pool never exceeds the budget. *Committed* bytes are the blocks handed to sequences: each block is
+reserved in the budget (owner "kv") when a sequence takes it and released when it is freed. On CUDA the
+whole pool is device memory from construction (`pool_bytes`); on the CPU its pages are faulted in on
+first write and kept by the allocator.
+
+Without a paged-attention kernel, `context` and `context_batch` must gather a sequence's blocks into a
+contiguous tensor: that copy, every layer of every step, is the cost the virtual cache avoids.
+Waste: at most one partly filled block per sequence (block_size - 1 tokens), plus capacity asked for but
+not yet written (`waste_bound_bytes`).
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
+
+
+@dataclass
+class _Seq:
+    blocks: list[int] = field(default_factory=list)
+    requested: int = 0
+    written: int = 0
+
+
+@dataclass
+class PagedPlan:
+    seq_ids: list[int]
+    ends: list[int]
+    write_index: torch.Tensor  # (N,) flat row index block * block_size + offset of each new token
+    tables: list[torch.Tensor]  # per sequence: (ceil(end / bs),) block ids covering 0 .. end-1
+    batch_table: torch.Tensor  # (B, nb_max) block ids, padded with block 0 (masked by the caller)
+    max_end: int
+
+
+class PagedKVCache(KVCacheManager):
+    def __init__(
+        self,
+        layout: KVLayout,
+        budget: MemoryBudget,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_seqs: int | None = None,
+        owner: str = "kv",
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.layout, self.budget, self.block_size, self.owner = layout, budget, block_size, owner
+        self.block_bytes = block_size * layout.bytes_per_token  # one block id across all layers, K and V
+        if num_blocks is None:
+            num_blocks = budget.available_bytes // self.block_bytes
+            if max_seqs is not None:
+                num_blocks = min(num_blocks, max_seqs * -(-layout.max_seq_len // block_size))
+        if num_blocks <= 0:
+            raise ValueError(
+                f"the KV budget ({format_bytes(budget.available_bytes)} free) holds no {format_bytes(self.block_bytes)} "
+                "block; raise the KV budget or lower block_size"
+            )
+        self.num_blocks = num_blocks
+        L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
+        shape = (num_blocks, block_size, H, D)
+        self.k = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(L)]
+        self.v = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(L)]
+        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))  # stack: pop() gives block 0 first
+        self._seqs: dict[int, _Seq] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- scheduler side ---------------------------------------------------------------------------
+    def _fits(self, blocks: int) -> bool:
+        return blocks <= len(self._free) and blocks * self.block_bytes <= self.budget.available_bytes
+
+    def _take(self, seq: _Seq, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
+            raise KVCacheError(f"{num_tokens} tokens is outside 0..max_seq_len={self.layout.max_seq_len}")
+        extra = self.blocks_for(num_tokens) - len(seq.blocks)
+        if extra <= 0:
+            return
+        if extra > len(self._free):
+            raise MemoryBudgetExceeded(
+                f"the paged KV pool has {len(self._free)} free blocks of {self.num_blocks}, {extra} needed; "
+                "raise num_blocks / the KV budget or admit fewer requests"
+            )
+        self.budget.reserve(extra * self.block_bytes, self.owner)  # raises before anything changes
+        seq.blocks.extend(self._free.pop() for _ in range(extra))
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        with self._lock:
+            return 0 <= num_tokens <= self.layout.max_seq_len and self._fits(self.blocks_for(num_tokens))
+
+    def allocate(self, seq_id: int, num_tokens: int) -> None:
+        with self._lock:
+            if seq_id in self._seqs:
+                raise KVCacheError(f"sequence {seq_id} is already allocated")
+            seq = _Seq(requested=num_tokens)
+            self._take(seq, num_tokens)
+            self._seqs[seq_id] = seq
+
+    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
+        with self._lock:
+            seq = self._seq(seq_id)
+            if num_tokens > self.layout.max_seq_len:
+                return False
+            return self._fits(max(0, self.blocks_for(num_tokens) - len(seq.blocks)))
+
+    def grow(self, seq_id: int, num_tokens: int) -> None:
+        with self._lock:
+            seq = self._seq(seq_id)
+            self._take(seq, num_tokens)
+            seq.requested = max(seq.requested, num_tokens)
+
+    def free(self, seq_id: int) -> None:
+        with self._lock:
+            seq = self._seqs.pop(seq_id, None)
+            if seq is None:
+                raise KVCacheError(f"unknown sequence {seq_id}")
+            self._free.extend(reversed(seq.blocks))
+            self.budget.release(len(seq.blocks) * self.block_bytes, self.owner)
+
+    def capacity(self, seq_id: int) -> int:
+        return min(self.layout.max_seq_len, len(self._seq(seq_id).blocks) * self.block_size)
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self._seq(seq_id).written
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return list(self._seq(seq_id).blocks)
+
+    def _seq(self, seq_id: int) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KVCacheError(f"unknown sequence {seq_id}") from None
+
+    def reclaim(self, nbytes: int | None = None) -> int:
+        """Nothing to reclaim: freed blocks return to the pool and the budget at once."""
+        return 0
+
+    def sync(self) -> None:
+        """Nothing runs in the background."""
+
+    # ---- runner side ------------------------------------------------------------------------------
+    def plan_step(self, steps: list[SeqStep]) -> PagedPlan:
+        with self._lock:
+            if not steps:
+                raise KVCacheError("plan_step needs at least one sequence")
+            if len({st.seq_id for st in steps}) != len(steps):
+                raise KVCacheError("a sequence appears twice in one step")
+            seqs = []
+            for st in steps:
+                seq = self._seq(st.seq_id)
+                cap = min(self.layout.max_seq_len, len(seq.blocks) * self.block_size)
+                if st.start < 0 or st.num_new < 0 or st.start > seq.written:
+                    raise KVCacheError(
+                        f"sequence {st.seq_id}: step starts at {st.start} but only {seq.written} tokens are held"
+                    )
+                if st.end > cap:
+                    raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs grow(); capacity is {cap}")
+                seqs.append(seq)
+            ids = [st.seq_id for st in steps]
+            for st, seq in zip(steps, seqs):
+                seq.written = max(seq.written, st.end)
+            dev, bs = self.layout.device, self.block_size
+            rows = []
+            for st, seq in zip(steps, seqs):
+                pos = np.arange(st.start, st.end)
+                rows.append(np.asarray(seq.blocks, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            write_index = torch.from_numpy(np.concatenate(rows)).to(dev)  # (N,)
+            ends = [st.end for st in steps]
+            nbs = [self.blocks_for(e) for e in ends]
+            nb_max = max(nbs)
+            table = np.zeros((len(steps), nb_max), dtype=np.int64)  # padding reads block 0, masked later
+            for i, (seq, nb) in enumerate(zip(seqs, nbs)):
+                table[i, :nb] = seq.blocks[:nb]
+            batch_table = torch.from_numpy(table).to(dev)  # (B, nb_max)
+            tables = [batch_table[i, :nb] for i, nb in enumerate(nbs)]
+            return PagedPlan(ids, ends, write_index, tables, batch_table, max(ends))
+
+    def write(self, layer: int, plan: PagedPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
+            raise KVCacheError(f"K/V dtype {k.dtype} does not match the cache's {self.layout.dtype}")
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        self.k[layer].view(-1, h, d).index_copy_(0, plan.write_index, k)  # pool as (blocks*bs, Hkv, D)
+        self.v[layer].view(-1, h, d).index_copy_(0, plan.write_index, v)
+
+    def _gather(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(..., nb) block ids -> (..., nb * block_size, Hkv, D), a copy."""
+        blocks = pool.index_select(0, table.reshape(-1))  # (prod, bs, Hkv, D)
+        return blocks.view(*table.shape[:-1], table.shape[-1] * self.block_size, *pool.shape[2:])
+
+    def context(self, layer: int, plan: PagedPlan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        e, t = plan.ends[i], plan.tables[i]
+        return self._gather(self.k[layer], t)[:e], self._gather(self.v[layer], t)[:e]  # (end, Hkv, D)
+
+    def context_batch(self, layer: int, plan: PagedPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        lmax = plan.max_end
+        k = self._gather(self.k[layer], plan.batch_table)[:, :lmax]  # (B, Lmax, Hkv, D)
+        v = self._gather(self.v[layer], plan.batch_table)[:, :lmax]
+        return k, v
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def stats(self) -> KVStats:
+        with self._lock:
+            tokens = sum(s.written for s in self._seqs.values())
+            blocks = sum(len(s.blocks) for s in self._seqs.values())
+            return KVStats(
+                committed_bytes=blocks * self.block_bytes,
+                used_bytes=tokens * self.layout.bytes_per_token,
+                tokens_held=tokens,
+                num_seqs=len(self._seqs),
+                budget_bytes=self.budget.limit_bytes,
+            )
+
+    def waste_bound_bytes(self) -> int:
+        """Per sequence: capacity asked for but unwritten, plus one partly filled block."""
+        with self._lock:
+            return self.layout.bytes_per_token * sum(
+                max(s.requested, s.written) - s.written + self.block_size - 1 for s in self._seqs.values()
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            for seq in self._seqs.values():
+                self.budget.release(len(seq.blocks) * self.block_bytes, self.owner)
+            self._seqs.clear()
+            self.k, self.v = [], []
+            self._free.clear()

@@ -1,0 +1,387 @@
+"""`virtual` KV cache (vAttention): every sequence's K/V is contiguous in virtual memory, physical pages
+are committed on demand.
+
+Layout. One `VirtualArena` holds `max_seqs` slots. A slot is 2 x layers *segments*, one per (layer, K|V),
+each `max_seq_len x Hkv x D` elements rounded up to whole pages; slot s, layer l, K|V j starts at byte
+`s * slot_bytes + (2l + j) * seg_bytes`. So for each layer, K and V are each one strided tensor
+`(max_seqs, max_seq_len, Hkv, D)`, and a sequence in slot s reads `K[l][s, :len]` - a view, no copy.
+`context_batch` returns the view `K[l][lo:hi, :Lmax]` when the step's slots are consecutive and in order,
+and gathers the rows otherwise, so *the runner should order decode batches by slot* (`slot_of`).
+
+Physical memory. A slot's segments all hold the same number of committed pages P (a prefix of each
+segment). Every page is reserved in the budget (owner "kv") before it is committed.
+- eager allocation: growing to n tokens commits ceil(n x row / page) pages plus `eager_pages` more (when
+  the budget has room), so most grows are free;
+- overlapped prefault: with `prefault=True` those ahead pages are committed on a background thread, and
+  a sequence that enters its ahead zone asks for the next ones, so page faults leave the decode path;
+- deferred reclamation: `free` keeps the slot's pages; the next sequence takes the idle slot that fits it
+  best (surplus beyond its need + eager is trimmed). Idle pages are decommitted only when a commit
+  would not fit the budget, or by `reclaim()`.
+
+Waste bound (checked by `waste_bound_bytes`, tested): with row = Hkv x D x itemsize, requested = the
+largest size asked of allocate/grow (or the tokens written, if more),
+    committed - used <= sum over live sequences of 2 x layers x [(requested - written) x row
+                                                                 + (1 + eager_pages) x page]
+                        + idle bytes (pages of free slots, reclaimable at any time),
+i.e. at most one partly filled page per (layer, K|V) segment per sequence, plus the eager pages, plus
+capacity asked for but not yet written, plus idle reclaimable slots.
+"""
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass
+import numpy as np
+import torch
+
+from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
+from memfit.memory.vmem import VirtualArena
+
+
+class KVSlotsExhausted(MemoryBudgetExceeded):
+    """Every slot of the virtual cache holds a live sequence: raise max_seqs (virtual space is free)."""
+
+
+@dataclass
+class _Seq:
+    slot: int
+    requested: int  # largest capacity asked for
+    written: int = 0  # tokens whose K/V are held (positions 0 .. written-1)
+
+
+@dataclass
+class VirtualPlan:
+    seq_ids: list[int]
+    slots: list[int]
+    ends: list[int]
+    write_slot: torch.Tensor  # (N,) slot of each new token
+    write_pos: torch.Tensor  # (N,) position of each new token
+    batch_slots: torch.Tensor  # (B,) for the gather when slots are not consecutive
+    consecutive: bool  # slots == lo, lo+1, ..., lo+B-1
+    max_end: int
+
+
+class VirtualKVCache(KVCacheManager):
+    def __init__(
+        self,
+        layout: KVLayout,
+        budget: MemoryBudget,
+        max_seqs: int = 64,
+        eager_pages: int | None = None,
+        prefault: bool = True,
+        owner: str = "kv",
+    ) -> None:
+        if max_seqs <= 0:
+            raise ValueError(f"max_seqs must be positive, got {max_seqs}")
+        self.layout, self.budget, self.max_seqs, self.owner = layout, budget, max_seqs, owner
+        L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
+        self.row_bytes = H * D * layout.itemsize  # one token of one (layer, K|V) segment
+        self.num_segments = 2 * L
+        probe_page = VirtualArena.page_size_for(layout.device)
+        self.seg_bytes = -(-layout.max_seq_len * self.row_bytes // probe_page) * probe_page
+        self.slot_bytes = self.num_segments * self.seg_bytes
+        self.arena = VirtualArena(max_seqs * self.slot_bytes, layout.device, budget, owner)
+        self.page = self.arena.page_size
+        assert self.page == probe_page
+        self.seg_pages = self.seg_bytes // self.page
+        # 4 KiB CPU pages are cheap to commit ahead; a 2 MiB GPU page already holds thousands of tokens.
+        self.eager_pages = eager_pages if eager_pages is not None else (2 if layout.device.type == "cpu" else 0)
+        if self.eager_pages < 0:
+            raise ValueError(f"eager_pages must be >= 0, got {eager_pages}")
+        # Per layer: K, V as (max_seqs, max_seq_len, Hkv, D) views with a page-aligned slot stride.
+        isz = layout.itemsize
+        shape = (max_seqs, layout.max_seq_len, H, D)
+        stride = (self.slot_bytes // isz, H * D, D, 1)
+        self.k = [self.arena.view(layout.dtype, shape, stride, 2 * l * self.seg_bytes) for l in range(L)]
+        self.v = [self.arena.view(layout.dtype, shape, stride, (2 * l + 1) * self.seg_bytes) for l in range(L)]
+        self._pages = [0] * max_seqs  # committed pages per segment, per slot
+        self._gen = [0] * max_seqs  # bumped on free: stale prefault jobs see it and skip
+        self._pending = [0] * max_seqs  # highest page target queued on the prefault thread
+        self._empty = list(range(max_seqs))  # heap: free slots holding no pages
+        self._idle: set[int] = set()  # free slots holding pages (deferred reclamation)
+        self._seqs: dict[int, _Seq] = {}
+        self._prefault = prefault and self.eager_pages > 0
+        self._lock = threading.RLock()  # the prefault thread updates _pages too
+        self._closed = False
+
+    # ---- page arithmetic --------------------------------------------------------------------------
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens * self.row_bytes // self.page)
+
+    def tokens_in(self, pages: int) -> int:
+        return min(self.layout.max_seq_len, pages * self.page // self.row_bytes)
+
+    def _ranges(self, slot: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Byte ranges of pages [lo, hi) of every segment of `slot`."""
+        base = slot * self.slot_bytes + lo * self.page
+        return [(base + j * self.seg_bytes, (hi - lo) * self.page) for j in range(self.num_segments)]
+
+    def _slot_bytes(self, pages: int) -> int:
+        return pages * self.num_segments * self.page
+
+    # ---- scheduler side ---------------------------------------------------------------------------
+    def _check_len(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
+            raise KVCacheError(f"{num_tokens} tokens is outside 0..max_seq_len={self.layout.max_seq_len}")
+
+    def _pick_slot(self, need: int) -> int | None:
+        """Best idle slot: the fewest pages >= need, else the most pages; else the lowest empty slot."""
+        fits = [s for s in self._idle if self._pages[s] >= need]
+        if fits:
+            return min(fits, key=lambda s: (self._pages[s], s))
+        if self._idle:
+            return max(self._idle, key=lambda s: (self._pages[s], -s))
+        return self._empty[0] if self._empty else None
+
+    def _reclaimable(self, exclude: int | None = None) -> int:
+        return sum(self._slot_bytes(self._pages[s]) for s in self._idle if s != exclude)
+
+    def _fits(self, slot: int, need: int) -> bool:
+        deficit = self._slot_bytes(max(0, need - self._pages[slot]))
+        return deficit <= self.budget.available_bytes + self._reclaimable(exclude=slot)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        with self._lock:
+            if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
+                return False
+            slot = self._pick_slot(self.pages_for(num_tokens))
+            return slot is not None and self._fits(slot, self.pages_for(num_tokens))
+
+    def allocate(self, seq_id: int, num_tokens: int) -> None:
+        with self._lock:
+            if seq_id in self._seqs:
+                raise KVCacheError(f"sequence {seq_id} is already allocated")
+            self._check_len(num_tokens)
+            need = self.pages_for(num_tokens)
+            slot = self._pick_slot(need)
+            if slot is None:
+                raise KVSlotsExhausted(
+                    f"all {self.max_seqs} KV slots hold live sequences; raise max_seqs or lower the batch"
+                )
+            self._commit_to(slot, need)  # raises with nothing changed if the budget can't take it
+            if slot in self._idle:
+                self._idle.discard(slot)
+            else:
+                self._empty.remove(slot)
+                heapq.heapify(self._empty)
+            keep = min(self.seg_pages, need + self.eager_pages)
+            if self._pages[slot] > keep:  # an inherited surplus would break the waste bound: trim it
+                self.arena.decommit_many(self._ranges(slot, keep, self._pages[slot]))
+                self._pages[slot] = keep
+            self._seqs[seq_id] = _Seq(slot, num_tokens)
+            self._ahead(slot, need)
+
+    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
+        with self._lock:
+            seq = self._seq(seq_id)
+            if num_tokens > self.layout.max_seq_len:
+                return False
+            return self._fits(seq.slot, self.pages_for(num_tokens))
+
+    def grow(self, seq_id: int, num_tokens: int) -> None:
+        with self._lock:
+            seq = self._seq(seq_id)
+            self._check_len(num_tokens)
+            need = self.pages_for(num_tokens)
+            self._commit_to(seq.slot, need)
+            seq.requested = max(seq.requested, num_tokens)
+            self._ahead(seq.slot, need)
+
+    def free(self, seq_id: int) -> None:
+        with self._lock:
+            seq = self._seqs.pop(seq_id, None)
+            if seq is None:
+                raise KVCacheError(f"unknown sequence {seq_id}")
+            self._gen[seq.slot] += 1
+            self._pending[seq.slot] = 0
+            if self._pages[seq.slot]:
+                self._idle.add(seq.slot)  # keep the pages: the next sequence reuses them
+            else:
+                heapq.heappush(self._empty, seq.slot)
+
+    def capacity(self, seq_id: int) -> int:
+        with self._lock:
+            return self.tokens_in(self._pages[self._seq(seq_id).slot])
+
+    def num_tokens(self, seq_id: int) -> int:
+        return self._seq(seq_id).written
+
+    def slot_of(self, seq_id: int) -> int:
+        """The slot holding `seq_id`; order decode batches by it so `context_batch` is a view."""
+        return self._seq(seq_id).slot
+
+    def _seq(self, seq_id: int) -> _Seq:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KVCacheError(f"unknown sequence {seq_id}") from None
+
+    # ---- commit / reclaim -------------------------------------------------------------------------
+    def _commit_to(self, slot: int, need: int) -> None:
+        """Synchronously commit `slot` up to `need` pages, reclaiming idle slots if the budget is short.
+        Raises MemoryBudgetExceeded, changing nothing, when even that would not fit."""
+        have = self._pages[slot]
+        if need <= have:
+            return
+        deficit = self._slot_bytes(need - have)
+        if deficit > self.budget.available_bytes:
+            reclaimable = self._reclaimable(exclude=slot)
+            if deficit > self.budget.available_bytes + reclaimable:
+                raise MemoryBudgetExceeded(
+                    f"{self.budget.name}: the KV cache needs {format_bytes(deficit)} more but only "
+                    f"{format_bytes(self.budget.available_bytes)} is free (+{format_bytes(reclaimable)} "
+                    f"reclaimable) of {format_bytes(self.budget.limit_bytes)}; raise the KV budget or admit "
+                    "fewer/shorter requests"
+                )
+            self._reclaim(deficit - self.budget.available_bytes, exclude=slot)
+        self.arena.commit_many(self._ranges(slot, have, need))
+        self._pages[slot] = need
+
+    def _ahead(self, slot: int, need: int) -> None:
+        """Eager allocation: make sure `eager_pages` pages beyond `need` are committed or on their way."""
+        target = min(self.seg_pages, need + self.eager_pages)
+        if target <= max(self._pages[slot], self._pending[slot]):
+            return
+        if not self._prefault:
+            if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
+                self._pages[slot] = target
+            return
+        self._pending[slot] = target
+        gen = self._gen[slot]
+
+        def job() -> None:  # on the prefault thread
+            with self._lock:
+                if self._closed or self._gen[slot] != gen or self._pages[slot] >= target:
+                    return
+                if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
+                    self._pages[slot] = target
+
+        self.arena.prefaulter.submit(job)
+
+    def _reclaim(self, nbytes: int | None, exclude: int | None = None) -> int:
+        freed = 0
+        for slot in sorted(self._idle, key=lambda s: -self._pages[s]):
+            if nbytes is not None and freed >= nbytes:
+                break
+            if slot == exclude:
+                continue
+            freed += self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+            self._pages[slot] = 0
+            self._idle.discard(slot)
+            heapq.heappush(self._empty, slot)
+        return freed
+
+    def reclaim(self, nbytes: int | None = None) -> int:
+        """Decommit idle slots (all of them by default); returns the bytes given back."""
+        with self._lock:
+            freed = self._reclaim(nbytes)
+            if not self._seqs:
+                self.arena.drop_scratch()
+            return freed
+
+    def sync(self) -> None:
+        """Wait for queued prefaults (tests and benchmarks call this before reading stats)."""
+        self.arena.drain()
+
+    # ---- runner side ------------------------------------------------------------------------------
+    def plan_step(self, steps: list[SeqStep]) -> VirtualPlan:
+        with self._lock:
+            if not steps:
+                raise KVCacheError("plan_step needs at least one sequence")
+            if len({st.seq_id for st in steps}) != len(steps):
+                raise KVCacheError("a sequence appears twice in one step")
+            slots, ends, seq_ids = [], [], []
+            for st in steps:
+                seq = self._seq(st.seq_id)
+                cap = self.tokens_in(self._pages[seq.slot])
+                if st.start < 0 or st.num_new < 0 or st.start > seq.written:
+                    raise KVCacheError(
+                        f"sequence {st.seq_id}: step starts at {st.start} but only {seq.written} tokens are held"
+                    )
+                if st.end > cap:
+                    raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs grow(); capacity is {cap}")
+                slots.append(seq.slot), ends.append(st.end), seq_ids.append(st.seq_id)
+            for st in steps:
+                seq = self._seqs[st.seq_id]
+                seq.written = max(seq.written, st.end)
+            dev = self.layout.device
+            counts = np.array([st.num_new for st in steps])
+            pos = np.concatenate([np.arange(st.start, st.end) for st in steps])
+            write_slot = torch.from_numpy(np.repeat(np.array(slots), counts)).to(dev)  # (N,)
+            write_pos = torch.from_numpy(pos.astype(np.int64)).to(dev)  # (N,)
+            lo = slots[0]
+            consecutive = slots == list(range(lo, lo + len(slots)))
+            max_end = max(ends)
+            if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
+                npg = self.pages_for(max_end)
+                self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
+            return VirtualPlan(seq_ids, slots, ends, write_slot, write_pos,
+                               torch.tensor(slots, device=dev), consecutive, max_end)
+
+    def write(self, layer: int, plan: VirtualPlan, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
+            raise KVCacheError(f"K/V dtype {k.dtype} does not match the cache's {self.layout.dtype}")
+        if len(plan.slots) == 1:  # one sequence: a plain slice copy
+            s, e = plan.slots[0], plan.ends[0]
+            n = k.shape[0]
+            self.k[layer][s, e - n : e].copy_(k)
+            self.v[layer][s, e - n : e].copy_(v)
+            return
+        idx = (plan.write_slot, plan.write_pos)
+        self.k[layer].index_put_(idx, k)  # touches only rows (slot, pos) of the step
+        self.v[layer].index_put_(idx, v)
+
+    def context(self, layer: int, plan: VirtualPlan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = plan.slots[i], plan.ends[i]
+        return self.k[layer][s, :e], self.v[layer][s, :e]  # views, (end, Hkv, D)
+
+    def context_batch(self, layer: int, plan: VirtualPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        lmax = plan.max_end
+        if plan.consecutive:
+            lo, hi = plan.slots[0], plan.slots[0] + len(plan.slots)
+            return self.k[layer][lo:hi, :lmax], self.v[layer][lo:hi, :lmax]  # views, (B, Lmax, Hkv, D)
+        # Slots out of order: gather just the B rows (index_select reads only the indexed slots).
+        return (self.k[layer][:, :lmax].index_select(0, plan.batch_slots),
+                self.v[layer][:, :lmax].index_select(0, plan.batch_slots))
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def stats(self) -> KVStats:
+        with self._lock:
+            tokens = sum(s.written for s in self._seqs.values())
+            return KVStats(
+                committed_bytes=self.arena.committed_bytes,
+                used_bytes=tokens * self.layout.bytes_per_token,
+                tokens_held=tokens,
+                num_seqs=len(self._seqs),
+                budget_bytes=self.budget.limit_bytes,
+            )
+
+    @property
+    def idle_bytes(self) -> int:
+        """Committed bytes of free slots kept for reuse (reclaimable at any time)."""
+        with self._lock:
+            return self._reclaimable()
+
+    @property
+    def num_free_slots(self) -> int:
+        with self._lock:
+            return self.max_seqs - len(self._seqs)
+
+    def waste_bound_bytes(self) -> int:
+        """The module docstring's bound on committed - used bytes for the current state."""
+        with self._lock:
+            per_seq = sum(
+                (max(s.requested, s.written) - s.written) * self.row_bytes + (1 + self.eager_pages) * self.page
+                for s in self._seqs.values()
+            )
+            return self.num_segments * per_seq + self._reclaimable() + self.arena.scratch_bytes
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._seqs.clear()
+            self.k, self.v = [], []
+        self.arena.close()  # stops the prefault thread, decommits, returns the budget

@@ -1,0 +1,145 @@
+"""One config-driven Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral).
+
+Module and parameter names follow Hugging Face's exactly (`model.layers.0.self_attn.q_proj.weight`, ...)
+so a checkpoint's safetensors load onto it key for key, with no renaming table.
+
+All tokens of a step are flattened into one dimension N (several sequences, prefill chunks and decode
+tokens together, as in nano-vllm); attention is delegated to an `AttentionBackend` (memfit.llm.attention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.llm.attention import AttentionBackend, DenseCausalAttention
+from memfit.llm.models.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as the reference implementation does), scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables (max_pos, head_dim) computed once; looked up by absolute position."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None or self.cos.device != device or self.cos.dtype != dtype:
+            inv_freq = rope_inv_freq(self.cfg).to(device)  # (D/2,)
+            t = torch.arange(self.cfg.max_position_embeddings, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)  # (P, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
+            self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return self.cos, self.sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_t, sin_t = self.tables(q.device, q.dtype)
+        cos = cos_t[positions].unsqueeze(1)  # (N, 1, D)
+        sin = sin_t[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias = cfg.qkv_bias or cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)  # (N, Hq, D)
+        k = self.k_proj(x).view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
+        q, k = rope(positions, q, k)
+        out = attn(self.layer_idx, q, k, v)  # (N, Hq, D)
+        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM. `forward` returns final hidden states; `compute_logits` projects them, so
+    a runner can project only the positions it samples from."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.rotary = RotaryEmbedding(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: (N,) -> hidden states (N, hidden)."""
+        x = self.model.embed_tokens(input_ids)  # (N, C)
+        for layer in self.model.layers:
+            x = layer(x, positions, self.rotary, attn)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # (N, V)
+
+    def dense_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward without a cache. input_ids (B, T) -> logits (B, T, V)."""
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).repeat(b)  # (B*T,)
+        attn = DenseCausalAttention([t] * b, self.scale, self.config.sliding_window)
+        hidden = self.forward(input_ids.reshape(-1), positions, attn)
+        return self.compute_logits(hidden).view(b, t, -1)

@@ -1,0 +1,73 @@
+"""The model runner: the only component that owns device memory (weights and KV cache) and tensors.
+
+It turns the scheduler's plain description of a step into batch tensors, runs the model with a
+`CachedAttention` backend over the KV cache, projects only the positions that sample, and samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memfit.llm.attention import CachedAttention
+from memfit.llm.kv.base import KVCacheManager, SeqStep
+from memfit.llm.models.llama import LlamaForCausalLM
+from memfit.llm.sampling import Sampler, TokenLogprobs
+from memfit.llm.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepResult:
+    """Sampled tokens for the scheduled sequences that sample this step (in `sampled_seqs` order)."""
+
+    sampled_seqs: list  # list[Sequence]
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCacheManager, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.device = device
+        self.sampler = Sampler()
+        self._slot_of = getattr(kv, "slot_of", None)
+
+    def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
+        """Decode sequences first (ordered by cache slot, so the virtual cache can hand out one strided
+        view of consecutive slots instead of gathering), then prefill chunks."""
+        decode = [s for s in scheduled if s.num_new == 1 and s.seq.num_computed > 0]
+        prefill = [s for s in scheduled if not (s.num_new == 1 and s.seq.num_computed > 0)]
+        if self._slot_of is not None:
+            decode.sort(key=lambda s: self._slot_of(s.seq.seq_id))
+        return decode + prefill, len(decode)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        ordered, num_decode = self._order(scheduled)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        steps: list[SeqStep] = []
+        sample_rows: list[int] = []
+        sampled = []
+        for item in ordered:
+            seq, start, n = item.seq, item.seq.num_computed, item.num_new
+            input_ids.extend(seq.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            steps.append(SeqStep(seq.seq_id, start, n))
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampled.append(seq)
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)  # (N,)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)  # (N,)
+        cfg = self.model.config
+        attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window)
+        hidden = self.model(ids_t, pos_t, attn)  # (N, C)
+        for item in ordered:
+            item.seq.num_computed += item.num_new
+        if not sampled:
+            return StepResult([], [], [])
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()  # (S, V)
+        tokens, logprobs = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        return StepResult(sampled, tokens.tolist(), logprobs)

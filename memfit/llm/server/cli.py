@@ -1,0 +1,149 @@
+"""`memfit serve`: the OpenAI-compatible HTTP server (also `python -m memfit.llm.server`).
+
+Registration stays cheap: FastAPI, uvicorn and torch are imported inside `cmd_serve`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("MEMFIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEMFIT_API_KEY, else no auth)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the bundled name, or the model directory's name)")
+    g.add_argument("--max-waiting", type=int, default=256,
+                   help="requests allowed to wait for admission; beyond it the server answers 429 (default: 256)")
+    g.add_argument("--max-body-size", default="4MiB", help="largest request body; larger gets 413 (default: 4MiB)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads for the engine (default: torch's)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def engine_config(args):
+    from memfit.llm.cli import _budget
+    from memfit.llm.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
+        kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, timeline=args.timeline,
+    )
+
+
+def served_name(model: str) -> str:
+    from memfit.llm.loader import BUNDLED_MODELS
+
+    return model if model in BUNDLED_MODELS else os.path.basename(os.path.normpath(model))
+
+
+def _check_args(args) -> None:
+    from memfit.memory.budget import parse_bytes
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty; give a key or leave the option out")
+    args.max_body_bytes = parse_bytes(args.max_body_size)
+    if args.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-size must be at least 1KiB, got {args.max_body_size}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> int:
+    _check_args(args)
+    from memfit.llm.loader import resolve_model_path
+
+    model_path = resolve_model_path(args.model)  # a wrong --model fails now, with the loader's message
+    import uvicorn
+
+    from memfit.llm.engine import LLMEngine
+    from memfit.llm.server.app import ServerSettings, create_app
+    from memfit.llm.server.async_engine import AsyncEngine
+
+    config = engine_config(args)
+
+    def load() -> LLMEngine:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return LLMEngine(config)
+
+    engine = AsyncEngine(load)
+    name = args.served_model_name or served_name(args.model)
+    settings = ServerSettings(model_name=name, aliases=(args.model, str(model_path)), api_key=args.api_key,
+                              max_body_bytes=args.max_body_bytes, drain_timeout=0.0)
+    app = create_app(engine, settings)
+    sock = _bind(args.host, args.port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
+        access_log=args.log_level == "debug",
+    ))
+
+    def watch_load() -> None:
+        if not engine.wait_loaded():
+            server.should_exit = True  # /health said 503 meanwhile; now stop with the loader's message
+        else:
+            print(f"memfit serve: {name} ready on http://{args.host}:{port}/v1 "
+                  f"(kv-cache {config.kv_cache}, budget {engine.stats.get('kv_budget_bytes', 0)} B)", file=sys.stderr)
+
+    threading.Thread(target=watch_load, name="memfit-load-watch", daemon=True).start()
+    logging.getLogger("memfit.server").setLevel(args.log_level.upper())
+    print(f"memfit serve: loading {args.model} on http://{args.host}:{port} (503 until ready)", file=sys.stderr)
+    server.run(sockets=[sock])
+    if engine.load_error is not None:
+        err = engine.load_error
+        raise err if isinstance(err, Exception) else RuntimeError(str(err))
+    return 0
+
+
+def register(sub) -> None:
+    from memfit.llm.cli import _engine_args, _guard
+
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, "
+                                   "/health, /metrics. One engine loop batches all clients.")
+    _engine_args(p)
+    add_server_args(p)
+    p.set_defaults(func=_guard(cmd_serve), command="serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memfit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

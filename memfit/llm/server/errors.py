@@ -1,0 +1,138 @@
+"""Errors in OpenAI's JSON shape: `{"error": {"message", "type", "param", "code"}}` with the matching status.
+
+Every failure the server can answer goes through `APIError`, and the exception handlers installed by
+`install_error_handlers` turn FastAPI's own failures (body validation, unknown route, wrong method, and any
+bug) into the same shape, so a client only ever has to parse one kind of error.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("memfit.server")
+
+# OpenAI's error types by status (the `type` field); `code` is more specific and optional.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error the server answers with `status` and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "is-instance", "function-after", "function-plain"}
+# Fields that accept several shapes: say which, instead of pydantic's message about the first shape tried.
+_UNION_HINTS = {
+    "prompt": "a non-empty string, list of strings, list of token ids, or list of token-id lists",
+    "stop": "a string or a list of at most 16 strings",
+    "content": "a string or a list of content parts ({'type': 'text', 'text': ...})",
+}
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the union member it tried ('str', 'list[int]', 'TextPart'); our fields are snake_case."""
+    s = str(part)
+    return s in _TYPE_NAMES or any(ch in s for ch in "[]-,") or s[:1].isupper()
+
+
+def _loc_to_param(loc: tuple | list) -> tuple[str | None, bool]:
+    """('body', 'messages', 0, 'content') -> 'messages[0].content' (OpenAI's way of naming a field), and
+    whether a union member's tag was on the way."""
+    out, tagged = "", False
+    for p in loc:
+        if p == "body" and not out:
+            continue
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif _is_union_tag(p):
+            tagged = True
+            break  # past the tag pydantic describes the member it tried, not what the user must send
+        else:
+            out += f".{p}" if out else str(p)
+    return out or None, tagged
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("the request body is invalid")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
+                           code="invalid_json")
+    param, tagged = _loc_to_param(first.get("loc", ()))
+    if param is None:
+        return bad_request("the request body must be a JSON object", code="invalid_request_body")
+    leaf = param.rsplit(".", 1)[-1].split("[", 1)[0]
+    if tagged and leaf in _UNION_HINTS:
+        msg = f"must be {_UNION_HINTS[leaf]}"
+    else:
+        msg = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 and not tagged else ""
+    return bad_request(f"invalid value for '{param}': {msg}{more}", param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None = None) -> None:
+    """Install the handlers; `on_error(status)` is called for every error answered (for metrics)."""
+
+    def answer(err: APIError) -> JSONResponse:
+        if on_error is not None:
+            on_error(err.status)
+        return err.response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return answer(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422; OpenAI answers 400 for every malformed request.
+        return answer(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404:
+            message = "unknown URL; this server offers /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics"
+        else:
+            message = str(exc.detail)
+        return answer(APIError(status, message, code="request_too_large" if status == 413 else None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: log it with its traceback and keep serving everyone else.
+        log.exception("unhandled error while serving a request")
+        return answer(APIError(500, f"internal server error: {type(exc).__name__}: {exc}"))

@@ -1,0 +1,144 @@
+"""Server metrics in the Prometheus text exposition format (version 0.0.4).
+
+The format is small enough to write by hand: `# HELP` / `# TYPE` lines, then `name{labels} value` samples;
+a histogram is cumulative `_bucket{le="..."}` counters plus `_sum` and `_count`. Latencies are observed by
+the engine thread (it sees every step), while `/metrics` is rendered on the event loop, so every mutable
+series is guarded by a lock.
+
+Gauges about the engine (`memfit_requests_running`, `memfit_kv_*`) come from the stats snapshot the engine
+thread publishes after every step, never from the engine itself, which is not thread-safe.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import defaultdict
+from typing import Mapping
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. TTFT spans queueing + prefill (ms to minutes on a CPU under load); inter-token latency is one
+# decode step (sub-ms on a GPU to ~1 s on a loaded CPU).
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
+    esc = {k: str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for k, v in labels.items()}
+    return "{" + ",".join(f'{k}="{v}"' for k, v in sorted(esc.items())) + "}"
+
+
+class Histogram:
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.help = name, help
+        self.bounds = tuple(sorted(buckets))
+        self._counts = [0] * (len(self.bounds) + 1)  # the last slot is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)  # first bound >= value: Prometheus buckets are `le`
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += value
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(self._counts)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, c in zip(self.bounds + (math.inf,), counts):
+            cumulative += c
+            lines.append(f'{self.name}_bucket{{le="{_fmt(bound)}"}} {cumulative}')
+        lines += [f"{self.name}_sum {_fmt(total)}", f"{self.name}_count {cumulative}"]
+        return lines
+
+
+class Counter:
+    """A counter with optional labels: `inc(1, finish_reason="stop")`."""
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name, self.help = name, help
+        self._values: dict[tuple, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self._values[tuple(sorted(labels.items()))] += amount
+
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        lines += [f"{self.name}{_labels(dict(k))} {_fmt(v)}" for k, v in items] or [f"{self.name} 0"]
+        return lines
+
+
+# Engine stats key -> (metric name, type, help). Counters end in _total.
+_ENGINE_SERIES = (
+    ("num_running", "memfit_requests_running", "gauge", "Requests in the running batch."),
+    ("num_waiting", "memfit_requests_waiting", "gauge", "Requests queued for admission (waiting for KV memory or a batch slot)."),
+    ("kv_committed_bytes", "memfit_kv_committed_bytes", "gauge", "Physical KV-cache memory held (committed pages / allocated blocks)."),
+    ("kv_used_bytes", "memfit_kv_used_bytes", "gauge", "KV-cache bytes holding written tokens."),
+    ("kv_budget_bytes", "memfit_kv_budget_bytes", "gauge", "The KV-cache memory budget."),
+    ("tokens_held", "memfit_kv_tokens", "gauge", "Tokens whose K/V are in the cache."),
+    ("generated_tokens", "memfit_generated_tokens_total", "counter", "Tokens generated since the server started."),
+    ("num_steps", "memfit_engine_steps_total", "counter", "Engine steps run since the server started."),
+)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.ttft = Histogram("memfit_time_to_first_token_seconds",
+                              "Time from request arrival to its first generated token.", TTFT_BUCKETS)
+        self.itl = Histogram("memfit_inter_token_latency_seconds",
+                             "Time between consecutive generated tokens of one request.", ITL_BUCKETS)
+        self.e2e = Histogram("memfit_request_latency_seconds", "Time from request arrival to its last token.", E2E_BUCKETS)
+        self.requests = Counter("memfit_requests_total", "Finished engine requests by finish reason.")
+        self.http_errors = Counter("memfit_request_errors_total", "Requests refused or failed, by HTTP status.")
+        self.prompt_tokens = Counter("memfit_prompt_tokens_total", "Prompt tokens admitted.")
+
+    def render(self, engine_stats: Mapping[str, float] | None, state: str) -> str:
+        lines: list[str] = [
+            "# HELP memfit_up 1 when the model is loaded and the server accepts requests.",
+            "# TYPE memfit_up gauge",
+            f"memfit_up {1 if state == 'ready' else 0}",
+        ]
+        stats = engine_stats or {}
+        for key, name, kind, help in _ENGINE_SERIES:
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(stats.get(key, 0))}"]
+        for series in (self.ttft, self.itl, self.e2e, self.requests, self.http_errors, self.prompt_tokens):
+            lines += series.render()
+        return "\n".join(lines) + "\n"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value for every sample line (used by tests and the load benchmark)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out

@@ -1,0 +1,433 @@
+"""The OpenAI endpoints' logic: request -> engine requests -> response JSON or an SSE stream.
+
+A request with `n` choices (and, for /v1/completions, several prompts) becomes `prompts x n` engine
+requests added as one group, all reporting to one asyncio queue. Choice `i` of prompt `p` has index
+`p * n + i`, as in OpenAI. Streaming follows OpenAI's order exactly:
+
+    chat:        role delta per choice -> content deltas -> per choice {} + finish_reason
+                 -> [usage chunk with empty choices] -> [DONE]
+    completions: text deltas -> per choice "" + finish_reason -> [usage chunk] -> [DONE]
+
+If the client goes away (stream closed, or a non-streaming client disconnects while waiting) the group's
+unfinished engine requests are aborted, which frees their KV before the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from memfit.llm.server.async_engine import AsyncEngine, EngineFailure, EngineNotReady, RequestSpec
+from memfit.llm.server.errors import APIError, bad_request
+from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+
+MAX_SUBREQUESTS = 256  # prompts x n in one HTTP request
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """Map what the engine raises to an HTTP error."""
+    from memfit.llm.engine import QueueFull
+    from memfit.memory.budget import MemoryBudgetExceeded
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return APIError(429, f"the server is busy: {exc}; retry later", code="queue_full")
+    if isinstance(exc, EngineNotReady):
+        return APIError(503, str(exc), code="not_ready")
+    if isinstance(exc, MemoryBudgetExceeded):
+        return bad_request(str(exc).split("\n")[0], param="max_tokens", code="kv_budget_exceeded")
+    if isinstance(exc, ValueError):  # RequestError, InvalidSamplingParams, ChatTemplateError
+        return bad_request(str(exc))
+    if isinstance(exc, EngineFailure):
+        return APIError(500, str(exc))
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _Choice:
+    index: int
+    prompt_index: int
+    request_id: str
+    text_offset: int = 0  # completions logprobs: where the next token's text starts
+    logprobs_sent: int = 0
+    output: Any = None  # the latest RequestOutput
+    done: bool = False
+
+
+@dataclass
+class _Group:
+    """The engine requests behind one HTTP request."""
+
+    choices: list[_Choice]
+    prompts: list[list[int]]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def by_id(self) -> dict[str, _Choice]:
+        return {c.request_id: c for c in self.choices}
+
+    def unfinished(self) -> list[str]:
+        return [c.request_id for c in self.choices if not c.done]
+
+    def usage(self) -> dict[str, Any]:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.output.outputs[0].token_ids) for c in self.choices if c.output is not None)
+        cached = sum(c.output.num_cached_tokens for c in self.choices if c.output is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_name: str, aliases: tuple[str, ...] = ()) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.aliases = {model_name, *aliases}
+        self.created = int(time.time())
+        self._tok = None
+
+    # ---- model facts (read once the engine is loaded; immutable after that) --------------------------
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from memfit.llm.tokenizer import Tokenizer
+
+            # The server's own instance: the engine thread's tokenizer is never shared across threads.
+            self._tok = Tokenizer.from_dir(self.engine.engine.model_path)
+            self._tok_str = lru_cache(maxsize=65536)(lambda i: self._tok.decode([i], skip_special_tokens=False))
+        return self._tok
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.model_config.vocab_size
+
+    def model_card(self) -> dict[str, Any]:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "memfit"}
+        if self.engine.ready:
+            card["max_model_len"] = self.max_model_len
+        return card
+
+    def check_ready(self) -> None:
+        if not self.engine.ready:
+            raise APIError(503, self.engine._not_ready_message(), code="not_ready")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.aliases:
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    # ---- request -> engine specs ---------------------------------------------------------------------
+    def _params(self, req: _Sampling, max_tokens: int | None, logprobs: int | None, choice: int) -> Any:
+        from memfit.llm.sampling import SamplingParams
+
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, name):
+                raise bad_request(f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+        d = self.tokenizer.generation  # the model author's defaults stand in for omitted fields (as in vLLM)
+        seed = None if req.seed is None else req.seed + choice  # n seeded choices must not be identical
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens or 1,
+                temperature=req.temperature if req.temperature is not None else (d.temperature if d.temperature is not None else 1.0),
+                top_p=req.top_p if req.top_p is not None else (d.top_p if d.top_p is not None else 1.0),
+                top_k=req.top_k if req.top_k is not None else (d.top_k if d.top_k is not None else -1),
+                min_p=req.min_p or 0.0, seed=seed, stop=req.stop, stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            )
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+
+    def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        if not ids:
+            raise bad_request("the prompt is empty: it must contain at least one token", param=param)
+        if any(t >= self.vocab_size for t in ids):
+            raise bad_request(f"token ids must be in [0, {self.vocab_size})", param=param, code="invalid_value")
+        limit = self.max_model_len
+        if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
+            asked = len(ids) + (max_tokens or 1)
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens "
+                f"({len(ids)} in the {'messages' if param == 'messages' else 'prompt'}, {max_tokens or 1} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                param=param, code="context_length_exceeded",
+            )
+
+    def _group(self, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[_Group, list[RequestSpec]]:
+        if len(prompts) * n > MAX_SUBREQUESTS:
+            raise bad_request(f"{len(prompts)} prompts x n={n} is more than {MAX_SUBREQUESTS} completions in one request",
+                              param="n")
+        base = uuid.uuid4().hex
+        choices, specs = [], []
+        for p, ids in enumerate(prompts):
+            for i in range(n):
+                choices.append(_Choice(index=p * n + i, prompt_index=p, request_id=f"{base}-{p * n + i}"))
+                specs.append(specs_for_prompt(ids, i))
+        return _Group(choices, prompts), specs
+
+    async def _submit(self, group: _Group, specs: list[RequestSpec], arrival: float) -> None:
+        ids = [c.request_id for c in group.choices]
+        try:
+            await self.engine.add(specs, ids, group.queue, arrival)
+        except asyncio.CancelledError:
+            self.engine.abort(ids)  # the add may still land after we gave up waiting for it
+            raise
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status
+            raise engine_error(exc) from exc
+
+    # ---- /v1/completions -------------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, request: Request, arrival: float):
+        self.check_ready()
+        self.check_model(req.model)
+        if req.suffix:
+            raise bad_request("suffix is not supported by this server", param="suffix")
+        n = req.n or 1
+        if req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of other than n is not supported by this server", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        tok = self.tokenizer
+        raw = req.prompt
+        if isinstance(raw, str):
+            prompts = [tok.encode(raw)]
+        elif raw and isinstance(raw[0], str):
+            prompts = [tok.encode(p) for p in raw]  # type: ignore[arg-type]
+        elif raw and isinstance(raw[0], int):
+            prompts = [list(raw)]  # type: ignore[arg-type]
+        else:
+            prompts = [list(p) for p in raw]  # type: ignore[union-attr]
+        for ids in prompts:
+            self._check_prompt(ids, req.max_tokens, "prompt")
+        max_tokens = req.max_tokens
+        group, specs = self._group(prompts, lambda ids, i: RequestSpec(
+            ids, self._params(req, max_tokens, req.logprobs, i), auto_max_tokens=max_tokens is None), n)
+        await self._submit(group, specs, arrival)
+        echo = [tok.decode(p) for p in prompts] if req.echo else None
+        meta = {"id": f"cmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()), "model": self.model_name}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return self._stream(group, meta, chat=False, include_usage=include_usage, echo=echo, top_n=req.logprobs)
+        await self._collect(group, request)
+        choices = []
+        for c in group.choices:
+            out = c.output.outputs[0]
+            text = (echo[c.prompt_index] if echo else "") + out.text
+            lp = self._completion_logprobs(c, out, 0, req.logprobs, len(echo[c.prompt_index]) if echo else 0)
+            choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
+        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": group.usage(),
+                             "system_fingerprint": None})
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, request: Request, arrival: float):
+        self.check_ready()
+        self.check_model(req.model)
+        if req.tools:
+            raise bad_request("tool calling is not supported by this server", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        messages = []
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                parts = []
+                for j, part in enumerate(m.content):
+                    if part.type != "text":
+                        raise bad_request(f"content part type {part.type!r} is not supported: this model reads text only",
+                                          param=f"messages[{i}].content[{j}].type")
+                    parts.append(part.text)  # type: ignore[union-attr]
+                content = "".join(parts)
+            else:
+                content = m.content or ""
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        from memfit.llm.tokenizer import ChatTemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise bad_request(str(exc), param="messages") from exc
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        self._check_prompt(ids, max_tokens, "messages")
+        n = req.n or 1
+        session = request.headers.get("x-session-id") or req.session_id
+        session = session if n == 1 else None  # n parallel choices cannot all continue one cached conversation
+        top_n = (req.top_logprobs or 0) if req.logprobs else None
+        group, specs = self._group([ids], lambda p, i: RequestSpec(
+            p, self._params(req, max_tokens, top_n, i), session_id=session, auto_max_tokens=max_tokens is None), n)
+        await self._submit(group, specs, arrival)
+        meta = {"id": f"chatcmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()),
+                "model": self.model_name}
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            return self._stream(group, meta, chat=True, include_usage=include_usage, echo=None, top_n=top_n)
+        await self._collect(group, request)
+        choices = []
+        for c in group.choices:
+            out = c.output.outputs[0]
+            choices.append({
+                "index": c.index, "message": {"role": "assistant", "content": out.text, "refusal": None},
+                "logprobs": self._chat_logprobs(c, out, 0, top_n), "finish_reason": out.finish_reason,
+            })
+        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": group.usage(),
+                             "system_fingerprint": None})
+
+    # ---- waiting for results ----------------------------------------------------------------------------
+    async def _next(self, group: _Group) -> list[tuple[_Choice, Any]]:
+        """Wait for the next output(s) of the group; raises APIError if the engine failed a request."""
+        items = [await group.queue.get()]
+        while not group.queue.empty():
+            items.append(group.queue.get_nowait())
+        by_id, got = group.by_id(), []
+        for rid, item in items:
+            c = by_id.get(rid)
+            if c is None or c.done:
+                continue
+            if isinstance(item, BaseException):
+                raise engine_error(item)
+            got.append((c, item))
+        return got
+
+    async def _collect(self, group: _Group, request: Request) -> None:
+        async def gather() -> None:
+            while group.unfinished():
+                for c, out in await self._next(group):
+                    c.output, c.done = out, out.finished
+
+        task = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()
+                self.engine.abort(group.unfinished())
+        if not task.done() or task.cancelled():
+            raise APIError(499, "the client closed the connection")  # nobody will read this
+        try:
+            task.result()
+        except BaseException:
+            self.engine.abort(group.unfinished())
+            raise
+
+    def _stream(self, group: _Group, meta: dict[str, Any], chat: bool, include_usage: bool, echo: list[str] | None,
+                top_n: int | None) -> StreamingResponse:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        base = {**meta, "object": kind, "system_fingerprint": None}
+
+        def chunk(choice: dict[str, Any]) -> str:
+            body = {**base, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return _sse(body)
+
+        def content(c: _Choice, text: str, lp: Any) -> dict[str, Any]:
+            if chat:
+                return {"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
+            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": None}
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                first = []
+                for c in group.choices:
+                    if chat:
+                        first.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}))
+                    elif echo:
+                        first.append(chunk(content(c, echo[c.prompt_index], None)))
+                        c.text_offset = len(echo[c.prompt_index])
+                if first:
+                    yield "".join(first)
+                while group.unfinished():
+                    try:
+                        got = await self._next(group)
+                    except APIError as exc:
+                        yield _sse(exc.body()) + "data: [DONE]\n\n"
+                        return
+                    parts = []
+                    for c, out in got:
+                        comp = out.outputs[0]
+                        prev = c.logprobs_sent
+                        lp = None
+                        if top_n is not None and comp.logprobs and len(comp.logprobs) > prev:
+                            lp = (self._chat_logprobs(c, comp, prev, top_n) if chat
+                                  else self._completion_logprobs(c, comp, prev, top_n, c.text_offset))
+                        if comp.delta_text or lp is not None:
+                            parts.append(chunk(content(c, comp.delta_text, lp)))
+                        c.output, c.done = out, out.finished
+                        if out.finished:
+                            end = {"index": c.index, "delta": {}} if chat else {"index": c.index, "text": ""}
+                            parts.append(chunk({**end, "logprobs": None, "finish_reason": comp.finish_reason}))
+                    if parts:
+                        yield "".join(parts)
+                tail = ""
+                if include_usage:
+                    tail = _sse({**base, "choices": [], "usage": group.usage()})
+                yield tail + "data: [DONE]\n\n"
+            finally:
+                # Client gone (the generator is cancelled or closed) or an error: free the KV now.
+                self.engine.abort(group.unfinished())
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- logprobs ------------------------------------------------------------------------------------
+    def _token_str(self, token_id: int) -> str:
+        self.tokenizer  # noqa: B018 - makes sure _tok_str exists
+        return self._tok_str(token_id)
+
+    def _chat_logprobs(self, c: _Choice, out: Any, start: int, top_n: int | None) -> dict[str, Any] | None:
+        if top_n is None or out.logprobs is None:
+            return None
+        entries = []
+        for lp in out.logprobs[start:]:
+            s = self._token_str(lp.token_id)
+            top = [{"token": self._token_str(t), "logprob": _clamp(v), "bytes": list(self._token_str(t).encode())}
+                   for t, v in list(lp.top.items())[:top_n]]
+            entries.append({"token": s, "logprob": _clamp(lp.logprob), "bytes": list(s.encode()), "top_logprobs": top})
+        c.logprobs_sent = len(out.logprobs)
+        return {"content": entries, "refusal": None}
+
+    def _completion_logprobs(self, c: _Choice, out: Any, start: int, top_n: int | None, offset: int) -> dict[str, Any] | None:
+        if top_n is None or out.logprobs is None:
+            return None
+        tokens, values, tops, offsets = [], [], [], []
+        for lp in out.logprobs[start:]:
+            s = self._token_str(lp.token_id)
+            tokens.append(s)
+            values.append(_clamp(lp.logprob))
+            tops.append({self._token_str(t): _clamp(v) for t, v in list(lp.top.items())[:top_n]})
+            offsets.append(offset)
+            offset += len(s)
+        c.logprobs_sent, c.text_offset = len(out.logprobs), offset
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _clamp(value: float) -> float:
+    return value if value == value and value > _MIN_LOGPROB else _MIN_LOGPROB
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+

@@ -1,0 +1,156 @@
+"""Memory budgets: one ledger per memory tier, so every allocation of note is counted in one place.
+
+A `MemoryBudget` does not allocate anything itself. Components that hold memory (KV caches, host pools,
+offload buffers) `reserve` bytes before they commit physical memory and `release` them after, and the
+budget refuses a reservation that would exceed its limit with `MemoryBudgetExceeded`. That is what lets the
+scheduler admit, queue or preempt requests *before* the process runs out of memory.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+
+import psutil
+
+
+class Tier(str, Enum):
+    DEVICE = "device"  # accelerator memory (CUDA), or the CPU's RAM when the model runs on the CPU
+    HOST = "host"  # host DRAM (pinned or pageable)
+    CXL = "cxl"  # CXL-attached memory node (a NUMA node without CPUs)
+    SSD = "ssd"  # NVMe / file-backed
+
+
+class MemoryBudgetExceeded(MemoryError):
+    """A reservation would take a budget past its limit."""
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse a byte count such as ``4096``, ``"512MiB"``, ``"1.5 GiB"`` or ``"2GB"`` (SI for kB/MB/GB)."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a byte size: {text!r}")
+    if isinstance(text, (int, float)):
+        value, unit = float(text), ""
+    else:
+        match = _SIZE_RE.match(text)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"not a byte size: {text!r}; use a number of bytes or a number with a unit "
+                "(B, KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    nbytes = int(value * _UNITS[unit])
+    if nbytes < 0:
+        raise ValueError(f"a byte size cannot be negative: {text!r}")
+    return nbytes
+
+
+def format_bytes(nbytes: float) -> str:
+    """Human-readable binary size, e.g. ``1.50 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def available_memory(tier: Tier | str = Tier.HOST, device: str | None = None) -> int:
+    """Bytes that could be used now on a tier: free CUDA memory for a CUDA device, else available RAM."""
+    tier = Tier(tier)
+    if tier is Tier.DEVICE and device is not None and str(device).startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_budget(spec: int | float | str, tier: Tier | str = Tier.HOST, device: str | None = None) -> int:
+    """Turn a budget given as bytes (``"2GiB"``, ``2_000_000``) or a fraction in (0, 1] of the memory
+    available now (``0.5``) into bytes."""
+    if isinstance(spec, str):
+        try:
+            spec = float(spec) if "." in spec and _SIZE_RE.match(spec).group(2) == "" else spec  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
+    if isinstance(spec, float) and 0 < spec <= 1:
+        return int(spec * available_memory(tier, device))
+    nbytes = parse_bytes(spec)
+    if nbytes == 0:
+        raise ValueError("a memory budget must be positive; give bytes (e.g. '2GiB') or a fraction in (0, 1]")
+    return nbytes
+
+
+@dataclass
+class MemoryBudget:
+    """A byte ledger for one tier. Thread-safe: a background prefault thread may reserve while the
+    engine releases."""
+
+    limit_bytes: int
+    tier: Tier = Tier.DEVICE
+    name: str = "budget"
+    _used: int = field(default=0, init=False, repr=False)
+    _peak: int = field(default=0, init=False, repr=False)
+    _by_owner: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.limit_bytes <= 0:
+            raise ValueError(f"{self.name}: limit must be positive, got {self.limit_bytes}")
+        self.tier = Tier(self.tier)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._peak
+
+    @property
+    def available_bytes(self) -> int:
+        return self.limit_bytes - self._used
+
+    def by_owner(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._by_owner)
+
+    def try_reserve(self, nbytes: int, owner: str = "anon") -> bool:
+        """Reserve `nbytes` for `owner` if they fit; return whether they did."""
+        if nbytes < 0:
+            raise ValueError(f"cannot reserve a negative size ({nbytes})")
+        with self._lock:
+            if self._used + nbytes > self.limit_bytes:
+                return False
+            self._used += nbytes
+            self._peak = max(self._peak, self._used)
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + nbytes
+            return True
+
+    def reserve(self, nbytes: int, owner: str = "anon") -> None:
+        """Reserve or raise `MemoryBudgetExceeded` with the figures a user needs."""
+        if not self.try_reserve(nbytes, owner):
+            raise MemoryBudgetExceeded(
+                f"{self.name} ({self.tier.value}): {owner} needs {format_bytes(nbytes)} more but only "
+                f"{format_bytes(self.available_bytes)} of {format_bytes(self.limit_bytes)} is free; "
+                "raise the budget or lower the load"
+            )
+
+    def release(self, nbytes: int, owner: str = "anon") -> None:
+        if nbytes < 0:
+            raise ValueError(f"cannot release a negative size ({nbytes})")
+        with self._lock:
+            held = self._by_owner.get(owner, 0)
+            if nbytes > held:
+                raise ValueError(f"{self.name}: {owner} releases {nbytes} bytes but holds only {held}")
+            self._by_owner[owner] = held - nbytes
+            self._used -= nbytes

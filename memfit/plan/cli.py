@@ -1,0 +1,110 @@
+"""`memfit plan`: plan a network's scratchpad (`memfit plan --model NAME --scratchpad SIZE --out PLAN.json`)
+and check a plan file (`memfit plan validate PLAN.json`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PLANNER_CHOICES = ("auto", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
+                   "baseline-memory-largest")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="plan operator order, scratchpad addresses and spills of a DNN accelerator (COSMA-style)",
+        description="memfit plan --model NAME|FILE.onnx --scratchpad SIZE --out PLAN.json | memfit plan validate FILE",
+    )
+    p.add_argument("action", nargs="?", metavar="validate", help="'validate' to check a plan file")
+    p.add_argument("file", nargs="?", help="plan file to validate")
+    p.add_argument("--model", help="torchvision/timm name, bert_base_encoder, or an .onnx file")
+    p.add_argument("--scratchpad", default="mid",
+                   help="bytes, or e.g. 512KiB/1.5MiB, or min-feasible | min-peak | mid (default: mid)")
+    p.add_argument("--out", help="write the plan JSON here")
+    p.add_argument("--planner", default="auto", choices=PLANNER_CHOICES)
+    p.add_argument("--time-limit", type=float, default=30.0, help="solver time limit in seconds (default 30)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | int8 (floating tensors)")
+    p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
+    p.add_argument("--weights", choices=("resident", "streamed"), default="resident",
+                   help="resident: weights occupy the scratchpad while used (COSMA); streamed: they bypass it")
+    p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads (default 2)")
+    p.add_argument("--plot", help="draw the scratchpad over time to this PNG")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memfit.plan.errors import PlanError
+
+    try:
+        if args.action is not None:
+            if args.action != "validate" or not args.file:
+                raise PlanError("usage: memfit plan validate PLAN.json  (or: memfit plan --model NAME ...)")
+            return _validate(args.file)
+        if not args.model:
+            raise PlanError("--model is required (a torchvision/timm name, bert_base_encoder, or an .onnx file)")
+        return _plan(args)
+    except PlanError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _validate(path: str) -> int:
+    from memfit.plan.validate import load_plan
+
+    plan = load_plan(path)
+    print(f"{path}: valid memfit.plan/v1 plan for {plan.graph.model!r} ({len(plan.order)} ops, "
+          f"{len(plan.placements)} placements)")
+    _print_traffic(plan.traffic or {})
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from memfit.plan.analysis import resolve_scratchpad, scratchpad_sizes, without_weights
+    from memfit.plan.errors import PlanError
+    from memfit.plan.graph import graph_from_name
+    from memfit.plan.planner import PlanOptions, make_plan
+    from memfit.plan.sizes import format_size
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError:
+            raise PlanError(f"--input-shape {args.input_shape!r}: use comma-separated integers, e.g. 3,224,224") from None
+    if args.batch < 1:
+        raise PlanError("--batch must be at least 1")
+    t0 = time.perf_counter()
+    g = graph_from_name(args.model, batch=args.batch, dtype=args.dtype, input_shape=shape)
+    if args.weights == "streamed":
+        g = without_weights(g)
+    sizes = scratchpad_sizes(g)
+    cap = resolve_scratchpad(g, args.scratchpad)
+    print(f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors, extracted in {time.perf_counter() - t0:.1f} s; "
+          f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()))
+    print(f"scratchpad: {cap} bytes ({format_size(cap)}), planner: {args.planner}")
+    plan = make_plan(g, cap, PlanOptions(planner=args.planner, time_limit_s=args.time_limit, num_workers=args.workers),
+                     progress=lambda k, n: print(f"  segment {k}/{n}", file=sys.stderr, end="\r"))
+    s = plan.solver
+    gap = "n/a" if s.gap is None else f"{100 * s.gap:.1f}%"
+    bound = "n/a" if s.bound_bytes is None else str(s.bound_bytes)
+    print(f"planner {plan.planner}: status {s.status}, time {s.time_s:.2f} s, bound {bound} bytes, gap {gap}")
+    _print_traffic(plan.traffic)
+    if args.out:
+        plan.save(args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        from memfit.plan.plot import plot_plan
+
+        plot_plan(plan, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_traffic(tr: dict) -> None:
+    print("traffic (bytes): " + json.dumps(tr))

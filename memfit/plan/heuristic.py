@@ -1,0 +1,129 @@
+"""Divide and conquer for graphs too large to solve whole.
+
+1. Fix a base order (the better of the framework and memory-aware orders by baseline traffic).
+2. Cut it where few bytes are live across the cut: dynamic programming over cut positions minimises the summed
+   crossing bytes, with every segment between min_ops and max_ops ops.
+3. Solve the segments left to right with the exact CP-SAT model (`exact.Segment`): what was resident at the end
+   of one segment enters the next at the same offsets (kept for free, or stored/dropped at a cost), and
+   tensors needed later pay a store when dropped. Each segment is seeded with a baseline plan of its own ops.
+4. Stitch: placements continuing across a cut at the same offset are merged into one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from memfit.plan.analysis import use_steps
+from memfit.plan.baselines import arena_placements
+from memfit.plan.exact import ExactConfig, Segment, solve_segment
+from memfit.plan.plan_format import Graph, Placement
+
+
+@dataclass
+class HeuristicConfig:
+    time_limit_s: float = 50.0  # for all segments together
+    max_segment_ops: int = 24
+    min_segment_ops: int = 6
+    free_order: bool = False  # reorder ops inside each segment (slower, sometimes better)
+    num_workers: int = 2
+    seed: int = 0
+
+
+def crossing_bytes(g: Graph, order: list[str]) -> list[int]:
+    """cross[i] = bytes of tensors used both before step i and at/after it (cut between i-1 and i)."""
+    diff = [0] * (len(order) + 1)
+    for n, steps in use_steps(g, order).items():
+        if len(steps) > 1:
+            diff[steps[0] + 1] += g.tensor[n].bytes
+            diff[steps[-1] + 1] -= g.tensor[n].bytes
+    out, cur = [], 0
+    for i in range(len(order)):
+        cur += diff[i]
+        out.append(cur)
+    return out
+
+
+def choose_cuts(cross: list[int], min_ops: int, max_ops: int) -> list[int]:
+    """Segment starts (always including 0) minimising summed crossing bytes; DP over cut positions."""
+    n = len(cross)
+    if n <= max_ops:
+        return [0]
+    min_ops = max(1, min(min_ops, max_ops))
+    inf = float("inf")
+    best = [inf] * (n + 1)  # best[i]: cost of cutting ops[0:i] into valid segments
+    prev = [-1] * (n + 1)
+    best[0] = 0
+    for i in range(1, n + 1):
+        for L in range(min_ops, max_ops + 1):
+            j = i - L
+            if j < 0:
+                break
+            c = best[j] + (cross[j] if j > 0 else 0)
+            if c < best[i]:
+                best[i], prev[i] = c, j
+    if best[n] == inf:  # n too small for min_ops: fall back to equal pieces
+        k = -(-n // max_ops)
+        return [i * n // k for i in range(k)]
+    cuts, i = [], n
+    while i > 0:
+        i = prev[i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def plan_segments(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig, progress=None) -> tuple[list[str], list[Placement], dict]:
+    """Solve the segments of `order` in turn; returns the stitched order, placements and per-segment stats."""
+    t0 = time.perf_counter()
+    starts = choose_cuts(crossing_bytes(g, order), cfg.min_segment_ops, cfg.max_segment_ops)
+    bounds = list(zip(starts, starts[1:] + [len(order)]))
+    last_use = {n: s[-1] for n, s in use_steps(g, order).items() if s}
+    entry: dict[str, int] = {}
+    loaded: set[str] = set()
+    out_order: list[str] = []
+    out_pl: list[Placement] = []
+    stats = {"segments": len(bounds), "optimal_segments": 0, "fallback_segments": 0, "segment_lengths": [],
+             "segment_objective_bytes": 0}
+    for k, (s0, s1) in enumerate(bounds):
+        ops = order[s0:s1]
+        touched = {n for o in ops for n in g.op[o].inputs + g.op[o].outputs} | set(entry)
+        beyond = {n for n in touched if last_use.get(n, -1) >= s1}
+        seg = Segment(ops, cfg.free_order, dict(entry), beyond, set(loaded))
+        remaining = cfg.time_limit_s - (time.perf_counter() - t0)
+        budget = max(0.5, remaining / (len(bounds) - k))
+        hint_pl, _ = arena_placements(g, ops, capacity)
+        res = solve_segment(g, capacity, seg, ExactConfig(budget, cfg.num_workers, seed=cfg.seed), (ops, hint_pl))
+        stats["segment_lengths"].append(len(ops))
+        if res.status == "none":  # no solution in time: use the seed plan (entry tensors stored/dropped)
+            stats["fallback_segments"] += 1
+            res_order, res_pl = ops, hint_pl
+            exit_state: dict[str, int] = {}
+        else:
+            stats["optimal_segments"] += res.status == "optimal"
+            res_order, res_pl, exit_state = res.order, res.placements, res.exit
+            stats["segment_objective_bytes"] += res.objective_bytes
+        out_order += res_order
+        out_pl += [Placement(p.tensor, p.offset, p.start + s0, p.end + s0) for p in res_pl]
+        loaded |= {n for n in touched if g.tensor[n].kind in ("input", "weight")}
+        entry = exit_state
+        if progress is not None:
+            progress(k + 1, len(bounds))
+    return out_order, merge_adjacent(out_pl), stats
+
+
+def merge_adjacent(placements: list[Placement]) -> list[Placement]:
+    """Join a tensor's placements that touch (end + 1 == start) at the same offset: no store/load between."""
+    by: dict[str, list[Placement]] = {}
+    for p in placements:
+        by.setdefault(p.tensor, []).append(p)
+    out: list[Placement] = []
+    for pls in by.values():
+        pls.sort(key=lambda p: p.start)
+        cur = pls[0]
+        for p in pls[1:]:
+            if p.start == cur.end + 1 and p.offset == cur.offset:
+                cur = Placement(cur.tensor, cur.offset, cur.start, p.end)
+            else:
+                out.append(cur)
+                cur = p
+        out.append(cur)
+    return out

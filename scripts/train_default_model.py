@@ -1,0 +1,351 @@
+#!/usr/bin/env python
+"""Train memfit's bundled default model (memfit-tiny) or its draft model on the Python standard library.
+
+The training text is the source of the running interpreter's standard library, which every machine with
+Python has, so the result can be rebuilt offline. Steps:
+
+1. collect `*.py` files under `sysconfig.get_paths()["stdlib"]` in sorted order (test suites, site-packages
+   and generated codec tables skipped) and hold out ~2.5% of files, chosen by a hash of their path;
+2. train a byte-level BPE tokenizer with `tokenizers` (or reuse one with --tokenizer: the draft model must
+   share the default model's tokenizer.json byte for byte);
+3. train memfit's own `LlamaForCausalLM` with AdamW and a cosine schedule (bf16 autocast on CPU);
+4. write a Hugging Face model directory: config.json, model.safetensors (bf16), tokenizer.json,
+   tokenizer_config.json (ChatML template), generation_config.json, train_log.json, loss.png, README.md.
+
+    python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny
+    python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny-draft --size draft \\
+        --tokenizer memfit/assets/models/memfit-tiny/tokenizer.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memfit.llm.models.config import ModelConfig  # noqa: E402
+from memfit.llm.models.llama import LlamaForCausalLM  # noqa: E402
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MAX_POSITIONS = 2048
+# Architecture per size. head_dim 32 everywhere; GQA with 2 query heads per KV head.
+SIZES = {
+    "default": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=32),
+    "draft": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32),
+}
+DEFAULT_STEPS = {"default": 1000, "draft": 1200}
+DEFAULT_LR = {"default": 2e-3, "draft": 3e-3}
+# Directory names skipped anywhere in the stdlib tree: installed packages, test suites (large, and full of
+# deliberately odd code), caches, and the generated codec tables in encodings/ and the docs blob in pydoc_data/.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
+VAL_MODULUS = 40  # a file is held out when crc32(relative path) % 40 == 0 (about 2.5% of files)
+
+
+def collect_sources(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """Return (train texts, val texts, val relative paths) from the stdlib, in sorted path order."""
+    train, val, val_names = [], [], []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if any(part in SKIP_DIRS for part in rel.split("/")[:-1]):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if zlib.crc32(rel.encode()) % VAL_MODULUS == 0:
+            val.append(text)
+            val_names.append(rel)
+        else:
+            train.append(text)
+    return train, val, val_names
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    # Byte-level: every string maps to bytes first, so any text (any language, any bytes) round-trips.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def encode_stream(tok, texts: list[str]) -> torch.Tensor:
+    """All documents as one token stream, each followed by <|endoftext|>. -> (n_tokens,) int64"""
+    eos = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def fixed_windows(stream: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced windows of seq_len+1 tokens (inputs + shifted targets). -> (count, T+1)"""
+    last = stream.numel() - seq_len - 1
+    starts = torch.linspace(0, last, count).long()
+    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+def lm_loss(model: LlamaForCausalLM, windows: torch.Tensor, bf16: bool) -> torch.Tensor:
+    x, y = windows[:, :-1], windows[:, 1:]  # (B, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model.dense_logits(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: LlamaForCausalLM, windows: torch.Tensor, bf16: bool, batch: int = 8) -> float:
+    model.eval()
+    losses = [lm_loss(model, windows[i : i + batch], bf16).item() for i in range(0, len(windows), batch)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def init_weights(model: LlamaForCausalLM, cfg: ModelConfig) -> None:
+    # Normal(0, 0.02) as in Hugging Face Llama; residual output projections scaled by 1/sqrt(2L) (GPT-2).
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            continue
+        std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+        torch.nn.init.normal_(p, mean=0.0, std=std)
+
+
+def hf_config(cfg: ModelConfig, tok) -> dict:
+    eos = [tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "initializer_range": 0.02,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "bos_token_id": None, "eos_token_id": eos, "pad_token_id": eos[0],
+    }
+
+
+def tokenizer_files(tok) -> dict[str, dict]:
+    added = {
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                   "single_word": False, "special": True}
+        for t in SPECIAL_TOKENS
+    }
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
+        "additional_special_tokens": SPECIAL_TOKENS[1:], "bos_token": None, "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": MAX_POSITIONS, "chat_template": CHAT_TEMPLATE,
+    }
+    gen_cfg = {
+        "bos_token_id": None, "eos_token_id": [tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")],
+        "pad_token_id": tok.token_to_id("<|endoftext|>"), "do_sample": True, "temperature": 0.8, "top_p": 0.95,
+        "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 256,
+    }
+    return {"tokenizer_config.json": tok_cfg, "generation_config.json": gen_cfg}
+
+
+def save_model(model: LlamaForCausalLM, cfg: ModelConfig, out: Path) -> int:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # tied to model.embed_tokens.weight; HF omits it too
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return (out / "model.safetensors").stat().st_size
+
+
+def plot_losses(log: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(log["steps"], log["train_loss"], lw=0.6, alpha=0.5, label="train (per step)")
+    k = 25  # running mean, so the trend is visible through the per-batch noise
+    smooth = [sum(log["train_loss"][max(0, i - k + 1) : i + 1]) / len(log["train_loss"][max(0, i - k + 1) : i + 1])
+              for i in range(len(log["train_loss"]))]
+    ax.plot(log["steps"], smooth, lw=1.5, label=f"train (mean of {k})")
+    ax.plot(log["val_steps"], log["val_loss"], "o-", lw=1.5, label="validation (held-out files)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--size", choices=sorted(SIZES), default="default")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 default, 1200 draft)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="also stop after this many minutes of training; the LR schedule then follows whichever of "
+                        "steps or time runs out first (the steps done are recorded in train_log.json)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer.json (or its directory)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is faster on AVX512-BF16/AMX CPUs)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    steps = args.steps or DEFAULT_STEPS[args.size]
+    lr_max = args.lr or DEFAULT_LR[args.size]
+    bf16 = not args.no_bf16
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train_texts, val_texts, val_names = collect_sources(root)
+    print(f"stdlib {root} (Python {sys.version.split()[0]}): {len(train_texts)} train files, "
+          f"{len(val_texts)} held-out files, {sum(map(len, train_texts)) / 1e6:.1f} M train chars", flush=True)
+
+    from tokenizers import Tokenizer
+
+    if args.tokenizer is not None:
+        src = args.tokenizer / "tokenizer.json" if args.tokenizer.is_dir() else args.tokenizer
+        if not src.is_file():
+            print(f"error: tokenizer {src} not found; pass a tokenizer.json or a model directory holding one")
+            return 2
+        if src.resolve() != (args.out / "tokenizer.json").resolve():
+            shutil.copyfile(src, args.out / "tokenizer.json")  # byte-identical: draft and target must agree
+        tok = Tokenizer.from_file(str(args.out / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(train_texts, args.vocab_size)
+        tok.save(str(args.out / "tokenizer.json"))
+    for name, content in tokenizer_files(tok).items():
+        (args.out / name).write_text(json.dumps(content, indent=2) + "\n")
+
+    train_ids, val_ids = encode_stream(tok, train_texts), encode_stream(tok, val_texts)
+    print(f"tokens: {train_ids.numel():,} train, {val_ids.numel():,} val "
+          f"({sum(map(len, train_texts)) / train_ids.numel():.2f} chars/token)", flush=True)
+    val_windows = fixed_windows(val_ids, args.seq_len, args.eval_windows)
+    train_eval_windows = fixed_windows(train_ids, args.seq_len, args.eval_windows)
+
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="bfloat16",
+                      eos_token_id=[tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")],
+                      **SIZES[args.size])
+    model = LlamaForCausalLM(cfg)
+    init_weights(model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.size}: {n_params / 1e6:.2f} M parameters, {steps} steps x {args.batch_size} x "
+          f"{args.seq_len} tokens, lr {lr_max}, bf16 autocast {bf16}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr_max, betas=(0.9, 0.95), eps=1e-8)
+
+    budget_s = None if args.time_budget is None else 60.0 * args.time_budget
+
+    def progress(step: int) -> float:  # fraction of the run done: by steps, or by wall time if that is ahead
+        frac = step / steps
+        if budget_s is not None:
+            frac = max(frac, (time.perf_counter() - t_train) / budget_s)
+        return min(frac, 1.0)
+
+    def lr_at(step: int, frac: float) -> float:  # linear warm-up, then cosine down to 10% of the peak
+        if step <= args.warmup:
+            return lr_max * step / args.warmup
+        warm = args.warmup / steps
+        frac = max(0.0, (frac - warm) / (1 - warm))
+        return lr_max * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    log: dict = {"steps": [], "train_loss": [], "val_steps": [], "val_loss": []}
+    t_train = time.perf_counter()
+    bar = tqdm(range(1, steps + 1), desc=f"train {args.size}", mininterval=5.0, file=sys.stdout)
+    for step in bar:
+        frac = progress(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, frac)
+        starts = torch.randint(0, train_ids.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
+        batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        loss = lm_loss(model, batch, bf16)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log["steps"].append(step)
+        log["train_loss"].append(round(loss.item(), 4))
+        tok_s = step * args.batch_size * args.seq_len / (time.perf_counter() - t_train)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}")
+        done = step == steps or progress(step) >= 1.0
+        if step % args.eval_every == 0 or done:
+            val = evaluate(model, val_windows, bf16)
+            log["val_steps"].append(step)
+            log["val_loss"].append(round(val, 4))
+            recent = log["train_loss"][-args.eval_every :]
+            tqdm.write(f"step {step:5d}  train {sum(recent) / len(recent):.3f}  val {val:.3f}  "
+                       f"lr {opt.param_groups[0]['lr']:.2e}  {tok_s:.0f} tok/s  {time.perf_counter() - t_start:.0f}s elapsed")
+        if done:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - t_train
+
+    size_bytes = save_model(model, cfg, args.out)
+    # Final losses are measured on the weights as stored (rounded to bf16), on fixed windows.
+    model.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    final_train, final_val = evaluate(model, train_eval_windows, bf16), evaluate(model, val_windows, bf16)
+    (args.out / "config.json").write_text(json.dumps(hf_config(cfg, tok), indent=2) + "\n")
+    log.update({
+        "size": args.size, "parameters": n_params, "safetensors_bytes": size_bytes,
+        "python_version": sys.version.split()[0], "stdlib": str(root), "train_files": len(train_texts),
+        "val_files": val_names, "train_tokens": train_ids.numel(), "val_tokens": val_ids.numel(),
+        "tokens_seen": step * args.batch_size * args.seq_len, "steps_done": step, "steps_planned": steps,
+        "time_budget_minutes": args.time_budget, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "lr": lr_max, "warmup": args.warmup, "seed": args.seed, "bf16_autocast": bf16,
+        "threads": args.threads, "train_seconds": round(train_seconds, 1),
+        "final_train_loss": round(final_train, 4), "final_val_loss": round(final_val, 4),
+        "uniform_loss": round(math.log(cfg.vocab_size), 4),
+    })
+    (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
+    plot_losses(log, args.out / "loss.png", f"memfit-tiny ({args.size}, {n_params / 1e6:.2f} M params)")
+    print(f"done in {time.perf_counter() - t_start:.0f}s: final train loss {final_train:.3f}, val loss "
+          f"{final_val:.3f} (uniform {math.log(cfg.vocab_size):.3f}); {size_bytes / 1e6:.1f} MB -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""VirtualKVCache (vAttention): contiguous views, page-granular commits, deferred reclamation, budget."""
+import pytest
+import torch
+
+from memfit.llm.attention import attend_one
+from memfit.llm.kv import create_kv_cache
+from memfit.llm.kv.base import KVCacheError, KVLayout, SeqStep
+from memfit.llm.kv.virtual import KVSlotsExhausted, VirtualKVCache
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+from tests.memory.test_vmem import vma_rss
+
+# row = Hkv x D x 4 B = 512 B: 8 tokens per 4 KiB page; 64 tokens = 8 pages per (layer, K|V) segment
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_seq_len=64)
+SEG_PAGES = 8
+SEGS = 2 * LAYOUT.num_layers
+
+
+def make(limit=2**22, **kw) -> tuple[VirtualKVCache, MemoryBudget]:
+    budget = MemoryBudget(limit, name="kv_budget")
+    kw.setdefault("prefault", False)
+    kw.setdefault("eager_pages", 0)
+    return VirtualKVCache(LAYOUT, budget, max_seqs=kw.pop("max_seqs", 4), **kw), budget
+
+
+def kv_for(seq_id: int, start: int, n: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(start, start + n, dtype=torch.float32)
+    k = (seq_id * 1000 + pos + layer * 0.25).view(n, 1, 1).expand(n, 2, 64).contiguous()
+    return k, -k
+
+
+def write(cache, steps):
+    plan = cache.plan_step(steps)
+    k = torch.cat([kv_for(s.seq_id, s.start, s.num_new, 0)[0] for s in steps])
+    for layer in range(LAYOUT.num_layers):
+        k = torch.cat([kv_for(s.seq_id, s.start, s.num_new, layer)[0] for s in steps])
+        cache.write(layer, plan, k, -k)
+    return plan
+
+
+def test_layout_and_pages_per_segment():
+    cache, budget = make()
+    assert cache.row_bytes == 512 and cache.seg_pages == SEG_PAGES and cache.page == PAGE
+    cache.allocate(1, 10)  # 10 tokens -> 2 pages in each of the 4 segments
+    assert cache.capacity(1) == 16
+    assert cache.stats().committed_bytes == SEGS * 2 * PAGE == budget.by_owner()["kv"]
+    base = vma_rss(cache.arena.address)
+    cache.grow(1, 16)  # still inside the 2 pages
+    assert cache.stats().committed_bytes == SEGS * 2 * PAGE
+    cache.grow(1, 17)
+    assert cache.capacity(1) == 24 and cache.stats().committed_bytes == SEGS * 3 * PAGE
+    assert vma_rss(cache.arena.address) - base == SEGS * PAGE  # physical memory follows exactly
+    cache.close()
+    assert budget.used_bytes == 0
+
+
+def test_context_is_a_view_and_batch_view_when_slots_are_consecutive():
+    cache, _ = make()
+    for sid, n in [(1, 5), (2, 20), (3, 9)]:
+        cache.allocate(sid, n)
+    assert [cache.slot_of(s) for s in (1, 2, 3)] == [0, 1, 2]
+    plan = write(cache, [SeqStep(1, 0, 5), SeqStep(2, 0, 20), SeqStep(3, 0, 9)])
+    for layer in range(LAYOUT.num_layers):
+        for i, (sid, n) in enumerate([(1, 5), (2, 20), (3, 9)]):
+            k, v = cache.context(layer, plan, i)
+            ek, ev = kv_for(sid, 0, n, layer)
+            assert torch.equal(k, ek) and torch.equal(v, ev)
+            assert k.untyped_storage().data_ptr() == cache.arena.address  # a view into the arena
+        kb, vb = cache.context_batch(layer, plan)
+        assert kb.shape == (3, 20, 2, 64)
+        assert kb.untyped_storage().data_ptr() == cache.arena.address  # consecutive slots: no copy
+        for i, (sid, n) in enumerate([(1, 5), (2, 20), (3, 9)]):
+            assert torch.equal(kb[i, :n], kv_for(sid, 0, n, layer)[0])
+            assert torch.equal(vb[i, :n], kv_for(sid, 0, n, layer)[1])
+    # decode step with slots out of order: a gather, same values
+    for sid in (1, 2, 3):
+        cache.grow(sid, cache.num_tokens(sid) + 1)
+    plan = write(cache, [SeqStep(3, 9, 1), SeqStep(1, 5, 1)])
+    assert not plan.consecutive
+    kb, _ = cache.context_batch(1, plan)
+    assert kb.untyped_storage().data_ptr() != cache.arena.address
+    assert torch.equal(kb[0, :10], kv_for(3, 0, 10, 1)[0]) and torch.equal(kb[1, :6], kv_for(1, 0, 6, 1)[0])
+    assert cache.num_tokens(1) == 6 and cache.num_tokens(2) == 20 and cache.num_tokens(3) == 10
+    cache.close()
+
+
+def test_batched_decode_attention_matches_per_sequence():
+    torch.manual_seed(0)
+    cache, _ = make()
+    lens = [7, 30, 12]
+    for sid, n in enumerate(lens):
+        cache.allocate(sid, n + 1)
+    plan = cache.plan_step([SeqStep(s, 0, n + 1) for s, n in enumerate(lens)])
+    k, v = torch.randn(sum(lens) + 3, 2, 64), torch.randn(sum(lens) + 3, 2, 64)
+    cache.write(0, plan, k, v)
+    q = torch.randn(3, 4, 64)  # one decode query per sequence, Hq=4 (GQA over Hkv=2)
+    kb, vb = cache.context_batch(0, plan)  # (B, Lmax, Hkv, D)
+    ends = torch.tensor(plan.ends)
+    mask = (torch.arange(kb.shape[1]) < ends[:, None])[:, None, None, :]  # (B, 1, 1, Lmax)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], kb.transpose(1, 2), vb.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )[:, :, 0]
+    for i in range(3):
+        ck, cv = cache.context(0, plan, i)
+        ref = attend_one(q[i : i + 1], ck, cv, scale=64**-0.5)[0]
+        torch.testing.assert_close(out[i], ref)
+    cache.close()
+
+
+def test_padded_batch_reads_commit_nothing():
+    cache, _ = make()
+    cache.allocate(1, 2)
+    cache.allocate(2, 60)
+    plan = write(cache, [SeqStep(1, 0, 2), SeqStep(2, 0, 60)])
+    rss = vma_rss(cache.arena.address)
+    kb, _ = cache.context_batch(0, plan)
+    _ = float(kb.sum())  # row 0 reads 58 positions past its single page
+    assert vma_rss(cache.arena.address) == rss
+    cache.close()
+
+
+def test_deferred_reclamation_reuses_idle_slots():
+    cache, budget = make(limit=SEGS * 10 * PAGE, max_seqs=3)
+    cache.allocate(1, 40)  # 5 pages per segment
+    cache.allocate(2, 30)  # 4 pages
+    cache.free(1)
+    assert cache.stats().committed_bytes == SEGS * 9 * PAGE  # the pages stay with the idle slot
+    assert cache.idle_bytes == SEGS * 5 * PAGE
+    cache.allocate(3, 20)  # reuses slot 0 (best fit); surplus beyond need is trimmed
+    assert cache.slot_of(3) == 0 and cache.idle_bytes == 0
+    assert cache.stats().committed_bytes == SEGS * (3 + 4) * PAGE
+    cache.free(3)
+    cache.free(2)  # idle: slot 0 (3 pages), slot 1 (4 pages); budget 10 pages/segment
+    assert cache.can_allocate(64)
+    cache.allocate(4, 64)  # needs 8 pages: only fits by reclaiming the other idle slot
+    assert cache.slot_of(4) == 1
+    assert cache.stats().committed_bytes == SEGS * 8 * PAGE == budget.used_bytes
+    assert cache.idle_bytes == 0
+    cache.free(4)
+    assert cache.reclaim() == SEGS * 8 * PAGE
+    assert budget.used_bytes == 0 == cache.stats().committed_bytes
+    cache.close()
+
+
+def test_grow_beyond_budget_raises_and_changes_nothing():
+    cache, budget = make(limit=SEGS * 4 * PAGE)
+    cache.allocate(1, 16)  # 2 pages
+    cache.allocate(2, 8)  # 1 page
+    before = (cache.capacity(1), cache.stats(), budget.used_bytes, vma_rss(cache.arena.address))
+    assert not cache.can_grow(1, 40)
+    with pytest.raises(MemoryBudgetExceeded, match="raise the KV budget"):
+        cache.grow(1, 40)
+    assert (cache.capacity(1), cache.stats(), budget.used_bytes, vma_rss(cache.arena.address)) == before
+    assert cache.can_grow(1, 24)
+    cache.grow(1, 24)
+    assert budget.used_bytes == budget.limit_bytes
+    assert not cache.can_allocate(1) and cache.can_allocate(0)
+    cache.close()
+
+
+def test_slots_run_out_clearly():
+    cache, _ = make(max_seqs=2)
+    cache.allocate(1, 4)
+    cache.allocate(2, 4)
+    assert not cache.can_allocate(4)
+    with pytest.raises(KVSlotsExhausted, match="max_seqs"):
+        cache.allocate(3, 4)
+    cache.free(1)
+    cache.allocate(3, 4)
+    cache.close()
+
+
+def test_eager_pages_and_background_prefault():
+    cache, budget = make(eager_pages=2, prefault=True)
+    cache.allocate(1, 3)  # 1 page needed, 2 more ahead on the prefault thread
+    cache.sync()
+    assert cache.capacity(1) == 24
+    assert cache.stats().committed_bytes == SEGS * 3 * PAGE == budget.used_bytes
+    cache.grow(1, 9)  # enters the ahead zone: the next page is prefaulted, nothing waits
+    cache.sync()
+    assert cache.capacity(1) == 32
+    plan = write(cache, [SeqStep(1, 0, 9)])
+    assert torch.equal(cache.context(1, plan, 0)[0], kv_for(1, 0, 9, 1)[0])
+    st = cache.stats()
+    assert st.committed_bytes - st.used_bytes <= cache.waste_bound_bytes()
+    cache.free(1)
+    cache.reclaim()
+    assert budget.used_bytes == 0
+    cache.close()
+
+
+def test_eager_pages_are_skipped_when_the_budget_is_tight():
+    cache, budget = make(limit=SEGS * 2 * PAGE, eager_pages=4)
+    cache.allocate(1, 10)  # needs exactly the 2 pages of the budget; eager pages silently skipped
+    assert cache.capacity(1) == 16 and budget.used_bytes == budget.limit_bytes
+    cache.close()
+
+
+def test_misuse_gets_clear_errors():
+    cache, _ = make()
+    cache.allocate(1, 8)
+    with pytest.raises(KVCacheError, match="already allocated"):
+        cache.allocate(1, 8)
+    with pytest.raises(KVCacheError, match="unknown sequence"):
+        cache.grow(9, 8)
+    with pytest.raises(KVCacheError, match="max_seq_len"):
+        cache.allocate(2, 65)
+    assert not cache.can_allocate(65)
+    with pytest.raises(KVCacheError, match="needs grow"):
+        cache.plan_step([SeqStep(1, 0, 9)])
+    with pytest.raises(KVCacheError, match="only 0 tokens"):
+        cache.plan_step([SeqStep(1, 2, 1)])
+    with pytest.raises(KVCacheError, match="twice"):
+        cache.plan_step([SeqStep(1, 0, 1), SeqStep(1, 1, 1)])
+    plan = cache.plan_step([SeqStep(1, 0, 2)])
+    with pytest.raises(KVCacheError, match="dtype"):
+        cache.write(0, plan, torch.zeros(2, 2, 64, dtype=torch.float64), torch.zeros(2, 2, 64, dtype=torch.float64))
+    cache.free(1)
+    with pytest.raises(KVCacheError, match="unknown sequence"):
+        cache.free(1)
+    cache.close()
+
+
+def test_factory():
+    budget = MemoryBudget(2**22)
+    cache = create_kv_cache("virtual", LAYOUT, budget, max_seqs=2, prefault=False)
+    assert isinstance(cache, VirtualKVCache) and cache.max_seqs == 2
+    cache.close()
+    with pytest.raises(ValueError, match="unknown KV cache kind 'vattn'"):
+        create_kv_cache("vattn", LAYOUT, budget)
+    with pytest.raises(ValueError, match="unknown option.*block_size"):
+        create_kv_cache("virtual", LAYOUT, budget, block_size=16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_virtual_cache_on_cuda():
+    layout = KVLayout(2, 2, 64, torch.float16, 4096, device=torch.device("cuda"))
+    budget = MemoryBudget(2**30)
+    cache = VirtualKVCache(layout, budget, max_seqs=4)
+    cache.allocate(1, 100)
+    cache.allocate(2, 4096)
+    plan = cache.plan_step([SeqStep(1, 0, 100), SeqStep(2, 0, 4096)])
+    k = torch.randn(4196, 2, 64, device="cuda", dtype=torch.float16)
+    cache.write(0, plan, k, -k)
+    kb, vb = cache.context_batch(0, plan)  # row 0 reads past its pages: scratch-backed
+    torch.cuda.synchronize()
+    assert torch.equal(kb[0, :100], k[:100]) and torch.equal(vb[1, :4096], -k[100:])
+    assert cache.stats().committed_bytes == budget.used_bytes
+    cache.free(1), cache.free(2)
+    cache.reclaim()
+    assert budget.used_bytes == 0
+    cache.close()

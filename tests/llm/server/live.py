@@ -1,0 +1,94 @@
+"""A real memfit server on a free loopback port, run by uvicorn in a background thread (tests only)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import uvicorn
+
+from memfit.llm.server.app import ServerSettings, create_app
+from memfit.llm.server.async_engine import AsyncEngine
+
+API_KEY = "sk-memfit-test"
+
+
+class LiveServer:
+    def __init__(self, model_dir: Path | str, settings: ServerSettings | None = None,
+                 factory: Callable[[], Any] | None = None, **engine_options: Any) -> None:
+        def load():
+            import torch
+
+            from memfit.llm.engine import EngineConfig, LLMEngine
+
+            torch.set_num_threads(1)
+            opts = {"kv_budget": "64MiB", "dtype": "float32", **engine_options}
+            return LLMEngine(EngineConfig(model=str(model_dir), **opts))
+
+        self.engine = AsyncEngine(factory or load)
+        self.settings = settings or ServerSettings(model_name="tiny")
+        self.app = create_app(self.engine, self.settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def start(self, wait_loaded: bool = True) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        if wait_loaded and not self.engine.wait_loaded(60):
+            raise RuntimeError(f"the test model did not load: {self.engine.load_error}")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        key = self.settings.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def metrics(self) -> dict[str, float]:
+        from memfit.llm.server.metrics import parse_metrics
+
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
+
+    def wait_metric(self, name: str, predicate: Callable[[float], bool], timeout: float = 10.0) -> float:
+        """Poll /metrics until `predicate(value)` holds (a deadline for an event, not a speed check)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.metrics()[name]
+            if predicate(value) or time.monotonic() > deadline:
+                return value
+            time.sleep(0.02)
+
+
+def parse_sse(raw: str) -> list[Any]:
+    """SSE body -> list of decoded `data:` payloads ('[DONE]' kept as the string)."""
+    import json
+
+    events = []
+    assert raw.endswith("\n\n"), "an SSE stream ends with a blank line"
+    for block in raw.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), f"unexpected SSE block {block!r}"
+        data = block[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events

@@ -1,0 +1,201 @@
+"""The server through the official `openai` client (and raw HTTP where the client hides the wire)."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from memfit.llm.tokenizer import Tokenizer
+from tests.llm.server.live import API_KEY, parse_sse
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return Tokenizer.from_dir(model_dir)
+
+
+def test_models_lists_the_served_model(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_completion_usage_is_exact_and_greedy_is_deterministic(client):
+    ids = [5, 17, 33, 80, 9]
+    kw = dict(model="tiny", prompt=ids, max_tokens=7, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert a.object == "text_completion" and a.id.startswith("cmpl-")
+    ch = a.choices[0]
+    assert ch.finish_reason == "length"
+    assert a.usage.prompt_tokens == len(ids) and a.usage.completion_tokens == 7 and a.usage.total_tokens == 12
+    assert len(ch.logprobs.tokens) == 7 and len(ch.logprobs.token_logprobs) == 7
+    assert all(len(t) <= 2 for t in ch.logprobs.top_logprobs) and all(lp <= 0 for lp in ch.logprobs.token_logprobs)
+    assert ch.text == b.choices[0].text  # greedy
+
+
+def test_completion_several_prompts_and_n(client, tok):
+    out = client.completions.create(model="tiny", prompt=["Hello world", "The quick"], n=2, max_tokens=3,
+                                    temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.usage.prompt_tokens == len(tok.encode("Hello world")) + len(tok.encode("The quick"))
+    assert out.usage.completion_tokens == 4 * 3
+    again = client.completions.create(model="tiny", prompt=["Hello world", "The quick"], n=2, max_tokens=3,
+                                      temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert [c.text for c in out.choices] == [c.text for c in again.choices]  # seeded sampling reproduces
+
+
+def test_chat_uses_the_chat_template(client, tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    expected = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    assert out.object == "chat.completion"
+    assert out.usage.prompt_tokens == len(expected)
+    msg = out.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= out.usage.completion_tokens <= 5
+
+
+def test_chat_content_parts_and_max_completion_tokens(client):
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+        max_completion_tokens=4, temperature=0, extra_body={"ignore_eos": True},
+    )
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+
+
+def test_chat_stream_with_usage_through_the_client(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello world"}], max_tokens=6, temperature=0,
+        stream=True, stream_options={"include_usage": True}, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    n_lp = sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs)
+    assert n_lp == 6
+    # The streamed text is the non-streamed text (greedy).
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello world"}],
+                                          max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert text == full.choices[0].message.content
+
+
+def test_completion_stream_wire_format(server):
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0, "stream": True, "n": 2,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10 and usage["usage"]["prompt_tokens"] == 3
+    for ev in events[:-2]:
+        assert ev["object"] == "text_completion" and len(ev["choices"]) == 1 and "usage" in ev
+    for index in (0, 1):
+        mine = [ev["choices"][0] for ev in events[:-2] if ev["choices"][0]["index"] == index]
+        assert [c["finish_reason"] for c in mine][-1] == "length"
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+
+
+def test_stop_string_is_not_returned(client):
+    base = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stops = [base[i:i + 2] for i in range(1, len(base) - 1) if base[i:i + 2].strip() and "\ufffd" not in base[i:i + 2]]
+    if not stops:
+        pytest.skip("the random model's output has no usable stop string here")
+    stop = stops[0]
+    out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == base[: base.index(stop)]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(max_tokens=-1), "max_tokens"),
+    (dict(max_tokens=10**9), "prompt"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(n=0), "n"),
+    (dict(logprobs=99), "logprobs"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=[10**6]), "prompt"),
+    (dict(prompt=list(range(5, 300))), "prompt"),
+    (dict(stop=[""]), None),
+    (dict(extra_body={"temperature": "hot"}), "temperature"),
+])
+def test_invalid_completion_parameters_raise_bad_request(client, kwargs, param):
+    args = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**args)
+    err = info.value.body
+    assert set(err) >= {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_chat_errors(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 400}], max_tokens=4)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_api_key_is_required(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    r = httpx.get(server.url + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_bad_json_and_wrong_types_are_400(server):
+    url = server.url + "/v1/chat/completions"
+    h = {**server.headers, "content-type": "application/json"}
+    for body in (b"{not json", b"[1, 2]", b'"hello"', b"null", b'{"messages": "hi"}', b'{"messages": [{"role": "user", "content": 5}]}'):
+        r = httpx.post(url, content=body, headers=h)
+        assert r.status_code == 400, body
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_oversized_body_is_413(server):
+    url = server.url + "/v1/completions"
+    big = {"model": "tiny", "prompt": "x" * (65 * 1024)}
+    r = httpx.post(url, json=big, headers=server.headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"prompt": "'
+        for _ in range(70):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = httpx.post(url, content=chunks(), headers={**server.headers, "content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_unknown_route_is_openai_shaped_404(server):
+    r = httpx.get(server.url + "/v1/engines", headers=server.headers)
+    assert r.status_code == 404 and "error" in r.json()

@@ -1,0 +1,161 @@
+"""End-to-end engine tests on a tiny random Llama built at test time, checked against transformers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memfit.llm.api import LLM
+from memfit.llm.engine import RequestError
+from memfit.llm.sampling import SamplingParams
+from memfit.memory.budget import MemoryBudgetExceeded
+from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
+
+KV_KINDS = ["virtual", "paged"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = build_tiny_hf_model("llama", seed=3)
+    path = save_hf_model(model, tok, tmp_path_factory.mktemp("engine") / "tiny-llama")
+    return model, tok, path
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+PROMPTS = [[5, 17, 33, 80, 9], [100, 7], list(range(40, 77)), [250, 11, 12, 13, 14, 15, 16, 200, 3, 4, 60]]
+
+
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_greedy_batch_matches_transformers(tiny, kind):
+    model, _, path = tiny
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+    for ids, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(model, ids, 12)
+        assert out.finish_reason == "length"
+    st = llm.engine.kv.stats()
+    assert st.tokens_held == 0 and st.num_seqs == 0
+
+
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_chunked_prefill_and_small_steps_give_same_tokens(tiny, kind):
+    model, _, path = tiny
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB", max_num_batched_tokens=7, max_num_seqs=2)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+    for ids, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(model, ids, 8)
+
+
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_tight_budget_preempts_but_never_exceeds_and_outputs_match(tiny, kind):
+    model, _, path = tiny
+    roomy = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = [list(range(10 + i, 40 + i)) for i in range(6)]
+    expected = [o.token_ids for o in roomy.generate(prompt_token_ids=prompts, sampling_params=params)]
+    # Room for about two sequences at full length: six must take turns and be preempted.
+    one_seq = roomy.engine.kv.bytes_needed(70)
+    tight = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget=int(one_seq * 2.2))
+    engine = tight.engine
+    for i, ids in enumerate(prompts):
+        engine.add_request(prompt_token_ids=ids, params=params, request_id=f"r{i}")
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        assert engine.kv_budget.used_bytes <= engine.kv_budget.limit_bytes
+    assert [done[f"r{i}"] for i in range(6)] == expected
+    assert engine.kv_budget.peak_bytes <= engine.kv_budget.limit_bytes
+    assert engine.scheduler.num_preemptions > 0  # the budget really was tight
+
+
+def test_stop_strings_max_tokens_and_logprobs(tiny):
+    _, tok, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    base = llm.generate("hello world", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert len(base.token_ids) == 20
+    text = base.text
+    assert len(text) > 4
+    stop = text[2:4]
+    stopped = llm.generate("hello world", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and text.startswith(stopped.text)
+    lp = llm.generate("hello world", SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))[0]
+    assert len(lp.logprobs) == 5
+    for token, entry in zip(lp.token_ids, lp.logprobs):
+        assert entry.token_id == token
+        assert len(entry.top) == 3 and max(entry.top, key=entry.top.get) == token  # greedy = most likely
+        assert entry.logprob <= 0
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tiny):
+    _, _, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    p = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p)[0].token_ids
+    other = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    batched = llm.generate(prompt_token_ids=[PROMPTS[1], PROMPTS[0]], sampling_params=[other, p])[1].token_ids
+    assert alone == batched
+
+
+def test_session_reuses_kv_and_matches_fresh_prefill(tiny):
+    model, _, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    engine = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first = PROMPTS[2]
+    rid = engine.add_request(prompt_token_ids=first, params=params, session_id="s")
+    out1 = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out1 = o
+    assert engine.kv.stats().num_seqs == 1  # the turn's KV is retained for the session
+    second = first + out1.token_ids + [9, 10, 11]
+    engine.add_request(prompt_token_ids=second, params=params, session_id="s")
+    out2 = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out2 = o
+    # All but the last generated token of turn 1 were already in the cache.
+    assert out2.num_cached_tokens == len(first) + len(out1.token_ids) - 1
+    assert out2.token_ids == hf_greedy(model, second, 6)
+    engine.end_session("s")
+    assert engine.kv.stats().num_seqs == 0 and engine.kv_budget.used_bytes == engine.kv.stats().committed_bytes
+
+
+def test_bad_requests_are_refused_clearly_and_engine_keeps_working(tiny):
+    _, _, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=64)
+    with pytest.raises(RequestError, match="context"):
+        llm.generate(prompt_token_ids=[[1] * 64])
+    with pytest.raises(RequestError, match="empty"):
+        llm.generate(prompt_token_ids=[[]])
+    with pytest.raises(RequestError, match="prompt_token_ids"):
+        llm.generate(prompt_token_ids=[[10**6]])
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=3, temperature=0))
+    assert len(out[0].token_ids) >= 1
+
+
+def test_budget_too_small_for_one_sequence_explains_the_fit(tiny):
+    _, _, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget=4096 * 8)
+    with pytest.raises(MemoryBudgetExceeded) as err:
+        llm.generate(prompt_token_ids=[list(range(1, 100))], sampling_params=SamplingParams(max_tokens=100))
+    msg = str(err.value)
+    assert "KV budget" in msg and "weights" in msg and "KV cache" in msg and "does NOT fit" in msg
+
+
+def test_generation_stops_at_context_end(tiny):
+    _, _, path = tiny
+    llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=32)
+    out = llm.generate(prompt_token_ids=[list(range(1, 29))], sampling_params=SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 32 - 28

@@ -1,0 +1,132 @@
+"""Scheduler policy tests against a bookkeeping-only KV manager (the scheduler never touches tensors)."""
+from __future__ import annotations
+
+import pytest
+
+from memfit.llm.request import Sequence, SeqStatus
+from memfit.llm.sampling import SamplingParams
+from memfit.llm.scheduler import Scheduler, SchedulerConfig
+
+
+class CountingKV:
+    """Capacity in tokens, one token = one unit; records the calls the scheduler makes."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self.held: dict[int, int] = {}
+
+    def _used(self) -> int:
+        return sum(self.held.values())
+
+    def can_allocate(self, n: int) -> bool:
+        return self._used() + n <= self.capacity_tokens
+
+    def allocate(self, seq_id: int, n: int) -> None:
+        assert seq_id not in self.held and self.can_allocate(n)
+        self.held[seq_id] = n
+
+    def can_grow(self, seq_id: int, n: int) -> bool:
+        return self._used() - self.held[seq_id] + max(n, self.held[seq_id]) <= self.capacity_tokens
+
+    def grow(self, seq_id: int, n: int) -> None:
+        assert self.can_grow(seq_id, n)
+        self.held[seq_id] = max(n, self.held[seq_id])
+
+    def free(self, seq_id: int) -> None:
+        del self.held[seq_id]
+
+    def has_seq(self, seq_id: int) -> bool:
+        return seq_id in self.held
+
+
+def seq(name: str, prompt_len: int, max_tokens: int = 8) -> Sequence:
+    return Sequence(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(sched: Scheduler) -> list[tuple[str, int]]:
+    """Schedule, then pretend the runner computed and sampled (as the runner/engine would)."""
+    out = sched.schedule()
+    result = []
+    for item in out.scheduled:
+        samples = item.samples
+        item.seq.num_computed += item.num_new
+        if samples:
+            item.seq.output_token_ids.append(7)
+        result.append((item.seq.request_id, item.num_new))
+    assert sched.kv._used() <= sched.kv.capacity_tokens
+    return result
+
+
+def test_fcfs_with_chunked_prefill_and_token_budget():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), CountingKV(1000))
+    a, b = seq("a", 15), seq("b", 4)
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == [("a", 10)]  # a's first chunk fills the step
+    assert run_step(sched) == [("a", 5), ("b", 4)]  # a finishes prefill, b fits behind it
+    assert run_step(sched) == [("a", 1), ("b", 1)]  # both decode
+    assert a.status is SeqStatus.RUNNING and len(a.output_token_ids) == 2
+
+
+def test_max_num_seqs_limits_the_batch():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), CountingKV(1000))
+    for name in "abc":
+        sched.add(seq(name, 3))
+    assert [n for n, _ in run_step(sched)] == ["a", "b"]
+    assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_preemption_by_recomputation_frees_newest_and_requeues_it_first():
+    kv = CountingKV(capacity_tokens=12)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), kv)
+    a, b = seq("a", 6), seq("b", 6)
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == [("a", 6), ("b", 6)]  # memory now full
+    out = sched.schedule()  # a needs a 7th token slot: b (newest) is preempted
+    assert [s.request_id for s in out.preempted] == ["b"]
+    assert [(s.seq.request_id, s.num_new) for s in out.scheduled] == [("a", 1)]
+    assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.num_preemptions == 1
+    assert sched.waiting[0] is b and not kv.has_seq(b.seq_id)
+    # b's generated token must be recomputed with its prompt: 6 prompt + 1 output pending.
+    assert b.num_pending == 7
+
+
+def test_head_of_queue_is_not_overtaken_when_memory_is_short():
+    kv = CountingKV(capacity_tokens=10)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), kv)
+    sched.add(seq("a", 8))
+    run_step(sched)
+    sched.add(seq("big", 5))
+    sched.add(seq("small", 1))
+    names = [n for n, _ in run_step(sched)]
+    assert names == ["a"]  # neither big (does not fit) nor small (would overtake big) is admitted
+
+
+def test_retained_session_kv_is_given_up_before_preempting():
+    kv = CountingKV(capacity_tokens=10)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), kv)
+    a = seq("a", 6)
+    a.session_id = "chat"
+    sched.add(a)
+    run_step(sched)
+    sched.finish(a, "stop")
+    assert kv.has_seq(a.seq_id) and "chat" in sched.retained
+    sched.add(seq("b", 8))
+    assert run_step(sched) == [("b", 8)]
+    assert not kv.has_seq(a.seq_id) and not sched.retained
+
+
+def test_abort_releases_kv():
+    kv = CountingKV(capacity_tokens=100)
+    sched = Scheduler(SchedulerConfig(), kv)
+    a = seq("a", 5)
+    sched.add(a)
+    run_step(sched)
+    sched.abort(a)
+    assert kv.held == {} and a.finish_reason == "abort" and not sched.has_unfinished()
+
+
+def test_invalid_config_is_refused():
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_num_seqs=0)

@@ -1,0 +1,35 @@
+import json
+
+from memfit.cli import main
+
+
+def test_plan_validate_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    rc = main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--out", str(out),
+               "--planner", "heuristic", "--time-limit", "5", "--plot", str(png)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "non_compulsory_bytes" in printed and "status heuristic" in printed
+    data = json.loads(out.read_text())
+    assert data["format"] == "memfit.plan/v1" and data["model"] == "bert_tiny_encoder"
+    assert data["traffic"]["non_compulsory_bytes"] >= 0 and data["solver"]["status"] == "heuristic"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plan", "validate", str(out)]) == 0
+    assert "valid memfit.plan/v1 plan" in capsys.readouterr().out
+
+    data["placements"] = data["placements"][1:]  # drop one residency interval: now invalid
+    out.write_text(json.dumps(data))
+    assert main(["plan", "validate", str(out)]) == 2
+    assert "invalid plan" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(capsys):
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "1KiB", "--planner", "baseline-topo"]) == 2
+    err = capsys.readouterr().err
+    assert "too small" in err and "operator '" in err and "needs" in err and "Traceback" not in err
+    assert main(["plan", "--model", "no_such_net_xyz"]) == 2
+    assert "unknown model 'no_such_net_xyz'" in capsys.readouterr().err
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "lots"]) == 2
+    assert "cannot parse size" in capsys.readouterr().err
+    assert main(["plan"]) == 2
+    assert "--model is required" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+import pytest
+
+from memfit.plan.analysis import memory_aware_order, scratchpad_sizes
+from memfit.plan.baselines import BASELINES, plan_baseline
+from memfit.plan.errors import InfeasibleScratchpadError, PlanError
+from memfit.plan.exact import ExactConfig, Segment, solve_segment
+from memfit.plan.heuristic import choose_cuts, crossing_bytes
+from memfit.plan.planner import PlanOptions, best_baseline, finish, make_plan
+from memfit.plan.validate import validate
+from tests.plan.graphs import order_matters, random_dag
+
+
+def _caps(g):
+    s = scratchpad_sizes(g)
+    return sorted({s.min_feasible, s.mid, s.min_peak, s.min_peak + 64})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_baselines_are_valid_at_every_size(seed):
+    g = random_dag(30, seed)
+    for cap in _caps(g):
+        for cfg in BASELINES.values():
+            plan = finish(plan_baseline(g, cap, cfg))
+            assert plan.traffic == validate(plan)
+            assert plan.traffic["non_compulsory_bytes"] >= 0
+
+
+def test_no_traffic_when_everything_fits():
+    g = random_dag(20, 1)
+    total = sum(t.bytes for t in g.tensors)
+    for cfg in BASELINES.values():
+        assert finish(plan_baseline(g, total, cfg)).traffic["non_compulsory_bytes"] == 0
+
+
+def test_infeasible_scratchpad_names_the_op():
+    g = order_matters()  # c needs X + X2 = 20 bytes, the largest working set
+    with pytest.raises(InfeasibleScratchpadError, match=r"operator 'c' needs 20 bytes") as info:
+        make_plan(g, 19, PlanOptions(planner="baseline-topo"))
+    assert info.value.needed_bytes == 20 and "--scratchpad 20" in str(info.value)
+
+
+def test_unknown_planner():
+    with pytest.raises(PlanError, match="unknown planner"):
+        make_plan(order_matters(), 100, PlanOptions(planner="magic"))
+
+
+def test_exact_reorders_to_avoid_a_spill():
+    g = order_matters()
+    topo = finish(plan_baseline(g, 21, BASELINES["baseline-topo"]))
+    assert topo.traffic["non_compulsory_bytes"] > 0  # the framework order must spill Y
+    plan = make_plan(g, 21, PlanOptions(planner="exact", time_limit_s=10, free_order=True))
+    assert plan.solver.status == "optimal"
+    assert plan.traffic["non_compulsory_bytes"] == 0 and plan.solver.gap == 0.0
+    assert plan.order.index("c") < plan.order.index("b")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_is_valid_optimal_and_no_worse_than_baselines(seed):
+    g = random_dag(12, seed)
+    for cap in _caps(g)[:3]:
+        best, _ = best_baseline(g, cap)
+        plan = make_plan(g, cap, PlanOptions(planner="exact", time_limit_s=20, num_workers=2, free_order=True))
+        assert plan.traffic == validate(plan)
+        assert plan.solver.status == "optimal"
+        assert plan.traffic["non_compulsory_bytes"] <= best.traffic["non_compulsory_bytes"]
+        assert plan.solver.bound_bytes == plan.traffic["non_compulsory_bytes"]
+        # the CP-SAT objective counts exactly the traffic the validator derives from the placements
+        assert plan.solver.details["model_objective_bytes"] == plan.traffic["non_compulsory_bytes"]
+
+
+def test_exact_fixed_order_matches_model_count():
+    g = random_dag(25, 7)
+    cap = scratchpad_sizes(g).min_feasible
+    order = memory_aware_order(g)
+    res = solve_segment(g, cap, Segment(order), ExactConfig(time_limit_s=20))
+    assert res.status == "optimal"
+    from memfit.plan.plan_format import Plan
+    plan = finish(Plan(g, cap, res.order, res.placements))
+    assert plan.traffic["non_compulsory_bytes"] == res.objective_bytes
+
+
+def test_choose_cuts_respects_lengths_and_prefers_cheap_cuts():
+    cross = [0, 9, 9, 1, 9, 9, 9, 2, 9, 9]
+    cuts = choose_cuts(cross, min_ops=2, max_ops=4)
+    lengths = [b - a for a, b in zip(cuts, cuts[1:] + [len(cross)])]
+    assert cuts[0] == 0 and all(2 <= n <= 4 for n in lengths)
+    assert cuts == [0, 3, 7]
+    assert choose_cuts(cross, 2, 20) == [0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heuristic_valid_and_no_worse_than_seed(seed):
+    g = random_dag(45, seed)
+    cross = crossing_bytes(g, g.topo_order())
+    assert len(cross) == len(g.ops) and cross[0] == 0
+    for cap in _caps(g)[:3]:
+        best, _ = best_baseline(g, cap)
+        plan = make_plan(g, cap, PlanOptions(planner="heuristic", time_limit_s=6, max_segment_ops=10))
+        assert plan.traffic == validate(plan)
+        assert plan.solver.details["segments"] >= 4
+        assert plan.traffic["non_compulsory_bytes"] <= best.traffic["non_compulsory_bytes"]
+
+
+def test_heuristic_stitching_is_consistent_with_segment_costs():
+    """Without the seed fallback, the stitched plan's traffic is what the segment models paid (or less, after
+    merging touching placements)."""
+    from memfit.plan.heuristic import HeuristicConfig, plan_segments
+    from memfit.plan.plan_format import Plan
+    g = random_dag(40, 11)
+    cap = scratchpad_sizes(g).min_feasible
+    order, placements, stats = plan_segments(g, cap, memory_aware_order(g), HeuristicConfig(8, 10, 5))
+    plan = finish(Plan(g, cap, order, placements))
+    assert stats["segments"] >= 4 and stats["fallback_segments"] == 0
+    assert plan.traffic["non_compulsory_bytes"] <= stats["segment_objective_bytes"]
