@@ -71,7 +71,7 @@ def main() -> int:
     ap.add_argument("--weights", choices=("resident", "streamed"), default="resident")
     ap.add_argument("--time-limit", type=float, default=20.0, help="solver seconds per (model, size)")
     ap.add_argument("--exact-max-ops", type=int, default=40)
-    ap.add_argument("--segment-ops", type=int, default=24)
+    ap.add_argument("--segment-ops", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="also write the JSON here")
@@ -87,7 +87,7 @@ def main() -> int:
     for name in args.models.split(","):
         try:
             results.append(run_model(name.strip(), args))
-        except Exception as exc:  # report and go on: one model must not hide the others
+        except Exception as exc:  # noqa: BLE001 - report and go on: one model must not hide the others
             results.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
             print(f"  {name}: ERROR {exc}", file=sys.stderr)
     cases = [{**c, "model": r["model"]} for r in results for c in r.get("cases", [])]

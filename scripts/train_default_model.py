@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train memfit's bundled default model (memfit-tiny) or its draft model on the Python standard library.
 
 The training text is the source of the running interpreter's standard library, which every machine with
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memfit.llm.models.config import ModelConfig  # noqa: E402
-from memfit.llm.models.llama import LlamaForCausalLM  # noqa: E402
+from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.llama import LlamaForCausalLM
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 CHAT_TEMPLATE = (
@@ -46,12 +45,12 @@ CHAT_TEMPLATE = (
 MAX_POSITIONS = 2048
 # Architecture per size. head_dim 32 everywhere; GQA with 2 query heads per KV head.
 SIZES = {
-    "default": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=4, head_dim=32),
-    "draft": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32),
+    "default": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "head_dim": 32},
+    "draft": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 32},
 }
-DEFAULT_STEPS = {"default": 1000, "draft": 1200}
+DEFAULT_STEPS = {"default": 2500, "draft": 3000}
 DEFAULT_LR = {"default": 2e-3, "draft": 3e-3}
 # Directory names skipped anywhere in the stdlib tree: installed packages, test suites (large, and full of
 # deliberately odd code), caches, and the generated codec tables in encodings/ and the docs blob in pydoc_data/.
@@ -79,7 +78,14 @@ def collect_sources(root: Path) -> tuple[list[str], list[str], list[str]]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     # Byte-level: every string maps to bytes first, so any text (any language, any bytes) round-trips.
@@ -203,11 +209,72 @@ def plot_losses(log: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_readme(out: Path) -> None:
+    """README.md for a trained model directory, written from its config.json and train_log.json."""
+    cfg = json.loads((out / "config.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())
+    draft = log["size"] == "draft"
+    name = "memfit-tiny-draft" if draft else "memfit-tiny"
+    role = ("the draft model for speculative decoding with memfit-tiny (same tokenizer, byte-identical "
+            "tokenizer.json)" if draft else "memfit's bundled default model, so `memfit generate` works offline")
+    cmd = ("python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny-draft --size draft "
+           "--tokenizer memfit/assets/models/memfit-tiny/tokenizer.json" if draft
+           else "python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny")
+    budget = f" --steps {log['steps_planned']} --threads {log['threads']}"
+    if log.get("time_budget_minutes"):
+        budget += f" --time-budget {log['time_budget_minutes']:g}"
+    timing = ""
+    if log.get("time_budget_minutes"):  # the run stopped at whichever of steps or time came first
+        how = "ran out of time first" if log["steps_done"] < log["steps_planned"] else "completed its steps first"
+        timing = f" (this run {how}; on another machine the time budget may end it at a different step)"
+    text = f"""# {name}
+
+A tiny Llama-architecture language model: {role}. It completes Python source code; it is far too small
+to be useful for anything else, and it was **not** trained on chat, so the ChatML template in
+tokenizer_config.json is there for plumbing (tests, demos), not because the model follows instructions.
+
+| | |
+|---|---|
+| architecture | LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, GQA), tied input/output embeddings |
+| parameters | {log["parameters"]:,} |
+| layers / hidden / MLP | {cfg["num_hidden_layers"]} / {cfg["hidden_size"]} / {cfg["intermediate_size"]} |
+| heads / KV heads / head dim | {cfg["num_attention_heads"]} / {cfg["num_key_value_heads"]} / {cfg["head_dim"]} |
+| vocabulary | {cfg["vocab_size"]} (byte-level BPE; specials `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`) |
+| weights | model.safetensors, bfloat16, {log["safetensors_bytes"]:,} bytes |
+| context | trained on {log["seq_len"]}-token windows; RoPE table sized for {cfg["max_position_embeddings"]}, but quality drops past the training length |
+
+## Training
+
+- Text: the `*.py` files of the CPython {log["python_version"]} standard library (`{log["stdlib"]}`), sorted by
+  path, without test suites, site-packages, `encodings/` and `pydoc_data/`; {log["train_files"]} files
+  ({log["train_tokens"]:,} tokens) for training and {len(log["val_files"])} held-out files
+  ({log["val_tokens"]:,} tokens) for validation, chosen by `crc32(path) % 40 == 0`. The standard library
+  differs a little between Python versions, so a rebuild on another version gives a slightly different model.
+- {log["steps_done"]} AdamW steps of {log["batch_size"]} x {log["seq_len"]} tokens ({log["tokens_seen"]:,} tokens seen), peak LR
+  {log["lr"]}, {log["warmup"]} warm-up steps then cosine decay to 10%, weight decay 0.1, gradient clip 1.0,
+  bf16 autocast {"on" if log["bf16_autocast"] else "off"}, seed {log["seed"]}, {log["threads"]} CPU threads,
+  {log["train_seconds"] / 60:.1f} minutes on a shared 2-core machine.
+- Final loss (weights as stored, 16 fixed windows each): train **{log["final_train_loss"]:.3f}**, held-out
+  **{log["final_val_loss"]:.3f}** nats/token (uniform guessing: {log["uniform_loss"]:.3f}).
+  Curve: loss.png; numbers: train_log.json.
+
+Rebuild with `{cmd}{budget}`{timing}.
+
+## Licence
+
+The training text is the source code of the CPython standard library, Copyright (c) Python Software
+Foundation, distributed under the PSF License Agreement Version 2 (https://docs.python.org/3/license.html).
+The weights are a statistical model of that text; they ship with memfit (Apache-2.0) and this note keeps
+the attribution of the text they were learned from.
+"""
+    (out / "README.md").write_text(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1000 default, 1200 draft)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2500 default, 3000 draft)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="also stop after this many minutes of training; the LR schedule then follows whichever of "
                         "steps or time runs out first (the steps done are recorded in train_log.json)")
@@ -219,14 +286,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared 2-core machine (load ~8) two threads trained 4x *slower* than one (270 vs
+    # 1100 tokens/s), as OpenMP workers wait at every barrier for a sibling the scheduler has parked.
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; raise on an idle machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--readme-only", action="store_true",
+                   help="only rewrite README.md of an already trained --out directory from its train_log.json")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is faster on AVX512-BF16/AMX CPUs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.readme_only:
+        write_readme(args.out)
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     steps = args.steps or DEFAULT_STEPS[args.size]
@@ -342,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
     plot_losses(log, args.out / "loss.png", f"memfit-tiny ({args.size}, {n_params / 1e6:.2f} M params)")
+    write_readme(args.out)
     print(f"done in {time.perf_counter() - t_start:.0f}s: final train loss {final_train:.3f}, val loss "
           f"{final_val:.3f} (uniform {math.log(cfg.vocab_size):.3f}); {size_bytes / 1e6:.1f} MB -> {args.out}")
     return 0

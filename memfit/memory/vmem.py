@@ -34,7 +34,7 @@ import mmap
 import queue
 import threading
 import weakref
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ class _CpuBackend:
 # ---------------------------------------------------------------------------------------------------------
 # CUDA backend (driver VMM through cuda-python; imported only when used)
 # ---------------------------------------------------------------------------------------------------------
-def _cuda_driver():  # noqa: ANN202
+def _cuda_driver():
     try:
         from cuda.bindings import driver  # cuda-python >= 12.6 / cuda-bindings
     except ImportError:
@@ -161,7 +161,7 @@ def _cuda_driver():  # noqa: ANN202
     return driver
 
 
-def _check(result):  # noqa: ANN001, ANN202
+def _check(result):
     """cuda-python returns (CUresult, *values); raise on error, return the values."""
     drv = _cuda_driver()
     err, *rest = result if isinstance(result, tuple) else (result,)
@@ -175,7 +175,7 @@ def _check(result):  # noqa: ANN001, ANN202
     return rest[0] if len(rest) == 1 else tuple(rest)
 
 
-def _alloc_prop(ordinal: int):  # noqa: ANN202
+def _alloc_prop(ordinal: int):
     drv = _cuda_driver()
     prop = drv.CUmemAllocationProp()
     prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
@@ -253,12 +253,16 @@ class _CudaBackend:
         if not todo:
             return
         self._bind()
-        if not self.scratch:
+        fresh = not self.scratch
+        if fresh:
             self.scratch.append(_check(drv.cuMemCreate(page, self.prop, 0)))
         for p in todo:
             _check(drv.cuMemMap(drv.CUdeviceptr(self.addr + p * page), page, 0, self.scratch[0], 0))
             self.scratch_pages.add(p)
             _check(drv.cuMemSetAccess(drv.CUdeviceptr(self.addr + p * page), page, [self.access], 1))
+            if fresh:  # zero the scratch page once (finite garbage only; see map)
+                _check(drv.cuMemsetD8(drv.CUdeviceptr(self.addr + p * page), 0, page))
+                fresh = False
 
     def _unmap_scratch(self, pages: Sequence[int]) -> None:
         drv, page = self.drv, self.page_size
@@ -302,6 +306,9 @@ class _CudaBackend:
                 self.handles[p] = handle
                 done.append(p)
             _check(drv.cuMemSetAccess(drv.CUdeviceptr(self.addr + lo * page), (hi - lo) * page, [self.access], 1))
+            # Fresh device memory holds garbage (maybe NaN bit patterns, which survive a masked softmax as
+            # NaN x 0); zero it like the CPU's fresh pages. Ordered on the legacy default stream.
+            _check(drv.cuMemsetD8(drv.CUdeviceptr(self.addr + lo * page), 0, (hi - lo) * page))
         except BaseException:
             if done:
                 self.unmap(done[0], done[-1] + 1)
@@ -507,7 +514,7 @@ class VirtualArena:
 
     # ---- overlapped commit ----------------------------------------------------------------------------
     @property
-    def prefaulter(self) -> "Prefaulter":
+    def prefaulter(self) -> Prefaulter:
         if self._prefaulter is None:
             self._prefaulter = Prefaulter(f"memfit-prefault-{self.owner}")
         return self._prefaulter
@@ -542,7 +549,7 @@ class VirtualArena:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "VirtualArena":
+    def __enter__(self) -> VirtualArena:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -552,7 +559,7 @@ class VirtualArena:
         try:
             if not self._closed and self.budget is not None and self.committed_bytes:
                 self.close()  # give the budget back; the memory itself goes with the last view
-        except Exception:  # noqa: BLE001 - never raise from a finaliser
+        except Exception:  # noqa: BLE001, S110 - never raise from a finaliser
             pass
 
 

@@ -68,7 +68,7 @@ def memory_aware_order(g: Graph) -> list[str]:
     ready = [o.name for o in g.ops if waiting[o.name] == 0]
     order: list[str] = []
     while ready:
-        def score(name: str) -> tuple[int, int]:
+        def score(name: str, live: set[str] = live) -> tuple[int, int]:
             o = g.op[name]
             new = sum(g.tensor[n].bytes for n in set(o.inputs) | set(o.outputs) if n not in live)
             freed = sum(g.tensor[n].bytes for n in set(o.inputs) if remaining_uses[n] == 1)

@@ -55,9 +55,9 @@ def residency(g: Graph, order: list[str], budget: int, eviction: str = "belady")
                 total += g.tensor[n].bytes
         if total > budget:
             if eviction == "belady":
-                key = lambda n: (-next_use(n, t), -g.tensor[n].bytes)  # noqa: E731
+                key = lambda n, t=t: (-next_use(n, t), -g.tensor[n].bytes)
             else:
-                key = lambda n: (-g.tensor[n].bytes, -next_use(n, t))  # noqa: E731
+                key = lambda n, t=t: (-g.tensor[n].bytes, -next_use(n, t))
             for n in sorted((n for n in resident if n not in req), key=key):
                 if total <= budget:
                     break

@@ -241,8 +241,8 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
         if n in seg.beyond and (T - 1) in rs and solver.BooleanValue(rs[T - 1]):
             exit_state[n] = solver.Value(a[n][T - 1]) * unit
     status = "optimal" if code == cp_model.OPTIMAL else "feasible"
-    obj = int(round(solver.ObjectiveValue())) - compulsory
-    bound = max(0, int(math.ceil(solver.BestObjectiveBound() - 1e-6)) - compulsory)
+    obj = round(solver.ObjectiveValue()) - compulsory
+    bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6) - compulsory)
     return SegmentResult(order, placements, status, obj, min(bound, obj), elapsed, exit_state)
 
 

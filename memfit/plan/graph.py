@@ -47,7 +47,7 @@ def extract_graph(model, example_inputs: tuple, name: str = "model", dtype=None)
 
     try:
         ep = torch.export.export(model, tuple(example_inputs)).run_decompositions({})
-    except Exception as exc:  # export explains data-dependent control flow etc.; keep its first lines
+    except Exception as exc:  # noqa: BLE001 - export explains data-dependent control flow etc.; keep its first lines
         msg = str(exc).strip().splitlines()
         raise UnsupportedGraphError(
             f"cannot trace {name!r} with torch.export: {type(exc).__name__}: {' '.join(msg[:3])[:400]}"
@@ -155,7 +155,6 @@ def graph_from_name(name: str, batch: int = 1, dtype: str = "float32", input_sha
         from memfit.plan.onnx_graph import graph_from_onnx
 
         return graph_from_onnx(name, batch=batch, dtype=dtype)
-    import torch
 
     from memfit.plan.zoo import build_model
 

@@ -26,7 +26,7 @@ def graph_from_onnx(path: str | Path, batch: int = 1, dtype: str = "float32") ->
         raise UnsupportedGraphError(f"unknown dtype {dtype!r}; choose one of {', '.join(_FLOAT_SIZES)}")
     try:
         model = shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx raises many types
         raise UnsupportedGraphError(f"cannot read {path} as ONNX: {exc}") from None
     g = model.graph
     float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}

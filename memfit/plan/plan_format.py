@@ -64,7 +64,7 @@ class Graph:
         }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Graph":
+    def from_dict(d: dict[str, Any]) -> Graph:
         tensors = [TensorSpec(t["name"], t["bytes"], t["kind"], t.get("producer"), list(t.get("consumers", [])))
                    for t in d["tensors"]]
         ops = [OpSpec(o["name"], list(o["inputs"]), list(o["outputs"]), o.get("type", "")) for o in d["ops"]]
@@ -120,7 +120,7 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Plan":
+    def from_dict(d: dict[str, Any]) -> Plan:
         """Build a Plan from JSON data without checking the rules (use memfit.plan.validate for that)."""
         solver = SolverInfo(**d["solver"]) if isinstance(d.get("solver"), dict) else None
         return Plan(

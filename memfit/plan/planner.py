@@ -21,8 +21,8 @@ class PlanOptions:
     time_limit_s: float = 30.0
     num_workers: int = 2
     exact_max_ops: int = 60
-    free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: False unless True
-    max_segment_ops: int = 24
+    free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
+    max_segment_ops: int = 16
     seed: int = 0
 
 
@@ -70,7 +70,7 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
     t0 = time.perf_counter()
     base, _ = best_baseline(g, scratchpad_bytes)
     cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.max_segment_ops,
-                          free_order=bool(opts.free_order), num_workers=opts.num_workers, seed=opts.seed)
+                          free_order=opts.free_order is not False, num_workers=opts.num_workers, seed=opts.seed)
     order, placements, stats = plan_segments(g, scratchpad_bytes, base.order, cfg, progress)
     stats.update(seed_planner=base.planner, seed_non_compulsory_bytes=base.traffic["non_compulsory_bytes"])
     info = SolverInfo("heuristic", 0.0, details=stats)

@@ -26,7 +26,7 @@ def parse_size(text: str | int) -> int:
             f"cannot parse size {text!r}: use a number of bytes or a number with a unit, e.g. 4096, 512KiB, 1.5MiB, 2GiB"
         )
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    return int(round(value))
+    return round(value)
 
 
 def format_size(n: int) -> str:

@@ -6,6 +6,7 @@ graph output's last placement. Compulsory: each consumed input/weight loaded onc
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -123,7 +124,7 @@ def validate(plan: Plan, stored_traffic: dict[str, int] | None = None) -> dict[s
         by_tensor[pl.tensor].append(pl)
     for name, pls in by_tensor.items():
         pls.sort(key=lambda x: x.start)
-        for a, b in zip(pls, pls[1:]):
+        for a, b in itertools.pairwise(pls):
             if b.start <= a.end:
                 p.append(f"'{name}' has overlapping placements at steps {a.start}..{a.end} and {b.start}..{b.end}")
         t = g.tensor[name]
@@ -158,7 +159,7 @@ def _address_overlaps(plan: Plan, by_tensor: dict[str, list[Placement]]) -> list
     for i in range(len(plan.order)):
         active = [a for a in active if a.end >= i] + starts.get(i, [])
         spans = sorted((a.offset, a.offset + size[a.tensor], a.tensor) for a in active)
-        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        for (s0, e0, n0), (s1, e1, n1) in itertools.pairwise(spans):
             if s1 < e0:
                 problems.append(f"step {i}: '{n0}' [{s0}, {e0}) overlaps '{n1}' [{s1}, {e1})")
         if len(problems) > 50:

@@ -1,0 +1,1 @@
+"""Training under a memory budget. `memfit.train.local`: backprop-free local learning (tpSGD)."""

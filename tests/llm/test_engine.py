@@ -159,3 +159,25 @@ def test_generation_stops_at_context_end(tiny):
     llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=32)
     out = llm.generate(prompt_token_ids=[list(range(1, 29))], sampling_params=SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 32 - 28
+
+
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_session_reuses_only_the_common_prefix_when_turns_diverge(tiny, kind):
+    model, _, path = tiny
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
+    engine = llm.engine
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    first = PROMPTS[2]
+    engine.add_request(prompt_token_ids=first, params=params, session_id="s")
+    while engine.has_unfinished_requests():
+        engine.step()
+    second = first[:20] + [3, 1, 4, 1, 5, 9, 2, 6]  # diverges after 20 tokens
+    engine.add_request(prompt_token_ids=second, params=params, session_id="s")
+    out = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+    assert out.num_cached_tokens == 20
+    assert out.token_ids == hf_greedy(model, second, 5)
+    st = engine.kv.stats()
+    assert st.tokens_held == len(second) + 5 - 1

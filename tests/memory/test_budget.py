@@ -3,7 +3,12 @@ import threading
 import pytest
 
 from memfit.memory.budget import (
-    MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes, parse_bytes, resolve_budget,
+    MemoryBudget,
+    MemoryBudgetExceeded,
+    Tier,
+    format_bytes,
+    parse_bytes,
+    resolve_budget,
 )
 
 

@@ -97,8 +97,8 @@ def test_torchvision_model_on_meta():
 
 def test_onnx_graph(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
     import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     from memfit.plan.onnx_graph import graph_from_onnx
 

@@ -111,6 +111,11 @@ class KVCacheManager(ABC):
     def num_tokens(self, seq_id: int) -> int:
         """Tokens whose K/V have been written for `seq_id`."""
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Forget the K/V of positions >= num_tokens (capacity is kept). Used when a new conversation
+        turn shares only a prefix with the tokens cached for the previous one."""
+        raise NotImplementedError
+
     def bytes_needed(self, num_tokens: int) -> int:
         """Bytes one sequence of `num_tokens` commits, with this manager's rounding (pages, blocks).
         Managers override this with their exact figure; the engine uses it to refuse up front a request

@@ -76,6 +76,9 @@ class PagedKVCache(KVCacheManager):
         self.k = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(L)]
         self.v = [torch.empty(shape, dtype=layout.dtype, device=layout.device) for _ in range(L)]
         self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))  # stack: pop() gives block 0 first
+        # Blocks are zeroed the first time they are handed out (ids rise until then), so positions past a
+        # sequence's end read finite values: masked garbage that were NaN would survive softmax as NaN x 0.
+        self._zeroed = 0
         self._seqs: dict[int, _Seq] = {}
         self._lock = threading.Lock()
 
@@ -89,6 +92,10 @@ class PagedKVCache(KVCacheManager):
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def bytes_needed(self, num_tokens: int) -> int:
+        """Committed bytes one sequence of `num_tokens` needs: whole blocks."""
+        return self.blocks_for(num_tokens) * self.block_size * self.layout.bytes_per_token
 
     # ---- scheduler side ---------------------------------------------------------------------------
     def _fits(self, blocks: int) -> bool:
@@ -107,6 +114,11 @@ class PagedKVCache(KVCacheManager):
             )
         self.budget.reserve(extra * self.block_bytes, self.owner)  # raises before anything changes
         seq.blocks.extend(self._free.pop() for _ in range(extra))
+        top = max(seq.blocks[-extra:]) + 1
+        if top > self._zeroed:
+            for pool in (*self.k, *self.v):
+                pool[self._zeroed : top].zero_()
+            self._zeroed = top
 
     def can_allocate(self, num_tokens: int) -> bool:
         with self._lock:
@@ -140,6 +152,13 @@ class PagedKVCache(KVCacheManager):
                 raise KVCacheError(f"unknown sequence {seq_id}")
             self._free.extend(reversed(seq.blocks))
             self.budget.release(len(seq.blocks) * self.block_bytes, self.owner)
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        if num_tokens < 0:
+            raise KVCacheError(f"cannot truncate to {num_tokens} tokens")
+        with self._lock:
+            seq = self._seq(seq_id)
+            seq.written = min(seq.written, num_tokens)
 
     def capacity(self, seq_id: int) -> int:
         return min(self.layout.max_seq_len, len(self._seq(seq_id).blocks) * self.block_size)

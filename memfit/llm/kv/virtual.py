@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import threading
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -57,7 +58,6 @@ class VirtualPlan:
     ends: list[int]
     write_slot: torch.Tensor  # (N,) slot of each new token
     write_pos: torch.Tensor  # (N,) position of each new token
-    batch_slots: torch.Tensor  # (B,) for the gather when slots are not consecutive
     consecutive: bool  # slots == lo, lo+1, ..., lo+B-1
     max_end: int
 
@@ -108,6 +108,11 @@ class VirtualKVCache(KVCacheManager):
     # ---- page arithmetic --------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens * self.row_bytes // self.page)
+
+    def bytes_needed(self, num_tokens: int) -> int:
+        """Committed bytes one sequence of `num_tokens` needs (whole pages per segment; eager pages are
+        taken only when the budget has room, so they are not part of the need)."""
+        return self._slot_bytes(self.pages_for(num_tokens))
 
     def tokens_in(self, pages: int) -> int:
         return min(self.layout.max_seq_len, pages * self.page // self.row_bytes)
@@ -199,6 +204,13 @@ class VirtualKVCache(KVCacheManager):
                 self._idle.add(seq.slot)  # keep the pages: the next sequence reuses them
             else:
                 heapq.heappush(self._empty, seq.slot)
+
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        if num_tokens < 0:
+            raise KVCacheError(f"cannot truncate to {num_tokens} tokens")
+        with self._lock:
+            seq = self._seq(seq_id)
+            seq.written = min(seq.written, num_tokens)
 
     def capacity(self, seq_id: int) -> int:
         with self._lock:
@@ -316,8 +328,7 @@ class VirtualKVCache(KVCacheManager):
             if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
                 npg = self.pages_for(max_end)
                 self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
-            return VirtualPlan(seq_ids, slots, ends, write_slot, write_pos,
-                               torch.tensor(slots, device=dev), consecutive, max_end)
+            return VirtualPlan(seq_ids, slots, ends, write_slot, write_pos, consecutive, max_end)
 
     def write(self, layer: int, plan: VirtualPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
@@ -341,9 +352,10 @@ class VirtualKVCache(KVCacheManager):
         if plan.consecutive:
             lo, hi = plan.slots[0], plan.slots[0] + len(plan.slots)
             return self.k[layer][lo:hi, :lmax], self.v[layer][lo:hi, :lmax]  # views, (B, Lmax, Hkv, D)
-        # Slots out of order: gather just the B rows (index_select reads only the indexed slots).
-        return (self.k[layer][:, :lmax].index_select(0, plan.batch_slots),
-                self.v[layer][:, :lmax].index_select(0, plan.batch_slots))
+        # Slots out of order: copy the B rows (each K[l][s, :Lmax] is contiguous, so this is B memcpys and
+        # reads only those slots' memory).
+        return (torch.stack([self.k[layer][s, :lmax] for s in plan.slots]),
+                torch.stack([self.v[layer][s, :lmax] for s in plan.slots]))
 
     # ---- accounting -------------------------------------------------------------------------------
     def stats(self) -> KVStats:

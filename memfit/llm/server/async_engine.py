@@ -128,6 +128,9 @@ class AsyncEngine:
         cmd = _Add(specs, request_ids, out, asyncio.get_running_loop(), arrival or time.monotonic())
         self._commands.put(cmd)
         self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            # The engine thread ended between the state check and the put: nobody would answer.
+            self._fail_pending_adds(EngineNotReady(self._not_ready_message()))
         await asyncio.wrap_future(cmd.future)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -184,6 +187,7 @@ class AsyncEngine:
                 for rid in cmd[1]:
                     if self._tracked.pop(rid, None) is not None:
                         self.engine.abort_request(rid)
+                        self.metrics.requests.inc(finish_reason="abort")
 
     def _handle_add(self, cmd: _Add) -> None:
         added: list[str] = []

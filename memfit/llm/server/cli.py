@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -119,7 +120,17 @@ def cmd_serve(args) -> int:
     threading.Thread(target=watch_load, name="memfit-load-watch", daemon=True).start()
     logging.getLogger("memfit.server").setLevel(args.log_level.upper())
     print(f"memfit serve: loading {args.model} on http://{args.host}:{port} (503 until ready)", file=sys.stderr)
-    server.run(sockets=[sock])
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal into the handler it found;
+    # a no-op handler there makes a graceful shutdown exit 0 instead of dying by the signal.
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: stopped_by.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        print(f"memfit serve: stopped by {signal.Signals(stopped_by[0]).name}", file=sys.stderr)
     if engine.load_error is not None:
         err = engine.load_error
         raise err if isinstance(err, Exception) else RuntimeError(str(err))

@@ -1,12 +1,8 @@
-"""The OpenAI endpoints' logic: request -> engine requests -> response JSON or an SSE stream.
+"""The OpenAI endpoints' logic: request -> checks -> engine requests -> response JSON or an SSE stream.
 
 A request with `n` choices (and, for /v1/completions, several prompts) becomes `prompts x n` engine
 requests added as one group, all reporting to one asyncio queue. Choice `i` of prompt `p` has index
-`p * n + i`, as in OpenAI. Streaming follows OpenAI's order exactly:
-
-    chat:        role delta per choice -> content deltas -> per choice {} + finish_reason
-                 -> [usage chunk with empty choices] -> [DONE]
-    completions: text deltas -> per choice "" + finish_reason -> [usage chunk] -> [DONE]
+`p * n + i`, as in OpenAI. Response bodies and the stream are built in `responses.py`.
 
 If the client goes away (stream closed, or a non-streaming client disconnects while waiting) the group's
 unfinished engine requests are aborted, which frees their KV before the engine's next step.
@@ -14,79 +10,20 @@ unfinished engine requests are aborted, which frees their KV before the engine's
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from memfit.llm.server.async_engine import AsyncEngine, EngineFailure, EngineNotReady, RequestSpec
+from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
 from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 MAX_SUBREQUESTS = 256  # prompts x n in one HTTP request
-_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
-
-
-def engine_error(exc: BaseException) -> APIError:
-    """Map what the engine raises to an HTTP error."""
-    from memfit.llm.engine import QueueFull
-    from memfit.memory.budget import MemoryBudgetExceeded
-
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, QueueFull):
-        return APIError(429, f"the server is busy: {exc}; retry later", code="queue_full")
-    if isinstance(exc, EngineNotReady):
-        return APIError(503, str(exc), code="not_ready")
-    if isinstance(exc, MemoryBudgetExceeded):
-        return bad_request(str(exc).split("\n")[0], param="max_tokens", code="kv_budget_exceeded")
-    if isinstance(exc, ValueError):  # RequestError, InvalidSamplingParams, ChatTemplateError
-        return bad_request(str(exc))
-    if isinstance(exc, EngineFailure):
-        return APIError(500, str(exc))
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}")
-
-
-@dataclass
-class _Choice:
-    index: int
-    prompt_index: int
-    request_id: str
-    text_offset: int = 0  # completions logprobs: where the next token's text starts
-    logprobs_sent: int = 0
-    output: Any = None  # the latest RequestOutput
-    done: bool = False
-
-
-@dataclass
-class _Group:
-    """The engine requests behind one HTTP request."""
-
-    choices: list[_Choice]
-    prompts: list[list[int]]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-
-    def by_id(self) -> dict[str, _Choice]:
-        return {c.request_id: c for c in self.choices}
-
-    def unfinished(self) -> list[str]:
-        return [c.request_id for c in self.choices if not c.done]
-
-    def usage(self) -> dict[str, Any]:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(len(c.output.outputs[0].token_ids) for c in self.choices if c.output is not None)
-        cached = sum(c.output.num_cached_tokens for c in self.choices if c.output is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class OpenAIServing:
@@ -96,6 +33,7 @@ class OpenAIServing:
         self.aliases = {model_name, *aliases}
         self.created = int(time.time())
         self._tok = None
+        self._logprobs: Logprobs | None = None
 
     # ---- model facts (read once the engine is loaded; immutable after that) --------------------------
     @property
@@ -104,9 +42,15 @@ class OpenAIServing:
             from memfit.llm.tokenizer import Tokenizer
 
             # The server's own instance: the engine thread's tokenizer is never shared across threads.
-            self._tok = Tokenizer.from_dir(self.engine.engine.model_path)
-            self._tok_str = lru_cache(maxsize=65536)(lambda i: self._tok.decode([i], skip_special_tokens=False))
+            tok = Tokenizer.from_dir(self.engine.engine.model_path)
+            self._logprobs = Logprobs(lru_cache(maxsize=65536)(lambda i: tok.decode([i], skip_special_tokens=False)))
+            self._tok = tok
         return self._tok
+
+    @property
+    def logprobs(self) -> Logprobs:
+        self.tokenizer  # noqa: B018 - loads the tokenizer and the logprobs formatter with it
+        return self._logprobs  # type: ignore[return-value]
 
     @property
     def max_model_len(self) -> int:
@@ -169,7 +113,7 @@ class OpenAIServing:
                 param=param, code="context_length_exceeded",
             )
 
-    def _group(self, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[_Group, list[RequestSpec]]:
+    def _group(self, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[Group, list[RequestSpec]]:
         if len(prompts) * n > MAX_SUBREQUESTS:
             raise bad_request(f"{len(prompts)} prompts x n={n} is more than {MAX_SUBREQUESTS} completions in one request",
                               param="n")
@@ -177,11 +121,11 @@ class OpenAIServing:
         choices, specs = [], []
         for p, ids in enumerate(prompts):
             for i in range(n):
-                choices.append(_Choice(index=p * n + i, prompt_index=p, request_id=f"{base}-{p * n + i}"))
+                choices.append(Choice(index=p * n + i, prompt_index=p, request_id=f"{base}-{p * n + i}"))
                 specs.append(specs_for_prompt(ids, i))
-        return _Group(choices, prompts), specs
+        return Group(choices, prompts), specs
 
-    async def _submit(self, group: _Group, specs: list[RequestSpec], arrival: float) -> None:
+    async def _submit(self, group: Group, specs: list[RequestSpec], arrival: float) -> None:
         ids = [c.request_id for c in group.choices]
         try:
             await self.engine.add(specs, ids, group.queue, arrival)
@@ -222,13 +166,14 @@ class OpenAIServing:
         meta = {"id": f"cmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()), "model": self.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return self._stream(group, meta, chat=False, include_usage=include_usage, echo=echo, top_n=req.logprobs)
+            return stream_response(group, meta, chat=False, include_usage=include_usage, echo=echo, top_n=req.logprobs,
+                                   logprobs=self.logprobs, abort=self.engine.abort)
         await self._collect(group, request)
         choices = []
         for c in group.choices:
             out = c.output.outputs[0]
             text = (echo[c.prompt_index] if echo else "") + out.text
-            lp = self._completion_logprobs(c, out, 0, req.logprobs, len(echo[c.prompt_index]) if echo else 0)
+            lp = self.logprobs.completion(c, out, 0, req.logprobs, len(echo[c.prompt_index]) if echo else 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": group.usage(),
                              "system_fingerprint": None})
@@ -276,42 +221,28 @@ class OpenAIServing:
                 "model": self.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
-            return self._stream(group, meta, chat=True, include_usage=include_usage, echo=None, top_n=top_n)
+            return stream_response(group, meta, chat=True, include_usage=include_usage, echo=None, top_n=top_n,
+                                   logprobs=self.logprobs, abort=self.engine.abort)
         await self._collect(group, request)
         choices = []
         for c in group.choices:
             out = c.output.outputs[0]
             choices.append({
                 "index": c.index, "message": {"role": "assistant", "content": out.text, "refusal": None},
-                "logprobs": self._chat_logprobs(c, out, 0, top_n), "finish_reason": out.finish_reason,
+                "logprobs": self.logprobs.chat(c, out, 0, top_n), "finish_reason": out.finish_reason,
             })
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": group.usage(),
                              "system_fingerprint": None})
 
     # ---- waiting for results ----------------------------------------------------------------------------
-    async def _next(self, group: _Group) -> list[tuple[_Choice, Any]]:
-        """Wait for the next output(s) of the group; raises APIError if the engine failed a request."""
-        items = [await group.queue.get()]
-        while not group.queue.empty():
-            items.append(group.queue.get_nowait())
-        by_id, got = group.by_id(), []
-        for rid, item in items:
-            c = by_id.get(rid)
-            if c is None or c.done:
-                continue
-            if isinstance(item, BaseException):
-                raise engine_error(item)
-            got.append((c, item))
-        return got
-
-    async def _collect(self, group: _Group, request: Request) -> None:
+    async def _collect(self, group: Group, request: Request) -> None:
         async def gather() -> None:
             while group.unfinished():
-                for c, out in await self._next(group):
+                for c, out in await group.next():
                     c.output, c.done = out, out.finished
 
         task = asyncio.ensure_future(gather())
-        watch = asyncio.ensure_future(_wait_disconnect(request))
+        watch = asyncio.ensure_future(wait_disconnect(request))
         try:
             await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -326,108 +257,4 @@ class OpenAIServing:
         except BaseException:
             self.engine.abort(group.unfinished())
             raise
-
-    def _stream(self, group: _Group, meta: dict[str, Any], chat: bool, include_usage: bool, echo: list[str] | None,
-                top_n: int | None) -> StreamingResponse:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        base = {**meta, "object": kind, "system_fingerprint": None}
-
-        def chunk(choice: dict[str, Any]) -> str:
-            body = {**base, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return _sse(body)
-
-        def content(c: _Choice, text: str, lp: Any) -> dict[str, Any]:
-            if chat:
-                return {"index": c.index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}
-            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": None}
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                first = []
-                for c in group.choices:
-                    if chat:
-                        first.append(chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}))
-                    elif echo:
-                        first.append(chunk(content(c, echo[c.prompt_index], None)))
-                        c.text_offset = len(echo[c.prompt_index])
-                if first:
-                    yield "".join(first)
-                while group.unfinished():
-                    try:
-                        got = await self._next(group)
-                    except APIError as exc:
-                        yield _sse(exc.body()) + "data: [DONE]\n\n"
-                        return
-                    parts = []
-                    for c, out in got:
-                        comp = out.outputs[0]
-                        prev = c.logprobs_sent
-                        lp = None
-                        if top_n is not None and comp.logprobs and len(comp.logprobs) > prev:
-                            lp = (self._chat_logprobs(c, comp, prev, top_n) if chat
-                                  else self._completion_logprobs(c, comp, prev, top_n, c.text_offset))
-                        if comp.delta_text or lp is not None:
-                            parts.append(chunk(content(c, comp.delta_text, lp)))
-                        c.output, c.done = out, out.finished
-                        if out.finished:
-                            end = {"index": c.index, "delta": {}} if chat else {"index": c.index, "text": ""}
-                            parts.append(chunk({**end, "logprobs": None, "finish_reason": comp.finish_reason}))
-                    if parts:
-                        yield "".join(parts)
-                tail = ""
-                if include_usage:
-                    tail = _sse({**base, "choices": [], "usage": group.usage()})
-                yield tail + "data: [DONE]\n\n"
-            finally:
-                # Client gone (the generator is cancelled or closed) or an error: free the KV now.
-                self.engine.abort(group.unfinished())
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # ---- logprobs ------------------------------------------------------------------------------------
-    def _token_str(self, token_id: int) -> str:
-        self.tokenizer  # noqa: B018 - makes sure _tok_str exists
-        return self._tok_str(token_id)
-
-    def _chat_logprobs(self, c: _Choice, out: Any, start: int, top_n: int | None) -> dict[str, Any] | None:
-        if top_n is None or out.logprobs is None:
-            return None
-        entries = []
-        for lp in out.logprobs[start:]:
-            s = self._token_str(lp.token_id)
-            top = [{"token": self._token_str(t), "logprob": _clamp(v), "bytes": list(self._token_str(t).encode())}
-                   for t, v in list(lp.top.items())[:top_n]]
-            entries.append({"token": s, "logprob": _clamp(lp.logprob), "bytes": list(s.encode()), "top_logprobs": top})
-        c.logprobs_sent = len(out.logprobs)
-        return {"content": entries, "refusal": None}
-
-    def _completion_logprobs(self, c: _Choice, out: Any, start: int, top_n: int | None, offset: int) -> dict[str, Any] | None:
-        if top_n is None or out.logprobs is None:
-            return None
-        tokens, values, tops, offsets = [], [], [], []
-        for lp in out.logprobs[start:]:
-            s = self._token_str(lp.token_id)
-            tokens.append(s)
-            values.append(_clamp(lp.logprob))
-            tops.append({self._token_str(t): _clamp(v) for t, v in list(lp.top.items())[:top_n]})
-            offsets.append(offset)
-            offset += len(s)
-        c.logprobs_sent, c.text_offset = len(out.logprobs), offset
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _clamp(value: float) -> float:
-    return value if value == value and value > _MIN_LOGPROB else _MIN_LOGPROB
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so only that can arrive)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 

@@ -73,6 +73,25 @@ def local_loss(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
 
 
+def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """dL/da of `local_loss` in closed form, (B, ...) like `a`, computed without an autograd graph.
+
+    tpSGD feeds this straight into a.backward(): the loss itself never builds a graph, so its softmax or
+    difference tensors are never saved for backward; only the block's own graph is.
+    """
+    with torch.no_grad():
+        a2, t2 = a.flatten(1), target.flatten(1)  # (B, D)
+        if kind == "mse":
+            g = a2 - t2
+        elif kind == "l1":
+            g = torch.sign(a2 - t2)
+        elif kind == "ce":
+            g = F.softmax(a2, dim=1) - F.softmax(t2, dim=1)
+        else:
+            raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
+        return (g / a.shape[0]).view_as(a)
+
+
 class Rule:
     """Base: per-block optimizers and the head update. `train_step(x, y)` returns (loss, logits)."""
 
@@ -150,15 +169,19 @@ class LocalTargetRule(Rule):
 
     def _recurrent_step(self, seq, y, y_onehot):
         """seq (B, T, F). Time-major: at each step every layer gets its local target; gradients add up over
-        the T steps and each layer steps once at the end of the sequence. No backprop through time."""
+        the T steps and each layer steps once at the end of the sequence. No backprop through time.
+
+        Step t's loss is weighted by (t+1)^2 (weights sum to 1): early steps have seen only the first rows
+        and cannot know the class yet (uniform weights cost ~4 points on row-wise Fashion-MNIST)."""
         batch, steps = seq.shape[:2]
         states = [blk.init_state(batch, seq) for blk in self.net.blocks]
+        norm = steps * (steps + 1) * (2 * steps + 1) / 6  # sum of (t+1)^2
         inp = seq[:, 0]
         for t in range(steps):
             inp = seq[:, t]  # (B, F)
             for i, blk in enumerate(self.net.blocks):
                 out, state = blk.step(inp.detach(), states[i])  # out (B, H)
-                self.hidden_backward(i, out, y_onehot, 1.0 / steps)
+                self.hidden_backward(i, out, y_onehot, (t + 1) ** 2 / norm)
                 states[i] = detach_state(state)
                 inp = out.detach()
         for i in range(len(self.net.blocks)):
@@ -180,8 +203,8 @@ class TpSGD(LocalTargetRule):
     def hidden_backward(self, i, a, y_onehot, scale):
         target = self.projections[i].project(y_onehot)  # (B, D) or (B, C) for conv = P_i y*
         if a.dim() == 4:
-            a = a.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
-        (local_loss(self.loss, a, target) * scale).backward()
+            a = a.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C); mean saves nothing for backward
+        a.backward(local_loss_grad(self.loss, a, target) * scale)  # = d(scale * L(a, P_i y*))/da
 
 
 class DRTP(LocalTargetRule):

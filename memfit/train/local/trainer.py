@@ -29,7 +29,7 @@ class TrainConfig:
     seed: int = 0
     lr: float = 1e-3
     optimizer: str = "adam"
-    local_loss: str = "mse"
+    local_loss: str = "ce"
     activation: str = "relu"
     rnn_cell: str = "gru"
     store_projections: bool = True

@@ -39,6 +39,8 @@ class LiveServer:
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def start(self, wait_loaded: bool = True) -> "LiveServer":
+        if self._thread.ident is not None:
+            return self  # already started (e.g. `with LiveServer(...).start(wait_loaded=False) as live`)
         self._thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

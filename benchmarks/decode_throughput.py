@@ -1,0 +1,213 @@
+"""Decode throughput of memfit's engine against transformers `generate()`, side by side in one run.
+
+For each model shape (random-initialised Llama shapes, ~0.1B and ~0.5B), dtype and batch size, both
+engines decode the same number of tokens from the same prompts with greedy sampling. The decode rate
+excludes prefill (time from the first generated token to the last). Each figure is also expressed as a
+fraction of this machine's limit: the bytes one decode step must read (all weights + the KV of every
+sequence) divided by the memory bandwidth this script measures itself (a streaming read with the same
+thread count).
+
+    python benchmarks/decode_throughput.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
+
+Prints one JSON object; --out also writes it to a file and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    # ~0.1B: a GPT-2-small-sized Llama with GQA.
+    "0.1b": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000),
+    # ~0.5B: Qwen2.5-0.5B's shape (tied embeddings, 14 heads / 2 KV heads).
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes/s of a streaming read (sum over a buffer far larger than the caches), median of `reps`."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times)
+
+
+def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
+    """A random-initialised Llama checkpoint in Hugging Face format (config + safetensors + tokenizer)."""
+    from safetensors.torch import save_file
+
+    from memfit.llm.models.config import ModelConfig
+    from memfit.llm.models.llama import LlamaForCausalLM
+
+    spec = SHAPES[shape]
+    hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=4096,
+              rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype=dtype, tie_word_embeddings=False, **spec)
+    hf["head_dim"] = spec["hidden_size"] // spec["num_attention_heads"]
+    path = root / f"llama-{shape}-{dtype}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if hf.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight")
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    # The benchmark feeds token ids; the engine still wants a tokenizer file, so write a minimal one.
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel(vocab={"<unk>": 0}, unk_token="<unk>")).save(str(path / "tokenizer.json"))
+    return path
+
+
+def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
+    """Bytes one decode step reads: every weight once, plus K and V of `context` tokens per sequence."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return cfg.num_parameters() * itemsize + batch * context * kv_per_token
+
+
+def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.sampling import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
+                                    max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(batch):
+        ids = torch.randint(0, engine.model_config.vocab_size, (prompt_len,), generator=g).tolist()
+        engine.add_request(prompt_token_ids=ids, params=params)
+    first_step_done = None
+    generated = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if first_step_done is None:
+            first_step_done = time.perf_counter()  # prefill (and the first token) done
+            continue
+        generated += len(outs)
+    elapsed = time.perf_counter() - first_step_done
+    engine.close()
+    return {"decode_tokens": generated, "decode_s": elapsed, "tok_per_s": generated / elapsed}
+
+
+def run_transformers(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)  # prefill + first token
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+    decode_s = (t2 - t1) - (t1 - t0)
+    n = batch * (new_tokens - 1)
+    return {"decode_tokens": n, "decode_s": decode_s, "tok_per_s": n / decode_s}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["0.1b", "0.5b"], choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per cell; the median is reported")
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from memfit.llm.models.config import ModelConfig
+
+    bw = measure_bandwidth(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                path = make_model_dir(shape, dtype, Path(tmp))
+                cfg = ModelConfig.from_dir(path)
+                for batch in args.batches:
+                    context = args.prompt_len + args.new_tokens // 2  # mean context during decode
+                    step_bytes = decode_bytes(cfg, getattr(torch, dtype), batch, context)
+                    limit_tok_s = batch * bw / step_bytes
+                    row = {"shape": shape, "dtype": dtype, "batch": batch, "params": cfg.num_parameters(),
+                           "step_bytes": step_bytes, "limit_tok_per_s": limit_tok_s}
+                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens)["tok_per_s"] for _ in range(args.reps)]
+                    row["memfit_tok_per_s"] = statistics.median(m)
+                    row["memfit_fraction_of_limit"] = row["memfit_tok_per_s"] / limit_tok_s
+                    if not args.skip_transformers:
+                        t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens)["tok_per_s"] for _ in range(args.reps)]
+                        row["transformers_tok_per_s"] = statistics.median(t)
+                        row["speedup_vs_transformers"] = row["memfit_tok_per_s"] / row["transformers_tok_per_s"]
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+                shutil.rmtree(path)
+    result = {
+        "benchmark": "decode_throughput", "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+        "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "reps": args.reps, "seed": 1, "rows": rows,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        plot(result, Path(args.out).with_suffix(".png"))
+    return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['shape']} {r['dtype'][:4]} b{r['batch']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    w = 0.27
+    ax.bar([i - w for i in x], [r["memfit_tok_per_s"] for r in rows], w, label="memfit")
+    if rows and "transformers_tok_per_s" in rows[0]:
+        ax.bar(list(x), [r["transformers_tok_per_s"] for r in rows], w, label="transformers")
+    ax.bar([i + w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
+    ax.set_xticks(list(x), labels, rotation=45, ha="right")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(f"decode throughput, {result['threads']} thread(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

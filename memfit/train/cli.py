@@ -1,0 +1,114 @@
+"""`memfit train ...` commands. Registration is cheap: torch and friends load inside the command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+METHOD_CHOICES = ("tpsgd", "bp", "drtp", "dfa")
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train models under a memory budget")
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="SUBCOMMAND")
+    p = sub.add_parser(
+        "local",
+        help="backprop-free local learning (tpSGD) vs backprop, DRTP, DFA, with measured training memory",
+        description="Train with local targets (tpSGD) or a baseline and print one JSON object with accuracy, "
+                    "time and measured peak memory. Progress goes to stderr.",
+    )
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--model", default="mlp", help="mlp | cnn | rnn")
+    p.add_argument("--depth", type=int, default=3, help="weight layers in all (hidden blocks + output layer)")
+    p.add_argument("--width", type=int, default=None, help="units (mlp), channels (cnn), state size (rnn)")
+    p.add_argument("--method", default="tpsgd", help="one or more of tpsgd,bp,drtp,dfa (comma-separated)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", help="adam | sgd")
+    p.add_argument("--local-loss", default="ce", help="tpSGD local loss: ce | mse | l1")
+    p.add_argument("--activation", default="relu", help="relu | tanh (mlp and cnn)")
+    p.add_argument("--rnn-cell", default="gru", help="elman | gru | lstm")
+    p.add_argument("--regenerate-projections", action="store_true",
+                   help="regenerate the random projections from their seeds at each use instead of storing them")
+    p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of this many examples")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw test accuracy per epoch for each method")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_local)
+
+
+def run_local(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHOD_CHOICES]
+    if not methods or bad:
+        print(f"error: unknown method {', '.join(bad) or repr(args.method)}; choose from "
+              f"{', '.join(METHOD_CHOICES)} (comma-separated for several)", file=sys.stderr)
+        return 2
+    import torch
+
+    from .local.data import load_dataset
+    from .local.errors import DatasetMissingError, LocalTrainingError
+    from .local.trainer import TrainConfig, environment, train
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be positive (got {args.threads})", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    try:
+        configs = [
+            TrainConfig(
+                dataset=args.dataset, model=args.model, depth=args.depth, width=args.width, method=m,
+                epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                optimizer=args.optimizer, local_loss=args.local_loss, activation=args.activation,
+                rnn_cell=args.rnn_cell, store_projections=not args.regenerate_projections,
+                max_train=args.max_train, data_dir=args.data_dir,
+            )
+            for m in methods
+        ]
+        for cfg in configs:
+            cfg.validate()  # fail on bad sizes before loading any data
+        data = load_dataset(args.dataset, args.seed, args.data_dir)
+        runs = [_train_with_progress(cfg, data, train, not args.no_progress) for cfg in configs]
+    except (LocalTrainingError, DatasetMissingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.plot:
+        from .local.plot import plot_accuracy_curves
+
+        plot_accuracy_curves(runs, args.plot, f"{args.dataset} {args.model} depth {args.depth}")
+    if len(runs) == 1:
+        out = dict(runs[0], environment=environment())
+    else:  # several methods: one object, one entry per method, plus a short side-by-side summary
+        out = {
+            "methods": methods, "model": args.model, "dataset": args.dataset, "runs": runs,
+            "summary": {r["method"]: {k: r[k] for k in ("test_accuracy", "train_seconds", "peak_overhead_bytes",
+                                                         "peak_training_bytes")} for r in runs},
+            "environment": environment(),
+        }
+    if args.plot:
+        out["plot"] = args.plot
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _train_with_progress(cfg, data, train, show: bool) -> dict:
+    if not show:
+        return train(cfg, data).to_json()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(cfg.method, total=None)
+
+        def progress(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        result = train(cfg, data, progress)
+    print(f"{cfg.method}: test accuracy {result.test_accuracy:.4f} in {result.train_seconds:.1f} s, "
+          f"peak overhead {result.peak_overhead_bytes / 2**20:.2f} MiB", file=sys.stderr)
+    return result.to_json()

@@ -1,0 +1,61 @@
+"""PNG plots for local-learning runs (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """runs: TrainResult.to_json() dicts; draws test accuracy per epoch, one line per method/model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        epochs = [c["epoch"] for c in run["curve"]]
+        acc = [c["test_accuracy"] for c in run["curve"]]
+        ax.plot(epochs, acc, marker="o", label=f"{run['model']} {run['method']} ({acc[-1]:.3f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "test accuracy per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_memory_scaling(depth_rows: Sequence[dict], batch_rows: Sequence[dict], path: str | Path) -> Path:
+    """rows: {'depth'|'batch', 'method', 'overhead_ratio', 'total_ratio'} (ratios to backprop)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, rows, key in ((axes[0], depth_rows, "depth"), (axes[1], batch_rows, "batch")):
+        for method in sorted({r["method"] for r in rows}):
+            sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
+            xs = [r[key] for r in sel]
+            ax.plot(xs, [r["overhead_ratio"] for r in sel], marker="o", label=f"{method} overhead")
+            ax.plot(xs, [r["total_ratio"] for r in sel], marker="x", linestyle="--", label=f"{method} total")
+        ax.axhline(1 / 3, color="grey", linewidth=0.8, linestyle=":", label="1/3")
+        ax.set_xlabel(key + (" (layers)" if key == "depth" else " size"))
+        if key == "batch":
+            ax.set_xscale("log", base=2)
+        ax.set_ylabel("peak bytes / backprop's")
+        ax.set_ylim(0, 1.3)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("MLP width 1024, batch 1024")
+    axes[1].set_title("MLP width 1024, 5 layers")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

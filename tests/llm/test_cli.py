@@ -1,0 +1,68 @@
+"""The LLM commands, run as a user would: generate (with a memory timeline), chat, bench."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memfit.cli import main as memfit_main
+from tests.llm.tiny_models import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("cli"), family="llama", seed=5)
+
+
+def test_generate_streams_text_and_writes_timeline(model_dir, tmp_path, capsys):
+    tl = tmp_path / "timeline.jsonl"
+    rc = memfit_main(["generate", "hello", "--model", str(model_dir), "--max-tokens", "12", "--temperature", "0",
+                      "--kv-budget", "32MiB", "--timeline", str(tl), "--logprobs", "2"])
+    assert rc == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("hello")
+    lp = json.loads(out.out.strip().splitlines()[-1])
+    assert 1 <= len(lp) <= 12 and all(len(e["top"]) == 2 for e in lp)
+    rows = [json.loads(line) for line in tl.read_text().splitlines()]
+    assert len(rows) >= 2
+    assert all(r["kv_committed_bytes"] >= r["kv_used_bytes"] >= 0 for r in rows)
+    assert max(r["kv_used_bytes"] for r in rows) > 0 and "rss_bytes" in rows[0]
+    png = tmp_path / "timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_rejects_bad_input_without_traceback(model_dir, capsys):
+    assert memfit_main(["generate", "hi", "--model", str(model_dir), "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "temperature" in err and "Traceback" not in err
+    assert memfit_main(["generate", "hi", "--model", str(model_dir), "--kv-budget", "lots"]) == 2
+    assert "byte size" in capsys.readouterr().err
+    assert memfit_main(["generate", "hi", "--model", str(model_dir.parent / "missing")]) == 2
+
+
+def test_chat_keeps_kv_between_turns(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "memfit.cli", "chat", "--model", str(model_dir), "--max-tokens", "8",
+         "--temperature", "0", "--kv-budget", "32MiB"],
+        input="hello there\nand again\n/quit\n", capture_output=True, text=True, timeout=120, cwd=ROOT, check=True,
+    )
+    assert proc.stdout.count("assistant> ") == 2
+    reused = [line for line in proc.stderr.splitlines() if line.startswith("[prefilled")]
+    assert len(reused) == 2
+    assert "reused 0 " in reused[0]
+    second = int(reused[1].split("reused ")[1].split()[0])
+    assert second > 10  # the whole first turn came from the cache
+
+
+def test_bench_prints_json(model_dir, capsys):
+    rc = memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "3", "--input-len", "8",
+                      "--output-len", "4", "--threads", "1", "--kv-budget", "32MiB"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["generated_tokens"] == 12 and r["output_tokens_per_s"] > 0
+    assert r["kv_committed_peak_bytes"] > 0 and r["peak_rss_bytes"] > 0

@@ -1,0 +1,46 @@
+"""`memfit train local`: JSON out, plot, and clear errors without tracebacks."""
+import json
+
+import pytest
+
+from memfit.cli import main
+
+
+def test_single_method_prints_required_fields(capsys):
+    rc = main(["train", "local", "--dataset", "digits", "--method", "tpsgd", "--epochs", "1",
+               "--batch-size", "64", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("method", "model", "depth", "width", "test_accuracy", "train_seconds", "peak_overhead_bytes",
+                "peak_training_bytes", "peak_rss_bytes", "epochs"):
+        assert key in out
+    assert out["method"] == "tpsgd" and out["model"] == "mlp" and out["epochs"] == 1
+    assert 0.0 <= out["test_accuracy"] <= 1.0
+    assert out["peak_training_bytes"] > out["peak_overhead_bytes"] > 0
+
+
+def test_several_methods_and_plot(capsys, tmp_path):
+    png = tmp_path / "curves.png"
+    rc = main(["train", "local", "--dataset", "digits", "--method", "tpsgd,bp", "--epochs", "1",
+               "--max-train", "200", "--plot", str(png), "--threads", "1"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in out["runs"]] == ["tpsgd", "bp"]
+    assert set(out["summary"]) == {"tpsgd", "bp"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "transformer"], "unknown model"),
+    (["--dataset", "cifar"], "unknown dataset"),
+    (["--depth", "0"], "--depth must be positive"),
+    (["--width", "-3"], "--width must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--method", "tpsgd,hebb"], "unknown method hebb"),
+    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
+])
+def test_bad_input_is_a_message_and_nonzero_exit(capsys, argv, needle):
+    rc = main(["train", "local", "--dataset", "digits", "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert needle in err and "Traceback" not in err

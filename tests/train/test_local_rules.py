@@ -1,0 +1,164 @@
+"""The learning rules themselves: exact updates on small cases, and no gradient between layers."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memfit.train.local.models import LocalNet, ModelConfig, build_model
+from memfit.train.local.rules import (
+    LOCAL_LOSSES, TargetProjection, local_loss, local_loss_grad, make_rule,
+)
+
+LR = 0.1
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR)  # no momentum: one step moves W by exactly -LR * grad
+
+
+def tiny_net(activation="tanh", depth=3, seed=0) -> LocalNet:
+    # images (1, 2, 3) -> flat 6 inputs, hidden width 5, 4 classes
+    return build_model(ModelConfig("mlp", depth, 5, activation), (1, 2, 3), 4, seed)
+
+
+def batch(seed=1, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 2, 3, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", LOCAL_LOSSES)
+def test_closed_form_local_grad_matches_autograd(kind):
+    a = torch.randn(7, 5, requires_grad=True)
+    t = torch.randn(7, 5)
+    (g_auto,) = torch.autograd.grad(local_loss(kind, a, t), a)
+    torch.testing.assert_close(local_loss_grad(kind, a, t), g_auto)
+
+
+@pytest.mark.parametrize("kind", ["mse", "ce"])
+def test_tpsgd_update_equals_analytic_local_gradient(kind):
+    net = tiny_net()
+    rule = make_rule("tpsgd", net, sgd, 4, seed=3, loss=kind)
+    x, y = batch()
+    lin = net.blocks[0][0]
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    h = x.flatten(1)  # (B, 6)
+    a = torch.tanh(h @ w0.T + b0)  # (B, 5)
+    t = rule.projections[0].matrix()[y]  # P_0 y* for one-hot y*: row y of P, (B, 5)
+    if kind == "mse":  # L = mean_b 0.5 * |a - t|^2
+        dl_da = (a - t) / len(y)
+    else:  # L = mean_b CE(softmax(t), softmax(a))
+        dl_da = (torch.softmax(a, 1) - torch.softmax(t, 1)) / len(y)
+    dz = dl_da * (1 - a**2)  # tanh' from the output
+    rule.train_step(x, y)
+    torch.testing.assert_close(lin.weight.detach(), w0 - LR * dz.T @ h)
+    torch.testing.assert_close(lin.bias.detach(), b0 - LR * dz.sum(0))
+
+
+def test_drtp_update_uses_projected_target_as_gradient():
+    net = tiny_net()
+    rule = make_rule("drtp", net, sgd, 4, seed=3)
+    x, y = batch()
+    lin = net.blocks[0][0]
+    w0 = lin.weight.detach().clone()
+    h = x.flatten(1)
+    a = torch.tanh(h @ w0.T + lin.bias.detach())
+    t = F.one_hot(y, 4).float() @ rule.projections[0].matrix()  # (B, 5)
+    dz = -t / len(y) * (1 - a**2)  # the target replaces dL/da, whatever a is
+    rule.train_step(x, y)
+    torch.testing.assert_close(lin.weight.detach(), w0 - LR * dz.T @ h)
+
+
+def test_dfa_update_uses_projected_output_error():
+    net = tiny_net(depth=2)
+    rule = make_rule("dfa", net, sgd, 4, seed=3)
+    x, y = batch()
+    lin = net.blocks[0][0]
+    w0 = lin.weight.detach().clone()
+    h = x.flatten(1)
+    with torch.no_grad():
+        a = torch.tanh(h @ w0.T + lin.bias)
+        err = (torch.softmax(net.head(a), 1) - F.one_hot(y, 4).float()) / len(y)  # dCE/dlogits (B, K)
+    dz = (err @ rule.projections[0].matrix()) * (1 - a**2)
+    rule.train_step(x, y)
+    torch.testing.assert_close(lin.weight.detach(), w0 - LR * dz.T @ h)
+
+
+def _leaves(t: torch.Tensor) -> set[int]:
+    """ids of the parameters reachable from t's autograd graph."""
+    seen, stack, found = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            found.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+@pytest.mark.parametrize("method", ["tpsgd", "drtp", "dfa"])
+@pytest.mark.parametrize("model", ["mlp", "cnn", "rnn"])
+def test_local_graph_reaches_only_its_own_block(method, model):
+    net = build_model(ModelConfig(model, 3, 4, rnn_cell="lstm"), (1, 8, 8), 4, seed=0)
+    rule = make_rule(method, net, sgd, 4, seed=0)
+    block_params = [{id(p) for p in b.parameters()} for b in net.blocks]
+    checked = []
+    if method == "dfa":
+        original = rule._feedback
+
+        def spy_feedback(outs, logits, y, scale):
+            for i, a in outs:
+                assert _leaves(a) <= block_params[i] and _leaves(a)
+                checked.append(i)
+            original(outs, logits, y, scale)
+
+        rule._feedback = spy_feedback
+    else:
+        original = rule.hidden_backward
+
+        def spy(i, a, y_onehot, scale):
+            reached = _leaves(a)
+            assert reached and reached <= block_params[i], f"block {i}'s graph reaches another layer"
+            checked.append(i)
+            original(i, a, y_onehot, scale)
+
+        rule.hidden_backward = spy
+    x = torch.randn(5, 1, 8, 8)
+    rule.train_step(x, torch.tensor([0, 1, 2, 3, 0]))
+    assert set(checked) == {0, 1}
+
+
+@pytest.mark.parametrize("method,isolated", [("tpsgd", True), ("drtp", True), ("bp", False)])
+def test_first_layer_update_ignores_later_layers(method, isolated):
+    """Change only block 1's weights: block 0's tpSGD update must not move; backprop's must."""
+    x, y = batch()
+    updates = []
+    for later_seed in (10, 11):
+        net = tiny_net(depth=3)
+        torch.manual_seed(later_seed)
+        for p in list(net.blocks[1].parameters()) + list(net.head.parameters()):
+            torch.nn.init.normal_(p)
+        rule = make_rule(method, net, sgd, 4, seed=3)
+        before = net.blocks[0][0].weight.detach().clone()
+        rule.train_step(x, y)
+        updates.append(net.blocks[0][0].weight.detach() - before)
+    assert updates[0].abs().sum() > 0
+    assert torch.allclose(updates[0], updates[1]) == isolated
+
+
+def test_projection_regenerated_from_seed_matches_stored():
+    stored = TargetProjection(10, (6,), seed=7, store=True)
+    regen = TargetProjection(10, (6,), seed=7, store=False)
+    assert regen.nbytes == 0 and stored.nbytes == 10 * 6 * 4
+    y = F.one_hot(torch.tensor([3, 9]), 10).float()
+    torch.testing.assert_close(stored.project(y), regen.project(y))
+    assert not torch.equal(stored.matrix(), TargetProjection(10, (6,), seed=8).matrix())
+
+
+def test_conv_targets_are_per_channel_for_tpsgd():
+    net = build_model(ModelConfig("cnn", 3, 4), (1, 8, 8), 10, seed=0)
+    assert net.block_out_shapes == [(4, 4, 4), (4, 2, 2)]
+    tp = make_rule("tpsgd", net, sgd, 10, seed=0)
+    dfa = make_rule("dfa", net, sgd, 10, seed=0)
+    assert [p.out_shape for p in tp.projections] == [(4,), (4,)]
+    assert [p.out_shape for p in dfa.projections] == [(4, 4, 4), (4, 2, 2)]
