@@ -86,7 +86,6 @@ def accuracy_part(data, seed: int, quick: bool) -> tuple[dict, list[dict]]:
                     "overhead_vs_bp": round(r["peak_overhead_bytes"] / bp["peak_overhead_bytes"], 3),
                     "peak_training_bytes": r["peak_training_bytes"],
                     "total_vs_bp": round(r["peak_training_bytes"] / bp["peak_training_bytes"], 3),
-                    "weights_and_optimizer_share_of_bp_total": None,
                     "peak_rss_bytes": r["peak_rss_bytes"],
                     "memory": r["memory"],
                     "curve": [round(c["test_accuracy"], 4) for c in r["curve"]],
@@ -96,8 +95,6 @@ def accuracy_part(data, seed: int, quick: bool) -> tuple[dict, list[dict]]:
         }
         fixed = bp["memory"]["param_bytes"] + bp["memory"]["optimizer_state_bytes"]
         results[name]["weights_and_optimizer_share_of_bp_total"] = round(fixed / bp["peak_training_bytes"], 3)
-        for m in results[name]["methods"].values():
-            del m["weights_and_optimizer_share_of_bp_total"]
         tp = results[name]["methods"]["tpsgd"]
         results[name]["targets"] = {
             "tpsgd_within_5_points_of_bp": tp["accuracy_minus_bp_points"] >= -5.0,

@@ -81,12 +81,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     q: (B, Hq, D); k, v: (B, L, Hkv, D) (often a strided view straight into the cache); lens: (B,) valid
     lengths, or None when every row uses all L positions -> (B, Hq, D).
     """
+    b, hq, d = q.shape
+    length, hkv = k.shape[1], k.shape[2]
+    if q.dtype != torch.float32 and q.device.type == "cpu":
+        # PyTorch's CPU SDPA kernel is several times slower in bf16/fp16 than two batched matmuls for a
+        # single query row (measured here: 8 x 64 tokens, 12 heads: 660 us vs 180 us), so do it by hand,
+        # with the softmax in float32. Query heads are grouped under their KV head (GQA) so K/V are
+        # read once per KV head, not once per query head.
+        qg = q.view(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # (B, Hkv, G, L)
+        if lens is not None:
+            pad = torch.arange(length, device=k.device) >= lens.view(b, 1, 1, 1)  # (B, 1, 1, L)
+            scores.masked_fill_(pad, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(b, hq, d)  # (B, Hkv, G, D) -> (B, Hq, D)
     qh = q.unsqueeze(2)  # (B, Hq, 1, D)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, L, D)
     mask = None
     if lens is not None:
-        mask = (torch.arange(k.shape[1], device=k.device) < lens.unsqueeze(1)).view(k.shape[0], 1, 1, -1)  # (B,1,1,L)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[2])
+        mask = (torch.arange(length, device=k.device) < lens.unsqueeze(1)).view(b, 1, 1, -1)  # (B,1,1,L)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return out.squeeze(2)
 
 

@@ -7,7 +7,7 @@ stop checks) -> outputs.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from memfit.llm.kv.base import KVLayout
 from memfit.llm.loader import load_model, resolve_model_path
 from memfit.llm.models.config import parse_dtype
 from memfit.llm.outputs import CompletionOutput, RequestOutput
-from memfit.llm.request import Sequence, SeqStatus
+from memfit.llm.request import Sequence
 from memfit.llm.runner import ModelRunner
 from memfit.llm.sampling import SamplingParams, make_generator
 from memfit.llm.scheduler import Scheduler, SchedulerConfig
