@@ -299,16 +299,17 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, res in result["servers"].items():
+    for color, (name, res) in zip(("tab:blue", "tab:orange", "tab:green"), result["servers"].items()):
         if "rates" not in res:
             continue
         rates = [r["rate_conv_per_s"] for r in res["rates"]]
         for ax, key, label in ((axes[0], "ttft_s", "TTFT (s)"), (axes[1], "itl_s", "inter-token latency (s)")):
             for p, style in (("p50", "-o"), ("p99", "--x")):
-                ax.plot(rates, [r[key].get(p, float("nan")) for r in res["rates"]], style, label=f"{name} {p}")
+                ax.plot(rates, [r[key].get(p, float("nan")) for r in res["rates"]], style, color=color,
+                        label=f"{name} {p}")
             ax.set_xlabel("arrival rate (conversations/s)")
             ax.set_ylabel(label)
-        axes[2].plot(rates, [r["throughput_tok_s"] for r in res["rates"]], "-o", label=name)
+        axes[2].plot(rates, [r["throughput_tok_s"] for r in res["rates"]], "-o", color=color, label=name)
         axes[2].set_xlabel("arrival rate (conversations/s)")
         axes[2].set_ylabel("output tokens/s")
     for ax in axes:

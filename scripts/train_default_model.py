@@ -223,6 +223,7 @@ def write_readme(out: Path) -> None:
     budget = f" --steps {log['steps_planned']} --threads {log['threads']}"
     if log.get("time_budget_minutes"):
         budget += f" --time-budget {log['time_budget_minutes']:g}"
+    last100 = sum(log["train_loss"][-100:]) / len(log["train_loss"][-100:])
     timing = ""
     if log.get("time_budget_minutes"):  # the run stopped at whichever of steps or time came first
         how = "ran out of time first" if log["steps_done"] < log["steps_planned"] else "completed its steps first"
@@ -254,8 +255,9 @@ tokenizer_config.json is there for plumbing (tests, demos), not because the mode
   {log["lr"]}, {log["warmup"]} warm-up steps then cosine decay to 10%, weight decay 0.1, gradient clip 1.0,
   bf16 autocast {"on" if log["bf16_autocast"] else "off"}, seed {log["seed"]}, {log["threads"]} CPU threads,
   {log["train_seconds"] / 60:.1f} minutes on a shared 2-core machine.
-- Final loss (weights as stored, 16 fixed windows each): train **{log["final_train_loss"]:.3f}**, held-out
-  **{log["final_val_loss"]:.3f}** nats/token (uniform guessing: {log["uniform_loss"]:.3f}).
+- Final loss (weights as stored, {log.get("eval_windows", 16)} fixed windows of {log["seq_len"]} tokens each): train
+  **{log["final_train_loss"]:.3f}**, held-out **{log["final_val_loss"]:.3f}** nats/token (uniform guessing:
+  {log["uniform_loss"]:.3f}); mean training-batch loss over the last 100 steps {last100:.3f}.
   Curve: loss.png; numbers: train_log.json.
 
 Rebuild with `{cmd}{budget}`{timing}.
@@ -290,15 +292,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 1100 tokens/s), as OpenMP workers wait at every barrier for a sibling the scheduler has parked.
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; raise on an idle machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--readme-only", action="store_true",
-                   help="only rewrite README.md of an already trained --out directory from its train_log.json")
+    p.add_argument("--docs-only", action="store_true",
+                   help="only redraw loss.png and rewrite README.md of a trained --out directory from train_log.json")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is faster on AVX512-BF16/AMX CPUs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.readme_only:
+    if args.docs_only:
+        log = json.loads((args.out / "train_log.json").read_text())
+        plot_losses(log, args.out / "loss.png", f"{args.out.name} ({log['parameters'] / 1e6:.2f} M parameters)")
         write_readme(args.out)
         return 0
     torch.set_num_threads(args.threads)
@@ -409,13 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         "val_files": val_names, "train_tokens": train_ids.numel(), "val_tokens": val_ids.numel(),
         "tokens_seen": step * args.batch_size * args.seq_len, "steps_done": step, "steps_planned": steps,
         "time_budget_minutes": args.time_budget, "batch_size": args.batch_size,
-        "seq_len": args.seq_len, "lr": lr_max, "warmup": args.warmup, "seed": args.seed, "bf16_autocast": bf16,
+        "seq_len": args.seq_len, "eval_windows": args.eval_windows, "lr": lr_max, "warmup": args.warmup, "seed": args.seed, "bf16_autocast": bf16,
         "threads": args.threads, "train_seconds": round(train_seconds, 1),
         "final_train_loss": round(final_train, 4), "final_val_loss": round(final_val, 4),
         "uniform_loss": round(math.log(cfg.vocab_size), 4),
     })
     (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
-    plot_losses(log, args.out / "loss.png", f"memfit-tiny ({args.size}, {n_params / 1e6:.2f} M params)")
+    plot_losses(log, args.out / "loss.png", f"{args.out.name} ({n_params / 1e6:.2f} M parameters)")
     write_readme(args.out)
     print(f"done in {time.perf_counter() - t_start:.0f}s: final train loss {final_train:.3f}, val loss "
           f"{final_val:.3f} (uniform {math.log(cfg.vocab_size):.3f}); {size_bytes / 1e6:.1f} MB -> {args.out}")

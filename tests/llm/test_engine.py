@@ -112,7 +112,7 @@ def test_session_reuses_kv_and_matches_fresh_prefill(tiny):
     engine = llm.engine
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     first = PROMPTS[2]
-    rid = engine.add_request(prompt_token_ids=first, params=params, session_id="s")
+    engine.add_request(prompt_token_ids=first, params=params, session_id="s")
     out1 = None
     while engine.has_unfinished_requests():
         for o in engine.step():

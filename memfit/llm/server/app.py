@@ -4,9 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 The engine thread starts when the app starts (uvicorn's lifespan startup) and loads the model there, so the
-server answers at once: `/health` and the `/v1` routes say 503 until the model is ready. On shutdown
-uvicorn first lets in-flight responses finish (its graceful timeout), then the lifespan stops the engine,
-aborting whatever is left.
+server answers at once: `/health`, `/v1/completions` and `/v1/chat/completions` say 503 until the model
+is ready. On shutdown uvicorn first lets in-flight responses finish (its graceful timeout), then the
+lifespan stops the engine, aborting whatever is left.
 """
 from __future__ import annotations
 

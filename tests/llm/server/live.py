@@ -94,3 +94,24 @@ def parse_sse(raw: str) -> list[Any]:
         data = block[len("data: "):]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, **engine_options: Any) -> Callable[[], Any]:
+    """An engine whose every step takes at least `delay` seconds longer, so a test can act while a request
+    is certainly still running (disconnects, 429) however fast the machine is."""
+
+    def load():
+        import torch
+
+        from memfit.llm.engine import EngineConfig, LLMEngine
+
+        class SlowEngine(LLMEngine):
+            def step(self):
+                time.sleep(delay)
+                return super().step()
+
+        torch.set_num_threads(1)
+        opts = {"kv_budget": "64MiB", "dtype": "float32", **engine_options}
+        return SlowEngine(EngineConfig(model=str(model_dir), **opts))
+
+    return load

@@ -199,3 +199,12 @@ def test_oversized_body_is_413(server):
 def test_unknown_route_is_openai_shaped_404(server):
     r = httpx.get(server.url + "/v1/engines", headers=server.headers)
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_extreme_but_valid_values_are_served(client):
+    # Found by the fuzz test: a top_p below float32's range used to make the sampler keep no token.
+    out = client.completions.create(model="tiny", prompt="Hello", max_tokens=2, top_p=1e-162, temperature=1.0,
+                                    seed=2**63 - 1, n=2, extra_body={"ignore_eos": True})
+    greedy = client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert [c.text for c in out.choices] == [greedy.choices[0].text] * 2  # tiny top_p keeps only the top token
