@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -146,6 +145,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from memfit.llm.models.config import ModelConfig
+    from memfit.memory.measure import machine_info
 
     bw = measure_bandwidth(args.threads)
     rows = []
@@ -171,10 +171,9 @@ def main() -> int:
                     print(json.dumps(row), file=sys.stderr)
                 shutil.rmtree(path)
     result = {
-        "benchmark": "decode_throughput", "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+        "benchmark": "decode_throughput", **machine_info(args.threads, seed=1),
         "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "reps": args.reps, "seed": 1, "rows": rows,
+        "reps": args.reps, "rows": rows,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from memfit.memory.measure import machine_info as _machine_info
 from memfit.llm.kv import create_kv_cache
 from memfit.llm.kv.base import KVLayout, SeqStep
 from memfit.memory.budget import MemoryBudget
@@ -37,20 +37,7 @@ MiB, GiB = 2**20, 2**30
 
 
 def machine_info(threads: int, seed: int) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import psutil
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "threads": threads, "seed": seed,
-    }
+    return _machine_info(threads, seed)
 
 
 # ---- (a) decode attention step ---------------------------------------------------------------------

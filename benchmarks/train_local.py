@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from memfit.memory.measure import machine_info as _machine_info
 from memfit.train.local.data import load_fashion_mnist
 from memfit.train.local.memory import TrainingMemoryMeter, optimizer_state_bytes
 from memfit.train.local.models import ModelConfig, build_model
@@ -42,19 +41,7 @@ ACCURACY_SETUPS = {
 
 
 def machine_info(threads: int, seed: int) -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import psutil
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-        "threads": threads, "seed": seed, "device": "cpu",
-    }
+    return _machine_info(threads, seed, device="cpu")
 
 
 def accuracy_part(data, seed: int, quick: bool) -> tuple[dict, list[dict]]:

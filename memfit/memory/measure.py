@@ -350,3 +350,25 @@ def _plot_rows(rows: list[dict[str, Any]], path: Path, fields: list[str], x: str
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def machine_info(threads: int, seed: int | None = None, **extra: object) -> dict:
+    """What a benchmark's JSON must state so its figures can be compared: machine, versions, threads, seed."""
+    import os
+    import platform
+
+    import psutil
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": threads, "seed": seed, **extra,
+    }
