@@ -188,8 +188,10 @@ def register(sub) -> None:
     p.set_defaults(func=_guard(cmd_fit))
 
     from memfit.llm import bench_cli
+    from memfit.llm.server import cli as server_cli
 
     bench_cli.register(sub, _engine_args, _guard)
+    server_cli.register(sub)
 
 
 def _guard(func):

@@ -226,7 +226,8 @@ class Sampler:
             before = probs.cumsum(dim=-1) - probs  # (R, n): exclusive cumsum
             # Keep a token while the ones before it fall short of top_p; the first is always kept (p > 0).
             # p_off: with top_p = 1, rounding in the cumsum must not drop the tail of the top-k.
-            n_keep = (((before < p) | p_off) & (rank < k)).sum(dim=-1, keepdim=True)  # (R, 1), >= 1
+            # clamp_min(1): a top_p that underflows float32 (e.g. 1e-50) still keeps the most likely token.
+            n_keep = (((before < p) | p_off) & (rank < k)).sum(dim=-1, keepdim=True).clamp_min(1)  # (R, 1)
             # A row that keeps every candidate, and may keep more beyond n, needs a wider search.
             if n == V or not bool(((n_keep == n) & (k > n)).any()):
                 break

@@ -391,3 +391,9 @@ def test_cuda_logits_match_cpu():
     assert torch.equal(cpu, gpu.cpu())
     _, lps = _sample(steps[0].cuda(), params)
     assert lps[3] is not None and len(lps[3].top) == 3
+
+
+def test_top_p_that_underflows_float32_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
+    tokens, _ = Sampler().sample(logits, [SamplingParams(temperature=1.0, top_p=1e-162, seed=0)], [make_generator(0)])
+    assert tokens.tolist() == [1]

@@ -24,7 +24,6 @@ from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest,
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 MAX_SUBREQUESTS = 256  # prompts x n in one HTTP request
-_MIN_TOP_P = 1e-9
 
 
 class OpenAIServing:
@@ -91,9 +90,7 @@ class OpenAIServing:
             return SamplingParams(
                 max_tokens=max_tokens or 1,
                 temperature=req.temperature if req.temperature is not None else (d.temperature if d.temperature is not None else 1.0),
-                # A top_p below float32's range (1e-162) rounds to 0 in the sampler and keeps no token; any
-                # top_p up to the top token's probability (>= 1/vocab) keeps only that token, so this is exact.
-                top_p=max(_MIN_TOP_P, req.top_p) if req.top_p is not None else (d.top_p if d.top_p is not None else 1.0),
+                top_p=req.top_p if req.top_p is not None else (d.top_p if d.top_p is not None else 1.0),
                 top_k=req.top_k if req.top_k is not None else (d.top_k if d.top_k is not None else -1),
                 min_p=req.min_p or 0.0, seed=seed, stop=req.stop, stop_token_ids=list(req.stop_token_ids or []),
                 ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
