@@ -15,8 +15,6 @@ def cmd_bench(args) -> int:
     from memfit.llm.sampling import SamplingParams
     from memfit.memory.measure import peak_rss_bytes, rss_bytes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be at least 1")
     engine = make_engine(args)
@@ -73,7 +71,6 @@ def register(sub, engine_args, guard) -> None:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (pin for comparable numbers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretty", action="store_true")
     engine_args(p)

@@ -16,6 +16,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
     g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
 
 
@@ -46,7 +47,7 @@ def make_engine(args):
     return LLMEngine(EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, timeline=args.timeline,
+        max_num_batched_tokens=args.max_num_batched_tokens, timeline=args.timeline, threads=args.threads,
     ))
 
 

@@ -47,6 +47,7 @@ class EngineConfig:
     max_waiting: int | None = None
     block_size: int = 16  # paged cache only
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
+    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: reorder linear weights for oneDNN once (faster decode, no extra memory)
 
     def resolved_device(self) -> torch.device:
@@ -63,6 +64,10 @@ class LLMEngine:
                 raise TypeError(f"unknown engine option {key!r}")
             setattr(config, key, value)
         self.config = config
+        if config.threads is not None:
+            if config.threads < 1:
+                raise ValueError(f"threads must be at least 1, got {config.threads}")
+            torch.set_num_threads(config.threads)
         self.device = config.resolved_device()
         path = resolve_model_path(config.model)
         self.model_path = Path(path)

@@ -27,6 +27,20 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def assert_same_greedy(model, prompt: list[int], got: list[int], expected: list[int]) -> None:
+    """Equal greedy continuations, except that after a step where the reference model's top two logits
+    are tied to float32 rounding, either choice is right (batch shapes change the rounding, and a preempted
+    sequence is recomputed in a differently shaped batch)."""
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + expected[:i]])).logits[0, -1]
+            gap = (logits[b] - logits[a]).abs().item()
+            assert gap < 1e-4 * max(1.0, logits.abs().max().item()), f"token {i}: {a} != {b}, logit gap {gap}"
+            return
+
+
 PROMPTS = [[5, 17, 33, 80, 9], [100, 7], list(range(40, 77)), [250, 11, 12, 13, 14, 15, 16, 200, 3, 4, 60]]
 
 
@@ -72,7 +86,8 @@ def test_tight_budget_preempts_but_never_exceeds_and_outputs_match(tiny, kind):
             if out.finished:
                 done[out.request_id] = out.token_ids
         assert engine.kv_budget.used_bytes <= engine.kv_budget.limit_bytes
-    assert [done[f"r{i}"] for i in range(6)] == expected
+    for i, ids in enumerate(prompts):
+        assert_same_greedy(model, ids, done[f"r{i}"], expected[i])
     assert engine.kv_budget.peak_bytes <= engine.kv_budget.limit_bytes
     assert engine.scheduler.num_preemptions > 0  # the budget really was tight
 

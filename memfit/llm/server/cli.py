@@ -26,7 +26,6 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-size", default="4MiB", help="largest request body; larger gets 413 (default: 4MiB)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads for the engine (default: torch's)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -38,6 +37,7 @@ def engine_config(args):
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, timeline=args.timeline,
+        threads=args.threads,
     )
 
 
@@ -56,8 +56,6 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty; give a key or leave the option out")
     args.max_body_bytes = parse_bytes(args.max_body_size)
@@ -92,10 +90,6 @@ def cmd_serve(args) -> int:
     config = engine_config(args)
 
     def load() -> LLMEngine:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
         return LLMEngine(config)
 
     engine = AsyncEngine(load)
