@@ -253,7 +253,7 @@ tokenizer_config.json is there for plumbing (tests, demos), not because the mode
   differs a little between Python versions, so a rebuild on another version gives a slightly different model.
 - {log["steps_done"]} AdamW steps of {log["batch_size"]} x {log["seq_len"]} tokens ({log["tokens_seen"]:,} tokens seen), peak LR
   {log["lr"]}, {log["warmup"]} warm-up steps then cosine decay to 10%, weight decay 0.1, gradient clip 1.0,
-  bf16 autocast {"on" if log["bf16_autocast"] else "off"}, seed {log["seed"]}, {log["threads"]} CPU threads,
+  bf16 autocast {"on" if log["bf16_autocast"] else "off"}, seed {log["seed"]}, {log["threads"]} CPU thread(s),
   {log["train_seconds"] / 60:.1f} minutes on a shared 2-core machine.
 - Final loss (weights as stored, {log.get("eval_windows", 16)} fixed windows of {log["seq_len"]} tokens each): train
   **{log["final_train_loss"]:.3f}**, held-out **{log["final_val_loss"]:.3f}** nats/token (uniform guessing:
