@@ -60,7 +60,8 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
 
     spec = SHAPES[shape]
     hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=4096,
-              rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype=dtype, tie_word_embeddings=False, **spec)
+              rms_norm_eps=1e-6, rope_theta=10000.0, torch_dtype=dtype, tie_word_embeddings=False)
+    hf.update(spec)
     hf["head_dim"] = spec["hidden_size"] // spec["num_attention_heads"]
     path = root / f"llama-{shape}-{dtype}"
     path.mkdir(parents=True, exist_ok=True)

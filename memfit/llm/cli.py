@@ -88,11 +88,10 @@ def cmd_generate(args) -> int:
     if args.logprobs is not None and final is not None and final.logprobs:
         print(json.dumps([{"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(k): v for k, v in lp.top.items()}}
                           for lp in final.logprobs]))
-    st = engine.stats()
     print(f"[{len(final.token_ids) if final else 0} tokens, finish_reason={final.finish_reason if final else None}, "
           f"kv committed peak {engine.kv_budget.peak_bytes} B]", file=sys.stderr)
     _finish_timeline(engine, args)
-    return 0 if st else 0
+    return 0
 
 
 def cmd_chat(args) -> int:
@@ -142,8 +141,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_fit(args) -> int:
-    import torch
-
     from memfit.llm.fit import predict, fit_report
     from memfit.llm.loader import resolve_model_path
     from memfit.llm.models.config import ModelConfig, parse_dtype
@@ -159,7 +156,6 @@ def cmd_fit(args) -> int:
                           "batch": args.batch, **b.to_dict()}))
     else:
         print(fit_report(cfg, dtype, args.context, args.batch, kv_budget, limit, args.chunk))
-    del torch
     return 0 if b.fits else 3
 
 
