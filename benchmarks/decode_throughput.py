@@ -192,7 +192,8 @@ def plot(result: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    labels = [f"{r['shape']} {r['dtype'][:4]} b{r['batch']}" for r in rows]
+    short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+    labels = [f"{r['shape']} {short.get(r['dtype'], r['dtype'])} b{r['batch']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     w = 0.27

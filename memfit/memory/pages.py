@@ -43,16 +43,21 @@ def _in_file_mapping(lo: int, hi: int, maps: list[tuple[int, int, str]]) -> bool
     return i >= 0 and maps[i][0] <= lo and hi <= maps[i][1]
 
 
+def is_file_backed(tensor: torch.Tensor, maps: list[tuple[int, int, str]] | None = None) -> bool:
+    """Does `tensor`'s memory lie inside one file mapping (e.g. a memory-mapped safetensors checkpoint)?"""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    start = tensor.data_ptr()
+    return _in_file_mapping(start, start + tensor.numel() * tensor.element_size(), file_mappings() if maps is None else maps)
+
+
 def drop_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int, str]] | None = None) -> int:
     """Drop the whole pages inside `tensor`'s bytes from this process's resident set, if the tensor lives
     in a file mapping. Returns the bytes of address range advised (0 if it is not file-backed)."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
+    if not is_file_backed(tensor, maps):
         return 0
-    maps = file_mappings() if maps is None else maps
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    if not _in_file_mapping(start, end, maps):
-        return 0
     lo = -(-start // PAGE) * PAGE  # only pages wholly inside the tensor: neighbours may still be in use
     hi = end // PAGE * PAGE
     if hi <= lo:

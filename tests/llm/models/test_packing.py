@@ -46,3 +46,22 @@ def test_tied_head_is_not_packed_so_the_embedding_is_not_duplicated():
     # The packed weights replaced the originals: no float parameter is left but embeddings and norms.
     left = {name for name, _ in model.named_parameters()}
     assert all("proj" not in name for name in left)
+
+
+def test_tied_head_is_packed_when_the_embedding_is_memory_mapped(tmp_path):
+    from memfit.llm.loader import load_model
+    from memfit.memory.pages import is_file_backed
+    from tests.llm.tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path, family="qwen2")  # Qwen2 ties its embeddings
+    model, cfg = load_model(path)
+    assert cfg.tie_word_embeddings and is_file_backed(model.model.embed_tokens.weight)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model.dense_logits(ids)
+        if pack_linears_for_cpu(model) == 0:
+            pytest.skip("this torch build/CPU has no oneDNN linear packing")
+        got = model.dense_logits(ids)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert is_file_backed(model.model.embed_tokens.weight)  # still the checkpoint's rows, not a copy
+    assert (got - ref).abs().max().item() < 1e-4

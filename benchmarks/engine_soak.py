@@ -1,0 +1,71 @@
+"""Soak: does the engine's memory stay flat over many requests of varied length?
+
+Rounds of random-length requests (greedy, fixed output length) run to completion; after each round the
+script records process RSS and committed KV. A server's memory must level off after warm-up: a steady
+climb with flat KV means some per-request or per-shape state is piling up.
+
+    OMP_NUM_THREADS=1 python benchmarks/engine_soak.py --rounds 24 --kv-cache paged
+
+Prints one JSON object (rows per round, plus the growth of the last third of the rounds).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memfit.llm.engine import EngineConfig, LLMEngine  # noqa: E402
+from memfit.llm.sampling import SamplingParams  # noqa: E402
+from memfit.memory.measure import machine_info, rss_bytes  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="memfit-tiny")
+    ap.add_argument("--kv-cache", default="virtual", choices=["virtual", "paged"])
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--requests", type=int, default=24, help="requests per round")
+    ap.add_argument("--min-len", type=int, default=20)
+    ap.add_argument("--max-len", type=int, default=400)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    engine = LLMEngine(EngineConfig(model=a.model, kv_cache=a.kv_cache, kv_budget="256MiB"))
+    rng = random.Random(a.seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
+    rows = []
+    for rnd in range(a.rounds):
+        lengths = [rng.randrange(a.min_len, a.max_len) for _ in range(a.requests)]
+        for n in lengths:
+            engine.add_request(prompt_token_ids=[rng.randrange(vocab) for _ in range(n)], params=params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        gc.collect()
+        st = engine.kv.stats()
+        rows.append({"round": rnd, "rss_bytes": rss_bytes(), "kv_committed_bytes": st.committed_bytes})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    third = max(1, a.rounds // 3)
+    tail = rows[-third:]
+    result = {
+        "benchmark": "engine_soak", **machine_info(a.threads, a.seed), "model": a.model, "kv_cache": a.kv_cache,
+        "requests_per_round": a.requests, "prompt_len_range": [a.min_len, a.max_len], "output_len": a.output_len,
+        "rows": rows,
+        "rss_growth_per_round_last_third_bytes": (tail[-1]["rss_bytes"] - tail[0]["rss_bytes"]) / max(1, len(tail) - 1),
+        "rss_growth_per_round_first_third_bytes": (rows[third - 1]["rss_bytes"] - rows[0]["rss_bytes"]) / max(1, third - 1),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
