@@ -104,6 +104,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     return out.squeeze(2)
 
 
+DECODE_PAD = 64  # tokens; see CachedAttention
+
+
 class CachedAttention:
     """Attention over a KV cache for one engine step.
 
@@ -119,12 +122,21 @@ class CachedAttention:
         self.scale = scale
         self.window = window
         self.plan = kv.plan_step(steps)
-        self.decode_plan = kv.plan_step(steps[:num_decode]) if num_decode > 1 else None
-        ends = [s.end for s in steps[:num_decode]]
-        # Rows all equally long need no mask (the common case when a batch started together).
-        self.decode_lens = None if len(set(ends)) <= 1 else torch.tensor(ends, device=kv.layout.device)
-        if window is not None and ends and max(ends) > window:
+        # The decode context is read padded to a multiple of DECODE_PAD tokens (masked), so the attention
+        # matmuls see one shape per 64 tokens of context instead of a new one every step.
+        self.decode_plan = kv.plan_step(steps[:num_decode], pad_to=DECODE_PAD) if num_decode > 1 else None
+        self.decode_ends = [s.end for s in steps[:num_decode]]
+        self._decode_lens: torch.Tensor | None = None
+        if window is not None and self.decode_ends and max(self.decode_ends) > window:
             self.decode_plan = None  # sliding window: fall back to per-sequence attention
+
+    def _lens_for(self, length: int) -> torch.Tensor | None:
+        """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""
+        if all(e == length for e in self.decode_ends):
+            return None
+        if self._decode_lens is None:
+            self._decode_lens = torch.tensor(self.decode_ends, device=self.kv.layout.device)
+        return self._decode_lens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.kv.write(layer, self.plan, k, v)
@@ -133,7 +145,7 @@ class CachedAttention:
         if self.decode_plan is not None:
             kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
             b = self.num_decode
-            out[:b] = decode_attention(q[:b], kc, vc, self.decode_lens, self.scale)
+            out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale)
             first = b
         row = first
         for i in range(first, len(self.steps)):

@@ -131,8 +131,12 @@ class KVCacheManager(ABC):
 
     # ---- runner side: tensors ---------------------------------------------------------------------
     @abstractmethod
-    def plan_step(self, steps: list[SeqStep]) -> Any:
-        """Precompute this step's write/read indices once; the result is passed to write/context."""
+    def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> Any:
+        """Precompute this step's write/read indices once; the result is passed to write/context.
+
+        pad_to: `context_batch` returns at least the longest sequence, rounded up to a multiple of `pad_to`
+        (capped at max_seq_len). Attention kernels then see few distinct shapes: oneDNN caches a primitive
+        per matmul shape, so a length that grows by one every step would otherwise grow memory every step."""
 
     @abstractmethod
     def write(self, layer: int, plan: Any, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -144,8 +148,8 @@ class KVCacheManager(ABC):
 
     @abstractmethod
     def context_batch(self, layer: int, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of all the step's sequences, padded to the longest: each (B, Lmax, Hkv, D). Positions at
-        or past a sequence's `end` hold garbage and must be masked by the caller."""
+        """K, V of all the step's sequences, padded to the longest (rounded up to `pad_to`): each
+        (B, Lpad, Hkv, D). Positions at or past a sequence's `end` hold garbage (finite) and must be masked."""
 
     # ---- accounting -------------------------------------------------------------------------------
     @abstractmethod

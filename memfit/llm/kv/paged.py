@@ -183,7 +183,7 @@ class PagedKVCache(KVCacheManager):
         """Nothing runs in the background."""
 
     # ---- runner side ------------------------------------------------------------------------------
-    def plan_step(self, steps: list[SeqStep]) -> PagedPlan:
+    def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> PagedPlan:
         with self._lock:
             if not steps:
                 raise KVCacheError("plan_step needs at least one sequence")
@@ -211,13 +211,14 @@ class PagedKVCache(KVCacheManager):
             write_index = torch.from_numpy(np.concatenate(rows)).to(dev)  # (N,)
             ends = [st.end for st in steps]
             nbs = [self.blocks_for(e) for e in ends]
-            nb_max = max(nbs)
+            read_len = min(self.layout.max_seq_len, -(-max(ends) // pad_to) * pad_to)  # see base.plan_step
+            nb_max = max(max(nbs), self.blocks_for(read_len))
             table = np.zeros((len(steps), nb_max), dtype=np.int64)  # padding reads block 0, masked later
             for i, (seq, nb) in enumerate(zip(seqs, nbs)):
                 table[i, :nb] = seq.blocks[:nb]
             batch_table = torch.from_numpy(table).to(dev)  # (B, nb_max)
             tables = [batch_table[i, :nb] for i, nb in enumerate(nbs)]
-            return PagedPlan(ids, ends, write_index, tables, batch_table, max(ends))
+            return PagedPlan(ids, ends, write_index, tables, batch_table, read_len)
 
     def write(self, layer: int, plan: PagedPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:

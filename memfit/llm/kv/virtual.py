@@ -297,7 +297,7 @@ class VirtualKVCache(KVCacheManager):
         self.arena.drain()
 
     # ---- runner side ------------------------------------------------------------------------------
-    def plan_step(self, steps: list[SeqStep]) -> VirtualPlan:
+    def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> VirtualPlan:
         with self._lock:
             if not steps:
                 raise KVCacheError("plan_step needs at least one sequence")
@@ -324,7 +324,7 @@ class VirtualKVCache(KVCacheManager):
             write_pos = torch.from_numpy(pos.astype(np.int64)).to(dev)  # (N,)
             lo = slots[0]
             consecutive = slots == list(range(lo, lo + len(slots)))
-            max_end = max(ends)
+            max_end = min(self.layout.max_seq_len, -(-max(ends) // pad_to) * pad_to)  # read length, see base
             if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
                 npg = self.pages_for(max_end)
                 self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
