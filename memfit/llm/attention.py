@@ -111,12 +111,14 @@ class CachedAttention:
     """Attention over a KV cache for one engine step.
 
     The step's tokens are ordered decode sequences first (one token each, rows 0..B-1), then prefill
-    chunks. Per layer: write the new K/V into the cache, then attend decode rows in one batched call
+    chunks, then padding rows the runner may add (ignored). Per layer: write the new K/V into the cache, then attend decode rows in one batched call
     over `context_batch` and each prefill chunk over its sequence's `context`.
     """
 
-    def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None) -> None:
+    def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None,
+                 num_real: int | None = None) -> None:
         self.kv = kv
+        self.num_real = num_real if num_real is not None else sum(s.num_new for s in steps)  # rows past it are padding
         self.steps = steps  # list[SeqStep], decode steps first
         self.num_decode = num_decode
         self.scale = scale
@@ -139,8 +141,11 @@ class CachedAttention:
         return self._decode_lens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.kv.write(layer, self.plan, k, v)
+        n = self.num_real
+        self.kv.write(layer, self.plan, k[:n], v[:n])
         out = torch.empty_like(q)
+        if q.shape[0] > n:
+            out[n:] = 0  # padding rows (see ModelRunner): attend to nothing
         first = 0
         if self.decode_plan is not None:
             kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)

@@ -16,6 +16,15 @@ from memfit.llm.sampling import Sampler, TokenLogprobs
 from memfit.llm.scheduler import ScheduledSeq
 
 
+SMALL_STEP = 64  # steps of up to this many tokens keep their exact size (decode batches)
+STEP_BUCKET = 32  # larger steps are padded to a multiple of this
+
+
+def bucket_tokens(n: int) -> int:
+    """Rows the model computes for a step of `n` real tokens."""
+    return n if n <= SMALL_STEP else -(-n // STEP_BUCKET) * STEP_BUCKET
+
+
 @dataclass
 class StepResult:
     """Sampled tokens for the scheduled sequences that sample this step (in `sampled_seqs` order)."""
@@ -58,10 +67,17 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(seq)
+        num_real = len(input_ids)
+        # Pad the step to a bucketed size with dummy rows (token 0 at position 0, never written to the cache
+        # nor sampled): the matmuls then see a bounded set of shapes, and oneDNN, which keeps a compiled
+        # primitive per shape, stops growing memory with every new prefill length.
+        padded = bucket_tokens(num_real)
+        input_ids.extend([0] * (padded - num_real))
+        positions.extend([0] * (padded - num_real))
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)  # (N,)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)  # (N,)
         cfg = self.model.config
-        attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window)
+        attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real)
         hidden = self.model(ids_t, pos_t, attn)  # (N, C)
         for item in ordered:
             item.seq.num_computed += item.num_new

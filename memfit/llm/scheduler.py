@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from memfit.llm.kv.base import KVCacheManager
 from memfit.llm.request import Sequence, SeqStatus
+from memfit.memory.budget import MemoryBudgetExceeded
 
 
 @dataclass
@@ -144,11 +145,14 @@ class Scheduler:
         while True:
             fits = self.kv.can_grow(seq.seq_id, num_tokens) if holds else self.kv.can_allocate(num_tokens)
             if fits:
-                if holds:
-                    self.kv.grow(seq.seq_id, num_tokens)
-                else:
-                    self.kv.allocate(seq.seq_id, num_tokens)
-                return True
+                try:
+                    if holds:
+                        self.kv.grow(seq.seq_id, num_tokens)
+                    else:
+                        self.kv.allocate(seq.seq_id, num_tokens)
+                    return True
+                except MemoryBudgetExceeded:
+                    pass  # memory changed since the check (a background commit): make room as if it did not fit
             if self._evict_retained():
                 continue
             if may_preempt and self._preempt_newest(out, keep=seq):

@@ -142,9 +142,20 @@ class VirtualKVCache(KVCacheManager):
     def _reclaimable(self, exclude: int | None = None) -> int:
         return sum(self._slot_bytes(self._pages[s]) for s in self._idle if s != exclude)
 
+    def _queued_bytes(self, exclude: int | None = None) -> int:
+        """Budget the prefault thread is about to take for other slots' eager pages. Counting it as taken
+        keeps `can_*` honest: otherwise a check could pass, the thread could commit ahead pages, and the
+        grow that follows would no longer fit."""
+        return sum(
+            self._slot_bytes(self._pending[s] - self._pages[s])
+            for s in range(self.max_seqs)
+            if s != exclude and self._pending[s] > self._pages[s]
+        )
+
     def _fits(self, slot: int, need: int) -> bool:
         deficit = self._slot_bytes(max(0, need - self._pages[slot]))
-        return deficit <= self.budget.available_bytes + self._reclaimable(exclude=slot)
+        available = self.budget.available_bytes - self._queued_bytes(exclude=slot)
+        return deficit <= available + self._reclaimable(exclude=slot)
 
     def can_allocate(self, num_tokens: int) -> bool:
         with self._lock:
@@ -268,6 +279,8 @@ class VirtualKVCache(KVCacheManager):
                     return
                 if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
                     self._pages[slot] = target
+                else:
+                    self._pending[slot] = self._pages[slot]  # no room: drop the queued reservation
 
         self.arena.prefaulter.submit(job)
 
