@@ -74,7 +74,7 @@ class LLMEngine:
         dtype = parse_dtype(config.dtype) if config.dtype else None
         self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.num_packed_linears = 0
         if config.prepack and self.device.type == "cpu":
             from memfit.llm.models.packing import pack_linears_for_cpu
 

@@ -61,7 +61,7 @@ class ModelRunner:
         sampled = []
         for item in ordered:
             seq, start, n = item.seq, item.seq.num_computed, item.num_new
-            input_ids.extend(seq.all_token_ids[start : start + n])
+            input_ids.extend(seq.token_slice(start, start + n))
             positions.extend(range(start, start + n))
             steps.append(SeqStep(seq.seq_id, start, n))
             if item.samples:

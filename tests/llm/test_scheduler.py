@@ -130,3 +130,11 @@ def test_abort_releases_kv():
 def test_invalid_config_is_refused():
     with pytest.raises(ValueError):
         SchedulerConfig(max_num_seqs=0)
+
+
+def test_token_slice_equals_slicing_all_tokens():
+    s = seq("a", 5)
+    s.output_token_ids = [10, 11, 12]
+    for start in range(9):
+        for end in range(start, 9):
+            assert s.token_slice(start, end) == s.all_token_ids[start:end]
