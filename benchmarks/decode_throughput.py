@@ -38,15 +38,22 @@ SHAPES = {
 }
 
 
-def measure_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(threads: int, device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
     """Bytes/s of a streaming read (sum over a buffer far larger than the caches), median of `reps`."""
     torch.set_num_threads(threads)
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     buf.sum()
+    sync(device)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         buf.sum()
+        sync(device)
         times.append(time.perf_counter() - t)
     return nbytes / statistics.median(times)
 
@@ -89,12 +96,13 @@ def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
     return cfg.num_parameters() * itemsize + batch * context * kv_per_token
 
 
-def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device) -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
-                                    max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024))
+                                    max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024,
+                                    device=str(device)))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     for i in range(batch):
@@ -103,7 +111,7 @@ def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: 
     first_step_done = None
     generated = 0
     while engine.has_unfinished_requests():
-        outs = engine.step()
+        outs = engine.step()  # returns after the sampled ids reached the host: no sync needed
         if first_step_done is None:
             first_step_done = time.perf_counter()  # prefill (and the first token) done
             continue
@@ -113,18 +121,22 @@ def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: 
     return {"decode_tokens": generated, "decode_s": elapsed, "tok_per_s": generated / elapsed}
 
 
-def run_transformers(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
+def run_transformers(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device) -> dict:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval().to(device)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (CUDA kernels, caches)
+        sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)  # prefill + first token
+        sync(device)
         t1 = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        sync(device)
         t2 = time.perf_counter()
     decode_s = (t2 - t1) - (t1 - t0)
     n = batch * (new_tokens - 1)
@@ -141,6 +153,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="repetitions per cell; the median is reported")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,7 +161,9 @@ def main() -> int:
     from memfit.llm.models.config import ModelConfig
     from memfit.memory.measure import machine_info
 
-    bw = measure_bandwidth(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    bw = measure_bandwidth(args.threads, device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
@@ -161,18 +176,18 @@ def main() -> int:
                     limit_tok_s = batch * bw / step_bytes
                     row = {"shape": shape, "dtype": dtype, "batch": batch, "params": cfg.num_parameters(),
                            "step_bytes": step_bytes, "limit_tok_per_s": limit_tok_s}
-                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens)["tok_per_s"] for _ in range(args.reps)]
+                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
                     row["memfit_tok_per_s"] = statistics.median(m)
                     row["memfit_fraction_of_limit"] = row["memfit_tok_per_s"] / limit_tok_s
                     if not args.skip_transformers:
-                        t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens)["tok_per_s"] for _ in range(args.reps)]
+                        t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
                         row["transformers_tok_per_s"] = statistics.median(t)
                         row["speedup_vs_transformers"] = row["memfit_tok_per_s"] / row["transformers_tok_per_s"]
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
                 shutil.rmtree(path)
     result = {
-        "benchmark": "decode_throughput", **machine_info(args.threads, seed=1),
+        "benchmark": "decode_throughput", **machine_info(args.threads, seed=1), "device": str(device),
         "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
@@ -204,7 +219,8 @@ def plot(result: dict, png: Path) -> None:
     ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")
-    ax.set_title(f"decode throughput, {result['threads']} thread(s)")
+    where = result.get("cuda") if result.get("device", "cpu").startswith("cuda") else f"{result['threads']} CPU thread(s)"
+    ax.set_title(f"decode throughput, {where}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)

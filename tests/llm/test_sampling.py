@@ -378,6 +378,7 @@ def test_plain_seeded_row_reproducible_in_batch():
     assert torch.equal(alone, _run_steps(batch, params, [None, 3, None])[:, 1])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_logits_match_cpu():
     # draws come from CPU generators, so the same seed gives the same tokens on either device

@@ -77,6 +77,7 @@ def test_cuda_memory():
         assert {"allocated_bytes", "reserved_bytes", "peak_allocated_bytes"} <= set(info)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_memory_sees_an_allocation():
     before = measure.cuda_memory()["allocated_bytes"]

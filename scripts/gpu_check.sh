@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One prepared run of memfit's CUDA checks on a lent GPU machine (the `device` tool; see docs/benchmarks.md).
+# It uses the machine's own python3/torch (nothing is installed) and writes logs and JSON under $OUT.
+#   OUT=/tmp/gpu scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/memfit-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+py=python3
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step environment
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py -c "import torch, transformers; from cuda.bindings import driver; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'transformers', transformers.__version__)"
+
+step "pytest -m cuda (arena, KV caches, loader, sampling, whole engine)"
+timeout 150 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/memory tests/llm \
+    --ignore=tests/llm/server 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+
+for kv in virtual paged; do
+  step "memfit generate on cuda, kv=$kv"
+  timeout 60 $py -m memfit.cli generate --device cuda --kv-cache $kv --max-tokens 48 --temperature 0 \
+      --timeline "$OUT/timeline_$kv.jsonl" "def fibonacci(n):" 2>&1 | tail -12
+done
+
+step "vmem commit/decommit cost (2 MiB driver pages)"
+timeout 60 $py benchmarks/vmem_commit.py --device cuda --reps 5 > "$OUT/vmem_commit_cuda.json" 2>/dev/null
+$py -c "import json;[print(r) for r in json.load(open('$OUT/vmem_commit_cuda.json'))['rows']]"
+
+step "kv_cache benchmark (virtual vs paged attention step, workload, concurrency)"
+timeout 120 $py benchmarks/kv_cache.py --threads 4 --reps 9 --steps 200 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
+$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r) for r in d['attention']['rows']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
+
+step "decode throughput vs transformers on cuda"
+timeout 180 $py benchmarks/decode_throughput.py --device cuda --threads 4 --shapes 0.1b 0.5b --dtypes bfloat16 \
+    --batches 1 8 32 --reps 3 --out "$OUT/decode_throughput_cuda.json" 2>&1 | grep '^{"shape"'
+step done
