@@ -49,6 +49,7 @@ class EngineConfig:
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: reorder linear weights for oneDNN once (faster decode, no extra memory)
+    fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with prepack)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -74,8 +75,17 @@ class LLMEngine:
         dtype = parse_dtype(config.dtype) if config.dtype else None
         self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.num_packed_linears = 0
+        self.num_packed_linears = self.num_fused_layers = 0
+        packs = False
         if config.prepack and self.device.type == "cpu":
+            from memfit.llm.models.packing import can_pack_for_cpu
+
+            packs = can_pack_for_cpu(self.dtype)
+        if config.fuse and (packs or self.device.type == "cuda"):  # see models/fusion.py for why not otherwise
+            from memfit.llm.models.fusion import fuse_projections
+
+            self.num_fused_layers = fuse_projections(self.model)
+        if packs:
             from memfit.llm.models.packing import pack_linears_for_cpu
 
             self.num_packed_linears = pack_linears_for_cpu(self.model)

@@ -84,6 +84,6 @@ class ModelRunner:
         if not sampled:
             return StepResult([], [], [])
         rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()  # (S, V)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (S, V), model dtype; the sampler widens
         tokens, logprobs = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         return StepResult(sampled, tokens.tolist(), logprobs)

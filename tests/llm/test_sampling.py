@@ -398,3 +398,14 @@ def test_top_p_that_underflows_float32_keeps_the_most_likely_token():
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
     tokens, _ = Sampler().sample(logits, [SamplingParams(temperature=1.0, top_p=1e-162, seed=0)], [make_generator(0)])
     assert tokens.tolist() == [1]
+
+
+def test_all_greedy_batch_in_bf16_picks_the_fp32_argmax_with_ties_to_the_first():
+    logits = _logits(6, seed=77).to(torch.bfloat16)  # (6, V); bf16 rounding creates ties
+    logits[2, 5] = logits[2, 9] = logits[2].max() + 1  # an exact tie: the first index wins
+    tokens, lps = Sampler().sample(logits, [SamplingParams(temperature=0)] * 6, [None] * 6)
+    assert torch.equal(tokens, logits.float().argmax(dim=-1)) and tokens[2].item() == 5
+    assert lps == [None] * 6
+    # Asking for logprobs takes the fp32 path, with the same tokens.
+    tokens2, lps2 = Sampler().sample(logits, [SamplingParams(temperature=0, logprobs=2)] * 6, [None] * 6)
+    assert torch.equal(tokens2, tokens) and all(lp is not None and lp.token_id == t for lp, t in zip(lps2, tokens.tolist()))

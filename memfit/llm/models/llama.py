@@ -69,12 +69,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul (models/fusion.py replaces the three)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.n_heads, self.head_dim)  # (N, Hq, D)
-        k = self.k_proj(x).view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
-        v = self.v_proj(x).view(n, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:
+            dq, dkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = self.qkv_proj(x).split([dq, dkv, dkv], dim=-1)  # column slices of (N, dq + 2 dkv)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(n, self.n_heads, self.head_dim)  # (N, Hq, D)
+        k = k.view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
+        v = v.view(n, self.n_kv, self.head_dim)
         q, k = rope(positions, q, k)
         out = attn(self.layer_idx, q, k, v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
@@ -86,9 +92,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul (see models/fusion.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -70,14 +70,18 @@ def _self_check(dtype: torch.dtype) -> bool:
         return False
 
 
+def can_pack_for_cpu(dtype: torch.dtype) -> bool:
+    """Would `pack_linears_for_cpu` pack a CPU model of `dtype` on this build?"""
+    return dtype in (torch.float32, torch.bfloat16) and _ops_available() and _self_check(dtype)
+
+
 def pack_linears_for_cpu(model: nn.Module) -> int:
     """Replace the model's nn.Linear layers by PackedLinear (CPU, float32/bfloat16). Returns how many
     were packed; 0 when the platform can't (the model is then left untouched)."""
     params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or not _ops_available():
+    if not params or params[0].device.type != "cpu":
         return 0
-    dtype = params[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16) or not _self_check(dtype):
+    if not can_pack_for_cpu(params[0].dtype):
         return 0
     from memfit.memory.pages import drop_file_pages, file_mappings, is_file_backed
 
