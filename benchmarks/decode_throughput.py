@@ -96,13 +96,14 @@ def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
     return cfg.num_parameters() * itemsize + batch * context * kv_per_token
 
 
-def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device) -> dict:
+def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
+               kv_layout: str = "auto") -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
                                     max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024,
-                                    device=str(device)))
+                                    device=str(device), kv_layout=kv_layout))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     for i in range(batch):
@@ -154,6 +155,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="repetitions per cell; the median is reported")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
+    ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"])
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,7 +178,7 @@ def main() -> int:
                     limit_tok_s = batch * bw / step_bytes
                     row = {"shape": shape, "dtype": dtype, "batch": batch, "params": cfg.num_parameters(),
                            "step_bytes": step_bytes, "limit_tok_per_s": limit_tok_s}
-                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
+                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device, args.kv_layout)["tok_per_s"] for _ in range(args.reps)]
                     row["memfit_tok_per_s"] = statistics.median(m)
                     row["memfit_fraction_of_limit"] = row["memfit_tok_per_s"] / limit_tok_s
                     if not args.skip_transformers:
@@ -188,7 +190,7 @@ def main() -> int:
                 shutil.rmtree(path)
     result = {
         "benchmark": "decode_throughput", **machine_info(args.threads, seed=1), "device": str(device),
-        "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "measured_bandwidth_bytes_per_s": bw, "kv_layout": args.kv_layout, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
     text = json.dumps(result, indent=2)

@@ -12,6 +12,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     g.add_argument("--kv-cache", default="virtual", choices=["virtual", "paged"])
+    g.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"],
+                   help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU)")
     g.add_argument("--kv-budget", default=None, help="KV memory: bytes ('512MiB') or a fraction of free memory ('0.3')")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=64)
@@ -48,6 +50,7 @@ def make_engine(args):
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, timeline=args.timeline, threads=args.threads,
+        kv_layout=args.kv_layout,
     ))
 
 

@@ -46,6 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int | None = None
     block_size: int = 16  # paged cache only
+    kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major (see kv/virtual.py)
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: reorder linear weights for oneDNN once (faster decode, no extra memory)
@@ -94,7 +95,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
         self.kv_budget = MemoryBudget(self._budget_bytes(), Tier.DEVICE, name="kv_budget")
-        kv_opts = {"max_seqs": config.max_num_seqs}
+        layouts = {"auto": None, "per-layer": False, "token-major": True}
+        if config.kv_layout not in layouts:
+            raise ValueError(f"kv_layout must be one of {', '.join(layouts)}, got {config.kv_layout!r}")
+        kv_opts = {"max_seqs": config.max_num_seqs, "token_major": layouts[config.kv_layout]}
         if config.kv_cache == "paged":
             kv_opts = {"block_size": config.block_size}
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)

@@ -44,10 +44,10 @@ def assert_same_greedy(model, prompt: list[int], got: list[int], expected: list[
 PROMPTS = [[5, 17, 33, 80, 9], [100, 7], list(range(40, 77)), [250, 11, 12, 13, 14, 15, 16, 200, 3, 4, 60]]
 
 
-@pytest.mark.parametrize("kind", KV_KINDS)
-def test_greedy_batch_matches_transformers(tiny, kind):
+@pytest.mark.parametrize("kind,layout", [("virtual", "auto"), ("virtual", "token-major"), ("paged", "auto")])
+def test_greedy_batch_matches_transformers(tiny, kind, layout):
     model, _, path = tiny
-    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB", kv_layout=layout)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
     for ids, out in zip(PROMPTS, outs):
@@ -203,11 +203,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("kind", KV_KINDS)
-def test_engine_on_cuda_matches_transformers_greedy(tiny, kind):
+@pytest.mark.parametrize("kind,layout", [("virtual", "token-major"), ("virtual", "per-layer"), ("paged", "auto")])
+def test_engine_on_cuda_matches_transformers_greedy(tiny, kind, layout):
     """The whole engine on a GPU (driver-VMM arena for `virtual`): same greedy tokens as the reference."""
     model, _, path = tiny
-    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="1GiB", device="cuda")
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="1GiB", device="cuda", kv_layout=layout)
+    if kind == "virtual":
+        assert llm.engine.kv.token_major == (layout == "token-major")
     assert llm.engine.runner.device.type == "cuda"
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)

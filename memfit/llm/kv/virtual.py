@@ -8,6 +8,13 @@ each `max_seq_len x Hkv x D` elements rounded up to whole pages; slot s, layer l
 `context_batch` returns the view `K[l][lo:hi, :Lmax]` when the step's slots are consecutive and in order,
 and gathers the rows otherwise, so *the runner should order decode batches by slot* (`slot_of`).
 
+Token-major layout (`token_major=True`, the default on CUDA). A slot is one segment of `max_seq_len` rows,
+a row holding one token's K and V of every layer; K[l] and V[l] are strided views into it (token stride
+2 x layers x Hkv x D elements). Views stay plain strided tensors, but a sequence now leaves at most one
+partly filled page in total instead of one per (layer, K|V): what matters with the GPU's 2 MiB pages,
+where the per-segment layout commits 2 x layers pages for even the shortest sequence. On a CPU the
+per-segment layout (4 KiB pages) keeps each layer's K rows adjacent, which the attention reads prefer.
+
 Physical memory. A slot's segments all hold the same number of committed pages P (a prefix of each
 segment). Every page is reserved in the budget (owner "kv") before it is committed.
 - eager allocation: growing to n tokens commits ceil(n x row / page) pages plus `eager_pages` more (when
@@ -71,13 +78,16 @@ class VirtualKVCache(KVCacheManager):
         eager_pages: int | None = None,
         prefault: bool = True,
         owner: str = "kv",
+        token_major: bool | None = None,
     ) -> None:
         if max_seqs <= 0:
             raise ValueError(f"max_seqs must be positive, got {max_seqs}")
         self.layout, self.budget, self.max_seqs, self.owner = layout, budget, max_seqs, owner
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
-        self.row_bytes = H * D * layout.itemsize  # one token of one (layer, K|V) segment
-        self.num_segments = 2 * L
+        self.token_major = layout.device.type == "cuda" if token_major is None else bool(token_major)
+        # row_bytes: one token of one segment; a segment is one (layer, K|V), or the whole slot if token-major.
+        self.row_bytes = H * D * layout.itemsize * (2 * L if self.token_major else 1)
+        self.num_segments = 1 if self.token_major else 2 * L
         probe_page = VirtualArena.page_size_for(layout.device)
         self.seg_bytes = -(-layout.max_seq_len * self.row_bytes // probe_page) * probe_page
         self.slot_bytes = self.num_segments * self.seg_bytes
@@ -92,9 +102,11 @@ class VirtualKVCache(KVCacheManager):
         # Per layer: K, V as (max_seqs, max_seq_len, Hkv, D) views with a page-aligned slot stride.
         isz = layout.itemsize
         shape = (max_seqs, layout.max_seq_len, H, D)
-        stride = (self.slot_bytes // isz, H * D, D, 1)
-        self.k = [self.arena.view(layout.dtype, shape, stride, 2 * l * self.seg_bytes) for l in range(L)]
-        self.v = [self.arena.view(layout.dtype, shape, stride, (2 * l + 1) * self.seg_bytes) for l in range(L)]
+        stride = (self.slot_bytes // isz, self.row_bytes // isz, D, 1)
+        # Where (layer l, K|V j) starts: its own segment, or its H x D columns of every token-major row.
+        part = H * D * isz if self.token_major else self.seg_bytes
+        self.k = [self.arena.view(layout.dtype, shape, stride, 2 * l * part) for l in range(L)]
+        self.v = [self.arena.view(layout.dtype, shape, stride, (2 * l + 1) * part) for l in range(L)]
         self._pages = [0] * max_seqs  # committed pages per segment, per slot
         self._gen = [0] * max_seqs  # bumped on free: stale prefault jobs see it and skip
         self._pending = [0] * max_seqs  # highest page target queued on the prefault thread
@@ -154,6 +166,10 @@ class VirtualKVCache(KVCacheManager):
 
     def _fits(self, slot: int, need: int) -> bool:
         deficit = self._slot_bytes(max(0, need - self._pages[slot]))
+        if self.layout.device.type == "cuda" and not self.arena.scratch_bytes:
+            # The next batched read may map the GPU scratch page (see plan_step), which takes a page of
+            # the budget: leave room for it, or that read would fail after the scheduler admitted the step.
+            deficit += self.page
         available = self.budget.available_bytes - self._queued_bytes(exclude=slot)
         return deficit <= available + self._reclaimable(exclude=slot)
 

@@ -24,7 +24,7 @@ STATEFUL = settings(max_examples=40, stateful_step_count=25, deadline=None,
 def build(kind: str, budget: MemoryBudget, **kw):
     if kind == "virtual":
         return VirtualKVCache(LAYOUT, budget, max_seqs=kw.get("max_seqs", 4), eager_pages=kw.get("eager", 1),
-                              prefault=kw.get("prefault", False))
+                              prefault=kw.get("prefault", False), token_major=kw.get("token_major", False))
     return PagedKVCache(LAYOUT, budget, block_size=4, num_blocks=kw.get("num_blocks", 40))
 
 
@@ -33,12 +33,13 @@ class KVMachine(RuleBasedStateMachine):
 
     kind = "virtual"
     prefault = False
+    token_major = False
 
     def __init__(self) -> None:
         super().__init__()
         limit = SEGS * 12 * PAGE if self.kind == "virtual" else 24 * 4 * LAYOUT.bytes_per_token
         self.budget = MemoryBudget(limit, name="kv_budget")
-        self.cache = build(self.kind, self.budget, prefault=self.prefault)
+        self.cache = build(self.kind, self.budget, prefault=self.prefault, token_major=self.token_major)
         self.written: dict[int, int] = {}  # the model: tokens written per live sequence
         self.next_id = 0
         self.rss0 = vma_rss(self.cache.arena.address) if self.kind == "virtual" else None
@@ -162,6 +163,11 @@ class VirtualPrefaultMachine(KVMachine):
     prefault = True
 
 
+class VirtualTokenMajorMachine(KVMachine):
+    kind = "virtual"
+    token_major = True
+
+
 class PagedMachine(KVMachine):
     kind = "paged"
 
@@ -170,6 +176,8 @@ TestVirtualKV = VirtualMachine.TestCase
 TestVirtualKV.settings = STATEFUL
 TestVirtualPrefaultKV = VirtualPrefaultMachine.TestCase
 TestVirtualPrefaultKV.settings = settings(STATEFUL, max_examples=15)
+TestVirtualTokenMajorKV = VirtualTokenMajorMachine.TestCase
+TestVirtualTokenMajorKV.settings = settings(STATEFUL, max_examples=20)
 TestPagedKV = PagedMachine.TestCase
 TestPagedKV.settings = STATEFUL
 
@@ -182,7 +190,8 @@ ops = st.lists(st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=3, ma
 @given(ops=ops, seed=st.integers(0, 2**16))
 def test_virtual_and_paged_return_identical_contexts(ops, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
-    caches = [build("virtual", MemoryBudget(2**24), eager=0), build("paged", MemoryBudget(2**24), num_blocks=64)]
+    caches = [build("virtual", MemoryBudget(2**24), eager=0), build("paged", MemoryBudget(2**24), num_blocks=64),
+              build("virtual", MemoryBudget(2**24), eager=0, token_major=True)]
     lens: dict[int, int] = {}
     next_id = 0
     live = [None, None, None]  # seq id per position
@@ -222,10 +231,18 @@ def test_virtual_and_paged_return_identical_contexts(ops, seed) -> None:
                 kb, vb = c.context_batch(layer, p)
                 ctx = [c.context(layer, p, i) for i in range(len(steps))]
                 outs.append((kb, vb, ctx))
-            (kb0, vb0, ctx0), (kb1, vb1, ctx1) = outs
-            for i, s in enumerate(steps):
-                assert torch.equal(ctx0[i][0], ctx1[i][0]) and torch.equal(ctx0[i][1], ctx1[i][1])
-                assert torch.equal(kb0[i, : s.end], kb1[i, : s.end]) and torch.equal(vb0[i, : s.end], vb1[i, : s.end])
-                assert ctx0[i][0].shape == (s.end, 2, 64)
+            (kb0, vb0, ctx0) = outs[0]
+            for kb1, vb1, ctx1 in outs[1:]:
+                for i, s in enumerate(steps):
+                    assert torch.equal(ctx0[i][0], ctx1[i][0]) and torch.equal(ctx0[i][1], ctx1[i][1])
+                    assert torch.equal(kb0[i, : s.end], kb1[i, : s.end]) and torch.equal(vb0[i, : s.end], vb1[i, : s.end])
+                    assert ctx0[i][0].shape == (s.end, 2, 64)
+        # Writing later layers left earlier ones intact (token-major rows interleave the layers).
+        for layer in range(LAYOUT.num_layers):
+            ref = [caches[0].context(layer, plans[0], i) for i in range(len(steps))]
+            for c, p in zip(caches[1:], plans[1:]):
+                for i in range(len(steps)):
+                    got = c.context(layer, p, i)
+                    assert torch.equal(got[0], ref[i][0]) and torch.equal(got[1], ref[i][1])
     for c in caches:
         c.close()

@@ -251,3 +251,35 @@ def test_virtual_cache_on_cuda():
     cache.reclaim()
     assert budget.used_bytes == 0
     cache.close()
+
+
+def test_token_major_layout_commits_one_segment_per_sequence():
+    """Token-major: a sequence's rows hold every layer's K and V, so it commits ceil(n x bytes_per_token /
+    page) pages in all (at most one partly filled), where the per-layer layout commits a page per segment."""
+    tm, budget = make(token_major=True)
+    per_layer, _ = make()
+    assert tm.token_major and not per_layer.token_major and tm.num_segments == 1
+    for cache in (tm, per_layer):
+        cache.allocate(1, 3)
+        cache.allocate(2, 20)
+        write(cache, [SeqStep(1, 0, 3), SeqStep(2, 0, 20)])
+    row = LAYOUT.bytes_per_token  # 2 layers x (K, V) x 512 B = 2 KiB: two tokens per page
+    assert tm.stats().committed_bytes == (-(-3 * row // PAGE) + -(-20 * row // PAGE)) * PAGE == budget.used_bytes
+    assert per_layer.stats().committed_bytes == SEGS * 1 * PAGE + SEGS * 3 * PAGE  # 1 and 3 pages per segment
+    assert tm.waste_bound_bytes() >= tm.stats().committed_bytes - tm.stats().used_bytes
+    for layer in range(LAYOUT.num_layers):
+        for sid, n in ((1, 3), (2, 20)):
+            k_ref, v_ref = kv_for(sid, 0, n, layer)
+            k, v = tm.k[layer][tm.slot_of(sid), :n], tm.v[layer][tm.slot_of(sid), :n]
+            assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    tm.free(1), tm.free(2), per_layer.free(1), per_layer.free(2)
+    tm.reclaim()
+    assert budget.used_bytes == 0
+    tm.close(), per_layer.close()
+
+
+def test_engine_kv_layout_option_is_checked():
+    from memfit.llm.engine import LLMEngine
+
+    with pytest.raises(ValueError, match="kv_layout"):
+        LLMEngine(model="memfit-tiny", kv_layout="diagonal", kv_budget="8MiB", device="cpu")
