@@ -136,3 +136,24 @@ def without_weights(g: Graph) -> Graph:
     tensors = [TensorSpec(t.name, t.bytes, t.kind) for t in g.tensors if t.name in keep]
     ops = [OpSpec(o.name, [n for n in o.inputs if n in keep], list(o.outputs), o.type) for o in g.ops]
     return build_graph(g.model, tensors, ops)
+
+
+def subgraph(g: Graph, ops: list[str], name: str | None = None) -> Graph:
+    """The ops `ops` (a slice of a topological order) as a graph of their own: tensors written outside become
+    inputs, tensors read outside (or graph outputs) become outputs. For solving real sub-networks exactly."""
+    from memfit.plan.plan_format import OpSpec, TensorSpec, build_graph
+
+    inside = set(ops)
+    used = list(dict.fromkeys(n for o in ops for n in g.op[o].inputs + g.op[o].outputs))
+    tensors = []
+    for n in used:
+        t = g.tensor[n]
+        if t.producer is not None and t.producer not in inside:
+            kind = "input"
+        elif t.producer is not None and (t.kind == "output" or any(c not in inside for c in t.consumers)):
+            kind = "output"
+        else:
+            kind = t.kind
+        tensors.append(TensorSpec(n, t.bytes, kind))
+    sub_ops = [OpSpec(o, list(g.op[o].inputs), list(g.op[o].outputs), g.op[o].type) for o in ops]
+    return build_graph(name or f"{g.model}[{ops[0]}..{ops[-1]}]", tensors, sub_ops)

@@ -76,7 +76,9 @@ def _step_domains(g: Graph, ops: list[str], free: bool) -> dict[str, tuple[int, 
 
 
 def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
-                  hint: tuple[list[str], list[Placement]] | None = None) -> SegmentResult:
+                  hint: tuple[list[str], list[Placement]] | None = None, floor_bytes: int = 0) -> SegmentResult:
+    """Solve one window (the whole graph when `seg` has no entry/beyond). floor_bytes: a proven lower bound
+    on the non-compulsory bytes (memfit.plan.bound), added as a cut so CP-SAT can stop once it is met."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
@@ -210,9 +212,10 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
         if len(ivs) > 1:
             m.AddNoOverlap(ivs)
             m.Add(sum(terms) <= cap_u)
-    m.Minimize(sum(c * v for c, v in cost))
     compulsory = sum(g.tensor[n].bytes for n in window
                      if g.tensor[n].kind in ("input", "weight") and n not in seg.entry and n not in seg.loaded_before)
+    m.Minimize(sum(c * v for c, v in cost))
+    m.Add(sum(c * v for c, v in cost) >= compulsory + max(0, floor_bytes))  # valid cut: lets CP-SAT stop early
     if hint is not None:
         _add_hint(m, g, seg, hint, x, r, a, cont, unit)
 

@@ -7,23 +7,28 @@
    of one segment enters the next at the same offsets (kept for free, or stored/dropped at a cost), and
    tensors needed later pay a store when dropped. Each segment is seeded with a baseline plan of its own ops.
 4. Stitch: placements continuing across a cut at the same offset are merged into one.
+5. Where the cuts fall matters (a cut inside a transformer block can force a spill the block solved whole
+   avoids), so `plan_passes` repeats 2-4 with several segment lengths while time remains, keeps the best
+   validated plan, and stops as soon as a plan meets the lower bound (proven optimal, memfit.plan.bound).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from memfit.plan.analysis import use_steps
 from memfit.plan.baselines import arena_placements
 from memfit.plan.exact import ExactConfig, Segment, solve_segment
-from memfit.plan.plan_format import Graph, Placement
+from memfit.plan.plan_format import Graph, Placement, Plan
+from memfit.plan.validate import validate
 
 
 @dataclass
 class HeuristicConfig:
-    time_limit_s: float = 50.0  # for all segments together
+    time_limit_s: float = 50.0  # for all segments together (plan_passes: for all passes together)
     max_segment_ops: int = 24
     min_segment_ops: int = 6
+    other_segment_ops: tuple[int, ...] = (16, 32, 12)  # plan_passes: segment lengths tried after the first
     free_order: bool = False  # reorder ops inside each segment (slower, sometimes better)
     num_workers: int = 2
     seed: int = 0
@@ -127,3 +132,30 @@ def merge_adjacent(placements: list[Placement]) -> list[Placement]:
                 cur = p
         out.append(cur)
     return out
+
+
+def plan_passes(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig, target_bytes: int = 0,
+                progress=None) -> tuple[list[str], list[Placement], dict]:
+    """`plan_segments` with segment lengths cfg.max_segment_ops, then cfg.other_segment_ops, while time
+    remains; the first pass gets half the time, the others share the rest. Returns the plan with the least
+    validated non-compulsory traffic; stops early once it reaches `target_bytes` (a proven lower bound)."""
+    deadline = time.perf_counter() + cfg.time_limit_s
+    sizes = list(dict.fromkeys([cfg.max_segment_ops, *cfg.other_segment_ops]))
+    best: tuple[int, list[str], list[Placement], dict] | None = None
+    passes = []
+    for i, size in enumerate(sizes):
+        remaining = deadline - time.perf_counter()
+        if best is not None and remaining < 1.0:
+            break
+        share = remaining / 2 if i == 0 and len(sizes) > 1 else remaining / (len(sizes) - i)
+        pcfg = replace(cfg, time_limit_s=max(0.5, share), max_segment_ops=size,
+                       min_segment_ops=min(cfg.min_segment_ops, max(1, size // 2)))
+        o, pl, st = plan_segments(g, capacity, order, pcfg, progress)
+        nc = validate(Plan(g, capacity, o, pl))["non_compulsory_bytes"]
+        passes.append({"segment_ops": size, "non_compulsory_bytes": nc, "segments": st["segments"]})
+        if best is None or nc < best[0]:
+            best = (nc, o, pl, {**st, "segment_ops": size})
+        if best[0] <= target_bytes:
+            break
+    assert best is not None
+    return best[1], best[2], {**best[3], "passes": passes}

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from memfit.plan.analysis import check_feasible
 from memfit.plan.baselines import BASELINES, plan_baseline
+from memfit.plan.bound import LowerBound, lower_bound
 from memfit.plan.errors import PlanError
-from memfit.plan.exact import ExactConfig, Segment, solve_segment
-from memfit.plan.heuristic import HeuristicConfig, merge_adjacent, plan_segments
+from memfit.plan.exact import ExactConfig, Segment, SegmentResult, solve_segment
+from memfit.plan.heuristic import HeuristicConfig, merge_adjacent, plan_passes
 from memfit.plan.plan_format import Graph, Plan, SolverInfo
 from memfit.plan.validate import validate
 
@@ -22,8 +23,9 @@ class PlanOptions:
     num_workers: int = 2
     exact_max_ops: int = 60
     free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
-    max_segment_ops: int = 16
+    max_segment_ops: int = 24  # heuristic: first pass; later passes try 16, 32, 12
     seed: int = 0
+    bound: bool = True  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
 
 
 def best_baseline(g: Graph, scratchpad_bytes: int) -> tuple[Plan, dict[str, Plan]]:
@@ -49,37 +51,83 @@ def finish(plan: Plan) -> Plan:
 def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
     t0 = time.perf_counter()
     base, _ = best_baseline(g, scratchpad_bytes)
-    cfg = ExactConfig(opts.time_limit_s, opts.num_workers, opts.free_order, seed=opts.seed)
+    lb = _bound(g, scratchpad_bytes, opts)
+    cfg = ExactConfig(max(0.5, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
+                      opts.free_order, seed=opts.seed)
     free = cfg.free_order if cfg.free_order is not None else len(g.ops) <= cfg.max_free_order_ops
     seg = Segment(base.order, free_order=free)
-    res = solve_segment(g, scratchpad_bytes, seg, cfg, hint=(base.order, base.placements))
+    floor = lb.bytes if lb is not None else 0
+    if lb is not None and base.traffic["non_compulsory_bytes"] <= floor:  # the seed meets the bound already
+        res = SegmentResult(base.order, base.placements, "optimal", floor, floor, 0.0, {})
+    else:
+        res = solve_segment(g, scratchpad_bytes, seg, cfg, hint=(base.order, base.placements), floor_bytes=floor)
     details = {"free_order": free, "seed_planner": base.planner, "seed_non_compulsory_bytes":
-               base.traffic["non_compulsory_bytes"], "model_objective_bytes": res.objective_bytes}
+               base.traffic["non_compulsory_bytes"], "model_objective_bytes": res.objective_bytes,
+               "cpsat_bound_bytes": res.bound_bytes, "cpsat_bound_scope": "all orders" if free else "fixed order"}
     if res.status == "none":  # CP-SAT found nothing in time: return the seed, say so
-        info = SolverInfo("fallback", time.perf_counter() - t0, bound_bytes=res.bound_bytes, details=details)
-        return finish(Plan(g, scratchpad_bytes, base.order, base.placements, "exact", info))
-    info = SolverInfo(res.status, time.perf_counter() - t0, bound_bytes=res.bound_bytes, details=details)
-    plan = finish(Plan(g, scratchpad_bytes, res.order, merge_adjacent(res.placements), "exact", info))
+        info = SolverInfo("fallback", 0.0, details=details)
+        order, placements = base.order, base.placements
+    else:
+        info = SolverInfo(res.status, 0.0, details=details)
+        order, placements = res.order, merge_adjacent(res.placements)
+    plan = Plan(g, scratchpad_bytes, order, placements, "exact", info)
+    plan.traffic = validate(plan)
     if plan.traffic["non_compulsory_bytes"] > base.traffic["non_compulsory_bytes"]:  # cannot happen when optimal
         plan.order, plan.placements, plan.solver.status = base.order, base.placements, "fallback"
-        plan = finish(plan)
+    # a bound over all orders: CP-SAT's own when the order was free, and the capacity bound either way
+    plan = _with_bound(plan, lb, res.bound_bytes if free else None)
+    if not free and plan.solver.status == "optimal" and plan.solver.gap:
+        plan.solver.status = "optimal-fixed-order"  # optimal for this order; another order may do better
+    plan.solver.time_s = time.perf_counter() - t0
     return plan
 
 
 def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
     t0 = time.perf_counter()
     base, _ = best_baseline(g, scratchpad_bytes)
-    cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.max_segment_ops,
-                          free_order=opts.free_order is not False, num_workers=opts.num_workers, seed=opts.seed)
-    order, placements, stats = plan_segments(g, scratchpad_bytes, base.order, cfg, progress)
-    stats.update(seed_planner=base.planner, seed_non_compulsory_bytes=base.traffic["non_compulsory_bytes"])
-    info = SolverInfo("heuristic", 0.0, details=stats)
-    plan = finish(Plan(g, scratchpad_bytes, order, placements, "heuristic", info))
-    if plan.traffic["non_compulsory_bytes"] > base.traffic["non_compulsory_bytes"]:
+    lb = _bound(g, scratchpad_bytes, opts)
+    seed_nc = base.traffic["non_compulsory_bytes"]
+    stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": seed_nc}
+    if lb is not None and seed_nc <= lb.bytes:  # the seed already meets the bound: nothing to gain
+        order, placements = base.order, base.placements
+        stats["seed_meets_bound"] = True
+    else:
+        cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.max_segment_ops,
+                              free_order=opts.free_order is not False, num_workers=opts.num_workers,
+                              seed=opts.seed)
+        target = lb.bytes if lb is not None else 0
+        order, placements, more = plan_passes(g, scratchpad_bytes, base.order, cfg, target, progress)
+        stats.update(more)
+    plan = Plan(g, scratchpad_bytes, order, placements, "heuristic", SolverInfo("heuristic", 0.0, details=stats))
+    plan.traffic = validate(plan)
+    if plan.traffic["non_compulsory_bytes"] > seed_nc:
         plan.order, plan.placements = base.order, base.placements
         stats["used_seed_instead"] = True
-        plan = finish(plan)
+    plan = _with_bound(plan, lb, None)
     plan.solver.time_s = time.perf_counter() - t0
+    return plan
+
+
+def _bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | None:
+    if not opts.bound:
+        return None
+    return lower_bound(g, scratchpad_bytes, time_limit_s=min(5.0, max(0.5, 0.1 * opts.time_limit_s)),
+                       num_workers=opts.num_workers)
+
+
+def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> Plan:
+    """Validate, set bound_bytes to the best bound valid over all orders, and call the plan optimal when it
+    meets that bound (whatever found it)."""
+    s = plan.solver
+    bounds = [b for b in (other_bound, lb.bytes if lb is not None else None) if b is not None]
+    s.bound_bytes = max(bounds) if bounds else None
+    if lb is not None:
+        s.details["lower_bound"] = {"bytes": lb.bytes, "scope": lb.scope, "status": lb.status,
+                                    "time_s": round(lb.time_s, 3)}
+    plan = finish(plan)
+    if s.gap == 0.0 and s.status in ("heuristic", "feasible", "fallback"):
+        s.details["proven_by"] = "lower bound" if lb is not None and lb.bytes == s.bound_bytes else "cp-sat"
+        s.status = "optimal"
     return plan
 
 

@@ -9,10 +9,11 @@ def test_plan_validate_and_plot(tmp_path, capsys):
                "--planner", "heuristic", "--time-limit", "5", "--plot", str(png)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "non_compulsory_bytes" in printed and "status heuristic" in printed
+    # status optimal when the plan meets the whole-graph lower bound
+    assert "non_compulsory_bytes" in printed and ("status heuristic" in printed or "status optimal" in printed)
     data = json.loads(out.read_text())
     assert data["format"] == "memfit.plan/v1" and data["model"] == "bert_tiny_encoder"
-    assert data["traffic"]["non_compulsory_bytes"] >= 0 and data["solver"]["status"] == "heuristic"
+    assert data["traffic"]["non_compulsory_bytes"] >= 0 and data["solver"]["status"] in ("heuristic", "optimal")
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert main(["plan", "validate", str(out)]) == 0
     assert "valid memfit.plan/v1 plan" in capsys.readouterr().out

@@ -97,7 +97,8 @@ def test_heuristic_valid_and_no_worse_than_seed(seed):
         best, _ = best_baseline(g, cap)
         plan = make_plan(g, cap, PlanOptions(planner="heuristic", time_limit_s=6, max_segment_ops=10))
         assert plan.traffic == validate(plan)
-        assert plan.solver.details["segments"] >= 4
+        d = plan.solver.details
+        assert d.get("seed_meets_bound") or d["passes"][0]["segments"] >= 4  # first pass: 10-op segments
         assert plan.traffic["non_compulsory_bytes"] <= best.traffic["non_compulsory_bytes"]
 
 
