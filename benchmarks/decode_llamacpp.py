@@ -1,0 +1,233 @@
+"""Decode throughput of memfit against llama.cpp (through llama-cpp-python), side by side in one run.
+
+The same random-initialised Llama checkpoints as benchmarks/decode_throughput.py are written to GGUF
+(same weights, same dtype: bf16 or f32; q/k rows permuted to llama.cpp's rope layout as its own converter
+does; no tokenizer: token ids are fed directly), and both engines decode the same number of tokens from
+random prompts with greedy sampling at each batch size. llama.cpp decodes a batch through its low-level API
+(one sequence id per request, one unified KV cache). The rate excludes prefill.
+
+llama-cpp-python is an optional peer, not a memfit dependency: it builds from source (about 15 minutes on
+2 cores) with `pip install llama-cpp-python gguf`. Without it the script says so and exits 2.
+
+    OMP_NUM_THREADS=1 python benchmarks/decode_llamacpp.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
+
+Prints one JSON object; --out also writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode_throughput import SHAPES, make_model_dir, measure_bandwidth, run_memfit  # noqa: E402
+
+
+def write_gguf(src: Path, dst: Path) -> None:
+    """HF Llama safetensors dir -> GGUF (llama arch) with the same tensors and dtype."""
+    import gguf
+    from safetensors import safe_open
+
+    cfg = json.loads((src / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    w = gguf.GGUFWriter(str(dst), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tokenizer_model("none")  # token ids in, logits out
+    bf16 = cfg["torch_dtype"] == "bfloat16"
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32)
+
+    def permute(t: torch.Tensor, n: int) -> torch.Tensor:  # HF rotate-half rows -> llama.cpp interleaved rope
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.startswith("model.layers."):
+                i, rest = key[len("model.layers."):].split(".", 1)
+                part = rest.rsplit(".", 1)[0]
+                name = f"blk.{i}.{per_layer[part]}.weight"
+                if part == "self_attn.q_proj":
+                    t = permute(t, heads)
+                elif part == "self_attn.k_proj":
+                    t = permute(t, kv_heads)
+            else:
+                name = names[key]
+            if t.dim() == 1 or not bf16:  # norms stay f32, as llama.cpp's converter writes them
+                w.add_tensor(name, t.float().numpy())
+            else:
+                w.add_tensor(name, t.contiguous().view(torch.int16).numpy(), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    import llama_cpp as L
+
+    mp = L.llama_model_default_params()
+    model = L.llama_model_load_from_file(str(path).encode(), mp)
+    cp = L.llama_context_default_params()
+    per_seq = prompt_len + new_tokens + 8
+    cp.n_ctx = -(-batch * per_seq // 256) * 256
+    cp.n_batch = cp.n_ubatch = max(batch * prompt_len, 512)
+    cp.n_seq_max = batch
+    cp.kv_unified = True
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    lb = L.llama_batch_init(cp.n_batch, 0, batch)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+
+    def submit(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, wants logits)
+        lb.n_tokens = len(entries)
+        for i, (tok, pos, seq, out) in enumerate(entries):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = tok, pos, 1, int(out)
+            lb.seq_id[i][0] = seq
+        if L.llama_decode(ctx, lb) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(rows: list[int]) -> list[int]:
+        out = []
+        for r in rows:
+            ptr = L.llama_get_logits_ith(ctx, r)
+            out.append(int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).argmax()))
+        return out
+
+    submit([(tok, p, s, p == prompt_len - 1) for s, ids in enumerate(prompts) for p, tok in enumerate(ids)])
+    nxt = greedy([s * prompt_len + prompt_len - 1 for s in range(batch)])
+    t0 = time.perf_counter()
+    for step in range(new_tokens - 1):
+        submit([(nxt[s], prompt_len + step, s, True) for s in range(batch)])
+        nxt = greedy(list(range(batch)))
+    elapsed = time.perf_counter() - t0
+    L.llama_batch_free(lb)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    n = batch * (new_tokens - 1)
+    return {"decode_tokens": n, "decode_s": elapsed, "tok_per_s": n / elapsed}
+
+
+_QUIET = None
+
+
+def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int = 12) -> int:
+    """How many leading greedy tokens the two engines agree on for one random prompt (a check that the
+    GGUF holds the same model: all of them in float32; bf16 rounding may part them later)."""
+    import llama_cpp as L
+
+    from memfit.llm.api import LLM
+    from memfit.llm.sampling import SamplingParams
+
+    ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()
+    llm = LLM(str(src), dtype=dtype, kv_budget="256MiB", max_model_len=256, device="cpu")
+    ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=n, temperature=0,
+                                                                               ignore_eos=True))[0].token_ids
+    llm.engine.close()
+    model = L.llama_model_load_from_file(str(gguf_path).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_threads, cp.n_threads_batch = 256, 1, 1
+    ctx = L.llama_init_from_model(model, cp)
+    lb = L.llama_batch_init(64, 0, 1)
+    theirs, cur, pos = [], ids, 0
+    for _ in range(n):
+        lb.n_tokens = len(cur)
+        for i, t in enumerate(cur):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = t, pos + i, 1, int(i == len(cur) - 1)
+            lb.seq_id[i][0] = 0
+        if L.llama_decode(ctx, lb) != 0:
+            raise RuntimeError("llama_decode failed")
+        pos += len(cur)
+        ptr = ctypes.cast(L.llama_get_logits_ith(ctx, len(cur) - 1), ctypes.POINTER(ctypes.c_float))
+        cur = [int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax())]
+        theirs.append(cur[0])
+    L.llama_batch_free(lb)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+    same = 0
+    while same < n and ours[same] == theirs[same]:
+        same += 1
+    return same
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["0.1b"], choices=list(SHAPES))
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError as exc:
+        print(f"llama.cpp peer not installed ({exc}); pip install llama-cpp-python gguf", file=sys.stderr)
+        return 2
+    global _QUIET  # the C side keeps the pointer: keep the callback alive
+    _QUIET = llama_cpp.llama_log_callback(lambda *a: None)
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from memfit.memory.measure import machine_info
+
+    bw = measure_bandwidth(args.threads, torch.device("cpu"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                src = make_model_dir(shape, dtype, Path(tmp))
+                dst = Path(tmp) / f"{shape}-{dtype}.gguf"
+                write_gguf(src, dst)
+                vocab = SHAPES[shape]["vocab_size"]
+                agree = greedy_agreement(src, dst, dtype, vocab)
+                for batch in args.batches:
+                    lc, mf = [], []
+                    for _ in range(args.reps):  # interleaved, so load changes hit both alike
+                        lc.append(run_llamacpp(dst, vocab, batch, args.prompt_len, args.new_tokens, args.threads)["tok_per_s"])
+                        mf.append(run_memfit(src, dtype, batch, args.prompt_len, args.new_tokens, torch.device("cpu"))["tok_per_s"])
+                    row = {"shape": shape, "dtype": dtype, "batch": batch, "memfit_tok_per_s": statistics.median(mf),
+                           "llamacpp_tok_per_s": statistics.median(lc), "greedy_tokens_agreeing_of_12": agree}
+                    row["memfit_vs_llamacpp"] = row["memfit_tok_per_s"] / row["llamacpp_tok_per_s"]
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+    result = {"benchmark": "decode_llamacpp", **machine_info(args.threads, seed=1), "llama_cpp_python": llama_cpp.__version__,
+              "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "reps": args.reps, "rows": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
