@@ -31,6 +31,13 @@ def register(subparsers) -> None:
     p.add_argument("--local-loss", default="ce", help="tpSGD local loss: ce | mse | l1")
     p.add_argument("--activation", default="relu", help="relu | tanh (mlp and cnn)")
     p.add_argument("--rnn-cell", default="gru", help="elman | gru | lstm")
+    p.add_argument("--target-scale", type=float, default=1.0, help="scale of the random projections P_i")
+    p.add_argument("--time-weighting", default="square",
+                   help="recurrent local rules: weight of each step's loss (square | linear | uniform | last)")
+    p.add_argument("--rnn-window", type=int, default=1,
+                   help="recurrent local rules: backprop through time within one layer over this many steps "
+                        "(1: none; never across layers)")
+    p.add_argument("--no-fused", action="store_true", help="tpSGD/DRTP: plain autograd instead of the lean fused step")
     p.add_argument("--regenerate-projections", action="store_true",
                    help="regenerate the random projections from their seeds at each use instead of storing them")
     p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of this many examples")
@@ -65,7 +72,8 @@ def run_local(args: argparse.Namespace) -> int:
                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                 optimizer=args.optimizer, local_loss=args.local_loss, activation=args.activation,
                 rnn_cell=args.rnn_cell, store_projections=not args.regenerate_projections,
-                max_train=args.max_train, data_dir=args.data_dir,
+                max_train=args.max_train, data_dir=args.data_dir, target_scale=args.target_scale,
+                time_weighting=args.time_weighting, rnn_window=args.rnn_window, fused_local=not args.no_fused,
             )
             for m in methods
         ]

@@ -37,6 +37,9 @@ def test_several_methods_and_plot(capsys, tmp_path):
     (["--width", "-3"], "--width must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--method", "tpsgd,hebb"], "unknown method hebb"),
+    (["--target-scale", "0"], "--target-scale must be positive"),
+    (["--time-weighting", "backwards"], "unknown time weighting"),
+    (["--rnn-window", "0"], "must be positive"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
 ])
 def test_bad_input_is_a_message_and_nonzero_exit(capsys, argv, needle):
@@ -44,3 +47,14 @@ def test_bad_input_is_a_message_and_nonzero_exit(capsys, argv, needle):
     err = capsys.readouterr().err
     assert rc != 0
     assert needle in err and "Traceback" not in err
+
+
+def test_recurrent_options_reach_the_trainer(capsys):
+    rc = main(["train", "local", "--dataset", "digits", "--model", "rnn", "--method", "tpsgd", "--epochs", "1",
+               "--max-train", "200", "--rnn-window", "4", "--time-weighting", "linear", "--target-scale", "2",
+               "--no-fused", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["settings"]
+    assert (s["rnn_window"], s["time_weighting"], s["target_scale"], s["fused_local"]) == (4, "linear", 2.0, False)
+    assert 0.0 <= out["test_accuracy"] <= 1.0

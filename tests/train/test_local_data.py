@@ -4,6 +4,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from memfit.train.local.data import FASHION_MNIST_DIR, load_dataset, load_fashion_mnist, subset
 from memfit.train.local.errors import DatasetMissingError, LocalTrainingError
@@ -64,3 +65,17 @@ def test_real_fashion_mnist():
     data = load_fashion_mnist()
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
     assert np.bincount(data.y_test.numpy()).tolist() == [1000] * 10
+
+
+def test_validation_split_holds_out_train_examples(digits):
+    from memfit.train.local.data import validation_split
+
+    val = validation_split(digits, 200, seed=0)
+    assert len(val.y_test) == 200 and len(val.y_train) == len(digits.y_train) - 200
+    assert val.name == "digits-val"
+    # every image of the new train and eval sets comes from the original training set, none twice
+    rows = torch.cat([val.x_train, val.x_test]).flatten(1)
+    assert torch.equal(rows.sort(0).values, digits.x_train.flatten(1).sort(0).values)
+    assert torch.equal(validation_split(digits, 200, seed=0).y_test, val.y_test)  # seeded
+    with pytest.raises(LocalTrainingError):
+        validation_split(digits, 0)

@@ -57,9 +57,10 @@ def test_local_rule_peak_is_one_block_for_known_mlp():
     meter = TrainingMemoryMeter(net)
     with meter:
         rule.train_step(torch.randn(batch, 1, 8, 8), torch.arange(batch) % 10)
-    # block 0 saves its input (B, 64) and ReLU output (B, 32); block 1: (B, 32) + (B, 32);
+    # fused Linear+ReLU step: block 0 saves only its input (B, 64), the one-hot labels (B, 10) and P_0 (10, 32)
+    # (the ReLU output is recomputed in backward); block 1: (B, 32) + (B, 10) + (10, 32);
     # head: input (B, 32), log-softmax (B, 10), int64 labels (B,) and one fp32 scalar weight.
-    hidden_peak = F32 * batch * max(64 + 32, 32 + 32)
+    hidden_peak = F32 * (batch * max(64, 32) + batch * 10 + 10 * 32)
     head_saved = F32 * batch * (32 + 10) + 8 * batch + F32
     assert meter.peak_saved == max(hidden_peak, head_saved)
     # gradients never pile up: at most one block's worth is alive (+ what that block still saves)

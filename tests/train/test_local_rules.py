@@ -96,33 +96,24 @@ def _leaves(t: torch.Tensor) -> set[int]:
     return found
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("method", ["tpsgd", "drtp", "dfa"])
 @pytest.mark.parametrize("model", ["mlp", "cnn", "rnn"])
-def test_local_graph_reaches_only_its_own_block(method, model):
+def test_local_graph_reaches_only_its_own_block(method, model, fused):
     net = build_model(ModelConfig(model, 3, 4, rnn_cell="lstm"), (1, 8, 8), 4, seed=0)
-    rule = make_rule(method, net, sgd, 4, seed=0)
+    rule = make_rule(method, net, sgd, 4, seed=0, fused=fused)
     block_params = [{id(p) for p in b.parameters()} for b in net.blocks]
     checked = []
-    if method == "dfa":
-        original = rule._feedback
+    original = rule.local_backward
 
-        def spy_feedback(outs, logits, y, scale):
-            for i, a in outs:
-                assert _leaves(a) <= block_params[i] and _leaves(a)
-                checked.append(i)
-            original(outs, logits, y, scale)
-
-        rule._feedback = spy_feedback
-    else:
-        original = rule.hidden_backward
-
-        def spy(i, a, y_onehot, scale):
-            reached = _leaves(a)
+    def spy(i, root, grad=None):  # every local rule's backward goes through here, fused or not
+        for r in root if isinstance(root, list) else [root]:
+            reached = _leaves(r)
             assert reached and reached <= block_params[i], f"block {i}'s graph reaches another layer"
-            checked.append(i)
-            original(i, a, y_onehot, scale)
+        checked.append(i)
+        original(i, root, grad)
 
-        rule.hidden_backward = spy
+    rule.local_backward = spy
     x = torch.randn(5, 1, 8, 8)
     rule.train_step(x, torch.tensor([0, 1, 2, 3, 0]))
     assert set(checked) == {0, 1}

@@ -41,7 +41,8 @@ def test_same_seed_same_result(digits):
 
 @pytest.mark.parametrize("bad", [dict(depth=0), dict(width=0), dict(batch_size=0), dict(epochs=-1),
                                  dict(model="transformer"), dict(method="hebb"), dict(local_loss="kl"),
-                                 dict(lr=0.0), dict(rnn_cell="qrnn")])
+                                 dict(lr=0.0), dict(rnn_cell="qrnn"), dict(target_scale=0.0),
+                                 dict(time_weighting="cubic")])
 def test_bad_config_is_a_typed_error(digits, bad):
     with pytest.raises(LocalTrainingError):
         run(digits, **bad)

@@ -113,3 +113,15 @@ def subset(data: Dataset, max_train: int | None, seed: int = 0) -> Dataset:
         raise LocalTrainingError(f"--max-train must be positive, got {max_train}")
     idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:max_train]
     return Dataset(data.name, data.x_train[idx], data.y_train[idx], data.x_test, data.y_test, data.num_classes)
+
+
+def validation_split(data: Dataset, n_val: int, seed: int = 0) -> Dataset:
+    """Hold out a seeded `n_val` training examples as the evaluation set (for hyper-parameter search, so the
+    test set is never looked at); the rest stays the training set. Returns a Dataset named '<name>-val'."""
+    n = len(data.y_train)
+    if not 0 < n_val < n:
+        raise LocalTrainingError(f"validation size must be in 1..{n - 1} (got {n_val})")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))  # not the subset() order
+    val, train = idx[:n_val], idx[n_val:]
+    return Dataset(f"{data.name}-val", data.x_train[train], data.y_train[train], data.x_train[val],
+                   data.y_train[val], data.num_classes)

@@ -15,18 +15,26 @@ def _pyplot():
 
 
 def plot_accuracy_curves(runs: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """runs: TrainResult.to_json() dicts; draws test accuracy per epoch, one line per method/model."""
+    """runs: TrainResult.to_json() dicts (optional 'label' overrides the method name); one panel per model,
+    one colour per method, test accuracy per epoch."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run in runs:
-        epochs = [c["epoch"] for c in run["curve"]]
-        acc = [c["test_accuracy"] for c in run["curve"]]
-        ax.plot(epochs, acc, marker="o", label=f"{run['model']} {run['method']} ({acc[-1]:.3f})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "test accuracy per epoch")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    models = list(dict.fromkeys(run["model"] for run in runs))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    colours = {"tpsgd": "tab:blue", "bp": "tab:orange", "drtp": "tab:green", "dfa": "tab:red"}
+    for ax, model in zip(axes[0], models):
+        for run in (r for r in runs if r["model"] == model):
+            epochs = [c["epoch"] for c in run["curve"]]
+            acc = [c["test_accuracy"] for c in run["curve"]]
+            label = run.get("label", run["method"])
+            ax.plot(epochs, acc, marker="o", color=colours.get(run["method"]),
+                    linestyle="--" if label != run["method"] else "-", label=f"{label} ({acc[-1]:.3f})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

@@ -11,6 +11,8 @@ update as soon as its forward pass is done" is a plain `optimizers[i].step()`.
 - dfa (direct feedback alignment): dL/da_i = B_i e with e = softmax(logits) - y* the output error; e exists
   only after the full forward pass, so every block's local graph is kept until then.
 The head always trains on the true cross-entropy, on a detached input for the local rules.
+tpSGD and DRTP run Linear+ReLU/Tanh blocks through `fused.LocalLinearStep` (saves only the block input);
+other blocks (conv, recurrent) through plain autograd on the block with a closed-form dL/da.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LocalTrainingError
+from .fused import linear_activation, local_linear_step
+from .losses import LOCAL_LOSSES, local_loss, local_loss_grad  # noqa: F401 (re-exported)
 from .models import LocalNet, detach_state
 
 METHODS = ("tpsgd", "bp", "drtp", "dfa")
-LOCAL_LOSSES = ("mse", "l1", "ce")
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -35,8 +38,9 @@ class TargetProjection:
     steps (the point of the paper's seeded projections); with `store=True` it is kept (faster).
     """
 
-    def __init__(self, num_classes: int, out_shape: tuple[int, ...], seed: int, store: bool = True):
-        self.num_classes, self.out_shape, self.seed = num_classes, tuple(out_shape), seed
+    def __init__(self, num_classes: int, out_shape: tuple[int, ...], seed: int, store: bool = True,
+                 scale: float = 1.0):
+        self.num_classes, self.out_shape, self.seed, self.scale = num_classes, tuple(out_shape), seed, scale
         self.features = 1
         for s in self.out_shape:
             self.features *= s
@@ -44,7 +48,7 @@ class TargetProjection:
 
     def _generate(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed)
-        return torch.rand(self.num_classes, self.features, generator=g) * 2 - 1  # (K, D)
+        return (torch.rand(self.num_classes, self.features, generator=g) * 2 - 1) * self.scale  # (K, D)
 
     def matrix(self) -> torch.Tensor:
         return self._matrix if self._matrix is not None else self._generate()
@@ -58,55 +62,52 @@ class TargetProjection:
         return (v @ self.matrix().to(v.device, v.dtype)).view(v.shape[0], *self.out_shape)
 
 
-def local_loss(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss summed over features, averaged over the batch: a, target (B, ...) -> scalar.
-
-    mse is 0.5 * sum (a - t)^2, so its gradient is exactly (a - t) / B.
-    """
-    a, target = a.flatten(1), target.flatten(1)  # (B, D)
-    if kind == "mse":
-        return 0.5 * (a - target).pow(2).sum(1).mean()
-    if kind == "l1":
-        return (a - target).abs().sum(1).mean()
-    if kind == "ce":  # soft cross-entropy: the target's softmax is the distribution to match
-        return -(F.softmax(target, dim=1) * F.log_softmax(a, dim=1)).sum(1).mean()
-    raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
+TIME_WEIGHTINGS = ("square", "linear", "uniform", "last")
 
 
-def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """dL/da of `local_loss` in closed form, (B, ...) like `a`, computed without an autograd graph.
+def time_weights(kind: str, steps: int) -> list[float]:
+    """Weight of each time step's local loss for recurrent blocks, summing to 1.
 
-    tpSGD feeds this straight into a.backward(): the loss itself never builds a graph, so its softmax or
-    difference tensors are never saved for backward; only the block's own graph is.
-    """
-    with torch.no_grad():
-        a2, t2 = a.flatten(1), target.flatten(1)  # (B, D)
-        if kind == "mse":
-            g = a2 - t2
-        elif kind == "l1":
-            g = torch.sign(a2 - t2)
-        elif kind == "ce":
-            g = F.softmax(a2, dim=1) - F.softmax(t2, dim=1)
-        else:
-            raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
-        return (g / a.shape[0]).view_as(a)
+    square: (t+1)^2, linear: t+1, uniform: 1, last: only the final step. Early steps have seen only the
+    first rows of the image and cannot know the class yet, so later steps weigh more by default."""
+    if kind not in TIME_WEIGHTINGS:
+        raise LocalTrainingError(f"unknown time weighting {kind!r}; choose one of {', '.join(TIME_WEIGHTINGS)}")
+    raw = {"square": lambda t: (t + 1) ** 2, "linear": lambda t: t + 1, "uniform": lambda t: 1,
+           "last": lambda t: float(t == steps - 1)}[kind]
+    w = [float(raw(t)) for t in range(steps)]
+    total = sum(w)
+    return [v / total for v in w]
 
 
 class Rule:
-    """Base: per-block optimizers and the head update. `train_step(x, y)` returns (loss, logits)."""
+    """Base: per-block optimizers and the head update. `train_step(x, y)` returns (loss, logits).
+
+    target_scale multiplies every projection P_i (the size of tpSGD's targets against the activations);
+    time_weighting is how recurrent blocks weigh the local loss of each time step (`time_weights`);
+    rnn_window: a recurrent block's state is detached every rnn_window steps (1: no backprop through time);
+    fused: Linear+ReLU/Tanh blocks of tpSGD/DRTP take the lean one-node step of `fused.py`."""
 
     name = "base"
 
     def __init__(self, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
-                 loss: str = "mse", store_projections: bool = True):
+                 loss: str = "mse", store_projections: bool = True, target_scale: float = 1.0,
+                 time_weighting: str = "square", fused: bool = True, rnn_window: int = 1):
         if loss not in LOCAL_LOSSES:
             raise LocalTrainingError(f"unknown local loss {loss!r}; choose one of {', '.join(LOCAL_LOSSES)}")
+        if not target_scale > 0:
+            raise LocalTrainingError(f"--target-scale must be positive (got {target_scale})")
+        time_weights(time_weighting, 1)  # validates the name
+        if rnn_window < 1:
+            raise LocalTrainingError(f"--rnn-window must be at least 1 (got {rnn_window})")
+        self.rnn_window = rnn_window
         self.net, self.num_classes, self.loss = net, num_classes, loss
+        self.time_weighting, self.fused = time_weighting, fused
         self.optimizers = [make_optimizer(list(b.parameters())) for b in net.blocks]
         self.optimizers.append(make_optimizer(list(net.head.parameters())))
         # seed + 1000 * (i + 1): projections do not depend on the weight-init stream
         self.projections = [
-            TargetProjection(num_classes, self.target_shape(shape), seed + 1000 * (i + 1), store_projections)
+            TargetProjection(num_classes, self.target_shape(shape), seed + 1000 * (i + 1), store_projections,
+                             target_scale)
             for i, shape in enumerate(net.block_out_shapes)
         ] if self.uses_projections else []
 
@@ -124,6 +125,10 @@ class Rule:
     def step_layer(self, i: int) -> None:
         self.optimizers[i].step()
         self.optimizers[i].zero_grad(set_to_none=True)  # free the gradient now: it is part of the overhead
+
+    def local_backward(self, i: int, root, grad=None) -> None:
+        """Backward from block i's local root(s): its output(s) with dL/da, or a fused step's loss."""
+        torch.autograd.backward(root, grad)
 
     def head_step(self, h: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         logits = self.net.head(self.net.head_input(h.detach()))  # (B, K)
@@ -152,8 +157,15 @@ class Backprop(Rule):
 class LocalTargetRule(Rule):
     """tpSGD and DRTP: forward only, one block at a time, no graph spanning two blocks."""
 
-    def hidden_backward(self, i: int, a: torch.Tensor, y_onehot: torch.Tensor, scale: float) -> None:
+    fused_kind = "drtp"  # what `fused.LocalLinearStep` computes for this rule
+
+    def hidden_signal(self, i: int, a: torch.Tensor, y_onehot: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(root, dL/droot) for block i's output a: backward from root with that gradient trains block i."""
         raise NotImplementedError
+
+    def hidden_backward(self, i: int, a: torch.Tensor, y_onehot: torch.Tensor, scale: float) -> None:
+        self.local_backward(i, *self.hidden_signal(i, a, y_onehot, scale))
 
     def train_step(self, x, y):
         y_onehot = F.one_hot(y, self.num_classes).to(x.dtype)  # (B, K)
@@ -161,32 +173,67 @@ class LocalTargetRule(Rule):
         if self.net.recurrent:
             return self._recurrent_step(h, y, y_onehot)
         for i, block in enumerate(self.net.blocks):
-            a = block(h.detach())  # (B, *out_shape_i); the graph holds block i only
-            self.hidden_backward(i, a, y_onehot, 1.0)
+            lin_act = linear_activation(block) if self.fused else None
+            if lin_act is not None:  # one node saving only h; see fused.py
+                root, a = local_linear_step(lin_act[0], lin_act[1], h.detach(), y_onehot,
+                                            self.projections[i].matrix().to(h.device, h.dtype), self.fused_kind)
+                self.local_backward(i, root)
+            else:
+                a = block(h.detach())  # (B, *out_shape_i); the graph holds block i only
+                self.hidden_backward(i, a, y_onehot, 1.0)
             self.step_layer(i)  # update as soon as this block's forward is done
-            h = a.detach()
+            h = a.detach()  # the previous input is dropped here: one block's activations at a time
         return self.head_step(h, y)
 
     def _recurrent_step(self, seq, y, y_onehot):
-        """seq (B, T, F). Time-major: at each step every layer gets its local target; gradients add up over
-        the T steps and each layer steps once at the end of the sequence. No backprop through time.
+        """seq (B, T, F). Every layer gets its local target at every step (weighted by
+        `time_weights(self.time_weighting, T)`; with the default (t+1)^2, early steps that have seen only the
+        first rows count little); gradients add up over the T steps and each layer steps once per sequence.
 
-        Step t's loss is weighted by (t+1)^2 (weights sum to 1): early steps have seen only the first rows
-        and cannot know the class yet (uniform weights cost ~4 points on row-wise Fashion-MNIST)."""
+        rnn_window 1 (no backprop through time) runs time-major: step t of every layer, then step t+1, so
+        nothing but the states is held between steps (streaming). With rnn_window k > 1 a layer's state is
+        detached only every k steps and the local losses of a window flow back through its k steps of that
+        one layer (truncated BPTT inside the layer, never into another layer); then the layers run one after
+        the other over the whole sequence (layer-major), so only one layer's window graph is alive at a time."""
+        if self.rnn_window > 1:
+            return self._recurrent_layer_major(seq, y, y_onehot)
         batch, steps = seq.shape[:2]
         states = [blk.init_state(batch, seq) for blk in self.net.blocks]
-        norm = steps * (steps + 1) * (2 * steps + 1) / 6  # sum of (t+1)^2
+        weights = time_weights(self.time_weighting, steps)
         inp = seq[:, 0]
         for t in range(steps):
             inp = seq[:, t]  # (B, F)
             for i, blk in enumerate(self.net.blocks):
                 out, state = blk.step(inp.detach(), states[i])  # out (B, H)
-                self.hidden_backward(i, out, y_onehot, (t + 1) ** 2 / norm)
+                if weights[t] > 0:
+                    self.hidden_backward(i, out, y_onehot, weights[t])
                 states[i] = detach_state(state)
                 inp = out.detach()
         for i in range(len(self.net.blocks)):
             self.step_layer(i)
         return self.head_step(inp, y)
+
+    def _recurrent_layer_major(self, seq, y, y_onehot):
+        batch, steps = seq.shape[:2]
+        weights = time_weights(self.time_weighting, steps)
+        inputs = [seq[:, t] for t in range(steps)]  # T x (B, F)
+        for i, blk in enumerate(self.net.blocks):
+            state = blk.init_state(batch, seq)
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (root, dL/droot) of the current window
+            outs = []
+            for t in range(steps):
+                out, state = blk.step(inputs[t].detach(), state)  # out (B, H)
+                if weights[t] > 0:
+                    pending.append(self.hidden_signal(i, out, y_onehot, weights[t]))
+                if (t + 1) % self.rnn_window == 0 or t == steps - 1:
+                    if pending:
+                        self.local_backward(i, [r for r, _ in pending], [g for _, g in pending])
+                        pending = []
+                    state = detach_state(state)
+                outs.append(out.detach())
+            self.step_layer(i)  # the next layer reads outputs computed before this update, as time-major does
+            inputs = outs
+        return self.head_step(inputs[-1], y)
 
 
 class TpSGD(LocalTargetRule):
@@ -196,60 +243,74 @@ class TpSGD(LocalTargetRule):
 
     name = "tpsgd"
 
+    @property
+    def fused_kind(self) -> str:
+        return self.loss
+
     @staticmethod
     def target_shape(out_shape):
         return out_shape[:1] if len(out_shape) == 3 else out_shape
 
-    def hidden_backward(self, i, a, y_onehot, scale):
+    def hidden_signal(self, i, a, y_onehot, scale):
         target = self.projections[i].project(y_onehot)  # (B, D) or (B, C) for conv = P_i y*
         if a.dim() == 4:
             a = a.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C); mean saves nothing for backward
-        a.backward(local_loss_grad(self.loss, a, target) * scale)  # = d(scale * L(a, P_i y*))/da
+        return a, local_loss_grad(self.loss, a, target) * scale  # = d(scale * L(a, P_i y*))/da
 
 
 class DRTP(LocalTargetRule):
     name = "drtp"
 
-    def hidden_backward(self, i, a, y_onehot, scale):
+    def hidden_signal(self, i, a, y_onehot, scale):
         target = self.projections[i].project(y_onehot)  # (B, *out_shape)
-        a.backward(-target * (scale / a.shape[0]))  # the projected target stands in for dL/da_i
+        return a, -target * (scale / a.shape[0])  # the projected target stands in for dL/da_i
 
 
 class DFA(Rule):
+    """Recurrent blocks: every time step's output gets the same feedback B_i e (the error exists only once,
+    at the end), weighted by `time_weights(self.time_weighting, T)` like tpSGD's local losses."""
+
     name = "dfa"
 
-    def _feedback(self, outs: list[tuple[int, torch.Tensor]], logits: torch.Tensor, y: torch.Tensor,
-                  scale: float) -> None:
+    def _feedback(self, outs: list[tuple[int, torch.Tensor, float]], logits: torch.Tensor,
+                  y: torch.Tensor) -> None:
         err = (F.softmax(logits.detach(), dim=1) - F.one_hot(y, self.num_classes).to(logits.dtype))
         err = err / logits.shape[0]  # (B, K) = dCE/dlogits for the mean cross-entropy
-        for i, a in outs:
-            a.backward(self.projections[i].project(err) * scale)  # dL/da_i = B_i e
+        for i in sorted({i for i, _, _ in outs}):  # one backward per block: its steps may share a graph
+            mine = [(a, w) for j, a, w in outs if j == i]
+            fb = self.projections[i].project(err)  # (B, *out_shape_i) = B_i e, dL/da_i
+            self.local_backward(i, [a for a, _ in mine], [fb * w for _, w in mine])
 
     def train_step(self, x, y):
         h = self.net.prepare(x)
-        outs: list[tuple[int, torch.Tensor]] = []  # every block's local graph lives until the error is known
+        # every block's local graph lives until the error is known: (block, output, weight)
+        outs: list[tuple[int, torch.Tensor, float]] = []
         if self.net.recurrent:
             batch, steps = h.shape[:2]
             states = [blk.init_state(batch, h) for blk in self.net.blocks]
+            weights = time_weights(self.time_weighting, steps)
             inp = h[:, 0]
             for t in range(steps):
                 inp = h[:, t]
                 for i, blk in enumerate(self.net.blocks):
                     out, state = blk.step(inp.detach(), states[i])
-                    outs.append((i, out))
-                    states[i] = detach_state(state)
+                    if weights[t] > 0:
+                        outs.append((i, out, weights[t]))
+                    # detach every rnn_window steps, like tpSGD/DRTP (1: no backprop through time)
+                    end = (t + 1) % self.rnn_window == 0 or t == steps - 1
+                    states[i] = detach_state(state) if end else state
                     inp = out.detach()
-            scale, last = 1.0 / steps, inp
+            last = inp
         else:
             for i, block in enumerate(self.net.blocks):
                 a = block(h.detach())
-                outs.append((i, a))
+                outs.append((i, a, 1.0))
                 h = a.detach()
-            scale, last = 1.0, h
+            last = h
         logits = self.net.head(self.net.head_input(last.detach()))
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        self._feedback(outs, logits, y, scale)
+        self._feedback(outs, logits, y)
         for i in range(len(self.optimizers)):
             self.step_layer(i)
         return loss.item(), logits.detach()
@@ -259,7 +320,8 @@ RULES: dict[str, type[Rule]] = {"tpsgd": TpSGD, "bp": Backprop, "drtp": DRTP, "d
 
 
 def make_rule(method: str, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
-              loss: str = "mse", store_projections: bool = True) -> Rule:
+              loss: str = "mse", store_projections: bool = True, **options) -> Rule:
+    """options: target_scale, time_weighting, fused, rnn_window (see `Rule`)."""
     if method not in RULES:
         raise LocalTrainingError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return RULES[method](net, make_optimizer, num_classes, seed, loss, store_projections)
+    return RULES[method](net, make_optimizer, num_classes, seed, loss, store_projections, **options)

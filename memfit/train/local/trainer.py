@@ -12,7 +12,7 @@ from .data import Dataset, load_dataset, subset
 from .errors import LocalTrainingError
 from .memory import MemoryReport, TrainingMemoryMeter
 from .models import ModelConfig, build_model
-from .rules import LOCAL_LOSSES, METHODS, make_rule
+from .rules import LOCAL_LOSSES, METHODS, TIME_WEIGHTINGS, make_rule
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -33,12 +33,16 @@ class TrainConfig:
     activation: str = "relu"
     rnn_cell: str = "gru"
     store_projections: bool = True
+    target_scale: float = 1.0  # multiplies every projection P_i (tpSGD's targets; DRTP/DFA signals)
+    time_weighting: str = "square"  # recurrent blocks: weight of each step's local loss / feedback
+    fused_local: bool = True  # lean one-node step for Linear+act blocks of tpSGD/DRTP (fused.py)
+    rnn_window: int = 1  # recurrent local rules: detach the state every k steps (1: no backprop through time)
     max_train: int | None = None  # keep this many training examples (None: all)
     max_steps: int | None = None  # stop each epoch after this many steps (memory probes)
     data_dir: str | None = None
 
     def validate(self) -> None:
-        for name in ("depth", "epochs", "batch_size"):
+        for name in ("depth", "epochs", "batch_size", "rnn_window"):
             if getattr(self, name) < 1:
                 raise LocalTrainingError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         for name in ("max_train", "max_steps"):
@@ -53,6 +57,11 @@ class TrainConfig:
             raise LocalTrainingError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
         if self.local_loss not in LOCAL_LOSSES:
             raise LocalTrainingError(f"unknown local loss {self.local_loss!r}; choose {', '.join(LOCAL_LOSSES)}")
+        if not self.target_scale > 0:
+            raise LocalTrainingError(f"--target-scale must be positive (got {self.target_scale})")
+        if self.time_weighting not in TIME_WEIGHTINGS:
+            raise LocalTrainingError(f"unknown time weighting {self.time_weighting!r}; "
+                                     f"choose {', '.join(TIME_WEIGHTINGS)}")
         self.model_config().validate()
 
     def model_config(self) -> ModelConfig:
@@ -76,6 +85,7 @@ class TrainResult:
     peak_rss_bytes: int
     memory: dict
     curve: list[dict] = field(default_factory=list)  # per epoch: train loss/accuracy, test accuracy
+    settings: dict = field(default_factory=dict)  # the rule's knobs (lr, losses, recurrent options), to rerun it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -104,7 +114,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
     data = subset(data, cfg.max_train, cfg.seed)
     net = build_model(cfg.model_config(), data.image_shape, data.num_classes, cfg.seed)
     rule = make_rule(cfg.method, net, make_optimizer_factory(cfg.optimizer, cfg.lr), data.num_classes, cfg.seed,
-                     cfg.local_loss, cfg.store_projections)
+                     cfg.local_loss, cfg.store_projections, target_scale=cfg.target_scale,
+                     time_weighting=cfg.time_weighting, fused=cfg.fused_local, rnn_window=cfg.rnn_window)
     n = len(data.y_train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     if cfg.max_steps is not None:
@@ -142,6 +153,9 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
         test_accuracy=curve[-1]["test_accuracy"], train_seconds=round(train_seconds, 3),
         peak_overhead_bytes=report.peak_overhead_bytes, peak_training_bytes=report.peak_training_bytes,
         peak_rss_bytes=report.peak_rss_bytes, memory=asdict(report), curve=curve,
+        settings={k: getattr(cfg, k) for k in ("lr", "optimizer", "local_loss", "activation", "rnn_cell",
+                                               "target_scale", "time_weighting", "rnn_window", "fused_local",
+                                               "max_train")},
     )
 
 
