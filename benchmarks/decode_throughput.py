@@ -97,13 +97,13 @@ def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
 
 
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
-               kv_layout: str = "auto") -> dict:
+               kv_layout: str = "auto", cpu_linear: str = "auto") -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
                                     max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024,
-                                    device=str(device), kv_layout=kv_layout))
+                                    device=str(device), kv_layout=kv_layout, cpu_linear=cpu_linear))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     for i in range(batch):
@@ -156,6 +156,8 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
     ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"])
+    ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "memfit", "onednn"],
+                    help="CPU linear backend(s); several are measured side by side, interleaved rep by rep")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,9 +180,21 @@ def main() -> int:
                     limit_tok_s = batch * bw / step_bytes
                     row = {"shape": shape, "dtype": dtype, "batch": batch, "params": cfg.num_parameters(),
                            "step_bytes": step_bytes, "limit_tok_per_s": limit_tok_s}
-                    m = [run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device, args.kv_layout)["tok_per_s"] for _ in range(args.reps)]
-                    row["memfit_tok_per_s"] = statistics.median(m)
-                    row["memfit_fraction_of_limit"] = row["memfit_tok_per_s"] / limit_tok_s
+                    # Backends alternate rep by rep, so a busy machine's swings hit them alike.
+                    m = {b: [] for b in args.cpu_linear}
+                    for _ in range(args.reps):
+                        for b in args.cpu_linear:
+                            m[b].append(run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
+                                                   args.kv_layout, b)["tok_per_s"])
+                    for b in args.cpu_linear:
+                        row[f"memfit_{b}_tok_per_s"] = statistics.median(m[b])
+                        row[f"memfit_{b}_fraction_of_limit"] = row[f"memfit_{b}_tok_per_s"] / limit_tok_s
+                    first = args.cpu_linear[0]
+                    row["memfit_tok_per_s"] = row[f"memfit_{first}_tok_per_s"]
+                    row["memfit_fraction_of_limit"] = row[f"memfit_{first}_fraction_of_limit"]
+                    if len(args.cpu_linear) > 1:  # per-rep ratios of the first backend to each other
+                        for b in args.cpu_linear[1:]:
+                            row[f"ratio_{first}_vs_{b}"] = statistics.median(a / o for a, o in zip(m[first], m[b]))
                     if not args.skip_transformers:
                         t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
                         row["transformers_tok_per_s"] = statistics.median(t)
@@ -190,7 +204,7 @@ def main() -> int:
                 shutil.rmtree(path)
     result = {
         "benchmark": "decode_throughput", **machine_info(args.threads, seed=1), "device": str(device),
-        "measured_bandwidth_bytes_per_s": bw, "kv_layout": args.kv_layout, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "measured_bandwidth_bytes_per_s": bw, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
     text = json.dumps(result, indent=2)
@@ -214,10 +228,18 @@ def plot(result: dict, png: Path) -> None:
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     w = 0.27
-    ax.bar([i - w for i in x], [r["memfit_tok_per_s"] for r in rows], w, label="memfit")
-    if rows and "transformers_tok_per_s" in rows[0]:
+    backends = result.get("cpu_linear") or ["auto"]
+    if len(backends) > 1:  # one bar per CPU linear backend, side by side
+        w = 0.8 / (len(backends) + 1)
+        for j, b in enumerate(backends):
+            ax.bar([i + (j - len(backends) / 2) * w for i in x], [r[f"memfit_{b}_tok_per_s"] for r in rows], w, label=f"memfit ({b})")
+        ax.bar([i + len(backends) / 2 * w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
+    else:
+        ax.bar([i - w for i in x], [r["memfit_tok_per_s"] for r in rows], w, label="memfit")
+    if len(backends) == 1 and rows and "transformers_tok_per_s" in rows[0]:
         ax.bar(list(x), [r["transformers_tok_per_s"] for r in rows], w, label="transformers")
-    ax.bar([i + w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
+    if len(backends) == 1:
+        ax.bar([i + w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
     ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")

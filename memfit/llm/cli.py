@@ -6,7 +6,7 @@ import json
 import sys
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="memfit-tiny", help="local Hugging Face model dir, or a bundled model name (default: memfit-tiny)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
@@ -16,10 +16,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU)")
     g.add_argument("--kv-budget", default=None, help="KV memory: bytes ('512MiB') or a fraction of free memory ('0.3')")
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
+                   help=f"sequences decoded at once (default {max_num_seqs}; 1-2 also selects memfit's batch-1 CPU kernel)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
     g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
+    g.add_argument("--cpu-linear", default="auto", choices=["auto", "memfit", "onednn"],
+                   help="CPU decode matmuls: memfit's row-major kernel, oneDNN on packed weights, or auto (docs/engine.md)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -50,7 +53,7 @@ def make_engine(args):
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, timeline=args.timeline, threads=args.threads,
-        kv_layout=args.kv_layout,
+        kv_layout=args.kv_layout, cpu_linear=args.cpu_linear,
     ))
 
 
@@ -166,13 +169,13 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the completion")
-    _engine_args(p)
+    _engine_args(p, max_num_seqs=1)  # one prompt: one sequence, so "auto" picks the batch-1 kernel
     _sampling_args(p)
     p.set_defaults(func=_guard(cmd_generate))
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     p.add_argument("--system", default=None, help="system message")
-    _engine_args(p)
+    _engine_args(p, max_num_seqs=1)  # one conversation: its turns reuse one sequence's KV
     _sampling_args(p, max_tokens=256)
     p.set_defaults(func=_guard(cmd_chat))
 

@@ -49,13 +49,42 @@ class EngineConfig:
     kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major (see kv/virtual.py)
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
-    prepack: bool = True  # CPU: reorder linear weights for oneDNN once (faster decode, no extra memory)
-    fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with prepack)
+    prepack: bool = True  # CPU: a decode-speed linear backend (cpu_linear); False = plain F.linear
+    fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn)
+    cpu_linear: str = "auto"  # CPU linears: memfit (row-major kernel) | onednn (packed) | auto (memfit when
+    # max_num_seqs <= 2, where it is fastest, else onednn); see docs/engine.md
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+CPU_LINEARS = ("auto", "memfit", "onednn")
+# "auto" picks memfit's row-major kernel when no decode step can batch more rows than this: measured
+# (benchmarks/decode_throughput.py, docs/engine.md) it beats packed oneDNN by ~1.6x at batch 1 but loses
+# ~25% at batch 8, and one weight is never held in both layouts.
+AUTO_MEMFIT_MAX_SEQS = 2
+
+
+def _cpu_linear_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Which CPU linear backend the engine uses: memfit's row-major kernel, oneDNN packing, or None
+    (plain F.linear: a GPU, prepack=False, or neither available). "memfit" falls back to oneDNN when the
+    kernel can't be built or run here (the reason is logged); "auto" is "memfit" for engines that decode
+    at most AUTO_MEMFIT_MAX_SEQS sequences at once, else "onednn"."""
+    if config.cpu_linear not in CPU_LINEARS:
+        raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {config.cpu_linear!r}")
+    if device.type != "cpu" or not config.prepack:
+        return None
+    want_memfit = config.cpu_linear == "memfit" or (config.cpu_linear == "auto" and config.max_num_seqs <= AUTO_MEMFIT_MAX_SEQS)
+    if want_memfit:
+        from memfit.llm.kernels.linear import can_use_row_major
+
+        if can_use_row_major(dtype):
+            return "memfit"
+    from memfit.llm.models.packing import can_pack_for_cpu
+
+    return "onednn" if can_pack_for_cpu(dtype) else None
 
 
 class LLMEngine:
@@ -76,17 +105,20 @@ class LLMEngine:
         dtype = parse_dtype(config.dtype) if config.dtype else None
         self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.num_packed_linears = self.num_fused_layers = 0
-        packs = False
-        if config.prepack and self.device.type == "cpu":
-            from memfit.llm.models.packing import can_pack_for_cpu
-
-            packs = can_pack_for_cpu(self.dtype)
-        if config.fuse and (packs or self.device.type == "cuda"):  # see models/fusion.py for why not otherwise
+        self.num_packed_linears = self.num_fused_layers = self.num_row_major_linears = 0
+        self.cpu_linear = _cpu_linear_backend(config, self.device, self.dtype)  # "memfit" | "onednn" | None
+        # Fusion copies q/k/v and gate/up into new memory. It pays on a GPU and before oneDNN packing (which
+        # copies anyway); with memfit's row-major kernel it measured no faster (0.97-1.02x, docs/engine.md),
+        # so the weights keep their zero-copy mapping of the checkpoint there.
+        if config.fuse and (self.cpu_linear == "onednn" or self.device.type == "cuda"):
             from memfit.llm.models.fusion import fuse_projections
 
             self.num_fused_layers = fuse_projections(self.model)
-        if packs:
+        if self.cpu_linear == "memfit":
+            from memfit.llm.kernels.linear import use_row_major_linears
+
+            self.num_row_major_linears = use_row_major_linears(self.model)
+        elif self.cpu_linear == "onednn":
             from memfit.llm.models.packing import pack_linears_for_cpu
 
             self.num_packed_linears = pack_linears_for_cpu(self.model)

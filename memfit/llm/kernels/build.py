@@ -1,0 +1,165 @@
+"""Compile memfit's C++ CPU kernels on first use and load them with ctypes.
+
+The source is built with the system C++ compiler (`$CXX`, else g++/c++) into a cache directory
+(`$MEMFIT_CACHE_DIR`, else `~/.cache/memfit/kernels/`), named by a hash of the source, the flags and the
+compiler, so each combination compiles once per machine (about a second; no torch headers) and later
+processes just load it. Any reason the kernel can't be used (no compiler, a CPU without the instructions,
+a failed build) is logged and turns into `None`: callers fall back to PyTorch/oneDNN.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
+# What each dtype's kernel needs from the CPU (flag names as in /proc/cpuinfo).
+NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
+
+_lock = threading.Lock()
+_loaded: dict[str, "CpuLinearLib | None"] = {}  # cache key -> library (None: failed, with the reason logged)
+_reasons: dict[str, str] = {}
+compile_count = 0  # compiles done by this process (the tests check that a cached build is reused)
+
+
+@dataclass
+class CpuLinearLib:
+    """The loaded kernels. Each function: (x, ldx, w, b, y, ldy, M, N, K, nthreads) -> None; pointers as ints."""
+
+    path: Path
+    bf16: ctypes._CFuncPtr
+    f32: ctypes._CFuncPtr
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MEMFIT_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "memfit" / "kernels"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or (cxx if os.path.isfile(cxx) else None)
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def unavailable_reason(dtype: torch.dtype) -> str | None:
+    """Why the kernel can't run `dtype` here (None: it can). Compiles it on first call."""
+    if dtype not in NEEDS:
+        return f"no memfit CPU linear kernel for {dtype}"
+    missing = [f for f in NEEDS[dtype] if f not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if load_cpu_linear() is None:
+        return _reasons.get(_key_or_none() or "", "the kernel could not be built")
+    return None
+
+
+def get_cpu_linear(dtype: torch.dtype) -> "ctypes._CFuncPtr | None":
+    """The kernel function for `dtype`, or None (reason logged) when this machine can't run it."""
+    reason = unavailable_reason(dtype)
+    if reason is not None:
+        log.info("memfit CPU linear kernel unavailable for %s: %s", dtype, reason)
+        return None
+    lib = load_cpu_linear()
+    assert lib is not None
+    return lib.bf16 if dtype == torch.bfloat16 else lib.f32
+
+
+def _key_or_none() -> str | None:
+    cxx = compiler()
+    if cxx is None:
+        return None
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update("\0".join((os.path.realpath(cxx), *FLAGS)).encode())
+    return h.hexdigest()[:16]
+
+
+def load_cpu_linear() -> CpuLinearLib | None:
+    """Build (once per cache) and load the kernel library; None when that is impossible here."""
+    key = _key_or_none()
+    with _lock:
+        if key is None:
+            _reasons[""] = "no C++ compiler found (set CXX or install g++)"
+            log.info("memfit CPU linear kernel unavailable: %s", _reasons[""])
+            return None
+        if key in _loaded:
+            return _loaded[key]
+        lib = None
+        try:
+            if "avx512f" not in cpu_flags():
+                raise RuntimeError("the CPU lacks avx512f")
+            lib = _open(_build(key))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            _reasons[key] = str(exc)
+            log.info("memfit CPU linear kernel unavailable: %s", exc)
+        _loaded[key] = lib
+        return lib
+
+
+def _build(key: str) -> Path:
+    global compile_count
+    out_dir = cache_dir()
+    target = out_dir / f"cpu_linear-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cxx = compiler()
+    # Build into a temporary name and rename: another process loading the same key never sees half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        compile_count += 1
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        if os.path.getsize(tmp) == 0:
+            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} produced no library")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _open(path: Path) -> CpuLinearLib:
+    lib = ctypes.CDLL(str(path))  # CDLL releases the GIL during calls
+    fns = []
+    for name in ("memfit_linear_bf16", "memfit_linear_f32"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        fn.restype = None
+        fns.append(fn)
+    return CpuLinearLib(path, *fns)
+
+
+def _forget_loaded() -> None:
+    """Tests only: forget what this process loaded, so the next call goes through the cache again."""
+    with _lock:
+        _loaded.clear()
+        _reasons.clear()
