@@ -90,10 +90,15 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
 
 
 def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
-    """Bytes one decode step reads: every weight once, plus K and V of `context` tokens per sequence."""
+    """Bytes one decode step must read: every weight once, plus K and V of `context` tokens per sequence.
+    An untied embedding table is the exception: the lookup reads only the step's `batch` rows of it (a tied
+    one is read whole, as the output layer)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    return cfg.num_parameters() * itemsize + batch * context * kv_per_token
+    weights = cfg.num_parameters()
+    if not cfg.tie_word_embeddings:
+        weights -= (cfg.vocab_size - min(batch, cfg.vocab_size)) * cfg.hidden_size
+    return weights * itemsize + batch * context * kv_per_token
 
 
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
