@@ -31,9 +31,21 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, window: int | Non
     return allowed
 
 
+# Below this many K elements, one decode token's bf16/fp16 attention on a CPU is faster in float32: oneDNN's
+# reduced-precision batched matmuls pay a fixed ~30 us each, more than widening a short K/V costs (measured
+# here, one thread: 1 x 64 tokens x 4 x 64: 80 us in bf16, 30 us via float32; the two meet near 512 tokens).
+SMALL_ATTENTION_ELEMS = 1 << 16
+
+
+def _small_cpu_lowp(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype != torch.float32 and k.numel() <= SMALL_ATTENTION_ELEMS
+
+
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention for one sequence. q: (Tq, Hq, D); k, v: (Tk, Hkv, D), Tk >= Tq -> (Tq, Hq, D)."""
     tq, tk = q.shape[0], k.shape[0]
+    if tq == 1 and _small_cpu_lowp(q, k):  # one decode token over a short context: see SMALL_ATTENTION_ELEMS
+        return attend_one(q.float(), k.float(), v.float(), scale, window).to(q.dtype)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
     gqa = qh.shape[0] != kh.shape[0]
     if tq == tk and window is None:
@@ -75,14 +87,19 @@ class DenseCausalAttention:
         return torch.cat(outs, dim=0)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None, scale: float,
+                     workspace: Workspace | None = None) -> torch.Tensor:
     """Batched single-token attention over padded caches.
 
     q: (B, Hq, D); k, v: (B, L, Hkv, D) (often a strided view straight into the cache); lens: (B,) valid
-    lengths, or None when every row uses all L positions -> (B, Hq, D).
+    lengths, or None when every row uses all L positions -> (B, Hq, D). `workspace` (optional) holds the
+    head-major K/V copies the CPU low-precision path makes, so they reuse memory instead of faulting in
+    fresh pages every layer.
     """
     b, hq, d = q.shape
     length, hkv = k.shape[1], k.shape[2]
+    if _small_cpu_lowp(q, k):
+        return decode_attention(q.float(), k.float(), v.float(), lens, scale).to(q.dtype)
     if q.dtype != torch.float32 and q.device.type == "cpu":
         # PyTorch's CPU SDPA kernel is several times slower in bf16/fp16 than two batched matmuls for a
         # single query row (measured here: 8 x 64 tokens, 12 heads: 660 us vs 180 us), so do it by hand,
@@ -92,13 +109,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
         # The cache view's batch dims (slot, head) can't fold into one bmm batch stride, so matmul copies
         # K anyway: copy it head-major (B, Hkv, L, D) (rows stay contiguous: ~10x cheaper than the
         # (B, Hkv, D, L) transpose-copy matmul makes of a permuted view) and hand bmm the transposed view.
-        kh = k.transpose(1, 2).contiguous()  # (B, Hkv, L, D)
+        ws = workspace or Workspace()
+        kh = ws.take(0, (b, hkv, length, d), k.dtype).copy_(k.transpose(1, 2))  # (B, Hkv, L, D)
+        vh = ws.take(1, (b, hkv, length, d), v.dtype).copy_(v.transpose(1, 2))
         scores = torch.matmul(qg, kh.transpose(2, 3)).float() * scale  # (B, Hkv, G, L)
         if lens is not None:
             pad = torch.arange(length, device=k.device) >= lens.view(b, 1, 1, 1)  # (B, 1, 1, L)
             scores.masked_fill_(pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return torch.matmul(probs, v.permute(0, 2, 1, 3)).reshape(b, hq, d)  # (B, Hkv, G, D) -> (B, Hq, D)
+        return torch.matmul(probs, vh).reshape(b, hq, d)  # (B, Hkv, G, D) -> (B, Hq, D)
     qh = q.unsqueeze(2)  # (B, Hq, 1, D)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, L, D)
     mask = None
@@ -106,6 +125,32 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
         mask = (torch.arange(length, device=k.device) < lens.unsqueeze(1)).view(b, 1, 1, -1)  # (B,1,1,L)
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
     return out.squeeze(2)
+
+
+class Workspace:
+    """Scratch buffers that outlive one attention call (the runner keeps one per engine).
+
+    A large fresh tensor on a CPU costs a page fault per 4 KiB on first touch (~5 ms for the 16 MB K copy of
+    8 x 4096 tokens, more than the copy itself); reusing the memory removes that. Each slot keeps the largest
+    buffer asked of it, so the workspace holds at most two layers' worth of one step's K and V.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def take(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._bufs.values())
 
 
 DECODE_PAD = 64  # tokens; see CachedAttention
@@ -120,8 +165,9 @@ class CachedAttention:
     """
 
     def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None,
-                 num_real: int | None = None) -> None:
+                 num_real: int | None = None, workspace: Workspace | None = None) -> None:
         self.kv = kv
+        self.workspace = workspace
         self.num_real = num_real if num_real is not None else sum(s.num_new for s in steps)  # rows past it are padding
         self.steps = steps  # list[SeqStep], decode steps first
         self.num_decode = num_decode
@@ -154,7 +200,7 @@ class CachedAttention:
         if self.decode_plan is not None:
             kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
             b = self.num_decode
-            out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale)
+            out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale, self.workspace)
             first = b
         row = first
         for i in range(first, len(self.steps)):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.llm.attention import CachedAttention
+from memfit.llm.attention import CachedAttention, Workspace
 from memfit.llm.kv.base import KVCacheManager, SeqStep
 from memfit.llm.models.llama import LlamaForCausalLM
 from memfit.llm.sampling import Sampler, TokenLogprobs
@@ -40,6 +40,7 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.sampler = Sampler()
+        self.workspace = Workspace()  # decode attention's K/V copies reuse this memory across layers and steps
         self._slot_of = getattr(kv, "slot_of", None)
 
     def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
@@ -77,7 +78,8 @@ class ModelRunner:
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)  # (N,)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)  # (N,)
         cfg = self.model.config
-        attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real)
+        attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real,
+                               self.workspace)
         hidden = self.model(ids_t, pos_t, attn)  # (N, C)
         for item in ordered:
             item.seq.num_computed += item.num_new

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memfit.llm.attention import causal_mask, decode_attention
+from memfit.llm.attention import SMALL_ATTENTION_ELEMS, Workspace, attend_one, causal_mask, decode_attention
 
 
 def reference(q, k, v, lens, scale):
@@ -36,3 +36,33 @@ def test_causal_mask_offsets_and_window():
     assert m.tolist() == [[True, True, True, True, False], [True] * 5]
     w = causal_mask(1, 5, torch.device("cpu"), window=2)
     assert w.tolist() == [[False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_long_bf16_decode_attention_uses_the_workspace_and_matches(masked):
+    """Past SMALL_ATTENTION_ELEMS the bf16 path copies K/V head-major into the workspace: same results, and
+    the second call reuses the same memory."""
+    torch.manual_seed(1)
+    b, length, hkv, d = 4, 600, 2, 64
+    assert b * length * hkv * d > SMALL_ATTENTION_ELEMS
+    cache = torch.randn(2 * b, length + 7, hkv, d).to(torch.bfloat16)
+    k, v = cache[:b, :length], cache[b:, :length]  # strided views, as from the cache
+    q = torch.randn(b, 3 * hkv, d).to(torch.bfloat16)
+    lens = torch.tensor([600, 1, 333, 64]) if masked else None
+    ws = Workspace()
+    first = decode_attention(q, k, v, lens, 0.125, ws)
+    ptrs = [t.data_ptr() for t in ws._bufs.values()]
+    second = decode_attention(q, k, v, lens, 0.125, ws)
+    assert [t.data_ptr() for t in ws._bufs.values()] == ptrs and ws.nbytes == 2 * b * length * hkv * d * 2
+    assert torch.equal(first, second)
+    assert torch.equal(first, decode_attention(q, k, v, lens, 0.125))  # a throwaway workspace: same numbers
+    assert (first.float() - reference(q, k, v, lens, 0.125)).abs().max().item() < 2e-2
+
+
+def test_short_bf16_decode_token_takes_the_float32_path():
+    torch.manual_seed(2)
+    k, v = torch.randn(2, 40, 2, 16).to(torch.bfloat16)
+    q = torch.randn(1, 4, 16).to(torch.bfloat16)
+    got = attend_one(q, k, v, 0.25)
+    want = attend_one(q.float(), k.float(), v.float(), 0.25).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
