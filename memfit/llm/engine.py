@@ -304,6 +304,7 @@ class LLMEngine:
             "kv_committed_bytes": st.committed_bytes, "kv_used_bytes": st.used_bytes,
             "kv_waste_bytes": st.waste_bytes, "kv_budget_bytes": st.budget_bytes, "tokens_held": st.tokens_held,
             "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
+            "workspace_bytes": self.runner.workspace.nbytes,
         }
 
     def close(self) -> None:

@@ -8,7 +8,9 @@ The prediction has four parts, each a readable formula:
   stream and norms (several (chunk, hidden) tensors), q/k/v/o (chunk x heads x head_dim), the MLP's
   gate/up/act intermediates (3 x chunk x intermediate), the attention scores of the chunk against its
   context (heads x chunk x context, float32), and the float32 logits of the sampled rows;
-- workspace: RoPE tables (max_pos x head_dim, cos and sin).
+- workspace: RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16, the runner's decode-attention
+  workspace: one layer's K and V of the decode batch copied head-major (2 x batch x context x kv_heads x
+  head_dim x itemsize; `attention.Workspace`, kept between steps).
 The runtime itself (Python, torch's libraries) is not part of the prediction: `fit` measures and reports
 it separately because it does not depend on the model.
 """
@@ -90,7 +92,8 @@ def predict(
         weights_bytes=weights,
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len, batch),
         activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch),
-        workspace_bytes=2 * cfg.max_position_embeddings * cfg.head_dim * itemsize,
+        workspace_bytes=2 * cfg.max_position_embeddings * cfg.head_dim * itemsize
+        + (0 if dtype == torch.float32 else 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize),
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
     )

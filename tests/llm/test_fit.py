@@ -72,3 +72,27 @@ def test_fit_command_reports_and_exit_code(models_dir, capsys):
     assert "does NOT fit" in capsys.readouterr().out
     assert memfit_main(["fit", "--model", str(big / "nope")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bf16_decode_workspace_is_kept_and_within_the_prediction(tmp_path):
+    """A bf16 decode batch past the small-attention size copies K/V into the runner's workspace; `fit`
+    predicts that workspace, and the engine reports what it holds."""
+    from memfit.llm.engine import LLMEngine
+    from memfit.llm.fit import predict
+    from memfit.llm.models.config import ModelConfig
+    from memfit.llm.sampling import SamplingParams
+    from tests.llm.tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path, dtype="bfloat16")
+    eng = LLMEngine(model=str(path), kv_budget="64MiB", max_num_seqs=12, max_num_batched_tokens=2048, device="cpu")
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for i in range(12):
+        eng.add_request(prompt_token_ids=[(7 * i + j) % 250 + 3 for j in range(150)], params=params)
+    while eng.has_unfinished_requests():
+        eng.step()
+    held = eng.stats()["workspace_bytes"]
+    cfg = ModelConfig.from_dir(path)
+    ws = predict(cfg, torch.bfloat16, context_len=160 + 64, batch=12).workspace_bytes  # contexts pad to 64
+    rope = 2 * cfg.max_position_embeddings * cfg.head_dim * 2
+    assert held > 0 and held <= ws - rope
+    assert predict(cfg, torch.float32, 160, 12).workspace_bytes == 2 * cfg.max_position_embeddings * cfg.head_dim * 4
