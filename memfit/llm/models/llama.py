@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables (max_pos, head_dim) computed once; looked up by absolute position."""
+    """cos/sin tables (max_pos, head_dim) computed once; looked up by absolute position, once per forward
+    pass (`at`), since every layer rotates the same positions."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -39,24 +40,30 @@ class RotaryEmbedding(nn.Module):
         self.sin: torch.Tensor | None = None
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (P, D). The sign of rotate-half is folded into the sine table,
+        sin_signed = [-sin, sin] per half, so a rotation is x * cos + x.roll(D/2) * sin_signed."""
         if self.cos is None or self.cos.device != device or self.cos.dtype != dtype:
             inv_freq = rope_inv_freq(self.cfg).to(device)  # (D/2,)
             t = torch.arange(self.cfg.max_position_embeddings, device=device, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq)  # (P, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
-            self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            self.cos = torch.cat((freqs, freqs), dim=-1).cos().to(dtype)  # (P, D)
+            self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         return self.cos, self.sin
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos_t, sin_t = self.tables(q.device, q.dtype)
-        cos = cos_t[positions].unsqueeze(1)  # (N, 1, D)
-        sin = sin_t[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAt:
+        cos_t, sin_t = self.tables(positions.device, dtype)
+        return RopeAt(cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1))  # (N, 1, D) each
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class RopeAt:
+    """The rotation for one step's positions; `apply(q, k)` rotates (N, H, D) queries and keys."""
+
+    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin_signed
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = q.shape[-1] // 2  # roll by D/2 swaps the halves: [x2, x1]; times [-sin, sin] = rotate_half(x) * sin
+        return (q * self.cos + q.roll(half, -1) * self.sin, k * self.cos + k.roll(half, -1) * self.sin)
 
 
 class Attention(nn.Module):
@@ -71,7 +78,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul (models/fusion.py replaces the three)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeAt, attn: AttentionBackend) -> torch.Tensor:
         n = x.shape[0]
         if self.qkv_proj is not None:
             dq, dkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -81,7 +88,7 @@ class Attention(nn.Module):
         q = q.view(n, self.n_heads, self.head_dim)  # (N, Hq, D)
         k = k.view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
         v = v.view(n, self.n_kv, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = rope.apply(q, k)
         out = attn(self.layer_idx, q, k, v)  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
 
@@ -110,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+    def forward(self, x: torch.Tensor, rope: RopeAt, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -140,8 +147,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: (N,) -> hidden states (N, hidden)."""
         x = self.model.embed_tokens(input_ids)  # (N, C)
+        rope = self.rotary.at(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions, self.rotary, attn)
+            x = layer(x, rope, attn)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
