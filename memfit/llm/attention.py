@@ -33,7 +33,8 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, window: int | Non
 
 # Below this many K elements, one decode token's bf16/fp16 attention on a CPU is faster in float32: oneDNN's
 # reduced-precision batched matmuls pay a fixed ~30 us each, more than widening a short K/V costs (measured
-# here, one thread: 1 x 64 tokens x 4 x 64: 80 us in bf16, 30 us via float32; the two meet near 512 tokens).
+# by benchmarks/decode_ops.py, one thread: 1 x 64 tokens x 4 heads x 64: 91 us in bf16, 32 us via float32;
+# 113 vs 74 us at 256 tokens; level at 1024, where the float32 path stops).
 SMALL_ATTENTION_ELEMS = 1 << 16
 
 
@@ -107,7 +108,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
         # read once per KV head, not once per query head.
         qg = q.view(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
         # The cache view's batch dims (slot, head) can't fold into one bmm batch stride, so matmul copies
-        # K anyway: copy it head-major (B, Hkv, L, D) (rows stay contiguous: ~10x cheaper than the
+        # K anyway: copy it head-major (B, Hkv, L, D) (rows stay contiguous: 8-11x cheaper than the
         # (B, Hkv, D, L) transpose-copy matmul makes of a permuted view) and hand bmm the transposed view.
         ws = workspace or Workspace()
         kh = ws.take(0, (b, hkv, length, d), k.dtype).copy_(k.transpose(1, 2))  # (B, Hkv, L, D)
