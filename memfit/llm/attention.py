@@ -34,7 +34,7 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device, window: int | Non
 # Below this many K elements, one decode token's bf16/fp16 attention on a CPU is faster in float32: oneDNN's
 # reduced-precision batched matmuls pay a fixed ~30 us each, more than widening a short K/V costs (measured
 # by benchmarks/decode_ops.py, one thread: 1 x 64 tokens x 4 heads x 64: 91 us in bf16, 32 us via float32;
-# 113 vs 74 us at 256 tokens; level at 1024, where the float32 path stops).
+# 113 vs 74 us at 256 tokens, which is where the threshold falls for this shape).
 SMALL_ATTENTION_ELEMS = 1 << 16
 
 
