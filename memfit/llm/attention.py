@@ -166,7 +166,7 @@ class CachedAttention:
     """
 
     def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None,
-                 num_real: int | None = None, workspace: Workspace | None = None) -> None:
+                 num_real: int | None = None, workspace: Workspace | None = None, kernels=None) -> None:
         self.kv = kv
         self.workspace = workspace
         self.num_real = num_real if num_real is not None else sum(s.num_new for s in steps)  # rows past it are padding
@@ -182,6 +182,14 @@ class CachedAttention:
         self._decode_lens: torch.Tensor | None = None
         if window is not None and self.decode_ends and max(self.decode_ends) > window:
             self.decode_plan = None  # sliding window: fall back to per-sequence attention
+        # memfit's CPU kernel (kernels/decode.py) reads decode rows straight from a cache that keeps every
+        # sequence at a fixed stride (the virtual cache's `strided(layer)`): no gather, padding or mask.
+        self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
+        if self.kernels is not None and kv.strided(0) is not None:
+            self._slots = torch.tensor(self.plan.slots[:num_decode], dtype=torch.int64)
+            self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
+        else:
+            self.kernels = None
 
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""
@@ -198,7 +206,13 @@ class CachedAttention:
         if q.shape[0] > n:
             out[n:] = 0  # padding rows (see ModelRunner): attend to nothing
         first = 0
-        if self.decode_plan is not None:
+        if self.kernels is not None:
+            b = self.num_decode
+            kc, vc = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
+            if self.kernels.can_attend(q[:b], kc):
+                out[:b] = self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window)
+                first = b
+        if first == 0 and self.decode_plan is not None:
             kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
             b = self.num_decode
             out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale, self.workspace)

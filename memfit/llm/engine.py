@@ -53,6 +53,7 @@ class EngineConfig:
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn)
     cpu_linear: str = "auto"  # CPU linears: memfit (row-major kernel) | onednn (packed) | auto (memfit when
     # max_num_seqs <= 2, where it is fastest, else onednn); see docs/engine.md
+    cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -122,6 +123,13 @@ class LLMEngine:
             from memfit.llm.models.packing import pack_linears_for_cpu
 
             self.num_packed_linears = pack_linears_for_cpu(self.model)
+        self.cpu_kernels = False  # memfit's C++ kernels for the rest of a decode step (kernels/decode.py)
+        if config.cpu_kernels and self.device.type == "cpu":
+            from memfit.llm.kernels.decode import CpuDecodeOps
+
+            if CpuDecodeOps.available(self.dtype):
+                self.model.set_ops(CpuDecodeOps(self.dtype))
+                self.cpu_kernels = True
         self.tokenizer = Tokenizer.from_dir(path)
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -138,6 +146,11 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
         )
         self.runner = ModelRunner(self.model, self.kv, self.device)
+        if self.cpu_kernels and self.cpu_linear == "memfit":  # whole decode steps in one C++ call
+            from memfit.llm.kernels.stack import CpuDecodeStack
+
+            if CpuDecodeStack.unsupported(self.model, self.kv) is None:
+                self.runner.stack = CpuDecodeStack(self.model, self.kv)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._seqs: dict[str, Sequence] = {}
         self._streams: dict[str, TextStream] = {}

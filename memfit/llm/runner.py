@@ -42,6 +42,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.workspace = Workspace()  # decode attention's K/V copies reuse this memory across layers and steps
         self._slot_of = getattr(kv, "slot_of", None)
+        self.stack = None  # memfit.llm.kernels.stack.CpuDecodeStack, set by the engine where it can run
 
     def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
         """Decode sequences first (ordered by cache slot, so the virtual cache can hand out one strided
@@ -55,6 +56,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
         ordered, num_decode = self._order(scheduled)
+        if (self.stack is not None and num_decode == len(ordered) <= self.stack_rows
+                and all(item.samples for item in ordered)):
+            return self._execute_stack(ordered)
         input_ids: list[int] = []
         positions: list[int] = []
         steps: list[SeqStep] = []
@@ -79,13 +83,33 @@ class ModelRunner:
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)  # (N,)
         cfg = self.model.config
         attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real,
-                               self.workspace)
+                               self.workspace, self.model.ops)
         hidden = self.model(ids_t, pos_t, attn)  # (N, C)
         for item in ordered:
             item.seq.num_computed += item.num_new
         if not sampled:
             return StepResult([], [], [])
         rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (S, V), model dtype; the sampler widens
+        return self._sample(self.model.compute_logits(hidden.index_select(0, rows)), sampled)
+
+    def _sample(self, logits: torch.Tensor, sampled: list) -> StepResult:
+        """logits: (S, V) in the model dtype (the sampler widens), one row per sampling sequence."""
         tokens, logprobs = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
         return StepResult(sampled, tokens.tolist(), logprobs)
+
+    def _execute_stack(self, ordered: list[ScheduledSeq]) -> StepResult:
+        """A pure decode step of at most `stack_rows` sequences through the CPU decode stack (one C++ call)."""
+        seqs = [item.seq for item in ordered]
+        steps = [SeqStep(s.seq_id, s.num_computed, 1) for s in seqs]
+        plan = self.kv.plan_step(steps)  # validates capacity and records the new tokens as held
+        ids = torch.tensor([s.token_slice(s.num_computed, s.num_computed + 1)[0] for s in seqs], dtype=torch.long)
+        hidden = self.stack.run(ids, plan.slots, plan.ends)  # (B, C)
+        for s in seqs:
+            s.num_computed += 1
+        return self._sample(self.model.compute_logits(hidden), seqs)
+
+    @property
+    def stack_rows(self) -> int:
+        from memfit.llm.kernels.stack import MAX_ROWS
+
+        return MAX_ROWS

@@ -23,8 +23,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
+# Every C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
+# the rest of a decode step), so one compile and one cache entry cover them all.
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
 # What each dtype's kernel needs from the CPU (flag names as in /proc/cpuinfo).
 NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
 
@@ -36,11 +38,13 @@ compile_count = 0  # compiles done by this process (the tests check that a cache
 
 @dataclass
 class CpuLinearLib:
-    """The loaded kernels. Each function: (x, ldx, w, b, y, ldy, M, N, K, nthreads) -> None; pointers as ints."""
+    """The loaded kernels. `bf16`/`f32`: (x, ldx, w, b, y, ldy, M, N, K, nthreads) -> None, pointers as ints;
+    `cdll` gives the library's other functions (memfit.llm.kernels.decode declares their signatures)."""
 
     path: Path
     bf16: ctypes._CFuncPtr
     f32: ctypes._CFuncPtr
+    cdll: ctypes.CDLL
 
 
 def cache_dir() -> Path:
@@ -94,7 +98,9 @@ def _key_or_none() -> str | None:
     cxx = compiler()
     if cxx is None:
         return None
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
     h.update("\0".join((os.path.realpath(cxx), *FLAGS)).encode())
     return h.hexdigest()[:16]
 
@@ -133,12 +139,12 @@ def _build(key: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         compile_count += 1
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {', '.join(s.name for s in SOURCES)} with {cxx} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         if os.path.getsize(tmp) == 0:
-            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} produced no library")
+            raise RuntimeError(f"compiling the kernels with {cxx} produced no library")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -155,7 +161,7 @@ def _open(path: Path) -> CpuLinearLib:
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         fn.restype = None
         fns.append(fn)
-    return CpuLinearLib(path, *fns)
+    return CpuLinearLib(path, *fns, lib)
 
 
 def _forget_loaded() -> None:

@@ -146,6 +146,11 @@ class KVCacheManager(ABC):
     def context(self, layer: int, plan: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of sequence i of the step, positions 0 .. end-1: each (end, Hkv, D)."""
 
+    def strided(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(K, V) of `layer` as (slots, max_len, Hkv, D) views, when this cache keeps every sequence at a fixed
+        stride (plan.slots index them); None otherwise. Lets an attention kernel read in place."""
+        return None
+
     @abstractmethod
     def context_batch(self, layer: int, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of all the step's sequences, padded to the longest (rounded up to `pad_to`): each

@@ -376,6 +376,9 @@ class VirtualKVCache(KVCacheManager):
         s, e = plan.slots[i], plan.ends[i]
         return self.k[layer][s, :e], self.v[layer][s, :e]  # views, (end, Hkv, D)
 
+    def strided(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
     def context_batch(self, layer: int, plan: VirtualPlan) -> tuple[torch.Tensor, torch.Tensor]:
         lmax = plan.max_end
         if plan.consecutive:

@@ -9,24 +9,27 @@ tokens together, as in nano-vllm); attention is delegated to an `AttentionBacken
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memfit.llm.attention import AttentionBackend, DenseCausalAttention
 from memfit.llm.models.config import ModelConfig, rope_inv_freq
+from memfit.llm.models.ops import TORCH_OPS, TorchOps
 
 
 class RMSNorm(nn.Module):
+    ops: TorchOps = TORCH_OPS  # swapped per model by memfit.llm.models.ops users (see set_ops)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as the reference implementation does), scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.ops.add_rms_norm(x, None, self.weight, self.eps)[1]
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + x, RMSNorm(residual + x)): the pre-norm block's residual add fused with its norm."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,20 +53,19 @@ class RotaryEmbedding(nn.Module):
             self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
         return self.cos, self.sin
 
-    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeAt:
+    def at(self, positions: torch.Tensor, dtype: torch.dtype, ops: TorchOps = TORCH_OPS) -> RopeAt:
         cos_t, sin_t = self.tables(positions.device, dtype)
-        return RopeAt(cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1))  # (N, 1, D) each
+        return RopeAt(cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1), ops)  # (N, 1, D) each
 
 
 class RopeAt:
     """The rotation for one step's positions; `apply(q, k)` rotates (N, H, D) queries and keys."""
 
-    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
-        self.cos, self.sin = cos, sin_signed
+    def __init__(self, cos: torch.Tensor, sin_signed: torch.Tensor, ops: TorchOps = TORCH_OPS) -> None:
+        self.cos, self.sin, self.ops = cos, sin_signed, ops
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        half = q.shape[-1] // 2  # roll by D/2 swaps the halves: [x2, x1]; times [-sin, sin] = rotate_half(x) * sin
-        return (q * self.cos + q.roll(half, -1) * self.sin, k * self.cos + k.roll(half, -1) * self.sin)
+        return self.ops.rope(q, k, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -94,6 +96,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    ops: TorchOps = TORCH_OPS
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -106,7 +110,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -117,9 +121,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RopeAt, attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeAt,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block, with the residual stream carried beside the block output (as vLLM does) so each
+        residual add fuses with the norm that follows it: returns (block output, residual before it)."""
+        residual, h = self.input_layernorm.add(x, residual)  # residual += x (x alone at layer 0)
+        residual, h = self.post_attention_layernorm.add(self.self_attn(h, rope, attn), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -143,14 +151,23 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.scale = cfg.head_dim**-0.5
+        self.ops: TorchOps = TORCH_OPS
+
+    def set_ops(self, ops: TorchOps) -> None:
+        """Run the element-wise math through `ops` (e.g. memfit's CPU kernels, memfit.llm.kernels.decode)."""
+        self.ops = ops
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, MLP)):
+                m.ops = ops
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """input_ids, positions: (N,) -> hidden states (N, hidden)."""
         x = self.model.embed_tokens(input_ids)  # (N, C)
-        rope = self.rotary.at(positions, x.dtype)
+        rope = self.rotary.at(positions, x.dtype, self.ops)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, rope, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, attn)
+        return self.model.norm.add(x, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, V)

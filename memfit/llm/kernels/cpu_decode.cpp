@@ -1,0 +1,393 @@
+// memfit's CPU kernels for the non-matmul parts of a decode step: RMSNorm (with the residual add fused),
+// rotary embedding in place, SiLU(gate) * up, and single-token attention read straight out of the
+// virtual-memory KV cache.
+//
+// Why by hand: at decode sizes each of these is a few microseconds of arithmetic behind ~5-10 PyTorch ops
+// of ~1.5-3 us dispatch each (an RMSNorm is 8 ops: 18 us for one 768-wide bf16 row, measured); on a 0.1B
+// model that overhead is ~30% of a batch-1 step. The attention kernel reads each sequence's K/V where the
+// cache keeps it (contiguous per sequence: the point of vAttention), so it needs no gather, no padded copy
+// and no mask, and GQA query heads share each K/V row they read.
+//
+// Rounding follows the PyTorch reference path (memfit/llm/models/llama.py) step for step: every value the
+// reference stores in bf16 is rounded to bf16 (nearest even) at the same point here, so the two paths
+// agree to float32 summation order. Compiled together with cpu_linear.cpp by build.py.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace memfit_decode {
+
+inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays a quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest even
+    return (uint16_t)(u >> 16);
+}
+
+inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// Scalar load/store/round per element type: `rnd` is the value the reference would hold in that dtype.
+inline float ld(const float* p) { return *p; }
+inline float ld(const uint16_t* p) { return from_bf16(*p); }
+inline void st(float* p, float v) { *p = v; }
+inline void st(uint16_t* p, float v) { *p = to_bf16(v); }
+inline float rnd(float v, const float*) { return v; }
+inline float rnd(float v, const uint16_t*) { return from_bf16(to_bf16(v)); }
+
+// 16 elements as fp32 lanes.
+inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 ld16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// exp on 16 lanes: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 in [-ln2/2, ln2/2] (two-constant
+// Cody-Waite reduction), e^f by a degree-6 Taylor polynomial (relative error ~2e-7 there), 2^n by scalef.
+// Clamped to [-87.3, 88.7], the range where e^x is a normal float (SiLU's 1 + e^-x saturates beyond).
+inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 lanes rounded to T's precision (bf16: nearest even, as to_bf16), still as fp32; and stored as T.
+inline __m512 rnd16(__m512 v, const float*) { return v; }
+inline __m512 rnd16(__m512 v, const uint16_t*) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32((int)0xffff0000u));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // NaN stays a (quiet) NaN
+    return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), nan, _mm512_castsi512_ps(_mm512_or_si512(u, _mm512_set1_epi32(0x400000))));
+}
+inline void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void st16(uint16_t* p, __m512 v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rnd16(v, p)), 16)));
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------------------
+// h = x (+ r, rounded to T); r_out = h (when given); y = rnd(w * rnd(h * rsqrt(mean(h^2) + eps))).
+template <typename T>
+void rmsnorm(const T* x, int64_t ldx, const T* r, int64_t ldr, T* r_out, int64_t ldro, const T* w, float eps, T* y,
+             int64_t ldy, int64_t M, int64_t C) {
+    static thread_local std::vector<float> hbuf;
+    hbuf.resize(C);
+    float* h = hbuf.data();
+    const int64_t C16 = C / 16 * 16;
+    for (int64_t m = 0; m < M; m++) {
+        const T* xm = x + m * ldx;
+        const T* rm = r ? r + m * ldr : nullptr;
+        __m512 ssv = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C16; c += 16) {
+            __m512 v = ld16(xm + c);
+            if (rm) v = rnd16(_mm512_add_ps(v, ld16(rm + c)), x);
+            _mm512_storeu_ps(h + c, v);
+            ssv = _mm512_fmadd_ps(v, v, ssv);
+        }
+        float ss = _mm512_reduce_add_ps(ssv);
+        for (int64_t c = C16; c < C; c++) {
+            float v = ld(xm + c);
+            if (rm) v = rnd(v + ld(rm + c), x);
+            h[c] = v;
+            ss += v * v;
+        }
+        if (r_out) {
+            T* ro = r_out + m * ldro;
+            for (int64_t c = 0; c < C16; c += 16) st16(ro + c, _mm512_loadu_ps(h + c));
+            for (int64_t c = C16; c < C; c++) st(ro + c, h[c]);
+        }
+        const float inv = 1.f / sqrtf(ss / (float)C + eps);
+        const __m512 iv = _mm512_set1_ps(inv);
+        T* ym = y + m * ldy;
+        for (int64_t c = 0; c < C16; c += 16)
+            st16(ym + c, _mm512_mul_ps(ld16(w + c), rnd16(_mm512_mul_ps(_mm512_loadu_ps(h + c), iv), x)));
+        for (int64_t c = C16; c < C; c++) st(ym + c, ld(w + c) * rnd(h[c] * inv, x));
+    }
+}
+
+// ---- rotary embedding, in place -------------------------------------------------------------------------
+// Each (token, head) row x of length D becomes rnd(rnd(x * cos) + rnd(roll(x, D/2) * sin_signed)), with the
+// token's cos/sin rows (the sign of rotate-half folded into sin_signed, as in llama.py's RopeAt).
+template <typename T>
+void rope_rows(T* x, int64_t ldx, int H, int D, const T* cos, const T* sin, int64_t ldc, int64_t N) {
+    const int half = D / 2;
+    if (D % 32 == 0 && D <= 256) {  // whole 16-lane chunks on each side of the half
+        const int DV = D / 16, HV = half / 16;
+        for (int64_t n = 0; n < N; n++) {
+            __m512 cv[16], sv[16], xv[16];
+            for (int j = 0; j < DV; j++) cv[j] = ld16(cos + n * ldc + 16 * j), sv[j] = ld16(sin + n * ldc + 16 * j);
+            for (int h = 0; h < H; h++) {
+                T* p = x + n * ldx + (int64_t)h * D;
+                for (int j = 0; j < DV; j++) xv[j] = ld16(p + 16 * j);
+                for (int j = 0; j < DV; j++) {
+                    const __m512 a = rnd16(_mm512_mul_ps(xv[j], cv[j]), p);
+                    const __m512 b = rnd16(_mm512_mul_ps(xv[(j + HV) % DV], sv[j]), p);
+                    st16(p + 16 * j, _mm512_add_ps(a, b));
+                }
+            }
+        }
+        return;
+    }
+    std::vector<float> row(D);
+    for (int64_t n = 0; n < N; n++) {
+        const T* c = cos + n * ldc;
+        const T* s = sin + n * ldc;
+        for (int h = 0; h < H; h++) {
+            T* p = x + n * ldx + (int64_t)h * D;
+            for (int d = 0; d < D; d++) row[d] = ld(p + d);
+            for (int d = 0; d < D; d++) {
+                const float a = rnd(row[d] * ld(c + d), p);
+                const float b = rnd(row[(d + half) % D] * ld(s + d), p);
+                st(p + d, a + b);
+            }
+        }
+    }
+}
+
+// ---- SiLU(gate) * up ---------------------------------------------------------------------------------------
+// y = rnd(rnd(g / (1 + exp(-g))) * u): SiLU rounded to T first, as F.silu's output is.
+template <typename T>
+void silu_mul(const T* g, int64_t ldg, const T* u, int64_t ldu, T* y, int64_t ldy, int64_t M, int64_t I) {
+    const int64_t I16 = I / 16 * 16;
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int64_t m = 0; m < M; m++) {
+        const T* gm = g + m * ldg;
+        const T* um = u + m * ldu;
+        T* ym = y + m * ldy;
+        for (int64_t i = 0; i < I16; i += 16) {
+            const __m512 a = ld16(gm + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
+            st16(ym + i, _mm512_mul_ps(rnd16(_mm512_div_ps(a, _mm512_add_ps(one, e)), g), ld16(um + i)));
+        }
+        for (int64_t i = I16; i < I; i++) {
+            const float a = ld(gm + i);
+            st(ym + i, rnd(a / (1.f + expf(-a)), g) * ld(um + i));
+        }
+    }
+}
+
+// ---- decode attention over the cache -----------------------------------------------------------------------
+// One query token per row b, attending to the first lens[b] positions of cache slot slots[b] (or the last
+// `window` of them). K element (slot, t, h, d) is at k + slot*ks[0] + t*ks[1] + h*ks[2] + d (V likewise with
+// vs). Work item = (row, KV head): its G = Hq / Hkv query heads share every K/V row it reads.
+//
+// Scores: a dot product per (query head, token) along D, which is where each K row is contiguous; 16 tokens'
+// dot products are reduced together by one transpose-add tree (hsum16) instead of 16 horizontal sums.
+// Softmax in fp32; the output is sum_t p_t V_t, 16 lanes of D at a time, and is rounded once, at the end.
+
+// Sixteen horizontal sums at once: lane i of the result = the sum of v[i]'s lanes.
+inline __m512 hsum16(const __m512* v) {
+    __m512 u[8], w[4], s[2];
+    for (int j = 0; j < 8; j++)
+        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44), _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+    for (int j = 0; j < 4; j++)
+        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88), _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; j++)
+        s[j] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * j], w[2 * j + 1]), _mm512_unpackhi_ps(w[2 * j], w[2 * j + 1]));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x44), _mm512_shuffle_ps(s[0], s[1], 0xEE));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(idx, r);
+}
+
+// dot(q, row) partial sums over D (16 lanes); q already in fp32 lanes, row in T.
+template <typename T, int DV>
+inline __m512 dot_lanes(const __m512* q, const T* row) {
+    __m512 a = _mm512_mul_ps(q[0], ld16(row));
+    _Pragma("GCC unroll 8")
+    for (int j = 1; j < DV; j++) a = _mm512_fmadd_ps(q[j], ld16(row + 16 * j), a);
+    return a;
+}
+
+template <typename T, int D>
+void attend_group(const T* q, const T* kb, int64_t kstep, const T* vb, int64_t vstep, int64_t L, int G, float scale,
+                  T* out, std::vector<float>& sc) {
+    constexpr int DV = D / 16;
+    constexpr int GC = DV <= 2 ? 8 : DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // query heads whose outputs stay in registers in the V pass
+    sc.resize((size_t)G * (size_t)std::max<int64_t>(L, 1));
+    float inv[64];
+    for (int g = 0; g < G; g++) {
+        __m512 qv[DV];
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < DV; j++) qv[j] = ld16(q + (int64_t)g * D + 16 * j);
+        float* s = sc.data() + (size_t)g * L;
+        const __m512 sv = _mm512_set1_ps(scale);
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        int64_t t = 0;
+        for (; t + 16 <= L; t += 16) {
+            __m512 acc[16];
+            _Pragma("GCC unroll 16")
+            for (int i = 0; i < 16; i++) acc[i] = dot_lanes<T, DV>(qv, kb + (t + i) * kstep);
+            const __m512 r = _mm512_mul_ps(hsum16(acc), sv);
+            _mm512_storeu_ps(s + t, r);
+            mx = _mm512_max_ps(mx, r);
+        }
+        float m = _mm512_reduce_max_ps(mx);
+        for (; t < L; t++) {
+            const float r = _mm512_reduce_add_ps(dot_lanes<T, DV>(qv, kb + t * kstep)) * scale;
+            s[t] = r;
+            m = std::max(m, r);
+        }
+        const __m512 mv = _mm512_set1_ps(m);  // p = exp(s - max), in place; inv = 1 / sum p
+        __m512 sum = _mm512_setzero_ps();
+        t = 0;
+        for (; t + 16 <= L; t += 16) {
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+            _mm512_storeu_ps(s + t, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        if (t < L) {
+            const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
+            _mm512_mask_storeu_ps(s + t, mk, p);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
+        }
+        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    for (int g0 = 0; g0 < G; g0 += GC) {
+        const int gn = std::min(GC, G - g0);
+        __m512 o[GC][DV];
+        _Pragma("GCC unroll 8")
+        for (int g = 0; g < GC; g++)
+            _Pragma("GCC unroll 8")
+            for (int j = 0; j < DV; j++) o[g][j] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; t++) {
+            const T* vr = vb + t * vstep;
+            __m512 vv[DV];
+            _Pragma("GCC unroll 8")
+            for (int j = 0; j < DV; j++) vv[j] = ld16(vr + 16 * j);
+            _Pragma("GCC unroll 8")
+            for (int g = 0; g < GC; g++) {
+                if (g >= gn) break;
+                const __m512 p = _mm512_set1_ps(sc[(size_t)(g0 + g) * L + t]);
+                _Pragma("GCC unroll 8")
+                for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
+            }
+        }
+        alignas(64) float tmp[16];
+        for (int g = 0; g < gn; g++)
+            for (int j = 0; j < DV; j++) {
+                _mm512_store_ps(tmp, _mm512_mul_ps(o[g][j], _mm512_set1_ps(inv[g0 + g])));
+                T* dst = out + (int64_t)(g0 + g) * D + 16 * j;
+                for (int e = 0; e < 16; e++) st(dst + e, tmp[e]);
+            }
+    }
+}
+
+template <typename T, int D>
+void decode_attention(const T* q, int64_t ldq, const T* k, const T* v, const int64_t* ks, const int64_t* vs,
+                      const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int64_t window,
+                      float scale, T* out, int64_t ldo, int nthreads) {
+    const int G = Hq / Hkv;
+    const int64_t items = B * Hkv;
+    auto work = [&](int64_t i, std::vector<float>& sc) {
+        const int h = (int)(i % Hkv);
+        const int64_t b = i / Hkv;
+        const int64_t t1 = lens[b], t0 = window > 0 ? std::max<int64_t>(0, t1 - window) : 0;
+        const T* kb = k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2];
+        const T* vb = v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2];
+        const int64_t head0 = (int64_t)h * G;
+        attend_group<T, D>(q + b * ldq + head0 * D, kb, ks[1], vb, vs[1], t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+    };
+#ifdef _OPENMP
+    if (nthreads > 1 && items > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            std::vector<float> sc;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < items; i++) work(i, sc);
+        }
+        return;
+    }
+#endif
+    static thread_local std::vector<float> sc;
+    for (int64_t i = 0; i < items; i++) work(i, sc);
+}
+
+// D in HEAD_DIMS (the caller checks); G <= 64.
+template <typename T>
+void decode_attention_any(const T* q, int64_t ldq, const T* k, const T* v, const int64_t* ks, const int64_t* vs,
+                          const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int D, int64_t window,
+                          float scale, T* out, int64_t ldo, int nthreads) {
+#define MEMFIT_ATTN_CASE(DIM) \
+    case DIM: decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, nthreads); break;
+    switch (D) {  // keep in step with HEAD_DIMS in kernels/decode.py
+        MEMFIT_ATTN_CASE(32)
+        MEMFIT_ATTN_CASE(64)
+        MEMFIT_ATTN_CASE(96)
+        MEMFIT_ATTN_CASE(128)
+        MEMFIT_ATTN_CASE(256)
+        default: break;
+    }
+#undef MEMFIT_ATTN_CASE
+}
+
+}  // namespace memfit_decode
+
+using namespace memfit_decode;
+
+extern "C" {
+
+int memfit_decode_abi_version(void) { return 1; }
+
+void memfit_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const uint16_t* r, int64_t ldr, uint16_t* r_out, int64_t ldro,
+                         const uint16_t* w, float eps, uint16_t* y, int64_t ldy, int64_t M, int64_t C) {
+    rmsnorm(x, ldx, r, ldr, r_out, ldro, w, eps, y, ldy, M, C);
+}
+void memfit_rmsnorm_f32(const float* x, int64_t ldx, const float* r, int64_t ldr, float* r_out, int64_t ldro,
+                        const float* w, float eps, float* y, int64_t ldy, int64_t M, int64_t C) {
+    rmsnorm(x, ldx, r, ldr, r_out, ldro, w, eps, y, ldy, M, C);
+}
+
+void memfit_rope_bf16(uint16_t* q, int64_t ldq, int Hq, uint16_t* k, int64_t ldk, int Hkv, int D, const uint16_t* cos,
+                      const uint16_t* sin, int64_t ldc, int64_t N) {
+    rope_rows(q, ldq, Hq, D, cos, sin, ldc, N);
+    rope_rows(k, ldk, Hkv, D, cos, sin, ldc, N);
+}
+void memfit_rope_f32(float* q, int64_t ldq, int Hq, float* k, int64_t ldk, int Hkv, int D, const float* cos,
+                     const float* sin, int64_t ldc, int64_t N) {
+    rope_rows(q, ldq, Hq, D, cos, sin, ldc, N);
+    rope_rows(k, ldk, Hkv, D, cos, sin, ldc, N);
+}
+
+void memfit_silu_mul_bf16(const uint16_t* g, int64_t ldg, const uint16_t* u, int64_t ldu, uint16_t* y, int64_t ldy,
+                          int64_t M, int64_t I) {
+    silu_mul(g, ldg, u, ldu, y, ldy, M, I);
+}
+void memfit_silu_mul_f32(const float* g, int64_t ldg, const float* u, int64_t ldu, float* y, int64_t ldy, int64_t M,
+                         int64_t I) {
+    silu_mul(g, ldg, u, ldu, y, ldy, M, I);
+}
+
+void memfit_decode_attn_bf16(const uint16_t* q, int64_t ldq, const uint16_t* k, const uint16_t* v, const int64_t* ks,
+                             const int64_t* vs, const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv,
+                             int D, int64_t window, float scale, uint16_t* out, int64_t ldo, int nthreads) {
+    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, nthreads);
+}
+void memfit_decode_attn_f32(const float* q, int64_t ldq, const float* k, const float* v, const int64_t* ks,
+                            const int64_t* vs, const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv,
+                            int D, int64_t window, float scale, float* out, int64_t ldo, int nthreads) {
+    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, nthreads);
+}
+
+}  // extern "C"

@@ -1,0 +1,144 @@
+// A whole decode step through every decoder layer in one call: memfit's CPU fast path for batches of one or
+// two sequences, where the row-major matmul kernel is fastest (cpu_linear.cpp).
+//
+// Why: at batch 1 the model's matmuls read the weights at ~90% of the machine's bandwidth, and what is left
+// of a 0.1B model's step is the ~15 PyTorch calls per layer between them (~170 us per layer of Python and
+// dispatch, measured: 2 of an 11 ms step). This file composes the same kernels the PyTorch path calls one by
+// one (cpu_decode.cpp, cpu_linear.cpp), in the same order with the same rounding, so both paths give the
+// same tokens; it only removes the glue. Layer l:
+//   residual, h = add_rms_norm(x, residual)      (layer 0: residual = x)
+//   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv;  rope(q, k);  K/V rows -> the cache at each row's position
+//   x = attention(q, cache) Wo^T + bo;  residual, h = add_rms_norm(x, residual)
+//   x = (silu(h Wg^T + bg) * (h Wu^T + bu)) Wd^T + bd
+// and the output is rms_norm(x + residual) with the final norm's weight.
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+extern "C" {
+void memfit_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
+                        int64_t, int);
+void memfit_linear_f32(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int);
+void memfit_rmsnorm_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, const uint16_t*, float,
+                         uint16_t*, int64_t, int64_t, int64_t);
+void memfit_rmsnorm_f32(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*, float, float*,
+                        int64_t, int64_t, int64_t);
+void memfit_rope_bf16(uint16_t*, int64_t, int, uint16_t*, int64_t, int, int, const uint16_t*, const uint16_t*, int64_t,
+                      int64_t);
+void memfit_rope_f32(float*, int64_t, int, float*, int64_t, int, int, const float*, const float*, int64_t, int64_t);
+void memfit_silu_mul_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, int64_t, int64_t);
+void memfit_silu_mul_f32(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
+void memfit_decode_attn_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, const int64_t*, const int64_t*,
+                             const int64_t*, const int64_t*, int64_t, int, int, int, int64_t, float, uint16_t*, int64_t,
+                             int);
+void memfit_decode_attn_f32(const float*, int64_t, const float*, const float*, const int64_t*, const int64_t*,
+                            const int64_t*, const int64_t*, int64_t, int, int, int, int64_t, float, float*, int64_t, int);
+}
+
+namespace memfit_stack {
+
+template <typename T>
+struct Api;
+template <>
+struct Api<uint16_t> {
+    static constexpr auto linear = memfit_linear_bf16;
+    static constexpr auto rmsnorm = memfit_rmsnorm_bf16;
+    static constexpr auto rope = memfit_rope_bf16;
+    static constexpr auto silu_mul = memfit_silu_mul_bf16;
+    static constexpr auto attn = memfit_decode_attn_bf16;
+};
+template <>
+struct Api<float> {
+    static constexpr auto linear = memfit_linear_f32;
+    static constexpr auto rmsnorm = memfit_rmsnorm_f32;
+    static constexpr auto rope = memfit_rope_f32;
+    static constexpr auto silu_mul = memfit_silu_mul_f32;
+    static constexpr auto attn = memfit_decode_attn_f32;
+};
+
+}  // namespace memfit_stack
+
+extern "C" {
+
+// One layer's tensors (data pointers; a bias may be NULL). Field order is mirrored by kernels/stack.py.
+struct MemfitLayer {
+    const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln2, *wg, *bg, *wu, *bu, *wd, *bd;
+    void *kcache, *vcache;  // this layer's K and V, element (slot 0, token 0, head 0, 0)
+};
+
+struct MemfitStep {
+    int64_t M, C, Hq, Hkv, D, I, window;  // rows; hidden; heads; KV heads; head dim; MLP width; 0 = no window
+    float eps, scale;
+    int nthreads;
+    const int64_t *ks, *vs;      // cache strides (slot, token, head), in elements
+    const int64_t *slots, *lens;  // (M,): each row's cache slot, and its length including the new token
+    const void *cos, *sin;       // (M, D) rotary rows at each row's position (sin with rotate-half's sign)
+    const void* final_norm;      // (C,)
+};
+
+}  // extern "C"
+
+namespace memfit_stack {
+
+template <typename T>
+void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* out) {
+    using A = Api<T>;
+    const int64_t M = s->M, C = s->C, D = s->D, I = s->I, Hq = s->Hq, Hkv = s->Hkv;
+    const int64_t QD = Hq * D, KD = Hkv * D;
+    static thread_local std::vector<T> buf;
+    buf.resize((size_t)(M * (3 * C + QD + 2 * KD + QD + 3 * I)));
+    T* resid = buf.data();
+    T* h = resid + M * C;
+    T* xx = h + M * C;  // the running block output (x, layer by layer)
+    T* q = xx + M * C;
+    T* k = q + M * QD;
+    T* v = k + M * KD;
+    T* att = v + M * KD;
+    T* g = att + M * QD;
+    T* u = g + M * I;
+    T* act = u + M * I;
+    const T* cur = x;  // layer 0 reads the embeddings
+    for (int l = 0; l < nlayers; l++) {
+        const MemfitLayer& L = layers[l];
+        // residual (+)= x, h = norm(residual): rmsnorm reads a whole row before it writes r_out, so in place is safe
+        A::rmsnorm(cur, C, l ? resid : nullptr, C, resid, C, (const T*)L.ln1, s->eps, h, C, M, C);
+        A::linear(h, C, (const T*)L.wq, (const T*)L.bq, q, QD, M, QD, C, s->nthreads);
+        A::linear(h, C, (const T*)L.wk, (const T*)L.bk, k, KD, M, KD, C, s->nthreads);
+        A::linear(h, C, (const T*)L.wv, (const T*)L.bv, v, KD, M, KD, C, s->nthreads);
+        A::rope(q, QD, (int)Hq, k, KD, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
+        T* kc = (T*)L.kcache;
+        T* vc = (T*)L.vcache;
+        for (int64_t m = 0; m < M; m++) {  // the new token's K/V rows into the cache
+            const int64_t t = s->lens[m] - 1;
+            for (int64_t hh = 0; hh < Hkv; hh++) {
+                memcpy(kc + s->slots[m] * s->ks[0] + t * s->ks[1] + hh * s->ks[2], k + m * KD + hh * D, D * sizeof(T));
+                memcpy(vc + s->slots[m] * s->vs[0] + t * s->vs[1] + hh * s->vs[2], v + m * KD + hh * D, D * sizeof(T));
+            }
+        }
+        A::attn(q, QD, kc, vc, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D, s->window, s->scale, att,
+                QD, s->nthreads);
+        A::linear(att, QD, (const T*)L.wo, (const T*)L.bo, xx, C, M, C, QD, s->nthreads);
+        A::rmsnorm(xx, C, resid, C, resid, C, (const T*)L.ln2, s->eps, h, C, M, C);
+        A::linear(h, C, (const T*)L.wg, (const T*)L.bg, g, I, M, I, C, s->nthreads);
+        A::linear(h, C, (const T*)L.wu, (const T*)L.bu, u, I, M, I, C, s->nthreads);
+        A::silu_mul(g, I, u, I, act, I, M, I);
+        A::linear(act, I, (const T*)L.wd, (const T*)L.bd, xx, C, M, C, I, s->nthreads);
+        cur = xx;
+    }
+    A::rmsnorm(cur, C, nlayers ? resid : nullptr, C, nullptr, C, (const T*)s->final_norm, s->eps, out, C, M, C);
+}
+
+}  // namespace memfit_stack
+
+extern "C" {
+
+// x: (M, C) token embeddings; out: (M, C) final hidden states (after the model's last norm).
+void memfit_decode_stack_bf16(const MemfitStep* s, const MemfitLayer* layers, int nlayers, uint16_t* x, uint16_t* out) {
+    memfit_stack::run<uint16_t>(s, layers, nlayers, x, out);
+}
+void memfit_decode_stack_f32(const MemfitStep* s, const MemfitLayer* layers, int nlayers, float* x, float* out) {
+    memfit_stack::run<float>(s, layers, nlayers, x, out);
+}
+
+}  // extern "C"

@@ -1,0 +1,122 @@
+"""memfit's CPU kernels for the element-wise parts of a decode step, and attention read from the KV cache.
+
+`CpuDecodeOps` is a drop-in for the model's `TorchOps` (memfit.llm.models.ops): RMSNorm with the residual add
+fused, rotary embedding in place, SiLU(gate) * up, each one C++ call (cpu_decode.cpp) instead of 2-8 PyTorch
+ops. It takes an input only when the kernel can run it exactly (CPU, bf16/fp32 matching the weights, rows
+with unit stride, no autograd); anything else goes to the PyTorch reference it inherits, so training and
+exotic layouts keep working. `decode_attention` runs single-token attention straight out of a cache that
+keeps each sequence's K/V at a fixed stride (the virtual cache), with no gather, padding or mask.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.llm.models.ops import TorchOps
+
+log = logging.getLogger(__name__)
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "rmsnorm": [_P, _I64, _P, _I64, _P, _I64, _P, _F32, _P, _I64, _I64, _I64],
+    "rope": [_P, _I64, _I32, _P, _I64, _I32, _I32, _P, _P, _I64, _I64],
+    "silu_mul": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64],
+    "decode_attn": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _F32, _P, _I64, _I32],
+}
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+HEAD_DIMS = (32, 64, 96, 128, 256)  # head sizes the attention kernel is compiled for (cpu_decode.cpp)
+
+
+def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
+    if dtype not in _SUFFIX or unavailable_reason(dtype) is not None:
+        return None
+    lib = load_cpu_linear()
+    assert lib is not None
+    fns = {}
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib.cdll, f"memfit_{name}_{_SUFFIX[dtype]}")
+        fn.argtypes, fn.restype = argtypes, None
+        fns[name] = fn
+    return fns
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """A 2-D CPU tensor whose rows are contiguous (any row stride)."""
+    return t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
+
+
+class CpuDecodeOps(TorchOps):
+    """TorchOps whose methods run memfit's C++ kernels when they can (see the module docstring)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        fns = _functions(dtype)
+        if fns is None:
+            raise RuntimeError(f"memfit's CPU decode kernels are unavailable for {dtype}: "
+                               f"{unavailable_reason(dtype) or 'unsupported dtype'}")
+        self.dtype = dtype
+        self._fn = fns
+
+    @classmethod
+    def available(cls, dtype: torch.dtype) -> bool:
+        return _functions(dtype) is not None
+
+    def _takes(self, *ts: torch.Tensor) -> bool:
+        return all(t.dtype == self.dtype and t.device.type == "cpu" for t in ts) and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        if not (self._takes(x, weight) and _rows_ok(x) and weight.is_contiguous()
+                and (residual is None or (self._takes(residual) and _rows_ok(residual) and residual.shape == x.shape))):
+            return super().add_rms_norm(x, residual, weight, eps)
+        m, c = x.shape
+        y = torch.empty(m, c, dtype=x.dtype)  # (N, C)
+        if residual is None:
+            h, r_ptr, ldr, ro_ptr = x, None, 0, None
+        else:
+            h = torch.empty(m, c, dtype=x.dtype)  # the new residual stream
+            r_ptr, ldr, ro_ptr = residual.data_ptr(), residual.stride(0), h.data_ptr()
+        self._fn["rmsnorm"](x.data_ptr(), x.stride(0), r_ptr, ldr, ro_ptr, c, weight.data_ptr(), eps, y.data_ptr(),
+                            c, m, c)
+        return h, y
+
+    def rope(self, q, k, cos, sin_signed):
+        n, hq, d = q.shape
+        hkv = k.shape[1]
+        if not (self._takes(q, k, cos, sin_signed) and q.stride(2) == 1 and q.stride(1) == d and k.stride(2) == 1
+                and k.stride(1) == d and cos.is_contiguous() and sin_signed.is_contiguous() and d % 2 == 0):
+            return super().rope(q, k, cos, sin_signed)
+        # In place: q and k are this step's fresh projections (views into the q/k/v matmul output).
+        self._fn["rope"](q.data_ptr(), q.stride(0), hq, k.data_ptr(), k.stride(0), hkv, d, cos.data_ptr(),
+                         sin_signed.data_ptr(), d, n)
+        return q, k
+
+    def silu_mul(self, gate, up):
+        if not (self._takes(gate, up) and _rows_ok(gate) and _rows_ok(up) and gate.shape == up.shape):
+            return super().silu_mul(gate, up)
+        m, i = gate.shape
+        y = torch.empty(m, i, dtype=gate.dtype)
+        self._fn["silu_mul"](gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), y.data_ptr(), i, m, i)
+        return y
+
+    def can_attend(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Can `decode_attention` read this cache? k_cache: (S, Lmax, Hkv, D) with unit stride along D."""
+        return (self._takes(q, k_cache) and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+                and k_cache.dim() == 4 and k_cache.stride(3) == 1 and q.shape[2] in HEAD_DIMS
+                and q.shape[1] % k_cache.shape[2] == 0 and q.shape[1] // k_cache.shape[2] <= 64)
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                         lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+        """Row b of q (B, Hq, D) attends to positions [0, lens[b]) of cache slot slots[b] (the last `window`
+        of them if given). k_cache, v_cache: (S, Lmax, Hkv, D) strided views of one layer; slots, lens:
+        (B,) int64. -> (B, Hq, D)."""
+        b, hq, d = q.shape
+        out = torch.empty(b, hq, d, dtype=q.dtype)
+        ks = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
+        vs = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
+        self._fn["decode_attn"](q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(),
+                                vs.data_ptr(), slots.data_ptr(), lens.data_ptr(), b, hq, k_cache.shape[2], d,
+                                window or 0, scale, out.data_ptr(), hq * d, torch.get_num_threads())
+        return out

@@ -1,0 +1,121 @@
+"""CpuDecodeStack: a whole decode step of one or two sequences in one C++ call (cpu_decode_stack.cpp).
+
+The model runner uses it on a CPU for steps where every scheduled sequence decodes one token, when the
+engine runs memfit's row-major matmuls (cpu_linear "memfit": batches of at most 2) over the virtual KV cache.
+It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps, RowMajorLinear), so the two
+agree token for token (tested); the gain is the ~170 us per layer of Python glue it skips. Prefill, mixed
+steps and everything else stay on the PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from memfit.llm.kernels.build import load_cpu_linear
+from memfit.llm.kernels.decode import HEAD_DIMS
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_LAYER_FIELDS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2", "wg", "bg", "wu", "bu", "wd", "bd",
+                 "kcache", "vcache")
+MAX_ROWS = 2  # the row-major kernel's range (engine: AUTO_MEMFIT_MAX_SEQS)
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _P) for name in _LAYER_FIELDS]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("M", _I64), ("C", _I64), ("Hq", _I64), ("Hkv", _I64), ("D", _I64), ("I", _I64), ("window", _I64),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("nthreads", ctypes.c_int),
+                ("ks", _P), ("vs", _P), ("slots", _P), ("lens", _P), ("cos", _P), ("sin", _P), ("final_norm", _P)]
+
+
+def _linear_tensors(mod: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a plain or row-major linear with a contiguous (N, K) weight of `dtype`, else None."""
+    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    if not isinstance(w, torch.Tensor) or w.dtype != dtype or w.dim() != 2 or not w.is_contiguous():
+        return None
+    if b is not None and not b.is_contiguous():
+        return None
+    return w, b
+
+
+class CpuDecodeStack:
+    """Built once per engine; `run` does one decode step. `unsupported(model, kv)` says why it can't be built."""
+
+    @staticmethod
+    def unsupported(model, kv) -> str | None:
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.bfloat16, torch.float32) or next(model.parameters()).device.type != "cpu":
+            return "needs a bf16/fp32 model on the CPU"
+        if kv.strided(0) is None:
+            return "needs the virtual KV cache (sequences at a fixed stride)"
+        if cfg.head_dim not in HEAD_DIMS or cfg.num_attention_heads // cfg.num_key_value_heads > 64:
+            return f"head_dim {cfg.head_dim} is not one of {HEAD_DIMS}"
+        if load_cpu_linear() is None:
+            return "memfit's CPU kernels are unavailable"
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            if a.qkv_proj is not None or m.gate_up_proj is not None:
+                return "q/k/v or gate/up are fused"
+            for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                if _linear_tensors(mod, dtype) is None:
+                    return "a linear layer's weight is not a contiguous row-major matrix"
+        return None
+
+    def __init__(self, model, kv) -> None:
+        reason = self.unsupported(model, kv)
+        if reason is not None:
+            raise RuntimeError(f"memfit's CPU decode stack can't run this model: {reason}")
+        self.model, self.kv = model, kv
+        cfg = model.config
+        self.dtype = next(model.parameters()).dtype
+        lib = load_cpu_linear()
+        self._fn = getattr(lib.cdll, "memfit_decode_stack_" + ("bf16" if self.dtype == torch.bfloat16 else "f32"))
+        self._fn.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), ctypes.c_int, _P, _P]
+        self._fn.restype = None
+        layers = model.model.layers
+        self._layers = (_Layer * len(layers))()
+        self._keep = []  # every tensor whose pointer the C side holds
+        for i, layer in enumerate(layers):
+            a, m = layer.self_attn, layer.mlp
+            ptrs = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
+            for key, mod in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj), ("g", m.gate_proj),
+                             ("u", m.up_proj), ("d", m.down_proj)):
+                ptrs["w" + key], ptrs["b" + key] = _linear_tensors(mod, self.dtype)
+            ptrs["kcache"], ptrs["vcache"] = kv.strided(i)
+            for name, t in ptrs.items():
+                if t is not None:
+                    t = t if t.is_contiguous() or name.endswith("cache") else t.contiguous()
+                    self._keep.append(t)
+                    setattr(self._layers[i], name, t.data_ptr())
+        kc, vc = kv.strided(0)
+        self._ks = torch.tensor(kc.stride()[:3], dtype=torch.int64)
+        self._vs = torch.tensor(vc.stride()[:3], dtype=torch.int64)
+        norm = model.model.norm.weight.contiguous()
+        self._keep.append(norm)
+        s = self._step = _Step()
+        s.C, s.Hq, s.Hkv, s.D, s.I = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+        s.window, s.eps, s.scale = cfg.sliding_window or 0, cfg.rms_norm_eps, model.scale
+        s.ks, s.vs, s.final_norm = self._ks.data_ptr(), self._vs.data_ptr(), norm.data_ptr()
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, slots: list[int], lens: list[int]) -> torch.Tensor:
+        """One decode token per row: input_ids (M,), the rows' cache slots and lengths including the new
+        token (the KV manager's plan for this step has already made room) -> hidden states (M, C)."""
+        m = input_ids.shape[0]
+        x = self.model.model.embed_tokens(input_ids).contiguous()  # (M, C)
+        positions = torch.tensor(lens, dtype=torch.long) - 1
+        cos_t, sin_t = self.model.rotary.tables(x.device, self.dtype)
+        cos, sin = cos_t[positions].contiguous(), sin_t[positions].contiguous()  # (M, D)
+        slots_t = torch.tensor(slots, dtype=torch.int64)
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        out = torch.empty_like(x)
+        s = self._step
+        s.M, s.nthreads = m, torch.get_num_threads()
+        s.slots, s.lens, s.cos, s.sin = slots_t.data_ptr(), lens_t.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        self._fn(ctypes.byref(s), self._layers, len(self._layers), x.data_ptr(), out.data_ptr())
+        return out

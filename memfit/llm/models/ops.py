@@ -1,0 +1,35 @@
+"""The decoder's element-wise math (RMSNorm, rotary embedding, SwiGLU's product) as one swappable object.
+
+`TorchOps` is the reference, in PyTorch, and what training and autograd use. A model's modules call
+`self.ops.<op>`; the engine may swap in `memfit.llm.kernels.decode.CpuDecodeOps`, which runs the same math
+in memfit's C++ kernels on the CPU at inference time (and falls back to these methods for anything else).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchOps:
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = residual + x (h = x without a residual); returns (h, RMSNorm(h) * weight). x: (N, C)."""
+        h = x if residual is None else residual + x
+        # Normalise in float32 (as the reference implementation does), scale in the model dtype.
+        hf = h.float()
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        return h, weight * hf.to(h.dtype)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+             sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (N, Hq, D) and k (N, Hkv, D) by the step's (N, 1, D) tables. Rolling by D/2 swaps the
+        halves, [x2, x1]; times [-sin, sin] that is rotate_half(x) * sin."""
+        half = q.shape[-1] // 2
+        return q * cos + q.roll(half, -1) * sin_signed, k * cos + k.roll(half, -1) * sin_signed
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up, (N, I) each."""
+        return F.silu(gate) * up
+
+
+TORCH_OPS = TorchOps()
