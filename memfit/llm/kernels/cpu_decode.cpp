@@ -210,13 +210,73 @@ inline __m512 hsum16(const __m512* v) {
     return _mm512_permutexvar_ps(idx, r);
 }
 
-// dot(q, row) partial sums over D (16 lanes); q already in fp32 lanes, row in T.
-template <typename T, int DV>
-inline __m512 dot_lanes(const __m512* q, const T* row) {
-    __m512 a = _mm512_mul_ps(q[0], ld16(row));
-    _Pragma("GCC unroll 8")
-    for (int j = 1; j < DV; j++) a = _mm512_fmadd_ps(q[j], ld16(row + 16 * j), a);
-    return a;
+// Query row q (D elements) in registers, in the form `dot_lanes` multiplies a K row by: fp32 lanes, or for
+// bf16 the raw bf16 pairs, since AVX512-BF16's dot product (vdpbf16ps) takes K rows as stored, with no
+// conversion (q is bf16 already; the products are exact in fp32).
+template <typename T, int D>
+struct QRow;
+template <int D>
+struct QRow<float, D> {
+    __m512 v[D / 16];
+    void load(const float* q) {
+        for (int j = 0; j < D / 16; j++) v[j] = _mm512_loadu_ps(q + 16 * j);
+    }
+    __m512 dot_lanes(const float* row) const {  // partial sums of q . row in 16 lanes
+        __m512 a = _mm512_mul_ps(v[0], _mm512_loadu_ps(row));
+        _Pragma("GCC unroll 16")
+        for (int j = 1; j < D / 16; j++) a = _mm512_fmadd_ps(v[j], _mm512_loadu_ps(row + 16 * j), a);
+        return a;
+    }
+};
+template <int D>
+struct QRow<uint16_t, D> {
+    static_assert(D % 32 == 0, "bf16 rows are read 32 elements at a time");
+    __m512bh v[D / 32];
+    void load(const uint16_t* q) {
+        for (int j = 0; j < D / 32; j++) v[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
+    }
+    __m512 dot_lanes(const uint16_t* row) const {
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[0], (__m512bh)_mm512_loadu_si512(row));
+        _Pragma("GCC unroll 8")
+        for (int j = 1; j < D / 32; j++) a = _mm512_dpbf16_ps(a, v[j], (__m512bh)_mm512_loadu_si512(row + 32 * j));
+        return a;
+    }
+};
+
+// One V row as D/16 fp32 vectors. bf16: each 32-element load splits into its even elements (shifted up)
+// and its odd ones (masked): two instructions per 32 instead of three per 16. The lanes are then
+// de-interleaved (vector 2j = even elements of block j, 2j+1 = odd), which `store_out` undoes.
+template <int D>
+inline void v_lanes(const float* row, __m512* vv) {
+    for (int j = 0; j < D / 16; j++) vv[j] = _mm512_loadu_ps(row + 16 * j);
+}
+template <int D>
+inline void v_lanes(const uint16_t* row, __m512* vv) {
+    for (int j = 0; j < D / 32; j++) {
+        const __m512i x = _mm512_loadu_si512(row + 32 * j);
+        vv[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        vv[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+}
+template <int D>
+inline void store_out(float* dst, const __m512* o, float inv) {
+    for (int j = 0; j < D / 16; j++) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
+}
+template <int D>
+inline void store_out(uint16_t* dst, const __m512* o, float inv) {
+    alignas(64) float ev[16], od[16];
+    for (int j = 0; j < D / 32; j++) {
+        _mm512_store_ps(ev, _mm512_mul_ps(o[2 * j], _mm512_set1_ps(inv)));
+        _mm512_store_ps(od, _mm512_mul_ps(o[2 * j + 1], _mm512_set1_ps(inv)));
+        for (int e = 0; e < 16; e++) dst[32 * j + 2 * e] = to_bf16(ev[e]), dst[32 * j + 2 * e + 1] = to_bf16(od[e]);
+    }
+}
+
+// Prefetch one head row (D elements) into L1. Prefetches never fault, so reading ahead past a sequence's
+// end is harmless.
+template <typename T, int D>
+inline void prefetch_row(const T* p) {
+    for (int i = 0; i < (int)(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
 }
 
 template <typename T, int D>
@@ -225,26 +285,28 @@ void attend_group(const T* q, const T* kb, int64_t kstep, const T* vb, int64_t v
     constexpr int DV = D / 16;
     constexpr int GC = DV <= 2 ? 8 : DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // query heads whose outputs stay in registers in the V pass
     sc.resize((size_t)G * (size_t)std::max<int64_t>(L, 1));
+    for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<T, D>(kb + i * kstep), prefetch_row<T, D>(vb + i * vstep);
     float inv[64];
     for (int g = 0; g < G; g++) {
-        __m512 qv[DV];
-        _Pragma("GCC unroll 8")
-        for (int j = 0; j < DV; j++) qv[j] = ld16(q + (int64_t)g * D + 16 * j);
+        QRow<T, D> qr;
+        qr.load(q + (int64_t)g * D);
         float* s = sc.data() + (size_t)g * L;
         const __m512 sv = _mm512_set1_ps(scale);
         __m512 mx = _mm512_set1_ps(-INFINITY);
         int64_t t = 0;
         for (; t + 16 <= L; t += 16) {
+            if (g == 0)  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
+                for (int i = 0; i < 16; i++) prefetch_row<T, D>(kb + (t + 16 + i) * kstep);
             __m512 acc[16];
             _Pragma("GCC unroll 16")
-            for (int i = 0; i < 16; i++) acc[i] = dot_lanes<T, DV>(qv, kb + (t + i) * kstep);
+            for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(kb + (t + i) * kstep);
             const __m512 r = _mm512_mul_ps(hsum16(acc), sv);
             _mm512_storeu_ps(s + t, r);
             mx = _mm512_max_ps(mx, r);
         }
         float m = _mm512_reduce_max_ps(mx);
         for (; t < L; t++) {
-            const float r = _mm512_reduce_add_ps(dot_lanes<T, DV>(qv, kb + t * kstep)) * scale;
+            const float r = _mm512_reduce_add_ps(qr.dot_lanes(kb + t * kstep)) * scale;
             s[t] = r;
             m = std::max(m, r);
         }
@@ -269,28 +331,21 @@ void attend_group(const T* q, const T* kb, int64_t kstep, const T* vb, int64_t v
         __m512 o[GC][DV];
         _Pragma("GCC unroll 8")
         for (int g = 0; g < GC; g++)
-            _Pragma("GCC unroll 8")
+            _Pragma("GCC unroll 16")
             for (int j = 0; j < DV; j++) o[g][j] = _mm512_setzero_ps();
         for (int64_t t = 0; t < L; t++) {
-            const T* vr = vb + t * vstep;
+            if (g0 == 0) prefetch_row<T, D>(vb + (t + 16) * vstep);
             __m512 vv[DV];
-            _Pragma("GCC unroll 8")
-            for (int j = 0; j < DV; j++) vv[j] = ld16(vr + 16 * j);
+            v_lanes<D>(vb + t * vstep, vv);
             _Pragma("GCC unroll 8")
             for (int g = 0; g < GC; g++) {
                 if (g >= gn) break;
                 const __m512 p = _mm512_set1_ps(sc[(size_t)(g0 + g) * L + t]);
-                _Pragma("GCC unroll 8")
+                _Pragma("GCC unroll 16")
                 for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
             }
         }
-        alignas(64) float tmp[16];
-        for (int g = 0; g < gn; g++)
-            for (int j = 0; j < DV; j++) {
-                _mm512_store_ps(tmp, _mm512_mul_ps(o[g][j], _mm512_set1_ps(inv[g0 + g])));
-                T* dst = out + (int64_t)(g0 + g) * D + 16 * j;
-                for (int e = 0; e < 16; e++) st(dst + e, tmp[e]);
-            }
+        for (int g = 0; g < gn; g++) store_out<D>(out + (int64_t)(g0 + g) * D, o[g], inv[g0 + g]);
     }
 }
 
