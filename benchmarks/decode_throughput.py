@@ -161,7 +161,7 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
     ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"])
-    ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "memfit", "onednn"],
+    ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "blocked", "memfit", "onednn"],
                     help="CPU linear backend(s); several are measured side by side, interleaved rep by rep")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()

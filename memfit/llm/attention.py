@@ -200,18 +200,25 @@ class CachedAttention:
         return self._decode_lens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        n = self.num_real
-        self.kv.write(layer, self.plan, k[:n], v[:n])
+        n, b = self.num_real, self.num_decode
         out = torch.empty_like(q)
         if q.shape[0] > n:
             out[n:] = 0  # padding rows (see ModelRunner): attend to nothing
         first = 0
         if self.kernels is not None:
-            b = self.num_decode
             kc, vc = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
             if self.kernels.can_attend(q[:b], kc):
-                out[:b] = self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window)
+                rows_ok = k.stride() == v.stride() and k.stride(2) == 1 and k.stride(1) == k.shape[2]
+                if b == len(self.steps) and rows_ok:  # a pure decode step: the kernel writes the new K/V itself
+                    self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window,
+                                                  k[:b], v[:b], out=out[:b])
+                    return out
+                self.kv.write(layer, self.plan, k[:n], v[:n])
+                self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window,
+                                              out=out[:b])
                 first = b
+        if first == 0:
+            self.kv.write(layer, self.plan, k[:n], v[:n])
         if first == 0 and self.decode_plan is not None:
             kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
             b = self.num_decode

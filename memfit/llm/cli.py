@@ -17,12 +17,14 @@ def _engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--kv-budget", default=None, help="KV memory: bytes ('512MiB') or a fraction of free memory ('0.3')")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
-                   help=f"sequences decoded at once (default {max_num_seqs}; 1-2 also selects memfit's batch-1 CPU kernel)")
+                   help=f"sequences decoded at once (default {max_num_seqs})")
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
     g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
-    g.add_argument("--cpu-linear", default="auto", choices=["auto", "memfit", "onednn"],
-                   help="CPU decode matmuls: memfit's row-major kernel, oneDNN on packed weights, or auto (docs/engine.md)")
+    g.add_argument("--cpu-linear", default="auto", choices=["auto", "blocked", "memfit", "onednn"],
+                   help="CPU matmuls: memfit's kernel on packed weights (blocked), its row-major kernel on the mapped checkpoint (memfit), oneDNN, or auto = blocked where it runs (docs/engine.md)")
+    g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -53,7 +55,7 @@ def make_engine(args):
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, timeline=args.timeline, threads=args.threads,
-        kv_layout=args.kv_layout, cpu_linear=args.cpu_linear,
+        kv_layout=args.kv_layout, cpu_linear=args.cpu_linear, cpu_kernels=args.cpu_kernels,
     ))
 
 

@@ -51,8 +51,8 @@ class EngineConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: a decode-speed linear backend (cpu_linear); False = plain F.linear
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn)
-    cpu_linear: str = "auto"  # CPU linears: memfit (row-major kernel) | onednn (packed) | auto (memfit when
-    # max_num_seqs <= 2, where it is fastest, else onednn); see docs/engine.md
+    cpu_linear: str = "auto"  # CPU linears: blocked (memfit's packed kernel) | memfit (row-major, zero-copy) |
+    # onednn (packed) | auto (blocked where it runs); see _cpu_linear_backend and docs/engine.md
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
 
     def resolved_device(self) -> torch.device:
@@ -61,22 +61,28 @@ class EngineConfig:
         return torch.device(self.device)
 
 
-CPU_LINEARS = ("auto", "memfit", "onednn")
-# "auto" picks memfit's row-major kernel when no decode step can batch more rows than this: measured
-# (benchmarks/decode_throughput.py, docs/engine.md) it beats packed oneDNN by ~1.6x at batch 1 but loses
-# ~25% at batch 8, and one weight is never held in both layouts.
+CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")
+# Without memfit's blocked kernel, "auto" picks the row-major one when no decode step can batch more rows than
+# this: it beats packed oneDNN by ~1.6x at batch 1 but loses ~25% at batch 8 (benchmarks/decode_throughput.py).
 AUTO_MEMFIT_MAX_SEQS = 2
 
 
 def _cpu_linear_backend(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Which CPU linear backend the engine uses: memfit's row-major kernel, oneDNN packing, or None
-    (plain F.linear: a GPU, prepack=False, or neither available). "memfit" falls back to oneDNN when the
-    kernel can't be built or run here (the reason is logged); "auto" is "memfit" for engines that decode
-    at most AUTO_MEMFIT_MAX_SEQS sequences at once, else "onednn"."""
+    """Which CPU linear backend the engine uses: "blocked" (memfit's kernel on weights packed once: the fastest
+    at 1-32 rows, benchmarks/blocked_linear.py), "memfit" (memfit's row-major kernel on the checkpoint's own
+    mapped weights, no copy), "onednn" (PyTorch's oneDNN on prepacked weights), or None (plain F.linear: a
+    GPU, prepack=False, or none available). A memfit kernel that can't be built or run here falls back to
+    oneDNN (the reason is logged); "auto" = "blocked", else as "memfit" for engines that decode at most
+    AUTO_MEMFIT_MAX_SEQS sequences at once, else "onednn"."""
     if config.cpu_linear not in CPU_LINEARS:
         raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {config.cpu_linear!r}")
     if device.type != "cpu" or not config.prepack:
         return None
+    if config.cpu_linear in ("auto", "blocked"):
+        from memfit.llm.kernels.blocked import can_use_blocked
+
+        if can_use_blocked(dtype):
+            return "blocked"
     want_memfit = config.cpu_linear == "memfit" or (config.cpu_linear == "auto" and config.max_num_seqs <= AUTO_MEMFIT_MAX_SEQS)
     if want_memfit:
         from memfit.llm.kernels.linear import can_use_row_major
@@ -115,7 +121,12 @@ class LLMEngine:
             from memfit.llm.models.fusion import fuse_projections
 
             self.num_fused_layers = fuse_projections(self.model)
-        if self.cpu_linear == "memfit":
+        self.num_blocked_linears = 0
+        if self.cpu_linear == "blocked":
+            from memfit.llm.kernels.blocked import use_blocked_linears
+
+            self.num_blocked_linears = use_blocked_linears(self.model)
+        if self.cpu_linear in ("blocked", "memfit"):  # "blocked" leaves a tied lm_head: row-major, no copy
             from memfit.llm.kernels.linear import use_row_major_linears
 
             self.num_row_major_linears = use_row_major_linears(self.model)
@@ -146,7 +157,7 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
         )
         self.runner = ModelRunner(self.model, self.kv, self.device)
-        if self.cpu_kernels and self.cpu_linear == "memfit":  # whole decode steps in one C++ call
+        if self.cpu_kernels and self.cpu_linear in ("blocked", "memfit"):  # whole decode steps in one C++ call
             from memfit.llm.kernels.stack import CpuDecodeStack
 
             if CpuDecodeStack.unsupported(self.model, self.kv) is None:

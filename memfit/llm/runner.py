@@ -39,7 +39,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(model.ops)
         self.workspace = Workspace()  # decode attention's K/V copies reuse this memory across layers and steps
         self._slot_of = getattr(kv, "slot_of", None)
         self.stack = None  # memfit.llm.kernels.stack.CpuDecodeStack, set by the engine where it can run
@@ -56,7 +56,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
         ordered, num_decode = self._order(scheduled)
-        if (self.stack is not None and num_decode == len(ordered) <= self.stack_rows
+        if (self.stack is not None and num_decode == len(ordered) <= self.stack.max_rows
                 and all(item.samples for item in ordered)):
             return self._execute_stack(ordered)
         input_ids: list[int] = []
@@ -98,7 +98,7 @@ class ModelRunner:
         return StepResult(sampled, tokens.tolist(), logprobs)
 
     def _execute_stack(self, ordered: list[ScheduledSeq]) -> StepResult:
-        """A pure decode step of at most `stack_rows` sequences through the CPU decode stack (one C++ call)."""
+        """A pure decode step of at most `stack.max_rows` sequences through the CPU decode stack (one C++ call)."""
         seqs = [item.seq for item in ordered]
         steps = [SeqStep(s.seq_id, s.num_computed, 1) for s in seqs]
         plan = self.kv.plan_step(steps)  # validates capacity and records the new tokens as held
@@ -107,9 +107,3 @@ class ModelRunner:
         for s in seqs:
             s.num_computed += 1
         return self._sample(self.model.compute_logits(hidden), seqs)
-
-    @property
-    def stack_rows(self) -> int:
-        from memfit.llm.kernels.stack import MAX_ROWS
-
-        return MAX_ROWS

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memfit.llm.models.ops import TORCH_OPS, TorchOps
+
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 # Below this a temperature only amplifies rounding error (logits / 1e-9 overflows float32 softmax), and
@@ -134,6 +136,9 @@ class Sampler:
     # First width of the candidate search for top-k / top-p; widened 4x while a nucleus may extend past it.
     first_candidates: int = 256
 
+    def __init__(self, ops: TorchOps = TORCH_OPS) -> None:
+        self.ops = ops  # its `argmax` picks greedy batches (memfit's CPU kernel where the engine runs them)
+
     def sample(
         self,
         logits: torch.Tensor,
@@ -149,10 +154,8 @@ class Sampler:
             raise ValueError(f"got {B} logit rows, {len(params)} params and {len(generators)} generators")
         if all(p.greedy and p.logprobs is None for p in params):
             # The max in the model's dtype picks the same token as in fp32 (widening is exact and keeps the
-            # order; ties go to the first index either way) and skips converting a (B, V) tensor. `max(dim)`,
-            # not `argmax`: on a CPU bf16 argmax is 4x slower (benchmarks/decode_ops.py: 3.66 vs 0.85 ms for
-            # 32 x 32000; widening to float32 first: 0.94 ms).
-            return logits.max(dim=-1).indices, [None] * B
+            # order; ties go to the first index either way) and skips converting a (B, V) tensor.
+            return self.ops.argmax(logits), [None] * B
         logits = logits.float()  # (B, V) fp32: bf16 cumsums over 100k+ tokens lose too much precision
 
         greedy, filtered, plain = [], [], []

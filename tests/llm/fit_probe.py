@@ -21,9 +21,9 @@ from memfit.llm.sampling import SamplingParams
 from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
-def run(path: Path, batch: int, ctx: int, prepack: bool) -> LLMEngine:
+def run(path: Path, batch: int, ctx: int, prepack: bool, cpu_linear: str = "auto") -> LLMEngine:
     engine = LLMEngine(EngineConfig(model=str(path), kv_budget="2GiB", max_num_seqs=batch, max_model_len=ctx,
-                                    prepack=prepack, max_num_batched_tokens=512))
+                                    prepack=prepack, max_num_batched_tokens=512, cpu_linear=cpu_linear))
     params = SamplingParams(max_tokens=ctx // 2, temperature=0, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(prompt_token_ids=list(range(1, ctx // 2 + 1)), params=params)
@@ -39,15 +39,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--prepack", type=int, default=1)
+    ap.add_argument("--cpu-linear", default="auto")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    warm = run(Path(a.warmup_model), a.batch, a.context, bool(a.prepack))
+    warm = run(Path(a.warmup_model), a.batch, a.context, bool(a.prepack), a.cpu_linear)
     warm.close()
     del warm
     gc.collect()
     base = rss_bytes()
     reset_peak_rss()
-    engine = run(Path(a.model), a.batch, a.context, bool(a.prepack))
+    engine = run(Path(a.model), a.batch, a.context, bool(a.prepack), a.cpu_linear)
     measured = peak_rss_bytes() - base
     b = predict(ModelConfig.from_dir(a.model), engine.dtype, a.context, a.batch, 512)
     print(json.dumps({"measured_bytes": measured, "predicted_bytes": b.total_bytes, **b.to_dict()}))

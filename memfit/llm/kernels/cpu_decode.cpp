@@ -350,15 +350,19 @@ void attend_group(const T* q, const T* kb, int64_t kstep, const T* vb, int64_t v
 }
 
 template <typename T, int D>
-void decode_attention(const T* q, int64_t ldq, const T* k, const T* v, const int64_t* ks, const int64_t* vs,
+void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
                       const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int64_t window,
-                      float scale, T* out, int64_t ldo, int nthreads) {
+                      float scale, T* out, int64_t ldo, const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
     const int G = Hq / Hkv;
     const int64_t items = B * Hkv;
     auto work = [&](int64_t i, std::vector<float>& sc) {
         const int h = (int)(i % Hkv);
         const int64_t b = i / Hkv;
         const int64_t t1 = lens[b], t0 = window > 0 ? std::max<int64_t>(0, t1 - window) : 0;
+        if (k_new) {  // this row's new token, head h, into the cache first (each item writes only its own head)
+            memcpy(k + slots[b] * ks[0] + (t1 - 1) * ks[1] + h * ks[2], k_new + b * ldn + (int64_t)h * D, D * sizeof(T));
+            memcpy(v + slots[b] * vs[0] + (t1 - 1) * vs[1] + h * vs[2], v_new + b * ldn + (int64_t)h * D, D * sizeof(T));
+        }
         const T* kb = k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2];
         const T* vb = v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2];
         const int64_t head0 = (int64_t)h * G;
@@ -381,11 +385,11 @@ void decode_attention(const T* q, int64_t ldq, const T* k, const T* v, const int
 
 // D in HEAD_DIMS (the caller checks); G <= 64.
 template <typename T>
-void decode_attention_any(const T* q, int64_t ldq, const T* k, const T* v, const int64_t* ks, const int64_t* vs,
+void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
                           const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int D, int64_t window,
-                          float scale, T* out, int64_t ldo, int nthreads) {
+                          float scale, T* out, int64_t ldo, const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
 #define MEMFIT_ATTN_CASE(DIM) \
-    case DIM: decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, nthreads); break;
+    case DIM: decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, k_new, v_new, ldn, nthreads); break;
     switch (D) {  // keep in step with HEAD_DIMS in kernels/decode.py
         MEMFIT_ATTN_CASE(32)
         MEMFIT_ATTN_CASE(64)
@@ -395,6 +399,44 @@ void decode_attention_any(const T* q, int64_t ldq, const T* k, const T* v, const
         default: break;
     }
 #undef MEMFIT_ATTN_CASE
+}
+
+// ---- greedy argmax ---------------------------------------------------------------------------------------
+// Per lane the largest value and the first index holding it (strict >), then the smallest index among the
+// lanes that hold the row maximum: the first index among ties overall, as torch.max / argmax give.
+template <typename T>
+void argmax_rows(const T* x, int64_t ldx, int64_t M, int64_t N, int64_t* out) {
+    for (int64_t m = 0; m < M; m++) {
+        const T* r = x + m * ldx;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i bidx = idx;  // a lane that never sees more than -inf keeps its first index
+        const __m512i step = _mm512_set1_epi32(16);
+        int64_t n = 0;
+        for (; n + 16 <= N && N < ((int64_t)1 << 31); n += 16) {
+            const __m512 v = ld16(r + n);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            bidx = _mm512_mask_mov_epi32(bidx, gt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        float mv = -INFINITY;
+        int64_t mi = 0;
+        if (n > 0) {
+            alignas(64) float bv[16];
+            alignas(64) int32_t bi[16];
+            _mm512_store_ps(bv, best);
+            _mm512_store_si512(bi, bidx);
+            mv = bv[0], mi = bi[0];
+            for (int l = 1; l < 16; l++)
+                if (bv[l] > mv || (bv[l] == mv && bi[l] < mi)) mv = bv[l], mi = bi[l];
+        }
+        for (; n < N; n++) {  // the tail (and rows too long for 32-bit lanes): strict >, so ties keep the first
+            const float v = ld(r + n);
+            if (v > mv) mv = v, mi = n;
+        }
+        out[m] = mi;
+    }
 }
 
 }  // namespace memfit_decode
@@ -434,15 +476,22 @@ void memfit_silu_mul_f32(const float* g, int64_t ldg, const float* u, int64_t ld
     silu_mul(g, ldg, u, ldu, y, ldy, M, I);
 }
 
-void memfit_decode_attn_bf16(const uint16_t* q, int64_t ldq, const uint16_t* k, const uint16_t* v, const int64_t* ks,
+// k_new/v_new (optional, row stride ldn): each row's new token's K/V, written to position lens[b] - 1 first.
+void memfit_decode_attn_bf16(const uint16_t* q, int64_t ldq, uint16_t* k, uint16_t* v, const int64_t* ks,
                              const int64_t* vs, const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv,
-                             int D, int64_t window, float scale, uint16_t* out, int64_t ldo, int nthreads) {
-    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, nthreads);
+                             int D, int64_t window, float scale, uint16_t* out, int64_t ldo, const uint16_t* k_new,
+                             const uint16_t* v_new, int64_t ldn, int nthreads) {
+    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, k_new, v_new, ldn, nthreads);
 }
-void memfit_decode_attn_f32(const float* q, int64_t ldq, const float* k, const float* v, const int64_t* ks,
+void memfit_decode_attn_f32(const float* q, int64_t ldq, float* k, float* v, const int64_t* ks,
                             const int64_t* vs, const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv,
-                            int D, int64_t window, float scale, float* out, int64_t ldo, int nthreads) {
-    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, nthreads);
+                            int D, int64_t window, float scale, float* out, int64_t ldo, const float* k_new,
+                            const float* v_new, int64_t ldn, int nthreads) {
+    decode_attention_any(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, D, window, scale, out, ldo, k_new, v_new, ldn, nthreads);
 }
+
+// Greedy pick: out[m] = the index of row m's largest value, the first among ties.
+void memfit_argmax_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t N, int64_t* out) { argmax_rows(x, ldx, M, N, out); }
+void memfit_argmax_f32(const float* x, int64_t ldx, int64_t M, int64_t N, int64_t* out) { argmax_rows(x, ldx, M, N, out); }
 
 }  // extern "C"

@@ -1,9 +1,9 @@
-// A whole decode step through every decoder layer in one call: memfit's CPU fast path for batches of one or
-// two sequences, where the row-major matmul kernel is fastest (cpu_linear.cpp).
+// A whole decode step through every decoder layer in one call: memfit's CPU fast path for decode batches,
+// over weights held by either of memfit's matmul kernels (cpu_blocked.cpp, or cpu_linear.cpp's row-major one).
 //
 // Why: at batch 1 the model's matmuls read the weights at ~90% of the machine's bandwidth, and what is left
 // of a 0.1B model's step is the ~15 PyTorch calls per layer between them (~170 us per layer of Python and
-// dispatch, measured: 2 of an 11 ms step). This file composes the same kernels the PyTorch path calls one by
+// dispatch, measured: 2 of an 11 ms step); larger batches pay the same glue once per step. This file composes the same kernels the PyTorch path calls one by
 // one (cpu_decode.cpp, cpu_linear.cpp), in the same order with the same rounding, so both paths give the
 // same tokens; it only removes the glue. Layer l:
 //   residual, h = add_rms_norm(x, residual)      (layer 0: residual = x)
@@ -11,15 +11,18 @@
 //   x = attention(q, cache) Wo^T + bo;  residual, h = add_rms_norm(x, residual)
 //   x = (silu(h Wg^T + bg) * (h Wu^T + bu)) Wd^T + bd
 // and the output is rms_norm(x + residual) with the final norm's weight.
+#include <stddef.h>
 #include <stdint.h>
-#include <string.h>
-
 #include <vector>
 
 extern "C" {
 void memfit_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t,
                         int64_t, int);
 void memfit_linear_f32(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int);
+int memfit_blocked_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t,
+                               int64_t, int64_t, int64_t, int);
+int memfit_blocked_linear_f32(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int);
 void memfit_rmsnorm_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, const uint16_t*, float,
                          uint16_t*, int64_t, int64_t, int64_t);
 void memfit_rmsnorm_f32(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*, float, float*,
@@ -29,11 +32,12 @@ void memfit_rope_bf16(uint16_t*, int64_t, int, uint16_t*, int64_t, int, int, con
 void memfit_rope_f32(float*, int64_t, int, float*, int64_t, int, int, const float*, const float*, int64_t, int64_t);
 void memfit_silu_mul_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, int64_t, int64_t);
 void memfit_silu_mul_f32(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t);
-void memfit_decode_attn_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, const int64_t*, const int64_t*,
+void memfit_decode_attn_bf16(const uint16_t*, int64_t, uint16_t*, uint16_t*, const int64_t*, const int64_t*,
                              const int64_t*, const int64_t*, int64_t, int, int, int, int64_t, float, uint16_t*, int64_t,
-                             int);
-void memfit_decode_attn_f32(const float*, int64_t, const float*, const float*, const int64_t*, const int64_t*,
-                            const int64_t*, const int64_t*, int64_t, int, int, int, int64_t, float, float*, int64_t, int);
+                             const uint16_t*, const uint16_t*, int64_t, int);
+void memfit_decode_attn_f32(const float*, int64_t, float*, float*, const int64_t*, const int64_t*, const int64_t*,
+                            const int64_t*, int64_t, int, int, int, int64_t, float, float*, int64_t, const float*,
+                            const float*, int64_t, int);
 }
 
 namespace memfit_stack {
@@ -43,6 +47,7 @@ struct Api;
 template <>
 struct Api<uint16_t> {
     static constexpr auto linear = memfit_linear_bf16;
+    static constexpr auto blocked = memfit_blocked_linear_bf16;
     static constexpr auto rmsnorm = memfit_rmsnorm_bf16;
     static constexpr auto rope = memfit_rope_bf16;
     static constexpr auto silu_mul = memfit_silu_mul_bf16;
@@ -51,6 +56,7 @@ struct Api<uint16_t> {
 template <>
 struct Api<float> {
     static constexpr auto linear = memfit_linear_f32;
+    static constexpr auto blocked = memfit_blocked_linear_f32;
     static constexpr auto rmsnorm = memfit_rmsnorm_f32;
     static constexpr auto rope = memfit_rope_f32;
     static constexpr auto silu_mul = memfit_silu_mul_f32;
@@ -71,6 +77,7 @@ struct MemfitStep {
     int64_t M, C, Hq, Hkv, D, I, window;  // rows; hidden; heads; KV heads; head dim; MLP width; 0 = no window
     float eps, scale;
     int nthreads;
+    int64_t blocked_nb;          // 0: weights row-major (N, K) for cpu_linear.cpp; else packed by cpu_blocked.cpp
     const int64_t *ks, *vs;      // cache strides (slot, token, head), in elements
     const int64_t *slots, *lens;  // (M,): each row's cache slot, and its length including the new token
     const void *cos, *sin;       // (M, D) rotary rows at each row's position (sin with rotate-half's sign)
@@ -80,6 +87,15 @@ struct MemfitStep {
 }  // extern "C"
 
 namespace memfit_stack {
+
+// y (M, N) = x (M, K) W^T + b through whichever kernel holds the model's weights.
+template <typename T>
+inline void matmul(const MemfitStep* s, const T* x, int64_t ldx, const void* w, const void* b, T* y, int64_t N, int64_t K) {
+    if (s->blocked_nb)
+        Api<T>::blocked(x, ldx, (const T*)w, (const T*)b, y, N, s->M, N, K, s->blocked_nb, s->nthreads);
+    else
+        Api<T>::linear(x, ldx, (const T*)w, (const T*)b, y, N, s->M, N, K, s->nthreads);
+}
 
 template <typename T>
 void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* out) {
@@ -103,27 +119,19 @@ void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* o
         const MemfitLayer& L = layers[l];
         // residual (+)= x, h = norm(residual): rmsnorm reads a whole row before it writes r_out, so in place is safe
         A::rmsnorm(cur, C, l ? resid : nullptr, C, resid, C, (const T*)L.ln1, s->eps, h, C, M, C);
-        A::linear(h, C, (const T*)L.wq, (const T*)L.bq, q, QD, M, QD, C, s->nthreads);
-        A::linear(h, C, (const T*)L.wk, (const T*)L.bk, k, KD, M, KD, C, s->nthreads);
-        A::linear(h, C, (const T*)L.wv, (const T*)L.bv, v, KD, M, KD, C, s->nthreads);
+        matmul<T>(s, h, C, L.wq, L.bq, q, QD, C);
+        matmul<T>(s, h, C, L.wk, L.bk, k, KD, C);
+        matmul<T>(s, h, C, L.wv, L.bv, v, KD, C);
         A::rope(q, QD, (int)Hq, k, KD, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
-        T* kc = (T*)L.kcache;
-        T* vc = (T*)L.vcache;
-        for (int64_t m = 0; m < M; m++) {  // the new token's K/V rows into the cache
-            const int64_t t = s->lens[m] - 1;
-            for (int64_t hh = 0; hh < Hkv; hh++) {
-                memcpy(kc + s->slots[m] * s->ks[0] + t * s->ks[1] + hh * s->ks[2], k + m * KD + hh * D, D * sizeof(T));
-                memcpy(vc + s->slots[m] * s->vs[0] + t * s->vs[1] + hh * s->vs[2], v + m * KD + hh * D, D * sizeof(T));
-            }
-        }
-        A::attn(q, QD, kc, vc, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D, s->window, s->scale, att,
-                QD, s->nthreads);
-        A::linear(att, QD, (const T*)L.wo, (const T*)L.bo, xx, C, M, C, QD, s->nthreads);
+        // The new token's K/V rows go into the cache inside the attention call (k, v: row stride KD).
+        A::attn(q, QD, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
+                s->window, s->scale, att, QD, k, v, KD, s->nthreads);
+        matmul<T>(s, att, QD, L.wo, L.bo, xx, C, QD);
         A::rmsnorm(xx, C, resid, C, resid, C, (const T*)L.ln2, s->eps, h, C, M, C);
-        A::linear(h, C, (const T*)L.wg, (const T*)L.bg, g, I, M, I, C, s->nthreads);
-        A::linear(h, C, (const T*)L.wu, (const T*)L.bu, u, I, M, I, C, s->nthreads);
+        matmul<T>(s, h, C, L.wg, L.bg, g, I, C);
+        matmul<T>(s, h, C, L.wu, L.bu, u, I, C);
         A::silu_mul(g, I, u, I, act, I, M, I);
-        A::linear(act, I, (const T*)L.wd, (const T*)L.bd, xx, C, M, C, I, s->nthreads);
+        matmul<T>(s, act, I, L.wd, L.bd, xx, C, I);
         cur = xx;
     }
     A::rmsnorm(cur, C, nlayers ? resid : nullptr, C, nullptr, C, (const T*)s->final_norm, s->eps, out, C, M, C);

@@ -24,7 +24,8 @@ _SIGNATURES = {
     "rmsnorm": [_P, _I64, _P, _I64, _P, _I64, _P, _F32, _P, _I64, _I64, _I64],
     "rope": [_P, _I64, _I32, _P, _I64, _I32, _I32, _P, _P, _I64, _I64],
     "silu_mul": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64],
-    "decode_attn": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _F32, _P, _I64, _I32],
+    "decode_attn": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _F32, _P, _I64, _P, _P, _I64, _I32],
+    "argmax": [_P, _I64, _I64, _I64, _P],
 }
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 HEAD_DIMS = (32, 64, 96, 128, 256)  # head sizes the attention kernel is compiled for (cpu_decode.cpp)
@@ -108,15 +109,34 @@ class CpuDecodeOps(TorchOps):
                 and q.shape[1] % k_cache.shape[2] == 0 and q.shape[1] // k_cache.shape[2] <= 64)
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                         lens: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+                         lens: torch.Tensor, scale: float, window: int | None = None, k_new: torch.Tensor | None = None,
+                         v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Row b of q (B, Hq, D) attends to positions [0, lens[b]) of cache slot slots[b] (the last `window`
         of them if given). k_cache, v_cache: (S, Lmax, Hkv, D) strided views of one layer; slots, lens:
-        (B,) int64. -> (B, Hq, D)."""
+        (B,) int64. k_new, v_new (optional, (B, Hkv, D)): each row's new token, written at lens[b] - 1 first.
+        out: (B, Hq, D) to write into (rows contiguous), else a new tensor. -> out."""
         b, hq, d = q.shape
-        out = torch.empty(b, hq, d, dtype=q.dtype)
+        hkv = k_cache.shape[2]
+        if out is None:
+            out = torch.empty(b, hq, d, dtype=q.dtype)
+        assert out.stride(2) == 1 and out.stride(1) == d
         ks = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
         vs = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
+        kn = vn = None
+        ldn = 0
+        if k_new is not None:
+            assert v_new is not None and k_new.shape == v_new.shape == (b, hkv, d) and k_new.stride() == v_new.stride()
+            assert k_new.stride(2) == 1 and k_new.stride(1) == d
+            kn, vn, ldn = k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0)
         self._fn["decode_attn"](q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(),
-                                vs.data_ptr(), slots.data_ptr(), lens.data_ptr(), b, hq, k_cache.shape[2], d,
-                                window or 0, scale, out.data_ptr(), hq * d, torch.get_num_threads())
+                                vs.data_ptr(), slots.data_ptr(), lens.data_ptr(), b, hq, hkv, d, window or 0, scale,
+                                out.data_ptr(), out.stride(0), kn, vn, ldn, torch.get_num_threads())
+        return out
+
+    def argmax(self, logits):
+        if not (logits.dtype == self.dtype and _rows_ok(logits)):
+            return super().argmax(logits)
+        m, n = logits.shape
+        out = torch.empty(m, dtype=torch.int64)
+        self._fn["argmax"](logits.data_ptr(), logits.stride(0), m, n, out.data_ptr())
         return out

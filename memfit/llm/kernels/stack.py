@@ -1,10 +1,10 @@
-"""CpuDecodeStack: a whole decode step of one or two sequences in one C++ call (cpu_decode_stack.cpp).
+"""CpuDecodeStack: a whole decode step through every layer in one C++ call (cpu_decode_stack.cpp).
 
 The model runner uses it on a CPU for steps where every scheduled sequence decodes one token, when the
-engine runs memfit's row-major matmuls (cpu_linear "memfit": batches of at most 2) over the virtual KV cache.
-It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps, RowMajorLinear), so the two
-agree token for token (tested); the gain is the ~170 us per layer of Python glue it skips. Prefill, mixed
-steps and everything else stay on the PyTorch path.
+engine holds its weights in one of memfit's matmul kernels (cpu_linear "blocked", or "memfit" = row-major)
+over the virtual KV cache. It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps,
+BlockedLinear / RowMajorLinear), so the two agree token for token (tested); the gain is the ~170 us per
+layer of Python glue it skips. Prefill, mixed steps and everything else stay on the PyTorch path.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from memfit.llm.kernels.decode import HEAD_DIMS
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _LAYER_FIELDS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2", "wg", "bg", "wu", "bu", "wd", "bd",
                  "kcache", "vcache")
-MAX_ROWS = 2  # the row-major kernel's range (engine: AUTO_MEMFIT_MAX_SEQS)
+ROW_MAJOR_MAX_ROWS = 2  # the row-major kernel loses to oneDNN beyond this (engine: AUTO_MEMFIT_MAX_SEQS)
+BLOCKED_MAX_ROWS = 64  # decode batches; larger steps are padded and bucketed by the runner anyway
 
 
 class _Layer(ctypes.Structure):
@@ -28,12 +29,19 @@ class _Layer(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("M", _I64), ("C", _I64), ("Hq", _I64), ("Hkv", _I64), ("D", _I64), ("I", _I64), ("window", _I64),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("nthreads", ctypes.c_int),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("nthreads", ctypes.c_int), ("blocked_nb", _I64),
                 ("ks", _P), ("vs", _P), ("slots", _P), ("lens", _P), ("cos", _P), ("sin", _P), ("final_norm", _P)]
 
 
-def _linear_tensors(mod: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight, bias) of a plain or row-major linear with a contiguous (N, K) weight of `dtype`, else None."""
+def _linear_tensors(mod: nn.Module, dtype: torch.dtype, nb: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) as the stack's matmul reads them, else None: a BlockedLinear's packed weight when the
+    model is blocked (nb > 0), else a plain or row-major linear's contiguous (N, K) weight of `dtype`."""
+    from memfit.llm.kernels.blocked import BlockedLinear
+
+    if nb:
+        if not isinstance(mod, BlockedLinear) or mod.nb != nb or mod.dtype != dtype:
+            return None
+        return mod.packed, mod.bias
     w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
     if not isinstance(w, torch.Tensor) or w.dtype != dtype or w.dim() != 2 or not w.is_contiguous():
         return None
@@ -44,6 +52,13 @@ def _linear_tensors(mod: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 class CpuDecodeStack:
     """Built once per engine; `run` does one decode step. `unsupported(model, kv)` says why it can't be built."""
+
+    @staticmethod
+    def _blocked_nb(model) -> int:
+        from memfit.llm.kernels.blocked import BlockedLinear
+
+        q = model.model.layers[0].self_attn.q_proj if len(model.model.layers) else None
+        return q.nb if isinstance(q, BlockedLinear) else 0
 
     @staticmethod
     def unsupported(model, kv) -> str | None:
@@ -57,13 +72,14 @@ class CpuDecodeStack:
             return f"head_dim {cfg.head_dim} is not one of {HEAD_DIMS}"
         if load_cpu_linear() is None:
             return "memfit's CPU kernels are unavailable"
+        nb = CpuDecodeStack._blocked_nb(model)
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             if a.qkv_proj is not None or m.gate_up_proj is not None:
                 return "q/k/v or gate/up are fused"
             for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                if _linear_tensors(mod, dtype) is None:
-                    return "a linear layer's weight is not a contiguous row-major matrix"
+                if _linear_tensors(mod, dtype, nb) is None:
+                    return "the linear layers are not all held by one of memfit's matmul kernels"
         return None
 
     def __init__(self, model, kv) -> None:
@@ -78,6 +94,8 @@ class CpuDecodeStack:
         self._fn.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), ctypes.c_int, _P, _P]
         self._fn.restype = None
         layers = model.model.layers
+        nb = self._blocked_nb(model)
+        self.max_rows = BLOCKED_MAX_ROWS if nb else ROW_MAJOR_MAX_ROWS
         self._layers = (_Layer * len(layers))()
         self._keep = []  # every tensor whose pointer the C side holds
         for i, layer in enumerate(layers):
@@ -85,7 +103,7 @@ class CpuDecodeStack:
             ptrs = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
             for key, mod in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj), ("g", m.gate_proj),
                              ("u", m.up_proj), ("d", m.down_proj)):
-                ptrs["w" + key], ptrs["b" + key] = _linear_tensors(mod, self.dtype)
+                ptrs["w" + key], ptrs["b" + key] = _linear_tensors(mod, self.dtype, nb)
             ptrs["kcache"], ptrs["vcache"] = kv.strided(i)
             for name, t in ptrs.items():
                 if t is not None:
@@ -101,6 +119,7 @@ class CpuDecodeStack:
         s.C, s.Hq, s.Hkv, s.D, s.I = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
         s.window, s.eps, s.scale = cfg.sliding_window or 0, cfg.rms_norm_eps, model.scale
         s.ks, s.vs, s.final_norm = self._ks.data_ptr(), self._vs.data_ptr(), norm.data_ptr()
+        s.blocked_nb = nb
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, slots: list[int], lens: list[int]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The decoder's element-wise math (RMSNorm, rotary embedding, SwiGLU's product) as one swappable object.
+"""The decoder's element-wise math (RMSNorm, rotary embedding, SwiGLU's product) and the greedy pick, as one
+swappable object.
 
 `TorchOps` is the reference, in PyTorch, and what training and autograd use. A model's modules call
 `self.ops.<op>`; the engine may swap in `memfit.llm.kernels.decode.CpuDecodeOps`, which runs the same math
@@ -30,6 +31,11 @@ class TorchOps:
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up, (N, I) each."""
         return F.silu(gate) * up
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy pick per row of (B, V) logits, the first index among ties. `max(dim)` rather than `argmax`:
+        on a CPU bf16 argmax is 4x slower (benchmarks/decode_ops.py: 3.66 vs 0.85 ms for 32 x 32000)."""
+        return logits.max(dim=-1).indices
 
 
 TORCH_OPS = TorchOps()

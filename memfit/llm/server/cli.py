@@ -37,7 +37,7 @@ def engine_config(args):
         model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
         kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, timeline=args.timeline,
-        threads=args.threads, kv_layout=args.kv_layout, cpu_linear=args.cpu_linear,
+        threads=args.threads, kv_layout=args.kv_layout, cpu_linear=args.cpu_linear, cpu_kernels=args.cpu_kernels,
     )
 
 

@@ -157,13 +157,17 @@ def test_engine_kernels_give_the_torch_tokens(tmp_path, family, dtype, overrides
 
     path = make_tiny_model_dir(tmp_path, family=family, dtype=dtype, hidden_size=128, **overrides)
     prompts = [list(range(3, 23)), list(range(40, 45)), list(range(7, 40))]
-    ref = _greedy(LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_kernels=False, max_num_seqs=1), prompts)
-    one = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=1)
-    assert one.cpu_kernels and one.runner.stack is not None  # batch 1: the whole step in one call
-    assert _greedy(one, prompts) == ref
-    many = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=3)
-    assert many.cpu_kernels and many.runner.stack is None  # batches of 3: kernels op by op, oneDNN matmuls
-    assert _greedy(many, prompts) == ref
+    opts = dict(model=str(path), device="cpu", kv_budget="8MiB")
+    ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn", max_num_seqs=3), prompts)  # PyTorch ops
+    blocked = LLMEngine(**opts, cpu_linear="blocked", max_num_seqs=3)
+    assert blocked.cpu_linear == "blocked" and blocked.runner.stack is not None and blocked.runner.stack.max_rows >= 3
+    assert _greedy(blocked, prompts) == ref  # decode steps of 1-3 rows in one call each
+    row_major = LLMEngine(**opts, cpu_linear="memfit", max_num_seqs=1)
+    assert row_major.runner.stack is not None and row_major.runner.stack.max_rows == 2
+    assert _greedy(row_major, prompts) == ref
+    op_by_op = LLMEngine(**opts, cpu_linear="onednn", max_num_seqs=3)
+    assert op_by_op.cpu_kernels and op_by_op.runner.stack is None  # kernels op by op between oneDNN matmuls
+    assert _greedy(op_by_op, prompts) == ref
 
 
 def test_stack_declines_what_it_cannot_run(tmp_path):
@@ -174,6 +178,7 @@ def test_stack_declines_what_it_cannot_run(tmp_path):
 
     path = make_tiny_model_dir(tmp_path, family="llama", hidden_size=128)
     paged = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", kv_cache="paged", max_num_seqs=1)
+    assert paged.cpu_kernels  # the op kernels still run; attention goes through the paged cache's gather
     assert paged.runner.stack is None and "virtual" in CpuDecodeStack.unsupported(paged.model, paged.kv)
     paged.close()
     small_heads = make_tiny_model_dir(tmp_path, family="llama")  # head_dim 16

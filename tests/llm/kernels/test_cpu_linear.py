@@ -190,19 +190,27 @@ def test_engine_rejects_unknown_backend(tmp_path):
         LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="mkl")
 
 
-def test_auto_picks_memfit_for_small_batches_and_keeps_the_mapping(tmp_path):
+def test_auto_picks_blocked_else_memfit_for_small_batches_and_memfit_keeps_the_mapping(tmp_path, monkeypatch):
     need(torch.float32)
     from memfit.llm.engine import AUTO_MEMFIT_MAX_SEQS, LLMEngine
+    from memfit.llm.kernels import blocked
     from memfit.llm.models.packing import can_pack_for_cpu
     from memfit.memory.pages import file_mappings, is_file_backed
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama")
-    small = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS)
+    auto = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB")
+    assert auto.cpu_linear == "blocked" and auto.num_blocked_linears > 0
+    auto.close()
+    small = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="memfit")
     assert small.cpu_linear == "memfit" and small.num_fused_layers == 0  # no fusion: no copy
     maps = file_mappings()
     q = small.model.model.layers[0].self_attn.q_proj
     assert isinstance(q, RowMajorLinear) and is_file_backed(q.weight.detach(), maps)  # still the checkpoint's pages
+    small.close()
+    monkeypatch.setattr(blocked, "can_use_blocked", lambda dtype: False)  # a machine without the blocked kernel
+    small = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS)
+    assert small.cpu_linear == "memfit"
     small.close()
     big = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS + 1)
     assert big.cpu_linear == ("onednn" if can_pack_for_cpu(big.dtype) else None)

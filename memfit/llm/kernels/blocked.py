@@ -1,0 +1,158 @@
+"""BlockedLinear: decode matmuls of a few to a few dozen rows on a weight packed once for memfit's kernel.
+
+At 3-32 rows a decode matmul is bound by reading the weight *and* by the multiply-adds in about equal
+measure, so the kernel needs both a sequential weight stream and register blocking that feeds the FMA units
+without horizontal reductions. cpu_blocked.cpp gets both from a layout of panels of `nb` output columns
+stored K-step-major (bf16: VNNI pairs for vdpbf16ps). Measured with one thread on a Zen 4 core over Llama
+0.1b/0.5b layer stacks (benchmarks/blocked_linear.py): against oneDNN's prepacked matmul 1.55-1.6x at 8 rows,
+1.2-1.45x at 4 and 16, 1.05-1.15x at 32; at 1-2 rows 1.1-1.7x the row-major kernel (linear.py).
+
+Memory: the packed copy *replaces* the weight. BlockedLinear keeps no reference to the nn.Linear's weight,
+and `use_blocked_linears` gives back the resident pages of a memory-mapped checkpoint tensor it replaced
+(`memfit.memory.pages.drop_file_pages`), so the model holds one copy of each matrix (plus at most `nb` - 1
+zero columns per matrix of padding); while packing, one matrix is held twice.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+
+DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@dataclass(frozen=True)
+class _Fns:
+    packed_elems: ctypes._CFuncPtr  # (N, K, nb, is_bf16) -> elements of the packed form, -1: bad nb
+    pack: ctypes._CFuncPtr  # (w, ldw, out, N, K, nb) -> 0 / -1
+    unpack: ctypes._CFuncPtr  # (packed, w, N, K, nb) -> 0 / -1
+    linear: ctypes._CFuncPtr  # (x, ldx, wp, b, y, ldy, M, N, K, nb, nthreads) -> 0 / negative
+
+
+def _functions(dtype: torch.dtype) -> _Fns | None:
+    """The kernel's functions for `dtype`, signatures declared; None when this machine can't run them."""
+    if dtype not in _SUFFIX or unavailable_reason(dtype) is not None:
+        return None
+    lib = load_cpu_linear()
+    assert lib is not None
+    c, s = lib.cdll, _SUFFIX[dtype]
+    sigs = {"packed_elems": ("memfit_blocked_packed_elems", [_I64, _I64, _I64, _I32], _I64),
+            "pack": (f"memfit_blocked_pack_{s}", [_P, _I64, _P, _I64, _I64, _I64], _I32),
+            "unpack": (f"memfit_blocked_unpack_{s}", [_P, _P, _I64, _I64, _I64], _I32),
+            "linear": (f"memfit_blocked_linear_{s}", [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32], _I32)}
+    fns = {}
+    for key, (name, argtypes, restype) in sigs.items():
+        fn = getattr(c, name)
+        fn.argtypes, fn.restype = argtypes, restype
+        fns[key] = fn
+    return _Fns(**fns)
+
+
+def can_use_blocked(dtype: torch.dtype) -> bool:
+    """Can BlockedLinear run a CPU weight of `dtype` on this machine?"""
+    return _functions(dtype) is not None
+
+
+class BlockedLinear(nn.Module):
+    """y = x W^T + b with W (N, K) held only in memfit's blocked layout. x: (..., K) -> (..., N), x's dtype
+    must be the weight's. Inference only: with autograd recording for an x that requires grad, it falls
+    back to F.linear on a freshly unpacked weight (correct, slow, no weight gradient)."""
+
+    def __init__(self, linear: nn.Linear, nb: int = DEFAULT_NB, nthreads: int | None = None) -> None:
+        super().__init__()
+        w = linear.weight.detach()  # (N, K)
+        if w.device.type != "cpu" or w.dim() != 2:
+            raise ValueError(f"BlockedLinear needs a 2-D CPU weight, got {tuple(w.shape)} on {w.device}")
+        fns = _functions(w.dtype)
+        if fns is None:
+            reason = (unavailable_reason(w.dtype) or "the library failed to load (see the log)") if w.dtype in _SUFFIX \
+                else "only bfloat16 and float32 are supported"
+            raise RuntimeError(f"memfit's blocked CPU kernel is unavailable for {w.dtype}: {reason}")
+        n, k = w.shape
+        elems = fns.packed_elems(n, k, nb, int(w.dtype == torch.bfloat16))
+        if elems < 0:
+            raise ValueError(f"nb must be 32, 48 or 64, got {nb}")
+        if w.stride(1) != 1:
+            w = w.contiguous()
+        # (panels, steps, nb, span) flattened; a plain attribute, not a Parameter/buffer: it is no
+        # state_dict entry and .to(dtype) must not reinterpret it.
+        self.packed = torch.empty(elems, dtype=w.dtype)
+        if fns.pack(w.data_ptr(), w.stride(0), self.packed.data_ptr(), n, k, nb) != 0:
+            raise RuntimeError("packing the weight failed")
+        b = linear.bias
+        self.bias = None if b is None else b.detach().to(w.dtype).contiguous().clone()  # (N,)
+        self.in_features, self.out_features, self.nb, self.dtype = k, n, nb, w.dtype
+        self.nthreads = nthreads  # None: torch.get_num_threads() at each call
+        self._fns = fns
+        self._wp = self.packed.data_ptr()  # cached: the tensors never move
+        self._bp = None if self.bias is None else self.bias.data_ptr()
+
+    def unpack_weight(self) -> torch.Tensor:
+        """The weight back in row-major (N, K) form (a new tensor)."""
+        w = torch.empty(self.out_features, self.in_features, dtype=self.dtype)
+        self._fns.unpack(self.packed.data_ptr(), w.data_ptr(), self.out_features, self.in_features, self.nb)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype or x.device.type != "cpu":
+            raise TypeError(f"BlockedLinear holds a {self.dtype} CPU weight; got a {x.dtype} input on {x.device} "
+                            f"(convert the input, or keep an nn.Linear for this layer)")
+        k, n = self.in_features, self.out_features
+        if x.shape[-1] != k:
+            raise ValueError(f"expected inputs of {k} features, got shape {tuple(x.shape)}")
+        if x.requires_grad and torch.is_grad_enabled():
+            return F.linear(x, self.unpack_weight(), self.bias)  # autograd through x only
+        flat = x.dim() == 2  # the decode case: skip the reshape/view (a few microseconds per call)
+        x2 = x if flat else x.reshape(-1, k)  # (M, K), a view when x allows
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, n, dtype=self.dtype)  # (M, N)
+        if m:
+            rc = self._fns.linear(x2.data_ptr(), x2.stride(0), self._wp, self._bp, y.data_ptr(), n, m, n, k, self.nb,
+                                  self.nthreads or torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"memfit_blocked_linear failed with code {rc}")
+        return y if flat else y.view(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
+                f"kernel=memfit blocked (nb={self.nb})")
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
+    """Replace the model's CPU nn.Linear layers by BlockedLinear. Returns how many; 0 when the kernel is
+    unavailable for the model's dtype (the model is then left untouched).
+
+    A linear whose weight shares storage with an nn.Embedding (a tied lm_head) is left as it is: the lookup
+    needs the matrix row-major, so packing it would hold it twice. Wrap it zero-copy afterwards with
+    `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers that remain."""
+    params = list(model.parameters())
+    if not params or params[0].device.type != "cpu" or not can_use_blocked(params[0].dtype):
+        return 0
+    from memfit.memory.pages import drop_file_pages, file_mappings
+
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    maps = file_mappings()
+    count = 0
+    for _, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child.weight.dtype != params[0].dtype:
+                continue
+            if any(_shares_storage(child.weight, e) for e in embeddings):
+                continue  # tied to an embedding: see the docstring
+            setattr(parent, name, BlockedLinear(child, nb))
+            drop_file_pages(child.weight.detach(), maps)  # a memory-mapped checkpoint's pages: given back
+            count += 1
+    return count

@@ -1,0 +1,148 @@
+"""memfit's blocked CPU matmul (cpu_blocked.cpp via BlockedLinear): results against F.linear, packing, model use."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.llm.kernels import build
+from memfit.llm.kernels.blocked import BlockedLinear, use_blocked_linears
+
+ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """One build per test session, in a temporary cache, never the user's."""
+    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memfit-kernels"))
+
+
+def need(dtype: torch.dtype) -> None:
+    reason = build.unavailable_reason(dtype)
+    if reason is not None:
+        pytest.skip(f"memfit CPU kernels unavailable for {dtype}: {reason}")
+
+
+def make_linear(n: int, k: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
+    lin.weight.copy_(torch.randn(n, k, generator=g))
+    if bias:
+        lin.bias.copy_(torch.randn(n, generator=g))
+    return lin
+
+
+def check(got: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> None:
+    """fp32: within 1e-5 of the sum of |terms|. bf16: F.linear in fp32 on the same bf16 values, then
+    rounded: the kernel may differ by the fp32 summation order, i.e. at most about one bf16 ulp."""
+    w, b = lin.weight.float(), None if lin.bias is None else lin.bias.float()
+    ref = F.linear(x.float(), w, b)  # (M, N) fp32
+    scale = F.linear(x.float().abs(), w.abs()) + (0 if b is None else b.abs())
+    err = (got.float() - ref).abs()
+    if got.dtype == torch.float32:
+        bound = 1e-5 * scale + 1e-6
+    else:
+        bound = 2.0 ** -7 * ref.abs() + 1e-5 * scale + 1e-6
+    assert (err <= bound).all(), f"max err {err.max().item()} (M={x.shape[0]})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(77, 45), (130, 201), (16, 1)])  # tails: N not a multiple of 64, odd K
+def test_matches_f_linear(dtype, bias, n, k):
+    need(dtype)
+    lin = make_linear(n, k, bias, dtype)
+    mod = BlockedLinear(lin)
+    g = torch.Generator().manual_seed(1)
+    for m in ROWS:
+        wide = torch.randn(m, k + 9, generator=g).to(dtype)
+        x = wide[:, 3:3 + k]  # rows k + 9 apart: ldx > K
+        for threads in (1, 2):
+            mod.nthreads = threads
+            got = mod(x)
+            assert got.dtype == dtype and got.shape == (m, n)
+            check(got, x, lin)
+        torch.testing.assert_close(mod(x), mod(x.contiguous()), rtol=0, atol=0)  # stride changes nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nb", [32, 48, 64])
+def test_panel_widths_and_round_trip(dtype, nb):
+    need(dtype)
+    lin = make_linear(99, 67, True, dtype)
+    mod = BlockedLinear(lin, nb=nb)
+    assert torch.equal(mod.unpack_weight(), lin.weight)  # pack/unpack is lossless
+    x = torch.randn(13, 67).to(dtype)
+    check(mod(x), x, lin)
+
+
+def test_keeps_no_reference_to_the_weight():
+    need(torch.float32)
+    lin = make_linear(40, 24, True, torch.float32)
+    mod = BlockedLinear(lin)
+    assert not any(t.untyped_storage().data_ptr() == lin.weight.untyped_storage().data_ptr()
+                   for t in [mod.packed, mod.bias, *mod.parameters(), *mod.buffers()])
+    assert mod.packed.numel() == 64 * 24  # one panel of 64 columns (40 real, 24 zero)
+
+
+def test_exact_bf16_rounding_of_known_values():
+    need(torch.bfloat16)
+    # y0 = 1 + 2^-8: halfway between two bf16 values, even wins (1.0); y1 = 1 + 3 * 2^-8 rounds up
+    lin = nn.Linear(2, 2, bias=False).to(torch.bfloat16).requires_grad_(False)
+    lin.weight.copy_(torch.tensor([[1.0, 2.0 ** -8], [1.0, 3 * 2.0 ** -8]]))
+    y = BlockedLinear(lin)(torch.ones(1, 2, dtype=torch.bfloat16))
+    assert y.tolist() == [[1.0, 1.015625]]
+
+
+def test_batch_dims_transposed_input_and_empty():
+    need(torch.float32)
+    lin = make_linear(24, 70, True, torch.float32)
+    mod = BlockedLinear(lin)
+    x3 = torch.randn(2, 3, 70)  # (B, T, K)
+    assert mod(x3).shape == (2, 3, 24)
+    torch.testing.assert_close(mod(x3), F.linear(x3, lin.weight, lin.bias))
+    xt = torch.randn(70, 4).t()  # last dim not contiguous: copied, still right
+    torch.testing.assert_close(mod(xt), F.linear(xt, lin.weight, lin.bias))
+    assert mod(torch.randn(0, 70)).shape == (0, 24)
+
+
+def test_bad_inputs_give_clear_errors():
+    need(torch.float32)
+    mod = BlockedLinear(make_linear(8, 16, False, torch.float32))
+    with pytest.raises(TypeError, match="float32"):
+        mod(torch.randn(2, 16).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="16 features"):
+        mod(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="nb must be"):
+        BlockedLinear(make_linear(8, 16, False, torch.float32), nb=40)
+
+
+def test_autograd_falls_back_to_f_linear():
+    need(torch.float32)
+    lin = make_linear(8, 16, True, torch.float32)
+    mod = BlockedLinear(lin)
+    xg = torch.randn(3, 16, requires_grad=True)
+    mod(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, lin.weight.sum(0).expand(3, 16))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_matches_and_tied_head_is_left_alone(dtype, tol, tie):
+    need(dtype)
+    from memfit.llm.kernels.linear import RowMajorLinear, use_row_major_linears
+    from tests.llm.models.test_packing import tiny
+
+    model = tiny(tie=tie, dtype=dtype)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        ref = model.dense_logits(ids).float()
+        n = use_blocked_linears(model)
+        assert n == 2 * 7 + (0 if tie else 1)  # q, k, v, o, gate, up, down per layer (+ an untied lm_head)
+        if tie:
+            assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+            assert use_row_major_linears(model) == 1 and isinstance(model.lm_head, RowMajorLinear)
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        got = model.dense_logits(ids).float()
+    assert (got - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item() / 10)
