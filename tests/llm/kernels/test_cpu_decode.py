@@ -187,3 +187,40 @@ def test_stack_declines_what_it_cannot_run(tmp_path):
     with pytest.raises(RuntimeError, match="can't run this model"):
         CpuDecodeStack(eng.model, eng.kv)
     eng.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_the_new_rows_first(dtype):
+    ops = ops_for(dtype)
+    g = torch.Generator().manual_seed(4)
+    hq, hkv, d = 8, 2, 64
+    k_cache = torch.randn(3, 40, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(3, 40, hkv, d, generator=g).to(dtype)
+    slots, lens = torch.tensor([2, 0], dtype=torch.int64), torch.tensor([17, 33], dtype=torch.int64)
+    kv_new = torch.randn(2, 2 * hkv * d, generator=g).to(dtype)  # fused (B, 2 * Hkv * D), as a k/v split gives
+    k_new, v_new = (t.view(2, hkv, d) for t in kv_new.split(hkv * d, dim=-1))
+    q = torch.randn(2, hq, d, generator=g).to(dtype)
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    for i in range(2):
+        expect_k[slots[i], lens[i] - 1] = k_new[i]
+        expect_v[slots[i], lens[i] - 1] = v_new[i]
+    out = ops.decode_attention(q, k_cache, v_cache, slots, lens, 0.125, k_new=k_new, v_new=v_new)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)  # exactly those rows changed
+    ref = reference_attention(q, expect_k, expect_v, slots, lens, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_first_index_among_ties(dtype):
+    ops = ops_for(dtype)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 1000 + 7, generator=g).to(dtype)  # a 16-lane body plus a tail
+    logits[1, 20] = logits[1, 900] = 50.0  # a tie across lanes: the first index wins
+    logits[2, 1005] = 60.0  # the maximum in the tail
+    logits[3] = float("-inf")  # all -inf: index 0, as torch gives
+    logits[4, 3] = logits[4, 19] = 70.0  # a tie in one lane
+    assert torch.equal(ops.argmax(logits), REF.argmax(logits))
+    assert ops.argmax(logits)[1] == 20 and ops.argmax(logits)[2] == 1005 and ops.argmax(logits)[3] == 0
+    short = torch.randn(2, 9, generator=g).to(dtype)  # shorter than one vector
+    assert torch.equal(ops.argmax(short), REF.argmax(short))
