@@ -4,8 +4,8 @@ For each model shape (random-initialised Llama shapes, ~0.1B and ~0.5B), dtype a
 engines decode the same number of tokens from the same prompts with greedy sampling. The decode rate
 excludes prefill (time from the first generated token to the last). Each figure is also expressed as a
 fraction of this machine's limit: the bytes one decode step must read (all weights + the KV of every
-sequence) divided by the memory bandwidth this script measures itself (a streaming read with the same
-thread count).
+sequence) divided by the memory bandwidth this script measures itself (the fastest of two streaming reads
+with the same thread count: torch's sum, and a GEMV through memfit's row-major kernel).
 
     python benchmarks/decode_throughput.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
@@ -43,19 +43,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(threads: int, device: torch.device, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Bytes/s of a streaming read (sum over a buffer far larger than the caches), median of `reps`."""
+def measure_bandwidth(threads: int, device: torch.device, nbytes: int = 1 << 30, reps: int = 5,
+                      detail: dict | None = None) -> float:
+    """Bytes/s of the fastest streaming read we can measure over a buffer far larger than the caches,
+    median of `reps`: torch's sum, and on a CPU also memfit's row-major GEMV kernel reading a 1-row product
+    with a (N, 1024) matrix of the same size (a plain sequential read of every byte). `detail` receives each."""
     torch.set_num_threads(threads)
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    buf.sum()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        buf.sum()
+
+    def timed(fn) -> float:
+        fn()
         sync(device)
-        times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t)
+        return nbytes / statistics.median(times)
+
+    rates = {"torch_sum": timed(buf.sum)}
+    if device.type == "cpu":
+        from memfit.llm.kernels.build import get_cpu_linear
+
+        fn = get_cpu_linear(torch.float32)
+        if fn is not None:
+            k = 1024
+            w = buf.view(-1, k)  # (N, K) fp32, row-major: the kernel streams it start to end once
+            x = torch.ones(1, k)
+            y = torch.empty(1, w.shape[0])
+            rates["memfit_gemv"] = timed(lambda: fn(x.data_ptr(), k, w.data_ptr(), None, y.data_ptr(), w.shape[0], 1,
+                                                     w.shape[0], k, threads))
+    del buf
+    if detail is not None:
+        detail.update(rates)
+    return max(rates.values())
 
 
 def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
@@ -172,7 +194,8 @@ def main() -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    bw = measure_bandwidth(args.threads, device)
+    bw_detail: dict = {}
+    bw = measure_bandwidth(args.threads, device, detail=bw_detail)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
@@ -209,7 +232,7 @@ def main() -> int:
                 shutil.rmtree(path)
     result = {
         "benchmark": "decode_throughput", **machine_info(args.threads, seed=1), "device": str(device),
-        "measured_bandwidth_bytes_per_s": bw, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "measured_bandwidth_bytes_per_s": bw, "bandwidth_by_method": bw_detail, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
     text = json.dumps(result, indent=2)
