@@ -67,7 +67,15 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
                  torch.randn(ctx + 1, hkv, d, generator=gen).to(device, dtype)) for _ in range(batch)]
         q = torch.randn(batch, hq, 1, d, generator=gen).to(device, dtype)  # (B, Hq, 1, D)
         caches, steps = {}, {}
-        for name in ("virtual", "paged", "virtual_unordered"):
+        names = ["virtual", "paged", "virtual_unordered"]
+        ops = None
+        if device.type == "cpu":
+            from memfit.llm.kernels.decode import CpuDecodeOps
+
+            if CpuDecodeOps.available(dtype):
+                ops = CpuDecodeOps(dtype)
+                names.append("virtual_memfit")  # memfit's kernel reading the virtual cache in place
+        for name in names:
             kind = "paged" if name == "paged" else "virtual"
             opts = {"max_seqs": batch} if kind == "virtual" else {"max_seqs": batch, "block_size": 16}
             budget = MemoryBudget(batch * (ctx + 64) * layout.bytes_per_token + 64 * MiB)
@@ -86,7 +94,14 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
                 k, v = cache.context_batch(0, plan)  # (B, ctx+1, Hkv, D): a view, or a gathered copy
                 return F.scaled_dot_product_attention(q_step, k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)
 
-            steps[name] = step
+            def memfit_step(cache=cache, order=order, k_new=k_new, v_new=v_new, q_step=q[order], ctx=ctx) -> torch.Tensor:
+                plan = cache.plan_step([SeqStep(s, ctx, 1) for s in order])
+                kc, vc = cache.strided(0)  # (slots, Lmax, Hkv, D): the kernel writes the new rows, then reads
+                out = ops.decode_attention(q_step[:, :, 0], kc, vc, torch.tensor(plan.slots), torch.tensor(plan.ends),
+                                           d ** -0.5, k_new=k_new, v_new=v_new)
+                return out.unsqueeze(2)  # (B, Hq, 1, D), as SDPA returns
+
+            steps[name] = memfit_step if name == "virtual_memfit" else step
         times: dict[str, list[float]] = {name: [] for name in steps}
         for rep in range(reps + 2):  # interleaved, so load changes on a shared machine hit all variants alike
             for name, step in steps.items():
@@ -100,6 +115,8 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
         out["virtual_unordered"] = out["virtual_unordered"].flip(0)
         row["same_output"] = all(torch.allclose(out["virtual"].float(), o.float(), atol=1e-4) for o in out.values())
         row["speedup_virtual_vs_paged"] = round(row["paged_ms"] / row["virtual_ms"], 3)
+        if "virtual_memfit_ms" in row:
+            row["speedup_virtual_memfit_vs_paged"] = round(row["paged_ms"] / row["virtual_memfit_ms"], 3)
         row["paged_gather_bytes"] = 2 * batch * (-(-(ctx + 1) // 16) * 16) * hkv * d * layout.itemsize
         rows.append(row)
         for cache in caches.values():
@@ -107,7 +124,8 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
         del caches, steps, out
         progress()
     return {"model_shape": {"Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype).replace("torch.", "")},
-            "batch": batch, "timed": "plan_step + write(1 token/seq) + context_batch + SDPA, one layer; "
+            "batch": batch, "timed": "plan_step + write(1 token/seq) + context_batch + SDPA, one layer "
+            "(virtual_memfit: plan_step + memfit's CPU kernel, which writes the token and reads the cache in place); "
             "median of interleaved reps", "reps": reps, "rows": rows}
 
 
