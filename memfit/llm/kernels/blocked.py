@@ -135,13 +135,17 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
     """Replace the model's CPU nn.Linear layers by BlockedLinear. Returns how many; 0 when the kernel is
     unavailable for the model's dtype (the model is then left untouched).
 
-    A linear whose weight shares storage with an nn.Embedding (a tied lm_head) is left as it is: the lookup
-    needs the matrix row-major, so packing it would hold it twice. Wrap it zero-copy afterwards with
-    `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers that remain."""
+    A linear whose weight shares storage with an nn.Embedding (a tied lm_head) is packed only when that
+    matrix is memory-mapped from the checkpoint: its resident pages are then given back, and the lookup
+    pages in just the rows of the step's tokens from the file, so the matrix is not held twice (as
+    models/packing.py does for oneDNN; the head is a large part of a small model: 136M of Qwen2.5-0.5B's 494M
+    parameters, and the row-major kernel is 2.4x slower than the blocked one at 8 rows). An embedding in
+    ordinary memory (e.g. converted to another dtype at load) keeps its head row-major: wrap it zero-copy
+    afterwards with `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers left."""
     params = list(model.parameters())
     if not params or params[0].device.type != "cpu" or not can_use_blocked(params[0].dtype):
         return 0
-    from memfit.memory.pages import drop_file_pages, file_mappings
+    from memfit.memory.pages import drop_file_pages, file_mappings, is_file_backed
 
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     maps = file_mappings()
@@ -150,9 +154,10 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.weight.dtype != params[0].dtype:
                 continue
-            if any(_shares_storage(child.weight, e) for e in embeddings):
-                continue  # tied to an embedding: see the docstring
+            w = child.weight.detach()
+            if any(_shares_storage(w, e) for e in embeddings) and not is_file_backed(w, maps):
+                continue  # tied to an embedding in ordinary memory: see the docstring
             setattr(parent, name, BlockedLinear(child, nb))
-            drop_file_pages(child.weight.detach(), maps)  # a memory-mapped checkpoint's pages: given back
+            drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
             count += 1
     return count

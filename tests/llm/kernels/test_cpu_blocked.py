@@ -146,3 +146,29 @@ def test_model_matches_and_tied_head_is_left_alone(dtype, tol, tie):
         assert not any(type(m) is nn.Linear for m in model.modules())
         got = model.dense_logits(ids).float()
     assert (got - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item() / 10)
+
+
+def test_engine_packs_a_mapped_tied_head_and_keeps_the_lookup(tmp_path):
+    need(torch.float32)
+    from memfit.llm.engine import LLMEngine
+    from memfit.llm.sampling import SamplingParams
+    from memfit.memory.pages import file_mappings, is_file_backed
+    from tests.llm.tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path, family="qwen2")  # tied embeddings, saved in the dtype it runs in
+    tokens = []
+    for backend in ("blocked", "onednn"):
+        eng = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear=backend, max_num_seqs=2)
+        if backend == "blocked":
+            assert isinstance(eng.model.lm_head, BlockedLinear)  # the head packed ...
+            emb = eng.model.model.embed_tokens.weight.detach()
+            assert is_file_backed(emb, file_mappings())  # ... while the lookup still reads the mapped file
+        for p in ([5, 6, 7, 8], [40, 41]):
+            eng.add_request(prompt_token_ids=p, params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        out = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                out[o.request_id] = o.outputs[0].token_ids
+        eng.close()
+        tokens.append([out[k] for k in sorted(out)])
+    assert tokens[0] == tokens[1]
