@@ -6,7 +6,8 @@
 - element-wise ops at decode sizes (RMSNorm with the residual add, RoPE, SiLU * up, greedy argmax):
   `TorchOps` against `CpuDecodeOps`;
 - whole decode steps of the 0.1b model on the same matmul backend (blocked): PyTorch ops, memfit's op
-  kernels called op by op, and the one-call decode stack.
+  kernels called op by op, and the one-call decode stack;
+- prefill of a 512-token prompt with each CPU matmul backend (blocked, oneDNN, row-major = F.linear there).
 
     OMP_NUM_THREADS=1 python benchmarks/decode_kernels.py --threads 1 --out benchmarks/results/decode_kernels.json
 
@@ -128,6 +129,37 @@ def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
     return rows
 
 
+def prefill_rows(dtype: str, reps: int, prompt: int = 512) -> list[dict]:
+    """Time to prefill one `prompt`-token prompt (0.1b shape) with each CPU matmul backend: the blocked
+    backend's packed weights serve prefill too, so it must not lose much to oneDNN there."""
+    from decode_throughput import make_model_dir
+
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.sampling import SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model_dir("0.1b", dtype, Path(tmp))
+        engines = {b: LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="2GiB", max_num_seqs=4,
+                                             max_num_batched_tokens=prompt, max_model_len=2 * prompt, cpu_linear=b))
+                   for b in ("blocked", "onednn", "memfit")}
+        g = torch.Generator().manual_seed(0)
+        times: dict[str, list[float]] = {b: [] for b in engines}
+        for rep in range(reps + 1):  # interleaved; the first round warms up
+            ids = torch.randint(0, 32000, (prompt,), generator=g).tolist()
+            for b, eng in engines.items():
+                eng.add_request(prompt_token_ids=ids, params=SamplingParams(max_tokens=1, temperature=0))
+                t = time.process_time()
+                while eng.has_unfinished_requests():
+                    eng.step()
+                if rep:
+                    times[b].append((time.process_time() - t) * 1e3)
+        for eng in engines.values():
+            eng.close()
+    row = {"dtype": dtype, "prompt_tokens": prompt, **{f"{b}_ms": round(statistics.median(v), 1) for b, v in times.items()}}
+    row["blocked_vs_onednn"] = round(row["onednn_ms"] / row["blocked_ms"], 3)
+    return [row]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -146,6 +178,7 @@ def main() -> int:
         result[f"attention_{name}"] = attention_rows(dt, args.reps)
         result[f"ops_{name}"] = op_rows(dt, args.reps)
     result["decode_step"] = step_rows("bfloat16", args.reps, args.batches) + step_rows("float32", args.reps, args.batches)
+    result["prefill"] = prefill_rows("bfloat16", args.reps) + prefill_rows("float32", args.reps)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
