@@ -28,10 +28,13 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
-    p.add_argument("--local-loss", default="ce", help="tpSGD local loss: ce | mse | l1")
+    p.add_argument("--local-loss", default="ce",
+                   help="tpSGD local loss: ce | mse | l1 | contrast (cross-entropy of the activation's scores "
+                        "against every class's projected target; --target-scale is its inverse temperature)")
     p.add_argument("--activation", default="relu", help="relu | tanh (mlp and cnn)")
     p.add_argument("--rnn-cell", default="gru", help="elman | gru | lstm")
-    p.add_argument("--target-scale", type=float, default=1.0, help="scale of the random projections P_i")
+    p.add_argument("--target-scale", type=float, default=1.0,
+                   help="scale of the random projections P_i (contrast: 0.2-0.3 worked best)")
     p.add_argument("--time-weighting", default="square",
                    help="recurrent local rules: weight of each step's loss (square | linear | uniform | last)")
     p.add_argument("--rnn-window", type=int, default=1,

@@ -25,7 +25,8 @@ def one_step(method, loss, activation, fused, seed=0):
     return [p.detach().clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize("method,loss", [("tpsgd", "ce"), ("tpsgd", "mse"), ("tpsgd", "l1"), ("drtp", "ce")])
+@pytest.mark.parametrize("method,loss", [("tpsgd", "ce"), ("tpsgd", "mse"), ("tpsgd", "l1"), ("tpsgd", "contrast"),
+                                         ("drtp", "ce")])
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_fused_update_equals_autograd_update(method, loss, activation):
     fused = one_step(method, loss, activation, fused=True)
@@ -112,8 +113,8 @@ def test_target_scale_scales_projection():
         make_rule("tpsgd", net, sgd, 3, seed=0, target_scale=0.0)
 
 
-@pytest.mark.parametrize("window", [1, 2, 5])
-def test_rnn_window_update_equals_truncated_bptt_inside_the_layer(window):
+@pytest.mark.parametrize("window,loss", [(1, "mse"), (2, "mse"), (5, "mse"), (1, "contrast"), (5, "contrast")])
+def test_rnn_window_update_equals_truncated_bptt_inside_the_layer(window, loss):
     """tpSGD on one Elman layer: window k = gradient of the weighted local losses with the state detached
     every k steps (k = T = 5: full backprop through time inside the layer, k = 1: none)."""
     import copy
@@ -122,16 +123,17 @@ def test_rnn_window_update_equals_truncated_bptt_inside_the_layer(window):
 
     net = build_model(ModelConfig("rnn", 2, 4, rnn_cell="elman"), (1, 5, 3), 4, seed=0)
     ref = copy.deepcopy(net.blocks[0])
-    rule = make_rule("tpsgd", net, sgd, 4, seed=3, loss="mse", time_weighting="linear", rnn_window=window)
+    rule = make_rule("tpsgd", net, sgd, 4, seed=3, loss=loss, time_weighting="linear", rnn_window=window)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(6, 1, 5, 3, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
     seq = net.prepare(x)  # (B, T=5, F=3)
-    target = rule.projections[0].project(torch.nn.functional.one_hot(y, 4).float())  # (B, 4)
+    y1 = torch.nn.functional.one_hot(y, 4).float()  # (B, K)
+    target, proj = rule.projections[0].project(y1), rule.projections[0].matrix()  # (B, 4), (K, 4)
     weights = time_weights("linear", 5)
     state, total = ref.init_state(6, seq), 0.0
     for t in range(5):
         h, state = ref.step(seq[:, t], state)
-        total = total + weights[t] * local_loss("mse", h, target)
+        total = total + weights[t] * local_loss(loss, h, target, proj, y1)
         if (t + 1) % window == 0:
             state = state.detach()
     grads = torch.autograd.grad(total, list(ref.parameters()))

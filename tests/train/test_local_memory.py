@@ -103,3 +103,19 @@ def test_optimizer_state_bytes_counts_adam_moments():
     opt.step()
     # exp_avg, exp_avg_sq: 2 x 400 bytes, plus the 'step' scalar tensor (4 bytes)
     assert optimizer_state_bytes([opt]) == 2 * 400 + opt.state[p]["step"].numel() * opt.state[p]["step"].element_size()
+
+
+def test_graphs_never_backwarded_are_freed_not_leaked():
+    """A recurrent step whose loss weight is 0 builds a graph nobody backwards; the meter must not keep it
+    alive (a pack hook that holds a saved output itself makes a cycle no gc can break)."""
+    cell = nn.GRUCell(8, 16)
+    meter = TrainingMemoryMeter(cell)
+    with meter:
+        h = torch.zeros(4, 16)
+        out = cell(torch.randn(4, 8), h)
+        one_step = meter.saved_bytes
+        for _ in range(20):
+            out = cell(torch.randn(4, 8), out.detach())
+        assert 0 < meter.saved_bytes <= one_step  # only the last step's graph is alive
+    del out
+    assert meter.saved_bytes == 0

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memfit.train.local.errors import LocalTrainingError
 from memfit.train.local.models import LocalNet, ModelConfig, build_model
 from memfit.train.local.rules import (
     LOCAL_LOSSES, TargetProjection, local_loss, local_loss_grad, make_rule,
@@ -28,15 +29,37 @@ def batch(seed=1, n=6):
 @pytest.mark.parametrize("kind", LOCAL_LOSSES)
 def test_closed_form_local_grad_matches_autograd(kind):
     a = torch.randn(7, 5, requires_grad=True)
-    t = torch.randn(7, 5)
-    (g_auto,) = torch.autograd.grad(local_loss(kind, a, t), a)
-    torch.testing.assert_close(local_loss_grad(kind, a, t), g_auto)
+    proj = torch.rand(3, 5) * 2 - 1  # (K, D)
+    y1 = F.one_hot(torch.arange(7) % 3, 3).float()  # (B, K)
+    t = y1 @ proj  # (B, D) = P y*
+    (g_auto,) = torch.autograd.grad(local_loss(kind, a, t, proj, y1), a)
+    torch.testing.assert_close(local_loss_grad(kind, a, t, proj, y1), g_auto)
 
 
-@pytest.mark.parametrize("kind", ["mse", "ce"])
-def test_tpsgd_update_equals_analytic_local_gradient(kind):
+def test_contrast_loss_is_class_cross_entropy_of_target_scores():
+    a, proj = torch.randn(4, 6), torch.randn(3, 6)
+    y = torch.tensor([0, 2, 1, 2])
+    y1 = F.one_hot(y, 3).float()
+    torch.testing.assert_close(local_loss("contrast", a, y1 @ proj, proj, y1), F.cross_entropy(a @ proj.T, y))
+    with pytest.raises(LocalTrainingError, match="needs the projection"):
+        local_loss_grad("contrast", a, y1 @ proj)
+
+
+def test_contrast_stops_pulling_once_the_own_target_wins_ce_does_not():
+    proj = torch.eye(3, 6) * 2 - 1  # three distinct class targets in [-1, 1]
+    y1 = F.one_hot(torch.tensor([0, 1, 2]), 3).float()
+    t = y1 @ proj  # (3, 6)
+    a = 20 * t  # far along the own class's target: right, but not equal to it
+    assert local_loss_grad("contrast", a, t, proj, y1).abs().max() < 1e-6
+    assert local_loss_grad("ce", a, t).abs().max() > 1e-3
+    assert local_loss_grad("mse", a, t).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["mse", "ce", "contrast"])
+def test_tpsgd_update_equals_analytic_local_gradient(kind, fused):
     net = tiny_net()
-    rule = make_rule("tpsgd", net, sgd, 4, seed=3, loss=kind)
+    rule = make_rule("tpsgd", net, sgd, 4, seed=3, loss=kind, fused=fused)
     x, y = batch()
     lin = net.blocks[0][0]
     w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
@@ -45,6 +68,9 @@ def test_tpsgd_update_equals_analytic_local_gradient(kind):
     t = rule.projections[0].matrix()[y]  # P_0 y* for one-hot y*: row y of P, (B, 5)
     if kind == "mse":  # L = mean_b 0.5 * |a - t|^2
         dl_da = (a - t) / len(y)
+    elif kind == "contrast":  # L = mean_b CE(softmax(a P^T), y*): scores against every class's target
+        proj = rule.projections[0].matrix()  # (K, D)
+        dl_da = (torch.softmax(a @ proj.T, 1) - F.one_hot(y, 4).float()) @ proj / len(y)
     else:  # L = mean_b CE(softmax(t), softmax(a))
         dl_da = (torch.softmax(a, 1) - torch.softmax(t, 1)) / len(y)
     dz = dl_da * (1 - a**2)  # tanh' from the output
@@ -97,11 +123,12 @@ def _leaves(t: torch.Tensor) -> set[int]:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("method", ["tpsgd", "drtp", "dfa"])
+@pytest.mark.parametrize("method", ["tpsgd", "tpsgd-contrast", "drtp", "dfa"])
 @pytest.mark.parametrize("model", ["mlp", "cnn", "rnn"])
 def test_local_graph_reaches_only_its_own_block(method, model, fused):
     net = build_model(ModelConfig(model, 3, 4, rnn_cell="lstm"), (1, 8, 8), 4, seed=0)
-    rule = make_rule(method, net, sgd, 4, seed=0, fused=fused)
+    method, _, loss = method.partition("-")
+    rule = make_rule(method, net, sgd, 4, seed=0, fused=fused, loss=loss or "mse")
     block_params = [{id(p) for p in b.parameters()} for b in net.blocks]
     checked = []
     original = rule.local_backward
@@ -153,3 +180,16 @@ def test_conv_targets_are_per_channel_for_tpsgd():
     dfa = make_rule("dfa", net, sgd, 10, seed=0)
     assert [p.out_shape for p in tp.projections] == [(4,), (4,)]
     assert [p.out_shape for p in dfa.projections] == [(4, 4, 4), (4, 2, 2)]
+
+
+def test_conv_contrast_gradient_is_on_channel_means():
+    net = build_model(ModelConfig("cnn", 2, 4), (1, 8, 8), 3, seed=0)
+    rule = make_rule("tpsgd", net, sgd, 3, seed=0, loss="contrast")
+    a = torch.randn(5, 4, 4, 4, requires_grad=True)  # (B, C, H, W)
+    y1 = F.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).float()
+    root, grad = rule.hidden_signal(0, a, y1, 0.5)
+    root.backward(grad)
+    proj = rule.projections[0].matrix()  # (K, C)
+    a2 = a.detach().clone().requires_grad_(True)
+    (0.5 * F.cross_entropy(a2.mean(dim=(2, 3)) @ proj.T, y1.argmax(1))).backward()
+    torch.testing.assert_close(a.grad, a2.grad)

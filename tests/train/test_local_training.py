@@ -18,9 +18,10 @@ def test_tpsgd_mlp_learns_digits(digits):
     assert r.curve[-1]["train_loss"] < r.curve[0]["train_loss"]
 
 
-@pytest.mark.parametrize("loss", ["mse", "l1"])
-def test_tpsgd_other_local_losses_learn(digits, loss):
-    assert run(digits, model="mlp", method="tpsgd", local_loss=loss, epochs=2).test_accuracy >= 0.6
+@pytest.mark.parametrize("loss,scale", [("mse", 1.0), ("l1", 1.0), ("contrast", 0.3)])
+def test_tpsgd_other_local_losses_learn(digits, loss, scale):
+    r = run(digits, model="mlp", method="tpsgd", local_loss=loss, target_scale=scale, epochs=2)
+    assert r.test_accuracy >= 0.6
 
 
 def test_tpsgd_cnn_learns_digits(digits):

@@ -23,7 +23,7 @@ from .errors import LocalTrainingError
 from .losses import local_loss, local_loss_grad
 
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh"}
-FUSED_KINDS = ("mse", "l1", "ce", "drtp")
+FUSED_KINDS = ("mse", "l1", "ce", "contrast", "drtp")
 
 
 def linear_activation(block: nn.Module) -> tuple[nn.Linear, str] | None:
@@ -48,7 +48,10 @@ class LocalLinearStep(torch.autograd.Function):
         with torch.no_grad():
             a = _activate(torch.addmm(bias, x, weight.t()), act)  # (B, D)
             target = (y_onehot @ proj).view_as(a)  # (B, D) = P y*, dropped right after the loss value
-            value = -(target * a).sum(1).mean() if kind == "drtp" else local_loss(kind, a, target)
+            if kind == "drtp":
+                value = -(target * a).sum(1).mean()
+            else:
+                value = local_loss(kind, a, target, proj, y_onehot)
         ctx.save_for_backward(x, weight, bias, y_onehot, proj)
         ctx.kind, ctx.act, ctx.scale = kind, act, scale
         ctx.mark_non_differentiable(a)
@@ -63,7 +66,7 @@ class LocalLinearStep(torch.autograd.Function):
             if ctx.kind == "drtp":  # the projected target stands in for dL/da
                 g = target.div_(-a.shape[0])
             else:
-                g = local_loss_grad(ctx.kind, a, target)  # (B, D) = dL/da
+                g = local_loss_grad(ctx.kind, a, target, proj, y_onehot)  # (B, D) = dL/da
             del target
             g.mul_(grad_value * ctx.scale)
             if ctx.act == "relu":
@@ -80,7 +83,7 @@ def local_linear_step(linear: nn.Linear, act: str, x: torch.Tensor, y_onehot: to
                       kind: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, D_in) detached input -> (scalar local loss to call .backward() on, a (B, D) with no graph)."""
     if kind not in FUSED_KINDS:
-        raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(FUSED_KINDS[:3])}")
+        raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(FUSED_KINDS[:-1])}")
     if linear.bias is None:
         raise LocalTrainingError("the fused local step needs a Linear with a bias")
     return LocalLinearStep.apply(x.detach(), linear.weight, linear.bias, y_onehot, proj, kind, act, scale)

@@ -1,4 +1,16 @@
-"""Local losses L(a, t) of tpSGD and their gradients in closed form (no autograd graph needed)."""
+"""Local losses L(a, t) of tpSGD and their gradients in closed form (no autograd graph needed).
+
+mse, l1 and ce compare the block output a with its own projected target t = P y* (P: K x D, y* one-hot).
+contrast scores a against the projected target of *every* class, s_c = a . P_c (the rows of P, (B, K)
+scores), and takes the cross-entropy of softmax(s) with the true class:
+
+    L = mean_b [ -a . P y*  +  log sum_c exp(a . P_c) ]      dL/da = (softmax(a P^T) - y*) P / B
+
+The first term is DRTP's pull towards the projected target; the second stops the pull once the own class's
+target is matched far better than the others' (the gradient vanishes as softmax(a P^T) -> y*), so the block
+is not driven to one fixed code per class (ce and mse are zero only at a = P y*, which erases every input
+detail the next block or time step could use). `target_scale` multiplies P, so it is the inverse temperature.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,13 +18,21 @@ import torch.nn.functional as F
 
 from .errors import LocalTrainingError
 
-LOCAL_LOSSES = ("mse", "l1", "ce")
+LOCAL_LOSSES = ("mse", "l1", "ce", "contrast")
 
 
-def local_loss(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _contrast_inputs(kind: str, proj: torch.Tensor | None, y_onehot: torch.Tensor | None):
+    if proj is None or y_onehot is None:
+        raise LocalTrainingError(f"local loss {kind!r} needs the projection P and the one-hot labels")
+    return proj.to(y_onehot.dtype)
+
+
+def local_loss(kind: str, a: torch.Tensor, target: torch.Tensor, proj: torch.Tensor | None = None,
+               y_onehot: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample loss summed over features, averaged over the batch: a, target (B, ...) -> scalar.
 
-    mse is 0.5 * sum (a - t)^2, so its gradient is exactly (a - t) / B.
+    mse is 0.5 * sum (a - t)^2, so its gradient is exactly (a - t) / B. contrast also needs proj (K, D)
+    and y_onehot (B, K) (see the module docstring).
     """
     a, target = a.flatten(1), target.flatten(1)  # (B, D)
     if kind == "mse":
@@ -21,10 +41,14 @@ def local_loss(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         return (a - target).abs().sum(1).mean()
     if kind == "ce":  # soft cross-entropy: the target's softmax is the distribution to match
         return -(F.softmax(target, dim=1) * F.log_softmax(a, dim=1)).sum(1).mean()
+    if kind == "contrast":
+        p = _contrast_inputs(kind, proj, y_onehot)
+        return -(y_onehot * F.log_softmax(a @ p.t(), dim=1)).sum(1).mean()  # scores (B, K)
     raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
 
 
-def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor, proj: torch.Tensor | None = None,
+                    y_onehot: torch.Tensor | None = None) -> torch.Tensor:
     """dL/da of `local_loss` in closed form, (B, ...) like `a`, computed without an autograd graph.
 
     tpSGD feeds this straight into a.backward(): the loss itself never builds a graph, so its softmax or
@@ -38,6 +62,9 @@ def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor) -> torch.T
             g = torch.sign(a2 - t2)
         elif kind == "ce":
             g = F.softmax(a2, dim=1) - F.softmax(t2, dim=1)
+        elif kind == "contrast":
+            p = _contrast_inputs(kind, proj, y_onehot)
+            g = (F.softmax(a2 @ p.t(), dim=1) - y_onehot) @ p  # (B, K) @ (K, D)
         else:
             raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
         return (g / a.shape[0]).view_as(a)

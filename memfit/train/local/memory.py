@@ -89,7 +89,10 @@ class TrainingMemoryMeter:
             entry = self._live[key] = [t.untyped_storage().nbytes(), 0]
             self.saved_bytes += entry[0]
         entry[1] += 1
-        handle = _Saved(t)
+        # keep a detached alias (same storage; autograd re-attaches grad_fn on unpack): holding t itself, a
+        # saved *output* would close the cycle output -> grad_fn -> saved variable -> handle -> output, which
+        # no gc can break when the graph is never backwarded (an RNN step whose loss weight is 0)
+        handle = _Saved(t.detach())
         weakref.finalize(handle, self._release, key)
         self.sample()
         return handle

@@ -6,6 +6,8 @@ update as soon as its forward pass is done" is a plain `optimizers[i].step()`.
 - bp: the usual loss.backward() through the whole stack.
 - tpsgd (target projection SGD): hidden block i sees its input detached and minimises a local loss
   L(a_i, P_i y*) against a fixed random projection of the one-hot label; its optimizer steps right away.
+  The loss is ce, mse or l1 against P_i y*, or contrast: cross-entropy of the scores a_i . P_i[c] against
+  every class's projected target (`losses.py`), which stops pulling once the own class's target wins.
 - drtp (direct random target projection): same, but the gradient at the block output is the projected
   target itself, dL/da_i = -P_i y* / B, whatever the output is.
 - dfa (direct feedback alignment): dL/da_i = B_i e with e = softmax(logits) - y* the output error; e exists
@@ -25,7 +27,10 @@ from torch import nn
 from .errors import LocalTrainingError
 from .fused import linear_activation, local_linear_step
 from .losses import LOCAL_LOSSES, local_loss, local_loss_grad  # noqa: F401 (re-exported)
-from .models import LocalNet, detach_state
+from .models import LocalNet
+from .recurrent import (  # noqa: F401 (TIME_WEIGHTINGS, time_weights re-exported)
+    TIME_WEIGHTINGS, dfa_recurrent_outputs, local_layer_major, local_recurrent_step, time_weights,
+)
 
 METHODS = ("tpsgd", "bp", "drtp", "dfa")
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -60,23 +65,6 @@ class TargetProjection:
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """v (B, K): one-hot labels or output errors -> (B, *out_shape) = v @ P."""
         return (v @ self.matrix().to(v.device, v.dtype)).view(v.shape[0], *self.out_shape)
-
-
-TIME_WEIGHTINGS = ("square", "linear", "uniform", "last")
-
-
-def time_weights(kind: str, steps: int) -> list[float]:
-    """Weight of each time step's local loss for recurrent blocks, summing to 1.
-
-    square: (t+1)^2, linear: t+1, uniform: 1, last: only the final step. Early steps have seen only the
-    first rows of the image and cannot know the class yet, so later steps weigh more by default."""
-    if kind not in TIME_WEIGHTINGS:
-        raise LocalTrainingError(f"unknown time weighting {kind!r}; choose one of {', '.join(TIME_WEIGHTINGS)}")
-    raw = {"square": lambda t: (t + 1) ** 2, "linear": lambda t: t + 1, "uniform": lambda t: 1,
-           "last": lambda t: float(t == steps - 1)}[kind]
-    w = [float(raw(t)) for t in range(steps)]
-    total = sum(w)
-    return [v / total for v in w]
 
 
 class Rule:
@@ -186,54 +174,11 @@ class LocalTargetRule(Rule):
         return self.head_step(h, y)
 
     def _recurrent_step(self, seq, y, y_onehot):
-        """seq (B, T, F). Every layer gets its local target at every step (weighted by
-        `time_weights(self.time_weighting, T)`; with the default (t+1)^2, early steps that have seen only the
-        first rows count little); gradients add up over the T steps and each layer steps once per sequence.
-
-        rnn_window 1 (no backprop through time) runs time-major: step t of every layer, then step t+1, so
-        nothing but the states is held between steps (streaming). With rnn_window k > 1 a layer's state is
-        detached only every k steps and the local losses of a window flow back through its k steps of that
-        one layer (truncated BPTT inside the layer, never into another layer); then the layers run one after
-        the other over the whole sequence (layer-major), so only one layer's window graph is alive at a time."""
-        if self.rnn_window > 1:
-            return self._recurrent_layer_major(seq, y, y_onehot)
-        batch, steps = seq.shape[:2]
-        states = [blk.init_state(batch, seq) for blk in self.net.blocks]
-        weights = time_weights(self.time_weighting, steps)
-        inp = seq[:, 0]
-        for t in range(steps):
-            inp = seq[:, t]  # (B, F)
-            for i, blk in enumerate(self.net.blocks):
-                out, state = blk.step(inp.detach(), states[i])  # out (B, H)
-                if weights[t] > 0:
-                    self.hidden_backward(i, out, y_onehot, weights[t])
-                states[i] = detach_state(state)
-                inp = out.detach()
-        for i in range(len(self.net.blocks)):
-            self.step_layer(i)
-        return self.head_step(inp, y)
+        """Recurrent blocks: see `recurrent.local_recurrent_step` (time-major, or layer-major windows)."""
+        return local_recurrent_step(self, seq, y, y_onehot)
 
     def _recurrent_layer_major(self, seq, y, y_onehot):
-        batch, steps = seq.shape[:2]
-        weights = time_weights(self.time_weighting, steps)
-        inputs = [seq[:, t] for t in range(steps)]  # T x (B, F)
-        for i, blk in enumerate(self.net.blocks):
-            state = blk.init_state(batch, seq)
-            pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (root, dL/droot) of the current window
-            outs = []
-            for t in range(steps):
-                out, state = blk.step(inputs[t].detach(), state)  # out (B, H)
-                if weights[t] > 0:
-                    pending.append(self.hidden_signal(i, out, y_onehot, weights[t]))
-                if (t + 1) % self.rnn_window == 0 or t == steps - 1:
-                    if pending:
-                        self.local_backward(i, [r for r, _ in pending], [g for _, g in pending])
-                        pending = []
-                    state = detach_state(state)
-                outs.append(out.detach())
-            self.step_layer(i)  # the next layer reads outputs computed before this update, as time-major does
-            inputs = outs
-        return self.head_step(inputs[-1], y)
+        return local_layer_major(self, seq, y, y_onehot)
 
 
 class TpSGD(LocalTargetRule):
@@ -255,7 +200,8 @@ class TpSGD(LocalTargetRule):
         target = self.projections[i].project(y_onehot)  # (B, D) or (B, C) for conv = P_i y*
         if a.dim() == 4:
             a = a.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C); mean saves nothing for backward
-        return a, local_loss_grad(self.loss, a, target) * scale  # = d(scale * L(a, P_i y*))/da
+        proj = self.projections[i].matrix().to(a.device, a.dtype)  # (K, D): contrast scores a against each row
+        return a, local_loss_grad(self.loss, a, target, proj, y_onehot) * scale  # = d(scale * L(a, P_i y*))/da
 
 
 class DRTP(LocalTargetRule):
@@ -286,21 +232,7 @@ class DFA(Rule):
         # every block's local graph lives until the error is known: (block, output, weight)
         outs: list[tuple[int, torch.Tensor, float]] = []
         if self.net.recurrent:
-            batch, steps = h.shape[:2]
-            states = [blk.init_state(batch, h) for blk in self.net.blocks]
-            weights = time_weights(self.time_weighting, steps)
-            inp = h[:, 0]
-            for t in range(steps):
-                inp = h[:, t]
-                for i, blk in enumerate(self.net.blocks):
-                    out, state = blk.step(inp.detach(), states[i])
-                    if weights[t] > 0:
-                        outs.append((i, out, weights[t]))
-                    # detach every rnn_window steps, like tpSGD/DRTP (1: no backprop through time)
-                    end = (t + 1) % self.rnn_window == 0 or t == steps - 1
-                    states[i] = detach_state(state) if end else state
-                    inp = out.detach()
-            last = inp
+            last = dfa_recurrent_outputs(self, h, outs)
         else:
             for i, block in enumerate(self.net.blocks):
                 a = block(h.detach())
