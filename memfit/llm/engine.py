@@ -114,10 +114,10 @@ class LLMEngine:
         self.dtype = next(self.model.parameters()).dtype
         self.num_packed_linears = self.num_fused_layers = self.num_row_major_linears = 0
         self.cpu_linear = _cpu_linear_backend(config, self.device, self.dtype)  # "memfit" | "onednn" | None
-        # Fusion copies q/k/v and gate/up into new memory. It pays on a GPU and before oneDNN packing (which
-        # copies anyway); with memfit's row-major kernel it measured no faster (0.97-1.02x, docs/engine.md),
-        # so the weights keep their zero-copy mapping of the checkpoint there.
-        if config.fuse and (self.cpu_linear == "onednn" or self.device.type == "cuda"):
+        # Fusion copies q/k/v and gate/up into new memory. It pays on a GPU and before packing (oneDNN's or
+        # memfit's blocked layout, which copy anyway: fewer, wider matmuls); with memfit's row-major kernel
+        # it measured no faster (0.97-1.02x, docs/engine.md), so the weights keep their zero-copy mapping.
+        if config.fuse and (self.cpu_linear in ("onednn", "blocked") or self.device.type == "cuda"):
             from memfit.llm.models.fusion import fuse_projections
 
             self.num_fused_layers = fuse_projections(self.model)

@@ -72,19 +72,17 @@ inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// 16 lanes rounded to T's precision (bf16: nearest even, as to_bf16), still as fp32; and stored as T.
+// 16 lanes rounded to T's precision, still as fp32; and stored as T. bf16 uses AVX512-BF16's conversion
+// (round to nearest even, NaN stays NaN, as to_bf16), one instruction instead of an integer rounding
+// sequence: it halves SiLU*up's time in bf16. It flushes fp32 denormals (below 1.2e-38) to zero, where
+// to_bf16 would keep a bf16 denormal; activations never hold such values.
 inline __m512 rnd16(__m512 v, const float*) { return v; }
 inline __m512 rnd16(__m512 v, const uint16_t*) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
-    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32((int)0xffff0000u));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // NaN stays a (quiet) NaN
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), nan, _mm512_castsi512_ps(_mm512_or_si512(u, _mm512_set1_epi32(0x400000))));
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline void st16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void st16(uint16_t* p, __m512 v) {
-    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rnd16(v, p)), 16)));
-}
+inline void st16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 // ---- RMSNorm ----------------------------------------------------------------------------------------------
 // h = x (+ r, rounded to T); r_out = h (when given); y = rnd(w * rnd(h * rsqrt(mean(h^2) + eps))).

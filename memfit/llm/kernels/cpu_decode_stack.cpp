@@ -68,6 +68,7 @@ struct Api<float> {
 extern "C" {
 
 // One layer's tensors (data pointers; a bias may be NULL). Field order is mirrored by kernels/stack.py.
+// Fused projections (models/fusion.py): wq/bq hold q|k|v and wg/bg gate|up, with wk, wv and wu NULL.
 struct MemfitLayer {
     const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln2, *wg, *bg, *wu, *bu, *wd, *bd;
     void *kcache, *vcache;  // this layer's K and V, element (slot 0, token 0, head 0, 0)
@@ -107,30 +108,40 @@ void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* o
     T* resid = buf.data();
     T* h = resid + M * C;
     T* xx = h + M * C;  // the running block output (x, layer by layer)
-    T* q = xx + M * C;
-    T* k = q + M * QD;
-    T* v = k + M * KD;
-    T* att = v + M * KD;
-    T* g = att + M * QD;
-    T* u = g + M * I;
-    T* act = u + M * I;
+    T* qkv = xx + M * C;  // q, k, v: three (M, *) blocks, or one fused (M, QD + 2 KD) matmul output
+    T* att = qkv + M * (QD + 2 * KD);
+    T* gu = att + M * QD;  // gate, up: two (M, I) blocks, or one fused (M, 2 I) output
+    T* act = gu + 2 * M * I;
     const T* cur = x;  // layer 0 reads the embeddings
     for (int l = 0; l < nlayers; l++) {
         const MemfitLayer& L = layers[l];
         // residual (+)= x, h = norm(residual): rmsnorm reads a whole row before it writes r_out, so in place is safe
         A::rmsnorm(cur, C, l ? resid : nullptr, C, resid, C, (const T*)L.ln1, s->eps, h, C, M, C);
-        matmul<T>(s, h, C, L.wq, L.bq, q, QD, C);
-        matmul<T>(s, h, C, L.wk, L.bk, k, KD, C);
-        matmul<T>(s, h, C, L.wv, L.bv, v, KD, C);
-        A::rope(q, QD, (int)Hq, k, KD, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
-        // The new token's K/V rows go into the cache inside the attention call (k, v: row stride KD).
-        A::attn(q, QD, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
-                s->window, s->scale, att, QD, k, v, KD, s->nthreads);
+        T *q, *k, *v;
+        int64_t ldq, ldkv;
+        if (L.wk) {  // separate projections
+            q = qkv, k = q + M * QD, v = k + M * KD, ldq = QD, ldkv = KD;
+            matmul<T>(s, h, C, L.wq, L.bq, q, QD, C);
+            matmul<T>(s, h, C, L.wk, L.bk, k, KD, C);
+            matmul<T>(s, h, C, L.wv, L.bv, v, KD, C);
+        } else {  // wq holds q/k/v fused (models/fusion.py): column slices of one output
+            q = qkv, k = q + QD, v = k + KD, ldq = ldkv = QD + 2 * KD;
+            matmul<T>(s, h, C, L.wq, L.bq, qkv, QD + 2 * KD, C);
+        }
+        A::rope(q, ldq, (int)Hq, k, ldkv, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
+        // The new token's K/V rows go into the cache inside the attention call.
+        A::attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
+                s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
         matmul<T>(s, att, QD, L.wo, L.bo, xx, C, QD);
         A::rmsnorm(xx, C, resid, C, resid, C, (const T*)L.ln2, s->eps, h, C, M, C);
-        matmul<T>(s, h, C, L.wg, L.bg, g, I, C);
-        matmul<T>(s, h, C, L.wu, L.bu, u, I, C);
-        A::silu_mul(g, I, u, I, act, I, M, I);
+        if (L.wu) {
+            matmul<T>(s, h, C, L.wg, L.bg, gu, I, C);
+            matmul<T>(s, h, C, L.wu, L.bu, gu + M * I, I, C);
+            A::silu_mul(gu, I, gu + M * I, I, act, I, M, I);
+        } else {  // wg holds gate/up fused
+            matmul<T>(s, h, C, L.wg, L.bg, gu, 2 * I, C);
+            A::silu_mul(gu, 2 * I, gu + I, 2 * I, act, I, M, I);
+        }
         matmul<T>(s, act, I, L.wd, L.bd, xx, C, I);
         cur = xx;
     }

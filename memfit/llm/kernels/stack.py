@@ -50,6 +50,17 @@ def _linear_tensors(mod: nn.Module, dtype: torch.dtype, nb: int) -> tuple[torch.
     return w, b
 
 
+def _projections(layer) -> dict[str, nn.Module]:
+    """A decoder layer's projections by the stack's names; fused ones (models/fusion.py) stand for q|k|v ("q")
+    and gate|up ("g"), and then "k", "v" and "u" are absent (NULL on the C side)."""
+    a, m = layer.self_attn, layer.mlp
+    out = {"q": a.qkv_proj} if a.qkv_proj is not None else {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj}
+    out["o"] = a.o_proj
+    out.update({"g": m.gate_up_proj} if m.gate_up_proj is not None else {"g": m.gate_proj, "u": m.up_proj})
+    out["d"] = m.down_proj
+    return out
+
+
 class CpuDecodeStack:
     """Built once per engine; `run` does one decode step. `unsupported(model, kv)` says why it can't be built."""
 
@@ -57,7 +68,7 @@ class CpuDecodeStack:
     def _blocked_nb(model) -> int:
         from memfit.llm.kernels.blocked import BlockedLinear
 
-        q = model.model.layers[0].self_attn.q_proj if len(model.model.layers) else None
+        q = _projections(model.model.layers[0])["q"] if len(model.model.layers) else None
         return q.nb if isinstance(q, BlockedLinear) else 0
 
     @staticmethod
@@ -74,12 +85,8 @@ class CpuDecodeStack:
             return "memfit's CPU kernels are unavailable"
         nb = CpuDecodeStack._blocked_nb(model)
         for layer in model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            if a.qkv_proj is not None or m.gate_up_proj is not None:
-                return "q/k/v or gate/up are fused"
-            for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                if _linear_tensors(mod, dtype, nb) is None:
-                    return "the linear layers are not all held by one of memfit's matmul kernels"
+            if any(_linear_tensors(mod, dtype, nb) is None for mod in _projections(layer).values()):
+                return "the linear layers are not all held by one of memfit's matmul kernels"
         return None
 
     def __init__(self, model, kv) -> None:
@@ -99,10 +106,8 @@ class CpuDecodeStack:
         self._layers = (_Layer * len(layers))()
         self._keep = []  # every tensor whose pointer the C side holds
         for i, layer in enumerate(layers):
-            a, m = layer.self_attn, layer.mlp
             ptrs = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
-            for key, mod in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj), ("g", m.gate_proj),
-                             ("u", m.up_proj), ("d", m.down_proj)):
+            for key, mod in _projections(layer).items():  # fused: "q" is q|k|v and "g" gate|up; no k, v, u
                 ptrs["w" + key], ptrs["b" + key] = _linear_tensors(mod, self.dtype, nb)
             ptrs["kcache"], ptrs["vcache"] = kv.strided(i)
             for name, t in ptrs.items():

@@ -167,6 +167,7 @@ def test_engine_kernels_give_the_torch_tokens(tmp_path, family, dtype, overrides
     ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn", max_num_seqs=3), prompts)  # PyTorch ops
     blocked = LLMEngine(**opts, cpu_linear="blocked", max_num_seqs=3)
     assert blocked.cpu_linear == "blocked" and blocked.runner.stack is not None and blocked.runner.stack.max_rows >= 3
+    assert blocked.num_fused_layers == 2  # q|k|v and gate|up fused before packing: the stack runs fused layers
     assert _greedy(blocked, prompts) == ref  # decode steps of 1-3 rows in one call each
     row_major = LLMEngine(**opts, cpu_linear="memfit", max_num_seqs=1)
     assert row_major.runner.stack is not None and row_major.runner.stack.max_rows == 2
