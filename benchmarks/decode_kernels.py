@@ -6,7 +6,7 @@
 - element-wise ops at decode sizes (RMSNorm with the residual add, RoPE, SiLU * up, greedy argmax):
   `TorchOps` against `CpuDecodeOps`;
 - whole decode steps of the 0.1b model on the same matmul backend (blocked): PyTorch ops, memfit's op
-  kernels called op by op, and the one-call decode stack;
+  kernels called op by op, and the one-call decode stack (with q/k/v and gate/up fused, and without);
 - prefill of a 512-token prompt with each CPU matmul backend (blocked, oneDNN, row-major = F.linear there).
 
     OMP_NUM_THREADS=1 python benchmarks/decode_kernels.py --threads 1 --out benchmarks/results/decode_kernels.json
@@ -105,10 +105,11 @@ def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
         path = make_model_dir("0.1b", dtype, Path(tmp))
         for b in batches:
             row: dict = {"dtype": dtype, "batch": b}
-            for label, kernels, stack in (("torch_ops", False, False), ("memfit_ops", True, False),
-                                          ("memfit_stack", True, True)):
+            for label, kernels, stack, fuse in (("torch_ops", False, False, True), ("memfit_ops", True, False, True),
+                                                ("memfit_stack", True, True, True),
+                                                ("memfit_stack_unfused", True, True, False)):
                 eng = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="2GiB", max_num_seqs=b,
-                                             max_model_len=512, cpu_linear="blocked", cpu_kernels=kernels))
+                                             max_model_len=512, cpu_linear="blocked", cpu_kernels=kernels, fuse=fuse))
                 if not stack:
                     eng.runner.stack = None
                 g = torch.Generator().manual_seed(1)
@@ -125,6 +126,7 @@ def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
                 eng.close()
                 row[f"{label}_ms"] = round(statistics.median(times), 2)
             row["stack_vs_torch_ops"] = round(row["torch_ops_ms"] / row["memfit_stack_ms"], 2)
+            row["fused_vs_unfused"] = round(row["memfit_stack_unfused_ms"] / row["memfit_stack_ms"], 3)
             rows.append(row)
     return rows
 
