@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--rnn-window", type=int, default=1,
                    help="recurrent local rules: backprop through time within one layer over this many steps "
                         "(1: none; never across layers)")
+    p.add_argument("--remember-bias", type=float, default=0.0,
+                   help="rnn gru/lstm: add this to the update/forget-gate bias at init (the state leaks slower)")
     p.add_argument("--no-fused", action="store_true", help="tpSGD/DRTP: plain autograd instead of the lean fused step")
     p.add_argument("--regenerate-projections", action="store_true",
                    help="regenerate the random projections from their seeds at each use instead of storing them")
@@ -77,6 +79,7 @@ def run_local(args: argparse.Namespace) -> int:
                 rnn_cell=args.rnn_cell, store_projections=not args.regenerate_projections,
                 max_train=args.max_train, data_dir=args.data_dir, target_scale=args.target_scale,
                 time_weighting=args.time_weighting, rnn_window=args.rnn_window, fused_local=not args.no_fused,
+                remember_bias=args.remember_bias,
             )
             for m in methods
         ]

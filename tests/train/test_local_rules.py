@@ -193,3 +193,40 @@ def test_conv_contrast_gradient_is_on_channel_means():
     a2 = a.detach().clone().requires_grad_(True)
     (0.5 * F.cross_entropy(a2.mean(dim=(2, 3)) @ proj.T, y1.argmax(1))).backward()
     torch.testing.assert_close(a.grad, a2.grad)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_remember_bias_shifts_only_the_keep_gate_bias(cell):
+    # torch's gate layout: GRU r|z|n, LSTM i|f|g|o; the keep gate (z / f) is rows H:2H of bias_ih
+    plain = build_model(ModelConfig("rnn", 2, 5, rnn_cell=cell), (1, 4, 3), 4, seed=0)
+    biased = build_model(ModelConfig("rnn", 2, 5, rnn_cell=cell, remember_bias=2.5), (1, 4, 3), 4, seed=0)
+    b0, b1 = plain.blocks[0].cell.bias_ih.detach(), biased.blocks[0].cell.bias_ih.detach()
+    torch.testing.assert_close(b1[5:10], b0[5:10] + 2.5)
+    torch.testing.assert_close(torch.cat([b1[:5], b1[10:]]), torch.cat([b0[:5], b0[10:]]))
+    torch.testing.assert_close(biased.blocks[0].cell.weight_ih, plain.blocks[0].cell.weight_ih)
+
+
+def test_remember_bias_makes_the_gru_keep_its_state():
+    # h' = (1 - z) n + z h: with a large update-gate bias z -> 1 and the state barely moves
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    h = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    for bias, close in ((0.0, False), (2.5, False), (30.0, True)):
+        torch.manual_seed(0)
+        blk = build_model(ModelConfig("rnn", 2, 6, remember_bias=bias), (1, 2, 4), 3, seed=0).blocks[0]
+        out, _ = blk.step(x, h)
+        assert torch.allclose(out, h, atol=1e-6) is close
+        c = blk.cell  # the GRU formula with the shifted bias, written out
+        gi, gh = x @ c.weight_ih.T + c.bias_ih, h @ c.weight_hh.T + c.bias_hh  # (B, 3H)
+        r = torch.sigmoid(gi[:, :6] + gh[:, :6])
+        z = torch.sigmoid(gi[:, 6:12] + gh[:, 6:12])
+        n = torch.tanh(gi[:, 12:] + r * gh[:, 12:])
+        torch.testing.assert_close(out, (1 - z) * n + z * h)
+        if bias == 2.5:  # the update gate opens further towards keeping h than at bias 0
+            assert (z > 0.75).float().mean() > 0.8
+
+
+def test_remember_bias_needs_a_gated_recurrent_cell():
+    with pytest.raises(LocalTrainingError, match="gated cell"):
+        ModelConfig("rnn", 2, 5, rnn_cell="elman", remember_bias=1.0).validate()
+    with pytest.raises(LocalTrainingError, match="gated cell"):
+        ModelConfig("mlp", 2, 5, remember_bias=1.0).validate()

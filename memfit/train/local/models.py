@@ -27,6 +27,7 @@ class ModelConfig:
     activation: str = "relu"  # hidden non-linearity of mlp/cnn blocks
     rnn_cell: str = "gru"  # elman | gru | lstm
     batch_norm: bool = True  # BatchNorm2d in cnn blocks
+    remember_bias: float = 0.0  # rnn: added at init to the GRU update-gate / LSTM forget-gate bias
 
     def validate(self) -> None:
         if self.kind not in MODELS:
@@ -39,6 +40,8 @@ class ModelConfig:
             raise LocalTrainingError(f"unknown activation {self.activation!r}; choose {', '.join(ACTIVATIONS)}")
         if self.rnn_cell not in RNN_CELLS:
             raise LocalTrainingError(f"unknown rnn cell {self.rnn_cell!r}; choose one of {', '.join(RNN_CELLS)}")
+        if self.remember_bias and (self.kind != "rnn" or self.rnn_cell == "elman"):
+            raise LocalTrainingError("--remember-bias needs --model rnn with a gated cell (--rnn-cell gru or lstm)")
 
     @property
     def hidden_width(self) -> int:
@@ -65,7 +68,7 @@ class ConvBlock(nn.Module):
 class RecurrentBlock(nn.Module):
     """One recurrent layer run one time step at a time, so local rules can update it step by step."""
 
-    def __init__(self, cell: str, n_in: int, hidden: int):
+    def __init__(self, cell: str, n_in: int, hidden: int, remember_bias: float = 0.0):
         super().__init__()
         self.cell_type = cell
         self.hidden = hidden
@@ -75,6 +78,18 @@ class RecurrentBlock(nn.Module):
             self.cell = nn.GRUCell(n_in, hidden)
         else:
             self.cell = nn.LSTMCell(n_in, hidden)
+        if remember_bias:
+            self.add_remember_bias(remember_bias)
+
+    def add_remember_bias(self, value: float) -> None:
+        """Shift the gate that keeps the old state towards keeping it: GRU h' = (1 - z) n + z h with
+        z = sigmoid(W_iz x + b_iz + W_hz h + b_hz), so +value on b_iz (rows H:2H of torch's r|z|n layout);
+        LSTM c' = f c + i g, +value on b_if (rows H:2H of i|f|g|o). At init the state then leaks slowly and
+        carries the early rows further, which a rule without backprop through time cannot learn to do."""
+        if self.cell_type == "elman":
+            raise LocalTrainingError("remember_bias needs a gated cell (gru or lstm)")
+        with torch.no_grad():
+            self.cell.bias_ih[self.hidden:2 * self.hidden] += value
 
     def init_state(self, batch: int, like: torch.Tensor):
         h = like.new_zeros(batch, self.hidden)  # (B, H)
@@ -137,7 +152,7 @@ class LocalNet(nn.Module):
         else:  # rnn: image rows are time steps, (B, T=H, F=C*W)
             n_in = c * w
             for _ in range(cfg.depth - 1):
-                blocks.append(RecurrentBlock(cfg.rnn_cell, n_in, width))
+                blocks.append(RecurrentBlock(cfg.rnn_cell, n_in, width, cfg.remember_bias))
                 self.block_out_shapes.append((width,))
                 n_in = width
             head_in = n_in

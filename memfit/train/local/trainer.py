@@ -37,6 +37,7 @@ class TrainConfig:
     time_weighting: str = "square"  # recurrent blocks: weight of each step's local loss / feedback
     fused_local: bool = True  # lean one-node step for Linear+act blocks of tpSGD/DRTP (fused.py)
     rnn_window: int = 1  # recurrent local rules: detach the state every k steps (1: no backprop through time)
+    remember_bias: float = 0.0  # rnn (gru/lstm): init bias added to the update/forget gate (model, every method)
     max_train: int | None = None  # keep this many training examples (None: all)
     max_steps: int | None = None  # stop each epoch after this many steps (memory probes)
     data_dir: str | None = None
@@ -65,7 +66,8 @@ class TrainConfig:
         self.model_config().validate()
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(self.model, self.depth, self.width, self.activation, self.rnn_cell)
+        return ModelConfig(self.model, self.depth, self.width, self.activation, self.rnn_cell,
+                           remember_bias=self.remember_bias)
 
 
 @dataclass
@@ -155,7 +157,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
         peak_rss_bytes=report.peak_rss_bytes, memory=asdict(report), curve=curve,
         settings={k: getattr(cfg, k) for k in ("lr", "optimizer", "local_loss", "activation", "rnn_cell",
                                                "target_scale", "time_weighting", "rnn_window", "fused_local",
-                                               "max_train")},
+                                               "remember_bias", "max_train")},
     )
 
 
