@@ -15,7 +15,6 @@ from memfit.llm.models.llama import LlamaForCausalLM
 from memfit.llm.sampling import Sampler, TokenLogprobs
 from memfit.llm.scheduler import ScheduledSeq
 
-
 SMALL_STEP = 64  # steps of up to this many tokens keep their exact size (decode batches)
 STEP_BUCKET = 32  # larger steps are padded to a multiple of this
 

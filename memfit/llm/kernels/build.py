@@ -31,7 +31,7 @@ FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-
 NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
 
 _lock = threading.Lock()
-_loaded: dict[str, "CpuLinearLib | None"] = {}  # cache key -> library (None: failed, with the reason logged)
+_loaded: dict[str, CpuLinearLib | None] = {}  # cache key -> library (None: failed, with the reason logged)
 _reasons: dict[str, str] = {}
 compile_count = 0  # compiles done by this process (the tests check that a cached build is reused)
 
@@ -83,7 +83,7 @@ def unavailable_reason(dtype: torch.dtype) -> str | None:
     return None
 
 
-def get_cpu_linear(dtype: torch.dtype) -> "ctypes._CFuncPtr | None":
+def get_cpu_linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel function for `dtype`, or None (reason logged) when this machine can't run it."""
     reason = unavailable_reason(dtype)
     if reason is not None:

@@ -6,31 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.llm.kernels import build
 from memfit.llm.kernels.blocked import BlockedLinear, use_blocked_linears
+from tests.llm.kernels.common import make_linear, need
 
 ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64]
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    """One build per test session, in a temporary cache, never the user's."""
-    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memfit-kernels"))
 
-
-def need(dtype: torch.dtype) -> None:
-    reason = build.unavailable_reason(dtype)
-    if reason is not None:
-        pytest.skip(f"memfit CPU kernels unavailable for {dtype}: {reason}")
-
-
-def make_linear(n: int, k: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
-    lin.weight.copy_(torch.randn(n, k, generator=g))
-    if bias:
-        lin.bias.copy_(torch.randn(n, generator=g))
-    return lin
 
 
 def check(got: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> None:

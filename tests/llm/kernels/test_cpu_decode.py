@@ -14,11 +14,6 @@ from memfit.llm.models.ops import TorchOps
 REF = TorchOps()
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memfit-kernels"))
-
-
 def ops_for(dtype: torch.dtype):
     reason = build.unavailable_reason(dtype)
     if reason is not None:
@@ -163,7 +158,7 @@ def test_engine_kernels_give_the_torch_tokens(tmp_path, family, dtype, overrides
 
     path = make_tiny_model_dir(tmp_path, family=family, dtype=dtype, hidden_size=128, **overrides)
     prompts = [list(range(3, 23)), list(range(40, 45)), list(range(7, 40))]
-    opts = dict(model=str(path), device="cpu", kv_budget="8MiB")
+    opts = {"model": str(path), "device": "cpu", "kv_budget": "8MiB"}
     ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn", max_num_seqs=3), prompts)  # PyTorch ops
     blocked = LLMEngine(**opts, cpu_linear="blocked", max_num_seqs=3)
     assert blocked.cpu_linear == "blocked" and blocked.runner.stack is not None and blocked.runner.stack.max_rows >= 3

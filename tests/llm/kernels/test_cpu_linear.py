@@ -8,27 +8,7 @@ from torch import nn
 
 from memfit.llm.kernels import build
 from memfit.llm.kernels.linear import RowMajorLinear, use_row_major_linears
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path_factory, monkeypatch):
-    """One build per test session, in a temporary cache, never the user's."""
-    monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "memfit-kernels"))
-
-
-def need(dtype: torch.dtype) -> None:
-    reason = build.unavailable_reason(dtype)
-    if reason is not None:
-        pytest.skip(f"memfit CPU linear kernel unavailable for {dtype}: {reason}")
-
-
-def make_linear(n: int, k: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias).to(dtype).requires_grad_(False)
-    lin.weight.copy_(torch.randn(n, k, generator=g))
-    if bias:
-        lin.bias.copy_(torch.randn(n, generator=g))
-    return lin
+from tests.llm.kernels.common import make_linear, need
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
