@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Every C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
 # the rest of a decode step), so one compile and one cache entry cover them all.
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # included by the sources: part of the cache key
 FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
 # What each dtype's kernel needs from the CPU (flag names as in /proc/cpuinfo).
 NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
@@ -99,7 +100,7 @@ def _key_or_none() -> str | None:
     if cxx is None:
         return None
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     h.update("\0".join((os.path.realpath(cxx), *FLAGS)).encode())
     return h.hexdigest()[:16]

@@ -24,20 +24,10 @@
 
 namespace memfit_decode {
 
-inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays a quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest even
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
-inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+inline uint16_t to_bf16(float f) { return f32_to_bf16(f); }
+inline float from_bf16(uint16_t h) { return bf16_to_f32(h); }
 
 // Scalar load/store/round per element type: `rnd` is the value the reference would hold in that dtype.
 inline float ld(const float* p) { return *p; }

@@ -16,20 +16,7 @@
 
 namespace {
 
-inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays a quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                         // round to nearest even
-    return (uint16_t)(u >> 16);
-}
-
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "bf16.h"
 
 #ifndef RB
 #define RB 8  // weight rows per block (M > ROW_MAX)
