@@ -29,24 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from decode_ops import _us  # noqa: E402  (process-time median, the same timer as decode_ops)
+
 from memfit.llm.attention import Workspace, attend_one, decode_attention  # noqa: E402
 from memfit.llm.kernels.decode import CpuDecodeOps  # noqa: E402
 from memfit.llm.models.ops import TorchOps  # noqa: E402
 from memfit.memory.measure import machine_info  # noqa: E402
 
 HQ, HKV, D = 12, 4, 64
-
-
-def _us(fn, reps: int, inner: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.process_time()
-        for _ in range(inner):
-            fn()
-        times.append((time.process_time() - t) / inner * 1e6)
-    return round(statistics.median(times), 1)
 
 
 def attention_rows(dtype: torch.dtype, reps: int) -> list[dict]:
