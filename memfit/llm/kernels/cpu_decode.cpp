@@ -184,19 +184,7 @@ void silu_mul(const T* g, int64_t ldg, const T* u, int64_t ldu, T* y, int64_t ld
 // dot products are reduced together by one transpose-add tree (hsum16) instead of 16 horizontal sums.
 // Softmax in fp32; the output is sum_t p_t V_t, 16 lanes of D at a time, and is rounded once, at the end.
 
-// Sixteen horizontal sums at once: lane i of the result = the sum of v[i]'s lanes.
-inline __m512 hsum16(const __m512* v) {
-    __m512 u[8], w[4], s[2];
-    for (int j = 0; j < 8; j++)
-        u[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44), _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
-    for (int j = 0; j < 4; j++)
-        w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0x88), _mm512_shuffle_f32x4(u[2 * j], u[2 * j + 1], 0xDD));
-    for (int j = 0; j < 2; j++)
-        s[j] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * j], w[2 * j + 1]), _mm512_unpackhi_ps(w[2 * j], w[2 * j + 1]));
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x44), _mm512_shuffle_ps(s[0], s[1], 0xEE));
-    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    return _mm512_permutexvar_ps(idx, r);
-}
+#include "hsum16.h"
 
 // Query row q (D elements) in registers, in the form `dot_lanes` multiplies a K row by: fp32 lanes, or for
 // bf16 the raw bf16 pairs, since AVX512-BF16's dot product (vdpbf16ps) takes K rows as stored, with no
