@@ -155,6 +155,7 @@ class Workspace:
 
 
 DECODE_PAD = 64  # tokens; see CachedAttention
+_UNSET = object()
 
 
 class CachedAttention:
@@ -175,13 +176,9 @@ class CachedAttention:
         self.scale = scale
         self.window = window
         self.plan = kv.plan_step(steps)
-        # The decode context is read padded to a multiple of DECODE_PAD tokens (masked), so the attention
-        # matmuls see one shape per 64 tokens of context instead of a new one every step.
-        self.decode_plan = kv.plan_step(steps[:num_decode], pad_to=DECODE_PAD) if num_decode > 1 else None
         self.decode_ends = [s.end for s in steps[:num_decode]]
         self._decode_lens: torch.Tensor | None = None
-        if window is not None and self.decode_ends and max(self.decode_ends) > window:
-            self.decode_plan = None  # sliding window: fall back to per-sequence attention
+        self._decode_plan: object = _UNSET  # built on first use: the CPU kernel below never needs it
         # memfit's CPU kernel (kernels/decode.py) reads decode rows straight from a cache that keeps every
         # sequence at a fixed stride (the virtual cache's `strided(layer)`): no gather, padding or mask.
         self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
@@ -190,6 +187,18 @@ class CachedAttention:
             self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
         else:
             self.kernels = None
+
+    @property
+    def decode_plan(self):
+        """The batched read plan of the decode rows, or None (one decode row, or a sliding window shorter than
+        a context: per-sequence attention then). The context is read padded to a multiple of DECODE_PAD
+        tokens (masked), so the attention matmuls see one shape per 64 tokens instead of a new one a step."""
+        if self._decode_plan is _UNSET:
+            n = self.num_decode
+            windowed = self.window is not None and self.decode_ends and max(self.decode_ends) > self.window
+            self._decode_plan = (self.kv.plan_step(self.steps[:n], pad_to=DECODE_PAD)
+                                 if n > 1 and not windowed else None)
+        return self._decode_plan
 
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""

@@ -33,12 +33,12 @@ namespace {
 #ifndef BLK_CHUNK_BYTES
 #define BLK_CHUNK_BYTES 16384  // bytes of one panel's K chunk (several row tiles): fits L1 with the x chunk
 #endif
-// Software prefetch of the weight stream into L2, g_pf_bytes ahead. From g_pf_min_rows rows on, every line
+// Software prefetch of the weight stream into L2, PF_BYTES ahead. From PF_MIN_ROWS rows on, every line
 // (split over the row tiles): measured on Zen 4 it gains 15-30% there, where without it memory sits idle
 // while the FMAs run. Below, the first line of each step only (a quarter of the lines at NB = 64): it
 // keeps the hardware prefetchers ahead, +5-10%, where prefetching every line costs up to 25%.
-int64_t g_pf_bytes = 32768;
-int64_t g_pf_min_rows = 6;
+constexpr int64_t PF_BYTES = 32768;
+constexpr int64_t PF_MIN_ROWS = 6;
 #ifndef BLK_HINT
 #define BLK_HINT _MM_HINT_T1
 #endif
@@ -187,7 +187,7 @@ void run(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typ
     const int64_t chunk = t.n == 1 ? steps : (int64_t)(BLK_CHUNK_BYTES / (NB * E::SPAN * sizeof(T))) > 0
                                                   ? (int64_t)(BLK_CHUNK_BYTES / (NB * E::SPAN * sizeof(T))) : 1;
 
-    const int64_t pf_bytes = g_pf_bytes;
+    const int64_t pf_bytes = PF_BYTES;
     auto work = [&](int64_t p0, int64_t p1) {
         std::vector<float> acc((size_t)(M * NB));
         for (int64_t p = p0; p < p1; p++) {
@@ -199,7 +199,7 @@ void run(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typ
                 const T* wc = w + c0 * NB * E::SPAN;
                 const int64_t cbytes = cs * NB * E::SPAN * (int64_t)sizeof(T), share = cbytes / t.n;
                 const int64_t stride = share / cs;
-                const int lines = !pf_bytes ? 0 : M >= g_pf_min_rows ? (int)((stride + 63) / 64) : 1;
+                const int lines = !pf_bytes ? 0 : M >= PF_MIN_ROWS ? (int)((stride + 63) / 64) : 1;
                 for (int i = 0; i < t.n; i++)
                     fns[i](xs.data() + t.r0[i] * steps + c0 * t.mr[i], wc, cs, acc.data() + t.r0[i] * NB, c0 == 0,
                            (const char*)wc + pf_bytes + i * share, stride, lines);
@@ -290,12 +290,6 @@ void unpack(const T* packed, T* w, int64_t N, int64_t K, int64_t nb, int span) {
 extern "C" {
 
 int memfit_blocked_abi_version(void) { return 1; }
-
-// Tuning knob (experiments): prefetch `bytes` ahead (0: off), every line from `min_rows` rows on.
-void memfit_blocked_set_prefetch(int64_t bytes, int64_t min_rows) {
-    g_pf_bytes = bytes > 0 ? bytes : 0;
-    g_pf_min_rows = min_rows;
-}
 
 // Elements (bf16 or fp32) of the packed form of an (N, K) weight with panels of nb columns; -1: bad nb.
 int64_t memfit_blocked_packed_elems(int64_t N, int64_t K, int64_t nb, int is_bf16) {
