@@ -6,6 +6,10 @@ excludes prefill (time from the first generated token to the last). Each figure 
 fraction of this machine's limit: the bytes one decode step must read (all weights + the KV of every
 sequence) divided by the memory bandwidth this script measures itself (the fastest of three streaming reads
 with the same thread count: torch's sum, and 1-row GEMVs through memfit's row-major and blocked kernels).
+Beside it, the compute roof: the step's multiply-adds (every weight matrix once per sequence, plus attention)
+divided by the core's multiply-add peak, measured by a register-only loop (memfit.llm.kernels.peak); rows
+report `compute_limit_tok_per_s`, `roofline_limit_tok_per_s` (the lower roof), `memfit_fraction_of_roofline`
+and `speedup_ceiling_vs_transformers` (the roofline limit over transformers' rate: no engine can beat it).
 
     python benchmarks/decode_throughput.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
@@ -137,6 +141,15 @@ def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
     return weights * itemsize + batch * context * kv_per_token
 
 
+def decode_macs_per_token(cfg, context: int) -> int:
+    """Multiply-adds one decode token needs: every weight matrix once (an untied embedding is a lookup, not a
+    product; norm weights are scales), plus attention's q.k and p.v over `context` positions."""
+    matrices = cfg.num_parameters() - (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size
+    if not cfg.tie_word_embeddings:
+        matrices -= cfg.vocab_size * cfg.hidden_size
+    return matrices + 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context
+
+
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
                kv_layout: str = "auto", cpu_linear: str = "auto") -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
@@ -203,6 +216,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from memfit.llm.kernels.peak import peak_macs_per_s
     from memfit.llm.models.config import ModelConfig
     from memfit.memory.measure import machine_info
 
@@ -222,12 +236,18 @@ def main() -> int:
                 if rows:  # the first block uses the reading above
                     bw = measure_bandwidth(args.threads, device)
                     readings.append(bw)
+                # The compute roof: this core's multiply-add peak for the dtype (None off CPU / without kernels).
+                peak = peak_macs_per_s(getattr(torch, dtype), args.threads) if device.type == "cpu" else None
                 for batch in args.batches:
                     context = args.prompt_len + args.new_tokens // 2  # mean context during decode
                     step_bytes = decode_bytes(cfg, getattr(torch, dtype), batch, context)
                     limit_tok_s = batch * bw / step_bytes
                     row = {"shape": shape, "dtype": dtype, "batch": batch, "params": cfg.num_parameters(),
                            "step_bytes": step_bytes, "bandwidth_bytes_per_s": bw, "limit_tok_per_s": limit_tok_s}
+                    if peak:  # the compute roof beside the bandwidth one (the issue's limit stays the headline)
+                        macs = decode_macs_per_token(cfg, context)
+                        row.update(macs_per_token=macs, peak_macs_per_s=peak, compute_limit_tok_per_s=peak / macs,
+                                   roofline_limit_tok_per_s=min(limit_tok_s, peak / macs))
                     # Backends alternate rep by rep, so a busy machine's swings hit them alike.
                     m = {b: [] for b in args.cpu_linear}
                     for _ in range(args.reps):
@@ -240,6 +260,8 @@ def main() -> int:
                     first = args.cpu_linear[0]
                     row["memfit_tok_per_s"] = row[f"memfit_{first}_tok_per_s"]
                     row["memfit_fraction_of_limit"] = row[f"memfit_{first}_fraction_of_limit"]
+                    if peak:
+                        row["memfit_fraction_of_roofline"] = row["memfit_tok_per_s"] / row["roofline_limit_tok_per_s"]
                     if len(args.cpu_linear) > 1:  # per-rep ratios of the first backend to each other
                         for b in args.cpu_linear[1:]:
                             row[f"ratio_{first}_vs_{b}"] = statistics.median(a / o for a, o in zip(m[first], m[b]))
@@ -247,6 +269,9 @@ def main() -> int:
                         t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
                         row["transformers_tok_per_s"] = statistics.median(t)
                         row["speedup_vs_transformers"] = row["memfit_tok_per_s"] / row["transformers_tok_per_s"]
+                        if peak:  # the most any engine could gain over transformers here, at 100% of both roofs
+                            row["speedup_ceiling_vs_transformers"] = (row["roofline_limit_tok_per_s"]
+                                                                      / row["transformers_tok_per_s"])
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
                 shutil.rmtree(path)
@@ -289,6 +314,9 @@ def plot(result: dict, png: Path) -> None:
         ax.bar(list(x), [r["transformers_tok_per_s"] for r in rows], w, label="transformers")
     if len(backends) == 1:
         ax.bar([i + w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
+    if rows and "compute_limit_tok_per_s" in rows[0]:
+        ax.scatter(list(x), [r["compute_limit_tok_per_s"] for r in rows], marker="_", s=300, color="black",
+                   label="compute limit (measured MAC peak)", zorder=3)
     ax.set_xticks(list(x), labels, rotation=45, ha="right")
     ax.set_ylabel("decode tokens/s")
     ax.set_yscale("log")

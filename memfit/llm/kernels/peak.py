@@ -1,0 +1,62 @@
+"""This core's multiply-add peak, measured (cpu_peak.cpp): the compute roof beside the bandwidth roof.
+
+A decode step must read every weight once and do (batch x weights) multiply-adds. Which of the two bounds
+it depends on the batch: on one Zen 4 core a bf16 weight is read at ~29 GB/s (14.5 G weights/s) and
+multiplied at ~117 G MAC/s, so batch 8 sits right at the ridge, where both resources must run flat out at
+once. benchmarks/decode_throughput.py reports both roofs per row.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+
+import torch
+
+from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+
+_LANES = {torch.float32: 16, torch.bfloat16: 32}  # multiply-adds per accumulator per instruction
+_ACC = 24  # independent accumulators in the loop (cpu_peak.cpp)
+
+
+def _fn():
+    lib = load_cpu_linear()
+    if lib is None:
+        return None
+    fn = lib.cdll.memfit_peak_macs
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_double
+    return fn
+
+
+def run_peak_loop(dtype: torch.dtype, iters: int, nthreads: int = 1, a: float = 2.0 ** -8, b: float = 2.0 ** -8) -> float:
+    """Run the loop once; returns the sum of its accumulators (iters x 24 x lanes x a x b per thread)."""
+    if dtype not in _LANES:
+        raise ValueError(f"peak is measured for float32 and bfloat16, not {dtype}")
+    reason = unavailable_reason(dtype)
+    fn = _fn()
+    if reason is not None or fn is None:
+        raise RuntimeError(f"memfit's CPU kernels are unavailable for {dtype}: {reason or 'the library failed to load'}")
+    return fn(int(dtype == torch.bfloat16), iters, a, b, nthreads)
+
+
+def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2, reps: int = 5) -> float | None:
+    """Multiply-adds per second of `nthreads` cores on `dtype` (the best of `reps` runs of about `seconds`);
+    None where the kernels can't run here."""
+    if dtype not in _LANES or unavailable_reason(dtype) is not None or _fn() is None:
+        return None
+    per_iter = _ACC * _LANES[dtype] * nthreads
+    iters = 1 << 16
+    while True:  # calibrate: about `seconds` per run
+        t = time.perf_counter()
+        run_peak_loop(dtype, iters, nthreads)
+        dt = time.perf_counter() - t
+        if dt >= seconds / 4 or iters >= 1 << 30:
+            break
+        iters *= 4
+    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        run_peak_loop(dtype, iters, nthreads)
+        best = max(best, iters * per_iter / (time.perf_counter() - t))
+    return best
