@@ -5,7 +5,7 @@ measure, so the kernel needs both a sequential weight stream and register blocki
 without horizontal reductions. cpu_blocked.cpp gets both from a layout of panels of `nb` output columns
 stored K-step-major (bf16: VNNI pairs for vdpbf16ps). Measured with one thread on a Zen 4 core over Llama
 0.1b/0.5b layer stacks (benchmarks/blocked_linear.py): against oneDNN's prepacked matmul 1.55-1.6x at 8 rows,
-1.2-1.45x at 4 and 16, 1.05-1.15x at 32; at 1-2 rows 1.1-1.7x the row-major kernel (linear.py).
+1.2-1.5x at 4 and 16, 1.13-1.24x at 32; at 1-2 rows 1.15-1.6x the row-major kernel (linear.py).
 
 Memory: the packed copy *replaces* the weight. BlockedLinear keeps no reference to the nn.Linear's weight,
 and `use_blocked_linears` gives back the resident pages of a memory-mapped checkpoint tensor it replaced

@@ -14,8 +14,8 @@
 // stream into L2 itself (from 6 rows on all of it, spread over the tiles, so that memory keeps streaming
 // while the FMAs run: there it is compute-bound about as much as memory-bound).
 // Measured on one Zen 4 core (benchmarks/blocked_linear.py, Llama layer stacks): P = 4 (NB = 64) is the best
-// all-rounder; against oneDNN's prepacked matmul about 1.55-1.6x at 8 rows and 1.05-1.15x at 32, and at 1-2
-// rows 1.1-1.7x the row-major kernel (cpu_linear.cpp).
+// all-rounder; against oneDNN's prepacked matmul about 1.55-1.6x at 8 rows and 1.13-1.24x at 32, and at 1-2
+// rows 1.15-1.6x the row-major kernel (cpu_linear.cpp).
 // x is first packed (per row tile, step-major: xs[s][m]) so the kernel addresses it with one pointer.
 // Compiled by memfit/llm/kernels/build.py with -O3 -mavx512f -mavx512bw -mavx512vl -mavx512bf16 -fopenmp.
 #include <immintrin.h>
