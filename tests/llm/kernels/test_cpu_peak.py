@@ -4,27 +4,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.llm.kernels.build import unavailable_reason
 from memfit.llm.kernels.peak import peak_macs_per_s, run_peak_loop
+from tests.llm.kernels.common import need
 
-DTYPES = [d for d in (torch.float32, torch.bfloat16) if unavailable_reason(d) is None]
+DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.skipif(not DTYPES, reason="memfit's CPU kernels can't run on this machine")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_loop_does_every_multiply_add(dtype, threads):
+    need(dtype)
     lanes = 32 if dtype == torch.bfloat16 else 16
     a, b = 2.0 ** -8, 0.75  # both exact in bf16; the sums stay exact in fp32
     for iters in (1, 7, 1000):
         assert run_peak_loop(dtype, iters, threads, a, b) == iters * 24 * lanes * a * b * threads
 
 
-@pytest.mark.skipif(not DTYPES, reason="memfit's CPU kernels can't run on this machine")
-def test_peak_is_a_finite_positive_rate():
-    for d in DTYPES:
-        r = peak_macs_per_s(d, seconds=0.02, reps=2)
-        assert r is not None and 0 < r < float("inf"), (d, r)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peak_is_a_finite_positive_rate(dtype):
+    need(dtype)
+    r = peak_macs_per_s(dtype, seconds=0.02, reps=2)
+    assert r is not None and 0 < r < float("inf"), r
 
 
 def test_other_dtypes_are_refused():
