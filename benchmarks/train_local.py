@@ -12,7 +12,8 @@
     projections = total), each method against backprop. By default CNN and RNN train on a seeded subset of
     the 60,000 training images (stated in the JSON); `--full` uses all 60,000 (train_local_full.json). The
     test set is always all 10,000. For the RNN the local rules also run with backprop through time inside
-    each layer (rnn_window 28) next to the no-BPTT default (rnn_window 1).
+    each layer over windows of 7 and 28 steps, and with the GRU leak-path credit (rnn_credit leak, window-1
+    memory), next to the no-BPTT default (rnn_window 1); each of these rows is searched on its own.
 (b) memory scaling, one or two steps per configuration (peaks need no convergence): MLP width 1024,
     depth 2..8 at batch 1024, and batch 64..4096 at depth 5; overhead and total of each method divided
     by backprop's, plus tpSGD through plain autograd (no fused step) at 5 layers / batch 1024.
@@ -41,6 +42,15 @@ MiB = 2**20
 # recurrent local rules: detach the state every k steps; 1 = no backprop through time (the memory-lean
 # setting of the accuracy table), 28 = full backprop through time inside each layer (never across layers)
 RNN_WINDOWS = [1, 28]
+# the rows of the rnn window table, each searched on its own: window 1 (the main table), window 1 with the
+# GRU leak-path credit (leak.py: time weighting `last` only, window-1 memory), a short window, the whole row
+RNN_VARIANTS = {"1": dict(rnn_window=1), "leak": dict(rnn_window=1, rnn_credit="leak"), "7": dict(rnn_window=7),
+                "28": dict(rnn_window=28)}
+
+
+def variant(settings: dict) -> str:
+    """Which RNN_VARIANTS row a setting belongs to."""
+    return "leak" if settings.get("rnn_credit") == "leak" else str(settings.get("rnn_window", 1))
 # model -> (TrainConfig overrides shared by every method, epochs, training subset for the default run
 # (None: all 60k); `--full` trains CNN and RNN on all 60k too)
 ACCURACY_SETUPS = {
@@ -54,7 +64,9 @@ ACCURACY_SETUPS = {
 TUNE_GRID = {
     "mlp": {"lr": [1e-3, 3e-3]},
     "cnn": {"lr": [1e-3, 3e-3]},
-    "rnn": {"lr": [3e-3, 1e-2], "time_weighting": ["square", "linear", "last"], "rnn_window": RNN_WINDOWS,
+    "rnn": {"lr": [3e-3, 1e-2], "time_weighting": ["square", "linear", "last"],
+            # leak credit runs with time weighting `last` only (the other combinations are skipped)
+            "rnn_window": list(RNN_VARIANTS.values()),
             # a model knob, searched for every method: +2 on the GRU update-gate bias at init (slower state)
             "remember_bias": [0.0, 2.0]},
 }
@@ -64,6 +76,7 @@ TUNE_GRID = {
 TPSGD_GRID = {"local_loss": [dict(local_loss="ce"), dict(local_loss="mse"),
                              dict(local_loss="contrast", target_scale=0.3),
                              dict(local_loss="contrast", target_scale=0.2)]}
+# (the rnn_window knob also carries rnn_credit, see RNN_VARIANTS)
 KNOBS_OF = {"bp": {"lr", "remember_bias"}, "drtp": {"lr", "time_weighting", "rnn_window", "remember_bias"},
             "dfa": {"lr", "time_weighting", "rnn_window", "remember_bias"},
             "tpsgd": {"lr", "time_weighting", "rnn_window", "local_loss", "remember_bias"}}
@@ -79,14 +92,22 @@ SETTINGS: dict[str, dict] = {
             "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
             "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)},
     "rnn_windows": {
-        1: {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
-                          remember_bias=2.0),
-            "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
-            "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)},
-        28: {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.3, time_weighting="last",
-                           remember_bias=0.0),
-             "drtp": dict(lr=1e-2, time_weighting="last", remember_bias=0.0),
-             "dfa": dict(lr=1e-2, time_weighting="last", remember_bias=2.0)},
+        "1": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
+                            remember_bias=2.0),
+              "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
+              "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)},
+        "leak": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.3, time_weighting="last",
+                               remember_bias=0.0),
+                 "drtp": dict(lr=1e-2, time_weighting="last", remember_bias=0.0),
+                 "dfa": dict(lr=1e-2, time_weighting="last", remember_bias=2.0)},
+        "7": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
+                            remember_bias=2.0),
+              "drtp": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0),
+              "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=2.0)},
+        "28": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.3, time_weighting="last",
+                             remember_bias=0.0),
+               "drtp": dict(lr=1e-2, time_weighting="last", remember_bias=0.0),
+               "dfa": dict(lr=1e-2, time_weighting="last", remember_bias=2.0)},
     },
 }
 
@@ -112,7 +133,10 @@ def grid(model: str, method: str) -> list[dict]:
     combos = [{}]
     for key, values in space.items():  # a dict value sets several knobs together
         combos = [c | (v if isinstance(v, dict) else {key: v}) for c in combos for v in values]
-    return combos
+    # leak credit needs the loss at the last step only; rnn_credit "step" is the default, left out
+    combos = [c for c in combos if c.get("rnn_credit") != "leak" or c.get("time_weighting") == "last"]
+    return [c if c.get("rnn_credit") == "leak" else {k: v for k, v in c.items() if k != "rnn_credit"}
+            for c in combos]
 
 
 def tune_part(data, seed: int, full: bool, quick: bool, models: list[str]) -> dict:
@@ -129,10 +153,11 @@ def tune_part(data, seed: int, full: bool, quick: bool, models: list[str]) -> di
             runs[method] = [{"settings": c, "validation_accuracy": run_one(val, model, method, c, epochs, n_train,
                                                                            seed)["test_accuracy"]}
                             for c in grid(model, method)]
-        def best(rows: list[dict], window: int = 1) -> dict:
-            rows = [r for r in rows if r["settings"].get("rnn_window", 1) == window]
+        def best(rows: list[dict], which: str = "1") -> dict:
+            rows = [r for r in rows if variant(r["settings"]) == which]
             chosen = dict(max(rows, key=lambda e: e["validation_accuracy"])["settings"])
-            chosen.pop("rnn_window", None)
+            for key in RNN_VARIANTS[which]:
+                chosen.pop(key, None)
             return chosen
 
         out["models"][model] = {
@@ -141,7 +166,7 @@ def tune_part(data, seed: int, full: bool, quick: bool, models: list[str]) -> di
         }
         if model == "rnn":
             out["models"][model]["best_by_window"] = {
-                w: {m: best(r, w) for m, r in runs.items() if m != "bp"} for w in RNN_WINDOWS}
+                w: {m: best(r, w) for m, r in runs.items() if m != "bp"} for w in RNN_VARIANTS}
     return out
 
 
@@ -208,16 +233,17 @@ def rnn_window_part(data, seed: int, epochs: int, n_train: int | None, settings:
     of k steps (state detached every k steps; 28 = the whole row-by-row sequence, inside one layer only), each
     with the settings the search chose for that window. Window 1 rows are the main table's runs."""
     rows, extra, bp = [], [], runs["bp"]
-    for window in RNN_WINDOWS:
+    for which, knobs in RNN_VARIANTS.items():
         for method in ("tpsgd", "drtp", "dfa"):
-            chosen = settings[window][method]
-            if window == 1 and runs[method]["settings"] == chosen:
+            chosen = settings[which][method]
+            if which == "1" and runs[method]["settings"] == chosen:
                 r = runs[method]
             else:
-                r = run_one(data, "rnn", method, chosen, epochs, n_train, seed, rnn_window=window)
-                extra.append(r | {"label": f"{method} window {window}"})
+                r = run_one(data, "rnn", method, chosen, epochs, n_train, seed, **knobs)
+                extra.append(r | {"label": f"{method} window {which}"})
             rows.append({
-                "method": method, "rnn_window": window, "settings": chosen,
+                "method": method, "rnn_window": knobs["rnn_window"], "rnn_credit": knobs.get("rnn_credit", "step"),
+                "variant": which, "settings": chosen,
                 "test_accuracy": r["test_accuracy"],
                 "accuracy_minus_bp_points": round(100 * (r["test_accuracy"] - bp["test_accuracy"]), 2),
                 "train_seconds": r["train_seconds"], "peak_overhead_bytes": r["peak_overhead_bytes"],
@@ -229,11 +255,11 @@ def rnn_window_part(data, seed: int, epochs: int, n_train: int | None, settings:
 
 
 def probe(method: str, depth: int, width: int, batch: int, x: torch.Tensor, y: torch.Tensor, seed: int,
-          steps: int = 2, fused: bool = True, model: str = "mlp", rnn_window: int = 1) -> dict:
+          steps: int = 2, fused: bool = True, model: str = "mlp", rnn_window: int = 1, **options) -> dict:
     """Peak memory of `steps` training steps (no convergence needed to measure peaks)."""
     net = build_model(ModelConfig(model, depth, width), (1, 28, 28), 10, seed)
     rule = make_rule(method, net, lambda p: torch.optim.Adam(p, lr=1e-3), 10, seed, fused=fused,
-                     rnn_window=rnn_window)
+                     rnn_window=rnn_window, **options)
     meter = TrainingMemoryMeter(net)
     with meter:
         for s in range(steps):
@@ -276,6 +302,8 @@ def memory_part(data, seed: int, quick: bool) -> dict:
     # a 3-GRU-layer RNN (depth 4, state 128, batch 128): local rules with and without BPTT inside each layer
     rnn3 = {f"{m}_window{w}": probe(m, 4, 128, 128, x, y, seed, steps=1, model="rnn", rnn_window=w)["overhead"]
             for m in ("tpsgd", "dfa") for w in RNN_WINDOWS}
+    rnn3.update({f"{m}_leak": probe(m, 4, 128, 128, x, y, seed, steps=1, model="rnn", rnn_credit="leak",
+                                    time_weighting="last")["overhead"] for m in ("tpsgd", "dfa")})
     rnn3["bp"] = probe("bp", 4, 128, 128, x, y, seed, steps=1, model="rnn")["overhead"]
     return {
         "width": width, "by_depth_at_batch_1024": depth_rows, "by_batch_at_depth_5": batch_rows,
@@ -307,7 +335,7 @@ def load_settings(paths: str | None) -> dict:
         models |= tuned.get("tune", tuned)["models"]
     chosen = {model: models[model]["best"] if model in models else SETTINGS[model] for model in ACCURACY_SETUPS}
     by_window = models.get("rnn", {}).get("best_by_window")
-    chosen["rnn_windows"] = ({int(w): v for w, v in by_window.items()} if by_window else SETTINGS["rnn_windows"])
+    chosen["rnn_windows"] = ({str(w): v for w, v in by_window.items()} if by_window else SETTINGS["rnn_windows"])
     return chosen
 
 

@@ -42,6 +42,12 @@ def register(subparsers) -> None:
                         "(1: none; never across layers)")
     p.add_argument("--remember-bias", type=float, default=0.0,
                    help="rnn gru/lstm: add this to the update/forget-gate bias at init (the state leaks slower)")
+    p.add_argument("--rnn-credit", default="step",
+                   help="rnn local rules at --rnn-window 1: step (one step's credit) | leak (the signal at the last "
+                        "step sent back along the GRU's leak z*h, recomputed: window-1 memory; needs "
+                        "--rnn-cell gru --time-weighting last)")
+    p.add_argument("--conv-grid", type=int, default=1,
+                   help="tpSGD cnn: local target on g x g region means of each channel (1: channel means)")
     p.add_argument("--no-fused", action="store_true", help="tpSGD/DRTP: plain autograd instead of the lean fused step")
     p.add_argument("--regenerate-projections", action="store_true",
                    help="regenerate the random projections from their seeds at each use instead of storing them")
@@ -79,7 +85,7 @@ def run_local(args: argparse.Namespace) -> int:
                 rnn_cell=args.rnn_cell, store_projections=not args.regenerate_projections,
                 max_train=args.max_train, data_dir=args.data_dir, target_scale=args.target_scale,
                 time_weighting=args.time_weighting, rnn_window=args.rnn_window, fused_local=not args.no_fused,
-                remember_bias=args.remember_bias,
+                remember_bias=args.remember_bias, rnn_credit=args.rnn_credit, conv_grid=args.conv_grid,
             )
             for m in methods
         ]

@@ -40,6 +40,9 @@ def test_several_methods_and_plot(capsys, tmp_path):
     (["--target-scale", "0"], "--target-scale must be positive"),
     (["--time-weighting", "backwards"], "unknown time weighting"),
     (["--rnn-window", "0"], "must be positive"),
+    (["--model", "rnn", "--rnn-credit", "leak"], "--time-weighting last"),
+    (["--rnn-credit", "sideways"], "unknown rnn credit"),
+    (["--model", "cnn", "--conv-grid", "0"], "--conv-grid must be at least 1"),
     (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install -y dataset-fashion-mnist"),
 ])
 def test_bad_input_is_a_message_and_nonzero_exit(capsys, argv, needle):
@@ -58,3 +61,13 @@ def test_recurrent_options_reach_the_trainer(capsys):
     s = out["settings"]
     assert (s["rnn_window"], s["time_weighting"], s["target_scale"], s["fused_local"]) == (4, "linear", 2.0, False)
     assert 0.0 <= out["test_accuracy"] <= 1.0
+
+
+def test_leak_credit_runs_from_the_cli(capsys):
+    rc = main(["train", "local", "--dataset", "digits", "--model", "rnn", "--method", "tpsgd,dfa", "--epochs", "1",
+               "--max-train", "200", "--rnn-credit", "leak", "--time-weighting", "last", "--threads", "1",
+               "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["settings"]["rnn_credit"] for r in out["runs"]] == ["leak", "leak"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in out["runs"])

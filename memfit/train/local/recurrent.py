@@ -7,6 +7,7 @@
   state is detached only every k steps and the local losses of a window flow back through its k steps of that
   one layer (truncated BPTT inside the layer, never into another layer); the layers run one after the other
   over the whole sequence, so only one layer's window graph is alive at a time.
+- rnn_credit "leak" (GRU, time weighting `last`) is in `leak.py`: h_T's signal sent back along the leak path.
 - `dfa_recurrent_outputs` (DFA): the forward pass keeping every weighted step output for the feedback, which
   exists only once the output error is known.
 """

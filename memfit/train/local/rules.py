@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import LocalTrainingError
 from .fused import linear_activation, local_linear_step
+from .leak import leak_credit_step
 from .losses import LOCAL_LOSSES, local_loss, local_loss_grad  # noqa: F401 (re-exported)
 from .models import LocalNet
 from .recurrent import (  # noqa: F401 (TIME_WEIGHTINGS, time_weights re-exported)
@@ -33,6 +34,7 @@ from .recurrent import (  # noqa: F401 (TIME_WEIGHTINGS, time_weights re-exporte
 )
 
 METHODS = ("tpsgd", "bp", "drtp", "dfa")
+RNN_CREDITS = ("step", "leak")  # recurrent local rules at window 1: one step, or the GRU's leak path (leak.py)
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -79,7 +81,8 @@ class Rule:
 
     def __init__(self, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
                  loss: str = "mse", store_projections: bool = True, target_scale: float = 1.0,
-                 time_weighting: str = "square", fused: bool = True, rnn_window: int = 1):
+                 time_weighting: str = "square", fused: bool = True, rnn_window: int = 1,
+                 conv_grid: int = 1, rnn_credit: str = "step"):
         if loss not in LOCAL_LOSSES:
             raise LocalTrainingError(f"unknown local loss {loss!r}; choose one of {', '.join(LOCAL_LOSSES)}")
         if not target_scale > 0:
@@ -87,7 +90,15 @@ class Rule:
         time_weights(time_weighting, 1)  # validates the name
         if rnn_window < 1:
             raise LocalTrainingError(f"--rnn-window must be at least 1 (got {rnn_window})")
-        self.rnn_window = rnn_window
+        if conv_grid < 1:
+            raise LocalTrainingError(f"--conv-grid must be at least 1 (got {conv_grid})")
+        if rnn_credit not in RNN_CREDITS:
+            raise LocalTrainingError(f"unknown rnn credit {rnn_credit!r}; choose one of {', '.join(RNN_CREDITS)}")
+        if rnn_credit == "leak" and (rnn_window != 1 or time_weighting != "last" or self.name == "bp"
+                                     or any(getattr(b, "cell_type", None) != "gru" for b in net.blocks)):
+            raise LocalTrainingError("--rnn-credit leak needs --model rnn --rnn-cell gru, a local rule (tpsgd, "
+                                     "drtp, dfa), --rnn-window 1 and --time-weighting last")
+        self.rnn_window, self.conv_grid, self.rnn_credit = rnn_window, conv_grid, rnn_credit
         self.net, self.num_classes, self.loss = net, num_classes, loss
         self.time_weighting, self.fused = time_weighting, fused
         self.optimizers = [make_optimizer(list(b.parameters())) for b in net.blocks]
@@ -174,7 +185,15 @@ class LocalTargetRule(Rule):
         return self.head_step(h, y)
 
     def _recurrent_step(self, seq, y, y_onehot):
-        """Recurrent blocks: see `recurrent.local_recurrent_step` (time-major, or layer-major windows)."""
+        """Recurrent blocks: see `recurrent.local_recurrent_step` (time-major, or layer-major windows), or
+        `leak.leak_credit_step` (the local signal at h_T sent back along the GRU's leak path)."""
+        if self.rnn_credit == "leak":
+            last = leak_credit_step(list(self.net.blocks), seq,
+                                    lambda hs: [self.hidden_signal(i, h, y_onehot, 1.0)[1] for i, h in enumerate(hs)],
+                                    self.local_backward)
+            for i in range(len(self.net.blocks)):
+                self.step_layer(i)
+            return self.head_step(last, y)
         return local_recurrent_step(self, seq, y, y_onehot)
 
     def _recurrent_layer_major(self, seq, y, y_onehot):
@@ -192,14 +211,16 @@ class TpSGD(LocalTargetRule):
     def fused_kind(self) -> str:
         return self.loss
 
-    @staticmethod
-    def target_shape(out_shape):
-        return out_shape[:1] if len(out_shape) == 3 else out_shape
+    def target_shape(self, out_shape):
+        if len(out_shape) != 3:
+            return out_shape
+        g = min(self.conv_grid, out_shape[1], out_shape[2])
+        return (out_shape[0], g, g) if g > 1 else out_shape[:1]
 
     def hidden_signal(self, i, a, y_onehot, scale):
-        target = self.projections[i].project(y_onehot)  # (B, D) or (B, C) for conv = P_i y*
-        if a.dim() == 4:
-            a = a.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C); mean saves nothing for backward
+        target = self.projections[i].project(y_onehot)  # (B, D), (B, C) or (B, C, g, g) for conv = P_i y*
+        if a.dim() == 4:  # (B, C, H, W) -> (B, C) channel means or (B, C, g, g) region means; saves nothing
+            a = a.mean(dim=(2, 3)) if target.dim() == 2 else F.adaptive_avg_pool2d(a, target.shape[2:])
         proj = self.projections[i].matrix().to(a.device, a.dtype)  # (K, D): contrast scores a against each row
         return a, local_loss_grad(self.loss, a, target, proj, y_onehot) * scale  # = d(scale * L(a, P_i y*))/da
 
@@ -227,8 +248,27 @@ class DFA(Rule):
             fb = self.projections[i].project(err)  # (B, *out_shape_i) = B_i e, dL/da_i
             self.local_backward(i, [a for a, _ in mine], [fb * w for _, w in mine])
 
+    def _leak_step(self, seq, y):
+        """rnn_credit leak (leak.py): the feedback B_i e at h_T, sent back along the GRU's leak path."""
+        out = {}
+
+        def signals(last: list[torch.Tensor]) -> list[torch.Tensor]:
+            logits = self.net.head(last[-1])  # (B, K); the head trains on the true loss here
+            out["loss"] = F.cross_entropy(logits, y)
+            out["loss"].backward()
+            out["logits"] = logits.detach()
+            err = (F.softmax(out["logits"], dim=1) - F.one_hot(y, self.num_classes).to(logits.dtype)) / len(y)
+            return [self.projections[i].project(err) for i in range(len(last))]  # B_i e, (B, H) each
+
+        leak_credit_step(list(self.net.blocks), seq, signals, self.local_backward)
+        for i in range(len(self.optimizers)):
+            self.step_layer(i)
+        return out["loss"].item(), out["logits"]
+
     def train_step(self, x, y):
         h = self.net.prepare(x)
+        if self.net.recurrent and self.rnn_credit == "leak":
+            return self._leak_step(h, y)
         # every block's local graph lives until the error is known: (block, output, weight)
         outs: list[tuple[int, torch.Tensor, float]] = []
         if self.net.recurrent:
@@ -253,7 +293,7 @@ RULES: dict[str, type[Rule]] = {"tpsgd": TpSGD, "bp": Backprop, "drtp": DRTP, "d
 
 def make_rule(method: str, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
               loss: str = "mse", store_projections: bool = True, **options) -> Rule:
-    """options: target_scale, time_weighting, fused, rnn_window (see `Rule`)."""
+    """options: target_scale, time_weighting, fused, rnn_window, conv_grid, rnn_credit (see `Rule`)."""
     if method not in RULES:
         raise LocalTrainingError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return RULES[method](net, make_optimizer, num_classes, seed, loss, store_projections, **options)

@@ -12,7 +12,7 @@ from .data import Dataset, load_dataset, subset
 from .errors import LocalTrainingError
 from .memory import MemoryReport, TrainingMemoryMeter
 from .models import ModelConfig, build_model
-from .rules import LOCAL_LOSSES, METHODS, TIME_WEIGHTINGS, make_rule
+from .rules import LOCAL_LOSSES, METHODS, RNN_CREDITS, TIME_WEIGHTINGS, make_rule
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -38,6 +38,8 @@ class TrainConfig:
     fused_local: bool = True  # lean one-node step for Linear+act blocks of tpSGD/DRTP (fused.py)
     rnn_window: int = 1  # recurrent local rules: detach the state every k steps (1: no backprop through time)
     remember_bias: float = 0.0  # rnn (gru/lstm): init bias added to the update/forget gate (model, every method)
+    rnn_credit: str = "step"  # rnn local rules at window 1: "leak" sends h_T's signal back along the GRU leak
+    conv_grid: int = 1  # tpSGD cnn: local target on g x g region means of each channel (1: channel means)
     max_train: int | None = None  # keep this many training examples (None: all)
     max_steps: int | None = None  # stop each epoch after this many steps (memory probes)
     data_dir: str | None = None
@@ -63,6 +65,14 @@ class TrainConfig:
         if self.time_weighting not in TIME_WEIGHTINGS:
             raise LocalTrainingError(f"unknown time weighting {self.time_weighting!r}; "
                                      f"choose {', '.join(TIME_WEIGHTINGS)}")
+        if self.conv_grid < 1:
+            raise LocalTrainingError(f"--conv-grid must be at least 1 (got {self.conv_grid})")
+        if self.rnn_credit not in RNN_CREDITS:
+            raise LocalTrainingError(f"unknown rnn credit {self.rnn_credit!r}; choose {', '.join(RNN_CREDITS)}")
+        if self.rnn_credit == "leak" and (self.model != "rnn" or self.rnn_cell != "gru" or self.method == "bp"
+                                          or self.rnn_window != 1 or self.time_weighting != "last"):
+            raise LocalTrainingError("--rnn-credit leak needs --model rnn --rnn-cell gru, a local rule (tpsgd, "
+                                     "drtp, dfa), --rnn-window 1 and --time-weighting last")
         self.model_config().validate()
 
     def model_config(self) -> ModelConfig:
@@ -117,7 +127,8 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
     net = build_model(cfg.model_config(), data.image_shape, data.num_classes, cfg.seed)
     rule = make_rule(cfg.method, net, make_optimizer_factory(cfg.optimizer, cfg.lr), data.num_classes, cfg.seed,
                      cfg.local_loss, cfg.store_projections, target_scale=cfg.target_scale,
-                     time_weighting=cfg.time_weighting, fused=cfg.fused_local, rnn_window=cfg.rnn_window)
+                     time_weighting=cfg.time_weighting, fused=cfg.fused_local, rnn_window=cfg.rnn_window,
+                     conv_grid=cfg.conv_grid, rnn_credit=cfg.rnn_credit)
     n = len(data.y_train)
     steps = (n + cfg.batch_size - 1) // cfg.batch_size
     if cfg.max_steps is not None:
@@ -157,7 +168,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
         peak_rss_bytes=report.peak_rss_bytes, memory=asdict(report), curve=curve,
         settings={k: getattr(cfg, k) for k in ("lr", "optimizer", "local_loss", "activation", "rnn_cell",
                                                "target_scale", "time_weighting", "rnn_window", "fused_local",
-                                               "remember_bias", "max_train")},
+                                               "remember_bias", "rnn_credit", "conv_grid", "max_train")},
     )
 
 
