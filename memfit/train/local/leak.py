@@ -16,7 +16,7 @@ step's z and dL/dh kept (T x B x H each), so leak credit takes `last` only.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
