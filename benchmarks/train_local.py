@@ -3,6 +3,7 @@
     python benchmarks/train_local.py [--out-dir benchmarks/results] [--threads 1] [--seed 0] [--quick]
         [--full] [--models mlp,cnn,rnn] [--settings JSON[,JSON]] [--skip-rnn-windows]
     python benchmarks/train_local.py --tune [--models ...] [--full]    # the hyper-parameter search
+    python benchmarks/train_local.py --seeds 0,1,2 [--models ...] [--full] [--skip-rnn-windows]  # spread
 
 (a) accuracy: a 3-layer MLP (784-256-256-10), a small CNN (2 conv blocks of 16 channels + linear head) and a
     small RNN (1 GRU layer of 128 reading the image row by row, + linear head); same seed, same epochs, same
@@ -18,6 +19,12 @@
     depth 2..8 at batch 1024, and batch 64..4096 at depth 5; overhead and total of each method divided
     by backprop's, plus tpSGD through plain autograd (no fused step) at 5 layers / batch 1024.
     Drawn to train_local_memory.png; accuracy curves to train_local_accuracy.png.
+(c) `--seeds S,S,..`: the accuracy part (a) once per seed, every method with the SAME settings (SETTINGS, from
+    the seed-0 validation search; not re-tuned per seed). The seed sets the weight init, the projections /
+    feedback matrices, the training subset (CNN, RNN) and the data order. Per setup and method: per-seed test
+    accuracies, mean, sample std; tpSGD minus each other method, paired by seed (mean, std, 95% t-interval,
+    wins) -> <out-dir>/train_local_seeds[_MODELS][_full].json and a PNG of mean +- std (no memory part: the
+    peaks do not depend on the seed).
 JSON goes to stdout and <out-dir>/train_local.json. Needs `apt-get install -y dataset-fashion-mnist`.
 """
 from __future__ import annotations
@@ -34,8 +41,9 @@ from memfit.memory.measure import machine_info as _machine_info
 from memfit.train.local.data import load_fashion_mnist, validation_split
 from memfit.train.local.memory import TrainingMemoryMeter, optimizer_state_bytes
 from memfit.train.local.models import ModelConfig, build_model
-from memfit.train.local.plot import plot_accuracy_curves, plot_memory_scaling
+from memfit.train.local.plot import plot_accuracy_curves, plot_memory_scaling, plot_seeds
 from memfit.train.local.rules import METHODS, make_rule
+from memfit.train.local.seeds import aggregate_seeds, parse_seeds
 from memfit.train.local.trainer import TrainConfig, train
 
 MiB = 2**20
@@ -122,7 +130,8 @@ def run_one(data, model: str, method: str, settings: dict, epochs: int, n_train:
     cfg = TrainConfig(dataset="fashion-mnist", method=method, epochs=epochs, batch_size=128, seed=seed,
                       max_train=n_train, **overrides, **settings, **extra)
     r = train(cfg, data=data).to_json()
-    print(f"[{model}] {method} {settings} {extra or ''}: acc {r['test_accuracy']:.4f}, {r['train_seconds']:.1f} s, "
+    print(f"[{model} seed {seed}] {method} {settings} {extra or ''}: acc {r['test_accuracy']:.4f}, "
+          f"{r['train_seconds']:.1f} s, "
           f"overhead {r['peak_overhead_bytes'] / MiB:.2f} MiB, total {r['peak_training_bytes'] / MiB:.2f} MiB",
           file=sys.stderr, flush=True)
     return r
@@ -254,6 +263,56 @@ def rnn_window_part(data, seed: int, epochs: int, n_train: int | None, settings:
     return rows, extra
 
 
+SEED_NOTE = ("every seed uses the same settings (SETTINGS in benchmarks/train_local.py, chosen by the seed-0 "
+             "validation search, or --settings); they are not re-tuned per seed")
+SEED_CONTROLS = ("the seed sets the weight init (torch.manual_seed in build_model), the projection / feedback "
+                 "matrices P_i and B_i (seed + 1000 (i + 1)), the seeded training subset (CNN 20k, RNN 12k; the "
+                 "MLP trains on all 60k, so only its order changes) and the shuffling order of every epoch; the "
+                 "test set is always the same 10,000 images")
+
+
+def per_seed_accuracies(results: dict) -> dict[str, dict]:
+    """accuracy_part's results of one seed -> setup name -> {"setup", "settings", "accuracy": method -> acc};
+    the rnn window rows become their own setups, with the window-1 bp run as their bp."""
+    out = {}
+    for name, res in results.items():
+        if name == "rnn_windows":
+            continue
+        setup = {k: v for k, v in res["setup"].items() if k != "seed"}
+        out[name] = {"setup": setup, "settings": {m: r["settings"] for m, r in res["methods"].items()},
+                     "accuracy": {m: r["test_accuracy"] for m, r in res["methods"].items()}}
+    bp = results.get("rnn", {}).get("methods", {}).get("bp")
+    for row in results.get("rnn_windows", []):
+        if row["variant"] == "1":  # the same runs as the rnn setup
+            continue
+        name = "rnn_leak" if row["variant"] == "leak" else f"rnn_window_{row['variant']}"
+        entry = out.setdefault(name, {"setup": {**out["rnn"]["setup"], "rnn_window": row["rnn_window"],
+                                                "rnn_credit": row["rnn_credit"]},
+                                      "settings": {"bp": bp["settings"]},
+                                      "accuracy": {"bp": bp["test_accuracy"]}})
+        entry["settings"][row["method"]] = row["settings"]
+        entry["accuracy"][row["method"]] = row["test_accuracy"]
+    return out
+
+
+def seeds_part(data, seeds: list[int], quick: bool, full: bool, settings: dict, models: list[str],
+               rnn_windows: bool) -> dict:
+    """The accuracy part once per seed with fixed settings, then mean, sample std and paired differences."""
+    per_seed, seconds = [], []
+    for seed in seeds:
+        results, _ = accuracy_part(data, seed, quick, full, settings, models, rnn_windows)
+        per_seed.append(per_seed_accuracies(results))
+        seconds.append(round(sum(r["train_seconds"] for res in results.values() if isinstance(res, dict)
+                                 for r in res["methods"].values()) + sum(
+            r["train_seconds"] for r in results.get("rnn_windows", []) if r["variant"] != "1"), 1))
+    setups = {}
+    for name, first in per_seed[0].items():
+        acc = {m: [p[name]["accuracy"][m] for p in per_seed] for m in first["accuracy"]}
+        setups[name] = {"setup": first["setup"], "settings": first["settings"]} | aggregate_seeds(seeds, acc)
+    return {"seeds": seeds, "settings_note": SEED_NOTE, "seed_controls": SEED_CONTROLS,
+            "train_seconds_per_seed": seconds, "setups": setups}
+
+
 def probe(method: str, depth: int, width: int, batch: int, x: torch.Tensor, y: torch.Tensor, seed: int,
           steps: int = 2, fused: bool = True, model: str = "mlp", rnn_window: int = 1, **options) -> dict:
     """Peak memory of `steps` training steps (no convergence needed to measure peaks)."""
@@ -354,11 +413,25 @@ def main() -> int:
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-rnn-windows", action="store_true", help="no rnn window (truncated BPTT) table")
+    ap.add_argument("--seeds", default=None, metavar="S,S,..",
+                    help="accuracy part once per seed with the same settings -> train_local_seeds.json "
+                         "(mean, std, paired differences; no memory part); default: the single --seed run")
     args = ap.parse_args()
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in ACCURACY_SETUPS for m in models):
         print(f"error: --models takes a comma-separated subset of {', '.join(ACCURACY_SETUPS)}", file=sys.stderr)
         return 2
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.tune:
+            print("error: --seeds evaluates fixed settings on the test set; run --tune without it",
+                  file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -367,12 +440,24 @@ def main() -> int:
     suffix = "_full" if args.full else ""
     out: dict = {"benchmark": "train_local", "dataset": "fashion-mnist", "machine": machine_info(args.threads,
                                                                                                 args.seed)}
+    part = "" if models == list(ACCURACY_SETUPS) else "_" + "-".join(models)
     if args.tune:
         out["tune"] = tune_part(data, args.seed, args.full, args.quick, models)
         out["wall_seconds"] = round(time.perf_counter() - start, 1)
         text = json.dumps(out, indent=2)
-        part = "" if models == list(ACCURACY_SETUPS) else "_" + "-".join(models)
         (out_dir / f"train_local_tune{part}{suffix}.json").write_text(text)
+        print(text)
+        return 0
+    if seeds is not None:
+        out["benchmark"] = "train_local_seeds"
+        out["machine"]["seed"] = seeds
+        out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local.py (from --tune, seed 0)"
+        out |= seeds_part(data, seeds, args.quick, args.full, load_settings(args.settings), models,
+                          not args.skip_rnn_windows)
+        out["plot"] = str(plot_seeds(out["setups"], out_dir / f"train_local_seeds{part}{suffix}.png"))
+        out["wall_seconds"] = round(time.perf_counter() - start, 1)
+        text = json.dumps(out, indent=2)
+        (out_dir / f"train_local_seeds{part}{suffix}.json").write_text(text)
         print(text)
         return 0
     if not args.skip_accuracy:

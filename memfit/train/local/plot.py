@@ -1,8 +1,8 @@
 """PNG plots for local-learning runs (matplotlib, Agg backend)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def _pyplot():
@@ -65,5 +65,31 @@ def plot_memory_scaling(depth_rows: Sequence[dict], batch_rows: Sequence[dict], 
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_seeds(setups: dict, path: str | Path) -> Path:
+    """One panel per setup: mean +- sample std of the test accuracy per method, each seed as a dot."""
+    plt = _pyplot()
+    colours = {"tpsgd": "tab:blue", "bp": "tab:orange", "drtp": "tab:green", "dfa": "tab:red"}
+    fig, axes = plt.subplots(1, len(setups), figsize=(3.2 * len(setups), 3.6), squeeze=False)
+    for ax, (name, s) in zip(axes[0], setups.items()):
+        methods = [m for m in ("tpsgd", "bp", "drtp", "dfa") if m in s["methods"]]
+        for i, m in enumerate(methods):
+            r = s["methods"][m]
+            ax.bar(i, r["mean"], yerr=r["std"] or 0, color=colours.get(m), alpha=0.7, capsize=4)
+            ax.plot([i] * len(r["per_seed"]), r["per_seed"], "k.", markersize=4)
+        low = min(min(r["per_seed"]) for r in s["methods"].values())
+        ax.set_ylim(max(0.0, low - 0.03), min(1.0, max(max(r["per_seed"]) for r in s["methods"].values()) + 0.02))
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(f"{name} ({s['setup']['train_examples'] // 1000}k)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(f"Fashion-MNIST, mean +- sample std over seeds {','.join(map(str, s['seeds']))} "
+                 "(dots: each seed; same settings for every seed)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
