@@ -38,9 +38,10 @@ namespace {
 // while the FMAs run. Below, the first line of each step only (a quarter of the lines at NB = 64): it
 // keeps the hardware prefetchers ahead, +5-10%, where prefetching every line costs up to 25%.
 // Into L2 (T1) below PF_L1_ROWS rows; from there on into L1 (T0): with many row tiles each chunk is re-read
-// from L1 several times and the stream has time to arrive; measured on Zen 4 (0.5b layer stack, one thread)
-// T0 gains ~10% at 32 rows (bf16 95 -> 106 GMAC/s, fp32 49 -> 53), ties at 20-24, and loses 20-35% at 6-16
-// rows, where the prefetched lines evict the chunk still being read.
+// from L1 several times and the stream has time to arrive. benchmarks/blocked_linear.py at 32 rows, one Zen 4
+// thread: 0.5b stack bf16 101 -> 107 GMAC/s, fp32 51 -> 54 with T0. While choosing the threshold (a C loop
+// over the packed 0.5b stack, not kept) T0 tied T1 at 20-24 rows and lost 20-35% at 6-16, where the
+// prefetched lines evict the chunk still being read.
 constexpr int64_t PF_BYTES = 32768;
 constexpr int64_t PF_MIN_ROWS = 6;
 constexpr int64_t PF_L1_ROWS = 24;
