@@ -41,7 +41,11 @@ from memfit.memory.measure import machine_info as _machine_info
 from memfit.train.local.data import load_fashion_mnist, validation_split
 from memfit.train.local.memory import TrainingMemoryMeter, optimizer_state_bytes
 from memfit.train.local.models import ModelConfig, build_model
-from memfit.train.local.plot import plot_accuracy_curves, plot_memory_scaling, plot_seeds
+from memfit.train.local.plot import (
+    plot_accuracy_curves,
+    plot_memory_scaling,
+    plot_seeds,
+)
 from memfit.train.local.rules import METHODS, make_rule
 from memfit.train.local.seeds import aggregate_seeds, parse_seeds
 from memfit.train.local.trainer import TrainConfig, train
@@ -89,21 +93,19 @@ KNOBS_OF = {"bp": {"lr", "remember_bias"}, "drtp": {"lr", "time_weighting", "rnn
             "dfa": {"lr", "time_weighting", "rnn_window", "remember_bias"},
             "tpsgd": {"lr", "time_weighting", "rnn_window", "local_loss", "remember_bias"}}
 # what `--tune` chose (benchmarks/results/train_local_tune_{mlp-cnn,rnn}.json); `--settings` reads such files
+_RNN_WINDOW_1 = {"bp": dict(lr=1e-2, remember_bias=0.0),
+                 "tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
+                               remember_bias=2.0),
+                 "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
+                 "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)}
 SETTINGS: dict[str, dict] = {
     "mlp": {"bp": dict(lr=1e-3), "tpsgd": dict(lr=1e-3, local_loss="contrast", target_scale=0.2),
             "drtp": dict(lr=3e-3), "dfa": dict(lr=1e-3)},
     "cnn": {"bp": dict(lr=1e-3), "tpsgd": dict(lr=3e-3, local_loss="ce"), "drtp": dict(lr=1e-3),
             "dfa": dict(lr=1e-3)},
-    "rnn": {"bp": dict(lr=1e-2, remember_bias=0.0),
-            "tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
-                          remember_bias=2.0),
-            "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
-            "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)},
+    "rnn": _RNN_WINDOW_1,
     "rnn_windows": {
-        "1": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.2, time_weighting="linear",
-                            remember_bias=2.0),
-              "drtp": dict(lr=1e-2, time_weighting="square", remember_bias=2.0),
-              "dfa": dict(lr=1e-2, time_weighting="linear", remember_bias=0.0)},
+        "1": {m: _RNN_WINDOW_1[m] for m in ("tpsgd", "drtp", "dfa")},  # the rnn setup is window 1
         "leak": {"tpsgd": dict(lr=1e-2, local_loss="contrast", target_scale=0.3, time_weighting="last",
                                remember_bias=0.0),
                  "drtp": dict(lr=1e-2, time_weighting="last", remember_bias=0.0),

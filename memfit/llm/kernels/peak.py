@@ -18,37 +18,37 @@ _LANES = {torch.float32: 16, torch.bfloat16: 32}  # multiply-adds per accumulato
 _ACC = 24  # independent accumulators in the loop (cpu_peak.cpp)
 
 
-def _fn():
-    lib = load_cpu_linear()
+def _loop(dtype: torch.dtype):
+    """The C loop with its signature declared; RuntimeError where the kernels can't run `dtype` here."""
+    if dtype not in _LANES:
+        raise ValueError(f"peak is measured for float32 and bfloat16, not {dtype}")
+    reason = unavailable_reason(dtype)
+    lib = load_cpu_linear() if reason is None else None
     if lib is None:
-        return None
+        raise RuntimeError(f"memfit's CPU kernels are unavailable for {dtype}: {reason or 'the library failed to load'}")
     fn = lib.cdll.memfit_peak_macs
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_double
-    return fn
+    return lambda iters, nthreads, a, b: fn(int(dtype == torch.bfloat16), iters, a, b, nthreads)
 
 
 def run_peak_loop(dtype: torch.dtype, iters: int, nthreads: int = 1, a: float = 2.0 ** -8, b: float = 2.0 ** -8) -> float:
     """Run the loop once; returns the sum of its accumulators (iters x 24 x lanes x a x b per thread)."""
-    if dtype not in _LANES:
-        raise ValueError(f"peak is measured for float32 and bfloat16, not {dtype}")
-    reason = unavailable_reason(dtype)
-    fn = _fn()
-    if reason is not None or fn is None:
-        raise RuntimeError(f"memfit's CPU kernels are unavailable for {dtype}: {reason or 'the library failed to load'}")
-    return fn(int(dtype == torch.bfloat16), iters, a, b, nthreads)
+    return _loop(dtype)(iters, nthreads, a, b)
 
 
 def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2, reps: int = 5) -> float | None:
     """Multiply-adds per second of `nthreads` cores on `dtype` (the best of `reps` runs of about `seconds`);
     None where the kernels can't run here."""
-    if dtype not in _LANES or unavailable_reason(dtype) is not None or _fn() is None:
+    try:
+        loop = _loop(dtype)  # resolved once: the timed runs below call only the C loop
+    except (ValueError, RuntimeError):
         return None
     per_iter = _ACC * _LANES[dtype] * nthreads
     iters = 1 << 16
     while True:  # calibrate: about `seconds` per run
         t = time.perf_counter()
-        run_peak_loop(dtype, iters, nthreads)
+        loop(iters, nthreads, 1.0, 1.0)
         dt = time.perf_counter() - t
         if dt >= seconds / 4 or iters >= 1 << 30:
             break
@@ -57,6 +57,6 @@ def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2,
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
-        run_peak_loop(dtype, iters, nthreads)
+        loop(iters, nthreads, 2.0 ** -8, 2.0 ** -8)
         best = max(best, iters * per_iter / (time.perf_counter() - t))
     return best
