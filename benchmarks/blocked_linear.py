@@ -4,7 +4,7 @@ memfit blocked (BlockedLinear), over the matrices of a Llama-shaped layer stack 
 One timed pass runs every layer's q, k, v, o, gate, up, down and then the lm_head on an (M, K) input, with
 each kernel holding its own copy of the weights; the stack is several layers deep (about 200 MB of weights
 per copy in bf16), far past the caches, so a pass measures streaming the weights, as decode does. The
-kernels run interleaved rep by rep (median of --reps), threads pinned to 1 everywhere.
+kernels run interleaved rep by rep (median of --reps), every kernel on --threads threads (default 1).
 
     python benchmarks/blocked_linear.py --out benchmarks/results/blocked_linear.json
 
@@ -14,13 +14,24 @@ time_a / time_c, > 1 means the blocked kernel is faster) and draws a PNG beside 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch/oneDNN start their thread pools
+
+def _threads_in_argv(argv: list[str]) -> str:
+    """--threads N / --threads=N (default 1), read before torch and oneDNN start their thread pools."""
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "1"
+
+
+os.environ["OMP_NUM_THREADS"] = _threads_in_argv(sys.argv)
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +81,7 @@ def build(shape: Shape, dtype: torch.dtype, seed: int) -> tuple[dict[str, list[n
         lin.weight.normal_(0, 0.02)
         mods["onednn"].append(PackedLinear(lin))
         mods["rowmajor"].append(RowMajorLinear(lin, max_rows=1 << 20))  # shares lin's weight
-        mods["blocked"].append(BlockedLinear(lin, nthreads=1))
+        mods["blocked"].append(BlockedLinear(lin))  # torch.get_num_threads() threads (--threads)
     return mods, [k for _, k in dims], sum(n * k for n, k in dims)
 
 
@@ -122,7 +133,7 @@ def draw(rows: list[dict], path: Path) -> None:
             ax.plot([r["rows"] for r in sel], [r[k]["gmac_per_s"] for r in sel], marker="o", label=k)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rows (M)")
-        ax.set_ylabel("GMAC/s, 1 thread")
+        ax.set_ylabel(f"GMAC/s, {torch.get_num_threads()} thread(s)")
         ax.set_title(f"{shape} {dtype}")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
@@ -136,9 +147,12 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="threads for every kernel (default 1)")
     ap.add_argument("--out", type=Path, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        ap.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
     from memfit.llm.kernels.blocked import DEFAULT_NB, can_use_blocked
@@ -157,7 +171,7 @@ def main() -> int:
         for s in args.shapes:
             for d in args.dtypes:
                 rows += run_shape(s, SHAPES[s], getattr(torch, d), args.rows, args.reps, bar)
-    result = {"benchmark": "blocked_linear", **machine_info(1, seed=0), "nb": DEFAULT_NB, "reps": args.reps,
+    result = {"benchmark": "blocked_linear", **machine_info(args.threads, seed=0), "nb": DEFAULT_NB, "reps": args.reps,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "shapes": {s: {**SHAPES[s].__dict__, "matrices": SHAPES[s].matrices()} for s in args.shapes},
               "rows": rows}
