@@ -1,5 +1,6 @@
-"""Decode matmuls on one CPU thread: oneDNN prepacked (PackedLinear) vs memfit row-major (RowMajorLinear) vs
-memfit blocked (BlockedLinear), over the matrices of a Llama-shaped layer stack plus its lm_head.
+"""Decode matmuls on a CPU: oneDNN prepacked (PackedLinear) vs memfit row-major (RowMajorLinear) vs memfit
+blocked (BlockedLinear: packed into one huge-page arena as the engine does, and the same on 4 KiB pages as
+`blocked_4k`), over the matrices of a Llama-shaped layer stack plus its lm_head.
 
 One timed pass runs every layer's q, k, v, o, gate, up, down and then the lm_head on an (M, K) input, with
 each kernel holding its own copy of the weights; the stack is several layers deep (about 200 MB of weights
@@ -64,24 +65,30 @@ SHAPES = {
     "0.1b": Shape(768, 2048, 12, 4, 64, 32000, layers=12),  # 100M parameters
     "0.5b": Shape(896, 4864, 14, 2, 64, 151936, layers=4),  # 4 of the 24 layers + the 136M head: 196M
 }
-KERNELS = ("onednn", "rowmajor", "blocked")
+# blocked: memfit's kernel as the engine runs it, every packed weight in one huge-page arena (memfit.memory.host);
+# blocked_4k: the same packing on ordinary 4 KiB pages, to show what the huge pages give.
+KERNELS = ("onednn", "rowmajor", "blocked", "blocked_4k")
 
 
 def build(shape: Shape, dtype: torch.dtype, seed: int) -> tuple[dict[str, list[nn.Module]], list[int], int]:
     """Each kernel's modules for the stack, the K of each, and the parameter count."""
-    from memfit.llm.kernels.blocked import BlockedLinear
+    from memfit.llm.kernels.blocked import pack_blocked
     from memfit.llm.kernels.linear import RowMajorLinear
     from memfit.llm.models.packing import PackedLinear
 
     torch.manual_seed(seed)
     dims = [(n, k) for _ in range(shape.layers) for _, n, k in shape.matrices()] + [(shape.vocab, shape.hidden)]
     mods: dict[str, list[nn.Module]] = {k: [] for k in KERNELS}
+    lins = []
     for n, k in dims:
         lin = nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
         lin.weight.normal_(0, 0.02)
         mods["onednn"].append(PackedLinear(lin))
         mods["rowmajor"].append(RowMajorLinear(lin, max_rows=1 << 20))  # shares lin's weight
-        mods["blocked"].append(BlockedLinear(lin))  # torch.get_num_threads() threads (--threads)
+        lins.append(lin)
+    # torch.get_num_threads() threads (--threads); one arena per stack, in pass order, as the engine packs
+    mods["blocked"] = pack_blocked(lins, huge_pages=True)
+    mods["blocked_4k"] = pack_blocked(lins, huge_pages=False)
     return mods, [k for _, k in dims], sum(n * k for n, k in dims)
 
 
@@ -113,6 +120,7 @@ def run_shape(name: str, shape: Shape, dtype: torch.dtype, rows: list[int], reps
             row[k] = {"ms": med[k] * 1e3, "weight_gb_per_s": nbytes / med[k] / 1e9, "gmac_per_s": m * params / med[k] / 1e9}
         row["blocked_speedup_vs_onednn"] = med["onednn"] / med["blocked"]
         row["blocked_speedup_vs_rowmajor"] = med["rowmajor"] / med["blocked"]
+        row["huge_page_speedup"] = med["blocked_4k"] / med["blocked"]
         out.append(row)
         bar.write(json.dumps({"shape": name, "dtype": row["dtype"], "rows": m,
                               **{k: round(row[k]["ms"], 2) for k in KERNELS}}), file=sys.stderr)

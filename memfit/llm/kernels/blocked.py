@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.memory.host import HostArena
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -65,7 +66,8 @@ class BlockedLinear(nn.Module):
     must be the weight's. Inference only: with autograd recording for an x that requires grad, it falls
     back to F.linear on a freshly unpacked weight (correct, slow, no weight gradient)."""
 
-    def __init__(self, linear: nn.Linear, nb: int = DEFAULT_NB, nthreads: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, nb: int = DEFAULT_NB, nthreads: int | None = None,
+                 out: torch.Tensor | None = None) -> None:
         super().__init__()
         w = linear.weight.detach()  # (N, K)
         if w.device.type != "cpu" or w.dim() != 2:
@@ -82,8 +84,14 @@ class BlockedLinear(nn.Module):
         if w.stride(1) != 1:
             w = w.contiguous()
         # (panels, steps, nb, span) flattened; a plain attribute, not a Parameter/buffer: it is no
-        # state_dict entry and .to(dtype) must not reinterpret it.
-        self.packed = torch.empty(elems, dtype=w.dtype)
+        # state_dict entry and .to(dtype) must not reinterpret it. `out`: where to pack (e.g. a slice of a
+        # huge-page HostArena, see pack_blocked); by default a tensor of its own.
+        if out is None:
+            out = torch.empty(elems, dtype=w.dtype)
+        elif out.dtype != w.dtype or out.numel() != elems or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"out must be a contiguous CPU tensor of {elems} x {w.dtype}, got {out.numel()} x "
+                             f"{out.dtype} on {out.device}")
+        self.packed = out
         if fns.pack(w.data_ptr(), w.stride(0), self.packed.data_ptr(), n, k, nb) != 0:
             raise RuntimeError("packing the weight failed")
         b = linear.bias
@@ -127,11 +135,41 @@ class BlockedLinear(nn.Module):
                 f"kernel=memfit blocked (nb={self.nb})")
 
 
+def packed_numel(linear: nn.Linear, nb: int = DEFAULT_NB) -> int:
+    """Elements of `linear`'s weight in the blocked layout (N rounded up to whole panels, K to whole steps)."""
+    fns = _functions(linear.weight.dtype)
+    if fns is None:
+        raise RuntimeError(f"memfit's blocked CPU kernel is unavailable for {linear.weight.dtype}")
+    n, k = linear.weight.shape
+    elems = fns.packed_elems(n, k, nb, int(linear.weight.dtype == torch.bfloat16))
+    if elems < 0:
+        raise ValueError(f"nb must be 32, 48 or 64, got {nb}")
+    return int(elems)
+
+
+def blocked_arena(linears: list[nn.Linear], nb: int = DEFAULT_NB, huge_pages: bool = True) -> HostArena:
+    """One HostArena with room for all of `linears` packed (each slice 64-byte aligned): the decode step
+    then streams its weights from one huge-page range (memfit/memory/host.py says why that is faster)."""
+    need = sum(_round_up(packed_numel(lin, nb) * lin.weight.element_size(), 64) for lin in linears)
+    return HostArena(need, huge_pages=huge_pages)
+
+
+def pack_blocked(linears: list[nn.Linear], nb: int = DEFAULT_NB, nthreads: int | None = None,
+                 huge_pages: bool = True) -> list[BlockedLinear]:
+    """BlockedLinear for each of `linears`, all packed into one arena (blocked_arena)."""
+    arena = blocked_arena(linears, nb, huge_pages)
+    return [BlockedLinear(lin, nb, nthreads, out=arena.take(packed_numel(lin, nb), lin.weight.dtype)) for lin in linears]
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
+def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool = True) -> int:
     """Replace the model's CPU nn.Linear layers by BlockedLinear. Returns how many; 0 when the kernel is
     unavailable for the model's dtype (the model is then left untouched).
 
@@ -149,7 +187,7 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
 
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     maps = file_mappings()
-    count = 0
+    todo = []
     for _, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear) or child.weight.dtype != params[0].dtype:
@@ -157,7 +195,14 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB) -> int:
             w = child.weight.detach()
             if any(_shares_storage(w, e) for e in embeddings) and not is_file_backed(w, maps):
                 continue  # tied to an embedding in ordinary memory: see the docstring
-            setattr(parent, name, BlockedLinear(child, nb))
-            drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
-            count += 1
-    return count
+            todo.append((parent, name, child))
+    if not todo:
+        return 0
+    # Every packed weight in one huge-page arena, in the order a decode step reads them; packed one at a
+    # time, each checkpoint matrix's pages given back at once, so at most one matrix is held twice.
+    arena = blocked_arena([child for _, _, child in todo], nb, huge_pages)
+    for parent, name, child in todo:
+        w = child.weight.detach()
+        setattr(parent, name, BlockedLinear(child, nb, out=arena.take(packed_numel(child, nb), w.dtype)))
+        drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
+    return len(todo)

@@ -1,6 +1,8 @@
 """memfit's blocked CPU matmul (cpu_blocked.cpp via BlockedLinear): results against F.linear, packing, model use."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,3 +156,44 @@ def test_engine_packs_a_mapped_tied_head_and_keeps_the_lookup(tmp_path):
         eng.close()
         tokens.append([out[k] for k in sorted(out)])
     assert tokens[0] == tokens[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_blocked_puts_every_weight_in_one_arena(dtype):
+    need(dtype)
+    from memfit.llm.kernels.blocked import pack_blocked
+
+    lins = [make_linear(n, k, bias, dtype) for n, k, bias in [(70, 33, True), (128, 64, False), (5, 200, True)]]
+    mods = pack_blocked(lins)
+    x = {k: torch.randn(6, k).to(dtype) for k in (33, 64, 200)}
+    for lin, mod in zip(lins, mods):  # the same results as a module packed into memory of its own
+        assert torch.equal(mod(x[lin.in_features]), BlockedLinear(lin)(x[lin.in_features]))
+    starts = [m.packed.data_ptr() for m in mods]
+    ends = [m.packed.data_ptr() + m.packed.numel() * m.packed.element_size() for m in mods]
+    assert starts[0] % (2 << 20) == 0  # the arena's 2 MiB-aligned start
+    assert all(0 <= starts[i + 1] - ends[i] < 64 for i in range(2))  # back to back, in order, 64-byte aligned
+
+
+def test_out_must_fit_the_packed_form():
+    need(torch.float32)
+    lin = make_linear(8, 16, False, torch.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        BlockedLinear(lin, out=torch.empty(7))
+    with pytest.raises(ValueError, match="out must be"):
+        BlockedLinear(lin, out=torch.empty(64 * 16, dtype=torch.bfloat16))
+    mod = BlockedLinear(lin, out=torch.empty(64 * 16))  # N = 8 padded to one 64-column panel
+    x = torch.randn(3, 16)
+    check(mod(x), x, lin)
+
+
+def test_model_linears_share_one_arena():
+    need(torch.float32)
+    from tests.llm.models.test_packing import tiny
+
+    model = tiny(tie=False, dtype=torch.float32)
+    with torch.no_grad():
+        use_blocked_linears(model)
+    spans = sorted((m.packed.data_ptr(), m.packed.data_ptr() + m.packed.numel() * 4)
+                   for m in model.modules() if isinstance(m, BlockedLinear))
+    assert len(spans) == 15 and spans[0][0] % (2 << 20) == 0
+    assert all(0 <= b[0] - a[1] < 64 for a, b in itertools.pairwise(spans))  # one contiguous range
