@@ -15,6 +15,7 @@ zero columns per matrix of padding); while packing, one matrix is held twice.
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
-from memfit.memory.host import HostArena
+from memfit.memory.host import HostArena, transparent_huge_pages
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -205,4 +208,6 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool
         w = child.weight.detach()
         setattr(parent, name, BlockedLinear(child, nb, out=arena.take(packed_numel(child, nb), w.dtype)))
         drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
+    log.info("blocked kernel: %d weights packed into one %.1f MiB arena, %.1f MiB of it on huge pages (THP: %s)",
+             len(todo), arena.used_bytes / 2**20, arena.huge_page_bytes() / 2**20, transparent_huge_pages())
     return len(todo)
