@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from linear_roofline import _median_time  # the same median-of-reps timer
 
 from memfit.llm.kernels.blocked import BlockedLinear, can_use_blocked
 from memfit.llm.kernels.peak import peak_macs_per_s
@@ -49,16 +52,6 @@ def steal_ticks() -> int:
     with open("/proc/stat") as f:
         fields = f.readline().split()
     return int(fields[8]) if len(fields) > 8 else 0
-
-
-def timed_median(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 class Kernels:
@@ -79,12 +72,12 @@ class Kernels:
     @torch.inference_mode()
     def bandwidth(self, threads: int, reps: int) -> float:
         lin = self.one if threads == 1 else self.two
-        return self.nbytes / timed_median(lambda: lin(self.x1), reps)
+        return self.nbytes / _median_time(lambda: lin(self.x1), reps)
 
     @torch.inference_mode()
     def gemm8(self, threads: int, reps: int) -> float:
         lin = self.one if threads == 1 else self.two
-        return 8 * self.n * K / timed_median(lambda: lin(self.x8), reps)
+        return 8 * self.n * K / _median_time(lambda: lin(self.x8), reps)
 
 
 def pearson(a: list[float], b: list[float]) -> float | None:

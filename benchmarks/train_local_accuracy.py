@@ -7,7 +7,7 @@ backprop: accuracy points, time, overhead and total memory ratios).
 """
 from __future__ import annotations
 
-from train_local_common import ACCURACY_SETUPS, RNN_VARIANTS, run_one
+from train_local_common import ACCURACY_SETUPS, RNN_VARIANTS, budget, run_one
 
 from memfit.train.local.rules import METHODS
 
@@ -50,10 +50,8 @@ def accuracy_part(data, seed: int, quick: bool, full: bool, settings: dict, mode
                   rnn_windows: bool) -> tuple[dict, list[dict]]:
     results, curves = {}, []
     for name in models:
-        overrides, epochs, n_train = ACCURACY_SETUPS[name]
-        n_train = None if full else n_train
-        if quick:
-            epochs, n_train = 1, 3000
+        overrides = ACCURACY_SETUPS[name][0]
+        epochs, n_train = budget(name, full, quick)
         runs = {}
         for method in METHODS:
             r = run_one(data, name, method, settings[name][method], epochs, n_train, seed)

@@ -75,3 +75,12 @@ def run_one(data, model: str, method: str, settings: dict, epochs: int, n_train:
           f"overhead {r['peak_overhead_bytes'] / MiB:.2f} MiB, total {r['peak_training_bytes'] / MiB:.2f} MiB",
           file=sys.stderr, flush=True)
     return r
+
+
+def budget(model: str, full: bool, quick: bool) -> tuple[int, int | None]:
+    """(epochs, training examples; None = all 60,000) of a model's setup: `--full` trains on all of them,
+    `--quick` on 3,000 for one epoch."""
+    _, epochs, n_train = ACCURACY_SETUPS[model]
+    if quick:
+        return 1, 3000
+    return epochs, None if full else n_train

@@ -9,7 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train_local_common import ACCURACY_SETUPS, RNN_VARIANTS, SETTINGS, run_one, variant
+from train_local_common import (
+    ACCURACY_SETUPS,
+    RNN_VARIANTS,
+    SETTINGS,
+    budget,
+    run_one,
+    variant,
+)
 
 from memfit.train.local.data import validation_split
 from memfit.train.local.rules import METHODS
@@ -54,10 +61,7 @@ def tune_part(data, seed: int, full: bool, quick: bool, models: list[str]) -> di
     val = validation_split(data, 10000, seed)
     out = {"validation_examples": 10000, "grid": TUNE_GRID, "tpsgd_only": TPSGD_GRID, "models": {}}
     for model in models:
-        _, epochs, n_train = ACCURACY_SETUPS[model]
-        n_train = None if full else n_train
-        if quick:
-            epochs, n_train = 1, 3000
+        epochs, n_train = budget(model, full, quick)
         runs = {}
         for method in METHODS:
             runs[method] = [{"settings": c, "validation_accuracy": run_one(val, model, method, c, epochs, n_train,
