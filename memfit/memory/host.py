@@ -83,6 +83,11 @@ class HostArena:
         self._bytes = torch.frombuffer(buf, dtype=torch.uint8)  # (reserved_bytes,), touches nothing
         self.used_bytes = 0
 
+    @staticmethod
+    def bytes_for(nbytes: list[int]) -> int:
+        """The arena size that holds tensors of these byte sizes, taken in this order (each 64-byte aligned)."""
+        return sum(_round_up(n, _ALIGN) for n in nbytes)
+
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A fresh (numel,) tensor of `dtype` from the arena (uninitialised: write it before reading)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -102,6 +107,8 @@ class HostArena:
             return 0
         inside = False
         for line in lines:
+            if not line.strip():
+                continue
             head = line.split(maxsplit=1)[0]
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))

@@ -67,3 +67,11 @@ def test_huge_pages_back_the_arena_and_can_be_refused():
         pytest.skip("the kernel had no free huge page just now (thp_fault_fallback rose)")
     assert huge.huge_page_bytes() >= HUGE_PAGE  # 4 whole huge pages touched
     assert small.huge_page_bytes() == 0  # MADV_NOHUGEPAGE: 4 KiB pages even where THP is "always"
+
+
+def test_bytes_for_sizes_an_arena_that_takes_them_exactly():
+    sizes = [12, 10, 4000, 64, 1]
+    arena = HostArena(HostArena.bytes_for(sizes))
+    for n in sizes:
+        arena.take(n, torch.uint8)
+    assert arena.used_bytes <= HostArena.bytes_for(sizes) == 64 + 64 + 4032 + 64 + 64

@@ -153,7 +153,7 @@ def packed_numel(linear: nn.Linear, nb: int = DEFAULT_NB) -> int:
 def blocked_arena(linears: list[nn.Linear], nb: int = DEFAULT_NB, huge_pages: bool = True) -> HostArena:
     """One HostArena with room for all of `linears` packed (each slice 64-byte aligned): the decode step
     then streams its weights from one huge-page range (memfit/memory/host.py says why that is faster)."""
-    need = sum(_round_up(packed_numel(lin, nb) * lin.weight.element_size(), 64) for lin in linears)
+    need = HostArena.bytes_for([packed_numel(lin, nb) * lin.weight.element_size() for lin in linears])
     return HostArena(need, huge_pages=huge_pages)
 
 
@@ -162,10 +162,6 @@ def pack_blocked(linears: list[nn.Linear], nb: int = DEFAULT_NB, nthreads: int |
     """BlockedLinear for each of `linears`, all packed into one arena (blocked_arena)."""
     arena = blocked_arena(linears, nb, huge_pages)
     return [BlockedLinear(lin, nb, nthreads, out=arena.take(packed_numel(lin, nb), lin.weight.dtype)) for lin in linears]
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
