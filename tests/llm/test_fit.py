@@ -51,19 +51,13 @@ def _probe(models_dir, prepack: int, cpu_linear: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("prepack,cpu_linear", [(0, "auto"), (1, "onednn")])
+# (1, "auto") is the engine's default: memfit's blocked kernel on packed weights. The probe serves two rounds
+# of requests (see fit_probe.py: a first round alone peaks before the mapped embedding table is resident).
+@pytest.mark.parametrize("prepack,cpu_linear", [(1, "auto"), (0, "auto"), (1, "onednn")])
 def test_prediction_within_10_percent_of_measured_peak(models_dir, prepack, cpu_linear):
     r = _probe(models_dir, prepack, cpu_linear)
     ratio = r["measured_bytes"] / r["predicted_bytes"]
     assert 0.9 <= ratio <= 1.1, r
-
-
-def test_prediction_bounds_the_memfit_kernels_from_above(models_dir):
-    # memfit's own CPU matmul kernel (the default backend) measures 10-15% under the prediction on this probe,
-    # which `fit` keeps as an upper bound rather than a second per-backend model (see docs/engine.md).
-    r = _probe(models_dir, 1, "blocked")
-    ratio = r["measured_bytes"] / r["predicted_bytes"]
-    assert 0.8 <= ratio <= 1.0, r
 
 
 def test_kv_formula_and_page_rounding():
