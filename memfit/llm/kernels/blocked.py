@@ -75,15 +75,9 @@ class BlockedLinear(nn.Module):
         w = linear.weight.detach()  # (N, K)
         if w.device.type != "cpu" or w.dim() != 2:
             raise ValueError(f"BlockedLinear needs a 2-D CPU weight, got {tuple(w.shape)} on {w.device}")
-        fns = _functions(w.dtype)
-        if fns is None:
-            reason = (unavailable_reason(w.dtype) or "the library failed to load (see the log)") if w.dtype in _SUFFIX \
-                else "only bfloat16 and float32 are supported"
-            raise RuntimeError(f"memfit's blocked CPU kernel is unavailable for {w.dtype}: {reason}")
+        fns = _available(w.dtype)
         n, k = w.shape
-        elems = fns.packed_elems(n, k, nb, int(w.dtype == torch.bfloat16))
-        if elems < 0:
-            raise ValueError(f"nb must be 32, 48 or 64, got {nb}")
+        elems = packed_numel(linear, nb)
         if w.stride(1) != 1:
             w = w.contiguous()
         # (panels, steps, nb, span) flattened; a plain attribute, not a Parameter/buffer: it is no
@@ -138,11 +132,19 @@ class BlockedLinear(nn.Module):
                 f"kernel=memfit blocked (nb={self.nb})")
 
 
+def _available(dtype: torch.dtype) -> _Fns:
+    """The kernel's functions for `dtype`, or a RuntimeError saying why this machine can't run them."""
+    fns = _functions(dtype)
+    if fns is None:
+        reason = (unavailable_reason(dtype) or "the library failed to load (see the log)") if dtype in _SUFFIX \
+            else "only bfloat16 and float32 are supported"
+        raise RuntimeError(f"memfit's blocked CPU kernel is unavailable for {dtype}: {reason}")
+    return fns
+
+
 def packed_numel(linear: nn.Linear, nb: int = DEFAULT_NB) -> int:
     """Elements of `linear`'s weight in the blocked layout (N rounded up to whole panels, K to whole steps)."""
-    fns = _functions(linear.weight.dtype)
-    if fns is None:
-        raise RuntimeError(f"memfit's blocked CPU kernel is unavailable for {linear.weight.dtype}")
+    fns = _available(linear.weight.dtype)
     n, k = linear.weight.shape
     elems = fns.packed_elems(n, k, nb, int(linear.weight.dtype == torch.bfloat16))
     if elems < 0:
