@@ -62,6 +62,15 @@ from memfit.train.local.seeds import aggregate_seeds, parse_seeds
 __all__ = ["SETTINGS", "aggregate_seeds", "main", "per_seed_accuracies", "run_one", "seeds_part"]
 
 
+def finish(out: dict, start: float, path: Path) -> int:
+    """Stamp the wall time, write the JSON to `path` and print it."""
+    out["wall_seconds"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(out, indent=2)
+    path.write_text(text)
+    print(text)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="benchmarks/results")
@@ -107,11 +116,7 @@ def main() -> int:
     part = "" if models == list(ACCURACY_SETUPS) else "_" + "-".join(models)
     if args.tune:
         out["tune"] = tune_part(data, args.seed, args.full, args.quick, models)
-        out["wall_seconds"] = round(time.perf_counter() - start, 1)
-        text = json.dumps(out, indent=2)
-        (out_dir / f"train_local_tune{part}{suffix}.json").write_text(text)
-        print(text)
-        return 0
+        return finish(out, start, out_dir / f"train_local_tune{part}{suffix}.json")
     if seeds is not None:
         out["benchmark"] = "train_local_seeds"
         out["machine"]["seed"] = seeds
@@ -119,11 +124,7 @@ def main() -> int:
         out |= seeds_part(data, seeds, args.quick, args.full, load_settings(args.settings), models,
                           not args.skip_rnn_windows)
         out["plot"] = str(plot_seeds(out["setups"], out_dir / f"train_local_seeds{part}{suffix}.png"))
-        out["wall_seconds"] = round(time.perf_counter() - start, 1)
-        text = json.dumps(out, indent=2)
-        (out_dir / f"train_local_seeds{part}{suffix}.json").write_text(text)
-        print(text)
-        return 0
+        return finish(out, start, out_dir / f"train_local_seeds{part}{suffix}.json")
     if not args.skip_accuracy:
         settings = load_settings(args.settings)
         out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local.py (from --tune)"
@@ -136,11 +137,7 @@ def main() -> int:
         out["memory_plot"] = str(plot_memory_scaling(out["memory_scaling"]["by_depth_at_batch_1024"],
                                                      out["memory_scaling"]["by_batch_at_depth_5"],
                                                      out_dir / "train_local_memory.png"))
-    out["wall_seconds"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(out, indent=2)
-    (out_dir / f"train_local{suffix}.json").write_text(text)
-    print(text)
-    return 0
+    return finish(out, start, out_dir / f"train_local{suffix}.json")
 
 
 if __name__ == "__main__":
