@@ -2,13 +2,15 @@
 
 Two-thread decode runs here read 36 GB/s in some blocks and 60 GB/s in others, and the slow decode cells sit
 in the slow blocks (docs/benchmarks.md). This script separates the candidate causes. Each round measures,
-back to back (threads pinned with sched_setaffinity; one 0.15-0.25 s reading each):
+back to back (threads pinned with sched_setaffinity; a peak is the best of 3 runs of ~0.15 s, a read or an
+8-row figure the median of --reps passes):
 
 - `peak_1t[c]`: core c's bf16 multiply-add peak alone (a register-only loop, memfit.llm.kernels.peak). If our
   two vCPUs shared one physical core (host SMT siblings), running both would halve each one's peak;
 - `peak_2t`: both cores' peak together. About 2x `peak_1t` means two independent cores;
 - `bw_1t[c]`, `bw_2t`: a sequential read of a 512 MiB buffer far past the caches, through memfit's blocked
-  kernel as a 1-row product (the decode stream itself), on core c alone, then on both;
+  kernel as a 1-row product on huge pages (the decode stream itself, as the engine holds it), on core c
+  alone, then on both;
 - `gemm8_1t`, `gemm8_2t`: the same kernel on 8 rows (batch-8 decode, at the ridge on this core), as G MAC/s;
 - `steal_ms`: host steal time of the round from /proc/stat (time the hypervisor ran someone else on our vCPUs).
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from linear_roofline import _median_time  # the same median-of-reps timer
 
-from memfit.llm.kernels.blocked import BlockedLinear, can_use_blocked
+from memfit.llm.kernels.blocked import can_use_blocked, pack_blocked
 from memfit.llm.kernels.peak import peak_macs_per_s
 from memfit.memory.measure import machine_info
 
@@ -62,8 +64,8 @@ class Kernels:
         lin = torch.nn.Linear(K, n, bias=False, dtype=torch.bfloat16)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
-        self.one = BlockedLinear(lin, nthreads=1)
-        self.two = BlockedLinear(lin, nthreads=2)
+        (self.one,) = pack_blocked([lin], nthreads=1)  # each in a huge-page arena, as the engine packs
+        (self.two,) = pack_blocked([lin], nthreads=2)
         del lin
         self.nbytes, self.n = n * K * 2, n
         self.x1 = torch.ones(1, K, dtype=torch.bfloat16)
