@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decode_ops import _us  # noqa: E402  (process-time median, the same timer as decode_ops)
 
-from memfit.llm.attention import Workspace, attend_one, decode_attention  # noqa: E402
+from memfit.llm.kernels.attention import Workspace, attend_one, decode_attention  # noqa: E402
 from memfit.llm.kernels.decode import CpuDecodeOps  # noqa: E402
 from memfit.llm.models.ops import TorchOps  # noqa: E402
 from memfit.memory.measure import machine_info  # noqa: E402
@@ -88,7 +88,7 @@ def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
     from decode_throughput import make_model_dir
 
     from memfit.llm.engine import EngineConfig, LLMEngine
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +127,7 @@ def prefill_rows(dtype: str, reps: int, prompt: int = 512) -> list[dict]:
     from decode_throughput import make_model_dir
 
     from memfit.llm.engine import EngineConfig, LLMEngine
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model_dir("0.1b", dtype, Path(tmp))

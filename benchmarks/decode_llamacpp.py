@@ -141,8 +141,8 @@ def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int 
     GGUF holds the same model: all of them in float32; bf16 rounding may part them later)."""
     import llama_cpp as L
 
-    from memfit.llm.api import LLM
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.api import LLM
+    from memfit.llm.engine.params import SamplingParams
 
     ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()
     llm = LLM(str(src), dtype=dtype, kv_budget="256MiB", max_model_len=256, device="cpu")

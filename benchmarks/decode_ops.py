@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import memfit.llm.attention as attention  # noqa: E402
-from memfit.llm.attention import Workspace, decode_attention  # noqa: E402
+import memfit.llm.kernels.attention as attention  # noqa: E402
+from memfit.llm.kernels.attention import Workspace, decode_attention  # noqa: E402
 from memfit.memory.measure import machine_info  # noqa: E402
 
 

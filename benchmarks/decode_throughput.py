@@ -170,7 +170,7 @@ def add_limits(row: dict, bw: float, backends: list[str]) -> None:
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
                kv_layout: str = "auto", cpu_linear: str = "auto") -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
                                     max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024,

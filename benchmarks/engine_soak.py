@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memfit.llm.engine import EngineConfig, LLMEngine  # noqa: E402
-from memfit.llm.sampling import SamplingParams  # noqa: E402
+from memfit.llm.engine.params import SamplingParams  # noqa: E402
 from memfit.memory.measure import machine_info, rss_bytes  # noqa: E402
 
 

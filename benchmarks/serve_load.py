@@ -358,7 +358,7 @@ def main() -> int:
             try:
                 path = model
                 if "/" not in model:
-                    from memfit.llm.loader import resolve_model_path
+                    from memfit.llm.models.loader import resolve_model_path
 
                     path = str(resolve_model_path(model))
                 servers[peer] = bench_server(peer, path, path, questions, args)

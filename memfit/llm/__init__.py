@@ -1,15 +1,18 @@
 """LLM inference and serving: `from memfit.llm import LLM, SamplingParams`.
 
-Names are imported lazily so that `memfit --help` (which imports memfit.llm.cli) does not load torch.
+Rooms: engine/ (engine, scheduler, requests, step data, sampling, API), models/ (model code, loader,
+tokenizer), kernels/ (attention and compute backends), kv/ (KV-cache managers), server/ (the OpenAI-compatible
+HTTP API), cli/ (the commands). Names are imported lazily so that `memfit --help` (which imports
+memfit.llm.cli) does not load torch.
 """
 from __future__ import annotations
 
 _EXPORTS = {
-    "LLM": "memfit.llm.api",
-    "LLMEngine": "memfit.llm.engine",
-    "EngineConfig": "memfit.llm.engine",
-    "SamplingParams": "memfit.llm.sampling",
-    "RequestOutput": "memfit.llm.outputs",
+    "LLM": "memfit.llm.engine.api",
+    "LLMEngine": "memfit.llm.engine.llm_engine",
+    "EngineConfig": "memfit.llm.engine.config",
+    "SamplingParams": "memfit.llm.engine.params",
+    "RequestOutput": "memfit.llm.engine.outputs",
 }
 __all__ = list(_EXPORTS)
 

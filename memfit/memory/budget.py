@@ -23,7 +23,12 @@ class Tier(str, Enum):
 
 
 class MemoryBudgetExceeded(MemoryError):
-    """A reservation would take a budget past its limit."""
+    """A reservation would take a budget past its limit. `request_id` names the request it stops, where one
+    does (the engine sets it; a server fails that request alone)."""
+
+    def __init__(self, message: str = "", request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 _UNITS = {
@@ -74,20 +79,42 @@ def available_memory(tier: Tier | str = Tier.HOST, device: str | None = None) ->
     return int(psutil.virtual_memory().available)
 
 
-def resolve_budget(spec: int | float | str, tier: Tier | str = Tier.HOST, device: str | None = None) -> int:
-    """Turn a budget given as bytes (``"2GiB"``, ``2_000_000``) or a fraction in (0, 1] of the memory
-    available now (``0.5``) into bytes."""
+def parse_budget(spec: int | float | str) -> int | float:
+    """Parse a budget as the user wrote it: bytes (``"2GiB"``, ``2_000_000``, ``"4096"``) give an int; a
+    fraction of the memory available (``0.3``, ``"0.3"``, ``"1.0"``, ``"30%"``) gives a float in (0, 1].
+
+    One rule for every command and API: a number with a decimal point or a percent sign is a fraction, a
+    whole number or a number with a unit is bytes. Raises ValueError, saying which forms are accepted."""
+    if isinstance(spec, bool):
+        raise ValueError(f"not a memory budget: {spec!r}")
     if isinstance(spec, str):
-        try:
-            spec = float(spec) if "." in spec and _SIZE_RE.match(spec).group(2) == "" else spec  # type: ignore[union-attr]
-        except (AttributeError, ValueError):
-            pass
-    if isinstance(spec, float) and 0 < spec <= 1:
-        return int(spec * available_memory(tier, device))
+        text = spec.strip()
+        if text.endswith("%"):
+            try:
+                spec = float(text[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"not a memory budget: {spec!r}; a percentage looks like '30%'") from None
+        elif _SIZE_RE.match(text) and _SIZE_RE.match(text).group(2) == "" and ("." in text or "e" in text.lower()):  # type: ignore[union-attr]
+            spec = float(text)
+    if isinstance(spec, float):
+        if not 0 < spec <= 1:
+            raise ValueError(
+                f"a memory budget fraction must be in (0, 1], got {spec!r}; give bytes with a unit (e.g. '2GiB') "
+                "or a fraction of the available memory (e.g. 0.3 or '30%')"
+            )
+        return spec
     nbytes = parse_bytes(spec)
     if nbytes == 0:
         raise ValueError("a memory budget must be positive; give bytes (e.g. '2GiB') or a fraction in (0, 1]")
     return nbytes
+
+
+def resolve_budget(spec: int | float | str, tier: Tier | str = Tier.HOST, device: str | None = None) -> int:
+    """Turn a budget (see `parse_budget`: bytes, or a fraction of the memory available now) into bytes."""
+    value = parse_budget(spec)
+    if isinstance(value, float):
+        return max(1, int(value * available_memory(tier, device)))
+    return value
 
 
 @dataclass

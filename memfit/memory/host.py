@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.memory.vmem import VirtualMemoryError, _get_libc, _MappingOwner, _round_up
+from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
 
 HUGE_PAGE = 2 << 20
 _PROT_READ, _PROT_WRITE = 0x1, 0x2
@@ -57,15 +57,15 @@ class HostArena:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         if not sys.platform.startswith("linux"):
             raise VirtualMemoryError("HostArena needs Linux (mmap + madvise)")
-        libc = _get_libc()
-        self.reserved_bytes = _round_up(max(nbytes, 1), HUGE_PAGE)
+        libc = get_libc()
+        self.reserved_bytes = round_up(max(nbytes, 1), HUGE_PAGE)
         span = self.reserved_bytes + HUGE_PAGE  # room to align the start to 2 MiB
         addr = libc.mmap(None, span, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
             err = ctypes.get_errno()
             raise VirtualMemoryError(f"mmap of {span} bytes failed ({errno.errorcode.get(err, err)})")
         addr = int(addr)
-        start = _round_up(addr, HUGE_PAGE)
+        start = round_up(addr, HUGE_PAGE)
         # Give back the unaligned head and the tail, so the mapping is exactly [start, start + reserved).
         if start > addr:
             libc.munmap(addr, start - addr)
@@ -77,7 +77,7 @@ class HostArena:
         # so that huge_pages=False means the same where THP is "always".
         libc.madvise(start, self.reserved_bytes, _MADV_HUGEPAGE if huge_pages else _MADV_NOHUGEPAGE)
         size = self.reserved_bytes
-        self._owner = _MappingOwner(lambda: _get_libc().munmap(start, size))
+        self._owner = MappingOwner(lambda: get_libc().munmap(start, size))
         buf = (ctypes.c_uint8 * size).from_address(start)
         buf._memfit_owner = self._owner  # type: ignore[attr-defined]  # tensor -> buf -> owner: no use-after-free
         self._bytes = torch.frombuffer(buf, dtype=torch.uint8)  # (reserved_bytes,), touches nothing
@@ -86,12 +86,12 @@ class HostArena:
     @staticmethod
     def bytes_for(nbytes: list[int]) -> int:
         """The arena size that holds tensors of these byte sizes, taken in this order (each 64-byte aligned)."""
-        return sum(_round_up(n, _ALIGN) for n in nbytes)
+        return sum(round_up(n, _ALIGN) for n in nbytes)
 
     def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A fresh (numel,) tensor of `dtype` from the arena (uninitialised: write it before reading)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        lo = _round_up(self.used_bytes, _ALIGN)
+        lo = round_up(self.used_bytes, _ALIGN)
         hi = lo + numel * itemsize
         if numel < 0 or hi > self.reserved_bytes:
             raise MemoryError(f"HostArena: {numel} x {dtype} does not fit ({self.reserved_bytes - lo} bytes left "

@@ -40,6 +40,9 @@ import numpy as np
 import torch
 
 from memfit.memory.budget import MemoryBudget
+from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
+
+__all__ = ["CPU_PAGE_SIZE", "Prefaulter", "VirtualArena", "VirtualMemoryError"]
 
 # Linux <sys/mman.h> constants (x86-64 and aarch64 share these values).
 _PROT_READ, _PROT_WRITE = 0x1, 0x2
@@ -49,48 +52,16 @@ _MADV_DONTNEED, _MADV_NOHUGEPAGE, _MADV_POPULATE_WRITE = 4, 15, 23
 CPU_PAGE_SIZE = mmap.PAGESIZE
 
 
-class VirtualMemoryError(MemoryError):
-    """The OS or driver refused to reserve/commit virtual memory."""
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
 # ---------------------------------------------------------------------------------------------------------
 # CPU backend
 # ---------------------------------------------------------------------------------------------------------
-_libc: ctypes.CDLL | None = None
-
-
-def _get_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)  # ctypes releases the GIL around these calls
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-        libc.munmap.restype = ctypes.c_int
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.madvise.restype = ctypes.c_int
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc = libc
-    return _libc
-
-
-class _MappingOwner:
-    """Owns one mapping; its finaliser unmaps. Kept alive by every tensor that views the mapping."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._finalizer = weakref.finalize(self, release)
-
-
 class _CpuBackend:
     populate_supported: bool | None = None  # learnt on first commit: does the kernel have MADV_POPULATE_WRITE?
 
     def __init__(self, size: int, huge_pages: bool) -> None:
-        libc = _get_libc()
+        libc = get_libc()
         self.page_size = CPU_PAGE_SIZE
-        self.size = _round_up(size, self.page_size)
+        self.size = round_up(size, self.page_size)
         flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
         addr = libc.mmap(None, self.size, _PROT_READ | _PROT_WRITE, flags, -1, 0)
         if addr is None or addr == ctypes.c_void_p(-1).value:
@@ -103,7 +74,7 @@ class _CpuBackend:
         if not huge_pages:
             libc.madvise(self.addr, self.size, _MADV_NOHUGEPAGE)  # best effort: exact 4 KiB commits
         size_, addr_ = self.size, self.addr
-        self.owner = _MappingOwner(lambda: _get_libc().munmap(addr_, size_))
+        self.owner = MappingOwner(lambda: get_libc().munmap(addr_, size_))
 
     def tensor(self) -> torch.Tensor:
         """(size,) uint8 over the whole range; touches nothing."""
@@ -114,7 +85,7 @@ class _CpuBackend:
     def map(self, lo: int, hi: int) -> None:
         """Populate pages [lo, hi). Their content is zero (fresh or after MADV_DONTNEED)."""
         addr, n = self.addr + lo * self.page_size, (hi - lo) * self.page_size
-        libc = _get_libc()
+        libc = get_libc()
         if _CpuBackend.populate_supported is not False:
             if libc.madvise(addr, n, _MADV_POPULATE_WRITE) == 0:
                 _CpuBackend.populate_supported = True
@@ -129,7 +100,7 @@ class _CpuBackend:
 
     def unmap(self, lo: int, hi: int) -> None:
         addr, n = self.addr + lo * self.page_size, (hi - lo) * self.page_size
-        if _get_libc().madvise(addr, n, _MADV_DONTNEED) != 0:
+        if get_libc().madvise(addr, n, _MADV_DONTNEED) != 0:
             err = ctypes.get_errno()
             raise VirtualMemoryError(f"madvise(MADV_DONTNEED) failed: {errno.errorcode.get(err, err)}")
 
@@ -191,9 +162,9 @@ class VirtualArena:
         device = torch.device(device)
         if device.type != "cuda":
             return CPU_PAGE_SIZE
-        from memfit.memory.vmem_cuda import _cuda_granularity
+        from memfit.memory.vmem_cuda import cuda_granularity
 
-        return _cuda_granularity(device.index if device.index is not None else torch.cuda.current_device())
+        return cuda_granularity(device.index if device.index is not None else torch.cuda.current_device())
 
     @property
     def scratch_bytes(self) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memfit.memory.vmem import VirtualMemoryError, _MappingOwner, _round_up
+from memfit.memory.mapping import MappingOwner, VirtualMemoryError, round_up
 
 # ---------------------------------------------------------------------------------------------------------
 # CUDA backend (driver VMM through cuda-python; imported only when used)
@@ -51,7 +51,7 @@ def _alloc_prop(ordinal: int):
     return prop
 
 
-def _cuda_granularity(ordinal: int) -> int:
+def cuda_granularity(ordinal: int) -> int:
     drv = _cuda_driver()
     _check(drv.cuInit(0))
     option = drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
@@ -62,7 +62,7 @@ class _CudaArrayRef:
     """Exposes the reserved range through __cuda_array_interface__; torch keeps this object alive for as
     long as any tensor viewing it lives, and it keeps the mapping owner alive."""
 
-    def __init__(self, ptr: int, size: int, owner: _MappingOwner) -> None:
+    def __init__(self, ptr: int, size: int, owner: MappingOwner) -> None:
         self._memfit_owner = owner
         self.__cuda_array_interface__ = {
             "shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3, "strides": None, "stream": None,
@@ -81,8 +81,8 @@ class _CudaBackend:
         self.ctx = _check(drv.cuDevicePrimaryCtxRetain(self.cu_device))  # the context torch uses
         self._bind()
         self.prop = _alloc_prop(self.ordinal)
-        self.page_size = _cuda_granularity(self.ordinal)
-        self.size = _round_up(size, self.page_size)
+        self.page_size = cuda_granularity(self.ordinal)
+        self.size = round_up(size, self.page_size)
         self.addr = int(_check(drv.cuMemAddressReserve(self.size, self.page_size, drv.CUdeviceptr(0), 0)))
         access = drv.CUmemAccessDesc()
         access.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -107,7 +107,7 @@ class _CudaBackend:
             drv.cuMemAddressFree(drv.CUdeviceptr(addr), size)
             drv.cuDevicePrimaryCtxRelease(dev)
 
-        self.owner = _MappingOwner(_free)
+        self.owner = MappingOwner(_free)
 
     @property
     def scratch_bytes(self) -> int:

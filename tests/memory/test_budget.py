@@ -7,6 +7,7 @@ from memfit.memory.budget import (
     MemoryBudgetExceeded,
     Tier,
     format_bytes,
+    parse_budget,
     parse_bytes,
     resolve_budget,
 )
@@ -79,3 +80,30 @@ def test_budget_is_thread_safe():
     for t in threads:
         t.join()
     assert b.used_bytes == 8000 == b.by_owner()["t"]
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("0.3", 0.3), (0.3, 0.3), ("1.0", 1.0), ("30%", 0.3), ("512MiB", 512 * 2**20), ("4096", 4096), (4096, 4096),
+     ("2e9", 2.0e9)],
+)
+def test_parse_budget_one_rule(spec, expected):
+    # A decimal point or percent sign means a fraction of available memory; whole numbers and units mean bytes.
+    # "2e9" has no unit but an exponent: it is a float out of (0, 1], so it must be refused, not read as bytes.
+    if expected == 2.0e9:
+        with pytest.raises(ValueError, match="fraction must be in"):
+            parse_budget(spec)
+        return
+    got = parse_budget(spec)
+    assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.2", "150%", "abc%", "lots", True])
+def test_parse_budget_refuses(bad):
+    with pytest.raises(ValueError, match="budget|byte size"):
+        parse_budget(bad)
+
+
+def test_resolve_budget_fraction_is_not_zero_bytes():
+    # The old CLI read `--kv-budget 0.3` through parse_bytes as 0 bytes; a fraction must give a share of RAM.
+    assert resolve_budget("0.3", Tier.HOST) > 2**20

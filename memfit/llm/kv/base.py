@@ -79,8 +79,15 @@ class SeqStep:
 
 
 class KVCacheManager(ABC):
+    kind: str = ""  # set by @register_kv_cache
     layout: KVLayout
     budget: MemoryBudget
+
+    @classmethod
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict[str, Any]:
+        """The constructor options this manager takes from the engine's config (EngineConfig's max_num_seqs,
+        block_size and kv_layout): each manager picks what applies to it."""
+        return {}
 
     # ---- scheduler side: bookkeeping, no tensors -------------------------------------------------
     @abstractmethod

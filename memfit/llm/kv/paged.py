@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.llm.kv.registry import register_kv_cache
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
 
 
@@ -47,7 +48,12 @@ class PagedPlan:
     max_end: int
 
 
+@register_kv_cache("paged")
 class PagedKVCache(KVCacheManager):
+    @classmethod
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict:
+        return {"block_size": block_size}  # the pool takes what the budget holds, as vLLM sizes it
+
     def __init__(
         self,
         layout: KVLayout,

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.llm.kv.registry import register_kv_cache
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
 from memfit.memory.vmem import VirtualArena
 
@@ -69,7 +70,12 @@ class VirtualPlan:
     max_end: int
 
 
+@register_kv_cache("virtual")
 class VirtualKVCache(KVCacheManager):
+    @classmethod
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict:
+        return {"max_seqs": max_num_seqs, "token_major": token_major}  # a slot of virtual space per sequence
+
     def __init__(
         self,
         layout: KVLayout,

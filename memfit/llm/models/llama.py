@@ -4,14 +4,14 @@ Module and parameter names follow Hugging Face's exactly (`model.layers.0.self_a
 so a checkpoint's safetensors load onto it key for key, with no renaming table.
 
 All tokens of a step are flattened into one dimension N (several sequences, prefill chunks and decode
-tokens together, as in nano-vllm); attention is delegated to an `AttentionBackend` (memfit.llm.attention).
+tokens together, as in nano-vllm); attention is delegated to an `AttentionBackend` (memfit.llm.kernels.attention).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from memfit.llm.attention import AttentionBackend, DenseCausalAttention
+from memfit.llm.kernels.attention import AttentionBackend, DenseCausalAttention
 from memfit.llm.models.config import ModelConfig, rope_inv_freq
 from memfit.llm.models.ops import TORCH_OPS, TorchOps
 

@@ -1,6 +1,6 @@
 """`python -m memfit.llm.server [options]` is `memfit serve [options]`."""
 import sys
 
-from memfit.llm.server.cli import main
+from memfit.llm.cli.serve import main
 
 sys.exit(main())

@@ -131,7 +131,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def health() -> JSONResponse:
         if engine.ready:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": engine.state, "message": engine._not_ready_message()}, status_code=503)
+        return JSONResponse({"status": engine.state, "message": engine.not_ready_message()}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -71,7 +71,8 @@ class _Add:
 
 
 class AsyncEngine:
-    """Owns the engine thread. `engine_factory()` runs *on* that thread and returns an `LLMEngine`."""
+    """Owns the engine thread. `engine_factory()` runs *on* that thread and returns an engine that implements
+    `memfit.llm.engine.protocol.EngineClient` (an `LLMEngine`); only those calls are made on it."""
 
     def __init__(self, engine_factory: Callable[[], Any], metrics: ServerMetrics | None = None) -> None:
         self._factory = engine_factory
@@ -79,7 +80,7 @@ class AsyncEngine:
         self.state = "created"  # created -> loading -> ready | failed; -> stopping -> stopped
         self.load_error: BaseException | None = None
         self.stats: dict[str, Any] = {}
-        self.engine: Any = None  # touch only from the engine thread (read-only attributes excepted)
+        self.engine: Any = None  # an EngineClient; call it only from the engine thread (model_info excepted)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._loaded = threading.Event()
@@ -117,6 +118,11 @@ class AsyncEngine:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    @property
+    def model_info(self):
+        """The loaded model's `ModelInfo` (immutable: safe from any thread); None until the model is loaded."""
+        return self.engine.model_info if self.engine is not None and self.state != "loading" else None
+
     # ---- requests (event loop) ---------------------------------------------------------------------
     async def add(self, specs: list[RequestSpec], request_ids: list[str], out: asyncio.Queue,
                   arrival: float | None = None) -> None:
@@ -124,13 +130,13 @@ class AsyncEngine:
         `(request_id, RequestOutput)` or `(request_id, exception)`. Raises what `add_request` raises
         (RequestError, InvalidSamplingParams, QueueFull, MemoryBudgetExceeded), or EngineNotReady."""
         if self.state != "ready":
-            raise EngineNotReady(self._not_ready_message())
+            raise EngineNotReady(self.not_ready_message())
         cmd = _Add(specs, request_ids, out, asyncio.get_running_loop(), arrival or time.monotonic())
         self._commands.put(cmd)
         self._wake.set()
         if self._thread is None or not self._thread.is_alive():
             # The engine thread ended between the state check and the put: nobody would answer.
-            self._fail_pending_adds(EngineNotReady(self._not_ready_message()))
+            self._fail_pending_adds(EngineNotReady(self.not_ready_message()))
         await asyncio.wrap_future(cmd.future)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -139,7 +145,7 @@ class AsyncEngine:
             self._commands.put(("abort", list(request_ids)))
             self._wake.set()
 
-    def _not_ready_message(self) -> str:
+    def not_ready_message(self) -> str:
         if self.state == "loading":
             return "the model is still loading; retry in a few seconds"
         if self.state == "failed":
@@ -155,7 +161,7 @@ class AsyncEngine:
             self.load_error = exc
             self.state = "failed"
             self._loaded.set()
-            self._fail_pending_adds(EngineNotReady(self._not_ready_message()))
+            self._fail_pending_adds(EngineNotReady(self.not_ready_message()))
             return
         if self._stop_deadline is None:
             self.state = "ready"
@@ -186,7 +192,7 @@ class AsyncEngine:
             elif cmd[0] == "abort":
                 for rid in cmd[1]:
                     if self._tracked.pop(rid, None) is not None:
-                        self.engine.abort_request(rid)
+                        self.engine.abort(rid)
                         self.metrics.requests.inc(finish_reason="abort")
 
     def _handle_add(self, cmd: _Add) -> None:
@@ -195,7 +201,7 @@ class AsyncEngine:
             for spec, rid in zip(cmd.specs, cmd.request_ids):
                 params = spec.params
                 if spec.auto_max_tokens:
-                    params = dataclasses.replace(params, max_tokens=self._max_new_tokens(len(spec.prompt_token_ids)))
+                    params = dataclasses.replace(params, max_tokens=self.engine.max_new_tokens(len(spec.prompt_token_ids)))
                 self.engine.add_request(prompt_token_ids=spec.prompt_token_ids, params=params, request_id=rid,
                                         session_id=spec.session_id)
                 added.append(rid)
@@ -203,27 +209,12 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - the caller decides the status from the type
             for rid in added:
                 self._tracked.pop(rid, None)
-                self.engine.abort_request(rid)
+                self.engine.abort(rid)
             cmd.future.set_exception(exc)
             return
         for spec in cmd.specs:
             self.metrics.prompt_tokens.inc(len(spec.prompt_token_ids))
         cmd.future.set_result(None)
-
-    def _max_new_tokens(self, prompt_len: int) -> int:
-        """What the context leaves after the prompt, shortened until one sequence fits the KV budget."""
-        eng = self.engine
-        hi = max(1, eng.max_model_len - prompt_len)
-        if eng.kv.bytes_needed(prompt_len + hi) <= eng.kv_budget.limit_bytes:
-            return hi
-        lo = 1  # binary search for the largest max_tokens whose KV still fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if eng.kv.bytes_needed(prompt_len + mid) <= eng.kv_budget.limit_bytes:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
     def _step(self) -> None:
         from memfit.memory.budget import MemoryBudgetExceeded
@@ -231,11 +222,10 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except MemoryBudgetExceeded as exc:
-            # The head of the queue cannot fit even alone (add_request checks this, so it is rare): fail
-            # that request only, and keep serving the others.
-            head = self.engine.scheduler.waiting[0].request_id if self.engine.scheduler.waiting else None
-            log.warning("request %s cannot be scheduled: %s", head, exc)
-            self._fail([head] if head else list(self._tracked), exc)
+            # A request cannot fit even alone (add_request checks this, so it is rare): the engine names it;
+            # fail that request only, and keep serving the others.
+            log.warning("request %s cannot be scheduled: %s", exc.request_id, exc)
+            self._fail([exc.request_id] if exc.request_id else list(self._tracked), exc)
             return
         except Exception as exc:  # noqa: BLE001 - a bug: fail what is in flight, keep the server up
             log.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
@@ -270,7 +260,7 @@ class AsyncEngine:
         for rid in request_ids:
             tr = self._tracked.pop(rid, None)
             try:
-                self.engine.abort_request(rid)
+                self.engine.abort(rid)
             except Exception:  # noqa: BLE001 - the engine may be in a bad state; the request is gone anyway
                 log.exception("aborting %s failed", rid)
             if tr is not None:

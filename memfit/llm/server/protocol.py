@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memfit.llm.sampling import MAX_LOGPROBS, MAX_STOP_STRINGS
+from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's limit on choices per request

@@ -39,10 +39,7 @@ class OpenAIServing:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from memfit.llm.tokenizer import Tokenizer
-
-            # The server's own instance: the engine thread's tokenizer is never shared across threads.
-            tok = Tokenizer.from_dir(self.engine.engine.model_path)
+            tok = self.engine.model_info.tokenizer  # the engine's own (read-only calls: safe across threads)
             self._logprobs = Logprobs(lru_cache(maxsize=65536)(lambda i: tok.decode([i], skip_special_tokens=False)))
             self._tok = tok
         return self._tok
@@ -54,11 +51,11 @@ class OpenAIServing:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.model_info.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.engine.model_config.vocab_size
+        return self.engine.model_info.vocab_size
 
     def model_card(self) -> dict[str, Any]:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "memfit"}
@@ -68,7 +65,7 @@ class OpenAIServing:
 
     def check_ready(self) -> None:
         if not self.engine.ready:
-            raise APIError(503, self.engine._not_ready_message(), code="not_ready")
+            raise APIError(503, self.engine.not_ready_message(), code="not_ready")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.aliases:
@@ -77,7 +74,7 @@ class OpenAIServing:
 
     # ---- request -> engine specs ---------------------------------------------------------------------
     def _params(self, req: _Sampling, max_tokens: int | None, logprobs: int | None, choice: int) -> Any:
-        from memfit.llm.sampling import SamplingParams
+        from memfit.llm.engine.params import SamplingParams
 
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by this server", param="logit_bias")
@@ -201,7 +198,7 @@ class OpenAIServing:
             else:
                 content = m.content or ""
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        from memfit.llm.tokenizer import ChatTemplateError
+        from memfit.llm.models.tokenizer import ChatTemplateError
 
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

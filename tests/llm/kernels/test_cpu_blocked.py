@@ -134,8 +134,8 @@ def test_model_matches_and_tied_head_is_left_alone(dtype, tol, tie):
 
 def test_engine_packs_a_mapped_tied_head_and_keeps_the_lookup(tmp_path):
     need(torch.float32)
-    from memfit.llm.engine import LLMEngine
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.llm_engine import LLMEngine
+    from memfit.llm.engine.params import SamplingParams
     from memfit.memory.pages import file_mappings, is_file_backed
     from tests.llm.tiny_models import make_tiny_model_dir
 

@@ -132,7 +132,7 @@ def test_attention_refuses_head_sizes_it_was_not_built_for():
 
 
 def _greedy(engine, prompts, n=12):
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     for p in prompts:
         engine.add_request(prompt_token_ids=p, params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
@@ -153,7 +153,7 @@ def _greedy(engine, prompts, n=12):
 ])
 def test_engine_kernels_give_the_torch_tokens(tmp_path, family, dtype, overrides):
     ops_for(getattr(torch, dtype))
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family=family, dtype=dtype, hidden_size=128, **overrides)
@@ -161,26 +161,26 @@ def test_engine_kernels_give_the_torch_tokens(tmp_path, family, dtype, overrides
     opts = {"model": str(path), "device": "cpu", "kv_budget": "8MiB"}
     ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn", max_num_seqs=3), prompts)  # PyTorch ops
     blocked = LLMEngine(**opts, cpu_linear="blocked", max_num_seqs=3)
-    assert blocked.cpu_linear == "blocked" and blocked.runner.stack is not None and blocked.runner.stack.max_rows >= 3
-    assert blocked.num_fused_layers == 2  # q|k|v and gate|up fused before packing: the stack runs fused layers
+    assert blocked.backends.cpu_linear == "blocked" and blocked.runner.stack is not None and blocked.runner.stack.max_rows >= 3
+    assert blocked.backends.num_fused_layers == 2  # q|k|v and gate|up fused before packing: the stack runs fused layers
     assert _greedy(blocked, prompts) == ref  # decode steps of 1-3 rows in one call each
     row_major = LLMEngine(**opts, cpu_linear="memfit", max_num_seqs=1)
     assert row_major.runner.stack is not None and row_major.runner.stack.max_rows == 2
     assert _greedy(row_major, prompts) == ref
     op_by_op = LLMEngine(**opts, cpu_linear="onednn", max_num_seqs=3)
-    assert op_by_op.cpu_kernels and op_by_op.runner.stack is None  # kernels op by op between oneDNN matmuls
+    assert op_by_op.backends.cpu_kernels and op_by_op.runner.stack is None  # kernels op by op between oneDNN matmuls
     assert _greedy(op_by_op, prompts) == ref
 
 
 def test_stack_declines_what_it_cannot_run(tmp_path):
     ops_for(torch.float32)
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from memfit.llm.kernels.stack import CpuDecodeStack
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama", hidden_size=128)
     paged = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", kv_cache="paged", max_num_seqs=1)
-    assert paged.cpu_kernels  # the op kernels still run; attention goes through the paged cache's gather
+    assert paged.backends.cpu_kernels  # the op kernels still run; attention goes through the paged cache's gather
     assert paged.runner.stack is None and "virtual" in CpuDecodeStack.unsupported(paged.model, paged.kv)
     paged.close()
     small_heads = make_tiny_model_dir(tmp_path, family="llama")  # head_dim 16

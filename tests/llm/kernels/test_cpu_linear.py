@@ -109,14 +109,14 @@ def test_broken_compiler_gives_none_and_engine_falls_back(monkeypatch, tmp_path)
         assert build.get_cpu_linear(torch.float32) is None
         reason = build.unavailable_reason(torch.float32)
         assert reason is not None and ("failed" in reason or "lacks" in reason)
-        from memfit.llm.engine import LLMEngine
+        from memfit.llm.engine.llm_engine import LLMEngine
         from memfit.llm.models.packing import can_pack_for_cpu
         from tests.llm.tiny_models import make_tiny_model_dir
 
         path = make_tiny_model_dir(tmp_path, family="llama")
         eng = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="memfit")
-        assert eng.num_row_major_linears == 0
-        assert eng.cpu_linear == ("onednn" if can_pack_for_cpu(eng.dtype) else None)
+        assert eng.backends.num_row_major_linears == 0
+        assert eng.backends.cpu_linear == ("onednn" if can_pack_for_cpu(eng.dtype) else None)
         eng.close()
     finally:
         build._forget_loaded()
@@ -133,7 +133,7 @@ def test_missing_compiler_gives_none(monkeypatch):
 
 
 def _greedy(eng, ids):
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     for i in range(3):  # a batch of 3, so decode runs at M = 3 as well as prefill
         eng.add_request(prompt_token_ids=ids[i:], params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
@@ -147,22 +147,22 @@ def _greedy(eng, ids):
 
 def test_engine_memfit_matches_onednn(tmp_path):
     need(torch.float32)
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from memfit.llm.kernels.linear import RowMajorLinear as RML
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama")
     mine = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="memfit")
-    assert mine.cpu_linear == "memfit" and mine.num_row_major_linears > 0
+    assert mine.backends.cpu_linear == "memfit" and mine.backends.num_row_major_linears > 0
     assert isinstance(mine.model.lm_head, RML)
     ref = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="onednn")
-    assert ref.num_row_major_linears == 0
+    assert ref.backends.num_row_major_linears == 0
     ids = list(range(3, 24))
     assert _greedy(mine, ids) == _greedy(ref, ids)
 
 
 def test_engine_rejects_unknown_backend(tmp_path):
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama")
@@ -172,7 +172,8 @@ def test_engine_rejects_unknown_backend(tmp_path):
 
 def test_auto_picks_blocked_else_memfit_for_small_batches_and_memfit_keeps_the_mapping(tmp_path, monkeypatch):
     need(torch.float32)
-    from memfit.llm.engine import AUTO_MEMFIT_MAX_SEQS, LLMEngine
+    from memfit.llm.engine import LLMEngine
+    from memfit.llm.kernels.backends import AUTO_MEMFIT_MAX_SEQS
     from memfit.llm.kernels import blocked
     from memfit.llm.models.packing import can_pack_for_cpu
     from memfit.memory.pages import file_mappings, is_file_backed
@@ -180,18 +181,18 @@ def test_auto_picks_blocked_else_memfit_for_small_batches_and_memfit_keeps_the_m
 
     path = make_tiny_model_dir(tmp_path, family="llama")
     auto = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB")
-    assert auto.cpu_linear == "blocked" and auto.num_blocked_linears > 0
+    assert auto.backends.cpu_linear == "blocked" and auto.backends.num_blocked_linears > 0
     auto.close()
     small = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear="memfit")
-    assert small.cpu_linear == "memfit" and small.num_fused_layers == 0  # no fusion: no copy
+    assert small.backends.cpu_linear == "memfit" and small.backends.num_fused_layers == 0  # no fusion: no copy
     maps = file_mappings()
     q = small.model.model.layers[0].self_attn.q_proj
     assert isinstance(q, RowMajorLinear) and is_file_backed(q.weight.detach(), maps)  # still the checkpoint's pages
     small.close()
     monkeypatch.setattr(blocked, "can_use_blocked", lambda dtype: False)  # a machine without the blocked kernel
     small = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS)
-    assert small.cpu_linear == "memfit"
+    assert small.backends.cpu_linear == "memfit"
     small.close()
     big = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS + 1)
-    assert big.cpu_linear == ("onednn" if can_pack_for_cpu(big.dtype) else None)
+    assert big.backends.cpu_linear == ("onednn" if can_pack_for_cpu(big.dtype) else None)
     big.close()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from memfit.llm.attention import attend_one
+from memfit.llm.kernels.attention import attend_one
 from memfit.llm.kv import create_kv_cache
 from memfit.llm.kv.base import KVCacheError, KVLayout, SeqStep
 from memfit.llm.kv.virtual import KVSlotsExhausted, VirtualKVCache
@@ -279,7 +279,7 @@ def test_token_major_layout_commits_one_segment_per_sequence():
 
 
 def test_engine_kv_layout_option_is_checked():
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
 
     with pytest.raises(ValueError, match="kv_layout"):
         LLMEngine(model="memfit-tiny", kv_layout="diagonal", kv_budget="8MiB", device="cpu")

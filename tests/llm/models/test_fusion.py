@@ -40,17 +40,17 @@ def test_fused_then_packed_matches_and_packs_fewer_linears():
 
 
 def test_engine_fuses_only_where_it_packs_or_on_gpu(tmp_path):
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama")
     packed = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB")
     plain = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", prepack=False)
-    assert plain.num_fused_layers == 0 and plain.num_packed_linears == 0  # the zero-copy mapping stays
-    if packed.num_packed_linears:
-        assert packed.num_fused_layers == packed.model_config.num_hidden_layers
+    assert plain.backends.num_fused_layers == 0 and plain.backends.num_packed_linears == 0  # the zero-copy mapping stays
+    if packed.backends.num_packed_linears:
+        assert packed.backends.num_fused_layers == packed.model_config.num_hidden_layers
     ids = list(range(3, 20))
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
 
     outs = []
     for eng in (packed, plain):

@@ -49,7 +49,7 @@ def test_tied_head_is_not_packed_so_the_embedding_is_not_duplicated():
 
 
 def test_tied_head_is_packed_when_the_embedding_is_memory_mapped(tmp_path):
-    from memfit.llm.loader import load_model
+    from memfit.llm.models.loader import load_model
     from memfit.memory.pages import is_file_backed
     from tests.llm.tiny_models import make_tiny_model_dir
 

@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from memfit.llm.attention import DenseCausalAttention
-from memfit.llm.loader import load_model
+from memfit.llm.kernels.attention import DenseCausalAttention
+from memfit.llm.models.loader import load_model
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 
 # variant -> (HF family, HF config overrides). Together: GQA everywhere, llama3 and linear RoPE scaling,

@@ -100,7 +100,7 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits(model_dir):
 
 
 def _serve_args(argv: list[str]) -> argparse.Namespace:
-    from memfit.llm.server import cli
+    from memfit.llm.cli import serve as cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")

@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from memfit.llm.tokenizer import Tokenizer
+from memfit.llm.models.tokenizer import Tokenizer
 from tests.llm.server.live import API_KEY, parse_sse
 
 

@@ -1,4 +1,4 @@
-"""memfit.llm.loader: HF model dirs in, clear errors for everything it cannot or will not load."""
+"""memfit.llm.models.loader: HF model dirs in, clear errors for everything it cannot or will not load."""
 from __future__ import annotations
 
 import gc
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memfit.llm import loader
-from memfit.llm.loader import ModelNotFoundError, load_model, resolve_model_path
+from memfit.llm.models import loader
+from memfit.llm.models.loader import ModelNotFoundError, load_model, resolve_model_path
 from memfit.llm.models import ModelFormatError
 
 pytest.importorskip("transformers")

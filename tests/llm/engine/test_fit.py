@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 from memfit.cli import main as memfit_main
-from memfit.llm.fit import kv_cache_bytes, predict
+from memfit.llm.engine.fit import kv_cache_bytes, predict
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.llama import LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_model(path: Path, **shape) -> Path:
@@ -44,7 +44,7 @@ def models_dir(tmp_path_factory):
 def _probe(models_dir, prepack: int, cpu_linear: str) -> dict:
     big, warm = models_dir
     out = subprocess.run(
-        [sys.executable, "-m", "tests.llm.fit_probe", str(big), str(warm), "--batch", "4", "--context", "512",
+        [sys.executable, "-m", "tests.llm.engine.fit_probe", str(big), str(warm), "--batch", "4", "--context", "512",
          "--prepack", str(prepack), "--cpu-linear", cpu_linear], cwd=ROOT, capture_output=True, text=True, timeout=300,
         check=True,
     )
@@ -84,10 +84,10 @@ def test_fit_command_reports_and_exit_code(models_dir, capsys):
 def test_bf16_decode_workspace_is_kept_and_within_the_prediction(tmp_path):
     """A bf16 decode batch past the small-attention size copies K/V into the runner's workspace; `fit`
     predicts that workspace, and the engine reports what it holds."""
-    from memfit.llm.engine import LLMEngine
-    from memfit.llm.fit import predict
+    from memfit.llm.engine.llm_engine import LLMEngine
+    from memfit.llm.engine.fit import predict
     from memfit.llm.models.config import ModelConfig
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, dtype="bfloat16")

@@ -26,7 +26,7 @@ from memfit.llm.models import (
 )
 
 BUNDLED_MODELS = ("memfit-tiny", "memfit-tiny-draft")
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets" / "models"  # memfit/assets/models
 
 _INDEX_NAME = "model.safetensors.index.json"
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

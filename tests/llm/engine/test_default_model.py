@@ -15,7 +15,7 @@ from memfit.llm.models.llama import LlamaForCausalLM
 safetensors_torch = pytest.importorskip("safetensors.torch")
 tokenizers = pytest.importorskip("tokenizers")
 
-MODELS = Path(__file__).resolve().parents[2] / "memfit" / "assets" / "models"
+MODELS = Path(__file__).resolve().parents[3] / "memfit" / "assets" / "models"
 DEFAULT, DRAFT = MODELS / "memfit-tiny", MODELS / "memfit-tiny-draft"
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
             "README.md", "train_log.json", "loss.png")
@@ -117,8 +117,8 @@ def test_models_predict_held_out_python_far_better_than_uniform() -> None:
 
 def test_bundled_model_generates_offline_through_the_engine() -> None:
     """What `scripts/demo` does: the engine resolves the bundled name and writes code-shaped text."""
-    from memfit.llm.api import LLM
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.api import LLM
+    from memfit.llm.engine.params import SamplingParams
 
     llm = LLM("memfit-tiny", kv_budget="16MiB")
     out = llm.generate("def add(a, b):\n", SamplingParams(max_tokens=24, temperature=0))[0]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from memfit.llm.request import Sequence, SeqStatus
-from memfit.llm.sampling import SamplingParams
-from memfit.llm.scheduler import Scheduler, SchedulerConfig
+from memfit.llm.engine.request import Sequence, SeqStatus
+from memfit.llm.engine.params import SamplingParams
+from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 
 
 class CountingKV:

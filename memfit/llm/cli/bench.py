@@ -7,12 +7,14 @@ import random
 import statistics
 import time
 
+from memfit.llm.cli.common import guard, make_engine
+from memfit.llm.engine.config import add_engine_args
+
 
 def cmd_bench(args) -> int:
     import torch
 
-    from memfit.llm.cli import make_engine
-    from memfit.llm.sampling import SamplingParams
+    from memfit.llm.engine.params import SamplingParams
     from memfit.memory.measure import peak_rss_bytes, rss_bytes
 
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
@@ -32,7 +34,7 @@ def cmd_bench(args) -> int:
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()
-        peak_committed = max(peak_committed, engine.kv.stats().committed_bytes)
+        peak_committed = max(peak_committed, engine.stats()["kv_committed_bytes"])
         for out in outs:
             first.setdefault(out.request_id, now)
             last[out.request_id] = now
@@ -50,7 +52,7 @@ def cmd_bench(args) -> int:
         "total_tokens_per_s": (generated + args.num_prompts * args.input_len) / elapsed,
         "ttft_s": {"p50": _pct(ttft, 50), "p95": _pct(ttft, 95)},
         "tpot_s": {"p50": _pct(tpot, 50), "p95": _pct(tpot, 95)} if tpot else None,
-        "kv_committed_peak_bytes": peak_committed, "kv_budget_bytes": engine.kv_budget.limit_bytes,
+        "kv_committed_peak_bytes": peak_committed, "kv_budget_bytes": engine.model_info.kv_budget_bytes,
         "rss_start_bytes": rss0, "peak_rss_bytes": peak_rss_bytes(), "steps": engine.num_steps,
     }
     print(json.dumps(result, indent=2 if args.pretty else None))
@@ -66,12 +68,12 @@ def _pct(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def register(sub, engine_args, guard) -> None:
+def register(sub) -> None:
     p = sub.add_parser("bench", help="throughput, latency and memory of the engine, as JSON")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretty", action="store_true")
-    engine_args(p)
+    add_engine_args(p)
     p.set_defaults(func=guard(cmd_bench))

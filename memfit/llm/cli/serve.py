@@ -12,6 +12,9 @@ import socket
 import sys
 import threading
 
+from memfit.llm.cli.common import guard
+from memfit.llm.engine.config import add_engine_args
+
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
@@ -30,19 +33,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args):
-    from memfit.llm.cli import _budget
-    from memfit.llm.engine import EngineConfig
+    from memfit.llm.engine.config import EngineConfig
 
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
-        kv_budget=_budget(args.kv_budget), max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting, timeline=args.timeline,
-        threads=args.threads, kv_layout=args.kv_layout, cpu_linear=args.cpu_linear, cpu_kernels=args.cpu_kernels,
-    )
+    return EngineConfig.from_args(args)  # --max-waiting is an engine field too: the queue limit behind 429
 
 
 def served_name(model: str) -> str:
-    from memfit.llm.loader import BUNDLED_MODELS
+    from memfit.llm.models.loader import BUNDLED_MODELS
 
     return model if model in BUNDLED_MODELS else os.path.basename(os.path.normpath(model))
 
@@ -78,12 +75,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def cmd_serve(args) -> int:
     _check_args(args)
-    from memfit.llm.loader import resolve_model_path
+    from memfit.llm.models.loader import resolve_model_path
 
     model_path = resolve_model_path(args.model)  # a wrong --model fails now, with the loader's message
     import uvicorn
 
-    from memfit.llm.engine import LLMEngine
+    from memfit.llm.engine.llm_engine import LLMEngine
     from memfit.llm.server.app import ServerSettings, create_app
     from memfit.llm.server.async_engine import AsyncEngine
 
@@ -132,14 +129,12 @@ def cmd_serve(args) -> int:
 
 
 def register(sub) -> None:
-    from memfit.llm.cli import _engine_args, _guard
-
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible server: /v1/models, /v1/completions, /v1/chat/completions, "
                                    "/health, /metrics. One engine loop batches all clients.")
-    _engine_args(p)
+    add_engine_args(p)
     add_server_args(p)
-    p.set_defaults(func=_guard(cmd_serve), command="serve")
+    p.set_defaults(func=guard(cmd_serve), command="serve")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""memfit.llm.tokenizer: encode/decode, streaming detokenization, chat templates, generation defaults."""
+"""memfit.llm.models.tokenizer: encode/decode, streaming detokenization, chat templates, generation defaults."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memfit.llm.models import ModelFormatError
-from memfit.llm.tokenizer import (
+from memfit.llm.models.tokenizer import (
     ChatTemplateError,
     GenerationDefaults,
     Tokenizer,

@@ -1,4 +1,4 @@
-"""Request and sequence state: plain data the scheduler reasons about (no tensors)."""
+"""Request and sequence state: plain data the scheduler reasons about (no tensors, no torch import)."""
 from __future__ import annotations
 
 import itertools
@@ -6,9 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
-from memfit.llm.sampling import SamplingParams, TokenLogprobs
+from memfit.llm.engine.params import SamplingParams, TokenLogprobs
 
 
 class SeqStatus(Enum):
@@ -39,7 +37,6 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens whose KV came from an earlier turn (not recomputed)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     text: str = ""  # detokenized output, stop strings removed

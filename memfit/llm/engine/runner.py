@@ -5,15 +5,14 @@ It turns the scheduler's plain description of a step into batch tensors, runs th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from memfit.llm.attention import CachedAttention, Workspace
+from memfit.llm.kernels.attention import CachedAttention, Workspace
 from memfit.llm.kv.base import KVCacheManager, SeqStep
 from memfit.llm.models.llama import LlamaForCausalLM
-from memfit.llm.sampling import Sampler, TokenLogprobs
-from memfit.llm.scheduler import ScheduledSeq
+from memfit.llm.engine.request import Sequence
+from memfit.llm.engine.sampling import Sampler
+from memfit.llm.engine.step import ScheduledSeq, StepResult
 
 SMALL_STEP = 64  # steps of up to this many tokens keep their exact size (decode batches)
 STEP_BUCKET = 32  # larger steps are padded to a multiple of this
@@ -22,15 +21,6 @@ STEP_BUCKET = 32  # larger steps are padded to a multiple of this
 def bucket_tokens(n: int) -> int:
     """Rows the model computes for a step of `n` real tokens."""
     return n if n <= SMALL_STEP else -(-n // STEP_BUCKET) * STEP_BUCKET
-
-
-@dataclass
-class StepResult:
-    """Sampled tokens for the scheduled sequences that sample this step (in `sampled_seqs` order)."""
-
-    sampled_seqs: list  # list[Sequence]
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
 
 
 class ModelRunner:
@@ -91,10 +81,15 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, device=self.device)
         return self._sample(self.model.compute_logits(hidden.index_select(0, rows)), sampled)
 
-    def _sample(self, logits: torch.Tensor, sampled: list) -> StepResult:
+    def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> StepResult:
         """logits: (S, V) in the model dtype (the sampler widens), one row per sampling sequence."""
-        tokens, logprobs = self.sampler.sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        generators = self.sampler.generators_for([(s.request_id, s.params.seed) for s in sampled])
+        tokens, logprobs = self.sampler.sample(logits, [s.params for s in sampled], generators)
         return StepResult(sampled, tokens.tolist(), logprobs)
+
+    def release(self, request_id: str) -> None:
+        """A request is finished or aborted: drop what the runner kept for it (its sampling generator)."""
+        self.sampler.release(request_id)
 
     def _execute_stack(self, ordered: list[ScheduledSeq]) -> StepResult:
         """A pure decode step of at most `stack.max_rows` sequences through the CPU decode stack (one C++ call)."""

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from memfit.llm.sampling import (
+from memfit.llm.engine.sampling import (
     InvalidSamplingParams,
     Sampler,
     SamplingParams,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memfit.llm.sampling import TokenLogprobs
+from memfit.llm.engine.params import TokenLogprobs
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from memfit.cli import main as memfit_main
 from tests.llm.tiny_models import make_tiny_model_dir
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memfit.llm.api import LLM
-from memfit.llm.engine import RequestError
-from memfit.llm.sampling import SamplingParams
+from memfit.llm.engine.api import LLM
+from memfit.llm.engine.llm_engine import RequestError
+from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from memfit.llm.engine import EngineConfig, LLMEngine
-from memfit.llm.fit import predict
+from memfit.llm.engine.fit import predict
 from memfit.llm.models.config import ModelConfig
-from memfit.llm.sampling import SamplingParams
+from memfit.llm.engine.params import SamplingParams
 from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 

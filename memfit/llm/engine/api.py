@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from memfit.llm.engine import EngineConfig, LLMEngine
-from memfit.llm.outputs import RequestOutput
-from memfit.llm.sampling import SamplingParams
+from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.llm_engine import LLMEngine
+from memfit.llm.engine.outputs import RequestOutput
+from memfit.llm.engine.params import SamplingParams
 
 
 class LLM:
@@ -73,7 +74,7 @@ class LLM:
                             progress.update(1)
         except BaseException:
             for rid in order:
-                self.engine.abort_request(rid)
+                self.engine.abort(rid)
             raise
         finally:
             if progress is not None:

@@ -14,10 +14,11 @@ KV kept from finished conversation turns (`retained`) is the first thing given u
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from memfit.llm.kv.base import KVCacheManager
-from memfit.llm.request import Sequence, SeqStatus
+from memfit.llm.engine.request import Sequence, SeqStatus
+from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput
 from memfit.memory.budget import MemoryBudgetExceeded
 
 
@@ -30,31 +31,6 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new: int  # tokens fed this step, starting at seq.num_computed
-
-    @property
-    def samples(self) -> bool:
-        """Does this step finish the sequence's pending tokens, so a token is sampled after it?"""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memfit.llm.attention import SMALL_ATTENTION_ELEMS, Workspace, attend_one, causal_mask, decode_attention
+from memfit.llm.kernels.attention import SMALL_ATTENTION_ELEMS, Workspace, attend_one, causal_mask, decode_attention
 
 
 def reference(q, k, v, lens, scale):

@@ -1,0 +1,92 @@
+"""`memfit generate` (one prompt, streamed) and `memfit chat` (multi-turn, the conversation's KV kept)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from memfit.llm.cli.common import add_sampling_args, finish_timeline, guard, make_engine, make_params
+from memfit.llm.engine.config import add_engine_args
+
+
+def cmd_generate(args) -> int:
+    engine = make_engine(args)
+    params = make_params(args, engine)
+    rid = engine.add_request(args.prompt, params)
+    if not args.no_echo:
+        sys.stdout.write(args.prompt)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+                final = out
+    sys.stdout.write("\n")
+    if args.logprobs is not None and final is not None and final.logprobs:
+        print(json.dumps([{"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(k): v for k, v in lp.top.items()}}
+                          for lp in final.logprobs]))
+    print(f"[{len(final.token_ids) if final else 0} tokens, finish_reason={final.finish_reason if final else None}, "
+          f"kv committed peak {engine.kv_budget.peak_bytes} B]", file=sys.stderr)
+    finish_timeline(engine, args)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive multi-turn chat. The conversation's KV stays in the cache between turns (a session),
+    so each turn only prefills the tokens it adds."""
+    engine = make_engine(args)
+    params = make_params(args, engine)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    session = "chat"
+    interactive = sys.stdin.isatty()
+    print("memfit chat: type a message, /reset to start over, /quit or Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            engine.end_session(session)
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+        rid = engine.add_request(prompt_token_ids=ids, params=params, session_id=session)
+        sys.stdout.write("assistant> ")
+        final = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    sys.stdout.write(out.outputs[0].delta_text)
+                    sys.stdout.flush()
+                    final = out
+        sys.stdout.write("\n")
+        assert final is not None
+        print(f"[prefilled {len(ids) - final.num_cached_tokens} new tokens, reused {final.num_cached_tokens} from the cache]",
+              file=sys.stderr)
+        messages.append({"role": "assistant", "content": final.text})
+    finish_timeline(engine, args)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--no-echo", action="store_true", help="do not print the prompt before the completion")
+    add_engine_args(p, max_num_seqs=1)  # one prompt: one sequence, so "auto" picks the batch-1 kernel
+    add_sampling_args(p)
+    p.set_defaults(func=guard(cmd_generate))
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    p.add_argument("--system", default=None, help="system message")
+    add_engine_args(p, max_num_seqs=1)  # one conversation: its turns reuse one sequence's KV
+    add_sampling_args(p, max_tokens=256)
+    p.set_defaults(func=guard(cmd_chat))

@@ -1,0 +1,96 @@
+"""`EngineConfig`: every option of the engine in one dataclass, and its command-line flags beside it.
+
+    p = argparse.ArgumentParser(); add_engine_args(p)
+    config = EngineConfig.from_args(p.parse_args())
+
+`generate`, `chat`, `bench` and `serve` all take their engine flags from `add_engine_args`, so a flag means
+the same thing everywhere and an option added here reaches every command. Budgets are parsed once, by
+`memfit.memory.budget.parse_budget` (bytes or a fraction of the available memory).
+
+No torch at import: `memfit --help` builds every parser without loading it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memfit.memory.budget import parse_budget
+
+if TYPE_CHECKING:
+    import torch
+
+CPU_LINEAR_CHOICES = ("auto", "blocked", "memfit", "onednn")  # memfit.llm.kernels.backends.CPU_LINEARS
+KV_LAYOUTS = ("auto", "per-layer", "token-major")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "memfit-tiny"  # a local Hugging Face model directory, or a bundled model's name
+    dtype: str | None = None  # float32 | bfloat16 | float16; None = the checkpoint's dtype
+    device: str = "auto"  # auto = cuda if available, else cpu
+    kv_cache: str = "virtual"  # a registered KV manager: virtual (vAttention) | paged (vLLM-style baseline)
+    kv_budget: int | float | str | None = None  # bytes ("2GiB") or a fraction of available memory (0.3, "30%")
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int | None = None
+    block_size: int = 16  # paged cache only
+    kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major (see kv/virtual.py)
+    timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
+    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
+    prepack: bool = True  # CPU: a decode-speed linear backend (cpu_linear); False = plain F.linear
+    fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn/blocked)
+    cpu_linear: str = "auto"  # CPU linears: blocked | memfit | onednn | auto; see memfit/llm/kernels/backends.py
+    cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
+
+    def resolved_device(self) -> torch.device:
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def with_overrides(self, **overrides: object) -> EngineConfig:
+        """A copy with some fields replaced; an unknown name is a TypeError that lists the known ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; EngineConfig has {sorted(names)}")
+        return dataclasses.replace(self, **overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: object) -> EngineConfig:
+        """The config of parsed `add_engine_args` flags (flags a command does not have keep their default)."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        if values.get("kv_budget") is not None:
+            values["kv_budget"] = parse_budget(values["kv_budget"])  # a bad budget fails here, with the rule
+        return cls(**values).with_overrides(**overrides)
+
+
+def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
+    """The engine's flags, named after EngineConfig's fields (`--kv-budget` -> kv_budget, ...)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="memfit-tiny", help="local Hugging Face model dir, or a bundled model name (default: memfit-tiny)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    # No argparse choices: the KV managers register themselves in memfit.llm.kv (importing them loads torch,
+    # which `memfit --help` must not); an unknown kind is refused when the engine builds, listing the kinds.
+    g.add_argument("--kv-cache", default="virtual",
+                   help="KV cache manager: virtual (vAttention, default) or paged (vLLM-style block pool), or any "
+                        "other registered in memfit.llm.kv")
+    g.add_argument("--kv-layout", default="auto", choices=list(KV_LAYOUTS),
+                   help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU)")
+    g.add_argument("--kv-budget", default=None,
+                   help="KV memory: bytes ('512MiB') or a fraction of the available memory ('0.3' or '30%%')")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
+                   help=f"sequences decoded at once (default {max_num_seqs})")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
+    g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
+    g.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEAR_CHOICES),
+                   help="CPU matmuls: memfit's kernel on packed weights (blocked), its row-major kernel on the mapped checkpoint (memfit), oneDNN, or auto = blocked where it runs (docs/engine.md)")
+    g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

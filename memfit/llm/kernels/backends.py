@@ -1,0 +1,118 @@
+"""Which compute backends a built model runs on: projection fusion, packed or row-major CPU linears, memfit's
+C++ decode kernels, and the whole-step CPU decode stack. The engine builds its parts and asks this module
+once; nothing else in the engine knows which kernels exist.
+
+    backends = prepare_model(model, BackendOptions(...), device)   # before the KV cache is built
+    runner.stack = backends.decode_stack(model, kv)                  # after: needs the cache's layout
+
+CPU linears (`cpu_linear`):
+- "blocked": memfit's kernel on weights packed once into a blocked layout (the fastest at 1-32 rows,
+  benchmarks/blocked_linear.py);
+- "memfit": memfit's row-major kernel on the checkpoint's own mapped weights (no copy);
+- "onednn": PyTorch's oneDNN on prepacked weights;
+- "auto": "blocked" where it runs, else "memfit" for engines that decode at most AUTO_MEMFIT_MAX_SEQS
+  sequences at once, else "onednn".
+A memfit kernel that can't be built or run here falls back to oneDNN (the reason is logged), and a GPU or
+`prepack=False` uses plain F.linear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")
+# Without memfit's blocked kernel, "auto" picks the row-major one when no decode step can batch more rows than
+# this: it beats packed oneDNN by ~1.6x at batch 1 but loses ~25% at batch 8 (benchmarks/decode_throughput.py).
+AUTO_MEMFIT_MAX_SEQS = 2
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The engine options that choose backends (EngineConfig's fields of the same names)."""
+
+    max_num_seqs: int = 64
+    prepack: bool = True  # CPU: a decode-speed linear backend; False = plain F.linear
+    fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or before packing on the CPU)
+    cpu_linear: str = "auto"
+    cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
+
+    def __post_init__(self) -> None:
+        if self.cpu_linear not in CPU_LINEARS:
+            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {self.cpu_linear!r}")
+
+
+@dataclass
+class ComputeBackends:
+    """What `prepare_model` chose and did to the model."""
+
+    cpu_linear: str | None  # "blocked" | "memfit" | "onednn" | None (plain F.linear)
+    cpu_kernels: bool  # memfit's C++ op kernels are installed (model.set_ops)
+    num_fused_layers: int = 0
+    num_blocked_linears: int = 0
+    num_row_major_linears: int = 0
+    num_packed_linears: int = 0
+
+    def decode_stack(self, model: nn.Module, kv: object):
+        """memfit's whole-step CPU decode stack (kernels/stack.py) where it runs with this model and cache,
+        else None (the runner then goes layer by layer)."""
+        if not (self.cpu_kernels and self.cpu_linear in ("blocked", "memfit")):
+            return None
+        from memfit.llm.kernels.stack import CpuDecodeStack
+
+        return CpuDecodeStack(model, kv) if CpuDecodeStack.unsupported(model, kv) is None else None
+
+
+def choose_cpu_linear(options: BackendOptions, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The CPU linear backend for a model of `dtype` on `device` (see the module docstring)."""
+    if device.type != "cpu" or not options.prepack:
+        return None
+    if options.cpu_linear in ("auto", "blocked"):
+        from memfit.llm.kernels.blocked import can_use_blocked
+
+        if can_use_blocked(dtype):
+            return "blocked"
+    want_memfit = options.cpu_linear == "memfit" or (
+        options.cpu_linear == "auto" and options.max_num_seqs <= AUTO_MEMFIT_MAX_SEQS
+    )
+    if want_memfit:
+        from memfit.llm.kernels.linear import can_use_row_major
+
+        if can_use_row_major(dtype):
+            return "memfit"
+    from memfit.llm.models.packing import can_pack_for_cpu
+
+    return "onednn" if can_pack_for_cpu(dtype) else None
+
+
+def prepare_model(model: nn.Module, options: BackendOptions, device: torch.device) -> ComputeBackends:
+    """Fuse, pack and install kernels on a loaded model, in place; returns what was chosen."""
+    dtype = next(model.parameters()).dtype
+    chosen = ComputeBackends(cpu_linear=choose_cpu_linear(options, device, dtype), cpu_kernels=False)
+    # Fusion copies q/k/v and gate/up into new memory. It pays on a GPU and before packing (oneDNN's or
+    # memfit's blocked layout, which copy anyway: fewer, wider matmuls); with memfit's row-major kernel
+    # it measured no faster (0.97-1.02x, docs/engine.md), so the weights keep their zero-copy mapping.
+    if options.fuse and (chosen.cpu_linear in ("onednn", "blocked") or device.type == "cuda"):
+        from memfit.llm.models.fusion import fuse_projections
+
+        chosen.num_fused_layers = fuse_projections(model)
+    if chosen.cpu_linear == "blocked":
+        from memfit.llm.kernels.blocked import use_blocked_linears
+
+        chosen.num_blocked_linears = use_blocked_linears(model)
+    if chosen.cpu_linear in ("blocked", "memfit"):  # "blocked" leaves a tied lm_head: row-major, no copy
+        from memfit.llm.kernels.linear import use_row_major_linears
+
+        chosen.num_row_major_linears = use_row_major_linears(model)
+    elif chosen.cpu_linear == "onednn":
+        from memfit.llm.models.packing import pack_linears_for_cpu
+
+        chosen.num_packed_linears = pack_linears_for_cpu(model)
+    if options.cpu_kernels and device.type == "cpu":
+        from memfit.llm.kernels.decode import CpuDecodeOps
+
+        if CpuDecodeOps.available(dtype):
+            model.set_ops(CpuDecodeOps(dtype))  # type: ignore[operator]
+            chosen.cpu_kernels = True
+    return chosen
