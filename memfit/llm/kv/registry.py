@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from memfit.llm.kv.base import KVCacheManager, KVLayout
@@ -39,11 +40,10 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    import memfit.llm.kv as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    package = __name__.rpartition(".")[0]  # memfit.llm.kv, found by path: this module never imports its package
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name not in _NOT_MANAGERS and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
     _loaded = True
 
 
