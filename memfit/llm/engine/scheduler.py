@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from memfit.llm.kv.base import KVCacheManager
 from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput
 from memfit.memory.budget import MemoryBudgetExceeded
+
+if TYPE_CHECKING:  # the scheduler holds the KV manager but never imports its tensor code
+    from memfit.llm.kv.base import KVCacheManager
 
 
 @dataclass
