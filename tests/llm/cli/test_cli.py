@@ -66,3 +66,40 @@ def test_bench_prints_json(model_dir, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["generated_tokens"] == 12 and r["output_tokens_per_s"] > 0
     assert r["kv_committed_peak_bytes"] > 0 and r["peak_rss_bytes"] > 0
+
+
+def test_fit_reads_a_budget_fraction_as_a_share_of_memory(capsys):
+    # `memfit fit --kv-budget 0.3` used to read the fraction as 0 bytes; budgets now parse one way everywhere.
+    import psutil
+
+    assert memfit_main(["fit", "--kv-budget", "0.3", "--context", "256", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["kv_budget_bytes"]
+    avail = psutil.virtual_memory().available  # independent of memfit's own reading
+    assert 0.2 * avail < got < 0.4 * avail
+    assert memfit_main(["fit", "--kv-budget", "30%", "--context", "256", "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["kv_budget_bytes"] - got) < 0.05 * got
+    assert memfit_main(["fit", "--kv-budget", "1.5", "--context", "256"]) == 2
+    assert "fraction must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_every_engine_command_takes_the_same_engine_flags():
+    # One command-line layer: generate, chat, bench and serve all expose add_engine_args' flags, and
+    # EngineConfig.from_args turns any of them into the same config.
+    import argparse
+
+    from memfit.cli import build_parser
+    from memfit.llm.engine.config import EngineConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    argv = ["--model", "m", "--kv-budget", "0.25", "--max-num-seqs", "3", "--kv-cache", "paged", "--cpu-linear", "memfit",
+            "--no-cpu-kernels", "--threads", "1", "--kv-layout", "per-layer", "--max-model-len", "64"]
+    configs = {}
+    for cmd, extra in (("generate", ["hi"]), ("chat", []), ("bench", []), ("serve", [])):
+        args = sub.choices[cmd].parse_args(extra + argv)
+        configs[cmd] = EngineConfig.from_args(args)
+    base = {k: v for k, v in vars(configs["generate"]).items() if k != "max_waiting"}
+    for cmd, cfg in configs.items():
+        assert {k: v for k, v in vars(cfg).items() if k != "max_waiting"} == base, cmd
+    assert base["kv_budget"] == 0.25 and base["kv_cache"] == "paged" and base["cpu_kernels"] is False
+    assert configs["serve"].max_waiting == 256  # serve's own default queue limit reaches the engine
