@@ -8,12 +8,9 @@ from memfit.llm.cli.common import add_sampling_args, finish_timeline, guard, mak
 from memfit.llm.engine.config import add_engine_args
 
 
-def cmd_generate(args) -> int:
-    engine = make_engine(args)
-    params = make_params(args, engine)
-    rid = engine.add_request(args.prompt, params)
-    if not args.no_echo:
-        sys.stdout.write(args.prompt)
+def _stream(engine, rid: str):
+    """Step the engine until it is idle, writing request `rid`'s text to stdout as it becomes final;
+    returns its last RequestOutput."""
     final = None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -22,10 +19,22 @@ def cmd_generate(args) -> int:
                 sys.stdout.flush()
                 final = out
     sys.stdout.write("\n")
-    if args.logprobs is not None and final is not None and final.logprobs:
+    if final is None:
+        raise RuntimeError(f"the engine went idle without an output for request {rid}")
+    return final
+
+
+def cmd_generate(args) -> int:
+    engine = make_engine(args)
+    params = make_params(args, engine)
+    rid = engine.add_request(args.prompt, params)
+    if not args.no_echo:
+        sys.stdout.write(args.prompt)
+    final = _stream(engine, rid)
+    if args.logprobs is not None and final.logprobs:
         print(json.dumps([{"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(k): v for k, v in lp.top.items()}}
                           for lp in final.logprobs]))
-    print(f"[{len(final.token_ids) if final else 0} tokens, finish_reason={final.finish_reason if final else None}, "
+    print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}, "
           f"kv committed peak {engine.kv_budget.peak_bytes} B]", file=sys.stderr)
     finish_timeline(engine, args)
     return 0
@@ -61,15 +70,7 @@ def cmd_chat(args) -> int:
         ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         rid = engine.add_request(prompt_token_ids=ids, params=params, session_id=session)
         sys.stdout.write("assistant> ")
-        final = None
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == rid:
-                    sys.stdout.write(out.outputs[0].delta_text)
-                    sys.stdout.flush()
-                    final = out
-        sys.stdout.write("\n")
-        assert final is not None
+        final = _stream(engine, rid)
         print(f"[prefilled {len(ids) - final.num_cached_tokens} new tokens, reused {final.num_cached_tokens} from the cache]",
               file=sys.stderr)
         messages.append({"role": "assistant", "content": final.text})

@@ -16,6 +16,8 @@ load torch.
 """
 from __future__ import annotations
 
+from memfit.lazy import lazy_exports
+
 _EXPORTS = {
     "LLM": "memfit.llm.engine.api",
     "LLMEngine": "memfit.llm.engine.llm_engine",
@@ -30,10 +32,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'memfit.llm.engine' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
