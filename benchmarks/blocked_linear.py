@@ -7,42 +7,30 @@ each kernel holding its own copy of the weights; the stack is several layers dee
 per copy in bf16), far past the caches, so a pass measures streaming the weights, as decode does. The
 kernels run interleaved rep by rep (median of --reps), every kernel on --threads threads (default 1).
 
-    python benchmarks/blocked_linear.py --out benchmarks/results/blocked_linear.json
+    python -m benchmarks.blocked_linear --out benchmarks/results/blocked_linear.json
 
 Prints one JSON object (ms per pass; GB/s of weight read; GMAC/s; blocked vs the others as speed-ups,
 time_a / time_c, > 1 means the blocked kernel is faster) and draws a PNG beside --out.
 """
 from __future__ import annotations
 
-import os
-import sys
+from benchmarks.common import preset_threads
 
-
-def _threads_in_argv(argv: list[str]) -> str:
-    """--threads N / --threads=N (default 1), read before torch and oneDNN start their thread pools."""
-    for i, a in enumerate(argv):
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "1"
-
-
-os.environ["OMP_NUM_THREADS"] = _threads_in_argv(sys.argv)
+if __name__ == "__main__":
+    preset_threads()  # --threads, read before torch and oneDNN start their thread pools
 
 import argparse
 import json
+import os
 import statistics
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memfit.memory.measure import machine_info
+from benchmarks.common import emit, header, interleave, pin_threads
 
 
 @dataclass(frozen=True)
@@ -100,20 +88,12 @@ def run_shape(name: str, shape: Shape, dtype: torch.dtype, rows: list[int], reps
         xs = {k: torch.randn(m, k).to(dtype) for k in set(ks)}  # (M, K) inputs
         inputs = [xs[k] for k in ks]
 
-        def one_pass(kernel: str, inputs: list[torch.Tensor] = inputs) -> float:
-            t = time.perf_counter()
+        def one_pass(kernel: str, inputs: list[torch.Tensor] = inputs) -> None:
             for mod, x in zip(mods[kernel], inputs):
                 mod(x)
-            return time.perf_counter() - t
 
-        with torch.no_grad():
-            for k in KERNELS:  # warm-up: first touches, lazy inits
-                one_pass(k)
-            times: dict[str, list[float]] = {k: [] for k in KERNELS}
-            for _ in range(reps):
-                for k in KERNELS:
-                    times[k].append(one_pass(k))
-                bar.update(1)
+        with torch.no_grad():  # one warm-up round (first touches, lazy inits), then kernels interleaved
+            times = interleave({k: (lambda k=k: one_pass(k)) for k in KERNELS}, reps, on_round=lambda: bar.update(1))
         med = {k: statistics.median(v) for k, v in times.items()}
         row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "rows": m}
         for k in KERNELS:
@@ -160,7 +140,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads < 1:
         ap.error("--threads must be at least 1")
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     from tqdm import tqdm
 
     from memfit.llm.kernels.blocked import DEFAULT_NB, can_use_blocked
@@ -179,16 +159,11 @@ def main() -> int:
         for s in args.shapes:
             for d in args.dtypes:
                 rows += run_shape(s, SHAPES[s], getattr(torch, d), args.rows, args.reps, bar)
-    result = {"benchmark": "blocked_linear", **machine_info(args.threads, seed=0), "nb": DEFAULT_NB, "reps": args.reps,
+    result = {"benchmark": "blocked_linear", **header(args.threads, seed=0), "nb": DEFAULT_NB, "reps": args.reps,
               "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
               "shapes": {s: {**SHAPES[s].__dict__, "matrices": SHAPES[s].matrices()} for s in args.shapes},
               "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        draw(rows, args.out.with_suffix(".png"))
+    emit(result, args.out, lambda r, png: draw(r["rows"], png))
     return 0
 
 

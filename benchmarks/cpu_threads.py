@@ -18,7 +18,7 @@ Then, over the rounds: median / min / max of each figure, and the correlation of
 Compute that stays put while `bw_2t` swings points at memory shared with other tenants on the host, not at
 our cores being taken away.
 
-    python benchmarks/cpu_threads.py --rounds 40 --out benchmarks/results/cpu_threads.json
+    python -m benchmarks.cpu_threads --rounds 40 --out benchmarks/results/cpu_threads.json
 
 Needs both cores and the AVX-512 bf16 kernels. Prints one JSON object; --out also writes a PNG beside it.
 """
@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")  # both cores, before torch starts its pools
 
 import argparse
 import json
@@ -37,14 +38,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from linear_roofline import _median_time  # the same median-of-reps timer
-
+from benchmarks.common import emit, header, median_time, pin_threads
 from memfit.llm.kernels.blocked import can_use_blocked, pack_blocked
 from memfit.llm.kernels.peak import peak_macs_per_s
-from memfit.memory.measure import machine_info
 
 K = 1024  # the streamed matrix is (N, K) bf16
 
@@ -74,12 +70,12 @@ class Kernels:
     @torch.inference_mode()
     def bandwidth(self, threads: int, reps: int) -> float:
         lin = self.one if threads == 1 else self.two
-        return self.nbytes / _median_time(lambda: lin(self.x1), reps)
+        return self.nbytes / median_time(lambda: lin(self.x1), reps)
 
     @torch.inference_mode()
     def gemm8(self, threads: int, reps: int) -> float:
         lin = self.one if threads == 1 else self.two
-        return 8 * self.n * K / _median_time(lambda: lin(self.x8), reps)
+        return 8 * self.n * K / median_time(lambda: lin(self.x8), reps)
 
 
 def pearson(a: list[float], b: list[float]) -> float | None:
@@ -160,20 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     if not can_use_blocked(torch.bfloat16) or peak_macs_per_s(torch.bfloat16, 1, 0.01, 1) is None:
         print(json.dumps({"error": "memfit's AVX-512 bf16 kernels can't run on this CPU"}))
         return 2
-    torch.set_num_threads(1)
+    pin_threads(1)  # the 1-thread figures on the calling thread; the 2-thread kernels bring their own count
     k = Kernels(args.mib << 20)
     from rich.progress import track
 
     rounds = [one_round(k, cores, args.reps) for _ in track(range(args.rounds), description="rounds", transient=True)]
-    result = {"benchmark": "cpu_threads", "machine": machine_info(2), "cores": cores, "streamed_bytes": k.nbytes,
+    result = {"benchmark": "cpu_threads", "machine": header(2), "cores": cores, "streamed_bytes": k.nbytes,
               "rounds": args.rounds, "reps": args.reps, "summary": summarise(rounds), "series": rounds,
               "wall_seconds": rounds[-1]["t"] - rounds[0]["t"]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        plot(rounds, args.out.with_suffix(".png"))
+    emit(result, args.out, lambda r, png: plot(r["series"], png))
     return 0
 
 

@@ -9,7 +9,7 @@
   kernels called op by op, and the one-call decode stack (with q/k/v and gate/up fused, and without);
 - prefill of a 512-token prompt with each CPU matmul backend (blocked, oneDNN, row-major = F.linear there).
 
-    OMP_NUM_THREADS=1 python benchmarks/decode_kernels.py --threads 1 --out benchmarks/results/decode_kernels.json
+    OMP_NUM_THREADS=1 python -m benchmarks.decode_kernels --threads 1 --out benchmarks/results/decode_kernels.json
 
 Prints one JSON object. Times are process CPU time (robust to a busy machine), median of --reps.
 """
@@ -18,23 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from decode_ops import _us  # noqa: E402  (process-time median, the same timer as decode_ops)
-
-from memfit.llm.kernels.attention import Workspace, attend_one, decode_attention  # noqa: E402
-from memfit.llm.kernels.decode import CpuDecodeOps  # noqa: E402
-from memfit.llm.models.ops import TorchOps  # noqa: E402
-from memfit.memory.measure import machine_info  # noqa: E402
+from benchmarks.common import cpu_us, emit, header, pin_threads
+from benchmarks.decode_throughput import make_model_dir
+from memfit.llm.kernels.attention import Workspace, attend_one, decode_attention
+from memfit.llm.kernels.decode import CpuDecodeOps
+from memfit.llm.models.ops import TorchOps
 
 HQ, HKV, D = 12, 4, 64
 
@@ -52,8 +46,8 @@ def attention_rows(dtype: torch.dtype, reps: int) -> list[dict]:
                 torch_fn = lambda: attend_one(q, kc[0, :length], vc[0, :length], 0.125)  # noqa: E731
             else:
                 torch_fn = lambda: decode_attention(q, kc[:, :length], vc[:, :length], None, 0.125, ws)  # noqa: E731
-            row = {"batch": b, "context": length, "torch_us": _us(torch_fn, reps, inner),
-                   "memfit_us": _us(lambda: ops.decode_attention(q, kc, vc, slots, lens, 0.125), reps, inner)}
+            row = {"batch": b, "context": length, "torch_us": cpu_us(torch_fn, reps, inner),
+                   "memfit_us": cpu_us(lambda: ops.decode_attention(q, kc, vc, slots, lens, 0.125), reps, inner)}
         row["speedup"] = round(row["torch_us"] / row["memfit_us"], 2)
         rows.append(row)
     return rows
@@ -76,8 +70,8 @@ def op_rows(dtype: torch.dtype, reps: int) -> list[dict]:
                  "argmax": lambda o: o.argmax(logits)}
         with torch.inference_mode():
             for name, fn in cases.items():
-                row = {"op": name, "rows": m, "torch_us": _us(lambda: fn(ref), reps, 200),
-                       "memfit_us": _us(lambda: fn(ops), reps, 200)}
+                row = {"op": name, "rows": m, "torch_us": cpu_us(lambda: fn(ref), reps, 200),
+                       "memfit_us": cpu_us(lambda: fn(ops), reps, 200)}
                 row["speedup"] = round(row["torch_us"] / row["memfit_us"], 2)
                 rows.append(row)
     return rows
@@ -85,8 +79,6 @@ def op_rows(dtype: torch.dtype, reps: int) -> list[dict]:
 
 def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
     """Decode step time of the 0.1b model: PyTorch ops / memfit op kernels / the one-call stack."""
-    from decode_throughput import make_model_dir
-
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
@@ -124,8 +116,6 @@ def step_rows(dtype: str, reps: int, batches: list[int]) -> list[dict]:
 def prefill_rows(dtype: str, reps: int, prompt: int = 512) -> list[dict]:
     """Time to prefill one `prompt`-token prompt (0.1b shape) with each CPU matmul backend: the blocked
     backend's packed weights serve prefill too, so it must not lose much to oneDNN there."""
-    from decode_throughput import make_model_dir
-
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
@@ -159,11 +149,11 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     if not CpuDecodeOps.available(torch.bfloat16):
         print(json.dumps({"error": "memfit's CPU kernels are unavailable here (see the log)"}))
         return 1
-    result = {"benchmark": "decode_kernels", **machine_info(args.threads), "reps": args.reps,
+    result = {"benchmark": "decode_kernels", **header(args.threads), "reps": args.reps,
               "timer": "process CPU time, median"}
     for dt in (torch.bfloat16, torch.float32):
         name = str(dt).split(".")[1]
@@ -171,10 +161,7 @@ def main() -> int:
         result[f"ops_{name}"] = op_rows(dt, args.reps)
     result["decode_step"] = step_rows("bfloat16", args.reps, args.batches) + step_rows("float32", args.reps, args.batches)
     result["prefill"] = prefill_rows("bfloat16", args.reps) + prefill_rows("float32", args.reps)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

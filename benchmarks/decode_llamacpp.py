@@ -1,6 +1,6 @@
 """Decode throughput of memfit against llama.cpp (through llama-cpp-python), side by side in one run.
 
-The same random-initialised Llama checkpoints as benchmarks/decode_throughput.py are written to GGUF
+The same random-initialised Llama checkpoints as benchmarks.decode_throughput are written to GGUF
 (same weights, same dtype: bf16 or f32; q/k rows permuted to llama.cpp's rope layout as its own converter
 does; no tokenizer: token ids are fed directly), and both engines decode the same number of tokens from
 random prompts with greedy sampling at each batch size. llama.cpp decodes a batch through its low-level API
@@ -9,7 +9,7 @@ random prompts with greedy sampling at each batch size. llama.cpp decodes a batc
 llama-cpp-python is an optional peer, not a memfit dependency: it builds from source (about 15 minutes on
 2 cores) with `pip install llama-cpp-python gguf`. Without it the script says so and exits 2.
 
-    OMP_NUM_THREADS=1 python benchmarks/decode_llamacpp.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
+    OMP_NUM_THREADS=1 python -m benchmarks.decode_llamacpp --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
 Prints one JSON object; --out also writes it.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,10 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from decode_throughput import SHAPES, make_model_dir, measure_bandwidth, run_memfit  # noqa: E402
+from benchmarks.common import emit, header, pin_threads
+from benchmarks.decode_throughput import SHAPES, make_model_dir, measure_bandwidth, run_memfit
 
 
 def write_gguf(src: Path, dst: Path) -> None:
@@ -195,10 +192,7 @@ def main() -> int:
     global _QUIET  # the C side keeps the pointer: keep the callback alive
     _QUIET = llama_cpp.llama_log_callback(lambda *a: None)
     llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from memfit.memory.measure import machine_info
-
+    pin_threads(args.threads)
     bw = measure_bandwidth(args.threads, torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,13 +213,10 @@ def main() -> int:
                     row["memfit_vs_llamacpp"] = row["memfit_tok_per_s"] / row["llamacpp_tok_per_s"]
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
-    result = {"benchmark": "decode_llamacpp", **machine_info(args.threads, seed=1), "llama_cpp_python": llama_cpp.__version__,
+    result = {"benchmark": "decode_llamacpp", **header(args.threads, seed=1), "llama_cpp_python": llama_cpp.__version__,
               "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -7,38 +7,21 @@
   `matmul` makes of a permuted view;
 - greedy selection over (B, vocab) bf16 logits: `max(dim)` against `argmax` and against widening to float32.
 
-    OMP_NUM_THREADS=1 python benchmarks/decode_ops.py --threads 1
+    OMP_NUM_THREADS=1 python -m benchmarks.decode_ops --threads 1
 
-Prints one JSON object (times in microseconds, process CPU time, median of --reps).
+Prints one JSON object (times in microseconds, process CPU time, median of --reps); --out also writes it.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import memfit.llm.kernels.attention as attention  # noqa: E402
-from memfit.llm.kernels.attention import Workspace, decode_attention  # noqa: E402
-from memfit.memory.measure import machine_info  # noqa: E402
-
-
-def _us(fn, reps: int, inner: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.process_time()
-        for _ in range(inner):
-            fn()
-        times.append((time.process_time() - t) / inner * 1e6)
-    return round(statistics.median(times), 1)
+import memfit.llm.kernels.attention as attention
+from benchmarks.common import cpu_us, emit, header, pin_threads
+from memfit.llm.kernels.attention import Workspace, decode_attention
 
 
 def attention_rows(reps: int) -> list[dict]:
@@ -53,16 +36,16 @@ def attention_rows(reps: int) -> list[dict]:
         inner = max(1, 2000 // (b * length // 64 + 1))
         with torch.inference_mode():
             row = {"batch": b, "context": length,
-                   "memfit_us": _us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner),
-                   "fresh_buffers_us": _us(lambda: decode_attention(q, k, v, lens, 0.125, Workspace()), reps, inner)}
+                   "memfit_us": cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner),
+                   "fresh_buffers_us": cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, Workspace()), reps, inner)}
             row["uses_float32_detour"] = b * length * hkv * d <= attention.SMALL_ATTENTION_ELEMS
             saved, attention.SMALL_ATTENTION_ELEMS = attention.SMALL_ATTENTION_ELEMS, 0  # bf16 matmuls throughout
             try:
-                row["bf16_matmuls_us"] = _us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner)
+                row["bf16_matmuls_us"] = cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner)
             finally:
                 attention.SMALL_ATTENTION_ELEMS = saved
-            row["k_copy_head_major_us"] = _us(lambda: k.transpose(1, 2).contiguous(), reps, inner)
-            row["k_copy_transposed_us"] = _us(lambda: k.permute(0, 2, 3, 1).contiguous(), reps, inner)
+            row["k_copy_head_major_us"] = cpu_us(lambda: k.transpose(1, 2).contiguous(), reps, inner)
+            row["k_copy_transposed_us"] = cpu_us(lambda: k.permute(0, 2, 3, 1).contiguous(), reps, inner)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
@@ -73,9 +56,9 @@ def greedy_rows(reps: int, vocab: int = 32000) -> list[dict]:
     for b in (1, 8, 32):
         x = torch.randn(b, vocab).to(torch.bfloat16)
         row = {"batch": b, "vocab": vocab,
-               "max_dim_us": _us(lambda: x.max(dim=-1).indices, reps, 20),
-               "argmax_bf16_us": _us(lambda: x.argmax(dim=-1), reps, 20),
-               "float_then_argmax_us": _us(lambda: x.float().argmax(dim=-1), reps, 20)}
+               "max_dim_us": cpu_us(lambda: x.max(dim=-1).indices, reps, 20),
+               "argmax_bf16_us": cpu_us(lambda: x.argmax(dim=-1), reps, 20),
+               "float_then_argmax_us": cpu_us(lambda: x.float().argmax(dim=-1), reps, 20)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
@@ -85,11 +68,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    result = {"benchmark": "decode_ops", **machine_info(args.threads, seed=None),
+    pin_threads(args.threads)
+    result = {"benchmark": "decode_ops", **header(args.threads, seed=None),
               "attention_bf16": attention_rows(args.reps), "greedy_bf16": greedy_rows(args.reps)}
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
     return 0
 
 

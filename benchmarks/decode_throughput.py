@@ -13,7 +13,7 @@ divided by the core's multiply-add peak, measured by a register-only loop (memfi
 report `compute_limit_tok_per_s`, `roofline_limit_tok_per_s` (the lower roof), `memfit_fraction_of_roofline`
 and `speedup_ceiling_vs_transformers` (the roofline limit over transformers' rate: no engine can beat it).
 
-    python benchmarks/decode_throughput.py --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
+    python -m benchmarks.decode_throughput --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
 Prints one JSON object; --out also writes it to a file and a PNG beside it.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -31,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import emit, header, pin_threads, time_calls
 
 SHAPES = {
     # ~0.1B: a GPT-2-small-sized Llama with GQA.
@@ -59,16 +57,8 @@ def measure_bandwidth(threads: int, device: torch.device, nbytes: int = 1 << 30,
     torch.set_num_threads(threads)
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
-    def timed(fn) -> float:
-        fn()
-        sync(device)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t)
-        return nbytes / min(times)  # the best rep: a limit is the fastest read this machine did
+    def timed(fn) -> float:  # the best rep, not the median: a limit is the fastest read this machine did
+        return nbytes / min(time_calls(fn, reps, sync=lambda: sync(device)))
 
     rates = {"torch_sum": timed(buf.sum)}
     if device.type == "cpu":
@@ -231,11 +221,9 @@ def main() -> int:
                     help="CPU linear backend(s); several are measured side by side, interleaved rep by rep")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    pin_threads(args.threads)
     from memfit.llm.kernels.peak import peak_macs_per_s
     from memfit.llm.models.config import ModelConfig
-    from memfit.memory.measure import machine_info
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -288,17 +276,12 @@ def main() -> int:
     for row in rows:
         add_limits(row, max(readings), args.cpu_linear)
     result = {
-        "benchmark": "decode_throughput", **machine_info(args.threads, seed=1), "device": str(device),
+        "benchmark": "decode_throughput", **header(args.threads, seed=1), "device": str(device),
         "measured_bandwidth_bytes_per_s": max(readings), "bandwidth_readings_bytes_per_s": readings,
         "bandwidth_by_method": bw_detail, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        plot(result, Path(args.out).with_suffix(".png"))
+    emit(result, args.out, plot)
     return 0
 
 

@@ -4,9 +4,10 @@ Rounds of random-length requests (greedy, fixed output length) run to completion
 script records process RSS and committed KV. A server's memory must level off after warm-up: a steady
 climb with flat KV means some per-request or per-shape state is piling up.
 
-    OMP_NUM_THREADS=1 python benchmarks/engine_soak.py --rounds 24 --kv-cache paged
+    OMP_NUM_THREADS=1 python -m benchmarks.engine_soak --rounds 24 --kv-cache paged
 
-Prints one JSON object (rows per round, plus the growth of the last third of the rounds).
+Prints one JSON object (rows per round, plus the growth of the last third of the rounds); --out also writes
+it and a PNG of RSS and committed KV by round beside it.
 """
 from __future__ import annotations
 
@@ -17,13 +18,10 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memfit.llm.engine import EngineConfig, LLMEngine  # noqa: E402
-from memfit.llm.engine.params import SamplingParams  # noqa: E402
-from memfit.memory.measure import machine_info, rss_bytes  # noqa: E402
+from benchmarks.common import emit, header, pin_threads
+from memfit.llm.engine import EngineConfig, LLMEngine
+from memfit.llm.engine.params import SamplingParams
+from memfit.memory.measure import rss_bytes
 
 
 def main() -> int:
@@ -37,8 +35,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    pin_threads(a.threads)
     engine = LLMEngine(EngineConfig(model=a.model, kv_cache=a.kv_cache, kv_budget="256MiB"))
     rng = random.Random(a.seed)
     vocab = engine.model_config.vocab_size
@@ -57,14 +56,35 @@ def main() -> int:
     third = max(1, a.rounds // 3)
     tail = rows[-third:]
     result = {
-        "benchmark": "engine_soak", **machine_info(a.threads, a.seed), "model": a.model, "kv_cache": a.kv_cache,
+        "benchmark": "engine_soak", **header(a.threads, a.seed), "model": a.model, "kv_cache": a.kv_cache,
         "requests_per_round": a.requests, "prompt_len_range": [a.min_len, a.max_len], "output_len": a.output_len,
         "rows": rows,
         "rss_growth_per_round_last_third_bytes": (tail[-1]["rss_bytes"] - tail[0]["rss_bytes"]) / max(1, len(tail) - 1),
         "rss_growth_per_round_first_third_bytes": (rows[third - 1]["rss_bytes"] - rows[0]["rss_bytes"]) / max(1, third - 1),
     }
-    print(json.dumps(result, indent=2))
+    emit(result, a.out, plot)
     return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    """RSS and committed KV after each round: a server's memory must level off, not climb."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(rounds, [r["rss_bytes"] / 2**20 for r in result["rows"]], marker="o", label="process RSS")
+    ax.plot(rounds, [r["kv_committed_bytes"] / 2**20 for r in result["rows"]], marker=".", label="KV committed")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"engine soak: {result['model']}, {result['kv_cache']} KV, {result['requests_per_round']} requests/round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """KV-cache memory: the `virtual` cache (vAttention) against the `paged` block pool and a static cache.
 
-    python benchmarks/kv_cache.py [--out-dir benchmarks/results] [--threads 2] [--seed 0] [--quick]
+    python -m benchmarks.kv_cache [--out-dir benchmarks/results] [--threads 2] [--seed 0] [--quick]
 
 (a) decode attention, one layer of a Llama-3.2-1B-shaped model (Hq=32, Hkv=8, D=64; float32 on the CPU,
     bfloat16 on CUDA), batch 8, every sequence at context 512 .. 8192: median time of one decode step's
@@ -9,7 +9,7 @@
     virtual cache with its slots out of order (a gather), to show why the runner orders batches by slot.
 (b) committed vs used bytes over a mixed workload (random prompt/output lengths, requests arriving and
     finishing, a Qwen2.5-0.5B-shaped cache: 24 layers, Hkv=2, D=64, bf16) for both caches, checking the
-    documented waste bound at every step; drawn to kv_cache_memory.png.
+    documented waste bound at every step; drawn to <out-dir>/kv_cache.png.
 (c) how many sequences of a realistic length distribution fit in one fixed budget: virtual and paged
     (allocated at their final length) against a static cache that reserves max_seq_len per sequence
     (Hugging Face StaticCache / gpt-fast style).
@@ -18,17 +18,16 @@ JSON goes to stdout and <out-dir>/kv_cache.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memfit.memory.measure import machine_info as _machine_info
+from benchmarks.common import cuda_sync, emit, header, interleave, pin_threads
 from memfit.llm.kv import create_kv_cache
 from memfit.llm.kv.base import KVLayout, SeqStep
 from memfit.memory.budget import MemoryBudget
@@ -36,26 +35,7 @@ from memfit.memory.budget import MemoryBudget
 MiB, GiB = 2**20, 2**30
 
 
-def machine_info(threads: int, seed: int) -> dict:
-    return _machine_info(threads, seed)
-
-
 # ---- (a) decode attention step ---------------------------------------------------------------------
-def _time(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.device, progress) -> dict:
     hq, hkv, d = 32, 8, 64
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -102,12 +82,8 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
                 return out.unsqueeze(2)  # (B, Hq, 1, D), as SDPA returns
 
             steps[name] = memfit_step if name == "virtual_memfit" else step
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for rep in range(reps + 2):  # interleaved, so load changes on a shared machine hit all variants alike
-            for name, step in steps.items():
-                t = _time(step, 1, warmup=0)
-                if rep >= 2:  # the first two rounds are warm-up
-                    times[name].append(t)
+        # interleaved, so load changes on a shared machine hit all variants alike; two warm-up rounds
+        times = interleave(steps, reps, warmup=2, sync=cuda_sync())
         row: dict = {"context": ctx}
         for name in steps:
             row[f"{name}_ms"] = round(1000 * statistics.median(times[name]), 3)
@@ -270,14 +246,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400, help="engine steps in the mixed workload")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     contexts = [512, 1024] if args.quick else [512, 1024, 2048, 4096, 8192]
     steps = 60 if args.quick else args.steps
     from rich.progress import Progress
 
-    result: dict = {"benchmark": "kv_cache", "machine": machine_info(args.threads, args.seed), "device": str(device)}
+    result: dict = {"benchmark": "kv_cache", "machine": header(args.threads, args.seed), "device": str(device)}
     with Progress(transient=True, console=__import__("rich.console").console.Console(stderr=True)) as prog:
         task = prog.add_task("attention", total=len(contexts))
         result["attention"] = bench_attention(contexts, 8, 3 if args.quick else args.reps, device,
@@ -289,7 +265,7 @@ def main() -> int:
         result["concurrency"] = concurrency(budget, 4096, args.seed)
         prog.advance(task)
     os.makedirs(args.out_dir, exist_ok=True)
-    png = os.path.join(args.out_dir, "kv_cache_memory.png")
+    png = os.path.join(args.out_dir, "kv_cache.png")
     plot_workload(wl, png)
     result["workload"] = {"budget_bytes": budget, "max_seq_len": 4096, "steps": steps, "model_shape": "qwen2.5-0.5b",
                           "plot": png, **{k: {kk: vv for kk, vv in v.items() if kk != "trace"} for k, v in wl.items()}}
@@ -298,10 +274,7 @@ def main() -> int:
         "virtual_speedup_at_4k_ge_1.3": None if at4k is None else at4k["speedup_virtual_vs_paged"] >= 1.3,
         "virtual_concurrency_vs_static_ge_3": result["concurrency"]["virtual_vs_static"] >= 3,
     }
-    text = json.dumps(result, indent=2)
-    with open(os.path.join(args.out_dir, "kv_cache.json"), "w") as f:
-        f.write(text + "\n")
-    print(text)
+    emit(result, Path(args.out_dir) / "kv_cache.json")
     return 0
 
 

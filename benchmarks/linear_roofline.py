@@ -9,39 +9,24 @@ peak multiply-add rate of the matmul library memfit uses on the CPU (oneDNN, pre
 best of several row counts), and what that library reaches at each batch on a decode-sized weight
 (GB/s of weight read), which bounds what an engine built on it can do.
 
-    OMP_NUM_THREADS=1 python benchmarks/linear_roofline.py --threads 1 --dtypes bfloat16 float32
+    OMP_NUM_THREADS=1 python -m benchmarks.linear_roofline --threads 1 --dtypes bfloat16 float32
 
-Prints one JSON object.
+Prints one JSON object; --out also writes it to a file.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memfit.memory.measure import machine_info  # noqa: E402
-
-
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from benchmarks.common import emit, header, median_time, pin_threads
 
 
 def stream_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / _median_time(buf.sum, reps)
+    return nbytes / median_time(buf.sum, reps)
 
 
 def onednn_linear(dtype: torch.dtype, rows: int, out_f: int, in_f: int, copies: int, reps: int) -> float:
@@ -58,7 +43,7 @@ def onednn_linear(dtype: torch.dtype, rows: int, out_f: int, in_f: int, copies: 
         for w in ws:
             torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
-    return _median_time(run, reps) / copies
+    return median_time(run, reps) / copies
 
 
 def main() -> int:
@@ -67,8 +52,9 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     bw = stream_bandwidth()
     out_f, in_f = 2048, 768  # the 0.1b shape's MLP projection: 3 MiB in bf16, past L2
     rows = []
@@ -95,9 +81,9 @@ def main() -> int:
             print(json.dumps(rows[-1]), file=sys.stderr)
         rows.append({"dtype": name, "peak_gmac_per_s": peak_mac / 1e9,
                      "gmac_per_s_by_rows": {b: v["gmac_per_s"] for b, v in per_batch.items()}})
-    result = {"benchmark": "linear_roofline", **machine_info(args.threads, seed=None),
+    result = {"benchmark": "linear_roofline", **header(args.threads, seed=None),
               "stream_read_bytes_per_s": bw, "weight_shape": [out_f, in_f], "rows": rows}
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
     return 0
 
 

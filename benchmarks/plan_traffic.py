@@ -1,6 +1,6 @@
 """Non-compulsory off-chip traffic of memfit's planners vs. the baselines, per model and scratchpad size.
 
-    python benchmarks/plan_traffic.py --out plan_traffic.json [--models resnet18,vit_b_16] [--time-limit 20]
+    python -m benchmarks.plan_traffic --out plan_traffic.json [--models resnet18,vit_b_16] [--time-limit 20]
 
 For each model (batch 1, float32) and each of the three per-model sizes (min-feasible, min-peak, mid) it runs
 the four baselines (framework / memory-aware order x Belady / largest-first eviction, TFLite-style
@@ -14,15 +14,20 @@ that case), and the largest reduction any plan could reach (1 - bound / best bas
 
 --subgraphs runs the exact CP-SAT model whole, order free, with the lower bound switched off (so CP-SAT's
 own proof is independent of it), on small real graphs or op slices MODEL:START:END of them.
+
+Prints one JSON object; --out also writes it and the bar chart of traffic per case beside it (--plot PATH
+draws the chart elsewhere).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+from benchmarks.common import emit, header, pin_threads
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5",
                   "regnet_y_400mf", "vit_b_16", "deit_tiny_patch16_224", "swin_t", "bert_base_encoder")
@@ -119,13 +124,13 @@ def main() -> int:
     ap.add_argument("--subgraph-time-limit", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="also write the JSON here")
-    ap.add_argument("--plot", help="bar chart of reductions (PNG)")
+    ap.add_argument("--out", help="also write the JSON here (and the bar chart beside it)")
+    ap.add_argument("--plot", help="bar chart of reductions (PNG; default: beside --out)")
     args = ap.parse_args()
 
     import torch
 
-    torch.set_num_threads(1)
+    pin_threads(1)
     import ortools
 
     results = []
@@ -167,17 +172,14 @@ def main() -> int:
     }
     report = {
         "benchmark": "plan_traffic", "weights": args.weights, "batch": 1, "dtype": "float32",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ortools": ortools.__version__, "torch_threads": 1,
-                    "cpsat_workers": args.workers},
+        "machine": {**header(1, args.seed), "platform": platform.platform(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__, "ortools": ortools.__version__,
+                    "torch_threads": 1, "cpsat_workers": args.workers},
         "config": vars(args), "summary": summary, "results": results, "exact_subgraphs": subgraphs,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, None if args.plot else lambda r, png: _plot(cases, png))
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         _plot(cases, args.plot)
     return 0
 

@@ -13,7 +13,7 @@ Per arrival rate (conversations/s) it reports, at p50/p95/p99:
 plus output-token throughput over the rate's wall time, and the server process's peak RSS (sampled during
 the rate, and the kernel's high-water mark VmHWM for the whole run).
 
-    python benchmarks/serve_load.py --rates 0.25 0.5 1 --conversations 12 --max-tokens 64 --threads 1 \
+    python -m benchmarks.serve_load --rates 0.25 0.5 1 --conversations 12 --max-tokens 64 --threads 1 \
         --out benchmarks/results/serve_load.json
 
 Prints one JSON object; --out also writes it and a PNG beside it.
@@ -36,9 +36,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import emit, header
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ROOT / "memfit" / "data" / "mt_bench" / "question.jsonl"
 
 # Random-initialised Llama shapes with the bundled memfit-tiny tokenizer (4096 tokens, ChatML), for when
@@ -368,7 +368,8 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {
         "benchmark": "serve_load",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "machine": {**header(args.threads, args.seed), "platform": platform.platform(),
+                    "processor": platform.processor(), "cpus": os.cpu_count(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "versions": {"memfit": getattr(memfit, "__version__", None), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
@@ -378,13 +379,7 @@ def main() -> int:
                    "workload": "MT-Bench (lm-sys/FastChat, Apache-2.0), 2 turns, Poisson arrivals, streaming, greedy"},
         "servers": servers,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        plot(result, out.with_suffix(".png"))
+    emit(result, args.out, plot)
     return 0
 
 

@@ -5,9 +5,9 @@ and one decommit cost on this device (CPU: 4 KiB pages via madvise; CUDA: 2 MiB 
 cuMemCreate + cuMemMap + cuMemSetAccess), per page and per MiB, for several run lengths, and how long a
 background prefault takes to drain (the overlapped path the engine uses).
 
-    python benchmarks/vmem_commit.py --device auto --threads 1
+    python -m benchmarks.vmem_commit --device auto --threads 1
 
-Prints one JSON object (medians of --reps runs).
+Prints one JSON object (medians of --reps runs); --out also writes it.
 """
 from __future__ import annotations
 
@@ -16,14 +16,11 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memfit.memory.measure import machine_info  # noqa: E402
-from memfit.memory.vmem import VirtualArena  # noqa: E402
+from benchmarks.common import emit, header, pin_threads
+from memfit.memory.vmem import VirtualArena
 
 
 def _sync(device: torch.device) -> None:
@@ -69,16 +66,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--pages", nargs="+", type=int, default=None, help="run lengths in pages")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     # Same byte sizes on both devices (2 MiB .. 512 MiB), expressed in that device's pages.
     page = VirtualArena.page_size_for(device)
     pages = args.pages or [max(1, (mib << 20) // page) for mib in (2, 32, 512)]
-    result = {"benchmark": "vmem_commit", **machine_info(args.threads, seed=None), "device": str(device),
+    result = {"benchmark": "vmem_commit", **header(args.threads, seed=None), "device": str(device),
               "reps": args.reps, "rows": bench(device, pages, args.reps)}
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
     return 0
 
 

@@ -25,14 +25,14 @@ for kv in virtual paged; do
 done
 
 step "vmem commit/decommit cost (2 MiB driver pages)"
-timeout 60 $py benchmarks/vmem_commit.py --device cuda --reps 5 > "$OUT/vmem_commit_cuda.json" 2>/dev/null
+timeout 60 $py -m benchmarks.vmem_commit --device cuda --reps 5 > "$OUT/vmem_commit_cuda.json" 2>/dev/null
 $py -c "import json;[print(r) for r in json.load(open('$OUT/vmem_commit_cuda.json'))['rows']]"
 
 step "kv_cache benchmark (virtual vs paged attention step, workload, concurrency)"
-timeout 120 $py benchmarks/kv_cache.py --threads 4 --reps 9 --steps 200 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
+timeout 120 $py -m benchmarks.kv_cache --threads 4 --reps 9 --steps 200 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
 $py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r) for r in d['attention']['rows']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
 
 step "decode throughput vs transformers on cuda"
-timeout 180 $py benchmarks/decode_throughput.py --device cuda --threads 4 --shapes 0.1b 0.5b --dtypes bfloat16 \
+timeout 180 $py -m benchmarks.decode_throughput --device cuda --threads 4 --shapes 0.1b 0.5b --dtypes bfloat16 \
     --batches 1 8 32 --reps 3 --out "$OUT/decode_throughput_cuda.json" 2>&1 | grep '^{"shape"'
 step done

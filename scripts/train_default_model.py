@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.llama import LlamaForCausalLM
 

@@ -1,20 +1,14 @@
-"""`benchmarks/train_local.py --seeds`: the aggregation over seeds and that a seed really changes the run."""
-import importlib.util
+"""`python -m benchmarks.train_local --seeds`: the aggregation over seeds and that a seed really changes the run."""
+import importlib
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_local.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_local_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.train_local")
 
 
 def test_aggregation_is_computed_from_the_per_seed_values(bench):
@@ -107,7 +101,7 @@ def test_seeds_part_aggregates_its_own_runs(bench, digits):
     (["--seeds", "0,1", "--tune"], "run --tune without it"),
 ])
 def test_bad_seeds_are_a_message_and_exit_2(bench, monkeypatch, capsys, argv, needle):
-    monkeypatch.setattr(sys, "argv", ["train_local.py", *argv])
+    monkeypatch.setattr(sys, "argv", ["python -m benchmarks.train_local", *argv])
     assert bench.main() == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""The accuracy part (a) of `benchmarks/train_local.py`: every method of every model trained once and set
+"""The accuracy part (a) of `python -m benchmarks.train_local`: every method of every model trained once and set
 against backprop.
 
 accuracy_part() (the main table, one seed), rnn_window_part() (the RNN local rules with backprop through time
@@ -7,7 +7,7 @@ backprop: accuracy points, time, overhead and total memory ratios).
 """
 from __future__ import annotations
 
-from train_local_common import ACCURACY_SETUPS, RNN_VARIANTS, budget, run_one
+from benchmarks.train_local.common import ACCURACY_SETUPS, RNN_VARIANTS, budget, run_one
 
 from memfit.train.local.rules import METHODS
 

@@ -1,4 +1,4 @@
-"""The hyper-parameter search of `benchmarks/train_local.py --tune`, and reading its outputs back.
+"""The hyper-parameter search of `python -m benchmarks.train_local --tune`, and reading its outputs back.
 
 TUNE_GRID / TPSGD_GRID / KNOBS_OF (which knobs each method searches), grid() (the combinations of one
 method), tune_part() (the search on a validation split) and load_settings() (`--settings`: the choices of
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train_local_common import (
+from benchmarks.train_local.common import (
     ACCURACY_SETUPS,
     RNN_VARIANTS,
     SETTINGS,

@@ -1,9 +1,9 @@
 """Backprop-free local learning (tpSGD) against backprop, DRTP and DFA on Fashion-MNIST.
 
-    python benchmarks/train_local.py [--out-dir benchmarks/results] [--threads 1] [--seed 0] [--quick]
+    python -m benchmarks.train_local [--out-dir benchmarks/results] [--threads 1] [--seed 0] [--quick]
         [--full] [--models mlp,cnn,rnn] [--settings JSON[,JSON]] [--skip-rnn-windows]
-    python benchmarks/train_local.py --tune [--models ...] [--full]    # the hyper-parameter search
-    python benchmarks/train_local.py --seeds 0,1,2 [--models ...] [--full] [--skip-rnn-windows]  # spread
+    python -m benchmarks.train_local --tune [--models ...] [--full]    # the hyper-parameter search
+    python -m benchmarks.train_local --seeds 0,1,2 [--models ...] [--full] [--skip-rnn-windows]  # spread
 
 (a) accuracy: a 3-layer MLP (784-256-256-10), a small CNN (2 conv blocks of 16 channels + linear head) and a
     small RNN (1 GRU layer of 128 reading the image row by row, + linear head); same seed, same epochs, same
@@ -18,7 +18,7 @@
 (b) memory scaling, one or two steps per configuration (peaks need no convergence): MLP width 1024,
     depth 2..8 at batch 1024, and batch 64..4096 at depth 5; overhead and total of each method divided
     by backprop's, plus tpSGD through plain autograd (no fused step) at 5 layers / batch 1024.
-    Drawn to train_local_memory.png; accuracy curves to train_local_accuracy.png.
+    Drawn to train_local.memory.png; accuracy curves to train_local.png (with --full: train_local_full.*).
 (c) `--seeds S,S,..`: the accuracy part (a) once per seed, every method with the SAME settings (SETTINGS, from
     the seed-0 validation search; not re-tuned per seed). The seed sets the weight init, the projections /
     feedback matrices, the training subset (CNN, RNN) and the data order. Per setup and method: per-seed test
@@ -30,44 +30,29 @@ JSON goes to stdout and <out-dir>/train_local.json. Needs `apt-get install -y da
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-# the parts live in sibling modules (train_local_*.py); make them importable however this file is loaded
-# (run as a script, or by importlib.util.spec_from_file_location as tests/train/test_local_seeds.py does)
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from train_local_accuracy import accuracy_part
-from train_local_common import ACCURACY_SETUPS, SETTINGS, machine_info, run_one
-from train_local_memory import memory_part
-from train_local_search import load_settings, tune_part
-from train_local_seeds import per_seed_accuracies, seeds_part
-
+from benchmarks.common import emit, header, pin_threads, png_beside
+from benchmarks.train_local.accuracy import accuracy_part
+from benchmarks.train_local.common import ACCURACY_SETUPS
+from benchmarks.train_local.memory import memory_part
+from benchmarks.train_local.search import load_settings, tune_part
+from benchmarks.train_local.seeds import seeds_part
 from memfit.train.local.data import load_fashion_mnist
 from memfit.train.local.plot import (
     plot_accuracy_curves,
     plot_memory_scaling,
     plot_seeds,
 )
-from memfit.train.local.seeds import aggregate_seeds, parse_seeds
-
-# what tests/train/test_local_seeds.py reaches through this module (SETTINGS, run_one, aggregate_seeds and
-# per_seed_accuracies are only re-exported here)
-__all__ = ["SETTINGS", "aggregate_seeds", "main", "per_seed_accuracies", "run_one", "seeds_part"]
+from memfit.train.local.seeds import parse_seeds
 
 
 def finish(out: dict, start: float, path: Path) -> int:
-    """Stamp the wall time, write the JSON to `path` and print it."""
+    """Stamp the wall time, print the JSON and write it to `path`."""
     out["wall_seconds"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(out, indent=2)
-    path.write_text(text)
-    print(text)
+    emit(out, path)
     return 0
 
 
@@ -105,14 +90,14 @@ def main() -> int:
             print("error: --seeds evaluates fixed settings on the test set; run --tune without it",
                   file=sys.stderr)
             return 2
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_fashion_mnist()
     start = time.perf_counter()
     suffix = "_full" if args.full else ""
-    out: dict = {"benchmark": "train_local", "dataset": "fashion-mnist", "machine": machine_info(args.threads,
-                                                                                                args.seed)}
+    out: dict = {"benchmark": "train_local", "dataset": "fashion-mnist", "machine": header(args.threads, args.seed,
+                                                                                          device="cpu")}
     part = "" if models == list(ACCURACY_SETUPS) else "_" + "-".join(models)
     if args.tune:
         out["tune"] = tune_part(data, args.seed, args.full, args.quick, models)
@@ -120,24 +105,26 @@ def main() -> int:
     if seeds is not None:
         out["benchmark"] = "train_local_seeds"
         out["machine"]["seed"] = seeds
-        out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local.py (from --tune, seed 0)"
+        out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local/common.py (from --tune, seed 0)"
         out |= seeds_part(data, seeds, args.quick, args.full, load_settings(args.settings), models,
                           not args.skip_rnn_windows)
-        out["plot"] = str(plot_seeds(out["setups"], out_dir / f"train_local_seeds{part}{suffix}.png"))
-        return finish(out, start, out_dir / f"train_local_seeds{part}{suffix}.json")
+        path = out_dir / f"train_local_seeds{part}{suffix}.json"
+        out["plot"] = str(plot_seeds(out["setups"], png_beside(path)))
+        return finish(out, start, path)
+    path = out_dir / f"train_local{suffix}.json"
     if not args.skip_accuracy:
         settings = load_settings(args.settings)
-        out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local.py (from --tune)"
+        out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local/common.py (from --tune)"
         out["accuracy"], curves = accuracy_part(data, args.seed, args.quick, args.full, settings, models,
                                                 not args.skip_rnn_windows)
-        out["accuracy_plot"] = str(plot_accuracy_curves(curves, out_dir / f"train_local_accuracy{suffix}.png",
+        out["accuracy_plot"] = str(plot_accuracy_curves(curves, png_beside(path),
                                                         "Fashion-MNIST test accuracy (" + ", ".join(models) + ")"))
     if not args.skip_memory:
         out["memory_scaling"] = memory_part(data, args.seed, args.quick)
         out["memory_plot"] = str(plot_memory_scaling(out["memory_scaling"]["by_depth_at_batch_1024"],
                                                      out["memory_scaling"]["by_batch_at_depth_5"],
-                                                     out_dir / "train_local_memory.png"))
-    return finish(out, start, out_dir / f"train_local{suffix}.json")
+                                                     png_beside(path, "memory")))
+    return finish(out, start, path)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""What every part of `benchmarks/train_local.py` shares: the model setups, the chosen settings, one run.
+"""What every part of `python -m benchmarks.train_local` shares: the model setups, the chosen settings, one run.
 
 ACCURACY_SETUPS (model -> shape, epochs, training subset), RNN_VARIANTS (the rows of the rnn window table),
-SETTINGS (what `--tune` chose, the default of every accuracy run), machine_info() and run_one() (one
-training run of one method, logged to stderr).
+SETTINGS (what `--tune` chose, the default of every accuracy run) and run_one() (one training run of one
+method, logged to stderr).
 """
 from __future__ import annotations
 
 import sys
 
-from memfit.memory.measure import machine_info as _machine_info
 from memfit.train.local.trainer import TrainConfig, train
 
 MiB = 2**20
@@ -58,10 +57,6 @@ SETTINGS: dict[str, dict] = {
                "dfa": {"lr": 1e-2, "time_weighting": "last", "remember_bias": 2.0}},
     },
 }
-
-
-def machine_info(threads: int, seed: int) -> dict:
-    return _machine_info(threads, seed, device="cpu")
 
 
 def run_one(data, model: str, method: str, settings: dict, epochs: int, n_train: int | None, seed: int,

@@ -1,4 +1,4 @@
-"""The memory-scaling part (b) of `benchmarks/train_local.py`: measured peak memory of one or two training
+"""The memory-scaling part (b) of `python -m benchmarks.train_local`: measured peak memory of one or two training
 steps per configuration (no convergence needed), each method against backprop.
 
 probe() (the peaks of one configuration) and memory_part() (MLP width 1024 by depth and by batch, the
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from train_local_common import MiB
+from benchmarks.train_local.common import MiB
 
 from memfit.train.local.memory import TrainingMemoryMeter, optimizer_state_bytes
 from memfit.train.local.models import ModelConfig, build_model

@@ -1,15 +1,14 @@
-"""The spread over seeds of `benchmarks/train_local.py --seeds` (part (c)): the accuracy part once per seed
+"""The spread over seeds of `python -m benchmarks.train_local --seeds` (part (c)): the accuracy part once per seed
 with the same settings, then per setup and method the per-seed accuracies, mean, sample std and tpSGD's
 paired differences (aggregate_seeds in memfit.train.local.seeds).
 """
 from __future__ import annotations
 
-from train_local_accuracy import accuracy_part
+from benchmarks.train_local.accuracy import accuracy_part
 
 from memfit.train.local.seeds import aggregate_seeds
 
-# (SETTINGS lives in train_local_common.py and train_local.py re-exports it; the JSON keeps this wording)
-SEED_NOTE = ("every seed uses the same settings (SETTINGS in benchmarks/train_local.py, chosen by the seed-0 "
+SEED_NOTE = ("every seed uses the same settings (SETTINGS in benchmarks/train_local/common.py, chosen by the seed-0 "
              "validation search, or --settings); they are not re-tuned per seed")
 SEED_CONTROLS = ("the seed sets the weight init (torch.manual_seed in build_model), the projection / feedback "
                  "matrices P_i and B_i (seed + 1000 (i + 1)), the seeded training subset (CNN 20k, RNN 12k; the "

@@ -1,0 +1,60 @@
+"""benchmarks/ is a package: every module imports (without running), none edits sys.path, and each script's
+docstring gives the command that runs it (`python -m benchmarks.NAME`)."""
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+
+def _modules() -> list[str]:
+    names = []
+    for path in sorted(BENCH.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__main__":  # importing it would run the benchmark
+            continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(parts))
+    return names
+
+
+def _scripts() -> list[str]:
+    """Modules a user runs: a top-level module with a main(), or a folder with a __main__.py."""
+    out = []
+    for path in sorted(BENCH.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            out.append(f"benchmarks.{path.stem}")
+    out += [f"benchmarks.{p.parent.name}" for p in sorted(BENCH.glob("*/__main__.py"))]
+    return out
+
+
+def test_the_package_has_the_benchmarks():
+    scripts = _scripts()
+    assert {"benchmarks.decode_throughput", "benchmarks.kv_cache", "benchmarks.train_local"} <= set(scripts)
+    assert "benchmarks.common" not in scripts
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_every_module_imports(name):
+    module = importlib.import_module(name)
+    assert module.__doc__, f"{name} needs a docstring saying what it measures"
+
+
+@pytest.mark.parametrize("name", _scripts())
+def test_each_script_documents_its_command(name):
+    doc = importlib.import_module(name + (".cli" if name == "benchmarks.train_local" else "")).__doc__
+    assert f"python -m {name}" in doc
+
+
+def test_no_file_under_benchmarks_edits_sys_path():
+    offenders = [str(p.relative_to(ROOT)) for p in BENCH.rglob("*") if p.is_file() and p.suffix in (".py", ".sh")
+                 and "sys.path" in p.read_text()]
+    assert offenders == []
+    assert not list(BENCH.glob("train_local_*.py")), "train_local's parts live in benchmarks/train_local/"
