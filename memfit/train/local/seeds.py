@@ -1,6 +1,6 @@
 """Comparing training rules over several seeds: mean, sample std and paired differences with a t-interval.
 
-`benchmarks/train_local.py --seeds` runs every method once per seed with the same settings and hands the
+`python -m benchmarks.train_local --seeds` runs every method once per seed with the same settings and hands the
 test accuracies here. A rule is called better (or within 5 points of bp) only when the whole 95% interval of
 the paired difference (tpSGD - other, same seed: same init, projections, subset and data order) lies on one
 side of the threshold; otherwise the gap is "within seed noise".
