@@ -58,3 +58,32 @@ def test_no_file_under_benchmarks_edits_sys_path():
                  and "sys.path" in p.read_text()]
     assert offenders == []
     assert not list(BENCH.glob("train_local_*.py")), "train_local's parts live in benchmarks/train_local/"
+
+
+def test_results_follow_the_naming_scheme():
+    """<benchmark>[_<variant>].json, each PNG beside the JSON of its stem (<stem>.png or <stem>.<plot>.png), and
+    the JSON names the benchmark its file is named after."""
+    import json
+
+    results = ROOT / "benchmarks" / "results"
+    scripts = {name.split(".")[1] for name in _scripts()}
+    for png in results.rglob("*.png"):
+        stem = png.name.split(".")[0]
+        assert (png.parent / f"{stem}.json").exists(), f"{png.relative_to(ROOT)} has no {stem}.json beside it"
+    for path in results.rglob("*.json"):
+        benchmark = json.loads(path.read_text())["benchmark"]
+        assert benchmark in scripts or benchmark == "train_local_seeds", path
+        assert path.stem == benchmark or path.stem.startswith(benchmark.removesuffix("_seeds") + "_"), path
+
+
+def test_the_benchmarks_page_points_at_files_that_exist():
+    """Every result, plot and module docs/benchmarks.md names is there (a rename must update the page)."""
+    import re
+
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    paths = set(re.findall(r"benchmarks/results/[\w./-]+\.(?:json|png)", page))
+    assert len(paths) >= 10
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert missing == []
+    modules = set(re.findall(r"python -m (benchmarks\.[a-z_]+)", page))
+    assert modules == set(_scripts()), "each benchmark has its command on the page, and only those"
