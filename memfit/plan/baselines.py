@@ -1,42 +1,42 @@
-"""Baselines in the same harness: an order (framework topological or memory-aware), eviction by Belady
-(furthest next use) or largest-first, then a TFLite-style greedy-by-size arena for addresses.
+"""Baselines in the same harness as memfit's planners.
 
-Two phases, as a runtime with an offline arena would do it: (1) decide residency intervals under a byte
-budget, evicting when the resident bytes exceed it; (2) give each interval an offset, biggest first, in the
-smallest gap free for its whole interval. When fragmentation defeats (2), (1) is re-run with a smaller byte
-budget (bisection); if nothing fits, every op's tensors are loaded for its own step only (always feasible).
+Two-phase (as a runtime with an offline arena does it): an order (framework topological or memory-aware),
+(1) residency intervals under a byte budget, evicting by Belady (furthest next use) or largest-first when the
+resident bytes exceed it, then (2) addresses for the intervals with TFLite's GreedyBySize and GreedyByBreadth
+packings (memfit.plan.packing). Fragmentation can defeat (2) at the full budget, so (1) is re-run at a ladder
+of smaller budgets and the plan with the least traffic is kept. Where an interval still does not fit, the
+fallback is local to the failing steps (packing.pack_local_fallback), and the plan says so in
+`solver.details["fell_back"]` and `["fallback_steps"]`.
+
+`baseline-belady` (memfit.plan.belady) is Belady eviction in the graph's own order with addresses chosen
+online, the design of a cache-like scratchpad manager.
 """
 from __future__ import annotations
 
 import bisect
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from memfit.plan.analysis import check_feasible, memory_aware_order
+from memfit.plan.packing import PACKINGS, Interval, Packed, pack_local_fallback, use_lists
 from memfit.plan.plan_format import Graph, Placement, Plan, SolverInfo
+from memfit.plan.validate import compute_traffic
 
 INF = 1 << 60
+# phase-1 budgets tried, as fractions of the scratchpad (fragmentation makes the best one unpredictable)
+BUDGET_LADDER = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 
 
 @dataclass
 class BaselineConfig:
     order: str = "topo"  # topo | memory
-    eviction: str = "belady"  # belady | largest
+    eviction: str = "belady"  # belady | largest | online (memfit.plan.belady: addresses chosen as it runs)
 
 
-def _uses(g: Graph, order: list[str]) -> dict[str, list[int]]:
-    """Steps at which each tensor is read or written by the ops in `order` (which may be a sub-sequence)."""
-    uses: dict[str, list[int]] = {}
-    for i, name in enumerate(order):
-        o = g.op[name]
-        for n in dict.fromkeys(o.inputs + o.outputs):
-            uses.setdefault(n, []).append(i)
-    return uses
-
-
-def residency(g: Graph, order: list[str], budget: int, eviction: str = "belady") -> list[tuple[str, int, int]]:
+def residency(g: Graph, order: list[str], budget: int, eviction: str = "belady") -> list[Interval]:
     """Phase 1: residency intervals (tensor, start, end) keeping resident bytes <= budget where possible."""
-    uses = _uses(g, order)
+    uses = use_lists(g, order)
 
     def next_use(n: str, t: int) -> int:
         s = uses[n]
@@ -45,7 +45,7 @@ def residency(g: Graph, order: list[str], budget: int, eviction: str = "belady")
 
     resident: dict[str, int] = {}  # tensor -> start step
     total = 0
-    out: list[tuple[str, int, int]] = []
+    out: list[Interval] = []
     for t, name in enumerate(order):
         o = g.op[name]
         req = set(o.inputs) | set(o.outputs)
@@ -69,60 +69,40 @@ def residency(g: Graph, order: list[str], budget: int, eviction: str = "belady")
     return out
 
 
-def greedy_by_size(g: Graph, intervals: list[tuple[str, int, int]], capacity: int) -> list[Placement] | None:
-    """Phase 2, TFLite-style: biggest first, into the smallest address gap free over its interval; None if it
-    does not fit in `capacity`."""
-    placed: list[tuple[int, int, int, int]] = []  # (start, end, offset, offset_end)
-    result: list[Placement] = []
-    for n, s, e in sorted(intervals, key=lambda x: (-g.tensor[x[0]].bytes, x[1], x[0])):
-        size = g.tensor[n].bytes
-        busy = sorted((a, b) for (ps, pe, a, b) in placed if ps <= e and s <= pe)
-        best, best_gap, top = None, INF, 0
-        for a, b in busy:
-            if a - top >= size and a - top < best_gap:
-                best, best_gap = top, a - top
-            top = max(top, b)
-        if best is None:
-            best = top
-        if best + size > capacity:
-            return None
-        placed.append((s, e, best, best + size))
-        result.append(Placement(n, best, s, e))
-    return result
+def non_compulsory(g: Graph, order: list[str], placements: list[Placement]) -> int:
+    by: dict[str, list[Placement]] = defaultdict(list)
+    for p in placements:
+        by[p.tensor].append(p)
+    return compute_traffic(g, order, by)["non_compulsory_bytes"]
 
 
-def per_step_placements(g: Graph, order: list[str]) -> list[Placement]:
-    """Always-feasible fallback: each op's tensors resident only during its own step, packed from offset 0."""
-    out: list[Placement] = []
-    for t, name in enumerate(order):
-        o = g.op[name]
-        off = 0
-        for n in dict.fromkeys(o.inputs + o.outputs):
-            out.append(Placement(n, off, t, t))
-            off += g.tensor[n].bytes
-    return out
+def arena_placements(g: Graph, order: list[str], capacity: int, eviction: str = "belady") -> tuple[list[Placement], dict]:
+    """Residency + packing over the budget ladder and both packings; the plan with the least non-compulsory
+    traffic (fewest fallback steps on ties). Returns placements and what was chosen."""
+    best: tuple[tuple[int, int], Packed, int] | None = None
+    for frac in BUDGET_LADDER:
+        budget = int(capacity * frac)
+        intervals = residency(g, order, budget, eviction)
+        clean = False
+        for packing in PACKINGS:
+            got = pack_local_fallback(g, order, intervals, capacity, packing)
+            key = (non_compulsory(g, order, got.placements), len(got.split_steps))
+            clean |= not got.split_steps
+            if best is None or key < best[0]:
+                best = (key, got, budget)
+        if clean:
+            break  # this budget packs without a fallback: smaller budgets only evict more
+    assert best is not None
+    (_, steps), packed, budget = best
+    return packed.placements, {"phase1_budget_bytes": budget, "packing": packed.packing, "fell_back": steps > 0,
+                               "fallback_steps": steps, "fallback_at": packed.split_steps[:50]}
 
 
-def arena_placements(g: Graph, order: list[str], capacity: int, eviction: str = "belady") -> tuple[list[Placement], int]:
-    """Residency + greedy-by-size with budget bisection; returns placements and the byte budget that worked
-    (0 = per-step fallback)."""
-    got = greedy_by_size(g, residency(g, order, capacity, eviction), capacity)
-    if got is not None:
-        return got, capacity
-    lo = max((sum(g.tensor[n].bytes for n in set(g.op[x].inputs) | set(g.op[x].outputs)) for x in order), default=0)
-    hi, best = capacity - 1, None
-    for _ in range(12):  # bisection over the phase-1 budget; not monotone, so keep the best budget that fit
-        if lo > hi:
-            break
-        mid = (lo + hi) // 2
-        got = greedy_by_size(g, residency(g, order, mid, eviction), capacity)
-        if got is not None:
-            best, lo = (got, mid), mid + 1
-        else:
-            hi = mid - 1
-    if best is not None:
-        return best
-    return per_step_placements(g, order), 0
+def ideal_belady_bytes(g: Graph, order: list[str], capacity: int) -> int:
+    """Belady eviction at the full scratchpad with addresses ignored (no fragmentation): a reference figure,
+    not a plan (no addresses exist that realise it in general)."""
+    pls = [Placement(n, 0, s, e) for n, s, e in residency(g, order, capacity, "belady")]
+    return non_compulsory(g, order, pls)
 
 
 def plan_baseline(g: Graph, scratchpad_bytes: int, config: BaselineConfig | None = None) -> Plan:
@@ -130,15 +110,22 @@ def plan_baseline(g: Graph, scratchpad_bytes: int, config: BaselineConfig | None
     check_feasible(g, scratchpad_bytes)
     t0 = time.perf_counter()
     order = g.topo_order() if cfg.order == "topo" else memory_aware_order(g)
-    placements, budget = arena_placements(g, order, scratchpad_bytes, cfg.eviction)
-    info = SolverInfo("baseline", time.perf_counter() - t0, details={"phase1_budget_bytes": budget, **vars(cfg)})
-    name = f"baseline-{cfg.order}" + ("" if cfg.eviction == "belady" else f"-{cfg.eviction}")
-    return Plan(g, scratchpad_bytes, order, placements, planner=name, solver=info)
+    if cfg.eviction == "online":
+        from memfit.plan.belady import online_belady
+
+        placements, details = online_belady(g, order, scratchpad_bytes)
+    else:
+        placements, details = arena_placements(g, order, scratchpad_bytes, cfg.eviction)
+    info = SolverInfo("baseline", time.perf_counter() - t0, details={**details, **vars(cfg)})
+    return Plan(g, scratchpad_bytes, order, placements, planner=baseline_name(cfg), solver=info)
 
 
-BASELINES = {
-    "baseline-topo": BaselineConfig("topo", "belady"),
-    "baseline-topo-largest": BaselineConfig("topo", "largest"),
-    "baseline-memory": BaselineConfig("memory", "belady"),
-    "baseline-memory-largest": BaselineConfig("memory", "largest"),
-}
+def baseline_name(cfg: BaselineConfig) -> str:
+    if cfg.eviction == "online":
+        return "baseline-belady" + ("" if cfg.order == "topo" else "-memory")
+    return f"baseline-{cfg.order}" + ("" if cfg.eviction == "belady" else f"-{cfg.eviction}")
+
+
+BASELINES = {baseline_name(c): c for c in (
+    BaselineConfig("topo", "belady"), BaselineConfig("topo", "largest"), BaselineConfig("memory", "belady"),
+    BaselineConfig("memory", "largest"), BaselineConfig("topo", "online"), BaselineConfig("memory", "online"))}

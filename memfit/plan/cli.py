@@ -7,6 +7,7 @@ import json
 import sys
 
 PLANNER_CHOICES = ("auto", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
+                   "baseline-belady", "baseline-belady-memory",
                    "baseline-memory-largest")
 
 

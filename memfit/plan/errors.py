@@ -38,3 +38,15 @@ class PlanValidationError(PlanError):
         shown = "\n  - ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"invalid plan ({len(problems)} problem(s)):\n  - {shown}{more}")
+
+
+class BoundViolationError(PlanError):
+    """A lower bound claims more traffic than a validated plan moves: a bug in the bound or the plan's model."""
+
+    def __init__(self, planner: str, bound_bytes: int, plan_bytes: int):
+        self.bound_bytes, self.plan_bytes = bound_bytes, plan_bytes
+        super().__init__(
+            f"lower bound of {bound_bytes} non-compulsory bytes exceeds the {plan_bytes} bytes of a valid "
+            f"{planner or 'plan'}: the bound is wrong for this graph; please report it with the plan file "
+            f"(run with --planner baseline-topo to get a plan meanwhile)"
+        )

@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from memfit.plan.errors import BoundViolationError
 from memfit.plan.plan_format import Graph, Placement
 
 
@@ -246,7 +247,9 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
     status = "optimal" if code == cp_model.OPTIMAL else "feasible"
     obj = round(solver.ObjectiveValue()) - compulsory
     bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6) - compulsory)
-    return SegmentResult(order, placements, status, obj, min(bound, obj), elapsed, exit_state)
+    if bound > obj:  # CP-SAT's bound never exceeds its own objective; anything else is a modelling bug
+        raise BoundViolationError("exact segment", bound, obj)
+    return SegmentResult(order, placements, status, obj, bound, elapsed, exit_state)
 
 
 def _add_hint(m, g: Graph, seg: Segment, hint, x, r, a, cont, unit: int) -> None:

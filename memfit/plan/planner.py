@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from memfit.plan.analysis import check_feasible
 from memfit.plan.baselines import BASELINES, plan_baseline
 from memfit.plan.bound import LowerBound, lower_bound
-from memfit.plan.errors import PlanError
+from memfit.plan.errors import BoundViolationError, PlanError
 from memfit.plan.exact import ExactConfig, Segment, SegmentResult, solve_segment
 from memfit.plan.heuristic import HeuristicConfig, merge_adjacent, plan_passes
 from memfit.plan.plan_format import Graph, Plan, SolverInfo
@@ -43,7 +43,8 @@ def finish(plan: Plan) -> Plan:
         nc = plan.traffic["non_compulsory_bytes"]
         s.objective_bytes = nc
         if s.bound_bytes is not None:
-            s.bound_bytes = min(s.bound_bytes, nc)
+            if s.bound_bytes > nc:  # a proven bound above a valid plan is a bug, never something to clamp
+                raise BoundViolationError(plan.planner, s.bound_bytes, nc)
             s.gap = 0.0 if nc == 0 else (nc - s.bound_bytes) / nc
     return plan
 

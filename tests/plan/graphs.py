@@ -33,3 +33,28 @@ def order_matters() -> Graph:
     ops = [OpSpec("b", ["x"], ["Y"]), OpSpec("a", ["x"], ["X"]), OpSpec("c", ["X"], ["X2"]),
            OpSpec("d", ["Y", "X2"], ["out"])]
     return build_graph("order_matters", t, ops)
+
+
+def random_branching_dag(n_ops: int, seed: int, sizes: tuple[int, ...] = (32, 64, 96, 128),
+                         weights: bool = True) -> Graph:
+    """A cell-like random DAG (NAS cells, RandWire): each op reads one to three earlier results, mostly
+    recent ones, so branches run side by side and the order is far from fixed; one op joins every result
+    nobody reads into the output."""
+    rnd = random.Random(seed)
+    tensors = [TensorSpec("x", rnd.choice(sizes), "input")]
+    ops, made = [], ["x"]
+    for i in range(n_ops - 1):
+        k = min(len(made), rnd.choice([1, 1, 2, 2, 3]))
+        recent = made[-6:]
+        ins = list(dict.fromkeys(rnd.choice(recent if rnd.random() < 0.8 else made) for _ in range(k)))
+        if weights and rnd.random() < 0.5:
+            tensors.append(TensorSpec(f"w{i}", rnd.choice(sizes) // 2 or 1, "weight"))
+            ins.append(f"w{i}")
+        tensors.append(TensorSpec(f"a{i}", rnd.choice(sizes), "activation"))
+        ops.append(OpSpec(f"op{i}", ins, [f"a{i}"]))
+        made.append(f"a{i}")
+    read = {n for o in ops for n in o.inputs}
+    tails = [n for n in made if n not in read] or [made[-1]]
+    tensors.append(TensorSpec("out", rnd.choice(sizes), "output"))
+    ops.append(OpSpec("join", tails, ["out"]))
+    return build_graph(f"branching{seed}", tensors, ops)
