@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import cpu_us, emit, header, pin_threads
-from benchmarks.decode_throughput import make_model_dir
+from benchmarks.decode_setup import make_model_dir
 from memfit.llm.kernels.attention import Workspace, attend_one, decode_attention
 from memfit.llm.kernels.decode import CpuDecodeOps
 from memfit.llm.models.ops import TorchOps

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import emit, header, pin_threads
-from benchmarks.decode_throughput import SHAPES, make_model_dir, measure_bandwidth, run_memfit
+from benchmarks.decode_setup import SHAPES, make_model_dir, measure_bandwidth, run_memfit
 
 
 def write_gguf(src: Path, dst: Path) -> None:
