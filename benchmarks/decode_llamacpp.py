@@ -11,7 +11,7 @@ llama-cpp-python is an optional peer, not a memfit dependency: it builds from so
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_llamacpp --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
-Prints one JSON object; --out also writes it.
+Prints one JSON object; --out also writes it and a PNG beside it.
 """
 from __future__ import annotations
 
@@ -216,8 +216,33 @@ def main() -> int:
     result = {"benchmark": "decode_llamacpp", **header(args.threads, seed=1), "llama_cpp_python": llama_cpp.__version__,
               "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "rows": rows}
-    emit(result, args.out)
+    emit(result, args.out, plot)
     return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    """memfit and llama.cpp side by side, one pair of bars per shape / dtype / batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    short = {"bfloat16": "bf16", "float32": "fp32"}
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.8), 4))
+    ax.bar([i - 0.2 for i in x], [r["memfit_tok_per_s"] for r in rows], 0.4, label="memfit")
+    ax.bar([i + 0.2 for i in x], [r["llamacpp_tok_per_s"] for r in rows], 0.4,
+           label=f"llama.cpp (llama-cpp-python {result['llama_cpp_python']})")
+    ax.set_xticks(list(x), [f"{r['shape']} {short.get(r['dtype'], r['dtype'])} b{r['batch']}" for r in rows],
+                  rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"decode throughput against llama.cpp, {result['threads']} CPU thread(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

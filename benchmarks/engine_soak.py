@@ -75,10 +75,11 @@ def plot(result: dict, png: Path) -> None:
 
     rounds = [r["round"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot(rounds, [r["rss_bytes"] / 2**20 for r in result["rows"]], marker="o", label="process RSS")
-    ax.plot(rounds, [r["kv_committed_bytes"] / 2**20 for r in result["rows"]], marker=".", label="KV committed")
+    ax.plot(rounds, [r["rss_bytes"] / 1e6 for r in result["rows"]], marker="o", label="process RSS")
+    ax.plot(rounds, [r["kv_committed_bytes"] / 1e6 for r in result["rows"]], marker=".",
+            label="KV committed (after the round)")
     ax.set_xlabel("round")
-    ax.set_ylabel("MiB")
+    ax.set_ylabel("MB")
     ax.set_title(f"engine soak: {result['model']}, {result['kv_cache']} KV, {result['requests_per_round']} requests/round")
     ax.grid(alpha=0.3)
     ax.legend()
