@@ -98,3 +98,29 @@ def test_subgraph_turns_cut_tensors_into_inputs_and_outputs():
     cap = scratchpad_sizes(sg).min_feasible
     plan = make_plan(sg, cap, PlanOptions(planner="exact", time_limit_s=5))
     assert plan.traffic == validate(plan)
+
+
+@pytest.mark.parametrize("seed", range(5))  # seed 5 takes CP-SAT over 20 s to prove: kept out to stay fast
+def test_bound_never_exceeds_the_exact_optimum_on_branching_dags(seed):
+    """Cell-like DAGs whose order is far from fixed: the bound over all orders stays at or below the optimum
+    CP-SAT proves over all orders (its own proof: the bound cut is switched off)."""
+    from tests.plan.graphs import random_branching_dag
+
+    g = random_branching_dag(8, seed)
+    s = scratchpad_sizes(g)
+    for cap in sorted({s.min_feasible, s.mid}):
+        plan = make_plan(g, cap, PlanOptions(planner="exact", time_limit_s=20, free_order=True, bound=False))
+        assert plan.solver.status == "optimal" and plan.solver.details["cpsat_bound_scope"] == "all orders"
+        opt = plan.traffic["non_compulsory_bytes"]
+        assert lower_bound(g, cap).bytes <= opt
+        assert lower_bound(g, cap, plan.order).bytes <= opt
+
+
+def test_a_bound_above_a_valid_plan_is_an_error():
+    from memfit.plan.errors import BoundViolationError
+
+    g = order_matters()
+    plan = plan_baseline(g, 21, BASELINES["baseline-topo"])  # moves 16 bytes (spills Y)
+    plan.solver.bound_bytes = 17
+    with pytest.raises(BoundViolationError, match="exceeds the 16 bytes"):
+        finish(plan)
