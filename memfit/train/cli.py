@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 METHOD_CHOICES = ("tpsgd", "bp", "drtp", "dfa")
 
@@ -56,6 +57,114 @@ def register(subparsers) -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="draw test accuracy per epoch for each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_local)
+    _register_finetune(sub)
+
+
+def _register_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="full fine-tuning of a Llama-family model with its state offloaded to host memory or an SSD",
+        description="Fine-tune all weights (AdamW, fp32 masters, bf16 compute) on ShareGPT JSON or chat JSONL, "
+                    "with parameters, gradients and optimizer states in the chosen tier and one of two "
+                    "host-memory designs (ZeRO-Infinity's or MemAscend's). --json prints one result object.",
+    )
+    p.add_argument("--model", required=True, help="local model directory (safetensors) or a bundled model name")
+    p.add_argument("--data", required=True, help="ShareGPT .json or chat .jsonl ({\"messages\": [...]} per line)")
+    p.add_argument("--offload", default="none", choices=("none", "host", "ssd"),
+                   help="where parameters, gradients' master copies and Adam states live")
+    p.add_argument("--ssd-dir", default=None, help="swap directory for --offload ssd (on an SSD; O_DIRECT where possible)")
+    p.add_argument("--host-memory", default="memascend", choices=("zero-infinity", "memascend"),
+                   help="host-memory design: ZeRO-Infinity's buffer policies or MemAscend's")
+    p.add_argument("--memory-budget", default=None,
+                   help="host memory the run may plan for (e.g. 8GiB); below the minimum it stops with the breakdown")
+    p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counted from step 0 (also on --resume)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512, help="examples are cut to this many tokens")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 | float16 (loss scaling) | float32")
+    p.add_argument("--grad-checkpointing", nargs="?", const="device", default=None, choices=("device", "host"),
+                   help="recompute each layer in backward from its saved input; 'host' keeps those inputs in "
+                        "host memory (offloaded runs always recompute)")
+    p.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead of the compute")
+    p.add_argument("--save", default=None, metavar="DIR", help="write checkpoints under DIR (and one at the end)")
+    p.add_argument("--save-every", type=int, default=0, metavar="K", help="a checkpoint every K steps")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue from DIR (a --save DIR or one checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="data order")
+    p.add_argument("--device", default=None, help="compute device (default: cuda when present, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="loss curve PNG (+ .json beside it); default SAVE/loss.png with --save")
+    p.add_argument("--json", action="store_true", help="print one JSON result object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from memfit.llm.models.config import ModelFormatError
+    from memfit.memory.aio import SwapSpaceError
+    from memfit.memory.budget import parse_bytes
+
+    from .finetune.budget import BudgetTooSmall
+    from .finetune.checkpoint import CheckpointError
+    from .finetune.data import DataFormatError
+    from .finetune.plot import write_loss_curve
+    from .finetune.trainer import FinetuneConfig, FinetuneError, run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    except ValueError as exc:
+        print(f"error: --memory-budget: {exc}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, offload=args.offload, ssd_dir=args.ssd_dir, host_memory=args.host_memory,
+        memory_budget=budget, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        weight_decay=args.weight_decay, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
+        prefetch_depth=args.prefetch, save=args.save, save_every=args.save_every, resume=args.resume,
+        seed=args.seed, device=device,
+    )
+    try:
+        result = _finetune_with_progress(cfg, run, not args.no_progress)
+    except (FinetuneError, DataFormatError, CheckpointError, BudgetTooSmall, SwapSpaceError, ModelFormatError,
+            ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = result.to_json()
+    plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
+    if plot:
+        out["plot"] = str(write_loss_curve(result.all_losses, plot, f"{args.model} {args.offload} {args.host_memory}",
+                                           result.skipped_steps))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"steps {result.start_step}..{result.start_step + len(result.losses)}: loss "
+              f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB"
+              if result.losses else "nothing to do: the checkpoint is already at --steps")
+    return 0
+
+
+def _finetune_with_progress(cfg, run, show: bool):
+    if not show:
+        return run(cfg)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=cfg.steps)
+
+        def progress(done: int, total: int, loss: float) -> None:
+            bar.update(task, completed=done, total=total, description=f"loss {loss:.4f}")
+
+        return run(cfg, progress)
 
 
 def run_local(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ of token ids into text without ever emitting half of a multi-byte character.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,18 @@ class Tokenizer:
 def render_chat_template(template: str, messages: list[dict[str, Any]], **variables: Any) -> str:
     """Render a HF chat template in jinja2's immutable sandbox (templates come with downloaded models)."""
     import jinja2
+
+    try:
+        compiled = _compile_chat_template(template)
+        return compiled.render(messages=messages, **variables)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template could not be rendered: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(template: str) -> Any:
+    """Compile once per template: compiling costs ~12 ms, rendering ~0.1 ms (a fine-tuning run renders each
+    conversation turn by turn, thousands of times)."""
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -215,11 +228,7 @@ def render_chat_template(template: str, messages: list[dict[str, Any]], **variab
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=messages, **variables)
-    except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"the chat template could not be rendered: {exc}") from exc
+    return env.from_string(template)
 
 
 class IncrementalDetokenizer:

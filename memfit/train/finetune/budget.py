@@ -1,0 +1,68 @@
+"""The host-memory plan of a fine-tuning run, before anything is allocated: pools from the design's own
+policies (the same functions that size the real pools), activations from the model's shapes.
+
+`--memory-budget` is checked against its total, and a budget below it is refused with this breakdown (as
+`memfit fit` prints one for inference), so the user sees which pool to shrink.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memfit.llm.models import ModelConfig
+from memfit.memory.budget import format_bytes
+from memfit.train.finetune.designs import HostMemoryDesign
+from memfit.train.finetune.units import Group
+
+
+class BudgetTooSmall(MemoryError):
+    """The run's predicted host memory exceeds --memory-budget; the message holds the breakdown."""
+
+
+@dataclass
+class Plan:
+    pools: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.pools.values())
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.pools)
+        rows = [f"  {k:<{width}}  {format_bytes(v):>12}" for k, v in self.pools.items()]
+        return "\n".join(rows + [f"  {'total':<{width}}  {format_bytes(self.total):>12}"])
+
+
+def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMemoryDesign,
+         dtype: torch.dtype, batch_size: int, seq_len: int, in_flight: int, recompute: bool) -> Plan:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    copy = itemsize if dtype != torch.float32 else 0
+    n = sum(g.numel for g in groups)
+    pools: dict[str, int] = {}
+    pools["gradients"] = 4 * n if tier == "none" else design.reserved(4 * n)
+    if tier == "none":
+        pools["model states"] = (12 + copy) * n
+    elif tier == "host":
+        pools["model states"] = sum(design.reserved(4 * g.numel) * 3 + (design.reserved(copy * g.numel) if copy else 0)
+                                    for g in groups)
+    else:
+        pools["param swap pool"] = sum(b * c for b, c in design.param_classes(groups, itemsize, in_flight).items())
+        pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups).items())
+    tokens = batch_size * seq_len
+    c, v, i = model_cfg.hidden_size, model_cfg.vocab_size, model_cfg.intermediate_size
+    layers = model_cfg.num_hidden_layers
+    # Saved between units: (x, residual) per layer when recomputing; the whole graph otherwise (about
+    # 10 C + 3 I values per token per layer: norms, q/k/v/o, attention output, gate/up/act).
+    per_layer = 2 * c if recompute else 10 * c + 3 * i
+    pools["activations (estimate)"] = tokens * itemsize * (per_layer * layers + 10 * c + 3 * i)
+    pools["logits and loss (estimate)"] = tokens * v * (itemsize + 4 + 4)  # logits, fp32 copy, its gradient
+    return Plan(pools)
+
+
+def check_budget(p: Plan, budget_bytes: int | None) -> None:
+    if budget_bytes is not None and p.total > budget_bytes:
+        raise BudgetTooSmall(
+            f"--memory-budget {format_bytes(budget_bytes)} is below this run's minimum of {format_bytes(p.total)}:\n"
+            f"{p.table()}\nraise the budget, offload further (--offload host|ssd), or lower --batch-size/--seq-len"
+        )

@@ -1,0 +1,178 @@
+"""The two host-memory designs of an offloaded trainer, behind one interface.
+
+Everything else (the layer-wise executor, the tiers, AdamW, the data, the checkpoints) is shared, so a run
+with `--host-memory zero-infinity` and one with `--host-memory memascend` differ in these policies only:
+
+| policy | zero-infinity (DeepSpeed defaults) | memascend |
+|---|---|---|
+| parameter swap pool | 5 slots, each max(1e8 elements, largest group) | one size class per group shape, as many slots as can be in flight |
+| optimizer swap pool | 4 slots, each the largest group (fp32), whole groups swapped | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
+| host allocations (states, gradients) | `pin_memory()`: CachingHostAllocator, rounded to a power of two on CUDA | `posix_memalign` exact size (+ `cudaHostRegister` on CUDA) |
+| overflow check | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
+| SSD layout | one file per tensor, created by its first write | one file, extents preallocated once |
+
+Both use the same aio engine (1 MiB blocks, queue depth 8, O_DIRECT where allowed) so the SSD comparison
+is about layout, not request size. The DeepSpeed code each zero-infinity policy follows is cited beside it
+(deepspeedai/DeepSpeed at edaa722).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from memfit.memory.aio import AioEngine, ExtentFile, FilePerKey
+from memfit.memory.hostpool import IO_ALIGN, HostBuffer, SlotPool, aligned_buffer, caching_pinned_buffer, next_pow2
+from memfit.memory.mapping import round_up
+from memfit.train.finetune.units import Group
+
+DESIGNS = ("zero-infinity", "memascend")
+PIECE_ALIGN = 4096  # elements: a piece of any dtype (>= 1 byte) starts on an O_DIRECT boundary
+OVERFLOW_CHUNK = 1 << 16  # elements per pass of the fused check: temporaries of ~7 bytes each, L2-resident
+
+
+class HostMemoryDesign:
+    name = "base"
+
+    def __init__(self) -> None:
+        self.engine: AioEngine | None = None
+
+    # -- allocations -------------------------------------------------------------------------------------
+    def host_buffer(self, nbytes: int) -> HostBuffer:
+        raise NotImplementedError
+
+    def reserved(self, nbytes: int) -> int:
+        """Bytes `host_buffer(nbytes)` really holds."""
+        raise NotImplementedError
+
+    def param_classes(self, groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
+        """The parameter swap pool: slot bytes -> slot count."""
+        raise NotImplementedError
+
+    def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
+        """The optimizer swap pool (fp32 master and moments): slot bytes -> slot count."""
+        raise NotImplementedError
+
+    def optimizer_piece(self, groups: list[Group]) -> int:
+        """Elements of a group the optimizer swaps in at once (a multiple of 4096)."""
+        raise NotImplementedError
+
+    def param_pool(self, groups: list[Group], itemsize: int, in_flight: int) -> SlotPool:
+        return SlotPool("param swap pool", self.param_classes(groups, itemsize, in_flight), aligned_buffer)
+
+    def optimizer_pool(self, groups: list[Group]) -> SlotPool:
+        return SlotPool("optimizer swap pool", self.optimizer_classes(groups), aligned_buffer)
+
+    def swap_space(self, directory: Path, sizes: dict[str, int]) -> ExtentFile | FilePerKey:
+        raise NotImplementedError
+
+    def aio(self) -> AioEngine:
+        if self.engine is None:
+            self.engine = AioEngine(block_size=1 << 20, queue_depth=8)
+        return self.engine
+
+    # -- overflow ---------------------------------------------------------------------------------------
+    def has_overflow(self, grads: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+
+class ZeroInfinity(HostMemoryDesign):
+    """DeepSpeed ZeRO-Infinity's host-memory policies with its default configuration."""
+
+    name = "zero-infinity"
+    # deepspeed/runtime/zero/offload_config.py: DeepSpeedZeroOffloadParamConfig buffer_count=5, buffer_size=1e8;
+    # DeepSpeedZeroOffloadOptimizerConfig buffer_count=4.
+    PARAM_BUFFER_COUNT = 5
+    PARAM_BUFFER_SIZE = int(1e8)  # elements
+    OPTIMIZER_BUFFER_COUNT = 4
+
+    def host_buffer(self, nbytes: int) -> HostBuffer:
+        # deepspeed/runtime/zero/stage3.py (_create_fp16_partitions / the flat gradient buffer):
+        # `get_accelerator().pin_memory(torch.zeros(...))`, i.e. torch's CachingHostAllocator on CUDA, which
+        # rounds each block up to a power of two. On a CPU accelerator nothing is pinned (no rounding).
+        return caching_pinned_buffer(nbytes)
+
+    def reserved(self, nbytes: int) -> int:
+        return next_pow2(nbytes) if torch.cuda.is_available() else nbytes
+
+    def param_classes(self, groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
+        # deepspeed/runtime/swap_tensor/partitioned_param_swapper.py (_configure_aio): one tensor of
+        # buffer_count x aligned(buffer_size) elements, every slot max-size whatever it will hold. DeepSpeed
+        # asserts a parameter fits a slot; we grow the slot to the largest group instead of failing.
+        largest = max(g.numel for g in groups)
+        slot = round_up(max(self.PARAM_BUFFER_SIZE, largest) * itemsize, IO_ALIGN)
+        return {slot: max(self.PARAM_BUFFER_COUNT, in_flight)}
+
+    def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
+        # deepspeed/runtime/swap_tensor/optimizer_utils.py (OptimizerSwapper.__init__): SwapBufferManager(
+        # num_elems=largest_numel, count=buffer_count): 4 fp32 slots, each the largest swapped unit.
+        return {self.optimizer_piece(groups) * 4: self.OPTIMIZER_BUFFER_COUNT}
+
+    def optimizer_piece(self, groups: list[Group]) -> int:
+        # Whole groups, as DeepSpeed swaps a whole sub-group (sub_group_size 1e9 elements holds any of ours:
+        # deepspeed/runtime/zero/config.py) into slots sized for the largest one.
+        return round_up(max(g.numel for g in groups), PIECE_ALIGN)
+
+    def swap_space(self, directory: Path, sizes: dict[str, int]) -> FilePerKey:
+        # partitioned_param_swapper.py (_get_swap_paths) and optimizer_utils.py (FlattenedTensorSwapInfo):
+        # `{id}_param.tensor.swp`, `{id}.tensor.swp`: one file per swapped tensor.
+        return FilePerKey(directory, sizes, self.aio())
+
+    def has_overflow(self, grads: torch.Tensor) -> bool:
+        # deepspeed/runtime/zero/stage3.py (has_overflow, offloaded gradients): isinf(flat).any() and
+        # isnan(flat).any() over the whole flat gradient buffer: each materialises an N-byte bool tensor.
+        return bool(torch.isinf(grads).any()) or bool(torch.isnan(grads).any())
+
+
+class MemAscend(HostMemoryDesign):
+    """MemAscend's policies (Liaw and Chen, arXiv 2505.23254): adaptive size-class pools, exact aligned
+    allocation, a fused overflow check, preallocated SSD extents."""
+
+    name = "memascend"
+
+    def host_buffer(self, nbytes: int) -> HostBuffer:
+        return aligned_buffer(nbytes)
+
+    def reserved(self, nbytes: int) -> int:
+        return round_up(max(nbytes, 1), IO_ALIGN)
+
+    def param_classes(self, groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
+        return _classes(groups, itemsize, in_flight)
+
+    def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
+        return {self.optimizer_piece(groups) * 4: 3}  # master, exp_avg, exp_avg_sq of the piece in hand
+
+    def optimizer_piece(self, groups: list[Group]) -> int:
+        # The size class of the decoder layers (most of the model): the embedding and an untied head, often
+        # several times larger, are streamed through the optimizer in pieces of that size rather than
+        # sizing every slot for them.
+        layers = [g.numel for g in groups if g.name.startswith("layer.")] or [g.numel for g in groups]
+        return round_up(max(layers), PIECE_ALIGN)
+
+    def swap_space(self, directory: Path, sizes: dict[str, int]) -> ExtentFile:
+        return ExtentFile(directory, sizes, self.aio())
+
+    def has_overflow(self, grads: torch.Tensor) -> bool:
+        # One pass over the buffer in cache-sized chunks, stopping at the first non-finite value: the only
+        # temporary is one chunk's bool mask (OVERFLOW_CHUNK bytes), never N.
+        flat = grads.reshape(-1)
+        for start in range(0, flat.numel(), OVERFLOW_CHUNK):
+            if not bool(torch.isfinite(flat[start : start + OVERFLOW_CHUNK]).all()):
+                return True
+        return False
+
+
+def _classes(groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
+    """Slot bytes -> count: one class per distinct group size; a class never has more slots than it has
+    groups or than can be in flight (`in_flight` groups at once)."""
+    sizes = Counter(round_up(g.numel * itemsize, IO_ALIGN) for g in groups)
+    return {size: min(n, in_flight) for size, n in sizes.items()}
+
+
+def make_design(name: str) -> HostMemoryDesign:
+    if name == "zero-infinity":
+        return ZeroInfinity()
+    if name == "memascend":
+        return MemAscend()
+    raise ValueError(f"unknown --host-memory {name!r}; choose {' or '.join(DESIGNS)}")

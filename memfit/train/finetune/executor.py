@@ -1,0 +1,178 @@
+"""One training step, unit by unit, with the weights of the next units fetched on a thread.
+
+Order of a step (K = layers + 2 units: embed, layers, head):
+  forward  units 0 .. K-2 (no graph kept when recomputing: only each unit's input is saved, the
+           activation checkpoint, on the device or in host memory);
+  head     forward and backward at once (its weights are fetched once for both);
+  backward units K-2 .. 0: fetch the unit's weights again, recompute its forward from the saved input with
+           autograd on, backpropagate the incoming gradient, add the weight gradients into the flat fp32
+           gradient buffer, hand the input gradient to the unit before.
+
+Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
+from the forward instead; the arithmetic is the same, so the losses are identical either way.
+
+`Prefetcher` walks that fetch schedule on one thread, at most `depth` units ahead of the compute, so SSD
+reads (and host-to-device copies on CUDA) overlap the compute of the unit in hand; a unit's pool slots go
+back as soon as the unit is done.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from memfit.train.finetune.store import GroupStore
+from memfit.train.finetune.units import Batch, Group, State, UnitRunner
+
+
+class Prefetcher:
+    def __init__(self, store: GroupStore, schedule: list[list[int]], depth: int) -> None:
+        self.store = store
+        self._room = threading.Semaphore(depth + 1)  # units fetched and not yet released
+        self._stop = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="memfit-prefetch")
+        self._futures: list[Future] = [self._pool.submit(self._fetch, gis) for gis in schedule]
+        self._next = 0
+
+    def _fetch(self, gis: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        self._room.acquire()
+        if self._stop:
+            return []
+        return [self.store.fetch(gi) for gi in gis]
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The next unit's fetched (flat weights, slot) per group, waiting for its reads."""
+        fetched = self._futures[self._next].result()
+        self._next += 1
+        return fetched
+
+    def done(self, fetched: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        for _, slot in fetched:
+            self.store.release(slot)
+        self._room.release()
+
+    def close(self) -> None:
+        self._stop = True
+        for _ in self._futures:
+            self._room.release()
+        for f in self._futures[self._next :]:
+            for _, slot in f.result():
+                self.store.release(slot)
+        self._pool.shutdown(wait=True)
+
+
+@dataclass
+class StepConfig:
+    recompute: bool = True
+    checkpoints_on_host: bool = False
+    depth: int = 2
+
+
+class StepExecutor:
+    def __init__(self, runner: UnitRunner, groups: list[Group], unit_groups: list[list[int]], store: GroupStore,
+                 cfg: StepConfig) -> None:
+        self.runner, self.groups, self.unit_groups, self.store, self.cfg = runner, groups, unit_groups, store, cfg
+        self.checkpoint_bytes = 0  # peak bytes of saved activation checkpoints in the last step
+
+    def _weights(self, k: int, fetched, grad: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, str, torch.Tensor]]]:
+        """name -> weight tensor for unit k; with grad, also (group, name, leaf) to collect gradients from."""
+        weights, leaves = {}, []
+        for gi, (flat, _slot) in zip(self.unit_groups[k], fetched):
+            for name, view in self.groups[gi].views(flat).items():
+                if grad:
+                    view = view.detach().requires_grad_(True)
+                    leaves.append((gi, name, view))
+                weights[name] = view
+        return weights, leaves
+
+    def _accumulate(self, leaves: list[tuple[int, str, torch.Tensor]]) -> None:
+        offsets = {}
+        for gi, name, leaf in leaves:
+            if gi not in offsets:
+                offsets[gi] = _name_offsets(self.groups[gi])
+            if leaf.grad is not None:
+                start, n = offsets[gi][name]
+                self.store.grads[gi][start : start + n].add_(leaf.grad.reshape(-1))
+
+    def step(self, batch: Batch, loss_scale: float) -> float:
+        """Forward and backward of one batch; weight gradients (times loss_scale) land in store.grads.
+        Returns the (unscaled) loss."""
+        n_units = len(self.unit_groups)
+        head = n_units - 1
+        schedule = list(range(n_units))
+        if self.cfg.recompute:
+            schedule += list(range(head - 1, -1, -1))
+        fetcher = Prefetcher(self.store, [self.unit_groups[k] for k in schedule], self.cfg.depth)
+        try:
+            return self._run(batch, loss_scale, fetcher, head)
+        finally:
+            fetcher.close()
+
+    def _run(self, batch: Batch, loss_scale: float, fetcher: Prefetcher, head: int) -> float:
+        recompute = self.cfg.recompute
+        saved: list[State] = []
+        kept: list[tuple[State, State, list]] = []
+        state: State = ()
+        self.checkpoint_bytes = 0
+        for k in range(head):  # forward
+            fetched = fetcher.next()
+            if recompute:
+                saved.append(self._save(state))
+                with torch.no_grad():
+                    weights, _ = self._weights(k, fetched, grad=False)
+                    state = self.runner.forward(k, weights, state, batch)
+            else:
+                inputs = _leaf_inputs(state)
+                weights, leaves = self._weights(k, fetched, grad=True)
+                state = self.runner.forward(k, weights, inputs, batch)
+                kept.append((inputs, state, leaves))
+            fetcher.done(fetched)
+        fetched = fetcher.next()  # the head: forward and backward at once
+        inputs = _leaf_inputs(state)
+        weights, leaves = self._weights(head, fetched, grad=True)
+        (loss,) = self.runner.forward(head, weights, inputs, batch)
+        (loss * loss_scale).backward()
+        self._accumulate(leaves)
+        fetcher.done(fetched)
+        grads = tuple(x.grad for x in inputs)
+        for k in range(head - 1, -1, -1):  # backward
+            if recompute:
+                fetched = fetcher.next()
+                inputs = _leaf_inputs(self._load(saved.pop()))
+                weights, leaves = self._weights(k, fetched, grad=True)
+                outs = self.runner.forward(k, weights, inputs, batch)
+            else:
+                inputs, outs, leaves = kept.pop()
+            pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            self._accumulate(leaves)
+            if recompute:
+                fetcher.done(fetched)
+            grads = tuple(x.grad for x in inputs)
+        return float(loss.detach())
+
+    def _save(self, state: State) -> State:
+        out = tuple(t.detach().to("cpu") if self.cfg.checkpoints_on_host else t.detach() for t in state)
+        self.checkpoint_bytes += sum(t.numel() * t.element_size() for t in out)
+        return out
+
+    def _load(self, state: State) -> State:
+        return tuple(t.to(self.store.device, non_blocking=True) for t in state)
+
+
+def _leaf_inputs(state: State) -> State:
+    """The unit's input as fresh autograd leaves (float tensors only), so its gradient can be read back."""
+    return tuple(t.detach().requires_grad_(True) if t.is_floating_point() else t for t in state)
+
+
+def _name_offsets(group: Group) -> dict[str, tuple[int, int]]:
+    out, off = {}, 0
+    for name, shape in group.params:
+        n = 1
+        for d in shape:
+            n *= d
+        out[name] = (off, n)
+        off += n
+    return out

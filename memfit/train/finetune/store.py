@@ -1,0 +1,217 @@
+"""Where the trained state lives: per swap group, the fp32 master weights, Adam's two moments and the
+16-bit compute copy, in one of three tiers; the fp32 gradients in one flat host buffer.
+
+- `none`: plain tensors on the compute device;
+- `host`: buffers from the design's host allocator (pinned on CUDA); fetched to the device per group;
+- `ssd`: swap space from the design (extents or files) and, in host memory, only the design's two swap
+  pools: compute copies are read into the parameter pool, master and moments into the optimizer pool.
+
+Bytes per parameter in the tier: 4 (master) + 4 + 4 (moments) + 2 (compute copy; none when computing in
+fp32, where the master itself is used); plus 4 for the gradient in host memory. The gradient buffer is flat
+and whole-model, as ZeRO-3's offloaded `grad_partitions_flat_buffer`, so the overflow check and the
+optimizer read it in place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memfit.memory.aio import wait
+from memfit.memory.hostpool import IO_ALIGN, SlotPool
+from memfit.memory.mapping import round_up
+from memfit.train.finetune.designs import HostMemoryDesign
+from memfit.train.finetune.optim import AdamW
+from memfit.train.finetune.units import Group
+
+TIERS = ("none", "host", "ssd")
+KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class GroupStore:
+    def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
+                 device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4) -> None:
+        if tier not in TIERS:
+            raise ValueError(f"unknown --offload {tier!r}; choose none, host or ssd")
+        self.groups, self.tier, self.design = groups, tier, design
+        self.dtype, self.device = compute_dtype, device
+        self.itemsize = torch.empty((), dtype=compute_dtype).element_size()
+        self.separate_copy = compute_dtype != torch.float32  # fp32 compute reads the master directly
+        self.pools: dict[str, int] = {}  # pool name -> bytes it holds in host memory
+        total = sum(g.numel for g in groups)
+        self.offsets = [0]
+        for g in groups:
+            self.offsets.append(self.offsets[-1] + g.numel)
+        # Gradients: one flat fp32 buffer, zeroed at the start of each step.
+        if tier == "none":
+            self._grad_buf = torch.zeros(total, dtype=torch.float32, device=device)
+            self.pools["gradients"] = total * 4
+        else:
+            hb = design.host_buffer(total * 4)
+            self._grad_buf = hb.tensor[: total * 4].view(torch.float32)
+            self._grad_buf.zero_()
+            self.pools["gradients"] = hb.reserved_bytes
+        self.grads = [self._grad_buf[self.offsets[i] : self.offsets[i + 1]] for i in range(len(groups))]
+        self.param_pool: SlotPool | None = None
+        self.opt_pool: SlotPool | None = None
+        self.space = None
+        self._tensors: list[dict[str, torch.Tensor]] = []
+        if tier == "ssd":
+            if ssd_dir is None:
+                raise ValueError("--offload ssd needs --ssd-dir DIR (a directory on an SSD with room for the state)")
+            sizes = {}
+            for g in groups:
+                for kind in KINDS:
+                    sizes[f"{g.name}.{kind}"] = g.numel * 4
+                if self.separate_copy:
+                    sizes[f"{g.name}.param"] = g.numel * self.itemsize
+            self.space = design.swap_space(Path(ssd_dir), sizes)
+            self.param_pool = design.param_pool(groups, self.itemsize, in_flight)
+            self.piece = design.optimizer_piece(groups)
+            self.opt_pool = design.optimizer_pool(groups)
+            self.pools["param swap pool"] = self.param_pool.reserved_bytes
+            self.pools["optimizer swap pool"] = self.opt_pool.reserved_bytes
+        else:
+            held = 0
+            for g in groups:
+                t: dict[str, torch.Tensor] = {}
+                for kind in KINDS + (("param",) if self.separate_copy else ()):
+                    dt = self.dtype if kind == "param" else torch.float32
+                    nbytes = g.numel * torch.empty((), dtype=dt).element_size()
+                    if tier == "none":
+                        t[kind] = torch.zeros(g.numel, dtype=dt, device=device)
+                        held += nbytes
+                    else:
+                        hb = design.host_buffer(nbytes)
+                        t[kind] = hb.tensor[:nbytes].view(dt)
+                        t[kind].zero_()
+                        held += hb.reserved_bytes
+                self._tensors.append(t)
+            self.pools["model states"] = held
+
+    # -- reading and writing whole groups (initialisation, checkpoints) -----------------------------------
+    def write_group(self, gi: int, master: torch.Tensor, exp_avg: torch.Tensor | None = None,
+                    exp_avg_sq: torch.Tensor | None = None) -> None:
+        """Set group gi's fp32 master (and moments, zero when None) and refresh its compute copy."""
+        values = {"master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        if self.tier != "ssd":
+            t = self._tensors[gi]
+            for kind, v in values.items():
+                t[kind].copy_(v.reshape(-1)) if v is not None else t[kind].zero_()
+            if self.separate_copy:
+                t["param"].copy_(t["master"])
+            return
+        for start, n in self._pieces(gi):
+            bufs = {}
+            for kind, v in values.items():
+                bufs[kind] = self._slot(self.opt_pool, n * 4)
+                view = bufs[kind][: n * 4].view(torch.float32)
+                view.copy_(v.reshape(-1)[start : start + n]) if v is not None else view.zero_()
+            self._write_piece(gi, start, n, bufs)
+
+    def read_group(self, gi: int) -> dict[str, torch.Tensor]:
+        """Copies of group gi's master and moments (flat fp32, on the CPU)."""
+        g = self.groups[gi]
+        if self.tier != "ssd":
+            return {k: self._tensors[gi][k].detach().to("cpu", copy=True) for k in KINDS}
+        out = {k: torch.empty(g.numel, dtype=torch.float32) for k in KINDS}
+        for start, n in self._pieces(gi):
+            bufs = self._read_piece(gi, start, n)
+            for k in KINDS:
+                out[k][start : start + n].copy_(bufs[k][: n * 4].view(torch.float32))
+                self.opt_pool.release(bufs[k])
+        return out
+
+    # -- the compute copy --------------------------------------------------------------------------------
+    def fetch(self, gi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(flat compute-dtype weights of group gi on the device, the pool slot to release or None)."""
+        g = self.groups[gi]
+        if self.tier != "ssd":
+            src = self._tensors[gi]["param" if self.separate_copy else "master"]
+            return src.to(self.device, non_blocking=True), None
+        kind = "param" if self.separate_copy else "master"
+        pool = self.param_pool
+        assert pool is not None
+        buf = self._slot(pool, g.numel * self.itemsize)
+        wait(self.space.read(f"{g.name}.{kind}", buf))
+        flat = buf[: g.numel * self.itemsize].view(self.dtype)
+        if self.device.type != "cpu":  # copied to the device: the host slot is free again at once
+            flat = flat.to(self.device)
+            pool.release(buf)
+            return flat, None
+        return flat, buf
+
+    def release(self, slot: torch.Tensor | None) -> None:
+        if slot is not None:
+            self.param_pool.release(slot)
+
+    # -- SSD pieces: the optimizer swaps a group in pieces of at most the design's piece size ------------
+    def _pieces(self, gi: int) -> list[tuple[int, int]]:
+        numel = self.groups[gi].numel
+        return [(s, min(self.piece, numel - s)) for s in range(0, numel, self.piece)]
+
+    def _read_piece(self, gi: int, start: int, n: int) -> dict[str, torch.Tensor]:
+        name = self.groups[gi].name
+        bufs = {k: self._slot(self.opt_pool, n * 4) for k in KINDS}
+        wait([f for k in KINDS for f in self.space.read(f"{name}.{k}", bufs[k], n * 4, start * 4)])
+        return bufs
+
+    def _write_piece(self, gi: int, start: int, n: int, bufs: dict[str, torch.Tensor]) -> None:
+        """Write master and moments of a piece (and its compute copy), then release the slots."""
+        name = self.groups[gi].name
+        writes = [f for k in KINDS for f in self.space.write(f"{name}.{k}", bufs[k], n * 4, start * 4)]
+        copy = None
+        if self.separate_copy:
+            copy = self._slot(self.param_pool, n * self.itemsize)
+            copy[: n * self.itemsize].view(self.dtype).copy_(bufs["master"][: n * 4].view(torch.float32))
+            writes += self.space.write(f"{name}.param", copy, n * self.itemsize, start * self.itemsize)
+        wait(writes)
+        for b in bufs.values():
+            self.opt_pool.release(b)
+        if copy is not None:
+            self.param_pool.release(copy)
+
+    @staticmethod
+    def _slot(pool: SlotPool, nbytes: int) -> torch.Tensor:
+        return pool.acquire(round_up(nbytes, IO_ALIGN))
+
+    # -- the optimizer step ------------------------------------------------------------------------------
+    def optimizer_step(self, adam: AdamW, step: int, grad_scale: float) -> None:
+        """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`)."""
+        for gi, grad in enumerate(self.grads):
+            if self.tier != "ssd":
+                t = self._tensors[gi]
+                adam.update(t["master"], t["exp_avg"], t["exp_avg_sq"], grad, step, grad_scale)
+                if self.separate_copy:
+                    t["param"].copy_(t["master"])
+                continue
+            for start, n in self._pieces(gi):
+                bufs = self._read_piece(gi, start, n)
+                v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
+                adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], grad[start : start + n], step, grad_scale)
+                self._write_piece(gi, start, n, bufs)
+
+    def zero_grad(self) -> None:
+        self._grad_buf.zero_()
+
+    @property
+    def grad_buffer(self) -> torch.Tensor:
+        return self._grad_buf
+
+    def io_stats(self) -> dict:
+        if self.space is None:
+            return {}
+        stats = self.space.engine.stats.to_json()
+        return dict(stats, files=self.space.files, direct_io=bool(self.space.direct))
+
+    def close(self) -> None:
+        if self.space is not None:
+            self.space.close()
+            self.space.engine.close()
+            self.design.engine = None
+
+
+def bytes_per_param(compute_dtype: torch.dtype) -> int:
+    """Bytes the tier holds per parameter (master + moments + 16-bit copy) plus the host gradient."""
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    return 12 + (itemsize if compute_dtype != torch.float32 else 0) + 4

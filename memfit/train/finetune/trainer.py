@@ -1,0 +1,231 @@
+"""`memfit train finetune`: full fine-tuning of a Llama-family model with its state offloaded.
+
+The run: read and tokenize the data; build the model skeleton on the meta device and cut it into swap
+groups; check the host-memory plan against --memory-budget; place fp32 masters, Adam moments and compute
+copies in the chosen tier through the chosen host-memory design; then per step: the layer-wise forward and
+backward (executor.py), the overflow check on the gradient buffer, AdamW group by group (or a skipped
+step and a smaller loss scale on overflow), and a checkpoint every --save-every steps and at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memfit.llm.models import ModelConfig, parse_dtype
+from memfit.llm.models.loader import resolve_model_path, weight_files
+from memfit.llm.models.tokenizer import Tokenizer
+from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+from memfit.train.finetune import budget as budget_mod
+from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
+from memfit.train.finetune.data import batch_indices, build_examples, collate
+from memfit.train.finetune.designs import make_design
+from memfit.train.finetune.executor import StepConfig, StepExecutor
+from memfit.train.finetune.optim import AdamW, LossScaler
+from memfit.train.finetune.store import TIERS, GroupStore
+from memfit.train.finetune.units import Batch, Group, UnitRunner, make_groups, skeleton, unit_groups
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int, float], None]  # (steps done, steps in all, last loss)
+
+
+class FinetuneError(ValueError):
+    """Bad settings for a fine-tuning run; the message says what to change."""
+
+
+@dataclass
+class FinetuneConfig:
+    model: str  # model directory or bundled name (weights and tokenizer)
+    data: str
+    offload: str = "none"  # none | host | ssd
+    ssd_dir: str | None = None
+    host_memory: str = "memascend"  # zero-infinity | memascend
+    memory_budget: int | None = None  # bytes of host memory the plan may take
+    steps: int = 10
+    batch_size: int = 1
+    seq_len: int = 512
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
+    grad_checkpointing: str | None = None  # None | "device" | "host"
+    prefetch_depth: int = 2
+    save: str | None = None
+    save_every: int = 0
+    resume: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    model_config: ModelConfig | None = None  # set: random-initialised weights of these shapes (benchmarks)
+
+    def validate(self) -> None:
+        if self.offload not in TIERS:
+            raise FinetuneError(f"--offload must be none, host or ssd (got {self.offload!r})")
+        if self.offload == "ssd" and not self.ssd_dir:
+            raise FinetuneError("--offload ssd needs --ssd-dir DIR: a directory on an SSD with room for the state")
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.save_every < 0 or self.prefetch_depth < 0:
+            raise FinetuneError("--save-every and the prefetch depth must be >= 0")
+        if self.save_every and not self.save:
+            raise FinetuneError("--save-every needs --save DIR")
+        if self.lr <= 0:
+            raise FinetuneError(f"--lr must be positive (got {self.lr})")
+        if self.grad_checkpointing not in (None, "device", "host"):
+            raise FinetuneError("--grad-checkpointing takes no value or 'host'")
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as exc:
+            raise FinetuneError(f"--dtype: {exc}") from None
+
+    @property
+    def recompute(self) -> bool:
+        # Offloaded weights can't stay referenced by a whole-model autograd graph: offload implies recompute.
+        return self.offload != "none" or self.grad_checkpointing is not None
+
+
+@dataclass
+class FinetuneResult:
+    losses: list[float]
+    start_step: int
+    step_seconds: list[float]
+    peak_rss_bytes: int
+    host_memory: dict[str, Any]
+    data: dict[str, Any]
+    ssd: dict[str, Any]
+    skipped_steps: list[int]
+    loss_scale: float
+    checkpoint: str | None
+    all_losses: list[float] = field(default_factory=list)  # from step 0 (history of a resumed run included)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["median_step_seconds"] = statistics.median(self.step_seconds) if self.step_seconds else None
+        return out
+
+
+def _load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
+    """Fill the store from the model's safetensors, one group at a time (never the whole model in fp32)."""
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), framework="pt") for f in weight_files(path)]
+    where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118
+    for gi, g in enumerate(groups):
+        missing = [p for p, _ in g.params if p not in where]
+        if missing:
+            raise FinetuneError(f"{path} lacks weight(s) {', '.join(missing[:4])}")
+        store.write_group(gi, torch.cat([where[p].get_tensor(p).reshape(-1).float() for p, _ in g.params]))
+
+
+def _random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for gi, g in enumerate(groups):
+        parts = []
+        for name, shape in g.params:
+            n = 1
+            for d in shape:
+                n *= d
+            if name.endswith("norm.weight"):
+                parts.append(torch.ones(n))
+            elif name.endswith(".bias"):
+                parts.append(torch.zeros(n))
+            else:
+                parts.append(torch.randn(n, generator=gen) * 0.02)
+        store.write_group(gi, torch.cat(parts))
+
+
+def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
+    cfg.validate()
+    reset_peak_rss()
+    baseline = rss_bytes()  # the process before this run: interpreter, torch, memfit
+    device = torch.device(cfg.device)
+    dtype = parse_dtype(cfg.dtype)
+    model_path = resolve_model_path(cfg.model)
+    model_cfg = cfg.model_config or ModelConfig.from_dir(model_path)
+    tok = Tokenizer(model_path)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise FinetuneError(f"the tokenizer has {tok.vocab_size} tokens but the model only {model_cfg.vocab_size}")
+    examples, data_stats = build_examples(Path(cfg.data), tok, cfg.seq_len)
+    if data_stats.malformed:
+        log.warning("%s: skipped %d malformed record(s), e.g. %s", cfg.data, data_stats.malformed,
+                    "; ".join(data_stats.malformed_where[:3]))
+    if data_stats.no_assistant_after_truncation:
+        log.warning("skipped %d example(s) left without an assistant token at --seq-len %d",
+                    data_stats.no_assistant_after_truncation, cfg.seq_len)
+
+    model = skeleton(model_cfg)
+    groups = make_groups(model)
+    units = unit_groups(groups, model_cfg.tie_word_embeddings)
+    design = make_design(cfg.host_memory)
+    in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
+    plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
+                           cfg.recompute)
+    budget_mod.check_budget(plan, cfg.memory_budget)
+
+    store = GroupStore(groups, cfg.offload, design, dtype, device, Path(cfg.ssd_dir) if cfg.ssd_dir else None,
+                       in_flight)
+    try:
+        return _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
+                      progress, baseline)
+    finally:
+        store.close()
+
+
+def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
+           progress, baseline: int) -> FinetuneResult:
+    dtype = parse_dtype(cfg.dtype)
+    scaler = LossScaler.for_dtype(dtype)
+    adam = AdamW(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, adam_step, history = 0, 0, []
+    if cfg.resume:
+        state = load_checkpoint(Path(cfg.resume), store, groups, model_cfg)
+        start, adam_step, history = state["step"], state["adam_step"], state["losses"]
+        scaler = LossScaler(**state["loss_scaler"])
+    elif cfg.model_config is not None:
+        _random_weights(groups, store, cfg.seed)
+    else:
+        _load_weights(model_path, groups, store)
+    executor = StepExecutor(UnitRunner(model), groups, units, store,
+                            StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    losses, seconds, skipped, ckpt = [], [], [], None
+    checkpoint_peak = 0
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        ids, labels = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)], pad)
+        store.zero_grad()
+        loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
+        checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
+        overflow = store.design.has_overflow(store.grad_buffer)
+        if overflow:
+            skipped.append(step)
+            log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
+        else:
+            adam_step += 1
+            store.optimizer_step(adam, adam_step, scaler.scale)
+        scaler.update(overflow)
+        seconds.append(time.perf_counter() - t0)
+        losses.append(loss)
+        if progress:
+            progress(step + 1, cfg.steps, loss)
+        done = step + 1
+        if cfg.save and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            ckpt = save_checkpoint(Path(cfg.save), done, store, groups, model_cfg, model_path, {
+                "adam_step": adam_step, "losses": history + losses, "loss_scaler": dataclasses.asdict(scaler),
+                "seed": cfg.seed, "data": cfg.data, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+            })
+    peak = peak_rss_bytes()
+    pools = dict(store.pools)
+    pools["activation checkpoints (measured)"] = checkpoint_peak
+    host = {"design": cfg.host_memory, "tier": cfg.offload, "pools": pools, "planned": plan.pools,
+            "baseline_rss_bytes": baseline, "rss_now_bytes": rss_bytes(),
+            # what the peak holds beyond the baseline and the pools: compute temporaries, allocator slack
+            "other_bytes": max(peak - baseline - sum(pools.values()), 0)}
+    return FinetuneResult(losses, start, seconds, peak, host, data_stats.to_json(), store.io_stats(), skipped,
+                          scaler.scale, str(ckpt) if ckpt else None, history + losses)

@@ -1,0 +1,79 @@
+"""The two host-memory designs: their pools, their overflow checks (memory measured by torch's profiler),
+and AdamW against torch's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memfit.llm.models import ModelConfig
+from memfit.train.finetune.designs import OVERFLOW_CHUNK, MemAscend, ZeroInfinity
+from memfit.train.finetune.optim import AdamW
+from memfit.train.finetune.units import make_groups, skeleton
+
+LLAMA_01B = ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                        num_attention_heads=12, num_key_value_heads=12, head_dim=64)
+
+
+def _peak_alloc_bytes(fn) -> int:
+    """Peak bytes the CPU allocator holds above the start while fn runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for ev in sorted(events, key=lambda e: e.start_ns()):
+        live += ev.nbytes()  # + allocation, - free
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("design", [ZeroInfinity(), MemAscend()])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), None])
+def test_overflow_checks_find_every_non_finite_value(design, bad):
+    g = torch.randn(300_000)
+    if bad is not None:
+        g[299_999] = bad
+    assert design.has_overflow(g) is (bad is not None)
+
+
+def test_fused_check_has_no_n_sized_temporary():
+    n = 4_000_000
+    g = torch.randn(n)
+    unfused = _peak_alloc_bytes(lambda: ZeroInfinity().has_overflow(g))
+    fused = _peak_alloc_bytes(lambda: MemAscend().has_overflow(g))
+    assert unfused >= n  # isinf(g) / isnan(g): at least one bool per element
+    assert fused <= 8 * OVERFLOW_CHUNK  # a chunk's temporaries, whatever n is
+    assert fused < unfused / 10
+
+
+def test_pools_of_a_llama_shape():
+    groups = make_groups(skeleton(LLAMA_01B))
+    layer = groups[1].numel
+    embed = groups[0].numel
+    zi, ma = ZeroInfinity(), MemAscend()
+    zi_param = zi.param_classes(groups, 2, in_flight=4)
+    assert zi_param == {(int(1e8) * 2 + 4095) // 4096 * 4096: 5}  # 5 x 1e8 elements (aligned), whatever the model
+    ma_param = ma.param_classes(groups, 2, in_flight=4)
+    assert sorted(ma_param.values()) == [1, 1, 4]  # embedding, head, four layers in flight
+    assert sum(b * c for b, c in ma_param.items()) < 0.2 * sum(b * c for b, c in zi_param.items())
+    # Optimizer: DeepSpeed sizes 4 slots for the largest group (the embedding); MemAscend 3 of the layer class.
+    largest = max(g.numel for g in groups)  # the head: lm_head (32000 x 768) and the final norm
+    assert largest > embed > 3 * layer
+    assert zi.optimizer_classes(groups) == {(largest + 4095) // 4096 * 4096 * 4: 4}  # pieces: 4096 elements
+    assert ma.optimizer_classes(groups) == {(layer + 4095) // 4096 * 4096 * 4: 3}
+
+
+def test_adamw_matches_torch():
+    torch.manual_seed(0)
+    p0 = torch.randn(5000)
+    grads = [torch.randn(5000) for _ in range(4)]
+    ref = p0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, eps=1e-8)
+    mine, m, v = p0.clone(), torch.zeros(5000), torch.zeros(5000)
+    adam = AdamW(lr=1e-2, weight_decay=0.1)
+    for step, g in enumerate(grads, 1):
+        ref.grad = g.clone()
+        opt.step()
+        adam.update(mine, m, v, g * 8, step, grad_scale=8.0)
+    torch.testing.assert_close(mine, ref.detach(), rtol=1e-6, atol=1e-7)
