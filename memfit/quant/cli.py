@@ -1,0 +1,112 @@
+"""`memfit quant ...` commands. Registration is cheap: torch, timm and OR-Tools load inside the commands."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memfit.llm.cli.common import guard
+
+ARCH_CHOICES = ("vit", "deit", "swin")
+
+
+def default_checkpoint(arch: str) -> Path:
+    """Where trained checkpoints go unless --out says otherwise (never into the repository)."""
+    return Path.home() / ".cache" / "memfit" / "quant" / f"{arch}-fashion-mnist.safetensors"
+
+
+def register(subparsers) -> None:
+    quant = subparsers.add_parser("quant", help="mixed-precision post-training quantization of vision transformers")
+    sub = quant.add_subparsers(dest="quant_command", required=True, metavar="SUBCOMMAND")
+    p = sub.add_parser(
+        "train-vit",
+        help="train a small timm ViT / DeiT / Swin on Fashion-MNIST into one safetensors file",
+        description="Train a timm vision transformer sized for 28x28 Fashion-MNIST and save it as one safetensors "
+                    "file with its architecture in the metadata, plus a loss curve (PNG + JSON) beside it.",
+    )
+    p.add_argument("--arch", default="vit", help="vit | deit | swin")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--out", default=None, help="checkpoint path (.safetensors; default: "
+                                                 "~/.cache/memfit/quant/<arch>-fashion-mnist.safetensors)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default=None, help="deit: checkpoint whose predictions train the distillation head "
+                                                    "(DeiT hard distillation; default: the labels)")
+    p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    p.add_argument("--tiny", action="store_true", help="a test-sized model (seconds to train)")
+    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=guard(run_train_vit))
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be positive (got {threads})")
+        torch.set_num_threads(threads)
+
+
+def run_train_vit(args: argparse.Namespace) -> int:
+    if args.arch not in ARCH_CHOICES:
+        raise ValueError(f"unknown architecture {args.arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+    out = Path(args.out) if args.out else default_checkpoint(args.arch)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors (got {out})")
+    _set_threads(args.threads)
+    from memfit.train.local.data import load_fashion_mnist
+
+    from .checkpoint import save_checkpoint
+    from .train import TrainViTConfig, plot_loss, train_vit
+
+    cfg = TrainViTConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         max_train=args.max_train, max_steps=args.max_steps, tiny=args.tiny, teacher=args.teacher,
+                         data_dir=args.data_dir)
+    cfg.validate()  # before loading any data
+    data = load_fashion_mnist(args.data_dir)
+    with _progress(not args.no_progress, args.arch) as progress:
+        model, result = train_vit(cfg, data, progress)
+    summary = result.to_json()
+    summary.update(checkpoint=str(out), loss_json=str(out.with_suffix(".loss.json")),
+                   loss_png=str(out.with_suffix(".loss.png")))
+    save_checkpoint(out, model, result.spec, {k: summary[k] for k in ("final_test_accuracy", "steps", "config")})
+    Path(summary["loss_json"]).write_text(json.dumps(summary, indent=2))
+    plot_loss(result, summary["loss_png"])
+    print(f"{args.arch}: test top-1 {summary['final_test_accuracy']:.4f} after {result.steps} steps "
+          f"({', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s per epoch); saved {out}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+class _progress:
+    """A rich progress bar on stderr as a context manager yielding the callback (or None when hidden)."""
+
+    def __init__(self, show: bool, label: str):
+        self.show, self.label, self.bar = show, label, None
+
+    def __enter__(self):
+        if not self.show:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=None)
+
+        def update(label: str, done: int, total: int) -> None:
+            self.bar.update(task, description=label, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

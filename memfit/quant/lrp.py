@@ -1,0 +1,203 @@
+"""Layer-wise relevance propagation for timm vision transformers (ViT, DeiT, Swin), AttnLRP-style.
+
+Relevance is computed as input x modified-gradient (the "gradient x input" form of LRP that AttnLRP's `lxt`
+uses): during one forward pass under `LRPMode`, the operations whose plain gradient is not an LRP rule are
+swapped for autograd functions whose backward applies the rule, so that R_t = t * grad_t at every tensor t:
+
+- Linear / Conv (epsilon rule, bias excluded): y = z + b with z = W x; the relevance of y is handed to z in
+  full, R_x = x * W^T (R_y / (z + eps)). The bias takes no relevance, so the rule conserves it (the bias-free
+  variant zennit offers as `zero_params="bias"`).
+- LayerNorm (AttnLRP's identity rule for normalisation): the standard deviation is held constant, which makes
+  the centring and scaling linear in x; the beta shift takes no relevance (as the bias above).
+- GELU (identity rule): R_x = R_y.
+- products of two activations, q k^T and A v (AttnLRP's uniform rule): each factor gets half.
+- softmax, two rules (`attention=`):
+  * "attnlrp": the plain gradient, R_x = x (R_y - s sum R_y), AttnLRP's first-order Taylor rule. Alone among
+    the rules it does not conserve (the softmax's "bias" term keeps the rest; relative position biases and
+    masks added before it, as in Swin, take some too): on a tiny random ViT about half the relevance sent
+    into the attention weights disappears, a few percent of the block's total.
+  * "cp" (default): the attention weights are held constant, so A v passes all its relevance to v
+    (Ali et al., ICML'22, "conservative propagation"). It conserves exactly, which a contribution score
+    (a layer's share of the whole) needs; it is the rule the per-layer scores use unless told otherwise.
+- residual additions, pooling, token selection, reshapes: plain gradients are already the epsilon rule there.
+
+Why not `lxt`/`zennit` from PyPI: lxt 2.x patches functions of Hugging Face transformers modules, while timm's
+attention calls tensor methods and `scaled_dot_product_attention`; zennit has no rules for attention. The
+torch function mode below reaches every op of timm's non-fused attention path without editing timm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+EPS = 1e-9
+ATTENTION_RULES = ("cp", "attnlrp")
+
+
+def _stab(z: torch.Tensor) -> torch.Tensor:
+    """z + eps * sign(z): the epsilon rule's stabiliser (sign(0) taken as +)."""
+    return z + EPS * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+class _BiasFree(torch.autograd.Function):
+    """y = z + b; backward hands all of y's relevance to z: grad_z = grad_y * y / z."""
+
+    @staticmethod
+    def forward(ctx, z, b):
+        y = z + b
+        ctx.save_for_backward(z, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, y = ctx.saved_tensors
+        return g * y / _stab(z), None
+
+
+class _Identity(torch.autograd.Function):
+    """Elementwise y = f(x) with the identity rule: grad_x = grad_y * y / x."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y = ctx.saved_tensors
+        return g * y / _stab(x), None
+
+
+class _Uniform(torch.autograd.Function):
+    """a @ b of two activations; each factor receives half of the output relevance."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return 0.5 * (g @ b.transpose(-2, -1)), 0.5 * (a.transpose(-2, -1) @ g)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity that records the relevance (x * grad) per sample as it passes backwards."""
+
+    @staticmethod
+    def forward(ctx, x, sink, name):
+        ctx.save_for_backward(x)
+        ctx.sink, ctx.name = sink, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        r = (x * g).reshape(x.shape[0], -1)  # (B, features)
+        ctx.sink[ctx.name] = (r.sum(dim=1).detach(), r.abs().sum(dim=1).detach())
+        return g, None, None
+
+
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mu = x.mean(dim=dims, keepdim=True)
+    sigma = torch.sqrt(x.var(dim=dims, keepdim=True, unbiased=False) + eps).detach()  # held constant
+    z = (x - mu) / sigma
+    if weight is not None:
+        z = z * weight
+    return _BiasFree.apply(z, bias) if bias is not None else z
+
+
+class LRPMode(TorchFunctionMode):
+    """Swap timm's ops for their LRP rules while active; `names` maps id(weight) -> layer name so the relevance
+    through each Linear/Conv is recorded in `sink[name] = (signed sum, absolute sum)`, each (B,)."""
+
+    def __init__(self, names: dict[int, str] | None = None, sink: dict | None = None, attention: str = "cp"):
+        super().__init__()
+        if attention not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention rule {attention!r}; choose {', '.join(ATTENTION_RULES)}")
+        self.names, self.sink, self.attention = names or {}, sink if sink is not None else {}, attention
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.conv2d:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            rest = {k: v for k, v in kwargs.items() if k != "bias"}
+            z = func(x, w, None, *args[3:], **rest)
+            if id(w) in self.names:  # relevance at the layer's output = relevance through the layer
+                z = _Tap.apply(z, self.sink, self.names[id(w)])
+            return _BiasFree.apply(z, b.view(-1, 1, 1) if func is F.conv2d else b) if b is not None else z
+        if func is F.layer_norm:
+            return _layer_norm(*args, **kwargs)
+        if func is F.gelu:
+            return _Identity.apply(args[0], lambda t: F.gelu(t, **kwargs))
+        if func in (F.softmax, torch.softmax, torch.Tensor.softmax) and self.attention == "cp":
+            return func(*args, **kwargs).detach()  # attention weights as constants: A v gives all to v
+        if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul):
+            a, b = args
+            if a.requires_grad and b.requires_grad and not isinstance(a, nn.Parameter) \
+                    and not isinstance(b, nn.Parameter):
+                return _Uniform.apply(a, b)
+        return func(*args, **kwargs)
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear and Conv2d by name, in forward order (patch embedding first, heads last)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, in order (ViT/DeiT: model.blocks; Swin: every stage's blocks)."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    return [b for stage in model.layers for b in stage.blocks]
+
+
+@dataclass
+class Relevance:
+    logit: torch.Tensor  # (B,) relevance put at the output: the explained class's logit
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (signed, |.|) (B,)
+    blocks: list[torch.Tensor] = field(default_factory=list)  # relevance summed at each block's output (B,)
+
+
+def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
+              attention: str = "cp") -> Relevance:
+    """One LRP pass: relevance at every quantizable layer and block output for images x (B, C, H, W), explaining
+    class `target` (B,) (default: the predicted class), with the softmax rule `attention` (cp | attnlrp)."""
+    model.eval()
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    for m in fused:
+        m.fused_attn = False  # the explicit q k^T -> softmax -> A v path, whose ops the mode can reach
+    names = {id(m.weight): n for n, m in quantizable_layers(model).items()}
+    out = Relevance(logit=torch.empty(0))
+    block_outputs: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        block_outputs.append(output)
+
+    hooks = [b.register_forward_hook(keep) for b in blocks_of(model)]
+    try:
+        with torch.enable_grad():
+            inp = x.detach().clone().requires_grad_(True)
+            with LRPMode(names, out.layers, attention):
+                logits = model(inp)  # (B, K)
+            target = logits.argmax(-1) if target is None else target
+            seed = F.one_hot(target, logits.shape[-1]).to(logits.dtype)  # R_logits = logits * seed
+            logits.backward(seed)
+        out.logit = (logits * seed).sum(-1).detach()
+        out.blocks = [(o * o.grad).reshape(o.shape[0], -1).sum(1).detach() for o in block_outputs]
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in fused.items():
+            m.fused_attn = flag
+        model.zero_grad(set_to_none=True)
+    return out
