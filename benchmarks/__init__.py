@@ -27,8 +27,8 @@ A new benchmark, `benchmarks/NAME.py`, follows the same shape (tests/benchmarks 
         emit(result, args.out, plot)             # plot(result: dict, png: Path) draws the PNG
         return 0
 
-and its command, one table and a conclusion go on docs/benchmarks.md (* every module with a main() has its
-`python -m benchmarks.NAME` line there).
+and once a result is committed, its command, one table and a conclusion go on docs/benchmarks.md (* every
+benchmark with a committed result has its `python -m benchmarks.NAME` line there).
 
 Nothing is imported here: `benchmarks.blocked_linear` sets OMP_NUM_THREADS before torch starts its pools.
 """
