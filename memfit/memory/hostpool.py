@@ -97,6 +97,10 @@ class SlotPool:
         self.classes = {round_up(b, align): c for b, c in sorted(classes.items())}
         total = sum(b * c for b, c in self.classes.items())
         self.backing = allocate(total)
+        # Swap buffers are page-locked in both systems this models (DeepSpeed's new_cpu_locked_tensor, MemAscend's
+        # cudaHostRegister), so every byte is resident from the start; fault the pages in here too, so the
+        # process's RSS counts what a pinned pool holds (on CUDA they are already resident).
+        self.backing.tensor.zero_()
         self._free: dict[int, list[torch.Tensor]] = {}
         offset = 0
         for size, count in self.classes.items():
