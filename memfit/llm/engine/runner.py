@@ -30,7 +30,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(model.ops)
         self.workspace = Workspace()  # decode attention's K/V copies reuse this memory across layers and steps
-        self._slot_of = getattr(kv, "slot_of", None)
+        self._by_slot = kv.fixed_stride  # the cache hands consecutive slots out as one view
         self.stack = None  # memfit.llm.kernels.stack.CpuDecodeStack, set by the engine where it can run
 
     def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
@@ -38,8 +38,8 @@ class ModelRunner:
         view of consecutive slots instead of gathering), then prefill chunks."""
         decode = [s for s in scheduled if s.num_new == 1 and s.seq.num_computed > 0]
         prefill = [s for s in scheduled if not (s.num_new == 1 and s.seq.num_computed > 0)]
-        if self._slot_of is not None:
-            decode.sort(key=lambda s: self._slot_of(s.seq.seq_id))
+        if self._by_slot:
+            decode.sort(key=lambda s: self.kv.slot_of(s.seq.seq_id))
         return decode + prefill, len(decode)
 
     @torch.inference_mode()

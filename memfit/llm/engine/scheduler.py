@@ -1,7 +1,8 @@
 """Who runs next: FCFS continuous batching with chunked prefill and preemption by recomputation.
 
-The scheduler only does bookkeeping. It asks the KV manager for capacity (`can_allocate`/`grow`/`free`),
-never touches a tensor, and hands the runner a plain list of (sequence, number of new tokens).
+The scheduler only does bookkeeping. It takes KV capacity by attempt (`try_allocate`/`try_grow`, which
+either take it or change nothing) and gives it back (`free`); it never touches a tensor, and hands the
+runner a plain list of (sequence, number of new tokens).
 
 Each step:
 1. running sequences first, oldest first: each gets its next token (decode) or its next prompt chunk;
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput
-from memfit.memory.budget import MemoryBudgetExceeded
 
 if TYPE_CHECKING:  # the scheduler holds the KV manager but never imports its tensor code
     from memfit.llm.kv.base import KVCacheManager
@@ -122,16 +122,11 @@ class Scheduler:
         newer running sequences) until it fits."""
         holds = self.kv.has_seq(seq.seq_id)
         while True:
-            fits = self.kv.can_grow(seq.seq_id, num_tokens) if holds else self.kv.can_allocate(num_tokens)
-            if fits:
-                try:
-                    if holds:
-                        self.kv.grow(seq.seq_id, num_tokens)
-                    else:
-                        self.kv.allocate(seq.seq_id, num_tokens)
+            if holds:
+                if self.kv.try_grow(seq.seq_id, num_tokens):
                     return True
-                except MemoryBudgetExceeded:
-                    pass  # memory changed since the check (a background commit): make room as if it did not fit
+            elif self.kv.try_allocate(seq.seq_id, num_tokens):
+                return True
             if self._evict_retained():
                 continue
             if may_preempt and self._preempt_newest(out, keep=seq):

@@ -180,9 +180,10 @@ class CachedAttention:
         self._decode_lens: torch.Tensor | None = None
         self._decode_plan: object = _UNSET  # built on first use: the CPU kernel below never needs it
         # memfit's CPU kernel (kernels/decode.py) reads decode rows straight from a cache that keeps every
-        # sequence at a fixed stride (the virtual cache's `strided(layer)`): no gather, padding or mask.
+        # sequence at a fixed stride (`kv.fixed_stride`: `strided(layer)` views, plan.slots): no gather,
+        # padding or mask.
         self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
-        if self.kernels is not None and kv.strided(0) is not None:
+        if self.kernels is not None and kv.fixed_stride:
             self._slots = torch.tensor(self.plan.slots[:num_decode], dtype=torch.int64)
             self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
         else:

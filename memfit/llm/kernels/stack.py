@@ -77,7 +77,7 @@ class CpuDecodeStack:
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.bfloat16, torch.float32) or next(model.parameters()).device.type != "cpu":
             return "needs a bf16/fp32 model on the CPU"
-        if kv.strided(0) is None:
+        if not kv.fixed_stride:
             return "needs the virtual KV cache (sequences at a fixed stride)"
         if cfg.head_dim not in HEAD_DIMS or cfg.num_attention_heads // cfg.num_key_value_heads > 64:
             return f"head_dim {cfg.head_dim} is not one of {HEAD_DIMS}"

@@ -1,21 +1,34 @@
 """The KV-cache manager interface shared by the `virtual` (vAttention) and `paged` (vLLM-style) caches.
 
 Two kinds of callers, two halves of the interface:
-- the *scheduler* does bookkeeping only (`can_allocate`, `allocate`, `can_grow`, `grow`, `free`): it decides
-  which sequences hold how many tokens of capacity and never sees a tensor;
+- the *scheduler* does bookkeeping only (`try_allocate`, `try_grow`, `free`): it decides which sequences
+  hold how many tokens of capacity and never sees a tensor;
 - the *runner* moves tensors: once per step it calls `plan_step` (all index arithmetic for the step is done
   there, once, not once per layer), then per layer `write` the step's new K/V and read the context back
   with `context` (one sequence, prefill) or `context_batch` (all sequences padded, decode).
 
-Every byte of physical memory a manager commits is reserved in its `MemoryBudget` first, so a manager
-never takes the process past its budget: growth that does not fit raises `MemoryBudgetExceeded` (or
-returns False from `can_*`), and the scheduler reacts by queueing or preempting.
+Capacity is taken by attempt, as `MemoryBudget.try_reserve` does: `try_allocate`/`try_grow` either take it
+(and reserve every byte they commit in the `MemoryBudget` first) or change nothing and return False, and
+the scheduler reacts by queueing or preempting. There is no ask-then-act: a check and the act that follows
+could disagree once a background thread (the virtual cache's prefaulter) commits in between. Misuse
+(an unknown or duplicate sequence, a length outside 0..max_seq_len) raises `KVCacheError` instead.
+
+This class keeps the per-sequence bookkeeping every manager shares (`SeqRecord`: tokens written, largest
+capacity asked), validates step plans, and does `truncate`, `num_tokens`, `has_seq` and the `stats()`
+arithmetic. A manager supplies only where a sequence's memory lives (pages of a slot, blocks of a pool):
+the `_try_place`, `_try_extend`, `_release`, `_capacity_of`, `_plan` hooks and `committed_bytes`.
+
+Layout capabilities are declared here with defaults: `fixed_stride` (every sequence sits at a fixed
+stride in per-layer K/V views: `strided(layer)` returns them, `slot_of(seq_id)` gives a sequence's row in
+them, and step plans carry `slots` and `ends`), off by default. Attention kernels that read the cache in
+place, and the runner's slot ordering, ask for it by this flag.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,10 +91,29 @@ class SeqStep:
         return self.start + self.num_new
 
 
+@dataclass
+class SeqRecord:
+    """What the base class keeps per sequence; a manager subclasses it with the sequence's placement."""
+
+    requested: int = 0  # largest capacity asked of try_allocate / try_grow
+    written: int = 0  # tokens whose K/V are held: positions 0 .. written-1
+
+
 class KVCacheManager(ABC):
-    kind: str = ""  # set by @register_kv_cache
+    kind: ClassVar[str] = ""  # set by @register_kv_cache
+    fixed_stride: ClassVar[bool] = False  # see the module docstring; True needs strided() and slot_of()
     layout: KVLayout
     budget: MemoryBudget
+
+    def __init__(self, layout: KVLayout, budget: MemoryBudget) -> None:
+        self.layout, self.budget = layout, budget
+        self._seqs: dict[int, SeqRecord] = {}
+        self._lock = threading.RLock()  # background work (the virtual cache's prefaulter) takes it too
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.fixed_stride and (cls.strided is KVCacheManager.strided or cls.slot_of is KVCacheManager.slot_of):
+            raise TypeError(f"{cls.__qualname__} declares fixed_stride but does not define strided() and slot_of()")
 
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict[str, Any]:
@@ -90,38 +122,59 @@ class KVCacheManager(ABC):
         return {}
 
     # ---- scheduler side: bookkeeping, no tensors -------------------------------------------------
-    @abstractmethod
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Could a new sequence get capacity for `num_tokens` tokens now?"""
+    def try_allocate(self, seq_id: int, num_tokens: int) -> bool:
+        """Start `seq_id` with capacity for `num_tokens` tokens if memory allows; otherwise change nothing
+        and return False. Raises KVCacheError if `seq_id` is already held or the length is out of range."""
+        with self._lock:
+            if seq_id in self._seqs:
+                raise KVCacheError(f"sequence {seq_id} is already allocated")
+            self._check_len(num_tokens)
+            record = self._try_place(num_tokens)
+            if record is None:
+                return False
+            record.requested = num_tokens
+            self._seqs[seq_id] = record
+            return True
 
-    @abstractmethod
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        """Start a sequence with capacity for `num_tokens`. Raises MemoryBudgetExceeded if it won't fit."""
+    def try_grow(self, seq_id: int, num_tokens: int) -> bool:
+        """Make `seq_id`'s capacity reach `num_tokens` total tokens (True at once if it already does), or
+        change nothing and return False."""
+        with self._lock:
+            record = self._seq(seq_id)
+            self._check_len(num_tokens)
+            if not self._try_extend(record, num_tokens):
+                return False
+            record.requested = max(record.requested, num_tokens)
+            return True
 
-    @abstractmethod
-    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        """Could `seq_id`'s capacity reach `num_tokens` total tokens now?"""
-
-    @abstractmethod
-    def grow(self, seq_id: int, num_tokens: int) -> None:
-        """Ensure capacity for `num_tokens` total tokens (no-op if already there)."""
-
-    @abstractmethod
     def free(self, seq_id: int) -> None:
         """Release a sequence; its memory becomes reusable (possibly lazily, see the virtual cache)."""
-
-    @abstractmethod
-    def capacity(self, seq_id: int) -> int:
-        """Tokens `seq_id` may hold without another `grow`."""
-
-    @abstractmethod
-    def num_tokens(self, seq_id: int) -> int:
-        """Tokens whose K/V have been written for `seq_id`."""
+        with self._lock:
+            record = self._seqs.pop(seq_id, None)
+            if record is None:
+                raise KVCacheError(f"unknown sequence {seq_id}")
+            self._release(record)
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Forget the K/V of positions >= num_tokens (capacity is kept). Used when a new conversation
         turn shares only a prefix with the tokens cached for the previous one."""
-        raise NotImplementedError
+        if num_tokens < 0:
+            raise KVCacheError(f"cannot truncate to {num_tokens} tokens")
+        with self._lock:
+            record = self._seq(seq_id)
+            record.written = min(record.written, num_tokens)
+
+    def capacity(self, seq_id: int) -> int:
+        """Tokens `seq_id` may hold without another `try_grow`."""
+        with self._lock:
+            return self._capacity_of(self._seq(seq_id))
+
+    def num_tokens(self, seq_id: int) -> int:
+        """Tokens whose K/V have been written for `seq_id`."""
+        return self._seq(seq_id).written
+
+    def has_seq(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
 
     def bytes_needed(self, num_tokens: int) -> int:
         """Bytes one sequence of `num_tokens` commits, with this manager's rounding (pages, blocks).
@@ -129,21 +182,76 @@ class KVCacheManager(ABC):
         that could never fit the budget."""
         return num_tokens * self.layout.bytes_per_token
 
-    def has_seq(self, seq_id: int) -> bool:
+    def reclaim(self, nbytes: int | None = None) -> int:
+        """Give back memory held for reuse but by no sequence (all of it by default); returns the bytes."""
+        return 0
+
+    def sync(self) -> None:
+        """Wait for background work (tests and benchmarks call this before reading stats)."""
+
+    def _check_len(self, num_tokens: int) -> None:
+        if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
+            raise KVCacheError(f"{num_tokens} tokens is outside 0..max_seq_len={self.layout.max_seq_len}")
+
+    def _seq(self, seq_id: int) -> SeqRecord:
         try:
-            self.capacity(seq_id)
-        except KVCacheError:
-            return False
-        return True
+            return self._seqs[seq_id]
+        except KeyError:
+            raise KVCacheError(f"unknown sequence {seq_id}") from None
+
+    # ---- what a manager supplies (called under self._lock) ---------------------------------------
+    @abstractmethod
+    def _try_place(self, num_tokens: int) -> SeqRecord | None:
+        """Take memory for a new sequence of `num_tokens` tokens; its record, or None with nothing changed."""
+
+    @abstractmethod
+    def _try_extend(self, record: SeqRecord, num_tokens: int) -> bool:
+        """Make `record` hold capacity for `num_tokens` tokens, or return False with nothing changed."""
+
+    @abstractmethod
+    def _release(self, record: SeqRecord) -> None:
+        """The sequence of `record` is gone: return its memory (now or lazily)."""
+
+    @abstractmethod
+    def _capacity_of(self, record: SeqRecord) -> int:
+        """Tokens the memory held by `record` has room for (at most max_seq_len)."""
+
+    @abstractmethod
+    def _plan(self, steps: list[SeqStep], records: list[SeqRecord], read_len: int) -> Any:
+        """The manager's index arithmetic for a validated step; read_len: context_batch's padded length."""
+
+    @property
+    @abstractmethod
+    def committed_bytes(self) -> int:
+        """Physical bytes held (pages mapped, blocks handed out), idle reserves included."""
 
     # ---- runner side: tensors ---------------------------------------------------------------------
-    @abstractmethod
     def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> Any:
-        """Precompute this step's write/read indices once; the result is passed to write/context.
+        """Check the step against what each sequence holds, record its new tokens as written, and
+        precompute its write/read indices once; the result is passed to write/context.
 
         pad_to: `context_batch` returns at least the longest sequence, rounded up to a multiple of `pad_to`
         (capped at max_seq_len). Attention kernels then see few distinct shapes: oneDNN caches a primitive
         per matmul shape, so a length that grows by one every step would otherwise grow memory every step."""
+        with self._lock:
+            if not steps:
+                raise KVCacheError("plan_step needs at least one sequence")
+            if len({st.seq_id for st in steps}) != len(steps):
+                raise KVCacheError("a sequence appears twice in one step")
+            records = [self._seq(st.seq_id) for st in steps]
+            for st, record in zip(steps, records):
+                if st.start < 0 or st.num_new < 0 or st.start > record.written:
+                    raise KVCacheError(
+                        f"sequence {st.seq_id}: step starts at {st.start} but only {record.written} tokens are held"
+                    )
+                cap = self._capacity_of(record)
+                if st.end > cap:
+                    raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs try_grow(); capacity is {cap}")
+            for st, record in zip(steps, records):
+                record.written = max(record.written, st.end)
+            longest = max(st.end for st in steps)
+            read_len = min(self.layout.max_seq_len, -(-longest // pad_to) * pad_to)
+            return self._plan(steps, records, read_len)
 
     @abstractmethod
     def write(self, layer: int, plan: Any, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -153,20 +261,33 @@ class KVCacheManager(ABC):
     def context(self, layer: int, plan: Any, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of sequence i of the step, positions 0 .. end-1: each (end, Hkv, D)."""
 
-    def strided(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(K, V) of `layer` as (slots, max_len, Hkv, D) views, when this cache keeps every sequence at a fixed
-        stride (plan.slots index them); None otherwise. Lets an attention kernel read in place."""
-        return None
-
     @abstractmethod
     def context_batch(self, layer: int, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of all the step's sequences, padded to the longest (rounded up to `pad_to`): each
         (B, Lpad, Hkv, D). Positions at or past a sequence's `end` hold garbage (finite) and must be masked."""
 
+    # ---- layout capabilities (see fixed_stride) ------------------------------------------------
+    def strided(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(K, V) of `layer` as (slots, max_len, Hkv, D) views when `fixed_stride`; None otherwise."""
+        return None
+
+    def slot_of(self, seq_id: int) -> int | None:
+        """`seq_id`'s row in the `strided` views when `fixed_stride`; None otherwise. Decode batches in
+        slot order let a fixed-stride cache hand out one view instead of gathering."""
+        return None
+
     # ---- accounting -------------------------------------------------------------------------------
-    @abstractmethod
     def stats(self) -> KVStats:
         """Committed/used bytes and tokens held, for metrics and the memory timeline."""
+        with self._lock:
+            tokens = sum(record.written for record in self._seqs.values())
+            return KVStats(
+                committed_bytes=self.committed_bytes,
+                used_bytes=tokens * self.layout.bytes_per_token,
+                tokens_held=tokens,
+                num_seqs=len(self._seqs),
+                budget_bytes=self.budget.limit_bytes,
+            )
 
     def close(self) -> None:
         """Release all memory. Tensors obtained from the cache must not be used afterwards."""

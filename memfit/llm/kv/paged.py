@@ -19,23 +19,20 @@ not yet written (`waste_bound_bytes`).
 """
 from __future__ import annotations
 
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
 from memfit.llm.kv.registry import register_kv_cache
-from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
+from memfit.memory.budget import MemoryBudget, format_bytes
 
 
 @dataclass
-class _Seq:
-    blocks: list[int] = field(default_factory=list)
-    requested: int = 0
-    written: int = 0
+class _Seq(SeqRecord):
+    blocks: list[int] = field(default_factory=list)  # block ids, in position order
 
 
 @dataclass
@@ -65,7 +62,8 @@ class PagedKVCache(KVCacheManager):
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        self.layout, self.budget, self.block_size, self.owner = layout, budget, block_size, owner
+        super().__init__(layout, budget)
+        self.block_size, self.owner = block_size, owner
         self.block_bytes = block_size * layout.bytes_per_token  # one block id across all layers, K and V
         if num_blocks is None:
             num_blocks = budget.available_bytes // self.block_bytes
@@ -85,8 +83,7 @@ class PagedKVCache(KVCacheManager):
         # Blocks are zeroed the first time they are handed out (ids rise until then), so positions past a
         # sequence's end read finite values: masked garbage that were NaN would survive softmax as NaN x 0.
         self._zeroed = 0
-        self._seqs: dict[int, _Seq] = {}
-        self._lock = threading.Lock()
+        self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
 
     @property
     def pool_bytes(self) -> int:
@@ -103,128 +100,52 @@ class PagedKVCache(KVCacheManager):
         """Committed bytes one sequence of `num_tokens` needs: whole blocks."""
         return self.blocks_for(num_tokens) * self.block_size * self.layout.bytes_per_token
 
-    # ---- scheduler side ---------------------------------------------------------------------------
-    def _fits(self, blocks: int) -> bool:
-        return blocks <= len(self._free) and blocks * self.block_bytes <= self.budget.available_bytes
+    # ---- scheduler side (base class hooks, called under self._lock) ---------------------------------
+    def _try_place(self, num_tokens: int) -> _Seq | None:
+        record = _Seq()
+        return record if self._try_extend(record, num_tokens) else None
 
-    def _take(self, seq: _Seq, num_tokens: int) -> None:
-        if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
-            raise KVCacheError(f"{num_tokens} tokens is outside 0..max_seq_len={self.layout.max_seq_len}")
-        extra = self.blocks_for(num_tokens) - len(seq.blocks)
+    def _try_extend(self, record: _Seq, num_tokens: int) -> bool:  # type: ignore[override]
+        extra = self.blocks_for(num_tokens) - len(record.blocks)
         if extra <= 0:
-            return
-        if extra > len(self._free):
-            raise MemoryBudgetExceeded(
-                f"the paged KV pool has {len(self._free)} free blocks of {self.num_blocks}, {extra} needed; "
-                "raise num_blocks / the KV budget or admit fewer requests"
-            )
-        self.budget.reserve(extra * self.block_bytes, self.owner)  # raises before anything changes
-        seq.blocks.extend(self._free.pop() for _ in range(extra))
-        top = max(seq.blocks[-extra:]) + 1
+            return True
+        if extra > len(self._free) or not self.budget.try_reserve(extra * self.block_bytes, self.owner):
+            return False  # out of blocks or of budget: nothing taken
+        record.blocks.extend(self._free.pop() for _ in range(extra))
+        top = max(record.blocks[-extra:]) + 1
         if top > self._zeroed:
             for pool in (*self.k, *self.v):
                 pool[self._zeroed : top].zero_()
             self._zeroed = top
+        return True
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        with self._lock:
-            return 0 <= num_tokens <= self.layout.max_seq_len and self._fits(self.blocks_for(num_tokens))
+    def _release(self, record: _Seq) -> None:  # type: ignore[override]
+        self._free.extend(reversed(record.blocks))
+        self.budget.release(len(record.blocks) * self.block_bytes, self.owner)
 
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        with self._lock:
-            if seq_id in self._seqs:
-                raise KVCacheError(f"sequence {seq_id} is already allocated")
-            seq = _Seq(requested=num_tokens)
-            self._take(seq, num_tokens)
-            self._seqs[seq_id] = seq
-
-    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        with self._lock:
-            seq = self._seq(seq_id)
-            if num_tokens > self.layout.max_seq_len:
-                return False
-            return self._fits(max(0, self.blocks_for(num_tokens) - len(seq.blocks)))
-
-    def grow(self, seq_id: int, num_tokens: int) -> None:
-        with self._lock:
-            seq = self._seq(seq_id)
-            self._take(seq, num_tokens)
-            seq.requested = max(seq.requested, num_tokens)
-
-    def free(self, seq_id: int) -> None:
-        with self._lock:
-            seq = self._seqs.pop(seq_id, None)
-            if seq is None:
-                raise KVCacheError(f"unknown sequence {seq_id}")
-            self._free.extend(reversed(seq.blocks))
-            self.budget.release(len(seq.blocks) * self.block_bytes, self.owner)
-
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
-        if num_tokens < 0:
-            raise KVCacheError(f"cannot truncate to {num_tokens} tokens")
-        with self._lock:
-            seq = self._seq(seq_id)
-            seq.written = min(seq.written, num_tokens)
-
-    def capacity(self, seq_id: int) -> int:
-        return min(self.layout.max_seq_len, len(self._seq(seq_id).blocks) * self.block_size)
-
-    def num_tokens(self, seq_id: int) -> int:
-        return self._seq(seq_id).written
+    def _capacity_of(self, record: _Seq) -> int:  # type: ignore[override]
+        return min(self.layout.max_seq_len, len(record.blocks) * self.block_size)
 
     def block_table(self, seq_id: int) -> list[int]:
-        return list(self._seq(seq_id).blocks)
-
-    def _seq(self, seq_id: int) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise KVCacheError(f"unknown sequence {seq_id}") from None
-
-    def reclaim(self, nbytes: int | None = None) -> int:
-        """Nothing to reclaim: freed blocks return to the pool and the budget at once."""
-        return 0
-
-    def sync(self) -> None:
-        """Nothing runs in the background."""
+        return list(self._seq(seq_id).blocks)  # type: ignore[attr-defined]
 
     # ---- runner side ------------------------------------------------------------------------------
-    def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> PagedPlan:
-        with self._lock:
-            if not steps:
-                raise KVCacheError("plan_step needs at least one sequence")
-            if len({st.seq_id for st in steps}) != len(steps):
-                raise KVCacheError("a sequence appears twice in one step")
-            seqs = []
-            for st in steps:
-                seq = self._seq(st.seq_id)
-                cap = min(self.layout.max_seq_len, len(seq.blocks) * self.block_size)
-                if st.start < 0 or st.num_new < 0 or st.start > seq.written:
-                    raise KVCacheError(
-                        f"sequence {st.seq_id}: step starts at {st.start} but only {seq.written} tokens are held"
-                    )
-                if st.end > cap:
-                    raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs grow(); capacity is {cap}")
-                seqs.append(seq)
-            ids = [st.seq_id for st in steps]
-            for st, seq in zip(steps, seqs):
-                seq.written = max(seq.written, st.end)
-            dev, bs = self.layout.device, self.block_size
-            rows = []
-            for st, seq in zip(steps, seqs):
-                pos = np.arange(st.start, st.end)
-                rows.append(np.asarray(seq.blocks, dtype=np.int64)[pos // bs] * bs + pos % bs)
-            write_index = torch.from_numpy(np.concatenate(rows)).to(dev)  # (N,)
-            ends = [st.end for st in steps]
-            nbs = [self.blocks_for(e) for e in ends]
-            read_len = min(self.layout.max_seq_len, -(-max(ends) // pad_to) * pad_to)  # see base.plan_step
-            nb_max = max(max(nbs), self.blocks_for(read_len))
-            table = np.zeros((len(steps), nb_max), dtype=np.int64)  # padding reads block 0, masked later
-            for i, (seq, nb) in enumerate(zip(seqs, nbs)):
-                table[i, :nb] = seq.blocks[:nb]
-            batch_table = torch.from_numpy(table).to(dev)  # (B, nb_max)
-            tables = [batch_table[i, :nb] for i, nb in enumerate(nbs)]
-            return PagedPlan(ids, ends, write_index, tables, batch_table, read_len)
+    def _plan(self, steps: list[SeqStep], records: list[_Seq], read_len: int) -> PagedPlan:  # type: ignore[override]
+        dev, bs = self.layout.device, self.block_size
+        rows = []
+        for st, record in zip(steps, records):
+            pos = np.arange(st.start, st.end)
+            rows.append(np.asarray(record.blocks, dtype=np.int64)[pos // bs] * bs + pos % bs)
+        write_index = torch.from_numpy(np.concatenate(rows)).to(dev)  # (N,)
+        ends = [st.end for st in steps]
+        nbs = [self.blocks_for(e) for e in ends]
+        nb_max = max(max(nbs), self.blocks_for(read_len))
+        table = np.zeros((len(steps), nb_max), dtype=np.int64)  # padding reads block 0, masked later
+        for i, (record, nb) in enumerate(zip(records, nbs)):
+            table[i, :nb] = record.blocks[:nb]
+        batch_table = torch.from_numpy(table).to(dev)  # (B, nb_max)
+        tables = [batch_table[i, :nb] for i, nb in enumerate(nbs)]
+        return PagedPlan([st.seq_id for st in steps], ends, write_index, tables, batch_table, read_len)
 
     def write(self, layer: int, plan: PagedPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
@@ -249,17 +170,10 @@ class PagedKVCache(KVCacheManager):
         return k, v
 
     # ---- accounting -------------------------------------------------------------------------------
-    def stats(self) -> KVStats:
+    @property
+    def committed_bytes(self) -> int:
         with self._lock:
-            tokens = sum(s.written for s in self._seqs.values())
-            blocks = sum(len(s.blocks) for s in self._seqs.values())
-            return KVStats(
-                committed_bytes=blocks * self.block_bytes,
-                used_bytes=tokens * self.layout.bytes_per_token,
-                tokens_held=tokens,
-                num_seqs=len(self._seqs),
-                budget_bytes=self.budget.limit_bytes,
-            )
+            return self.block_bytes * sum(len(record.blocks) for record in self._seqs.values())
 
     def waste_bound_bytes(self) -> int:
         """Per sequence: capacity asked for but unwritten, plus one partly filled block."""
@@ -270,8 +184,8 @@ class PagedKVCache(KVCacheManager):
 
     def close(self) -> None:
         with self._lock:
-            for seq in self._seqs.values():
-                self.budget.release(len(seq.blocks) * self.block_bytes, self.owner)
+            for record in self._seqs.values():
+                self._release(record)
             self._seqs.clear()
             self.k, self.v = [], []
             self._free.clear()

@@ -25,9 +25,10 @@ segment). Every page is reserved in the budget (owner "kv") before it is committ
   best (surplus beyond its need + eager is trimmed). Idle pages are decommitted only when a commit
   would not fit the budget, or by `reclaim()`.
 
-Waste bound (checked by `waste_bound_bytes`, tested): with row = Hkv x D x itemsize, requested = the
-largest size asked of allocate/grow (or the tokens written, if more),
-    committed - used <= sum over live sequences of 2 x layers x [(requested - written) x row
+Waste bound (`waste_bound_bytes` computes it; the tests check it against the pages the kernel holds):
+with row = Hkv x D x itemsize (x 2 x layers if token-major) and requested = the largest size asked of
+try_allocate/try_grow (or the tokens written, if more),
+    committed - used <= sum over live sequences of segments x [(requested - written) x row
                                                                  + (1 + eager_pages) x page]
                         + idle bytes (pages of free slots, reclaimable at any time),
 i.e. at most one partly filled page per (layer, K|V) segment per sequence, plus the eager pages, plus
@@ -36,27 +37,20 @@ capacity asked for but not yet written, plus idle reclaimable slots.
 from __future__ import annotations
 
 import heapq
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, KVStats, SeqStep
+from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
 from memfit.llm.kv.registry import register_kv_cache
-from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
+from memfit.memory.budget import MemoryBudget
 from memfit.memory.vmem import VirtualArena
 
 
-class KVSlotsExhausted(MemoryBudgetExceeded):
-    """Every slot of the virtual cache holds a live sequence: raise max_seqs (virtual space is free)."""
-
-
 @dataclass
-class _Seq:
-    slot: int
-    requested: int  # largest capacity asked for
-    written: int = 0  # tokens whose K/V are held (positions 0 .. written-1)
+class _Seq(SeqRecord):
+    slot: int = 0  # the sequence's row in the strided K/V views
 
 
 @dataclass
@@ -72,6 +66,7 @@ class VirtualPlan:
 
 @register_kv_cache("virtual")
 class VirtualKVCache(KVCacheManager):
+    fixed_stride = True  # K[l][slot, pos]: one strided view per layer
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict:
         return {"max_seqs": max_num_seqs, "token_major": token_major}  # a slot of virtual space per sequence
@@ -88,7 +83,8 @@ class VirtualKVCache(KVCacheManager):
     ) -> None:
         if max_seqs <= 0:
             raise ValueError(f"max_seqs must be positive, got {max_seqs}")
-        self.layout, self.budget, self.max_seqs, self.owner = layout, budget, max_seqs, owner
+        super().__init__(layout, budget)
+        self.max_seqs, self.owner = max_seqs, owner
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
         self.token_major = layout.device.type == "cuda" if token_major is None else bool(token_major)
         # row_bytes: one token of one segment; a segment is one (layer, K|V), or the whole slot if token-major.
@@ -118,9 +114,8 @@ class VirtualKVCache(KVCacheManager):
         self._pending = [0] * max_seqs  # highest page target queued on the prefault thread
         self._empty = list(range(max_seqs))  # heap: free slots holding no pages
         self._idle: set[int] = set()  # free slots holding pages (deferred reclamation)
-        self._seqs: dict[int, _Seq] = {}
-        self._prefault = prefault and self.eager_pages > 0
-        self._lock = threading.RLock()  # the prefault thread updates _pages too
+        self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
+        self._prefault = prefault and self.eager_pages > 0  # the prefault thread takes self._lock too
         self._closed = False
 
     # ---- page arithmetic --------------------------------------------------------------------------
@@ -143,11 +138,7 @@ class VirtualKVCache(KVCacheManager):
     def _slot_bytes(self, pages: int) -> int:
         return pages * self.num_segments * self.page
 
-    # ---- scheduler side ---------------------------------------------------------------------------
-    def _check_len(self, num_tokens: int) -> None:
-        if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
-            raise KVCacheError(f"{num_tokens} tokens is outside 0..max_seq_len={self.layout.max_seq_len}")
-
+    # ---- scheduler side (base class hooks, called under self._lock) ---------------------------------
     def _pick_slot(self, need: int) -> int | None:
         """Best idle slot: the fewest pages >= need, else the most pages; else the lowest empty slot."""
         fits = [s for s in self._idle if self._pages[s] >= need]
@@ -160,128 +151,68 @@ class VirtualKVCache(KVCacheManager):
     def _reclaimable(self, exclude: int | None = None) -> int:
         return sum(self._slot_bytes(self._pages[s]) for s in self._idle if s != exclude)
 
-    def _queued_bytes(self, exclude: int | None = None) -> int:
-        """Budget the prefault thread is about to take for other slots' eager pages. Counting it as taken
-        keeps `can_*` honest: otherwise a check could pass, the thread could commit ahead pages, and the
-        grow that follows would no longer fit."""
-        return sum(
-            self._slot_bytes(self._pending[s] - self._pages[s])
-            for s in range(self.max_seqs)
-            if s != exclude and self._pending[s] > self._pages[s]
-        )
+    def _try_place(self, num_tokens: int) -> _Seq | None:
+        need = self.pages_for(num_tokens)
+        slot = self._pick_slot(need)
+        if slot is None or not self._try_commit_to(slot, need):
+            return None  # every slot holds a live sequence (max_seqs), or the budget is short
+        if slot in self._idle:
+            self._idle.discard(slot)
+        else:
+            self._empty.remove(slot)
+            heapq.heapify(self._empty)
+        keep = min(self.seg_pages, need + self.eager_pages)
+        if self._pages[slot] > keep:  # an inherited surplus would break the waste bound: trim it
+            self.arena.decommit_many(self._ranges(slot, keep, self._pages[slot]))
+            self._pages[slot] = keep
+        self._ahead(slot, need)
+        return _Seq(slot=slot)
 
-    def _fits(self, slot: int, need: int) -> bool:
-        deficit = self._slot_bytes(max(0, need - self._pages[slot]))
+    def _try_extend(self, record: _Seq, num_tokens: int) -> bool:  # type: ignore[override]
+        need = self.pages_for(num_tokens)
+        if not self._try_commit_to(record.slot, need):
+            return False
+        self._ahead(record.slot, need)
+        return True
+
+    def _release(self, record: _Seq) -> None:  # type: ignore[override]
+        self._gen[record.slot] += 1
+        self._pending[record.slot] = 0
+        if self._pages[record.slot]:
+            self._idle.add(record.slot)  # keep the pages: the next sequence reuses them
+        else:
+            heapq.heappush(self._empty, record.slot)
+
+    def _capacity_of(self, record: _Seq) -> int:  # type: ignore[override]
+        return self.tokens_in(self._pages[record.slot])
+
+    def slot_of(self, seq_id: int) -> int:
+        """The slot holding `seq_id`; order decode batches by it so `context_batch` is a view."""
+        return self._seq(seq_id).slot  # type: ignore[attr-defined]
+
+    # ---- commit / reclaim -------------------------------------------------------------------------
+    def _try_commit_to(self, slot: int, need: int) -> bool:
+        """Commit `slot` up to `need` pages now, decommitting idle slots if the budget is short; False,
+        with nothing changed, when even that would not fit. Runs under self._lock, which the prefault
+        thread takes too, so no background commit lands between the check and the commit."""
+        have = self._pages[slot]
+        if need <= have:
+            return True
+        deficit = self._slot_bytes(need - have)
         if self.layout.device.type == "cuda" and not self.arena.scratch_bytes:
             # The next batched read may map the GPU scratch page (see plan_step), which takes a page of
             # the budget: leave room for it, or that read would fail after the scheduler admitted the step.
             deficit += self.page
-        available = self.budget.available_bytes - self._queued_bytes(exclude=slot)
-        return deficit <= available + self._reclaimable(exclude=slot)
-
-    def can_allocate(self, num_tokens: int) -> bool:
-        with self._lock:
-            if num_tokens < 0 or num_tokens > self.layout.max_seq_len:
+        short = deficit - self.budget.available_bytes
+        if short > 0:
+            if short > self._reclaimable(exclude=slot):
                 return False
-            slot = self._pick_slot(self.pages_for(num_tokens))
-            return slot is not None and self._fits(slot, self.pages_for(num_tokens))
-
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
-        with self._lock:
-            if seq_id in self._seqs:
-                raise KVCacheError(f"sequence {seq_id} is already allocated")
-            self._check_len(num_tokens)
-            need = self.pages_for(num_tokens)
-            slot = self._pick_slot(need)
-            if slot is None:
-                raise KVSlotsExhausted(
-                    f"all {self.max_seqs} KV slots hold live sequences; raise max_seqs or lower the batch"
-                )
-            self._commit_to(slot, need)  # raises with nothing changed if the budget can't take it
-            if slot in self._idle:
-                self._idle.discard(slot)
-            else:
-                self._empty.remove(slot)
-                heapq.heapify(self._empty)
-            keep = min(self.seg_pages, need + self.eager_pages)
-            if self._pages[slot] > keep:  # an inherited surplus would break the waste bound: trim it
-                self.arena.decommit_many(self._ranges(slot, keep, self._pages[slot]))
-                self._pages[slot] = keep
-            self._seqs[seq_id] = _Seq(slot, num_tokens)
-            self._ahead(slot, need)
-
-    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
-        with self._lock:
-            seq = self._seq(seq_id)
-            if num_tokens > self.layout.max_seq_len:
-                return False
-            return self._fits(seq.slot, self.pages_for(num_tokens))
-
-    def grow(self, seq_id: int, num_tokens: int) -> None:
-        with self._lock:
-            seq = self._seq(seq_id)
-            self._check_len(num_tokens)
-            need = self.pages_for(num_tokens)
-            self._commit_to(seq.slot, need)
-            seq.requested = max(seq.requested, num_tokens)
-            self._ahead(seq.slot, need)
-
-    def free(self, seq_id: int) -> None:
-        with self._lock:
-            seq = self._seqs.pop(seq_id, None)
-            if seq is None:
-                raise KVCacheError(f"unknown sequence {seq_id}")
-            self._gen[seq.slot] += 1
-            self._pending[seq.slot] = 0
-            if self._pages[seq.slot]:
-                self._idle.add(seq.slot)  # keep the pages: the next sequence reuses them
-            else:
-                heapq.heappush(self._empty, seq.slot)
-
-    def truncate(self, seq_id: int, num_tokens: int) -> None:
-        if num_tokens < 0:
-            raise KVCacheError(f"cannot truncate to {num_tokens} tokens")
-        with self._lock:
-            seq = self._seq(seq_id)
-            seq.written = min(seq.written, num_tokens)
-
-    def capacity(self, seq_id: int) -> int:
-        with self._lock:
-            return self.tokens_in(self._pages[self._seq(seq_id).slot])
-
-    def num_tokens(self, seq_id: int) -> int:
-        return self._seq(seq_id).written
-
-    def slot_of(self, seq_id: int) -> int:
-        """The slot holding `seq_id`; order decode batches by it so `context_batch` is a view."""
-        return self._seq(seq_id).slot
-
-    def _seq(self, seq_id: int) -> _Seq:
-        try:
-            return self._seqs[seq_id]
-        except KeyError:
-            raise KVCacheError(f"unknown sequence {seq_id}") from None
-
-    # ---- commit / reclaim -------------------------------------------------------------------------
-    def _commit_to(self, slot: int, need: int) -> None:
-        """Synchronously commit `slot` up to `need` pages, reclaiming idle slots if the budget is short.
-        Raises MemoryBudgetExceeded, changing nothing, when even that would not fit."""
-        have = self._pages[slot]
-        if need <= have:
-            return
-        deficit = self._slot_bytes(need - have)
-        if deficit > self.budget.available_bytes:
-            reclaimable = self._reclaimable(exclude=slot)
-            if deficit > self.budget.available_bytes + reclaimable:
-                raise MemoryBudgetExceeded(
-                    f"{self.budget.name}: the KV cache needs {format_bytes(deficit)} more but only "
-                    f"{format_bytes(self.budget.available_bytes)} is free (+{format_bytes(reclaimable)} "
-                    f"reclaimable) of {format_bytes(self.budget.limit_bytes)}; raise the KV budget or admit "
-                    "fewer/shorter requests"
-                )
-            self._reclaim(deficit - self.budget.available_bytes, exclude=slot)
-        self.arena.commit_many(self._ranges(slot, have, need))
+            self._reclaim(short, exclude=slot)
+        # The budget's other owners (if any) may have taken what was free: the commit itself is all or nothing.
+        if not self.arena.try_commit_many(self._ranges(slot, have, need)):
+            return False
         self._pages[slot] = need
+        return True
 
     def _ahead(self, slot: int, need: int) -> None:
         """Eager allocation: make sure `eager_pages` pages beyond `need` are committed or on their way."""
@@ -332,38 +263,20 @@ class VirtualKVCache(KVCacheManager):
         self.arena.drain()
 
     # ---- runner side ------------------------------------------------------------------------------
-    def plan_step(self, steps: list[SeqStep], pad_to: int = 1) -> VirtualPlan:
-        with self._lock:
-            if not steps:
-                raise KVCacheError("plan_step needs at least one sequence")
-            if len({st.seq_id for st in steps}) != len(steps):
-                raise KVCacheError("a sequence appears twice in one step")
-            slots, ends, seq_ids = [], [], []
-            for st in steps:
-                seq = self._seq(st.seq_id)
-                cap = self.tokens_in(self._pages[seq.slot])
-                if st.start < 0 or st.num_new < 0 or st.start > seq.written:
-                    raise KVCacheError(
-                        f"sequence {st.seq_id}: step starts at {st.start} but only {seq.written} tokens are held"
-                    )
-                if st.end > cap:
-                    raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs grow(); capacity is {cap}")
-                slots.append(seq.slot), ends.append(st.end), seq_ids.append(st.seq_id)
-            for st in steps:
-                seq = self._seqs[st.seq_id]
-                seq.written = max(seq.written, st.end)
-            dev = self.layout.device
-            counts = np.array([st.num_new for st in steps])
-            pos = np.concatenate([np.arange(st.start, st.end) for st in steps])
-            write_slot = torch.from_numpy(np.repeat(np.array(slots), counts)).to(dev)  # (N,)
-            write_pos = torch.from_numpy(pos.astype(np.int64)).to(dev)  # (N,)
-            lo = slots[0]
-            consecutive = slots == list(range(lo, lo + len(slots)))
-            max_end = min(self.layout.max_seq_len, -(-max(ends) // pad_to) * pad_to)  # read length, see base
-            if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
-                npg = self.pages_for(max_end)
-                self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
-            return VirtualPlan(seq_ids, slots, ends, write_slot, write_pos, consecutive, max_end)
+    def _plan(self, steps: list[SeqStep], records: list[_Seq], read_len: int) -> VirtualPlan:  # type: ignore[override]
+        slots = [record.slot for record in records]
+        ends = [st.end for st in steps]
+        dev = self.layout.device
+        counts = np.array([st.num_new for st in steps])
+        pos = np.concatenate([np.arange(st.start, st.end) for st in steps])
+        write_slot = torch.from_numpy(np.repeat(np.array(slots), counts)).to(dev)  # (N,)
+        write_pos = torch.from_numpy(pos.astype(np.int64)).to(dev)  # (N,)
+        lo = slots[0]
+        consecutive = slots == list(range(lo, lo + len(slots)))
+        if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
+            npg = self.pages_for(read_len)
+            self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
+        return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len)
 
     def write(self, layer: int, plan: VirtualPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
@@ -396,16 +309,9 @@ class VirtualKVCache(KVCacheManager):
                 torch.stack([self.v[layer][s, :lmax] for s in plan.slots]))
 
     # ---- accounting -------------------------------------------------------------------------------
-    def stats(self) -> KVStats:
-        with self._lock:
-            tokens = sum(s.written for s in self._seqs.values())
-            return KVStats(
-                committed_bytes=self.arena.committed_bytes,
-                used_bytes=tokens * self.layout.bytes_per_token,
-                tokens_held=tokens,
-                num_seqs=len(self._seqs),
-                budget_bytes=self.budget.limit_bytes,
-            )
+    @property
+    def committed_bytes(self) -> int:
+        return self.arena.committed_bytes
 
     @property
     def idle_bytes(self) -> int:

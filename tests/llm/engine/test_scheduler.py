@@ -9,7 +9,7 @@ from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 
 
 class CountingKV:
-    """Capacity in tokens, one token = one unit; records the calls the scheduler makes."""
+    """Capacity in tokens, one token = one unit; takes capacity by attempt, as the KV managers do."""
 
     def __init__(self, capacity_tokens: int) -> None:
         self.capacity_tokens = capacity_tokens
@@ -18,19 +18,18 @@ class CountingKV:
     def _used(self) -> int:
         return sum(self.held.values())
 
-    def can_allocate(self, n: int) -> bool:
-        return self._used() + n <= self.capacity_tokens
-
-    def allocate(self, seq_id: int, n: int) -> None:
-        assert seq_id not in self.held and self.can_allocate(n)
+    def try_allocate(self, seq_id: int, n: int) -> bool:
+        assert seq_id not in self.held
+        if self._used() + n > self.capacity_tokens:
+            return False
         self.held[seq_id] = n
+        return True
 
-    def can_grow(self, seq_id: int, n: int) -> bool:
-        return self._used() - self.held[seq_id] + max(n, self.held[seq_id]) <= self.capacity_tokens
-
-    def grow(self, seq_id: int, n: int) -> None:
-        assert self.can_grow(seq_id, n)
+    def try_grow(self, seq_id: int, n: int) -> bool:
+        if self._used() - self.held[seq_id] + max(n, self.held[seq_id]) > self.capacity_tokens:
+            return False
         self.held[seq_id] = max(n, self.held[seq_id])
+        return True
 
     def free(self, seq_id: int) -> None:
         del self.held[seq_id]
@@ -46,6 +45,11 @@ def seq(name: str, prompt_len: int, max_tokens: int = 8) -> Sequence:
 def run_step(sched: Scheduler) -> list[tuple[str, int]]:
     """Schedule, then pretend the runner computed and sampled (as the runner/engine would)."""
     out = sched.schedule()
+    # Every scheduled sequence holds KV for the tokens it will have after the step, counted from the
+    # sequences themselves (not from the fake's ledger, which refuses any overrun by construction).
+    for item in out.scheduled:
+        assert sched.kv.held.get(item.seq.seq_id, -1) >= item.seq.num_computed + item.num_new
+    assert sum(item.seq.num_computed + item.num_new for item in out.scheduled) <= sched.kv.capacity_tokens
     result = []
     for item in out.scheduled:
         samples = item.samples
@@ -53,7 +57,6 @@ def run_step(sched: Scheduler) -> list[tuple[str, int]]:
         if samples:
             item.seq.output_token_ids.append(7)
         result.append((item.seq.request_id, item.num_new))
-    assert sched.kv._used() <= sched.kv.capacity_tokens
     return result
 
 

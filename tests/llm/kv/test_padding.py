@@ -13,7 +13,7 @@ def test_padded_context_keeps_contents_and_caps_at_max_len(kind):
     opts = {"block_size": 4} if kind == "paged" else {"max_seqs": 4}
     cache = create_kv_cache(kind, LAYOUT, MemoryBudget(2**22), **opts)
     for sid, n in ((1, 13), (2, 20)):
-        cache.allocate(sid, n)
+        assert cache.try_allocate(sid, n)
         write(cache, [SeqStep(sid, 0, n)])
     steps = [SeqStep(1, 13, 0), SeqStep(2, 20, 0)]  # read-only plans
     plain = cache.plan_step(steps)

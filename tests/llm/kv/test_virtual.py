@@ -5,9 +5,10 @@ import torch
 from memfit.llm.kernels.attention import attend_one
 from memfit.llm.kv import create_kv_cache
 from memfit.llm.kv.base import KVCacheError, KVLayout, SeqStep
-from memfit.llm.kv.virtual import KVSlotsExhausted, VirtualKVCache
-from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded
+from memfit.llm.kv.virtual import VirtualKVCache
+from memfit.memory.budget import MemoryBudget
 from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+from tests.llm.kv.kernel_pages import arena_resident_bytes
 from tests.memory.test_vmem import vma_rss
 
 # row = Hkv x D x 4 B = 512 B: 8 tokens per 4 KiB page; 64 tokens = 8 pages per (layer, K|V) segment
@@ -41,13 +42,13 @@ def write(cache, steps):
 def test_layout_and_pages_per_segment():
     cache, budget = make()
     assert cache.row_bytes == 512 and cache.seg_pages == SEG_PAGES and cache.page == PAGE
-    cache.allocate(1, 10)  # 10 tokens -> 2 pages in each of the 4 segments
+    assert cache.try_allocate(1, 10)  # 10 tokens -> 2 pages in each of the 4 segments
     assert cache.capacity(1) == 16
     assert cache.stats().committed_bytes == SEGS * 2 * PAGE == budget.by_owner()["kv"]
     base = vma_rss(cache.arena.address)
-    cache.grow(1, 16)  # still inside the 2 pages
+    assert cache.try_grow(1, 16)  # still inside the 2 pages
     assert cache.stats().committed_bytes == SEGS * 2 * PAGE
-    cache.grow(1, 17)
+    assert cache.try_grow(1, 17)
     assert cache.capacity(1) == 24 and cache.stats().committed_bytes == SEGS * 3 * PAGE
     assert vma_rss(cache.arena.address) - base == SEGS * PAGE  # physical memory follows exactly
     cache.close()
@@ -57,7 +58,7 @@ def test_layout_and_pages_per_segment():
 def test_context_is_a_view_and_batch_view_when_slots_are_consecutive():
     cache, _ = make()
     for sid, n in [(1, 5), (2, 20), (3, 9)]:
-        cache.allocate(sid, n)
+        assert cache.try_allocate(sid, n)
     assert [cache.slot_of(s) for s in (1, 2, 3)] == [0, 1, 2]
     plan = write(cache, [SeqStep(1, 0, 5), SeqStep(2, 0, 20), SeqStep(3, 0, 9)])
     for layer in range(LAYOUT.num_layers):
@@ -74,7 +75,7 @@ def test_context_is_a_view_and_batch_view_when_slots_are_consecutive():
             assert torch.equal(vb[i, :n], kv_for(sid, 0, n, layer)[1])
     # decode step with slots out of order: a gather, same values
     for sid in (1, 2, 3):
-        cache.grow(sid, cache.num_tokens(sid) + 1)
+        assert cache.try_grow(sid, cache.num_tokens(sid) + 1)
     plan = write(cache, [SeqStep(3, 9, 1), SeqStep(1, 5, 1)])
     assert not plan.consecutive
     kb, _ = cache.context_batch(1, plan)
@@ -89,7 +90,7 @@ def test_batched_decode_attention_matches_per_sequence():
     cache, _ = make()
     lens = [7, 30, 12]
     for sid, n in enumerate(lens):
-        cache.allocate(sid, n + 1)
+        assert cache.try_allocate(sid, n + 1)
     plan = cache.plan_step([SeqStep(s, 0, n + 1) for s, n in enumerate(lens)])
     k, v = torch.randn(sum(lens) + 3, 2, 64), torch.randn(sum(lens) + 3, 2, 64)
     cache.write(0, plan, k, v)
@@ -109,8 +110,8 @@ def test_batched_decode_attention_matches_per_sequence():
 
 def test_padded_batch_reads_commit_nothing():
     cache, _ = make()
-    cache.allocate(1, 2)
-    cache.allocate(2, 60)
+    assert cache.try_allocate(1, 2)
+    assert cache.try_allocate(2, 60)
     plan = write(cache, [SeqStep(1, 0, 2), SeqStep(2, 0, 60)])
     rss = vma_rss(cache.arena.address)
     kb, _ = cache.context_batch(0, plan)
@@ -121,18 +122,17 @@ def test_padded_batch_reads_commit_nothing():
 
 def test_deferred_reclamation_reuses_idle_slots():
     cache, budget = make(limit=SEGS * 10 * PAGE, max_seqs=3)
-    cache.allocate(1, 40)  # 5 pages per segment
-    cache.allocate(2, 30)  # 4 pages
+    assert cache.try_allocate(1, 40)  # 5 pages per segment
+    assert cache.try_allocate(2, 30)  # 4 pages
     cache.free(1)
     assert cache.stats().committed_bytes == SEGS * 9 * PAGE  # the pages stay with the idle slot
     assert cache.idle_bytes == SEGS * 5 * PAGE
-    cache.allocate(3, 20)  # reuses slot 0 (best fit); surplus beyond need is trimmed
+    assert cache.try_allocate(3, 20)  # reuses slot 0 (best fit); surplus beyond need is trimmed
     assert cache.slot_of(3) == 0 and cache.idle_bytes == 0
     assert cache.stats().committed_bytes == SEGS * (3 + 4) * PAGE
     cache.free(3)
     cache.free(2)  # idle: slot 0 (3 pages), slot 1 (4 pages); budget 10 pages/segment
-    assert cache.can_allocate(64)
-    cache.allocate(4, 64)  # needs 8 pages: only fits by reclaiming the other idle slot
+    assert cache.try_allocate(4, 64)  # needs 8 pages: only fits by reclaiming the other idle slot
     assert cache.slot_of(4) == 1
     assert cache.stats().committed_bytes == SEGS * 8 * PAGE == budget.used_bytes
     assert cache.idle_bytes == 0
@@ -142,47 +142,47 @@ def test_deferred_reclamation_reuses_idle_slots():
     cache.close()
 
 
-def test_grow_beyond_budget_raises_and_changes_nothing():
+def test_grow_beyond_budget_is_refused_and_changes_nothing():
     cache, budget = make(limit=SEGS * 4 * PAGE)
-    cache.allocate(1, 16)  # 2 pages
-    cache.allocate(2, 8)  # 1 page
+    assert cache.try_allocate(1, 16)  # 2 pages
+    assert cache.try_allocate(2, 8)  # 1 page
     before = (cache.capacity(1), cache.stats(), budget.used_bytes, vma_rss(cache.arena.address))
-    assert not cache.can_grow(1, 40)
-    with pytest.raises(MemoryBudgetExceeded, match="raise the KV budget"):
-        cache.grow(1, 40)
+    assert not cache.try_grow(1, 40)
     assert (cache.capacity(1), cache.stats(), budget.used_bytes, vma_rss(cache.arena.address)) == before
-    assert cache.can_grow(1, 24)
-    cache.grow(1, 24)
+    assert cache.try_grow(1, 24)
     assert budget.used_bytes == budget.limit_bytes
-    assert not cache.can_allocate(1) and cache.can_allocate(0)
+    assert not cache.try_allocate(3, 1) and not cache.has_seq(3)
+    assert cache.try_allocate(3, 0)
     cache.close()
 
 
 def test_slots_run_out_clearly():
     cache, _ = make(max_seqs=2)
-    cache.allocate(1, 4)
-    cache.allocate(2, 4)
-    assert not cache.can_allocate(4)
-    with pytest.raises(KVSlotsExhausted, match="max_seqs"):
-        cache.allocate(3, 4)
+    assert cache.try_allocate(1, 4)
+    assert cache.try_allocate(2, 4)
+    before = (cache.stats(), vma_rss(cache.arena.address))
+    assert not cache.try_allocate(3, 4)  # every slot holds a live sequence
+    assert not cache.has_seq(3) and (cache.stats(), vma_rss(cache.arena.address)) == before
     cache.free(1)
-    cache.allocate(3, 4)
+    assert cache.try_allocate(3, 4)
     cache.close()
 
 
 def test_eager_pages_and_background_prefault():
     cache, budget = make(eager_pages=2, prefault=True)
-    cache.allocate(1, 3)  # 1 page needed, 2 more ahead on the prefault thread
+    assert cache.try_allocate(1, 3)  # 1 page needed, 2 more ahead on the prefault thread
     cache.sync()
     assert cache.capacity(1) == 24
     assert cache.stats().committed_bytes == SEGS * 3 * PAGE == budget.used_bytes
-    cache.grow(1, 9)  # enters the ahead zone: the next page is prefaulted, nothing waits
+    assert cache.try_grow(1, 9)  # enters the ahead zone: the next page is prefaulted, nothing waits
     cache.sync()
     assert cache.capacity(1) == 32
     plan = write(cache, [SeqStep(1, 0, 9)])
     assert torch.equal(cache.context(1, plan, 0)[0], kv_for(1, 0, 9, 1)[0])
-    st = cache.stats()
-    assert st.committed_bytes - st.used_bytes <= cache.waste_bound_bytes()
+    # Waste, measured by the kernel: one partly filled page and the 2 eager pages per segment, no more.
+    resident = arena_resident_bytes(cache)
+    assert resident == cache.stats().committed_bytes
+    assert 0 <= resident - 9 * LAYOUT.bytes_per_token <= SEGS * (1 + 2) * PAGE
     cache.free(1)
     cache.reclaim()
     assert budget.used_bytes == 0
@@ -191,22 +191,22 @@ def test_eager_pages_and_background_prefault():
 
 def test_eager_pages_are_skipped_when_the_budget_is_tight():
     cache, budget = make(limit=SEGS * 2 * PAGE, eager_pages=4)
-    cache.allocate(1, 10)  # needs exactly the 2 pages of the budget; eager pages silently skipped
+    assert cache.try_allocate(1, 10)  # needs exactly the 2 pages of the budget; eager pages silently skipped
     assert cache.capacity(1) == 16 and budget.used_bytes == budget.limit_bytes
     cache.close()
 
 
 def test_misuse_gets_clear_errors():
     cache, _ = make()
-    cache.allocate(1, 8)
+    assert cache.try_allocate(1, 8)
     with pytest.raises(KVCacheError, match="already allocated"):
-        cache.allocate(1, 8)
+        cache.try_allocate(1, 8)
     with pytest.raises(KVCacheError, match="unknown sequence"):
-        cache.grow(9, 8)
+        cache.try_grow(9, 8)
     with pytest.raises(KVCacheError, match="max_seq_len"):
-        cache.allocate(2, 65)
-    assert not cache.can_allocate(65)
-    with pytest.raises(KVCacheError, match="needs grow"):
+        cache.try_allocate(2, 65)
+    assert not cache.has_seq(2)
+    with pytest.raises(KVCacheError, match="needs try_grow"):
         cache.plan_step([SeqStep(1, 0, 9)])
     with pytest.raises(KVCacheError, match="only 0 tokens"):
         cache.plan_step([SeqStep(1, 2, 1)])
@@ -238,8 +238,8 @@ def test_virtual_cache_on_cuda():
     layout = KVLayout(2, 2, 64, torch.float16, 4096, device=torch.device("cuda"))
     budget = MemoryBudget(2**30)
     cache = VirtualKVCache(layout, budget, max_seqs=4)
-    cache.allocate(1, 100)
-    cache.allocate(2, 4096)
+    assert cache.try_allocate(1, 100)
+    assert cache.try_allocate(2, 4096)
     plan = cache.plan_step([SeqStep(1, 0, 100), SeqStep(2, 0, 4096)])
     k = torch.randn(4196, 2, 64, device="cuda", dtype=torch.float16)
     cache.write(0, plan, k, -k)
@@ -260,13 +260,15 @@ def test_token_major_layout_commits_one_segment_per_sequence():
     per_layer, _ = make()
     assert tm.token_major and not per_layer.token_major and tm.num_segments == 1
     for cache in (tm, per_layer):
-        cache.allocate(1, 3)
-        cache.allocate(2, 20)
+        assert cache.try_allocate(1, 3)
+        assert cache.try_allocate(2, 20)
         write(cache, [SeqStep(1, 0, 3), SeqStep(2, 0, 20)])
     row = LAYOUT.bytes_per_token  # 2 layers x (K, V) x 512 B = 2 KiB: two tokens per page
     assert tm.stats().committed_bytes == (-(-3 * row // PAGE) + -(-20 * row // PAGE)) * PAGE == budget.used_bytes
     assert per_layer.stats().committed_bytes == SEGS * 1 * PAGE + SEGS * 3 * PAGE  # 1 and 3 pages per segment
-    assert tm.waste_bound_bytes() >= tm.stats().committed_bytes - tm.stats().used_bytes
+    resident = arena_resident_bytes(tm)  # the kernel's count: one partly filled page per sequence at most
+    assert resident == tm.stats().committed_bytes
+    assert 0 <= resident - (3 + 20) * row < 2 * PAGE
     for layer in range(LAYOUT.num_layers):
         for sid, n in ((1, 3), (2, 20)):
             k_ref, v_ref = kv_for(sid, 0, n, layer)

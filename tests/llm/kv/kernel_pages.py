@@ -1,0 +1,44 @@
+"""What the kernel holds for a KV cache, read from /proc/self/pagemap: a measure independent of the
+cache's own counters and of its budget ledger (which refuses any overrun by construction, so `used <=
+limit` can't fail). Linux only, like the CPU arena itself."""
+from __future__ import annotations
+
+import numpy as np
+
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+
+_PRESENT = np.uint64(1 << 63)
+_EXCLUSIVE = np.uint64(1 << 56)  # mapped by this process alone: a page of its own, not the shared zero page
+
+
+def resident_pages(address: int, nbytes: int) -> np.ndarray:
+    """(ceil(nbytes / PAGE),) bool: which pages of [address, address + nbytes) hold physical memory of
+    their own. A never-written page that was only read maps the kernel's shared zero page, which is
+    present but costs nothing: it is not counted (smaps' Rss does not count it either)."""
+    first, count = address // PAGE, -(-(address % PAGE + nbytes) // PAGE)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read(count * 8), dtype=np.uint64)
+    return ((entries & _PRESENT) != 0) & ((entries & _EXCLUSIVE) != 0)
+
+
+def arena_pages(cache) -> np.ndarray:
+    """A virtual cache's resident pages as (max_seqs, num_segments, seg_pages) bool."""
+    flags = resident_pages(cache.arena.address, cache.max_seqs * cache.slot_bytes)
+    return flags.reshape(cache.max_seqs, cache.num_segments, cache.seg_bytes // PAGE)
+
+
+def arena_resident_bytes(cache) -> int:
+    return int(arena_pages(cache).sum()) * PAGE
+
+
+def assert_paged_tables_consistent(cache, seq_ids) -> int:
+    """The paged cache's block tables (of `seq_ids`, every live sequence) against its pool and its budget
+    ledger: no block held twice or lost, and the ledger holds exactly the blocks the tables name. Returns
+    the bytes of the blocks held."""
+    assert cache.stats().num_seqs == len(seq_ids)
+    held = [b for sid in seq_ids for b in cache.block_table(sid)]
+    assert len(set(held)) == len(held) and all(0 <= b < cache.num_blocks for b in held)
+    assert len(held) + cache.num_free_blocks == cache.num_blocks
+    assert len(held) * cache.block_bytes == cache.budget.by_owner().get(cache.owner, 0)
+    return len(held) * cache.block_bytes
