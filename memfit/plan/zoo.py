@@ -20,6 +20,17 @@ class BertEncoderConfig:
 BUILTINS = {"bert_base_encoder": BertEncoderConfig(), "bert_tiny_encoder": BertEncoderConfig(2, 128, 2, 512, 128)}
 
 
+def _cell_builtins() -> dict:
+    from memfit.plan.cells import DartsConfig, RandWireConfig
+
+    return {"randwire_ws": ("randwire", RandWireConfig()),  # 2 stages x 16 nodes, WS(4, 0.75), CIFAR size
+            "randwire_ws_seed1": ("randwire", RandWireConfig(seed=1)),
+            "darts_v2_cifar": ("darts", DartsConfig())}  # 8 cells, C=16 (the DARTS search network's size)
+
+
+CELL_BUILTINS = _cell_builtins()
+
+
 def _bert_module(cfg: BertEncoderConfig):
     import torch
     from torch import nn
@@ -71,6 +82,13 @@ def build_model(name: str, batch: int = 1, input_shape: tuple[int, ...] | None =
     """Return (module on meta, example input on meta). input_shape excludes the batch dimension."""
     import torch
 
+    if name in CELL_BUILTINS:
+        from memfit.plan import cells
+
+        kind, ccfg = CELL_BUILTINS[name]
+        with torch.device("meta"):
+            model = getattr(cells, kind)(ccfg).eval()
+        return model, torch.empty(batch, *(input_shape or ccfg.input_shape), device="meta")
     if name in BUILTINS:
         cfg = BUILTINS[name]
         with torch.device("meta"):
@@ -102,10 +120,10 @@ def _find(name: str):
         cfg = timm.get_pretrained_cfg(name)
         shape = tuple(cfg.input_size) if cfg is not None and getattr(cfg, "input_size", None) else (3, 224, 224)
         return (lambda: timm.create_model(name, pretrained=False)), shape
-    known = sorted(tv | set(BUILTINS) | (set(timm.list_models()) if timm is not None else set()))
+    known = sorted(tv | set(BUILTINS) | set(CELL_BUILTINS) | (set(timm.list_models()) if timm is not None else set()))
     close = difflib.get_close_matches(name, known, n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
         f"unknown model {name!r}: not a torchvision, timm or memfit built-in ({', '.join(BUILTINS)}) name, "
-        f"nor an existing .onnx file.{hint}"
+        f"nor an existing .onnx file ({', '.join(CELL_BUILTINS)} are built here).{hint}"
     )
