@@ -61,7 +61,8 @@ def bench_attention(contexts: list[int], batch: int, reps: int, device: torch.de
             budget = MemoryBudget(batch * (ctx + 64) * layout.bytes_per_token + 64 * MiB)
             cache = caches[name] = create_kv_cache(kind, layout, budget, **opts)
             for sid in range(batch):  # prefill every sequence to ctx tokens (+1 for the decode token)
-                cache.allocate(sid, ctx + 1)
+                if not cache.try_allocate(sid, ctx + 1):
+                    raise RuntimeError(f"the {name} cache's budget does not hold {batch} x {ctx + 1} tokens")
                 plan = cache.plan_step([SeqStep(sid, 0, ctx)])
                 cache.write(0, plan, data[sid][0][:ctx], data[sid][1][:ctx])
             order = list(range(batch)) if name != "virtual_unordered" else list(range(batch))[::-1]
@@ -136,21 +137,19 @@ def simulate(kind: str, budget_bytes: int, max_len: int, steps: int, seed: int, 
             next_req += 1
         batch: list[SeqStep] = []
         # decode: every active sequence appends one token; preempt (recompute later) if it can't grow
-        for rid in sorted(active, key=lambda r: getattr(cache, "slot_of", lambda x: x)(r)):
+        for rid in sorted(active, key=lambda r: cache.slot_of(r) if cache.fixed_stride else r):
             p, o, g = active[rid]
             n = p + g
-            if not cache.can_grow(rid, n + 1):
+            if not cache.try_grow(rid, n + 1):
                 cache.free(rid)
                 waiting.insert(0, (rid, p, o))
                 del active[rid]
                 preempted += 1
                 continue
-            cache.grow(rid, n + 1)
             batch.append(SeqStep(rid, n, 1))
         # admit waiting requests first-come first-served while they fit (prefill the whole prompt)
-        while waiting and len(active) < 128 and cache.can_allocate(waiting[0][1] + 1):
+        while waiting and len(active) < 128 and cache.try_allocate(waiting[0][0], waiting[0][1] + 1):
             rid, p, o = waiting.pop(0)
-            cache.allocate(rid, p + 1)
             active[rid] = [p, o, 0]
             batch.append(SeqStep(rid, 0, p))
         if batch:
@@ -225,8 +224,7 @@ def concurrency(budget_bytes: int, max_len: int, seed: int) -> dict:
         opts = {"max_seqs": 4096} if kind == "virtual" else {"max_seqs": 4096, "block_size": 16}
         cache = create_kv_cache(kind, layout, MemoryBudget(budget_bytes), **opts)
         n = 0
-        while n < len(lengths) and cache.can_allocate(lengths[n]):
-            cache.allocate(n, lengths[n])  # each sequence at its final length
+        while n < len(lengths) and cache.try_allocate(n, lengths[n]):  # each sequence at its final length
             n += 1
         cache.sync()
         st = cache.stats()
