@@ -60,7 +60,9 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
     floor = lb.bytes if lb is not None else 0
     if lb is not None and base.traffic["non_compulsory_bytes"] <= floor:  # the seed meets the bound already
         res = SegmentResult(base.order, base.placements, "optimal", floor, floor, 0.0, {})
+        seed_meets = True
     else:
+        seed_meets = False
         res = solve_segment(g, scratchpad_bytes, seg, cfg, hint=(base.order, base.placements), floor_bytes=floor)
     details = {"free_order": free, "seed_planner": base.planner, "seed_non_compulsory_bytes":
                base.traffic["non_compulsory_bytes"], "model_objective_bytes": res.objective_bytes,
@@ -80,7 +82,9 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
     if not free and plan.solver.status == "optimal" and plan.solver.gap:
         plan.solver.status = "optimal-fixed-order"  # optimal for this order; another order may do better
     plan.solver.time_s = time.perf_counter() - t0
-    return plan
+    seed_returned = seed_meets or plan.order is base.order  # met the bound already, or CP-SAT did not improve it
+    details["seed_meets_bound"] = seed_meets
+    return _label_seed(plan, base, seed_returned)
 
 
 def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
@@ -106,6 +110,15 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
         stats["used_seed_instead"] = True
     plan = _with_bound(plan, lb, None)
     plan.solver.time_s = time.perf_counter() - t0
+    return _label_seed(plan, base, stats.get("seed_meets_bound") or stats.get("used_seed_instead"))
+
+
+def _label_seed(plan: Plan, base: Plan, returned_seed: bool) -> Plan:
+    """Say which planner produced the plan: a returned seed carries the seed baseline's name."""
+    plan.solver.details["requested_planner"] = plan.planner
+    if returned_seed:
+        plan.planner = base.planner
+    plan.solver.details["produced_by"] = plan.planner
     return plan
 
 

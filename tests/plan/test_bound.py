@@ -81,6 +81,11 @@ def test_heuristic_returns_seed_when_it_meets_the_bound():
     assert plan.traffic == validate(plan)
     if best.traffic["non_compulsory_bytes"] == 1:
         assert plan.solver.details.get("seed_meets_bound")
+        # a returned seed is labelled as the seed it is
+        assert plan.planner == best.planner == plan.solver.details["produced_by"]
+        assert plan.solver.details["requested_planner"] == "heuristic"
+    else:
+        assert plan.planner == "heuristic"
     assert plan.traffic["non_compulsory_bytes"] == 1 and plan.solver.status == "optimal" and plan.solver.gap == 0
 
 
