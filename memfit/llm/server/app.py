@@ -23,6 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from memfit.llm.server.async_engine import AsyncEngine
 from memfit.llm.server.errors import APIError, install_error_handlers
 from memfit.llm.server.metrics import CONTENT_TYPE
+from memfit.llm.server.openapi import (METRICS_RESPONSES, ChatCompletion, Completion, Health, ModelCard, ModelList,
+                                       install_openapi, responses)
 from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest
 from memfit.llm.server.serving import OpenAIServing
 
@@ -106,35 +108,48 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    auth = (401,) if settings.api_key is not None else ()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
-    @v1.get("/models")
+    @v1.get("/models", response_model=None, responses=responses(ModelList, *auth, 500))
     async def list_models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [serving.model_card()]})
 
-    @v1.get("/models/{model_id:path}")
+    @v1.get("/models/{model_id:path}", response_model=None, responses=responses(ModelCard, *auth, 404, 500))
     async def get_model(model_id: str) -> JSONResponse:
         serving.check_model(model_id)
         return JSONResponse(serving.model_card())
 
-    @v1.post("/completions")
+    generation = (400, *auth, 404, 413, 429, 500, 503)
+
+    @v1.post("/completions", response_model=None, responses=responses(Completion, *generation, stream=True))
     async def completions(body: CompletionRequest, request: Request):
         return await serving.completions(body, request, time.monotonic())
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", response_model=None, responses=responses(ChatCompletion, *generation, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request, time.monotonic())
 
     app.include_router(v1)
 
-    @app.get("/health")
+    health_responses = {200: {"model": Health, "description": "The model is loaded: `{\"status\": \"ok\"}`"},
+                        503: {"model": Health, "description": "Loading, failed to load (the message says why), "
+                                                              "or shutting down."},
+                        **responses(None, 500)}
+
+    @app.get("/health", response_model=None, responses=health_responses)
     async def health() -> JSONResponse:
         if engine.ready:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": engine.state, "message": engine.not_ready_message()}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:
         return Response(metrics.render(engine.stats, engine.state), media_type=CONTENT_TYPE)
 
+    def model_limits() -> tuple[int, int] | None:
+        info = engine.model_info
+        return (info.max_model_len, info.vocab_size) if info is not None and engine.ready else None
+
+    install_openapi(app, api_key_set=settings.api_key is not None, model_limits=model_limits)
     return app

@@ -25,9 +25,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from memfit.llm.engine.params import SamplingParams
+from memfit.llm.engine.protocol import EngineClient, ModelInfo
 from memfit.llm.server.metrics import ServerMetrics
 
 log = logging.getLogger("memfit.server")
+# The calls the server makes (memfit.llm.engine.protocol.EngineClient); named in the error for a wrong engine.
+_ENGINE_CLIENT_CALLS = ("model_info", "validate", "max_new_tokens", "add_request", "step", "has_unfinished_requests",
+                        "abort", "stats", "close")
 
 
 class EngineNotReady(RuntimeError):
@@ -43,7 +48,7 @@ class RequestSpec:
     """One engine request: a prompt (token ids) and its sampling parameters."""
 
     prompt_token_ids: list[int]
-    params: Any  # SamplingParams
+    params: SamplingParams
     session_id: str | None = None
     auto_max_tokens: bool = False  # max_tokens was not given: use what the context and KV budget leave
 
@@ -74,13 +79,13 @@ class AsyncEngine:
     """Owns the engine thread. `engine_factory()` runs *on* that thread and returns an engine that implements
     `memfit.llm.engine.protocol.EngineClient` (an `LLMEngine`); only those calls are made on it."""
 
-    def __init__(self, engine_factory: Callable[[], Any], metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine_factory: Callable[[], EngineClient], metrics: ServerMetrics | None = None) -> None:
         self._factory = engine_factory
         self.metrics = metrics or ServerMetrics()
         self.state = "created"  # created -> loading -> ready | failed; -> stopping -> stopped
         self.load_error: BaseException | None = None
         self.stats: dict[str, Any] = {}
-        self.engine: Any = None  # an EngineClient; call it only from the engine thread (model_info excepted)
+        self.engine: EngineClient | None = None  # call it only from the engine thread (model_info excepted)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._loaded = threading.Event()
@@ -119,7 +124,7 @@ class AsyncEngine:
         return self.state == "ready"
 
     @property
-    def model_info(self):
+    def model_info(self) -> ModelInfo | None:
         """The loaded model's `ModelInfo` (immutable: safe from any thread); None until the model is loaded."""
         return self.engine.model_info if self.engine is not None and self.state != "loading" else None
 
@@ -155,7 +160,12 @@ class AsyncEngine:
     # ---- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.engine = self._factory()
+            engine = self._factory()
+            if not isinstance(engine, EngineClient):  # checks the names only; the calls are typed
+                missing = sorted(n for n in _ENGINE_CLIENT_CALLS if not hasattr(engine, n))
+                raise TypeError(f"the engine factory returned a {type(engine).__name__}, which is not an "
+                                f"EngineClient (missing: {', '.join(missing)}); see memfit/llm/engine/protocol.py")
+            self.engine = engine
         except BaseException as exc:  # noqa: BLE001 - reported through /health and the CLI
             log.error("loading the model failed: %s", exc)
             self.load_error = exc

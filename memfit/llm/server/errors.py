@@ -33,20 +33,21 @@ class APIError(Exception):
     """An error the server answers with `status` and an OpenAI error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = dict(headers or {})  # e.g. `Allow` on a 405 (RFC 9110 requires it)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer", **self.headers} if self.status == 401 else self.headers
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -123,13 +124,18 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
         return answer(validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         if status == 404:
             message = "unknown URL; this server offers /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics"
+        elif status == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
         else:
             message = str(exc.detail)
-        return answer(APIError(status, message, code="request_too_large" if status == 413 else None))
+        # Starlette's own headers stay: the 405 it raises carries `Allow`, listing the route's methods.
+        return answer(APIError(status, message, code="request_too_large" if status == 413 else None,
+                               headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,13 +5,19 @@ do we (pydantic's strict mode still lets an integer stand for a float). Unknown 
 ignored, as OpenAI does, so clients that send newer fields keep working. Ranges follow OpenAI's
 documentation; checks that need the model (context length, vocabulary) happen later, in `serving.py`.
 
+The JSON schema (served at /openapi.json) must accept exactly what the server accepts. Features the server
+refuses in `serving.py` with a message of its own (logit_bias, penalties, suffix, tools, ...) are declared
+with only their neutral values (`_only`), and rules between fields (best_of = 1 needs n = 1, echo without logprobs,
+top_logprobs needs logprobs) as JSON-schema conditions (`_rules`). Limits of the loaded model (vocabulary,
+context) are added to the schema by openapi.py once the model is loaded.
+
 Responses are built as plain dicts in `serving.py` (their shape is fixed and hot in streaming).
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
@@ -20,8 +26,39 @@ MAX_N = 128  # OpenAI's limit on choices per request
 
 _CONFIG = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-Stop = Union[str, Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)], None]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON does not tell 2 from 2.0 and neither does JSON schema's "integer": accept a float with no
+    fractional part where an integer is due (strict mode refuses strings and bools all the same)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+_WHOLE = BeforeValidator(_whole)  # last in Annotated[...], so that the bounds stay JSON-schema bounds
+StopText = Annotated[str, Field(min_length=1)]  # an empty stop string would end every completion at once
+Stop = Union[StopText, Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)], None]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0), _WHOLE]], Field(min_length=1)]
+# An empty prompt string encodes to no tokens, which the engine cannot start from: refused here, so the
+# schema says so too (OpenAI's current API also requires a prompt).
+PromptText = Annotated[str, Field(min_length=1)]
+
+
+def _only(json_schema: dict[str, Any], why: str) -> WithJsonSchema:
+    """Declare only the values the server accepts for a field it validates itself with a better message."""
+    return WithJsonSchema({**json_schema, "description": why})
+
+
+def _rules(*conditions: dict[str, Any]) -> ConfigDict:
+    """The model config plus JSON-schema conditions between fields (checked at run time in serving.py)."""
+    return ConfigDict(**_CONFIG, json_schema_extra={"allOf": list(conditions)})
+
+
+def _when(field: str, value: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """JSON schema: if `field` is present and matches `value`, the body must match `then`."""
+    return {"if": {"properties": {field: value}, "required": [field]}, "then": then}
+
+
+_ZERO = _only({"type": "number", "minimum": 0, "maximum": 0}, "not supported by this server: only 0 is accepted")
 
 
 class StreamOptions(BaseModel):
@@ -35,32 +72,43 @@ class _Sampling(BaseModel):
     model_config = _CONFIG
 
     model: str | None = Field(None, description="the served model's id (see GET /v1/models); optional")
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N), _WHOLE] | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX), _WHOLE] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0), _ZERO] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0), _ZERO] | None = None
+    logit_bias: Annotated[dict[str, float], _only({"type": "object", "maxProperties": 0},
+                                                  "not supported by this server: only {} is accepted")] | None = None
     user: str | None = None
     # vLLM-style extensions many clients send through `extra_body`.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1), _WHOLE] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0), _WHOLE]] | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, TokenIds, Annotated[list[str], Field(min_length=1)], Annotated[list[TokenIds], Field(min_length=1)]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    model_config = _rules(
+        # best_of = 1 means n = 1 (OpenAI: best_of >= n); best_of > 1 is not implemented (as in vLLM V1).
+        _when("best_of", {"const": 1}, {"properties": {"n": {"enum": [1, None]}}}),
+        # echo together with logprobs would need prompt logprobs, which are not computed.
+        {"not": {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
+                 "required": ["echo", "logprobs"]}},
+    )
+    prompt: Union[PromptText, TokenIds, Annotated[list[PromptText], Field(min_length=1)],
+                  Annotated[list[TokenIds], Field(min_length=1)]]
+    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE] | None = None
     echo: bool | None = False
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
-    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N), _WHOLE, _only(
+        {"type": "integer", "const": 1}, "best-of-n sampling is not supported by this server: only 1 (with n = 1)")] | None = None
+    suffix: Annotated[str, _only({"type": "string", "maxLength": 0},
+                                 "not supported by this server: only '' is accepted")] | None = None
 
 
 class TextPart(BaseModel):
@@ -70,27 +118,38 @@ class TextPart(BaseModel):
 
 
 class OtherPart(BaseModel):
-    """image_url, input_audio, file, ...: accepted by the schema, refused with a clear message."""
+    """image_url, input_audio, file, ...: parsed so that serving.py can refuse them with a clear message (the
+    JSON schema lists text parts only, as that is all the server accepts)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
 
 
+_TEXT_PARTS = _only({"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                                "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+                   "content parts; this model reads text only: [{'type': 'text', 'text': ...}, ...]")
+
+
 class ChatMessage(BaseModel):
     model_config = _CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Union[str, list[Union[TextPart, OtherPart]], None] = None
+    content: Union[str, Annotated[list[Union[TextPart, OtherPart]], _TEXT_PARTS], None] = None
     name: str | None = None
     tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = _rules(_when("top_logprobs", {"type": "integer"},
+                                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}))
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
     logprobs: bool | None = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE] | None = None
+    response_format: Annotated[dict[str, Any], _only(
+        {"type": "object", "properties": {"type": {"const": "text"}}},
+        "only {'type': 'text'} is supported")] | None = None
+    tools: Annotated[list[dict[str, Any]], _only({"type": "array", "maxItems": 0},
+                                                 "tool calling is not supported by this server")] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     # memfit extension: keep this conversation's KV cached between turns (same as the X-Session-Id header).
     session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None

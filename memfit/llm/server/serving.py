@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
-from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
+from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 MAX_SUBREQUESTS = 256  # prompts x n in one HTTP request
@@ -139,8 +139,11 @@ class OpenAIServing:
         if req.suffix:
             raise bad_request("suffix is not supported by this server", param="suffix")
         n = req.n or 1
-        if req.best_of is not None and req.best_of != n:
-            raise bad_request("best_of other than n is not supported by this server", param="best_of")
+        if req.best_of is not None and (req.best_of != 1 or n != 1):
+            # best_of = n > 1 used to be accepted as a no-op; refused since the schema must state what is
+            # accepted, and JSON schema cannot say "equals n".
+            raise bad_request("best-of-n sampling is not supported by this server: leave best_of out (or send 1 "
+                              "with n = 1)", param="best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", param="echo")
         tok = self.tokenizer
@@ -193,7 +196,9 @@ class OpenAIServing:
                     if part.type != "text":
                         raise bad_request(f"content part type {part.type!r} is not supported: this model reads text only",
                                           param=f"messages[{i}].content[{j}].type")
-                    parts.append(part.text)  # type: ignore[union-attr]
+                    if not isinstance(part, TextPart):  # {"type": "text"} without a text string
+                        raise bad_request("a text content part needs a 'text' string", param=f"messages[{i}].content[{j}].text")
+                    parts.append(part.text)
                 content = "".join(parts)
             else:
                 content = m.content or ""

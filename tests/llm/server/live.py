@@ -96,9 +96,12 @@ def parse_sse(raw: str) -> list[Any]:
     return events
 
 
-def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, **engine_options: Any) -> Callable[[], Any]:
+def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, peaks: dict[str, float] | None = None,
+                        **engine_options: Any) -> Callable[[], Any]:
     """An engine whose every step takes at least `delay` seconds longer, so a test can act while a request
-    is certainly still running (disconnects, 429) however fast the machine is."""
+    is certainly still running (disconnects, 429) however fast the machine is. With `peaks`, the engine
+    thread records there the largest value of each `stats()` entry seen around every step (through the
+    EngineClient call, not the engine's insides)."""
 
     def load():
         import torch
@@ -108,7 +111,16 @@ def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, **engine_opt
         class SlowEngine(LLMEngine):
             def step(self):
                 time.sleep(delay)
-                return super().step()
+                self._record()
+                try:
+                    return super().step()
+                finally:
+                    self._record()
+
+            def _record(self) -> None:
+                if peaks is not None:
+                    for key, value in self.stats().items():
+                        peaks[key] = max(peaks.get(key, value), value)
 
         torch.set_num_threads(1)
         opts = {"kv_budget": "64MiB", "dtype": "float32", **engine_options}

@@ -19,8 +19,11 @@ PROMPTS = ["Hello world", "The quick brown fox", "memfit runs models", "A paged 
 @pytest.fixture(scope="module")
 def tight(model_dir):
     # 96 KiB of KV: room for about two of these sequences at a time (4 KiB pages, 4 segments per sequence),
-    # so most of the 32 clients must wait for memory.
-    with LiveServer(model_dir, ServerSettings(model_name="tiny"), kv_budget="96KiB", max_waiting=64) as live:
+    # so most of the 32 clients must wait for memory. `live.peaks`: the largest engine stats seen.
+    peaks: dict[str, float] = {}
+    factory = slow_engine_factory(model_dir, delay=0.0, peaks=peaks, kv_budget="96KiB", max_waiting=64)
+    with LiveServer(model_dir, ServerSettings(model_name="tiny"), factory=factory) as live:
+        live.peaks = peaks
         yield live
 
 
@@ -74,9 +77,12 @@ def test_32_concurrent_streams_are_complete_and_match_sequential_results(tight):
                 "max_tokens": 8 + i % 5, "temperature": 0, "ignore_eos": True}
         alone = httpx.post(tight.url + "/v1/chat/completions", json=body, timeout=60).json()
         assert alone["choices"][0]["message"]["content"] == texts[i]
-    budget = tight.engine.engine.kv_budget  # read-only ints; the engine is idle now
+    limit = tight.engine.model_info.kv_budget_bytes
+    assert limit == 96 * 1024
     # The budget was the constraint (the cache filled up), yet it was never exceeded: requests waited.
-    assert budget.limit_bytes // 2 < budget.peak_bytes <= budget.limit_bytes
+    peaks = dict(tight.peaks)  # recorded on the engine thread through EngineClient.stats()
+    assert limit // 2 < peaks["kv_committed_bytes"] <= limit
+    assert peaks["num_waiting"] > 0 and peaks["num_running"] < 32
     m = tight.metrics()
     assert m["memfit_requests_running"] == 0 and m["memfit_requests_waiting"] == 0
     assert m["memfit_kv_used_bytes"] == 0
