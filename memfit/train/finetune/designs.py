@@ -76,6 +76,10 @@ class HostMemoryDesign:
     def has_overflow(self, grads: torch.Tensor) -> bool:
         raise NotImplementedError
 
+    def overflow_temp_bytes(self, n: int) -> int:
+        """Peak temporary bytes of `has_overflow` over n fp32 gradients (measured by the tests)."""
+        raise NotImplementedError
+
 
 class ZeroInfinity(HostMemoryDesign):
     """DeepSpeed ZeRO-Infinity's host-memory policies with its default configuration."""
@@ -124,6 +128,9 @@ class ZeroInfinity(HostMemoryDesign):
         # isnan(flat).any() over the whole flat gradient buffer: each materialises an N-byte bool tensor.
         return bool(torch.isinf(grads).any()) or bool(torch.isnan(grads).any())
 
+    def overflow_temp_bytes(self, n: int) -> int:
+        return 5 * n + 64  # torch's isinf on CPU: an fp32 abs() copy (4n), the bool result (n), scalars
+
 
 class MemAscend(HostMemoryDesign):
     """MemAscend's policies (Liaw and Chen, arXiv 2505.23254): adaptive size-class pools, exact aligned
@@ -161,6 +168,9 @@ class MemAscend(HostMemoryDesign):
             if not bool(torch.isfinite(flat[start : start + OVERFLOW_CHUNK]).all()):
                 return True
         return False
+
+    def overflow_temp_bytes(self, n: int) -> int:
+        return 8 * min(n, OVERFLOW_CHUNK) + 64  # isfinite on one chunk: an fp32 abs() copy, bool masks, scalars
 
 
 def _classes(groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:

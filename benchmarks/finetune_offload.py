@@ -1,0 +1,161 @@
+"""Offloaded full fine-tuning: ZeRO-Infinity's host-memory design against MemAscend's, side by side.
+
+    python -m benchmarks.finetune_offload --shape 0.1b --offload ssd --steps 4 --seq-len 512 --threads 2 \
+        --out benchmarks/results/finetune_offload_0.1b.json
+
+Each design runs in a fresh process (peak RSS is per process), on random-initialised Llama shapes with
+memfit-tiny's tokenizer, the same data (../shared/data/dummy_conversation.json), seed and steps, so the two
+runs differ only in `--host-memory`. The first step is a warm-up (page faults of the pools, file creation);
+step time is the median of the rest. Reported per design: peak RSS and its breakdown by pool, step time,
+SSD bytes and throughput; and the ratios memascend / zero-infinity.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import emit, header, pin_threads, preset_threads
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dummy_conversation.json"
+# Llama-family shapes: (vocab, hidden, intermediate, layers, heads, kv heads, tied). 0.1b: a GPT-2-small-sized
+# Llama (134M parameters); 0.5b: Qwen2.5-0.5B's shape (494M).
+SHAPES = {
+    "0.1b": (32000, 768, 2048, 12, 12, 12, False),
+    "0.5b": (151936, 896, 4864, 24, 14, 2, True),
+}
+DESIGNS = ("zero-infinity", "memascend")
+
+
+def model_config(shape: str):
+    from memfit.llm.models import ModelConfig
+
+    vocab, hidden, inter, layers, heads, kv, tied = SHAPES[shape]
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                       max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One design, one process: print the trainer's result JSON."""
+    pin_threads(args.threads)
+    from memfit.train.finetune.trainer import FinetuneConfig, run
+
+    cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, ssd_dir=args.ssd_dir,
+                         host_memory=args.design, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=1e-5, dtype=args.dtype, seed=args.seed, model_config=model_config(args.shape),
+                         grad_checkpointing="device")
+    print(json.dumps(run(cfg).to_json()))
+
+
+def summarise(r: dict) -> dict:
+    timed = r["step_seconds"][1:] or r["step_seconds"]
+    timed = sorted(timed)
+    median = timed[len(timed) // 2] if len(timed) % 2 else sum(timed[len(timed) // 2 - 1 : len(timed) // 2 + 1]) / 2
+    ssd = r["ssd"]
+    steps = len(r["step_seconds"])
+    out = {
+        "peak_rss_bytes": r["peak_rss_bytes"],
+        "peak_above_baseline_bytes": r["peak_rss_bytes"] - r["host_memory"]["baseline_rss_bytes"],
+        "pools": r["host_memory"]["pools"],
+        "baseline_rss_bytes": r["host_memory"]["baseline_rss_bytes"],
+        "other_bytes": r["host_memory"]["other_bytes"],
+        "median_step_seconds": median,
+        "step_seconds": r["step_seconds"],
+        "losses": r["losses"],
+    }
+    if ssd:
+        busy = ssd["read_seconds"] + ssd["write_seconds"]
+        out["ssd"] = dict(ssd, bytes_per_step=(ssd["bytes_read"] + ssd["bytes_written"]) / steps,
+                          effective_gb_per_s=(ssd["bytes_read"] + ssd["bytes_written"]) / sum(r["step_seconds"]) / 1e9,
+                          per_request_gb_per_s=(ssd["bytes_read"] + ssd["bytes_written"]) / busy / 1e9 if busy else None)
+    return out
+
+
+def draw(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["designs"]
+    names = list(runs)
+    pools = sorted({p for r in runs.values() for p in r["pools"]})
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bottom = [r["baseline_rss_bytes"] / 2**30 for r in runs.values()]
+    ax.bar(names, bottom, label="process baseline (torch, code)", color="0.8")
+    for pool in pools + ["other"]:
+        vals = [(r["other_bytes"] if pool == "other" else r["pools"].get(pool, 0)) / 2**30 for r in runs.values()]
+        ax.bar(names, vals, bottom=bottom, label=pool)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, r in enumerate(runs.values()):
+        ax.text(i, r["peak_rss_bytes"] / 2**30, f"peak {r['peak_rss_bytes'] / 2**30:.2f} GiB", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_ylabel("GiB")
+    ax.set_title(f"peak host memory, {result['shape']} Llama, offload {result['offload']}, seq {result['seq_len']}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="0.1b", choices=sorted(SHAPES))
+    p.add_argument("--offload", default="ssd", choices=("host", "ssd"))
+    p.add_argument("--ssd-dir", default=None, help="swap directory (default: a temporary one under ~/.cache/memfit)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--design", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    runs = {}
+    for design in args.designs.split(","):
+        with tempfile.TemporaryDirectory(dir=args.ssd_dir or _cache_dir()) as swap:
+            cmd = [sys.executable, "-m", "benchmarks.finetune_offload", "--worker", "--design", design,
+                   "--shape", args.shape, "--offload", args.offload, "--ssd-dir", swap, "--steps", str(args.steps),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
+                   "--data", args.data, "--seed", str(args.seed), "--threads", str(args.threads)]
+            print(f"running {design} ...", file=sys.stderr, flush=True)
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            runs[design] = summarise(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {
+        "benchmark": "finetune_offload", "shape": args.shape, "offload": args.offload, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "steps": args.steps, "dtype": args.dtype, "designs": runs,
+        **header(args.threads, args.seed, shared_machine=True),
+    }
+    if {"zero-infinity", "memascend"} <= set(runs):
+        zi, ma = runs["zero-infinity"], runs["memascend"]
+        result["memascend_vs_zero_infinity"] = {
+            "peak_rss_ratio": ma["peak_rss_bytes"] / zi["peak_rss_bytes"],
+            "peak_rss_reduction": 1 - ma["peak_rss_bytes"] / zi["peak_rss_bytes"],
+            "peak_above_baseline_reduction": 1 - ma["peak_above_baseline_bytes"] / zi["peak_above_baseline_bytes"],
+            "step_time_ratio": ma["median_step_seconds"] / zi["median_step_seconds"],
+            "losses_equal": ma["losses"] == zi["losses"],
+        }
+    emit(result, args.out, draw)
+
+
+def _cache_dir() -> str:
+    path = Path(os.environ.get("MEMFIT_CACHE_DIR", Path.home() / ".cache" / "memfit")) / "finetune-swap"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+if __name__ == "__main__":
+    preset_threads()
+    main()
