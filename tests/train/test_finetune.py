@@ -225,3 +225,17 @@ def test_cli_refuses_ssd_without_dir(tiny, capsys):
 
     rc = main(["train", "finetune", "--model", str(tiny), "--data", str(DATA), "--offload", "ssd", "--no-progress"])
     assert rc == 2 and "--ssd-dir" in capsys.readouterr().err
+
+
+def test_random_initialisation_for_benchmarks(tiny, tmp_path):
+    """model_config set: weights drawn as Llama initialises them (std 0.02, norms one), deterministic by seed."""
+    from memfit.llm.models.loader import load_model
+
+    shapes = ModelConfig.from_dir(tiny)
+    a = run(cfg(tiny, tmp_path, steps=1, lr=1e-6, model_config=shapes, save=str(tmp_path / "a")))
+    b = run(cfg(tiny, tmp_path, steps=1, lr=1e-6, model_config=shapes, offload="ssd"))
+    assert a.losses == b.losses
+    model, _ = load_model(tmp_path / "a" / "step-00000001", dtype="float32")
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert abs(q.std().item() - 0.02) < 0.002 and abs(q.mean().item()) < 0.002
+    assert torch.allclose(model.model.norm.weight, torch.ones_like(model.model.norm.weight), atol=1e-5)

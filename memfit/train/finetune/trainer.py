@@ -111,7 +111,8 @@ class FinetuneResult:
 
 
 def _load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
-    """Fill the store from the model's safetensors, one group at a time (never the whole model in fp32)."""
+    """Fill the store from the model's safetensors, one group at a time: the transient peak is one group in
+    fp32 (plus one tensor in the file's dtype), never the whole model."""
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt") for f in weight_files(path)]
@@ -120,24 +121,25 @@ def _load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
         missing = [p for p, _ in g.params if p not in where]
         if missing:
             raise FinetuneError(f"{path} lacks weight(s) {', '.join(missing[:4])}")
-        store.write_group(gi, torch.cat([where[p].get_tensor(p).reshape(-1).float() for p, _ in g.params]))
+        flat = torch.empty(g.numel, dtype=torch.float32)
+        for name, view in g.views(flat).items():
+            view.copy_(where[name].get_tensor(name))
+        store.write_group(gi, flat)
 
 
 def _random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
+    """Llama's initialisation (normal, std 0.02; norms one; biases zero), filled in place group by group."""
     gen = torch.Generator().manual_seed(seed)
     for gi, g in enumerate(groups):
-        parts = []
-        for name, shape in g.params:
-            n = 1
-            for d in shape:
-                n *= d
+        flat = torch.empty(g.numel, dtype=torch.float32)
+        for name, view in g.views(flat).items():
             if name.endswith("norm.weight"):
-                parts.append(torch.ones(n))
+                view.fill_(1.0)
             elif name.endswith(".bias"):
-                parts.append(torch.zeros(n))
+                view.zero_()
             else:
-                parts.append(torch.randn(n, generator=gen) * 0.02)
-        store.write_group(gi, torch.cat(parts))
+                torch.randn(view.shape, generator=gen, out=view).mul_(0.02)
+        store.write_group(gi, flat)
 
 
 def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
