@@ -239,3 +239,12 @@ def test_random_initialisation_for_benchmarks(tiny, tmp_path):
     q = model.model.layers[0].self_attn.q_proj.weight
     assert abs(q.std().item() - 0.02) < 0.002 and abs(q.mean().item()) < 0.002
     assert torch.allclose(model.model.norm.weight, torch.ones_like(model.model.norm.weight), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tiers_agree_with_each_other_and_the_cpu(tiny, tmp_path):
+    cuda = {off: run(cfg(tiny, tmp_path / off, offload=off, device="cuda", dtype="float32")).losses
+            for off in ("none", "host", "ssd")}
+    assert cuda["none"] == cuda["host"] == cuda["ssd"]
+    cpu = run(cfg(tiny, tmp_path / "cpu", offload="host", dtype="float32")).losses
+    assert cuda["host"] == pytest.approx(cpu, rel=1e-4)

@@ -54,11 +54,16 @@ class Prefetcher:
         self._room.release()
 
     def close(self) -> None:
+        """Stop fetching and give back the slots of units fetched but never consumed (after an error)."""
         self._stop = True
         for _ in self._futures:
             self._room.release()
         for f in self._futures[self._next :]:
-            for _, slot in f.result():
+            try:
+                fetched = f.result()
+            except Exception:  # noqa: BLE001 (the error that stopped the step is the one to report)
+                continue
+            for _, slot in fetched:
                 self.store.release(slot)
         self._pool.shutdown(wait=True)
 
@@ -94,7 +99,8 @@ class StepExecutor:
                 offsets[gi] = _name_offsets(self.groups[gi])
             if leaf.grad is not None:
                 start, n = offsets[gi][name]
-                self.store.grads[gi][start : start + n].add_(leaf.grad.reshape(-1))
+                dst = self.store.grads[gi][start : start + n]
+                dst.add_(leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
 
     def step(self, batch: Batch, loss_scale: float) -> float:
         """Forward and backward of one batch; weight gradients (times loss_scale) land in store.grads.
