@@ -189,6 +189,41 @@ def test_eager_pages_and_background_prefault():
     cache.close()
 
 
+def test_attempts_stay_all_or_nothing_while_the_prefault_thread_commits():
+    """Growth attempts race the background prefaulter (eager pages queued, not yet committed) under a budget
+    too small for everyone: each attempt either gives the capacity or changes nothing, and the pages the
+    kernel holds stay what the cache says it committed, within the budget."""
+    cache, budget = make(limit=SEGS * 12 * PAGE, eager_pages=2, prefault=True, max_seqs=3)
+    lens = {1: 0, 2: 0, 3: 0}
+    for sid in lens:
+        assert cache.try_allocate(sid, 1)
+    granted = refused = 0
+    for i in range(300):
+        sid = 1 + i % 3
+        want = min(LAYOUT.max_seq_len, lens[sid] + 1 + (i * 7) % 9)
+        cap = cache.capacity(sid)
+        if cache.try_grow(sid, want):  # no sync(): the prefault thread may be committing right now
+            granted += 1
+            lens[sid] = want
+            assert cache.capacity(sid) >= want
+        else:
+            refused += 1
+            assert cache.capacity(sid) >= cap  # unchanged (a late prefault may only have added pages)
+        if lens[sid] >= 40:  # start over, so growth keeps hitting the budget
+            cache.free(sid)
+            lens[sid] = 0
+            assert cache.try_allocate(sid, 1) or not cache.has_seq(sid)
+            if not cache.has_seq(sid):
+                cache.sync()
+                cache.reclaim()
+                assert cache.try_allocate(sid, 1)
+    cache.sync()
+    assert granted and refused  # both outcomes happened
+    resident = arena_resident_bytes(cache)
+    assert resident == cache.stats().committed_bytes == budget.used_bytes <= budget.limit_bytes
+    cache.close()
+
+
 def test_eager_pages_are_skipped_when_the_budget_is_tight():
     cache, budget = make(limit=SEGS * 2 * PAGE, eager_pages=4)
     assert cache.try_allocate(1, 10)  # needs exactly the 2 pages of the budget; eager pages silently skipped
