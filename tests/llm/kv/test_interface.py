@@ -1,0 +1,88 @@
+"""The KV-manager interface as every registered manager implements it: capacity by attempt, the base
+class's per-sequence bookkeeping (plan validation, truncate, stats), and the declared layout capabilities."""
+import pytest
+import torch
+
+from memfit.llm.kv import KVCacheError, KVCacheManager, create_kv_cache, kv_kinds
+from memfit.llm.kv.base import SeqStep
+from memfit.memory.budget import MemoryBudget
+from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
+
+OPTS = {"virtual": {"max_seqs": 4, "prefault": False}, "paged": {"block_size": 4}}
+
+
+def make(kind: str, limit: int = 2**22) -> KVCacheManager:
+    return create_kv_cache(kind, LAYOUT, MemoryBudget(limit), **OPTS.get(kind, {}))
+
+
+@pytest.mark.parametrize("kind", kv_kinds())
+def test_attempts_take_capacity_or_change_nothing(kind):
+    cache = make(kind, limit=3 * 16 * LAYOUT.bytes_per_token)  # room for about 48 tokens, either kind
+    assert cache.try_allocate(1, 16) and cache.capacity(1) >= 16
+    assert cache.try_grow(1, 8) and cache.capacity(1) >= 16  # already held: nothing to do
+    before = (cache.stats(), cache.budget.used_bytes, cache.capacity(1))
+    assert not cache.try_grow(1, LAYOUT.max_seq_len)  # 64 tokens do not fit
+    assert not cache.try_allocate(2, LAYOUT.max_seq_len)
+    assert not cache.has_seq(2) and (cache.stats(), cache.budget.used_bytes, cache.capacity(1)) == before
+    with pytest.raises(KVCacheError, match="already allocated"):
+        cache.try_allocate(1, 1)
+    with pytest.raises(KVCacheError, match="max_seq_len"):
+        cache.try_grow(1, LAYOUT.max_seq_len + 1)
+    with pytest.raises(KVCacheError, match="unknown sequence"):
+        cache.try_grow(7, 1)
+    cache.free(1)
+    assert cache.try_allocate(2, 48)  # the whole budget, once 1's memory is given back (or reused)
+    assert cache.stats().committed_bytes == cache.budget.used_bytes
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", kv_kinds())
+def test_plans_are_validated_and_truncate_forgets_positions(kind):
+    cache = make(kind)
+    assert cache.try_allocate(1, 12) and cache.try_allocate(2, 5)
+    write(cache, [SeqStep(1, 0, 10), SeqStep(2, 0, 5)])
+    assert (cache.num_tokens(1), cache.num_tokens(2)) == (10, 5)
+    st = cache.stats()
+    assert (st.tokens_held, st.num_seqs, st.used_bytes) == (15, 2, 15 * LAYOUT.bytes_per_token)
+    with pytest.raises(KVCacheError, match="at least one"):
+        cache.plan_step([])
+    with pytest.raises(KVCacheError, match="twice"):
+        cache.plan_step([SeqStep(1, 10, 1), SeqStep(1, 11, 1)])
+    with pytest.raises(KVCacheError, match="only 5 tokens"):
+        cache.plan_step([SeqStep(2, 6, 1)])
+    with pytest.raises(KVCacheError, match="needs try_grow"):
+        cache.plan_step([SeqStep(2, 5, cache.capacity(2))])
+    assert cache.num_tokens(2) == 5  # a refused plan records nothing
+    cache.truncate(1, 4)  # a new turn shares 4 tokens: positions 4.. are rewritten
+    assert cache.num_tokens(1) == 4 and cache.capacity(1) >= 12
+    with pytest.raises(KVCacheError, match="only 4 tokens"):
+        cache.plan_step([SeqStep(1, 6, 1)])
+    plan = write(cache, [SeqStep(1, 4, 3)])
+    assert cache.num_tokens(1) == 7
+    k, _ = cache.context(1, plan, 0)
+    assert torch.equal(k, kv_for(1, 0, 7, 1)[0])
+    with pytest.raises(KVCacheError, match="cannot truncate"):
+        cache.truncate(1, -1)
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", kv_kinds())
+def test_layout_capabilities_are_declared(kind):
+    cache = make(kind)
+    assert cache.try_allocate(1, 3) and cache.try_allocate(2, 9)
+    plan = write(cache, [SeqStep(2, 0, 9), SeqStep(1, 0, 3)])
+    if not cache.fixed_stride:
+        assert cache.slot_of(1) is None and cache.strided(0) is None
+    else:  # the views and slots the CPU decode kernel reads in place
+        assert plan.slots == [cache.slot_of(2), cache.slot_of(1)]
+        for layer in range(LAYOUT.num_layers):
+            kc, vc = cache.strided(layer)  # (slots, max_len, Hkv, D)
+            for i, (sid, n) in enumerate(((2, 9), (1, 3))):
+                k, v = cache.context(layer, plan, i)
+                assert torch.equal(kc[cache.slot_of(sid), :n], k) and torch.equal(vc[cache.slot_of(sid), :n], v)
+    cache.close()
+
+
+def test_a_fixed_stride_manager_must_provide_its_views():
+    with pytest.raises(TypeError, match="fixed_stride"):
+        type("Broken", (KVCacheManager,), {"fixed_stride": True})
