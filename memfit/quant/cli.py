@@ -43,6 +43,40 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=guard(run_train_vit))
 
+    q = sub.add_parser(
+        "vit", help="mixed-precision PTQ of a ViT/DeiT/Swin checkpoint; top-1, bits per layer, packed weight bytes",
+        description="Allocate per-layer bits (lrp, sensitivity, hessian, uniform, random) under an average-bit "
+                    "budget, quantize with RepQ-style clipped channel-wise post-LayerNorm activations, pack the "
+                    "weights and evaluate on the 10k Fashion-MNIST test images.")
+    _add_quant_args(q)
+    q.add_argument("--plot", default=None, metavar="PNG", help="draw per-layer importance and bits")
+    q.set_defaults(func=guard(run_quant_vit))
+    e = sub.add_parser("export", help="quantize as `quant vit` does and write the packed low-bit safetensors file",
+                       description="Quantize a checkpoint and write every layer's weights packed at its bit width "
+                                   "(2, 3, 4, 6, 8) with their scales into one safetensors file.")
+    _add_quant_args(e)
+    e.add_argument("--out", required=True, help="packed model path (.safetensors)")
+    e.set_defaults(func=guard(run_export))
+
+
+def _add_quant_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--model", required=True, help="checkpoint (.safetensors from train-vit, or timm's with config.json)")
+    q.add_argument("--allocator", default="lrp", help="lrp | sensitivity | hessian | uniform | random")
+    q.add_argument("--avg-bits", type=float, default=4.0, help="parameter-weighted average weight bits")
+    q.add_argument("--act-bits", type=int, default=None, help="every activation at this width (2,3,4,6,8)")
+    q.add_argument("--avg-act-bits", type=float, default=None,
+                   help="allocate activation bits too, under this element-weighted average (when --act-bits is "
+                        "omitted; default 4)")
+    q.add_argument("--calib", type=int, default=256, help="calibration images drawn from the training set")
+    q.add_argument("--seed", type=int, default=0, help="calibration draw (and the random allocator)")
+    q.add_argument("--per-tensor-ln", action="store_true",
+                   help="quantize post-LayerNorm activations per tensor instead of clipped channel-wise")
+    q.add_argument("--attention-rule", default="cp", help="LRP softmax rule for the lrp allocator: cp | attnlrp")
+    q.add_argument("--max-test", type=int, default=None, help="evaluate on the first this many test images")
+    q.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+
 
 def _set_threads(threads: int | None) -> None:
     import torch
@@ -82,6 +116,50 @@ def run_train_vit(args: argparse.Namespace) -> int:
           f"({', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s per epoch); saved {out}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def _quant(args: argparse.Namespace):
+    from .pipeline import QuantRun, run_quant
+
+    _set_threads(args.threads)
+    avg_act = args.avg_act_bits if args.avg_act_bits is not None or args.act_bits is not None else 4.0
+    cfg = QuantRun(model=args.model, allocator=args.allocator, avg_bits=args.avg_bits, act_bits=args.act_bits,
+                   avg_act_bits=avg_act, calib=args.calib, seed=args.seed, channelwise=not args.per_tensor_ln,
+                   attention_rule=args.attention_rule, data_dir=args.data_dir, max_test=args.max_test)
+    return run_quant(cfg)
+
+
+def _report(args: argparse.Namespace, result: dict) -> None:
+    print(f"{result['allocator']}: top-1 {result['top1']:.4f} (fp32 {result['fp_top1']:.4f}) at "
+          f"W{result['avg_weight_bits']:.2f}/A{result['avg_act_bits']:.2f}; weights {result['weight_bytes']} B "
+          f"packed vs {result['fp_weight_bytes']} B fp32", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result))
+
+
+def run_quant_vit(args: argparse.Namespace) -> int:
+    result, _, _ = _quant(args)
+    if args.plot:
+        from .pipeline import plot_allocation
+
+        plot_allocation(result, args.plot)
+        result["plot"] = args.plot
+    _report(args, result)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out must end in .safetensors (got {args.out})")
+    result, packed, spec = _quant(args)
+    from .export import save_packed
+
+    keep = ("top1", "fp_top1", "avg_weight_bits", "avg_act_bits", "weight_bytes", "allocator", "budget")
+    save_packed(args.out, packed, spec, {k: result[k] for k in keep})
+    result["out"] = args.out
+    result["file_bytes"] = Path(args.out).stat().st_size
+    _report(args, result)
     return 0
 
 

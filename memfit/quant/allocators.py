@@ -1,0 +1,181 @@
+"""The five allocators, each turning a model and a calibration set into per-layer weight (and activation) bits.
+
+They share quantizers, calibration and the knapsack of allocate.py; only the cost of giving layer l b bits
+differs:
+- lrp:         contribution score (scores.py) x relative weight distortion ||Q_b(W) - W||^2 / ||W||^2
+- sensitivity: KL(fp || model with only layer l quantized to b bits) on the calibration set (Mix-QViT)
+- hessian:     Tr(H_l) / n_l x ||Q_b(W) - W||^2, the trace by Hutchinson's estimator (HAWQ-V2)
+- random:      a seeded U(0,1) importance x relative distortion (spends the budget, ignores the model)
+- uniform:     the widest single width that fits
+Activation bits (when not fixed) use the same importance with the relative distortion of the layer's input
+under the per-tensor quantizer (sensitivity: the measured KL of quantizing that input alone), weighted by the
+input's elements per image. The patch embedding and the heads stay at 8 bits and count toward both averages.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .allocate import average_bits, solve_knapsack, uniform_bits
+from .errors import QuantError
+from .lrp import quantizable_layers
+from .qmodel import _best_tensor_params, record
+from .quantizers import BIT_CHOICES, fake_quant_uniform, fake_quant_weight
+
+ALLOCATORS = ("lrp", "sensitivity", "hessian", "uniform", "random")
+FIXED_BITS = 8
+_FIXED_NAMES = ("patch_embed.proj", "head", "head_dist", "head.fc")
+
+
+@dataclass
+class Allocation:
+    allocator: str
+    weight_bits: dict[str, int]
+    act_bits: dict[str, int]
+    avg_weight_bits: float
+    avg_act_bits: float
+    importance: dict[str, float] = field(default_factory=dict)  # the allocator's per-layer signal
+    seconds: float = 0.0  # time to compute the costs and solve
+
+
+def _rel_distortion(w: torch.Tensor, bits: int) -> float:
+    return float((fake_quant_weight(w, bits) - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _kl(model: nn.Module, x: torch.Tensor, ref_logp: torch.Tensor) -> float:
+    logp = F.log_softmax(model(x), -1)
+    return float(F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean"))
+
+
+def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], iters: int = 16,
+                     seed: int = 0) -> dict[str, float]:
+    """Tr(H) of the cross-entropy loss w.r.t. each named layer's weight: E[v^T H v], v Rademacher."""
+    layers = quantizable_layers(model)
+    weights = [layers[n].weight for n in names]
+    fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
+    for m in fused:
+        m.fused_attn = False  # double backward through the explicit attention path
+    gen = torch.Generator().manual_seed(seed)
+    traces = torch.zeros(len(names), dtype=torch.float64)
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for _ in range(iters):
+                vs = [(torch.randint(0, 2, w.shape, generator=gen) * 2 - 1).to(w.dtype) for w in weights]
+                hv = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+                traces += torch.tensor([float((h * v).sum()) for h, v in zip(hv, vs)], dtype=torch.float64)
+    finally:
+        for m, flag in fused.items():
+            m.fused_attn = flag
+        model.zero_grad(set_to_none=True)
+    return dict(zip(names, (traces / iters).tolist()))
+
+
+def _sensitivity(model, x, names, layers, inputs: bool) -> dict[str, dict[int, float]]:
+    """KL of quantizing one layer's weights (or its input, per tensor) alone, at every width."""
+    with torch.no_grad():
+        ref = F.log_softmax(model(x), -1)
+    acts = record(model, x, names) if inputs else {}
+    costs: dict[str, dict[int, float]] = {}
+    for name in names:
+        layer = layers[name]
+        costs[name] = {}
+        for b in BIT_CHOICES:
+            if inputs:
+                params = _best_tensor_params(acts[name], b)
+                handle = layer.register_forward_pre_hook(lambda _m, a, p=params: (fake_quant_uniform(a[0], p),))
+                try:
+                    costs[name][b] = _kl(model, x, ref)
+                finally:
+                    handle.remove()
+            else:
+                original = layer.weight.detach().clone()
+                with torch.no_grad():
+                    layer.weight.copy_(fake_quant_weight(original, b))
+                try:
+                    costs[name][b] = _kl(model, x, ref)
+                finally:
+                    with torch.no_grad():
+                        layer.weight.copy_(original)
+    return costs
+
+
+def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: torch.Tensor, calib_y: torch.Tensor,
+                  act_bits: int | None = None, avg_act_bits: float | None = None, seed: int = 0,
+                  attention: str = "cp") -> Allocation:
+    """Per-layer bits for `model` under `avg_bits` (and `act_bits` fixed, or allocated under `avg_act_bits`)."""
+    if allocator not in ALLOCATORS:
+        raise QuantError(f"unknown allocator {allocator!r}; choose one of {', '.join(ALLOCATORS)}")
+    if (act_bits is None) == (avg_act_bits is None):
+        raise QuantError("give either --act-bits (every activation at that width) or --avg-act-bits (allocated)")
+    t0 = time.perf_counter()
+    model.eval()
+    layers = quantizable_layers(model)
+    fixed = [n for n in layers if n in _FIXED_NAMES]
+    free = [n for n in layers if n not in fixed]
+    w_sizes = {n: layers[n].weight.numel() for n in layers}
+    with torch.no_grad():
+        one = record(model, calib_x[:1], list(layers))
+    a_sizes = {n: one[n].numel() for n in layers}  # input elements per image
+    w_fixed = {n: (w_sizes[n], FIXED_BITS) for n in fixed}
+    a_fixed = {n: (a_sizes[n], FIXED_BITS) for n in fixed}
+    w_free_sizes = {n: w_sizes[n] for n in free}
+    a_free_sizes = {n: a_sizes[n] for n in free}
+    w_dist = {n: {b: _rel_distortion(layers[n].weight.detach(), b) for b in BIT_CHOICES} for n in free}
+    a_dist = None
+    if act_bits is None:
+        acts = record(model, calib_x[:64], free)
+        a_dist = {}
+        for n in free:
+            x = acts[n]
+            power = float(x.pow(2).mean().clamp_min(1e-30))
+            a_dist[n] = {b: float((fake_quant_uniform(x, _best_tensor_params(x, b)) - x).pow(2).mean()) / power
+                         for b in BIT_CHOICES}
+    importance: dict[str, float] = {}
+    if allocator == "lrp":
+        from .scores import contribution_scores
+
+        importance = {n: v for n, v in contribution_scores(model, calib_x, calib_y, attention=attention).mean.items()
+                      if n in free}
+    elif allocator == "random":
+        gen = torch.Generator().manual_seed(seed)
+        importance = dict(zip(free, torch.rand(len(free), generator=gen).tolist()))
+    elif allocator == "hessian":
+        trace = hutchinson_trace(model, calib_x[:128], calib_y[:128], free, seed=seed)
+        importance = {n: trace[n] / w_sizes[n] for n in free}
+    if allocator == "uniform":
+        wb = uniform_bits(w_free_sizes, avg_bits, w_fixed)
+    elif allocator == "sensitivity":
+        w_cost = _sensitivity(model, calib_x[:128], free, layers, inputs=False)
+        importance = {n: w_cost[n][min(BIT_CHOICES)] for n in free}
+        wb = solve_knapsack(w_cost, w_free_sizes, avg_bits, w_fixed)
+    elif allocator == "hessian":
+        # relative distortion x ||W||^2 = HAWQ's absolute ||Q(W) - W||^2
+        sq = {n: float(layers[n].weight.detach().pow(2).sum()) for n in free}
+        wb = solve_knapsack({n: {b: importance[n] * w_dist[n][b] * sq[n] for b in BIT_CHOICES} for n in free},
+                            w_free_sizes, avg_bits, w_fixed)
+    else:
+        wb = solve_knapsack({n: {b: importance[n] * w_dist[n][b] for b in BIT_CHOICES} for n in free},
+                            w_free_sizes, avg_bits, w_fixed)
+    if act_bits is not None:
+        ab = {n: act_bits for n in free}
+    elif allocator == "uniform":
+        ab = uniform_bits(a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
+    elif allocator == "sensitivity":
+        ab = solve_knapsack(_sensitivity(model, calib_x[:128], free, layers, inputs=True), a_free_sizes,
+                            avg_act_bits, a_fixed, what="--avg-act-bits")
+    else:
+        ab = solve_knapsack({n: {b: importance[n] * a_dist[n][b] for b in BIT_CHOICES} for n in free},
+                            a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
+    weight_bits = {n: wb.get(n, FIXED_BITS) for n in layers}
+    acts_bits = {n: ab.get(n, FIXED_BITS) for n in layers}
+    return Allocation(allocator, weight_bits, acts_bits,
+                      average_bits(wb, w_free_sizes, w_fixed), average_bits(ab, a_free_sizes, a_fixed),
+                      importance, time.perf_counter() - t0)
+
