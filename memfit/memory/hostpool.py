@@ -112,6 +112,7 @@ class SlotPool:
         self._taken: dict[int, int] = {}  # data_ptr of a handed-out view -> its class size
         self.in_use_bytes = 0
         self.peak_in_use_bytes = 0
+        self.peak_in_use_slots = 0
 
     @property
     def reserved_bytes(self) -> int:
@@ -136,6 +137,7 @@ class SlotPool:
                     self._taken[slot.data_ptr()] = size
                     self.in_use_bytes += size
                     self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+                    self.peak_in_use_slots = max(self.peak_in_use_slots, len(self._taken))
                     return slot[:nbytes]
                 self._cond.wait()
 

@@ -33,7 +33,7 @@ def test_size_classes_pick_the_smallest_fitting_slot():
     assert pool.in_use_bytes == 8192 + 65536
     pool.release(a)
     pool.release(b)
-    assert pool.in_use_bytes == 0 and pool.peak_in_use_bytes == 8192 + 65536
+    assert pool.in_use_bytes == 0 and pool.peak_in_use_bytes == 8192 + 65536 and pool.peak_in_use_slots == 2
     with pytest.raises(MemoryError, match="largest slot"):
         pool.acquire(100_000)
 

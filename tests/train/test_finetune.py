@@ -248,3 +248,44 @@ def test_cuda_tiers_agree_with_each_other_and_the_cpu(tiny, tmp_path):
     assert cuda["none"] == cuda["host"] == cuda["ssd"]
     cpu = run(cfg(tiny, tmp_path / "cpu", offload="host", dtype="float32")).losses
     assert cuda["host"] == pytest.approx(cpu, rel=1e-4)
+
+
+def test_prefetch_runs_ahead_on_a_thread_and_stays_within_depth(tiny, tmp_path, monkeypatch):
+    """Each fetch sleeps 20 ms: the prefetch thread must fetch unit k+1 while unit k computes, and never hold
+    more than depth + 1 units."""
+    import threading
+    import time
+
+    from memfit.train.finetune import executor as ex
+    from memfit.train.finetune.store import GroupStore
+
+    events: list[tuple[str, float, str]] = []
+    stores = []
+    real_fetch, real_next, real_close = GroupStore.fetch, ex.Prefetcher.next, GroupStore.close
+
+    def slow_fetch(self, gi):
+        time.sleep(0.02)
+        events.append(("fetched", time.perf_counter(), threading.current_thread().name))
+        return real_fetch(self, gi)
+
+    def next_(self):
+        out = real_next(self)
+        events.append(("consume", time.perf_counter(), threading.current_thread().name))
+        return out
+
+    def close(self):
+        stores.append(self)
+        return real_close(self)
+
+    monkeypatch.setattr(GroupStore, "fetch", slow_fetch)
+    monkeypatch.setattr(ex.Prefetcher, "next", next_)
+    monkeypatch.setattr(GroupStore, "close", close)
+    run(cfg(tiny, tmp_path, steps=1, offload="ssd", prefetch_depth=1))
+    # Depth 1, one group per unit (untied): at most the unit in hand and one ahead hold swap slots.
+    assert stores[0].param_pool.peak_in_use_slots == 2
+    fetch_threads = {t for kind, _, t in events if kind == "fetched"}
+    assert fetch_threads and all(t.startswith("memfit-prefetch") for t in fetch_threads)
+    # Overlap: some fetch completes while an earlier unit is in hand (between its consume and the next).
+    consumes = [ts for kind, ts, _ in events if kind == "consume"]
+    fetches = [ts for kind, ts, _ in events if kind == "fetched"]
+    assert any(a < f < b for a, b in zip(consumes, consumes[1:]) for f in fetches)
