@@ -1,0 +1,127 @@
+"""LRP-QViT on Fashion-MNIST: top-1 of every allocator at several average-bit settings, over calibration seeds,
+with clipped channel-wise or per-tensor post-LayerNorm activations; packed weight bytes and latency vs FP32.
+
+    python -m benchmarks.quant_vit --model ~/.cache/memfit/quant/vit-fashion-mnist.safetensors --threads 2 \
+        --out benchmarks/results/quant_vit.json
+
+Every allocator goes through the same calibration, quantizers and reparameterisation (memfit.quant); only the
+bits differ. Top-1 is the packed model's (weights unpacked on the fly) on the test images (--max-test for a
+shorter run); weight bytes are read off the packed tensors. Latency: fp32 and packed side by side, round by
+round (benchmarks.common.interleave), median ms per batch of 100 images.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import emit, header, interleave, pin_threads, preset_threads
+
+SETTINGS = {"W4A4": (4.0, 4), "W3A4": (3.0, 4), "W3A3": (3.0, 3), "W2.5A4": (2.5, 4)}
+ALLOCATORS = ("lrp", "sensitivity", "hessian", "uniform", "random")
+
+
+def main() -> int:
+    preset_threads()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="checkpoint from `memfit quant train-vit`")
+    ap.add_argument("--settings", default="W4A4,W3A4,W3A3,W2.5A4", help=f"comma-separated of {', '.join(SETTINGS)}")
+    ap.add_argument("--allocators", default=",".join(ALLOCATORS))
+    ap.add_argument("--seeds", type=int, default=3, help="calibration seeds (the random allocator's too)")
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--max-test", type=int, default=None, help="first this many test images (default: all 10k)")
+    ap.add_argument("--no-per-tensor", action="store_true", help="skip the per-tensor post-LayerNorm comparison")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="also write the JSON here (and a PNG beside it)")
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    import torch
+
+    from memfit.quant.allocators import allocate_bits
+    from memfit.quant.checkpoint import load_checkpoint
+    from memfit.quant.export import to_packed, weight_bytes
+    from memfit.quant.lrp import quantizable_layers
+    from memfit.quant.qmodel import QuantConfig, quantize_model
+    from memfit.quant.train import evaluate
+    from memfit.train.local.data import load_fashion_mnist
+
+    model, spec, info = load_checkpoint(args.model)
+    data = load_fashion_mnist()
+    x_test, y_test = data.x_test[:args.max_test], data.y_test[:args.max_test]
+    fp_top1 = evaluate(model, x_test, y_test)
+    fp_bytes = sum(m.weight.numel() * m.weight.element_size() for m in quantizable_layers(model).values())
+    modes = [True] if args.no_per_tensor else [True, False]
+    rows = []
+    for setting in args.settings.split(","):
+        avg_bits, act_bits = SETTINGS[setting]
+        for allocator in args.allocators.split(","):
+            for seed in range(args.seeds):
+                idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:args.calib]
+                cx, cy = data.x_train[idx], data.y_train[idx]
+                alloc = allocate_bits(model, allocator, avg_bits, cx, cy, act_bits=act_bits, seed=seed)
+                for channelwise in modes:
+                    packed = to_packed(quantize_model(model, cx, QuantConfig(alloc.weight_bits, alloc.act_bits,
+                                                                             channelwise)))
+                    row = {"setting": setting, "allocator": allocator, "seed": seed, "channelwise": channelwise,
+                           "top1": evaluate(packed, x_test, y_test), "avg_weight_bits": alloc.avg_weight_bits,
+                           "avg_act_bits": alloc.avg_act_bits, "weight_bytes": weight_bytes(packed),
+                           "allocation_seconds": alloc.seconds, "bits_per_layer": alloc.weight_bits}
+                    rows.append(row)
+                    print(f"{setting} {allocator} seed {seed} {'chan' if channelwise else 'tensor'}: "
+                          f"top-1 {row['top1']:.4f} (fp {fp_top1:.4f}) W{alloc.avg_weight_bits:.2f}", file=sys.stderr)
+    summary = {}
+    for r in rows:
+        key = f"{r['setting']}/{r['allocator']}/{'channelwise' if r['channelwise'] else 'per-tensor'}"
+        summary.setdefault(key, []).append(r["top1"])
+    summary = {k: {"mean": statistics.mean(v), "min": min(v), "max": max(v),
+                   "std": statistics.stdev(v) if len(v) > 1 else 0.0} for k, v in summary.items()}
+    # latency: fp32 vs the packed W4A4 uniform model, side by side
+    layers = quantizable_layers(model)
+    packed = to_packed(quantize_model(model, data.x_train[:args.calib],
+                                      QuantConfig({n: 4 for n in layers}, {n: 4 for n in layers})))
+    batch = x_test[:100]
+    with torch.no_grad():
+        times = interleave({"fp32": lambda: model(batch), "packed_w4a4": lambda: packed(batch)}, reps=7)
+    result = {
+        "benchmark": "quant_vit", **header(args.threads, list(range(args.seeds))),
+        "model": str(args.model), "timm_name": spec.timm_name, "kwargs": spec.kwargs, "fp_top1": fp_top1,
+        "fp_weight_bytes": fp_bytes, "test_images": len(y_test), "calib": args.calib, "summary": summary,
+        "latency_ms_batch100": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "runs": rows,
+    }
+    emit(result, args.out, plot)
+    return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    settings = list(dict.fromkeys(k.split("/")[0] for k in summary))
+    allocators = list(dict.fromkeys(k.split("/")[1] for k in summary))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(allocators)
+    for i, a in enumerate(allocators):
+        keys = [f"{s}/{a}/channelwise" for s in settings]
+        means = [summary[k]["mean"] if k in summary else 0 for k in keys]
+        err = [[summary[k]["mean"] - summary[k]["min"] if k in summary else 0 for k in keys],
+               [summary[k]["max"] - summary[k]["mean"] if k in summary else 0 for k in keys]]
+        ax.bar([j + i * width for j in range(len(settings))], means, width, yerr=err, label=a, capsize=2)
+    ax.axhline(result["fp_top1"], color="k", linestyle="--", label="fp32")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+    ax.set_ylabel("top-1 (min-max over seeds)")
+    lo = min(v["min"] for v in summary.values())
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{result['timm_name']} on Fashion-MNIST, clipped channel-wise post-LN activations")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
