@@ -1,12 +1,16 @@
 """OpenAI-compatible HTTP server on the memfit engine (`memfit serve`).
 
     app.py           FastAPI app factory: routes, API-key auth, body-size limit, lifespan
-    async_engine.py  the one engine thread that batches every client; per-request asyncio queues
+    async_engine.py  the one engine thread that batches every client; per-request asyncio queues; it calls
+                     the engine only through memfit.llm.engine.protocol.EngineClient
     serving.py       request -> engine requests -> response JSON / SSE stream (OpenAI's order)
+    responses.py     engine outputs -> response bodies, the SSE stream, engine errors -> HTTP errors
     protocol.py      request bodies (pydantic, strict), OpenAI's field names and ranges
+    openapi.py       the OpenAPI contract: statuses, response models, the loaded model's limits
     errors.py        OpenAI's error JSON and status codes
     metrics.py       Prometheus text format: engine gauges, TTFT / inter-token latency histograms
-    cli.py           `memfit serve`
+
+The command, `memfit serve`, is memfit/llm/cli/serve.py.
 
 Importing this package is cheap; FastAPI and torch load only when `create_app` / `AsyncEngine` are used.
 """

@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memfit.llm.server.protocol import MAX_PROMPTS
+
 log = logging.getLogger("memfit.server")
 
 # OpenAI's error types by status (the `type` field); `code` is more specific and optional.
@@ -57,7 +59,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "is-instance", "function-after", "function-plain"}
 # Fields that accept several shapes: say which, instead of pydantic's message about the first shape tried.
 _UNION_HINTS = {
-    "prompt": "a non-empty string, list of strings, list of token ids, or list of token-id lists",
+    "prompt": f"a non-empty string, list of token ids, or list (at most {MAX_PROMPTS}) of strings or of token-id lists",
     "stop": "a string or a list of at most 16 strings",
     "content": "a string or a list of content parts ({'type': 'text', 'text': ...})",
 }

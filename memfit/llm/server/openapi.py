@@ -189,11 +189,12 @@ def _model_limits(schema: dict[str, Any], max_model_len: int, vocab_size: int) -
     prompt tokens or new tokens. (That prompt + max_tokens must fit the context too cannot be said in JSON
     schema: the server answers 400 `context_length_exceeded`.)"""
     c = schema["components"]["schemas"]
-    prompt = c["CompletionRequest"]["properties"]["prompt"]["anyOf"]
-    ids, lists = prompt[1], prompt[3]["items"]  # TokenIds and list[TokenIds] (protocol.CompletionRequest.prompt)
-    for token_list in (ids, lists):
-        token_list["items"]["maximum"] = vocab_size - 1
-        token_list["maxItems"] = max_model_len - 1
+    for member in c["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        items = member.get("items", {})
+        token_list = member if items.get("type") == "integer" else items if items.get("type") == "array" else None
+        if token_list is not None:  # token ids, or one of a list of token-id prompts
+            token_list["items"]["maximum"] = vocab_size - 1
+            token_list["maxItems"] = max_model_len - 1
     for name, field in (("CompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
                         ("ChatCompletionRequest", "max_completion_tokens")):
         c[name]["properties"][field]["anyOf"][0]["maximum"] = max_model_len - 1

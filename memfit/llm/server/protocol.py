@@ -23,6 +23,7 @@ from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (each becomes n engine requests)
 
 _CONFIG = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
@@ -100,8 +101,8 @@ class CompletionRequest(_Sampling):
         {"not": {"properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
                  "required": ["echo", "logprobs"]}},
     )
-    prompt: Union[PromptText, TokenIds, Annotated[list[PromptText], Field(min_length=1)],
-                  Annotated[list[TokenIds], Field(min_length=1)]]
+    prompt: Union[PromptText, TokenIds, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
     max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE] | None = None
     echo: bool | None = False

@@ -23,7 +23,6 @@ from memfit.llm.server.errors import APIError, bad_request
 from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
-MAX_SUBREQUESTS = 256  # prompts x n in one HTTP request
 
 
 class OpenAIServing:
@@ -111,9 +110,8 @@ class OpenAIServing:
             )
 
     def _group(self, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[Group, list[RequestSpec]]:
-        if len(prompts) * n > MAX_SUBREQUESTS:
-            raise bad_request(f"{len(prompts)} prompts x n={n} is more than {MAX_SUBREQUESTS} completions in one request",
-                              param="n")
+        # No limit on prompts x n here (JSON schema could not state one): at most MAX_PROMPTS x MAX_N specs, and
+        # the engine's waiting limit refuses a group it cannot queue whole (429, see _submit).
         base = uuid.uuid4().hex
         choices, specs = [], []
         for p, ids in enumerate(prompts):
@@ -130,7 +128,12 @@ class OpenAIServing:
             self.engine.abort(ids)  # the add may still land after we gave up waiting for it
             raise
         except BaseException as exc:  # noqa: BLE001 - mapped to a status
-            raise engine_error(exc) from exc
+            err = engine_error(exc)
+            if err.code == "queue_full" and len(ids) > 1:
+                n = len(ids) // len(group.prompts)
+                err.message += (f" (this request asks for {len(ids)} completions, {len(group.prompts)} prompt(s) x "
+                                f"n={n}, queued all or none: send fewer if that is more than the queue holds)")
+            raise err from exc
 
     # ---- /v1/completions -------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request, arrival: float):

@@ -208,3 +208,15 @@ def test_extreme_but_valid_values_are_served(client):
     greedy = client.completions.create(model="tiny", prompt="Hello", max_tokens=2, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert [c.text for c in out.choices] == [greedy.choices[0].text] * 2  # tiny top_p keeps only the top token
+
+
+def test_prompt_lists_and_groups_that_cannot_be_queued(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=[[5]] * 257, max_tokens=1)
+    assert info.value.body["param"] == "prompt" and "at most 256" in info.value.body["message"]
+    # 40 prompts x n=2 is more than the shared server's waiting queue (64) holds: all or none, so none.
+    with pytest.raises(openai.RateLimitError) as info:
+        client.completions.create(model="tiny", prompt=[[5]] * 40, n=2, max_tokens=1)
+    assert info.value.body["code"] == "queue_full" and "80 completions" in info.value.body["message"]
+    out = client.completions.create(model="tiny", prompt=[[5]] * 16, n=2, max_tokens=1)  # 32 fit
+    assert len(out.choices) == 32 and out.usage.completion_tokens == 32
