@@ -43,23 +43,9 @@ def _stab(z: torch.Tensor) -> torch.Tensor:
     return z + EPS * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
 
 
-class _BiasFree(torch.autograd.Function):
-    """y = z + b; backward hands all of y's relevance to z: grad_z = grad_y * y / z."""
-
-    @staticmethod
-    def forward(ctx, z, b):
-        y = z + b
-        ctx.save_for_backward(z, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        z, y = ctx.saved_tensors
-        return g * y / _stab(z), None
-
-
-class _Identity(torch.autograd.Function):
-    """Elementwise y = f(x) with the identity rule: grad_x = grad_y * y / x."""
+class _PassOn(torch.autograd.Function):
+    """y = fn(x), handing all of y's relevance to x: grad_x = grad_y * y / x. For y = x + b this is the
+    bias-free epsilon rule (the bias takes none), for GELU the identity rule."""
 
     @staticmethod
     def forward(ctx, x, fn):
@@ -71,6 +57,10 @@ class _Identity(torch.autograd.Function):
     def backward(ctx, g):
         x, y = ctx.saved_tensors
         return g * y / _stab(x), None
+
+
+def _add_bias(z: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _PassOn.apply(z, lambda t: t + b)
 
 
 class _Uniform(torch.autograd.Function):
@@ -111,7 +101,7 @@ def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     z = (x - mu) / sigma
     if weight is not None:
         z = z * weight
-    return _BiasFree.apply(z, bias) if bias is not None else z
+    return _add_bias(z, bias) if bias is not None else z
 
 
 class LRPMode(TorchFunctionMode):
@@ -133,11 +123,11 @@ class LRPMode(TorchFunctionMode):
             z = func(x, w, None, *args[3:], **rest)
             if id(w) in self.names:  # relevance at the layer's output = relevance through the layer
                 z = _Tap.apply(z, self.sink, self.names[id(w)])
-            return _BiasFree.apply(z, b.view(-1, 1, 1) if func is F.conv2d else b) if b is not None else z
+            return _add_bias(z, b.view(-1, 1, 1) if func is F.conv2d else b) if b is not None else z
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
         if func is F.gelu:
-            return _Identity.apply(args[0], lambda t: F.gelu(t, **kwargs))
+            return _PassOn.apply(args[0], lambda t: F.gelu(t, **kwargs))
         if func in (F.softmax, torch.softmax, torch.Tensor.softmax) and self.attention == "cp":
             return func(*args, **kwargs).detach()  # attention weights as constants: A v gives all to v
         if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul):
