@@ -39,6 +39,7 @@ class Segment:
     entry: dict[str, int] = field(default_factory=dict)  # tensor -> byte offset, resident before step 0
     beyond: set[str] = field(default_factory=set)  # tensors used after the last step of this segment
     loaded_before: set[str] = field(default_factory=set)  # inputs/weights already loaded once earlier
+    exit: dict[str, int] = field(default_factory=dict)  # tensor -> offset it must hold at the last step
 
 
 @dataclass
@@ -152,6 +153,9 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
             m.Add(a[n][k] == 0).OnlyEnforceIf(r[n][k].Not())  # symmetry: park unused offsets at 0
             if k < w1:
                 m.Add(a[n][k] == a[n][k + 1]).OnlyEnforceIf([r[n][k], r[n][k + 1]])
+        if n in seg.exit:  # pinned at the window's end (a window of a larger plan that continues from here)
+            m.Add(r[n][w1] == 1)
+            m.Add(a[n][w1] == seg.exit[n] // unit)
         if n in seg.entry:
             cont[n] = m.NewBoolVar(f"cont[{n}]")
             m.AddImplication(cont[n], r[n][0])
@@ -253,7 +257,7 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
 
 
 def _add_hint(m, g: Graph, seg: Segment, hint, x, r, a, cont, unit: int) -> None:
-    """Seed CP-SAT with a known plan (order + placements in segment steps); entry tensors do not continue."""
+    """Seed CP-SAT with a known plan (order + placements in segment steps)."""
     order, placements = hint
     pos = {o: i for i, o in enumerate(order)}
     for o, xs in x.items():
@@ -268,5 +272,5 @@ def _add_hint(m, g: Graph, seg: Segment, hint, x, r, a, cont, unit: int) -> None
         for k, v in rs.items():
             m.AddHint(v, int((n, k) in on))
             m.AddHint(a[n][k], on.get((n, k), 0))
-    for v in cont.values():
-        m.AddHint(v, 0)
+    for n, v in cont.items():  # continues when the hint keeps it at its entry offset
+        m.AddHint(v, int(on.get((n, 0)) == seg.entry[n] // unit))

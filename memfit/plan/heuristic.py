@@ -30,6 +30,7 @@ class HeuristicConfig:
     min_segment_ops: int = 6
     other_segment_ops: tuple[int, ...] = (16, 32, 12)  # plan_passes: segment lengths tried after the first
     free_order: bool = False  # reorder ops inside each segment (slower, sometimes better)
+    free_window_ops: int = 10  # lns_passes: window length of its free-order pass
     num_workers: int = 2
     seed: int = 0
 
@@ -159,3 +160,86 @@ def plan_passes(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig,
             break
     assert best is not None
     return best[1], best[2], {**best[3], "passes": passes}
+
+
+def improve_windows(g: Graph, capacity: int, order: list[str], placements: list[Placement], cfg: HeuristicConfig,
+                    target_bytes: int = 0, progress=None) -> tuple[list[str], list[Placement], dict]:
+    """Large-neighbourhood search on a complete plan: re-solve one window of it at a time with the exact model,
+    the plan's own state pinned at both ends (what is resident, at which offsets, when the window starts and
+    ends). The rest of the plan is unchanged, so a window's result can only lower the whole plan's traffic;
+    it is kept when the validated plan moves less. Unlike `plan_segments` no window decides blind of what
+    follows it."""
+    deadline = time.perf_counter() + cfg.time_limit_s
+    cur_order, cur = list(order), list(placements)
+    best = validate(Plan(g, capacity, cur_order, cur))["non_compulsory_bytes"]
+    starts = choose_cuts(crossing_bytes(g, cur_order), cfg.min_segment_ops, cfg.max_segment_ops)
+    bounds = list(zip(starts, starts[1:] + [len(cur_order)]))
+    stats = {"windows": len(bounds), "windows_improved": 0, "windows_unsolved": 0, "start_bytes": best}
+    for k, (s0, s1) in enumerate(bounds):
+        remaining = deadline - time.perf_counter()
+        if remaining < 0.3 or best <= target_bytes:
+            break
+        got = _solve_window(g, capacity, cur_order, cur, s0, s1, cfg, max(0.3, remaining / (len(bounds) - k)))
+        if got is None:
+            stats["windows_unsolved"] += 1
+        else:
+            new_order, new_pl = got
+            nc = validate(Plan(g, capacity, new_order, new_pl))["non_compulsory_bytes"]
+            if nc < best:
+                best, cur_order, cur = nc, new_order, new_pl
+                stats["windows_improved"] += 1
+        if progress is not None:
+            progress(k + 1, len(bounds))
+    stats["end_bytes"] = best
+    return cur_order, cur, stats
+
+
+def _solve_window(g: Graph, capacity: int, order: list[str], placements: list[Placement], s0: int, s1: int,
+                  cfg: HeuristicConfig, time_s: float) -> tuple[list[str], list[Placement]] | None:
+    """Steps s0..s1-1 of the plan re-solved with the plan's state at both ends pinned; None if not solved."""
+    ops = order[s0:s1]
+    step = {o: i for i, o in enumerate(order)}
+    entry = {p.tensor: p.offset for p in placements if p.start < s0 <= p.end}
+    exit_ = {p.tensor: p.offset for p in placements if p.start < s1 <= p.end}
+    used = {n for o in ops for n in g.op[o].inputs + g.op[o].outputs}
+    if any(n not in used and n not in entry for n in exit_):
+        return None
+    later = {n for n in used | set(entry) if any(step[c] >= s1 for c in g.tensor[n].consumers)
+             or (g.tensor[n].kind == "output" and n in exit_)}
+    seen_before = {n for p in placements if p.start < s0 for n in [p.tensor]}
+    seg = Segment(ops, cfg.free_order, entry, later | set(exit_), seen_before, exit_)
+    inside = [Placement(p.tensor, p.offset, max(p.start, s0) - s0, min(p.end, s1 - 1) - s0)
+              for p in placements if p.start < s1 and p.end >= s0]
+    res = solve_segment(g, capacity, seg, ExactConfig(time_s, cfg.num_workers, seed=cfg.seed), (ops, inside))
+    if res.status == "none":
+        return None
+    outside = []
+    for p in placements:  # cut the plan's placements at the window's edges, keep what lies outside
+        if p.start < s0:
+            outside.append(Placement(p.tensor, p.offset, p.start, min(p.end, s0 - 1)))
+        if p.end >= s1:
+            outside.append(Placement(p.tensor, p.offset, max(p.start, s1), p.end))
+    new = outside + [Placement(p.tensor, p.offset, p.start + s0, p.end + s0) for p in res.placements]
+    return order[:s0] + res.order + order[s1:], merge_adjacent(new)
+
+
+def lns_passes(g: Graph, capacity: int, order: list[str], placements: list[Placement], cfg: HeuristicConfig,
+               target_bytes: int = 0, progress=None) -> tuple[list[str], list[Placement], dict]:
+    """`improve_windows` with window lengths cfg.max_segment_ops, then cfg.other_segment_ops (the cuts move,
+    so a spill one window could not see across is inside the next pass's window), while time remains."""
+    deadline = time.perf_counter() + cfg.time_limit_s
+    # (window ops, order free inside): fixed-order windows solve fast; short free-order windows reorder
+    sizes = [(cfg.max_segment_ops, False), (cfg.free_window_ops, True), *((n, False) for n in cfg.other_segment_ops)]
+    passes = []
+    for i, (size, free) in enumerate(sizes):
+        remaining = deadline - time.perf_counter()
+        if remaining < 1.0 or (passes and passes[-1]["non_compulsory_bytes"] <= target_bytes):
+            break
+        share = remaining / 3 if i < 2 else remaining / (len(sizes) - i)
+        pcfg = replace(cfg, time_limit_s=share, max_segment_ops=size, free_order=free,
+                       min_segment_ops=min(cfg.min_segment_ops, max(1, size // 2)))
+        order, placements, st = improve_windows(g, capacity, order, placements, pcfg, target_bytes, progress)
+        passes.append({"segment_ops": size, "free_order": free, "non_compulsory_bytes": st["end_bytes"],
+                       "segments": st["windows"], "improved": st["windows_improved"],
+                       "unsolved": st["windows_unsolved"]})
+    return order, placements, {"method": "windows of the seed plan (LNS)", "passes": passes}

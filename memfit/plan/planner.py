@@ -9,7 +9,8 @@ from memfit.plan.baselines import BASELINES, plan_baseline
 from memfit.plan.bound import LowerBound, lower_bound
 from memfit.plan.errors import BoundViolationError, PlanError
 from memfit.plan.exact import ExactConfig, Segment, SegmentResult, solve_segment
-from memfit.plan.heuristic import HeuristicConfig, merge_adjacent, plan_passes
+from memfit.plan.heuristic import HeuristicConfig, lns_passes, merge_adjacent, plan_passes
+from memfit.plan.orders import order_seeds
 from memfit.plan.plan_format import Graph, Plan, SolverInfo
 from memfit.plan.validate import validate
 
@@ -25,6 +26,7 @@ class PlanOptions:
     free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
     max_segment_ops: int = 24  # heuristic: first pass; later passes try 16, 32, 12
     seed: int = 0
+    free_segments_max_ops: int = 120  # heuristic with free_order None: segments reorder up to this graph size
     bound: bool = True  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
 
 
@@ -33,6 +35,17 @@ def best_baseline(g: Graph, scratchpad_bytes: int) -> tuple[Plan, dict[str, Plan
     plans = {name: finish(plan_baseline(g, scratchpad_bytes, cfg)) for name, cfg in BASELINES.items()}
     best = min(plans.values(), key=lambda p: (p.traffic["non_compulsory_bytes"], p.planner))
     return best, plans
+
+
+def best_seed(g: Graph, scratchpad_bytes: int) -> Plan:
+    """The planners' starting point: the best baseline, or a plan on one of memfit's depth-first candidate
+    orders (memfit.plan.orders) where that moves less."""
+    best, _ = best_baseline(g, scratchpad_bytes)
+    for plan in order_seeds(g, scratchpad_bytes):
+        plan = finish(plan)
+        if plan.traffic["non_compulsory_bytes"] < best.traffic["non_compulsory_bytes"]:
+            best = plan
+    return best
 
 
 def finish(plan: Plan) -> Plan:
@@ -51,7 +64,7 @@ def finish(plan: Plan) -> Plan:
 
 def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
     t0 = time.perf_counter()
-    base, _ = best_baseline(g, scratchpad_bytes)
+    base = best_seed(g, scratchpad_bytes)
     lb = _bound(g, scratchpad_bytes, opts)
     cfg = ExactConfig(max(0.5, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
                       opts.free_order, seed=opts.seed)
@@ -89,7 +102,7 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
 
 def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
     t0 = time.perf_counter()
-    base, _ = best_baseline(g, scratchpad_bytes)
+    base = best_seed(g, scratchpad_bytes)
     lb = _bound(g, scratchpad_bytes, opts)
     seed_nc = base.traffic["non_compulsory_bytes"]
     stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": seed_nc}
@@ -97,11 +110,18 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
         order, placements = base.order, base.placements
         stats["seed_meets_bound"] = True
     else:
+        # order free inside segments for small graphs; on large ones CP-SAT rarely finds a free-order segment
+        # plan in its share of the time, so segments keep the seed's order (chosen among candidate orders)
+        free = opts.free_order if opts.free_order is not None else len(g.ops) <= opts.free_segments_max_ops
         cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.max_segment_ops,
-                              free_order=opts.free_order is not False, num_workers=opts.num_workers,
+                              free_order=free, num_workers=opts.num_workers,
                               seed=opts.seed)
         target = lb.bytes if lb is not None else 0
-        order, placements, more = plan_passes(g, scratchpad_bytes, base.order, cfg, target, progress)
+        if free:  # small graphs: segments solved in turn, order free inside each
+            order, placements, more = plan_passes(g, scratchpad_bytes, base.order, cfg, target, progress)
+        else:  # large graphs: windows of the seed plan re-solved with its state pinned at both ends
+            order, placements, more = lns_passes(g, scratchpad_bytes, base.order, base.placements, cfg, target,
+                                                 progress)
         stats.update(more)
     plan = Plan(g, scratchpad_bytes, order, placements, "heuristic", SolverInfo("heuristic", 0.0, details=stats))
     plan.traffic = validate(plan)
