@@ -23,7 +23,7 @@ from torch import nn
 from .allocate import average_bits, solve_knapsack, uniform_bits
 from .errors import QuantError
 from .lrp import quantizable_layers
-from .qmodel import _best_tensor_params, record
+from .qmodel import best_tensor_params, record
 from .quantizers import BIT_CHOICES, fake_quant_uniform, fake_quant_weight
 
 ALLOCATORS = ("lrp", "sensitivity", "hessian", "uniform", "random")
@@ -88,7 +88,7 @@ def _sensitivity(model, x, names, layers, inputs: bool) -> dict[str, dict[int, f
         costs[name] = {}
         for b in BIT_CHOICES:
             if inputs:
-                params = _best_tensor_params(acts[name], b)
+                params = best_tensor_params(acts[name], b)
                 handle = layer.register_forward_pre_hook(lambda _m, a, p=params: (fake_quant_uniform(a[0], p),))
                 try:
                     costs[name][b] = _kl(model, x, ref)
@@ -135,7 +135,7 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
         for n in free:
             x = acts[n]
             power = float(x.pow(2).mean().clamp_min(1e-30))
-            a_dist[n] = {b: float((fake_quant_uniform(x, _best_tensor_params(x, b)) - x).pow(2).mean()) / power
+            a_dist[n] = {b: float((fake_quant_uniform(x, best_tensor_params(x, b)) - x).pow(2).mean()) / power
                          for b in BIT_CHOICES}
     importance: dict[str, float] = {}
     if allocator == "lrp":

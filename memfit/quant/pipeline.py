@@ -39,6 +39,16 @@ class QuantRun:
             raise QuantError(f"--calib must be at least 4 images (got {self.calib})")
 
 
+def check_input_shape(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:
+    """The model must take the data's images: quant vit calibrates and evaluates on Fashion-MNIST (1x28x28)."""
+    pe = model.patch_embed
+    want = (pe.proj.in_channels, *tuple(pe.img_size))
+    if want != tuple(image_shape):
+        raise QuantError(f"the checkpoint takes {want[0]}x{want[1]}x{want[2]} images but the calibration and test "
+                         f"data are {'x'.join(map(str, image_shape))} (Fashion-MNIST); train a model for them with "
+                         f"`memfit quant train-vit`, or give a timm checkpoint built with in_chans=1, img_size=28")
+
+
 def _median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
     times = []
     with torch.no_grad():
@@ -64,6 +74,7 @@ def run_quant(cfg: QuantRun, data=None) -> tuple[dict, torch.nn.Module, object]:
     cfg.validate()
     model, spec, _ = load_checkpoint(cfg.model)
     data = data if data is not None else load_fashion_mnist(cfg.data_dir)
+    check_input_shape(model, data.image_shape)
     if cfg.calib > len(data.y_train):
         raise QuantError(f"--calib {cfg.calib} is larger than the {len(data.y_train)} training images; "
                          f"use at most {len(data.y_train)}")

@@ -83,7 +83,8 @@ class Log2Softmax(nn.Module):
         return fake_quant_log2(attn, self.bits)
 
 
-def _best_tensor_params(x: torch.Tensor, bits: int) -> UniformParams:
+def best_tensor_params(x: torch.Tensor, bits: int) -> UniformParams:
+    """Per-tensor params for activations x at `bits`, the clipping percentile with the least squared error."""
     best, best_err = None, None
     sample = x.reshape(-1)[:: max(1, x.numel() // 500_000)]
     for p in _PERCENTILES:
@@ -143,10 +144,10 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> n
             act.update({c: params for c in consumers})
     for name, layer in layers.items():
         if name not in act:
-            act[name] = _best_tensor_params(inputs[name], cfg.act_bits[name])
+            act[name] = best_tensor_params(inputs[name], cfg.act_bits[name])
     modules = dict(q.named_modules())
     for name, layer in layers.items():
-        out = _best_tensor_params(qkv_out[name], cfg.act_bits[name]) if name in qkv_out else None
+        out = best_tensor_params(qkv_out[name], cfg.act_bits[name]) if name in qkv_out else None
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else q, child, QuantLayer(layer, cfg.weight_bits[name], act[name], out))
         if name in attn_qkv and cfg.log2_softmax:

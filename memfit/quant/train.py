@@ -39,9 +39,11 @@ class TrainViTConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise QuantError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        for name in ("epochs", "batch_size", "warmup_steps", "log_every"):
-            if getattr(self, name) < 1 and name != "warmup_steps":
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
                 raise QuantError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+        if self.warmup_steps < 0:
+            raise QuantError(f"warmup_steps must be >= 0 (got {self.warmup_steps})")
         for name in ("max_train", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise QuantError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
@@ -88,7 +90,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def _lr_at(step: int, total: int, cfg: TrainViTConfig) -> float:
     warmup = min(cfg.warmup_steps, total // 10)  # short runs (tests) still warm up, then decay
-    if step < warmup:
+    if step < warmup:  # (warmup 0: straight into the cosine)
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

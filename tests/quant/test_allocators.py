@@ -80,3 +80,13 @@ def test_cli_quant_vit(tiny_models, tmp_path):
     assert out["avg_weight_bits"] <= 4 and (tmp_path / "a.png").stat().st_size > 0
     bad = subprocess.run(base + ["--avg-bits", "1"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "smallest average is" in bad.stderr and bad.stdout == ""
+
+
+def test_checkpoint_for_other_images_is_refused(fmnist_small, tmp_path):
+    from memfit.quant.models import ModelSpec
+
+    spec = ModelSpec("vit_tiny_patch16_224", dict(img_size=32, in_chans=3, num_classes=10, depth=1, embed_dim=32,
+                                                  num_heads=2, patch_size=8))
+    path = save_checkpoint(tmp_path / "rgb.safetensors", spec.build(), spec)
+    with pytest.raises(QuantError, match="3x32x32 images"):
+        run_quant(QuantRun(model=str(path), act_bits=4, calib=16), fmnist_small)
