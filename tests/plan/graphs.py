@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from memfit.plan.plan_format import Graph, OpSpec, TensorSpec, build_graph
+from memfit.plan.plan_format import Graph, OpSpec, Placement, TensorSpec, build_graph
 
 
 def random_dag(n_ops: int, seed: int, weights: bool = True) -> Graph:
@@ -58,3 +58,15 @@ def random_branching_dag(n_ops: int, seed: int, sizes: tuple[int, ...] = (32, 64
     tensors.append(TensorSpec("out", rnd.choice(sizes), "output"))
     ops.append(OpSpec("join", tails, ["out"]))
     return build_graph(f"branching{seed}", tensors, ops)
+
+
+def per_step_plan(g: Graph) -> tuple[list[str], list[Placement]]:
+    """The old whole-graph fallback, built independently of memfit: the framework order, each op's tensors
+    resident for its own step only, packed from offset 0."""
+    order, placements = g.topo_order(), []
+    for t, name in enumerate(order):
+        off = 0
+        for n in dict.fromkeys(g.op[name].inputs + g.op[name].outputs):
+            placements.append(Placement(n, off, t, t))
+            off += g.tensor[n].bytes
+    return order, placements

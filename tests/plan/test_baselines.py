@@ -3,11 +3,11 @@ import pytest
 
 from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.baselines import BASELINES, ideal_belady_bytes, plan_baseline, residency
-from memfit.plan.packing import pack, pack_local_fallback, split_at, use_lists
-from memfit.plan.plan_format import OpSpec, Placement, Plan, TensorSpec, build_graph
+from memfit.plan.packing import pack, pack_local_fallback, split_at
+from memfit.plan.plan_format import OpSpec, Plan, TensorSpec, build_graph
 from memfit.plan.planner import PlanOptions, finish, make_plan
 from memfit.plan.validate import validate
-from tests.plan.graphs import random_branching_dag, random_dag
+from tests.plan.graphs import per_step_plan, random_branching_dag, random_dag
 
 
 def _resident_at(plan: Plan, step: int) -> set[str]:
@@ -15,14 +15,8 @@ def _resident_at(plan: Plan, step: int) -> set[str]:
 
 
 def _per_step_traffic(g) -> int:
-    """The old whole-graph fallback, built independently: each op's tensors resident for its own step only,
-    packed from offset 0; its traffic as the validator counts it."""
-    order, placements = g.topo_order(), []
-    for t, name in enumerate(order):
-        off = 0
-        for n in dict.fromkeys(g.op[name].inputs + g.op[name].outputs):
-            placements.append(Placement(n, off, t, t))
-            off += g.tensor[n].bytes
+    """The old whole-graph fallback's traffic as the validator counts it."""
+    order, placements = per_step_plan(g)
     return validate(Plan(g, sum(x.bytes for x in g.tensors), order, placements))["non_compulsory_bytes"]
 
 
@@ -110,4 +104,3 @@ def test_every_baseline_valid_on_chains_and_branches(seed):
                 assert plan.traffic == validate(plan)
                 if cap >= sum(t.bytes for t in g.tensors):
                     assert plan.traffic["non_compulsory_bytes"] == 0
-                assert not [p for p in plan.placements if not isinstance(p, Placement)]

@@ -4,10 +4,10 @@ import pytest
 from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.heuristic import HeuristicConfig, improve_windows
 from memfit.plan.orders import candidate_orders, dfs_order
-from memfit.plan.plan_format import OpSpec, Placement, Plan, TensorSpec, build_graph
+from memfit.plan.plan_format import OpSpec, Plan, TensorSpec, build_graph
 from memfit.plan.planner import PlanOptions, best_baseline, best_seed, make_plan
 from memfit.plan.validate import validate
-from tests.plan.graphs import random_branching_dag
+from tests.plan.graphs import per_step_plan, random_branching_dag
 
 
 def _topological(g, order):
@@ -33,21 +33,11 @@ def test_dfs_finishes_a_branch_before_the_next():
     assert order == ["A1", "A2", "A3", "B1", "B2", "J"]
 
 
-def _per_step_plan(g, cap):
-    order, placements = g.topo_order(), []
-    for t, name in enumerate(order):
-        off = 0
-        for n in dict.fromkeys(g.op[name].inputs + g.op[name].outputs):
-            placements.append(Placement(n, off, t, t))
-            off += g.tensor[n].bytes
-    return order, placements
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_windows_improve_a_poor_plan_and_stay_valid(seed):
     g = random_branching_dag(36, seed)
     cap = scratchpad_sizes(g).mid
-    order, placements = _per_step_plan(g, cap)  # reloads everything at every step
+    order, placements = per_step_plan(g)  # reloads everything at every step
     start = validate(Plan(g, cap, order, placements))["non_compulsory_bytes"]
     new_order, new_pl, st = improve_windows(g, cap, order, placements, HeuristicConfig(20, 12, 6))
     got = validate(Plan(g, cap, new_order, new_pl))["non_compulsory_bytes"]
