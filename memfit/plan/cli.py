@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
     p.add_argument("--weights", choices=("resident", "streamed"), default="resident",
                    help="resident: weights occupy the scratchpad while used (COSMA); streamed: they bypass it")
+    p.add_argument("--tile", action="store_true",
+                   help="split operators that do not fit the scratchpad into tiles (memfit.plan.tiling)")
     p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads (default 2)")
     p.add_argument("--plot", help="draw the scratchpad over time to this PNG")
     p.set_defaults(func=run)
@@ -86,6 +88,13 @@ def _plan(args: argparse.Namespace) -> int:
         g = without_weights(g)
     sizes = scratchpad_sizes(g)
     cap = resolve_scratchpad(g, args.scratchpad)
+    if args.tile:
+        from memfit.plan.tiling import tile_graph
+
+        g, tiles = tile_graph(g, cap)
+        if tiles:
+            print(f"tiled {len(tiles)} operators that do not fit (up to {max(tiles.values())} tiles each): "
+                  f"{len(g.ops)} ops")
     print(f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors, extracted in {time.perf_counter() - t0:.1f} s; "
           f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()))
     print(f"scratchpad: {cap} bytes ({format_size(cap)}), planner: {args.planner}")

@@ -34,3 +34,15 @@ def test_cli_errors_are_clear(capsys):
     assert "cannot parse size" in capsys.readouterr().err
     assert main(["plan"]) == 2
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_tile_flag_makes_a_small_scratchpad_work(tmp_path, capsys):
+    out = tmp_path / "tiled.json"
+    args = ["plan", "--model", "bert_tiny_encoder", "--scratchpad", "96KiB", "--weights", "streamed",
+            "--planner", "baseline-topo"]
+    assert main(args) == 2 and "too small" in capsys.readouterr().err  # without --tile: a clear refusal
+    assert main(args + ["--tile", "--out", str(out)]) == 0
+    assert "tiled " in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert any("@" in o["name"] for o in data["ops"]) and data["scratchpad_bytes"] == 96 * 1024
+    assert main(["plan", "validate", str(out)]) == 0
