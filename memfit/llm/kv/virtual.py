@@ -151,6 +151,15 @@ class VirtualKVCache(KVCacheManager):
     def _reclaimable(self, exclude: int | None = None) -> int:
         return sum(self._slot_bytes(self._pages[s]) for s in self._idle if s != exclude)
 
+    def _queued_bytes(self, exclude: int | None = None) -> int:
+        """Budget the prefault thread is about to take for other slots' eager pages. An attempt counts it as
+        taken, so whether it fits does not depend on whether that thread has run yet."""
+        return sum(
+            self._slot_bytes(self._pending[s] - self._pages[s])
+            for s in range(self.max_seqs)
+            if s != exclude and self._pending[s] > self._pages[s]
+        )
+
     def _try_place(self, num_tokens: int) -> _Seq | None:
         need = self.pages_for(num_tokens)
         slot = self._pick_slot(need)
@@ -194,7 +203,8 @@ class VirtualKVCache(KVCacheManager):
     def _try_commit_to(self, slot: int, need: int) -> bool:
         """Commit `slot` up to `need` pages now, decommitting idle slots if the budget is short; False,
         with nothing changed, when even that would not fit. Runs under self._lock, which the prefault
-        thread takes too, so no background commit lands between the check and the commit."""
+        thread takes too, so no background commit lands between the check and the commit; eager pages
+        queued for other slots count as taken either way (`_queued_bytes`)."""
         have = self._pages[slot]
         if need <= have:
             return True
@@ -203,7 +213,7 @@ class VirtualKVCache(KVCacheManager):
             # The next batched read may map the GPU scratch page (see plan_step), which takes a page of
             # the budget: leave room for it, or that read would fail after the scheduler admitted the step.
             deficit += self.page
-        short = deficit - self.budget.available_bytes
+        short = deficit - (self.budget.available_bytes - self._queued_bytes(exclude=slot))
         if short > 0:
             if short > self._reclaimable(exclude=slot):
                 return False

@@ -96,16 +96,23 @@ def test_tight_budget_preempts_but_never_exceeds_and_outputs_match(tiny, kind):
     engine = tight.engine
     for i, ids in enumerate(prompts):
         engine.add_request(prompt_token_ids=ids, params=params, request_id=f"r{i}")
-    done, peak = {}, 0
+    done, peak, most_running = {}, 0, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.token_ids
         peak = max(peak, kv_held_by_kernel(engine))
+        most_running = max(most_running, len(engine.scheduler.running))
     for i, ids in enumerate(prompts):
         assert_same_greedy(model, ids, done[f"r{i}"], expected[i])
     assert peak <= engine.kv_budget.limit_bytes
-    assert engine.scheduler.num_preemptions > 0  # the budget really was tight
+    # The budget really was tight. The virtual cache's eager pages (2 a segment: 64 tokens of this model)
+    # hold an admitted sequence's whole 70 tokens, so the budget bounds the batch and the rest queue;
+    # paged blocks grow with the sequences, and newer ones must be preempted.
+    if kind == "virtual":
+        assert 1 <= most_running <= 2
+    else:
+        assert engine.scheduler.num_preemptions > 0
 
 
 @pytest.fixture(scope="module")
