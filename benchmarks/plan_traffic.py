@@ -196,6 +196,10 @@ def edge_summary(results: list[dict]) -> dict:
     return {"cases": len(cases), "cases_with_baseline_traffic": len(red),
             "mean_reduction_vs_best_baseline": mean(red), "target_mean_reduction": 0.85,
             "mean_max_possible_reduction": mean(ceil) if len(ceil) == len(red) else None,
+            # the all-orders bound is skipped above PlanOptions.bound_max_ops ops (NASNet, PNASNet)
+            "cases_with_bound": len(ceil), "mean_max_possible_reduction_where_bounded": mean(ceil),
+            "mean_reduction_where_bounded": mean([c["reduction_vs_best_baseline"] for c in cases
+                                                  if c["max_possible_reduction"] is not None]),
             "mean_reduction_vs_best_baseline_incl_fallbacks": mean(any_red),
             "cases_where_a_baseline_fell_back": sum(any(b["fell_back"] for b in c["baselines"].values()) for c in cases),
             "max_solve_time_s": max((c["solve_time_s"] for c in cases), default=None), "target_solve_time_s": 60,
