@@ -251,8 +251,8 @@ def test_cuda_tiers_agree_with_each_other_and_the_cpu(tiny, tmp_path):
 
 
 def test_prefetch_runs_ahead_on_a_thread_and_stays_within_depth(tiny, tmp_path, monkeypatch):
-    """Each fetch sleeps 20 ms: the prefetch thread must fetch unit k+1 while unit k computes, and never hold
-    more than depth + 1 units."""
+    """Each fetch and each unit's compute take 20 ms more: the prefetch thread must fetch unit k+1 while unit k
+    computes, and never hold more than depth + 1 units."""
     import threading
     import time
 
@@ -262,11 +262,17 @@ def test_prefetch_runs_ahead_on_a_thread_and_stays_within_depth(tiny, tmp_path, 
     events: list[tuple[str, float, str]] = []
     stores = []
     real_fetch, real_next, real_close = GroupStore.fetch, ex.Prefetcher.next, GroupStore.close
+    real_forward = ex.UnitRunner.forward
 
     def slow_fetch(self, gi):
+        out = real_fetch(self, gi)  # the slot is held from here
         time.sleep(0.02)
         events.append(("fetched", time.perf_counter(), threading.current_thread().name))
-        return real_fetch(self, gi)
+        return out
+
+    def slow_forward(self, k, weights, state, batch):
+        time.sleep(0.02)  # compute long enough that the next unit's fetch has started (even on a loaded machine)
+        return real_forward(self, k, weights, state, batch)
 
     def next_(self):
         out = real_next(self)
@@ -280,6 +286,7 @@ def test_prefetch_runs_ahead_on_a_thread_and_stays_within_depth(tiny, tmp_path, 
     monkeypatch.setattr(GroupStore, "fetch", slow_fetch)
     monkeypatch.setattr(ex.Prefetcher, "next", next_)
     monkeypatch.setattr(GroupStore, "close", close)
+    monkeypatch.setattr(ex.UnitRunner, "forward", slow_forward)
     run(cfg(tiny, tmp_path, steps=1, offload="ssd", prefetch_depth=1))
     # Depth 1, one group per unit (untied): at most the unit in hand and one ahead hold swap slots.
     assert stores[0].param_pool.peak_in_use_slots == 2
