@@ -68,8 +68,9 @@ def test_results_follow_the_naming_scheme():
     results = ROOT / "benchmarks" / "results"
     scripts = {name.split(".")[1] for name in _scripts()}
     for png in results.rglob("*.png"):
-        stem = png.name.split(".")[0]
-        assert (png.parent / f"{stem}.json").exists(), f"{png.relative_to(ROOT)} has no {stem}.json beside it"
+        # <stem>.png, or <stem>.<plot>.png; a variant may itself hold a dot (finetune_offload_0.1b.png)
+        stems = {png.name.removesuffix(".png"), png.name.removesuffix(".png").rpartition(".")[0]} - {""}
+        assert any((png.parent / f"{s}.json").exists() for s in stems), f"{png.relative_to(ROOT)} has no JSON beside it"
     for path in results.rglob("*.json"):
         benchmark = json.loads(path.read_text())["benchmark"]
         assert benchmark in scripts or benchmark == "train_local_seeds", path
