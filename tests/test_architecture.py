@@ -90,7 +90,7 @@ def test_memory_layer_never_imports_upward():
 
 def test_server_reaches_the_engine_only_through_its_facade():
     allowed = {"memfit.llm.engine", "memfit.llm.engine.protocol", "memfit.llm.engine.params",
-               "memfit.llm.engine.outputs", "memfit.llm.engine.llm_engine", "memfit.llm.engine.config"}
+               "memfit.llm.engine.outputs", "memfit.llm.engine.errors", "memfit.llm.engine.llm_engine", "memfit.llm.engine.config"}
     used = {t for m, ts in _import_graph().items()
             if m.startswith("memfit.llm.server") and m != "memfit.llm.server.__main__" for t in ts
             if t.startswith("memfit.llm.") and not t.startswith("memfit.llm.server")}
@@ -105,7 +105,8 @@ def _loads_torch(code: str) -> bool:
 
 def test_step_data_and_request_state_load_without_torch():
     assert not _loads_torch("import memfit.llm.engine.params, memfit.llm.engine.request, memfit.llm.engine.step, "
-                            "memfit.llm.engine.config, memfit.llm.engine.scheduler")
+                            "memfit.llm.engine.config, memfit.llm.engine.scheduler, memfit.llm.engine.errors, "
+                            "memfit.llm.engine.protocol")
     assert _loads_torch("import memfit.llm.engine.sampling")  # the probe itself can see torch load
 
 

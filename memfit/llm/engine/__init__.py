@@ -5,7 +5,7 @@
     api.py         LLM: offline batch generation (vLLM's convention)
     protocol.py    EngineClient / ModelInfo: what a server may ask of an engine
     scheduler.py   who runs next (no tensors)
-    request.py     sequence state; params.py: SamplingParams (no torch in either)
+    request.py     sequence state; params.py: SamplingParams; errors.py: RequestError, QueueFull (no torch)
     step.py        the step's data: SchedulerOutput -> runner -> StepResult
     runner.py      the only owner of device memory: batch tensors, the model, sampling
     sampling.py    logits -> tokens; outputs.py, textstream.py: what callers get back
@@ -21,8 +21,8 @@ from memfit.lazy import lazy_exports
 _EXPORTS = {
     "LLM": "memfit.llm.engine.api",
     "LLMEngine": "memfit.llm.engine.llm_engine",
-    "RequestError": "memfit.llm.engine.llm_engine",
-    "QueueFull": "memfit.llm.engine.llm_engine",
+    "RequestError": "memfit.llm.engine.errors",
+    "QueueFull": "memfit.llm.engine.errors",
     "EngineConfig": "memfit.llm.engine.config",
     "add_engine_args": "memfit.llm.engine.config",
     "EngineClient": "memfit.llm.engine.protocol",

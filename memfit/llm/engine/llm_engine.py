@@ -12,6 +12,7 @@ import itertools
 import torch
 
 from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
 from memfit.llm.engine.protocol import ModelInfo
@@ -29,14 +30,6 @@ from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, avail
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
 
 KV_LAYOUTS = {"auto": None, "per-layer": False, "token-major": True}
-
-
-class RequestError(ValueError):
-    """A request the engine refuses (prompt too long, empty, ...); the message says what to change."""
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its configured limit (the server answers 429)."""
 
 
 class LLMEngine:

@@ -25,7 +25,7 @@ _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 
 def engine_error(exc: BaseException) -> APIError:
     """Map what the engine raises to an HTTP error."""
-    from memfit.llm.engine.llm_engine import QueueFull
+    from memfit.llm.engine.errors import QueueFull
     from memfit.memory.budget import MemoryBudgetExceeded
 
     if isinstance(exc, APIError):
