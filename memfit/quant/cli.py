@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from memfit.llm.cli.common import guard
+from memfit.errors import guard
 
 ARCH_CHOICES = ("vit", "deit", "swin")
 

@@ -7,7 +7,8 @@ import random
 import statistics
 import time
 
-from memfit.llm.cli.common import guard, make_engine
+from memfit.errors import guard
+from memfit.llm.cli.common import make_engine
 from memfit.llm.engine.config import add_engine_args
 
 

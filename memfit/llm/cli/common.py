@@ -1,4 +1,4 @@
-"""What the LLM commands share: sampling flags, building the engine from flags, the error guard."""
+"""What the LLM commands share: sampling flags, building the engine from flags, the memory timeline."""
 from __future__ import annotations
 
 import argparse
@@ -43,20 +43,3 @@ def finish_timeline(engine, args: argparse.Namespace) -> None:
         png = args.timeline.rsplit(".", 1)[0] + ".png"
         engine.timeline.plot(png)
         print(f"[memory timeline: {args.timeline}, {png}]", file=sys.stderr)
-
-
-def guard(func):
-    """Turn the errors a user can fix into a message and exit code 2, without a traceback."""
-
-    def run(args) -> int:
-        from memfit.errors import USER_ERRORS
-
-        try:
-            return func(args)
-        except USER_ERRORS as exc:
-            print(f"memfit {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            return 130
-
-    return run

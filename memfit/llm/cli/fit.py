@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from memfit.llm.cli.common import guard
+from memfit.errors import guard
 
 
 def cmd_fit(args) -> int:

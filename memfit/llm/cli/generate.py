@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from memfit.llm.cli.common import add_sampling_args, finish_timeline, guard, make_engine, make_params
+from memfit.errors import guard
+from memfit.llm.cli.common import add_sampling_args, finish_timeline, make_engine, make_params
 from memfit.llm.engine.config import add_engine_args
 
 

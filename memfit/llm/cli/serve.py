@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 
-from memfit.llm.cli.common import guard
+from memfit.errors import guard
 from memfit.llm.engine.config import add_engine_args
 
 
