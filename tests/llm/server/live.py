@@ -101,7 +101,7 @@ def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, peaks: dict[
     """An engine whose every step takes at least `delay` seconds longer, so a test can act while a request
     is certainly still running (disconnects, 429) however fast the machine is. With `peaks`, the engine
     thread records there the largest value of each `stats()` entry seen around every step (through the
-    EngineClient call, not the engine's insides)."""
+    EngineClient call), and for the virtual cache the KV bytes the kernel holds (its page map)."""
 
     def load():
         import torch
@@ -121,6 +121,11 @@ def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, peaks: dict[
                 if peaks is not None:
                     for key, value in self.stats().items():
                         peaks[key] = max(peaks.get(key, value), value)
+                    if self.config.kv_cache == "virtual":  # what the kernel holds, outside memfit's ledger
+                        from tests.llm.kv.kernel_pages import arena_resident_bytes
+
+                        held = arena_resident_bytes(self.kv)
+                        peaks["kv_kernel_resident_bytes"] = max(peaks.get("kv_kernel_resident_bytes", 0), held)
 
         torch.set_num_threads(1)
         opts = {"kv_budget": "64MiB", "dtype": "float32", **engine_options}
