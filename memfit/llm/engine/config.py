@@ -21,8 +21,8 @@ from memfit.memory.budget import parse_budget
 if TYPE_CHECKING:
     import torch
 
-CPU_LINEAR_CHOICES = ("auto", "blocked", "memfit", "onednn")  # memfit.llm.kernels.backends.CPU_LINEARS
-KV_LAYOUTS = ("auto", "per-layer", "token-major")
+CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")  # what each means: memfit/llm/kernels/backends.py
+KV_LAYOUTS = {"auto": None, "per-layer": False, "token-major": True}  # name -> the virtual cache's token_major
 
 
 @dataclass
@@ -44,6 +44,13 @@ class EngineConfig:
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn/blocked)
     cpu_linear: str = "auto"  # CPU linears: blocked | memfit | onednn | auto; see memfit/llm/kernels/backends.py
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
+
+    def __post_init__(self) -> None:
+        # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
+        if self.cpu_linear not in CPU_LINEARS:
+            raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {self.cpu_linear!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {self.kv_layout!r}")
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -90,7 +97,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512)
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
     g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
-    g.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEAR_CHOICES),
+    g.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS),
                    help="CPU matmuls: memfit's kernel on packed weights (blocked), its row-major kernel on the mapped checkpoint (memfit), oneDNN, or auto = blocked where it runs (docs/engine.md)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.config import KV_LAYOUTS, EngineConfig
 from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
@@ -29,8 +29,6 @@ from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, avail
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
 
-KV_LAYOUTS = {"auto": None, "per-layer": False, "token-major": True}
-
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
@@ -40,11 +38,9 @@ class LLMEngine:
             if config.threads < 1:
                 raise ValueError(f"threads must be at least 1, got {config.threads}")
             torch.set_num_threads(config.threads)
-        if config.kv_layout not in KV_LAYOUTS:
-            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {config.kv_layout!r}")
         kv_class = kv_cache_class(config.kv_cache)  # an unknown kind fails before the model loads
-        backend_options = BackendOptions(config.max_num_seqs, config.prepack, config.fuse, config.cpu_linear,
-                                         config.cpu_kernels)
+        backend_options = BackendOptions(max_num_seqs=config.max_num_seqs, prepack=config.prepack, fuse=config.fuse,
+                                         cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels)
         self.device = config.resolved_device()
         path = resolve_model_path(config.model)
         dtype = parse_dtype(config.dtype) if config.dtype else None
