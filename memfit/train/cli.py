@@ -95,6 +95,18 @@ def _register_finetune(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="loss curve PNG (+ .json beside it); default SAVE/loss.png with --save")
+    p.add_argument("--placement", default=None, choices=("local-only", "interleave", "latency-first"),
+                   help="NUMA placement of the host-memory state (docs/placement.md): all on the local node, "
+                        "striped over every node, or latency-critical groups local up to --local-budget")
+    p.add_argument("--local-budget", default=None, metavar="BYTES|N%",
+                   help="local-DRAM budget for --placement latency-first: bytes (8GiB) or a share of the state (50%%)")
+    p.add_argument("--tier-backend", default="auto", choices=("auto", "libnuma", "plain", "simulated"),
+                   help="how tiers become memory: libnuma (real nodes; auto picks it where installed), plain "
+                        "(no policy), simulated (CXL nodes in software, times modelled)")
+    p.add_argument("--local-node", type=int, default=None, help="the fast node (default: the node this runs on)")
+    p.add_argument("--slow-nodes", default=None, metavar="LIST",
+                   help="the slow tier's nodes, e.g. 2,3 (default: the CPU-less nodes, else the other sockets)")
+    p.add_argument("--simulated-cxl", type=int, default=1, metavar="K", help="CXL devices for --tier-backend simulated")
     p.add_argument("--json", action="store_true", help="print one JSON result object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_finetune)
@@ -124,12 +136,27 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(f"error: --memory-budget: {exc}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    placement = None
+    if args.placement is not None:
+        from .finetune.placement import PlacementConfig
+
+        try:
+            slow = [int(x) for x in args.slow_nodes.split(",") if x.strip()] if args.slow_nodes else None
+        except ValueError:
+            print(f"error: --slow-nodes takes node numbers separated by commas (got {args.slow_nodes!r})",
+                  file=sys.stderr)
+            return 2
+        placement = PlacementConfig(args.placement, args.local_budget, args.tier_backend, args.local_node, slow,
+                                    args.simulated_cxl)
+    elif args.local_budget is not None:
+        print("error: --local-budget needs --placement latency-first", file=sys.stderr)
+        return 2
     cfg = FinetuneConfig(
         model=args.model, data=args.data, offload=args.offload, ssd_dir=args.ssd_dir, host_memory=args.host_memory,
         memory_budget=budget, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         weight_decay=args.weight_decay, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
         prefetch_depth=args.prefetch, save=args.save, save_every=args.save_every, resume=args.resume,
-        seed=args.seed, device=device,
+        seed=args.seed, device=device, placement=placement,
     )
     try:
         result = _finetune_with_progress(cfg, run, not args.no_progress)
@@ -148,6 +175,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(f"steps {result.start_step}..{result.start_step + len(result.losses)}: loss "
               f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB"
               if result.losses else "nothing to do: the checkpoint is already at --steps")
+        if result.placement is not None:
+            print(result.placement["numastat"], file=sys.stderr)
     return 0
 
 

@@ -160,9 +160,18 @@ class StepExecutor:
         return float(loss.detach())
 
     def _save(self, state: State) -> State:
-        out = tuple(t.detach().to("cpu") if self.cfg.checkpoints_on_host else t.detach() for t in state)
+        out = tuple(self._to_host(t) if self.cfg.checkpoints_on_host else t.detach() for t in state)
         self.checkpoint_bytes += sum(t.numel() * t.element_size() for t in out)
         return out
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of a checkpoint: in the tier the placement gives it (--placement), else plain."""
+        placement = self.store.placement
+        if placement is None:
+            return t.detach().to("cpu")
+        dst = placement.checkpoint(t.shape, t.dtype)
+        dst.copy_(t.detach())
+        return dst
 
     def _load(self, state: State) -> State:
         return tuple(t.to(self.store.device, non_blocking=True) for t in state)

@@ -22,6 +22,7 @@ from memfit.memory.hostpool import IO_ALIGN, SlotPool
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.designs import HostMemoryDesign
 from memfit.train.finetune.optim import AdamW
+from memfit.train.finetune.placement import Placement
 from memfit.train.finetune.units import Group
 
 TIERS = ("none", "host", "ssd")
@@ -30,9 +31,14 @@ KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 class GroupStore:
     def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
-                 device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4) -> None:
+                 device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4,
+                 placement: Placement | None = None) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown --offload {tier!r}; choose none, host or ssd")
+        if placement is not None and (tier == "ssd" or (tier == "none" and device.type != "cpu")):
+            raise ValueError("--placement places state held in host memory: use --offload host, or --offload "
+                             "none on a CPU device")
+        self.placement = placement
         self.groups, self.tier, self.design = groups, tier, design
         self.dtype, self.device = compute_dtype, device
         self.itemsize = torch.empty((), dtype=compute_dtype).element_size()
@@ -43,7 +49,11 @@ class GroupStore:
         for g in groups:
             self.offsets.append(self.offsets[-1] + g.numel)
         # Gradients: one flat fp32 buffer, zeroed at the start of each step.
-        if tier == "none":
+        if placement is not None:
+            self._grad_buf = placement.tensor(("grad", -1), total, torch.float32)
+            self._grad_buf.zero_()  # the first touch: pages commit where the plan says
+            self.pools["gradients"] = total * 4
+        elif tier == "none":
             self._grad_buf = torch.zeros(total, dtype=torch.float32, device=device)
             self.pools["gradients"] = total * 4
         else:
@@ -78,7 +88,11 @@ class GroupStore:
                 for kind in KINDS + (("param",) if self.separate_copy else ()):
                     dt = self.dtype if kind == "param" else torch.float32
                     nbytes = g.numel * torch.empty((), dtype=dt).element_size()
-                    if tier == "none":
+                    if placement is not None:
+                        t[kind] = placement.tensor((kind, len(self._tensors)), g.numel, dt)
+                        t[kind].zero_()
+                        held += nbytes
+                    elif tier == "none":
                         t[kind] = torch.zeros(g.numel, dtype=dt, device=device)
                         held += nbytes
                     else:
@@ -209,6 +223,18 @@ class GroupStore:
             self.space.close()
             self.space.engine.close()
             self.design.engine = None
+
+
+def placed_items(groups: list[Group], compute_dtype: torch.dtype) -> list[tuple[tuple[str, int], int]]:
+    """(key, bytes) of every host tensor a placed store holds: the flat gradient buffer ("grad", -1), and per
+    group its master, moments and (16-bit compute) copy."""
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    items = [(("grad", -1), sum(g.numel for g in groups) * 4)]
+    for gi, g in enumerate(groups):
+        items += [((kind, gi), g.numel * 4) for kind in KINDS]
+        if compute_dtype != torch.float32:
+            items.append((("param", gi), g.numel * itemsize))
+    return items
 
 
 def bytes_per_param(compute_dtype: torch.dtype) -> int:

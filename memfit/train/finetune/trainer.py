@@ -29,7 +29,8 @@ from memfit.train.finetune.data import batch_indices, build_examples, collate
 from memfit.train.finetune.designs import make_design
 from memfit.train.finetune.executor import StepConfig, StepExecutor
 from memfit.train.finetune.optim import AdamW, LossScaler
-from memfit.train.finetune.store import TIERS, GroupStore
+from memfit.train.finetune.placement import Placement, PlacementConfig, modelled_times
+from memfit.train.finetune.store import TIERS, GroupStore, placed_items
 from memfit.train.finetune.units import Batch, Group, UnitRunner, make_groups, skeleton, unit_groups
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "cpu"
     model_config: ModelConfig | None = None  # set: random-initialised weights of these shapes (benchmarks)
+    placement: PlacementConfig | None = None  # None: the design's own host allocations (no NUMA policy)
 
     def validate(self) -> None:
         if self.offload not in TIERS:
@@ -77,6 +79,11 @@ class FinetuneConfig:
             raise FinetuneError("--save-every needs --save DIR")
         if self.lr <= 0:
             raise FinetuneError(f"--lr must be positive (got {self.lr})")
+        if self.placement is not None:
+            self.placement.validate()
+            if self.offload == "ssd" or (self.offload == "none" and self.device != "cpu"):
+                raise FinetuneError("--placement places state held in host memory: use --offload host, or "
+                                    "--offload none on a CPU device")
         if self.grad_checkpointing not in (None, "device", "host"):
             raise FinetuneError("--grad-checkpointing takes no value or 'host'")
         try:
@@ -103,10 +110,13 @@ class FinetuneResult:
     loss_scale: float
     checkpoint: str | None
     all_losses: list[float] = field(default_factory=list)  # from step 0 (history of a resumed run included)
+    optimizer_seconds: list[float] = field(default_factory=list)  # the AdamW part of each step
+    placement: dict[str, Any] | None = None  # where each group landed (--placement)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["median_step_seconds"] = statistics.median(self.step_seconds) if self.step_seconds else None
+        out["median_optimizer_seconds"] = statistics.median(self.optimizer_seconds) if self.optimizer_seconds else None
         return out
 
 
@@ -170,8 +180,11 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
                            cfg.recompute)
     budget_mod.check_budget(plan, cfg.memory_budget)
 
+    placement = None
+    if cfg.placement is not None:
+        placement = Placement(cfg.placement, placed_items(groups, dtype), pin=device.type == "cuda")
     store = GroupStore(groups, cfg.offload, design, dtype, device, Path(cfg.ssd_dir) if cfg.ssd_dir else None,
-                       in_flight)
+                       in_flight, placement)
     try:
         return _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
                       progress, baseline)
@@ -196,12 +209,14 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
     executor = StepExecutor(UnitRunner(model), groups, units, store,
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    losses, seconds, skipped, ckpt = [], [], [], None
+    losses, seconds, opt_seconds, skipped, ckpt = [], [], [], [], None
     checkpoint_peak = 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         ids, labels = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)], pad)
         store.zero_grad()
+        if store.placement is not None:
+            store.placement.new_step()
         loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
         checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
         overflow = store.design.has_overflow(store.grad_buffer)
@@ -210,7 +225,9 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
         else:
             adam_step += 1
+            t_opt = time.perf_counter()
             store.optimizer_step(adam, adam_step, scaler.scale)
+            opt_seconds.append(time.perf_counter() - t_opt)
         scaler.update(overflow)
         seconds.append(time.perf_counter() - t0)
         losses.append(loss)
@@ -230,4 +247,22 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             # what the peak holds beyond the baseline and the pools: compute temporaries, allocator slack
             "other_bytes": max(peak - baseline - sum(pools.values()), 0)}
     return FinetuneResult(losses, start, seconds, peak, host, data_stats.to_json(), store.io_stats(), skipped,
-                          scaler.scale, str(ckpt) if ckpt else None, history + losses)
+                          scaler.scale, str(ckpt) if ckpt else None, history + losses, opt_seconds,
+                          _placement_report(store, groups, dtype, cfg, seconds, opt_seconds))
+
+
+def _placement_report(store: GroupStore, groups, dtype, cfg: FinetuneConfig, seconds: list[float],
+                      opt_seconds: list[float]) -> dict[str, Any] | None:
+    """Where each group landed; on simulated tiers also what the fitted model says the times would be."""
+    placement = store.placement
+    if placement is None:
+        return None
+    out = placement.report()
+    if placement.system.modelled and seconds and opt_seconds:
+        timed = seconds[1:] or seconds  # the first step pays the pages' first touch
+        opt = opt_seconds[1:] or opt_seconds
+        reads = 2 if cfg.recompute else 1  # forward, and again for the backward's recompute
+        out["modelled"] = modelled_times(placement, [g.numel for g in groups],
+                                         store.itemsize if store.separate_copy else 0,
+                                         statistics.median(opt), statistics.median(timed), reads)
+    return out
