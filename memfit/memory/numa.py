@@ -155,11 +155,11 @@ def _nodemask(nodes: Sequence[int]) -> tuple[ctypes.Array, int]:
 def bind(lib: ctypes.CDLL, addr: int, nbytes: int, nodes: Sequence[int]) -> None:
     """mbind [addr, addr + nbytes) (page-aligned) to one node (MPOL_BIND) or striped over several
     (MPOL_INTERLEAVE). Must run before the range is touched: already committed pages are not moved."""
+    mode = MPOL_BIND if len(nodes) == 1 else MPOL_INTERLEAVE  # [n, n]: interleave over {n} (tests use it)
     nodes = sorted(set(nodes))
     if nbytes <= 0 or not nodes:
         return
     mask, maxnode = _nodemask(nodes)
-    mode = MPOL_BIND if len(nodes) == 1 else MPOL_INTERLEAVE
     if lib.mbind(addr, nbytes, mode, mask, maxnode, 0) != 0:
         err = ctypes.get_errno()
         raise NumaError(err, f"mbind of {nbytes} bytes to node(s) {list(nodes)} failed "

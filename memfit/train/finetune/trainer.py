@@ -262,7 +262,7 @@ def _placement_report(store: GroupStore, groups, dtype, cfg: FinetuneConfig, sec
         timed = seconds[1:] or seconds  # the first step pays the pages' first touch
         opt = opt_seconds[1:] or opt_seconds
         reads = 2 if cfg.recompute else 1  # forward, and again for the backward's recompute
-        out["modelled"] = modelled_times(placement, [g.numel for g in groups],
+        out["modelled_times"] = modelled_times(placement, [g.numel for g in groups],
                                          store.itemsize if store.separate_copy else 0,
                                          statistics.median(opt), statistics.median(timed), reads)
     return out
