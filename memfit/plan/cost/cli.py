@@ -1,0 +1,146 @@
+"""`memfit costmodel`: generate, label, train, predict, measure, eval (and tune: rank compilation choices)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("costmodel", help="a learned cost model of MLIR kernels on IREE llvm-cpu",
+                              description="memfit costmodel generate|label|train|predict|measure|eval|tune")
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    g = sub.add_parser("generate", help="draw N kernels into a dataset (SQLite)")
+    g.add_argument("--n", type=int, required=True)
+    g.add_argument("--out", required=True, help="dataset file (created, or extended)")
+    g.add_argument("--seed", type=int, default=0)
+    lb = sub.add_parser("label", help="compile and time every unlabelled kernel with IREE (resumable)")
+    lb.add_argument("--db", required=True)
+    lb.add_argument("--workers", type=int, default=1, help="parallel labels (default 1: timings disturb "
+                                                           "each other on a small machine)")
+    lb.add_argument("--repetitions", type=int, default=5)
+    lb.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition (default 0.05)")
+    lb.add_argument("--limit", type=int, help="label at most this many now")
+    lb.add_argument("--noise", type=int, default=0, metavar="K",
+                    help="also time K labelled kernels 3 more times each: the label noise floor")
+    lb.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("train", help="train the sequence model (and the baselines) on held-out shapes")
+    t.add_argument("--db", required=True)
+    t.add_argument("--out", help="model file (default: the one shipped in the package)")
+    t.add_argument("--epochs", type=int, default=80)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--families", action="store_true", help="also hold out each family in turn")
+    t.add_argument("--json", action="store_true")
+    for name, hlp in (("predict", "predict a function's figures (no compile: works without IREE)"),
+                      ("measure", "compile and time a function with IREE (checks a prediction)")):
+        q = sub.add_parser(name, help=hlp)
+        q.add_argument("file", help="an .mlir file")
+        q.add_argument("--function", help="default: the module's only public function")
+        q.add_argument("--json", action="store_true")
+        if name == "predict":
+            q.add_argument("--model", help="model file (default: the shipped one)")
+        else:
+            q.add_argument("--repetitions", type=int, default=5)
+    e = sub.add_parser("eval", help="MAPE, Spearman, Kendall per family on the held-out shapes, and a plot")
+    e.add_argument("--db", required=True)
+    e.add_argument("--model")
+    e.add_argument("--plot", help="PNG of predicted against measured latency")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from memfit.plan.cost.errors import CostModelError
+
+    try:
+        return {"generate": _generate, "label": _label, "train": _train, "predict": _predict,
+                "measure": _measure, "eval": _eval}[args.action](args)
+    except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
+        print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: labels so far are saved; run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _generate(args) -> int:
+    from memfit.plan.cost import families, store
+
+    con = store.connect(args.out)
+    new = store.add_kernels(con, families.generate(args.n, seed=args.seed))
+    store.set_meta(con, seed=args.seed)
+    print(f"{args.out}: {new} new kernels ({store.counts(con)['kernels']} in all)")
+    return 0
+
+
+def _label(args) -> int:
+    from memfit.plan.cost import label, store
+    from memfit.plan.cost.roofline import measure_peaks
+
+    counts = label.label_all(args.db, label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit),
+                             progress=not args.no_progress)
+    con = store.connect(args.db)
+    if "peaks" not in store.meta(con):
+        store.set_meta(con, peaks=measure_peaks().__dict__)
+    out = {**counts, "peaks": store.meta(con)["peaks"]}
+    if args.noise:
+        out["noise"] = label.noise_floor(args.db, args.noise, progress=not args.no_progress)
+    print(json.dumps(out))
+    return 0
+
+
+def _train(args) -> int:
+    from memfit.plan.cost.families import FAMILIES
+    from memfit.plan.cost.fit import FitConfig
+    from memfit.plan.cost.train import DEFAULT_MODEL, TrainConfig, train
+
+    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else ())
+    result = train(args.db, args.out or DEFAULT_MODEL, cfg, verbose=True)
+    result.pop("shapes_predictions")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from memfit.plan.cost.evaluate import table
+
+        print(table({k: v for k, v in result["shapes"].items() if not k.startswith("_")}))
+        print(f"model: {result['model']} ({result['model_bytes']} bytes)")
+    return 0
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _predict(args) -> int:
+    from memfit.plan.cost.predict import predict
+
+    out = predict(_read(args.file), args.function, args.model)
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items()))
+    return 0
+
+
+def _measure(args) -> int:
+    from memfit.plan.cost.label import measure
+
+    m = measure(_read(args.file), args.function, args.repetitions)
+    out = {"latency_us": m.latency_us, "spread": m.spread, "instructions": m.figures["instructions"],
+           "vector_fma": m.figures["vector_fma"], "spills": m.figures["spills"], "figures": m.figures}
+    print(json.dumps(out) if args.json else "\n".join(f"{k}: {v}" for k, v in out.items() if k != "figures"))
+    return 0
+
+
+def _eval(args) -> int:
+    from memfit.plan.cost.evaluate_cmd import evaluate
+
+    result = evaluate(args.db, args.model, args.plot, args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from memfit.plan.cost.evaluate import table
+
+        print(table(result["report"]))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0

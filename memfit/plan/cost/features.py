@@ -1,0 +1,93 @@
+"""Hand-built features of a kernel, read from its MLIR text alone (what LightGBM and the sequence model's
+global input see, and what the roofline computes from): FLOPs, bytes, op counts, the dominant op's
+dimensions and alignment, element type."""
+from __future__ import annotations
+
+import math
+
+from memfit.plan.cost.ops import TRANSCENDENTAL, LinalgOp, bytes_of, linalg_ops
+from memfit.plan.cost.parse import Function
+
+DTYPES = ("f32", "bf16", "i8")
+OP_KINDS = ("matmul", "batch_matmul", "conv_nhwc", "conv_nchw", "depthwise", "generic", "reduce_generic", "fill")
+NAMES = ("log_flops", "log_bytes_io", "log_bytes_ops", "log_intensity", "n_ops", *[f"n_{k}" for k in OP_KINDS],
+         "n_transcendental", "n_scalar_ops", *[f"dtype_{d}" for d in DTYPES], "log_m", "log_n", "log_k",
+         "n_mod16", "k_mod16", "m_mod16", "kh", "stride", "dilation", "log_out_elems", "out_rank",
+         "log_inner_dim", "inner_mod16", "n_args", "log_max_reduce")
+
+
+def _kind(op: LinalgOp) -> str:
+    s = op.short
+    if s.startswith("conv_2d_nhwc"):
+        return "conv_nhwc"
+    if s.startswith("conv_2d_nchw"):
+        return "conv_nchw"
+    if s.startswith("depthwise"):
+        return "depthwise"
+    if s == "generic":
+        return "reduce_generic" if op.reductions else "generic"
+    return s if s in OP_KINDS else "generic"
+
+
+def _mnk(op: LinalgOp) -> tuple[int, int, int, int]:
+    """GEMM view (M, N, K) of a contraction, and its filter height (convs)."""
+    out = op.outs[0].shape
+    s = _kind(op)
+    if s in ("matmul", "batch_matmul"):
+        b = out[0] if s == "batch_matmul" else 1
+        return b * out[-2], out[-1], op.ins[0].shape[-1], 1
+    if s == "conv_nhwc":
+        kh, kw, c, f = op.ins[1].shape
+        return out[0] * out[1] * out[2], f, kh * kw * c, kh
+    if s == "conv_nchw":
+        f, c, kh, kw = op.ins[1].shape
+        return out[0] * out[2] * out[3], f, kh * kw * c, kh
+    if s == "depthwise":
+        kh, kw, c = op.ins[1].shape
+        return out[0] * out[1] * out[2], c, kh * kw, kh
+    return 0, 0, 0, 0
+
+
+def features(fn: Function) -> dict[str, float]:
+    ops = linalg_ops(fn)
+    flops = sum(o.flops() for o in ops)
+    io = sum(t.elements * bytes_of(t.dtype) for t in (*fn.args, *fn.results))
+    op_bytes = sum(o.bytes() for o in ops)
+    f: dict[str, float] = {n: 0.0 for n in NAMES}
+    f.update(log_flops=math.log2(flops + 1), log_bytes_io=math.log2(io + 1), log_bytes_ops=math.log2(op_bytes + 1),
+             log_intensity=math.log2((flops + 1) / (io + 1)), n_ops=len(ops), n_args=len(fn.args))
+    for o in ops:
+        f[f"n_{_kind(o)}"] += 1
+        for sop, n in o.scalar_ops.items():
+            f["n_scalar_ops"] += n
+            f["n_transcendental"] += n if sop in TRANSCENDENTAL else 0
+        if o.reductions and o.domain:
+            f["log_max_reduce"] = max(f["log_max_reduce"], math.log2(o.domain[-1] + 1))
+    dtype = fn.args[0].dtype if fn.args else "f32"
+    if f"dtype_{dtype}" in f:
+        f[f"dtype_{dtype}"] = 1.0
+    contractions = [o for o in ops if _mnk(o)[0]]
+    if contractions:
+        main = max(contractions, key=lambda o: o.flops())
+        m, n, k, kh = _mnk(main)
+        f.update(log_m=math.log2(m), log_n=math.log2(n), log_k=math.log2(k), n_mod16=float(n % 16 == 0),
+                 k_mod16=float(k % 16 == 0), m_mod16=float(m % 16 == 0), kh=kh, stride=main.strides,
+                 dilation=main.dilations)
+    if fn.results:
+        out = fn.results[0]
+        f.update(log_out_elems=math.log2(out.elements + 1), out_rank=len(out.shape),
+                 log_inner_dim=math.log2(out.shape[-1] + 1) if out.shape else 0.0,
+                 inner_mod16=float(bool(out.shape) and out.shape[-1] % 16 == 0))
+    return f
+
+
+def flops_bytes(fn: Function) -> tuple[float, float]:
+    """(FLOPs, compulsory bytes: the function's inputs and outputs) for the roofline."""
+    ops = linalg_ops(fn)
+    return (sum(o.flops() for o in ops),
+            float(sum(t.elements * bytes_of(t.dtype) for t in (*fn.args, *fn.results))))
+
+
+def vector(fn: Function) -> list[float]:
+    f = features(fn)
+    return [float(f[n]) for n in NAMES]

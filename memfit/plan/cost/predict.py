@@ -1,0 +1,36 @@
+"""`predict`: the figures of one MLIR function from the shipped model. Reads text only: no compiler, no
+runtime, so it works with IREE uninstalled."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from memfit.plan.cost import dataset, features, tokens
+from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.parse import pick_function
+from memfit.plan.cost.seq import Bundle
+
+
+@lru_cache(maxsize=4)
+def load_model(path: str | None = None) -> Bundle:
+    from memfit.plan.cost.train import DEFAULT_MODEL
+
+    p = Path(path) if path else DEFAULT_MODEL
+    if not p.exists():
+        raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
+    return Bundle.load(str(p))
+
+
+def predict_many(mlirs: list[str], function: str | None = None, model: str | None = None) -> list[dict]:
+    bundle = load_model(model)
+    fns = [pick_function(m, function) for m in mlirs]
+    X = np.array([features.vector(f) for f in fns])
+    pred = dataset.from_log(bundle.predict_log([tokens.tokenize(f) for f in fns], X))
+    return [{"function": f.name, "latency_us": float(p[0]), "instructions": int(round(p[1])),
+             "vector_fma": int(round(p[2])), "spills": int(round(p[3]))} for f, p in zip(fns, pred)]
+
+
+def predict(mlir: str, function: str | None = None, model: str | None = None) -> dict:
+    return predict_many([mlir], function, model)[0]

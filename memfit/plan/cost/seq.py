@@ -1,0 +1,134 @@
+"""The learned model: a convolutional sequence encoder over normalised MLIR tokens (each token's numeric
+value, such as a tensor dimension, beside its embedding), pooled, joined with the hand-built global
+features, and a head that predicts log latency, instructions, vector FMAs and spills at once."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from memfit.plan.cost import tokens as tk
+
+
+@dataclass
+class SeqConfig:
+    vocab: int
+    n_global: int
+    n_out: int = 4
+    d: int = 64
+    layers: int = 4
+    kernel: int = 5
+    max_len: int = tk.MAX_LEN
+    dropout: float = 0.1
+
+
+class CostNet(nn.Module):
+    def __init__(self, cfg: SeqConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d
+        self.emb = nn.Embedding(cfg.vocab, d, padding_idx=0)
+        self.num = nn.Linear(1, d)
+        self.pos = nn.Embedding(cfg.max_len, d)
+        # dilated convolutions: 4 layers of kernel 5 see ~60 tokens, an op with its operand types
+        self.convs = nn.ModuleList(nn.Conv1d(d, d, cfg.kernel, padding=(cfg.kernel // 2) * 2 ** i, dilation=2 ** i)
+                                   for i in range(cfg.layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.layers))
+        self.glob = nn.Sequential(nn.Linear(cfg.n_global, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(2 * d, cfg.n_out))
+
+    def forward(self, ids: torch.Tensor, vals: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).unsqueeze(-1).float()                                   # (B, L, 1)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.emb(ids) + self.num(vals.unsqueeze(-1)) + self.pos(pos)          # (B, L, d)
+        for conv, norm in zip(self.convs, self.norms):
+            h = h + torch.nn.functional.gelu(conv(norm(h).transpose(1, 2)).transpose(1, 2))
+            h = h * mask
+        mean = h.sum(1) / mask.sum(1).clamp(min=1)                                # (B, d)
+        mx = (h - 1e4 * (1 - mask)).max(1).values                                 # (B, d)
+        return self.head(torch.cat([mean, mx, self.glob(g)], dim=-1))             # (B, n_out)
+
+
+@dataclass
+class Normaliser:
+    """Train-set statistics: global features and log targets are standardised with them."""
+
+    x_mean: list[float]
+    x_std: list[float]
+    z_mean: list[float]
+    z_std: list[float]
+
+    @classmethod
+    def fit(cls, X: np.ndarray, Z: np.ndarray) -> "Normaliser":
+        return cls(X.mean(0).tolist(), (X.std(0) + 1e-6).tolist(), Z.mean(0).tolist(), (Z.std(0) + 1e-6).tolist())
+
+    def x(self, X: np.ndarray) -> np.ndarray:
+        return (X - np.array(self.x_mean)) / np.array(self.x_std)
+
+    def z(self, Z: np.ndarray) -> np.ndarray:
+        return (Z - np.array(self.z_mean)) / np.array(self.z_std)
+
+    def z_inv(self, Zn: np.ndarray) -> np.ndarray:
+        return Zn * np.array(self.z_std) + np.array(self.z_mean)
+
+
+def batch(tok_lists: list[tuple[list[str], list[float]]], vocab: dict[str, int], max_len: int) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    enc = [tk.encode(t, v, vocab, max_len) for t, v in tok_lists]
+    L = max(len(i) for i, _ in enc)
+    ids = torch.zeros(len(enc), L, dtype=torch.long)
+    vals = torch.zeros(len(enc), L)
+    for r, (i, v) in enumerate(enc):
+        ids[r, :len(i)] = torch.tensor(i)
+        vals[r, :len(v)] = torch.tensor(v)
+    return ids, vals
+
+
+@dataclass
+class Bundle:
+    """A trained model with what it needs to read new MLIR: vocabulary, normaliser, feature names."""
+
+    net: CostNet
+    vocab: list[str]
+    norm: Normaliser
+    feature_names: list[str]
+    info: dict
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        meta = {"config": json.dumps(asdict(self.net.cfg)), "vocab": json.dumps(self.vocab),
+                "norm": json.dumps(asdict(self.norm)), "features": json.dumps(self.feature_names),
+                "info": json.dumps(self.info)}
+        state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in self.net.state_dict().items()}
+        save_file(state, path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str) -> "Bundle":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        net = CostNet(SeqConfig(**json.loads(meta["config"])))
+        net.load_state_dict(state)
+        net.eval()
+        return cls(net, json.loads(meta["vocab"]), Normaliser(**json.loads(meta["norm"])),
+                   json.loads(meta["features"]), json.loads(meta["info"]))
+
+    @torch.no_grad()
+    def predict_log(self, tok_lists: list, X: np.ndarray, chunk: int = 64) -> np.ndarray:
+        """Log-scale predictions (dataset.to_log's scale), one row per kernel."""
+        self.net.eval()
+        vocab = {t: i for i, t in enumerate(self.vocab)}
+        out = []
+        for s in range(0, len(tok_lists), chunk):
+            ids, vals = batch(tok_lists[s:s + chunk], vocab, self.net.cfg.max_len)
+            g = torch.tensor(self.norm.x(X[s:s + chunk]), dtype=torch.float32)
+            out.append(self.net(ids, vals, g).numpy())
+        return self.norm.z_inv(np.concatenate(out)) if out else np.zeros((0, self.net.cfg.n_out))

@@ -1,0 +1,97 @@
+"""Train and compare: the sequence model against the LightGBM and roofline baselines, on held-out shapes
+(the split the shipped model is trained on) and on each held-out family."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memfit.plan.cost import dataset, store
+from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.evaluate import report
+from memfit.plan.cost.fit import FitConfig, fit_seq
+from memfit.plan.cost.roofline import Peaks
+from memfit.plan.cost.seq import Bundle
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "llvm_cpu_host.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    fit: FitConfig = field(default_factory=FitConfig)
+    baselines: bool = True
+    families: tuple[str, ...] = ()   # also hold out each of these families in turn
+    family_epochs: int = 40
+
+
+def load(db: str | Path) -> tuple[dataset.Examples, dict]:
+    if not Path(db).exists():
+        raise CostModelError(f"no dataset at {db}: run `memfit costmodel generate --out {db}` and `label` first")
+    con = store.connect(db)
+    rows = store.labelled(con)
+    if len(rows) < 20:
+        raise CostModelError(f"{db} has {len(rows)} labelled kernels; label at least 20 (memfit costmodel label)")
+    return dataset.from_rows(rows), store.meta(con)
+
+
+def peaks_of(meta: dict) -> Peaks | None:
+    p = meta.get("peaks")
+    return Peaks(**p) if p else None
+
+
+def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, baselines: bool = True,
+            verbose: bool = True) -> tuple[Bundle, dict, dict]:
+    """Fit on split[0] (validate on split[1]); latency predictions of every model on split[2]."""
+    tr, va, te = (ex.subset(i) for i in split)
+    bundle = fit_seq(tr, va, fit_cfg, verbose)
+    all_pred = dataset.from_log(bundle.predict_log(te.toks, te.X))
+    preds = {"seq": all_pred[:, 0]}
+    counts = {"seq": {t: _count_err(all_pred[:, j], te.Y[:, j]) for j, t in enumerate(dataset.TARGETS[1:], 1)}}
+    if baselines:
+        from memfit.plan.cost.gbm import GBM
+
+        g = GBM(seed=fit_cfg.seed).fit(tr, va).predict(te)
+        preds["lightgbm"] = g[:, 0]
+        counts["lightgbm"] = {t: _count_err(g[:, j], te.Y[:, j]) for j, t in enumerate(dataset.TARGETS[1:], 1)}
+        peaks = peaks_of(meta)
+        if peaks is not None:
+            preds["roofline"] = np.array([peaks.predict_us(f) for f in te.roofline_inputs])
+    rep = report(preds, te.Y[:, 0], te.families)
+    rep["_static"] = counts
+    return bundle, rep, {"true": te.Y[:, 0].tolist(), "families": te.families,
+                         **{k: v.tolist() for k, v in preds.items()}}
+
+
+def _count_err(pred, true) -> dict:
+    """Static counts: MAPE over kernels where the count is non-zero, and the mean absolute error."""
+    nz = true > 0
+    return {"mape_nonzero": float(np.mean(np.abs(pred[nz] - true[nz]) / true[nz])) if nz.any() else None,
+            "mae": float(np.mean(np.abs(pred - true)))}
+
+
+def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = True) -> dict:
+    ex, meta = load(db)
+    split = dataset.shape_split(ex, cfg.fit.seed)
+    if verbose:
+        print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
+              "(held-out shapes)", file=sys.stderr)
+    bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose)
+    bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
+                       split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    bundle.save(str(out))
+    result = {"kernels": len(ex), "shapes": rep, "shapes_predictions": preds, "model": str(out),
+              "model_bytes": Path(out).stat().st_size}
+    fam_results = {}
+    for fam in cfg.families:
+        fcfg = FitConfig(**{**cfg.fit.__dict__, "epochs": cfg.family_epochs})
+        _, frep, _ = compare(ex, dataset.family_split(ex, fam, cfg.fit.seed), meta, fcfg, cfg.baselines, verbose)
+        fam_results[fam] = {k: v["all"] for k, v in frep.items() if not k.startswith("_")}
+        if verbose:
+            print(f"held-out family {fam}: " + ", ".join(f"{k} MAPE {v['mape']:.3f} Spearman {v['spearman']:.3f}"
+                                                           for k, v in fam_results[fam].items()), file=sys.stderr)
+    if fam_results:
+        result["families"] = fam_results
+    return result
