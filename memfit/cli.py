@@ -8,7 +8,7 @@ import sys
 # Each family owns its commands in its own `cli` module, which defines `register(subparsers)`: it adds
 # parsers whose `func(args) -> int` runs the command. Registration must stay cheap: heavy imports
 # (torch, ortools, ...) happen inside `func`, so `memfit --help` is instant.
-FAMILY_CLIS = ("memfit.llm.cli", "memfit.train.cli", "memfit.plan.cli", "memfit.quant.cli")
+FAMILY_CLIS = ("memfit.llm.cli", "memfit.train.cli", "memfit.plan.cli", "memfit.quant.cli", "memfit.plan.cost.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
