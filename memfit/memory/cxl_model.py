@@ -17,7 +17,8 @@ The model, per update call over n elements whose bytes lie on nodes i in shares 
 - `s_i` (seconds per element streamed from node i; as a bandwidth, 28 bytes of Adam traffic per element
   divided by s_i: read parameter, gradient and both moments, write parameter and moments);
 - the nodes of one call stream in parallel, so the slowest share bounds it (what interleaving shows:
-  1:1 over local and CXL takes the CXL half's time, not the sum);
+  1:1 over local and CXL takes the CXL half's time, not the sum); but never below all of the traffic at the
+  local rate (the most the measured cores streamed: spreading over devices is not assumed to lift it);
 - `h` the share served from the CPU cache, `min(1, cache_elements / n)` in the benchmark (the same tensor
   updated over and over); in a training step the reuse distance is the whole optimizer state, so the
   trainer passes that instead (`working_set`).
@@ -85,6 +86,9 @@ class CostModel:
         reuse = n if working_set is None else max(working_set, n)
         h = min(1.0, self.cache_elements / reuse)
         slowest = max((b / self.tier(t).bandwidth_bytes_per_s for t, b in traffic.items()), default=0.0)
+        # No faster than all of it from local DRAM: the fitted local rate is the most these cores were seen to
+        # stream, and nothing measured says spreading over more devices lifts that ceiling.
+        slowest = max(slowest, sum(traffic.values()) / self.local.bandwidth_bytes_per_s)
         return self.fixed_seconds + n * h * self.seconds_per_cached_element + (1 - h) * slowest
 
     def tier(self, name: str) -> TierCost:

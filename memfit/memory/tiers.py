@@ -64,7 +64,9 @@ class TierSystem:
     @classmethod
     def open(cls, backend: str = "auto", local_node: int | None = None, slow_nodes: Sequence[int] | None = None,
              simulated_cxl: int = 1, local_budget: int | None = None, sysfs: Path = numa.SYSFS_NODES,
-             pin: bool = False) -> TierSystem:
+             pin: bool = False, simulated_local_bytes: int | None = None) -> TierSystem:
+        """`simulated_local_bytes`: the simulated machine's local-node size (default: the real node's), for
+        modelling placements larger than this machine (plans only: nothing that size is allocated)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown tier backend {backend!r}; choose {', '.join(BACKENDS)}")
         if simulated_cxl < 1:
@@ -86,6 +88,8 @@ class TierSystem:
                             f"{', '.join(str(n.id) for n in nodes)}): placing with plain allocations")
             backend, local, slow_nodes = "plain", numa.current_node(nodes), None
         total = by_id[local].total_bytes
+        if backend == "simulated" and simulated_local_bytes is not None:
+            total = simulated_local_bytes
         if local_budget is not None and total and local_budget > total:
             warnings.append(f"local budget {format_bytes(local_budget)} is larger than node {local} "
                             f"({format_bytes(total)}): placing with plain allocations")
@@ -93,6 +97,7 @@ class TierSystem:
         node_bytes = {n.id: n.total_bytes for n in nodes}
         sim: tuple[int, ...] = ()
         if backend == "simulated":
+            node_bytes[local] = total
             first = max(node_bytes) + 1
             sim = tuple(range(first, first + simulated_cxl))
             node_bytes.update({s: -1 for s in sim})

@@ -58,6 +58,7 @@ class PlacementConfig:
     local_node: int | None = None
     slow_nodes: Sequence[int] | None = None
     simulated_cxl: int = 1
+    simulated_local_bytes: int | None = None  # the simulated local node's size (default: the real node's)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -96,7 +97,7 @@ class Placement:
         self.state_bytes = sum(n for _, n in items)
         self.budget = None if cfg.local_budget is None else parse_budget(cfg.local_budget, self.state_bytes)
         self.system = TierSystem.open(cfg.backend, cfg.local_node, cfg.slow_nodes, cfg.simulated_cxl,
-                                      self.budget, pin=pin)
+                                      self.budget, pin=pin, simulated_local_bytes=cfg.simulated_local_bytes)
         self.warnings = list(self.system.warnings)
         local, slow = self.system.local, self.system.slow
         if cfg.policy != "local-only" and slow is None:
@@ -207,15 +208,25 @@ def modelled_times(placement: Placement, numels: Sequence[int], compute_itemsize
                        if kind == ("param" if compute_itemsize else "master"))
     streamed = weights_slow * compute_reads + 2 * placement.checkpoint_slow_bytes
     traffic = sum(numels) * (sum(UPDATE_TRAFFIC.values()) + compute_itemsize)
-    local_bw = traffic / optimizer_seconds if optimizer_seconds > 0 else float("inf")
-    slow_bw = local_bw * model.cxl.bandwidth_bytes_per_s / model.local.bandwidth_bytes_per_s
-    extra = streamed / slow_bw - streamed / local_bw if streamed else 0.0
-    optimizer = optimizer_seconds * opt["ratio"]
+    devices = len(placement.system.slow.nodes) if placement.system.slow is not None else 1
     return {"modelled": True, "cost_model": model.to_json(),
             "optimizer_step_seconds_on_fitted_hardware": {"policy": opt["policy"], "local_only": opt["local_only"]},
-            "optimizer_slowdown": opt["ratio"], "optimizer_step_seconds": optimizer,
-            "step_seconds": step_seconds - optimizer_seconds + optimizer + extra,
-            "slow_tier_stream_bytes_per_step": streamed}
+            "optimizer_slowdown": opt["ratio"], "slow_tier_stream_bytes_per_step": streamed,
+            "optimizer_traffic_bytes": traffic, "slow_devices": devices,
+            **scale_times(opt["ratio"], streamed, traffic, optimizer_seconds, step_seconds, devices)}
+
+
+def scale_times(slowdown: float, streamed: float, traffic: float, optimizer_seconds: float, step_seconds: float,
+                slow_devices: int = 1) -> dict[str, float]:
+    """Local-only times measured on this machine -> modelled times of a placement (see modelled_times): the
+    optimizer step slowed by the model's ratio; the step plus the slow tier's share of streaming, at this
+    machine's optimizer bandwidth (traffic / seconds) times the fitted CXL/local ratio per slow device."""
+    model = default_model()
+    local_bw = traffic / optimizer_seconds if optimizer_seconds > 0 else float("inf")
+    slow_bw = local_bw * slow_devices * model.cxl.bandwidth_bytes_per_s / model.local.bandwidth_bytes_per_s
+    extra = max(streamed / slow_bw - streamed / local_bw, 0.0) if streamed else 0.0
+    optimizer = optimizer_seconds * slowdown
+    return {"optimizer_step_seconds": optimizer, "step_seconds": step_seconds - optimizer_seconds + optimizer + extra}
 
 
 def _bytes_on_nodes(segments: list[tuple[int, Tier]], lo: int, hi: int) -> dict[int, float]:
