@@ -47,6 +47,13 @@ def register(subparsers) -> None:
     e.add_argument("--plot", help="PNG of predicted against measured latency")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
+    tn = sub.add_parser("tune", help="rank candidate tile sizes of a matmul by the model (--measure: time all)")
+    tn.add_argument("file")
+    tn.add_argument("--function")
+    tn.add_argument("--model")
+    tn.add_argument("--measure", action="store_true", help="also compile and time every candidate (IREE)")
+    tn.add_argument("--out", help="write the picked program here")
+    tn.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -55,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return {"generate": _generate, "label": _label, "train": _train, "predict": _predict,
-                "measure": _measure, "eval": _eval}[args.action](args)
+                "measure": _measure, "eval": _eval, "tune": _tune}[args.action](args)
     except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
         print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
         return 2
@@ -143,4 +150,26 @@ def _eval(args) -> int:
         print(table(result["report"]))
         if args.plot:
             print(f"plot: {args.plot}")
+    return 0
+
+
+def _tune(args) -> int:
+    from memfit.plan.cost.tune import tune
+
+    out = tune(_read(args.file), args.function, args.model, args.measure)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(out["pick_program"])
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "pick_program"}))
+    else:
+        for r in out["ranking"]:
+            print(f"{r['candidate']:<16} predicted {r['predicted_us']:10.1f} us"
+                  + (f"   measured {out['measured_us'][r['candidate']]:10.1f} us" if args.measure else ""))
+        print(f"pick: {out['pick']} (IREE default predicted {out['predicted_default_us']:.1f} us)")
+        if args.measure:
+            o = out["outcome"]
+            print(f"measured: pick {o['pick_us']:.1f} us, default {o['default_us']:.1f} us "
+                  f"({o['speedup_over_default']:.2f}x), best {o['best']} {o['best_us']:.1f} us "
+                  f"(pick {100 * o['gap_to_best']:.1f}% slower)")
     return 0

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from memfit.plan.cost import kernels, norms
 
 FAMILIES = ("matmul", "batch_matmul", "conv", "elementwise", "reduction", "softmax", "layernorm", "fused")
+# f32 matmuls compiled with each candidate vector tile (m, n, k) through a lowering config, and with IREE's
+# default (tile None): the dataset of the in-the-loop ranking (memfit.plan.cost.tune)
+TUNED = "tuned_matmul"
+TILES = tuple((m, n, k) for m, n in ((1, 16), (2, 32), (4, 16), (8, 16), (8, 32), (16, 16), (4, 64), (16, 32))
+              for k in (1, 16))
 DTYPES = ("f32", "bf16", "i8")
 FLOAT_ONLY = ("softmax", "layernorm")
 MAX_FLOPS = 1.2e8   # ~1 ms of f32 matmul on one AVX-512 core
@@ -40,7 +45,7 @@ class KernelSpec:
     def shape_key(self) -> str:
         """Identifies the kernel's shape whatever its dtype: the held-out-shapes split keeps every dtype of a
         shape on the same side."""
-        shape = {k: v for k, v in sorted(self.params.items()) if k not in ("ops", "act", "kind_ops")}
+        shape = {k: v for k, v in sorted(self.params.items()) if k not in ("ops", "act", "kind_ops", "tile")}
         return self.family + ":" + json.dumps(shape, sort_keys=True)
 
     def mlir(self) -> str:
@@ -52,8 +57,8 @@ class KernelSpec:
 
 def render(spec: KernelSpec) -> str:
     p, dt = spec.params, spec.dtype
-    if spec.family in ("matmul", "batch_matmul"):
-        return kernels.contraction(spec.family, dt, p)
+    if spec.family in ("matmul", "batch_matmul", TUNED):
+        return kernels.contraction("matmul" if spec.family == TUNED else spec.family, dt, p)
     if spec.family == "conv":
         return kernels.contraction(p["kind"], dt, p)
     if spec.family == "elementwise":
@@ -219,3 +224,16 @@ def generate(n: int, seed: int = 0, dtype_twins: float = 0.4) -> list[KernelSpec
             twin = KernelSpec(spec.family, rng.choice(allowed), spec.params)
             out.setdefault(twin.key(), twin)
     return list(out.values())
+
+
+def generate_tuned(n_shapes: int, seed: int = 0) -> list[KernelSpec]:
+    """`n_shapes` f32 matmul shapes (from the matmul distribution, at least 16x16, at most 5e7 FLOPs), each
+    with every candidate tile of TILES and with IREE's default."""
+    rng = random.Random(10_000 + seed)
+    shapes: dict[tuple, dict] = {}
+    while len(shapes) < n_shapes:
+        d = _shrink(_matmul(rng), ("M", "K", "N"), lambda d: 2 * d["M"] * d["K"] * d["N"], 5e7)
+        if min(d["M"], d["N"]) >= 16:
+            shapes.setdefault((d["M"], d["K"], d["N"]), d)
+    return [KernelSpec(TUNED, "f32", {**d, "tile": list(t) if t else None})
+            for d in shapes.values() for t in (None, *TILES)]

@@ -4,6 +4,7 @@ dimensions and alignment, element type."""
 from __future__ import annotations
 
 import math
+import re
 
 from memfit.plan.cost.ops import TRANSCENDENTAL, LinalgOp, bytes_of, linalg_ops
 from memfit.plan.cost.parse import Function
@@ -13,7 +14,10 @@ OP_KINDS = ("matmul", "batch_matmul", "conv_nhwc", "conv_nchw", "depthwise", "ge
 NAMES = ("log_flops", "log_bytes_io", "log_bytes_ops", "log_intensity", "n_ops", *[f"n_{k}" for k in OP_KINDS],
          "n_transcendental", "n_scalar_ops", *[f"dtype_{d}" for d in DTYPES], "log_m", "log_n", "log_k",
          "n_mod16", "k_mod16", "m_mod16", "kh", "stride", "dilation", "log_out_elems", "out_rank",
-         "log_inner_dim", "inner_mod16", "n_args", "log_max_reduce")
+         "log_inner_dim", "inner_mod16", "n_args", "log_max_reduce", "has_config", "log_tile_m", "log_tile_n",
+         "log_tile_k")
+_VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
+_RED = re.compile(r"vector_reduction\s*=\s*\[[^\]]*?(\d+)\]")
 
 
 def _kind(op: LinalgOp) -> str:
@@ -78,6 +82,10 @@ def features(fn: Function) -> dict[str, float]:
         f.update(log_out_elems=math.log2(out.elements + 1), out_rank=len(out.shape),
                  log_inner_dim=math.log2(out.shape[-1] + 1) if out.shape else 0.0,
                  inner_mod16=float(bool(out.shape) and out.shape[-1] % 16 == 0))
+    vec, red = _VEC.search(fn.body), _RED.search(fn.body)
+    if vec:  # an explicit lowering config (the tuning candidates): its vector tile sizes
+        f.update(has_config=1.0, log_tile_m=math.log2(int(vec.group(1)) + 1), log_tile_n=math.log2(int(vec.group(2)) + 1),
+                 log_tile_k=math.log2(int(red.group(1)) + 1) if red else 0.0)
     return f
 
 

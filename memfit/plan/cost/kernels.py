@@ -98,6 +98,15 @@ def from_compute(b: Body, x: str, dtype: str) -> str:
     return x
 
 
+def compilation_info(tile: Sequence[int]) -> str:
+    """IREE's per-op compilation info: a CPU lowering config with vector tile sizes (m, n, k) on the
+    DoubleTilingExpert pipeline; the workgroup (distribution) tile is fixed at 64x64."""
+    mv, nv, kv = tile
+    return ("{compilation_info = #iree_codegen.compilation_info<lowering_config = #iree_cpu.lowering_config<"
+            f"distribution = [64, 64, 0], vector_common_parallel = [{mv}, {nv}, 0], vector_reduction = [0, 0, {kv}]>, "
+            "translation_info = #iree_codegen.translation_info<pipeline = #iree_cpu.pipeline<DoubleTilingExpert>>>}")
+
+
 def contraction(kind: str, dtype: str, p: dict, epilogue: Sequence[str] = ()) -> str:
     """matmul / batch_matmul / conv (NHWC, NCHW, depthwise), optionally followed by element-wise epilogue
     ops on the accumulator (the fused producer-consumer family: bias add, activation)."""
@@ -107,7 +116,8 @@ def contraction(kind: str, dtype: str, p: dict, epilogue: Sequence[str] = ()) ->
         a, w = f.arg((p["M"], p["K"]), dtype), f.arg((p["K"], p["N"]), dtype)
         out_shape = (p["M"], p["N"])
         init = f.filled(out_shape, acc)
-        res = f.op(f"linalg.matmul ins({a}, {w} : {ttype((p['M'], p['K']), dtype)}, {ttype((p['K'], p['N']), dtype)})"
+        attr = compilation_info(p["tile"]) + " " if p.get("tile") else ""
+        res = f.op(f"linalg.matmul {attr}ins({a}, {w} : {ttype((p['M'], p['K']), dtype)}, {ttype((p['K'], p['N']), dtype)})"
                    f" outs({init} : {ttype(out_shape, acc)}) -> {ttype(out_shape, acc)}", "mm")
     elif kind == "batch_matmul":
         sa, sb = (p["B"], p["M"], p["K"]), (p["B"], p["K"], p["N"])

@@ -1,0 +1,107 @@
+"""The cost model in the loop: rank candidate compilation choices of a kernel by predicted latency instead of
+measuring them all. The choices are the vector tile sizes of the kernel's matmul, set through IREE's
+lowering config (families.TILES), beside IREE's own default."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.families import TILES
+from memfit.plan.cost.kernels import compilation_info
+
+_MATMUL = re.compile(r"linalg\.matmul\s+ins\(")
+
+
+def candidates(mlir: str) -> dict[str, str]:
+    """name -> program: 'default' (IREE chooses) and one per candidate tile, set on the first linalg.matmul."""
+    if not _MATMUL.search(mlir):
+        raise CostModelError("tune needs a linalg.matmul without attributes (its tile sizes are the choices)")
+    out = {"default": mlir}
+    for t in TILES:
+        out["tile_%dx%dx%d" % tuple(t)] = _MATMUL.sub(f"linalg.matmul {compilation_info(t)} ins(", mlir, count=1)
+    return out
+
+
+@dataclass
+class Outcome:
+    """One kernel's ranking: the model's pick against IREE's default and the exhaustive best (measured)."""
+
+    pick: str
+    pick_us: float
+    default_us: float
+    best: str
+    best_us: float
+    worst_us: float
+
+    @property
+    def speedup_over_default(self) -> float:
+        return self.default_us / self.pick_us
+
+    @property
+    def gap_to_best(self) -> float:
+        return self.pick_us / self.best_us - 1.0
+
+    @property
+    def spread(self) -> float:
+        return self.worst_us / self.best_us
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "speedup_over_default": self.speedup_over_default,
+                "gap_to_best": self.gap_to_best, "spread": self.spread}
+
+
+def outcome(predicted: dict[str, float], measured: dict[str, float]) -> Outcome:
+    """The model picks the candidate tile with the lowest predicted latency (the default is the reference)."""
+    tiles = [k for k in predicted if k != "default"]
+    pick = min(tiles, key=lambda k: predicted[k])
+    best = min(tiles, key=lambda k: measured[k])
+    return Outcome(pick, measured[pick], measured["default"], best, measured[best], max(measured[k] for k in tiles))
+
+
+def summarise(outcomes: list[Outcome], within: float = 0.05) -> dict:
+    if not outcomes:
+        return {"kernels": 0}
+    gaps = np.array([o.gap_to_best for o in outcomes])
+    sp = np.array([o.speedup_over_default for o in outcomes])
+    return {"kernels": len(outcomes), "candidates": len(TILES),
+            "within_5pct_of_best": float(np.mean(gaps <= within)),
+            "median_gap_to_best": float(np.median(gaps)),
+            "geomean_speedup_over_default": float(np.exp(np.mean(np.log(sp)))),
+            "geomean_best_over_default": float(np.exp(np.mean([np.log(o.default_us / o.best_us) for o in outcomes]))),
+            "median_spread": float(np.median([o.spread for o in outcomes]))}
+
+
+def tune(mlir: str, function: str | None = None, model: str | None = None, measure: bool = False) -> dict:
+    """Rank the candidates of one program; with `measure`, also compile and time every one (IREE needed)."""
+    from memfit.plan.cost.predict import predict_many
+
+    cands = candidates(mlir)
+    preds = {k: p["latency_us"] for k, p in zip(cands, predict_many(list(cands.values()), function, model))}
+    ranking = sorted((k for k in cands if k != "default"), key=lambda k: preds[k])
+    out: dict = {"ranking": [{"candidate": k, "predicted_us": preds[k]} for k in ranking],
+                 "pick": ranking[0], "predicted_default_us": preds["default"], "pick_program": cands[ranking[0]]}
+    if measure:
+        from memfit.plan.cost.label import measure as run
+
+        measured = {k: run(m, function).latency_us for k, m in cands.items()}
+        out["measured_us"] = measured
+        out["outcome"] = outcome(preds, measured).as_dict()
+    return out
+
+
+def dataset_outcomes(rows: list[dict], predicted: dict[str, float]) -> list[Outcome]:
+    """Outcomes over the dataset's tuned kernels: rows of family TUNED grouped by shape, every candidate
+    labelled; `predicted` maps a row key to its predicted latency."""
+    groups: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        tile = r["params"].get("tile")
+        name = "default" if not tile else "tile_%dx%dx%d" % tuple(tile)
+        groups.setdefault(r["shape_key"], {})[name] = (predicted[r["key"]], r["latency_us"])
+    outs = []
+    for g in groups.values():
+        if len(g) == len(TILES) + 1:
+            outs.append(outcome({k: v[0] for k, v in g.items()}, {k: v[1] for k, v in g.items()}))
+    return outs

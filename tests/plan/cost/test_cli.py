@@ -1,0 +1,104 @@
+"""`memfit costmodel`: predict without IREE, measure with it, clear errors, eval and train plumbing."""
+import json
+
+import pytest
+
+from memfit.cli import main
+from memfit.plan.cost import families, iree, store
+from memfit.plan.cost.errors import IreeMissingError
+from memfit.plan.cost.train import DEFAULT_MODEL
+
+from .conftest import TINY_MATMUL, needs_iree
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    path = tmp_path / "k.mlir"
+    path.write_text(TINY_MATMUL)
+    return path
+
+
+@pytest.fixture
+def no_iree(monkeypatch):
+    def missing(name):
+        raise IreeMissingError(name)
+
+    monkeypatch.setattr(iree, "tool", missing)
+
+
+def test_shipped_model_is_small():
+    assert DEFAULT_MODEL.exists()
+    assert DEFAULT_MODEL.stat().st_size <= 5 * 1024 * 1024
+
+
+def test_predict_without_iree(kernel, no_iree, capsys):
+    assert main(["costmodel", "predict", str(kernel), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"latency_us", "instructions", "vector_fma", "spills"}
+    assert out["latency_us"] > 0 and out["instructions"] > 0
+
+
+def test_measure_without_iree_says_how_to_install(kernel, no_iree, capsys):
+    assert main(["costmodel", "measure", str(kernel), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'memfit[cost]'" in err and "Traceback" not in err
+
+
+def test_predict_bad_input(tmp_path, capsys):
+    assert main(["costmodel", "predict", str(tmp_path / "missing.mlir")]) == 2
+    bad = tmp_path / "bad.mlir"
+    bad.write_text("this is not mlir")
+    assert main(["costmodel", "predict", str(bad)]) == 2
+    assert "no func.func" in capsys.readouterr().err
+
+
+@needs_iree
+def test_measure(kernel, capsys):
+    assert main(["costmodel", "measure", str(kernel), "--json", "--repetitions", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["latency_us"] > 0 and out["vector_fma"] > 0
+
+
+@needs_iree
+def test_compile_error_is_the_compilers_message(tmp_path, capsys):
+    bad = tmp_path / "bad.mlir"
+    bad.write_text(TINY_MATMUL.replace("arith.constant 0.0 : f32", "arith.constant 0.0 : i32"))
+    assert main(["costmodel", "measure", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "iree-compile failed" in err and "error:" in err and "Traceback" not in err
+
+
+@needs_iree
+def test_label_resumes(tmp_path):
+    from memfit.plan.cost.label import LabelConfig, label_all
+
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    store.add_kernels(con, [families.KernelSpec("elementwise", "f32", {"shape": [64], "ops": ["relu"],
+                                                                        "fused": True}),
+                            families.KernelSpec("matmul", "f32", {"M": 16, "K": 16, "N": 16})])
+    cfg = LabelConfig(repetitions=2, min_time_s=0.01, limit=1)
+    assert label_all(db, cfg, progress=False)["labelled"] == 1
+    assert label_all(db, cfg, progress=False)["labelled"] == 2  # the second run picks up the rest
+    rows = store.labelled(con)
+    assert all(r["latency_us"] > 0 and r["instructions"] > 0 for r in rows)
+    assert store.meta(con)["iree_version"] == iree.version()
+
+
+def test_eval_and_train_on_a_synthetic_dataset(tmp_path, capsys):
+    """Plumbing only: the labels are made up (no IREE), so the figures mean nothing."""
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    specs = families.generate(40, seed=7)
+    store.add_kernels(con, specs)
+    for i, s in enumerate(specs):
+        store.put_label(con, s.key(), latency_us=10.0 + i, spread=0.1, figures={"instructions": 100 + i,
+                                                                                 "vector_fma": i, "spills": 0})
+    png = tmp_path / "e.png"
+    assert main(["costmodel", "eval", "--db", str(db), "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["report"]["seq"]["all"]["n"] == out["test_kernels"] > 0
+    assert png.stat().st_size > 0
+    model = tmp_path / "m.safetensors"
+    assert main(["costmodel", "train", "--db", str(db), "--out", str(model), "--epochs", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_bytes"] == model.stat().st_size
