@@ -58,11 +58,20 @@ def placements(budgets: tuple[str, ...]) -> list[tuple[str, str | None]]:
 
 
 def probe_mode(simulated_cxl: int) -> tuple[str, str]:
-    """("measured", "libnuma") where real placement on a slow tier is possible, else ("modelled", "simulated")."""
+    """("measured", "libnuma") where real placement on a slow tier is possible, else ("modelled", "simulated").
+    Measuring, the process's threads are pinned to the local node's CPUs first: "local" is only local to them."""
+    import os
+
+    from memfit.memory import numa
     from memfit.memory.tiers import TierSystem
 
     system = TierSystem.open("libnuma")
     if system.backend == "libnuma" and system.slow is not None:
+        local = system.local.nodes[0]
+        cpus = next(n.cpus for n in numa.read_nodes() if n.id == local)
+        os.sched_setaffinity(0, cpus)
+        print(f"measuring on real nodes: local {local} (CPUs pinned), slow {system.slow.name} "
+              f"{list(system.slow.nodes)}", file=sys.stderr)
         return "measured", "libnuma"
     return "modelled", "simulated"
 

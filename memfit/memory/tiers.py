@@ -118,9 +118,10 @@ class TierSystem:
         return self.backend == "simulated"
 
     def allocate(self, shape: Sequence[int] | int, dtype: torch.dtype, tier: Tier | Segments,
-                 label: str = "") -> torch.Tensor:
+                 label: str = "", record: bool = True) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype` whose bytes lie on `tier` (or on each segment's tier
-        in turn: every segment but the last a whole number of pages)."""
+        in turn: every segment but the last a whole number of pages). `record`: list it in `report()` (not
+        for short-lived tensors, whose records would pile up)."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         numel = 1
         for d in shape:
@@ -141,7 +142,8 @@ class TierSystem:
             if numa.libnuma() is not None and nbytes:
                 addr = flat.data_ptr()
         out = flat.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
-        self._records.append(_Record(label, nbytes, planned, addr, weakref.ref(out) if addr else None))
+        if record:
+            self._records.append(_Record(label, nbytes, planned, addr, weakref.ref(out) if addr else None))
         return out
 
     def report(self) -> dict:

@@ -110,8 +110,9 @@ class Placement:
             self.plan[key] = self._place(n, left)
             left -= sum(b for b, t in self.plan[key] if t is local)
         self._transient_left = left  # what latency-first leaves local for the step's checkpoints
-        self._left_now, self._slow_now = left, 0
+        self._left_now, self._slow_now, self._ckpt_now = left, 0, {}
         self.checkpoint_slow_bytes = 0  # most checkpoint bytes on the slow tier in one step
+        self.checkpoint_peak: dict[int, int] = {}  # node -> checkpoint bytes of the step that held the most
 
     def _warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -133,7 +134,7 @@ class Placement:
         return self.system.allocate(numel, dtype, self.plan[key], KIND_GROUP[key[0]])
 
     def new_step(self) -> None:
-        self._left_now, self._slow_now = self._transient_left, 0
+        self._left_now, self._slow_now, self._ckpt_now = self._transient_left, 0, {}
 
     def checkpoint(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A host activation checkpoint, placed by the policy with what the budget has left this step."""
@@ -145,11 +146,21 @@ class Placement:
         self._left_now -= sum(b for b, t in segs if t is self.system.local)
         self._slow_now += sum(b for b, t in segs if t is not self.system.local)
         self.checkpoint_slow_bytes = max(self.checkpoint_slow_bytes, self._slow_now)
-        return self.system.allocate(shape, dtype, segs, "activation checkpoints")
+        for b, t in segs:
+            for node in t.nodes:
+                self._ckpt_now[node] = self._ckpt_now.get(node, 0) + b // len(t.nodes)
+        if sum(self._ckpt_now.values()) > sum(self.checkpoint_peak.values()):
+            self.checkpoint_peak = dict(self._ckpt_now)
+        return self.system.allocate(shape, dtype, segs, "activation checkpoints", record=False)
 
     # -- the report ----------------------------------------------------------------------------------------
     def report(self) -> dict:
         groups = self.system.report()
+        if self.checkpoint_peak:
+            groups["activation checkpoints"] = {
+                "bytes": sum(self.checkpoint_peak.values()), "measured": {}, "measured_bytes": 0,
+                "planned": {str(k): v for k, v in sorted(self.checkpoint_peak.items())},
+                "note": "the step that held the most; freed as the backward uses them, so where they were is the plan's"}
         groups.setdefault("compute gradients", {"bytes": 0, "planned": {}, "measured": {}, "measured_bytes": 0,
                                                 "note": "not held in host memory: accumulated into the master "
                                                         "gradients as each layer's backward ends"})
