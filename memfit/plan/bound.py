@@ -37,6 +37,7 @@ class LowerBound:
     status: str  # optimal (the bound model was solved) | bound (stopped early; still a valid bound)
     time_s: float
     tight_ops: list[str] = field(default_factory=list)  # ops where live bytes may exceed the scratchpad
+    parts: dict = field(default_factory=dict)  # memfit.plan.planner: each bound method's bytes, when combined
 
 
 def reachability(g: Graph) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
@@ -156,10 +157,8 @@ def lower_bound(g: Graph, capacity: int, order: list[str] | None = None, time_li
     code = solver.Solve(m)
     if code == cp_model.INFEASIBLE:  # every op fits alone, so all-evicted is always feasible
         raise ValueError("lower bound model infeasible: an op's working set exceeds the scratchpad")
-    if code == cp_model.UNKNOWN:
-        bound = 0
-    else:
-        bound = math.ceil(solver.BestObjectiveBound() - 1e-6) * unit
+    # CP-SAT's best objective bound is proven even when the solve stops without a solution (UNKNOWN)
+    bound = math.ceil(solver.BestObjectiveBound() - 1e-6) * unit
     status = "optimal" if code == cp_model.OPTIMAL else "bound"
     return LowerBound(max(0, bound), scope, status, time.perf_counter() - t0, [r[0] for r in rows])
 

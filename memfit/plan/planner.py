@@ -14,20 +14,22 @@ from memfit.plan.orders import order_seeds
 from memfit.plan.plan_format import Graph, Plan, SolverInfo
 from memfit.plan.validate import validate
 
-PLANNERS = ("auto", "exact", "heuristic", *BASELINES)
+PLANNERS = ("auto", "whole", "exact", "heuristic", *BASELINES)
 
 
 @dataclass
 class PlanOptions:
-    planner: str = "auto"  # auto: exact when the graph has <= exact_max_ops ops, else heuristic
+    planner: str = "auto"  # auto: exact when the graph has <= exact_max_ops ops, else whole (<= whole_max_ops), else heuristic
     time_limit_s: float = 30.0
     num_workers: int = 2
     exact_max_ops: int = 60
+    whole_max_ops: int = 2000  # the whole-graph model (memfit.plan.whole) up to this many ops
     free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
     max_segment_ops: int = 24  # heuristic: first pass; later passes try 16, 32, 12
     seed: int = 0
     free_segments_max_ops: int = 120  # heuristic with free_order None: segments reorder up to this graph size
     bound: bool = True
+    pair_bound_max_ops: int = 150  # the order-pair bound model proves ~0 in seconds above this size
     bound_max_ops: int = 600  # the all-orders bound model takes about a minute to build on 1000+ ops: skipped  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
 
 
@@ -38,15 +40,18 @@ def best_baseline(g: Graph, scratchpad_bytes: int) -> tuple[Plan, dict[str, Plan
     return best, plans
 
 
+def seed_plans(g: Graph, scratchpad_bytes: int) -> list[Plan]:
+    """Every baseline and a plan on each of memfit's depth-first candidate orders (memfit.plan.orders),
+    least non-compulsory traffic first (a baseline first on ties)."""
+    _, bases = best_baseline(g, scratchpad_bytes)
+    plans = list(bases.values()) + [finish(p) for p in order_seeds(g, scratchpad_bytes)]
+    return sorted(plans, key=lambda p: (p.traffic["non_compulsory_bytes"], not p.planner.startswith("baseline")))
+
+
 def best_seed(g: Graph, scratchpad_bytes: int) -> Plan:
     """The planners' starting point: the best baseline, or a plan on one of memfit's depth-first candidate
-    orders (memfit.plan.orders) where that moves less."""
-    best, _ = best_baseline(g, scratchpad_bytes)
-    for plan in order_seeds(g, scratchpad_bytes):
-        plan = finish(plan)
-        if plan.traffic["non_compulsory_bytes"] < best.traffic["non_compulsory_bytes"]:
-            best = plan
-    return best
+    orders where that moves less."""
+    return seed_plans(g, scratchpad_bytes)[0]
 
 
 def finish(plan: Plan) -> Plan:
@@ -134,6 +139,39 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
     return _label_seed(plan, base, stats.get("seed_meets_bound") or stats.get("used_seed_instead"))
 
 
+def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
+    """The whole-graph CP-SAT model: candidate orders solved exactly, then order search (whole_search)."""
+    from memfit.plan.whole_search import SearchConfig, search
+
+    t0 = time.perf_counter()
+    seeds = seed_plans(g, scratchpad_bytes)
+    base = seeds[0]
+    lb = _bound(g, scratchpad_bytes, opts)
+    floor = lb.bytes if lb is not None else 0
+    stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": base.traffic["non_compulsory_bytes"]}
+    if lb is not None and base.traffic["non_compulsory_bytes"] <= floor:  # the seed meets the bound already
+        order, placements, status = base.order, base.placements, "heuristic"
+        stats["seed_meets_bound"] = True
+    else:
+        cfg = SearchConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
+                           seed=opts.seed)
+        order, placements, more = search(g, scratchpad_bytes, seeds, cfg, floor, progress)
+        stats.update(more)
+        # optimal for its order when the last fixed-order solve proved it; the all-orders gap is set below
+        status = "optimal-fixed-order" if more["final"]["status"] == "optimal" else "feasible"
+    plan = Plan(g, scratchpad_bytes, order, placements, "whole", SolverInfo(status, 0.0, details=stats))
+    plan.traffic = validate(plan)
+    if plan.traffic["non_compulsory_bytes"] >= base.traffic["non_compulsory_bytes"]:  # no better than the seed
+        if plan.order != base.order:  # the proof (if any) was for another order
+            plan.solver.status = "fallback" if plan.traffic["non_compulsory_bytes"] > base.traffic[
+                "non_compulsory_bytes"] else "feasible"
+        plan.order, plan.placements = base.order, base.placements
+        stats["used_seed_instead"] = True
+    plan = _with_bound(plan, lb, None)
+    plan.solver.time_s = time.perf_counter() - t0
+    return _label_seed(plan, base, stats.get("seed_meets_bound") or stats.get("used_seed_instead"))
+
+
 def _label_seed(plan: Plan, base: Plan, returned_seed: bool) -> Plan:
     """Say which planner produced the plan: a returned seed carries the seed baseline's name."""
     plan.solver.details["requested_planner"] = plan.planner
@@ -144,10 +182,23 @@ def _label_seed(plan: Plan, base: Plan, returned_seed: bool) -> Plan:
 
 
 def _bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | None:
-    if not opts.bound or len(g.ops) > opts.bound_max_ops:
+    """The best of the all-orders bounds: the order-pair CP-SAT model (memfit.plan.bound, up to
+    pair_bound_max_ops ops: above that it proves ~0 in its time), the every-order covering model
+    (bound_every) and the min-cut bound (bound_cut). Each is valid for every order, so their max is too."""
+    if not opts.bound:
         return None
-    return lower_bound(g, scratchpad_bytes, time_limit_s=min(5.0, max(0.5, 0.1 * opts.time_limit_s)),
-                       num_workers=opts.num_workers)
+    from memfit.plan.bound_cut import cut_bound
+    from memfit.plan.bound_every import every_order_bound
+
+    share = min(5.0, max(0.5, 0.1 * opts.time_limit_s))
+    found = [cut_bound(g, scratchpad_bytes, share), every_order_bound(g, scratchpad_bytes, share, opts.num_workers)]
+    if len(g.ops) <= min(opts.bound_max_ops, opts.pair_bound_max_ops):
+        found.append(lower_bound(g, scratchpad_bytes, time_limit_s=share, num_workers=opts.num_workers))
+    names = ("min-cut", "every-order", "order-pairs")
+    best = max(found, key=lambda b: b.bytes)
+    best.parts = {n: {"bytes": b.bytes, "status": b.status, "time_s": round(b.time_s, 2)} for n, b in zip(names, found)}
+    best.time_s = sum(b.time_s for b in found)
+    return best
 
 
 def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> Plan:
@@ -158,9 +209,9 @@ def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> P
     s.bound_bytes = max(bounds) if bounds else None
     if lb is not None:
         s.details["lower_bound"] = {"bytes": lb.bytes, "scope": lb.scope, "status": lb.status,
-                                    "time_s": round(lb.time_s, 3)}
+                                    "time_s": round(lb.time_s, 3), "parts": lb.parts}
     plan = finish(plan)
-    if s.gap == 0.0 and s.status in ("heuristic", "feasible", "fallback"):
+    if s.gap == 0.0 and s.status in ("heuristic", "feasible", "fallback", "optimal-fixed-order"):
         s.details["proven_by"] = "lower bound" if lb is not None and lb.bytes == s.bound_bytes else "cp-sat"
         s.status = "optimal"
     return plan
@@ -171,7 +222,10 @@ def make_plan(g: Graph, scratchpad_bytes: int, opts: PlanOptions | None = None, 
     check_feasible(g, scratchpad_bytes)
     name = opts.planner
     if name == "auto":
-        name = "exact" if len(g.ops) <= opts.exact_max_ops else "heuristic"
+        n = len(g.ops)
+        name = "exact" if n <= opts.exact_max_ops else "whole" if n <= opts.whole_max_ops else "heuristic"
+    if name == "whole":
+        return plan_whole(g, scratchpad_bytes, opts, progress)
     if name == "exact":
         return plan_exact(g, scratchpad_bytes, opts)
     if name == "heuristic":

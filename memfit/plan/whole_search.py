@@ -1,0 +1,107 @@
+"""The whole-graph planner: the exact whole-graph model (memfit.plan.whole) on candidate orders, then an order
+search whose every step re-solves the whole graph.
+
+1. For a fixed order the whole-graph model has fixed time spans and CP-SAT proves its optimum in seconds even
+   on 400-op graphs, so each candidate order (the baselines' and memfit's depth-first orders) is solved
+   exactly and the best kept: the plan is then optimal for its order.
+2. Order search (large-neighbourhood search over the order): a range of consecutive steps is freed (its ops
+   reorder among themselves) while the spill and address decisions of the *whole* graph stay in the model,
+   warm-started from the current plan. A range's result is kept when it moves less. Ranges are tried where
+   the current plan loads the most bytes first.
+3. The final order is solved once more with the order fixed, so the plan carries a proof of optimality for
+   its order (or CP-SAT's gap to it), beside the all-orders bound the planner reports.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from memfit.plan.plan_format import Graph, Placement, Plan
+from memfit.plan.validate import validate
+from memfit.plan.whole import WholeConfig, WholeResult, solve_whole
+
+
+@dataclass
+class SearchConfig:
+    time_limit_s: float = 30.0
+    num_workers: int = 2
+    candidates: int = 4  # candidate orders solved exactly with the order fixed
+    range_ops: int = 24  # steps freed per order-search move
+    seed: int = 0
+
+
+def _loads_per_step(g: Graph, order: list[str], placements: list[Placement]) -> list[int]:
+    """Bytes loaded at each step (a placement that does not start at its tensor's producer)."""
+    out = [0] * len(order)
+    for p in placements:
+        if order[p.start] != g.tensor[p.tensor].producer:
+            out[p.start] += g.tensor[p.tensor].bytes
+    return out
+
+
+def _ranges(loads: list[int], n: int, size: int) -> list[tuple[int, int]]:
+    """Half-overlapping ranges of `size` steps, the ones with the most loaded bytes first."""
+    stride = max(1, size // 2)
+    rs = [(i, min(n, i + size)) for i in range(0, max(1, n - stride), stride)]
+    return sorted(rs, key=lambda r: -sum(loads[r[0]:r[1]]))
+
+
+def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig, floor_bytes: int = 0,
+           progress=None) -> tuple[list[str], list[Placement], dict]:
+    """Best plan found from `seeds` (valid plans, best first) within cfg.time_limit_s; stats say how."""
+    deadline = time.perf_counter() + cfg.time_limit_s
+    stats: dict = {"method": "whole-graph CP-SAT (fixed-order exact + order search)", "candidates": []}
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
+    best: tuple[int, list[str], list[Placement]] | None = None
+    seen = []
+    for plan in seeds:  # 1. candidate orders, each solved exactly with its order fixed
+        if len(stats["candidates"]) >= cfg.candidates or (best is not None and left() < 0.4 * cfg.time_limit_s):
+            break
+        if plan.order in seen:
+            continue
+        seen.append(plan.order)
+        res = _fixed(g, capacity, plan.order, plan.placements, cfg, min(left() / 2, 0.15 * cfg.time_limit_s),
+                     floor_bytes)
+        stats["candidates"].append({"seed": plan.planner, "seed_bytes": plan.traffic["non_compulsory_bytes"],
+                                    "status": res.status, "bytes": res.objective_bytes,
+                                    "order_bound_bytes": res.bound_bytes, "time_s": round(res.time_s, 2)})
+        got = (res.objective_bytes, res.order, res.placements) if res.status != "none" else \
+            (plan.traffic["non_compulsory_bytes"], plan.order, plan.placements)
+        if best is None or got[0] < best[0]:
+            best = got
+    assert best is not None, "search needs at least one seed plan"
+    nc, order, placements = best
+    moves = {"tried": 0, "improved": 0, "unsolved": 0}
+    stats["start_bytes"] = nc
+    for r in _ranges(_loads_per_step(g, order, placements), len(order), cfg.range_ops):  # 2. order search
+        if left() < 0.15 * cfg.time_limit_s or nc <= floor_bytes:
+            break
+        step_s = min(left() - 0.1 * cfg.time_limit_s, max(1.0, 0.05 * cfg.time_limit_s))
+        res = solve_whole(g, capacity, order, WholeConfig(step_s, cfg.num_workers, free_range=r, seed=cfg.seed),
+                          hint=placements, floor_bytes=floor_bytes)
+        moves["tried"] += 1
+        if res.status == "none":
+            moves["unsolved"] += 1
+        elif res.objective_bytes < nc:
+            new = validate(Plan(g, capacity, res.order, res.placements))["non_compulsory_bytes"]
+            if new < nc:
+                nc, order, placements = new, res.order, res.placements
+                moves["improved"] += 1
+        if progress is not None:
+            progress(moves["tried"], len(order))
+    stats["order_search"] = {**moves, "range_ops": cfg.range_ops, "end_bytes": nc}
+    final = _fixed(g, capacity, order, placements, cfg, max(1.0, left()), floor_bytes)  # 3. proof for this order
+    if final.status != "none" and final.objective_bytes <= nc:
+        order, placements = final.order, final.placements
+    stats["final"] = {"status": final.status, "bytes": final.objective_bytes, "order_bound_bytes": final.bound_bytes,
+                      "time_s": round(final.time_s, 2), "rectangles": final.stats.get("rectangles")}
+    return order, placements, stats
+
+
+def _fixed(g: Graph, capacity: int, order: list[str], placements: list[Placement], cfg: SearchConfig,
+           time_s: float, floor_bytes: int) -> WholeResult:
+    return solve_whole(g, capacity, order, WholeConfig(max(0.5, time_s), cfg.num_workers, 0, seed=cfg.seed),
+                       hint=placements, floor_bytes=floor_bytes)
