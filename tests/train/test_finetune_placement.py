@@ -72,6 +72,8 @@ def test_budget_and_policy_errors():
             parse_budget(bad, 100)
     with pytest.raises(PlacementError, match="needs --local-budget"):
         PlacementConfig("latency-first").validate()
+    with pytest.raises(PlacementError, match="latency-first only"):
+        PlacementConfig("interleave", "50%").validate()
     with pytest.raises(PlacementError, match="--placement must be"):
         PlacementConfig("numa").validate()
 

@@ -63,6 +63,8 @@ class PlacementConfig:
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise PlacementError(f"--placement must be one of {', '.join(POLICIES)} (got {self.policy!r})")
+        if self.policy != "latency-first" and self.local_budget is not None:
+            raise PlacementError(f"--local-budget applies to --placement latency-first only (not {self.policy})")
         if self.policy == "latency-first" and self.local_budget is None:
             raise PlacementError("--placement latency-first needs --local-budget (bytes, e.g. 8GiB, or a share "
                                  "of the state, e.g. 50%)")
