@@ -87,6 +87,12 @@ class TierSystem:
             warnings.append(f"NUMA node(s) {', '.join(map(str, missing))} do not exist (this machine has "
                             f"{', '.join(str(n.id) for n in nodes)}): placing with plain allocations")
             backend, local, slow_nodes = "plain", numa.current_node(nodes), None
+        if backend == "libnuma":
+            refused = _mbind_refused(local)
+            if refused:
+                warnings.append(f"mbind is refused here ({refused}; a container's seccomp profile can do "
+                                "this): placing with plain allocations")
+                backend = "plain"
         total = by_id[local].total_bytes
         if backend == "simulated" and simulated_local_bytes is not None:
             total = simulated_local_bytes
@@ -169,6 +175,16 @@ class TierSystem:
                 "slow_tier": None if self.slow is None else {"kind": self.slow.name, "nodes": list(self.slow.nodes)},
                 "simulated_nodes": list(self.simulated_nodes), "warnings": list(self.warnings),
                 "node_bytes": {str(k): v for k, v in self.node_bytes.items()}}
+
+
+def _mbind_refused(node: int) -> str | None:
+    """Why binding one page to `node` fails, or None when it works (libnuma can load where the syscall is
+    filtered)."""
+    try:
+        numa.map_on_nodes([(numa.PAGE, [node])])
+    except (numa.NumaError, MemoryError) as exc:
+        return str(exc)
+    return None
 
 
 def numastat(groups: dict[str, dict], key: str = "measured") -> str:

@@ -86,3 +86,24 @@ def test_real_backend_reports_where_the_pages_are():
     assert numa.policy_of(a.data_ptr()) == (numa.MPOL_BIND, [node])
     del a, b
     assert system.report()["weights"]["measured"] == {}  # freed: not read back
+
+
+@needs_libnuma
+def test_mbind_refused_falls_back_to_plain_with_a_warning(monkeypatch):
+    """libnuma loads but the kernel (or a seccomp filter) refuses mbind: plain allocations, and why."""
+    real = numa.libnuma()
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def mbind(*args):
+            import ctypes
+
+            ctypes.set_errno(1)  # EPERM
+            return -1
+
+    monkeypatch.setattr(numa, "libnuma", lambda: Refusing())
+    system = TierSystem.open("libnuma")
+    assert system.backend == "plain" and "mbind is refused" in system.warnings[0] and "EPERM" in system.warnings[0]
