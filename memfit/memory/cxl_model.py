@@ -12,8 +12,9 @@ measurements behind the paper's "~4x slower once data exceeds ~20M elements".
 
 The model, per update call over n elements whose bytes lie on nodes i in shares f_i:
 
-    t = fixed + n * [h * s_cache + (1 - h) * max_i(f_i * s_i)]
+    t = max_i(fixed_i) + n * [h * s_cache + (1 - h) * max_i(f_i * s_i)]
 
+- `fixed_i` the tier's cost per update call, whatever its size (its latency: the first misses, the set-up);
 - `s_i` (seconds per element streamed from node i; as a bandwidth, 28 bytes of Adam traffic per element
   divided by s_i: read parameter, gradient and both moments, write parameter and moments);
 - the nodes of one call stream in parallel, so the slowest share bounds it (what interleaving shows:
@@ -24,9 +25,9 @@ The model, per update call over n elements whose bytes lie on nodes i in shares 
   trainer passes that instead (`working_set`).
 
 Fitted (relative least squares over the 16 local and CXL points, the cache size by a grid search): local
-274 GB/s, CXL 67.6 GB/s (4.06x slower), cache 12.1M elements, fixed 0.090 ms; RMS relative error 10%. The 1:1
-interleave points, not used in the fit, are predicted within 4% from 67M elements up (+19% at 21M; the
-smallest point, 0.48 ms, sits above both pure placements and is not matched).
+274.6 GB/s and 0.059 ms a call, CXL 67.4 GB/s (4.08x slower) and 0.108 ms a call, cache 12.4M elements; RMS
+relative error 8.6%. The 1:1 interleave points, not used in the fit, are predicted within 4.4% from 67M
+elements up (+20% at 21M; the smallest point, 0.48 ms, sits above both pure placements and is not matched).
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class TierCost:
 
     name: str
     seconds_per_element: float
+    fixed_seconds: float  # per update call: the tier's latency-like cost (the first lines' misses, set-up)
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -69,7 +71,6 @@ class CostModel:
     cxl: TierCost
     cache_elements: float
     seconds_per_cached_element: float
-    fixed_seconds: float
     rms_relative_error: float
 
     def update_seconds(self, n: float, shares: Mapping[str, float], working_set: float | None = None) -> float:
@@ -89,7 +90,8 @@ class CostModel:
         # No faster than all of it from local DRAM: the fitted local rate is the most these cores were seen to
         # stream, and nothing measured says spreading over more devices lifts that ceiling.
         slowest = max(slowest, sum(traffic.values()) / self.local.bandwidth_bytes_per_s)
-        return self.fixed_seconds + n * h * self.seconds_per_cached_element + (1 - h) * slowest
+        fixed = max((self.tier(t).fixed_seconds for t, b in traffic.items() if b > 0), default=0.0)
+        return fixed + n * h * self.seconds_per_cached_element + (1 - h) * slowest
 
     def tier(self, name: str) -> TierCost:
         return self.local if name == "local" else self.cxl  # "cxl", "cxl:K": a device of the fitted kind
@@ -110,20 +112,24 @@ class CostModel:
     def to_json(self) -> dict:
         return {"source": SOURCE, "local_gb_per_s": round(self.local.bandwidth_bytes_per_s / 1e9, 2),
                 "cxl_gb_per_s": round(self.cxl.bandwidth_bytes_per_s / 1e9, 2),
-                "cache_elements": round(self.cache_elements), "fixed_ms": round(self.fixed_seconds * 1e3, 4),
+                "cache_elements": round(self.cache_elements),
+                "local_fixed_ms": round(self.local.fixed_seconds * 1e3, 4),
+                "cxl_fixed_ms": round(self.cxl.fixed_seconds * 1e3, 4),
                 "rms_relative_error": round(self.rms_relative_error, 4), "held_out_interleave": self.validation()}
 
 
 def fit(measured: Mapping[str, Sequence[tuple[int, float]]] = MEASURED) -> CostModel:
-    """Least squares on relative error: for each candidate cache size, the fixed time, cached cost and the two
-    tiers' streaming costs are linear; keep the cache size with the smallest error (all costs >= 0)."""
+    """Least squares on relative error: for each candidate cache size, the two tiers' fixed times, the cached
+    cost and the two tiers' streaming costs are linear; keep the cache size with the smallest error (all
+    costs >= 0)."""
     best = None
     for cache in np.geomspace(1e6, 5e7, 200):
         rows, target = [], []
         for tier_ix, tier in enumerate(("local", "cxl")):
             for n, ms in measured[tier]:
                 over = max(0.0, n - cache)
-                row = [1.0, min(n, cache), over if tier_ix == 0 else 0.0, over if tier_ix == 1 else 0.0]
+                row = [float(tier_ix == 0), float(tier_ix == 1), min(n, cache), over if tier_ix == 0 else 0.0,
+                       over if tier_ix == 1 else 0.0]
                 rows.append(np.array(row) / (ms * 1e-3))
                 target.append(1.0)
         a = np.array(rows)
@@ -135,11 +141,11 @@ def fit(measured: Mapping[str, Sequence[tuple[int, float]]] = MEASURED) -> CostM
             best = (err, cache, x)
     if best is None:
         raise ValueError("no non-negative fit of the CXL cost model to these measurements")
-    err, cache, (fixed, cached, s_local, s_cxl) = best
+    err, cache, (fixed_local, fixed_cxl, cached, s_local, s_cxl) = best
     # The fitted form bills n - cache at the streaming cost; as shares of n (update_seconds) that is the same
     # model with h = cache / n, exactly, for n >= cache.
-    return CostModel(TierCost("local", float(s_local)), TierCost("cxl", float(s_cxl)), float(cache),
-                     float(cached), float(fixed), err)
+    return CostModel(TierCost("local", float(s_local), float(fixed_local)),
+                     TierCost("cxl", float(s_cxl), float(fixed_cxl)), float(cache), float(cached), err)
 
 
 _MODEL: CostModel | None = None
