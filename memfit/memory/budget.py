@@ -120,11 +120,16 @@ def resolve_budget(spec: int | float | str, tier: Tier | str = Tier.HOST, device
 @dataclass
 class MemoryBudget:
     """A byte ledger for one tier. Thread-safe: a background prefault thread may reserve while the
-    engine releases."""
+    engine releases.
+
+    `parent`: a budget this one is a share of (e.g. the KV cache's cap inside the engine's whole-process
+    ledger). A reservation must fit both, and is recorded in both (in the parent under this budget's `name`),
+    so the parent's figures always cover its shares'."""
 
     limit_bytes: int
     tier: Tier = Tier.DEVICE
     name: str = "budget"
+    parent: MemoryBudget | None = None
     _used: int = field(default=0, init=False, repr=False)
     _peak: int = field(default=0, init=False, repr=False)
     _by_owner: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -158,17 +163,26 @@ class MemoryBudget:
         with self._lock:
             if self._used + nbytes > self.limit_bytes:
                 return False
+            if self.parent is not None and not self.parent.try_reserve(nbytes, self.name):
+                return False
             self._used += nbytes
             self._peak = max(self._peak, self._used)
             self._by_owner[owner] = self._by_owner.get(owner, 0) + nbytes
             return True
 
+    @property
+    def free_bytes(self) -> int:
+        """What a reservation could take now: this budget's room, and its parents' room."""
+        free = self.available_bytes
+        return free if self.parent is None else min(free, self.parent.free_bytes)
+
     def reserve(self, nbytes: int, owner: str = "anon") -> None:
         """Reserve or raise `MemoryBudgetExceeded` with the figures a user needs."""
         if not self.try_reserve(nbytes, owner):
+            short = self if self.available_bytes < nbytes or self.parent is None else self.parent
             raise MemoryBudgetExceeded(
-                f"{self.name} ({self.tier.value}): {owner} needs {format_bytes(nbytes)} more but only "
-                f"{format_bytes(self.available_bytes)} of {format_bytes(self.limit_bytes)} is free; "
+                f"{short.name} ({short.tier.value}): {owner} needs {format_bytes(nbytes)} more but only "
+                f"{format_bytes(short.available_bytes)} of {format_bytes(short.limit_bytes)} is free; "
                 "raise the budget or lower the load"
             )
 
@@ -181,3 +195,5 @@ class MemoryBudget:
                 raise ValueError(f"{self.name}: {owner} releases {nbytes} bytes but holds only {held}")
             self._by_owner[owner] = held - nbytes
             self._used -= nbytes
+            if self.parent is not None:
+                self.parent.release(nbytes, self.name)

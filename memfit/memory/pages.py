@@ -6,7 +6,11 @@ example because the runner replaced it with a repacked copy). `drop_file_pages` 
 process no longer needs a tensor's pages (`madvise(MADV_DONTNEED)`): the RSS drops at once, and should
 the tensor be read again its data is simply paged back in from the file.
 
-It refuses anonymous memory, where MADV_DONTNEED would *zero* the data instead of dropping a copy.
+`populate_file_pages` does the opposite: it makes a mapped tensor resident now (`MADV_POPULATE_READ`), so
+what a process holds no longer depends on which rows its lookups happened to touch, and a memory budget that
+counts the tensor in full is exact.
+
+`drop_file_pages` refuses anonymous memory, where MADV_DONTNEED would *zero* the data instead of dropping a copy.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import sys
 import torch
 
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -66,4 +71,20 @@ def drop_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int, str]] | Non
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     if libc.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_DONTNEED) != 0:
         return 0
+    return hi - lo
+
+
+def populate_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int, str]] | None = None) -> int:
+    """Make the pages of a file-backed tensor resident (read them in now). Returns the bytes of address range
+    populated (0 if the tensor is not file-backed). Falls back to reading the tensor where the kernel lacks
+    MADV_POPULATE_READ."""
+    if not is_file_backed(tensor, maps):
+        return 0
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    lo, hi = start // PAGE * PAGE, -(-end // PAGE) * PAGE
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(ctypes.c_void_p(lo), hi - lo, _MADV_POPULATE_READ) != 0:
+        tensor.view(torch.uint8).sum() if tensor.is_contiguous() else tensor.sum()  # touch every page
     return hi - lo

@@ -31,7 +31,15 @@ class EngineConfig:
     dtype: str | None = None  # float32 | bfloat16 | float16; None = the checkpoint's dtype
     device: str = "auto"  # auto = cuda if available, else cpu
     kv_cache: str = "virtual"  # a registered KV manager: virtual (vAttention) | paged (vLLM-style baseline)
-    kv_budget: int | float | str | None = None  # bytes ("2GiB") or a fraction of available memory (0.3, "30%")
+    # The whole process's memory ledger: weights, tokenizer, runtime, the largest step and the KV cache's share
+    # (what is left). Bytes ("2GiB") or a fraction of the memory available at start (0.8, "80%"). None: 90% of
+    # the memory available at start, with the runtime's share not measured (see engine/calibrate.py).
+    memory_budget: int | float | str | None = None
+    kv_budget: int | float | str | None = None  # optional cap on the KV share, bytes or a fraction as above
+    kv_reclaim_watermark: int | float | str = "0"  # idle KV bytes kept committed for reuse (bytes or fraction of the KV share)
+    kv_reclaim_idle_s: float = 10.0  # idle KV pages above the watermark are given back after this many seconds
+    kv_prefault: bool = True  # commit the next pages of a growing sequence on a background thread
+    kv_eager_pages: int | None = None  # pages committed ahead of need (None: 2 on a CPU, 1 on a GPU)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -51,6 +59,15 @@ class EngineConfig:
             raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {self.cpu_linear!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {self.kv_layout!r}")
+        if self.kv_reclaim_idle_s < 0:
+            raise ValueError(f"kv_reclaim_idle_s must be >= 0, got {self.kv_reclaim_idle_s}")
+        if self.kv_eager_pages is not None and self.kv_eager_pages < 0:
+            raise ValueError(f"kv_eager_pages must be >= 0, got {self.kv_eager_pages}")
+        for name in ("memory_budget", "kv_budget"):
+            if getattr(self, name) is not None:
+                parse_budget(getattr(self, name))  # a bad budget fails here, with the rule
+        if self.kv_reclaim_watermark not in ("0", 0):
+            parse_budget(self.kv_reclaim_watermark)
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -71,8 +88,9 @@ class EngineConfig:
     def from_args(cls, args: argparse.Namespace, **overrides: object) -> EngineConfig:
         """The config of parsed `add_engine_args` flags (flags a command does not have keep their default)."""
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-        if values.get("kv_budget") is not None:
-            values["kv_budget"] = parse_budget(values["kv_budget"])  # a bad budget fails here, with the rule
+        for name in ("kv_budget", "memory_budget"):
+            if values.get(name) is not None:
+                values[name] = parse_budget(values[name])  # a bad budget fails here, with the rule
         return cls(**values).with_overrides(**overrides)
 
 
@@ -89,8 +107,19 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                         "other registered in memfit.llm.kv")
     g.add_argument("--kv-layout", default="auto", choices=list(KV_LAYOUTS),
                    help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU)")
+    g.add_argument("--memory-budget", default=None,
+                   help="everything the engine holds (weights, tokenizer, runtime, the largest step, KV): bytes "
+                        "('2GiB') or a fraction of the available memory ('0.5' or '50%%'); default 90%% of it")
     g.add_argument("--kv-budget", default=None,
-                   help="KV memory: bytes ('512MiB') or a fraction of the available memory ('0.3' or '30%%')")
+                   help="optional cap on the KV cache inside the memory budget: bytes ('512MiB') or a fraction ('0.3', '30%%')")
+    g.add_argument("--kv-reclaim-watermark", default="0",
+                   help="idle KV memory kept committed for reuse: bytes or a fraction of the KV share (default 0)")
+    g.add_argument("--kv-reclaim-idle-s", type=float, default=10.0,
+                   help="seconds before idle KV pages above the watermark are given back (default 10)")
+    g.add_argument("--no-kv-prefault", dest="kv_prefault", action="store_false",
+                   help="commit KV pages only when needed, in the scheduler (default: ahead, on a background thread)")
+    g.add_argument("--kv-eager-pages", type=int, default=None,
+                   help="KV pages committed ahead of need per sequence (default 2 on a CPU, 1 on a GPU)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
                    help=f"sequences decoded at once (default {max_num_seqs})")

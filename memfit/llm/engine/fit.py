@@ -1,29 +1,24 @@
 """`memfit fit`: predict the memory a model needs for a context length and batch, before loading it.
 
-The prediction has four parts, each a readable formula:
-- weights: parameters x itemsize (tied embeddings counted once);
-- KV cache: batch x context x (2 x layers x kv_heads x head_dim x itemsize), rounded up to the cache's
-  commit granularity (a 4 KiB page per layer for K and V per sequence with the virtual cache);
-- activations: the peak of one engine step, dominated by a prefill chunk of `chunk` tokens: the residual
-  stream and norms (several (chunk, hidden) tensors), q/k/v/o (chunk x heads x head_dim), the MLP's
-  gate/up/act intermediates (3 x chunk x intermediate), the attention scores of the chunk against its
-  context (heads x chunk x context, float32), and the float32 logits of the sampled rows;
-- workspace: RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16, the runner's decode-attention
-  workspace: one layer's K and V of the decode batch copied head-major (2 x batch x context x kv_heads x
-  head_dim x itemsize; `attention.Workspace`, kept between steps).
-The runtime itself (Python, torch's libraries) is not part of the prediction: `fit` measures and reports
-it separately because it does not depend on the model.
+The prediction is the engine's own ledger (engine/accounting.py), added up for a workload instead of
+reserved: weights as the chosen backend holds them, the tokenizer, the runtime's measured share
+(engine/calibrate.py), the step reservation (activations, logits, workspace) and the KV cache. `total_bytes`
+is what the process adds after torch and memfit are imported; the import itself is `runtime_baseline_bytes`,
+reported beside it.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from memfit.llm.engine.accounting import (activation_bytes, kv_cache_bytes, tokenizer_bytes, weights_bytes,
+                                          workspace_bytes)
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
 
-PAGE = 4096
+__all__ = ["FitBreakdown", "activation_bytes", "fit_report", "kv_cache_bytes", "predict"]
 
 
 @dataclass
@@ -32,12 +27,17 @@ class FitBreakdown:
     kv_bytes: int
     activation_bytes: int
     workspace_bytes: int
+    tokenizer_bytes: int = 0
+    runtime_bytes: int = 0
+    runtime_baseline_bytes: int = 0  # importing torch and memfit: reported, not part of total_bytes
+    cpu_linear: str | None = None
     kv_budget_bytes: int | None = None
     memory_limit_bytes: int | None = None
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
+        return (self.weights_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
+                + self.tokenizer_bytes + self.runtime_bytes)
 
     @property
     def kv_fits(self) -> bool:
@@ -53,28 +53,6 @@ class FitBreakdown:
         return d
 
 
-def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int) -> int:
-    """Committed KV bytes for `batch` sequences of `context_len` tokens in the virtual cache: each
-    (layer, K|V) segment of a sequence is committed in whole pages."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    row = cfg.num_key_value_heads * cfg.head_dim * itemsize  # one token of K (or V) in one layer
-    per_segment = -(-context_len * row // PAGE) * PAGE
-    return batch * 2 * cfg.num_hidden_layers * per_segment
-
-
-def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    residual = 4 * chunk * h * itemsize + chunk * h * 4  # x, normed x, attn out, mlp out; float32 norm
-    attn = chunk * (2 * q + 2 * kv) * itemsize  # q, k, v, attention output
-    scores = cfg.num_attention_heads * chunk * context_len * 4  # float32 scores of the chunk
-    mlp = 3 * chunk * i * itemsize  # gate, up, silu(gate) * up
-    logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
-    return residual + attn + scores + mlp + logits
-
-
 def predict(
     cfg: ModelConfig,
     dtype: torch.dtype,
@@ -83,33 +61,82 @@ def predict(
     chunk: int = 512,
     kv_budget: int | None = None,
     memory_limit: int | None = None,
+    *,
+    cpu_linear: str | None = None,
+    device_type: str = "cpu",
+    mapped: bool = True,
+    model_dir: str | Path | None = None,
+    runtime: dict | None = None,
 ) -> FitBreakdown:
+    """The engine's ledger for `batch` sequences of `context_len` tokens, prefilled `chunk` tokens a step.
+
+    cpu_linear: the backend the engine would pick (`memfit.llm.kernels.backends.choose_cpu_linear`); mapped:
+    the checkpoint is stored in `dtype`; model_dir: for the tokenizer's size; runtime: `calibrate.runtime_bytes`
+    (None: not counted)."""
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    weights = cfg.num_parameters() * itemsize
+    runtime = runtime or {}
     return FitBreakdown(
-        weights_bytes=weights,
+        weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len, batch),
         activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch),
-        workspace_bytes=2 * cfg.max_position_embeddings * cfg.head_dim * itemsize
-        + (0 if dtype == torch.float32 else 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize),
+        workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch),
+        tokenizer_bytes=tokenizer_bytes(model_dir),
+        runtime_bytes=int(runtime.get("runtime_bytes", 0)),
+        runtime_baseline_bytes=int(runtime.get("runtime_baseline_bytes", 0)),
+        cpu_linear=cpu_linear,
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
     )
 
 
-def fit_report(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, kv_budget: int | None = None,
-               memory_limit: int | None = None, chunk: int = 512) -> str:
-    b = predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit)
+def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chunk: int = 512,
+                       dtype: torch.dtype | None = None, cpu_linear: str = "auto", prepack: bool = True,
+                       cpu_kernels: bool = True, device: str = "cpu", measure_runtime: bool = True,
+                       kv_budget: int | None = None, memory_limit: int | None = None) -> FitBreakdown:
+    """`predict` with the choices an engine would make for this model directory and options."""
+    from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
+    from memfit.llm.models.config import parse_dtype
+    from memfit.llm.models.loader import resolve_model_path
+
+    model_dir = resolve_model_path(model_dir)
+    cfg = ModelConfig.from_dir(model_dir)
+    stored = parse_dtype(cfg.torch_dtype)
+    dtype = dtype or stored
+    dev = torch.device(device)
+    linear = choose_cpu_linear(BackendOptions(max_num_seqs=batch, prepack=prepack, cpu_linear=cpu_linear,
+                                              cpu_kernels=cpu_kernels), dev, dtype)
+    runtime = None
+    if measure_runtime:
+        from memfit.llm.engine.calibrate import runtime_bytes
+
+        runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu")
+    return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
+                   device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime)
+
+
+def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:
     lines = [
-        f"memory needed for batch {batch} x {context_len} tokens ({str(dtype).replace('torch.', '')}):",
+        f"memory needed for batch {batch} x {context_len} tokens ({str(dtype).replace('torch.', '')}"
+        + (f", {b.cpu_linear} linears" if b.cpu_linear else "") + "):",
         f"  weights      {format_bytes(b.weights_bytes):>12}",
         f"  KV cache     {format_bytes(b.kv_bytes):>12}" + (
-            f"   (budget {format_bytes(kv_budget)}: {'fits' if b.kv_fits else 'does NOT fit'})" if kv_budget else ""),
+            f"   (budget {format_bytes(b.kv_budget_bytes)}: {'fits' if b.kv_fits else 'does NOT fit'})"
+            if b.kv_budget_bytes else ""),
         f"  activations  {format_bytes(b.activation_bytes):>12}",
         f"  workspace    {format_bytes(b.workspace_bytes):>12}",
+        f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}",
+        f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured)",
         f"  total        {format_bytes(b.total_bytes):>12}" + (
-            f"   (limit {format_bytes(memory_limit)}: {'fits' if b.fits else 'does NOT fit'})" if memory_limit else ""),
+            f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
+            if b.memory_limit_bytes else ""),
+        f"  (importing torch and memfit: {format_bytes(b.runtime_baseline_bytes)}, not in the total)"
+        if b.runtime_baseline_bytes else "",
     ]
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
+
+
+def fit_report(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, kv_budget: int | None = None,
+               memory_limit: int | None = None, chunk: int = 512, **kw) -> str:
+    b = predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, **kw)
+    return format_report(b, dtype, context_len, batch)

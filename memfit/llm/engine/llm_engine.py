@@ -8,9 +8,11 @@ reaches the engine only through the `EngineClient` calls (engine/protocol.py).
 from __future__ import annotations
 
 import itertools
+import logging
 
 import torch
 
+from memfit.llm.engine import accounting
 from memfit.llm.engine.config import KV_LAYOUTS, EngineConfig
 from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
@@ -20,14 +22,18 @@ from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 from memfit.llm.engine.textstream import TextStream
-from memfit.llm.kernels.backends import BackendOptions, prepare_model
+from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
 from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
-from memfit.llm.models.config import parse_dtype
+from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
-from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes, resolve_budget
+from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
+                                  parse_budget, resolve_budget)
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
+
+log = logging.getLogger(__name__)
+DEFAULT_MEMORY_FRACTION = 0.9  # the ledger without --memory-budget: this share of the memory available at start
 
 
 class LLMEngine:
@@ -43,17 +49,25 @@ class LLMEngine:
                                          cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels)
         self.device = config.resolved_device()
         path = resolve_model_path(config.model)
-        dtype = parse_dtype(config.dtype) if config.dtype else None
+        # The ledger first, from the memory available *before* loading: every part is reserved in it before
+        # it is allocated, and a model that cannot fit is refused before a byte of it is read.
+        self.ledger = MemoryBudget(self._ledger_bytes(), Tier.DEVICE, name="memory_budget")
+        stored = ModelConfig.from_dir(path)
+        dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
+        self.memory_plan = self._plan_memory(path, stored, dtype, backend_options)
+        self._reserve_fixed(self.memory_plan, stored, dtype)
         self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
         self.dtype = next(self.model.parameters()).dtype
         self.backends = prepare_model(self.model, backend_options, self.device)
         self.tokenizer = Tokenizer.from_dir(path)
         mc = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
-        self.kv_budget = MemoryBudget(self._budget_bytes(), Tier.DEVICE, name="kv_budget")
+        # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
+        self.kv_budget = MemoryBudget(self._kv_share_bytes(), Tier.DEVICE, name="kv_budget", parent=self.ledger)
+        self.kv_reclaim_watermark = self._watermark_bytes()
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
-                                          token_major=KV_LAYOUTS[config.kv_layout])
+                                          token_major=KV_LAYOUTS[config.kv_layout], prefault=config.kv_prefault,
+                                          eager_pages=config.kv_eager_pages)
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
@@ -71,6 +85,7 @@ class LLMEngine:
         self._counter = itertools.count()
         self.num_steps = 0
         self.num_generated_tokens = 0
+        self.prefault_failures = 0
         self.timeline = None
         if config.timeline:
             from memfit.memory.measure import MemoryTimeline
@@ -81,13 +96,73 @@ class LLMEngine:
     def model_info(self) -> ModelInfo:
         return self._model_info
 
-    def _budget_bytes(self) -> int:
+    # ---- the memory ledger ------------------------------------------------------------------------------
+    def _ledger_bytes(self) -> int:
+        if self.config.memory_budget is not None:
+            return resolve_budget(self.config.memory_budget, Tier.DEVICE, str(self.device))
+        return max(1, int(DEFAULT_MEMORY_FRACTION * available_memory(Tier.DEVICE, str(self.device))))
+
+    def _plan_memory(self, path, stored: ModelConfig, dtype: torch.dtype, options: BackendOptions) -> accounting.MemoryPlan:
+        """What the ledger will hold besides the KV cache, from the same formulas `memfit fit` adds up."""
         cfg = self.config
+        self.max_model_len = min(cfg.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
+        cpu_linear = choose_cpu_linear(options, self.device, dtype)
+        runtime = {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
+        if cfg.memory_budget is not None:  # a bound the user asked for: measure the runtime's share (cached)
+            from memfit.llm.engine.calibrate import runtime_bytes
+
+            kernels = options.cpu_kernels and self.device.type == "cpu"
+            runtime = runtime_bytes(self.device.type, str(dtype).removeprefix("torch."), cpu_linear, kernels)
+        return accounting.MemoryPlan(
+            weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, self.device.type,
+                                                   mapped=parse_dtype(stored.torch_dtype) == dtype),
+            tokenizer_bytes=accounting.tokenizer_bytes(path),
+            runtime_bytes=runtime["runtime_bytes"],
+            step_bytes=accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, self.max_model_len,
+                                             cfg.max_num_seqs),
+            kv_bytes=0,
+            runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
+        )
+
+    def _reserve_fixed(self, plan: accounting.MemoryPlan, stored: ModelConfig, dtype: torch.dtype) -> None:
+        parts = {"weights": plan.weights_bytes, "tokenizer": plan.tokenizer_bytes, "runtime": plan.runtime_bytes,
+                 "step": plan.step_bytes}
+        one_page = 4096  # at least some KV: a model that fits with no room for a token is of no use
+        if plan.fixed_bytes + one_page > self.ledger.limit_bytes:
+            shown = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
+            raise MemoryBudgetExceeded(
+                f"the memory budget ({format_bytes(self.ledger.limit_bytes)}) is too small for this model and "
+                f"configuration: {shown} leave no room for the KV cache. Raise --memory-budget, or lower "
+                "--max-num-batched-tokens / --max-model-len / --max-num-seqs (the step reservation), or use a "
+                "smaller dtype (`memfit fit` shows the breakdown)."
+            )
+        for owner, nbytes in parts.items():
+            self.ledger.reserve(nbytes, owner)
+
+    def _kv_share_bytes(self) -> int:
+        cfg = self.config
+        left = self.ledger.available_bytes
         if cfg.kv_budget is not None:
-            return resolve_budget(cfg.kv_budget, Tier.DEVICE, str(self.device))
-        # Default: room for every sequence slot at full length, but never more than 40% of what is free.
-        full = cfg.max_num_seqs * self.max_model_len * self.layout.bytes_per_token
-        return max(1, min(full, int(0.4 * available_memory(Tier.DEVICE, str(self.device)))))
+            cap = resolve_budget(cfg.kv_budget, Tier.DEVICE, str(self.device))
+        else:  # room for every sequence slot at full length
+            cap = cfg.max_num_seqs * self.max_model_len * self.layout.bytes_per_token
+        return max(1, min(cap, left))
+
+    def _watermark_bytes(self) -> int:
+        spec = self.config.kv_reclaim_watermark
+        if spec in ("0", 0):
+            return 0
+        value = parse_budget(spec)
+        return int(value * self.kv_budget.limit_bytes) if isinstance(value, float) else value
+
+    def maintain(self, now: float | None = None) -> None:
+        """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
+        back KV pages idle past the watermark for `kv_reclaim_idle_s`, and report failed background commits."""
+        failures = self.kv.take_prefault_failures()
+        if failures:
+            self.prefault_failures += len(failures)
+            log.warning("%d background KV commit(s) failed and were rolled back: %s", len(failures), failures[0])
+        self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -151,12 +226,11 @@ class LLMEngine:
         total = min(prompt_len + params.max_tokens, self.max_model_len)
         need = self.kv.bytes_needed(total)
         if need > self.kv_budget.limit_bytes:
-            from memfit.llm.engine.fit import fit_report
-
-            report = fit_report(self.model_config, self.dtype, context_len=total, batch=1, kv_budget=self.kv_budget.limit_bytes)
+            held = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.ledger.by_owner().items() if k != "kv_budget")
             raise MemoryBudgetExceeded(
-                f"one sequence of {total} tokens needs {format_bytes(need)} of KV cache but the KV budget is "
-                f"{format_bytes(self.kv_budget.limit_bytes)}; raise --kv-budget or lower max_tokens.\n{report}"
+                f"one sequence of {total} tokens needs {format_bytes(need)} of KV cache but the KV cache's share is "
+                f"{format_bytes(self.kv_budget.limit_bytes)} (memory budget {format_bytes(self.ledger.limit_bytes)}, "
+                f"of which {held}); raise --memory-budget (or --kv-budget) or lower max_tokens"
             )
 
     def _adopt_session_kv(self, seq: Sequence) -> None:
@@ -198,6 +272,7 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.maintain()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -259,6 +334,9 @@ class LLMEngine:
             "kv_waste_bytes": st.waste_bytes, "kv_budget_bytes": st.budget_bytes, "tokens_held": st.tokens_held,
             "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
             "workspace_bytes": self.runner.workspace.nbytes,
+            "memory_budget_bytes": self.ledger.limit_bytes, "memory_reserved_bytes": self.ledger.used_bytes,
+            "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
+            "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
         }
 
     def close(self) -> None:

@@ -56,6 +56,10 @@ class EngineClient(Protocol):
     def abort(self, request_id: str) -> None:
         """Stop a request and free its memory; an unknown or finished id is ignored."""
 
+    def maintain(self) -> None:
+        """Housekeeping while idle (the server calls it about once a second with nothing to run): give back
+        memory idle past its watermark, report background failures."""
+
     def stats(self) -> dict[str, Any]:
         """A snapshot for /metrics: queue lengths, KV bytes, steps, tokens (a fresh dict every call)."""
 

@@ -11,6 +11,8 @@ Each step:
 2. then waiting sequences, first come first served, while the step's token budget, the sequence limit
    and KV memory allow; a long prompt is split into chunks across steps (chunked prefill).
 KV kept from finished conversation turns (`retained`) is the first thing given up under pressure.
+A commit the OS or driver refuses (the budget allowed it, the memory was not there) is local: the sequence
+that asked waits, or is preempted itself; no other sequence is preempted for it.
 """
 from __future__ import annotations
 
@@ -127,6 +129,10 @@ class Scheduler:
                     return True
             elif self.kv.try_allocate(seq.seq_id, num_tokens):
                 return True
+            if self.kv.last_refused:
+                # The OS or driver refused memory the budget allowed: this sequence waits (or is preempted)
+                # and no other is touched for it.
+                return False
             if self._evict_retained():
                 continue
             if may_preempt and self._preempt_newest(out, keep=seq):

@@ -104,6 +104,15 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.models.packing import pack_linears_for_cpu
 
         chosen.num_packed_linears = pack_linears_for_cpu(model)
+    if device.type == "cpu":
+        # Weights still mapped from the checkpoint (an untied embedding, norms, the row-major kernel's
+        # matrices) are made resident now: the memory ledger counts them in full, and decode then never
+        # faults a page in from the file.
+        from memfit.memory.pages import file_mappings, populate_file_pages
+
+        maps = file_mappings()
+        for p in list(model.parameters()):
+            populate_file_pages(p.detach(), maps)
     if options.cpu_kernels and device.type == "cpu":
         from memfit.llm.kernels.decode import CpuDecodeOps
 

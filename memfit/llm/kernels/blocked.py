@@ -132,6 +132,37 @@ class BlockedLinear(nn.Module):
                 f"kernel=memfit blocked (nb={self.nb})")
 
 
+class BlockedEmbedding(nn.Module):
+    """Token embedding looked up in a tied head's packed weight, so a tied matrix is held once (packed).
+
+    The blocked layout is out[p][s][c][e] = W[p * nb + c][s * span + e] (cpu_blocked.cpp), so row v of W is
+    packed[v // nb, :, v % nb, :] flattened: one gather of K elements per token, no unpacking of the matrix.
+    ids: (N,) -> (N, K)."""
+
+    def __init__(self, head: BlockedLinear) -> None:
+        super().__init__()
+        self.head = head  # shares the packed tensor; not a submodule copy (BlockedLinear holds no Parameter)
+        self.num_embeddings, self.embedding_dim, self.nb = head.out_features, head.in_features, head.nb
+        span = 2 if head.dtype == torch.bfloat16 else 1
+        steps = -(-head.in_features // span)
+        panels = -(-head.out_features // head.nb)
+        self._panels = head.packed.view(panels, steps, head.nb, span)  # (P, S, nb, span), a view
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        rows = self._panels[ids // self.nb, :, ids % self.nb, :]  # (N, S, span)
+        return rows.reshape(*ids.shape, -1)[..., : self.embedding_dim]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The matrix in row-major form (a new tensor): for code that reads embed_tokens.weight."""
+        return self.head.unpack_weight()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, looked up in the packed lm_head"
+
+
 def _available(dtype: torch.dtype) -> _Fns:
     """The kernel's functions for `dtype`, or a RuntimeError saying why this machine can't run them."""
     fns = _functions(dtype)
@@ -181,9 +212,11 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool
     parameters, and the row-major kernel is 2.4x slower than the blocked one at 8 rows). An embedding in
     ordinary memory (e.g. converted to another dtype at load) keeps its head row-major: wrap it zero-copy
     afterwards with `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers left."""
-    params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or not can_use_blocked(params[0].dtype):
+    first = next(model.parameters(), None)  # not a list of them all: it would keep every replaced weight alive
+    if first is None or first.device.type != "cpu" or not can_use_blocked(first.dtype):
         return 0
+    dtype = first.dtype
+    del first
     from memfit.memory.pages import drop_file_pages, file_mappings, is_file_backed
 
     embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -191,7 +224,7 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool
     todo = []
     for _, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.weight.dtype != params[0].dtype:
+            if not isinstance(child, nn.Linear) or child.weight.dtype != dtype:
                 continue
             w = child.weight.detach()
             if any(_shares_storage(w, e) for e in embeddings) and not is_file_backed(w, maps):
@@ -202,10 +235,35 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool
     # Every packed weight in one huge-page arena, in the order a decode step reads them; packed one at a
     # time, each checkpoint matrix's pages given back at once, so at most one matrix is held twice.
     arena = blocked_arena([child for _, _, child in todo], nb, huge_pages)
-    for parent, name, child in todo:
+    count = len(todo)
+    todo.reverse()
+    while todo:  # popped, so the last reference to a replaced weight (e.g. a fused copy) goes at once
+        parent, name, child = todo.pop()
         w = child.weight.detach()
         setattr(parent, name, BlockedLinear(child, nb, out=arena.take(packed_numel(child, nb), w.dtype)))
         drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
+        del parent, child, w
+    _embed_from_packed_head(model, embeddings, maps)
     log.info("blocked kernel: %d weights packed into one %.1f MiB arena, %.1f MiB of it on huge pages (THP: %s)",
-             len(todo), arena.used_bytes / 2**20, arena.huge_page_bytes() / 2**20, transparent_huge_pages())
-    return len(todo)
+             count, arena.used_bytes / 2**20, arena.huge_page_bytes() / 2**20, transparent_huge_pages())
+    return count
+
+
+def _embed_from_packed_head(model: nn.Module, embeddings: list[torch.Tensor], maps: list) -> None:
+    """A tied head now packed: look tokens up in it (BlockedEmbedding) and let go of the row-major matrix, whose
+    mapped pages are given back, so the matrix is held once and the resident memory does not depend on which
+    rows the tokens touched (the memory ledger counts weights exactly)."""
+    inner = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    emb = getattr(inner, "embed_tokens", None)
+    if not (isinstance(head, BlockedLinear) and isinstance(emb, nn.Embedding)
+            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)):
+        return
+    if (emb.num_embeddings, emb.embedding_dim) != (head.out_features, head.in_features) or emb.weight.dtype != head.dtype:
+        return
+    from memfit.memory.pages import drop_file_pages
+
+    w = emb.weight.detach()
+    inner.embed_tokens = BlockedEmbedding(head)
+    embeddings.clear()  # the caller's list held the matrix too
+    drop_file_pages(w, maps)

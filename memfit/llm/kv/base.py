@@ -107,6 +107,9 @@ class KVCacheManager(ABC):
 
     def __init__(self, layout: KVLayout, budget: MemoryBudget) -> None:
         self.layout, self.budget = layout, budget
+        # Set by the last try_allocate/try_grow that failed because the OS or driver refused memory the budget
+        # allowed (not because the budget was short): freeing other sequences' budget would not help it.
+        self.last_refused = False
         self._seqs: dict[int, SeqRecord] = {}
         self._lock = threading.RLock()  # background work (the virtual cache's prefaulter) takes it too
 
@@ -116,9 +119,10 @@ class KVCacheManager(ABC):
             raise TypeError(f"{cls.__qualname__} declares fixed_stride but does not define strided() and slot_of()")
 
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict[str, Any]:
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+                       prefault: bool = True, eager_pages: int | None = None) -> dict[str, Any]:
         """The constructor options this manager takes from the engine's config (EngineConfig's max_num_seqs,
-        block_size and kv_layout): each manager picks what applies to it."""
+        block_size, kv_layout, kv_prefault and kv_eager_pages): each manager picks what applies to it."""
         return {}
 
     # ---- scheduler side: bookkeeping, no tensors -------------------------------------------------
@@ -126,6 +130,7 @@ class KVCacheManager(ABC):
         """Start `seq_id` with capacity for `num_tokens` tokens if memory allows; otherwise change nothing
         and return False. Raises KVCacheError if `seq_id` is already held or the length is out of range."""
         with self._lock:
+            self.last_refused = False
             if seq_id in self._seqs:
                 raise KVCacheError(f"sequence {seq_id} is already allocated")
             self._check_len(num_tokens)
@@ -140,6 +145,7 @@ class KVCacheManager(ABC):
         """Make `seq_id`'s capacity reach `num_tokens` total tokens (True at once if it already does), or
         change nothing and return False."""
         with self._lock:
+            self.last_refused = False
             record = self._seq(seq_id)
             self._check_len(num_tokens)
             if not self._try_extend(record, num_tokens):
@@ -185,6 +191,15 @@ class KVCacheManager(ABC):
     def reclaim(self, nbytes: int | None = None) -> int:
         """Give back memory held for reuse but by no sequence (all of it by default); returns the bytes."""
         return 0
+
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+        """Give back memory idle for `idle_s` seconds beyond `watermark_bytes` (managers that keep freed memory
+        for reuse override this); returns the bytes."""
+        return 0
+
+    def take_prefault_failures(self) -> list[str]:
+        """Background commits that failed since the last call, each rolled back (managers with a prefaulter)."""
+        return []
 
     def sync(self) -> None:
         """Wait for background work (tests and benchmarks call this before reading stats)."""

@@ -48,7 +48,8 @@ class PagedPlan:
 @register_kv_cache("paged")
 class PagedKVCache(KVCacheManager):
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict:
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+                       prefault: bool = True, eager_pages: int | None = None) -> dict:
         return {"block_size": block_size}  # the pool takes what the budget holds, as vLLM sizes it
 
     def __init__(

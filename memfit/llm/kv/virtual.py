@@ -37,6 +37,8 @@ capacity asked for but not yet written, plus idle reclaimable slots.
 from __future__ import annotations
 
 import heapq
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +47,9 @@ import torch
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
 from memfit.llm.kv.registry import register_kv_cache
 from memfit.memory.budget import MemoryBudget
-from memfit.memory.vmem import VirtualArena
+from memfit.memory.vmem import VirtualArena, VirtualMemoryError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,8 +72,10 @@ class VirtualPlan:
 class VirtualKVCache(KVCacheManager):
     fixed_stride = True  # K[l][slot, pos]: one strided view per layer
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None) -> dict:
-        return {"max_seqs": max_num_seqs, "token_major": token_major}  # a slot of virtual space per sequence
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+                       prefault: bool = True, eager_pages: int | None = None) -> dict:
+        # a slot of virtual space per sequence
+        return {"max_seqs": max_num_seqs, "token_major": token_major, "prefault": prefault, "eager_pages": eager_pages}
 
     def __init__(
         self,
@@ -97,8 +103,9 @@ class VirtualKVCache(KVCacheManager):
         self.page = self.arena.page_size
         assert self.page == probe_page
         self.seg_pages = self.seg_bytes // self.page
-        # 4 KiB CPU pages are cheap to commit ahead; a 2 MiB GPU page already holds thousands of tokens.
-        self.eager_pages = eager_pages if eager_pages is not None else (2 if layout.device.type == "cpu" else 0)
+        # 4 KiB CPU pages are cheap to commit ahead; a 2 MiB GPU page already holds thousands of tokens, so one
+        # page ahead is enough there to keep the driver's map calls off the scheduler's path.
+        self.eager_pages = eager_pages if eager_pages is not None else (2 if layout.device.type == "cpu" else 1)
         if self.eager_pages < 0:
             raise ValueError(f"eager_pages must be >= 0, got {eager_pages}")
         # Per layer: K, V as (max_seqs, max_seq_len, Hkv, D) views with a page-aligned slot stride.
@@ -114,6 +121,9 @@ class VirtualKVCache(KVCacheManager):
         self._pending = [0] * max_seqs  # highest page target queued on the prefault thread
         self._empty = list(range(max_seqs))  # heap: free slots holding no pages
         self._idle: set[int] = set()  # free slots holding pages (deferred reclamation)
+        self._idle_since: dict[int, float] = {}  # idle slot -> when it went idle (time.monotonic)
+        self.commit_failures = 0  # commits the OS or driver refused (the sequence waited; nothing else failed)
+        self._prefault_failures: list[str] = []  # background commits that failed, until the engine takes them
         self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
         self._prefault = prefault and self.eager_pages > 0  # the prefault thread takes self._lock too
         self._closed = False
@@ -167,6 +177,7 @@ class VirtualKVCache(KVCacheManager):
             return None  # every slot holds a live sequence (max_seqs), or the budget is short
         if slot in self._idle:
             self._idle.discard(slot)
+            self._idle_since.pop(slot, None)
         else:
             self._empty.remove(slot)
             heapq.heapify(self._empty)
@@ -189,6 +200,7 @@ class VirtualKVCache(KVCacheManager):
         self._pending[record.slot] = 0
         if self._pages[record.slot]:
             self._idle.add(record.slot)  # keep the pages: the next sequence reuses them
+            self._idle_since[record.slot] = time.monotonic()
         else:
             heapq.heappush(self._empty, record.slot)
 
@@ -219,7 +231,15 @@ class VirtualKVCache(KVCacheManager):
                 return False
             self._reclaim(short, exclude=slot)
         # The budget's other owners (if any) may have taken what was free: the commit itself is all or nothing.
-        if not self.arena.try_commit_many(self._ranges(slot, have, need)):
+        # The OS or the driver may still refuse memory the budget allowed (another process took it): the arena
+        # has rolled back, and the sequence that asked waits or is preempted like any other that does not fit.
+        try:
+            if not self.arena.try_commit_many(self._ranges(slot, have, need)):
+                return False
+        except VirtualMemoryError as exc:
+            self.commit_failures += 1
+            self.last_refused = True
+            log.warning("KV commit of %d pages refused: %s; the sequence waits", need - have, exc)
             return False
         self._pages[slot] = need
         return True
@@ -230,8 +250,11 @@ class VirtualKVCache(KVCacheManager):
         if target <= max(self._pages[slot], self._pending[slot]):
             return
         if not self._prefault:
-            if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
-                self._pages[slot] = target
+            try:
+                if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
+                    self._pages[slot] = target
+            except VirtualMemoryError:
+                self.commit_failures += 1  # ahead pages are optional: the next grow commits what it needs
             return
         self._pending[slot] = target
         gen = self._gen[slot]
@@ -240,10 +263,15 @@ class VirtualKVCache(KVCacheManager):
             with self._lock:
                 if self._closed or self._gen[slot] != gen or self._pages[slot] >= target:
                     return
-                if self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target)):
+                try:
+                    ok = self.arena.try_commit_many(self._ranges(slot, self._pages[slot], target))
+                except Exception as exc:  # noqa: BLE001 - reported to the engine, never lost on this thread
+                    ok = False
+                    self._prefault_failures.append(f"{type(exc).__name__}: {exc}")
+                if ok:
                     self._pages[slot] = target
-                else:
-                    self._pending[slot] = self._pages[slot]  # no room: drop the queued reservation
+                else:  # no room, or refused: drop the queued reservation (the arena rolled its budget back)
+                    self._pending[slot] = self._pages[slot]
 
         self.arena.prefaulter.submit(job)
 
@@ -254,11 +282,37 @@ class VirtualKVCache(KVCacheManager):
                 break
             if slot == exclude:
                 continue
-            freed += self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
-            self._pages[slot] = 0
-            self._idle.discard(slot)
-            heapq.heappush(self._empty, slot)
+            freed += self._decommit_idle(slot)
         return freed
+
+    def _decommit_idle(self, slot: int) -> int:
+        freed = self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+        self._pages[slot] = 0
+        self._idle.discard(slot)
+        self._idle_since.pop(slot, None)
+        heapq.heappush(self._empty, slot)
+        return freed
+
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+        """Give back idle slots that have been idle for `idle_s` seconds or more, oldest first, while the idle
+        bytes exceed `watermark_bytes`; returns the bytes given back. Recently freed slots stay for reuse."""
+        now = time.monotonic() if now is None else now
+        freed = 0
+        with self._lock:
+            for slot in sorted(self._idle, key=lambda s: self._idle_since.get(s, now)):
+                if self._reclaimable() <= watermark_bytes:
+                    break
+                if now - self._idle_since.get(slot, now) >= idle_s:
+                    freed += self._decommit_idle(slot)
+            if not self._seqs and not self._idle:
+                self.arena.drop_scratch()
+        return freed
+
+    def take_prefault_failures(self) -> list[str]:
+        """Background commits that failed since the last call (each rolled back; the engine reports them)."""
+        with self._lock:
+            failures, self._prefault_failures = self._prefault_failures, []
+            return failures
 
     def reclaim(self, nbytes: int | None = None) -> int:
         """Decommit idle slots (all of them by default); returns the bytes given back."""

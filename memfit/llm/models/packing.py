@@ -78,23 +78,24 @@ def can_pack_for_cpu(dtype: torch.dtype) -> bool:
 def pack_linears_for_cpu(model: nn.Module) -> int:
     """Replace the model's nn.Linear layers by PackedLinear (CPU, float32/bfloat16). Returns how many
     were packed; 0 when the platform can't (the model is then left untouched)."""
-    params = list(model.parameters())
-    if not params or params[0].device.type != "cpu":
+    first = next(model.parameters(), None)  # not a list of them all: it would keep every replaced weight alive
+    if first is None or first.device.type != "cpu" or not can_pack_for_cpu(first.dtype):
         return 0
-    if not can_pack_for_cpu(params[0].dtype):
-        return 0
+    del first
     from memfit.memory.pages import drop_file_pages, file_mappings, is_file_backed
 
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     maps = file_mappings()
+    # (parent, name) pairs only: a list of the modules themselves would keep every replaced weight alive
+    todo = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+            if isinstance(child, nn.Linear)]
     count = 0
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if tied and name == "lm_head" and parent is model and not is_file_backed(child.weight.detach(), maps):
-                continue  # packing would hold the embedding matrix twice
-            setattr(parent, name, PackedLinear(child))
-            drop_file_pages(child.weight.detach(), maps)
-            count += 1
+    for parent, name in todo:
+        child = getattr(parent, name)
+        if tied and name == "lm_head" and parent is model and not is_file_backed(child.weight.detach(), maps):
+            continue  # packing would hold the embedding matrix twice
+        setattr(parent, name, PackedLinear(child))
+        drop_file_pages(child.weight.detach(), maps)
+        del child  # the parent no longer holds it: its weight (e.g. a fused copy) goes now
+        count += 1
     return count

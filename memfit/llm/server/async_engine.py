@@ -32,7 +32,7 @@ from memfit.llm.server.metrics import ServerMetrics
 log = logging.getLogger("memfit.server")
 # The calls the server makes (memfit.llm.engine.protocol.EngineClient); named in the error for a wrong engine.
 _ENGINE_CLIENT_CALLS = ("model_info", "validate", "max_new_tokens", "add_request", "step", "has_unfinished_requests",
-                        "abort", "stats", "close")
+                        "abort", "maintain", "stats", "close")
 
 
 class EngineNotReady(RuntimeError):
@@ -187,6 +187,7 @@ class AsyncEngine:
                     self._step()
                 else:
                     self._wake.wait(timeout=1.0)
+                    self._maintain()  # idle: give back KV pages idle past the watermark
                 self._publish_stats()
         finally:
             self._shutdown_engine()
@@ -286,6 +287,12 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add) and not cmd.future.done():
                 cmd.future.set_exception(exc)
+
+    def _maintain(self) -> None:
+        try:
+            self.engine.maintain()
+        except Exception:  # noqa: BLE001 - housekeeping must never take the loop down
+            log.exception("engine housekeeping failed")
 
     def _publish_stats(self) -> None:
         try:

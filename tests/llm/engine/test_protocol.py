@@ -35,7 +35,7 @@ def test_validate_refuses_what_add_request_refuses_and_changes_nothing(engine):
         engine.validate([engine.model_info.vocab_size], SamplingParams())
     with pytest.raises(RequestError, match="context"):
         engine.validate([1] * 256, SamplingParams())
-    with pytest.raises(MemoryBudgetExceeded, match="KV budget"):
+    with pytest.raises(MemoryBudgetExceeded, match="KV cache's share"):
         engine.validate([1] * 10, SamplingParams(max_tokens=240))  # 250 tokens of KV > 64 KiB
     engine.validate([1, 2, 3], SamplingParams(max_tokens=4))
     assert engine.stats() == before and not engine.has_unfinished_requests()

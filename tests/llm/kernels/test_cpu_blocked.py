@@ -132,7 +132,7 @@ def test_model_matches_and_tied_head_is_left_alone(dtype, tol, tie):
     assert (got - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item() / 10)
 
 
-def test_engine_packs_a_mapped_tied_head_and_keeps_the_lookup(tmp_path):
+def test_engine_packs_a_mapped_tied_head_and_looks_tokens_up_in_it(tmp_path):
     need(torch.float32)
     from memfit.llm.engine.llm_engine import LLMEngine
     from memfit.llm.engine.params import SamplingParams
@@ -144,9 +144,14 @@ def test_engine_packs_a_mapped_tied_head_and_keeps_the_lookup(tmp_path):
     for backend in ("blocked", "onednn"):
         eng = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", cpu_linear=backend, max_num_seqs=2)
         if backend == "blocked":
+            from memfit.llm.kernels.blocked import BlockedEmbedding
+
             assert isinstance(eng.model.lm_head, BlockedLinear)  # the head packed ...
-            emb = eng.model.model.embed_tokens.weight.detach()
-            assert is_file_backed(emb, file_mappings())  # ... while the lookup still reads the mapped file
+            emb = eng.model.model.embed_tokens
+            assert isinstance(emb, BlockedEmbedding) and emb.head is eng.model.lm_head  # ... and looked up in
+            # no parameter of the engine's model is the mapped matrix any more: it is held once, packed
+            assert not any(is_file_backed(p.detach(), file_mappings()) and p.numel() == emb.num_embeddings * emb.embedding_dim
+                           for p in eng.model.parameters())
         for p in ([5, 6, 7, 8], [40, 41]):
             eng.add_request(prompt_token_ids=p, params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
         out = {}

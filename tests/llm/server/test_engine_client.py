@@ -45,6 +45,9 @@ class FakeEngine:
     def max_new_tokens(self, prompt_len: int) -> int:
         return MAX_MODEL_LEN - prompt_len
 
+    def maintain(self) -> None:
+        self.thread_names.add(threading.current_thread().name)
+
     def add_request(self, prompt=None, params=None, prompt_token_ids=None, request_id=None, session_id=None) -> str:
         self.thread_names.add(threading.current_thread().name)
         self.validate(prompt_token_ids, params)

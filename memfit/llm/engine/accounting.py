@@ -1,0 +1,151 @@
+"""What the engine reserves in its memory ledger, and what `memfit fit` predicts: one set of formulas.
+
+The engine (llm_engine.py) reserves each part below in its `MemoryBudget` ledger before it allocates, and
+`memfit fit` adds the same parts up for a model it has not loaded, so the two cannot drift apart.
+
+- weights: what the model holds after `prepare_model`, by backend (see `weights_bytes`): the checkpoint's
+  own mapped pages where a tensor is used as stored (made resident at load, so they are counted in full),
+  and the packed copies that replace a matrix otherwise (memfit's blocked layout pads N to whole panels and
+  K to whole steps, in one arena of whole 2 MiB pages). A tied head that is packed is also the embedding
+  (`BlockedEmbedding` looks tokens up in it), so the matrix is held once.
+- tokenizer: the Rust tokenizer's tables, estimated from the size of tokenizer.json (`tokenizer_bytes`).
+- step: the largest step the scheduler can form, activations and logits (`activation_bytes`), plus the RoPE
+  tables and the decode attention's K/V workspace (`workspace_bytes`).
+- runtime: what running the engine adds that no formula of the model gives: library code paged in by the
+  kernels, allocator pools, oneDNN's primitive caches. Measured once per machine and build by
+  `calibrate.py` (a tiny model run in a fresh process, minus its own accounted parts) and cached.
+- KV: the virtual cache's committed pages for the workload (`kv_cache_bytes`); in the engine, what the
+  ledger has left is the KV cache's share.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memfit.llm.models.config import ModelConfig
+
+PAGE = 4096
+HUGE_PAGE = 2 * 1024 * 1024
+BLOCKED_NB = 64  # memfit.llm.kernels.blocked.DEFAULT_NB (not imported: that module loads the C++ kernel)
+TOKENIZER_BYTES_PER_FILE_BYTE = 2  # the tokenizers library's tables vs its JSON (see tokenizer_bytes)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def linear_shapes(cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer, decoder layers first, then the head."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attn = [(q + 2 * kv, h)] if fused else [(q, h), (kv, h), (kv, h)]
+    mlp = [(2 * i, h)] if fused else [(i, h), (i, h)]
+    per_layer = attn + [(h, q)] + mlp + [(h, i)]
+    return per_layer * cfg.num_hidden_layers + [(cfg.vocab_size, h)]
+
+
+def blocked_packed_bytes(n: int, k: int, dtype: torch.dtype, nb: int = BLOCKED_NB) -> int:
+    """Bytes of an (n, k) matrix in memfit's blocked layout (cpu_blocked.cpp: memfit_blocked_packed_elems)."""
+    span = 2 if dtype == torch.bfloat16 else 1
+    return _round_up(n, nb) * _round_up(k, span) * _itemsize(dtype)
+
+
+def weights_bytes(cfg: ModelConfig, dtype: torch.dtype, cpu_linear: str | None, device_type: str = "cpu",
+                  mapped: bool = True) -> int:
+    """Bytes the loaded, prepared model holds.
+
+    cpu_linear: the backend `choose_cpu_linear` picked ("blocked" | "onednn" | "memfit" | None).
+    mapped: the checkpoint is stored in `dtype` (its tensors are views of the mapped file; a tied head can
+    then be packed, see memfit.llm.kernels.blocked)."""
+    itemsize = _itemsize(dtype)
+    raw = cfg.num_parameters() * itemsize  # a tied matrix counted once
+    if device_type != "cpu" or cpu_linear not in ("blocked", "onednn"):
+        return raw  # used as stored (or, on a GPU, copied once; fused copies replace the originals)
+    shapes = linear_shapes(cfg, fused=True)
+    head_packed = not cfg.tie_word_embeddings or mapped
+    if not head_packed:
+        shapes = shapes[:-1]
+    if cpu_linear == "onednn":
+        return raw  # oneDNN's blocked weights: the same bytes (its padding is below a page per matrix)
+    linear_raw = sum(n * k for n, k in shapes) * itemsize
+    packed = sum(_round_up(blocked_packed_bytes(n, k, dtype), 64) for n, k in shapes)
+    arena = _round_up(packed, HUGE_PAGE)  # one HostArena of whole huge pages, all of it written by packing
+    return raw - linear_raw + arena
+
+
+def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, page: int = PAGE) -> int:
+    """Committed KV bytes for `batch` sequences of `context_len` tokens in the virtual cache (per-layer
+    layout, the CPU default): each (layer, K|V) segment of a sequence is committed in whole pages."""
+    row = cfg.num_key_value_heads * cfg.head_dim * _itemsize(dtype)  # one token of K (or V) in one layer
+    per_segment = _round_up(context_len * row, page)
+    return batch * 2 * cfg.num_hidden_layers * per_segment
+
+
+def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int) -> int:
+    """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
+    `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates, the attention mask,
+    and the float32 logits with their softmax."""
+    itemsize = _itemsize(dtype)
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    residual = 4 * chunk * h * itemsize + chunk * h * 4  # x, normed x, attn out, mlp out; float32 norm
+    attn = chunk * (2 * q + 2 * kv) * itemsize  # q, k, v, attention output
+    # PyTorch's CPU attention (flash, blocked) never holds the chunk's whole score matrix: what grows with the
+    # context is the causal mask of a chunk that does not start at 0 (bool) and its float form.
+    scores = chunk * context_len * 5
+    mlp = 3 * chunk * i * itemsize  # gate, up, silu(gate) * up
+    logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
+    return residual + attn + scores + mlp + logits
+
+
+def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int) -> int:
+    """RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16, the decode attention's workspace: one
+    layer's K and V of the decode batch copied head-major (`attention.Workspace`, kept between steps)."""
+    itemsize = _itemsize(dtype)
+    rope = 2 * cfg.max_position_embeddings * cfg.head_dim * itemsize
+    decode = 0 if dtype == torch.float32 else 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return rope + decode
+
+
+def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int) -> int:
+    """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode."""
+    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch) + \
+        workspace_bytes(cfg, dtype, context_len, batch)
+
+
+def tokenizer_bytes(model_dir: str | Path | None) -> int:
+    """The tokenizer's in-memory tables, estimated as TOKENIZER_BYTES_PER_FILE_BYTE x the size of
+    tokenizer.json (its vocabulary and merges are held as Rust maps of about that size); 0 without one."""
+    if model_dir is None:
+        return 0
+    path = Path(model_dir) / "tokenizer.json"
+    return TOKENIZER_BYTES_PER_FILE_BYTE * path.stat().st_size if path.is_file() else 0
+
+
+@dataclass
+class MemoryPlan:
+    """The parts of the ledger, in bytes. `total_bytes` is what the process adds after torch and memfit
+    are imported; the import itself is `runtime_baseline_bytes` (reported beside it, not part of it)."""
+
+    weights_bytes: int
+    tokenizer_bytes: int
+    runtime_bytes: int
+    step_bytes: int
+    kv_bytes: int
+    runtime_baseline_bytes: int = 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Everything but the KV cache: what the ledger holds before the first request."""
+        return self.weights_bytes + self.tokenizer_bytes + self.runtime_bytes + self.step_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.kv_bytes

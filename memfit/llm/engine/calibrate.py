@@ -1,0 +1,198 @@
+"""The runtime's share of the memory ledger, measured once per machine and build, then cached.
+
+Running a model pages in library code (libtorch's kernels, oneDNN, memfit's C++ kernels, the tokenizers
+library), fills allocator pools and oneDNN's primitive caches. None of that follows from the model's shape,
+but all of it is memory the process adds after torch and memfit are imported, so a budget that bounds the
+process must count it. We measure it instead of guessing: a fresh process imports torch and memfit (that RSS
+is the `runtime_baseline_bytes`, reported separately), builds the bundled memfit-tiny with random weights in the same dtype (its real tokenizer and chat template
+included), runs it
+through the engine with the same backends for two rounds of batched requests (greedy and sampled), and
+subtracts what `accounting` already counts for that model (weights, tokenizer, step, committed KV) from
+its peak RSS growth. The rest is `runtime_bytes`.
+
+    python -m memfit.llm.engine.calibrate --dtype bfloat16 --cpu-linear blocked --json
+
+The result is cached in $MEMFIT_CACHE/runtime.json (default ~/.cache/memfit), keyed by memfit's and torch's
+versions, the CPU model, and the device, dtype and backend choices, so each machine pays the ~5 s once.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CALIBRATING_ENV = "MEMFIT_CALIBRATING"  # set in the calibration process: its own engine reserves no runtime
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "runtime.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool) -> str:
+    import torch
+
+    import memfit
+
+    return "|".join([memfit.__version__, torch.__version__, platform.machine(), _cpu_model(), device_type, dtype,
+                     str(cpu_linear), str(bool(cpu_kernels))])
+
+
+def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool) -> dict:
+    """{"runtime_bytes", "runtime_baseline_bytes"} for these choices: from the cache, or measured now in a
+    fresh process (and cached). Zeros inside a calibration run itself."""
+    if os.environ.get(CALIBRATING_ENV):
+        return {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
+    key = cache_key(device_type, dtype, cpu_linear, cpu_kernels)
+    path = cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    cmd = [sys.executable, "-m", "memfit.llm.engine.calibrate", "--device", device_type, "--dtype", dtype,
+           "--cpu-linear", str(cpu_linear or "none"), "--json"] + ([] if cpu_kernels else ["--no-cpu-kernels"])
+    env = {**os.environ, CALIBRATING_ENV: "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the runtime's memory failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout)
+    entry = {"runtime_bytes": int(result["runtime_bytes"]), "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
+    cache[key] = entry
+    try:  # best effort: a read-only home just measures again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return entry
+
+
+def _write_tiny_model(root: Path, dtype: str) -> Path:
+    """The bundled memfit-tiny's architecture, tokenizer and chat template, with random weights in `dtype`: a
+    real BPE tokenizer and template, so their libraries' pages are measured too."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from memfit.llm.models.config import ModelConfig
+    from memfit.llm.models.llama import LlamaForCausalLM
+    from memfit.llm.models.loader import resolve_model_path
+
+    bundled = resolve_model_path("memfit-tiny")
+    hf = json.loads((bundled / "config.json").read_text())
+    hf["torch_dtype"] = dtype
+    (root / "config.json").write_text(json.dumps(hf))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, root / name)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf)).to(getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if hf.get("tie_word_embeddings"):
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(root / "model.safetensors"))
+    return root
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def measure(device: str, dtype: str, cpu_linear: str, cpu_kernels: bool) -> dict:
+    from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    before_import = rss_bytes()
+    import torch
+
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine import accounting
+    from memfit.llm.engine.params import SamplingParams
+
+    baseline = rss_bytes() - before_import
+    cuda = device.startswith("cuda")
+
+    def used() -> int:
+        if cuda:
+            free, total = torch.cuda.mem_get_info()
+            return total - free
+        return rss_bytes()
+
+    with tempfile.TemporaryDirectory(prefix="memfit-calibrate-") as tmp:
+        path = _write_tiny_model(Path(tmp), dtype)
+        # Writing the model freed its tensors into malloc's arenas; give them back to the OS first, or the
+        # engine would reuse that memory unseen and the runtime's share would come out too small.
+        gc.collect()
+        _malloc_trim()
+        base = used()
+        reset_peak_rss()
+        engine = LLMEngine(EngineConfig(model=str(path), device=device, dtype=dtype, max_num_seqs=8, max_model_len=256,
+                                        kv_budget="256MiB", max_num_batched_tokens=512, cpu_kernels=cpu_kernels,
+                                        prepack=cpu_linear != "none", cpu_linear="auto" if cpu_linear == "none" else cpu_linear))
+        g = torch.Generator().manual_seed(0)
+        peak = 0
+        for rnd in range(2):
+            for i in range(8):
+                params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i)
+                prompt = torch.randint(1, engine.model_config.vocab_size, (90 + 5 * i,), generator=g).tolist()
+                engine.add_request(prompt=engine.tokenizer.decode(prompt), params=params)  # the tokenizer runs too
+            while engine.has_unfinished_requests():
+                engine.step()
+                if cuda:
+                    peak = max(peak, used() - base)
+        grown = used() - base
+        peak = peak if cuda else peak_rss_bytes() - base
+        cfg = engine.model_config
+        counted = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
+                   + accounting.tokenizer_bytes(path)
+                   + accounting.step_bytes(cfg, engine.dtype, 512, 256, 8)
+                   + engine.kv.committed_bytes)
+        engine.close()
+    return {"runtime_bytes": max(0, max(peak, grown) - counted), "runtime_baseline_bytes": baseline,
+            "measured_peak_bytes": peak, "measured_end_bytes": grown, "counted_bytes": counted, "device": device,
+            "dtype": dtype, "cpu_linear": cpu_linear, "cpu_kernels": cpu_kernels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memfit.llm.engine.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--cpu-linear", default="blocked", help="blocked | memfit | onednn | none (plain F.linear)")
+    ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    os.environ[CALIBRATING_ENV] = "1"
+    r = measure(a.device, a.dtype, a.cpu_linear, a.cpu_kernels)
+    print(json.dumps(r) if a.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""The whole-process memory ledger: the budget bounds what the process really adds, KV pages idle past the
+watermark go back, and a refused commit or a failed prefault stays with the request it belongs to."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
+from memfit.memory.budget import MemoryBudgetExceeded
+from memfit.memory.vmem import VirtualMemoryError
+from tests.llm.kv.kernel_pages import arena_resident_bytes
+from tests.llm.tiny_models import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[3]
+BUDGET = 80 * 2**20
+
+
+def _budget_probe(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "tests.llm.engine.budget_probe", "--requests", "32", "--max-tokens", "48",
+                          *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_memory_budget_bounds_the_rss_the_process_adds():
+    """32 requests of ~950 tokens on the bundled model: under an 80 MiB memory budget, the RSS the process adds
+    (measured by the kernel, from before the engine is built) stays within the budget plus 5%, and every
+    request still completes (they queue for KV); the same workload without the budget takes far more."""
+    bounded = _budget_probe("--memory-budget", str(BUDGET))
+    assert bounded["finished"] == 32
+    assert bounded["peak_bytes"] <= 1.05 * BUDGET, bounded
+    assert bounded["max_running"] < 32  # the ledger made requests wait
+    free = _budget_probe()
+    assert free["finished"] == 32
+    assert free["peak_bytes"] > 1.1 * BUDGET, free  # so the first check can fail
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("ledger"))
+
+
+def _engine(path, **kw) -> LLMEngine:
+    opts = dict(model=str(path), dtype="float32", device="cpu", max_num_seqs=4, kv_eager_pages=0, kv_prefault=False)
+    opts.update(kw)
+    return LLMEngine(EngineConfig(**opts))
+
+
+def _run(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int = 60, on_step=None) -> dict[str, list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for rid, prompt in prompts.items():
+        engine.add_request(prompt_token_ids=prompt, params=params, request_id=rid)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.outputs[0].token_ids
+        if on_step is not None:
+            on_step(engine)
+    return out
+
+
+PROMPTS = {"a": list(range(3, 23)), "b": list(range(40, 70))}
+
+
+def test_a_model_larger_than_the_budget_is_refused_before_loading(tiny_path):
+    with pytest.raises(MemoryBudgetExceeded, match="too small for this model") as err:
+        _engine(tiny_path, memory_budget="1MiB")
+    assert "weights" in str(err.value) and "--memory-budget" in str(err.value)
+
+
+def test_kv_budget_is_a_cap_inside_the_ledger(tiny_path):
+    engine = _engine(tiny_path, memory_budget="256MiB", kv_budget="1MiB")
+    assert engine.kv_budget.limit_bytes == 2**20 and engine.kv_budget.parent is engine.ledger
+    seen = []
+    _run(engine, PROMPTS, on_step=lambda e: seen.append((e.ledger.by_owner()["kv_budget"], e.kv.committed_bytes,
+                                                         arena_resident_bytes(e.kv))))
+    # the ledger's KV entry is what the kernel holds for the cache at every step
+    assert all(ledger == committed == resident for ledger, committed, resident in seen), seen[:3]
+    fixed = {k: v for k, v in engine.ledger.by_owner().items() if k != "kv_budget"}
+    assert set(fixed) == {"weights", "tokenizer", "runtime", "step"} and fixed["runtime"] > 0  # measured
+    engine.close()
+
+
+def test_a_refused_commit_stays_with_the_request_that_asked(tiny_path):
+    """The OS refuses the commits of request b's slot for a while: b waits (preempted, then queued), a is not
+    touched and finishes with the tokens it has without the fault; b finishes once the memory is there."""
+    reference = _run(_engine(tiny_path), PROMPTS)
+    engine = _engine(tiny_path)
+    backend = engine.kv.arena._backend
+    real_map = backend.map
+    state = {"slot": None, "refusals": 0, "a_preempted": 0}
+
+    def failing_map(lo: int, hi: int) -> None:
+        slot = lo * engine.kv.page // engine.kv.slot_bytes
+        if slot == state["slot"]:
+            state["refusals"] += 1
+            raise VirtualMemoryError("out of memory committing (injected)")
+        real_map(lo, hi)
+
+    backend.map = failing_map
+
+    def on_step(e: LLMEngine) -> None:
+        seqs = {s.request_id: s for s in e.scheduler.running}
+        if state["slot"] is None and "b" in seqs and len(seqs["b"].output_token_ids) >= 3:
+            state["slot"] = e.kv.slot_of(seqs["b"].seq_id)  # from now on, b's slot cannot grow
+        if "a" in seqs:
+            state["a_preempted"] = seqs["a"].num_preemptions
+        if "a" not in seqs and state["slot"] is not None and state["refusals"]:
+            state["slot"] = None  # a is done: the memory comes back
+
+    got = _run(engine, PROMPTS, on_step=on_step)
+    assert state["refusals"] > 0 and engine.stats()["kv_commit_failures"] == state["refusals"]
+    assert state["a_preempted"] == 0
+    assert got == reference
+    assert engine.ledger.by_owner()["kv_budget"] == engine.kv.committed_bytes == arena_resident_bytes(engine.kv)
+
+
+def test_a_failed_prefault_is_reported_and_rolled_back(tiny_path):
+    reference = _run(_engine(tiny_path), PROMPTS)
+    engine = _engine(tiny_path, kv_eager_pages=2, kv_prefault=True)
+    backend = engine.kv.arena._backend
+    real_map = backend.map
+    failures = []
+
+    def failing_on_the_prefault_thread(lo: int, hi: int) -> None:
+        if threading.current_thread().name.startswith("memfit-prefault"):
+            failures.append((lo, hi))
+            raise VirtualMemoryError("out of memory committing (injected)")
+        real_map(lo, hi)
+
+    backend.map = failing_on_the_prefault_thread
+    got = _run(engine, PROMPTS)
+    engine.kv.sync()
+    engine.maintain()
+    assert failures and engine.stats()["prefault_failures"] == len(failures)
+    assert got == reference
+    kv = engine.kv
+    assert all(kv._pending[s] <= kv._pages[s] for s in range(kv.max_seqs))  # no phantom reservation left
+    assert engine.ledger.by_owner()["kv_budget"] == kv.committed_bytes == arena_resident_bytes(kv)
+
+
+def test_prefault_settings_reach_the_cache(tiny_path):
+    engine = _engine(tiny_path, kv_prefault=True, kv_eager_pages=3)
+    assert engine.kv._prefault and engine.kv.eager_pages == 3
+    engine = _engine(tiny_path, kv_prefault=False, kv_eager_pages=1)
+    assert not engine.kv._prefault and engine.kv.eager_pages == 1
+    with pytest.raises(ValueError, match="kv_eager_pages"):
+        EngineConfig(kv_eager_pages=-1)
+
+
+@pytest.mark.parametrize("watermark", ["0", "16KiB"])
+def test_idle_kv_pages_past_the_watermark_go_back_after_the_idle_time(tiny_path, watermark):
+    engine = _engine(tiny_path, kv_reclaim_watermark=watermark, kv_reclaim_idle_s=0.3)
+    _run(engine, PROMPTS)
+    held = arena_resident_bytes(engine.kv)
+    assert held > 64 * 1024  # both sequences' pages are kept for reuse (deferred reclamation) ...
+    engine.maintain()
+    assert arena_resident_bytes(engine.kv) == held  # ... and not given back before the idle time
+    time.sleep(0.35)
+    engine.maintain()
+    left = arena_resident_bytes(engine.kv)
+    limit = 0 if watermark == "0" else 16 * 1024
+    assert left <= max(limit, 0) and engine.ledger.by_owner()["kv_budget"] == left
+
+
+@pytest.mark.slow
+def test_an_idle_server_gives_its_kv_back():
+    """`memfit serve` in its own process after a burst of 16 requests (~40 MiB of KV, the bundled model in
+    float32): a few seconds after going idle its RSS is back within the watermark (0 here, plus 4 MiB for the
+    allocator's pools) of its warmed-up baseline, while right after the burst it was far above it."""
+    import socket
+
+    import httpx
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memfit.llm.server", "--model", "memfit-tiny", "--port", str(port), "--dtype",
+         "float32", "--kv-budget", "256MiB", "--max-num-seqs", "16", "--max-model-len", "1024", "--threads", "1",
+         "--kv-reclaim-idle-s", "0.5", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        server = psutil.Process(proc.pid)
+
+        def burst(n: int) -> None:
+            body = {"prompt": "Once upon a time " * 40, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+            codes: list[int] = []
+            with httpx.Client(timeout=300) as client:
+                def post() -> None:
+                    codes.append(client.post(f"{url}/v1/completions", json=body).status_code)
+
+                threads = [threading.Thread(target=post) for _ in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            assert codes == [200] * n
+
+        burst(16)  # warm up: code paged in, allocator pools filled at this batch size
+        time.sleep(3.0)
+        baseline = server.memory_info().rss
+        burst(16)
+        after = server.memory_info().rss - baseline
+        assert after > 20 * 2**20  # the burst's KV, kept for reuse ...
+        time.sleep(3.0)  # idle time 0.5 s; the server's idle loop runs about once a second
+        idle = server.memory_info().rss - baseline
+        assert idle <= 4 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
