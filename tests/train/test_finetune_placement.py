@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from memfit.memory import numa
 from memfit.train.finetune.placement import (
@@ -151,3 +152,30 @@ def test_cli_json_has_the_placement_and_bad_settings_are_clear(tiny, tmp_path, c
     assert main(common + ["--placement", "local-only", "--slow-nodes", "a,b"]) == 2
     with pytest.raises(FinetuneError, match="host memory"):
         run(cfg(tiny, tmp_path, offload="ssd", placement=PlacementConfig()))
+
+
+@needs_libnuma
+def test_real_split_and_striped_tensors_on_one_node(tiny, tmp_path):
+    """Node 0 as both tiers: latency-first's split tensors and interleave's stripes go through real mbind
+    (MPOL_BIND / MPOL_INTERLEAVE ranges), every touched page reads back on node 0, and the losses stay
+    local-only's."""
+    from memfit.memory.numa import MPOL_BIND, MPOL_INTERLEAVE, policy_of
+
+    node = numa.current_node(numa.read_nodes())
+    ref = run(cfg(tiny, tmp_path, steps=2))
+    for policy, budget in (("latency-first", "50%"), ("interleave", None)):
+        pc = PlacementConfig(policy, budget, "libnuma", local_node=node, slow_nodes=[node])
+        r = run(cfg(tiny, tmp_path, steps=2, placement=pc))
+        assert r.losses == ref.losses, policy
+        groups = r.placement["groups"]
+        for name in ("optimizer moments", "master gradients", "master weights", "compute weights"):
+            assert groups[name]["measured"] == {str(node): groups[name]["bytes"]}, (policy, name)
+    # the policies themselves, on a plan's tensors
+    p = Placement(PlacementConfig("latency-first", "50%", "libnuma", local_node=node, slow_nodes=[node]), _items())
+    grad = p.tensor(("grad", -1), 2 * MiB // 4, torch.float32)
+    assert [n for n, _ in p.plan[("grad", -1)]] == [MiB // 2, 3 * MiB // 2]
+    assert policy_of(grad.data_ptr()) == (MPOL_BIND, [node])
+    assert policy_of(grad.data_ptr() + MiB // 2) == (MPOL_BIND, [node])
+    p = Placement(PlacementConfig("interleave", None, "libnuma", local_node=node, slow_nodes=[node]), _items())
+    striped = p.tensor(("master", 0), MiB // 4, torch.float32)
+    assert policy_of(striped.data_ptr()) == (MPOL_INTERLEAVE, [node])
