@@ -19,7 +19,10 @@ own proof is independent of it), on small real graphs or op slices MODEL:START:E
 RandWire cells built here, DenseNet, Inception, NASNet/PNASNet from timm), int8, weights streamed, larger
 batch, edge scratchpads of 256 KiB to 4 MiB, operators tiled where one does not fit (memfit.plan.tiling).
 The baselines now include online Belady in the graph's order; a baseline that fell back (packing failed at
-some steps) is kept out of the headline "best baseline" and reported beside it. Extracted graphs are cached
+some steps) is kept out of the headline "best baseline" and reported beside it. memfit's 'auto' planner is the
+whole-graph CP-SAT model here (memfit.plan.whole, every edge graph has more than --exact-max-ops ops): each
+case reports which planner produced the plan, whether it is proven optimal for its order, CP-SAT's bound for
+that order, and the all-orders bound with each of its parts (order pairs, every-order cover, min cut). Extracted graphs are cached
 in ~/.cache/memfit/plan/graphs (memfit.plan.graph_cache).
 
     python -m benchmarks.plan_traffic --suite edge --out benchmarks/results/plan_traffic_edge.json
@@ -148,16 +151,22 @@ def edge_case(g, cap: int, args) -> dict:
     best_any = min(v["non_compulsory_bytes"] for v in baselines.values())
     ours, bound = plan.traffic["non_compulsory_bytes"], plan.solver.bound_bytes
     order_bound = lower_bound(tg, cap, order=plan.order, time_limit_s=10, num_workers=args.workers)
+    d = plan.solver.details
+    final = d.get("final", {})
     return {
         "scratchpad_bytes": cap, "ops": len(tg.ops), "tiled_ops": len(tiles), "max_tiles": max(tiles.values(), default=1),
         "compulsory_bytes": plan.traffic["compulsory_bytes"], "baselines": baselines,
         "baselines_time_s": round(base_s, 2), "best_baseline_bytes": best_clean, "best_baseline_any_bytes": best_any,
         "ideal_belady_no_fragmentation_bytes": ideal_belady_bytes(tg, tg.topo_order(), cap),
         "planner": plan.planner, "status": plan.solver.status, "non_compulsory_bytes": ours,
-        "bound_bytes": bound, "gap": plan.solver.gap, "bound_this_order_bytes": order_bound.bytes, "solve_time_s": round(plan.solver.time_s, 2),
+        "bound_bytes": bound, "gap": plan.solver.gap, "bound_this_order_bytes": order_bound.bytes,
+        # CP-SAT's proven bound for the final order (the whole model with the order fixed), when it ran on it
+        "whole_model_this_order_bound_bytes": ours if plan.solver.status in ("optimal", "optimal-fixed-order") else
+        final.get("order_bound_bytes") if final.get("status") == "feasible" and plan.planner == "whole" else None,
+        "bound_parts": (d.get("lower_bound") or {}).get("parts"), "solve_time_s": round(plan.solver.time_s, 2),
         "reduction_vs_best_baseline": None if not best_clean else round(1 - ours / best_clean, 4),
         "max_possible_reduction": None if not best_clean or bound is None else round(1 - bound / best_clean, 4),
-        "details": {k: v for k, v in plan.solver.details.items() if k not in ("segment_lengths", "passes")},
+        "details": {k: v for k, v in d.items() if k not in ("segment_lengths", "passes", "lower_bound")},
     }
 
 
@@ -205,6 +214,8 @@ def edge_summary(results: list[dict]) -> dict:
             "max_solve_time_s": max((c["solve_time_s"] for c in cases), default=None), "target_solve_time_s": 60,
             "planners": {p: sum(c["planner"] == p for c in cases) for p in sorted({c["planner"] for c in cases})},
             "optimal_cases": sum(c["status"] == "optimal" for c in cases),
+            "statuses": {s: sum(c["status"] == s for c in cases) for s in sorted({c["status"] for c in cases})},
+            "mean_gap_to_bound": mean([c["gap"] for c in cases if c["gap"] is not None]),
             "non_compulsory_share_of_traffic": mean([c["non_compulsory_bytes"] / (c["non_compulsory_bytes"] +
                                                      c["compulsory_bytes"]) for c in cases])}
 
@@ -289,6 +300,7 @@ def main() -> int:
 
 def main_edge(args, torch_version: str, ortools_version: str) -> int:
     models = EDGE_MODELS if args.models == ",".join(DEFAULT_MODELS) else tuple(args.models.split(","))
+    load0 = [round(x, 2) for x in os.getloadavg()]
     results = []
     for spec in models:
         try:
@@ -300,6 +312,7 @@ def main_edge(args, torch_version: str, ortools_version: str) -> int:
         "benchmark": "plan_traffic", "suite": "edge", "weights": "streamed", "dtype": "int8",
         "machine": {**header(1, args.seed), "platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch": torch_version, "ortools": ortools_version, "cpsat_workers": args.workers,
+                    "load_average_start": load0, "load_average_end": [round(x, 2) for x in os.getloadavg()],
                     "note": "shared machine: other jobs ran beside this one; solver time limits are wall time"},
         "config": vars(args), "summary": edge_summary(results), "results": results,
     }

@@ -53,7 +53,7 @@ class WholeConfig:
 class WholeResult:
     order: list[str]
     placements: list[Placement]
-    status: str  # optimal | feasible | none (optimal within `scope`)
+    status: str  # optimal | feasible | none | infeasible (optimal within `scope`; infeasible: nothing below below_bytes)
     objective_bytes: int  # non-compulsory bytes of the returned plan, by the model's count (-1: none)
     bound_bytes: int  # CP-SAT's proven lower bound, valid within `scope`
     scope: str  # "fixed order" | "order window +-k" | "all orders"
@@ -71,10 +71,13 @@ def scope_name(window: int | None, n_ops: int, free_range: tuple[int, int] | Non
 
 
 def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
-                hint: list[Placement] | None = None, floor_bytes: int = 0) -> WholeResult:
+                hint: list[Placement] | None = None, floor_bytes: int = 0,
+                below_bytes: int | None = None, frozen: set[str] | None = None) -> WholeResult:
     """Plan all of `g` in `capacity` bytes. `order`: a valid order (the hint's, or the fixed one); `hint`: a
     valid plan's placements under `order` (CP-SAT starts from it). floor_bytes: a proven lower bound on the
-    non-compulsory bytes, added as a cut so the solve can stop once a plan meets it."""
+    non-compulsory bytes, added as a cut so the solve can stop once a plan meets it. below_bytes: only plans
+    moving less are wanted (a search move): status "infeasible" then proves there is none in this scope.
+    frozen: tensors whose spill decisions and addresses stay as in the hint (a search move's neighbourhood)."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
@@ -113,7 +116,11 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     m.Minimize(objective)
     if floor_bytes > 0 and not isinstance(objective, int):
         m.Add(objective >= floor_bytes)  # valid cut from a proven bound: lets CP-SAT prove optimality sooner
+    if below_bytes is not None:
+        m.Add(objective < below_bytes)
     hint_addr = um.add_hint(hint, addr, unit) if hint is not None else None
+    if frozen and hint_addr is not None:
+        um.freeze(frozen, addr, hint_addr)
     um.break_symmetry(addr, hint_addr)
     stats = {"rectangles": len(xs), "step_vars": um.n_step_vars, "order_literals": len(um.before_vars),
              "build_s": round(time.perf_counter() - t0, 3)}
@@ -129,8 +136,10 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     scope = scope_name(cfg.order_window, len(g.ops), cfg.free_range)
     stats["conflicts"] = solver.NumConflicts()
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) if code != cp_model.INFEASIBLE else -1
-        return WholeResult([], [], "none", -1, bound, scope, elapsed, rec.solutions, stats)
+        infeasible = code == cp_model.INFEASIBLE
+        bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) if not infeasible else -1
+        return WholeResult([], [], "infeasible" if infeasible else "none", -1, bound, scope, elapsed,
+                           rec.solutions, stats)
     order_out, placements = um.extract(solver, addr, unit)
     obj = round(solver.ObjectiveValue())
     bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6))

@@ -27,6 +27,8 @@ class SearchConfig:
     num_workers: int = 2
     candidates: int = 4  # candidate orders solved exactly with the order fixed
     range_ops: int = 24  # steps freed per order-search move
+    margin_ops: int | None = 48  # a move re-decides spills/addresses of tensors used this near the range
+    # (None: of every tensor, the whole graph)
     seed: int = 0
 
 
@@ -37,6 +39,13 @@ def _loads_per_step(g: Graph, order: list[str], placements: list[Placement]) -> 
         if order[p.start] != g.tensor[p.tensor].producer:
             out[p.start] += g.tensor[p.tensor].bytes
     return out
+
+
+def _far(g: Graph, order: list[str], r: tuple[int, int], margin: int) -> set[str]:
+    """Tensors with no use within `margin` steps of the range r: a move keeps their decisions."""
+    lo, hi = r[0] - margin, r[1] + margin
+    near = {n for o in order[max(0, lo):hi] for n in g.op[o].inputs + g.op[o].outputs}
+    return {t.name for t in g.tensors if t.name not in near}
 
 
 def _ranges(loads: list[int], n: int, size: int) -> list[tuple[int, int]]:
@@ -68,33 +77,45 @@ def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig, floor_
         stats["candidates"].append({"seed": plan.planner, "seed_bytes": plan.traffic["non_compulsory_bytes"],
                                     "status": res.status, "bytes": res.objective_bytes,
                                     "order_bound_bytes": res.bound_bytes, "time_s": round(res.time_s, 2)})
-        got = (res.objective_bytes, res.order, res.placements) if res.status != "none" else \
+        got = (res.objective_bytes, res.order, res.placements) if res.status in ("optimal", "feasible") else \
             (plan.traffic["non_compulsory_bytes"], plan.order, plan.placements)
         if best is None or got[0] < best[0]:
             best = got
     assert best is not None, "search needs at least one seed plan"
     nc, order, placements = best
-    moves = {"tried": 0, "improved": 0, "unsolved": 0}
+    moves = {"tried": 0, "improved": 0, "unsolved": 0, "proven_no_better": 0, "sweeps": 0}
     stats["start_bytes"] = nc
-    for r in _ranges(_loads_per_step(g, order, placements), len(order), cfg.range_ops):  # 2. order search
-        if left() < 0.15 * cfg.time_limit_s or nc <= floor_bytes:
-            break
-        step_s = min(left() - 0.1 * cfg.time_limit_s, max(1.0, 0.05 * cfg.time_limit_s))
-        res = solve_whole(g, capacity, order, WholeConfig(step_s, cfg.num_workers, free_range=r, seed=cfg.seed),
-                          hint=placements, floor_bytes=floor_bytes)
-        moves["tried"] += 1
-        if res.status == "none":
-            moves["unsolved"] += 1
-        elif res.objective_bytes < nc:
-            new = validate(Plan(g, capacity, res.order, res.placements))["non_compulsory_bytes"]
-            if new < nc:
-                nc, order, placements = new, res.order, res.placements
-                moves["improved"] += 1
-        if progress is not None:
-            progress(moves["tried"], len(order))
+    # range sizes grow sweep by sweep (a local optimum for 24 steps may not be one for 48), then start over
+    sizes = [cfg.range_ops, cfg.range_ops * 3 // 2, cfg.range_ops * 2, cfg.range_ops * 3]
+    while left() > 0.15 * cfg.time_limit_s and nc > floor_bytes:  # 2. order search, sweep after sweep
+        size = sizes[moves["sweeps"] % len(sizes)]  # the ranges' edges move from one sweep to the next
+        moves["sweeps"] += 1
+        improved = 0
+        for r in _ranges(_loads_per_step(g, order, placements), len(order), size):
+            if left() < 0.15 * cfg.time_limit_s or nc <= floor_bytes:
+                break
+            step_s = min(left() - 0.1 * cfg.time_limit_s, max(1.0, 0.05 * cfg.time_limit_s))
+            res = solve_whole(g, capacity, order, WholeConfig(step_s, cfg.num_workers, free_range=r, seed=cfg.seed),
+                              hint=placements, floor_bytes=floor_bytes, below_bytes=nc,
+                              frozen=_far(g, order, r, cfg.margin_ops) if cfg.margin_ops is not None else None)
+            moves["tried"] += 1
+            if res.status == "none":
+                moves["unsolved"] += 1
+            elif res.status == "infeasible":  # proven: no order of this range moves less
+                moves["proven_no_better"] += 1
+            elif res.objective_bytes < nc:
+                new = validate(Plan(g, capacity, res.order, res.placements))["non_compulsory_bytes"]
+                if new < nc:
+                    nc, order, placements = new, res.order, res.placements
+                    moves["improved"] += 1
+                    improved += 1
+            if progress is not None:
+                progress(moves["tried"], len(order))
+        if improved == 0 and moves["sweeps"] >= len(sizes):
+            break  # a local optimum for every range size
     stats["order_search"] = {**moves, "range_ops": cfg.range_ops, "end_bytes": nc}
     final = _fixed(g, capacity, order, placements, cfg, max(1.0, left()), floor_bytes)  # 3. proof for this order
-    if final.status != "none" and final.objective_bytes <= nc:
+    if final.status in ("optimal", "feasible") and final.objective_bytes <= nc:
         order, placements = final.order, final.placements
     stats["final"] = {"status": final.status, "bytes": final.objective_bytes, "order_bound_bytes": final.bound_bytes,
                       "time_s": round(final.time_s, 2), "rectangles": final.stats.get("rectangles")}

@@ -24,6 +24,7 @@ class UseModel:
         self.keep: dict[tuple[str, str], object] = {}
         self.prev: dict[tuple[str, str], tuple[object, list[tuple[str, object]]]] = {}
         self.start: dict[tuple[str, str], object] = {}  # rectangle start variables (free order only)
+        self.hint_keep: dict[tuple[str, str], int] = {}
         self.n_step_vars = 0
         if self.fixed:
             self.dom = {o: (i, i) for o, i in self.pos.items()}
@@ -209,9 +210,18 @@ class UseModel:
                     m.AddHint(lit, int(v == w))
             kept = w is not None and covering.get((name, pos[w])) is covering.get((name, pos[u])) is not None
             m.AddHint(keep, int(kept))
+            self.hint_keep[(name, u)] = int(kept)
             if (name, u) in self.start:
                 m.AddHint(self.start[(name, u)], pos[w] + 1 if kept else pos[u])
         return hint_addr
+
+    def freeze(self, names: set[str], addr: dict, hint_addr: dict) -> None:
+        """Fix the spill decisions and addresses of these tensors to the hint's."""
+        for (name, u), a in addr.items():
+            if name in names:
+                self.m.Add(a == hint_addr[(name, u)])
+                if (name, u) in self.keep:
+                    self.m.Add(self.keep[(name, u)] == self.hint_keep[(name, u)])
 
     def extract(self, solver, addr: dict, unit: int) -> tuple[list[str], list[Placement]]:
         """The solved order and one placement per run of kept uses."""
