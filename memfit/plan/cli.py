@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-PLANNER_CHOICES = ("auto", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
+PLANNER_CHOICES = ("auto", "whole", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
                    "baseline-belady", "baseline-belady-memory",
                    "baseline-memory-largest")
 
