@@ -7,7 +7,9 @@ climb with flat KV means some per-request or per-shape state is piling up.
     OMP_NUM_THREADS=1 python -m benchmarks.engine_soak --rounds 24 --kv-cache paged
 
 Prints one JSON object (rows per round, plus the growth of the last third of the rounds); --out also writes
-it and a PNG of RSS and committed KV by round beside it.
+it and a PNG of RSS and committed KV by round beside it. After the last round the engine sits idle for
+`--reclaim-idle-s` (plus a little) and is asked to maintain itself, as a server's idle loop does: the row
+`idle` shows what KV it still holds then (only the watermark, 0 by default).
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reclaim-idle-s", type=float, default=2.0, help="the engine's kv_reclaim_idle_s")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     a = ap.parse_args()
     pin_threads(a.threads)
-    engine = LLMEngine(EngineConfig(model=a.model, kv_cache=a.kv_cache, kv_budget="256MiB"))
+    engine = LLMEngine(EngineConfig(model=a.model, kv_cache=a.kv_cache, kv_budget="256MiB",
+                                    kv_reclaim_idle_s=a.reclaim_idle_s))
     rng = random.Random(a.seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
@@ -53,12 +57,18 @@ def main() -> int:
         st = engine.kv.stats()
         rows.append({"round": rnd, "rss_bytes": rss_bytes(), "kv_committed_bytes": st.committed_bytes})
         print(json.dumps(rows[-1]), file=sys.stderr)
+    import time
+
+    time.sleep(a.reclaim_idle_s + 0.5)
+    engine.maintain()
+    idle = {"rss_bytes": rss_bytes(), "kv_committed_bytes": engine.kv.stats().committed_bytes}
+    print(json.dumps({"idle": idle}), file=sys.stderr)
     third = max(1, a.rounds // 3)
     tail = rows[-third:]
     result = {
         "benchmark": "engine_soak", **header(a.threads, a.seed), "model": a.model, "kv_cache": a.kv_cache,
         "requests_per_round": a.requests, "prompt_len_range": [a.min_len, a.max_len], "output_len": a.output_len,
-        "rows": rows,
+        "rows": rows, "reclaim_idle_s": a.reclaim_idle_s, "idle": idle,
         "rss_growth_per_round_last_third_bytes": (tail[-1]["rss_bytes"] - tail[0]["rss_bytes"]) / max(1, len(tail) - 1),
         "rss_growth_per_round_first_third_bytes": (rows[third - 1]["rss_bytes"] - rows[0]["rss_bytes"]) / max(1, third - 1),
     }

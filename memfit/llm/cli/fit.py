@@ -10,7 +10,7 @@ def cmd_fit(args) -> int:
     from memfit.llm.engine.fit import format_report, predict_for_engine
     from memfit.llm.models.config import ModelConfig, parse_dtype
     from memfit.llm.models.loader import resolve_model_path
-    from memfit.memory.budget import Tier, resolve_budget
+    from memfit.memory.budget import Tier, format_bytes, resolve_budget
 
     path = resolve_model_path(args.model)
     # Budgets take the same forms as everywhere else: bytes, or a fraction of the memory available now.
@@ -21,12 +21,31 @@ def cmd_fit(args) -> int:
                            prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
                            kv_budget=kv_budget, memory_limit=limit)
     dtype = dtype or parse_dtype(ModelConfig.from_dir(path).torch_dtype)
+    measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
     if args.json:
         print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "context": args.context,
-                          "batch": args.batch, **b.to_dict()}))
+                          "batch": args.batch, **b.to_dict(), **({"measured": measured} if measured else {})}))
     else:
         print(format_report(b, dtype, args.context, args.batch))
+        if measured:
+            print(f"  measured     {format_bytes(measured['measured_peak_bytes']):>12}   peak RSS added "
+                  f"({measured['measured_peak_bytes'] / b.total_bytes:.3f} of the prediction); "
+                  f"{format_bytes(measured['measured_end_bytes'])} at the end")
     return 0 if b.fits else 3
+
+
+def _measure(args, dtype: str) -> dict:
+    """Run the workload (two rounds of `batch` requests of `context` tokens) in a fresh process and return what
+    it measured (memfit.llm.engine.fitcheck)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "memfit.llm.engine.fitcheck", str(args.model), "--batch", str(args.batch), "--context",
+           str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def register(sub) -> None:
@@ -46,5 +65,7 @@ def register(sub) -> None:
     p.add_argument("--kv-budget", default=None, help="bytes ('512MiB') or a fraction of the available memory ('0.3', '30%%')")
     p.add_argument("--memory-budget", "--memory", dest="memory_budget", default=None,
                    help="total memory to check against: bytes ('8GiB') or a fraction ('0.5')")
+    p.add_argument("--measure", action="store_true",
+                   help="also run the workload (two rounds of the batch) in a fresh process and report the RSS it added")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guard(cmd_fit))

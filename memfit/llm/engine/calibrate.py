@@ -18,9 +18,6 @@ versions, the CPU model, and the device, dtype and backend choices, so each mach
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import json
 import os
 import platform
@@ -119,22 +116,15 @@ def _write_tiny_model(root: Path, dtype: str) -> Path:
     return root
 
 
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def measure(device: str, dtype: str, cpu_linear: str, cpu_kernels: bool) -> dict:
+def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kernels: bool) -> dict:
+    """Run the engine on `model_dir` in this process, which must have imported nothing of torch's yet."""
     from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 
     before_import = rss_bytes()
     import torch
 
-    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
     from memfit.llm.engine import accounting
-    from memfit.llm.engine.params import SamplingParams
 
     baseline = rss_bytes() - before_import
     cuda = device.startswith("cuda")
@@ -145,36 +135,30 @@ def measure(device: str, dtype: str, cpu_linear: str, cpu_kernels: bool) -> dict
             return total - free
         return rss_bytes()
 
-    with tempfile.TemporaryDirectory(prefix="memfit-calibrate-") as tmp:
-        path = _write_tiny_model(Path(tmp), dtype)
-        # Writing the model freed its tensors into malloc's arenas; give them back to the OS first, or the
-        # engine would reuse that memory unseen and the runtime's share would come out too small.
-        gc.collect()
-        _malloc_trim()
-        base = used()
-        reset_peak_rss()
-        engine = LLMEngine(EngineConfig(model=str(path), device=device, dtype=dtype, max_num_seqs=8, max_model_len=256,
-                                        kv_budget="256MiB", max_num_batched_tokens=512, cpu_kernels=cpu_kernels,
-                                        prepack=cpu_linear != "none", cpu_linear="auto" if cpu_linear == "none" else cpu_linear))
-        g = torch.Generator().manual_seed(0)
-        peak = 0
-        for rnd in range(2):
-            for i in range(8):
-                params = SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i)
-                prompt = torch.randint(1, engine.model_config.vocab_size, (90 + 5 * i,), generator=g).tolist()
-                engine.add_request(prompt=engine.tokenizer.decode(prompt), params=params)  # the tokenizer runs too
-            while engine.has_unfinished_requests():
-                engine.step()
-                if cuda:
-                    peak = max(peak, used() - base)
-        grown = used() - base
-        peak = peak if cuda else peak_rss_bytes() - base
-        cfg = engine.model_config
-        counted = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
-                   + accounting.tokenizer_bytes(path)
-                   + accounting.step_bytes(cfg, engine.dtype, 512, 256, 8)
-                   + engine.kv.committed_bytes)
-        engine.close()
+    base = used()
+    reset_peak_rss()
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=8, max_model_len=256,
+                                    kv_budget="256MiB", max_num_batched_tokens=512, cpu_kernels=cpu_kernels,
+                                    prepack=cpu_linear != "none", cpu_linear="auto" if cpu_linear == "none" else cpu_linear))
+    g = torch.Generator().manual_seed(0)
+    peak = 0
+    for _ in range(2):
+        for i in range(8):
+            params = SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i)
+            prompt = torch.randint(1, engine.model_config.vocab_size, (60 + 10 * i,), generator=g).tolist()
+            engine.add_request(prompt=engine.tokenizer.decode(prompt), params=params)  # the tokenizer runs too
+        while engine.has_unfinished_requests():
+            engine.step()
+            if cuda:
+                peak = max(peak, used() - base)
+    grown = used() - base
+    peak = peak if cuda else peak_rss_bytes() - base
+    cfg = engine.model_config
+    counted = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
+               + accounting.tokenizer_bytes(model_dir)
+               + accounting.step_bytes(cfg, engine.dtype, 512, 256, 8)
+               + engine.kv.committed_bytes)
+    engine.close()
     return {"runtime_bytes": max(0, max(peak, grown) - counted), "runtime_baseline_bytes": baseline,
             "measured_peak_bytes": peak, "measured_end_bytes": grown, "counted_bytes": counted, "device": device,
             "dtype": dtype, "cpu_linear": cpu_linear, "cpu_kernels": cpu_kernels}
@@ -186,10 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--cpu-linear", default="blocked", help="blocked | memfit | onednn | none (plain F.linear)")
     ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
+    ap.add_argument("--write-model", default=None, help=argparse.SUPPRESS)  # internal: the model, in its own process
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     os.environ[CALIBRATING_ENV] = "1"
-    r = measure(a.device, a.dtype, a.cpu_linear, a.cpu_kernels)
+    if a.write_model:
+        _write_tiny_model(Path(a.write_model), a.dtype)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="memfit-calibrate-") as tmp:
+        # Written by another process: building it here would leave its imports and freed tensors in this one,
+        # where the engine would reuse them unseen and the runtime's share would come out too small.
+        subprocess.run([sys.executable, "-m", "memfit.llm.engine.calibrate", "--write-model", tmp, "--dtype", a.dtype],
+                       check=True)
+        r = measure(Path(tmp), a.device, a.dtype, a.cpu_linear, a.cpu_kernels)
     print(json.dumps(r) if a.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
     return 0
 

@@ -129,7 +129,7 @@ class Scheduler:
                     return True
             elif self.kv.try_allocate(seq.seq_id, num_tokens):
                 return True
-            if self.kv.last_refused:
+            if getattr(self.kv, "last_refused", False):
                 # The OS or driver refused memory the budget allowed: this sequence waits (or is preempted)
                 # and no other is touched for it.
                 return False

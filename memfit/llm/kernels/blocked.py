@@ -206,10 +206,10 @@ def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool
     unavailable for the model's dtype (the model is then left untouched).
 
     A linear whose weight shares storage with an nn.Embedding (a tied lm_head) is packed only when that
-    matrix is memory-mapped from the checkpoint: its resident pages are then given back, and the lookup
-    pages in just the rows of the step's tokens from the file, so the matrix is not held twice (as
-    models/packing.py does for oneDNN; the head is a large part of a small model: 136M of Qwen2.5-0.5B's 494M
-    parameters, and the row-major kernel is 2.4x slower than the blocked one at 8 rows). An embedding in
+    matrix is memory-mapped from the checkpoint: its resident pages are then given back, and token lookups
+    read the packed head itself (`BlockedEmbedding`), so the matrix is held once and what is resident does
+    not depend on which rows the tokens touched (the head is a large part of a small model: 136M of
+    Qwen2.5-0.5B's 494M parameters, and the row-major kernel is 2.4x slower than the blocked one at 8 rows). An embedding in
     ordinary memory (e.g. converted to another dtype at load) keeps its head row-major: wrap it zero-copy
     afterwards with `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers left."""
     first = next(model.parameters(), None)  # not a list of them all: it would keep every replaced weight alive

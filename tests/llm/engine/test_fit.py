@@ -58,7 +58,7 @@ def random_models(tmp_path_factory):
 
 def _probe(model: str, batch: int, context: int, cpu_linear: str = "auto") -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "tests.llm.engine.fit_probe", model, "--batch", str(batch), "--context", str(context),
+        [sys.executable, "-m", "memfit.llm.engine.fitcheck", model, "--batch", str(batch), "--context", str(context),
          "--cpu-linear", cpu_linear], cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )

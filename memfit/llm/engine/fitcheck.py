@@ -1,5 +1,7 @@
-"""Run in a fresh process by test_fit.py: the RSS a model adds when the engine loads it and serves a batch,
-beside `memfit fit`'s prediction, as JSON.
+"""Check `memfit fit` against a real run: the RSS a model adds when the engine loads it and serves a batch,
+beside the prediction, as JSON. Run in a fresh process (`memfit fit --measure` starts one):
+
+    python -m memfit.llm.engine.fitcheck MODEL --batch 8 --context 192 [--dtype bfloat16] [--cpu-linear auto]
 
 The baseline is taken after torch and memfit's engine are imported, as `fit` defines `total_bytes`, and
 nothing else has run: no warm-up, so the runtime's one-time costs (library code paged in, allocator pools)
@@ -20,6 +22,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--cpu-linear", default="auto")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory-budget", default=None)
     a = ap.parse_args()
@@ -28,22 +32,26 @@ def main() -> None:
 
     from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
     from memfit.llm.engine.fit import predict_for_engine
+    from memfit.llm.models.config import parse_dtype
 
     torch.set_num_threads(1)
     base = rss_bytes()
     reset_peak_rss()
-    engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context,
-                                    max_num_batched_tokens=512, cpu_linear=a.cpu_linear, memory_budget=a.memory_budget))
-    params = SamplingParams(max_tokens=a.context // 2, temperature=0, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context, dtype=a.dtype,
+                                    max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear, memory_budget=a.memory_budget))
     vocab = engine.model_config.vocab_size
     for r in range(a.rounds):
         for i in range(a.batch):
+            # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
+            params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True, temperature=0.8 if i % 2 == 0 else 0,
+                                    top_p=0.9, seed=i)
             prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
             engine.add_request(prompt_token_ids=prompt, params=params)
         while engine.has_unfinished_requests():
             engine.step()
     end, peak = rss_bytes() - base, peak_rss_bytes() - base
-    b = predict_for_engine(a.model, a.context, a.batch, 512, cpu_linear=a.cpu_linear)
+    b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear,
+                           dtype=parse_dtype(a.dtype) if a.dtype else None)
     print(json.dumps({"measured_end_bytes": end, "measured_peak_bytes": peak, "import_bytes": base - before_import,
                       "predicted_bytes": b.total_bytes, "ledger": engine.ledger.by_owner(),
                       "kv_committed_bytes": engine.kv.committed_bytes, **b.to_dict()}))
