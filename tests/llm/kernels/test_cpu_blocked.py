@@ -1,6 +1,7 @@
 """memfit's blocked CPU matmul (cpu_blocked.cpp via BlockedLinear): results against F.linear, packing, model use."""
 from __future__ import annotations
 
+import ctypes
 import itertools
 
 import pytest
@@ -48,6 +49,41 @@ def test_matches_f_linear(dtype, bias, n, k):
             assert got.dtype == dtype and got.shape == (m, n)
             check(got, x, lin)
         torch.testing.assert_close(mod(x), mod(x.contiguous()), rtol=0, atol=0)  # stride changes nothing
+
+
+def _set_large_m(m: int) -> int:
+    """Rows from which the kernel takes its many-row path (run_large); returns the previous threshold."""
+    from memfit.llm.kernels.build import load_cpu_linear
+
+    fn = load_cpu_linear().cdll.memfit_blocked_set_large_m
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    return int(fn(m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,bias", [(130, 1024, True), (64, 256, False), (77, 46, True), (200, 45, False)])
+def test_many_rows_match_f_linear_and_the_packed_path(dtype, n, k, bias):
+    """Prefill-sized inputs (>= 64 rows) take run_large: x read in place, blocked over M (K = 1024 makes
+    blocks of 64 bf16 / 30 fp32 rows, so 197 rows span several with a ragged last tile). Odd K (45) keeps the
+    packed path. Both paths must give F.linear's result; in fp32 they sum in the same order, so they agree
+    bit for bit, in bf16 after the same rounding too."""
+    need(dtype)
+    lin = make_linear(n, k, bias, dtype, seed=3)
+    mod = BlockedLinear(lin)
+    g = torch.Generator().manual_seed(2)
+    for m in (64, 65, 71, 197):
+        wide = torch.randn(m, k + 5, generator=g).to(dtype)
+        x = wide[:, 2:2 + k]  # ldx > K
+        for threads in (1, 2):
+            mod.nthreads = threads
+            got = mod(x)
+            check(got, x, lin)
+            old = _set_large_m(1 << 40)  # the packed (decode) path on the same input
+            try:
+                packed = mod(x)
+            finally:
+                _set_large_m(old)
+            torch.testing.assert_close(got, packed, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
