@@ -97,7 +97,7 @@ class ModelRunner:
         steps = [SeqStep(s.seq_id, s.num_computed, 1) for s in seqs]
         plan = self.kv.plan_step(steps)  # validates capacity and records the new tokens as held
         ids = torch.tensor([s.token_slice(s.num_computed, s.num_computed + 1)[0] for s in seqs], dtype=torch.long)
-        hidden = self.stack.run(ids, plan.slots, plan.ends)  # (B, C)
+        hidden = self.stack.run(ids, plan)  # (B, C)
         for s in seqs:
             s.num_computed += 1
         return self._sample(self.model.compute_logits(hidden), seqs)

@@ -179,13 +179,17 @@ class CachedAttention:
         self.decode_ends = [s.end for s in steps[:num_decode]]
         self._decode_lens: torch.Tensor | None = None
         self._decode_plan: object = _UNSET  # built on first use: the CPU kernel below never needs it
-        # memfit's CPU kernel (kernels/decode.py) reads decode rows straight from a cache that keeps every
-        # sequence at a fixed stride (`kv.fixed_stride`: `strided(layer)` views, plan.slots): no gather,
-        # padding or mask.
+        # memfit's CPU kernels (kernels/decode.py) read decode rows in place, with no gather, padding or mask:
+        # from a cache that keeps every sequence at a fixed stride (`kv.fixed_stride`: `strided(layer)` views,
+        # plan.slots), or through block tables (`kv.block_tables`: `pools(layer)`, plan.batch_table).
         self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
-        if self.kernels is not None and kv.fixed_stride:
-            self._slots = torch.tensor(self.plan.slots[:num_decode], dtype=torch.int64)
+        self._paged = False
+        if self.kernels is not None and (kv.fixed_stride or kv.block_tables):
             self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
+            if kv.fixed_stride:
+                self._slots = torch.tensor(self.plan.slots[:num_decode], dtype=torch.int64)
+            else:
+                self._paged, self._table = True, self.plan.batch_table[:num_decode]
         else:
             self.kernels = None
 
@@ -216,16 +220,20 @@ class CachedAttention:
             out[n:] = 0  # padding rows (see ModelRunner): attend to nothing
         first = 0
         if self.kernels is not None:
-            kc, vc = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
-            if self.kernels.can_attend(q[:b], kc):
+            if self._paged:
+                kc, vc = self.kv.pools(layer)  # (blocks, block_size, Hkv, D) each
+                ok, where = self.kernels.can_attend_paged(q[:b], kc), self._table
+                attend = self.kernels.paged_attention
+            else:
+                kc, vc = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
+                ok, where, attend = self.kernels.can_attend(q[:b], kc), self._slots, self.kernels.decode_attention
+            if ok:
                 rows_ok = k.stride() == v.stride() and k.stride(2) == 1 and k.stride(1) == k.shape[2]
                 if b == len(self.steps) and rows_ok:  # a pure decode step: the kernel writes the new K/V itself
-                    self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window,
-                                                  k[:b], v[:b], out=out[:b])
+                    attend(q[:b], kc, vc, where, self._ends, self.scale, self.window, k[:b], v[:b], out=out[:b])
                     return out
                 self.kv.write(layer, self.plan, k[:n], v[:n])
-                self.kernels.decode_attention(q[:b], kc, vc, self._slots, self._ends, self.scale, self.window,
-                                              out=out[:b])
+                attend(q[:b], kc, vc, where, self._ends, self.scale, self.window, out=out[:b])
                 first = b
         if first == 0:
             self.kv.write(layer, self.plan, k[:n], v[:n])
@@ -237,7 +245,10 @@ class CachedAttention:
         row = first
         for i in range(first, len(self.steps)):
             n = self.steps[i].num_new
-            kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D)
+            if self.steps[i].start == 0:  # no cached prefix: the context is this chunk's own K/V, as written
+                kc, vc = k[row : row + n], v[row : row + n]
+            else:
+                kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D): a view, or the paged cache's gather
             out[row : row + n] = attend_one(q[row : row + n], kc, vc, self.scale, self.window)
             row += n
         return out

@@ -43,24 +43,7 @@ inline __m512 ld16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// exp on 16 lanes: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 in [-ln2/2, ln2/2] (two-constant
-// Cody-Waite reduction), e^f by a degree-6 Taylor polynomial (relative error ~2e-7 there), 2^n by scalef.
-// Clamped to [-87.3, 88.7], the range where e^x is a normal float (SiLU's 1 + e^-x saturates beyond).
-inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
+#include "exp16.h"
 
 // 16 lanes rounded to T's precision, still as fp32; and stored as T. bf16 uses AVX512-BF16's conversion
 // (round to nearest even, NaN stays NaN, as to_bf16), one instruction instead of an integer rounding
@@ -178,152 +161,10 @@ void silu_mul(const T* g, int64_t ldg, const T* u, int64_t ldu, T* y, int64_t ld
 // ---- decode attention over the cache -----------------------------------------------------------------------
 // One query token per row b, attending to the first lens[b] positions of cache slot slots[b] (or the last
 // `window` of them). K element (slot, t, h, d) is at k + slot*ks[0] + t*ks[1] + h*ks[2] + d (V likewise with
-// vs). Work item = (row, KV head): its G = Hq / Hkv query heads share every K/V row it reads.
-//
-// Scores: a dot product per (query head, token) along D, which is where each K row is contiguous; 16 tokens'
-// dot products are reduced together by one transpose-add tree (hsum16) instead of 16 horizontal sums.
-// Softmax in fp32; the output is sum_t p_t V_t, 16 lanes of D at a time, and is rounded once, at the end.
+// vs): each (sequence, head) is one strided run of rows. The arithmetic is attend.h's, shared with the paged
+// cache's reader (cpu_paged.cpp).
 
-#include "hsum16.h"
-
-// Query row q (D elements) in registers, in the form `dot_lanes` multiplies a K row by: fp32 lanes, or for
-// bf16 the raw bf16 pairs, since AVX512-BF16's dot product (vdpbf16ps) takes K rows as stored, with no
-// conversion (q is bf16 already; the products are exact in fp32).
-template <typename T, int D>
-struct QRow;
-template <int D>
-struct QRow<float, D> {
-    __m512 v[D / 16];
-    void load(const float* q) {
-        for (int j = 0; j < D / 16; j++) v[j] = _mm512_loadu_ps(q + 16 * j);
-    }
-    __m512 dot_lanes(const float* row) const {  // partial sums of q . row in 16 lanes
-        __m512 a = _mm512_mul_ps(v[0], _mm512_loadu_ps(row));
-        _Pragma("GCC unroll 16")
-        for (int j = 1; j < D / 16; j++) a = _mm512_fmadd_ps(v[j], _mm512_loadu_ps(row + 16 * j), a);
-        return a;
-    }
-};
-template <int D>
-struct QRow<uint16_t, D> {
-    static_assert(D % 32 == 0, "bf16 rows are read 32 elements at a time");
-    __m512bh v[D / 32];
-    void load(const uint16_t* q) {
-        for (int j = 0; j < D / 32; j++) v[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
-    }
-    __m512 dot_lanes(const uint16_t* row) const {
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[0], (__m512bh)_mm512_loadu_si512(row));
-        _Pragma("GCC unroll 8")
-        for (int j = 1; j < D / 32; j++) a = _mm512_dpbf16_ps(a, v[j], (__m512bh)_mm512_loadu_si512(row + 32 * j));
-        return a;
-    }
-};
-
-// One V row as D/16 fp32 vectors. bf16: each 32-element load splits into its even elements (shifted up)
-// and its odd ones (masked): two instructions per 32 instead of three per 16. The lanes are then
-// de-interleaved (vector 2j = even elements of block j, 2j+1 = odd), which `store_out` undoes.
-template <int D>
-inline void v_lanes(const float* row, __m512* vv) {
-    for (int j = 0; j < D / 16; j++) vv[j] = _mm512_loadu_ps(row + 16 * j);
-}
-template <int D>
-inline void v_lanes(const uint16_t* row, __m512* vv) {
-    for (int j = 0; j < D / 32; j++) {
-        const __m512i x = _mm512_loadu_si512(row + 32 * j);
-        vv[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-        vv[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
-    }
-}
-template <int D>
-inline void store_out(float* dst, const __m512* o, float inv) {
-    for (int j = 0; j < D / 16; j++) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
-}
-template <int D>
-inline void store_out(uint16_t* dst, const __m512* o, float inv) {
-    alignas(64) float ev[16], od[16];
-    for (int j = 0; j < D / 32; j++) {
-        _mm512_store_ps(ev, _mm512_mul_ps(o[2 * j], _mm512_set1_ps(inv)));
-        _mm512_store_ps(od, _mm512_mul_ps(o[2 * j + 1], _mm512_set1_ps(inv)));
-        for (int e = 0; e < 16; e++) dst[32 * j + 2 * e] = to_bf16(ev[e]), dst[32 * j + 2 * e + 1] = to_bf16(od[e]);
-    }
-}
-
-// Prefetch one head row (D elements) into L1. Prefetches never fault, so reading ahead past a sequence's
-// end is harmless.
-template <typename T, int D>
-inline void prefetch_row(const T* p) {
-    for (int i = 0; i < (int)(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
-}
-
-template <typename T, int D>
-void attend_group(const T* q, const T* kb, int64_t kstep, const T* vb, int64_t vstep, int64_t L, int G, float scale,
-                  T* out, std::vector<float>& sc) {
-    constexpr int DV = D / 16;
-    constexpr int GC = DV <= 2 ? 8 : DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // query heads whose outputs stay in registers in the V pass
-    sc.resize((size_t)G * (size_t)std::max<int64_t>(L, 1));
-    for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<T, D>(kb + i * kstep), prefetch_row<T, D>(vb + i * vstep);
-    float inv[64];
-    for (int g = 0; g < G; g++) {
-        QRow<T, D> qr;
-        qr.load(q + (int64_t)g * D);
-        float* s = sc.data() + (size_t)g * L;
-        const __m512 sv = _mm512_set1_ps(scale);
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        int64_t t = 0;
-        for (; t + 16 <= L; t += 16) {
-            if (g == 0)  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
-                for (int i = 0; i < 16; i++) prefetch_row<T, D>(kb + (t + 16 + i) * kstep);
-            __m512 acc[16];
-            _Pragma("GCC unroll 16")
-            for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(kb + (t + i) * kstep);
-            const __m512 r = _mm512_mul_ps(hsum16(acc), sv);
-            _mm512_storeu_ps(s + t, r);
-            mx = _mm512_max_ps(mx, r);
-        }
-        float m = _mm512_reduce_max_ps(mx);
-        for (; t < L; t++) {
-            const float r = _mm512_reduce_add_ps(qr.dot_lanes(kb + t * kstep)) * scale;
-            s[t] = r;
-            m = std::max(m, r);
-        }
-        const __m512 mv = _mm512_set1_ps(m);  // p = exp(s - max), in place; inv = 1 / sum p
-        __m512 sum = _mm512_setzero_ps();
-        t = 0;
-        for (; t + 16 <= L; t += 16) {
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-            _mm512_storeu_ps(s + t, p);
-            sum = _mm512_add_ps(sum, p);
-        }
-        if (t < L) {
-            const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
-            _mm512_mask_storeu_ps(s + t, mk, p);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
-        }
-        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
-    }
-    for (int g0 = 0; g0 < G; g0 += GC) {
-        const int gn = std::min(GC, G - g0);
-        __m512 o[GC][DV];
-        _Pragma("GCC unroll 8")
-        for (int g = 0; g < GC; g++)
-            _Pragma("GCC unroll 16")
-            for (int j = 0; j < DV; j++) o[g][j] = _mm512_setzero_ps();
-        for (int64_t t = 0; t < L; t++) {
-            if (g0 == 0) prefetch_row<T, D>(vb + (t + 16) * vstep);
-            __m512 vv[DV];
-            v_lanes<D>(vb + t * vstep, vv);
-            _Pragma("GCC unroll 8")
-            for (int g = 0; g < GC; g++) {
-                if (g >= gn) break;
-                const __m512 p = _mm512_set1_ps(sc[(size_t)(g0 + g) * L + t]);
-                _Pragma("GCC unroll 16")
-                for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
-            }
-        }
-        for (int g = 0; g < gn; g++) store_out<D>(out + (int64_t)(g0 + g) * D, o[g], inv[g0 + g]);
-    }
-}
+#include "attend.h"
 
 template <typename T, int D>
 void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
@@ -339,24 +180,12 @@ void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, co
             memcpy(k + slots[b] * ks[0] + (t1 - 1) * ks[1] + h * ks[2], k_new + b * ldn + (int64_t)h * D, D * sizeof(T));
             memcpy(v + slots[b] * vs[0] + (t1 - 1) * vs[1] + h * vs[2], v_new + b * ldn + (int64_t)h * D, D * sizeof(T));
         }
-        const T* kb = k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2];
-        const T* vb = v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2];
+        const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
+        const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
         const int64_t head0 = (int64_t)h * G;
-        attend_group<T, D>(q + b * ldq + head0 * D, kb, ks[1], vb, vs[1], t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+        attend_group<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
     };
-#ifdef _OPENMP
-    if (nthreads > 1 && items > 1) {
-#pragma omp parallel num_threads(nthreads)
-        {
-            std::vector<float> sc;
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < items; i++) work(i, sc);
-        }
-        return;
-    }
-#endif
-    static thread_local std::vector<float> sc;
-    for (int64_t i = 0; i < items; i++) work(i, sc);
+    run_items(items, nthreads, work);
 }
 
 // D in HEAD_DIMS (the caller checks); G <= 64.

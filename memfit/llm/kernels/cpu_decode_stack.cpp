@@ -8,6 +8,7 @@
 // same tokens; it only removes the glue. Layer l:
 //   residual, h = add_rms_norm(x, residual)      (layer 0: residual = x)
 //   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv;  rope(q, k);  K/V rows -> the cache at each row's position
+//   (the virtual cache's slots, or the paged cache's blocks through the block table)
 //   x = attention(q, cache) Wo^T + bo;  residual, h = add_rms_norm(x, residual)
 //   x = (silu(h Wg^T + bg) * (h Wu^T + bu)) Wd^T + bd
 // and the output is rms_norm(x + residual) with the final norm's weight.
@@ -38,6 +39,12 @@ void memfit_decode_attn_bf16(const uint16_t*, int64_t, uint16_t*, uint16_t*, con
 void memfit_decode_attn_f32(const float*, int64_t, float*, float*, const int64_t*, const int64_t*, const int64_t*,
                             const int64_t*, int64_t, int, int, int, int64_t, float, float*, int64_t, const float*,
                             const float*, int64_t, int);
+void memfit_paged_attn_bf16(const uint16_t*, int64_t, uint16_t*, uint16_t*, const int64_t*, const int64_t*,
+                            const int64_t*, int64_t, int64_t, const int64_t*, int64_t, int, int, int, int64_t, float,
+                            uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, int);
+void memfit_paged_attn_f32(const float*, int64_t, float*, float*, const int64_t*, const int64_t*, const int64_t*,
+                           int64_t, int64_t, const int64_t*, int64_t, int, int, int, int64_t, float, float*, int64_t,
+                           const float*, const float*, int64_t, int);
 }
 
 namespace memfit_stack {
@@ -52,6 +59,7 @@ struct Api<uint16_t> {
     static constexpr auto rope = memfit_rope_bf16;
     static constexpr auto silu_mul = memfit_silu_mul_bf16;
     static constexpr auto attn = memfit_decode_attn_bf16;
+    static constexpr auto paged_attn = memfit_paged_attn_bf16;
 };
 template <>
 struct Api<float> {
@@ -61,6 +69,7 @@ struct Api<float> {
     static constexpr auto rope = memfit_rope_f32;
     static constexpr auto silu_mul = memfit_silu_mul_f32;
     static constexpr auto attn = memfit_decode_attn_f32;
+    static constexpr auto paged_attn = memfit_paged_attn_f32;
 };
 
 }  // namespace memfit_stack
@@ -71,7 +80,7 @@ extern "C" {
 // Fused projections (models/fusion.py): wq/bq hold q|k|v and wg/bg gate|up, with wk, wv and wu NULL.
 struct MemfitLayer {
     const void *ln1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln2, *wg, *bg, *wu, *bu, *wd, *bd;
-    void *kcache, *vcache;  // this layer's K and V, element (slot 0, token 0, head 0, 0)
+    void *kcache, *vcache;  // this layer's K and V, element (slot 0, token 0, head 0, 0), or the paged pools' block 0
 };
 
 struct MemfitStep {
@@ -83,6 +92,10 @@ struct MemfitStep {
     const int64_t *slots, *lens;  // (M,): each row's cache slot, and its length including the new token
     const void *cos, *sin;       // (M, D) rotary rows at each row's position (sin with rotate-half's sign)
     const void* final_norm;      // (C,)
+    // The paged cache (cpu_paged.cpp): tables non-NULL, (M, ldt) block ids per row; ks/vs are then the pools'
+    // (block, token, head) strides and slots is unused.
+    const int64_t* tables;
+    int64_t ldt, block_size;
 };
 
 }  // extern "C"
@@ -130,8 +143,12 @@ void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* o
         }
         A::rope(q, ldq, (int)Hq, k, ldkv, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
         // The new token's K/V rows go into the cache inside the attention call.
-        A::attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
-                s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
+        if (s->tables)
+            A::paged_attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->tables, s->ldt, s->block_size, s->lens,
+                          M, (int)Hq, (int)Hkv, (int)D, s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
+        else
+            A::attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
+                    s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
         matmul<T>(s, att, QD, L.wo, L.bo, xx, C, QD);
         A::rmsnorm(xx, C, resid, C, resid, C, (const T*)L.ln2, s->eps, h, C, M, C);
         if (L.wu) {

@@ -5,7 +5,8 @@ fused, rotary embedding in place, SiLU(gate) * up, each one C++ call (cpu_decode
 ops. It takes an input only when the kernel can run it exactly (CPU, bf16/fp32 matching the weights, rows
 with unit stride, no autograd); anything else goes to the PyTorch reference it inherits, so training and
 exotic layouts keep working. `decode_attention` runs single-token attention straight out of a cache that
-keeps each sequence's K/V at a fixed stride (the virtual cache), with no gather, padding or mask.
+keeps each sequence's K/V at a fixed stride (the virtual cache), with no gather, padding or mask;
+`paged_attention` runs the same arithmetic (attend.h) through a block table (the paged cache, cpu_paged.cpp).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ _SIGNATURES = {
     "rope": [_P, _I64, _I32, _P, _I64, _I32, _I32, _P, _P, _I64, _I64],
     "silu_mul": [_P, _I64, _P, _I64, _P, _I64, _I64, _I64],
     "decode_attn": [_P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I64, _F32, _P, _I64, _P, _P, _I64, _I32],
+    "paged_attn": [_P, _I64, _P, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I32, _I32, _I32, _I64, _F32, _P, _I64, _P, _P,
+                   _I64, _I32],
     "argmax": [_P, _I64, _I64, _I64, _P],
 }
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -48,6 +51,20 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
 def _rows_ok(t: torch.Tensor) -> bool:
     """A 2-D CPU tensor whose rows are contiguous (any row stride)."""
     return t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
+
+
+def _cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                b: int) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None, int]:
+    """The attention kernels' cache arguments: K and V strides of the first three dims (int64 tensors), and the
+    new rows' pointers and row stride (None, None, 0 without them)."""
+    ks = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
+    vs = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
+    if k_new is None:
+        return ks, vs, None, None, 0
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    assert v_new is not None and k_new.shape == v_new.shape == (b, hkv, d) and k_new.stride() == v_new.stride()
+    assert k_new.stride(2) == 1 and k_new.stride(1) == d
+    return ks, vs, k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0)
 
 
 class CpuDecodeOps(TorchOps):
@@ -124,17 +141,37 @@ class CpuDecodeOps(TorchOps):
         if out is None:
             out = torch.empty(b, hq, d, dtype=q.dtype)
         assert out.stride(2) == 1 and out.stride(1) == d
-        ks = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
-        vs = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
-        kn = vn = None
-        ldn = 0
-        if k_new is not None:
-            assert v_new is not None and k_new.shape == v_new.shape == (b, hkv, d) and k_new.stride() == v_new.stride()
-            assert k_new.stride(2) == 1 and k_new.stride(1) == d
-            kn, vn, ldn = k_new.data_ptr(), v_new.data_ptr(), k_new.stride(0)
+        ks, vs, kn, vn, ldn = _cache_args(k_cache, v_cache, k_new, v_new, b)
         self._fn["decode_attn"](q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), ks.data_ptr(),
                                 vs.data_ptr(), slots.data_ptr(), lens.data_ptr(), b, hq, hkv, d, window or 0, scale,
                                 out.data_ptr(), out.stride(0), kn, vn, ldn, torch.get_num_threads())
+        return out
+
+    def can_attend_paged(self, q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+        """Can `paged_attention` read this pool? k_pool: (blocks, block_size, Hkv, D), block_size a power of two."""
+        bs = k_pool.shape[1] if k_pool.dim() == 4 else 0
+        return self.can_attend(q, k_pool) and bs > 0 and bs & (bs - 1) == 0
+
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                        lens: torch.Tensor, scale: float, window: int | None = None, k_new: torch.Tensor | None = None,
+                        v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row b of q (B, Hq, D) attends to positions [0, lens[b]) (the last `window` if given) of the sequence
+        whose blocks are row b of block_table (B, >= ceil(lens[b] / block_size)) int64 with unit column stride,
+        read in place from k_pool, v_pool (blocks, block_size, Hkv, D). k_new, v_new (optional, (B, Hkv, D)):
+        each row's new token, written at lens[b] - 1 first. -> out (B, Hq, D)."""
+        b, hq, d = q.shape
+        hkv, bs = k_pool.shape[2], k_pool.shape[1]
+        if out is None:
+            out = torch.empty(b, hq, d, dtype=q.dtype)
+        assert out.stride(2) == 1 and out.stride(1) == d
+        assert block_table.dtype == torch.int64 and block_table.dim() == 2 and block_table.stride(1) == 1
+        assert lens.dtype == torch.int64 and lens.is_contiguous() and lens.shape == (b,)
+        assert bs & (bs - 1) == 0 and v_pool.shape == k_pool.shape
+        ks, vs, kn, vn, ldn = _cache_args(k_pool, v_pool, k_new, v_new, b)
+        self._fn["paged_attn"](q.data_ptr(), q.stride(0), k_pool.data_ptr(), v_pool.data_ptr(), ks.data_ptr(),
+                               vs.data_ptr(), block_table.data_ptr(), block_table.stride(0), bs, lens.data_ptr(), b, hq,
+                               hkv, d, window or 0, scale, out.data_ptr(), out.stride(0), kn, vn, ldn,
+                               torch.get_num_threads())
         return out
 
     def argmax(self, logits):

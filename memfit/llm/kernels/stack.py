@@ -2,7 +2,7 @@
 
 The model runner uses it on a CPU for steps where every scheduled sequence decodes one token, when the
 engine holds its weights in one of memfit's matmul kernels (cpu_linear "blocked", or "memfit" = row-major)
-over the virtual KV cache. It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps,
+over a KV cache it reads in place: the virtual cache (fixed stride per slot) or the paged one (block tables). It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps,
 BlockedLinear / RowMajorLinear), so the two agree token for token (tested); the gain is the ~170 us per
 layer of Python glue it skips. Prefill, mixed steps and everything else stay on the PyTorch path.
 """
@@ -30,7 +30,8 @@ class _Layer(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [("M", _I64), ("C", _I64), ("Hq", _I64), ("Hkv", _I64), ("D", _I64), ("I", _I64), ("window", _I64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("nthreads", ctypes.c_int), ("blocked_nb", _I64),
-                ("ks", _P), ("vs", _P), ("slots", _P), ("lens", _P), ("cos", _P), ("sin", _P), ("final_norm", _P)]
+                ("ks", _P), ("vs", _P), ("slots", _P), ("lens", _P), ("cos", _P), ("sin", _P), ("final_norm", _P),
+                ("tables", _P), ("ldt", _I64), ("block_size", _I64)]
 
 
 def _linear_tensors(mod: nn.Module, dtype: torch.dtype, nb: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -77,8 +78,12 @@ class CpuDecodeStack:
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.bfloat16, torch.float32) or next(model.parameters()).device.type != "cpu":
             return "needs a bf16/fp32 model on the CPU"
-        if not kv.fixed_stride:
-            return "needs the virtual KV cache (sequences at a fixed stride)"
+        if kv.block_tables:
+            bs = kv.pools(0)[0].shape[1]
+            if bs <= 0 or bs & (bs - 1):
+                return f"the paged cache's block size {bs} is not a power of two"
+        elif not kv.fixed_stride:
+            return "needs a KV cache it can read in place (sequences at a fixed stride, or block tables)"
         if cfg.head_dim not in HEAD_DIMS or cfg.num_attention_heads // cfg.num_key_value_heads > 64:
             return f"head_dim {cfg.head_dim} is not one of {HEAD_DIMS}"
         if load_cpu_linear() is None:
@@ -109,13 +114,14 @@ class CpuDecodeStack:
             ptrs = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
             for key, mod in _projections(layer).items():  # fused: "q" is q|k|v and "g" gate|up; no k, v, u
                 ptrs["w" + key], ptrs["b" + key] = _linear_tensors(mod, self.dtype, nb)
-            ptrs["kcache"], ptrs["vcache"] = kv.strided(i)
+            ptrs["kcache"], ptrs["vcache"] = kv.pools(i) if kv.block_tables else kv.strided(i)
             for name, t in ptrs.items():
                 if t is not None:
                     t = t if t.is_contiguous() or name.endswith("cache") else t.contiguous()
                     self._keep.append(t)
                     setattr(self._layers[i], name, t.data_ptr())
-        kc, vc = kv.strided(0)
+        kc, vc = kv.pools(0) if kv.block_tables else kv.strided(0)
+        self._paged = kv.block_tables
         self._ks = torch.tensor(kc.stride()[:3], dtype=torch.int64)
         self._vs = torch.tensor(vc.stride()[:3], dtype=torch.int64)
         norm = model.model.norm.weight.contiguous()
@@ -125,21 +131,30 @@ class CpuDecodeStack:
         s.window, s.eps, s.scale = cfg.sliding_window or 0, cfg.rms_norm_eps, model.scale
         s.ks, s.vs, s.final_norm = self._ks.data_ptr(), self._vs.data_ptr(), norm.data_ptr()
         s.blocked_nb = nb
+        s.block_size = kc.shape[1] if self._paged else 0
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, slots: list[int], lens: list[int]) -> torch.Tensor:
-        """One decode token per row: input_ids (M,), the rows' cache slots and lengths including the new
-        token (the KV manager's plan for this step has already made room) -> hidden states (M, C)."""
+    def run(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
+        """One decode token per row: input_ids (M,) and the KV manager's plan for the step (it has made room and
+        carries each row's length including the new token, `ends`, and its `slots` or `batch_table`)
+        -> hidden states (M, C)."""
+        lens = plan.ends
         m = input_ids.shape[0]
         x = self.model.model.embed_tokens(input_ids).contiguous()  # (M, C)
         positions = torch.tensor(lens, dtype=torch.long) - 1
         cos_t, sin_t = self.model.rotary.tables(x.device, self.dtype)
         cos, sin = cos_t[positions].contiguous(), sin_t[positions].contiguous()  # (M, D)
-        slots_t = torch.tensor(slots, dtype=torch.int64)
         lens_t = torch.tensor(lens, dtype=torch.int64)
         out = torch.empty_like(x)
         s = self._step
         s.M, s.nthreads = m, torch.get_num_threads()
-        s.slots, s.lens, s.cos, s.sin = slots_t.data_ptr(), lens_t.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        if self._paged:
+            where = plan.batch_table  # (M, nb) int64, rows contiguous
+            assert where.dtype == torch.int64 and where.stride(1) == 1 and where.shape[0] == m
+            s.tables, s.ldt, s.slots = where.data_ptr(), where.stride(0), None
+        else:
+            where = torch.tensor(plan.slots, dtype=torch.int64)
+            s.tables, s.slots = None, where.data_ptr()
+        s.lens, s.cos, s.sin = lens_t.data_ptr(), cos.data_ptr(), sin.data_ptr()
         self._fn(ctypes.byref(s), self._layers, len(self._layers), x.data_ptr(), out.data_ptr())
         return out

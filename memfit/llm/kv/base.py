@@ -18,10 +18,14 @@ capacity asked), validates step plans, and does `truncate`, `num_tokens`, `has_s
 arithmetic. A manager supplies only where a sequence's memory lives (pages of a slot, blocks of a pool):
 the `_try_place`, `_try_extend`, `_release`, `_capacity_of`, `_plan` hooks and `committed_bytes`.
 
-Layout capabilities are declared here with defaults: `fixed_stride` (every sequence sits at a fixed
-stride in per-layer K/V views: `strided(layer)` returns them, `slot_of(seq_id)` gives a sequence's row in
-them, and step plans carry `slots` and `ends`), off by default. Attention kernels that read the cache in
-place, and the runner's slot ordering, ask for it by this flag.
+Layout capabilities are declared here with defaults, off by default; attention kernels that read the cache
+in place (and the runner's slot ordering) ask for them by these flags:
+- `fixed_stride`: every sequence sits at a fixed stride in per-layer K/V views: `strided(layer)` returns
+  them, `slot_of(seq_id)` gives a sequence's row in them, and step plans carry `slots` and `ends`;
+- `block_tables`: every sequence lives in fixed-size blocks of per-layer pools: `pools(layer)` returns the
+  (num_blocks, block_size, Hkv, D) K and V pools (block_size a power of two), and step plans carry `ends`
+  and `batch_table`, a (B, nb) int64 tensor whose row i lists step i's block ids in position order
+  (covering 0 .. ends[i]-1; the rest of the row is padding that a reader must not follow).
 """
 from __future__ import annotations
 
@@ -102,6 +106,7 @@ class SeqRecord:
 class KVCacheManager(ABC):
     kind: ClassVar[str] = ""  # set by @register_kv_cache
     fixed_stride: ClassVar[bool] = False  # see the module docstring; True needs strided() and slot_of()
+    block_tables: ClassVar[bool] = False  # see the module docstring; True needs pools()
     layout: KVLayout
     budget: MemoryBudget
 
@@ -117,6 +122,8 @@ class KVCacheManager(ABC):
         super().__init_subclass__(**kwargs)
         if cls.fixed_stride and (cls.strided is KVCacheManager.strided or cls.slot_of is KVCacheManager.slot_of):
             raise TypeError(f"{cls.__qualname__} declares fixed_stride but does not define strided() and slot_of()")
+        if cls.block_tables and cls.pools is KVCacheManager.pools:
+            raise TypeError(f"{cls.__qualname__} declares block_tables but does not define pools()")
 
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
@@ -289,6 +296,10 @@ class KVCacheManager(ABC):
     def slot_of(self, seq_id: int) -> int | None:
         """`seq_id`'s row in the `strided` views when `fixed_stride`; None otherwise. Decode batches in
         slot order let a fixed-stride cache hand out one view instead of gathering."""
+        return None
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(K, V) pools of `layer`, each (num_blocks, block_size, Hkv, D), when `block_tables`; None otherwise."""
         return None
 
     # ---- accounting -------------------------------------------------------------------------------

@@ -12,8 +12,12 @@ reserved in the budget (owner "kv") when a sequence takes it and released when i
 whole pool is device memory from construction (`pool_bytes`); on the CPU its pages are faulted in on
 first write and kept by the allocator.
 
-Without a paged-attention kernel, `context` and `context_batch` must gather a sequence's blocks into a
-contiguous tensor: that copy, every layer of every step, is the cost the virtual cache avoids.
+Reading. The cache declares `block_tables`: `pools(layer)` hands out the pools and each step plan carries
+`batch_table`, so a paged-attention kernel follows the block tables in place (memfit's CPU kernel,
+kernels/cpu_paged.cpp, as vLLM's kernels do). Without one, `context` and `context_batch` gather a
+sequence's blocks into a contiguous tensor: a copy per layer per step that a fair comparison must not charge
+to this design, so the engine uses the kernel wherever it runs. Block sizes that are powers of two (the
+default 16) are what the kernel addresses.
 Waste: at most one partly filled block per sequence (block_size - 1 tokens), plus capacity asked for but
 not yet written (`waste_bound_bytes`).
 """
@@ -47,6 +51,7 @@ class PagedPlan:
 
 @register_kv_cache("paged")
 class PagedKVCache(KVCacheManager):
+    block_tables = True  # pools(layer) + plans' batch_table: kernels read the blocks in place
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
                        prefault: bool = True, eager_pages: int | None = None) -> dict:
@@ -154,6 +159,9 @@ class PagedKVCache(KVCacheManager):
         h, d = self.layout.num_kv_heads, self.layout.head_dim
         self.k[layer].view(-1, h, d).index_copy_(0, plan.write_index, k)  # pool as (blocks*bs, Hkv, D)
         self.v[layer].view(-1, h, d).index_copy_(0, plan.write_index, v)
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
 
     def _gather(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(..., nb) block ids -> (..., nb * block_size, Hkv, D), a copy."""

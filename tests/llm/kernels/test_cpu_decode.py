@@ -179,9 +179,9 @@ def test_stack_declines_what_it_cannot_run(tmp_path):
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama", hidden_size=128)
-    paged = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", kv_cache="paged", max_num_seqs=1)
+    paged = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", kv_cache="paged", block_size=12, max_num_seqs=1)
     assert paged.backends.cpu_kernels  # the op kernels still run; attention goes through the paged cache's gather
-    assert paged.runner.stack is None and "virtual" in CpuDecodeStack.unsupported(paged.model, paged.kv)
+    assert paged.runner.stack is None and "power of two" in CpuDecodeStack.unsupported(paged.model, paged.kv)
     paged.close()
     small_heads = make_tiny_model_dir(tmp_path, family="llama")  # head_dim 16
     eng = LLMEngine(model=str(small_heads), device="cpu", kv_budget="8MiB", max_num_seqs=1)

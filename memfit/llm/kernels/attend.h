@@ -1,0 +1,223 @@
+// Single-token (decode) attention over a KV cache, shared by memfit's two cache readers: cpu_decode.cpp (the
+// virtual cache: each sequence at a fixed stride) and cpu_paged.cpp (the paged cache: fixed-size blocks through
+// a block table). Each .cpp includes it inside its own namespace, after <immintrin.h>, bf16.h and exp16.h.
+//
+// Work item = (row, KV head): its G = Hq / Hkv query heads share every K/V row it reads. Where the rows are is
+// the caller's `Rows` accessor (StridedRows or PagedRows below); the arithmetic is one code path for both, so
+// the two caches differ only in the address of a row.
+//
+// Scores: a dot product per (query head, token) along D, which is where each K row is contiguous; 16 tokens'
+// dot products are reduced together by one transpose-add tree (hsum16) instead of 16 horizontal sums.
+// Softmax in fp32; the output is sum_t p_t V_t, 16 lanes of D at a time, and is rounded once, at the end.
+// The includer has <stdint.h>, <math.h>, <algorithm> and <vector> at file scope (this file sits in a namespace).
+#pragma once
+
+#include "hsum16.h"
+
+// Query row q (D elements) in registers, in the form `dot_lanes` multiplies a K row by: fp32 lanes, or for
+// bf16 the raw bf16 pairs, since AVX512-BF16's dot product (vdpbf16ps) takes K rows as stored, with no
+// conversion (q is bf16 already; the products are exact in fp32).
+template <typename T, int D>
+struct QRow;
+template <int D>
+struct QRow<float, D> {
+    __m512 v[D / 16];
+    void load(const float* q) {
+        for (int j = 0; j < D / 16; j++) v[j] = _mm512_loadu_ps(q + 16 * j);
+    }
+    __m512 dot_lanes(const float* row) const {  // partial sums of q . row in 16 lanes
+        __m512 a = _mm512_mul_ps(v[0], _mm512_loadu_ps(row));
+        _Pragma("GCC unroll 16")
+        for (int j = 1; j < D / 16; j++) a = _mm512_fmadd_ps(v[j], _mm512_loadu_ps(row + 16 * j), a);
+        return a;
+    }
+};
+template <int D>
+struct QRow<uint16_t, D> {
+    static_assert(D % 32 == 0, "bf16 rows are read 32 elements at a time");
+    __m512bh v[D / 32];
+    void load(const uint16_t* q) {
+        for (int j = 0; j < D / 32; j++) v[j] = (__m512bh)_mm512_loadu_si512(q + 32 * j);
+    }
+    __m512 dot_lanes(const uint16_t* row) const {
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[0], (__m512bh)_mm512_loadu_si512(row));
+        _Pragma("GCC unroll 8")
+        for (int j = 1; j < D / 32; j++) a = _mm512_dpbf16_ps(a, v[j], (__m512bh)_mm512_loadu_si512(row + 32 * j));
+        return a;
+    }
+};
+
+// One V row as D/16 fp32 vectors. bf16: each 32-element load splits into its even elements (shifted up)
+// and its odd ones (masked): two instructions per 32 instead of three per 16. The lanes are then
+// de-interleaved (vector 2j = even elements of block j, 2j+1 = odd), which `store_out` undoes.
+template <int D>
+inline void v_lanes(const float* row, __m512* vv) {
+    for (int j = 0; j < D / 16; j++) vv[j] = _mm512_loadu_ps(row + 16 * j);
+}
+template <int D>
+inline void v_lanes(const uint16_t* row, __m512* vv) {
+    for (int j = 0; j < D / 32; j++) {
+        const __m512i x = _mm512_loadu_si512(row + 32 * j);
+        vv[2 * j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        vv[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+}
+template <int D>
+inline void store_out(float* dst, const __m512* o, float inv) {
+    for (int j = 0; j < D / 16; j++) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
+}
+template <int D>
+inline void store_out(uint16_t* dst, const __m512* o, float inv) {
+    alignas(64) float ev[16], od[16];
+    for (int j = 0; j < D / 32; j++) {
+        _mm512_store_ps(ev, _mm512_mul_ps(o[2 * j], _mm512_set1_ps(inv)));
+        _mm512_store_ps(od, _mm512_mul_ps(o[2 * j + 1], _mm512_set1_ps(inv)));
+        for (int e = 0; e < 16; e++) dst[32 * j + 2 * e] = f32_to_bf16(ev[e]), dst[32 * j + 2 * e + 1] = f32_to_bf16(od[e]);
+    }
+}
+
+// Prefetch one head row (D elements) into L1. Prefetches never fault, so reading ahead past a sequence's
+// end is harmless.
+template <typename T, int D>
+inline void prefetch_row(const T* p) {
+    for (int i = 0; i < (int)(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
+}
+
+
+// Rows of one (sequence, KV head), positions counted from the first one attended to. `at(t)`: row t.
+// `run(t, n, step)`: the address of row t, with n set to how many rows from t on lie at a fixed `step`
+// apart (at least 1): the kernel walks each run with a pointer instead of computing every row's address.
+template <typename T>
+struct StridedRows {  // row t at base + t * step (the virtual cache: one slot is one strided run)
+    const T* base;
+    int64_t step;
+    const T* at(int64_t t) const { return base + t * step; }
+    const T* run(int64_t t, int64_t L, int64_t& n) const {
+        n = L - t;
+        return base + t * step;
+    }
+};
+
+template <typename T>
+struct PagedRows {  // position p = t0 + t at base + table[p >> shift] * bstride + (p & mask) * step
+    const T* base;  // the pool at block 0, this head
+    const int64_t* table;  // this sequence's block ids, in position order
+    int64_t bstride, step, t0, mask;
+    int shift;  // log2(block size): block sizes are powers of two (checked by the caller)
+    const T* at(int64_t t) const {
+        const int64_t p = t0 + t;
+        return base + table[p >> shift] * bstride + (p & mask) * step;
+    }
+    const T* run(int64_t t, int64_t L, int64_t& n) const {  // to the end of the block (or of the sequence)
+        const int64_t p = t0 + t;
+        n = std::min(L - t, mask + 1 - (p & mask));
+        return base + table[p >> shift] * bstride + (p & mask) * step;
+    }
+};
+
+template <typename T, int D, typename Rows>
+void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, int G, float scale, T* out,
+                  std::vector<float>& sc) {
+    constexpr int DV = D / 16;
+    constexpr int GC = DV <= 2 ? 8 : DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // query heads whose outputs stay in registers in the V pass
+    const int64_t kstep = krows.step, vstep = vrows.step;
+    sc.resize((size_t)G * (size_t)std::max<int64_t>(L, 1));
+    for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<T, D>(krows.at(i)), prefetch_row<T, D>(vrows.at(i));
+    float inv[64];
+    for (int g = 0; g < G; g++) {
+        QRow<T, D> qr;
+        qr.load(q + (int64_t)g * D);
+        float* s = sc.data() + (size_t)g * L;
+        const __m512 sv = _mm512_set1_ps(scale);
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        int64_t t = 0, n;
+        for (; t + 16 <= L; t += 16) {
+            const T* kb = krows.run(t, L, n);
+            if (g == 0 && t + 16 < L) {  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
+                int64_t n2;
+                const T* nb = krows.run(t + 16, L, n2);
+                for (int i = 0; i < 16 && i < n2; i++) prefetch_row<T, D>(nb + i * kstep);
+            }
+            __m512 acc[16];
+            if (n >= 16) {  // 16 rows at one stride (always, for the virtual cache and 16-aligned blocks)
+                _Pragma("GCC unroll 16")
+                for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(kb + i * kstep);
+            } else {
+                for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(krows.at(t + i));
+            }
+            const __m512 r = _mm512_mul_ps(hsum16(acc), sv);
+            _mm512_storeu_ps(s + t, r);
+            mx = _mm512_max_ps(mx, r);
+        }
+        float m = _mm512_reduce_max_ps(mx);
+        for (; t < L; t++) {
+            const float r = _mm512_reduce_add_ps(qr.dot_lanes(krows.at(t))) * scale;
+            s[t] = r;
+            m = std::max(m, r);
+        }
+        const __m512 mv = _mm512_set1_ps(m);  // p = exp(s - max), in place; inv = 1 / sum p
+        __m512 sum = _mm512_setzero_ps();
+        t = 0;
+        for (; t + 16 <= L; t += 16) {
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+            _mm512_storeu_ps(s + t, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        if (t < L) {
+            const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
+            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
+            _mm512_mask_storeu_ps(s + t, mk, p);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
+        }
+        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+    for (int g0 = 0; g0 < G; g0 += GC) {
+        const int gn = std::min(GC, G - g0);
+        __m512 o[GC][DV];
+        _Pragma("GCC unroll 8")
+        for (int g = 0; g < GC; g++)
+            _Pragma("GCC unroll 16")
+            for (int j = 0; j < DV; j++) o[g][j] = _mm512_setzero_ps();
+        for (int64_t t0 = 0, n; t0 < L; t0 += n) {  // run by run: within one, rows are `vstep` apart
+            const T* vb = vrows.run(t0, L, n);
+            int64_t ahead = 0;  // rows of the next run that the prefetch below may reach
+            const T* nb = nullptr;
+            if (g0 == 0 && t0 + n < L) nb = vrows.run(t0 + n, L, ahead);
+            for (int64_t i = 0; i < n; i++) {
+                if (g0 == 0) {  // 16 rows ahead: within this run, else in the next one
+                    if (i + 16 < n) prefetch_row<T, D>(vb + (i + 16) * vstep);
+                    else if (i + 16 - n < ahead) prefetch_row<T, D>(nb + (i + 16 - n) * vstep);
+                }
+                __m512 vv[DV];
+                v_lanes<D>(vb + i * vstep, vv);
+                const float* pcol = sc.data() + (size_t)g0 * L + t0 + i;
+                _Pragma("GCC unroll 8")
+                for (int g = 0; g < GC; g++) {
+                    if (g >= gn) break;
+                    const __m512 p = _mm512_set1_ps(pcol[(size_t)g * L]);
+                    _Pragma("GCC unroll 16")
+                    for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
+                }
+            }
+        }
+        for (int g = 0; g < gn; g++) store_out<D>(out + (int64_t)(g0 + g) * D, o[g], inv[g0 + g]);
+    }
+}
+
+// work(i, scores) for i in [0, items), on nthreads OpenMP threads (static schedule), each with its own scores.
+template <typename Work>
+void run_items(int64_t items, int nthreads, Work&& work) {
+#ifdef _OPENMP
+    if (nthreads > 1 && items > 1) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            std::vector<float> sc;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < items; i++) work(i, sc);
+        }
+        return;
+    }
+#endif
+    static thread_local std::vector<float> sc;
+    for (int64_t i = 0; i < items; i++) work(i, sc);
+}
