@@ -178,33 +178,16 @@ def test_an_idle_server_gives_its_kv_back():
     """`memfit serve` in its own process after a burst of 16 requests (~40 MiB of KV, the bundled model in
     float32): a few seconds after going idle its RSS is back within the watermark (0 here, plus 4 MiB for the
     allocator's pools) of its warmed-up baseline, while right after the burst it was far above it."""
-    import socket
-
     import httpx
     import psutil
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memfit.llm.server", "--model", "memfit-tiny", "--port", str(port), "--dtype",
-         "float32", "--kv-budget", "256MiB", "--max-num-seqs", "16", "--max-model-len", "1024", "--threads", "1",
-         "--kv-reclaim-idle-s", "0.5", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
-        server = psutil.Process(proc.pid)
+    from tests.llm.server.live import ServerProcess
+
+    with ServerProcess(["--model", "memfit-tiny", "--dtype", "float32", "--kv-budget", "256MiB", "--max-num-seqs", "16",
+                        "--max-model-len", "1024", "--threads", "1", "--kv-reclaim-idle-s", "0.5", "--log-level",
+                        "warning"], cwd=ROOT) as live:
+        url = live.url
+        server = psutil.Process(live.proc.pid)
 
         def burst(n: int) -> None:
             body = {"prompt": "Once upon a time " * 40, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -229,10 +212,3 @@ def test_an_idle_server_gives_its_kv_back():
         time.sleep(3.0)  # idle time 0.5 s; the server's idle loop runs about once a second
         idle = server.memory_info().rss - baseline
         assert idle <= 4 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -1,7 +1,10 @@
 """A real memfit server on a free loopback port, run by uvicorn in a background thread (tests only)."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -132,3 +135,48 @@ def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, peaks: dict[
         return SlowEngine(EngineConfig(model=str(model_dir), **opts))
 
     return load
+
+
+class ServerProcess:
+    """`python -m memfit.llm.server ARGS` in its own process on a free loopback port, ready (GET /health is 200)
+    when the `with` block starts; terminated (then killed) when it ends."""
+
+    def __init__(self, args: list[str], cwd: str | Path | None = None, ready_timeout: float = 120) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if cwd is not None:
+            env["PYTHONPATH"] = str(cwd)
+        self.proc = subprocess.Popen([sys.executable, "-m", "memfit.llm.server", "--port", str(self.port), *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+        self._ready_timeout = ready_timeout
+
+    def __enter__(self) -> "ServerProcess":
+        deadline = time.monotonic() + self._ready_timeout
+        try:
+            while True:
+                assert self.proc.poll() is None, self.proc.stdout.read()  # type: ignore[union-attr]
+                try:
+                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not become ready"
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -6,16 +6,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 
 import httpx
 import pytest
 
 from memfit.llm.server.app import ServerSettings
-from tests.llm.server.live import LiveServer, parse_sse
+from tests.llm.server.live import LiveServer, ServerProcess, parse_sse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -55,32 +52,10 @@ def test_a_failed_load_answers_503_with_the_reason(tmp_path, model_dir):
         assert r.status_code == 503 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_lets_in_flight_streams_finish_then_exits(model_dir):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "memfit.llm.server", "--model", str(model_dir), "--port", str(port), "--kv-budget",
-         "64MiB", "--threads", "1", "--shutdown-timeout", "20", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+    with ServerProcess(["--model", str(model_dir), "--kv-budget", "64MiB", "--threads", "1", "--shutdown-timeout", "20",
+                        "--log-level", "warning"], cwd=ROOT) as server:
+        proc, url = server.proc, server.url
         body = {"prompt": [5, 6, 7], "max_tokens": 120, "temperature": 0, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
@@ -93,10 +68,6 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits(model_dir):
         assert proc.wait(30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _serve_args(argv: list[str]) -> argparse.Namespace:
