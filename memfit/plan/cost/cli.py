@@ -21,13 +21,14 @@ def register(subparsers) -> None:
     lb.add_argument("--repetitions", type=int, default=5)
     lb.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition (default 0.05)")
     lb.add_argument("--limit", type=int, help="label at most this many now")
+    lb.add_argument("--family", help="label only this family now")
     lb.add_argument("--noise", type=int, default=0, metavar="K",
                     help="also time K labelled kernels 3 more times each: the label noise floor")
     lb.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("train", help="train the sequence model (and the baselines) on held-out shapes")
     t.add_argument("--db", required=True)
     t.add_argument("--out", help="model file (default: the one shipped in the package)")
-    t.add_argument("--epochs", type=int, default=80)
+    t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--families", action="store_true", help="also hold out each family in turn")
     t.add_argument("--json", action="store_true")
@@ -85,7 +86,8 @@ def _label(args) -> int:
     from memfit.plan.cost import label, store
     from memfit.plan.cost.roofline import measure_peaks
 
-    counts = label.label_all(args.db, label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit),
+    counts = label.label_all(args.db, label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit,
+                                                         args.family),
                              progress=not args.no_progress)
     con = store.connect(args.db)
     if "peaks" not in store.meta(con):

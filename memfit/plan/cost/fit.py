@@ -19,14 +19,14 @@ from memfit.plan.cost.seq import Bundle, CostNet, Normaliser, SeqConfig, batch
 
 @dataclass
 class FitConfig:
-    epochs: int = 80
+    epochs: int = 40
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 20
+    patience: int = 12
     seed: int = 0
-    d: int = 64
-    layers: int = 4
+    d: int = 48
+    layers: int = 3
     latency_weight: float = 3.0  # latency is the figure `predict` is judged on; the counts help as side tasks
 
 
@@ -43,6 +43,7 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     Zn = torch.tensor(norm.z(Zt), dtype=torch.float32)
     w = torch.tensor([cfg.latency_weight] + [1.0] * (Zt.shape[1] - 1))
     enc = [batch([t], vocab, net.cfg.max_len) for t in train.toks]  # tokenised once
+    lengths = np.array([e[0].shape[1] for e in enc])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
@@ -50,10 +51,8 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     best, best_state, since = math.inf, None, 0
     for epoch in range(cfg.epochs):
         net.train()
-        order = rng.permutation(len(train))
         total = 0.0
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
+        for idx in _buckets(rng, lengths, cfg.batch_size):
             ids, vals = _stack([enc[i] for i in idx])
             pred = net(ids, vals, Xn[idx])
             loss = (torch.nn.functional.smooth_l1_loss(pred, Zn[idx], reduction="none", beta=0.5) * w).mean()
@@ -78,6 +77,19 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     net.eval()
     bundle.info = {"val_latency_mape": best, "train_kernels": len(train), "val_kernels": len(val)}
     return bundle
+
+
+def _buckets(rng: np.random.Generator, lengths: np.ndarray, size: int) -> list[np.ndarray]:
+    """Shuffled batches of similar length (sorted within windows of 16 batches): little padding, so an epoch
+    costs about the tokens it has rather than batches x the longest program."""
+    order = rng.permutation(len(lengths))
+    window = 16 * size
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = order[s:s + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + size] for i in range(0, len(chunk), size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _stack(encoded: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ class LabelConfig:
     repetitions: int = 5
     min_time_s: float = 0.05  # per repetition; short kernels get many iterations
     limit: int | None = None
+    family: str | None = None  # label only this family now (the rest stays for a later run)
 
 
 @dataclass
@@ -56,7 +57,7 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
         raise CostModelError(f"{db} was labelled with IREE {old.get('iree_version')} on {old.get('host_cpu')}; "
                              f"this is IREE {version} on {cpu}: label into a new file")
     store.set_meta(con, iree_version=version, host_cpu=cpu, device="local-sync", target_cpu="host")
-    todo = store.unlabelled(con)[:cfg.limit]
+    todo = [r for r in store.unlabelled(con) if cfg.family in (None, r["family"])][:cfg.limit]
     bar = _bar(len(todo), progress)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         futures = {pool.submit(_one, row["mlir"], cfg): row["key"] for row in todo}

@@ -23,7 +23,7 @@ class TrainConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: bool = True
     families: tuple[str, ...] = ()   # also hold out each of these families in turn
-    family_epochs: int = 40
+    family_epochs: int = 12
 
 
 def load(db: str | Path) -> tuple[dataset.Examples, dict]:

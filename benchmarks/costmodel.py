@@ -1,0 +1,103 @@
+"""The learned MLIR cost model (memfit.plan.cost, issue 21) against its baselines, on labels measured here.
+
+Needs a labelled dataset, built by the commands (it is not committed):
+
+    memfit costmodel generate --n 1800 --out costmodel.db
+    python -m benchmarks.costmodel --add-tuned 40 --db costmodel.db   # adds the tuning candidates (unlabelled)
+    memfit costmodel label --db costmodel.db --noise 30
+    OMP_NUM_THREADS=1 python -m benchmarks.costmodel --db costmodel.db --families --out benchmarks/results/costmodel.json
+
+Reports: the label noise floor (MAPE of one timing of a kernel predicting another); on held-out shapes the
+latency MAPE / Spearman / Kendall of the sequence model, LightGBM and the roofline, per family, against the
+targets (MAPE <= max(10%, 2x noise), Spearman >= 0.95, beat both baselines); on each held-out family the
+same figures; and in the loop, over the held-out shapes' tuning candidates (16 matmul tile sizes each), how
+often the model's pick is within 5% of the measured best, and its speed-up over IREE's default.
+Prints one JSON object; --out also writes it and the predicted-against-measured PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from benchmarks.common import emit, header
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--family-epochs", type=int, default=12)
+    ap.add_argument("--families", action="store_true", help="also hold out each family in turn")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
+    ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
+                    help="only add SHAPES matmul shapes x (16 tiles + default) to the dataset, then exit")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from memfit.plan.cost import dataset, families, store
+    from memfit.plan.cost.fit import FitConfig
+    from memfit.plan.cost.label import noise_summary
+    from memfit.plan.cost.train import DEFAULT_MODEL, TrainConfig, train
+    from memfit.plan.cost.tune import dataset_outcomes, summarise
+
+    con = store.connect(args.db)
+    if args.add_tuned:
+        new = store.add_kernels(con, families.generate_tuned(args.add_tuned, seed=args.seed))
+        print(f"{new} tuning kernels added", file=sys.stderr)
+        return 0
+    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed),
+                      families=families.FAMILIES if args.families else (), family_epochs=args.family_epochs)
+    res = train(args.db, args.model_out or DEFAULT_MODEL, cfg, verbose=True)
+    meta = store.meta(con)
+    noise = noise_summary(con)
+    rep = res["shapes"]
+    static = rep.pop("_static")
+    nf = noise.get("noise_mape")
+    target_mape = max(0.10, 2 * nf) if nf is not None else 0.10
+    seq = rep["seq"]["all"]
+    # the loop: the trained model ranks the tuning candidates of the held-out shapes
+    from memfit.plan.cost.predict import load_model
+
+    load_model.cache_clear()
+    bundle = load_model(str(args.model_out or DEFAULT_MODEL))
+    rows = [r for r in store.labelled(con) if r["family"] == families.TUNED]
+    ex = dataset.from_rows(rows) if rows else None
+    loop = {"kernels": 0}
+    if ex is not None:
+        test = set(np.array(ex.keys)[dataset.shape_split(ex, args.seed)[2]])
+        pred = dataset.from_log(bundle.predict_log(ex.toks, ex.X))[:, 0]
+        predicted = dict(zip(ex.keys, pred))
+        outs = dataset_outcomes([r for r in rows if r["key"] in test], predicted)
+        loop = {**summarise(outs), "per_kernel": [o.as_dict() for o in outs]}
+    result = {
+        **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
+                 device="local-sync", target_cpu="host"),
+        "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
+        "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
+        "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,
+                    "spearman_met": seq["spearman"] >= 0.95,
+                    "beats_lightgbm": seq["mape"] < rep.get("lightgbm", {"all": {"mape": np.inf}})["all"]["mape"],
+                    "beats_roofline": seq["mape"] < rep.get("roofline", {"all": {"mape": np.inf}})["all"]["mape"],
+                    "loop_within_5pct_met": loop.get("within_5pct_of_best", 0) >= 0.8},
+        "predictions": res["shapes_predictions"],
+    }
+    emit(result, args.out, draw=_draw)
+    return 0
+
+
+def _draw(result: dict, path) -> None:
+    from memfit.plan.cost.evaluate import plot
+
+    p = result["predictions"]
+    preds = {k: np.array(v) for k, v in p.items() if k not in ("true", "families")}
+    plot(path, preds, np.array(p["true"]), p["families"],
+         f"held-out shapes, {len(p['true'])} kernels; noise floor MAPE {result['noise'].get('noise_mape', 0):.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
