@@ -7,10 +7,14 @@ attention output. So the model never knows about caches, and a cache never knows
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
+from memfit.llm.kernels.slot_runs import SlotRun, slot_runs
 
 
 class AttentionBackend(Protocol):
@@ -128,6 +132,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     return out.squeeze(2)
 
 
+def attend_slot_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, runs: list[SlotRun], scale: float,
+                     out: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    """q (B, Hq, D) over k_all, v_all (S, Lmax, Hkv, D) strided views, run by run -> out (B, Hq, D)."""
+    for run in runs:
+        n = len(run.rows)
+        kc, vc = k_all[run.lo : run.lo + n, : run.length], v_all[run.lo : run.lo + n, : run.length]  # views
+        if run.index is None:
+            r0 = run.rows[0]
+            out[r0 : r0 + n] = decode_attention(q[r0 : r0 + n], kc, vc, run.lens, scale, workspace)
+        else:
+            res = decode_attention(q.index_select(0, run.index), kc, vc, run.lens, scale, workspace)
+            out.index_copy_(0, run.index, res)
+    return out
+
+
 class Workspace:
     """Scratch buffers that outlive one attention call (the runner keeps one per engine).
 
@@ -184,6 +203,8 @@ class CachedAttention:
         # plan.slots), or through block tables (`kv.block_tables`: `pools(layer)`, plan.batch_table).
         self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
         self._paged = False
+        # prefill chunks: memfit's CPU kernel (kernels/prefill.py) where memfit's kernels run, else attend_one
+        self._prefill = cpu_prefill_attention if hasattr(kernels, "decode_attention") else None
         if self.kernels is not None and (kv.fixed_stride or kv.block_tables):
             self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
             if kv.fixed_stride:
@@ -204,6 +225,12 @@ class CachedAttention:
             self._decode_plan = (self.kv.plan_step(self.steps[:n], pad_to=DECODE_PAD)
                                  if n > 1 and not windowed else None)
         return self._decode_plan
+
+    @functools.cached_property
+    def _slot_runs(self) -> list:
+        """The decode rows as runs of consecutive slots of a fixed-stride cache (kernels/slot_runs.py), once a step."""
+        plan = self.decode_plan
+        return slot_runs(plan.slots, self.decode_ends, DECODE_PAD, plan.max_end, self.kv.layout.device)
 
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""
@@ -238,9 +265,13 @@ class CachedAttention:
         if first == 0:
             self.kv.write(layer, self.plan, k[:n], v[:n])
         if first == 0 and self.decode_plan is not None:
-            kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D)
             b = self.num_decode
-            out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale, self.workspace)
+            if self.kv.fixed_stride and not self.decode_plan.consecutive:  # gaps or another order: runs of views
+                kall, vall = self.kv.strided(layer)
+                attend_slot_runs(q[:b], kall, vall, self._slot_runs, self.scale, out[:b], self.workspace)
+            else:
+                kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D): a view, or a gather
+                out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale, self.workspace)
             first = b
         row = first
         for i in range(first, len(self.steps)):
@@ -249,6 +280,7 @@ class CachedAttention:
                 kc, vc = k[row : row + n], v[row : row + n]
             else:
                 kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D): a view, or the paged cache's gather
-            out[row : row + n] = attend_one(q[row : row + n], kc, vc, self.scale, self.window)
+            if self._prefill is None or not self._prefill(q[row : row + n], kc, vc, self.scale, self.window, out[row : row + n]):
+                out[row : row + n] = attend_one(q[row : row + n], kc, vc, self.scale, self.window)
             row += n
         return out

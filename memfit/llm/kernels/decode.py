@@ -11,6 +11,7 @@ keeps each sequence's K/V at a fixed stride (the virtual cache), with no gather,
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 import torch
@@ -53,12 +54,18 @@ def _rows_ok(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
 
 
+@functools.lru_cache(maxsize=64)
+def _strides(strides: tuple[int, ...]) -> torch.Tensor:
+    """Strides as the int64 array the kernels take, made once per layout (a fresh tensor costs microseconds a
+    call, which shows at batch 1 over short contexts). Never written to."""
+    return torch.tensor(strides, dtype=torch.int64)
+
+
 def _cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None,
                 b: int) -> tuple[torch.Tensor, torch.Tensor, int | None, int | None, int]:
     """The attention kernels' cache arguments: K and V strides of the first three dims (int64 tensors), and the
     new rows' pointers and row stride (None, None, 0 without them)."""
-    ks = torch.tensor(k_cache.stride()[:3], dtype=torch.int64)
-    vs = torch.tensor(v_cache.stride()[:3], dtype=torch.int64)
+    ks, vs = _strides(k_cache.stride()[:3]), _strides(v_cache.stride()[:3])
     if k_new is None:
         return ks, vs, None, None, 0
     hkv, d = k_cache.shape[2], k_cache.shape[3]

@@ -66,3 +66,44 @@ def test_short_bf16_decode_token_takes_the_float32_path():
     got = attend_one(q, k, v, 0.25)
     want = attend_one(q.float(), k.float(), v.float(), 0.25).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_virtual_decode_with_slot_gaps_reads_views_not_a_gather(dtype, tol, monkeypatch):
+    """Decode rows whose slots have gaps and are out of order go through runs of views of the virtual cache
+    (kernels/slot_runs.py), never through context_batch's gather, with the per-sequence answer."""
+    from memfit.llm.kernels.attention import CachedAttention
+    from memfit.llm.kernels.slot_runs import slot_runs
+    from memfit.llm.kv import create_kv_cache
+    from memfit.llm.kv.base import KVLayout, SeqStep
+    from memfit.llm.kv.virtual import VirtualKVCache
+    from memfit.memory.budget import MemoryBudget
+
+    hq, hkv, d = 8, 2, 32
+    layout = KVLayout(1, hkv, d, dtype, max_seq_len=200)
+    cache = create_kv_cache("virtual", layout, MemoryBudget(2**24), max_seqs=8, prefault=False)
+    g = torch.Generator().manual_seed(0)
+    lens = {0: 70, 1: 5, 2: 130, 3: 64, 4: 33, 5: 90}
+    for sid, n in lens.items():
+        assert cache.try_allocate(sid, n + 1)
+        kv = torch.randn(2, n, hkv, d, generator=g).to(dtype)
+        cache.write(0, cache.plan_step([SeqStep(sid, 0, n)]), kv[0], kv[1])
+    cache.free(1)
+    cache.free(4)  # slots 0, 2, 3, 5 stay: runs [0], [2, 3], [5]
+    batch = [5, 3, 0, 2]  # not in slot order either
+    assert [cache.slot_of(s) for s in batch] == [5, 3, 0, 2]
+    runs = slot_runs([5, 3, 0, 2], [lens[s] + 1 for s in batch], 64, 192, torch.device("cpu"))
+    assert [(r.lo, r.rows) for r in runs] == [(0, [2]), (2, [3, 1]), (5, [0])]
+    assert runs[1].index is not None and runs[0].index is None  # rows 3, 1 must be picked out; row 2 is a slice
+    assert runs[0].length == 128 and runs[1].length == 192  # each run reads up to its own longest, padded
+    steps = [SeqStep(s, lens[s], 1) for s in batch]
+    q = torch.randn(4, hq, d, generator=g).to(dtype)
+    k_new, v_new = torch.randn(2, 4, hkv, d, generator=g).to(dtype)
+    monkeypatch.setattr(VirtualKVCache, "context_batch", lambda *a: pytest.fail("gathered a decode batch"))
+    attn = CachedAttention(cache, steps, num_decode=4, scale=d ** -0.5)
+    out = attn(0, q, k_new, v_new)
+    for i, st in enumerate(steps):
+        kc, vc = cache.context(0, attn.plan, i)  # (end, Hkv, D) views: the new token included
+        ref = reference(q[i : i + 1], kc.unsqueeze(0), vc.unsqueeze(0), None, d ** -0.5)
+        torch.testing.assert_close(out[i : i + 1].float(), ref, rtol=tol, atol=tol)
+    cache.close()
