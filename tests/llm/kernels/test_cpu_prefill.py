@@ -1,0 +1,95 @@
+"""memfit's CPU prefill attention (cpu_prefill.cpp via prefill.py): against float64, in the engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memfit.llm.kernels.attention import CachedAttention, causal_mask
+from memfit.llm.kernels.prefill import prefill_attention
+from tests.llm.kernels.common import need
+
+
+def reference(q, k, v, scale, window):
+    """float64 causal attention of the last Tq positions over Tk, GQA by repeating K/V heads."""
+    tq, hq, _ = q.shape
+    tk, hkv, _ = k.shape
+    g = hq // hkv
+    qd, kd, vd = (t.double().transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    kd, vd = kd.repeat_interleave(g, 0), vd.repeat_interleave(g, 0)
+    s = (qd @ kd.transpose(1, 2)) * scale
+    s = s.masked_fill(~causal_mask(tq, tk, q.device, window), -math.inf)
+    return (torch.softmax(s, -1) @ vd).transpose(0, 1)  # (Tq, Hq, D)
+
+
+CASES = [  # (Tq, Tk, Hq, Hkv, D, window): a whole prompt, chunks after a prefix, ragged blocks, windows
+    (128, 128, 12, 4, 64, None), (1, 1, 2, 1, 32, None), (5, 37, 4, 2, 32, None), (50, 300, 6, 6, 128, None),
+    (17, 17, 8, 1, 96, None), (33, 90, 4, 2, 64, 20), (70, 70, 14, 2, 64, 31), (9, 200, 3, 3, 128, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq,tk,hq,hkv,d,window", CASES)
+def test_matches_float64(dtype, tq, tk, hq, hkv, d, window):
+    need(dtype)
+    g = torch.Generator().manual_seed(tq * 1000 + tk)
+    q = torch.randn(tq, hq, d, generator=g).to(dtype)
+    # K/V as a cache holds them: rows of a wider slot (token stride > Hkv * D), one head of several
+    cache = torch.randn(2, tk + 7, hkv + 1, d, generator=g).to(dtype)
+    k, v = cache[0, 3 : 3 + tk, 1:], cache[1, 3 : 3 + tk, 1:]
+    ref = reference(q, k, v, d ** -0.5, window)
+    for threads in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads)
+        err = (out.double() - ref).abs().max().item()
+        # fp32: summation order only; bf16: the output's own rounding (2^-8 relative of values below ~4)
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+def test_declines_what_it_cannot_take():
+    need(torch.float32)
+    q, k = torch.randn(4, 2, 80), torch.randn(4, 1, 80)  # head size 80: not built
+    out = torch.zeros_like(q)
+    assert not prefill_attention(q, k, k, 0.1, None, out) and (out == 0).all()
+    q, k = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
+    assert not prefill_attention(q.double(), k.double(), k.double(), 0.1, None, out.double())
+    assert not prefill_attention(q, k[:3], k[:3], 0.1, None, torch.zeros_like(q))  # fewer keys than queries
+    qg = q.clone().requires_grad_(True)
+    assert not prefill_attention(qg, k, k, 0.1, None, torch.zeros_like(q))  # autograd: the caller's path
+
+
+class _OneSeqCache:
+    """A stand-in KV manager: one sequence whose context is `k`, `v` (what CachedAttention asks of a cache)."""
+
+    fixed_stride = block_tables = False
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+
+    def plan_step(self, steps, pad_to=None):
+        return None
+
+    def write(self, layer, plan, k, v):
+        pass
+
+    def context(self, layer, plan, i):
+        return self.k, self.v
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_cached_attention_uses_it_only_with_memfit_kernels(kernels, monkeypatch):
+    need(torch.float32)
+    from types import SimpleNamespace
+
+    from memfit.llm.kernels import attention
+
+    calls = []
+    real = attention.cpu_prefill_attention
+    monkeypatch.setattr(attention, "cpu_prefill_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = torch.randn(6, 4, 64), torch.randn(10, 2, 64), torch.randn(10, 2, 64)
+    step = SimpleNamespace(start=4, num_new=6, end=10)
+    ops = SimpleNamespace(decode_attention=None) if kernels else object()  # CpuDecodeOps has decode_attention
+    attn = CachedAttention(_OneSeqCache(k, v), [step], 0, 0.125, kernels=ops)
+    out = attn(0, q, k[4:], v[4:])
+    assert len(calls) == int(kernels)
+    torch.testing.assert_close(out.double(), reference(q, k, v, 0.125, None), rtol=0, atol=1e-5)
