@@ -63,6 +63,13 @@ def reachability(g: Graph) -> tuple[dict[str, int], dict[str, int], dict[str, in
     return anc, desc, bit
 
 
+def unordered_pairs(g: Graph) -> int:
+    """Pairs of ops that neither precedes the other: the order-pair model's size (one Boolean each at most)."""
+    anc, desc, _ = reachability(g)
+    n = len(g.ops)
+    return sum(n - 1 - bin(anc[o.name]).count("1") - bin(desc[o.name]).count("1") for o in g.ops) // 2
+
+
 def eviction_cost(g: Graph, name: str) -> int:
     # A graph output's one store is compulsory wherever it happens, so evicting it early costs only the
     # reload; only a plain activation pays a spill store too.

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from memfit.plan.analysis import check_feasible
 from memfit.plan.baselines import BASELINES, plan_baseline
-from memfit.plan.bound import LowerBound, lower_bound
+from memfit.plan.bound import LowerBound, lower_bound, unordered_pairs
 from memfit.plan.errors import BoundViolationError, PlanError
 from memfit.plan.exact import ExactConfig, Segment, SegmentResult, solve_segment
 from memfit.plan.heuristic import HeuristicConfig, lns_passes, merge_adjacent, plan_passes
@@ -32,7 +32,9 @@ class PlanOptions:
     seed: int = 0
     free_segments_max_ops: int = 120  # heuristic with free_order None: segments reorder up to this graph size
     bound: bool = True
-    pair_bound_max_ops: int = 600  # the order-pair bound model (often 0 on 300+-op cells, exact on Inception)
+    pair_bound_max_ops: int = 600  # the order-pair bound model: up to this many ops
+    pair_bound_max_pairs: int = 5000  # ... and unordered op pairs (Inception 2.5-4.4k: proves optimality; DARTS,
+    # RandWire 7-28k: proves 0 in its share while taking ~10 s of the plan's time to build)
     bound_max_ops: int = 600  # the all-orders bound model takes about a minute to build on 1000+ ops: skipped  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
 
 
@@ -215,7 +217,8 @@ def _bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | N
 
     share = min(5.0, max(0.5, 0.1 * opts.time_limit_s))
     found = [cut_bound(g, scratchpad_bytes, share), every_order_bound(g, scratchpad_bytes, share, opts.num_workers)]
-    if len(g.ops) <= min(opts.bound_max_ops, opts.pair_bound_max_ops):
+    if len(g.ops) <= min(opts.bound_max_ops, opts.pair_bound_max_ops) and \
+            unordered_pairs(g) <= opts.pair_bound_max_pairs:
         found.append(lower_bound(g, scratchpad_bytes, time_limit_s=share, num_workers=opts.num_workers))
     names = ("min-cut", "every-order", "order-pairs")
     best = max(found, key=lambda b: b.bytes)

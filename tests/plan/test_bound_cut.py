@@ -60,3 +60,11 @@ def test_planner_reports_each_bound_and_takes_the_largest():
     assert set(parts) == {"min-cut", "every-order", "order-pairs"}
     assert plan.solver.bound_bytes == max(p["bytes"] for p in parts.values())
     assert plan.solver.bound_bytes <= plan.traffic["non_compulsory_bytes"]
+
+
+def test_unordered_pairs_counts_ops_neither_of_which_precedes_the_other():
+    from memfit.plan.bound import unordered_pairs
+    from tests.plan.graphs import order_matters
+
+    assert unordered_pairs(order_matters()) == 2  # b runs either side of a and of c
+    assert unordered_pairs(random_dag(12, 0, weights=False)) <= 66
