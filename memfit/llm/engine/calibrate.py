@@ -53,9 +53,15 @@ def cache_key(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels:
                      str(cpu_linear), str(bool(cpu_kernels))])
 
 
-def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool) -> dict:
-    """{"runtime_bytes", "runtime_baseline_bytes"} for these choices: from the cache, or measured now in a
-    fresh process (and cached). Zeros inside a calibration run itself."""
+CALIBRATION_BATCHES = (1, 8)  # the runtime's share is measured at both and interpolated (allocator pools grow with it)
+
+
+def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool, batch: int = 8) -> dict:
+    """{"runtime_bytes", "runtime_baseline_bytes"} for these choices and a decode batch of `batch`: from the
+    cache, or measured now in fresh processes (and cached). Zeros inside a calibration run itself.
+
+    Measured at batch 1 and 8; in between linear, past 8 the batch-8 figure (what grows with the batch beyond
+    that, activations and KV, the ledger counts itself)."""
     if os.environ.get(CALIBRATING_ENV):
         return {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
     key = cache_key(device_type, dtype, cpu_linear, cpu_kernels)
@@ -64,25 +70,32 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
-        return cache[key]
-    cmd = [sys.executable, "-m", "memfit.llm.engine.calibrate", "--device", device_type, "--dtype", dtype,
-           "--cpu-linear", str(cpu_linear or "none"), "--json"] + ([] if cpu_kernels else ["--no-cpu-kernels"])
-    env = {**os.environ, CALIBRATING_ENV: "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring the runtime's memory failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout)
-    entry = {"runtime_bytes": int(result["runtime_bytes"]), "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
-    cache[key] = entry
-    try:  # best effort: a read-only home just measures again next time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return entry
+    entry = cache.get(key)
+    if entry is None or "by_batch" not in entry:
+        by_batch = {}
+        for b in CALIBRATION_BATCHES:
+            cmd = [sys.executable, "-m", "memfit.llm.engine.calibrate", "--device", device_type, "--dtype", dtype,
+                   "--cpu-linear", str(cpu_linear or "none"), "--batch", str(b), "--json"]
+            cmd += [] if cpu_kernels else ["--no-cpu-kernels"]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, CALIBRATING_ENV: "1"},
+                                  timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"measuring the runtime's memory failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+            result = json.loads(done.stdout)
+            by_batch[str(b)] = int(result["runtime_bytes"])
+        entry = {"by_batch": by_batch, "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
+        cache[key] = entry
+        try:  # best effort: a read-only home just measures again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    lo, hi = CALIBRATION_BATCHES
+    r_lo, r_hi = entry["by_batch"][str(lo)], entry["by_batch"][str(hi)]
+    t = min(max((batch - lo) / (hi - lo), 0.0), 1.0)
+    return {"runtime_bytes": int(round(r_lo + t * (r_hi - r_lo))), "runtime_baseline_bytes": entry["runtime_baseline_bytes"]}
 
 
 def _write_tiny_model(root: Path, dtype: str) -> Path:
@@ -116,7 +129,7 @@ def _write_tiny_model(root: Path, dtype: str) -> Path:
     return root
 
 
-def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kernels: bool) -> dict:
+def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kernels: bool, batch: int = 8) -> dict:
     """Run the engine on `model_dir` in this process, which must have imported nothing of torch's yet."""
     from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 
@@ -137,14 +150,15 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
 
     base = used()
     reset_peak_rss()
-    engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=8, max_model_len=256,
+    engine = LLMEngine(EngineConfig(model=str(model_dir), device=device, dtype=dtype, max_num_seqs=batch, max_model_len=256,
                                     kv_budget="256MiB", max_num_batched_tokens=512, cpu_kernels=cpu_kernels,
                                     prepack=cpu_linear != "none", cpu_linear="auto" if cpu_linear == "none" else cpu_linear))
     g = torch.Generator().manual_seed(0)
     peak = 0
-    for _ in range(2):
-        for i in range(8):
-            params = SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i)
+    for rnd in range(2):
+        for i in range(batch):  # greedy and sampled requests side by side (at batch 1: one round of each)
+            params = SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.0 if (i + rnd) % 2 else 0.8,
+                                    top_p=0.9, seed=i)
             prompt = torch.randint(1, engine.model_config.vocab_size, (60 + 10 * i,), generator=g).tolist()
             engine.add_request(prompt=engine.tokenizer.decode(prompt), params=params)  # the tokenizer runs too
         while engine.has_unfinished_requests():
@@ -156,12 +170,12 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
     cfg = engine.model_config
     counted = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
                + accounting.tokenizer_bytes(model_dir)
-               + accounting.step_bytes(cfg, engine.dtype, 512, 256, 8)
+               + accounting.step_bytes(cfg, engine.dtype, 512, 256, batch)
                + engine.kv.committed_bytes)
     engine.close()
     return {"runtime_bytes": max(0, max(peak, grown) - counted), "runtime_baseline_bytes": baseline,
             "measured_peak_bytes": peak, "measured_end_bytes": grown, "counted_bytes": counted, "device": device,
-            "dtype": dtype, "cpu_linear": cpu_linear, "cpu_kernels": cpu_kernels}
+            "dtype": dtype, "cpu_linear": cpu_linear, "cpu_kernels": cpu_kernels, "batch": batch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--cpu-linear", default="blocked", help="blocked | memfit | onednn | none (plain F.linear)")
     ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
+    ap.add_argument("--batch", type=int, default=8, help="sequences decoded at once (and the engine's max_num_seqs)")
     ap.add_argument("--write-model", default=None, help=argparse.SUPPRESS)  # internal: the model, in its own process
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -182,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         # where the engine would reuse them unseen and the runtime's share would come out too small.
         subprocess.run([sys.executable, "-m", "memfit.llm.engine.calibrate", "--write-model", tmp, "--dtype", a.dtype],
                        check=True)
-        r = measure(Path(tmp), a.device, a.dtype, a.cpu_linear, a.cpu_kernels)
+        r = measure(Path(tmp), a.device, a.dtype, a.cpu_linear, a.cpu_kernels, a.batch)
     print(json.dumps(r) if a.json else "\n".join(f"{k}: {v}" for k, v in r.items()))
     return 0
 

@@ -110,7 +110,8 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
     if measure_runtime:
         from memfit.llm.engine.calibrate import runtime_bytes
 
-        runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu")
+        runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu",
+                                batch=batch)
     return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
                    device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime)
 

@@ -43,7 +43,7 @@ def main() -> None:
     for r in range(a.rounds):
         for i in range(a.batch):
             # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
-            params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True, temperature=0.8 if i % 2 == 0 else 0,
+            params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True, temperature=0.8 if (i + r) % 2 == 0 else 0,
                                     top_p=0.9, seed=i)
             prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
             engine.add_request(prompt_token_ids=prompt, params=params)

@@ -112,7 +112,8 @@ class LLMEngine:
             from memfit.llm.engine.calibrate import runtime_bytes
 
             kernels = options.cpu_kernels and self.device.type == "cpu"
-            runtime = runtime_bytes(self.device.type, str(dtype).removeprefix("torch."), cpu_linear, kernels)
+            runtime = runtime_bytes(self.device.type, str(dtype).removeprefix("torch."), cpu_linear, kernels,
+                                    batch=cfg.max_num_seqs)
         return accounting.MemoryPlan(
             weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, self.device.type,
                                                    mapped=parse_dtype(stored.torch_dtype) == dtype),
