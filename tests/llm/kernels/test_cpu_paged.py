@@ -35,7 +35,9 @@ def paged_layout(rows_k, rows_v, block_size, g, spare=3):
 @pytest.mark.parametrize("head_dim,hq,hkv", [(32, 4, 4), (64, 12, 4), (128, 14, 2)])
 @pytest.mark.parametrize("block_size", [4, 16, 32])  # shorter than, equal to and longer than the kernel's 16-row chunk
 @pytest.mark.parametrize("window", [None, 7])
-def test_paged_attention_matches_float64_and_the_strided_kernel(dtype, head_dim, hq, hkv, block_size, window):
+@pytest.mark.parametrize("head_major", [False, True])  # inside a block: token, head (GPU) or head, token (CPU)
+def test_paged_attention_matches_float64_and_the_strided_kernel(dtype, head_dim, hq, hkv, block_size, window,
+                                                                head_major):
     ops = ops_for(dtype)
     g = torch.Generator().manual_seed(11)
     lens = torch.tensor([1, 33, 80, 16], dtype=torch.int64)  # 1 token, a 16-row tail, several blocks, one exact block
@@ -44,6 +46,8 @@ def test_paged_attention_matches_float64_and_the_strided_kernel(dtype, head_dim,
     cache_v = torch.randn(len(lens), max_len, hkv, head_dim, generator=g).to(dtype)
     kp, vp, table = paged_layout([cache_k[i, :n] for i, n in enumerate(lens)],
                                  [cache_v[i, :n] for i, n in enumerate(lens)], block_size, g)
+    if head_major:  # the same (blocks, bs, Hkv, D) view over (blocks, Hkv, bs, D) storage
+        kp, vp = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kp, vp))
     q = torch.randn(len(lens), hq, head_dim, generator=g).to(dtype)
     scale = 1 / math.sqrt(head_dim)
     assert ops.can_attend_paged(q, kp)

@@ -117,3 +117,23 @@ def test_paged_cache_on_cuda():
     k = torch.randn(40, 2, 64, device="cuda", dtype=torch.float16)
     cache.write(1, plan, k, -k)
     assert torch.equal(cache.context(1, plan, 0)[0], k)
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_block_interiors_token_or_head_major_hold_the_same_tokens(head_major):
+    """Blocks laid out head-major (vLLM's CPU layout: one head's rows of a block contiguous) or token-major
+    (its GPU layout) differ only in the pools' strides: writes, gathers and the pools' views agree."""
+    cache, _ = make(num_blocks=8, head_major=head_major)
+    assert cache.block_tables and cache.try_allocate(1, 7) and cache.try_allocate(2, 3)
+    plan = write(cache, [SeqStep(1, 0, 7), SeqStep(2, 0, 3)])
+    kp, vp = cache.pools(1)
+    assert kp.shape == (8, 4, 2, 64)  # (blocks, block_size, Hkv, D) either way
+    assert kp.stride() == ((2 * 4 * 64, 64, 4 * 64, 1) if head_major else (4 * 2 * 64, 2 * 64, 64, 1))
+    for i, (sid, n) in enumerate([(1, 7), (2, 3)]):
+        expect_k, expect_v = kv_for(sid, 0, n, 1)
+        k, v = cache.context(1, plan, i)
+        assert torch.equal(k, expect_k) and torch.equal(v, expect_v)
+        table = plan.batch_table[i]
+        rows = torch.cat([kp[b] for b in table.tolist()])[:n]  # the pool's view, block by block
+        assert torch.equal(rows, expect_k)
+    cache.close()
