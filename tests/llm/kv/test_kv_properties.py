@@ -28,7 +28,8 @@ STATEFUL = settings(max_examples=40, stateful_step_count=25, deadline=None,
 def build(kind: str, budget: MemoryBudget, **kw):
     if kind == "virtual":
         return VirtualKVCache(LAYOUT, budget, max_seqs=kw.get("max_seqs", 4), eager_pages=kw.get("eager", 1),
-                              prefault=kw.get("prefault", False), token_major=kw.get("token_major", False))
+                              prefault=kw.get("prefault", False), token_major=kw.get("token_major", False),
+                              head_major=kw.get("head_major", False))
     return PagedKVCache(LAYOUT, budget, block_size=4, num_blocks=kw.get("num_blocks", 40))
 
 
@@ -38,12 +39,15 @@ class KVMachine(RuleBasedStateMachine):
     kind = "virtual"
     prefault = False
     token_major = False
+    head_major = False
 
     def __init__(self) -> None:
         super().__init__()
-        limit = SEGS * 12 * PAGE if self.kind == "virtual" else 24 * 4 * LAYOUT.bytes_per_token
+        segs = SEGS * (LAYOUT.num_kv_heads if self.head_major else 1)
+        limit = segs * 12 * PAGE if self.kind == "virtual" else 24 * 4 * LAYOUT.bytes_per_token
         self.budget = MemoryBudget(limit, name="kv_budget")
-        self.cache = build(self.kind, self.budget, prefault=self.prefault, token_major=self.token_major)
+        self.cache = build(self.kind, self.budget, prefault=self.prefault, token_major=self.token_major,
+                           head_major=self.head_major)
         self.written: dict[int, int] = {}  # the model: tokens written per live sequence
         self.requested: dict[int, int] = {}  # the model: largest capacity granted per live sequence
         self.next_id = 0
@@ -143,7 +147,7 @@ class KVMachine(RuleBasedStateMachine):
         assert resident == self.cache.stats().committed_bytes  # what the kernel holds is what it claims
         self.peak_resident = max(self.peak_resident, resident)
         assert self.peak_resident <= self.budget.limit_bytes  # exact on the CPU: 4 KiB pages, no THP
-        row = LAYOUT.bytes_per_token if self.token_major else LAYOUT.bytes_per_token // SEGS  # bytes/token/segment
+        row = LAYOUT.bytes_per_token // self.cache.num_segments  # bytes per token per segment, in every layout
         eager = 1  # build(): eager_pages=1
         for sid, n in self.written.items():
             slot = pages[self.cache.slot_of(sid)]  # (segments, seg_pages)
@@ -194,6 +198,11 @@ class VirtualTokenMajorMachine(KVMachine):
     token_major = True
 
 
+class VirtualHeadMajorMachine(KVMachine):
+    kind = "virtual"
+    head_major = True
+
+
 class PagedMachine(KVMachine):
     kind = "paged"
 
@@ -204,6 +213,8 @@ TestVirtualPrefaultKV = VirtualPrefaultMachine.TestCase
 TestVirtualPrefaultKV.settings = settings(STATEFUL, max_examples=15)
 TestVirtualTokenMajorKV = VirtualTokenMajorMachine.TestCase
 TestVirtualTokenMajorKV.settings = settings(STATEFUL, max_examples=20)
+TestVirtualHeadMajorKV = VirtualHeadMajorMachine.TestCase
+TestVirtualHeadMajorKV.settings = settings(STATEFUL, max_examples=20)
 TestPagedKV = PagedMachine.TestCase
 TestPagedKV.settings = STATEFUL
 
@@ -217,7 +228,8 @@ ops = st.lists(st.lists(st.one_of(st.none(), st.integers(1, 12)), min_size=3, ma
 def test_virtual_and_paged_return_identical_contexts(ops, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     caches = [build("virtual", MemoryBudget(2**24), eager=0), build("paged", MemoryBudget(2**24), num_blocks=64),
-              build("virtual", MemoryBudget(2**24), eager=0, token_major=True)]
+              build("virtual", MemoryBudget(2**24), eager=0, token_major=True),
+              build("virtual", MemoryBudget(2**24), eager=0, head_major=True)]
     lens: dict[int, int] = {}
     next_id = 0
     live = [None, None, None]  # seq id per position

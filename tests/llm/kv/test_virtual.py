@@ -320,3 +320,29 @@ def test_engine_kv_layout_option_is_checked():
 
     with pytest.raises(ValueError, match="kv_layout"):
         LLMEngine(model="memfit-tiny", kv_layout="diagonal", kv_budget="8MiB", device="cpu")
+
+
+def test_head_major_layout_keeps_each_heads_rows_contiguous():
+    """Head-major: a segment per (layer, K|V, head), so one head's rows of a sequence are adjacent (the
+    attention kernel streams them); the views keep their shape and hold the same tokens; each segment holds
+    at most one partly filled page."""
+    hm, budget = make(head_major=True)
+    assert hm.num_segments == SEGS * LAYOUT.num_kv_heads and hm.row_bytes == LAYOUT.head_dim * 4
+    k0 = hm.k[0]
+    assert k0.shape == (hm.max_seqs, LAYOUT.max_seq_len, 2, 64)
+    assert k0.stride()[1:] == (64, hm.seg_bytes // 4, 1)  # token rows D apart; heads a segment apart
+    assert hm.try_allocate(1, 3) and hm.try_allocate(2, 20)
+    write(hm, [SeqStep(1, 0, 3), SeqStep(2, 0, 20)])
+    for layer in range(LAYOUT.num_layers):
+        for sid, n in ((1, 3), (2, 20)):
+            k_ref, v_ref = kv_for(sid, 0, n, layer)
+            k, v = hm.k[layer][hm.slot_of(sid), :n], hm.v[layer][hm.slot_of(sid), :n]
+            assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    per_seg = [-(-n * hm.row_bytes // PAGE) for n in (3, 20)]  # 256 B rows: 16 tokens a page
+    assert arena_resident_bytes(hm) == hm.num_segments * sum(per_seg) * PAGE == budget.used_bytes
+    with pytest.raises(ValueError, match="head_major"):
+        make(head_major=True, token_major=True)
+    hm.free(1), hm.free(2)
+    hm.reclaim()
+    assert budget.used_bytes == 0
+    hm.close()
