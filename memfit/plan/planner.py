@@ -25,8 +25,6 @@ class PlanOptions:
     exact_max_ops: int = 60
     whole_max_ops: int = 2000  # the whole-graph model (memfit.plan.whole) up to this many ops
     whole_lns_share: float = 0.4  # whole: share of the time for the per-step windows before the whole model
-    whole_lns_share_large: float = 0.7  # ... above whole_large_ops ops, where the whole model's fixed-order
-    whole_large_ops: int = 800  # solves seldom finish in their share (NASNet, PNASNet: 1000-1300 ops)
     free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
     max_segment_ops: int = 24  # heuristic: first pass; later passes try 16, 32, 12
     seed: int = 0
@@ -162,8 +160,7 @@ def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None
         # the per-step windows of the seed (heuristic.lns_passes) first: on graphs where the whole model's
         # fixed-order solve is not proven in its share (DenseNet: 2500 rectangles) they find what it misses
         remaining = opts.time_limit_s - (time.perf_counter() - t0)
-        share = opts.whole_lns_share if len(g.ops) <= opts.whole_large_ops else opts.whole_lns_share_large
-        hcfg = HeuristicConfig(max(1.0, share * remaining), opts.max_segment_ops,
+        hcfg = HeuristicConfig(max(1.0, opts.whole_lns_share * remaining), opts.max_segment_ops,
                                num_workers=opts.num_workers, seed=opts.seed)
         o, pl, lns = lns_passes(g, scratchpad_bytes, base.order, base.placements, hcfg, floor, progress)
         lns_plan = Plan(g, scratchpad_bytes, o, pl, "windows")
