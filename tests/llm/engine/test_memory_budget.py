@@ -212,3 +212,22 @@ def test_an_idle_server_gives_its_kv_back():
         time.sleep(3.0)  # idle time 0.5 s; the server's idle loop runs about once a second
         idle = server.memory_info().rss - baseline
         assert idle <= 4 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
+
+
+needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_on_cuda_the_ledger_bounds_the_engine_and_prefault_overlaps(tiny_path):
+    """On a GPU: a memory budget (its runtime share measured with the driver's free memory) and prefaulting one
+    2 MiB page ahead on the prefault thread give the same greedy tokens as no prefault, with no failure, and
+    the ledger's KV entry is what the arena holds."""
+    plain = _run(_engine(tiny_path, device="cuda", kv_prefault=False, kv_eager_pages=0), PROMPTS)
+    engine = _engine(tiny_path, device="cuda", memory_budget="2GiB", kv_prefault=True, kv_eager_pages=1)
+    got = _run(engine, PROMPTS)
+    engine.kv.sync()
+    engine.maintain()
+    assert got == plain and engine.stats()["prefault_failures"] == 0
+    assert engine.ledger.by_owner()["kv_budget"] == engine.kv.committed_bytes
+    assert engine.ledger.by_owner()["runtime"] > 0
