@@ -30,7 +30,7 @@ $py -c "import json;[print(r) for r in json.load(open('$OUT/vmem_commit_cuda.jso
 
 step "kv_cache benchmark (virtual vs paged attention step, workload, concurrency)"
 timeout 120 $py -m benchmarks.kv_cache --threads 4 --reps 9 --steps 200 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
-$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r) for r in d['attention']['rows']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
+$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r) for r in d['attention']['decode']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
 
 step "decode throughput vs transformers on cuda"
 timeout 180 $py -m benchmarks.decode_throughput --device cuda --threads 4 --shapes 0.1b 0.5b --dtypes bfloat16 \

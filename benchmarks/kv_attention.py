@@ -1,0 +1,239 @@
+"""The read side of the KV-cache benchmark (run by `python -m benchmarks.kv_cache`): decode and prefill
+attention over the `virtual` and the `paged` cache, each on its best kernel, through the engine's own read path
+(`CachedAttention`: plan_step + write + attention of one layer).
+
+Decode, batch 1-32 at 512-8192 tokens per sequence, Llama-3.2-1B-shaped layer (Hq 32, Hkv 8, D 64):
+- `kernel` (bf16, memfit's CPU kernels): the virtual cache read at a fixed stride per slot (cpu_decode.cpp),
+  the paged cache read through its block tables (cpu_paged.cpp); both write the new token's K/V themselves.
+  Same arithmetic (attend.h): they differ only in how a row's address is found, so outputs must be equal.
+  Layouts: the virtual cache per layer (its default) and head-major (`virtual_head_major`: a head's rows one
+  run); the paged cache with head-major blocks (vLLM-CPU's layout, the CPU default) of 16 tokens (memfit's
+  default) and of 128 (`paged_128`, vLLM-CPU's default).
+- `torch` (float32, the PyTorch path GPUs use; SDPA): the virtual cache hands out a strided view; the paged
+  cache has no PyTorch paged kernel and gathers its blocks (`context_batch`).
+Orders: `in order` = virtual slots consecutive and ascending, paged sequences allocated whole (each one's
+blocks consecutive). `out of order` = the virtual batch in every other slot (the gaps best-fit reuse leaves),
+shuffled, read as runs of views (kernels/slot_runs.py); the paged pool fragmented (sequences grown block by
+block in turn, as decode grows them), batch shuffled. `virtual_gather` is the virtual cache's previous path for
+out-of-order slots (copy the rows, then SDPA), kept to measure what the runs of views save.
+
+Prefill: one sequence, its prompt in chunks of 512 tokens (the engine's default step budget), bf16: the
+virtual cache hands each chunk its context as a view; the paged cache gathers it (the first chunk of both
+attends to its own K/V). The time is the whole prompt's.
+Times are medians of interleaved rounds, in process CPU time (robust to other jobs on a shared machine); on
+CUDA only the PyTorch path runs, in bf16 and wall time.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import interleave
+from memfit.llm.kernels.attention import DECODE_PAD, CachedAttention, decode_attention
+from memfit.llm.kv import create_kv_cache
+from memfit.llm.kv.base import KVLayout, SeqStep
+from memfit.memory.budget import MemoryBudget
+
+HQ, HKV, D = 32, 8, 64
+BLOCK = 16  # the paged cache's default block size
+MiB = 2**20
+
+
+def _fill(kind: str, order: str, layout: KVLayout, data: list[tuple[torch.Tensor, torch.Tensor]], rng: random.Random,
+          block: int = BLOCK, head_major: bool = False):
+    """A cache holding data[j] (K, V of ctx tokens each) for j in 0..B-1, laid out in `order`; -> (cache, sids)
+    with sids[j] the sequence holding data[j], and the batch order (a permutation of 0..B-1)."""
+    batch, ctx = len(data), data[0][0].shape[0]
+    gaps = kind == "virtual" and order == "out"
+    slots = 2 * batch if gaps else batch
+    budget = MemoryBudget(slots * ((ctx + 2 * DECODE_PAD + block) * layout.bytes_per_token + 4 * MiB) + 64 * MiB)
+    opts = ({"max_seqs": slots, "prefault": False, "head_major": head_major} if kind == "virtual"
+            else {"block_size": block, "max_seqs": batch})
+    cache = create_kv_cache(kind, layout, budget, **opts)
+    if gaps:  # every other slot: the odd ones held a sequence that finished
+        for sid in range(2 * batch):
+            assert cache.try_allocate(sid, ctx + 1 if sid % 2 == 0 else 1)
+        for sid in range(1, 2 * batch, 2):
+            cache.free(sid)
+        cache.reclaim()
+        sids = list(range(0, 2 * batch, 2))
+    elif kind == "paged" and order == "out":  # grown block by block in turn: each sequence's blocks interleaved
+        sids = list(range(batch))
+        for n in range(block, ctx + 1 + block, block):
+            for sid in sids:
+                assert (cache.try_grow if n > block else cache.try_allocate)(sid, min(n, ctx + 1))
+    else:
+        sids = list(range(batch))
+        for sid in sids:
+            assert cache.try_allocate(sid, ctx + 1)
+    for sid, (k, v) in zip(sids, data):
+        cache.write(0, cache.plan_step([SeqStep(sid, 0, ctx)]), k, v)
+    perm = list(range(batch))
+    if order == "out":
+        rng.shuffle(perm)
+    return cache, sids, perm
+
+
+def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels):
+    """One decode step of the batch in `perm` order through CachedAttention -> output rows in data order."""
+    steps = [SeqStep(sids[j], ctx, 1) for j in perm]
+    idx = torch.tensor(perm, device=q.device)
+    out = CachedAttention(cache, steps, len(steps), D ** -0.5, kernels=kernels)(0, q[idx], k_new[idx], v_new[idx])
+    return out[torch.argsort(idx)]
+
+
+def _gather_step(cache, sids, perm, q, k_new, v_new, ctx):
+    """The virtual cache's previous path for out-of-order slots: write, copy the batch's rows, SDPA."""
+    steps = [SeqStep(sids[j], ctx, 1) for j in perm]
+    idx = torch.tensor(perm, device=q.device)
+    plan = cache.plan_step(steps, pad_to=DECODE_PAD)
+    cache.write(0, plan, k_new[idx], v_new[idx])
+    kc, vc = cache.context_batch(0, plan)  # a copy: the slots are not consecutive
+    lens = torch.full((len(perm),), ctx + 1, device=q.device)
+    out = decode_attention(q[idx], kc, vc, lens, D ** -0.5)
+    return out[torch.argsort(idx)]
+
+
+def _ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
+
+
+def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Every decode variant at one (batch, context), interleaved; caches built per dtype and freed after. On CUDA
+    only the PyTorch path runs (bf16), timed in wall time between synchronisations."""
+    row: dict = {"batch": batch, "context": ctx}
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(seed + 1000 * batch + ctx)
+    base = [(torch.randn(ctx, HKV, D, generator=gen), torch.randn(ctx, HKV, D, generator=gen)) for _ in range(batch)]
+    q = torch.randn(batch, HQ, D, generator=gen)
+    k_new, v_new = torch.randn(batch, HKV, D, generator=gen), torch.randn(batch, HKV, D, generator=gen)
+    for family, dtype in (("kernel", torch.bfloat16), ("torch", torch.bfloat16 if cuda else torch.float32)):
+        if family == "kernel" and (ops is None or cuda):
+            continue
+        layout = KVLayout(1, HKV, D, dtype, max_seq_len=ctx + 2 * DECODE_PAD, device=device)
+        data = [(k.to(device, dtype), v.to(device, dtype)) for k, v in base]
+        qd, kd, vd = q.to(device, dtype), k_new.to(device, dtype), v_new.to(device, dtype)
+        caches, fns = [], {}
+        # (name, kind, block size, head-major virtual): the kernels also get the virtual cache's head-major layout
+        # and the paged cache at vLLM-CPU's default block size, 128
+        variants = [("virtual", "virtual", BLOCK, False), ("paged", "paged", BLOCK, False)]
+        if family == "kernel":
+            variants += [("virtual_head_major", "virtual", BLOCK, True), ("paged_128", "paged", 128, False)]
+        for base_name, kind, block, hm in variants:
+            for order in ("in", "out"):
+                cache, sids, perm = _fill(kind, order, layout, data, random.Random(seed + batch + ctx), block, hm)
+                caches.append(cache)
+                name = base_name + ("" if order == "in" else "_out_of_order")
+                kern = ops if family == "kernel" else None
+                fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k))
+                if family == "torch" and kind == "virtual" and order == "out":
+                    fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx)
+        times = (interleave(fns, reps, warmup=2, sync=torch.cuda.synchronize) if cuda
+                 else interleave(fns, reps, warmup=2, clock=time.process_time))
+        outs = {name: fn() for name, fn in fns.items()}
+        ref = outs["virtual"].float()
+        if family == "kernel":  # same arithmetic in the same order: equal, not close
+            same = all(torch.equal(outs["virtual"], o) for o in outs.values())
+        else:
+            same = all(torch.allclose(ref, o.float(), atol=1e-4 if dtype == torch.float32 else 2e-2)
+                       for o in outs.values())
+        row[family] = {"dtype": str(dtype).removeprefix("torch."), **{f"{n}_ms": t for n, t in _ms(times).items()},
+                       "same_output": same}
+        for cache in caches:
+            cache.close()
+    return row
+
+
+def prefill_row(prompt: int, chunk: int, reps: int, seed: int) -> dict:
+    """A `prompt`-token prefill in `chunk`-token steps, one layer, bf16, into each cache; interleaved."""
+    dtype = torch.bfloat16
+    layout = KVLayout(1, HKV, D, dtype, max_seq_len=prompt)
+    gen = torch.Generator().manual_seed(seed + prompt)
+    q = torch.randn(prompt, HQ, D, generator=gen).to(dtype)
+    k, v = torch.randn(prompt, HKV, D, generator=gen).to(dtype), torch.randn(prompt, HKV, D, generator=gen).to(dtype)
+    caches, fns = {}, {}
+    for kind in ("virtual", "paged"):
+        opts = {"max_seqs": 1, "prefault": False} if kind == "virtual" else {"block_size": BLOCK, "max_seqs": 1}
+        cache = caches[kind] = create_kv_cache(kind, layout, MemoryBudget(prompt * layout.bytes_per_token + 64 * MiB),
+                                               **opts)
+        assert cache.try_allocate(0, prompt)
+
+        def run(cache=cache) -> torch.Tensor:
+            outs = []
+            for s in range(0, prompt, chunk):
+                e = min(prompt, s + chunk)
+                attn = CachedAttention(cache, [SeqStep(0, s, e - s)], 0, D ** -0.5)
+                outs.append(attn(0, q[s:e], k[s:e], v[s:e]))
+            return torch.cat(outs)
+
+        fns[kind] = run
+    times = interleave(fns, reps, warmup=1, clock=time.process_time)
+    outs = {name: fn() for name, fn in fns.items()}
+    for cache in caches.values():
+        cache.close()
+    ms = _ms(times)
+    return {"prompt": prompt, "chunk": chunk, **{f"{n}_ms": t for n, t in ms.items()},
+            "paged_over_virtual": round(ms["paged"] / ms["virtual"], 3),
+            "same_output": bool(torch.equal(outs["virtual"], outs["paged"]))}
+
+
+def ratios(row: dict) -> dict:
+    """The best paged variant's time over the best virtual variant's, for each family and order (above 1:
+    virtual faster); and, for the kernels, the default layouts' (per-layer virtual, paged blocks of 16)."""
+    out = {}
+    for family in ("kernel", "torch"):
+        r = row.get(family)
+        if r is None:
+            continue
+        for order, suffix in (("in_order", ""), ("out_of_order", "_out_of_order")):
+            best = {kind: min(v for k, v in r.items() if k.startswith(kind) and k.endswith(suffix + "_ms")
+                              and "gather" not in k and (suffix or "out_of_order" not in k))
+                    for kind in ("virtual", "paged")}
+            out[f"{family}_{order}"] = round(best["paged"] / best["virtual"], 3)
+            if family == "kernel":
+                out[f"kernel_{order}_default_layouts"] = round(r[f"paged{suffix}_ms"] / r[f"virtual{suffix}_ms"], 3)
+    return out
+
+
+def plot(rows: list[dict], prefill: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.2 * (len(batches) + 1), 4))
+    styles = {"virtual": ("tab:blue", "-"), "virtual_out_of_order": ("tab:blue", "--"),
+              "virtual_head_major": ("tab:green", "-"), "virtual_head_major_out_of_order": ("tab:green", "--"),
+              "paged": ("tab:orange", "-"), "paged_out_of_order": ("tab:orange", "--"),
+              "paged_128": ("tab:red", "-"), "paged_128_out_of_order": ("tab:red", "--"),
+              "virtual_gather": ("tab:gray", ":")}
+    for ax, b in zip(axes, batches):
+        sel = [r for r in rows if r["batch"] == b]
+        for family, marker in (("kernel", "o"), ("torch", "x")):
+            for name, (color, ls) in styles.items():
+                pts = [(r["context"], r[family][f"{name}_ms"]) for r in sel if family in r and f"{name}_ms" in r[family]]
+                if pts:
+                    ax.plot(*zip(*pts), color=color, ls=ls, marker=marker, label=f"{family}: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per decode step (one layer)")
+        ax.set_title(f"decode, batch {b}")
+    axes[0].legend(fontsize=6)
+    ax = axes[-1]
+    for name, (color, ls) in (("virtual", styles["virtual"]), ("paged", styles["paged"])):
+        ax.plot([r["prompt"] for r in prefill], [r[f"{name}_ms"] for r in prefill], color=color, ls=ls, marker="o",
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt (tokens, chunks of 512)")
+    ax.set_ylabel("ms per prompt (one layer)")
+    ax.set_title("prefill, bf16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
