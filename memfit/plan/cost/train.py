@@ -12,7 +12,7 @@ from memfit.plan.cost import dataset, store
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.evaluate import report
 from memfit.plan.cost.fit import FitConfig, fit_seq
-from memfit.plan.cost.roofline import Peaks
+from memfit.plan.cost.roofline import Peaks, fit_peaks
 from memfit.plan.cost.seq import Bundle
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "llvm_cpu_host.safetensors"
@@ -58,6 +58,8 @@ def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, 
         peaks = peaks_of(meta)
         if peaks is not None:
             preds["roofline"] = np.array([peaks.predict_us(f) for f in te.roofline_inputs])
+        fitted = fit_peaks(tr.roofline_inputs, tr.Y[:, 0])
+        preds["roofline_fit"] = np.array([fitted.predict_us(f) for f in te.roofline_inputs])
     rep = report(preds, te.Y[:, 0], te.families)
     rep["_static"] = counts
     return bundle, rep, {"true": te.Y[:, 0].tolist(), "families": te.families,
@@ -84,14 +86,24 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     bundle.save(str(out))
     result = {"kernels": len(ex), "shapes": rep, "shapes_predictions": preds, "model": str(out),
               "model_bytes": Path(out).stat().st_size}
-    fam_results = {}
+    if cfg.families:
+        result["families"] = family_holdouts(ex, meta, cfg, verbose)
+    return result
+
+
+def family_holdouts(ex: dataset.Examples, meta: dict, cfg: TrainConfig, verbose: bool = True) -> dict:
+    """Each family of cfg.families held out in turn (trained on the others). The tuning candidates are left
+    out: tiled f32 matmuls in the training set would make 'matmul held out' untrue."""
+    from memfit.plan.cost.families import TUNED
+
+    keep = np.flatnonzero(np.array(ex.families) != TUNED)
+    ex = ex.subset(keep)
+    out = {}
     for fam in cfg.families:
         fcfg = FitConfig(**{**cfg.fit.__dict__, "epochs": cfg.family_epochs})
         _, frep, _ = compare(ex, dataset.family_split(ex, fam, cfg.fit.seed), meta, fcfg, cfg.baselines, verbose)
-        fam_results[fam] = {k: v["all"] for k, v in frep.items() if not k.startswith("_")}
+        out[fam] = {k: v["all"] for k, v in frep.items() if not k.startswith("_")}
         if verbose:
             print(f"held-out family {fam}: " + ", ".join(f"{k} MAPE {v['mape']:.3f} Spearman {v['spearman']:.3f}"
-                                                           for k, v in fam_results[fam].items()), file=sys.stderr)
-    if fam_results:
-        result["families"] = fam_results
-    return result
+                                                       for k, v in out[fam].items()), file=sys.stderr)
+    return out
