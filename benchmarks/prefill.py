@@ -1,0 +1,344 @@
+"""Prefill at the compute limit: memfit against transformers (and vLLM's CPU build, where its venv is given),
+each as a fraction of this core's measured multiply-add peak.
+
+Workload (issue 14): the 0.1B random-initialised Llama in bf16, one thread, --prompts prompts of
+--prompt-len random tokens, one output token each (the logits of the last token only). Per system:
+
+- batch: all prompts submitted at once, time until every first token is out -> prefill tokens/s and the
+  fraction of peak: the matmuls' multiply-adds (every layer's q/k/v/o/gate/up/down for every token, the
+  head for one token per prompt; attention's ~1.5% and the embedding left out) / time / peak;
+- TTFT: one prompt alone (time to its first token), and the mean over the batch's prompts of the time their
+  first token came out.
+
+Systems, timed interleaved round by round (medians of --reps):
+- memfit: the engine as configured by default (blocked matmuls, memfit's CPU kernels);
+- memfit_previous: the same engine with the kernels this benchmark was written for turned off (the blocked
+  kernel's many-row path and the prefill attention kernel): before/after in one run;
+- memfit_onednn: `--cpu-linear onednn` (oneDNN's matmul on its own packed layout, memfit's other kernels);
+- memfit_step2048: the default engine with `--max-num-batched-tokens 2048` (memfit's default is 512, vLLM's
+  CPU build's 4096): 2 steps instead of 8. (4096 measured slower here, 2.3-2.4 s against 1.9-2.0: its
+  activations, 32 MiB for gate/up, reach glibc's largest mmap threshold, so every step faults fresh pages in:
+  130k minor faults per batch against 2-12k at 512-2048.)
+- transformers: LlamaForCausalLM (sdpa attention) on the same checkpoint, forward of `b` prompts at a time
+  with logits for the last token only, for b = 4 (memfit's 512-token step) and b = all (one forward);
+- vllm (optional, `--vllm-python PATH`): vLLM's CPU build run in its own venv (it can't share this one), in
+  its own process after the others, with its own warm-up (so not interleaved).
+
+Decode must not regress: decode step time at batch 1 and 8 for memfit and memfit_previous, interleaved.
+
+Times are process CPU time (the machine is shared by several jobs: at a load average of 5 on 2 cores wall
+time doubles, CPU time does not); wall time is reported beside it, with the load average before and after.
+The peak is measured the same way (memfit.llm.kernels.peak with time.process_time, the best of the runs before
+and after the systems).
+
+    OMP_NUM_THREADS=1 python -m benchmarks.prefill --threads 1 --out benchmarks/results/prefill.json
+
+Prints one JSON object; --out also writes it and a PNG beside it.
+"""
+from __future__ import annotations
+
+from benchmarks.common import preset_threads
+
+if __name__ == "__main__":
+    preset_threads()  # --threads, read before torch and oneDNN start their thread pools
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import emit, header, pin_threads
+from benchmarks.decode_setup import SHAPES, make_model_dir
+
+VLLM_SCRIPT = Path(__file__).with_name("prefill_vllm.py")
+
+
+def matmul_macs(shape: dict, prompts: int, prompt_len: int) -> int:
+    """Multiply-adds of the prefill's matmuls: every layer's projections for every token, the head per prompt."""
+    h, i, layers, v = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    d = h // shape["num_attention_heads"]
+    q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
+    per_token = h * (q + 2 * kv) + q * h + 2 * h * i + i * h
+    return per_token * layers * prompts * prompt_len + h * v * prompts
+
+
+def measure_peak(reps: int = 5) -> float:
+    from memfit.llm.kernels.peak import peak_macs_per_s
+
+    return peak_macs_per_s(torch.bfloat16, 1, seconds=0.2, reps=reps, clock=time.process_time) or float("nan")
+
+
+@contextlib.contextmanager
+def previous_kernels():
+    """memfit as it was before: the blocked kernel's packed path at every M, PyTorch's SDPA for prefill."""
+    from memfit.llm.kernels import attention
+    from memfit.llm.kernels.build import load_cpu_linear
+
+    fn = load_cpu_linear().cdll.memfit_blocked_set_large_m
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    old, saved = fn(1 << 40), attention.cpu_prefill_attention
+    attention.cpu_prefill_attention = lambda *a, **kw: False
+    try:
+        yield
+    finally:
+        fn(old)
+        attention.cpu_prefill_attention = saved
+
+
+class Clock:
+    """CPU and wall seconds since start."""
+
+    def __init__(self) -> None:
+        self.c, self.w = time.process_time(), time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        return time.process_time() - self.c, time.perf_counter() - self.w
+
+
+def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None):
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine.params import SamplingParams
+
+    step = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}  # default: the engine's (512)
+    eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=64,
+                                 max_model_len=1024, cpu_linear=cpu_linear, **step))
+    params = SamplingParams(max_tokens=1, temperature=0)
+
+    def run(prompts: list[list[int]]) -> dict:
+        ctx = previous_kernels() if previous else contextlib.nullcontext()
+        with ctx:
+            for ids in prompts:
+                eng.add_request(prompt_token_ids=ids, params=params)
+            clock, firsts = Clock(), []
+            while eng.has_unfinished_requests():
+                outs = eng.step()
+                firsts += [clock.read()] * len(outs)  # max_tokens=1: a request's output is its first token
+            cpu, wall = clock.read()
+        assert len(firsts) == len(prompts)
+        return {"cpu": cpu, "wall": wall, "ttft_cpu": statistics.mean(f[0] for f in firsts),
+                "ttft_wall": statistics.mean(f[1] for f in firsts)}
+
+    return run, eng.close
+
+
+def transformers_system(path: Path, per_forward: int | None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.eval()
+
+    def run(prompts: list[list[int]]) -> dict:
+        b = per_forward or len(prompts)
+        clock, firsts = Clock(), []
+        with torch.inference_mode():
+            for s in range(0, len(prompts), b):
+                ids = torch.tensor(prompts[s : s + b])
+                logits = model(input_ids=ids, logits_to_keep=1).logits  # (b, 1, V), KV cache built as in generate
+                logits[:, -1].argmax(-1)
+                firsts += [clock.read()] * ids.shape[0]
+        cpu, wall = clock.read()
+        return {"cpu": cpu, "wall": wall, "ttft_cpu": statistics.mean(f[0] for f in firsts),
+                "ttft_wall": statistics.mean(f[1] for f in firsts)}
+
+    return run, lambda: None
+
+
+@contextlib.contextmanager
+def timed_parts(acc: dict):
+    """CPU seconds spent in memfit's matmuls (BlockedLinear) and attention (CachedAttention) while active."""
+    from memfit.llm.kernels.attention import CachedAttention
+    from memfit.llm.kernels.blocked import BlockedLinear
+
+    saved = {(BlockedLinear, "forward"): "matmul_s", (CachedAttention, "__call__"): "attention_s"}
+    originals = {k: getattr(*k) for k in saved}
+
+    def wrap(fn, key):
+        def timed(*a, **kw):
+            t = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.process_time() - t
+        return timed
+
+    for (cls, name), key in saved.items():
+        setattr(cls, name, wrap(originals[(cls, name)], key))
+    try:
+        yield
+    finally:
+        for (cls, name), fn in originals.items():
+            setattr(cls, name, fn)
+
+
+def decode_steps(path: Path, batch: int, previous: bool, steps: int = 24) -> float:
+    """Median CPU ms of memfit's decode steps at `batch` (prompts of 32 tokens)."""
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine.params import SamplingParams
+
+    eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=batch,
+                                 max_model_len=512))
+    g = torch.Generator().manual_seed(batch)
+    ctx = previous_kernels() if previous else contextlib.nullcontext()
+    times = []
+    with ctx:
+        for _ in range(batch):
+            eng.add_request(prompt_token_ids=torch.randint(0, 32000, (32,), generator=g).tolist(),
+                            params=SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
+        for _ in range(4):  # prefill and warm-up
+            eng.step()
+        while eng.has_unfinished_requests():
+            t = time.process_time()
+            eng.step()
+            times.append((time.process_time() - t) * 1e3)
+    eng.close()
+    return statistics.median(times)
+
+
+def run_vllm(python: str, path: Path, prompts: int, prompt_len: int, reps: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    res = subprocess.run([python, str(VLLM_SCRIPT), str(path), str(prompts), str(prompt_len), str(reps)],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": f"vLLM run failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1:]}"}
+    raw = json.loads(line[7:])
+    return {"batch": {"cpu": statistics.median(raw["batch_cpu"]), "wall": statistics.median(raw["batch_wall"]),
+                      "ttft_cpu": None, "ttft_wall": None},
+            "one": {"cpu": statistics.median(raw["one_cpu"]), "wall": statistics.median(raw["one_wall"])},
+            "version": raw.get("version")}
+
+
+def summarise(batch: list[dict], one: list[dict], macs: int, tokens: int, peak: float) -> dict:
+    med = {k: statistics.median(r[k] for r in batch) for k in ("cpu", "wall", "ttft_cpu", "ttft_wall")}
+    return {"batch_s": round(med["cpu"], 4), "batch_wall_s": round(med["wall"], 4),
+            "tok_per_s": round(tokens / med["cpu"], 1), "gmac_per_s": round(macs / med["cpu"] / 1e9, 1),
+            "fraction_of_peak": round(macs / med["cpu"] / peak, 3),
+            "ttft_mean_ms": round(med["ttft_cpu"] * 1e3, 1), "ttft_single_ms": round(statistics.median(r["cpu"] for r in one) * 1e3, 1),
+            "ttft_single_wall_ms": round(statistics.median(r["wall"] for r in one) * 1e3, 1)}
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["systems"]
+    names = [n for n in rows if "fraction_of_peak" in rows[n]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].barh(names, [rows[n]["fraction_of_peak"] for n in names], color="tab:blue")
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xlabel("fraction of the measured bf16 MAC peak (matmul MACs / CPU time)")
+    axes[0].set_title(f"prefill: {result['prompts']} x {result['prompt_len']} tokens, 0.1b bf16, 1 thread")
+    axes[1].barh(names, [rows[n]["ttft_single_ms"] for n in names], color="tab:orange")
+    axes[1].set_xlabel("TTFT of one prompt alone, ms CPU")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--vllm-python", default=None, help="python of a venv with vLLM's CPU build (optional peer)")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode regression check")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    pin_threads(args.threads)
+    from memfit.llm.kernels.prefill import available
+
+    if not available(torch.bfloat16):
+        print(json.dumps({"error": "memfit's bf16 CPU kernels are unavailable here (see the log)"}))
+        return 1
+    load_before = os.getloadavg()
+    peaks = [measure_peak()]
+    print(f"peak {peaks[0] / 1e9:.1f} GMAC/s (CPU time)", file=sys.stderr)
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n: int) -> list[list[int]]:
+        return [torch.randint(0, 32000, (args.prompt_len,), generator=g).tolist() for _ in range(n)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_model_dir("0.1b", "bfloat16", Path(tmp))
+        makers = {"memfit": lambda: memfit_system(path, "auto", False),
+                  "memfit_previous": lambda: memfit_system(path, "auto", True),
+                  "memfit_onednn": lambda: memfit_system(path, "onednn", False),
+                  "memfit_step2048": lambda: memfit_system(path, "auto", False, 2048),
+                  "transformers_b4": lambda: transformers_system(path, 4),
+                  f"transformers_b{args.prompts}": lambda: transformers_system(path, None)}
+        systems = {name: make() for name, make in makers.items()}
+        batch: dict[str, list[dict]] = {n: [] for n in systems}
+        one: dict[str, list[dict]] = {n: [] for n in systems}
+        for rnd in range(args.reps + 1):  # round 0 warms every system up
+            work, single = prompts(args.prompts), prompts(1)
+            for name, (run, _) in systems.items():
+                b, o = run(work), run(single)
+                if rnd:
+                    batch[name].append(b)
+                    one[name].append(o)
+            print(f"round {rnd}/{args.reps}: " + ", ".join(f"{n} {batch[n][-1]['cpu']:.2f}s" for n in systems if batch[n]),
+                  file=sys.stderr)
+        parts: dict[str, float] = {}
+        with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
+            parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
+        parts["other_s"] = parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("attention_s", 0.0)
+        for _, close in systems.values():
+            close()
+        decode = []
+        if not args.no_decode:
+            for b in (1, 8):
+                t: dict[str, list[float]] = {"memfit_ms": [], "memfit_previous_ms": []}
+                for _ in range(3):
+                    t["memfit_ms"].append(decode_steps(path, b, False))
+                    t["memfit_previous_ms"].append(decode_steps(path, b, True))
+                row = {"batch": b, **{k: round(statistics.median(v), 2) for k, v in t.items()}}
+                row["previous_over_now"] = round(row["memfit_previous_ms"] / row["memfit_ms"], 3)
+                decode.append(row)
+        vllm = run_vllm(args.vllm_python, path, args.prompts, args.prompt_len, args.reps) if args.vllm_python else None
+    peaks.append(measure_peak())
+    peak = max(peaks)
+    macs, tokens = matmul_macs(SHAPES["0.1b"], args.prompts, args.prompt_len), args.prompts * args.prompt_len
+    rows = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems}
+    if vllm is not None:
+        if "error" in vllm:
+            rows["vllm"] = vllm
+        else:
+            cpu = vllm["batch"]["cpu"]
+            rows["vllm"] = {"batch_s": round(cpu, 4), "batch_wall_s": round(vllm["batch"]["wall"], 4),
+                            "tok_per_s": round(tokens / cpu, 1), "gmac_per_s": round(macs / cpu / 1e9, 1),
+                            "fraction_of_peak": round(macs / cpu / peak, 3), "ttft_mean_ms": None,
+                            "ttft_single_ms": round(vllm["one"]["cpu"] * 1e3, 1),
+                            "ttft_single_wall_ms": round(vllm["one"]["wall"] * 1e3, 1), "version": vllm.get("version")}
+    peers = {n: r for n, r in rows.items() if not n.startswith("memfit") and "batch_s" in r}
+    best = min(peers, key=lambda n: peers[n]["batch_s"])
+    result = {"benchmark": "prefill", **header(args.threads), "timer": "process CPU time, median (wall beside it)",
+              "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+              "prompts": args.prompts, "prompt_len": args.prompt_len, "reps": args.reps,
+              "matmul_macs": macs, "peak_gmac_per_s": round(peak / 1e9, 1), "peak_runs_gmac_per_s": [round(p / 1e9, 1) for p in peaks],
+              "systems": rows, "best_peer": best,
+              "memfit_vs_best_peer": round(peers[best]["batch_s"] / rows["memfit"]["batch_s"], 3),
+              "memfit_vs_previous": round(rows["memfit_previous"]["batch_s"] / rows["memfit"]["batch_s"], 3),
+              "target": "memfit >= 1.2x the best peer (~85% of the peak)", "decode": decode,
+              "memfit_breakdown": {k: round(v, 3) for k, v in parts.items()},
+              "memfit_matmul_fraction_of_peak": round(macs / parts["matmul_s"] / peak, 3) if parts.get("matmul_s") else None}
+    emit(result, args.out, draw)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
