@@ -122,3 +122,34 @@ def test_engine_on_the_paged_kernel_gives_the_gather_path_tokens(tmp_path, dtype
     op_by_op = LLMEngine(**opts, kv_cache="paged", cpu_linear="onednn")
     assert op_by_op.runner.stack is None and op_by_op.backends.cpu_kernels
     assert _greedy(op_by_op, prompts) == gather
+
+
+def test_kernels_read_every_cache_layout_to_the_same_output():
+    """Per-layer and head-major virtual caches, and the paged cache (head-major blocks), hold the same tokens at
+    other strides: through CachedAttention with memfit's kernels, a decode step gives bit-identical outputs."""
+    ops = ops_for(torch.bfloat16)
+    from memfit.llm.kernels.attention import CachedAttention
+    from memfit.llm.kv import create_kv_cache
+    from memfit.llm.kv.base import KVLayout, SeqStep
+    from memfit.memory.budget import MemoryBudget
+
+    hq, hkv, d = 8, 2, 64
+    layout = KVLayout(2, hkv, d, torch.bfloat16, max_seq_len=96)
+    g = torch.Generator().manual_seed(13)
+    lens = [40, 7, 90]
+    data = [torch.randn(2, n, hkv, d, generator=g).to(torch.bfloat16) for n in lens]
+    q = torch.randn(3, hq, d, generator=g).to(torch.bfloat16)
+    k_new, v_new = torch.randn(2, 3, hkv, d, generator=g).to(torch.bfloat16)
+    outs = []
+    for kind, opts in (("virtual", {"max_seqs": 3, "prefault": False}),
+                       ("virtual", {"max_seqs": 3, "prefault": False, "head_major": True}),
+                       ("paged", {"block_size": 16})):
+        cache = create_kv_cache(kind, layout, MemoryBudget(2**24), **opts)
+        for sid, (n, kv) in enumerate(zip(lens, data)):
+            assert cache.try_allocate(sid, n + 1)
+            cache.write(1, cache.plan_step([SeqStep(sid, 0, n)]), kv[0], kv[1])
+        attn = CachedAttention(cache, [SeqStep(s, n, 1) for s, n in enumerate(lens)], 3, d ** -0.5, kernels=ops)
+        assert attn.kernels is not None
+        outs.append(attn(1, q, k_new.clone(), v_new.clone()))
+        cache.close()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
