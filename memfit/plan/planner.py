@@ -169,7 +169,7 @@ def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None
         seeds = sorted([lns_plan, *seeds], key=lambda p: p.traffic["non_compulsory_bytes"])
         cfg = SearchConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
                            seed=opts.seed)
-        order, placements, more = search(g, scratchpad_bytes, seeds, cfg, floor, progress)
+        order, placements, more = search(g, scratchpad_bytes, seeds, cfg, floor)
         stats.update(more)
         # optimal for its order when the last fixed-order solve proved it; the all-orders gap is set below
         status = "optimal-fixed-order" if more["final"]["status"] == "optimal" else "feasible"

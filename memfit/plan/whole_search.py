@@ -55,8 +55,8 @@ def _ranges(loads: list[int], n: int, size: int) -> list[tuple[int, int]]:
     return sorted(rs, key=lambda r: -sum(loads[r[0]:r[1]]))
 
 
-def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig, floor_bytes: int = 0,
-           progress=None) -> tuple[list[str], list[Placement], dict]:
+def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig,
+           floor_bytes: int = 0) -> tuple[list[str], list[Placement], dict]:
     """Best plan found from `seeds` (valid plans, best first) within cfg.time_limit_s; stats say how."""
     deadline = time.perf_counter() + cfg.time_limit_s
     stats: dict = {"method": "whole-graph CP-SAT (fixed-order exact + order search)", "candidates": []}
@@ -109,8 +109,6 @@ def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig, floor_
                     nc, order, placements = new, res.order, res.placements
                     moves["improved"] += 1
                     improved += 1
-            if progress is not None:
-                progress(moves["tried"], len(order))
         if improved == 0 and moves["sweeps"] >= len(sizes):
             break  # a local optimum for every range size
     stats["order_search"] = {**moves, "range_ops": cfg.range_ops, "end_bytes": nc}

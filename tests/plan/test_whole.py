@@ -88,7 +88,7 @@ def test_free_range_only_moves_ops_inside_and_never_worsens_the_hint():
 def test_whole_planner_is_valid_labelled_and_bounded():
     g = random_branching_dag(30, 5)
     for cap in _sizes(g)[:2]:
-        plan = make_plan(g, cap, PlanOptions(planner="whole", time_limit_s=6, num_workers=1))
+        plan = make_plan(g, cap, PlanOptions(planner="whole", time_limit_s=4, num_workers=1))
         assert plan.traffic == validate(plan)
         assert plan.solver.bound_bytes is not None and plan.solver.bound_bytes <= plan.traffic["non_compulsory_bytes"]
         d = plan.solver.details
