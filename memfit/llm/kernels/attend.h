@@ -89,6 +89,7 @@ inline void prefetch_row(const T* p) {
 // apart (at least 1): the kernel walks each run with a pointer instead of computing every row's address.
 template <typename T>
 struct StridedRows {  // row t at base + t * step (the virtual cache: one slot is one strided run)
+    static constexpr bool one_run = true;  // every row at one stride: the kernel's loops need no run checks
     const T* base;
     int64_t step;
     const T* at(int64_t t) const { return base + t * step; }
@@ -100,6 +101,7 @@ struct StridedRows {  // row t at base + t * step (the virtual cache: one slot i
 
 template <typename T>
 struct PagedRows {  // position p = t0 + t at base + table[p >> shift] * bstride + (p & mask) * step
+    static constexpr bool one_run = false;
     const T* base;  // the pool at block 0, this head
     const int64_t* table;  // this sequence's block ids, in position order
     int64_t bstride, step, t0, mask;
@@ -133,13 +135,17 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
         int64_t t = 0, n;
         for (; t + 16 <= L; t += 16) {
             const T* kb = krows.run(t, L, n);
-            if (g == 0 && t + 16 < L) {  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
-                int64_t n2;
-                const T* nb = krows.run(t + 16, L, n2);
-                for (int i = 0; i < 16 && i < n2; i++) prefetch_row<T, D>(nb + i * kstep);
+            if (g == 0) {  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
+                if (Rows::one_run) {
+                    for (int i = 0; i < 16; i++) prefetch_row<T, D>(kb + (16 + i) * kstep);  // past the end: harmless
+                } else if (t + 16 < L) {
+                    int64_t n2;
+                    const T* nb = krows.run(t + 16, L, n2);
+                    for (int i = 0; i < 16 && i < n2; i++) prefetch_row<T, D>(nb + i * kstep);
+                }
             }
             __m512 acc[16];
-            if (n >= 16) {  // 16 rows at one stride (always, for the virtual cache and 16-aligned blocks)
+            if (Rows::one_run || n >= 16) {  // 16 rows at one stride (always, for the virtual cache and 16-aligned blocks)
                 _Pragma("GCC unroll 16")
                 for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(kb + i * kstep);
             } else {
@@ -185,7 +191,7 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
             if (g0 == 0 && t0 + n < L) nb = vrows.run(t0 + n, L, ahead);
             for (int64_t i = 0; i < n; i++) {
                 if (g0 == 0) {  // 16 rows ahead: within this run, else in the next one
-                    if (i + 16 < n) prefetch_row<T, D>(vb + (i + 16) * vstep);
+                    if (Rows::one_run || i + 16 < n) prefetch_row<T, D>(vb + (i + 16) * vstep);  // prefetches never fault
                     else if (i + 16 - n < ahead) prefetch_row<T, D>(nb + (i + 16 - n) * vstep);
                 }
                 __m512 vv[DV];
