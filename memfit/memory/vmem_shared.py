@@ -1,0 +1,284 @@
+"""SharedArena: a CPU virtual arena whose physical pages can be mapped at several addresses (page aliasing).
+
+The foundation of prefix sharing inside a contiguous KV cache (issue 14): a new sequence whose prompt starts
+with a cached prefix maps the prefix's *physical* pages at the start of its own slot, so its K/V stays one
+contiguous strided view while the memory is held once. Writing into an aliased page first gives it a copy of
+its own (copy-on-write, `make_private`).
+
+How. The range is backed by a memfd (anonymous shared memory) instead of anonymous private memory:
+`memfd_create` + `ftruncate` to twice the arena's size (a sparse file: nothing is allocated), then one
+`mmap(MAP_SHARED)` of its first half. Virtual page v starts out mapping file page v ("its own" page); the
+second half is a pool of spare file pages, for a page whose own file page is still mapped elsewhere (it was
+shared, then released) and for copy-on-write copies. At most one file page per mapped virtual page is ever
+live, so 2x always has a free one.
+- commit: a virtual page gets its own file page if free, else a spare (`mmap(MAP_FIXED)` onto it), and
+  `madvise(MADV_POPULATE_WRITE)` allocates it;
+- alias(src, dst): `mmap(MAP_SHARED | MAP_FIXED)` of the *source's* file pages at the destination's
+  addresses: both addresses now read and write the same physical pages;
+- make_private: a page whose file page others map too gets a free file page with a copy of the data;
+- release: the virtual page is mapped back onto its own file page (reads of a released page are never used,
+  and it is not written until committed again); a file page no address maps any more is freed with
+  `fallocate(PUNCH_HOLE)`.
+
+Accounting. Physical memory is the file's pages, counted once however many addresses map them:
+`committed_bytes` (and the budget's reservation, owner "kv" by default) is file pages in use x page size. It can
+be checked independently: `allocated_bytes()` is the memfd's allocated blocks (`fstat().st_blocks`). RSS must
+not be used to measure sharing: it counts a page once per mapping.
+
+Linux only (memfd_create, MADV_POPULATE_WRITE >= 5.14, with a fall-back to touching pages).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from memfit.memory.budget import MemoryBudget
+from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
+
+__all__ = ["SharedArena"]
+
+_PROT_RW = 0x1 | 0x2
+_MAP_SHARED, _MAP_FIXED = 0x01, 0x10
+_MADV_NOHUGEPAGE, _MADV_POPULATE_WRITE = 15, 23
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+PAGE = mmap.PAGESIZE
+
+
+class SharedArena:
+    """`nbytes` of address space over a memfd, committed page by page, with pages that can be shared.
+
+    Offsets and sizes are bytes, page-aligned (aliasing whole pages only). Thread-safe. Views of the arena
+    (`view`, `tensor`) keep the mapping alive; `close()` frees every page and the budget."""
+
+    def __init__(self, nbytes: int, budget: MemoryBudget | None = None, owner: str = "kv") -> None:
+        if nbytes <= 0:
+            raise ValueError(f"a shared arena needs a positive size, got {nbytes}")
+        self.page_size = PAGE
+        self.size = round_up(nbytes, PAGE)
+        self.budget, self.owner = budget, owner
+        libc = get_libc()
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        libc.fallocate.restype = ctypes.c_int
+        self._fd = os.memfd_create("memfit-shared-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, 2 * self.size)  # sparse: no page is allocated yet; the second half: spares
+            addr = libc.mmap(None, self.size, _PROT_RW, _MAP_SHARED, self._fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                raise VirtualMemoryError(f"mmap of a {self.size}-byte memfd failed ({errno.errorcode.get(ctypes.get_errno())})")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.address = int(addr)
+        libc.madvise(self.address, self.size, _MADV_NOHUGEPAGE)  # exact 4 KiB accounting
+        size, fd, address = self.size, self._fd, self.address
+
+        def release() -> None:
+            get_libc().munmap(address, size)
+            os.close(fd)
+
+        self._owner = MappingOwner(release)
+        n = self.size // PAGE
+        self._file_of = np.arange(n, dtype=np.int64)  # virtual page -> the file page it maps
+        self._mapped = np.zeros(n, dtype=bool)  # virtual page holds data (its own page or another's)
+        self._refs = np.zeros(2 * n, dtype=np.int32)  # file page -> how many virtual pages map it
+        self._spares = list(range(2 * n - 1, n - 1, -1))  # free file pages of the second half (a stack)
+        self._lock = threading.RLock()
+        self._closed = False
+        buf = (ctypes.c_uint8 * self.size).from_address(self.address)
+        buf._memfit_owner = self._owner  # type: ignore[attr-defined]  # tensor -> buffer -> owner keeps it mapped
+        self._base: torch.Tensor | None = torch.frombuffer(buf, dtype=torch.uint8)
+
+    # ---- views ----------------------------------------------------------------------------------------
+    def tensor(self, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        if self._base is None:
+            raise RuntimeError("the arena is closed")
+        return self._base.view(dtype)
+
+    def view(self, dtype: torch.dtype, size: Sequence[int], stride: Sequence[int], offset_bytes: int = 0) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if offset_bytes % itemsize:
+            raise ValueError(f"offset {offset_bytes} is not a multiple of the {dtype} itemsize {itemsize}")
+        return self.tensor(dtype).as_strided(tuple(size), tuple(stride), offset_bytes // itemsize)
+
+    # ---- accounting -------------------------------------------------------------------------------------
+    @property
+    def committed_bytes(self) -> int:
+        """Physical bytes held: file pages mapped by at least one address, each counted once."""
+        return int(np.count_nonzero(self._refs)) * PAGE
+
+    def allocated_bytes(self) -> int:
+        """What the kernel has allocated to the memfd (st_blocks), independent of this arena's bookkeeping."""
+        return os.fstat(self._fd).st_blocks * 512
+
+    def is_shared(self, offset: int, nbytes: int) -> bool:
+        """Does some page of the range map a physical page that another address maps too?"""
+        lo, hi = self._pages(offset, nbytes)
+        return any(self._mapped[v] and self._refs[self._file_of[v]] > 1 for v in range(lo, hi))
+
+    # ---- commit / release ------------------------------------------------------------------------------
+    def _pages(self, offset: int, nbytes: int) -> tuple[int, int]:
+        if offset % PAGE or nbytes % PAGE or offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise ValueError(f"[{offset}, {offset + nbytes}) is not a page-aligned range inside the arena ({self.size} B)")
+        return offset // PAGE, (offset + nbytes) // PAGE
+
+    def try_commit(self, offset: int, nbytes: int) -> bool:
+        """Give the unmapped pages of the range pages of their own (all or nothing); False if the budget is short."""
+        with self._lock:
+            self._check_open()
+            lo, hi = self._pages(offset, nbytes)
+            todo = np.flatnonzero(~self._mapped[lo:hi]) + lo
+            need = len(todo) * PAGE
+            if need and self.budget is not None and not self.budget.try_reserve(need, self.owner):
+                return False
+            taken: list[int] = []
+            try:
+                own = [int(v) for v in todo if self._refs[v] == 0]  # own file page free: the common case
+                for a, b in _runs(np.array(own, dtype=np.int64)):
+                    self._populate(a, b)
+                    taken.extend(range(a, b))
+                for v in (int(v) for v in todo if self._refs[v] != 0):  # own page still shared elsewhere
+                    f = self._free_file_page(v)
+                    self._map_to(v, f)
+                    self._file_of[v] = f
+                    self._populate(v, v + 1)
+                    taken.append(f)
+            except BaseException:
+                for f in taken:
+                    self._punch(f, f + 1)
+                if need and self.budget is not None:
+                    self.budget.release(need, self.owner)
+                raise
+            self._mapped[todo] = True
+            self._refs[self._file_of[todo]] = 1
+            return True
+
+    def alias(self, src_offset: int, dst_offset: int, nbytes: int) -> None:
+        """Map the physical pages behind [src, src + nbytes) at [dst, dst + nbytes) too. The destination pages
+        must hold nothing; the source pages must hold data. No new memory is taken."""
+        with self._lock:
+            self._check_open()
+            s_lo, s_hi = self._pages(src_offset, nbytes)
+            d_lo, d_hi = self._pages(dst_offset, nbytes)
+            if not self._mapped[s_lo:s_hi].all():
+                raise ValueError("alias: the source range holds pages that were never committed")
+            if self._mapped[d_lo:d_hi].any():
+                raise ValueError("alias: the destination range already holds pages; release it first")
+            files = self._file_of[s_lo:s_hi].copy()
+            libc = get_libc()
+            for i, f in enumerate(files):  # page by page: the source may itself be a patchwork of shared pages
+                addr = self.address + (d_lo + i) * PAGE
+                got = libc.mmap(addr, PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, int(f) * PAGE)
+                if got != addr:
+                    raise VirtualMemoryError(f"mmap(MAP_FIXED) for aliasing failed ({errno.errorcode.get(ctypes.get_errno())})")
+            self._file_of[d_lo:d_hi] = files
+            self._mapped[d_lo:d_hi] = True
+            np.add.at(self._refs, files, 1)
+
+    def make_private(self, offset: int, nbytes: int) -> bool:
+        """Copy-on-write: give every shared page of the range a copy of its own, before it is written. False
+        (nothing changed) when the budget cannot take the copies."""
+        with self._lock:
+            self._check_open()
+            lo, hi = self._pages(offset, nbytes)
+            shared = [v for v in range(lo, hi) if self._mapped[v] and self._refs[self._file_of[v]] > 1]
+            if shared and self.budget is not None and not self.budget.try_reserve(len(shared) * PAGE, self.owner):
+                return False
+            data = ctypes.create_string_buffer(PAGE)
+            for v in shared:
+                addr = self.address + v * PAGE
+                ctypes.memmove(data, addr, PAGE)
+                old, new = int(self._file_of[v]), self._free_file_page(v)
+                self._map_to(v, new)
+                self._populate(v, v + 1)
+                ctypes.memmove(addr, data, PAGE)
+                self._file_of[v] = new
+                self._refs[new] = 1
+                self._refs[old] -= 1  # others still map it: nothing to free
+            return True
+
+    def release(self, offset: int, nbytes: int) -> int:
+        """Unmap the range's pages; a physical page is freed when no address maps it any more. Returns the
+        physical bytes freed."""
+        with self._lock:
+            lo, hi = self._pages(offset, nbytes)
+            before = self.committed_bytes
+            for v in np.flatnonzero(self._mapped[lo:hi]) + lo:
+                v = int(v)
+                f = int(self._file_of[v])
+                if f != v:
+                    self._map_to(v, v)
+                    self._file_of[v] = v
+                self._mapped[v] = False
+                self._drop_ref(f)
+            return before - self.committed_bytes
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _drop_ref(self, f: int) -> None:
+        self._refs[f] -= 1
+        if self._refs[f] == 0:
+            self._punch(f, f + 1)
+            if f >= len(self._file_of):
+                self._spares.append(f)
+            if self.budget is not None:
+                self.budget.release(PAGE, self.owner)
+
+    def _free_file_page(self, v: int) -> int:
+        """A file page no address maps: v's own if free, else a spare."""
+        if self._refs[v] == 0:
+            return v
+        while self._spares:
+            f = self._spares.pop()
+            if self._refs[f] == 0:
+                return f
+        raise AssertionError("no free file page: more live pages than virtual pages")  # unreachable, see docstring
+
+    def _map_to(self, v: int, f: int) -> None:
+        """Map virtual page v onto file page f."""
+        addr = self.address + v * PAGE
+        if get_libc().mmap(addr, PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, f * PAGE) != addr:
+            raise VirtualMemoryError(f"mmap(MAP_FIXED) failed ({errno.errorcode.get(ctypes.get_errno())})")
+
+    def _populate(self, lo: int, hi: int) -> None:
+        addr, n = self.address + lo * PAGE, (hi - lo) * PAGE
+        if get_libc().madvise(addr, n, _MADV_POPULATE_WRITE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.ENOMEM:
+            raise VirtualMemoryError(f"out of memory committing {n} bytes")
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise VirtualMemoryError(f"madvise(MADV_POPULATE_WRITE) failed: {errno.errorcode.get(err, err)}")
+        for p in range(lo, hi):  # old kernel: write one byte per page (a hole reads as zero, so this keeps data)
+            b = ctypes.c_uint8.from_address(self.address + p * PAGE)
+            b.value = b.value
+
+    def _punch(self, lo: int, hi: int) -> None:
+        if get_libc().fallocate(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, lo * PAGE, (hi - lo) * PAGE) != 0:
+            raise VirtualMemoryError(f"fallocate(PUNCH_HOLE) failed ({errno.errorcode.get(ctypes.get_errno())})")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the arena is closed")
+
+    def close(self) -> None:
+        """Free every page and return the budget; the mapping goes with the last view of it."""
+        with self._lock:
+            if self._closed:
+                return
+            self.release(0, self.size)
+            self._closed = True
+            self._base = None
+
+
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page indices -> maximal [lo, hi) runs."""
+    if len(pages) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(pages, breaks)]

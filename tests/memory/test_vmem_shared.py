@@ -1,0 +1,121 @@
+"""SharedArena: page aliasing over a memfd. Sharing is checked against the kernel's own count of the memfd's
+allocated blocks (never RSS, which counts a page once per mapping), and data through the views."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from memfit.memory.budget import MemoryBudget
+from memfit.memory.vmem_shared import PAGE, SharedArena
+
+
+def _fill(arena: SharedArena, offset: int, nbytes: int, value: int) -> None:
+    arena.tensor()[offset : offset + nbytes].fill_(value)
+
+
+def test_aliased_pages_are_one_physical_copy_until_written():
+    budget = MemoryBudget(64 * PAGE, name="kv")
+    arena = SharedArena(32 * PAGE, budget)
+    assert arena.allocated_bytes() == 0  # sparse until committed
+    assert arena.try_commit(0, 4 * PAGE)
+    _fill(arena, 0, 4 * PAGE, 7)
+    arena.alias(0, 16 * PAGE, 3 * PAGE)  # the first 3 pages, also at page 16
+    t = arena.tensor()
+    assert torch.all(t[16 * PAGE : 19 * PAGE] == 7)
+    # one physical copy: the kernel's allocated blocks, the arena's count and the budget agree
+    assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == 4 * PAGE
+    t[0] = 42  # a write through one address is seen through the other: the same page
+    assert int(t[16 * PAGE]) == 42
+    assert arena.is_shared(16 * PAGE, 3 * PAGE) and arena.is_shared(0, PAGE) and not arena.is_shared(3 * PAGE, PAGE)
+
+    assert arena.make_private(16 * PAGE, PAGE)  # copy-on-write of the first aliased page
+    t[16 * PAGE] = 1
+    assert int(t[0]) == 42 and int(t[16 * PAGE]) == 1  # no longer shared ...
+    assert torch.all(t[16 * PAGE + 1 : 17 * PAGE] == 7)  # ... and its other bytes were copied
+    assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == 5 * PAGE
+
+
+def test_a_shared_page_outlives_its_first_owner_and_is_freed_with_its_last():
+    budget = MemoryBudget(64 * PAGE, name="kv")
+    arena = SharedArena(16 * PAGE, budget)
+    assert arena.try_commit(0, 2 * PAGE)
+    _fill(arena, 0, 2 * PAGE, 9)
+    arena.alias(0, 8 * PAGE, 2 * PAGE)
+    assert arena.release(0, 2 * PAGE) == 0  # the source goes, its pages stay for the alias
+    assert torch.all(arena.tensor()[8 * PAGE : 10 * PAGE] == 9)
+    assert arena.allocated_bytes() == budget.used_bytes == 2 * PAGE
+    assert arena.release(8 * PAGE, 2 * PAGE) == 2 * PAGE
+    assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == 0
+    assert arena.try_commit(8 * PAGE, PAGE)  # the destination maps its own (fresh, zero) page again
+    assert torch.all(arena.tensor()[8 * PAGE : 9 * PAGE] == 0)
+
+
+def test_misuse_is_refused_and_the_budget_bounds_commits_and_copies():
+    budget = MemoryBudget(3 * PAGE, name="kv")
+    arena = SharedArena(16 * PAGE, budget)
+    with pytest.raises(ValueError, match="page-aligned"):
+        arena.alias(1, 8 * PAGE, PAGE)
+    with pytest.raises(ValueError, match="never committed"):
+        arena.alias(0, 8 * PAGE, PAGE)
+    assert arena.try_commit(0, 3 * PAGE)
+    assert not arena.try_commit(4 * PAGE, PAGE)  # the budget is full
+    arena.alias(0, 8 * PAGE, 2 * PAGE)  # aliasing takes no memory
+    with pytest.raises(ValueError, match="already holds"):
+        arena.alias(2 * PAGE, 8 * PAGE, PAGE)
+    assert not arena.make_private(8 * PAGE, PAGE)  # a copy would pass the budget: nothing changes
+    assert arena.is_shared(8 * PAGE, PAGE) and arena.allocated_bytes() == 3 * PAGE
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_operations_keep_data_and_accounting_exact(seed):
+    """A property test: random commits, aliases, copy-on-writes, writes and releases against a model of which
+    page holds what; after every operation the data read through each address, the arena's count, the budget
+    and the kernel's allocated blocks agree."""
+    rng = random.Random(seed)
+    n = 24
+    budget = MemoryBudget(10 * n * PAGE, name="kv")
+    arena = SharedArena(n * PAGE, budget)
+    t = arena.tensor()
+    content: dict[int, int] = {}  # virtual page -> a byte value every byte of it holds
+    group: dict[int, int] = {}  # virtual page -> an id of the physical page it maps
+    next_id = [0]
+
+    def fresh() -> int:
+        next_id[0] += 1
+        return next_id[0]
+
+    for _ in range(400):
+        op = rng.choice(["commit", "alias", "private", "write", "release"])
+        v = rng.randrange(n)
+        if op == "commit" and v not in content:
+            assert arena.try_commit(v * PAGE, PAGE)
+            content[v], group[v] = 0, fresh()
+        elif op == "alias" and content:
+            src = rng.choice(sorted(content))
+            free = [p for p in range(n) if p not in content]
+            if free:
+                dst = rng.choice(free)
+                arena.alias(src * PAGE, dst * PAGE, PAGE)
+                content[dst], group[dst] = content[src], group[src]
+        elif op == "private" and v in content:
+            assert arena.make_private(v * PAGE, PAGE)
+            if sum(1 for p in group if group[p] == group[v]) > 1:
+                group[v] = fresh()
+        elif op == "write" and v in content:
+            arena.make_private(v * PAGE, PAGE)
+            if sum(1 for p in group if group[p] == group[v]) > 1:
+                group[v] = fresh()
+            value = rng.randrange(1, 256)
+            t[v * PAGE : (v + 1) * PAGE].fill_(value)
+            content[v] = value
+        elif op == "release" and v in content:
+            arena.release(v * PAGE, PAGE)
+            del content[v], group[v]
+        for p, value in content.items():
+            assert int(t[p * PAGE]) == value and int(t[(p + 1) * PAGE - 1]) == value
+        physical = len(set(group.values())) * PAGE
+        assert arena.committed_bytes == budget.used_bytes == arena.allocated_bytes() == physical
+    arena.close()
+    assert budget.used_bytes == 0
