@@ -35,6 +35,7 @@ class Outcome:
     best: str
     best_us: float
     worst_us: float
+    candidates: int = 0  # candidates that compiled (and were measured)
 
     @property
     def speedup_over_default(self) -> float:
@@ -58,7 +59,8 @@ def outcome(predicted: dict[str, float], measured: dict[str, float]) -> Outcome:
     tiles = [k for k in predicted if k != "default"]
     pick = min(tiles, key=lambda k: predicted[k])
     best = min(tiles, key=lambda k: measured[k])
-    return Outcome(pick, measured[pick], measured["default"], best, measured[best], max(measured[k] for k in tiles))
+    return Outcome(pick, measured[pick], measured["default"], best, measured[best], max(measured[k] for k in tiles),
+                   len(tiles))
 
 
 def summarise(outcomes: list[Outcome], within: float = 0.05) -> dict:
@@ -67,6 +69,7 @@ def summarise(outcomes: list[Outcome], within: float = 0.05) -> dict:
     gaps = np.array([o.gap_to_best for o in outcomes])
     sp = np.array([o.speedup_over_default for o in outcomes])
     return {"kernels": len(outcomes), "candidates": len(TILES),
+            "compiled_candidates_min": min(o.candidates for o in outcomes),
             "within_5pct_of_best": float(np.mean(gaps <= within)),
             "median_gap_to_best": float(np.median(gaps)),
             "geomean_speedup_over_default": float(np.exp(np.mean(np.log(sp)))),
@@ -86,8 +89,16 @@ def tune(mlir: str, function: str | None = None, model: str | None = None, measu
     if measure:
         from memfit.plan.cost.label import measure as run
 
-        measured = {k: run(m, function).latency_us for k, m in cands.items()}
-        out["measured_us"] = measured
+        from memfit.plan.cost.errors import CompileError
+
+        measured, failed = {}, {}
+        for k, m in cands.items():
+            try:
+                measured[k] = run(m, function).latency_us
+            except CompileError as exc:
+                failed[k] = str(exc).splitlines()[1] if "\n" in str(exc) else str(exc)
+        out["measured_us"], out["failed"] = measured, failed
+        preds = {k: v for k, v in preds.items() if k in measured}
         out["outcome"] = outcome(preds, measured).as_dict()
     return out
 
@@ -100,8 +111,7 @@ def dataset_outcomes(rows: list[dict], predicted: dict[str, float]) -> list[Outc
         tile = r["params"].get("tile")
         name = "default" if not tile else "tile_%dx%dx%d" % tuple(tile)
         groups.setdefault(r["shape_key"], {})[name] = (predicted[r["key"]], r["latency_us"])
-    outs = []
-    for g in groups.values():
-        if len(g) == len(TILES) + 1:
-            outs.append(outcome({k: v[0] for k, v in g.items()}, {k: v[1] for k, v in g.items()}))
-    return outs
+    # a candidate the compiler rejected has no label: a tuner whose pick fails to compile takes the next one
+    # in the model's ranking, which is what picking among the compiled candidates does
+    return [outcome({k: v[0] for k, v in g.items()}, {k: v[1] for k, v in g.items()})
+            for g in groups.values() if "default" in g and len(g) > 2]
