@@ -12,8 +12,9 @@ its peak RSS growth. The rest is `runtime_bytes`.
 
     python -m memfit.llm.engine.calibrate --dtype bfloat16 --cpu-linear blocked --json
 
-The result is cached in $MEMFIT_CACHE/runtime.json (default ~/.cache/memfit), keyed by memfit's and torch's
-versions, the CPU model, and the device, dtype and backend choices, so each machine pays the ~5 s once.
+The result is cached in $MEMFIT_CACHE/runtime.json (default ~/.cache/memfit), keyed by memfit's version and a
+digest of its engine code, torch's version, the CPU model, and the device, dtype and backend choices, so each
+machine pays the ~10 s once per build.
 """
 from __future__ import annotations
 
@@ -44,13 +45,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _source_digest() -> str:
+    """A digest of the engine's own code (Python and C++): a measurement made with other kernels is stale."""
+    import hashlib
+
+    import memfit
+
+    root = Path(memfit.__file__).parent
+    h = hashlib.sha256()
+    for sub in ("llm", "memory"):
+        for path in sorted((root / sub).rglob("*")):
+            if path.suffix in (".py", ".cpp", ".h") and path.is_file():
+                h.update(path.relative_to(root).as_posix().encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool) -> str:
     import torch
 
     import memfit
 
-    return "|".join([memfit.__version__, torch.__version__, platform.machine(), _cpu_model(), device_type, dtype,
-                     str(cpu_linear), str(bool(cpu_kernels))])
+    return "|".join([memfit.__version__, _source_digest(), torch.__version__, platform.machine(), _cpu_model(),
+                     device_type, dtype, str(cpu_linear), str(bool(cpu_kernels))])
 
 
 CALIBRATION_BATCHES = (1, 8)  # the runtime's share is measured at both and interpolated (allocator pools grow with it)

@@ -123,7 +123,8 @@ def slow_engine_factory(model_dir: Path | str, delay: float = 0.01, peaks: dict[
             def _record(self) -> None:
                 if peaks is not None:
                     for key, value in self.stats().items():
-                        peaks[key] = max(peaks.get(key, value), value)
+                        if isinstance(value, (int, float)):  # the figures, not the breakdowns (dicts)
+                            peaks[key] = max(peaks.get(key, value), value)
                     if self.config.kv_cache == "virtual":  # what the kernel holds, outside memfit's ledger
                         from tests.llm.kv.kernel_pages import arena_resident_bytes
 
