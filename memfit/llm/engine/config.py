@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")  # what each means: memfit/llm/kernels/backends.py
-KV_LAYOUTS = {"auto": None, "per-layer": False, "token-major": True}  # name -> the virtual cache's token_major
+# The virtual cache's page layouts (kv/virtual.py says what each is for); the paged cache ignores the choice.
+KV_LAYOUTS = ("auto", "per-layer", "token-major", "head-major")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int | None = None
     block_size: int = 16  # paged cache only
-    kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major (see kv/virtual.py)
+    kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major | head-major (see kv/virtual.py)
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: a decode-speed linear backend (cpu_linear); False = plain F.linear
@@ -106,7 +107,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="KV cache manager: virtual (vAttention, default) or paged (vLLM-style block pool), or any "
                         "other registered in memfit.llm.kv")
     g.add_argument("--kv-layout", default="auto", choices=list(KV_LAYOUTS),
-                   help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU)")
+                   help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU; head-major: "
+                        "a segment per KV head, faster CPU decode attention, more partly filled pages)")
     g.add_argument("--memory-budget", default=None,
                    help="everything the engine holds (weights, tokenizer, runtime, the largest step, KV): bytes "
                         "('2GiB') or a fraction of the available memory ('0.5' or '50%%'); default 90%% of it")

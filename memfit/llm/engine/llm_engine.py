@@ -13,7 +13,7 @@ import logging
 import torch
 
 from memfit.llm.engine import accounting
-from memfit.llm.engine.config import KV_LAYOUTS, EngineConfig
+from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
@@ -66,7 +66,7 @@ class LLMEngine:
         self.kv_budget = MemoryBudget(self._kv_share_bytes(), Tier.DEVICE, name="kv_budget", parent=self.ledger)
         self.kv_reclaim_watermark = self._watermark_bytes()
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
-                                          token_major=KV_LAYOUTS[config.kv_layout], prefault=config.kv_prefault,
+                                          kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages)
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.scheduler = Scheduler(

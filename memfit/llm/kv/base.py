@@ -126,7 +126,7 @@ class KVCacheManager(ABC):
             raise TypeError(f"{cls.__qualname__} declares block_tables but does not define pools()")
 
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None) -> dict[str, Any]:
         """The constructor options this manager takes from the engine's config (EngineConfig's max_num_seqs,
         block_size, kv_layout, kv_prefault and kv_eager_pages): each manager picks what applies to it."""

@@ -60,7 +60,7 @@ class PagedPlan:
 class PagedKVCache(KVCacheManager):
     block_tables = True  # pools(layer) + plans' batch_table: kernels read the blocks in place
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None) -> dict:
         return {"block_size": block_size}  # the pool takes what the budget holds, as vLLM sizes it
 

@@ -77,10 +77,12 @@ class VirtualPlan:
 class VirtualKVCache(KVCacheManager):
     fixed_stride = True  # K[l][slot, pos]: one strided view per layer
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, token_major: bool | None,
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None) -> dict:
-        # a slot of virtual space per sequence
-        return {"max_seqs": max_num_seqs, "token_major": token_major, "prefault": prefault, "eager_pages": eager_pages}
+        # a slot of virtual space per sequence; kv_layout: EngineConfig's name for the page layout
+        token_major = {"auto": None, "per-layer": False, "token-major": True, "head-major": False}[kv_layout]
+        return {"max_seqs": max_num_seqs, "token_major": token_major, "head_major": kv_layout == "head-major",
+                "prefault": prefault, "eager_pages": eager_pages}
 
     def __init__(
         self,

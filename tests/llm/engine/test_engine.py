@@ -60,10 +60,13 @@ def kv_held_by_kernel(engine) -> int:
     return assert_paged_tables_consistent(kv, live)
 
 
-@pytest.mark.parametrize("kind,layout", [("virtual", "auto"), ("virtual", "token-major"), ("paged", "auto")])
+@pytest.mark.parametrize("kind,layout", [("virtual", "auto"), ("virtual", "token-major"), ("virtual", "head-major"),
+                                         ("paged", "auto")])
 def test_greedy_batch_matches_transformers(tiny, kind, layout):
     model, _, path = tiny
     llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB", kv_layout=layout)
+    if kind == "virtual":
+        assert llm.engine.kv.head_major == (layout == "head-major")
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
     for ids, out in zip(PROMPTS, outs):
