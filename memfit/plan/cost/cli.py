@@ -165,9 +165,12 @@ def _tune(args) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in out.items() if k != "pick_program"}))
     else:
+        measured = out.get("measured_us", {})
         for r in out["ranking"]:
-            print(f"{r['candidate']:<16} predicted {r['predicted_us']:10.1f} us"
-                  + (f"   measured {out['measured_us'][r['candidate']]:10.1f} us" if args.measure else ""))
+            m = measured.get(r["candidate"])
+            note = "" if not args.measure else (f"   measured {m:10.1f} us" if m is not None else
+                                                "   did not compile")
+            print(f"{r['candidate']:<16} predicted {r['predicted_us']:10.1f} us{note}")
         print(f"pick: {out['pick']} (IREE default predicted {out['predicted_default_us']:.1f} us)")
         if args.measure:
             o = out["outcome"]
