@@ -79,7 +79,7 @@ def main() -> int:
         outs = dataset_outcomes([r for r in rows if r["key"] in test], predicted)
         loop = {**summarise(outs), "per_kernel": [o.as_dict() for o in outs]}
     result = {
-        **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
+        "benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                  device="local-sync", target_cpu="host"),
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
@@ -100,8 +100,9 @@ def _families(args, cfg) -> int:
 
     ex, meta = load(args.db)
     fam = family_holdouts(ex, meta, cfg, verbose=True)
-    result = {**header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
-                       device="local-sync", target_cpu="host"),
+    result = {"benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"),
+                                                  host_cpu=meta.get("host_cpu"), device="local-sync",
+                                                  target_cpu="host"),
               "kernels": len(ex), "family_epochs": cfg.family_epochs, "families": fam}
     emit(result, args.out, draw=_draw_families)
     return 0
