@@ -176,7 +176,7 @@ def test_idle_kv_pages_past_the_watermark_go_back_after_the_idle_time(tiny_path,
 @pytest.mark.slow
 def test_an_idle_server_gives_its_kv_back():
     """`memfit serve` in its own process after a burst of 16 requests (~40 MiB of KV, the bundled model in
-    float32): a few seconds after going idle its RSS is back within the watermark (0 here, plus 4 MiB for the
+    float32): a few seconds after going idle its RSS is back within the watermark (0 here, plus 8 MiB for the
     allocator's pools) of its warmed-up baseline, while right after the burst it was far above it."""
     import httpx
     import psutil
@@ -211,7 +211,7 @@ def test_an_idle_server_gives_its_kv_back():
         assert after > 20 * 2**20  # the burst's KV, kept for reuse ...
         time.sleep(3.0)  # idle time 0.5 s; the server's idle loop runs about once a second
         idle = server.memory_info().rss - baseline
-        assert idle <= 4 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
+        assert idle <= 8 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
 
 
 needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
