@@ -42,7 +42,7 @@ import torch
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
 
-__all__ = ["CPU_PAGE_SIZE", "Prefaulter", "VirtualArena", "VirtualMemoryError"]
+__all__ = ["CPU_PAGE_SIZE", "Prefaulter", "VirtualArena", "VirtualMemoryError", "strided_view"]
 
 # Linux <sys/mman.h> constants (x86-64 and aarch64 share these values).
 _PROT_READ, _PROT_WRITE = 0x1, 0x2
@@ -179,15 +179,7 @@ class VirtualArena:
 
     def view(self, dtype: torch.dtype, size: Sequence[int], stride: Sequence[int], offset_bytes: int = 0) -> torch.Tensor:
         """A strided view starting `offset_bytes` into the range (which must be a multiple of the itemsize)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if offset_bytes % itemsize:
-            raise ValueError(f"offset {offset_bytes} is not a multiple of the {dtype} itemsize {itemsize}")
-        extent = offset_bytes + itemsize * (1 + sum((s - 1) * st for s, st in zip(size, stride)))
-        if any(s == 0 for s in size):
-            extent = offset_bytes
-        if offset_bytes < 0 or extent > self.size:
-            raise ValueError(f"view of {extent} bytes does not fit in the arena's {self.size}")
-        return self.tensor(dtype).as_strided(tuple(size), tuple(stride), offset_bytes // itemsize)
+        return strided_view(self.tensor(dtype), self.size, size, stride, offset_bytes)
 
     # ---- commit / decommit --------------------------------------------------------------------------
     @property
@@ -354,6 +346,21 @@ class VirtualArena:
                 self.close()  # give the budget back; the memory itself goes with the last view
         except Exception:  # noqa: BLE001, S110 - never raise from a finaliser
             pass
+
+
+def strided_view(flat: torch.Tensor, range_bytes: int, size: Sequence[int], stride: Sequence[int],
+                 offset_bytes: int = 0) -> torch.Tensor:
+    """A strided view of `flat` (a whole arena as one (n,) tensor of the view's dtype) starting `offset_bytes`
+    in, checked to lie inside the arena's `range_bytes`."""
+    itemsize = flat.element_size()
+    if offset_bytes % itemsize:
+        raise ValueError(f"offset {offset_bytes} is not a multiple of the {flat.dtype} itemsize {itemsize}")
+    extent = offset_bytes + itemsize * (1 + sum((s - 1) * st for s, st in zip(size, stride)))
+    if any(s == 0 for s in size):
+        extent = offset_bytes
+    if offset_bytes < 0 or extent > range_bytes:
+        raise ValueError(f"view of {extent} bytes does not fit in the arena's {range_bytes}")
+    return flat.as_strided(tuple(size), tuple(stride), offset_bytes // itemsize)
 
 
 class Prefaulter:

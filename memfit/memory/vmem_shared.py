@@ -41,6 +41,7 @@ import torch
 
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
+from memfit.memory.vmem import strided_view
 
 __all__ = ["SharedArena"]
 
@@ -102,10 +103,7 @@ class SharedArena:
         return self._base.view(dtype)
 
     def view(self, dtype: torch.dtype, size: Sequence[int], stride: Sequence[int], offset_bytes: int = 0) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if offset_bytes % itemsize:
-            raise ValueError(f"offset {offset_bytes} is not a multiple of the {dtype} itemsize {itemsize}")
-        return self.tensor(dtype).as_strided(tuple(size), tuple(stride), offset_bytes // itemsize)
+        return strided_view(self.tensor(dtype), self.size, size, stride, offset_bytes)
 
     # ---- accounting -------------------------------------------------------------------------------------
     @property

@@ -18,7 +18,7 @@ from memfit.llm.engine.accounting import (activation_bytes, kv_cache_bytes, toke
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
 
-__all__ = ["FitBreakdown", "activation_bytes", "fit_report", "kv_cache_bytes", "predict"]
+__all__ = ["FitBreakdown", "activation_bytes", "format_report", "kv_cache_bytes", "predict", "predict_for_engine"]
 
 
 @dataclass
@@ -135,9 +135,3 @@ def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: 
         if b.runtime_baseline_bytes else "",
     ]
     return "\n".join(line for line in lines if line)
-
-
-def fit_report(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, kv_budget: int | None = None,
-               memory_limit: int | None = None, chunk: int = 512, **kw) -> str:
-    b = predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, **kw)
-    return format_report(b, dtype, context_len, batch)

@@ -54,6 +54,7 @@ class LLMEngine:
         self.ledger = MemoryBudget(self._ledger_bytes(), Tier.DEVICE, name="memory_budget")
         stored = ModelConfig.from_dir(path)
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
+        self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
         self.memory_plan = self._plan_memory(path, stored, dtype, backend_options)
         self._reserve_fixed(self.memory_plan, stored, dtype)
         self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
@@ -105,7 +106,6 @@ class LLMEngine:
     def _plan_memory(self, path, stored: ModelConfig, dtype: torch.dtype, options: BackendOptions) -> accounting.MemoryPlan:
         """What the ledger will hold besides the KV cache, from the same formulas `memfit fit` adds up."""
         cfg = self.config
-        self.max_model_len = min(cfg.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
         cpu_linear = choose_cpu_linear(options, self.device, dtype)
         runtime = {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
         if cfg.memory_budget is not None:  # a bound the user asked for: measure the runtime's share (cached)

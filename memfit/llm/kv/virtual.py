@@ -308,15 +308,20 @@ class VirtualKVCache(KVCacheManager):
 
     def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
         """Give back idle slots that have been idle for `idle_s` seconds or more, oldest first, while the idle
-        bytes exceed `watermark_bytes`; returns the bytes given back. Recently freed slots stay for reuse."""
+        bytes exceed `watermark_bytes`; returns the bytes given back. Recently freed slots stay for reuse.
+        Called at every engine step: with nothing old enough it returns after one pass over the idle slots."""
         now = time.monotonic() if now is None else now
         freed = 0
         with self._lock:
-            for slot in sorted(self._idle, key=lambda s: self._idle_since.get(s, now)):
-                if self._reclaimable() <= watermark_bytes:
-                    break
-                if now - self._idle_since.get(slot, now) >= idle_s:
-                    freed += self._decommit_idle(slot)
+            due = [s for s in self._idle if now - self._idle_since.get(s, now) >= idle_s]
+            if due:
+                idle = self._reclaimable()
+                for slot in sorted(due, key=lambda s: self._idle_since[s]):
+                    if idle <= watermark_bytes:
+                        break
+                    given = self._decommit_idle(slot)
+                    idle -= given
+                    freed += given
             if not self._seqs and not self._idle:
                 self.arena.drop_scratch()
         return freed
