@@ -1,12 +1,15 @@
 """`memfit fit` against measured memory, over a grid of models, dtypes, batches and contexts.
 
 Each cell runs `python -m memfit.llm.engine.fitcheck` in a fresh process: it imports torch and memfit, takes
-the RSS as the baseline, builds the engine and serves the batch twice (greedy and sampled requests side by
-side), and reports the RSS added at the end and at the peak beside `fit`'s `total_bytes`. Models: the
+the memory the process holds as the baseline (`HeldMemoryMeter`: anonymous and shared pages and the model's
+files, not library code), builds the engine and serves the batch twice (greedy and sampled requests side by
+side), and reports what it added at the end and at the peak beside `fit`'s `total_bytes`. Models: the
 bundled memfit-tiny and random-initialised 0.1B and 0.5B Llama shapes (benchmarks/decode_setup.py), written
-to a temporary directory. The headline is the worst error over the grid (the issue's bound: 10%).
+to a temporary directory. The headline is the worst error over the grid (the issue's bound: 10%): the peak's
+distance from the prediction either way, or the end's excess over it (the end may sit lower: the engine gives
+idle KV pages back).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.fit_accuracy --out benchmarks/results/fit_accuracy.json
+    OMP_NUM_THREADS=1 python -m benchmarks.fit_accuracy --fresh-calibration --out benchmarks/results/fit_accuracy.json
 
 Prints one JSON object; --out also writes it and a PNG (measured against predicted) beside it.
 """
@@ -50,6 +53,8 @@ def main() -> int:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--cpu-linear", default="auto")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fresh-calibration", action="store_true",
+                    help="measure the runtime's share afresh (a temporary MEMFIT_CACHE) instead of using the cached one")
     a = ap.parse_args()
     from rich.progress import track
 
@@ -57,6 +62,8 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="memfit-fit-") as tmp:
+        if a.fresh_calibration:
+            os.environ["MEMFIT_CACHE"] = str(Path(tmp) / "cache")
         cells = [(m, d, b, c) for m in a.models for d in a.dtypes for b, c in GRID[m]]
         paths: dict[tuple[str, str], str] = {}
         for model, dtype, batch, context in track(cells, description="fit vs measured", console=None):
@@ -66,9 +73,11 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("model", "dtype", "batch", "context", "end_ratio", "peak_ratio")}),
                   file=sys.stderr)
-    worst = max(rows, key=lambda r: max(abs(r["end_ratio"] - 1), abs(r["peak_ratio"] - 1)))
-    result = {"benchmark": "fit_accuracy", **header(1), "rows": rows,
-              "worst_error": max(abs(worst["end_ratio"] - 1), abs(worst["peak_ratio"] - 1)),
+    def error(r: dict) -> float:
+        return max(abs(r["peak_ratio"] - 1), r["end_ratio"] - 1)
+
+    worst = max(rows, key=error)
+    result = {"benchmark": "fit_accuracy", **header(1), "rows": rows, "worst_error": error(worst),
               "worst_cell": {k: worst[k] for k in ("model", "dtype", "batch", "context", "end_ratio", "peak_ratio")},
               "target_error": 0.10}
     emit(result, a.out, plot)
@@ -100,7 +109,7 @@ def plot(result: dict, png: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("memfit fit: total_bytes (MiB)")
-    ax.set_ylabel("RSS added by the process (MiB)")
+    ax.set_ylabel("memory the process added (MiB)")
     ax.set_title(f"fit vs measured: worst error {result['worst_error']:.1%}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

@@ -1,7 +1,9 @@
 """Memory probes and a memory timeline.
 
 Probes: `rss_bytes` (resident set now), `peak_rss_bytes` (the kernel's high-water mark), `reset_peak_rss`
-(Linux: writing "5" to /proc/self/clear_refs resets VmHWM, kernel >= 4.0), `cuda_memory` (the caching
+(Linux: writing "5" to /proc/self/clear_refs resets VmHWM, kernel >= 4.0), `HeldMemoryMeter` (anonymous and
+shared memory plus given mapped files: what a block holds, without the library pages whose count depends on
+the page cache), `cuda_memory` (the caching
 allocator's counters) and `PeakRSSSampler`, a context manager that polls RSS from a background thread to
 catch a transient peak inside a block (and also reads VmHWM when it can be reset, which catches peaks
 shorter than the polling interval).
@@ -73,6 +75,129 @@ def reset_peak_rss() -> bool:
         return False
 
 
+_STATUS_FIELD_RE = re.compile(rb"^(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+)\s+kB", re.MULTILINE)
+_SMAPS_HEADER_RE = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
+
+
+def status_bytes() -> dict[str, int]:
+    """VmHWM, VmRSS, RssAnon, RssFile and RssShmem of this process in bytes (Linux; {} elsewhere)."""
+    try:
+        with open(_STATUS, "rb") as f:
+            return {m.group(1).decode(): int(m.group(2)) * 1024 for m in _STATUS_FIELD_RE.finditer(f.read())}
+    except OSError:
+        return {}
+
+
+def mapped_file_rss_bytes(under: Iterable[str | os.PathLike]) -> int:
+    """Resident bytes of this process's mappings of files under these directories (from /proc/self/smaps)."""
+    roots = tuple(str(Path(u).resolve()) + os.sep for u in under)
+    if not roots:
+        return 0
+    total, counting = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                header = _SMAPS_HEADER_RE.match(line)
+                if header:
+                    counting = header.group(1).startswith(roots)
+                elif counting and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
+class _Poller:
+    """Calls `sample` every `interval_s` on a daemon thread between `start()` and `stop()`."""
+
+    def __init__(self, sample, interval_s: float, name: str) -> None:
+        self.sample, self.interval_s, self.name = sample, interval_s, name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class HeldMemoryMeter:
+    """The memory a block of code makes this process hold: anonymous and shared-memory pages (heap, allocator
+    pools, memfd-backed KV) plus the resident pages of the files under `files_under` (a model's mapped
+    weights). Pages of other mapped files, i.e. shared libraries' code, are left out.
+
+    Why leave them out: they are clean page cache the kernel can drop and re-read at will, and how many of them
+    a fault maps depends on the page cache, not on the program (the kernel's fault-around maps the neighbouring
+    pages that happen to be cached, and a file cached in large folios maps more). Measured on this machine: the
+    runtime's share of memfit-tiny came to 44 MB in total RSS with libtorch as pip had written it into the cache,
+    and 26 MB after evicting it, for the same code. The calibration measured on one and `fitcheck` on the other
+    disagreed by 30%.
+
+    The peak: a thread samples the anonymous+shared part every `interval_s` (a short peak can slip between
+    samples), and the kernel's VmHWM (reset on entry) bounds it from below exactly: library pages only grow
+    while the block runs, so VmHWM minus the library pages at the end is at most the held peak. `peak_bytes`
+    is the larger of the two. Linux only (elsewhere: total RSS).
+
+        with HeldMemoryMeter(files_under=[model_dir]) as m:
+            run()
+        m.end_delta_bytes, m.peak_delta_bytes
+    """
+
+    def __init__(self, files_under: Iterable[str | os.PathLike] = (), interval_s: float = 0.001) -> None:
+        self.files_under = list(files_under)
+        self.interval_s = interval_s
+        self.baseline_bytes = self.end_bytes = self.peak_bytes = 0
+        self._sampled_peak = 0
+        self._poller = _Poller(self._sample, interval_s, "memfit-held-memory")
+
+    @staticmethod
+    def _anon_shmem() -> int:
+        st = status_bytes()
+        return st["RssAnon"] + st.get("RssShmem", 0) if "RssAnon" in st else rss_bytes()
+
+    def held_bytes(self) -> int:
+        """Held now: anonymous + shared memory + the resident pages of `files_under`."""
+        return self._anon_shmem() + mapped_file_rss_bytes(self.files_under)
+
+    def _sample(self) -> None:
+        self._sampled_peak = max(self._sampled_peak, self._anon_shmem())
+
+    def __enter__(self) -> HeldMemoryMeter:
+        self._hwm = reset_peak_rss()
+        self.baseline_bytes = self.held_bytes()
+        self._sampled_peak = self._anon_shmem()
+        self._poller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._poller.stop()
+        st = status_bytes()
+        files = mapped_file_rss_bytes(self.files_under)
+        self.end_bytes = self._anon_shmem() + files
+        sampled = max(self._sampled_peak, self.end_bytes - files) + files
+        if self._hwm and "RssFile" in st:
+            libraries_end = st["RssFile"] - files
+            sampled = max(sampled, peak_rss_bytes() - libraries_end)
+        self.peak_bytes = max(sampled, self.end_bytes)
+
+    @property
+    def end_delta_bytes(self) -> int:
+        return self.end_bytes - self.baseline_bytes
+
+    @property
+    def peak_delta_bytes(self) -> int:
+        return max(0, self.peak_bytes - self.baseline_bytes)
+
+
 def cuda_memory(device: Any = None) -> dict[str, int]:
     """The CUDA caching allocator's counters for `device` (default: the current one), in bytes:
     allocated, reserved, peak_allocated, peak_reserved, plus free and total device memory.
@@ -118,18 +243,12 @@ class PeakRSSSampler:
         self.sampled_peak_bytes = 0  # from polling alone
         self.hwm_used = False  # True when VmHWM could be reset and was read
         self.num_samples = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = _Poller(self._sample, interval_s, "memfit-peak-rss")
 
     @property
     def peak_delta_bytes(self) -> int:
         """How far the block took RSS above where it started."""
         return max(0, self.peak_bytes - self.baseline_bytes)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval_s)
 
     def _sample(self) -> None:
         rss = rss_bytes()
@@ -141,15 +260,12 @@ class PeakRSSSampler:
         self.baseline_bytes = rss_bytes()
         self.sampled_peak_bytes = self.baseline_bytes
         self.num_samples = 0
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="memfit-peak-rss", daemon=True)
-        self._thread.start()
+        self._sample()
+        self._poller.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._poller.stop()
         self._sample()
         self.peak_bytes = self.sampled_peak_bytes
         if self.hwm_used:

@@ -166,3 +166,37 @@ def test_perfetto_counters(tmp_path):
     assert [e["ts"] for e in used] == pytest.approx([r["time_s"] * 1e6 for r in tl.rows])
     assert all(isinstance(e["pid"], int) and e["ts"] >= 0 for e in counters)
     assert any(e["ph"] == "M" and e["name"] == "process_name" for e in events)
+
+
+def test_held_memory_meter_counts_anonymous_memory_and_the_named_files_only(tmp_path):
+    import mmap
+
+    mine, other = tmp_path / "model", tmp_path / "elsewhere"
+    mine.mkdir(), other.mkdir()
+    for d in (mine, other):
+        (d / "w.bin").write_bytes(b"\x01" * (32 * MIB))
+    with measure.HeldMemoryMeter(files_under=[mine]) as m:
+        buf = _touch(BUF)
+        maps = []
+        for d in (mine, other):
+            f = open(d / "w.bin", "rb")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            sum(mm[i] for i in range(0, len(mm), 4096))  # fault every page in
+            maps.append((f, mm))
+        # independent measure: the kernel's per-mapping page counts in /proc/self/smaps
+        assert measure.mapped_file_rss_bytes([mine]) >= 31 * MIB
+        assert measure.mapped_file_rss_bytes([other]) >= 31 * MIB
+    # the anonymous buffer and the model's file count; the other file's pages (a library, say) do not
+    assert BUF + 31 * MIB < m.end_delta_bytes < BUF + 32 * MIB + 16 * MIB
+    assert m.peak_delta_bytes >= m.end_delta_bytes
+    del buf
+    for f, mm in maps:
+        mm.close(), f.close()
+
+
+def test_held_memory_meter_sees_a_transient_peak():
+    with measure.HeldMemoryMeter() as m:
+        buf = _touch(BUF)
+        del buf
+    assert m.peak_delta_bytes > 0.8 * BUF  # through VmHWM minus the file pages, even between two samples
+    assert m.end_delta_bytes < 0.5 * BUF

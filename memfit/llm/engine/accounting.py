@@ -87,10 +87,21 @@ def kv_cache_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch
     return batch * 2 * cfg.num_hidden_layers * per_segment
 
 
-def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int) -> int:
+def attention_in_place(device_type: str, dtype: torch.dtype, cpu_kernels: bool) -> bool:
+    """Whether memfit's CPU attention kernels run (kernels/decode.py, kernels/prefill.py): they read the KV
+    cache in place, so a step makes no head-major K/V copy and no causal mask. Compiles them on first call."""
+    if not (cpu_kernels and device_type == "cpu"):
+        return False
+    from memfit.llm.kernels.decode import CpuDecodeOps
+
+    return CpuDecodeOps.available(dtype)
+
+
+def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
+                     in_place: bool = False) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
-    `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates, the attention mask,
-    and the float32 logits with their softmax."""
+    `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates, the attention mask
+    (none where memfit's kernels attend in place, `in_place`), and the float32 logits with their softmax."""
     itemsize = _itemsize(dtype)
     h, i = cfg.hidden_size, cfg.intermediate_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -98,26 +109,33 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     residual = 4 * chunk * h * itemsize + chunk * h * 4  # x, normed x, attn out, mlp out; float32 norm
     attn = chunk * (2 * q + 2 * kv) * itemsize  # q, k, v, attention output
     # PyTorch's CPU attention (flash, blocked) never holds the chunk's whole score matrix: what grows with the
-    # context is the causal mask of a chunk that does not start at 0 (bool) and its float form.
-    scores = chunk * context_len * 5
+    # context is the causal mask of a chunk that does not start at 0 (bool) and its float form. memfit's
+    # prefill kernel needs no mask, for the head sizes it takes.
+    from memfit.llm.kernels.prefill import HEAD_SIZES
+
+    scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
     mlp = 3 * chunk * i * itemsize  # gate, up, silu(gate) * up
     logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
     return residual + attn + scores + mlp + logits
 
 
-def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int) -> int:
-    """RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16, the decode attention's workspace: one
-    layer's K and V of the decode batch copied head-major (`attention.Workspace`, kept between steps)."""
+def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, in_place: bool = False) -> int:
+    """RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16 where memfit's kernels do not attend in
+    place, the decode attention's workspace: one layer's K and V of the decode batch copied head-major
+    (`attention.Workspace`, kept between steps)."""
     itemsize = _itemsize(dtype)
     rope = 2 * cfg.max_position_embeddings * cfg.head_dim * itemsize
-    decode = 0 if dtype == torch.float32 else 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    copies = not in_place and dtype != torch.float32
+    decode = 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize if copies else 0
     return rope + decode
 
 
-def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int) -> int:
-    """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode."""
-    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch) + \
-        workspace_bytes(cfg, dtype, context_len, batch)
+def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int,
+               in_place: bool = False) -> int:
+    """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode;
+    `in_place`: memfit's CPU attention kernels run (`attention_in_place`)."""
+    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place) + \
+        workspace_bytes(cfg, dtype, context_len, batch, in_place)
 
 
 def tokenizer_bytes(model_dir: str | Path | None) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.llm.engine.accounting import (activation_bytes, kv_cache_bytes, tokenizer_bytes, weights_bytes,
+from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, kv_cache_bytes, tokenizer_bytes, weights_bytes,
                                           workspace_bytes)
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
@@ -67,20 +67,21 @@ def predict(
     mapped: bool = True,
     model_dir: str | Path | None = None,
     runtime: dict | None = None,
+    in_place: bool = False,
 ) -> FitBreakdown:
     """The engine's ledger for `batch` sequences of `context_len` tokens, prefilled `chunk` tokens a step.
 
     cpu_linear: the backend the engine would pick (`memfit.llm.kernels.backends.choose_cpu_linear`); mapped:
     the checkpoint is stored in `dtype`; model_dir: for the tokenizer's size; runtime: `calibrate.runtime_bytes`
-    (None: not counted)."""
+    (None: not counted); in_place: memfit's CPU attention kernels run (`accounting.attention_in_place`)."""
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
     return FitBreakdown(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len, batch),
-        activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch),
-        workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch),
+        activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place),
+        workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch, in_place),
         tokenizer_bytes=tokenizer_bytes(model_dir),
         runtime_bytes=int(runtime.get("runtime_bytes", 0)),
         runtime_baseline_bytes=int(runtime.get("runtime_baseline_bytes", 0)),
@@ -113,7 +114,8 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
         runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu",
                                 batch=batch)
     return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
-                   device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime)
+                   device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime,
+                   in_place=attention_in_place(dev.type, dtype, cpu_kernels))
 
 
 def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:

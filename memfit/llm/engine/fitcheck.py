@@ -5,7 +5,9 @@ beside the prediction, as JSON. Run in a fresh process (`memfit fit --measure` s
 
 The baseline is taken after torch and memfit's engine are imported, as `fit` defines `total_bytes`, and
 nothing else has run: no warm-up, so the runtime's one-time costs (library code paged in, allocator pools)
-are part of what is measured, as a user's process pays them. The workload runs twice on the same engine
+are part of what is measured, as a user's process pays them. What is measured is the memory the process holds
+(`HeldMemoryMeter`: anonymous and shared pages plus the model's mapped files), as the calibration measures it;
+shared libraries' code pages are left out, since how many of them a fault maps depends on the page cache. The workload runs twice on the same engine
 (`--rounds`), as a server sees batch after batch. Both the growth at the end and the peak are reported.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+from memfit.memory.measure import HeldMemoryMeter, rss_bytes
 
 
 def main() -> None:
@@ -33,28 +35,34 @@ def main() -> None:
     from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.models.config import parse_dtype
+    import_rss = rss_bytes()
+
+    from memfit.llm.models.loader import resolve_model_path
 
     torch.set_num_threads(1)
-    base = rss_bytes()
-    reset_peak_rss()
-    engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context, dtype=a.dtype,
-                                    max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear, memory_budget=a.memory_budget))
-    load_peak = peak_rss_bytes() - base  # loading alone: packing must not hold weights twice
+    model_dir = resolve_model_path(a.model)
+    with HeldMemoryMeter(files_under=[model_dir]) as load:
+        engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context, dtype=a.dtype,
+                                        max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear,
+                                        memory_budget=a.memory_budget))
     vocab = engine.model_config.vocab_size
-    for r in range(a.rounds):
-        for i in range(a.batch):
-            # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
-            params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True, temperature=0.8 if (i + r) % 2 == 0 else 0,
-                                    top_p=0.9, seed=i)
-            prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
-            engine.add_request(prompt_token_ids=prompt, params=params)
-        while engine.has_unfinished_requests():
-            engine.step()
-    end, peak = rss_bytes() - base, peak_rss_bytes() - base
+    with HeldMemoryMeter(files_under=[model_dir]) as run:
+        for r in range(a.rounds):
+            for i in range(a.batch):
+                # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
+                params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True,
+                                        temperature=0.8 if (i + r) % 2 == 0 else 0, top_p=0.9, seed=i)
+                prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
+                engine.add_request(prompt_token_ids=prompt, params=params)
+            while engine.has_unfinished_requests():
+                engine.step()
+    base = load.baseline_bytes
+    end, peak = run.end_bytes - base, max(load.peak_bytes, run.peak_bytes) - base
+    load_peak = load.peak_delta_bytes  # loading alone: packing must not hold weights twice
     b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear,
                            dtype=parse_dtype(a.dtype) if a.dtype else None)
     print(json.dumps({"measured_end_bytes": end, "measured_peak_bytes": peak, "load_peak_bytes": load_peak,
-                      "import_bytes": base - before_import,
+                      "import_bytes": import_rss - before_import,
                       "predicted_bytes": b.total_bytes, "ledger": engine.ledger.by_owner(),
                       "kv_committed_bytes": engine.kv.committed_bytes, **b.to_dict()}))
 

@@ -27,6 +27,7 @@ from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
 from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
+from memfit.memory.heap import HeapTrimmer
 from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
                                   parse_budget, resolve_budget)
 
@@ -52,6 +53,10 @@ class LLMEngine:
         # The ledger first, from the memory available *before* loading: every part is reserved in it before
         # it is allocated, and a model that cannot fit is refused before a byte of it is read.
         self.ledger = MemoryBudget(self._ledger_bytes(), Tier.DEVICE, name="memory_budget")
+        # Under a budget the user set, the C heap's freed pages are given back when the process nears it
+        # (memory/heap.py: otherwise they pile up step after step, outside every reservation).
+        cpu_budget = config.memory_budget is not None and self.device.type == "cpu"
+        self._heap = HeapTrimmer(self.ledger.limit_bytes) if cpu_budget else None
         stored = ModelConfig.from_dir(path)
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
         self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
@@ -120,7 +125,8 @@ class LLMEngine:
             tokenizer_bytes=accounting.tokenizer_bytes(path),
             runtime_bytes=runtime["runtime_bytes"],
             step_bytes=accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, self.max_model_len,
-                                             cfg.max_num_seqs),
+                                             cfg.max_num_seqs,
+                                             accounting.attention_in_place(self.device.type, dtype, options.cpu_kernels)),
             kv_bytes=0,
             runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         )
@@ -158,12 +164,15 @@ class LLMEngine:
 
     def maintain(self, now: float | None = None) -> None:
         """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
-        back KV pages idle past the watermark for `kv_reclaim_idle_s`, and report failed background commits."""
+        back KV pages idle past the watermark for `kv_reclaim_idle_s`, report failed background commits, and
+        under a memory budget trim the C heap when the process nears it."""
         failures = self.kv.take_prefault_failures()
         if failures:
             self.prefault_failures += len(failures)
             log.warning("%d background KV commit(s) failed and were rolled back: %s", len(failures), failures[0])
         self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)
+        if self._heap is not None:
+            self._heap.maybe_trim()
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -338,6 +347,7 @@ class LLMEngine:
             "memory_budget_bytes": self.ledger.limit_bytes, "memory_reserved_bytes": self.ledger.used_bytes,
             "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
             "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
+            "heap_trims": self._heap.trims if self._heap is not None else 0,
         }
 
     def close(self) -> None:

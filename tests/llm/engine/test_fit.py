@@ -72,9 +72,13 @@ def _probe(model: str, batch: int, context: int, cpu_linear: str = "auto") -> di
 
 
 def _check(r: dict) -> None:
-    for key in ("measured_end_bytes", "measured_peak_bytes"):
-        ratio = r[key] / r["total_bytes"]
-        assert 0.9 <= ratio <= 1.1, (key, round(ratio, 3), r)
+    summary = {k: r[k] >> 10 for k in ("total_bytes", "measured_end_bytes", "measured_peak_bytes", "runtime_bytes",
+                                        "weights_bytes", "kv_bytes", "activation_bytes", "load_peak_bytes")}
+    # The ledger's total is what the process may hold at its peak: the peak is within 10% of it. After the
+    # workload the engine has released idle KV pages (reclaim_idle), so the end may sit lower, never higher.
+    peak, end = r["measured_peak_bytes"] / r["total_bytes"], r["measured_end_bytes"] / r["total_bytes"]
+    assert 0.9 <= peak <= 1.1, ("peak", round(peak, 3), "KiB:", summary)
+    assert end <= 1.1, ("end", round(end, 3), "KiB:", summary)
     assert r["runtime_baseline_bytes"] > 0 and r["runtime_bytes"] > 0  # measured, and reported apart
 
 
@@ -138,7 +142,8 @@ def test_fit_command_reports_and_exit_code(random_models, capsys):
     big = random_models["0.1b"]
     assert memfit_main(["fit", "--model", str(big), "--context", "512", "--batch", "4", "--json", "--no-runtime"]) == 0
     r = json.loads(capsys.readouterr().out)
-    b = predict(ModelConfig.from_dir(big), torch.bfloat16, 512, 4, cpu_linear=r["cpu_linear"], model_dir=big)
+    b = predict(ModelConfig.from_dir(big), torch.bfloat16, 512, 4, cpu_linear=r["cpu_linear"], model_dir=big,
+                in_place=accounting.attention_in_place("cpu", torch.bfloat16, True))
     assert r["total_bytes"] == b.total_bytes and r["fits"] is True and r["runtime_bytes"] == 0
     assert memfit_main(["fit", "--model", str(big), "--context", "512", "--batch", "4", "--memory-budget", "10MiB",
                         "--no-runtime"]) == 3

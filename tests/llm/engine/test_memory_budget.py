@@ -19,7 +19,7 @@ from tests.llm.kv.kernel_pages import arena_resident_bytes
 from tests.llm.tiny_models import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[3]
-BUDGET = 80 * 2**20
+BUDGET = 56 * 2**20
 
 
 def _budget_probe(*args: str) -> dict:
@@ -31,9 +31,10 @@ def _budget_probe(*args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_memory_budget_bounds_the_rss_the_process_adds():
-    """32 requests of ~950 tokens on the bundled model: under an 80 MiB memory budget, the RSS the process adds
-    (measured by the kernel, from before the engine is built) stays within the budget plus 5%, and every
+def test_memory_budget_bounds_the_memory_the_process_adds():
+    """32 requests of ~950 tokens on the bundled model: under a 56 MiB memory budget, the memory the process adds
+    (measured by the kernel from before the engine is built: anonymous and shared pages and the model's file
+    pages, without library code; see HeldMemoryMeter) stays within the budget plus 5%, and every
     request still completes (they queue for KV); the same workload without the budget takes far more."""
     bounded = _budget_probe("--memory-budget", str(BUDGET))
     assert bounded["finished"] == 32

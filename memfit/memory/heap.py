@@ -1,0 +1,64 @@
+"""Keep the C heap's freed pages from eating into a memory budget.
+
+glibc's malloc keeps memory it has been given back: a freed chunk inside the heap (not at its top) stays
+resident until something calls `malloc_trim`, and the mmap threshold grows with the largest block freed, so a
+step's activations soon come from the heap instead of fresh mappings. Step after step of varied shapes
+(prefill chunks, decode batches) leaves the heap holding far more than any one step needs. Measured on the
+bundled model serving 32 requests of 900 tokens: the memory held besides the KV cache climbed from 12.9 MiB
+after loading to 26 MiB, while trimming after every step kept it at 12.9 MiB.
+
+`HeapTrimmer` watches what the process holds (anonymous and shared pages, from /proc/self/status: no library
+pages) against a limit and trims the heap when it gets close, so the cost (the next step faults its pages in
+again) is paid only where a budget is tight. glibc only; elsewhere it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from memfit.memory.measure import status_bytes
+
+TRIM_AT = 0.9  # trim once the process holds this share of its limit
+
+
+def _held_bytes() -> int | None:
+    st = status_bytes()
+    return st["RssAnon"] + st.get("RssShmem", 0) if "RssAnon" in st else None
+
+
+def _malloc_trim():
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+class HeapTrimmer:
+    """Trim the C heap when the memory held since construction passes `TRIM_AT` of `limit_bytes`.
+
+    Build it before the allocations it should watch (the engine builds it before loading the model)."""
+
+    def __init__(self, limit_bytes: int, trim_at: float = TRIM_AT) -> None:
+        self.limit_bytes = int(limit_bytes)
+        self.trim_at = trim_at
+        self._trim = _malloc_trim()
+        self._baseline = _held_bytes()
+        self.trims = 0  # how many times it trimmed (reported in the engine's stats)
+
+    @property
+    def active(self) -> bool:
+        return self._trim is not None and self._baseline is not None
+
+    def held_bytes(self) -> int:
+        """Anonymous and shared memory added since construction (0 where it can't be read)."""
+        now = _held_bytes()
+        return 0 if now is None or self._baseline is None else now - self._baseline
+
+    def maybe_trim(self) -> bool:
+        """Trim if the process holds more than the threshold; True when it trimmed."""
+        if not self.active or self.held_bytes() < self.trim_at * self.limit_bytes:
+            return False
+        self._trim(0)
+        self.trims += 1
+        return True

@@ -1,0 +1,62 @@
+"""HeapTrimmer: freed C-heap pages go back to the kernel once the process nears its limit, and not before."""
+import ctypes
+
+import pytest
+
+from memfit.memory.heap import HeapTrimmer
+from memfit.memory.measure import status_bytes
+
+MIB = 1 << 20
+CHUNK = 64 * 1024  # below glibc's mmap threshold: served from the heap
+
+
+def _anon() -> int:
+    return status_bytes()["RssAnon"]
+
+
+@pytest.fixture
+def fragment_heap():
+    """A function that frees 400 x 64 KiB heap chunks but keeps the one at the top: glibc keeps the 25 MiB
+    below it resident."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    tops = []
+
+    def fragment() -> None:
+        libc.malloc_trim(0)  # start from a trimmed heap: earlier tests' freed pages would serve these chunks
+        chunks = [libc.malloc(CHUNK) for _ in range(400)]
+        for c in chunks:
+            ctypes.memset(c, 1, CHUNK)
+        tops.append(chunks.pop())
+        for c in chunks:
+            libc.free(c)
+
+    yield fragment
+    for top in tops:
+        libc.free(top)
+
+
+def _trimmer(limit: int) -> HeapTrimmer:
+    t = HeapTrimmer(limit)
+    if not t.active:
+        pytest.skip("needs glibc's malloc_trim and /proc/self/status")
+    return t
+
+
+def test_trims_the_freed_heap_when_the_process_nears_its_limit(fragment_heap):
+    ctypes.CDLL(None).malloc_trim(0)
+    t = _trimmer(20 * MIB)  # built before the allocations, as the engine builds it before loading
+    fragment_heap()
+    before = _anon()
+    assert t.held_bytes() > 18 * MIB  # glibc kept the freed chunks
+    assert t.maybe_trim() and t.trims == 1
+    assert before - _anon() > 20 * MIB  # the kernel's own count of anonymous pages fell
+
+
+def test_leaves_the_heap_alone_below_the_threshold(fragment_heap):
+    t = _trimmer(10 << 30)  # a 10 GiB limit: 25 MiB held is nowhere near it
+    fragment_heap()
+    before = _anon()
+    assert not t.maybe_trim() and t.trims == 0
+    assert abs(_anon() - before) < 4 * MIB
