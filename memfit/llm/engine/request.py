@@ -29,6 +29,8 @@ class Sequence:
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 2048
     session_id: str | None = None  # keep this sequence's KV after it finishes, for the next turn
+    priority: int = 0  # lower = more urgent (vLLM's convention); used by the `priority` policy, may change
+    user: str | None = None  # whose request this is: the `vtc` policy shares service fairly between users
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -36,6 +38,9 @@ class Sequence:
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens whose KV came from an earlier turn (not recomputed)
     num_preemptions: int = 0
+    swapped: bool = False  # preempted by swapping: its first num_computed tokens' KV wait in the host tier
+    arrival_index: int = -1  # set by the scheduling policy on first arrival (ties, age)
+    arrival_step: int = -1  # the scheduler step it arrived at (the priority policy's aging)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None

@@ -1,15 +1,20 @@
-"""Who runs next: FCFS continuous batching with chunked prefill and preemption by recomputation.
+"""Who runs next: continuous batching with chunked prefill, a scheduling policy, and preemption.
 
 The scheduler only does bookkeeping. It takes KV capacity by attempt (`try_allocate`/`try_grow`, which
 either take it or change nothing) and gives it back (`free`); it never touches a tensor, and hands the
 runner a plain list of (sequence, number of new tokens).
 
-Each step:
-1. running sequences first, oldest first: each gets its next token (decode) or its next prompt chunk;
-   if the KV manager cannot grow one, the newest running sequence is preempted (its KV freed, it goes
-   back to the front of the queue and is recomputed later), until the older one fits;
-2. then waiting sequences, first come first served, while the step's token budget, the sequence limit
-   and KV memory allow; a long prompt is split into chunks across steps (chunked prefill).
+Each step (the order and the victims are the policy's, policy.py: fcfs, priority, vtc):
+1. running sequences first, in the policy's order (fcfs: oldest first): each gets its next token (decode)
+   or its next prompt chunk; if the KV manager cannot grow one, the policy's victim (fcfs: the newest
+   running sequence) is preempted, until the first one fits;
+2. then waiting sequences, in the policy's order, while the step's token budget, the sequence limit and KV
+   memory allow; a long prompt is split into chunks across steps (chunked prefill). A preemptive policy
+   (priority) preempts a less urgent running sequence to make room for a more urgent waiting one.
+Preemption (`preemption_mode`): `recompute` frees the victim's KV and recomputes it later; `swap` has the
+swap space (kv/swap.py, behind the `SwapSpace` calls below) copy the victim's KV to the host tier first and
+copy it back when it is admitted again, so nothing is recomputed; `auto` asks the swap space's cost model
+which is cheaper for this victim. A full host tier falls back to recomputation.
 KV kept from finished conversation turns (`retained`) is the first thing given up under pressure.
 A commit the OS or driver refuses (the budget allowed it, the memory was not there) is local: the sequence
 that asked waits, or is preempted itself; no other sequence is preempted for it.
@@ -17,14 +22,18 @@ that asked waits, or is preempted itself; no other sequence is preempted for it.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from memfit.llm.engine.policy import PolicyConfig, make_policy
 from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput
 
 if TYPE_CHECKING:  # the scheduler holds the KV manager but never imports its tensor code
     from memfit.llm.kv.base import KVCacheManager
+    from memfit.llm.kv.swap import SwapSpace
+
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 
 
 @dataclass
@@ -32,23 +41,34 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in one batch
     max_num_batched_tokens: int = 512  # tokens (prefill + decode) in one step
     max_waiting: int | None = None  # queue limit (the server answers 429 past it); None = unbounded
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # fcfs | priority | vtc (policy.py)
+    preemption_mode: str = "recompute"  # recompute | swap | auto (swap needs a swap space)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"unknown preemption mode {self.preemption_mode!r}; choose one of "
+                             f"{', '.join(PREEMPTION_MODES)}")
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, swap: SwapSpace | None = None) -> None:
+        if config.preemption_mode != "recompute" and swap is None:
+            raise ValueError(f"preemption_mode {config.preemption_mode!r} needs a swap space")
         self.config = config
         self.kv = kv
+        self.swap = swap if config.preemption_mode != "recompute" else None
+        self.policy = make_policy(config.policy)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.retained: OrderedDict[str, Sequence] = OrderedDict()  # session id -> finished seq holding KV
         self.num_preemptions = 0  # total, for metrics
+        self.preemptions_by_mode = {"recompute": 0, "swap": 0}
 
     # ---- queue management ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        self.policy.on_add(seq, self.waiting)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
@@ -90,6 +110,9 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if self.kv.has_seq(seq.seq_id):
             self.kv.free(seq.seq_id)
+        if seq.swapped and self.swap is not None:
+            self.swap.discard(seq.seq_id)
+            seq.swapped = False
 
     # ---- memory pressure --------------------------------------------------------------------------------
     def _evict_retained(self) -> bool:
@@ -100,24 +123,44 @@ class Scheduler:
         return True
 
     def _preempt(self, victim: Sequence, out: SchedulerOutput) -> None:
-        """Preemption by recomputation: free the KV, requeue at the front, drop from this step."""
+        """Free the victim's KV (swapped to the host tier first if the mode and the tier allow), requeue it
+        at the front, drop it from this step. Not swapped: its tokens are recomputed when it returns."""
         self.running.remove(victim)
-        self._release(victim)
+        out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+        if self._try_swap_out(victim):
+            self.kv.free(victim.seq_id)
+            victim.swapped = True
+            mode = "swap"
+        else:
+            self._release(victim)
+            victim.num_computed = 0
+            victim.num_cached_prompt = 0
+            mode = "recompute"
         victim.status = SeqStatus.WAITING
-        victim.num_computed = 0
-        victim.num_cached_prompt = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
+        self.preemptions_by_mode[mode] += 1
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
-        out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+
+    def _try_swap_out(self, victim: Sequence) -> bool:
+        n = victim.num_computed
+        if self.swap is None or n == 0 or not self.kv.has_seq(victim.seq_id):
+            return False
+        if self.config.preemption_mode == "auto" and not self.swap.prefers_swap(n):
+            return False
+        return self.swap.try_swap_out(victim.seq_id, n)  # False: the host tier is full
 
     def _preempt_newest(self, out: SchedulerOutput, keep: Sequence) -> bool:
-        for victim in reversed(self.running):
-            if victim is not keep:
-                self._preempt(victim, out)
-                return True
-        return False
+        victim = self.policy.victim(self.running, keep)
+        if victim is None:
+            return False
+        self._preempt(victim, out)
+        return True
+
+    def set_priority(self, seq: Sequence, priority: int) -> None:
+        """Takes effect at the next `schedule()`: the policy reads priorities afresh every step."""
+        seq.priority = priority
 
     def _ensure_capacity(self, seq: Sequence, num_tokens: int, out: SchedulerOutput, may_preempt: bool) -> bool:
         """Make `seq` hold capacity for `num_tokens`, freeing retained KV (and, if allowed, preempting
@@ -143,10 +186,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self.policy.step += 1
 
-        # 1. Running sequences, oldest first. Preempting a newer one may drop it from this step too,
+        # 1. Running sequences, in the policy's order. Preempting a later one may drop it from this step too,
         #    so the token budget is recomputed from what is still scheduled.
-        for seq in list(self.running):
+        for seq in self.policy.order(self.running):
             if seq not in self.running:
                 continue  # preempted earlier in this loop
             budget = self.config.max_num_batched_tokens - out.num_tokens
@@ -160,17 +204,41 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
         budget = self.config.max_num_batched_tokens - out.num_tokens
 
-        # 2. Waiting sequences, first come first served. Preempted sequences sit at the front.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        # 2. Waiting sequences, in the policy's order (fcfs: preempted sequences sit at the front).
+        while self.waiting and budget > 0:
+            seq = self.policy.next_waiting(self.waiting)
             if seq in out.preempted:
                 break  # do not re-admit in the same step what was just preempted for memory
+            if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(seq, out):
+                break
+            budget = self.config.max_num_batched_tokens - out.num_tokens
             num_new = min(seq.num_pending, budget)
-            if not self._ensure_capacity(seq, seq.num_computed + num_new, out, may_preempt=False):
-                break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            if not self._admit_capacity(seq, num_new, out):
+                break  # nobody overtakes the policy's next sequence
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            self.policy.on_admit(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            budget = self.config.max_num_batched_tokens - out.num_tokens
+        self.policy.on_sampled(item.seq for item in out.scheduled if item.samples)
         return out
+
+    def _preempt_for(self, candidate: Sequence, out: SchedulerOutput) -> bool:
+        """A preemptive policy makes room for `candidate` by preempting a less urgent running sequence."""
+        victim = self.policy.victim(self.running)
+        if victim is None or not self.policy.may_preempt_for(candidate, victim):
+            return False
+        self._preempt(victim, out)
+        return True
+
+    def _admit_capacity(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """KV for a waiting sequence: preempting only sequences the policy ranks below it; a swapped
+        sequence gets its KV back from the host tier (no recomputation)."""
+        while not self._ensure_capacity(seq, seq.num_computed + num_new, out, may_preempt=False):
+            if getattr(self.kv, "last_refused", False) or not self._preempt_for(seq, out):
+                return False
+        if seq.swapped:
+            self.swap.swap_in(seq.seq_id)  # type: ignore[union-attr]
+            seq.swapped = False
+        return True
