@@ -59,6 +59,19 @@ def parse_bytes(text: str | int | float) -> int:
     return nbytes
 
 
+def parse_swap_space(spec: str | int | float) -> int:
+    """A swap tier's size: a byte string ("8GiB", "512MiB"), or a bare number meaning GiB, as vLLM's
+    --swap-space (4, "4", 0.5). Raises ValueError for anything else or for zero."""
+    if isinstance(spec, bool):
+        raise ValueError(f"not a swap size: {spec!r}")
+    if isinstance(spec, str) and _SIZE_RE.match(spec) and _SIZE_RE.match(spec).group(2) == "":  # type: ignore[union-attr]
+        spec = float(spec)
+    nbytes = int(spec * 1024**3) if isinstance(spec, (int, float)) else parse_bytes(spec)
+    if nbytes <= 0:
+        raise ValueError(f"a swap space must be positive, got {spec!r}")
+    return nbytes
+
+
 def format_bytes(nbytes: float) -> str:
     """Human-readable binary size, e.g. ``1.50 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from memfit.llm.engine.config import EngineConfig
-from memfit.llm.engine.llm_engine import LLMEngine
+from memfit.llm.engine.llm_engine import LLMEngine, check_priority
 from memfit.llm.engine.outputs import RequestOutput
 from memfit.llm.engine.params import SamplingParams
 
@@ -26,8 +26,13 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         prompt_token_ids: Seq[Seq[int]] | None = None,
         use_tqdm: bool = False,
+        priority: int | Seq[int] = 0,
+        user: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (strings, or token id lists); outputs come back in prompt order."""
+        """Generate for every prompt (strings, or token id lists); outputs come back in prompt order.
+
+        priority: one integer for all prompts or one per prompt (lower = more urgent; the `priority` scheduling
+        policy uses it); user: whose requests these are (the `vtc` policy shares service between users)."""
         if prompts is not None and prompt_token_ids is not None:
             raise ValueError("give prompts or prompt_token_ids, not both")
         if isinstance(prompts, str):
@@ -45,17 +50,22 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"{len(params)} sampling params for {len(items)} prompts")
+        priorities = _per_prompt(priority, len(items), "priority", int)
+        users = _per_prompt(user, len(items), "user", (str, type(None)))
         # Validate everything before queueing anything, so a bad prompt does not leave half a batch queued.
         ids = []
-        for (text, toks), p in zip(items, params):
+        for (text, toks), p, prio in zip(items, params, priorities):
+            check_priority(prio)
             ids.append(toks if toks is not None else self.tokenizer.encode(text))
-        order = [self.engine.add_request(prompt_token_ids=t, params=p) for t, p in zip(ids, params)]
+        order = [self.engine.add_request(prompt_token_ids=t, params=p, priority=prio, user=u)
+                 for t, p, prio, u in zip(ids, params, priorities, users)]
         return self._run(order, [t for t, _ in items], use_tqdm)
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, priority: int = 0,
+             user: str | None = None) -> RequestOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        rid = self.engine.add_request(prompt_token_ids=ids, params=sampling_params)
+        rid = self.engine.add_request(prompt_token_ids=ids, params=sampling_params, priority=priority, user=user)
         return self._run([rid], [prompt], False)[0]
 
     def _run(self, order: list[str], prompts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
@@ -83,3 +93,16 @@ class LLM:
         for out, text in zip(results, prompts):
             out.prompt = text
         return results
+
+
+def _per_prompt(value, n: int, name: str, kind) -> list:
+    """One value for every prompt, or a list of one per prompt."""
+    if isinstance(value, kind) or value is None:
+        return [value] * n
+    if isinstance(value, (str, bytes)) or not isinstance(value, Seq):
+        check_priority(value) if name == "priority" else None
+        raise TypeError(f"{name} must be one value or a list of one per prompt, got {value!r}")
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} values for {n} prompts")
+    return values

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from memfit.memory.budget import parse_budget
+from memfit.memory.budget import parse_budget, parse_swap_space
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")  # what each means: memfit/llm/kernels/backends.py
 # The virtual cache's page layouts (kv/virtual.py says what each is for); the paged cache ignores the choice.
 KV_LAYOUTS = ("auto", "per-layer", "token-major", "head-major")
+# Kept in step with engine/policy.py's POLICIES and scheduler.py's PREEMPTION_MODES (imported lazily there).
+SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 
 
 @dataclass
@@ -53,6 +56,12 @@ class EngineConfig:
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn/blocked)
     cpu_linear: str = "auto"  # CPU linears: blocked | memfit | onednn | auto; see memfit/llm/kernels/backends.py
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
+    scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (engine/policy.py)
+    priority_aging_steps: int = 100  # priority policy's starvation guard: one unit of aging per this many steps
+    preemption_mode: str = "recompute"  # recompute | swap | auto (kv/swap.py)
+    # The host tier swapped KV goes to: bytes ("8GiB"; a bare number means GiB, as in vLLM). None: 4 GiB, taken
+    # from what the memory budget leaves after the KV share on a CPU (given explicitly, it is set aside first).
+    swap_space: int | float | str | None = None
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
@@ -69,6 +78,18 @@ class EngineConfig:
                 parse_budget(getattr(self, name))  # a bad budget fails here, with the rule
         if self.kv_reclaim_watermark not in ("0", 0):
             parse_budget(self.kv_reclaim_watermark)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}")
+        if self.priority_aging_steps < 0:
+            raise ValueError(f"priority_aging_steps must be >= 0, got {self.priority_aging_steps}")
+        if self.swap_space is not None:
+            try:
+                parse_swap_space(self.swap_space)
+            except ValueError as exc:
+                raise ValueError(f"swap_space (--swap-space): {exc}; a bare number means GiB") from None
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -130,5 +151,14 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
     g.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS),
                    help="CPU matmuls: memfit's kernel on packed weights (blocked), its row-major kernel on the mapped checkpoint (memfit), oneDNN, or auto = blocked where it runs (docs/engine.md)")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                   help="fcfs (arrival order, priority ignored), priority (lower first, preemptive, with aging), or "
+                        "vtc (fair share between the requests' `user`s, Virtual Token Counter)")
+    g.add_argument("--priority-aging-steps", type=int, default=100,
+                   help="priority policy: a waiting request's priority improves by one every this many steps (0: off)")
+    g.add_argument("--preemption-mode", default="recompute", choices=list(PREEMPTION_MODES),
+                   help="a preempted request's KV: recompute it later, swap it to the host tier, or auto (by cost)")
+    g.add_argument("--swap-space", default=None,
+                   help="host tier for swapped KV: bytes ('8GiB'); a bare number means GiB (default 4)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 import torch
 
@@ -20,6 +21,7 @@ from memfit.llm.engine.params import SamplingParams
 from memfit.llm.engine.protocol import ModelInfo
 from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.policy import PolicyConfig
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 from memfit.llm.engine.textstream import TextStream
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
@@ -29,7 +31,7 @@ from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.heap import HeapTrimmer
 from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
-                                  parse_budget, resolve_budget)
+                                  parse_budget, parse_swap_space, resolve_budget)
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
 
@@ -75,8 +77,12 @@ class LLMEngine:
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages)
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
+        self.swap = self._build_swap(mc)
+        policy = PolicyConfig(config.scheduling_policy, aging_steps=config.priority_aging_steps)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting), self.kv
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting, policy,
+                            config.preemption_mode),
+            self.kv, self.swap,
         )
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.stack = self.backends.decode_stack(self.model, self.kv)  # whole decode steps in one C++ call
@@ -149,11 +155,39 @@ class LLMEngine:
     def _kv_share_bytes(self) -> int:
         cfg = self.config
         left = self.ledger.available_bytes
+        if self.device.type == "cpu" and cfg.swap_space is not None and self._swap_bytes():
+            left -= self._swap_bytes()  # an explicit host swap tier is set aside first (same RAM on a CPU)
+            if left <= 0:
+                raise MemoryBudgetExceeded(
+                    f"--swap-space {format_bytes(self._swap_bytes())} leaves no room for the KV cache in the memory "
+                    f"budget ({format_bytes(self.ledger.available_bytes)} left after the model); lower it")
         if cfg.kv_budget is not None:
             cap = resolve_budget(cfg.kv_budget, Tier.DEVICE, str(self.device))
         else:  # room for every sequence slot at full length
             cap = cfg.max_num_seqs * self.max_model_len * self.layout.bytes_per_token
         return max(1, min(cap, left))
+
+    def _swap_bytes(self) -> int:
+        """The host swap tier's size; 0 when preemption only recomputes."""
+        if self.config.preemption_mode == "recompute":
+            return 0
+        return parse_swap_space(self.config.swap_space if self.config.swap_space is not None else 4)
+
+    def _build_swap(self, mc: ModelConfig):
+        """The host tier swapped KV goes to (kv/swap.py), with its own budget: on a CPU it is the same RAM as
+        everything else, so the budget is a share of the whole-process ledger (set aside before the KV share
+        when --swap-space is given); on CUDA it is pinned host memory, a budget of its own."""
+        nbytes = self._swap_bytes()
+        if not nbytes:
+            return None
+        from memfit.llm.kv.swap import CostModel, SwapSpace
+
+        parent = self.ledger if self.device.type == "cpu" else None
+        budget = MemoryBudget(nbytes, Tier.HOST, name="swap_space", parent=parent)
+        params = sum(p.numel() for p in self.model.parameters())
+        cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
+                         flops_per_s=2e10 if self.device.type == "cpu" else 2e13)
+        return SwapSpace(self.kv, budget, cost)
 
     def _watermark_bytes(self) -> int:
         spec = self.config.kv_reclaim_watermark
@@ -211,8 +245,11 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
         session_id: str | None = None,
+        priority: int = 0,
+        user: str | None = None,
     ) -> str:
         params = params or SamplingParams()
+        check_priority(priority)
         if prompt_token_ids is None:
             if prompt is None:
                 raise RequestError("give a prompt or prompt_token_ids")
@@ -224,7 +261,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._counter)}"
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, session_id)
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, session_id,
+                       priority=priority, user=user)
         if session_id is not None:
             self._adopt_session_kv(seq)
         self._seqs[request_id] = seq
@@ -264,6 +302,15 @@ class LLMEngine:
         seq.seq_id = old.seq_id  # the KV manager knows the cache by this id
         seq.num_computed = seq.num_cached_prompt = n
 
+    def set_priority(self, request_id: str, priority: int) -> None:
+        """Change a queued or running request's priority; it takes effect at the next step. Raises KeyError for
+        an unknown or finished request and RequestError for a priority that is not an integer."""
+        check_priority(priority)
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            raise KeyError(f"no running or queued request {request_id!r}")
+        self.scheduler.set_priority(seq, priority)
+
     def end_session(self, session_id: str) -> None:
         self.scheduler.drop_retained(session_id)
 
@@ -293,7 +340,10 @@ class LLMEngine:
                     request_id=head.request_id,
                 )
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(sched.scheduled)
+        if self.swap is not None and self.swap.cost is not None and sched.num_tokens >= 16:
+            self.swap.cost.observe_compute(sched.num_tokens, time.perf_counter() - t0)  # auto mode's rate
         self.num_steps += 1
         outputs = []
         for seq, token, logprobs in zip(result.sampled_seqs, result.token_ids, result.logprobs):
@@ -348,7 +398,24 @@ class LLMEngine:
             "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
             "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
             "heap_trims": self._heap.trims if self._heap is not None else 0,
+            "preemptions_by_mode": dict(self.scheduler.preemptions_by_mode),
+            "swap": self._swap_stats(),
         }
 
+    def _swap_stats(self) -> dict:
+        if self.swap is None:
+            return {}
+        st = self.swap.stats
+        return {"tier": "host", "out_bytes": st.out_bytes, "in_bytes": st.in_bytes, "out_ops": st.out_ops,
+                "in_ops": st.in_ops, "resident_bytes": st.resident_bytes, "limit_bytes": self.swap.budget.limit_bytes}
+
     def close(self) -> None:
+        if self.swap is not None:
+            self.swap.close()
         self.kv.close()
+
+
+def check_priority(priority: object) -> None:
+    """A priority is an integer (negative values are valid: more urgent); anything else is a RequestError."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise RequestError(f"priority must be an integer (lower = more urgent, negative allowed), got {priority!r}")

@@ -1,0 +1,85 @@
+"""SwapSpace: a sequence's KV goes to the host tier and comes back, bit for bit, into other memory; copies per
+swap follow the cache's layout (the virtual cache's contiguous runs vs the paged cache's per-block copies)."""
+import pytest
+import torch
+
+from memfit.llm.kv.paged import PagedKVCache
+from memfit.llm.kv.swap import CostModel, SwapSpace
+from memfit.llm.kv.virtual import VirtualKVCache
+from memfit.memory.budget import MemoryBudget, Tier
+from tests.llm.kv.test_virtual import LAYOUT, write
+from memfit.llm.kv.base import SeqStep
+
+CACHES = {
+    "per-layer": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0),
+    "token-major": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0, token_major=True),
+    "head-major": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0, head_major=True),
+    "paged": lambda b: PagedKVCache(LAYOUT, b, block_size=4),
+}
+# Copies one swap of 19 tokens takes: the virtual cache one per segment, the paged cache one per block per layer's K|V.
+COPIES = {"per-layer": 2 * 2, "token-major": 1, "head-major": 2 * 2 * 2, "paged": 2 * 2 * 5}
+
+
+def contexts(cache, seq_id: int, n: int) -> list[torch.Tensor]:
+    plan = cache.plan_step([SeqStep(seq_id, n, 0)])
+    return [t.clone() for layer in range(LAYOUT.num_layers) for t in cache.context(layer, plan, 0)]
+
+
+@pytest.mark.parametrize("kind", list(CACHES))
+def test_swap_round_trip_is_exact_and_moves_the_layouts_runs(kind):
+    budget = MemoryBudget(2**22, name="kv_budget")
+    cache = CACHES[kind](budget)
+    host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host)
+    assert cache.try_allocate(1, 19) and cache.try_allocate(2, 8)
+    write(cache, [SeqStep(1, 0, 19), SeqStep(2, 0, 8)])
+    before = contexts(cache, 1, 19)
+    assert swap.try_swap_out(1, 19)
+    cache.free(1)
+    nbytes, copies = swap.runs_shape(19)
+    assert swap.stats.out_ops == copies == COPIES[kind]
+    assert host.used_bytes == swap.stats.resident_bytes == nbytes >= 19 * LAYOUT.bytes_per_token
+    # Another sequence takes the freed memory and overwrites it; seq 1 comes back elsewhere.
+    assert cache.try_allocate(3, 19)
+    write(cache, [SeqStep(3, 0, 19)])
+    assert cache.try_allocate(1, 20)
+    assert swap.swap_in(1) == 19 and cache.num_tokens(1) == 19
+    after = contexts(cache, 1, 19)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert host.used_bytes == 0 and swap.stats.in_bytes == swap.stats.out_bytes == nbytes
+    cache.close()
+
+
+def test_a_full_host_tier_refuses_and_takes_nothing():
+    budget = MemoryBudget(2**22, name="kv_budget")
+    cache = CACHES["per-layer"](budget)
+    host = MemoryBudget(10 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host)
+    assert cache.try_allocate(1, 19)
+    write(cache, [SeqStep(1, 0, 19)])
+    assert not swap.try_swap_out(1, 19)
+    assert host.used_bytes == 0 and not swap.holds(1) and swap.stats.out_ops == 0
+    assert swap.try_swap_out(1, 8)  # a shorter run fits
+    swap.discard(1)
+    assert host.used_bytes == 0
+    cache.close()
+
+
+def test_host_tier_is_a_share_of_the_ledger_when_it_has_a_parent():
+    ledger = MemoryBudget(2**22, name="memory_budget")
+    cache = CACHES["token-major"](MemoryBudget(2**21, name="kv_budget", parent=ledger))
+    swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space", parent=ledger))
+    assert cache.try_allocate(1, 19)
+    write(cache, [SeqStep(1, 0, 19)])
+    assert swap.try_swap_out(1, 19)
+    assert ledger.by_owner()["swap_space"] == swap.stats.resident_bytes > 0
+    cache.close()
+
+
+def test_cost_model_prefers_swap_for_long_sequences_and_recompute_when_copies_are_slow():
+    fast_copy = CostModel(params=10**9, layers=32, q_width=4096, flops_per_s=1e12, bytes_per_s=2e10)
+    assert fast_copy.swap_s(4096 * 128 * 1024, 64) < fast_copy.recompute_s(4096)
+    slow_copy = CostModel(params=10**6, layers=2, q_width=64, flops_per_s=1e12, bytes_per_s=1e6)
+    assert slow_copy.swap_s(100 * 2048, 4) > slow_copy.recompute_s(100)
+    slow_copy.observe_copy(10**9, 0.1)  # measured 10 GB/s: the estimate moves toward it
+    assert slow_copy.bytes_per_s > 1e8
