@@ -406,8 +406,12 @@ class LLMEngine:
         if self.swap is None:
             return {}
         st = self.swap.stats
+        from memfit.llm.kv.swap import SWAP_SECONDS_BUCKETS
+
         return {"tier": "host", "out_bytes": st.out_bytes, "in_bytes": st.in_bytes, "out_ops": st.out_ops,
-                "in_ops": st.in_ops, "resident_bytes": st.resident_bytes, "limit_bytes": self.swap.budget.limit_bytes}
+                "in_ops": st.in_ops, "resident_bytes": st.resident_bytes, "limit_bytes": self.swap.budget.limit_bytes,
+                "seconds_buckets": SWAP_SECONDS_BUCKETS, "seconds_counts": list(st.seconds_counts),
+                "seconds_sum": st.seconds_sum}
 
     def close(self) -> None:
         if self.swap is not None:

@@ -45,7 +45,10 @@ class EngineClient(Protocol):
 
     def add_request(self, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, request_id: str | None = None,
-                    session_id: str | None = None) -> str: ...
+                    session_id: str | None = None, priority: int = 0, user: str | None = None) -> str: ...
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        """Change an unfinished request's priority (effective at the next step); KeyError if unknown."""
 
     def step(self) -> list[RequestOutput]:
         """Run one step. A request that cannot be scheduled even alone raises MemoryBudgetExceeded with

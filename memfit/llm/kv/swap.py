@@ -22,6 +22,7 @@ engine measures from its prefill steps).
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ from memfit.llm.kv.base import KVCacheError, KVCacheManager
 from memfit.memory.budget import MemoryBudget
 
 OWNER = "swap"
+# Seconds of one swap-out or swap-in (all its copies): a histogram's bucket bounds (`le`), for /metrics.
+SWAP_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 @dataclass
@@ -39,7 +42,9 @@ class SwapStats:
     in_bytes: int = 0
     out_ops: int = 0  # copies (runs), not sequences
     in_ops: int = 0
-    seconds: list[float] = field(default_factory=list)  # one entry per swap-out or swap-in (a histogram's input)
+    # Histogram of seconds per swap-out or swap-in: counts per SWAP_SECONDS_BUCKETS bound (+Inf last), and the sum.
+    seconds_counts: list[int] = field(default_factory=lambda: [0] * (len(SWAP_SECONDS_BUCKETS) + 1))
+    seconds_sum: float = 0.0
     resident_bytes: int = 0
 
 
@@ -182,9 +187,8 @@ class SwapSpace:
             st.out_bytes, st.out_ops, st.resident_bytes = st.out_bytes + nbytes, st.out_ops + ops, st.resident_bytes + nbytes
         else:
             st.in_bytes, st.in_ops = st.in_bytes + nbytes, st.in_ops + ops
-        st.seconds.append(seconds)
-        if len(st.seconds) > 4096:
-            del st.seconds[:2048]
+        st.seconds_counts[bisect.bisect_left(SWAP_SECONDS_BUCKETS, seconds)] += 1
+        st.seconds_sum += seconds
         if self.cost is not None:
             self.cost.observe_copy(nbytes, seconds)
 

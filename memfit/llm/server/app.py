@@ -24,8 +24,8 @@ from memfit.llm.server.async_engine import AsyncEngine
 from memfit.llm.server.errors import APIError, install_error_handlers
 from memfit.llm.server.metrics import CONTENT_TYPE
 from memfit.llm.server.openapi import (METRICS_RESPONSES, ChatCompletion, Completion, Health, ModelCard, ModelList,
-                                       install_openapi, responses)
-from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest
+                                       PriorityUpdated, install_openapi, responses)
+from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, PriorityUpdate
 from memfit.llm.server.serving import OpenAIServing
 
 
@@ -129,6 +129,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     @v1.post("/chat/completions", response_model=None, responses=responses(ChatCompletion, *generation, stream=True))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request, time.monotonic())
+
+    @v1.patch("/requests/{request_id}", response_model=None,
+              responses=responses(PriorityUpdated, 400, *auth, 404, 500, 503))
+    async def update_request(request_id: str, body: PriorityUpdate) -> JSONResponse:
+        """Change a running or queued request's priority (`id` = the response's id); effective at the next step."""
+        return JSONResponse(await serving.set_priority(request_id, body.priority))
 
     app.include_router(v1)
 

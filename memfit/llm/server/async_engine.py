@@ -32,7 +32,7 @@ from memfit.llm.server.metrics import ServerMetrics
 log = logging.getLogger("memfit.server")
 # The calls the server makes (memfit.llm.engine.protocol.EngineClient); named in the error for a wrong engine.
 _ENGINE_CLIENT_CALLS = ("model_info", "validate", "max_new_tokens", "add_request", "step", "has_unfinished_requests",
-                        "abort", "maintain", "stats", "close")
+                        "abort", "set_priority", "maintain", "stats", "close")
 
 
 class EngineNotReady(RuntimeError):
@@ -51,6 +51,8 @@ class RequestSpec:
     params: SamplingParams
     session_id: str | None = None
     auto_max_tokens: bool = False  # max_tokens was not given: use what the context and KV budget leave
+    priority: int = 0  # lower = more urgent (the priority scheduling policy)
+    user: str | None = None  # the vtc policy's unit of fairness
 
 
 @dataclass
@@ -150,6 +152,18 @@ class AsyncEngine:
             self._commands.put(("abort", list(request_ids)))
             self._wake.set()
 
+    async def set_priority(self, prefix: str, priority: int) -> int:
+        """Set the priority of every unfinished engine request whose id starts with `prefix` (one HTTP request's
+        choices); returns how many there were (0: unknown or finished). Effective at the next step."""
+        if self.state != "ready":
+            raise EngineNotReady(self.not_ready_message())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("priority", prefix, priority, future))
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineNotReady(self.not_ready_message())
+        return await asyncio.wrap_future(future)
+
     def not_ready_message(self) -> str:
         if self.state == "loading":
             return "the model is still loading; retry in a few seconds"
@@ -200,6 +214,15 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _Add):
                 self._handle_add(cmd)
+            elif cmd[0] == "priority":
+                _, prefix, priority, future = cmd
+                try:
+                    ids = [rid for rid in self._tracked if rid.startswith(prefix)]
+                    for rid in ids:
+                        self.engine.set_priority(rid, priority)
+                    future.set_result(len(ids))
+                except BaseException as exc:  # noqa: BLE001 - answered to the caller
+                    future.set_exception(exc)
             elif cmd[0] == "abort":
                 for rid in cmd[1]:
                     if self._tracked.pop(rid, None) is not None:
@@ -214,7 +237,7 @@ class AsyncEngine:
                 if spec.auto_max_tokens:
                     params = dataclasses.replace(params, max_tokens=self.engine.max_new_tokens(len(spec.prompt_token_ids)))
                 self.engine.add_request(prompt_token_ids=spec.prompt_token_ids, params=params, request_id=rid,
-                                        session_id=spec.session_id)
+                                        session_id=spec.session_id, priority=spec.priority, user=spec.user)
                 added.append(rid)
                 self._tracked[rid] = _Tracked(rid, cmd.queue, cmd.loop, cmd.arrival)
         except BaseException as exc:  # noqa: BLE001 - the caller decides the status from the type

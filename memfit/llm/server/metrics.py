@@ -132,9 +132,43 @@ class ServerMetrics:
         stats = engine_stats or {}
         for key, name, kind, help in _ENGINE_SERIES:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(stats.get(key, 0))}"]
+        lines += _preemption_series(stats)
         for series in (self.ttft, self.itl, self.e2e, self.requests, self.http_errors, self.prompt_tokens):
             lines += series.render()
         return "\n".join(lines) + "\n"
+
+
+# Swap tier stats key (engine stats()["swap"]) -> (metric name, type, help); labelled by tier.
+_SWAP_SERIES = (
+    ("out_bytes", "memfit_swap_out_bytes_total", "counter", "KV bytes swapped out to a tier."),
+    ("in_bytes", "memfit_swap_in_bytes_total", "counter", "KV bytes swapped back in from a tier."),
+    ("out_ops", "memfit_swap_out_ops_total", "counter", "Copies made swapping KV out to a tier."),
+    ("in_ops", "memfit_swap_in_ops_total", "counter", "Copies made swapping KV back in from a tier."),
+    ("resident_bytes", "memfit_tier_resident_bytes", "gauge", "Swapped KV bytes a tier holds now."),
+)
+
+
+def _preemption_series(stats: Mapping) -> list[str]:
+    """Preemptions by mode, and the swap tiers' traffic (a histogram of seconds per swap, from the engine's counts)."""
+    name = "memfit_preemptions_total"
+    lines = [f"# HELP {name} Requests preempted, by what happened to their KV (recompute or swap).",
+             f"# TYPE {name} counter"]
+    by_mode = stats.get("preemptions_by_mode") or {"recompute": 0, "swap": 0}
+    lines += [f"{name}{_labels({'mode': m})} {_fmt(v)}" for m, v in sorted(by_mode.items())]
+    swap = stats.get("swap") or {}
+    if not swap:
+        return lines
+    tier = {"tier": swap["tier"]}
+    for key, metric, kind, help in _SWAP_SERIES:
+        lines += [f"# HELP {metric} {help}", f"# TYPE {metric} {kind}", f"{metric}{_labels(tier)} {_fmt(swap[key])}"]
+    metric = "memfit_swap_seconds"
+    lines += [f"# HELP {metric} Seconds of one swap-out or swap-in (all its copies).", f"# TYPE {metric} histogram"]
+    cumulative = 0
+    for bound, c in zip(tuple(swap["seconds_buckets"]) + (math.inf,), swap["seconds_counts"]):
+        cumulative += c
+        lines.append(f'{metric}_bucket{{le="{_fmt(bound)}"}} {cumulative}')
+    lines += [f"{metric}_sum {_fmt(swap['seconds_sum'])}", f"{metric}_count {cumulative}"]
+    return lines
 
 
 def parse_metrics(text: str) -> dict[str, float]:

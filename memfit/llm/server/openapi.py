@@ -121,6 +121,13 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None
 
 
+class PriorityUpdated(BaseModel):
+    id: str = Field(description="the response id the priority was set for")
+    object: Literal["request.priority"]
+    priority: int
+    num_requests: int = Field(description="engine requests (the response's choices) still running or queued")
+
+
 class Health(BaseModel):
     status: str = Field(description="'ok' when ready; else loading, failed, stopping or stopped")
     message: str | None = Field(None, description="why the server is not ready (503 only)")
@@ -132,7 +139,8 @@ _WHEN = {
          "the vocabulary, prompt + max_tokens longer than the context, an unsupported feature, or a sequence that "
          "could never fit the KV budget.",
     401: "Missing or wrong API key: send `Authorization: Bearer <key>`.",
-    404: "The model named in the request is not the one served.",
+    404: "The model named in the request is not the one served (or, for /v1/requests/{id}, no such request is "
+         "running or queued).",
     413: "The request body is larger than the server's limit (--max-body-size).",
     429: "The waiting queue is full (--max-waiting); retry later.",
     500: "The engine failed while running the request (other requests keep being served).",
@@ -175,10 +183,10 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _exact_request_schemas(schema: dict[str, Any]) -> None:
     """Put pydantic's own JSON schema of the request bodies in `components`: FastAPI's OpenAPI model stores
     `minimum`/`maximum` as floats, which turns the seed's bound 2**63 - 1 into 2**63 (a value refused)."""
-    from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest
+    from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, PriorityUpdate
 
     components = schema["components"]["schemas"]
-    for model in (CompletionRequest, ChatCompletionRequest):
+    for model in (CompletionRequest, ChatCompletionRequest, PriorityUpdate):
         exact = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(exact.pop("$defs", {}))
         components[model.__name__] = exact

@@ -85,12 +85,21 @@ class _Sampling(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0), _ZERO] | None = None
     logit_bias: Annotated[dict[str, float], _only({"type": "object", "maxProperties": 0},
                                                   "not supported by this server: only {} is accepted")] | None = None
-    user: str | None = None
+    user: str | None = None  # also the `vtc` scheduling policy's unit of fairness
+    # memfit/vLLM extension: lower = more urgent (negative allowed); used by --scheduling-policy priority.
+    priority: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX), _WHOLE] | None = None
     # vLLM-style extensions many clients send through `extra_body`.
     top_k: Annotated[int, Field(ge=-1), _WHOLE] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0), _WHOLE]] | None = None
+
+
+class PriorityUpdate(BaseModel):
+    """PATCH /v1/requests/{id}: a running or queued request's new priority (takes effect at the next step)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    priority: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX), _WHOLE]
 
 
 class CompletionRequest(_Sampling):

@@ -163,7 +163,8 @@ class OpenAIServing:
             self._check_prompt(ids, req.max_tokens, "prompt")
         max_tokens = req.max_tokens
         group, specs = self._group(prompts, lambda ids, i: RequestSpec(
-            ids, self._params(req, max_tokens, req.logprobs, i), auto_max_tokens=max_tokens is None), n)
+            ids, self._params(req, max_tokens, req.logprobs, i), auto_max_tokens=max_tokens is None,
+            priority=req.priority or 0, user=req.user), n)
         await self._submit(group, specs, arrival)
         echo = [tok.decode(p) for p in prompts] if req.echo else None
         meta = {"id": f"cmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()), "model": self.model_name}
@@ -220,7 +221,8 @@ class OpenAIServing:
         session = session if n == 1 else None  # n parallel choices cannot all continue one cached conversation
         top_n = (req.top_logprobs or 0) if req.logprobs else None
         group, specs = self._group([ids], lambda p, i: RequestSpec(
-            p, self._params(req, max_tokens, top_n, i), session_id=session, auto_max_tokens=max_tokens is None), n)
+            p, self._params(req, max_tokens, top_n, i), session_id=session, auto_max_tokens=max_tokens is None,
+            priority=req.priority or 0, user=req.user), n)
         await self._submit(group, specs, arrival)
         meta = {"id": f"chatcmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()),
                 "model": self.model_name}
@@ -238,6 +240,23 @@ class OpenAIServing:
             })
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": group.usage(),
                              "system_fingerprint": None})
+
+    # ---- PATCH /v1/requests/{id} ---------------------------------------------------------------------------
+    async def set_priority(self, response_id: str, priority: int) -> dict[str, Any]:
+        """`response_id` is a response's `id` (cmpl-<hex> or chatcmpl-<hex>); its engine requests are <hex>-<i>."""
+        self.check_ready()
+        kind, _, base = response_id.partition("-")
+        if kind not in ("cmpl", "chatcmpl") or not base or "-" in base:
+            raise APIError(404, f"no request {response_id!r}: use the `id` of a completion or chat completion",
+                           code="request_not_found")
+        try:
+            n = await self.engine.set_priority(f"{base}-", priority)
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status
+            raise engine_error(exc) from exc
+        if n == 0:
+            raise APIError(404, f"no running or queued request {response_id!r} (finished, aborted, or never sent)",
+                           code="request_not_found")
+        return {"id": response_id, "object": "request.priority", "priority": priority, "num_requests": n}
 
     # ---- waiting for results ----------------------------------------------------------------------------
     async def _collect(self, group: Group, request: Request) -> None:

@@ -48,7 +48,8 @@ class FakeEngine:
     def maintain(self) -> None:
         self.thread_names.add(threading.current_thread().name)
 
-    def add_request(self, prompt=None, params=None, prompt_token_ids=None, request_id=None, session_id=None) -> str:
+    def add_request(self, prompt=None, params=None, prompt_token_ids=None, request_id=None, session_id=None,
+                    priority=0, user=None) -> str:
         self.thread_names.add(threading.current_thread().name)
         self.validate(prompt_token_ids, params)
         self._running[request_id] = (list(prompt_token_ids), params, [])
@@ -77,6 +78,10 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._running)
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        if request_id not in self._running:
+            raise KeyError(request_id)
 
     def abort(self, request_id: str) -> None:
         if self._running.pop(request_id, None) is not None:

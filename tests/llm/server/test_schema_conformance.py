@@ -26,6 +26,12 @@ from tests.llm.server.live import API_KEY, LiveServer  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 WALL_CLOCK_S = 300  # a hang guard for a run of 70-135 s on 2 shared, busy cores; not a speed check
 MAX_MODEL_LEN = 64  # a short context keeps every generated request short (n up to 128 choices)
+# Every warning but missing_test_data: PATCH /v1/requests/{id} names a request that exists only while it runs, so
+# generated ids always get 404 (test_priority.py exercises the route with live ids).
+WARNINGS = ",".join(["missing_auth", "base_url_mismatch", "validation_mismatch", "missing_deserializer",
+                     "unused_openapi_auth", "unsupported_regex", "method_not_allowed", "constants_extraction",
+                     "unmatched_filter", "unresolvable_reference", "low_valid_rate", "rate_limited",
+                     "dictionary_mismatch", "timeout_units"])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def run_schemathesis(url: str, model_dir, max_model_len: int, *extra: str, cwd: 
            "--exclude-checks", "positive_data_acceptance",  # replaced by the context-aware version in the hooks
            "-H", f"Authorization: Bearer {API_KEY}", "--seed", "20261202", "--max-examples", "8",
            "--phases", "examples,coverage,fuzzing", "--request-timeout", "30", "--generation-database", "none",
-           "--no-color", "--workers", "1", *extra]
+           "--no-color", "--workers", "1", "--warnings", WARNINGS, *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
            "SCHEMATHESIS_HOOKS": "tests.llm.server.schemathesis_hooks",
            "MEMFIT_SCHEMA_MODEL": str(model_dir), "MEMFIT_SCHEMA_MAX_MODEL_LEN": str(max_model_len)}
@@ -54,7 +60,7 @@ def test_schemathesis_finds_no_failure(contract_server, model_dir, tmp_path):
     result = run_schemathesis(contract_server.url, model_dir, MAX_MODEL_LEN, cwd=tmp_path)
     report = result.stdout[-12000:] + result.stderr[-3000:]
     assert result.returncode == 0, report
-    assert "6 selected" in result.stdout, report  # every operation was tested, none filtered away
+    assert "7 selected" in result.stdout, report  # every operation was tested, none filtered away
     assert "No issues found" in result.stdout, report  # no failure, error or warning
     assert httpx.get(contract_server.url + "/health").status_code == 200  # and the server is still serving
 
