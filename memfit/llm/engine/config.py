@@ -62,6 +62,7 @@ class EngineConfig:
     # The host tier swapped KV goes to: bytes ("8GiB"; a bare number means GiB, as in vLLM). None: 4 GiB, taken
     # from what the memory budget leaves after the KV share on a CPU (given explicitly, it is set aside first).
     swap_space: int | float | str | None = None
+    swap_threads: int = 2  # swap-ins copied on this many threads, overlapped with the model step (0: synchronous)
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
@@ -83,6 +84,8 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}")
+        if self.swap_threads < 0:
+            raise ValueError(f"swap_threads must be >= 0, got {self.swap_threads}")
         if self.priority_aging_steps < 0:
             raise ValueError(f"priority_aging_steps must be >= 0, got {self.priority_aging_steps}")
         if self.swap_space is not None:
@@ -160,5 +163,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="a preempted request's KV: recompute it later, swap it to the host tier, or auto (by cost)")
     g.add_argument("--swap-space", default=None,
                    help="host tier for swapped KV: bytes ('8GiB'); a bare number means GiB (default 4)")
+    g.add_argument("--swap-threads", type=int, default=2,
+                   help="threads copying swapped KV back in, overlapped with model steps (0: synchronous; default 2)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

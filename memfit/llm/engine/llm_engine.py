@@ -187,7 +187,7 @@ class LLMEngine:
         params = sum(p.numel() for p in self.model.parameters())
         cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
                          flops_per_s=2e10 if self.device.type == "cpu" else 2e13)
-        return SwapSpace(self.kv, budget, cost)
+        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads)
 
     def _watermark_bytes(self) -> int:
         spec = self.config.kv_reclaim_watermark
@@ -411,7 +411,7 @@ class LLMEngine:
         return {"tier": "host", "out_bytes": st.out_bytes, "in_bytes": st.in_bytes, "out_ops": st.out_ops,
                 "in_ops": st.in_ops, "resident_bytes": st.resident_bytes, "limit_bytes": self.swap.budget.limit_bytes,
                 "seconds_buckets": SWAP_SECONDS_BUCKETS, "seconds_counts": list(st.seconds_counts),
-                "seconds_sum": st.seconds_sum}
+                "seconds_sum": st.seconds_sum, "async_swap_ins": self.swap.async_swap_ins}
 
     def close(self) -> None:
         if self.swap is not None:

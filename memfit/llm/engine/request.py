@@ -39,6 +39,7 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens whose KV came from an earlier turn (not recomputed)
     num_preemptions: int = 0
     swapped: bool = False  # preempted by swapping: its first num_computed tokens' KV wait in the host tier
+    swapping_in: bool = False  # that KV is being copied back (asynchronously): not schedulable until it lands
     arrival_index: int = -1  # set by the scheduling policy on first arrival (ties, age)
     arrival_step: int = -1  # the scheduler step it arrived at (the priority policy's aging)
     finish_reason: str | None = None  # "stop" | "length" | "abort"

@@ -111,8 +111,8 @@ class Scheduler:
         if self.kv.has_seq(seq.seq_id):
             self.kv.free(seq.seq_id)
         if seq.swapped and self.swap is not None:
-            self.swap.discard(seq.seq_id)
-            seq.swapped = False
+            self.swap.discard(seq.seq_id)  # waits for an asynchronous swap-in's copies first
+            seq.swapped = seq.swapping_in = False
 
     # ---- memory pressure --------------------------------------------------------------------------------
     def _evict_retained(self) -> bool:
@@ -187,6 +187,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.policy.step += 1
+        self._finish_swap_ins()
 
         # 1. Running sequences, in the policy's order. Preempting a later one may drop it from this step too,
         #    so the token budget is recomputed from what is still scheduled.
@@ -206,7 +207,10 @@ class Scheduler:
 
         # 2. Waiting sequences, in the policy's order (fcfs: preempted sequences sit at the front).
         while self.waiting and budget > 0:
-            seq = self.policy.next_waiting(self.waiting)
+            ready = [s for s in self.waiting if not s.swapping_in]
+            if not ready:
+                break
+            seq = self.policy.next_waiting(ready)
             if seq in out.preempted:
                 break  # do not re-admit in the same step what was just preempted for memory
             if len(self.running) >= self.config.max_num_seqs and not self._preempt_for(seq, out):
@@ -215,6 +219,8 @@ class Scheduler:
             num_new = min(seq.num_pending, budget)
             if not self._admit_capacity(seq, num_new, out):
                 break  # nobody overtakes the policy's next sequence
+            if seq.swapping_in:
+                continue  # its KV is on its way back, overlapping this step; admitted once it has landed
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -239,6 +245,18 @@ class Scheduler:
             if getattr(self.kv, "last_refused", False) or not self._preempt_for(seq, out):
                 return False
         if seq.swapped:
-            self.swap.swap_in(seq.seq_id)  # type: ignore[union-attr]
+            if self.swap.threads and out.scheduled:  # type: ignore[union-attr]
+                self.swap.start_swap_in(seq.seq_id)  # type: ignore[union-attr]
+                seq.swapping_in = True
+                return True
+            self.swap.swap_in(seq.seq_id)  # type: ignore[union-attr]  # nothing to overlap with: synchronous
             seq.swapped = False
         return True
+
+    def _finish_swap_ins(self) -> None:
+        """Complete the asynchronous swap-ins that have landed (all of them, waiting, when nothing runs: there
+        is no step to overlap with and the sequences would otherwise sit out a step)."""
+        for seq in self.waiting:
+            if seq.swapping_in and (not self.running or self.swap.swap_in_ready(seq.seq_id)):  # type: ignore[union-attr]
+                self.swap.finish_swap_in(seq.seq_id)  # type: ignore[union-attr]
+                seq.swapped = seq.swapping_in = False

@@ -13,7 +13,11 @@ How many copies a swap takes is the cache's layout (`runs`), and is the point of
   are one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
 - paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
   per-block synchronous swap, kept as the baseline.
-Copies are synchronous torch copies (which release the GIL).
+Swap-outs are synchronous: the scheduler preempts because it needs the memory in the same step. Swap-ins may
+run on a thread pool (`threads` > 0), overlapped with the model step: `start_swap_in` launches the copies into
+the memory the sequence was just given, the scheduler admits the sequence only once `swap_in_ready`, and
+`finish_swap_in` completes it on the engine thread. The copies are torch copies, which release the GIL. The
+scheduler falls back to a synchronous swap-in when there is no step to overlap with.
 
 `prefers_swap` is the `auto` preemption mode's cost model: the seconds to move the bytes out and back in
 (per-copy overhead + bytes / measured copy bandwidth) against the seconds to recompute n tokens (linear
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -82,14 +87,20 @@ class CostModel:
 
 
 class SwapSpace:
-    def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None) -> None:
+    def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
+                 threads: int = 0) -> None:
         if not (kv.fixed_stride or kv.block_tables):
             raise ValueError(f"the {kv.kind or type(kv).__name__} KV cache cannot be swapped (it declares neither "
                              "fixed_stride nor block_tables)")
-        self.kv, self.budget, self.cost = kv, budget, cost
+        if threads < 0:
+            raise ValueError(f"swap threads must be >= 0, got {threads}")
+        self.kv, self.budget, self.cost, self.threads = kv, budget, cost, threads
         self.pin = kv.layout.device.type == "cuda"
         self.stats = SwapStats()
+        self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
         self._held: dict[int, _Swapped] = {}
+        self._inflight: dict[int, tuple[_Swapped, int, Future]] = {}  # seq -> (entry, copies, future of seconds)
+        self._pool: ThreadPoolExecutor | None = None
 
     # ---- where a sequence's KV lives, as contiguous runs ---------------------------------------------
     def runs(self, seq_id: int, num_tokens: int) -> list[torch.Tensor]:
@@ -155,18 +166,38 @@ class SwapSpace:
         """Copy `seq_id`'s KV back into the memory the KV manager now gives it (the caller allocated at least
         the swapped tokens), mark them written, and free the host copy. Returns the tokens restored."""
         entry = self._held.pop(seq_id)
-        t0 = time.perf_counter()
         runs = self.runs(seq_id, entry.num_tokens)
-        off = 0
-        for r in runs:
-            r.copy_(entry.buf[off : off + r.numel()])
-            off += r.numel()
-        if off != entry.buf.numel():
-            raise KVCacheError(f"sequence {seq_id}: swap-in layout differs from swap-out ({off} vs {entry.buf.numel()} bytes)")
+        seconds = _copy_in(runs, entry.buf)
+        return self._complete(seq_id, entry, len(runs), seconds)
+
+    def start_swap_in(self, seq_id: int) -> None:
+        """`swap_in` on the thread pool: the copies overlap the next model step (which must not touch this
+        sequence's KV: it is not scheduled until `finish_swap_in`)."""
+        if not self.threads:
+            raise RuntimeError("asynchronous swap-in needs threads > 0")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
+        entry = self._held.pop(seq_id)
+        runs = self.runs(seq_id, entry.num_tokens)  # resolved here, on the engine thread, under the cache's lock
+        self._inflight[seq_id] = (entry, len(runs), self._pool.submit(_copy_in, runs, entry.buf))
+
+    def in_flight(self, seq_id: int) -> bool:
+        return seq_id in self._inflight
+
+    def swap_in_ready(self, seq_id: int) -> bool:
+        return self._inflight[seq_id][2].done()
+
+    def finish_swap_in(self, seq_id: int) -> int:
+        """Wait for an asynchronous swap-in (at once if `swap_in_ready`) and complete it on this thread."""
+        entry, copies, future = self._inflight.pop(seq_id)
+        self.async_swap_ins += 1
+        return self._complete(seq_id, entry, copies, future.result())
+
+    def _complete(self, seq_id: int, entry: _Swapped, copies: int, seconds: float) -> int:
         with self.kv._lock:  # the base class keeps `written`; a restored sequence holds these tokens again
             record = self.kv._seq(seq_id)
             record.written = max(record.written, entry.num_tokens)
-        self._account(off, len(runs), time.perf_counter() - t0, out=False)
+        self._account(entry.buf.numel(), copies, seconds, out=False)
         self._drop(entry)
         return entry.num_tokens
 
@@ -174,6 +205,10 @@ class SwapSpace:
         """The sequence finished or was aborted while swapped out: forget its host copy."""
         entry = self._held.pop(seq_id, None)
         if entry is not None:
+            self._drop(entry)
+        if seq_id in self._inflight:  # the copies write into its KV: let them land before that is freed
+            entry, _, future = self._inflight.pop(seq_id)
+            future.exception()
             self._drop(entry)
 
     def _drop(self, entry: _Swapped) -> None:
@@ -193,5 +228,19 @@ class SwapSpace:
             self.cost.observe_copy(nbytes, seconds)
 
     def close(self) -> None:
-        for seq_id in list(self._held):
+        for seq_id in [*self._held, *self._inflight]:
             self.discard(seq_id)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _copy_in(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
+    """Copy `buf` (the host copy) back into `runs`, in order; returns the seconds it took."""
+    t0 = time.perf_counter()
+    off = 0
+    for r in runs:
+        r.copy_(buf[off : off + r.numel()])
+        off += r.numel()
+    if off != buf.numel():
+        raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {buf.numel()} bytes)")
+    return time.perf_counter() - t0

@@ -37,13 +37,15 @@ def expected(tiny):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind,layout", CACHES)
-@pytest.mark.parametrize("mode", ["recompute", "swap", "auto"])
+@pytest.mark.parametrize("mode", ["recompute", "swap", "swap-sync", "auto"])
 def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, expected, kind, layout, mode):  # noqa: F811
     model, _, path = tiny
     probe = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
     one_seq = probe.engine.kv.bytes_needed(80)
+    threads = 0 if mode == "swap-sync" else 2  # swap: swap-ins overlapped with steps on 2 threads
+    mode = mode.removesuffix("-sync")
     llm = LLM(str(path), kv_cache=kind, kv_layout=layout, dtype="float32", kv_budget=int(one_seq * 2.5),
-              kv_eager_pages=0, kv_prefault=False, preemption_mode=mode, swap_space="16MiB")
+              kv_eager_pages=0, kv_prefault=False, preemption_mode=mode, swap_space="16MiB", swap_threads=threads)
     fed = count_fed_tokens(llm.engine)
     got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
     for ids, g, e in zip(PROMPTS, got, expected):
@@ -57,6 +59,7 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
         assert by_mode["recompute"] == 0 and fed[0] == once
         st = llm.engine.stats()["swap"]
         assert st["out_ops"] > 0 and st["in_bytes"] == st["out_bytes"] and st["resident_bytes"] == 0
+        assert (st["async_swap_ins"] > 0) == (threads > 0)  # overlapped swap-ins happened (only) when asked
         assert llm.engine.swap.budget.used_bytes == 0
     else:  # auto picks per victim from measured rates: either way, recomputation only where it chose it
         assert (fed[0] > once) == (by_mode["recompute"] > 0)

@@ -83,3 +83,25 @@ def test_cost_model_prefers_swap_for_long_sequences_and_recompute_when_copies_ar
     assert slow_copy.swap_s(100 * 2048, 4) > slow_copy.recompute_s(100)
     slow_copy.observe_copy(10**9, 0.1)  # measured 10 GB/s: the estimate moves toward it
     assert slow_copy.bytes_per_s > 1e8
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_asynchronous_swap_in_lands_exactly_and_a_discard_waits_for_it(kind):
+    cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
+    host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, threads=2)
+    assert cache.try_allocate(1, 19) and cache.try_allocate(2, 19)
+    write(cache, [SeqStep(1, 0, 19), SeqStep(2, 0, 19)])
+    before = {s: contexts(cache, s, 19) for s in (1, 2)}
+    for s in (1, 2):
+        assert swap.try_swap_out(s, 19)
+        cache.free(s)
+        assert cache.try_allocate(s, 20)
+        swap.start_swap_in(s)
+        assert swap.in_flight(s)
+    assert swap.finish_swap_in(1) == 19 and not swap.in_flight(1)
+    assert all(torch.equal(a, b) for a, b in zip(before[1], contexts(cache, 1, 19)))
+    swap.discard(2)  # aborted mid-flight: the copies land before the host copy is dropped
+    assert not swap.in_flight(2) and host.used_bytes == 0 and swap.async_swap_ins == 1
+    swap.close()
+    cache.close()
