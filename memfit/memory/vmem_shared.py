@@ -5,20 +5,20 @@ with a cached prefix maps the prefix's *physical* pages at the start of its own 
 contiguous strided view while the memory is held once. Writing into an aliased page first gives it a copy of
 its own (copy-on-write, `make_private`).
 
-How. The range is backed by a memfd (anonymous shared memory) instead of anonymous private memory:
-`memfd_create` + `ftruncate` to twice the arena's size (a sparse file: nothing is allocated), then one
-`mmap(MAP_SHARED)` of its first half. Virtual page v starts out mapping file page v ("its own" page); the
-second half is a pool of spare file pages, for a page whose own file page is still mapped elsewhere (it was
-shared, then released) and for copy-on-write copies. At most one file page per mapped virtual page is ever
-live, so 2x always has a free one.
-- commit: a virtual page gets its own file page if free, else a spare (`mmap(MAP_FIXED)` onto it), and
-  `madvise(MADV_POPULATE_WRITE)` allocates it;
+How. The range is reserved as anonymous private memory that is never written (a read of a page that holds
+nothing maps the kernel's zero page: no memory, as in `VirtualArena`), and its pages are backed by a memfd
+(anonymous shared memory), `ftruncate`d to twice the arena's size (a sparse file: nothing is allocated).
+Virtual page v has "its own" file page v; the second half of the file is a pool of spare file pages, for a
+page whose own file page is still mapped elsewhere (it was shared, then released) and for copy-on-write
+copies. At most one file page per mapped virtual page is ever live, so 2x always has a free one.
+- commit: a virtual page is mapped onto its own file page if free, else a spare (`mmap(MAP_SHARED |
+  MAP_FIXED)`), and `madvise(MADV_POPULATE_WRITE)` allocates it;
 - alias(src, dst): `mmap(MAP_SHARED | MAP_FIXED)` of the *source's* file pages at the destination's
-  addresses: both addresses now read and write the same physical pages;
+  addresses (one call per run of consecutive file pages): both addresses read and write the same pages;
 - make_private: a page whose file page others map too gets a free file page with a copy of the data;
-- release: the virtual page is mapped back onto its own file page (reads of a released page are never used,
-  and it is not written until committed again); a file page no address maps any more is freed with
-  `fallocate(PUNCH_HOLE)`.
+- release: the virtual page goes back to the anonymous reservation (`mmap(MAP_FIXED | MAP_ANONYMOUS)`): a
+  stray read of it (a padded attention read) maps the zero page instead of allocating a file page; a file
+  page no address maps any more is freed with `fallocate(PUNCH_HOLE)`.
 
 Accounting. Physical memory is the file's pages, counted once however many addresses map them:
 `committed_bytes` (and the budget's reservation, owner "kv" by default) is file pages in use x page size. It can
@@ -41,12 +41,12 @@ import torch
 
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.mapping import MappingOwner, VirtualMemoryError, get_libc, round_up
-from memfit.memory.vmem import strided_view
+from memfit.memory.vmem import Prefaulter, strided_view
 
 __all__ = ["SharedArena"]
 
 _PROT_RW = 0x1 | 0x2
-_MAP_SHARED, _MAP_FIXED = 0x01, 0x10
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
 _MADV_NOHUGEPAGE, _MADV_POPULATE_WRITE = 15, 23
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 PAGE = mmap.PAGESIZE
@@ -70,7 +70,7 @@ class SharedArena:
         self._fd = os.memfd_create("memfit-shared-arena", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self._fd, 2 * self.size)  # sparse: no page is allocated yet; the second half: spares
-            addr = libc.mmap(None, self.size, _PROT_RW, _MAP_SHARED, self._fd, 0)
+            addr = libc.mmap(None, self.size, _PROT_RW, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
             if addr is None or addr == ctypes.c_void_p(-1).value:
                 raise VirtualMemoryError(f"mmap of a {self.size}-byte memfd failed ({errno.errorcode.get(ctypes.get_errno())})")
         except BaseException:
@@ -90,8 +90,11 @@ class SharedArena:
         self._mapped = np.zeros(n, dtype=bool)  # virtual page holds data (its own page or another's)
         self._refs = np.zeros(2 * n, dtype=np.int32)  # file page -> how many virtual pages map it
         self._spares = list(range(2 * n - 1, n - 1, -1))  # free file pages of the second half (a stack)
+        self._live = 0  # file pages mapped by at least one address
         self._lock = threading.RLock()
         self._closed = False
+        self._prefaulter: Prefaulter | None = None
+        self.device = torch.device("cpu")
         buf = (ctypes.c_uint8 * self.size).from_address(self.address)
         buf._memfit_owner = self._owner  # type: ignore[attr-defined]  # tensor -> buffer -> owner keeps it mapped
         self._base: torch.Tensor | None = torch.frombuffer(buf, dtype=torch.uint8)
@@ -109,7 +112,18 @@ class SharedArena:
     @property
     def committed_bytes(self) -> int:
         """Physical bytes held: file pages mapped by at least one address, each counted once."""
-        return int(np.count_nonzero(self._refs)) * PAGE
+        return self._live * PAGE
+
+    def exclusive_bytes(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Physical bytes that releasing every range would free: pages that no address outside them maps."""
+        with self._lock:
+            spans = [self._pages(off, n) for off, n in ranges]
+            virt = [np.flatnonzero(self._mapped[lo:hi]) + lo for lo, hi in spans]
+            if not virt:
+                return 0
+            files = self._file_of[np.concatenate(virt)]
+            ids, inside = np.unique(files, return_counts=True)  # how many of the ranges' pages map each file page
+            return int(np.count_nonzero(self._refs[ids] == inside)) * PAGE
 
     def allocated_bytes(self) -> int:
         """What the kernel has allocated to the memfd (st_blocks), independent of this arena's bookkeeping."""
@@ -128,17 +142,23 @@ class SharedArena:
 
     def try_commit(self, offset: int, nbytes: int) -> bool:
         """Give the unmapped pages of the range pages of their own (all or nothing); False if the budget is short."""
+        return self.try_commit_many([(offset, nbytes)])
+
+    def try_commit_many(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        """`try_commit` over several ranges at once, all or nothing (the `VirtualArena` call the KV cache makes)."""
         with self._lock:
             self._check_open()
-            lo, hi = self._pages(offset, nbytes)
-            todo = np.flatnonzero(~self._mapped[lo:hi]) + lo
+            spans = [self._pages(off, n) for off, n in ranges]
+            todo = np.unique(np.concatenate([np.flatnonzero(~self._mapped[lo:hi]) + lo for lo, hi in spans] or
+                                            [np.zeros(0, dtype=np.int64)])).astype(np.int64)
             need = len(todo) * PAGE
             if need and self.budget is not None and not self.budget.try_reserve(need, self.owner):
                 return False
             taken: list[int] = []
             try:
-                own = [int(v) for v in todo if self._refs[v] == 0]  # own file page free: the common case
-                for a, b in _runs(np.array(own, dtype=np.int64)):
+                own = todo[self._refs[todo] == 0]  # own file page free: the common case
+                for a, b in _runs(own):
+                    self._map_run(a, b, a)
                     self._populate(a, b)
                     taken.extend(range(a, b))
                 for v in (int(v) for v in todo if self._refs[v] != 0):  # own page still shared elsewhere
@@ -148,6 +168,9 @@ class SharedArena:
                     self._populate(v, v + 1)
                     taken.append(f)
             except BaseException:
+                for a, b in _runs(todo):
+                    self._reserve_run(a, b)
+                self._file_of[todo] = todo
                 for f in taken:
                     self._punch(f, f + 1)
                 if need and self.budget is not None:
@@ -155,7 +178,12 @@ class SharedArena:
                 raise
             self._mapped[todo] = True
             self._refs[self._file_of[todo]] = 1
+            self._live += len(todo)
             return True
+
+    def decommit_many(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """`release` over several ranges (the `VirtualArena` name); returns the physical bytes freed."""
+        return sum(self.release(off, n) for off, n in ranges)
 
     def alias(self, src_offset: int, dst_offset: int, nbytes: int) -> None:
         """Map the physical pages behind [src, src + nbytes) at [dst, dst + nbytes) too. The destination pages
@@ -170,9 +198,11 @@ class SharedArena:
                 raise ValueError("alias: the destination range already holds pages; release it first")
             files = self._file_of[s_lo:s_hi].copy()
             libc = get_libc()
-            for i, f in enumerate(files):  # page by page: the source may itself be a patchwork of shared pages
-                addr = self.address + (d_lo + i) * PAGE
-                got = libc.mmap(addr, PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, int(f) * PAGE)
+            # One mmap per run of consecutive file pages (the source may itself be a patchwork of shared pages).
+            breaks = np.flatnonzero(np.diff(files) != 1) + 1
+            for a, b in zip(np.concatenate(([0], breaks)), np.concatenate((breaks, [len(files)]))):
+                addr = self.address + (d_lo + int(a)) * PAGE
+                got = libc.mmap(addr, int(b - a) * PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, int(files[a]) * PAGE)
                 if got != addr:
                     raise VirtualMemoryError(f"mmap(MAP_FIXED) for aliasing failed ({errno.errorcode.get(ctypes.get_errno())})")
             self._file_of[d_lo:d_hi] = files
@@ -199,6 +229,7 @@ class SharedArena:
                 self._file_of[v] = new
                 self._refs[new] = 1
                 self._refs[old] -= 1  # others still map it: nothing to free
+                self._live += 1
             return True
 
     def release(self, offset: int, nbytes: int) -> int:
@@ -207,12 +238,12 @@ class SharedArena:
         with self._lock:
             lo, hi = self._pages(offset, nbytes)
             before = self.committed_bytes
-            for v in np.flatnonzero(self._mapped[lo:hi]) + lo:
-                v = int(v)
+            gone = np.flatnonzero(self._mapped[lo:hi]) + lo
+            for a, b in _runs(gone):
+                self._reserve_run(a, b)
+            for v in gone:
                 f = int(self._file_of[v])
-                if f != v:
-                    self._map_to(v, v)
-                    self._file_of[v] = v
+                self._file_of[v] = v
                 self._mapped[v] = False
                 self._drop_ref(f)
             return before - self.committed_bytes
@@ -221,6 +252,7 @@ class SharedArena:
     def _drop_ref(self, f: int) -> None:
         self._refs[f] -= 1
         if self._refs[f] == 0:
+            self._live -= 1
             self._punch(f, f + 1)
             if f >= len(self._file_of):
                 self._spares.append(f)
@@ -239,9 +271,20 @@ class SharedArena:
 
     def _map_to(self, v: int, f: int) -> None:
         """Map virtual page v onto file page f."""
-        addr = self.address + v * PAGE
-        if get_libc().mmap(addr, PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, f * PAGE) != addr:
+        self._map_run(v, v + 1, f)
+
+    def _map_run(self, lo: int, hi: int, f: int) -> None:
+        """Map virtual pages [lo, hi) onto file pages [f, f + hi - lo)."""
+        addr = self.address + lo * PAGE
+        if get_libc().mmap(addr, (hi - lo) * PAGE, _PROT_RW, _MAP_SHARED | _MAP_FIXED, self._fd, f * PAGE) != addr:
             raise VirtualMemoryError(f"mmap(MAP_FIXED) failed ({errno.errorcode.get(ctypes.get_errno())})")
+
+    def _reserve_run(self, lo: int, hi: int) -> None:
+        """Put virtual pages [lo, hi) back in the anonymous reservation (reads see zeros, hold nothing)."""
+        addr = self.address + lo * PAGE
+        flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED
+        if get_libc().mmap(addr, (hi - lo) * PAGE, _PROT_RW, flags, -1, 0) != addr:
+            raise VirtualMemoryError(f"mmap(MAP_FIXED | MAP_ANONYMOUS) failed ({errno.errorcode.get(ctypes.get_errno())})")
 
     def _populate(self, lo: int, hi: int) -> None:
         addr, n = self.address + lo * PAGE, (hi - lo) * PAGE
@@ -264,8 +307,29 @@ class SharedArena:
         if self._closed:
             raise RuntimeError("the arena is closed")
 
+    # ---- the rest of VirtualArena's surface, so the virtual KV cache runs on either -------------------------
+    scratch_bytes = 0  # CUDA's scratch page has no CPU counterpart: unmapped pages read as zeros
+
+    def make_readable(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Nothing to do on the CPU (see VirtualArena.make_readable)."""
+
+    def drop_scratch(self) -> None:
+        pass
+
+    @property
+    def prefaulter(self) -> Prefaulter:
+        if self._prefaulter is None:
+            self._prefaulter = Prefaulter(f"memfit-prefault-{self.owner}")
+        return self._prefaulter
+
+    def drain(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.drain()
+
     def close(self) -> None:
         """Free every page and return the budget; the mapping goes with the last view of it."""
+        if self._prefaulter is not None:
+            self._prefaulter.close()
         with self._lock:
             if self._closed:
                 return

@@ -44,6 +44,9 @@ class EngineConfig:
     kv_reclaim_idle_s: float = 10.0  # idle KV pages above the watermark are given back after this many seconds
     kv_prefault: bool = True  # commit the next pages of a growing sequence on a background thread
     kv_eager_pages: int | None = None  # pages committed ahead of need (None: 2 on a CPU, 1 on a GPU)
+    # Automatic prefix caching: a request starting with tokens whose K/V a live or recently finished request holds
+    # reuses them (virtual cache: the same physical pages mapped into its slot, CPU; paged: shared blocks).
+    enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
@@ -144,6 +147,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="seconds before idle KV pages above the watermark are given back (default 10)")
     g.add_argument("--no-kv-prefault", dest="kv_prefault", action="store_false",
                    help="commit KV pages only when needed, in the scheduler (default: ahead, on a background thread)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="prefill every prompt in full (default: reuse the KV of a cached prefix, docs/engine.md)")
     g.add_argument("--kv-eager-pages", type=int, default=None,
                    help="KV pages committed ahead of need per sequence (default 2 on a CPU, 1 on a GPU)")
     g.add_argument("--max-model-len", type=int, default=None)

@@ -75,7 +75,8 @@ class LLMEngine:
         self.kv_reclaim_watermark = self._watermark_bytes()
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
-                                          eager_pages=config.kv_eager_pages)
+                                          eager_pages=config.kv_eager_pages,
+                                          prefix_caching=config.enable_prefix_caching)
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.swap = self._build_swap(mc)
         policy = PolicyConfig(config.scheduling_policy, aging_steps=config.priority_aging_steps)
@@ -398,6 +399,9 @@ class LLMEngine:
             "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
             "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
             "heap_trims": self._heap.trims if self._heap is not None else 0,
+            "prefix_caching": self.kv.prefix_caching, "prefix_cache_queries": self.kv.prefix_stats.queries,
+            "prefix_cache_query_tokens": self.kv.prefix_stats.query_tokens,
+            "prefix_cache_hit_tokens": self.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": self.kv.cached_bytes,
             "preemptions_by_mode": dict(self.scheduler.preemptions_by_mode),
             "swap": self._swap_stats(),
         }

@@ -55,9 +55,10 @@ class ModelRunner:
         sampled = []
         for item in ordered:
             seq, start, n = item.seq, item.seq.num_computed, item.num_new
-            input_ids.extend(seq.token_slice(start, start + n))
+            tokens = seq.token_slice(start, start + n)
+            input_ids.extend(tokens)
             positions.extend(range(start, start + n))
-            steps.append(SeqStep(seq.seq_id, start, n))
+            steps.append(SeqStep(seq.seq_id, start, n, tokens))  # the cache hashes full blocks (prefix caching)
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(seq)
@@ -94,9 +95,10 @@ class ModelRunner:
     def _execute_stack(self, ordered: list[ScheduledSeq]) -> StepResult:
         """A pure decode step of at most `stack.max_rows` sequences through the CPU decode stack (one C++ call)."""
         seqs = [item.seq for item in ordered]
-        steps = [SeqStep(s.seq_id, s.num_computed, 1) for s in seqs]
+        tokens = [s.token_slice(s.num_computed, s.num_computed + 1) for s in seqs]
+        steps = [SeqStep(s.seq_id, s.num_computed, 1, t) for s, t in zip(seqs, tokens)]
         plan = self.kv.plan_step(steps)  # validates capacity and records the new tokens as held
-        ids = torch.tensor([s.token_slice(s.num_computed, s.num_computed + 1)[0] for s in seqs], dtype=torch.long)
+        ids = torch.tensor([t[0] for t in tokens], dtype=torch.long)
         hidden = self.stack.run(ids, plan)  # (B, C)
         for s in seqs:
             s.num_computed += 1

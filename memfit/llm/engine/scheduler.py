@@ -170,7 +170,7 @@ class Scheduler:
             if holds:
                 if self.kv.try_grow(seq.seq_id, num_tokens):
                     return True
-            elif self.kv.try_allocate(seq.seq_id, num_tokens):
+            elif self._try_allocate(seq, num_tokens):
                 return True
             if getattr(self.kv, "last_refused", False):
                 # The OS or driver refused memory the budget allowed: this sequence waits (or is preempted)
@@ -181,6 +181,17 @@ class Scheduler:
             if may_preempt and self._preempt_newest(out, keep=seq):
                 continue
             return False
+
+    def _try_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """New KV for `seq`. With prefix caching a sequence with nothing computed starts from the longest
+        cached prefix of its tokens: num_computed jumps past it and only the rest is prefilled."""
+        if seq.num_computed == 0 and getattr(self.kv, "prefix_caching", False):
+            cached = self.kv.try_allocate_prefix(seq.seq_id, seq.all_token_ids, num_tokens)
+            if cached is None:
+                return False
+            seq.num_computed = seq.num_cached_prompt = cached
+            return True
+        return self.kv.try_allocate(seq.seq_id, num_tokens)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -219,6 +230,7 @@ class Scheduler:
             num_new = min(seq.num_pending, budget)
             if not self._admit_capacity(seq, num_new, out):
                 break  # nobody overtakes the policy's next sequence
+            num_new = min(seq.num_pending, budget)  # a cached prefix (prefix caching) leaves fewer to compute
             if seq.swapping_in:
                 continue  # its KV is on its way back, overlapping this step; admitted once it has landed
             self.waiting.remove(seq)

@@ -26,16 +26,25 @@ in place (and the runner's slot ordering) ask for them by these flags:
   (num_blocks, block_size, Hkv, D) K and V pools (block_size a power of two), and step plans carry `ends`
   and `batch_table`, a (B, nb) int64 tensor whose row i lists step i's block ids in position order
   (covering 0 .. ends[i]-1; the rest of the row is padding that a reader must not follow).
+
+Automatic prefix caching (`prefix_caching`, kv/prefix.py): a manager that supports it starts a sequence with
+`try_allocate_prefix(seq_id, token_ids, n)`, which maps the K/V of the longest cached prefix of `token_ids` (a
+live or finished sequence's full blocks) into the new sequence and returns how many tokens it need not
+prefill. The runner passes each step's token ids (`SeqStep.token_ids`), so the cache knows which tokens every
+position holds; full blocks are hashed as they are written. A manager supplies `_try_place_prefix` and the
+`_blocks_full` / `_blocks_dropped` hooks; writing into a block another sequence shares copies it first.
 """
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
+from memfit.llm.kv.prefix import PrefixStats, chain_hashes
 from memfit.memory.budget import MemoryBudget
 
 
@@ -89,6 +98,7 @@ class SeqStep:
     seq_id: int
     start: int
     num_new: int
+    token_ids: Sequence[int] | None = None  # the tokens written (prefix caching hashes them); None: unknown
 
     @property
     def end(self) -> int:
@@ -101,6 +111,8 @@ class SeqRecord:
 
     requested: int = 0  # largest capacity asked of try_allocate / try_grow
     written: int = 0  # tokens whose K/V are held: positions 0 .. written-1
+    tokens: list[int] = field(default_factory=list)  # prefix caching: token ids of positions 0 .. len-1
+    hashes: list[int] = field(default_factory=list)  # prefix caching: chained hashes of its full blocks
 
 
 class KVCacheManager(ABC):
@@ -117,6 +129,9 @@ class KVCacheManager(ABC):
         self.last_refused = False
         self._seqs: dict[int, SeqRecord] = {}
         self._lock = threading.RLock()  # background work (the virtual cache's prefaulter) takes it too
+        self.prefix_caching = False  # a manager that supports it turns it on (see the module docstring)
+        self.prefix_block = 0  # tokens per hashed block when prefix_caching
+        self.prefix_stats = PrefixStats()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,9 +142,11 @@ class KVCacheManager(ABC):
 
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None) -> dict[str, Any]:
+                       prefault: bool = True, eager_pages: int | None = None,
+                       prefix_caching: bool = False) -> dict[str, Any]:
         """The constructor options this manager takes from the engine's config (EngineConfig's max_num_seqs,
-        block_size, kv_layout, kv_prefault and kv_eager_pages): each manager picks what applies to it."""
+        block_size, kv_layout, kv_prefault, kv_eager_pages and enable_prefix_caching): each manager picks
+        what applies to it."""
         return {}
 
     # ---- scheduler side: bookkeeping, no tensors -------------------------------------------------
@@ -147,6 +164,30 @@ class KVCacheManager(ABC):
             record.requested = num_tokens
             self._seqs[seq_id] = record
             return True
+
+    def try_allocate_prefix(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> int | None:
+        """Start `seq_id`, whose tokens are `token_ids`, reusing the K/V of their longest cached prefix (at
+        most len - 1 tokens: the last one is always computed, it yields the logits), with capacity for
+        `num_tokens` more tokens after it (capped at the length of `token_ids`). Returns the number of cached
+        tokens (0 without prefix caching or a hit), or None with nothing changed when memory is short."""
+        with self._lock:
+            if not self.prefix_caching:
+                return 0 if self.try_allocate(seq_id, num_tokens) else None
+            self.last_refused = False
+            if seq_id in self._seqs:
+                raise KVCacheError(f"sequence {seq_id} is already allocated")
+            self._check_len(num_tokens)
+            self._check_len(len(token_ids))
+            placed = self._try_place_prefix(token_ids, num_tokens)
+            if placed is None:
+                return None
+            record, cached = placed
+            record.requested = max(record.requested, cached + min(len(token_ids) - cached, num_tokens))
+            record.written = cached
+            record.tokens = list(token_ids[:cached])
+            self._seqs[seq_id] = record
+            self.prefix_stats.record(len(token_ids), cached)
+            return cached
 
     def try_grow(self, seq_id: int, num_tokens: int) -> bool:
         """Make `seq_id`'s capacity reach `num_tokens` total tokens (True at once if it already does), or
@@ -176,6 +217,12 @@ class KVCacheManager(ABC):
         with self._lock:
             record = self._seq(seq_id)
             record.written = min(record.written, num_tokens)
+            if self.prefix_caching:
+                del record.tokens[num_tokens:]
+                keep = num_tokens // self.prefix_block
+                dropped, record.hashes = record.hashes[keep:], record.hashes[:keep]
+                if dropped:
+                    self._blocks_dropped(record, keep, dropped)
 
     def capacity(self, seq_id: int) -> int:
         """Tokens `seq_id` may hold without another `try_grow`."""
@@ -220,6 +267,34 @@ class KVCacheManager(ABC):
             return self._seqs[seq_id]
         except KeyError:
             raise KVCacheError(f"unknown sequence {seq_id}") from None
+
+    def _track_tokens(self, st: SeqStep, record: SeqRecord) -> None:
+        """Record the step's token ids and hash the blocks it completes."""
+        if st.token_ids is None or st.start > len(record.tokens):
+            return  # tokens unknown from here on: no further block of this sequence is cached
+        del record.tokens[st.start :]
+        record.tokens.extend(st.token_ids)
+        first = len(record.hashes)
+        record.hashes = chain_hashes(record.tokens, self.prefix_block, record.hashes, limit=record.written)
+        if len(record.hashes) > first:
+            self._blocks_full(record, first)
+
+    # ---- prefix caching hooks (called under self._lock; only when prefix_caching) -------------------
+    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
+        """A record holding the longest cached prefix of `token_ids` and room for `num_tokens` more, and how
+        many tokens it holds; None with nothing changed."""
+        raise NotImplementedError(f"{type(self).__qualname__} has no prefix caching")
+
+    def _blocks_full(self, record: SeqRecord, first: int) -> None:
+        """record.hashes[first:] were just completed: make them findable."""
+
+    def _blocks_dropped(self, record: SeqRecord, first: int, hashes: list[int]) -> None:
+        """Blocks first, first + 1, ... (`hashes`) no longer hold those tokens (truncate): forget them."""
+
+    @property
+    def cached_bytes(self) -> int:
+        """Physical bytes held only for prefixes cached for reuse (no live sequence maps them)."""
+        return 0
 
     # ---- what a manager supplies (called under self._lock) ---------------------------------------
     @abstractmethod
@@ -271,6 +346,8 @@ class KVCacheManager(ABC):
                     raise KVCacheError(f"sequence {st.seq_id}: writing up to {st.end} needs try_grow(); capacity is {cap}")
             for st, record in zip(steps, records):
                 record.written = max(record.written, st.end)
+                if self.prefix_caching:
+                    self._track_tokens(st, record)
             longest = max(st.end for st in steps)
             read_len = min(self.layout.max_seq_len, -(-longest // pad_to) * pad_to)
             return self._plan(steps, records, read_len)

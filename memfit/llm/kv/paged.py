@@ -24,11 +24,14 @@ kernels/cpu_paged.cpp, as vLLM's kernels do). Without one, `context` and `contex
 sequence's blocks into a contiguous tensor: a copy per layer per step that a fair comparison must not charge
 to this design, so the engine uses the kernel wherever it runs. Block sizes that are powers of two (the
 default 16) are what the kernel addresses.
+Prefix caching (`prefix_caching=True`): vLLM's block-hash automatic prefix caching, with shared blocks counted
+once and an LRU of cached blocks (kv/paged_prefix.py).
 Waste: at most one partly filled block per sequence (block_size - 1 tokens), plus capacity asked for but
 not yet written (`waste_bound_bytes`).
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
+from memfit.llm.kv.paged_prefix import PagedPrefixMixin
 from memfit.llm.kv.registry import register_kv_cache
 from memfit.memory.budget import MemoryBudget, format_bytes
 
@@ -57,12 +61,13 @@ class PagedPlan:
 
 
 @register_kv_cache("paged")
-class PagedKVCache(KVCacheManager):
+class PagedKVCache(PagedPrefixMixin, KVCacheManager):
     block_tables = True  # pools(layer) + plans' batch_table: kernels read the blocks in place
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None) -> dict:
-        return {"block_size": block_size}  # the pool takes what the budget holds, as vLLM sizes it
+                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:
+        # the pool takes what the budget holds, as vLLM sizes it
+        return {"block_size": block_size, "prefix_caching": prefix_caching}
 
     def __init__(
         self,
@@ -73,6 +78,7 @@ class PagedKVCache(KVCacheManager):
         max_seqs: int | None = None,
         owner: str = "kv",
         head_major: bool | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -104,6 +110,10 @@ class PagedKVCache(KVCacheManager):
         # sequence's end read finite values: masked garbage that were NaN would survive softmax as NaN x 0.
         self._zeroed = 0
         self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
+        self._ref = np.zeros(num_blocks, dtype=np.int32)  # block -> sequences whose table lists it
+        self._held = 0  # blocks with a nonzero refcount
+        if prefix_caching:
+            self._init_prefix()
 
     @property
     def pool_bytes(self) -> int:
@@ -126,22 +136,29 @@ class PagedKVCache(KVCacheManager):
         return record if self._try_extend(record, num_tokens) else None
 
     def _try_extend(self, record: _Seq, num_tokens: int) -> bool:  # type: ignore[override]
+        if self.prefix_caching and not self._cow(record):
+            return False  # blocks it would write are shared and their copies do not fit
         extra = self.blocks_for(num_tokens) - len(record.blocks)
         if extra <= 0:
             return True
-        if extra > len(self._free) or not self.budget.try_reserve(extra * self.block_bytes, self.owner):
+        blocks = self._take_blocks(extra)
+        if blocks is None:
             return False  # out of blocks or of budget: nothing taken
-        record.blocks.extend(self._free.pop() for _ in range(extra))
-        top = max(record.blocks[-extra:]) + 1
+        self._zero_new(blocks)
+        record.blocks.extend(blocks)
+        return True
+
+    def _zero_new(self, blocks: list[int]) -> None:
+        top = max(blocks, default=-1) + 1
         if top > self._zeroed:
             for pool in (*self.k, *self.v):
                 pool[self._zeroed : top].zero_()
             self._zeroed = top
-        return True
 
     def _release(self, record: _Seq) -> None:  # type: ignore[override]
-        self._free.extend(reversed(record.blocks))
-        self.budget.release(len(record.blocks) * self.block_bytes, self.owner)
+        for blk in reversed(record.blocks):  # the first blocks end up most recently used in the LRU
+            self._drop_ref(blk)
+        record.blocks = []
 
     def _capacity_of(self, record: _Seq) -> int:  # type: ignore[override]
         return min(self.layout.max_seq_len, len(record.blocks) * self.block_size)
@@ -154,6 +171,8 @@ class PagedKVCache(KVCacheManager):
         dev, bs = self.layout.device, self.block_size
         blocks, offsets = [], []
         for st, record in zip(steps, records):
+            if self.prefix_caching and st.num_new:
+                self._check_private(record, st.start, st.end)
             pos = np.arange(st.start, st.end)
             blocks.append(np.asarray(record.blocks, dtype=np.int64)[pos // bs])
             offsets.append(pos % bs)
@@ -197,13 +216,26 @@ class PagedKVCache(KVCacheManager):
     # ---- accounting -------------------------------------------------------------------------------
     @property
     def committed_bytes(self) -> int:
+        """Blocks some sequence reads, each once however many share it, plus cached blocks kept for reuse."""
         with self._lock:
-            return self.block_bytes * sum(len(record.blocks) for record in self._seqs.values())
+            return self.block_bytes * (self._held + (len(self._lru) if self.prefix_caching else 0))
+
+    def reclaim(self, nbytes: int | None = None) -> int:
+        """Give back cached blocks (all by default), least recently used first; returns the bytes."""
+        with self._lock:
+            return self._evict_cached(nbytes) if self.prefix_caching else 0
+
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+        if not self.prefix_caching:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return self._evict_cached(None, older_than=now - idle_s, keep_bytes=watermark_bytes)
 
     def waste_bound_bytes(self) -> int:
         """Per sequence: capacity asked for but unwritten, plus one partly filled block."""
         with self._lock:
-            return self.layout.bytes_per_token * sum(
+            return self.cached_bytes + self.layout.bytes_per_token * sum(
                 max(s.requested, s.written) - s.written + self.block_size - 1 for s in self._seqs.values()
             )
 
@@ -212,5 +244,7 @@ class PagedKVCache(KVCacheManager):
             for record in self._seqs.values():
                 self._release(record)
             self._seqs.clear()
+            if self.prefix_caching:
+                self._evict_cached(None)
             self.k, self.v = [], []
             self._free.clear()

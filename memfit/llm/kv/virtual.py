@@ -30,6 +30,9 @@ segment). Every page is reserved in the budget (owner "kv") before it is committ
   best (surplus beyond its need + eager is trimmed). Idle pages are decommitted only when a commit
   would not fit the budget, or by `reclaim()`.
 
+Prefix sharing (`prefix_caching=True`, CPU): the arena is a `SharedArena` over a memfd, so a sequence can map a
+cached prefix's physical pages at the start of its own slot; kv/virtual_prefix.py has the details.
+
 Waste bound (`waste_bound_bytes` computes it; the tests check it against the pages the kernel holds):
 with row = Hkv x D x itemsize (x 2 x layers if token-major) and requested = the largest size asked of
 try_allocate/try_grow (or the tokens written, if more),
@@ -51,8 +54,10 @@ import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
 from memfit.llm.kv.registry import register_kv_cache
+from memfit.llm.kv.virtual_prefix import VirtualPrefixMixin
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.vmem import VirtualArena, VirtualMemoryError
+from memfit.memory.vmem_shared import SharedArena
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +79,15 @@ class VirtualPlan:
 
 
 @register_kv_cache("virtual")
-class VirtualKVCache(KVCacheManager):
+class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
     fixed_stride = True  # K[l][slot, pos]: one strided view per layer
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None) -> dict:
+                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:
         # a slot of virtual space per sequence; kv_layout: EngineConfig's name for the page layout
         token_major = {"auto": None, "per-layer": False, "token-major": True, "head-major": False}[kv_layout]
         return {"max_seqs": max_num_seqs, "token_major": token_major, "head_major": kv_layout == "head-major",
-                "prefault": prefault, "eager_pages": eager_pages}
+                "prefault": prefault, "eager_pages": eager_pages, "prefix_caching": prefix_caching}
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class VirtualKVCache(KVCacheManager):
         owner: str = "kv",
         token_major: bool | None = None,
         head_major: bool = False,
+        prefix_caching: bool = False,
     ) -> None:
         if max_seqs <= 0:
             raise ValueError(f"max_seqs must be positive, got {max_seqs}")
@@ -111,7 +117,25 @@ class VirtualKVCache(KVCacheManager):
         probe_page = VirtualArena.page_size_for(layout.device)
         self.seg_bytes = -(-layout.max_seq_len * self.row_bytes // probe_page) * probe_page
         self.slot_bytes = self.num_segments * self.seg_bytes
-        self.arena = VirtualArena(max_seqs * self.slot_bytes, layout.device, budget, owner)
+        if prefix_caching and layout.device.type != "cpu":
+            # Page aliasing needs one physical allocation mapped at several addresses: on CUDA that is
+            # cuMemCreate + several cuMemMap, not written yet. The cache runs without sharing there.
+            log.warning("prefix caching by page aliasing is CPU-only for the virtual KV cache; it is off on %s",
+                        layout.device)
+            prefix_caching = False
+        if prefix_caching and self.prefix_geometry(self.row_bytes, probe_page)[0] > layout.max_seq_len // 2:
+            # A block must be whole pages of every segment: with rows that tile pages badly (some token-major
+            # shapes) or a very short context it would hold most of the context, and sharing would buy nothing.
+            log.warning("prefix caching is off: a page-aligned block of this layout is %d tokens (%d-byte rows), "
+                        "too coarse for %d positions", self.prefix_geometry(self.row_bytes, probe_page)[0],
+                        self.row_bytes, layout.max_seq_len)
+            prefix_caching = False
+        # With prefix caching, as many slots again hold finished sequences' pages for reuse (address space is free).
+        self.num_slots = max_seqs * (2 if prefix_caching else 1)
+        if prefix_caching:
+            self.arena = SharedArena(self.num_slots * self.slot_bytes, budget, owner)
+        else:
+            self.arena = VirtualArena(self.num_slots * self.slot_bytes, layout.device, budget, owner)
         self.page = self.arena.page_size
         assert self.page == probe_page
         self.seg_pages = self.seg_bytes // self.page
@@ -122,17 +146,17 @@ class VirtualKVCache(KVCacheManager):
             raise ValueError(f"eager_pages must be >= 0, got {eager_pages}")
         # Per layer: K, V as (max_seqs, max_seq_len, Hkv, D) views with a page-aligned slot stride.
         isz = layout.itemsize
-        shape = (max_seqs, layout.max_seq_len, H, D)
+        shape = (self.num_slots, layout.max_seq_len, H, D)
         stride = (self.slot_bytes // isz, self.row_bytes // isz, self.seg_bytes // isz if self.head_major else D, 1)
         # Where (layer l, K|V j) starts: its own segment (H of them if head-major), or its H x D columns of every
         # token-major row.
         part = H * D * isz if self.token_major else self.seg_bytes * (H if self.head_major else 1)
         self.k = [self.arena.view(layout.dtype, shape, stride, 2 * l * part) for l in range(L)]
         self.v = [self.arena.view(layout.dtype, shape, stride, (2 * l + 1) * part) for l in range(L)]
-        self._pages = [0] * max_seqs  # committed pages per segment, per slot
-        self._gen = [0] * max_seqs  # bumped on free: stale prefault jobs see it and skip
-        self._pending = [0] * max_seqs  # highest page target queued on the prefault thread
-        self._empty = list(range(max_seqs))  # heap: free slots holding no pages
+        self._pages = [0] * self.num_slots  # committed pages per segment, per slot
+        self._gen = [0] * self.num_slots  # bumped on free: stale prefault jobs see it and skip
+        self._pending = [0] * self.num_slots  # highest page target queued on the prefault thread
+        self._empty = list(range(self.num_slots))  # heap: free slots holding no pages
         self._idle: set[int] = set()  # free slots holding pages (deferred reclamation)
         self._idle_since: dict[int, float] = {}  # idle slot -> when it went idle (time.monotonic)
         self.commit_failures = 0  # commits the OS or driver refused (the sequence waited; nothing else failed)
@@ -140,6 +164,8 @@ class VirtualKVCache(KVCacheManager):
         self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
         self._prefault = prefault and self.eager_pages > 0  # the prefault thread takes self._lock too
         self._closed = False
+        if prefix_caching:
+            self._init_prefix()
 
     # ---- page arithmetic --------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
@@ -172,6 +198,8 @@ class VirtualKVCache(KVCacheManager):
         return self._empty[0] if self._empty else None
 
     def _reclaimable(self, exclude: int | None = None) -> int:
+        if self.prefix_caching:
+            return self._reclaimable_prefix(exclude)
         return sum(self._slot_bytes(self._pages[s]) for s in self._idle if s != exclude)
 
     def _queued_bytes(self, exclude: int | None = None) -> int:
@@ -179,11 +207,14 @@ class VirtualKVCache(KVCacheManager):
         taken, so whether it fits does not depend on whether that thread has run yet."""
         return sum(
             self._slot_bytes(self._pending[s] - self._pages[s])
-            for s in range(self.max_seqs)
+            for s in range(self.num_slots)
             if s != exclude and self._pending[s] > self._pages[s]
         )
 
     def _try_place(self, num_tokens: int) -> _Seq | None:
+        if self.prefix_caching:  # no tokens given: a sequence that shares nothing
+            placed = self._try_place_prefix((), num_tokens)
+            return None if placed is None else placed[0]  # type: ignore[return-value]
         need = self.pages_for(num_tokens)
         slot = self._pick_slot(need)
         if slot is None or not self._try_commit_to(slot, need):
@@ -203,6 +234,8 @@ class VirtualKVCache(KVCacheManager):
 
     def _try_extend(self, record: _Seq, num_tokens: int) -> bool:  # type: ignore[override]
         need = self.pages_for(num_tokens)
+        if self.prefix_caching and not self._cow(record.slot, record.written):
+            return False  # the pages it would write are shared and the copies do not fit
         if not self._try_commit_to(record.slot, need):
             return False
         self._ahead(record.slot, need)
@@ -211,7 +244,9 @@ class VirtualKVCache(KVCacheManager):
     def _release(self, record: _Seq) -> None:  # type: ignore[override]
         self._gen[record.slot] += 1
         self._pending[record.slot] = 0
-        if self._pages[record.slot]:
+        if self.prefix_caching:
+            self._release_prefix(record)
+        elif self._pages[record.slot]:
             self._idle.add(record.slot)  # keep the pages: the next sequence reuses them
             self._idle_since[record.slot] = time.monotonic()
         else:
@@ -289,6 +324,8 @@ class VirtualKVCache(KVCacheManager):
         self.arena.prefaulter.submit(job)
 
     def _reclaim(self, nbytes: int | None, exclude: int | None = None) -> int:
+        if self.prefix_caching:
+            return self._reclaim_prefix(nbytes, exclude)
         freed = 0
         for slot in sorted(self._idle, key=lambda s: -self._pages[s]):
             if nbytes is not None and freed >= nbytes:
@@ -313,6 +350,8 @@ class VirtualKVCache(KVCacheManager):
         now = time.monotonic() if now is None else now
         freed = 0
         with self._lock:
+            if self.prefix_caching:
+                return self._reclaim_idle_prefix(watermark_bytes, idle_s, now)
             due = [s for s in self._idle if now - self._idle_since.get(s, now) >= idle_s]
             if due:
                 idle = self._reclaimable()
@@ -347,6 +386,9 @@ class VirtualKVCache(KVCacheManager):
     # ---- runner side ------------------------------------------------------------------------------
     def _plan(self, steps: list[SeqStep], records: list[_Seq], read_len: int) -> VirtualPlan:  # type: ignore[override]
         slots = [record.slot for record in records]
+        if self.prefix_caching:
+            for st, slot in zip(steps, slots):
+                self._check_private(slot, st.start)
         ends = [st.end for st in steps]
         dev = self.layout.device
         counts = np.array([st.num_new for st in steps])

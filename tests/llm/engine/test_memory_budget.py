@@ -96,7 +96,7 @@ def test_a_refused_commit_stays_with_the_request_that_asked(tiny_path):
     """The OS refuses the commits of request b's slot for a while: b waits (preempted, then queued), a is not
     touched and finishes with the tokens it has without the fault; b finishes once the memory is there."""
     reference = _run(_engine(tiny_path), PROMPTS)
-    engine = _engine(tiny_path)
+    engine = _engine(tiny_path, enable_prefix_caching=False)  # the fault is injected into VirtualArena's backend
     backend = engine.kv.arena._backend
     real_map = backend.map
     state = {"slot": None, "refusals": 0, "a_preempted": 0}
@@ -128,7 +128,7 @@ def test_a_refused_commit_stays_with_the_request_that_asked(tiny_path):
 
 def test_a_failed_prefault_is_reported_and_rolled_back(tiny_path):
     reference = _run(_engine(tiny_path), PROMPTS)
-    engine = _engine(tiny_path, kv_eager_pages=2, kv_prefault=True)
+    engine = _engine(tiny_path, kv_eager_pages=2, kv_prefault=True, enable_prefix_caching=False)  # VirtualArena's
     backend = engine.kv.arena._backend
     real_map = backend.map
     failures = []
@@ -161,7 +161,8 @@ def test_prefault_settings_reach_the_cache(tiny_path):
 
 @pytest.mark.parametrize("watermark", ["0", "16KiB"])
 def test_idle_kv_pages_past_the_watermark_go_back_after_the_idle_time(tiny_path, watermark):
-    engine = _engine(tiny_path, kv_reclaim_watermark=watermark, kv_reclaim_idle_s=0.3)
+    # Deferred reclamation of whole idle slots (prefix caching keeps full blocks instead: tests/llm/kv/test_prefix_virtual.py)
+    engine = _engine(tiny_path, kv_reclaim_watermark=watermark, kv_reclaim_idle_s=0.3, enable_prefix_caching=False)
     _run(engine, PROMPTS)
     held = arena_resident_bytes(engine.kv)
     assert held > 64 * 1024  # both sequences' pages are kept for reuse (deferred reclamation) ...
@@ -186,7 +187,7 @@ def test_an_idle_server_gives_its_kv_back():
 
     with ServerProcess(["--model", "memfit-tiny", "--dtype", "float32", "--kv-budget", "256MiB", "--max-num-seqs", "16",
                         "--max-model-len", "1024", "--threads", "1", "--kv-reclaim-idle-s", "0.5", "--log-level",
-                        "warning"], cwd=ROOT) as live:
+                        "warning", "--no-prefix-caching"], cwd=ROOT) as live:
         url = live.url
         server = psutil.Process(live.proc.pid)
 

@@ -23,22 +23,31 @@ def resident_pages(address: int, nbytes: int) -> np.ndarray:
 
 
 def arena_pages(cache) -> np.ndarray:
-    """A virtual cache's resident pages as (max_seqs, num_segments, seg_pages) bool."""
-    flags = resident_pages(cache.arena.address, cache.max_seqs * cache.slot_bytes)
-    return flags.reshape(cache.max_seqs, cache.num_segments, cache.seg_bytes // PAGE)
+    """A virtual cache's resident pages as (num_slots, num_segments, seg_pages) bool."""
+    flags = resident_pages(cache.arena.address, cache.num_slots * cache.slot_bytes)
+    return flags.reshape(cache.num_slots, cache.num_segments, cache.seg_bytes // PAGE)
 
 
 def arena_resident_bytes(cache) -> int:
+    """Physical bytes the kernel holds for a virtual cache: with prefix caching (a memfd arena whose pages
+    several slots may map) the memfd's allocated blocks, each page once; otherwise the arena's own pages."""
+    if hasattr(cache.arena, "allocated_bytes"):
+        return cache.arena.allocated_bytes()
     return int(arena_pages(cache).sum()) * PAGE
 
 
 def assert_paged_tables_consistent(cache, seq_ids) -> int:
     """The paged cache's block tables (of `seq_ids`, every live sequence) against its pool and its budget
-    ledger: no block held twice or lost, and the ledger holds exactly the blocks the tables name. Returns
-    the bytes of the blocks held."""
+    ledger: no block held twice (unless prefix caching shares it) or lost, and the ledger holds exactly the
+    blocks the tables name plus the cached ones, each once. Returns the bytes of the blocks held."""
     assert cache.stats().num_seqs == len(seq_ids)
-    held = [b for sid in seq_ids for b in cache.block_table(sid)]
-    assert len(set(held)) == len(held) and all(0 <= b < cache.num_blocks for b in held)
-    assert len(held) + cache.num_free_blocks == cache.num_blocks
-    assert len(held) * cache.block_bytes == cache.budget.by_owner().get(cache.owner, 0)
-    return len(held) * cache.block_bytes
+    tables = [b for sid in seq_ids for b in cache.block_table(sid)]
+    held = set(tables)
+    assert all(0 <= b < cache.num_blocks for b in held)
+    cached = set(cache._lru) if cache.prefix_caching else set()
+    if not cache.prefix_caching:
+        assert len(held) == len(tables)
+    assert not held & cached
+    assert len(held) + len(cached) + cache.num_free_blocks == cache.num_blocks
+    assert (len(held) + len(cached)) * cache.block_bytes == cache.budget.by_owner().get(cache.owner, 0)
+    return (len(held) + len(cached)) * cache.block_bytes

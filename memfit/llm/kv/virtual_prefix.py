@@ -1,0 +1,238 @@
+"""Prefix sharing by page aliasing for the `virtual` KV cache (issue 14): the part of VirtualKVCache that runs
+when `prefix_caching` is on (its arena is then a `memfit.memory.vmem_shared.SharedArena`).
+
+Blocks. A block is the fewest tokens whose rows fill whole pages of every segment (lcm(row, page) / row,
+raised to at least 16 tokens), so block b of a slot is pages [b x ppb, (b+1) x ppb) of each segment and can
+be mapped elsewhere as whole pages. Full blocks are hashed as they are written (kv/prefix.py).
+
+A new sequence whose tokens start with cached blocks maps the holder's physical pages at the start of its
+own slot (`SharedArena.alias`: no copy, no new memory), copies the rows of a partly matching last block
+(less than one block per segment), and is prefilled from there. Its K/V stays one strided view per layer,
+so every attention kernel reads it unchanged.
+
+Cached prefixes. A finished sequence whose full blocks nobody else holds keeps its slot with those pages
+(the rest is released): an LRU of cached slots, twice `max_seqs` slots in all (address space is free).
+Cached pages are reserved in the budget like any other, counted once however many slots map them; they go
+first when a commit would not fit (before the scheduler refuses or preempts anyone), when a new sequence
+needs a slot, or when idle for `kv_reclaim_idle_s` above the watermark. `cached_bytes` is what evicting
+them all would free.
+
+Copy-on-write. Pages below `_shared_upto[slot]` (per segment) may be mapped by another slot too. Sequences
+only write at or past their `written` count, which is past every block they share, except after `truncate`
+(a session's next turn): then `try_grow` first gives the pages from the write position on a copy of their own
+(`SharedArena.make_private`, reserved in the budget like a commit).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from memfit.llm.kv.base import KVCacheError, SeqRecord
+from memfit.llm.kv.prefix import PrefixIndex, chain_hashes
+
+MIN_BLOCK_TOKENS = 16  # vLLM's default block: shorter blocks would hash and map more often for little gain
+
+
+class VirtualPrefixMixin:
+    """Mixed into VirtualKVCache (which defines the slots, pages and arena this code uses)."""
+
+    @staticmethod
+    def prefix_geometry(row_bytes: int, page: int) -> tuple[int, int]:
+        """(tokens, pages per segment) of one block: the fewest tokens whose rows fill whole pages, >= 16."""
+        lcm = row_bytes * page // math.gcd(row_bytes, page)
+        scale = -(-MIN_BLOCK_TOKENS // (lcm // row_bytes))
+        return lcm // row_bytes * scale, lcm // page * scale
+
+    def _init_prefix(self) -> None:
+        self.prefix_block, self.block_pages = self.prefix_geometry(self.row_bytes, self.page)
+        self.prefix_caching = True
+        self._index = PrefixIndex()  # block hash -> slots holding it
+        self._cached: OrderedDict[int, SeqRecord] = OrderedDict()  # finished slots kept for reuse, LRU first
+        self._holder: dict[int, SeqRecord] = {}  # slot -> its record (live or cached): tokens for matching
+        self._shared_upto = [0] * self.num_slots  # pages per segment that may be mapped by another slot too
+        self._pinned: set[int] = set()  # cached slots an allocation in progress reads from: not evictable
+
+    # ---- placing a sequence --------------------------------------------------------------------------
+    def _match(self, token_ids: Sequence[int]) -> tuple[list[int], int | None, int]:
+        """The hashes of the matched full blocks, a slot holding them (None without a hit), and how many
+        tokens past them that slot's rows match too (copied, not aliased)."""
+        bt, limit = self.prefix_block, len(token_ids) - 1  # the last token is always computed
+        hashes = chain_hashes(token_ids, bt, limit=limit) if limit > 0 else []
+        m = self._index.longest(hashes)
+        while m:
+            best, ext = None, -1
+            for slot in self._index.holders(hashes[m - 1]):
+                toks = self._holder[slot].tokens
+                if toks[: m * bt] != list(token_ids[: m * bt]):  # a hash collision: never share those rows
+                    continue
+                held = min(len(toks), self._holder[slot].written, limit)
+                e = 0
+                while m * bt + e < held and toks[m * bt + e] == token_ids[m * bt + e]:
+                    e += 1
+                if e > ext:
+                    best, ext = slot, e
+            if best is not None:
+                return hashes[:m], best, ext
+            m -= 1
+        return [], None, 0
+
+    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
+        from memfit.llm.kv.virtual import _Seq
+
+        hashes, src, ext = self._match(token_ids)
+        m = len(hashes)
+        cached = m * self.prefix_block + ext
+        # capacity for num_tokens after the cached ones, no further than the tokens known (none: a plain placement)
+        need = self.pages_for(cached + min(len(token_ids) - cached, num_tokens) if token_ids else num_tokens)
+        if src is not None:
+            self._pinned.add(src)
+        try:
+            slot = self._take_slot()
+            if slot is None:
+                return None
+            shared = m * self.block_pages
+            if shared:  # map the holder's pages: [0, shared) of every segment
+                for (s_off, n), (d_off, _) in zip(self._ranges(src, 0, shared), self._ranges(slot, 0, shared)):
+                    self.arena.alias(s_off, d_off, n)
+                self._pages[slot] = shared
+            if not self._try_commit_to(slot, need):
+                self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+                self._pages[slot] = 0
+                self._give_back(slot)
+                return None
+            if ext:  # the partly matching block: copy its rows (views: every layout, no page arithmetic)
+                a, b = m * self.prefix_block, cached
+                for layer in range(self.layout.num_layers):
+                    self.k[layer][slot, a:b].copy_(self.k[layer][src, a:b])
+                    self.v[layer][slot, a:b].copy_(self.v[layer][src, a:b])
+            if shared:
+                self._shared_upto[slot] = shared
+                self._shared_upto[src] = max(self._shared_upto[src], shared)
+            if src in self._cached:  # a hit makes a cached prefix recently used
+                self._cached.move_to_end(src)
+                self._idle_since[src] = time.monotonic()
+        finally:
+            self._pinned.discard(src)
+        record = _Seq(slot=slot)
+        record.hashes = list(hashes)
+        for h in hashes:
+            self._index.add(h, slot)
+        self._holder[slot] = record
+        self._ahead(slot, need)
+        return record, cached
+
+    def _take_slot(self) -> int | None:
+        """An empty slot, else the least recently used cached one (evicted); None at max_seqs live ones."""
+        if len(self._seqs) >= self.max_seqs:
+            return None
+        if self._empty:
+            return heapq.heappop(self._empty)
+        for slot in self._cached:
+            if slot not in self._pinned:
+                self._evict(slot)
+                return slot
+        return None
+
+    def _give_back(self, slot: int) -> None:
+        self._shared_upto[slot] = 0
+        heapq.heappush(self._empty, slot)
+
+    # ---- cached prefixes -------------------------------------------------------------------------------
+    def _release_prefix(self, record: SeqRecord) -> None:
+        """A sequence finished: keep its full blocks as a cached prefix if some of them are held nowhere else."""
+        slot = record.slot
+        keep = len(record.hashes) * self.block_pages
+        if keep and any(not self._index.has_other(h, slot) for h in record.hashes):
+            self.arena.decommit_many(self._ranges(slot, keep, max(keep, self._pages[slot])))
+            self._pages[slot] = min(keep, self._pages[slot])
+            record.written = len(record.hashes) * self.prefix_block  # only the full blocks' rows stay
+            del record.tokens[record.written :]
+            self._cached[slot] = record
+            self._idle_since[slot] = time.monotonic()
+            return
+        self._drop(slot, record)
+        self._give_back(slot)
+
+    def _drop(self, slot: int, record: SeqRecord) -> int:
+        for h in record.hashes:
+            self._index.remove(h, slot)
+        self._holder.pop(slot, None)
+        freed = self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+        self._pages[slot] = 0
+        return freed
+
+    def _evict(self, slot: int) -> int:
+        """Forget a cached prefix; returns the physical bytes that freed (pages no other slot maps)."""
+        record = self._cached.pop(slot)
+        self._idle_since.pop(slot, None)
+        self._shared_upto[slot] = 0
+        return self._drop(slot, record)
+
+    def _cached_ranges(self, exclude: int | None = None) -> list[tuple[int, int]]:
+        return [r for s in self._cached if s != exclude and s not in self._pinned
+                for r in self._ranges(s, 0, self._pages[s])]
+
+    def _reclaimable_prefix(self, exclude: int | None = None) -> int:
+        return self.arena.exclusive_bytes(self._cached_ranges(exclude))
+
+    def _reclaim_prefix(self, nbytes: int | None, exclude: int | None = None) -> int:
+        freed = 0
+        for slot in [s for s in self._cached if s != exclude and s not in self._pinned]:
+            if nbytes is not None and freed >= nbytes:
+                break
+            freed += self._evict(slot)
+            self._give_back(slot)
+        return freed
+
+    def _reclaim_idle_prefix(self, watermark_bytes: int, idle_s: float, now: float) -> int:
+        due = [s for s in self._cached if now - self._idle_since.get(s, now) >= idle_s]
+        freed = 0
+        if due:
+            held = self._reclaimable_prefix()
+            for slot in due:  # oldest first: the OrderedDict is in LRU order
+                if held <= watermark_bytes:
+                    break
+                given = self._evict(slot)
+                self._give_back(slot)
+                held -= given
+                freed += given
+        return freed
+
+    @property
+    def cached_bytes(self) -> int:
+        if not self.prefix_caching:
+            return 0
+        with self._lock:
+            return self._reclaimable_prefix()
+
+    # ---- index upkeep and copy-on-write -------------------------------------------------------------------
+    def _blocks_full(self, record: SeqRecord, first: int) -> None:
+        for h in record.hashes[first:]:
+            self._index.add(h, record.slot)
+
+    def _blocks_dropped(self, record: SeqRecord, first: int, hashes: list[int]) -> None:
+        for h in hashes:
+            self._index.remove(h, record.slot)
+
+    def _cow(self, slot: int, from_token: int) -> bool:
+        """Give the pages from `from_token`'s on that another slot may map copies of their own; False (some
+        may have been copied, none lost) when the budget cannot take them even after evicting cached ones."""
+        p0 = from_token * self.row_bytes // self.page
+        hi = min(self._shared_upto[slot], self._pages[slot])
+        if p0 >= hi:
+            return True
+        for off, n in self._ranges(slot, p0, hi):
+            while not self.arena.make_private(off, n):
+                if not self._reclaim_prefix(n, exclude=slot):
+                    return False
+        self._shared_upto[slot] = p0
+        return True
+
+    def _check_private(self, slot: int, start: int) -> None:
+        """Before a step writes from `start`: the pages it writes must be this slot's own."""
+        if start * self.row_bytes // self.page < self._shared_upto[slot] and not self._cow(slot, start):
+            raise KVCacheError(f"slot {slot}: no budget to copy shared pages before writing at {start}; "
+                               "try_grow the sequence first")
