@@ -66,6 +66,10 @@ class EngineConfig:
     # from what the memory budget leaves after the KV share on a CPU (given explicitly, it is set aside first).
     swap_space: int | float | str | None = None
     swap_threads: int = 2  # swap-ins copied on this many threads, overlapped with the model step (0: synchronous)
+    # Speculative decoding (engine/spec_decode.py): a draft model (a bundled name or a directory) sharing the
+    # target's tokenizer proposes up to num_speculative_tokens tokens a step; the target verifies them in one pass.
+    speculative_model: str | None = None
+    num_speculative_tokens: int | None = None  # default 4 with a speculative_model
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
@@ -96,6 +100,17 @@ class EngineConfig:
                 parse_swap_space(self.swap_space)
             except ValueError as exc:
                 raise ValueError(f"swap_space (--swap-space): {exc}; a bare number means GiB") from None
+
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        g = self.num_speculative_tokens
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ValueError(f"num_speculative_tokens (--num-speculative-tokens) must be an integer of at least 1, got {g!r}")
+        if g is not None and self.speculative_model is None:
+            raise ValueError("num_speculative_tokens needs a speculative_model (--speculative-model): the draft that proposes them")
+        if self.speculative_model is not None and g is None:
+            self.num_speculative_tokens = 4
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -170,5 +185,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="host tier for swapped KV: bytes ('8GiB'); a bare number means GiB (default 4)")
     g.add_argument("--swap-threads", type=int, default=2,
                    help="threads copying swapped KV back in, overlapped with model steps (0: synchronous; default 2)")
+    g.add_argument("--speculative-model", default=None,
+                   help="speculative decoding: a draft model (bundled name, e.g. memfit-tiny-draft, or a directory) with "
+                        "the target's tokenizer; output is distributed exactly as without it (docs/engine.md)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="tokens the draft proposes per step, at most (default 4 with --speculative-model)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

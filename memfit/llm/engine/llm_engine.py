@@ -15,6 +15,7 @@ import torch
 
 from memfit.llm.engine import accounting
 from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.draft import Draft
 from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
@@ -70,6 +71,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(path)
         mc = self.model_config
         self.layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
+        # Speculative decoding: the draft's weights and KV share are reserved before the target's KV share.
+        self.draft = Draft.load(self, backend_options) if config.speculative_model else None
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
         self.kv_budget = MemoryBudget(self._kv_share_bytes(), Tier.DEVICE, name="kv_budget", parent=self.ledger)
         self.kv_reclaim_watermark = self._watermark_bytes()
@@ -87,6 +90,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.kv, self.device)
         self.runner.stack = self.backends.decode_stack(self.model, self.kv)  # whole decode steps in one C++ call
+        self.spec = self.draft.decoder(self) if self.draft is not None else None  # engine/spec_decode.py
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
             model_path=str(path), max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
@@ -156,6 +160,8 @@ class LLMEngine:
     def _kv_share_bytes(self) -> int:
         cfg = self.config
         left = self.ledger.available_bytes
+        if self.draft is not None:
+            left -= self.draft.kv_budget.limit_bytes  # the draft's KV share is set aside (engine/draft.py)
         if self.device.type == "cpu" and cfg.swap_space is not None and self._swap_bytes():
             left -= self._swap_bytes()  # an explicit host swap tier is set aside first (same RAM on a CPU)
             if left <= 0:
@@ -320,6 +326,8 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         self._streams.pop(request_id, None)
         self.runner.release(request_id)
+        if seq is not None and self.spec is not None:
+            self.spec.release(seq.seq_id)
         if seq is not None and not seq.is_finished:
             self.scheduler.abort(seq)
 
@@ -342,12 +350,14 @@ class LLMEngine:
                 )
             return []
         t0 = time.perf_counter()
-        result = self.runner.execute(sched.scheduled)
+        result = self.spec.execute(sched) if self.spec is not None else self.runner.execute(sched.scheduled)
         if self.swap is not None and self.swap.cost is not None and sched.num_tokens >= 16:
             self.swap.cost.observe_compute(sched.num_tokens, time.perf_counter() - t0)  # auto mode's rate
         self.num_steps += 1
         outputs = []
         for seq, token, logprobs in zip(result.sampled_seqs, result.token_ids, result.logprobs):
+            if seq.is_finished:
+                continue  # speculation emitted tokens past a stop: they are dropped
             seq.append_token(token, logprobs)
             self.num_generated_tokens += 1
             stream = self._streams[seq.request_id]
@@ -375,6 +385,8 @@ class LLMEngine:
             self._seqs.pop(seq.request_id, None)
             self._streams.pop(seq.request_id, None)
             self.runner.release(seq.request_id)
+            if self.spec is not None:
+                self.spec.release(seq.seq_id)  # the draft's KV (kept for no session yet: the next turn re-prefills it)
         return out
 
     def _record_timeline(self, step_tokens: int) -> None:
@@ -404,6 +416,7 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": self.kv.cached_bytes,
             "preemptions_by_mode": dict(self.scheduler.preemptions_by_mode),
             "swap": self._swap_stats(),
+            "speculative": self.spec.stats_dict() if self.spec is not None else {},
         }
 
     def _swap_stats(self) -> dict:
@@ -418,6 +431,8 @@ class LLMEngine:
                 "seconds_sum": st.seconds_sum, "async_swap_ins": self.swap.async_swap_ins}
 
     def close(self) -> None:
+        if self.spec is not None:
+            self.spec.close()
         if self.swap is not None:
             self.swap.close()
         self.kv.close()

@@ -115,6 +115,35 @@ class Sampler:
                     tokens.index_copy_(0, idx, pick(sub, [params[i] for i in rows], u[idx]))
         return tokens, self._logprobs(logits, params, tokens)
 
+    def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution `sample` draws each row from, over the whole vocabulary: (R, V) float32 rows that
+        sum to 1. Greedy rows are one-hot at the argmax; the others carry temperature, top-k, top-p and
+        min-p exactly as `_plain` / `_filtered` apply them. Speculative decoding's rejection rule compares
+        the target's and the draft's rows of this (engine/speculative.py)."""
+        logits = logits.float()  # (R, V)
+        R, V = logits.shape
+        out = torch.zeros(R, V, dtype=torch.float32, device=logits.device)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_p < 1.0 or 0 < p.top_k < V)]
+        plain = sorted(set(range(R)) - set(greedy) - set(filtered))
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            out[idx, logits.index_select(0, idx).argmax(dim=-1)] = 1.0
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            sub = [params[i] for i in plain]
+            temp = torch.tensor([p.temperature for p in sub], device=logits.device).unsqueeze(1)  # (R', 1)
+            out[idx] = self._min_p(torch.softmax(logits.index_select(0, idx) / temp, dim=-1), sub)
+        if filtered:
+            idx = torch.tensor(filtered, device=logits.device)
+            sub = [params[i] for i in filtered]
+            vals, ids = self._candidates(logits.index_select(0, idx), sub)  # (R', n) each, padded with (-inf, V)
+            kept = self._min_p(torch.softmax(vals, dim=-1), sub)  # (R', n)
+            rows = torch.zeros(len(filtered), V + 1, dtype=torch.float32, device=logits.device)
+            rows.scatter_(1, ids, kept)  # the padding lands in column V, dropped below
+            out[idx] = rows[:, :V]
+        return out / out.sum(dim=-1, keepdim=True)  # min-p leaves rows unnormalised
+
     # -- the three groups -------------------------------------------------------------------------------
 
     @staticmethod
@@ -242,3 +271,6 @@ class Sampler:
                 top={t: v for t, v in zip(top_i_l[j][:m], top_v_l[j][:m])},
             )
         return out
+
+
+inverse_cdf = Sampler._inverse_cdf  # probs (R, n) unnormalised, u (R,) -> (R,) column ids

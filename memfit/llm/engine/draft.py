@@ -1,0 +1,107 @@
+"""The draft model of speculative decoding: checked against the target, reserved in the ledger, loaded.
+
+    draft = Draft.load(engine, backend_options)     # before the target's KV share is carved out
+    decoder = draft.decoder(engine)                 # once the target's runner exists
+
+Order matters for the memory ledger: the draft's weights and its share of the KV memory are reserved before
+the target's KV cache takes what is left, so the two caches split the room in proportion to their bytes per
+token (each can hold as many tokens as the other) and neither is starved by the other's defaults.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from memfit.llm.engine import accounting
+from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.spec_decode import SpecDecoder
+from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
+from memfit.llm.kv import KVLayout, create_kv_cache
+from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.loader import load_model, resolve_model_path
+from memfit.llm.models.tokenizer import Tokenizer
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
+
+if TYPE_CHECKING:
+    from memfit.llm.engine.llm_engine import LLMEngine
+
+
+class SpeculativeConfigError(ValueError):
+    """The draft cannot serve this target (another vocabulary or tokenizer), or a bad speculative option."""
+
+
+def check_compatible(target_cfg: ModelConfig, target_tok: Tokenizer, draft_cfg: ModelConfig, draft_tok: Tokenizer,
+                     draft_name: str) -> None:
+    """Refuse a draft whose token ids would mean other tokens than the target's: speculation compares the two
+    models' distributions id by id, so both must share one vocabulary, token for token."""
+    if draft_cfg.vocab_size != target_cfg.vocab_size:
+        raise SpeculativeConfigError(
+            f"the draft model {draft_name!r} has a vocabulary of {draft_cfg.vocab_size} tokens but the target has "
+            f"{target_cfg.vocab_size}: a draft must use the target's tokenizer")
+    if draft_tok.vocab_size != target_tok.vocab_size:
+        raise SpeculativeConfigError(
+            f"the draft model {draft_name!r}'s tokenizer has {draft_tok.vocab_size} tokens, the target's "
+            f"{target_tok.vocab_size}: a draft must use the target's tokenizer")
+    for i in range(target_tok.vocab_size):
+        if draft_tok.id_to_token(i) != target_tok.id_to_token(i):
+            raise SpeculativeConfigError(
+                f"the draft model {draft_name!r}'s tokenizer differs from the target's (token id {i} is "
+                f"{draft_tok.id_to_token(i)!r} in the draft, {target_tok.id_to_token(i)!r} in the target): a draft "
+                "must use the target's tokenizer")
+
+
+class Draft:
+    def __init__(self, model, config: ModelConfig, layout: KVLayout, kv_budget: MemoryBudget) -> None:
+        self.model = model
+        self.config = config
+        self.layout = layout
+        self.kv_budget = kv_budget
+
+    @classmethod
+    def load(cls, engine: LLMEngine, options: BackendOptions) -> Draft:
+        cfg = engine.config
+        name = str(cfg.speculative_model)
+        path = resolve_model_path(name)
+        stored = ModelConfig.from_dir(path)
+        check_compatible(engine.model_config, engine.tokenizer, stored, Tokenizer.from_dir(path), name)
+        dtype, device = engine.dtype, engine.device
+        cpu_linear = choose_cpu_linear(options, device, dtype)
+        weights = accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
+                                           mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
+        gamma = cfg.num_speculative_tokens or 1
+        # Verification's logits and both models' distributions: (max_num_seqs x (g + 1)) target rows and
+        # (max_num_seqs x g) draft rows of V float32, each with a softmax-sized copy.
+        buffers = cfg.max_num_seqs * (2 * gamma + 1) * stored.vocab_size * 4 * 2
+        step = accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, engine.max_model_len,
+                                     cfg.max_num_seqs, accounting.attention_in_place(device.type, dtype, options.cpu_kernels))
+        need = weights + buffers + step
+        if need + 4096 > engine.ledger.available_bytes:
+            raise MemoryBudgetExceeded(
+                f"the draft model {name!r} needs {format_bytes(need)} (weights {format_bytes(weights)}, step "
+                f"{format_bytes(step)}, speculation buffers {format_bytes(buffers)}) but the memory budget has "
+                f"{format_bytes(engine.ledger.available_bytes)} left after the target; raise --memory-budget or "
+                "lower --num-speculative-tokens / --max-num-seqs")
+        engine.ledger.reserve(weights, "draft_weights")
+        engine.ledger.reserve(step + buffers, "draft_step")
+        model, mc = load_model(path, dtype=dtype, device=device)
+        prepare_model(model, options, device)
+        max_len = min(engine.max_model_len, mc.max_position_embeddings)
+        layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype, max_len, device)
+        # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.
+        target_bpt = engine.layout.bytes_per_token
+        left = engine.ledger.available_bytes
+        cap = cfg.max_num_seqs * max_len * layout.bytes_per_token
+        share = min(cap, left * layout.bytes_per_token // (layout.bytes_per_token + target_bpt))
+        budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
+        return cls(model, mc, layout, budget)
+
+    def decoder(self, engine: LLMEngine) -> SpecDecoder:
+        """The draft's KV cache (the engine's kind, its own budget) and runner, and the decoder using both."""
+        cfg = engine.config
+        from memfit.llm.kv import kv_cache_class
+
+        opts = kv_cache_class(cfg.kv_cache).engine_options(
+            max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size, kv_layout=cfg.kv_layout,
+            prefault=cfg.kv_prefault, eager_pages=cfg.kv_eager_pages)
+        kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **opts)
+        runner = ModelRunner(self.model, kv, engine.device)
+        return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens)

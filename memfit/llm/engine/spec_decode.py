@@ -1,0 +1,252 @@
+"""Speculative decoding in the engine: a draft model proposes, the target verifies in one pass per step.
+
+    scheduler -> SpecDecoder.execute(sched) -> StepResult (a sequence appears once per emitted token)
+
+The scheduler is unchanged: it schedules a decoding sequence for one token, as always. For those sequences
+this step becomes speculative:
+1. room: the target's KV grows by g lookahead tokens and the draft's KV to the sequence's length + g - 1
+   (`try_grow`, by attempt); where memory or the step's token budget is short, g shrinks for that sequence,
+   down to plain decoding (g = 0), so speculation gives way before anyone is preempted;
+2. draft: one pass feeds the draft what it has not seen (the whole prompt the first time, then the one or
+   two tokens the last verification emitted) and draws x_1; g - 1 one-token passes draw x_2..x_g;
+3. verify: one target pass over [last token, x_1..x_g] per sequence (a g+1-token chunk, as chunked prefill
+   runs it) gives p at every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
+4. roll back: the K/V written for rejected drafts is truncated in both caches (`truncate`), so the caches
+   hold exactly the tokens the sequence has.
+Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
+
+Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
+budget that is a child of the engine's ledger, like the target's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memfit.llm.engine.request import Sequence, SeqStatus
+from memfit.llm.engine.runner import ModelRunner, bucket_tokens
+from memfit.llm.engine.speculative import draw, rejection_sample
+from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
+from memfit.llm.kernels.attention import CachedAttention
+from memfit.llm.kv.base import KVCacheManager, SeqStep
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # speculative verification passes
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0  # draft tokens kept
+    emitted: int = 0  # tokens emitted by verification passes (accepted + one per sequence-step)
+    seq_steps: int = 0  # (sequence, verification) pairs
+    shrunk: int = 0  # sequence-steps that ran with a smaller g than asked (memory or token budget)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_seq_step(self) -> float:
+        """Tokens a sequence gains per target pass (1.0 without speculation)."""
+        return self.emitted / self.seq_steps if self.seq_steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
+                "spec_emitted": self.emitted, "spec_seq_steps": self.seq_steps, "spec_shrunk": self.shrunk,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_seq_step": self.tokens_per_seq_step}
+
+
+def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_rows: bool) -> torch.Tensor:
+    """Run `runner`'s model over chunks (seq_id, start, tokens) in one pass; the logits (R, V) of each chunk's
+    last position (all_rows False) or of every position (True), in chunk order."""
+    kv = runner.kv
+    single = [i for i, c in enumerate(chunks) if len(c[2]) == 1 and c[1] > 0]  # decode rows go first
+    if runner._by_slot:
+        single.sort(key=lambda i: kv.slot_of(chunks[i][0]))
+    singles = set(single)
+    order = single + [i for i in range(len(chunks)) if i not in singles]
+    ids: list[int] = []
+    pos: list[int] = []
+    steps: list[SeqStep] = []
+    first_row = [0] * len(chunks)
+    for i in order:
+        seq_id, start, tokens = chunks[i]
+        first_row[i] = len(ids)
+        ids.extend(tokens)
+        pos.extend(range(start, start + len(tokens)))
+        steps.append(SeqStep(seq_id, start, len(tokens), tokens))
+    num_real = len(ids)
+    padded = bucket_tokens(num_real)  # bounded shapes, as ModelRunner.execute does
+    ids.extend([0] * (padded - num_real))
+    pos.extend([0] * (padded - num_real))
+    dev = runner.device
+    model = runner.model
+    attn = CachedAttention(kv, steps, len(single), model.scale, model.config.sliding_window, num_real,
+                           runner.workspace, model.ops)
+    hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                   attn)  # (N, C)
+    if all_rows:
+        rows = [first_row[i] + j for i in range(len(chunks)) for j in range(len(chunks[i][2]))]
+    else:
+        rows = [first_row[i] + len(chunks[i][2]) - 1 for i in range(len(chunks))]
+    return model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=dev)))  # (R, V)
+
+
+class SpecDecoder:
+    """Owns the draft (model, runner, KV cache) and runs the speculative part of each engine step."""
+
+    def __init__(self, target: ModelRunner, draft: ModelRunner, num_speculative_tokens: int,
+                 max_num_batched_tokens: int) -> None:
+        self.target = target
+        self.draft = draft
+        self.gamma = num_speculative_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.sampler = target.sampler  # the requests' generators: one stream per request, as without a draft
+        self._drafted: dict[int, Sequence] = {}  # seq_id -> the sequence whose tokens the draft KV holds
+        self.stats = SpecStats()
+
+    @property
+    def draft_kv(self) -> KVCacheManager:
+        return self.draft.kv
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        """Free the draft KV of sequences that finished, were aborted or were preempted since the last step."""
+        for seq_id, seq in list(self._drafted.items()):
+            if seq.status is not SeqStatus.RUNNING or seq.seq_id != seq_id:
+                self.release(seq_id)
+
+    def release(self, seq_id: int) -> None:
+        self._drafted.pop(seq_id, None)
+        if self.draft_kv.has_seq(seq_id):
+            self.draft_kv.free(seq_id)
+
+    def _room(self, seq: Sequence, gamma: int) -> int:
+        """The largest g <= gamma both caches can hold for `seq` now (0: decode it plainly this step)."""
+        n = seq.num_tokens
+        gamma = min(gamma, seq.max_model_len - n, seq.params.max_tokens - len(seq.output_token_ids) - 1)
+        while gamma > 0:
+            if self.target.kv.try_grow(seq.seq_id, n + gamma) and self._draft_room(seq, n + gamma - 1):
+                return gamma
+            gamma -= 1
+        return 0
+
+    def _draft_room(self, seq: Sequence, num_tokens: int) -> bool:
+        kv = self.draft_kv
+        if kv.has_seq(seq.seq_id):
+            return kv.try_grow(seq.seq_id, num_tokens)
+        if kv.try_allocate(seq.seq_id, num_tokens):
+            self._drafted[seq.seq_id] = seq
+            return True
+        return False
+
+    # ---- the step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        self._sweep()
+        extra = self.max_num_batched_tokens - sched.num_tokens  # the step's token budget left for drafts
+        spec: list[tuple[Sequence, int]] = []
+        plain: list[ScheduledSeq] = []
+        for item in sched.scheduled:
+            seq = item.seq
+            gamma = 0
+            if item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0 and extra > 0:
+                gamma = self._room(seq, min(self.gamma, extra))
+                self.stats.shrunk += 0 < gamma < self.gamma
+            if gamma:
+                spec.append((seq, gamma))
+                extra -= gamma
+            else:
+                plain.append(item)
+        result = self.target.execute(plain) if plain else StepResult([], [], [])
+        if spec:
+            self._speculate(spec, result)
+        return result
+
+    def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
+        """(B, n) U[0, 1): seeded requests draw from their own generator, greedy ones need none (zeros)."""
+        gens = self.sampler.generators_for([(s.request_id, s.params.seed) for s in seqs])
+        u = torch.rand(len(seqs), n)
+        for b, (s, g) in enumerate(zip(seqs, gens)):
+            if s.params.greedy:
+                u[b] = 0.0
+            elif g is not None:
+                u[b] = torch.rand(n, generator=g)
+        return u
+
+    def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
+        seqs = [s for s, _ in spec]
+        gammas = [g for _, g in spec]
+        B, K = len(seqs), max(gammas)
+        params = [s.params for s in seqs]
+        dev = self.target.device
+        u = self._uniforms(seqs, 2 * K + 1).to(dev)  # (B, 2K+1): K draft draws, K accept draws, 1 final
+        # 2. the draft proposes: catch up on what it has not seen, then one token per pass.
+        drafts = torch.zeros(B, K, dtype=torch.long, device=dev)  # (B, K)
+        q = None  # (B, K, V) draft distributions
+        for j in range(K):
+            rows = [b for b in range(B) if gammas[b] > j]
+            chunks = []
+            for b in rows:
+                s = seqs[b]
+                if j == 0:
+                    start = self.draft_kv.num_tokens(s.seq_id)
+                    chunks.append((s.seq_id, start, s.token_slice(start, s.num_tokens)))
+                else:
+                    chunks.append((s.seq_id, s.num_tokens + j - 1, [int(drafts[b, j - 1])]))
+            probs = self.draft.sampler.probs(forward(self.draft, chunks, all_rows=False), [params[b] for b in rows])
+            if q is None:
+                q = torch.zeros(B, K, probs.shape[1], dtype=torch.float32, device=dev)
+            idx = torch.tensor(rows, device=dev)
+            q[idx, j] = probs
+            drafts[idx, j] = draw(probs, u[idx, j])
+        # 3. the target verifies every draft in one pass: p at the g + 1 positions of each sequence.
+        chunks = [(s.seq_id, s.num_computed, s.token_slice(s.num_computed, s.num_tokens) + drafts[b, : gammas[b]].tolist())
+                  for b, s in enumerate(seqs)]
+        logits = forward(self.target, chunks, all_rows=True)  # (sum(g + 1), V)
+        row_params = [params[b] for b in range(B) for _ in range(gammas[b] + 1)]
+        p_flat = self.sampler.probs(logits, row_params)  # (sum(g + 1), V)
+        p = torch.zeros(B, K + 1, p_flat.shape[1], dtype=torch.float32, device=dev)
+        first = 0
+        for b, g in enumerate(gammas):
+            p[b, : g + 1] = p_flat[first : first + g + 1]
+            first += g + 1
+        num_draft = torch.tensor(gammas, device=dev)
+        verdict = rejection_sample(drafts, num_draft, q, p, u[:, K : 2 * K], u[:, 2 * K])  # type: ignore[arg-type]
+        # 4. keep what was accepted, truncate the rest from both caches, hand the tokens to the engine.
+        emitted = verdict.emitted()
+        first = 0
+        for b, s in enumerate(seqs):
+            n = len(emitted[b]) - 1
+            length = s.num_tokens  # before this step's tokens are appended
+            self.target.kv.truncate(s.seq_id, length + n)
+            s.num_computed = length + n  # the last emitted token is fed next step
+            self.draft_kv.truncate(s.seq_id, length + min(n, gammas[b] - 1))
+            lps = self._logprobs(logits[first : first + n + 1], s, emitted[b])
+            first += gammas[b] + 1
+            for tok, lp in zip(emitted[b], lps):
+                result.sampled_seqs.append(s)
+                result.token_ids.append(tok)
+                result.logprobs.append(lp)
+            self.stats.proposed += gammas[b]
+            self.stats.accepted += n
+            self.stats.emitted += n + 1
+        self.stats.steps += 1
+        self.stats.seq_steps += B
+
+    def _logprobs(self, logits: torch.Tensor, seq: Sequence, tokens: list[int]) -> list:
+        """The target's logprobs of each emitted token (logits: (n+1, V), one row per emitted token)."""
+        if seq.params.logprobs is None:
+            return [None] * len(tokens)
+        t = torch.tensor(tokens, device=logits.device)
+        return self.sampler._logprobs(logits.float(), [seq.params] * len(tokens), t)
+
+    def stats_dict(self) -> dict:
+        """The engine's `stats()["speculative"]`: acceptance, tokens per target pass and the draft's KV."""
+        st = self.draft_kv.stats()
+        return {**self.stats.as_dict(), "num_speculative_tokens": self.gamma,
+                "draft_kv_committed_bytes": st.committed_bytes, "draft_kv_tokens_held": st.tokens_held,
+                "draft_kv_budget_bytes": st.budget_bytes}
+
+    def close(self) -> None:
+        self.draft_kv.close()

@@ -1,0 +1,173 @@
+"""Speculative decoding in the engine (engine/spec_decode.py) on the bundled pair memfit-tiny / memfit-tiny-draft:
+greedy output identical to plain decoding, sampled output distributed as the target's, KV of rejected drafts
+truncated (checked against the kernel's page tables), and the errors at start."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from memfit.llm.engine.api import LLM
+from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.draft import SpeculativeConfigError
+from memfit.llm.engine.params import SamplingParams
+from tests.llm.engine import chi2
+from tests.llm.kv.kernel_pages import PAGE, arena_pages
+from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
+
+PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "import numpy as np\n",
+           "for i in range(10):", "Hello, my name is"]
+DRAFT = "memfit-tiny-draft"
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str) -> None:
+    sp = SamplingParams(max_tokens=40, temperature=0)  # eos may stop a sequence inside a verified run
+    plain = LLM("memfit-tiny", dtype="float32", kv_cache=kv_cache, max_num_seqs=4, threads=1)
+    want = plain.generate(PROMPTS, sp)
+    spec = LLM("memfit-tiny", dtype="float32", kv_cache=kv_cache, max_num_seqs=4, threads=1,
+               speculative_model=DRAFT, num_speculative_tokens=3)
+    got = spec.generate(PROMPTS, sp)
+    assert _tokens(got) == _tokens(want)
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
+    st = spec.engine.stats()["speculative"]
+    assert st["spec_steps"] > 0 and st["spec_accepted"] > 0  # it did speculate, and kept some drafts
+    assert st["tokens_per_seq_step"] > 1.0
+    assert st["draft_kv_tokens_held"] == 0  # finished sequences gave their draft KV back
+
+
+def test_greedy_bfloat16_differs_only_at_near_ties() -> None:
+    """bf16 verification runs a (g+1)-token chunk where plain decoding runs one token: the rounding differs, so
+    at an exact near-tie of the target's top two logits either pick is right. Count such divergences and bound
+    them; any divergence elsewhere fails."""
+    sp = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
+    plain = LLM("memfit-tiny", dtype="bfloat16", max_num_seqs=6, threads=1)
+    want = plain.generate(PROMPTS, sp)
+    spec = LLM("memfit-tiny", dtype="bfloat16", max_num_seqs=6, threads=1, speculative_model=DRAFT,
+               num_speculative_tokens=4)
+    got = spec.generate(PROMPTS, sp)
+    diverged = 0
+    for g, w in zip(got, want):
+        a, b = g.outputs[0].token_ids, w.outputs[0].token_ids
+        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None:
+            continue
+        diverged += 1
+        top = sorted(w.outputs[0].logprobs[i].top.values(), reverse=True)
+        assert top[0] - top[1] < 0.07, f"divergence at token {i} without a near-tie: {top}"  # ~ bf16 spacing
+    assert diverged <= 1, f"{diverged} of {len(PROMPTS)} sequences diverged"
+
+
+def _top_k_dist(llm: LLM, prefix: list[int], k: int) -> dict[int, float]:
+    """The target's distribution after `prefix` under temperature 1, top-k k: its top-k probabilities renormalised."""
+    out = llm.generate(prompt_token_ids=[prefix], sampling_params=SamplingParams(max_tokens=1, temperature=0, logprobs=k))
+    top = out[0].outputs[0].logprobs[0].top
+    z = sum(torch.tensor(list(top.values())).exp().tolist())
+    return {t: float(torch.tensor(v).exp()) / z for t, v in top.items()}
+
+
+def test_sampled_output_has_the_target_distribution_chi_square() -> None:
+    """1200 seeded requests, temperature 1, top-k 4 (a 4-token vocabulary per position). Token 0 comes from the
+    prefill's plain sampling, token 1 from the first verification (an accepted draft, a resample from
+    norm(max(0, p - q)) or the bonus token); their joint law must be the target's p(t0) p(t1 | t0), and so must
+    token 2's given the most common (t0, t1)."""
+    k, n = 4, 1200
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=64, threads=1, speculative_model=DRAFT,
+               num_speculative_tokens=2)
+    prompt = spec.tokenizer.encode("Once upon a time")
+    params = [SamplingParams(max_tokens=3, temperature=1.0, top_k=k, seed=i, ignore_eos=True) for i in range(n)]
+    outs = spec.generate(prompt_token_ids=[prompt] * n, sampling_params=params)
+    seqs = [tuple(o.outputs[0].token_ids) for o in outs]
+    st = spec.engine.stats()["speculative"]
+    assert 0.0 < st["acceptance_rate"] < 1.0  # the draft differs from the target: the rule is exercised
+    plain = LLM("memfit-tiny", dtype="float32", threads=1)
+    p0 = _top_k_dist(plain, prompt, k)
+    pairs = Counter(s[:2] for s in seqs)
+    cells, expected = [], []
+    for t0, w0 in p0.items():
+        for t1, w1 in _top_k_dist(plain, prompt + [t0], k).items():
+            cells.append(pairs.get((t0, t1), 0))
+            expected.append(n * w0 * w1)
+    assert sum(cells) == n  # nothing outside the target's top-k support
+    assert chi2.fits(cells, expected), (cells, expected)
+    (t0, t1), m = pairs.most_common(1)[0]
+    p2 = _top_k_dist(plain, prompt + [t0, t1], k)
+    third = Counter(s[2] for s in seqs if s[:2] == (t0, t1))
+    assert sum(third[t] for t in p2) == m
+    assert chi2.fits([third[t] for t in p2], [m * w for w in p2.values()])
+
+
+def test_rejected_drafts_leave_no_kv_and_pages_match_the_kernel() -> None:
+    """After every step, each cache holds K/V for exactly the tokens the sequence has (target: num_computed;
+    draft: at most that), and the pages the kernel holds for a sequence's slot (from /proc/self/pagemap) cover
+    its tokens plus at most the g lookahead tokens, never the rejected drafts of earlier steps."""
+    g = 4
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1, speculative_model=DRAFT,
+               num_speculative_tokens=g, kv_prefault=False, kv_eager_pages=0, enable_prefix_caching=False)
+    eng = spec.engine
+    sp = SamplingParams(max_tokens=64, temperature=0.8, seed=5, ignore_eos=True)
+    for p in PROMPTS[:4]:
+        eng.add_request(p, sp)
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+        for seq in eng.scheduler.running:
+            assert eng.kv.num_tokens(seq.seq_id) == seq.num_computed
+            if eng.spec.draft_kv.has_seq(seq.seq_id):  # from the sequence's first verification on
+                assert eng.spec.draft_kv.num_tokens(seq.seq_id) <= seq.num_computed
+            pages = int(arena_pages(eng.kv)[eng.kv.slot_of(seq.seq_id)].sum())
+            assert pages * PAGE >= eng.kv.bytes_needed(seq.num_computed)
+            assert pages * PAGE <= eng.kv.bytes_needed(seq.num_tokens + g)
+    st = eng.stats()["speculative"]
+    assert st["spec_proposed"] > st["spec_accepted"]  # there were rejections to roll back
+    assert steps < 4 * 64  # fewer target passes than tokens
+    assert st["draft_kv_tokens_held"] == 0
+
+
+def test_ledger_counts_the_draft() -> None:
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1, speculative_model=DRAFT)
+    eng = spec.engine
+    owners = eng.ledger.by_owner()
+    assert owners["draft_weights"] > 0 and owners["draft_step"] > 0
+    # The two KV shares are set aside side by side and together fit what the ledger left.
+    assert eng.kv_budget.limit_bytes + eng.spec.draft_kv.budget.limit_bytes <= eng.ledger.limit_bytes - eng.ledger.used_bytes
+    eng.add_request("Once upon a time", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    eng.step(), eng.step()  # the prefill, then the first verification (the draft prefills then)
+    held = eng.ledger.by_owner().get("draft_kv_budget", 0)
+    assert held >= eng.spec.draft_kv.stats().committed_bytes > 0
+    assert spec.engine.config.num_speculative_tokens == 4  # the default with a draft
+
+
+def test_gamma_below_one_is_refused_at_start() -> None:
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="num_speculative_tokens"):
+            LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=bad)
+    with pytest.raises(ValueError, match="needs a speculative_model"):
+        EngineConfig(num_speculative_tokens=3)
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path) -> None:
+    model, tok = build_tiny_hf_model("llama", seed=1)  # a 320-token vocabulary
+    path = save_hf_model(model, tok, tmp_path / "other-vocab")
+    with pytest.raises(SpeculativeConfigError, match="vocabulary of 320 tokens"):
+        LLM("memfit-tiny", speculative_model=str(path))
+
+
+def test_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path) -> None:
+    model, tok = build_tiny_hf_model("llama", seed=1)
+    target = save_hf_model(model, tok, tmp_path / "target")
+    draft = save_hf_model(model, tok, tmp_path / "draft")
+    spec = json.loads((draft / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100], list(vocab)[101]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two tokens swap ids: same size, other meaning
+    (draft / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(SpeculativeConfigError, match="tokenizer differs"):
+        LLM(str(target), speculative_model=str(draft))

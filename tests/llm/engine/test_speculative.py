@@ -1,0 +1,82 @@
+"""The rejection sampler (engine/speculative.py) on its own: exactness of the rule, ragged rows, greedy rows."""
+from __future__ import annotations
+
+import torch
+
+from memfit.llm.engine.speculative import expected_tokens_per_step, rejection_sample
+from tests.llm.engine import chi2
+
+
+def one_hot(ids: list[int], V: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(ids), V).float()
+
+
+def test_greedy_rows_keep_drafts_while_they_match_the_target_argmax() -> None:
+    V = 6
+    drafts = torch.tensor([[1, 2, 3], [1, 2, 3], [4, 4, 4]])
+    q = torch.stack([one_hot([1, 2, 3], V)] * 2 + [one_hot([4, 4, 4], V)])  # (3, 3, V)
+    # row 0: the target agrees on all three, bonus 5; row 1: disagrees at the second (wants 0); row 2: at once.
+    p = torch.stack([one_hot([1, 2, 3, 5], V), one_hot([1, 0, 3, 5], V), one_hot([2, 4, 4, 4], V)])
+    u = torch.zeros(3, 3)
+    v = rejection_sample(drafts, torch.tensor([3, 3, 3]), q, p, u, torch.zeros(3))
+    assert v.num_accepted.tolist() == [3, 1, 0]
+    assert v.emitted() == [[1, 2, 3, 5], [1, 0], [2]]
+    assert v.tokens[2].tolist() == [2, -1, -1, -1]
+
+
+def test_ragged_rows_ignore_columns_past_their_draft_length() -> None:
+    V = 4
+    drafts = torch.tensor([[1, 1], [2, 3]])
+    q = torch.stack([one_hot([1, 1], V), one_hot([2, 3], V)])
+    p = torch.stack([one_hot([1, 3, 0], V), one_hot([2, 3, 1], V)])
+    v = rejection_sample(drafts, torch.tensor([1, 2]), q, p, torch.zeros(2, 2), torch.zeros(2))
+    # row 0 has one draft: accepted, and its bonus comes from p at column 1 (token 3), not from column 2.
+    assert v.emitted() == [[1, 3], [2, 3, 1]]
+
+
+def _first_token_counts(p: torch.Tensor, q: torch.Tensor, n: int, wrong: bool = False) -> torch.Tensor:
+    """Counts of the first emitted token over n independent rows, with one draft drawn from q (V,)."""
+    g = torch.Generator().manual_seed(1234)
+    V = p.shape[-1]
+    drafts = torch.multinomial(q.expand(n, V), 1, replacement=True, generator=g)  # (n, 1)
+    qq = q.expand(n, 1, V).contiguous()
+    pp = p.expand(n, 2, V).contiguous()
+    u_acc = torch.rand(n, 1, generator=g)
+    u_fin = torch.rand(n, generator=g)
+    if wrong:  # a plausible bug: a rule blind to q (q ~ 0) accepts every draft the target allows at all
+        qq = torch.full_like(qq, 1e-9)
+    v = rejection_sample(drafts, torch.ones(n, dtype=torch.long), qq, pp, u_acc, u_fin)
+    return torch.bincount(v.tokens[:, 0], minlength=V)
+
+
+def test_first_token_is_distributed_as_the_target_chi_square() -> None:
+    p1 = torch.tensor([0.05, 0.40, 0.10, 0.30, 0.15])
+    q1 = torch.tensor([0.30, 0.10, 0.30, 0.10, 0.20])  # a poor draft: many rejections and resamples
+    p = torch.stack([p1, torch.full((5,), 0.2)])  # (2, V): the second row is the bonus position
+    n = 40_000
+    counts = _first_token_counts(p, q1, n)
+    assert chi2.fits(counts.tolist(), (p1 * n).tolist())
+    # The same test has the power to see a wrong rule: the draft's bias shows through.
+    bad = _first_token_counts(p, q1, n, wrong=True)
+    assert chi2.statistic(bad.tolist(), (p1 * n).tolist()) > 10 * chi2.critical(4)
+
+
+def test_acceptance_matches_theory_min_p_q_overlap() -> None:
+    """The acceptance rate of one draft is sum_x min(p(x), q(x)) (Leviathan et al., eq. for alpha)."""
+    p1 = torch.tensor([0.05, 0.40, 0.10, 0.30, 0.15])
+    q1 = torch.tensor([0.30, 0.10, 0.30, 0.10, 0.20])
+    n = 40_000
+    g = torch.Generator().manual_seed(7)
+    drafts = torch.multinomial(q1.expand(n, 5), 1, replacement=True, generator=g)
+    v = rejection_sample(drafts, torch.ones(n, dtype=torch.long), q1.expand(n, 1, 5).contiguous(),
+                         torch.stack([p1, p1]).expand(n, 2, 5).contiguous(), torch.rand(n, 1, generator=g),
+                         torch.rand(n, generator=g))
+    alpha = float(torch.minimum(p1, q1).sum())
+    rate = v.num_accepted.float().mean().item()
+    assert abs(rate - alpha) < 4 * (alpha * (1 - alpha) / n) ** 0.5
+
+
+def test_expected_tokens_per_step() -> None:
+    assert expected_tokens_per_step(0.0, 4) == 1.0
+    assert expected_tokens_per_step(1.0, 4) == 5.0
+    assert abs(expected_tokens_per_step(0.5, 2) - 1.75) < 1e-12
