@@ -67,7 +67,8 @@ class EngineConfig:
     swap_space: int | float | str | None = None
     swap_threads: int = 2  # swap-ins copied on this many threads, overlapped with the model step (0: synchronous)
     # Speculative decoding (engine/spec_decode.py): a draft model (a bundled name or a directory) sharing the
-    # target's tokenizer proposes up to num_speculative_tokens tokens a step; the target verifies them in one pass.
+    # target's tokenizer, or `self[:N]` (the target's first N layers, engine/draft.py), proposes up to
+    # num_speculative_tokens tokens a step; the target verifies them in one pass.
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None  # default 4 with a speculative_model
 
@@ -187,7 +188,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="threads copying swapped KV back in, overlapped with model steps (0: synchronous; default 2)")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: a draft model (bundled name, e.g. memfit-tiny-draft, or a directory) with "
-                        "the target's tokenizer; output is distributed exactly as without it (docs/engine.md)")
+                        "the target's tokenizer, or self[:N] (the target's first N layers, default half); output is "
+                        "distributed exactly as without it (docs/engine.md)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="tokens the draft proposes per step, at most (default 4 with --speculative-model)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",

@@ -1,5 +1,10 @@
 """The draft model of speculative decoding: checked against the target, reserved in the ledger, loaded.
 
+`speculative_model` is a bundled model's name, a model directory, or `self` / `self:N`: a self-draft, the
+target's own first N layers (default: half of them) followed by its final norm and head. A self-draft shares
+every weight with the target (no weight memory of its own), for models that have no draft; it agrees with the
+target only as well as the model's early layers predict its output (LayerSkip-style models train for that).
+
     draft = Draft.load(engine, backend_options)     # before the target's KV share is carved out
     decoder = draft.decoder(engine)                 # once the target's runner exists
 
@@ -9,7 +14,10 @@ token (each can hold as many tokens as the other) and neither is starved by the 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
+
+from torch import nn
 
 from memfit.llm.engine import accounting
 from memfit.llm.engine.runner import ModelRunner
@@ -17,6 +25,7 @@ from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
 from memfit.llm.kv import KVLayout, create_kv_cache
 from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.llama import LlamaForCausalLM, LlamaModel
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
@@ -49,6 +58,39 @@ def check_compatible(target_cfg: ModelConfig, target_tok: Tokenizer, draft_cfg: 
                 "must use the target's tokenizer")
 
 
+def self_draft_layers(name: str, num_layers: int) -> int | None:
+    """N for `self` / `self:N` (None for any other name); N outside 1 .. num_layers is refused (N = num_layers is
+    the target itself: every draft is accepted, a check of the machinery, never faster)."""
+    if name != "self" and not name.startswith("self:"):
+        return None
+    if name == "self":
+        return max(1, num_layers // 2)
+    try:
+        n = int(name.removeprefix("self:"))
+    except ValueError:
+        n = 0
+    if not 1 <= n <= num_layers:
+        raise SpeculativeConfigError(
+            f"speculative_model {name!r}: a self-draft takes 1 to {num_layers} of the target's {num_layers} "
+            "layers, written self:N (or `self` for half of them)")
+    return n
+
+
+def self_draft(target: LlamaForCausalLM, n: int) -> LlamaForCausalLM:
+    """The target's first n layers, its final norm and head as a model of their own: the same modules (as
+    prepared: fused, packed), so no weight is copied. Layer i keeps its index: a draft cache of n layers fits."""
+    body = LlamaModel.__new__(LlamaModel)
+    nn.Module.__init__(body)
+    body.embed_tokens, body.norm = target.model.embed_tokens, target.model.norm
+    body.layers = nn.ModuleList(list(target.model.layers)[:n])
+    draft = LlamaForCausalLM.__new__(LlamaForCausalLM)
+    nn.Module.__init__(draft)
+    draft.config = dataclasses.replace(target.config, num_hidden_layers=n)
+    draft.model, draft.rotary, draft.lm_head = body, target.rotary, target.lm_head
+    draft.scale, draft.ops = target.scale, target.ops
+    return draft
+
+
 class Draft:
     def __init__(self, model, config: ModelConfig, layout: KVLayout, kv_budget: MemoryBudget) -> None:
         self.model = model
@@ -60,13 +102,17 @@ class Draft:
     def load(cls, engine: LLMEngine, options: BackendOptions) -> Draft:
         cfg = engine.config
         name = str(cfg.speculative_model)
-        path = resolve_model_path(name)
-        stored = ModelConfig.from_dir(path)
-        check_compatible(engine.model_config, engine.tokenizer, stored, Tokenizer.from_dir(path), name)
         dtype, device = engine.dtype, engine.device
-        cpu_linear = choose_cpu_linear(options, device, dtype)
-        weights = accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
-                                           mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
+        layers = self_draft_layers(name, engine.model_config.num_hidden_layers)
+        if layers is not None:  # shares the target's weights: nothing to check, load or reserve for them
+            path, stored, weights = None, dataclasses.replace(engine.model_config, num_hidden_layers=layers), 0
+        else:
+            path = resolve_model_path(name)
+            stored = ModelConfig.from_dir(path)
+            check_compatible(engine.model_config, engine.tokenizer, stored, Tokenizer.from_dir(path), name)
+            cpu_linear = choose_cpu_linear(options, device, dtype)
+            weights = accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
+                                               mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
         gamma = cfg.num_speculative_tokens or 1
         # Verification's logits and both models' distributions: (max_num_seqs x (g + 1)) target rows and
         # (max_num_seqs x g) draft rows of V float32, each with a softmax-sized copy.
@@ -82,8 +128,11 @@ class Draft:
                 "lower --num-speculative-tokens / --max-num-seqs")
         engine.ledger.reserve(weights, "draft_weights")
         engine.ledger.reserve(step + buffers, "draft_step")
-        model, mc = load_model(path, dtype=dtype, device=device)
-        prepare_model(model, options, device)
+        if path is None:
+            model, mc = self_draft(engine.model, layers), stored  # type: ignore[arg-type]
+        else:
+            model, mc = load_model(path, dtype=dtype, device=device)
+            prepare_model(model, options, device)
         max_len = min(engine.max_model_len, mc.max_position_embeddings)
         layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype, max_len, device)
         # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.

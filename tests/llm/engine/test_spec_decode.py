@@ -171,3 +171,32 @@ def test_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path) -> N
     (draft / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(SpeculativeConfigError, match="tokenizer differs"):
         LLM(str(target), speculative_model=str(draft))
+
+
+def test_self_draft_of_all_layers_accepts_every_draft() -> None:
+    """A self-draft of all the target's layers is the target: every greedy draft must be accepted, and a
+    sequence gains g + 1 tokens per target pass (an off-by-one in the verified positions would show here)."""
+    g = 3
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1, speculative_model="self:4",
+               num_speculative_tokens=g)
+    sp = SamplingParams(max_tokens=33, temperature=0, ignore_eos=True)  # 1 from the prefill + 8 passes of 4
+    got = spec.generate(PROMPTS[:2], sp)
+    want = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1).generate(PROMPTS[:2], sp)
+    assert _tokens(got) == _tokens(want)
+    st = spec.engine.stats()["speculative"]
+    assert st["acceptance_rate"] == 1.0 and st["tokens_per_seq_step"] == g + 1
+    assert spec.engine.ledger.by_owner().get("draft_weights", 0) == 0  # it shares the target's weights
+
+
+def test_self_draft_of_the_first_layers_is_lossless() -> None:
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1, speculative_model="self")
+    want = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1).generate(PROMPTS[:4], sp)
+    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert spec.engine.spec.draft_kv.layout.num_layers == 2  # half of memfit-tiny's 4
+
+
+@pytest.mark.parametrize("name", ["self:0", "self:5", "self:two"])
+def test_self_draft_layer_count_out_of_range_is_refused(name: str) -> None:
+    with pytest.raises(SpeculativeConfigError, match="self-draft takes 1 to 4"):
+        LLM("memfit-tiny", speculative_model=name)
