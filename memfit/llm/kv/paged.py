@@ -144,7 +144,6 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
         blocks = self._take_blocks(extra)
         if blocks is None:
             return False  # out of blocks or of budget: nothing taken
-        self._zero_new(blocks)
         record.blocks.extend(blocks)
         return True
 

@@ -55,6 +55,7 @@ class PagedPrefixMixin:
         for blk in blocks:
             self._ref[blk] = 1
         self._held += n
+        self._zero_new(blocks)  # before any other block is handed out: zeroing goes by rising ids
         return blocks
 
     def _drop_ref(self, blk: int) -> None:
@@ -103,7 +104,6 @@ class PagedPrefixMixin:
                 self._lru[blk] = time.monotonic()
                 self._held -= 1
             return None
-        self._zero_new(fresh)
         record = _Seq(blocks=matched + fresh)
         record.hashes = hashes[: len(matched)]
         return record, cached

@@ -1,0 +1,290 @@
+"""Automatic prefix caching in both KV caches (virtual: page aliasing over a memfd; paged: shared blocks).
+
+Each position's K/V here is a function of the whole prefix up to it (as a model's is): `codes(tokens)[p]`
+depends on tokens[0..p]. So a sequence that reused another's rows reads exactly what it would have written,
+and any row corrupted by sharing (a write into a page another sequence maps) shows up as a wrong code.
+Memory is checked against measures the caches do not keep: the memfd's allocated blocks (`allocated_bytes`,
+st_blocks, each physical page once however many slots map it; never RSS) for the virtual cache, and the block
+tables against the pool and the budget ledger for the paged cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from memfit.llm.kv.base import KVLayout, SeqStep
+from memfit.llm.kv.paged import PagedKVCache
+from memfit.llm.kv.virtual import VirtualKVCache
+from memfit.memory.budget import MemoryBudget
+from memfit.memory.vmem_shared import PAGE
+from tests.llm.kv.kernel_pages import assert_paged_tables_consistent
+
+# per-layer rows: 128 B (32 tokens a page); head-major: 64 B (64 a page); token-major: 512 B (a block of 16 = 2 pages)
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32, max_seq_len=256)
+LAYOUTS = {"per-layer": {}, "head-major": {"head_major": True}, "token-major": {"token_major": True}}
+
+
+def codes(tokens: list[int]) -> list[int]:
+    """codes[p]: a small integer (exact in float32) determined by tokens[0..p]."""
+    out, c = [], 17
+    for t in tokens:
+        c = hash((c, t)) % 1_000_003
+        out.append(c % 4096)
+    return out
+
+
+def write(cache, seq_id: int, tokens: list[int], start: int, n: int) -> None:
+    plan = cache.plan_step([SeqStep(seq_id, start, n, tokens[start : start + n])])
+    c = torch.tensor(codes(tokens)[start : start + n], dtype=torch.float32)
+    for layer in range(LAYOUT.num_layers):
+        k = (c + 0.25 * layer).view(n, 1, 1).expand(n, LAYOUT.num_kv_heads, LAYOUT.head_dim).contiguous()
+        cache.write(layer, plan, k, -k)
+
+
+def assert_rows(cache, seq_id: int, tokens: list[int]) -> None:
+    """Every row the sequence holds is the one its own tokens give."""
+    n = cache.num_tokens(seq_id)
+    plan = cache.plan_step([SeqStep(seq_id, n, 0)])
+    want = torch.tensor(codes(tokens[:n]), dtype=torch.float32)
+    for layer in range(LAYOUT.num_layers):
+        k, v = cache.context(layer, plan, 0)  # (n, Hkv, D)
+        exp = (want + 0.25 * layer).view(n, 1, 1).expand_as(k)
+        assert torch.equal(k, exp), f"seq {seq_id} layer {layer}: K rows differ"
+        assert torch.equal(v, -exp), f"seq {seq_id} layer {layer}: V rows differ"
+
+
+def start(cache, seq_id: int, tokens: list[int]) -> int:
+    """Allocate with prefix caching and write the rest; returns the tokens that came from the cache."""
+    cached = cache.try_allocate_prefix(seq_id, tokens, len(tokens))
+    assert cached is not None
+    write(cache, seq_id, tokens, cached, len(tokens) - cached)
+    return cached
+
+
+def physical(cache) -> int:
+    """The independent measure of what the cache holds, checked equal to its own counters and its budget."""
+    if isinstance(cache, VirtualKVCache):
+        held = cache.arena.allocated_bytes()
+        assert held == cache.committed_bytes == cache.budget.by_owner().get("kv", 0)
+        return held
+    return assert_paged_tables_consistent(cache, list(cache._seqs))
+
+
+def virtual(limit: int = 1 << 24, **kw) -> VirtualKVCache:
+    return VirtualKVCache(LAYOUT, MemoryBudget(limit, name="kv_budget"), max_seqs=kw.pop("max_seqs", 4), eager_pages=0,
+                          prefault=False, prefix_caching=True, **kw)
+
+
+def paged(limit: int = 1 << 24, num_blocks: int = 256) -> PagedKVCache:
+    return PagedKVCache(LAYOUT, MemoryBudget(limit, name="kv_budget"), block_size=16, num_blocks=num_blocks,
+                        prefix_caching=True)
+
+
+A = [(7 * i + 3) % 500 for i in range(200)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_virtual_maps_a_live_prefix_once_and_copies_only_the_partial_block(layout):
+    cache = virtual(**LAYOUTS[layout])
+    bt = cache.prefix_block
+    assert start(cache, 1, A) == 0
+    alone = physical(cache)
+    b = A[:150] + [900 + i for i in range(30)]
+    cached = start(cache, 2, b)
+    assert cached == 150  # full blocks aliased, the rest of the matching rows copied from the live holder
+    assert_rows(cache, 1, A)
+    assert_rows(cache, 2, b)
+    shared_pages = (150 // bt) * cache.block_pages * cache.num_segments
+    # b holds its own pages for everything past the shared blocks, and not one page more
+    assert physical(cache) - alone == cache.bytes_needed(len(b)) - shared_pages * PAGE
+    assert cache.prefix_stats.hit_tokens == 150
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_virtual_copy_on_write_keeps_the_other_sequence_intact(layout):
+    cache = virtual(**LAYOUTS[layout])
+    start(cache, 1, A)
+    b = A[:180] + [901, 902]
+    start(cache, 2, b)
+    # the holder rewrites its tail from inside the shared blocks (a session's next turn after truncate) ...
+    cache.truncate(1, 40)
+    a2 = A[:40] + [600 + i for i in range(100)]
+    assert cache.try_grow(1, len(a2))
+    write(cache, 1, a2, 40, len(a2) - 40)
+    # ... and so does the sequence that mapped its pages
+    cache.truncate(2, 70)
+    b2 = b[:70] + [700 + i for i in range(50)]
+    assert cache.try_grow(2, len(b2))
+    write(cache, 2, b2, 70, len(b2) - 70)
+    assert_rows(cache, 1, a2)
+    assert_rows(cache, 2, b2)
+    physical(cache)
+    # a third sequence finds the rows that are still valid, and only those: b2 still starts with A[:70]
+    assert start(cache, 3, A[:100] + [5]) == 70
+    assert_rows(cache, 3, A[:100] + [5])
+
+
+def test_virtual_finished_prefixes_are_kept_reused_and_evicted_under_pressure():
+    probe = virtual()
+    one = probe.bytes_needed(len(A))
+    probe.close()
+    cache = virtual(limit=int(1.6 * one))
+    start(cache, 1, A)
+    cache.free(1)
+    kept = physical(cache)
+    assert kept == cache.cached_bytes > 0  # the full blocks stay, counted once in the budget
+    c = A[:190] + [1]
+    assert start(cache, 2, c) == 190  # 5 blocks mapped, 30 rows of the 6th (the cached slot keeps full blocks) copied
+    assert_rows(cache, 2, c)
+    cache.free(2)
+    # an unrelated sequence that needs more than the free budget evicts cached prefixes instead of failing ...
+    d = [3000 + i for i in range(200)]
+    assert cache.try_allocate_prefix(3, d, len(d)) == 0
+    write(cache, 3, d, 0, len(d))
+    assert cache.cached_bytes < kept
+    physical(cache)
+    # ... and one that could not fit even then is refused with nothing changed
+    before = (cache.cached_bytes, physical(cache))
+    assert cache.try_allocate_prefix(4, A, len(A)) is None
+    assert (cache.cached_bytes, physical(cache)) == before
+    cache.free(3)
+    cache.reclaim_idle(0, 0.0)  # idle past the watermark: every cached page goes back
+    assert physical(cache) == cache.cached_bytes == 0
+
+
+def test_virtual_cached_slots_are_recycled_lru_first():
+    cache = virtual(max_seqs=2)  # 4 slots: 2 live + 2 more for cached prefixes
+    prompts = [[1000 * k + i for i in range(70)] for k in range(6)]
+    for k, p in enumerate(prompts):
+        start(cache, k, p)
+        cache.free(k)
+        physical(cache)
+    assert len(cache._cached) == cache.num_slots
+    assert start(cache, 10, prompts[0] + [1]) == 0  # the oldest was evicted for a slot
+    assert start(cache, 11, prompts[5] + [1]) == 64  # the newest is still there
+    physical(cache)
+
+
+def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
+    cache = paged()
+    bs = cache.block_size
+    start(cache, 1, A)
+    alone = physical(cache)
+    b = A[:150] + [900 + i for i in range(30)]
+    assert start(cache, 2, b) == 150 // bs * bs  # full blocks only, as vLLM
+    assert physical(cache) - alone == cache.bytes_needed(len(b)) - (150 // bs) * cache.block_bytes
+    cache.truncate(1, 40)
+    a2 = A[:40] + [600 + i for i in range(100)]
+    assert cache.try_grow(1, len(a2))
+    write(cache, 1, a2, 40, len(a2) - 40)
+    assert_rows(cache, 1, a2)
+    assert_rows(cache, 2, b)
+    cache.free(1)
+    cache.free(2)
+    assert physical(cache) == cache.cached_bytes > 0
+    assert start(cache, 3, b + [1]) == len(b) // bs * bs  # from cached blocks no sequence holds any more
+    assert_rows(cache, 3, b + [1])
+    cached = cache.cached_bytes
+    assert cache.reclaim() == cached and cache.cached_bytes == 0
+    physical(cache)
+
+
+# ---- property test ------------------------------------------------------------------------------------------
+BASES = [A, A[:64] + [800 + i for i in range(100)], [50 + i for i in range(120)]]
+
+
+class PrefixMachine(RuleBasedStateMachine):
+    """Sequences that start from a few shared prompts, grow, get truncated and rewritten, and finish, under a
+    budget of about three sequences: every live row stays the one its own tokens give, and the memory held
+    is exactly what the counters and the budget say."""
+
+    kind, layout = "virtual", "per-layer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        probe = virtual(**LAYOUTS[self.layout]) if self.kind == "virtual" else paged()
+        limit = 3 * probe.bytes_needed(LAYOUT.max_seq_len)
+        probe.close()
+        self.cache = virtual(limit, **LAYOUTS[self.layout]) if self.kind == "virtual" else paged(limit, 64)
+        self.tokens: dict[int, list[int]] = {}
+        self.next_id = 0
+
+    @rule(base=st.integers(0, len(BASES) - 1), cut=st.integers(1, 200), tail=st.lists(st.integers(0, 40), max_size=20))
+    def new(self, base, cut, tail):
+        toks = BASES[base][:cut] + tail
+        if len(self.tokens) >= 4 or len(toks) < 2:
+            return
+        cached = self.cache.try_allocate_prefix(self.next_id, toks, len(toks))
+        if cached is not None:
+            assert cached < len(toks)
+            write(self.cache, self.next_id, toks, cached, len(toks) - cached)
+            self.tokens[self.next_id] = toks
+        self.next_id += 1
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), n=st.integers(1, 40))
+    def grow(self, data, n):
+        sid = data.draw(st.sampled_from(sorted(self.tokens)))
+        toks = self.tokens[sid]
+        n = min(n, LAYOUT.max_seq_len - len(toks))
+        if n and self.cache.try_grow(sid, len(toks) + n):
+            toks.extend(data.draw(st.lists(st.integers(0, 40), min_size=n, max_size=n)))
+            write(self.cache, sid, toks, len(toks) - n, n)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), keep=st.integers(0, 255), n=st.integers(1, 40))
+    def rewrite(self, data, keep, n):
+        sid = data.draw(st.sampled_from(sorted(self.tokens)))
+        toks = self.tokens[sid]
+        keep = min(keep, len(toks))
+        self.cache.truncate(sid, keep)
+        del toks[keep:]
+        n = min(n, LAYOUT.max_seq_len - keep)
+        if n and self.cache.try_grow(sid, keep + n):
+            toks.extend(data.draw(st.lists(st.integers(41, 80), min_size=n, max_size=n)))
+            write(self.cache, sid, toks, keep, n)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def finish(self, data):
+        sid = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.cache.free(sid)
+        del self.tokens[sid]
+
+    @rule()
+    def reclaim_some(self):
+        self.cache.reclaim(PAGE)
+
+    @invariant()
+    def rows_and_memory_are_exact(self):
+        for sid, toks in self.tokens.items():
+            assert self.cache.num_tokens(sid) == len(toks)
+            assert_rows(self.cache, sid, toks)
+        held = physical(self.cache)
+        assert held <= self.cache.budget.limit_bytes
+
+    def teardown(self):
+        for sid in list(self.tokens):
+            self.cache.free(sid)
+        self.cache.reclaim()
+        assert physical(self.cache) == 0
+        self.cache.close()
+
+
+PROPS = settings(max_examples=25, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _machine(name: str, **attrs):
+    machine = type(name, (PrefixMachine,), attrs)
+    test = machine.TestCase
+    test.settings = PROPS
+    return test
+
+
+TestVirtualPerLayer = _machine("VirtualPerLayer")
+TestVirtualHeadMajor = _machine("VirtualHeadMajor", layout="head-major")
+TestVirtualTokenMajor = _machine("VirtualTokenMajor", layout="token-major")
+TestPaged = _machine("Paged", kind="paged")
