@@ -92,8 +92,9 @@ def self_draft(target: LlamaForCausalLM, n: int) -> LlamaForCausalLM:
 
 
 class Draft:
-    def __init__(self, model, config: ModelConfig, layout: KVLayout, kv_budget: MemoryBudget) -> None:
+    def __init__(self, model, config: ModelConfig, layout: KVLayout, kv_budget: MemoryBudget, backends) -> None:
         self.model = model
+        self.backends = backends  # kernels/backends.py's choices for it (the decode stack)
         self.config = config
         self.layout = layout
         self.kv_budget = kv_budget
@@ -129,10 +130,10 @@ class Draft:
         engine.ledger.reserve(weights, "draft_weights")
         engine.ledger.reserve(step + buffers, "draft_step")
         if path is None:
-            model, mc = self_draft(engine.model, layers), stored  # type: ignore[arg-type]
+            model, mc, backends = self_draft(engine.model, layers), stored, engine.backends  # type: ignore[arg-type]
         else:
             model, mc = load_model(path, dtype=dtype, device=device)
-            prepare_model(model, options, device)
+            backends = prepare_model(model, options, device)
         max_len = min(engine.max_model_len, mc.max_position_embeddings)
         layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype, max_len, device)
         # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.
@@ -141,7 +142,7 @@ class Draft:
         cap = cfg.max_num_seqs * max_len * layout.bytes_per_token
         share = min(cap, left * layout.bytes_per_token // (layout.bytes_per_token + target_bpt))
         budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
-        return cls(model, mc, layout, budget)
+        return cls(model, mc, layout, budget, backends)
 
     def decoder(self, engine: LLMEngine) -> SpecDecoder:
         """The draft's KV cache (the engine's kind, its own budget) and runner, and the decoder using both."""
@@ -153,4 +154,5 @@ class Draft:
             prefault=cfg.kv_prefault, eager_pages=cfg.kv_eager_pages)
         kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **opts)
         runner = ModelRunner(self.model, kv, engine.device)
+        runner.stack = self.backends.decode_stack(self.model, kv)  # the draft's one-token passes in one C++ call
         return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens)

@@ -76,11 +76,15 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
         pos.extend(range(start, start + len(tokens)))
         steps.append(SeqStep(seq_id, start, len(tokens), tokens))
     num_real = len(ids)
+    dev = runner.device
+    model = runner.model
+    if runner.stack is not None and len(single) == len(chunks) <= runner.stack.max_rows:
+        # All one-token decode rows (the draft's passes after the first): the whole step in one C++ call.
+        hidden = runner.stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps))  # (B, C)
+        return model.compute_logits(hidden.index_select(0, torch.tensor(first_row, device=dev)))  # (B, V)
     padded = bucket_tokens(num_real)  # bounded shapes, as ModelRunner.execute does
     ids.extend([0] * (padded - num_real))
     pos.extend([0] * (padded - num_real))
-    dev = runner.device
-    model = runner.model
     attn = CachedAttention(kv, steps, len(single), model.scale, model.config.sliding_window, num_real,
                            runner.workspace, model.ops)
     hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
