@@ -396,7 +396,15 @@ class LLMEngine:
             kv_used_bytes=st.used_bytes, kv_waste_bytes=st.waste_bytes, tokens_held=st.tokens_held,
             kv_budget_bytes=st.budget_bytes, num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            **self._tier_timeline(),
         )
+
+    def _tier_timeline(self) -> dict:
+        """The swap tiers' share of a timeline row: what each holds now, and its limit."""
+        if self.swap is None:
+            return {}
+        return {"swap_host_resident_bytes": self.swap.stats.resident_bytes,
+                "swap_host_limit_bytes": self.swap.budget.limit_bytes}
 
     def stats(self) -> dict:
         """A fresh snapshot for metrics (the server's /metrics, `memfit bench`)."""

@@ -13,6 +13,8 @@ How many copies a swap takes is the cache's layout (`runs`), and is the point of
   are one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
 - paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
   per-block synchronous swap, kept as the baseline.
+`block_tokens` splits the virtual cache's runs into copies of that many tokens: the per-block baseline in the
+same cache, so a comparison differs in the copy granularity alone (benchmarks/preemption.py).
 Swap-outs are synchronous: the scheduler preempts because it needs the memory in the same step. Swap-ins may
 run on a thread pool (`threads` > 0), overlapped with the model step: `start_swap_in` launches the copies into
 the memory the sequence was just given, the scheduler admits the sequence only once `swap_in_ready`, and
@@ -88,13 +90,16 @@ class CostModel:
 
 class SwapSpace:
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
-                 threads: int = 0) -> None:
+                 threads: int = 0, block_tokens: int | None = None) -> None:
         if not (kv.fixed_stride or kv.block_tables):
             raise ValueError(f"the {kv.kind or type(kv).__name__} KV cache cannot be swapped (it declares neither "
                              "fixed_stride nor block_tables)")
         if threads < 0:
             raise ValueError(f"swap threads must be >= 0, got {threads}")
+        if block_tokens is not None and block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.kv, self.budget, self.cost, self.threads = kv, budget, cost, threads
+        self.block_tokens = block_tokens  # None: whole runs (see the module docstring)
         self.pin = kv.layout.device.type == "cuda"
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
@@ -110,8 +115,9 @@ class SwapSpace:
         if kv.fixed_stride:  # virtual cache: the first n rows of each segment of the slot
             slot, nbytes = kv.slot_of(seq_id), num_tokens * kv.row_bytes  # type: ignore[attr-defined]
             base = slot * kv.slot_bytes  # type: ignore[attr-defined]
-            return [kv.arena.view(torch.uint8, (nbytes,), (1,), base + j * kv.seg_bytes)  # type: ignore[attr-defined]
-                    for j in range(kv.num_segments)]  # type: ignore[attr-defined]
+            step = nbytes if self.block_tokens is None else self.block_tokens * kv.row_bytes  # type: ignore[attr-defined]
+            return [kv.arena.view(torch.uint8, (min(step, nbytes - lo),), (1,), base + j * kv.seg_bytes + lo)  # type: ignore[attr-defined]
+                    for j in range(kv.num_segments) for lo in range(0, nbytes, step)]  # type: ignore[attr-defined]
         blocks = kv.block_table(seq_id)[: kv.blocks_for(num_tokens)]  # type: ignore[attr-defined]
         out = []
         for pool in (*kv.k, *kv.v):  # type: ignore[attr-defined]
@@ -135,7 +141,8 @@ class SwapSpace:
         """(bytes, copies) a swap of `num_tokens` tokens moves each way."""
         kv = self.kv
         if kv.fixed_stride:
-            return num_tokens * kv.row_bytes * kv.num_segments, kv.num_segments  # type: ignore[attr-defined]
+            per_seg = 1 if self.block_tokens is None else -(-num_tokens // self.block_tokens)
+            return num_tokens * kv.row_bytes * kv.num_segments, kv.num_segments * per_seg  # type: ignore[attr-defined]
         nb = kv.blocks_for(num_tokens)  # type: ignore[attr-defined]
         return nb * kv.block_bytes, 2 * kv.layout.num_layers * nb  # type: ignore[attr-defined]
 

@@ -131,3 +131,21 @@ def test_bad_engine_options_are_refused_at_start(tiny):  # noqa: F811
         LLM(str(path), preemption_mode="swap", swap_space="lots")
     with pytest.raises(MemoryBudgetExceeded, match="swap-space"):
         LLM(str(path), dtype="float32", memory_budget="2GiB", preemption_mode="swap", swap_space=4)
+
+
+def test_the_memory_timeline_shows_the_host_tier(tiny, tmp_path):  # noqa: F811
+    import json
+
+    _, _, path = tiny
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    timeline = tmp_path / "timeline.jsonl"
+    llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode="swap", swap_space="16MiB", timeline=str(timeline))
+    llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)
+    rows = [json.loads(line) for line in timeline.read_text().splitlines()]
+    held = [r["swap_host_resident_bytes"] for r in rows]
+    bpt = llm.engine.layout.bytes_per_token
+    # Some step held a swapped sequence's KV on the host (at least its prompt), none at the end.
+    assert max(held) >= bpt * min(len(p) for p in PROMPTS) and held[-1] == 0
+    assert all(r["swap_host_limit_bytes"] == 16 << 20 for r in rows)

@@ -15,9 +15,11 @@ CACHES = {
     "token-major": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0, token_major=True),
     "head-major": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0, head_major=True),
     "paged": lambda b: PagedKVCache(LAYOUT, b, block_size=4),
+    "per-layer-blocks": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0),
 }
-# Copies one swap of 19 tokens takes: the virtual cache one per segment, the paged cache one per block per layer's K|V.
-COPIES = {"per-layer": 2 * 2, "token-major": 1, "head-major": 2 * 2 * 2, "paged": 2 * 2 * 5}
+# Copies one swap of 19 tokens takes: the virtual cache one per segment, the paged cache one per block per layer's
+# K|V, and the virtual cache split into 4-token blocks (the per-block baseline in the same cache) as many.
+COPIES = {"per-layer": 2 * 2, "token-major": 1, "head-major": 2 * 2 * 2, "paged": 2 * 2 * 5, "per-layer-blocks": 2 * 2 * 5}
 
 
 def contexts(cache, seq_id: int, n: int) -> list[torch.Tensor]:
@@ -30,7 +32,7 @@ def test_swap_round_trip_is_exact_and_moves_the_layouts_runs(kind):
     budget = MemoryBudget(2**22, name="kv_budget")
     cache = CACHES[kind](budget)
     host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
-    swap = SwapSpace(cache, host)
+    swap = SwapSpace(cache, host, block_tokens=4 if kind == "per-layer-blocks" else None)
     assert cache.try_allocate(1, 19) and cache.try_allocate(2, 8)
     write(cache, [SeqStep(1, 0, 19), SeqStep(2, 0, 8)])
     before = contexts(cache, 1, 19)

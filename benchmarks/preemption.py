@@ -1,0 +1,232 @@
+"""Preemption under changing priorities: recompute against swapping the KV, per block or in whole runs, sync or async.
+
+Workload (seeded): `--requests` requests with Poisson arrivals at `--rate` per second; prompt lengths log-normal
+(median `--prompt-median`, sigma 0.6, clipped to 16..`--prompt-max`), output lengths uniform in 16..`--output-max`;
+priorities 0..3, and at every engine step each unfinished request changes to a random priority with probability
+`--change` (FastSwitch's "priority change frequency"; a Markov pattern). The engine runs `--scheduling-policy
+priority` (preemptive) under a KV budget of `--kv-seqs` full-length sequences, so preemption is frequent.
+
+Variants, all on the virtual cache, each in a fresh process (its own peak RSS), differing in one mechanism:
+- recompute: preempted KV is freed and recomputed;
+- swap-block: swapped to the host tier in copies of 16 tokens per (layer, K|V) segment, synchronously (vLLM's
+  per-block swap, in the same cache);
+- swap-run: each segment's whole run in one copy, synchronously (FastSwitch's large chunks);
+- swap-run-async: the same, swap-ins on 2 threads overlapped with the model step.
+
+Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
+by mode, swap copies and bytes, swap throughput as a fraction of the host memcpy bandwidth measured here, peak RSS.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {  # name -> engine options (the swap granularity is set on the swap space: block_tokens)
+    "recompute": dict(preemption_mode="recompute"),
+    "swap-block": dict(preemption_mode="swap", swap_threads=0, block_tokens=16),
+    "swap-run": dict(preemption_mode="swap", swap_threads=0),
+    "swap-run-async": dict(preemption_mode="swap", swap_threads=2),
+}
+
+
+def workload(a: argparse.Namespace) -> list[dict]:
+    rng = random.Random(a.seed)
+    t, out = 0.0, []
+    for i in range(a.requests):
+        t += rng.expovariate(a.rate)
+        plen = int(min(a.prompt_max, max(16, rng.lognormvariate(0, 0.6) * a.prompt_median)))
+        out.append({"arrival": t, "prompt_len": plen, "max_tokens": rng.randint(16, a.output_max),
+                    "priority": rng.randrange(4)})
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def memcpy_bandwidth(nbytes: int = 64 << 20, reps: int = 5) -> float:
+    """Host copy bandwidth (bytes/s, best of `reps`): the ceiling a host-tier swap can reach here."""
+    import torch
+
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def run_variant(a: argparse.Namespace, name: str) -> dict:
+    """One variant in this process: replay the workload against the engine in wall-clock time."""
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine.params import SamplingParams
+
+    if a.model in ("0.1b", "0.5b"):  # a random-initialised Llama shape (benchmarks/decode_setup.py), built once
+        from benchmarks.decode_setup import make_model_dir
+
+        root = Path("/tmp/memfit-bench-models")
+        path = root / f"llama-{a.model}-{a.dtype or 'float32'}"
+        a.model = str(path if (path / "model.safetensors").exists() else make_model_dir(a.model, a.dtype or "float32", root))
+    opts = dict(VARIANTS[name])
+    block_tokens = opts.pop("block_tokens", None)
+    cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
+                       max_num_seqs=a.max_num_seqs, max_model_len=a.prompt_max + a.output_max + 1,
+                       kv_eager_pages=0, kv_prefault=False, swap_space="1GiB", enable_prefix_caching=False)
+    probe = LLMEngine(cfg.with_overrides(kv_budget="1GiB"))
+    kv_budget = int(a.kv_seqs * probe.kv.bytes_needed(a.prompt_max + a.output_max))
+    vocab = probe.model_config.vocab_size
+    probe.close()
+    del probe
+    engine = LLMEngine(cfg.with_overrides(kv_budget=kv_budget, **opts))
+    if engine.swap is not None:
+        engine.swap.block_tokens = block_tokens
+    reqs = workload(a)
+    rng = random.Random(a.seed + 1)
+    prompts = [[rng.randrange(3, vocab) for _ in range(r["prompt_len"])] for r in reqs]
+    change = random.Random(a.seed + 2)
+    times: dict[str, list[float]] = {}
+    arrival: dict[str, float] = {}
+    pending = list(range(len(reqs)))
+    t0 = time.perf_counter()
+    live: set[str] = set()
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - t0
+        while pending and reqs[pending[0]]["arrival"] <= now:
+            i = pending.pop(0)
+            r = reqs[i]
+            rid = f"r{i}"
+            engine.add_request(prompt_token_ids=prompts[i], request_id=rid, priority=r["priority"],
+                               params=SamplingParams(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True))
+            arrival[rid], times[rid] = t0 + r["arrival"], []
+            live.add(rid)
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, reqs[pending[0]]["arrival"] - (time.perf_counter() - t0)))
+            continue
+        for rid in sorted(live):  # priority changes: a Markov pattern, seeded
+            if change.random() < a.change:
+                engine.set_priority(rid, change.randrange(4))
+        outs = engine.step()
+        stamp = time.perf_counter()
+        for out in outs:
+            got = len(out.outputs[0].token_ids)
+            times[out.request_id] += [stamp] * (got - len(times[out.request_id]))
+            if out.finished:
+                live.discard(out.request_id)
+    makespan = time.perf_counter() - t0
+    ttft = [times[r][0] - arrival[r] for r in times]
+    tbt = [b - a_ for ts in times.values() for a_, b in zip(ts, ts[1:])]
+    st = engine.stats()
+    swap = st["swap"]
+    result = {
+        "variant": name,
+        "ttft_s": {f"p{q}": percentile(ttft, q) for q in (50, 95, 99, 99.9)},
+        "tbt_p99_9_s": percentile(tbt, 99.9),
+        "throughput_tok_s": sum(len(ts) for ts in times.values()) / makespan,
+        "makespan_s": makespan,
+        "preemptions": st["preemptions_by_mode"],
+        "kv_budget_bytes": kv_budget,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if swap:
+        seconds = swap["seconds_sum"]
+        result["swap"] = {"tier": "host", "out_ops": swap["out_ops"], "in_ops": swap["in_ops"],
+                          "out_bytes": swap["out_bytes"], "in_bytes": swap["in_bytes"],
+                          "async_swap_ins": swap["async_swap_ins"], "seconds": seconds,
+                          "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None}
+    engine.close()
+    return result
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in ((axes[0], "p99", "TTFT P99 (s)"), (axes[1], None, "TBT P99.9 (s)"),
+                           (axes[2], "ops", "swap copies (out + in)")):
+        if key == "p99":
+            vals = [r["ttft_s"]["p99"] for r in rows]
+        elif key is None:
+            vals = [r["tbt_p99_9_s"] for r in rows]
+        else:
+            vals = [r.get("swap", {}).get("out_ops", 0) + r.get("swap", {}).get("in_ops", 0) for r in rows]
+        ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4"][: len(names)])
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"preemption under priority changes ({result['model']}, change {result['change']}/step)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="memfit-tiny", help="a model name or directory, or 0.1b / 0.5b (random Llama shapes)")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
+    ap.add_argument("--change", type=float, default=0.02, help="per request per step: chance of a priority change")
+    ap.add_argument("--prompt-median", type=int, default=160)
+    ap.add_argument("--prompt-max", type=int, default=512)
+    ap.add_argument("--output-max", type=int, default=96)
+    ap.add_argument("--max-num-seqs", type=int, default=8)
+    ap.add_argument("--kv-seqs", type=float, default=3.0, help="KV budget, in full-length sequences")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from benchmarks.common import emit, header, pin_threads
+
+    pin_threads(a.threads)
+    if a.worker:
+        print(json.dumps(run_variant(a, a.worker)))
+        return 0
+    rows = []
+    argv = [x for x in sys.argv[1:]]
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i : i + 2]
+    for name in a.variants.split(","):
+        print(f"[preemption] {name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.preemption", *argv, "--worker", name],
+                              capture_output=True, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    bw = memcpy_bandwidth()
+    for r in rows:
+        if r.get("swap", {}).get("bytes_per_s"):
+            r["swap"]["fraction_of_memcpy"] = r["swap"]["bytes_per_s"] / bw
+    base = next((r for r in rows if r["variant"] == "swap-block"), None)
+    ratios = {}
+    if base is not None:
+        for r in rows:
+            ratios[r["variant"]] = {
+                "ttft_p99_vs_swap_block": base["ttft_s"]["p99"] / r["ttft_s"]["p99"],
+                "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],
+            }
+    result = {**header(a.threads, a.seed), "benchmark": "preemption", "model": a.model, "rate": a.rate,
+              "change": a.change, "requests": a.requests, "memcpy_bytes_per_s": bw, "rows": rows,
+              "speedup_over_swap_block": ratios}
+    emit(result, a.out, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
