@@ -107,6 +107,12 @@ _ENGINE_SERIES = (
     ("prefault_failures", "memfit_kv_prefault_failures_total", "counter", "Background KV commits that failed and were rolled back."),
     ("kv_commit_failures", "memfit_kv_commit_failures_total", "counter", "KV commits the OS or driver refused (the request waited)."),
     ("tokens_held", "memfit_kv_tokens", "gauge", "Tokens whose K/V are in the cache."),
+    ("prefix_cache_hit_tokens", "memfit_prefix_cache_hit_tokens_total", "counter",
+     "Prompt tokens whose K/V came from the prefix cache (not prefilled)."),
+    ("prefix_cache_query_tokens", "memfit_prefix_cache_query_tokens_total", "counter",
+     "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cached_bytes", "memfit_prefix_cached_bytes", "gauge",
+     "KV memory held only by cached prefixes of finished requests (reusable, evicted under pressure)."),
     ("generated_tokens", "memfit_generated_tokens_total", "counter", "Tokens generated since the server started."),
     ("num_steps", "memfit_engine_steps_total", "counter", "Engine steps run since the server started."),
 )

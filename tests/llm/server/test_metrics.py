@@ -22,11 +22,13 @@ def test_server_metrics_names_and_types():
     sm.ttft.observe(0.2)
     sm.requests.inc(finish_reason="stop")
     text = sm.render({"num_running": 3, "num_waiting": 1, "kv_committed_bytes": 4096, "kv_used_bytes": 1024,
-                      "kv_budget_bytes": 1 << 20, "generated_tokens": 42}, "ready")
+                      "kv_budget_bytes": 1 << 20, "generated_tokens": 42, "prefix_cache_hit_tokens": 96,
+                      "prefix_cached_bytes": 8192}, "ready")
     m = parse_metrics(text)
     assert m["memfit_requests_running"] == 3 and m["memfit_requests_waiting"] == 1
     assert m["memfit_kv_committed_bytes"] == 4096 and m["memfit_kv_used_bytes"] == 1024
     assert m["memfit_kv_budget_bytes"] == 1 << 20 and m["memfit_generated_tokens_total"] == 42
+    assert m["memfit_prefix_cache_hit_tokens_total"] == 96 and m["memfit_prefix_cached_bytes"] == 8192
     assert m["memfit_time_to_first_token_seconds_count"] == 1
     assert m['memfit_requests_total{finish_reason="stop"}'] == 1
     assert "# TYPE memfit_generated_tokens_total counter" in text
