@@ -111,7 +111,8 @@ def main() -> int:
         path = out_dir / f"train_local_seeds{part}{suffix}.json"
         out["plot"] = str(plot_seeds(out["setups"], png_beside(path)))
         return finish(out, start, path)
-    path = out_dir / f"train_local{suffix}.json"
+    # a memory-only run gets its own file: it must not replace the accuracy results
+    path = out_dir / (f"train_local_memory{suffix}.json" if args.skip_accuracy else f"train_local{suffix}.json")
     if not args.skip_accuracy:
         settings = load_settings(args.settings)
         out["settings_source"] = args.settings or "SETTINGS in benchmarks/train_local/common.py (from --tune)"

@@ -29,8 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", help="adam | sgd")
-    p.add_argument("--local-loss", default="ce",
-                   help="tpSGD local loss: ce | mse | l1 | contrast (cross-entropy of the activation's scores "
+    p.add_argument("--local-loss", default=None,
+                   help="tpSGD local loss: ce (default) | mse | l1 | contrast (cross-entropy of the activation's scores "
                         "against every class's projected target; --target-scale is its inverse temperature)")
     p.add_argument("--activation", default="relu", help="relu | tanh (mlp and cnn)")
     p.add_argument("--rnn-cell", default="gru", help="elman | gru | lstm")
@@ -173,7 +173,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(f"steps {result.start_step}..{result.start_step + len(result.losses)}: loss "
-              f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB"
+              f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB; "
+              f"allocator peak in the last step {result.allocator_peak_bytes / 2**20:.0f} MiB"
               if result.losses else "nothing to do: the checkpoint is already at --steps")
         if result.placement is not None:
             print(result.placement["numastat"], file=sys.stderr)
@@ -219,7 +220,8 @@ def run_local(args: argparse.Namespace) -> int:
             TrainConfig(
                 dataset=args.dataset, model=args.model, depth=args.depth, width=args.width, method=m,
                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                optimizer=args.optimizer, local_loss=args.local_loss, activation=args.activation,
+                optimizer=args.optimizer, activation=args.activation,
+                **({"local_loss": args.local_loss} if args.local_loss else {}),  # else TrainConfig's (the one) default
                 rnn_cell=args.rnn_cell, store_projections=not args.regenerate_projections,
                 max_train=args.max_train, data_dir=args.data_dir, target_scale=args.target_scale,
                 time_weighting=args.time_weighting, rnn_window=args.rnn_window, fused_local=not args.no_fused,
@@ -243,8 +245,8 @@ def run_local(args: argparse.Namespace) -> int:
     else:  # several methods: one object, one entry per method, plus a short side-by-side summary
         out = {
             "methods": methods, "model": args.model, "dataset": args.dataset, "runs": runs,
-            "summary": {r["method"]: {k: r[k] for k in ("test_accuracy", "train_seconds", "peak_overhead_bytes",
-                                                         "peak_training_bytes")} for r in runs},
+            "summary": {r["method"]: {k: r[k] for k in ("test_accuracy", "train_seconds", "allocator_peak_bytes",
+                                                         "peak_overhead_bytes", "peak_training_bytes")} for r in runs},
             "environment": environment(),
         }
     if args.plot:
@@ -268,5 +270,6 @@ def _train_with_progress(cfg, data, train, show: bool) -> dict:
 
         result = train(cfg, data, progress)
     print(f"{cfg.method}: test accuracy {result.test_accuracy:.4f} in {result.train_seconds:.1f} s, "
-          f"peak overhead {result.peak_overhead_bytes / 2**20:.2f} MiB", file=sys.stderr)
+          f"allocator peak in a step {result.allocator_peak_bytes / 2**20:.2f} MiB "
+          f"(saved + gradients {result.peak_overhead_bytes / 2**20:.2f} MiB)", file=sys.stderr)
     return result.to_json()

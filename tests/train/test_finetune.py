@@ -206,6 +206,8 @@ def test_cli_json_is_one_object(tiny, tmp_path, capsys):
     assert len(out["losses"]) == 2 and out["start_step"] == 0
     assert set(out["host_memory"]["pools"]) >= {"gradients", "param swap pool", "optimizer swap pool"}
     assert out["peak_rss_bytes"] >= out["host_memory"]["baseline_rss_bytes"]
+    # the allocator's peak within the last step holds at least the float32 logits of the batch (1 x 32 x vocab)
+    assert out["allocator_peak_bytes"] >= 32 * ModelConfig.from_dir(tiny).vocab_size * 4
     assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads(Path(out["plot"]).with_suffix(".json").read_text())["losses"] == out["losses"]
 

@@ -17,6 +17,8 @@ def test_single_method_prints_required_fields(capsys):
     assert out["method"] == "tpsgd" and out["model"] == "mlp" and out["epochs"] == 1
     assert 0.0 <= out["test_accuracy"] <= 1.0
     assert out["peak_training_bytes"] > out["peak_overhead_bytes"] > 0
+    # the allocator's own count of one step: at least one layer's float32 activations for the batch
+    assert out["allocator_peak_bytes"] >= 64 * out["width"] * 4
 
 
 def test_several_methods_and_plot(capsys, tmp_path):
@@ -39,7 +41,7 @@ def test_several_methods_and_plot(capsys, tmp_path):
     (["--method", "tpsgd,hebb"], "unknown method hebb"),
     (["--target-scale", "0"], "--target-scale must be positive"),
     (["--time-weighting", "backwards"], "unknown time weighting"),
-    (["--rnn-window", "0"], "must be positive"),
+    (["--rnn-window", "0"], "--rnn-window must be at least 1"),
     (["--model", "rnn", "--rnn-credit", "leak"], "--time-weighting last"),
     (["--rnn-credit", "sideways"], "unknown rnn credit"),
     (["--model", "cnn", "--conv-grid", "0"], "--conv-grid must be at least 1"),

@@ -8,6 +8,7 @@ step and a smaller loss scale on overflow), and a checkpoint every --save-every 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
@@ -22,6 +23,7 @@ import torch
 from memfit.llm.models import ModelConfig, parse_dtype
 from memfit.llm.models.loader import resolve_model_path, weight_files
 from memfit.llm.models.tokenizer import Tokenizer
+from memfit.memory.allocator import AllocatorMeter
 from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from memfit.train.finetune import budget as budget_mod
 from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
@@ -112,6 +114,9 @@ class FinetuneResult:
     all_losses: list[float] = field(default_factory=list)  # from step 0 (history of a resumed run included)
     optimizer_seconds: list[float] = field(default_factory=list)  # the AdamW part of each step
     placement: dict[str, Any] | None = None  # where each group landed (--placement)
+    # the tensor allocator's peak within the run's last step, above what was allocated when it began
+    # (memfit.memory.allocator: the CPU profiler's allocation events; CUDA's max_memory_allocated)
+    allocator_peak_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -210,24 +215,29 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses, seconds, opt_seconds, skipped, ckpt = [], [], [], [], None
-    checkpoint_peak = 0
+    checkpoint_peak = allocator_peak = 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         ids, labels = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)], pad)
-        store.zero_grad()
-        if store.placement is not None:
-            store.placement.new_step()
-        loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
-        checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
-        overflow = store.design.has_overflow(store.grad_buffer)
-        if overflow:
-            skipped.append(step)
-            log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
-        else:
-            adam_step += 1
-            t_opt = time.perf_counter()
-            store.optimizer_step(adam, adam_step, scaler.scale)
-            opt_seconds.append(time.perf_counter() - t_opt)
+        # the last step runs under the allocator meter (its profiler costs a little time: one step, not all)
+        metered = step == cfg.steps - 1
+        with AllocatorMeter(store.device) if metered else contextlib.nullcontext() as allocator:
+            store.zero_grad()
+            if store.placement is not None:
+                store.placement.new_step()
+            loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
+            checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
+            overflow = store.design.has_overflow(store.grad_buffer)
+            if overflow:
+                skipped.append(step)
+                log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
+            else:
+                adam_step += 1
+                t_opt = time.perf_counter()
+                store.optimizer_step(adam, adam_step, scaler.scale)
+                opt_seconds.append(time.perf_counter() - t_opt)
+        if metered:
+            allocator_peak = allocator.peak_bytes
         scaler.update(overflow)
         seconds.append(time.perf_counter() - t0)
         losses.append(loss)
@@ -248,7 +258,7 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             "other_bytes": max(peak - baseline - sum(pools.values()), 0)}
     return FinetuneResult(losses, start, seconds, peak, host, data_stats.to_json(), store.io_stats(), skipped,
                           scaler.scale, str(ckpt) if ckpt else None, history + losses, opt_seconds,
-                          _placement_report(store, groups, dtype, cfg, seconds, opt_seconds))
+                          _placement_report(store, groups, dtype, cfg, seconds, opt_seconds), allocator_peak)
 
 
 def _placement_report(store: GroupStore, groups, dtype, cfg: FinetuneConfig, seconds: list[float],

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LocalTrainingError
-from .losses import local_loss, local_loss_grad
+from .losses import local_loss_consuming_target, local_loss_grad_consuming
 
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh"}
 FUSED_KINDS = ("mse", "l1", "ce", "contrast", "drtp")
@@ -40,6 +40,11 @@ def _activate(z: torch.Tensor, act: str) -> torch.Tensor:
     return z.clamp_min_(0) if act == "relu" else z.tanh_()
 
 
+# Rows per slice of the loss and of the backward: their (rows, D) temporaries (target, softmax, dL/da, mask)
+# stay small next to the (B, D) output and the (D, D_in) weight gradient, whatever the batch.
+CHUNK_ROWS = 256
+
+
 class LocalLinearStep(torch.autograd.Function):
     """(x, W, b, y* one-hot, P) -> (local loss value, a = act(x W^T + b)); `loss.backward()` fills W.grad, b.grad."""
 
@@ -47,35 +52,48 @@ class LocalLinearStep(torch.autograd.Function):
     def forward(ctx, x, weight, bias, y_onehot, proj, kind: str, act: str, scale: float):
         with torch.no_grad():
             a = _activate(torch.addmm(bias, x, weight.t()), act)  # (B, D)
-            target = (y_onehot @ proj).view_as(a)  # (B, D) = P y*, dropped right after the loss value
-            if kind == "drtp":
-                value = -(target * a).sum(1).mean()
-            else:
-                value = local_loss(kind, a, target, proj, y_onehot)
+            n, value = a.shape[0], 0.0
+            for lo in range(0, n, CHUNK_ROWS):
+                ac, yc = a[lo:lo + CHUNK_ROWS], y_onehot[lo:lo + CHUNK_ROWS]
+                target = (yc @ proj).view_as(ac)  # (rows, D) = P y*: the loss's workspace
+                if kind == "drtp":
+                    part = -target.mul_(ac).sum() / ac.shape[0]
+                else:
+                    part = local_loss_consuming_target(kind, ac, target, proj, yc)
+                value += float(part) * ac.shape[0] / n  # per-row means, weighted back to the batch's mean
         ctx.save_for_backward(x, weight, bias, y_onehot, proj)
         ctx.kind, ctx.act, ctx.scale = kind, act, scale
         ctx.mark_non_differentiable(a)
-        return value * scale, a
+        ctx.set_materialize_grads(False)  # else autograd hands backward a (B, D) tensor of zeros for a's gradient
+        return torch.tensor(value * scale, dtype=a.dtype), a
 
     @staticmethod
     def backward(ctx, grad_value, _grad_a):
         x, weight, bias, y_onehot, proj = ctx.saved_tensors
+        n = x.shape[0]
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)  # (D, D_in), (D,)
         with torch.no_grad():
-            a = _activate(torch.addmm(bias, x, weight.t()), ctx.act)  # recomputed, (B, D)
-            target = (y_onehot @ proj).view_as(a)
-            if ctx.kind == "drtp":  # the projected target stands in for dL/da
-                g = target.div_(-a.shape[0])
-            else:
-                g = local_loss_grad(ctx.kind, a, target, proj, y_onehot)  # (B, D) = dL/da
-            del target
-            g.mul_(grad_value * ctx.scale)
-            if ctx.act == "relu":
-                g.masked_fill_(a <= 0, 0.0)  # dL/dz
-            else:
-                g.mul_(1 - a * a)  # tanh' = 1 - a^2
-            del a
-            grad_w = g.t() @ x  # (D, D_in)
-            grad_b = g.sum(0)  # (D,)
+            for lo in range(0, n, CHUNK_ROWS):
+                xc, yc = x[lo:lo + CHUNK_ROWS], y_onehot[lo:lo + CHUNK_ROWS]
+                rows = xc.shape[0]
+                a = _activate(torch.addmm(bias, xc, weight.t()), ctx.act)  # recomputed, (rows, D)
+                # the activation's mask (or derivative) first: dL/da is then computed in a's storage
+                dead = a <= 0 if ctx.act == "relu" else None  # (rows, D) bool: ReLU's zero gradient
+                deriv = 1 - a * a if ctx.act == "tanh" else None  # tanh' = 1 - a^2
+                target = (yc @ proj).view_as(a)
+                if ctx.kind == "drtp":  # the projected target stands in for dL/da
+                    g = target.div_(-rows)
+                else:
+                    g = local_loss_grad_consuming(ctx.kind, a, target, proj, yc)  # (rows, D), a mean over rows
+                del target, a
+                g.mul_(grad_value * ctx.scale * rows / n)  # the slice's share of the batch's mean
+                if dead is not None:
+                    g.masked_fill_(dead, 0.0)  # dL/dz
+                else:
+                    g.mul_(deriv)
+                del dead, deriv
+                grad_w.addmm_(g.t(), xc)
+                grad_b.add_(g.sum(0))
         return None, grad_w, grad_b, None, None, None, None, None
 
 

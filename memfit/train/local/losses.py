@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from .errors import LocalTrainingError
 
 LOCAL_LOSSES = ("mse", "l1", "ce", "contrast")
+# The one default: the CLI, TrainConfig, Rule and make_rule all take it (memory probes ran mse while the
+# accuracy runs ran ce before they shared it).
+DEFAULT_LOCAL_LOSS = "ce"
 
 
 def _contrast_inputs(kind: str, proj: torch.Tensor | None, y_onehot: torch.Tensor | None):
@@ -68,3 +71,42 @@ def local_loss_grad(kind: str, a: torch.Tensor, target: torch.Tensor, proj: torc
         else:
             raise LocalTrainingError(f"unknown local loss {kind!r}; choose one of {', '.join(LOCAL_LOSSES)}")
         return (g / a.shape[0]).view_as(a)
+
+
+# -- in place, for the fused step (fused.py): the allocator's peak within a step counts every (B, D) buffer ---
+
+
+def _softmax_(t: torch.Tensor) -> torch.Tensor:
+    """Row softmax of a (B, D) tensor in its own storage."""
+    t.sub_(t.amax(1, keepdim=True)).exp_()
+    return t.div_(t.sum(1, keepdim=True))
+
+
+def local_loss_consuming_target(kind: str, a: torch.Tensor, target: torch.Tensor, proj: torch.Tensor | None = None,
+                                y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+    """`local_loss` for 2-D a, target (B, D), using target's storage as its workspace (target is garbage after);
+    at most one new (B, D) buffer (ce's log-softmax)."""
+    b = a.shape[0]
+    if kind == "mse":
+        return target.sub_(a).pow_(2).sum() * (0.5 / b)
+    if kind == "l1":
+        return target.sub_(a).abs_().sum() / b
+    if kind == "ce":
+        return -F.log_softmax(a, dim=1).mul_(_softmax_(target)).sum() / b
+    return local_loss(kind, a, target, proj, y_onehot)  # contrast: its (B, K) scores are small
+
+
+def local_loss_grad_consuming(kind: str, a: torch.Tensor, target: torch.Tensor, proj: torch.Tensor | None = None,
+                              y_onehot: torch.Tensor | None = None) -> torch.Tensor:
+    """`local_loss_grad` for 2-D a, target (B, D), computed in a's storage (a and target are garbage after;
+    the caller takes what it needs of a, the activation's mask or derivative, first)."""
+    b = a.shape[0]
+    if kind == "mse":
+        g = a.sub_(target)
+    elif kind == "l1":
+        g = a.sub_(target).sign_()
+    elif kind == "ce":
+        g = _softmax_(a).sub_(_softmax_(target))
+    else:
+        return local_loss_grad(kind, a, target, proj, y_onehot)
+    return g.div_(b)

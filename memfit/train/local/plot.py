@@ -43,14 +43,15 @@ def plot_accuracy_curves(runs: Sequence[dict], path: str | Path, title: str = ""
 
 
 def plot_memory_scaling(depth_rows: Sequence[dict], batch_rows: Sequence[dict], path: str | Path) -> Path:
-    """rows: {'depth'|'batch', 'method', 'overhead_ratio', 'total_ratio'} (ratios to backprop)."""
+    """rows: {'depth'|'batch', 'method', 'allocator_ratio', 'total_ratio'} (ratios to backprop): the allocator's
+    peak within a step (the headline) and the total with weights and optimizer state."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, rows, key in ((axes[0], depth_rows, "depth"), (axes[1], batch_rows, "batch")):
         for method in sorted({r["method"] for r in rows}):
             sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r[key])
             xs = [r[key] for r in sel]
-            ax.plot(xs, [r["overhead_ratio"] for r in sel], marker="o", label=f"{method} overhead")
+            ax.plot(xs, [r["allocator_ratio"] for r in sel], marker="o", label=f"{method} step peak")
             ax.plot(xs, [r["total_ratio"] for r in sel], marker="x", linestyle="--", label=f"{method} total")
         ax.axhline(1 / 3, color="grey", linewidth=0.8, linestyle=":", label="1/3")
         ax.set_xlabel(key + (" (layers)" if key == "depth" else " size"))

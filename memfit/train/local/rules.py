@@ -27,7 +27,7 @@ from torch import nn
 from .errors import LocalTrainingError
 from .fused import linear_activation, local_linear_step
 from .leak import leak_credit_step
-from .losses import LOCAL_LOSSES, local_loss, local_loss_grad  # noqa: F401 (re-exported)
+from .losses import DEFAULT_LOCAL_LOSS, LOCAL_LOSSES, local_loss, local_loss_grad  # noqa: F401 (re-exported)
 from .models import LocalNet
 from .recurrent import (  # noqa: F401 (TIME_WEIGHTINGS, time_weights re-exported)
     TIME_WEIGHTINGS, dfa_recurrent_outputs, local_layer_major, local_recurrent_step, time_weights,
@@ -69,6 +69,26 @@ class TargetProjection:
         return (v @ self.matrix().to(v.device, v.dtype)).view(v.shape[0], *self.out_shape)
 
 
+def check_rule_options(method: str, loss: str, target_scale: float, time_weighting: str, rnn_window: int,
+                       conv_grid: int, rnn_credit: str, gru_only: bool) -> None:
+    """The one check of a rule's options (TrainConfig.validate runs it before any data loads, Rule on build).
+    gru_only: every block is a GRU layer (what `rnn_credit="leak"` needs)."""
+    if loss not in LOCAL_LOSSES:
+        raise LocalTrainingError(f"unknown local loss {loss!r}; choose one of {', '.join(LOCAL_LOSSES)}")
+    if not target_scale > 0:
+        raise LocalTrainingError(f"--target-scale must be positive (got {target_scale})")
+    time_weights(time_weighting, 1)  # validates the name
+    if rnn_window < 1:
+        raise LocalTrainingError(f"--rnn-window must be at least 1 (got {rnn_window})")
+    if conv_grid < 1:
+        raise LocalTrainingError(f"--conv-grid must be at least 1 (got {conv_grid})")
+    if rnn_credit not in RNN_CREDITS:
+        raise LocalTrainingError(f"unknown rnn credit {rnn_credit!r}; choose one of {', '.join(RNN_CREDITS)}")
+    if rnn_credit == "leak" and (rnn_window != 1 or time_weighting != "last" or method == "bp" or not gru_only):
+        raise LocalTrainingError("--rnn-credit leak needs --model rnn --rnn-cell gru, a local rule (tpsgd, "
+                                 "drtp, dfa), --rnn-window 1 and --time-weighting last")
+
+
 class Rule:
     """Base: per-block optimizers and the head update. `train_step(x, y)` returns (loss, logits).
 
@@ -80,24 +100,11 @@ class Rule:
     name = "base"
 
     def __init__(self, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
-                 loss: str = "mse", store_projections: bool = True, target_scale: float = 1.0,
+                 loss: str = DEFAULT_LOCAL_LOSS, store_projections: bool = True, target_scale: float = 1.0,
                  time_weighting: str = "square", fused: bool = True, rnn_window: int = 1,
                  conv_grid: int = 1, rnn_credit: str = "step"):
-        if loss not in LOCAL_LOSSES:
-            raise LocalTrainingError(f"unknown local loss {loss!r}; choose one of {', '.join(LOCAL_LOSSES)}")
-        if not target_scale > 0:
-            raise LocalTrainingError(f"--target-scale must be positive (got {target_scale})")
-        time_weights(time_weighting, 1)  # validates the name
-        if rnn_window < 1:
-            raise LocalTrainingError(f"--rnn-window must be at least 1 (got {rnn_window})")
-        if conv_grid < 1:
-            raise LocalTrainingError(f"--conv-grid must be at least 1 (got {conv_grid})")
-        if rnn_credit not in RNN_CREDITS:
-            raise LocalTrainingError(f"unknown rnn credit {rnn_credit!r}; choose one of {', '.join(RNN_CREDITS)}")
-        if rnn_credit == "leak" and (rnn_window != 1 or time_weighting != "last" or self.name == "bp"
-                                     or any(getattr(b, "cell_type", None) != "gru" for b in net.blocks)):
-            raise LocalTrainingError("--rnn-credit leak needs --model rnn --rnn-cell gru, a local rule (tpsgd, "
-                                     "drtp, dfa), --rnn-window 1 and --time-weighting last")
+        check_rule_options(self.name, loss, target_scale, time_weighting, rnn_window, conv_grid, rnn_credit,
+                           gru_only=all(getattr(b, "cell_type", None) == "gru" for b in net.blocks))
         self.rnn_window, self.conv_grid, self.rnn_credit = rnn_window, conv_grid, rnn_credit
         self.net, self.num_classes, self.loss = net, num_classes, loss
         self.time_weighting, self.fused = time_weighting, fused
@@ -180,8 +187,8 @@ class LocalTargetRule(Rule):
             else:
                 a = block(h.detach())  # (B, *out_shape_i); the graph holds block i only
                 self.hidden_backward(i, a, y_onehot, 1.0)
+            h = a.detach()  # the input is dropped before the update: one block's activations at a time
             self.step_layer(i)  # update as soon as this block's forward is done
-            h = a.detach()  # the previous input is dropped here: one block's activations at a time
         return self.head_step(h, y)
 
     def _recurrent_step(self, seq, y, y_onehot):
@@ -292,7 +299,7 @@ RULES: dict[str, type[Rule]] = {"tpsgd": TpSGD, "bp": Backprop, "drtp": DRTP, "d
 
 
 def make_rule(method: str, net: LocalNet, make_optimizer: OptimizerFactory, num_classes: int, seed: int,
-              loss: str = "mse", store_projections: bool = True, **options) -> Rule:
+              loss: str = DEFAULT_LOCAL_LOSS, store_projections: bool = True, **options) -> Rule:
     """options: target_scale, time_weighting, fused, rnn_window, conv_grid, rnn_credit (see `Rule`)."""
     if method not in RULES:
         raise LocalTrainingError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,6 +1,7 @@
 """Train one model with one learning rule, measure its memory, and return a JSON-ready result."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -8,11 +9,13 @@ from typing import Callable
 
 import torch
 
+from memfit.memory.allocator import AllocatorMeter
+
 from .data import Dataset, load_dataset, subset
 from .errors import LocalTrainingError
 from .memory import MemoryReport, TrainingMemoryMeter
 from .models import ModelConfig, build_model
-from .rules import LOCAL_LOSSES, METHODS, RNN_CREDITS, TIME_WEIGHTINGS, make_rule
+from .rules import DEFAULT_LOCAL_LOSS, METHODS, check_rule_options, make_rule
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -29,7 +32,7 @@ class TrainConfig:
     seed: int = 0
     lr: float = 1e-3
     optimizer: str = "adam"
-    local_loss: str = "ce"
+    local_loss: str = DEFAULT_LOCAL_LOSS
     activation: str = "relu"
     rnn_cell: str = "gru"
     store_projections: bool = True
@@ -45,7 +48,7 @@ class TrainConfig:
     data_dir: str | None = None
 
     def validate(self) -> None:
-        for name in ("depth", "epochs", "batch_size", "rnn_window"):
+        for name in ("depth", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise LocalTrainingError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
         for name in ("max_train", "max_steps"):
@@ -58,21 +61,8 @@ class TrainConfig:
             raise LocalTrainingError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             raise LocalTrainingError(f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
-        if self.local_loss not in LOCAL_LOSSES:
-            raise LocalTrainingError(f"unknown local loss {self.local_loss!r}; choose {', '.join(LOCAL_LOSSES)}")
-        if not self.target_scale > 0:
-            raise LocalTrainingError(f"--target-scale must be positive (got {self.target_scale})")
-        if self.time_weighting not in TIME_WEIGHTINGS:
-            raise LocalTrainingError(f"unknown time weighting {self.time_weighting!r}; "
-                                     f"choose {', '.join(TIME_WEIGHTINGS)}")
-        if self.conv_grid < 1:
-            raise LocalTrainingError(f"--conv-grid must be at least 1 (got {self.conv_grid})")
-        if self.rnn_credit not in RNN_CREDITS:
-            raise LocalTrainingError(f"unknown rnn credit {self.rnn_credit!r}; choose {', '.join(RNN_CREDITS)}")
-        if self.rnn_credit == "leak" and (self.model != "rnn" or self.rnn_cell != "gru" or self.method == "bp"
-                                          or self.rnn_window != 1 or self.time_weighting != "last"):
-            raise LocalTrainingError("--rnn-credit leak needs --model rnn --rnn-cell gru, a local rule (tpsgd, "
-                                     "drtp, dfa), --rnn-window 1 and --time-weighting last")
+        check_rule_options(self.method, self.local_loss, self.target_scale, self.time_weighting, self.rnn_window,
+                           self.conv_grid, self.rnn_credit, gru_only=self.model == "rnn" and self.rnn_cell == "gru")
         self.model_config().validate()
 
     def model_config(self) -> ModelConfig:
@@ -95,6 +85,7 @@ class TrainResult:
     peak_overhead_bytes: int
     peak_training_bytes: int
     peak_rss_bytes: int
+    allocator_peak_bytes: int  # the allocator's peak within the last step (memfit.memory.allocator)
     memory: dict
     curve: list[dict] = field(default_factory=list)  # per epoch: train loss/accuracy, test accuracy
     settings: dict = field(default_factory=dict)  # the rule's knobs (lr, losses, recurrent options), to rerun it
@@ -105,7 +96,9 @@ class TrainResult:
 
 def make_optimizer_factory(name: str, lr: float):
     if name == "adam":
-        return lambda params: torch.optim.Adam(params, lr=lr)
+        # fused: torch's one-kernel Adam, the same update without the two parameter-sized temporaries the
+        # per-tensor path allocates for sqrt(v) / bias correction (they set tpSGD's step peak before)
+        return lambda params: torch.optim.Adam(params, lr=lr, fused=True)
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
@@ -135,7 +128,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
         steps = min(steps, cfg.max_steps)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     meter = TrainingMemoryMeter(net)
-    curve, train_seconds = [], 0.0
+    curve, train_seconds, allocator_peak = [], 0.0, 0
     for epoch in range(cfg.epochs):
         order = torch.randperm(n, generator=shuffle)
         loss_sum, correct, seen = 0.0, 0, 0
@@ -144,7 +137,12 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
             for s in range(steps):
                 idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 x, y = data.x_train[idx], data.y_train[idx]  # (B, 1, H, W), (B,)
-                loss, logits = rule.train_step(x, y)
+                last = epoch == cfg.epochs - 1 and s == steps - 1
+                # the allocator's peak within one steady-state step (the last: Adam's state exists by then)
+                with AllocatorMeter() if last else contextlib.nullcontext() as allocator:
+                    loss, logits = rule.train_step(x, y)
+                if last:
+                    allocator_peak = allocator.peak_bytes
                 loss_sum += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
@@ -165,7 +163,7 @@ def train(cfg: TrainConfig, data: Dataset | None = None,
         width=cfg.model_config().hidden_width, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
         test_accuracy=curve[-1]["test_accuracy"], train_seconds=round(train_seconds, 3),
         peak_overhead_bytes=report.peak_overhead_bytes, peak_training_bytes=report.peak_training_bytes,
-        peak_rss_bytes=report.peak_rss_bytes, memory=asdict(report), curve=curve,
+        peak_rss_bytes=report.peak_rss_bytes, allocator_peak_bytes=allocator_peak, memory=asdict(report), curve=curve,
         settings={k: getattr(cfg, k) for k in ("lr", "optimizer", "local_loss", "activation", "rnn_cell",
                                                "target_scale", "time_weighting", "rnn_window", "fused_local",
                                                "remember_bias", "rnn_credit", "conv_grid", "max_train")},

@@ -1,0 +1,93 @@
+"""The tensor allocator's own count: the peak bytes it handed out within a block of code.
+
+RSS says what the process holds, including allocator caches and freed-but-not-returned heap; saved-tensor
+hooks see only what autograd keeps. Neither is "what this training step allocated". The allocator knows:
+- CUDA: the caching allocator's counters (`memory_allocated`, `max_memory_allocated` after
+  `reset_peak_memory_stats`);
+- CPU: PyTorch's profiler records every allocation and free of the CPU allocator as a `[memory]` event
+  (signed bytes, timestamped) when `profile_memory=True`; the running sum of those events, in time order, is
+  the bytes allocated since the block began, and its maximum is the block's peak. Only the events are kept
+  (no shapes, no stacks), but the profiler still costs time per operator: use it to measure, not always on.
+
+    with AllocatorMeter() as m:
+        train_step()
+    m.peak_bytes   # most bytes allocated at once within the block, above what was allocated at its start
+    m.net_bytes    # allocated at the end minus at the start
+
+`memfit.train`'s meters (train local's probes, finetune's per-step report) put it beside RSS.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AllocatorPeak:
+    peak_bytes: int  # max over the block of (allocated now - allocated at its start), >= 0
+    net_bytes: int  # allocated at the end - allocated at the start (negative: the block freed more)
+    events: int  # allocator events seen (CPU) or 0 (CUDA: counters, no events)
+
+
+class AllocatorMeter:
+    """Peak bytes allocated by PyTorch's allocator on `device` within the `with` block (see the module doc)."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.result: AllocatorPeak | None = None
+        self._prof = None
+        self._start = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._result().peak_bytes
+
+    @property
+    def net_bytes(self) -> int:
+        return self._result().net_bytes
+
+    def _result(self) -> AllocatorPeak:
+        if self.result is None:
+            raise RuntimeError("AllocatorMeter has not measured a block yet")
+        return self.result
+
+    def __enter__(self) -> AllocatorMeter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter (no GPU here, ...) to silence
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False,
+                             with_stack=False)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            net = torch.cuda.memory_allocated(self.device) - self._start
+            self.result = AllocatorPeak(max(0, peak), net, 0)
+            return
+        prof, self._prof = self._prof, None
+        with contextlib.suppress(Exception) if exc[0] is not None else contextlib.nullcontext():
+            prof.__exit__(*exc)
+            self.result = _peak_of(prof)
+
+
+def _peak_of(prof) -> AllocatorPeak:
+    """The running sum of the CPU allocator's signed [memory] events, in time order."""
+    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda ev: ev[0])  # stable: events at one timestamp keep the order they were recorded in
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return AllocatorPeak(peak, now, len(events))

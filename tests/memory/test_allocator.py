@@ -1,0 +1,55 @@
+"""AllocatorMeter: the allocator's peak within a block, checked against tensors of known size."""
+import pytest
+import torch
+
+from memfit.memory.allocator import AllocatorMeter
+
+MB = 1_000_000
+
+
+def test_peak_counts_what_was_live_at_once_and_net_what_stayed():
+    keep = None
+    with AllocatorMeter() as m:
+        a = torch.empty(2 * MB, dtype=torch.float32)  # 8 MB
+        b = torch.empty(3 * MB, dtype=torch.float32)  # 12 MB: 20 MB live at once
+        del a  # transient: counted in the peak, not in the net
+        keep = torch.empty(MB, dtype=torch.float32)  # 4 MB, stays
+        del b
+    assert 20 * MB <= m.peak_bytes < 20 * MB + 64 * 1024
+    assert 4 * MB <= m.net_bytes < 4 * MB + 64 * 1024
+    assert m.result.events >= 5
+    del keep
+
+
+def test_freeing_older_tensors_does_not_count_as_allocation():
+    old = torch.empty(4 * MB, dtype=torch.float32)
+    with AllocatorMeter() as m:
+        del old
+        x = torch.empty(MB // 4, dtype=torch.float32)  # 1 MB
+    assert MB <= m.peak_bytes < MB + 64 * 1024  # the peak is measured from the block's start
+    del x
+
+
+def test_a_training_step_allocates_its_activations_and_gradients():
+    lin = torch.nn.Linear(1000, 1000, bias=False)  # weight: 4 MB
+    x = torch.randn(250, 1000)
+    with AllocatorMeter() as m:
+        lin(x).sum().backward()  # output 1 MB, weight gradient 4 MB (new: .grad was None)
+    assert m.net_bytes >= 4 * MB  # the gradient stays
+    assert m.peak_bytes >= 5 * MB
+
+
+def test_the_result_is_read_only_after_a_block():
+    with pytest.raises(RuntimeError, match="not measured"):
+        AllocatorMeter().peak_bytes
+
+
+@pytest.mark.cuda
+def test_cuda_peak_from_the_caching_allocator():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    with AllocatorMeter("cuda") as m:
+        a = torch.empty(2 * MB, device="cuda")
+        b = torch.empty(3 * MB, device="cuda")
+        del a, b
+    assert 20 * MB <= m.peak_bytes < 21 * MB and abs(m.net_bytes) < MB
