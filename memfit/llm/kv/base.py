@@ -275,8 +275,8 @@ class KVCacheManager(ABC):
         del record.tokens[st.start :]
         record.tokens.extend(st.token_ids)
         first = len(record.hashes)
-        record.hashes = chain_hashes(record.tokens, self.prefix_block, record.hashes, limit=record.written)
-        if len(record.hashes) > first:
+        if min(record.written, len(record.tokens)) // self.prefix_block > first:  # a block was completed
+            record.hashes = chain_hashes(record.tokens, self.prefix_block, record.hashes, limit=record.written)
             self._blocks_full(record, first)
 
     # ---- prefix caching hooks (called under self._lock; only when prefix_caching) -------------------

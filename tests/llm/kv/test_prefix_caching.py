@@ -64,6 +64,15 @@ def start(cache, seq_id: int, tokens: list[int]) -> int:
     return cached
 
 
+def rewrite(cache, seq_id: int, tokens: list[int], keep: int, new: list[int]) -> list[int]:
+    """A session's next turn: keep the first `keep` tokens, write `new` after them; returns the tokens."""
+    cache.truncate(seq_id, keep)
+    tokens = tokens[:keep] + new
+    assert cache.try_grow(seq_id, len(tokens))
+    write(cache, seq_id, tokens, keep, len(new))
+    return tokens
+
+
 def physical(cache) -> int:
     """The independent measure of what the cache holds, checked equal to its own counters and its budget."""
     if isinstance(cache, VirtualKVCache):
@@ -110,15 +119,9 @@ def test_virtual_copy_on_write_keeps_the_other_sequence_intact(layout):
     b = A[:180] + [901, 902]
     start(cache, 2, b)
     # the holder rewrites its tail from inside the shared blocks (a session's next turn after truncate) ...
-    cache.truncate(1, 40)
-    a2 = A[:40] + [600 + i for i in range(100)]
-    assert cache.try_grow(1, len(a2))
-    write(cache, 1, a2, 40, len(a2) - 40)
+    a2 = rewrite(cache, 1, A, 40, [600 + i for i in range(100)])
     # ... and so does the sequence that mapped its pages
-    cache.truncate(2, 70)
-    b2 = b[:70] + [700 + i for i in range(50)]
-    assert cache.try_grow(2, len(b2))
-    write(cache, 2, b2, 70, len(b2) - 70)
+    b2 = rewrite(cache, 2, b, 70, [700 + i for i in range(50)])
     assert_rows(cache, 1, a2)
     assert_rows(cache, 2, b2)
     physical(cache)
@@ -176,10 +179,7 @@ def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     b = A[:150] + [900 + i for i in range(30)]
     assert start(cache, 2, b) == 150 // bs * bs  # full blocks only, as vLLM
     assert physical(cache) - alone == cache.bytes_needed(len(b)) - (150 // bs) * cache.block_bytes
-    cache.truncate(1, 40)
-    a2 = A[:40] + [600 + i for i in range(100)]
-    assert cache.try_grow(1, len(a2))
-    write(cache, 1, a2, 40, len(a2) - 40)
+    a2 = rewrite(cache, 1, A, 40, [600 + i for i in range(100)])
     assert_rows(cache, 1, a2)
     assert_rows(cache, 2, b)
     cache.free(1)
