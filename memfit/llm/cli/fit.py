@@ -19,7 +19,8 @@ def cmd_fit(args) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype else None
     b = predict_for_engine(path, args.context, args.batch, args.chunk, dtype=dtype, cpu_linear=args.cpu_linear,
                            prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
-                           kv_budget=kv_budget, memory_limit=limit)
+                           kv_budget=kv_budget, memory_limit=limit, speculative_model=args.speculative_model,
+                           num_speculative_tokens=args.num_speculative_tokens)
     dtype = dtype or parse_dtype(ModelConfig.from_dir(path).torch_dtype)
     measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
     if args.json:
@@ -42,6 +43,9 @@ def _measure(args, dtype: str) -> dict:
 
     cmd = [sys.executable, "-m", "memfit.llm.engine.fitcheck", str(args.model), "--batch", str(args.batch), "--context",
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
+    if args.speculative_model is not None:
+        cmd += ["--speculative-model", args.speculative_model,
+                "--num-speculative-tokens", str(args.num_speculative_tokens or 4)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the measuring run failed:\n{done.stderr[-2000:]}")
@@ -67,5 +71,9 @@ def register(sub) -> None:
                    help="total memory to check against: bytes ('8GiB') or a fraction ('0.5')")
     p.add_argument("--measure", action="store_true",
                    help="also run the workload (two rounds of the batch) in a fresh process and report the RSS it added")
+    p.add_argument("--speculative-model", default=None,
+                   help="add speculative decoding's draft (bundled name, directory or self[:N]): its weights, KV, step "
+                        "and the speculation buffers")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="tokens the draft proposes (default 4)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guard(cmd_fit))

@@ -138,6 +138,24 @@ def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: in
         workspace_bytes(cfg, dtype, context_len, batch, in_place)
 
 
+def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int,
+                     batch: int, in_place: bool = False) -> int:
+    """The draft's step reservation beside the target's: its workspace (RoPE tables, decode copies) is its own,
+    but its activations are transient and never live at the same time as the target's (the two models run one
+    after the other), so only what they exceed the target's by is added (nothing for a smaller draft)."""
+    n = min(chunk, context_len)
+    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place) - \
+        activation_bytes(target, dtype, n, context_len, batch, in_place)
+    return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
+
+
+def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
+    """Speculative decoding's buffers (engine/spec_decode.py): the verification logits and both models'
+    distributions, batch x (2g + 1) rows of V float32 (g + 1 target rows, g draft rows), each with a copy the
+    size of a softmax."""
+    return batch * (2 * gamma + 1) * vocab_size * 4 * 2
+
+
 def tokenizer_bytes(model_dir: str | Path | None) -> int:
     """The tokenizer's in-memory tables, estimated as TOKENIZER_BYTES_PER_FILE_BYTE x the size of
     tokenizer.json (its vocabulary and merges are held as Rust maps of about that size); 0 without one."""

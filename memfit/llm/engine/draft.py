@@ -115,11 +115,10 @@ class Draft:
             weights = accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
                                                mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
         gamma = cfg.num_speculative_tokens or 1
-        # Verification's logits and both models' distributions: (max_num_seqs x (g + 1)) target rows and
-        # (max_num_seqs x g) draft rows of V float32, each with a softmax-sized copy.
-        buffers = cfg.max_num_seqs * (2 * gamma + 1) * stored.vocab_size * 4 * 2
-        step = accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, engine.max_model_len,
-                                     cfg.max_num_seqs, accounting.attention_in_place(device.type, dtype, options.cpu_kernels))
+        buffers = accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs)
+        step = accounting.draft_step_bytes(engine.model_config, stored, dtype, cfg.max_num_batched_tokens,
+                                           engine.max_model_len, cfg.max_num_seqs,
+                                           accounting.attention_in_place(device.type, dtype, options.cpu_kernels))
         need = weights + buffers + step
         if need + 4096 > engine.ledger.available_bytes:
             raise MemoryBudgetExceeded(

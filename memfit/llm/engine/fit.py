@@ -5,6 +5,11 @@ reserved: weights as the chosen backend holds them, the tokenizer, the runtime's
 (engine/calibrate.py), the step reservation (activations, logits, workspace) and the KV cache. `total_bytes`
 is what the process adds after torch and memfit are imported; the import itself is `runtime_baseline_bytes`,
 reported beside it.
+
+With speculative decoding (`speculative_model`, `num_speculative_tokens` g) it adds what the engine reserves for
+the draft (engine/draft.py): its weights (none for a self-draft, which shares the target's), its KV at the
+same context, its step reservation, the speculation buffers (`accounting.speculation_bytes`), and the target's
+KV for g lookahead tokens per sequence.
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, kv_cache_bytes, tokenizer_bytes, weights_bytes,
-                                          workspace_bytes)
+from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
+                                          speculation_bytes, tokenizer_bytes, weights_bytes, workspace_bytes)
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
 
@@ -33,11 +38,20 @@ class FitBreakdown:
     cpu_linear: str | None = None
     kv_budget_bytes: int | None = None
     memory_limit_bytes: int | None = None
+    # speculative decoding (0 without a draft): the draft's weights, KV and step, and the speculation buffers
+    draft_weights_bytes: int = 0
+    draft_kv_bytes: int = 0
+    draft_step_bytes: int = 0
+    speculation_bytes: int = 0
+
+    @property
+    def speculative_bytes(self) -> int:
+        return self.draft_weights_bytes + self.draft_kv_bytes + self.draft_step_bytes + self.speculation_bytes
 
     @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
-                + self.tokenizer_bytes + self.runtime_bytes)
+                + self.tokenizer_bytes + self.runtime_bytes + self.speculative_bytes)
 
     @property
     def kv_fits(self) -> bool:
@@ -49,7 +63,8 @@ class FitBreakdown:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(total_bytes=self.total_bytes, fits=self.fits, kv_fits=self.kv_fits)
+        d.update(total_bytes=self.total_bytes, fits=self.fits, kv_fits=self.kv_fits,
+                 speculative_bytes=self.speculative_bytes)
         return d
 
 
@@ -68,18 +83,31 @@ def predict(
     model_dir: str | Path | None = None,
     runtime: dict | None = None,
     in_place: bool = False,
+    draft: DraftSpec | None = None,
 ) -> FitBreakdown:
     """The engine's ledger for `batch` sequences of `context_len` tokens, prefilled `chunk` tokens a step.
 
     cpu_linear: the backend the engine would pick (`memfit.llm.kernels.backends.choose_cpu_linear`); mapped:
     the checkpoint is stored in `dtype`; model_dir: for the tokenizer's size; runtime: `calibrate.runtime_bytes`
-    (None: not counted); in_place: memfit's CPU attention kernels run (`accounting.attention_in_place`)."""
+    (None: not counted); in_place: memfit's CPU attention kernels run (`accounting.attention_in_place`);
+    draft: speculative decoding's draft (`DraftSpec`)."""
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
+    spec = {}
+    if draft is not None:
+        d = draft.config
+        spec = dict(
+            draft_weights_bytes=0 if draft.shares_weights else weights_bytes(d, dtype, cpu_linear, device_type,
+                                                                                draft.mapped),
+            draft_kv_bytes=kv_cache_bytes(d, dtype, context_len, batch),
+            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place),
+            speculation_bytes=speculation_bytes(d.vocab_size, draft.gamma, batch),
+        )
+    lookahead = draft.gamma if draft is not None else 0  # the target's KV holds g drafts past the context
     return FitBreakdown(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
-        kv_bytes=kv_cache_bytes(cfg, dtype, context_len, batch),
+        kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
         activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place),
         workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch, in_place),
         tokenizer_bytes=tokenizer_bytes(model_dir),
@@ -88,13 +116,44 @@ def predict(
         cpu_linear=cpu_linear,
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
+        **spec,
     )
+
+
+@dataclass
+class DraftSpec:
+    """What `predict` needs of a speculative draft: its config, g, and how its weights are held."""
+
+    config: ModelConfig
+    gamma: int
+    shares_weights: bool = False  # a self-draft: the target's own first layers
+    mapped: bool = True  # its checkpoint is stored in the engine's dtype
+
+    @classmethod
+    def resolve(cls, name: str, gamma: int | None, target: ModelConfig, dtype: torch.dtype) -> DraftSpec:
+        """A bundled name, a directory or self[:N], as `--speculative-model` takes it (engine/draft.py)."""
+        import dataclasses
+
+        from memfit.llm.engine.draft import self_draft_layers
+        from memfit.llm.models.config import parse_dtype
+        from memfit.llm.models.loader import resolve_model_path
+
+        g = gamma or 4
+        if g < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {g}")
+        layers = self_draft_layers(name, target.num_hidden_layers)
+        if layers is not None:
+            return cls(dataclasses.replace(target, num_hidden_layers=layers), g, shares_weights=True)
+        cfg = ModelConfig.from_dir(resolve_model_path(name))
+        return cls(cfg, g, mapped=parse_dtype(cfg.torch_dtype) == dtype)
+
 
 
 def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chunk: int = 512,
                        dtype: torch.dtype | None = None, cpu_linear: str = "auto", prepack: bool = True,
                        cpu_kernels: bool = True, device: str = "cpu", measure_runtime: bool = True,
-                       kv_budget: int | None = None, memory_limit: int | None = None) -> FitBreakdown:
+                       kv_budget: int | None = None, memory_limit: int | None = None,
+                       speculative_model: str | None = None, num_speculative_tokens: int | None = None) -> FitBreakdown:
     """`predict` with the choices an engine would make for this model directory and options."""
     from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
     from memfit.llm.models.config import parse_dtype
@@ -113,9 +172,11 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
 
         runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu",
                                 batch=batch)
+    draft = (DraftSpec.resolve(speculative_model, num_speculative_tokens, cfg, dtype)
+             if speculative_model is not None else None)
     return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
                    device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime,
-                   in_place=attention_in_place(dev.type, dtype, cpu_kernels))
+                   in_place=attention_in_place(dev.type, dtype, cpu_kernels), draft=draft)
 
 
 def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:
@@ -130,6 +191,9 @@ def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: 
         f"  workspace    {format_bytes(b.workspace_bytes):>12}",
         f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}",
         f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured)",
+        f"  speculative  {format_bytes(b.speculative_bytes):>12}   (draft weights {format_bytes(b.draft_weights_bytes)}, "
+        f"draft KV {format_bytes(b.draft_kv_bytes)}, draft step {format_bytes(b.draft_step_bytes)}, buffers "
+        f"{format_bytes(b.speculation_bytes)})" if b.speculative_bytes else "",
         f"  total        {format_bytes(b.total_bytes):>12}" + (
             f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
             if b.memory_limit_bytes else ""),

@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory-budget", default=None)
+    ap.add_argument("--speculative-model", default=None)
+    ap.add_argument("--num-speculative-tokens", type=int, default=None)
     a = ap.parse_args()
     before_import = rss_bytes()
     import torch
@@ -44,7 +46,8 @@ def main() -> None:
     with HeldMemoryMeter(files_under=[model_dir]) as load:
         engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context, dtype=a.dtype,
                                         max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear,
-                                        memory_budget=a.memory_budget))
+                                        memory_budget=a.memory_budget, speculative_model=a.speculative_model,
+                                        num_speculative_tokens=a.num_speculative_tokens))
     vocab = engine.model_config.vocab_size
     with HeldMemoryMeter(files_under=[model_dir]) as run:
         for r in range(a.rounds):
@@ -60,7 +63,8 @@ def main() -> None:
     end, peak = run.end_bytes - base, max(load.peak_bytes, run.peak_bytes) - base
     load_peak = load.peak_delta_bytes  # loading alone: packing must not hold weights twice
     b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear,
-                           dtype=parse_dtype(a.dtype) if a.dtype else None)
+                           dtype=parse_dtype(a.dtype) if a.dtype else None, speculative_model=a.speculative_model,
+                           num_speculative_tokens=a.num_speculative_tokens)
     print(json.dumps({"measured_end_bytes": end, "measured_peak_bytes": peak, "load_peak_bytes": load_peak,
                       "import_bytes": import_rss - before_import,
                       "predicted_bytes": b.total_bytes, "ledger": engine.ledger.by_owner(),

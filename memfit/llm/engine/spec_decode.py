@@ -178,6 +178,22 @@ class SpecDecoder:
                 u[b] = torch.rand(n, generator=g)
         return u
 
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Prefill the draft up to each sequence's last token in passes of at most max_num_batched_tokens tokens
+        (the step the ledger reserved), so the first proposal pass feeds one or two tokens per sequence."""
+        todo = [s for s in seqs if s.num_tokens - 1 - self.draft_kv.num_tokens(s.seq_id) > 1]
+        while todo:
+            chunks, used = [], 0
+            for s in todo:
+                start = self.draft_kv.num_tokens(s.seq_id)
+                n = min(s.num_tokens - 1 - start, self.max_num_batched_tokens - used)
+                if n <= 0:
+                    break
+                chunks.append((s.seq_id, start, s.token_slice(start, start + n)))
+                used += n
+            forward(self.draft, chunks, all_rows=False)  # K/V only: the logits are dropped
+            todo = [s for s in todo if self.draft_kv.num_tokens(s.seq_id) < s.num_tokens - 1]
+
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
         seqs = [s for s, _ in spec]
         gammas = [g for _, g in spec]
@@ -185,6 +201,7 @@ class SpecDecoder:
         params = [s.params for s in seqs]
         dev = self.target.device
         u = self._uniforms(seqs, 2 * K + 1).to(dev)  # (B, 2K+1): K draft draws, K accept draws, 1 final
+        self._catch_up(seqs)
         # 2. the draft proposes: catch up on what it has not seen, then one token per pass.
         drafts = torch.zeros(B, K, dtype=torch.long, device=dev)  # (B, K)
         q = None  # (B, K, V) draft distributions

@@ -61,10 +61,10 @@ def random_models(tmp_path_factory):
     return {name: root / name for name in SHAPES}
 
 
-def _probe(model: str, batch: int, context: int, cpu_linear: str = "auto") -> dict:
+def _probe(model: str, batch: int, context: int, cpu_linear: str = "auto", *extra: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "memfit.llm.engine.fitcheck", model, "--batch", str(batch), "--context", str(context),
-         "--cpu-linear", cpu_linear], cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "--cpu-linear", cpu_linear, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -85,6 +85,15 @@ def _check(r: dict) -> None:
 @pytest.mark.slow
 def test_prediction_within_10_percent_on_the_bundled_model():
     _check(_probe("memfit-tiny", batch=8, context=192))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draft,gamma,batch,context", [("memfit-tiny-draft", 4, 8, 192),
+                                                       ("memfit-tiny-draft", 6, 4, 512), ("self", 4, 8, 192)])
+def test_prediction_within_10_percent_with_speculative_decoding(draft, gamma, batch, context):
+    r = _probe("memfit-tiny", batch, context, "auto", "--speculative-model", draft, "--num-speculative-tokens", str(gamma))
+    _check(r)
+    assert r["speculative_bytes"] > 0 and (r["draft_weights_bytes"] == 0) == (draft == "self")
 
 
 @pytest.mark.slow

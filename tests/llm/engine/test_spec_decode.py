@@ -200,3 +200,32 @@ def test_self_draft_of_the_first_layers_is_lossless() -> None:
 def test_self_draft_layer_count_out_of_range_is_refused(name: str) -> None:
     with pytest.raises(SpeculativeConfigError, match="self-draft takes 1 to 4"):
         LLM("memfit-tiny", speculative_model=name)
+
+
+def test_fit_predicts_what_the_engine_reserves_for_the_draft() -> None:
+    """`memfit fit --speculative-model` adds up the same parts the engine reserves (engine/draft.py)."""
+    from memfit.llm.engine.fit import predict_for_engine
+
+    llm = LLM("memfit-tiny", max_num_seqs=4, max_model_len=256, max_num_batched_tokens=128, threads=1,
+              speculative_model=DRAFT, num_speculative_tokens=5)
+    b = predict_for_engine("memfit-tiny", 256, 4, 128, measure_runtime=False, speculative_model=DRAFT,
+                           num_speculative_tokens=5)
+    owners = llm.engine.ledger.by_owner()
+    assert owners["draft_weights"] == b.draft_weights_bytes > 0
+    assert owners["draft_step"] == b.draft_step_bytes + b.speculation_bytes
+
+
+def test_long_prompts_prefill_the_draft_in_steps_of_the_token_budget() -> None:
+    """The draft's first sight of a prompt is prefilled in passes of at most max_num_batched_tokens tokens (the
+    step the ledger reserved); the output stays the target's greedy output."""
+    prompts = [" ".join(["word"] * 90) + str(i) for i in range(3)]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=3, max_num_batched_tokens=40, threads=1)
+    want = LLM("memfit-tiny", **kw).generate(prompts, sp)
+    spec = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw)
+    widest = []
+    real = spec.engine.spec.draft.model.forward
+    spec.engine.spec.draft.model.forward = lambda ids, pos, attn: (widest.append(attn.num_real), real(ids, pos, attn))[1]
+    assert _tokens(spec.generate(prompts, sp)) == _tokens(want)
+    assert widest and max(widest) <= 40
+    assert len(spec.tokenizer.encode(prompts[0])) > 40  # so a prompt alone is wider than a step
