@@ -119,3 +119,30 @@ def test_random_operations_keep_data_and_accounting_exact(seed):
         assert arena.committed_bytes == budget.used_bytes == arena.allocated_bytes() == physical
     arena.close()
     assert budget.used_bytes == 0
+
+
+def test_reading_pages_that_hold_nothing_allocates_nothing():
+    """A padded attention read runs past a sequence's end into pages never committed or already released: they
+    must read as zeros without the memfd allocating a page for them (the kernel's count stays the arena's)."""
+    arena = SharedArena(16 * PAGE, MemoryBudget(64 * PAGE, name="kv"))
+    t = arena.tensor()
+    assert float(t.sum()) == 0 and arena.allocated_bytes() == 0  # never committed
+    assert arena.try_commit(0, 4 * PAGE)
+    _fill(arena, 0, 4 * PAGE, 5)
+    arena.alias(0, 8 * PAGE, 2 * PAGE)
+    arena.release(0, 4 * PAGE)  # pages 0-1 live on at 8-9, pages 2-3 are freed
+    assert int(t[: 4 * PAGE].sum()) == 0 and int(t[8 * PAGE]) == 5
+    assert arena.allocated_bytes() == arena.committed_bytes == 2 * PAGE
+
+
+def test_commit_many_is_all_or_nothing_and_exclusive_bytes_counts_what_release_would_free():
+    budget = MemoryBudget(6 * PAGE, name="kv")
+    arena = SharedArena(32 * PAGE, budget)
+    assert arena.try_commit_many([(0, 2 * PAGE), (8 * PAGE, 2 * PAGE)])
+    assert not arena.try_commit_many([(16 * PAGE, 2 * PAGE), (24 * PAGE, 3 * PAGE)])  # 5 pages > 2 left
+    assert arena.allocated_bytes() == budget.used_bytes == 4 * PAGE  # nothing of the refused call stayed
+    arena.alias(0, 4 * PAGE, 2 * PAGE)
+    assert arena.exclusive_bytes([(0, 2 * PAGE)]) == 0  # also mapped at 4-5: releasing 0-1 frees nothing
+    assert arena.exclusive_bytes([(0, 2 * PAGE), (4 * PAGE, 2 * PAGE)]) == 2 * PAGE
+    assert arena.decommit_many([(0, 2 * PAGE), (4 * PAGE, 2 * PAGE)]) == 2 * PAGE
+    assert arena.allocated_bytes() == budget.used_bytes == arena.committed_bytes == 2 * PAGE
