@@ -14,7 +14,8 @@ Variants, all on the virtual cache, each in a fresh process (its own peak RSS), 
 - swap-run-async: the same, swap-ins on 2 threads overlapped with the model step.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
-by mode, swap copies and bytes, swap throughput as a fraction of the host memcpy bandwidth measured here, peak RSS.
+by mode, swap copies and bytes, swap throughput as a fraction of the host memcpy bandwidth measured here, peak RSS;
+each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
 
     OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
 """
@@ -149,6 +150,21 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     return result
 
 
+def median_row(reps: list[dict]) -> dict:
+    """The median over repetitions of every number in a variant's result (same keys in every rep)."""
+    import statistics
+
+    def med(values: list):
+        if isinstance(values[0], dict):
+            return {k: med([v[k] for v in values]) for k in values[0]}
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers:
+            return statistics.median(numbers)
+        return values[0]  # strings, or None in every rep (no swap happened)
+
+    return med(reps)
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -179,7 +195,7 @@ def main() -> int:
     ap.add_argument("--model", default="memfit-tiny", help="a model name or directory, or 0.1b / 0.5b (random Llama shapes)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second")
+    ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
     ap.add_argument("--change", type=float, default=0.02, help="per request per step: chance of a priority change")
     ap.add_argument("--prompt-median", type=int, default=160)
     ap.add_argument("--prompt-max", type=int, default=512)
@@ -188,8 +204,10 @@ def main() -> int:
     ap.add_argument("--kv-seqs", type=float, default=3.0, help="KV budget, in full-length sequences")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of every variant, interleaved; medians reported")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--runs-from", default=None, help="summarise the runs logged (stderr) by an earlier invocation")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from benchmarks.common import emit, header, pin_threads
@@ -198,17 +216,25 @@ def main() -> int:
     if a.worker:
         print(json.dumps(run_variant(a, a.worker)))
         return 0
-    rows = []
     argv = [x for x in sys.argv[1:]]
     if "--out" in argv:
         i = argv.index("--out")
         del argv[i : i + 2]
-    for name in a.variants.split(","):
-        print(f"[preemption] {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.preemption", *argv, "--worker", name],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    names = a.variants.split(",")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    if a.runs_from:  # the per-run JSON lines a previous invocation logged on stderr (one per variant and rep)
+        for line in Path(a.runs_from).read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                runs[row["variant"]].append(row)
+    for rep in range(0 if a.runs_from else a.reps):  # interleaved (ABCD ABCD ...): a busy spell of the shared machine hits every variant
+        for name in names:
+            print(f"[preemption] rep {rep + 1}/{a.reps}: {name} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.preemption", *argv, "--worker", name],
+                                  capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[name][-1]), file=sys.stderr, flush=True)
+    rows = [median_row(runs[n]) for n in names]
     bw = memcpy_bandwidth()
     for r in rows:
         if r.get("swap", {}).get("bytes_per_s"):
@@ -222,8 +248,8 @@ def main() -> int:
                 "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],
             }
     result = {**header(a.threads, a.seed), "benchmark": "preemption", "model": a.model, "rate": a.rate,
-              "change": a.change, "requests": a.requests, "memcpy_bytes_per_s": bw, "rows": rows,
-              "speedup_over_swap_block": ratios}
+              "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw,
+              "rows": rows, "speedup_over_swap_block": ratios, "runs": runs}
     emit(result, a.out, plot)
     return 0
 

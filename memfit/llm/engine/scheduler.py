@@ -108,11 +108,11 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _release(self, seq: Sequence) -> None:
+        if seq.swapped and self.swap is not None:
+            self.swap.discard(seq.seq_id)  # first: an asynchronous swap-in's copies must land before its KV is freed
+            seq.swapped = seq.swapping_in = False
         if self.kv.has_seq(seq.seq_id):
             self.kv.free(seq.seq_id)
-        if seq.swapped and self.swap is not None:
-            self.swap.discard(seq.seq_id)  # waits for an asynchronous swap-in's copies first
-            seq.swapped = seq.swapping_in = False
 
     # ---- memory pressure --------------------------------------------------------------------------------
     def _evict_retained(self) -> bool:
@@ -214,11 +214,20 @@ class Scheduler:
                 self._preempt(seq, out)
                 continue
             out.scheduled.append(ScheduledSeq(seq, num_new))
-        budget = self.config.max_num_batched_tokens - out.num_tokens
 
         # 2. Waiting sequences, in the policy's order (fcfs: preempted sequences sit at the front).
+        self._admit_waiting(out)
+        if not out.scheduled and any(s.swapping_in for s in self.waiting):
+            # Nothing can run while swap-ins in flight hold memory: let them land, and admit them now.
+            self._finish_swap_ins(wait=True)
+            self._admit_waiting(out, skip_preempted=True)
+        self.policy.on_sampled(item.seq for item in out.scheduled if item.samples)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, skip_preempted: bool = False) -> None:
+        budget = self.config.max_num_batched_tokens - out.num_tokens
         while self.waiting and budget > 0:
-            ready = [s for s in self.waiting if not s.swapping_in]
+            ready = [s for s in self.waiting if not s.swapping_in and not (skip_preempted and s in out.preempted)]
             if not ready:
                 break
             seq = self.policy.next_waiting(ready)
@@ -239,8 +248,6 @@ class Scheduler:
             self.policy.on_admit(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget = self.config.max_num_batched_tokens - out.num_tokens
-        self.policy.on_sampled(item.seq for item in out.scheduled if item.samples)
-        return out
 
     def _preempt_for(self, candidate: Sequence, out: SchedulerOutput) -> bool:
         """A preemptive policy makes room for `candidate` by preempting a less urgent running sequence."""
@@ -265,10 +272,10 @@ class Scheduler:
             seq.swapped = False
         return True
 
-    def _finish_swap_ins(self) -> None:
-        """Complete the asynchronous swap-ins that have landed (all of them, waiting, when nothing runs: there
-        is no step to overlap with and the sequences would otherwise sit out a step)."""
+    def _finish_swap_ins(self, wait: bool = False) -> None:
+        """Complete the asynchronous swap-ins that have landed (all of them, waiting, when asked or when nothing
+        runs: there is no step to overlap with and the sequences would otherwise sit out a step)."""
         for seq in self.waiting:
-            if seq.swapping_in and (not self.running or self.swap.swap_in_ready(seq.seq_id)):  # type: ignore[union-attr]
+            if seq.swapping_in and (wait or not self.running or self.swap.swap_in_ready(seq.seq_id)):  # type: ignore[union-attr]
                 self.swap.finish_swap_in(seq.seq_id)  # type: ignore[union-attr]
                 seq.swapped = seq.swapping_in = False

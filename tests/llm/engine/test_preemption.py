@@ -149,3 +149,101 @@ def test_the_memory_timeline_shows_the_host_tier(tiny, tmp_path):  # noqa: F811
     # Some step held a swapped sequence's KV on the host (at least its prompt), none at the end.
     assert max(held) >= bpt * min(len(p) for p in PROMPTS) and held[-1] == 0
     assert all(r["swap_host_limit_bytes"] == 16 << 20 for r in rows)
+
+
+def test_aborting_a_request_while_its_kv_swaps_back_in_leaks_nothing(tiny, expected):  # noqa: F811
+    model, _, path = tiny
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode="swap", swap_space="16MiB", swap_threads=2)
+    engine = llm.engine
+    for i, ids in enumerate(PROMPTS):
+        engine.add_request(prompt_token_ids=ids, params=PARAMS, request_id=f"r{i}")
+    aborted, done = None, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        in_flight = [s for s in engine.scheduler.waiting if s.swapping_in]
+        if aborted is None and in_flight:
+            aborted = in_flight[0].request_id
+            engine.abort(aborted)
+    assert aborted is not None and aborted not in done
+    for i, ids in enumerate(PROMPTS):
+        if f"r{i}" != aborted:
+            assert_same_greedy(model, ids, done[f"r{i}"], expected[i])
+    assert engine.swap.budget.used_bytes == 0 and engine.swap.stats.resident_bytes == 0
+    assert engine.kv.stats().num_seqs == 0
+
+
+class FakeSwap:
+    """The scheduler's view of a swap space, with swap-ins that land only when the test says so."""
+
+    threads = 2
+
+    def __init__(self) -> None:
+        self.held: set[int] = set()
+        self.in_flight: set[int] = set()
+        self.landed: set[int] = set()
+
+    def prefers_swap(self, n: int) -> bool:
+        return True
+
+    def try_swap_out(self, seq_id: int, n: int) -> bool:
+        self.held.add(seq_id)
+        return True
+
+    def swap_in(self, seq_id: int) -> int:
+        self.held.discard(seq_id)
+        return 0
+
+    def start_swap_in(self, seq_id: int) -> None:
+        self.held.discard(seq_id)
+        self.in_flight.add(seq_id)
+
+    def swap_in_ready(self, seq_id: int) -> bool:
+        return seq_id in self.landed
+
+    def finish_swap_in(self, seq_id: int) -> int:
+        self.in_flight.discard(seq_id)
+        return 0
+
+    def discard(self, seq_id: int) -> None:
+        self.held.discard(seq_id)
+        self.in_flight.discard(seq_id)
+
+
+def test_a_step_never_comes_up_empty_while_swap_ins_in_flight_hold_the_memory():
+    """Sequence b's swap-in is in flight and holds half the KV; a, running, cannot grow and preempts itself. The
+    scheduler must then let b land and run it, not return an empty step (the engine would call that a request that
+    can never fit)."""
+    from memfit.llm.engine.request import Sequence
+    from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
+    from tests.llm.engine.test_scheduler import CountingKV
+
+    swap = FakeSwap()
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, preemption_mode="swap"),
+                      CountingKV(24), swap)  # type: ignore[arg-type]
+    a = Sequence("a", list(range(1, 11)), SamplingParams(max_tokens=50))
+    b = Sequence("b", list(range(1, 11)), SamplingParams(max_tokens=50))
+    sched.add(a)
+    sched.add(b)
+    for _ in range(2):  # both prefill and decode once: 11 tokens each
+        for item in sched.schedule().scheduled:
+            item.seq.num_computed += item.num_new
+            if item.samples:
+                item.seq.output_token_ids.append(7)
+    # b is preempted by swapping and comes back asynchronously while a runs.
+    sched._preempt(b, sched.schedule())
+    assert b.swapped and sched.kv.held.get(b.seq_id) is None
+    a.num_computed += 1
+    a.output_token_ids.append(7)
+    out = sched.schedule()  # b is admitted: memory taken, copies in flight, a runs
+    assert b.swapping_in and [item.seq for item in out.scheduled] == [a]
+    a.num_computed += 1
+    a.output_token_ids.append(7)
+    a.output_token_ids += [7] * 10  # a now needs more than b leaves free: it can only preempt itself
+    out = sched.schedule()
+    assert [item.seq for item in out.scheduled] == [b]  # b landed (waited for) and runs; the step is not empty
+    assert not b.swapping_in and a in sched.waiting
