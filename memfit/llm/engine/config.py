@@ -71,6 +71,9 @@ class EngineConfig:
     # num_speculative_tokens tokens a step; the target verifies them in one pass.
     speculative_model: str | None = None
     num_speculative_tokens: int | None = None  # default 4 with a speculative_model
+    # Pick g per sequence and step from its observed acceptance and the measured cost of a draft pass (0: plain
+    # decoding where speculation would be slower); off: always num_speculative_tokens, as room allows.
+    speculative_adaptive: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
@@ -110,6 +113,8 @@ class EngineConfig:
             raise ValueError(f"num_speculative_tokens (--num-speculative-tokens) must be an integer of at least 1, got {g!r}")
         if g is not None and self.speculative_model is None:
             raise ValueError("num_speculative_tokens needs a speculative_model (--speculative-model): the draft that proposes them")
+        if self.speculative_adaptive and self.speculative_model is None:
+            raise ValueError("speculative_adaptive (--speculative-adaptive) needs a speculative_model (--speculative-model)")
         if self.speculative_model is not None and g is None:
             self.num_speculative_tokens = 4
 
@@ -192,5 +197,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                         "distributed exactly as without it (docs/engine.md)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="tokens the draft proposes per step, at most (default 4 with --speculative-model)")
+    g.add_argument("--speculative-adaptive", action="store_true",
+                   help="choose the number of draft tokens per sequence and step from the acceptance observed and the "
+                        "measured cost of a draft pass, down to plain decoding where speculation would be slower")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

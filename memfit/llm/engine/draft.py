@@ -154,4 +154,5 @@ class Draft:
         kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **opts)
         runner = ModelRunner(self.model, kv, engine.device)
         runner.stack = self.backends.decode_stack(self.model, kv)  # the draft's one-token passes in one C++ call
-        return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens)
+        return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens,
+                           adaptive=cfg.speculative_adaptive)

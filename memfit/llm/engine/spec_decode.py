@@ -15,18 +15,25 @@ this step becomes speculative:
    hold exactly the tokens the sequence has.
 Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
 
+Adaptive g (`speculative_adaptive`): each sequence's acceptance rate is tracked from its verifications
+(`AcceptanceTracker`) and the cost of a draft pass relative to a target pass is timed (moving averages); each step
+a sequence asks for the g that emits the most tokens per unit of time (`best_gamma`), 0 when plain decoding is
+faster, with a one-draft probe every PROBE_EVERY steps so its estimate stays fresh. The room of step 1 can only
+lower that g further.
+
 Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
 budget that is a child of the engine's ledger, like the target's.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.runner import ModelRunner, bucket_tokens
-from memfit.llm.engine.speculative import draw, rejection_sample
+from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, draw, rejection_sample
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from memfit.llm.kernels.attention import CachedAttention
 from memfit.llm.kv.base import KVCacheManager, SeqStep
@@ -40,6 +47,7 @@ class SpecStats:
     emitted: int = 0  # tokens emitted by verification passes (accepted + one per sequence-step)
     seq_steps: int = 0  # (sequence, verification) pairs
     shrunk: int = 0  # sequence-steps that ran with a smaller g than asked (memory or token budget)
+    chose_plain: int = 0  # adaptive: sequence-steps for which plain decoding was predicted faster
 
     @property
     def acceptance_rate(self) -> float:
@@ -53,6 +61,7 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
                 "spec_emitted": self.emitted, "spec_seq_steps": self.seq_steps, "spec_shrunk": self.shrunk,
+                "spec_chose_plain": self.chose_plain,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_seq_step": self.tokens_per_seq_step}
 
 
@@ -96,11 +105,14 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
     return model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=dev)))  # (R, V)
 
 
+PROBE_EVERY = 16  # adaptive g: a sequence decoding plainly speculates one token this often, to re-measure
+
+
 class SpecDecoder:
     """Owns the draft (model, runner, KV cache) and runs the speculative part of each engine step."""
 
     def __init__(self, target: ModelRunner, draft: ModelRunner, num_speculative_tokens: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, adaptive: bool = False) -> None:
         self.target = target
         self.draft = draft
         self.gamma = num_speculative_tokens
@@ -108,6 +120,10 @@ class SpecDecoder:
         self.sampler = target.sampler  # the requests' generators: one stream per request, as without a draft
         self._drafted: dict[int, Sequence] = {}  # seq_id -> the sequence whose tokens the draft KV holds
         self.stats = SpecStats()
+        self.adaptive = adaptive
+        self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
+        self._plain_steps: dict[int, int] = {}  # seq_id -> steps decoded plainly since its last probe
+        self.cost_ratio: float | None = None  # seconds of a draft pass / of a verification pass (moving average)
 
     @property
     def draft_kv(self) -> KVCacheManager:
@@ -122,8 +138,23 @@ class SpecDecoder:
 
     def release(self, seq_id: int) -> None:
         self._drafted.pop(seq_id, None)
+        self._trackers.pop(seq_id, None)
+        self._plain_steps.pop(seq_id, None)
         if self.draft_kv.has_seq(seq_id):
             self.draft_kv.free(seq_id)
+
+    def _want(self, seq: Sequence) -> int:
+        """The g this sequence asks for: the largest allowed, or with adaptive g the fastest predicted one."""
+        if not self.adaptive:
+            return self.gamma
+        tracker = self._trackers.setdefault(seq.seq_id, AcceptanceTracker())
+        g = best_gamma(tracker.alpha, self.cost_ratio or 0.0, self.gamma)  # unmeasured cost: speculate, to time it
+        if g == 0:
+            self.stats.chose_plain += 1
+            waited = self._plain_steps.get(seq.seq_id, 0) + 1
+            self._plain_steps[seq.seq_id] = 0 if waited >= PROBE_EVERY else waited
+            return 1 if waited >= PROBE_EVERY else 0
+        return g
 
     def _room(self, seq: Sequence, gamma: int) -> int:
         """The largest g <= gamma both caches can hold for `seq` now (0: decode it plainly this step)."""
@@ -155,8 +186,9 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             if item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0 and extra > 0:
-                gamma = self._room(seq, min(self.gamma, extra))
-                self.stats.shrunk += 0 < gamma < self.gamma
+                want = self._want(seq)
+                gamma = self._room(seq, min(want, extra)) if want else 0
+                self.stats.shrunk += gamma < want
             if gamma:
                 spec.append((seq, gamma))
                 extra -= gamma
@@ -202,6 +234,7 @@ class SpecDecoder:
         dev = self.target.device
         u = self._uniforms(seqs, 2 * K + 1).to(dev)  # (B, 2K+1): K draft draws, K accept draws, 1 final
         self._catch_up(seqs)
+        t0 = time.perf_counter()
         # 2. the draft proposes: catch up on what it has not seen, then one token per pass.
         drafts = torch.zeros(B, K, dtype=torch.long, device=dev)  # (B, K)
         q = None  # (B, K, V) draft distributions
@@ -221,10 +254,12 @@ class SpecDecoder:
             idx = torch.tensor(rows, device=dev)
             q[idx, j] = probs
             drafts[idx, j] = draw(probs, u[idx, j])
+        t1 = time.perf_counter()
         # 3. the target verifies every draft in one pass: p at the g + 1 positions of each sequence.
         chunks = [(s.seq_id, s.num_computed, s.token_slice(s.num_computed, s.num_tokens) + drafts[b, : gammas[b]].tolist())
                   for b, s in enumerate(seqs)]
         logits = forward(self.target, chunks, all_rows=True)  # (sum(g + 1), V)
+        self._time(t1 - t0, K, time.perf_counter() - t1)
         row_params = [params[b] for b in range(B) for _ in range(gammas[b] + 1)]
         p_flat = self.sampler.probs(logits, row_params)  # (sum(g + 1), V)
         p = torch.zeros(B, K + 1, p_flat.shape[1], dtype=torch.float32, device=dev)
@@ -249,11 +284,19 @@ class SpecDecoder:
                 result.sampled_seqs.append(s)
                 result.token_ids.append(tok)
                 result.logprobs.append(lp)
+            if self.adaptive:
+                self._trackers.setdefault(s.seq_id, AcceptanceTracker()).update(n, gammas[b])
             self.stats.proposed += gammas[b]
             self.stats.accepted += n
             self.stats.emitted += n + 1
         self.stats.steps += 1
         self.stats.seq_steps += B
+
+    def _time(self, draft_s: float, passes: int, verify_s: float) -> None:
+        if not self.adaptive or verify_s <= 0:
+            return
+        ratio = draft_s / passes / verify_s
+        self.cost_ratio = ratio if self.cost_ratio is None else 0.8 * self.cost_ratio + 0.2 * ratio
 
     def _logprobs(self, logits: torch.Tensor, seq: Sequence, tokens: list[int]) -> list:
         """The target's logprobs of each emitted token (logits: (n+1, V), one row per emitted token)."""
@@ -267,7 +310,8 @@ class SpecDecoder:
         st = self.draft_kv.stats()
         return {**self.stats.as_dict(), "num_speculative_tokens": self.gamma,
                 "draft_kv_committed_bytes": st.committed_bytes, "draft_kv_tokens_held": st.tokens_held,
-                "draft_kv_budget_bytes": st.budget_bytes}
+                "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive,
+                "draft_cost_ratio": self.cost_ratio}
 
     def close(self) -> None:
         self.draft_kv.close()

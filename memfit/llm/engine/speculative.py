@@ -89,3 +89,35 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     if alpha >= 1.0:
         return float(gamma + 1)
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
+    """The g in 0..max_gamma that emits the most tokens per unit of time, for acceptance rate alpha and a draft
+    pass costing `cost_ratio` target passes: a step with g drafts emits expected_tokens_per_step(alpha, g) tokens
+    for 1 + g x cost_ratio target passes of time; plain decoding (g = 0) emits 1 token per pass. 0 when no g
+    beats plain decoding."""
+    best, best_rate = 0, 1.0
+    for g in range(1, max_gamma + 1):
+        rate = expected_tokens_per_step(alpha, g) / (1.0 + g * cost_ratio)
+        if rate > best_rate * (1.0 + 1e-9):
+            best, best_rate = g, rate
+    return best
+
+
+class AcceptanceTracker:
+    """A sequence's acceptance rate, from what its verifications showed: each kept draft is a success, the first
+    rejected one a failure (drafts after it were never tested), with older steps decaying by `decay` a step. It
+    starts from a prior of `prior` worth `prior_weight` trials."""
+
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.9) -> None:
+        self.successes = prior * prior_weight
+        self.trials = prior_weight
+        self.decay = decay
+
+    def update(self, accepted: int, proposed: int) -> None:
+        self.successes = self.successes * self.decay + accepted
+        self.trials = self.trials * self.decay + accepted + (1 if accepted < proposed else 0)
+
+    @property
+    def alpha(self) -> float:
+        return self.successes / self.trials if self.trials > 0 else 0.0

@@ -229,3 +229,39 @@ def test_long_prompts_prefill_the_draft_in_steps_of_the_token_budget() -> None:
     assert _tokens(spec.generate(prompts, sp)) == _tokens(want)
     assert widest and max(widest) <= 40
     assert len(spec.tokenizer.encode(prompts[0])) > 40  # so a prompt alone is wider than a step
+
+
+def test_adaptive_gamma_is_lossless_and_measures_its_costs() -> None:
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1).generate(PROMPTS[:4], sp)
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1, speculative_model=DRAFT,
+               num_speculative_tokens=4, speculative_adaptive=True)
+    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    st = spec.engine.stats()["speculative"]
+    assert st["adaptive"] and st["spec_seq_steps"] > 0 and st["draft_cost_ratio"] > 0
+
+
+def test_adaptive_gamma_picks_plain_decoding_when_it_is_faster_and_probes() -> None:
+    from memfit.llm.engine.request import Sequence
+    from memfit.llm.engine.spec_decode import PROBE_EVERY
+
+    dec = LLM("memfit-tiny", threads=1, speculative_model=DRAFT, num_speculative_tokens=4,
+              speculative_adaptive=True).engine.spec
+    seq = Sequence("r", [1, 2, 3], SamplingParams())
+    assert dec._want(seq) == 4  # no cost measured yet: speculate, to time it
+    dec.cost_ratio = 0.05
+    dec._trackers[seq.seq_id].update(0, 4)  # rejected at once, several times: acceptance falls
+    dec._trackers[seq.seq_id].update(0, 4)
+    dec._trackers[seq.seq_id].update(0, 4)
+    dec.cost_ratio = 1.0  # a draft pass as dear as a target pass
+    picks = [dec._want(seq) for _ in range(PROBE_EVERY)]
+    assert picks == [0] * (PROBE_EVERY - 1) + [1]  # plain decoding, and a one-draft probe to re-measure
+    for _ in range(20):
+        dec._trackers[seq.seq_id].update(4, 4)  # the draft starts agreeing
+    dec.cost_ratio = 0.05
+    assert dec._want(seq) == 4
+
+
+def test_adaptive_needs_a_draft() -> None:
+    with pytest.raises(ValueError, match="speculative_adaptive"):
+        EngineConfig(speculative_adaptive=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.llm.engine.speculative import expected_tokens_per_step, rejection_sample
+from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, expected_tokens_per_step, rejection_sample
 from tests.llm.engine import chi2
 
 
@@ -80,3 +80,32 @@ def test_expected_tokens_per_step() -> None:
     assert expected_tokens_per_step(0.0, 4) == 1.0
     assert expected_tokens_per_step(1.0, 4) == 5.0
     assert abs(expected_tokens_per_step(0.5, 2) - 1.75) < 1e-12
+
+
+def test_best_gamma_trades_acceptance_against_the_draft_cost() -> None:
+    assert best_gamma(0.9, 0.05, 8) >= 5  # a cheap draft that agrees: speculate far
+    assert best_gamma(0.2, 0.5, 8) == 0  # an expensive draft that disagrees: plain decoding is faster
+    assert best_gamma(0.6, 0.1, 1) == 1  # capped by the largest g allowed
+    picks = [best_gamma(a / 10, 0.1, 8) for a in range(1, 10)]
+    assert picks == sorted(picks)  # more acceptance never means fewer drafts
+    # the chosen g is the argmax of the rate the docstring defines
+    g = best_gamma(0.7, 0.2, 8)
+    rates = [expected_tokens_per_step(0.7, k) / (1 + k * 0.2) for k in range(1, 9)]
+    assert g == 1 + rates.index(max(rates))
+
+
+def test_acceptance_tracker_estimates_the_per_token_rate() -> None:
+    """Drafts accepted one by one with probability alpha until the first rejection: the tracker's estimate
+    converges to alpha (the naive accepted / proposed would read ~0.38 for 0.6 at g = 4)."""
+    g = torch.Generator().manual_seed(3)
+    t = AcceptanceTracker(decay=1.0)
+    naive = [0, 0]
+    for _ in range(4000):
+        n = 0
+        while n < 4 and torch.rand(1, generator=g).item() < 0.6:
+            n += 1
+        t.update(n, 4)
+        naive[0] += n
+        naive[1] += 4
+    assert abs(t.alpha - 0.6) < 0.02
+    assert naive[0] / naive[1] < 0.5
