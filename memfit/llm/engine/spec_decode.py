@@ -156,10 +156,15 @@ class SpecDecoder:
             return 1 if waited >= PROBE_EVERY else 0
         return g
 
+    @staticmethod
+    def _useful(seq: Sequence, gamma: int) -> int:
+        """g capped so the step cannot pass the sequence's max_tokens or the context (more drafts are wasted)."""
+        n = seq.num_tokens
+        return max(0, min(gamma, seq.max_model_len - n, seq.params.max_tokens - len(seq.output_token_ids) - 1))
+
     def _room(self, seq: Sequence, gamma: int) -> int:
         """The largest g <= gamma both caches can hold for `seq` now (0: decode it plainly this step)."""
         n = seq.num_tokens
-        gamma = min(gamma, seq.max_model_len - n, seq.params.max_tokens - len(seq.output_token_ids) - 1)
         while gamma > 0:
             if self.target.kv.try_grow(seq.seq_id, n + gamma) and self._draft_room(seq, n + gamma - 1):
                 return gamma
@@ -186,9 +191,9 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             if item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0 and extra > 0:
-                want = self._want(seq)
+                want = self._useful(seq, self._want(seq))
                 gamma = self._room(seq, min(want, extra)) if want else 0
-                self.stats.shrunk += gamma < want
+                self.stats.shrunk += gamma < want  # the token budget or memory was short
             if gamma:
                 spec.append((seq, gamma))
                 extra -= gamma

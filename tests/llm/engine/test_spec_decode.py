@@ -265,3 +265,29 @@ def test_adaptive_gamma_picks_plain_decoding_when_it_is_faster_and_probes() -> N
 def test_adaptive_needs_a_draft() -> None:
     with pytest.raises(ValueError, match="speculative_adaptive"):
         EngineConfig(speculative_adaptive=True)
+
+
+def test_under_memory_pressure_gamma_shrinks_before_anyone_is_preempted() -> None:
+    """Two sequences in a KV budget that cannot hold both to the end: the lookahead stops fitting first, and g
+    shrinks (spec_shrunk) steps before the scheduler has to preempt."""
+    prompt = " ".join(["word"] * 20)
+    m = 40
+    probe = LLM("memfit-tiny", dtype="float32", threads=1)
+    n = len(probe.tokenizer.encode(prompt))  # the suffix adds a token or two: the budget falls short of both
+    budget = probe.engine.kv.bytes_needed(n + m) + probe.engine.kv.bytes_needed(n + m // 2)
+    spec = LLM("memfit-tiny", dtype="float32", threads=1, max_num_seqs=2, kv_budget=budget, kv_prefault=False,
+               kv_eager_pages=0, enable_prefix_caching=False, speculative_model=DRAFT, num_speculative_tokens=4)
+    eng = spec.engine
+    sp = SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
+    ids = [eng.add_request(prompt + s, sp) for s in "ab"]
+    shrunk_before_preempt = None
+    outs = {}
+    while eng.has_unfinished_requests():
+        shrunk = eng.stats()["speculative"]["spec_shrunk"]
+        for out in eng.step():
+            if out.finished:
+                outs[out.request_id] = out
+        if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
+            shrunk_before_preempt = shrunk
+    assert shrunk_before_preempt is not None and shrunk_before_preempt > 0
+    assert [len(outs[i].outputs[0].token_ids) for i in ids] == [m, m]
