@@ -22,17 +22,55 @@ def cmd_fit(args) -> int:
                            kv_budget=kv_budget, memory_limit=limit, speculative_model=args.speculative_model,
                            num_speculative_tokens=args.num_speculative_tokens)
     dtype = dtype or parse_dtype(ModelConfig.from_dir(path).torch_dtype)
+    bound = _spec_bound(args, path, kv_budget, limit, dtype) if args.speculative_model is not None else None
     measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
     if args.json:
         print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "context": args.context,
-                          "batch": args.batch, **b.to_dict(), **({"measured": measured} if measured else {})}))
+                          "batch": args.batch, **b.to_dict(), **({"measured": measured} if measured else {}),
+                          **({"speculative_bound": bound.to_dict()} if bound else {})}))
     else:
         print(format_report(b, dtype, args.context, args.batch))
+        if bound is not None:
+            print(_format_bound(bound))
         if measured:
             print(f"  measured     {format_bytes(measured['measured_peak_bytes']):>12}   peak RSS added "
                   f"({measured['measured_peak_bytes'] / b.total_bytes:.3f} of the prediction); "
                   f"{format_bytes(measured['measured_end_bytes'])} at the end")
     return 0 if b.fits else 3
+
+
+def _spec_bound(args, path, kv_budget, limit, dtype):
+    """The smallest budget keeping --keep-speedup of the predicted speed-up (engine/spec_budget.py), from the
+    acceptance and pass costs given, or measured with the pair on this machine."""
+    from memfit.llm.engine.fit import predict_for_engine
+    from memfit.llm.engine.spec_budget import measure, smallest_budget
+
+    gamma = args.num_speculative_tokens or 4
+    given = (args.acceptance, args.draft_cost, args.verify_cost)
+    if None in given:
+        got = measure(str(args.model), args.speculative_model, gamma, str(dtype).removeprefix("torch."))
+        given = tuple(m if g is None else g for g, m in zip(given, got))
+
+    def total_at(g: int) -> int:
+        return predict_for_engine(path, args.context, args.batch, args.chunk, dtype=dtype, cpu_linear=args.cpu_linear,
+                                  prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
+                                  kv_budget=kv_budget, memory_limit=limit,
+                                  speculative_model=args.speculative_model if g else None,
+                                  num_speculative_tokens=g or None).total_bytes
+
+    return smallest_budget(*given, gamma, total_at, args.keep_speedup)
+
+
+def _format_bound(r) -> str:
+    from memfit.memory.budget import format_bytes
+
+    head = (f"speculation (acceptance {r.alpha:.2f} per token; a draft pass costs {r.draft_cost:.2f} and a verification "
+            f"{r.verify_cost:.2f} plain decode steps):")
+    if r.best_gamma == 0:
+        return (f"{head}\n  no number of draft tokens beats plain decoding here (predicted); the budget without "
+                f"speculation: {format_bytes(r.budget_bytes)}")
+    return (f"{head}\n  fastest g {r.best_gamma}: {r.best_speedup:.2f}x plain (predicted); the smallest budget "
+            f"keeping {r.keep:.0%} of that: {format_bytes(r.budget_bytes)} (g {r.gamma}, {r.speedup:.2f}x)")
 
 
 def _measure(args, dtype: str) -> dict:
@@ -74,6 +112,15 @@ def register(sub) -> None:
     p.add_argument("--speculative-model", default=None,
                    help="add speculative decoding's draft (bundled name, directory or self[:N]): its weights, KV, step "
                         "and the speculation buffers")
-    p.add_argument("--num-speculative-tokens", type=int, default=None, help="tokens the draft proposes (default 4)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="the largest number of tokens the draft may propose (default 4)")
+    p.add_argument("--keep-speedup", type=float, default=0.95,
+                   help="speculation: print the smallest budget keeping this share of the predicted speed-up (default 0.95)")
+    p.add_argument("--acceptance", type=float, default=None,
+                   help="speculation: the draft's per-token acceptance rate (default: measured with the pair here)")
+    p.add_argument("--draft-cost", type=float, default=None,
+                   help="speculation: a draft pass's time in plain decode steps (default: measured with the pair here)")
+    p.add_argument("--verify-cost", type=float, default=None,
+                   help="speculation: a verification pass's time in plain decode steps (default: measured here)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guard(cmd_fit))

@@ -48,6 +48,28 @@ class SpecStats:
     seq_steps: int = 0  # (sequence, verification) pairs
     shrunk: int = 0  # sequence-steps that ran with a smaller g than asked (memory or token budget)
     chose_plain: int = 0  # adaptive: sequence-steps for which plain decoding was predicted faster
+    rejections: int = 0  # sequence-steps that ended at a rejected draft (the others accepted every draft)
+    draft_s: float = 0.0  # seconds in the draft's proposal passes (catch-up prefill excluded)
+    draft_passes: int = 0
+    verify_s: float = 0.0  # seconds in verification passes
+    plain_s: float = 0.0  # seconds in steps that only decoded plainly (no prefill, no speculation)
+    plain_steps: int = 0
+
+    @property
+    def token_acceptance(self) -> float:
+        """The per-token acceptance rate: kept drafts over kept drafts plus first rejections (drafts after a
+        rejection are never tested, so accepted / proposed reads low)."""
+        tested = self.accepted + self.rejections
+        return self.accepted / tested if tested else 0.0
+
+    def costs(self, plain_step_s: float | None = None) -> tuple[float, float]:
+        """(draft pass, verification pass) in plain decode steps over the run: against `plain_step_s` if given,
+        else this run's plain steps; with neither, against a verification pass (verification cost 1)."""
+        if not (self.draft_passes and self.steps):
+            return 0.0, 1.0
+        draft, verify = self.draft_s / self.draft_passes, self.verify_s / self.steps
+        plain = plain_step_s or (self.plain_s / self.plain_steps if self.plain_steps else verify)
+        return draft / plain, verify / plain
 
     @property
     def acceptance_rate(self) -> float:
@@ -61,7 +83,8 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
                 "spec_emitted": self.emitted, "spec_seq_steps": self.seq_steps, "spec_shrunk": self.shrunk,
-                "spec_chose_plain": self.chose_plain,
+                "spec_chose_plain": self.chose_plain, "token_acceptance": self.token_acceptance,
+                "draft_cost": self.costs()[0], "verify_cost": self.costs()[1],
                 "acceptance_rate": self.acceptance_rate, "tokens_per_seq_step": self.tokens_per_seq_step}
 
 
@@ -123,7 +146,8 @@ class SpecDecoder:
         self.adaptive = adaptive
         self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
         self._plain_steps: dict[int, int] = {}  # seq_id -> steps decoded plainly since its last probe
-        self.cost_ratio: float | None = None  # seconds of a draft pass / of a verification pass (moving average)
+        # moving averages of seconds per draft pass, verification pass and plain decode step (adaptive g)
+        self._t: dict[str, float] = {}
 
     @property
     def draft_kv(self) -> KVCacheManager:
@@ -148,7 +172,8 @@ class SpecDecoder:
         if not self.adaptive:
             return self.gamma
         tracker = self._trackers.setdefault(seq.seq_id, AcceptanceTracker())
-        g = best_gamma(tracker.alpha, self.cost_ratio or 0.0, self.gamma)  # unmeasured cost: speculate, to time it
+        draft_cost, verify_cost = self.costs()
+        g = best_gamma(tracker.alpha, draft_cost, self.gamma, verify_cost)  # unmeasured: speculate, to time it
         if g == 0:
             self.stats.chose_plain += 1
             waited = self._plain_steps.get(seq.seq_id, 0) + 1
@@ -199,7 +224,12 @@ class SpecDecoder:
                 extra -= gamma
             else:
                 plain.append(item)
+        t0 = time.perf_counter()
         result = self.target.execute(plain) if plain else StepResult([], [], [])
+        if plain and not spec and all(item.num_new == 1 for item in plain):
+            self._observe("plain", time.perf_counter() - t0)
+            self.stats.plain_s += time.perf_counter() - t0
+            self.stats.plain_steps += 1
         if spec:
             self._speculate(spec, result)
         return result
@@ -293,15 +323,29 @@ class SpecDecoder:
                 self._trackers.setdefault(s.seq_id, AcceptanceTracker()).update(n, gammas[b])
             self.stats.proposed += gammas[b]
             self.stats.accepted += n
+            self.stats.rejections += n < gammas[b]
             self.stats.emitted += n + 1
         self.stats.steps += 1
         self.stats.seq_steps += B
 
     def _time(self, draft_s: float, passes: int, verify_s: float) -> None:
-        if not self.adaptive or verify_s <= 0:
-            return
-        ratio = draft_s / passes / verify_s
-        self.cost_ratio = ratio if self.cost_ratio is None else 0.8 * self.cost_ratio + 0.2 * ratio
+        self.stats.draft_s += draft_s
+        self.stats.draft_passes += passes
+        self.stats.verify_s += verify_s
+        self._observe("draft", draft_s / passes)
+        self._observe("verify", verify_s)
+
+    def _observe(self, what: str, seconds: float) -> None:
+        old = self._t.get(what)
+        self._t[what] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def costs(self) -> tuple[float, float]:
+        """(draft pass, verification pass) in plain decode steps, from recent steps (moving averages); before any
+        plain step was timed, a verification pass stands for one; (0, 1) before any speculation was timed."""
+        if "verify" not in self._t:
+            return 0.0, 1.0
+        plain = self._t.get("plain", self._t["verify"])
+        return self._t["draft"] / plain, self._t["verify"] / plain
 
     def _logprobs(self, logits: torch.Tensor, seq: Sequence, tokens: list[int]) -> list:
         """The target's logprobs of each emitted token (logits: (n+1, V), one row per emitted token)."""
@@ -315,8 +359,7 @@ class SpecDecoder:
         st = self.draft_kv.stats()
         return {**self.stats.as_dict(), "num_speculative_tokens": self.gamma,
                 "draft_kv_committed_bytes": st.committed_bytes, "draft_kv_tokens_held": st.tokens_held,
-                "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive,
-                "draft_cost_ratio": self.cost_ratio}
+                "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive}
 
     def close(self) -> None:
         self.draft_kv.close()

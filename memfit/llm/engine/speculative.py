@@ -91,14 +91,14 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
-    """The g in 0..max_gamma that emits the most tokens per unit of time, for acceptance rate alpha and a draft
-    pass costing `cost_ratio` target passes: a step with g drafts emits expected_tokens_per_step(alpha, g) tokens
-    for 1 + g x cost_ratio target passes of time; plain decoding (g = 0) emits 1 token per pass. 0 when no g
-    beats plain decoding."""
+def best_gamma(alpha: float, draft_cost: float, max_gamma: int, verify_cost: float = 1.0) -> int:
+    """The g in 0..max_gamma that emits the most tokens per unit of time, for acceptance rate alpha, a draft pass
+    costing `draft_cost` and a verification pass `verify_cost` plain decode steps: a step with g drafts emits
+    expected_tokens_per_step(alpha, g) tokens in g x draft_cost + verify_cost steps' time; plain decoding (g = 0)
+    emits 1 token a step. 0 when no g beats plain decoding."""
     best, best_rate = 0, 1.0
     for g in range(1, max_gamma + 1):
-        rate = expected_tokens_per_step(alpha, g) / (1.0 + g * cost_ratio)
+        rate = expected_tokens_per_step(alpha, g) / (g * draft_cost + verify_cost)
         if rate > best_rate * (1.0 + 1e-9):
             best, best_rate = g, rate
     return best

@@ -238,7 +238,7 @@ def test_adaptive_gamma_is_lossless_and_measures_its_costs() -> None:
                num_speculative_tokens=4, speculative_adaptive=True)
     assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
     st = spec.engine.stats()["speculative"]
-    assert st["adaptive"] and st["spec_seq_steps"] > 0 and st["draft_cost_ratio"] > 0
+    assert st["adaptive"] and st["spec_seq_steps"] > 0 and st["draft_cost"] > 0 and st["verify_cost"] > 0
 
 
 def test_adaptive_gamma_picks_plain_decoding_when_it_is_faster_and_probes() -> None:
@@ -249,16 +249,16 @@ def test_adaptive_gamma_picks_plain_decoding_when_it_is_faster_and_probes() -> N
               speculative_adaptive=True).engine.spec
     seq = Sequence("r", [1, 2, 3], SamplingParams())
     assert dec._want(seq) == 4  # no cost measured yet: speculate, to time it
-    dec.cost_ratio = 0.05
+    dec._t = {"draft": 0.05, "verify": 1.0, "plain": 1.0}  # seconds: costs in plain steps 0.05 and 1
     dec._trackers[seq.seq_id].update(0, 4)  # rejected at once, several times: acceptance falls
     dec._trackers[seq.seq_id].update(0, 4)
     dec._trackers[seq.seq_id].update(0, 4)
-    dec.cost_ratio = 1.0  # a draft pass as dear as a target pass
+    dec._t["draft"] = 1.0  # a draft pass as dear as a target pass
     picks = [dec._want(seq) for _ in range(PROBE_EVERY)]
     assert picks == [0] * (PROBE_EVERY - 1) + [1]  # plain decoding, and a one-draft probe to re-measure
     for _ in range(20):
         dec._trackers[seq.seq_id].update(4, 4)  # the draft starts agreeing
-    dec.cost_ratio = 0.05
+    dec._t["draft"] = 0.05
     assert dec._want(seq) == 4
 
 

@@ -109,3 +109,25 @@ def test_acceptance_tracker_estimates_the_per_token_rate() -> None:
         naive[1] += 4
     assert abs(t.alpha - 0.6) < 0.02
     assert naive[0] / naive[1] < 0.5
+
+
+def test_an_expensive_verification_makes_plain_decoding_faster() -> None:
+    # 1.5 tokens per step at best for alpha 0.4, but a verification pass costing 3 plain steps: never worth it
+    assert best_gamma(0.4, 0.05, 8, verify_cost=3.0) == 0
+    assert best_gamma(0.4, 0.05, 8, verify_cost=1.0) > 0
+
+
+def test_smallest_budget_keeps_the_share_of_the_speedup_at_the_least_memory() -> None:
+    from memfit.llm.engine.spec_budget import predicted_speedup, smallest_budget
+
+    def total_at(g: int) -> int:
+        return 1000 + 10 * g  # memory grows with g (lookahead KV, buffers)
+
+    r = smallest_budget(0.8, 0.1, 1.0, 8, total_at, keep=0.95)
+    rates = [predicted_speedup(0.8, 0.1, 1.0, g) for g in range(9)]
+    assert r.best_speedup == max(rates) and r.gamma <= r.best_gamma
+    assert r.speedup >= 0.95 * r.best_speedup
+    assert all(rates[g] < 0.95 * r.best_speedup for g in range(1, r.gamma))  # no smaller g keeps the share
+    assert r.budget_bytes == total_at(r.gamma)
+    none = smallest_budget(0.2, 0.5, 2.0, 8, total_at)  # speculation never pays: the plain budget
+    assert none.gamma == none.best_gamma == 0 and none.budget_bytes == 1000
