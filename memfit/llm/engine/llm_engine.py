@@ -212,6 +212,8 @@ class LLMEngine:
             self.prefault_failures += len(failures)
             log.warning("%d background KV commit(s) failed and were rolled back: %s", len(failures), failures[0])
         self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)
+        if self.spec is not None:
+            self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
         if self._heap is not None:
             self._heap.maybe_trim()
 
@@ -302,6 +304,8 @@ class LLMEngine:
         limit = min(len(cached), len(prompt) - 1)  # the last prompt token is always fed: it yields logits
         while n < limit and cached[n] == prompt[n]:
             n += 1
+        if self.spec is not None:
+            self.spec.adopt(old.seq_id, seq, n)  # the draft's KV of the previous turn, up to the same prefix
         if n == 0:
             self.kv.free(old.seq_id)
             return
@@ -386,7 +390,7 @@ class LLMEngine:
             self._streams.pop(seq.request_id, None)
             self.runner.release(seq.request_id)
             if self.spec is not None:
-                self.spec.release(seq.seq_id)  # the draft's KV (kept for no session yet: the next turn re-prefills it)
+                self.spec.finished(seq)  # the draft's KV: freed, or kept with the target's for the session's next turn
         return out
 
     def _record_timeline(self, step_tokens: int) -> None:

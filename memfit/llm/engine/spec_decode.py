@@ -13,6 +13,10 @@ this step becomes speculative:
    runs it) gives p at every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
 4. roll back: the K/V written for rejected drafts is truncated in both caches (`truncate`), so the caches
    hold exactly the tokens the sequence has.
+Multi-turn: when a sequence with a session finishes, the draft keeps its KV as the target's cache does
+(`finished`); the next turn adopts both up to the common prefix (`adopt`), so the draft only catches up on the new
+tokens. A retained draft KV goes when the target's does (evicted under pressure, session ended), and first when
+the draft's own cache is short of room.
 Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
 
 Adaptive g (`speculative_adaptive`): each sequence's acceptance rate is tracked from its verifications
@@ -142,6 +146,7 @@ class SpecDecoder:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.sampler = target.sampler  # the requests' generators: one stream per request, as without a draft
         self._drafted: dict[int, Sequence] = {}  # seq_id -> the sequence whose tokens the draft KV holds
+        self._retained: dict[int, None] = {}  # seq_ids of finished turns whose draft KV waits for the next turn (LRU)
         self.stats = SpecStats()
         self.adaptive = adaptive
         self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
@@ -154,14 +159,47 @@ class SpecDecoder:
         return self.draft.kv
 
     # ---- bookkeeping ------------------------------------------------------------------------------
-    def _sweep(self) -> None:
-        """Free the draft KV of sequences that finished, were aborted or were preempted since the last step."""
+    def sweep(self) -> None:
+        """Free the draft KV of sequences that finished, were aborted or were preempted since the last step, and
+        of retained turns whose target KV is gone (evicted, or the session ended)."""
         for seq_id, seq in list(self._drafted.items()):
-            if seq.status is not SeqStatus.RUNNING or seq.seq_id != seq_id:
-                self.release(seq_id)
+            if seq_id in self._retained:
+                if not self.target.kv.has_seq(seq_id):
+                    self.release(seq_id)
+            elif seq.seq_id != seq_id or seq.status is SeqStatus.FINISHED or (
+                    seq.status is SeqStatus.WAITING and (seq.num_computed == 0 or seq.swapped)):
+                self.release(seq_id)  # a new turn waiting with its adopted KV (num_computed > 0) keeps it
+
+    def finished(self, seq: Sequence) -> None:
+        """A sequence is done: keep its draft KV if the target keeps its KV for the session's next turn."""
+        if seq.session_id is not None and seq.finish_reason != "abort" and self.target.kv.has_seq(seq.seq_id) \
+                and seq.seq_id in self._drafted:
+            self._retained[seq.seq_id] = None
+        else:
+            self.release(seq.seq_id)
+
+    def adopt(self, seq_id: int, seq: Sequence, num_tokens: int) -> None:
+        """The session's next turn `seq` takes over the retained `seq_id`, whose first `num_tokens` tokens it
+        shares (0: nothing shared, the target frees its KV)."""
+        if seq_id not in self._retained:
+            return
+        del self._retained[seq_id]
+        if num_tokens == 0:
+            self.release(seq_id)
+            return
+        self.draft_kv.truncate(seq_id, min(num_tokens, self.draft_kv.num_tokens(seq_id)))
+        self._drafted[seq_id] = seq
+
+    def _evict_retained(self) -> bool:
+        """Free the least recently retained draft KV; False when none is left."""
+        if not self._retained:
+            return False
+        self.release(next(iter(self._retained)))
+        return True
 
     def release(self, seq_id: int) -> None:
         self._drafted.pop(seq_id, None)
+        self._retained.pop(seq_id, None)
         self._trackers.pop(seq_id, None)
         self._plain_steps.pop(seq_id, None)
         if self.draft_kv.has_seq(seq_id):
@@ -198,17 +236,20 @@ class SpecDecoder:
 
     def _draft_room(self, seq: Sequence, num_tokens: int) -> bool:
         kv = self.draft_kv
-        if kv.has_seq(seq.seq_id):
-            return kv.try_grow(seq.seq_id, num_tokens)
-        if kv.try_allocate(seq.seq_id, num_tokens):
-            self._drafted[seq.seq_id] = seq
-            return True
-        return False
+        while True:
+            if kv.has_seq(seq.seq_id):
+                if kv.try_grow(seq.seq_id, num_tokens):
+                    return True
+            elif kv.try_allocate(seq.seq_id, num_tokens):
+                self._drafted[seq.seq_id] = seq
+                return True
+            if not self._evict_retained():  # retained turns give way to running sequences
+                return False
 
     # ---- the step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        self._sweep()
+        self.sweep()
         extra = self.max_num_batched_tokens - sched.num_tokens  # the step's token budget left for drafts
         spec: list[tuple[Sequence, int]] = []
         plain: list[ScheduledSeq] = []

@@ -291,3 +291,37 @@ def test_under_memory_pressure_gamma_shrinks_before_anyone_is_preempted() -> Non
             shrunk_before_preempt = shrunk
     assert shrunk_before_preempt is not None and shrunk_before_preempt > 0
     assert [len(outs[i].outputs[0].token_ids) for i in ids] == [m, m]
+
+
+def test_a_sessions_next_turn_reuses_the_drafts_kv() -> None:
+    """Turn 2 of a session repeats turn 1 and adds a message: the draft keeps its KV between the turns, as the
+    target does, so it only catches up on the new tokens; the output is the plain engine's."""
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=2, threads=1, enable_prefix_caching=False)
+    plain = LLM("memfit-tiny", **kw).engine
+    spec_llm = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw)
+    spec = spec_llm.engine
+    fed = []
+    real = spec.spec.draft.model.forward
+    spec.spec.draft.model.forward = lambda ids, pos, attn: (fed.append(attn.num_real), real(ids, pos, attn))[1]
+
+    def run(eng, ids):
+        rid = eng.add_request(prompt_token_ids=ids, params=sp, session_id="s")
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished and out.request_id == rid:
+                    done = out
+        return done.outputs[0].token_ids
+
+    turn1 = spec_llm.tokenizer.encode(" ".join(["story"] * 60))
+    answer = run(spec, turn1)
+    assert answer == run(plain, turn1)
+    assert spec.spec.draft_kv.stats().tokens_held >= len(turn1)  # kept for the next turn
+    fed.clear()
+    turn2 = turn1 + answer + spec_llm.tokenizer.encode(" and then")
+    assert run(spec, turn2) == run(plain, turn2)
+    new = len(turn2) - len(turn1)  # the answer and the new message
+    assert sum(fed) <= new, (sum(fed), new)  # the draft's catch-up: not the whole conversation again (> 60 tokens)
+    spec.end_session("s")
+    spec.step()
+    assert spec.spec.draft_kv.stats().tokens_held == 0  # the session ended: the draft's KV went with the target's
