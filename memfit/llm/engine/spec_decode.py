@@ -13,11 +13,11 @@ this step becomes speculative:
    runs it) gives p at every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
 4. roll back: the K/V written for rejected drafts is truncated in both caches (`truncate`), so the caches
    hold exactly the tokens the sequence has.
+Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
 Multi-turn: when a sequence with a session finishes, the draft keeps its KV as the target's cache does
 (`finished`); the next turn adopts both up to the common prefix (`adopt`), so the draft only catches up on the new
 tokens. A retained draft KV goes when the target's does (evicted under pressure, session ended), and first when
 the draft's own cache is short of room.
-Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
 
 Adaptive g (`speculative_adaptive`): each sequence's acceptance rate is tracked from its verifications
 (`AcceptanceTracker`) and the cost of a draft pass relative to a target pass is timed (moving averages); each step
@@ -31,105 +31,16 @@ budget that is a child of the engine's ledger, like the target's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from memfit.llm.engine.request import Sequence, SeqStatus
-from memfit.llm.engine.runner import ModelRunner, bucket_tokens
+from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.spec_forward import forward
+from memfit.llm.engine.spec_stats import SpecStats
 from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, draw, rejection_sample
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
-from memfit.llm.kernels.attention import CachedAttention
-from memfit.llm.kv.base import KVCacheManager, SeqStep
-
-
-@dataclass
-class SpecStats:
-    steps: int = 0  # speculative verification passes
-    proposed: int = 0  # draft tokens verified
-    accepted: int = 0  # draft tokens kept
-    emitted: int = 0  # tokens emitted by verification passes (accepted + one per sequence-step)
-    seq_steps: int = 0  # (sequence, verification) pairs
-    shrunk: int = 0  # sequence-steps that ran with a smaller g than asked (memory or token budget)
-    chose_plain: int = 0  # adaptive: sequence-steps for which plain decoding was predicted faster
-    rejections: int = 0  # sequence-steps that ended at a rejected draft (the others accepted every draft)
-    draft_s: float = 0.0  # seconds in the draft's proposal passes (catch-up prefill excluded)
-    draft_passes: int = 0
-    verify_s: float = 0.0  # seconds in verification passes
-    plain_s: float = 0.0  # seconds in steps that only decoded plainly (no prefill, no speculation)
-    plain_steps: int = 0
-
-    @property
-    def token_acceptance(self) -> float:
-        """The per-token acceptance rate: kept drafts over kept drafts plus first rejections (drafts after a
-        rejection are never tested, so accepted / proposed reads low)."""
-        tested = self.accepted + self.rejections
-        return self.accepted / tested if tested else 0.0
-
-    def costs(self, plain_step_s: float | None = None) -> tuple[float, float]:
-        """(draft pass, verification pass) in plain decode steps over the run: against `plain_step_s` if given,
-        else this run's plain steps; with neither, against a verification pass (verification cost 1)."""
-        if not (self.draft_passes and self.steps):
-            return 0.0, 1.0
-        draft, verify = self.draft_s / self.draft_passes, self.verify_s / self.steps
-        plain = plain_step_s or (self.plain_s / self.plain_steps if self.plain_steps else verify)
-        return draft / plain, verify / plain
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def tokens_per_seq_step(self) -> float:
-        """Tokens a sequence gains per target pass (1.0 without speculation)."""
-        return self.emitted / self.seq_steps if self.seq_steps else 0.0
-
-    def as_dict(self) -> dict:
-        return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
-                "spec_emitted": self.emitted, "spec_seq_steps": self.seq_steps, "spec_shrunk": self.shrunk,
-                "spec_chose_plain": self.chose_plain, "token_acceptance": self.token_acceptance,
-                "draft_cost": self.costs()[0], "verify_cost": self.costs()[1],
-                "acceptance_rate": self.acceptance_rate, "tokens_per_seq_step": self.tokens_per_seq_step}
-
-
-def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_rows: bool) -> torch.Tensor:
-    """Run `runner`'s model over chunks (seq_id, start, tokens) in one pass; the logits (R, V) of each chunk's
-    last position (all_rows False) or of every position (True), in chunk order."""
-    kv = runner.kv
-    single = [i for i, c in enumerate(chunks) if len(c[2]) == 1 and c[1] > 0]  # decode rows go first
-    if runner._by_slot:
-        single.sort(key=lambda i: kv.slot_of(chunks[i][0]))
-    singles = set(single)
-    order = single + [i for i in range(len(chunks)) if i not in singles]
-    ids: list[int] = []
-    pos: list[int] = []
-    steps: list[SeqStep] = []
-    first_row = [0] * len(chunks)
-    for i in order:
-        seq_id, start, tokens = chunks[i]
-        first_row[i] = len(ids)
-        ids.extend(tokens)
-        pos.extend(range(start, start + len(tokens)))
-        steps.append(SeqStep(seq_id, start, len(tokens), tokens))
-    num_real = len(ids)
-    dev = runner.device
-    model = runner.model
-    if runner.stack is not None and len(single) == len(chunks) <= runner.stack.max_rows:
-        # All one-token decode rows (the draft's passes after the first): the whole step in one C++ call.
-        hidden = runner.stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps))  # (B, C)
-        return model.compute_logits(hidden.index_select(0, torch.tensor(first_row, device=dev)))  # (B, V)
-    padded = bucket_tokens(num_real)  # bounded shapes, as ModelRunner.execute does
-    ids.extend([0] * (padded - num_real))
-    pos.extend([0] * (padded - num_real))
-    attn = CachedAttention(kv, steps, len(single), model.scale, model.config.sliding_window, num_real,
-                           runner.workspace, model.ops)
-    hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                   attn)  # (N, C)
-    if all_rows:
-        rows = [first_row[i] + j for i in range(len(chunks)) for j in range(len(chunks[i][2]))]
-    else:
-        rows = [first_row[i] + len(chunks[i][2]) - 1 for i in range(len(chunks))]
-    return model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=dev)))  # (R, V)
+from memfit.llm.kv.base import KVCacheManager
 
 
 PROBE_EVERY = 16  # adaptive g: a sequence decoding plainly speculates one token this often, to re-measure
