@@ -8,7 +8,7 @@ from memfit.llm.kv.swap import CostModel, SwapSpace
 from memfit.llm.kv.virtual import VirtualKVCache
 from memfit.memory.budget import MemoryBudget, Tier
 from tests.llm.kv.test_virtual import LAYOUT, write
-from memfit.llm.kv.base import SeqStep
+from memfit.llm.kv.base import KVLayout, SeqStep
 
 CACHES = {
     "per-layer": lambda b: VirtualKVCache(LAYOUT, b, max_seqs=4, prefault=False, eager_pages=0),
@@ -105,5 +105,34 @@ def test_asynchronous_swap_in_lands_exactly_and_a_discard_waits_for_it(kind):
     assert all(torch.equal(a, b) for a, b in zip(before[1], contexts(cache, 1, 19)))
     swap.discard(2)  # aborted mid-flight: the copies land before the host copy is dropped
     assert not swap.in_flight(2) and host.used_bytes == 0 and swap.async_swap_ins == 1
+    swap.close()
+    cache.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["token-major", "paged"])
+def test_swap_round_trip_on_cuda_through_pinned_host_memory(kind):
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_seq_len=64,
+                      device=torch.device("cuda"))
+    budget = MemoryBudget(1 << 30, name="kv_budget")
+    cache = (VirtualKVCache(layout, budget, max_seqs=4, prefault=False, eager_pages=0, token_major=True)
+             if kind == "token-major" else PagedKVCache(layout, budget, block_size=4, num_blocks=64))
+    swap = SwapSpace(cache, MemoryBudget(1 << 24, Tier.HOST, name="swap_space"), threads=1)
+    assert swap.pin
+    assert cache.try_allocate(1, 19)
+    plan = cache.plan_step([SeqStep(1, 0, 19)])
+    for layer in range(2):
+        k = torch.randn(19, 2, 64, device="cuda")
+        cache.write(layer, plan, k, -k)
+    before = [t.clone() for layer in range(2) for t in cache.context(layer, cache.plan_step([SeqStep(1, 19, 0)]), 0)]
+    assert swap.try_swap_out(1, 19)
+    assert swap._held[1].buf.is_pinned()
+    cache.free(1)
+    assert cache.try_allocate(2, 30) and cache.try_allocate(1, 20)
+    swap.start_swap_in(1)
+    assert swap.finish_swap_in(1) == 19
+    after = [t for layer in range(2) for t in cache.context(layer, cache.plan_step([SeqStep(1, 19, 0)]), 0)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
     swap.close()
     cache.close()
