@@ -56,6 +56,8 @@ def cmd_bench(args) -> int:
         "kv_committed_peak_bytes": peak_committed, "kv_budget_bytes": engine.model_info.kv_budget_bytes,
         "rss_start_bytes": rss0, "peak_rss_bytes": peak_rss_bytes(), "steps": engine.num_steps,
     }
+    if engine.spec is not None:  # --speculative-model: acceptance, tokens per target pass, the draft's KV
+        result["speculative"] = engine.stats()["speculative"]
     print(json.dumps(result, indent=2 if args.pretty else None))
     engine.close()
     return 0
