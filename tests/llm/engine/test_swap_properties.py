@@ -1,0 +1,146 @@
+"""Property tests (hypothesis state machine) of preemption by swapping: the real scheduler (priority policy, swap
+mode), a real KV cache (virtual, paged) and the real host tier, driven by random arrivals, priority changes, steps
+and aborts, with a stand-in runner that writes K/V values unique to (sequence, position, layer).
+
+Checked after every rule, against the test's own model rather than the components' counters: every byte the host
+tier's budget holds belongs to a sequence that is swapped out (its K/V for exactly the tokens it had computed, in
+the cache's own rounding), never more than the tier's limit; the KV budget is never exceeded; every running
+sequence's cache holds exactly the values written for its positions (a swap that lost or mixed up data shows
+here); and once everything is aborted, nothing is left in either tier."""
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from memfit.llm.engine.params import SamplingParams
+from memfit.llm.engine.policy import PolicyConfig
+from memfit.llm.engine.request import Sequence
+from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
+from memfit.llm.kv.base import SeqStep
+from memfit.llm.kv.paged import PagedKVCache
+from memfit.llm.kv.swap import SwapSpace
+from memfit.llm.kv.virtual import VirtualKVCache
+from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+from tests.llm.kv.test_virtual import LAYOUT, kv_for
+
+STATEFUL = settings(max_examples=30, stateful_step_count=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+class SwapMachine(RuleBasedStateMachine):
+    kind = "virtual"
+    threads = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        segs = 2 * LAYOUT.num_layers
+        # Room for 64 tokens of KV (1-3 sequences); a host tier for 32, so some swaps fall back to recomputation.
+        limit = segs * 8 * PAGE if self.kind == "virtual" else 16 * 4 * LAYOUT.bytes_per_token
+        self.kv_budget = MemoryBudget(limit, name="kv_budget")
+        self.cache = (VirtualKVCache(LAYOUT, self.kv_budget, max_seqs=4, prefault=False, eager_pages=0)
+                      if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20))
+        self.host = MemoryBudget(32 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
+        self.swap = SwapSpace(self.cache, self.host, threads=self.threads)
+        cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, policy=PolicyConfig("priority", aging_steps=3),
+                              preemption_mode="swap")
+        self.sched = Scheduler(cfg, self.cache, self.swap)
+        self.seqs: dict[str, Sequence] = {}
+        self.n = 0
+
+    @rule(prompt_len=st.integers(4, 30), max_tokens=st.integers(1, 30), priority=st.integers(-2, 3))
+    def add(self, prompt_len: int, max_tokens: int, priority: int) -> None:
+        seq = Sequence(f"r{self.n}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
+                       priority=priority)
+        self.n += 1
+        self.seqs[seq.request_id] = seq
+        self.sched.add(seq)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data(), priority=st.integers(-2, 3))
+    def change_priority(self, data, priority: int) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.sched.set_priority(self.seqs[rid], priority)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def abort(self, data) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.seqs)))
+        self.sched.abort(self.seqs.pop(rid))
+
+    @rule(times=st.integers(1, 4))
+    def step(self, times: int) -> None:
+        for _ in range(times):
+            self._step()
+
+    def _step(self) -> None:
+        out = self.sched.schedule()
+        if not out.scheduled:
+            return
+        steps = [SeqStep(i.seq.seq_id, i.seq.num_computed, i.num_new) for i in out.scheduled]
+        plan = self.cache.plan_step(steps)
+        for layer in range(LAYOUT.num_layers):
+            k = torch.cat([kv_for(s.seq_id, s.start, s.num_new, layer)[0] for s in steps])
+            self.cache.write(layer, plan, k, -k)
+        for item in out.scheduled:
+            seq, samples = item.seq, item.samples
+            seq.num_computed += item.num_new
+            if samples:
+                seq.output_token_ids.append(7)
+                if len(seq.output_token_ids) >= seq.params.max_tokens:
+                    self.sched.finish(seq, "length")
+                    self.seqs.pop(seq.request_id)
+
+    # ---- invariants --------------------------------------------------------------------------------------
+    @invariant()
+    def host_tier_holds_exactly_the_swapped_out_kv(self) -> None:
+        expected = sum(self.swap.runs_shape(s.num_computed)[0] for s in self.seqs.values() if s.swapped)
+        assert self.host.used_bytes == expected
+        assert self.host.peak_bytes <= self.host.limit_bytes
+        assert self.kv_budget.peak_bytes <= self.kv_budget.limit_bytes
+
+    @invariant()
+    def swapped_sequences_hold_no_kv_and_running_ones_hold_their_tokens(self) -> None:
+        for seq in self.seqs.values():
+            if seq.swapped and not seq.swapping_in:
+                assert not self.cache.has_seq(seq.seq_id) and seq.num_computed > 0
+        for seq in self.sched.running:
+            assert self.cache.num_tokens(seq.seq_id) == seq.num_computed
+
+    @invariant()
+    def running_sequences_read_back_what_was_written(self) -> None:
+        for seq in self.sched.running:
+            n = seq.num_computed
+            if n == 0:
+                continue
+            plan = self.cache.plan_step([SeqStep(seq.seq_id, n, 0)])
+            for layer in range(LAYOUT.num_layers):
+                k, v = self.cache.context(layer, plan, 0)
+                want = kv_for(seq.seq_id, 0, n, layer)[0]
+                assert torch.equal(k, want) and torch.equal(v, -want)
+
+    def teardown(self) -> None:
+        for seq in list(self.seqs.values()):
+            self.sched.abort(seq)
+        assert self.host.used_bytes == 0 and self.cache.stats().num_seqs == 0
+        self.swap.close()
+        self.cache.close()
+        assert self.kv_budget.used_bytes == 0  # the virtual cache gives its idle pages back on close
+
+
+class PagedSwapMachine(SwapMachine):
+    kind = "paged"
+
+
+class AsyncVirtualSwapMachine(SwapMachine):
+    threads = 2
+
+
+TestVirtualSwap = SwapMachine.TestCase
+TestVirtualSwap.settings = STATEFUL
+TestPagedSwap = PagedSwapMachine.TestCase
+TestPagedSwap.settings = STATEFUL
+TestAsyncVirtualSwap = AsyncVirtualSwapMachine.TestCase
+TestAsyncVirtualSwap.settings = STATEFUL
