@@ -42,8 +42,11 @@ def main() -> int:
         prompts = PROMPTS[:batch]
         plain = LLM("memfit-tiny", max_num_seqs=batch, **common)
         gammas = [int(g) for g in args.gammas.split(",")]
-        specs = {g: LLM("memfit-tiny", max_num_seqs=batch, speculative_model="memfit-tiny-draft",
-                        num_speculative_tokens=g, **common) for g in gammas}
+        # one engine per fixed g, and one choosing g adaptively (up to the largest) from acceptance and cost
+        variants = [(f"g{g}", g, False) for g in gammas] + [(f"adaptive{max(gammas)}", max(gammas), True)]
+        specs = {name: (g, adaptive, LLM("memfit-tiny", max_num_seqs=batch, speculative_model="memfit-tiny-draft",
+                                         num_speculative_tokens=g, speculative_adaptive=adaptive, **common))
+                 for name, g, adaptive in variants}
         outs: dict[str, list] = {}
 
         def runner(name: str, llm):
@@ -51,17 +54,18 @@ def main() -> int:
                 outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
             return run
 
-        fns = {"plain": runner("plain", plain), **{f"g{g}": runner(f"g{g}", llm) for g, llm in specs.items()}}
+        fns = {"plain": runner("plain", plain), **{name: runner(name, v[2]) for name, v in specs.items()}}
         times = interleave(fns, reps=args.reps)
         tokens = batch * args.max_tokens
         plain_tok_s = tokens / statistics.median(times["plain"])
-        for g, llm in specs.items():
+        for name, (g, adaptive, llm) in specs.items():
             st = llm.engine.stats()["speculative"]
             row = {
-                "batch": batch, "gamma": g, "tokens": tokens, "plain_tok_s": plain_tok_s,
-                "speculative_tok_s": tokens / statistics.median(times[f"g{g}"]),
+                "batch": batch, "gamma": g, "adaptive": adaptive, "tokens": tokens, "plain_tok_s": plain_tok_s,
+                "speculative_tok_s": tokens / statistics.median(times[name]),
                 "acceptance_rate": st["acceptance_rate"], "tokens_per_target_step": st["tokens_per_seq_step"],
-                "identical_tokens": outs["plain"] == outs[f"g{g}"],
+                "plain_share": st["spec_chose_plain"] / max(1, st["spec_chose_plain"] + st["spec_seq_steps"]),
+                "identical_tokens": outs["plain"] == outs[name],
             }
             row["speedup"] = row["speculative_tok_s"] / plain_tok_s
             print(f"batch {batch}: {row}", file=sys.stderr)
