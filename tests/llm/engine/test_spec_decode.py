@@ -325,3 +325,17 @@ def test_a_sessions_next_turn_reuses_the_drafts_kv() -> None:
     spec.end_session("s")
     spec.step()
     assert spec.spec.draft_kv.stats().tokens_held == 0  # the session ended: the draft's KV went with the target's
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
+    """The same lossless check on a GPU: every tensor of the speculative step (drafts, distributions, the
+    rejection sampler) lives on the device; only the random draws are made on the CPU."""
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", kv_cache=kv_cache, max_num_seqs=4, device="cuda")
+    want = LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp)
+    spec = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw)
+    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
