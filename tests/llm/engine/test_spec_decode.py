@@ -339,3 +339,16 @@ def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
     spec = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw)
     assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
+
+
+def test_logprobs_are_the_targets_at_every_emitted_token() -> None:
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    kw = dict(dtype="float32", max_num_seqs=2, threads=1)
+    want = LLM("memfit-tiny", **kw).generate(PROMPTS[:2], sp)
+    got = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw).generate(PROMPTS[:2], sp)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert len(g.outputs[0].logprobs) == len(w.outputs[0].logprobs) == 24
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3
+            assert list(a.top) == list(b.top)
