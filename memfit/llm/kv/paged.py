@@ -63,6 +63,8 @@ class PagedPlan:
 @register_kv_cache("paged")
 class PagedKVCache(PagedPrefixMixin, KVCacheManager):
     block_tables = True  # pools(layer) + plans' batch_table: kernels read the blocks in place
+    _record_type = _Seq  # what the prefix mixin builds a sequence's record with
+
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:

@@ -76,8 +76,6 @@ class PagedPrefixMixin:
 
     # ---- prefix hits -------------------------------------------------------------------------------------
     def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
-        from memfit.llm.kv.paged import _Seq
-
         bs = self.block_size
         hashes = chain_hashes(token_ids, bs, limit=len(token_ids) - 1) if len(token_ids) > 1 else []
         matched: list[int] = []
@@ -104,7 +102,7 @@ class PagedPrefixMixin:
                 self._lru[blk] = time.monotonic()
                 self._held -= 1
             return None
-        record = _Seq(blocks=matched + fresh)
+        record = self._record_type(blocks=matched + fresh)
         record.hashes = hashes[: len(matched)]
         return record, cached
 

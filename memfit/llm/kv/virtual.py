@@ -81,6 +81,8 @@ class VirtualPlan:
 @register_kv_cache("virtual")
 class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
     fixed_stride = True  # K[l][slot, pos]: one strided view per layer
+    _record_type = _Seq  # what the prefix mixin builds a sequence's record with
+
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:

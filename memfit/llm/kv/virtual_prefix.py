@@ -80,8 +80,6 @@ class VirtualPrefixMixin:
         return [], None, 0
 
     def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
-        from memfit.llm.kv.virtual import _Seq
-
         hashes, src, ext = self._match(token_ids)
         m = len(hashes)
         cached = m * self.prefix_block + ext
@@ -116,7 +114,7 @@ class VirtualPrefixMixin:
                 self._idle_since[src] = time.monotonic()
         finally:
             self._pinned.discard(src)
-        record = _Seq(slot=slot)
+        record = self._record_type(slot=slot)
         record.hashes = list(hashes)
         for h in hashes:
             self._index.add(h, slot)
