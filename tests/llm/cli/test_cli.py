@@ -104,3 +104,23 @@ def test_every_engine_command_takes_the_same_engine_flags():
         assert {k: v for k, v in vars(cfg).items() if k != "max_waiting"} == base, cmd
     assert base["kv_budget"] == 0.25 and base["kv_cache"] == "paged" and base["cpu_kernels"] is False
     assert configs["serve"].max_waiting == 256  # serve's own default queue limit reaches the engine
+
+
+def test_speculative_flags_on_generate_and_fit(capsys):
+    """--speculative-model on generate (lossless: the same greedy text) and on fit (the draft's parts and the
+    smallest budget, here from given acceptance and costs, so nothing is timed)."""
+    base = ["generate", "Once upon a time", "--max-tokens", "16", "--temperature", "0", "--threads", "1", "--dtype",
+            "float32"]  # float32: identical greedy tokens (bf16 may differ at exact near-ties)
+    assert memfit_main(base) == 0
+    plain = capsys.readouterr().out
+    assert memfit_main(base + ["--speculative-model", "memfit-tiny-draft", "--num-speculative-tokens", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == plain.splitlines()[0]
+    assert memfit_main(["generate", "x", "--speculative-model", "memfit-tiny-draft", "--num-speculative-tokens", "0"]) == 2
+    args = ["fit", "--context", "256", "--batch", "2", "--no-runtime", "--speculative-model", "memfit-tiny-draft",
+            "--num-speculative-tokens", "6", "--acceptance", "0.8", "--draft-cost", "0.1", "--verify-cost", "1.0", "--json"]
+    assert memfit_main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["draft_weights_bytes"] > 0 and out["speculative_bytes"] > out["draft_weights_bytes"]
+    bound = out["speculative_bound"]
+    assert bound["best_gamma"] == 6 and 1 <= bound["gamma"] <= 6 and bound["speedup"] >= 0.95 * bound["best_speedup"]
+    assert bound["budget_bytes"] <= out["total_bytes"]  # a smaller g than the largest needs no more memory
