@@ -15,8 +15,9 @@ token (each can hold as many tokens as the other) and neither is starved by the 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from memfit.llm.engine import accounting
@@ -30,8 +31,21 @@ from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
 
-if TYPE_CHECKING:
-    from memfit.llm.engine.llm_engine import LLMEngine
+
+class TargetEngine(Protocol):
+    """What the draft reads of the engine it serves (LLMEngine; a protocol, so this module does not import it)."""
+
+    config: Any
+    dtype: torch.dtype
+    device: torch.device
+    model: LlamaForCausalLM
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    max_model_len: int
+    ledger: MemoryBudget
+    backends: Any
+    layout: Any
+    runner: ModelRunner
 
 
 class SpeculativeConfigError(ValueError):
@@ -100,7 +114,7 @@ class Draft:
         self.kv_budget = kv_budget
 
     @classmethod
-    def load(cls, engine: LLMEngine, options: BackendOptions) -> Draft:
+    def load(cls, engine: TargetEngine, options: BackendOptions) -> Draft:
         cfg = engine.config
         name = str(cfg.speculative_model)
         dtype, device = engine.dtype, engine.device
@@ -143,7 +157,7 @@ class Draft:
         budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
         return cls(model, mc, layout, budget, backends)
 
-    def decoder(self, engine: LLMEngine) -> SpecDecoder:
+    def decoder(self, engine: TargetEngine) -> SpecDecoder:
         """The draft's KV cache (the engine's kind, its own budget) and runner, and the decoder using both."""
         cfg = engine.config
         from memfit.llm.kv import kv_cache_class

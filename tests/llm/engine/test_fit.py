@@ -76,9 +76,14 @@ def _check(r: dict) -> None:
                                         "weights_bytes", "kv_bytes", "activation_bytes", "load_peak_bytes")}
     # The ledger's total is what the process may hold at its peak: the peak is within 10% of it. After the
     # workload the engine has released idle KV pages (reclaim_idle), so the end may sit lower, never higher.
-    peak, end = r["measured_peak_bytes"] / r["total_bytes"], r["measured_end_bytes"] / r["total_bytes"]
-    assert 0.9 <= peak <= 1.1, ("peak", round(peak, 3), "KiB:", summary)
-    assert end <= 1.1, ("end", round(end, 3), "KiB:", summary)
+    # Below ~30 MiB the bound is 3 MiB instead: the same calibration workload, repeated in fresh processes,
+    # held 15.0-20.3 MiB beside its KV (18.0-18.3 with address-space randomisation off: where the heap and
+    # the mappings land decides what the allocator keeps), noise no formula can predict.
+    total = r["total_bytes"]
+    slack = max(0.10 * total, 3 * 2**20)
+    peak, end = r["measured_peak_bytes"], r["measured_end_bytes"]
+    assert abs(peak - total) <= slack, ("peak", round(peak / total, 3), "KiB:", summary)
+    assert end <= total + slack, ("end", round(end / total, 3), "KiB:", summary)
     assert r["runtime_baseline_bytes"] > 0 and r["runtime_bytes"] > 0  # measured, and reported apart
 
 
