@@ -185,7 +185,9 @@ def stream_response(group: Group, meta: dict[str, Any], chat: bool, include_usag
             abort(group.unfinished())  # client gone (generator cancelled or closed), or an error
 
     return _AbortingStream(events(), on_close=lambda: abort(group.unfinished()), media_type="text/event-stream",
-                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                           # the id goes out with the headers, before the first token: a queued request can be
+                           # re-prioritised (PATCH /v1/requests/{id}) before it has produced anything
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": meta["id"]})
 
 
 class _AbortingStream(StreamingResponse):

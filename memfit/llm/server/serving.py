@@ -180,7 +180,7 @@ class OpenAIServing:
             lp = self.logprobs.completion(c, out, 0, req.logprobs, len(echo[c.prompt_index]) if echo else 0)
             choices.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": group.usage(),
-                             "system_fingerprint": None})
+                             "system_fingerprint": None}, headers={"X-Request-Id": meta["id"]})
 
     # ---- /v1/chat/completions ----------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, request: Request, arrival: float):
@@ -239,7 +239,7 @@ class OpenAIServing:
                 "logprobs": self.logprobs.chat(c, out, 0, top_n), "finish_reason": out.finish_reason,
             })
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": group.usage(),
-                             "system_fingerprint": None})
+                             "system_fingerprint": None}, headers={"X-Request-Id": meta["id"]})
 
     # ---- PATCH /v1/requests/{id} ---------------------------------------------------------------------------
     async def set_priority(self, response_id: str, priority: int) -> dict[str, Any]:

@@ -71,6 +71,27 @@ def test_patch_lowers_a_running_request_below_a_queued_one(server):
     assert finished == ["short", "long"]  # the short one preempted the long one once it was ranked below it
 
 
+def test_a_queued_stream_names_its_id_in_the_headers_before_any_token(server):
+    """X-Request-Id arrives with the headers, so a request still waiting behind another can be re-prioritised
+    before it has produced a token (the id is otherwise in the first chunk only)."""
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json=body(240, priority=0, stream=True)) as long_stream:
+            long_lines = long_stream.iter_lines()
+            next(line for line in long_lines if line.startswith("data: "))  # running: it holds the one slot
+            with http.stream("POST", "/v1/completions", json=body(3, priority=9, stream=True)) as queued:
+                rid = queued.headers["x-request-id"]
+                assert rid.startswith("cmpl-")
+                server.wait_metric("memfit_requests_waiting", lambda v: v >= 1)  # no token of it yet
+                r = http.patch(f"/v1/requests/{rid}", json={"priority": -1})
+                assert r.status_code == 200 and r.json()["num_requests"] == 1, r.text
+                first = next(line for line in queued.iter_lines() if line.startswith("data: "))
+                assert json.loads(first[len("data: "):])["id"] == rid  # the same id as the body's
+            for _ in long_lines:
+                pass
+        r = http.post("/v1/completions", json=body(2))
+        assert r.headers["x-request-id"] == r.json()["id"]
+
+
 def test_priority_field_is_validated(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         assert http.post("/v1/completions", json=body(2, priority=-7)).status_code == 200  # negative: more urgent
