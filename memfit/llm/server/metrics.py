@@ -139,9 +139,34 @@ class ServerMetrics:
         for key, name, kind, help in _ENGINE_SERIES:
             lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(stats.get(key, 0))}"]
         lines += _preemption_series(stats)
+        lines += _speculative_series(stats)
         for series in (self.ttft, self.itl, self.e2e, self.requests, self.http_errors, self.prompt_tokens):
             lines += series.render()
         return "\n".join(lines) + "\n"
+
+
+# Speculative decoding (engine stats()["speculative"], present only with a draft) -> (metric, type, help),
+# named after vLLM's spec_decode series so dashboards carry over.
+_SPEC_SERIES = (
+    ("spec_steps", "memfit_spec_decode_verification_passes_total", "counter",
+     "Target passes that verified drafted tokens."),
+    ("spec_proposed", "memfit_spec_decode_num_draft_tokens_total", "counter", "Draft tokens verified by the target."),
+    ("spec_accepted", "memfit_spec_decode_num_accepted_tokens_total", "counter", "Draft tokens the target accepted."),
+    ("spec_emitted", "memfit_spec_decode_num_emitted_tokens_total", "counter",
+     "Tokens emitted by verification passes (accepted drafts plus one from the target per sequence)."),
+    ("spec_shrunk", "memfit_spec_decode_shrunk_total", "counter",
+     "Sequence-steps that drafted fewer tokens than asked, for lack of memory or step budget."),
+    ("draft_kv_committed_bytes", "memfit_spec_decode_draft_kv_committed_bytes", "gauge",
+     "Physical KV memory the draft model holds."),
+)
+
+
+def _speculative_series(stats: Mapping) -> list[str]:
+    spec = stats.get("speculative") or {}
+    lines: list[str] = []
+    for key, name, kind, help in _SPEC_SERIES if spec else ():
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(spec.get(key, 0))}"]
+    return lines
 
 
 # Swap tier stats key (engine stats()["swap"]) -> (metric name, type, help); labelled by tier.
