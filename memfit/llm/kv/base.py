@@ -224,6 +224,15 @@ class KVCacheManager(ABC):
                 if dropped:
                     self._blocks_dropped(record, keep, dropped)
 
+    def mark_restored(self, seq_id: int, num_tokens: int) -> None:
+        """Positions 0 .. num_tokens-1 of `seq_id` hold K/V again, copied in from outside the cache (a swap-in,
+        kv/swap.py); the capacity must be there already."""
+        with self._lock:
+            record = self._seq(seq_id)
+            if num_tokens > self._capacity_of(record):
+                raise KVCacheError(f"sequence {seq_id} holds {self._capacity_of(record)} tokens, not {num_tokens}")
+            record.written = max(record.written, num_tokens)
+
     def capacity(self, seq_id: int) -> int:
         """Tokens `seq_id` may hold without another `try_grow`."""
         with self._lock:

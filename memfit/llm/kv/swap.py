@@ -201,9 +201,7 @@ class SwapSpace:
         return self._complete(seq_id, entry, copies, future.result())
 
     def _complete(self, seq_id: int, entry: _Swapped, copies: int, seconds: float) -> int:
-        with self.kv._lock:  # the base class keeps `written`; a restored sequence holds these tokens again
-            record = self.kv._seq(seq_id)
-            record.written = max(record.written, entry.num_tokens)
+        self.kv.mark_restored(seq_id, entry.num_tokens)  # a restored sequence holds these tokens again
         self._account(entry.buf.numel(), copies, seconds, out=False)
         self._drop(entry)
         return entry.num_tokens

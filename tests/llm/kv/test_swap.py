@@ -136,3 +136,17 @@ def test_swap_round_trip_on_cuda_through_pinned_host_memory(kind):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_mark_restored_takes_only_what_the_capacity_holds(kind):
+    from memfit.llm.kv.base import KVCacheError
+
+    cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
+    assert cache.try_allocate(1, 8)
+    cap = cache.capacity(1)
+    cache.mark_restored(1, 8)
+    assert cache.num_tokens(1) == 8
+    with pytest.raises(KVCacheError, match="holds"):
+        cache.mark_restored(1, cap + 1)
+    assert cache.num_tokens(1) == 8  # refused: nothing changed
