@@ -136,10 +136,10 @@ class ServerMetrics:
             f"memfit_up {1 if state == 'ready' else 0}",
         ]
         stats = engine_stats or {}
-        for key, name, kind, help in _ENGINE_SERIES:
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(stats.get(key, 0))}"]
+        lines += _table_series(_ENGINE_SERIES, stats)
         lines += _preemption_series(stats)
-        lines += _speculative_series(stats)
+        if stats.get("speculative"):  # only with a draft model
+            lines += _table_series(_SPEC_SERIES, stats["speculative"])
         for series in (self.ttft, self.itl, self.e2e, self.requests, self.http_errors, self.prompt_tokens):
             lines += series.render()
         return "\n".join(lines) + "\n"
@@ -161,11 +161,11 @@ _SPEC_SERIES = (
 )
 
 
-def _speculative_series(stats: Mapping) -> list[str]:
-    spec = stats.get("speculative") or {}
+def _table_series(table: tuple, values: Mapping, labels: str = "") -> list[str]:
+    """One sample per (stats key, metric name, type, help) row of `table`, read from `values` (0 if absent)."""
     lines: list[str] = []
-    for key, name, kind, help in _SPEC_SERIES if spec else ():
-        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_fmt(spec.get(key, 0))}"]
+    for key, name, kind, help in table:
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{labels} {_fmt(values.get(key, 0))}"]
     return lines
 
 
@@ -189,9 +189,7 @@ def _preemption_series(stats: Mapping) -> list[str]:
     swap = stats.get("swap") or {}
     if not swap:
         return lines
-    tier = {"tier": swap["tier"]}
-    for key, metric, kind, help in _SWAP_SERIES:
-        lines += [f"# HELP {metric} {help}", f"# TYPE {metric} {kind}", f"{metric}{_labels(tier)} {_fmt(swap[key])}"]
+    lines += _table_series(_SWAP_SERIES, swap, _labels({"tier": swap["tier"]}))
     metric = "memfit_swap_seconds"
     lines += [f"# HELP {metric} Seconds of one swap-out or swap-in (all its copies).", f"# TYPE {metric} histogram"]
     cumulative = 0
