@@ -18,7 +18,6 @@ hooks see only what autograd keeps. Neither is "what this training step allocate
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -76,8 +75,8 @@ class AllocatorMeter:
             self.result = AllocatorPeak(max(0, peak), net, 0)
             return
         prof, self._prof = self._prof, None
-        with contextlib.suppress(Exception) if exc[0] is not None else contextlib.nullcontext():
-            prof.__exit__(*exc)
+        prof.__exit__(*exc)
+        if exc[0] is None:  # a block that raised measured nothing worth reading
             self.result = _peak_of(prof)
 
 

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import ctypes
 
-from memfit.memory.measure import status_bytes
+from memfit.memory.mapping import get_libc
+from memfit.memory.measure import anon_shmem_bytes
 
 TRIM_AT = 0.9  # trim once the process holds this share of its limit
 
 
-def _held_bytes() -> int | None:
-    st = status_bytes()
-    return st["RssAnon"] + st.get("RssShmem", 0) if "RssAnon" in st else None
-
-
 def _malloc_trim():
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None  # not glibc
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn = getattr(get_libc(), "malloc_trim", None)  # glibc only
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 
 
@@ -43,7 +37,7 @@ class HeapTrimmer:
         self.limit_bytes = int(limit_bytes)
         self.trim_at = trim_at
         self._trim = _malloc_trim()
-        self._baseline = _held_bytes()
+        self._baseline = anon_shmem_bytes()
         self.trims = 0  # how many times it trimmed (reported in the engine's stats)
 
     @property
@@ -52,7 +46,7 @@ class HeapTrimmer:
 
     def held_bytes(self) -> int:
         """Anonymous and shared memory added since construction (0 where it can't be read)."""
-        now = _held_bytes()
+        now = anon_shmem_bytes()
         return 0 if now is None or self._baseline is None else now - self._baseline
 
     def maybe_trim(self) -> bool:

@@ -31,7 +31,6 @@ import psutil
 _PROCESS: psutil.Process | None = None  # cached per pid: a forked child must not report its parent
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
-_HWM_RE = re.compile(rb"^VmHWM:\s+(\d+)\s+kB", re.MULTILINE)
 
 
 # -- probes ------------------------------------------------------------------------------------------------
@@ -50,13 +49,9 @@ def peak_rss_bytes() -> int:
 
     VmHWM from /proc/self/status on Linux; elsewhere getrusage's ru_maxrss, which cannot be reset.
     """
-    try:
-        with open(_STATUS, "rb") as f:
-            match = _HWM_RE.search(f.read())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
+    hwm = status_bytes().get("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource  # POSIX only
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -86,6 +81,13 @@ def status_bytes() -> dict[str, int]:
             return {m.group(1).decode(): int(m.group(2)) * 1024 for m in _STATUS_FIELD_RE.finditer(f.read())}
     except OSError:
         return {}
+
+
+def anon_shmem_bytes() -> int | None:
+    """Anonymous plus shared-memory resident bytes (RssAnon + RssShmem): what the process holds that the kernel
+    cannot drop, library pages left out; None where /proc/self/status does not say."""
+    st = status_bytes()
+    return st["RssAnon"] + st.get("RssShmem", 0) if "RssAnon" in st else None
 
 
 def mapped_file_rss_bytes(under: Iterable[str | os.PathLike]) -> int:
@@ -161,8 +163,8 @@ class HeldMemoryMeter:
 
     @staticmethod
     def _anon_shmem() -> int:
-        st = status_bytes()
-        return st["RssAnon"] + st.get("RssShmem", 0) if "RssAnon" in st else rss_bytes()
+        held = anon_shmem_bytes()
+        return rss_bytes() if held is None else held
 
     def held_bytes(self) -> int:
         """Held now: anonymous + shared memory + the resident pages of `files_under`."""
