@@ -3,9 +3,8 @@
 glibc's malloc keeps memory it has been given back: a freed chunk inside the heap (not at its top) stays
 resident until something calls `malloc_trim`, and the mmap threshold grows with the largest block freed, so a
 step's activations soon come from the heap instead of fresh mappings. Step after step of varied shapes
-(prefill chunks, decode batches) leaves the heap holding far more than any one step needs. Measured on the
-bundled model serving 32 requests of 900 tokens: the memory held besides the KV cache climbed from 12.9 MiB
-after loading to 26 MiB, while trimming after every step kept it at 12.9 MiB.
+(prefill chunks, decode batches) leaves the heap holding more than any one step needs
+(`benchmarks/heap_trim.py` measures what the trimmer saves and costs).
 
 `HeapTrimmer` watches what the process holds (anonymous and shared pages, from /proc/self/status: no library
 pages) against a limit and trims the heap when it gets close, so the cost (the next step faults its pages in
