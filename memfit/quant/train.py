@@ -151,13 +151,14 @@ def train_vit(cfg: TrainViTConfig, data, progress: Progress | None = None) -> tu
             loss.backward()
             opt.step()
             step += 1
-            window.append(float(loss.detach()))
+            loss_value = float(loss.detach())
+            window.append(loss_value)
             if len(window) == cfg.log_every:
                 result.loss_steps.append(step)
                 result.losses.append(sum(window) / len(window))
                 window.clear()
             if progress:
-                progress(f"epoch {epoch + 1}/{cfg.epochs} loss {float(loss):.3f}", step, total)
+                progress(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.3f}", step, total)
         if distilled:
             model.set_distilled_training(False)
         result.epoch_seconds.append(time.perf_counter() - t0)
