@@ -9,8 +9,9 @@ this step becomes speculative:
    down to plain decoding (g = 0), so speculation gives way before anyone is preempted;
 2. draft: one pass feeds the draft what it has not seen (the whole prompt the first time, then the one or
    two tokens the last verification emitted) and draws x_1; g - 1 one-token passes draw x_2..x_g;
-3. verify: one target pass over [last token, x_1..x_g] per sequence (a g+1-token chunk, as chunked prefill
-   runs it) gives p at every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
+3. verify: one target pass over [last token, x_1..x_g] per sequence (a g+1-token chunk; through the C++ decode
+   stack where the target has one, at about a decode step's cost, else as chunked prefill runs it) gives p at
+   every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
 4. roll back: the K/V written for rejected drafts is truncated in both caches (`truncate`), so the caches
    hold exactly the tokens the sequence has.
 Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.

@@ -1,8 +1,10 @@
 """One model pass over chunks of several sequences, with the logits speculative decoding needs.
 
 The draft's passes (the last position of each chunk) and the target's verification (every position of each
-g+1-token chunk) both run here, through the same `CachedAttention` the runner uses for chunked prefill; a pass of
-one-token decode rows goes through the runner's C++ decode stack where it has one.
+g+1-token chunk) both run here. Where the runner has the C++ decode stack (kernels/stack.py), short chunks that
+continue their sequences (one-token rows, verification's g+1, the draft's first pass) go through it in one call,
+each row attending causally within its chunk; the rest (the draft's catch-up prefill, large batches) goes through
+the same `CachedAttention` the runner uses for chunked prefill.
 """
 from __future__ import annotations
 
@@ -35,10 +37,18 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
     num_real = len(ids)
     dev = runner.device
     model = runner.model
-    if runner.stack is not None and len(single) == len(chunks) <= runner.stack.max_rows:
+    stack = runner.stack
+    if stack is not None and len(single) == len(chunks) <= stack.max_rows:
         # All one-token decode rows (the draft's passes after the first): the whole step in one C++ call.
-        hidden = runner.stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps))  # (B, C)
+        hidden = stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps))  # (B, C)
         return model.compute_logits(hidden.index_select(0, torch.tensor(first_row, device=dev)))  # (B, V)
+    if stack is not None and num_real <= stack.max_chunk_rows and all(c[1] > 0 for c in chunks):
+        # Short chunks that continue their sequences (verification: the last token and g drafts each; the
+        # draft's first pass: the one or two tokens it has not seen): the same C++ call, each row attending to
+        # its sequence up to its own position, at about the cost of a decode step rather than a prefill chunk.
+        hidden = stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps),
+                           [len(chunks[i][2]) for i in order])  # (N, C)
+        return model.compute_logits(hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev)))
     padded = bucket_tokens(num_real)  # bounded shapes, as ModelRunner.execute does
     ids.extend([0] * (padded - num_real))
     pos.extend([0] * (padded - num_real))
@@ -46,8 +56,11 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
                            runner.workspace, model.ops)
     hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                    attn)  # (N, C)
+    return model.compute_logits(hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev)))
+
+
+def _rows(chunks: list[tuple[int, int, list[int]]], first_row: list[int], all_rows: bool) -> list[int]:
+    """The hidden rows whose logits `forward` returns, in chunk order: every position, or each chunk's last."""
     if all_rows:
-        rows = [first_row[i] + j for i in range(len(chunks)) for j in range(len(chunks[i][2]))]
-    else:
-        rows = [first_row[i] + len(chunks[i][2]) - 1 for i in range(len(chunks))]
-    return model.compute_logits(hidden.index_select(0, torch.tensor(rows, device=dev)))  # (R, V)
+        return [first_row[i] + j for i in range(len(chunks)) for j in range(len(chunks[i][2]))]
+    return [first_row[i] + len(chunks[i][2]) - 1 for i in range(len(chunks))]

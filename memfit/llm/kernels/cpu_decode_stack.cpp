@@ -14,6 +14,8 @@
 // and the output is rms_norm(x + residual) with the final norm's weight.
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
+
 #include <vector>
 
 extern "C" {
@@ -96,6 +98,11 @@ struct MemfitStep {
     // (block, token, head) strides and slots is unused.
     const int64_t* tables;
     int64_t ldt, block_size;
+    // Nonzero: rows may be consecutive positions of one sequence (speculative verification: a sequence's last
+    // token and its drafts, lens ascending). Every row's K/V is then written to the cache before any row
+    // attends, so row j reads rows < j of its sequence: causal within the chunk. 0: one row per sequence, each
+    // writing its own K/V inside the attention call (the decode step).
+    int64_t kv_first;
 };
 
 }  // extern "C"
@@ -109,6 +116,28 @@ inline void matmul(const MemfitStep* s, const T* x, int64_t ldx, const void* w, 
         Api<T>::blocked(x, ldx, (const T*)w, (const T*)b, y, N, s->M, N, K, s->blocked_nb, s->nthreads);
     else
         Api<T>::linear(x, ldx, (const T*)w, (const T*)b, y, N, s->M, N, K, s->nthreads);
+}
+
+// Every row's new K/V (k, v: (M, Hkv*D) with row stride ldkv, after RoPE) into the cache at position lens[b] - 1,
+// through the row's slot or its block-table row, as the attention kernels address them.
+template <typename T>
+void write_kv(const MemfitStep* s, const MemfitLayer& L, const T* k, const T* v, int64_t ldkv) {
+    const int64_t D = s->D, *ks = s->ks, *vs = s->vs;
+    for (int64_t b = 0; b < s->M; b++) {
+        const int64_t p = s->lens[b] - 1;
+        T* kd = (T*)L.kcache;
+        T* vd = (T*)L.vcache;
+        if (s->tables) {
+            const int64_t blk = s->tables[b * s->ldt + p / s->block_size], off = p % s->block_size;
+            kd += blk * ks[0] + off * ks[1], vd += blk * vs[0] + off * vs[1];
+        } else {
+            kd += s->slots[b] * ks[0] + p * ks[1], vd += s->slots[b] * vs[0] + p * vs[1];
+        }
+        for (int64_t h = 0; h < s->Hkv; h++) {
+            memcpy(kd + h * ks[2], k + b * ldkv + h * D, D * sizeof(T));
+            memcpy(vd + h * vs[2], v + b * ldkv + h * D, D * sizeof(T));
+        }
+    }
 }
 
 template <typename T>
@@ -142,13 +171,16 @@ void run(const MemfitStep* s, const MemfitLayer* layers, int nlayers, T* x, T* o
             matmul<T>(s, h, C, L.wq, L.bq, qkv, QD + 2 * KD, C);
         }
         A::rope(q, ldq, (int)Hq, k, ldkv, (int)Hkv, (int)D, (const T*)s->cos, (const T*)s->sin, D, M);
-        // The new token's K/V rows go into the cache inside the attention call.
+        // The new token's K/V rows go into the cache inside the attention call, or all of them first (kv_first).
+        if (s->kv_first) write_kv<T>(s, L, k, v, ldkv);
+        const T* k_new = s->kv_first ? nullptr : k;
+        const T* v_new = s->kv_first ? nullptr : v;
         if (s->tables)
             A::paged_attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->tables, s->ldt, s->block_size, s->lens,
-                          M, (int)Hq, (int)Hkv, (int)D, s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
+                          M, (int)Hq, (int)Hkv, (int)D, s->window, s->scale, att, QD, k_new, v_new, ldkv, s->nthreads);
         else
             A::attn(q, ldq, (T*)L.kcache, (T*)L.vcache, s->ks, s->vs, s->slots, s->lens, M, (int)Hq, (int)Hkv, (int)D,
-                    s->window, s->scale, att, QD, k, v, ldkv, s->nthreads);
+                    s->window, s->scale, att, QD, k_new, v_new, ldkv, s->nthreads);
         matmul<T>(s, att, QD, L.wo, L.bo, xx, C, QD);
         A::rmsnorm(xx, C, resid, C, resid, C, (const T*)L.ln2, s->eps, h, C, M, C);
         if (L.wu) {

@@ -4,7 +4,9 @@ The model runner uses it on a CPU for steps where every scheduled sequence decod
 engine holds its weights in one of memfit's matmul kernels (cpu_linear "blocked", or "memfit" = row-major)
 over a KV cache it reads in place: the virtual cache (fixed stride per slot) or the paged one (block tables). It runs exactly the kernels the PyTorch path calls op by op (CpuDecodeOps,
 BlockedLinear / RowMajorLinear), so the two agree token for token (tested); the gain is the ~170 us per
-layer of Python glue it skips. Prefill, mixed steps and everything else stay on the PyTorch path.
+layer of Python glue it skips. It also runs a few consecutive tokens per sequence (`run(..., counts)`):
+speculative decoding's verification of a sequence's last token and its drafts, causal within the chunk, at about
+the cost of one decode step. Prefill, mixed steps and everything else stay on the PyTorch path.
 """
 from __future__ import annotations
 
@@ -21,6 +23,10 @@ _LAYER_FIELDS = ("ln1", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "ln2", "
                  "kcache", "vcache")
 ROW_MAJOR_MAX_ROWS = 2  # the row-major kernel loses to oneDNN beyond this (engine: AUTO_MEMFIT_MAX_SEQS)
 BLOCKED_MAX_ROWS = 64  # decode batches; larger steps are padded and bucketed by the runner anyway
+# Rows of one call given as short chunks (`run(..., counts)`: speculative verification). Up to this many rows
+# the PyTorch path runs these same matmul kernels (BlockedLinear, RowMajorLinear: 64 rows), so the stack
+# is the same arithmetic without the per-layer glue, whichever kernel holds the weights.
+CHUNK_MAX_ROWS = 64
 
 
 class _Layer(ctypes.Structure):
@@ -31,7 +37,7 @@ class _Step(ctypes.Structure):
     _fields_ = [("M", _I64), ("C", _I64), ("Hq", _I64), ("Hkv", _I64), ("D", _I64), ("I", _I64), ("window", _I64),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("nthreads", ctypes.c_int), ("blocked_nb", _I64),
                 ("ks", _P), ("vs", _P), ("slots", _P), ("lens", _P), ("cos", _P), ("sin", _P), ("final_norm", _P),
-                ("tables", _P), ("ldt", _I64), ("block_size", _I64)]
+                ("tables", _P), ("ldt", _I64), ("block_size", _I64), ("kv_first", _I64)]
 
 
 def _linear_tensors(mod: nn.Module, dtype: torch.dtype, nb: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -108,6 +114,7 @@ class CpuDecodeStack:
         layers = model.model.layers
         nb = self._blocked_nb(model)
         self.max_rows = BLOCKED_MAX_ROWS if nb else ROW_MAJOR_MAX_ROWS
+        self.max_chunk_rows = CHUNK_MAX_ROWS
         self._layers = (_Layer * len(layers))()
         self._keep = []  # every tensor whose pointer the C side holds
         for i, layer in enumerate(layers):
@@ -134,12 +141,20 @@ class CpuDecodeStack:
         s.block_size = kc.shape[1] if self._paged else 0
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, plan) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, plan, counts: list[int] | None = None) -> torch.Tensor:
         """One decode token per row: input_ids (M,) and the KV manager's plan for the step (it has made room and
         carries each row's length including the new token, `ends`, and its `slots` or `batch_table`)
-        -> hidden states (M, C)."""
+        -> hidden states (M, C).
+
+        counts: the plan's sequences take counts[i] consecutive rows each (sum = M), their last counts[i] tokens
+        in order (speculative verification: the last token and the drafts). Each row then attends to its
+        sequence up to and including its own position, with every row's K/V written first (kv_first)."""
         lens = plan.ends
         m = input_ids.shape[0]
+        multi = counts is not None and any(c != 1 for c in counts)
+        if multi:
+            assert sum(counts) == m and len(counts) == len(lens)
+            lens = [e - c + 1 + j for e, c in zip(lens, counts) for j in range(c)]  # row by row, ascending
         x = self.model.model.embed_tokens(input_ids).contiguous()  # (M, C)
         positions = torch.tensor(lens, dtype=torch.long) - 1
         cos_t, sin_t = self.model.rotary.tables(x.device, self.dtype)
@@ -148,12 +163,16 @@ class CpuDecodeStack:
         out = torch.empty_like(x)
         s = self._step
         s.M, s.nthreads = m, torch.get_num_threads()
+        s.kv_first = int(multi)
         if self._paged:
-            where = plan.batch_table  # (M, nb) int64, rows contiguous
+            where = plan.batch_table  # (B, nb) int64, rows contiguous
+            if multi:  # each sequence's block-table row, once per row of it: (M, nb)
+                where = where.repeat_interleave(torch.tensor(counts), dim=0).contiguous()
             assert where.dtype == torch.int64 and where.stride(1) == 1 and where.shape[0] == m
             s.tables, s.ldt, s.slots = where.data_ptr(), where.stride(0), None
         else:
-            where = torch.tensor(plan.slots, dtype=torch.int64)
+            slots = [sl for sl, c in zip(plan.slots, counts) for _ in range(c)] if multi else plan.slots
+            where = torch.tensor(slots, dtype=torch.int64)
             s.tables, s.slots = None, where.data_ptr()
         s.lens, s.cos, s.sin = lens_t.data_ptr(), cos.data_ptr(), sin.data_ptr()
         self._fn(ctypes.byref(s), self._layers, len(self._layers), x.data_ptr(), out.data_ptr())

@@ -43,9 +43,10 @@ def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str) -> No
 
 
 def test_greedy_bfloat16_differs_only_at_near_ties() -> None:
-    """bf16 verification runs a (g+1)-token chunk where plain decoding runs one token: the rounding differs, so
-    at an exact near-tie of the target's top two logits either pick is right. Count such divergences and bound
-    them; any divergence elsewhere fails."""
+    """bf16 verification runs a (g+1)-token chunk where plain decoding runs one token. Through the decode stack
+    both run the same kernels row by row (test_spec_forward.py: bit for bit with blocked matmuls); where another
+    path runs (no stack, a rounding that depends on the batch), an exact near-tie of the target's top two logits
+    may go either way. Count such divergences and bound them; any divergence elsewhere fails."""
     sp = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
     plain = LLM("memfit-tiny", dtype="bfloat16", max_num_seqs=6, threads=1)
     want = plain.generate(PROMPTS, sp)
