@@ -87,6 +87,9 @@ def _register_finetune(sub) -> None:
                    help="recompute each layer in backward from its saved input; 'host' keeps those inputs in "
                         "host memory (offloaded runs always recompute)")
     p.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead of the compute")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
+                   help="tokens per chunk of the output layer's logits and loss (default: about 256 MiB of "
+                        "temporaries per chunk); the whole (tokens x vocabulary) matrix is never held")
     p.add_argument("--save", default=None, metavar="DIR", help="write checkpoints under DIR (and one at the end)")
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="a checkpoint every K steps")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from DIR (a --save DIR or one checkpoint)")
@@ -155,7 +158,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, offload=args.offload, ssd_dir=args.ssd_dir, host_memory=args.host_memory,
         memory_budget=budget, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         weight_decay=args.weight_decay, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
-        prefetch_depth=args.prefetch, save=args.save, save_every=args.save_every, resume=args.resume,
+        prefetch_depth=args.prefetch, loss_chunk_tokens=args.loss_chunk_tokens, save=args.save,
+        save_every=args.save_every, resume=args.resume,
         seed=args.seed, device=device, placement=placement,
     )
     try:

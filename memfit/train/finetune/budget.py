@@ -13,7 +13,7 @@ import torch
 from memfit.llm.models import ModelConfig
 from memfit.memory.budget import format_bytes
 from memfit.train.finetune.designs import HostMemoryDesign
-from memfit.train.finetune.units import Group
+from memfit.train.finetune.units import LOGIT_BYTES_PER_ENTRY, Group
 
 
 class BudgetTooSmall(MemoryError):
@@ -35,7 +35,8 @@ class Plan:
 
 
 def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMemoryDesign,
-         dtype: torch.dtype, batch_size: int, seq_len: int, in_flight: int, recompute: bool) -> Plan:
+         dtype: torch.dtype, batch_size: int, seq_len: int, in_flight: int, recompute: bool,
+         loss_chunk: int | None = None) -> Plan:
     itemsize = torch.empty((), dtype=dtype).element_size()
     copy = itemsize if dtype != torch.float32 else 0
     n = sum(g.numel for g in groups)
@@ -57,7 +58,9 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     # 10 C + 3 I values per token per layer: norms, q/k/v/o, attention output, gate/up/act).
     per_layer = 2 * c if recompute else 10 * c + 3 * i
     pools["activations (estimate)"] = tokens * itemsize * (per_layer * layers + 10 * c + 3 * i)
-    pools["logits and loss (estimate)"] = tokens * v * (itemsize + 4 + 4)  # logits, fp32 copy, its gradient
+    # One chunk of the head's logits at a time (units.py): logits, float32 copy, log-softmax, gradients.
+    chunk = tokens if loss_chunk is None else min(tokens, loss_chunk)
+    pools["logits and loss (estimate)"] = chunk * v * LOGIT_BYTES_PER_ENTRY
     return Plan(pools)
 
 

@@ -3,7 +3,8 @@
 Order of a step (K = layers + 2 units: embed, layers, head):
   forward  units 0 .. K-2 (no graph kept when recomputing: only each unit's input is saved, the
            activation checkpoint, on the device or in host memory);
-  head     forward and backward at once (its weights are fetched once for both);
+  head     forward and backward at once (its weights are fetched once for both), its logits a chunk of
+           tokens at a time (units.py: never the whole (tokens, vocabulary) matrix);
   backward units K-2 .. 0: fetch the unit's weights again, recompute its forward from the saved input with
            autograd on, backpropagate the incoming gradient, add the weight gradients into the flat fp32
            gradient buffer, hand the input gradient to the unit before.
@@ -102,6 +103,19 @@ class StepExecutor:
                 dst = self.store.grads[gi][start : start + n]
                 dst.add_(leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
 
+    def _head_grad(self, head: int, leaves: list[tuple[int, str, torch.Tensor]]):
+        """Where the head accumulates its output matrix's gradient: straight into that weight's slice of the
+        float32 gradient buffer when it lives on the compute device (no extra memory), else into a device
+        buffer added to it once at the end (one copy instead of one per chunk). Returns (buffer, flush)."""
+        name = self.runner.head_weight
+        gi, leaf = next((gi, leaf) for gi, n, leaf in leaves if n == name)
+        start, n = _name_offsets(self.groups[gi])[name]
+        dst = self.store.grads[gi][start : start + n].view(leaf.shape)
+        if dst.device == leaf.device:
+            return dst, lambda: None
+        acc = torch.zeros(leaf.shape, dtype=torch.float32, device=leaf.device)
+        return acc, lambda: dst.add_(acc.to(dst.device))
+
     def step(self, batch: Batch, loss_scale: float) -> float:
         """Forward and backward of one batch; weight gradients (times loss_scale) land in store.grads.
         Returns the (unscaled) loss."""
@@ -138,9 +152,10 @@ class StepExecutor:
         fetched = fetcher.next()  # the head: forward and backward at once
         inputs = _leaf_inputs(state)
         weights, leaves = self._weights(head, fetched, grad=True)
-        (loss,) = self.runner.forward(head, weights, inputs, batch)
-        (loss * loss_scale).backward()
-        self._accumulate(leaves)
+        head_grad, flush = self._head_grad(head, leaves)
+        loss = self.runner.head_step(weights, inputs, batch, loss_scale, head_grad)
+        flush()
+        self._accumulate(leaves)  # the final norm's weight (the output matrix's leaf has no .grad)
         fetcher.done(fetched)
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward

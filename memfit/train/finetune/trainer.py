@@ -33,7 +33,8 @@ from memfit.train.finetune.executor import StepConfig, StepExecutor
 from memfit.train.finetune.optim import AdamW, LossScaler
 from memfit.train.finetune.placement import Placement, PlacementConfig, modelled_times
 from memfit.train.finetune.store import TIERS, GroupStore, placed_items
-from memfit.train.finetune.units import Batch, Group, UnitRunner, make_groups, skeleton, unit_groups
+from memfit.train.finetune.units import (Batch, Group, UnitRunner, loss_chunk_tokens, make_groups, skeleton,
+                                         unit_groups)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (steps done, steps in all, last loss)
@@ -59,6 +60,7 @@ class FinetuneConfig:
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     grad_checkpointing: str | None = None  # None | "device" | "host"
     prefetch_depth: int = 2
+    loss_chunk_tokens: int | None = None  # tokens per chunk of the head's logits (None: ~256 MiB of temporaries)
     save: str | None = None
     save_every: int = 0
     resume: str | None = None
@@ -75,6 +77,8 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
+            raise FinetuneError(f"--loss-chunk-tokens must be at least 1 (got {self.loss_chunk_tokens})")
         if self.save_every < 0 or self.prefetch_depth < 0:
             raise FinetuneError("--save-every and the prefetch depth must be >= 0")
         if self.save_every and not self.save:
@@ -181,8 +185,9 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
     units = unit_groups(groups, model_cfg.tie_word_embeddings)
     design = make_design(cfg.host_memory)
     in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
+    loss_chunk = cfg.loss_chunk_tokens or loss_chunk_tokens(model_cfg.vocab_size)
     plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
-                           cfg.recompute)
+                           cfg.recompute, loss_chunk)
     budget_mod.check_budget(plan, cfg.memory_budget)
 
     placement = None
@@ -211,7 +216,7 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
         _random_weights(groups, store, cfg.seed)
     else:
         _load_weights(model_path, groups, store)
-    executor = StepExecutor(UnitRunner(model), groups, units, store,
+    executor = StepExecutor(UnitRunner(model, cfg.loss_chunk_tokens), groups, units, store,
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses, seconds, opt_seconds, skipped, ckpt = [], [], [], [], None

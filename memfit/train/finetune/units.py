@@ -78,33 +78,85 @@ def unit_groups(groups: list[Group], tied: bool) -> list[list[int]]:
 State = tuple[torch.Tensor, ...]  # what flows between units: (ids,) into embed, (x, residual) between layers
 
 
-class UnitRunner:
-    """Runs unit k's forward given its weights (name -> tensor) and input state."""
+# Temporaries per token of one chunk of the head's logits: the logits in the compute dtype and in float32,
+# cross-entropy's saved log-softmax, the float32 gradient and its compute-dtype copy (2 + 4 + 4 + 4 + 2 bytes
+# per vocabulary entry, at most).
+LOGIT_BYTES_PER_ENTRY = 16
+DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
 
-    def __init__(self, model: LlamaForCausalLM) -> None:
+
+def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES) -> int:
+    """Tokens per chunk of the head's logits so that one chunk's temporaries take about `chunk_bytes`
+    (at least 32 tokens, so each chunk is still a matrix product, not a vector one)."""
+    return max(32, chunk_bytes // (LOGIT_BYTES_PER_ENTRY * vocab_size))
+
+
+class UnitRunner:
+    """Runs unit k's forward given its weights (name -> tensor) and input state, and the head's forward and
+    backward at once (`head_step`), its logits a chunk of tokens at a time."""
+
+    def __init__(self, model: LlamaForCausalLM, loss_chunk: int | None = None) -> None:
         self.model = model
         self.cfg = model.config
         self.n_layers = model.config.num_hidden_layers
+        self.loss_chunk = loss_chunk or loss_chunk_tokens(self.cfg.vocab_size)
+        self.head_weight = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
 
     def forward(self, k: int, weights: dict[str, torch.Tensor], state: State, batch: Batch) -> State:
+        """Units 0 .. n_layers (embed and decoder layers); the head goes through `head_step`."""
         m = self.model
         if k == 0:
             return (F.embedding(batch.ids.reshape(-1), weights["model.embed_tokens.weight"]),)  # (N, C)
-        if k <= self.n_layers:
-            i = k - 1
-            prefix = f"model.layers.{i}."
-            local = {n[len(prefix):]: w for n, w in weights.items() if n.startswith(prefix)}
-            x, residual = state[0], (state[1] if len(state) > 1 else None)
-            rope = m.rotary.at(batch.positions, x.dtype)
-            x, residual = functional_call(m.model.layers[i], local, (x, residual, rope, batch.attention))
-            return (x, residual)
+        if k > self.n_layers:
+            raise ValueError(f"unit {k} is the head: use head_step")
+        i = k - 1
+        prefix = f"model.layers.{i}."
+        local = {n[len(prefix):]: w for n, w in weights.items() if n.startswith(prefix)}
+        x, residual = state[0], (state[1] if len(state) > 1 else None)
+        rope = m.rotary.at(batch.positions, x.dtype)
+        x, residual = functional_call(m.model.layers[i], local, (x, residual, rope, batch.attention))
+        return (x, residual)
+
+    def head_step(self, weights: dict[str, torch.Tensor], state: State, batch: Batch, loss_scale: float,
+                  head_grad: torch.Tensor) -> torch.Tensor:
+        """The head's forward and backward: final norm, logits, the mean cross-entropy over the batch's
+        assistant tokens, and its gradients. Returns the (unscaled) loss, a float32 scalar.
+
+        `state` is (x, residual), autograd leaves: their gradients, and the norm weight's, land in `.grad`.
+        The output matrix's gradient (times `loss_scale`) is added into `head_grad`, (V, C) float32.
+
+        Why chunks: the whole logits matrix is (N, V), and with its float32 copy and gradients it takes about
+        16 bytes per entry: 20 GB at 8k tokens of a 152k vocabulary, more than the rest of the step. The
+        head's forward and backward run back to back anyway, so each chunk of tokens computes its logits, its
+        loss and its gradients, and drops them before the next chunk (the fused linear cross-entropy of
+        Liger-Kernel and others); the peak is one chunk's. Chunks with no assistant token are skipped: their
+        loss and gradients are zero.
+        """
         x, residual = state
-        h = m.model.norm.ops.add_rms_norm(x, residual, weights["model.norm.weight"], self.cfg.rms_norm_eps)[1]
-        head = weights["model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"]
-        logits = F.linear(h, head)  # (N, V), compute dtype
-        # Mean over the batch's assistant tokens; cross-entropy in float32 (its log-sum-exp needs the range).
-        loss = F.cross_entropy(logits.float(), batch.labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-        return (loss / batch.n_targets,)
+        # h: (N, C) with autograd back to x, residual and the norm weight
+        h = self.model.model.norm.ops.add_rms_norm(x, residual, weights["model.norm.weight"], self.cfg.rms_norm_eps)[1]
+        w = weights[self.head_weight].detach().requires_grad_(True)  # (V, C); its gradient goes to head_grad
+        hd = h.detach()
+        grad_h = torch.zeros_like(hd)  # (N, C)
+        labels = batch.labels.reshape(-1)  # (N,)
+        per_target = loss_scale / batch.n_targets  # mean over the targets, scaled for fp16
+        total = torch.zeros((), dtype=torch.float32, device=hd.device)
+        for start in range(0, hd.shape[0], self.loss_chunk):
+            end = start + self.loss_chunk
+            target = labels[start:end]
+            if not bool((target != IGNORE).any()):
+                continue
+            hc = hd[start:end].detach().requires_grad_(True)  # (n, C)
+            logits = F.linear(hc, w)  # (n, V), compute dtype
+            # cross-entropy in float32: its log-sum-exp needs the range
+            loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
+            gh, gw = torch.autograd.grad(loss * per_target, (hc, w))
+            grad_h[start:end] = gh
+            head_grad.add_(gw)  # float32 accumulator: chunk gradients are summed at full precision
+            total += loss.detach()
+            del logits, loss, gh, gw
+        h.backward(grad_h)
+        return total / batch.n_targets
 
 
 @dataclass
