@@ -74,6 +74,9 @@ class EngineConfig:
     # Pick g per sequence and step from its observed acceptance and the measured cost of a draft pass (0: plain
     # decoding where speculation would be slower); off: always num_speculative_tokens, as room allows.
     speculative_adaptive: bool = False
+    # Split the model's heads and MLP over this many processes (memfit/llm/parallel/; docs/parallel.md): rank 0
+    # spawns the others, or torchrun starts them all. Each rank holds 1/N of the weights and of the KV cache.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
@@ -106,6 +109,18 @@ class EngineConfig:
                 raise ValueError(f"swap_space (--swap-space): {exc}; a bare number means GiB") from None
 
         self._check_speculative()
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        n = self.tensor_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tensor_parallel_size (--tensor-parallel-size) must be an integer of at least 1, got {n!r}")
+        if n > 1 and self.speculative_model is not None:
+            raise ValueError("speculative decoding (--speculative-model) does not run under --tensor-parallel-size "
+                             "> 1 yet; use one of them")
+        if n > 1 and self.preemption_mode != "recompute":
+            raise ValueError("--preemption-mode swap/auto does not run under --tensor-parallel-size > 1 yet (each "
+                             "rank would swap its own shard); use --preemption-mode recompute")
 
     def _check_speculative(self) -> None:
         g = self.num_speculative_tokens
@@ -200,5 +215,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--speculative-adaptive", action="store_true",
                    help="choose the number of draft tokens per sequence and step from the acceptance observed and the "
                         "measured cost of a draft pass, down to plain decoding where speculation would be slower")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split attention heads and MLP over this many processes (gloo on CPU, NCCL on CUDA); rank 0 "
+                        "spawns the others, or run under torchrun (docs/parallel.md)")
     g.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
                    help="CPU: run norms, RoPE, SiLU and attention as PyTorch ops instead of memfit's C++ kernels")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 
 import torch
@@ -30,6 +31,9 @@ from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
 from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
+from memfit.llm.parallel import launch as tensor_parallel
+from memfit.llm.parallel import shard
+from memfit.llm.parallel.mirror import DriverRunner, RecordingKV, ShardRunner
 from memfit.memory.heap import HeapTrimmer
 from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
                                   parse_budget, parse_swap_space, resolve_budget)
@@ -44,6 +48,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **overrides) -> None:
         config = (config or EngineConfig()).with_overrides(**overrides)
         self.config = config
+        # Tensor parallelism (memfit/llm/parallel/): this process's rank; a torchrun worker never returns from here.
+        self.tp = tensor_parallel.join(config, type(self))
+        if config.threads is None and self.tp is not None and self.tp.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp.world))  # the ranks share the cores
         if config.threads is not None:
             if config.threads < 1:
                 raise ValueError(f"threads must be at least 1, got {config.threads}")
@@ -51,7 +59,7 @@ class LLMEngine:
         kv_class = kv_cache_class(config.kv_cache)  # an unknown kind fails before the model loads
         backend_options = BackendOptions(max_num_seqs=config.max_num_seqs, prepack=config.prepack, fuse=config.fuse,
                                          cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels)
-        self.device = config.resolved_device()
+        self.device = config.resolved_device() if self.tp is None else self.tp.device
         path = resolve_model_path(config.model)
         # The ledger first, from the memory available *before* loading: every part is reserved in it before
         # it is allocated, and a model that cannot fit is refused before a byte of it is read.
@@ -61,26 +69,40 @@ class LLMEngine:
         cpu_budget = config.memory_budget is not None and self.device.type == "cpu"
         self._heap = HeapTrimmer(self.ledger.limit_bytes) if cpu_budget else None
         stored = ModelConfig.from_dir(path)
+        if self.tp is not None:  # one rank's share: H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocab rows
+            stored = shard.shard_config(stored, self.tp.world)
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
         self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
         self.memory_plan = self._plan_memory(path, stored, dtype, backend_options)
         self._reserve_fixed(self.memory_plan, stored, dtype)
-        self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
+        if self.tp is None:
+            self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
+        else:
+            self.model, self.model_config = shard.load_shard(path, dtype, self.device, self.tp.rank, self.tp.world)
         self.dtype = next(self.model.parameters()).dtype
         self.backends = prepare_model(self.model, backend_options, self.device)
+        if self.tp is not None:
+            shard.parallelize(self.model, self.tp, self.model_config.vocab_size)
         self.tokenizer = Tokenizer.from_dir(path)
         mc = self.model_config
-        self.layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
+        kv_heads = mc.num_key_value_heads // (self.tp.world if self.tp is not None else 1)  # this rank's heads
+        self.layout = KVLayout(mc.num_hidden_layers, kv_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
         # Speculative decoding: the draft's weights and KV share are reserved before the target's KV share.
         self.draft = Draft.load(self, backend_options) if config.speculative_model else None
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
-        self.kv_budget = MemoryBudget(self._kv_share_bytes(), Tier.DEVICE, name="kv_budget", parent=self.ledger)
+        kv_share = self._kv_share_bytes()
+        if self.tp is not None:  # every rank's cache must make rank 0's decisions: the smallest share for all
+            kv_share = self.tp.agree_min(kv_share)
+        self.kv_budget = MemoryBudget(kv_share, Tier.DEVICE, name="kv_budget", parent=self.ledger)
         self.kv_reclaim_watermark = self._watermark_bytes()
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages,
                                           prefix_caching=config.enable_prefix_caching)
         self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
+        shard_kv = self.kv
+        if self.tp is not None and self.tp.is_driver:
+            self.kv = RecordingKV(self.kv)  # type: ignore[assignment]  # workers replay what it logs
         self.swap = self._build_swap(mc)
         policy = PolicyConfig(config.scheduling_policy, aging_steps=config.priority_aging_steps)
         self.scheduler = Scheduler(
@@ -88,8 +110,13 @@ class LLMEngine:
                             config.preemption_mode),
             self.kv, self.swap,
         )
-        self.runner = ModelRunner(self.model, self.kv, self.device)
-        self.runner.stack = self.backends.decode_stack(self.model, self.kv)  # whole decode steps in one C++ call
+        if self.tp is None:
+            self.runner = ModelRunner(self.model, self.kv, self.device)
+            self.runner.stack = self.backends.decode_stack(self.model, self.kv)  # whole decode steps in one C++ call
+        elif self.tp.is_driver:  # sends each step to the workers; no C++ stack: it cannot all-reduce mid-layer
+            self.runner = DriverRunner(ModelRunner(self.model, shard_kv, self.device), self.kv, self.tp)  # type: ignore[assignment,arg-type]
+        else:
+            self.runner = ShardRunner(self.model, shard_kv, self.device)
         self.spec = self.draft.decoder(self) if self.draft is not None else None  # engine/spec_decode.py
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
@@ -132,7 +159,7 @@ class LLMEngine:
                                     batch=cfg.max_num_seqs)
         return accounting.MemoryPlan(
             weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, self.device.type,
-                                                   mapped=parse_dtype(stored.torch_dtype) == dtype),
+                                                   mapped=self.tp is None and parse_dtype(stored.torch_dtype) == dtype),
             tokenizer_bytes=accounting.tokenizer_bytes(path),
             runtime_bytes=runtime["runtime_bytes"],
             step_bytes=accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, self.max_model_len,
@@ -211,7 +238,8 @@ class LLMEngine:
         if failures:
             self.prefault_failures += len(failures)
             log.warning("%d background KV commit(s) failed and were rolled back: %s", len(failures), failures[0])
-        self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)
+        if self.tp is None or not self.kv.prefix_caching:  # under TP, evicting cached prefixes by the clock
+            self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)  # would split the ranks
         if self.spec is not None:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
         if self._heap is not None:
@@ -448,6 +476,8 @@ class LLMEngine:
         if self.swap is not None:
             self.swap.close()
         self.kv.close()
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.shutdown()
 
 
 def check_priority(priority: object) -> None:

@@ -1,0 +1,128 @@
+"""Keeping every rank's KV cache and step in lockstep with rank 0's, which alone schedules.
+
+Rank 0's scheduler decides, and its KV manager (holding heads [0, Hkv/N)) answers allocate / grow / free. The
+workers' managers hold the other heads of the *same* sequences, so they must make the same decisions:
+`RecordingKV` wraps rank 0's manager for the scheduler and the engine and logs every call that changes which
+tokens a sequence holds; each step's `StepMessage` carries that log and the step's sequences (ids, positions,
+tokens, in rank 0's batch order); a worker replays the log on its own manager, checking every answer equals
+rank 0's (same budget, same calls: a difference is a bug, reported as one rather than decoded into garbage),
+then runs the same batch.
+
+The message is plain data (pickled by torch.distributed's broadcast_object_list on the gloo control group):
+a decode step of 32 sequences is ~1 KiB.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.step import ScheduledSeq, StepResult
+from memfit.llm.parallel.group import TPGroup
+
+# The manager calls that change what a sequence holds (scheduler.py and llm_engine.py make them); their answers
+# are checked on replay. Everything else (plan_step, write, stats, ...) is each rank's own business.
+LOGGED = ("try_allocate", "try_allocate_prefix", "try_grow", "free", "truncate", "mark_restored")
+
+
+class ReplayMismatch(RuntimeError):
+    """A worker's KV manager answered a logged call differently from rank 0's."""
+
+
+@dataclass
+class WireSeq:
+    seq_id: int
+    request_id: str
+    start: int  # tokens already computed (the step feeds start .. start + len(tokens))
+    tokens: list[int]
+    samples: bool
+
+
+@dataclass
+class StepMessage:
+    ops: list[tuple[str, tuple, Any]] = field(default_factory=list)  # (method, args, rank 0's answer)
+    seqs: list[WireSeq] = field(default_factory=list)  # rank 0's batch order
+
+
+class RecordingKV:
+    """Rank 0's KV manager as the scheduler and engine see it: every LOGGED call is made and logged."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._log: list[tuple[str, tuple, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in LOGGED:
+            return attr
+
+        def logged(*args: Any) -> Any:
+            result = attr(*args)
+            self._log.append((name, tuple(list(a) if isinstance(a, (list, tuple)) else a for a in args), result))
+            return result
+
+        return logged
+
+    def take_log(self) -> list[tuple[str, tuple, Any]]:
+        log, self._log = self._log, []
+        return log
+
+
+def replay(kv: Any, ops: list[tuple[str, tuple, Any]], rank: int) -> None:
+    for name, args, expected in ops:
+        got = getattr(kv, name)(*args)
+        if got != expected:
+            raise ReplayMismatch(f"rank {rank}: KV {name}{args[:2]} answered {got!r}, rank 0 answered {expected!r}; "
+                                 "the ranks' caches diverged")
+
+
+class MirrorSeq:
+    """What a worker's runner needs of a sequence: its id, the step's tokens and positions."""
+
+    params = None
+
+    def __init__(self, w: WireSeq) -> None:
+        self.seq_id, self.request_id, self.num_computed = w.seq_id, w.request_id, w.start
+        self._start, self._tokens = w.start, w.tokens
+        # ScheduledSeq.samples compares num_computed + num_new with num_tokens: one more pending token if not
+        self.num_tokens = w.start + len(w.tokens) + (0 if w.samples else 1)
+
+    def token_slice(self, a: int, b: int) -> list[int]:
+        return self._tokens[a - self._start:b - self._start]
+
+
+class DriverRunner:
+    """Rank 0's runner: sends each step to the workers, then runs its own shard of it (and samples)."""
+
+    def __init__(self, inner: ModelRunner, kv: RecordingKV, group: TPGroup) -> None:
+        self.inner, self.kv, self.group = inner, kv, group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        ordered, _ = self.inner._order(scheduled)  # the runner orders the same way again (a stable sort)
+        seqs = [WireSeq(s.seq.seq_id, s.seq.request_id, s.seq.num_computed,
+                        s.seq.token_slice(s.seq.num_computed, s.seq.num_computed + s.num_new), s.samples)
+                for s in ordered]
+        self.group.send(StepMessage(self.kv.take_log(), seqs))
+        try:
+            return self.inner.execute(ordered)
+        except Exception as exc:
+            if self.group.dead_workers() or "gloo" in str(exc).lower() or "connection" in str(exc).lower():
+                raise self.group.failure(exc) from exc
+            raise
+
+
+class ShardRunner(ModelRunner):
+    """A worker's runner: runs rank 0's batch in rank 0's order; rank 0 samples, so it samples nothing."""
+
+    def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
+        num_decode = sum(1 for s in scheduled if s.num_new == 1 and s.seq.num_computed > 0)
+        return scheduled, num_decode
+
+    def _sample(self, logits, sampled) -> StepResult:  # noqa: ANN001
+        return StepResult([], [], [])
+
+    def run_message(self, msg: StepMessage) -> None:
+        self.execute([ScheduledSeq(MirrorSeq(w), len(w.tokens)) for w in msg.seqs])  # type: ignore[arg-type]

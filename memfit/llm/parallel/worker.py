@@ -1,0 +1,46 @@
+"""A worker rank's life: build its shard of the engine, then run rank 0's steps until told to stop.
+
+The worker builds the same `LLMEngine` as rank 0 (the class is passed in, so this module does not import the
+engine that imports it): its own shard of the weights, its own KV cache of Hkv/N heads and its own memory ledger.
+Its scheduler stays idle; rank 0's decides.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from memfit.llm.parallel.group import current, init_group, rank_device
+from memfit.llm.parallel.mirror import StepMessage, replay
+
+log = logging.getLogger(__name__)
+
+
+def serve_steps(engine_class: Callable[..., Any], config: Any) -> None:
+    """Build this rank's engine (the group is joined already) and run steps until rank 0 sends None."""
+    group = current()
+    assert group is not None and group.rank > 0
+    engine = engine_class(config)
+    try:
+        while True:
+            msg = group.recv()
+            if msg is None:
+                break
+            assert isinstance(msg, StepMessage)
+            replay(engine.kv, msg.ops, group.rank)
+            if msg.seqs:
+                engine.runner.run_message(msg)
+    finally:
+        engine.close()
+        group.closed = True
+
+
+def spawned_worker(engine_class: Callable[..., Any], config: Any, rank: int, world: int, init_method: str) -> None:
+    """The target of rank 0's spawned processes."""
+    try:
+        init_group(rank, world, rank_device(config.device, rank), init_method)
+        serve_steps(engine_class, config)
+    except Exception as exc:  # noqa: BLE001: the message is the worker's last word; rank 0 sees the exit code
+        print(f"memfit tensor-parallel rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
