@@ -1,0 +1,106 @@
+"""One covering model over the min-cut and every-order rows: the all-orders bound for large branched graphs.
+
+`bound_cut` proves, per op o, that at least excess(o) = ws(o) + mincut(o) - capacity bytes are out of the
+scratchpad at o's step in *every* order, but it can only add up ops whose candidate tensors are disjoint (one
+eviction may serve many ops), so on cells it sums a handful of ops. `bound_every` shares evictions properly
+(one Boolean per gap between a tensor's uses) but only over the tensors live across o in every order, which
+on cells is almost nothing. This model puts both kinds of rows into one covering problem:
+
+  z[v, j]       gap j of tensor v (between its j-th and j+1-th use; gap 0 starts at its producer) is evicted
+  out[v, o]     v is out of the scratchpad while o runs:  out[v, o] -> OR_{j in range(v, o)} z[v, j]
+  cut row  o:   sum_{v in cand(o)} bytes_v * out[v, o] >= excess(o)     cand(o): live across o in *some* order
+  cover row o:  sum_{v in live(o)} bytes_v * out[v, o] >= ws(o) + bytes(live(o)) - capacity
+                                                                         live(o): live across o in *every* order
+  minimise      sum cost_v * z[v, j]        (cost: 2 x bytes for an activation, store + reload; else 1 x bytes)
+
+range(v, o) is the gap o can lie in over all orders: from |consumers of v that are ancestors of o| to
+|consumers| - |consumers that are descendants of o|. Every valid plan gives a solution (out = "not resident
+at o's step", z = "this gap was dropped", each dropped gap paying its store and reload), so CP-SAT's proven
+objective bound is a lower bound on non-compulsory traffic over all orders, valid even when it stops early.
+It ignores fragmentation and lets each op choose its own worst-case prefix, so it can be below the optimum.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from memfit.plan.bound import LowerBound, eviction_cost, reachability
+from memfit.plan.bound_cut import _candidates, _min_crossing
+from memfit.plan.bound_every import _gaps
+from memfit.plan.plan_format import Graph
+
+
+def _gap_range(g: Graph, anc: dict[str, int], desc: dict[str, int], bit: dict[str, int], v: str, o: str) -> tuple[int, int]:
+    cons = g.tensor[v].consumers
+    before = sum(1 for c in cons if anc[o] & bit[c])
+    after = sum(1 for c in cons if desc[o] & bit[c])
+    lo, hi = before, len(cons) - after
+    if g.tensor[v].producer is None:  # an input/weight is live only between two reads: gaps 1 .. reads-1
+        lo, hi = max(lo, 1), min(hi, len(cons) - 1)
+    return lo, hi
+
+
+def cover_rows(g: Graph, capacity: int, time_limit_s: float = 5.0) -> tuple[list[tuple[str, dict, int]], bool]:
+    """The model's rows: (op, {tensor: gap range}, bytes that must be out). False when the min cuts ran out
+    of time (the rows found still give a valid bound)."""
+    t0 = time.perf_counter()
+    anc, desc, bit = reachability(g)
+    idx = {o.name: i for i, o in enumerate(g.ops)}
+    preds = {o.name: {g.tensor[n].producer for n in o.inputs if g.tensor[n].producer} for o in g.ops}
+    rows, complete = [], True
+    for o in g.ops:
+        ws = g.working_set(o)
+        live = _gaps(g, anc, desc, bit, o.name)
+        need = ws + sum(g.tensor[n].bytes for n in live) - capacity
+        if need > 0:
+            rows.append((o.name, live, need))
+        cand = _candidates(g, anc, desc, bit, o.name)
+        if ws + sum(g.tensor[v].bytes for v in cand) <= capacity:
+            continue
+        if time.perf_counter() - t0 > time_limit_s:
+            complete = False
+            continue
+        excess = ws + _min_crossing(g, o.name, cand, anc, desc, bit, idx, preds) - capacity
+        if excess > need:  # the cut row implies the cover row's need only when it is larger
+            rng = {v: _gap_range(g, anc, desc, bit, v, o.name) for v in cand}
+            rows.append((o.name, {v: r for v, r in rng.items() if r[0] <= r[1]}, excess))
+    return rows, complete
+
+
+def cover_bound(g: Graph, capacity: int, time_limit_s: float = 5.0, num_workers: int = 2) -> LowerBound:
+    """Proven lower bound on the non-compulsory traffic of any valid plan of `g`, in any order."""
+    from ortools.sat.python import cp_model
+
+    t0 = time.perf_counter()
+    rows, complete = cover_rows(g, capacity, time_limit_s / 2)
+    if not rows:
+        return LowerBound(0, "all orders", "optimal" if complete else "bound", time.perf_counter() - t0)
+    unit = math.gcd(*[t.bytes for t in g.tensors])
+    m = cp_model.CpModel()
+    z: dict[tuple[str, int], object] = {}
+    out: dict[tuple[str, str, int, int], object] = {}
+    for o, rng, need in rows:
+        terms = []
+        for v, (lo, hi) in rng.items():
+            for j in range(lo, hi + 1):
+                if (v, j) not in z:
+                    z[(v, j)] = m.NewBoolVar(f"z[{v},{j}]")
+            if lo == hi:
+                lit = z[(v, lo)]
+            elif (v, o, lo, hi) in out:
+                lit = out[(v, o, lo, hi)]
+            else:  # out at o only if one of the gaps o may lie in is dropped
+                lit = out[(v, o, lo, hi)] = m.NewBoolVar(f"out[{v},{o}]")
+                m.AddBoolOr([z[(v, j)] for j in range(lo, hi + 1)]).OnlyEnforceIf(lit)
+            terms.append((g.tensor[v].bytes // unit) * lit)
+        m.Add(sum(terms) >= -(-need // unit))
+    m.Minimize(sum((eviction_cost(g, v) // unit) * x for (v, _), x in z.items()))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.5, float(time_limit_s) - (time.perf_counter() - t0))
+    solver.parameters.num_workers = int(num_workers)
+    code = solver.Solve(m)
+    if code == cp_model.INFEASIBLE:  # dropping every gap always works when each op fits alone
+        raise ValueError("cover bound model infeasible: an op's working set exceeds the scratchpad")
+    bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) * unit
+    status = "optimal" if code == cp_model.OPTIMAL and complete else "bound"
+    return LowerBound(bound, "all orders", status, time.perf_counter() - t0, [r[0] for r in rows])
