@@ -11,7 +11,7 @@ p_1..p_{g+1} at the same positions (p_{g+1}: after all g drafts):
 Every emitted token is then distributed exactly as the target's own sampling would give it. p and q are the
 distributions after the request's temperature / top-k / top-p / min-p (`Sampler.probs`); greedy requests have
 one-hot p and q, and the rule reduces to "keep the drafts while they equal the target's argmax, then emit the
-target's argmax", i.e. greedy decoding of the target.
+target's argmax", i.e. greedy decoding of the target (`greedy_verdict`, which skips the distributions).
 """
 from __future__ import annotations
 
@@ -75,6 +75,23 @@ def rejection_sample(
     keep = cols < num_accepted.unsqueeze(1)  # (B, K)
     tokens[:, :K] = torch.where(keep, draft_tokens, tokens[:, :K])
     tokens[rows, num_accepted] = final
+    return Verdict(num_accepted, tokens)
+
+
+def greedy_verdict(draft_tokens: torch.Tensor, num_draft: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+    """`rejection_sample` for rows whose p and q are one-hot (greedy requests), without building them: keep the
+    drafts while they equal the target's pick, then emit the target's pick (the resample from norm(max(0, p - q))
+    and the bonus token are both the target's argmax). draft_tokens (B, K), num_draft (B,) as there;
+    target_tokens (B, K+1) long: the target's argmax at each draft position and one past the last."""
+    B, K = draft_tokens.shape
+    dev = draft_tokens.device
+    cols = torch.arange(K, device=dev).unsqueeze(0)  # (1, K)
+    match = (draft_tokens == target_tokens[:, :K]) & (cols < num_draft.unsqueeze(1))  # (B, K)
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # (B,): leading matches
+    tokens = torch.full((B, K + 1), -1, dtype=torch.long, device=dev)
+    tokens[:, :K] = torch.where(cols < num_accepted.unsqueeze(1), draft_tokens, tokens[:, :K])
+    rows = torch.arange(B, device=dev)
+    tokens[rows, num_accepted] = target_tokens[rows, num_accepted]
     return Verdict(num_accepted, tokens)
 
 

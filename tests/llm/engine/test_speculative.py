@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, expected_tokens_per_step, rejection_sample
+from memfit.llm.engine.speculative import (AcceptanceTracker, best_gamma, expected_tokens_per_step, greedy_verdict,
+                                           rejection_sample)
 from tests.llm.engine import chi2
 
 
@@ -22,6 +23,22 @@ def test_greedy_rows_keep_drafts_while_they_match_the_target_argmax() -> None:
     assert v.num_accepted.tolist() == [3, 1, 0]
     assert v.emitted() == [[1, 2, 3, 5], [1, 0], [2]]
     assert v.tokens[2].tolist() == [2, -1, -1, -1]
+
+
+def test_greedy_verdict_is_the_rule_on_one_hot_distributions() -> None:
+    """Random greedy rows (drafts that often match the target's picks), ragged lengths: the shortcut decides what
+    the full rule decides on one-hot p and q."""
+    gen = torch.Generator().manual_seed(0)
+    B, K, V = 64, 4, 5
+    target = torch.randint(0, V, (B, K + 1), generator=gen)
+    drafts = torch.where(torch.rand(B, K, generator=gen) < 0.7, target[:, :K], torch.randint(0, V, (B, K), generator=gen))
+    num_draft = torch.randint(1, K + 1, (B,), generator=gen)
+    q = torch.nn.functional.one_hot(drafts, V).float()  # (B, K, V)
+    p = torch.nn.functional.one_hot(target, V).float()  # (B, K+1, V)
+    want = rejection_sample(drafts, num_draft, q, p, torch.rand(B, K, generator=gen), torch.rand(B, generator=gen))
+    got = greedy_verdict(drafts, num_draft, target)
+    assert torch.equal(got.num_accepted, want.num_accepted) and got.emitted() == want.emitted()
+    assert 0 < int((got.num_accepted == num_draft).sum()) < B and int((got.num_accepted == 0).sum()) > 0  # mixed
 
 
 def test_ragged_rows_ignore_columns_past_their_draft_length() -> None:
