@@ -1,0 +1,144 @@
+"""The longest context each host-memory design fits in a fixed budget: MemAscend's claim that the memory it frees
+buys longer sequences (issue 18's 4x-context target).
+
+    python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --threads 2 \
+        --out benchmarks/results/finetune_context_0.5b.json
+
+The budget is `zero-infinity`'s peak RSS at `--budget-seq` tokens (the issue's definition). Then each design
+runs one training step per sequence length on a doubling ladder (`--budget-seq` x 1, 2, 4, ...), each in a fresh
+process (`benchmarks.finetune_offload`'s worker: SSD offload, recomputation, random-initialised shape), until its
+peak RSS exceeds the budget. Reported per design: the peak at every length tried, the longest length within
+the budget, and that length over `--budget-seq`.
+
+Peak memory does not depend on the machine's load, so one step per point suffices (the first step pays every
+pool's first touch, so it is the peak); step times are recorded, not compared. Batches really have the length:
+the data are long multi-turn conversations built from ../shared/data/dummy_conversation.json's turns (real
+text, loss on the assistant turns), each cut at the length, and the benchmark checks that every example used was
+cut (the dummy conversations alone are ~40 tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import emit, header, preset_threads
+from benchmarks.finetune_offload import DATA, SHAPES, _cache_dir
+
+DESIGNS = ("zero-infinity", "memascend")
+
+
+def long_conversations(src: Path, out: Path, min_tokens: int, n: int = 2) -> Path:
+    """`n` chat-format conversations of at least `min_tokens` tokens each (memfit-tiny's tokenizer, the one the
+    worker trains with), made by chaining the source file's ShareGPT conversations turn after turn."""
+    from memfit.llm.models.loader import resolve_model_path
+    from memfit.llm.models.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model_path("memfit-tiny"))
+    roles = {"human": "user", "gpt": "assistant"}
+    turns = [(roles[t["from"]], t["value"]) for c in json.loads(src.read_text()) for t in c["conversations"]
+             if t["from"] in roles]
+    lines, i = [], 0
+    for _ in range(n):
+        messages, tokens = [], 0
+        while tokens < min_tokens * 1.1 or messages[-1]["role"] != "assistant":
+            role, text = turns[i % len(turns)]
+            i += 1
+            if messages and messages[-1]["role"] == role:
+                continue  # keep user / assistant alternating
+            messages.append({"role": role, "content": text})
+            tokens += len(tok.encode(text)) + 4  # + the template's markers, roughly
+        lines.append(json.dumps({"messages": messages}))
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def one_step(design: str, shape: str, seq_len: int, data: Path, threads: int, ssd_dir: str | None) -> dict:
+    with tempfile.TemporaryDirectory(dir=ssd_dir or _cache_dir()) as swap:
+        cmd = [sys.executable, "-m", "benchmarks.finetune_offload", "--worker", "--design", design, "--shape", shape,
+               "--offload", "ssd", "--ssd-dir", swap, "--steps", "1", "--batch-size", "1", "--seq-len", str(seq_len),
+               "--data", str(data), "--threads", str(threads)]
+        print(f"{design} at {seq_len} tokens ...", file=sys.stderr, flush=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:  # killed by the kernel's OOM killer, or a MemoryError
+        return {"seq_len": seq_len, "failed": f"exit {done.returncode}"}
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = r["data"]
+    if stats["truncated"] < stats["used"]:
+        raise SystemExit(f"an example shorter than {seq_len} tokens was used: the batch would not have the length")
+    return {"seq_len": seq_len, "peak_rss_bytes": r["peak_rss_bytes"], "step_seconds": r["step_seconds"],
+            "allocator_peak_bytes": r["allocator_peak_bytes"], "pools": r["host_memory"]["pools"],
+            "other_bytes": r["host_memory"]["other_bytes"], "loss": r["losses"][0]}
+
+
+def draw(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for design, run in result["designs"].items():
+        pts = [(p["seq_len"], p["peak_rss_bytes"] / 2**30) for p in run["points"] if "peak_rss_bytes" in p]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=design)
+    ax.axhline(result["budget_bytes"] / 2**30, color="k", ls="--", lw=1,
+               label=f"budget: zero-infinity at {result['budget_seq']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens, batch 1)")
+    ax.set_ylabel("peak RSS (GiB)")
+    ax.set_title(f"longest context in a fixed budget, {result['shape']} Llama, SSD offload", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
+    p.add_argument("--budget-seq", type=int, default=2048, help="the budget is zero-infinity's peak at this length")
+    p.add_argument("--max-factor", type=int, default=16, help="longest length tried, as a multiple of --budget-seq")
+    p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--ssd-dir", default=None, help="swap directory (default: a temporary one under ~/.cache/memfit)")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = long_conversations(Path(args.data), Path(tmp) / "long.jsonl", args.budget_seq * args.max_factor)
+        reference = one_step("zero-infinity", args.shape, args.budget_seq, data, args.threads, args.ssd_dir)
+        if "failed" in reference:
+            raise SystemExit(f"the reference run failed ({reference['failed']})")
+        budget = reference["peak_rss_bytes"]
+        runs = {}
+        for design in args.designs.split(","):
+            points = [reference] if design == "zero-infinity" else []
+            factor = 1 if points else 0
+            while True:
+                factor = factor * 2 if factor else 1
+                if factor > args.max_factor:
+                    break
+                point = one_step(design, args.shape, args.budget_seq * factor, data, args.threads, args.ssd_dir)
+                points.append(point)
+                if "failed" in point or point["peak_rss_bytes"] > budget:
+                    break
+            fits = [q["seq_len"] for q in points if q.get("peak_rss_bytes", budget + 1) <= budget]
+            longest = max(fits) if fits else None
+            runs[design] = {"points": points, "longest_seq_within_budget": longest,
+                            "factor": longest / args.budget_seq if longest else None,
+                            "capped": bool(longest and longest >= args.budget_seq * args.max_factor)}
+    result = {"benchmark": "finetune_context", "shape": args.shape, "budget_seq": args.budget_seq,
+              "budget_bytes": budget, "batch_size": 1, "offload": "ssd", "designs": runs,
+              **header(args.threads, 0, shared_machine=True)}
+    if {"zero-infinity", "memascend"} <= set(runs) and runs["zero-infinity"]["longest_seq_within_budget"]:
+        result["memascend_context_factor"] = (runs["memascend"]["longest_seq_within_budget"] or 0) / \
+            runs["zero-infinity"]["longest_seq_within_budget"]
+    emit(result, args.out, draw)
+
+
+if __name__ == "__main__":
+    preset_threads()
+    main()
