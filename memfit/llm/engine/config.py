@@ -66,6 +66,10 @@ class EngineConfig:
     # from what the memory budget leaves after the KV share on a CPU (given explicitly, it is set aside first).
     swap_space: int | float | str | None = None
     swap_threads: int = 2  # swap-ins copied on this many threads, overlapped with the model step (0: synchronous)
+    # Cross-turn reuse (kv/swap.py): a swapped-in sequence's host copy is kept, so its next swap-out moves only new
+    # tokens, and a finished turn's evicted KV waits on the host for the session's next turn. Kept copies go first
+    # under pressure (least recently used).
+    swap_reuse: bool = True
     # Speculative decoding (engine/spec_decode.py): a draft model (a bundled name or a directory) sharing the
     # target's tokenizer, or `self[:N]` (the target's first N layers, engine/draft.py), proposes up to
     # num_speculative_tokens tokens a step; the target verifies them in one pass.
@@ -206,6 +210,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="host tier for swapped KV: bytes ('8GiB'); a bare number means GiB (default 4)")
     g.add_argument("--swap-threads", type=int, default=2,
                    help="threads copying swapped KV back in, overlapped with model steps (0: synchronous; default 2)")
+    g.add_argument("--no-swap-reuse", dest="swap_reuse", action="store_false",
+                   help="free a sequence's host copy once swapped back in (default: keep it, so later swap-outs move "
+                        "only new tokens and a conversation's next turn swaps its KV in instead of prefilling it)")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: a draft model (bundled name, e.g. memfit-tiny-draft, or a directory) with "
                         "the target's tokenizer, or self[:N] (the target's first N layers, default half); output is "

@@ -221,7 +221,7 @@ class LLMEngine:
         params = sum(p.numel() for p in self.model.parameters())
         cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
                          flops_per_s=2e10 if self.device.type == "cpu" else 2e13)
-        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads)
+        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads, reuse=self.config.swap_reuse)
 
     def _watermark_bytes(self) -> int:
         spec = self.config.kv_reclaim_watermark
@@ -324,20 +324,25 @@ class LLMEngine:
         tokenize the previous answer differently, so the KV is reused up to the longest common prefix
         and only the rest is prefilled."""
         old = self.scheduler.take_retained(seq.session_id)  # type: ignore[arg-type]
+        on_host = old is None  # the previous turn's KV was evicted to the swap tiers (cross-turn reuse)
+        old = old or self.scheduler.take_swapped_session(seq.session_id)  # type: ignore[arg-type]
         if old is None:
             return
-        cached = old.all_token_ids[: old.num_computed]
-        prompt = seq.prompt_token_ids
-        n = 0
-        limit = min(len(cached), len(prompt) - 1)  # the last prompt token is always fed: it yields logits
-        while n < limit and cached[n] == prompt[n]:
-            n += 1
+        held = self.swap.valid_tokens(old.seq_id) if on_host else old.num_computed  # type: ignore[union-attr]
+        n = _common_prefix(old.all_token_ids[:held], seq.prompt_token_ids)
         if self.spec is not None:
             self.spec.adopt(old.seq_id, seq, n)  # the draft's KV of the previous turn, up to the same prefix
-        if n == 0:
+        if on_host:  # swapped in when the scheduler admits it, instead of prefilled
+            n = self.swap.adopt(old.seq_id, n)  # type: ignore[union-attr]
+            seq.swapped = n > 0
+        elif n == 0:
             self.kv.free(old.seq_id)
+        else:
+            self.kv.truncate(old.seq_id, n)
+        if self.swap is not None:
+            self.swap.truncate(old.seq_id, n)  # a kept host copy: positions from n on are rewritten
+        if n == 0:
             return
-        self.kv.truncate(old.seq_id, n)
         seq.seq_id = old.seq_id  # the KV manager knows the cache by this id
         seq.num_computed = seq.num_cached_prompt = n
 
@@ -478,6 +483,15 @@ class LLMEngine:
         self.kv.close()
         if self.tp is not None and self.tp.is_driver:
             self.tp.shutdown()
+
+
+def _common_prefix(cached: list[int], prompt: list[int]) -> int:
+    """Tokens a new turn's prompt shares with the cached ones; the last prompt token is always fed (it yields the
+    logits), so at most len(prompt) - 1."""
+    n, limit = 0, min(len(cached), len(prompt) - 1)
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
 
 
 def check_priority(priority: object) -> None:

@@ -15,7 +15,10 @@ Preemption (`preemption_mode`): `recompute` frees the victim's KV and recomputes
 swap space (kv/swap.py, behind the `SwapSpace` calls below) copy the victim's KV to the host tier first and
 copy it back when it is admitted again, so nothing is recomputed; `auto` asks the swap space's cost model
 which is cheaper for this victim. A full host tier falls back to recomputation.
-KV kept from finished conversation turns (`retained`) is the first thing given up under pressure.
+KV kept from finished conversation turns (`retained`) is the first thing given up under pressure; with a swap
+space that reuses copies (`reuse`, cross-turn reuse) it goes to the host tier (`swapped_sessions`), moving only
+the tokens its kept copy lacks, and the session's next turn swaps it back in instead of prefilling it. A swap-in
+that cannot be served (`swap_in` returns None: an SSD read failed its checksum) recomputes the sequence.
 A commit the OS or driver refuses (the budget allowed it, the memory was not there) is local: the sequence
 that asked waits, or is preempted itself; no other sequence is preempted for it.
 """
@@ -63,6 +66,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.retained: OrderedDict[str, Sequence] = OrderedDict()  # session id -> finished seq holding KV
+        self.swapped_sessions: dict[str, Sequence] = {}  # session id -> finished seq whose KV is on the swap tiers
+        self.reuse = self.swap is not None and getattr(self.swap, "reuse", False)
         self.num_preemptions = 0  # total, for metrics
         self.preemptions_by_mode = {"recompute": 0, "swap": 0}
 
@@ -90,7 +95,8 @@ class Scheduler:
         if seq.session_id is not None and reason != "abort" and self.kv.has_seq(seq.seq_id):
             old = self.retained.pop(seq.session_id, None)
             if old is not None and old.seq_id != seq.seq_id:
-                self.kv.free(old.seq_id)
+                self._free_kv(old.seq_id)
+            self._drop_swapped_session(seq.session_id, keep=seq.seq_id)
             self.retained[seq.session_id] = seq
         else:
             self._release(seq)
@@ -99,27 +105,46 @@ class Scheduler:
         """Hand over a session's retained sequence (the engine adopts its KV for the next turn)."""
         return self.retained.pop(session_id, None)
 
+    def take_swapped_session(self, session_id: str) -> Sequence | None:
+        """Hand over a session's finished sequence whose KV waits on the swap tiers (None if it was evicted)."""
+        seq = self.swapped_sessions.pop(session_id, None)
+        return seq if seq is not None and self.swap is not None and self.swap.holds(seq.seq_id) else None
+
     def drop_retained(self, session_id: str) -> None:
         seq = self.retained.pop(session_id, None)
         if seq is not None:
-            self.kv.free(seq.seq_id)
+            self._free_kv(seq.seq_id)
+        self._drop_swapped_session(session_id)
+
+    def _drop_swapped_session(self, session_id: str, keep: int | None = None) -> None:
+        seq = self.swapped_sessions.pop(session_id, None)
+        if seq is not None and seq.seq_id != keep and self.swap is not None:
+            self.swap.discard(seq.seq_id)
+
+    def _free_kv(self, seq_id: int) -> None:
+        """Free a sequence's KV on the device and any copy of it on the swap tiers."""
+        if self.swap is not None:
+            self.swap.discard(seq_id)
+        if self.kv.has_seq(seq_id):
+            self.kv.free(seq_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _release(self, seq: Sequence) -> None:
-        if seq.swapped and self.swap is not None:
-            self.swap.discard(seq.seq_id)  # first: an asynchronous swap-in's copies must land before its KV is freed
-            seq.swapped = seq.swapping_in = False
-        if self.kv.has_seq(seq.seq_id):
-            self.kv.free(seq.seq_id)
+        self._free_kv(seq.seq_id)  # the swap copy first: an asynchronous swap-in's copies land before the KV is freed
+        seq.swapped = seq.swapping_in = False
 
     # ---- memory pressure --------------------------------------------------------------------------------
     def _evict_retained(self) -> bool:
         if not self.retained:
             return False
-        _, seq = self.retained.popitem(last=False)  # least recently used first
-        self.kv.free(seq.seq_id)
+        session, seq = self.retained.popitem(last=False)  # least recently used first
+        if self.reuse and self._try_swap_out(seq, keep=True):  # to the host tier, for the session's next turn
+            self.swapped_sessions[session] = seq
+            self.kv.free(seq.seq_id)
+        else:
+            self._free_kv(seq.seq_id)
         return True
 
     def _preempt(self, victim: Sequence, out: SchedulerOutput) -> None:
@@ -143,12 +168,14 @@ class Scheduler:
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
 
-    def _try_swap_out(self, victim: Sequence) -> bool:
+    def _try_swap_out(self, victim: Sequence, keep: bool = False) -> bool:
         n = victim.num_computed
         if self.swap is None or n == 0 or not self.kv.has_seq(victim.seq_id):
             return False
         if self.config.preemption_mode == "auto" and not self.swap.prefers_swap(n):
             return False
+        if keep:
+            return self.swap.try_swap_out(victim.seq_id, n, keep=True)
         return self.swap.try_swap_out(victim.seq_id, n)  # False: the host tier is full
 
     def _preempt_newest(self, out: SchedulerOutput, keep: Sequence) -> bool:
@@ -268,14 +295,26 @@ class Scheduler:
                 self.swap.start_swap_in(seq.seq_id)  # type: ignore[union-attr]
                 seq.swapping_in = True
                 return True
-            self.swap.swap_in(seq.seq_id)  # type: ignore[union-attr]  # nothing to overlap with: synchronous
+            restored = self.swap.swap_in(seq.seq_id)  # type: ignore[union-attr]  # nothing to overlap with: synchronous
             seq.swapped = False
+            if restored is None:
+                self._recompute_lost(seq)
+                return False
         return True
+
+    def _recompute_lost(self, seq: Sequence) -> None:
+        """A swap-in could not be served intact: free what the sequence was given; it starts over."""
+        if self.kv.has_seq(seq.seq_id):
+            self.kv.free(seq.seq_id)
+        seq.swapped = seq.swapping_in = False
+        seq.num_computed = seq.num_cached_prompt = 0
 
     def _finish_swap_ins(self, wait: bool = False) -> None:
         """Complete the asynchronous swap-ins that have landed (all of them, waiting, when asked or when nothing
         runs: there is no step to overlap with and the sequences would otherwise sit out a step)."""
         for seq in self.waiting:
             if seq.swapping_in and (wait or not self.running or self.swap.swap_in_ready(seq.seq_id)):  # type: ignore[union-attr]
-                self.swap.finish_swap_in(seq.seq_id)  # type: ignore[union-attr]
+                restored = self.swap.finish_swap_in(seq.seq_id)  # type: ignore[union-attr]
                 seq.swapped = seq.swapping_in = False
+                if restored is None:
+                    self._recompute_lost(seq)

@@ -1,96 +1,89 @@
 """The host swap tier: where a preempted sequence's KV waits, so that it resumes without recomputation.
 
-    swap = SwapSpace(kv, MemoryBudget(8 << 30, Tier.HOST, name="swap_space", parent=ledger))
+    swap = SwapSpace(kv, MemoryBudget(8 << 30, Tier.HOST, name="swap_space", parent=ledger), reuse=True)
     swap.try_swap_out(seq_id, n)   # before the scheduler frees the sequence's KV: copy positions 0..n-1 out
     kv.try_allocate(seq_id, n + k); swap.swap_in(seq_id)   # later, into whatever memory it gets then
 
 The scheduler calls these (it never touches a tensor itself); this module and the KV manager own the copies.
-A swapped sequence's KV is one host buffer (uint8, pinned on CUDA), reserved in the swap budget before it is
-allocated: a full tier refuses (`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
+A swapped sequence's KV is a list of chunks, each one host buffer (uint8, pinned on CUDA) holding a token range
+[lo, hi) of every segment, reserved in the swap budget before it is allocated: a full tier refuses
+(`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
 
-How many copies a swap takes is the cache's layout (`runs`), and is the point of FastSwitch's block groups:
-- virtual cache: a sequence's K/V are contiguous per segment of its slot, so the first n rows of each segment
-  are one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
+How many copies a swap takes is the cache's layout (`_pieces`), and is the point of FastSwitch's block groups:
+- virtual cache: a sequence's K/V are contiguous per segment of its slot, so rows lo..hi-1 of each segment are
+  one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
 - paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
   per-block synchronous swap, kept as the baseline.
 `block_tokens` splits the virtual cache's runs into copies of that many tokens: the per-block baseline in the
 same cache, so a comparison differs in the copy granularity alone (benchmarks/preemption.py).
+
+Cross-turn reuse (`reuse`, FastSwitch's third idea). A swap-in leaves the host copy in place, marked *kept*,
+with `valid` = the tokens it holds for positions 0..valid-1. While the sequence runs on, those positions do not
+change (new tokens go after them), so its next swap-out copies only [valid, n): one more chunk. A finished
+conversation turn whose device KV is evicted goes to the host the same way (scheduler: `_evict_retained`), and
+the session's next turn swaps in instead of prefilling (engine: `_adopt_session_kv`). A prompt that diverges
+from the held tokens truncates `valid` (`truncate`). Kept copies are evictable: when a reservation does not fit,
+the least recently used kept copies go first (to the SSD tier below when there is one, swap_ssd.py); a copy
+that is a swapped-out sequence's only KV (`live`) is never dropped.
+
 Swap-outs are synchronous: the scheduler preempts because it needs the memory in the same step. Swap-ins may
 run on a thread pool (`threads` > 0), overlapped with the model step: `start_swap_in` launches the copies into
 the memory the sequence was just given, the scheduler admits the sequence only once `swap_in_ready`, and
 `finish_swap_in` completes it on the engine thread. The copies are torch copies, which release the GIL. The
-scheduler falls back to a synchronous swap-in when there is no step to overlap with.
+scheduler falls back to a synchronous swap-in when there is no step to overlap with. A swap-in that cannot be
+served (an SSD read failed or its checksum did not match: `SwapLost`) returns None; the scheduler then
+recomputes the sequence, so corrupt KV is never served.
 
-`prefers_swap` is the `auto` preemption mode's cost model: the seconds to move the bytes out and back in
-(per-copy overhead + bytes / measured copy bandwidth) against the seconds to recompute n tokens (linear
-layers 2 x params flops per token, attention 2 x layers x q-width x n^2 in all, at the compute rate the
-engine measures from its prefill steps).
+`prefers_swap` is the `auto` preemption mode's cost model (swap_model.py).
 """
 from __future__ import annotations
 
-import bisect
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
+from memfit.llm.kv.swap_model import SWAP_SECONDS_BUCKETS, CostModel, SwapStats
 from memfit.memory.budget import MemoryBudget
 
+if TYPE_CHECKING:
+    from memfit.llm.kv.swap_ssd import SSDTier
+
+__all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
+
 OWNER = "swap"
-# Seconds of one swap-out or swap-in (all its copies): a histogram's bucket bounds (`le`), for /metrics.
-SWAP_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
+Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
+
+
+class SwapLost(KVCacheError):
+    """A swapped-out sequence's KV cannot be brought back intact (an I/O error, a checksum mismatch): the
+    sequence must be recomputed."""
 
 
 @dataclass
-class SwapStats:
-    out_bytes: int = 0
-    in_bytes: int = 0
-    out_ops: int = 0  # copies (runs), not sequences
-    in_ops: int = 0
-    # Histogram of seconds per swap-out or swap-in: counts per SWAP_SECONDS_BUCKETS bound (+Inf last), and the sum.
-    seconds_counts: list[int] = field(default_factory=lambda: [0] * (len(SWAP_SECONDS_BUCKETS) + 1))
-    seconds_sum: float = 0.0
-    resident_bytes: int = 0
+class _Chunk:
+    lo: int  # first token (a multiple of the cache's granule)
+    hi: int  # one past the last token
+    nbytes: int
+    buf: torch.Tensor | None  # (nbytes,) uint8 on the host: the pieces of [lo, hi) in `_pieces` order; None on SSD
+    extent: object | None = None  # where it sits on the SSD tier (swap_ssd.py), when demoted
 
 
 @dataclass
-class _Swapped:
-    buf: torch.Tensor  # (nbytes,) uint8 on the host
-    num_tokens: int
-
-
-@dataclass
-class CostModel:
-    """Modelled seconds of the two ways back from a preemption (see the module docstring)."""
-
-    params: int  # the model's parameter count
-    layers: int
-    q_width: int  # num_attention_heads x head_dim
-    flops_per_s: float = 2e10  # until the engine measures a prefill step
-    bytes_per_s: float = 5e9  # until a copy is measured
-    op_s: float = 2e-6  # per copy call
-    _alpha: float = 0.3  # EMA weight of a new measurement
-
-    def recompute_s(self, n: int) -> float:
-        return (2 * self.params * n + 2 * self.layers * self.q_width * n * n) / self.flops_per_s
-
-    def swap_s(self, nbytes: int, ops: int) -> float:
-        return 2 * (ops * self.op_s + nbytes / self.bytes_per_s)  # out, then back in
-
-    def observe_compute(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            self.flops_per_s += self._alpha * (2 * self.params * tokens / seconds - self.flops_per_s)
-
-    def observe_copy(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            self.bytes_per_s += self._alpha * (nbytes / seconds - self.bytes_per_s)
+class _Copy:
+    chunks: list[_Chunk]
+    valid: int  # positions 0..valid-1 of the sequence: what a swap-in restores
+    live: bool  # the swapped-out sequence's only KV (never evicted); False: a kept copy (reuse)
 
 
 class SwapSpace:
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
-                 threads: int = 0, block_tokens: int | None = None) -> None:
+                 threads: int = 0, block_tokens: int | None = None, reuse: bool = False,
+                 ssd: SSDTier | None = None) -> None:
         if not (kv.fixed_stride or kv.block_tables):
             raise ValueError(f"the {kv.kind or type(kv).__name__} KV cache cannot be swapped (it declares neither "
                              "fixed_stride nor block_tables)")
@@ -100,82 +93,127 @@ class SwapSpace:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.kv, self.budget, self.cost, self.threads = kv, budget, cost, threads
         self.block_tokens = block_tokens  # None: whole runs (see the module docstring)
+        self.reuse, self.ssd = reuse, ssd
         self.pin = kv.layout.device.type == "cuda"
+        self.granule = 1 if kv.fixed_stride else kv.block_size  # type: ignore[attr-defined]  # a chunk starts on one
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
-        self._held: dict[int, _Swapped] = {}
-        self._inflight: dict[int, tuple[_Swapped, int, Future]] = {}  # seq -> (entry, copies, future of seconds)
+        self._copies: dict[int, _Copy] = {}
+        self._kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
+        self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- where a sequence's KV lives, as contiguous runs ---------------------------------------------
-    def runs(self, seq_id: int, num_tokens: int) -> list[torch.Tensor]:
-        """The memory holding positions 0..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
-        layout allows, in an order that depends only on num_tokens (so a swap-in into other memory matches)."""
+    def _pieces(self, lo: int, hi: int) -> list[Piece]:
+        """The runs holding positions lo..hi-1 in buffer order, by arithmetic alone (no sequence needed)."""
         kv = self.kv
-        if kv.fixed_stride:  # virtual cache: the first n rows of each segment of the slot
-            slot, nbytes = kv.slot_of(seq_id), num_tokens * kv.row_bytes  # type: ignore[attr-defined]
-            base = slot * kv.slot_bytes  # type: ignore[attr-defined]
-            step = nbytes if self.block_tokens is None else self.block_tokens * kv.row_bytes  # type: ignore[attr-defined]
-            return [kv.arena.view(torch.uint8, (min(step, nbytes - lo),), (1,), base + j * kv.seg_bytes + lo)  # type: ignore[attr-defined]
-                    for j in range(kv.num_segments) for lo in range(0, nbytes, step)]  # type: ignore[attr-defined]
-        blocks = kv.block_table(seq_id)[: kv.blocks_for(num_tokens)]  # type: ignore[attr-defined]
-        out = []
-        for pool in (*kv.k, *kv.v):  # type: ignore[attr-defined]
-            for b in blocks:
-                block = pool[b]  # (bs, Hkv, D); head-major storage is (Hkv, bs, D): one contiguous run either way
-                block = block.transpose(0, 1) if kv.head_major else block  # type: ignore[attr-defined]
-                out.append(block.reshape(-1).view(torch.uint8))
-        return out
+        if hi <= lo:
+            return []
+        if kv.fixed_stride:  # virtual cache: rows lo..hi-1 of each segment of the slot
+            step = hi - lo if self.block_tokens is None else self.block_tokens
+            return [(j, a, min(a + step, hi)) for j in range(kv.num_segments) for a in range(lo, hi, step)]  # type: ignore[attr-defined]
+        bs = self.granule
+        blocks = range(lo // bs, kv.blocks_for(hi))  # type: ignore[attr-defined]
+        return [(p, i * bs, (i + 1) * bs) for p in range(2 * kv.layout.num_layers) for i in blocks]
+
+    def _piece_bytes(self, piece: Piece) -> int:
+        kv = self.kv
+        if kv.fixed_stride:
+            return (piece[2] - piece[1]) * kv.row_bytes  # type: ignore[attr-defined]
+        return kv.block_bytes // (2 * kv.layout.num_layers)  # type: ignore[attr-defined]  # one pool's block
+
+    def _view(self, seq_id: int, piece: Piece, table: list[int] | None = None) -> torch.Tensor:
+        """The sequence's memory of one piece, as a uint8 run."""
+        kv, (j, a, b) = self.kv, piece
+        if kv.fixed_stride:
+            off = kv.slot_of(seq_id) * kv.slot_bytes + j * kv.seg_bytes + a * kv.row_bytes  # type: ignore[attr-defined]
+            return kv.arena.view(torch.uint8, ((b - a) * kv.row_bytes,), (1,), off)  # type: ignore[attr-defined]
+        pool = (*kv.k, *kv.v)[j]  # type: ignore[attr-defined]
+        block = pool[(table if table is not None else kv.block_table(seq_id))[a // self.granule]]  # type: ignore[attr-defined]
+        block = block.transpose(0, 1) if kv.head_major else block  # type: ignore[attr-defined]  # (bs, Hkv, D) either way
+        return block.reshape(-1).view(torch.uint8)
+
+    def runs(self, seq_id: int, num_tokens: int, lo: int = 0) -> list[torch.Tensor]:
+        """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
+        layout allows, in an order that depends only on the range (so a swap-in into other memory matches)."""
+        table = None if self.kv.fixed_stride else self.kv.block_table(seq_id)  # type: ignore[attr-defined]
+        return [self._view(seq_id, p, table) for p in self._pieces(lo, num_tokens)]
+
+    def runs_shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
+        """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way."""
+        pieces = self._pieces(lo, num_tokens)
+        return sum(self._piece_bytes(p) for p in pieces), len(pieces)
 
     # ---- the scheduler's calls ----------------------------------------------------------------------
     def holds(self, seq_id: int) -> bool:
-        return seq_id in self._held
+        """A copy of `seq_id`'s KV is held (swapped out, or kept for reuse)."""
+        return seq_id in self._copies
+
+    def valid_tokens(self, seq_id: int) -> int:
+        copy = self._copies.get(seq_id)
+        return copy.valid if copy is not None else 0
+
+    def held_bytes(self) -> int:
+        """Bytes of every chunk held on the host, summed from the buffers themselves."""
+        return sum(c.buf.numel() for copy in self._copies.values() for c in copy.chunks if c.buf is not None)
 
     def prefers_swap(self, num_tokens: int) -> bool:
         if self.cost is None:
             return True
-        runs = self.runs_shape(num_tokens)
-        return self.cost.swap_s(*runs) < self.cost.recompute_s(num_tokens)
+        return self.cost.swap_s(*self.runs_shape(num_tokens)) < self.cost.recompute_s(num_tokens)
 
-    def runs_shape(self, num_tokens: int) -> tuple[int, int]:
-        """(bytes, copies) a swap of `num_tokens` tokens moves each way."""
-        kv = self.kv
-        if kv.fixed_stride:
-            per_seg = 1 if self.block_tokens is None else -(-num_tokens // self.block_tokens)
-            return num_tokens * kv.row_bytes * kv.num_segments, kv.num_segments * per_seg  # type: ignore[attr-defined]
-        nb = kv.blocks_for(num_tokens)  # type: ignore[attr-defined]
-        return nb * kv.block_bytes, 2 * kv.layout.num_layers * nb  # type: ignore[attr-defined]
-
-    def try_swap_out(self, seq_id: int, num_tokens: int) -> bool:
-        """Copy positions 0..num_tokens-1 of `seq_id` to the host tier; False (nothing taken) if it is full.
-        The caller frees the sequence's KV afterwards."""
-        if seq_id in self._held:
+    def try_swap_out(self, seq_id: int, num_tokens: int, keep: bool = False) -> bool:
+        """Copy positions 0..num_tokens-1 of `seq_id` to the host tier; False (nothing held) if it is full. With
+        a kept copy of the first `valid` positions only the rest is copied. `keep`: the copy is evictable at
+        once (a finished turn's KV, not a preempted sequence's). The caller frees the sequence's KV afterwards."""
+        copy = self._copies.get(seq_id)
+        if copy is not None and copy.live:
             raise KVCacheError(f"sequence {seq_id} is already swapped out")
+        start = 0
+        if copy is not None:
+            self._truncate(copy, num_tokens)
+            start = copy.valid - copy.valid % self.granule  # positions before it are held and unchanged
+            self._drop_chunks(copy, start)  # a partly valid last block is copied again
         t0 = time.perf_counter()
-        runs = self.runs(seq_id, num_tokens)
-        nbytes = sum(r.numel() for r in runs)
-        if not self.budget.try_reserve(nbytes, OWNER):
+        pieces = self._pieces(start, num_tokens)
+        nbytes = sum(self._piece_bytes(p) for p in pieces)
+        if nbytes and not self._reserve(nbytes, seq_id):
+            if copy is not None:
+                self._drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
             return False
-        try:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-            off = 0
-            for r in runs:
-                buf[off : off + r.numel()].copy_(r)
-                off += r.numel()
-        except BaseException:
-            self.budget.release(nbytes, OWNER)
-            raise
-        self._held[seq_id] = _Swapped(buf, num_tokens)
-        self._account(nbytes, len(runs), time.perf_counter() - t0, out=True)
+        if copy is None:
+            copy = self._copies[seq_id] = _Copy([], 0, False)
+        if pieces:
+            try:
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+                runs = self.runs(seq_id, num_tokens, start)
+                _copy_out(runs, buf)
+            except BaseException:
+                self.budget.release(nbytes, OWNER)
+                raise
+            copy.chunks.append(_Chunk(start, num_tokens, nbytes, buf))
+            self.stats.resident_bytes += nbytes
+            self._account(self.stats, nbytes, len(pieces), time.perf_counter() - t0, out=True)
+        self.stats.reused_tokens += start
+        copy.valid, copy.live = num_tokens, not keep
+        self._kept.pop(seq_id, None)
+        if keep:
+            self._kept[seq_id] = None
         return True
 
-    def swap_in(self, seq_id: int) -> int:
+    def swap_in(self, seq_id: int) -> int | None:
         """Copy `seq_id`'s KV back into the memory the KV manager now gives it (the caller allocated at least
-        the swapped tokens), mark them written, and free the host copy. Returns the tokens restored."""
-        entry = self._held.pop(seq_id)
-        runs = self.runs(seq_id, entry.num_tokens)
-        seconds = _copy_in(runs, entry.buf)
-        return self._complete(seq_id, entry, len(runs), seconds)
+        the valid tokens) and mark them written; the host copy is kept (reuse) or freed. Returns the tokens
+        restored, or None when they cannot be read back intact (SwapLost; the copy is dropped): the caller
+        recomputes the sequence."""
+        copy = self._live(seq_id)
+        pairs, nbytes = self._pairs(seq_id, copy)
+        try:
+            seconds = _copy_in(pairs)
+        except SwapLost:
+            self._lost(seq_id)
+            return None
+        return self._complete(seq_id, copy, len(pairs), nbytes, seconds)
 
     def start_swap_in(self, seq_id: int) -> None:
         """`swap_in` on the thread pool: the copies overlap the next model step (which must not touch this
@@ -184,9 +222,9 @@ class SwapSpace:
             raise RuntimeError("asynchronous swap-in needs threads > 0")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
-        entry = self._held.pop(seq_id)
-        runs = self.runs(seq_id, entry.num_tokens)  # resolved here, on the engine thread, under the cache's lock
-        self._inflight[seq_id] = (entry, len(runs), self._pool.submit(_copy_in, runs, entry.buf))
+        copy = self._live(seq_id)
+        pairs, nbytes = self._pairs(seq_id, copy)  # resolved here, on the engine thread, under the cache's lock
+        self._inflight[seq_id] = (len(pairs), nbytes, self._pool.submit(_copy_in, pairs))
 
     def in_flight(self, seq_id: int) -> bool:
         return seq_id in self._inflight
@@ -194,58 +232,193 @@ class SwapSpace:
     def swap_in_ready(self, seq_id: int) -> bool:
         return self._inflight[seq_id][2].done()
 
-    def finish_swap_in(self, seq_id: int) -> int:
-        """Wait for an asynchronous swap-in (at once if `swap_in_ready`) and complete it on this thread."""
-        entry, copies, future = self._inflight.pop(seq_id)
+    def finish_swap_in(self, seq_id: int) -> int | None:
+        """Wait for an asynchronous swap-in (at once if `swap_in_ready`) and complete it on this thread; None as
+        for `swap_in`."""
+        copies, nbytes, future = self._inflight.pop(seq_id)
         self.async_swap_ins += 1
-        return self._complete(seq_id, entry, copies, future.result())
+        try:
+            seconds = future.result()
+        except SwapLost:
+            self._lost(seq_id)
+            return None
+        return self._complete(seq_id, self._copies[seq_id], copies, nbytes, seconds)
 
-    def _complete(self, seq_id: int, entry: _Swapped, copies: int, seconds: float) -> int:
-        self.kv.mark_restored(seq_id, entry.num_tokens)  # a restored sequence holds these tokens again
-        self._account(entry.buf.numel(), copies, seconds, out=False)
-        self._drop(entry)
-        return entry.num_tokens
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Positions from `num_tokens` on are about to be overwritten (a new turn's prompt diverged there)."""
+        copy = self._copies.get(seq_id)
+        if copy is not None:
+            self._truncate(copy, num_tokens)
+            if copy.valid == 0:
+                self._drop(seq_id)
+
+    def adopt(self, seq_id: int, num_tokens: int) -> int:
+        """A session's next turn takes over the kept copy of `seq_id` for its first `num_tokens` tokens: the copy
+        becomes live (swapped out, awaiting its swap-in). Returns the tokens it will restore (0: none held)."""
+        if seq_id not in self._copies:
+            return 0
+        self.truncate(seq_id, num_tokens)
+        copy = self._copies.get(seq_id)
+        if copy is None:
+            return 0
+        copy.live = True
+        self._kept.pop(seq_id, None)
+        return copy.valid
 
     def discard(self, seq_id: int) -> None:
-        """The sequence finished or was aborted while swapped out: forget its host copy."""
-        entry = self._held.pop(seq_id, None)
-        if entry is not None:
-            self._drop(entry)
+        """The sequence finished or was aborted (or is recomputed): forget its host copy."""
         if seq_id in self._inflight:  # the copies write into its KV: let them land before that is freed
-            entry, _, future = self._inflight.pop(seq_id)
+            future = self._inflight.pop(seq_id)[2]
             future.exception()
-            self._drop(entry)
-
-    def _drop(self, entry: _Swapped) -> None:
-        n = entry.buf.numel()
-        self.budget.release(n, OWNER)
-        self.stats.resident_bytes -= n
-
-    def _account(self, nbytes: int, ops: int, seconds: float, out: bool) -> None:
-        st = self.stats
-        if out:
-            st.out_bytes, st.out_ops, st.resident_bytes = st.out_bytes + nbytes, st.out_ops + ops, st.resident_bytes + nbytes
-        else:
-            st.in_bytes, st.in_ops = st.in_bytes + nbytes, st.in_ops + ops
-        st.seconds_counts[bisect.bisect_left(SWAP_SECONDS_BUCKETS, seconds)] += 1
-        st.seconds_sum += seconds
-        if self.cost is not None:
-            self.cost.observe_copy(nbytes, seconds)
+        self._drop(seq_id)
 
     def close(self) -> None:
-        for seq_id in [*self._held, *self._inflight]:
+        for seq_id in [*self._copies, *self._inflight]:
             self.discard(seq_id)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self.ssd is not None:
+            self.ssd.close()
+
+    # ---- inside ----------------------------------------------------------------------------------------
+    def _live(self, seq_id: int) -> _Copy:
+        copy = self._copies.get(seq_id)
+        if copy is None or not copy.live:
+            raise KVCacheError(f"sequence {seq_id} is not swapped out")
+        return copy
+
+    def _pairs(self, seq_id: int, copy: _Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
+        """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
+        rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
+        slice, or a chunk on the SSD tier (read and checked on the copying thread)."""
+        table = None if self.kv.fixed_stride else self.kv.block_table(seq_id)  # type: ignore[attr-defined]
+        pairs: list[tuple[torch.Tensor, object]] = []
+        nbytes = 0
+        for chunk in copy.chunks:
+            if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum
+                runs = [self._view(seq_id, p, table) for p in self._pieces(chunk.lo, chunk.hi)]
+                pairs.append((runs, chunk.extent))  # type: ignore[arg-type]
+                nbytes += chunk.nbytes
+                continue
+            off = 0
+            for piece in self._pieces(chunk.lo, chunk.hi):
+                n = self._piece_bytes(piece)
+                src, off = chunk.buf[off : off + n], off + n
+                j, a, b = piece
+                if a >= copy.valid:
+                    continue
+                if self.kv.fixed_stride and b > copy.valid:  # rows past `valid` are stale: leave them out
+                    piece, src = (j, a, copy.valid), src[: (copy.valid - a) * self.kv.row_bytes]  # type: ignore[attr-defined]
+                pairs.append((self._view(seq_id, piece, table), src))
+                nbytes += src.numel()
+            if off != chunk.buf.numel():
+                raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {chunk.buf.numel()} bytes)")
+        if self.ssd is not None:
+            pairs = [(dst, self.ssd.reader(src)) if not isinstance(src, torch.Tensor) else (dst, src)
+                     for dst, src in pairs]
+        return pairs, nbytes
+
+    def _complete(self, seq_id: int, copy: _Copy, copies: int, nbytes: int, seconds: float) -> int:
+        self.kv.mark_restored(seq_id, copy.valid)  # a restored sequence holds these tokens again
+        self._account(self.stats, nbytes, copies, seconds, out=False)
+        if self.reuse:
+            copy.live = False
+            self._kept[seq_id] = None
+        else:
+            self._drop(seq_id)
+        return copy.valid
+
+    def _lost(self, seq_id: int) -> None:
+        self.stats.io_errors += 1
+        self._drop(seq_id)
+
+    def _truncate(self, copy: _Copy, num_tokens: int) -> None:
+        copy.valid = min(copy.valid, num_tokens)
+        self._drop_chunks(copy, copy.valid)
+
+    def _drop_chunks(self, copy: _Copy, lo: int) -> None:
+        """Free the chunks starting at or past token `lo`."""
+        for chunk in [c for c in copy.chunks if c.lo >= lo]:
+            copy.chunks.remove(chunk)
+            self._free_chunk(chunk)
+
+    def _free_chunk(self, chunk: _Chunk) -> None:
+        if chunk.buf is not None:
+            self.budget.release(chunk.nbytes, OWNER)
+            self.stats.resident_bytes -= chunk.nbytes
+            chunk.buf = None
+        elif self.ssd is not None:
+            self.ssd.free(chunk.extent)
+
+    def _drop(self, seq_id: int) -> None:
+        copy = self._copies.pop(seq_id, None)
+        self._kept.pop(seq_id, None)
+        if copy is not None:
+            for chunk in copy.chunks:
+                self._free_chunk(chunk)
+
+    def _reserve(self, nbytes: int, for_seq: int) -> bool:
+        """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used
+        first; a live copy is demoted only to the SSD tier, never dropped."""
+        while not self.budget.try_reserve(nbytes, OWNER):
+            victim = next((s for s in self._kept if s != for_seq), None)
+            if victim is not None:
+                self.stats.kept_evictions += 1
+                if not (self.ssd is not None and self._demote(victim)):
+                    self._drop(victim)
+                continue
+            if self.ssd is None or not self._demote_live(for_seq):
+                return False
+        return True
+
+    def _demote(self, seq_id: int) -> bool:
+        """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
+        tier cannot take them (then nothing moved)."""
+        copy = self._copies[seq_id]
+        host = [c for c in copy.chunks if c.buf is not None]
+        if not host:
+            return False
+        extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+        if extents is None:
+            return False
+        for chunk, extent in zip(host, extents):
+            self._free_chunk(chunk)
+            chunk.extent = extent
+        self._kept.pop(seq_id, None)
+        if not copy.live:
+            self._kept[seq_id] = None  # still kept, now from the SSD tier: least recently used again
+            self._kept.move_to_end(seq_id, last=False)
+        return True
+
+    def _demote_live(self, for_seq: int) -> bool:
+        """Under host pressure with no kept copy left, the oldest live copy with host chunks goes to SSD."""
+        for seq_id, copy in self._copies.items():
+            if seq_id != for_seq and seq_id not in self._inflight and copy.live \
+                    and any(c.buf is not None for c in copy.chunks) and self._demote(seq_id):
+                return True
+        return False
+
+    def _account(self, st: SwapStats, nbytes: int, ops: int, seconds: float, out: bool) -> None:
+        st.account(nbytes, ops, seconds, out)
+        if self.cost is not None:
+            self.cost.observe_copy(nbytes, seconds)
 
 
-def _copy_in(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
-    """Copy `buf` (the host copy) back into `runs`, in order; returns the seconds it took."""
-    t0 = time.perf_counter()
+def _copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """Copy `runs`, in order, into the host buffer `buf`."""
     off = 0
     for r in runs:
-        r.copy_(buf[off : off + r.numel()])
+        buf[off : off + r.numel()].copy_(r)
         off += r.numel()
-    if off != buf.numel():
-        raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {buf.numel()} bytes)")
+
+
+def _copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
+    """Copy each source into its destination run (a host slice by a torch copy; an SSD chunk by its reader,
+    which raises SwapLost on a bad read); returns the seconds it took."""
+    t0 = time.perf_counter()
+    for dst, src in pairs:
+        if isinstance(src, torch.Tensor):
+            dst.copy_(src)
+        else:
+            src(dst)  # type: ignore[operator]
     return time.perf_counter() - t0

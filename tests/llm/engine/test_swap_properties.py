@@ -6,7 +6,12 @@ Checked after every rule, against the test's own model rather than the component
 tier's budget holds belongs to a sequence that is swapped out (its K/V for exactly the tokens it had computed, in
 the cache's own rounding), never more than the tier's limit; the KV budget is never exceeded; every running
 sequence's cache holds exactly the values written for its positions (a swap that lost or mixed up data shows
-here); and once everything is aborted, nothing is left in either tier."""
+here); and once everything is aborted, nothing is left in either tier.
+
+With cross-turn reuse (`reuse`: host copies kept after a swap-in, later swap-outs moving only new tokens, finished
+turns of sessions evicted to the host tier): the host tier's budget equals the bytes of the buffers it holds (their
+sizes, not its counters), every kept copy belongs to a live sequence or a session, and the running sequences'
+values (above) show that a copy assembled from several swap-outs restores exactly."""
 from __future__ import annotations
 
 import torch
@@ -33,6 +38,7 @@ STATEFUL = settings(max_examples=30, stateful_step_count=50, deadline=None,
 class SwapMachine(RuleBasedStateMachine):
     kind = "virtual"
     threads = 0
+    reuse = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,17 +49,18 @@ class SwapMachine(RuleBasedStateMachine):
         self.cache = (VirtualKVCache(LAYOUT, self.kv_budget, max_seqs=4, prefault=False, eager_pages=0)
                       if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20))
         self.host = MemoryBudget(32 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
-        self.swap = SwapSpace(self.cache, self.host, threads=self.threads)
+        self.swap = SwapSpace(self.cache, self.host, threads=self.threads, reuse=self.reuse)
         cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, policy=PolicyConfig("priority", aging_steps=3),
                               preemption_mode="swap")
         self.sched = Scheduler(cfg, self.cache, self.swap)
         self.seqs: dict[str, Sequence] = {}
         self.n = 0
 
-    @rule(prompt_len=st.integers(4, 30), max_tokens=st.integers(1, 30), priority=st.integers(-2, 3))
-    def add(self, prompt_len: int, max_tokens: int, priority: int) -> None:
+    @rule(prompt_len=st.integers(4, 30), max_tokens=st.integers(1, 30), priority=st.integers(-2, 3),
+          session=st.sampled_from([None, "a", "b"]))
+    def add(self, prompt_len: int, max_tokens: int, priority: int, session: str | None) -> None:
         seq = Sequence(f"r{self.n}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens),
-                       priority=priority)
+                       priority=priority, session_id=session)
         self.n += 1
         self.seqs[seq.request_id] = seq
         self.sched.add(seq)
@@ -69,6 +76,10 @@ class SwapMachine(RuleBasedStateMachine):
     def abort(self, data) -> None:
         rid = data.draw(st.sampled_from(sorted(self.seqs)))
         self.sched.abort(self.seqs.pop(rid))
+
+    @rule(session=st.sampled_from(["a", "b"]))
+    def end_session(self, session: str) -> None:
+        self.sched.drop_retained(session)
 
     @rule(times=st.integers(1, 4))
     def step(self, times: int) -> None:
@@ -96,10 +107,22 @@ class SwapMachine(RuleBasedStateMachine):
     # ---- invariants --------------------------------------------------------------------------------------
     @invariant()
     def host_tier_holds_exactly_the_swapped_out_kv(self) -> None:
+        if self.reuse:
+            return  # kept copies are held too: the invariant above
         expected = sum(self.swap.runs_shape(s.num_computed)[0] for s in self.seqs.values() if s.swapped)
         assert self.host.used_bytes == expected
         assert self.host.peak_bytes <= self.host.limit_bytes
         assert self.kv_budget.peak_bytes <= self.kv_budget.limit_bytes
+
+    @invariant()
+    def host_budget_equals_the_buffers_held_and_kept_copies_belong_to_someone(self) -> None:
+        assert self.host.used_bytes == self.swap.held_bytes() <= self.host.limit_bytes
+        owners = {s.seq_id for s in self.seqs.values()} | {s.seq_id for s in self.sched.retained.values()} | \
+                 {s.seq_id for s in self.sched.swapped_sessions.values()}
+        assert set(self.swap._copies) <= owners
+        for seq in self.seqs.values():
+            if seq.swapped and not seq.swapping_in:
+                assert self.swap.valid_tokens(seq.seq_id) == seq.num_computed
 
     @invariant()
     def swapped_sequences_hold_no_kv_and_running_ones_hold_their_tokens(self) -> None:
@@ -124,6 +147,8 @@ class SwapMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for seq in list(self.seqs.values()):
             self.sched.abort(seq)
+        for session in ("a", "b"):
+            self.sched.drop_retained(session)
         assert self.host.used_bytes == 0 and self.cache.stats().num_seqs == 0
         self.swap.close()
         self.cache.close()
@@ -138,9 +163,29 @@ class AsyncVirtualSwapMachine(SwapMachine):
     threads = 2
 
 
+class ReuseVirtualSwapMachine(SwapMachine):
+    reuse = True
+
+
+class ReusePagedSwapMachine(SwapMachine):
+    kind = "paged"
+    reuse = True
+
+
+class ReuseAsyncVirtualSwapMachine(SwapMachine):
+    threads = 2
+    reuse = True
+
+
 TestVirtualSwap = SwapMachine.TestCase
 TestVirtualSwap.settings = STATEFUL
 TestPagedSwap = PagedSwapMachine.TestCase
 TestPagedSwap.settings = STATEFUL
 TestAsyncVirtualSwap = AsyncVirtualSwapMachine.TestCase
 TestAsyncVirtualSwap.settings = STATEFUL
+TestReuseVirtualSwap = ReuseVirtualSwapMachine.TestCase
+TestReuseVirtualSwap.settings = STATEFUL
+TestReusePagedSwap = ReusePagedSwapMachine.TestCase
+TestReusePagedSwap.settings = STATEFUL
+TestReuseAsyncVirtualSwap = ReuseAsyncVirtualSwapMachine.TestCase
+TestReuseAsyncVirtualSwap.settings = STATEFUL

@@ -7,7 +7,7 @@ from memfit.llm.kv.paged import PagedKVCache
 from memfit.llm.kv.swap import CostModel, SwapSpace
 from memfit.llm.kv.virtual import VirtualKVCache
 from memfit.memory.budget import MemoryBudget, Tier
-from tests.llm.kv.test_virtual import LAYOUT, write
+from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
 from memfit.llm.kv.base import KVLayout, SeqStep
 
 CACHES = {
@@ -127,7 +127,7 @@ def test_swap_round_trip_on_cuda_through_pinned_host_memory(kind):
         cache.write(layer, plan, k, -k)
     before = [t.clone() for layer in range(2) for t in cache.context(layer, cache.plan_step([SeqStep(1, 19, 0)]), 0)]
     assert swap.try_swap_out(1, 19)
-    assert swap._held[1].buf.is_pinned()
+    assert swap._copies[1].chunks[0].buf.is_pinned()
     cache.free(1)
     assert cache.try_allocate(2, 30) and cache.try_allocate(1, 20)
     swap.start_swap_in(1)
@@ -150,3 +150,93 @@ def test_mark_restored_takes_only_what_the_capacity_holds(kind):
     with pytest.raises(KVCacheError, match="holds"):
         cache.mark_restored(1, cap + 1)
     assert cache.num_tokens(1) == 8  # refused: nothing changed
+
+
+def moved_bytes(monkeypatch) -> list[int]:
+    """Bytes each swap-out copies, counted from the sizes of the runs handed to the copy (not the swap's counters)."""
+    import memfit.llm.kv.swap as swap_mod
+
+    moved, real = [], swap_mod._copy_out
+
+    def counting(runs, buf):
+        moved.append(sum(r.numel() * r.element_size() for r in runs))
+        return real(runs, buf)
+
+    monkeypatch.setattr(swap_mod, "_copy_out", counting)
+    return moved
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "token-major", "head-major", "paged"])
+def test_reuse_a_second_swap_out_moves_only_the_new_tokens_and_restores_exactly(kind, monkeypatch):
+    cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
+    host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, reuse=True)
+    moved = moved_bytes(monkeypatch)
+    bpt = LAYOUT.bytes_per_token
+    assert cache.try_allocate(1, 19)
+    write(cache, [SeqStep(1, 0, 19)])
+    assert swap.try_swap_out(1, 19)
+    cache.free(1)
+    assert cache.try_allocate(2, 30)  # another sequence overwrites the freed memory
+    write(cache, [SeqStep(2, 0, 30)])
+    assert cache.try_allocate(1, 40) and swap.swap_in(1) == 19
+    assert swap.holds(1) and host.used_bytes == moved[0]  # the host copy is kept after the swap-in
+    write(cache, [SeqStep(1, 19, 8)])  # the sequence runs on: 8 new tokens
+    before = contexts(cache, 1, 27)
+    assert swap.try_swap_out(1, 27)
+    cache.free(1)
+    if kind == "paged":  # the partly filled block of the first swap-out is copied again, whole blocks
+        bs = cache.block_size
+        assert moved == [cache.blocks_for(19) * bs * bpt, (cache.blocks_for(27) - 19 // bs) * bs * bpt]
+    else:
+        assert moved == [19 * bpt, 8 * bpt]
+    assert host.used_bytes == swap.held_bytes() == sum(moved) == swap.stats.resident_bytes
+    assert cache.try_allocate(1, 40) and swap.swap_in(1) == 27
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 27)))
+    # A new turn diverging at position 10: the copy is valid up to there, and the next swap-out moves 10..14 only.
+    swap.truncate(1, 10)
+    write(cache, [SeqStep(1, 10, 5)])
+    del moved[:]
+    assert swap.try_swap_out(1, 15)
+    if kind != "paged":
+        assert moved == [5 * bpt]
+    cache.free(1)
+    assert cache.try_allocate(1, 40) and swap.swap_in(1) == 15
+    plan = cache.plan_step([SeqStep(1, 15, 0)])
+    for layer in range(LAYOUT.num_layers):
+        k, v = cache.context(layer, plan, 0)
+        want = torch.cat([kv_for(1, 0, 10, layer)[0], kv_for(1, 10, 5, layer)[0]])
+        assert torch.equal(k, want) and torch.equal(v, -want)
+    swap.discard(1)
+    assert host.used_bytes == 0 == swap.stats.resident_bytes
+    cache.close()
+
+
+def test_kept_copies_are_evicted_least_recently_used_first_and_live_ones_never():
+    cache = CACHES["per-layer"](MemoryBudget(2**22, name="kv_budget"))
+    bpt = LAYOUT.bytes_per_token
+    host = MemoryBudget(40 * bpt, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, reuse=True)
+    for s in (1, 2, 3):
+        assert cache.try_allocate(s, 12)
+        write(cache, [SeqStep(s, 0, 12)])
+    for s in (1, 2):  # out and back in: kept copies, 1 the least recently used
+        assert swap.try_swap_out(s, 12)
+        cache.free(s)
+        assert cache.try_allocate(s, 12) and swap.swap_in(s) == 12
+    assert swap.try_swap_out(3, 12)  # a live copy: 36 of 40 tokens' worth held
+    assert host.used_bytes == 36 * bpt
+    assert swap.try_swap_out(1, 12) and swap.stats.kept_evictions == 0  # 1's kept copy serves: nothing moves
+    cache.free(1)
+    assert cache.try_allocate(4, 12)
+    write(cache, [SeqStep(4, 0, 12)])
+    assert swap.try_swap_out(4, 12)  # room made by dropping 2's kept copy (1 and 3 are live)
+    assert swap.stats.kept_evictions == 1 and not swap.holds(2) and swap.holds(1) and swap.holds(3)
+    assert host.used_bytes == swap.held_bytes() == 36 * bpt
+    assert cache.try_allocate(5, 12)
+    write(cache, [SeqStep(5, 0, 12)])
+    assert not swap.try_swap_out(5, 12)  # only live copies left: refused, nothing dropped
+    assert swap.holds(1) and swap.holds(3) and swap.holds(4) and host.peak_bytes <= host.limit_bytes
+    swap.close()
+    assert host.used_bytes == 0
+    cache.close()
