@@ -1,14 +1,17 @@
-"""The longest context each host-memory design fits in a fixed budget: MemAscend's claim that the memory it frees
-buys longer sequences (issue 18's 4x-context target).
+"""The longest context (or the largest batch) each host-memory design fits in a fixed budget: MemAscend's claim
+that the memory it frees buys longer sequences or larger batches (issue 18's 4x-context target).
 
-    python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --threads 2 \
+    python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --threads 1 \
         --out benchmarks/results/finetune_context_0.5b.json
+    python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --axis batch --threads 1 \
+        --out benchmarks/results/finetune_batch_0.5b.json
 
-The budget is `zero-infinity`'s peak RSS at `--budget-seq` tokens (the issue's definition). Then each design
-runs one training step per sequence length on a doubling ladder (`--budget-seq` x 1, 2, 4, ...), each in a fresh
-process (`benchmarks.finetune_offload`'s worker: SSD offload, recomputation, random-initialised shape), until its
-peak RSS exceeds the budget. Reported per design: the peak at every length tried, the longest length within
-the budget, and that length over `--budget-seq`.
+The budget is `zero-infinity`'s peak RSS at `--budget-seq` tokens, batch 1 (the issue's definition). Then each
+design runs one training step per point of a doubling ladder (sequence length `--budget-seq` x 1, 2, 4, ... at
+batch 1; or with `--axis batch`, batch 1, 2, 4, ... at `--budget-seq` tokens), each in a fresh process
+(`benchmarks.finetune_offload`'s worker: SSD offload, recomputation, random-initialised shape), until its peak
+RSS exceeds the budget. Reported per design: the peak at every point tried, the largest point within the
+budget, and its factor over the reference point.
 
 Peak memory does not depend on the machine's load, so one step per point suffices (the first step pays every
 pool's first touch, so it is the peak); step times are recorded, not compared. Batches really have the length:
@@ -56,20 +59,21 @@ def long_conversations(src: Path, out: Path, min_tokens: int, n: int = 2) -> Pat
     return out
 
 
-def one_step(design: str, shape: str, seq_len: int, data: Path, threads: int, ssd_dir: str | None) -> dict:
+def one_step(design: str, shape: str, seq_len: int, data: Path, threads: int, ssd_dir: str | None,
+             batch: int = 1) -> dict:
     with tempfile.TemporaryDirectory(dir=ssd_dir or _cache_dir()) as swap:
         cmd = [sys.executable, "-m", "benchmarks.finetune_offload", "--worker", "--design", design, "--shape", shape,
-               "--offload", "ssd", "--ssd-dir", swap, "--steps", "1", "--batch-size", "1", "--seq-len", str(seq_len),
+               "--offload", "ssd", "--ssd-dir", swap, "--steps", "1", "--batch-size", str(batch), "--seq-len", str(seq_len),
                "--data", str(data), "--threads", str(threads)]
-        print(f"{design} at {seq_len} tokens ...", file=sys.stderr, flush=True)
+        print(f"{design} at {seq_len} tokens, batch {batch} ...", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:  # killed by the kernel's OOM killer, or a MemoryError
-        return {"seq_len": seq_len, "failed": f"exit {done.returncode}"}
+        return {"seq_len": seq_len, "batch_size": batch, "failed": f"exit {done.returncode}"}
     r = json.loads(done.stdout.strip().splitlines()[-1])
     stats = r["data"]
     if stats["truncated"] < stats["used"]:
         raise SystemExit(f"an example shorter than {seq_len} tokens was used: the batch would not have the length")
-    return {"seq_len": seq_len, "peak_rss_bytes": r["peak_rss_bytes"], "step_seconds": r["step_seconds"],
+    return {"seq_len": seq_len, "batch_size": batch, "peak_rss_bytes": r["peak_rss_bytes"], "step_seconds": r["step_seconds"],
             "allocator_peak_bytes": r["allocator_peak_bytes"], "pools": r["host_memory"]["pools"],
             "other_bytes": r["host_memory"]["other_bytes"], "loss": r["losses"][0]}
 
@@ -80,16 +84,17 @@ def draw(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = "seq_len" if result["axis"] == "seq" else "batch_size"
     fig, ax = plt.subplots(figsize=(6, 4))
     for design, run in result["designs"].items():
-        pts = [(p["seq_len"], p["peak_rss_bytes"] / 2**30) for p in run["points"] if "peak_rss_bytes" in p]
+        pts = [(p[key], p["peak_rss_bytes"] / 2**30) for p in run["points"] if "peak_rss_bytes" in p]
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=design)
     ax.axhline(result["budget_bytes"] / 2**30, color="k", ls="--", lw=1,
                label=f"budget: zero-infinity at {result['budget_seq']}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length (tokens, batch 1)")
+    ax.set_xlabel("sequence length (tokens, batch 1)" if key == "seq_len" else f"batch ({result['budget_seq']} tokens each)")
     ax.set_ylabel("peak RSS (GiB)")
-    ax.set_title(f"longest context in a fixed budget, {result['shape']} Llama, SSD offload", fontsize=9)
+    ax.set_title(f"largest {'context' if key == 'seq_len' else 'batch'} in a fixed budget, {result['shape']} Llama, SSD offload", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -100,15 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="0.5b", choices=sorted(SHAPES))
     p.add_argument("--budget-seq", type=int, default=2048, help="the budget is zero-infinity's peak at this length")
-    p.add_argument("--max-factor", type=int, default=16, help="longest length tried, as a multiple of --budget-seq")
+    p.add_argument("--axis", default="seq", choices=("seq", "batch"), help="grow the sequence length or the batch")
+    p.add_argument("--max-factor", type=int, default=16, help="largest point tried, as a multiple of the reference")
     p.add_argument("--designs", default=",".join(DESIGNS))
     p.add_argument("--ssd-dir", default=None, help="swap directory (default: a temporary one under ~/.cache/memfit)")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    key = "seq_len" if args.axis == "seq" else "batch_size"
     with tempfile.TemporaryDirectory() as tmp:
-        data = long_conversations(Path(args.data), Path(tmp) / "long.jsonl", args.budget_seq * args.max_factor)
+        longest = args.budget_seq * (args.max_factor if args.axis == "seq" else 1)
+        data = long_conversations(Path(args.data), Path(tmp) / "long.jsonl", longest,
+                                  n=2 if args.axis == "seq" else args.max_factor)
         reference = one_step("zero-infinity", args.shape, args.budget_seq, data, args.threads, args.ssd_dir)
         if "failed" in reference:
             raise SystemExit(f"the reference run failed ({reference['failed']})")
@@ -121,21 +130,22 @@ def main(argv: list[str] | None = None) -> None:
                 factor = factor * 2 if factor else 1
                 if factor > args.max_factor:
                     break
-                point = one_step(design, args.shape, args.budget_seq * factor, data, args.threads, args.ssd_dir)
+                seq, batch = (args.budget_seq * factor, 1) if args.axis == "seq" else (args.budget_seq, factor)
+                point = one_step(design, args.shape, seq, data, args.threads, args.ssd_dir, batch)
                 points.append(point)
                 if "failed" in point or point["peak_rss_bytes"] > budget:
                     break
-            fits = [q["seq_len"] for q in points if q.get("peak_rss_bytes", budget + 1) <= budget]
-            longest = max(fits) if fits else None
-            runs[design] = {"points": points, "longest_seq_within_budget": longest,
-                            "factor": longest / args.budget_seq if longest else None,
-                            "capped": bool(longest and longest >= args.budget_seq * args.max_factor)}
-    result = {"benchmark": "finetune_context", "shape": args.shape, "budget_seq": args.budget_seq,
-              "budget_bytes": budget, "batch_size": 1, "offload": "ssd", "designs": runs,
-              **header(args.threads, 0, shared_machine=True)}
-    if {"zero-infinity", "memascend"} <= set(runs) and runs["zero-infinity"]["longest_seq_within_budget"]:
-        result["memascend_context_factor"] = (runs["memascend"]["longest_seq_within_budget"] or 0) / \
-            runs["zero-infinity"]["longest_seq_within_budget"]
+            fits = [q[key] for q in points if q.get("peak_rss_bytes", budget + 1) <= budget]
+            best = max(fits) if fits else None
+            reference_point = args.budget_seq if args.axis == "seq" else 1
+            runs[design] = {"points": points, "largest_within_budget": best,
+                            "factor": best / reference_point if best else None,
+                            "capped": bool(best and best >= reference_point * args.max_factor)}
+    result = {"benchmark": "finetune_context", "axis": args.axis, "shape": args.shape, "budget_seq": args.budget_seq,
+              "budget_bytes": budget, "offload": "ssd", "designs": runs, **header(args.threads, 0, shared_machine=True)}
+    if {"zero-infinity", "memascend"} <= set(runs) and runs["zero-infinity"]["largest_within_budget"]:
+        result["memascend_factor"] = (runs["memascend"]["largest_within_budget"] or 0) / \
+            runs["zero-infinity"]["largest_within_budget"]
     emit(result, args.out, draw)
 
 
