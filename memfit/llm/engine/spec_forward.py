@@ -14,6 +14,8 @@ from memfit.llm.engine.runner import ModelRunner, bucket_tokens
 from memfit.llm.kernels.attention import CachedAttention
 from memfit.llm.kv.base import SeqStep
 
+SHORT_CHUNK = 16  # tokens: a chunk up to this long continuing its sequence runs through the decode stack
+
 
 def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_rows: bool) -> torch.Tensor:
     """Run `runner`'s model over chunks (seq_id, start, tokens) in one pass; the logits (R, V) of each chunk's
@@ -42,12 +44,19 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
         # All one-token decode rows (the draft's passes after the first): the whole step in one C++ call.
         hidden = stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps))  # (B, C)
         return model.compute_logits(hidden.index_select(0, torch.tensor(first_row, device=dev)))  # (B, V)
-    if stack is not None and num_real <= stack.max_chunk_rows and all(c[1] > 0 for c in chunks):
+    if stack is not None and all(c[1] > 0 and len(c[2]) <= SHORT_CHUNK for c in chunks):
         # Short chunks that continue their sequences (verification: the last token and g drafts each; the
         # draft's first pass: the one or two tokens it has not seen): the same C++ call, each row attending to
         # its sequence up to its own position, at about the cost of a decode step rather than a prefill chunk.
-        hidden = stack.run(torch.tensor(ids, dtype=torch.long), kv.plan_step(steps),
-                           [len(chunks[i][2]) for i in order])  # (N, C)
+        # More rows than the stack's matmuls are measured for go in several calls of whole sequences (each
+        # row's arithmetic is its own, so the split changes no result).
+        parts, first = [], 0
+        for lo, hi in _groups([st.num_new for st in steps], stack.max_chunk_rows):
+            counts = [st.num_new for st in steps[lo:hi]]
+            parts.append(stack.run(torch.tensor(ids[first : first + sum(counts)], dtype=torch.long),
+                                   kv.plan_step(steps[lo:hi]), counts))  # (rows, C)
+            first += sum(counts)
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts)  # (N, C)
         return model.compute_logits(hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev)))
     padded = bucket_tokens(num_real)  # bounded shapes, as ModelRunner.execute does
     ids.extend([0] * (padded - num_real))
@@ -57,6 +66,18 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
     hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                    attn)  # (N, C)
     return model.compute_logits(hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev)))
+
+
+def _groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive runs [lo, hi) of `sizes` whose sums stay within `limit` (a size above it runs alone)."""
+    out, lo, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > lo and total + n > limit:
+            out.append((lo, i))
+            lo, total = i, 0
+        total += n
+    out.append((lo, len(sizes)))
+    return out
 
 
 def _rows(chunks: list[tuple[int, int, list[int]]], first_row: list[int], all_rows: bool) -> list[int]:

@@ -95,3 +95,26 @@ def test_verification_rows_equal_one_token_decode_steps(kv_cache: str, dtype: st
     else:  # float32's tied lm_head is row-major, which sums rows 3+ in another order (as a batch-4 decode step does)
         torch.testing.assert_close(fast, step_by_step, rtol=1e-5, atol=2e-5)
     llm.engine.close()
+
+
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_verification_split_over_several_stack_calls_changes_nothing(kv_cache: str) -> None:
+    """More rows than one stack call takes (`max_chunk_rows`) run in calls of whole sequences: same logits, bit
+    for bit, and the same K/V."""
+    llm = _engine(kv_cache, 1)
+    runner = llm.engine.runner
+    _prefill(runner, [1, 2, 3])
+    _prefill(runner, [11, 12, 13])
+    whole, whole_after = _verify(runner, [1, 2, 3], use_stack=True)
+    runner.stack.max_chunk_rows = 6  # chunks of 4, 2 and 5 rows: calls of [4, 2] and [5]
+    split, split_after = _verify(runner, [11, 12, 13], use_stack=True)
+    assert torch.equal(whole, split) and torch.equal(whole_after, split_after)
+    llm.engine.close()
+
+
+def test_groups_of_whole_sequences_within_the_limit() -> None:
+    from memfit.llm.engine.spec_forward import _groups
+
+    assert _groups([4, 2, 5], 6) == [(0, 2), (2, 3)]
+    assert _groups([3, 3, 3], 64) == [(0, 3)]
+    assert _groups([7, 1], 6) == [(0, 1), (1, 2)]  # a chunk above the limit runs alone
