@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,19 +77,24 @@ class TPGroup:
 
     # ---- rank 0's step messages ----------------------------------------------------------------------
     def send(self, message: object) -> None:
-        """Rank 0: hand `message` to every worker (None tells them to stop)."""
+        """Rank 0: hand `message` to every worker (None tells them to stop). Waits at most DATA_TIMEOUT_S for
+        them to take it: a worker that stopped answering fails the step instead of hanging it."""
         self.check_alive()
-        box = [message]
+        payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)  # (nbytes,)
         try:
-            dist.broadcast_object_list(box, src=0, group=self.control)
+            for t in (torch.tensor([payload.numel()], dtype=torch.int64), payload):
+                work = dist.broadcast(t, src=0, group=self.control, async_op=True)
+                work.wait(timeout=datetime.timedelta(seconds=DATA_TIMEOUT_S))
         except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError or DistBackendError)
             raise self.failure(exc) from exc
 
     def recv(self) -> object:
-        """A worker: the next message from rank 0."""
-        box: list[object] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+        """A worker: the next message from rank 0 (waits as long as the engine idles)."""
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.control)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(payload, src=0, group=self.control)
+        return pickle.loads(payload.numpy().tobytes())  # noqa: S301: from rank 0 of this engine, over loopback/cluster
 
     # ---- failures --------------------------------------------------------------------------------------
     def dead_workers(self) -> list[str]:
@@ -104,9 +110,10 @@ class TPGroup:
     def failure(self, exc: BaseException) -> RankFailed:
         """The error to raise for a failed collective: which rank died, when rank 0 can tell."""
         dead = self.dead_workers()
-        who = f"worker {', '.join(dead)}" if dead else "a rank stopped answering"
-        return RankFailed(f"tensor-parallel {who} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                          "the engine cannot continue with a missing shard: restart it")
+        what = f"worker {', '.join(dead)}" if dead else f"step failed: a rank stopped answering (timeout {DATA_TIMEOUT_S:g} s)"
+        detail = (str(exc).splitlines() or [""])[0][:160]
+        return RankFailed(f"tensor-parallel {what} [{type(exc).__name__}: {detail}]; the engine cannot continue "
+                          "with a missing shard: restart it")
 
     def shutdown(self) -> None:
         """Rank 0: tell the workers to stop, wait for them, tear the groups down. Idempotent."""

@@ -44,18 +44,34 @@ def _spawn(config: Any, engine_class: Callable[..., Any], world: int) -> TPGroup
 
     init_method = f"tcp://127.0.0.1:{tp.free_port()}"
     ctx = mp.get_context("spawn")
-    procs = []
+    procs, started = [], []
     for rank in range(1, world):
+        ready = ctx.Event()  # set once the child runs memfit's code (it has survived re-importing __main__)
         # daemon: a worker never outlives the engine's process, even one that exits without close()
-        p = ctx.Process(target=spawned_worker, args=(engine_class, config, rank, world, init_method),
+        p = ctx.Process(target=spawned_worker, args=(engine_class, config, rank, world, init_method, ready),
                         name=f"memfit-tp{rank}", daemon=True)
         p.start()
         procs.append(p)
+        started.append(ready)
     try:
+        _wait_started(procs, started)
         group = init_group(0, world, rank_device(config.device, 0), init_method)
     except Exception as exc:
         for p in procs:
             p.kill()
+        if isinstance(exc, RankFailed):
+            raise
         raise RankFailed(f"the tensor-parallel workers did not join ({exc}); see their errors above") from exc
     group.procs = procs
     return group
+
+
+def _wait_started(procs: list, started: list) -> None:
+    """Wait until every child has started, failing at once (not after the rendezvous timeout) if one exits."""
+    while not all(e.wait(timeout=0.05) for e in started):
+        for rank, p in enumerate(procs, start=1):
+            if p.exitcode is not None:
+                raise RankFailed(
+                    f"tensor-parallel worker rank {rank} exited with code {p.exitcode} before it started. Workers are "
+                    "spawned, which imports the main script again: a script that builds an engine with "
+                    "tensor_parallel_size > 1 must do it under `if __name__ == \"__main__\":`")

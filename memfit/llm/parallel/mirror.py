@@ -109,7 +109,8 @@ class DriverRunner:
         try:
             return self.inner.execute(ordered)
         except Exception as exc:
-            if self.group.dead_workers() or "gloo" in str(exc).lower() or "connection" in str(exc).lower():
+            text = str(exc).lower()  # gloo raises plain RuntimeErrors: known by their text
+            if self.group.dead_workers() or any(w in text for w in ("gloo", "connection", "timed out")):
                 raise self.group.failure(exc) from exc
             raise
 

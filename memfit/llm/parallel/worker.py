@@ -36,8 +36,11 @@ def serve_steps(engine_class: Callable[..., Any], config: Any) -> None:
         group.closed = True
 
 
-def spawned_worker(engine_class: Callable[..., Any], config: Any, rank: int, world: int, init_method: str) -> None:
-    """The target of rank 0's spawned processes."""
+def spawned_worker(engine_class: Callable[..., Any], config: Any, rank: int, world: int, init_method: str,
+                   started: Any = None) -> None:
+    """The target of rank 0's spawned processes; `started` (an Event) tells rank 0 it got this far."""
+    if started is not None:
+        started.set()
     try:
         init_group(rank, world, rank_device(config.device, rank), init_method)
         serve_steps(engine_class, config)
