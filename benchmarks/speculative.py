@@ -1,9 +1,11 @@
 """Speculative decoding (memfit-tiny-draft proposing for memfit-tiny) against plain decoding, and against Hugging
 Face assisted generation on the same pair.
 
-    python -m benchmarks.speculative --threads 1 --batches 1,4,10,16 --hf-peer --out benchmarks/results/speculative.json
+    python -m benchmarks.speculative --threads 1 --reps 5 --max-tokens 128 --batches 1,4,10,16 --requests-per-slot 4 \
+        --hf-peer --out benchmarks/results/speculative.json
 
-For each batch size, the same prompts are generated greedily by a plain engine and by speculative ones (one per
+For each batch size (max_num_seqs; with `--requests-per-slot k`, k x batch requests queued at once, so slots
+freed by sequences that finish early are refilled), the same prompts are generated greedily by a plain engine and by speculative ones (one per
 num_speculative_tokens g, and one choosing g adaptively), alternated round by round (`interleave`) and timed by
 the process's CPU time (`--clock cpu`, the default: a shared machine's load then slows no variant more than
 another) or wall time: throughput (generated tokens / s, median of the rounds), the per-token acceptance, tokens
@@ -38,8 +40,9 @@ PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "im
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def hf_variants(dtype: str, prompt_ids: list[int], max_tokens: int, outs: dict[str, list]) -> dict:
-    """transformers' plain and assisted greedy generation of one prompt on the bundled pair, as callables."""
+def hf_variants(dtype: str, prompts: list[list[int]], max_tokens: int, outs: dict[str, list]) -> dict:
+    """transformers' plain and assisted greedy generation on the bundled pair, the prompts one after another
+    (batch 1: assisted generation takes one sequence), as callables."""
     import torch
     import transformers
 
@@ -50,13 +53,13 @@ def hf_variants(dtype: str, prompt_ids: list[int], max_tokens: int, outs: dict[s
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
     target, draft = load("memfit-tiny"), load("memfit-tiny-draft")
-    x = torch.tensor([prompt_ids])
     kw = dict(do_sample=False, max_new_tokens=max_tokens, pad_token_id=0, eos_token_id=None)  # ignore eos
 
     def runner(name: str, **extra):
         def run() -> None:
             with torch.no_grad():
-                outs[name] = [target.generate(x, **kw, **extra)[0, len(prompt_ids):].tolist()]
+                outs[name] = [target.generate(torch.tensor([ids]), **kw, **extra)[0, len(ids):].tolist()
+                              for ids in prompts]
         return run
 
     return {"hf_plain": runner("hf_plain"), "hf_assisted": runner("hf_assisted", assistant_model=draft)}
@@ -97,7 +100,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gammas", default="1,2,4", help="num_speculative_tokens values, one speculative engine each")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--batches", default="1,4", help=f"comma-separated, each at most {len(PROMPTS)}")
+    ap.add_argument("--batches", default="1,4", help="comma-separated max_num_seqs values")
+    ap.add_argument("--requests-per-slot", type=int, default=1,
+                    help="requests per batch slot, queued at once: above 1, a finished sequence's slot is refilled "
+                         "(continuous batching), so a batch's slowest sequence does not set its time alone")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time or wall time")
@@ -112,9 +118,10 @@ def main() -> int:
     common = dict(dtype=args.dtype, threads=args.threads)
     rows, peer = [], None
     for batch in (int(b) for b in args.batches.split(",")):
-        if not 1 <= batch <= len(PROMPTS):
-            ap.error(f"batch {batch} is not in 1..{len(PROMPTS)}")
-        prompts = PROMPTS[:batch]
+        if batch < 1 or args.requests_per_slot < 1:
+            ap.error("--batches and --requests-per-slot must be positive")
+        n = batch * args.requests_per_slot
+        prompts = (PROMPTS * -(-n // len(PROMPTS)))[:n]
         plain = LLM("memfit-tiny", max_num_seqs=batch, **common)
         gammas = [int(g) for g in args.gammas.split(",")]
         # one engine per fixed g, and one choosing g adaptively (up to the largest) from acceptance and cost
@@ -133,9 +140,9 @@ def main() -> int:
 
         fns = {"plain": runner("plain", plain), **{name: runner(name, v[2]) for name, v in specs.items()}}
         if args.hf_peer and batch == 1:
-            fns.update(hf_variants(args.dtype, plain.tokenizer.encode(prompts[0]), args.max_tokens, outs))
+            fns.update(hf_variants(args.dtype, [plain.tokenizer.encode(p) for p in prompts], args.max_tokens, outs))
         times = interleave(fns, reps=args.reps, clock=CLOCKS[args.clock])
-        tokens = batch * args.max_tokens
+        tokens = len(prompts) * args.max_tokens
         plain_tok_s = tokens / statistics.median(times["plain"])
         for name, (g, adaptive, llm) in specs.items():
             st = llm.engine.stats()["speculative"]
@@ -164,7 +171,7 @@ def main() -> int:
             llm.engine.close()
         plain.engine.close()
     result = {"benchmark": "speculative", **header(args.threads, args.seed), "dtype": args.dtype,
-              "clock": args.clock, "reps": args.reps, "target": "memfit-tiny", "draft": "memfit-tiny-draft",
+              "clock": args.clock, "reps": args.reps, "requests_per_slot": args.requests_per_slot, "target": "memfit-tiny", "draft": "memfit-tiny-draft",
               "rows": rows, "hf_peer": peer}
     emit(result, args.out)
     return 0
