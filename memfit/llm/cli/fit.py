@@ -20,7 +20,8 @@ def cmd_fit(args) -> int:
     b = predict_for_engine(path, args.context, args.batch, args.chunk, dtype=dtype, cpu_linear=args.cpu_linear,
                            prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
                            kv_budget=kv_budget, memory_limit=limit, speculative_model=args.speculative_model,
-                           num_speculative_tokens=args.num_speculative_tokens)
+                           num_speculative_tokens=args.num_speculative_tokens,
+                           tensor_parallel_size=args.tensor_parallel_size)
     dtype = dtype or parse_dtype(ModelConfig.from_dir(path).torch_dtype)
     bound = _spec_bound(args, path, kv_budget, limit, dtype) if args.speculative_model is not None else None
     measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
@@ -122,5 +123,8 @@ def register(sub) -> None:
                    help="speculation: a draft pass's time in plain decode steps (default: measured with the pair here)")
     p.add_argument("--verify-cost", type=float, default=None,
                    help="speculation: a verification pass's time in plain decode steps (default: measured here)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="print one rank's breakdown when the model is split over this many processes (weights/N, KV/N, "
+                        "the replicated parts)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guard(cmd_fit))

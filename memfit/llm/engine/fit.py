@@ -10,6 +10,11 @@ With speculative decoding (`speculative_model`, `num_speculative_tokens` g) it a
 the draft (engine/draft.py): its weights (none for a self-draft, which shares the target's), its KV at the
 same context, its step reservation, the speculation buffers (`accounting.speculation_bytes`), and the target's
 KV for g lookahead tokens per sequence.
+
+With tensor parallelism (`tensor_parallel_size` N, memfit/llm/parallel/) the breakdown is one rank's: the
+weights and KV of its shard (H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocabulary rows; the norms and a
+row-parallel projection's bias replicated, `replicated_weights_bytes`), the gathered (S, V) logits in its step,
+and its own tokenizer and runtime. Every rank holds that much: N x total in all.
 """
 from __future__ import annotations
 
@@ -43,6 +48,8 @@ class FitBreakdown:
     draft_kv_bytes: int = 0
     draft_step_bytes: int = 0
     speculation_bytes: int = 0
+    tensor_parallel_size: int = 1  # >1: every figure is one rank's (see the module docstring)
+    replicated_weights_bytes: int = 0  # of weights_bytes: what every rank holds in full (norms, row biases)
 
     @property
     def speculative_bytes(self) -> int:
@@ -64,7 +71,7 @@ class FitBreakdown:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(total_bytes=self.total_bytes, fits=self.fits, kv_fits=self.kv_fits,
-                 speculative_bytes=self.speculative_bytes)
+                 speculative_bytes=self.speculative_bytes, all_ranks_bytes=self.total_bytes * self.tensor_parallel_size)
         return d
 
 
@@ -153,8 +160,10 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
                        dtype: torch.dtype | None = None, cpu_linear: str = "auto", prepack: bool = True,
                        cpu_kernels: bool = True, device: str = "cpu", measure_runtime: bool = True,
                        kv_budget: int | None = None, memory_limit: int | None = None,
-                       speculative_model: str | None = None, num_speculative_tokens: int | None = None) -> FitBreakdown:
-    """`predict` with the choices an engine would make for this model directory and options."""
+                       speculative_model: str | None = None, num_speculative_tokens: int | None = None,
+                       tensor_parallel_size: int = 1) -> FitBreakdown:
+    """`predict` with the choices an engine would make for this model directory and options; with
+    tensor_parallel_size N > 1, one rank's share."""
     from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
     from memfit.llm.models.config import parse_dtype
     from memfit.llm.models.loader import resolve_model_path
@@ -174,29 +183,62 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
                                 batch=batch)
     draft = (DraftSpec.resolve(speculative_model, num_speculative_tokens, cfg, dtype)
              if speculative_model is not None else None)
+    if tensor_parallel_size > 1:
+        if draft is not None:
+            raise ValueError("speculative decoding does not run under tensor parallelism yet: give one of "
+                             "--speculative-model and --tensor-parallel-size")
+        return _predict_rank(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, linear, dev.type,
+                             model_dir, runtime, attention_in_place(dev.type, dtype, cpu_kernels), tensor_parallel_size)
     return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
                    device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime,
                    in_place=attention_in_place(dev.type, dtype, cpu_kernels), draft=draft)
 
 
+def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, chunk: int,
+                  kv_budget: int | None, memory_limit: int | None, linear: str | None, device_type: str,
+                  model_dir: Path, runtime: dict | None, in_place: bool, world: int) -> FitBreakdown:
+    """One rank's breakdown at tensor-parallel size `world` (its shard's config; slices are copies, never
+    views of the mapped file; the logits it samples from are gathered to the full vocabulary)."""
+    import dataclasses
+
+    from memfit.llm.parallel.shard import shard_config
+
+    rank_cfg = shard_config(cfg, world)
+    b = predict(rank_cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
+                device_type=device_type, mapped=False, model_dir=model_dir, runtime=runtime, in_place=in_place)
+    full_vocab = dataclasses.replace(rank_cfg, vocab_size=cfg.vocab_size)
+    b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    row_biases = (h if cfg.attention_bias else 0) + (h if cfg.mlp_bias else 0)
+    b.replicated_weights_bytes = ((2 * layers + 1) * h + layers * row_biases) * itemsize  # norms, row biases
+    b.tensor_parallel_size = world
+    return b
+
+
 def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:
+    n = b.tensor_parallel_size
     lines = [
         f"memory needed for batch {batch} x {context_len} tokens ({str(dtype).replace('torch.', '')}"
-        + (f", {b.cpu_linear} linears" if b.cpu_linear else "") + "):",
-        f"  weights      {format_bytes(b.weights_bytes):>12}",
-        f"  KV cache     {format_bytes(b.kv_bytes):>12}" + (
+        + (f", {b.cpu_linear} linears" if b.cpu_linear else "") + (f"), per rank of {n}:" if n > 1 else "):"),
+        f"  weights      {format_bytes(b.weights_bytes):>12}" + (
+            f"   (1/{n} of the heads, MLP and vocabulary; {format_bytes(b.replicated_weights_bytes)} replicated: norms"
+            ", row-parallel biases)" if n > 1 else ""),
+        f"  KV cache     {format_bytes(b.kv_bytes):>12}" + (f"   (1/{n} of the KV heads)" if n > 1 else "") + (
             f"   (budget {format_bytes(b.kv_budget_bytes)}: {'fits' if b.kv_fits else 'does NOT fit'})"
             if b.kv_budget_bytes else ""),
         f"  activations  {format_bytes(b.activation_bytes):>12}",
         f"  workspace    {format_bytes(b.workspace_bytes):>12}",
-        f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}",
-        f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured)",
+        f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}" + ("   (on every rank)" if n > 1 else ""),
+        f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured"
+        + ("; on every rank)" if n > 1 else ")"),
         f"  speculative  {format_bytes(b.speculative_bytes):>12}   (draft weights {format_bytes(b.draft_weights_bytes)}, "
         f"draft KV {format_bytes(b.draft_kv_bytes)}, draft step {format_bytes(b.draft_step_bytes)}, buffers "
         f"{format_bytes(b.speculation_bytes)})" if b.speculative_bytes else "",
         f"  total        {format_bytes(b.total_bytes):>12}" + (
             f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
             if b.memory_limit_bytes else ""),
+        f"  all {n} ranks {format_bytes(n * b.total_bytes):>12}" if n > 1 else "",
         f"  (importing torch and memfit: {format_bytes(b.runtime_baseline_bytes)}, not in the total)"
         if b.runtime_baseline_bytes else "",
     ]

@@ -186,3 +186,30 @@ def test_bf16_decode_workspace_is_kept_and_within_the_prediction(tmp_path):
     rope = 2 * cfg.max_position_embeddings * cfg.head_dim * 2
     assert held > 0 and held <= ws - rope
     assert predict(cfg, torch.float32, 160, 12).workspace_bytes == 2 * cfg.max_position_embeddings * cfg.head_dim * 4
+
+
+# ---- tensor parallelism: one rank's breakdown ------------------------------------------------------------------
+def test_fit_per_rank_holds_what_a_rank_loads():
+    """At tensor-parallel size 2 the breakdown is one rank's: its weights equal the bytes of the tensors a rank
+    actually loads (plain linears: held as loaded), its KV is exactly half, and the CLI prints the split."""
+    from memfit.llm.engine.fit import predict_for_engine
+    from memfit.llm.parallel.shard import load_shard
+
+    one = predict_for_engine("memfit-tiny", 1024, 8, dtype=torch.float32, prepack=False, measure_runtime=False)
+    two = predict_for_engine("memfit-tiny", 1024, 8, dtype=torch.float32, prepack=False, measure_runtime=False,
+                             tensor_parallel_size=2)
+    assert two.tensor_parallel_size == 2 and two.kv_bytes * 2 == one.kv_bytes
+    for rank in range(2):
+        shard, _ = load_shard("memfit-tiny", "float32", "cpu", rank, 2)
+        held = sum(t.untyped_storage().nbytes() for t in {p.data_ptr(): p for p in shard.parameters()}.values())
+        assert two.weights_bytes == held
+    assert 0 < two.replicated_weights_bytes < two.weights_bytes < one.weights_bytes
+    assert two.to_dict()["all_ranks_bytes"] == 2 * two.total_bytes
+
+
+def test_fit_cli_tensor_parallel(capsys):
+    assert memfit_main(["fit", "--model", "memfit-tiny", "--no-runtime", "--tensor-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2" in out and "1/2 of the KV heads" in out and "all 2 ranks" in out
+    assert memfit_main(["fit", "--model", "memfit-tiny", "--no-runtime", "--tensor-parallel-size", "3"]) == 2
+    assert "does not divide the model's num_attention_heads (8)" in capsys.readouterr().err
