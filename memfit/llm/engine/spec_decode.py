@@ -227,8 +227,8 @@ class SpecDecoder:
         self._catch_up(seqs)
         t0 = time.perf_counter()
         # 2. the draft proposes: catch up on what it has not seen, then one token per pass.
-        drafts = torch.zeros(B, K, dtype=torch.long, device=dev)  # (B, K)
-        q = None  # (B, K, V) draft distributions
+        drafts: list[list[int]] = [[] for _ in range(B)]  # row b: its gammas[b] drafts
+        q = None  # (B, K, V) draft distributions (sampling only)
         for j in range(K):
             rows = [b for b in range(B) if gammas[b] > j]
             chunks = []
@@ -238,40 +238,39 @@ class SpecDecoder:
                     start = self.draft_kv.num_tokens(s.seq_id)
                     chunks.append((s.seq_id, start, s.token_slice(start, s.num_tokens)))
                 else:
-                    chunks.append((s.seq_id, s.num_tokens + j - 1, [int(drafts[b, j - 1])]))
+                    chunks.append((s.seq_id, s.num_tokens + j - 1, [drafts[b][j - 1]]))
             logits = forward(self.draft, chunks, all_rows=False)  # (R, V)
-            idx = torch.tensor(rows, device=dev)
             if greedy:
-                drafts[idx, j] = self.draft.sampler.ops.argmax(logits)  # plain decoding's pick, ties included
-                continue
-            probs = self.draft.sampler.probs(logits, [params[b] for b in rows])
-            if q is None:
-                q = torch.zeros(B, K, probs.shape[1], dtype=torch.float32, device=dev)
-            q[idx, j] = probs
-            drafts[idx, j] = draw(probs, u[idx, j])  # type: ignore[index]
+                picks = self.draft.sampler.ops.argmax(logits).tolist()  # plain decoding's pick, ties included
+            else:
+                idx = torch.tensor(rows, device=dev)
+                probs = self.draft.sampler.probs(logits, [params[b] for b in rows])
+                if q is None:
+                    q = torch.zeros(B, K, probs.shape[1], dtype=torch.float32, device=dev)
+                q[idx, j] = probs
+                picks = draw(probs, u[idx, j]).tolist()  # type: ignore[index]
+            for b, tok in zip(rows, picks):
+                drafts[b].append(tok)
         t1 = time.perf_counter()
         # 3. the target verifies every draft in one pass: p at the g + 1 positions of each sequence.
-        chunks = [(s.seq_id, s.num_computed, s.token_slice(s.num_computed, s.num_tokens) + drafts[b, : gammas[b]].tolist())
+        chunks = [(s.seq_id, s.num_computed, s.token_slice(s.num_computed, s.num_tokens) + drafts[b])
                   for b, s in enumerate(seqs)]
         logits = forward(self.target, chunks, all_rows=True)  # (sum(g + 1), V)
         self._time(t1 - t0, K, time.perf_counter() - t1)
-        num_draft = torch.tensor(gammas, device=dev)
         starts = [sum(gammas[:b]) + b for b in range(B)]  # each sequence's first row of the logits
         if greedy:
-            picks = self.sampler.ops.argmax(logits)  # (sum(g + 1),): the target's pick at every position
-            target = torch.zeros(B, K + 1, dtype=torch.long, device=dev)
-            for b, g in enumerate(gammas):
-                target[b, : g + 1] = picks[starts[b] : starts[b] + g + 1]
-            verdict = greedy_verdict(drafts, num_draft, target)
+            picks = self.sampler.ops.argmax(logits).tolist()  # the target's pick at every position
+            emitted = greedy_verdict(drafts, [picks[starts[b] : starts[b] + g + 1] for b, g in enumerate(gammas)])
         else:
             row_params = [params[b] for b in range(B) for _ in range(gammas[b] + 1)]
             p_flat = self.sampler.probs(logits, row_params)  # (sum(g + 1), V)
             p = torch.zeros(B, K + 1, p_flat.shape[1], dtype=torch.float32, device=dev)
             for b, g in enumerate(gammas):
                 p[b, : g + 1] = p_flat[starts[b] : starts[b] + g + 1]
-            verdict = rejection_sample(drafts, num_draft, q, p, u[:, K : 2 * K], u[:, 2 * K])  # type: ignore[arg-type,index]
+            drafts_t = torch.tensor([d + [0] * (K - len(d)) for d in drafts], device=dev)  # (B, K)
+            emitted = rejection_sample(drafts_t, torch.tensor(gammas, device=dev), q, p,  # type: ignore[arg-type]
+                                       u[:, K : 2 * K], u[:, 2 * K]).emitted()  # type: ignore[index]
         # 4. keep what was accepted, truncate the rest from both caches, hand the tokens to the engine.
-        emitted = verdict.emitted()
         first = 0
         for b, s in enumerate(seqs):
             n = len(emitted[b]) - 1

@@ -78,21 +78,19 @@ def rejection_sample(
     return Verdict(num_accepted, tokens)
 
 
-def greedy_verdict(draft_tokens: torch.Tensor, num_draft: torch.Tensor, target_tokens: torch.Tensor) -> Verdict:
+def greedy_verdict(drafts: list[list[int]], target: list[list[int]]) -> list[list[int]]:
     """`rejection_sample` for rows whose p and q are one-hot (greedy requests), without building them: keep the
     drafts while they equal the target's pick, then emit the target's pick (the resample from norm(max(0, p - q))
-    and the bonus token are both the target's argmax). draft_tokens (B, K), num_draft (B,) as there;
-    target_tokens (B, K+1) long: the target's argmax at each draft position and one past the last."""
-    B, K = draft_tokens.shape
-    dev = draft_tokens.device
-    cols = torch.arange(K, device=dev).unsqueeze(0)  # (1, K)
-    match = (draft_tokens == target_tokens[:, :K]) & (cols < num_draft.unsqueeze(1))  # (B, K)
-    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # (B,): leading matches
-    tokens = torch.full((B, K + 1), -1, dtype=torch.long, device=dev)
-    tokens[:, :K] = torch.where(cols < num_accepted.unsqueeze(1), draft_tokens, tokens[:, :K])
-    rows = torch.arange(B, device=dev)
-    tokens[rows, num_accepted] = target_tokens[rows, num_accepted]
-    return Verdict(num_accepted, tokens)
+    and the bonus token are both the target's argmax). drafts[b]: row b's drafts; target[b]: the target's argmax
+    at each of them and one past the last (len(drafts[b]) + 1). Returns each row's emitted tokens. Plain lists:
+    a step holds a few tokens per sequence, where tensor ops would cost more than the comparisons."""
+    out = []
+    for d, t in zip(drafts, target):
+        n = 0
+        while n < len(d) and d[n] == t[n]:
+            n += 1
+        out.append(d[:n] + [t[n]])
+    return out
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
