@@ -2,7 +2,8 @@
 multi-turn KV reuse (both models keep a session's KV between its turns) and without it (every turn re-prefills
 the whole conversation in both models, as the Medusa/EAGLE reference loops do).
 
-    python -m benchmarks.speculative_mtbench --threads 1 --conversations 8 --out benchmarks/results/speculative_mtbench.json
+    python -m benchmarks.speculative_mtbench --threads 1 --conversations 16 --reps 5 --max-tokens 96 --gammas 1,2 \
+        --out benchmarks/results/speculative_mtbench.json
 
 Each conversation is one MT-Bench question (memfit/data/mt_bench/question.jsonl, Apache-2.0, from lm-sys/FastChat),
 run at batch 1 through memfit-tiny's chat template: turn 1, then turn 2 with turn 1's answer in the history. The
@@ -52,8 +53,8 @@ def conversation(llm, question: dict, sp, session: str | None, counts: dict) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--conversations", type=int, default=8, help="the first N MT-Bench questions")
-    ap.add_argument("--gamma", type=int, default=2, help="num_speculative_tokens")
+    ap.add_argument("--conversations", type=int, default=16, help="the first N MT-Bench questions")
+    ap.add_argument("--gammas", default="1,2", help="num_speculative_tokens values; the re-prefill row uses the last")
     ap.add_argument("--max-tokens", type=int, default=96, help="per turn (eos ignored)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
@@ -65,12 +66,13 @@ def main() -> int:
     questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()][: args.conversations]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     common = dict(dtype=args.dtype, threads=args.threads, max_num_seqs=1)
-    spec = dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=args.gamma)
-    engines = {  # name: (engine, keeps a session's KV between turns)
-        "plain": (LLM("memfit-tiny", **common), True),
-        "speculative": (LLM("memfit-tiny", **common, **spec), True),
-        "speculative_reprefill": (LLM("memfit-tiny", enable_prefix_caching=False, **common, **spec), False),
-    }
+    gammas = [int(g) for g in args.gammas.split(",")]
+    spec = {g: dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=g) for g in gammas}
+    engines = {"plain": (LLM("memfit-tiny", **common), True)}  # name: (engine, keeps a session's KV between turns)
+    for g in gammas:
+        engines[f"speculative_g{g}"] = (LLM("memfit-tiny", **common, **spec[g]), True)
+    engines[f"speculative_reprefill_g{gammas[-1]}"] = (
+        LLM("memfit-tiny", enable_prefix_caching=False, **common, **spec[gammas[-1]]), False)
     outs: dict[str, list] = {}
     counts = {name: {"prompt": 0, "reused": 0} for name in engines}  # the last round's
     rounds = iter(range(10**9))
@@ -102,7 +104,7 @@ def main() -> int:
         rows.append(row)
         llm.engine.close()
     result = {"benchmark": "speculative_mtbench", **header(args.threads), "dtype": args.dtype, "clock": "cpu",
-              "reps": args.reps, "conversations": len(questions), "gamma": args.gamma, "max_tokens": args.max_tokens,
+              "reps": args.reps, "conversations": len(questions), "gammas": gammas, "max_tokens": args.max_tokens,
               "target": "memfit-tiny", "draft": "memfit-tiny-draft", "rows": rows}
     emit(result, args.out)
     return 0
