@@ -3,7 +3,8 @@ all orders, never below the two bounds whose rows it holds once solved, and abov
 import pytest
 
 from memfit.plan.analysis import scratchpad_sizes
-from memfit.plan.bound_cover import cover_bound, cover_rows
+from memfit.plan import bound_cover
+from memfit.plan.bound_cover import _cover_cpsat, cover_bound, cover_lp_bound, cover_rows
 from memfit.plan.bound_cut import cut_bound
 from memfit.plan.bound_every import every_order_bound
 from memfit.plan.exact import ExactConfig, Segment, solve_segment
@@ -51,3 +52,26 @@ def test_cover_rows_name_only_gaps_the_op_can_lie_in():
             t = g.tensor[v]
             assert op not in t.consumers and op != t.producer  # o's own working set is never evicted at o
             assert 0 <= lo <= hi <= len(t.consumers)
+
+
+@pytest.mark.parametrize("maker,n,seed", [(random_branching_dag, 9, 6), (random_dag, 12, 3),
+                                          (random_branching_dag, 11, 13)])
+def test_lp_bound_below_the_integer_model_and_the_optimum(maker, n, seed):
+    """The LP bound is the Lagrangian value of GLOP's duals: at most the covering model's integer optimum
+    (CP-SAT, solved here), which is at most the plan optimum; and not zero where that optimum is large."""
+    g = maker(n, seed)
+    cap = scratchpad_sizes(g).min_feasible
+    rows, _ = cover_rows(g, cap)
+    ip, solved = _cover_cpsat(g, cap, rows, 10, 1)
+    lp = cover_lp_bound(g, cap)
+    assert solved and 0 < lp.bytes <= ip <= _optimum(g, cap)
+
+
+def test_large_cover_models_get_the_lp_bound_only(monkeypatch):
+    g = random_branching_dag(11, 13)
+    cap = scratchpad_sizes(g).min_feasible
+    monkeypatch.setattr(bound_cover, "CPSAT_MAX_OUTS", 0)
+    lb = cover_bound(g, cap, time_limit_s=5, num_workers=1)
+    assert lb.status == "bound" and lb.bytes == cover_lp_bound(g, cap).bytes
+    monkeypatch.setattr(bound_cover, "CPSAT_MAX_OUTS", 10**9)
+    assert cover_bound(g, cap, time_limit_s=10, num_workers=1).bytes > lb.bytes  # 288 (CP-SAT) against 256
