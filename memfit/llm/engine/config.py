@@ -119,9 +119,9 @@ class EngineConfig:
         n = self.tensor_parallel_size
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"tensor_parallel_size (--tensor-parallel-size) must be an integer of at least 1, got {n!r}")
-        if n > 1 and self.speculative_model is not None:
-            raise ValueError("speculative decoding (--speculative-model) does not run under --tensor-parallel-size "
-                             "> 1 yet; use one of them")
+        if n > 1 and self.speculative_model is not None and self.speculative_model.startswith("self"):
+            raise ValueError("a self-draft (--speculative-model self[:N]) does not run under --tensor-parallel-size "
+                             "> 1: its layers are sharded over the ranks; use a separate draft model")
         if n > 1 and self.preemption_mode != "recompute":
             raise ValueError("--preemption-mode swap/auto does not run under --tensor-parallel-size > 1 yet (each "
                              "rank would swap its own shard); use --preemption-mode recompute")

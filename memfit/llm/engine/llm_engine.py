@@ -88,7 +88,9 @@ class LLMEngine:
         kv_heads = mc.num_key_value_heads // (self.tp.world if self.tp is not None else 1)  # this rank's heads
         self.layout = KVLayout(mc.num_hidden_layers, kv_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
         # Speculative decoding: the draft's weights and KV share are reserved before the target's KV share.
-        self.draft = Draft.load(self, backend_options) if config.speculative_model else None
+        # Under TP the draft runs on rank 0 only (docs/parallel.md): the workers verify, they never draft.
+        drafts = config.speculative_model and (self.tp is None or self.tp.is_driver)
+        self.draft = Draft.load(self, backend_options) if drafts else None
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
         kv_share = self._kv_share_bytes()
         if self.tp is not None:  # every rank's cache must make rank 0's decisions: the smallest share for all

@@ -255,7 +255,8 @@ class SpecDecoder:
         # 3. the target verifies every draft in one pass: p at the g + 1 positions of each sequence.
         chunks = [(s.seq_id, s.num_computed, s.token_slice(s.num_computed, s.num_tokens) + drafts[b])
                   for b, s in enumerate(seqs)]
-        logits = forward(self.target, chunks, all_rows=True)  # (sum(g + 1), V)
+        verify = getattr(self.target, "forward_chunks", None)  # tensor parallel: rank 0 sends the pass to the workers
+        logits = verify(chunks, True) if verify else forward(self.target, chunks, all_rows=True)  # (sum(g + 1), V)
         self._time(t1 - t0, K, time.perf_counter() - t1)
         starts = [sum(gammas[:b]) + b for b in range(B)]  # each sequence's first row of the logits
         if greedy:

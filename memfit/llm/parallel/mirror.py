@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.step import ScheduledSeq, StepResult
 from memfit.llm.parallel.group import TPGroup
 
@@ -42,6 +43,10 @@ class WireSeq:
 class StepMessage:
     ops: list[tuple[str, tuple, Any]] = field(default_factory=list)  # (method, args, rank 0's answer)
     seqs: list[WireSeq] = field(default_factory=list)  # rank 0's batch order
+    # speculative verification (engine/spec_forward.py): chunks (seq_id, start, tokens) and whether every row's
+    # logits are gathered; None for an ordinary step
+    chunks: list[tuple[int, int, list[int]]] | None = None
+    all_rows: bool = False
 
 
 class RecordingKV:
@@ -115,6 +120,17 @@ class DriverRunner:
             raise
 
 
+    def forward_chunks(self, chunks: list[tuple[int, int, list[int]]], all_rows: bool):  # noqa: ANN201
+        """Speculative verification over the target's shards: the workers run the same pass."""
+        self.group.send(StepMessage(self.kv.take_log(), chunks=chunks, all_rows=all_rows))
+        try:
+            return forward(self, chunks, all_rows)  # type: ignore[arg-type]
+        except Exception as exc:
+            if self.group.dead_workers():
+                raise self.group.failure(exc) from exc
+            raise
+
+
 class ShardRunner(ModelRunner):
     """A worker's runner: runs rank 0's batch in rank 0's order; rank 0 samples, so it samples nothing."""
 
@@ -126,4 +142,7 @@ class ShardRunner(ModelRunner):
         return StepResult([], [], [])
 
     def run_message(self, msg: StepMessage) -> None:
+        if msg.chunks is not None:
+            forward(self, msg.chunks, msg.all_rows)  # its share of a verification pass; rank 0 samples
+            return
         self.execute([ScheduledSeq(MirrorSeq(w), len(w.tokens)) for w in msg.seqs])  # type: ignore[arg-type]
