@@ -57,7 +57,8 @@ def _spec_bound(args, path, kv_budget, limit, dtype):
                                   prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
                                   kv_budget=kv_budget, memory_limit=limit,
                                   speculative_model=args.speculative_model if g else None,
-                                  num_speculative_tokens=g or None).total_bytes
+                                  num_speculative_tokens=g or None,
+                                  tensor_parallel_size=args.tensor_parallel_size).total_bytes
 
     return smallest_budget(*given, gamma, total_at, args.keep_speedup)
 

@@ -14,7 +14,8 @@ KV for g lookahead tokens per sequence.
 With tensor parallelism (`tensor_parallel_size` N, memfit/llm/parallel/) the breakdown is one rank's: the
 weights and KV of its shard (H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocabulary rows; the norms and a
 row-parallel projection's bias replicated, `replicated_weights_bytes`), the gathered (S, V) logits in its step,
-and its own tokenizer and runtime. Every rank holds that much: N x total in all.
+and its own tokenizer and runtime. Every rank holds that much: N x total in all (with a draft, rank 0's figure: the
+draft lives on rank 0 only, and the all-ranks total counts it once).
 """
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ class FitBreakdown:
                 + self.tokenizer_bytes + self.runtime_bytes + self.speculative_bytes)
 
     @property
+    def all_ranks_bytes(self) -> int:
+        """Over every rank of a tensor-parallel engine: N x this rank's total, the draft (rank 0's only) once."""
+        n = self.tensor_parallel_size
+        return n * self.total_bytes - (n - 1) * self.speculative_bytes
+
+    @property
     def kv_fits(self) -> bool:
         return self.kv_budget_bytes is None or self.kv_bytes <= self.kv_budget_bytes
 
@@ -71,7 +78,7 @@ class FitBreakdown:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(total_bytes=self.total_bytes, fits=self.fits, kv_fits=self.kv_fits,
-                 speculative_bytes=self.speculative_bytes, all_ranks_bytes=self.total_bytes * self.tensor_parallel_size)
+                 speculative_bytes=self.speculative_bytes, all_ranks_bytes=self.all_ranks_bytes)
         return d
 
 
@@ -184,11 +191,12 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
     draft = (DraftSpec.resolve(speculative_model, num_speculative_tokens, cfg, dtype)
              if speculative_model is not None else None)
     if tensor_parallel_size > 1:
-        if draft is not None:
-            raise ValueError("speculative decoding does not run under tensor parallelism yet: give one of "
-                             "--speculative-model and --tensor-parallel-size")
+        if draft is not None and draft.shares_weights:
+            raise ValueError("a self-draft (--speculative-model self[:N]) does not run under --tensor-parallel-size "
+                             "> 1: its layers are sharded over the ranks; use a separate draft model")
         return _predict_rank(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, linear, dev.type,
-                             model_dir, runtime, attention_in_place(dev.type, dtype, cpu_kernels), tensor_parallel_size)
+                             model_dir, runtime, attention_in_place(dev.type, dtype, cpu_kernels), tensor_parallel_size,
+                             draft)
     return predict(cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
                    device_type=dev.type, mapped=stored == dtype, model_dir=model_dir, runtime=runtime,
                    in_place=attention_in_place(dev.type, dtype, cpu_kernels), draft=draft)
@@ -196,16 +204,19 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
 
 def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, chunk: int,
                   kv_budget: int | None, memory_limit: int | None, linear: str | None, device_type: str,
-                  model_dir: Path, runtime: dict | None, in_place: bool, world: int) -> FitBreakdown:
+                  model_dir: Path, runtime: dict | None, in_place: bool, world: int,
+                  draft: DraftSpec | None = None) -> FitBreakdown:
     """One rank's breakdown at tensor-parallel size `world` (its shard's config; slices are copies, never
-    views of the mapped file; the logits it samples from are gathered to the full vocabulary)."""
+    views of the mapped file; the logits it samples from are gathered to the full vocabulary). With a draft:
+    rank 0's, which holds the whole draft (the other ranks hold none of it)."""
     import dataclasses
 
     from memfit.llm.parallel.shard import shard_config
 
     rank_cfg = shard_config(cfg, world)
     b = predict(rank_cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
-                device_type=device_type, mapped=False, model_dir=model_dir, runtime=runtime, in_place=in_place)
+                device_type=device_type, mapped=False, model_dir=model_dir, runtime=runtime, in_place=in_place,
+                draft=draft)
     full_vocab = dataclasses.replace(rank_cfg, vocab_size=cfg.vocab_size)
     b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place)
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -238,7 +249,8 @@ def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: 
         f"  total        {format_bytes(b.total_bytes):>12}" + (
             f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
             if b.memory_limit_bytes else ""),
-        f"  all {n} ranks {format_bytes(n * b.total_bytes):>12}" if n > 1 else "",
+        f"  all {n} ranks {format_bytes(b.all_ranks_bytes):>12}" + ("   (the draft on rank 0 only)" if b.speculative_bytes else "")
+        if n > 1 else "",
         f"  (importing torch and memfit: {format_bytes(b.runtime_baseline_bytes)}, not in the total)"
         if b.runtime_baseline_bytes else "",
     ]

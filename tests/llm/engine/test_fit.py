@@ -213,3 +213,15 @@ def test_fit_cli_tensor_parallel(capsys):
     assert "per rank of 2" in out and "1/2 of the KV heads" in out and "all 2 ranks" in out
     assert memfit_main(["fit", "--model", "memfit-tiny", "--no-runtime", "--tensor-parallel-size", "3"]) == 2
     assert "does not divide the model's num_attention_heads (8)" in capsys.readouterr().err
+
+
+def test_fit_per_rank_with_a_draft_counts_it_on_rank_0_only():
+    from memfit.llm.engine.fit import predict_for_engine
+
+    kw = dict(dtype=torch.float32, prepack=False, measure_runtime=False, tensor_parallel_size=2)
+    plain = predict_for_engine("memfit-tiny", 512, 2, **kw)
+    spec = predict_for_engine("memfit-tiny", 512, 2, speculative_model="memfit-tiny-draft", **kw)
+    assert spec.speculative_bytes > 0 and spec.kv_bytes > plain.kv_bytes  # + the target's lookahead
+    assert spec.all_ranks_bytes == 2 * spec.total_bytes - spec.speculative_bytes
+    with pytest.raises(ValueError, match="self-draft"):
+        predict_for_engine("memfit-tiny", 512, 2, speculative_model="self:2", **kw)

@@ -145,4 +145,4 @@ def test_batched_speculation_across_ranks(models):
 
 def test_self_draft_is_refused_under_tp():
     with pytest.raises(ValueError, match="self-draft .* does not run under --tensor-parallel-size"):
-        LLM(model="memfit-tiny", tensor_parallel_size=2, speculative_model="self[:2]")
+        LLM(model="memfit-tiny", tensor_parallel_size=2, speculative_model="self:2")
