@@ -21,7 +21,6 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memfit.llm.models import LlamaForCausalLM, ModelConfig, ModelFormatError, build_model, parse_dtype
@@ -142,18 +141,21 @@ class AllReduceOutput(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [lo, lo + Vp) of the embedding; tokens outside them look up zeros, and the all-reduce fills them in."""
+    """Rows [lo, lo + Vp) of the embedding; tokens outside them look up zeros, and the all-reduce fills them in.
+    `inner` is whatever the backends made of the embedding (an nn.Embedding, or kernels/blocked.py's
+    BlockedEmbedding reading a tied head's packed rows): it is only ever called, never unpacked."""
 
-    def __init__(self, inner: nn.Embedding, rank: int, group: TPGroup) -> None:
+    def __init__(self, inner: nn.Module, rank: int, group: TPGroup) -> None:
         super().__init__()
         self.inner = inner
-        self.lo = rank * inner.weight.shape[0]
+        self.rows = inner.num_embeddings  # Vp
+        self.lo = rank * self.rows
         self.group = group
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.lo  # (N,)
-        outside = (local < 0) | (local >= self.inner.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.inner.weight)  # (N, C)
+        outside = (local < 0) | (local >= self.rows)
+        out = self.inner(local.masked_fill(outside, 0))  # (N, C)
         out.masked_fill_(outside.unsqueeze(-1), 0)
         return self.group.all_reduce(out)
 
