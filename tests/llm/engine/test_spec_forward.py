@@ -10,14 +10,14 @@ from memfit.llm.engine.api import LLM
 from memfit.llm.engine.spec_forward import forward
 from memfit.llm.kernels import build
 
-PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [8, 9, 10, 11], [300, 2000, 31, 64, 12, 13, 90, 91, 92, 93, 14]]
-DRAFTS = [[44, 45, 46], [1000], [7, 8, 9, 10]]  # chunks of 4, 2 and 5 tokens: ragged, as acceptance leaves them
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [8, 9, 10, 11], [200, 260, 31, 64, 12, 13, 90, 91, 92, 93, 14]]
+DRAFTS = [[44, 45, 46], [100], [7, 8, 9, 10]]  # ids < 300: the tiny test models' vocabulary too  # chunks of 4, 2 and 5 tokens: ragged, as acceptance leaves them
 
 
-def _engine(kv_cache: str, threads: int, dtype: str = "float32") -> LLM:
+def _engine(kv_cache: str, threads: int, dtype: str = "float32", model: str = "memfit-tiny") -> LLM:
     if build.unavailable_reason(getattr(torch, dtype)) is not None:
         pytest.skip(f"memfit's CPU kernels are unavailable here for {dtype}")
-    llm = LLM("memfit-tiny", dtype=dtype, kv_cache=kv_cache, max_num_seqs=8, threads=threads)
+    llm = LLM(model, dtype=dtype, kv_cache=kv_cache, max_num_seqs=8, threads=threads)
     assert llm.engine.runner.stack is not None  # the path under test
     return llm
 
@@ -94,6 +94,24 @@ def test_verification_rows_equal_one_token_decode_steps(kv_cache: str, dtype: st
         assert torch.equal(fast, step_by_step)  # blocked matmuls (lm_head too): each row's sums alone
     else:  # float32's tied lm_head is row-major, which sums rows 3+ in another order (as a batch-4 decode step does)
         torch.testing.assert_close(fast, step_by_step, rtol=1e-5, atol=2e-5)
+    llm.engine.close()
+
+
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_verification_under_a_sliding_window_equals_the_chunked_path(tmp_path, kv_cache: str) -> None:
+    """Mistral with an 8-token window (contexts of 7-16 here): each verification row sees the last 8 positions up to
+    its own, as the chunked path's mask gives."""
+    from tests.llm.tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path, family="mistral", hidden_size=128, sliding_window=8)  # head_dim 32
+    llm = _engine(kv_cache, 2, model=str(path))
+    runner = llm.engine.runner
+    _prefill(runner, [1, 2, 3])
+    _prefill(runner, [11, 12, 13])
+    fast, fast_after = _verify(runner, [1, 2, 3], use_stack=True)
+    slow, slow_after = _verify(runner, [11, 12, 13], use_stack=False)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_after, slow_after, rtol=1e-4, atol=1e-4)
     llm.engine.close()
 
 
