@@ -70,6 +70,10 @@ class EngineConfig:
     # tokens, and a finished turn's evicted KV waits on the host for the session's next turn. Kept copies go first
     # under pressure (least recently used).
     swap_reuse: bool = True
+    # The SSD tier below the host tier (kv/swap_ssd.py): one preallocated file in this directory, of
+    # swap_ssd_space bytes (a bare number means GiB; None: 16 GiB). Host chunks are demoted to it under pressure.
+    swap_ssd_path: str | None = None
+    swap_ssd_space: int | float | str | None = None
     # Speculative decoding (engine/spec_decode.py): a draft model (a bundled name or a directory) sharing the
     # target's tokenizer, or `self[:N]` (the target's first N layers, engine/draft.py), proposes up to
     # num_speculative_tokens tokens a step; the target verifies them in one pass.
@@ -111,6 +115,11 @@ class EngineConfig:
                 parse_swap_space(self.swap_space)
             except ValueError as exc:
                 raise ValueError(f"swap_space (--swap-space): {exc}; a bare number means GiB") from None
+        if self.swap_ssd_space is not None:
+            try:
+                parse_swap_space(self.swap_ssd_space)
+            except ValueError as exc:
+                raise ValueError(f"swap_ssd_space (--swap-ssd-space): {exc}; a bare number means GiB") from None
 
         self._check_speculative()
         self._check_parallel()
@@ -213,6 +222,11 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--no-swap-reuse", dest="swap_reuse", action="store_false",
                    help="free a sequence's host copy once swapped back in (default: keep it, so later swap-outs move "
                         "only new tokens and a conversation's next turn swaps its KV in instead of prefilling it)")
+    g.add_argument("--swap-ssd-path", default=None,
+                   help="a directory for the SSD swap tier below the host tier (one preallocated file, checksummed "
+                        "extents); host chunks move there when the host tier is full")
+    g.add_argument("--swap-ssd-space", default=None,
+                   help="the SSD swap tier's size: bytes ('64GiB'); a bare number means GiB (default 16)")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: a draft model (bundled name, e.g. memfit-tiny-draft, or a directory) with "
                         "the target's tokenizer, or self[:N] (the target's first N layers, default half); output is "

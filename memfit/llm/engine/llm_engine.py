@@ -223,7 +223,14 @@ class LLMEngine:
         params = sum(p.numel() for p in self.model.parameters())
         cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
                          flops_per_s=2e10 if self.device.type == "cpu" else 2e13)
-        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads, reuse=self.config.swap_reuse)
+        ssd = None
+        if self.config.swap_ssd_path is not None:  # below the host tier: a preallocated file, checked at start
+            from memfit.llm.kv.swap_ssd import SSDTier
+
+            space = self.config.swap_ssd_space
+            ssd = SSDTier(self.config.swap_ssd_path, parse_swap_space(space if space is not None else 16))
+        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads, reuse=self.config.swap_reuse,
+                         ssd=ssd)
 
     def _watermark_bytes(self) -> int:
         spec = self.config.kv_reclaim_watermark
@@ -442,8 +449,12 @@ class LLMEngine:
         """The swap tiers' share of a timeline row: what each holds now, and its limit."""
         if self.swap is None:
             return {}
-        return {"swap_host_resident_bytes": self.swap.stats.resident_bytes,
-                "swap_host_limit_bytes": self.swap.budget.limit_bytes}
+        row = {"swap_host_resident_bytes": self.swap.stats.resident_bytes,
+               "swap_host_limit_bytes": self.swap.budget.limit_bytes}
+        if self.swap.ssd is not None:
+            row.update(swap_ssd_resident_bytes=self.swap.ssd.stats.resident_bytes,
+                       swap_ssd_limit_bytes=self.swap.ssd.budget.limit_bytes)
+        return row
 
     def stats(self) -> dict:
         """A fresh snapshot for metrics (the server's /metrics, `memfit bench`)."""
@@ -472,10 +483,16 @@ class LLMEngine:
         st = self.swap.stats
         from memfit.llm.kv.swap import SWAP_SECONDS_BUCKETS
 
-        return {"tier": "host", "out_bytes": st.out_bytes, "in_bytes": st.in_bytes, "out_ops": st.out_ops,
-                "in_ops": st.in_ops, "resident_bytes": st.resident_bytes, "limit_bytes": self.swap.budget.limit_bytes,
-                "seconds_buckets": SWAP_SECONDS_BUCKETS, "seconds_counts": list(st.seconds_counts),
-                "seconds_sum": st.seconds_sum, "async_swap_ins": self.swap.async_swap_ins}
+        tiers = [("host", st, self.swap.budget)]
+        if self.swap.ssd is not None:
+            tiers.append(("ssd", self.swap.ssd.stats, self.swap.ssd.budget))
+        per_tier = [{"tier": name, "out_bytes": s.out_bytes, "in_bytes": s.in_bytes, "out_ops": s.out_ops,
+                     "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
+                     "io_errors": s.io_errors} for name, s, b in tiers]
+        return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
+                "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
+                "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,
+                "async_swap_ins": self.swap.async_swap_ins}
 
     def close(self) -> None:
         if self.spec is not None:

@@ -299,13 +299,12 @@ class Scheduler:
             seq.swapped = False
             if restored is None:
                 self._recompute_lost(seq)
-                return False
         return True
 
     def _recompute_lost(self, seq: Sequence) -> None:
-        """A swap-in could not be served intact: free what the sequence was given; it starts over."""
-        if self.kv.has_seq(seq.seq_id):
-            self.kv.free(seq.seq_id)
+        """A swap-in could not be served intact: the sequence starts over from token 0, in the memory it was just
+        given (it holds num_computed + num_new >= what the first chunk of the recomputation needs), so whatever
+        the failed read left there is overwritten before it is read."""
         seq.swapped = seq.swapping_in = False
         seq.num_computed = seq.num_cached_prompt = 0
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
-from memfit.llm.kv.swap_model import SWAP_SECONDS_BUCKETS, CostModel, SwapStats
+from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
 from memfit.memory.budget import MemoryBudget
 
 if TYPE_CHECKING:
@@ -55,13 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
 
-OWNER = "swap"
 Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
-
-
-class SwapLost(KVCacheError):
-    """A swapped-out sequence's KV cannot be brought back intact (an I/O error, a checksum mismatch): the
-    sequence must be recomputed."""
 
 
 @dataclass
@@ -174,16 +168,23 @@ class SwapSpace:
             self._truncate(copy, num_tokens)
             start = copy.valid - copy.valid % self.granule  # positions before it are held and unchanged
             self._drop_chunks(copy, start)  # a partly valid last block is copied again
+            self._kept.pop(seq_id, None)  # not a victim while room is made for its own new tokens
         t0 = time.perf_counter()
         pieces = self._pieces(start, num_tokens)
         nbytes = sum(self._piece_bytes(p) for p in pieces)
+        spilled = None
         if nbytes and not self._reserve(nbytes, seq_id):
-            if copy is not None:
-                self._drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
-            return False
+            if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
+                spilled = self.ssd.write_runs(self.runs(seq_id, num_tokens, start))
+            if spilled is None:
+                if copy is not None:
+                    self._drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
+                return False
         if copy is None:
             copy = self._copies[seq_id] = _Copy([], 0, False)
-        if pieces:
+        if spilled is not None:
+            copy.chunks.append(_Chunk(start, num_tokens, nbytes, None, spilled))
+        elif pieces:
             try:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
                 runs = self.runs(seq_id, num_tokens, start)
@@ -213,7 +214,7 @@ class SwapSpace:
         except SwapLost:
             self._lost(seq_id)
             return None
-        return self._complete(seq_id, copy, len(pairs), nbytes, seconds)
+        return self._complete(seq_id, copy, _host_copies(pairs), nbytes, seconds)
 
     def start_swap_in(self, seq_id: int) -> None:
         """`swap_in` on the thread pool: the copies overlap the next model step (which must not touch this
@@ -224,7 +225,7 @@ class SwapSpace:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
         copy = self._live(seq_id)
         pairs, nbytes = self._pairs(seq_id, copy)  # resolved here, on the engine thread, under the cache's lock
-        self._inflight[seq_id] = (len(pairs), nbytes, self._pool.submit(_copy_in, pairs))
+        self._inflight[seq_id] = (_host_copies(pairs), nbytes, self._pool.submit(_copy_in, pairs))
 
     def in_flight(self, seq_id: int) -> bool:
         return seq_id in self._inflight
@@ -295,10 +296,9 @@ class SwapSpace:
         pairs: list[tuple[torch.Tensor, object]] = []
         nbytes = 0
         for chunk in copy.chunks:
-            if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum
+            if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum (hi <= valid)
                 runs = [self._view(seq_id, p, table) for p in self._pieces(chunk.lo, chunk.hi)]
-                pairs.append((runs, chunk.extent))  # type: ignore[arg-type]
-                nbytes += chunk.nbytes
+                pairs.append((runs, self.ssd.reader(chunk.extent)))  # type: ignore[union-attr, arg-type]
                 continue
             off = 0
             for piece in self._pieces(chunk.lo, chunk.hi):
@@ -313,10 +313,7 @@ class SwapSpace:
                 nbytes += src.numel()
             if off != chunk.buf.numel():
                 raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {chunk.buf.numel()} bytes)")
-        if self.ssd is not None:
-            pairs = [(dst, self.ssd.reader(src)) if not isinstance(src, torch.Tensor) else (dst, src)
-                     for dst, src in pairs]
-        return pairs, nbytes
+        return pairs, nbytes  # nbytes: from host buffers (the SSD tier counts its own reads)
 
     def _complete(self, seq_id: int, copy: _Copy, copies: int, nbytes: int, seconds: float) -> int:
         self.kv.mark_restored(seq_id, copy.valid)  # a restored sequence holds these tokens again
@@ -334,6 +331,9 @@ class SwapSpace:
 
     def _truncate(self, copy: _Copy, num_tokens: int) -> None:
         copy.valid = min(copy.valid, num_tokens)
+        for chunk in copy.chunks:  # an SSD chunk is read whole: one reaching past `valid` goes, and what follows
+            if chunk.buf is None and chunk.hi > copy.valid:
+                copy.valid = min(copy.valid, chunk.lo)
         self._drop_chunks(copy, copy.valid)
 
     def _drop_chunks(self, copy: _Copy, lo: int) -> None:
@@ -361,7 +361,7 @@ class SwapSpace:
         """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used
         first; a live copy is demoted only to the SSD tier, never dropped."""
         while not self.budget.try_reserve(nbytes, OWNER):
-            victim = next((s for s in self._kept if s != for_seq), None)
+            victim = next((s for s in self._kept if s != for_seq and self._on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1
                 if not (self.ssd is not None and self._demote(victim)):
@@ -371,6 +371,9 @@ class SwapSpace:
                 return False
         return True
 
+    def _on_host(self, seq_id: int) -> bool:
+        return any(c.buf is not None for c in self._copies[seq_id].chunks)
+
     def _demote(self, seq_id: int) -> bool:
         """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
         tier cannot take them (then nothing moved)."""
@@ -379,6 +382,12 @@ class SwapSpace:
         if not host:
             return False
         extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+        while extents is None and not self.ssd.write_failed:  # type: ignore[union-attr]  # full: its LRU kept copy goes
+            victim = next((s for s in self._kept if s != seq_id and not self._on_host(s)), None)
+            if victim is None:
+                return False
+            self._drop(victim)
+            extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
         if extents is None:
             return False
         for chunk, extent in zip(host, extents):
@@ -392,9 +401,9 @@ class SwapSpace:
 
     def _demote_live(self, for_seq: int) -> bool:
         """Under host pressure with no kept copy left, the oldest live copy with host chunks goes to SSD."""
-        for seq_id, copy in self._copies.items():
+        for seq_id, copy in list(self._copies.items()):  # a demotion may drop kept copies from the SSD tier
             if seq_id != for_seq and seq_id not in self._inflight and copy.live \
-                    and any(c.buf is not None for c in copy.chunks) and self._demote(seq_id):
+                    and self._on_host(seq_id) and self._demote(seq_id):
                 return True
         return False
 
@@ -422,3 +431,7 @@ def _copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
         else:
             src(dst)  # type: ignore[operator]
     return time.perf_counter() - t0
+
+
+def _host_copies(pairs: list[tuple[torch.Tensor, object]]) -> int:
+    return sum(isinstance(src, torch.Tensor) for _, src in pairs)

@@ -5,6 +5,15 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from memfit.llm.kv.base import KVCacheError
+
+OWNER = "swap"  # the owner name swapped KV is reserved under, in every tier's budget
+
+
+class SwapLost(KVCacheError):
+    """A swapped-out sequence's KV cannot be brought back intact (an I/O error, a checksum mismatch): the
+    sequence must be recomputed."""
+
 # Seconds of one swap-out or swap-in (all its copies): a histogram's bucket bounds (`le`), for /metrics.
 SWAP_SECONDS_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
 

@@ -189,7 +189,9 @@ def _preemption_series(stats: Mapping) -> list[str]:
     swap = stats.get("swap") or {}
     if not swap:
         return lines
-    lines += _table_series(_SWAP_SERIES, swap, _labels({"tier": swap["tier"]}))
+    for key, name, kind, help in _SWAP_SERIES:  # one sample per tier (host, and ssd when there is one)
+        lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{_labels({'tier': t['tier']})} {_fmt(t.get(key, 0))}" for t in swap.get("tiers", [swap])]
     metric = "memfit_swap_seconds"
     lines += [f"# HELP {metric} Seconds of one swap-out or swap-in (all its copies).", f"# TYPE {metric} histogram"]
     cumulative = 0

@@ -298,3 +298,47 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
     for s in list(engine.scheduler.swapped_sessions):
         engine.end_session(s)
     assert engine.swap.budget.used_bytes == 0 and engine.kv.stats().num_seqs == 0
+
+
+@pytest.mark.parametrize("fault", ["none", "write-error", "flipped-byte", "full"])
+def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(tiny, expected, tmp_path, fault,  # noqa: F811
+                                                                               monkeypatch):
+    """A host tier for ~30 tokens pushes swapped KV down to the SSD tier. Injected faults: every write fails; every
+    write lands with one byte flipped (each read then fails its checksum); the SSD tier holds one 4 KiB extent.
+    Every request still finishes with the unpressured greedy output, and no tier holds anything at the end."""
+    from memfit.memory.extent_store import ExtentStore
+
+    model, _, path = tiny
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    real_write = ExtentStore.write
+    if fault == "write-error":
+        def write(self, offset, buffers):
+            raise OSError(5, "Input/output error (injected)")
+        monkeypatch.setattr(ExtentStore, "write", write)
+    elif fault == "flipped-byte":
+        def write(self, offset, buffers):
+            bad = bytearray(b"".join(bytes(b) for b in buffers))
+            bad[len(bad) // 2] ^= 0x01
+            real_write(self, offset, [memoryview(bad)])
+        monkeypatch.setattr(ExtentStore, "write", write)
+    llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode="swap", swap_space=f"{probe.engine.layout.bytes_per_token * 30}B",
+              swap_ssd_path=str(tmp_path), swap_ssd_space="4KiB" if fault == "full" else "16MiB")
+    engine = llm.engine
+    got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
+    for ids, g, e in zip(PROMPTS, got, expected):
+        assert_same_greedy(model, ids, g, e)
+    ssd = {t["tier"]: t for t in engine.stats()["swap"]["tiers"]}["ssd"]
+    by_mode = engine.scheduler.preemptions_by_mode
+    if fault == "none":
+        assert ssd["out_bytes"] > 0 and ssd["in_bytes"] > 0 and ssd["io_errors"] == 0
+    elif fault == "write-error":
+        assert ssd["io_errors"] > 0 and ssd["out_bytes"] == 0 and by_mode["recompute"] > 0
+    elif fault == "flipped-byte":  # written, never served: every read failed its checksum and was recomputed
+        assert ssd["out_bytes"] > 0 and ssd["io_errors"] > 0 and ssd["in_bytes"] == 0
+    else:
+        assert by_mode["recompute"] > 0 and engine.swap.ssd.budget.peak_bytes <= 4096
+    assert engine.swap.budget.used_bytes == 0 and engine.swap.ssd.budget.used_bytes == 0
+    assert engine.kv.stats().num_seqs == 0
+    llm.engine.close()

@@ -39,6 +39,7 @@ class SwapMachine(RuleBasedStateMachine):
     kind = "virtual"
     threads = 0
     reuse = False
+    ssd = False  # an SSD tier below the host tier (room for ~48 tokens): its budget equals the extents in use
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,7 +50,15 @@ class SwapMachine(RuleBasedStateMachine):
         self.cache = (VirtualKVCache(LAYOUT, self.kv_budget, max_seqs=4, prefault=False, eager_pages=0)
                       if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20))
         self.host = MemoryBudget(32 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
-        self.swap = SwapSpace(self.cache, self.host, threads=self.threads, reuse=self.reuse)
+        self.ssd_tier = None
+        if self.ssd:
+            import tempfile
+
+            from memfit.llm.kv.swap_ssd import SSDTier
+
+            self.tmp = tempfile.TemporaryDirectory()
+            self.ssd_tier = SSDTier(self.tmp.name, 48 * LAYOUT.bytes_per_token)
+        self.swap = SwapSpace(self.cache, self.host, threads=self.threads, reuse=self.reuse, ssd=self.ssd_tier)
         cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, policy=PolicyConfig("priority", aging_steps=3),
                               preemption_mode="swap")
         self.sched = Scheduler(cfg, self.cache, self.swap)
@@ -107,7 +116,7 @@ class SwapMachine(RuleBasedStateMachine):
     # ---- invariants --------------------------------------------------------------------------------------
     @invariant()
     def host_tier_holds_exactly_the_swapped_out_kv(self) -> None:
-        if self.reuse:
+        if self.reuse or self.ssd:
             return  # kept copies are held too: the invariant above
         expected = sum(self.swap.runs_shape(s.num_computed)[0] for s in self.seqs.values() if s.swapped)
         assert self.host.used_bytes == expected
@@ -117,6 +126,10 @@ class SwapMachine(RuleBasedStateMachine):
     @invariant()
     def host_budget_equals_the_buffers_held_and_kept_copies_belong_to_someone(self) -> None:
         assert self.host.used_bytes == self.swap.held_bytes() <= self.host.limit_bytes
+        if self.ssd_tier is not None:
+            store = self.ssd_tier.store
+            in_use = store.capacity - sum(n for _, n in store.free_extents)  # from the allocator's free list
+            assert self.ssd_tier.budget.used_bytes == in_use <= self.ssd_tier.budget.limit_bytes
         owners = {s.seq_id for s in self.seqs.values()} | {s.seq_id for s in self.sched.retained.values()} | \
                  {s.seq_id for s in self.sched.swapped_sessions.values()}
         assert set(self.swap._copies) <= owners
@@ -150,8 +163,12 @@ class SwapMachine(RuleBasedStateMachine):
         for session in ("a", "b"):
             self.sched.drop_retained(session)
         assert self.host.used_bytes == 0 and self.cache.stats().num_seqs == 0
+        if self.ssd_tier is not None:
+            assert self.ssd_tier.budget.used_bytes == 0
         self.swap.close()
         self.cache.close()
+        if self.ssd:
+            self.tmp.cleanup()
         assert self.kv_budget.used_bytes == 0  # the virtual cache gives its idle pages back on close
 
 
@@ -177,6 +194,17 @@ class ReuseAsyncVirtualSwapMachine(SwapMachine):
     reuse = True
 
 
+class SSDReuseVirtualSwapMachine(SwapMachine):
+    reuse = True
+    ssd = True
+
+
+class SSDAsyncPagedSwapMachine(SwapMachine):
+    kind = "paged"
+    threads = 2
+    ssd = True
+
+
 TestVirtualSwap = SwapMachine.TestCase
 TestVirtualSwap.settings = STATEFUL
 TestPagedSwap = PagedSwapMachine.TestCase
@@ -189,3 +217,7 @@ TestReusePagedSwap = ReusePagedSwapMachine.TestCase
 TestReusePagedSwap.settings = STATEFUL
 TestReuseAsyncVirtualSwap = ReuseAsyncVirtualSwapMachine.TestCase
 TestReuseAsyncVirtualSwap.settings = STATEFUL
+TestSSDReuseVirtualSwap = SSDReuseVirtualSwapMachine.TestCase
+TestSSDReuseVirtualSwap.settings = STATEFUL
+TestSSDAsyncPagedSwap = SSDAsyncPagedSwapMachine.TestCase
+TestSSDAsyncPagedSwap.settings = STATEFUL

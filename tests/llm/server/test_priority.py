@@ -135,7 +135,9 @@ def test_metrics_count_swaps_and_preemptions_by_mode(model_dir):
         m = live.metrics()
     swaps = m['memfit_preemptions_total{mode="swap"}']
     assert swaps > 0 and m['memfit_preemptions_total{mode="recompute"}'] == 0
-    assert m["memfit_swap_seconds_count"] == 2 * swaps  # out and back in, each timed once
-    assert m['memfit_swap_out_bytes_total{tier="host"}'] == m['memfit_swap_in_bytes_total{tier="host"}'] > 0
+    # Out and back in, each timed once; a swap-out that finds all its tokens in the kept host copy (cross-turn
+    # reuse) copies nothing and is not timed, so every byte came back and some may not have gone out again.
+    assert swaps < m["memfit_swap_seconds_count"] <= 2 * swaps
+    assert 0 < m['memfit_swap_out_bytes_total{tier="host"}'] <= m['memfit_swap_in_bytes_total{tier="host"}']
     assert m['memfit_swap_out_ops_total{tier="host"}'] >= swaps
     assert m['memfit_tier_resident_bytes{tier="host"}'] == 0

@@ -1,0 +1,138 @@
+"""The SSD swap tier, below the host tier: chunks of swapped KV demoted there when the host tier is full.
+
+    ssd = SSDTier("/nvme/memfit", 64 << 30)                  # one preallocated file (memory/extent_store.py)
+    swap = SwapSpace(kv, host_budget, ssd=ssd)               # kv/swap.py demotes to it under host pressure
+
+`write_chunks` writes host chunks (one positioned write each: a chunk is a whole run of a sequence's KV) and
+returns their extents, or None with nothing kept when the tier cannot take them all: its budget is full, or a
+write failed (the error is counted and logged; the caller keeps the chunk on the host or recomputes, so no
+request is lost). Each extent carries the zlib CRC-32 of its bytes. `reader(extent)` is the swap-in: it reads
+the extent straight into the sequence's KV runs (a scatter read, `os.preadv`, no bounce buffer on the CPU) and
+checks the CRC over what landed; a failed read or a mismatch raises SwapLost, and the scheduler recomputes the
+sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters take a lock.
+
+The tier's budget (`Tier.SSD`, owner "swap") is the file's size; it is a ledger of its own, not a share of
+the memory budget, since disk is not memory.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from memfit.llm.kv.swap_model import OWNER, SwapLost, SwapStats
+from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.extent_store import ALIGN, ExtentStore
+from memfit.memory.mapping import round_up
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    nbytes: int
+    crc: int  # zlib.crc32 of the nbytes written
+
+
+class SSDTier:
+    def __init__(self, directory: str | Path, capacity: int) -> None:
+        self.store = ExtentStore(directory, capacity)
+        self.budget = MemoryBudget(self.store.capacity, Tier.SSD, name="swap_ssd")
+        self.stats = SwapStats()
+        self._lock = threading.Lock()
+        self.write_failed = False  # the last write_chunks failed on an I/O error (not for want of room)
+
+    def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
+        """Write each host buffer (uint8) to an extent of its own; all or nothing."""
+        extents: list[Extent] = []
+        for buf in bufs:
+            extent = self.write_runs([buf])
+            if extent is None:
+                return self._undo(extents)
+            extents.append(extent)
+        return extents
+
+    def write_runs(self, runs: list[torch.Tensor]) -> Extent | None:
+        """Write uint8 runs, in order, to one extent (a gather write straight from the KV cache's memory on the
+        CPU: no host buffer); None, with nothing kept, if the tier is full or the write fails."""
+        self.write_failed = False
+        t0 = time.perf_counter()
+        n = sum(r.numel() for r in runs)
+        if not self.budget.try_reserve(round_up(n, ALIGN), OWNER):
+            return None
+        off = self.store.alloc(n)
+        if off is None:  # fragmented: the budget had room, no single extent does
+            self.budget.release(round_up(n, ALIGN), OWNER)
+            return None
+        views = [memoryview((r if r.device.type == "cpu" else r.cpu()).numpy()) for r in runs]
+        crc = 0
+        for v in views:
+            crc = zlib.crc32(v, crc)
+        try:
+            self.store.write(off, views)
+        except OSError as exc:
+            self.write_failed = True
+            self._count_error()
+            log.warning("SSD swap write of %d bytes failed (%s): kept on the host or recomputed", n, exc)
+            self.store.free(off, n)
+            self.budget.release(round_up(n, ALIGN), OWNER)
+            return None
+        with self._lock:
+            self.stats.account(n, 1, time.perf_counter() - t0, out=True)
+            self.stats.resident_bytes += n
+        return Extent(off, n, crc)
+
+    def reader(self, extent: Extent) -> Callable[[list[torch.Tensor]], None]:
+        """A function that fills the given uint8 runs (in order, `extent.nbytes` in all) from the extent, checked."""
+        def read(runs: list[torch.Tensor]) -> None:
+            t0 = time.perf_counter()
+            if sum(r.numel() for r in runs) != extent.nbytes:
+                raise SwapLost(f"an SSD extent of {extent.nbytes} bytes does not match its runs")
+            on_cpu = all(r.device.type == "cpu" for r in runs)
+            bounce = None if on_cpu else torch.empty(extent.nbytes, dtype=torch.uint8, pin_memory=True)
+            views = [memoryview(r.numpy()) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
+            try:
+                self.store.readinto(extent.offset, views)
+            except OSError as exc:
+                self._count_error()
+                raise SwapLost(f"SSD swap read failed: {exc}") from exc
+            crc = 0
+            for v in views:
+                crc = zlib.crc32(v, crc)
+            if crc != extent.crc:
+                self._count_error()
+                raise SwapLost(f"SSD swap extent at {extent.offset} failed its checksum: recomputed, not served")
+            if bounce is not None:
+                off = 0
+                for r in runs:
+                    r.copy_(bounce[off : off + r.numel()])
+                    off += r.numel()
+            with self._lock:
+                self.stats.account(extent.nbytes, 1, time.perf_counter() - t0, out=False)
+        return read
+
+    def free(self, extent: Extent) -> None:
+        self.store.free(extent.offset, extent.nbytes)
+        self.budget.release(round_up(extent.nbytes, ALIGN), OWNER)
+        with self._lock:
+            self.stats.resident_bytes -= extent.nbytes
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _undo(self, extents: list[Extent]) -> None:
+        for e in extents:
+            self.store.free(e.offset, e.nbytes)
+            self.budget.release(round_up(e.nbytes, ALIGN), OWNER)
+        return None
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self.stats.io_errors += 1

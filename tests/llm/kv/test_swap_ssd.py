@@ -1,0 +1,135 @@
+"""The SSD tier under the host tier: host chunks are demoted there under pressure and read back bit for bit into
+other memory; a failed write keeps the chunk on the host (or the swap is refused: recompute), a flipped byte on
+disk fails the checksum and the swap-in reports the loss instead of serving it, a full tier refuses; every tier's
+budget equals what it holds."""
+import pytest
+import torch
+
+from memfit.llm.kv.base import SeqStep
+from memfit.llm.kv.swap import SwapSpace
+from memfit.llm.kv.swap_ssd import SSDTier
+from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.extent_store import ALIGN, ExtentStore
+from memfit.memory.mapping import round_up
+from tests.llm.kv.test_swap import CACHES, contexts
+from tests.llm.kv.test_virtual import LAYOUT, write
+
+BPT = LAYOUT.bytes_per_token
+
+
+def setup(kind, tmp_path, host_tokens=24, ssd_bytes=1 << 20, reuse=False, threads=0):
+    cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
+    host = MemoryBudget(host_tokens * BPT, Tier.HOST, name="swap_space")
+    ssd = SSDTier(tmp_path, ssd_bytes)
+    swap = SwapSpace(cache, host, reuse=reuse, ssd=ssd, threads=threads)
+    for s in (1, 2, 3):
+        assert cache.try_allocate(s, 19)
+    write(cache, [SeqStep(s, 0, 19) for s in (1, 2, 3)])
+    return cache, host, ssd, swap
+
+
+def ssd_held(ssd: SSDTier) -> int:
+    """Bytes of extents in use, from the store's free list (not the tier's counters)."""
+    return ssd.store.capacity - sum(n for _, n in ssd.store.free_extents)
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_host_pressure_demotes_to_ssd_and_the_swap_in_restores_exactly(kind, threads, tmp_path):
+    cache, host, ssd, swap = setup(kind, tmp_path, threads=threads)
+    before = {s: contexts(cache, s, 19) for s in (1, 2)}
+    assert swap.try_swap_out(1, 19)
+    cache.free(1)
+    assert swap.try_swap_out(2, 19)  # the host tier holds one sequence: 1 goes down to the SSD tier
+    cache.free(2)
+    n1 = swap.runs_shape(19)[0]
+    assert host.used_bytes == swap.held_bytes() == n1 and ssd.stats.out_bytes == n1
+    assert ssd.budget.used_bytes == ssd_held(ssd) == round_up(n1, ALIGN)
+    assert cache.try_allocate(4, 30)  # the freed memory is overwritten
+    write(cache, [SeqStep(4, 0, 30)])
+    for s in (1, 2):
+        assert cache.try_allocate(s, 20)
+        if threads:
+            swap.start_swap_in(s)
+            assert swap.finish_swap_in(s) == 19
+        else:
+            assert swap.swap_in(s) == 19
+        assert all(torch.equal(a, b) for a, b in zip(before[s], contexts(cache, s, 19)))
+    assert ssd.stats.in_bytes == n1 and ssd.stats.io_errors == 0
+    assert host.used_bytes == 0 and ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    swap.close()
+    assert not ssd.store.path.exists()
+    cache.close()
+
+
+def test_a_failed_write_keeps_the_chunk_on_the_host_and_refuses_the_swap(tmp_path, monkeypatch):
+    cache, host, ssd, swap = setup("per-layer", tmp_path)
+    assert swap.try_swap_out(1, 19)
+
+    def failing(self, offset, buffers):
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(ExtentStore, "write", failing)
+    assert not swap.try_swap_out(2, 19)  # no room on the host, the SSD write failed: the caller recomputes 2
+    assert swap.holds(1) and not swap.holds(2) and ssd.stats.io_errors == 2  # demoting 1, then 2 straight down
+    assert host.used_bytes == swap.held_bytes() and ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    cache.free(1)
+    assert cache.try_allocate(1, 20) and swap.swap_in(1) == 19  # 1 was never lost
+    swap.close()
+    cache.close()
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_flipped_byte_on_disk_fails_the_checksum_and_is_never_served(tmp_path, threads):
+    cache, host, ssd, swap = setup("per-layer", tmp_path, threads=threads)
+    assert swap.try_swap_out(1, 19)
+    cache.free(1)
+    assert swap.try_swap_out(2, 19)  # 1 demoted
+    extent = swap._copies[1].chunks[0].extent
+    with open(ssd.store.path, "r+b") as f:  # flip one byte of 1's extent, on disk
+        f.seek(extent.offset + 1234)
+        b = f.read(1)
+        f.seek(extent.offset + 1234)
+        f.write(bytes([b[0] ^ 0x40]))
+    assert cache.try_allocate(1, 20)
+    if threads:
+        swap.start_swap_in(1)
+        assert swap.finish_swap_in(1) is None
+    else:
+        assert swap.swap_in(1) is None  # the scheduler recomputes the sequence
+    assert ssd.stats.io_errors == 1 and not swap.holds(1) and cache.num_tokens(1) == 0
+    assert ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    swap.close()
+    cache.close()
+
+
+def test_a_full_ssd_tier_refuses_and_the_swap_falls_back(tmp_path):
+    nbytes = 19 * BPT
+    cache, host, ssd, swap = setup("per-layer", tmp_path, ssd_bytes=round_up(nbytes, ALIGN))  # room for one run
+    for s in (1, 2):
+        assert swap.try_swap_out(s, 19)
+        cache.free(s)
+    assert not swap.try_swap_out(3, 19)  # 1 on SSD, 2 on the host: both tiers full
+    assert swap.holds(1) and swap.holds(2) and not swap.holds(3)
+    assert host.used_bytes == swap.held_bytes() and ssd.budget.used_bytes == ssd_held(ssd) <= ssd.budget.limit_bytes
+    swap.close()
+    cache.close()
+
+
+def test_kept_copies_go_to_ssd_before_live_ones_and_reuse_reads_them_back(tmp_path):
+    cache, host, ssd, swap = setup("token-major", tmp_path, reuse=True)
+    assert swap.try_swap_out(1, 19)
+    cache.free(1)
+    assert cache.try_allocate(1, 30) and swap.swap_in(1) == 19  # kept on the host
+    write(cache, [SeqStep(1, 19, 4)])
+    before = contexts(cache, 1, 23)
+    assert swap.try_swap_out(2, 19)  # host pressure: the kept copy of 1 is demoted, not dropped
+    cache.free(2)
+    assert swap.stats.kept_evictions == 1 and swap.holds(1) and swap._copies[1].chunks[0].buf is None
+    assert swap.try_swap_out(1, 23)  # moves only the 4 new tokens, to the host
+    assert swap._copies[1].chunks[-1].nbytes == 4 * BPT
+    cache.free(1)
+    assert cache.try_allocate(1, 30) and swap.swap_in(1) == 23  # one chunk from SSD, one from the host
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 23)))
+    swap.close()
+    cache.close()
