@@ -14,10 +14,11 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [8, 9, 10, 11], [200, 260, 31, 64, 12, 13
 DRAFTS = [[44, 45, 46], [100], [7, 8, 9, 10]]  # ids < 300: the tiny test models' vocabulary too  # chunks of 4, 2 and 5 tokens: ragged, as acceptance leaves them
 
 
-def _engine(kv_cache: str, threads: int, dtype: str = "float32", model: str = "memfit-tiny") -> LLM:
+def _engine(kv_cache: str, threads: int, dtype: str = "float32", model: str = "memfit-tiny",
+            cpu_linear: str = "auto") -> LLM:
     if build.unavailable_reason(getattr(torch, dtype)) is not None:
         pytest.skip(f"memfit's CPU kernels are unavailable here for {dtype}")
-    llm = LLM(model, dtype=dtype, kv_cache=kv_cache, max_num_seqs=8, threads=threads)
+    llm = LLM(model, dtype=dtype, kv_cache=kv_cache, max_num_seqs=8, threads=threads, cpu_linear=cpu_linear)
     assert llm.engine.runner.stack is not None  # the path under test
     return llm
 
@@ -50,8 +51,9 @@ def _verify(runner, seq_ids: list[int], use_stack: bool) -> tuple[torch.Tensor, 
 
 @pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
 @pytest.mark.parametrize("threads", [1, 2])  # 2: rows of one sequence attend on different threads
-def test_verification_through_the_stack_equals_the_chunked_path(kv_cache: str, threads: int) -> None:
-    llm = _engine(kv_cache, threads)
+@pytest.mark.parametrize("cpu_linear", ["auto", "memfit"])  # the blocked matmuls (here), the row-major ones
+def test_verification_through_the_stack_equals_the_chunked_path(kv_cache: str, threads: int, cpu_linear: str) -> None:
+    llm = _engine(kv_cache, threads, cpu_linear=cpu_linear)
     runner = llm.engine.runner
     _prefill(runner, [1, 2, 3])
     _prefill(runner, [11, 12, 13])
