@@ -16,9 +16,15 @@ rank) and in sending the step message. Memory per rank: the ledger's weights and
 Separately, `allreduce_us`: the latency of one gloo all-reduce of a decode step's (batch, hidden) bf16 activations
 between two ready processes (median of 200), times the 2L+1 all-reduces a step makes.
 
+With --speculative: batched speculative decoding against batched vanilla on the bundled pair (memfit-tiny with
+memfit-tiny-draft, float32, g 2, the prompts of benchmarks/speculative.py, 64 greedy tokens), at one rank and at
+two (the draft on rank 0, verification on both), alternating; tokens per second of the whole generate() call.
+
 NCCL is not measured: this machine has no GPU (the NCCL path is chosen at run time on CUDA).
 
     OMP_NUM_THREADS=1 python -m benchmarks.tensor_parallel --reps 3 --out benchmarks/results/tensor_parallel.json
+    OMP_NUM_THREADS=1 python -m benchmarks.tensor_parallel --speculative --reps 3 --batches 1,8 \
+        --out benchmarks/results/tensor_parallel_speculative.json
 """
 from __future__ import annotations
 
@@ -137,15 +143,65 @@ def allreduce_latency(shapes: list, reps: int = 200) -> dict:
     return res
 
 
+def run_speculative(tp: int, spec: bool, batch: int) -> dict:
+    from benchmarks.speculative import PROMPTS
+    from memfit.llm import LLM, SamplingParams
+
+    opts = dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=2) if spec else {}
+    llm = LLM(model="memfit-tiny", dtype="float32", threads=1, max_num_seqs=batch, tensor_parallel_size=tp, **opts)
+    prompts = (PROMPTS * -(-batch // len(PROMPTS)))[:batch]
+    sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    wall = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    wall = time.perf_counter() - wall
+    stats = llm.engine.stats()["speculative"]
+    llm.engine.close()
+    return {"tp": tp, "speculative": spec, "batch": batch, "tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
+            "acceptance": stats.get("token_acceptance"), "tokens": [o.outputs[0].token_ids for o in outs]}
+
+
+def main_speculative(a) -> int:
+    runs, summary = [], {}
+    for batch in [int(b) for b in a.batches.split(",")]:
+        for rep in range(a.reps):
+            for tp in (1, 2):
+                for spec in (False, True):
+                    r = run_speculative(tp, spec, batch)
+                    runs.append(r)
+                    print(f"[tensor_parallel] speculative batch {batch} rep {rep} tp {tp} spec {spec}: "
+                          f"{r['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+        for tp in (1, 2):
+            cell = {}
+            for spec in (False, True):
+                rs = [r for r in runs if r["batch"] == batch and r["tp"] == tp and r["speculative"] == spec]
+                cell["speculative" if spec else "plain"] = statistics.median(r["tokens_per_s"] for r in rs)
+                if spec:
+                    cell["acceptance"] = statistics.median(r["acceptance"] for r in rs)
+            cell["speculative_over_plain"] = cell["speculative"] / cell["plain"]
+            summary[f"b{batch} tp{tp}"] = cell
+    for batch in {r["batch"] for r in runs}:  # greedy speculation is lossless: every variant's tokens alike
+        rs = [r for r in runs if r["batch"] == batch]
+        summary[f"b{batch} same_tokens"] = all(r["tokens"] == rs[0]["tokens"] for r in rs)
+    for r in runs:
+        r.pop("tokens")
+    emit({"benchmark": "tensor_parallel_speculative", **header(1, note="one thread per rank; 2 cores shared"),
+          "runs": runs, "median": summary, "nccl": "not measured: no GPU on this machine"}, a.out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shapes", default="0.1b", help="comma-separated: 0.1b,0.5b")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--speculative", action="store_true", help="speculative against plain decoding at 1 and 2 ranks")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     pin_threads(1)
+    if a.speculative:
+        return main_speculative(a)
     from benchmarks.decode_setup import SHAPES, make_model_dir
 
     batches = [int(b) for b in a.batches.split(",")]
