@@ -21,9 +21,9 @@ tokens. A retained draft KV goes when the target's does (evicted under pressure,
 the draft's own cache is short of room.
 
 Adaptive g (`speculative_adaptive`): each sequence's acceptance rate is tracked from its verifications
-(`AcceptanceTracker`) and the cost of a draft pass relative to a target pass is timed (moving averages); each step
-a sequence asks for the g that emits the most tokens per unit of time (`best_gamma`), 0 when plain decoding is
-faster, with a one-draft probe every PROBE_EVERY steps so its estimate stays fresh. The room of step 1 can only
+(`AcceptanceTracker`) and the cost of a draft pass relative to a target pass is timed (running medians of the
+last COST_WINDOW timings); each step a sequence asks for the g that emits the most tokens per unit of time
+(`best_gamma`), 0 when plain decoding is faster, with a one-draft probe every PROBE_EVERY steps so its estimate stays fresh. The room of step 1 can only
 lower that g further.
 
 Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
@@ -31,7 +31,9 @@ budget that is a child of the engine's ledger, like the target's.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -45,6 +47,7 @@ from memfit.llm.kv.base import KVCacheManager
 
 
 PROBE_EVERY = 16  # adaptive g: a sequence decoding plainly speculates one token this often, to re-measure
+COST_WINDOW = 15  # adaptive g: each pass's cost is the median of this many recent timings
 
 
 class SpecDecoder:
@@ -63,8 +66,9 @@ class SpecDecoder:
         self.adaptive = adaptive
         self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
         self._plain_steps: dict[int, int] = {}  # seq_id -> steps decoded plainly since its last probe
-        # moving averages of seconds per draft pass, verification pass and plain decode step (adaptive g)
+        # seconds per draft pass, verification pass and plain decode step (adaptive g): medians of recent timings
         self._t: dict[str, float] = {}
+        self._recent: dict[str, deque[float]] = {}
 
     @property
     def draft_kv(self) -> KVCacheManager:
@@ -302,11 +306,14 @@ class SpecDecoder:
         self._observe("verify", verify_s)
 
     def _observe(self, what: str, seconds: float) -> None:
-        old = self._t.get(what)
-        self._t[what] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        """The estimate of `what` is the median of its last COST_WINDOW timings: a step another process delayed
+        (10x on a loaded machine, measured) would drag a moving average far off, and adaptive g with it."""
+        recent = self._recent.setdefault(what, deque(maxlen=COST_WINDOW))
+        recent.append(seconds)
+        self._t[what] = statistics.median(recent)
 
     def costs(self) -> tuple[float, float]:
-        """(draft pass, verification pass) in plain decode steps, from recent steps (moving averages); before any
+        """(draft pass, verification pass) in plain decode steps, from recent steps (running medians); before any
         plain step was timed, a verification pass stands for one; (0, 1) before any speculation was timed."""
         if "verify" not in self._t:
             return 0.0, 1.0

@@ -263,6 +263,21 @@ def test_adaptive_gamma_picks_plain_decoding_when_it_is_faster_and_probes() -> N
     assert dec._want(seq) == 4
 
 
+def test_adaptive_cost_estimates_ignore_a_delayed_step() -> None:
+    """One step another process delayed 50x must not move the estimate (a 0.8/0.2 moving average would put the
+    plain step at 10.8 ms and speculation at a tenth of its cost)."""
+    from memfit.llm.engine.spec_decode import COST_WINDOW
+
+    dec = LLM("memfit-tiny", threads=1, speculative_model=DRAFT, num_speculative_tokens=2,
+              speculative_adaptive=True).engine.spec
+    for _ in range(COST_WINDOW - 1):
+        dec._observe("plain", 0.001)
+        dec._time(0.0008, 2, 0.0012)  # two draft passes of 0.4 ms, a verification of 1.2 ms
+    dec._observe("plain", 0.050)
+    draft, verify = dec.costs()
+    assert draft == pytest.approx(0.4) and verify == pytest.approx(1.2)
+
+
 def test_adaptive_needs_a_draft() -> None:
     with pytest.raises(ValueError, match="speculative_adaptive"):
         EngineConfig(speculative_adaptive=True)
