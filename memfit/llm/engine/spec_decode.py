@@ -14,7 +14,9 @@ this step becomes speculative:
    every position; `speculative.rejection_sample` keeps n drafts and emits n+1 tokens;
 4. roll back: the K/V written for rejected drafts is truncated in both caches (`truncate`), so the caches
    hold exactly the tokens the sequence has.
-Prefill chunks and sequences left with g = 0 run through the ordinary `ModelRunner.execute` in the same step.
+Prefill chunks run through the ordinary `ModelRunner.execute` in the same step; one-token decode rows left with
+g = 0 join the verification pass (a row each, nothing drafted) rather than cost a target pass of their own, and go
+through `ModelRunner.execute` only when nobody speculates.
 Multi-turn: when a sequence with a session finishes, the draft keeps its KV as the target's cache does
 (`finished`); the next turn adopts both up to the common prefix (`adopt`), so the draft only catches up on the new
 tokens. A retained draft KV goes when the target's does (evicted under pressure, session ended), and first when
@@ -169,18 +171,27 @@ class SpecDecoder:
         extra = self.max_num_batched_tokens - sched.num_tokens  # the step's token budget left for drafts
         spec: list[tuple[Sequence, int]] = []
         plain: list[ScheduledSeq] = []
+        decode: list[ScheduledSeq] = []  # one-token decode rows left with g = 0
         for item in sched.scheduled:
             seq = item.seq
             gamma = 0
-            if item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0 and extra > 0:
+            decoding = item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0
+            if decoding and extra > 0:
                 want = self._useful(seq, self._want(seq))
                 gamma = self._room(seq, min(want, extra)) if want else 0
                 self.stats.shrunk += gamma < want  # the token budget or memory was short
             if gamma:
                 spec.append((seq, gamma))
                 extra -= gamma
+            elif decoding and item.samples:
+                decode.append(item)
             else:
                 plain.append(item)
+        if spec:  # they ride in the verification pass (one row each, nothing drafted) instead of a pass of their own
+            spec.extend((item.seq, 0) for item in decode)
+            self.stats.folded += len(decode)
+        else:
+            plain.extend(decode)
         t0 = time.perf_counter()
         result = self.target.execute(plain) if plain else StepResult([], [], [])
         if plain and not spec and all(item.num_new == 1 for item in plain):
@@ -219,6 +230,8 @@ class SpecDecoder:
             todo = [s for s in todo if self.draft_kv.num_tokens(s.seq_id) < s.num_tokens - 1]
 
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
+        """Draft, verify and roll back for `spec` (sequence, g) pairs; rows with g = 0 are plain decode rows that
+        only take part in the verification pass (their token is the target's own pick or draw)."""
         seqs = [s for s, _ in spec]
         gammas = [g for _, g in spec]
         B, K = len(seqs), max(gammas)
@@ -228,7 +241,7 @@ class SpecDecoder:
         # with no distributions, uniforms or draws built (they cost ~a fifth of a step on the bundled pair).
         greedy = all(p.greedy for p in params)
         u = None if greedy else self._uniforms(seqs, 2 * K + 1).to(dev)  # (B, 2K+1): K draft, K accept, 1 final
-        self._catch_up(seqs)
+        self._catch_up([s for s, g in spec if g])
         t0 = time.perf_counter()
         # 2. the draft proposes: catch up on what it has not seen, then one token per pass.
         drafts: list[list[int]] = [[] for _ in range(B)]  # row b: its gammas[b] drafts
@@ -282,21 +295,24 @@ class SpecDecoder:
             length = s.num_tokens  # before this step's tokens are appended
             self.target.kv.truncate(s.seq_id, length + n)
             s.num_computed = length + n  # the last emitted token is fed next step
-            self.draft_kv.truncate(s.seq_id, length + min(n, gammas[b] - 1))
+            if gammas[b]:
+                self.draft_kv.truncate(s.seq_id, length + min(n, gammas[b] - 1))
             lps = self._logprobs(logits[first : first + n + 1], s, emitted[b])
             first += gammas[b] + 1
             for tok, lp in zip(emitted[b], lps):
                 result.sampled_seqs.append(s)
                 result.token_ids.append(tok)
                 result.logprobs.append(lp)
+            if not gammas[b]:
+                continue
             if self.adaptive:
                 self._trackers.setdefault(s.seq_id, AcceptanceTracker()).update(n, gammas[b])
             self.stats.proposed += gammas[b]
             self.stats.accepted += n
             self.stats.rejections += n < gammas[b]
             self.stats.emitted += n + 1
+            self.stats.seq_steps += 1
         self.stats.steps += 1
-        self.stats.seq_steps += B
 
     def _time(self, draft_s: float, passes: int, verify_s: float) -> None:
         self.stats.draft_s += draft_s

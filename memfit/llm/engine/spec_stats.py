@@ -14,6 +14,7 @@ class SpecStats:
     shrunk: int = 0  # sequence-steps that ran with a smaller g than asked (memory or token budget)
     chose_plain: int = 0  # adaptive: sequence-steps for which plain decoding was predicted faster
     rejections: int = 0  # sequence-steps that ended at a rejected draft (the others accepted every draft)
+    folded: int = 0  # one-token decode rows with g = 0 that rode in a verification pass
     draft_s: float = 0.0  # seconds in the draft's proposal passes (catch-up prefill excluded)
     draft_passes: int = 0
     verify_s: float = 0.0  # seconds in verification passes
@@ -48,6 +49,6 @@ class SpecStats:
     def as_dict(self) -> dict:
         return {"spec_steps": self.steps, "spec_proposed": self.proposed, "spec_accepted": self.accepted,
                 "spec_emitted": self.emitted, "spec_seq_steps": self.seq_steps, "spec_shrunk": self.shrunk,
-                "spec_chose_plain": self.chose_plain, "token_acceptance": self.token_acceptance,
+                "spec_chose_plain": self.chose_plain, "spec_folded_plain": self.folded, "token_acceptance": self.token_acceptance,
                 "draft_cost": self.costs()[0], "verify_cost": self.costs()[1],
                 "acceptance_rate": self.acceptance_rate, "tokens_per_seq_step": self.tokens_per_seq_step}

@@ -42,6 +42,24 @@ def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str) -> No
     assert st["draft_kv_tokens_held"] == 0  # finished sequences gave their draft KV back
 
 
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_plain_rows_in_a_verification_pass_decode_as_plain_decoding(kv_cache: str) -> None:
+    """A sequence's last token is decoded with g = 0 (more drafts would pass max_tokens): with other sequences
+    speculating it rides in their verification pass. Greedy and seeded sampled requests of staggered lengths."""
+    prompts = PROMPTS[:4]
+    greedy = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (3, 8, 17, 30)]
+    kw = dict(dtype="float32", kv_cache=kv_cache, max_num_seqs=4, threads=1)
+    plain = LLM("memfit-tiny", **kw)
+    spec = LLM("memfit-tiny", **kw, speculative_model=DRAFT, num_speculative_tokens=3)
+    assert _tokens(spec.generate(prompts, greedy)) == _tokens(plain.generate(prompts, greedy))
+    st = spec.engine.stats()["speculative"]
+    assert st["spec_folded_plain"] > 0 and st["draft_kv_tokens_held"] == 0
+    sampled = [SamplingParams(max_tokens=m, temperature=1.0, seed=7 + m, ignore_eos=True) for m in (2, 6, 11, 25)]
+    outs = spec.generate(prompts, sampled)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 6, 11, 25]
+    assert spec.engine.stats()["speculative"]["spec_folded_plain"] > st["spec_folded_plain"]
+
+
 def test_greedy_bfloat16_differs_only_at_near_ties() -> None:
     """bf16 verification runs a (g+1)-token chunk where plain decoding runs one token. Through the decode stack
     both run the same kernels row by row (test_spec_forward.py: bit for bit with blocked matmuls); where another
