@@ -42,6 +42,8 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 class RankFailed(RuntimeError):
     """A tensor-parallel rank died or stopped answering: the engine cannot go on with a missing shard."""
 
+    fatal = True  # the server stops taking requests (server/async_engine.py)
+
 
 @dataclass
 class TPGroup:

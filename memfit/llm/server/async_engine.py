@@ -86,6 +86,7 @@ class AsyncEngine:
         self.metrics = metrics or ServerMetrics()
         self.state = "created"  # created -> loading -> ready | failed; -> stopping -> stopped
         self.load_error: BaseException | None = None
+        self.fatal_error: BaseException | None = None  # a step error after which the engine cannot serve
         self.stats: dict[str, Any] = {}
         self.engine: EngineClient | None = None  # call it only from the engine thread (model_info excepted)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -167,6 +168,8 @@ class AsyncEngine:
     def not_ready_message(self) -> str:
         if self.state == "loading":
             return "the model is still loading; retry in a few seconds"
+        if self.state == "failed" and self.fatal_error is not None:
+            return f"the engine cannot serve any more: {self.fatal_error}"
         if self.state == "failed":
             return f"the model failed to load: {self.load_error}"
         return "the server is shutting down"
@@ -264,6 +267,9 @@ class AsyncEngine:
         except Exception as exc:  # noqa: BLE001 - a bug: fail what is in flight, keep the server up
             log.exception("engine step failed; aborting the %d requests in flight", len(self._tracked))
             self._fail(list(self._tracked), EngineFailure(f"the engine failed: {type(exc).__name__}: {exc}"))
+            if getattr(exc, "fatal", False):  # the engine cannot go on (a lost tensor-parallel rank): stop taking
+                self.fatal_error = exc  # requests; /health says why (503)
+                self.state = "failed"
             return
         now = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
