@@ -146,3 +146,25 @@ def test_batched_speculation_across_ranks(models):
 def test_self_draft_is_refused_under_tp():
     with pytest.raises(ValueError, match="self-draft .* does not run under --tensor-parallel-size"):
         LLM(model="memfit-tiny", tensor_parallel_size=2, speculative_model="self:2")
+
+
+def test_preemption_under_a_tight_kv_budget_keeps_ranks_in_step():
+    """A per-rank KV budget that holds only part of the batch: rank 0 preempts (recompute) and readmits, the
+    worker replays every free and allocation, and the tokens are those of one rank with the same capacity (half
+    the KV heads per rank: half the bytes)."""
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, 4000, (int(n),), generator=g).tolist() for n in torch.randint(20, 120, (12,), generator=g)]
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    opts = dict(dtype="float32", threads=1, max_num_seqs=8)
+    one = LLM(model="memfit-tiny", kv_budget="1MiB", **opts)
+    two = LLM(model="memfit-tiny", kv_budget="512KiB", tensor_parallel_size=2, **opts)
+    try:
+        ref = one.generate(prompt_token_ids=ps, sampling_params=sp)
+        got = two.generate(prompt_token_ids=ps, sampling_params=sp)
+        assert two.engine.stats()["preemptions_by_mode"]["recompute"] > 0
+        ties = sum(near_tie_or_fail(one, p, r.outputs[0].token_ids, o.outputs[0].token_ids)
+                   for p, r, o in zip(ps, ref, got))
+        assert ties <= 1
+    finally:
+        two.engine.close()
+        one.engine.close()
