@@ -288,7 +288,9 @@ class Scheduler:
         """KV for a waiting sequence: preempting only sequences the policy ranks below it; a swapped
         sequence gets its KV back from the host tier (no recomputation)."""
         while not self._ensure_capacity(seq, seq.num_computed + num_new, out, may_preempt=False):
-            if getattr(self.kv, "last_refused", False) or not self._preempt_for(seq, out):
+            if getattr(self.kv, "last_refused", False):
+                return False
+            if not (self._preempt_for(seq, out) or (not self.running and self._evict_waiting_holder(seq))):
                 return False
         if seq.swapped:
             if self.swap.threads and out.scheduled:  # type: ignore[union-attr]
@@ -300,6 +302,22 @@ class Scheduler:
             if restored is None:
                 self._recompute_lost(seq)
         return True
+
+    def _evict_waiting_holder(self, keep: Sequence) -> bool:
+        """Nothing runs and `keep` does not fit: a waiting sequence that holds device KV (a session's next turn,
+        adopted with its previous turn's KV) gives it up, swapped out if the mode allows or recomputed later.
+        Otherwise waiting holders could fill the memory with nothing running to free it."""
+        for other in reversed(self.waiting):
+            if other is keep or other.swapped or other.swapping_in or not self.kv.has_seq(other.seq_id):
+                continue
+            if self._try_swap_out(other):
+                self.kv.free(other.seq_id)
+                other.swapped = True
+            else:
+                self._release(other)
+                other.num_computed = other.num_cached_prompt = 0
+            return True
+        return False
 
     def _recompute_lost(self, seq: Sequence) -> None:
         """A swap-in could not be served intact: the sequence starts over from token 0, in the memory it was just

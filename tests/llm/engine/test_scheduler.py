@@ -141,3 +141,21 @@ def test_token_slice_equals_slicing_all_tokens():
     for start in range(9):
         for end in range(start, 9):
             assert s.token_slice(start, end) == s.all_token_ids[start:end]
+
+
+def test_waiting_turns_holding_their_sessions_kv_cannot_fill_the_memory_with_nothing_running():
+    """Two sessions' next turns wait, each holding its previous turn's KV (adopted from the session), and together
+    they leave neither room to grow. With nothing running, one gives its KV up (recomputed later): both finish."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CountingKV(60))
+    a, b = seq("a", 40), seq("b", 40)
+    for s in (a, b):  # what LLMEngine._adopt_session_kv leaves: 25 tokens' KV held, the rest to prefill
+        assert sched.kv.try_allocate(s.seq_id, 25)
+        s.num_computed = s.num_cached_prompt = 25
+        sched.add(s)
+    for _ in range(40):
+        if not sched.has_unfinished():
+            break
+        assert run_step(sched)  # never an empty step with work left
+        for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
+            sched.finish(s, "length")
+    assert a.is_finished and b.is_finished and sched.kv.held == {}
