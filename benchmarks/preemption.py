@@ -11,7 +11,16 @@ Variants, all on the virtual cache, each in a fresh process (its own peak RSS), 
 - swap-block: swapped to the host tier in copies of 16 tokens per (layer, K|V) segment, synchronously (vLLM's
   per-block swap, in the same cache);
 - swap-run: each segment's whole run in one copy, synchronously (FastSwitch's large chunks);
-- swap-run-async: the same, swap-ins on 2 threads overlapped with the model step.
+- swap-run-async: the same, swap-ins on 2 threads overlapped with the model step;
+- swap-run-reuse: swap-run with cross-turn reuse (kv/swap.py): host copies are kept after a swap-in, a later
+  swap-out moves only new tokens, and a finished turn's KV evicted under pressure waits on the host for the
+  conversation's next turn (the other variants free it: the next turn prefills its whole history).
+The swap variants other than swap-run-reuse run with `swap_reuse=False`.
+
+`--workload multiturn` replays conversations instead (benchmarks/multiturn.py: MT-Bench two-turn questions and
+ShareGPT-like 3-8-turn conversations, each turn resending the history with the conversation's session id); the
+KV budget is then `--kv-seqs` sequences of `--history-max` tokens, and TTFT is per turn. Its default variants are
+recompute, swap-block, swap-run and swap-run-reuse.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes, swap throughput as a fraction of the host memcpy bandwidth measured here, peak RSS;
@@ -32,10 +41,13 @@ from pathlib import Path
 
 VARIANTS = {  # name -> engine options (the swap granularity is set on the swap space: block_tokens)
     "recompute": dict(preemption_mode="recompute"),
-    "swap-block": dict(preemption_mode="swap", swap_threads=0, block_tokens=16),
-    "swap-run": dict(preemption_mode="swap", swap_threads=0),
-    "swap-run-async": dict(preemption_mode="swap", swap_threads=2),
+    "swap-block": dict(preemption_mode="swap", swap_threads=0, block_tokens=16, swap_reuse=False),
+    "swap-run": dict(preemption_mode="swap", swap_threads=0, swap_reuse=False),
+    "swap-run-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=False),
+    "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
 }
+DEFAULT_VARIANTS = {"single": "recompute,swap-block,swap-run,swap-run-async",
+                    "multiturn": "recompute,swap-block,swap-run,swap-run-reuse"}
 
 
 def workload(a: argparse.Namespace) -> list[dict]:
@@ -82,17 +94,24 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         a.model = str(path if (path / "model.safetensors").exists() else make_model_dir(a.model, a.dtype or "float32", root))
     opts = dict(VARIANTS[name])
     block_tokens = opts.pop("block_tokens", None)
+    longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
-                       max_num_seqs=a.max_num_seqs, max_model_len=a.prompt_max + a.output_max + 1,
+                       max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
                        kv_eager_pages=0, kv_prefault=False, swap_space="1GiB", enable_prefix_caching=False)
     probe = LLMEngine(cfg.with_overrides(kv_budget="1GiB"))
-    kv_budget = int(a.kv_seqs * probe.kv.bytes_needed(a.prompt_max + a.output_max))
+    kv_budget = int(a.kv_seqs * probe.kv.bytes_needed(longest))
     vocab = probe.model_config.vocab_size
     probe.close()
     del probe
     engine = LLMEngine(cfg.with_overrides(kv_budget=kv_budget, **opts))
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
+    if a.workload == "multiturn":
+        from benchmarks.multiturn import replay
+
+        run = replay(a, engine)
+        return summarise(a, name, engine, run["times"], run["sent"], run["makespan"], kv_budget,
+                         turns=run["turns"], conversations=run["conversations"])
     reqs = workload(a)
     rng = random.Random(a.seed + 1)
     prompts = [[rng.randrange(3, vocab) for _ in range(r["prompt_len"])] for r in reqs]
@@ -126,6 +145,12 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
             if out.finished:
                 live.discard(out.request_id)
     makespan = time.perf_counter() - t0
+    return summarise(a, name, engine, times, arrival, makespan, kv_budget)
+
+
+def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: dict, makespan: float,
+              kv_budget: int, **extra) -> dict:
+    """One run's figures from each request's token stamps and arrival time."""
     ttft = [times[r][0] - arrival[r] for r in times]
     tbt = [b - a_ for ts in times.values() for a_, b in zip(ts, ts[1:])]
     st = engine.stats()
@@ -139,12 +164,15 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         "preemptions": st["preemptions_by_mode"],
         "kv_budget_bytes": kv_budget,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **extra,
     }
     if swap:
         seconds = swap["seconds_sum"]
         result["swap"] = {"tier": "host", "out_ops": swap["out_ops"], "in_ops": swap["in_ops"],
                           "out_bytes": swap["out_bytes"], "in_bytes": swap["in_bytes"],
                           "async_swap_ins": swap["async_swap_ins"], "seconds": seconds,
+                          "moved_bytes": swap["out_bytes"] + swap["in_bytes"],
+                          "reused_tokens": swap.get("reused_tokens", 0),
                           "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None}
     engine.close()
     return result
@@ -180,6 +208,9 @@ def plot(result: dict, png: Path) -> None:
             vals = [r["ttft_s"]["p99"] for r in rows]
         elif key is None:
             vals = [r["tbt_p99_9_s"] for r in rows]
+        elif result.get("workload") == "multiturn":
+            vals = [r.get("swap", {}).get("moved_bytes", 0) / 2**20 for r in rows]
+            label = "swap MiB moved (out + in)"
         else:
             vals = [r.get("swap", {}).get("out_ops", 0) + r.get("swap", {}).get("in_ops", 0) for r in rows]
         ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4"][: len(names)])
@@ -205,7 +236,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every variant, interleaved; medians reported")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="comma-separated (default: per workload, see above)")
+    ap.add_argument("--workload", default="single", choices=["single", "multiturn"])
+    ap.add_argument("--think", type=float, default=0.5, help="multiturn: mean seconds between a turn and the next")
+    ap.add_argument("--history-max", type=int, default=1024, help="multiturn: longest conversation, in tokens")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--runs-from", default=None, help="summarise the runs logged (stderr) by an earlier invocation")
     ap.add_argument("--out", default=None)
@@ -220,7 +254,7 @@ def main() -> int:
     if "--out" in argv:
         i = argv.index("--out")
         del argv[i : i + 2]
-    names = a.variants.split(",")
+    names = (a.variants or DEFAULT_VARIANTS[a.workload]).split(",")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     if a.runs_from:  # the per-run JSON lines a previous invocation logged on stderr (one per variant and rep)
         for line in Path(a.runs_from).read_text().splitlines():
@@ -247,7 +281,7 @@ def main() -> int:
                 "ttft_p99_vs_swap_block": base["ttft_s"]["p99"] / r["ttft_s"]["p99"],
                 "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],
             }
-    result = {**header(a.threads, a.seed), "benchmark": "preemption", "model": a.model, "rate": a.rate,
+    result = {**header(a.threads, a.seed), "benchmark": "preemption", "workload": a.workload, "model": a.model, "rate": a.rate,
               "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw,
               "rows": rows, "speedup_over_swap_block": ratios, "runs": runs}
     emit(result, a.out, plot)
