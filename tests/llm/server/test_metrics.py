@@ -36,3 +36,16 @@ def test_server_metrics_names_and_types():
     # Every sample line is `name[{labels}] value`, every metric announced once.
     types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert len(types) == len(set(types))
+
+
+def test_swap_series_carry_one_sample_per_tier_under_one_help_line():
+    """With an SSD tier, each memfit_swap_* series has a host and an ssd sample, declared once (Prometheus text
+    format allows one HELP/TYPE per metric)."""
+    tier = {"out_bytes": 10, "in_bytes": 20, "out_ops": 1, "in_ops": 2, "resident_bytes": 5}
+    swap = {**tier, "tier": "host", "seconds_buckets": (0.1,), "seconds_counts": [1, 0], "seconds_sum": 0.05,
+            "tiers": [{**tier, "tier": "host"}, {**tier, "out_bytes": 7, "resident_bytes": 0, "tier": "ssd"}]}
+    text = ServerMetrics().render({"swap": swap, "preemptions_by_mode": {"recompute": 0, "swap": 1}}, "ready")
+    m = parse_metrics(text)
+    assert m['memfit_swap_out_bytes_total{tier="host"}'] == 10 and m['memfit_swap_out_bytes_total{tier="ssd"}'] == 7
+    assert m['memfit_tier_resident_bytes{tier="ssd"}'] == 0
+    assert text.count("# HELP memfit_swap_out_bytes_total") == 1 and text.count("# TYPE memfit_tier_resident_bytes") == 1
