@@ -265,7 +265,10 @@ def main() -> int:
         for name in names:
             print(f"[preemption] rep {rep + 1}/{a.reps}: {name} ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, "-m", "benchmarks.preemption", *argv, "--worker", name],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-4000:])
+                proc.check_returncode()
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[name][-1]), file=sys.stderr, flush=True)
     rows = [median_row(runs[n]) for n in names]

@@ -207,6 +207,8 @@ class Scheduler:
                 continue
             if may_preempt and self._preempt_newest(out, keep=seq):
                 continue
+            if may_preempt and self._evict_waiting_holder(seq):  # before a running sequence preempts itself
+                continue
             return False
 
     def _try_allocate(self, seq: Sequence, num_tokens: int) -> bool:
