@@ -159,3 +159,22 @@ def test_waiting_turns_holding_their_sessions_kv_cannot_fill_the_memory_with_not
         for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
             sched.finish(s, "length")
     assert a.is_finished and b.is_finished and sched.kv.held == {}
+
+
+def test_a_running_sequence_takes_a_waiting_turns_kv_before_preempting_itself():
+    """r runs and must grow; w waits holding its session's KV and leaves r no room. r takes w's KV (w is recomputed
+    later) instead of preempting itself, which left an empty step with nothing running."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CountingKV(60))
+    r, w = seq("r", 30, max_tokens=20), seq("w", 30)
+    sched.add(r)
+    run_step(sched)  # r's prefill
+    assert sched.kv.try_allocate(w.seq_id, 25)
+    w.num_computed = w.num_cached_prompt = 25
+    sched.add(w)
+    for _ in range(60):
+        if not sched.has_unfinished():
+            break
+        assert run_step(sched)  # never an empty step with work left
+        for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
+            sched.finish(s, "length")
+    assert r.is_finished and w.is_finished and r.num_preemptions == 0 and sched.kv.held == {}
