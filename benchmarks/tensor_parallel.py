@@ -185,7 +185,7 @@ def main_speculative(a) -> int:
         summary[f"b{batch} same_tokens"] = all(r["tokens"] == rs[0]["tokens"] for r in rs)
     for r in runs:
         r.pop("tokens")
-    emit({"benchmark": "tensor_parallel_speculative", **header(1, note="one thread per rank; 2 cores shared"),
+    emit({"benchmark": "tensor_parallel", "mode": "speculative", **header(1, note="one thread per rank; 2 cores shared"),
           "runs": runs, "median": summary, "nccl": "not measured: no GPU on this machine"}, a.out)
     return 0
 
