@@ -5,8 +5,8 @@
     kv.try_allocate(seq_id, n + k); swap.swap_in(seq_id)   # later, into whatever memory it gets then
 
 The scheduler calls these (it never touches a tensor itself); this module and the KV manager own the copies.
-A swapped sequence's KV is a list of chunks, each one host buffer (uint8, pinned on CUDA) holding a token range
-[lo, hi) of every segment, reserved in the swap budget before it is allocated: a full tier refuses
+A swapped sequence's KV is a list of chunks (swap_reuse.py), each one host buffer (uint8, pinned on CUDA) holding
+a token range [lo, hi) of every segment, reserved in the swap budget before it is allocated: a full tier refuses
 (`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
 
 How many copies a swap takes is the cache's layout (`_pieces`), and is the point of FastSwitch's block groups:
@@ -17,14 +17,9 @@ How many copies a swap takes is the cache's layout (`_pieces`), and is the point
 `block_tokens` splits the virtual cache's runs into copies of that many tokens: the per-block baseline in the
 same cache, so a comparison differs in the copy granularity alone (benchmarks/preemption.py).
 
-Cross-turn reuse (`reuse`, FastSwitch's third idea). A swap-in leaves the host copy in place, marked *kept*,
-with `valid` = the tokens it holds for positions 0..valid-1. While the sequence runs on, those positions do not
-change (new tokens go after them), so its next swap-out copies only [valid, n): one more chunk. A finished
-conversation turn whose device KV is evicted goes to the host the same way (scheduler: `_evict_retained`), and
-the session's next turn swaps in instead of prefilling (engine: `_adopt_session_kv`). A prompt that diverges
-from the held tokens truncates `valid` (`truncate`). Kept copies are evictable: when a reservation does not fit,
-the least recently used kept copies go first (to the SSD tier below when there is one, swap_ssd.py); a copy
-that is a swapped-out sequence's only KV (`live`) is never dropped.
+Cross-turn reuse (`reuse`, FastSwitch's third idea): a swap-in leaves the host copy in place, *kept*, so the
+sequence's next swap-out copies only its new tokens; kept copies are evicted least recently used first. The book
+of copies (chunks, valid ranges, the LRU, making room, demotion to the SSD tier) is swap_reuse.py.
 
 Swap-outs are synchronous: the scheduler preempts because it needs the memory in the same step. Swap-ins may
 run on a thread pool (`threads` > 0), overlapped with the model step: `start_swap_in` launches the copies into
@@ -39,15 +34,14 @@ recomputes the sequence, so corrupt KV is never served.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
+from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget
 
 if TYPE_CHECKING:
@@ -56,22 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
 
 Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
-
-
-@dataclass
-class _Chunk:
-    lo: int  # first token (a multiple of the cache's granule)
-    hi: int  # one past the last token
-    nbytes: int
-    buf: torch.Tensor | None  # (nbytes,) uint8 on the host: the pieces of [lo, hi) in `_pieces` order; None on SSD
-    extent: object | None = None  # where it sits on the SSD tier (swap_ssd.py), when demoted
-
-
-@dataclass
-class _Copy:
-    chunks: list[_Chunk]
-    valid: int  # positions 0..valid-1 of the sequence: what a swap-in restores
-    live: bool  # the swapped-out sequence's only KV (never evicted); False: a kept copy (reuse)
 
 
 class SwapSpace:
@@ -92,10 +70,13 @@ class SwapSpace:
         self.granule = 1 if kv.fixed_stride else kv.block_size  # type: ignore[attr-defined]  # a chunk starts on one
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
-        self._copies: dict[int, _Copy] = {}
-        self._kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
+        self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def _copies(self) -> dict[int, Copy]:  # the held copies by sequence id (tests look at their chunks)
+        return self.book.copies
 
     # ---- where a sequence's KV lives, as contiguous runs ---------------------------------------------
     def _pieces(self, lo: int, hi: int) -> list[Piece]:
@@ -144,12 +125,11 @@ class SwapSpace:
         return seq_id in self._copies
 
     def valid_tokens(self, seq_id: int) -> int:
-        copy = self._copies.get(seq_id)
-        return copy.valid if copy is not None else 0
+        return self.book.valid_tokens(seq_id)
 
     def held_bytes(self) -> int:
         """Bytes of every chunk held on the host, summed from the buffers themselves."""
-        return sum(c.buf.numel() for copy in self._copies.values() for c in copy.chunks if c.buf is not None)
+        return self.book.held_bytes()
 
     def prefers_swap(self, num_tokens: int) -> bool:
         if self.cost is None:
@@ -165,25 +145,25 @@ class SwapSpace:
             raise KVCacheError(f"sequence {seq_id} is already swapped out")
         start = 0
         if copy is not None:
-            self._truncate(copy, num_tokens)
+            self.book.truncate(copy, num_tokens)
             start = copy.valid - copy.valid % self.granule  # positions before it are held and unchanged
-            self._drop_chunks(copy, start)  # a partly valid last block is copied again
-            self._kept.pop(seq_id, None)  # not a victim while room is made for its own new tokens
+            self.book.drop_chunks(copy, start)  # a partly valid last block is copied again
+            self.book.mark_kept(seq_id, False)  # not a victim while room is made for its own new tokens
         t0 = time.perf_counter()
         pieces = self._pieces(start, num_tokens)
         nbytes = sum(self._piece_bytes(p) for p in pieces)
         spilled = None
-        if nbytes and not self._reserve(nbytes, seq_id):
+        if nbytes and not self.book.reserve(nbytes, seq_id, self._inflight):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
                 spilled = self.ssd.write_runs(self.runs(seq_id, num_tokens, start))
             if spilled is None:
                 if copy is not None:
-                    self._drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
+                    self.book.drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
                 return False
         if copy is None:
-            copy = self._copies[seq_id] = _Copy([], 0, False)
+            copy = self._copies[seq_id] = Copy([], 0, False)
         if spilled is not None:
-            copy.chunks.append(_Chunk(start, num_tokens, nbytes, None, spilled))
+            copy.chunks.append(Chunk(start, num_tokens, nbytes, None, spilled))
         elif pieces:
             try:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
@@ -192,14 +172,12 @@ class SwapSpace:
             except BaseException:
                 self.budget.release(nbytes, OWNER)
                 raise
-            copy.chunks.append(_Chunk(start, num_tokens, nbytes, buf))
+            copy.chunks.append(Chunk(start, num_tokens, nbytes, buf))
             self.stats.resident_bytes += nbytes
             self._account(self.stats, nbytes, len(pieces), time.perf_counter() - t0, out=True)
         self.stats.reused_tokens += start
         copy.valid, copy.live = num_tokens, not keep
-        self._kept.pop(seq_id, None)
-        if keep:
-            self._kept[seq_id] = None
+        self.book.mark_kept(seq_id, keep)
         return True
 
     def swap_in(self, seq_id: int) -> int | None:
@@ -249,9 +227,9 @@ class SwapSpace:
         """Positions from `num_tokens` on are about to be overwritten (a new turn's prompt diverged there)."""
         copy = self._copies.get(seq_id)
         if copy is not None:
-            self._truncate(copy, num_tokens)
+            self.book.truncate(copy, num_tokens)
             if copy.valid == 0:
-                self._drop(seq_id)
+                self.book.drop(seq_id)
 
     def adopt(self, seq_id: int, num_tokens: int) -> int:
         """A session's next turn takes over the kept copy of `seq_id` for its first `num_tokens` tokens: the copy
@@ -263,7 +241,7 @@ class SwapSpace:
         if copy is None:
             return 0
         copy.live = True
-        self._kept.pop(seq_id, None)
+        self.book.mark_kept(seq_id, False)
         return copy.valid
 
     def discard(self, seq_id: int) -> None:
@@ -271,7 +249,7 @@ class SwapSpace:
         if seq_id in self._inflight:  # the copies write into its KV: let them land before that is freed
             future = self._inflight.pop(seq_id)[2]
             future.exception()
-        self._drop(seq_id)
+        self.book.drop(seq_id)
 
     def close(self) -> None:
         for seq_id in [*self._copies, *self._inflight]:
@@ -282,13 +260,13 @@ class SwapSpace:
             self.ssd.close()
 
     # ---- inside ----------------------------------------------------------------------------------------
-    def _live(self, seq_id: int) -> _Copy:
+    def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)
         if copy is None or not copy.live:
             raise KVCacheError(f"sequence {seq_id} is not swapped out")
         return copy
 
-    def _pairs(self, seq_id: int, copy: _Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
+    def _pairs(self, seq_id: int, copy: Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
         """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
         rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
         slice, or a chunk on the SSD tier (read and checked on the copying thread)."""
@@ -315,97 +293,19 @@ class SwapSpace:
                 raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {chunk.buf.numel()} bytes)")
         return pairs, nbytes  # nbytes: from host buffers (the SSD tier counts its own reads)
 
-    def _complete(self, seq_id: int, copy: _Copy, copies: int, nbytes: int, seconds: float) -> int:
+    def _complete(self, seq_id: int, copy: Copy, copies: int, nbytes: int, seconds: float) -> int:
         self.kv.mark_restored(seq_id, copy.valid)  # a restored sequence holds these tokens again
         self._account(self.stats, nbytes, copies, seconds, out=False)
         if self.reuse:
             copy.live = False
-            self._kept[seq_id] = None
+            self.book.mark_kept(seq_id, True)
         else:
-            self._drop(seq_id)
+            self.book.drop(seq_id)
         return copy.valid
 
     def _lost(self, seq_id: int) -> None:
         self.stats.io_errors += 1
-        self._drop(seq_id)
-
-    def _truncate(self, copy: _Copy, num_tokens: int) -> None:
-        copy.valid = min(copy.valid, num_tokens)
-        for chunk in copy.chunks:  # an SSD chunk is read whole: one reaching past `valid` goes, and what follows
-            if chunk.buf is None and chunk.hi > copy.valid:
-                copy.valid = min(copy.valid, chunk.lo)
-        self._drop_chunks(copy, copy.valid)
-
-    def _drop_chunks(self, copy: _Copy, lo: int) -> None:
-        """Free the chunks starting at or past token `lo`."""
-        for chunk in [c for c in copy.chunks if c.lo >= lo]:
-            copy.chunks.remove(chunk)
-            self._free_chunk(chunk)
-
-    def _free_chunk(self, chunk: _Chunk) -> None:
-        if chunk.buf is not None:
-            self.budget.release(chunk.nbytes, OWNER)
-            self.stats.resident_bytes -= chunk.nbytes
-            chunk.buf = None
-        elif self.ssd is not None:
-            self.ssd.free(chunk.extent)
-
-    def _drop(self, seq_id: int) -> None:
-        copy = self._copies.pop(seq_id, None)
-        self._kept.pop(seq_id, None)
-        if copy is not None:
-            for chunk in copy.chunks:
-                self._free_chunk(chunk)
-
-    def _reserve(self, nbytes: int, for_seq: int) -> bool:
-        """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used
-        first; a live copy is demoted only to the SSD tier, never dropped."""
-        while not self.budget.try_reserve(nbytes, OWNER):
-            victim = next((s for s in self._kept if s != for_seq and self._on_host(s)), None)
-            if victim is not None:
-                self.stats.kept_evictions += 1
-                if not (self.ssd is not None and self._demote(victim)):
-                    self._drop(victim)
-                continue
-            if self.ssd is None or not self._demote_live(for_seq):
-                return False
-        return True
-
-    def _on_host(self, seq_id: int) -> bool:
-        return any(c.buf is not None for c in self._copies[seq_id].chunks)
-
-    def _demote(self, seq_id: int) -> bool:
-        """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
-        tier cannot take them (then nothing moved)."""
-        copy = self._copies[seq_id]
-        host = [c for c in copy.chunks if c.buf is not None]
-        if not host:
-            return False
-        extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
-        while extents is None and not self.ssd.write_failed:  # type: ignore[union-attr]  # full: its LRU kept copy goes
-            victim = next((s for s in self._kept if s != seq_id and not self._on_host(s)), None)
-            if victim is None:
-                return False
-            self._drop(victim)
-            extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
-        if extents is None:
-            return False
-        for chunk, extent in zip(host, extents):
-            self._free_chunk(chunk)
-            chunk.extent = extent
-        self._kept.pop(seq_id, None)
-        if not copy.live:
-            self._kept[seq_id] = None  # still kept, now from the SSD tier: least recently used again
-            self._kept.move_to_end(seq_id, last=False)
-        return True
-
-    def _demote_live(self, for_seq: int) -> bool:
-        """Under host pressure with no kept copy left, the oldest live copy with host chunks goes to SSD."""
-        for seq_id, copy in list(self._copies.items()):  # a demotion may drop kept copies from the SSD tier
-            if seq_id != for_seq and seq_id not in self._inflight and copy.live \
-                    and self._on_host(seq_id) and self._demote(seq_id):
-                return True
-        return False
+        self.book.drop(seq_id)
 
     def _account(self, st: SwapStats, nbytes: int, ops: int, seconds: float, out: bool) -> None:
         st.account(nbytes, ops, seconds, out)

@@ -1,0 +1,149 @@
+"""The swap tier's book of host copies (kv/swap.py moves the bytes; this module decides what is held).
+
+A sequence's copy is a list of chunks, each one host buffer (uint8, pinned on CUDA) holding a token range
+[lo, hi) of every segment, or an extent on the SSD tier (swap_ssd.py) once demoted. `valid` is how many of
+positions 0..valid-1 a swap-in restores.
+
+Cross-turn reuse (FastSwitch's third idea). A swap-in leaves the host copy in place, marked *kept*. While the
+sequence runs on, positions 0..valid-1 do not change (new tokens go after them), so its next swap-out copies only
+[valid, n): one more chunk. A finished conversation turn whose device KV is evicted goes to the host the same
+way (scheduler: `_evict_retained`), and the session's next turn swaps in instead of prefilling (engine:
+`_adopt_session_kv`). A prompt that diverges from the held tokens truncates `valid` (`truncate`). Kept copies are
+evictable: when a reservation does not fit, the least recently used kept copies go first (to the SSD tier below
+when there is one); a copy that is a swapped-out sequence's only KV (`live`) is never dropped.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from memfit.llm.kv.swap_model import OWNER, SwapStats
+from memfit.memory.budget import MemoryBudget
+
+if TYPE_CHECKING:
+    from memfit.llm.kv.swap_ssd import SSDTier
+
+__all__ = ["Chunk", "Copy", "HostCopies"]
+
+
+@dataclass
+class Chunk:
+    lo: int  # first token (a multiple of the cache's granule)
+    hi: int  # one past the last token
+    nbytes: int
+    buf: torch.Tensor | None  # (nbytes,) uint8 on the host: the pieces of [lo, hi) in `_pieces` order; None on SSD
+    extent: object | None = None  # where it sits on the SSD tier (swap_ssd.py), when demoted
+
+
+@dataclass
+class Copy:
+    chunks: list[Chunk]
+    valid: int  # positions 0..valid-1 of the sequence: what a swap-in restores
+    live: bool  # the swapped-out sequence's only KV (never evicted); False: a kept copy (reuse)
+
+
+class HostCopies:
+    """Every held copy by sequence id, the LRU order of the kept ones, and the host budget they are reserved in
+    (`stats` is the swap tier's: the resident bytes and kept evictions are counted here)."""
+
+    def __init__(self, budget: MemoryBudget, stats: SwapStats, ssd: SSDTier | None = None) -> None:
+        self.budget, self.stats, self.ssd = budget, stats, ssd
+        self.copies: dict[int, Copy] = {}
+        self.kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
+
+    def valid_tokens(self, seq_id: int) -> int:
+        copy = self.copies.get(seq_id)
+        return copy.valid if copy is not None else 0
+
+    def held_bytes(self) -> int:
+        """Bytes of every chunk held on the host, summed from the buffers themselves."""
+        return sum(c.buf.numel() for copy in self.copies.values() for c in copy.chunks if c.buf is not None)
+
+    def mark_kept(self, seq_id: int, kept: bool) -> None:
+        """`seq_id`'s copy is evictable (most recently used now) or not."""
+        self.kept.pop(seq_id, None)
+        if kept:
+            self.kept[seq_id] = None
+
+    def truncate(self, copy: Copy, num_tokens: int) -> None:
+        copy.valid = min(copy.valid, num_tokens)
+        for chunk in copy.chunks:  # an SSD chunk is read whole: one reaching past `valid` goes, and what follows
+            if chunk.buf is None and chunk.hi > copy.valid:
+                copy.valid = min(copy.valid, chunk.lo)
+        self.drop_chunks(copy, copy.valid)
+
+    def drop_chunks(self, copy: Copy, lo: int) -> None:
+        """Free the chunks starting at or past token `lo`."""
+        for chunk in [c for c in copy.chunks if c.lo >= lo]:
+            copy.chunks.remove(chunk)
+            self.free_chunk(chunk)
+
+    def free_chunk(self, chunk: Chunk) -> None:
+        if chunk.buf is not None:
+            self.budget.release(chunk.nbytes, OWNER)
+            self.stats.resident_bytes -= chunk.nbytes
+            chunk.buf = None
+        elif self.ssd is not None:
+            self.ssd.free(chunk.extent)
+
+    def drop(self, seq_id: int) -> None:
+        copy = self.copies.pop(seq_id, None)
+        self.kept.pop(seq_id, None)
+        if copy is not None:
+            for chunk in copy.chunks:
+                self.free_chunk(chunk)
+
+    def reserve(self, nbytes: int, for_seq: int, busy: Container[int]) -> bool:
+        """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used
+        first; a live copy is demoted only to the SSD tier, never dropped (and not while in `busy`: a swap-in
+        of it is in flight)."""
+        while not self.budget.try_reserve(nbytes, OWNER):
+            victim = next((s for s in self.kept if s != for_seq and self.on_host(s)), None)
+            if victim is not None:
+                self.stats.kept_evictions += 1
+                if not (self.ssd is not None and self.demote(victim)):
+                    self.drop(victim)
+                continue
+            if self.ssd is None or not self._demote_live(for_seq, busy):
+                return False
+        return True
+
+    def on_host(self, seq_id: int) -> bool:
+        return any(c.buf is not None for c in self.copies[seq_id].chunks)
+
+    def demote(self, seq_id: int) -> bool:
+        """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
+        tier cannot take them (then nothing moved)."""
+        copy = self.copies[seq_id]
+        host = [c for c in copy.chunks if c.buf is not None]
+        if not host:
+            return False
+        extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+        while extents is None and not self.ssd.write_failed:  # type: ignore[union-attr]  # full: its LRU kept copy goes
+            victim = next((s for s in self.kept if s != seq_id and not self.on_host(s)), None)
+            if victim is None:
+                return False
+            self.drop(victim)
+            extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+        if extents is None:
+            return False
+        for chunk, extent in zip(host, extents):
+            self.free_chunk(chunk)
+            chunk.extent = extent
+        self.kept.pop(seq_id, None)
+        if not copy.live:
+            self.kept[seq_id] = None  # still kept, now from the SSD tier: least recently used again
+            self.kept.move_to_end(seq_id, last=False)
+        return True
+
+    def _demote_live(self, for_seq: int, busy: Container[int]) -> bool:
+        """Under host pressure with no kept copy left, the oldest live copy with host chunks goes to SSD."""
+        for seq_id, copy in list(self.copies.items()):  # a demotion may drop kept copies from the SSD tier
+            if seq_id != for_seq and seq_id not in busy and copy.live \
+                    and self.on_host(seq_id) and self.demote(seq_id):
+                return True
+        return False
