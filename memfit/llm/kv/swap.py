@@ -9,13 +9,8 @@ A swapped sequence's KV is a list of chunks (swap_reuse.py), each one host buffe
 a token range [lo, hi) of every segment, reserved in the swap budget before it is allocated: a full tier refuses
 (`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
 
-How many copies a swap takes is the cache's layout (`_pieces`), and is the point of FastSwitch's block groups:
-- virtual cache: a sequence's K/V are contiguous per segment of its slot, so rows lo..hi-1 of each segment are
-  one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
-- paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
-  per-block synchronous swap, kept as the baseline.
-`block_tokens` splits the virtual cache's runs into copies of that many tokens: the per-block baseline in the
-same cache, so a comparison differs in the copy granularity alone (benchmarks/preemption.py).
+How many copies a swap takes is the cache's layout, the point of FastSwitch's block groups: one run per segment
+in the virtual cache, one per block in the paged one (swap_layout.py; `block_tokens` splits the virtual runs).
 
 Cross-turn reuse (`reuse`, FastSwitch's third idea): a swap-in leaves the host copy in place, *kept*, so the
 sequence's next swap-out copies only its new tokens; kept copies are evicted least recently used first. The book
@@ -40,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
+from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget
@@ -48,9 +44,6 @@ if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
 
 __all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
-
-Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
-
 
 class SwapSpace:
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
@@ -64,10 +57,10 @@ class SwapSpace:
         if block_tokens is not None and block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.kv, self.budget, self.cost, self.threads = kv, budget, cost, threads
-        self.block_tokens = block_tokens  # None: whole runs (see the module docstring)
+        self.run_map = SwapRuns(kv, block_tokens)  # where a sequence's KV lives, as runs (swap_layout.py)
         self.reuse, self.ssd = reuse, ssd
         self.pin = kv.layout.device.type == "cuda"
-        self.granule = 1 if kv.fixed_stride else kv.block_size  # type: ignore[attr-defined]  # a chunk starts on one
+        self.granule = self.run_map.granule  # a chunk starts on one
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
         self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
@@ -78,46 +71,21 @@ class SwapSpace:
     def _copies(self) -> dict[int, Copy]:  # the held copies by sequence id (tests look at their chunks)
         return self.book.copies
 
-    # ---- where a sequence's KV lives, as contiguous runs ---------------------------------------------
-    def _pieces(self, lo: int, hi: int) -> list[Piece]:
-        """The runs holding positions lo..hi-1 in buffer order, by arithmetic alone (no sequence needed)."""
-        kv = self.kv
-        if hi <= lo:
-            return []
-        if kv.fixed_stride:  # virtual cache: rows lo..hi-1 of each segment of the slot
-            step = hi - lo if self.block_tokens is None else self.block_tokens
-            return [(j, a, min(a + step, hi)) for j in range(kv.num_segments) for a in range(lo, hi, step)]  # type: ignore[attr-defined]
-        bs = self.granule
-        blocks = range(lo // bs, kv.blocks_for(hi))  # type: ignore[attr-defined]
-        return [(p, i * bs, (i + 1) * bs) for p in range(2 * kv.layout.num_layers) for i in blocks]
+    @property
+    def block_tokens(self) -> int | None:  # benchmarks/preemption.py sets it on a built engine's swap
+        return self.run_map.block_tokens
 
-    def _piece_bytes(self, piece: Piece) -> int:
-        kv = self.kv
-        if kv.fixed_stride:
-            return (piece[2] - piece[1]) * kv.row_bytes  # type: ignore[attr-defined]
-        return kv.block_bytes // (2 * kv.layout.num_layers)  # type: ignore[attr-defined]  # one pool's block
-
-    def _view(self, seq_id: int, piece: Piece, table: list[int] | None = None) -> torch.Tensor:
-        """The sequence's memory of one piece, as a uint8 run."""
-        kv, (j, a, b) = self.kv, piece
-        if kv.fixed_stride:
-            off = kv.slot_of(seq_id) * kv.slot_bytes + j * kv.seg_bytes + a * kv.row_bytes  # type: ignore[attr-defined]
-            return kv.arena.view(torch.uint8, ((b - a) * kv.row_bytes,), (1,), off)  # type: ignore[attr-defined]
-        pool = (*kv.k, *kv.v)[j]  # type: ignore[attr-defined]
-        block = pool[(table if table is not None else kv.block_table(seq_id))[a // self.granule]]  # type: ignore[attr-defined]
-        block = block.transpose(0, 1) if kv.head_major else block  # type: ignore[attr-defined]  # (bs, Hkv, D) either way
-        return block.reshape(-1).view(torch.uint8)
+    @block_tokens.setter
+    def block_tokens(self, value: int | None) -> None:
+        self.run_map.block_tokens = value
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0) -> list[torch.Tensor]:
-        """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
-        layout allows, in an order that depends only on the range (so a swap-in into other memory matches)."""
-        table = None if self.kv.fixed_stride else self.kv.block_table(seq_id)  # type: ignore[attr-defined]
-        return [self._view(seq_id, p, table) for p in self._pieces(lo, num_tokens)]
+        """The memory holding positions lo..num_tokens-1 of `seq_id`, as contiguous uint8 runs (swap_layout.py)."""
+        return self.run_map.runs(seq_id, num_tokens, lo)
 
     def runs_shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
         """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way."""
-        pieces = self._pieces(lo, num_tokens)
-        return sum(self._piece_bytes(p) for p in pieces), len(pieces)
+        return self.run_map.shape(num_tokens, lo)
 
     # ---- the scheduler's calls ----------------------------------------------------------------------
     def holds(self, seq_id: int) -> bool:
@@ -150,8 +118,8 @@ class SwapSpace:
             self.book.drop_chunks(copy, start)  # a partly valid last block is copied again
             self.book.mark_kept(seq_id, False)  # not a victim while room is made for its own new tokens
         t0 = time.perf_counter()
-        pieces = self._pieces(start, num_tokens)
-        nbytes = sum(self._piece_bytes(p) for p in pieces)
+        pieces = self.run_map.pieces(start, num_tokens)
+        nbytes = sum(self.run_map.piece_bytes(p) for p in pieces)
         spilled = None
         if nbytes and not self.book.reserve(nbytes, seq_id, self._inflight):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
@@ -270,24 +238,24 @@ class SwapSpace:
         """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
         rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
         slice, or a chunk on the SSD tier (read and checked on the copying thread)."""
-        table = None if self.kv.fixed_stride else self.kv.block_table(seq_id)  # type: ignore[attr-defined]
+        lay, table = self.run_map, self.run_map.table(seq_id)
         pairs: list[tuple[torch.Tensor, object]] = []
         nbytes = 0
         for chunk in copy.chunks:
             if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum (hi <= valid)
-                runs = [self._view(seq_id, p, table) for p in self._pieces(chunk.lo, chunk.hi)]
+                runs = [lay.view(seq_id, p, table) for p in lay.pieces(chunk.lo, chunk.hi)]
                 pairs.append((runs, self.ssd.reader(chunk.extent)))  # type: ignore[union-attr, arg-type]
                 continue
             off = 0
-            for piece in self._pieces(chunk.lo, chunk.hi):
-                n = self._piece_bytes(piece)
+            for piece in lay.pieces(chunk.lo, chunk.hi):
+                n = lay.piece_bytes(piece)
                 src, off = chunk.buf[off : off + n], off + n
                 j, a, b = piece
                 if a >= copy.valid:
                     continue
                 if self.kv.fixed_stride and b > copy.valid:  # rows past `valid` are stale: leave them out
                     piece, src = (j, a, copy.valid), src[: (copy.valid - a) * self.kv.row_bytes]  # type: ignore[attr-defined]
-                pairs.append((self._view(seq_id, piece, table), src))
+                pairs.append((lay.view(seq_id, piece, table), src))
                 nbytes += src.numel()
             if off != chunk.buf.numel():
                 raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {chunk.buf.numel()} bytes)")
