@@ -168,6 +168,14 @@ class EngineConfig:
         for name in ("kv_budget", "memory_budget"):
             if values.get(name) is not None:
                 values[name] = parse_budget(values[name])  # a bad budget fails here, with the rule
+        ssd_swap = getattr(args, "ssd_swap", None)
+        if ssd_swap:  # --ssd-swap DIR[:SIZE], the short form of --swap-ssd-path / --swap-ssd-space
+            path, _, size = ssd_swap.rpartition(":") if ":" in ssd_swap else (ssd_swap, "", "")
+            if values.get("swap_ssd_path") and values["swap_ssd_path"] != path:
+                raise ValueError("--ssd-swap and --swap-ssd-path name two directories: give one")
+            values["swap_ssd_path"] = path
+            if size:
+                values["swap_ssd_space"] = size
         return cls(**values).with_overrides(**overrides)
 
 
@@ -227,6 +235,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                         "extents); host chunks move there when the host tier is full")
     g.add_argument("--swap-ssd-space", default=None,
                    help="the SSD swap tier's size: bytes ('64GiB'); a bare number means GiB (default 16)")
+    g.add_argument("--ssd-swap", default=None, metavar="DIR[:SIZE]",
+                   help="the SSD swap tier in one flag: --ssd-swap /nvme/memfit:64GiB is --swap-ssd-path /nvme/memfit "
+                        "--swap-ssd-space 64GiB")
     g.add_argument("--speculative-model", default=None,
                    help="speculative decoding: a draft model (bundled name, e.g. memfit-tiny-draft, or a directory) with "
                         "the target's tokenizer, or self[:N] (the target's first N layers, default half); output is "

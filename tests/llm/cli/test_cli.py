@@ -106,6 +106,28 @@ def test_every_engine_command_takes_the_same_engine_flags():
     assert configs["serve"].max_waiting == 256  # serve's own default queue limit reaches the engine
 
 
+def test_ssd_swap_short_form_equals_the_two_long_flags(tmp_path):
+    """The issue's spelling `--ssd-swap DIR:SIZE` sets the same config as --swap-ssd-path and --swap-ssd-space; a
+    directory whose name holds a colon keeps it when the size is given; two different directories are refused."""
+    import argparse
+
+    from memfit.cli import build_parser
+    from memfit.llm.engine.config import EngineConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    short = EngineConfig.from_args(serve.parse_args(["--ssd-swap", f"{tmp_path}:64GiB"]))
+    long = EngineConfig.from_args(serve.parse_args(["--swap-ssd-path", str(tmp_path), "--swap-ssd-space", "64GiB"]))
+    assert (short.swap_ssd_path, short.swap_ssd_space) == (long.swap_ssd_path, long.swap_ssd_space) == (str(tmp_path), "64GiB")
+    bare = EngineConfig.from_args(serve.parse_args(["--ssd-swap", str(tmp_path)]))
+    assert (bare.swap_ssd_path, bare.swap_ssd_space) == (str(tmp_path), None)
+    colon = EngineConfig.from_args(serve.parse_args(["--ssd-swap", "/tmp/a:b:8GiB"]))
+    assert (colon.swap_ssd_path, colon.swap_ssd_space) == ("/tmp/a:b", "8GiB")
+    with pytest.raises(ValueError, match="two directories"):
+        EngineConfig.from_args(serve.parse_args(["--ssd-swap", "/x:1GiB", "--swap-ssd-path", "/y"]))
+
+
 def test_speculative_flags_on_generate_and_fit(capsys):
     """--speculative-model on generate (lossless: the same greedy text) and on fit (the draft's parts and the
     smallest budget, here from given acceptance and costs, so nothing is timed)."""
