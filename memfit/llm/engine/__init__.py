@@ -2,6 +2,8 @@
 
     config.py      EngineConfig and its command-line flags (add_engine_args, EngineConfig.from_args)
     llm_engine.py  LLMEngine: builds the parts, step() = schedule -> run -> post-process
+    ledger.py      the memory ledger: its size, the fixed parts' reservation, the KV share
+    swap_tiers.py  the swap tiers: building them, their stats and timeline rows
     api.py         LLM: offline batch generation (vLLM's convention)
     protocol.py    EngineClient / ModelInfo: what a server may ask of an engine
     scheduler.py   who runs next (no tensors)

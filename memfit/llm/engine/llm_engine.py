@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 
 import torch
 
-from memfit.llm.engine import accounting
+from memfit.llm.engine import ledger
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import Draft
 from memfit.llm.engine.errors import QueueFull, RequestError
@@ -22,26 +21,23 @@ from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
 from memfit.llm.engine.protocol import ModelInfo
 from memfit.llm.engine.request import Sequence
-from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.policy import PolicyConfig
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
+from memfit.llm.engine.swap_tiers import build_swap, swap_stats, tier_timeline
 from memfit.llm.engine.textstream import TextStream
-from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
+from memfit.llm.kernels.backends import BackendOptions, prepare_model
 from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
 from memfit.llm.models.config import ModelConfig, parse_dtype
-from memfit.llm.models.loader import load_model, resolve_model_path
+from memfit.llm.models.loader import resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.llm.parallel import launch as tensor_parallel
-from memfit.llm.parallel import shard
-from memfit.llm.parallel.mirror import DriverRunner, RecordingKV, ShardRunner
+from memfit.llm.parallel import rank
 from memfit.memory.heap import HeapTrimmer
-from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
-                                  parse_budget, parse_swap_space, resolve_budget)
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
 
 log = logging.getLogger(__name__)
-DEFAULT_MEMORY_FRACTION = 0.9  # the ledger without --memory-budget: this share of the memory available at start
 
 
 class LLMEngine:
@@ -49,13 +45,10 @@ class LLMEngine:
         config = (config or EngineConfig()).with_overrides(**overrides)
         self.config = config
         # Tensor parallelism (memfit/llm/parallel/): this process's rank; a torchrun worker never returns from here.
+        # The rest of its wiring (shard, mirrored KV decisions, runner) is parallel/rank.py: each call is the
+        # plain engine's when self.tp is None.
         self.tp = tensor_parallel.join(config, type(self))
-        if config.threads is None and self.tp is not None and self.tp.device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.tp.world))  # the ranks share the cores
-        if config.threads is not None:
-            if config.threads < 1:
-                raise ValueError(f"threads must be at least 1, got {config.threads}")
-            torch.set_num_threads(config.threads)
+        rank.set_threads(config, self.tp)
         kv_class = kv_cache_class(config.kv_cache)  # an unknown kind fails before the model loads
         backend_options = BackendOptions(max_num_seqs=config.max_num_seqs, prepack=config.prepack, fuse=config.fuse,
                                          cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels)
@@ -63,62 +56,50 @@ class LLMEngine:
         path = resolve_model_path(config.model)
         # The ledger first, from the memory available *before* loading: every part is reserved in it before
         # it is allocated, and a model that cannot fit is refused before a byte of it is read.
-        self.ledger = MemoryBudget(self._ledger_bytes(), Tier.DEVICE, name="memory_budget")
+        self.ledger = MemoryBudget(ledger.ledger_bytes(config, self.device), Tier.DEVICE, name="memory_budget")
         # Under a budget the user set, the C heap's freed pages are given back when the process nears it
         # (memory/heap.py: otherwise they pile up step after step, outside every reservation).
         cpu_budget = config.memory_budget is not None and self.device.type == "cpu"
         self._heap = HeapTrimmer(self.ledger.limit_bytes) if cpu_budget else None
-        stored = ModelConfig.from_dir(path)
-        if self.tp is not None:  # one rank's share: H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocab rows
-            stored = shard.shard_config(stored, self.tp.world)
+        stored = rank.model_config(ModelConfig.from_dir(path), self.tp)  # under TP, this rank's share
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
         self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
-        self.memory_plan = self._plan_memory(path, stored, dtype, backend_options)
-        self._reserve_fixed(self.memory_plan, stored, dtype)
-        if self.tp is None:
-            self.model, self.model_config = load_model(path, dtype=dtype, device=self.device)
-        else:
-            self.model, self.model_config = shard.load_shard(path, dtype, self.device, self.tp.rank, self.tp.world)
+        self.memory_plan = ledger.plan_memory(config, self.device, path, stored, dtype, backend_options,
+                                              self.max_model_len, sharded=self.tp is not None)
+        ledger.reserve_fixed(self.ledger, self.memory_plan)
+        self.model, self.model_config = rank.load(path, dtype, self.device, self.tp)
         self.dtype = next(self.model.parameters()).dtype
         self.backends = prepare_model(self.model, backend_options, self.device)
-        if self.tp is not None:
-            shard.parallelize(self.model, self.tp, self.model_config.vocab_size)
+        rank.parallelize(self.model, self.tp, self.model_config.vocab_size)
         self.tokenizer = Tokenizer.from_dir(path)
         mc = self.model_config
-        kv_heads = mc.num_key_value_heads // (self.tp.world if self.tp is not None else 1)  # this rank's heads
-        self.layout = KVLayout(mc.num_hidden_layers, kv_heads, mc.head_dim, self.dtype, self.max_model_len, self.device)
+        self.layout = KVLayout(mc.num_hidden_layers, rank.kv_heads(mc, self.tp), mc.head_dim, self.dtype,
+                               self.max_model_len, self.device)
         # Speculative decoding: the draft's weights and KV share are reserved before the target's KV share.
         # Under TP the draft runs on rank 0 only (docs/parallel.md): the workers verify, they never draft.
         drafts = config.speculative_model and (self.tp is None or self.tp.is_driver)
         self.draft = Draft.load(self, backend_options) if drafts else None
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
-        kv_share = self._kv_share_bytes()
-        if self.tp is not None:  # every rank's cache must make rank 0's decisions: the smallest share for all
-            kv_share = self.tp.agree_min(kv_share)
-        self.kv_budget = MemoryBudget(kv_share, Tier.DEVICE, name="kv_budget", parent=self.ledger)
-        self.kv_reclaim_watermark = self._watermark_bytes()
+        kv_share = ledger.kv_share_bytes(config, self.ledger, self.device, self.max_model_len,
+                                         self.layout.bytes_per_token,
+                                         self.draft.kv_budget.limit_bytes if self.draft is not None else 0)
+        self.kv_budget = MemoryBudget(rank.agree_kv_share(kv_share, self.tp), Tier.DEVICE, name="kv_budget",
+                                      parent=self.ledger)
+        self.kv_reclaim_watermark = ledger.watermark_bytes(config.kv_reclaim_watermark, self.kv_budget.limit_bytes)
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages,
                                           prefix_caching=config.enable_prefix_caching)
-        self.kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
-        shard_kv = self.kv
-        if self.tp is not None and self.tp.is_driver:
-            self.kv = RecordingKV(self.kv)  # type: ignore[assignment]  # workers replay what it logs
-        self.swap = self._build_swap(mc)
+        shard_kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
+        self.kv = rank.mirror_kv(shard_kv, self.tp)  # under TP, rank 0's logs its decisions for the workers
+        self.swap = build_swap(config, self.kv, self.ledger, self.device, self.model, mc)  # engine/swap_tiers.py
         policy = PolicyConfig(config.scheduling_policy, aging_steps=config.priority_aging_steps)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting, policy,
                             config.preemption_mode),
             self.kv, self.swap,
         )
-        if self.tp is None:
-            self.runner = ModelRunner(self.model, self.kv, self.device)
-            self.runner.stack = self.backends.decode_stack(self.model, self.kv)  # whole decode steps in one C++ call
-        elif self.tp.is_driver:  # sends each step to the workers; no C++ stack: it cannot all-reduce mid-layer
-            self.runner = DriverRunner(ModelRunner(self.model, shard_kv, self.device), self.kv, self.tp)  # type: ignore[assignment,arg-type]
-        else:
-            self.runner = ShardRunner(self.model, shard_kv, self.device)
+        self.runner = rank.make_runner(self.model, self.kv, shard_kv, self.device, self.tp, self.backends)
         self.spec = self.draft.decoder(self) if self.draft is not None else None  # engine/spec_decode.py
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
@@ -141,103 +122,6 @@ class LLMEngine:
     @property
     def model_info(self) -> ModelInfo:
         return self._model_info
-
-    # ---- the memory ledger ------------------------------------------------------------------------------
-    def _ledger_bytes(self) -> int:
-        if self.config.memory_budget is not None:
-            return resolve_budget(self.config.memory_budget, Tier.DEVICE, str(self.device))
-        return max(1, int(DEFAULT_MEMORY_FRACTION * available_memory(Tier.DEVICE, str(self.device))))
-
-    def _plan_memory(self, path, stored: ModelConfig, dtype: torch.dtype, options: BackendOptions) -> accounting.MemoryPlan:
-        """What the ledger will hold besides the KV cache, from the same formulas `memfit fit` adds up."""
-        cfg = self.config
-        cpu_linear = choose_cpu_linear(options, self.device, dtype)
-        runtime = {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
-        if cfg.memory_budget is not None:  # a bound the user asked for: measure the runtime's share (cached)
-            from memfit.llm.engine.calibrate import runtime_bytes
-
-            kernels = options.cpu_kernels and self.device.type == "cpu"
-            runtime = runtime_bytes(self.device.type, str(dtype).removeprefix("torch."), cpu_linear, kernels,
-                                    batch=cfg.max_num_seqs)
-        return accounting.MemoryPlan(
-            weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, self.device.type,
-                                                   mapped=self.tp is None and parse_dtype(stored.torch_dtype) == dtype),
-            tokenizer_bytes=accounting.tokenizer_bytes(path),
-            runtime_bytes=runtime["runtime_bytes"],
-            step_bytes=accounting.step_bytes(stored, dtype, cfg.max_num_batched_tokens, self.max_model_len,
-                                             cfg.max_num_seqs,
-                                             accounting.attention_in_place(self.device.type, dtype, options.cpu_kernels)),
-            kv_bytes=0,
-            runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
-        )
-
-    def _reserve_fixed(self, plan: accounting.MemoryPlan, stored: ModelConfig, dtype: torch.dtype) -> None:
-        parts = {"weights": plan.weights_bytes, "tokenizer": plan.tokenizer_bytes, "runtime": plan.runtime_bytes,
-                 "step": plan.step_bytes}
-        one_page = 4096  # at least some KV: a model that fits with no room for a token is of no use
-        if plan.fixed_bytes + one_page > self.ledger.limit_bytes:
-            shown = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())
-            raise MemoryBudgetExceeded(
-                f"the memory budget ({format_bytes(self.ledger.limit_bytes)}) is too small for this model and "
-                f"configuration: {shown} leave no room for the KV cache. Raise --memory-budget, or lower "
-                "--max-num-batched-tokens / --max-model-len / --max-num-seqs (the step reservation), or use a "
-                "smaller dtype (`memfit fit` shows the breakdown)."
-            )
-        for owner, nbytes in parts.items():
-            self.ledger.reserve(nbytes, owner)
-
-    def _kv_share_bytes(self) -> int:
-        cfg = self.config
-        left = self.ledger.available_bytes
-        if self.draft is not None:
-            left -= self.draft.kv_budget.limit_bytes  # the draft's KV share is set aside (engine/draft.py)
-        if self.device.type == "cpu" and cfg.swap_space is not None and self._swap_bytes():
-            left -= self._swap_bytes()  # an explicit host swap tier is set aside first (same RAM on a CPU)
-            if left <= 0:
-                raise MemoryBudgetExceeded(
-                    f"--swap-space {format_bytes(self._swap_bytes())} leaves no room for the KV cache in the memory "
-                    f"budget ({format_bytes(self.ledger.available_bytes)} left after the model); lower it")
-        if cfg.kv_budget is not None:
-            cap = resolve_budget(cfg.kv_budget, Tier.DEVICE, str(self.device))
-        else:  # room for every sequence slot at full length
-            cap = cfg.max_num_seqs * self.max_model_len * self.layout.bytes_per_token
-        return max(1, min(cap, left))
-
-    def _swap_bytes(self) -> int:
-        """The host swap tier's size; 0 when preemption only recomputes."""
-        if self.config.preemption_mode == "recompute":
-            return 0
-        return parse_swap_space(self.config.swap_space if self.config.swap_space is not None else 4)
-
-    def _build_swap(self, mc: ModelConfig):
-        """The host tier swapped KV goes to (kv/swap.py), with its own budget: on a CPU it is the same RAM as
-        everything else, so the budget is a share of the whole-process ledger (set aside before the KV share
-        when --swap-space is given); on CUDA it is pinned host memory, a budget of its own."""
-        nbytes = self._swap_bytes()
-        if not nbytes:
-            return None
-        from memfit.llm.kv.swap import CostModel, SwapSpace
-
-        parent = self.ledger if self.device.type == "cpu" else None
-        budget = MemoryBudget(nbytes, Tier.HOST, name="swap_space", parent=parent)
-        params = sum(p.numel() for p in self.model.parameters())
-        cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
-                         flops_per_s=2e10 if self.device.type == "cpu" else 2e13)
-        ssd = None
-        if self.config.swap_ssd_path is not None:  # below the host tier: a preallocated file, checked at start
-            from memfit.llm.kv.swap_ssd import SSDTier
-
-            space = self.config.swap_ssd_space
-            ssd = SSDTier(self.config.swap_ssd_path, parse_swap_space(space if space is not None else 16))
-        return SwapSpace(self.kv, budget, cost, threads=self.config.swap_threads, reuse=self.config.swap_reuse,
-                         ssd=ssd)
-
-    def _watermark_bytes(self) -> int:
-        spec = self.config.kv_reclaim_watermark
-        if spec in ("0", 0):
-            return 0
-        value = parse_budget(spec)
-        return int(value * self.kv_budget.limit_bytes) if isinstance(value, float) else value
 
     def maintain(self, now: float | None = None) -> None:
         """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
@@ -442,19 +326,8 @@ class LLMEngine:
             kv_used_bytes=st.used_bytes, kv_waste_bytes=st.waste_bytes, tokens_held=st.tokens_held,
             kv_budget_bytes=st.budget_bytes, num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            **self._tier_timeline(),
+            **tier_timeline(self.swap),
         )
-
-    def _tier_timeline(self) -> dict:
-        """The swap tiers' share of a timeline row: what each holds now, and its limit."""
-        if self.swap is None:
-            return {}
-        row = {"swap_host_resident_bytes": self.swap.stats.resident_bytes,
-               "swap_host_limit_bytes": self.swap.budget.limit_bytes}
-        if self.swap.ssd is not None:
-            row.update(swap_ssd_resident_bytes=self.swap.ssd.stats.resident_bytes,
-                       swap_ssd_limit_bytes=self.swap.ssd.budget.limit_bytes)
-        return row
 
     def stats(self) -> dict:
         """A fresh snapshot for metrics (the server's /metrics, `memfit bench`)."""
@@ -473,26 +346,9 @@ class LLMEngine:
             "prefix_cache_query_tokens": self.kv.prefix_stats.query_tokens,
             "prefix_cache_hit_tokens": self.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": self.kv.cached_bytes,
             "preemptions_by_mode": dict(self.scheduler.preemptions_by_mode),
-            "swap": self._swap_stats(),
+            "swap": swap_stats(self.swap),
             "speculative": self.spec.stats_dict() if self.spec is not None else {},
         }
-
-    def _swap_stats(self) -> dict:
-        if self.swap is None:
-            return {}
-        st = self.swap.stats
-        from memfit.llm.kv.swap import SWAP_SECONDS_BUCKETS
-
-        tiers = [("host", st, self.swap.budget)]
-        if self.swap.ssd is not None:
-            tiers.append(("ssd", self.swap.ssd.stats, self.swap.ssd.budget))
-        per_tier = [{"tier": name, "out_bytes": s.out_bytes, "in_bytes": s.in_bytes, "out_ops": s.out_ops,
-                     "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
-                     "io_errors": s.io_errors} for name, s, b in tiers]
-        return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
-                "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
-                "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,
-                "async_swap_ins": self.swap.async_swap_ins}
 
     def close(self) -> None:
         if self.spec is not None:

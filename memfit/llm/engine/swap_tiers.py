@@ -1,0 +1,79 @@
+"""The engine's swap tiers (kv/swap.py, and kv/swap_ssd.py below it): their size, building them, and their share
+of the engine's stats and memory timeline."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from memfit.llm.engine.config import EngineConfig
+from memfit.llm.kv.base import KVCacheManager
+from memfit.llm.models.config import ModelConfig
+from memfit.memory.budget import MemoryBudget, Tier, parse_swap_space
+
+if TYPE_CHECKING:
+    from memfit.llm.kv.swap import SwapSpace
+
+__all__ = ["build_swap", "swap_bytes", "swap_stats", "tier_timeline"]
+
+
+def swap_bytes(config: EngineConfig) -> int:
+    """The host swap tier's size; 0 when preemption only recomputes."""
+    if config.preemption_mode == "recompute":
+        return 0
+    return parse_swap_space(config.swap_space if config.swap_space is not None else 4)
+
+
+def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, device: torch.device,
+               model: nn.Module, mc: ModelConfig) -> SwapSpace | None:
+    """The host tier swapped KV goes to (kv/swap.py), with its own budget: on a CPU it is the same RAM as
+    everything else, so the budget is a share of the whole-process ledger (set aside before the KV share
+    when --swap-space is given); on CUDA it is pinned host memory, a budget of its own. None: no swapping."""
+    nbytes = swap_bytes(config)
+    if not nbytes:
+        return None
+    from memfit.llm.kv.swap import CostModel, SwapSpace
+
+    parent = ledger if device.type == "cpu" else None
+    budget = MemoryBudget(nbytes, Tier.HOST, name="swap_space", parent=parent)
+    params = sum(p.numel() for p in model.parameters())
+    cost = CostModel(params, mc.num_hidden_layers, mc.num_attention_heads * mc.head_dim,
+                     flops_per_s=2e10 if device.type == "cpu" else 2e13)
+    ssd = None
+    if config.swap_ssd_path is not None:  # below the host tier: a preallocated file, checked at start
+        from memfit.llm.kv.swap_ssd import SSDTier
+
+        space = config.swap_ssd_space
+        ssd = SSDTier(config.swap_ssd_path, parse_swap_space(space if space is not None else 16))
+    return SwapSpace(kv, budget, cost, threads=config.swap_threads, reuse=config.swap_reuse, ssd=ssd)
+
+
+def tier_timeline(swap: SwapSpace | None) -> dict:
+    """The swap tiers' share of a timeline row: what each holds now, and its limit."""
+    if swap is None:
+        return {}
+    row = {"swap_host_resident_bytes": swap.stats.resident_bytes, "swap_host_limit_bytes": swap.budget.limit_bytes}
+    if swap.ssd is not None:
+        row.update(swap_ssd_resident_bytes=swap.ssd.stats.resident_bytes,
+                   swap_ssd_limit_bytes=swap.ssd.budget.limit_bytes)
+    return row
+
+
+def swap_stats(swap: SwapSpace | None) -> dict:
+    """The `swap` entry of LLMEngine.stats(): per tier, then the reuse and latency counters."""
+    if swap is None:
+        return {}
+    st = swap.stats
+    from memfit.llm.kv.swap import SWAP_SECONDS_BUCKETS
+
+    tiers = [("host", st, swap.budget)]
+    if swap.ssd is not None:
+        tiers.append(("ssd", swap.ssd.stats, swap.ssd.budget))
+    per_tier = [{"tier": name, "out_bytes": s.out_bytes, "in_bytes": s.in_bytes, "out_ops": s.out_ops,
+                 "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
+                 "io_errors": s.io_errors} for name, s, b in tiers]
+    return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
+            "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
+            "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,
+            "async_swap_ins": swap.async_swap_ins}
