@@ -18,6 +18,15 @@ step "pytest -m cuda (arena, KV caches, loader, sampling, whole engine)"
 timeout 150 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/memory tests/llm \
     --ignore=tests/llm/server 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
 
+step "NCCL at N = 1 (tensor parallelism's group on CUDA; a one-GPU machine cannot run N > 1)"
+timeout 60 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/llm/parallel 2>&1 | tail -5
+
+step "memfit generate on cuda with speculative decoding and swap preemption"
+timeout 60 $py -m memfit.cli generate --device cuda --speculative-model memfit-tiny-draft --num-speculative-tokens 2 \
+    --max-tokens 48 --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
+timeout 60 $py -m memfit.cli generate --device cuda --preemption-mode swap --kv-budget 1MiB --max-tokens 48 \
+    --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
+
 for kv in virtual paged; do
   step "memfit generate on cuda, kv=$kv"
   timeout 60 $py -m memfit.cli generate --device cuda --kv-cache $kv --max-tokens 48 --temperature 0 \

@@ -8,8 +8,8 @@ import torch
 from memfit.llm.parallel.group import free_port, init_group
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_one_rank_group_on_each_backend(device):
     group = init_group(0, 1, torch.device(device, 0) if device == "cuda" else torch.device("cpu"),
                        f"tcp://127.0.0.1:{free_port()}")
