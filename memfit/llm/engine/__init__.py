@@ -4,6 +4,7 @@
     llm_engine.py  LLMEngine: builds the parts, step() = schedule -> run -> post-process
     ledger.py      the memory ledger: its size, the fixed parts' reservation, the KV share
     swap_tiers.py  the swap tiers: building them, their stats and timeline rows
+    sessions.py    a session's next turn takes over its previous turn's KV
     api.py         LLM: offline batch generation (vLLM's convention)
     protocol.py    EngineClient / ModelInfo: what a server may ask of an engine
     scheduler.py   who runs next (no tensors)

@@ -23,6 +23,7 @@ from memfit.llm.engine.protocol import ModelInfo
 from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.policy import PolicyConfig
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
+from memfit.llm.engine.sessions import adopt_session_kv
 from memfit.llm.engine.swap_tiers import build_swap, swap_stats, tier_timeline
 from memfit.llm.engine.textstream import TextStream
 from memfit.llm.kernels.backends import BackendOptions, prepare_model
@@ -193,8 +194,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len, session_id,
                        priority=priority, user=user)
-        if session_id is not None:
-            self._adopt_session_kv(seq)
+        if session_id is not None:  # the previous turn's KV, up to the common prefix (engine/sessions.py)
+            adopt_session_kv(seq, self.scheduler, self.kv, self.swap, self.spec)
         self._seqs[request_id] = seq
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(seq)
@@ -210,34 +211,6 @@ class LLMEngine:
                 f"{format_bytes(self.kv_budget.limit_bytes)} (memory budget {format_bytes(self.ledger.limit_bytes)}, "
                 f"of which {held}); raise --memory-budget (or --kv-budget) or lower max_tokens"
             )
-
-    def _adopt_session_kv(self, seq: Sequence) -> None:
-        """Multi-turn reuse: the session's previous turn left its KV in the cache. The new prompt usually
-        repeats that turn's tokens and adds the next message, but re-rendering the chat template may
-        tokenize the previous answer differently, so the KV is reused up to the longest common prefix
-        and only the rest is prefilled."""
-        old = self.scheduler.take_retained(seq.session_id)  # type: ignore[arg-type]
-        on_host = old is None  # the previous turn's KV was evicted to the swap tiers (cross-turn reuse)
-        old = old or self.scheduler.take_swapped_session(seq.session_id)  # type: ignore[arg-type]
-        if old is None:
-            return
-        held = self.swap.valid_tokens(old.seq_id) if on_host else old.num_computed  # type: ignore[union-attr]
-        n = _common_prefix(old.all_token_ids[:held], seq.prompt_token_ids)
-        if self.spec is not None:
-            self.spec.adopt(old.seq_id, seq, n)  # the draft's KV of the previous turn, up to the same prefix
-        if on_host:  # swapped in when the scheduler admits it, instead of prefilled
-            n = self.swap.adopt(old.seq_id, n)  # type: ignore[union-attr]
-            seq.swapped = n > 0
-        elif n == 0:
-            self.kv.free(old.seq_id)
-        else:
-            self.kv.truncate(old.seq_id, n)
-        if self.swap is not None:
-            self.swap.truncate(old.seq_id, n)  # a kept host copy: positions from n on are rewritten
-        if n == 0:
-            return
-        seq.seq_id = old.seq_id  # the KV manager knows the cache by this id
-        seq.num_computed = seq.num_cached_prompt = n
 
     def set_priority(self, request_id: str, priority: int) -> None:
         """Change a queued or running request's priority; it takes effect at the next step. Raises KeyError for
@@ -358,15 +331,6 @@ class LLMEngine:
         self.kv.close()
         if self.tp is not None and self.tp.is_driver:
             self.tp.shutdown()
-
-
-def _common_prefix(cached: list[int], prompt: list[int]) -> int:
-    """Tokens a new turn's prompt shares with the cached ones; the last prompt token is always fed (it yields the
-    logits), so at most len(prompt) - 1."""
-    n, limit = 0, min(len(cached), len(prompt) - 1)
-    while n < limit and cached[n] == prompt[n]:
-        n += 1
-    return n
 
 
 def check_priority(priority: object) -> None:

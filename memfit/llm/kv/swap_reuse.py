@@ -1,14 +1,14 @@
 """The swap tier's book of host copies (kv/swap.py moves the bytes; this module decides what is held).
 
 A sequence's copy is a list of chunks, each one host buffer (uint8, pinned on CUDA) holding a token range
-[lo, hi) of every segment, or an extent on the SSD tier (swap_ssd.py) once demoted. `valid` is how many of
-positions 0..valid-1 a swap-in restores.
+[lo, hi) of every segment, or an extent on the SSD tier (swap_ssd.py) once demoted; a swap-in restores
+positions 0..valid-1.
 
 Cross-turn reuse (FastSwitch's third idea). A swap-in leaves the host copy in place, marked *kept*. While the
 sequence runs on, positions 0..valid-1 do not change (new tokens go after them), so its next swap-out copies only
 [valid, n): one more chunk. A finished conversation turn whose device KV is evicted goes to the host the same
-way (scheduler: `_evict_retained`), and the session's next turn swaps in instead of prefilling (engine:
-`_adopt_session_kv`). A prompt that diverges from the held tokens truncates `valid` (`truncate`). Kept copies are
+way (scheduler: `_evict_retained`), and the session's next turn swaps in instead of prefilling (engine/sessions.py:
+`adopt_session_kv`). A prompt that diverges from the held tokens truncates `valid` (`truncate`). Kept copies are
 evictable: when a reservation does not fit, the least recently used kept copies go first (to the SSD tier below
 when there is one); a copy that is a swapped-out sequence's only KV (`live`) is never dropped.
 """
@@ -35,7 +35,7 @@ class Chunk:
     lo: int  # first token (a multiple of the cache's granule)
     hi: int  # one past the last token
     nbytes: int
-    buf: torch.Tensor | None  # (nbytes,) uint8 on the host: the pieces of [lo, hi) in `_pieces` order; None on SSD
+    buf: torch.Tensor | None  # (nbytes,) uint8 on the host: the runs of [lo, hi) in swap_layout.py's order; None on SSD
     extent: object | None = None  # where it sits on the SSD tier (swap_ssd.py), when demoted
 
 

@@ -21,7 +21,7 @@ from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.step import ScheduledSeq, StepResult
 from memfit.llm.parallel.group import TPGroup
 
-# The manager calls that change what a sequence holds (scheduler.py and llm_engine.py make them); their answers
+# The manager calls that change what a sequence holds (scheduler.py and engine/sessions.py make them); their answers
 # are checked on replay. Everything else (plan_step, write, stats, ...) is each rank's own business.
 LOGGED = ("try_allocate", "try_allocate_prefix", "try_grow", "free", "truncate", "mark_restored")
 
