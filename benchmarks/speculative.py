@@ -40,8 +40,9 @@ PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "im
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def hf_variants(dtype: str, prompts: list[list[int]], max_tokens: int, outs: dict[str, list]) -> dict:
-    """transformers' plain and assisted greedy generation on the bundled pair, the prompts one after another
+def hf_variants(dtype: str, prompts: list[list[int]], max_tokens: int, outs: dict[str, list],
+                model: str = "memfit-tiny", draft_model: str = "memfit-tiny-draft") -> dict:
+    """transformers' plain and assisted greedy generation on the same pair, the prompts one after another
     (batch 1: assisted generation takes one sequence), as callables."""
     import torch
     import transformers
@@ -52,7 +53,7 @@ def hf_variants(dtype: str, prompts: list[list[int]], max_tokens: int, outs: dic
         path = str(resolve_model_path(name))
         return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
-    target, draft = load("memfit-tiny"), load("memfit-tiny-draft")
+    target, draft = load(model), load(draft_model)
     kw = dict(do_sample=False, max_new_tokens=max_tokens, pad_token_id=0, eos_token_id=None)  # ignore eos
 
     def runner(name: str, **extra):
@@ -97,6 +98,8 @@ def pass_costs(llm, batch: int, gamma: int, clock, reps: int = 100, context: int
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="memfit-tiny", help="target: a bundled model's name or a directory")
+    ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gammas", default="1,2,4", help="num_speculative_tokens values, one speculative engine each")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -122,13 +125,13 @@ def main() -> int:
             ap.error("--batches and --requests-per-slot must be positive")
         n = batch * args.requests_per_slot
         prompts = (PROMPTS * -(-n // len(PROMPTS)))[:n]
-        plain = LLM("memfit-tiny", max_num_seqs=batch, **common)
+        plain = LLM(args.model, max_num_seqs=batch, **common)
         gammas = [int(g) for g in args.gammas.split(",")]
         # one engine per fixed g, and one choosing g adaptively (up to the largest) from acceptance and cost
         variants = [(f"g{g}", g, False) for g in gammas]
         if not args.no_adaptive:
             variants.append((f"adaptive{max(gammas)}", max(gammas), True))
-        specs = {name: (g, adaptive, LLM("memfit-tiny", max_num_seqs=batch, speculative_model="memfit-tiny-draft",
+        specs = {name: (g, adaptive, LLM(args.model, max_num_seqs=batch, speculative_model=args.draft,
                                          num_speculative_tokens=g, speculative_adaptive=adaptive, **common))
                  for name, g, adaptive in variants}
         outs: dict[str, list] = {}
@@ -140,7 +143,8 @@ def main() -> int:
 
         fns = {"plain": runner("plain", plain), **{name: runner(name, v[2]) for name, v in specs.items()}}
         if args.hf_peer and batch == 1:
-            fns.update(hf_variants(args.dtype, [plain.tokenizer.encode(p) for p in prompts], args.max_tokens, outs))
+            fns.update(hf_variants(args.dtype, [plain.tokenizer.encode(p) for p in prompts], args.max_tokens, outs,
+                                   args.model, args.draft))
         times = interleave(fns, reps=args.reps, clock=CLOCKS[args.clock])
         tokens = len(prompts) * args.max_tokens
         plain_tok_s = tokens / statistics.median(times["plain"])
@@ -171,7 +175,7 @@ def main() -> int:
             llm.engine.close()
         plain.engine.close()
     result = {"benchmark": "speculative", **header(args.threads, args.seed), "dtype": args.dtype,
-              "clock": args.clock, "reps": args.reps, "requests_per_slot": args.requests_per_slot, "target": "memfit-tiny", "draft": "memfit-tiny-draft",
+              "clock": args.clock, "reps": args.reps, "requests_per_slot": args.requests_per_slot, "target": args.model, "draft": args.draft,
               "rows": rows, "hf_peer": peer}
     emit(result, args.out)
     return 0

@@ -53,6 +53,8 @@ def conversation(llm, question: dict, sp, session: str | None, counts: dict) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default="memfit-tiny", help="target: a bundled model's name or a directory")
+    ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
     ap.add_argument("--conversations", type=int, default=16, help="the first N MT-Bench questions")
     ap.add_argument("--gammas", default="1,2", help="num_speculative_tokens values; the re-prefill row uses the last")
     ap.add_argument("--max-tokens", type=int, default=96, help="per turn (eos ignored)")
@@ -67,12 +69,12 @@ def main() -> int:
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
     common = dict(dtype=args.dtype, threads=args.threads, max_num_seqs=1)
     gammas = [int(g) for g in args.gammas.split(",")]
-    spec = {g: dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=g) for g in gammas}
-    engines = {"plain": (LLM("memfit-tiny", **common), True)}  # name: (engine, keeps a session's KV between turns)
+    spec = {g: dict(speculative_model=args.draft, num_speculative_tokens=g) for g in gammas}
+    engines = {"plain": (LLM(args.model, **common), True)}  # name: (engine, keeps a session's KV between turns)
     for g in gammas:
-        engines[f"speculative_g{g}"] = (LLM("memfit-tiny", **common, **spec[g]), True)
+        engines[f"speculative_g{g}"] = (LLM(args.model, **common, **spec[g]), True)
     engines[f"speculative_reprefill_g{gammas[-1]}"] = (
-        LLM("memfit-tiny", enable_prefix_caching=False, **common, **spec[gammas[-1]]), False)
+        LLM(args.model, enable_prefix_caching=False, **common, **spec[gammas[-1]]), False)
     outs: dict[str, list] = {}
     counts = {name: {"prompt": 0, "reused": 0} for name in engines}  # the last round's
     rounds = iter(range(10**9))
@@ -105,7 +107,7 @@ def main() -> int:
         llm.engine.close()
     result = {"benchmark": "speculative_mtbench", **header(args.threads), "dtype": args.dtype, "clock": "cpu",
               "reps": args.reps, "conversations": len(questions), "gammas": gammas, "max_tokens": args.max_tokens,
-              "target": "memfit-tiny", "draft": "memfit-tiny-draft", "rows": rows}
+              "target": args.model, "draft": args.draft, "rows": rows}
     emit(result, args.out)
     return 0
 

@@ -1,4 +1,4 @@
-"""Train memfit's bundled default model (memfit-tiny) or its draft model on the Python standard library.
+"""Train memfit's bundled default model (memfit-tiny), its draft, or a larger target on the Python stdlib.
 
 The training text is the source of the running interpreter's standard library, which every machine with
 Python has, so the result can be rebuilt offline. Steps:
@@ -14,12 +14,23 @@ Python has, so the result can be rebuilt offline. Steps:
     python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny
     python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny-draft --size draft \\
         --tokenizer memfit/assets/models/memfit-tiny/tokenizer.json
+
+A larger target for speculative decoding (~27 M parameters, same tokenizer; written to
+$MEMFIT_CACHE/models/memfit-large, default ~/.cache/memfit, not bundled), and a draft distilled on its logits
+(KL to the target over the training windows, starting from the bundled draft):
+
+    python scripts/train_default_model.py --size large --tokenizer memfit/assets/models/memfit-tiny/tokenizer.json \
+        --time-budget 60 --warmup 100
+    python scripts/train_default_model.py --size draft --out ~/.cache/memfit/models/memfit-large-draft \
+        --distil-from ~/.cache/memfit/models/memfit-large --init-from memfit/assets/models/memfit-tiny-draft \
+        --time-budget 18
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import sysconfig
@@ -48,9 +59,22 @@ SIZES = {
                 "num_key_value_heads": 4, "head_dim": 32},
     "draft": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 32},
+    # ~27 M parameters (55 MB in bf16): a target large enough that a batch-1 decode step on a CPU is bound by
+    # reading its weights, so speculative decoding (issue 16) has something to save. Not bundled: it is built
+    # into the user's cache (see default_out).
+    "large": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 32},
 }
-DEFAULT_STEPS = {"default": 2500, "draft": 3000}
-DEFAULT_LR = {"default": 2e-3, "draft": 3e-3}
+DEFAULT_STEPS = {"default": 2500, "draft": 3000, "large": 6000}
+DEFAULT_LR = {"default": 2e-3, "draft": 3e-3, "large": 1e-3}
+
+
+def default_out(size: str) -> Path | None:
+    """Where --out defaults to: the large model is not bundled, so it goes to $MEMFIT_CACHE/models/memfit-large
+    (default ~/.cache/memfit); the bundled sizes have no default (they are written into memfit/assets/models)."""
+    if size != "large":
+        return None
+    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "models" / "memfit-large"
 # Directory names skipped anywhere in the stdlib tree: installed packages, test suites (large, and full of
 # deliberately odd code), caches, and the generated codec tables in encodings/ and the docs blob in pydoc_data/.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
@@ -123,6 +147,47 @@ def lm_loss(model: LlamaForCausalLM, windows: torch.Tensor, bf16: bool) -> torch
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def distil_loss(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """KL(p_teacher || q_draft) per position, averaged over all positions of the windows' inputs.
+
+    Why soft logits and not the target's generated continuations: a draft's acceptance at temperature 1 is
+    E[sum_x min(p(x), q(x))] = 1 - E[TV(p, q)], and Pinsker bounds TV by sqrt(KL(p || q) / 2), so this loss
+    pushes acceptance up at every position of every window, with a signal over all V tokens per position
+    (greedy acceptance, argmax agreement, follows). Generating continuations would need the target to decode
+    token by token on the CPU, far slower than one teacher forward over a whole (B, T) batch."""
+    x = windows[:, :-1]  # (B, T); the shifted targets are not used: the teacher's distribution is the label
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        t_logits = teacher.dense_logits(x)  # (B, T, V)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        s_logits = model.dense_logits(x)  # (B, T, V)
+    vocab = s_logits.shape[-1]
+    log_p = F.log_softmax(t_logits.float(), dim=-1).reshape(-1, vocab)  # (B*T, V)
+    log_q = F.log_softmax(s_logits.float(), dim=-1).reshape(-1, vocab)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # sum over V, mean over B*T
+
+
+@torch.no_grad()
+def agreement(model: LlamaForCausalLM, teacher: LlamaForCausalLM, windows: torch.Tensor, bf16: bool,
+              batch: int = 8) -> dict[str, float]:
+    """How well a draft agrees with its target on fixed windows (teacher-forced, every position):
+    top-1 agreement (greedy speculative decoding accepts a token exactly when the argmaxes agree) and
+    sum_x min(p, q) (the acceptance probability of one token at temperature 1)."""
+    was_training = model.training
+    model.eval()
+    top1 = accept = 0.0
+    n = 0
+    for i in range(0, len(windows), batch):
+        x = windows[i : i + batch, :-1]  # (b, T)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            p = F.softmax(teacher.dense_logits(x).float(), dim=-1)  # (b, T, V)
+            q = F.softmax(model.dense_logits(x).float(), dim=-1)
+        top1 += (p.argmax(-1) == q.argmax(-1)).sum().item()
+        accept += torch.minimum(p, q).sum().item()
+        n += x.numel()
+    model.train(was_training)
+    return {"top1_agreement": round(top1 / n, 4), "expected_acceptance_t1": round(accept / n, 4)}
+
+
 @torch.no_grad()
 def evaluate(model: LlamaForCausalLM, windows: torch.Tensor, bf16: bool, batch: int = 8) -> float:
     model.eval()
@@ -192,14 +257,16 @@ def plot_losses(log: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(log["steps"], log["train_loss"], lw=0.6, alpha=0.5, label="train (per step)")
+    kl = log.get("objective") == "kl_to_target"  # distilled: the training curve is KL to the target
+    what = "train KL to target" if kl else "train"
+    ax.plot(log["steps"], log["train_loss"], lw=0.6, alpha=0.5, label=f"{what} (per step)")
     k = 25  # running mean, so the trend is visible through the per-batch noise
     smooth = [sum(log["train_loss"][max(0, i - k + 1) : i + 1]) / len(log["train_loss"][max(0, i - k + 1) : i + 1])
               for i in range(len(log["train_loss"]))]
-    ax.plot(log["steps"], smooth, lw=1.5, label=f"train (mean of {k})")
-    ax.plot(log["val_steps"], log["val_loss"], "o-", lw=1.5, label="validation (held-out files)")
+    ax.plot(log["steps"], smooth, lw=1.5, label=f"{what} (mean of {k})")
+    ax.plot(log["val_steps"], log["val_loss"], "o-", lw=1.5, label="validation cross-entropy (held-out files)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("nats/token")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -213,12 +280,23 @@ def write_readme(out: Path) -> None:
     cfg = json.loads((out / "config.json").read_text())
     log = json.loads((out / "train_log.json").read_text())
     draft = log["size"] == "draft"
-    name = "memfit-tiny-draft" if draft else "memfit-tiny"
+    name = out.name
     role = ("the draft model for speculative decoding with memfit-tiny (same tokenizer, byte-identical "
             "tokenizer.json)" if draft else "memfit's bundled default model, so `memfit generate` works offline")
     cmd = ("python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny-draft --size draft "
            "--tokenizer memfit/assets/models/memfit-tiny/tokenizer.json" if draft
            else "python scripts/train_default_model.py --out memfit/assets/models/memfit-tiny")
+    if log["size"] == "large":
+        role = ("a larger target for speculative decoding with memfit-tiny's tokenizer, built into the user's "
+                "cache (not bundled)")
+        cmd = ("python scripts/train_default_model.py --size large "
+               "--tokenizer memfit/assets/models/memfit-tiny/tokenizer.json")
+    if log.get("distil_from"):
+        role = f"a draft model for speculative decoding with {Path(log['distil_from']).name}, distilled from its logits"
+        cmd = (f"python scripts/train_default_model.py --out {out} --size {log['size']} "
+               f"--distil-from {log['distil_from']}")
+        if log.get("init_from"):
+            cmd += f" --init-from {log['init_from']}"
     budget = f" --steps {log['steps_planned']} --threads {log['threads']}"
     if log.get("time_budget_minutes"):
         budget += f" --time-budget {log['time_budget_minutes']:g}"
@@ -227,6 +305,13 @@ def write_readme(out: Path) -> None:
     if log.get("time_budget_minutes"):  # the run stopped at whichever of steps or time came first
         how = "ran out of time first" if log["steps_done"] < log["steps_planned"] else "completed its steps first"
         timing = f" (this run {how}; on another machine the time budget may end it at a different step)"
+    if log.get("distil_from"):
+        b, a = log["agreement_before"], log["agreement_after"]
+        last100 = sum(log["train_loss"][-100:]) / len(log["train_loss"][-100:])
+        timing += (f". Distilled: the loss is KL(target || draft) on {log['distil_from']}'s logits over the "
+                   f"training windows (last 100 steps {last100:.3f} nats/token); agreement with the target on the "
+                   f"held-out windows, top-1 {b['top1_agreement']:.3f} -> {a['top1_agreement']:.3f}, "
+                   f"sum min(p, q) {b['expected_acceptance_t1']:.3f} -> {a['expected_acceptance_t1']:.3f}")
     text = f"""# {name}
 
 A tiny Llama-architecture language model: {role}. It completes Python source code; it is far too small
@@ -273,13 +358,20 @@ the attribution of the text they were learned from.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output model directory (required, except for --size large: $MEMFIT_CACHE/models/memfit-large)")
     p.add_argument("--size", choices=sorted(SIZES), default="default")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2500 default, 3000 draft)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="also stop after this many minutes of training; the LR schedule then follows whichever of "
                         "steps or time runs out first (the steps done are recorded in train_log.json)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="reuse this tokenizer.json (or its directory)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="reuse this tokenizer.json (or its directory); default with --distil-from: the target's")
+    p.add_argument("--distil-from", type=Path, default=None, metavar="DIR",
+                   help="train on this target model's soft logits (KL) over the training windows instead of the "
+                        "text's next tokens: a draft that agrees with its target (issue 16)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="start from this model directory's weights (same size), e.g. the bundled draft")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -294,7 +386,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs-only", action="store_true",
                    help="only redraw loss.png and rewrite README.md of a trained --out directory from train_log.json")
     p.add_argument("--no-bf16", action="store_true", help="train in float32 (bf16 autocast is faster on AVX512-BF16/AMX CPUs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.distil_from is not None and args.tokenizer is None:
+        args.tokenizer = args.distil_from  # the draft must share its target's tokenizer.json byte for byte
+    if args.out is None:
+        args.out = default_out(args.size)
+        if args.out is None:
+            p.error(f"--out is required for --size {args.size}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -345,6 +444,26 @@ def main(argv: list[str] | None = None) -> int:
                       **SIZES[args.size])
     model = LlamaForCausalLM(cfg)
     init_weights(model, cfg)
+    if args.init_from is not None:
+        from memfit.llm.models.loader import load_model
+
+        init, _ = load_model(args.init_from, dtype="float32")
+        model.load_state_dict(init.state_dict())  # a shape mismatch (another size) is a clear RuntimeError
+        del init
+    teacher, before = None, None
+    if args.distil_from is not None:
+        from memfit.llm.models.loader import load_model
+
+        if (args.distil_from / "tokenizer.json").read_bytes() != (args.out / "tokenizer.json").read_bytes():
+            print(f"error: --distil-from {args.distil_from} has another tokenizer.json than {args.out}; "
+                  "a draft must share its target's tokenizer")
+            return 2
+        # The teacher runs forward only, in its stored bf16 (or float32 with --no-bf16), requires_grad off.
+        teacher, tcfg = load_model(args.distil_from, dtype="bfloat16" if bf16 else "float32")
+        print(f"distilling from {args.distil_from} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M "
+              "parameters): KL(target || draft) on the target's logits", flush=True)
+        before = agreement(model, teacher, val_windows, bf16)
+        print(f"agreement with the target before training (held-out windows): {before}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {args.size}: {n_params / 1e6:.2f} M parameters, {steps} steps x {args.batch_size} x "
           f"{args.seq_len} tokens, lr {lr_max}, bf16 autocast {bf16}", flush=True)
@@ -379,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             group["lr"] = lr_at(step, frac)
         starts = torch.randint(0, train_ids.numel() - args.seq_len - 1, (args.batch_size,), generator=gen)
         batch = torch.stack([train_ids[s : s + args.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
-        loss = lm_loss(model, batch, bf16)
+        loss = lm_loss(model, batch, bf16) if teacher is None else distil_loss(model, teacher, batch, bf16)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -416,7 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "train_seconds": round(train_seconds, 1),
         "final_train_loss": round(final_train, 4), "final_val_loss": round(final_val, 4),
         "uniform_loss": round(math.log(cfg.vocab_size), 4),
+        "init_from": None if args.init_from is None else str(args.init_from),
     })
+    if teacher is not None:  # train_loss is then KL(target || draft), not cross-entropy on the text
+        after = agreement(model, teacher, val_windows, bf16)
+        print(f"agreement with the target after training (held-out windows): {after}", flush=True)
+        log.update({"distil_from": str(args.distil_from), "objective": "kl_to_target",
+                    "agreement_before": before, "agreement_after": after})
     (args.out / "train_log.json").write_text(json.dumps(log) + "\n")
     plot_losses(log, args.out / "loss.png", f"{args.out.name} ({n_params / 1e6:.2f} M parameters)")
     write_readme(args.out)
