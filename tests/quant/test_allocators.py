@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.quant.allocators import ALLOCATORS, allocate_bits, hutchinson_trace
+from memfit.quant.allocators import ALLOCATORS, allocate_bits, hutchinson_trace, uniform_budget
 from memfit.quant.checkpoint import save_checkpoint
 from memfit.quant.errors import InfeasibleBudgetError, QuantError
 from memfit.quant.pipeline import QuantRun, run_quant
@@ -33,6 +33,29 @@ def test_random_is_seeded(tiny_models, fmnist_small):
     x, y = fmnist_small.x_train[:32], fmnist_small.y_train[:32]
     runs = [allocate_bits(model, "random", 3.0, x, y, act_bits=4, seed=s).importance for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("allocator", ["lrp", "sensitivity", "hessian"])
+def test_cached_costs_give_the_same_bits_at_every_budget(tiny_models, fmnist_small, allocator):
+    model, _, _ = tiny_models["vit"]
+    x, y = fmnist_small.x_train[:48], fmnist_small.y_train[:48]
+    cache: dict = {}
+    for budget in (3.0, 4.0, 3.0):
+        fresh = allocate_bits(model, allocator, budget, x, y, avg_act_bits=4.0)
+        reused = allocate_bits(model, allocator, budget, x, y, avg_act_bits=4.0, cache=cache)
+        assert reused.weight_bits == fresh.weight_bits and reused.act_bits == fresh.act_bits
+    assert cache  # the costs were kept
+
+
+def test_uniform_budget_puts_the_body_at_the_floor_width(tiny_models, fmnist_small):
+    model, _, _ = tiny_models["vit"]
+    x, y = fmnist_small.x_train[:16], fmnist_small.y_train[:16]
+    for avg in (3.0, 4.0, 2.5):
+        budget = uniform_budget(model, avg)
+        assert budget > avg - 0.5  # the fixed 8-bit layers push it over a whole-width body
+        bits = allocate_bits(model, "uniform", budget, x, y, act_bits=4).weight_bits
+        body = {v for n, v in bits.items() if n not in ("patch_embed.proj", "head")}
+        assert body == {int(avg)}
 
 
 def test_hutchinson_matches_the_exact_trace():
