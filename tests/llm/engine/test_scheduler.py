@@ -148,7 +148,7 @@ def test_waiting_turns_holding_their_sessions_kv_cannot_fill_the_memory_with_not
     they leave neither room to grow. With nothing running, one gives its KV up (recomputed later): both finish."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CountingKV(60))
     a, b = seq("a", 40), seq("b", 40)
-    for s in (a, b):  # what LLMEngine._adopt_session_kv leaves: 25 tokens' KV held, the rest to prefill
+    for s in (a, b):  # what engine/sessions.adopt_session_kv leaves: 25 tokens' KV held, the rest to prefill
         assert sched.kv.try_allocate(s.seq_id, 25)
         s.num_computed = s.num_cached_prompt = 25
         sched.add(s)
