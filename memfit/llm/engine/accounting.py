@@ -156,6 +156,15 @@ def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
     return batch * (2 * gamma + 1) * vocab_size * 4 * 2
 
 
+def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int) -> int:
+    """Tree speculation's buffers (engine/spec_tree_step.py) for `batch` sequences of up to `context` tokens, a W,D
+    tree of N = W x D nodes each: the verification logits (N + 1 rows of V float32) and a draft level's (W rows), each
+    with a copy the size of a softmax as the chain's are counted; the ancestor mask ((N + 1)^2 bool) and the
+    attention mask over the context ((N + 1) x (context + N + 1) bool)."""
+    n = width * depth + 1
+    return batch * ((n + width) * vocab_size * 4 * 2 + n * n + n * (context + n))
+
+
 def tokenizer_bytes(model_dir: str | Path | None) -> int:
     """The tokenizer's in-memory tables, estimated as TOKENIZER_BYTES_PER_FILE_BYTE x the size of
     tokenizer.json (its vocabulary and merges are held as Rust maps of about that size); 0 without one."""

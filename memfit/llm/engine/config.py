@@ -82,6 +82,9 @@ class EngineConfig:
     # Pick g per sequence and step from its observed acceptance and the measured cost of a draft pass (0: plain
     # decoding where speculation would be slower); off: always num_speculative_tokens, as room allows.
     speculative_adaptive: bool = False
+    # Tree speculation (engine/spec_tree_step.py): (W, D) or 'W,D': the draft's top-W tokens after the last one,
+    # each continued by a greedy chain of depth D, all verified in one pass under a tree mask. Greedy requests only.
+    speculative_tree: tuple[int, int] | str | None = None
     # Split the model's heads and MLP over this many processes (memfit/llm/parallel/; docs/parallel.md): rank 0
     # spawns the others, or torchrun starts them all. Each rank holds 1/N of the weights and of the KV cache.
     tensor_parallel_size: int = 1
@@ -143,8 +146,29 @@ class EngineConfig:
             raise ValueError("num_speculative_tokens needs a speculative_model (--speculative-model): the draft that proposes them")
         if self.speculative_adaptive and self.speculative_model is None:
             raise ValueError("speculative_adaptive (--speculative-adaptive) needs a speculative_model (--speculative-model)")
-        if self.speculative_model is not None and g is None:
+        if self.speculative_tree is not None:
+            self._check_tree()
+        if self.speculative_model is not None and self.num_speculative_tokens is None:
             self.num_speculative_tokens = 4
+
+    def _check_tree(self) -> None:
+        from memfit.llm.engine.spec_tree import parse_tree
+
+        w, d = self.speculative_tree = parse_tree(self.speculative_tree)  # type: ignore[assignment, misc]
+        if self.speculative_model is None:
+            raise ValueError("speculative_tree (--speculative-tree) needs a speculative_model (--speculative-model): "
+                             "the draft that proposes the tree")
+        if self.num_speculative_tokens not in (None, d):
+            raise ValueError(f"with speculative_tree W,D the depth D is the number of speculative tokens: "
+                             f"num_speculative_tokens {self.num_speculative_tokens} differs from D = {d}")
+        self.num_speculative_tokens = d
+        if self.speculative_adaptive:
+            raise ValueError("speculative_adaptive picks a chain's length; it does not run with speculative_tree yet")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("speculative_tree does not run under --tensor-parallel-size > 1 yet")
+        if w * d + 1 > self.max_num_batched_tokens:
+            raise ValueError(f"a {w},{d} tree verifies {w * d + 1} tokens per sequence in one pass but a step holds "
+                             f"max_num_batched_tokens = {self.max_num_batched_tokens}; use a smaller tree")
 
     def resolved_device(self) -> torch.device:
         import torch
@@ -247,6 +271,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--speculative-adaptive", action="store_true",
                    help="choose the number of draft tokens per sequence and step from the acceptance observed and the "
                         "measured cost of a draft pass, down to plain decoding where speculation would be slower")
+    g.add_argument("--speculative-tree", "--tree", default=None, metavar="W,D",
+                   help="tree speculation (greedy requests only): the draft's top-W tokens, each continued to depth D, "
+                        "verified in one pass under a tree mask (docs/engine.md)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split attention heads and MLP over this many processes (gloo on CPU, NCCL on CUDA); rank 0 "
                         "spawns the others, or run under torchrun (docs/parallel.md)")

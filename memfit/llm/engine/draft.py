@@ -129,17 +129,21 @@ class Draft:
             weights = accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
                                                mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
         gamma = cfg.num_speculative_tokens or 1
-        buffers = accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs)
+        tree = cfg.speculative_tree
+        buffers = (accounting.tree_speculation_bytes(stored.vocab_size, *tree, cfg.max_num_seqs, engine.max_model_len)
+                   if tree else accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs))
         step = accounting.draft_step_bytes(engine.model_config, stored, dtype, cfg.max_num_batched_tokens,
                                            engine.max_model_len, cfg.max_num_seqs,
                                            accounting.attention_in_place(device.type, dtype, options.cpu_kernels))
         need = weights + buffers + step
         if need + 4096 > engine.ledger.available_bytes:
+            what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"
+            lower = "lower --speculative-tree" if tree else "lower --num-speculative-tokens"
             raise MemoryBudgetExceeded(
                 f"the draft model {name!r} needs {format_bytes(need)} (weights {format_bytes(weights)}, step "
-                f"{format_bytes(step)}, speculation buffers {format_bytes(buffers)}) but the memory budget has "
+                f"{format_bytes(step)}, {what} {format_bytes(buffers)}) but the memory budget has "
                 f"{format_bytes(engine.ledger.available_bytes)} left after the target; raise --memory-budget or "
-                "lower --num-speculative-tokens / --max-num-seqs")
+                f"{lower} / --max-num-seqs")
         engine.ledger.reserve(weights, "draft_weights")
         engine.ledger.reserve(step + buffers, "draft_step")
         if path is None:
@@ -169,4 +173,4 @@ class Draft:
         runner = ModelRunner(self.model, kv, engine.device)
         runner.stack = self.backends.decode_stack(self.model, kv)  # the draft's one-token passes in one C++ call
         return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens,
-                           adaptive=cfg.speculative_adaptive)
+                           adaptive=cfg.speculative_adaptive, tree=cfg.speculative_tree)

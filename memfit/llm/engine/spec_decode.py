@@ -43,6 +43,7 @@ from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.spec_stats import SpecStats
+from memfit.llm.engine.spec_tree_step import speculate_tree, tree_shape
 from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, draw, greedy_verdict, rejection_sample
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from memfit.llm.kv.base import KVCacheManager
@@ -56,7 +57,8 @@ class SpecDecoder:
     """Owns the draft (model, runner, KV cache) and runs the speculative part of each engine step."""
 
     def __init__(self, target: ModelRunner, draft: ModelRunner, num_speculative_tokens: int,
-                 max_num_batched_tokens: int, adaptive: bool = False) -> None:
+                 max_num_batched_tokens: int, adaptive: bool = False,
+                 tree: tuple[int, int] | None = None) -> None:
         self.target = target
         self.draft = draft
         self.gamma = num_speculative_tokens
@@ -66,6 +68,8 @@ class SpecDecoder:
         self._retained: dict[int, None] = {}  # seq_ids of finished turns whose draft KV waits for the next turn (LRU)
         self.stats = SpecStats()
         self.adaptive = adaptive
+        self.tree = tree  # (W, D): draft a token tree instead of a chain (engine/spec_tree_step.py)
+        self._shapes: dict[int, tuple[int, int]] = {}  # tree mode: seq_id -> this step's (w, d)
         self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
         self._plain_steps: dict[int, int] = {}  # seq_id -> steps decoded plainly since its last probe
         # seconds per draft pass, verification pass and plain decode step (adaptive g): medians of recent timings
@@ -176,7 +180,11 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             decoding = item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0
-            if decoding and extra > 0:
+            if decoding and extra > 0 and self.tree:
+                w, d = self._shapes[seq.seq_id] = tree_shape(self, seq, *self.tree, extra)
+                gamma = w * d
+                self.stats.shrunk += w * d < self.tree[0] * self._useful(seq, self.tree[1])
+            elif decoding and extra > 0:
                 want = self._useful(seq, self._want(seq))
                 gamma = self._room(seq, min(want, extra)) if want else 0
                 self.stats.shrunk += gamma < want  # the token budget or memory was short
@@ -232,6 +240,10 @@ class SpecDecoder:
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
         """Draft, verify and roll back for `spec` (sequence, g) pairs; rows with g = 0 are plain decode rows that
         only take part in the verification pass (their token is the target's own pick or draw)."""
+        if self.tree:
+            speculate_tree(self, [(s, *(self._shapes[s.seq_id] if g else (0, 0))) for s, g in spec], result)
+            self._shapes.clear()
+            return
         seqs = [s for s, _ in spec]
         gammas = [g for _, g in spec]
         B, K = len(seqs), max(gammas)
@@ -348,7 +360,8 @@ class SpecDecoder:
         st = self.draft_kv.stats()
         return {**self.stats.as_dict(), "num_speculative_tokens": self.gamma,
                 "draft_kv_committed_bytes": st.committed_bytes, "draft_kv_tokens_held": st.tokens_held,
-                "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive}
+                "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive,
+                "tree": list(self.tree) if self.tree else None}
 
     def close(self) -> None:
         self.draft_kv.close()

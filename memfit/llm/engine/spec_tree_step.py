@@ -1,0 +1,130 @@
+"""Tree speculation's part of an engine step (`speculative_tree=(W, D)`): draft a token tree, verify it, compact.
+
+    SpecDecoder.execute -> tree_shape(...) per decoding sequence -> speculate_tree(decoder, rows, result)
+
+Per sequence of n tokens (n - 1 in the target's KV, the last one, the tree's root, not yet):
+1. room: the target's KV grows to n + w x d (the root and every node), the draft's to n + (d - 1) x w (the root
+   and the levels it is fed); where memory or the step's token budget is short the tree shrinks, first in width
+   (w = W .. 1), then in depth (a chain of d = D - 1 .. 1), then to plain decoding (`tree_shape`);
+2. draft: one pass feeds the draft what it has not seen, up to the root (as the chain's first pass) and takes its
+   top-w tokens as the root's children; then d - 1 passes each feed one level of the tree, the w nodes of every
+   sequence in one pass under the tree mask (engine/spec_tree_forward.py), and extend each branch by the draft's
+   argmax: w chains of depth d (engine/spec_tree.py says why this shape);
+3. verify: one target pass over every node of every tree (positions n - 1 + depth, the tree mask) gives the
+   target's argmax after each node's path; the longest path matching them is accepted (`greedy_tree_verdict`);
+4. compact: the accepted path's K/V moves to contiguous indices in both caches and the rest is truncated, so the
+   caches hold exactly the sequence's tokens and no committed page is left for a rejected node.
+
+Greedy requests only: SpecInfer's multi-candidate rejection rule needs the root's children drawn at random from
+the draft, and a top-w tree is not, so the engine refuses sampled requests in tree mode (LLMEngine.validate).
+Both passes of the tree go through PyTorch's attention with an explicit mask, never the C++ decode stack.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from memfit.llm.engine.request import Sequence
+from memfit.llm.engine.spec_forward import forward
+from memfit.llm.engine.spec_tree import TokenTree, greedy_tree_verdict
+from memfit.llm.engine.spec_tree_forward import TreeChunk, compact, tree_forward
+from memfit.llm.engine.step import StepResult
+
+# `dec` below is the engine's SpecDecoder (engine/spec_decode.py, which imports this module, so it is not imported
+# back): its runners (target, draft), draft_kv, sampler, stats, _useful, _draft_room, _catch_up, _time, _logprobs.
+
+
+def tree_shapes(width: int, depth: int) -> list[tuple[int, int]]:
+    """The shapes a (W, D) tree shrinks through, largest first: narrower, then a shorter chain."""
+    return [(w, depth) for w in range(width, 0, -1)] + [(1, d) for d in range(depth - 1, 0, -1)]
+
+
+def tree_shape(dec: Any, seq: Sequence, width: int, depth: int, extra: int) -> tuple[int, int]:
+    """The (w, d) tree `seq` drafts this step, within max_tokens, the context, the step's `extra` token budget and
+    what both caches can hold now; (0, 0): decode it plainly."""
+    d = dec._useful(seq, depth)  # no deeper than max_tokens and the context allow
+    if d == 0:
+        return 0, 0
+    n = seq.num_tokens
+    for w, dd in tree_shapes(min(width, (seq.max_model_len - n) // d), d):
+        if w * dd > extra:
+            continue
+        if dec.target.kv.try_grow(seq.seq_id, n + w * dd) and dec._draft_room(seq, n + (dd - 1) * w):
+            return w, dd
+    return 0, 0
+
+
+@torch.inference_mode()
+def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: StepResult) -> None:
+    """Draft, verify and compact for `rows` (sequence, w, d); w = d = 0 rows are plain decode rows riding in the
+    verification pass (a tree of the root alone: the target's own pick)."""
+    seqs = [s for s, _, _ in rows]
+    dec._catch_up([s for s, _, d in rows if d])
+    t0 = time.perf_counter()
+    trees = [TokenTree(s.token_slice(s.num_tokens - 1, s.num_tokens)[0]) for s in seqs]
+    # 2. the draft: its first pass as the chain's, the root's top-w children from it
+    first = [b for b, (_, _, d) in enumerate(rows) if d]
+    passes = 0
+    if first:
+        chunks = []
+        for b in first:
+            s = seqs[b]
+            start = dec.draft_kv.num_tokens(s.seq_id)
+            chunks.append((s.seq_id, start, s.token_slice(start, s.num_tokens)))
+        logits = forward(dec.draft, chunks, all_rows=False)  # (R, V)
+        top = torch.topk(logits.float(), max(rows[b][1] for b in first), dim=-1).indices.tolist()
+        for r, b in enumerate(first):
+            for j in range(rows[b][1]):
+                trees[b].add(0, top[r][j])
+        passes = 1
+    for k in range(1, max((d for _, _, d in rows), default=0)):  # level k is fed, level k + 1 drawn
+        level = [b for b in first if rows[b][2] > k]
+        chunks = [TreeChunk(seqs[b].seq_id, seqs[b].num_tokens - 1, trees[b], TokenTree.chain_index(rows[b][1], k, 0),
+                            rows[b][1], trees[b].ancestor_mask()) for b in level]
+        picks = dec.draft.sampler.ops.argmax(tree_forward(dec.draft, chunks)).tolist()  # one per fed node
+        i = 0
+        for c in chunks:
+            for j in range(c.count):
+                c.tree.add(c.first + j, picks[i])
+                i += 1
+        passes += 1
+    t1 = time.perf_counter()
+    # 3. the target verifies every tree in one pass
+    chunks = [TreeChunk(s.seq_id, s.num_computed, trees[b], 0, len(trees[b]), trees[b].ancestor_mask())
+              for b, s in enumerate(seqs)]
+    logits = tree_forward(dec.target, chunks)  # (sum of tree sizes, V)
+    if passes:
+        dec._time(t1 - t0, passes, time.perf_counter() - t1)
+    picks = dec.sampler.ops.argmax(logits).tolist()
+    # 4. compact both caches to the accepted paths, truncate the rest, hand the tokens to the engine
+    verdicts, offsets, off = [], [], 0
+    for tree in trees:
+        verdicts.append(greedy_tree_verdict(tree, picks[off : off + len(tree)]))
+        offsets.append(off)
+        off += len(tree)
+    compact(dec.target.kv, [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0]) for b, s in enumerate(seqs)])
+    compact(dec.draft_kv, [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0][: max(0, rows[b][2] - 1)])
+                           for b, s in enumerate(seqs) if rows[b][2]])
+    for b, s in enumerate(seqs):
+        path, emitted = verdicts[b]
+        a, (w, d) = len(path), rows[b][1:]
+        length = s.num_tokens  # before this step's tokens are appended
+        dec.target.kv.truncate(s.seq_id, length + a)
+        s.num_computed = length + a  # the last emitted token is fed next step
+        if d:
+            dec.draft_kv.truncate(s.seq_id, length + min(a, d - 1))
+        idx = torch.tensor([offsets[b]] + [offsets[b] + i for i in path], device=logits.device)
+        for tok, lp in zip(emitted, dec._logprobs(logits.index_select(0, idx), s, emitted)):
+            result.sampled_seqs.append(s)
+            result.token_ids.append(tok)
+            result.logprobs.append(lp)
+        if not d:
+            continue
+        dec.stats.proposed += w * d
+        dec.stats.accepted += a
+        dec.stats.rejections += a < d
+        dec.stats.emitted += a + 1
+        dec.stats.seq_steps += 1
+    dec.stats.steps += 1
