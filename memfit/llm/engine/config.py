@@ -65,7 +65,7 @@ class EngineConfig:
     # The host tier swapped KV goes to: bytes ("8GiB"; a bare number means GiB, as in vLLM). None: 4 GiB, taken
     # from what the memory budget leaves after the KV share on a CPU (given explicitly, it is set aside first).
     swap_space: int | float | str | None = None
-    swap_threads: int = 2  # swap-ins copied on this many threads, overlapped with the model step (0: synchronous)
+    swap_threads: int = 2  # swap-ins and -outs on this many threads, overlapped with the model step (0: synchronous)
     # Cross-turn reuse (kv/swap.py): a swapped-in sequence's host copy is kept, so its next swap-out moves only new
     # tokens, and a finished turn's evicted KV waits on the host for the session's next turn. Kept copies go first
     # under pressure (least recently used).
@@ -250,7 +250,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--swap-space", default=None,
                    help="host tier for swapped KV: bytes ('8GiB'); a bare number means GiB (default 4)")
     g.add_argument("--swap-threads", type=int, default=2,
-                   help="threads copying swapped KV back in, overlapped with model steps (0: synchronous; default 2)")
+                   help="threads copying swapped KV out and back in, overlapped with model steps (0: synchronous; "
+                        "default 2)")
     g.add_argument("--no-swap-reuse", dest="swap_reuse", action="store_false",
                    help="free a sequence's host copy once swapped back in (default: keep it, so later swap-outs move "
                         "only new tokens and a conversation's next turn swaps its KV in instead of prefilling it)")

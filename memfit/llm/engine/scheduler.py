@@ -19,6 +19,13 @@ KV kept from finished conversation turns (`retained`) is the first thing given u
 space that reuses copies (`reuse`, cross-turn reuse) it goes to the host tier (`swapped_sessions`), moving only
 the tokens its kept copy lacks, and the session's next turn swaps it back in instead of prefilling it. A swap-in
 that cannot be served (`swap_in` returns None: an SSD read failed its checksum) recomputes the sequence.
+Asynchronous swap-out (a swap space with threads, FastSwitch's swap manager): when something else can run this
+step, a victim's KV is copied out on the swap pool while the model step runs, and its device KV is freed only at
+the next `schedule()`, once the copy has landed (`_finish_swap_outs`); meanwhile it is still counted in the KV
+budget. The sequence that needed the memory sits out this one step (it is not preempted, and nobody else is
+preempted for it) and gets it at the next. When nothing else would run, the overlap would not pay (there is no
+step to hide the copy behind, and waiting a step only delays everyone), so the swap-outs land at once and the
+step is scheduled again with synchronous swaps.
 A commit the OS or driver refuses (the budget allowed it, the memory was not there) is local: the sequence
 that asked waits, or is preempted itself; no other sequence is preempted for it.
 """
@@ -68,6 +75,8 @@ class Scheduler:
         self.retained: OrderedDict[str, Sequence] = OrderedDict()  # session id -> finished seq holding KV
         self.swapped_sessions: dict[str, Sequence] = {}  # session id -> finished seq whose KV is on the swap tiers
         self.reuse = self.swap is not None and getattr(self.swap, "reuse", False)
+        self._swapping_out: list[Sequence] = []  # victims whose KV is being copied out (landed at the next step)
+        self._sync_only = False  # a second pass over an empty step: no more asynchronous swap-outs
         self.num_preemptions = 0  # total, for metrics
         self.preemptions_by_mode = {"recompute": 0, "swap": 0}
 
@@ -132,8 +141,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _release(self, seq: Sequence) -> None:
-        self._free_kv(seq.seq_id)  # the swap copy first: an asynchronous swap-in's copies land before the KV is freed
-        seq.swapped = seq.swapping_in = False
+        self._free_kv(seq.seq_id)  # the swap copy first: an asynchronous swap's copies land before the KV is freed
+        if seq.swapping_out:
+            self._swapping_out.remove(seq)
+        seq.swapped = seq.swapping_in = seq.swapping_out = False
 
     # ---- memory pressure --------------------------------------------------------------------------------
     def _evict_retained(self) -> bool:
@@ -147,13 +158,21 @@ class Scheduler:
             self._free_kv(seq.seq_id)
         return True
 
-    def _preempt(self, victim: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, victim: Sequence, out: SchedulerOutput, needy: Sequence | None = None) -> None:
         """Free the victim's KV (swapped to the host tier first if the mode and the tier allow), requeue it
-        at the front, drop it from this step. Not swapped: its tokens are recomputed when it returns."""
+        at the front, drop it from this step. Not swapped: its tokens are recomputed when it returns. Swapped
+        asynchronously (when a sequence other than `needy`, the one the memory is for, is left to run): the KV
+        is freed when the copy lands, at the next step."""
         self.running.remove(victim)
         out.scheduled = [s for s in out.scheduled if s.seq is not victim]
-        if self._try_swap_out(victim):
-            self.kv.free(victim.seq_id)
+        overlap = bool(self.swap is not None and self.swap.threads and not self._sync_only
+                       and any(s is not needy for s in self.running))
+        if self._try_swap_out(victim, wait=not overlap):
+            if self.swap.swapping_out(victim.seq_id):  # type: ignore[union-attr]
+                victim.swapping_out = True
+                self._swapping_out.append(victim)
+            else:
+                self.kv.free(victim.seq_id)
             victim.swapped = True
             mode = "swap"
         else:
@@ -168,7 +187,7 @@ class Scheduler:
         self.waiting.appendleft(victim)
         out.preempted.append(victim)
 
-    def _try_swap_out(self, victim: Sequence, keep: bool = False) -> bool:
+    def _try_swap_out(self, victim: Sequence, keep: bool = False, wait: bool = True) -> bool:
         n = victim.num_computed
         if self.swap is None or n == 0 or not self.kv.has_seq(victim.seq_id):
             return False
@@ -176,13 +195,15 @@ class Scheduler:
             return False
         if keep:
             return self.swap.try_swap_out(victim.seq_id, n, keep=True)
+        if not wait:
+            return self.swap.try_swap_out(victim.seq_id, n, wait=False)
         return self.swap.try_swap_out(victim.seq_id, n)  # False: the host tier is full
 
     def _preempt_newest(self, out: SchedulerOutput, keep: Sequence) -> bool:
         victim = self.policy.victim(self.running, keep)
         if victim is None:
             return False
-        self._preempt(victim, out)
+        self._preempt(victim, out, needy=keep)
         return True
 
     def set_priority(self, seq: Sequence, priority: int) -> None:
@@ -205,6 +226,8 @@ class Scheduler:
                 return False
             if self._evict_retained():
                 continue
+            if self._swapping_out:
+                return False  # memory is on its way back (swap-outs land at the next step): nobody else goes for it
             if may_preempt and self._preempt_newest(out, keep=seq):
                 continue
             if may_preempt and self._evict_waiting_holder(seq):  # before a running sequence preempts itself
@@ -225,10 +248,29 @@ class Scheduler:
     # ---- the step ----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
         self.policy.step += 1
+        self._finish_swap_outs()  # they had the last model step to overlap with
         self._finish_swap_ins()
+        self._schedule_running(out)
+        self._admit_waiting(out)
+        if not out.scheduled and self._swapping_out:
+            # Nothing else runs this step, so an asynchronous swap-out has nothing to overlap with: land them now
+            # (freeing their KV) and schedule again, swapping synchronously.
+            self._finish_swap_outs()
+            self._sync_only = True
+            try:
+                self._schedule_running(out)
+                self._admit_waiting(out)
+            finally:
+                self._sync_only = False
+        if not out.scheduled and any(s.swapping_in for s in self.waiting):
+            # Nothing can run while swap-ins in flight hold memory: let them land, and admit them now.
+            self._finish_swap_ins(wait=True)
+            self._admit_waiting(out, skip_preempted=True)
+        self.policy.on_sampled(item.seq for item in out.scheduled if item.samples)
+        return out
 
+    def _schedule_running(self, out: SchedulerOutput) -> None:
         # 1. Running sequences, in the policy's order. Preempting a later one may drop it from this step too,
         #    so the token budget is recomputed from what is still scheduled.
         for seq in self.policy.order(self.running):
@@ -239,24 +281,19 @@ class Scheduler:
                 break
             num_new = min(seq.num_pending, budget)
             if not self._ensure_capacity(seq, seq.num_computed + num_new, out, may_preempt=True):
+                if self._swapping_out:
+                    continue  # its memory lands with the swap-outs in flight: it sits out this step, still running
                 # Nothing left to preempt and it still does not fit: it waits for memory itself.
                 self._preempt(seq, out)
                 continue
             out.scheduled.append(ScheduledSeq(seq, num_new))
-
-        # 2. Waiting sequences, in the policy's order (fcfs: preempted sequences sit at the front).
-        self._admit_waiting(out)
-        if not out.scheduled and any(s.swapping_in for s in self.waiting):
-            # Nothing can run while swap-ins in flight hold memory: let them land, and admit them now.
-            self._finish_swap_ins(wait=True)
-            self._admit_waiting(out, skip_preempted=True)
-        self.policy.on_sampled(item.seq for item in out.scheduled if item.samples)
-        return out
+        # 2. Waiting sequences, in the policy's order (fcfs: preempted sequences sit at the front): _admit_waiting.
 
     def _admit_waiting(self, out: SchedulerOutput, skip_preempted: bool = False) -> None:
         budget = self.config.max_num_batched_tokens - out.num_tokens
         while self.waiting and budget > 0:
-            ready = [s for s in self.waiting if not s.swapping_in and not (skip_preempted and s in out.preempted)]
+            ready = [s for s in self.waiting if not (s.swapping_in or s.swapping_out)
+                     and not (skip_preempted and s in out.preempted)]
             if not ready:
                 break
             seq = self.policy.next_waiting(ready)
@@ -290,8 +327,8 @@ class Scheduler:
         """KV for a waiting sequence: preempting only sequences the policy ranks below it; a swapped
         sequence gets its KV back from the host tier (no recomputation)."""
         while not self._ensure_capacity(seq, seq.num_computed + num_new, out, may_preempt=False):
-            if getattr(self.kv, "last_refused", False):
-                return False
+            if getattr(self.kv, "last_refused", False) or self._swapping_out:
+                return False  # (swap-outs in flight: the memory comes at the next step)
             if not (self._preempt_for(seq, out) or (not self.running and self._evict_waiting_holder(seq))):
                 return False
         if seq.swapped:
@@ -327,6 +364,18 @@ class Scheduler:
         the failed read left there is overwritten before it is read."""
         seq.swapped = seq.swapping_in = False
         seq.num_computed = seq.num_cached_prompt = 0
+
+    def _finish_swap_outs(self) -> None:
+        """Land the asynchronous swap-outs (waiting for any still copying) and free their sequences' device KV; a
+        failed copy leaves nothing held, and the sequence is recomputed."""
+        while self._swapping_out:
+            seq = self._swapping_out.pop(0)
+            landed = self.swap.finish_swap_out(seq.seq_id)  # type: ignore[union-attr]
+            self.kv.free(seq.seq_id)
+            seq.swapping_out = False
+            if not landed:
+                seq.swapped = False
+                seq.num_computed = seq.num_cached_prompt = 0
 
     def _finish_swap_ins(self, wait: bool = False) -> None:
         """Complete the asynchronous swap-ins that have landed (all of them, waiting, when asked or when nothing

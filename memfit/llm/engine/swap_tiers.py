@@ -76,4 +76,4 @@ def swap_stats(swap: SwapSpace | None) -> dict:
     return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
             "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
             "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,
-            "async_swap_ins": swap.async_swap_ins}
+            "async_swap_ins": swap.async_swap_ins, "async_swap_outs": swap.async_swap_outs}

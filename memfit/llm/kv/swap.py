@@ -16,13 +16,17 @@ Cross-turn reuse (`reuse`, FastSwitch's third idea): a swap-in leaves the host c
 sequence's next swap-out copies only its new tokens; kept copies are evicted least recently used first. The book
 of copies (chunks, valid ranges, the LRU, making room, demotion to the SSD tier) is swap_reuse.py.
 
-Swap-outs are synchronous: the scheduler preempts because it needs the memory in the same step. Swap-ins may
-run on a thread pool (`threads` > 0), overlapped with the model step: `start_swap_in` launches the copies into
-the memory the sequence was just given, the scheduler admits the sequence only once `swap_in_ready`, and
-`finish_swap_in` completes it on the engine thread. The copies are torch copies, which release the GIL. The
-scheduler falls back to a synchronous swap-in when there is no step to overlap with. A swap-in that cannot be
-served (an SSD read failed or its checksum did not match: `SwapLost`) returns None; the scheduler then
-recomputes the sequence, so corrupt KV is never served.
+With `threads` > 0 both directions may run on a thread pool, overlapped with the model step (FastSwitch's swap
+manager). A swap-in: `start_swap_in` launches the copies into the memory the sequence was just given, the
+scheduler admits the sequence only once `swap_in_ready`, and `finish_swap_in` completes it on the engine thread.
+A swap-out: `try_swap_out(..., wait=False)` reserves the host bytes and launches the copy; the sequence keeps its
+device KV (still counted in the KV budget, so no budget is exceeded while both copies exist) until the scheduler
+calls `finish_swap_out` and only then frees it, so nothing reads memory that was freed or reused mid-copy. The
+copies are torch copies (and `os.pwritev`/`os.preadv` on the SSD tier), which release the GIL. The scheduler
+swaps synchronously when there is no step to overlap with. A swap-out that spills straight to the SSD tier
+(the host tier is full) stays synchronous: the extent allocator and the tier's budget live on the engine thread.
+A swap-in that cannot be served (an SSD read failed or its checksum did not match: `SwapLost`) returns None;
+the scheduler then recomputes the sequence, so corrupt KV is never served.
 
 `prefers_swap` is the `auto` preemption mode's cost model (swap_model.py).
 """
@@ -63,8 +67,10 @@ class SwapSpace:
         self.granule = self.run_map.granule  # a chunk starts on one
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
+        self.async_swap_outs = 0  # swap-outs that ran on the pool
         self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
+        self._outflight: dict[int, tuple[int, int, Future]] = {}  # swap-outs on the pool, the same
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -104,10 +110,12 @@ class SwapSpace:
             return True
         return self.cost.swap_s(*self.runs_shape(num_tokens)) < self.cost.recompute_s(num_tokens)
 
-    def try_swap_out(self, seq_id: int, num_tokens: int, keep: bool = False) -> bool:
+    def try_swap_out(self, seq_id: int, num_tokens: int, keep: bool = False, wait: bool = True) -> bool:
         """Copy positions 0..num_tokens-1 of `seq_id` to the host tier; False (nothing held) if it is full. With
         a kept copy of the first `valid` positions only the rest is copied. `keep`: the copy is evictable at
-        once (a finished turn's KV, not a preempted sequence's). The caller frees the sequence's KV afterwards."""
+        once (a finished turn's KV, not a preempted sequence's). The caller frees the sequence's KV afterwards:
+        at once, or, if `swapping_out(seq_id)` (`wait=False` with threads: the copy runs on the pool), only
+        after `finish_swap_out`."""
         copy = self._copies.get(seq_id)
         if copy is not None and copy.live:
             raise KVCacheError(f"sequence {seq_id} is already swapped out")
@@ -121,7 +129,7 @@ class SwapSpace:
         pieces = self.run_map.pieces(start, num_tokens)
         nbytes = sum(self.run_map.piece_bytes(p) for p in pieces)
         spilled = None
-        if nbytes and not self.book.reserve(nbytes, seq_id, self._inflight):
+        if nbytes and not self.book.reserve(nbytes, seq_id, self._busy()):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
                 spilled = self.ssd.write_runs(self.runs(seq_id, num_tokens, start))
             if spilled is None:
@@ -135,17 +143,41 @@ class SwapSpace:
         elif pieces:
             try:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-                runs = self.runs(seq_id, num_tokens, start)
-                _copy_out(runs, buf)
+                runs = self.runs(seq_id, num_tokens, start)  # resolved here, on the engine thread
+                if wait or not self.threads:
+                    _copy_out(runs, buf)
+                else:  # the chunk is booked now; its bytes land while the model step runs
+                    self._outflight[seq_id] = (len(pieces), nbytes, self._pool_().submit(_copy_out, runs, buf))
             except BaseException:
                 self.budget.release(nbytes, OWNER)
                 raise
             copy.chunks.append(Chunk(start, num_tokens, nbytes, buf))
             self.stats.resident_bytes += nbytes
-            self._account(self.stats, nbytes, len(pieces), time.perf_counter() - t0, out=True)
+            if seq_id not in self._outflight:
+                self._account(self.stats, nbytes, len(pieces), time.perf_counter() - t0, out=True)
         self.stats.reused_tokens += start
         copy.valid, copy.live = num_tokens, not keep
         self.book.mark_kept(seq_id, keep)
+        return True
+
+    def swapping_out(self, seq_id: int) -> bool:
+        """An asynchronous swap-out of `seq_id` is in flight: its device KV must stay until `finish_swap_out`."""
+        return seq_id in self._outflight
+
+    def swap_out_ready(self, seq_id: int) -> bool:
+        return self._outflight[seq_id][2].done()
+
+    def finish_swap_out(self, seq_id: int) -> bool:
+        """Wait for an asynchronous swap-out (at once if `swap_out_ready`) and account it; the caller frees the
+        sequence's device KV afterwards. False: the copy failed, nothing is held (the sequence is recomputed)."""
+        copies, nbytes, future = self._outflight.pop(seq_id)
+        self.async_swap_outs += 1
+        try:
+            seconds = future.result()
+        except Exception:  # noqa: BLE001 - a failed copy is a lost swap: recomputed, never resumed from it
+            self._lost(seq_id)
+            return False
+        self._account(self.stats, nbytes, copies, seconds, out=True)
         return True
 
     def swap_in(self, seq_id: int) -> int | None:
@@ -167,11 +199,11 @@ class SwapSpace:
         sequence's KV: it is not scheduled until `finish_swap_in`)."""
         if not self.threads:
             raise RuntimeError("asynchronous swap-in needs threads > 0")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
+        if seq_id in self._outflight:
+            raise KVCacheError(f"sequence {seq_id} is still being swapped out")
         copy = self._live(seq_id)
         pairs, nbytes = self._pairs(seq_id, copy)  # resolved here, on the engine thread, under the cache's lock
-        self._inflight[seq_id] = (_host_copies(pairs), nbytes, self._pool.submit(_copy_in, pairs))
+        self._inflight[seq_id] = (_host_copies(pairs), nbytes, self._pool_().submit(_copy_in, pairs))
 
     def in_flight(self, seq_id: int) -> bool:
         return seq_id in self._inflight
@@ -214,13 +246,13 @@ class SwapSpace:
 
     def discard(self, seq_id: int) -> None:
         """The sequence finished or was aborted (or is recomputed): forget its host copy."""
-        if seq_id in self._inflight:  # the copies write into its KV: let them land before that is freed
-            future = self._inflight.pop(seq_id)[2]
-            future.exception()
+        for flights in (self._inflight, self._outflight):  # copies into its KV, or out of it into a host buffer:
+            if seq_id in flights:  # let them land before either is freed
+                flights.pop(seq_id)[2].exception()
         self.book.drop(seq_id)
 
     def close(self) -> None:
-        for seq_id in [*self._copies, *self._inflight]:
+        for seq_id in [*self._copies, *self._inflight, *self._outflight]:
             self.discard(seq_id)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -228,6 +260,15 @@ class SwapSpace:
             self.ssd.close()
 
     # ---- inside ----------------------------------------------------------------------------------------
+    def _pool_(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
+        return self._pool
+
+    def _busy(self) -> set[int]:
+        """Sequences with copies in flight: their host chunks are not demoted to the SSD tier meanwhile."""
+        return {*self._inflight, *self._outflight}
+
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)
         if copy is None or not copy.live:
@@ -281,12 +322,13 @@ class SwapSpace:
             self.cost.observe_copy(nbytes, seconds)
 
 
-def _copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> None:
-    """Copy `runs`, in order, into the host buffer `buf`."""
-    off = 0
+def _copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
+    """Copy `runs`, in order, into the host buffer `buf`; returns the seconds it took."""
+    t0, off = time.perf_counter(), 0
     for r in runs:
         buf[off : off + r.numel()].copy_(r)
         off += r.numel()
+    return time.perf_counter() - t0
 
 
 def _copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:

@@ -102,7 +102,7 @@ class HostCopies:
         first; a live copy is demoted only to the SSD tier, never dropped (and not while in `busy`: a swap-in
         of it is in flight)."""
         while not self.budget.try_reserve(nbytes, OWNER):
-            victim = next((s for s in self.kept if s != for_seq and self.on_host(s)), None)
+            victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1
                 if not (self.ssd is not None and self.demote(victim)):

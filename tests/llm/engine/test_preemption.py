@@ -64,6 +64,7 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
         # Without reuse every byte goes out and back once; with it, what a kept copy held is not moved out again.
         assert st["in_bytes"] == st["out_bytes"] if not reuse else st["in_bytes"] >= st["out_bytes"]
         assert (st["async_swap_ins"] > 0) == (threads > 0)  # overlapped swap-ins happened (only) when asked
+        assert (st["async_swap_outs"] > 0) == (threads > 0)  # and swap-outs
         assert llm.engine.swap.budget.used_bytes == 0
     else:  # auto picks per victim from measured rates: either way, recomputation only where it chose it
         assert (fed[0] > once) == (by_mode["recompute"] > 0)
@@ -194,9 +195,12 @@ class FakeSwap:
     def prefers_swap(self, n: int) -> bool:
         return True
 
-    def try_swap_out(self, seq_id: int, n: int) -> bool:
+    def try_swap_out(self, seq_id: int, n: int, wait: bool = True) -> bool:
         self.held.add(seq_id)
         return True
+
+    def swapping_out(self, seq_id: int) -> bool:
+        return False  # swap-outs land at once here
 
     def swap_in(self, seq_id: int) -> int:
         self.held.discard(seq_id)
@@ -342,3 +346,47 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
     assert engine.swap.budget.used_bytes == 0 and engine.swap.ssd.budget.used_bytes == 0
     assert engine.kv.stats().num_seqs == 0
     llm.engine.close()
+
+
+@pytest.mark.parametrize("kind", ["virtual", "paged"])
+def test_an_asynchronous_swap_out_keeps_the_victims_kv_until_its_slow_copy_lands(tiny, expected, kind,  # noqa: F811
+                                                                                 monkeypatch):
+    """Every swap-out copy is made slow (it sleeps before reading the KV), so the steps after a preemption run
+    while it copies. Freeing the victim's KV before the copy lands would let those steps reuse and overwrite its
+    memory (or the cache give it back to the OS): the copy would read another sequence's K/V or zeros, and the
+    greedy outputs would differ. The copy also checks, as it ends, that its sequence still holds its KV."""
+    import time
+
+    import memfit.llm.kv.swap as swap_mod
+
+    model, _, path = tiny
+    probe = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0,
+              kv_prefault=False, preemption_mode="swap", swap_space="16MiB", swap_threads=2, swap_reuse=False)
+    engine, copy_out, try_swap_out = llm.engine, swap_mod._copy_out, llm.engine.swap.try_swap_out
+    owner: dict[int, int] = {}  # host buffer address -> the sequence its copy is for
+    freed_early = []
+
+    def recording_swap_out(seq_id, n, keep=False, wait=True):
+        ok = try_swap_out(seq_id, n, keep=keep, wait=wait)
+        if ok and engine.swap.swapping_out(seq_id):
+            owner[engine.swap._copies[seq_id].chunks[-1].buf.data_ptr()] = seq_id
+        return ok
+
+    def slow_copy_out(runs, buf):
+        time.sleep(0.05)
+        seq_id = owner[buf.data_ptr()]
+        seconds = copy_out(runs, buf)
+        if not engine.kv.has_seq(seq_id):
+            freed_early.append(seq_id)
+        return seconds
+
+    monkeypatch.setattr(engine.swap, "try_swap_out", recording_swap_out)
+    monkeypatch.setattr(swap_mod, "_copy_out", slow_copy_out)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
+    st = engine.stats()["swap"]
+    assert st["async_swap_outs"] > 0 and not freed_early
+    for ids, g, e in zip(PROMPTS, got, expected):
+        assert_same_greedy(model, ids, g, e)
+    assert engine.swap.budget.used_bytes == 0 and engine.kv.stats().num_seqs == 0

@@ -11,7 +11,11 @@ here); and once everything is aborted, nothing is left in either tier.
 With cross-turn reuse (`reuse`: host copies kept after a swap-in, later swap-outs moving only new tokens, finished
 turns of sessions evicted to the host tier): the host tier's budget equals the bytes of the buffers it holds (their
 sizes, not its counters), every kept copy belongs to a live sequence or a session, and the running sequences'
-values (above) show that a copy assembled from several swap-outs restores exactly."""
+values (above) show that a copy assembled from several swap-outs restores exactly.
+
+With swap threads, swap-outs run on the pool overlapped with the step: until the copy lands, the sequence still
+holds its device KV, unchanged, and its host bytes are already reserved, so both are counted and neither budget
+is exceeded."""
 from __future__ import annotations
 
 import torch
@@ -140,22 +144,37 @@ class SwapMachine(RuleBasedStateMachine):
     @invariant()
     def swapped_sequences_hold_no_kv_and_running_ones_hold_their_tokens(self) -> None:
         for seq in self.seqs.values():
-            if seq.swapped and not seq.swapping_in:
+            if seq.swapped and not (seq.swapping_in or seq.swapping_out):
                 assert not self.cache.has_seq(seq.seq_id) and seq.num_computed > 0
         for seq in self.sched.running:
             assert self.cache.num_tokens(seq.seq_id) == seq.num_computed
 
     @invariant()
+    def a_sequence_swapping_out_keeps_its_kv_intact_until_the_copy_lands(self) -> None:
+        """Its device KV is still allocated (so counted in the KV budget, checked above), nobody wrote over it, and
+        its host copy is already reserved: both copies are counted while the copy runs, never one of them freed."""
+        flying = [s for s in self.seqs.values() if s.swapping_out]
+        assert {s.seq_id for s in flying} == set(self.swap._outflight)
+        assert all(s in self.sched.waiting and s.swapped for s in flying)
+        assert self.kv_budget.used_bytes <= self.kv_budget.limit_bytes
+        for seq in flying:
+            assert self.cache.has_seq(seq.seq_id) and self.swap.holds(seq.seq_id)
+            self._assert_holds_its_values(seq)
+
+    @invariant()
     def running_sequences_read_back_what_was_written(self) -> None:
         for seq in self.sched.running:
-            n = seq.num_computed
-            if n == 0:
-                continue
-            plan = self.cache.plan_step([SeqStep(seq.seq_id, n, 0)])
-            for layer in range(LAYOUT.num_layers):
-                k, v = self.cache.context(layer, plan, 0)
-                want = kv_for(seq.seq_id, 0, n, layer)[0]
-                assert torch.equal(k, want) and torch.equal(v, -want)
+            self._assert_holds_its_values(seq)
+
+    def _assert_holds_its_values(self, seq: Sequence) -> None:
+        n = seq.num_computed
+        if n == 0:
+            return
+        plan = self.cache.plan_step([SeqStep(seq.seq_id, n, 0)])
+        for layer in range(LAYOUT.num_layers):
+            k, v = self.cache.context(layer, plan, 0)
+            want = kv_for(seq.seq_id, 0, n, layer)[0]
+            assert torch.equal(k, want) and torch.equal(v, -want)
 
     def teardown(self) -> None:
         for seq in list(self.seqs.values()):
@@ -176,7 +195,12 @@ class PagedSwapMachine(SwapMachine):
     kind = "paged"
 
 
-class AsyncVirtualSwapMachine(SwapMachine):
+class AsyncVirtualSwapMachine(SwapMachine):  # swap-ins and swap-outs on the pool, overlapped with steps
+    threads = 2
+
+
+class AsyncPagedSwapMachine(SwapMachine):
+    kind = "paged"
     threads = 2
 
 
@@ -211,6 +235,8 @@ TestPagedSwap = PagedSwapMachine.TestCase
 TestPagedSwap.settings = STATEFUL
 TestAsyncVirtualSwap = AsyncVirtualSwapMachine.TestCase
 TestAsyncVirtualSwap.settings = STATEFUL
+TestAsyncPagedSwap = AsyncPagedSwapMachine.TestCase
+TestAsyncPagedSwap.settings = STATEFUL
 TestReuseVirtualSwap = ReuseVirtualSwapMachine.TestCase
 TestReuseVirtualSwap.settings = STATEFUL
 TestReusePagedSwap = ReusePagedSwapMachine.TestCase
