@@ -1,6 +1,6 @@
 """A preallocated file carved into extents: the SSD tier's storage for whole runs of swapped KV.
 
-    store = ExtentStore(Path("/nvme/memfit"), 64 << 30)   # one file, its blocks allocated now
+    store = ExtentStore(Path("/nvme/memfit"), 64 << 30)   # one file, its blocks allocated now, O_DIRECT if allowed
     off = store.alloc(nbytes)                               # None when no free extent is large enough
     store.write(off, memoryview(...)); store.readinto(off, [memoryview(...), ...]); store.free(off, nbytes)
 
@@ -13,24 +13,42 @@ that O_DIRECT, if later enabled, finds every offset aligned). Runs are whole seq
 the free list stays short.
 
 I/O is `os.pwritev` / `os.preadv` (both release the GIL, so reads on the swap thread pool overlap the model
-step); a short write is continued, a short read is an error. The page cache is used (no O_DIRECT): the KV
-runs are written from and read into unaligned tensor memory, which O_DIRECT refuses.
+step); a short write is continued, a short read is an error.
+
+O_DIRECT (`direct`, on by default): the file is opened with it where the file system allows, so swapped KV goes to
+the disk without a second copy in the page cache (that copy would be RAM, the very thing the tier exists to free,
+and the kernel would account it to whoever runs the engine). O_DIRECT wants the file offset, the length and the
+buffer's address aligned: extents start and end on `ALIGN`, and the KV runs (unaligned tensor memory) go through
+a page-aligned staging buffer of `STAGE` bytes per thread (an anonymous mmap), one `STAGE`-sized write or read at
+a time; the gather into it and the scatter out of it are numpy copies, which release the GIL too. A file system
+that refuses O_DIRECT (EINVAL at open, or at the first write: some accept the flag and refuse the I/O) gets the
+buffered path above, writing from and reading into the runs themselves; `direct` says which is in use and
+`direct_fallback` why it is not.
 """
 from __future__ import annotations
 
 import bisect
+import errno
+import logging
+import mmap
 import os
+import threading
 from pathlib import Path
+
+import numpy as np
 
 from memfit.memory.aio import SwapSpaceError
 from memfit.memory.budget import format_bytes
 from memfit.memory.mapping import round_up
 
-ALIGN = 4096  # extent granularity: a logical block, as O_DIRECT would want
+ALIGN = 4096  # extent granularity: a logical block, as O_DIRECT wants (offsets, lengths, buffer addresses)
+STAGE = 1 << 20  # bytes of one O_DIRECT write or read through the staging buffer (a multiple of ALIGN)
+
+log = logging.getLogger(__name__)
 
 
 class ExtentStore:
-    def __init__(self, directory: str | Path, capacity: int, name: str | None = None) -> None:
+    def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True) -> None:
         directory = Path(directory)
         if capacity < ALIGN:
             raise SwapSpaceError(f"an SSD swap space of {format_bytes(capacity)} cannot hold one {ALIGN}-byte extent")
@@ -40,7 +58,22 @@ class ExtentStore:
             raise SwapSpaceError(f"the SSD swap directory {directory} is not writable; choose another")
         self.capacity = round_up(capacity, ALIGN)
         self.path = directory / (name or f"memfit-kv-swap-{os.getpid()}-{id(self):x}.extents")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.direct, self.direct_fallback = False, None if direct else "not asked for"
+        self._direct_proven = False  # a direct write succeeded: a later EINVAL is an I/O error, not a fallback
+        self._stage = threading.local()  # per thread: its page-aligned staging buffer
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd, self.direct = os.open(self.path, flags | os.O_DIRECT, 0o600), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._fall_back(f"open with O_DIRECT: {exc.strerror}")
+        elif direct:
+            self.direct_fallback = "O_DIRECT is not available on this platform"
+        if self.fd < 0:
+            self.fd = os.open(self.path, flags, 0o600)
         try:
             os.posix_fallocate(self.fd, 0, self.capacity)
         except OSError as exc:
@@ -89,9 +122,18 @@ class ExtentStore:
 
     # ---- I/O ------------------------------------------------------------------------------------------
     def write(self, offset: int, buffers: list[memoryview]) -> None:
-        """Write `buffers`, in order, from `offset` (one gather write; a short write is continued; OSError as
-        the OS raises it)."""
+        """Write `buffers`, in order, from `offset` (an extent's start): through the staging buffer with O_DIRECT,
+        else one gather write (a short write is continued). OSError as the OS raises it."""
         views = [b.cast("B") for b in buffers]
+        if self.direct:
+            try:
+                self._write_direct(offset, views)
+                self._direct_proven = True
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or self._direct_proven:
+                    raise
+                self._fall_back(f"first O_DIRECT write: {exc.strerror}")
         done, pos = os.pwritev(self.fd, views, offset), 0
         for b in views:  # continue whatever the kernel did not take
             lo = max(0, done - pos)
@@ -103,7 +145,11 @@ class ExtentStore:
             pos += len(b)
 
     def readinto(self, offset: int, buffers: list[memoryview]) -> None:
-        """Fill `buffers`, in order, from `offset` (one scatter read where it can); OSError on a short read."""
+        """Fill `buffers`, in order, from `offset` (an extent's start; through the staging buffer with O_DIRECT,
+        else one scatter read where it can); OSError on a short read."""
+        if self.direct:
+            self._read_direct(offset, [b.cast("B") for b in buffers])
+            return
         want = sum(len(b) for b in buffers)
         done = os.preadv(self.fd, buffers, offset)
         if done != want:  # the kernel may stop early: finish buffer by buffer, and call a true end an error
@@ -116,6 +162,68 @@ class ExtentStore:
                         raise OSError(f"short read at offset {offset + pos + lo} of {self.path}")
                     lo += n
                 pos += len(b)
+
+    # ---- O_DIRECT ---------------------------------------------------------------------------------------
+    def _staging(self) -> np.ndarray:
+        """This thread's page-aligned staging buffer, (STAGE,) uint8 (mmap memory is page-aligned)."""
+        stage = getattr(self._stage, "buf", None)
+        if stage is None:
+            stage = self._stage.buf = np.frombuffer(mmap.mmap(-1, STAGE), dtype=np.uint8)
+        return stage
+
+    def _write_direct(self, offset: int, views: list[memoryview]) -> None:
+        """Gather `views` into the staging buffer STAGE bytes at a time and write each piece (the last one padded
+        with zeros to ALIGN: the extent was rounded up to it)."""
+        stage, pos = self._staging(), 0
+        pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
+        while pieces:
+            fill = 0
+            while pieces and fill < STAGE:  # gather
+                n = min(STAGE - fill, pieces[0].size)
+                stage[fill : fill + n] = pieces[0][:n]
+                fill += n
+                pieces[0] = pieces[0][n:]
+                if not pieces[0].size:
+                    pieces.pop(0)
+            size = -(-fill // ALIGN) * ALIGN
+            stage[fill:size] = 0
+            done = 0
+            while done < size:  # a short write of whole blocks is continued
+                n = os.pwrite(self.fd, memoryview(stage)[done:size], offset + pos + done)
+                if n <= 0 or n % ALIGN:
+                    raise OSError(errno.EIO, f"short O_DIRECT write ({n} of {size - done} bytes) at offset "
+                                  f"{offset + pos + done} of {self.path}")
+                done += n
+            pos += size
+
+    def _read_direct(self, offset: int, views: list[memoryview]) -> None:
+        """Read STAGE bytes at a time into the staging buffer and scatter them into `views`."""
+        stage, pos = self._staging(), 0
+        pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
+        left = sum(p.size for p in pieces)
+        while left:
+            size = min(STAGE, -(-left // ALIGN) * ALIGN)
+            got = os.preadv(self.fd, [memoryview(stage)[:size]], offset + pos)
+            if got < min(size, left):
+                raise OSError(errno.EIO, f"short read at offset {offset + pos} of {self.path}")
+            take, used = min(size, left), 0
+            while used < take:  # scatter
+                n = min(take - used, pieces[0].size)
+                pieces[0][:n] = stage[used : used + n]
+                used += n
+                pieces[0] = pieces[0][n:]
+                if not pieces[0].size:
+                    pieces.pop(0)
+            pos, left = pos + size, left - take
+
+    def _fall_back(self, why: str) -> None:
+        """Buffered I/O from now on (the same file, reopened without O_DIRECT where it was open with it)."""
+        if self.fd >= 0:
+            fd = os.open(self.path, os.O_RDWR)
+            os.close(self.fd)
+            self.fd = fd
+        self.direct, self.direct_fallback = False, f"{why}; buffered I/O instead"
+        log.warning("SSD swap tier in %s: O_DIRECT refused (%s); buffered I/O instead", self.path.parent, why)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -50,3 +50,85 @@ def test_a_directory_that_cannot_hold_the_tier_is_refused_clearly(tmp_path):
     with pytest.raises(SwapSpaceError, match="cannot preallocate"):
         ExtentStore(tmp_path, 1 << 60)  # more than any disk here
     assert not any(p.name.endswith(".extents") for p in tmp_path.iterdir())
+
+
+def _is_direct(store: ExtentStore) -> bool:
+    """From the kernel: the open file's status flags (not the store's own word for it)."""
+    import fcntl
+
+    return bool(fcntl.fcntl(store.fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+
+def _round_trip(store: ExtentStore, nbytes: int) -> None:
+    """Unaligned memory and sizes, several views each way, more than one STAGE piece when nbytes is large."""
+    data = os.urandom(nbytes + 3)
+    src = memoryview(data)[3:]  # an address no O_DIRECT write would take as is
+    cuts = sorted([0, 1, 4097, nbytes // 2 + 7, nbytes])
+    off = store.alloc(nbytes)
+    store.write(off, [src[a:b] for a, b in zip(cuts, cuts[1:])])
+    back = bytearray(nbytes + 5)
+    dst = memoryview(back)[5:]
+    rcuts = [0, 3, nbytes // 3, nbytes - 1, nbytes]
+    store.readinto(off, [dst[a:b] for a, b in zip(rcuts, rcuts[1:])])
+    assert bytes(dst) == bytes(src)
+    store.free(off, nbytes)
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+def test_o_direct_where_the_file_system_takes_it_round_trips_unaligned_runs_through_staging(tmp_path):
+    from memfit.memory.extent_store import STAGE
+
+    store = ExtentStore(tmp_path, 4 * STAGE)
+    if not store.direct:
+        store.close()
+        pytest.skip(f"{tmp_path} refuses O_DIRECT ({store.direct_fallback})")
+    assert _is_direct(store) and store.direct_fallback is None
+    for nbytes in (5000, 2 * STAGE + 12345):  # one padded piece; three pieces, the last padded
+        _round_trip(store, nbytes)
+    assert store.direct and _is_direct(store)  # no fallback happened on the way
+    store.close()
+
+
+def test_a_file_system_refusing_o_direct_at_open_gets_buffered_io(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(22, "Invalid argument (injected: as tmpfs before Linux 6.6)")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    store = ExtentStore(tmp_path, 4 * ALIGN)
+    assert not store.direct and not _is_direct(store) and "open with O_DIRECT" in store.direct_fallback
+    _round_trip(store, 5000)
+    store.close()
+
+
+def test_o_direct_refused_at_the_first_write_falls_back_and_a_later_einval_is_an_error(tmp_path, monkeypatch):
+    def refuse(self, offset, views):
+        raise OSError(22, "Invalid argument (injected)")
+
+    store = ExtentStore(tmp_path, 8 * ALIGN)
+    if not store.direct:
+        store.close()
+        pytest.skip(f"{tmp_path} refuses O_DIRECT ({store.direct_fallback})")
+    with monkeypatch.context() as m:
+        m.setattr(ExtentStore, "_write_direct", refuse)
+        _round_trip(store, 5000)  # the first write is refused: the same file, reopened buffered, takes it
+    assert not store.direct and not _is_direct(store) and "first O_DIRECT write" in store.direct_fallback
+    store.close()
+
+    store = ExtentStore(tmp_path, 8 * ALIGN)
+    _round_trip(store, 5000)  # a direct write landed: O_DIRECT works here
+    monkeypatch.setattr(ExtentStore, "_write_direct", refuse)
+    with pytest.raises(OSError):  # so a later EINVAL is an I/O error (the swap falls back), not a mode change
+        store.write(store.alloc(100), [memoryview(bytes(100))])
+    assert store.direct and _is_direct(store)
+    store.close()
+
+
+def test_buffered_io_when_o_direct_is_not_asked_for(tmp_path):
+    store = ExtentStore(tmp_path, 4 * ALIGN, direct=False)
+    assert not store.direct and not _is_direct(store) and store.direct_fallback == "not asked for"
+    _round_trip(store, 5000)
+    store.close()

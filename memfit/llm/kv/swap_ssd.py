@@ -7,8 +7,8 @@
 returns their extents, or None with nothing kept when the tier cannot take them all: its budget is full, or a
 write failed (the error is counted and logged; the caller keeps the chunk on the host or recomputes, so no
 request is lost). Each extent carries the zlib CRC-32 of its bytes. `reader(extent)` is the swap-in: it reads
-the extent straight into the sequence's KV runs (a scatter read, `os.preadv`, no bounce buffer on the CPU) and
-checks the CRC over what landed; a failed read or a mismatch raises SwapLost, and the scheduler recomputes the
+the extent into the sequence's KV runs (with O_DIRECT through the store's page-aligned staging buffer, else a
+scatter read straight into them; memory/extent_store.py) and checks the CRC over what landed; a failed read or a mismatch raises SwapLost, and the scheduler recomputes the
 sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters take a lock.
 
 The tier's budget (`Tier.SSD`, owner "swap") is the file's size; it is a ledger of its own, not a share of
@@ -42,8 +42,8 @@ class Extent:
 
 
 class SSDTier:
-    def __init__(self, directory: str | Path, capacity: int) -> None:
-        self.store = ExtentStore(directory, capacity)
+    def __init__(self, directory: str | Path, capacity: int, direct: bool = True) -> None:
+        self.store = ExtentStore(directory, capacity, direct=direct)  # O_DIRECT where the file system allows
         self.budget = MemoryBudget(self.store.capacity, Tier.SSD, name="swap_ssd")
         self.stats = SwapStats()
         self._lock = threading.Lock()

@@ -334,6 +334,7 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
     for ids, g, e in zip(PROMPTS, got, expected):
         assert_same_greedy(model, ids, g, e)
     ssd = {t["tier"]: t for t in engine.stats()["swap"]["tiers"]}["ssd"]
+    assert ssd["direct_io"] == (ssd["direct_io_fallback"] is None)  # O_DIRECT in use, or the reason why not
     by_mode = engine.scheduler.preemptions_by_mode
     if fault == "none":
         assert ssd["out_bytes"] > 0 and ssd["in_bytes"] > 0 and ssd["io_errors"] == 0
