@@ -21,9 +21,11 @@ def cmd_fit(args) -> int:
                            prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
                            kv_budget=kv_budget, memory_limit=limit, speculative_model=args.speculative_model,
                            num_speculative_tokens=args.num_speculative_tokens,
-                           tensor_parallel_size=args.tensor_parallel_size)
+                           tensor_parallel_size=args.tensor_parallel_size, speculative_tree=args.tree)
     dtype = dtype or parse_dtype(ModelConfig.from_dir(path).torch_dtype)
-    bound = _spec_bound(args, path, kv_budget, limit, dtype) if args.speculative_model is not None else None
+    # The bound's speed-up model is the chain's (engine/spec_budget.py): with --tree only the footprint is printed.
+    chain = args.speculative_model is not None and args.tree is None
+    bound = _spec_bound(args, path, kv_budget, limit, dtype) if chain else None
     measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
     if args.json:
         print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "context": args.context,
@@ -84,8 +86,9 @@ def _measure(args, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "memfit.llm.engine.fitcheck", str(args.model), "--batch", str(args.batch), "--context",
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
     if args.speculative_model is not None:
-        cmd += ["--speculative-model", args.speculative_model,
-                "--num-speculative-tokens", str(args.num_speculative_tokens or 4)]
+        cmd += ["--speculative-model", args.speculative_model]
+        cmd += (["--speculative-tree", args.tree] if args.tree else
+                ["--num-speculative-tokens", str(args.num_speculative_tokens or 4)])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the measuring run failed:\n{done.stderr[-2000:]}")
@@ -116,6 +119,9 @@ def register(sub) -> None:
                         "and the speculation buffers")
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="the largest number of tokens the draft may propose (default 4)")
+    p.add_argument("--tree", "--speculative-tree", dest="tree", default=None, metavar="W,D",
+                   help="speculation with a token tree (the engine's --speculative-tree): count its buffers (W x D + 1 "
+                        "verification rows of logits, the masks) and W x D lookahead tokens of the target's KV")
     p.add_argument("--keep-speedup", type=float, default=0.95,
                    help="speculation: print the smallest budget keeping this share of the predicted speed-up (default 0.95)")
     p.add_argument("--acceptance", type=float, default=None,

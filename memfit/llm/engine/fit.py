@@ -9,7 +9,10 @@ reported beside it.
 With speculative decoding (`speculative_model`, `num_speculative_tokens` g) it adds what the engine reserves for
 the draft (engine/draft.py): its weights (none for a self-draft, which shares the target's), its KV at the
 same context, its step reservation, the speculation buffers (`accounting.speculation_bytes`), and the target's
-KV for g lookahead tokens per sequence.
+KV for g lookahead tokens per sequence. With a token tree (`speculative_tree` W,D, engine/spec_tree_step.py) the
+buffers are the tree's (`accounting.tree_speculation_bytes`: W x D + 1 verification rows and W draft rows of
+logits, the ancestor and attention masks), the target's KV holds W x D lookahead tokens per sequence and the
+draft's (D - 1) x W.
 
 With tensor parallelism (`tensor_parallel_size` N, memfit/llm/parallel/) the breakdown is one rank's: the
 weights and KV of its shard (H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocabulary rows; the norms and a
@@ -25,7 +28,8 @@ from pathlib import Path
 import torch
 
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
-                                          speculation_bytes, tokenizer_bytes, weights_bytes, workspace_bytes)
+                                          speculation_bytes, tokenizer_bytes, tree_speculation_bytes, weights_bytes,
+                                          workspace_bytes)
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
 
@@ -114,11 +118,12 @@ def predict(
         spec = dict(
             draft_weights_bytes=0 if draft.shares_weights else weights_bytes(d, dtype, cpu_linear, device_type,
                                                                                 draft.mapped),
-            draft_kv_bytes=kv_cache_bytes(d, dtype, context_len, batch),
+            draft_kv_bytes=kv_cache_bytes(d, dtype, context_len + draft.draft_lookahead, batch),
             draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place),
-            speculation_bytes=speculation_bytes(d.vocab_size, draft.gamma, batch),
+            speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len) if draft.tree
+                               else speculation_bytes(d.vocab_size, draft.gamma, batch)),
         )
-    lookahead = draft.gamma if draft is not None else 0  # the target's KV holds g drafts past the context
+    lookahead = draft.lookahead if draft is not None else 0  # the target's KV holds the drafts past the context
     return FitBreakdown(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
@@ -142,9 +147,22 @@ class DraftSpec:
     gamma: int
     shares_weights: bool = False  # a self-draft: the target's own first layers
     mapped: bool = True  # its checkpoint is stored in the engine's dtype
+    tree: tuple[int, int] | None = None  # (W, D): tree speculation; g is then D
+
+    @property
+    def lookahead(self) -> int:
+        """Tokens past the context the target's KV holds in a step: g drafts, or a tree's W x D nodes."""
+        return self.tree[0] * self.tree[1] if self.tree else self.gamma
+
+    @property
+    def draft_lookahead(self) -> int:
+        """Tokens past the context the draft's KV holds: a tree's (D - 1) x W fed nodes (the chain's g - 1 are
+        within the prediction's 10%, and left out as before)."""
+        return (self.tree[1] - 1) * self.tree[0] if self.tree else 0
 
     @classmethod
-    def resolve(cls, name: str, gamma: int | None, target: ModelConfig, dtype: torch.dtype) -> DraftSpec:
+    def resolve(cls, name: str, gamma: int | None, target: ModelConfig, dtype: torch.dtype,
+                tree: tuple[int, int] | str | None = None) -> DraftSpec:
         """A bundled name, a directory or self[:N], as `--speculative-model` takes it (engine/draft.py)."""
         import dataclasses
 
@@ -152,14 +170,20 @@ class DraftSpec:
         from memfit.llm.models.config import parse_dtype
         from memfit.llm.models.loader import resolve_model_path
 
-        g = gamma or 4
+        from memfit.llm.engine.spec_tree import parse_tree
+
+        shape = parse_tree(tree)
+        if shape is not None and gamma not in (None, shape[1]):
+            raise ValueError(f"with a W,D tree the depth D is the number of speculative tokens: {gamma} differs from "
+                             f"D = {shape[1]}")
+        g = shape[1] if shape else (gamma or 4)
         if g < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {g}")
         layers = self_draft_layers(name, target.num_hidden_layers)
         if layers is not None:
-            return cls(dataclasses.replace(target, num_hidden_layers=layers), g, shares_weights=True)
+            return cls(dataclasses.replace(target, num_hidden_layers=layers), g, shares_weights=True, tree=shape)
         cfg = ModelConfig.from_dir(resolve_model_path(name))
-        return cls(cfg, g, mapped=parse_dtype(cfg.torch_dtype) == dtype)
+        return cls(cfg, g, mapped=parse_dtype(cfg.torch_dtype) == dtype, tree=shape)
 
 
 
@@ -168,7 +192,8 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
                        cpu_kernels: bool = True, device: str = "cpu", measure_runtime: bool = True,
                        kv_budget: int | None = None, memory_limit: int | None = None,
                        speculative_model: str | None = None, num_speculative_tokens: int | None = None,
-                       tensor_parallel_size: int = 1) -> FitBreakdown:
+                       tensor_parallel_size: int = 1,
+                       speculative_tree: tuple[int, int] | str | None = None) -> FitBreakdown:
     """`predict` with the choices an engine would make for this model directory and options; with
     tensor_parallel_size N > 1, one rank's share."""
     from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
@@ -188,7 +213,9 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
 
         runtime = runtime_bytes(dev.type, str(dtype).removeprefix("torch."), linear, cpu_kernels and dev.type == "cpu",
                                 batch=batch)
-    draft = (DraftSpec.resolve(speculative_model, num_speculative_tokens, cfg, dtype)
+    if speculative_tree is not None and speculative_model is None:
+        raise ValueError("--tree needs --speculative-model: the draft that proposes the tree")
+    draft = (DraftSpec.resolve(speculative_model, num_speculative_tokens, cfg, dtype, speculative_tree)
              if speculative_model is not None else None)
     if tensor_parallel_size > 1:
         if draft is not None and draft.shares_weights:

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--speculative-model", default=None)
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
+    ap.add_argument("--speculative-tree", default=None)  # W,D: all requests greedy (tree mode verifies only those)
     a = ap.parse_args()
     before_import = rss_bytes()
     import torch
@@ -47,14 +48,16 @@ def main() -> None:
         engine = LLMEngine(EngineConfig(model=a.model, max_num_seqs=a.batch, max_model_len=a.context, dtype=a.dtype,
                                         max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear,
                                         memory_budget=a.memory_budget, speculative_model=a.speculative_model,
-                                        num_speculative_tokens=a.num_speculative_tokens))
+                                        num_speculative_tokens=a.num_speculative_tokens,
+                                        speculative_tree=a.speculative_tree))
     vocab = engine.model_config.vocab_size
     with HeldMemoryMeter(files_under=[model_dir]) as run:
         for r in range(a.rounds):
             for i in range(a.batch):
                 # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
                 params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True,
-                                        temperature=0.8 if (i + r) % 2 == 0 else 0, top_p=0.9, seed=i)
+                                        temperature=0.8 if (i + r) % 2 == 0 and not a.speculative_tree else 0,
+                                        top_p=0.9, seed=i)
                 prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
                 engine.add_request(prompt_token_ids=prompt, params=params)
             while engine.has_unfinished_requests():
@@ -64,7 +67,7 @@ def main() -> None:
     load_peak = load.peak_delta_bytes  # loading alone: packing must not hold weights twice
     b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear,
                            dtype=parse_dtype(a.dtype) if a.dtype else None, speculative_model=a.speculative_model,
-                           num_speculative_tokens=a.num_speculative_tokens)
+                           num_speculative_tokens=a.num_speculative_tokens, speculative_tree=a.speculative_tree)
     print(json.dumps({"measured_end_bytes": end, "measured_peak_bytes": peak, "load_peak_bytes": load_peak,
                       "import_bytes": import_rss - before_import,
                       "predicted_bytes": b.total_bytes, "ledger": engine.ledger.by_owner(),

@@ -225,3 +225,32 @@ def test_fit_per_rank_with_a_draft_counts_it_on_rank_0_only():
     assert spec.all_ranks_bytes == 2 * spec.total_bytes - spec.speculative_bytes
     with pytest.raises(ValueError, match="self-draft"):
         predict_for_engine("memfit-tiny", 512, 2, speculative_model="self:2", **kw)
+
+
+@pytest.mark.slow
+def test_prediction_within_10_percent_with_a_token_tree():
+    """`fit --tree` against a real run of tree speculation (fitcheck: greedy requests, as tree mode takes)."""
+    r = _probe("memfit-tiny", 8, 192, "auto", "--speculative-model", "memfit-tiny-draft", "--speculative-tree", "4,3")
+    _check(r)
+    assert r["speculative_bytes"] > 0
+
+
+def test_fit_tree_counts_the_tree_buffers_and_lookahead(capsys):
+    """`memfit fit --tree W,D`: the tree's buffers (accounting.tree_speculation_bytes) in place of the chain's, and
+    W x D lookahead tokens of the target's KV (a chain of depth D holds D), the draft's KV (D - 1) x W more."""
+    base = ["fit", "--context", "256", "--batch", "2", "--no-runtime", "--speculative-model", "memfit-tiny-draft",
+            "--json"]
+    assert memfit_main(base + ["--num-speculative-tokens", "3"]) == 0
+    chain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert memfit_main(base + ["--tree", "4,3"]) == 0
+    tree = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "speculative_bound" not in tree  # the bound's speed-up model is the chain's
+    cfg = ModelConfig.from_dir(__import__("memfit.llm.models.loader", fromlist=["x"]).resolve_model_path("memfit-tiny"))
+    draft = ModelConfig.from_dir(__import__("memfit.llm.models.loader", fromlist=["x"]).resolve_model_path(
+        "memfit-tiny-draft"))
+    dt = getattr(torch, cfg.torch_dtype)
+    assert tree["speculation_bytes"] == accounting.tree_speculation_bytes(draft.vocab_size, 4, 3, 2, 256)
+    assert tree["kv_bytes"] - chain["kv_bytes"] == kv_cache_bytes(cfg, dt, 256 + 12, 2) - kv_cache_bytes(cfg, dt, 259, 2)
+    assert tree["draft_kv_bytes"] == kv_cache_bytes(draft, dt, 256 + 2 * 4, 2)
+    assert memfit_main(["fit", "--no-runtime", "--tree", "0,3", "--speculative-model", "memfit-tiny-draft"]) != 0
+    assert memfit_main(["fit", "--no-runtime", "--tree", "2,3"]) != 0  # no draft
