@@ -11,19 +11,23 @@ Variants, all on the virtual cache, each in a fresh process (its own peak RSS), 
 - swap-block: swapped to the host tier in copies of 16 tokens per (layer, K|V) segment, synchronously (vLLM's
   per-block swap, in the same cache);
 - swap-run: each segment's whole run in one copy, synchronously (FastSwitch's large chunks);
-- swap-run-async: the same, swap-ins on 2 threads overlapped with the model step;
+- swap-run-async: the same, swap-outs and swap-ins on 2 threads overlapped with the model step;
 - swap-run-reuse: swap-run with cross-turn reuse (kv/swap.py): host copies are kept after a swap-in, a later
   swap-out moves only new tokens, and a finished turn's KV evicted under pressure waits on the host for the
-  conversation's next turn (the other variants free it: the next turn prefills its whole history).
-The swap variants other than swap-run-reuse run with `swap_reuse=False`.
+  conversation's next turn (the other variants free it: the next turn prefills its whole history);
+- swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
+- swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
+  above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it).
+The swap variants without "reuse" run with `swap_reuse=False`.
 
 `--workload multiturn` replays conversations instead (benchmarks/multiturn.py: MT-Bench two-turn questions and
 ShareGPT-like 3-8-turn conversations, each turn resending the history with the conversation's session id); the
 KV budget is then `--kv-seqs` sequences of `--history-max` tokens, and TTFT is per turn. Its default variants are
-recompute, swap-block, swap-run and swap-run-reuse.
+all of the above.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
-by mode, swap copies and bytes, swap throughput as a fraction of the host memcpy bandwidth measured here, peak RSS;
+by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
+(host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`), peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
 
     OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
@@ -45,9 +49,12 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run": dict(preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "swap-run-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=False),
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
+    "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
+    "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
 }
 DEFAULT_VARIANTS = {"single": "recompute,swap-block,swap-run,swap-run-async",
-                    "multiturn": "recompute,swap-block,swap-run,swap-run-reuse"}
+                    "multiturn": "recompute,swap-block,swap-run,swap-run-async,swap-run-reuse,swap-run-reuse-async,"
+                                 "swap-run-reuse-ssd"}
 
 
 def workload(a: argparse.Namespace) -> list[dict]:
@@ -81,6 +88,38 @@ def memcpy_bandwidth(nbytes: int = 64 << 20, reps: int = 5) -> float:
     return nbytes / best
 
 
+def ssd_bandwidth(directory: str, nbytes: int = 64 << 20, piece: int = 4 << 20, reps: int = 3) -> dict:
+    """O_DIRECT write and read bandwidth (bytes/s, best of `reps`) of a file under `directory`, in `piece`-sized
+    aligned I/Os: the ceiling an SSD-tier swap can reach there. Buffered I/O (noted) where O_DIRECT is refused."""
+    import mmap
+    import os
+    import tempfile
+
+    buf = mmap.mmap(-1, piece)  # page-aligned
+    buf.write(os.urandom(piece))
+    fd_, path = tempfile.mkstemp(dir=directory, prefix="memfit-ssd-bw-")
+    os.close(fd_)
+    try:
+        try:
+            fd, direct = os.open(path, os.O_RDWR | os.O_DIRECT), True
+        except OSError:
+            fd, direct = os.open(path, os.O_RDWR), False
+        os.posix_fallocate(fd, 0, nbytes)
+        best = {"write": float("inf"), "read": float("inf")}
+        for _ in range(reps):
+            for kind in ("write", "read"):
+                t0 = time.perf_counter()
+                for off in range(0, nbytes, piece):
+                    (os.pwritev if kind == "write" else os.preadv)(fd, [buf], off)
+                if kind == "write":
+                    os.fsync(fd)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+        os.close(fd)
+    finally:
+        os.unlink(path)
+    return {"write_bytes_per_s": nbytes / best["write"], "read_bytes_per_s": nbytes / best["read"], "direct": direct}
+
+
 def run_variant(a: argparse.Namespace, name: str) -> dict:
     """One variant in this process: replay the workload against the engine in wall-clock time."""
     from memfit.llm.engine import EngineConfig, LLMEngine
@@ -94,12 +133,22 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         a.model = str(path if (path / "model.safetensors").exists() else make_model_dir(a.model, a.dtype or "float32", root))
     opts = dict(VARIANTS[name])
     block_tokens = opts.pop("block_tokens", None)
+    ssd = opts.pop("ssd", False)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
                        kv_eager_pages=0, kv_prefault=False, swap_space="1GiB", enable_prefix_caching=False)
     probe = LLMEngine(cfg.with_overrides(kv_budget="1GiB"))
     kv_budget = int(a.kv_seqs * probe.kv.bytes_needed(longest))
+    if ssd:  # a small host tier, so swapped KV goes on down to the SSD tier
+        import atexit
+        import shutil
+        import tempfile
+
+        host = int(a.ssd_host_seqs * probe.layout.bytes_per_token * longest)
+        tmp = tempfile.mkdtemp(dir=a.ssd_dir, prefix="memfit-bench-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        opts.update(swap_space=f"{host}B", swap_ssd_path=tmp, swap_ssd_space="256MiB")
     vocab = probe.model_config.vocab_size
     probe.close()
     del probe
@@ -170,10 +219,15 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
         seconds = swap["seconds_sum"]
         result["swap"] = {"tier": "host", "out_ops": swap["out_ops"], "in_ops": swap["in_ops"],
                           "out_bytes": swap["out_bytes"], "in_bytes": swap["in_bytes"],
-                          "async_swap_ins": swap["async_swap_ins"], "seconds": seconds,
+                          "async_swap_ins": swap["async_swap_ins"], "async_swap_outs": swap["async_swap_outs"],
+                          "seconds": seconds,
                           "moved_bytes": swap["out_bytes"] + swap["in_bytes"],
                           "reused_tokens": swap.get("reused_tokens", 0),
-                          "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None}
+                          "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None,
+                          "tiers": {t["tier"]: {k: t[k] for k in ("out_ops", "in_ops", "out_bytes", "in_bytes",
+                                                                  "seconds_sum", "io_errors")}
+                                    | ({"direct_io": t["direct_io"]} if "direct_io" in t else {})
+                                    for t in swap["tiers"]}}
     engine.close()
     return result
 
@@ -213,7 +267,7 @@ def plot(result: dict, png: Path) -> None:
             label = "swap MiB moved (out + in)"
         else:
             vals = [r.get("swap", {}).get("out_ops", 0) + r.get("swap", {}).get("in_ops", 0) for r in rows]
-        ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4"][: len(names)])
+        ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4", "#a6c", "#e90", "#2aa"][: len(names)])
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"preemption under priority changes ({result['model']}, change {result['change']}/step)")
@@ -240,6 +294,9 @@ def main() -> int:
     ap.add_argument("--workload", default="single", choices=["single", "multiturn"])
     ap.add_argument("--think", type=float, default=0.5, help="multiturn: mean seconds between a turn and the next")
     ap.add_argument("--history-max", type=int, default=1024, help="multiturn: longest conversation, in tokens")
+    ap.add_argument("--ssd-dir", default="/tmp", help="swap-run-reuse-ssd: where the SSD tier's file goes")
+    ap.add_argument("--ssd-host-seqs", type=float, default=0.5,
+                    help="swap-run-reuse-ssd: the host tier's size, in full-length sequences")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--runs-from", default=None, help="summarise the runs logged (stderr) by an earlier invocation")
     ap.add_argument("--out", default=None)
@@ -273,9 +330,16 @@ def main() -> int:
             print(json.dumps(runs[name][-1]), file=sys.stderr, flush=True)
     rows = [median_row(runs[n]) for n in names]
     bw = memcpy_bandwidth()
+    disk = ssd_bandwidth(a.ssd_dir) if any(VARIANTS[n].get("ssd") for n in names) else None
     for r in rows:
         if r.get("swap", {}).get("bytes_per_s"):
             r["swap"]["fraction_of_memcpy"] = r["swap"]["bytes_per_s"] / bw
+        for tier, t in r.get("swap", {}).get("tiers", {}).items():
+            if not t["seconds_sum"] or (tier == "ssd" and disk is None):
+                continue  # the tier's fraction: the seconds its bytes take at the measured bandwidth, over its own
+            ideal = ((t["out_bytes"] + t["in_bytes"]) / bw if tier == "host" else
+                     t["out_bytes"] / disk["write_bytes_per_s"] + t["in_bytes"] / disk["read_bytes_per_s"])
+            t["fraction_of_bandwidth"] = ideal / t["seconds_sum"]
     base = next((r for r in rows if r["variant"] == "swap-block"), None)
     ratios = {}
     if base is not None:
@@ -285,7 +349,7 @@ def main() -> int:
                 "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],
             }
     result = {**header(a.threads, a.seed), "benchmark": "preemption", "workload": a.workload, "model": a.model, "rate": a.rate,
-              "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw,
+              "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw, "ssd_bandwidth": disk,
               "rows": rows, "speedup_over_swap_block": ratios, "runs": runs}
     emit(result, a.out, plot)
     return 0

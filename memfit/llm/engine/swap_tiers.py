@@ -72,7 +72,7 @@ def swap_stats(swap: SwapSpace | None) -> dict:
         tiers.append(("ssd", swap.ssd.stats, swap.ssd.budget))
     per_tier = [{"tier": name, "out_bytes": s.out_bytes, "in_bytes": s.in_bytes, "out_ops": s.out_ops,
                  "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
-                 "io_errors": s.io_errors} for name, s, b in tiers]
+                 "io_errors": s.io_errors, "seconds_sum": s.seconds_sum} for name, s, b in tiers]
     if swap.ssd is not None:  # O_DIRECT in use, or why not (memory/extent_store.py)
         per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback)
     return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
