@@ -120,3 +120,116 @@ def test_a_tree_that_cannot_fit_the_budget_is_refused_at_start() -> None:
     LLM("memfit-tiny", memory_budget=str(budget), speculative_model=DRAFT, speculative_tree=(2, 4), **kw).engine.close()
     with pytest.raises(MemoryBudgetExceeded, match="64,4 tree"):
         LLM("memfit-tiny", memory_budget=str(budget), speculative_model=DRAFT, speculative_tree=(64, 4), **kw)
+
+
+def test_tree_buffers_formula_covers_what_a_step_allocates(monkeypatch) -> None:
+    """accounting.tree_speculation_bytes against the tensors a step really makes: the verification logits, the
+    largest draft level's logits, the attention masks and ancestor masks (their sizes read from the tensors)."""
+    from memfit.llm.engine import accounting, spec_tree_forward
+
+    w, d, batch = 3, 3, 4
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=batch, threads=1, speculative_model=DRAFT,
+               speculative_tree=(w, d))
+    target = spec.engine.runner
+    steps: list[dict] = [{"draft": 0}]
+    real_forward, real_attn = spec_tree_step.tree_forward, spec_tree_forward.TreeAttention.__init__
+
+    def attn_init(self, kv, chunks, *a, **k):
+        real_attn(self, kv, chunks, *a, **k)
+        if kv is target.kv:
+            steps[-1]["masks"] = sum(m.nbytes for m in self.masks) + sum(c.anc.nbytes for c in chunks)
+            steps[-1]["rows"], steps[-1]["context"] = len(chunks), max(c.base + c.count for c in chunks)
+
+    def fwd(runner, chunks):
+        logits = real_forward(runner, chunks)
+        if runner is target:
+            steps[-1]["verify"] = logits.nbytes
+            steps.append({"draft": 0})
+        else:
+            steps[-1]["draft"] = max(steps[-1]["draft"], logits.nbytes)
+        return logits
+
+    monkeypatch.setattr(spec_tree_step, "tree_forward", fwd)
+    monkeypatch.setattr(spec_tree_forward.TreeAttention, "__init__", attn_init)
+    spec.generate(PROMPTS[:batch], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    vocab = spec.engine.model_config.vocab_size
+    full = [s for s in steps if s.get("rows") == batch and s["draft"]]
+    assert full
+    for s in steps[:-1]:
+        measured = s["verify"] + s["draft"] + s["masks"]
+        predicted = accounting.tree_speculation_bytes(vocab, w, d, s["rows"], s["context"])
+        assert measured <= predicted
+    s = full[0]
+    assert accounting.tree_speculation_bytes(vocab, w, d, batch, s["context"]) <= 2.2 * (s["verify"] + s["draft"] + s["masks"])
+
+
+def test_under_memory_pressure_the_tree_shrinks_before_anyone_is_preempted() -> None:
+    """Two sequences in a KV budget that cannot hold both to the end: the tree's lookahead stops fitting first and
+    the tree shrinks (narrower first) steps before the scheduler has to preempt; the output is plain decoding's."""
+    prompt = " ".join(["word"] * 20)
+    m = 40
+    probe = LLM("memfit-tiny", dtype="float32", threads=1, max_num_seqs=2)
+    n = len(probe.tokenizer.encode(prompt))
+    budget = probe.engine.kv.bytes_needed(n + m) + probe.engine.kv.bytes_needed(n + m // 2)
+    sp = SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
+    want = _tokens(probe.generate([prompt + s for s in "ab"], sp))
+    spec = LLM("memfit-tiny", dtype="float32", threads=1, max_num_seqs=2, kv_budget=budget, kv_prefault=False,
+               kv_eager_pages=0, enable_prefix_caching=False, speculative_model=DRAFT, speculative_tree=(4, 3))
+    eng = spec.engine
+    shapes: list[tuple[int, int]] = []
+    real = spec_tree_step.tree_shape
+
+    def spy(*a):
+        shapes.append(real(*a))
+        return shapes[-1]
+
+    import memfit.llm.engine.spec_decode as spec_decode
+    spec_decode.tree_shape, saved = spy, spec_decode.tree_shape
+    try:
+        ids = [eng.add_request(prompt + s, sp) for s in "ab"]
+        shrunk_before_preempt = None
+        outs = {}
+        while eng.has_unfinished_requests():
+            shrunk = eng.stats()["speculative"]["spec_shrunk"]
+            for out in eng.step():
+                if out.finished:
+                    outs[out.request_id] = out
+            if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
+                shrunk_before_preempt = shrunk
+    finally:
+        spec_decode.tree_shape = saved
+    assert shrunk_before_preempt is not None and shrunk_before_preempt > 0
+    assert any(0 < w < 4 and d == 3 for w, d in shapes)  # narrower trees of full depth were used
+    assert [outs[i].outputs[0].token_ids for i in ids] == want
+
+
+def test_a_sessions_next_turn_reuses_the_drafts_kv_with_a_tree() -> None:
+    """Turn 2 of a session repeats turn 1 and adds a message: the draft keeps its KV between the turns, as the target
+    does (compacted to the text, so the next turn adopts it up to the common prefix); the output is the plain
+    engine's."""
+    m = 16
+    sp = SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=2, threads=1, enable_prefix_caching=False)
+    plain = LLM("memfit-tiny", **kw).engine
+    spec_llm = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(2, 3), **kw)
+    spec = spec_llm.engine
+
+    def run(eng, ids, held=None):
+        rid = eng.add_request(prompt_token_ids=ids, params=sp, session_id="s")
+        if held is not None:  # adopted before the first step: the draft starts from the previous turn's KV
+            assert spec.spec.draft_kv.stats().tokens_held >= held
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.finished and out.request_id == rid:
+                    done = out
+        return done.outputs[0].token_ids
+
+    turn1 = spec_llm.tokenizer.encode(" ".join(["story"] * 60))
+    answer = run(spec, turn1)
+    assert answer == run(plain, turn1)
+    assert spec.spec.stats.accepted > 0
+    turn2 = turn1 + answer + spec_llm.tokenizer.encode(" and then")
+    assert run(spec, turn2, held=len(turn1)) == run(plain, turn2)
+    spec.end_session("s")
+    spec.step()
+    assert spec.spec.draft_kv.stats().tokens_held == 0  # the session ended: the draft's KV went with the target's
