@@ -102,6 +102,8 @@ def main() -> int:
     ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gammas", default="1,2,4", help="num_speculative_tokens values, one speculative engine each")
+    ap.add_argument("--trees", default="", help="token trees WxD (e.g. 2x3,4x3), one tree-speculation engine each "
+                    "(speculative_tree; greedy, so comparable with the chains)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,4", help="comma-separated max_num_seqs values")
     ap.add_argument("--requests-per-slot", type=int, default=1,
@@ -128,12 +130,15 @@ def main() -> int:
         plain = LLM(args.model, max_num_seqs=batch, **common)
         gammas = [int(g) for g in args.gammas.split(",")]
         # one engine per fixed g, and one choosing g adaptively (up to the largest) from acceptance and cost
-        variants = [(f"g{g}", g, False) for g in gammas]
+        variants = [(f"g{g}", g, False, None) for g in gammas]
         if not args.no_adaptive:
-            variants.append((f"adaptive{max(gammas)}", max(gammas), True))
+            variants.append((f"adaptive{max(gammas)}", max(gammas), True, None))
+        trees = [tuple(int(x) for x in t.split("x")) for t in args.trees.split(",") if t]
+        variants += [(f"tree{w}x{d}", d, False, (w, d)) for w, d in trees]
         specs = {name: (g, adaptive, LLM(args.model, max_num_seqs=batch, speculative_model=args.draft,
-                                         num_speculative_tokens=g, speculative_adaptive=adaptive, **common))
-                 for name, g, adaptive in variants}
+                                         speculative_tree=tree, speculative_adaptive=adaptive, **common,
+                                         **({} if tree else {"num_speculative_tokens": g})))
+                 for name, g, adaptive, tree in variants}
         outs: dict[str, list] = {}
 
         def runner(name: str, llm):
@@ -151,12 +156,13 @@ def main() -> int:
         for name, (g, adaptive, llm) in specs.items():
             st = llm.engine.stats()["speculative"]
             row = {
-                "batch": batch, "gamma": g, "adaptive": adaptive, "tokens": tokens, "plain_tok_s": plain_tok_s,
+                "batch": batch, "gamma": g, "adaptive": adaptive, "tree": st["tree"], "tokens": tokens,
+                "plain_tok_s": plain_tok_s,
                 "speculative_tok_s": tokens / statistics.median(times[name]),
                 "acceptance_rate": st["acceptance_rate"], "token_acceptance": st["token_acceptance"],
                 "tokens_per_target_step": st["tokens_per_seq_step"],
                 "engine_draft_cost": st["draft_cost"], "engine_verify_cost": st["verify_cost"],
-                **(pass_costs(llm, batch, g, CLOCKS[args.clock]) if not adaptive else {}),
+                **(pass_costs(llm, batch, g, CLOCKS[args.clock]) if not (adaptive or st["tree"]) else {}),
                 "plain_share": st["spec_chose_plain"] / max(1, st["spec_chose_plain"] + st["spec_seq_steps"]),
                 "identical_tokens": outs["plain"] == outs[name],
             }
