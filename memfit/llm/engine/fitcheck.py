@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--speculative-model", default=None)
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
-    ap.add_argument("--speculative-tree", default=None)  # W,D: all requests greedy (tree mode verifies only those)
+    ap.add_argument("--speculative-tree", default=None)  # W,D: all requests greedy (they draft trees)
     a = ap.parse_args()
     before_import = rss_bytes()
     import torch

@@ -152,10 +152,6 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens but the model's context is {self.max_model_len} "
                 "tokens, and at least one token must be left to generate; shorten the prompt"
             )
-        if self.spec is not None and self.spec.tree and not params.greedy:
-            raise RequestError("this engine speculates with a token tree (--speculative-tree), which verifies greedy "
-                               "requests only (temperature 0); send temperature=0, or run the engine without "
-                               "--speculative-tree for sampled requests")
         self._check_fits_budget(len(prompt_token_ids), params)
 
     def max_new_tokens(self, prompt_len: int) -> int:

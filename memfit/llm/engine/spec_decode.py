@@ -28,6 +28,9 @@ last COST_WINDOW timings); each step a sequence asks for the g that emits the mo
 (`best_gamma`), 0 when plain decoding is faster, with a one-draft probe every PROBE_EVERY steps so its estimate stays fresh. The room of step 1 can only
 lower that g further.
 
+Token trees (`speculative_tree` W,D): greedy sequences draft a tree instead of a chain and the target verifies it
+under a tree mask (engine/spec_tree_step.py); sampled ones keep the chain, of depth D, in passes of their own.
+
 Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
 budget that is a child of the engine's ledger, like the target's.
 """
@@ -172,6 +175,7 @@ class SpecDecoder:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         self.sweep()
+        self._shapes.clear()
         extra = self.max_num_batched_tokens - sched.num_tokens  # the step's token budget left for drafts
         spec: list[tuple[Sequence, int]] = []
         plain: list[ScheduledSeq] = []
@@ -180,7 +184,7 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             decoding = item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0
-            if decoding and extra > 0 and self.tree:
+            if decoding and extra > 0 and self.tree and seq.params.greedy:  # sampled rows: a chain of depth D
                 w, d = self._shapes[seq.seq_id] = tree_shape(self, seq, *self.tree, extra)
                 gamma = w * d
                 self.stats.shrunk += w * d < self.tree[0] * self._useful(seq, self.tree[1])
@@ -195,6 +199,10 @@ class SpecDecoder:
                 decode.append(item)
             else:
                 plain.append(item)
+        if self.tree and not any(g and not seq.params.greedy for seq, g in spec):
+            # no chain this step: a sampled plain row cannot ride in a tree's pass (greedy picks only)
+            plain.extend(item for item in decode if not item.seq.params.greedy)
+            decode = [item for item in decode if item.seq.params.greedy]
         if spec:  # they ride in the verification pass (one row each, nothing drafted) instead of a pass of their own
             spec.extend((item.seq, 0) for item in decode)
             self.stats.folded += len(decode)
@@ -240,10 +248,20 @@ class SpecDecoder:
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
         """Draft, verify and roll back for `spec` (sequence, g) pairs; rows with g = 0 are plain decode rows that
         only take part in the verification pass (their token is the target's own pick or draw)."""
-        if self.tree:
-            speculate_tree(self, [(s, *(self._shapes[s.seq_id] if g else (0, 0))) for s, g in spec], result)
-            self._shapes.clear()
+        if self.tree:  # greedy rows draft trees, sampled rows chains (the exact rule), each kind in its own passes
+            shapes = {s.seq_id: self._shapes.get(s.seq_id, (0, 0)) for s, g in spec if s.params.greedy}
+            trees = [(s, *shapes[s.seq_id]) for s, _ in spec if s.seq_id in shapes]
+            chains = [(s, g) for s, g in spec if s.seq_id not in shapes]  # execute folds sampled rows only beside these
+            if chains and not any(d for _, _, d in trees):  # no tree this step: plain rows ride in the chains' pass
+                chains, trees = chains + [(s, 0) for s, _, _ in trees], []
+            if trees:
+                speculate_tree(self, trees, result)
+            if chains:
+                self._speculate_chain(chains, result)
             return
+        self._speculate_chain(spec, result)
+
+    def _speculate_chain(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
         seqs = [s for s, _ in spec]
         gammas = [g for _, g in spec]
         B, K = len(seqs), max(gammas)

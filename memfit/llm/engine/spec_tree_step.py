@@ -16,7 +16,8 @@ Per sequence of n tokens (n - 1 in the target's KV, the last one, the tree's roo
    caches hold exactly the sequence's tokens and no committed page is left for a rejected node.
 
 Greedy requests only: SpecInfer's multi-candidate rejection rule needs the root's children drawn at random from
-the draft, and a top-w tree is not, so the engine refuses sampled requests in tree mode (LLMEngine.validate).
+the draft, which top-w children are not, so sampled requests in a tree engine speculate with a chain of depth D
+under the exact rejection rule instead (SpecDecoder._speculate runs both kinds in their own passes).
 Both passes of the tree go through PyTorch's attention with an explicit mask, never the C++ decode stack.
 """
 from __future__ import annotations

@@ -149,8 +149,8 @@ def test_speculative_flags_on_generate_and_fit(capsys):
 
 
 def test_speculative_tree_flag_on_generate(capsys):
-    """--speculative-tree W,D on generate: the same greedy text as plain decoding; a bad shape or a sampled request
-    is refused with a clear error (exit code 2)."""
+    """--speculative-tree W,D on generate: the same greedy text as plain decoding; a bad shape is refused with a
+    clear error (exit code 2)."""
     base = ["generate", "Once upon a time", "--max-tokens", "16", "--temperature", "0", "--threads", "1", "--dtype",
             "float32"]
     assert memfit_main(base) == 0
@@ -159,6 +159,3 @@ def test_speculative_tree_flag_on_generate(capsys):
     assert capsys.readouterr().out.splitlines()[0] == plain.splitlines()[0]
     assert memfit_main(["generate", "x", "--speculative-model", "memfit-tiny-draft", "--tree", "0,3"]) == 2
     assert "at least 1" in capsys.readouterr().err
-    assert memfit_main(["generate", "x", "--speculative-model", "memfit-tiny-draft", "--tree", "2,2",
-                        "--temperature", "0.8"]) == 2
-    assert "greedy" in capsys.readouterr().err

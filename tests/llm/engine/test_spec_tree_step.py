@@ -8,7 +8,6 @@ import pytest
 
 from memfit.llm.engine import spec_tree_step
 from memfit.llm.engine.api import LLM
-from memfit.llm.engine.errors import RequestError
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
@@ -92,14 +91,23 @@ def test_bad_tree_shapes_are_refused_at_start() -> None:
         LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(8, 8), max_num_batched_tokens=64)
 
 
-def test_sampled_requests_are_refused_and_the_engine_keeps_serving() -> None:
-    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1, speculative_model=DRAFT,
-               speculative_tree=(2, 2))
-    with pytest.raises(RequestError, match="greedy"):
-        spec.engine.add_request("Once upon a time", SamplingParams(max_tokens=4, temperature=0.8))
-    plain = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1)
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    assert _tokens(spec.generate(PROMPTS[:2], sp)) == _tokens(plain.generate(PROMPTS[:2], sp))
+def test_sampled_requests_speculate_with_a_chain_beside_greedy_trees() -> None:
+    """Sampled requests in a tree engine speculate with a chain of depth D under the exact rejection rule: alone,
+    their tokens are the chain engine's (g = D, same seeds) token for token; mixed with greedy requests in one batch
+    (trees and chains in their own passes, sampled plain rows never in a tree's greedy pass), the greedy ones still
+    decode as plain decoding and the sampled ones as alone."""
+    kw = dict(dtype="float32", max_num_seqs=4, threads=1, speculative_model=DRAFT)
+    tree = LLM("memfit-tiny", speculative_tree=(2, 3), **kw)
+    chain = LLM("memfit-tiny", num_speculative_tokens=3, **kw)
+    sampled = [SamplingParams(max_tokens=m, temperature=1.0, seed=3 + m, ignore_eos=True) for m in (5, 18)]
+    alone = _tokens(tree.generate(PROMPTS[:2], sampled))
+    assert alone == _tokens(chain.generate(PROMPTS[:2], sampled))
+    assert tree.engine.stats()["speculative"]["spec_accepted"] > 0
+    greedy = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 30)]
+    mixed = _tokens(tree.generate(PROMPTS[:4], sampled + greedy))
+    plain = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1)
+    assert mixed[:2] == alone
+    assert mixed[2:] == _tokens(plain.generate(PROMPTS[2:4], greedy))
 
 
 def test_a_tree_that_cannot_fit_the_budget_is_refused_at_start() -> None:
