@@ -262,13 +262,16 @@ def plot(result: dict, png: Path) -> None:
             vals = [r["ttft_s"]["p99"] for r in rows]
         elif key is None:
             vals = [r["tbt_p99_9_s"] for r in rows]
-        elif result.get("workload") == "multiturn":
-            vals = [r.get("swap", {}).get("moved_bytes", 0) / 2**20 for r in rows]
-            label = "swap MiB moved (out + in)"
+        elif result.get("workload") == "multiturn":  # every tier's bytes (the SSD variant moves most below the host)
+            vals = [sum(t["out_bytes"] + t["in_bytes"] for t in r.get("swap", {}).get("tiers", {}).values()) / 2**20
+                    if "tiers" in r.get("swap", {}) else r.get("swap", {}).get("moved_bytes", 0) / 2**20 for r in rows]
+            label = "swap MiB moved (out + in, all tiers)"
         else:
             vals = [r.get("swap", {}).get("out_ops", 0) + r.get("swap", {}).get("in_ops", 0) for r in rows]
         ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4", "#a6c", "#e90", "#2aa"][: len(names)])
         ax.set_title(label)
+        if key != "ops":
+            ax.set_yscale("log")  # recompute's tail is 10x the others
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle(f"preemption under priority changes ({result['model']}, change {result['change']}/step)")
     fig.tight_layout()
