@@ -68,3 +68,18 @@ def test_tree_logits_equal_each_paths_plain_run_and_compaction_keeps_the_path(kv
         want = _plain(runner, 200 + sid, text + [6])[-1]
         torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
     llm.engine.close()
+
+
+def test_tree_mask_with_a_sliding_window_counts_positions_not_indices() -> None:
+    """A node at depth k sits at index base + i but position base + k: the window is measured in positions, so a
+    sibling's descendants (later indices, same positions) do not push the prefix out of a node's window."""
+    tree = _tree(9, [(0, 1), (0, 2), (1, 3), (2, 4)])  # depths 0, 1, 1, 2, 2
+    chunk = TreeChunk(1, 5, tree, 0, len(tree), tree.ancestor_mask())
+    full = chunk.mask(None)  # (5, 10)
+    assert full.shape == (5, 10) and full[:, :5].all()
+    assert full[4, 5:].tolist() == [True, False, True, False, True]  # node 4: root, node 2, itself
+    win = chunk.mask(3)  # keys with position > query position - 3
+    # node 4 (position 7) sees positions > 4: no prefix key (positions 0..4), the root (5), node 2 (6), itself (7)
+    assert win[4].tolist() == [False] * 5 + [True, False, True, False, True]
+    # node 1 (position 6) sees positions > 3: prefix key 4, the root, itself
+    assert win[1].tolist() == [False] * 4 + [True, True, True, False, False, False]
