@@ -24,6 +24,8 @@ timeout 60 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/l
 step "memfit generate on cuda with speculative decoding and swap preemption"
 timeout 60 $py -m memfit.cli generate --device cuda --speculative-model memfit-tiny-draft --num-speculative-tokens 2 \
     --max-tokens 48 --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
+timeout 60 $py -m memfit.cli generate --device cuda --speculative-model memfit-tiny-draft --speculative-tree 3,3 \
+    --max-tokens 48 --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
 timeout 60 $py -m memfit.cli generate --device cuda --preemption-mode swap --kv-budget 1MiB --max-tokens 48 \
     --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
 
