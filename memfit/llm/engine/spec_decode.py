@@ -250,8 +250,10 @@ class SpecDecoder:
         only take part in the verification pass (their token is the target's own pick or draw)."""
         if self.tree:  # greedy rows draft trees, sampled rows chains (the exact rule), each kind in its own passes
             shapes = {s.seq_id: self._shapes.get(s.seq_id, (0, 0)) for s, g in spec if s.params.greedy}
-            trees = [(s, *shapes[s.seq_id]) for s, _ in spec if s.seq_id in shapes]
-            chains = [(s, g) for s, g in spec if s.seq_id not in shapes]  # execute folds sampled rows only beside these
+            # a one-branch tree is a chain: it goes the chain's way, through the C++ decode stack where there is one
+            trees = [(s, *shapes[s.seq_id]) for s, _ in spec if s.seq_id in shapes and shapes[s.seq_id][0] != 1]
+            chains = [(s, shapes[s.seq_id][1] if s.seq_id in shapes else g) for s, g in spec
+                      if s.seq_id not in shapes or shapes[s.seq_id][0] == 1]  # sampled rows fold only beside these
             if chains and not any(d for _, _, d in trees):  # no tree this step: plain rows ride in the chains' pass
                 chains, trees = chains + [(s, 0) for s, _, _ in trees], []
             if trees:

@@ -277,3 +277,19 @@ def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
     spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(3, 3), **kw)
     assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
+
+
+def test_a_one_branch_tree_runs_as_a_chain(monkeypatch) -> None:
+    """W = 1 (given, or shrunk to under pressure) is a chain: it takes the chain's passes (the C++ decode stack
+    where there is one), never a tree pass, and decodes as plain decoding."""
+    import memfit.llm.engine.spec_decode as spec_decode
+
+    def no_tree(*a, **k):
+        raise AssertionError("a one-branch tree went through a tree pass")
+
+    monkeypatch.setattr(spec_decode, "speculate_tree", no_tree)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=4, threads=1)
+    spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(1, 3), **kw)
+    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
+    assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
