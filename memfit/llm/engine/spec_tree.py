@@ -65,9 +65,6 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def children(self, node: int) -> list[int]:
-        return [i for i, p in enumerate(self.parents) if p == node]
-
     @staticmethod
     def chain_index(width: int, depth: int, branch: int) -> int:
         """The node index of chain `branch`'s node at `depth` (1..D) in a chains tree: level by level, W a level."""

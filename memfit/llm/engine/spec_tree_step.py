@@ -18,7 +18,9 @@ Per sequence of n tokens (n - 1 in the target's KV, the last one, the tree's roo
 Greedy requests only: SpecInfer's multi-candidate rejection rule needs the root's children drawn at random from
 the draft, which top-w children are not, so sampled requests in a tree engine speculate with a chain of depth D
 under the exact rejection rule instead (SpecDecoder._speculate runs both kinds in their own passes).
-Both passes of the tree go through PyTorch's attention with an explicit mask, never the C++ decode stack.
+The level passes and the verification go through PyTorch's attention with an explicit mask, never the C++ decode
+stack (it has no mask input); the draft's first pass is the chain's (the stack where there is one), and a
+one-branch tree never comes here: SpecDecoder sends it the chain's way.
 """
 from __future__ import annotations
 
