@@ -84,7 +84,8 @@ class EngineConfig:
     speculative_adaptive: bool = False
     # Tree speculation (engine/spec_tree_step.py): (W, D) or 'W,D': the draft's top-W tokens after the last one,
     # each continued by a greedy chain of depth D, all verified in one pass under a tree mask. Greedy requests draft
-    # trees; sampled ones a chain of depth D (the exact rejection rule).
+    # trees; sampled ones a chain of depth D (the exact rejection rule). With speculative_adaptive: trees or adaptive
+    # chains, step by step, whichever measured faster.
     speculative_tree: tuple[int, int] | str | None = None
     # Split the model's heads and MLP over this many processes (memfit/llm/parallel/; docs/parallel.md): rank 0
     # spawns the others, or torchrun starts them all. Each rank holds 1/N of the weights and of the KV cache.
@@ -163,8 +164,6 @@ class EngineConfig:
             raise ValueError(f"with speculative_tree W,D the depth D is the number of speculative tokens: "
                              f"num_speculative_tokens {self.num_speculative_tokens} differs from D = {d}")
         self.num_speculative_tokens = d
-        if self.speculative_adaptive:
-            raise ValueError("speculative_adaptive picks a chain's length; it does not run with speculative_tree yet")
         if self.tensor_parallel_size != 1:
             raise ValueError("speculative_tree does not run under --tensor-parallel-size > 1 yet")
         if w * d + 1 > self.max_num_batched_tokens:

@@ -29,7 +29,9 @@ last COST_WINDOW timings); each step a sequence asks for the g that emits the mo
 lower that g further.
 
 Token trees (`speculative_tree` W,D): greedy sequences draft a tree instead of a chain and the target verifies it
-under a tree mask (engine/spec_tree_step.py); sampled ones keep the chain, of depth D, in passes of their own.
+under a tree mask (engine/spec_tree_step.py); sampled ones keep the chain, of depth D, in passes of their own. With
+`speculative_adaptive` too, each step drafts trees or (adaptive) chains for greedy rows, whichever emitted more
+tokens per second in recent decode-only steps (`TreeOrChain`).
 
 Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
 budget that is a child of the engine's ledger, like the target's.
@@ -46,7 +48,7 @@ from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.spec_stats import SpecStats
-from memfit.llm.engine.spec_tree_step import speculate_tree, tree_shape
+from memfit.llm.engine.spec_tree_step import TreeOrChain, speculate_tree, tree_shape
 from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, draw, greedy_verdict, rejection_sample
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
 from memfit.llm.kv.base import KVCacheManager
@@ -72,6 +74,8 @@ class SpecDecoder:
         self.stats = SpecStats()
         self.adaptive = adaptive
         self.tree = tree  # (W, D): draft a token tree instead of a chain (engine/spec_tree_step.py)
+        # adaptive with a tree: trees or chains for greedy rows, step by step, whichever emits more tokens a second
+        self.chooser = TreeOrChain(PROBE_EVERY, COST_WINDOW) if tree and adaptive else None
         self._shapes: dict[int, tuple[int, int]] = {}  # tree mode: seq_id -> this step's (w, d)
         self._trackers: dict[int, AcceptanceTracker] = {}  # seq_id -> its acceptance (adaptive g)
         self._plain_steps: dict[int, int] = {}  # seq_id -> steps decoded plainly since its last probe
@@ -176,6 +180,8 @@ class SpecDecoder:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         self.sweep()
         self._shapes.clear()
+        t_step = time.perf_counter()
+        trees: bool | None = None  # this step drafts trees for greedy rows (decided at the first one)
         extra = self.max_num_batched_tokens - sched.num_tokens  # the step's token budget left for drafts
         spec: list[tuple[Sequence, int]] = []
         plain: list[ScheduledSeq] = []
@@ -184,7 +190,9 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             decoding = item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0
-            if decoding and extra > 0 and self.tree and seq.params.greedy:  # sampled rows: a chain of depth D
+            if decoding and extra > 0 and self.tree and seq.params.greedy and trees is None:
+                trees = self.chooser.choose() if self.chooser else True
+            if decoding and extra > 0 and trees and seq.params.greedy:  # sampled rows: a chain of depth D
                 w, d = self._shapes[seq.seq_id] = tree_shape(self, seq, *self.tree, extra)
                 gamma = w * d
                 self.stats.shrunk += w * d < self.tree[0] * self._useful(seq, self.tree[1])
@@ -199,7 +207,7 @@ class SpecDecoder:
                 decode.append(item)
             else:
                 plain.append(item)
-        if self.tree and not any(g and not seq.params.greedy for seq, g in spec):
+        if self.tree and not any(g and self._shapes.get(seq.seq_id, (1,))[0] == 1 for seq, g in spec):
             # no chain this step: a sampled plain row cannot ride in a tree's pass (greedy picks only)
             plain.extend(item for item in decode if not item.seq.params.greedy)
             decode = [item for item in decode if item.seq.params.greedy]
@@ -216,6 +224,8 @@ class SpecDecoder:
             self.stats.plain_steps += 1
         if spec:
             self._speculate(spec, result)
+        if trees is not None and self.chooser and all(item.num_new == 1 for item in sched.scheduled):
+            self.chooser.observe(trees, len(result.token_ids), time.perf_counter() - t_step)  # decode-only steps
         return result
 
     def _uniforms(self, seqs: list[Sequence], n: int) -> torch.Tensor:
@@ -249,13 +259,16 @@ class SpecDecoder:
         """Draft, verify and roll back for `spec` (sequence, g) pairs; rows with g = 0 are plain decode rows that
         only take part in the verification pass (their token is the target's own pick or draw)."""
         if self.tree:  # greedy rows draft trees, sampled rows chains (the exact rule), each kind in its own passes
-            shapes = {s.seq_id: self._shapes.get(s.seq_id, (0, 0)) for s, g in spec if s.params.greedy}
             # a one-branch tree is a chain: it goes the chain's way, through the C++ decode stack where there is one
-            trees = [(s, *shapes[s.seq_id]) for s, _ in spec if s.seq_id in shapes and shapes[s.seq_id][0] != 1]
+            shapes = self._shapes
+            trees = [(s, *shapes[s.seq_id]) for s, g in spec if g and shapes.get(s.seq_id, (1,))[0] != 1]
             chains = [(s, shapes[s.seq_id][1] if s.seq_id in shapes else g) for s, g in spec
-                      if s.seq_id not in shapes or shapes[s.seq_id][0] == 1]  # sampled rows fold only beside these
-            if chains and not any(d for _, _, d in trees):  # no tree this step: plain rows ride in the chains' pass
-                chains, trees = chains + [(s, 0) for s, _, _ in trees], []
+                      if g and shapes.get(s.seq_id, (1,))[0] == 1]
+            # plain rows ride in a tree pass if greedy and there is one, else in the chains' pass (execute folds a
+            # sampled plain row only when there are chains)
+            for s, g in spec:
+                if not g:
+                    (trees.append((s, 0, 0)) if trees and s.params.greedy else chains.append((s, 0)))
             if trees:
                 speculate_tree(self, trees, result)
             if chains:
@@ -346,12 +359,14 @@ class SpecDecoder:
             self.stats.seq_steps += 1
         self.stats.steps += 1
 
-    def _time(self, draft_s: float, passes: int, verify_s: float) -> None:
+    def _time(self, draft_s: float, passes: int, verify_s: float, kind: str = "") -> None:
+        """Count a speculative step's pass times; kind "tree": a tree's passes, kept apart from the chain's costs
+        (adaptive g's), which they would skew (they take the PyTorch path)."""
         self.stats.draft_s += draft_s
         self.stats.draft_passes += passes
         self.stats.verify_s += verify_s
-        self._observe("draft", draft_s / passes)
-        self._observe("verify", verify_s)
+        self._observe(kind + "draft", draft_s / passes)
+        self._observe(kind + "verify", verify_s)
 
     def _observe(self, what: str, seconds: float) -> None:
         """The estimate of `what` is the median of its last COST_WINDOW timings: a step another process delayed
@@ -381,7 +396,9 @@ class SpecDecoder:
         return {**self.stats.as_dict(), "num_speculative_tokens": self.gamma,
                 "draft_kv_committed_bytes": st.committed_bytes, "draft_kv_tokens_held": st.tokens_held,
                 "draft_kv_budget_bytes": st.budget_bytes, "adaptive": self.adaptive,
-                "tree": list(self.tree) if self.tree else None}
+                "tree": list(self.tree) if self.tree else None,
+                **({"tree_steps": self.chooser.counts["tree"], "chain_steps": self.chooser.counts["chain"]}
+                   if self.chooser else {})}
 
     def close(self) -> None:
         self.draft_kv.close()

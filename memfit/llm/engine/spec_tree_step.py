@@ -24,7 +24,9 @@ one-branch tree never comes here: SpecDecoder sends it the chain's way.
 """
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -57,6 +59,38 @@ def tree_shape(dec: Any, seq: Sequence, width: int, depth: int, extra: int) -> t
         if dec.target.kv.try_grow(seq.seq_id, n + w * dd) and dec._draft_room(seq, n + (dd - 1) * w):
             return w, dd
     return 0, 0
+
+
+class TreeOrChain:
+    """Adaptive tree speculation (`speculative_tree` with `speculative_adaptive`): each step, trees or chains for the
+    greedy rows, whichever emitted more tokens per second over recent decode-only steps (medians of the last
+    `window`, robust to a step another process delayed); the other kind is re-measured every `probe_every` steps.
+    A chain step's rows then pick their own g as adaptive chains do (down to plain decoding)."""
+
+    def __init__(self, probe_every: int, window: int) -> None:
+        self.probe_every = probe_every
+        self.recent = {True: deque(maxlen=window), False: deque(maxlen=window)}  # trees? -> tokens per second
+        self.counts = {"tree": 0, "chain": 0}
+        self._steps = 0
+
+    def rate(self, trees: bool) -> float | None:
+        return statistics.median(self.recent[trees]) if self.recent[trees] else None
+
+    def choose(self) -> bool:
+        """True: trees this step. Unmeasured kinds first (trees, then chains)."""
+        self._steps += 1
+        tree_rate, chain_rate = self.rate(True), self.rate(False)
+        if tree_rate is None or chain_rate is None:
+            pick = tree_rate is None
+        else:
+            best = tree_rate >= chain_rate
+            pick = (not best) if self._steps % self.probe_every == 0 else best
+        self.counts["tree" if pick else "chain"] += 1
+        return pick
+
+    def observe(self, trees: bool, tokens: int, seconds: float) -> None:
+        if tokens and seconds > 0:
+            self.recent[trees].append(tokens / seconds)
 
 
 @torch.inference_mode()
@@ -99,7 +133,7 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
               for b, s in enumerate(seqs)]
     logits = tree_forward(dec.target, chunks)  # (sum of tree sizes, V)
     if passes:
-        dec._time(t1 - t0, passes, time.perf_counter() - t1)
+        dec._time(t1 - t0, passes, time.perf_counter() - t1, kind="tree")
     picks = dec.sampler.ops.argmax(logits).tolist()
     # 4. compact both caches to the accepted paths, truncate the rest, hand the tokens to the engine
     verdicts, offsets, off = [], [], 0

@@ -293,3 +293,40 @@ def test_a_one_branch_tree_runs_as_a_chain(monkeypatch) -> None:
     spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(1, 3), **kw)
     assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
+
+
+def test_tree_or_chain_picks_the_faster_kind_and_probes_the_other() -> None:
+    """TreeOrChain from given rates (tokens per second of decode-only steps): unmeasured kinds first, then the faster
+    one, the slower one re-measured every probe_every steps."""
+    pick = spec_tree_step.TreeOrChain(probe_every=4, window=3)
+    assert pick.choose() is True  # trees unmeasured
+    pick.observe(True, 10, 1.0)
+    assert pick.choose() is False  # chains unmeasured
+    pick.observe(False, 30, 1.0)
+    got = [pick.choose() for _ in range(8)]  # steps 3..10: chains, with a tree probe at steps 4 and 8
+    assert got == [False, True, False, False, False, True, False, False]
+    for _ in range(3):
+        pick.observe(True, 90, 1.0)  # trees got faster: the median of the last 3 follows
+    assert pick.choose() is True
+    assert pick.counts == {"tree": 4, "chain": 7}
+
+
+def test_adaptive_tree_engine_follows_the_measured_rates_and_stays_lossless(monkeypatch) -> None:
+    """speculative_adaptive with a tree: greedy output equals plain decoding; with trees measured slower (rates
+    injected, not timed) the engine runs chains and only probes trees; with trees faster, trees."""
+    from memfit.llm.engine.spec_decode import PROBE_EVERY
+
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=4, threads=1)
+    want = _tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
+    for tree_rate, chain_rate in ((1.0, 100.0), (100.0, 1.0)):
+        spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(3, 3), speculative_adaptive=True, **kw)
+        chooser = spec.engine.spec.chooser
+        chooser.observe(True, int(tree_rate), 1.0)
+        chooser.observe(False, int(chain_rate), 1.0)
+        monkeypatch.setattr(chooser, "observe", lambda *a: None)  # the injected rates stay
+        assert _tokens(spec.generate(PROMPTS[:4], sp)) == want
+        st = spec.engine.stats()["speculative"]
+        slow, fast = ("tree_steps", "chain_steps") if tree_rate < chain_rate else ("chain_steps", "tree_steps")
+        assert st[fast] > 0 and st[slow] <= st[fast] // (PROBE_EVERY - 1) + 1  # probes only
+        assert st["spec_accepted"] > 0
