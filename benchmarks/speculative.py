@@ -102,8 +102,8 @@ def main() -> int:
     ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gammas", default="1,2,4", help="num_speculative_tokens values, one speculative engine each")
-    ap.add_argument("--trees", default="", help="token trees WxD (e.g. 2x3,4x3), one tree-speculation engine each "
-                    "(speculative_tree; greedy, so comparable with the chains)")
+    ap.add_argument("--trees", default="", help="token trees WxD (e.g. 2x3,4x3; 3x3a: with speculative_adaptive, "
+                    "trees or chains step by step), one tree-speculation engine each (speculative_tree)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,4", help="comma-separated max_num_seqs values")
     ap.add_argument("--requests-per-slot", type=int, default=1,
@@ -133,8 +133,9 @@ def main() -> int:
         variants = [(f"g{g}", g, False, None) for g in gammas]
         if not args.no_adaptive:
             variants.append((f"adaptive{max(gammas)}", max(gammas), True, None))
-        trees = [tuple(int(x) for x in t.split("x")) for t in args.trees.split(",") if t]
-        variants += [(f"tree{w}x{d}", d, False, (w, d)) for w, d in trees]
+        trees = [(t.removesuffix("a"), t.endswith("a")) for t in args.trees.split(",") if t]  # 3x3a: adaptive
+        variants += [(f"tree{t}{'a' if a else ''}", int(t.split("x")[1]), a, tuple(int(x) for x in t.split("x")))
+                     for t, a in trees]
         specs = {name: (g, adaptive, LLM(args.model, max_num_seqs=batch, speculative_model=args.draft,
                                          speculative_tree=tree, speculative_adaptive=adaptive, **common,
                                          **({} if tree else {"num_speculative_tokens": g})))
