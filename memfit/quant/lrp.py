@@ -185,6 +185,11 @@ def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
             seed = F.one_hot(target, logits.shape[-1]).to(logits.dtype)  # R_logits = logits * seed
             logits.backward(seed)
         out.logit = (logits * seed).sum(-1).detach()
+        # Swin's window attention runs its layers on (B x windows, tokens, C), batch-major (timm's
+        # window_partition), so their taps hold one row per window: fold them back to one per image.
+        for name, (signed, absolute) in out.layers.items():
+            if signed.shape[0] != len(x):
+                out.layers[name] = (signed.reshape(len(x), -1).sum(1), absolute.reshape(len(x), -1).sum(1))
         out.blocks = [(o * o.grad).reshape(o.shape[0], -1).sum(1).detach() for o in block_outputs]
     finally:
         for h in hooks:

@@ -57,3 +57,19 @@ def test_contribution_scores(tiny_models, fmnist_small):
         assert again.mean[name] == pytest.approx(scores.mean[name], rel=1e-4, abs=1e-7)
     with pytest.raises(ValueError, match="subsets"):
         contribution_scores(model, x[:2], y[:2], subsets=4)
+
+
+def test_swin_window_layers_give_one_relevance_per_image(tiny_models, fmnist_small):
+    """Swin's window attention runs on (images x windows) rows: each layer's relevance is folded back to one
+    value per image, and equals what that image gets explained alone."""
+    model, _, _ = tiny_models["swin"]
+    x, y = fmnist_small.x_test[:4], fmnist_small.y_test[:4]
+    batch = relevance(model, x, y)
+    assert all(r[0].shape == (4,) and r[1].shape == (4,) for r in batch.layers.values())
+    for i in range(4):
+        alone = relevance(model, x[i:i + 1], y[i:i + 1])
+        for name, (signed, absolute) in alone.layers.items():
+            torch.testing.assert_close(batch.layers[name][0][i:i + 1], signed, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(batch.layers[name][1][i:i + 1], absolute, rtol=1e-4, atol=1e-6)
+    scores = contribution_scores(model, x, y, subsets=2, batch_size=4)
+    assert sum(scores.mean.values()) == pytest.approx(1.0)
