@@ -58,22 +58,20 @@ def main() -> int:
     first_seconds: dict[tuple[str, int], float] = {}
     for setting in args.settings.split(","):
         avg_bits, act_bits = SETTINGS[setting]
-        # uniform gets the budget that puts its body at floor(avg_bits) bits (a hair over the others'); where
-        # that is a different width from the mixed allocators' budget (W2.5), lrp also runs at uniform's spend
-        # ("lrp@uniform"), so the lrp-uniform comparison holds at equal average bits too.
+        # uniform gets the budget that puts its body at floor(avg_bits) bits, a hair over the others' at whole
+        # widths. At W2.5 it can only spend 2.05 (a 2-bit body); lrp at that spend has no choice left either
+        # (every body layer at 2 bits), so there is no equal-budget mixed run to add.
         u_budget = uniform_budget(model, avg_bits)
         runs = [(a, u_budget if a == "uniform" else avg_bits) for a in args.allocators.split(",")]
-        if "lrp" in args.allocators.split(",") and abs(u_budget - avg_bits) > 0.05:
-            runs.append(("lrp@uniform", u_budget))
         for allocator, budget in runs:
             for seed in range(args.seeds):
                 idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:args.calib]
                 cx, cy = data.x_train[idx], data.y_train[idx]
                 # costs computed once per calibration set and reused at every setting; the time recorded is
                 # each allocator's first (uncached) allocation on that set
-                alloc = allocate_bits(model, allocator.split("@")[0], budget, cx, cy, act_bits=act_bits, seed=seed,
+                alloc = allocate_bits(model, allocator, budget, cx, cy, act_bits=act_bits, seed=seed,
                                       cache=caches.setdefault(seed, {}))
-                first_seconds.setdefault((allocator.split("@")[0], seed), alloc.seconds)
+                first_seconds.setdefault((allocator, seed), alloc.seconds)
                 for channelwise in modes:
                     packed = to_packed(quantize_model(model, cx, QuantConfig(alloc.weight_bits, alloc.act_bits,
                                                                              channelwise)))
@@ -81,7 +79,7 @@ def main() -> int:
                            "channelwise": channelwise,
                            "top1": evaluate(packed, x_test, y_test), "avg_weight_bits": alloc.avg_weight_bits,
                            "avg_act_bits": alloc.avg_act_bits, "weight_bytes": weight_bytes(packed),
-                           "allocation_seconds": first_seconds[(allocator.split("@")[0], seed)],
+                           "allocation_seconds": first_seconds[(allocator, seed)],
                            "bits_per_layer": alloc.weight_bits}
                     rows.append(row)
                     print(f"{setting} {allocator} seed {seed} {'chan' if channelwise else 'tensor'}: "
