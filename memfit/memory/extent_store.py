@@ -61,6 +61,8 @@ class ExtentStore:
         self.direct, self.direct_fallback = False, None if direct else "not asked for"
         self._direct_proven = False  # a direct write succeeded: a later EINVAL is an I/O error, not a fallback
         self._stage = threading.local()  # per thread: its page-aligned staging buffer
+        self._lock = threading.Lock()  # writes run on the engine thread and the swap pool: one fallback
+        self._old_fds: list[int] = []  # O_DIRECT descriptors replaced by a fallback (another write may be using one)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self.fd = -1
         if direct and hasattr(os, "O_DIRECT"):
@@ -133,7 +135,9 @@ class ExtentStore:
             except OSError as exc:
                 if exc.errno != errno.EINVAL or self._direct_proven:
                     raise
-                self._fall_back(f"first O_DIRECT write: {exc.strerror}")
+                with self._lock:
+                    if self.direct:
+                        self._fall_back(f"first O_DIRECT write: {exc.strerror}")
         done, pos = os.pwritev(self.fd, views, offset), 0
         for b in views:  # continue whatever the kernel did not take
             lo = max(0, done - pos)
@@ -219,13 +223,15 @@ class ExtentStore:
     def _fall_back(self, why: str) -> None:
         """Buffered I/O from now on (the same file, reopened without O_DIRECT where it was open with it)."""
         if self.fd >= 0:
-            fd = os.open(self.path, os.O_RDWR)
-            os.close(self.fd)
-            self.fd = fd
+            self._old_fds.append(self.fd)  # closed with the store: a write on another thread may hold it now
+            self.fd = os.open(self.path, os.O_RDWR)
         self.direct, self.direct_fallback = False, f"{why}; buffered I/O instead"
         log.warning("SSD swap tier in %s: O_DIRECT refused (%s); buffered I/O instead", self.path.parent, why)
 
     def close(self) -> None:
+        for fd in self._old_fds:
+            os.close(fd)
+        self._old_fds.clear()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -23,8 +23,9 @@ A swap-out: `try_swap_out(..., wait=False)` reserves the host bytes and launches
 device KV (still counted in the KV budget, so no budget is exceeded while both copies exist) until the scheduler
 calls `finish_swap_out` and only then frees it, so nothing reads memory that was freed or reused mid-copy. The
 copies are torch copies (and `os.pwritev`/`os.preadv` on the SSD tier), which release the GIL. The scheduler
-swaps synchronously when there is no step to overlap with. A swap-out that spills straight to the SSD tier
-(the host tier is full) stays synchronous: the extent allocator and the tier's budget live on the engine thread.
+swaps synchronously when there is no step to overlap with. A swap-out that spills straight to the SSD tier (the
+host tier is full) takes its extent on the engine thread (the allocator and the tier's budget live there) and
+writes it on the pool; demotions of host chunks stay synchronous.
 A swap-in that cannot be served (an SSD read failed or its checksum did not match: `SwapLost`) returns None;
 the scheduler then recomputes the sequence, so corrupt KV is never served.
 
@@ -70,7 +71,9 @@ class SwapSpace:
         self.async_swap_outs = 0  # swap-outs that ran on the pool
         self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
-        self._outflight: dict[int, tuple[int, int, Future]] = {}  # swap-outs on the pool, the same
+        # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
+        # straight to the SSD tier (its extent is known once the write and its CRC land), else None
+        self._outflight: dict[int, tuple[int, int, Future, tuple[Chunk, int] | None]] = {}
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -128,17 +131,27 @@ class SwapSpace:
         t0 = time.perf_counter()
         pieces = self.run_map.pieces(start, num_tokens)
         nbytes = sum(self.run_map.piece_bytes(p) for p in pieces)
-        spilled = None
+        spilled: object = None
         if nbytes and not self.book.reserve(nbytes, seq_id, self._busy()):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
-                spilled = self.ssd.write_runs(self.runs(seq_id, num_tokens, start))
+                runs = self.runs(seq_id, num_tokens, start)
+                if wait or not self.threads:
+                    spilled = self.ssd.write_runs(runs)
+                else:  # placed here (the allocator is the engine thread's), written and checksummed on the pool
+                    off = self.ssd.place(nbytes)
+                    if off is not None:
+                        spilled = (off, self._pool_().submit(self.ssd.write_at, off, runs))
             if spilled is None:
                 if copy is not None:
                     self.book.drop(seq_id)  # the sequence is recomputed: its older tokens are of no use alone
                 return False
         if copy is None:
             copy = self._copies[seq_id] = Copy([], 0, False)
-        if spilled is not None:
+        if isinstance(spilled, tuple):
+            chunk = Chunk(start, num_tokens, nbytes, None, None)
+            copy.chunks.append(chunk)
+            self._outflight[seq_id] = (1, nbytes, spilled[1], (chunk, spilled[0]))
+        elif spilled is not None:
             copy.chunks.append(Chunk(start, num_tokens, nbytes, None, spilled))
         elif pieces:
             try:
@@ -147,7 +160,7 @@ class SwapSpace:
                 if wait or not self.threads:
                     _copy_out(runs, buf)
                 else:  # the chunk is booked now; its bytes land while the model step runs
-                    self._outflight[seq_id] = (len(pieces), nbytes, self._pool_().submit(_copy_out, runs, buf))
+                    self._outflight[seq_id] = (len(pieces), nbytes, self._pool_().submit(_copy_out, runs, buf), None)
             except BaseException:
                 self.budget.release(nbytes, OWNER)
                 raise
@@ -170,14 +183,13 @@ class SwapSpace:
     def finish_swap_out(self, seq_id: int) -> bool:
         """Wait for an asynchronous swap-out (at once if `swap_out_ready`) and account it; the caller frees the
         sequence's device KV afterwards. False: the copy failed, nothing is held (the sequence is recomputed)."""
-        copies, nbytes, future = self._outflight.pop(seq_id)
         self.async_swap_outs += 1
-        try:
-            seconds = future.result()
-        except Exception:  # noqa: BLE001 - a failed copy is a lost swap: recomputed, never resumed from it
-            self._lost(seq_id)
+        spill = self._outflight[seq_id][3] is not None
+        if not self._land_out(seq_id):
+            if not spill:  # (a failed SSD write is counted by its tier)
+                self.stats.io_errors += 1
+            self.book.drop(seq_id)
             return False
-        self._account(self.stats, nbytes, copies, seconds, out=True)
         return True
 
     def swap_in(self, seq_id: int) -> int | None:
@@ -246,9 +258,10 @@ class SwapSpace:
 
     def discard(self, seq_id: int) -> None:
         """The sequence finished or was aborted (or is recomputed): forget its host copy."""
-        for flights in (self._inflight, self._outflight):  # copies into its KV, or out of it into a host buffer:
-            if seq_id in flights:  # let them land before either is freed
-                flights.pop(seq_id)[2].exception()
+        if seq_id in self._inflight:  # copies into its KV, or out of it: let them land before either is freed
+            self._inflight.pop(seq_id)[2].exception()
+        if seq_id in self._outflight:
+            self._land_out(seq_id)
         self.book.drop(seq_id)
 
     def close(self) -> None:
@@ -264,6 +277,24 @@ class SwapSpace:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
         return self._pool
+
+    def _land_out(self, seq_id: int) -> bool:
+        """Wait for an asynchronous swap-out and book it: the host copy's stats, or the SSD chunk's extent. False:
+        it failed (an SSD write: its extent is given back and the chunk removed, so the copy can be dropped)."""
+        copies, nbytes, future, spill = self._outflight.pop(seq_id)
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - a failed copy is a lost swap: recomputed, never resumed from it
+            if spill is not None:
+                chunk, off = spill
+                self._copies[seq_id].chunks.remove(chunk)
+                self.ssd.unplace(off, chunk.nbytes)  # type: ignore[union-attr]
+            return False
+        if spill is not None:
+            spill[0].extent = result  # the SSD tier counted its own bytes
+        else:
+            self._account(self.stats, nbytes, copies, result, out=True)
+        return True
 
     def _busy(self) -> set[int]:
         """Sequences with copies in flight: their host chunks are not demoted to the SSD tier meanwhile."""

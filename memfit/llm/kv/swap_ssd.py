@@ -60,34 +60,54 @@ class SSDTier:
         return extents
 
     def write_runs(self, runs: list[torch.Tensor]) -> Extent | None:
-        """Write uint8 runs, in order, to one extent (a gather write straight from the KV cache's memory on the
-        CPU: no host buffer); None, with nothing kept, if the tier is full or the write fails."""
+        """Write uint8 runs, in order, to one extent (straight from the KV cache's memory on the CPU: no host
+        buffer of the tier's own); None, with nothing kept, if the tier is full or the write fails."""
         self.write_failed = False
+        n = sum(r.numel() for r in runs)
+        off = self.place(n)
+        if off is None:
+            return None
+        try:
+            return self.write_at(off, runs)
+        except OSError:
+            self.write_failed = True
+            self.unplace(off, n)
+            return None
+
+    def place(self, nbytes: int) -> int | None:
+        """Reserve and allocate an extent for `nbytes` (on the engine thread: the allocator and the budget live
+        there); None if the tier is full or too fragmented."""
+        if not self.budget.try_reserve(round_up(nbytes, ALIGN), OWNER):
+            return None
+        off = self.store.alloc(nbytes)
+        if off is None:  # fragmented: the budget had room, no single extent does
+            self.budget.release(round_up(nbytes, ALIGN), OWNER)
+        return off
+
+    def unplace(self, offset: int, nbytes: int) -> None:
+        """Give back an extent whose write failed (on the engine thread)."""
+        self.store.free(offset, nbytes)
+        self.budget.release(round_up(nbytes, ALIGN), OWNER)
+
+    def write_at(self, offset: int, runs: list[torch.Tensor]) -> Extent:
+        """Write uint8 runs, in order, to the extent `place` gave (on any thread: a swap-out on the pool), with
+        their CRC; an OSError is counted, logged and raised (the caller unplaces the extent)."""
         t0 = time.perf_counter()
         n = sum(r.numel() for r in runs)
-        if not self.budget.try_reserve(round_up(n, ALIGN), OWNER):
-            return None
-        off = self.store.alloc(n)
-        if off is None:  # fragmented: the budget had room, no single extent does
-            self.budget.release(round_up(n, ALIGN), OWNER)
-            return None
         views = [memoryview((r if r.device.type == "cpu" else r.cpu()).numpy()) for r in runs]
         crc = 0
         for v in views:
             crc = zlib.crc32(v, crc)
         try:
-            self.store.write(off, views)
+            self.store.write(offset, views)
         except OSError as exc:
-            self.write_failed = True
             self._count_error()
             log.warning("SSD swap write of %d bytes failed (%s): kept on the host or recomputed", n, exc)
-            self.store.free(off, n)
-            self.budget.release(round_up(n, ALIGN), OWNER)
-            return None
+            raise
         with self._lock:
             self.stats.account(n, 1, time.perf_counter() - t0, out=True)
             self.stats.resident_bytes += n
-        return Extent(off, n, crc)
+        return Extent(offset, n, crc)
 
     def reader(self, extent: Extent) -> Callable[[list[torch.Tensor]], None]:
         """A function that fills the given uint8 runs (in order, `extent.nbytes` in all) from the extent, checked."""

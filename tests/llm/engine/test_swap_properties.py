@@ -100,6 +100,10 @@ class SwapMachine(RuleBasedStateMachine):
             self._step()
 
     def _step(self) -> None:
+        # Let in-flight swap-ins land first: whether one is ready at a step must not depend on thread timing, since
+        # hypothesis replays a run and needs it to reach the same states (swap-outs land at schedule() anyway).
+        for entry in list(self.swap._inflight.values()):
+            entry[2].exception()
         out = self.sched.schedule()
         if not out.scheduled:
             return

@@ -133,3 +133,39 @@ def test_kept_copies_go_to_ssd_before_live_ones_and_reuse_reads_them_back(tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 23)))
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_asynchronous_swap_out_spilled_to_ssd_is_written_on_the_pool_or_lost_whole(tmp_path, monkeypatch, fail):
+    """A run the host tier cannot hold goes straight to the SSD tier; asynchronously, its extent is taken (and
+    counted) at once on the calling thread and written on the swap pool. A failed write gives the extent back and
+    holds nothing (the caller recomputes); a landed one reads back exactly."""
+    import threading
+
+    cache, host, ssd, swap = setup("per-layer", tmp_path, host_tokens=10, threads=2)  # 19 tokens do not fit
+    before = contexts(cache, 1, 19)
+    writers, real_write = [], ExtentStore.write
+
+    def write(self, offset, buffers):
+        writers.append(threading.current_thread().name)
+        if fail:
+            raise OSError(5, "Input/output error (injected)")
+        real_write(self, offset, buffers)
+
+    monkeypatch.setattr(ExtentStore, "write", write)
+    n = swap.runs_shape(19)[0]
+    assert swap.try_swap_out(1, 19, wait=False) and swap.swapping_out(1)
+    assert ssd.budget.used_bytes == ssd_held(ssd) == round_up(n, ALIGN) and host.used_bytes == 0
+    landed = swap.finish_swap_out(1)
+    cache.free(1)
+    assert writers and all(w.startswith("memfit-swap") for w in writers)
+    if fail:
+        assert not landed and not swap.holds(1) and ssd.stats.io_errors == 1 and swap.stats.io_errors == 0
+        assert ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    else:
+        assert landed and swap.async_swap_outs == 1 and ssd.stats.out_bytes == n
+        assert cache.try_allocate(1, 20) and swap.swap_in(1) == 19
+        assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19)))
+        assert ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    swap.close()
+    cache.close()
