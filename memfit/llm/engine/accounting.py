@@ -158,11 +158,15 @@ def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
 
 def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int) -> int:
     """Tree speculation's buffers (engine/spec_tree_step.py) for `batch` sequences of up to `context` tokens, a W,D
-    tree of N = W x D nodes each: the verification logits (N + 1 rows of V float32) and a draft level's (W rows), each
-    with a copy the size of a softmax as the chain's are counted; the ancestor mask ((N + 1)^2 bool) and the
-    attention mask over the context ((N + 1) x (context + N + 1) bool)."""
+    tree of N = W x D nodes each: the verification logits (N + 1 rows of V float32) and a draft level's (W rows); the
+    ancestor mask ((N + 1)^2 bool) and the attention mask over the context ((N + 1) x (context + N + 1) bool). Trees
+    are greedy (argmax picks), so unlike the chain's rows no softmax copy is made: counting one put `fit` 2.2 MiB
+    (8 x 17 rows x V x 4 B) over the measured peak of memfit-tiny at 8 x 192 with a 4,3 tree, at the edge of its
+    3 MiB tolerance. A tree engine's sampled requests run as chains of depth D (speculation_bytes, with copies),
+    so the larger of the two is reserved."""
     n = width * depth + 1
-    return batch * ((n + width) * vocab_size * 4 * 2 + n * n + n * (context + n))
+    tree = batch * ((n + width) * vocab_size * 4 + n * n + n * (context + n))
+    return max(tree, speculation_bytes(vocab_size, depth, batch))
 
 
 def tokenizer_bytes(model_dir: str | Path | None) -> int:
