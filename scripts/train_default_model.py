@@ -23,7 +23,7 @@ $MEMFIT_CACHE/models/memfit-large, default ~/.cache/memfit, not bundled), and a 
         --time-budget 60 --warmup 100
     python scripts/train_default_model.py --size draft --out ~/.cache/memfit/models/memfit-large-draft \
         --distil-from ~/.cache/memfit/models/memfit-large --init-from memfit/assets/models/memfit-tiny-draft \
-        --time-budget 18
+        --lr 1e-3 --warmup 20 --time-budget 15
 """
 from __future__ import annotations
 
