@@ -11,6 +11,7 @@ from memfit.llm.engine import spec_tree_step
 from memfit.llm.engine.api import LLM
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
+from tests.llm.engine.near_ties import near_tie_divergences
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 
 PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "import numpy as np\n",
@@ -253,15 +254,7 @@ def test_greedy_bfloat16_differs_only_at_near_ties() -> None:
     spec = LLM("memfit-tiny", dtype="bfloat16", max_num_seqs=6, threads=1, speculative_model=DRAFT,
                speculative_tree=(3, 3))
     got = spec.generate(PROMPTS, sp)
-    diverged = 0
-    for g, w in zip(got, want):
-        a, b = g.outputs[0].token_ids, w.outputs[0].token_ids
-        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if i is None:
-            continue
-        diverged += 1
-        top = sorted(w.outputs[0].logprobs[i].top.values(), reverse=True)
-        assert top[0] - top[1] < 0.07, f"divergence at token {i} without a near-tie: {top}"  # ~ bf16 spacing
+    diverged = near_tie_divergences(got, want)
     assert diverged <= 2, f"{diverged} of {len(PROMPTS)} sequences diverged"
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
 

@@ -1,0 +1,19 @@
+"""Greedy outputs that may differ from plain decoding only at near-ties of the target's top two logits."""
+from __future__ import annotations
+
+BF16_GAP = 0.07  # about bf16's spacing at the logits' magnitude
+
+
+def near_tie_divergences(got, want, gap: float = BF16_GAP) -> int:
+    """How many of the sequences in `got` diverge from plain decoding's `want` (both RequestOutput lists, `want`
+    generated with logprobs >= 2); a divergence anywhere but at a near-tie (top-two logprob gap < `gap`) fails."""
+    diverged = 0
+    for g, w in zip(got, want):
+        a, b = g.outputs[0].token_ids, w.outputs[0].token_ids
+        i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if i is None:
+            continue
+        diverged += 1
+        top = sorted(w.outputs[0].logprobs[i].top.values(), reverse=True)
+        assert top[0] - top[1] < gap, f"divergence at token {i} without a near-tie: {top}"
+    return diverged
