@@ -14,17 +14,10 @@ from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import SpeculativeConfigError
 from memfit.llm.engine.params import SamplingParams
 from tests.llm.engine import chi2
-from tests.llm.engine.near_ties import near_tie_divergences
+from tests.llm.engine.spec_helpers import DRAFT, PROMPTS, near_tie_divergences, tokens
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 
-PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "import numpy as np\n",
-           "for i in range(10):", "Hello, my name is"]
-DRAFT = "memfit-tiny-draft"
-
-
-def _tokens(outs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
@@ -35,7 +28,7 @@ def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str) -> No
     spec = LLM("memfit-tiny", dtype="float32", kv_cache=kv_cache, max_num_seqs=4, threads=1,
                speculative_model=DRAFT, num_speculative_tokens=3)
     got = spec.generate(PROMPTS, sp)
-    assert _tokens(got) == _tokens(want)
+    assert tokens(got) == tokens(want)
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
     st = spec.engine.stats()["speculative"]
     assert st["spec_steps"] > 0 and st["spec_accepted"] > 0  # it did speculate, and kept some drafts
@@ -52,7 +45,7 @@ def test_plain_rows_in_a_verification_pass_decode_as_plain_decoding(kv_cache: st
     kw = dict(dtype="float32", kv_cache=kv_cache, max_num_seqs=4, threads=1)
     plain = LLM("memfit-tiny", **kw)
     spec = LLM("memfit-tiny", **kw, speculative_model=DRAFT, num_speculative_tokens=3)
-    assert _tokens(spec.generate(prompts, greedy)) == _tokens(plain.generate(prompts, greedy))
+    assert tokens(spec.generate(prompts, greedy)) == tokens(plain.generate(prompts, greedy))
     st = spec.engine.stats()["speculative"]
     assert st["spec_folded_plain"] > 0 and st["draft_kv_tokens_held"] == 0
     sampled = [SamplingParams(max_tokens=m, temperature=1.0, seed=7 + m, ignore_eos=True) for m in (2, 6, 11, 25)]
@@ -194,7 +187,7 @@ def test_self_draft_of_all_layers_accepts_every_draft() -> None:
     sp = SamplingParams(max_tokens=33, temperature=0, ignore_eos=True)  # 1 from the prefill + 8 passes of 4
     got = spec.generate(PROMPTS[:2], sp)
     want = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1).generate(PROMPTS[:2], sp)
-    assert _tokens(got) == _tokens(want)
+    assert tokens(got) == tokens(want)
     st = spec.engine.stats()["speculative"]
     assert st["acceptance_rate"] == 1.0 and st["tokens_per_seq_step"] == g + 1
     assert spec.engine.ledger.by_owner().get("draft_weights", 0) == 0  # it shares the target's weights
@@ -204,7 +197,7 @@ def test_self_draft_of_the_first_layers_is_lossless() -> None:
     sp = SamplingParams(max_tokens=24, temperature=0)
     spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1, speculative_model="self")
     want = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1).generate(PROMPTS[:4], sp)
-    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert tokens(spec.generate(PROMPTS[:4], sp)) == tokens(want)
     assert spec.engine.spec.draft_kv.layout.num_layers == 2  # half of memfit-tiny's 4
 
 
@@ -238,7 +231,7 @@ def test_long_prompts_prefill_the_draft_in_steps_of_the_token_budget() -> None:
     widest = []
     real = spec.engine.spec.draft.model.forward
     spec.engine.spec.draft.model.forward = lambda ids, pos, attn: (widest.append(attn.num_real), real(ids, pos, attn))[1]
-    assert _tokens(spec.generate(prompts, sp)) == _tokens(want)
+    assert tokens(spec.generate(prompts, sp)) == tokens(want)
     assert widest and max(widest) <= 40
     assert len(spec.tokenizer.encode(prompts[0])) > 40  # so a prompt alone is wider than a step
 
@@ -248,7 +241,7 @@ def test_adaptive_gamma_is_lossless_and_measures_its_costs() -> None:
     want = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1).generate(PROMPTS[:4], sp)
     spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1, speculative_model=DRAFT,
                num_speculative_tokens=4, speculative_adaptive=True)
-    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert tokens(spec.generate(PROMPTS[:4], sp)) == tokens(want)
     st = spec.engine.stats()["speculative"]
     assert st["adaptive"] and st["spec_seq_steps"] > 0 and st["draft_cost"] > 0 and st["verify_cost"] > 0
 
@@ -364,7 +357,7 @@ def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
     kw = dict(dtype="float32", kv_cache=kv_cache, max_num_seqs=4, device="cuda")
     want = LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp)
     spec = LLM("memfit-tiny", speculative_model=DRAFT, num_speculative_tokens=3, **kw)
-    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert tokens(spec.generate(PROMPTS[:4], sp)) == tokens(want)
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
 
 

@@ -11,16 +11,9 @@ from memfit.llm.engine import spec_tree_step
 from memfit.llm.engine.api import LLM
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
-from tests.llm.engine.near_ties import near_tie_divergences
+from tests.llm.engine.spec_helpers import DRAFT, PROMPTS, near_tie_divergences, tokens
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 
-PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "import numpy as np\n",
-           "for i in range(10):", "Hello, my name is"]
-DRAFT = "memfit-tiny-draft"
-
-
-def _tokens(outs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
@@ -44,7 +37,7 @@ def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str, monke
     monkeypatch.setattr(spec_tree_step, "compact", lambda kv, moves: (real_step(kv, moves), accepted.append([])))
     accepted.append([])
     got = spec.generate(PROMPTS, sp)
-    assert _tokens(got) == _tokens(want)
+    assert tokens(got) == tokens(want)
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
     st = spec.engine.stats()["speculative"]
     assert st["tree"] == [3, 3] and st["num_speculative_tokens"] == 3
@@ -53,7 +46,7 @@ def test_greedy_float32_identical_to_plain_decoding_batched(kv_cache: str, monke
     assert any(len(set(a)) > 1 for a in accepted)  # ragged: rows of one pass accepted different lengths
     assert any(a for a in accepted if max(a, default=0) == 3)  # and some took a whole branch
     # again on the same engine: the prompts' blocks now come from the prefix cache, written by compacted steps
-    assert _tokens(spec.generate(PROMPTS, sp)) == _tokens(want)
+    assert tokens(spec.generate(PROMPTS, sp)) == tokens(want)
 
 
 def test_rejected_nodes_leave_no_kv_and_pages_match_the_kernel() -> None:
@@ -102,14 +95,14 @@ def test_sampled_requests_speculate_with_a_chain_beside_greedy_trees() -> None:
     tree = LLM("memfit-tiny", speculative_tree=(2, 3), **kw)
     chain = LLM("memfit-tiny", num_speculative_tokens=3, **kw)
     sampled = [SamplingParams(max_tokens=m, temperature=1.0, seed=3 + m, ignore_eos=True) for m in (5, 18)]
-    alone = _tokens(tree.generate(PROMPTS[:2], sampled))
-    assert alone == _tokens(chain.generate(PROMPTS[:2], sampled))
+    alone = tokens(tree.generate(PROMPTS[:2], sampled))
+    assert alone == tokens(chain.generate(PROMPTS[:2], sampled))
     assert tree.engine.stats()["speculative"]["spec_accepted"] > 0
     greedy = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 30)]
-    mixed = _tokens(tree.generate(PROMPTS[:4], sampled + greedy))
+    mixed = tokens(tree.generate(PROMPTS[:4], sampled + greedy))
     plain = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1)
     assert mixed[:2] == alone
-    assert mixed[2:] == _tokens(plain.generate(PROMPTS[2:4], greedy))
+    assert mixed[2:] == tokens(plain.generate(PROMPTS[2:4], greedy))
 
 
 def test_a_tree_that_cannot_fit_the_budget_is_refused_at_start() -> None:
@@ -182,7 +175,7 @@ def test_under_memory_pressure_the_tree_shrinks_before_anyone_is_preempted() -> 
     n = len(probe.tokenizer.encode(prompt))
     budget = probe.engine.kv.bytes_needed(n + m) + probe.engine.kv.bytes_needed(n + m // 2)
     sp = SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
-    want = _tokens(probe.generate([prompt + s for s in "ab"], sp))
+    want = tokens(probe.generate([prompt + s for s in "ab"], sp))
     spec = LLM("memfit-tiny", dtype="float32", threads=1, max_num_seqs=2, kv_budget=budget, kv_prefault=False,
                kv_eager_pages=0, enable_prefix_caching=False, speculative_model=DRAFT, speculative_tree=(4, 3))
     eng = spec.engine
@@ -268,7 +261,7 @@ def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
     kw = dict(dtype="float32", kv_cache=kv_cache, max_num_seqs=4, device="cuda")
     want = LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp)
     spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(3, 3), **kw)
-    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(want)
+    assert tokens(spec.generate(PROMPTS[:4], sp)) == tokens(want)
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
 
 
@@ -284,7 +277,7 @@ def test_a_one_branch_tree_runs_as_a_chain(monkeypatch) -> None:
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     kw = dict(dtype="float32", max_num_seqs=4, threads=1)
     spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(1, 3), **kw)
-    assert _tokens(spec.generate(PROMPTS[:4], sp)) == _tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
+    assert tokens(spec.generate(PROMPTS[:4], sp)) == tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
 
 
@@ -311,14 +304,14 @@ def test_adaptive_tree_engine_follows_the_measured_rates_and_stays_lossless(monk
 
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     kw = dict(dtype="float32", max_num_seqs=4, threads=1)
-    want = _tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
+    want = tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:4], sp))
     for tree_rate, chain_rate in ((1.0, 100.0), (100.0, 1.0)):
         spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(3, 3), speculative_adaptive=True, **kw)
         chooser = spec.engine.spec.chooser
         chooser.observe(True, int(tree_rate), 1.0)
         chooser.observe(False, int(chain_rate), 1.0)
         monkeypatch.setattr(chooser, "observe", lambda *a: None)  # the injected rates stay
-        assert _tokens(spec.generate(PROMPTS[:4], sp)) == want
+        assert tokens(spec.generate(PROMPTS[:4], sp)) == want
         st = spec.engine.stats()["speculative"]
         slow, fast = ("tree_steps", "chain_steps") if tree_rate < chain_rate else ("chain_steps", "tree_steps")
         assert st[fast] > 0 and st[slow] <= st[fast] // (PROBE_EVERY - 1) + 1  # probes only

@@ -1,6 +1,10 @@
-"""Greedy outputs that may differ from plain decoding only at near-ties of the target's top two logits."""
+"""Shared by the chain and tree speculative-decoding tests: the prompts, the bundled draft, token ids of outputs, and
+greedy outputs that may differ from plain decoding only at near-ties of the target's top two logits."""
 from __future__ import annotations
 
+PROMPTS = ["def add(a, b):", "Once upon a time", "The capital of France is", "import numpy as np\n",
+           "for i in range(10):", "Hello, my name is"]
+DRAFT = "memfit-tiny-draft"
 BF16_GAP = 0.07  # about bf16's spacing at the logits' magnitude
 
 
@@ -17,3 +21,7 @@ def near_tie_divergences(got, want, gap: float = BF16_GAP) -> int:
         top = sorted(w.outputs[0].logprobs[i].top.values(), reverse=True)
         assert top[0] - top[1] < gap, f"divergence at token {i} without a near-tie: {top}"
     return diverged
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
