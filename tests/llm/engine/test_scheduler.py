@@ -60,6 +60,24 @@ def run_step(sched: Scheduler) -> list[tuple[str, int]]:
     return result
 
 
+def wait_holding_session_kv(sched: Scheduler, s: Sequence, tokens: int) -> None:
+    """Queue s as engine/sessions.adopt_session_kv leaves a session's next turn: `tokens` of KV held, the rest to
+    prefill."""
+    assert sched.kv.try_allocate(s.seq_id, tokens)
+    s.num_computed = s.num_cached_prompt = tokens
+    sched.add(s)
+
+
+def run_until_done(sched: Scheduler, max_steps: int) -> None:
+    """Step until nothing is left (at most max_steps), finishing sequences at max_tokens; never an empty step."""
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        assert run_step(sched)  # never an empty step with work left
+        for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
+            sched.finish(s, "length")
+
+
 def test_fcfs_with_chunked_prefill_and_token_budget():
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), CountingKV(1000))
     a, b = seq("a", 15), seq("b", 4)
@@ -148,16 +166,9 @@ def test_waiting_turns_holding_their_sessions_kv_cannot_fill_the_memory_with_not
     they leave neither room to grow. With nothing running, one gives its KV up (recomputed later): both finish."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), CountingKV(60))
     a, b = seq("a", 40), seq("b", 40)
-    for s in (a, b):  # what engine/sessions.adopt_session_kv leaves: 25 tokens' KV held, the rest to prefill
-        assert sched.kv.try_allocate(s.seq_id, 25)
-        s.num_computed = s.num_cached_prompt = 25
-        sched.add(s)
-    for _ in range(40):
-        if not sched.has_unfinished():
-            break
-        assert run_step(sched)  # never an empty step with work left
-        for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
-            sched.finish(s, "length")
+    for s in (a, b):
+        wait_holding_session_kv(sched, s, 25)
+    run_until_done(sched, 40)
     assert a.is_finished and b.is_finished and sched.kv.held == {}
 
 
@@ -168,13 +179,6 @@ def test_a_running_sequence_takes_a_waiting_turns_kv_before_preempting_itself():
     r, w = seq("r", 30, max_tokens=20), seq("w", 30)
     sched.add(r)
     run_step(sched)  # r's prefill
-    assert sched.kv.try_allocate(w.seq_id, 25)
-    w.num_computed = w.num_cached_prompt = 25
-    sched.add(w)
-    for _ in range(60):
-        if not sched.has_unfinished():
-            break
-        assert run_step(sched)  # never an empty step with work left
-        for s in [s for s in sched.running if len(s.output_token_ids) >= s.params.max_tokens]:
-            sched.finish(s, "length")
+    wait_holding_session_kv(sched, w, 25)
+    run_until_done(sched, 60)
     assert r.is_finished and w.is_finished and r.num_preemptions == 0 and sched.kv.held == {}
