@@ -25,3 +25,18 @@ def near_tie_divergences(got, want, gap: float = BF16_GAP) -> int:
 
 def tokens(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
+
+
+def run_noting_shrinks_before_preemption(eng) -> tuple[dict, int | None]:
+    """Step `eng` until its requests finish: (finished outputs by request id, how many times speculation had shrunk
+    when the first preemption happened; None if none happened)."""
+    shrunk_before_preempt = None
+    outs = {}
+    while eng.has_unfinished_requests():
+        shrunk = eng.stats()["speculative"]["spec_shrunk"]
+        for out in eng.step():
+            if out.finished:
+                outs[out.request_id] = out
+        if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
+            shrunk_before_preempt = shrunk
+    return outs, shrunk_before_preempt

@@ -14,7 +14,8 @@ from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import SpeculativeConfigError
 from memfit.llm.engine.params import SamplingParams
 from tests.llm.engine import chi2
-from tests.llm.engine.spec_helpers import DRAFT, PROMPTS, near_tie_divergences, tokens
+from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
+                                          run_noting_shrinks_before_preemption, tokens)
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 
@@ -300,15 +301,7 @@ def test_under_memory_pressure_gamma_shrinks_before_anyone_is_preempted() -> Non
     eng = spec.engine
     sp = SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)
     ids = [eng.add_request(prompt + s, sp) for s in "ab"]
-    shrunk_before_preempt = None
-    outs = {}
-    while eng.has_unfinished_requests():
-        shrunk = eng.stats()["speculative"]["spec_shrunk"]
-        for out in eng.step():
-            if out.finished:
-                outs[out.request_id] = out
-        if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
-            shrunk_before_preempt = shrunk
+    outs, shrunk_before_preempt = run_noting_shrinks_before_preemption(eng)
     assert shrunk_before_preempt is not None and shrunk_before_preempt > 0
     assert [len(outs[i].outputs[0].token_ids) for i in ids] == [m, m]
 

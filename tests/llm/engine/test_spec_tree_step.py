@@ -11,7 +11,8 @@ from memfit.llm.engine import spec_tree_step
 from memfit.llm.engine.api import LLM
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
-from tests.llm.engine.spec_helpers import DRAFT, PROMPTS, near_tie_divergences, tokens
+from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
+                                          run_noting_shrinks_before_preemption, tokens)
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 
 
@@ -190,15 +191,7 @@ def test_under_memory_pressure_the_tree_shrinks_before_anyone_is_preempted() -> 
     spec_decode.tree_shape, saved = spy, spec_decode.tree_shape
     try:
         ids = [eng.add_request(prompt + s, sp) for s in "ab"]
-        shrunk_before_preempt = None
-        outs = {}
-        while eng.has_unfinished_requests():
-            shrunk = eng.stats()["speculative"]["spec_shrunk"]
-            for out in eng.step():
-                if out.finished:
-                    outs[out.request_id] = out
-            if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
-                shrunk_before_preempt = shrunk
+        outs, shrunk_before_preempt = run_noting_shrinks_before_preemption(eng)
     finally:
         spec_decode.tree_shape = saved
     assert shrunk_before_preempt is not None and shrunk_before_preempt > 0
