@@ -40,3 +40,12 @@ def run_noting_shrinks_before_preemption(eng) -> tuple[dict, int | None]:
         if shrunk_before_preempt is None and eng.scheduler.num_preemptions:
             shrunk_before_preempt = shrunk
     return outs, shrunk_before_preempt
+
+
+def run_until_finished(eng, request_id: str) -> list[int]:
+    """Step `eng` until nothing is left; the token ids `request_id` generated."""
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished and out.request_id == request_id:
+                done = out
+    return done.outputs[0].token_ids

@@ -15,7 +15,7 @@ from memfit.llm.engine.draft import SpeculativeConfigError
 from memfit.llm.engine.params import SamplingParams
 from tests.llm.engine import chi2
 from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
-                                          run_noting_shrinks_before_preemption, tokens)
+                                          run_noting_shrinks_before_preemption, run_until_finished, tokens)
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 
@@ -320,11 +320,7 @@ def test_a_sessions_next_turn_reuses_the_drafts_kv() -> None:
 
     def run(eng, ids):
         rid = eng.add_request(prompt_token_ids=ids, params=sp, session_id="s")
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished and out.request_id == rid:
-                    done = out
-        return done.outputs[0].token_ids
+        return run_until_finished(eng, rid)
 
     turn1 = spec_llm.tokenizer.encode(" ".join(["story"] * 60))
     answer = run(spec, turn1)

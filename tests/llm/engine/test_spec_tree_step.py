@@ -12,7 +12,7 @@ from memfit.llm.engine.api import LLM
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
 from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
-                                          run_noting_shrinks_before_preemption, tokens)
+                                          run_noting_shrinks_before_preemption, run_until_finished, tokens)
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
 
 
@@ -214,11 +214,7 @@ def test_a_sessions_next_turn_reuses_the_drafts_kv_with_a_tree() -> None:
         rid = eng.add_request(prompt_token_ids=ids, params=sp, session_id="s")
         if held is not None:  # adopted before the first step: the draft starts from the previous turn's KV
             assert spec.spec.draft_kv.stats().tokens_held >= held
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.finished and out.request_id == rid:
-                    done = out
-        return done.outputs[0].token_ids
+        return run_until_finished(eng, rid)
 
     turn1 = spec_llm.tokenizer.encode(" ".join(["story"] * 60))
     answer = run(spec, turn1)
