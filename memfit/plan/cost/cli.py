@@ -8,7 +8,7 @@ import sys
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("costmodel", help="a learned cost model of MLIR kernels on IREE llvm-cpu",
-                              description="memfit costmodel generate|label|train|predict|measure|eval|tune")
+                              description="memfit costmodel generate|label|train|predict|measure|eval|tune|train-ranker")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     g = sub.add_parser("generate", help="draw N kernels into a dataset (SQLite)")
     g.add_argument("--n", type=int, required=True)
@@ -54,7 +54,17 @@ def register(subparsers) -> None:
     tn.add_argument("--model")
     tn.add_argument("--measure", action="store_true", help="also compile and time every candidate (IREE)")
     tn.add_argument("--out", help="write the picked program here")
+    tn.add_argument("--ranker", help="tile ranker file (default: the shipped one)")
+    tn.add_argument("--no-ranker", action="store_true", help="rank by the sequence model's latency instead")
     tn.add_argument("--json", action="store_true")
+    tr = sub.add_parser("train-ranker", help="train the tile ranker on the dataset's tuning candidates")
+    tr.add_argument("--db", required=True)
+    tr.add_argument("--out", help="ranker file (default: the one shipped in the package)")
+    tr.add_argument("--objective", choices=("relative", "lambdarank"), default="relative")
+    tr.add_argument("--target", choices=("median", "min"), default="median",
+                    help="train on the median repetition (the label) or the fastest one")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -63,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return {"generate": _generate, "label": _label, "train": _train, "predict": _predict,
-                "measure": _measure, "eval": _eval, "tune": _tune}[args.action](args)
+                "measure": _measure, "eval": _eval, "tune": _tune,
+                "train-ranker": _train_ranker}[args.action](args)
     except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
         print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
         return 2
@@ -158,7 +169,7 @@ def _eval(args) -> int:
 def _tune(args) -> int:
     from memfit.plan.cost.tune import tune
 
-    out = tune(_read(args.file), args.function, args.model, args.measure)
+    out = tune(_read(args.file), args.function, args.model, args.measure, args.ranker, not args.no_ranker)
     if args.out:
         with open(args.out, "w") as f:
             f.write(out["pick_program"])
@@ -171,10 +182,29 @@ def _tune(args) -> int:
             note = "" if not args.measure else (f"   measured {m:10.1f} us" if m is not None else
                                                 "   did not compile")
             print(f"{r['candidate']:<16} predicted {r['predicted_us']:10.1f} us{note}")
+        print(f"ranked by the {out['ranked_by']}")
         print(f"pick: {out['pick']} (IREE default predicted {out['predicted_default_us']:.1f} us)")
         if args.measure:
             o = out["outcome"]
             print(f"measured: pick {o['pick_us']:.1f} us, default {o['default_us']:.1f} us "
                   f"({o['speedup_over_default']:.2f}x), best {o['best']} {o['best_us']:.1f} us "
                   f"(pick {100 * o['gap_to_best']:.1f}% slower)")
+    return 0
+
+
+def _train_ranker(args) -> int:
+    from memfit.plan.cost.rank_eval import train_ranker
+    from memfit.plan.cost.ranker import DEFAULT_RANKER, RankerConfig
+
+    out = train_ranker(args.db, args.out or DEFAULT_RANKER, RankerConfig(objective=args.objective, seed=args.seed),
+                       args.target, args.seed)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        t = out["test"]
+        print(f"ranker: {out['ranker']} ({out['train_shapes']} training shapes)")
+        print(f"held-out shapes: {out['test_shapes']}; pick within 5% of the measured best on "
+              f"{100 * t['within_5pct_of_best']:.0f}%, median gap {100 * t['median_gap_to_best']:.1f}%, "
+              f"{t['geomean_speedup_over_default']:.2f}x IREE's default, within-shape Spearman "
+              f"{t['within_shape_spearman_mean']:.3f}")
     return 0

@@ -60,7 +60,13 @@ def _u(text: str, seed: int) -> float:
 def shape_split(ex: Examples, seed: int = 0, test: float = 0.2, val: float = 0.1) \
         -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train / validation / test indices; a shape (all its dtypes) falls wholly in one of them."""
-    u = np.array([_u(s, seed) for s in ex.shape_keys])
+    return split_shape_keys(ex.shape_keys, seed, test, val)
+
+
+def split_shape_keys(shape_keys: list[str], seed: int = 0, test: float = 0.2, val: float = 0.1) \
+        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """shape_split on bare shape keys (the tile ranker's rows are not Examples)."""
+    u = np.array([_u(s, seed) for s in shape_keys])
     te = np.flatnonzero(u < test)
     va = np.flatnonzero((u >= test) & (u < test + val))
     tr = np.flatnonzero(u >= test + val)

@@ -65,12 +65,13 @@ def put_label(con: sqlite3.Connection, key: str, *, latency_us: float | None = N
 def labelled(con: sqlite3.Connection) -> list[dict]:
     """Every kernel with a good label, as dicts (figures unpacked)."""
     rows = con.execute("SELECT k.key, k.family, k.dtype, k.shape_key, k.params, k.mlir, l.latency_us, l.spread, "
-                       "l.figures FROM kernels k JOIN labels l ON k.key = l.key WHERE l.error IS NULL "
+                       "l.figures, l.reps FROM kernels k JOIN labels l ON k.key = l.key WHERE l.error IS NULL "
                        "ORDER BY k.rowid")
     out = []
     for r in rows:
         d = dict(r)
         d["params"] = json.loads(d["params"])
+        d["reps"] = json.loads(d["reps"] or "[]")  # each repetition's real time per call (us)
         d.update(json.loads(d.pop("figures")))
         out.append(d)
     return out

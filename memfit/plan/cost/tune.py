@@ -1,6 +1,7 @@
 """The cost model in the loop: rank candidate compilation choices of a kernel by predicted latency instead of
 measuring them all. The choices are the vector tile sizes of the kernel's matmul, set through IREE's
-lowering config (families.TILES), beside IREE's own default."""
+lowering config (families.TILES), beside IREE's own default. The tile ranker (memfit.plan.cost.ranker)
+orders them when it is shipped; the sequence model otherwise."""
 from __future__ import annotations
 
 import re
@@ -77,14 +78,44 @@ def summarise(outcomes: list[Outcome], within: float = 0.05) -> dict:
             "median_spread": float(np.median([o.spread for o in outcomes]))}
 
 
-def tune(mlir: str, function: str | None = None, model: str | None = None, measure: bool = False) -> dict:
-    """Rank the candidates of one program; with `measure`, also compile and time every one (IREE needed)."""
-    from memfit.plan.cost.predict import predict_many
+def rank_candidates(cands: dict[str, str], function: str | None = None, model: str | None = None,
+                    ranker: str | None = None, use_ranker: bool = True) -> tuple[dict[str, float], dict[str, float], str]:
+    """Order the candidates: (sort key per candidate, lower = faster; predicted latency per candidate; what
+    ranked them). The tile ranker orders the tiles when its asset exists (the sequence model still gives
+    the level, so predicted_us = the model's geometric mean over the tiles x the ranker's relative factor);
+    without it, the sequence model's predicted latency alone."""
+    from pathlib import Path
 
+    from memfit.plan.cost.parse import pick_function
+    from memfit.plan.cost.predict import predict_many
+    from memfit.plan.cost.ranker import DEFAULT_RANKER, TileRanker, candidate_matrix
+
+    seq = {k: p["latency_us"] for k, p in zip(cands, predict_many(list(cands.values()), function, model))}
+    path = Path(ranker) if ranker else DEFAULT_RANKER
+    if not use_ranker or not path.exists():
+        if ranker:
+            raise CostModelError(f"no tile ranker at {ranker}")
+        return seq, seq, "sequence model"
+    names = [k for k in cands if k != "default"]
+    X, _ = candidate_matrix([pick_function(cands[k], function) for k in names])
+    r = TileRanker.load(path)
+    scores = dict(zip(names, r.scores(X).tolist()))
+    if r.objective == "relative":
+        level = float(np.mean([np.log(seq[k]) for k in names]))
+        pred = {k: float(np.exp(level + scores[k])) for k in names}
+    else:
+        pred = {k: seq[k] for k in names}
+    pred["default"] = seq["default"]
+    return {**scores, "default": 0.0}, pred, f"tile ranker ({path.name})"
+
+
+def tune(mlir: str, function: str | None = None, model: str | None = None, measure: bool = False,
+         ranker: str | None = None, use_ranker: bool = True) -> dict:
+    """Rank the candidates of one program; with `measure`, also compile and time every one (IREE needed)."""
     cands = candidates(mlir)
-    preds = {k: p["latency_us"] for k, p in zip(cands, predict_many(list(cands.values()), function, model))}
-    ranking = sorted((k for k in cands if k != "default"), key=lambda k: preds[k])
-    out: dict = {"ranking": [{"candidate": k, "predicted_us": preds[k]} for k in ranking],
+    keys, preds, by = rank_candidates(cands, function, model, ranker, use_ranker)
+    ranking = sorted((k for k in cands if k != "default"), key=lambda k: keys[k])
+    out: dict = {"ranked_by": by, "ranking": [{"candidate": k, "predicted_us": preds[k]} for k in ranking],
                  "pick": ranking[0], "predicted_default_us": preds["default"], "pick_program": cands[ranking[0]]}
     if measure:
         from memfit.plan.cost.label import measure as run
@@ -98,8 +129,8 @@ def tune(mlir: str, function: str | None = None, model: str | None = None, measu
             except CompileError as exc:
                 failed[k] = str(exc).splitlines()[1] if "\n" in str(exc) else str(exc)
         out["measured_us"], out["failed"] = measured, failed
-        preds = {k: v for k, v in preds.items() if k in measured}
-        out["outcome"] = outcome(preds, measured).as_dict()
+        keys = {k: v for k, v in keys.items() if k in measured}
+        out["outcome"] = outcome(keys, measured).as_dict()
     return out
 
 

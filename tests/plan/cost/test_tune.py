@@ -36,3 +36,43 @@ def test_dataset_outcomes_skip_what_did_not_compile():
     predicted = {"k0": 9.0, "k1": 3.0, "k2": 3.5}
     (o,) = dataset_outcomes(rows, predicted)
     assert o.pick == "tile_1x16x1" and o.best == "tile_8x16x1" and o.candidates == 2
+
+
+def _hand_ranker(path):
+    """A one-tree ranker: tm <= 8 scores 0; else tn <= 16 scores -1; else tk <= 1 scores -2, else -0.5.
+    Its pick among the candidates is therefore 16x32x1."""
+    import numpy as np
+
+    from memfit.plan.cost import tiles
+    from memfit.plan.cost.ranker import TileRanker
+    from memfit.plan.cost.trees import Tree
+
+    f = [tiles.NAMES.index(n) for n in ("tm", "tn", "tk")]
+    tree = Tree(np.array(f), np.array([8.0, 16.0, 1.0]), np.array([~0, ~1, ~2]), np.array([1, 2, ~3]),
+                np.array([0.0, -1.0, -2.0, -0.5]))
+    TileRanker([tree], "relative").save(path)
+    return path
+
+
+def test_tune_chooses_by_the_ranker(tmp_path):
+    import math
+
+    from memfit.plan.cost.predict import predict_many
+    from memfit.plan.cost.tune import tune
+
+    path = _hand_ranker(tmp_path / "ranker.json")
+    out = tune(TINY_MATMUL, ranker=str(path))
+    assert out["pick"] == "tile_16x32x1" and out["ranked_by"].startswith("tile ranker")
+    assert "vector_common_parallel = [16, 32, 0], vector_reduction = [0, 0, 1]" in out["pick_program"]
+    # predicted_us: the sequence model's level (geometric mean over the tiles) times the ranker's factor
+    preds = [r["predicted_us"] for r in out["ranking"]]
+    assert preds == sorted(preds)
+    seq = dict(zip(candidates(TINY_MATMUL), predict_many(list(candidates(TINY_MATMUL).values()))))
+    level = sum(math.log(v["latency_us"]) for k, v in seq.items() if k != "default") / len(TILES)
+    assert out["ranking"][0]["predicted_us"] == pytest.approx(math.exp(level - 2.0))
+    # without the ranker, the sequence model's own order decides
+    plain = tune(TINY_MATMUL, use_ranker=False)
+    assert plain["ranked_by"] == "sequence model"
+    assert plain["pick"] == min((k for k in seq if k != "default"), key=lambda k: seq[k]["latency_us"])
+    with pytest.raises(CostModelError, match="no tile ranker"):
+        tune(TINY_MATMUL, ranker=str(tmp_path / "missing.json"))

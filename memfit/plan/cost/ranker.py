@@ -1,0 +1,132 @@
+"""The tile ranker: which vector tile of a matmul runs fastest, learned as a within-shape ranking problem.
+
+The sequence model predicts absolute latency across every family; choosing a tile only needs the order of
+one shape's candidates, whose latencies differ by a factor of a few while shapes differ by 1000x. The ranker
+therefore learns each candidate's log latency relative to the mean over its shape's candidates (objective
+"relative": L2 regression on that target) or the order itself (objective "lambdarank": LightGBM's listwise
+loss, relevance graded in steps of 5% behind the shape's fastest candidate), from tile-aware features
+(memfit.plan.cost.tiles). It is trained with LightGBM and stored as JSON trees scored with numpy."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memfit.plan.cost import tiles, trees
+from memfit.plan.cost.errors import INSTALL_HINT, CostModelError
+
+FORMAT = "memfit-tile-ranker/1"
+DEFAULT_RANKER = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "tile_ranker.json"
+
+
+@dataclass
+class RankerConfig:
+    objective: str = "relative"   # "relative" (regression on log t - shape mean) or "lambdarank"
+    n_estimators: int = 400
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_data_in_leaf: int = 10
+    feature_fraction: float = 0.8
+    lambda_l2: float = 1.0
+    step: float = 0.05            # lambdarank relevance: one grade per 5% behind the shape's best
+    grades: int = 16
+    seed: int = 0
+
+
+def relative_target(log_t: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """log latency minus the mean log latency of the same group (shape): what the ranker predicts."""
+    out = np.empty(len(log_t))
+    for g in np.unique(groups):
+        i = groups == g
+        out[i] = log_t[i] - log_t[i].mean()
+    return out
+
+
+def relevance(log_t: np.ndarray, groups: np.ndarray, step: float = 0.05, grades: int = 16) -> np.ndarray:
+    """Integer grades for lambdarank: grades-1 for a candidate within `step` of its shape's best, one less
+    per further `step` (multiplicative), 0 beyond."""
+    out = np.empty(len(log_t), dtype=np.int64)
+    for g in np.unique(groups):
+        i = groups == g
+        behind = (log_t[i] - log_t[i].min()) / math.log1p(step)
+        out[i] = np.clip(grades - 1 - np.floor(behind), 0, grades - 1).astype(np.int64)
+    return out
+
+
+def _contiguous(groups: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """An order that puts each group's rows together, and the group sizes (LightGBM's query groups)."""
+    order = np.argsort(groups, kind="stable")
+    _, sizes = np.unique(groups[order], return_counts=True)
+    return order, sizes.tolist()
+
+
+@dataclass
+class TileRanker:
+    trees: list = field(default_factory=list)
+    objective: str = "relative"
+    feature_names: tuple[str, ...] = tiles.NAMES
+    info: dict = field(default_factory=dict)
+
+    def fit(self, X: np.ndarray, log_t: np.ndarray, groups: np.ndarray, cfg: RankerConfig = RankerConfig()) \
+            -> "TileRanker":
+        """X: (n, len(tiles.NAMES)) candidate features; log_t: (n,) measured log latency; groups: (n,) shape
+        ids (a candidate is only compared with candidates of its own shape)."""
+        try:
+            import lightgbm as lgb
+        except ImportError as exc:
+            raise CostModelError(f"training the tile ranker needs lightgbm: {INSTALL_HINT}") from exc
+        params = {"learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves,
+                  "min_data_in_leaf": cfg.min_data_in_leaf, "feature_fraction": cfg.feature_fraction,
+                  "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": cfg.lambda_l2, "seed": cfg.seed,
+                  "num_threads": 1, "verbose": -1, "deterministic": True, "force_row_wise": True}
+        X, log_t, groups = np.asarray(X, float), np.asarray(log_t, float), np.asarray(groups)
+        if cfg.objective == "relative":
+            data = lgb.Dataset(X, relative_target(log_t, groups))
+            params.update(objective="regression")
+        elif cfg.objective == "lambdarank":
+            order, sizes = _contiguous(groups)
+            rel = relevance(log_t, groups, cfg.step, cfg.grades)
+            data = lgb.Dataset(X[order], rel[order], group=sizes)
+            params.update(objective="lambdarank", label_gain=[float(2 ** g - 1) for g in range(cfg.grades)],
+                          lambdarank_truncation_level=max(sizes))
+        else:
+            raise ValueError(f"unknown ranker objective {cfg.objective!r}")
+        booster = lgb.train(params, data, cfg.n_estimators)
+        self.trees, self.objective = trees.from_lightgbm(booster), cfg.objective
+        self.info = {"config": asdict(cfg), "train_rows": int(len(X)), "train_groups": int(len(np.unique(groups)))}
+        return self
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        """Lower is faster. "relative": the predicted log latency relative to the shape's candidate mean."""
+        raw = trees.predict(self.trees, np.asarray(X, float))
+        return raw if self.objective == "relative" else -raw  # lambdarank scores higher = more relevant
+
+    def save(self, path: str | Path) -> None:
+        doc = {"format": FORMAT, "objective": self.objective, "features": list(self.feature_names),
+               "host": tiles.host_info(), "info": self.info, "trees": [t.to_json() for t in self.trees]}
+        Path(path).write_text(json.dumps(doc, separators=(",", ":")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TileRanker":
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != FORMAT:
+            raise CostModelError(f"{path} is not a tile ranker ({FORMAT})")
+        if tuple(doc["features"]) != tiles.NAMES:
+            raise CostModelError(f"{path} was trained on other tile features; retrain it "
+                                 "(memfit costmodel train-ranker)")
+        return cls([trees.Tree.from_json(t) for t in doc["trees"]], doc["objective"], tuple(doc["features"]),
+                   doc.get("info", {}))
+
+
+def candidate_matrix(fns: list) -> tuple[np.ndarray, list[bool]]:
+    """Tile features of parsed candidate functions; rows of candidates without a tile (IREE's default) are
+    zeros and flagged False (the ranker does not score them)."""
+    rows, has = [], []
+    for fn in fns:
+        (m, n, k), tile = tiles.shape_and_tile(fn)
+        has.append(tile is not None)
+        rows.append(tiles.vector(m, n, k, tile) if tile else [0.0] * len(tiles.NAMES))
+    return np.array(rows, dtype=np.float64).reshape(len(fns), len(tiles.NAMES)), has

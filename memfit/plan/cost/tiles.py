@@ -1,0 +1,99 @@
+"""Tile-aware features of one tuning candidate: an f32 matmul (M, N, K) compiled with a vector tile (tm, tn, tk)
+through IREE's lowering config (DoubleTilingExpert, distribution tile 64x64). They describe what the tile does
+to this shape on an AVX-512 core, which whole-kernel features (FLOPs, bytes) cannot tell apart between the
+candidates of one shape: padding waste of M/N/K against the tile, how many tiles, the vector registers the
+tile needs against the 32 zmm registers, and the footprint of its A/B/C panels against L1 and L2."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.ops import linalg_ops
+from memfit.plan.cost.parse import Function
+
+_VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
+_RED = re.compile(r"vector_reduction\s*=\s*\[\s*\d+\s*,\s*\d+\s*,\s*(\d+)\s*\]")
+DIST = 64  # the distribution (workgroup) tile of kernels.compilation_info, in M and N
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the features measure against (this host's AVX-512 core; recorded in the ranker's asset)."""
+
+    vector_regs: int = 32        # zmm0-31
+    lanes: int = 16              # f32 per zmm
+    l1_bytes: int = 48 * 1024    # L1d per core
+    l2_bytes: int = 2 << 20      # L2 per core
+    elem_bytes: int = 4          # f32
+
+
+NAMES = ("log_m", "log_n", "log_k", "tm", "tn", "tk", "log_tm", "log_tn", "log_tk",
+         "pad_m", "pad_n", "pad_k", "pad_work", "divides_m", "divides_n", "divides_k", "divides_all",
+         "rem64_m", "rem64_n", "m_lt_tm", "log_tiles", "log_tiles_per_wg",
+         "acc_regs", "b_regs", "regs_needed", "regs_over", "reg_ratio", "reuse", "k1",
+         "log_vector_bytes", "log_tile_set_l1", "log_panel_l1", "log_panel_l2", "log_wg_l2",
+         "log_k_panel_bytes")
+
+
+def shape_and_tile(fn: Function) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
+    """(M, N, K) of the function's first linalg.matmul and its vector tile (None: IREE's default)."""
+    mm = [o for o in linalg_ops(fn) if o.short == "matmul"]
+    if not mm:
+        raise CostModelError("the tile ranker needs a linalg.matmul")
+    op = mm[0]
+    m, k = op.ins[0].shape[-2:]
+    n = op.outs[0].shape[-1]
+    vec, red = _VEC.search(fn.body), _RED.search(fn.body)
+    tile = (int(vec.group(1)), int(vec.group(2)), int(red.group(1)) if red else 1) if vec else None
+    return (m, n, k), tile
+
+
+def _pad(size: int, t: int) -> float:
+    """Fraction of padded (wasted) work when `size` is covered by whole tiles of `t`."""
+    return math.ceil(size / t) * t / size - 1.0
+
+
+def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Host()) -> dict[str, float]:
+    tm, tn, tk = tile
+    l2 = math.log2
+    eb = host.elem_bytes
+    # registers of an outer-product lowering of the (tm, tn, tk) contraction: the C accumulator tile, the B
+    # rows of the unrolled k steps, the A elements broadcast (one register each, at least one live)
+    acc = tm * math.ceil(tn / host.lanes)
+    b = tk * math.ceil(tn / host.lanes)
+    need = acc + b + min(tm * tk, host.vector_regs)
+    tiles = math.ceil(m / tm) * math.ceil(n / tn) * math.ceil(k / tk)
+    tile_set = (tm * tk + tk * tn + tm * tn) * eb          # one vector step's A, B and C tiles
+    panel = (tm * k + k * tn + tm * tn) * eb               # a C tile's whole A row panel and B column panel
+    wg = (min(m, DIST) * k + k * min(n, DIST) + min(m, DIST) * min(n, DIST)) * eb  # a workgroup's panels
+    return {
+        "log_m": l2(m), "log_n": l2(n), "log_k": l2(k), "tm": tm, "tn": tn, "tk": tk,
+        "log_tm": l2(tm), "log_tn": l2(tn), "log_tk": l2(tk),
+        "pad_m": _pad(m, tm), "pad_n": _pad(n, tn), "pad_k": _pad(k, tk),
+        "pad_work": (1 + _pad(m, tm)) * (1 + _pad(n, tn)) * (1 + _pad(k, tk)) - 1.0,
+        "divides_m": float(m % tm == 0), "divides_n": float(n % tn == 0), "divides_k": float(k % tk == 0),
+        "divides_all": float(m % tm == 0 and n % tn == 0 and k % tk == 0),
+        # the last (partial) workgroup's rows/columns: a vector tile that does not divide them is peeled
+        "rem64_m": float((m % DIST) % tm != 0), "rem64_n": float((n % DIST) % tn != 0),
+        "m_lt_tm": float(m < tm or n < tn),
+        "log_tiles": l2(tiles), "log_tiles_per_wg": l2(math.ceil(min(m, DIST) / tm) * math.ceil(min(n, DIST) / tn)),
+        "acc_regs": acc, "b_regs": b, "regs_needed": need, "regs_over": max(0, need - host.vector_regs),
+        "reg_ratio": need / host.vector_regs,
+        "reuse": tm * tn / (tm + tn),                      # FMAs per element loaded from A and B
+        "k1": float(tk == 1),
+        "log_vector_bytes": l2(tm * tn * tk * eb),         # IREE rejects vectors of 32 KiB
+        "log_tile_set_l1": l2(tile_set / host.l1_bytes), "log_panel_l1": l2(panel / host.l1_bytes),
+        "log_panel_l2": l2(panel / host.l2_bytes), "log_wg_l2": l2(wg / host.l2_bytes),
+        "log_k_panel_bytes": l2(k * tn * eb),
+    }
+
+
+def vector(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Host()) -> list[float]:
+    f = features(m, n, k, tile, host)
+    return [float(f[name]) for name in NAMES]
+
+
+def host_info(host: Host = Host()) -> dict:
+    return asdict(host)

@@ -1,0 +1,105 @@
+"""The tile ranker on tiny synthetic data: its targets, that it learns a within-shape order from the tile
+features and picks well on shapes it did not see, and that it survives a save/load (JSON, no pickle)."""
+import math
+
+import numpy as np
+import pytest
+
+from memfit.plan.cost import store, tiles
+from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.families import TILES, generate_tuned
+from memfit.plan.cost.ranker import RankerConfig, TileRanker, relative_target, relevance
+
+GOOD = [t for t in TILES if t != (16, 32, 16)]  # the one IREE rejects
+
+
+def synthetic_latency(m: int, n: int, k: int, tile) -> float:
+    """A made-up cost with the effects the features describe: padded work, register overflow (spills) and
+    the FMA-per-load reuse of the register tile."""
+    f = tiles.features(m, n, k, tile)
+    return m * n * k * (1 + f["pad_work"]) * (1 + 0.08 * f["regs_over"]) * (1 + 4 / f["reuse"]) * 1e-3
+
+
+def synthetic(n_shapes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    X, y, g, shapes = [], [], [], []
+    for s in range(n_shapes):
+        m, n, k = (int(v) for v in np.exp(rng.uniform(math.log(16), math.log(700), 3)))
+        shapes.append((m, n, k))
+        for t in GOOD:
+            X.append(tiles.vector(m, n, k, t))
+            y.append(math.log(synthetic_latency(m, n, k, t)))
+            g.append(s)
+    return np.array(X), np.array(y), np.array(g), shapes
+
+
+def test_targets_are_within_shape():
+    log_t = np.log(np.array([100.0, 104.0, 120.0, 1000.0, 3000.0]))
+    groups = np.array([0, 0, 0, 1, 1])
+    rel = relative_target(log_t, groups)
+    assert rel[:3].sum() == pytest.approx(0) and rel[3:].sum() == pytest.approx(0)
+    assert rel[4] - rel[3] == pytest.approx(math.log(3))
+    # within 5% of the best: top grade; each further 5% costs one grade; beyond 15 steps: 0
+    assert relevance(log_t, groups, 0.05, 16).tolist() == [15, 15, 12, 15, 0]
+
+
+@pytest.mark.parametrize("objective", ["relative", "lambdarank"])
+def test_learns_the_order_on_unseen_shapes(objective):
+    pytest.importorskip("lightgbm")
+    X, y, g, _ = synthetic(60, seed=0)
+    r = TileRanker().fit(X, y, g, RankerConfig(objective=objective, n_estimators=200))
+    Xt, yt, gt, _ = synthetic(20, seed=1)
+    s = r.scores(Xt)
+    hits = 0
+    for shape in np.unique(gt):
+        i = gt == shape
+        pick = np.argmin(s[i])
+        hits += np.exp(yt[i][pick] - yt[i].min()) <= 1.05
+    assert hits >= 16  # of 20 shapes the ranker never saw
+    # shuffling the candidates' features within each shape must break it (the test can fail)
+    rng = np.random.default_rng(2)
+    Xs = Xt.copy()
+    for shape in np.unique(gt):
+        i = np.flatnonzero(gt == shape)
+        Xs[i] = Xt[rng.permutation(i)]
+    s2 = r.scores(Xs)
+    assert sum(np.exp(yt[gt == q][np.argmin(s2[gt == q])] - yt[gt == q].min()) <= 1.05 for q in np.unique(gt)) < hits
+
+
+def test_save_load_round_trip(tmp_path):
+    pytest.importorskip("lightgbm")
+    X, y, g, _ = synthetic(10, seed=3)
+    r = TileRanker().fit(X, y, g, RankerConfig(n_estimators=20))
+    path = tmp_path / "ranker.json"
+    r.save(path)
+    assert b"\x80" not in path.read_bytes()[:2]  # JSON text, not a pickle
+    back = TileRanker.load(path)
+    np.testing.assert_array_equal(back.scores(X), r.scores(X))
+    path.write_text('{"format": "something else"}')
+    with pytest.raises(CostModelError, match="not a tile ranker"):
+        TileRanker.load(path)
+
+
+def test_train_ranker_from_a_dataset(tmp_path):
+    """The command's path on a dataset whose tuning candidates carry synthetic labels (no IREE)."""
+    pytest.importorskip("lightgbm")
+    from memfit.plan.cost.rank_eval import train_ranker
+
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    specs = generate_tuned(12, seed=5)
+    store.add_kernels(con, specs)
+    for s in specs:
+        p = s.params
+        if p["tile"] is None:
+            t = synthetic_latency(p["M"], p["N"], p["K"], (8, 32, 16)) * 1.3
+        elif tuple(p["tile"]) == (16, 32, 16):
+            store.put_label(con, s.key(), error="rejected")
+            continue
+        else:
+            t = synthetic_latency(p["M"], p["N"], p["K"], tuple(p["tile"]))
+        store.put_label(con, s.key(), latency_us=t, reps=[t * 1.02, t, t * 1.01], spread=0.02)
+    out = train_ranker(db, tmp_path / "r.json", RankerConfig(n_estimators=50))
+    assert out["test_shapes"] + out["train_shapes"] == 12
+    back = TileRanker.load(tmp_path / "r.json")
+    assert back.info["test"]["kernels"] == out["test_shapes"] and back.info["train_groups"] == out["train_shapes"]
