@@ -25,10 +25,9 @@ class PreallocatedKVCache(VirtualKVCache):
     preallocates = True  # every slot is committed at full length from construction on
 
     @classmethod
-    def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:
-        # Only the slot count and the page layout apply: nothing is committed later, so there is nothing to
-        # prefault or commit eagerly, and slots are private (no prefix caching).
+    def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto", **_: object) -> dict:
+        # Only the slot count and the page layout apply (any other option is ignored): nothing is committed later,
+        # so there is nothing to prefault or commit eagerly, and slots are private (no prefix caching).
         opts = super().engine_options(max_num_seqs=max_num_seqs, block_size=block_size, kv_layout=kv_layout)
         return {"max_seqs": opts["max_seqs"], "token_major": opts["token_major"], "head_major": opts["head_major"]}
 
