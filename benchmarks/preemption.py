@@ -6,7 +6,8 @@ priorities 0..3, and at every engine step each unfinished request changes to a r
 `--change` (FastSwitch's "priority change frequency"; a Markov pattern). The engine runs `--scheduling-policy
 priority` (preemptive) under a KV budget of `--kv-seqs` full-length sequences, so preemption is frequent.
 
-Variants, all on the virtual cache, each in a fresh process (its own peak RSS), differing in one mechanism:
+Variants, on the virtual cache unless named paged-, each in a fresh process (its own peak RSS), differing in one
+mechanism:
 - recompute: preempted KV is freed and recomputed;
 - swap-block: swapped to the host tier in copies of 16 tokens per (layer, K|V) segment, synchronously (vLLM's
   per-block swap, in the same cache);
@@ -18,7 +19,12 @@ Variants, all on the virtual cache, each in a fresh process (its own peak RSS), 
 - swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
 - swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
   above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it).
-The swap variants without "reuse" run with `swap_reuse=False`.
+- paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
+  (layer, K|V) pool, synchronously: vLLM's own per-block swap;
+- paged-swap-group: the same with block groups (`kv_block_groups`, memory/blocks.py): blocks come from a buddy
+  allocator of contiguous groups and a swap copies each contiguous run of a sequence's blocks once.
+The swap variants without "reuse" run with `swap_reuse=False`. The paged variants are compared with each other
+(`speedup_over_swap_block` takes paged-swap-block as their baseline).
 
 `--workload multiturn` replays conversations instead (benchmarks/multiturn.py: MT-Bench two-turn questions and
 ShareGPT-like 3-8-turn conversations, each turn resending the history with the conversation's session id); the
@@ -51,6 +57,9 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
     "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
+    "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
+    "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
+                             swap_reuse=False),
 }
 DEFAULT_VARIANTS = {"single": "recompute,swap-block,swap-run,swap-run-async",
                     "multiturn": "recompute,swap-block,swap-run,swap-run-async,swap-run-reuse,swap-run-reuse-async,"
@@ -230,6 +239,8 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                           "async_swap_ins": swap["async_swap_ins"], "async_swap_outs": swap["async_swap_outs"],
                           "seconds": seconds,
                           "moved_bytes": swap["out_bytes"] + swap["in_bytes"],
+                          "bytes_per_copy": ((swap["out_bytes"] + swap["in_bytes"]) / (swap["out_ops"] + swap["in_ops"])
+                                             if swap["out_ops"] + swap["in_ops"] else None),
                           "reused_tokens": swap.get("reused_tokens", 0),
                           "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None,
                           "tiers": {t["tier"]: {k: t[k] for k in ("out_ops", "in_ops", "out_bytes", "in_bytes",
@@ -276,7 +287,7 @@ def plot(result: dict, png: Path) -> None:
             label = "swap MiB moved (out + in, all tiers)"
         else:
             vals = [r.get("swap", {}).get("out_ops", 0) + r.get("swap", {}).get("in_ops", 0) for r in rows]
-        ax.bar(names, vals, color=["#888", "#c44", "#48c", "#4a4", "#a6c", "#e90", "#2aa"][: len(names)])
+        ax.bar(names, vals, color=(["#888", "#c44", "#48c", "#4a4", "#a6c", "#e90", "#2aa", "#c8a", "#6a2"] * 2)[: len(names)])
         ax.set_title(label)
         if key != "ops":
             ax.set_yscale("log")  # recompute's tail is 10x the others
@@ -351,10 +362,11 @@ def main() -> int:
             ideal = ((t["out_bytes"] + t["in_bytes"]) / bw if tier == "host" else
                      t["out_bytes"] / disk["write_bytes_per_s"] + t["in_bytes"] / disk["read_bytes_per_s"])
             t["fraction_of_bandwidth"] = ideal / t["seconds_sum"]
-    base = next((r for r in rows if r["variant"] == "swap-block"), None)
+    bases = {r["variant"]: r for r in rows if r["variant"] in ("swap-block", "paged-swap-block")}
     ratios = {}
-    if base is not None:
-        for r in rows:
+    for r in rows:  # against the per-block swap of the same cache
+        base = bases.get("paged-swap-block" if r["variant"].startswith("paged-") else "swap-block")
+        if base is not None:
             ratios[r["variant"]] = {
                 "ttft_p99_vs_swap_block": base["ttft_s"]["p99"] / r["ttft_s"]["p99"],
                 "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],

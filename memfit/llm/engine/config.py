@@ -52,6 +52,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int | None = None
     block_size: int = 16  # paged cache only
+    # Paged cache only: blocks from a buddy allocator of contiguous groups (memory/blocks.py), so a swap copies a
+    # few runs of blocks instead of one copy per block (FastSwitch's block groups). False: vLLM's free-block stack.
+    kv_block_groups: bool = False
     kv_layout: str = "auto"  # virtual cache only: auto | per-layer | token-major | head-major (see kv/virtual.py)
     timeline: str | None = None  # write a per-step memory timeline (JSON lines) here
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
@@ -214,6 +217,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
     g.add_argument("--kv-cache", default="virtual",
                    help="KV cache manager: virtual (vAttention, default) or paged (vLLM-style block pool), or any "
                         "other registered in memfit.llm.kv")
+    g.add_argument("--kv-block-groups", action="store_true",
+                   help="paged cache: allocate blocks in contiguous buddy groups, so a swap copies whole runs of "
+                        "blocks (default: vLLM's per-block free list and per-block swap copies)")
     g.add_argument("--kv-layout", default="auto", choices=list(KV_LAYOUTS),
                    help="virtual cache page layout (auto: token-major on CUDA's 2 MiB pages, per-layer on CPU; head-major: "
                         "a segment per KV head, faster CPU decode attention, more partly filled pages)")

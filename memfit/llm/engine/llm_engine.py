@@ -90,7 +90,8 @@ class LLMEngine:
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages,
-                                          prefix_caching=config.enable_prefix_caching)
+                                          prefix_caching=config.enable_prefix_caching,
+                                          block_groups=config.kv_block_groups)
         shard_kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.kv = rank.mirror_kv(shard_kv, self.tp)  # under TP, rank 0's logs its decisions for the workers
         self.swap = build_swap(config, self.kv, self.ledger, self.device, self.model, mc)  # engine/swap_tiers.py

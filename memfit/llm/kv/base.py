@@ -143,9 +143,9 @@ class KVCacheManager(ABC):
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
                        prefault: bool = True, eager_pages: int | None = None,
-                       prefix_caching: bool = False) -> dict[str, Any]:
+                       prefix_caching: bool = False, block_groups: bool = False) -> dict[str, Any]:
         """The constructor options this manager takes from the engine's config (EngineConfig's max_num_seqs,
-        block_size, kv_layout, kv_prefault, kv_eager_pages and enable_prefix_caching): each manager picks
+        block_size, kv_layout, kv_prefault, kv_eager_pages, enable_prefix_caching and kv_block_groups): each manager picks
         what applies to it."""
         return {}
 

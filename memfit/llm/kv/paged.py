@@ -3,7 +3,10 @@
 Per layer, K and V are each a pool viewed as `(num_blocks, block_size, Hkv, D)`; a sequence owns a *block table*
 (the list of its block ids, in position order), and position p lives in block `table[p // block_size]`
 at offset `p % block_size`. Free blocks sit in a deque used as a stack: allocate and free are O(1), and
-the most recently freed (cache-warm) block is handed out first.
+the most recently freed (cache-warm) block is handed out first. With `block_groups=True` they come instead from
+a buddy allocator of contiguous block groups (memory/blocks.py, FastSwitch's block groups): a sequence's table
+is then a few physically contiguous runs, and a swap (kv/swap_layout.py) copies each run once instead of each
+block; attention, budgets and everything else are the same.
 
 Inside a block the rows are head-major on the CPU (`head_major`, default there): block, head, token, D, so
 one head's rows of a block are one contiguous run, as vLLM's CPU backend lays them out (its attention reads
@@ -32,7 +35,6 @@ not yet written (`waste_bound_bytes`).
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +43,7 @@ import torch
 from memfit.llm.kv.base import KVCacheError, KVCacheManager, KVLayout, SeqRecord, SeqStep
 from memfit.llm.kv.paged_prefix import PagedPrefixMixin
 from memfit.llm.kv.registry import register_kv_cache
+from memfit.memory.blocks import BlockGroups, BlockStack
 from memfit.memory.budget import MemoryBudget, format_bytes
 
 
@@ -67,9 +70,10 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
 
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:
+                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False,
+                       block_groups: bool = False) -> dict:
         # the pool takes what the budget holds, as vLLM sizes it
-        return {"block_size": block_size, "prefix_caching": prefix_caching}
+        return {"block_size": block_size, "prefix_caching": prefix_caching, "block_groups": block_groups}
 
     def __init__(
         self,
@@ -81,6 +85,7 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
         owner: str = "kv",
         head_major: bool | None = None,
         prefix_caching: bool = False,
+        block_groups: bool = False,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -107,10 +112,12 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
 
         self.k = [pool() for _ in range(L)]
         self.v = [pool() for _ in range(L)]
-        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))  # stack: pop() gives block 0 first
-        # Blocks are zeroed the first time they are handed out (ids rise until then), so positions past a
-        # sequence's end read finite values: masked garbage that were NaN would survive softmax as NaN x 0.
-        self._zeroed = 0
+        self.block_groups = bool(block_groups)  # swaps copy contiguous runs of blocks (kv/swap_layout.py)
+        self._free = BlockGroups(num_blocks) if block_groups else BlockStack(num_blocks)  # memory/blocks.py
+        # Blocks are zeroed the first time they are handed out, so positions past a sequence's end read finite
+        # values: masked garbage that were NaN would survive softmax as NaN x 0. (A mask, not a watermark: block
+        # groups do not hand ids out in rising order, and zeroing ahead would fault in the whole pool at once.)
+        self._zeroed = np.zeros(num_blocks, dtype=bool)
         self._seqs: dict[int, _Seq] = {}  # type: ignore[assignment]
         self._ref = np.zeros(num_blocks, dtype=np.int32)  # block -> sequences whose table lists it
         self._held = 0  # blocks with a nonzero refcount
@@ -123,7 +130,7 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self._free.free
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -143,23 +150,25 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
         extra = self.blocks_for(num_tokens) - len(record.blocks)
         if extra <= 0:
             return True
-        blocks = self._take_blocks(extra)
+        blocks = self._take_blocks(extra, id(record), record.blocks)  # block groups: continuing its last run
         if blocks is None:
             return False  # out of blocks or of budget: nothing taken
         record.blocks.extend(blocks)
         return True
 
     def _zero_new(self, blocks: list[int]) -> None:
-        top = max(blocks, default=-1) + 1
-        if top > self._zeroed:
+        fresh = [b for b in blocks if not self._zeroed[b]]
+        if fresh:
+            idx = torch.tensor(fresh, dtype=torch.long, device=self.layout.device)  # (n,)
             for pool in (*self.k, *self.v):
-                pool[self._zeroed : top].zero_()
-            self._zeroed = top
+                pool.index_fill_(0, idx, 0)
+            self._zeroed[fresh] = True
 
     def _release(self, record: _Seq) -> None:  # type: ignore[override]
         for blk in reversed(record.blocks):  # the first blocks end up most recently used in the LRU
             self._drop_ref(blk)
         record.blocks = []
+        self._free.release(id(record))  # blocks claimed ahead for its growth (block groups)
 
     def _capacity_of(self, record: _Seq) -> int:  # type: ignore[override]
         return min(self.layout.max_seq_len, len(record.blocks) * self.block_size)

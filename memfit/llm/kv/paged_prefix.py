@@ -35,19 +35,20 @@ class PagedPrefixMixin:
         self._lru: OrderedDict[int, float] = OrderedDict()  # cached blocks (no reader) -> when let go, LRU first
 
     # ---- taking blocks ---------------------------------------------------------------------------------
-    def _take_blocks(self, n: int) -> list[int] | None:
-        """`n` blocks for one sequence, each with refcount 1: free ones while the budget allows, then
-        evicted cached ones; None with nothing changed if even that is not enough."""
+    def _take_blocks(self, n: int, owner: int | None = None, held: Sequence[int] = ()) -> list[int] | None:
+        """`n` blocks for one sequence (`owner`: its record's id, `held`: the blocks it has, for the block-group
+        allocator's claims and runs), each with refcount 1: free ones while the budget allows, then evicted cached
+        ones; None with nothing changed if even that is not enough."""
         if n <= 0:
             return []
         cached = len(self._lru) if self.prefix_caching else 0
         room = self.budget.available_bytes // self.block_bytes
-        from_free = min(len(self._free), n, max(0, room))
+        from_free = min(self._free.free, n, max(0, room))
         if n - from_free > cached:
             return None
         if from_free and not self.budget.try_reserve(from_free * self.block_bytes, self.owner):
             return None
-        blocks = [self._free.pop() for _ in range(from_free)]
+        blocks = self._free.take(from_free, owner, len(held), held[-1] if held else None)
         for _ in range(n - from_free):  # reuse an evicted cached block and its reservation
             blk, _ = self._lru.popitem(last=False)
             self._unregister(blk)
@@ -66,7 +67,7 @@ class PagedPrefixMixin:
         if self.prefix_caching and blk in self._key:
             self._lru[blk] = time.monotonic()  # keeps its data and its reservation
         else:
-            self._free.append(blk)
+            self._free.give(blk)
             self.budget.release(self.block_bytes, self.owner)
 
     def _unregister(self, blk: int) -> None:
@@ -133,7 +134,7 @@ class PagedPrefixMixin:
                 self._unregister(record.blocks[i])  # this sequence's own: it just stops being findable
         if not shared:
             return True
-        fresh = self._take_blocks(len(shared))
+        fresh = self._take_blocks(len(shared), id(record))
         if fresh is None:
             return False
         for i, new in zip(shared, fresh):
@@ -162,7 +163,7 @@ class PagedPrefixMixin:
                 break
             del self._lru[blk]
             self._unregister(blk)
-            self._free.append(blk)
+            self._free.give(blk)
             self.budget.release(self.block_bytes, self.owner)
             freed += self.block_bytes
         return freed

@@ -10,7 +10,8 @@ a token range [lo, hi) of every segment, reserved in the swap budget before it i
 (`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
 
 How many copies a swap takes is the cache's layout, the point of FastSwitch's block groups: one run per segment
-in the virtual cache, one per block in the paged one (swap_layout.py; `block_tokens` splits the virtual runs).
+in the virtual cache, one per block in the paged one, one per contiguous run of blocks in the paged one with block
+groups (swap_layout.py; `block_tokens` splits the virtual runs).
 
 Cross-turn reuse (`reuse`, FastSwitch's third idea): a swap-in leaves the host copy in place, *kept*, so the
 sequence's next swap-out copies only its new tokens; kept copies are evicted least recently used first. The book
@@ -160,14 +161,14 @@ class SwapSpace:
                 if wait or not self.threads:
                     _copy_out(runs, buf)
                 else:  # the chunk is booked now; its bytes land while the model step runs
-                    self._outflight[seq_id] = (len(pieces), nbytes, self._pool_().submit(_copy_out, runs, buf), None)
+                    self._outflight[seq_id] = (len(runs), nbytes, self._pool_().submit(_copy_out, runs, buf), None)
             except BaseException:
                 self.budget.release(nbytes, OWNER)
                 raise
             copy.chunks.append(Chunk(start, num_tokens, nbytes, buf))
             self.stats.resident_bytes += nbytes
             if seq_id not in self._outflight:
-                self._account(self.stats, nbytes, len(pieces), time.perf_counter() - t0, out=True)
+                self._account(self.stats, nbytes, len(runs), time.perf_counter() - t0, out=True)
         self.stats.reused_tokens += start
         copy.valid, copy.live = num_tokens, not keep
         self.book.mark_kept(seq_id, keep)
@@ -315,22 +316,23 @@ class SwapSpace:
         nbytes = 0
         for chunk in copy.chunks:
             if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum (hi <= valid)
-                runs = [lay.view(seq_id, p, table) for p in lay.pieces(chunk.lo, chunk.hi)]
+                runs = lay.runs(seq_id, chunk.hi, chunk.lo, table)
                 pairs.append((runs, self.ssd.reader(chunk.extent)))  # type: ignore[union-attr, arg-type]
                 continue
-            off = 0
-            for piece in lay.pieces(chunk.lo, chunk.hi):
-                n = lay.piece_bytes(piece)
-                src, off = chunk.buf[off : off + n], off + n
-                j, a, b = piece
+            spans = lay.spans(chunk.lo, chunk.hi)
+            if (spans[-1][2] if spans else 0) != chunk.buf.numel():
+                raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
+                                   f"{chunk.buf.numel()} bytes held)")
+            kept = []
+            for (j, a, b), lo, hi in spans:
                 if a >= copy.valid:
                     continue
                 if self.kv.fixed_stride and b > copy.valid:  # rows past `valid` are stale: leave them out
-                    piece, src = (j, a, copy.valid), src[: (copy.valid - a) * self.kv.row_bytes]  # type: ignore[attr-defined]
-                pairs.append((lay.view(seq_id, piece, table), src))
-                nbytes += src.numel()
-            if off != chunk.buf.numel():
-                raise KVCacheError(f"swap-in layout differs from swap-out ({off} vs {chunk.buf.numel()} bytes)")
+                    b, hi = copy.valid, lo + (copy.valid - a) * self.kv.row_bytes  # type: ignore[attr-defined]
+                kept.append(((j, a, b), lo, hi))
+            for piece, lo, hi in lay.coalesce(kept, table):  # block groups: one copy per contiguous run
+                pairs.append((lay.view(seq_id, piece, table), chunk.buf[lo:hi]))
+                nbytes += hi - lo
         return pairs, nbytes  # nbytes: from host buffers (the SSD tier counts its own reads)
 
     def _complete(self, seq_id: int, copy: Copy, copies: int, nbytes: int, seconds: float) -> int:

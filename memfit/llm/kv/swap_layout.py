@@ -4,7 +4,9 @@ How many copies a swap takes is the cache's layout (`pieces`), and is the point 
 - virtual cache: a sequence's K/V are contiguous per segment of its slot, so rows lo..hi-1 of each segment are
   one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
 - paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
-  per-block synchronous swap, kept as the baseline.
+  per-block synchronous swap, kept as the baseline;
+- paged cache with block groups (`block_groups`, memory/blocks.py): neighbouring blocks of a sequence that are
+  also neighbours in the pool are one run (`coalesce`), so a swap takes 2 x layers x (runs in its block table).
 `block_tokens` splits the virtual cache's runs into copies of that many tokens: the per-block baseline in the
 same cache, so a comparison differs in the copy granularity alone (benchmarks/preemption.py).
 """
@@ -17,6 +19,7 @@ from memfit.llm.kv.base import KVCacheManager
 __all__ = ["Piece", "SwapRuns"]
 
 Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
+Span = tuple[Piece, int, int]  # a piece and the byte range [lo, hi) it takes in a swap buffer
 
 
 class SwapRuns:
@@ -43,7 +46,33 @@ class SwapRuns:
         kv = self.kv
         if kv.fixed_stride:
             return (piece[2] - piece[1]) * kv.row_bytes  # type: ignore[attr-defined]
-        return kv.block_bytes // (2 * kv.layout.num_layers)  # type: ignore[attr-defined]  # one pool's block
+        blocks = (piece[2] - piece[1]) // self.granule
+        return blocks * kv.block_bytes // (2 * kv.layout.num_layers)  # type: ignore[attr-defined]  # pool blocks
+
+    def spans(self, lo: int, hi: int) -> list[Span]:
+        """`pieces(lo, hi)` with the byte range each takes in a buffer holding them in order."""
+        out, off = [], 0
+        for p in self.pieces(lo, hi):
+            n = self.piece_bytes(p)
+            out.append((p, off, off + n))
+            off += n
+        return out
+
+    def coalesce(self, spans: list[Span], table: list[int] | None) -> list[Span]:
+        """With block groups, each stretch of spans that is contiguous both in the pool (one pool, consecutive
+        block ids) and in the buffer as one span; otherwise `spans` unchanged (the per-block baseline)."""
+        if table is None or not getattr(self.kv, "block_groups", False):
+            return spans
+        bs, out = self.granule, []
+        for span in spans:
+            (j, a, b), lo, hi = span
+            if out:
+                (pj, pa, pb), plo, phi = out[-1]
+                if pj == j and pb == a and phi == lo and table[a // bs] == table[pb // bs - 1] + 1:
+                    out[-1] = ((j, pa, b), plo, hi)
+                    continue
+            out.append(span)
+        return out
 
     def table(self, seq_id: int) -> list[int] | None:
         """The sequence's block table (paged cache), read once per swap; None for the virtual cache."""
@@ -55,18 +84,21 @@ class SwapRuns:
         if kv.fixed_stride:
             off = kv.slot_of(seq_id) * kv.slot_bytes + j * kv.seg_bytes + a * kv.row_bytes  # type: ignore[attr-defined]
             return kv.arena.view(torch.uint8, ((b - a) * kv.row_bytes,), (1,), off)  # type: ignore[attr-defined]
-        pool = (*kv.k, *kv.v)[j]  # type: ignore[attr-defined]
-        block = pool[(table if table is not None else kv.block_table(seq_id))[a // self.granule]]  # type: ignore[attr-defined]
-        block = block.transpose(0, 1) if kv.head_major else block  # type: ignore[attr-defined]  # (bs, Hkv, D) either way
-        return block.reshape(-1).view(torch.uint8)
+        pool = (*kv.k, *kv.v)[j]  # type: ignore[attr-defined]  # (num_blocks, bs, Hkv, D) view
+        first = (table if table is not None else kv.block_table(seq_id))[a // self.granule]  # type: ignore[attr-defined]
+        blocks = pool[first : first + (b - a) // self.granule]  # (n, bs, Hkv, D): consecutive ids (coalesce)
+        blocks = blocks.transpose(1, 2) if kv.head_major else blocks  # type: ignore[attr-defined]  # storage order
+        return blocks.reshape(-1).view(torch.uint8)
 
-    def runs(self, seq_id: int, num_tokens: int, lo: int = 0) -> list[torch.Tensor]:
+    def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
-        layout allows, in an order that depends only on the range (so a swap-in into other memory matches)."""
-        table = self.table(seq_id)
-        return [self.view(seq_id, p, table) for p in self.pieces(lo, num_tokens)]
+        layout allows; concatenated, their bytes are in an order that depends only on the range (so a swap-in
+        into other memory, cut into other runs, matches)."""
+        table = self.table(seq_id) if table is None else table
+        return [self.view(seq_id, p, table) for p, _, _ in self.coalesce(self.spans(lo, num_tokens), table)]
 
     def shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
-        """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way."""
+        """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way (block groups: at most that many
+        copies, as few as 2 x layers when the sequence's blocks are one run)."""
         pieces = self.pieces(lo, num_tokens)
         return sum(self.piece_bytes(p) for p in pieces), len(pieces)

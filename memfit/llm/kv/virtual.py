@@ -85,7 +85,8 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
 
     @classmethod
     def engine_options(cls, *, max_num_seqs: int, block_size: int, kv_layout: str = "auto",
-                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False) -> dict:
+                       prefault: bool = True, eager_pages: int | None = None, prefix_caching: bool = False,
+                       block_groups: bool = False) -> dict:
         # a slot of virtual space per sequence; kv_layout: EngineConfig's name for the page layout
         token_major = {"auto": None, "per-layer": False, "token-major": True, "head-major": False}[kv_layout]
         return {"max_seqs": max_num_seqs, "token_major": token_major, "head_major": kv_layout == "head-major",

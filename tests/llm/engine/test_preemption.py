@@ -13,7 +13,8 @@ from tests.llm.engine.test_engine import assert_same_greedy, tiny  # noqa: F401 
 PARAMS = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 PROMPTS = [list(range(10 + 3 * i, 30 + 4 * i)) for i in range(8)]
 # The virtual cache without eager pages grows page by page, so a tight budget preempts it as often as the paged one.
-CACHES = [("virtual", "auto"), ("virtual", "token-major"), ("paged", "auto")]
+# ("paged", "groups"): the paged cache with block groups (kv_block_groups), whose swaps copy runs of blocks.
+CACHES = [("virtual", "auto"), ("virtual", "token-major"), ("paged", "auto"), ("paged", "groups")]
 
 
 def count_fed_tokens(engine) -> list[int]:
@@ -45,9 +46,10 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
     threads = 0 if mode == "swap-sync" else 2  # swap: swap-ins overlapped with steps on 2 threads
     reuse = mode != "swap-noreuse"  # kept host copies: a second swap-out moves only the new tokens
     mode = mode.removesuffix("-sync").removesuffix("-noreuse")
-    llm = LLM(str(path), kv_cache=kind, kv_layout=layout, dtype="float32", kv_budget=int(one_seq * 2.5),
-              kv_eager_pages=0, kv_prefault=False, preemption_mode=mode, swap_space="16MiB", swap_threads=threads,
-              swap_reuse=reuse)
+    groups = layout == "groups"
+    llm = LLM(str(path), kv_cache=kind, kv_layout="auto" if groups else layout, kv_block_groups=groups,
+              dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode=mode, swap_space="16MiB", swap_threads=threads, swap_reuse=reuse)
     fed = count_fed_tokens(llm.engine)
     got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
     for ids, g, e in zip(PROMPTS, got, expected):
@@ -66,6 +68,9 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
         assert (st["async_swap_ins"] > 0) == (threads > 0)  # overlapped swap-ins happened (only) when asked
         assert (st["async_swap_outs"] > 0) == (threads > 0)  # and swap-outs
         assert llm.engine.swap.budget.used_bytes == 0
+        if kind == "paged":  # per-block copies, or fewer with block groups (counted at the copy in kv/test_swap_layout)
+            blocks = (st["out_bytes"] + st["in_bytes"]) // (llm.engine.kv.block_bytes // (2 * llm.engine.layout.num_layers))
+            assert (st["out_ops"] + st["in_ops"] < blocks) if groups else (st["out_ops"] + st["in_ops"] == blocks)
     else:  # auto picks per victim from measured rates: either way, recomputation only where it chose it
         assert (fed[0] > once) == (by_mode["recompute"] > 0)
     assert llm.engine.kv.stats().num_seqs == 0

@@ -44,6 +44,7 @@ class SwapMachine(RuleBasedStateMachine):
     threads = 0
     reuse = False
     ssd = False  # an SSD tier below the host tier (room for ~48 tokens): its budget equals the extents in use
+    groups = False  # paged: the block-group allocator, whose swaps copy runs of blocks
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,7 +53,8 @@ class SwapMachine(RuleBasedStateMachine):
         limit = segs * 8 * PAGE if self.kind == "virtual" else 16 * 4 * LAYOUT.bytes_per_token
         self.kv_budget = MemoryBudget(limit, name="kv_budget")
         self.cache = (VirtualKVCache(LAYOUT, self.kv_budget, max_seqs=4, prefault=False, eager_pages=0)
-                      if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20))
+                      if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20,
+                                                                 block_groups=self.groups))
         self.host = MemoryBudget(32 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
         self.ssd_tier = None
         if self.ssd:
@@ -217,6 +219,19 @@ class ReusePagedSwapMachine(SwapMachine):
     reuse = True
 
 
+class ReuseAsyncPagedGroupsSwapMachine(SwapMachine):
+    kind = "paged"
+    threads = 2
+    reuse = True
+    groups = True
+
+
+class SSDPagedGroupsSwapMachine(SwapMachine):
+    kind = "paged"
+    ssd = True
+    groups = True
+
+
 class ReuseAsyncVirtualSwapMachine(SwapMachine):
     threads = 2
     reuse = True
@@ -251,3 +266,7 @@ TestSSDReuseVirtualSwap = SSDReuseVirtualSwapMachine.TestCase
 TestSSDReuseVirtualSwap.settings = STATEFUL
 TestSSDAsyncPagedSwap = SSDAsyncPagedSwapMachine.TestCase
 TestSSDAsyncPagedSwap.settings = STATEFUL
+TestReuseAsyncPagedGroupsSwap = ReuseAsyncPagedGroupsSwapMachine.TestCase
+TestReuseAsyncPagedGroupsSwap.settings = STATEFUL
+TestSSDPagedGroupsSwap = SSDPagedGroupsSwapMachine.TestCase
+TestSSDPagedGroupsSwap.settings = STATEFUL

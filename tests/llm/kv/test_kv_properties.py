@@ -30,7 +30,8 @@ def build(kind: str, budget: MemoryBudget, **kw):
         return VirtualKVCache(LAYOUT, budget, max_seqs=kw.get("max_seqs", 4), eager_pages=kw.get("eager", 1),
                               prefault=kw.get("prefault", False), token_major=kw.get("token_major", False),
                               head_major=kw.get("head_major", False))
-    return PagedKVCache(LAYOUT, budget, block_size=4, num_blocks=kw.get("num_blocks", 40))
+    return PagedKVCache(LAYOUT, budget, block_size=4, num_blocks=kw.get("num_blocks", 40),
+                        block_groups=kw.get("groups", False))
 
 
 class KVMachine(RuleBasedStateMachine):
@@ -40,6 +41,7 @@ class KVMachine(RuleBasedStateMachine):
     prefault = False
     token_major = False
     head_major = False
+    groups = False  # paged: the block-group allocator (memory/blocks.py)
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,7 +49,7 @@ class KVMachine(RuleBasedStateMachine):
         limit = segs * 12 * PAGE if self.kind == "virtual" else 24 * 4 * LAYOUT.bytes_per_token
         self.budget = MemoryBudget(limit, name="kv_budget")
         self.cache = build(self.kind, self.budget, prefault=self.prefault, token_major=self.token_major,
-                           head_major=self.head_major)
+                           head_major=self.head_major, groups=self.groups)
         self.written: dict[int, int] = {}  # the model: tokens written per live sequence
         self.requested: dict[int, int] = {}  # the model: largest capacity granted per live sequence
         self.next_id = 0
@@ -207,6 +209,11 @@ class PagedMachine(KVMachine):
     kind = "paged"
 
 
+class PagedGroupsMachine(KVMachine):
+    kind = "paged"
+    groups = True
+
+
 TestVirtualKV = VirtualMachine.TestCase
 TestVirtualKV.settings = STATEFUL
 TestVirtualPrefaultKV = VirtualPrefaultMachine.TestCase
@@ -217,6 +224,8 @@ TestVirtualHeadMajorKV = VirtualHeadMajorMachine.TestCase
 TestVirtualHeadMajorKV.settings = settings(STATEFUL, max_examples=20)
 TestPagedKV = PagedMachine.TestCase
 TestPagedKV.settings = STATEFUL
+TestPagedGroupsKV = PagedGroupsMachine.TestCase
+TestPagedGroupsKV.settings = STATEFUL
 
 
 # A step: for each of up to 3 sequences slots, (new tokens) or None to free it.
@@ -229,7 +238,8 @@ def test_virtual_and_paged_return_identical_contexts(ops, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     caches = [build("virtual", MemoryBudget(2**24), eager=0), build("paged", MemoryBudget(2**24), num_blocks=64),
               build("virtual", MemoryBudget(2**24), eager=0, token_major=True),
-              build("virtual", MemoryBudget(2**24), eager=0, head_major=True)]
+              build("virtual", MemoryBudget(2**24), eager=0, head_major=True),
+              build("paged", MemoryBudget(2**24), num_blocks=64, groups=True)]
     lens: dict[int, int] = {}
     next_id = 0
     live = [None, None, None]  # seq id per position

@@ -1,0 +1,96 @@
+"""Copies per swap on the paged cache (kv/swap_layout.py): the per-block baseline copies every block of every pool,
+block groups copy each physically contiguous run of a sequence's blocks once. Copies are counted where they
+happen (every torch `copy_` during the swap), and the runs are counted from the block table by the test itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memfit.llm.kv.base import SeqStep
+from memfit.llm.kv.paged import PagedKVCache
+from memfit.llm.kv.swap import SwapSpace
+from memfit.memory.budget import MemoryBudget, Tier
+from tests.llm.kv.test_swap import contexts
+from tests.llm.kv.test_virtual import LAYOUT, write
+
+POOLS = 2 * LAYOUT.num_layers  # one K and one V pool per layer
+
+
+def count_copies(monkeypatch) -> list[int]:
+    """Every Tensor.copy_ from now on, counted (the swap's copies, whatever the allocator thinks it did)."""
+    seen = [0]
+    copy = torch.Tensor.copy_
+
+    def counting(self, *args, **kwargs):
+        seen[0] += 1
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting)
+    return seen
+
+
+def contiguous_runs(table: list[int]) -> int:
+    return 1 + sum(b != a + 1 for a, b in zip(table, table[1:])) if table else 0
+
+
+def grow_interleaved(cache: PagedKVCache, seqs: list[int], upto: int) -> None:
+    """Sequences decoding side by side, 4 tokens (one block) at a time: the churn that scatters blocks."""
+    for s in seqs:
+        assert cache.try_allocate(s, 8)
+    for n in range(12, upto + 1, 4):
+        for s in seqs:
+            assert cache.try_grow(s, n)
+    write(cache, [SeqStep(s, 0, upto) for s in seqs])
+
+
+@pytest.mark.parametrize("head_major", [True, False])
+@pytest.mark.parametrize("groups", [False, True])
+def test_a_swap_copies_each_block_or_each_contiguous_run_once_and_restores_exactly(monkeypatch, groups, head_major):
+    cache = PagedKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), block_size=4, block_groups=groups,
+                         head_major=head_major)
+    swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"))
+    grow_interleaved(cache, [1, 2, 3], 60)
+    table = cache.block_table(2)
+    before = contexts(cache, 2, 60)
+    copies = count_copies(monkeypatch)
+    assert swap.try_swap_out(2, 60)
+    out = copies[0]
+    cache.free(2)
+    assert cache.try_allocate(4, 30)  # other memory is taken meanwhile
+    write(cache, [SeqStep(4, 0, 30)])
+    assert cache.try_allocate(2, 61)
+    table_in = cache.block_table(2)
+    copies[0] = 0
+    assert swap.swap_in(2) == 60
+    back = copies[0]
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 2, 60)))
+    blocks = len(table)
+    if not groups:  # vLLM's per-block swap: one copy per block per pool, both ways
+        assert out == POOLS * blocks and back == POOLS * blocks
+    else:
+        runs_out, runs_in = contiguous_runs(table), contiguous_runs(cache.block_table(2)[:blocks])
+        assert out == POOLS * runs_out and back == POOLS * runs_in
+        assert runs_out < blocks // 2 and runs_in <= 2  # the point: far fewer, larger copies
+    assert swap.stats.out_ops == out and swap.stats.in_ops == back  # the stats count what happened
+    assert len(table_in) == cache.blocks_for(61)
+    cache.close()
+
+
+def test_block_groups_swap_through_the_ssd_tier_reads_back_into_fewer_runs(tmp_path, monkeypatch):
+    from memfit.llm.kv.swap_ssd import SSDTier
+
+    cache = PagedKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), block_size=4, block_groups=True)
+    ssd = SSDTier(tmp_path, 1 << 20)
+    swap = SwapSpace(cache, MemoryBudget(4096, Tier.HOST, name="swap_space"), ssd=ssd)  # too small: straight to SSD
+    grow_interleaved(cache, [1, 2], 60)
+    before = contexts(cache, 1, 60)
+    assert swap.try_swap_out(1, 60)
+    cache.free(1)
+    assert ssd.stats.out_ops == 1 and swap.stats.out_ops == 0
+    assert cache.try_allocate(1, 60)
+    assert swap.swap_in(1) == 60
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 60)))
+    assert ssd.stats.in_ops == 1 and ssd.budget.used_bytes == 0
+    swap.close()
+    cache.close()
