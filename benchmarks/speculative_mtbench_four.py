@@ -15,7 +15,8 @@ conversation from outside the workload, then the workload once:
 - throughput: generated tokens over the process's CPU time for the workload (prefills included), median of rounds;
 - acceptance (per draft token) and tokens per target step: the engine's counters over the workload;
 - generation memory: peak held memory (anonymous + shared: the kernel's VmHWM, reset before the workload, less
-  the file pages mapped at its end) minus what the loaded engine held without its KV. KV committed while loading
+  the file pages mapped at its end) minus what the loaded engine held without its KV (both after `malloc_trim`,
+  so the heap holds no garbage from loading or the warm-up). KV committed while loading
   (the preallocated cache's) counts as generation memory, so "peak minus weights" for every decoder. Also
   reported: the KV both caches had committed at their peak (their arenas, read after every step).
 The budget comes from `memfit fit --speculative-model D --num-speculative-tokens G --context C --batch 1`, the
@@ -83,6 +84,7 @@ def worker(decoder: str, a: dict) -> dict:
     pin_threads(a["threads"])
     from memfit.llm import LLM, SamplingParams
     from memfit.llm.engine.spec_stats import SpecStats
+    from memfit.memory.mapping import get_libc
     from memfit.memory.measure import anon_shmem_bytes, peak_rss_bytes, reset_peak_rss, status_bytes
 
     lines = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
@@ -92,6 +94,10 @@ def worker(decoder: str, a: dict) -> dict:
     llm = LLM(a["model"], **opts)
     eng = llm.engine
     caches = [eng.kv] + ([eng.spec.draft_kv] if eng.spec is not None else [])
+    # The C heap keeps what loading freed (conversion buffers): give it back first, in every decoder's process,
+    # or later allocations would reuse it unseen (and a budgeted engine's own trimming would look negative).
+    trim = get_libc().malloc_trim
+    trim(0)
     kv_at_load = sum(c.committed_bytes for c in caches)
     loaded_without_kv = anon_shmem_bytes() - kv_at_load  # weights, tokenizer, runtime: what loading holds
     seen = {"kv_peak": 0, "context": 0, "prompt": 0, "reused": 0}
@@ -100,6 +106,7 @@ def worker(decoder: str, a: dict) -> dict:
         c.reclaim()  # the warm-up's idle pages and cached prefixes go: the workload starts from a loaded engine
     if eng.spec is not None:
         eng.spec.stats = SpecStats()
+    trim(0)
     hwm = reset_peak_rss()
     t0 = time.process_time()
     outs = [conversation(llm, q, sp, f"c{i}" if sessions else None, seen) for i, q in enumerate(questions)]
