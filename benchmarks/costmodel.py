@@ -13,6 +13,7 @@ targets (MAPE <= max(10%, 2x noise), Spearman >= 0.95, beat both baselines); on 
 same figures; and in the loop, over the held-out shapes' tuning candidates (16 matmul tile sizes each), how
 often the model's pick is within 5% of the measured best, and its speed-up over IREE's default.
 Prints one JSON object; --out also writes it and the predicted-against-measured PNG beside it.
+`--loop` runs the in-the-loop benchmark alone (the tile ranker; benchmarks/costmodel_loop.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from benchmarks.common import emit, header
 
 
 def main() -> int:
+    if "--loop" in sys.argv[1:]:  # the tile choice alone: benchmarks/costmodel_loop.py
+        from benchmarks.costmodel_loop import main as loop_main
+
+        return loop_main([a for a in sys.argv[1:] if a != "--loop"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", required=True)
     ap.add_argument("--epochs", type=int, default=40)

@@ -82,16 +82,21 @@ def _one(mlir: str, cfg: LabelConfig) -> Measurement | str:
         return str(exc)
 
 
-def noise_floor(db: str | Path, n_kernels: int = 30, runs: int = 3, seed: int = 0, progress: bool = True) -> dict:
-    """Time `n_kernels` labelled kernels again, `runs` separate times each (fresh process per run), and store
-    the latencies. The noise floor is the MAPE of one run predicting another: the error a perfect model would
-    still show against these labels."""
+def noise_floor(db: str | Path, n_kernels: int = 30, runs: int = 3, seed: int = 0, progress: bool = True,
+                keys: list[str] | None = None) -> dict:
+    """Time `n_kernels` labelled kernels again (or exactly the kernels `keys`, in that order), `runs`
+    separate times each (fresh process per run), and store the latencies. The noise floor is the MAPE of one
+    run predicting another: the error a perfect model would still show against these labels."""
     import random
 
     con = store.connect(db)
     rows = store.labelled(con)
-    random.Random(seed).shuffle(rows)
-    rows = rows[:n_kernels]
+    if keys is not None:
+        by_key = {r["key"]: r for r in rows}
+        rows = [by_key[k] for k in keys if k in by_key]
+    else:
+        random.Random(seed).shuffle(rows)
+        rows = rows[:n_kernels]
     bar = _bar(len(rows) * runs, progress)
     for row in rows:
         fn = pick_function(row["mlir"])
@@ -103,13 +108,17 @@ def noise_floor(db: str | Path, n_kernels: int = 30, runs: int = 3, seed: int = 
                 bar.update(1)
         con.commit()
     bar.close()
-    return noise_summary(con)
+    return noise_summary(con, [r["key"] for r in rows])
 
 
-def noise_summary(con) -> dict:
+def noise_summary(con, keys: list[str] | None = None) -> dict:
+    """Over the noise table (or its rows of `keys`): the MAPE of one run predicting another, and the
+    median (max - min) / median spread of a kernel's runs."""
     by_key: dict[str, list[float]] = {}
+    want = None if keys is None else set(keys)
     for r in con.execute("SELECT key, latency_us FROM noise ORDER BY key, run"):
-        by_key.setdefault(r["key"], []).append(r["latency_us"])
+        if want is None or r["key"] in want:
+            by_key.setdefault(r["key"], []).append(r["latency_us"])
     pair_errors, spreads = [], []
     for vals in by_key.values():
         if len(vals) < 2:

@@ -34,6 +34,19 @@ class TileTable:
         return len(self.rows)
 
 
+def complete(rows: list[dict], min_tiles: int = 16) -> list[dict]:
+    """Rows of the shapes whose default and at least `min_tiles` candidates are labelled (an interrupted
+    labelling run leaves its last shape partly done)."""
+    tiles_of: dict[str, int] = {}
+    default = set()
+    for r in rows:
+        if r["params"].get("tile"):
+            tiles_of[r["shape_key"]] = tiles_of.get(r["shape_key"], 0) + 1
+        else:
+            default.add(r["shape_key"])
+    return [r for r in rows if r["shape_key"] in default and tiles_of.get(r["shape_key"], 0) >= min_tiles]
+
+
 def table(rows: list[dict]) -> TileTable:
     xt, xp, has = [], [], []
     for r in rows:
@@ -78,6 +91,23 @@ def lightgbm_plain_fitter(relative: bool = False, seed: int = 0) -> Fitter:
         booster = lgb.train(params, lgb.Dataset(t.X_plain[tr], y), 400)
         return booster.predict(t.X_plain[te])
     return fit
+
+
+def fixed_order_fitter() -> Fitter:
+    """No model of the shape: every shape gets the tiles' mean relative log latency over the training shapes
+    (always pick the tile that is best on average). What a learned ranker must beat."""
+    def fit(t: TileTable, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        tr = tr[t.has_tile[tr]]
+        rel = relative_target(t.log_median[tr], t.shape[tr])
+        names = [_tile_name(t.rows[i]) for i in tr]
+        mean = {n: float(np.mean([r for r, q in zip(rel, names) if q == n])) for n in set(names)}
+        return np.array([mean.get(_tile_name(t.rows[i]), 0.0) for i in te])
+    return fit
+
+
+def _tile_name(row: dict) -> str:
+    tile = row["params"].get("tile")
+    return "default" if not tile else "tile_%dx%dx%d" % tuple(tile)
 
 
 def score(t: TileTable, idx: np.ndarray, pred: np.ndarray, truth: str = "median") -> dict:
@@ -139,7 +169,7 @@ def load_table(db) -> TileTable:
 
     if not Path(db).exists():
         raise CostModelError(f"no dataset at {db}")
-    rows = [r for r in store.labelled(store.connect(db)) if r["family"] == TUNED]
+    rows = complete([r for r in store.labelled(store.connect(db)) if r["family"] == TUNED])
     if len({r["shape_key"] for r in rows}) < 5:
         raise CostModelError(f"{db} has tuning candidates of fewer than 5 shapes labelled; add them "
                              "(python -m benchmarks.costmodel --add-tuned N --db DB) and label them")

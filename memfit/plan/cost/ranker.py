@@ -31,17 +31,27 @@ class RankerConfig:
     min_data_in_leaf: int = 10
     feature_fraction: float = 0.8
     lambda_l2: float = 1.0
+    cap: float | None = None      # "relative": a candidate more than cap x its shape's best counts as cap x
+                                  # (the order among the slow ones does not choose a tile; L2 on them would)
     step: float = 0.05            # lambdarank relevance: one grade per 5% behind the shape's best
     grades: int = 16
+    features: tuple[str, ...] | None = None  # a subset of tiles.NAMES (None: all)
     seed: int = 0
 
 
-def relative_target(log_t: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """log latency minus the mean log latency of the same group (shape): what the ranker predicts."""
+# the shape, the tile and how the tile covers the shape: a compact set for few training shapes
+COMPACT = ("log_m", "log_n", "log_k", "log_tm", "log_tn", "log_tk", "pad_m", "pad_n", "pad_k", "divides_m",
+           "divides_n", "divides_k", "rem64_m", "rem64_n")
+
+
+def relative_target(log_t: np.ndarray, groups: np.ndarray, cap: float | None = None) -> np.ndarray:
+    """log latency minus the mean log latency of the same group (shape): what the ranker predicts. With
+    `cap`, latencies are first clipped at cap x the group's fastest."""
     out = np.empty(len(log_t))
     for g in np.unique(groups):
         i = groups == g
-        out[i] = log_t[i] - log_t[i].mean()
+        x = log_t[i] if cap is None else np.minimum(log_t[i], log_t[i].min() + np.log(cap))
+        out[i] = x - x.mean()
     return out
 
 
@@ -74,6 +84,7 @@ class TileRanker:
             -> "TileRanker":
         """X: (n, len(tiles.NAMES)) candidate features; log_t: (n,) measured log latency; groups: (n,) shape
         ids (a candidate is only compared with candidates of its own shape)."""
+        self.feature_names = tuple(cfg.features or tiles.NAMES)
         try:
             import lightgbm as lgb
         except ImportError as exc:
@@ -82,9 +93,9 @@ class TileRanker:
                   "min_data_in_leaf": cfg.min_data_in_leaf, "feature_fraction": cfg.feature_fraction,
                   "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": cfg.lambda_l2, "seed": cfg.seed,
                   "num_threads": 1, "verbose": -1, "deterministic": True, "force_row_wise": True}
-        X, log_t, groups = np.asarray(X, float), np.asarray(log_t, float), np.asarray(groups)
+        X, log_t, groups = self._columns(X), np.asarray(log_t, float), np.asarray(groups)
         if cfg.objective == "relative":
-            data = lgb.Dataset(X, relative_target(log_t, groups))
+            data = lgb.Dataset(X, relative_target(log_t, groups, cfg.cap))
             params.update(objective="regression")
         elif cfg.objective == "lambdarank":
             order, sizes = _contiguous(groups)
@@ -101,8 +112,15 @@ class TileRanker:
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """Lower is faster. "relative": the predicted log latency relative to the shape's candidate mean."""
-        raw = trees.predict(self.trees, np.asarray(X, float))
+        raw = trees.predict(self.trees, self._columns(X))
         return raw if self.objective == "relative" else -raw  # lambdarank scores higher = more relevant
+
+    def _columns(self, X: np.ndarray) -> np.ndarray:
+        """The model's features out of full tiles.NAMES rows."""
+        X = np.asarray(X, float)
+        if X.shape[1] != len(tiles.NAMES):
+            raise ValueError(f"expected {len(tiles.NAMES)} tile features per row, got {X.shape[1]}")
+        return X[:, [tiles.NAMES.index(n) for n in self.feature_names]]
 
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "objective": self.objective, "features": list(self.feature_names),
@@ -114,7 +132,7 @@ class TileRanker:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != FORMAT:
             raise CostModelError(f"{path} is not a tile ranker ({FORMAT})")
-        if tuple(doc["features"]) != tiles.NAMES:
+        if not set(doc["features"]) <= set(tiles.NAMES):
             raise CostModelError(f"{path} was trained on other tile features; retrain it "
                                  "(memfit costmodel train-ranker)")
         return cls([trees.Tree.from_json(t) for t in doc["trees"]], doc["objective"], tuple(doc["features"]),

@@ -34,7 +34,8 @@ NAMES = ("log_m", "log_n", "log_k", "tm", "tn", "tk", "log_tm", "log_tn", "log_t
          "rem64_m", "rem64_n", "m_lt_tm", "log_tiles", "log_tiles_per_wg",
          "acc_regs", "b_regs", "regs_needed", "regs_over", "reg_ratio", "reuse", "k1",
          "log_vector_bytes", "log_tile_set_l1", "log_panel_l1", "log_panel_l2", "log_wg_l2",
-         "log_k_panel_bytes")
+         "log_k_panel_bytes", "rem_m", "rem_n", "rem_k", "log_fma_eff", "loads_per_fma", "log_est_insts",
+         "log_est_cycles", "spill_traffic")
 
 
 def shape_and_tile(fn: Function) -> tuple[tuple[int, int, int], tuple[int, int, int] | None]:
@@ -68,7 +69,23 @@ def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Ho
     tile_set = (tm * tk + tk * tn + tm * tn) * eb          # one vector step's A, B and C tiles
     panel = (tm * k + k * tn + tm * tn) * eb               # a C tile's whole A row panel and B column panel
     wg = (min(m, DIST) * k + k * min(n, DIST) + min(m, DIST) * min(n, DIST)) * eb  # a workgroup's panels
+    # an instruction estimate of the lowered loops: per (tm x tn) tile and per k-step of tk, tm*tk broadcasts
+    # of A, tk*ceil(tn/16) loads of B and tm*tk*ceil(tn/16) FMAs, over the padded iteration space; the C tile
+    # is loaded and stored once per tile; registers beyond 32 spill once per k-step
+    vn = math.ceil(tn / host.lanes)
+    mn_tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    ksteps = math.ceil(k / tk)
+    fma = mn_tiles * ksteps * tm * tk * vn
+    loads = mn_tiles * ksteps * (tm * tk + tk * vn) + mn_tiles * 2 * tm * vn
+    spill = mn_tiles * ksteps * 2 * max(0, need - host.vector_regs)
+    ideal = m * n * k / host.lanes
+    # cycles: 2 FMA ports and 2 load ports (spills are loads and stores too)
+    cycles = max(fma / 2, (loads + spill) / 2)
     return {
+        "rem_m": ((m % DIST) % tm) / m, "rem_n": ((n % DIST) % tn) / n, "rem_k": (k % tk) / k,
+        "log_fma_eff": l2(fma / ideal), "loads_per_fma": (loads + spill) / fma,
+        "log_est_insts": l2((fma + loads + spill) / ideal), "log_est_cycles": l2(cycles / ideal),
+        "spill_traffic": spill / fma,
         "log_m": l2(m), "log_n": l2(n), "log_k": l2(k), "tm": tm, "tn": tn, "tk": tk,
         "log_tm": l2(tm), "log_tn": l2(tn), "log_tk": l2(tk),
         "pad_m": _pad(m, tm), "pad_n": _pad(n, tn), "pad_k": _pad(k, tk),

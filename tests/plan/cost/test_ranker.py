@@ -8,7 +8,7 @@ import pytest
 from memfit.plan.cost import store, tiles
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.families import TILES, generate_tuned
-from memfit.plan.cost.ranker import RankerConfig, TileRanker, relative_target, relevance
+from memfit.plan.cost.ranker import COMPACT, RankerConfig, TileRanker, relative_target, relevance
 
 GOOD = [t for t in TILES if t != (16, 32, 16)]  # the one IREE rejects
 
@@ -39,6 +39,10 @@ def test_targets_are_within_shape():
     rel = relative_target(log_t, groups)
     assert rel[:3].sum() == pytest.approx(0) and rel[3:].sum() == pytest.approx(0)
     assert rel[4] - rel[3] == pytest.approx(math.log(3))
+    # capped at 2x the best: 3000 counts as 2000 (so 1000 -> -log(2)/2, 2000 -> +log(2)/2)
+    capped = relative_target(log_t, groups, cap=2.0)
+    assert capped[3:].tolist() == pytest.approx([-math.log(2) / 2, math.log(2) / 2])
+    assert capped[:3].tolist() == pytest.approx(rel[:3].tolist())  # 120 < 2 x 100: unchanged
     # within 5% of the best: top grade; each further 5% costs one grade; beyond 15 steps: 0
     assert relevance(log_t, groups, 0.05, 16).tolist() == [15, 15, 12, 15, 0]
 
@@ -75,6 +79,14 @@ def test_save_load_round_trip(tmp_path):
     assert b"\x80" not in path.read_bytes()[:2]  # JSON text, not a pickle
     back = TileRanker.load(path)
     np.testing.assert_array_equal(back.scores(X), r.scores(X))
+    # a ranker on a subset of the features reads its columns out of the full rows, before and after saving
+    sub = TileRanker().fit(X, y, g, RankerConfig(n_estimators=20, features=COMPACT))
+    sub.save(tmp_path / "sub.json")
+    assert TileRanker.load(tmp_path / "sub.json").feature_names == COMPACT
+    np.testing.assert_array_equal(TileRanker.load(tmp_path / "sub.json").scores(X), sub.scores(X))
+    X2 = X.copy()
+    X2[:, [i for i, n in enumerate(tiles.NAMES) if n not in COMPACT]] = 1e9  # columns it must not read
+    np.testing.assert_array_equal(sub.scores(X2), sub.scores(X))
     path.write_text('{"format": "something else"}')
     with pytest.raises(CostModelError, match="not a tile ranker"):
         TileRanker.load(path)
