@@ -21,7 +21,8 @@ concerned (`free` counts them), and when no unclaimed block is left the tail of 
 the buddy lists and used. An owner whose claim is gone continues in place while the blocks after its last one
 are free (`after`). So the allocator never refuses
 what the stack would give: with `free >= n`, `take(n)` succeeds. Where no large group is free, smaller ones are
-used ("where possible"); the order of ids within a sequence never matters for correctness, only for copies.
+used, or a contiguous stretch of neighbouring free groups ("where possible"); the order of ids within a
+sequence never matters for correctness, only for copies.
 
 Both allocators prefer low ids (a fresh pool hands out block 0, 1, 2, ...), which keeps the caller's
 zero-on-first-use watermark (kv/paged.py) low; it stays correct either way (every id below it was zeroed once).
@@ -128,7 +129,14 @@ class BlockGroups:
             want = min(self.max_order, (max(need, self.min_group, held) - 1).bit_length())  # ceil(log2)
             if not self._buddy_free:  # everything left is claimed: take the tail of the largest claim
                 self._steal(need)
-            start, k = self._group(want)
+            got = self._group(want, (need - 1).bit_length())
+            if got is None:  # no aligned group holds it: the best contiguous stretch of free groups instead
+                start, m = self._span(need)
+                for b in range(start, start + m):
+                    self._carve(b)
+                out.extend(range(start, start + m))
+                continue
+            start, k = got
             size = 1 << k
             m = min(need, size)
             out.extend(range(start, start + m))
@@ -209,9 +217,22 @@ class BlockGroups:
         self._buddy_free -= 1
         return True
 
-    def _group(self, k: int) -> tuple[int, int]:
-        """Take a free group of order k (splitting a larger one), else the largest smaller one (the caller made
-        sure the buddy lists are not empty). Returns (start, order)."""
+    def _span(self, need: int) -> tuple[int, int]:
+        """(start, length) to take of the free groups' contiguous stretches (neighbours that are not buddies do not
+        merge, but a run of blocks may still cross them): the shortest stretch that holds `need`, else the longest."""
+        spans: list[list[int]] = []
+        for start, k in sorted(self._order.items()):
+            if spans and spans[-1][0] + spans[-1][1] == start:
+                spans[-1][1] += 1 << k
+            else:
+                spans.append([start, 1 << k])
+        fits = [sp for sp in spans if sp[1] >= need]
+        start, length = min(fits, key=lambda sp: sp[1]) if fits else max(spans, key=lambda sp: sp[1])
+        return start, min(need, length)
+
+    def _group(self, k: int, fit: int) -> tuple[int, int] | None:
+        """Take a free group of order k (splitting a larger one), else the largest smaller one of order >= `fit`
+        (one that still holds the request); None if there is none. Returns (start, order)."""
         for j in range(k, self.max_order + 1):
             if self._free_at[j]:
                 start = min(self._free_at[j])  # low ids first: the zeroing watermark rises, caches stay warm
@@ -221,13 +242,13 @@ class BlockGroups:
                     self._add(start + (1 << j), j)
                 self._buddy_free -= 1 << k
                 return start, k
-        for j in range(k - 1, -1, -1):
+        for j in range(k - 1, fit - 1, -1):
             if self._free_at[j]:
                 start = min(self._free_at[j])
                 self._remove(start, j)
                 self._buddy_free -= 1 << j
                 return start, j
-        raise AssertionError("free blocks counted but none found")  # pragma: no cover - invariants broken
+        return None
 
     def _give(self, blk: int) -> None:
         if self._is_free(blk):
