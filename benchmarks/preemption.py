@@ -245,7 +245,7 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                           "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None,
                           "tiers": {t["tier"]: {k: t[k] for k in ("out_ops", "in_ops", "out_bytes", "in_bytes",
                                                                   "seconds_sum", "io_errors")}
-                                    | ({"direct_io": t["direct_io"]} if "direct_io" in t else {})
+                                    | ({k: t[k] for k in ("direct_io", "checksum") if k in t})
                                     for t in swap["tiers"]}}
     engine.close()
     return result

@@ -34,6 +34,7 @@ import mmap
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -123,13 +124,15 @@ class ExtentStore:
         return list(zip(self._starts, self._lengths))
 
     # ---- I/O ------------------------------------------------------------------------------------------
-    def write(self, offset: int, buffers: list[memoryview]) -> None:
+    def write(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None) -> None:
         """Write `buffers`, in order, from `offset` (an extent's start): through the staging buffer with O_DIRECT,
-        else one gather write (a short write is continued). OSError as the OS raises it."""
+        else one gather write (a short write is continued). OSError as the OS raises it. `digest` is called on
+        the bytes, in order, as they go out: on each staged piece while it is still in the CPU's caches (a
+        checksum then costs no second pass over the source memory), or on the buffers."""
         views = [b.cast("B") for b in buffers]
         if self.direct:
             try:
-                self._write_direct(offset, views)
+                self._write_direct(offset, views, digest)
                 self._direct_proven = True
                 return
             except OSError as exc:
@@ -138,6 +141,9 @@ class ExtentStore:
                 with self._lock:
                     if self.direct:
                         self._fall_back(f"first O_DIRECT write: {exc.strerror}")
+        if digest is not None:
+            for b in views:
+                digest(b)
         done, pos = os.pwritev(self.fd, views, offset), 0
         for b in views:  # continue whatever the kernel did not take
             lo = max(0, done - pos)
@@ -148,11 +154,12 @@ class ExtentStore:
                 lo += n
             pos += len(b)
 
-    def readinto(self, offset: int, buffers: list[memoryview]) -> None:
+    def readinto(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None) -> None:
         """Fill `buffers`, in order, from `offset` (an extent's start; through the staging buffer with O_DIRECT,
-        else one scatter read where it can); OSError on a short read."""
+        else one scatter read where it can); OSError on a short read. `digest`: called on the bytes read, in
+        order (on each staged piece as it arrives, or on the buffers once filled)."""
         if self.direct:
-            self._read_direct(offset, [b.cast("B") for b in buffers])
+            self._read_direct(offset, [b.cast("B") for b in buffers], digest)
             return
         want = sum(len(b) for b in buffers)
         done = os.preadv(self.fd, buffers, offset)
@@ -166,6 +173,9 @@ class ExtentStore:
                         raise OSError(f"short read at offset {offset + pos + lo} of {self.path}")
                     lo += n
                 pos += len(b)
+        if digest is not None:
+            for b in buffers:
+                digest(b)
 
     # ---- O_DIRECT ---------------------------------------------------------------------------------------
     def _staging(self) -> np.ndarray:
@@ -175,7 +185,7 @@ class ExtentStore:
             stage = self._stage.buf = np.frombuffer(mmap.mmap(-1, STAGE), dtype=np.uint8)
         return stage
 
-    def _write_direct(self, offset: int, views: list[memoryview]) -> None:
+    def _write_direct(self, offset: int, views: list[memoryview], digest: Callable[[memoryview], None] | None) -> None:
         """Gather `views` into the staging buffer STAGE bytes at a time and write each piece (the last one padded
         with zeros to ALIGN: the extent was rounded up to it)."""
         stage, pos = self._staging(), 0
@@ -189,6 +199,8 @@ class ExtentStore:
                 pieces[0] = pieces[0][n:]
                 if not pieces[0].size:
                     pieces.pop(0)
+            if digest is not None:
+                digest(memoryview(stage)[:fill])
             size = -(-fill // ALIGN) * ALIGN
             stage[fill:size] = 0
             done = 0
@@ -200,7 +212,7 @@ class ExtentStore:
                 done += n
             pos += size
 
-    def _read_direct(self, offset: int, views: list[memoryview]) -> None:
+    def _read_direct(self, offset: int, views: list[memoryview], digest: Callable[[memoryview], None] | None) -> None:
         """Read STAGE bytes at a time into the staging buffer and scatter them into `views`."""
         stage, pos = self._staging(), 0
         pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
@@ -211,6 +223,8 @@ class ExtentStore:
             if got < min(size, left):
                 raise OSError(errno.EIO, f"short read at offset {offset + pos} of {self.path}")
             take, used = min(size, left), 0
+            if digest is not None:
+                digest(memoryview(stage)[:take])
             while used < take:  # scatter
                 n = min(take - used, pieces[0].size)
                 pieces[0][:n] = stage[used : used + n]

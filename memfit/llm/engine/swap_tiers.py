@@ -74,7 +74,8 @@ def swap_stats(swap: SwapSpace | None) -> dict:
                  "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
                  "io_errors": s.io_errors, "seconds_sum": s.seconds_sum} for name, s, b in tiers]
     if swap.ssd is not None:  # O_DIRECT in use, or why not (memory/extent_store.py)
-        per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback)
+        per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback,
+                           checksum=swap.ssd.checksum)
     return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
             "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
             "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,

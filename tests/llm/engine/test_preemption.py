@@ -2,6 +2,8 @@
 on both caches; an urgent request preempts and finishes first; bad priorities and options are refused clearly."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from memfit.llm.engine.api import LLM
@@ -322,14 +324,19 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
     one_seq = probe.engine.kv.bytes_needed(80)
     real_write = ExtentStore.write
     if fault == "write-error":
-        def write(self, offset, buffers):
+        def write(self, offset, buffers, digest=None):
             raise OSError(5, "Input/output error (injected)")
         monkeypatch.setattr(ExtentStore, "write", write)
     elif fault == "flipped-byte":
-        def write(self, offset, buffers):
-            bad = bytearray(b"".join(bytes(b) for b in buffers))
-            bad[len(bad) // 2] ^= 0x01
-            real_write(self, offset, [memoryview(bad)])
+        def write(self, offset, buffers, digest=None):  # lands intact and checksummed, then rots on disk
+            real_write(self, offset, buffers, digest)
+            at = offset + sum(len(b) for b in buffers) // 2
+            fd = os.open(self.path, os.O_RDWR)  # buffered: the kernel writes it back before an O_DIRECT read
+            try:
+                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         monkeypatch.setattr(ExtentStore, "write", write)
     llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
               preemption_mode="swap", swap_space=f"{probe.engine.layout.bytes_per_token * 30}B",
