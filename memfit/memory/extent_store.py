@@ -47,6 +47,8 @@ STAGE = 1 << 20  # bytes of one O_DIRECT write or read through the staging buffe
 
 log = logging.getLogger(__name__)
 
+Staged = Callable[[int, int, np.ndarray, list[memoryview]], None]  # (fd, offset, staging buffer, views): one I/O loop
+
 
 class ExtentStore:
     def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True) -> None:
@@ -124,15 +126,21 @@ class ExtentStore:
         return list(zip(self._starts, self._lengths))
 
     # ---- I/O ------------------------------------------------------------------------------------------
-    def write(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None) -> None:
+    def write(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None,
+              staged: Staged | None = None) -> None:
         """Write `buffers`, in order, from `offset` (an extent's start): through the staging buffer with O_DIRECT,
         else one gather write (a short write is continued). OSError as the OS raises it. `digest` is called on
         the bytes, in order, as they go out: on each staged piece while it is still in the CPU's caches (a
-        checksum then costs no second pass over the source memory), or on the buffers."""
+        checksum then costs no second pass over the source memory), or on the buffers. `staged(fd, offset, stage,
+        views)`: the caller's own O_DIRECT loop (the same bytes on disk, in one call that releases the GIL once,
+        kernels/staged_io.py; it checksums by itself, so `digest` then runs only if the store falls back)."""
         views = [b.cast("B") for b in buffers]
         if self.direct:
             try:
-                self._write_direct(offset, views, digest)
+                if staged is not None:
+                    staged(self.fd, offset, self._staging(), views)
+                else:
+                    self._write_direct(offset, views, digest)
                 self._direct_proven = True
                 return
             except OSError as exc:
@@ -154,12 +162,16 @@ class ExtentStore:
                 lo += n
             pos += len(b)
 
-    def readinto(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None) -> None:
+    def readinto(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None,
+                 staged: Staged | None = None) -> None:
         """Fill `buffers`, in order, from `offset` (an extent's start; through the staging buffer with O_DIRECT,
         else one scatter read where it can); OSError on a short read. `digest`: called on the bytes read, in
-        order (on each staged piece as it arrives, or on the buffers once filled)."""
+        order (on each staged piece as it arrives, or on the buffers once filled). `staged`: as for `write`."""
         if self.direct:
-            self._read_direct(offset, [b.cast("B") for b in buffers], digest)
+            if staged is not None:
+                staged(self.fd, offset, self._staging(), [b.cast("B") for b in buffers])
+            else:
+                self._read_direct(offset, [b.cast("B") for b in buffers], digest)
             return
         want = sum(len(b) for b in buffers)
         done = os.preadv(self.fd, buffers, offset)

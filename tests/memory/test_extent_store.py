@@ -105,7 +105,7 @@ def test_a_file_system_refusing_o_direct_at_open_gets_buffered_io(tmp_path, monk
 
 
 def test_o_direct_refused_at_the_first_write_falls_back_and_a_later_einval_is_an_error(tmp_path, monkeypatch):
-    def refuse(self, offset, views, digest=None):
+    def refuse(self, offset, views, digest=None, staged=None):
         raise OSError(22, "Invalid argument (injected)")
 
     store = ExtentStore(tmp_path, 8 * ALIGN)

@@ -324,12 +324,12 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
     one_seq = probe.engine.kv.bytes_needed(80)
     real_write = ExtentStore.write
     if fault == "write-error":
-        def write(self, offset, buffers, digest=None):
+        def write(self, offset, buffers, digest=None, staged=None):
             raise OSError(5, "Input/output error (injected)")
         monkeypatch.setattr(ExtentStore, "write", write)
     elif fault == "flipped-byte":
-        def write(self, offset, buffers, digest=None):  # lands intact and checksummed, then rots on disk
-            real_write(self, offset, buffers, digest)
+        def write(self, offset, buffers, digest=None, staged=None):  # lands intact and checksummed, then rots
+            real_write(self, offset, buffers, digest, staged)
             at = offset + sum(len(b) for b in buffers) // 2
             fd = os.open(self.path, os.O_RDWR)  # buffered: the kernel writes it back before an O_DIRECT read
             try:

@@ -66,7 +66,7 @@ def test_a_failed_write_keeps_the_chunk_on_the_host_and_refuses_the_swap(tmp_pat
     cache, host, ssd, swap = setup("per-layer", tmp_path)
     assert swap.try_swap_out(1, 19)
 
-    def failing(self, offset, buffers, digest=None):
+    def failing(self, offset, buffers, digest=None, staged=None):
         raise OSError(5, "Input/output error (injected)")
 
     monkeypatch.setattr(ExtentStore, "write", failing)
@@ -146,11 +146,11 @@ def test_an_asynchronous_swap_out_spilled_to_ssd_is_written_on_the_pool_or_lost_
     before = contexts(cache, 1, 19)
     writers, real_write = [], ExtentStore.write
 
-    def write(self, offset, buffers, digest=None):
+    def write(self, offset, buffers, digest=None, staged=None):
         writers.append(threading.current_thread().name)
         if fail:
             raise OSError(5, "Input/output error (injected)")
-        real_write(self, offset, buffers, digest)
+        real_write(self, offset, buffers, digest, staged)
 
     monkeypatch.setattr(ExtentStore, "write", write)
     n = swap.runs_shape(19)[0]

@@ -1,0 +1,67 @@
+"""The C O_DIRECT loops (kernels/staged_io.py): the same bytes on disk as the store's Python loop, runs of odd
+sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError."""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+from memfit.llm.kernels.crc32c import crc32c
+from memfit.llm.kernels.staged_io import staged_io
+from memfit.memory.extent_store import ALIGN, ExtentStore
+
+pytestmark = pytest.mark.skipif(staged_io() is None, reason="memfit's C++ kernels cannot run here")
+SIZES = [1, 4095, 9000, 0, 12288, 333]  # 25717 bytes: with an 8 KiB stage, pieces cross runs
+
+
+def runs() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [rng.integers(0, 256, n, dtype=np.uint8) for n in SIZES]
+
+
+def on_disk(store: ExtentStore, offset: int, n: int) -> bytes:
+    fd = os.open(store.path, os.O_RDONLY)  # buffered: a second view of what the store wrote
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
+def test_the_c_loop_writes_what_the_python_loop_writes_and_reads_it_back(tmp_path, stage_bytes):
+    io = staged_io()
+    store = ExtentStore(tmp_path, 64 * ALIGN)
+    data = runs()
+    n = sum(r.size for r in data)
+    py_off, c_off = store.alloc(n), store.alloc(n)
+    store.write(py_off, [memoryview(r) for r in data])  # the Python loop (O_DIRECT or buffered, as the fs allows)
+    stage = np.frombuffer(mmap.mmap(-1, stage_bytes), dtype=np.uint8)
+    crc, seconds = io.write(store.fd, c_off, stage, [memoryview(r) for r in data], ALIGN)
+    padded = -(-n // ALIGN) * ALIGN
+    assert on_disk(store, c_off, padded) == on_disk(store, py_off, padded)  # data, then zero padding
+    assert on_disk(store, c_off, n) == b"".join(r.tobytes() for r in data)
+    assert crc == crc32c(b"".join(r.tobytes() for r in data)) and seconds >= 0
+    back = [np.zeros_like(r) for r in data]
+    crc_in, _ = io.read(store.fd, c_off, stage, [memoryview(b) for b in back], ALIGN)
+    assert all(np.array_equal(a, b) for a, b in zip(back, data)) and crc_in == crc
+    store.close()
+
+
+def test_errors_come_back_as_oserror(tmp_path):
+    io = staged_io()
+    stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)
+    data = runs()
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as info:
+        io.write(w, 0, stage, [memoryview(x) for x in data], ALIGN)  # a closed descriptor
+    assert info.value.errno == errno.EBADF
+    store = ExtentStore(tmp_path, 4 * ALIGN)
+    with pytest.raises(OSError) as info:  # past the end of the file: a read that cannot be filled
+        io.read(store.fd, 4 * ALIGN, stage, [memoryview(np.zeros(100, dtype=np.uint8))], ALIGN)
+    assert info.value.errno == errno.EIO
+    store.close()
