@@ -50,9 +50,12 @@ def engine_options(decoder: str, a: dict) -> tuple[dict, bool]:
         return dict(common, kv_cache="preallocated", enable_prefix_caching=False, **spec), False
     if decoder == "on_demand":
         return dict(common, **spec), True
-    # fit's prediction is for sequences of the workload's longest context: the engine is told that length too
-    return dict(common, speculative_model=a["draft"], num_speculative_tokens=a["budget_gamma"],
-                memory_budget=a["budget_bytes"], max_model_len=a["context"]), True
+    # fit's prediction is for sequences of the workload's longest context: the engine is told that length too.
+    # Where fit finds that no g beats plain decoding (g 0), its budget is plain decoding's, and so is the run.
+    budgeted = dict(common, memory_budget=a["budget_bytes"], max_model_len=a["context"])
+    if a["budget_gamma"]:
+        budgeted.update(speculative_model=a["draft"], num_speculative_tokens=a["budget_gamma"])
+    return budgeted, True
 
 
 def conversation(llm, question: dict, sp, session: str | None, seen: dict) -> list[list[int]]:
@@ -219,7 +222,7 @@ def main() -> int:
     context = -(-runs["vanilla"][0]["max_context"] // 64) * 64
     bound = predicted_budget(a, context)
     print(f"fit: {bound}", file=sys.stderr)
-    a.update(budget_gamma=max(1, bound["gamma"]), budget_bytes=bound["budget_bytes"],
+    a.update(budget_gamma=bound["gamma"], budget_bytes=bound["budget_bytes"],
              context=context)
     for rnd in range(args.reps):
         order = [d for d in DECODERS if not (rnd == 0 and d == "vanilla")]
