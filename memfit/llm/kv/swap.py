@@ -18,13 +18,11 @@ sequence's next swap-out copies only its new tokens; kept copies are evicted lea
 of copies (chunks, valid ranges, the LRU, making room, demotion to the SSD tier) is swap_reuse.py.
 
 With `threads` > 0 both directions may run on a thread pool, overlapped with the model step (FastSwitch's swap
-manager). A swap-in: `start_swap_in` launches the copies into the memory the sequence was just given, the
-scheduler admits the sequence only once `swap_in_ready`, and `finish_swap_in` completes it on the engine thread.
-A swap-out: `try_swap_out(..., wait=False)` reserves the host bytes and launches the copy; the sequence keeps its
-device KV (still counted in the KV budget, so no budget is exceeded while both copies exist) until the scheduler
-calls `finish_swap_out` and only then frees it, so nothing reads memory that was freed or reused mid-copy. The
-copies are torch copies (and `os.pwritev`/`os.preadv` on the SSD tier), which release the GIL. The scheduler
-swaps synchronously when there is no step to overlap with. A swap-out that spills straight to the SSD tier (the
+manager; the asynchronous half and the copies are swap_inflight.py). A swap-out with `wait=False` reserves the
+host bytes and launches the copy; the sequence keeps its device KV (still counted in the KV budget, so no budget
+is exceeded while both copies exist) until the scheduler calls `finish_swap_out` and only then frees it, so
+nothing reads memory that was freed or reused mid-copy. The scheduler swaps synchronously when there is no step
+to overlap with. A swap-out that spills straight to the SSD tier (the
 host tier is full) takes its extent on the engine thread (the allocator and the tier's budget live there) and
 writes it on the pool; demotions of host chunks stay synchronous.
 A swap-in that cannot be served (an SSD read failed or its checksum did not match: `SwapLost`) returns None;
@@ -41,6 +39,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
+from memfit.llm.kv.swap_inflight import InFlightSwaps
+from memfit.llm.kv.swap_inflight import copy_in as _copy_in  # module names: tests patch swap._copy_out
+from memfit.llm.kv.swap_inflight import copy_out as _copy_out
+from memfit.llm.kv.swap_inflight import host_copies as _host_copies
 from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
 
-class SwapSpace:
+class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
                  threads: int = 0, block_tokens: int | None = None, reuse: bool = False,
                  ssd: SSDTier | None = None) -> None:
@@ -174,25 +176,6 @@ class SwapSpace:
         self.book.mark_kept(seq_id, keep)
         return True
 
-    def swapping_out(self, seq_id: int) -> bool:
-        """An asynchronous swap-out of `seq_id` is in flight: its device KV must stay until `finish_swap_out`."""
-        return seq_id in self._outflight
-
-    def swap_out_ready(self, seq_id: int) -> bool:
-        return self._outflight[seq_id][2].done()
-
-    def finish_swap_out(self, seq_id: int) -> bool:
-        """Wait for an asynchronous swap-out (at once if `swap_out_ready`) and account it; the caller frees the
-        sequence's device KV afterwards. False: the copy failed, nothing is held (the sequence is recomputed)."""
-        self.async_swap_outs += 1
-        spill = self._outflight[seq_id][3] is not None
-        if not self._land_out(seq_id):
-            if not spill:  # (a failed SSD write is counted by its tier)
-                self.stats.io_errors += 1
-            self.book.drop(seq_id)
-            return False
-        return True
-
     def swap_in(self, seq_id: int) -> int | None:
         """Copy `seq_id`'s KV back into the memory the KV manager now gives it (the caller allocated at least
         the valid tokens) and mark them written; the host copy is kept (reuse) or freed. Returns the tokens
@@ -206,35 +189,6 @@ class SwapSpace:
             self._lost(seq_id)
             return None
         return self._complete(seq_id, copy, _host_copies(pairs), nbytes, seconds)
-
-    def start_swap_in(self, seq_id: int) -> None:
-        """`swap_in` on the thread pool: the copies overlap the next model step (which must not touch this
-        sequence's KV: it is not scheduled until `finish_swap_in`)."""
-        if not self.threads:
-            raise RuntimeError("asynchronous swap-in needs threads > 0")
-        if seq_id in self._outflight:
-            raise KVCacheError(f"sequence {seq_id} is still being swapped out")
-        copy = self._live(seq_id)
-        pairs, nbytes = self._pairs(seq_id, copy)  # resolved here, on the engine thread, under the cache's lock
-        self._inflight[seq_id] = (_host_copies(pairs), nbytes, self._pool_().submit(_copy_in, pairs))
-
-    def in_flight(self, seq_id: int) -> bool:
-        return seq_id in self._inflight
-
-    def swap_in_ready(self, seq_id: int) -> bool:
-        return self._inflight[seq_id][2].done()
-
-    def finish_swap_in(self, seq_id: int) -> int | None:
-        """Wait for an asynchronous swap-in (at once if `swap_in_ready`) and complete it on this thread; None as
-        for `swap_in`."""
-        copies, nbytes, future = self._inflight.pop(seq_id)
-        self.async_swap_ins += 1
-        try:
-            seconds = future.result()
-        except SwapLost:
-            self._lost(seq_id)
-            return None
-        return self._complete(seq_id, self._copies[seq_id], copies, nbytes, seconds)
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Positions from `num_tokens` on are about to be overwritten (a new turn's prompt diverged there)."""
@@ -274,32 +228,6 @@ class SwapSpace:
             self.ssd.close()
 
     # ---- inside ----------------------------------------------------------------------------------------
-    def _pool_(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memfit-swap")
-        return self._pool
-
-    def _land_out(self, seq_id: int) -> bool:
-        """Wait for an asynchronous swap-out and book it: the host copy's stats, or the SSD chunk's extent. False:
-        it failed (an SSD write: its extent is given back and the chunk removed, so the copy can be dropped)."""
-        copies, nbytes, future, spill = self._outflight.pop(seq_id)
-        try:
-            result = future.result()
-        except Exception:  # noqa: BLE001 - a failed copy is a lost swap: recomputed, never resumed from it
-            if spill is not None:
-                chunk, off = spill
-                self._copies[seq_id].chunks.remove(chunk)
-                self.ssd.unplace(off, chunk.nbytes)  # type: ignore[union-attr]
-            return False
-        if spill is not None:
-            spill[0].extent = result  # the SSD tier counted its own bytes
-        else:
-            self._account(self.stats, nbytes, copies, result, out=True)
-        return True
-
-    def _busy(self) -> set[int]:
-        """Sequences with copies in flight: their host chunks are not demoted to the SSD tier meanwhile."""
-        return {*self._inflight, *self._outflight}
 
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)
@@ -353,30 +281,3 @@ class SwapSpace:
         st.account(nbytes, ops, seconds, out)
         if self.cost is not None:
             self.cost.observe_copy(nbytes, seconds)
-
-
-def _copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
-    """Copy `runs`, in order, into the host buffer `buf`; returns the seconds it took."""
-    t0, off = time.perf_counter(), 0
-    for r in runs:
-        buf[off : off + r.numel()].copy_(r)
-        off += r.numel()
-    return time.perf_counter() - t0
-
-
-def _copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
-    """Copy each source into its destination run (a host slice by a torch copy; an SSD chunk by its reader,
-    which raises SwapLost on a bad read); returns the seconds the host copies took (the SSD tier times its own)."""
-    seconds = 0.0
-    for dst, src in pairs:
-        if isinstance(src, torch.Tensor):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds += time.perf_counter() - t0
-        else:
-            src(dst)  # type: ignore[operator]
-    return seconds
-
-
-def _host_copies(pairs: list[tuple[torch.Tensor, object]]) -> int:
-    return sum(isinstance(src, torch.Tensor) for _, src in pairs)
