@@ -111,13 +111,14 @@ def test_asynchronous_swap_in_lands_exactly_and_a_discard_waits_for_it(kind):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["token-major", "paged"])
+@pytest.mark.parametrize("kind", ["token-major", "paged", "paged-groups"])
 def test_swap_round_trip_on_cuda_through_pinned_host_memory(kind):
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float32, max_seq_len=64,
                       device=torch.device("cuda"))
     budget = MemoryBudget(1 << 30, name="kv_budget")
     cache = (VirtualKVCache(layout, budget, max_seqs=4, prefault=False, eager_pages=0, token_major=True)
-             if kind == "token-major" else PagedKVCache(layout, budget, block_size=4, num_blocks=64))
+             if kind == "token-major" else PagedKVCache(layout, budget, block_size=4, num_blocks=64,
+                                                        block_groups=kind == "paged-groups"))
     swap = SwapSpace(cache, MemoryBudget(1 << 24, Tier.HOST, name="swap_space"), threads=1)
     assert swap.pin
     assert cache.try_allocate(1, 19)
