@@ -177,8 +177,30 @@ class HeldMemoryMeter:
         self._hwm = reset_peak_rss()
         self.baseline_bytes = self.held_bytes()
         self._sampled_peak = self._anon_shmem()
+        self._checked_peak = 0
         self._poller.start()
         return self
+
+    def _hwm_bounded_peak(self, st: dict[str, int], files: int) -> int:
+        """The held peak since the last VmHWM reset, from below: VmHWM less the library pages now (which only
+        grow), or the held bytes now where VmHWM cannot be reset."""
+        held_now = self._anon_shmem() + files
+        if self._hwm and "RssFile" in st:
+            return max(held_now, st["VmHWM"] - (st["RssFile"] - files))
+        return held_now
+
+    def checkpoint(self) -> int:
+        """The held peak since entry or the previous checkpoint, as bytes added since entry, then reset the
+        kernel's mark so the next checkpoint sees only what follows.
+
+        Unlike the sampler, VmHWM misses no short peak and does not depend on how often this thread gets a
+        core, so a caller that checkpoints after each step (calibration) gets each step's own peak exactly,
+        whatever the load. The meter's `peak_bytes` still covers the whole block."""
+        st = status_bytes()
+        peak = self._hwm_bounded_peak(st, mapped_file_rss_bytes(self.files_under))
+        self._checked_peak = max(self._checked_peak, peak)
+        self._hwm = reset_peak_rss()
+        return peak - self.baseline_bytes
 
     def __exit__(self, *exc: object) -> None:
         self._poller.stop()
@@ -186,9 +208,7 @@ class HeldMemoryMeter:
         files = mapped_file_rss_bytes(self.files_under)
         self.end_bytes = self._anon_shmem() + files
         sampled = max(self._sampled_peak, self.end_bytes - files) + files
-        if self._hwm and "RssFile" in st:
-            libraries_end = st["RssFile"] - files
-            sampled = max(sampled, peak_rss_bytes() - libraries_end)
+        sampled = max(sampled, self._hwm_bounded_peak(st, files), self._checked_peak)
         self.peak_bytes = max(sampled, self.end_bytes)
 
     @property

@@ -200,3 +200,19 @@ def test_held_memory_meter_sees_a_transient_peak():
         del buf
     assert m.peak_delta_bytes > 0.8 * BUF  # through VmHWM minus the file pages, even between two samples
     assert m.end_delta_bytes < 0.5 * BUF
+
+
+def test_held_memory_meter_checkpoint_gives_each_stretch_its_own_peak():
+    """A checkpoint reports the peak since the previous one from the kernel's VmHWM (the sampler here never
+    wakes), then resets the mark: the stretch with a transient buffer sees it, the quiet one after it does not,
+    and the meter's whole-block peak still does."""
+    if not measure.reset_peak_rss():
+        pytest.skip("VmHWM cannot be reset here")
+    with measure.HeldMemoryMeter(interval_s=3600) as m:
+        buf = _touch(BUF)
+        del buf
+        busy = m.checkpoint()
+        quiet = m.checkpoint()
+    assert busy > 0.8 * BUF
+    assert quiet < 0.5 * BUF
+    assert m.peak_delta_bytes > 0.8 * BUF

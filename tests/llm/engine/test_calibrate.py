@@ -1,0 +1,38 @@
+"""The runtime's share of the ledger: repeated measurements are combined toward the upper end, cached, and
+interpolated between the calibration batches."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+from memfit.llm.engine import calibrate
+
+
+def test_upper_runtime_reserves_the_largest_draw_plus_the_spread():
+    assert calibrate.upper_runtime([7, 9, 8]) == 11
+    assert calibrate.upper_runtime([5, 5, 5]) == 5
+
+
+def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
+    monkeypatch.delenv(calibrate.CALIBRATING_ENV, raising=False)
+    draws = {"1": iter([100, 140, 120]), "8": iter([900, 700, 800])}
+    calls = []
+
+    def fake_run(cmd, **kw):
+        batch = cmd[cmd.index("--batch") + 1]
+        calls.append(batch)
+        assert kw["env"][calibrate.CALIBRATING_ENV] == "1"  # the measuring process reserves no runtime itself
+        out = json.dumps({"runtime_bytes": next(draws[batch]), "runtime_baseline_bytes": 5})
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(calibrate.subprocess, "run", fake_run)
+    one = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=1)
+    assert calls == ["1"] * calibrate.CALIBRATION_REPEATS + ["8"] * calibrate.CALIBRATION_REPEATS
+    assert one == {"runtime_bytes": 140 + 40, "runtime_baseline_bytes": 5}
+    # cached: no more processes; batch 8 and past it take batch 8's figure, between them a straight line
+    assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)["runtime_bytes"] == 900 + 200
+    assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=32)["runtime_bytes"] == 1100
+    mid = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=4)["runtime_bytes"]
+    assert mid == round(180 + 3 / 7 * (1100 - 180))
+    assert len(calls) == 2 * calibrate.CALIBRATION_REPEATS
