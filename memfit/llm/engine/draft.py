@@ -24,7 +24,7 @@ from memfit.llm.engine import accounting
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
-from memfit.llm.kv import KVLayout, create_kv_cache
+from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.llama import LlamaForCausalLM, LlamaModel
 from memfit.llm.models.loader import load_model, resolve_model_path
@@ -105,6 +105,13 @@ def self_draft(target: LlamaForCausalLM, n: int) -> LlamaForCausalLM:
     return draft
 
 
+def _kv_options(cfg: Any) -> dict[str, Any]:
+    """The draft cache's constructor options: the engine's kind and layout, no prefix caching of its own."""
+    return kv_cache_class(cfg.kv_cache).engine_options(
+        max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size, kv_layout=cfg.kv_layout,
+        prefault=cfg.kv_prefault, eager_pages=cfg.kv_eager_pages)
+
+
 class Draft:
     def __init__(self, model, config: ModelConfig, layout: KVLayout, kv_budget: MemoryBudget, backends) -> None:
         self.model = model
@@ -156,7 +163,7 @@ class Draft:
         # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.
         target_bpt = engine.layout.bytes_per_token
         left = engine.ledger.available_bytes
-        cap = cfg.max_num_seqs * max_len * layout.bytes_per_token
+        cap = cfg.max_num_seqs * kv_cache_class(cfg.kv_cache).full_sequence_bytes(layout, **_kv_options(cfg))
         share = min(cap, left * layout.bytes_per_token // (layout.bytes_per_token + target_bpt))
         budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
         return cls(model, mc, layout, budget, backends)
@@ -164,12 +171,7 @@ class Draft:
     def decoder(self, engine: TargetEngine) -> SpecDecoder:
         """The draft's KV cache (the engine's kind, its own budget) and runner, and the decoder using both."""
         cfg = engine.config
-        from memfit.llm.kv import kv_cache_class
-
-        opts = kv_cache_class(cfg.kv_cache).engine_options(
-            max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size, kv_layout=cfg.kv_layout,
-            prefault=cfg.kv_prefault, eager_pages=cfg.kv_eager_pages)
-        kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **opts)
+        kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **_kv_options(cfg))
         runner = ModelRunner(self.model, kv, engine.device)
         runner.stack = self.backends.decode_stack(self.model, kv)  # the draft's one-token passes in one C++ call
         return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens,

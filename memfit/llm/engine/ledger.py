@@ -74,10 +74,11 @@ def reserve_fixed(ledger: MemoryBudget, plan: accounting.MemoryPlan) -> None:
         ledger.reserve(nbytes, owner)
 
 
-def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.device, max_model_len: int,
-                   bytes_per_token: int, draft_kv_bytes: int = 0) -> int:
+def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.device, full_sequence_bytes: int,
+                   draft_kv_bytes: int = 0) -> int:
     """The KV cache's share: what the ledger has left (less the draft's KV share and, on a CPU, an explicit
-    host swap tier), capped by kv_budget or by what every slot could hold at full length."""
+    host swap tier), capped by kv_budget or by what every slot could hold at full length
+    (`full_sequence_bytes`: one sequence at max_model_len, with the cache's page or block rounding)."""
     left = ledger.available_bytes - draft_kv_bytes  # the draft's KV share is set aside (engine/draft.py)
     swap = swap_bytes(config) if device.type == "cpu" and config.swap_space is not None else 0
     if swap:
@@ -89,7 +90,7 @@ def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.dev
     if config.kv_budget is not None:
         cap = resolve_budget(config.kv_budget, Tier.DEVICE, str(device))
     else:  # room for every sequence slot at full length
-        cap = config.max_num_seqs * max_model_len * bytes_per_token
+        cap = config.max_num_seqs * full_sequence_bytes
     return max(1, min(cap, left))
 
 

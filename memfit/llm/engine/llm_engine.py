@@ -81,17 +81,17 @@ class LLMEngine:
         drafts = config.speculative_model and (self.tp is None or self.tp.is_driver)
         self.draft = Draft.load(self, backend_options) if drafts else None
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
-        kv_share = ledger.kv_share_bytes(config, self.ledger, self.device, self.max_model_len,
-                                         self.layout.bytes_per_token,
-                                         self.draft.kv_budget.limit_bytes if self.draft is not None else 0)
-        self.kv_budget = MemoryBudget(rank.agree_kv_share(kv_share, self.tp), Tier.DEVICE, name="kv_budget",
-                                      parent=self.ledger)
-        self.kv_reclaim_watermark = ledger.watermark_bytes(config.kv_reclaim_watermark, self.kv_budget.limit_bytes)
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,
                                           eager_pages=config.kv_eager_pages,
                                           prefix_caching=config.enable_prefix_caching,
                                           block_groups=config.kv_block_groups)
+        kv_share = ledger.kv_share_bytes(config, self.ledger, self.device,
+                                         kv_class.full_sequence_bytes(self.layout, **kv_opts),
+                                         self.draft.kv_budget.limit_bytes if self.draft is not None else 0)
+        self.kv_budget = MemoryBudget(rank.agree_kv_share(kv_share, self.tp), Tier.DEVICE, name="kv_budget",
+                                      parent=self.ledger)
+        self.kv_reclaim_watermark = ledger.watermark_bytes(config.kv_reclaim_watermark, self.kv_budget.limit_bytes)
         shard_kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.kv = rank.mirror_kv(shard_kv, self.tp)  # under TP, rank 0's logs its decisions for the workers
         self.swap = build_swap(config, self.kv, self.ledger, self.device, self.model, mc)  # engine/swap_tiers.py

@@ -245,6 +245,13 @@ class KVCacheManager(ABC):
     def has_seq(self, seq_id: int) -> bool:
         return seq_id in self._seqs
 
+    @classmethod
+    def full_sequence_bytes(cls, layout: KVLayout, **options: Any) -> int:
+        """Bytes one sequence at `layout.max_seq_len` commits with this manager's rounding (pages, blocks), for
+        the manager built with `options` (what `engine_options` returns): the engine sizes the KV share from it
+        before building the manager, so a full-length request is never refused for rounding alone."""
+        return layout.max_seq_len * layout.bytes_per_token
+
     def bytes_needed(self, num_tokens: int) -> int:
         """Bytes one sequence of `num_tokens` commits, with this manager's rounding (pages, blocks).
         Managers override this with their exact figure; the engine uses it to refuse up front a request

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,6 +135,10 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @classmethod
+    def full_sequence_bytes(cls, layout: KVLayout, block_size: int = 16, **_: Any) -> int:
+        return -(-layout.max_seq_len // block_size) * block_size * layout.bytes_per_token
 
     def bytes_needed(self, num_tokens: int) -> int:
         """Committed bytes one sequence of `num_tokens` needs: whole blocks."""

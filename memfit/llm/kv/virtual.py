@@ -48,6 +48,7 @@ import heapq
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,17 +110,10 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
         super().__init__(layout, budget)
         self.max_seqs, self.owner = max_seqs, owner
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
-        self.token_major = layout.device.type == "cuda" if token_major is None else bool(token_major)
-        if head_major and self.token_major:
-            raise ValueError("head_major and token_major are two different layouts; pick one")
-        self.head_major = bool(head_major)
-        # row_bytes: one token of one segment; a segment is one (layer, K|V), one (layer, K|V, head) if head-major
-        # (each head's rows one contiguous run: the attention kernel streams them), or the whole slot if token-major.
-        self.row_bytes = (H if not self.head_major else 1) * D * layout.itemsize * (2 * L if self.token_major else 1)
-        self.num_segments = 1 if self.token_major else 2 * L * (H if self.head_major else 1)
-        probe_page = VirtualArena.page_size_for(layout.device)
-        self.seg_bytes = -(-layout.max_seq_len * self.row_bytes // probe_page) * probe_page
+        self.token_major, self.head_major, self.row_bytes, self.num_segments, self.seg_bytes = self._geometry(
+            layout, token_major, head_major)
         self.slot_bytes = self.num_segments * self.seg_bytes
+        probe_page = VirtualArena.page_size_for(layout.device)
         if prefix_caching and layout.device.type != "cpu":
             # Page aliasing needs one physical allocation mapped at several addresses: on CUDA that is
             # cuMemCreate + several cuMemMap, not written yet. The cache runs without sharing there.
@@ -169,6 +163,26 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
         self._closed = False
         if prefix_caching:
             self._init_prefix()
+
+    @staticmethod
+    def _geometry(layout: KVLayout, token_major: bool | None, head_major: bool) -> tuple[bool, bool, int, int, int]:
+        """(token_major, head_major, row_bytes, num_segments, seg_bytes) of a slot in this layout."""
+        L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
+        token_major = layout.device.type == "cuda" if token_major is None else bool(token_major)
+        if head_major and token_major:
+            raise ValueError("head_major and token_major are two different layouts; pick one")
+        # row_bytes: one token of one segment; a segment is one (layer, K|V), one (layer, K|V, head) if head-major
+        # (each head's rows one contiguous run: the attention kernel streams them), or the whole slot if token-major.
+        row_bytes = (H if not head_major else 1) * D * layout.itemsize * (2 * L if token_major else 1)
+        num_segments = 1 if token_major else 2 * L * (H if head_major else 1)
+        page = VirtualArena.page_size_for(layout.device)
+        return token_major, bool(head_major), row_bytes, num_segments, -(-layout.max_seq_len * row_bytes // page) * page
+
+    @classmethod
+    def full_sequence_bytes(cls, layout: KVLayout, token_major: bool | None = None, head_major: bool = False,
+                            **_: Any) -> int:
+        _, _, _, segments, seg_bytes = cls._geometry(layout, token_major, head_major)
+        return segments * seg_bytes
 
     # ---- page arithmetic --------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:

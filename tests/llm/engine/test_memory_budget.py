@@ -233,3 +233,14 @@ def test_on_cuda_the_ledger_bounds_the_engine_and_prefault_overlaps(tiny_path):
     assert got == plain and engine.stats()["prefault_failures"] == 0
     assert engine.ledger.by_owner()["kv_budget"] == engine.kv.committed_bytes
     assert engine.ledger.by_owner()["runtime"] > 0
+
+
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_a_full_length_request_fits_the_share_sized_for_every_slot(tiny_path, kv_cache):
+    """Without --kv-budget the KV share is what every slot needs at full length, with the cache's page or block
+    rounding: a request of max_model_len tokens must run, not be refused for the rounding alone."""
+    engine = _engine(tiny_path, max_model_len=154, max_num_seqs=1, kv_cache=kv_cache, block_size=32)
+    assert engine.kv.bytes_needed(154) > 154 * engine.layout.bytes_per_token  # rounding matters at this length
+    out = _run(engine, {"full": list(range(3, 150))}, max_tokens=7)
+    assert len(out["full"]) == 7
+    engine.close()

@@ -88,3 +88,22 @@ def test_layout_capabilities_are_declared(kind):
 def test_a_fixed_stride_manager_must_provide_its_views():
     with pytest.raises(TypeError, match="fixed_stride"):
         type("Broken", (KVCacheManager,), {"fixed_stride": True})
+
+
+@pytest.mark.parametrize("layout_opts", [{}, {"token_major": True}, {"head_major": True}, {"block_size": 16}])
+@pytest.mark.parametrize("kind", kv_kinds())
+def test_full_sequence_bytes_is_what_a_full_length_sequence_commits(kind, layout_opts):
+    """The engine sizes the KV share from the class's figure before the manager exists: it must equal what the
+    built manager commits for a sequence at max_seq_len (its page or block rounding included), or a
+    full-length request is refused with memory to spare."""
+    opts = {k: v for k, v in {**OPTS.get(kind, {}), **layout_opts}.items()
+            if k in ({"block_size"} if kind == "paged" else {"max_seqs", "prefault", "token_major", "head_major"})}
+    cls = type(make(kind))
+    full = cls.full_sequence_bytes(LAYOUT, **opts)
+    slots = opts.get("max_seqs", 1) if kind == "preallocated" else 1  # that kind commits every slot when built
+    cache = create_kv_cache(kind, LAYOUT, MemoryBudget(slots * full), **opts)
+    assert full == cache.bytes_needed(LAYOUT.max_seq_len)
+    if kind != "preallocated":  # a budget of exactly that figure holds one full-length sequence
+        assert cache.try_allocate(1, LAYOUT.max_seq_len)
+        assert cache.stats().committed_bytes == full
+    cache.close()
