@@ -1,0 +1,84 @@
+"""Token trees for SAMPLED requests: SpecInfer's multi-candidate rejection rule and the draft's random children.
+
+Pure functions of tensors and trees, no engine state (tests/llm/engine/test_spec_tree_sample.py); the engine's
+side is engine/spec_tree_step.py, which drafts with `draw_children` and verifies with `sampled_tree_verdict`.
+
+The rule (SpecInfer, Miao et al., ASPLOS'24, "multi-step speculative sampling"), at a node whose target
+distribution is p and whose k children x_1..x_k were drawn i.i.d. from the draft's distribution q there:
+- try the children in order: accept x_i with probability min(1, p(x_i) / q(x_i));
+- on a rejection set p <- norm(max(0, p - q)) and try the next child with that p (and the same q);
+- if every child is rejected, emit a token drawn from the last p and stop;
+- after an acceptance, descend into the accepted child with its own p and q; at a leaf, emit the bonus token
+  drawn from the leaf's p.
+Why it is exact: one trial is Leviathan's single-draft rule with p_i in place of p (x_i ~ q, accept with
+min(1, p_i/q), else the outcome is whatever comes from norm(max(0, p_i - q)) = p_{i+1}), whose outcome is
+distributed as p_i whenever what follows a rejection is distributed as p_{i+1}. The last step (drawing from
+p_{k+1}) is, so by induction on i the whole walk emits its first token distributed as p_1 = p; given that token,
+the same argument applies one level down (a child's subtree was drawn from q at that child, independently of how
+the child was chosen). Because each x_i is a fresh draw, a duplicate child is handled by the rule itself: once x
+is rejected, p_{i+1}(x) = 0 and every later copy of x is rejected (and still updates p, which the induction
+needs), so memfit keeps duplicates as separate nodes (the tree keeps its W x D shape) rather than merging them.
+With W = 1 the walk is the chain's rule (speculative.rejection_sample).
+
+p and q are `Sampler.probs` rows: temperature, top-k, top-p and min-p applied as plain sampling applies them.
+"""
+from __future__ import annotations
+
+import torch
+
+from memfit.llm.engine.sampling import inverse_cdf
+from memfit.llm.engine.spec_tree import TokenTree
+
+
+def uniforms_needed(width: int, depth: int) -> int:
+    """Uniform draws one sampled W,D tree step takes: W x D draft draws (one per node), at most W x D acceptance
+    tests (one per node: a trial is made only at a node, and each node is tried at most once) and the final draw.
+    A fixed count per step, so a seeded request's stream does not depend on what was accepted."""
+    return 2 * width * depth + 1
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) (V,); p itself when rounding left it empty (p == q up to float error, where a rejection
+    has vanishing probability), as the chain's rule does."""
+    r = (p - q).clamp_min(0.0)
+    total = r.sum()
+    return r / total if total > 0 else p
+
+
+def draw_children(q: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """Tokens drawn i.i.d. from the distribution q (V,), one per uniform in u (k,), by the inverse CDF (the chain's
+    `speculative.draw`): the k children of a node for the multi-candidate rule, with replacement."""
+    return inverse_cdf(q.unsqueeze(0).expand(len(u), -1), u).tolist()
+
+
+def sampled_tree_verdict(tree: TokenTree, p: torch.Tensor, q: dict[int, torch.Tensor] | torch.Tensor,
+                         u_accept: list[float], u_final: float) -> tuple[list[int], list[int]]:
+    """SpecInfer's multi-candidate rule over `tree` (see the module docstring).
+
+    p (N, V): the target's distribution after each node's path (one row per node, in tree order); q[i] (V,): the
+    draft's distribution at node i, from which its children were drawn (needed for nodes with children only);
+    u_accept: uniforms for the acceptance tests, consumed in order (at most len(tree) - 1 of them); u_final: the
+    uniform of the emitted (resampled or bonus) token. Returns (accepted node indices, root to leaf; emitted tokens:
+    theirs, then the final one), as `greedy_tree_verdict` does."""
+    kids: dict[int, list[int]] = {}
+    for i in range(1, len(tree)):
+        kids.setdefault(tree.parents[i], []).append(i)  # in drawing order
+    node, path, trial = 0, [], 0
+    cur = p[0]  # (V,): the target's distribution at `node`, residualised by the rejections there
+    while True:
+        accepted = None
+        for child in kids.get(node, []):
+            x, qn = tree.tokens[child], q[node]
+            u = u_accept[trial]
+            trial += 1
+            # u < p/q written u*q < p: a token the draft drew has q > 0, and a hand-made one with q = 0 rejects
+            if u * float(qn[x]) < float(cur[x]):
+                accepted = child
+                break
+            cur = residual(cur, qn)
+        if accepted is None:
+            final = int(inverse_cdf(cur.unsqueeze(0), torch.tensor([u_final], device=cur.device))[0])
+            return path, [tree.tokens[i] for i in path] + [final]
+        path.append(accepted)
+        node = accepted
+        cur = p[node]
