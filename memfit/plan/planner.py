@@ -99,6 +99,10 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
     plan.traffic = validate(plan)
     if plan.traffic["non_compulsory_bytes"] > base.traffic["non_compulsory_bytes"]:  # cannot happen when optimal
         plan.order, plan.placements, plan.solver.status = base.order, base.placements, "fallback"
+    elif plan.traffic["non_compulsory_bytes"] == base.traffic["non_compulsory_bytes"]:
+        # CP-SAT found nothing better than its seed: return the seed itself, named after it below (a proof
+        # CP-SAT gave holds for it too: same traffic, and the same order when the order was fixed)
+        plan.order, plan.placements = base.order, base.placements
     # a bound over all orders: CP-SAT's own when the order was free, and the capacity bound either way
     plan = _with_bound(plan, lb, res.bound_bytes if free else None)
     if not free and plan.solver.status == "optimal" and plan.solver.gap:
@@ -134,7 +138,9 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
         stats.update(more)
     plan = Plan(g, scratchpad_bytes, order, placements, "heuristic", SolverInfo("heuristic", 0.0, details=stats))
     plan.traffic = validate(plan)
-    if plan.traffic["non_compulsory_bytes"] > seed_nc:
+    if not stats.get("seed_meets_bound") and plan.traffic["non_compulsory_bytes"] >= seed_nc:
+        # no better than the seed: return the seed itself, named after it (issue 22: a returned seed is
+        # labelled as the seed it is)
         plan.order, plan.placements = base.order, base.placements
         stats["used_seed_instead"] = True
     plan = _with_bound(plan, lb, None)

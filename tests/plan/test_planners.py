@@ -113,3 +113,45 @@ def test_heuristic_stitching_is_consistent_with_segment_costs():
     plan = finish(Plan(g, cap, order, placements))
     assert stats["segments"] >= 4 and stats["fallback_segments"] == 0
     assert plan.traffic["non_compulsory_bytes"] <= stats["segment_objective_bytes"]
+
+
+def _seed_copy(base):
+    """The seed plan as a new order and new placements, as a search that found nothing better returns it."""
+    from memfit.plan.plan_format import Placement
+
+    return list(base.order), [Placement(p.tensor, p.offset, p.start, p.end) for p in base.placements]
+
+
+@pytest.mark.parametrize("planner", ["exact", "heuristic", "whole"])
+def test_a_returned_seed_is_labelled_as_the_seed(planner, monkeypatch):
+    """Issue 22: a plan is named after what produced it. When the search finds nothing better than its seed
+    (here every search step is patched to hand the seed back, as copies), the plan carries the seed's own
+    name, not the requested planner's; and when the seed already meets the bound, likewise."""
+    import memfit.plan.planner as planner_mod
+    import memfit.plan.whole_search as whole_search
+    from memfit.plan.exact import SegmentResult
+    from memfit.plan.planner import best_seed
+
+    g = random_dag(30, 1)
+    s = scratchpad_sizes(g)
+    cap = s.min_feasible
+    base = best_seed(g, cap)
+    nc = base.traffic["non_compulsory_bytes"]
+    assert nc > 0  # something to improve, so the search runs
+    monkeypatch.setattr(planner_mod, "solve_segment", lambda *a, **k: SegmentResult(
+        *_seed_copy(base), "feasible", nc, 0, 0.0, {}))
+    monkeypatch.setattr(planner_mod, "plan_passes", lambda *a, **k: (*_seed_copy(base), {}))
+    monkeypatch.setattr(planner_mod, "lns_passes", lambda *a, **k: (*_seed_copy(base), {}))
+    monkeypatch.setattr(whole_search, "search", lambda *a, **k: (*_seed_copy(base), {"final": {"status": "feasible"}}))
+    plan = make_plan(g, cap, PlanOptions(planner=planner, time_limit_s=5, num_workers=1, bound=False))
+    assert plan.traffic == validate(plan) and plan.traffic["non_compulsory_bytes"] == nc
+    assert plan.planner == base.planner != planner
+    assert plan.solver.details["requested_planner"] == planner
+    assert plan.solver.details["produced_by"] == base.planner
+    monkeypatch.undo()
+    # at the spill-free size every seed moves nothing, which meets any bound: the seed is returned as it is
+    top = best_seed(g, s.min_peak)
+    assert top.traffic["non_compulsory_bytes"] == 0
+    plan = make_plan(g, s.min_peak, PlanOptions(planner=planner, time_limit_s=5, num_workers=1))
+    assert plan.planner == top.planner and plan.solver.details["requested_planner"] == planner
+    assert plan.solver.status == "optimal" and plan.traffic["non_compulsory_bytes"] == 0
