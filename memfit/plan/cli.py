@@ -104,6 +104,9 @@ def _plan(args: argparse.Namespace) -> int:
     gap = "n/a" if s.gap is None else f"{100 * s.gap:.1f}%"
     bound = "n/a" if s.bound_bytes is None else str(s.bound_bytes)
     print(f"planner {plan.planner}: status {s.status}, time {s.time_s:.2f} s, bound {bound} bytes, gap {gap}")
+    asked = s.details.get("requested_planner")
+    if asked and asked != plan.planner:  # say so: the requested planner did not produce this plan
+        print(f"  the seed {plan.planner}, returned as it is: the {asked} planner found nothing better")
     _print_traffic(plan.traffic)
     if args.out:
         plan.save(args.out)

@@ -46,3 +46,16 @@ def test_tile_flag_makes_a_small_scratchpad_work(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert any("@" in o["name"] for o in data["ops"]) and data["scratchpad_bytes"] == 96 * 1024
     assert main(["plan", "validate", str(out)]) == 0
+
+
+def test_a_returned_seed_is_named_as_the_seed(tmp_path, capsys):
+    """At the spill-free size the best seed moves nothing, which meets any bound: the heuristic returns it and
+    the CLI and the plan file name the seed, not the heuristic (issue 22)."""
+    out = tmp_path / "seed.json"
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-peak", "--planner", "heuristic",
+                 "--time-limit", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["planner"] != "heuristic" and data["solver"]["details"]["requested_planner"] == "heuristic"
+    assert data["traffic"]["non_compulsory_bytes"] == 0 and data["solver"]["status"] == "optimal"
+    assert f"planner {data['planner']}:" in printed and "returned as it is" in printed
