@@ -135,3 +135,20 @@ def test_a_bound_above_a_valid_plan_is_an_error():
     plan.solver.bound_bytes = 17
     with pytest.raises(BoundViolationError, match="exceeds the 16 bytes"):
         finish(plan)
+
+
+@pytest.mark.parametrize("planner", ["exact", "heuristic", "whole"])
+def test_every_planner_raises_on_a_bound_above_its_plan(planner, monkeypatch):
+    """The planners never clamp a bound to their plan: a (wrong) bound one byte above the best seed, which
+    no plan can go below, reaches the check and raises (issue 22, item 3)."""
+    import memfit.plan.planner as planner_mod
+    from memfit.plan.bound import LowerBound
+    from memfit.plan.errors import BoundViolationError
+    from memfit.plan.planner import best_seed
+
+    g = random_dag(30, 1)
+    cap = scratchpad_sizes(g).min_feasible
+    seed_nc = best_seed(g, cap).traffic["non_compulsory_bytes"]
+    monkeypatch.setattr(planner_mod, "_bound", lambda *a, **k: LowerBound(seed_nc + 1, "all orders", "optimal", 0.0))
+    with pytest.raises(BoundViolationError, match=f"lower bound of {seed_nc + 1} non-compulsory bytes exceeds"):
+        make_plan(g, cap, PlanOptions(planner=planner, time_limit_s=3, num_workers=1))
