@@ -31,7 +31,8 @@ def _variants():
              "feature_fraction": 0.5}
     return {"ranker_relative": (RankerConfig(), "median"), "ranker_relative_min": (RankerConfig(), "min"),
             "ranker_relative_small": (RankerConfig(**small), "median"),
-            "ranker_relative_compact": (RankerConfig(features=COMPACT, **small), "median"),
+            "ranker_relative_compact": (RankerConfig(features=COMPACT), "median"),
+            "ranker_relative_compact_small": (RankerConfig(features=COMPACT, **small), "median"),
             "ranker_relative_cap2": (RankerConfig(cap=2.0), "median"),
             "ranker_lambdarank": (RankerConfig(objective="lambdarank"), "median")}
 
@@ -43,6 +44,7 @@ def _short(s: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from memfit.plan.cost import store
     from memfit.plan.cost.dataset import split_shape_keys
+    from memfit.plan.cost.metrics import mape
     from memfit.plan.cost.rank_eval import (cross_validated, fixed_order_fitter, held_out, lightgbm_plain_fitter,
                                             load_table, ranker_fitter, score, spread_summary)
     from memfit.plan.cost.ranker import DEFAULT_RANKER, TileRanker
@@ -55,11 +57,15 @@ def run(args: argparse.Namespace) -> dict:
     fitters["lightgbm_plain"] = lightgbm_plain_fitter(seed=args.seed)
     fitters["lightgbm_plain_relative"] = lightgbm_plain_fitter(True, args.seed)
     fitters["fixed_order"] = fixed_order_fitter()
-    # choose the ranker variant on the training shapes alone (grouped CV), never on the test shapes
+    # choose the ranker variant on the training shapes alone (grouped CV, 3 fold assignments averaged),
+    # never on the test shapes
     select = {}
     for name in _variants():
-        idx, pred = cross_validated(t, fitters[name], args.folds, args.seed, subset=trval)
-        select[name] = _short(score(t, idx, pred))
+        runs = [_short(score(t, *cross_validated(t, fitters[name], args.folds, args.seed + r, subset=trval)))
+                for r in range(3)]
+        select[name] = {k: float(np.mean([x[k] for x in runs])) for k in ("within_5pct_of_best",
+                        "median_gap_to_best", "geomean_speedup_over_default", "within_shape_spearman_mean")}
+        select[name]["kernels"] = runs[0]["kernels"]
     chosen = max(select, key=lambda n: (select[n]["within_5pct_of_best"], -select[n]["median_gap_to_best"]))
     held, cv, held_min = {}, {}, {}
     for name, fit in fitters.items():
@@ -68,8 +74,10 @@ def run(args: argparse.Namespace) -> dict:
         held_min[name] = _short(score(t, idx, pred, truth="min"))
         cv[name] = _short(score(t, *cross_validated(t, fit, args.folds, args.seed)))
     # the shipped sequence model (trained before this dataset, on another host's labels) on the test shapes
-    held["seq_shipped"] = score(t, te, _seq_predictions(t, te))
-    held_min["seq_shipped"] = _short(score(t, te, _seq_predictions(t, te), truth="min"))
+    seq = _seq_predictions(t, te)
+    held["seq_shipped"] = score(t, te, seq)
+    held["seq_shipped"]["latency_mape"] = mape(seq, np.exp(t.log_median[te]))  # absolute, on these labels
+    held_min["seq_shipped"] = _short(score(t, te, seq, truth="min"))
     # ship the chosen variant, trained on the train+validation shapes
     cfg, target = _variants()[chosen]
     fit_rows = trval[t.has_tile[trval]]
@@ -148,13 +156,17 @@ def draw(result: dict, path) -> None:
     names = list(result["held_out"])
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].bar(names, [100 * result["held_out"][n]["within_5pct_of_best"] for n in names])
-    ax[0].axhline(80, ls="--", c="k", lw=1)
+    ax[0].axhline(80, ls="--", c="k", lw=1, label="target")
+    if "noise" in result:  # a re-measurement as the model: the most these labels allow
+        ax[0].axhline(100 * result["noise"]["ceiling_median"]["within_5pct_of_best"], ls=":", c="r", lw=1.5,
+                      label="re-measurement")
+        ax[0].legend(fontsize=7)
     ax[0].set(ylabel="% held-out shapes within 5% of best", ylim=(0, 100))
     ax[1].bar(names, [result["held_out"][n]["geomean_speedup_over_default"] for n in names])
     ax[1].axhline(1, c="k", lw=1)
     ax[1].set(ylabel="speed-up over IREE default (geomean)")
     for a in ax:
-        a.tick_params(axis="x", rotation=35, labelsize=7)
+        plt.setp(a.get_xticklabels(), rotation=40, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
