@@ -28,10 +28,10 @@ last COST_WINDOW timings); each step a sequence asks for the g that emits the mo
 (`best_gamma`), 0 when plain decoding is faster, with a one-draft probe every PROBE_EVERY steps so its estimate stays fresh. The room of step 1 can only
 lower that g further.
 
-Token trees (`speculative_tree` W,D): greedy sequences draft a tree instead of a chain and the target verifies it
-under a tree mask (engine/spec_tree_step.py); sampled ones keep the chain, of depth D, in passes of their own. With
-`speculative_adaptive` too, each step drafts trees or (adaptive) chains for greedy rows, whichever emitted more
-tokens per second in recent decode-only steps (`TreeOrChain`).
+Token trees (`speculative_tree` W,D): sequences draft a tree instead of a chain and the target verifies it under
+a tree mask (engine/spec_tree_step.py): greedy ones by the target's argmax, sampled ones by SpecInfer's
+multi-candidate rejection rule (engine/spec_tree_sample.py). With `speculative_adaptive` too, each step drafts
+trees or (adaptive) chains, whichever emitted more tokens per second in recent decode-only steps (`TreeOrChain`).
 
 Only the runners (target and draft) touch device memory; the draft's KV is a cache of its own, with a
 budget that is a child of the engine's ledger, like the target's.
@@ -190,9 +190,9 @@ class SpecDecoder:
             seq = item.seq
             gamma = 0
             decoding = item.num_new == 1 and seq.num_pending == 1 and seq.num_computed > 0
-            if decoding and extra > 0 and self.tree and seq.params.greedy and trees is None:
+            if decoding and extra > 0 and self.tree and trees is None:
                 trees = self.chooser.choose() if self.chooser else True
-            if decoding and extra > 0 and trees and seq.params.greedy:  # sampled rows: a chain of depth D
+            if decoding and extra > 0 and trees:  # greedy and sampled rows alike (spec_tree_sample.py)
                 w, d = self._shapes[seq.seq_id] = tree_shape(self, seq, *self.tree, extra)
                 gamma = w * d
                 self.stats.shrunk += w * d < self.tree[0] * self._useful(seq, self.tree[1])
@@ -207,10 +207,6 @@ class SpecDecoder:
                 decode.append(item)
             else:
                 plain.append(item)
-        if self.tree and not any(g and self._shapes.get(seq.seq_id, (1,))[0] == 1 for seq, g in spec):
-            # no chain this step: a sampled plain row cannot ride in a tree's pass (greedy picks only)
-            plain.extend(item for item in decode if not item.seq.params.greedy)
-            decode = [item for item in decode if item.seq.params.greedy]
         if spec:  # they ride in the verification pass (one row each, nothing drafted) instead of a pass of their own
             spec.extend((item.seq, 0) for item in decode)
             self.stats.folded += len(decode)
@@ -258,17 +254,15 @@ class SpecDecoder:
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:
         """Draft, verify and roll back for `spec` (sequence, g) pairs; rows with g = 0 are plain decode rows that
         only take part in the verification pass (their token is the target's own pick or draw)."""
-        if self.tree:  # greedy rows draft trees, sampled rows chains (the exact rule), each kind in its own passes
+        if self.tree:  # rows of w >= 2 draft trees, the others chains, each kind in its own passes
             # a one-branch tree is a chain: it goes the chain's way, through the C++ decode stack where there is one
             shapes = self._shapes
             trees = [(s, *shapes[s.seq_id]) for s, g in spec if g and shapes.get(s.seq_id, (1,))[0] != 1]
             chains = [(s, shapes[s.seq_id][1] if s.seq_id in shapes else g) for s, g in spec
                       if g and shapes.get(s.seq_id, (1,))[0] == 1]
-            # plain rows ride in a tree pass if greedy and there is one, else in the chains' pass (execute folds a
-            # sampled plain row only when there are chains)
-            for s, g in spec:
+            for s, g in spec:  # plain rows ride in the tree pass if there is one, else in the chains' pass
                 if not g:
-                    (trees.append((s, 0, 0)) if trees and s.params.greedy else chains.append((s, 0)))
+                    (trees.append((s, 0, 0)) if trees else chains.append((s, 0)))
             if trees:
                 speculate_tree(self, trees, result)
             if chains:

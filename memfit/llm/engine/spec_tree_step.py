@@ -15,9 +15,12 @@ Per sequence of n tokens (n - 1 in the target's KV, the last one, the tree's roo
 4. compact: the accepted path's K/V moves to contiguous indices in both caches and the rest is truncated, so the
    caches hold exactly the sequence's tokens and no committed page is left for a rejected node.
 
-Greedy requests only: SpecInfer's multi-candidate rejection rule needs the root's children drawn at random from
-the draft, which top-w children are not, so sampled requests in a tree engine speculate with a chain of depth D
-under the exact rejection rule instead (SpecDecoder._speculate runs both kinds in their own passes).
+Sampled requests: the draft draws the root's w children i.i.d. from its distribution q there (with replacement)
+and continues each branch by drawing, not by its argmax; verification is SpecInfer's multi-candidate rejection rule
+(`sampled_tree_verdict`, engine/spec_tree_sample.py), so their tokens are distributed exactly as the target's.
+p and q are `Sampler.probs` rows (temperature, top-k, top-p, min-p as plain sampling), and each step draws a fixed
+2 x w x d + 1 uniforms from the request's seeded generator. Greedy and sampled rows share the passes; a sampled
+plain row (w = d = 0) rides in the verification pass as a tree of its root alone, its token drawn from p.
 The level passes and the verification go through PyTorch's attention with an explicit mask, never the C++ decode
 stack (it has no mask input); the draft's first pass is the chain's (the stack where there is one), and a
 one-branch tree never comes here: SpecDecoder sends it the chain's way.
@@ -35,6 +38,7 @@ from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.spec_tree import TokenTree, greedy_tree_verdict
 from memfit.llm.engine.spec_tree_forward import TreeChunk, compact, tree_forward
+from memfit.llm.engine.spec_tree_sample import draw_children, sampled_tree_verdict, uniforms_needed
 from memfit.llm.engine.step import StepResult
 
 # `dec` below is the engine's SpecDecoder (engine/spec_decode.py, which imports this module, so it is not imported
@@ -96,12 +100,20 @@ class TreeOrChain:
 @torch.inference_mode()
 def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: StepResult) -> None:
     """Draft, verify and compact for `rows` (sequence, w, d); w = d = 0 rows are plain decode rows riding in the
-    verification pass (a tree of the root alone: the target's own pick)."""
+    verification pass (a tree of the root alone: the target's own pick, or its draw for a sampled row)."""
     seqs = [s for s, _, _ in rows]
     dec._catch_up([s for s, _, d in rows if d])
+    dev = dec.target.device
+    sampled = [b for b, s in enumerate(seqs) if not s.params.greedy]
+    gens = dec.sampler.generators_for([(seqs[b].request_id, seqs[b].params.seed) for b in sampled])
+    # per sampled row: its uniforms (a fixed count a step, from its own generator; None: the global RNG) and the
+    # draft's distribution q at each node it drew children from, (V,) each
+    u = {b: torch.rand(uniforms_needed(*rows[b][1:]), generator=g).to(dev) for b, g in zip(sampled, gens)}
+    q: dict[int, dict[int, torch.Tensor]] = {b: {} for b in sampled}
     t0 = time.perf_counter()
     trees = [TokenTree(s.token_slice(s.num_tokens - 1, s.num_tokens)[0]) for s in seqs]
-    # 2. the draft: its first pass as the chain's, the root's top-w children from it
+    # 2. the draft: its first pass as the chain's, the root's w children from it (greedy: its top-w; sampled: w
+    #    i.i.d. draws from q)
     first = [b for b, (_, _, d) in enumerate(rows) if d]
     passes = 0
     if first:
@@ -112,20 +124,32 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
             chunks.append((s.seq_id, start, s.token_slice(start, s.num_tokens)))
         logits = forward(dec.draft, chunks, all_rows=False)  # (R, V)
         top = torch.topk(logits.float(), max(rows[b][1] for b in first), dim=-1).indices.tolist()
+        probs = _draft_probs(dec, logits, [(r, seqs[b]) for r, b in enumerate(first) if b in q])
         for r, b in enumerate(first):
-            for j in range(rows[b][1]):
+            w = rows[b][1]
+            if b in q:
+                q[b][0] = probs[r]
+                top[r] = draw_children(q[b][0], u[b][:w])
+            for j in range(w):
                 trees[b].add(0, top[r][j])
         passes = 1
     for k in range(1, max((d for _, _, d in rows), default=0)):  # level k is fed, level k + 1 drawn
         level = [b for b in first if rows[b][2] > k]
         chunks = [TreeChunk(seqs[b].seq_id, seqs[b].num_tokens - 1, trees[b], TokenTree.chain_index(rows[b][1], k, 0),
                             rows[b][1], trees[b].ancestor_mask()) for b in level]
-        picks = dec.draft.sampler.ops.argmax(tree_forward(dec.draft, chunks)).tolist()  # one per fed node
-        i = 0
-        for c in chunks:
+        logits = tree_forward(dec.draft, chunks)  # (sum of counts, V): one row per fed node
+        picks = dec.draft.sampler.ops.argmax(logits).tolist()
+        at = [sum(c.count for c in chunks[:i]) for i in range(len(chunks))]  # each chunk's first row
+        probs = _draft_probs(dec, logits, [(at[i] + j, seqs[b]) for i, b in enumerate(level) if b in q
+                                           for j in range(chunks[i].count)])
+        for i, (b, c) in enumerate(zip(level, chunks)):
             for j in range(c.count):
-                c.tree.add(c.first + j, picks[i])
-                i += 1
+                tok = picks[at[i] + j]
+                if b in q:  # sampled: one draw from q at the node
+                    q[b][c.first + j] = probs[at[i] + j]
+                    w = c.count
+                    tok = draw_children(q[b][c.first + j], u[b][w * k + j : w * k + j + 1])[0]
+                c.tree.add(c.first + j, tok)
         passes += 1
     t1 = time.perf_counter()
     # 3. the target verifies every tree in one pass
@@ -134,11 +158,17 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
     logits = tree_forward(dec.target, chunks)  # (sum of tree sizes, V)
     if passes:
         dec._time(t1 - t0, passes, time.perf_counter() - t1, kind="tree")
-    picks = dec.sampler.ops.argmax(logits).tolist()
+    picks = dec.sampler.ops.argmax(logits).tolist() if len(sampled) < len(seqs) else []
     # 4. compact both caches to the accepted paths, truncate the rest, hand the tokens to the engine
     verdicts, offsets, off = [], [], 0
-    for tree in trees:
-        verdicts.append(greedy_tree_verdict(tree, picks[off : off + len(tree)]))
+    for b, tree in enumerate(trees):
+        if b in q:  # p one tree at a time: (N, V) and its softmax's copy live only here
+            nodes = len(tree)
+            p = dec.sampler.probs(logits[off : off + nodes], [seqs[b].params] * nodes)  # (N, V)
+            half = (len(u[b]) - 1) // 2
+            verdicts.append(sampled_tree_verdict(tree, p, q[b], u[b][half:-1].tolist(), float(u[b][-1])))
+        else:
+            verdicts.append(greedy_tree_verdict(tree, picks[off : off + len(tree)]))
         offsets.append(off)
         off += len(tree)
     compact(dec.target.kv, [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0]) for b, s in enumerate(seqs)])
@@ -165,3 +195,13 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
         dec.stats.emitted += a + 1
         dec.stats.seq_steps += 1
     dec.stats.steps += 1
+
+
+def _draft_probs(dec: Any, logits: torch.Tensor, rows: list[tuple[int, Sequence]]) -> dict[int, torch.Tensor]:
+    """The draft's distributions (`Sampler.probs`, the chain's q) at the given rows of `logits` (row, sequence):
+    row -> (V,). Empty when no sampled row is among them."""
+    if not rows:
+        return {}
+    idx = torch.tensor([r for r, _ in rows], device=logits.device)
+    probs = dec.draft.sampler.probs(logits.index_select(0, idx), [s.params for _, s in rows])  # (R', V)
+    return {r: probs[i] for i, (r, _) in enumerate(rows)}

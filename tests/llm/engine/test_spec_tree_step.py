@@ -1,16 +1,22 @@
 """Tree speculation in the engine (engine/spec_tree_step.py, `speculative_tree=(W, D)`) on the bundled pair
 memfit-tiny / memfit-tiny-draft: greedy output identical to plain decoding (batched, float32, both caches, prefix
 caching on), ragged acceptance, K/V of rejected nodes gone from both caches (checked against the kernel's page
-tables), and the errors: bad shapes, sampled requests, a tree that cannot fit the budget."""
+tables), sampled requests (reproducible, distributed as the target's), and the errors: bad shapes, a tree that
+cannot fit the budget."""
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import pytest
 import torch
 
+from memfit.llm.engine import spec_decode as spec_decode_mod
 from memfit.llm.engine import spec_tree_step
 from memfit.llm.engine.api import LLM
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
+from tests.llm.engine import chi2
 from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
                                           run_noting_shrinks_before_preemption, run_until_finished, tokens)
 from tests.llm.kv.kernel_pages import PAGE, arena_pages
@@ -87,23 +93,62 @@ def test_bad_tree_shapes_are_refused_at_start() -> None:
         LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(8, 8), max_num_batched_tokens=64)
 
 
-def test_sampled_requests_speculate_with_a_chain_beside_greedy_trees() -> None:
-    """Sampled requests in a tree engine speculate with a chain of depth D under the exact rejection rule: alone,
-    their tokens are the chain engine's (g = D, same seeds) token for token; mixed with greedy requests in one batch
-    (trees and chains in their own passes, sampled plain rows never in a tree's greedy pass), the greedy ones still
-    decode as plain decoding and the sampled ones as alone."""
+def test_sampled_trees_are_reproducible_and_greedy_rows_beside_them_are_plain_decoding(monkeypatch) -> None:
+    """Sampled requests in a tree engine draft trees (w >= 2 rows with sampled params reach the tree step) and, with
+    fixed seeds, two fresh engines emit the same tokens, all in the vocabulary; mixed with greedy requests in one
+    batch (greedy verdicts and sampled verdicts in the same passes), the greedy ones still decode as plain decoding
+    and the sampled ones stay reproducible."""
     kw = dict(dtype="float32", max_num_seqs=4, threads=1, speculative_model=DRAFT)
-    tree = LLM("memfit-tiny", speculative_tree=(2, 3), **kw)
-    chain = LLM("memfit-tiny", num_speculative_tokens=3, **kw)
-    sampled = [SamplingParams(max_tokens=m, temperature=1.0, seed=3 + m, ignore_eos=True) for m in (5, 18)]
-    alone = tokens(tree.generate(PROMPTS[:2], sampled))
-    assert alone == tokens(chain.generate(PROMPTS[:2], sampled))
-    assert tree.engine.stats()["speculative"]["spec_accepted"] > 0
+    sampled_rows: list[int] = []
+    real = spec_decode_mod.speculate_tree
+
+    def spy(dec, rows, result):
+        sampled_rows.extend(w for s, w, _ in rows if not s.params.greedy)
+        return real(dec, rows, result)
+
+    monkeypatch.setattr(spec_decode_mod, "speculate_tree", spy)
+    sampled = [SamplingParams(max_tokens=m, temperature=0.9, top_p=0.95, seed=3 + m, ignore_eos=True) for m in (5, 18)]
+    first = LLM("memfit-tiny", speculative_tree=(2, 3), **kw)
+    alone = tokens(first.generate(PROMPTS[:2], sampled))
+    assert alone == tokens(LLM("memfit-tiny", speculative_tree=(2, 3), **kw).generate(PROMPTS[:2], sampled))
+    vocab = first.engine.model_config.vocab_size
+    assert [len(t) for t in alone] == [5, 18] and all(0 <= x < vocab for t in alone for x in t)
+    assert 2 in sampled_rows and first.engine.stats()["speculative"]["spec_accepted"] > 0
     greedy = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 30)]
-    mixed = tokens(tree.generate(PROMPTS[:4], sampled + greedy))
+    mixed = [LLM("memfit-tiny", speculative_tree=(2, 3), **kw).generate(PROMPTS[:4], sampled + greedy) for _ in "ab"]
     plain = LLM("memfit-tiny", dtype="float32", max_num_seqs=4, threads=1)
-    assert mixed[:2] == alone
-    assert mixed[2:] == tokens(plain.generate(PROMPTS[2:4], greedy))
+    assert tokens(mixed[0]) == tokens(mixed[1])
+    assert tokens(mixed[0])[2:] == tokens(plain.generate(PROMPTS[2:4], greedy))
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_sampled_tree_tokens_are_distributed_as_the_target(broken: bool, monkeypatch) -> None:
+    """1000 seeded requests of one prompt, temperature 1 and top-k 8 (a vocabulary of 8 at each position), through
+    a 3,2 tree engine: among those whose first token (plain sampling after prefill) is the commonest one, the second
+    token (the first of a tree step) fits the target's top-8 distribution after that prefix by chi-square (the
+    target's logprobs, renormalised over its top 8). With the residual update removed from the rule the same check
+    fails (the draft's favourites are over-represented), so it can tell."""
+    from memfit.llm.engine import spec_tree_sample
+
+    if broken:
+        monkeypatch.setattr(spec_tree_sample, "residual", lambda p, q: p)
+    n = 1000
+    spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=16, threads=1, speculative_model=DRAFT,
+               speculative_tree=(3, 2))
+    ids = spec.tokenizer.encode("Once upon a time")
+    sp = [SamplingParams(max_tokens=4, temperature=1.0, top_k=8, seed=i, ignore_eos=True) for i in range(n)]
+    outs = [o.outputs[0].token_ids for o in spec.generate(prompt_token_ids=[ids] * n, sampling_params=sp)]
+    assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
+    t1, n1 = Counter(t[0] for t in outs).most_common(1)[0]
+    assert n1 >= 300
+    seconds = Counter(t[1] for t in outs if t[0] == t1)
+    ref = LLM("memfit-tiny", dtype="float32", threads=1).generate(
+        prompt_token_ids=[ids + [t1]], sampling_params=SamplingParams(max_tokens=1, temperature=0, logprobs=8))
+    top = ref[0].outputs[0].logprobs[0].top  # token -> the target's logprob, its 8 likeliest
+    z = sum(math.exp(v) for v in top.values())
+    assert set(seconds) <= set(top)  # top-k 8 held: no token outside the target's 8
+    fits = chi2.fits([seconds[k] for k in top], [n1 * math.exp(v) / z for k, v in top.items()])
+    assert fits is not broken
 
 
 def test_a_tree_that_cannot_fit_the_budget_is_refused_at_start() -> None:
