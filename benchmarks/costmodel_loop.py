@@ -25,10 +25,9 @@ from benchmarks.common import emit, header
 
 
 def _variants():
-    from memfit.plan.cost.ranker import COMPACT, RankerConfig
+    from memfit.plan.cost.ranker import COMPACT, SMALL, RankerConfig
 
-    small = {"n_estimators": 300, "learning_rate": 0.02, "num_leaves": 7, "min_data_in_leaf": 20,
-             "feature_fraction": 0.5}
+    small = SMALL
     return {"ranker_relative": (RankerConfig(), "median"), "ranker_relative_min": (RankerConfig(), "min"),
             "ranker_relative_small": (RankerConfig(**small), "median"),
             "ranker_relative_compact": (RankerConfig(features=COMPACT), "median"),

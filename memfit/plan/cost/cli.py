@@ -61,6 +61,8 @@ def register(subparsers) -> None:
     tr.add_argument("--db", required=True)
     tr.add_argument("--out", help="ranker file (default: the one shipped in the package)")
     tr.add_argument("--objective", choices=("relative", "lambdarank"), default="relative")
+    tr.add_argument("--features", choices=("compact", "all"), default="compact",
+                    help="compact: shape, tile, padding, divisibility (the shipped ranker); all: every tile feature")
     tr.add_argument("--target", choices=("median", "min"), default="median",
                     help="train on the median repetition (the label) or the fastest one")
     tr.add_argument("--seed", type=int, default=0)
@@ -194,10 +196,11 @@ def _tune(args) -> int:
 
 def _train_ranker(args) -> int:
     from memfit.plan.cost.rank_eval import train_ranker
-    from memfit.plan.cost.ranker import DEFAULT_RANKER, RankerConfig
+    from memfit.plan.cost.ranker import COMPACT, DEFAULT_RANKER, SMALL, RankerConfig
 
-    out = train_ranker(args.db, args.out or DEFAULT_RANKER, RankerConfig(objective=args.objective, seed=args.seed),
-                       args.target, args.seed)
+    cfg = RankerConfig(objective=args.objective, features=COMPACT if args.features == "compact" else None,
+                       seed=args.seed, **SMALL)
+    out = train_ranker(args.db, args.out or DEFAULT_RANKER, cfg, args.target, args.seed)
     if args.json:
         print(json.dumps(out))
     else:

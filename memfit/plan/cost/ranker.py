@@ -42,6 +42,10 @@ class RankerConfig:
 # the shape, the tile and how the tile covers the shape: a compact set for few training shapes
 COMPACT = ("log_m", "log_n", "log_k", "log_tm", "log_tn", "log_tk", "pad_m", "pad_n", "pad_k", "divides_m",
            "divides_n", "divides_k", "rem64_m", "rem64_n")
+# smaller, slower-learning trees; with COMPACT, the variant the benchmark chose by cross-validation on the
+# training shapes and the one shipped (benchmarks/costmodel_loop.py)
+SMALL = {"n_estimators": 300, "learning_rate": 0.02, "num_leaves": 7, "min_data_in_leaf": 20,
+         "feature_fraction": 0.5}
 
 
 def relative_target(log_t: np.ndarray, groups: np.ndarray, cap: float | None = None) -> np.ndarray:
