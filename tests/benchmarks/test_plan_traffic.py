@@ -33,3 +33,22 @@ def test_a_baseline_that_fell_back_is_kept_out_of_the_best_baseline_and_the_mean
     assert s["mean_reduction_vs_best_baseline"] == case["reduction_vs_best_baseline"]
     assert s["mean_reduction_vs_best_baseline_incl_fallbacks"] == round(1 - ours / fell, 4)
     assert s["cases_where_a_baseline_fell_back"] == 1
+
+
+def test_the_zoo_suite_also_keeps_fallbacks_out_of_the_best_baseline(monkeypatch):
+    import memfit.plan.analysis as analysis
+    import memfit.plan.graph as graph
+    from benchmarks.plan_traffic import run_model
+
+    class Sizes:
+        def as_dict(self):
+            return {"case": 368}
+
+    monkeypatch.setattr(graph, "graph_from_name", lambda name, batch, dtype: random_dag(40, 9))
+    monkeypatch.setattr(analysis, "scratchpad_sizes", lambda g: Sizes())
+    args = Namespace(weights="resident", time_limit=5.0, workers=1, exact_max_ops=60, segment_ops=24, seed=0)
+    (case,) = run_model("dag", args)["cases"]
+    assert case["baselines_fell_back"] and case["best_baseline_any_bytes"] == 1024
+    assert case["best_baseline_bytes"] == 1152 == min(v for k, v in case["baselines_non_compulsory_bytes"].items()
+                                                      if k not in case["baselines_fell_back"])
+    assert case["reduction_vs_best_baseline"] == round(1 - case["non_compulsory_bytes"] / 1152, 4)
