@@ -19,8 +19,12 @@ O_DIRECT (`direct`, on by default): the file is opened with it where the file sy
 the disk without a second copy in the page cache (that copy would be RAM, the very thing the tier exists to free,
 and the kernel would account it to whoever runs the engine). O_DIRECT wants the file offset, the length and the
 buffer's address aligned: extents start and end on `ALIGN`, and the KV runs (unaligned tensor memory) go through
-a page-aligned staging buffer of `STAGE` bytes per thread (an anonymous mmap), one `STAGE`-sized write or read at
-a time; the gather into it and the scatter out of it are numpy copies, which release the GIL too. A file system
+a page-aligned staging buffer of `STAGE` bytes (an anonymous mmap), one `STAGE`-sized write or read at a time;
+the gather into it and the scatter out of it are numpy copies, which release the GIL too. The buffers are a pool
+of at most `max_stages` (one per thread that may do I/O at once: the engine thread and each swap thread), made
+on first use and kept with the store; an I/O that finds them all in use waits for one. `staging_bytes` is what
+the pool may hold, the figure the engine reserves in its ledger (engine/ledger.py), and `on_fallback` is called
+once if O_DIRECT is given up, when that memory is no longer needed. A file system
 that refuses O_DIRECT (EINVAL at open, or at the first write: some accept the flag and refuse the I/O) gets the
 buffered path above, writing from and reading into the runs themselves; `direct` says which is in use and
 `direct_fallback` why it is not.
@@ -51,8 +55,11 @@ Staged = Callable[[int, int, np.ndarray, list[memoryview]], None]  # (fd, offset
 
 
 class ExtentStore:
-    def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True) -> None:
+    def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True,
+                 max_stages: int = 1) -> None:
         directory = Path(directory)
+        if max_stages < 1:
+            raise ValueError(f"max_stages must be >= 1, got {max_stages}")
         if capacity < ALIGN:
             raise SwapSpaceError(f"an SSD swap space of {format_bytes(capacity)} cannot hold one {ALIGN}-byte extent")
         if not directory.is_dir():
@@ -63,7 +70,11 @@ class ExtentStore:
         self.path = directory / (name or f"memfit-kv-swap-{os.getpid()}-{id(self):x}.extents")
         self.direct, self.direct_fallback = False, None if direct else "not asked for"
         self._direct_proven = False  # a direct write succeeded: a later EINVAL is an I/O error, not a fallback
-        self._stage = threading.local()  # per thread: its page-aligned staging buffer
+        self.max_stages = max_stages
+        self._stages: list[np.ndarray] = []  # the pool's idle staging buffers
+        self._made = 0  # staging buffers made (at most max_stages)
+        self._stage_free = threading.Condition()
+        self.on_fallback: Callable[[], None] | None = None  # called once if O_DIRECT is given up
         self._lock = threading.Lock()  # writes run on the engine thread and the swap pool: one fallback
         self._old_fds: list[int] = []  # O_DIRECT descriptors replaced by a fallback (another write may be using one)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
@@ -137,10 +148,14 @@ class ExtentStore:
         views = [b.cast("B") for b in buffers]
         if self.direct:
             try:
-                if staged is not None:
-                    staged(self.fd, offset, self._staging(), views)
-                else:
-                    self._write_direct(offset, views, digest)
+                stage = self._acquire()
+                try:
+                    if staged is not None:
+                        staged(self.fd, offset, stage, views)
+                    else:
+                        self._write_direct(offset, stage, views, digest)
+                finally:
+                    self._give_back(stage)
                 self._direct_proven = True
                 return
             except OSError as exc:
@@ -168,10 +183,14 @@ class ExtentStore:
         else one scatter read where it can); OSError on a short read. `digest`: called on the bytes read, in
         order (on each staged piece as it arrives, or on the buffers once filled). `staged`: as for `write`."""
         if self.direct:
-            if staged is not None:
-                staged(self.fd, offset, self._staging(), [b.cast("B") for b in buffers])
-            else:
-                self._read_direct(offset, [b.cast("B") for b in buffers], digest)
+            stage = self._acquire()
+            try:
+                if staged is not None:
+                    staged(self.fd, offset, stage, [b.cast("B") for b in buffers])
+                else:
+                    self._read_direct(offset, stage, [b.cast("B") for b in buffers], digest)
+            finally:
+                self._give_back(stage)
             return
         want = sum(len(b) for b in buffers)
         done = os.preadv(self.fd, buffers, offset)
@@ -190,17 +209,37 @@ class ExtentStore:
                 digest(b)
 
     # ---- O_DIRECT ---------------------------------------------------------------------------------------
-    def _staging(self) -> np.ndarray:
-        """This thread's page-aligned staging buffer, (STAGE,) uint8 (mmap memory is page-aligned)."""
-        stage = getattr(self._stage, "buf", None)
-        if stage is None:
-            stage = self._stage.buf = np.frombuffer(mmap.mmap(-1, STAGE), dtype=np.uint8)
-        return stage
+    @property
+    def staging_bytes(self) -> int:
+        """The most the staging pool may hold: max_stages x STAGE with O_DIRECT, 0 without it."""
+        return self.max_stages * STAGE if self.direct else 0
 
-    def _write_direct(self, offset: int, views: list[memoryview], digest: Callable[[memoryview], None] | None) -> None:
+    @property
+    def stages_made(self) -> int:
+        return self._made
+
+    def _acquire(self) -> np.ndarray:
+        """An idle page-aligned staging buffer, (STAGE,) uint8 (mmap memory is page-aligned): one from the pool,
+        a new one while fewer than max_stages exist, else wait for one to come back."""
+        with self._stage_free:
+            while not self._stages and self._made >= self.max_stages:
+                self._stage_free.wait()
+            if self._stages:
+                return self._stages.pop()
+            self._made += 1
+        return np.frombuffer(mmap.mmap(-1, STAGE), dtype=np.uint8)
+
+    def _give_back(self, stage: np.ndarray) -> None:
+        with self._stage_free:
+            if self.direct:  # after a fallback the buffer is dropped (unmapped when the last view goes)
+                self._stages.append(stage)
+            self._stage_free.notify()
+
+    def _write_direct(self, offset: int, stage: np.ndarray, views: list[memoryview],
+                      digest: Callable[[memoryview], None] | None) -> None:
         """Gather `views` into the staging buffer STAGE bytes at a time and write each piece (the last one padded
         with zeros to ALIGN: the extent was rounded up to it)."""
-        stage, pos = self._staging(), 0
+        pos = 0
         pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
         while pieces:
             fill = 0
@@ -224,9 +263,10 @@ class ExtentStore:
                 done += n
             pos += size
 
-    def _read_direct(self, offset: int, views: list[memoryview], digest: Callable[[memoryview], None] | None) -> None:
+    def _read_direct(self, offset: int, stage: np.ndarray, views: list[memoryview],
+                     digest: Callable[[memoryview], None] | None) -> None:
         """Read STAGE bytes at a time into the staging buffer and scatter them into `views`."""
-        stage, pos = self._staging(), 0
+        pos = 0
         pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
         left = sum(p.size for p in pieces)
         while left:
@@ -253,6 +293,10 @@ class ExtentStore:
             self.fd = os.open(self.path, os.O_RDWR)
         self.direct, self.direct_fallback = False, f"{why}; buffered I/O instead"
         log.warning("SSD swap tier in %s: O_DIRECT refused (%s); buffered I/O instead", self.path.parent, why)
+        with self._stage_free:
+            self._stages.clear()
+        if self.on_fallback is not None:  # the staging pool's reservation is no longer needed
+            self.on_fallback()
 
     def close(self) -> None:
         for fd in self._old_fds:

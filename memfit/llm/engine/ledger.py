@@ -12,14 +12,14 @@ import torch
 
 from memfit.llm.engine import accounting
 from memfit.llm.engine.config import EngineConfig
-from memfit.llm.engine.swap_tiers import swap_bytes
+from memfit.llm.engine.swap_tiers import SSD_STAGING_OWNER, ssd_staging_bytes, swap_bytes
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
 from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
                                   parse_budget, resolve_budget)
 
 __all__ = ["DEFAULT_MEMORY_FRACTION", "kv_share_bytes", "ledger_bytes", "plan_memory", "reserve_fixed",
-           "watermark_bytes"]
+           "reserve_ssd_staging", "watermark_bytes"]
 
 DEFAULT_MEMORY_FRACTION = 0.9  # the ledger without --memory-budget: this share of the memory available at start
 
@@ -72,6 +72,22 @@ def reserve_fixed(ledger: MemoryBudget, plan: accounting.MemoryPlan) -> None:
         )
     for owner, nbytes in parts.items():
         ledger.reserve(nbytes, owner)
+
+
+def reserve_ssd_staging(config: EngineConfig, ledger: MemoryBudget, device: torch.device) -> int:
+    """Reserve the SSD tier's O_DIRECT staging buffers (swap_tiers.ssd_staging_bytes: (swap_threads + 1) x 1 MiB,
+    on a CPU) in the ledger under "ssd_staging", before the KV share is computed; build_swap gives them back if
+    O_DIRECT turns out not to be in use. Returns the bytes reserved; a ledger without room for them is refused."""
+    nbytes = ssd_staging_bytes(config, device)
+    if nbytes and nbytes > ledger.available_bytes:
+        raise MemoryBudgetExceeded(
+            f"the SSD swap tier's O_DIRECT staging buffers ({format_bytes(nbytes)}: 1 MiB for the engine thread and "
+            f"each of --swap-threads {config.swap_threads}) do not fit in the memory budget "
+            f"({format_bytes(ledger.available_bytes)} left after the model); raise --memory-budget or lower "
+            "--swap-threads")
+    if nbytes:
+        ledger.reserve(nbytes, SSD_STAGING_OWNER)
+    return nbytes
 
 
 def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.device, full_sequence_bytes: int,

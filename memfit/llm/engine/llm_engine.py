@@ -86,6 +86,7 @@ class LLMEngine:
                                           eager_pages=config.kv_eager_pages,
                                           prefix_caching=config.enable_prefix_caching,
                                           block_groups=config.kv_block_groups)
+        ledger.reserve_ssd_staging(config, self.ledger, self.device)  # the SSD tier's O_DIRECT buffers, on a CPU
         kv_share = ledger.kv_share_bytes(config, self.ledger, self.device,
                                          kv_class.full_sequence_bytes(self.layout, **kv_opts),
                                          self.draft.kv_budget.limit_bytes if self.draft is not None else 0)

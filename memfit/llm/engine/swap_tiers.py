@@ -11,11 +11,14 @@ from memfit.llm.engine.config import EngineConfig
 from memfit.llm.kv.base import KVCacheManager
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import MemoryBudget, Tier, parse_swap_space
+from memfit.memory.extent_store import STAGE
 
 if TYPE_CHECKING:
     from memfit.llm.kv.swap import SwapSpace
 
-__all__ = ["build_swap", "swap_bytes", "swap_stats", "tier_timeline"]
+__all__ = ["SSD_STAGING_OWNER", "build_swap", "ssd_staging_bytes", "swap_bytes", "swap_stats", "tier_timeline"]
+
+SSD_STAGING_OWNER = "ssd_staging"  # the ledger owner of the SSD tier's O_DIRECT staging buffers
 
 
 def swap_bytes(config: EngineConfig) -> int:
@@ -23,6 +26,18 @@ def swap_bytes(config: EngineConfig) -> int:
     if config.preemption_mode == "recompute":
         return 0
     return parse_swap_space(config.swap_space if config.swap_space is not None else 4)
+
+
+def ssd_staging_bytes(config: EngineConfig, device: torch.device) -> int:
+    """What the SSD tier's O_DIRECT staging buffers may hold (memory/extent_store.py): one STAGE-byte buffer per
+    thread that may do SSD I/O at once, the engine thread and each of swap_threads. Counted in the ledger on a
+    CPU only (there the ledger is the process's RAM; on CUDA it is device memory). 0 without an SSD tier or
+    where O_DIRECT does not exist; if the file system refuses it, build_swap gives the reservation back."""
+    if device.type != "cpu" or config.preemption_mode == "recompute" or config.swap_ssd_path is None:
+        return 0
+    import os
+
+    return (config.swap_threads + 1) * STAGE if hasattr(os, "O_DIRECT") else 0
 
 
 def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, device: torch.device,
@@ -45,7 +60,14 @@ def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, d
         from memfit.llm.kv.swap_ssd import SSDTier
 
         space = config.swap_ssd_space
-        ssd = SSDTier(config.swap_ssd_path, parse_swap_space(space if space is not None else 16))
+        ssd = SSDTier(config.swap_ssd_path, parse_swap_space(space if space is not None else 16),
+                      threads=config.swap_threads)
+        staged = ledger.by_owner().get(SSD_STAGING_OWNER, 0)  # ledger.reserve_ssd_staging, on a CPU
+        if staged:
+            if ssd.store.direct:  # given back if the first O_DIRECT write is refused (on whichever thread)
+                ssd.store.on_fallback = lambda: ledger.release(staged, SSD_STAGING_OWNER)
+            else:  # the file system refused O_DIRECT at open: buffered I/O, no staging buffers
+                ledger.release(staged, SSD_STAGING_OWNER)
     return SwapSpace(kv, budget, cost, threads=config.swap_threads, reuse=config.swap_reuse, ssd=ssd)
 
 

@@ -1,0 +1,140 @@
+"""The SSD tier's O_DIRECT staging buffers in the whole-process ledger (engine/swap_tiers.py, engine/ledger.py):
+reserved before the KV share, never exceeded by the buffers actually mapped, given back when O_DIRECT is not in
+use, and refused clearly when the budget cannot hold them."""
+from __future__ import annotations
+
+import errno
+import mmap as real_mmap
+import os
+
+import pytest
+import torch
+
+import memfit.memory.extent_store as extent_store
+from memfit.llm.engine.api import LLM
+from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.ledger import reserve_ssd_staging
+from memfit.llm.engine.swap_tiers import SSD_STAGING_OWNER
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier
+from memfit.memory.extent_store import STAGE
+from tests.llm.engine.test_engine import tiny  # noqa: F401 - the fixture
+from tests.llm.engine.test_preemption import PARAMS, PROMPTS
+
+THREADS = 2
+
+
+class CountingMmap:
+    """Stands in for the `mmap` module inside extent_store: counts the STAGE-byte anonymous maps it makes."""
+
+    def __init__(self) -> None:
+        self.staging_maps = 0
+
+    def mmap(self, fileno: int, length: int, *args, **kwargs):  # noqa: ANN201 - as mmap.mmap
+        if fileno == -1 and length == STAGE:
+            self.staging_maps += 1
+        return real_mmap.mmap(fileno, length, *args, **kwargs)
+
+
+def heavy_ssd_llm(path, tmp_path, threads: int = THREADS) -> LLM:
+    """A KV budget for 2.5 sequences and a host tier for ~30 tokens: swapped KV goes down to the SSD tier."""
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    return LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+               preemption_mode="swap", swap_threads=threads,
+               swap_space=f"{probe.engine.layout.bytes_per_token * 30}B", swap_ssd_path=str(tmp_path),
+               swap_ssd_space="16MiB")
+
+
+def test_the_staging_buffers_mapped_under_heavy_ssd_swapping_never_exceed_the_ledger_reservation(
+        tiny, tmp_path, monkeypatch):  # noqa: F811
+    counter = CountingMmap()
+    monkeypatch.setattr(extent_store, "mmap", counter)
+    llm = heavy_ssd_llm(tiny[2], tmp_path)
+    engine = llm.engine
+    store = engine.swap.ssd.store
+    if not store.direct:
+        pytest.skip(f"O_DIRECT not in use here ({store.direct_fallback})")
+    reserved = engine.ledger.by_owner().get(SSD_STAGING_OWNER, 0)
+    assert reserved == (THREADS + 1) * STAGE == store.staging_bytes
+    llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)
+    ssd = {t["tier"]: t for t in engine.stats()["swap"]["tiers"]}["ssd"]
+    assert ssd["out_ops"] > 3 and ssd["in_ops"] > 3  # heavy SSD traffic, on the engine thread and the pool
+    assert engine.swap.async_swap_ins + engine.swap.async_swap_outs > 0
+    assert 1 <= counter.staging_maps and counter.staging_maps * STAGE <= reserved
+    assert engine.ledger.by_owner()[SSD_STAGING_OWNER] == reserved  # held while O_DIRECT is in use
+    engine.close()
+
+
+def test_more_threads_than_buffers_wait_for_one_instead_of_mapping_more(tmp_path, monkeypatch):
+    """Eight threads writing at once through a store of two buffers: no more than two are ever mapped."""
+    import threading
+
+    counter = CountingMmap()
+    monkeypatch.setattr(extent_store, "mmap", counter)
+    store = extent_store.ExtentStore(tmp_path, 64 * STAGE, max_stages=2)
+    if not store.direct:
+        pytest.skip(f"O_DIRECT not in use here ({store.direct_fallback})")
+    data = [torch.full((STAGE + 777,), i, dtype=torch.uint8) for i in range(8)]
+    offs = [store.alloc(d.numel()) for d in data]
+    threads = [threading.Thread(target=store.write, args=(o, [memoryview(d.numpy())])) for o, d in zip(offs, data)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for o, d in zip(offs, data):
+        back = torch.empty_like(d)
+        store.readinto(o, [memoryview(back.numpy())])
+        assert torch.equal(back, d)
+    assert counter.staging_maps <= 2 and store.staging_bytes == 2 * STAGE
+    store.close()
+
+
+def test_the_reservation_is_given_back_when_the_first_o_direct_write_is_refused(tiny, tmp_path):  # noqa: F811
+    llm = heavy_ssd_llm(tiny[2], tmp_path)
+    engine = llm.engine
+    ssd = engine.swap.ssd
+    if not ssd.store.direct:
+        pytest.skip("O_DIRECT not in use here")
+
+    class Refusing:  # the file system accepted the flag at open and refuses the I/O (as some do)
+        def write(self, *args):
+            raise OSError(errno.EINVAL, "Invalid argument (injected)")
+
+        read = write
+
+    ssd._io = Refusing()
+    llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)
+    assert not ssd.store.direct and ssd.stats.out_bytes > 0  # buffered I/O from the first write on
+    assert engine.ledger.by_owner().get(SSD_STAGING_OWNER, 0) == 0 and ssd.store.staging_bytes == 0
+    engine.close()
+
+
+def test_the_reservation_is_given_back_when_o_direct_is_refused_at_open(tiny, tmp_path, monkeypatch):  # noqa: F811
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument (injected)")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(extent_store.os, "open", no_direct)
+    engine = heavy_ssd_llm(tiny[2], tmp_path).engine
+    assert not engine.swap.ssd.store.direct
+    assert engine.ledger.by_owner().get(SSD_STAGING_OWNER, 0) == 0
+    engine.close()
+
+
+def test_a_budget_without_room_for_the_staging_buffers_is_refused_clearly(tmp_path):
+    cpu = torch.device("cpu")
+    config = EngineConfig(preemption_mode="swap", swap_threads=2, swap_ssd_path=str(tmp_path))
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT here: nothing to reserve")
+    ledger = MemoryBudget(3 * STAGE - 1, Tier.DEVICE, name="memory_budget")
+    with pytest.raises(MemoryBudgetExceeded, match="staging buffers .*--swap-threads 2"):
+        reserve_ssd_staging(config, ledger, cpu)
+    assert ledger.used_bytes == 0
+    ledger = MemoryBudget(3 * STAGE, Tier.DEVICE, name="memory_budget")
+    assert reserve_ssd_staging(config, ledger, cpu) == 3 * STAGE == ledger.by_owner()[SSD_STAGING_OWNER]
+    # no SSD tier, or recompute only: nothing reserved
+    assert reserve_ssd_staging(EngineConfig(preemption_mode="swap"), ledger, cpu) == 0
+    assert reserve_ssd_staging(EngineConfig(swap_ssd_path=str(tmp_path)), ledger, cpu) == 0
