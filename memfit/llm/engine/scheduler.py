@@ -191,7 +191,7 @@ class Scheduler:
         n = victim.num_computed
         if self.swap is None or n == 0 or not self.kv.has_seq(victim.seq_id):
             return False
-        if self.config.preemption_mode == "auto" and not self.swap.prefers_swap(n):
+        if self.config.preemption_mode == "auto" and not self.swap.prefers_swap(n, victim.seq_id):
             return False
         if keep:
             return self.swap.try_swap_out(victim.seq_id, n, keep=True)

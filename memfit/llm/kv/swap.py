@@ -111,10 +111,18 @@ class SwapSpace(InFlightSwaps):
         """Bytes of every chunk held on the host, summed from the buffers themselves."""
         return self.book.held_bytes()
 
-    def prefers_swap(self, num_tokens: int) -> bool:
+    def swap_shape(self, seq_id: int, num_tokens: int) -> tuple[int, int]:
+        """(bytes, copies) swapping `seq_id`'s positions 0..num_tokens-1 out makes, from where its KV lies now
+        (block groups: its contiguous runs, not its blocks); the swap-in is modelled with the same count."""
+        return self.run_map.seq_shape(seq_id, num_tokens)
+
+    def prefers_swap(self, num_tokens: int, seq_id: int | None = None) -> bool:
+        """The `auto` mode's choice: swapping out and back in is modelled cheaper than recomputing. With
+        `seq_id`, the copies are the sequence's own runs (swap_shape), else the layout's most (runs_shape)."""
         if self.cost is None:
             return True
-        return self.cost.swap_s(*self.runs_shape(num_tokens)) < self.cost.recompute_s(num_tokens)
+        shape = self.runs_shape(num_tokens) if seq_id is None else self.swap_shape(seq_id, num_tokens)
+        return self.cost.swap_s(*shape) < self.cost.recompute_s(num_tokens)
 
     def try_swap_out(self, seq_id: int, num_tokens: int, keep: bool = False, wait: bool = True) -> bool:
         """Copy positions 0..num_tokens-1 of `seq_id` to the host tier; False (nothing held) if it is full. With

@@ -97,6 +97,12 @@ class SwapRuns:
         table = self.table(seq_id) if table is None else table
         return [self.view(seq_id, p, table) for p, _, _ in self.coalesce(self.spans(lo, num_tokens), table)]
 
+    def seq_shape(self, seq_id: int, num_tokens: int, lo: int = 0) -> tuple[int, int]:
+        """(bytes, copies) a swap-out of `seq_id`'s positions lo..num_tokens-1 makes as it is laid out now: with
+        block groups, one copy per contiguous run of its block table and pool (`coalesce`, as `runs` copies)."""
+        spans = self.coalesce(self.spans(lo, num_tokens), self.table(seq_id))
+        return (spans[-1][2] if spans else 0), len(spans)
+
     def shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
         """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way (block groups: at most that many
         copies, as few as 2 x layers when the sequence's blocks are one run)."""

@@ -94,3 +94,37 @@ def test_block_groups_swap_through_the_ssd_tier_reads_back_into_fewer_runs(tmp_p
     assert ssd.stats.in_ops == 1 and ssd.budget.used_bytes == 0
     swap.close()
     cache.close()
+
+
+def test_auto_models_a_block_group_sequences_swap_by_its_runs_and_they_are_the_copies_made(monkeypatch):
+    """A sequence allocated alone lies in one run per pool: the `auto` mode's modelled swap (swap_shape) counts
+    those copies, not one per block, and a swap-out and swap-in make exactly that many `copy_` calls. With a
+    per-copy cost where per-block swapping loses to recomputing, auto now swaps the grouped sequence."""
+    from memfit.llm.kv.swap import CostModel
+
+    cache = PagedKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), block_size=4, block_groups=True)
+    cost = CostModel(params=10**5, layers=LAYOUT.num_layers, q_width=64)
+    swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"), cost)
+    n = 60
+    assert cache.try_allocate(1, n)
+    write(cache, [SeqStep(1, 0, n)])
+    blocks = len(cache.block_table(1))
+    assert contiguous_runs(cache.block_table(1)) == 1
+    nbytes, copies = swap.swap_shape(1, n)
+    per_block_bytes, per_block_copies = swap.runs_shape(n)
+    assert nbytes == per_block_bytes and copies == POOLS < per_block_copies == POOLS * blocks
+    assert cost.swap_s(nbytes, copies) < cost.swap_s(per_block_bytes, per_block_copies)
+    # a per-copy cost between the two: per-block swapping costs more than recomputing, the grouped one less
+    recompute = cost.recompute_s(n)
+    cost.op_s = (recompute / 2 - nbytes / cost.bytes_per_s) / ((copies + per_block_copies) / 2)
+    assert swap.prefers_swap(n, seq_id=1) and not swap.prefers_swap(n)
+    seen = count_copies(monkeypatch)
+    assert swap.try_swap_out(1, n)
+    out = seen[0]
+    cache.free(1)
+    assert cache.try_allocate(1, n) and contiguous_runs(cache.block_table(1)) == 1
+    seen[0] = 0
+    assert swap.swap_in(1) == n
+    assert out == copies == seen[0]  # the model's count is what each direction actually copied
+    monkeypatch.undo()
+    cache.close()
