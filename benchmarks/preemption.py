@@ -18,7 +18,9 @@ mechanism:
   conversation's next turn (the other variants free it: the next turn prefills its whole history);
 - swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
 - swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
-  above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it).
+  above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it);
+- swap-run-reuse-ssd-prewrite: the same with the SSD tier's file written with zeros before the run
+  (`swap_ssd_prewrite`), so no swap is a first write into an unwritten extent (not in the default set).
 - paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
   (layer, K|V) pool, synchronously: vLLM's own per-block swap;
 - paged-swap-group: the same with block groups (`kv_block_groups`, memory/blocks.py): blocks come from a buddy
@@ -57,6 +59,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
     "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
+    "swap-run-reuse-ssd-prewrite": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
+                                        swap_ssd_prewrite=True),
     "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
                              swap_reuse=False),

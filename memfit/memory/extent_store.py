@@ -28,6 +28,11 @@ once if O_DIRECT is given up, when that memory is no longer needed. A file syste
 that refuses O_DIRECT (EINVAL at open, or at the first write: some accept the flag and refuse the I/O) gets the
 buffered path above, writing from and reading into the runs themselves; `direct` says which is in use and
 `direct_fallback` why it is not.
+
+`prewrite` (off by default): after `posix_fallocate`, write zeros over the whole file once, through a staging
+buffer, with progress on stderr. fallocate leaves ext4 extents "unwritten", and the first write into one converts
+it (a journalled metadata update): measured here, 1.4 ms for a first ~150 KB write against 0.2 ms for a rewrite.
+Prewriting pays that once at start, at the disk's sequential bandwidth, instead of in the first swaps.
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ import errno
 import logging
 import mmap
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -56,7 +63,7 @@ Staged = Callable[[int, int, np.ndarray, list[memoryview]], None]  # (fd, offset
 
 class ExtentStore:
     def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True,
-                 max_stages: int = 1) -> None:
+                 max_stages: int = 1, prewrite: bool = False) -> None:
         directory = Path(directory)
         if max_stages < 1:
             raise ValueError(f"max_stages must be >= 1, got {max_stages}")
@@ -96,6 +103,8 @@ class ExtentStore:
             self._remove()
             raise SwapSpaceError(f"cannot preallocate {format_bytes(self.capacity)} in {directory} ({exc.strerror}); "
                                  "free space there or lower --swap-ssd-space") from None
+        if prewrite:
+            self._prewrite()
         self._starts = [0]  # free extents, sorted by offset: starts and (parallel) lengths
         self._lengths = [self.capacity]
         self.used_bytes = 0
@@ -285,6 +294,32 @@ class ExtentStore:
                 if not pieces[0].size:
                     pieces.pop(0)
             pos, left = pos + size, left - take
+
+    def _prewrite(self) -> None:
+        """Zeros over the whole file, STAGE bytes per write (O_DIRECT, or buffered then fsync), so every extent
+        is written before its first swap; progress on stderr every tenth. A failure removes the file."""
+        stage, t0, shown = self._acquire(), time.perf_counter(), 0
+        stage[:] = 0
+        print(f"SSD swap tier: writing zeros over {format_bytes(self.capacity)} in {self.path.parent} "
+              "(--swap-ssd-prewrite)", file=sys.stderr, flush=True)
+        try:
+            for off in range(0, self.capacity, STAGE):
+                n = min(STAGE, self.capacity - off)  # capacity is a multiple of ALIGN
+                if os.pwrite(self.fd, memoryview(stage)[:n], off) != n:
+                    raise OSError(errno.EIO, f"short write at offset {off}")
+                tenth = (off + n) * 10 // self.capacity
+                if tenth > shown:
+                    shown = tenth
+                    print(f"SSD swap tier: {tenth * 10}% written ({time.perf_counter() - t0:.1f} s)",
+                          file=sys.stderr, flush=True)
+            if not self.direct:
+                os.fsync(self.fd)
+        except OSError as exc:
+            self._remove()
+            raise SwapSpaceError(f"cannot write the SSD swap file in {self.path.parent} ({exc.strerror or exc}); "
+                                 "free space there or lower --swap-ssd-space") from None
+        finally:
+            self._give_back(stage)
 
     def _fall_back(self, why: str) -> None:
         """Buffered I/O from now on (the same file, reopened without O_DIRECT where it was open with it)."""

@@ -132,3 +132,48 @@ def test_buffered_io_when_o_direct_is_not_asked_for(tmp_path):
     assert not store.direct and not _is_direct(store) and store.direct_fallback == "not asked for"
     _round_trip(store, 5000)
     store.close()
+
+
+def _unwritten_bytes(path) -> int | None:
+    """Bytes of the file in extents the file system flags unwritten (FIEMAP, as filefrag reads it); None where
+    FIEMAP is not answered."""
+    import fcntl
+    import struct
+
+    count, head, ext = 256, struct.Struct("=QQIIII"), struct.Struct("=QQQQQIIII")  # struct fiemap, fiemap_extent
+    buf = bytearray(head.pack(0, 2**64 - 1, 1, 0, count, 0) + bytes(count * ext.size))  # FIEMAP_FLAG_SYNC
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0xC020660B, buf)  # FS_IOC_FIEMAP
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    mapped = head.unpack_from(buf)[3]
+    out = 0
+    for i in range(mapped):
+        _, _, length, _, _, flags, *_ = ext.unpack_from(buf, head.size + i * ext.size)
+        out += length if flags & 0x800 else 0  # FIEMAP_EXTENT_UNWRITTEN
+    return out
+
+
+def test_prewrite_leaves_no_unwritten_extent_and_reports_progress(tmp_path, capsys):
+    """fallocate leaves the file's extents unwritten (ext4: a first write converts them, 1.4 ms vs 0.2 ms);
+    prewrite writes zeros over all of it at start, so the file system has no unwritten extent left."""
+    from memfit.memory.extent_store import STAGE
+
+    plain = ExtentStore(tmp_path, 3 * STAGE + ALIGN)
+    before = _unwritten_bytes(plain.path)
+    plain.close()
+    if not before:
+        pytest.skip(f"{tmp_path}: fallocate leaves no unwritten extents here (or FIEMAP unanswered)")
+    store = ExtentStore(tmp_path, 3 * STAGE + ALIGN, prewrite=True)
+    assert _unwritten_bytes(store.path) == 0
+    assert "100% written" in capsys.readouterr().err
+    data = bytes(range(256)) * 40
+    off = store.alloc(len(data))
+    store.write(off, [memoryview(data)])
+    back = bytearray(len(data))
+    store.readinto(off, [memoryview(back)])
+    assert bytes(back) == data
+    store.close()

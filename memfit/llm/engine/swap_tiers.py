@@ -61,7 +61,7 @@ def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, d
 
         space = config.swap_ssd_space
         ssd = SSDTier(config.swap_ssd_path, parse_swap_space(space if space is not None else 16),
-                      threads=config.swap_threads)
+                      threads=config.swap_threads, prewrite=config.swap_ssd_prewrite)
         staged = ledger.by_owner().get(SSD_STAGING_OWNER, 0)  # ledger.reserve_ssd_staging, on a CPU
         if staged:
             if ssd.store.direct:  # given back if the first O_DIRECT write is refused (on whichever thread)

@@ -52,10 +52,11 @@ class Extent:
 
 class SSDTier:
     def __init__(self, directory: str | Path, capacity: int, direct: bool = True, checksum_kind: str = "auto",
-                 staged: bool = True, threads: int = 0) -> None:
+                 staged: bool = True, threads: int = 0, prewrite: bool = False) -> None:
         # O_DIRECT where the file system allows, through at most threads + 1 staging buffers (the engine thread
         # and each swap thread; engine/ledger.py reserves them)
-        self.store = ExtentStore(directory, capacity, direct=direct, max_stages=threads + 1)
+        # (prewrite: zeros over the file at start, so no swap pays ext4's first write into an unwritten extent)
+        self.store = ExtentStore(directory, capacity, direct=direct, max_stages=threads + 1, prewrite=prewrite)
         self.checksum, self._update = checksum(checksum_kind)  # "crc32c" (hardware) or "crc32" (zlib)
         # The O_DIRECT loop in C, one GIL release per extent (kernels/staged_io.py); it checksums with CRC-32C
         self._io = staged_io() if self.checksum == "crc32c" and staged else None

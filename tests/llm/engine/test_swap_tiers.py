@@ -138,3 +138,21 @@ def test_a_budget_without_room_for_the_staging_buffers_is_refused_clearly(tmp_pa
     # no SSD tier, or recompute only: nothing reserved
     assert reserve_ssd_staging(EngineConfig(preemption_mode="swap"), ledger, cpu) == 0
     assert reserve_ssd_staging(EngineConfig(swap_ssd_path=str(tmp_path)), ledger, cpu) == 0
+
+
+def test_swap_ssd_prewrite_from_the_command_line_leaves_no_unwritten_extent(tiny, tmp_path, capsys):  # noqa: F811
+    import argparse
+
+    from memfit.llm.engine.config import add_engine_args
+    from tests.memory.test_extent_store import _unwritten_bytes
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--preemption-mode", "swap", "--ssd-swap", f"{tmp_path}:8MiB", "--swap-ssd-prewrite"])
+    config = EngineConfig.from_args(args)
+    assert config.swap_ssd_prewrite and not EngineConfig.from_args(p.parse_args([])).swap_ssd_prewrite
+    llm = LLM(str(tiny[2]), dtype="float32", kv_budget="4MiB", preemption_mode="swap", swap_ssd_path=str(tmp_path),
+              swap_ssd_space="8MiB", swap_ssd_prewrite=True)
+    assert _unwritten_bytes(llm.engine.swap.ssd.store.path) in (0, None)  # None: FIEMAP not answered here
+    assert "100% written" in capsys.readouterr().err
+    llm.engine.close()
