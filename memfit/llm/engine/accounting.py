@@ -158,14 +158,20 @@ def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
 
 def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int) -> int:
     """Tree speculation's buffers (engine/spec_tree_step.py) for `batch` sequences of up to `context` tokens, a W,D
-    tree of N = W x D nodes each: the verification logits (N + 1 rows of V float32) and a draft level's (W rows); the
-    ancestor mask ((N + 1)^2 bool) and the attention mask over the context ((N + 1) x (context + N + 1) bool). Trees
-    are greedy (argmax picks), so unlike the chain's rows no softmax copy is made: counting one put `fit` 2.2 MiB
-    (8 x 17 rows x V x 4 B) over the measured peak of memfit-tiny at 8 x 192 with a 4,3 tree, at the edge of its
-    3 MiB tolerance. A tree engine's sampled requests run as chains of depth D (speculation_bytes, with copies),
-    so the larger of the two is reserved."""
+    tree of N = W x D + 1 nodes each (with the root), in rows of V float32 per sequence, the largest of:
+    - greedy: the verification logits (N rows) and a draft level's (W rows); argmax picks make no softmax copy
+      (counting one put `fit` 2.2 MiB over the measured peak of memfit-tiny at 8 x 192 with a 4,3 tree);
+    - sampled (engine/spec_tree_sample.py), verifying: the logits (N) and the draft's distributions kept at every
+      node with children (1 + W(D - 1)); the target's are made one row at a time (3 rows with their working
+      copies, for the whole batch);
+    - sampled, drafting the last level: the distributions kept before it (1 + W(D - 2)), the level's logits (W) and
+      its distributions with a working copy (2W).
+    plus the ancestor mask (N^2 bool) and the attention mask over the context (N x (context + N) bool). An engine
+    cannot know which requests will come, so the largest is reserved; W = 1 rows run as chains of depth D
+    (speculation_bytes, with copies), so the larger of the two is."""
     n = width * depth + 1
-    tree = batch * ((n + width) * vocab_size * 4 + n * n + n * (context + n))
+    rows = max(n + width, n + 1 + width * (depth - 1), 1 + width * (depth + 1) if depth > 1 else 0)
+    tree = batch * (rows * vocab_size * 4 + n * n + n * (context + n)) + 3 * vocab_size * 4
     return max(tree, speculation_bytes(vocab_size, depth, batch))
 
 

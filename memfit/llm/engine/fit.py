@@ -11,8 +11,8 @@ the draft (engine/draft.py): its weights (none for a self-draft, which shares th
 same context, its step reservation, the speculation buffers (`accounting.speculation_bytes`), and the target's
 KV for g lookahead tokens per sequence. With a token tree (`speculative_tree` W,D, engine/spec_tree_step.py) the
 buffers are the tree's (`accounting.tree_speculation_bytes`: W x D + 1 verification rows and W draft rows of
-logits, the ancestor and attention masks), the target's KV holds W x D lookahead tokens per sequence and the
-draft's (D - 1) x W.
+logits, the ancestor and attention masks, and for sampled requests the draft's and the target's distributions),
+the target's KV holds W x D lookahead tokens per sequence and the draft's (D - 1) x W.
 
 With tensor parallelism (`tensor_parallel_size` N, memfit/llm/parallel/) the breakdown is one rank's: the
 weights and KV of its shard (H/N heads, Hkv/N KV heads, I/N MLP columns, V/N vocabulary rows; the norms and a

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--speculative-model", default=None)
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
-    ap.add_argument("--speculative-tree", default=None)  # W,D: all requests greedy (they draft trees)
+    ap.add_argument("--speculative-tree", default=None)  # W,D: greedy and sampled requests draft trees
     a = ap.parse_args()
     before_import = rss_bytes()
     import torch
@@ -56,7 +56,7 @@ def main() -> None:
             for i in range(a.batch):
                 # as a server sees them: greedy and sampled requests side by side (the runtime's share is measured so)
                 params = SamplingParams(max_tokens=a.context // 2, ignore_eos=True,
-                                        temperature=0.8 if (i + r) % 2 == 0 and not a.speculative_tree else 0,
+                                        temperature=0.8 if (i + r) % 2 == 0 else 0,
                                         top_p=0.9, seed=i)
                 prompt = [(r * 977 + i * 131 + j * 7) % (vocab - 3) + 3 for j in range(a.context // 2)]
                 engine.add_request(prompt_token_ids=prompt, params=params)

@@ -24,6 +24,8 @@ p and q are `Sampler.probs` rows: temperature, top-k, top-p and min-p applied as
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from memfit.llm.engine.sampling import inverse_cdf
@@ -51,11 +53,12 @@ def draw_children(q: torch.Tensor, u: torch.Tensor) -> list[int]:
     return inverse_cdf(q.unsqueeze(0).expand(len(u), -1), u).tolist()
 
 
-def sampled_tree_verdict(tree: TokenTree, p: torch.Tensor, q: dict[int, torch.Tensor] | torch.Tensor,
+def sampled_tree_verdict(tree: TokenTree, p: Any, q: dict[int, torch.Tensor] | torch.Tensor,
                          u_accept: list[float], u_final: float) -> tuple[list[int], list[int]]:
     """SpecInfer's multi-candidate rule over `tree` (see the module docstring).
 
-    p (N, V): the target's distribution after each node's path (one row per node, in tree order); q[i] (V,): the
+    p[i] (V,): the target's distribution after node i's path ((N, V) rows, or anything indexed so: the engine computes
+    a row only when the walk reaches its node); q[i] (V,): the
     draft's distribution at node i, from which its children were drawn (needed for nodes with children only);
     u_accept: uniforms for the acceptance tests, consumed in order (at most len(tree) - 1 of them); u_final: the
     uniform of the emitted (resampled or bonus) token. Returns (accepted node indices, root to leaf; emitted tokens:

@@ -162,9 +162,8 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
     # 4. compact both caches to the accepted paths, truncate the rest, hand the tokens to the engine
     verdicts, offsets, off = [], [], 0
     for b, tree in enumerate(trees):
-        if b in q:  # p one tree at a time: (N, V) and its softmax's copy live only here
-            nodes = len(tree)
-            p = dec.sampler.probs(logits[off : off + nodes], [seqs[b].params] * nodes)  # (N, V)
+        if b in q:  # p row by row, only at the nodes the walk reaches (the root and its accepted path)
+            p = _TargetRows(dec.sampler, logits[off : off + len(tree)], seqs[b].params)
             half = (len(u[b]) - 1) // 2
             verdicts.append(sampled_tree_verdict(tree, p, q[b], u[b][half:-1].tolist(), float(u[b][-1])))
         else:
@@ -202,6 +201,18 @@ def _draft_probs(dec: Any, logits: torch.Tensor, rows: list[tuple[int, Sequence]
     row -> (V,). Empty when no sampled row is among them."""
     if not rows:
         return {}
-    idx = torch.tensor([r for r, _ in rows], device=logits.device)
-    probs = dec.draft.sampler.probs(logits.index_select(0, idx), [s.params for _, s in rows])  # (R', V)
+    every = [r for r, _ in rows] == list(range(logits.shape[0]))  # all sampled: no (R', V) copy of the logits
+    sub = logits if every else logits.index_select(0, torch.tensor([r for r, _ in rows], device=logits.device))
+    probs = dec.draft.sampler.probs(sub, [s.params for _, s in rows])  # (R', V)
     return {r: probs[i] for i, (r, _) in enumerate(rows)}
+
+
+class _TargetRows:
+    """The target's distribution (`Sampler.probs`) at a tree's nodes, computed one row when the walk asks for it:
+    one (1, V) row and its working copies at a time, never the tree's (N, V) (accounting.tree_speculation_bytes)."""
+
+    def __init__(self, sampler: Any, logits: torch.Tensor, params: Any) -> None:
+        self.sampler, self.logits, self.params = sampler, logits, params  # logits: (N, V), one row per node
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        return self.sampler.probs(self.logits[node : node + 1], [self.params])[0]  # (V,)
