@@ -105,6 +105,9 @@ def main() -> int:
     ap.add_argument("--trees", default="", help="token trees WxD (e.g. 2x3,4x3; 3x3a: with speculative_adaptive, "
                     "trees or chains step by step), one tree-speculation engine each (speculative_tree)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (the default); above 0, sampled requests seeded from --seed (trees then verify by "
+                         "SpecInfer's multi-candidate rule, chains by Leviathan's; identical_tokens is then moot)")
     ap.add_argument("--batches", default="1,4", help="comma-separated max_num_seqs values")
     ap.add_argument("--requests-per-slot", type=int, default=1,
                     help="requests per batch slot, queued at once: above 1, a finished sequence's slot is refilled "
@@ -119,7 +122,8 @@ def main() -> int:
     pin_threads(args.threads)
     from memfit.llm import LLM, SamplingParams
 
-    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True,
+                        seed=args.seed if args.temperature > 0 else None)
     common = dict(dtype=args.dtype, threads=args.threads)
     rows, peer = [], None
     for batch in (int(b) for b in args.batches.split(",")):

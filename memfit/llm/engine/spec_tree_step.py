@@ -152,6 +152,7 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
                 c.tree.add(c.first + j, tok)
         passes += 1
     t1 = time.perf_counter()
+    logits = probs = None  # the last draft pass's (R, V) logits and copies go before the verification's are made
     # 3. the target verifies every tree in one pass
     chunks = [TreeChunk(s.seq_id, s.num_computed, trees[b], 0, len(trees[b]), trees[b].ancestor_mask())
               for b, s in enumerate(seqs)]
