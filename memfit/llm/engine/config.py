@@ -86,10 +86,11 @@ class EngineConfig:
     # Pick g per sequence and step from its observed acceptance and the measured cost of a draft pass (0: plain
     # decoding where speculation would be slower); off: always num_speculative_tokens, as room allows.
     speculative_adaptive: bool = False
-    # Tree speculation (engine/spec_tree_step.py): (W, D) or 'W,D': the draft's top-W tokens after the last one,
-    # each continued by a greedy chain of depth D, all verified in one pass under a tree mask. Greedy requests draft
-    # trees; sampled ones a chain of depth D (the exact rejection rule). With speculative_adaptive: trees or adaptive
-    # chains, step by step, whichever measured faster.
+    # Tree speculation (engine/spec_tree_step.py): (W, D) or 'W,D': W tokens after the last one, each continued by a
+    # chain of depth D, all verified in one pass under a tree mask. Greedy requests: the draft's top-W and greedy
+    # chains, the target's argmax path; sampled ones: W i.i.d. draws and drawn chains, SpecInfer's multi-candidate
+    # rejection rule (spec_tree_sample.py). With speculative_adaptive: trees or adaptive chains, step by step,
+    # whichever measured faster.
     speculative_tree: tuple[int, int] | str | None = None
     # Split the model's heads and MLP over this many processes (memfit/llm/parallel/; docs/parallel.md): rank 0
     # spawns the others, or torchrun starts them all. Each rank holds 1/N of the weights and of the KV cache.
@@ -283,8 +284,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="choose the number of draft tokens per sequence and step from the acceptance observed and the "
                         "measured cost of a draft pass, down to plain decoding where speculation would be slower")
     g.add_argument("--speculative-tree", "--tree", default=None, metavar="W,D",
-                   help="tree speculation: the draft's top-W tokens, each continued to depth D, verified in one pass "
-                        "under a tree mask (greedy requests; sampled ones draft a chain of depth D; docs/engine.md)")
+                   help="tree speculation: W draft tokens (top-W, or W draws for sampled requests), each continued "
+                        "to depth D, verified in one pass under a tree mask (docs/engine.md)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="split attention heads and MLP over this many processes (gloo on CPU, NCCL on CUDA); rank 0 "
                         "spawns the others, or run under torchrun (docs/parallel.md)")
