@@ -10,7 +10,8 @@ for the same place in the text. Node i attends to the committed prefix (indices 
 itself (`ancestor_mask`), so every node sees exactly the text of its own path.
 
 The shape memfit drafts (`TokenTree.chains`, the `--speculative-tree W,D` option): the draft's top-W tokens after
-the root, each continued by a greedy chain to depth D: W x D nodes. SpecInfer's expansion configs have this form
+the root, each continued by a greedy chain to depth D: W x D nodes (sampled requests: W draws and drawn chains,
+verified by engine/spec_tree_sample.py). SpecInfer's expansion configs have this form
 (branch at one level, then chains). A full W-ary tree of depth D would hold W + W^2 + .. + W^D nodes, and on a CPU
 a verification pass costs about its node count, while deep nodes off the draft's first choices are rarely on the
 accepted path; branching at the root, where the draft disagrees with the target most, buys most of the extra
