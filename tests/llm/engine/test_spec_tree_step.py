@@ -318,6 +318,21 @@ def test_greedy_float32_identical_on_cuda(kv_cache: str) -> None:
     assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampled_trees_on_cuda_are_reproducible() -> None:
+    """Sampled trees on a GPU: q, p and the uniforms on the device (the generators stay on the CPU); fixed seeds give
+    the same tokens twice, all in the vocabulary, with drafts accepted."""
+    sp = [SamplingParams(max_tokens=24, temperature=1.0, top_k=50, seed=s, ignore_eos=True) for s in range(4)]
+    kw = dict(dtype="float32", max_num_seqs=4, device="cuda", speculative_model=DRAFT, speculative_tree=(3, 3))
+    runs = [LLM("memfit-tiny", **kw) for _ in "ab"]
+    got = [tokens(llm.generate(PROMPTS[:4], sp)) for llm in runs]
+    assert got[0] == got[1]
+    vocab = runs[0].engine.model_config.vocab_size
+    assert all(0 <= x < vocab for t in got[0] for x in t) and [len(t) for t in got[0]] == [24] * 4
+    assert runs[0].engine.stats()["speculative"]["spec_accepted"] > 0
+
+
 def test_a_one_branch_tree_runs_as_a_chain(monkeypatch) -> None:
     """W = 1 (given, or shrunk to under pressure) is a chain: it takes the chain's passes (the C++ decode stack
     where there is one), never a tree pass, and decodes as plain decoding."""
