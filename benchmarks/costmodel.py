@@ -27,7 +27,7 @@ from benchmarks.common import emit, header
 
 def main() -> int:
     if "--loop" in sys.argv[1:]:  # the tile choice alone: benchmarks/costmodel_loop.py
-        from benchmarks.costmodel_loop import main as loop_main
+        from benchmarks.costmodel_loop import cli as loop_main
 
         return loop_main([a for a in sys.argv[1:] if a != "--loop"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

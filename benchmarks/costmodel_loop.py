@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     out = args.ranker_out or DEFAULT_RANKER
     model.save(out)
     np.testing.assert_allclose(TileRanker.load(out).scores(t.X_tile[te]), fitters[chosen](t, trval, te))
-    result = {"benchmark": "costmodel_loop",
+    result = {"benchmark": "costmodel", "mode": "loop",
               **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        device="local-sync", target_cpu="host"),
               "shapes": {"all": int(len(np.unique(t.shape))), "test": int(len(np.unique(t.shape[te]))),
@@ -171,7 +171,8 @@ def draw(result: dict, path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """Run from `python -m benchmarks.costmodel --loop ...` (this module is its in-the-loop half, not a script)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", required=True)
     ap.add_argument("--seed", type=int, default=0)
