@@ -1,4 +1,4 @@
-"""The runtime's share of the ledger: repeated measurements are combined toward the upper end, cached, and
+"""The runtime's share of the ledger: the largest of repeated measurements in fresh processes, cached, and
 interpolated between the calibration batches."""
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import subprocess
 from memfit.llm.engine import calibrate
 
 
-def test_upper_runtime_reserves_the_largest_draw_plus_the_spread():
-    assert calibrate.upper_runtime([7, 9, 8]) == 11
-    assert calibrate.upper_runtime([5, 5, 5]) == 5
-
-
 def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
     monkeypatch.delenv(calibrate.CALIBRATING_ENV, raising=False)
-    draws = {"1": iter([100, 140, 120]), "8": iter([900, 700, 800])}
+    draws = {"1": iter([100, 140, 120, 90, 130]), "8": iter([900, 700, 800, 1100, 650])}
     calls = []
 
     def fake_run(cmd, **kw):
@@ -29,10 +24,10 @@ def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cac
     monkeypatch.setattr(calibrate.subprocess, "run", fake_run)
     one = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=1)
     assert calls == ["1"] * calibrate.CALIBRATION_REPEATS + ["8"] * calibrate.CALIBRATION_REPEATS
-    assert one == {"runtime_bytes": 140 + 40, "runtime_baseline_bytes": 5}
+    assert one == {"runtime_bytes": 140, "runtime_baseline_bytes": 5}  # the largest draw
     # cached: no more processes; batch 8 and past it take batch 8's figure, between them a straight line
-    assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)["runtime_bytes"] == 900 + 200
+    assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)["runtime_bytes"] == 1100
     assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=32)["runtime_bytes"] == 1100
     mid = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=4)["runtime_bytes"]
-    assert mid == round(180 + 3 / 7 * (1100 - 180))
+    assert mid == round(140 + 3 / 7 * (1100 - 140))
     assert len(calls) == 2 * calibrate.CALIBRATION_REPEATS
