@@ -29,8 +29,11 @@ QUESTIONS = Path(__file__).resolve().parent.parent / "memfit" / "data" / "mt_ben
 
 def conversation(llm, question: dict, sp, session: str | None, counts: dict) -> list[list[int]]:
     """Both turns of one MT-Bench question on `llm` (batch 1); the generated token ids of each turn. Adds each
-    turn's prompt tokens and those whose KV was reused from the earlier turn to `counts`."""
+    turn's prompt tokens and those whose KV was reused from the earlier turn to `counts`; where `counts` has the
+    keys, also notes the longest context and the most KV both models' caches held after a step ("context",
+    "kv_peak")."""
     eng, tok = llm.engine, llm.tokenizer
+    caches = [eng.kv] + ([eng.spec.draft_kv] if getattr(eng, "spec", None) is not None else [])
     messages, out = [], []
     for turn in question["turns"][:2]:
         messages.append({"role": "user", "content": turn})
@@ -41,7 +44,11 @@ def conversation(llm, question: dict, sp, session: str | None, counts: dict) -> 
             for o in eng.step():
                 if o.finished:
                     done = o
+            if "kv_peak" in counts:
+                counts["kv_peak"] = max(counts["kv_peak"], sum(c.committed_bytes for c in caches))
         out.append(done.outputs[0].token_ids)
+        if "context" in counts:
+            counts["context"] = max(counts["context"], len(ids) + len(done.outputs[0].token_ids))
         counts["prompt"] += len(ids)
         counts["reused"] += done.num_cached_tokens
         messages.append({"role": "assistant", "content": done.outputs[0].text})

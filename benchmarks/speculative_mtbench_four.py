@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit, header, pin_threads, preset_threads
+from benchmarks.speculative_mtbench import conversation  # both turns of one question, noting context and KV peak
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "memfit" / "data" / "mt_bench" / "question.jsonl"
 DECODERS = ("vanilla", "unbounded", "on_demand", "budgeted")
@@ -56,30 +57,6 @@ def engine_options(decoder: str, a: dict) -> tuple[dict, bool]:
     if a["budget_gamma"]:
         budgeted.update(speculative_model=a["draft"], num_speculative_tokens=a["budget_gamma"])
     return budgeted, True
-
-
-def conversation(llm, question: dict, sp, session: str | None, seen: dict) -> list[list[int]]:
-    """Both turns at batch 1; the generated ids of each. Notes the longest context and the KV peak in `seen`."""
-    eng, tok = llm.engine, llm.tokenizer
-    caches = [eng.kv] + ([eng.spec.draft_kv] if eng.spec is not None else [])
-    messages, out = [], []
-    for turn in question["turns"][:2]:
-        messages.append({"role": "user", "content": turn})
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
-        eng.add_request(prompt_token_ids=ids, params=sp, session_id=session)
-        done = None
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                done = o if o.finished else done
-            seen["kv_peak"] = max(seen["kv_peak"], sum(c.committed_bytes for c in caches))
-        out.append(done.outputs[0].token_ids)
-        seen["context"] = max(seen["context"], len(ids) + len(done.outputs[0].token_ids))
-        seen["prompt"] += len(ids)
-        seen["reused"] += done.num_cached_tokens
-        messages.append({"role": "assistant", "content": done.outputs[0].text})
-    if session is not None:
-        eng.end_session(session)
-    return out
 
 
 def worker(decoder: str, a: dict) -> dict:
