@@ -3,9 +3,10 @@ class's per-sequence bookkeeping (plan validation, truncate, stats), and the dec
 import pytest
 import torch
 
-from memfit.llm.kv import KVCacheError, KVCacheManager, create_kv_cache, kv_kinds
+from memfit.llm.kv import KVCacheError, KVCacheManager, create_kv_cache, kv_cache_class, kv_kinds
 from memfit.llm.kv.base import SeqStep
 from memfit.memory.budget import MemoryBudget
+from tests.llm.kv.kernel_pages import arena_resident_bytes
 from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
 
 OPTS = {"virtual": {"max_seqs": 4, "prefault": False}, "paged": {"block_size": 4}, "preallocated": {"max_seqs": 4}}
@@ -98,12 +99,13 @@ def test_full_sequence_bytes_is_what_a_full_length_sequence_commits(kind, layout
     full-length request is refused with memory to spare."""
     opts = {k: v for k, v in {**OPTS.get(kind, {}), **layout_opts}.items()
             if k in ({"block_size"} if kind == "paged" else {"max_seqs", "prefault", "token_major", "head_major"})}
-    cls = type(make(kind))
-    full = cls.full_sequence_bytes(LAYOUT, **opts)
+    full = kv_cache_class(kind).full_sequence_bytes(LAYOUT, **opts)
     slots = opts.get("max_seqs", 1) if kind == "preallocated" else 1  # that kind commits every slot when built
     cache = create_kv_cache(kind, LAYOUT, MemoryBudget(slots * full), **opts)
     assert full == cache.bytes_needed(LAYOUT.max_seq_len)
     if kind != "preallocated":  # a budget of exactly that figure holds one full-length sequence
         assert cache.try_allocate(1, LAYOUT.max_seq_len)
-        assert cache.stats().committed_bytes == full
+    # what the kernel holds for the arena's pages (virtual kinds; the paged pool's blocks by its free list)
+    held = cache.stats().committed_bytes if kind == "paged" else arena_resident_bytes(cache)
+    assert held == slots * full
     cache.close()
