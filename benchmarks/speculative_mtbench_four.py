@@ -193,9 +193,9 @@ def main() -> int:
                                        "keep")}
     runs: dict[str, list[dict]] = {d: [] for d in DECODERS}
     runs["vanilla"].append(spawn("vanilla", a))  # first: the workload's longest context sizes the budget
-    # Rounded up to 64 tokens: the engine caps each KV share at max_model_len x bytes per token without the
-    # page rounding its cache commits, so a length whose rows do not fill whole pages could not hold a
-    # full-length sequence at the budget fit predicts (which does round).
+    # Rounded up to 64 tokens. This worked around an engine bug (the KV share ignored the cache's page rounding,
+    # so a full-length sequence could be refused at fit's budget), fixed since in the engine (full_sequence_bytes);
+    # the rounding stays so that the committed results are what this command reproduces.
     context = -(-runs["vanilla"][0]["max_context"] // 64) * 64
     bound = predicted_budget(a, context)
     print(f"fit: {bound}", file=sys.stderr)
