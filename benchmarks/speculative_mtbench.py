@@ -57,12 +57,18 @@ def conversation(llm, question: dict, sp, session: str | None, counts: dict) -> 
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the MT-Bench workload both speculative MT-Bench benchmarks share: threads, the model pair and
+    how many questions."""
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="memfit-tiny", help="target: a bundled model's name or a directory")
     ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
     ap.add_argument("--conversations", type=int, default=16, help="the first N MT-Bench questions")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(ap)
     ap.add_argument("--gammas", default="1,2", help="num_speculative_tokens values; the re-prefill row uses the last")
     ap.add_argument("--max-tokens", type=int, default=96, help="per turn (eos ignored)")
     ap.add_argument("--reps", type=int, default=3)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit, header, pin_threads, preset_threads
-from benchmarks.speculative_mtbench import conversation  # both turns of one question, noting context and KV peak
+from benchmarks.speculative_mtbench import add_workload_args, conversation  # the shared MT-Bench workload
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "memfit" / "data" / "mt_bench" / "question.jsonl"
 DECODERS = ("vanilla", "unbounded", "on_demand", "budgeted")
@@ -173,10 +173,7 @@ def draw(result: dict, png: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default="memfit-tiny", help="target: a bundled model's name or a directory")
-    ap.add_argument("--draft", default="memfit-tiny-draft", help="draft: a bundled model's name or a directory")
-    ap.add_argument("--conversations", type=int, default=16, help="the first N MT-Bench questions")
+    add_workload_args(ap)
     ap.add_argument("--gamma", type=int, default=4, help="draft tokens per step (unbounded, on-demand; fit's largest)")
     ap.add_argument("--max-tokens", type=int, default=96, help="per turn (eos ignored)")
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every decoder once, in a fresh process")
