@@ -80,13 +80,15 @@ CALIBRATION_REPEATS = 5
 
 
 def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool, batch: int = 8) -> dict:
-    """{"runtime_bytes", "runtime_baseline_bytes"} for these choices and a decode batch of `batch`: from the
-    cache, or measured now in fresh processes (and cached). Zeros inside a calibration run itself.
+    """{"runtime_bytes", "runtime_low_bytes", "runtime_baseline_bytes"} for these choices and a decode batch of
+    `batch`: from the cache, or measured now in fresh processes (and cached). Zeros inside a calibration run itself.
+    runtime_bytes is the most any draw held (what a budget counts); runtime_low_bytes the least, so a reader can
+    see how far below the count one run may land.
 
     Measured at batch 1 and 8; in between linear, past 8 the batch-8 figure (what grows with the batch beyond
     that, activations and KV, the ledger counts itself)."""
     if os.environ.get(CALIBRATING_ENV):
-        return {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
+        return {"runtime_bytes": 0, "runtime_low_bytes": 0, "runtime_baseline_bytes": 0}
     key = cache_key(device_type, dtype, cpu_linear, cpu_kernels)
     path = cache_path()
     try:
@@ -94,8 +96,8 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(key)
-    if entry is None or "by_batch" not in entry:
-        by_batch = {}
+    if entry is None or "low_by_batch" not in entry:
+        by_batch, low_by_batch = {}, {}
         for b in CALIBRATION_BATCHES:
             cmd = [sys.executable, "-m", "memfit.llm.engine.calibrate", "--device", device_type, "--dtype", dtype,
                    "--cpu-linear", str(cpu_linear or "none"), "--batch", str(b), "--json"]
@@ -108,8 +110,9 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
                     raise RuntimeError(f"measuring the runtime's memory failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
                 result = json.loads(done.stdout)
                 draws.append(int(result["runtime_bytes"]))
-            by_batch[str(b)] = max(draws)
-        entry = {"by_batch": by_batch, "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
+            by_batch[str(b)], low_by_batch[str(b)] = max(draws), min(draws)
+        entry = {"by_batch": by_batch, "low_by_batch": low_by_batch,
+                 "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
         cache[key] = entry
         try:  # best effort: a read-only home just measures again next time
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +122,13 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
         except OSError:
             pass
     lo, hi = CALIBRATION_BATCHES
-    r_lo, r_hi = entry["by_batch"][str(lo)], entry["by_batch"][str(hi)]
     t = min(max((batch - lo) / (hi - lo), 0.0), 1.0)
-    return {"runtime_bytes": int(round(r_lo + t * (r_hi - r_lo))), "runtime_baseline_bytes": entry["runtime_baseline_bytes"]}
+
+    def at_batch(figures: dict) -> int:
+        return int(round(figures[str(lo)] + t * (figures[str(hi)] - figures[str(lo)])))
+
+    return {"runtime_bytes": at_batch(entry["by_batch"]), "runtime_low_bytes": at_batch(entry["low_by_batch"]),
+            "runtime_baseline_bytes": entry["runtime_baseline_bytes"]}
 
 
 def _write_tiny_model(root: Path, dtype: str) -> Path:

@@ -45,6 +45,7 @@ class FitBreakdown:
     tokenizer_bytes: int = 0
     runtime_bytes: int = 0
     runtime_baseline_bytes: int = 0  # importing torch and memfit: reported, not part of total_bytes
+    runtime_low_bytes: int = 0  # the least the runtime held in a calibration draw (runtime_bytes: the most)
     cpu_linear: str | None = None
     kv_budget_bytes: int | None = None
     memory_limit_bytes: int | None = None
@@ -132,6 +133,7 @@ def predict(
         tokenizer_bytes=tokenizer_bytes(model_dir),
         runtime_bytes=int(runtime.get("runtime_bytes", 0)),
         runtime_baseline_bytes=int(runtime.get("runtime_baseline_bytes", 0)),
+        runtime_low_bytes=int(runtime.get("runtime_low_bytes", 0)),
         cpu_linear=cpu_linear,
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
@@ -269,7 +271,8 @@ def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: 
         f"  workspace    {format_bytes(b.workspace_bytes):>12}",
         f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}" + ("   (on every rank)" if n > 1 else ""),
         f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured"
-        + ("; on every rank)" if n > 1 else ")"),
+        + (f"; the most of fresh runs that held {format_bytes(b.runtime_low_bytes)} at the least"
+           if b.runtime_low_bytes else "") + ("; on every rank)" if n > 1 else ")"),
         f"  speculative  {format_bytes(b.speculative_bytes):>12}   (draft weights {format_bytes(b.draft_weights_bytes)}, "
         f"draft KV {format_bytes(b.draft_kv_bytes)}, draft step {format_bytes(b.draft_step_bytes)}, buffers "
         f"{format_bytes(b.speculation_bytes)})" if b.speculative_bytes else "",

@@ -24,10 +24,12 @@ def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cac
     monkeypatch.setattr(calibrate.subprocess, "run", fake_run)
     one = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=1)
     assert calls == ["1"] * calibrate.CALIBRATION_REPEATS + ["8"] * calibrate.CALIBRATION_REPEATS
-    assert one == {"runtime_bytes": 140, "runtime_baseline_bytes": 5}  # the largest draw
+    assert one == {"runtime_bytes": 140, "runtime_low_bytes": 90, "runtime_baseline_bytes": 5}  # the largest draw
     # cached: no more processes; batch 8 and past it take batch 8's figure, between them a straight line
-    assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)["runtime_bytes"] == 1100
+    eight = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)
+    assert (eight["runtime_bytes"], eight["runtime_low_bytes"]) == (1100, 650)
     assert calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=32)["runtime_bytes"] == 1100
-    mid = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=4)["runtime_bytes"]
-    assert mid == round(140 + 3 / 7 * (1100 - 140))
+    mid = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=4)
+    assert mid["runtime_bytes"] == round(140 + 3 / 7 * (1100 - 140))
+    assert mid["runtime_low_bytes"] == round(90 + 3 / 7 * (650 - 90))
     assert len(calls) == 2 * calibrate.CALIBRATION_REPEATS

@@ -79,10 +79,14 @@ def _check(r: dict) -> None:
     # Below ~30 MiB the bound is 3 MiB instead: the same calibration workload, repeated in fresh processes,
     # held 15.0-20.3 MiB beside its KV (18.0-18.3 with address-space randomisation off: where the heap and
     # the mappings land decides what the allocator keeps), noise no formula can predict.
+    # The runtime counted is the most of the calibration's fresh runs (a budget wants the top of that noise), so
+    # a run may hold less by as much as the draws spread (the least they held is reported: runtime_low_bytes).
     total = r["total_bytes"]
     slack = max(0.10 * total, 3 * 2**20)
+    spread = r["runtime_bytes"] - r["runtime_low_bytes"]
     peak, end = r["measured_peak_bytes"], r["measured_end_bytes"]
-    assert abs(peak - total) <= slack, ("peak", round(peak / total, 3), "KiB:", summary)
+    assert 0 <= spread <= max(0.5 * r["runtime_bytes"], slack), summary  # the draws agree: the bound stays tight
+    assert total - slack - spread <= peak <= total + slack, ("peak", round(peak / total, 3), "KiB:", summary)
     assert end <= total + slack, ("end", round(end / total, 3), "KiB:", summary)
     assert r["runtime_baseline_bytes"] > 0 and r["runtime_bytes"] > 0  # measured, and reported apart
 
