@@ -21,6 +21,8 @@ mechanism:
   above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it);
 - swap-run-reuse-ssd-prewrite: the same with the SSD tier's file written with zeros before the run
   (`swap_ssd_prewrite`), so no swap is a first write into an unwritten extent (not in the default set).
+- swap-run-reuse-ssd-unbatched: the same with one SSD I/O per chunk (`SSDTier.batch = False`), as before a
+  sequence's chunks demoted together were written in one pass and read back in one (not in the default set).
 - paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
   (layer, K|V) pool, synchronously: vLLM's own per-block swap;
 - paged-swap-group: the same with block groups (`kv_block_groups`, memory/blocks.py): blocks come from a buddy
@@ -35,7 +37,9 @@ all of the above.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
-(host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`), peak RSS;
+(host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
+the tier issues: its staging buffer), the SSD tier's bytes per I/O and the share of its time in the system calls,
+peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
 
     OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
@@ -61,6 +65,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
     "swap-run-reuse-ssd-prewrite": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
                                         swap_ssd_prewrite=True),
+    "swap-run-reuse-ssd-unbatched": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
+                                         ssd_batch=False),
     "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
                              swap_reuse=False),
@@ -155,6 +161,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     opts = dict(VARIANTS[name])
     block_tokens = opts.pop("block_tokens", None)
     ssd = opts.pop("ssd", False)
+    ssd_batch = opts.pop("ssd_batch", True)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
@@ -176,6 +183,8 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     engine = LLMEngine(cfg.with_overrides(kv_budget=kv_budget, **opts))
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
+        if engine.swap.ssd is not None:
+            engine.swap.ssd.batch = ssd_batch
     if a.workload == "multiturn":
         from benchmarks.multiturn import replay
 
@@ -249,7 +258,7 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                           "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None,
                           "tiers": {t["tier"]: {k: t[k] for k in ("out_ops", "in_ops", "out_bytes", "in_bytes",
                                                                   "seconds_sum", "io_errors")}
-                                    | ({k: t[k] for k in ("direct_io", "checksum") if k in t})
+                                    | ({k: t[k] for k in ("direct_io", "checksum", "syscall_seconds") if k in t})
                                     for t in swap["tiers"]}}
     engine.close()
     return result
@@ -357,6 +366,10 @@ def main() -> int:
     rows = [median_row(runs[n]) for n in names]
     bw = memcpy_bandwidth()
     disk = ssd_bandwidth(a.ssd_dir) if any(VARIANTS[n].get("ssd") for n in names) else None
+    if disk is not None:  # also at the tier's largest I/O, its 1 MiB staging buffer (memory/extent_store.py: STAGE)
+        from memfit.memory.extent_store import STAGE
+
+        disk["at_stage"] = {"piece_bytes": STAGE, **ssd_bandwidth(a.ssd_dir, piece=STAGE)}
     for r in rows:
         if r.get("swap", {}).get("bytes_per_s"):
             r["swap"]["fraction_of_memcpy"] = r["swap"]["bytes_per_s"] / bw
@@ -366,6 +379,13 @@ def main() -> int:
             ideal = ((t["out_bytes"] + t["in_bytes"]) / bw if tier == "host" else
                      t["out_bytes"] / disk["write_bytes_per_s"] + t["in_bytes"] / disk["read_bytes_per_s"])
             t["fraction_of_bandwidth"] = ideal / t["seconds_sum"]
+            if tier == "ssd":  # where its time goes: I/O size, system calls against copies and checksums
+                st = disk["at_stage"]
+                t["fraction_of_bandwidth_at_stage"] = (t["out_bytes"] / st["write_bytes_per_s"] +
+                                                       t["in_bytes"] / st["read_bytes_per_s"]) / t["seconds_sum"]
+                t["bytes_per_op"] = (t["out_bytes"] + t["in_bytes"]) / max(1, t["out_ops"] + t["in_ops"])
+                if t.get("syscall_seconds"):
+                    t["syscall_share"] = t["syscall_seconds"] / t["seconds_sum"]
     bases = {r["variant"]: r for r in rows if r["variant"] in ("swap-block", "paged-swap-block")}
     ratios = {}
     for r in rows:  # against the per-block swap of the same cache

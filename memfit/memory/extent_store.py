@@ -9,8 +9,9 @@ a disk that cannot hold the tier fails then, with a clear error, instead of in t
 no file-system allocation or metadata work (no create, no unlink, no extent growth), only one positioned write
 of the whole run; and a crash leaves one file to clean, not thousands. The price is an allocator here: first
 fit over a list of free extents sorted by offset, coalescing neighbours on free, in `ALIGN`-byte units (so
-that O_DIRECT, if later enabled, finds every offset aligned). Runs are whole sequences' KV, megabytes each, so
-the free list stays short.
+that O_DIRECT, if later enabled, finds every offset aligned). Several extents written together are placed as one
+(`segment_offsets`) and written and read back in one pass (`write_segments`, `readinto_segments`): fewer, larger
+I/Os; each is still freed on its own.
 
 I/O is `os.pwritev` / `os.preadv` (both release the GIL, so reads on the swap thread pool overlap the model
 step); a short write is continued, a short read is an error.
@@ -58,7 +59,23 @@ STAGE = 1 << 20  # bytes of one O_DIRECT write or read through the staging buffe
 
 log = logging.getLogger(__name__)
 
-Staged = Callable[[int, int, np.ndarray, list[memoryview]], None]  # (fd, offset, staging buffer, views): one I/O loop
+# (fd, offset, staging buffer, segments: each one extent's views): one I/O loop over extents laid out from offset
+Staged = Callable[[int, int, np.ndarray, list[list[memoryview]]], None]
+
+
+def extent_bytes(nbytes: int) -> int:
+    """The file bytes an extent of `nbytes` takes (what `alloc` takes for it)."""
+    return round_up(max(nbytes, 1), ALIGN)
+
+
+def segment_offsets(offset: int, sizes: list[int]) -> list[int]:
+    """Where extents of `sizes` bytes lie when laid out one after another from `offset` (each from an ALIGN
+    boundary): one `alloc(sum(extent_bytes(n)))` holds them all, and each can be freed on its own."""
+    offs = []
+    for n in sizes:
+        offs.append(offset)
+        offset += extent_bytes(n)
+    return offs
 
 
 class ExtentStore:
@@ -112,7 +129,7 @@ class ExtentStore:
     # ---- the allocator ------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int | None:
         """The offset of a free extent of `nbytes` (rounded up to ALIGN), first fit; None if none is large enough."""
-        need = round_up(max(nbytes, 1), ALIGN)
+        need = extent_bytes(nbytes)
         for i, length in enumerate(self._lengths):
             if length >= need:
                 off = self._starts[i]
@@ -126,7 +143,7 @@ class ExtentStore:
 
     def free(self, offset: int, nbytes: int) -> None:
         """Give an extent back, merging it with free neighbours."""
-        length = round_up(max(nbytes, 1), ALIGN)
+        length = extent_bytes(nbytes)
         i = bisect.bisect_left(self._starts, offset)
         if (i < len(self._starts) and self._starts[i] < offset + length) or \
                 (i > 0 and self._starts[i - 1] + self._lengths[i - 1] > offset):
@@ -152,17 +169,29 @@ class ExtentStore:
         else one gather write (a short write is continued). OSError as the OS raises it. `digest` is called on
         the bytes, in order, as they go out: on each staged piece while it is still in the CPU's caches (a
         checksum then costs no second pass over the source memory), or on the buffers. `staged(fd, offset, stage,
-        views)`: the caller's own O_DIRECT loop (the same bytes on disk, in one call that releases the GIL once,
+        segments)`: the caller's own O_DIRECT loop (the same bytes on disk, in one call that releases the GIL once,
         kernels/staged_io.py; it checksums by itself, so `digest` then runs only if the store falls back)."""
-        views = [b.cast("B") for b in buffers]
+        self.write_segments(offset, [buffers], [digest], staged)
+
+    def write_segments(self, offset: int, segments: list[list[memoryview]],
+                       digests: list[Callable[[memoryview], None] | None] | None = None,
+                       staged: Staged | None = None) -> None:
+        """Write several extents laid out one after another from `offset` (`segment_offsets`: each from an ALIGN
+        boundary), segment i's buffers into extent i, as `write` does one; `digests[i]` sees segment i's bytes.
+        With O_DIRECT and `staged` that is one call, in STAGE-byte I/Os across the extents' boundaries (a segment
+        padded with zeros to ALIGN); without, one write per extent."""
+        segs = [[b.cast("B") for b in seg] for seg in segments]
+        digests = digests or [None] * len(segs)
+        offs = segment_offsets(offset, [sum(len(b) for b in seg) for seg in segs])
         if self.direct:
             try:
                 stage = self._acquire()
                 try:
                     if staged is not None:
-                        staged(self.fd, offset, stage, views)
+                        staged(self.fd, offset, stage, segs)
                     else:
-                        self._write_direct(offset, stage, views, digest)
+                        for off, views, digest in zip(offs, segs, digests):
+                            self._write_direct(off, stage, views, digest)
                 finally:
                     self._give_back(stage)
                 self._direct_proven = True
@@ -173,6 +202,11 @@ class ExtentStore:
                 with self._lock:
                     if self.direct:
                         self._fall_back(f"first O_DIRECT write: {exc.strerror}")
+        for off, views, digest in zip(offs, segs, digests):
+            self._write_buffered(off, views, digest)
+
+    def _write_buffered(self, offset: int, views: list[memoryview],
+                        digest: Callable[[memoryview], None] | None) -> None:
         if digest is not None:
             for b in views:
                 digest(b)
@@ -191,16 +225,32 @@ class ExtentStore:
         """Fill `buffers`, in order, from `offset` (an extent's start; through the staging buffer with O_DIRECT,
         else one scatter read where it can); OSError on a short read. `digest`: called on the bytes read, in
         order (on each staged piece as it arrives, or on the buffers once filled). `staged`: as for `write`."""
+        self.readinto_segments(offset, [buffers], [digest], staged)
+
+    def readinto_segments(self, offset: int, segments: list[list[memoryview]],
+                          digests: list[Callable[[memoryview], None] | None] | None = None,
+                          staged: Staged | None = None) -> None:
+        """Fill segment i's buffers from extent i of those laid out from `offset` as `write_segments` wrote them:
+        with O_DIRECT and `staged` in one call of STAGE-byte reads, else one read per extent."""
+        segs = [[b.cast("B") for b in seg] for seg in segments]
+        digests = digests or [None] * len(segs)
+        offs = segment_offsets(offset, [sum(len(b) for b in seg) for seg in segs])
         if self.direct:
             stage = self._acquire()
             try:
                 if staged is not None:
-                    staged(self.fd, offset, stage, [b.cast("B") for b in buffers])
+                    staged(self.fd, offset, stage, segs)
                 else:
-                    self._read_direct(offset, stage, [b.cast("B") for b in buffers], digest)
+                    for off, views, digest in zip(offs, segs, digests):
+                        self._read_direct(off, stage, views, digest)
             finally:
                 self._give_back(stage)
             return
+        for off, views, digest in zip(offs, segs, digests):
+            self._read_buffered(off, views, digest)
+
+    def _read_buffered(self, offset: int, buffers: list[memoryview],
+                       digest: Callable[[memoryview], None] | None) -> None:
         want = sum(len(b) for b in buffers)
         done = os.preadv(self.fd, buffers, offset)
         if done != want:  # the kernel may stop early: finish buffer by buffer, and call a true end an error

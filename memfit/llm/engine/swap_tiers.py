@@ -97,7 +97,7 @@ def swap_stats(swap: SwapSpace | None) -> dict:
                  "io_errors": s.io_errors, "seconds_sum": s.seconds_sum} for name, s, b in tiers]
     if swap.ssd is not None:  # O_DIRECT in use, or why not (memory/extent_store.py)
         per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback,
-                           checksum=swap.ssd.checksum)
+                           checksum=swap.ssd.checksum, syscall_seconds=swap.ssd.syscall_seconds)
     return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
             "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
             "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,

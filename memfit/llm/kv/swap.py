@@ -246,15 +246,27 @@ class SwapSpace(InFlightSwaps):
     def _pairs(self, seq_id: int, copy: Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
         """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
         rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
-        slice, or a chunk on the SSD tier (read and checked on the copying thread)."""
+        slice, or SSD chunks that follow each other in the file (read in one pass and checked on the copying
+        thread)."""
         lay, table = self.run_map, self.run_map.table(seq_id)
         pairs: list[tuple[torch.Tensor, object]] = []
         nbytes = 0
+        group: list[Chunk] = []  # consecutive SSD chunks lying one after another in the file: read in one pass
+
+        def flush() -> None:
+            if group:
+                runs = [r for c in group for r in lay.runs(seq_id, c.hi, c.lo, table)]
+                pairs.append((runs, self.ssd.reader([c.extent for c in group])))  # type: ignore[union-attr, misc]
+                group.clear()
         for chunk in copy.chunks:
-            if chunk.buf is None:  # on SSD: one positioned read into the runs, then the checksum (hi <= valid)
-                runs = lay.runs(seq_id, chunk.hi, chunk.lo, table)
-                pairs.append((runs, self.ssd.reader(chunk.extent)))  # type: ignore[union-attr, arg-type]
+            if chunk.buf is None:  # on SSD: read into the runs, then the checksums (hi <= valid)
+                ssd = self.ssd
+                assert ssd is not None
+                if group and not (ssd.batch and ssd.follows(group[-1].extent, chunk.extent)):  # type: ignore[arg-type]
+                    flush()
+                group.append(chunk)
                 continue
+            flush()  # a host chunk rewrites a partly valid block of the SSD chunks before it: keep the order
             spans = lay.spans(chunk.lo, chunk.hi)
             if (spans[-1][2] if spans else 0) != chunk.buf.numel():
                 raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
@@ -269,6 +281,7 @@ class SwapSpace(InFlightSwaps):
             for piece, lo, hi in lay.coalesce(kept, table):  # block groups: one copy per contiguous run
                 pairs.append((lay.view(seq_id, piece, table), chunk.buf[lo:hi]))
                 nbytes += hi - lo
+        flush()
         return pairs, nbytes  # nbytes: from host buffers (the SSD tier counts its own reads)
 
     def _complete(self, seq_id: int, copy: Copy, copies: int, nbytes: int, seconds: float) -> int:

@@ -3,20 +3,24 @@
     ssd = SSDTier("/nvme/memfit", 64 << 30)                  # one preallocated file (memory/extent_store.py)
     swap = SwapSpace(kv, host_budget, ssd=ssd)               # kv/swap.py demotes to it under host pressure
 
-`write_chunks` writes host chunks (one positioned write each: a chunk is a whole run of a sequence's KV) and
-returns their extents, or None with nothing kept when the tier cannot take them all: its budget is full, or a
-write failed (the error is counted and logged; the caller keeps the chunk on the host or recomputes, so no
-request is lost). Each extent carries a checksum of its bytes: CRC-32C in hardware where the CPU has it
-(kernels/crc32c.py, ~9 GB/s of CPU time here), else zlib's CRC-32 (~2 GB/s, slower than the disk: it was the
-tier's largest cost). It is computed piece by piece as the bytes pass through the store's staging buffer, while
-they are in the CPU's caches, not in a second pass over the KV memory. With CRC-32C and O_DIRECT the whole loop
-(gather, checksum, pwrite; or pread, checksum, scatter) is one C call (kernels/staged_io.py) that releases the
-GIL once per extent: the Python loop gave it up and waited to take it back around every copy and system call,
-and beside the engine thread a 144 KiB extent took 6-8 ms instead of 0.2-0.3 ms. `reader(extent)` is the swap-in: it reads
-the extent into the sequence's KV runs (with O_DIRECT through the store's page-aligned staging buffer, else a
-scatter read straight into them; memory/extent_store.py) and checks the checksum over what was read; a failed
-read or a mismatch raises SwapLost, and the scheduler recomputes the sequence, so corrupt KV is never served.
-Readers run on the swap thread pool; counters take a lock.
+`write_chunks` writes host chunks (a sequence's demoted chunks: an extent each, placed one after another and
+written in one pass) and returns their extents, or None with nothing kept when the tier cannot take them all: its
+budget is full, or a write failed (the error is counted and logged; the caller keeps the chunk on the host or
+recomputes, so no request is lost). Why in one pass: with reuse a sequence's copy is several chunks of ~100-150 KB,
+and an O_DIRECT I/O that small reaches about half the disk's bandwidth here (1.2-1.7 GB/s against 2.6-3.3 at 4 MiB),
+one of 1 MiB (the staging buffer) 0.9 of it; the per-call costs (a GIL hand-over on a swap thread) shrink the same
+way. Each extent carries a checksum of its bytes: CRC-32C in hardware where the CPU has it (kernels/crc32c.py,
+~9 GB/s of CPU time here), else zlib's CRC-32 (~2 GB/s, slower than the disk: it was the tier's largest cost). It is
+computed piece by piece as the bytes pass through the store's staging buffer, while they are in the CPU's caches,
+not in a second pass over the KV memory. With CRC-32C and O_DIRECT the whole loop (gather, checksum, pwrite; or
+pread, checksum, scatter) is one C call (kernels/staged_io.py) that releases the GIL once per call: the Python loop
+gave it up and waited to take it back around every copy and system call, and beside the engine thread a 144 KiB
+extent took 6-8 ms instead of 0.2-0.3 ms. `reader(extents)` is the swap-in: it reads extents that follow each other
+in the file (`follows`: a sequence's chunks demoted together) in one pass into the sequence's KV runs (with O_DIRECT
+through the store's page-aligned staging buffer, else a scatter read straight into them; memory/extent_store.py)
+and checks each extent's checksum over what was read; a failed read or a mismatch raises SwapLost, and the
+scheduler recomputes the sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters
+take a lock.
 
 The tier's budget (`Tier.SSD`, owner "swap") is the file's size; it is a ledger of its own, not a share of
 the memory budget, since disk is not memory.
@@ -37,8 +41,7 @@ from memfit.llm.kernels.crc32c import checksum
 from memfit.llm.kernels.staged_io import staged_io
 from memfit.llm.kv.swap_model import OWNER, SwapLost, SwapStats
 from memfit.memory.budget import MemoryBudget, Tier
-from memfit.memory.extent_store import ALIGN, ExtentStore
-from memfit.memory.mapping import round_up
+from memfit.memory.extent_store import ALIGN, ExtentStore, Staged, extent_bytes, segment_offsets
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class Extent:
 
 class SSDTier:
     def __init__(self, directory: str | Path, capacity: int, direct: bool = True, checksum_kind: str = "auto",
-                 staged: bool = True, threads: int = 0, prewrite: bool = False) -> None:
+                 staged: bool = True, threads: int = 0, prewrite: bool = False, batch: bool = True) -> None:
         # O_DIRECT where the file system allows, through at most threads + 1 staging buffers (the engine thread
         # and each swap thread; engine/ledger.py reserves them)
         # (prewrite: zeros over the file at start, so no swap pays ext4's first write into an unwritten extent)
@@ -64,9 +67,27 @@ class SSDTier:
         self.stats = SwapStats()
         self._lock = threading.Lock()
         self.write_failed = False  # the last write_chunks failed on an I/O error (not for want of room)
+        # batch: a sequence's chunks demoted together go in one pass, and are read back in one (False: an I/O
+        # per chunk, as before; benchmarks/preemption.py compares the two)
+        self.batch = batch
+        self.syscall_seconds = 0.0  # of the C loop's time, that in pread/pwrite (the rest: copies and checksums)
 
     def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
-        """Write each host buffer (uint8) to an extent of its own; all or nothing."""
+        """Write each host buffer (uint8) to an extent of its own; all or nothing. The extents are placed one after
+        another and written in one pass (STAGE-byte O_DIRECT writes across their boundaries: a sequence's chunks
+        demoted together are one I/O, or a few, not one small I/O each), so a swap-in reads them back in one
+        (`reader`); where no free stretch holds them all, each goes where it fits."""
+        if self.batch and len(bufs) > 1:
+            self.write_failed = False
+            total = sum(extent_bytes(b.numel()) for b in bufs)
+            off = self.place(total)
+            if off is not None:
+                try:
+                    return self.write_segments_at(off, [[b] for b in bufs])
+                except OSError:
+                    self.write_failed = True
+                    self.unplace(off, total)
+                    return None
         extents: list[Extent] = []
         for buf in bufs:
             extent = self.write_runs([buf])
@@ -93,80 +114,107 @@ class SSDTier:
     def place(self, nbytes: int) -> int | None:
         """Reserve and allocate an extent for `nbytes` (on the engine thread: the allocator and the budget live
         there); None if the tier is full or too fragmented."""
-        if not self.budget.try_reserve(round_up(nbytes, ALIGN), OWNER):
+        if not self.budget.try_reserve(extent_bytes(nbytes), OWNER):
             return None
         off = self.store.alloc(nbytes)
         if off is None:  # fragmented: the budget had room, no single extent does
-            self.budget.release(round_up(nbytes, ALIGN), OWNER)
+            self.budget.release(extent_bytes(nbytes), OWNER)
         return off
 
     def unplace(self, offset: int, nbytes: int) -> None:
         """Give back an extent whose write failed (on the engine thread)."""
         self.store.free(offset, nbytes)
-        self.budget.release(round_up(nbytes, ALIGN), OWNER)
+        self.budget.release(extent_bytes(nbytes), OWNER)
 
     def write_at(self, offset: int, runs: list[torch.Tensor]) -> Extent:
         """Write uint8 runs, in order, to the extent `place` gave (on any thread: a swap-out on the pool), with
         their CRC; an OSError is counted, logged and raised (the caller unplaces the extent)."""
+        return self.write_segments_at(offset, [runs])[0]
+
+    def write_segments_at(self, offset: int, segments: list[list[torch.Tensor]]) -> list[Extent]:
+        """Write each segment's uint8 runs, in order, to extents laid out from `offset` (segment_offsets: `place`
+        gave their sum of extent_bytes), in one pass, each with its CRC; one I/O op in the tier's counters."""
         t0 = time.perf_counter()
-        n = sum(r.numel() for r in runs)
-        views = [memoryview((r if r.device.type == "cpu" else r.cpu()).numpy()) for r in runs]
-        crc, update = [0], self._update
-
-        def digest(piece: memoryview) -> None:
-            crc[0] = update(piece, crc[0])
-
-        def staged(fd: int, off: int, stage: np.ndarray, vs: list[memoryview]) -> None:
-            crc[0] = self._io.write(fd, off, stage, vs, ALIGN)[0]  # type: ignore[union-attr]
-
+        sizes = [sum(r.numel() for r in runs) for runs in segments]
+        views = [[memoryview((r if r.device.type == "cpu" else r.cpu()).numpy()) for r in runs] for runs in segments]
+        crcs = [0] * len(segments)
         try:
-            self.store.write(offset, views, digest, staged if self._io is not None else None)
+            self.store.write_segments(offset, views, self._digests(crcs), self._staged(crcs, write=True))
         except OSError as exc:
             self._count_error()
-            log.warning("SSD swap write of %d bytes failed (%s): kept on the host or recomputed", n, exc)
+            log.warning("SSD swap write of %d bytes failed (%s): kept on the host or recomputed", sum(sizes), exc)
             raise
         with self._lock:
-            self.stats.account(n, 1, time.perf_counter() - t0, out=True)
-            self.stats.resident_bytes += n
-        return Extent(offset, n, crc[0])
+            self.stats.account(sum(sizes), 1, time.perf_counter() - t0, out=True)
+            self.stats.resident_bytes += sum(sizes)
+        return [Extent(off, n, crc) for off, n, crc in zip(segment_offsets(offset, sizes), sizes, crcs)]
 
-    def reader(self, extent: Extent) -> Callable[[list[torch.Tensor]], None]:
-        """A function that fills the given uint8 runs (in order, `extent.nbytes` in all) from the extent, checked."""
+    @staticmethod
+    def follows(a: Extent, b: Extent) -> bool:
+        """`b` starts where `a` ends in the file: a `reader` reads both in one pass."""
+        return b.offset == a.offset + extent_bytes(a.nbytes)
+
+    def reader(self, extent: Extent | list[Extent]) -> Callable[[list[torch.Tensor]], None]:
+        """A function that fills the given uint8 runs (in order: the first extent's bytes, then the next one's...)
+        from extents that lie one after another in the file (`follows`), in one pass, each checked by its CRC."""
+        extents = [extent] if isinstance(extent, Extent) else list(extent)
+        if any(not self.follows(a, b) for a, b in zip(extents, extents[1:])):
+            raise ValueError("a reader's extents must lie one after another in the file")
+        total = sum(e.nbytes for e in extents)
+
         def read(runs: list[torch.Tensor]) -> None:
             t0 = time.perf_counter()
-            if sum(r.numel() for r in runs) != extent.nbytes:
-                raise SwapLost(f"an SSD extent of {extent.nbytes} bytes does not match its runs")
+            if sum(r.numel() for r in runs) != total:
+                raise SwapLost(f"SSD extents of {total} bytes do not match their runs")
             on_cpu = all(r.device.type == "cpu" for r in runs)
-            bounce = None if on_cpu else torch.empty(extent.nbytes, dtype=torch.uint8, pin_memory=True)
+            bounce = None if on_cpu else torch.empty(total, dtype=torch.uint8, pin_memory=True)
             views = [memoryview(r.numpy()) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
-            crc, update = [0], self._update
-
-            def digest(piece: memoryview) -> None:
-                crc[0] = update(piece, crc[0])
-
-            def staged(fd: int, off: int, stage: np.ndarray, vs: list[memoryview]) -> None:
-                crc[0] = self._io.read(fd, off, stage, vs, ALIGN)[0]  # type: ignore[union-attr]
-
+            segments = _split(views, [e.nbytes for e in extents])
+            crcs = [0] * len(extents)
             try:
-                self.store.readinto(extent.offset, views, digest, staged if self._io is not None else None)
+                self.store.readinto_segments(extents[0].offset, segments, self._digests(crcs),
+                                             self._staged(crcs, write=False))
             except OSError as exc:
                 self._count_error()
                 raise SwapLost(f"SSD swap read failed: {exc}") from exc
-            if crc[0] != extent.crc:
-                self._count_error()
-                raise SwapLost(f"SSD swap extent at {extent.offset} failed its checksum: recomputed, not served")
+            for e, crc in zip(extents, crcs):
+                if crc != e.crc:
+                    self._count_error()
+                    raise SwapLost(f"SSD swap extent at {e.offset} failed its checksum: recomputed, not served")
             if bounce is not None:
                 off = 0
                 for r in runs:
                     r.copy_(bounce[off : off + r.numel()])
                     off += r.numel()
             with self._lock:
-                self.stats.account(extent.nbytes, 1, time.perf_counter() - t0, out=False)
+                self.stats.account(total, 1, time.perf_counter() - t0, out=False)
         return read
+
+    def _digests(self, crcs: list[int]) -> list[Callable[[memoryview], None]]:
+        """Per segment, a digest continuing crcs[i] (the store's Python loop calls them)."""
+        update = self._update
+
+        def digest(i: int) -> Callable[[memoryview], None]:
+            def step(piece: memoryview) -> None:
+                crcs[i] = update(piece, crcs[i])
+            return step
+        return [digest(i) for i in range(len(crcs))]
+
+    def _staged(self, crcs: list[int], write: bool) -> Staged | None:
+        """The C loop over all segments (it fills `crcs` itself), or None where it cannot run."""
+        if self._io is None:
+            return None
+        io = self._io
+
+        def staged(fd: int, off: int, stage: np.ndarray, segs: list[list[memoryview]]) -> None:
+            crcs[:], _, io_seconds = (io.write_segments if write else io.read_segments)(fd, off, stage, segs, ALIGN)
+            with self._lock:
+                self.syscall_seconds += io_seconds
+        return staged
 
     def free(self, extent: Extent) -> None:
         self.store.free(extent.offset, extent.nbytes)
-        self.budget.release(round_up(extent.nbytes, ALIGN), OWNER)
+        self.budget.release(extent_bytes(extent.nbytes), OWNER)
         with self._lock:
             self.stats.resident_bytes -= extent.nbytes
 
@@ -176,9 +224,25 @@ class SSDTier:
     def _undo(self, extents: list[Extent]) -> None:
         for e in extents:
             self.store.free(e.offset, e.nbytes)
-            self.budget.release(round_up(e.nbytes, ALIGN), OWNER)
+            self.budget.release(extent_bytes(e.nbytes), OWNER)
         return None
 
     def _count_error(self) -> None:
         with self._lock:
             self.stats.io_errors += 1
+
+
+def _split(views: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
+    """`views` (uint8, in order) cut into consecutive groups of `sizes` bytes each, a view cut where a group ends."""
+    segments: list[list[memoryview]] = []
+    queue = [v.cast("B") for v in views]
+    for n in sizes:
+        seg: list[memoryview] = []
+        while n:
+            v = queue.pop(0)
+            seg.append(v[:n])
+            if len(v) > n:
+                queue.insert(0, v[n:])
+            n -= len(seg[-1])
+        segments.append(seg)
+    return segments

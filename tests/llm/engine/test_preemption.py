@@ -317,27 +317,29 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
     """A host tier for ~30 tokens pushes swapped KV down to the SSD tier. Injected faults: every write fails; every
     write lands with one byte flipped (each read then fails its checksum); the SSD tier holds one 4 KiB extent.
     Every request still finishes with the unpressured greedy output, and no tier holds anything at the end."""
-    from memfit.memory.extent_store import ExtentStore
+    from memfit.memory.extent_store import ExtentStore, segment_offsets
 
     model, _, path = tiny
     probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
     one_seq = probe.engine.kv.bytes_needed(80)
-    real_write = ExtentStore.write
+    real_write = ExtentStore.write_segments  # every write of the store (one extent, or several laid out together)
     if fault == "write-error":
-        def write(self, offset, buffers, digest=None, staged=None):
+        def write(self, offset, segments, digests=None, staged=None):
             raise OSError(5, "Input/output error (injected)")
-        monkeypatch.setattr(ExtentStore, "write", write)
+        monkeypatch.setattr(ExtentStore, "write_segments", write)
     elif fault == "flipped-byte":
-        def write(self, offset, buffers, digest=None, staged=None):  # lands intact and checksummed, then rots
-            real_write(self, offset, buffers, digest, staged)
-            at = offset + sum(len(b) for b in buffers) // 2
+        def write(self, offset, segments, digests=None, staged=None):  # lands intact and checksummed, then rots
+            real_write(self, offset, segments, digests, staged)
+            sizes = [sum(len(b) for b in seg) for seg in segments]
             fd = os.open(self.path, os.O_RDWR)  # buffered: the kernel writes it back before an O_DIRECT read
             try:
-                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x01]), at)
+                for at, n in zip(segment_offsets(offset, sizes), sizes):  # one byte in every extent written
+                    if n:
+                        os.pwrite(fd, bytes([os.pread(fd, 1, at + n // 2)[0] ^ 0x01]), at + n // 2)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        monkeypatch.setattr(ExtentStore, "write", write)
+        monkeypatch.setattr(ExtentStore, "write_segments", write)
     llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
               preemption_mode="swap", swap_space=f"{probe.engine.layout.bytes_per_token * 30}B",
               swap_ssd_path=str(tmp_path), swap_ssd_space="4KiB" if fault == "full" else "16MiB")

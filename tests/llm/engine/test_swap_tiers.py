@@ -100,7 +100,7 @@ def test_the_reservation_is_given_back_when_the_first_o_direct_write_is_refused(
         def write(self, *args):
             raise OSError(errno.EINVAL, "Invalid argument (injected)")
 
-        read = write
+        read = write_segments = read_segments = write  # the tier calls the segment forms
 
     ssd._io = Refusing()
     llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)

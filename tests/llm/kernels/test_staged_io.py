@@ -65,3 +65,35 @@ def test_errors_come_back_as_oserror(tmp_path):
         io.read(store.fd, 4 * ALIGN, stage, [memoryview(np.zeros(100, dtype=np.uint8))], ALIGN)
     assert info.value.errno == errno.EIO
     store.close()
+
+
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
+def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc(tmp_path, stage_bytes):
+    """Segments (one extent's runs each) written in one call land at segment_offsets: each from an ALIGN boundary,
+    the one before padded with zeros (an empty one takes a block), each with the CRC-32C of its own data; read back
+    in one call, every run gets its bytes and the CRCs match. With a 2-block stage the I/Os cross extents."""
+    from memfit.memory.extent_store import extent_bytes, segment_offsets
+
+    io = staged_io()
+    store = ExtentStore(tmp_path, 64 * ALIGN)
+    data = runs()
+    segments = [data[:2], [], data[2:5], data[5:]]  # 4096 | empty | 21288 | 333 bytes
+    sizes = [sum(r.size for r in seg) for seg in segments]
+    off = store.alloc(sum(extent_bytes(n) for n in sizes))
+    stage = np.frombuffer(mmap.mmap(-1, stage_bytes), dtype=np.uint8)
+    crcs, seconds, io_seconds = io.write_segments(store.fd, off, stage, [[memoryview(r) for r in s] for s in segments],
+                                                  ALIGN)
+    assert 0 <= io_seconds <= seconds
+    for at, n, seg, crc in zip(segment_offsets(off, sizes), sizes, segments, crcs):
+        raw = b"".join(r.tobytes() for r in seg)
+        assert on_disk(store, at, extent_bytes(n)) == raw + bytes(extent_bytes(n) - n)  # data, then zeros
+        assert crc == crc32c(raw)
+    back = [[np.zeros_like(r) for r in seg] for seg in segments]
+    crcs_in, _, _ = io.read_segments(store.fd, off, stage, [[memoryview(b) for b in s] for s in back], ALIGN)
+    assert crcs_in == crcs
+    assert all(np.array_equal(a, b) for sa, sb in zip(back, segments) for a, b in zip(sa, sb))
+    # one extent read on its own (where it lies) gives the same bytes as the whole group did
+    third = [np.zeros_like(r) for r in segments[2]]
+    crc3, _ = io.read(store.fd, segment_offsets(off, sizes)[2], stage, [memoryview(b) for b in third], ALIGN)
+    assert crc3 == crcs[2] and all(np.array_equal(a, b) for a, b in zip(third, segments[2]))
+    store.close()

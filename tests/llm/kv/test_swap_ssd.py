@@ -66,10 +66,10 @@ def test_a_failed_write_keeps_the_chunk_on_the_host_and_refuses_the_swap(tmp_pat
     cache, host, ssd, swap = setup("per-layer", tmp_path)
     assert swap.try_swap_out(1, 19)
 
-    def failing(self, offset, buffers, digest=None, staged=None):
+    def failing(self, offset, segments, digests=None, staged=None):
         raise OSError(5, "Input/output error (injected)")
 
-    monkeypatch.setattr(ExtentStore, "write", failing)
+    monkeypatch.setattr(ExtentStore, "write_segments", failing)  # every write of the store goes through it
     assert not swap.try_swap_out(2, 19)  # no room on the host, the SSD write failed: the caller recomputes 2
     assert swap.holds(1) and not swap.holds(2) and ssd.stats.io_errors == 2  # demoting 1, then 2 straight down
     assert host.used_bytes == swap.held_bytes() and ssd.budget.used_bytes == 0 == ssd_held(ssd)
@@ -144,15 +144,15 @@ def test_an_asynchronous_swap_out_spilled_to_ssd_is_written_on_the_pool_or_lost_
 
     cache, host, ssd, swap = setup("per-layer", tmp_path, host_tokens=10, threads=2)  # 19 tokens do not fit
     before = contexts(cache, 1, 19)
-    writers, real_write = [], ExtentStore.write
+    writers, real_write = [], ExtentStore.write_segments
 
-    def write(self, offset, buffers, digest=None, staged=None):
+    def write(self, offset, segments, digests=None, staged=None):
         writers.append(threading.current_thread().name)
         if fail:
             raise OSError(5, "Input/output error (injected)")
-        real_write(self, offset, buffers, digest, staged)
+        real_write(self, offset, segments, digests, staged)
 
-    monkeypatch.setattr(ExtentStore, "write", write)
+    monkeypatch.setattr(ExtentStore, "write_segments", write)
     n = swap.runs_shape(19)[0]
     assert swap.try_swap_out(1, 19, wait=False) and swap.swapping_out(1)
     assert ssd.budget.used_bytes == ssd_held(ssd) == round_up(n, ALIGN) and host.used_bytes == 0
@@ -167,5 +167,54 @@ def test_an_asynchronous_swap_out_spilled_to_ssd_is_written_on_the_pool_or_lost_
         assert cache.try_allocate(1, 20) and swap.swap_in(1) == 19
         assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19)))
         assert ssd.budget.used_bytes == 0 == ssd_held(ssd)
+    swap.close()
+    cache.close()
+
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters from the kernel (/proc/self/io): system calls and bytes sent to the disk."""
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
+
+
+def io_between(action) -> dict[str, int]:
+    """The kernel's count of what `action` did, less what reading the counters itself costs."""
+    a, b = proc_io(), proc_io()
+    action()
+    c = proc_io()
+    return {k: (c[k] - b[k]) - (b[k] - a[k]) for k in ("syscw", "syscr", "write_bytes", "read_bytes")}
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_sequences_chunks_go_to_ssd_in_one_write_and_come_back_in_one_read(tmp_path, batch):
+    """With reuse a sequence's copy grows by a chunk per swap-out; demoted together, its chunks are written with
+    one O_DIRECT write and read back with one read (batch=False: one each), counted by the kernel, not by the
+    tier, and the KV comes back bit for bit."""
+    cache, host, ssd, swap = setup("token-major", tmp_path, host_tokens=40, reuse=True)
+    if not (ssd.store.direct and ssd._io is not None):
+        pytest.skip("needs O_DIRECT and the C loop (the Python loop writes an extent at a time)")
+    ssd.batch = batch
+    cache.free(1)
+    assert cache.try_allocate(1, 30)
+    for n in (10, 20, 30):  # three swap-outs: a chunk each (reuse moves only the tokens added since)
+        write(cache, [SeqStep(1, n - 10, 10)])
+        before = contexts(cache, 1, n)
+        assert swap.try_swap_out(1, n)
+        cache.free(1)
+        if n < 30:
+            assert cache.try_allocate(1, 30) and swap.swap_in(1) == n
+    assert len(swap._copies[1].chunks) == 3 and host.used_bytes == 30 * BPT
+    padded = sum(round_up(c.nbytes, ALIGN) for c in swap._copies[1].chunks)
+    io = io_between(lambda: swap.try_swap_out(2, 19))  # needs the host's room: seq 1 is demoted, all 3 chunks
+    assert all(c.buf is None for c in swap._copies[1].chunks)
+    assert io["write_bytes"] == padded and io["syscw"] == (1 if batch else 3)
+    cache.free(2)
+    assert cache.try_allocate(4, 40)  # 1's old memory is overwritten
+    write(cache, [SeqStep(4, 0, 40)])
+    assert cache.try_allocate(1, 31)
+    io = io_between(lambda: swap.swap_in(1))
+    assert io["read_bytes"] == padded and io["syscr"] == (1 if batch else 3)
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 30)))
+    assert ssd.stats.io_errors == 0 and ssd.stats.in_ops == (1 if batch else 3)
     swap.close()
     cache.close()
