@@ -23,6 +23,10 @@ The budget comes from `memfit fit --speculative-model D --num-speculative-tokens
 command itself (it measures acceptance and pass costs with the pair here); C is the longest conversation vanilla
 decoding produced (turn 2's prompt + max tokens) rounded up to 64 tokens, and the budgeted engine gets
 `max_model_len` C, as `memfit fit --measure` runs it. The unbounded decoder preallocates for the model's maximum length, as the references do.
+
+With --hf-peer a fifth row, the peer: transformers' own assisted generation on the same pair, the same conversations
+and token cap, measured the same way (benchmarks/speculative_hf_peer.py). It is off by default: its runs take about
+three times as long as a memfit decoder's.
 """
 from __future__ import annotations
 
@@ -35,10 +39,12 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit, header, pin_threads, preset_threads
+from benchmarks.speculative_hf_peer import hf_worker
 from benchmarks.speculative_mtbench import add_workload_args, conversation  # the shared MT-Bench workload
 
 QUESTIONS = Path(__file__).resolve().parent.parent / "memfit" / "data" / "mt_bench" / "question.jsonl"
 DECODERS = ("vanilla", "unbounded", "on_demand", "budgeted")
+HF_PEER = "hf_assisted"  # transformers' generate(assistant_model=...), with --hf-peer
 
 
 def engine_options(decoder: str, a: dict) -> tuple[dict, bool]:
@@ -179,16 +185,20 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every decoder once, in a fresh process")
     ap.add_argument("--keep", type=float, default=0.95, help="memfit fit --keep-speedup")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--hf-peer", action="store_true",
+                    help="also run transformers' assisted generation on the same pair (slower)")
     ap.add_argument("--out", help="also write the JSON here (and a PNG beside it)")
-    ap.add_argument("--worker", choices=DECODERS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=DECODERS + (HF_PEER,), help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, json.loads(args.args))))
+        run = hf_worker if args.worker == HF_PEER else lambda a: worker(args.worker, a)
+        print(json.dumps(run(json.loads(args.args))))
         return 0
     a = {k: getattr(args, k) for k in ("threads", "model", "draft", "conversations", "gamma", "max_tokens", "dtype",
                                        "keep")}
-    runs: dict[str, list[dict]] = {d: [] for d in DECODERS}
+    decoders = DECODERS + ((HF_PEER,) if args.hf_peer else ())
+    runs: dict[str, list[dict]] = {d: [] for d in decoders}
     runs["vanilla"].append(spawn("vanilla", a))  # first: the workload's longest context sizes the budget
     # Rounded up to 64 tokens. This worked around an engine bug (the KV share ignored the cache's page rounding,
     # so a full-length sequence could be refused at fit's budget), fixed since in the engine (full_sequence_bytes);
@@ -199,7 +209,7 @@ def main() -> int:
     a.update(budget_gamma=bound["gamma"], budget_bytes=bound["budget_bytes"],
              context=context)
     for rnd in range(args.reps):
-        order = [d for d in DECODERS if not (rnd == 0 and d == "vanilla")]
+        order = [d for d in decoders if not (rnd == 0 and d == "vanilla")]
         for d in order[rnd % len(order):] + order[: rnd % len(order)]:  # rotate who goes first
             runs[d].append(spawn(d, a))
             print(f"round {rnd} {d}: {runs[d][-1]['tok_s']:.1f} tok/s, generation memory "
