@@ -220,6 +220,21 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(tiny, tmp_path, monke
         assert torch.equal(a, b), name  # the skipped step left every weight alone
 
 
+def test_bf16_runs_no_overflow_check(tiny, tmp_path, monkeypatch):
+    """Only fp16 has a loss scale to check (DeepSpeed's ZeRO-3 checks only for float16 too): a bf16 step never
+    calls the check, so zero-infinity's N-sized temporaries are neither taken nor planned."""
+    from memfit.train.finetune import designs
+
+    def must_not_run(self, grads):
+        raise AssertionError("overflow check in a bf16 run")
+
+    monkeypatch.setattr(designs.ZeroInfinity, "has_overflow", must_not_run)
+    r = run(cfg(tiny, tmp_path, steps=1, offload="host", host_memory="zero-infinity"))
+    assert r.skipped_steps == [] and "overflow check temporaries" not in r.host_memory["planned"]
+    with pytest.raises(AssertionError, match="overflow check"):
+        run(cfg(tiny, tmp_path, steps=1, dtype="float16", offload="host", host_memory="zero-infinity"))
+
+
 def test_cli_json_is_one_object(tiny, tmp_path, capsys):
     from memfit.cli import main
 

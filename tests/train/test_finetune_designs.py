@@ -2,11 +2,13 @@
 and AdamW against torch's own."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from memfit.llm.models import ModelConfig
-from memfit.train.finetune.designs import OVERFLOW_CHUNK, MemAscend, ZeroInfinity
+from memfit.train.finetune.designs import OVERFLOW_CHUNK, MemAscend, ZeroInfinity, sub_groups
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.units import make_groups, skeleton
 
@@ -59,11 +61,30 @@ def test_pools_of_a_llama_shape():
     ma_param = ma.param_classes(groups, 2, in_flight=4)
     assert sorted(ma_param.values()) == [1, 1, 4]  # embedding, head, four layers in flight
     assert sum(b * c for b, c in ma_param.items()) < 0.2 * sum(b * c for b, c in zi_param.items())
-    # Optimizer: DeepSpeed sizes 4 slots for the largest group (the embedding); MemAscend 3 of the layer class.
-    largest = max(g.numel for g in groups)  # the head: lm_head (32000 x 768) and the final norm
-    assert largest > embed > 3 * layer
-    assert zi.optimizer_classes(groups) == {(largest + 4095) // 4096 * 4096 * 4: 4}  # pieces: 4096 elements
+    # Optimizer: DeepSpeed sizes 4 slots for its largest sub-group, which below sub_group_size (1e9 elements)
+    # is the whole model; MemAscend 3 of the layer class.
+    total = sum(g.numel for g in groups)
+    assert embed > 3 * layer
+    assert zi.optimizer_classes(groups) == {(total + 4095) // 4096 * 4096 * 4: 4}  # pieces: 4096 elements
     assert ma.optimizer_classes(groups) == {(layer + 4095) // 4096 * 4096 * 4: 3}
+    # The 16-bit parameters stay in host memory under ZeRO-3's max_in_cpu (1e9); MemAscend streams them.
+    assert zi.host_param_copy(groups) and not ma.host_param_copy(groups)
+
+
+def test_zero3_sub_groups_and_max_in_cpu_beyond_1e9_parameters():
+    """A 2.3B-parameter shape: sub-groups close at the first parameter reaching 1e9 elements (stage3.py
+    _create_fp16_sub_groups), and the parameters no longer fit max_in_cpu."""
+    big = ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=16, num_key_value_heads=16, head_dim=128)
+    groups = make_groups(skeleton(big))
+    sizes = [n for g in groups for n in (math.prod(s) for _, s in g.params)]
+    subs = sub_groups(groups, int(1e9))
+    assert sum(subs) == sum(sizes) and len(subs) == 3
+    # the first closes exactly where the running sum first reaches 1e9
+    first = next(i for i in range(len(sizes)) if sum(sizes[: i + 1]) >= 1e9)
+    assert subs[0] == sum(sizes[: first + 1])
+    assert ZeroInfinity().optimizer_piece(groups) == (max(subs) + 4095) // 4096 * 4096
+    assert not ZeroInfinity().host_param_copy(groups)
 
 
 def test_adamw_matches_torch():

@@ -50,7 +50,10 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     else:
         pools["param swap pool"] = sum(b * c for b, c in design.param_classes(groups, itemsize, in_flight).items())
         pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups).items())
-    pools["overflow check temporaries"] = design.overflow_temp_bytes(n)
+        if design.host_param_copy(groups):
+            pools["parameter copy (flat)"] = design.reserved(itemsize * n)
+    if dtype == torch.float16:  # the only dtype with a loss scale to check (trainer.py)
+        pools["overflow check temporaries"] = design.overflow_temp_bytes(n)
     tokens = batch_size * seq_len
     c, v, i = model_cfg.hidden_size, model_cfg.vocab_size, model_cfg.intermediate_size
     layers = model_cfg.num_hidden_layers

@@ -6,7 +6,8 @@ with `--host-memory zero-infinity` and one with `--host-memory memascend` differ
 | policy | zero-infinity (DeepSpeed defaults) | memascend |
 |---|---|---|
 | parameter swap pool | 5 slots, each max(1e8 elements, largest group) | one size class per group shape, as many slots as can be in flight |
-| optimizer swap pool | 4 slots, each the largest group (fp32), whole groups swapped | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
+| 16-bit parameters in host memory | a flat copy of all of them while the model has at most 1e9 (`max_in_cpu`): read from there, never from the SSD | none: streamed from the SSD through the pool |
+| optimizer swap pool | 4 slots, each the largest sub-group (fp32; sub-groups of up to 1e9 elements: the whole model below that) | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
 | host allocations (states, gradients) | `pin_memory()`: CachingHostAllocator, rounded to a power of two on CUDA | `posix_memalign` exact size (+ `cudaHostRegister` on CUDA) |
 | overflow check | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
 | SSD layout | one file per tensor, created by its first write | one file, extents preallocated once |
@@ -17,6 +18,7 @@ is about layout, not request size. The DeepSpeed code each zero-infinity policy 
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -61,6 +63,11 @@ class HostMemoryDesign:
     def param_pool(self, groups: list[Group], itemsize: int, in_flight: int) -> SlotPool:
         return SlotPool("param swap pool", self.param_classes(groups, itemsize, in_flight), aligned_buffer)
 
+    def host_param_copy(self, groups: list[Group]) -> bool:
+        """Whether the compute-dtype parameters of an SSD-offloaded run stay whole in host memory (one flat
+        copy, refreshed by the optimizer step) instead of being read from the SSD."""
+        return False
+
     def optimizer_pool(self, groups: list[Group]) -> SlotPool:
         return SlotPool("optimizer swap pool", self.optimizer_classes(groups), aligned_buffer)
 
@@ -89,7 +96,9 @@ class ZeroInfinity(HostMemoryDesign):
     # DeepSpeedZeroOffloadOptimizerConfig buffer_count=4.
     PARAM_BUFFER_COUNT = 5
     PARAM_BUFFER_SIZE = int(1e8)  # elements
+    PARAM_MAX_IN_CPU = int(1e9)  # offload_config.py: DeepSpeedZeroOffloadParamConfig max_in_cpu=1e9 (elements)
     OPTIMIZER_BUFFER_COUNT = 4
+    SUB_GROUP_SIZE = int(1e9)  # deepspeed/runtime/zero/config.py: DeepSpeedZeroConfig sub_group_size=1e9
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         # deepspeed/runtime/zero/stage3.py (_create_fp16_partitions / the flat gradient buffer):
@@ -108,15 +117,27 @@ class ZeroInfinity(HostMemoryDesign):
         slot = round_up(max(self.PARAM_BUFFER_SIZE, largest) * itemsize, IO_ALIGN)
         return {slot: max(self.PARAM_BUFFER_COUNT, in_flight)}
 
+    def host_param_copy(self, groups: list[Group]) -> bool:
+        # deepspeed/runtime/zero/stage3.py (0.19.8): with offload_param to nvme, _create_param_groups_fp16_flat_
+        # cpu_memory allocates a flat 16-bit buffer of min(parameters, max_in_cpu) elements, and
+        # _create_fp16_partitions_with_defragmentation / _move_to_flat_buffer swap every sub-group that fits
+        # in it "permanently to CPU" (final_location 'not-nvme'): the forward and backward read them there,
+        # and the optimizer step copies the updated fp32 into them (_partitioned_params_swap_out, status
+        # AVAILABLE) instead of writing them to NVMe. At the defaults every sub-group fits while the model
+        # has at most 1e9 parameters. (Above that the first sub-group, >= sub_group_size, no longer fits and
+        # DeepSpeed streams from NVMe through a partitioned swap buffer: not modelled here.)
+        return sum(g.numel for g in groups) <= self.PARAM_MAX_IN_CPU
+
     def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
         # deepspeed/runtime/swap_tensor/optimizer_utils.py (OptimizerSwapper.__init__): SwapBufferManager(
-        # num_elems=largest_numel, count=buffer_count): 4 fp32 slots, each the largest swapped unit.
+        # num_elems=largest_numel, count=buffer_count): 4 fp32 slots, each the largest sub-group (stage3.py
+        # _configure_tensor_swapping: largest_numel=max(fp16_partitioned_groups_flat_numel)), zeroed.
         return {self.optimizer_piece(groups) * 4: self.OPTIMIZER_BUFFER_COUNT}
 
     def optimizer_piece(self, groups: list[Group]) -> int:
-        # Whole groups, as DeepSpeed swaps a whole sub-group (sub_group_size 1e9 elements holds any of ours:
-        # deepspeed/runtime/zero/config.py) into slots sized for the largest one.
-        return round_up(max(g.numel for g in groups), PIECE_ALIGN)
+        # DeepSpeed swaps a whole sub-group (master, moments and gradient) at once into slots sized for the
+        # largest one, so every slot is that size; we swap our groups one by one into those slots.
+        return round_up(max(sub_groups(groups, self.SUB_GROUP_SIZE)), PIECE_ALIGN)
 
     def swap_space(self, directory: Path, sizes: dict[str, int]) -> FilePerKey:
         # partitioned_param_swapper.py (_get_swap_paths) and optimizer_utils.py (FlattenedTensorSwapInfo):
@@ -178,6 +199,22 @@ def _classes(groups: list[Group], itemsize: int, in_flight: int) -> dict[int, in
     groups or than can be in flight (`in_flight` groups at once)."""
     sizes = Counter(round_up(g.numel * itemsize, IO_ALIGN) for g in groups)
     return {size: min(n, in_flight) for size, n in sizes.items()}
+
+
+def sub_groups(groups: list[Group], sub_group_size: int) -> list[int]:
+    """Elements of each of ZeRO-3's optimizer sub-groups over the model's parameters in order (one param
+    group): stage3.py `_create_fp16_sub_groups` closes a sub-group at the first parameter that brings it to
+    at least `sub_group_size` elements, and keeps the whole group as one when it has no more than that."""
+    sizes = [math.prod(shape) for g in groups for _, shape in g.params]
+    if sum(sizes) <= sub_group_size:
+        return [sum(sizes)]
+    out, cur = [], 0
+    for n in sizes:
+        cur += n
+        if cur >= sub_group_size:
+            out.append(cur)
+            cur = 0
+    return out + ([cur] if cur else [])
 
 
 def make_design(name: str) -> HostMemoryDesign:

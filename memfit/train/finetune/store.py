@@ -3,8 +3,10 @@
 
 - `none`: plain tensors on the compute device;
 - `host`: buffers from the design's host allocator (pinned on CUDA); fetched to the device per group;
-- `ssd`: swap space from the design (extents or files) and, in host memory, only the design's two swap
-  pools: compute copies are read into the parameter pool, master and moments into the optimizer pool.
+- `ssd`: swap space from the design (extents or files) and, in host memory, the design's two swap pools:
+  compute copies are read into the parameter pool, master and moments into the optimizer pool; a design
+  whose `host_param_copy` is true (zero-infinity, as ZeRO-3 below max_in_cpu) instead keeps the compute
+  copies in one flat host buffer, read in place and refreshed by the optimizer step, never on the SSD.
 
 Bytes per parameter in the tier: 4 (master) + 4 + 4 (moments) + 2 (compute copy; none when computing in
 fp32, where the master itself is used); plus 4 for the gradient in host memory. The gradient buffer is flat
@@ -66,14 +68,20 @@ class GroupStore:
         self.opt_pool: SlotPool | None = None
         self.space = None
         self._tensors: list[dict[str, torch.Tensor]] = []
+        self._param_copy: torch.Tensor | None = None  # (total,) compute dtype: the flat host copy, if any
         if tier == "ssd":
             if ssd_dir is None:
                 raise ValueError("--offload ssd needs --ssd-dir DIR (a directory on an SSD with room for the state)")
+            if design.host_param_copy(groups):
+                # filled by write_group at initialisation (every page written, so resident)
+                hb = design.host_buffer(total * self.itemsize)
+                self._param_copy = hb.tensor[: total * self.itemsize].view(self.dtype)
+                self.pools["parameter copy (flat)"] = hb.reserved_bytes
             sizes = {}
             for g in groups:
                 for kind in KINDS:
                     sizes[f"{g.name}.{kind}"] = g.numel * 4
-                if self.separate_copy:
+                if self.separate_copy and self._param_copy is None:
                     sizes[f"{g.name}.param"] = g.numel * self.itemsize
             self.space = design.swap_space(Path(ssd_dir), sizes)
             self.param_pool = design.param_pool(groups, self.itemsize, in_flight)
@@ -143,6 +151,9 @@ class GroupStore:
         if self.tier != "ssd":
             src = self._tensors[gi]["param" if self.separate_copy else "master"]
             return src.to(self.device, non_blocking=True), None
+        if self._param_copy is not None:  # read in place; a device copy when computing elsewhere
+            flat = self._param_copy[self.offsets[gi] : self.offsets[gi + 1]]
+            return (flat if self.device.type == "cpu" else flat.to(self.device, non_blocking=True)), None
         kind = "param" if self.separate_copy else "master"
         pool = self.param_pool
         assert pool is not None
@@ -175,7 +186,10 @@ class GroupStore:
         name = self.groups[gi].name
         writes = [f for k in KINDS for f in self.space.write(f"{name}.{k}", bufs[k], n * 4, start * 4)]
         copy = None
-        if self.separate_copy:
+        if self._param_copy is not None:
+            at = self.offsets[gi] + start
+            self._param_copy[at : at + n].copy_(bufs["master"][: n * 4].view(torch.float32))
+        elif self.separate_copy:
             copy = self._slot(self.param_pool, n * self.itemsize)
             copy[: n * self.itemsize].view(self.dtype).copy_(bufs["master"][: n * 4].view(torch.float32))
             writes += self.space.write(f"{name}.param", copy, n * self.itemsize, start * self.itemsize)

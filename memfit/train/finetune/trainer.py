@@ -232,7 +232,9 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                 store.placement.new_step()
             loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
             checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
-            overflow = store.design.has_overflow(store.grad_buffer)
+            # fp16 only (a dynamic loss scale): bf16 and fp32 share fp32's range, and DeepSpeed's ZeRO-3 checks
+            # only when its dtype is float16 (stage3.py _overflow_check_and_loss_scale_update)
+            overflow = scaler.dynamic and store.design.has_overflow(store.grad_buffer)
             if overflow:
                 skipped.append(step)
                 log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
