@@ -38,8 +38,8 @@ all of the above.
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
 (host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
-the tier issues: its staging buffer), the SSD tier's bytes per I/O and the share of its time in the system calls,
-peak RSS;
+the tier issues: its staging buffer), the SSD tier's bytes per I/O, the share of its time in the system calls and
+waiting for a CPU, and the same I/Os replayed alone against the same reference (benchmarks/ssd_trace.py), peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
 
     OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
@@ -177,6 +177,9 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         tmp = tempfile.mkdtemp(dir=a.ssd_dir, prefix="memfit-bench-")
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         opts.update(swap_space=f"{host}B", swap_ssd_path=tmp, swap_ssd_space="256MiB")
+        from benchmarks.ssd_trace import SSDTrace
+
+        a.ssd_trace = SSDTrace.install()  # where the tier's time goes (benchmarks/ssd_trace.py)
     vocab = probe.model_config.vocab_size
     probe.close()
     del probe
@@ -260,6 +263,8 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                                                                   "seconds_sum", "io_errors")}
                                     | ({k: t[k] for k in ("direct_io", "checksum", "syscall_seconds") if k in t})
                                     for t in swap["tiers"]}}
+        if getattr(a, "ssd_trace", None) is not None and "ssd" in result["swap"]["tiers"]:
+            result["swap"]["tiers"]["ssd"]["trace"] = a.ssd_trace.summary(a.ssd_dir, engine.swap.ssd.store.capacity)
     engine.close()
     return result
 
@@ -386,6 +391,13 @@ def main() -> int:
                 t["bytes_per_op"] = (t["out_bytes"] + t["in_bytes"]) / max(1, t["out_ops"] + t["in_ops"])
                 if t.get("syscall_seconds"):
                     t["syscall_share"] = t["syscall_seconds"] / t["seconds_sum"]
+                tr = t.get("trace")
+                if tr and tr["write"]["replay_seconds"] + tr["read"]["replay_seconds"]:  # the same I/Os, alone
+                    t["replay_fraction_of_bandwidth"] = (tr["write"]["bytes"] / disk["write_bytes_per_s"] +
+                                                         tr["read"]["bytes"] / disk["read_bytes_per_s"]) / \
+                        (tr["write"]["replay_seconds"] + tr["read"]["replay_seconds"])
+                    t["runqueue_wait_share"] = ((tr["write"]["runqueue_wait_seconds"] +
+                                                 tr["read"]["runqueue_wait_seconds"]) / t["seconds_sum"])
     bases = {r["variant"]: r for r in rows if r["variant"] in ("swap-block", "paged-swap-block")}
     ratios = {}
     for r in rows:  # against the per-block swap of the same cache
