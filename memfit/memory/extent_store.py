@@ -59,8 +59,8 @@ STAGE = 1 << 20  # bytes of one O_DIRECT write or read through the staging buffe
 
 log = logging.getLogger(__name__)
 
-# (fd, offset, staging buffer, segments: each one extent's views): one I/O loop over extents laid out from offset
-Staged = Callable[[int, int, np.ndarray, list[list[memoryview]]], None]
+# (fd, the extents' offsets, staging buffer, segments: each one extent's views): one I/O loop over several extents
+Staged = Callable[[int, list[int], np.ndarray, list[list[memoryview]]], None]
 
 
 def extent_bytes(nbytes: int) -> int:
@@ -188,7 +188,7 @@ class ExtentStore:
                 stage = self._acquire()
                 try:
                     if staged is not None:
-                        staged(self.fd, offset, stage, segs)
+                        staged(self.fd, offs, stage, segs)
                     else:
                         for off, views, digest in zip(offs, segs, digests):
                             self._write_direct(off, stage, views, digest)
@@ -227,19 +227,21 @@ class ExtentStore:
         order (on each staged piece as it arrives, or on the buffers once filled). `staged`: as for `write`."""
         self.readinto_segments(offset, [buffers], [digest], staged)
 
-    def readinto_segments(self, offset: int, segments: list[list[memoryview]],
+    def readinto_segments(self, offsets: int | list[int], segments: list[list[memoryview]],
                           digests: list[Callable[[memoryview], None] | None] | None = None,
                           staged: Staged | None = None) -> None:
-        """Fill segment i's buffers from extent i of those laid out from `offset` as `write_segments` wrote them:
-        with O_DIRECT and `staged` in one call of STAGE-byte reads, else one read per extent."""
+        """Fill segment i's buffers from the extent at offsets[i] (or, given one offset, from extent i of those laid
+        out from it as `write_segments` wrote them): with O_DIRECT and `staged` in one call (a STAGE's worth of
+        extents at a time, submitted together), else one read per extent."""
         segs = [[b.cast("B") for b in seg] for seg in segments]
         digests = digests or [None] * len(segs)
-        offs = segment_offsets(offset, [sum(len(b) for b in seg) for seg in segs])
+        offs = offsets if isinstance(offsets, list) else \
+            segment_offsets(offsets, [sum(len(b) for b in seg) for seg in segs])
         if self.direct:
             stage = self._acquire()
             try:
                 if staged is not None:
-                    staged(self.fd, offset, stage, segs)
+                    staged(self.fd, offs, stage, segs)
                 else:
                     for off, views, digest in zip(offs, segs, digests):
                         self._read_direct(off, stage, views, digest)

@@ -246,12 +246,11 @@ class SwapSpace(InFlightSwaps):
     def _pairs(self, seq_id: int, copy: Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
         """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
         rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
-        slice, or SSD chunks that follow each other in the file (read in one pass and checked on the copying
-        thread)."""
+        slice, or consecutive SSD chunks (read in one call and checked on the copying thread)."""
         lay, table = self.run_map, self.run_map.table(seq_id)
         pairs: list[tuple[torch.Tensor, object]] = []
         nbytes = 0
-        group: list[Chunk] = []  # consecutive SSD chunks lying one after another in the file: read in one pass
+        group: list[Chunk] = []  # consecutive SSD chunks: read in one call (swap_ssd.py: one submission at a time)
 
         def flush() -> None:
             if group:
@@ -260,9 +259,7 @@ class SwapSpace(InFlightSwaps):
                 group.clear()
         for chunk in copy.chunks:
             if chunk.buf is None:  # on SSD: read into the runs, then the checksums (hi <= valid)
-                ssd = self.ssd
-                assert ssd is not None
-                if group and not (ssd.batch and ssd.follows(group[-1].extent, chunk.extent)):  # type: ignore[arg-type]
+                if group and not self.ssd.batch:  # type: ignore[union-attr]
                     flush()
                 group.append(chunk)
                 continue

@@ -3,24 +3,24 @@
     ssd = SSDTier("/nvme/memfit", 64 << 30)                  # one preallocated file (memory/extent_store.py)
     swap = SwapSpace(kv, host_budget, ssd=ssd)               # kv/swap.py demotes to it under host pressure
 
-`write_chunks` writes host chunks (a sequence's demoted chunks: an extent each, placed one after another and
-written in one pass) and returns their extents, or None with nothing kept when the tier cannot take them all: its
-budget is full, or a write failed (the error is counted and logged; the caller keeps the chunk on the host or
-recomputes, so no request is lost). Why in one pass: with reuse a sequence's copy is several chunks of ~100-150 KB,
-and an O_DIRECT I/O that small reaches about half the disk's bandwidth here (1.2-1.7 GB/s against 2.6-3.3 at 4 MiB),
-one of 1 MiB (the staging buffer) 0.9 of it; the per-call costs (a GIL hand-over on a swap thread) shrink the same
-way. Each extent carries a checksum of its bytes: CRC-32C in hardware where the CPU has it (kernels/crc32c.py,
-~9 GB/s of CPU time here), else zlib's CRC-32 (~2 GB/s, slower than the disk: it was the tier's largest cost). It is
-computed piece by piece as the bytes pass through the store's staging buffer, while they are in the CPU's caches,
-not in a second pass over the KV memory. With CRC-32C and O_DIRECT the whole loop (gather, checksum, pwrite; or
-pread, checksum, scatter) is one C call (kernels/staged_io.py) that releases the GIL once per call: the Python loop
-gave it up and waited to take it back around every copy and system call, and beside the engine thread a 144 KiB
-extent took 6-8 ms instead of 0.2-0.3 ms. `reader(extents)` is the swap-in: it reads extents that follow each other
-in the file (`follows`: a sequence's chunks demoted together) in one pass into the sequence's KV runs (with O_DIRECT
-through the store's page-aligned staging buffer, else a scatter read straight into them; memory/extent_store.py)
-and checks each extent's checksum over what was read; a failed read or a mismatch raises SwapLost, and the
-scheduler recomputes the sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters
-take a lock.
+`write_chunks` writes host chunks (a sequence's demoted chunks: an extent each, placed one after another and written
+in one pass) and returns their extents, or None with nothing kept when the tier cannot take them all: its budget is
+full, or a write failed (the error is counted and logged; the caller keeps the chunk on the host or recomputes, so
+no request is lost). Why in one pass: with reuse a sequence's copy is several chunks of ~100-150 KB, and an O_DIRECT
+I/O that small reaches about half the disk's bandwidth here (1.2-1.7 GB/s against 2.6-3.3 at 4 MiB), one of 1 MiB
+(the staging buffer) 0.9 of it; the per-call costs (a GIL hand-over on a swap thread) shrink the same way. Each
+extent carries a checksum of its bytes: CRC-32C in hardware where the CPU has it (kernels/crc32c.py, ~9 GB/s of CPU
+time here), else zlib's CRC-32 (~2 GB/s, slower than the disk: it was the tier's largest cost). It is computed piece
+by piece as the bytes pass through the store's staging buffer, while they are in the CPU's caches, not in a second
+pass over the KV memory. With CRC-32C and O_DIRECT the whole loop (gather, checksum, pwrite; or pread, checksum,
+scatter) is one C call (kernels/staged_io.py) that releases the GIL once per call: the Python loop gave it up and
+waited to take it back around every copy and system call, and beside the engine thread a 144 KiB extent took 6-8 ms
+instead of 0.2-0.3 ms. `reader(extents)` is the swap-in: it reads a sequence's consecutive SSD chunks, wherever they
+lie, in one call into its KV runs (with O_DIRECT through the store's page-aligned staging buffer, a buffer's worth
+at a time: one I/O per stretch contiguous in the file, all submitted together with Linux AIO, so the thread sleeps
+and waits to be woken once, not once per extent; else a scatter read straight into them; memory/extent_store.py) and
+checks each extent's checksum over what was read; a failed read or a mismatch raises SwapLost, and the scheduler
+recomputes the sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters take a lock.
 
 The tier's budget (`Tier.SSD`, owner "swap") is the file's size; it is a ledger of its own, not a share of
 the memory budget, since disk is not memory.
@@ -149,17 +149,11 @@ class SSDTier:
             self.stats.resident_bytes += sum(sizes)
         return [Extent(off, n, crc) for off, n, crc in zip(segment_offsets(offset, sizes), sizes, crcs)]
 
-    @staticmethod
-    def follows(a: Extent, b: Extent) -> bool:
-        """`b` starts where `a` ends in the file: a `reader` reads both in one pass."""
-        return b.offset == a.offset + extent_bytes(a.nbytes)
-
     def reader(self, extent: Extent | list[Extent]) -> Callable[[list[torch.Tensor]], None]:
         """A function that fills the given uint8 runs (in order: the first extent's bytes, then the next one's...)
-        from extents that lie one after another in the file (`follows`), in one pass, each checked by its CRC."""
+        from the extents, wherever they lie, in one call (one I/O per stretch contiguous in the file, a staging
+        buffer's worth submitted at once), each checked by its CRC."""
         extents = [extent] if isinstance(extent, Extent) else list(extent)
-        if any(not self.follows(a, b) for a, b in zip(extents, extents[1:])):
-            raise ValueError("a reader's extents must lie one after another in the file")
         total = sum(e.nbytes for e in extents)
 
         def read(runs: list[torch.Tensor]) -> None:
@@ -172,7 +166,7 @@ class SSDTier:
             segments = _split(views, [e.nbytes for e in extents])
             crcs = [0] * len(extents)
             try:
-                self.store.readinto_segments(extents[0].offset, segments, self._digests(crcs),
+                self.store.readinto_segments([e.offset for e in extents], segments, self._digests(crcs),
                                              self._staged(crcs, write=False))
             except OSError as exc:
                 self._count_error()
@@ -206,8 +200,11 @@ class SSDTier:
             return None
         io = self._io
 
-        def staged(fd: int, off: int, stage: np.ndarray, segs: list[list[memoryview]]) -> None:
-            crcs[:], _, io_seconds = (io.write_segments if write else io.read_segments)(fd, off, stage, segs, ALIGN)
+        def staged(fd: int, offs: list[int], stage: np.ndarray, segs: list[list[memoryview]]) -> None:
+            if write:  # laid out one after another from the first (write_segments_at)
+                crcs[:], _, io_seconds = io.write_segments(fd, offs[0], stage, segs, ALIGN)
+            else:
+                crcs[:], _, io_seconds = io.read_at(fd, offs, stage, segs, ALIGN)
             with self._lock:
                 self.syscall_seconds += io_seconds
         return staged

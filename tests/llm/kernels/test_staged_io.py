@@ -97,3 +97,28 @@ def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc
     crc3, _ = io.read(store.fd, segment_offsets(off, sizes)[2], stage, [memoryview(b) for b in third], ALIGN)
     assert crc3 == crcs[2] and all(np.array_equal(a, b) for a, b in zip(third, segments[2]))
     store.close()
+
+
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
+def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage_bytes):
+    """read_at: segments from extents scattered over the file, out of file order, some adjacent (one I/O) and
+    some not (submitted together): every run gets its bytes and each segment its own CRC; an extent past the end
+    of the file is an error, not a short read served."""
+    io = staged_io()
+    store = ExtentStore(tmp_path, 64 * ALIGN)
+    data = runs()
+    segments = [data[:2], data[2:4], [], data[4:]]  # 4096 | 9000 | empty | 12621 bytes
+    stage = np.frombuffer(mmap.mmap(-1, stage_bytes), dtype=np.uint8)
+    offsets, crcs = [40 * ALIGN, 8 * ALIGN, 11 * ALIGN, 1 * ALIGN], []  # 8 and 11: one after the other in the file
+    for off, seg in zip(offsets, segments):
+        crc, _ = io.write(store.fd, off, stage, [memoryview(r) for r in seg], ALIGN)
+        crcs.append(crc)
+    back = [[np.zeros_like(r) for r in seg] for seg in segments]
+    got, seconds, io_seconds = io.read_at(store.fd, offsets, stage, [[memoryview(b) for b in s] for s in back], ALIGN)
+    assert got == crcs == [crc32c(b"".join(r.tobytes() for r in seg)) for seg in segments]
+    assert all(np.array_equal(a, b) for sa, sb in zip(back, segments) for a, b in zip(sa, sb))
+    assert 0 <= io_seconds <= seconds
+    with pytest.raises(OSError) as info:  # the second extent lies past the end of the file
+        io.read_at(store.fd, [8 * ALIGN, 64 * ALIGN], stage, [[memoryview(np.zeros(100, dtype=np.uint8))]] * 2, ALIGN)
+    assert info.value.errno == errno.EIO
+    store.close()

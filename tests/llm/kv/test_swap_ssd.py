@@ -218,3 +218,41 @@ def test_a_sequences_chunks_go_to_ssd_in_one_write_and_come_back_in_one_read(tmp
     assert ssd.stats.io_errors == 0 and ssd.stats.in_ops == (1 if batch else 3)
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_chunks_demoted_apart_come_back_in_one_call_without_a_read_per_extent(tmp_path, batch):
+    """A sequence's chunks demoted at different times lie apart in the file (another sequence's extent between):
+    its swap-in still reads them in one call, the extents submitted together (Linux AIO) rather than one pread
+    each, counted by the kernel (/proc/self/io: no read system call, and the extents' bytes from the disk);
+    batch=False reads them with a pread each. The KV comes back bit for bit."""
+    cache, host, ssd, swap = setup("token-major", tmp_path, host_tokens=12, reuse=True)
+    if not (ssd.store.direct and ssd._io is not None):
+        pytest.skip("needs O_DIRECT and the C loop")
+    ssd.batch = batch
+    cache.free(1)
+    assert cache.try_allocate(1, 30)
+    for n in (10, 20, 30):  # each swap-out's 10 new tokens fill the host tier: the chunk before goes to SSD
+        write(cache, [SeqStep(1, n - 10, 10)])
+        before = contexts(cache, 1, n)
+        assert swap.try_swap_out(1, n)
+        cache.free(1)
+        assert ssd.write_runs([torch.zeros(100, dtype=torch.uint8)]) is not None  # a spacer: the next lands apart
+        assert cache.try_allocate(1, 30) and swap.swap_in(1) == n
+    assert swap.try_swap_out(1, 30)  # nothing new: the copy is whole, [0, 30), in three chunks
+    cache.free(1)
+    assert swap.try_swap_out(2, 10)  # the host tier's room goes to 2: 1's last chunk is demoted too
+    chunks = swap._copies[1].chunks
+    assert len(chunks) == 3 and all(c.buf is None for c in chunks)
+    offs = sorted(c.extent.offset for c in chunks)
+    assert all(b - a > round_up(10 * BPT, ALIGN) for a, b in zip(offs, offs[1:]))  # apart in the file
+    cache.free(2)
+    assert cache.try_allocate(4, 40)
+    write(cache, [SeqStep(4, 0, 40)])
+    assert cache.try_allocate(1, 31)
+    io = io_between(lambda: swap.swap_in(1))
+    assert io["read_bytes"] == 3 * round_up(10 * BPT, ALIGN) and io["syscr"] == (0 if batch else 3)
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 30)))
+    assert ssd.stats.io_errors == 0
+    swap.close()
+    cache.close()
