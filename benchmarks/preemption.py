@@ -38,8 +38,9 @@ all of the above.
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
 (host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
-the tier issues: its staging buffer), the SSD tier's bytes per I/O, the share of its time in the system calls and
-waiting for a CPU, and the same I/Os replayed alone against the same reference (benchmarks/ssd_trace.py), peak RSS;
+the tier issues: its staging buffer), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
+system calls and waiting for a CPU, and the same I/Os replayed alone against the same reference
+(benchmarks/ssd_trace.py), peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
 
     OMP_NUM_THREADS=1 python -m benchmarks.preemption --out benchmarks/results/preemption.json
@@ -398,6 +399,8 @@ def main() -> int:
                         (tr["write"]["replay_seconds"] + tr["read"]["replay_seconds"])
                     t["runqueue_wait_share"] = ((tr["write"]["runqueue_wait_seconds"] +
                                                  tr["read"]["runqueue_wait_seconds"]) / t["seconds_sum"])
+                    t["bytes_per_io"] = (tr["write"]["bytes"] + tr["read"]["bytes"]) / \
+                        max(1, tr["write"]["ios"] + tr["read"]["ios"])  # an op (a call) may hold several
     bases = {r["variant"]: r for r in rows if r["variant"] in ("swap-block", "paged-swap-block")}
     ratios = {}
     for r in rows:  # against the per-block swap of the same cache
