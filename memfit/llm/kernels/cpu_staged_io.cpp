@@ -174,6 +174,10 @@ int64_t read_span(int fd, uint8_t* stage, int64_t pos, int64_t size, const int64
             }
             submitted += got;
         }
+        if (submitted == 0) {  // the context is unusable (e.g. made before a fork): a new one next time, preads now
+            aio.drop();
+            goto sync;
+        }
         struct io_event events[MAX_IOS];
         while (reaped < submitted) {  // every submitted I/O is waited for, even after an error: the stage is reused
             long got = syscall(SYS_io_getevents, ctx, submitted - reaped, submitted - reaped, events, nullptr);
@@ -192,6 +196,7 @@ int64_t read_span(int fd, uint8_t* stage, int64_t pos, int64_t size, const int64
         *io_ns += now_ns() - t0;
         return err;
     }
+sync:
     for (int64_t i = 0; i < n; i++) {  // one I/O, or no AIO here: one pread each
         int64_t got = 0;
         while (got < len[i]) {  // a short read is continued; an end of file before the stretch's end is an error

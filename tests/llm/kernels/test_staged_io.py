@@ -122,3 +122,33 @@ def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage
         io.read_at(store.fd, [8 * ALIGN, 64 * ALIGN], stage, [[memoryview(np.zeros(100, dtype=np.uint8))]] * 2, ALIGN)
     assert info.value.errno == errno.EIO
     store.close()
+
+
+def test_a_forked_child_reads_scattered_extents_too(tmp_path):
+    """The AIO context a thread keeps is its process's: in a child forked after the parent used it, read_at still
+    reads right (a new context, or preads), instead of failing every swap-in."""
+    io = staged_io()
+    store = ExtentStore(tmp_path, 16 * ALIGN)
+    data = runs()
+    stage = np.frombuffer(mmap.mmap(-1, 4 * ALIGN), dtype=np.uint8)
+    offsets = [8 * ALIGN, 1 * ALIGN]
+    for off, seg in zip(offsets, [data[:2], data[5:]]):
+        io.write(store.fd, off, stage, [memoryview(r) for r in seg], ALIGN)
+
+    def read_ok() -> bool:
+        back = [[np.zeros_like(r) for r in seg] for seg in (data[:2], data[5:])]
+        io.read_at(store.fd, offsets, stage, [[memoryview(b) for b in s] for s in back], ALIGN)
+        return all(np.array_equal(a, b) for sa, sb in zip(back, (data[:2], data[5:])) for a, b in zip(sa, sb))
+
+    assert read_ok()  # the parent's thread now holds a context
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        ok = False
+        try:
+            ok = read_ok() and read_ok()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert read_ok()
+    store.close()
