@@ -65,3 +65,38 @@ def test_host_copy_is_resident_once_written(tmp_path, monkeypatch):
         assert slot is None and weights.data_ptr() == copy[store.offsets[1]].data_ptr()  # read in place
     finally:
         store.close()
+
+
+def test_zero_infinity_first_step_takes_fresh_moments_of_a_sub_group(tmp_path, monkeypatch):
+    """DeepSpeed's cpu_adam creates both moments of the whole sub-group (the model, below 1e9 elements) on
+    its first step; the design does too: the process peak (VmHWM) rises by them at step 1, not at step 2."""
+    from memfit.memory.measure import peak_rss_bytes, reset_peak_rss
+    from memfit.train.finetune.optim import AdamW
+
+    monkeypatch.setattr(ZeroInfinity, "PARAM_BUFFER_SIZE", 1 << 16)
+    shape = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                        num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+    groups = make_groups(skeleton(shape))
+    n = sum(g.numel for g in groups)
+    store = GroupStore(groups, "ssd", ZeroInfinity(), torch.bfloat16, torch.device("cpu"), tmp_path, in_flight=4)
+    try:
+        for gi, g in enumerate(groups):
+            store.write_group(gi, torch.full((g.numel,), 0.5))
+        store.grad_buffer.fill_(1e-3)
+        rises = []
+        for step in (1, 2):
+            if not reset_peak_rss():
+                import pytest
+
+                pytest.skip("this kernel cannot reset the peak RSS")
+            before = rss_bytes()
+            store.optimizer_step(AdamW(lr=1e-3), step, 1.0)
+            rises.append(peak_rss_bytes() - before)
+        moments = 8 * store.piece
+        assert store.piece >= n and store.pools["first-step Adam moments (transient)"] == moments
+        assert rises[0] >= 0.9 * moments and rises[1] < 0.3 * moments
+        # the fresh moments reached the SSD: step 2 read them back and updated them
+        m = store.read_group(1)["exp_avg"]
+        assert torch.allclose(m, torch.full_like(m, 0.9 * 0.1 * 1e-3 + 0.1 * 1e-3), rtol=1e-5)  # m2 = 0.9 m1 + 0.1 g
+    finally:
+        store.close()

@@ -52,6 +52,8 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
         pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups).items())
         if design.host_param_copy(groups):
             pools["parameter copy (flat)"] = design.reserved(itemsize * n)
+        if design.fresh_first_moments:
+            pools["first-step Adam moments (transient)"] = 8 * design.optimizer_piece(groups)
     if dtype == torch.float16:  # the only dtype with a loss scale to check (trainer.py)
         pools["overflow check temporaries"] = design.overflow_temp_bytes(n)
     tokens = batch_size * seq_len

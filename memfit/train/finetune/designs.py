@@ -36,6 +36,9 @@ OVERFLOW_CHUNK = 1 << 16  # elements per pass of the fused check: temporaries of
 
 class HostMemoryDesign:
     name = "base"
+    # SSD tier: the first optimizer step takes Adam's moments from fresh zeroed memory of the largest
+    # sub-group (2 x fp32) instead of the swap pool, as DeepSpeed's first step does (ZeroInfinity below)
+    fresh_first_moments = False
 
     def __init__(self) -> None:
         self.engine: AioEngine | None = None
@@ -99,6 +102,10 @@ class ZeroInfinity(HostMemoryDesign):
     PARAM_MAX_IN_CPU = int(1e9)  # offload_config.py: DeepSpeedZeroOffloadParamConfig max_in_cpu=1e9 (elements)
     OPTIMIZER_BUFFER_COUNT = 4
     SUB_GROUP_SIZE = int(1e9)  # deepspeed/runtime/zero/config.py: DeepSpeedZeroConfig sub_group_size=1e9
+    # deepspeed/ops/adam/cpu_adam.py (DeepSpeedCPUAdam.step): the state is created lazily, `exp_avg` and
+    # `exp_avg_sq` = torch.zeros_like(p.data, dtype=float32) with p the whole sub-group's fp32 partition
+    # (stage3.py _optimizer_step), in ordinary memory, on the first step; swapped out through the pool after.
+    fresh_first_moments = True
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         # deepspeed/runtime/zero/stage3.py (_create_fp16_partitions / the flat gradient buffer):

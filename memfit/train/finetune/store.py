@@ -206,6 +206,11 @@ class GroupStore:
     # -- the optimizer step ------------------------------------------------------------------------------
     def optimizer_step(self, adam: AdamW, step: int, grad_scale: float) -> None:
         """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`)."""
+        fresh, used = None, 0
+        if self.tier == "ssd" and step == 1 and self.design.fresh_first_moments:
+            # (2, piece) fp32 zeros: the moments of one sub-group, taken before any group is updated
+            fresh = torch.zeros(2, self.piece, dtype=torch.float32)
+            self.pools["first-step Adam moments (transient)"] = fresh.numel() * 4
         for gi, grad in enumerate(self.grads):
             if self.tier != "ssd":
                 t = self._tensors[gi]
@@ -216,7 +221,16 @@ class GroupStore:
             for start, n in self._pieces(gi):
                 bufs = self._read_piece(gi, start, n)
                 v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
+                if fresh is not None:  # zero either way at step 1: the arithmetic is the same
+                    if used + n > self.piece:  # the next sub-group starts from zeros again
+                        fresh.zero_()
+                        used = 0
+                    v["exp_avg"], v["exp_avg_sq"] = fresh[0, used : used + n], fresh[1, used : used + n]
+                    used += n
                 adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], grad[start : start + n], step, grad_scale)
+                if fresh is not None:  # swapped out through the pool, as DeepSpeed writes its state
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        bufs[k][: n * 4].view(torch.float32).copy_(v[k])
                 self._write_piece(gi, start, n, bufs)
 
     def zero_grad(self) -> None:
