@@ -9,12 +9,14 @@ with `--host-memory zero-infinity` and one with `--host-memory memascend` differ
 | 16-bit parameters in host memory | a flat copy of all of them while the model has at most 1e9 (`max_in_cpu`): read from there, never from the SSD | none: streamed from the SSD through the pool |
 | optimizer swap pool | 4 slots, each the largest sub-group (fp32; sub-groups of up to 1e9 elements: the whole model below that) | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
 | host allocations (states, gradients) | `pin_memory()`: CachingHostAllocator, rounded to a power of two on CUDA | `posix_memalign` exact size (+ `cudaHostRegister` on CUDA) |
-| overflow check | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
+| first optimizer step (SSD) | both moments of the largest sub-group in fresh zeroed memory | from the pool, as every step |
+| overflow check (fp16 only) | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
 | SSD layout | one file per tensor, created by its first write | one file, extents preallocated once |
 
 Both use the same aio engine (1 MiB blocks, queue depth 8, O_DIRECT where allowed) so the SSD comparison
 is about layout, not request size. The DeepSpeed code each zero-infinity policy follows is cited beside it
-(deepspeedai/DeepSpeed at edaa722).
+(deepspeedai/DeepSpeed at edaa722; the sub-group, max_in_cpu and first-step policies from the 0.19.8 release,
+whose buffers benchmarks/finetune_deepspeed.py --breakdown measures).
 """
 from __future__ import annotations
 
