@@ -72,12 +72,16 @@ def scope_name(window: int | None, n_ops: int, free_range: tuple[int, int] | Non
 
 def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
                 hint: list[Placement] | None = None, floor_bytes: int = 0,
-                below_bytes: int | None = None, frozen: set[str] | None = None) -> WholeResult:
+                below_bytes: int | None = None, frozen: set[str] | None = None,
+                costed: set[str] | None = None) -> WholeResult:
     """Plan all of `g` in `capacity` bytes. `order`: a valid order (the hint's, or the fixed one); `hint`: a
     valid plan's placements under `order` (CP-SAT starts from it). floor_bytes: a proven lower bound on the
     non-compulsory bytes, added as a cut so the solve can stop once a plan meets it. below_bytes: only plans
     moving less are wanted (a search move): status "infeasible" then proves there is none in this scope.
-    frozen: tensors whose spill decisions and addresses stay as in the hint (a search move's neighbourhood)."""
+    frozen: tensors whose spill decisions and addresses stay as in the hint (a search move's neighbourhood).
+    costed: only these tensors' traffic is counted (None: all); the others still take space at their uses and
+    move for free. Symmetry breaking is then off: tensors or ops that look interchangeable may differ in cost,
+    and a bound over a symmetry-reduced space would not be valid (memfit.plan.bound_split relies on this)."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
@@ -103,7 +107,9 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
                 for p, is_prev in prevs:
                     lits = [keep] + ([] if isinstance(is_prev, int) else [is_prev])
                     m.Add(addr[(t.name, u)] == addr[(t.name, p)]).OnlyEnforceIf(lits)
-                if t.kind in ("activation", "output"):
+                if costed is not None and t.name not in costed:
+                    pass  # takes its space, moves for free
+                elif t.kind in ("activation", "output"):
                     objective += 2 * t.bytes * (1 - keep)  # spill store + reload
                 else:  # input/weight: a reload unless kept or the first (compulsory) load
                     objective += t.bytes * (1 - keep - first)
@@ -121,7 +127,8 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     hint_addr = um.add_hint(hint, addr, unit) if hint is not None else None
     if frozen and hint_addr is not None:
         um.freeze(frozen, addr, hint_addr)
-    um.break_symmetry(addr, hint_addr)
+    if costed is None:
+        um.break_symmetry(addr, hint_addr)
     stats = {"rectangles": len(xs), "step_vars": um.n_step_vars, "order_literals": len(um.before_vars),
              "build_s": round(time.perf_counter() - t0, 3)}
 

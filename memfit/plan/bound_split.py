@@ -1,0 +1,79 @@
+"""An all-orders lower bound that adds up over pieces of the graph (`split_bound`).
+
+The tensors are split into groups: each tensor belongs to the piece of a topological order that writes it (a
+graph input: to the piece of its first reader). A group's sub-network is the ops that use its tensors (their
+writer and every reader), with every other tensor those ops touch still taking its space at its uses but moving
+for free (`solve_whole(..., costed=group)`). Restricting any valid plan of the whole graph to those ops, in the
+order it runs them, is a valid plan of the sub-network: what is resident at a step is a subset of what the
+whole plan holds then, and every gap between two uses of a group tensor is the same gap as in the whole graph,
+so a group tensor kept across it there is kept here. So the sub-network's optimum over all its orders is at
+most what the whole plan pays for the group's tensors, and as the groups split the tensors, the sum of those
+optima (or of CP-SAT's proven bounds on them) is at most the whole plan's non-compulsory traffic, in any order.
+
+Each piece is solved by the whole-graph model with the order free (memfit.plan.whole), and only CP-SAT's proven
+objective bound is used, so a piece that runs out of time still contributes what it proved. Unlike the row
+bounds (memfit.plan.bound_cut, bound_every), a piece's bound accounts for the order within the piece and for
+fragmentation, which is what the cell networks' plans pay for.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from memfit.plan.analysis import subgraph
+from memfit.plan.plan_format import Graph
+
+
+@dataclass
+class SplitBound:
+    bytes: int
+    status: str  # "optimal": every piece proven; "partial": some pieces only bounded; "none": no time
+    pieces: list[dict] = field(default_factory=list)  # per piece: ops, tensors, bound, status, seconds
+    time_s: float = 0.0
+
+
+def pieces(g: Graph, piece_ops: int) -> list[tuple[list[str], set[str]]]:
+    """(ops of the sub-network, tensors it is charged for) per piece of `piece_ops` consecutive ops of the
+    graph's topological order."""
+    order = g.topo_order()
+    pos = {o: i for i, o in enumerate(order)}
+    owner: dict[str, int] = {}
+    for t in g.tensors:
+        at = t.producer if t.producer is not None else min(t.consumers, key=pos.__getitem__, default=None)
+        if at is not None:
+            owner[t.name] = pos[at] // piece_ops
+    out = []
+    for k in range(0, (len(order) + piece_ops - 1) // piece_ops):
+        group = {n for n, i in owner.items() if i == k}
+        ops = {o for n in group for o in ([g.tensor[n].producer] if g.tensor[n].producer else [])
+               + list(g.tensor[n].consumers)}
+        if group and ops:
+            out.append((sorted(ops, key=pos.__getitem__), group))
+    return out
+
+
+def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: float = 30.0,
+                num_workers: int = 2) -> SplitBound:
+    """Sum over the pieces of CP-SAT's proven all-orders bound on each piece's charged traffic (see the
+    module docstring for why the sum is valid). The time is shared evenly among the pieces."""
+    from memfit.plan.whole import WholeConfig, solve_whole
+
+    t0 = time.perf_counter()
+    ps = pieces(g, piece_ops)
+    total, results, all_optimal = 0, [], True
+    for i, (ops, group) in enumerate(ps):
+        left = time_limit_s - (time.perf_counter() - t0)
+        if left <= 0.05:
+            all_optimal = False
+            break
+        sub = subgraph(g, ops)
+        res = solve_whole(sub, capacity, ops, WholeConfig(left / (len(ps) - i), num_workers, order_window=None),
+                          costed=group)
+        if res.status == "infeasible":  # a restriction of any valid plan fits: this is a modelling bug
+            raise RuntimeError(f"split bound: piece {i} ({len(ops)} ops) has no plan in {capacity} bytes")
+        total += res.bound_bytes
+        all_optimal &= res.status == "optimal"
+        results.append({"ops": len(ops), "tensors": len(group), "bound_bytes": res.bound_bytes,
+                        "plan_bytes": res.objective_bytes, "status": res.status, "time_s": round(res.time_s, 2)})
+    status = "optimal" if all_optimal and len(results) == len(ps) else ("partial" if results else "none")
+    return SplitBound(total, status, results, time.perf_counter() - t0)
