@@ -29,6 +29,7 @@ from memfit.llm.models.config import ModelConfig
 PAGE = 4096
 HUGE_PAGE = 2 * 1024 * 1024
 BLOCKED_NB = 64  # memfit.llm.kernels.blocked.DEFAULT_NB (not imported: that module loads the C++ kernel)
+BLOCKED_LARGE_M = 64  # memfit.llm.kernels.blocked.LARGE_M: the MLP's row block where the blocked kernel runs
 TOKENIZER_BYTES_PER_FILE_BYTE = 2  # the tokenizers library's tables vs its JSON (see tokenizer_bytes)
 
 
@@ -97,11 +98,18 @@ def attention_in_place(device_type: str, dtype: torch.dtype, cpu_kernels: bool) 
     return CpuDecodeOps.available(dtype)
 
 
+def mlp_row_block(device_type: str, cpu_linear: str | None) -> int:
+    """The MLP's row block (models/llama.py: MLP.row_block, set by kernels/backends.mlp_row_blocks): memfit's
+    blocked kernel on a CPU; 0 (whole steps) otherwise."""
+    return BLOCKED_LARGE_M if device_type == "cpu" and cpu_linear == "blocked" else 0
+
+
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
-                     in_place: bool = False) -> int:
+                     in_place: bool = False, mlp_block: int = 0) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
-    `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates, the attention mask
-    (none where memfit's kernels attend in place, `in_place`), and the float32 logits with their softmax."""
+    `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates (of one block of rows,
+    at most 2 x mlp_block - 1, where the MLP runs in blocks: `mlp_row_block`), the attention mask (none where
+    memfit's kernels attend in place, `in_place`), and the float32 logits with their softmax."""
     itemsize = _itemsize(dtype)
     h, i = cfg.hidden_size, cfg.intermediate_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -114,38 +122,40 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     from memfit.llm.kernels.prefill import HEAD_SIZES
 
     scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
-    mlp = 3 * chunk * i * itemsize  # gate, up, silu(gate) * up
+    mlp_rows = chunk if not mlp_block or chunk < 2 * mlp_block else 2 * mlp_block - 1
+    mlp = 3 * mlp_rows * i * itemsize  # gate, up, silu(gate) * up
     logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
     return residual + attn + scores + mlp + logits
 
 
 def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, in_place: bool = False) -> int:
-    """RoPE tables (max_pos x head_dim, cos and sin) and, in bf16/fp16 where memfit's kernels do not attend in
-    place, the decode attention's workspace: one layer's K and V of the decode batch copied head-major
-    (`attention.Workspace`, kept between steps)."""
+    """RoPE tables (positions up to the context x head_dim, cos and sin: the engine limits them to its
+    max_model_len) and, in bf16/fp16 where memfit's kernels do not attend in place, the decode attention's
+    workspace: one layer's K and V of the decode batch copied head-major (`attention.Workspace`, kept between
+    steps)."""
     itemsize = _itemsize(dtype)
-    rope = 2 * cfg.max_position_embeddings * cfg.head_dim * itemsize
+    rope = 2 * min(cfg.max_position_embeddings, context_len) * cfg.head_dim * itemsize
     copies = not in_place and dtype != torch.float32
     decode = 2 * batch * context_len * cfg.num_key_value_heads * cfg.head_dim * itemsize if copies else 0
     return rope + decode
 
 
 def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int,
-               in_place: bool = False) -> int:
+               in_place: bool = False, mlp_block: int = 0) -> int:
     """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode;
-    `in_place`: memfit's CPU attention kernels run (`attention_in_place`)."""
-    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place) + \
+    `in_place`: memfit's CPU attention kernels run (`attention_in_place`); `mlp_block`: `mlp_row_block`."""
+    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place, mlp_block) + \
         workspace_bytes(cfg, dtype, context_len, batch, in_place)
 
 
 def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int,
-                     batch: int, in_place: bool = False) -> int:
+                     batch: int, in_place: bool = False, mlp_block: int = 0) -> int:
     """The draft's step reservation beside the target's: its workspace (RoPE tables, decode copies) is its own,
     but its activations are transient and never live at the same time as the target's (the two models run one
     after the other), so only what they exceed the target's by is added (nothing for a smaller draft)."""
     n = min(chunk, context_len)
-    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place) - \
-        activation_bytes(target, dtype, n, context_len, batch, in_place)
+    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place, mlp_block) - \
+        activation_bytes(target, dtype, n, context_len, batch, in_place, mlp_block)
     return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
 
 

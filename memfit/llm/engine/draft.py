@@ -141,7 +141,9 @@ class Draft:
                    if tree else accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs))
         step = accounting.draft_step_bytes(engine.model_config, stored, dtype, cfg.max_num_batched_tokens,
                                            engine.max_model_len, cfg.max_num_seqs,
-                                           accounting.attention_in_place(device.type, dtype, options.cpu_kernels))
+                                           accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
+                                           accounting.mlp_row_block(device.type,
+                                                                    choose_cpu_linear(options, device, dtype)))
         need = weights + buffers + step
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"
@@ -159,6 +161,7 @@ class Draft:
             model, mc = load_model(path, dtype=dtype, device=device)
             backends = prepare_model(model, options, device)
         max_len = min(engine.max_model_len, mc.max_position_embeddings)
+        model.rotary.limit(max_len)  # a self-draft's tables are the target's, limited alike
         layout = KVLayout(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, dtype, max_len, device)
         # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.
         target_bpt = engine.layout.bytes_per_token

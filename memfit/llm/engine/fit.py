@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
-                                          speculation_bytes, tokenizer_bytes, tree_speculation_bytes, weights_bytes,
-                                          workspace_bytes)
+                                          mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
+                                          weights_bytes, workspace_bytes)
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import format_bytes
 
@@ -113,6 +113,7 @@ def predict(
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
+    mlp_block = mlp_row_block(device_type, cpu_linear)  # the MLP's row block (the target's; a loaded draft's too)
     spec = {}
     if draft is not None:
         d = draft.config
@@ -120,7 +121,7 @@ def predict(
             draft_weights_bytes=0 if draft.shares_weights else weights_bytes(d, dtype, cpu_linear, device_type,
                                                                                 draft.mapped),
             draft_kv_bytes=kv_cache_bytes(d, dtype, context_len + draft.draft_lookahead, batch),
-            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place),
+            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block),
             speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len) if draft.tree
                                else speculation_bytes(d.vocab_size, draft.gamma, batch)),
         )
@@ -128,7 +129,8 @@ def predict(
     return FitBreakdown(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
-        activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place),
+        activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place,
+                                          mlp_block),
         workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch, in_place),
         tokenizer_bytes=tokenizer_bytes(model_dir),
         runtime_bytes=int(runtime.get("runtime_bytes", 0)),

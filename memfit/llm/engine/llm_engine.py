@@ -69,6 +69,7 @@ class LLMEngine:
                                               self.max_model_len, sharded=self.tp is not None)
         ledger.reserve_fixed(self.ledger, self.memory_plan)
         self.model, self.model_config = rank.load(path, dtype, self.device, self.tp)
+        self.model.rotary.limit(self.max_model_len)  # RoPE tables for the positions the engine can reach
         self.dtype = next(self.model.parameters()).dtype
         self.backends = prepare_model(self.model, backend_options, self.device)
         rank.parallelize(self.model, self.tp, self.model_config.vocab_size)

@@ -96,6 +96,7 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.kernels.blocked import use_blocked_linears
 
         chosen.num_blocked_linears = use_blocked_linears(model)
+        mlp_row_blocks(model)
     if chosen.cpu_linear in ("blocked", "memfit"):  # "blocked" leaves a tied lm_head: row-major, no copy
         from memfit.llm.kernels.linear import use_row_major_linears
 
@@ -120,3 +121,22 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
             model.set_ops(CpuDecodeOps(dtype))  # type: ignore[operator]
             chosen.cpu_kernels = True
     return chosen
+
+
+def mlp_row_blocks(model: nn.Module) -> int:
+    """Let each MLP whose projections are all memfit's blocked kernel run steps of many rows in blocks of
+    `LARGE_M` rows (models/llama.py: MLP.row_block): a prefill chunk's gate/up intermediates are then held one
+    block at a time. From LARGE_M rows on the kernel sums each row in the same order whatever the rows of the call,
+    so the results are the same bits. Returns how many MLPs block."""
+    from memfit.llm.kernels.blocked import LARGE_M, BlockedLinear
+    from memfit.llm.models.llama import MLP
+
+    count = 0
+    for m in model.modules():
+        if not isinstance(m, MLP):
+            continue
+        projections = [getattr(m, name, None) for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")]
+        if all(isinstance(p, BlockedLinear) for p in projections if p is not None):  # fusion deletes gate, up
+            m.row_block = LARGE_M
+            count += 1
+    return count

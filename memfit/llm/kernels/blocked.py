@@ -28,6 +28,7 @@ from memfit.memory.host import HostArena, transparent_huge_pages
 log = logging.getLogger(__name__)
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
+LARGE_M = 64  # cpu_blocked.cpp's BLK_LARGE_M: from this many rows each row's sums run in one order, whatever M
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 

@@ -179,5 +179,6 @@ def parallelize(model: LlamaForCausalLM, group: TPGroup, vocab: int) -> None:
     for layer in model.model.layers:
         layer.self_attn.o_proj = AllReduceOutput(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = AllReduceOutput(layer.mlp.down_proj, group)
+        layer.mlp.row_block = 0  # whole steps: one all-reduce per step, not per block (accounting counts it so)
     model.model.embed_tokens = VocabParallelEmbedding(model.model.embed_tokens, group.rank, group)
     model.lm_head = GatheredLogits(model.lm_head, vocab, group)
