@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .qmodel import QuantLayer
+from .qmodel import QuantLayer, SoftmaxQuant
 from .quantizers import UniformParams, weight_qmax
 
 FORMAT = "memfit.quant.packed/1"
@@ -128,9 +128,11 @@ def save_packed(path: str | os.PathLike, packed: nn.Module, spec, info: dict[str
         owner = key.rsplit(".", 1)[0]
         if owner not in layers and key not in tensors:
             tensors[key] = value.detach().float().contiguous().clone()
-    softmax = {n.rsplit(".", 1)[0]: m.bits for n, m in packed.named_modules() if type(m).__name__ == "Log2Softmax"}
+    softmax = {n.rsplit(".", 1)[0]: m.bits for n, m in packed.named_modules() if isinstance(m, SoftmaxQuant)}
+    kinds = {n.rsplit(".", 1)[0]: m.kind for n, m in packed.named_modules() if isinstance(m, SoftmaxQuant)}
     meta = {"format": FORMAT, "timm_name": spec.timm_name, "kwargs": json.dumps(spec.kwargs),
-            "layers": json.dumps(layers), "softmax_bits": json.dumps(softmax), "info": json.dumps(info or {})}
+            "layers": json.dumps(layers), "softmax_bits": json.dumps(softmax), "softmax_kind": json.dumps(kinds),
+            "info": json.dumps(info or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
@@ -143,7 +145,6 @@ def load_packed(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     from safetensors.torch import load_file
 
     from .models import ModelSpec
-    from .qmodel import Log2Softmax
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -163,10 +164,11 @@ def load_packed(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
                             params(d["out"]), {k: tuple(v) if isinstance(v, list) else v for k, v in d["conv"].items()})
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
+    kinds = json.loads(meta.get("softmax_kind", "{}"))  # files written before log-sqrt(2) used log2
     for attn_name, bits in json.loads(meta["softmax_bits"]).items():
         attn = model.get_submodule(attn_name)
         attn.fused_attn = False
-        attn.attn_drop = Log2Softmax(bits)
+        attn.attn_drop = SoftmaxQuant(bits, kinds.get(attn_name, "log2"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     unexpected = [k for k in unexpected if not k.endswith(("qweight", "scale", "bias"))]
     if unexpected:

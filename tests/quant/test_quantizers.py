@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from memfit.quant.models import default_spec
-from memfit.quant.quantizers import (BIT_CHOICES, fake_quant_log2, fake_quant_uniform, fake_quant_weight,
-                                     percentile_range, quantize_weight, uniform_params, weight_qmax, weight_scales)
+from memfit.quant.quantizers import (BIT_CHOICES, fake_quant_log, fake_quant_log2, fake_quant_uniform,
+                                     fake_quant_weight, percentile_range, quantize_weight, uniform_params,
+                                     weight_qmax, weight_scales)
 from memfit.quant.reparam import reparameterize
 
 
@@ -35,6 +36,25 @@ def test_weight_clip_search_beats_min_max():
         return ((torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax) * scale[:, None] - w) ** 2).sum()
 
     assert err(searched) < 0.8 * err(minmax)
+
+
+def test_log_sqrt2_softmax_quantizer():
+    """log-sqrt(2): levels are half-octave powers of two, 2^b of them, smaller values flush to 0; it rounds the
+    large probabilities twice as finely as log2."""
+    torch.manual_seed(6)
+    probs = torch.softmax(torch.randn(8, 50, 50) * 3, dim=-1)
+    q = fake_quant_log(probs, 4, "log_sqrt2")
+    nz = q[q > 0]
+    assert torch.allclose(2 * torch.log2(nz), torch.round(2 * torch.log2(nz)), atol=1e-4)
+    assert len(q.unique()) <= 2 ** 4 + 1  # 16 levels and zero
+    assert (q[probs < 2 ** -8.25] == 0).all() and (q[probs > 2 ** -7.25] > 0).all()  # q = 0..15 -> down to 2^-7.5
+    big = probs > 0.05
+    assert ((q[big] / probs[big]).log2().abs() <= 0.25 + 1e-5).all()  # half a half-octave step
+    err_sqrt2 = (q - probs)[big].pow(2).sum()
+    err_log2 = (fake_quant_log2(probs, 4) - probs)[big].pow(2).sum()
+    assert err_sqrt2 < 0.5 * err_log2
+    with pytest.raises(ValueError, match="log_sqrt2"):
+        fake_quant_log(probs, 4, "log3")
 
 
 def test_error_falls_with_bits():
