@@ -12,7 +12,7 @@ peak RSS and step times; compare with benchmarks/finetune_offload.py's zero-infi
 Options that make the run like for like with memfit's (they change the benchmark, not DeepSpeed's settings):
 `--checkpoint-layers` recomputes each decoder layer in the backward (torch.utils.checkpoint, non-reentrant),
 as memfit's offloaded trainer does per unit; `--memfit-init` fills the weights with memfit's
-`_random_weights` values (normal 0.02, same generator order), so the losses are comparable. `--breakdown`
+`init_group` values (normal 0.02, same generator order), so the losses are comparable. `--breakdown`
 reports DeepSpeed's host buffers (benchmarks/deepspeed_probe.py) and the RSS after each phase.
 """
 from __future__ import annotations
@@ -153,26 +153,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _memfit_init(lm, cfg, seed: int) -> None:
-    """The values memfit's trainer starts from (memfit.train.finetune.trainer._random_weights: one generator,
+    """The values memfit's trainer starts from (memfit.train.finetune.trainer.init_group: one generator,
     groups in forward order, normal(0, 0.02), norms one), written into the partitioned parameters a few at
     a time (GatheredParameters gathers, lets rank 0 write, and re-partitions on exit)."""
     import deepspeed
     import torch
 
+    from memfit.train.finetune.trainer import init_group
     from memfit.train.finetune.units import make_groups, skeleton
 
     named = dict(lm.named_parameters())
     gen = torch.Generator().manual_seed(seed)
     for g in make_groups(skeleton(cfg)):
-        flat = torch.empty(g.numel, dtype=torch.float32)
-        views = g.views(flat)
-        for name, view in views.items():
-            if name.endswith("norm.weight"):
-                view.fill_(1.0)
-            elif name.endswith(".bias"):
-                view.zero_()
-            else:
-                torch.randn(view.shape, generator=gen, out=view).mul_(0.02)
+        _, views = init_group(g, gen)
         names = list(views)
         for i in range(0, len(names), 4):  # each parameter swapped in takes one of the 5 param swap buffers
             batch = names[i : i + 4]

@@ -27,6 +27,16 @@ def resident(t: torch.Tensor) -> int:
     return sum(v & 1 for v in vec) * PAGE
 
 
+def zero_infinity_store(tmp_path, monkeypatch) -> tuple[list, int, GroupStore]:
+    """A one-layer model's groups, their element count and a zero-infinity SSD store over them."""
+    monkeypatch.setattr(ZeroInfinity, "PARAM_BUFFER_SIZE", 1 << 16)  # a small parameter pool: not under test
+    shape = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                        num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+    groups = make_groups(skeleton(shape))
+    store = GroupStore(groups, "ssd", ZeroInfinity(), torch.bfloat16, torch.device("cpu"), tmp_path, in_flight=4)
+    return groups, sum(g.numel for g in groups), store
+
+
 def test_zero_infinity_reads_parameters_from_the_host_copy_not_the_ssd(tmp_path):
     tiny = make_tiny(tmp_path / "model")
     r = run(cfg(tiny, tmp_path, offload="ssd", host_memory="zero-infinity", steps=2))
@@ -44,12 +54,7 @@ def test_zero_infinity_reads_parameters_from_the_host_copy_not_the_ssd(tmp_path)
 
 
 def test_host_copy_is_resident_once_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(ZeroInfinity, "PARAM_BUFFER_SIZE", 1 << 16)  # a small parameter pool: not under test
-    shape = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
-                        num_attention_heads=8, num_key_value_heads=8, head_dim=64)
-    groups = make_groups(skeleton(shape))
-    n = sum(g.numel for g in groups)
-    store = GroupStore(groups, "ssd", ZeroInfinity(), torch.bfloat16, torch.device("cpu"), tmp_path, in_flight=4)
+    groups, n, store = zero_infinity_store(tmp_path, monkeypatch)
     try:
         copy = store._param_copy
         assert copy is not None and copy.numel() == n
@@ -73,12 +78,7 @@ def test_zero_infinity_first_step_takes_fresh_moments_of_a_sub_group(tmp_path, m
     from memfit.memory.measure import peak_rss_bytes, reset_peak_rss
     from memfit.train.finetune.optim import AdamW
 
-    monkeypatch.setattr(ZeroInfinity, "PARAM_BUFFER_SIZE", 1 << 16)
-    shape = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
-                        num_attention_heads=8, num_key_value_heads=8, head_dim=64)
-    groups = make_groups(skeleton(shape))
-    n = sum(g.numel for g in groups)
-    store = GroupStore(groups, "ssd", ZeroInfinity(), torch.bfloat16, torch.device("cpu"), tmp_path, in_flight=4)
+    groups, n, store = zero_infinity_store(tmp_path, monkeypatch)
     try:
         for gi, g in enumerate(groups):
             store.write_group(gi, torch.full((g.numel,), 0.5))

@@ -146,19 +146,27 @@ def _load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
         store.write_group(gi, flat)
 
 
+def init_group(g: Group, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One group's starting values, Llama's initialisation (normal, std 0.02; norms one; biases zero), drawn from
+    `gen` in the group's parameter order: (flat fp32 (g.numel,), its per-parameter views). Groups taken in
+    forward order from one generator give the trainer's weights (the DeepSpeed reference starts from them too)."""
+    flat = torch.empty(g.numel, dtype=torch.float32)
+    views = g.views(flat)
+    for name, view in views.items():
+        if name.endswith("norm.weight"):
+            view.fill_(1.0)
+        elif name.endswith(".bias"):
+            view.zero_()
+        else:
+            torch.randn(view.shape, generator=gen, out=view).mul_(0.02)
+    return flat, views
+
+
 def _random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
-    """Llama's initialisation (normal, std 0.02; norms one; biases zero), filled in place group by group."""
+    """Llama's initialisation, filled in place group by group."""
     gen = torch.Generator().manual_seed(seed)
     for gi, g in enumerate(groups):
-        flat = torch.empty(g.numel, dtype=torch.float32)
-        for name, view in g.views(flat).items():
-            if name.endswith("norm.weight"):
-                view.fill_(1.0)
-            elif name.endswith(".bias"):
-                view.zero_()
-            else:
-                torch.randn(view.shape, generator=gen, out=view).mul_(0.02)
-        store.write_group(gi, flat)
+        store.write_group(gi, init_group(g, gen)[0])
 
 
 def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
