@@ -63,10 +63,12 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
     ps = pieces(g, piece_ops)
     subs = [subgraph(g, ops) for ops, _ in ps]
     best: list[dict | None] = [None] * len(ps)
-    # two passes: every piece gets its share of half the time, then the pieces not proven share what is left
-    # (a piece's bound is CP-SAT's proven one, so the larger of its two runs is still valid)
+    # two passes: every piece gets its share of half the time, then the pieces not proven share what is left,
+    # those the first pass had no time left for included (a piece's bound is CP-SAT's proven one, so the larger
+    # of its two runs is still valid)
     for share, todo in ((0.5, range(len(ps))), (1.0, None)):
-        todo = list(todo) if todo is not None else [i for i, b in enumerate(best) if b and b["status"] != "optimal"]
+        todo = list(todo) if todo is not None else \
+            [i for i, b in enumerate(best) if b is None or b["status"] != "optimal"]
         stop = t0 + share * time_limit_s
         for j, i in enumerate(todo):
             left = stop - time.perf_counter()

@@ -45,3 +45,29 @@ def test_split_bound_never_exceeds_the_optimum_over_all_orders(maker, n, seed):
             assert sb.bytes <= opt.objective_bytes, (piece_ops, sb.pieces)
             if piece_ops >= n:  # one piece charged for everything: the optimum itself
                 assert sb.bytes == opt.objective_bytes
+
+
+def test_a_piece_the_first_pass_had_no_time_for_is_solved_in_the_second(monkeypatch):
+    """The first pass overruns on piece 0 (its solve takes longer than the pass's half of the time): the pieces
+    after it never ran then and must get the second pass's time, not be left out of the sum."""
+    import types
+
+    import memfit.plan.bound_split as bs
+    import memfit.plan.whole as whole
+
+    g = random_branching_dag(12, 0)
+    n = len(pieces(g, 4))
+    assert n >= 2
+    clock = [0.0]
+    calls: list[int] = []
+
+    def fake_solve(sub, capacity, ops, cfg, costed=None):
+        calls.append(len(calls))
+        clock[0] += 6.0 if len(calls) == 1 else 0.1  # the first solve overruns the first pass (5 s of 10)
+        return types.SimpleNamespace(status="feasible" if len(calls) == 1 else "optimal", bound_bytes=100,
+                                     objective_bytes=100, time_s=0.1)
+
+    monkeypatch.setattr(whole, "solve_whole", fake_solve)
+    monkeypatch.setattr(bs.time, "perf_counter", lambda: clock[0])
+    sb = split_bound(g, scratchpad_sizes(g).mid, 4, time_limit_s=10.0)
+    assert len(sb.pieces) == n and sb.bytes == 100 * n
