@@ -25,7 +25,10 @@ from torch import nn
 from .qmodel import QuantLayer, SoftmaxQuant
 from .quantizers import UniformParams, weight_qmax
 
-FORMAT = "memfit.quant.packed/1"
+# /2 records each attention's softmax quantizer (`softmax_kind`); /1 files (before log-sqrt(2)) read as log2.
+# A reader refuses versions it does not know rather than decode a quantizer it does not have.
+FORMAT = "memfit.quant.packed/2"
+READABLE_FORMATS = ("memfit.quant.packed/1", FORMAT)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -148,7 +151,11 @@ def load_packed(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
+    fmt = meta.get("format", "")
+    if fmt not in READABLE_FORMATS:
+        if fmt.startswith("memfit.quant.packed/"):
+            raise ValueError(f"{path} is a packed model of format {fmt}, which this memfit cannot read (it reads "
+                             f"{', '.join(READABLE_FORMATS)}); upgrade memfit")
         raise ValueError(f"{path} is not a packed memfit.quant model; write one with `memfit quant export`")
     spec = ModelSpec(meta["timm_name"], json.loads(meta["kwargs"]))
     model = spec.build().eval()

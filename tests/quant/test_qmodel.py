@@ -41,6 +41,24 @@ def test_packed_model_equals_simulated_and_bytes_are_the_packed_tensors(tiny_mod
     assert info == {"top1": 0.5}
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), q(x), rtol=1e-4, atol=1e-4)
+    # the format's version: a /1 file (before the softmax kind was recorded) reads with log2 softmax
+    # quantizers; a version this reader does not know is refused, not decoded with the wrong quantizer
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from memfit.quant.qmodel import SoftmaxQuant
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    save_file(tensors, str(tmp_path / "v1.safetensors"),
+              {**{k: v for k, v in meta.items() if k != "softmax_kind"}, "format": "memfit.quant.packed/1"})
+    old, _ = load_packed(tmp_path / "v1.safetensors")
+    kinds = {m.kind for m in old.modules() if isinstance(m, SoftmaxQuant)}
+    assert kinds == {"log2"}
+    save_file(tensors, str(tmp_path / "v9.safetensors"), {**meta, "format": "memfit.quant.packed/9"})
+    with pytest.raises(ValueError, match="format memfit.quant.packed/9, which this memfit cannot read"):
+        load_packed(tmp_path / "v9.safetensors")
 
 
 def test_eight_bits_is_close_to_fp_and_two_bits_is_not(tiny_models, fmnist_small):
