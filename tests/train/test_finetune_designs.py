@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from memfit.llm.models import ModelConfig
-from memfit.train.finetune.designs import OVERFLOW_CHUNK, MemAscend, ZeroInfinity, sub_groups
+from memfit.train.finetune.designs import (OVERFLOW_CHUNK, MemAscend, ZeroInfinity, ZeroInfinityTuned, make_design,
+                                           sub_groups)
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.units import make_groups, skeleton
 
@@ -85,6 +86,24 @@ def test_zero3_sub_groups_and_max_in_cpu_beyond_1e9_parameters():
     assert subs[0] == sum(sizes[: first + 1])
     assert ZeroInfinity().optimizer_piece(groups) == (max(subs) + 4095) // 4096 * 4096
     assert not ZeroInfinity().host_param_copy(groups)
+
+
+def test_tuned_zero_infinity_sizes_its_optimizer_slots_for_the_largest_parameter():
+    """sub_group_size at its smallest: every parameter its own sub-group, so the 4 slots (and the first step's
+    fresh moments) hold the largest parameter, here the embedding, not the whole model; the rest as the defaults."""
+    groups = make_groups(skeleton(LLAMA_01B))
+    sizes = [math.prod(s) for g in groups for _, s in g.params]
+    assert sub_groups(groups, 1) == sizes
+    tuned, default = make_design("zero-infinity-tuned"), ZeroInfinity()
+    assert isinstance(tuned, ZeroInfinityTuned) and tuned.name == "zero-infinity-tuned"
+    piece = (max(sizes) + 4095) // 4096 * 4096
+    assert tuned.optimizer_piece(groups) == piece == (LLAMA_01B.vocab_size * LLAMA_01B.hidden_size + 4095) // 4096 * 4096
+    assert tuned.optimizer_classes(groups) == {piece * 4: 4}
+    assert 5 * tuned.optimizer_piece(groups) < default.optimizer_piece(groups)
+    assert tuned.param_classes(groups, 2, 4) == default.param_classes(groups, 2, 4)
+    assert tuned.host_param_copy(groups) and tuned.fresh_first_moments
+    with pytest.raises(ValueError, match="zero-infinity-tuned"):
+        make_design("zero")
 
 
 def test_adamw_matches_torch():
