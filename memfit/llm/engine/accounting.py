@@ -104,6 +104,16 @@ def mlp_row_block(device_type: str, cpu_linear: str | None) -> int:
     return BLOCKED_LARGE_M if device_type == "cpu" and cpu_linear == "blocked" else 0
 
 
+def mlp_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int = 0) -> int:
+    """The MLP's transients beside its (chunk, hidden) output: gate, up and silu(gate) * up of the rows in one
+    call (the chunk, or at most 2 x mlp_block - 1 rows where it runs in blocks), and in blocks also the block's
+    own down-projection output, held until it is copied into the output (models/llama.py: MLP.forward)."""
+    itemsize = _itemsize(dtype)
+    blocked = bool(mlp_block) and chunk >= 2 * mlp_block
+    rows = 2 * mlp_block - 1 if blocked else chunk
+    return 3 * rows * cfg.intermediate_size * itemsize + (rows * cfg.hidden_size * itemsize if blocked else 0)
+
+
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
                      in_place: bool = False, mlp_block: int = 0) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
@@ -111,7 +121,7 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     at most 2 x mlp_block - 1, where the MLP runs in blocks: `mlp_row_block`), the attention mask (none where
     memfit's kernels attend in place, `in_place`), and the float32 logits with their softmax."""
     itemsize = _itemsize(dtype)
-    h, i = cfg.hidden_size, cfg.intermediate_size
+    h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     residual = 4 * chunk * h * itemsize + chunk * h * 4  # x, normed x, attn out, mlp out; float32 norm
@@ -122,8 +132,7 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     from memfit.llm.kernels.prefill import HEAD_SIZES
 
     scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
-    mlp_rows = chunk if not mlp_block or chunk < 2 * mlp_block else 2 * mlp_block - 1
-    mlp = 3 * mlp_rows * i * itemsize  # gate, up, silu(gate) * up
+    mlp = mlp_bytes(cfg, dtype, chunk, mlp_block)
     logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
     return residual + attn + scores + mlp + logits
 

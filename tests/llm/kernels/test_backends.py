@@ -54,11 +54,36 @@ def test_only_the_blocked_kernel_blocks():
     assert accounting.mlp_row_block("cpu", "onednn") == accounting.mlp_row_block("cuda", None) == 0
 
 
-def test_the_mlp_term_counts_one_block():
-    """activation_bytes' MLP term: the intermediates of at most 2 x block - 1 rows, against the whole chunk."""
-    cfg = tiny(tie=False, dtype=torch.float32).config
-    whole = accounting.activation_bytes(cfg, torch.float32, 448, 448, 1, True)
-    blocked = accounting.activation_bytes(cfg, torch.float32, 448, 448, 1, True, LARGE_M)
-    assert whole - blocked == 3 * (448 - (2 * LARGE_M - 1)) * cfg.intermediate_size * 4
-    small = accounting.activation_bytes(cfg, torch.float32, 100, 448, 1, True, LARGE_M)
-    assert small == accounting.activation_bytes(cfg, torch.float32, 100, 448, 1, True)  # under two blocks: whole
+def _peak_allocated_bytes(fn) -> int:
+    """Peak bytes torch's CPU allocator holds above the start while fn runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for ev in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns()):
+        live += ev.nbytes()  # + allocation, - free
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("rows", [100, 3 * LARGE_M - 1, 5 * LARGE_M + 17])
+def test_the_mlp_term_is_what_the_allocator_holds(rows):
+    """accounting.mlp_bytes against the allocator: the peak an MLP call holds is its (rows, hidden) output plus
+    the term, blocked (from 2 x LARGE_M rows: one block's intermediates and its down-projection output) or not."""
+    model = tiny(tie=False, dtype=torch.float32)
+    with torch.inference_mode():
+        prepare_model(model, BackendOptions(max_num_seqs=8, cpu_linear="blocked"), torch.device("cpu"))
+        mlp = model.model.layers[0].mlp
+        x = torch.randn(rows, model.config.hidden_size)
+        mlp(x)  # warm: packing buffers and first-call caches are not the step's
+        peak = _peak_allocated_bytes(lambda: mlp(x))
+    out = rows * model.config.hidden_size * 4
+    counted = out + accounting.mlp_bytes(model.config, torch.float32, rows, mlp.row_block)
+    if rows % LARGE_M == LARGE_M - 1 or rows < 2 * LARGE_M:  # whole, or the last block at its largest (2b - 1)
+        assert peak == counted
+    else:  # a shorter last block (b + rows % b rows): the term bounds it
+        last = LARGE_M + rows % LARGE_M
+        i, h = model.config.intermediate_size, model.config.hidden_size
+        assert out + 3 * last * i * 4 + last * h * 4 == peak < counted
