@@ -78,6 +78,16 @@ def segment_offsets(offset: int, sizes: list[int]) -> list[int]:
     return offs
 
 
+def _laid_out(offsets: int | list[int], segments: list[list[memoryview]],
+              digests: list[Callable[[memoryview], None] | None] | None
+              ) -> tuple[list[list[memoryview]], list[Callable[[memoryview], None] | None], list[int]]:
+    """Segments as byte views, a digest slot per segment, and each segment's extent offset: the given list, or
+    from one offset, laid out one after another as `segment_offsets` places them."""
+    segs = [[b.cast("B") for b in seg] for seg in segments]
+    offs = offsets if isinstance(offsets, list) else segment_offsets(offsets, [sum(len(b) for b in seg) for seg in segs])
+    return segs, digests or [None] * len(segs), offs
+
+
 class ExtentStore:
     def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True,
                  max_stages: int = 1, prewrite: bool = False) -> None:
@@ -180,20 +190,10 @@ class ExtentStore:
         boundary), segment i's buffers into extent i, as `write` does one; `digests[i]` sees segment i's bytes.
         With O_DIRECT and `staged` that is one call, in STAGE-byte I/Os across the extents' boundaries (a segment
         padded with zeros to ALIGN); without, one write per extent."""
-        segs = [[b.cast("B") for b in seg] for seg in segments]
-        digests = digests or [None] * len(segs)
-        offs = segment_offsets(offset, [sum(len(b) for b in seg) for seg in segs])
+        segs, digests, offs = _laid_out(offset, segments, digests)
         if self.direct:
             try:
-                stage = self._acquire()
-                try:
-                    if staged is not None:
-                        staged(self.fd, offs, stage, segs)
-                    else:
-                        for off, views, digest in zip(offs, segs, digests):
-                            self._write_direct(off, stage, views, digest)
-                finally:
-                    self._give_back(stage)
+                self._through_stage(offs, segs, digests, staged, self._write_direct)
                 self._direct_proven = True
                 return
             except OSError as exc:
@@ -204,6 +204,21 @@ class ExtentStore:
                         self._fall_back(f"first O_DIRECT write: {exc.strerror}")
         for off, views, digest in zip(offs, segs, digests):
             self._write_buffered(off, views, digest)
+
+    def _through_stage(self, offs: list[int], segs: list[list[memoryview]],
+                       digests: list[Callable[[memoryview], None] | None], staged: Staged | None,
+                       each: Callable[..., None]) -> None:
+        """With O_DIRECT, every extent through one staging buffer of the pool: in one `staged` call, or one
+        `each(offset, stage, views, digest)` (_write_direct or _read_direct) per extent."""
+        stage = self._acquire()
+        try:
+            if staged is not None:
+                staged(self.fd, offs, stage, segs)
+            else:
+                for off, views, digest in zip(offs, segs, digests):
+                    each(off, stage, views, digest)
+        finally:
+            self._give_back(stage)
 
     def _write_buffered(self, offset: int, views: list[memoryview],
                         digest: Callable[[memoryview], None] | None) -> None:
@@ -233,20 +248,9 @@ class ExtentStore:
         """Fill segment i's buffers from the extent at offsets[i] (or, given one offset, from extent i of those laid
         out from it as `write_segments` wrote them): with O_DIRECT and `staged` in one call (a STAGE's worth of
         extents at a time, submitted together), else one read per extent."""
-        segs = [[b.cast("B") for b in seg] for seg in segments]
-        digests = digests or [None] * len(segs)
-        offs = offsets if isinstance(offsets, list) else \
-            segment_offsets(offsets, [sum(len(b) for b in seg) for seg in segs])
+        segs, digests, offs = _laid_out(offsets, segments, digests)
         if self.direct:
-            stage = self._acquire()
-            try:
-                if staged is not None:
-                    staged(self.fd, offs, stage, segs)
-                else:
-                    for off, views, digest in zip(offs, segs, digests):
-                        self._read_direct(off, stage, views, digest)
-            finally:
-                self._give_back(stage)
+            self._through_stage(offs, segs, digests, staged, self._read_direct)
             return
         for off, views, digest in zip(offs, segs, digests):
             self._read_buffered(off, views, digest)
