@@ -7,11 +7,10 @@
 Why one preallocated file rather than a file per run: the space is taken once, at start (`posix_fallocate`), so
 a disk that cannot hold the tier fails then, with a clear error, instead of in the middle of a swap; a swap does
 no file-system allocation or metadata work (no create, no unlink, no extent growth), only one positioned write
-of the whole run; and a crash leaves one file to clean, not thousands. The price is an allocator here: first
-fit over a list of free extents sorted by offset, coalescing neighbours on free, in `ALIGN`-byte units (so
-that O_DIRECT, if later enabled, finds every offset aligned). Several extents written together are placed as one
-(`segment_offsets`) and written and read back in one pass (`write_segments`, `readinto_segments`): fewer, larger
-I/Os; each is still freed on its own.
+of the whole run; and a crash leaves one file to clean, not thousands. The price is an allocator: first fit
+over free extents, coalescing neighbours on free (extent_map.py), in `ALIGN`-byte units. Several extents written
+together are placed as one (`segment_offsets`) and written and read back in one pass (`write_segments`,
+`readinto_segments`): fewer, larger I/Os; each is still freed on its own.
 
 I/O is `os.pwritev` / `os.preadv` (both release the GIL, so reads on the swap thread pool overlap the model
 step); a short write is continued, a short read is an error.
@@ -20,7 +19,7 @@ O_DIRECT (`direct`, on by default): the file is opened with it where the file sy
 the disk without a second copy in the page cache (that copy would be RAM, the very thing the tier exists to free,
 and the kernel would account it to whoever runs the engine). O_DIRECT wants the file offset, the length and the
 buffer's address aligned: extents start and end on `ALIGN`, and the KV runs (unaligned tensor memory) go through
-a page-aligned staging buffer of `STAGE` bytes (an anonymous mmap), one `STAGE`-sized write or read at a time;
+a page-aligned staging buffer of `STAGE` bytes (an anonymous mmap; direct_staging.py), one `STAGE`-sized write or read at a time;
 the gather into it and the scatter out of it are numpy copies, which release the GIL too. The buffers are a pool
 of at most `max_stages` (one per thread that may do I/O at once: the engine thread and each swap thread), made
 on first use and kept with the store; an I/O that finds them all in use waits for one. `staging_bytes` is what
@@ -37,10 +36,8 @@ Prewriting pays that once at start, at the disk's sequential bandwidth, instead 
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
-import mmap
 import os
 import sys
 import threading
@@ -52,30 +49,16 @@ import numpy as np
 
 from memfit.memory.aio import SwapSpaceError
 from memfit.memory.budget import format_bytes
-from memfit.memory.mapping import round_up
-
-ALIGN = 4096  # extent granularity: a logical block, as O_DIRECT wants (offsets, lengths, buffer addresses)
-STAGE = 1 << 20  # bytes of one O_DIRECT write or read through the staging buffer (a multiple of ALIGN)
+from memfit.memory.direct_staging import STAGE, Digest, StagingPool, read_direct, write_direct
+from memfit.memory.extent_map import ALIGN, ExtentMap, extent_bytes, segment_offsets
 
 log = logging.getLogger(__name__)
 
+# extent_map's and direct_staging's names that callers of the store use, re-exported from here
+__all__ = ["ALIGN", "STAGE", "ExtentStore", "Staged", "extent_bytes", "segment_offsets"]
+
 # (fd, the extents' offsets, staging buffer, segments: each one extent's views): one I/O loop over several extents
 Staged = Callable[[int, list[int], np.ndarray, list[list[memoryview]]], None]
-
-
-def extent_bytes(nbytes: int) -> int:
-    """The file bytes an extent of `nbytes` takes (what `alloc` takes for it)."""
-    return round_up(max(nbytes, 1), ALIGN)
-
-
-def segment_offsets(offset: int, sizes: list[int]) -> list[int]:
-    """Where extents of `sizes` bytes lie when laid out one after another from `offset` (each from an ALIGN
-    boundary): one `alloc(sum(extent_bytes(n)))` holds them all, and each can be freed on its own."""
-    offs = []
-    for n in sizes:
-        offs.append(offset)
-        offset += extent_bytes(n)
-    return offs
 
 
 def _laid_out(offsets: int | list[int], segments: list[list[memoryview]],
@@ -88,7 +71,9 @@ def _laid_out(offsets: int | list[int], segments: list[list[memoryview]],
     return segs, digests or [None] * len(segs), offs
 
 
-class ExtentStore:
+class ExtentStore(ExtentMap):
+    """The file and its I/O; `alloc`, `free`, `free_extents` and `used_bytes` are the free space's (ExtentMap)."""
+
     def __init__(self, directory: str | Path, capacity: int, name: str | None = None, direct: bool = True,
                  max_stages: int = 1, prewrite: bool = False) -> None:
         directory = Path(directory)
@@ -100,14 +85,12 @@ class ExtentStore:
             raise SwapSpaceError(f"the SSD swap directory {directory} does not exist; create it or choose another")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SwapSpaceError(f"the SSD swap directory {directory} is not writable; choose another")
-        self.capacity = round_up(capacity, ALIGN)
+        ExtentMap.__init__(self, capacity)
         self.path = directory / (name or f"memfit-kv-swap-{os.getpid()}-{id(self):x}.extents")
         self.direct, self.direct_fallback = False, None if direct else "not asked for"
         self._direct_proven = False  # a direct write succeeded: a later EINVAL is an I/O error, not a fallback
         self.max_stages = max_stages
-        self._stages: list[np.ndarray] = []  # the pool's idle staging buffers
-        self._made = 0  # staging buffers made (at most max_stages)
-        self._stage_free = threading.Condition()
+        self._pool = StagingPool(max_stages)
         self.on_fallback: Callable[[], None] | None = None  # called once if O_DIRECT is given up
         self._lock = threading.Lock()  # writes run on the engine thread and the swap pool: one fallback
         self._old_fds: list[int] = []  # O_DIRECT descriptors replaced by a fallback (another write may be using one)
@@ -132,45 +115,6 @@ class ExtentStore:
                                  "free space there or lower --swap-ssd-space") from None
         if prewrite:
             self._prewrite()
-        self._starts = [0]  # free extents, sorted by offset: starts and (parallel) lengths
-        self._lengths = [self.capacity]
-        self.used_bytes = 0
-
-    # ---- the allocator ------------------------------------------------------------------------------
-    def alloc(self, nbytes: int) -> int | None:
-        """The offset of a free extent of `nbytes` (rounded up to ALIGN), first fit; None if none is large enough."""
-        need = extent_bytes(nbytes)
-        for i, length in enumerate(self._lengths):
-            if length >= need:
-                off = self._starts[i]
-                if length == need:
-                    del self._starts[i], self._lengths[i]
-                else:
-                    self._starts[i], self._lengths[i] = off + need, length - need
-                self.used_bytes += need
-                return off
-        return None
-
-    def free(self, offset: int, nbytes: int) -> None:
-        """Give an extent back, merging it with free neighbours."""
-        length = extent_bytes(nbytes)
-        i = bisect.bisect_left(self._starts, offset)
-        if (i < len(self._starts) and self._starts[i] < offset + length) or \
-                (i > 0 and self._starts[i - 1] + self._lengths[i - 1] > offset):
-            raise ValueError(f"extent {offset}+{length} is (partly) free already")
-        self._starts.insert(i, offset)
-        self._lengths.insert(i, length)
-        if i + 1 < len(self._starts) and offset + length == self._starts[i + 1]:  # merge with the next
-            self._lengths[i] += self._lengths.pop(i + 1)
-            self._starts.pop(i + 1)
-        if i > 0 and self._starts[i - 1] + self._lengths[i - 1] == offset:  # and with the previous
-            self._lengths[i - 1] += self._lengths.pop(i)
-            self._starts.pop(i)
-        self.used_bytes -= length
-
-    @property
-    def free_extents(self) -> list[tuple[int, int]]:
-        return list(zip(self._starts, self._lengths))
 
     # ---- I/O ------------------------------------------------------------------------------------------
     def write(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None,
@@ -210,7 +154,7 @@ class ExtentStore:
                        each: Callable[..., None]) -> None:
         """With O_DIRECT, every extent through one staging buffer of the pool: in one `staged` call, or one
         `each(offset, stage, views, digest)` (_write_direct or _read_direct) per extent."""
-        stage = self._acquire()
+        stage = self._pool.acquire()
         try:
             if staged is not None:
                 staged(self.fd, offs, stage, segs)
@@ -218,7 +162,7 @@ class ExtentStore:
                 for off, views, digest in zip(offs, segs, digests):
                     each(off, stage, views, digest)
         finally:
-            self._give_back(stage)
+            self._pool.give_back(stage)
 
     def _write_buffered(self, offset: int, views: list[memoryview],
                         digest: Callable[[memoryview], None] | None) -> None:
@@ -281,80 +225,18 @@ class ExtentStore:
 
     @property
     def stages_made(self) -> int:
-        return self._made
+        return self._pool.made
 
-    def _acquire(self) -> np.ndarray:
-        """An idle page-aligned staging buffer, (STAGE,) uint8 (mmap memory is page-aligned): one from the pool,
-        a new one while fewer than max_stages exist, else wait for one to come back."""
-        with self._stage_free:
-            while not self._stages and self._made >= self.max_stages:
-                self._stage_free.wait()
-            if self._stages:
-                return self._stages.pop()
-            self._made += 1
-        return np.frombuffer(mmap.mmap(-1, STAGE), dtype=np.uint8)
+    def _write_direct(self, offset: int, stage: np.ndarray, views: list[memoryview], digest: Digest | None) -> None:
+        write_direct(self.fd, self.path, offset, stage, views, digest)
 
-    def _give_back(self, stage: np.ndarray) -> None:
-        with self._stage_free:
-            if self.direct:  # after a fallback the buffer is dropped (unmapped when the last view goes)
-                self._stages.append(stage)
-            self._stage_free.notify()
-
-    def _write_direct(self, offset: int, stage: np.ndarray, views: list[memoryview],
-                      digest: Callable[[memoryview], None] | None) -> None:
-        """Gather `views` into the staging buffer STAGE bytes at a time and write each piece (the last one padded
-        with zeros to ALIGN: the extent was rounded up to it)."""
-        pos = 0
-        pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
-        while pieces:
-            fill = 0
-            while pieces and fill < STAGE:  # gather
-                n = min(STAGE - fill, pieces[0].size)
-                stage[fill : fill + n] = pieces[0][:n]
-                fill += n
-                pieces[0] = pieces[0][n:]
-                if not pieces[0].size:
-                    pieces.pop(0)
-            if digest is not None:
-                digest(memoryview(stage)[:fill])
-            size = -(-fill // ALIGN) * ALIGN
-            stage[fill:size] = 0
-            done = 0
-            while done < size:  # a short write of whole blocks is continued
-                n = os.pwrite(self.fd, memoryview(stage)[done:size], offset + pos + done)
-                if n <= 0 or n % ALIGN:
-                    raise OSError(errno.EIO, f"short O_DIRECT write ({n} of {size - done} bytes) at offset "
-                                  f"{offset + pos + done} of {self.path}")
-                done += n
-            pos += size
-
-    def _read_direct(self, offset: int, stage: np.ndarray, views: list[memoryview],
-                     digest: Callable[[memoryview], None] | None) -> None:
-        """Read STAGE bytes at a time into the staging buffer and scatter them into `views`."""
-        pos = 0
-        pieces = [np.frombuffer(v, dtype=np.uint8) for v in views if len(v)]
-        left = sum(p.size for p in pieces)
-        while left:
-            size = min(STAGE, -(-left // ALIGN) * ALIGN)
-            got = os.preadv(self.fd, [memoryview(stage)[:size]], offset + pos)
-            if got < min(size, left):
-                raise OSError(errno.EIO, f"short read at offset {offset + pos} of {self.path}")
-            take, used = min(size, left), 0
-            if digest is not None:
-                digest(memoryview(stage)[:take])
-            while used < take:  # scatter
-                n = min(take - used, pieces[0].size)
-                pieces[0][:n] = stage[used : used + n]
-                used += n
-                pieces[0] = pieces[0][n:]
-                if not pieces[0].size:
-                    pieces.pop(0)
-            pos, left = pos + size, left - take
+    def _read_direct(self, offset: int, stage: np.ndarray, views: list[memoryview], digest: Digest | None) -> None:
+        read_direct(self.fd, self.path, offset, stage, views, digest)
 
     def _prewrite(self) -> None:
         """Zeros over the whole file, STAGE bytes per write (O_DIRECT, or buffered then fsync), so every extent
         is written before its first swap; progress on stderr every tenth. A failure removes the file."""
-        stage, t0, shown = self._acquire(), time.perf_counter(), 0
+        stage, t0, shown = self._pool.acquire(), time.perf_counter(), 0
         stage[:] = 0
         print(f"SSD swap tier: writing zeros over {format_bytes(self.capacity)} in {self.path.parent} "
               "(--swap-ssd-prewrite)", file=sys.stderr, flush=True)
@@ -375,7 +257,7 @@ class ExtentStore:
             raise SwapSpaceError(f"cannot write the SSD swap file in {self.path.parent} ({exc.strerror or exc}); "
                                  "free space there or lower --swap-ssd-space") from None
         finally:
-            self._give_back(stage)
+            self._pool.give_back(stage)
 
     def _fall_back(self, why: str) -> None:
         """Buffered I/O from now on (the same file, reopened without O_DIRECT where it was open with it)."""
@@ -384,8 +266,7 @@ class ExtentStore:
             self.fd = os.open(self.path, os.O_RDWR)
         self.direct, self.direct_fallback = False, f"{why}; buffered I/O instead"
         log.warning("SSD swap tier in %s: O_DIRECT refused (%s); buffered I/O instead", self.path.parent, why)
-        with self._stage_free:
-            self._stages.clear()
+        self._pool.close()
         if self.on_fallback is not None:  # the staging pool's reservation is no longer needed
             self.on_fallback()
 

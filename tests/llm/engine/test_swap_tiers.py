@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import memfit.memory.direct_staging as direct_staging
 import memfit.memory.extent_store as extent_store
 from memfit.llm.engine.api import LLM
 from memfit.llm.engine.config import EngineConfig
@@ -24,7 +25,8 @@ THREADS = 2
 
 
 class CountingMmap:
-    """Stands in for the `mmap` module inside extent_store: counts the STAGE-byte anonymous maps it makes."""
+    """Stands in for the `mmap` module inside direct_staging (the store's staging pool): counts the STAGE-byte
+    anonymous maps it makes."""
 
     def __init__(self) -> None:
         self.staging_maps = 0
@@ -48,7 +50,7 @@ def heavy_ssd_llm(path, tmp_path, threads: int = THREADS) -> LLM:
 def test_the_staging_buffers_mapped_under_heavy_ssd_swapping_never_exceed_the_ledger_reservation(
         tiny, tmp_path, monkeypatch):  # noqa: F811
     counter = CountingMmap()
-    monkeypatch.setattr(extent_store, "mmap", counter)
+    monkeypatch.setattr(direct_staging, "mmap", counter)
     llm = heavy_ssd_llm(tiny[2], tmp_path)
     engine = llm.engine
     store = engine.swap.ssd.store
@@ -70,7 +72,7 @@ def test_more_threads_than_buffers_wait_for_one_instead_of_mapping_more(tmp_path
     import threading
 
     counter = CountingMmap()
-    monkeypatch.setattr(extent_store, "mmap", counter)
+    monkeypatch.setattr(direct_staging, "mmap", counter)
     store = extent_store.ExtentStore(tmp_path, 64 * STAGE, max_stages=2)
     if not store.direct:
         pytest.skip(f"O_DIRECT not in use here ({store.direct_fallback})")
