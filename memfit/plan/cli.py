@@ -33,6 +33,11 @@ def register(subparsers) -> None:
                    help="split operators that do not fit the scratchpad into tiles (memfit.plan.tiling)")
     p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads (default 2)")
     p.add_argument("--plot", help="draw the scratchpad over time to this PNG")
+    p.add_argument("--no-split-bound", action="store_true",
+                   help="skip the split lower bound (a share of the time limit where the other bounds leave a gap)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (planner, status, bound, gap, each bound's part, traffic) on stdout; "
+                        "the rest goes to stderr")
     p.set_defaults(func=run)
 
 
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action is not None:
             if args.action != "validate" or not args.file:
                 raise PlanError("usage: memfit plan validate PLAN.json  (or: memfit plan --model NAME ...)")
-            return _validate(args.file)
+            return _validate(args.file, args.json)
         if not args.model:
             raise PlanError("--model is required (a torchvision/timm name, bert_base_encoder, or an .onnx file)")
         return _plan(args)
@@ -52,10 +57,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _validate(path: str) -> int:
+def _validate(path: str, as_json: bool = False) -> int:
     from memfit.plan.validate import load_plan
 
     plan = load_plan(path)
+    if as_json:
+        print(json.dumps({"file": path, "valid": True, "model": plan.graph.model, "ops": len(plan.order),
+                          "placements": len(plan.placements), "traffic": plan.traffic or {}}))
+        return 0
     print(f"{path}: valid memfit.plan/v1 plan for {plan.graph.model!r} ({len(plan.order)} ops, "
           f"{len(plan.placements)} placements)")
     _print_traffic(plan.traffic or {})
@@ -74,6 +83,7 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.plan.sizes import format_size
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    say = sys.stderr if args.json else sys.stdout  # --json: stdout holds the one JSON object only
     shape = None
     if args.input_shape:
         try:
@@ -94,30 +104,41 @@ def _plan(args: argparse.Namespace) -> int:
         g, tiles = tile_graph(g, cap)
         if tiles:
             print(f"tiled {len(tiles)} operators that do not fit (up to {max(tiles.values())} tiles each): "
-                  f"{len(g.ops)} ops")
+                  f"{len(g.ops)} ops", file=say)
     print(f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors, extracted in {time.perf_counter() - t0:.1f} s; "
-          f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()))
-    print(f"scratchpad: {cap} bytes ({format_size(cap)}), planner: {args.planner}")
-    plan = make_plan(g, cap, PlanOptions(planner=args.planner, time_limit_s=args.time_limit, num_workers=args.workers),
-                     progress=lambda k, n: print(f"  segment {k}/{n}", file=sys.stderr, end="\r"))
+          f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()), file=say)
+    print(f"scratchpad: {cap} bytes ({format_size(cap)}), planner: {args.planner}", file=say)
+    opts = PlanOptions(planner=args.planner, time_limit_s=args.time_limit, num_workers=args.workers,
+                       split_bound_share=0.0 if args.no_split_bound else PlanOptions.split_bound_share)
+    plan = make_plan(g, cap, opts, progress=lambda k, n: print(f"  segment {k}/{n}", file=sys.stderr, end="\r"))
     s = plan.solver
     gap = "n/a" if s.gap is None else f"{100 * s.gap:.1f}%"
     bound = "n/a" if s.bound_bytes is None else str(s.bound_bytes)
-    print(f"planner {plan.planner}: status {s.status}, time {s.time_s:.2f} s, bound {bound} bytes, gap {gap}")
+    print(f"planner {plan.planner}: status {s.status}, time {s.time_s:.2f} s, bound {bound} bytes, gap {gap}", file=say)
+    lb = s.details.get("lower_bound")
+    if lb:  # which bound is the largest, each one's bytes: the gap is plan against the best of them
+        print("  bounds (bytes): " + ", ".join(f"{k} {v['bytes']}" + (" *" if k == lb["best_part"] else "")
+                                               for k, v in lb["parts"].items()), file=say)
     asked = s.details.get("requested_planner")
     if asked and asked != plan.planner:  # say so: the requested planner did not produce this plan
-        print(f"  the seed {plan.planner}, returned as it is: the {asked} planner found nothing better")
-    _print_traffic(plan.traffic)
+        print(f"  the seed {plan.planner}, returned as it is: the {asked} planner found nothing better", file=say)
+    _print_traffic(plan.traffic, say)
     if args.out:
         plan.save(args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}", file=say)
     if args.plot:
         from memfit.plan.plot import plot_plan
 
         plot_plan(plan, args.plot)
-        print(f"wrote {args.plot}")
+        print(f"wrote {args.plot}", file=say)
+    if args.json:
+        print(json.dumps({"model": g.model, "ops": len(g.ops), "scratchpad_bytes": cap, "planner": plan.planner,
+                          "requested_planner": asked, "status": s.status, "time_s": round(s.time_s, 3),
+                          "non_compulsory_bytes": plan.traffic["non_compulsory_bytes"], "bound_bytes": s.bound_bytes,
+                          "gap": s.gap, "proven_by": s.details.get("proven_by"), "lower_bound": lb,
+                          "traffic": plan.traffic, "out": args.out}))
     return 0
 
 
-def _print_traffic(tr: dict) -> None:
-    print("traffic (bytes): " + json.dumps(tr))
+def _print_traffic(tr: dict, file=None) -> None:
+    print("traffic (bytes): " + json.dumps(tr), file=file or sys.stdout)

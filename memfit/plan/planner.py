@@ -34,6 +34,9 @@ class PlanOptions:
     pair_bound_max_pairs: int = 5000  # ... and unordered op pairs (Inception 2.5-4.4k: proves optimality; DARTS,
     # RandWire 7-28k: proves 0 in its share while taking ~10 s of the plan's time to build)
     bound_max_ops: int = 600  # the all-orders bound model takes about a minute to build on 1000+ ops: skipped  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
+    split_bound_share: float = 0.25  # whole/heuristic: at most this share of the time for the split bound
+    # (memfit.plan.bound_split) when the row bounds leave the best seed above them; 0: off
+    split_piece_ops: int = 12
 
 
 def best_baseline(g: Graph, scratchpad_bytes: int) -> tuple[Plan, dict[str, Plan]]:
@@ -116,7 +119,7 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
 def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
     t0 = time.perf_counter()
     base = best_seed(g, scratchpad_bytes)
-    lb = _bound(g, scratchpad_bytes, opts)
+    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, t0)
     seed_nc = base.traffic["non_compulsory_bytes"]
     stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": seed_nc}
     if lb is not None and seed_nc <= lb.bytes:  # the seed already meets the bound: nothing to gain
@@ -155,7 +158,7 @@ def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None
     t0 = time.perf_counter()
     seeds = seed_plans(g, scratchpad_bytes)
     base = seeds[0]
-    lb = _bound(g, scratchpad_bytes, opts)
+    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, t0)
     floor = lb.bytes if lb is not None else 0
     stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": base.traffic["non_compulsory_bytes"]}
     if lb is not None and base.traffic["non_compulsory_bytes"] <= floor:  # the seed meets the bound already
@@ -235,6 +238,32 @@ def _bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | N
     return best
 
 
+def _split(g: Graph, scratchpad_bytes: int, opts: PlanOptions, lb: LowerBound | None, seed: Plan,
+           t0: float) -> LowerBound | None:
+    """Raise the row bounds with the split bound (memfit.plan.bound_split) where they leave the best seed above
+    them. It gets split_bound_share of the time limit (at most half of what is left), skips the pieces that fit
+    spill-free, and stops once its sum reaches the seed's traffic (the seed is then proven optimal and the
+    planner returns it without searching). Its sum is valid over all orders, so the max with the row bounds is."""
+    if lb is None or opts.split_bound_share <= 0 or seed.traffic["non_compulsory_bytes"] <= lb.bytes:
+        return lb
+    from memfit.plan.bound_split import split_bound
+
+    budget = min(opts.split_bound_share * opts.time_limit_s, 0.5 * (opts.time_limit_s - (time.perf_counter() - t0)))
+    if budget < 0.5:
+        lb.parts["split"] = {"bytes": 0, "status": "no time", "time_s": 0.0}
+        return lb
+    sb = split_bound(g, scratchpad_bytes, opts.split_piece_ops, budget, opts.num_workers,
+                     enough_bytes=seed.traffic["non_compulsory_bytes"], skip_fitting=True)
+    lb.parts["split"] = {"bytes": sb.bytes, "status": sb.status, "time_s": round(sb.time_s, 2),
+                         "pieces": len(sb.pieces) + sb.skipped, "pieces_solved": len(sb.pieces),
+                         "pieces_proven": sum(p["status"] == "optimal" for p in sb.pieces),
+                         "pieces_skipped_fitting": sb.skipped, "piece_ops": opts.split_piece_ops}
+    lb.time_s += sb.time_s
+    if sb.bytes > lb.bytes:
+        lb.bytes, lb.status = sb.bytes, "bound"
+    return lb
+
+
 def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> Plan:
     """Validate, set bound_bytes to the best bound valid over all orders, and call the plan optimal when it
     meets that bound (whatever found it)."""
@@ -242,11 +271,14 @@ def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> P
     bounds = [b for b in (other_bound, lb.bytes if lb is not None else None) if b is not None]
     s.bound_bytes = max(bounds) if bounds else None
     if lb is not None:
+        best = max(lb.parts, key=lambda k: lb.parts[k]["bytes"], default=None)
         s.details["lower_bound"] = {"bytes": lb.bytes, "scope": lb.scope, "status": lb.status,
-                                    "time_s": round(lb.time_s, 3), "parts": lb.parts}
+                                    "time_s": round(lb.time_s, 3), "best_part": best, "parts": lb.parts}
     plan = finish(plan)
     if s.gap == 0.0 and s.status in ("heuristic", "feasible", "fallback", "optimal-fixed-order"):
         s.details["proven_by"] = "lower bound" if lb is not None and lb.bytes == s.bound_bytes else "cp-sat"
+        if lb is not None and lb.bytes == s.bound_bytes:
+            s.details["proven_by_bound"] = s.details["lower_bound"]["best_part"]  # which of the bounds
         s.status = "optimal"
     return plan
 

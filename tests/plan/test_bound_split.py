@@ -71,3 +71,28 @@ def test_a_piece_the_first_pass_had_no_time_for_is_solved_in_the_second(monkeypa
     monkeypatch.setattr(bs.time, "perf_counter", lambda: clock[0])
     sb = split_bound(g, scratchpad_sizes(g).mid, 4, time_limit_s=10.0)
     assert len(sb.pieces) == n and sb.bytes == 100 * n
+
+
+def test_enough_bytes_stops_once_the_sum_reaches_it():
+    g = random_branching_dag(24, 2)  # 3-op pieces: the first and the third bound 192 bytes each
+    cap = scratchpad_sizes(g).min_feasible
+    full = split_bound(g, cap, 3, time_limit_s=40, num_workers=1)
+    assert full.status == "optimal" and full.bytes > 0
+    first = next(p["bound_bytes"] for p in full.pieces if p["bound_bytes"] > 0)
+    early = split_bound(g, cap, 3, time_limit_s=40, num_workers=1, enough_bytes=first)
+    assert early.status == "enough" and first <= early.bytes <= full.bytes
+    assert len(early.pieces) < len(full.pieces)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_skipping_the_pieces_that_fit_stays_a_bound_and_skips_only_those(seed):
+    from memfit.plan.analysis import memory_aware_order, peak_live_bytes, subgraph
+
+    g = random_branching_dag(12, seed)
+    for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
+        opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
+        sb = split_bound(g, cap, 3, time_limit_s=20, num_workers=1, skip_fitting=True)
+        assert sb.bytes <= opt.objective_bytes
+        fitting = [ops for ops, _ in pieces(g, 3) if any(peak_live_bytes(sub, o) <= cap for sub in [subgraph(g, ops)]
+                                                        for o in (sub.topo_order(), memory_aware_order(sub)))]
+        assert sb.skipped == len(fitting) and len(sb.pieces) == len(pieces(g, 3)) - len(fitting)

@@ -59,3 +59,21 @@ def test_a_returned_seed_is_named_as_the_seed(tmp_path, capsys):
     assert data["planner"] != "heuristic" and data["solver"]["details"]["requested_planner"] == "heuristic"
     assert data["traffic"]["non_compulsory_bytes"] == 0 and data["solver"]["status"] == "optimal"
     assert f"planner {data['planner']}:" in printed and "returned as it is" in printed
+
+
+def test_plan_json_prints_one_object_with_the_gap_to_the_best_bound(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--planner", "whole",
+                 "--time-limit", "6", "--workers", "1", "--out", str(out), "--json"]) == 0
+    cap = capsys.readouterr()
+    d = json.loads(cap.out)  # stdout is exactly one JSON object; the log went to stderr
+    assert "scratchpad:" in cap.err and "bounds (bytes):" in cap.err
+    saved = json.loads(out.read_text())
+    nc = saved["traffic"]["non_compulsory_bytes"]
+    assert d["non_compulsory_bytes"] == nc and d["bound_bytes"] == saved["solver"]["bound_bytes"] <= nc
+    assert d["bound_bytes"] == max(p["bytes"] for p in d["lower_bound"]["parts"].values())
+    assert d["gap"] == (0.0 if nc == 0 else (nc - d["bound_bytes"]) / nc)
+    assert (d["status"] == "optimal") == (d["gap"] == 0.0)
+    assert main(["plan", "validate", str(out), "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["valid"] and v["traffic"]["non_compulsory_bytes"] == nc

@@ -155,3 +155,31 @@ def test_a_returned_seed_is_labelled_as_the_seed(planner, monkeypatch):
     plan = make_plan(g, s.min_peak, PlanOptions(planner=planner, time_limit_s=5, num_workers=1))
     assert plan.planner == top.planner and plan.solver.details["requested_planner"] == planner
     assert plan.solver.status == "optimal" and plan.traffic["non_compulsory_bytes"] == 0
+
+
+@pytest.mark.parametrize("planner", ["whole", "heuristic"])
+def test_the_split_bound_proves_the_seed_optimal_and_the_search_is_skipped(planner):
+    """A branching cell where the row bounds (min cut, every-order, cover, order pairs) stay below the best
+    seed, and the split bound with one piece (the whole graph, order free: the optimum itself) reaches it: the
+    planner returns the seed as proven optimal by the split bound, without searching. Without the split bound
+    the same plan is left with a gap. The optimum is checked independently (per-step exact model, order free)."""
+    from memfit.plan.planner import best_seed
+    from tests.plan.graphs import random_branching_dag
+
+    g = random_branching_dag(10, 6)
+    cap = scratchpad_sizes(g).min_feasible
+    seed_nc = best_seed(g, cap).traffic["non_compulsory_bytes"]
+    opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
+    assert opt.status == "optimal" and opt.objective_bytes == seed_nc > 0
+    opts = dict(planner=planner, time_limit_s=20, num_workers=1, split_piece_ops=len(g.ops))
+    off = make_plan(g, cap, PlanOptions(**opts, split_bound_share=0.0))
+    rows = off.solver.details["lower_bound"]
+    assert "split" not in rows["parts"] and rows["bytes"] < seed_nc  # the row bounds leave a gap
+    assert off.solver.status != "optimal" and off.solver.gap > 0
+    plan = make_plan(g, cap, PlanOptions(**opts))
+    d = plan.solver.details
+    assert plan.traffic == validate(plan) and plan.traffic["non_compulsory_bytes"] == seed_nc
+    assert plan.solver.bound_bytes == seed_nc and plan.solver.gap == 0.0 and plan.solver.status == "optimal"
+    assert d["lower_bound"]["best_part"] == "split" and d["proven_by_bound"] == "split"
+    assert d["lower_bound"]["parts"]["split"]["bytes"] == seed_nc
+    assert d["seed_meets_bound"] and "order_search" not in d and "windows" not in d  # no search ran
