@@ -76,14 +76,14 @@ def reserve_fixed(ledger: MemoryBudget, plan: accounting.MemoryPlan) -> None:
 
 
 def reserve_ssd_staging(config: EngineConfig, ledger: MemoryBudget, device: torch.device) -> int:
-    """Reserve the SSD tier's O_DIRECT staging buffers (swap_tiers.ssd_staging_bytes: (swap_threads + 1) x 1 MiB,
-    on a CPU) in the ledger under "ssd_staging", before the KV share is computed; build_swap gives them back if
-    O_DIRECT turns out not to be in use. Returns the bytes reserved; a ledger without room for them is refused."""
+    """Reserve the SSD tier's O_DIRECT staging buffers (swap_tiers.ssd_staging_bytes: (swap_threads + 1) x (1 MiB
+    and an AIO ring), on a CPU) in the ledger under "ssd_staging", before the KV share is computed; build_swap
+    gives them back if O_DIRECT turns out not to be in use. Returns the bytes reserved; a ledger without room for them is refused."""
     nbytes = ssd_staging_bytes(config, device)
     if nbytes and not ledger.try_reserve(nbytes, SSD_STAGING_OWNER):
         raise MemoryBudgetExceeded(
-            f"the SSD swap tier's O_DIRECT staging buffers ({format_bytes(nbytes)}: 1 MiB for the engine thread and "
-            f"each of --swap-threads {config.swap_threads}) do not fit in the memory budget "
+            f"the SSD swap tier's O_DIRECT staging buffers ({format_bytes(nbytes)}: 1 MiB and an AIO ring for the "
+            f"engine thread and each of --swap-threads {config.swap_threads}) do not fit in the memory budget "
             f"({format_bytes(ledger.available_bytes)} left after the model); raise --memory-budget or lower "
             "--swap-threads")
     return nbytes

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from memfit.llm.engine.config import EngineConfig
+from memfit.llm.kernels.staged_io import aio_ring_bytes
 from memfit.llm.kv.base import KVCacheManager
 from memfit.llm.models.config import ModelConfig
 from memfit.memory.budget import MemoryBudget, Tier, parse_swap_space
@@ -29,15 +30,16 @@ def swap_bytes(config: EngineConfig) -> int:
 
 
 def ssd_staging_bytes(config: EngineConfig, device: torch.device) -> int:
-    """What the SSD tier's O_DIRECT staging buffers may hold (memory/extent_store.py): one STAGE-byte buffer per
-    thread that may do SSD I/O at once, the engine thread and each of swap_threads. Counted in the ledger on a
-    CPU only (there the ledger is the process's RAM; on CUDA it is device memory). 0 without an SSD tier or
-    where O_DIRECT does not exist; if the file system refuses it, build_swap gives the reservation back."""
+    """What the SSD tier's O_DIRECT I/O may hold for each thread that may do SSD I/O at once (the engine thread and
+    each of swap_threads): one STAGE-byte staging buffer (memory/direct_staging.py) and one AIO completion ring
+    (kernels/staged_io.aio_ring_bytes, 20 KiB here). Counted in the ledger on a CPU only (there the ledger is the
+    process's RAM; on CUDA it is device memory). 0 without an SSD tier or where O_DIRECT does not exist; if the
+    file system refuses it, build_swap gives the reservation back."""
     if device.type != "cpu" or config.preemption_mode == "recompute" or config.swap_ssd_path is None:
         return 0
     import os
 
-    return (config.swap_threads + 1) * STAGE if hasattr(os, "O_DIRECT") else 0
+    return (config.swap_threads + 1) * (STAGE + aio_ring_bytes()) if hasattr(os, "O_DIRECT") else 0
 
 
 def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, device: torch.device,

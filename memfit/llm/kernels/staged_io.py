@@ -28,7 +28,35 @@ import numpy as np
 from memfit.llm.kernels.crc32c import _kernel as _crc_kernel
 from memfit.llm.kernels.build import load_cpu_linear
 
-__all__ = ["StagedIO", "staged_io"]
+__all__ = ["AIO_MAX_IOS", "StagedIO", "aio_ring_bytes", "staged_io"]
+
+AIO_MAX_IOS = 256  # cpu_staged_io.cpp's MAX_IOS: the events each thread's AIO context is set up for
+_IO_EVENT, _AIO_RING_HEADER = 32, 32  # sizeof(struct io_event), sizeof(struct aio_ring) (linux/aio_abi.h, fs/aio.c)
+
+
+def _possible_cpus() -> int:
+    """num_possible_cpus(), from /sys/devices/system/cpu/possible ("0-15" or "0,2-3"); os.cpu_count() without it."""
+    try:
+        text = open("/sys/devices/system/cpu/possible").read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def aio_ring_bytes(max_ios: int = AIO_MAX_IOS) -> int:
+    """The memory of one thread's AIO context: the kernel's completion ring, mapped into the process as
+    "/[aio] (deleted)" and held until the thread exits (cpu_staged_io.cpp keeps one context per thread). The
+    kernel's sizing (fs/aio.c, ioctx_alloc and aio_setup_ring): at least 4 events per possible CPU, doubled, plus 2,
+    32 bytes each after a 32-byte header, in whole pages. 256 events on up to 64 CPUs: 20 KiB. 0 off Linux."""
+    if not os.path.exists("/proc/self/maps"):
+        return 0
+    events = max(max_ios, _possible_cpus() * 4) * 2 + 2
+    page = os.sysconf("SC_PAGE_SIZE")
+    return -(-(_AIO_RING_HEADER + events * _IO_EVENT) // page) * page
 
 # fd, offset (write: where the first segment goes) or offsets (read: one per segment), stage, stage_size, ptrs, lens,
 # seg_runs, nsegs, align, crcs (one per segment), ns[2]

@@ -16,12 +16,23 @@ from memfit.llm.engine.api import LLM
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.ledger import reserve_ssd_staging
 from memfit.llm.engine.swap_tiers import SSD_STAGING_OWNER
+from memfit.llm.kernels.staged_io import aio_ring_bytes
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier
 from memfit.memory.extent_store import STAGE
 from tests.llm.engine.test_engine import tiny  # noqa: F401 - the fixture
 from tests.llm.engine.test_preemption import PARAMS, PROMPTS
 
 THREADS = 2
+
+
+def aio_mappings() -> list[int]:
+    """The sizes of this process's AIO completion rings, from the kernel's map of it ("/[aio] (deleted)")."""
+    sizes = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith("/[aio] (deleted)"):
+            lo, hi = line.split()[0].split("-")
+            sizes.append(int(hi, 16) - int(lo, 16))
+    return sizes
 
 
 class CountingMmap:
@@ -57,12 +68,14 @@ def test_the_staging_buffers_mapped_under_heavy_ssd_swapping_never_exceed_the_le
     if not store.direct:
         pytest.skip(f"O_DIRECT not in use here ({store.direct_fallback})")
     reserved = engine.ledger.by_owner().get(SSD_STAGING_OWNER, 0)
-    assert reserved == (THREADS + 1) * STAGE == store.staging_bytes
+    assert reserved == (THREADS + 1) * (STAGE + aio_ring_bytes()) and store.staging_bytes == (THREADS + 1) * STAGE
     llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)
+    rings = aio_mappings()  # the swap threads' AIO contexts live as long as the threads, so they are mapped now
     ssd = {t["tier"]: t for t in engine.stats()["swap"]["tiers"]}["ssd"]
     assert ssd["out_ops"] > 3 and ssd["in_ops"] > 3  # heavy SSD traffic, on the engine thread and the pool
     assert engine.swap.async_swap_ins + engine.swap.async_swap_outs > 0
-    assert 1 <= counter.staging_maps and counter.staging_maps * STAGE <= reserved
+    assert 1 <= counter.staging_maps and counter.staging_maps * STAGE + sum(rings) <= reserved
+    assert len(rings) <= THREADS + 1
     assert engine.ledger.by_owner()[SSD_STAGING_OWNER] == reserved  # held while O_DIRECT is in use
     engine.close()
 
@@ -131,12 +144,13 @@ def test_a_budget_without_room_for_the_staging_buffers_is_refused_clearly(tmp_pa
     config = EngineConfig(preemption_mode="swap", swap_threads=2, swap_ssd_path=str(tmp_path))
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT here: nothing to reserve")
-    ledger = MemoryBudget(3 * STAGE - 1, Tier.DEVICE, name="memory_budget")
+    per_thread = STAGE + aio_ring_bytes()
+    ledger = MemoryBudget(3 * per_thread - 1, Tier.DEVICE, name="memory_budget")
     with pytest.raises(MemoryBudgetExceeded, match="staging buffers .*--swap-threads 2"):
         reserve_ssd_staging(config, ledger, cpu)
     assert ledger.used_bytes == 0
-    ledger = MemoryBudget(3 * STAGE, Tier.DEVICE, name="memory_budget")
-    assert reserve_ssd_staging(config, ledger, cpu) == 3 * STAGE == ledger.by_owner()[SSD_STAGING_OWNER]
+    ledger = MemoryBudget(3 * per_thread, Tier.DEVICE, name="memory_budget")
+    assert reserve_ssd_staging(config, ledger, cpu) == 3 * per_thread == ledger.by_owner()[SSD_STAGING_OWNER]
     # no SSD tier, or recompute only: nothing reserved
     assert reserve_ssd_staging(EngineConfig(preemption_mode="swap"), ledger, cpu) == 0
     assert reserve_ssd_staging(EngineConfig(swap_ssd_path=str(tmp_path)), ledger, cpu) == 0

@@ -152,3 +152,42 @@ def test_a_forked_child_reads_scattered_extents_too(tmp_path):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert read_ok()
     store.close()
+
+
+def test_each_reading_thread_holds_one_aio_ring_of_the_size_the_ledger_counts(tmp_path):
+    """A thread's first scattered read sets up its AIO context; the kernel maps its completion ring into the
+    process ("/[aio] (deleted)" in /proc/self/maps) until the thread exits. Its size, read from the kernel's map,
+    is what aio_ring_bytes predicts (and what the engine's ledger reserves per SSD I/O thread)."""
+    import threading
+
+    from memfit.llm.kernels.staged_io import aio_ring_bytes
+    from tests.llm.engine.test_swap_tiers import aio_mappings
+
+    io = staged_io()
+    store = ExtentStore(tmp_path, 64 * ALIGN)
+    stage = np.frombuffer(mmap.mmap(-1, 8 * ALIGN), dtype=np.uint8)
+    for off in (2 * ALIGN, 20 * ALIGN):
+        io.write(store.fd, off, stage, [memoryview(np.full(100, 7, dtype=np.uint8))], ALIGN)
+    read, done, seen = threading.Event(), threading.Event(), {}
+
+    def reader() -> None:
+        own = np.frombuffer(mmap.mmap(-1, 8 * ALIGN), dtype=np.uint8)
+        io.read_at(store.fd, [20 * ALIGN, 2 * ALIGN], own, [[memoryview(np.zeros(100, dtype=np.uint8))]] * 2, ALIGN)
+        read.set()
+        done.wait(30)
+
+    before = aio_mappings()
+    t = threading.Thread(target=reader)
+    t.start()
+    assert read.wait(30)
+    seen["during"] = aio_mappings()
+    done.set()
+    t.join()
+    new = sorted(seen["during"])
+    for size in before:
+        new.remove(size)
+    if not new:
+        pytest.skip("this kernel gave the thread no AIO context (io_setup refused): preads were used")
+    assert new == [aio_ring_bytes()]
+    assert sorted(aio_mappings()) == sorted(before)  # given back with the thread
+    store.close()
