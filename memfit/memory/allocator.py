@@ -59,11 +59,12 @@ class AllocatorMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        from torch.profiler import ProfilerActivity, profile
+        from torch.autograd.profiler import profile
 
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter (no GPU here, ...) to silence
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False,
-                             with_stack=False)
+        # autograd's profiler, not its torch.profiler wrapper: the wrapper's start asks `hasattr(torch,
+        # "_inductor")`, which imports torch._inductor and torch._dynamo, ~150 MiB of RSS in the measured process
+        self._prof = profile(use_cpu=True, profile_memory=True, record_shapes=False, with_stack=False)
         self._prof.__enter__()
         return self
 
@@ -82,7 +83,7 @@ class AllocatorMeter:
 
 def _peak_of(prof) -> AllocatorPeak:
     """The running sum of the CPU allocator's signed [memory] events, in time order."""
-    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
                     key=lambda ev: ev[0])  # stable: events at one timestamp keep the order they were recorded in
     now = peak = 0

@@ -86,15 +86,15 @@ def test_gradients_equal_plain_autograd(tiny, tmp_path, monkeypatch, loss_chunk)
     from memfit.train.finetune.data import batch_indices, build_examples, collate
     from memfit.llm.models.tokenizer import Tokenizer
 
-    captured = {}
-    real = store_mod.GroupStore.optimizer_step
+    captured = {"grads": {}}
+    real = store_mod.GroupStore.update_group
 
-    def spy(self, adam, step, scale):
-        captured["grads"] = [g.clone() for g in self.grads]
+    def spy(self, gi, adam, step, scale):  # each group's gradient as AdamW gets it (streamed or flat)
+        captured["grads"][gi] = self.grads[gi].clone()
         captured["groups"] = self.groups
-        return real(self, adam, step, scale)
+        return real(self, gi, adam, step, scale)
 
-    monkeypatch.setattr(store_mod.GroupStore, "optimizer_step", spy)
+    monkeypatch.setattr(store_mod.GroupStore, "update_group", spy)
     c = cfg(tiny, tmp_path, steps=1, dtype="float32", offload="host", data=str(DATA), loss_chunk_tokens=loss_chunk)
     result = run(c)
 
@@ -107,7 +107,9 @@ def test_gradients_equal_plain_autograd(tiny, tmp_path, monkeypatch, loss_chunk)
     loss.backward()
     assert result.losses[0] == pytest.approx(loss.item(), rel=1e-5)
     params = dict(model.named_parameters())
-    for g, flat in zip(captured["groups"], captured["grads"]):
+    assert sorted(captured["grads"]) == list(range(len(captured["groups"])))
+    for gi, g in enumerate(captured["groups"]):
+        flat = captured["grads"][gi]
         for name, got in g.views(flat).items():
             torch.testing.assert_close(got, params[name].grad, rtol=1e-4, atol=1e-6)
 

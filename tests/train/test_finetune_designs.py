@@ -2,6 +2,7 @@
 and AdamW against torch's own."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -60,7 +61,14 @@ def test_pools_of_a_llama_shape():
     zi_param = zi.param_classes(groups, 2, in_flight=4)
     assert zi_param == {(int(1e8) * 2 + 4095) // 4096 * 4096: 5}  # 5 x 1e8 elements (aligned), whatever the model
     ma_param = ma.param_classes(groups, 2, in_flight=4)
-    assert sorted(ma_param.values()) == [1, 1, 4]  # embedding, head, four layers in flight
+    slot = lambda n: (n * 2 + 4095) // 4096 * 4096  # noqa: E731  (bf16 bytes, O_DIRECT-aligned)
+    # Three units hold slots at once (the prefetcher's depth 2, plus the unit computed): the embedding and the
+    # untied head, at the two ends of the fetch schedule, never together, share one slot (the head's, 768
+    # elements larger); three consecutive units hold at most two layers.
+    assert ma_param == {slot(groups[-1].numel): 1, slot(layer): 2}
+    tied = make_groups(skeleton(dataclasses.replace(LLAMA_01B, tie_word_embeddings=True)))
+    # tied: the head unit reads the embedding too, beside two layers, and the final norm's own small slot
+    assert ma.param_classes(tied, 2, in_flight=4) == {slot(embed): 1, slot(layer): 2, slot(tied[-1].numel): 1}
     assert sum(b * c for b, c in ma_param.items()) < 0.2 * sum(b * c for b, c in zi_param.items())
     # Optimizer: DeepSpeed sizes 4 slots for its largest sub-group, which below sub_group_size (1e9 elements)
     # is the whole model; MemAscend 3 of the layer class.

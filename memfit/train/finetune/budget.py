@@ -13,6 +13,7 @@ import torch
 from memfit.llm.models import ModelConfig
 from memfit.memory.budget import format_bytes
 from memfit.train.finetune.designs import HostMemoryDesign
+from memfit.train.finetune.gradients import StreamedLayout
 from memfit.train.finetune.units import LOGIT_BYTES_PER_ENTRY, Group
 
 
@@ -36,12 +37,15 @@ class Plan:
 
 def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMemoryDesign,
          dtype: torch.dtype, batch_size: int, seq_len: int, in_flight: int, recompute: bool,
-         loss_chunk: int | None = None) -> Plan:
+         loss_chunk: int | None = None, streamed: StreamedLayout | None = None) -> Plan:
     itemsize = torch.empty((), dtype=dtype).element_size()
     copy = itemsize if dtype != torch.float32 else 0
     n = sum(g.numel for g in groups)
     pools: dict[str, int] = {}
-    pools["gradients"] = 4 * n if tier == "none" else design.reserved(4 * n)
+    if streamed is not None:  # the groups live at once in the backward (gradients.py)
+        pools["gradients (streamed)"] = design.reserved(4 * streamed.total)
+    else:
+        pools["gradients"] = 4 * n if tier == "none" else design.reserved(4 * n)
     if tier == "none":
         pools["model states"] = (12 + copy) * n
     elif tier == "host":

@@ -5,13 +5,14 @@ with `--host-memory zero-infinity` and one with `--host-memory memascend` differ
 
 | policy | zero-infinity (DeepSpeed defaults) | memascend |
 |---|---|---|
-| parameter swap pool | 5 slots, each max(1e8 elements, largest group) | one size class per group shape, as many slots as can be in flight |
+| parameter swap pool | 5 slots, each max(1e8 elements, largest group) | size classes of the group shapes, as many slots of each as the fetch schedule has in flight at once |
 | 16-bit parameters in host memory | a flat copy of all of them while the model has at most 1e9 (`max_in_cpu`): read from there, never from the SSD | none: streamed from the SSD through the pool |
 | optimizer swap pool | 4 slots, each the largest sub-group (fp32; sub-groups of up to 1e9 elements: the whole model below that) | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
 | host allocations (states, gradients) | `pin_memory()`: CachingHostAllocator, rounded to a power of two on CUDA | `posix_memalign` exact size (+ `cudaHostRegister` on CUDA) |
 | first optimizer step (SSD) | both moments of the largest sub-group in fresh zeroed memory | from the pool, as every step |
 | overflow check (fp16 only) | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
 | SSD layout | one file per tensor, created by its first write | one file, extents preallocated once |
+| fp32 gradients (bf16/fp32 compute) | one flat buffer of the whole model, read by the optimizer after the backward | streamed: each group updated when its backward is done, its bytes reused (gradients.py) |
 
 Both use the same aio engine (1 MiB blocks, queue depth 8, O_DIRECT where allowed) so the SSD comparison
 is about layout, not request size. The DeepSpeed code each zero-infinity policy follows is cited beside it
@@ -29,7 +30,7 @@ import torch
 from memfit.memory.aio import AioEngine, ExtentFile, FilePerKey
 from memfit.memory.hostpool import IO_ALIGN, HostBuffer, SlotPool, aligned_buffer, caching_pinned_buffer, next_pow2
 from memfit.memory.mapping import round_up
-from memfit.train.finetune.units import Group
+from memfit.train.finetune.units import Group, unit_groups
 
 DESIGNS = ("zero-infinity", "zero-infinity-tuned", "memascend")
 PIECE_ALIGN = 4096  # elements: a piece of any dtype (>= 1 byte) starts on an O_DIRECT boundary
@@ -41,6 +42,9 @@ class HostMemoryDesign:
     # SSD tier: the first optimizer step takes Adam's moments from fresh zeroed memory of the largest
     # sub-group (2 x fp32) instead of the swap pool, as DeepSpeed's first step does (ZeroInfinity below)
     fresh_first_moments = False
+    # fp32 gradients streamed group by group, each group updated as soon as the backward completes it
+    # (gradients.py), instead of one whole-model buffer read by the optimizer after the backward
+    stream_gradients = False
 
     def __init__(self) -> None:
         self.engine: AioEngine | None = None
@@ -178,6 +182,7 @@ class MemAscend(HostMemoryDesign):
     allocation, a fused overflow check, preallocated SSD extents."""
 
     name = "memascend"
+    stream_gradients = True
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         return aligned_buffer(nbytes)
@@ -186,7 +191,7 @@ class MemAscend(HostMemoryDesign):
         return round_up(max(nbytes, 1), IO_ALIGN)
 
     def param_classes(self, groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
-        return _classes(groups, itemsize, in_flight)
+        return _schedule_classes(groups, itemsize, in_flight - 1)
 
     def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
         return {self.optimizer_piece(groups) * 4: 3}  # master, exp_avg, exp_avg_sq of the piece in hand
@@ -214,11 +219,21 @@ class MemAscend(HostMemoryDesign):
         return 8 * min(n, OVERFLOW_CHUNK) + 64  # isfinite on one chunk: an fp32 abs() copy, bool masks, scalars
 
 
-def _classes(groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
-    """Slot bytes -> count: one class per distinct group size; a class never has more slots than it has
-    groups or than can be in flight (`in_flight` groups at once)."""
-    sizes = Counter(round_up(g.numel * itemsize, IO_ALIGN) for g in groups)
-    return {size: min(n, in_flight) for size, n in sizes.items()}
+def _schedule_classes(groups: list[Group], itemsize: int, window: int) -> dict[int, int]:
+    """Slot bytes -> count for the step's fetch schedule (executor.py: units embed .. head, then back down to
+    the embedding), of which at most `window` consecutive units hold slots at once (the prefetcher's
+    depth + 1). The i-th largest slot is the largest i-th largest group over every window, so whatever is in
+    flight together has a slot at least its size: the embedding and an untied output layer, at the two ends
+    of the schedule, share one slot, and only `window` layers' slots are kept."""
+    tied = not any(name == "lm_head.weight" for name, _ in groups[-1].params)
+    units = unit_groups(groups, tied)
+    schedule = units + units[-2::-1]
+    sizes = [round_up(g.numel * itemsize, IO_ALIGN) for g in groups]
+    slots: list[int] = []
+    for at in range(max(len(schedule) - window + 1, 1)):
+        held = sorted((sizes[gi] for unit in schedule[at : at + max(window, 1)] for gi in unit), reverse=True)
+        slots = [max(a, b) for a, b in zip(slots, held)] + slots[len(held):] + held[len(slots):]
+    return dict(Counter(slots))
 
 
 def sub_groups(groups: list[Group], sub_group_size: int) -> list[int]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfit.train.finetune.gradients import last_units
 from memfit.train.finetune.store import GroupStore
 from memfit.train.finetune.units import Batch, Group, State, UnitRunner
 
@@ -81,6 +82,10 @@ class StepExecutor:
                  cfg: StepConfig) -> None:
         self.runner, self.groups, self.unit_groups, self.store, self.cfg = runner, groups, unit_groups, store, cfg
         self.checkpoint_bytes = 0  # peak bytes of saved activation checkpoints in the last step
+        # unit k -> the groups whose gradient is complete once unit k's backward is done (store.grad_done)
+        self.completes: dict[int, list[int]] = {}
+        for gi, k in enumerate(last_units(unit_groups, len(groups))):
+            self.completes.setdefault(k, []).append(gi)
 
     def _weights(self, k: int, fetched, grad: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, str, torch.Tensor]]]:
         """name -> weight tensor for unit k; with grad, also (group, name, leaf) to collect gradients from."""
@@ -100,7 +105,7 @@ class StepExecutor:
                 offsets[gi] = _name_offsets(self.groups[gi])
             if leaf.grad is not None:
                 start, n = offsets[gi][name]
-                dst = self.store.grads[gi][start : start + n]
+                dst = self.store.grad(gi)[start : start + n]
                 dst.add_(leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
 
     def _head_grad(self, head: int, leaves: list[tuple[int, str, torch.Tensor]]):
@@ -110,7 +115,7 @@ class StepExecutor:
         name = self.runner.head_weight
         gi, leaf = next((gi, leaf) for gi, n, leaf in leaves if n == name)
         start, n = _name_offsets(self.groups[gi])[name]
-        dst = self.store.grads[gi][start : start + n].view(leaf.shape)
+        dst = self.store.grad(gi)[start : start + n].view(leaf.shape)
         if dst.device == leaf.device:
             return dst, lambda: None
         acc = torch.zeros(leaf.shape, dtype=torch.float32, device=leaf.device)
@@ -157,6 +162,7 @@ class StepExecutor:
         flush()
         self._accumulate(leaves)  # the final norm's weight (the output matrix's leaf has no .grad)
         fetcher.done(fetched)
+        self._completed(head)
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward
             if recompute:
@@ -172,7 +178,13 @@ class StepExecutor:
             if recompute:
                 fetcher.done(fetched)
             grads = tuple(x.grad for x in inputs)
+            del outs, pairs  # this unit's graph, before its groups are updated
+            self._completed(k)
         return float(loss.detach())
+
+    def _completed(self, k: int) -> None:
+        for gi in self.completes.get(k, ()):
+            self.store.grad_done(gi)
 
     def _save(self, state: State) -> State:
         out = tuple(self._to_host(t) if self.cfg.checkpoints_on_host else t.detach() for t in state)

@@ -9,12 +9,14 @@
   copies in one flat host buffer, read in place and refreshed by the optimizer step, never on the SSD.
 
 Bytes per parameter in the tier: 4 (master) + 4 + 4 (moments) + 2 (compute copy; none when computing in
-fp32, where the master itself is used); plus 4 for the gradient in host memory. The gradient buffer is flat
-and whole-model, as ZeRO-3's offloaded `grad_partitions_flat_buffer`, so the overflow check and the
-optimizer read it in place.
+fp32, where the master itself is used); plus the fp32 gradients in host memory: 4 per parameter in one flat
+whole-model buffer, as ZeRO-3's offloaded `grad_partitions_flat_buffer`, so the overflow check and the
+optimizer read it in place; or, streamed (gradients.py), one buffer laid out for the groups live at once,
+each group updated by AdamW as soon as the backward completes its gradient (`grad_done`).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from memfit.memory.aio import wait
 from memfit.memory.hostpool import IO_ALIGN, SlotPool
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.designs import HostMemoryDesign
+from memfit.train.finetune.gradients import StreamedLayout
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.placement import Placement
 from memfit.train.finetune.units import Group
@@ -34,7 +37,7 @@ KINDS = ("master", "exp_avg", "exp_avg_sq")
 class GroupStore:
     def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
                  device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, streamed: StreamedLayout | None = None) -> None:
         if tier not in TIERS:
             raise ValueError(f"unknown --offload {tier!r}; choose none, host or ssd")
         if placement is not None and (tier == "ssd" or (tier == "none" and device.type != "cpu")):
@@ -50,8 +53,22 @@ class GroupStore:
         self.offsets = [0]
         for g in groups:
             self.offsets.append(self.offsets[-1] + g.numel)
-        # Gradients: one flat fp32 buffer, zeroed at the start of each step.
-        if placement is not None:
+        # Gradients: one flat fp32 buffer, zeroed at the start of each step; or streamed (`streamed`: the
+        # layout of the groups live at once, each group's slice zeroed when the backward first reaches it).
+        self.streamed = streamed
+        self._open: set[int] = set()  # streamed: groups whose gradient the backward is filling
+        self._pending: tuple[AdamW, int, float] | None = None  # streamed: (adam, step, scale) of this step
+        self.update_seconds = 0.0  # streamed: time in this step's group updates
+        self._fresh: torch.Tensor | None = None  # zero-infinity's first step: the sub-group's fresh moments
+        self._fresh_used = 0  # elements of `_fresh` the current sub-group has taken
+        if streamed is not None:
+            if placement is not None or tier not in ("host", "ssd"):
+                raise ValueError("streamed gradients need --offload host or ssd and no --placement")
+            hb = design.host_buffer(streamed.total * 4)
+            self._grad_buf = hb.tensor[: streamed.total * 4].view(torch.float32)
+            self._grad_buf.zero_()  # resident from the start, as a pool is
+            self.pools["gradients (streamed)"] = hb.reserved_bytes
+        elif placement is not None:
             self._grad_buf = placement.tensor(("grad", -1), total, torch.float32)
             self._grad_buf.zero_()  # the first touch: pages commit where the plan says
             self.pools["gradients"] = total * 4
@@ -63,7 +80,8 @@ class GroupStore:
             self._grad_buf = hb.tensor[: total * 4].view(torch.float32)
             self._grad_buf.zero_()
             self.pools["gradients"] = hb.reserved_bytes
-        self.grads = [self._grad_buf[self.offsets[i] : self.offsets[i + 1]] for i in range(len(groups))]
+        self.grads = (streamed.views(self._grad_buf) if streamed is not None else
+                      [self._grad_buf[self.offsets[i] : self.offsets[i + 1]] for i in range(len(groups))])
         self.param_pool: SlotPool | None = None
         self.opt_pool: SlotPool | None = None
         self.space = None
@@ -181,8 +199,11 @@ class GroupStore:
         wait([f for k in KINDS for f in self.space.read(f"{name}.{k}", bufs[k], n * 4, start * 4)])
         return bufs
 
-    def _write_piece(self, gi: int, start: int, n: int, bufs: dict[str, torch.Tensor]) -> None:
-        """Write master and moments of a piece (and its compute copy), then release the slots."""
+    def _write_piece(self, gi: int, start: int, n: int, bufs: dict[str, torch.Tensor],
+                     spent: torch.Tensor | None = None) -> None:
+        """Write master and moments of a piece (and its compute copy), then release the slots. `spent`: the
+        piece's gradient bytes (n fp32, O_DIRECT-aligned), used and free: the compute copy is made there
+        rather than in a parameter slot, which the prefetcher may hold while a streamed update runs."""
         name = self.groups[gi].name
         writes = [f for k in KINDS for f in self.space.write(f"{name}.{k}", bufs[k], n * 4, start * 4)]
         copy = None
@@ -190,9 +211,12 @@ class GroupStore:
             at = self.offsets[gi] + start
             self._param_copy[at : at + n].copy_(bufs["master"][: n * 4].view(torch.float32))
         elif self.separate_copy:
-            copy = self._slot(self.param_pool, n * self.itemsize)
-            copy[: n * self.itemsize].view(self.dtype).copy_(bufs["master"][: n * 4].view(torch.float32))
-            writes += self.space.write(f"{name}.param", copy, n * self.itemsize, start * self.itemsize)
+            if spent is not None:
+                out = spent.view(torch.uint8)
+            else:
+                out = copy = self._slot(self.param_pool, n * self.itemsize)
+            out[: n * self.itemsize].view(self.dtype).copy_(bufs["master"][: n * 4].view(torch.float32))
+            writes += self.space.write(f"{name}.param", out, n * self.itemsize, start * self.itemsize)
         wait(writes)
         for b in bufs.values():
             self.opt_pool.release(b)
@@ -206,35 +230,74 @@ class GroupStore:
     # -- the optimizer step ------------------------------------------------------------------------------
     def optimizer_step(self, adam: AdamW, step: int, grad_scale: float) -> None:
         """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`)."""
-        fresh, used = None, 0
+        self._fresh = None
         if self.tier == "ssd" and step == 1 and self.design.fresh_first_moments:
             # (2, piece) fp32 zeros: the moments of one sub-group, taken before any group is updated
-            fresh = torch.zeros(2, self.piece, dtype=torch.float32)
-            self.pools["first-step Adam moments (transient)"] = fresh.numel() * 4
-        for gi, grad in enumerate(self.grads):
-            if self.tier != "ssd":
-                t = self._tensors[gi]
-                adam.update(t["master"], t["exp_avg"], t["exp_avg_sq"], grad, step, grad_scale)
-                if self.separate_copy:
-                    t["param"].copy_(t["master"])
-                continue
-            for start, n in self._pieces(gi):
-                bufs = self._read_piece(gi, start, n)
-                v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
-                if fresh is not None:  # zero either way at step 1: the arithmetic is the same
-                    if used + n > self.piece:  # the next sub-group starts from zeros again
-                        fresh.zero_()
-                        used = 0
-                    v["exp_avg"], v["exp_avg_sq"] = fresh[0, used : used + n], fresh[1, used : used + n]
-                    used += n
-                adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], grad[start : start + n], step, grad_scale)
-                if fresh is not None:  # swapped out through the pool, as DeepSpeed writes its state
-                    for k in ("exp_avg", "exp_avg_sq"):
-                        bufs[k][: n * 4].view(torch.float32).copy_(v[k])
-                self._write_piece(gi, start, n, bufs)
+            self._fresh = torch.zeros(2, self.piece, dtype=torch.float32)
+            self._fresh_used = 0
+            self.pools["first-step Adam moments (transient)"] = self._fresh.numel() * 4
+        for gi in range(len(self.groups)):
+            self.update_group(gi, adam, step, grad_scale)
+        self._fresh = None
+
+    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float) -> None:
+        """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier)."""
+        grad = self.grads[gi]
+        if self.tier != "ssd":
+            t = self._tensors[gi]
+            adam.update(t["master"], t["exp_avg"], t["exp_avg_sq"], grad, step, grad_scale)
+            if self.separate_copy:
+                t["param"].copy_(t["master"])
+            return
+        fresh = self._fresh
+        for start, n in self._pieces(gi):
+            bufs = self._read_piece(gi, start, n)
+            v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
+            if fresh is not None:  # zero either way at step 1: the arithmetic is the same
+                if self._fresh_used + n > self.piece:  # the next sub-group starts from zeros again
+                    fresh.zero_()
+                    self._fresh_used = 0
+                used = self._fresh_used
+                v["exp_avg"], v["exp_avg_sq"] = fresh[0, used : used + n], fresh[1, used : used + n]
+                self._fresh_used += n
+            adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], grad[start : start + n], step, grad_scale)
+            if fresh is not None:  # swapped out through the pool, as DeepSpeed writes its state
+                for k in ("exp_avg", "exp_avg_sq"):
+                    bufs[k][: n * 4].view(torch.float32).copy_(v[k])
+            # streamed: the piece's gradient is spent, and its bytes are aligned (gradients.ALIGN)
+            spent = grad[start : start + n] if self.streamed is not None else None
+            self._write_piece(gi, start, n, bufs, spent)
+
+    # -- streamed gradients: each group updated as soon as the backward completes it --------------------
+    def stream_updates(self, adam: AdamW, step: int, grad_scale: float) -> None:
+        """Arm this step's updates: `grad_done(gi)` then runs AdamW step `step` on group gi."""
+        self._pending = (adam, step, grad_scale)
+        self.update_seconds = 0.0
+
+    def grad(self, gi: int) -> torch.Tensor:
+        """Group gi's fp32 gradient to add into; streamed, its slice is zeroed when the step first asks."""
+        if self.streamed is not None and gi not in self._open:
+            self.grads[gi].zero_()
+            self._open.add(gi)
+        return self.grads[gi]
+
+    def grad_done(self, gi: int) -> None:
+        """The backward has finished group gi's gradient: streamed, update the group now (its slice may be
+        handed to another group after); flat, nothing (the optimizer runs after the backward)."""
+        if self.streamed is None:
+            return
+        if self._pending is None:
+            raise RuntimeError("streamed gradients: call stream_updates before the step's backward")
+        self.grad(gi)  # a group no unit gave a gradient to still steps (with a zero gradient, as flat)
+        t0 = time.perf_counter()
+        self.update_group(gi, *self._pending)
+        self.update_seconds += time.perf_counter() - t0
+        self._open.discard(gi)
 
     def zero_grad(self) -> None:
-        self._grad_buf.zero_()
+        if self.streamed is None:
+            self._grad_buf.zero_()
+        self._open.clear()  # streamed: each group's slice is zeroed when the backward first reaches it
 
     @property
     def grad_buffer(self) -> torch.Tensor:

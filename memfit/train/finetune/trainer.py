@@ -30,6 +30,7 @@ from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
 from memfit.train.finetune.data import batch_indices, build_examples, collate
 from memfit.train.finetune.designs import make_design
 from memfit.train.finetune.executor import StepConfig, StepExecutor
+from memfit.train.finetune.gradients import streamed_layout, streams
 from memfit.train.finetune.optim import AdamW, LossScaler
 from memfit.train.finetune.placement import Placement, PlacementConfig, modelled_times
 from memfit.train.finetune.store import TIERS, GroupStore, placed_items
@@ -194,15 +195,17 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
     design = make_design(cfg.host_memory)
     in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
     loss_chunk = cfg.loss_chunk_tokens or loss_chunk_tokens(model_cfg.vocab_size)
+    streamed = (streamed_layout(groups, units) if streams(design.stream_gradients, cfg.offload, dtype,
+                                                          cfg.placement is not None) else None)
     plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
-                           cfg.recompute, loss_chunk)
+                           cfg.recompute, loss_chunk, streamed)
     budget_mod.check_budget(plan, cfg.memory_budget)
 
     placement = None
     if cfg.placement is not None:
         placement = Placement(cfg.placement, placed_items(groups, dtype), pin=device.type == "cuda")
     store = GroupStore(groups, cfg.offload, design, dtype, device, Path(cfg.ssd_dir) if cfg.ssd_dir else None,
-                       in_flight, placement)
+                       in_flight, placement, streamed)
     try:
         return _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
                       progress, baseline)
@@ -238,12 +241,17 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             store.zero_grad()
             if store.placement is not None:
                 store.placement.new_step()
+            if store.streamed is not None:  # AdamW runs group by group inside the backward (store.grad_done)
+                adam_step += 1
+                store.stream_updates(adam, adam_step, scaler.scale)
             loss = executor.step(Batch.make(ids, labels, model, store.device), scaler.scale)
             checkpoint_peak = max(checkpoint_peak, executor.checkpoint_bytes)
             # fp16 only (a dynamic loss scale): bf16 and fp32 share fp32's range, and DeepSpeed's ZeRO-3 checks
             # only when its dtype is float16 (stage3.py _overflow_check_and_loss_scale_update)
             overflow = scaler.dynamic and store.design.has_overflow(store.grad_buffer)
-            if overflow:
+            if store.streamed is not None:
+                opt_seconds.append(store.update_seconds)
+            elif overflow:
                 skipped.append(step)
                 log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
             else:

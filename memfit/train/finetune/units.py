@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from memfit.llm.kernels.attention import DenseCausalAttention
 from memfit.llm.models import LlamaForCausalLM, ModelConfig, build_model
@@ -48,8 +49,22 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+class _SkipInit(TorchFunctionMode):
+    """Skips `torch.nn.init`'s initialisers while the skeleton is built: on the meta device they have nothing
+    to fill, but torch runs `normal_` on a meta tensor through its Python decompositions, whose first use
+    imports torch._dynamo (sympy, triton...): about 150 MiB of RSS that the trainer never needed."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            t = args[0] if args else kwargs["tensor"]
+            if t.device.type == "meta":
+                return t
+        return func(*args, **kwargs)
+
+
 def skeleton(cfg: ModelConfig) -> LlamaForCausalLM:
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         return build_model(cfg)
 
 
