@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from memfit.llm.kernels import large_m
 from memfit.llm.kernels.attention import CachedAttention, Workspace
 from memfit.llm.kv.base import KVCacheManager, SeqStep
 from memfit.llm.models.llama import LlamaForCausalLM
@@ -74,7 +75,10 @@ class ModelRunner:
         cfg = self.model.config
         attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real,
                                self.workspace, self.model.ops)
-        hidden = self.model(ids_t, pos_t, attn)  # (N, C)
+        # A step with prefill rows may run its many-row matmuls on the kernel measured fastest for them
+        # (kernels/large_m.py); a pure decode step keeps the decode kernels, whose bits its rows had before.
+        with large_m.prefill_step(num_decode < len(ordered)):
+            hidden = self.model(ids_t, pos_t, attn)  # (N, C)
         for item in ordered:
             item.seq.num_computed += item.num_new
         if not sampled:

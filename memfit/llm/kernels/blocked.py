@@ -7,6 +7,10 @@ stored K-step-major (bf16: VNNI pairs for vdpbf16ps). Measured with one thread o
 0.1b/0.5b layer stacks (benchmarks/blocked_linear.py): against oneDNN's prepacked matmul 1.55-1.6x at 8 rows,
 1.2-1.5x at 4 and 16, 1.13-1.24x at 32; at 1-2 rows 1.15-1.6x the row-major kernel (linear.py).
 
+Prefill: inside a step the runner marks as carrying prefill rows, calls of LARGE_M rows or more run on the
+kernel measured fastest for the weight's shape (large_m.py: this AVX-512 kernel or AMX tiles on the same
+packed weight, cpu_amx.cpp); everywhere else, decode steps included, on the AVX-512 kernel.
+
 Memory: the packed copy *replaces* the weight. BlockedLinear keeps no reference to the nn.Linear's weight,
 and `use_blocked_linears` gives back the resident pages of a memory-mapped checkpoint tensor it replaced
 (`memfit.memory.pages.drop_file_pages`), so the model holds one copy of each matrix (plus at most `nb` - 1
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.llm.kernels import large_m
 from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
 from memfit.memory.host import HostArena, transparent_huge_pages
 
@@ -121,12 +126,30 @@ class BlockedLinear(nn.Module):
             x2 = x2.contiguous()
         m = x2.shape[0]
         y = torch.empty(m, n, dtype=self.dtype)  # (M, N)
-        if m:
-            rc = self._fns.linear(x2.data_ptr(), x2.stride(0), self._wp, self._bp, y.data_ptr(), n, m, n, k, self.nb,
-                                  self.nthreads or torch.get_num_threads())
-            if rc != 0:
-                raise RuntimeError(f"memfit_blocked_linear failed with code {rc}")
+        if m >= LARGE_M and large_m.in_prefill_step():
+            self._many_rows(x2, y)
+        elif m:
+            self._run("avx512", x2, y)
         return y if flat else y.view(*x.shape[:-1], n)
+
+    def _run(self, kernel: str, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """y (M, N) = x2 (M, K) W^T + b on `kernel` (large_m.KERNELS); AMX falls back to AVX-512 if it fails."""
+        m, n, k = x2.shape[0], self.out_features, self.in_features
+        args = (x2.data_ptr(), x2.stride(0), self._wp, self._bp, y.data_ptr(), n, m, n, k, self.nb,
+                self.nthreads or torch.get_num_threads())
+        if kernel == "amx" and large_m.amx_linear()(*args) == 0:
+            return
+        rc = self._fns.linear(*args)
+        if rc != 0:
+            raise RuntimeError(f"memfit_blocked_linear failed with code {rc}")
+
+    def _many_rows(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        """A prefill step's many rows: on the kernel kept for this weight's shape (large_m.choose measures it on
+        the first such call)."""
+        names = large_m.candidates(self.dtype, self.in_features)
+        runs = {name: (lambda name=name: self._run(name, x2, y)) for name in names}
+        kernel = large_m.choose((self.out_features, self.in_features, self.nb), x2.shape[0], runs)
+        self._run(kernel, x2, y)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "

@@ -63,3 +63,40 @@ def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2,
         loop(iters, nthreads, 2.0 ** -8, 2.0 ** -8)
         best = max(best, iters * per_iter / max(clock() - t, 1e-9))
     return best
+
+
+def run_amx_peak_loop(iters: int) -> float | None:
+    """cpu_amx.cpp's tile loop once: iters x 4 TDPBF16PS of 16 x 16 x 32 multiply-adds on 2^-8 x 2^-8 values;
+    returns one accumulator element (iters x 32 x 2^-16), or None where this process can't run AMX."""
+    reason = unavailable_reason(torch.bfloat16)
+    lib = load_cpu_linear() if reason is None else None
+    if lib is None:
+        return None
+    fn = lib.cdll.memfit_amx_peak
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_double
+    r = fn(iters)
+    return None if r < 0 else r
+
+
+def amx_peak_macs_per_s(seconds: float = 0.2, reps: int = 5, clock=time.perf_counter) -> float | None:
+    """bf16 multiply-adds per second of one core's AMX tile unit (the best of `reps` runs of about `seconds`);
+    None without AMX. On a core that has it this, not the AVX-512 loop's, is the core's bf16 peak (here
+    ~1.5 T against ~53 G: vdpbf16ps runs at half rate on this core)."""
+    if run_amx_peak_loop(1) is None:
+        return None
+    per_iter = 4 * 16 * 16 * 32
+    iters = 1 << 12
+    while True:
+        t = clock()
+        run_amx_peak_loop(iters)
+        dt = clock() - t
+        if dt >= seconds / 4 or iters >= 1 << 30:
+            break
+        iters *= 4
+    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
+    best = 0.0
+    for _ in range(reps):
+        t = clock()
+        run_amx_peak_loop(iters)
+        best = max(best, iters * per_iter / max(clock() - t, 1e-9))
+    return best

@@ -1,0 +1,308 @@
+// memfit's blocked matmul for many rows (prefill) on AMX tiles: y = x W^T (+ b), bf16 in, fp32 sums, bf16 out.
+//
+// It reads the weight in the blocked layout cpu_blocked.cpp packs once (no second copy of any weight):
+//   panel[s][c][2] = (W[p*NB + c][2s], W[p*NB + c][2s+1])   (NB = 32, 48 or 64 columns a panel)
+// which is the layout TDPBF16PS wants for its B tile: a tile of 16 steps (32 K values) by 16 columns is 16
+// rows of 64 bytes, each NB * 4 bytes after the last, so TILELOADD reads it in place with that stride. x is
+// copied per row block into tiles of 16 rows x 32 K values, 1 KiB each, 64-byte aligned (rows past M zero).
+// Each 32-row by 32-column block of y sums in 4 accumulator tiles (tmm0-3) from 2 A tiles (tmm4-5) and 2 B
+// tiles (tmm6-7), over K in chunks: a chunk of W's 32 columns stays in L1 while every row tile of the block
+// passes over it, and the next chunk is prefetched meanwhile.
+//
+// Each output row is computed from its own x row alone, by the same instructions in the same K order
+// whatever M is, so a row's bits do not depend on the call's rows: the MLP's row blocks (models/llama.py)
+// change no bit. The bits differ from the AVX-512 kernel's (TDPBF16PS and VDPBF16PS add a pair's products in
+// their own order), so decode steps, which run there, never come here (kernels/large_m.py chooses).
+//
+// Linux hands a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM); without it, on a
+// CPU without AMX-BF16, or built by a compiler without AMX intrinsics, memfit_amx_available() is 0 and
+// callers stay on the AVX-512 kernel.
+#include <stdint.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MEMFIT_AMX 1
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+#include "bf16x16.h"
+
+constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
+constexpr long XFEATURE_XTILEDATA = 18;
+constexpr int64_t AMX_MB_BYTES = 1 << 20;  // x per row block (at most 512 rows): stays in L2 (2 MiB here)
+constexpr int64_t AMX_KC = 256;  // K values per chunk: a 32-column chunk of W is 16 KiB, kept in L1
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+int g_state = -1;  // -1: not asked yet; 0: no AMX here; 1: the process may use it
+
+bool cpu_has_amx_bf16() {
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    return (d >> 22) & 1 && (d >> 24) & 1;  // AMX-BF16, AMX-TILE
+}
+
+bool amx_enable() {
+    if (g_state < 0) g_state = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return g_state == 1;
+}
+
+void load_config() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;  // C: 16 fp32; A: 32 bf16; B: 16 steps x 16 columns x 2 bf16 = 64 bytes a row
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// acc (16 rows of ldc floats: the tile stored as is) + bias -> y rows [0, rows), columns [n0, n0 + 16) cut at N.
+void store_tile(const float* acc, int64_t ldc, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows, int64_t n0,
+                int64_t N) {
+    const int64_t left = N - n0;
+    if (left <= 0) return;
+    const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    const __m512 bv = b ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, b + n0)), 16))
+                        : _mm512_setzero_ps();
+    for (int64_t m = 0; m < rows; m++)
+        _mm256_mask_storeu_epi16(y + m * ldy + n0, mk, to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + m * ldc), bv)));
+}
+
+// One block of R x 16 rows and C x 16 columns over `ksteps32` x 32 values of K, added to the sums in c (a
+// (32, 32) fp32 tile store, row stride 128 bytes: tile (r, c) at rows 16r, columns 16c) or started from 0.
+// a: x at the block's first row and K value (row stride lda elements); bp: the panel at the block's first
+// column and K step (row stride ldb_bytes).
+template <int R, int C>
+void block(const uint16_t* a, int64_t lda, const uint16_t* bp, int64_t ldb_bytes, int64_t ksteps32, float* c,
+           bool first) {
+    if (first) {
+        _tile_zero(0);
+        if (C == 2) _tile_zero(1);
+        if (R == 2) _tile_zero(2);
+        if (R == 2 && C == 2) _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, 128);
+        if (C == 2) _tile_loadd(1, c + 16, 128);
+        if (R == 2) _tile_loadd(2, c + 16 * 32, 128);
+        if (R == 2 && C == 2) _tile_loadd(3, c + 16 * 32 + 16, 128);
+    }
+    for (int64_t kk = 0; kk < ksteps32; kk++) {
+        const uint16_t* ak = a + kk * 16 * 32;  // packed x: (16, 32) bf16 per step, 64-byte rows
+        const char* bk = (const char*)bp + kk * 16 * ldb_bytes;
+        _tile_loadd(4, ak, 64);
+        _tile_loadd(6, bk, ldb_bytes);
+        if (C == 2) _tile_loadd(7, bk + 64, ldb_bytes);
+        _tile_dpbf16ps(0, 4, 6);
+        if (C == 2) _tile_dpbf16ps(1, 4, 7);
+        if (R == 2) {
+            _tile_loadd(5, ak + 16 * lda, 64);  // lda: K, the next 16-row tile
+            _tile_dpbf16ps(2, 5, 6);
+            if (C == 2) _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c, 128);
+    if (C == 2) _tile_stored(1, c + 16, 128);
+    if (R == 2) _tile_stored(2, c + 16 * 32, 128);
+    if (R == 2 && C == 2) _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+// 64-byte aligned scratch of n floats, uninitialised: zeroing a fresh vector cost more than the work at
+// 64-128 rows. Freed at the end of the call, so the kernel holds no memory between calls.
+struct Scratch {
+    float* p;
+    explicit Scratch(int64_t n) : p((float*)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64))) {}
+    ~Scratch() { free(p); }
+};
+
+using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, bool);
+
+bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t M,
+         int64_t N, int64_t K, int64_t nb, int nthreads) {
+    const int64_t steps = K / 2, panel_elems = steps * nb * 2, ldb = nb * 4, k32 = K / 32;
+    // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core (a C loop over
+    // the 0.1b layer's matmuls at 512 rows, not kept): 512 rows x 256 K values ~530 GMAC/s with W in cache,
+    // 128-384 rows and 128-768 values 400-520; from L3 10-15% less.
+    const int64_t kc = AMX_KC / 32;
+    int64_t MB = AMX_MB_BYTES / (K * 2) / 32 * 32;
+    if (MB < 64) MB = 64;
+    if (MB > 512) MB = 512;
+    // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
+    const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
+    bool failed = false;  // scratch memory refused
+    auto work = [&](int64_t cb0, int64_t cb1) {
+        load_config();
+        const int64_t rows_max = (M < MB ? M : MB) + 31;  // a block's rows, rounded up to whole 32-row tiles
+        Scratch acc_mem(rows_max / 32 * 32 * 32), ap_mem(rows_max / 32 * 32 * K / 2);
+        if (!acc_mem.p || !ap_mem.p) {
+            failed = true;  // (a benign race between threads: all write true)
+            _tile_release();
+            return;
+        }
+        float* const acc = acc_mem.p;  // the block's sums for one column block
+        // The row block's x, packed tile by tile: for each 16-row tile and 32-value K step, 16 x 64 contiguous
+        // bytes (rows past M zero), so an A tile is one 1 KiB stream instead of 16 lines strided by ldx.
+        // 64-byte aligned: a tile row that straddles two cache lines loads ~6x slower (measured: 16.5 against
+        // 2.6 ns a 1 KiB tile).
+        uint16_t* const ap = (uint16_t*)ap_mem.p;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int64_t mrows = M - m0 < MB ? M - m0 : MB;
+            const int64_t tiles16 = (mrows + 15) / 16;
+            for (int64_t t = 0; t < tiles16; t++) {
+                uint16_t* dst = ap + t * 16 * K;
+                for (int64_t r = 0; r < 16; r++) {
+                    const int64_t m = t * 16 + r;
+                    for (int64_t kk = 0; kk < k32; kk++) {
+                        uint16_t* d = dst + (kk * 16 + r) * 32;
+                        if (m < mrows) memcpy(d, x + (m0 + m) * ldx + kk * 32, 64);
+                        else memset(d, 0, 64);
+                    }
+                }
+            }
+            for (int64_t cb = cb0; cb < cb1; cb++) {
+                const int64_t p = cb / per_panel, col = cb % per_panel * 32, n0 = p * nb + col;
+                if (n0 >= N) continue;
+                const bool two = col + 16 < nb && n0 + 16 < N;  // a second 16 columns in this panel, and used
+                const uint16_t* bp = wp + p * panel_elems + col * 2;
+                // K in chunks: a chunk of this column block's weights stays in L1 while every row tile reads it.
+                // The next chunk (or the next column block's first) is prefetched meanwhile, a share of its rows
+                // (2 lines each: this block's 32 columns) per row tile: its first tile would wait on L3 otherwise.
+                const int64_t ntiles = (mrows + 31) / 32;
+                for (int64_t k0 = 0; k0 < k32; k0 += kc) {
+                    const int64_t ks = k32 - k0 < kc ? k32 - k0 : kc;
+                    const uint16_t* bk = (const uint16_t*)((const char*)bp + k0 * 16 * ldb);
+                    const char* next = nullptr;
+                    int64_t next_rows = 0;
+                    if (k0 + kc < k32) {
+                        next = (const char*)bp + (k0 + kc) * 16 * ldb;
+                        next_rows = (k32 - k0 - kc < kc ? k32 - k0 - kc : kc) * 16;
+                    } else if (cb + 1 < cb1) {
+                        const int64_t q = (cb + 1) / per_panel, qcol = (cb + 1) % per_panel * 32;
+                        next = (const char*)(wp + q * panel_elems + qcol * 2);
+                        next_rows = (kc < k32 ? kc : k32) * 16;
+                    }
+                    const int64_t share = (next_rows + ntiles - 1) / ntiles;
+                    for (int64_t r0 = 0; r0 < mrows; r0 += 32) {
+                        if (next) {
+                            const int64_t i0 = r0 / 32 * share, i1 = i0 + share < next_rows ? i0 + share : next_rows;
+                            for (int64_t i = i0; i < i1; i++) {
+                                _mm_prefetch(next + i * ldb, _MM_HINT_T0);
+                                _mm_prefetch(next + i * ldb + 64, _MM_HINT_T0);
+                            }
+                        }
+                        const int64_t rows = mrows - r0 < 32 ? mrows - r0 : 32;
+                        const uint16_t* a = ap + r0 * K + k0 * 16 * 32;
+                        float* c = acc + r0 * 32;
+                        BlockFn fn = rows > 16 ? (two ? block<2, 2> : block<2, 1>) : (two ? block<1, 2> : block<1, 1>);
+                        fn(a, K, bk, ldb, ks, c, k0 == 0);
+                    }
+                }
+                for (int64_t r0 = 0; r0 < mrows; r0 += 32) {
+                    const int64_t rows = mrows - r0 < 32 ? mrows - r0 : 32, top = rows < 16 ? rows : 16;
+                    const float* c = acc + r0 * 32;
+                    uint16_t* yb = y + (m0 + r0) * ldy;
+                    store_tile(c, 32, b, yb, ldy, top, n0, N);
+                    if (two) store_tile(c + 16, 32, b, yb, ldy, top, n0 + 16, N);
+                    if (rows > 16) {
+                        store_tile(c + 16 * 32, 32, b, yb + 16 * ldy, ldy, rows - 16, n0, N);
+                        if (two) store_tile(c + 16 * 32 + 16, 32, b, yb + 16 * ldy, ldy, rows - 16, n0 + 16, N);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    };
+    if (nthreads <= 1 || cblocks < 2) {
+        work(0, cblocks);
+        return !failed;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        int id = 0, nt = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        const int64_t per = (cblocks + nt - 1) / nt;
+        const int64_t c0 = id * per, c1 = c0 + per < cblocks ? c0 + per : cblocks;
+        if (c0 < c1) work(c0, c1);
+    }
+    return !failed;
+}
+
+// The tile unit's peak: 4 independent TDPBF16PS chains on tiles already loaded (16 x 16 x 32 = 8192
+// multiply-adds each), no memory traffic in the loop.
+double peak(int64_t iters) {
+    load_config();
+    alignas(64) static uint16_t ones[16 * 32];
+    for (int i = 0; i < 16 * 32; i++) ones[i] = 0x3b80;  // 2^-8 in bf16: sums stay exact for checking
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64);
+    _tile_loadd(7, ones, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < iters; i++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    alignas(64) float c[16 * 16];
+    _tile_stored(0, c, 64);
+    _tile_release();
+    return c[0];  // iters * 32 * 2^-16
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 where this process may run the AMX kernels (the CPU has AMX-BF16 and Linux granted the tile state), else 0.
+int memfit_amx_available(void) { return amx_enable() ? 1 : 0; }
+
+// y (M, N; row stride ldy) = x (M, K; row stride ldx) W^T + b, W packed by memfit_blocked_pack_bf16 with panels
+// of nb columns. 0; -1: bad arguments; -2: bad nb; -3: K not a multiple of 32; -4: no AMX here; -5: no memory
+// for the scratch (x's row block packed, one column block's sums: about 1 MiB).
+int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
+                           int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t nb, int nthreads) {
+    if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N) return -1;
+    if (nb != 32 && nb != 48 && nb != 64) return -2;
+    if (K % 32 || K == 0) return -3;
+    if (!amx_enable()) return -4;
+    if (M == 0 || N == 0) return 0;
+    return run(x, ldx, wp, b, y, ldy, M, N, K, nb, nthreads) ? 0 : -5;
+}
+
+// Multiply-adds per call: iters * 4 * 8192; returns one accumulator's first element (iters * 32 * 2^-16), or
+// -1 without AMX.
+double memfit_amx_peak(int64_t iters) { return amx_enable() ? peak(iters) : -1.0; }
+
+}  // extern "C"
+
+#pragma GCC pop_options
+#else  // no AMX intrinsics in this compiler: the entry points say so
+
+extern "C" {
+int memfit_amx_available(void) { return 0; }
+int memfit_amx_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, int) { return -4; }
+double memfit_amx_peak(int64_t) { return -1.0; }
+}
+#endif

@@ -1,0 +1,130 @@
+"""Which kernel runs a prefill step's many-row matmuls on memfit's packed weights, chosen at run time.
+
+A BlockedLinear holds its weight once, in the blocked layout (blocked.py). From LARGE_M rows on, two kernels
+read that layout in place:
+- "avx512": cpu_blocked.cpp's many-row path (vdpbf16ps / FMA), the one decode steps run;
+- "amx": cpu_amx.cpp, AMX tiles (bf16 only, K a multiple of 32, a CPU with AMX-BF16 that Linux lets this
+  process use).
+Where both can run, the first call of a weight shape (N, K, nb) inside a prefill step times both on that
+call's own input (CPU time, alternating, the best of `TRIALS` each) and keeps the faster for the rest of the
+process (`choices()` reports the times). Measured here (one Sapphire-Rapids-class core, 0.1b layer, 512 rows):
+AMX ~500 GMAC/s against ~50 for the AVX-512 kernel, whose vdpbf16ps runs at half rate on this core.
+
+The choice is per shape, not per row count: each kernel computes a row from that row alone, so one kernel for
+every M >= LARGE_M keeps a row's bits independent of the call's rows (the MLP's row blocks, models/llama.py,
+rely on it). The two kernels' bits differ (they add a pair's products in their own order), so only steps
+that carry prefill rows may use the choice: the runner marks them with `prefill_step()`. Outside it (decode
+steps however many rows, direct calls), BlockedLinear runs the AVX-512 kernel as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+
+KERNELS = ("avx512", "amx")
+TRIALS = 2  # timed runs of each kernel when choosing (alternating; the first call of a shape only)
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_in_prefill: contextvars.ContextVar[bool] = contextvars.ContextVar("memfit_prefill_step", default=False)
+
+
+@dataclass
+class Choice:
+    """The kernel kept for one weight shape, and the CPU seconds each took on the call that chose it."""
+
+    kernel: str
+    rows: int  # rows of that call
+    seconds: dict[str, float]
+
+
+_choices: dict[tuple[int, int, int], Choice] = {}
+_forced: str | None = None
+_amx_fn: ctypes._CFuncPtr | None = None
+_amx_checked = False
+
+
+def amx_linear() -> ctypes._CFuncPtr | None:
+    """cpu_amx.cpp's memfit_amx_linear_bf16, signature declared, or None where this process can't run AMX."""
+    global _amx_fn, _amx_checked
+    if not _amx_checked:
+        _amx_checked = True
+        lib = load_cpu_linear() if unavailable_reason(torch.bfloat16) is None else None
+        if lib is not None:
+            avail = lib.cdll.memfit_amx_available
+            avail.restype = _I32
+            if avail() == 1:
+                fn = lib.cdll.memfit_amx_linear_bf16
+                fn.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32]
+                fn.restype = _I32
+                _amx_fn = fn
+    return _amx_fn
+
+
+def candidates(dtype: torch.dtype, k: int) -> tuple[str, ...]:
+    """The kernels that can run a (.., k) x (N, k) matmul of `dtype` here; "avx512" always first."""
+    if dtype == torch.bfloat16 and k % 32 == 0 and k > 0 and amx_linear() is not None:
+        return KERNELS
+    return ("avx512",)
+
+
+@contextlib.contextmanager
+def prefill_step(enabled: bool = True) -> Iterator[None]:
+    """While active (in this thread or task), BlockedLinear calls of LARGE_M rows or more run the chosen
+    kernel: the runner wraps the model call of a step that carries prefill rows in it."""
+    token = _in_prefill.set(enabled)
+    try:
+        yield
+    finally:
+        _in_prefill.reset(token)
+
+
+def in_prefill_step() -> bool:
+    return _in_prefill.get()
+
+
+def force(kernel: str | None) -> str | None:
+    """Use `kernel` for every shape where it can run (None: measure as usual; for benchmarks and tests that
+    compare the kernels). Returns the previous setting."""
+    global _forced
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    old, _forced = _forced, kernel
+    return old
+
+
+def choices() -> dict[tuple[int, int, int], Choice]:
+    """(N, K, nb) -> the kernel kept for that shape in this process (a copy)."""
+    return dict(_choices)
+
+
+def reset() -> None:
+    """Forget the choices (tests)."""
+    _choices.clear()
+
+
+def choose(key: tuple[int, int, int], rows: int, runs: dict[str, Callable[[], None]]) -> str:
+    """The kernel for weight shape `key`: the kept choice, else the faster of `runs` (kernel -> a call that
+    runs it once on this step's input) measured now and kept."""
+    if _forced is not None and _forced in runs:
+        return _forced
+    kept = _choices.get(key)
+    if kept is not None and kept.kernel in runs:
+        return kept.kernel
+    if len(runs) == 1:
+        return next(iter(runs))
+    best = {name: float("inf") for name in runs}
+    for _ in range(TRIALS):
+        for name, run in runs.items():
+            t = time.process_time()
+            run()
+            best[name] = min(best[name], time.process_time() - t)
+    kernel = min(best, key=lambda n: best[n])
+    _choices[key] = Choice(kernel, rows, best)
+    return kernel
