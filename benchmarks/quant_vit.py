@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import emit, header, interleave, pin_threads, preset_threads
 
 SETTINGS = {"W4A4": (4.0, 4), "W3A4": (3.0, 4), "W3A3": (3.0, 3), "W2.5A4": (2.5, 4)}
-ALLOCATORS = ("lrp", "sensitivity", "hessian", "uniform", "random")
+ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
 
 
 def main() -> int:

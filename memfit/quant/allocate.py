@@ -16,7 +16,9 @@ importance x distortion, seeded); uniform needs no solver.
 """
 from __future__ import annotations
 
-from .errors import InfeasibleBudgetError
+import math
+
+from .errors import InfeasibleBudgetError, QuantError
 from .quantizers import BIT_CHOICES
 
 
@@ -43,6 +45,14 @@ def solve_knapsack(costs: dict[str, dict[int, float]], sizes: dict[str, int], av
 
     fixed = fixed or {}
     choices = tuple(sorted(next(iter(costs.values())))) if costs else BIT_CHOICES
+    bad = [(l, b, c) for l, per in costs.items() for b, c in per.items() if not math.isfinite(c)]
+    if bad:  # a NaN or infinite cost makes the "cheapest" choice meaningless, and the solver would not say so
+        l, b, c = bad[0]
+        raise QuantError(f"the cost of {l} at {b} bits is {c}; allocation costs must be finite "
+                         f"({len(bad)} are not): check the allocator's importance scores")
+    if set(costs) != set(sizes) or any(sorted(per) != list(choices) for per in costs.values()):
+        raise QuantError("every free layer needs a size and a cost at every width "
+                         f"({', '.join(map(str, choices))})")
     lo, hi = feasible_range(sizes, fixed, choices)
     if avg_bits < lo - 1e-9:
         raise InfeasibleBudgetError(

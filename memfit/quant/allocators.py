@@ -1,8 +1,12 @@
-"""The five allocators, each turning a model and a calibration set into per-layer weight (and activation) bits.
+"""The six allocators, each turning a model and a calibration set into per-layer weight (and activation) bits.
 
 They share quantizers, calibration and the knapsack of allocate.py; only the cost of giving layer l b bits
 differs:
 - lrp:         contribution score (scores.py) x relative weight distortion ||Q_b(W) - W||^2 / ||W||^2
+- lrp-zplus:   the same, with the scores from LRP's bounded rule set (lrp.py, rules="zplus": z+ rule for the
+               linear layers, residual additions split by magnitude). lrp's epsilon rules are numerically
+               unstable on trained models: their absolute relevance grows ~10x per block towards the input, so
+               the scores rank layers by depth rather than by contribution (docs/quant.md).
 - sensitivity: KL(fp || model with only layer l quantized to b bits) on the calibration set (Mix-QViT)
 - hessian:     Tr(H_l) / n_l x ||Q_b(W) - W||^2, the trace by Hutchinson's estimator (HAWQ-V2)
 - random:      a seeded U(0,1) importance x relative distortion (spends the budget, ignores the model)
@@ -26,7 +30,7 @@ from .lrp import quantizable_layers
 from .qmodel import best_tensor_params, record
 from .quantizers import BIT_CHOICES, fake_quant_uniform, fake_quant_weight
 
-ALLOCATORS = ("lrp", "sensitivity", "hessian", "uniform", "random")
+ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
 FIXED_BITS = 8
 _FIXED_NAMES = ("patch_embed.proj", "head", "head_dist", "head.fc")
 
@@ -169,10 +173,12 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
     if act_bits is None:
         a_dist = once(("a_dist",), lambda: _act_distortion(model, calib_x[:64], free))
     importance: dict[str, float] = {}
-    if allocator == "lrp":
+    if allocator in ("lrp", "lrp-zplus"):
         from .scores import contribution_scores
 
-        scores = once(("lrp", attention), lambda: contribution_scores(model, calib_x, calib_y, attention=attention))
+        rules = "zplus" if allocator == "lrp-zplus" else "epsilon"
+        scores = once(("lrp", attention, rules),
+                      lambda: contribution_scores(model, calib_x, calib_y, attention=attention, rules=rules))
         importance = {n: v for n, v in scores.mean.items() if n in free}
     elif allocator == "random":
         gen = torch.Generator().manual_seed(seed)

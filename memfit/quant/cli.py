@@ -61,7 +61,7 @@ def register(subparsers) -> None:
 
 def _add_quant_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True, help="checkpoint (.safetensors from train-vit, or timm's with config.json)")
-    q.add_argument("--allocator", default="lrp", help="lrp | sensitivity | hessian | uniform | random")
+    q.add_argument("--allocator", default="lrp", help="lrp | lrp-zplus | sensitivity | hessian | uniform | random")
     q.add_argument("--avg-bits", type=float, default=4.0, help="parameter-weighted average weight bits")
     q.add_argument("--act-bits", type=int, default=None, help="every activation at this width (2,3,4,6,8)")
     q.add_argument("--avg-act-bits", type=float, default=None,
@@ -71,7 +71,7 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=0, help="calibration draw (and the random allocator)")
     q.add_argument("--per-tensor-ln", action="store_true",
                    help="quantize post-LayerNorm activations per tensor instead of clipped channel-wise")
-    q.add_argument("--attention-rule", default="cp", help="LRP softmax rule for the lrp allocator: cp | attnlrp")
+    q.add_argument("--attention-rule", default="cp", help="LRP softmax rule for the lrp allocators: cp | attnlrp")
     q.add_argument("--max-test", type=int, default=None, help="evaluate on the first this many test images")
     q.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

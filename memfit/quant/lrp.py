@@ -21,6 +21,20 @@ swapped for autograd functions whose backward applies the rule, so that R_t = t 
     (a layer's share of the whole) needs; it is the rule the per-layer scores use unless told otherwise.
 - residual additions, pooling, token selection, reshapes: plain gradients are already the epsilon rule there.
 
+Two rule sets for the linear layers and the additions (`rules=`):
+  * "epsilon" (default): the rules above. With EPS = 1e-9 they are gradient x input, and on a trained model
+    they are numerically unstable: R_x = x W^T (R_z / z) divides by pre-activations near 0, and a residual
+    addition y = x + f hands x and f the shares x/y and f/y of R_y, unbounded where x and f cancel. The sums
+    still conserve, but as differences of huge opposite terms: on the 25-epoch Fashion-MNIST ViT the absolute
+    relevance through blocks.0.attn.qkv is ~1e9 x the logit's (and the first block's sum is off by 26% in
+    float32), falling ~10x per block towards the head (measured; docs/quant.md).
+  * "zplus": bounded, conserving rules. Linear layers use the z+ rule (LRP-alpha1-beta0 on the products
+    z_jk = x_j w_jk): R_j = sum_k z_jk^+ / sum_j' z_j'k^+ R_k, so relevance keeps its sign and no denominator
+    falls below the positive products; additions of two activations (the residual stream, DeiT's two heads)
+    split R_y in proportion to |x| and |f|. (An output whose products are all negative, positive only through
+    its bias, hands its relevance to the negative products instead.) Attention, LayerNorm and GELU rules are as above; the patch
+    embedding (whose input relevance nothing uses) keeps epsilon.
+
 Why not `lxt`/`zennit` from PyPI: lxt 2.1 (its source read, not installed; it would also pull bitsandbytes and
 open_clip_torch) patches the classes of Hugging Face transformers models and of torchvision's ViT, not timm's
 ViT/DeiT/Swin; zennit has no rules for attention. (lxt's own ViT map also uses CP-LRP inside the attention,
@@ -38,6 +52,7 @@ from torch.overrides import TorchFunctionMode
 
 EPS = 1e-9
 ATTENTION_RULES = ("cp", "attnlrp")
+LINEAR_RULES = ("epsilon", "zplus")
 
 
 def _stab(z: torch.Tensor) -> torch.Tensor:
@@ -79,6 +94,47 @@ class _Uniform(torch.autograd.Function):
         return 0.5 * (g @ b.transpose(-2, -1)), 0.5 * (a.transpose(-2, -1) @ g)
 
 
+class _ZPlus(torch.autograd.Function):
+    """z = x W^T (bias-free) under the z+ rule: only the positive products x_j w_kj carry relevance, so
+    R_j = x_j^+ (W^+ s)_j + x_j^- (W^- s)_j with s_k = R_k / Z_k^+, Z^+ = x^+ W^{+T} + x^- W^{-T} >= 0. An output
+    with no positive product (Z_k^+ = 0, its relevance coming from its bias) hands R_k to its negative products
+    instead, in proportion (so the rule still conserves)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        wp, wn = w.clamp_min(0), w.clamp_max(0)  # (out, in)
+        xp, xn = x.clamp_min(0), x.clamp_max(0)  # (..., in)
+        zp = F.linear(xp, wp) + F.linear(xn, wn)  # sum of the positive products, (..., out) >= 0
+        zn = F.linear(xp, wn) + F.linear(xn, wp)  # and of the negative ones, <= 0
+        r = (zp + zn) * g  # R_z, (..., out)
+        none = zp <= 0
+        sp = torch.where(none, 0.0, r / (zp + EPS))
+        sn = torch.where(none, r / (zn - EPS), 0.0)
+        # x_j > 0 makes positive products with w > 0 and negative ones with w < 0; x_j < 0 the other way round
+        return torch.where(x > 0, sp @ wp + sn @ wn, sp @ wn + sn @ wp), None  # grad_x: x * grad_x = R_x
+
+
+class _AbsSplit(torch.autograd.Function):
+    """y = a + b of two activations (broadcasting allowed); R_y goes to a and b in proportion to |a| and |b|."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        r = (a + b) * g / (a.abs() + b.abs() + EPS)  # R_y / (|a| + |b|)
+        return (r * a.sign()).sum_to_size(a.shape), (r * b.sign()).sum_to_size(b.shape)
+
+
 class _Tap(torch.autograd.Function):
     """Identity that records the relevance (x * grad) per sample as it passes backwards."""
 
@@ -110,11 +166,15 @@ class LRPMode(TorchFunctionMode):
     """Swap timm's ops for their LRP rules while active; `names` maps id(weight) -> layer name so the relevance
     through each Linear/Conv is recorded in `sink[name] = (signed sum, absolute sum)`, each (B,)."""
 
-    def __init__(self, names: dict[int, str] | None = None, sink: dict | None = None, attention: str = "cp"):
+    def __init__(self, names: dict[int, str] | None = None, sink: dict | None = None, attention: str = "cp",
+                 rules: str = "epsilon"):
         super().__init__()
         if attention not in ATTENTION_RULES:
             raise ValueError(f"unknown attention rule {attention!r}; choose {', '.join(ATTENTION_RULES)}")
+        if rules not in LINEAR_RULES:
+            raise ValueError(f"unknown LRP rule set {rules!r}; choose {', '.join(LINEAR_RULES)}")
         self.names, self.sink, self.attention = names or {}, sink if sink is not None else {}, attention
+        self.zplus = rules == "zplus"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,10 +182,13 @@ class LRPMode(TorchFunctionMode):
             x, w = args[0], args[1]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             rest = {k: v for k, v in kwargs.items() if k != "bias"}
-            z = func(x, w, None, *args[3:], **rest)
+            z = _ZPlus.apply(x, w) if self.zplus and func is F.linear else func(x, w, None, *args[3:], **rest)
             if id(w) in self.names:  # relevance at the layer's output = relevance through the layer
                 z = _Tap.apply(z, self.sink, self.names[id(w)])
             return _add_bias(z, b.view(-1, 1, 1) if func is F.conv2d else b) if b is not None else z
+        if self.zplus and func in (torch.Tensor.add, torch.Tensor.__add__, torch.add) and len(args) == 2 and not kwargs \
+                and all(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+            return _AbsSplit.apply(*args)
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
         if func is F.gelu:
@@ -160,9 +223,10 @@ class Relevance:
 
 
 def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None,
-              attention: str = "cp") -> Relevance:
+              attention: str = "cp", rules: str = "epsilon") -> Relevance:
     """One LRP pass: relevance at every quantizable layer and block output for images x (B, C, H, W), explaining
-    class `target` (B,) (default: the predicted class), with the softmax rule `attention` (cp | attnlrp)."""
+    class `target` (B,) (default: the predicted class), with the softmax rule `attention` (cp | attnlrp) and the
+    linear/addition rule set `rules` (epsilon | zplus)."""
     model.eval()
     fused = {m: m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")}
     for m in fused:
@@ -179,7 +243,7 @@ def relevance(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = N
     try:
         with torch.enable_grad():
             inp = x.detach().clone().requires_grad_(True)
-            with LRPMode(names, out.layers, attention):
+            with LRPMode(names, out.layers, attention, rules):
                 logits = model(inp)  # (B, K)
             target = logits.argmax(-1) if target is None else target
             seed = F.one_hot(target, logits.shape[-1]).to(logits.dtype)  # R_logits = logits * seed

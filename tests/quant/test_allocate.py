@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from memfit.quant.allocate import average_bits, feasible_range, solve_knapsack, uniform_bits
-from memfit.quant.errors import InfeasibleBudgetError
+from memfit.quant.errors import InfeasibleBudgetError, QuantError
 from memfit.quant.quantizers import BIT_CHOICES
 
 SIZES = {"a": 1000, "b": 4000, "c": 2000, "d": 500}
@@ -55,3 +55,32 @@ def test_uniform_takes_the_widest_width_that_fits():
     bits = uniform_bits(SIZES, 4.5, FIXED)
     assert set(bits.values()) == {4}  # 6 bits for all would average 6.25
     assert uniform_bits(SIZES, 8, FIXED) == {l: 8 for l in SIZES}
+
+
+@pytest.mark.parametrize("avg", [2.5, 3.0, 3.98, 4.6])
+def test_bits_are_monotonic_in_importance_at_equal_size(avg):
+    """With equal sizes and the same distortion curve, a more important layer never gets fewer bits than a less
+    important one (swapping their widths would cost less at the same size), and the average stays within the
+    budget, spending all of it but less than one step of the smallest layer."""
+    import random
+
+    rng = random.Random(int(avg * 100))
+    names = [f"l{i}" for i in range(8)]
+    sizes = {n: 1000 for n in names}
+    importance = {n: rng.lognormvariate(0, 2) for n in names}
+    bits = solve_knapsack(_costs(importance), sizes, avg, FIXED)
+    ranked = sorted(names, key=importance.get)
+    assert [bits[n] for n in ranked] == sorted(bits[n] for n in ranked)
+    spent = average_bits(bits, sizes, FIXED)
+    total = sum(sizes.values()) + sum(n for n, _ in FIXED.values())
+    assert spent <= avg + 1e-9 and avg - spent < 2 * 1000 / total  # no single one-step upgrade still fits
+
+
+def test_bad_costs_are_refused():
+    costs = _costs({"a": 5.0, "b": 0.3, "c": 2.0, "d": 9.0})
+    costs["b"][3] = float("nan")
+    with pytest.raises(QuantError, match="cost of b at 3 bits is nan"):
+        solve_knapsack(costs, SIZES, 4.0, FIXED)
+    costs = _costs({"a": 5.0, "b": 0.3, "c": 2.0})
+    with pytest.raises(QuantError, match="every free layer needs a size and a cost"):
+        solve_knapsack(costs, SIZES, 4.0, FIXED)

@@ -35,7 +35,7 @@ def test_random_is_seeded(tiny_models, fmnist_small):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
-@pytest.mark.parametrize("allocator", ["lrp", "sensitivity", "hessian"])
+@pytest.mark.parametrize("allocator", ["lrp", "lrp-zplus", "sensitivity", "hessian"])
 def test_cached_costs_give_the_same_bits_at_every_budget(tiny_models, fmnist_small, allocator):
     model, _, _ = tiny_models["vit"]
     x, y = fmnist_small.x_train[:48], fmnist_small.y_train[:48]
@@ -113,3 +113,18 @@ def test_checkpoint_for_other_images_is_refused(fmnist_small, tmp_path):
     path = save_checkpoint(tmp_path / "rgb.safetensors", spec.build(), spec)
     with pytest.raises(QuantError, match="3x32x32 images"):
         run_quant(QuantRun(model=str(path), act_bits=4, calib=16), fmnist_small)
+
+
+def test_lrp_zplus_scores_come_from_the_zplus_rules(tiny_models, fmnist_small):
+    """lrp-zplus's importance is the zplus contribution share of each free layer, lrp's the epsilon one; both are
+    cached under their own key, so one cache serves both allocators."""
+    from memfit.quant.scores import contribution_scores
+
+    model, _, _ = tiny_models["vit"]
+    x, y = fmnist_small.x_train[:32], fmnist_small.y_train[:32]
+    cache: dict = {}
+    for allocator, rules in (("lrp", "epsilon"), ("lrp-zplus", "zplus"), ("lrp", "epsilon")):
+        a = allocate_bits(model, allocator, 3.0, x, y, act_bits=4, cache=cache)
+        want = contribution_scores(model, x, y, rules=rules).mean
+        assert a.importance == pytest.approx({n: want[n] for n in a.importance}, rel=1e-5)
+    assert len([k for k in cache if k[0] == "lrp"]) == 2
