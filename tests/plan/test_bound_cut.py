@@ -57,7 +57,8 @@ def test_planner_reports_each_bound_and_takes_the_largest():
     cap = scratchpad_sizes(g).min_feasible
     plan = make_plan(g, cap, PlanOptions(planner="heuristic", time_limit_s=4, num_workers=1))
     parts = plan.solver.details["lower_bound"]["parts"]
-    assert set(parts) == {"min-cut", "every-order", "cover", "order-pairs"}
+    rows = {"min-cut", "every-order", "cover", "order-pairs"}
+    assert set(parts) in (rows, rows | {"split"})  # the split bound runs where the row bounds leave a gap
     assert plan.solver.bound_bytes == max(p["bytes"] for p in parts.values())
     assert plan.solver.bound_bytes <= plan.traffic["non_compulsory_bytes"]
 
