@@ -53,3 +53,19 @@ def test_cuda_peak_from_the_caching_allocator():
         b = torch.empty(3 * MB, device="cuda")
         del a, b
     assert 20 * MB <= m.peak_bytes < 21 * MB and abs(m.net_bytes) < MB
+
+
+def test_meter_does_not_import_the_compiler():
+    """The CPU meter uses autograd's profiler directly: torch.profiler's start asks `hasattr(torch, "_inductor")`,
+    which imports torch._inductor and torch._dynamo (~150 MiB of RSS in the process it measures)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, torch\nfrom memfit.memory.allocator import AllocatorMeter\n"
+            "with AllocatorMeter() as m:\n    x = torch.ones(1 << 20)\n"
+            "print(m.peak_bytes >= 4 << 20, 'torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["True", "False", "False"]
