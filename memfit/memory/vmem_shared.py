@@ -117,11 +117,10 @@ class SharedArena:
     def exclusive_bytes(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Physical bytes that releasing every range would free: pages that no address outside them maps."""
         with self._lock:
-            spans = [self._pages(off, n) for off, n in ranges]
-            virt = [np.flatnonzero(self._mapped[lo:hi]) + lo for lo, hi in spans]
-            if not virt:
+            pages = _span_pages([self._pages(off, n) for off, n in ranges])
+            if not len(pages):
                 return 0
-            files = self._file_of[np.concatenate(virt)]
+            files = self._file_of[pages[self._mapped[pages]]]
             ids, inside = np.unique(files, return_counts=True)  # how many of the ranges' pages map each file page
             return int(np.count_nonzero(self._refs[ids] == inside)) * PAGE
 
@@ -182,8 +181,32 @@ class SharedArena:
             return True
 
     def decommit_many(self, ranges: Sequence[tuple[int, int]]) -> int:
-        """`release` over several ranges (the `VirtualArena` name); returns the physical bytes freed."""
-        return sum(self.release(off, n) for off, n in ranges)
+        """`release` over several ranges at once (the `VirtualArena` name; a sequence's K and V in every layer are
+        one call); returns the physical bytes freed."""
+        with self._lock:
+            before = self.committed_bytes
+            spans = [self._pages(off, n) for off, n in ranges]
+            if not spans:
+                return 0
+            gone = np.unique(np.concatenate([np.flatnonzero(self._mapped[lo:hi]) + lo for lo, hi in spans]))
+            for a, b in _runs(gone):
+                self._reserve_run(a, b)
+            files = self._file_of[gone].copy()
+            self._file_of[gone] = gone
+            self._mapped[gone] = False
+            # One pass over the pages' references, one hole punched per run of freed file pages and one budget
+            # release, not one of each per page and range: per page and range these took ~10% of a bf16 prefill
+            # batch's CPU time (benchmarks/prefill.py, 32 prompts finishing, profiled).
+            np.subtract.at(self._refs, files, 1)
+            freed = np.unique(files[self._refs[files] == 0])
+            if len(freed):
+                self._live -= len(freed)
+                for a, b in _runs(freed):
+                    self._punch(a, b)
+                self._spares.extend(int(f) for f in freed if f >= len(self._file_of))
+                if self.budget is not None:
+                    self.budget.release(PAGE * len(freed), self.owner)
+            return before - self.committed_bytes
 
     def alias(self, src_offset: int, dst_offset: int, nbytes: int) -> None:
         """Map the physical pages behind [src, src + nbytes) at [dst, dst + nbytes) too. The destination pages
@@ -235,30 +258,9 @@ class SharedArena:
     def release(self, offset: int, nbytes: int) -> int:
         """Unmap the range's pages; a physical page is freed when no address maps it any more. Returns the
         physical bytes freed."""
-        with self._lock:
-            lo, hi = self._pages(offset, nbytes)
-            before = self.committed_bytes
-            gone = np.flatnonzero(self._mapped[lo:hi]) + lo
-            for a, b in _runs(gone):
-                self._reserve_run(a, b)
-            for v in gone:
-                f = int(self._file_of[v])
-                self._file_of[v] = v
-                self._mapped[v] = False
-                self._drop_ref(f)
-            return before - self.committed_bytes
+        return self.decommit_many([(offset, nbytes)])
 
     # ---- internals ----------------------------------------------------------------------------------------
-    def _drop_ref(self, f: int) -> None:
-        self._refs[f] -= 1
-        if self._refs[f] == 0:
-            self._live -= 1
-            self._punch(f, f + 1)
-            if f >= len(self._file_of):
-                self._spares.append(f)
-            if self.budget is not None:
-                self.budget.release(PAGE, self.owner)
-
     def _free_file_page(self, v: int) -> int:
         """A file page no address maps: v's own if free, else a spare."""
         if self._refs[v] == 0:
@@ -336,6 +338,17 @@ class SharedArena:
             self.release(0, self.size)
             self._closed = True
             self._base = None
+
+
+def _span_pages(spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Every page index of the [lo, hi) spans, in order, in a few array operations (the KV cache asks about
+    thousands of small spans a step; a flatnonzero per span cost ~10 us each)."""
+    if not spans:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    lens = np.maximum(arr[:, 1] - arr[:, 0], 0)
+    starts = np.cumsum(lens) - lens  # where each span begins in the output
+    return np.repeat(arr[:, 0] - starts, lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
