@@ -6,8 +6,9 @@ Order of a step (K = layers + 2 units: embed, layers, head):
   head     forward and backward at once (its weights are fetched once for both), its logits a chunk of
            tokens at a time (units.py: never the whole (tokens, vocabulary) matrix);
   backward units K-2 .. 0: fetch the unit's weights again, recompute its forward from the saved input with
-           autograd on, backpropagate the incoming gradient, add the weight gradients into the flat fp32
-           gradient buffer, hand the input gradient to the unit before.
+           autograd on, backpropagate the incoming gradient, add the weight gradients into the group's fp32
+           gradient (store.grad), hand the input gradient to the unit before; then tell the store which
+           groups' gradients are complete (store.grad_done: with streamed gradients, AdamW updates them there).
 
 Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
 from the forward instead; the arithmetic is the same, so the losses are identical either way.

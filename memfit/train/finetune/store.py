@@ -1,5 +1,5 @@
 """Where the trained state lives: per swap group, the fp32 master weights, Adam's two moments and the
-16-bit compute copy, in one of three tiers; the fp32 gradients in one flat host buffer.
+16-bit compute copy, in one of three tiers; the fp32 gradients in host memory, flat or streamed.
 
 - `none`: plain tensors on the compute device;
 - `host`: buffers from the design's host allocator (pinned on CUDA); fetched to the device per group;
