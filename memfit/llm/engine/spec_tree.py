@@ -11,13 +11,16 @@ itself (`ancestor_mask`), so every node sees exactly the text of its own path.
 
 The shape memfit drafts (`TokenTree.chains`, the `--speculative-tree W,D` option): the draft's top-W tokens after
 the root, each continued by a greedy chain to depth D: W x D nodes (sampled requests: W draws and drawn chains,
-verified by engine/spec_tree_sample.py). SpecInfer's expansion configs have this form
+verified by engine/spec_tree_sample.py; branches that drew the same text share its nodes, `TokenTree.draw`, so
+at most W x D). SpecInfer's expansion configs have this form
 (branch at one level, then chains). A full W-ary tree of depth D would hold W + W^2 + .. + W^D nodes, and on a CPU
 a verification pass costs about its node count, while deep nodes off the draft's first choices are rarely on the
 accepted path; branching at the root, where the draft disagrees with the target most, buys most of the extra
 acceptance at a linear cost.
 """
 from __future__ import annotations
+
+import bisect
 
 import torch
 
@@ -50,18 +53,37 @@ def tree_nodes(width: int, depth: int) -> int:
 
 
 class TokenTree:
-    """Nodes in breadth-first order: tokens[i], parents[i] (-1 for the root, node 0), depths[i]."""
+    """Nodes in breadth-first order: tokens[i], parents[i] (-1 for the root, node 0), depths[i]; draws[i]: node i's
+    children in the order they were drafted, once per draw (a merged child, drawn k times, appears k times)."""
 
     def __init__(self, root_token: int) -> None:
         self.tokens = [root_token]
         self.parents = [-1]
         self.depths = [0]
+        self.draws: list[list[int]] = [[]]
 
     def add(self, parent: int, token: int) -> int:
+        """A new child of `parent` (even if it has one with this token already)."""
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
+        self.draws.append([])
+        self.draws[parent].append(len(self.tokens) - 1)
         return len(self.tokens) - 1
+
+    def draw(self, parent: int, token: int) -> int:
+        """`token` drafted after `parent`: its existing child with that token if there is one (the same text, so
+        one node, one KV slot and one row of each pass; the draw is recorded on it again), else a new child."""
+        for child in self.draws[parent]:
+            if self.tokens[child] == token:
+                self.draws[parent].append(child)
+                return child
+        return self.add(parent, token)
+
+    def level(self, depth: int) -> tuple[int, int]:
+        """(first node, count) of the nodes at `depth`, contiguous when the tree is built level by level."""
+        first = bisect.bisect_left(self.depths, depth)
+        return first, bisect.bisect_right(self.depths, depth) - first
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -15,10 +15,19 @@ min(1, p_i/q), else the outcome is whatever comes from norm(max(0, p_i - q)) = p
 distributed as p_i whenever what follows a rejection is distributed as p_{i+1}. The last step (drawing from
 p_{k+1}) is, so by induction on i the whole walk emits its first token distributed as p_1 = p; given that token,
 the same argument applies one level down (a child's subtree was drawn from q at that child, independently of how
-the child was chosen). Because each x_i is a fresh draw, a duplicate child is handled by the rule itself: once x
-is rejected, p_{i+1}(x) = 0 and every later copy of x is rejected (and still updates p, which the induction
-needs), so memfit keeps duplicates as separate nodes (the tree keeps its W x D shape) rather than merging them.
-With W = 1 the walk is the chain's rule (speculative.rejection_sample).
+the child was chosen). With W = 1 the walk is the chain's rule (speculative.rejection_sample).
+
+Duplicates are merged: a token drawn twice under one parent is one node (the same text: one KV slot and one row of
+each pass), and `TokenTree.draws` keeps every draw in order, so the rule still makes one trial per draw. That is
+what exactness asks of a merge:
+- a rejected token's later copies are rejected (p_{i+1}(x) = 0 once x is rejected, as p_i(x) < q(x) then), but each
+  still updates the residual p <- norm(max(0, p - q)): the induction above counts one trial per draw, and trying
+  each distinct token once would emit from a residual that subtracted q fewer times than tokens were drawn (biased;
+  tests/llm/engine/test_spec_tree_sample.py shows the test telling it apart);
+- after an acceptance the walk descends into the merged node, whose children are the continuations drawn at every
+  copy of it, all from q at the same text: given everything above, they are i.i.d. draws from q there (how many
+  depends only on draws above), which is all the rule needs one level down. So a merge never changes what is
+  emitted in distribution, and below a token the draft drew twice the walk has two candidates instead of one.
 
 p and q are `Sampler.probs` rows: temperature, top-k, top-p and min-p applied as plain sampling applies them.
 """
@@ -33,9 +42,9 @@ from memfit.llm.engine.spec_tree import TokenTree
 
 
 def uniforms_needed(width: int, depth: int) -> int:
-    """Uniform draws one sampled W,D tree step takes: W x D draft draws (one per node), at most W x D acceptance
-    tests (one per node: a trial is made only at a node, and each node is tried at most once) and the final draw.
-    A fixed count per step, so a seeded request's stream does not depend on what was accepted."""
+    """Uniform draws one sampled W,D tree step takes: W x D draft draws (one per branch and level), at most W x D
+    acceptance tests (one per draw: merged duplicates are tried once per copy, and each draw at most once) and the
+    final draw. A fixed count per step, so a seeded request's stream does not depend on what was accepted."""
     return 2 * width * depth + 1
 
 
@@ -63,14 +72,11 @@ def sampled_tree_verdict(tree: TokenTree, p: Any, q: dict[int, torch.Tensor] | t
     u_accept: uniforms for the acceptance tests, consumed in order (at most len(tree) - 1 of them); u_final: the
     uniform of the emitted (resampled or bonus) token. Returns (accepted node indices, root to leaf; emitted tokens:
     theirs, then the final one), as `greedy_tree_verdict` does."""
-    kids: dict[int, list[int]] = {}
-    for i in range(1, len(tree)):
-        kids.setdefault(tree.parents[i], []).append(i)  # in drawing order
     node, path, trial = 0, [], 0
     cur = p[0]  # (V,): the target's distribution at `node`, residualised by the rejections there
     while True:
         accepted = None
-        for child in kids.get(node, []):
+        for child in tree.draws[node]:  # one trial per draw, in drawing order: a merged child once per copy
             x, qn = tree.tokens[child], q[node]
             u = u_accept[trial]
             trial += 1

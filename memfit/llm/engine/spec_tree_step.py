@@ -16,7 +16,8 @@ Per sequence of n tokens (n - 1 in the target's KV, the last one, the tree's roo
    caches hold exactly the sequence's tokens and no committed page is left for a rejected node.
 
 Sampled requests: the draft draws the root's w children i.i.d. from its distribution q there (with replacement)
-and continues each branch by drawing, not by its argmax; verification is SpecInfer's multi-candidate rejection rule
+and continues each branch by drawing, not by its argmax (branches that drew the same text share its node: one
+KV slot and one row per pass, `TokenTree.draw`); verification is SpecInfer's multi-candidate rejection rule
 (`sampled_tree_verdict`, engine/spec_tree_sample.py), so their tokens are distributed exactly as the target's.
 p and q are `Sampler.probs` rows (temperature, top-k, top-p, min-p as plain sampling), and each step draws a fixed
 2 x w x d + 1 uniforms from the request's seeded generator. Greedy and sampled rows share the passes; a sampled
@@ -115,7 +116,7 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
     # 2. the draft: its first pass as the chain's, the root's w children from it (greedy: its top-w; sampled: w
     #    i.i.d. draws from q)
     first = [b for b, (_, _, d) in enumerate(rows) if d]
-    passes = 0
+    ends: dict[int, list[int]] = {}  # b -> each branch's last node (branches that drew the same text share one)
     if first:
         chunks = []
         for b in first:
@@ -130,26 +131,28 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
             if b in q:
                 q[b][0] = probs[r]
                 top[r] = draw_children(q[b][0], u[b][:w])
-            for j in range(w):
-                trees[b].add(0, top[r][j])
-        passes = 1
+            ends[b] = [trees[b].draw(0, top[r][j]) for j in range(w)]  # a duplicate draw merges into its first copy
+    passes = 1 if first else 0
     for k in range(1, max((d for _, _, d in rows), default=0)):  # level k is fed, level k + 1 drawn
         level = [b for b in first if rows[b][2] > k]
-        chunks = [TreeChunk(seqs[b].seq_id, seqs[b].num_tokens - 1, trees[b], TokenTree.chain_index(rows[b][1], k, 0),
-                            rows[b][1], trees[b].ancestor_mask()) for b in level]
-        logits = tree_forward(dec.draft, chunks)  # (sum of counts, V): one row per fed node
+        chunks = [TreeChunk(seqs[b].seq_id, seqs[b].num_tokens - 1, trees[b], *trees[b].level(k),
+                            trees[b].ancestor_mask()) for b in level]
+        logits = tree_forward(dec.draft, chunks)  # (sum of counts, V): one row per fed (distinct) node
         picks = dec.draft.sampler.ops.argmax(logits).tolist()
         at = [sum(c.count for c in chunks[:i]) for i in range(len(chunks))]  # each chunk's first row
         probs = _draft_probs(dec, logits, [(at[i] + j, seqs[b]) for i, b in enumerate(level) if b in q
                                            for j in range(chunks[i].count)])
         for i, (b, c) in enumerate(zip(level, chunks)):
-            for j in range(c.count):
-                tok = picks[at[i] + j]
-                if b in q:  # sampled: one draw from q at the node
+            if b in q:
+                for j in range(c.count):
                     q[b][c.first + j] = probs[at[i] + j]
-                    w = c.count
-                    tok = draw_children(q[b][c.first + j], u[b][w * k + j : w * k + j + 1])[0]
-                c.tree.add(c.first + j, tok)
+            w = rows[b][1]
+            for j, node in enumerate(ends[b]):  # each branch draws its next token at its node (in branch order)
+                row = at[i] + node - c.first
+                tok = picks[row]
+                if b in q:  # sampled: one draw from q at the node, with the branch's own uniform
+                    tok = draw_children(q[b][node], u[b][w * k + j : w * k + j + 1])[0]
+                ends[b][j] = c.tree.draw(node, tok)
         passes += 1
     t1 = time.perf_counter()
     logits = probs = None  # the last draft pass's (R, V) logits and copies go before the verification's are made
@@ -176,7 +179,7 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
                            for b, s in enumerate(seqs) if rows[b][2]])
     for b, s in enumerate(seqs):
         path, emitted = verdicts[b]
-        a, (w, d) = len(path), rows[b][1:]
+        a, d = len(path), rows[b][2]
         length = s.num_tokens  # before this step's tokens are appended
         dec.target.kv.truncate(s.seq_id, length + a)
         s.num_computed = length + a  # the last emitted token is fed next step
@@ -189,7 +192,7 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
             result.logprobs.append(lp)
         if not d:
             continue
-        dec.stats.proposed += w * d
+        dec.stats.proposed += len(trees[b]) - 1  # distinct nodes: w x d less the merged duplicates
         dec.stats.accepted += a
         dec.stats.rejections += a < d
         dec.stats.emitted += a + 1

@@ -1,5 +1,6 @@
-"""Token trees (engine/spec_tree.py): the W,D option, the chains layout, the ancestor mask and the greedy verdict,
-checked against the chain's rule (speculative.greedy_verdict) and against paths written out by hand."""
+"""Token trees (engine/spec_tree.py): the W,D option, the chains layout, duplicate draws merged into one node, the
+ancestor mask and the greedy verdict, checked against the chain's rule (speculative.greedy_verdict) and against
+paths written out by hand."""
 from __future__ import annotations
 
 import random
@@ -66,3 +67,24 @@ def test_a_one_branch_tree_is_the_chain_rule() -> None:
         path, emitted = greedy_tree_verdict(tree, target)  # chain node k sits at index k: picks line up
         assert emitted == greedy_verdict([drafts], [target])[0]
         assert path == list(range(1, len(emitted)))
+
+
+def test_a_duplicate_draw_is_one_node_and_every_draw_is_kept() -> None:
+    """Branches drawn as [5, 7, 5] then continued [1, 2, 1] and [3, 4, 6] (as the engine drafts them, branch by
+    branch): the two 5s are one node whose draws are the branches' continuations (1 twice: one node again), levels
+    stay contiguous, and each node's text is its path's."""
+    tree = TokenTree(9)
+    ends = [tree.draw(0, t) for t in (5, 7, 5)]
+    assert ends == [1, 2, 1] and tree.draws[0] == [1, 2, 1] and tree.level(1) == (1, 2)
+    for level in ([1, 2, 1], [3, 4, 6]):
+        ends = [tree.draw(node, t) for node, t in zip(ends, level)]
+    assert tree.tokens == [9, 5, 7, 1, 2, 3, 4, 6]
+    assert tree.parents == [-1, 0, 0, 1, 2, 3, 4, 3]
+    assert tree.draws[1] == [3, 3] and tree.draws[3] == [5, 7] and tree.draws[2] == [4]
+    assert [tree.level(k) for k in range(4)] == [(0, 1), (1, 2), (3, 2), (5, 3)]
+    texts = {tuple(tree.tokens[i] for i in tree.path_to(n)) for n in range(1, len(tree))}
+    assert len(texts) == len(tree) - 1  # no two nodes hold the same text
+    mask = tree.ancestor_mask()
+    assert mask[7].nonzero().flatten().tolist() == [0, 1, 3, 7]
+    assert greedy_tree_verdict(tree, [5, 1, 0, 6, 0, 0, 0, 8]) == ([1, 3, 7], [5, 1, 6, 8])
+    assert tree.add(0, 5) == 8 and tree.draws[0] == [1, 2, 1, 8]  # add() always makes a node
