@@ -169,8 +169,6 @@ class EngineConfig:
             raise ValueError(f"with speculative_tree W,D the depth D is the number of speculative tokens: "
                              f"num_speculative_tokens {self.num_speculative_tokens} differs from D = {d}")
         self.num_speculative_tokens = d
-        if self.tensor_parallel_size != 1:
-            raise ValueError("speculative_tree does not run under --tensor-parallel-size > 1 yet")
         if w * d + 1 > self.max_num_batched_tokens:
             raise ValueError(f"a {w},{d} tree verifies {w * d + 1} tokens per sequence in one pass but a step holds "
                              f"max_num_batched_tokens = {self.max_num_batched_tokens}; use a smaller tree")

@@ -159,7 +159,8 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
     # 3. the target verifies every tree in one pass
     chunks = [TreeChunk(s.seq_id, s.num_computed, trees[b], 0, len(trees[b]), trees[b].ancestor_mask())
               for b, s in enumerate(seqs)]
-    logits = tree_forward(dec.target, chunks)  # (sum of tree sizes, V)
+    verify = getattr(dec.target, "forward_tree", None)  # tensor parallel: rank 0 sends the pass to the workers
+    logits = verify(chunks) if verify else tree_forward(dec.target, chunks)  # (sum of tree sizes, V)
     if passes:
         dec._time(t1 - t0, passes, time.perf_counter() - t1, kind="tree")
     picks = dec.sampler.ops.argmax(logits).tolist() if len(sampled) < len(seqs) else []
@@ -174,7 +175,8 @@ def speculate_tree(dec: Any, rows: list[tuple[Sequence, int, int]], result: Step
             verdicts.append(greedy_tree_verdict(tree, picks[off : off + len(tree)]))
         offsets.append(off)
         off += len(tree)
-    compact(dec.target.kv, [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0]) for b, s in enumerate(seqs)])
+    moves = [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0]) for b, s in enumerate(seqs)]
+    getattr(dec.target, "compact_tree", lambda m: compact(dec.target.kv, m))(moves)  # TP: on every rank, in order
     compact(dec.draft_kv, [(s.seq_id, s.num_tokens - 1, trees[b], verdicts[b][0][: max(0, rows[b][2] - 1)])
                            for b, s in enumerate(seqs) if rows[b][2]])
     for b, s in enumerate(seqs):

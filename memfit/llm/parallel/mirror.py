@@ -18,12 +18,17 @@ from typing import Any
 
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_forward import forward
+from memfit.llm.engine.spec_tree import TokenTree
+from memfit.llm.engine.spec_tree_forward import TreeChunk, compact, tree_forward
 from memfit.llm.engine.step import ScheduledSeq, StepResult
 from memfit.llm.parallel.group import TPGroup
 
 # The manager calls that change what a sequence holds (scheduler.py and engine/sessions.py make them); their answers
 # are checked on replay. Everything else (plan_step, write, stats, ...) is each rank's own business.
 LOGGED = ("try_allocate", "try_allocate_prefix", "try_grow", "free", "truncate", "mark_restored")
+# Logged beside them, in order, though not manager calls: a token tree's accepted path moved into place
+# (engine/spec_tree_forward.compact), which must happen on every rank before the truncations that follow it.
+COMPACT = "compact_tree"
 
 
 class ReplayMismatch(RuntimeError):
@@ -47,6 +52,8 @@ class StepMessage:
     # logits are gathered; None for an ordinary step
     chunks: list[tuple[int, int, list[int]]] | None = None
     all_rows: bool = False
+    # token-tree verification (engine/spec_tree_step.py): (seq_id, base, tree) per sequence, every node fed
+    trees: list[tuple[int, int, TokenTree]] | None = None
 
 
 class RecordingKV:
@@ -68,6 +75,10 @@ class RecordingKV:
 
         return logged
 
+    def note(self, name: str, args: tuple) -> None:
+        """Log an operation on the cache that is not a manager call (COMPACT), for the workers to replay in order."""
+        self._log.append((name, args, None))
+
     def take_log(self) -> list[tuple[str, tuple, Any]]:
         log, self._log = self._log, []
         return log
@@ -75,6 +86,9 @@ class RecordingKV:
 
 def replay(kv: Any, ops: list[tuple[str, tuple, Any]], rank: int) -> None:
     for name, args, expected in ops:
+        if name == COMPACT:
+            compact(kv, *args)
+            continue
         got = getattr(kv, name)(*args)
         if got != expected:
             raise ReplayMismatch(f"rank {rank}: KV {name}{args[:2]} answered {got!r}, rank 0 answered {expected!r}; "
@@ -131,6 +145,25 @@ class DriverRunner:
             raise
 
 
+    def forward_tree(self, chunks: list[TreeChunk]):  # noqa: ANN201
+        """A token tree's verification over the target's shards (every node of each tree): the workers run the
+        same pass under the same masks."""
+        trees = [(c.seq_id, c.base, c.tree) for c in chunks]
+        self.group.send(StepMessage(self.kv.take_log(), trees=trees))
+        try:
+            return tree_forward(self, chunks)  # type: ignore[arg-type]
+        except Exception as exc:
+            if self.group.dead_workers():
+                raise self.group.failure(exc) from exc
+            raise
+
+    def compact_tree(self, moves: list[tuple[int, int, TokenTree, list[int]]]) -> None:
+        """Move each accepted path into place in rank 0's shard, and log it for the workers' (before the
+        truncations the caller makes next, which are logged after it)."""
+        self.kv.note(COMPACT, (moves,))
+        compact(self.kv, moves)
+
+
 class ShardRunner(ModelRunner):
     """A worker's runner: runs rank 0's batch in rank 0's order; rank 0 samples, so it samples nothing."""
 
@@ -144,5 +177,8 @@ class ShardRunner(ModelRunner):
     def run_message(self, msg: StepMessage) -> None:
         if msg.chunks is not None:
             forward(self, msg.chunks, msg.all_rows)  # its share of a verification pass; rank 0 samples
+            return
+        if msg.trees is not None:  # its share of a tree's verification pass; rank 0 walks the verdict
+            tree_forward(self, [TreeChunk(s, base, tree, 0, len(tree), tree.ancestor_mask()) for s, base, tree in msg.trees])
             return
         self.execute([ScheduledSeq(MirrorSeq(w), len(w.tokens)) for w in msg.seqs])  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ def serve_steps(engine_class: Callable[..., Any], config: Any) -> None:
                 break
             assert isinstance(msg, StepMessage)
             replay(engine.kv, msg.ops, group.rank)
-            if msg.seqs or msg.chunks is not None:
+            if msg.seqs or msg.chunks is not None or msg.trees is not None:
                 engine.runner.run_message(msg)
     finally:
         engine.close()

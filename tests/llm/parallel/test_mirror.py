@@ -143,6 +143,35 @@ def test_batched_speculation_across_ranks(models):
         one.engine.close()
 
 
+def test_token_trees_across_ranks(models):
+    """Tree speculation under TP: rank 0 drafts the trees and walks the verdicts; the verification pass over every
+    node runs on both ranks (StepMessage.trees), and each accepted path's K/V is moved into place on both (logged as
+    COMPACT, replayed before the truncations after it). Greedy: plain decoding's tokens at N = 1 (a worker that
+    skipped the compaction would attend to rejected nodes' K/V and drift); sampled requests draft trees too and a
+    seed reproduces its tokens."""
+    one = LLM(model="memfit-tiny", **OPTS)
+    two = LLM(model="memfit-tiny", tensor_parallel_size=2, speculative_model="memfit-tiny-draft",
+              speculative_tree=(3, 2), **OPTS)
+    try:
+        ps = prompts(4096)
+        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        ref = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=ps, sampling_params=sp)]
+        got = two.generate(prompt_token_ids=ps, sampling_params=sp)
+        ties = sum(near_tie_or_fail(one, p, r, o.outputs[0].token_ids) for p, r, o in zip(ps, ref, got))
+        assert ties <= 1
+        spec = two.engine.stats()["speculative"]
+        assert spec["tree"] == [3, 2] and spec["spec_accepted"] > 0 and spec["spec_steps"] > 0, spec
+        sampled = [SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True) for i in range(4)]
+        runs = [[o.outputs[0].token_ids for o in two.generate(prompt_token_ids=ps[:4], sampling_params=sampled)]
+                for _ in range(2)]
+        assert runs[0] == runs[1] and all(len(t) == 12 for t in runs[0])
+        assert two.engine.stats()["speculative"]["spec_steps"] > spec["spec_steps"]
+        assert two.engine.tp.procs[0].exitcode is None  # the worker verified every pass without diverging
+    finally:
+        two.engine.close()
+        one.engine.close()
+
+
 def test_self_draft_is_refused_under_tp():
     with pytest.raises(ValueError, match="self-draft .* does not run under --tensor-parallel-size"):
         LLM(model="memfit-tiny", tensor_parallel_size=2, speculative_model="self:2")
