@@ -30,10 +30,11 @@ Two rule sets for the linear layers and the additions (`rules=`):
     float32), falling ~10x per block towards the head (measured; docs/quant.md).
   * "zplus": bounded, conserving rules. Linear layers use the z+ rule (LRP-alpha1-beta0 on the products
     z_jk = x_j w_jk): R_j = sum_k z_jk^+ / sum_j' z_j'k^+ R_k, so relevance keeps its sign and no denominator
-    falls below the positive products; additions of two activations (the residual stream, DeiT's two heads)
-    split R_y in proportion to |x| and |f|. (An output whose products are all negative, positive only through
-    its bias, hands its relevance to the negative products instead.) Attention, LayerNorm and GELU rules are as above; the patch
-    embedding (whose input relevance nothing uses) keeps epsilon.
+    falls below the positive products (an output whose products are all negative, positive only through its
+    bias, hands its relevance to the negative products instead); additions of two tensors that both carry
+    gradient (the residual stream, DeiT's two heads, the position embedding) split R_y in proportion to |x| and
+    |f|. Attention, LayerNorm and GELU rules are as above; the patch embedding (whose input relevance nothing
+    uses) keeps epsilon.
 
 Why not `lxt`/`zennit` from PyPI: lxt 2.1 (its source read, not installed; it would also pull bitsandbytes and
 open_clip_torch) patches the classes of Hugging Face transformers models and of torchvision's ViT, not timm's
@@ -53,6 +54,7 @@ from torch.overrides import TorchFunctionMode
 EPS = 1e-9
 ATTENTION_RULES = ("cp", "attnlrp")
 LINEAR_RULES = ("epsilon", "zplus")
+_ADDS = (torch.Tensor.add, torch.Tensor.__add__, torch.add)  # `a + b` reaches the mode as torch.Tensor.add
 
 
 def _stab(z: torch.Tensor) -> torch.Tensor:
@@ -186,9 +188,9 @@ class LRPMode(TorchFunctionMode):
             if id(w) in self.names:  # relevance at the layer's output = relevance through the layer
                 z = _Tap.apply(z, self.sink, self.names[id(w)])
             return _add_bias(z, b.view(-1, 1, 1) if func is F.conv2d else b) if b is not None else z
-        if self.zplus and func in (torch.Tensor.add, torch.Tensor.__add__, torch.add) and len(args) == 2 and not kwargs \
+        if self.zplus and func in _ADDS and len(args) == 2 and not kwargs \
                 and all(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
-            return _AbsSplit.apply(*args)
+            return _AbsSplit.apply(*args)  # residual stream, DeiT's two heads, x + pos_embed; not a constant mask
         if func is F.layer_norm:
             return _layer_norm(*args, **kwargs)
         if func is F.gelu:
