@@ -107,7 +107,7 @@ class StepExecutor:
             if leaf.grad is not None:
                 start, n = offsets[gi][name]
                 dst = self.store.grad(gi)[start : start + n]
-                dst.add_(leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
+                _add_into(dst, leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
 
     def _head_grad(self, head: int, leaves: list[tuple[int, str, torch.Tensor]]):
         """Where the head accumulates its output matrix's gradient: straight into that weight's slice of the
@@ -203,6 +203,17 @@ class StepExecutor:
 
     def _load(self, state: State) -> State:
         return tuple(t.to(self.store.device, non_blocking=True) for t in state)
+
+
+ADD_BLOCK = 1 << 20  # elements of a 16-bit gradient cast to float32 at a time
+
+
+def _add_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst += src, elementwise, for a float32 dst and a (16-bit) src of the same length, ADD_BLOCK elements at
+    a time: on the CPU, `add_` casts a mixed-dtype input to float32 in a temporary as large as the input (98 MB
+    for a 32k x 768 embedding's gradient), so a block's cast (4 MiB) is all that is held; same sums, same bits."""
+    for s in range(0, src.numel(), ADD_BLOCK):
+        dst[s : s + ADD_BLOCK].add_(src[s : s + ADD_BLOCK])
 
 
 def _leaf_inputs(state: State) -> State:

@@ -98,6 +98,8 @@ State = tuple[torch.Tensor, ...]  # what flows between units: (ids,) into embed,
 # per vocabulary entry, at most).
 LOGIT_BYTES_PER_ENTRY = 16
 DEFAULT_LOSS_CHUNK_BYTES = 256 << 20
+# Vocabulary rows of the output matrix's gradient made at once (4096 x C in the compute dtype: 6 MiB at C = 768)
+HEAD_GRAD_ROWS = 4096
 
 
 def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES) -> int:
@@ -146,11 +148,17 @@ class UnitRunner:
         loss and its gradients, and drops them before the next chunk (the fused linear cross-entropy of
         Liger-Kernel and others); the peak is one chunk's. Chunks with no assistant token are skipped: their
         loss and gradients are zero.
+
+        The two matrix products of the chunk's backward are written out as autograd's `MmBackward0` makes
+        them (logits = hc @ w.T: grad_hc = g @ w, grad_w = (hc.T @ g).T), the second a block of
+        HEAD_GRAD_ROWS vocabulary rows at a time straight into `head_grad`: the whole (V, C) gradient in the
+        compute dtype (47 MiB at a 32k vocabulary, 260 MiB at 152k) is never held. Each element is the
+        same dot product over the chunk's tokens, so the bits equal autograd's (tested).
         """
         x, residual = state
         # h: (N, C) with autograd back to x, residual and the norm weight
         h = self.model.model.norm.ops.add_rms_norm(x, residual, weights["model.norm.weight"], self.cfg.rms_norm_eps)[1]
-        w = weights[self.head_weight].detach().requires_grad_(True)  # (V, C); its gradient goes to head_grad
+        w = weights[self.head_weight].detach()  # (V, C); its gradient goes to head_grad
         hd = h.detach()
         grad_h = torch.zeros_like(hd)  # (N, C)
         labels = batch.labels.reshape(-1)  # (N,)
@@ -161,15 +169,18 @@ class UnitRunner:
             target = labels[start:end]
             if not bool((target != IGNORE).any()):
                 continue
-            hc = hd[start:end].detach().requires_grad_(True)  # (n, C)
-            logits = F.linear(hc, w)  # (n, V), compute dtype
+            hc = hd[start:end]  # (n, C)
+            logits = F.linear(hc, w).requires_grad_(True)  # (n, V), compute dtype
             # cross-entropy in float32: its log-sum-exp needs the range
             loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-            gh, gw = torch.autograd.grad(loss * per_target, (hc, w))
-            grad_h[start:end] = gh
-            head_grad.add_(gw)  # float32 accumulator: chunk gradients are summed at full precision
+            (g,) = torch.autograd.grad(loss * per_target, (logits,))  # (n, V), compute dtype
             total += loss.detach()
-            del logits, loss, gh, gw
+            del logits, loss  # the float32 temporaries go with the graph
+            grad_h[start:end] = g.mm(w)  # (n, C)
+            for r in range(0, w.shape[0], HEAD_GRAD_ROWS):
+                # float32 accumulator: chunk gradients are summed at full precision
+                head_grad[r : r + HEAD_GRAD_ROWS].add_(hc.t().mm(g[:, r : r + HEAD_GRAD_ROWS]).t())
+            del g
         h.backward(grad_h)
         return total / batch.n_targets
 
