@@ -98,10 +98,17 @@ def attention_in_place(device_type: str, dtype: torch.dtype, cpu_kernels: bool) 
     return CpuDecodeOps.available(dtype)
 
 
-def mlp_row_block(device_type: str, cpu_linear: str | None) -> int:
+def mlp_row_block(device_type: str, cpu_linear: str | None, dtype: torch.dtype | None = None) -> int:
     """The MLP's row block (models/llama.py: MLP.row_block, set by kernels/backends.mlp_row_blocks): memfit's
-    blocked kernel on a CPU; 0 (whole steps) otherwise."""
-    return BLOCKED_LARGE_M if device_type == "cpu" and cpu_linear == "blocked" else 0
+    blocked kernel on a CPU (BLOCKED_LARGE_M rows; for `dtype` bf16 on a core whose prefill runs on AMX tiles,
+    kernels/blocked.mlp_row_block's larger block); 0 (whole steps) otherwise."""
+    if device_type != "cpu" or cpu_linear != "blocked":
+        return 0
+    if dtype is None:
+        return BLOCKED_LARGE_M
+    from memfit.llm.kernels.blocked import mlp_row_block as kernel_block
+
+    return kernel_block(dtype)
 
 
 def mlp_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int = 0) -> int:

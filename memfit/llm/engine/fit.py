@@ -113,7 +113,7 @@ def predict(
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
-    mlp_block = mlp_row_block(device_type, cpu_linear)  # the MLP's row block (the target's; a loaded draft's too)
+    mlp_block = mlp_row_block(device_type, cpu_linear, dtype)  # the MLP's row block (the target's; a draft's too)
     spec = {}
     if draft is not None:
         d = draft.config

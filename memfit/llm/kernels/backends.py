@@ -125,10 +125,10 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
 
 def mlp_row_blocks(model: nn.Module) -> int:
     """Let each MLP whose projections are all memfit's blocked kernel run steps of many rows in blocks of
-    `LARGE_M` rows (models/llama.py: MLP.row_block): a prefill chunk's gate/up intermediates are then held one
-    block at a time. From LARGE_M rows on the kernel sums each row in the same order whatever the rows of the call,
-    so the results are the same bits. Returns how many MLPs block."""
-    from memfit.llm.kernels.blocked import LARGE_M, BlockedLinear
+    `blocked.mlp_row_block(dtype)` rows (models/llama.py: MLP.row_block): a prefill chunk's gate/up intermediates
+    are then held one block at a time. From LARGE_M rows on the kernels sum each row in the same order whatever
+    the rows of the call, so the results are the same bits. Returns how many MLPs block."""
+    from memfit.llm.kernels.blocked import BlockedLinear, mlp_row_block
     from memfit.llm.models.llama import MLP
 
     count = 0
@@ -137,6 +137,11 @@ def mlp_row_blocks(model: nn.Module) -> int:
             continue
         projections = [getattr(m, name, None) for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")]
         if all(isinstance(p, BlockedLinear) for p in projections if p is not None):  # fusion deletes gate, up
-            m.row_block = LARGE_M
+            m.row_block = mlp_row_block(projections_dtype(projections))
             count += 1
     return count
+
+
+def projections_dtype(projections: list) -> torch.dtype:
+    """The dtype of an MLP's blocked projections (the first present)."""
+    return next(p.dtype for p in projections if p is not None)

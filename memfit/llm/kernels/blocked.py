@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
 LARGE_M = 64  # cpu_blocked.cpp's BLK_LARGE_M: from this many rows each row's sums run in one order, whatever M
+# The MLP's row block where prefill may run on AMX tiles (bf16 on a core with AMX, large_m.py): at 64 rows each
+# block re-streams the MLP's weights from L3 faster than the tiles use them (0.1b bf16, 32 x 128 tokens: 1.95 s
+# in 64-row blocks, 1.52 s whole, benchmarks/prefill.py); 256 rows keep a 512-token step to two blocks.
+AMX_MLP_ROW_BLOCK = 256
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -63,6 +67,13 @@ def _functions(dtype: torch.dtype) -> _Fns | None:
         fn.argtypes, fn.restype = argtypes, restype
         fns[key] = fn
     return _Fns(**fns)
+
+
+def mlp_row_block(dtype: torch.dtype) -> int:
+    """Rows per MLP block for a model of `dtype` held in this kernel's layout (kernels/backends.mlp_row_blocks;
+    engine/accounting.mlp_row_block counts the same): LARGE_M, or AMX_MLP_ROW_BLOCK where prefill steps can run
+    on AMX tiles. Either kernel sums a row alone from LARGE_M rows on, so the block changes no bit."""
+    return AMX_MLP_ROW_BLOCK if dtype == torch.bfloat16 and large_m.amx_linear() is not None else LARGE_M
 
 
 def can_use_blocked(dtype: torch.dtype) -> bool:

@@ -6,7 +6,7 @@ import torch
 
 from memfit.llm.engine import accounting
 from memfit.llm.kernels.backends import BackendOptions, mlp_row_blocks, prepare_model
-from memfit.llm.kernels.blocked import LARGE_M
+from memfit.llm.kernels.blocked import LARGE_M, mlp_row_block
 from tests.llm.kernels.common import need
 from tests.llm.models.test_packing import tiny
 
@@ -28,19 +28,22 @@ def test_blocked_mlps_run_long_steps_in_blocks_with_the_same_bits(dtype):
         chosen = prepare_model(model, BackendOptions(max_num_seqs=8, cpu_linear="blocked"), torch.device("cpu"))
         assert chosen.cpu_linear == "blocked"
         mlps = [layer.mlp for layer in model.model.layers]
-        assert [m.row_block for m in mlps] == [LARGE_M] * len(mlps)
-        x = torch.randn(5 * LARGE_M + 17, 64, dtype=dtype)  # (N, C): blocks of 64, 64, 64, 64 and the last 81
+        b = mlp_row_block(dtype)  # LARGE_M, or a larger block for bf16 where prefill runs on AMX tiles
+        assert [m.row_block for m in mlps] == [b] * len(mlps) and b >= LARGE_M
+        assert accounting.mlp_row_block("cpu", "blocked", dtype) == b  # the ledger counts the same block
+        x = torch.randn(5 * b + 17, 64, dtype=dtype)  # (N, C): blocks of b, b, b, b and the last b + 17
         whole = mlps[0]._rows(x)  # the MLP over all rows in one call
         rows = _gate_up_rows(model)
         blocked = mlps[0](x)
         assert torch.equal(blocked, whole)
-        assert rows == [LARGE_M] * 4 + [LARGE_M + 17]  # no gate/up intermediate larger than a block
+        assert rows == [b] * 4 + [b + 17]  # no gate/up intermediate larger than a block
         rows.clear()
-        mlps[0](x[: 2 * LARGE_M - 1])
-        assert rows == [2 * LARGE_M - 1]  # below two blocks: one call
+        mlps[0](x[: 2 * b - 1])
+        assert rows == [2 * b - 1]  # below two blocks: one call
         rows.clear()
         got = model.dense_logits(ids)  # the whole model: every layer's MLP in blocks
-        assert rows == [LARGE_M, LARGE_M, LARGE_M + 8] * len(mlps)  # 200 rows: 64, 64 and the last 72
+        want = [b] * (200 // b - 1) + [200 - b * (200 // b - 1)] if 200 >= 2 * b else [200]
+        assert rows == want * len(mlps)  # 200 rows at b = 64: 64, 64 and the last 72
         for m in mlps:
             m.row_block = 0
         assert torch.equal(got, model.dense_logits(ids))
@@ -51,6 +54,7 @@ def test_only_the_blocked_kernel_blocks():
     assert mlp_row_blocks(model) == 0  # nn.Linear (oneDNN / MKL: a row's sums may depend on the call's rows)
     assert all(layer.mlp.row_block == 0 for layer in model.model.layers)
     assert accounting.mlp_row_block("cpu", "blocked") == LARGE_M == accounting.BLOCKED_LARGE_M
+    assert accounting.mlp_row_block("cpu", "blocked", torch.float32) == LARGE_M  # AMX runs bf16 only
     assert accounting.mlp_row_block("cpu", "onednn") == accounting.mlp_row_block("cuda", None) == 0
 
 

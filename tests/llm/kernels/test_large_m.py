@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.llm.kernels import large_m
-from memfit.llm.kernels.blocked import LARGE_M, BlockedLinear
+from memfit.llm.kernels.blocked import AMX_MLP_ROW_BLOCK, LARGE_M, BlockedLinear, mlp_row_block
 from memfit.llm.kernels.peak import run_amx_peak_loop
 from tests.llm.kernels.common import make_linear, need
 
@@ -147,7 +147,8 @@ def test_outside_a_prefill_step_many_rows_stay_on_the_decode_kernel():
 
 
 def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
-    """The MLP's 64-row blocks and the whole step give the same bits inside a prefill step too."""
+    """The MLP's blocks (AMX_MLP_ROW_BLOCK rows where prefill runs on AMX, LARGE_M otherwise) and the whole step
+    give the same bits inside a prefill step too."""
     need_amx()
     from memfit.llm.kernels.backends import mlp_row_blocks
     from memfit.llm.models.config import ModelConfig
@@ -158,10 +159,15 @@ def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
     mlp = MLP(cfg).to(BF16).requires_grad_(False)
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(mlp, name, BlockedLinear(getattr(mlp, name)))
-    x = torch.randn(191, 128, generator=torch.Generator().manual_seed(8)).to(BF16)
+    b = mlp_row_block(BF16)
+    assert b == AMX_MLP_ROW_BLOCK  # AMX here: blocks that keep a 512-token step to two
+    assert mlp_row_block(torch.float32) == LARGE_M
+    x = torch.randn(3 * b - 9, 128, generator=torch.Generator().manual_seed(8)).to(BF16)  # blocks b, b - 9 + b
     large_m.force("amx")
     with large_m.prefill_step():
         whole = mlp(x)
         mlp_row_blocks(mlp)
-        assert mlp.row_block == LARGE_M
+        assert mlp.row_block == b
+        assert torch.equal(mlp(x), whole)
+        mlp.row_block = LARGE_M  # and in the decode kernel's blocks of 64
         assert torch.equal(mlp(x), whole)
