@@ -28,14 +28,14 @@ def free_prefix(g, cap: int, steps: int, time_limit: float, workers: int) -> dic
     from memfit.plan.tiling import tile_graph
     from memfit.plan.validate import validate
     from memfit.plan.whole import WholeConfig, solve_whole
-    from memfit.plan.whole_search import _far
+    from memfit.plan.whole_search import far_tensors
 
     tg, _ = tile_graph(g, cap)
     seed = seed_plans(tg, cap)[0]
     nc = seed.traffic["non_compulsory_bytes"]
     r = (0, min(steps, len(tg.ops)))
     res = solve_whole(tg, cap, seed.order, WholeConfig(time_limit, workers, free_range=r), hint=seed.placements,
-                      below_bytes=nc, frozen=_far(tg, seed.order, r, 48))
+                      below_bytes=nc, frozen=far_tensors(tg, seed.order, r, 48))
     out = {"scratchpad_bytes": cap, "ops": len(tg.ops), "seed": seed.planner, "seed_non_compulsory_bytes": nc,
            "free_steps": list(r), "status": res.status, "time_s": round(res.time_s, 1),
            "improvements": [{"s": s, "bytes": b} for s, b in res.solutions]}

@@ -41,7 +41,7 @@ def _loads_per_step(g: Graph, order: list[str], placements: list[Placement]) -> 
     return out
 
 
-def _far(g: Graph, order: list[str], r: tuple[int, int], margin: int) -> set[str]:
+def far_tensors(g: Graph, order: list[str], r: tuple[int, int], margin: int) -> set[str]:
     """Tensors with no use within `margin` steps of the range r: a move keeps their decisions."""
     lo, hi = r[0] - margin, r[1] + margin
     near = {n for o in order[max(0, lo):hi] for n in g.op[o].inputs + g.op[o].outputs}
@@ -107,7 +107,7 @@ def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig,
             step_s = min(left() - 0.1 * cfg.time_limit_s, step)
             res = solve_whole(g, capacity, order, WholeConfig(step_s, cfg.num_workers, free_range=r, seed=cfg.seed),
                               hint=placements, floor_bytes=floor_bytes, below_bytes=nc,
-                              frozen=_far(g, order, r, cfg.margin_ops) if cfg.margin_ops is not None else None)
+                              frozen=far_tensors(g, order, r, cfg.margin_ops) if cfg.margin_ops is not None else None)
             moves["tried"] += 1
             step = min(0.25 * cfg.time_limit_s, 2 * step) if res.status == "none" else max(base_step, step / 2)
             if res.status == "none":
