@@ -12,9 +12,12 @@ Workload (issue 14): the 0.1B random-initialised Llama in bf16, one thread, --pr
 
 Systems, timed interleaved round by round (medians of --reps):
 - memfit: the engine as configured by default (blocked matmuls, memfit's CPU kernels);
-- memfit_previous: the same engine with the kernels this benchmark was written for turned off (the blocked
-  kernel's many-row path and the prefill attention kernel): before/after in one run;
+- memfit_previous: the same engine with every prefill matmul on the AVX-512 blocked kernel (memfit's default
+  before the run-time choice of kernels/large_m.py; an AMX core then also runs the AMX kernel): before/after in
+  one run;
 - memfit_onednn: `--cpu-linear onednn` (oneDNN's matmul on its own packed layout, memfit's other kernels);
+- memfit_mlp_whole: the default engine with the MLP run over the whole step instead of 64-row blocks (what
+  the blocks' memory bound costs in time);
 - memfit_step2048: the default engine with `--max-num-batched-tokens 2048` (memfit's default is 512, vLLM's
   CPU build's 4096): 2 steps instead of 8. (4096 measured slower here, 2.3-2.4 s against 1.9-2.0: its
   activations, 32 MiB for gate/up, reach glibc's largest mmap threshold, so every step faults fresh pages in:
@@ -29,7 +32,8 @@ Decode must not regress: decode step time at batch 1 and 8 for memfit and memfit
 Times are process CPU time (the machine is shared by several jobs: at a load average of 5 on 2 cores wall
 time doubles, CPU time does not); wall time is reported beside it, with the load average before and after.
 The peak is measured the same way (memfit.llm.kernels.peak with time.process_time, the best of the runs before
-and after the systems).
+and after the systems): the larger of the AVX-512 loop's (vdpbf16ps) and, on a core with AMX, the tile unit's
+(TDPBF16PS), both in the JSON.
 
     OMP_NUM_THREADS=1 python -m benchmarks.prefill --threads 1 --out benchmarks/results/prefill.json
 
@@ -44,7 +48,6 @@ if __name__ == "__main__":
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import statistics
@@ -71,27 +74,25 @@ def matmul_macs(shape: dict, prompts: int, prompt_len: int) -> int:
     return per_token * layers * prompts * prompt_len + h * v * prompts
 
 
-def measure_peak(reps: int = 5) -> float:
-    from memfit.llm.kernels.peak import peak_macs_per_s
+def measure_peak(reps: int = 5) -> dict[str, float]:
+    """The core's bf16 multiply-add peaks in CPU time: the AVX-512 loop's and the AMX tile unit's (nan without)."""
+    from memfit.llm.kernels.peak import amx_peak_macs_per_s, peak_macs_per_s
 
-    return peak_macs_per_s(torch.bfloat16, 1, seconds=0.2, reps=reps, clock=time.process_time) or float("nan")
+    avx = peak_macs_per_s(torch.bfloat16, 1, seconds=0.2, reps=reps, clock=time.process_time)
+    amx = amx_peak_macs_per_s(seconds=0.2, reps=reps, clock=time.process_time)
+    return {"avx512": avx or float("nan"), "amx": amx or float("nan")}
 
 
 @contextlib.contextmanager
 def previous_kernels():
-    """memfit as it was before: the blocked kernel's packed path at every M, PyTorch's SDPA for prefill."""
-    from memfit.llm.kernels import attention
-    from memfit.llm.kernels.build import load_cpu_linear
+    """memfit as it was before the run-time kernel choice: every prefill matmul on the AVX-512 blocked kernel."""
+    from memfit.llm.kernels import large_m
 
-    fn = load_cpu_linear().cdll.memfit_blocked_set_large_m
-    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
-    old, saved = fn(1 << 40), attention.cpu_prefill_attention
-    attention.cpu_prefill_attention = lambda *a, **kw: False
+    old = large_m.force("avx512")
     try:
         yield
     finally:
-        fn(old)
-        attention.cpu_prefill_attention = saved
+        large_m.force(old)
 
 
 class Clock:
@@ -104,13 +105,17 @@ class Clock:
         return time.process_time() - self.c, time.perf_counter() - self.w
 
 
-def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None):
+def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False):
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
     step = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}  # default: the engine's (512)
     eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=64,
                                  max_model_len=1024, cpu_linear=cpu_linear, **step))
+    if mlp_whole:  # the MLP over the whole step, not in 64-row blocks (more memory: see models/llama.py MLP)
+        for m in eng.runner.model.modules():
+            if hasattr(m, "row_block"):
+                m.row_block = 0
     params = SamplingParams(max_tokens=1, temperature=0)
 
     def run(prompts: list[list[int]]) -> dict:
@@ -267,7 +272,8 @@ def main() -> int:
         return 1
     load_before = os.getloadavg()
     peaks = [measure_peak()]
-    print(f"peak {peaks[0] / 1e9:.1f} GMAC/s (CPU time)", file=sys.stderr)
+    print(f"peaks {peaks[0]['avx512'] / 1e9:.1f} (AVX-512), {peaks[0]['amx'] / 1e9:.1f} (AMX) GMAC/s (CPU time)",
+          file=sys.stderr)
     g = torch.Generator().manual_seed(0)
 
     def prompts(n: int) -> list[list[int]]:
@@ -279,6 +285,7 @@ def main() -> int:
                   "memfit_previous": lambda: memfit_system(path, "auto", True),
                   "memfit_onednn": lambda: memfit_system(path, "onednn", False),
                   "memfit_step2048": lambda: memfit_system(path, "auto", False, 2048),
+                  "memfit_mlp_whole": lambda: memfit_system(path, "auto", False, mlp_whole=True),
                   "transformers_b4": lambda: transformers_system(path, 4),
                   f"transformers_b{args.prompts}": lambda: transformers_system(path, None)}
         systems = {name: make() for name, make in makers.items()}
@@ -297,6 +304,11 @@ def main() -> int:
         with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
             parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
         parts["other_s"] = parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("attention_s", 0.0)
+        from memfit.llm.kernels import large_m
+
+        kernel_choices = {f"{n}x{k} nb{nb}": {"kernel": c.kernel, "rows": c.rows,
+                                              **{f"{name}_ms": round(t * 1e3, 3) for name, t in c.seconds.items()}}
+                          for (n, k, nb), c in large_m.choices().items()}
         for _, close in systems.values():
             close()
         decode = []
@@ -311,7 +323,8 @@ def main() -> int:
                 decode.append(row)
         vllm = run_vllm(args.vllm_python, path, args.prompts, args.prompt_len, args.reps) if args.vllm_python else None
     peaks.append(measure_peak())
-    peak = max(peaks)
+    by_unit = {unit: max(p[unit] for p in peaks) for unit in ("avx512", "amx")}
+    peak = max(v for v in by_unit.values() if v == v)  # nan (no AMX) left out
     macs, tokens = matmul_macs(SHAPES["0.1b"], args.prompts, args.prompt_len), args.prompts * args.prompt_len
     rows = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems}
     if vllm is not None:
@@ -329,7 +342,10 @@ def main() -> int:
     result = {"benchmark": "prefill", **header(args.threads), "timer": "process CPU time, median (wall beside it)",
               "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
               "prompts": args.prompts, "prompt_len": args.prompt_len, "reps": args.reps,
-              "matmul_macs": macs, "peak_gmac_per_s": round(peak / 1e9, 1), "peak_runs_gmac_per_s": [round(p / 1e9, 1) for p in peaks],
+              "matmul_macs": macs, "peak_gmac_per_s": round(peak / 1e9, 1),
+              "peak_by_unit_gmac_per_s": {u: round(v / 1e9, 1) for u, v in by_unit.items()},
+              "peak_runs_gmac_per_s": [{u: round(v / 1e9, 1) for u, v in p.items()} for p in peaks],
+              "kernel_choices": kernel_choices,
               "systems": rows, "best_peer": best,
               "memfit_vs_best_peer": round(peers[best]["batch_s"] / rows["memfit"]["batch_s"], 3),
               "memfit_vs_previous": round(rows["memfit_previous"]["batch_s"] / rows["memfit"]["batch_s"], 3),
