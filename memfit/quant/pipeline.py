@@ -13,7 +13,7 @@ from .errors import QuantError
 @dataclass
 class QuantRun:
     model: str  # checkpoint path
-    allocator: str = "lrp"
+    allocator: str = "lrp-zplus"  # lrp's epsilon rules do not conserve on deeper-trained models (docs/quant.md)
     avg_bits: float = 4.0
     act_bits: int | None = None
     avg_act_bits: float | None = None
