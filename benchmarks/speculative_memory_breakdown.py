@@ -17,8 +17,9 @@ Printed (one JSON object): the generation memory (the workload's peak above the 
 benchmark defines it) and, for the step where it peaked and the few steps nearest it: its kind (prefill: a row of
 more than one new token; decode), its model passes (rows, their own peaks), the KV both caches had committed, what
 the process held beside the KV when the step began (the warm-up's residue and heap pages earlier steps freed), how
-far the step rose above that, how much the C heap and the other mappings grew across it, and the step's tensors
-by their shapes (`accounting.activation_bytes` of its largest target pass, the engine's own formula). Also the
+far the step rose above that, how much the C heap and the other mappings grew across it, what the process held
+beside the KV after each layer of a prefill pass (where the heap's growth happens), and the step's tensors by their
+shapes (`accounting.activation_bytes` of its largest target pass, the engine's own formula). Also the
 highest step of each kind: prefill (the target takes a turn's new tokens), catch-up (the draft prefills them, in
 the next step) and decode. The reads cost a few milliseconds a step, so throughput is
 not reported here (speculative_mtbench_four measures it).
@@ -86,18 +87,24 @@ class StepProbe:
         held = st["RssAnon"] + st.get("RssShmem", 0) - self.base
         kv = self.kv()
         self.step = {"index": len(self.steps), "conversation": self.conversation, "peak": held, "kv_at_start": kv,
-                     "held_beside_kv_at_start": held - kv, "passes": [], "smaps_start": smaps_classes()}
+                     "held_beside_kv_at_start": held - kv, "passes": [], "smaps_start": smaps_classes(),
+                     "new_tokens": [], "computed_before": [], "context": 0}
 
-    def end_step(self, sched) -> None:  # noqa: ANN001
+    def scheduled(self, sched) -> None:  # noqa: ANN001
+        """The step's rows as the scheduler hands them over (before the step computes them): new tokens, tokens
+        already in the KV (0: a conversation's first prefill) and the context after the step."""
+        if self.step is not None:
+            self.step["new_tokens"] = [item.num_new for item in sched.scheduled]
+            self.step["computed_before"] = [item.seq.num_computed for item in sched.scheduled]
+            self.step["context"] = max((item.seq.num_computed + item.num_new for item in sched.scheduled), default=0)
+
+    def end_step(self) -> None:
         self.point()
         s, self.step = self.step, None
         end = smaps_classes()
         s["grown"] = {k: end[k] - s["smaps_start"][k] for k in end}
         s["smaps_end"] = end
         s["kv_at_end"] = self.kv()
-        s["new_tokens"] = [item.num_new for item in sched.scheduled] if sched is not None else []
-        s["context"] = max((item.seq.num_computed + item.num_new for item in sched.scheduled), default=0) \
-            if sched is not None else 0
         # prefill: the target takes a row of new tokens; catch-up: the draft prefills what it has not seen (a pass
         # of more rows than a speculative step's g + 1 a sequence); decode: neither
         catch_up = any(p["model"] == "draft" and p["rows"] > self.step_rows for p in s["passes"])
@@ -120,6 +127,16 @@ class StepProbe:
                     self.step["passes"].append(p)
 
         model.forward = probed
+        for i, layer in enumerate(model.model.layers):  # a prefill pass: what it holds after each layer
+            layer.register_forward_hook(lambda mod, inp, out, i=i: self.layer_end(i))
+
+    def layer_end(self, layer: int) -> None:
+        """In a pass of more rows than a decode step's: note what the process holds beside the KV after `layer`
+        (heap pages the layers took and did not give back, and the tensors live between layers)."""
+        if self.passes and self.passes[-1]["rows"] > self.step_rows:
+            st = self._status()
+            held = st["RssAnon"] + st.get("RssShmem", 0) - self.base - self.kv()
+            self.passes[-1].setdefault("held_beside_kv_after_layer", []).append(held)
 
 
 def run(a: dict) -> dict:
@@ -156,19 +173,18 @@ def run(a: dict) -> dict:
     if eng.spec is not None:
         probe.wrap_pass(eng.spec.draft.model, "draft")
     schedule, step = eng.scheduler.schedule, eng.step
-    last: list = [None]
 
     def scheduled():  # noqa: ANN202
-        last[0] = schedule()
-        return last[0]
+        sched = schedule()
+        probe.scheduled(sched)
+        return sched
 
     def probed_step():  # noqa: ANN202
-        last[0] = None
         probe.begin_step()
         try:
             return step()
         finally:
-            probe.end_step(last[0])
+            probe.end_step()
 
     eng.scheduler.schedule, eng.step = scheduled, probed_step
     for i, q in enumerate(questions):
@@ -183,12 +199,15 @@ def run(a: dict) -> dict:
         target = [p["rows"] for p in s["passes"] if p["model"] == "target"]
         rows = max(target, default=0)
         return {"step": s["index"], "conversation": s["conversation"], "kind": s["kind"],
-                "new_tokens": s["new_tokens"], "context": s["context"], "peak_bytes": s["peak"],
+                "new_tokens": s["new_tokens"], "computed_before": s["computed_before"], "context": s["context"],
+                "peak_bytes": s["peak"],
                 "kv_committed_at_start_bytes": s["kv_at_start"], "kv_committed_at_end_bytes": s["kv_at_end"],
                 "held_beside_kv_at_start_bytes": s["held_beside_kv_at_start"],
                 "rise_in_step_bytes": s["peak"] - s["kv_at_start"] - s["held_beside_kv_at_start"],
                 "grown_in_step_bytes": s["grown"],
-                "passes": [{"model": p["model"], "rows": p["rows"], "peak_bytes": p["peak"]} for p in s["passes"]],
+                "passes": [{"model": p["model"], "rows": p["rows"], "peak_bytes": p["peak"],
+                            "held_beside_kv_after_layer_bytes": p.get("held_beside_kv_after_layer", [])}
+                           for p in s["passes"]],
                 "largest_target_pass_rows": rows,
                 "target_pass_tensors_by_shape_bytes": accounting.activation_bytes(
                     cfg, dtype, rows, max(s["context"], rows), 1, in_place, block) if rows else 0}

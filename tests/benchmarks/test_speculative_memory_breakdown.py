@@ -47,3 +47,5 @@ def test_a_short_run_reports_every_step(tmp_path) -> None:
     prefill = out["highest_step_by_kind"]["prefill"]
     assert prefill["largest_target_pass_rows"] >= max(prefill["new_tokens"]) > 1
     assert prefill["target_pass_tensors_by_shape_bytes"] > 0
+    target = [p for p in prefill["passes"] if p["model"] == "target"]
+    assert [len(p["held_beside_kv_after_layer_bytes"]) for p in target] == [4] * len(target)  # memfit-tiny: 4 layers
