@@ -24,7 +24,7 @@ from benchmarks.common import emit, header
 
 HERE = Path(__file__).resolve().parents[1]
 
-# Run inside the tree under test (its own memfit on sys.path): one engine, `batch` sequences, decode steps timed.
+# Run inside the tree under test (its own memfit first on the import path): one engine, `batch` sequences, decode steps timed.
 _CHILD = r"""
 import statistics, sys, tempfile, time
 from pathlib import Path

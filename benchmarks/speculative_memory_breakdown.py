@@ -193,7 +193,7 @@ def run(a: dict) -> dict:
     steps = probe.steps
     cfg, dtype = eng.model_config, eng.dtype
     in_place = accounting.attention_in_place(eng.device.type, dtype, eng.backends.cpu_kernels)
-    block = accounting.mlp_row_block(eng.device.type, eng.backends.cpu_linear)
+    block = accounting.mlp_row_block(eng.device.type, eng.backends.cpu_linear, dtype)
 
     def report(s: dict) -> dict:
         target = [p["rows"] for p in s["passes"] if p["model"] == "target"]

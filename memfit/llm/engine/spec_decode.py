@@ -51,6 +51,7 @@ from memfit.llm.engine.spec_stats import SpecStats
 from memfit.llm.engine.spec_tree_step import TreeOrChain, speculate_tree, tree_shape
 from memfit.llm.engine.speculative import AcceptanceTracker, best_gamma, draw, greedy_verdict, rejection_sample
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput, StepResult
+from memfit.llm.kernels import large_m
 from memfit.llm.kv.base import KVCacheManager
 
 
@@ -248,7 +249,10 @@ class SpecDecoder:
                     break
                 chunks.append((s.seq_id, start, s.token_slice(start, start + n)))
                 used += n
-            forward(self.draft, chunks, all_rows=False)  # K/V only: the logits are dropped
+            # A prefill of the draft: its many-row matmuls may take the prefill kernel (kernels/large_m.py). Only
+            # proposals read the draft's K/V, so its bits never reach the output.
+            with large_m.prefill_step():
+                forward(self.draft, chunks, all_rows=False)  # K/V only: the logits are dropped
             todo = [s for s in todo if self.draft_kv.num_tokens(s.seq_id) < s.num_tokens - 1]
 
     def _speculate(self, spec: list[tuple[Sequence, int]], result: StepResult) -> None:

@@ -53,9 +53,9 @@ def test_only_the_blocked_kernel_blocks():
     model = tiny(tie=False, dtype=torch.float32)
     assert mlp_row_blocks(model) == 0  # nn.Linear (oneDNN / MKL: a row's sums may depend on the call's rows)
     assert all(layer.mlp.row_block == 0 for layer in model.model.layers)
-    assert accounting.mlp_row_block("cpu", "blocked") == LARGE_M == accounting.BLOCKED_LARGE_M
-    assert accounting.mlp_row_block("cpu", "blocked", torch.float32) == LARGE_M  # AMX runs bf16 only
-    assert accounting.mlp_row_block("cpu", "onednn") == accounting.mlp_row_block("cuda", None) == 0
+    assert accounting.mlp_row_block("cpu", "blocked", torch.float32) == LARGE_M == accounting.BLOCKED_LARGE_M
+    assert accounting.mlp_row_block("cpu", "onednn", torch.float32) == 0  # AMX runs bf16 only: fp32 keeps LARGE_M
+    assert accounting.mlp_row_block("cuda", None, torch.bfloat16) == 0
 
 
 def _peak_allocated_bytes(fn) -> int:
