@@ -16,12 +16,16 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from benchmarks.common import emit, header, pin_threads
 from benchmarks.plan_traffic import EDGE_MODELS
 
+if TYPE_CHECKING:
+    from memfit.plan.plan_format import Graph
 
-def free_prefix(g, cap: int, steps: int, time_limit: float, workers: int) -> dict:
+
+def free_prefix(g: Graph, cap: int, steps: int, time_limit: float, workers: int) -> dict:
     """The best seed of the tiled graph, then the whole model with its first `steps` steps free."""
     from memfit.plan.plan_format import Plan
     from memfit.plan.planner import seed_plans

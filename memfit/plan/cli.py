@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         return _plan(args)
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(args, "json", False):  # --json: still exactly one object on stdout
+            print(json.dumps({"error": str(exc)}))
         return 2
 
 

@@ -77,3 +77,12 @@ def test_plan_json_prints_one_object_with_the_gap_to_the_best_bound(tmp_path, ca
     assert main(["plan", "validate", str(out), "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
     assert v["valid"] and v["traffic"]["non_compulsory_bytes"] == nc
+
+
+def test_plan_json_errors_are_one_object_too(capsys):
+    """With --json a refused request still prints exactly one JSON object on stdout (the message also on stderr)."""
+    assert main(["plan", "--model", "no_such_model_xyz", "--json"]) == 2
+    cap = capsys.readouterr()
+    assert "unknown model 'no_such_model_xyz'" in json.loads(cap.out)["error"] and "error:" in cap.err
+    assert main(["plan", "validate", "--json"]) == 2
+    assert "usage" in json.loads(capsys.readouterr().out)["error"]

@@ -31,6 +31,7 @@ from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
 from memfit.memory.host import HostArena, transparent_huge_pages
 
 log = logging.getLogger(__name__)
+_amx_fallback_logged = False  # one warning per process
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
 LARGE_M = 64  # cpu_blocked.cpp's BLK_LARGE_M: from this many rows each row's sums run in one order, whatever M
@@ -148,8 +149,15 @@ class BlockedLinear(nn.Module):
         m, n, k = x2.shape[0], self.out_features, self.in_features
         args = (x2.data_ptr(), x2.stride(0), self._wp, self._bp, y.data_ptr(), n, m, n, k, self.nb,
                 self.nthreads or torch.get_num_threads())
-        if kernel == "amx" and large_m.amx_linear()(*args) == 0:
-            return
+        if kernel == "amx":
+            rc = large_m.amx_linear()(*args)
+            if rc == 0:
+                return
+            global _amx_fallback_logged
+            if not _amx_fallback_logged:  # rows computed now carry the AVX-512 kernel's bits, not AMX's
+                _amx_fallback_logged = True
+                log.warning("AMX linear failed (code %d, -5: no memory for its scratch); this call and any other "
+                            "that fails run on the AVX-512 kernel", rc)
         rc = self._fns.linear(*args)
         if rc != 0:
             raise RuntimeError(f"memfit_blocked_linear failed with code {rc}")

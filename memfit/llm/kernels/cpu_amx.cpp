@@ -29,6 +29,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -49,7 +50,7 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-int g_state = -1;  // -1: not asked yet; 0: no AMX here; 1: the process may use it
+std::atomic<int> g_state{-1};  // -1: not asked yet; 0: no AMX here; 1: the process may use it (asking twice: harmless)
 
 bool cpu_has_amx_bf16() {
     unsigned a, b, c, d;
@@ -58,8 +59,9 @@ bool cpu_has_amx_bf16() {
 }
 
 bool amx_enable() {
-    if (g_state < 0) g_state = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    return g_state == 1;
+    if (g_state.load() < 0)
+        g_state.store(cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0);
+    return g_state.load() == 1;
 }
 
 void load_config() {
@@ -143,13 +145,13 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
     if (MB > 512) MB = 512;
     // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
     const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
-    bool failed = false;  // scratch memory refused
+    std::atomic<bool> failed{false};  // scratch memory refused (by any thread)
     auto work = [&](int64_t cb0, int64_t cb1) {
         load_config();
         const int64_t rows_max = (M < MB ? M : MB) + 31;  // a block's rows, rounded up to whole 32-row tiles
         Scratch acc_mem(rows_max / 32 * 32 * 32), ap_mem(rows_max / 32 * 32 * K / 2);
         if (!acc_mem.p || !ap_mem.p) {
-            failed = true;  // (a benign race between threads: all write true)
+            failed.store(true);
             _tile_release();
             return;
         }
@@ -228,7 +230,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
     };
     if (nthreads <= 1 || cblocks < 2) {
         work(0, cblocks);
-        return !failed;
+        return !failed.load();
     }
 #pragma omp parallel num_threads(nthreads)
     {
@@ -241,7 +243,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
         const int64_t c0 = id * per, c1 = c0 + per < cblocks ? c0 + per : cblocks;
         if (c0 < c1) work(c0, c1);
     }
-    return !failed;
+    return !failed.load();
 }
 
 // The tile unit's peak: 4 independent TDPBF16PS chains on tiles already loaded (16 x 16 x 32 = 8192

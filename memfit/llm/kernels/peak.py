@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -78,7 +79,8 @@ def run_amx_peak_loop(iters: int) -> float | None:
     return None if r < 0 else r
 
 
-def amx_peak_macs_per_s(seconds: float = 0.2, reps: int = 5, clock=time.perf_counter) -> float | None:
+def amx_peak_macs_per_s(seconds: float = 0.2, reps: int = 5,
+                        clock: Callable[[], float] = time.perf_counter) -> float | None:
     """bf16 multiply-adds per second of one core's AMX tile unit (the best of `reps` runs of about `seconds`);
     None without AMX. On a core that has it this, not the AVX-512 loop's, is the core's bf16 peak (here
     ~1.5 T against ~53 G: vdpbf16ps runs at half rate on this core)."""

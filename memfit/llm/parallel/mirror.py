@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_forward import forward
 from memfit.llm.engine.spec_tree import TokenTree
@@ -133,8 +135,7 @@ class DriverRunner:
                 raise self.group.failure(exc) from exc
             raise
 
-
-    def forward_chunks(self, chunks: list[tuple[int, int, list[int]]], all_rows: bool):  # noqa: ANN201
+    def forward_chunks(self, chunks: list[tuple[int, int, list[int]]], all_rows: bool) -> torch.Tensor:
         """Speculative verification over the target's shards: the workers run the same pass."""
         self.group.send(StepMessage(self.kv.take_log(), chunks=chunks, all_rows=all_rows))
         try:
@@ -144,8 +145,7 @@ class DriverRunner:
                 raise self.group.failure(exc) from exc
             raise
 
-
-    def forward_tree(self, chunks: list[TreeChunk]):  # noqa: ANN201
+    def forward_tree(self, chunks: list[TreeChunk]) -> torch.Tensor:
         """A token tree's verification over the target's shards (every node of each tree): the workers run the
         same pass under the same masks."""
         trees = [(c.seq_id, c.base, c.tree) for c in chunks]
