@@ -38,6 +38,7 @@
 namespace {
 
 #include "bf16x16.h"
+#include "omp_split.h"
 
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
 constexpr long XFEATURE_XTILEDATA = 18;
@@ -228,21 +229,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
         }
         _tile_release();
     };
-    if (nthreads <= 1 || cblocks < 2) {
-        work(0, cblocks);
-        return !failed.load();
-    }
-#pragma omp parallel num_threads(nthreads)
-    {
-        int id = 0, nt = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        const int64_t per = (cblocks + nt - 1) / nt;
-        const int64_t c0 = id * per, c1 = c0 + per < cblocks ? c0 + per : cblocks;
-        if (c0 < c1) work(c0, c1);
-    }
+    for_runs(cblocks, nthreads, work);
     return !failed.load();
 }
 

@@ -71,6 +71,7 @@ struct F32 {
 };
 
 #include "bf16x16.h"
+#include "omp_split.h"  // for_runs: one contiguous run of panels per thread, so each streams its part of W
 
 // Row m's step-s broadcast value read straight from x (run_large): the bf16 pair (p[0], p[1]) or the float.
 template <typename E> inline auto bcast_at(const typename E::T* p);
@@ -188,27 +189,6 @@ void store_panel(const float* acc, const T* b, T* y, int64_t ldy, int64_t rows, 
     }
 }
 
-// work(p0, p1) over the panels: one contiguous run of panels per thread, so each thread still streams its
-// part of W sequentially.
-template <typename Work>
-void for_panels(int64_t panels, int nthreads, const Work& work) {
-    if (nthreads <= 1 || panels < 2) {
-        work(0, panels);
-        return;
-    }
-#pragma omp parallel num_threads(nthreads)
-    {
-        int id = 0, nt = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        const int64_t per = (panels + nt - 1) / nt;
-        const int64_t p0 = id * per, p1 = p0 + per < panels ? p0 + per : panels;
-        if (p0 < p1) work(p0, p1);
-    }
-}
-
 template <typename E, int P>
 void run(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typename E::T* b, typename E::T* y,
          int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
@@ -255,7 +235,7 @@ void run(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typ
             store_panel<T, P>(acc.data(), b, y, ldy, M, p * NB, N);
         }
     };
-    for_panels(panels, nthreads, work);
+    for_runs(panels, nthreads, work);
 }
 
 // ---- many rows (prefill): x read in place, cache blocking over M ------------------------------------------
@@ -322,7 +302,7 @@ void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, con
             }
         }
     };
-    for_panels(panels, nthreads, work);
+    for_runs(panels, nthreads, work);
 }
 
 template <typename E>

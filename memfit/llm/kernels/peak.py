@@ -39,7 +39,7 @@ def run_peak_loop(dtype: torch.dtype, iters: int, nthreads: int = 1, a: float = 
 
 
 def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2, reps: int = 5,
-                    clock=time.perf_counter) -> float | None:
+                    clock: Callable[[], float] = time.perf_counter) -> float | None:
     """Multiply-adds per second of `nthreads` cores on `dtype` (the best of `reps` runs of about `seconds`);
     None where the kernels can't run here. `clock`: wall time by default; `time.process_time` (one thread)
     counts only the time this process ran, so on a shared machine other jobs don't pull the peak down (at a
@@ -48,11 +48,17 @@ def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2,
         loop = _loop(dtype)  # resolved once: the timed runs below call only the C loop
     except (ValueError, RuntimeError):
         return None
-    per_iter = _ACC * _LANES[dtype] * nthreads
-    iters = 1 << 16
+    return _best_rate(lambda iters: loop(iters, nthreads, 2.0 ** -8, 2.0 ** -8), _ACC * _LANES[dtype] * nthreads,
+                      1 << 16, seconds, reps, clock)
+
+
+def _best_rate(run: Callable[[int], object], macs_per_iter: int, iters: int, seconds: float, reps: int,
+               clock: Callable[[], float]) -> float:
+    """Multiply-adds per second of `run(iters)`: `iters` grown 4x at a time until a run takes a quarter of
+    `seconds`, scaled to about `seconds`, then the best of `reps` timed runs."""
     while True:  # calibrate: about `seconds` per run
         t = clock()
-        loop(iters, nthreads, 1.0, 1.0)
+        run(iters)
         dt = clock() - t
         if dt >= seconds / 4 or iters >= 1 << 30:
             break
@@ -61,8 +67,8 @@ def peak_macs_per_s(dtype: torch.dtype, nthreads: int = 1, seconds: float = 0.2,
     best = 0.0
     for _ in range(reps):
         t = clock()
-        loop(iters, nthreads, 2.0 ** -8, 2.0 ** -8)
-        best = max(best, iters * per_iter / max(clock() - t, 1e-9))
+        run(iters)
+        best = max(best, iters * macs_per_iter / max(clock() - t, 1e-9))
     return best
 
 
@@ -86,19 +92,4 @@ def amx_peak_macs_per_s(seconds: float = 0.2, reps: int = 5,
     ~1.5 T against ~53 G: vdpbf16ps runs at half rate on this core)."""
     if run_amx_peak_loop(1) is None:
         return None
-    per_iter = 4 * 16 * 16 * 32
-    iters = 1 << 12
-    while True:
-        t = clock()
-        run_amx_peak_loop(iters)
-        dt = clock() - t
-        if dt >= seconds / 4 or iters >= 1 << 30:
-            break
-        iters *= 4
-    iters = max(1, int(iters * seconds / max(dt, 1e-9)))
-    best = 0.0
-    for _ in range(reps):
-        t = clock()
-        run_amx_peak_loop(iters)
-        best = max(best, iters * per_iter / max(clock() - t, 1e-9))
-    return best
+    return _best_rate(run_amx_peak_loop, 4 * 16 * 16 * 32, 1 << 12, seconds, reps, clock)

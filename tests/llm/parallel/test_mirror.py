@@ -45,6 +45,15 @@ def near_tie_or_fail(one: LLM, prompt: list[int], a: list[int], b: list[int]) ->
     return False
 
 
+def greedy_near_ties(one: LLM, two: LLM, ps: list[list[int]]) -> int:
+    """24 greedy tokens of each prompt from both engines; the number of prompts where they part at a near-tie
+    (near_tie_or_fail fails the test on any other difference)."""
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=ps, sampling_params=sp)]
+    got = two.generate(prompt_token_ids=ps, sampling_params=sp)
+    return sum(near_tie_or_fail(one, p, r, o.outputs[0].token_ids) for p, r, o in zip(ps, ref, got))
+
+
 @pytest.mark.parametrize("name", ["memfit-tiny", "qwen2"])
 def test_two_ranks_decode_the_one_rank_tokens(models, name):
     path = models[name]
@@ -52,11 +61,8 @@ def test_two_ranks_decode_the_one_rank_tokens(models, name):
     two = LLM(model=path, tensor_parallel_size=2, **OPTS)
     try:
         ps = prompts(one.engine.model_config.vocab_size)
-        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
         for _ in range(2):  # the second round hits the prefix cache of the first
-            ref = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=ps, sampling_params=sp)]
-            got = two.generate(prompt_token_ids=ps, sampling_params=sp)
-            ties = sum(near_tie_or_fail(one, p, r, o.outputs[0].token_ids) for p, r, o in zip(ps, ref, got))
+            ties = greedy_near_ties(one, two, ps)
             assert ties <= 1, f"{ties} near-ties in {len(ps)} prompts"
         assert two.engine.kv.prefix_stats.hit_tokens > 0  # the shared prompt was served from the cache
         # each rank holds half the KV heads: rank 0's cache is laid out for 1/2 of them
@@ -130,11 +136,7 @@ def test_batched_speculation_across_ranks(models):
               num_speculative_tokens=3, **OPTS)
     try:
         ps = prompts(4096)
-        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        ref = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=ps, sampling_params=sp)]
-        got = two.generate(prompt_token_ids=ps, sampling_params=sp)
-        ties = sum(near_tie_or_fail(one, p, r, o.outputs[0].token_ids) for p, r, o in zip(ps, ref, got))
-        assert ties <= 1
+        assert greedy_near_ties(one, two, ps) <= 1
         spec = two.engine.stats()["speculative"]
         assert spec["spec_accepted"] > 0 and spec["spec_steps"] > 0, spec
         assert two.engine.tp.procs[0].exitcode is None  # the worker verified every pass without diverging
@@ -154,11 +156,7 @@ def test_token_trees_across_ranks(models):
               speculative_tree=(3, 2), **OPTS)
     try:
         ps = prompts(4096)
-        sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-        ref = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=ps, sampling_params=sp)]
-        got = two.generate(prompt_token_ids=ps, sampling_params=sp)
-        ties = sum(near_tie_or_fail(one, p, r, o.outputs[0].token_ids) for p, r, o in zip(ps, ref, got))
-        assert ties <= 1
+        assert greedy_near_ties(one, two, ps) <= 1
         spec = two.engine.stats()["speculative"]
         assert spec["tree"] == [3, 2] and spec["spec_accepted"] > 0 and spec["spec_steps"] > 0, spec
         sampled = [SamplingParams(max_tokens=12, temperature=0.8, seed=i, ignore_eos=True) for i in range(4)]
