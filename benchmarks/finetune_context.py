@@ -4,12 +4,12 @@ that the memory it frees buys longer sequences or larger batches (issue 18's 4x-
     python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --threads 1 \
         --out benchmarks/results/finetune_context_0.5b.json
     python -m benchmarks.finetune_context --shape 0.5b --budget-seq 2048 --axis batch --threads 1 \
-        --out benchmarks/results/finetune_batch_0.5b.json
+        --out benchmarks/results/finetune_context_0.5b_batch.json
     python -m benchmarks.finetune_context --shape 0.1b --budget-seq 2048 --reference zero-infinity-tuned \
         --max-factor 4 --threads 1 --out benchmarks/results/finetune_context_0.1b_tuned.json
 
 The budget is the `--reference` design's peak RSS at `--budget-seq` tokens, batch 1 (the issue's definition with
-`zero-infinity`, the default; `zero-infinity-tuned` is the rival at its best, sub_group_size smallest). Then each
+`zero-infinity`, the default; `zero-infinity-tuned` is the rival with its buffers tuned for memory). Then each
 design runs one training step per point of a doubling ladder (sequence length `--budget-seq` x 1, 2, 4, ... at
 batch 1; or with `--axis batch`, batch 1, 2, 4, ... at `--budget-seq` tokens), each in a fresh process
 (`benchmarks.finetune_offload`'s worker: SSD offload, recomputation, random-initialised shape), until its peak

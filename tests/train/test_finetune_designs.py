@@ -98,7 +98,8 @@ def test_zero3_sub_groups_and_max_in_cpu_beyond_1e9_parameters():
 
 def test_tuned_zero_infinity_sizes_its_optimizer_slots_for_the_largest_parameter():
     """sub_group_size at its smallest: every parameter its own sub-group, so the 4 slots (and the first step's
-    fresh moments) hold the largest parameter, here the embedding, not the whole model; the rest as the defaults."""
+    fresh moments) hold the largest parameter, here the embedding, not the whole model; the 5 parameter buffers
+    hold the largest parameter too, not 1e8 elements; the rest as the defaults."""
     groups = make_groups(skeleton(LLAMA_01B))
     sizes = [math.prod(s) for g in groups for _, s in g.params]
     assert sub_groups(groups, 1) == sizes
@@ -108,7 +109,9 @@ def test_tuned_zero_infinity_sizes_its_optimizer_slots_for_the_largest_parameter
     assert tuned.optimizer_piece(groups) == piece == (LLAMA_01B.vocab_size * LLAMA_01B.hidden_size + 4095) // 4096 * 4096
     assert tuned.optimizer_classes(groups) == {piece * 4: 4}
     assert 5 * tuned.optimizer_piece(groups) < default.optimizer_piece(groups)
-    assert tuned.param_classes(groups, 2, 4) == default.param_classes(groups, 2, 4)
+    largest = max(g.numel for g in groups)  # buffer_size at the least DeepSpeed accepts: the largest parameter
+    assert tuned.param_classes(groups, 2, 4) == {(largest * 2 + 4095) // 4096 * 4096: 5}
+    assert default.param_classes(groups, 2, 4) == {(int(1e8) * 2 + 4095) // 4096 * 4096: 5}
     assert tuned.host_param_copy(groups) and tuned.fresh_first_moments
     with pytest.raises(ValueError, match="zero-infinity-tuned"):
         make_design("zero")
