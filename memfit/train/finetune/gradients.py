@@ -61,8 +61,10 @@ def backward_spans(units: list[list[int]], n_groups: int) -> list[tuple[int, int
 
 
 def last_units(units: list[list[int]], n_groups: int) -> list[int]:
-    """Per group, the unit whose backward completes its gradient (the lowest-numbered unit reading it)."""
-    return [min(k for k, gs in enumerate(units) if gi in gs) for gi in range(n_groups)]
+    """Per group, the unit whose backward completes its gradient (the lowest-numbered unit reading it): its
+    last position in the backward's order, counted back from the head."""
+    head = len(units) - 1
+    return [head - last for _, last in backward_spans(units, n_groups)]
 
 
 def streamed_layout(groups: list[Group], units: list[list[int]]) -> StreamedLayout:
