@@ -7,8 +7,9 @@ read that layout in place:
   process use).
 Where both can run, the first call of a weight shape (N, K, nb) inside a prefill step times both on that
 call's own input (CPU time, alternating, the best of `TRIALS` each) and keeps the faster for the rest of the
-process (`choices()` reports the times). Measured here (one Sapphire-Rapids-class core, 0.1b layer, 512 rows):
-AMX ~500 GMAC/s against ~50 for the AVX-512 kernel, whose vdpbf16ps runs at half rate on this core.
+process (`choices()` reports the times). benchmarks/prefill.py records them: on one Sapphire-Rapids-class core,
+the 0.1b layer's shapes at 256-512 rows, AMX 298-378 G MAC/s against 48-51 for the AVX-512 kernel, whose
+vdpbf16ps runs at half rate on this core.
 
 The choice is per shape, not per row count: each kernel computes a row from that row alone, so one kernel for
 every M >= LARGE_M keeps a row's bits independent of the call's rows (the MLP's row blocks, models/llama.py,
