@@ -27,7 +27,7 @@ import torch
 @dataclass
 class AllocatorPeak:
     peak_bytes: int  # max over the block of (allocated now - allocated at its start), >= 0
-    net_bytes: int  # allocated at the end - allocated at the start (negative: the block freed more)
+    net_bytes: int  # allocated at the end - allocated at the start (CPU: not below 0, see _peak_of)
     events: int  # allocator events seen (CPU) or 0 (CUDA: counters, no events)
 
 
@@ -82,12 +82,15 @@ class AllocatorMeter:
 
 
 def _peak_of(prof) -> AllocatorPeak:
-    """The running sum of the CPU allocator's signed [memory] events, in time order."""
+    """The running sum of the CPU allocator's signed [memory] events, in time order, never below 0: a free of a
+    block allocated before the block began is not the block's to credit. PyTorch drops such frees when it never
+    saw the allocation, but its size table keeps entries from earlier profiled blocks, so a free at a reused
+    address may still be reported (seen once in CI: 16 MB freed before a 1 MB allocation read as a peak of 0)."""
     events = sorted(((e.start_ns(), e.nbytes()) for e in prof.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
                     key=lambda ev: ev[0])  # stable: events at one timestamp keep the order they were recorded in
     now = peak = 0
     for _, nbytes in events:
-        now += nbytes
+        now = max(0, now + nbytes)
         peak = max(peak, now)
     return AllocatorPeak(peak, now, len(events))
