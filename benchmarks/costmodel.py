@@ -47,7 +47,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from memfit.plan.cost import dataset, families, store
     from memfit.plan.cost.fit import FitConfig
-    from memfit.plan.cost.label import noise_summary
+    from memfit.plan.cost.noise import floor
     from memfit.plan.cost.train import DEFAULT_MODEL, TrainConfig, train
     from memfit.plan.cost.tune import dataset_outcomes, summarise
 
@@ -63,7 +63,7 @@ def main() -> int:
     cfg.families = ()
     res = train(args.db, args.model_out or DEFAULT_MODEL, cfg, verbose=True)
     meta = store.meta(con)
-    noise = noise_summary(con)
+    noise = floor(con)
     rep = res["shapes"]
     static = rep.pop("_static")
     nf = noise.get("noise_mape")
@@ -85,7 +85,7 @@ def main() -> int:
         loop = {**summarise(outs), "per_kernel": [o.as_dict() for o in outs]}
     result = {
         "benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
-                 device="local-sync", target_cpu="host"),
+                 device="local-sync", target_cpu="host", label_kind=store.label_kind(con)),
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
         "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,

@@ -22,8 +22,13 @@ def register(subparsers) -> None:
     lb.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition (default 0.05)")
     lb.add_argument("--limit", type=int, help="label at most this many now")
     lb.add_argument("--family", help="label only this family now")
+    lb.add_argument("--label-kind", default=None, choices=("real_median", "real_min", "cpu_median", "cpu_min"),
+                    help="which time is the label (default cpu_median: the least disturbed by other jobs; "
+                         "docs/costmodel.md)")
+    lb.add_argument("--pin-cpu", type=int, metavar="CPU", help="time under taskset on this core")
     lb.add_argument("--noise", type=int, default=0, metavar="K",
-                    help="also time K labelled kernels 3 more times each: the label noise floor")
+                    help="also time K labelled kernels 3 more times each, free and pinned to one core: the "
+                         "noise floor of every label kind")
     lb.add_argument("--no-progress", action="store_true")
     t = sub.add_parser("train", help="train the sequence model (and the baselines) on held-out shapes")
     t.add_argument("--db", required=True)
@@ -99,15 +104,23 @@ def _label(args) -> int:
     from memfit.plan.cost import label, store
     from memfit.plan.cost.roofline import measure_peaks
 
-    counts = label.label_all(args.db, label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit,
-                                                         args.family),
-                             progress=not args.no_progress)
+    from memfit.plan.cost.iree import DEFAULT_LABEL_KIND
+
+    cfg = label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit, args.family,
+                            args.label_kind or DEFAULT_LABEL_KIND, args.pin_cpu)
+    counts = label.label_all(args.db, cfg, progress=not args.no_progress)
     con = store.connect(args.db)
     if "peaks" not in store.meta(con):
         store.set_meta(con, peaks=measure_peaks().__dict__)
     out = {**counts, "peaks": store.meta(con)["peaks"]}
     if args.noise:
-        out["noise"] = label.noise_floor(args.db, args.noise, progress=not args.no_progress)
+        import os
+
+        from memfit.plan.cost import noise
+
+        # every label kind, free and pinned to the last core, 3 rounds: docs/costmodel.md's noise table
+        noise.remeasure(args.db, args.noise, 3, (None, (os.cpu_count() or 1) - 1), progress=not args.no_progress)
+        out["noise"] = noise.floor(con)
     print(json.dumps(out))
     return 0
 

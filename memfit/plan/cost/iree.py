@@ -81,9 +81,27 @@ def compile_mlir(mlir: str, out_dir: Path, extra_flags: tuple[str, ...] = (), du
     return vmfb
 
 
+# What a label's latency is, read off one benchmark run's repetitions. Every kind estimates the same thing,
+# the real time per call on a quiet machine; they differ in how much other jobs on a shared machine disturb
+# them. Real time counts the time the process waits for a core; the process CPU time does not (the process
+# is one thread on local-sync), so under load it stays near the quiet real time.
+LABEL_KINDS = ("real_median", "real_min", "cpu_median", "cpu_min")
+DEFAULT_LABEL_KIND = "cpu_median"
+
+
+def label_value(kind: str, reps_us: list[float], cpu_reps_us: list[float]) -> float:
+    """The label of kind `kind` from one run's repetitions (real and CPU time per call, us)."""
+    if kind not in LABEL_KINDS:
+        raise CostModelError(f"unknown label kind {kind!r}: one of {', '.join(LABEL_KINDS)}")
+    reps = reps_us if kind.startswith("real") else cpu_reps_us
+    if not reps:
+        raise CostModelError(f"no {kind.split('_')[0]} time recorded for a label of kind {kind}")
+    return min(reps) if kind.endswith("min") else statistics.median(reps)
+
+
 @dataclass
 class Timing:
-    """Real time per call (us) of each benchmark repetition, with their median and spread."""
+    """Real and process CPU time per call (us) of each benchmark repetition, with their median and spread."""
 
     reps_us: list[float] = field(default_factory=list)
     cpu_reps_us: list[float] = field(default_factory=list)
@@ -92,6 +110,9 @@ class Timing:
     def median_us(self) -> float:
         return statistics.median(self.reps_us)
 
+    def label(self, kind: str = DEFAULT_LABEL_KIND) -> float:
+        return label_value(kind, self.reps_us, self.cpu_reps_us)
+
     @property
     def spread(self) -> float:
         """(max - min) / median of the repetitions."""
@@ -99,9 +120,11 @@ class Timing:
 
 
 def benchmark(vmfb: Path, fn: Function, repetitions: int = 5, min_time_s: float = 0.05,
-              timeout: float = 300) -> Timing:
-    """iree-benchmark-module --device=local-sync on zero-filled inputs of the function's argument types."""
-    cmd = [tool("iree-benchmark-module"), f"--module={vmfb}", "--device=local-sync", f"--function={fn.name}",
+              timeout: float = 300, pin_cpu: int | None = None) -> Timing:
+    """iree-benchmark-module --device=local-sync on zero-filled inputs of the function's argument types;
+    `pin_cpu` runs it under `taskset -c CPU` (one core: no migration between cores mid-repetition)."""
+    pin = ["taskset", "-c", str(pin_cpu)] if pin_cpu is not None and shutil.which("taskset") else []
+    cmd = [*pin, tool("iree-benchmark-module"), f"--module={vmfb}", "--device=local-sync", f"--function={fn.name}",
            *[f"--input={a.input_flag()}" for a in fn.args], f"--benchmark_repetitions={repetitions}",
            f"--benchmark_min_time={min_time_s}s", "--benchmark_format=json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

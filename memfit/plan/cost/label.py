@@ -23,29 +23,38 @@ class LabelConfig:
     min_time_s: float = 0.05  # per repetition; short kernels get many iterations
     limit: int | None = None
     family: str | None = None  # label only this family now (the rest stays for a later run)
+    label_kind: str = iree.DEFAULT_LABEL_KIND  # which time is the label (iree.LABEL_KINDS)
+    pin_cpu: int | None = None  # run the timings under taskset on this core
 
 
 @dataclass
 class Measurement:
-    latency_us: float
+    latency_us: float  # the label: `label_kind` of the repetitions
     spread: float
-    reps: list[float]
+    reps: list[float]  # real time per call of each repetition (us)
     figures: dict
     seconds: float
 
 
 def measure(mlir: str, function: str | None = None, repetitions: int = 5, min_time_s: float = 0.05,
-            extra_flags: tuple[str, ...] = ()) -> Measurement:
-    """Compile and time one program (the `measure` command and every label)."""
+            extra_flags: tuple[str, ...] = (), label_kind: str = iree.DEFAULT_LABEL_KIND,
+            pin_cpu: int | None = None) -> Measurement:
+    """Compile and time one program (the `measure` command and every label); its latency is the
+    `label_kind` of the repetitions, and the figures keep every repetition's CPU time beside the real
+    times, so any other kind can be read off the same label later."""
+    iree.label_value(label_kind, [1.0], [1.0])  # an unknown kind fails before the compile
     t0 = time.perf_counter()
     fn = pick_function(mlir, function)
     with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:
         vmfb = iree.compile_mlir(mlir, Path(tmp), extra_flags)
         figures = dump_figures(Path(tmp) / "dump")
-        timing = iree.benchmark(vmfb, fn, repetitions, min_time_s)
+        timing = iree.benchmark(vmfb, fn, repetitions, min_time_s, pin_cpu=pin_cpu)
     # process CPU time beside the real time: on a shared machine it shows when a label was disturbed
     figures["cpu_us"] = sorted(timing.cpu_reps_us)[len(timing.cpu_reps_us) // 2]
-    return Measurement(timing.median_us, timing.spread, timing.reps_us, figures, time.perf_counter() - t0)
+    figures["cpu_reps"] = timing.cpu_reps_us
+    figures["real_median_us"] = timing.median_us
+    return Measurement(timing.label(label_kind), timing.spread, timing.reps_us, figures,
+                       time.perf_counter() - t0)
 
 
 def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
@@ -56,7 +65,12 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
     if old.get("iree_version") not in (None, version) or old.get("host_cpu") not in (None, cpu):
         raise CostModelError(f"{db} was labelled with IREE {old.get('iree_version')} on {old.get('host_cpu')}; "
                              f"this is IREE {version} on {cpu}: label into a new file")
-    store.set_meta(con, iree_version=version, host_cpu=cpu, device="local-sync", target_cpu="host")
+    had = store.label_kind(con) if store.counts(con)["labelled"] else None
+    if had not in (None, cfg.label_kind):
+        raise CostModelError(f"{db} holds labels of kind {had}, not {cfg.label_kind}: label into a new file "
+                             f"or pass --label-kind {had}")
+    store.set_meta(con, iree_version=version, host_cpu=cpu, device="local-sync", target_cpu="host",
+                   label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu)
     todo = [r for r in store.unlabelled(con) if cfg.family in (None, r["family"])][:cfg.limit]
     bar = _bar(len(todo), progress)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
@@ -77,59 +91,9 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
 
 def _one(mlir: str, cfg: LabelConfig) -> Measurement | str:
     try:
-        return measure(mlir, None, cfg.repetitions, cfg.min_time_s)
+        return measure(mlir, None, cfg.repetitions, cfg.min_time_s, label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu)
     except CostModelError as exc:
         return str(exc)
-
-
-def noise_floor(db: str | Path, n_kernels: int = 30, runs: int = 3, seed: int = 0, progress: bool = True,
-                keys: list[str] | None = None) -> dict:
-    """Time `n_kernels` labelled kernels again (or exactly the kernels `keys`, in that order), `runs`
-    separate times each (fresh process per run), and store the latencies. The noise floor is the MAPE of one
-    run predicting another: the error a perfect model would still show against these labels."""
-    import random
-
-    con = store.connect(db)
-    rows = store.labelled(con)
-    if keys is not None:
-        by_key = {r["key"]: r for r in rows}
-        rows = [by_key[k] for k in keys if k in by_key]
-    else:
-        random.Random(seed).shuffle(rows)
-        rows = rows[:n_kernels]
-    bar = _bar(len(rows) * runs, progress)
-    for row in rows:
-        fn = pick_function(row["mlir"])
-        with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:
-            vmfb = iree.compile_mlir(row["mlir"], Path(tmp), dump=False)
-            for run in range(runs):
-                t = iree.benchmark(vmfb, fn, 5, 0.05)
-                con.execute("INSERT OR REPLACE INTO noise VALUES (?, ?, ?)", (row["key"], run, t.median_us))
-                bar.update(1)
-        con.commit()
-    bar.close()
-    return noise_summary(con, [r["key"] for r in rows])
-
-
-def noise_summary(con, keys: list[str] | None = None) -> dict:
-    """Over the noise table (or its rows of `keys`): the MAPE of one run predicting another, and the
-    median (max - min) / median spread of a kernel's runs."""
-    by_key: dict[str, list[float]] = {}
-    want = None if keys is None else set(keys)
-    for r in con.execute("SELECT key, latency_us FROM noise ORDER BY key, run"):
-        if want is None or r["key"] in want:
-            by_key.setdefault(r["key"], []).append(r["latency_us"])
-    pair_errors, spreads = [], []
-    for vals in by_key.values():
-        if len(vals) < 2:
-            continue
-        pair_errors += [abs(a - b) / b for i, a in enumerate(vals) for j, b in enumerate(vals) if i != j]
-        spreads.append((max(vals) - min(vals)) / sorted(vals)[len(vals) // 2])
-    if not pair_errors:
-        return {"kernels": 0}
-    spreads.sort()
-    return {"kernels": len(spreads), "runs": max(len(v) for v in by_key.values()),
-            "noise_mape": sum(pair_errors) / len(pair_errors), "median_spread": spreads[len(spreads) // 2]}
 
 
 def _bar(total: int, enabled: bool):

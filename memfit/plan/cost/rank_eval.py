@@ -27,8 +27,10 @@ class TileTable:
     has_tile: np.ndarray     # (n,) bool
     X_tile: np.ndarray       # (n, len(tiles.NAMES)); zeros for the default
     X_plain: np.ndarray      # (n, len(features.NAMES))
-    log_median: np.ndarray   # (n,) log of the median real time (the label)
-    log_min: np.ndarray      # (n,) log of the fastest repetition (less disturbed by other jobs)
+    log_median: np.ndarray   # (n,) log of the label (the median CPU or real time: label_kind)
+    log_min: np.ndarray      # (n,) log of the fastest repetition of the same clock (real where CPU
+                             # repetitions were not stored)
+    label_kind: str = "real_median"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -47,7 +49,7 @@ def complete(rows: list[dict], min_tiles: int = 16) -> list[dict]:
     return [r for r in rows if r["shape_key"] in default and tiles_of.get(r["shape_key"], 0) >= min_tiles]
 
 
-def table(rows: list[dict]) -> TileTable:
+def table(rows: list[dict], label_kind: str = "real_median") -> TileTable:
     xt, xp, has = [], [], []
     for r in rows:
         fn = pick_function(r["mlir"])
@@ -56,10 +58,13 @@ def table(rows: list[dict]) -> TileTable:
         xt.append(tiles.vector(m, n, k, tile) if tile else [0.0] * len(tiles.NAMES))
         xp.append(features.vector(fn))
     med = np.array([r["latency_us"] for r in rows], float)
-    mins = np.array([min(r["reps"]) if r.get("reps") else r["latency_us"] for r in rows], float)
+    cpu = label_kind.startswith("cpu")
+    mins = np.array([min(r["cpu_reps"]) if cpu and r.get("cpu_reps") else min(r["reps"]) if r.get("reps")
+                     else r["latency_us"] for r in rows], float)
     return TileTable(rows, np.array([r["shape_key"] for r in rows]), np.array(has, bool),
                      np.array(xt, float).reshape(len(rows), len(tiles.NAMES)),
-                     np.array(xp, float).reshape(len(rows), len(features.NAMES)), np.log(med), np.log(mins))
+                     np.array(xp, float).reshape(len(rows), len(features.NAMES)), np.log(med), np.log(mins),
+                     label_kind)
 
 
 # A model is fitted on training rows and scores test rows (lower = faster); only the order within a shape
@@ -73,6 +78,47 @@ def ranker_fitter(cfg: RankerConfig = RankerConfig(), target: str = "median") ->
         y = t.log_median if target == "median" else t.log_min
         model = TileRanker().fit(t.X_tile[tr], y[tr], t.shape[tr], cfg)
         return model.scores(t.X_tile[te])
+    return fit
+
+
+def shape_matrix(t: TileTable, idx: np.ndarray) -> np.ndarray:
+    """tiles.shape_vector of each row of idx: (len(idx), len(tiles.SHAPE_NAMES))."""
+    return np.array([tiles.shape_vector(*tiles.shape_and_tile(pick_function(t.rows[i]["mlir"]))[0]) for i in idx],
+                    float).reshape(len(idx), len(tiles.SHAPE_NAMES))
+
+
+def default_relative(t: TileTable, idx: np.ndarray, target: str = "median") -> tuple[np.ndarray, np.ndarray]:
+    """The default rows among idx, and each one's log latency minus the mean over its shape's tiles in idx."""
+    y = t.log_median if target == "median" else t.log_min
+    rows, rel = [], []
+    for i in idx[~t.has_tile[idx]]:
+        j = idx[(t.shape[idx] == t.shape[i]) & t.has_tile[idx]]
+        if len(j):
+            rows.append(i)
+            rel.append(y[i] - y[j].mean())
+    return np.array(rows, dtype=np.int64), np.array(rel)
+
+
+def fit_switch(t: TileTable, tr: np.ndarray, cfg: RankerConfig = RankerConfig(), target: str = "median") \
+        -> TileRanker:
+    """The ranker on the tile rows of tr, with the tile-or-default switch fitted on tr's shapes."""
+    y = t.log_median if target == "median" else t.log_min
+    tiles_tr = tr[t.has_tile[tr]]
+    model = TileRanker().fit(t.X_tile[tiles_tr], y[tiles_tr], t.shape[tiles_tr], cfg)
+    d, rel = default_relative(t, tr, target)
+    return model.fit_default(shape_matrix(t, d), rel, cfg)
+
+
+def switch_fitter(cfg: RankerConfig = RankerConfig(), target: str = "median") -> Fitter:
+    """The ranker with the tile-or-default switch: tile rows get the ranker's score, default rows the switch's
+    (score with `with_default=True`, so the default can be the pick)."""
+    def fit(t: TileTable, tr: np.ndarray, te: np.ndarray) -> np.ndarray:
+        model = fit_switch(t, tr, cfg, target)
+        out = model.scores(t.X_tile[te])
+        dflt = ~t.has_tile[te]
+        if dflt.any():
+            out[dflt] = model.default_scores(shape_matrix(t, te[dflt]))
+        return out
     return fit
 
 
@@ -110,12 +156,13 @@ def _tile_name(row: dict) -> str:
     return "default" if not tile else "tile_%dx%dx%d" % tuple(tile)
 
 
-def score(t: TileTable, idx: np.ndarray, pred: np.ndarray, truth: str = "median") -> dict:
+def score(t: TileTable, idx: np.ndarray, pred: np.ndarray, truth: str = "median", with_default: bool = False) -> dict:
     """In-the-loop figures of predictions `pred` (one per row of idx) on the shapes of idx: the pick's gap to
-    the measured best, its speed-up over IREE's default, and the within-shape Spearman over the tiles."""
+    the measured best, its speed-up over IREE's default, and the within-shape Spearman over the tiles.
+    `with_default`: the default's prediction counts, and it may be the pick and the best."""
     true = np.exp(t.log_median if truth == "median" else t.log_min)
     rows = [{**t.rows[i], "latency_us": float(true[i])} for i in idx]
-    outs = dataset_outcomes(rows, {t.rows[i]["key"]: float(p) for i, p in zip(idx, pred)})
+    outs = dataset_outcomes(rows, {t.rows[i]["key"]: float(p) for i, p in zip(idx, pred)}, with_default)
     rhos = []
     for s in np.unique(t.shape[idx]):
         j = [a for a, i in enumerate(idx) if t.shape[i] == s and t.has_tile[i]]
@@ -160,7 +207,9 @@ def spread_summary(t: TileTable, idx: np.ndarray) -> dict:
             "spread_median": float(np.median(spreads)), "shapes_spread_ge_1_5": int(sum(s >= 1.5 for s in spreads))}
 
 
-def load_table(db) -> TileTable:
+def load_table(db, label_kind: str | None = None) -> TileTable:
+    """The tuning candidates of `db`, labelled by `label_kind` read off their repetitions (default: the
+    file's own kind)."""
     from pathlib import Path
 
     from memfit.plan.cost import store
@@ -169,11 +218,13 @@ def load_table(db) -> TileTable:
 
     if not Path(db).exists():
         raise CostModelError(f"no dataset at {db}")
-    rows = complete([r for r in store.labelled(store.connect(db)) if r["family"] == TUNED])
+    con = store.connect(db)
+    kind = label_kind or store.label_kind(con)
+    rows = complete([r for r in store.labelled(con, kind) if r["family"] == TUNED])
     if len({r["shape_key"] for r in rows}) < 5:
         raise CostModelError(f"{db} has tuning candidates of fewer than 5 shapes labelled; add them "
                              "(python -m benchmarks.costmodel --add-tuned N --db DB) and label them")
-    return table(rows)
+    return table(rows, kind)
 
 
 def train_ranker(db, out, cfg: RankerConfig = RankerConfig(), target: str = "median", seed: int = 0) -> dict:

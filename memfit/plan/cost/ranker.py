@@ -83,6 +83,9 @@ class TileRanker:
     objective: str = "relative"
     feature_names: tuple[str, ...] = tiles.NAMES
     info: dict = field(default_factory=dict)
+    # the tile-or-default switch: IREE's default's log latency relative to the mean over its shape's tiles,
+    # predicted from the shape alone (tiles.SHAPE_NAMES); empty: the ranker always picks a tile
+    default_trees: list = field(default_factory=list)
 
     def fit(self, X: np.ndarray, log_t: np.ndarray, groups: np.ndarray, cfg: RankerConfig = RankerConfig()) \
             -> "TileRanker":
@@ -114,6 +117,31 @@ class TileRanker:
         self.info = {"config": asdict(cfg), "train_rows": int(len(X)), "train_groups": int(len(np.unique(groups)))}
         return self
 
+    def fit_default(self, X_shape: np.ndarray, rel_default: np.ndarray, cfg: RankerConfig = RankerConfig()) \
+            -> "TileRanker":
+        """X_shape: (shapes, len(tiles.SHAPE_NAMES)); rel_default: (shapes,) log latency of IREE's default
+        minus the mean log latency of the shape's tiles (the scale of the "relative" scores)."""
+        if self.objective != "relative":
+            raise ValueError("the tile-or-default switch compares with relative scores (objective 'relative')")
+        import lightgbm as lgb
+
+        params = {"objective": "regression", "learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves,
+                  "min_data_in_leaf": min(cfg.min_data_in_leaf, max(2, len(X_shape) // 4)),
+                  "feature_fraction": cfg.feature_fraction, "bagging_fraction": 0.8, "bagging_freq": 1,
+                  "lambda_l2": cfg.lambda_l2, "seed": cfg.seed, "num_threads": 1, "verbose": -1,
+                  "deterministic": True, "force_row_wise": True}
+        booster = lgb.train(params, lgb.Dataset(np.asarray(X_shape, float), np.asarray(rel_default, float)),
+                            cfg.n_estimators)
+        self.default_trees = trees.from_lightgbm(booster)
+        self.info["default_train_shapes"] = int(len(X_shape))
+        return self
+
+    def default_scores(self, X_shape: np.ndarray) -> np.ndarray | None:
+        """IREE's default's score on the scale of `scores` (None without the switch)."""
+        if not self.default_trees:
+            return None
+        return trees.predict(self.default_trees, np.asarray(X_shape, float).reshape(-1, len(tiles.SHAPE_NAMES)))
+
     def scores(self, X: np.ndarray) -> np.ndarray:
         """Lower is faster. "relative": the predicted log latency relative to the shape's candidate mean."""
         raw = trees.predict(self.trees, self._columns(X))
@@ -128,7 +156,9 @@ class TileRanker:
 
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "objective": self.objective, "features": list(self.feature_names),
-               "host": tiles.host_info(), "info": self.info, "trees": [t.to_json() for t in self.trees]}
+               "host": tiles.host_info(), "info": self.info, "trees": [t.to_json() for t in self.trees],
+               "default_features": list(tiles.SHAPE_NAMES),
+               "default_trees": [t.to_json() for t in self.default_trees]}
         Path(path).write_text(json.dumps(doc, separators=(",", ":")))
 
     @classmethod
@@ -139,8 +169,11 @@ class TileRanker:
         if not set(doc["features"]) <= set(tiles.NAMES):
             raise CostModelError(f"{path} was trained on other tile features; retrain it "
                                  "(memfit costmodel train-ranker)")
+        if doc.get("default_trees") and doc.get("default_features") != list(tiles.SHAPE_NAMES):
+            raise CostModelError(f"{path}'s tile-or-default switch was trained on other shape features; retrain "
+                                 "it (memfit costmodel train-ranker)")
         return cls([trees.Tree.from_json(t) for t in doc["trees"]], doc["objective"], tuple(doc["features"]),
-                   doc.get("info", {}))
+                   doc.get("info", {}), [trees.Tree.from_json(t) for t in doc.get("default_trees", [])])
 
 
 def candidate_matrix(fns: list) -> tuple[np.ndarray, list[bool]]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from memfit.plan.cost.families import KernelSpec
+from memfit.plan.cost.iree import label_value
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -62,8 +63,17 @@ def put_label(con: sqlite3.Connection, key: str, *, latency_us: float | None = N
     con.commit()
 
 
-def labelled(con: sqlite3.Connection) -> list[dict]:
-    """Every kernel with a good label, as dicts (figures unpacked)."""
+def label_kind(con: sqlite3.Connection) -> str:
+    """Which time the labels' latency_us is (iree.LABEL_KINDS); files labelled before it was recorded hold
+    the median real time."""
+    return meta(con).get("label_kind", "real_median")
+
+
+def labelled(con: sqlite3.Connection, kind: str | None = None) -> list[dict]:
+    """Every kernel with a good label, as dicts (figures unpacked). With `kind`, latency_us is that kind
+    read off the stored repetitions (the file's own kind stays in `stored_latency_us`); a label without the
+    repetitions that kind needs (CPU times were first stored as their median only) raises."""
+    own = label_kind(con) if kind is not None else None
     rows = con.execute("SELECT k.key, k.family, k.dtype, k.shape_key, k.params, k.mlir, l.latency_us, l.spread, "
                        "l.figures, l.reps FROM kernels k JOIN labels l ON k.key = l.key WHERE l.error IS NULL "
                        "ORDER BY k.rowid")
@@ -73,6 +83,10 @@ def labelled(con: sqlite3.Connection) -> list[dict]:
         d["params"] = json.loads(d["params"])
         d["reps"] = json.loads(d["reps"] or "[]")  # each repetition's real time per call (us)
         d.update(json.loads(d.pop("figures")))
+        if kind is not None and kind != own:
+            cpu = d.get("cpu_reps") or ([d["cpu_us"]] if kind == "cpu_median" and "cpu_us" in d else [])
+            d["stored_latency_us"] = d["latency_us"]
+            d["latency_us"] = label_value(kind, d["reps"], cpu)
         out.append(d)
     return out
 

@@ -112,5 +112,17 @@ def vector(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Host
     return [float(f[name]) for name in NAMES]
 
 
+# IREE's default for a shape has no tile: what decides between it and the tiles is the shape alone
+SHAPE_NAMES = ("log_m", "log_n", "log_k", "log_mnk", "div16_m", "div16_n", "div16_k", "rem64_m", "rem64_n",
+               "rem16_k")
+
+
+def shape_vector(m: int, n: int, k: int) -> list[float]:
+    """Shape-only features (SHAPE_NAMES) of an (M, N, K) matmul, for the tile-or-default switch."""
+    l2 = math.log2
+    return [l2(m), l2(n), l2(k), l2(m * n * k), float(m % 16 == 0), float(n % 16 == 0), float(k % 16 == 0),
+            (m % DIST) / DIST, (n % DIST) / DIST, (k % 16) / 16]
+
+
 def host_info(host: Host = Host()) -> dict:
     return asdict(host)

@@ -81,6 +81,7 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
               "(held-out shapes)", file=sys.stderr)
     bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose)
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
+                       label_kind=meta.get("label_kind", "real_median"),
                        split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bundle.save(str(out))

@@ -55,11 +55,14 @@ class Outcome:
                 "gap_to_best": self.gap_to_best, "spread": self.spread}
 
 
-def outcome(predicted: dict[str, float], measured: dict[str, float]) -> Outcome:
-    """The model picks the candidate tile with the lowest predicted latency (the default is the reference)."""
+def outcome(predicted: dict[str, float], measured: dict[str, float], with_default: bool = False) -> Outcome:
+    """The model picks the candidate tile with the lowest predicted latency (the default is the reference).
+    `with_default` (the tile-or-default switch): IREE's default is a candidate too, for the pick and for the
+    exhaustive best."""
     tiles = [k for k in predicted if k != "default"]
-    pick = min(tiles, key=lambda k: predicted[k])
-    best = min(tiles, key=lambda k: measured[k])
+    choice = tiles + ["default"] if with_default else tiles
+    pick = min(choice, key=lambda k: predicted[k])
+    best = min(choice, key=lambda k: measured[k])
     return Outcome(pick, measured[pick], measured["default"], best, measured[best], max(measured[k] for k in tiles),
                    len(tiles))
 
@@ -83,9 +86,11 @@ def rank_candidates(cands: dict[str, str], function: str | None = None, model: s
     """Order the candidates: (sort key per candidate, lower = faster; predicted latency per candidate; what
     ranked them). The tile ranker orders the tiles when its asset exists (the sequence model still gives
     the level, so predicted_us = the model's geometric mean over the tiles x the ranker's relative factor);
-    without it, the sequence model's predicted latency alone."""
+    without it, the sequence model's predicted latency alone. IREE's default has a sort key only when the
+    ranker carries the tile-or-default switch."""
     from pathlib import Path
 
+    from memfit.plan.cost import tiles
     from memfit.plan.cost.parse import pick_function
     from memfit.plan.cost.predict import predict_many
     from memfit.plan.cost.ranker import DEFAULT_RANKER, TileRanker, candidate_matrix
@@ -100,13 +105,17 @@ def rank_candidates(cands: dict[str, str], function: str | None = None, model: s
     X, _ = candidate_matrix([pick_function(cands[k], function) for k in names])
     r = TileRanker.load(path)
     scores = dict(zip(names, r.scores(X).tolist()))
+    gate = r.default_scores(np.array([tiles.shape_vector(*tiles.shape_and_tile(pick_function(cands["default"],
+                                                                                            function))[0])]))
     if r.objective == "relative":
         level = float(np.mean([np.log(seq[k]) for k in names]))
         pred = {k: float(np.exp(level + scores[k])) for k in names}
     else:
         pred = {k: seq[k] for k in names}
-    pred["default"] = seq["default"]
-    return {**scores, "default": 0.0}, pred, f"tile ranker ({path.name})"
+    pred["default"] = seq["default"] if gate is None else float(np.exp(level + gate[0]))
+    if gate is None:
+        return scores, pred, f"tile ranker ({path.name})"
+    return {**scores, "default": float(gate[0])}, pred, f"tile ranker with the tile-or-default switch ({path.name})"
 
 
 def tune(mlir: str, function: str | None = None, model: str | None = None, measure: bool = False,
@@ -114,7 +123,9 @@ def tune(mlir: str, function: str | None = None, model: str | None = None, measu
     """Rank the candidates of one program; with `measure`, also compile and time every one (IREE needed)."""
     cands = candidates(mlir)
     keys, preds, by = rank_candidates(cands, function, model, ranker, use_ranker)
-    ranking = sorted((k for k in cands if k != "default"), key=lambda k: keys[k])
+    # IREE's default is ranked only by a ranker with the tile-or-default switch (its key is in `keys`)
+    with_default = "default" in keys and by.startswith("tile ranker")
+    ranking = sorted((k for k in cands if k != "default" or with_default), key=lambda k: keys[k])
     out: dict = {"ranked_by": by, "ranking": [{"candidate": k, "predicted_us": preds[k]} for k in ranking],
                  "pick": ranking[0], "predicted_default_us": preds["default"], "pick_program": cands[ranking[0]]}
     if measure:
@@ -129,12 +140,12 @@ def tune(mlir: str, function: str | None = None, model: str | None = None, measu
             except CompileError as exc:
                 failed[k] = str(exc).splitlines()[1] if "\n" in str(exc) else str(exc)
         out["measured_us"], out["failed"] = measured, failed
-        keys = {k: v for k, v in keys.items() if k in measured}
-        out["outcome"] = outcome(keys, measured).as_dict()
+        keys = {k: v for k, v in keys.items() if k in measured and (k != "default" or with_default)}
+        out["outcome"] = outcome({**keys, "default": keys.get("default", 0.0)}, measured, with_default).as_dict()
     return out
 
 
-def dataset_outcomes(rows: list[dict], predicted: dict[str, float]) -> list[Outcome]:
+def dataset_outcomes(rows: list[dict], predicted: dict[str, float], with_default: bool = False) -> list[Outcome]:
     """Outcomes over the dataset's tuned kernels: rows of family TUNED grouped by shape, every candidate
     labelled; `predicted` maps a row key to its predicted latency."""
     groups: dict[str, dict[str, tuple[float, float]]] = {}
@@ -144,5 +155,5 @@ def dataset_outcomes(rows: list[dict], predicted: dict[str, float]) -> list[Outc
         groups.setdefault(r["shape_key"], {})[name] = (predicted[r["key"]], r["latency_us"])
     # a candidate the compiler rejected has no label: a tuner whose pick fails to compile takes the next one
     # in the model's ranking, which is what picking among the compiled candidates does
-    return [outcome({k: v[0] for k, v in g.items()}, {k: v[1] for k, v in g.items()})
+    return [outcome({k: v[0] for k, v in g.items()}, {k: v[1] for k, v in g.items()}, with_default)
             for g in groups.values() if "default" in g and len(g) > 2]

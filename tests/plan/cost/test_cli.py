@@ -83,6 +83,31 @@ def test_label_resumes(tmp_path):
     rows = store.labelled(con)
     assert all(r["latency_us"] > 0 and r["instructions"] > 0 for r in rows)
     assert store.meta(con)["iree_version"] == iree.version()
+    # the label is the kind the file records, read off the CPU times stored beside the real ones
+    assert store.meta(con)["label_kind"] == iree.DEFAULT_LABEL_KIND == "cpu_median"
+    for r in rows:
+        assert len(r["cpu_reps"]) == len(r["reps"]) == 2
+        assert r["latency_us"] == pytest.approx(sorted(r["cpu_reps"])[0] / 2 + sorted(r["cpu_reps"])[1] / 2)
+        assert r["real_median_us"] == pytest.approx(sum(r["reps"]) / 2)
+
+
+@needs_iree
+def test_label_refuses_to_mix_kinds_in_one_file(tmp_path, capsys):
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    store.add_kernels(con, [families.KernelSpec("elementwise", "f32", {"shape": [64], "ops": ["relu"],
+                                                                        "fused": True}),
+                            families.KernelSpec("elementwise", "f32", {"shape": [128], "ops": ["exp"],
+                                                                        "fused": True})])
+    args = ["costmodel", "label", "--db", str(db), "--repetitions", "2", "--min-time", "0.01", "--no-progress"]
+    assert main([*args, "--limit", "1", "--label-kind", "real_min"]) == 0
+    assert store.meta(con)["label_kind"] == "real_min"
+    (row,) = store.labelled(con)
+    assert row["latency_us"] == min(row["reps"])
+    capsys.readouterr()
+    assert main(args) == 2  # the default kind (cpu_median) into a file of real_min labels
+    assert "holds labels of kind real_min" in capsys.readouterr().err
+    assert store.counts(con)["labelled"] == 1
 
 
 def test_eval_and_train_on_a_synthetic_dataset(tmp_path, capsys):

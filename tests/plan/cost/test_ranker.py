@@ -115,3 +115,41 @@ def test_train_ranker_from_a_dataset(tmp_path):
     assert out["test_shapes"] + out["train_shapes"] == 12
     back = TileRanker.load(tmp_path / "r.json")
     assert back.info["test"]["kernels"] == out["test_shapes"] and back.info["train_groups"] == out["train_shapes"]
+
+
+def _default_latency(m: int, n: int, k: int) -> float:
+    """A made-up IREE default: half the best tile's time on small M, twice the best tile's otherwise."""
+    best = min(synthetic_latency(m, n, k, t) for t in GOOD)
+    return best * (0.5 if m < 100 else 2.0)
+
+
+def test_switch_learns_when_the_default_wins_and_survives_save_load(tmp_path):
+    pytest.importorskip("lightgbm")
+    X, y, g, shapes = synthetic(80, seed=4)
+    r = TileRanker().fit(X, y, g, RankerConfig(n_estimators=100))
+    assert r.default_scores(np.zeros((1, len(tiles.SHAPE_NAMES)))) is None  # no switch: always a tile
+    S = np.array([tiles.shape_vector(*s) for s in shapes])
+    rel = np.array([math.log(_default_latency(*s)) - y[g == i].mean() for i, s in enumerate(shapes)])
+    r.fit_default(S, rel, RankerConfig(n_estimators=200))
+    Xt, yt, gt, test_shapes = synthetic(30, seed=5)
+    St = np.array([tiles.shape_vector(*s) for s in test_shapes])
+
+    def right_calls(model, S_):
+        """Shapes where the switch's call (IREE's default, or the ranker's best tile) is the faster one."""
+        d, s = model.default_scores(S_), model.scores(Xt)
+        ok = 0
+        for i, shape in enumerate(test_shapes):
+            j = gt == i
+            takes_default = d[i] < s[j].min()
+            ok += takes_default == (_default_latency(*shape) < np.exp(yt[j]).min())
+        return ok
+
+    good = right_calls(r, St)
+    assert good >= 28  # of 30 shapes it never saw
+    # the switch reads the shape: shuffled across shapes, it must call worse (the test can fail)
+    assert right_calls(r, St[np.random.default_rng(0).permutation(len(St))]) < good - 3
+    path = tmp_path / "r.json"
+    r.save(path)
+    back = TileRanker.load(path)
+    np.testing.assert_array_equal(back.default_scores(St), r.default_scores(St))
+    np.testing.assert_array_equal(back.scores(Xt), r.scores(Xt))

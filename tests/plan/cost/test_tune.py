@@ -76,3 +76,31 @@ def test_tune_chooses_by_the_ranker(tmp_path):
     assert plain["pick"] == min((k for k in seq if k != "default"), key=lambda k: seq[k]["latency_us"])
     with pytest.raises(CostModelError, match="no tile ranker"):
         tune(TINY_MATMUL, ranker=str(tmp_path / "missing.json"))
+
+
+def test_outcome_with_the_default_as_a_candidate():
+    predicted = {"default": 0.5, "a": 1.0, "b": 2.0}
+    measured = {"default": 9.0, "a": 11.0, "b": 10.0}
+    o = outcome(predicted, measured, with_default=True)
+    assert (o.pick, o.best) == ("default", "default") and o.speedup_over_default == 1.0 and o.gap_to_best == 0
+    # without the switch the default is only the reference: the pick and the best are tiles
+    o = outcome(predicted, measured)
+    assert (o.pick, o.best) == ("a", "b")
+
+
+def test_tune_takes_the_default_when_the_switch_says_so(tmp_path):
+    import numpy as np
+
+    from memfit.plan.cost.ranker import TileRanker
+    from memfit.plan.cost.trees import Tree
+    from memfit.plan.cost.tune import tune
+
+    r = TileRanker.load(_hand_ranker(tmp_path / "ranker.json"))
+    # one leaf: the default scores `v` on the tiles' scale, where the best tile (16x32x1) scores -2
+    for v, pick in ((-3.0, "default"), (-1.0, "tile_16x32x1")):
+        r.default_trees = [Tree(np.array([], int), np.array([]), np.array([], int), np.array([], int),
+                                np.array([v]))]
+        r.save(tmp_path / "switch.json")
+        out = tune(TINY_MATMUL, ranker=str(tmp_path / "switch.json"))
+        assert out["pick"] == pick and "tile-or-default switch" in out["ranked_by"]
+        assert out["pick_program"] == candidates(TINY_MATMUL)[pick]
