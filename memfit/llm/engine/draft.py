@@ -176,6 +176,7 @@ class Draft:
         cfg = engine.config
         kv = create_kv_cache(cfg.kv_cache, self.layout, self.kv_budget, **_kv_options(cfg))
         runner = ModelRunner(self.model, kv, engine.device)
+        runner.scratch = engine.runner.scratch  # one step arena for both models (they never run at once)
         runner.stack = self.backends.decode_stack(self.model, kv)  # the draft's one-token passes in one C++ call
         return SpecDecoder(engine.runner, runner, int(cfg.num_speculative_tokens), cfg.max_num_batched_tokens,
                            adaptive=cfg.speculative_adaptive, tree=cfg.speculative_tree)

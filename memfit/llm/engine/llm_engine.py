@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from memfit.llm.engine import ledger
+from memfit.llm.engine import ledger, step_arena
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import Draft
 from memfit.llm.engine.errors import QueueFull, RequestError
@@ -104,6 +104,8 @@ class LLMEngine:
             self.kv, self.swap,
         )
         self.runner = rank.make_runner(self.model, self.kv, shard_kv, self.device, self.tp, self.backends)
+        self.runner.scratch = step_arena.build(self.ledger, [self.model] + ([self.draft.model] if self.draft else []),
+                                               self.device, config.max_num_batched_tokens, self.tp)
         self.spec = self.draft.decoder(self) if self.draft is not None else None  # engine/spec_decode.py
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
@@ -314,6 +316,7 @@ class LLMEngine:
             "kv_waste_bytes": st.waste_bytes, "kv_budget_bytes": st.budget_bytes, "tokens_held": st.tokens_held,
             "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
             "workspace_bytes": self.runner.workspace.nbytes,
+            "step_arena_bytes": self.runner.scratch.committed_bytes if self.runner.scratch is not None else 0,
             "memory_budget_bytes": self.ledger.limit_bytes, "memory_reserved_bytes": self.ledger.used_bytes,
             "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
             "kv_commit_failures": getattr(self.kv, "commit_failures", 0),

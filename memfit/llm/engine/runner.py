@@ -5,15 +5,19 @@ It turns the scheduler's plain description of a step into batch tensors, runs th
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from memfit.llm.kernels import large_m
 from memfit.llm.kernels.attention import CachedAttention, Workspace
+from memfit.llm.kernels.scratch_layout import step_regions
 from memfit.llm.kv.base import KVCacheManager, SeqStep
 from memfit.llm.models.llama import LlamaForCausalLM
 from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.sampling import Sampler
 from memfit.llm.engine.step import ScheduledSeq, StepResult
+from memfit.memory.scratch import ScratchArena
 
 SMALL_STEP = 64  # steps of up to this many tokens keep their exact size (decode batches)
 STEP_BUCKET = 32  # larger steps are padded to a multiple of this
@@ -33,6 +37,19 @@ class ModelRunner:
         self.workspace = Workspace()  # decode attention's K/V copies reuse this memory across layers and steps
         self._by_slot = kv.fixed_stride  # the cache hands consecutive slots out as one view
         self.stack = None  # memfit.llm.kernels.stack.CpuDecodeStack, set by the engine where it can run
+        # The step arena (memory/scratch.py) the model's intermediates are written into, set by the engine where
+        # memfit's CPU kernels run (they take `out=`); None: every intermediate is a tensor of its own.
+        self.scratch: ScratchArena | None = None
+
+    def step_scratch(self, rows: int) -> contextlib.AbstractContextManager:
+        """The step arena laid out for a model pass of `rows` rows (the padded step), active inside the block;
+        a block without one where the runner has none. Views into it are valid until the next pass."""
+        if self.scratch is None:
+            return contextlib.nullcontext()
+        layer = self.model.model.layers[0] if len(self.model.model.layers) else None
+        block = getattr(getattr(layer, "mlp", None), "row_block", 0)
+        dtype = self.model.model.norm.weight.dtype
+        return self.scratch.step(step_regions(self.model.config, rows, dtype, block))
 
     def _order(self, scheduled: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
         """Decode sequences first (ordered by cache slot, so the virtual cache can hand out one strided
@@ -77,14 +94,15 @@ class ModelRunner:
                                self.workspace, self.model.ops)
         # A step with prefill rows may run its many-row matmuls on the kernel measured fastest for them
         # (kernels/large_m.py); a pure decode step keeps the decode kernels, whose bits its rows had before.
-        with large_m.prefill_step(num_decode < len(ordered)):
-            hidden = self.model(ids_t, pos_t, attn)  # (N, C)
+        with large_m.prefill_step(num_decode < len(ordered)), self.step_scratch(padded):
+            hidden = self.model(ids_t, pos_t, attn)  # (N, C), in the step arena where there is one
+            picked = hidden.index_select(0, torch.tensor(sample_rows, device=self.device)) if sampled else None
+        del hidden
         for item in ordered:
             item.seq.num_computed += item.num_new
         if not sampled:
             return StepResult([], [], [])
-        rows = torch.tensor(sample_rows, device=self.device)
-        return self._sample(self.model.compute_logits(hidden.index_select(0, rows)), sampled)
+        return self._sample(self.model.compute_logits(picked), sampled)
 
     def _sample(self, logits: torch.Tensor, sampled: list[Sequence]) -> StepResult:
         """logits: (S, V) in the model dtype (the sampler widens), one row per sampling sequence."""

@@ -63,9 +63,11 @@ def forward(runner: ModelRunner, chunks: list[tuple[int, int, list[int]]], all_r
     pos.extend([0] * (padded - num_real))
     attn = CachedAttention(kv, steps, len(single), model.scale, model.config.sliding_window, num_real,
                            runner.workspace, model.ops)
-    hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                   attn)  # (N, C)
-    return model.compute_logits(hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev)))
+    with runner.step_scratch(padded):
+        hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                       attn)  # (N, C), in the step arena where the runner has one
+        picked = hidden.index_select(0, torch.tensor(_rows(chunks, first_row, all_rows), device=dev))
+    return model.compute_logits(picked)
 
 
 def _groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:

@@ -91,9 +91,10 @@ def tree_forward(runner: ModelRunner, chunks: list[TreeChunk]) -> torch.Tensor:
     pos.extend([0] * (padded - num_real))
     model, dev = runner.model, runner.device
     attn = TreeAttention(runner.kv, chunks, model.scale, model.config.sliding_window, num_real)
-    hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                   attn)  # (padded, C)
-    return model.compute_logits(hidden[:num_real])  # (num_real, V)
+    with runner.step_scratch(padded):
+        hidden = model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                       attn)  # (padded, C), in the step arena where the runner has one
+        return model.compute_logits(hidden[:num_real])  # (num_real, V)
 
 
 def compact(kv: KVCacheManager, moves: list[tuple[int, int, TokenTree, list[int]]]) -> None:

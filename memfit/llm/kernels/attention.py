@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
 from memfit.llm.kernels.slot_runs import SlotRun, slot_runs
+from memfit.llm.kernels.scratch_layout import ATTN_OUT
+from memfit.memory import scratch
 
 
 class AttentionBackend(Protocol):
@@ -242,7 +244,9 @@ class CachedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n, b = self.num_real, self.num_decode
-        out = torch.empty_like(q)
+        out = scratch.take(ATTN_OUT, tuple(q.shape), q.dtype)  # (N, Hq, D): the step arena's, where one is active
+        if out is None:
+            out = torch.empty_like(q)
         if q.shape[0] > n:
             out[n:] = 0  # padding rows (see ModelRunner): attend to nothing
         first = 0

@@ -123,7 +123,12 @@ class BlockedLinear(nn.Module):
         self._fns.unpack(self.packed.data_ptr(), w.data_ptr(), self.out_features, self.in_features, self.nb)
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_out = True  # forward(x, out=...): models/llama.py's step-arena call sites ask for it
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where to write the (M, N) result when it is a contiguous CPU tensor of that shape and the weight's
+        dtype (the step arena, memfit/memory/scratch.py), else a new tensor is made; the result is returned either
+        way. The kernel writes each output element once, so the bits do not depend on where."""
         if x.dtype != self.dtype or x.device.type != "cpu":
             raise TypeError(f"BlockedLinear holds a {self.dtype} CPU weight; got a {x.dtype} input on {x.device} "
                             f"(convert the input, or keep an nn.Linear for this layer)")
@@ -137,7 +142,9 @@ class BlockedLinear(nn.Module):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         m = x2.shape[0]
-        y = torch.empty(m, n, dtype=self.dtype)  # (M, N)
+        ok = (out is not None and out.shape == (m, n) and out.dtype == self.dtype and out.is_contiguous()
+              and out.device.type == "cpu" and out.data_ptr() != x2.data_ptr())
+        y = out if ok else torch.empty(m, n, dtype=self.dtype)  # (M, N)
         if m >= LARGE_M and large_m.in_prefill_step():
             self._many_rows(x2, y)
         elif m:

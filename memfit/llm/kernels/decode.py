@@ -54,6 +54,11 @@ def _rows_ok(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
 
 
+def _out_ok(out: torch.Tensor | None, like: torch.Tensor) -> bool:
+    """Can a kernel write a result shaped and typed like `like` (2-D) into `out` (an `out=` hint)?"""
+    return out is not None and out.shape == like.shape and out.dtype == like.dtype and _rows_ok(out)
+
+
 @functools.lru_cache(maxsize=64)
 def _strides(strides: tuple[int, ...]) -> torch.Tensor:
     """Strides as the int64 array the kernels take, made once per layout (a fresh tensor costs microseconds a
@@ -93,19 +98,22 @@ class CpuDecodeOps(TorchOps):
         return all(t.dtype == self.dtype and t.device.type == "cpu" for t in ts) and not (
             torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
-    def add_rms_norm(self, x, residual, weight, eps):
+    def add_rms_norm(self, x, residual, weight, eps, out=None):
         if not (self._takes(x, weight) and _rows_ok(x) and weight.is_contiguous()
                 and (residual is None or (self._takes(residual) and _rows_ok(residual) and residual.shape == x.shape))):
             return super().add_rms_norm(x, residual, weight, eps)
         m, c = x.shape
-        y = torch.empty(m, c, dtype=x.dtype)  # (N, C)
+        h_out, y_out = out if out is not None else (None, None)
+        # The kernel reads a row of x and the residual whole before writing that row of h and y, so h may be the
+        # residual itself (the step arena updates the stream in place); y must not overlap x.
+        y = y_out if _out_ok(y_out, x) else torch.empty(m, c, dtype=x.dtype)  # (N, C)
         if residual is None:
             h, r_ptr, ldr, ro_ptr = x, None, 0, None
         else:
-            h = torch.empty(m, c, dtype=x.dtype)  # the new residual stream
+            h = h_out if _out_ok(h_out, x) else torch.empty(m, c, dtype=x.dtype)  # the new residual stream
             r_ptr, ldr, ro_ptr = residual.data_ptr(), residual.stride(0), h.data_ptr()
-        self._fn["rmsnorm"](x.data_ptr(), x.stride(0), r_ptr, ldr, ro_ptr, c, weight.data_ptr(), eps, y.data_ptr(),
-                            c, m, c)
+        self._fn["rmsnorm"](x.data_ptr(), x.stride(0), r_ptr, ldr, ro_ptr, h.stride(0), weight.data_ptr(), eps,
+                            y.data_ptr(), y.stride(0), m, c)
         return h, y
 
     def rope(self, q, k, cos, sin_signed):
@@ -119,15 +127,17 @@ class CpuDecodeOps(TorchOps):
                          sin_signed.data_ptr(), d, n)
         return q, k
 
-    def silu_mul(self, gate, up):
+    def silu_mul(self, gate, up, out=None):
         # Below a few rows PyTorch's two vectorised ops beat the call's own overhead (benchmarks/decode_kernels.py:
         # 1 x 2048: 3.8 us against 7.7; 32 x 2048: 51 against 50 in bf16, 39 against 25 in fp32).
         if gate.dim() != 2 or gate.shape[0] < SILU_MIN_ROWS or not (
                 self._takes(gate, up) and _rows_ok(gate) and _rows_ok(up) and gate.shape == up.shape):
             return super().silu_mul(gate, up)
         m, i = gate.shape
-        y = torch.empty(m, i, dtype=gate.dtype)
-        self._fn["silu_mul"](gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), y.data_ptr(), i, m, i)
+        # Element by element, each read before it is written: out may be gate itself (any row stride).
+        y = out if _out_ok(out, gate) else torch.empty(m, i, dtype=gate.dtype)
+        self._fn["silu_mul"](gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), y.data_ptr(), y.stride(0),
+                             m, i)
         return y
 
     def can_attend(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:

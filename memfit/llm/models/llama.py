@@ -14,6 +14,20 @@ from torch import nn
 from memfit.llm.kernels.attention import AttentionBackend, DenseCausalAttention
 from memfit.llm.models.config import ModelConfig, rope_inv_freq
 from memfit.llm.models.ops import TORCH_OPS, TorchOps
+from memfit.llm.kernels.scratch_layout import ATTN_OUT, HIDDEN, NORMED, RESIDUAL, WORK
+from memfit.memory import scratch
+
+
+def _linear(mod: nn.Module, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """mod(x), written into `out` where the module takes an output (memfit's BlockedLinear); else as usual."""
+    return mod(x, out=out) if out is not None and getattr(mod, "takes_out", False) else mod(x)
+
+
+def _norm_out(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The step arena's (residual, normed) regions for a fused add + norm of x (N, C); None outside a step."""
+    if scratch.active() is None or x.dim() != 2:
+        return None
+    return scratch.take(RESIDUAL, tuple(x.shape), x.dtype), scratch.take(NORMED, tuple(x.shape), x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -28,8 +42,9 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, None, self.weight, self.eps)[1]
 
     def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + x, RMSNorm(residual + x)): the pre-norm block's residual add fused with its norm."""
-        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+        """(residual + x, RMSNorm(residual + x)): the pre-norm block's residual add fused with its norm. In a step
+        arena the residual stream is updated in place and the norm goes to the NORMED region."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps, _norm_out(x))
 
 
 class RotaryEmbedding(nn.Module):
@@ -94,15 +109,17 @@ class Attention(nn.Module):
         n = x.shape[0]
         if self.qkv_proj is not None:
             dq, dkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = self.qkv_proj(x).split([dq, dkv, dkv], dim=-1)  # column slices of (N, dq + 2 dkv)
+            qkv = _linear(self.qkv_proj, x, scratch.take(WORK, (n, dq + 2 * dkv), x.dtype))  # (N, dq + 2 dkv)
+            q, k, v = qkv.split([dq, dkv, dkv], dim=-1)  # column slices
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(n, self.n_heads, self.head_dim)  # (N, Hq, D)
         k = k.view(n, self.n_kv, self.head_dim)  # (N, Hkv, D)
         v = v.view(n, self.n_kv, self.head_dim)
         q, k = rope.apply(q, k)
-        out = attn(self.layer_idx, q, k, v)  # (N, Hq, D)
-        return self.o_proj(out.reshape(n, self.n_heads * self.head_dim))
+        out = attn(self.layer_idx, q, k, v)  # (N, Hq, D), in the ATTN_OUT region in a step arena
+        return _linear(self.o_proj, out.reshape(n, self.n_heads * self.head_dim),
+                       scratch.take(HIDDEN, (n, self.o_proj.out_features), x.dtype))  # (N, C)
 
 
 class MLP(nn.Module):
@@ -124,21 +141,38 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.row_block
         n = x.shape[0]
+        # In a step arena the output goes to the HIDDEN region (o_proj's output there was read by the norm before
+        # this runs), each block's rows written in place.
+        out = scratch.take(HIDDEN, (n, self.down_proj.out_features), x.dtype) if x.dim() == 2 else None
         if not b or x.dim() != 2 or n < 2 * b:
-            return self._rows(x)
-        out = x.new_empty(n, self.down_proj.out_features)  # (N, C)
-        for lo in range(0, n - n % b - b, b):  # whole blocks but the last, which takes the b..2b-1 left
-            out[lo : lo + b] = self._rows(x[lo : lo + b])
-        lo = n - n % b - b
-        out[lo:] = self._rows(x[lo:])
+            return self._rows(x, out)
+        arena = out is not None
+        if not arena:  # each block's output made, then copied in (accounting.mlp_bytes counts it)
+            out = x.new_empty(n, self.down_proj.out_features)  # (N, C)
+        last = n - n % b - b  # whole blocks but the last, which takes the b..2b-1 rows left
+        for lo, hi in [(lo, lo + b) for lo in range(0, last, b)] + [(last, n)]:
+            if arena:
+                self._rows(x[lo:hi], out[lo:hi])
+            else:
+                out[lo:hi] = self._rows(x[lo:hi])
         return out
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """down(SiLU(gate(x)) * up(x)) for x (M, C), written into `out` (M, C) when given; returns the result."""
+        act_out = None
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each
+            work = scratch.take(WORK, (x.shape[0], self.gate_up_proj.out_features), x.dtype) if x.dim() == 2 else None
+            both = _linear(self.gate_up_proj, x, work)  # (M, 2I)
+            gate, up = both.chunk(2, dim=-1)  # (M, I) each, row stride 2I
+            if work is not None and both.data_ptr() == work.data_ptr():
+                act_out = gate  # in the arena: the product overwrites the gate half, element by element
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.ops.silu_mul(gate, up))
+        y = _linear(self.down_proj, self.ops.silu_mul(gate, up, act_out), out)  # (M, C)
+        if out is not None and y.data_ptr() != out.data_ptr():
+            out.copy_(y)
+            return out
+        return y
 
 
 class DecoderLayer(nn.Module):
@@ -154,6 +188,7 @@ class DecoderLayer(nn.Module):
         """Pre-norm block, with the residual stream carried beside the block output (as vLLM does) so each
         residual add fuses with the norm that follows it: returns (block output, residual before it)."""
         residual, h = self.input_layernorm.add(x, residual)  # residual += x (x alone at layer 0)
+        # (in a step arena: residual in RESIDUAL, h in NORMED, the block outputs in HIDDEN; scratch_layout.py)
         residual, h = self.post_attention_layernorm.add(self.self_attn(h, rope, attn), residual)
         return self.mlp(h), residual
 

@@ -1,6 +1,10 @@
 """The decoder's element-wise math (RMSNorm, rotary embedding, SwiGLU's product) and the greedy pick, as one
 swappable object.
 
+`out` arguments are hints: where a method can write its result into the given tensors (memfit's kernels, for the
+step arena of memfit/memory/scratch.py) it does and returns them; the reference ignores them. Callers use what
+is returned, never `out` itself.
+
 `TorchOps` is the reference, in PyTorch, and what training and autograd use. A model's modules call
 `self.ops.<op>`; the engine may swap in `memfit.llm.kernels.decode.CpuDecodeOps`, which runs the same math
 in memfit's C++ kernels on the CPU at inference time (and falls back to these methods for anything else).
@@ -12,9 +16,10 @@ import torch.nn.functional as F
 
 
 class TorchOps:
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """h = residual + x (h = x without a residual); returns (h, RMSNorm(h) * weight). x: (N, C)."""
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = residual + x (h = x without a residual); returns (h, RMSNorm(h) * weight). x: (N, C). out: (h, normed)
+        hints (h's may be `residual` itself)."""
         h = x if residual is None else residual + x
         # Normalise in float32 (as the reference implementation does), scale in the model dtype.
         hf = h.float()
@@ -28,8 +33,8 @@ class TorchOps:
         half = q.shape[-1] // 2
         return q * cos + q.roll(half, -1) * sin_signed, k * cos + k.roll(half, -1) * sin_signed
 
-    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up, (N, I) each."""
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """SiLU(gate) * up, (N, I) each. out: a hint (may be `gate` itself)."""
         return F.silu(gate) * up
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""The engine's step arena: one ScratchArena (memfit/memory/scratch.py) for every model pass of the target and the
+draft, sized for the largest step the scheduler can form and carved out of the ledger's step reservation.
+
+A pass of N rows lays its intermediates out in four regions (kernels/scratch_layout.py) that every layer reuses,
+so what a step holds beside the KV cache is that layout, committed once and kept, instead of whatever the C heap
+grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU kernels run
+(they write into `out=`), outside tensor parallelism (its shards' passes keep their own tensors).
+"""
+from __future__ import annotations
+
+import torch
+
+from memfit.llm.engine.runner import bucket_tokens
+from memfit.llm.kernels.scratch_layout import step_bytes
+from memfit.memory.budget import MemoryBudget
+from memfit.memory.mapping import round_up
+from memfit.memory.scratch import ScratchArena
+from memfit.memory.vmem import VirtualArena
+
+OWNER = "step_scratch"  # its reservation in the ledger, moved there from "step"
+
+
+def row_block(model: torch.nn.Module) -> int:
+    """The MLP's row block of `model` (models/llama.py: MLP.row_block), 0 for whole steps."""
+    layers = model.model.layers
+    return getattr(layers[0].mlp, "row_block", 0) if len(layers) else 0
+
+
+def capacity_bytes(models: list[torch.nn.Module], max_num_batched_tokens: int) -> int:
+    """The arena the largest step of any of `models` needs (rows padded as the runner pads them)."""
+    rows = bucket_tokens(max_num_batched_tokens)
+    return max(step_bytes(m.config, rows, m.model.norm.weight.dtype, row_block(m)) for m in models)
+
+
+def build(ledger: MemoryBudget, models: list[torch.nn.Module], device: torch.device, max_num_batched_tokens: int,
+          tp: object | None = None) -> ScratchArena | None:
+    """The arena for `models`' passes, its capacity moved in `ledger` from "step" to OWNER; None where it does not
+    apply (not memfit's CPU kernels, a GPU, tensor parallelism). The capacity is at most the step reservation: a
+    step whose layout exceeds it (none the reservation's formula allows) runs on ordinary tensors."""
+    if tp is not None or device.type != "cpu" or not all(hasattr(m.ops, "decode_attention") for m in models):
+        return None
+    held = ledger.by_owner().get("step", 0)
+    page = VirtualArena.page_size_for(device)
+    cap = min(round_up(capacity_bytes(models, max_num_batched_tokens), page), held // page * page)
+    if cap <= 0:
+        return None
+    arena = ScratchArena(cap, device, owner=OWNER)  # whole pages: its capacity is cap
+    ledger.release(arena.capacity, "step")
+    ledger.reserve(arena.capacity, OWNER)
+    return arena

@@ -1,0 +1,122 @@
+"""ScratchArena: one preallocated region for a step's transient tensors, carved into named regions per step.
+
+Why: a model step's intermediates (a prefill layer's projections, norms, attention output, MLP blocks) are
+made and freed layer after layer. Left to the C heap they come from wherever malloc finds room, and a
+prefill pass grew glibc's heap by 4.9 MiB for 3.2 MiB of tensors (benchmarks/speculative_memory_breakdown.py),
+pages it keeps after the step. Here the caller lays a step out once, as named regions sized from the step's
+rows (`begin({"qkv": nbytes, ...})`), and every layer writes its intermediates into those same bytes
+(`take("qkv", shape, dtype)` -> a view), so what the step holds is the layout's size, known before it runs.
+
+Memory: a `VirtualArena` (memory/vmem.py: anonymous mmap, 4 KiB pages, committed with MADV_POPULATE_WRITE)
+of `capacity` bytes, checked against a budget of its own of that size: `begin` commits the pages the step's
+layout needs, all or nothing, and they stay committed for the next step (the high-water mark, at most the
+capacity; `trim` gives back the pages above a size). The owner reserves the capacity in its ledger up front
+(the engine carves it out of its step reservation), so a commit can never run past what the ledger holds.
+
+The active step is a context variable: code deep in a model asks `take(...)` without being handed the arena,
+and gets None where no step is active, a region it does not know, or a shape that does not fit, and then
+allocates as usual. A view stays valid until the next `begin` reuses the bytes: nothing may keep one past its
+step.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.mapping import round_up
+from memfit.memory.vmem import VirtualArena
+
+__all__ = ["ALIGN", "ScratchArena", "active", "take"]
+
+ALIGN = 64  # each region starts on a cache line
+_active: contextvars.ContextVar[ScratchArena | None] = contextvars.ContextVar("memfit_scratch", default=None)
+
+
+class ScratchArena:
+    """`capacity` bytes of address space, committed on demand up to the largest step laid out in it."""
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu", owner: str = "step_scratch") -> None:
+        self.capacity = round_up(max(int(capacity), 1), VirtualArena.page_size_for(device))
+        self.budget = MemoryBudget(self.capacity, Tier.DEVICE, name=owner)
+        self.arena = VirtualArena(self.capacity, device, budget=self.budget, owner=owner)
+        self._base = self.arena.tensor()  # (capacity,) uint8, a view: touches nothing
+        self._regions: dict[str, tuple[int, int]] = {}  # name -> (offset, bytes) of the current step
+        self.steps = 0  # steps laid out
+        self.overflows = 0  # steps whose layout exceeded the capacity (they ran on ordinary allocations)
+        self.high_water_bytes = 0  # the largest layout a step used
+
+    @staticmethod
+    def layout_bytes(regions: Mapping[str, int]) -> int:
+        """The bytes a layout of `regions` (name -> bytes) takes, each region ALIGN-aligned."""
+        return sum(round_up(n, ALIGN) for n in regions.values())
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.arena.committed_bytes
+
+    @contextlib.contextmanager
+    def step(self, regions: Mapping[str, int]) -> Iterator[ScratchArena | None]:
+        """Lay the step out as `regions` (name -> bytes), commit them, and make this arena the active one while
+        the block runs (yields it; None, and nothing active, when the layout exceeds the capacity)."""
+        ok = self.begin(regions)
+        token = _active.set(self if ok else None)
+        try:
+            yield self if ok else None
+        finally:
+            _active.reset(token)
+
+    def begin(self, regions: Mapping[str, int]) -> bool:
+        """Lay out a new step; False (no regions) when it does not fit the capacity."""
+        need = self.layout_bytes(regions)
+        self._regions = {}
+        self.steps += 1
+        if need > self.capacity:
+            self.overflows += 1
+            return False
+        if need:
+            self.arena.commit(0, need)  # the pages stay committed for later steps (idempotent)
+        off = 0
+        for name, n in regions.items():
+            self._regions[name] = (off, n)
+            off += round_up(n, ALIGN)
+        self.high_water_bytes = max(self.high_water_bytes, need)
+        return True
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A contiguous `shape` tensor of `dtype` at the start of region `name`, or None when the step has no
+        such region or it is too small. The bytes are whatever the last user left there."""
+        region = self._regions.get(name)
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        if region is None or nbytes > region[1]:
+            return None
+        off = region[0]
+        return self._base[off : off + nbytes].view(dtype).view(shape)
+
+    def trim(self, keep_bytes: int = 0) -> int:
+        """Give back the committed pages above `keep_bytes`; returns the bytes given back."""
+        keep = round_up(max(0, keep_bytes), self.arena.page_size)
+        if keep >= self.capacity:
+            return 0
+        return self.arena.decommit(keep, self.capacity - keep)
+
+    def close(self) -> None:
+        self._regions = {}
+        self.arena.close()
+
+
+def active() -> ScratchArena | None:
+    """The arena of the step running in this thread or task, or None."""
+    return _active.get()
+
+
+def take(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """`ScratchArena.take` on the active step's arena; None when no step is active (allocate as usual)."""
+    arena = _active.get()
+    return None if arena is None else arena.take(name, shape, dtype)

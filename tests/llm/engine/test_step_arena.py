@@ -1,0 +1,133 @@
+"""The step arena (engine/step_arena.py, memory/scratch.py): a model pass writes its intermediates into it with the
+same bits as without it (fp32 and bf16, whole and row-blocked MLPs, the engine's prefill, decode and speculative
+passes); what the pass takes from PyTorch's allocator (its own [memory] events, AllocatorMeter) falls by about the
+arena's layout, whose pages the kernel holds exactly (/proc/self/pagemap); its capacity comes out of the ledger's
+step reservation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memfit.llm.engine.api import LLM
+from memfit.llm.engine.params import SamplingParams
+from memfit.llm.engine.runner import ModelRunner
+from memfit.llm.engine.step_arena import OWNER, row_block
+from memfit.llm.kernels import large_m
+from memfit.llm.kernels.attention import DenseCausalAttention
+from memfit.llm.kernels.scratch_layout import step_bytes
+from memfit.memory.allocator import AllocatorMeter
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+from tests.llm.kernels.common import need
+from tests.llm.kv.kernel_pages import resident_pages
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def engine(request):
+    need(getattr(torch, request.param))
+    # no prefix caching: a prompt seen before would skip its prefill, and its cached K/V change a pass's chunks
+    return LLM(model="memfit-tiny", dtype=request.param, enable_prefix_caching=False).engine
+
+
+@pytest.mark.parametrize("rows", [5, 70, 150, 200])  # under 64; one whole MLP; blocked MLPs, the last 86 / 72 rows
+def test_a_pass_in_the_arena_has_the_same_bits(engine, rows):
+    model = engine.model
+    assert engine.runner.scratch is not None
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(0, model.config.vocab_size, (rows,), generator=g)
+    pos = torch.arange(rows)
+    with torch.inference_mode(), large_m.prefill_step(True):
+        want = model(ids, pos, DenseCausalAttention([rows], model.scale)).clone()
+        with engine.runner.step_scratch(rows) as arena:
+            assert arena is engine.runner.scratch
+            got = model(ids, pos, DenseCausalAttention([rows], model.scale))
+            # the final norm's output is the arena's (NORMED region), not a tensor of its own
+            lo = arena.arena.address
+            assert lo <= got.data_ptr() < lo + arena.capacity
+            got = got.clone()
+    assert torch.equal(got, want)
+
+
+def _logits_of(eng, prompts, params, monkeypatch, arena: bool) -> list[torch.Tensor]:
+    """Every logits tensor the engine sampled from (target and draft runners), with or without the arena."""
+    seen: list[torch.Tensor] = []
+    sample = ModelRunner._sample
+
+    def recording(self, logits, sampled):
+        seen.append(logits.clone())
+        return sample(self, logits, sampled)
+
+    monkeypatch.setattr(ModelRunner, "_sample", recording)
+    kept = eng.runner.scratch
+    runners = [eng.runner] + ([eng.spec.draft] if getattr(eng, "spec", None) is not None else [])
+    for r in runners:
+        r.scratch = kept if arena else None
+    try:
+        outs = LLM.__new__(LLM)
+        outs.engine, outs.tokenizer = eng, eng.tokenizer
+        tokens = [o.token_ids for o in outs.generate(prompts, params)]
+    finally:
+        for r in runners:
+            r.scratch = kept
+    return seen + [torch.tensor(t) for t in tokens]
+
+
+def test_engine_steps_are_bit_identical_with_and_without_the_arena(engine, monkeypatch):
+    """Prompts of 1 to ~300 tokens batched together: mixed decode + prefill steps, padded steps, row-blocked MLPs."""
+    prompts = ["x", "def f(a, b):\n    return a + b\n" * 6, "The quick brown fox " * 15, "import os\n" * 30]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with_arena = _logits_of(engine, prompts, params, monkeypatch, arena=True)
+    without = _logits_of(engine, prompts, params, monkeypatch, arena=False)
+    assert len(with_arena) == len(without)
+    assert all(torch.equal(a, b) for a, b in zip(with_arena, without))
+
+
+def test_speculative_passes_share_the_arena_and_keep_their_bits(monkeypatch):
+    eng = LLM(model="memfit-tiny", dtype="float32", speculative_model="memfit-tiny-draft",
+              num_speculative_tokens=3, enable_prefix_caching=False).engine
+    assert eng.spec.draft.scratch is eng.runner.scratch is not None
+    prompts = ["Once upon a time", "def add(a, b):\n" * 12]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with_arena = _logits_of(eng, prompts, params, monkeypatch, arena=True)
+    steps = eng.runner.scratch.steps
+    without = _logits_of(eng, prompts, params, monkeypatch, arena=False)
+    assert steps > 0 and eng.runner.scratch.steps == steps  # the passes ran in the arena, then without it
+    assert all(torch.equal(a, b) for a, b in zip(with_arena, without)) and len(with_arena) == len(without)
+
+
+def test_the_allocator_gives_up_what_the_arena_holds(engine):
+    """One 200-token prefill step: measured by PyTorch's allocator events, the pass allocates at least 60% of the
+    arena's layout less than without the arena, and the kernel holds exactly the layout's pages for the arena."""
+    model = engine.model
+    runner = engine.runner
+    arena = runner.scratch
+    rows = 200
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(5, model.config.vocab_size, (rows,), generator=g).tolist()
+    params = SamplingParams(max_tokens=1, temperature=0)
+    llm = LLM.__new__(LLM)
+    llm.engine, llm.tokenizer = engine, engine.tokenizer
+    llm.generate(sampling_params=params, prompt_token_ids=[prompt])  # warm-up: kernel choices, tables
+    peaks = {}
+    for use in (False, True):
+        runner.scratch = arena if use else None
+        try:
+            with AllocatorMeter() as meter:
+                llm.generate(sampling_params=params, prompt_token_ids=[prompt])
+        finally:
+            runner.scratch = arena
+        peaks[use] = meter.peak_bytes
+    dtype = model.model.norm.weight.dtype
+    layout = step_bytes(model.config, 224, dtype, row_block(model))  # 200 rows, padded to 224 by the runner
+    assert peaks[False] - peaks[True] >= 0.6 * layout, (peaks, layout)
+    held = int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE
+    assert held == arena.committed_bytes == arena.budget.used_bytes
+    assert layout <= held <= arena.capacity
+
+
+def test_the_arena_is_carved_out_of_the_step_reservation():
+    base = LLM(model="memfit-tiny", dtype="float32", enable_prefix_caching=False).engine
+    parts = base.ledger.by_owner()
+    arena = base.runner.scratch
+    assert parts[OWNER] == arena.capacity > 0
+    # what the step reservation's formula gave, split between the arena and the rest
+    assert parts["step"] + parts[OWNER] == base.memory_plan.step_bytes

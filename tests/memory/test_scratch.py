@@ -1,0 +1,79 @@
+"""ScratchArena: a step commits exactly its layout's pages (read from /proc/self/pagemap, not from the arena's own
+counters), they are kept for later steps and given back by trim; regions never overlap; outside a step, or past
+the capacity, nothing is handed out."""
+import pytest
+import torch
+
+from memfit.memory import scratch
+from memfit.memory.scratch import ALIGN, ScratchArena
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
+from tests.llm.kv.kernel_pages import resident_pages
+
+
+def resident(arena: ScratchArena) -> int:
+    return int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE
+
+
+def test_a_step_commits_its_layout_and_keeps_it():
+    arena = ScratchArena(64 * PAGE)
+    try:
+        assert resident(arena) == 0 and arena.committed_bytes == 0
+        regions = {"a": 3 * PAGE + 8, "b": 5 * PAGE}  # "a" rounds up to a cache line: b starts off a page boundary
+        need = ScratchArena.layout_bytes(regions)
+        assert need == 3 * PAGE + ALIGN + 5 * PAGE
+        with arena.step(regions) as active:
+            assert active is arena and scratch.active() is arena
+            a = scratch.take("a", (3 * PAGE // 4 + 2,), torch.float32)
+            b = scratch.take("b", (5 * PAGE,), torch.uint8)
+            a.fill_(1.0)
+            b.fill_(7)
+            assert a.data_ptr() + a.numel() * 4 <= b.data_ptr()  # no overlap
+            assert torch.all(a == 1.0)  # b's writes did not reach a
+        pages = -(-need // PAGE)
+        assert resident(arena) == arena.committed_bytes == arena.budget.used_bytes == pages * PAGE
+        assert arena.high_water_bytes == need
+        with arena.step({"a": PAGE}):  # a smaller step reuses the pages: nothing new, nothing given back
+            pass
+        assert resident(arena) == pages * PAGE
+        assert arena.trim(PAGE) == (pages - 1) * PAGE
+        assert resident(arena) == arena.committed_bytes == PAGE
+    finally:
+        arena.close()
+
+
+def test_take_refuses_what_the_step_did_not_lay_out():
+    arena = ScratchArena(4 * PAGE)
+    try:
+        assert scratch.take("a", (4,), torch.float32) is None  # no step active
+        with arena.step({"a": 16}):
+            assert scratch.take("a", (4,), torch.float32) is not None
+            assert scratch.take("a", (5,), torch.float32) is None  # larger than the region
+            assert scratch.take("b", (1,), torch.float32) is None  # not laid out
+        assert scratch.active() is None
+        with arena.step({"a": 5 * PAGE}) as active:  # past the capacity: ordinary tensors, nothing committed
+            assert active is None and scratch.take("a", (1,), torch.float32) is None
+        assert arena.overflows == 1 and resident(arena) == PAGE  # the first step's page only
+    finally:
+        arena.close()
+
+
+def test_steps_nest_and_restore_the_outer_arena():
+    outer, inner = ScratchArena(2 * PAGE), ScratchArena(2 * PAGE)
+    try:
+        with outer.step({"x": 64}):
+            with inner.step({"x": 64}):
+                assert scratch.active() is inner
+            assert scratch.active() is outer
+    finally:
+        outer.close()
+        inner.close()
+
+
+def test_capacity_is_whole_pages():
+    arena = ScratchArena(PAGE + 1)
+    try:
+        assert arena.capacity == 2 * PAGE
+        with pytest.raises(Exception):
+            arena.budget.reserve(3 * PAGE, "x")  # the arena's own budget is its capacity
+    finally:
+        arena.close()
