@@ -5,8 +5,9 @@
 repetition's real and CPU time with the 1-minute load average at the start of the run. `summary` then reads,
 for every label kind (iree.LABEL_KINDS) and pinning, the MAPE of one run's label predicting another run's
 (the noise floor a perfect model would still show against those labels), and, for each kind, its error
-against the quiet real time: the median real time of the runs taken at the lowest load, which is what
-`latency_us` promises (`iree-benchmark-module --device=local-sync` on a quiet machine)."""
+against the quiet real time, which is what `latency_us` promises (`iree-benchmark-module
+--device=local-sync` on a quiet machine): the median real time of the runs taken at the lowest load, and
+the median real time of the repetitions that were not kept off their core (real time = CPU time)."""
 from __future__ import annotations
 
 import json
@@ -128,12 +129,37 @@ def summary(con, keys: list[str] | None = None, quiet_load: float | None = None)
                 lab = iree.label_value(kind, r["real"], r["cpu"])
                 errs[kind].append(abs(lab - ref) / ref)
                 ratios[kind].append(lab / ref)
+    out["undisturbed"] = _undisturbed(by_key)
     if quiet_loads:
         out["quiet"] = {"quiet_load_max": limit, "quiet_load_mean": sum(quiet_loads) / len(quiet_loads),
                         "loaded_load_mean": sum(loaded_loads) / len(loaded_loads), "runs_judged": len(loaded_loads),
                         "mape": {k: sum(e) / len(e) for k, e in errs.items()},
                         "median_ratio": {k: statistics.median(x) for k, x in ratios.items()}}
     return out
+
+
+def _undisturbed(by_key: dict[str, list[dict]], slack: float = 1.02) -> dict:
+    """A second quiet reference that needs no quiet machine: a repetition whose real time is within `slack`
+    of its CPU time was not kept off its core, so its real time is a quiet one. Per kernel with at least
+    two such repetitions, each run's label of each kind against their median real time."""
+    errs: dict[str, list[float]] = {k: [] for k in iree.LABEL_KINDS}
+    ratios: dict[str, list[float]] = {k: [] for k in iree.LABEL_KINDS}
+    kernels = 0
+    for v in by_key.values():
+        ok = [a for r in v for a, c in zip(r["real"], r["cpu"]) if a <= slack * c]
+        if len(ok) < 2:
+            continue
+        kernels += 1
+        ref = statistics.median(ok)
+        for r in v:
+            for kind in iree.LABEL_KINDS:
+                lab = iree.label_value(kind, r["real"], r["cpu"])
+                errs[kind].append(abs(lab - ref) / ref)
+                ratios[kind].append(lab / ref)
+    if not kernels:
+        return {"kernels": 0}
+    return {"kernels": kernels, "mape": {k: sum(e) / len(e) for k, e in errs.items()},
+            "median_ratio": {k: statistics.median(x) for k, x in ratios.items()}}
 
 
 def floor(con) -> dict:

@@ -57,6 +57,8 @@ def test_measure(kernel, capsys):
     assert main(["costmodel", "measure", str(kernel), "--json", "--repetitions", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["latency_us"] > 0 and out["vector_fma"] > 0
+    assert out["label_kind"] == "cpu_median" and out["real_median_us"] > 0
+    assert out["latency_us"] == pytest.approx(sum(out["figures"]["cpu_reps"]) / 2)  # the median of 2
 
 
 @needs_iree

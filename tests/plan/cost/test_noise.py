@@ -39,6 +39,11 @@ def test_cpu_time_is_quieter_when_real_time_waits_for_a_core(tmp_path):
     assert q["mape"]["cpu_median"] == pytest.approx(0.005)
     assert q["mape"]["real_median"] == pytest.approx(0.7)
     assert q["median_ratio"]["real_median"] == pytest.approx(1.7)
+    # repetitions whose real time is their CPU time (within 2%): 100, 100, 101 of the quiet run, 100 of the
+    # third; their median real time (100) is the reference: the CPU medians 100, 101, 100 against it
+    u = s["undisturbed"]
+    assert u["kernels"] == 1 and u["mape"]["cpu_median"] == pytest.approx(0.01 / 3)
+    assert u["median_ratio"]["real_median"] == pytest.approx(1.4)
 
 
 def test_floor_reports_the_files_own_kind(tmp_path):
