@@ -75,18 +75,32 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
     bar = _bar(len(todo), progress)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         futures = {pool.submit(_one, row["mlir"], cfg): row["key"] for row in todo}
-        for fut in as_completed(futures):
-            key = futures[fut]
-            result = fut.result()
-            if isinstance(result, Measurement):
-                store.put_label(con, key, latency_us=result.latency_us, spread=result.spread, reps=result.reps,
-                                figures=result.figures, iree_version=version, host_cpu=cpu,
-                                seconds=result.seconds)
-            else:
-                store.put_label(con, key, error=result, iree_version=version, host_cpu=cpu)
-            bar.update(1)
+        try:
+            _store_as_done(con, futures, version, cpu, bar)
+        except KeyboardInterrupt:
+            # leaving the pool waits for its queue: drop what has not started, or Ctrl-C would time (and not
+            # store) every kernel left
+            for fut in futures:
+                fut.cancel()
+            raise
     bar.close()
     return store.counts(con)
+
+
+def _store_as_done(con, futures: dict, version: str, cpu: str, bar) -> None:
+    """Commit each label as its timing lands (so an interrupted run resumes)."""
+    for fut in as_completed(futures):
+        key = futures[fut]
+        result = fut.result()
+        if isinstance(result, Measurement):
+            store.put_label(con, key, latency_us=result.latency_us, spread=result.spread, reps=result.reps,
+                            figures=result.figures, iree_version=version, host_cpu=cpu,
+                            seconds=result.seconds)
+        else:
+            store.put_label(con, key, error=result, iree_version=version, host_cpu=cpu)
+        bar.update(1)
+
+
 
 
 def _one(mlir: str, cfg: LabelConfig) -> Measurement | str:
