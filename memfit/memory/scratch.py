@@ -9,9 +9,13 @@ rows (`begin({"qkv": nbytes, ...})`), and every layer writes its intermediates i
 
 Memory: a `VirtualArena` (memory/vmem.py: anonymous mmap, 4 KiB pages, committed with MADV_POPULATE_WRITE)
 of `capacity` bytes, checked against a budget of its own of that size: `begin` commits the pages the step's
-layout needs, all or nothing, and they stay committed for the next step (the high-water mark, at most the
-capacity; `trim` gives back the pages above a size). The owner reserves the capacity in its ledger up front
-(the engine carves it out of its step reservation), so a commit can never run past what the ledger holds.
+layout needs, all or nothing, and when the step ends the pages above `keep_bytes` are given back (MADV_DONTNEED),
+so between steps the arena holds at most `keep_bytes` (None: keep the high-water mark). Measured on memfit-large's
+budgeted speculative workload (benchmarks/speculative_memory_breakdown.py): with the pages kept, the 2-3 MiB of a
+second-turn prefill's layout stayed committed through every decode step and the workload's peak did not fall;
+given back, a step costs about one page fault per 4 KiB of its layout (MADV_POPULATE_WRITE), small beside a
+prefill pass. The owner reserves the capacity in its ledger up front (the engine carves it out of its step
+reservation), so a commit can never run past what the ledger holds.
 
 The active step is a context variable: code deep in a model asks `take(...)` without being handed the arena,
 and gets None where no step is active, a region it does not know, or a shape that does not fit, and then
@@ -39,8 +43,10 @@ _active: contextvars.ContextVar[ScratchArena | None] = contextvars.ContextVar("m
 class ScratchArena:
     """`capacity` bytes of address space, committed on demand up to the largest step laid out in it."""
 
-    def __init__(self, capacity: int, device: torch.device | str = "cpu", owner: str = "step_scratch") -> None:
+    def __init__(self, capacity: int, device: torch.device | str = "cpu", owner: str = "step_scratch",
+                 keep_bytes: int | None = 0) -> None:
         self.capacity = round_up(max(int(capacity), 1), VirtualArena.page_size_for(device))
+        self.keep_bytes = keep_bytes  # committed bytes kept between steps (None: all of the high-water mark)
         self.budget = MemoryBudget(self.capacity, Tier.DEVICE, name=owner)
         self.arena = VirtualArena(self.capacity, device, budget=self.budget, owner=owner)
         self._base = self.arena.tensor()  # (capacity,) uint8, a view: touches nothing
@@ -68,6 +74,9 @@ class ScratchArena:
             yield self if ok else None
         finally:
             _active.reset(token)
+            self._regions = {}
+            if self.keep_bytes is not None and self.committed_bytes > self.keep_bytes:
+                self.trim(self.keep_bytes)
 
     def begin(self, regions: Mapping[str, int]) -> bool:
         """Lay out a new step; False (no regions) when it does not fit the capacity."""
@@ -78,7 +87,7 @@ class ScratchArena:
             self.overflows += 1
             return False
         if need:
-            self.arena.commit(0, need)  # the pages stay committed for later steps (idempotent)
+            self.arena.commit(0, need)  # idempotent: pages kept from an earlier step stay as they are
         off = 0
         for name, n in regions.items():
             self._regions[name] = (off, n)

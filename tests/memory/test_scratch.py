@@ -1,6 +1,6 @@
 """ScratchArena: a step commits exactly its layout's pages (read from /proc/self/pagemap, not from the arena's own
-counters), they are kept for later steps and given back by trim; regions never overlap; outside a step, or past
-the capacity, nothing is handed out."""
+counters) and gives back all but `keep_bytes` when it ends (or keeps them, keep_bytes=None, until trim); regions
+never overlap; outside a step, or past the capacity, nothing is handed out."""
 import pytest
 import torch
 
@@ -14,8 +14,22 @@ def resident(arena: ScratchArena) -> int:
     return int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE
 
 
-def test_a_step_commits_its_layout_and_keeps_it():
-    arena = ScratchArena(64 * PAGE)
+def test_a_step_holds_its_layout_and_gives_it_back_after():
+    arena = ScratchArena(64 * PAGE, keep_bytes=PAGE)
+    try:
+        regions = {"a": 10 * PAGE, "b": 3 * PAGE}
+        with arena.step(regions):
+            assert resident(arena) == arena.committed_bytes == arena.budget.used_bytes == 13 * PAGE
+            scratch.take("b", (3 * PAGE,), torch.uint8).fill_(1)
+        assert resident(arena) == arena.committed_bytes == arena.budget.used_bytes == PAGE  # keep_bytes
+        assert arena.high_water_bytes == 13 * PAGE
+        assert scratch.take("a", (1,), torch.uint8) is None
+    finally:
+        arena.close()
+
+
+def test_kept_pages_stay_for_the_next_step_until_trimmed():
+    arena = ScratchArena(64 * PAGE, keep_bytes=None)
     try:
         assert resident(arena) == 0 and arena.committed_bytes == 0
         regions = {"a": 3 * PAGE + 8, "b": 5 * PAGE}  # "a" rounds up to a cache line: b starts off a page boundary
@@ -52,7 +66,7 @@ def test_take_refuses_what_the_step_did_not_lay_out():
         assert scratch.active() is None
         with arena.step({"a": 5 * PAGE}) as active:  # past the capacity: ordinary tensors, nothing committed
             assert active is None and scratch.take("a", (1,), torch.float32) is None
-        assert arena.overflows == 1 and resident(arena) == PAGE  # the first step's page only
+        assert arena.overflows == 1 and resident(arena) == 0  # the first step's page was given back after it
     finally:
         arena.close()
 

@@ -81,6 +81,8 @@ class LLMEngine:
         # Under TP the draft runs on rank 0 only (docs/parallel.md): the workers verify, they never draft.
         drafts = config.speculative_model and (self.tp is None or self.tp.is_driver)
         self.draft = Draft.load(self, backend_options) if drafts else None
+        # A worker verifies rank 0's drafts: the gathered logits and a tree's masks go in its own ledger.
+        rank.reserve_verification(self.ledger, stored, config, self.max_model_len, dtype, self.tp)
         # The KV cache's share: what the ledger has left, capped by kv_budget (or by what every slot could hold).
         kv_opts = kv_class.engine_options(max_num_seqs=config.max_num_seqs, block_size=config.block_size,
                                           kv_layout=config.kv_layout, prefault=config.kv_prefault,

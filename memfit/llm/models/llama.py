@@ -119,7 +119,7 @@ class Attention(nn.Module):
         q, k = rope.apply(q, k)
         out = attn(self.layer_idx, q, k, v)  # (N, Hq, D), in the ATTN_OUT region in a step arena
         return _linear(self.o_proj, out.reshape(n, self.n_heads * self.head_dim),
-                       scratch.take(HIDDEN, (n, self.o_proj.out_features), x.dtype))  # (N, C)
+                       scratch.take(HIDDEN, (n, x.shape[-1]), x.dtype))  # (N, C): C in, C out
 
 
 class MLP(nn.Module):
@@ -143,7 +143,7 @@ class MLP(nn.Module):
         n = x.shape[0]
         # In a step arena the output goes to the HIDDEN region (o_proj's output there was read by the norm before
         # this runs), each block's rows written in place.
-        out = scratch.take(HIDDEN, (n, self.down_proj.out_features), x.dtype) if x.dim() == 2 else None
+        out = scratch.take(HIDDEN, (n, x.shape[-1]), x.dtype) if x.dim() == 2 else None  # (N, C): C in, C out
         if not b or x.dim() != 2 or n < 2 * b:
             return self._rows(x, out)
         arena = out is not None
@@ -161,7 +161,8 @@ class MLP(nn.Module):
         """down(SiLU(gate(x)) * up(x)) for x (M, C), written into `out` (M, C) when given; returns the result."""
         act_out = None
         if self.gate_up_proj is not None:
-            work = scratch.take(WORK, (x.shape[0], self.gate_up_proj.out_features), x.dtype) if x.dim() == 2 else None
+            work = (scratch.take(WORK, (x.shape[0], self.gate_up_proj.out_features), x.dtype)
+                    if x.dim() == 2 and scratch.active() is not None else None)
             both = _linear(self.gate_up_proj, x, work)  # (M, 2I)
             gate, up = both.chunk(2, dim=-1)  # (M, I) each, row stride 2I
             if work is not None and both.data_ptr() == work.data_ptr():

@@ -25,9 +25,12 @@ from memfit.llm.models.loader import load_model
 from memfit.llm.parallel import shard
 from memfit.llm.parallel.group import TPGroup
 from memfit.llm.parallel.mirror import DriverRunner, RecordingKV, ShardRunner
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
 
 __all__ = ["agree_kv_share", "kv_heads", "load", "make_runner", "mirror_kv", "model_config", "parallelize",
-           "set_threads"]
+           "reserve_verification", "set_threads", "verification_bytes"]
+
+VERIFY_OWNER = "spec_verify"  # a worker's share of speculative verification, in its own ledger
 
 
 def set_threads(config: EngineConfig, tp: TPGroup | None) -> None:
@@ -88,3 +91,39 @@ def make_runner(model: nn.Module, kv: KVCacheManager, shard_kv: KVCacheManager, 
     if tp.is_driver:
         return DriverRunner(ModelRunner(model, shard_kv, device), kv, tp)  # type: ignore[arg-type]
     return ShardRunner(model, shard_kv, device)  # type: ignore[arg-type]
+
+
+def verification_bytes(shard: ModelConfig, world: int, config: EngineConfig, max_model_len: int,
+                       dtype: torch.dtype) -> int:
+    """What a worker holds for rank 0's speculative verification passes (parallel/mirror.py: ShardRunner.run_message),
+    beyond the step its ledger already reserves: for `config.max_num_seqs` sequences of R rows each (a chain's g + 1,
+    a W,D tree's W x D + 1 nodes, the larger where both can run),
+    - the logits: its (S, Vp) shard of the head, the `world` (S, Vp) blocks all-gathered and their (S, world x Vp)
+      concatenation (group.all_gather_last), all alive at once: S x Vp x (1 + 2 world) in the model's dtype;
+    - a tree's masks (engine/spec_tree_forward.py): each sequence's ancestor mask (R x R bool) and its attention mask
+      over the context (R x (context + R) bool).
+    Rank 0 reserves its own (the draft's buffers, engine/draft.py); its workers never load the draft."""
+    batch = config.max_num_seqs
+    chain = (config.num_speculative_tokens or 1) + 1
+    tree = config.speculative_tree
+    nodes = tree[0] * tree[1] + 1 if isinstance(tree, tuple) else 0
+    rows = max(chain, nodes)
+    logits = batch * rows * shard.vocab_size * (1 + 2 * world) * dtype.itemsize
+    masks = batch * (nodes * nodes + nodes * (max_model_len + nodes))
+    return logits + masks
+
+
+def reserve_verification(ledger: MemoryBudget, shard: ModelConfig, config: EngineConfig, max_model_len: int,
+                         dtype: torch.dtype, tp: TPGroup | None) -> int:
+    """On a worker of a speculative engine, reserve `verification_bytes` in its ledger (before its KV share is
+    computed, so the share all ranks agree on leaves room for it); 0 elsewhere. Returns the bytes reserved."""
+    if tp is None or tp.is_driver or not config.speculative_model:
+        return 0
+    nbytes = verification_bytes(shard, tp.world, config, max_model_len, dtype)
+    if not ledger.try_reserve(nbytes, VERIFY_OWNER):
+        raise MemoryBudgetExceeded(
+            f"tensor-parallel rank {tp.rank}: speculative verification needs {format_bytes(nbytes)} (the gathered "
+            f"logits{' and the tree masks' if config.speculative_tree else ''} of {config.max_num_seqs} sequences) but "
+            f"the memory budget has {format_bytes(ledger.available_bytes)} left after the model; raise --memory-budget "
+            "or lower --max-num-seqs / --num-speculative-tokens / --speculative-tree")
+    return nbytes
