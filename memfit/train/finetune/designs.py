@@ -227,13 +227,13 @@ class MemAscend(HostMemoryDesign):
 
 def _schedule_classes(groups: list[Group], itemsize: int, window: int) -> dict[int, int]:
     """Slot bytes -> count for the step's fetch schedule (executor.py: units embed .. head, then back down to
-    the embedding), of which at most `window` consecutive units hold slots at once (the prefetcher's
+    layer 0: the embedding's backward fetches nothing), of which at most `window` consecutive units hold slots at once (the prefetcher's
     depth + 1). The i-th largest slot is the largest i-th largest group over every window, so whatever is in
     flight together has a slot at least its size: the embedding and an untied output layer, at the two ends
     of the schedule, share one slot, and only `window` layers' slots are kept."""
     tied = not any(name == "lm_head.weight" for name, _ in groups[-1].params)
     units = unit_groups(groups, tied)
-    schedule = units + units[-2::-1]
+    schedule = units + units[-2:0:-1]
     sizes = [round_up(g.numel * itemsize, IO_ALIGN) for g in groups]
     slots: list[int] = []
     for at in range(max(len(schedule) - window + 1, 1)):

@@ -5,10 +5,12 @@ Order of a step (K = layers + 2 units: embed, layers, head):
            activation checkpoint, on the device or in host memory);
   head     forward and backward at once (its weights are fetched once for both), its logits a chunk of
            tokens at a time (units.py: never the whole (tokens, vocabulary) matrix);
-  backward units K-2 .. 0: fetch the unit's weights again, recompute its forward from the saved input with
+  backward units K-2 .. 1: fetch the unit's weights again, recompute its forward from the saved input with
            autograd on, backpropagate the incoming gradient, add the weight gradients into the group's fp32
            gradient (store.grad), hand the input gradient to the unit before; then tell the store which
            groups' gradients are complete (store.grad_done: with streamed gradients, AdamW updates them there).
+  embed    unit 0: its output's gradient added into the rows of the batch's tokens (no weights fetched, no
+           autograd: the dense (V, C) gradient autograd would make is never held).
 
 Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
 from the forward instead; the arithmetic is the same, so the losses are identical either way.
@@ -27,7 +29,7 @@ import torch
 
 from memfit.train.finetune.gradients import last_units
 from memfit.train.finetune.store import GroupStore
-from memfit.train.finetune.units import Batch, Group, State, UnitRunner
+from memfit.train.finetune.units import Batch, Group, State, UnitRunner, embedding_grad_rows
 
 
 class Prefetcher:
@@ -128,8 +130,8 @@ class StepExecutor:
         n_units = len(self.unit_groups)
         head = n_units - 1
         schedule = list(range(n_units))
-        if self.cfg.recompute:
-            schedule += list(range(head - 1, -1, -1))
+        if self.cfg.recompute:  # the layers again for the backward; the embedding's needs no weights
+            schedule += list(range(head - 1, 0, -1))
         fetcher = Prefetcher(self.store, [self.unit_groups[k] for k in schedule], self.cfg.depth)
         try:
             return self._run(batch, loss_scale, fetcher, head)
@@ -166,6 +168,10 @@ class StepExecutor:
         self._completed(head)
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward
+            if k == 0:  # the embedding: its gradient is its output's, added into the rows of the batch's tokens
+                self._embedding_backward(batch, grads[0])
+                self._completed(0)
+                break
             if recompute:
                 fetched = fetcher.next()
                 inputs = _leaf_inputs(self._load(saved.pop()))
@@ -182,6 +188,19 @@ class StepExecutor:
             del outs, pairs  # this unit's graph, before its groups are updated
             self._completed(k)
         return float(loss.detach())
+
+    def _embedding_backward(self, batch: Batch, grad: torch.Tensor) -> None:
+        """Unit 0's backward without autograd: the embedding's gradient rows for the batch's tokens only
+        (units.embedding_grad_rows: autograd's adds, not its dense (V, C) tensor), added into the group's fp32
+        gradient; the weights are not needed, so the backward does not fetch them."""
+        gi = self.unit_groups[0][0]
+        name = "model.embed_tokens.weight"
+        start, n = _name_offsets(self.groups[gi])[name]
+        shape = dict(self.groups[gi].params)[name]  # (V, C)
+        dst = self.store.grad(gi)[start : start + n].view(shape)
+        tokens, rows = embedding_grad_rows(batch.ids.reshape(-1), grad)  # (U,), (U, C)
+        # distinct rows: each element gets one float32 add, as the dense gradient's add did (its other rows were 0)
+        dst.index_add_(0, tokens.to(dst.device), rows.to(dst.device, torch.float32))
 
     def _completed(self, k: int) -> None:
         for gi in self.completes.get(k, ()):
