@@ -59,13 +59,20 @@ class AllocatorMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
-        from torch.autograd.profiler import profile
+        from torch._C._profiler import ProfilerActivity, RecordScope, _ExperimentalConfig
+        from torch.autograd import ProfilerConfig, ProfilerState, _enable_profiler, _prepare_profiler
 
         os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter (no GPU here, ...) to silence
         # autograd's profiler, not its torch.profiler wrapper: the wrapper's start asks `hasattr(torch,
-        # "_inductor")`, which imports torch._inductor and torch._dynamo, ~150 MiB of RSS in the measured process
-        self._prof = profile(use_cpu=True, profile_memory=True, record_shapes=False, with_stack=False)
-        self._prof.__enter__()
+        # "_inductor")`, which imports torch._inductor and torch._dynamo, ~150 MiB of RSS in the measured process.
+        # Operators are recorded only in the user scope (record_function blocks), not every op: the allocator's
+        # events come through the profiler's memory hook either way, and a finetune step's op records took
+        # tens of MiB of RSS in the process measured (0.1B: ~50 MiB at the metered step's peak).
+        config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+        activities = {ProfilerActivity.CPU}
+        _prepare_profiler(config, activities)
+        _enable_profiler(config, activities, {RecordScope.USER_SCOPE})
+        self._prof = True
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,18 +82,20 @@ class AllocatorMeter:
             net = torch.cuda.memory_allocated(self.device) - self._start
             self.result = AllocatorPeak(max(0, peak), net, 0)
             return
-        prof, self._prof = self._prof, None
-        prof.__exit__(*exc)
+        from torch.autograd import _disable_profiler
+
+        self._prof = None
+        events = _disable_profiler().events()
         if exc[0] is None:  # a block that raised measured nothing worth reading
-            self.result = _peak_of(prof)
+            self.result = _peak_of(events)
 
 
-def _peak_of(prof) -> AllocatorPeak:
+def _peak_of(recorded) -> AllocatorPeak:
     """The running sum of the CPU allocator's signed [memory] events, in time order, never below 0: a free of a
     block allocated before the block began is not the block's to credit. PyTorch drops such frees when it never
     saw the allocation, but its size table keeps entries from earlier profiled blocks, so a free at a reused
     address may still be reported (seen once in CI: 16 MB freed before a 1 MB allocation read as a peak of 0)."""
-    events = sorted(((e.start_ns(), e.nbytes()) for e in prof.kineto_results.events()
+    events = sorted(((e.start_ns(), e.nbytes()) for e in recorded
                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
                     key=lambda ev: ev[0])  # stable: events at one timestamp keep the order they were recorded in
     now = peak = 0
