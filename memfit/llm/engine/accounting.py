@@ -121,12 +121,27 @@ def mlp_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int =
     return 3 * rows * cfg.intermediate_size * itemsize + (rows * cfg.hidden_size * itemsize if blocked else 0)
 
 
+def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int = 0) -> int:
+    """What a prefill step's many-row matmuls allocate beside their outputs while one runs: the AMX kernel's
+    per-thread scratch (x's row block packed into tiles, one column block's sums: ~0.8-1.1 MiB a thread for
+    K of 768-2048), where memfit's blocked kernel runs (`mlp_block` nonzero, `mlp_row_block`) in bf16 on a
+    core with AMX and the step reaches BLOCKED_LARGE_M rows (kernels/large_m.amx_scratch_bytes); 0 elsewhere
+    (the AVX-512 kernel's scratch is a few KiB)."""
+    if not mlp_block or dtype != torch.bfloat16 or chunk < BLOCKED_LARGE_M:
+        return 0
+    from memfit.llm.kernels import large_m
+
+    ks = {k for _, k in linear_shapes(cfg, fused=True)}
+    return large_m.amx_scratch_bytes(chunk, ks, torch.get_num_threads())
+
+
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
                      in_place: bool = False, mlp_block: int = 0) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
     `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates (of one block of rows,
     at most 2 x mlp_block - 1, where the MLP runs in blocks: `mlp_row_block`), the attention mask (none where
-    memfit's kernels attend in place, `in_place`), and the float32 logits with their softmax."""
+    memfit's kernels attend in place, `in_place`), the float32 logits with their softmax, and the many-row
+    matmuls' scratch (`matmul_scratch_bytes`)."""
     itemsize = _itemsize(dtype)
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -141,7 +156,7 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
     mlp = mlp_bytes(cfg, dtype, chunk, mlp_block)
     logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
-    return residual + attn + scores + mlp + logits
+    return residual + attn + scores + mlp + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
 
 
 def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, in_place: bool = False) -> int:

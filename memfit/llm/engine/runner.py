@@ -93,8 +93,9 @@ class ModelRunner:
         attn = CachedAttention(self.kv, steps, num_decode, self.model.scale, cfg.sliding_window, num_real,
                                self.workspace, self.model.ops)
         # A step with prefill rows may run its many-row matmuls on the kernel measured fastest for them
-        # (kernels/large_m.py); a pure decode step keeps the decode kernels, whose bits its rows had before.
-        with large_m.prefill_step(num_decode < len(ordered)), self.step_scratch(padded):
+        # (kernels/large_m.py); a pure decode step keeps the decode kernels, whose bits its rows had before, and
+        # so do the decode rows (the first num_decode) of a step that also carries prefill rows.
+        with large_m.prefill_step(num_decode < len(ordered), num_decode), self.step_scratch(padded):
             hidden = self.model(ids_t, pos_t, attn)  # (N, C), in the step arena where there is one
             picked = hidden.index_select(0, torch.tensor(sample_rows, device=self.device)) if sampled else None
         del hidden

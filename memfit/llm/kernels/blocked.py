@@ -171,11 +171,18 @@ class BlockedLinear(nn.Module):
 
     def _many_rows(self, x2: torch.Tensor, y: torch.Tensor) -> None:
         """A prefill step's many rows: on the kernel kept for this weight's shape (large_m.choose measures it on
-        the first such call)."""
+        the first such call), but the step's decode rows among them (large_m.decode_rows, the first d) on the
+        decode kernel, by themselves, as a pure decode step of those rows runs them (the AMX kernel computes each
+        row alone, so the prefill rows' bits do not change either)."""
         names = large_m.candidates(self.dtype, self.in_features)
         runs = {name: (lambda name=name: self._run(name, x2, y)) for name in names}
         kernel = large_m.choose((self.out_features, self.in_features, self.nb), x2.shape[0], runs)
-        self._run(kernel, x2, y)
+        d = large_m.decode_rows(x2.shape[0]) if kernel != "avx512" else 0
+        if d:
+            self._run("avx512", x2[:d], y[:d])
+            x2, y = x2[d:], y[d:]
+        if x2.shape[0]:
+            self._run(kernel, x2, y)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "

@@ -23,17 +23,12 @@
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 #include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -134,23 +129,33 @@ struct Scratch {
 
 using BlockFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, bool);
 
+// Rows of x packed at a time for K values a row (whole 32-row tiles): about AMX_MB_BYTES of bf16, 64-512 rows.
+int64_t row_block(int64_t K) {
+    const int64_t mb = AMX_MB_BYTES / (K * 2) / 32 * 32;
+    return mb < 64 ? 64 : mb > 512 ? 512 : mb;
+}
+
+// Bytes of one thread's scratch for a call of M rows: the packed row block (rows rounded up to 32, K bf16 each)
+// and one column block's fp32 sums (32 a row), each rounded up to 64 bytes as Scratch allocates them.
+int64_t scratch_bytes(int64_t M, int64_t K) {
+    const int64_t rows = ((M < row_block(K) ? M : row_block(K)) + 31) / 32 * 32;
+    return (rows * 32 * 4 + 63) / 64 * 64 + (rows * K * 2 + 63) / 64 * 64;
+}
+
 bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t M,
          int64_t N, int64_t K, int64_t nb, int nthreads) {
     const int64_t steps = K / 2, panel_elems = steps * nb * 2, ldb = nb * 4, k32 = K / 32;
     // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core (a C loop over
     // the 0.1b layer's matmuls at 512 rows, not kept): 512 rows x 256 K values ~530 GMAC/s with W in cache,
     // 128-384 rows and 128-768 values 400-520; from L3 10-15% less.
-    const int64_t kc = AMX_KC / 32;
-    int64_t MB = AMX_MB_BYTES / (K * 2) / 32 * 32;
-    if (MB < 64) MB = 64;
-    if (MB > 512) MB = 512;
+    const int64_t kc = AMX_KC / 32, MB = row_block(K);
     // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
     const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
     std::atomic<bool> failed{false};  // scratch memory refused (by any thread)
     auto work = [&](int64_t cb0, int64_t cb1) {
         load_config();
-        const int64_t rows_max = (M < MB ? M : MB) + 31;  // a block's rows, rounded up to whole 32-row tiles
-        Scratch acc_mem(rows_max / 32 * 32 * 32), ap_mem(rows_max / 32 * 32 * K / 2);
+        const int64_t rows_max = ((M < MB ? M : MB) + 31) / 32 * 32;  // a block's rows, in whole 32-row tiles
+        Scratch acc_mem(rows_max * 32), ap_mem(rows_max * K / 2);  // scratch_bytes(M, K) in all
         if (!acc_mem.p || !ap_mem.p) {
             failed.store(true);
             _tile_release();
@@ -268,7 +273,7 @@ int memfit_amx_available(void) { return amx_enable() ? 1 : 0; }
 
 // y (M, N; row stride ldy) = x (M, K; row stride ldx) W^T + b, W packed by memfit_blocked_pack_bf16 with panels
 // of nb columns. 0; -1: bad arguments; -2: bad nb; -3: K not a multiple of 32; -4: no AMX here; -5: no memory
-// for the scratch (x's row block packed, one column block's sums: about 1 MiB).
+// for the scratch (x's row block packed, one column block's sums: memfit_amx_scratch_bytes a thread).
 int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t nb, int nthreads) {
     if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N) return -1;
@@ -277,6 +282,12 @@ int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, c
     if (!amx_enable()) return -4;
     if (M == 0 || N == 0) return 0;
     return run(x, ldx, wp, b, y, ldy, M, N, K, nb, nthreads) ? 0 : -5;
+}
+
+// The most one thread of a call of M rows and K values a row allocates beside y (freed when the call returns);
+// a call of T threads holds T times this. 0 without AMX (no call runs).
+int64_t memfit_amx_scratch_bytes(int64_t M, int64_t K) {
+    return amx_enable() && M > 0 && K > 0 ? scratch_bytes(M, K) : 0;
 }
 
 // Multiply-adds per call: iters * 4 * 8192; returns one accumulator's first element (iters * 32 * 2^-16), or
@@ -293,5 +304,6 @@ int memfit_amx_available(void) { return 0; }
 int memfit_amx_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t,
                            int64_t, int64_t, int64_t, int) { return -4; }
 double memfit_amx_peak(int64_t) { return -1.0; }
+int64_t memfit_amx_scratch_bytes(int64_t, int64_t) { return 0; }
 }
 #endif

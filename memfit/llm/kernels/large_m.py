@@ -15,7 +15,8 @@ The choice is per shape, not per row count: each kernel computes a row from that
 every M >= LARGE_M keeps a row's bits independent of the call's rows (the MLP's row blocks, models/llama.py,
 rely on it). The two kernels' bits differ (they add a pair's products in their own order), so only steps
 that carry prefill rows may use the choice: the runner marks them with `prefill_step()`. Outside it (decode
-steps however many rows, direct calls), BlockedLinear runs the AVX-512 kernel as before.
+steps however many rows, direct calls), BlockedLinear runs the AVX-512 kernel as before, and so do the decode
+rows of a step that also carries prefill rows (`decode_rows`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import contextlib
 import contextvars
 import ctypes
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ KERNELS = ("avx512", "amx")
 TRIALS = 2  # timed runs of each kernel when choosing (alternating; the first call of a shape only)
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _in_prefill: contextvars.ContextVar[bool] = contextvars.ContextVar("memfit_prefill_step", default=False)
+_decode_rows: contextvars.ContextVar[int] = contextvars.ContextVar("memfit_decode_rows", default=0)
+_row0: contextvars.ContextVar[int] = contextvars.ContextVar("memfit_row0", default=0)  # the call's first step row
 
 
 @dataclass
@@ -68,6 +71,18 @@ def amx_linear() -> ctypes._CFuncPtr | None:
     return _amx_fn
 
 
+def amx_scratch_bytes(rows: int, ks: Iterable[int], threads: int) -> int:
+    """The most the AMX kernel allocates beside its output during one call of up to `rows` rows and any K in
+    `ks` on `threads` threads (cpu_amx.cpp: per thread, x's row block packed into tiles and one column block's
+    sums; freed when the call returns); 0 where this process can't run AMX. Only calls of LARGE_M rows or more
+    in a prefill step reach it; the engine's ledger counts it in a step's activations (engine/accounting.py)."""
+    if amx_linear() is None:
+        return 0
+    fn = load_cpu_linear().cdll.memfit_amx_scratch_bytes
+    fn.argtypes, fn.restype = [_I64, _I64], _I64
+    return max((fn(rows, k) for k in ks if k % 32 == 0 and k > 0), default=0) * max(1, threads)
+
+
 def candidates(dtype: torch.dtype, k: int) -> tuple[str, ...]:
     """The kernels that can run a (.., k) x (N, k) matmul of `dtype` here; "avx512" always first."""
     if dtype == torch.bfloat16 and k % 32 == 0 and k > 0 and amx_linear() is not None:
@@ -76,18 +91,37 @@ def candidates(dtype: torch.dtype, k: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def prefill_step(enabled: bool = True) -> Iterator[None]:
+def prefill_step(enabled: bool = True, decode_rows: int = 0) -> Iterator[None]:
     """While active (in this thread or task), BlockedLinear calls of LARGE_M rows or more run the chosen
-    kernel: the runner wraps the model call of a step that carries prefill rows in it."""
-    token = _in_prefill.set(enabled)
+    kernel: the runner wraps the model call of a step that carries prefill rows in it. `decode_rows`: the
+    step's first rows that are decode rows (the runner puts them first); they stay on the decode kernel, so
+    a decode row has the same bits whether or not another sequence's prefill shares its step."""
+    tokens = (_in_prefill.set(enabled), _decode_rows.set(decode_rows if enabled else 0), _row0.set(0))
     try:
         yield
     finally:
-        _in_prefill.reset(token)
+        for var, token in zip((_in_prefill, _decode_rows, _row0), tokens):
+            var.reset(token)
+
+
+@contextlib.contextmanager
+def rows_from(row0: int) -> Iterator[None]:
+    """Calls inside take rows from the step's row `row0` on (a block of the step's rows, models/llama.py's MLP),
+    so `decode_rows` knows which of their rows are the step's decode rows."""
+    token = _row0.set(row0)
+    try:
+        yield
+    finally:
+        _row0.reset(token)
 
 
 def in_prefill_step() -> bool:
     return _in_prefill.get()
+
+
+def decode_rows(m: int) -> int:
+    """How many of a call's `m` rows, from its first, are decode rows of the prefill step it runs in."""
+    return max(0, min(m, _decode_rows.get() - _row0.get()))
 
 
 def force(kernel: str | None) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memfit.llm.kernels import large_m
 from memfit.llm.kernels.attention import AttentionBackend, DenseCausalAttention
 from memfit.llm.models.config import ModelConfig, rope_inv_freq
 from memfit.llm.models.ops import TORCH_OPS, TorchOps
@@ -151,10 +152,11 @@ class MLP(nn.Module):
             out = x.new_empty(n, self.down_proj.out_features)  # (N, C)
         last = n - n % b - b  # whole blocks but the last, which takes the b..2b-1 rows left
         for lo, hi in [(lo, lo + b) for lo in range(0, last, b)] + [(last, n)]:
-            if arena:
-                self._rows(x[lo:hi], out[lo:hi])
-            else:
-                out[lo:hi] = self._rows(x[lo:hi])
+            with large_m.rows_from(lo):  # which of the block's rows are a mixed step's decode rows
+                if arena:
+                    self._rows(x[lo:hi], out[lo:hi])
+                else:
+                    out[lo:hi] = self._rows(x[lo:hi])
         return out
 
     def _rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

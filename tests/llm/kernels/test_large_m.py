@@ -171,3 +171,69 @@ def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
         assert torch.equal(mlp(x), whole)
         mlp.row_block = LARGE_M  # and in the decode kernel's blocks of 64
         assert torch.equal(mlp(x), whole)
+
+
+SCRATCH_PROBE = """
+import ctypes, json, resource, sys
+import torch
+ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: freed scratch goes back, none is reused
+from memfit.llm.kernels import large_m
+from memfit.llm.kernels.blocked import BlockedLinear
+out = []
+for m, k, threads in json.loads(sys.argv[1]):
+    lin = BlockedLinear(torch.nn.Linear(k, 320).to(torch.bfloat16))
+    x, y = torch.randn(m, k).to(torch.bfloat16), torch.empty(m, 320, dtype=torch.bfloat16)
+    args = (x.data_ptr(), k, lin._wp, lin._bp, y.data_ptr(), 320, m, 320, k, lin.nb, threads)
+    assert large_m.amx_linear()(*args) == 0  # warm: the library, the tile state, the OpenMP threads
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    assert large_m.amx_linear()(*args) == 0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    out.append([faults * resource.getpagesize(), large_m.amx_scratch_bytes(m, [k], threads)])
+print(json.dumps(out))
+"""
+
+
+def test_amx_scratch_bytes_cover_the_pages_a_call_touches():
+    """What the ledger counts for the AMX kernel's scratch (large_m.amx_scratch_bytes) against an independent
+    measure: the fresh pages a call faults in (getrusage minor faults, in a process whose malloc returns freed
+    scratch to the system). The count covers them and is not far above (the packed rows are rounded to 32, the
+    sums may land in pages already resident)."""
+    need_amx()
+    import json
+    import subprocess
+    import sys
+
+    cases = [[512, 768, 1], [256, 2048, 1], [100, 768, 1], [512, 768, 2]]
+    run = subprocess.run([sys.executable, "-c", SCRATCH_PROBE, json.dumps(cases)], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    for (m, k, threads), (touched, counted) in zip(cases, json.loads(run.stdout.splitlines()[-1])):
+        assert touched <= counted, (m, k, threads, touched, counted)
+        assert touched >= 0.75 * counted, (m, k, threads, touched, counted)
+
+
+def test_a_mixed_steps_decode_rows_keep_the_decode_kernels_bits():
+    """A step that carries prefill rows and decode rows (the runner puts the decode rows first): the decode rows
+    get the bits a pure decode step gives them (the AVX-512 kernel on those rows alone), the prefill rows the
+    chosen kernel's; in the MLP's row blocks (`rows_from`) only the block holding them is split."""
+    need_amx()
+    lin = make_linear(300, 1024, True, BF16, seed=11)  # K = 1024: the two kernels' bits differ somewhere
+    mod = BlockedLinear(lin)
+    x = torch.randn(200, 1024, generator=torch.Generator().manual_seed(12)).to(BF16)
+    large_m.force("amx")
+    on_amx = amx(mod, x)
+    for d in (1, 5, 63, 64, 70):
+        alone = mod(x[:d])  # a pure decode step of these d rows (no prefill step: the decode kernel)
+        with large_m.prefill_step(True, decode_rows=d):
+            got = mod(x)
+            assert large_m.decode_rows(200) == d
+            with large_m.rows_from(d):  # a block after the decode rows: all on AMX
+                assert large_m.decode_rows(50) == 0
+                assert torch.equal(mod(x[d:]), on_amx[d:])
+            with large_m.rows_from(d - 1):  # a block that starts one row before the last decode row
+                assert torch.equal(mod(x[d - 1:])[:1], alone[d - 1:])
+        assert torch.equal(got[:d], alone), d
+        assert torch.equal(got[d:], on_amx[d:]), d
+        assert not torch.equal(alone, on_amx[:d]) or d < 63  # the split matters: the kernels' bits differ
+    with large_m.prefill_step(False, decode_rows=10):  # no prefill rows: nothing to split
+        assert large_m.decode_rows(100) == 0
