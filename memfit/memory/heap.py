@@ -6,6 +6,10 @@ step's activations soon come from the heap instead of fresh mappings. Step after
 (prefill chunks, decode batches) leaves the heap holding more than any one step needs
 (`benchmarks/heap_trim.py` measures what the trimmer saves and costs).
 
+`fix_mmap_threshold` is the other remedy, for a process whose large temporaries come and go every step (the
+offloaded trainer's logits, activations and optimizer chunks): with the threshold fixed, every block at least
+that large is its own mapping, returned to the system when freed, and glibc stops raising the threshold.
+
 `HeapTrimmer` watches what the process holds (anonymous and shared pages, from /proc/self/status: no library
 pages) against a limit and trims the heap when it gets close, so the cost (the next step faults its pages in
 again) is paid only where a budget is tight. glibc only; elsewhere it does nothing.
@@ -18,6 +22,20 @@ from memfit.memory.mapping import get_libc
 from memfit.memory.measure import anon_shmem_bytes
 
 TRIM_AT = 0.9  # trim once the process holds this share of its limit
+M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> mallopt parameter
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Serve every allocation of at least `nbytes` from its own mapping, returned to the system on free, for the
+    rest of the process (glibc's `mallopt(M_MMAP_THRESHOLD)`; it also stops glibc raising the threshold to the
+    largest block freed, up to 32 MiB, and its trim threshold to twice that). Freed temporaries then leave the
+    process's RSS instead of staying in the heap; the cost is their page faults when next allocated. True
+    where it took effect (glibc); elsewhere nothing changes."""
+    fn = getattr(get_libc(), "mallopt", None)
+    if fn is None:
+        return False
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn(M_MMAP_THRESHOLD, int(nbytes)) == 1
 
 
 def _malloc_trim():

@@ -60,3 +60,38 @@ def test_leaves_the_heap_alone_below_the_threshold(fragment_heap):
     before = _anon()
     assert not t.maybe_trim() and t.trims == 0
     assert abs(_anon() - before) < 4 * MIB
+
+
+_RETAIN = """
+import json, sys, torch
+from memfit.memory.heap import fix_mmap_threshold
+from memfit.memory.measure import status_bytes
+fixed = fix_mmap_threshold(1 << 20) if sys.argv[1] == "fixed" else False
+big = torch.empty(16 << 20, dtype=torch.uint8).fill_(1)
+del big  # glibc's own policy: the threshold is now 16 MiB, so the next blocks come from the heap
+before = status_bytes()["RssAnon"]
+a = torch.empty(8 << 20, dtype=torch.uint8).fill_(1)
+pin = torch.empty(64 << 10, dtype=torch.uint8).fill_(1)  # allocated after `a`: keeps the heap from shrinking
+del a
+print(json.dumps({"fixed": fixed, "held": status_bytes()["RssAnon"] - before}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "fixed"])
+def test_fixed_mmap_threshold_returns_freed_temporaries(mode):
+    """A freed 8 MiB temporary under a live small block: at glibc's default (the threshold raised by an earlier
+    16 MiB free) the kernel still counts its pages in the process; with the threshold fixed at 1 MiB it was
+    its own mapping and is gone. Fresh interpreters, read from /proc/self/status."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _RETAIN, mode], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if mode == "fixed":
+        assert out["fixed"] and out["held"] < 1 << 20, out
+    else:
+        assert out["held"] >= 7 << 20, out

@@ -110,6 +110,7 @@ class StepExecutor:
                 start, n = offsets[gi][name]
                 dst = self.store.grad(gi)[start : start + n]
                 _add_into(dst, leaf.grad.reshape(-1).to(dst.device))  # device -> host gradient buffer on CUDA
+                leaf.grad = None  # added: not held while streamed gradients update the group
 
     def _head_grad(self, head: int, leaves: list[tuple[int, str, torch.Tensor]]):
         """Where the head accumulates its output matrix's gradient: straight into that weight's slice of the
