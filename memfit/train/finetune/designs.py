@@ -7,7 +7,7 @@ with `--host-memory zero-infinity` and one with `--host-memory memascend` differ
 |---|---|---|
 | parameter swap pool | 5 slots, each max(1e8 elements, largest group) | size classes of the group shapes, as many slots of each as the fetch schedule has in flight at once |
 | 16-bit parameters in host memory | a flat copy of all of them while the model has at most 1e9 (`max_in_cpu`): read from there, never from the SSD | none: streamed from the SSD through the pool |
-| optimizer swap pool | 4 slots, each the largest sub-group (fp32; sub-groups of up to 1e9 elements: the whole model below that) | 3 slots (master, m, v) of the layer size class; larger groups streamed in pieces of it |
+| optimizer swap pool | 4 slots, each the largest sub-group (fp32; sub-groups of up to 1e9 elements: the whole model below that) | 3 slots (master, m, v) of the layer size class, at most the aio engine's 8 MiB in flight; larger groups streamed in pieces of it |
 | host allocations (states, gradients) | `pin_memory()`: CachingHostAllocator, rounded to a power of two on CUDA | `posix_memalign` exact size (+ `cudaHostRegister` on CUDA) |
 | first optimizer step (SSD) | both moments of the largest sub-group in fresh zeroed memory | from the pool, as every step |
 | overflow check (fp16 only) | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
@@ -202,12 +202,17 @@ class MemAscend(HostMemoryDesign):
     def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
         return {self.optimizer_piece(groups) * 4: 3}  # master, exp_avg, exp_avg_sq of the piece in hand
 
+    # fp32 elements the aio engine has in flight for one tensor (1 MiB blocks x queue depth 8, as aio() makes)
+    PIECE_CAP = (1 << 20) * 8 // 4
+
     def optimizer_piece(self, groups: list[Group]) -> int:
         # The size class of the decoder layers (most of the model): the embedding and an untied head, often
         # several times larger, are streamed through the optimizer in pieces of that size rather than
-        # sizing every slot for them.
+        # sizing every slot for them; at most what the aio engine keeps in flight for a tensor, since a
+        # piece is read whole before AdamW runs on it (a larger piece is not read faster, it only holds
+        # more: 0.1B's layer class is 7.1M elements, 27 MiB a slot, against 8 MiB).
         layers = [g.numel for g in groups if g.name.startswith("layer.")] or [g.numel for g in groups]
-        return round_up(max(layers), PIECE_ALIGN)
+        return min(round_up(max(layers), PIECE_ALIGN), self.PIECE_CAP)
 
     def swap_space(self, directory: Path, sizes: dict[str, int]) -> ExtentFile:
         return ExtentFile(directory, sizes, self.aio())
