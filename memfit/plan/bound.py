@@ -24,9 +24,9 @@ repeated evictions of one tensor, so it can be below the optimum.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
+from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
 
 
@@ -130,7 +130,7 @@ def lower_bound(g: Graph, capacity: int, order: list[str] | None = None, time_li
     (of any plan with this `order` when given)."""
     from ortools.sat.python import cp_model
 
-    t0 = time.perf_counter()
+    t0 = current().now()
     scope = "all orders" if order is None else "fixed order"
     m = cp_model.CpModel()
     bf = _Before(g, m, order)
@@ -141,7 +141,7 @@ def lower_bound(g: Graph, capacity: int, order: list[str] | None = None, time_li
         if g.working_set(o) + sum(g.tensor[n].bytes for n in cand) > capacity:
             rows.append((o.name, cand))
     if not rows:
-        return LowerBound(0, scope, "optimal", time.perf_counter() - t0)
+        return LowerBound(0, scope, "optimal", current().now() - t0)
     z = {n: m.NewBoolVar(f"z[{n}]") for n in dict.fromkeys(n for _, c in rows for n in c)}
     for o, cand in rows:
         terms = []
@@ -159,15 +159,14 @@ def lower_bound(g: Graph, capacity: int, order: list[str] | None = None, time_li
     _chain(g, bf)
     m.Minimize(sum((eviction_cost(g, n) // unit) * v for n, v in z.items()))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(num_workers)
-    code = solver.Solve(m)
+    code = current().solve(solver, m, float(time_limit_s))
     if code == cp_model.INFEASIBLE:  # every op fits alone, so all-evicted is always feasible
         raise ValueError("lower bound model infeasible: an op's working set exceeds the scratchpad")
     # CP-SAT's best objective bound is proven even when the solve stops without a solution (UNKNOWN)
     bound = math.ceil(solver.BestObjectiveBound() - 1e-6) * unit
     status = "optimal" if code == cp_model.OPTIMAL else "bound"
-    return LowerBound(max(0, bound), scope, status, time.perf_counter() - t0, [r[0] for r in rows])
+    return LowerBound(max(0, bound), scope, status, current().now() - t0, [r[0] for r in rows])
 
 
 def _live_literal(m, bf: _Before, t, o: str):

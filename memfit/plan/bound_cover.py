@@ -23,11 +23,11 @@ It ignores fragmentation and lets each op choose its own worst-case prefix, so i
 from __future__ import annotations
 
 import math
-import time
 
 from memfit.plan.bound import LowerBound, eviction_cost, reachability
 from memfit.plan.bound_cut import _candidates, _min_crossing
 from memfit.plan.bound_every import _gaps
+from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
 
 
@@ -44,7 +44,7 @@ def _gap_range(g: Graph, anc: dict[str, int], desc: dict[str, int], bit: dict[st
 def cover_rows(g: Graph, capacity: int, time_limit_s: float = 5.0) -> tuple[list[tuple[str, dict, int]], bool]:
     """The model's rows: (op, {tensor: gap range}, bytes that must be out). False when the min cuts ran out
     of time (the rows found still give a valid bound)."""
-    t0 = time.perf_counter()
+    t0 = current().now()
     anc, desc, bit = reachability(g)
     idx = {o.name: i for i, o in enumerate(g.ops)}
     preds = {o.name: {g.tensor[n].producer for n in o.inputs if g.tensor[n].producer} for o in g.ops}
@@ -58,7 +58,7 @@ def cover_rows(g: Graph, capacity: int, time_limit_s: float = 5.0) -> tuple[list
         cand = _candidates(g, anc, desc, bit, o.name)
         if ws + sum(g.tensor[v].bytes for v in cand) <= capacity:
             continue
-        if time.perf_counter() - t0 > time_limit_s:
+        if current().now() - t0 > time_limit_s:
             complete = False
             continue
         excess = ws + _min_crossing(g, o.name, cand, anc, desc, bit, idx, preds) - capacity
@@ -74,20 +74,20 @@ CPSAT_MAX_OUTS = 40_000  # above this many out-variables (NASNet: 150k) CP-SAT f
 def cover_bound(g: Graph, capacity: int, time_limit_s: float = 5.0, num_workers: int = 2) -> LowerBound:
     """Proven lower bound on the non-compulsory traffic of any valid plan of `g`, in any order: the larger of
     the model's LP bound (cover_lp_bound) and CP-SAT's proven objective bound (models up to CPSAT_MAX_OUTS)."""
-    t0 = time.perf_counter()
+    t0 = current().now()
     rows, complete = cover_rows(g, capacity, 0.6 * time_limit_s)
     if not rows:
-        return LowerBound(0, "all orders", "optimal" if complete else "bound", time.perf_counter() - t0)
+        return LowerBound(0, "all orders", "optimal" if complete else "bound", current().now() - t0)
     outs = sum(len(r[1]) for r in rows)
-    left = time_limit_s - (time.perf_counter() - t0)
+    left = time_limit_s - (current().now() - t0)
     lp = cover_lp_bound(g, capacity, max(0.5, left / 2 if outs <= CPSAT_MAX_OUTS else left), rows=rows)
     best, proven = lp.bytes, False
-    left = time_limit_s - (time.perf_counter() - t0)
+    left = time_limit_s - (current().now() - t0)
     if outs <= CPSAT_MAX_OUTS and left > 0.2:
         cp, proven = _cover_cpsat(g, capacity, rows, left, num_workers)
         best = max(best, cp)
     status = "optimal" if proven and complete else "bound"
-    return LowerBound(best, "all orders", status, time.perf_counter() - t0, [r[0] for r in rows])
+    return LowerBound(best, "all orders", status, current().now() - t0, [r[0] for r in rows])
 
 
 def _cover_cpsat(g: Graph, capacity: int, rows: list[tuple[str, dict, int]], time_limit_s: float,
@@ -116,9 +116,8 @@ def _cover_cpsat(g: Graph, capacity: int, rows: list[tuple[str, dict, int]], tim
         m.Add(sum(terms) >= -(-need // unit))
     m.Minimize(sum((eviction_cost(g, v) // unit) * x for (v, _), x in z.items()))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(num_workers)
-    code = solver.Solve(m)
+    code = current().solve(solver, m, float(time_limit_s))
     if code == cp_model.INFEASIBLE:  # dropping every gap always works when each op fits alone
         raise ValueError("cover bound model infeasible: an op's working set exceeds the scratchpad")
     return max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) * unit, code == cp_model.OPTIMAL
@@ -134,15 +133,15 @@ def cover_lp_bound(g: Graph, capacity: int, time_limit_s: float = 5.0,
     is at most the optimum of the model, so a solver that stops early or rounds still gives a valid bound."""
     from ortools.linear_solver import pywraplp
 
-    t0 = time.perf_counter()
+    t0 = current().now()
     complete = True
     if rows is None:
         rows, complete = cover_rows(g, capacity, time_limit_s / 2)
     if not rows:
-        return LowerBound(0, "all orders", "optimal" if complete else "bound", time.perf_counter() - t0)
+        return LowerBound(0, "all orders", "optimal" if complete else "bound", current().now() - t0)
     unit = math.gcd(*[t.bytes for t in g.tensors])
     s = pywraplp.Solver.CreateSolver("GLOP")
-    s.SetTimeLimit(int(1000 * max(0.5, time_limit_s - (time.perf_counter() - t0))))
+    s.SetTimeLimit(int(1000 * max(0.5, time_limit_s - (current().now() - t0))))
     z: dict[tuple[str, int], object] = {}
     links = []  # (row index, tensor, (lo, hi), out variable, link constraint)
     row_cons = []
@@ -165,7 +164,7 @@ def cover_lp_bound(g: Graph, capacity: int, time_limit_s: float = 5.0,
     obj.SetMinimization()
     code = s.Solve()
     if code not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        return LowerBound(0, "all orders", "bound", time.perf_counter() - t0)
+        return LowerBound(0, "all orders", "bound", current().now() - t0)
     y = [max(0.0, c.dual_value()) for c in row_cons]
     value = sum(-(-rows[r][2] // unit) * y[r] for r in range(len(rows)))
     mu_sum: dict[tuple[str, int], float] = {}
@@ -178,4 +177,4 @@ def cover_lp_bound(g: Graph, capacity: int, time_limit_s: float = 5.0,
         value += min(0.0, eviction_cost(g, v) // unit - m)
     bound = max(0, math.ceil(value * (1 - 1e-9) - 1e-6)) * unit  # float sums: shave a hair before rounding up
     status = "optimal" if code == pywraplp.Solver.OPTIMAL and complete else "bound"
-    return LowerBound(bound, "all orders", status, time.perf_counter() - t0, [r[0] for r in rows])
+    return LowerBound(bound, "all orders", status, current().now() - t0, [r[0] for r in rows])

@@ -18,9 +18,8 @@ candidate sets (tensors live across o in *some* order) are pairwise disjoint, pi
 """
 from __future__ import annotations
 
-import time
-
 from memfit.plan.bound import LowerBound, reachability
+from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
 
 
@@ -72,7 +71,7 @@ def _min_crossing(g: Graph, o: str, cand: set[str], anc, desc, bit, idx: dict[st
 def cut_bound(g: Graph, capacity: int, time_limit_s: float = 5.0) -> LowerBound:
     """Proven lower bound on the non-compulsory traffic of any plan of `g` in `capacity` bytes, any order.
     Stops computing cuts at the time limit (the ops done so far still give a valid bound)."""
-    t0 = time.perf_counter()
+    t0 = current().now()
     anc, desc, bit = reachability(g)
     idx = {o.name: i for i, o in enumerate(g.ops)}
     preds = {o.name: {g.tensor[n].producer for n in o.inputs if g.tensor[n].producer} for o in g.ops}
@@ -83,7 +82,7 @@ def cut_bound(g: Graph, capacity: int, time_limit_s: float = 5.0) -> LowerBound:
         ws = g.working_set(o)
         if ws + sum(g.tensor[v].bytes for v in cand) <= capacity:
             continue
-        if time.perf_counter() - t0 > time_limit_s:
+        if current().now() - t0 > time_limit_s:
             status = "bound"
             break
         excess = ws + _min_crossing(g, o.name, cand, anc, desc, bit, idx, preds) - capacity
@@ -96,4 +95,4 @@ def cut_bound(g: Graph, capacity: int, time_limit_s: float = 5.0) -> LowerBound:
             total += cost
             used |= cand
             tight.append(o)
-    return LowerBound(total, "all orders", status, time.perf_counter() - t0, tight)
+    return LowerBound(total, "all orders", status, current().now() - t0, tight)

@@ -18,9 +18,9 @@ objective counts one eviction per evicted gap: ops in disjoint ranges cannot sha
 from __future__ import annotations
 
 import math
-import time
 
 from memfit.plan.bound import LowerBound, eviction_cost, reachability
+from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
 
 
@@ -46,7 +46,7 @@ def every_order_bound(g: Graph, capacity: int, time_limit_s: float = 5.0, num_wo
     """Proven lower bound on the non-compulsory traffic of any valid plan of `g`, in any order."""
     from ortools.sat.python import cp_model
 
-    t0 = time.perf_counter()
+    t0 = current().now()
     anc, desc, bit = reachability(g)
     unit = math.gcd(*[t.bytes for t in g.tensors])
     rows = []
@@ -56,7 +56,7 @@ def every_order_bound(g: Graph, capacity: int, time_limit_s: float = 5.0, num_wo
         if need > 0:
             rows.append((o.name, live, need))
     if not rows:
-        return LowerBound(0, "all orders", "optimal", time.perf_counter() - t0)
+        return LowerBound(0, "all orders", "optimal", current().now() - t0)
     m = cp_model.CpModel()
     z: dict[tuple[str, int], object] = {}
     for o, live, need in rows:
@@ -74,11 +74,10 @@ def every_order_bound(g: Graph, capacity: int, time_limit_s: float = 5.0, num_wo
         m.Add(sum(terms) >= -(-need // unit))
     m.Minimize(sum((eviction_cost(g, n) // unit) * v for (n, _), v in z.items()))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
     solver.parameters.num_workers = int(num_workers)
-    code = solver.Solve(m)
+    code = current().solve(solver, m, float(time_limit_s))
     if code == cp_model.INFEASIBLE:  # evicting everything always works when each op fits alone
         raise ValueError("every-order bound model infeasible: an op's working set exceeds the scratchpad")
     bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) * unit
     status = "optimal" if code == cp_model.OPTIMAL else "bound"
-    return LowerBound(bound, "all orders", status, time.perf_counter() - t0, [r[0] for r in rows])
+    return LowerBound(bound, "all orders", status, current().now() - t0, [r[0] for r in rows])

@@ -18,10 +18,10 @@ fragmentation, which is what the cell networks' plans pay for.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from memfit.plan.analysis import memory_aware_order, peak_live_bytes, subgraph
+from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
 
 
@@ -65,7 +65,7 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
     pieces, ~27 s)."""
     from memfit.plan.whole import WholeConfig, solve_whole
 
-    t0 = time.perf_counter()
+    t0 = current().now()
     ps = pieces(g, piece_ops)
     subs = [subgraph(g, ops) for ops, _ in ps]
     skipped = 0
@@ -82,7 +82,7 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
             [i for i, b in enumerate(best) if b is None or b["status"] != "optimal"]
         stop = t0 + share * time_limit_s
         for j, i in enumerate(todo):
-            left = stop - time.perf_counter()
+            left = stop - current().now()
             if left <= 0.05:
                 break
             ops, group = ps[i]
@@ -96,11 +96,11 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
                        "time_s": round(res.time_s + prev["time_s"], 2)}
             if enough_bytes is not None and _total(best) >= enough_bytes:  # any partial sum is already a bound
                 return SplitBound(_total(best), "enough", [b for b in best if b is not None],
-                                  time.perf_counter() - t0, skipped)
+                                  current().now() - t0, skipped)
     results = [b for b in best if b is not None]
     proven = len(results) == len(ps) and all(b["status"] == "optimal" for b in results)
     status = "optimal" if proven else ("partial" if results else "none")
-    return SplitBound(_total(best), status, results, time.perf_counter() - t0, skipped)
+    return SplitBound(_total(best), status, results, current().now() - t0, skipped)
 
 
 def _fits(sub: Graph, capacity: int) -> bool:

@@ -15,9 +15,9 @@ at entry (`entry`, with offsets) and tensors still needed after the window (`bey
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
+from memfit.plan.clock import current
 from memfit.plan.errors import BoundViolationError
 from memfit.plan.plan_format import Graph, Placement
 
@@ -83,7 +83,7 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
     on the non-compulsory bytes (memfit.plan.bound), added as a cut so CP-SAT can stop once it is met."""
     from ortools.sat.python import cp_model
 
-    t0 = time.perf_counter()
+    t0 = current().now()
     m = cp_model.CpModel()
     unit = address_unit(g)
     cap_u = capacity // unit
@@ -225,12 +225,11 @@ def solve_segment(g: Graph, capacity: int, seg: Segment, cfg: ExactConfig,
         _add_hint(m, g, seg, hint, x, r, a, cont, unit)
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(cfg.time_limit_s)
     solver.parameters.num_workers = int(cfg.num_workers)
     solver.parameters.random_seed = int(cfg.seed)
     solver.parameters.log_search_progress = bool(cfg.log)
-    code = solver.Solve(m)
-    elapsed = time.perf_counter() - t0
+    code = current().solve(solver, m, float(cfg.time_limit_s))
+    elapsed = current().now() - t0
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return SegmentResult([], [], "none", -1, max(0, int(solver.BestObjectiveBound()) - compulsory), elapsed, {})
     order = sorted(seg.ops, key=lambda o: solver.Value(s[o]) if not isinstance(s[o], int) else s[o])

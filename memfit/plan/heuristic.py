@@ -13,11 +13,11 @@
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 from memfit.plan.analysis import use_steps
 from memfit.plan.baselines import arena_placements
+from memfit.plan.clock import current
 from memfit.plan.exact import ExactConfig, Segment, solve_segment
 from memfit.plan.plan_format import Graph, Placement, Plan
 from memfit.plan.validate import validate
@@ -79,7 +79,7 @@ def choose_cuts(cross: list[int], min_ops: int, max_ops: int) -> list[int]:
 
 def plan_segments(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig, progress=None) -> tuple[list[str], list[Placement], dict]:
     """Solve the segments of `order` in turn; returns the stitched order, placements and per-segment stats."""
-    t0 = time.perf_counter()
+    t0 = current().now()
     starts = choose_cuts(crossing_bytes(g, order), cfg.min_segment_ops, cfg.max_segment_ops)
     bounds = list(zip(starts, starts[1:] + [len(order)]))
     last_use = {n: s[-1] for n, s in use_steps(g, order).items() if s}
@@ -94,7 +94,7 @@ def plan_segments(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfi
         touched = {n for o in ops for n in g.op[o].inputs + g.op[o].outputs} | set(entry)
         beyond = {n for n in touched if last_use.get(n, -1) >= s1}
         seg = Segment(ops, cfg.free_order, dict(entry), beyond, set(loaded))
-        remaining = cfg.time_limit_s - (time.perf_counter() - t0)
+        remaining = cfg.time_limit_s - (current().now() - t0)
         budget = max(0.5, remaining / (len(bounds) - k))
         hint_pl, _ = arena_placements(g, ops, capacity)
         res = solve_segment(g, capacity, seg, ExactConfig(budget, cfg.num_workers, seed=cfg.seed), (ops, hint_pl))
@@ -140,12 +140,12 @@ def plan_passes(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig,
     """`plan_segments` with segment lengths cfg.max_segment_ops, then cfg.other_segment_ops, while time
     remains; the first pass gets half the time, the others share the rest. Returns the plan with the least
     validated non-compulsory traffic; stops early once it reaches `target_bytes` (a proven lower bound)."""
-    deadline = time.perf_counter() + cfg.time_limit_s
+    deadline = current().now() + cfg.time_limit_s
     sizes = list(dict.fromkeys([cfg.max_segment_ops, *cfg.other_segment_ops]))
     best: tuple[int, list[str], list[Placement], dict] | None = None
     passes = []
     for i, size in enumerate(sizes):
-        remaining = deadline - time.perf_counter()
+        remaining = deadline - current().now()
         if best is not None and remaining < 1.0:
             break
         share = remaining / 2 if i == 0 and len(sizes) > 1 else remaining / (len(sizes) - i)
@@ -169,14 +169,14 @@ def improve_windows(g: Graph, capacity: int, order: list[str], placements: list[
     ends). The rest of the plan is unchanged, so a window's result can only lower the whole plan's traffic;
     it is kept when the validated plan moves less. Unlike `plan_segments` no window decides blind of what
     follows it."""
-    deadline = time.perf_counter() + cfg.time_limit_s
+    deadline = current().now() + cfg.time_limit_s
     cur_order, cur = list(order), list(placements)
     best = validate(Plan(g, capacity, cur_order, cur))["non_compulsory_bytes"]
     starts = choose_cuts(crossing_bytes(g, cur_order), cfg.min_segment_ops, cfg.max_segment_ops)
     bounds = list(zip(starts, starts[1:] + [len(cur_order)]))
     stats = {"windows": len(bounds), "windows_improved": 0, "windows_unsolved": 0, "start_bytes": best}
     for k, (s0, s1) in enumerate(bounds):
-        remaining = deadline - time.perf_counter()
+        remaining = deadline - current().now()
         if remaining < 0.3 or best <= target_bytes:
             break
         got = _solve_window(g, capacity, cur_order, cur, s0, s1, cfg, max(0.3, remaining / (len(bounds) - k)))
@@ -227,12 +227,12 @@ def lns_passes(g: Graph, capacity: int, order: list[str], placements: list[Place
                target_bytes: int = 0, progress=None) -> tuple[list[str], list[Placement], dict]:
     """`improve_windows` with window lengths cfg.max_segment_ops, then cfg.other_segment_ops (the cuts move,
     so a spill one window could not see across is inside the next pass's window), while time remains."""
-    deadline = time.perf_counter() + cfg.time_limit_s
+    deadline = current().now() + cfg.time_limit_s
     # (window ops, order free inside): fixed-order windows solve fast; short free-order windows reorder
     sizes = [(cfg.max_segment_ops, False), (cfg.free_window_ops, True), *((n, False) for n in cfg.other_segment_ops)]
     passes = []
     for i, (size, free) in enumerate(sizes):
-        remaining = deadline - time.perf_counter()
+        remaining = deadline - current().now()
         if remaining < 1.0 or (passes and passes[-1]["non_compulsory_bytes"] <= target_bytes):
             break
         share = remaining / 3 if i < 2 else remaining / (len(sizes) - i)

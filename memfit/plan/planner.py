@@ -2,41 +2,22 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from memfit.plan.analysis import check_feasible
 from memfit.plan.baselines import BASELINES, plan_baseline
-from memfit.plan.bound import LowerBound, lower_bound, unordered_pairs
+from memfit.plan.bound import LowerBound
+from memfit.plan.clock import Clock, current, use
 from memfit.plan.errors import BoundViolationError, PlanError
 from memfit.plan.exact import ExactConfig, Segment, SegmentResult, solve_segment
 from memfit.plan.heuristic import HeuristicConfig, lns_passes, merge_adjacent, plan_passes
+from memfit.plan.options import PlanOptions
 from memfit.plan.orders import order_seeds
 from memfit.plan.plan_format import Graph, Plan, SolverInfo
+from memfit.plan.planner_bounds import all_orders_bound as _bound
+from memfit.plan.planner_bounds import with_split_bound as _split
 from memfit.plan.validate import validate
 
 PLANNERS = ("auto", "whole", "exact", "heuristic", *BASELINES)
-
-
-@dataclass
-class PlanOptions:
-    planner: str = "auto"  # auto: exact when the graph has <= exact_max_ops ops, else whole (<= whole_max_ops), else heuristic
-    time_limit_s: float = 30.0
-    num_workers: int = 2
-    exact_max_ops: int = 60
-    whole_max_ops: int = 2000  # the whole-graph model (memfit.plan.whole) up to this many ops
-    whole_lns_share: float = 0.4  # whole: share of the time for the per-step windows before the whole model
-    free_order: bool | None = None  # exact: None = free when <= 40 ops; heuristic: None = free in segments
-    max_segment_ops: int = 24  # heuristic: first pass; later passes try 16, 32, 12
-    seed: int = 0
-    free_segments_max_ops: int = 120  # heuristic with free_order None: segments reorder up to this graph size
-    bound: bool = True
-    pair_bound_max_ops: int = 600  # the order-pair bound model: up to this many ops
-    pair_bound_max_pairs: int = 5000  # ... and unordered op pairs (Inception 2.5-4.4k: proves optimality; DARTS,
-    # RandWire 7-28k: proves 0 in its share while taking ~10 s of the plan's time to build)
-    bound_max_ops: int = 600  # the all-orders bound model takes about a minute to build on 1000+ ops: skipped  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
-    split_bound_share: float = 0.25  # whole/heuristic: at most this share of the time for the split bound
-    # (memfit.plan.bound_split) when the row bounds leave the best seed above them; 0: off
-    split_piece_ops: int = 12
 
 
 def best_baseline(g: Graph, scratchpad_bytes: int) -> tuple[Plan, dict[str, Plan]]:
@@ -75,10 +56,10 @@ def finish(plan: Plan) -> Plan:
 
 
 def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), current().now()  # wall time for the report, the clock's for the limits
     base = best_seed(g, scratchpad_bytes)
     lb = _bound(g, scratchpad_bytes, opts)
-    cfg = ExactConfig(max(0.5, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
+    cfg = ExactConfig(max(0.5, opts.time_limit_s - (current().now() - c0)), opts.num_workers,
                       opts.free_order, seed=opts.seed)
     free = cfg.free_order if cfg.free_order is not None else len(g.ops) <= cfg.max_free_order_ops
     seg = Segment(base.order, free_order=free)
@@ -117,9 +98,9 @@ def plan_exact(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Plan:
 
 
 def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), current().now()  # wall time for the report, the clock's for the limits
     base = best_seed(g, scratchpad_bytes)
-    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, t0)
+    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, c0)
     seed_nc = base.traffic["non_compulsory_bytes"]
     stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": seed_nc}
     if lb is not None and seed_nc <= lb.bytes:  # the seed already meets the bound: nothing to gain
@@ -129,7 +110,7 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
         # order free inside segments for small graphs; on large ones CP-SAT rarely finds a free-order segment
         # plan in its share of the time, so segments keep the seed's order (chosen among candidate orders)
         free = opts.free_order if opts.free_order is not None else len(g.ops) <= opts.free_segments_max_ops
-        cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.max_segment_ops,
+        cfg = HeuristicConfig(max(1.0, opts.time_limit_s - (current().now() - c0)), opts.max_segment_ops,
                               free_order=free, num_workers=opts.num_workers,
                               seed=opts.seed)
         target = lb.bytes if lb is not None else 0
@@ -153,30 +134,39 @@ def plan_heuristic(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=
 
 def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
     """The whole-graph CP-SAT model: candidate orders solved exactly, then order search (whole_search)."""
-    from memfit.plan.whole_search import SearchConfig, search
+    from memfit.plan.whole_search import SearchConfig, prefix_move, search
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), current().now()  # wall time for the report, the clock's for the limits
     seeds = seed_plans(g, scratchpad_bytes)
     base = seeds[0]
-    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, t0)
+    lb = _split(g, scratchpad_bytes, opts, _bound(g, scratchpad_bytes, opts), base, c0)
     floor = lb.bytes if lb is not None else 0
     stats: dict = {"seed_planner": base.planner, "seed_non_compulsory_bytes": base.traffic["non_compulsory_bytes"]}
     if lb is not None and base.traffic["non_compulsory_bytes"] <= floor:  # the seed meets the bound already
         order, placements, status = base.order, base.placements, "heuristic"
         stats["seed_meets_bound"] = True
-        lns_plan = base
+        lns_plan = start = base
     else:
+        # where the seed's reloads all sit in its first steps, free everything before them at once
+        left = opts.time_limit_s - (current().now() - c0)
+        start, pre = prefix_move(g, scratchpad_bytes, base, min(opts.whole_prefix_share * opts.time_limit_s, left / 2),
+                                 opts.num_workers, opts.seed, floor, opts.whole_prefix_max_ops)
+        if pre is not None:
+            stats["prefix_move"] = pre
+        lns_plan = start
+        order, placements, status = start.order, start.placements, "feasible"
+    if not stats.get("seed_meets_bound") and start.traffic["non_compulsory_bytes"] > floor:
         # the per-step windows of the seed (heuristic.lns_passes) first: on graphs where the whole model's
         # fixed-order solve is not proven in its share (DenseNet: 2500 rectangles) they find what it misses
-        remaining = opts.time_limit_s - (time.perf_counter() - t0)
+        remaining = opts.time_limit_s - (current().now() - c0)
         hcfg = HeuristicConfig(max(1.0, opts.whole_lns_share * remaining), opts.max_segment_ops,
                                num_workers=opts.num_workers, seed=opts.seed)
-        o, pl, lns = lns_passes(g, scratchpad_bytes, base.order, base.placements, hcfg, floor, progress)
+        o, pl, lns = lns_passes(g, scratchpad_bytes, start.order, start.placements, hcfg, floor, progress)
         lns_plan = Plan(g, scratchpad_bytes, o, pl, "windows")
         lns_plan.traffic = validate(lns_plan)
         stats["windows"] = {"non_compulsory_bytes": lns_plan.traffic["non_compulsory_bytes"], **lns}
-        seeds = sorted([lns_plan, *seeds], key=lambda p: p.traffic["non_compulsory_bytes"])
-        cfg = SearchConfig(max(1.0, opts.time_limit_s - (time.perf_counter() - t0)), opts.num_workers,
+        seeds = sorted([lns_plan, start, *seeds], key=lambda p: p.traffic["non_compulsory_bytes"])
+        cfg = SearchConfig(max(1.0, opts.time_limit_s - (current().now() - c0)), opts.num_workers,
                            seed=opts.seed)
         order, placements, more = search(g, scratchpad_bytes, seeds, cfg, floor)
         stats.update(more)
@@ -184,7 +174,7 @@ def plan_whole(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None
         status = "optimal-fixed-order" if more["final"]["status"] == "optimal" else "feasible"
     name = "whole"
     nc = validate(Plan(g, scratchpad_bytes, order, placements))["non_compulsory_bytes"]
-    if not stats.get("seed_meets_bound") and lns_plan.traffic["non_compulsory_bytes"] <= nc < \
+    if not stats.get("seed_meets_bound") and start is base and lns_plan.traffic["non_compulsory_bytes"] <= nc < \
             base.traffic["non_compulsory_bytes"]:  # the whole model added nothing to the windows' plan: say so
         if order != lns_plan.order:
             status = "heuristic"  # the proof (if any) was for another order
@@ -212,64 +202,6 @@ def _label_seed(plan: Plan, base: Plan, returned_seed: bool) -> Plan:
     return plan
 
 
-def _bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | None:
-    """The best of the all-orders bounds: the order-pair CP-SAT model (memfit.plan.bound, up to
-    pair_bound_max_ops ops: it can take a minute to build above that), the every-order covering model
-    (bound_every), the min-cut bound (bound_cut) and the covering model over both kinds of rows
-    (bound_cover). Each is valid for every order, so their max is too."""
-    if not opts.bound:
-        return None
-    from memfit.plan.bound_cover import cover_bound
-    from memfit.plan.bound_cut import cut_bound
-    from memfit.plan.bound_every import every_order_bound
-
-    share = min(5.0, max(0.5, 0.1 * opts.time_limit_s))
-    # the cover model (both kinds of rows, shared evictions; its rows repeat the min cuts) needs more: 9 s at 45 s
-    cover_share = min(10.0, max(1.0, 0.2 * opts.time_limit_s))
-    found = [cut_bound(g, scratchpad_bytes, share), every_order_bound(g, scratchpad_bytes, share, opts.num_workers)]
-    cut, every = found
-    if cut.status == every.status == "optimal" and cut.bytes == 0 and not every.tight_ops:
-        # no op has a min-cut excess and none a forced-live excess: the cover model has no row that costs
-        # anything, so its bound is 0 (it would spend 20% of the time finding that: 10 s on NASNet at 4 MiB)
-        found.append(LowerBound(0, "all orders", "optimal", 0.0))
-    else:
-        found.append(cover_bound(g, scratchpad_bytes, cover_share, opts.num_workers))
-    if len(g.ops) <= min(opts.bound_max_ops, opts.pair_bound_max_ops) and \
-            unordered_pairs(g) <= opts.pair_bound_max_pairs:
-        found.append(lower_bound(g, scratchpad_bytes, time_limit_s=share, num_workers=opts.num_workers))
-    names = ("min-cut", "every-order", "cover", "order-pairs")
-    best = max(found, key=lambda b: b.bytes)
-    best.parts = {n: {"bytes": b.bytes, "status": b.status, "time_s": round(b.time_s, 2)} for n, b in zip(names, found)}
-    best.time_s = sum(b.time_s for b in found)
-    return best
-
-
-def _split(g: Graph, scratchpad_bytes: int, opts: PlanOptions, lb: LowerBound | None, seed: Plan,
-           t0: float) -> LowerBound | None:
-    """Raise the row bounds with the split bound (memfit.plan.bound_split) where they leave the best seed above
-    them. It gets split_bound_share of the time limit (at most half of what is left), skips the pieces that fit
-    spill-free, and stops once its sum reaches the seed's traffic (the seed is then proven optimal and the
-    planner returns it without searching). Its sum is valid over all orders, so the max with the row bounds is."""
-    if lb is None or opts.split_bound_share <= 0 or seed.traffic["non_compulsory_bytes"] <= lb.bytes:
-        return lb
-    from memfit.plan.bound_split import split_bound
-
-    budget = min(opts.split_bound_share * opts.time_limit_s, 0.5 * (opts.time_limit_s - (time.perf_counter() - t0)))
-    if budget < 0.5:
-        lb.parts["split"] = {"bytes": 0, "status": "no time", "time_s": 0.0}
-        return lb
-    sb = split_bound(g, scratchpad_bytes, opts.split_piece_ops, budget, opts.num_workers,
-                     enough_bytes=seed.traffic["non_compulsory_bytes"], skip_fitting=True)
-    lb.parts["split"] = {"bytes": sb.bytes, "status": sb.status, "time_s": round(sb.time_s, 2),
-                         "pieces": len(sb.pieces) + sb.skipped, "pieces_solved": len(sb.pieces),
-                         "pieces_proven": sum(p["status"] == "optimal" for p in sb.pieces),
-                         "pieces_skipped_fitting": sb.skipped, "piece_ops": opts.split_piece_ops}
-    lb.time_s += sb.time_s
-    if sb.bytes > lb.bytes:
-        lb.bytes, lb.status = sb.bytes, "bound"
-    return lb
-
-
 def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> Plan:
     """Validate, set bound_bytes to the best bound valid over all orders, and call the plan optimal when it
     meets that bound (whatever found it)."""
@@ -291,6 +223,17 @@ def _with_bound(plan: Plan, lb: LowerBound | None, other_bound: int | None) -> P
 
 def make_plan(g: Graph, scratchpad_bytes: int, opts: PlanOptions | None = None, progress=None) -> Plan:
     opts = opts or PlanOptions()
+    if opts.clock == "wall":
+        return _make_plan(g, scratchpad_bytes, opts, progress)
+    cap = opts.wall_cap_s if opts.wall_cap_s is not None else 3 * opts.time_limit_s
+    with use(Clock(opts.clock, cap)) as clock:
+        plan = _make_plan(g, scratchpad_bytes, opts, progress)
+    if plan.solver is not None:
+        plan.solver.details["clock"] = clock.summary()  # the work it did, and whether the wall cap stopped it
+    return plan
+
+
+def _make_plan(g: Graph, scratchpad_bytes: int, opts: PlanOptions, progress=None) -> Plan:
     check_feasible(g, scratchpad_bytes)
     name = opts.planner
     if name == "auto":

@@ -33,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from memfit.plan.clock import current
 from memfit.plan.errors import BoundViolationError
 from memfit.plan.exact import address_unit
 from memfit.plan.plan_format import Graph, Placement
@@ -85,6 +86,8 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
+    clock = current()
+    c0 = clock.now()
     m = cp_model.CpModel()
     unit = address_unit(g)
     cap_u = capacity // unit
@@ -133,15 +136,15 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
              "build_s": round(time.perf_counter() - t0, 3)}
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.1, float(cfg.time_limit_s) - (time.perf_counter() - t0))
     solver.parameters.num_workers = int(cfg.num_workers)
     solver.parameters.random_seed = int(cfg.seed)
     solver.parameters.log_search_progress = bool(cfg.log)
     rec = _recorder(t0)
-    code = solver.Solve(m, rec)
+    code = clock.solve(solver, m, max(0.1, float(cfg.time_limit_s) - (clock.now() - c0)), rec)
     elapsed = time.perf_counter() - t0
     scope = scope_name(cfg.order_window, len(g.ops), cfg.free_range)
     stats["conflicts"] = solver.NumConflicts()
+    stats["deterministic_s"] = round(solver.deterministic_time, 3)
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         infeasible = code == cp_model.INFEASIBLE
         bound = max(0, math.ceil(solver.BestObjectiveBound() - 1e-6)) if not infeasible else -1

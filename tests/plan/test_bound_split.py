@@ -1,14 +1,25 @@
 """The split bound (memfit.plan.bound_split): each tensor charged in exactly one piece, the sum never above the
 optimum over all orders (CP-SAT, per-step exact model, order free) on random branching DAGs, and the whole-graph
 model's `costed` option charging only the tensors named."""
+import time
+
 import pytest
 
 from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.bound_split import pieces, split_bound
+from memfit.plan.clock import Clock, use
 from memfit.plan.exact import ExactConfig, Segment, solve_segment
 from memfit.plan.planner import best_seed
 from memfit.plan.whole import WholeConfig, solve_whole
 from tests.plan.graphs import random_branching_dag, random_dag
+
+
+@pytest.fixture
+def work_clock():
+    """Limits count CP-SAT's work, not wall time: these tests ask for proofs (status optimal) within a limit,
+    which 20-30 s of wall time did not give at load 8-10 on 2 cores (memfit.plan.clock)."""
+    with use(Clock("work", wall_cap_s=600)) as c:
+        yield c
 
 
 def test_pieces_charge_every_tensor_once_and_hold_all_its_uses():
@@ -34,6 +45,7 @@ def test_costed_charges_only_the_named_tensors():
 
 @pytest.mark.parametrize("maker,n,seed", [(random_branching_dag, 10, s) for s in range(5)] +
                          [(random_branching_dag, 12, s) for s in range(5, 8)] + [(random_dag, 12, s) for s in range(3)])
+@pytest.mark.usefixtures("work_clock")
 def test_split_bound_never_exceeds_the_optimum_over_all_orders(maker, n, seed):
     g = maker(n, seed)
     for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
@@ -52,7 +64,6 @@ def test_a_piece_the_first_pass_had_no_time_for_is_solved_in_the_second(monkeypa
     after it never ran then and must get the second pass's time, not be left out of the sum."""
     import types
 
-    import memfit.plan.bound_split as bs
     import memfit.plan.whole as whole
 
     g = random_branching_dag(12, 0)
@@ -68,11 +79,12 @@ def test_a_piece_the_first_pass_had_no_time_for_is_solved_in_the_second(monkeypa
                                      objective_bytes=100, time_s=0.1)
 
     monkeypatch.setattr(whole, "solve_whole", fake_solve)
-    monkeypatch.setattr(bs.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # the wall clock (memfit.plan.clock)
     sb = split_bound(g, scratchpad_sizes(g).mid, 4, time_limit_s=10.0)
     assert len(sb.pieces) == n and sb.bytes == 100 * n
 
 
+@pytest.mark.usefixtures("work_clock")
 def test_enough_bytes_stops_once_the_sum_reaches_it():
     g = random_branching_dag(24, 2)  # 3-op pieces: the first and the third bound 192 bytes each
     cap = scratchpad_sizes(g).min_feasible
@@ -85,6 +97,7 @@ def test_enough_bytes_stops_once_the_sum_reaches_it():
 
 
 @pytest.mark.parametrize("seed", range(4))
+@pytest.mark.usefixtures("work_clock")
 def test_skipping_the_pieces_that_fit_stays_a_bound_and_skips_only_those(seed):
     from memfit.plan.analysis import memory_aware_order, peak_live_bytes, subgraph
 

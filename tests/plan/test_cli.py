@@ -86,3 +86,13 @@ def test_plan_json_errors_are_one_object_too(capsys):
     assert "unknown model 'no_such_model_xyz'" in json.loads(cap.out)["error"] and "error:" in cap.err
     assert main(["plan", "validate", "--json"]) == 2
     assert "usage" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_plan_on_the_work_clock_says_so_in_its_json(capsys):
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--planner", "whole",
+                 "--time-limit", "3", "--workers", "1", "--clock", "work", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["clock"]["clock"] == "work" and d["clock"]["work_s"] > 0 and "wall_capped" in d["clock"]
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--planner", "whole",
+                 "--time-limit", "3", "--workers", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["clock"] == {"clock": "wall"}

@@ -1,5 +1,6 @@
 """The whole-graph planner's order search (memfit.plan.whole_search): which ranges it frees, and how long a
 move may take."""
+import time
 import types
 
 from memfit.plan.analysis import scratchpad_sizes
@@ -41,7 +42,7 @@ def test_a_move_that_finds_no_plan_gets_twice_the_time_next_up_to_a_quarter(monk
                                      placements=[], time_s=cfg.time_limit_s, stats={})
 
     monkeypatch.setattr(ws, "solve_whole", fake_solve)
-    monkeypatch.setattr(ws.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])  # the wall clock (memfit.plan.clock)
     search(g, cap, [seed], SearchConfig(time_limit_s=100.0, num_workers=1))
     # 5 s at first (5% of 100), doubled after each move without a plan, capped at 25 s; halved after a solved one
     assert given[:6] == [5.0, 10.0, 20.0, 25.0, 25.0, 12.5]
@@ -60,3 +61,49 @@ def test_a_seed_over_twice_the_best_candidate_is_not_solved():
     assert far and near
     _, _, stats = search(g, cap, [near[0], far[0]], SearchConfig(time_limit_s=4, num_workers=1, candidates=4))
     assert [c["seed"] for c in stats["candidates"]] == [near[0].planner]
+
+
+def test_reload_steps_leave_out_the_first_load_of_an_input_and_keep_every_other_load():
+    from memfit.plan.plan_format import OpSpec, Placement, TensorSpec, build_graph
+    from memfit.plan.whole_search import prefix_range, reload_steps
+
+    g = build_graph("g", [TensorSpec("x", 8, "input"), TensorSpec("a", 8, "activation"),
+                          TensorSpec("b", 8, "activation"), TensorSpec("y", 8, "output")],
+                    [OpSpec("p", ["x"], ["a"]), OpSpec("q", ["a"], ["b"]), OpSpec("r", ["x", "a", "b"], ["y"])])
+    order = ["p", "q", "r"]
+    # x loaded at 0 (compulsory) and again at 2; a written at 0, spilled, reloaded at 2; b and y never reloaded
+    pl = [Placement("x", 0, 0, 0), Placement("a", 8, 0, 1), Placement("b", 0, 1, 2), Placement("x", 16, 2, 2),
+          Placement("a", 24, 2, 2), Placement("y", 32, 2, 2)]
+    assert reload_steps(g, pl, order) == [2, 2]
+    plan = types.SimpleNamespace(order=order, placements=pl)
+    assert prefix_range(g, plan, min_ops=2, max_ops=80) == (0, 3)  # one past the last reload
+    assert prefix_range(g, plan, min_ops=2, max_ops=2) is None  # a reload at or past max_ops: no prefix move
+    assert prefix_range(g, types.SimpleNamespace(order=order, placements=pl[:3] + pl[5:]), 2, 80) is None
+
+
+def test_the_prefix_move_removes_every_spill_where_a_reorder_does_and_the_search_is_skipped():
+    from memfit.plan.planner import PlanOptions, make_plan
+    from memfit.plan.whole_search import prefix_move
+    from tests.plan.graphs import random_branching_dag
+
+    g = random_branching_dag(12, 4)  # at 488 bytes the best seed moves 192 bytes; some order moves nothing
+    seed = best_seed(g, 488)
+    assert seed.traffic["non_compulsory_bytes"] > 0
+    plan, st = prefix_move(g, 488, seed, 20, 1)
+    assert st["free_steps"] == [0, 12] and st["status"] == "optimal"
+    assert plan.traffic["non_compulsory_bytes"] == 0 and plan.order != seed.order  # validated on the way out
+    p = make_plan(g, 488, PlanOptions(planner="whole", time_limit_s=20, num_workers=1, bound=True))
+    d = p.solver.details
+    assert p.traffic["non_compulsory_bytes"] == 0 and p.planner == "whole" and p.solver.status == "optimal"
+    assert d["prefix_move"]["bytes"] == 0 and "windows" not in d and "order_search" not in d
+
+
+def test_no_prefix_move_where_a_reload_sits_late():
+    from memfit.plan.whole_search import prefix_move, reload_steps
+
+    g = random_dag(40, 2)
+    cap = scratchpad_sizes(g).min_feasible
+    seed = best_seed(g, cap)
+    late = reload_steps(g, seed.placements, seed.order)[-1]
+    plan, st = prefix_move(g, cap, seed, 5, 1, max_ops=late)
+    assert st is None and plan is seed

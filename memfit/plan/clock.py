@@ -1,0 +1,98 @@
+"""The planners' clock: wall time (the default), or work time, which does not stretch when the machine is loaded.
+
+Every time limit in memfit.plan (a CP-SAT solve, a phase's share, a loop of min cuts) is read from the clock
+in force (`current()`; `use(clock)` sets it for a block, as `make_plan` does). The wall clock is
+`time.perf_counter`. The work clock counts, in seconds:
+
+  * for each CP-SAT solve, CP-SAT's deterministic time (`CpSolver.deterministic_time`: a count of the work
+    its workers did, the same whatever else runs on the machine); the solve is limited with
+    `max_deterministic_time`;
+  * for everything else (building models, min cuts, validation, Python loops), the CPU time of the calling
+    thread (`time.thread_time`), which other processes do not inflate either.
+
+So on a loaded machine a work-clock plan takes longer in wall time but does the same search, and two runs
+compare. It is not bit-reproducible: CP-SAT's parallel workers still race, and thread CPU time varies by a
+few percent. A work-clock run still stops at `wall_cap_s` of wall time (every deadline then reads as passed),
+so a plan cannot run away on a very loaded machine; the plan's details say whether the cap was hit.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+CLOCKS = ("wall", "work")
+
+
+@dataclass
+class Clock:
+    kind: str = "wall"  # wall | work
+    wall_cap_s: float | None = None  # work clock: wall seconds after which every deadline reads as passed
+    _work: float = field(default=0.0, repr=False)  # work seconds counted so far (solves + thread CPU)
+    _thread0: float = field(default_factory=time.thread_time, repr=False)
+    _wall0: float = field(default_factory=time.perf_counter, repr=False)
+    solver_s: float = 0.0  # work clock: CP-SAT deterministic time counted so far
+    capped: bool = False  # work clock: the wall cap was reached
+
+    def __post_init__(self) -> None:
+        if self.kind not in CLOCKS:
+            raise ValueError(f"unknown clock {self.kind!r}; choose one of {', '.join(CLOCKS)}")
+
+    def now(self) -> float:
+        """Seconds on this clock (an arbitrary origin: only differences mean anything)."""
+        if self.kind == "wall":
+            return time.perf_counter()
+        if self.wall_cap_s is not None and time.perf_counter() - self._wall0 > self.wall_cap_s:
+            self.capped = True
+            return self._worked() + 1e9  # every deadline has passed
+        return self._worked()
+
+    def _worked(self) -> float:
+        return self._work + time.thread_time() - self._thread0
+
+    def solve(self, solver, model, seconds: float, callback=None) -> int:
+        """CpSolver.Solve(model) limited to `seconds` on this clock; the status code CP-SAT returns."""
+        seconds = max(0.01, float(seconds))
+        if self.kind == "wall":
+            solver.parameters.max_time_in_seconds = seconds
+            return solver.Solve(model, callback)
+        solver.parameters.max_deterministic_time = seconds
+        if self.wall_cap_s is not None:
+            solver.parameters.max_time_in_seconds = max(0.1, self.wall_cap_s - (time.perf_counter() - self._wall0))
+        t0 = time.thread_time()
+        code = solver.Solve(model, callback)
+        # the solve counts as its deterministic time, not as the CPU its calling thread spent in it
+        self._work += solver.deterministic_time - (time.thread_time() - t0)
+        self.solver_s += solver.deterministic_time
+        return code
+
+    def summary(self) -> dict:
+        out = {"clock": self.kind}
+        if self.kind == "work":
+            out.update({"work_s": round(self._worked(), 2), "cpsat_deterministic_s": round(self.solver_s, 2),
+                        "wall_s": round(time.perf_counter() - self._wall0, 2), "wall_capped": self.capped})
+        return out
+
+
+_CURRENT: contextvars.ContextVar[Clock | None] = contextvars.ContextVar("memfit_plan_clock", default=None)
+
+
+def current() -> Clock:
+    """The clock in force: the one set by `use`, else a wall clock."""
+    c = _CURRENT.get()
+    return c if c is not None else _WALL
+
+
+_WALL = Clock("wall")
+
+
+@contextlib.contextmanager
+def use(clock: Clock) -> Iterator[Clock]:
+    """Make `clock` the planners' clock inside the block."""
+    token = _CURRENT.set(clock)
+    try:
+        yield clock
+    finally:
+        _CURRENT.reset(token)

@@ -1,0 +1,66 @@
+"""The all-orders lower bounds a planner reports beside its plan: the four row bounds, then the split bound where
+they leave the best seed above them (memfit.plan.bound, bound_cut, bound_every, bound_cover, bound_split)."""
+from __future__ import annotations
+
+from memfit.plan.bound import LowerBound, lower_bound, unordered_pairs
+from memfit.plan.clock import current
+from memfit.plan.options import PlanOptions
+from memfit.plan.plan_format import Graph, Plan
+
+
+def all_orders_bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> LowerBound | None:
+    """The best of the all-orders bounds: the order-pair CP-SAT model (memfit.plan.bound, up to
+    pair_bound_max_ops ops: it can take a minute to build above that), the every-order covering model
+    (bound_every), the min-cut bound (bound_cut) and the covering model over both kinds of rows
+    (bound_cover). Each is valid for every order, so their max is too."""
+    if not opts.bound:
+        return None
+    from memfit.plan.bound_cover import cover_bound
+    from memfit.plan.bound_cut import cut_bound
+    from memfit.plan.bound_every import every_order_bound
+
+    share = min(5.0, max(0.5, 0.1 * opts.time_limit_s))
+    # the cover model (both kinds of rows, shared evictions; its rows repeat the min cuts) needs more: 9 s at 45 s
+    cover_share = min(10.0, max(1.0, 0.2 * opts.time_limit_s))
+    found = [cut_bound(g, scratchpad_bytes, share), every_order_bound(g, scratchpad_bytes, share, opts.num_workers)]
+    cut, every = found
+    if cut.status == every.status == "optimal" and cut.bytes == 0 and not every.tight_ops:
+        # no op has a min-cut excess and none a forced-live excess: the cover model has no row that costs
+        # anything, so its bound is 0 (it would spend 20% of the time finding that: 10 s on NASNet at 4 MiB)
+        found.append(LowerBound(0, "all orders", "optimal", 0.0))
+    else:
+        found.append(cover_bound(g, scratchpad_bytes, cover_share, opts.num_workers))
+    if len(g.ops) <= min(opts.bound_max_ops, opts.pair_bound_max_ops) and \
+            unordered_pairs(g) <= opts.pair_bound_max_pairs:
+        found.append(lower_bound(g, scratchpad_bytes, time_limit_s=share, num_workers=opts.num_workers))
+    names = ("min-cut", "every-order", "cover", "order-pairs")
+    best = max(found, key=lambda b: b.bytes)
+    best.parts = {n: {"bytes": b.bytes, "status": b.status, "time_s": round(b.time_s, 2)} for n, b in zip(names, found)}
+    best.time_s = sum(b.time_s for b in found)
+    return best
+
+
+def with_split_bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions, lb: LowerBound | None, seed: Plan,
+           t0: float) -> LowerBound | None:
+    """Raise the row bounds with the split bound (memfit.plan.bound_split) where they leave the best seed above
+    them. It gets split_bound_share of the time limit (at most half of what is left), skips the pieces that fit
+    spill-free, and stops once its sum reaches the seed's traffic (the seed is then proven optimal and the
+    planner returns it without searching). Its sum is valid over all orders, so the max with the row bounds is."""
+    if lb is None or opts.split_bound_share <= 0 or seed.traffic["non_compulsory_bytes"] <= lb.bytes:
+        return lb
+    from memfit.plan.bound_split import split_bound
+
+    budget = min(opts.split_bound_share * opts.time_limit_s, 0.5 * (opts.time_limit_s - (current().now() - t0)))
+    if budget < 0.5:
+        lb.parts["split"] = {"bytes": 0, "status": "no time", "time_s": 0.0}
+        return lb
+    sb = split_bound(g, scratchpad_bytes, opts.split_piece_ops, budget, opts.num_workers,
+                     enough_bytes=seed.traffic["non_compulsory_bytes"], skip_fitting=True)
+    lb.parts["split"] = {"bytes": sb.bytes, "status": sb.status, "time_s": round(sb.time_s, 2),
+                         "pieces": len(sb.pieces) + sb.skipped, "pieces_solved": len(sb.pieces),
+                         "pieces_proven": sum(p["status"] == "optimal" for p in sb.pieces),
+                         "pieces_skipped_fitting": sb.skipped, "piece_ops": opts.split_piece_ops}
+    lb.time_s += sb.time_s
+    if sb.bytes > lb.bytes:
+        lb.bytes, lb.status = sb.bytes, "bound"
+    return lb
