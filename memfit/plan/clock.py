@@ -12,8 +12,9 @@ in force (`current()`; `use(clock)` sets it for a block, as `make_plan` does). T
 
 So on a loaded machine a work-clock plan takes longer in wall time but does the same search, and two runs
 compare. It is not bit-reproducible: CP-SAT's parallel workers still race, and thread CPU time varies by a
-few percent. A work-clock run still stops at `wall_cap_s` of wall time (every deadline then reads as passed),
-so a plan cannot run away on a very loaded machine; the plan's details say whether the cap was hit.
+few percent. So that a plan cannot run away on a very loaded machine, the work clock never reads less than
+`min_rate` x the wall time since it started (make_plan: the time limit over its wall cap, 1/3 by default), and
+each solve also stops at its limit / min_rate of wall time; `capped` says the floor governed at some point.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ CLOCKS = ("wall", "work")
 @dataclass
 class Clock:
     kind: str = "wall"  # wall | work
-    wall_cap_s: float | None = None  # work clock: wall seconds after which every deadline reads as passed
+    min_rate: float | None = None  # work clock: it reads at least min_rate x wall seconds (None: no floor)
     _work: float = field(default=0.0, repr=False)  # work seconds counted so far (solves + thread CPU)
     _thread0: float = field(default_factory=time.thread_time, repr=False)
     _wall0: float = field(default_factory=time.perf_counter, repr=False)
@@ -44,10 +45,13 @@ class Clock:
         """Seconds on this clock (an arbitrary origin: only differences mean anything)."""
         if self.kind == "wall":
             return time.perf_counter()
-        if self.wall_cap_s is not None and time.perf_counter() - self._wall0 > self.wall_cap_s:
-            self.capped = True
-            return self._worked() + 1e9  # every deadline has passed
-        return self._worked()
+        worked = self._worked()
+        if self.min_rate is not None:
+            floor = self.min_rate * (time.perf_counter() - self._wall0)
+            if floor > worked:  # the machine is so loaded that wall time governs: the plan still ends in time
+                self.capped = True
+                return floor
+        return worked
 
     def _worked(self) -> float:
         return self._work + time.thread_time() - self._thread0
@@ -59,8 +63,8 @@ class Clock:
             solver.parameters.max_time_in_seconds = seconds
             return solver.Solve(model, callback)
         solver.parameters.max_deterministic_time = seconds
-        if self.wall_cap_s is not None:
-            solver.parameters.max_time_in_seconds = max(0.1, self.wall_cap_s - (time.perf_counter() - self._wall0))
+        if self.min_rate is not None:
+            solver.parameters.max_time_in_seconds = seconds / self.min_rate
         t0 = time.thread_time()
         code = solver.Solve(model, callback)
         # the solve counts as its deterministic time, not as the CPU its calling thread spent in it

@@ -29,4 +29,5 @@ class PlanOptions:
     split_piece_ops: int = 12
     clock: str = "wall"  # wall: every limit is wall time; work: CP-SAT deterministic time + thread CPU time, which
     # a loaded machine does not shrink (memfit.plan.clock), so runs compare under load
-    wall_cap_s: float | None = None  # work clock: stop at this much wall time anyway (None: 3 x time_limit_s)
+    wall_cap_s: float | None = None  # work clock: end by about this much wall time anyway (None: 3 x time_limit_s;
+    # the clock then reads at least time_limit_s / wall_cap_s x the wall time, memfit.plan.clock)

@@ -226,7 +226,7 @@ def make_plan(g: Graph, scratchpad_bytes: int, opts: PlanOptions | None = None, 
     if opts.clock == "wall":
         return _make_plan(g, scratchpad_bytes, opts, progress)
     cap = opts.wall_cap_s if opts.wall_cap_s is not None else 3 * opts.time_limit_s
-    with use(Clock(opts.clock, cap)) as clock:
+    with use(Clock(opts.clock, min_rate=opts.time_limit_s / cap)) as clock:
         plan = _make_plan(g, scratchpad_bytes, opts, progress)
     if plan.solver is not None:
         plan.solver.details["clock"] = clock.summary()  # the work it did, and whether the wall cap stopped it
