@@ -8,8 +8,8 @@ read that layout in place:
 Where both can run, the first call of a weight shape (N, K, nb) inside a prefill step times both on that
 call's own input (CPU time, alternating, the best of `TRIALS` each) and keeps the faster for the rest of the
 process (`choices()` reports the times). benchmarks/prefill.py records them: on one Sapphire-Rapids-class core,
-the 0.1b layer's shapes at 256-512 rows, AMX 298-378 G MAC/s against 48-51 for the AVX-512 kernel, whose
-vdpbf16ps runs at half rate on this core.
+the 0.1b layer's shapes at 256-512 rows, AMX 282-345 G MAC/s against 46-51 for the AVX-512 kernel (298-378
+against 48-51 in an earlier run), whose vdpbf16ps runs at half rate on this core.
 
 The choice is per shape, not per row count: each kernel computes a row from that row alone, so one kernel for
 every M >= LARGE_M keeps a row's bits independent of the call's rows (the MLP's row blocks, models/llama.py,
