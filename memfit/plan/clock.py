@@ -22,7 +22,11 @@ import contextlib
 import contextvars
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
+
+if TYPE_CHECKING:  # OR-Tools is imported where a solve runs, not with this module
+    from ortools.sat.python import cp_model
 
 CLOCKS = ("wall", "work")
 
@@ -56,7 +60,8 @@ class Clock:
     def _worked(self) -> float:
         return self._work + time.thread_time() - self._thread0
 
-    def solve(self, solver, model, seconds: float, callback=None) -> int:
+    def solve(self, solver: cp_model.CpSolver, model: cp_model.CpModel, seconds: float,
+              callback: cp_model.CpSolverSolutionCallback | None = None) -> int:
         """CpSolver.Solve(model) limited to `seconds` on this clock; the status code CP-SAT returns."""
         seconds = max(0.01, float(seconds))
         if self.kind == "wall":

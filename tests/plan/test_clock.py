@@ -59,17 +59,20 @@ def test_the_wall_clock_limits_a_solve_by_wall_time():
 
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
-    t0 = time.perf_counter()
-    Clock("wall").solve(solver, _hard_model(), 0.3)
+    code = Clock("wall").solve(solver, _hard_model(), 0.3)
     assert solver.parameters.max_time_in_seconds == pytest.approx(0.3)
-    assert time.perf_counter() - t0 < 5.0  # stopped (the ruler takes minutes unlimited)
+    # stopped by the limit, not by a proof (the ruler takes minutes unlimited): no optimum is claimed
+    assert code in (cp_model.FEASIBLE, cp_model.UNKNOWN)
 
 
 def test_on_a_loaded_machine_the_wall_time_floor_governs_and_durations_stay_sane():
     clock = Clock("work", min_rate=0.5)
+    t0 = time.perf_counter()
     w0 = clock.now()
-    time.sleep(0.4)  # no work done, 0.4 s of wall time: the floor reads 0.2
-    assert 0.19 <= clock.now() - w0 < 0.4 and clock.capped and clock.summary()["wall_capped"]
+    time.sleep(0.4)  # no work done, at least 0.4 s of wall time: the floor reads half the wall time
+    w1 = clock.now()
+    wall = time.perf_counter() - t0  # measured, so an overrun of the sleep on a loaded machine is allowed for
+    assert 0.19 <= w1 - w0 <= 0.5 * wall + 0.02 and clock.capped and clock.summary()["wall_capped"]
     assert not Clock("work", min_rate=0.5).capped
 
 
