@@ -43,12 +43,12 @@ def model_config(shape: str):
 def worker(args: argparse.Namespace) -> None:
     """One design, one process: print the trainer's result JSON."""
     pin_threads(args.threads)
-    from memfit.train.finetune.trainer import FinetuneConfig, run
+    from memfit.train.finetune.trainer import MMAP_THRESHOLD, FinetuneConfig, run
 
     cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, ssd_dir=args.ssd_dir,
                          host_memory=args.design, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          lr=1e-5, dtype=args.dtype, seed=args.seed, model_config=model_config(args.shape),
-                         grad_checkpointing="device")
+                         grad_checkpointing="device", mmap_threshold=MMAP_THRESHOLD)
     print(json.dumps(run(cfg).to_json()))
 
 

@@ -78,12 +78,13 @@ def probe_mode(simulated_cxl: int) -> tuple[str, str]:
 
 def run_one(args, policy: str, budget: str | None, backend: str) -> dict:
     from memfit.train.finetune.placement import PlacementConfig
-    from memfit.train.finetune.trainer import FinetuneConfig, run
+    from memfit.train.finetune.trainer import MMAP_THRESHOLD, FinetuneConfig, run
 
     cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload="host", steps=args.steps,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-5, dtype="bfloat16", seed=args.seed,
                          model_config=model_config(SHAPES[args.shape]), grad_checkpointing="host",
-                         placement=PlacementConfig(policy, budget, backend, simulated_cxl=args.simulated_cxl))
+                         placement=PlacementConfig(policy, budget, backend, simulated_cxl=args.simulated_cxl),
+                         mmap_threshold=MMAP_THRESHOLD)
     r = run(cfg)
     step = r.step_seconds[1:] or r.step_seconds
     opt = r.optimizer_seconds[1:] or r.optimizer_seconds

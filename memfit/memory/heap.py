@@ -23,6 +23,7 @@ from memfit.memory.measure import anon_shmem_bytes
 
 TRIM_AT = 0.9  # trim once the process holds this share of its limit
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h> mallopt parameter
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses a larger threshold
 
 
 def fix_mmap_threshold(nbytes: int) -> bool:

@@ -129,7 +129,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .finetune.checkpoint import CheckpointError
     from .finetune.data import DataFormatError
     from .finetune.plot import write_loss_curve
-    from .finetune.trainer import FinetuneConfig, FinetuneError, run
+    from .finetune.trainer import MMAP_THRESHOLD, FinetuneConfig, FinetuneError, run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     if args.threads is not None:
@@ -161,7 +161,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, dtype=args.dtype, grad_checkpointing=args.grad_checkpointing,
         prefetch_depth=args.prefetch, loss_chunk_tokens=args.loss_chunk_tokens, save=args.save,
         save_every=args.save_every, resume=args.resume,
-        seed=args.seed, device=device, placement=placement,
+        seed=args.seed, device=device, placement=placement, mmap_threshold=MMAP_THRESHOLD,
     )
     try:
         result = _finetune_with_progress(cfg, run, not args.no_progress)

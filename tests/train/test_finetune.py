@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from memfit.llm.models import ModelConfig, build_model
 from memfit.train.finetune.data import IGNORE
-from memfit.train.finetune.trainer import FinetuneConfig, run
+from memfit.train.finetune.trainer import FinetuneConfig, FinetuneError, run
 
 TINY_SRC = Path(__file__).resolve().parents[2] / "memfit" / "assets" / "models" / "memfit-tiny"
 DATA = Path("/work/shared/data/dummy_conversation.json")
@@ -238,9 +238,12 @@ def test_bf16_runs_no_overflow_check(tiny, tmp_path, monkeypatch):
         run(cfg(tiny, tmp_path, steps=1, dtype="float16", offload="host", host_memory="zero-infinity"))
 
 
-def test_cli_json_is_one_object(tiny, tmp_path, capsys):
+def test_cli_json_is_one_object(tiny, tmp_path, capsys, monkeypatch):
     from memfit.cli import main
+    from memfit.train.finetune import trainer
 
+    fixed = []  # the CLI opts its process in to the fixed mmap threshold; recorded here, not applied to pytest's
+    monkeypatch.setattr(trainer, "fix_mmap_threshold", lambda n: fixed.append(n) or True)
     rc = main(["train", "finetune", "--model", str(tiny), "--data", str(write_chat_data(tmp_path / "c.jsonl")),
                "--steps", "2", "--seq-len", "32",
                "--offload", "ssd", "--ssd-dir", str(tmp_path / "swap"), "--host-memory", "zero-infinity",
@@ -256,6 +259,22 @@ def test_cli_json_is_one_object(tiny, tmp_path, capsys):
     assert out["allocator_peak_bytes"] >= 32 * ModelConfig.from_dir(tiny).vocab_size * 4
     assert Path(out["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads(Path(out["plot"]).with_suffix(".json").read_text())["losses"] == out["losses"]
+    assert fixed == [trainer.MMAP_THRESHOLD] and out["host_memory"]["mmap_threshold"] == trainer.MMAP_THRESHOLD
+
+
+def test_a_library_run_leaves_the_malloc_policy_alone_and_bad_thresholds_are_refused(tiny, tmp_path, monkeypatch):
+    """mallopt holds for the rest of the process, so run() applies it only when asked (the CLI and the benchmark
+    workers ask); a value glibc would ignore is refused before anything runs."""
+    from memfit.train.finetune import trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "fix_mmap_threshold", lambda n: calls.append(n) or True)
+    r = run(cfg(tiny, tmp_path, steps=1, offload="host"))
+    assert calls == [] and r.host_memory["mmap_threshold"] is None
+    for bad in (0, -1, trainer.MMAP_THRESHOLD_MAX + 1):
+        with pytest.raises(FinetuneError, match="mmap_threshold"):
+            run(cfg(tiny, tmp_path, steps=1, mmap_threshold=bad))
+    assert calls == []
 
 
 def test_cli_budget_below_minimum_prints_the_breakdown(tiny, tmp_path, capsys):

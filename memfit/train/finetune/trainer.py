@@ -24,7 +24,9 @@ from memfit.llm.models import ModelConfig, parse_dtype
 from memfit.llm.models.loader import resolve_model_path, weight_files
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.allocator import AllocatorMeter
-from memfit.memory.heap import fix_mmap_threshold
+from memfit.memory.heap import MMAP_THRESHOLD_MAX, fix_mmap_threshold
+
+MMAP_THRESHOLD = 1 << 20  # what the entry points fix glibc's mmap threshold at (FinetuneConfig.mmap_threshold)
 from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from memfit.train.finetune import budget as budget_mod
 from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
@@ -72,10 +74,15 @@ class FinetuneConfig:
     placement: PlacementConfig | None = None  # None: the design's own host allocations (no NUMA policy)
     # glibc: blocks of at least this many bytes are their own mappings, returned to the system when freed
     # (memory.heap.fix_mmap_threshold), for every design; None keeps glibc's policy, under which the head's
-    # logits and the optimizer's chunks stayed in the heap step after step (0.1B: ~45 MiB more at the peak)
-    mmap_threshold: int | None = 1 << 20
+    # logits and the optimizer's chunks stayed in the heap step after step (0.1B: ~45 MiB more at the peak).
+    # It holds for the rest of the process, so the process's entry point opts in (`memfit train finetune` and the
+    # benchmark workers pass MMAP_THRESHOLD); a library call leaves the caller's malloc policy alone.
+    mmap_threshold: int | None = None
 
     def validate(self) -> None:
+        if self.mmap_threshold is not None and not 0 < self.mmap_threshold <= MMAP_THRESHOLD_MAX:
+            raise FinetuneError(f"mmap_threshold must be 1..{MMAP_THRESHOLD_MAX} bytes (glibc's limit; got "
+                                f"{self.mmap_threshold})")
         if self.offload not in TIERS:
             raise FinetuneError(f"--offload must be none, host or ssd (got {self.offload!r})")
         if self.offload == "ssd" and not self.ssd_dir:
@@ -177,8 +184,7 @@ def _random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
 
 def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
     cfg.validate()
-    if cfg.mmap_threshold is not None:
-        fix_mmap_threshold(cfg.mmap_threshold)
+    fixed = fix_mmap_threshold(cfg.mmap_threshold) if cfg.mmap_threshold is not None else False
     reset_peak_rss()
     baseline = rss_bytes()  # the process before this run: interpreter, torch, memfit
     device = torch.device(cfg.device)
@@ -214,8 +220,10 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
     store = GroupStore(groups, cfg.offload, design, dtype, device, Path(cfg.ssd_dir) if cfg.ssd_dir else None,
                        in_flight, placement, streamed)
     try:
-        return _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
-                      progress, baseline)
+        result = _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
+                        progress, baseline)
+        result.host_memory["mmap_threshold"] = cfg.mmap_threshold if fixed else None  # None: glibc's own policy
+        return result
     finally:
         store.close()
 
