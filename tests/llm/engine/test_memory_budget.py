@@ -88,7 +88,9 @@ def test_kv_budget_is_a_cap_inside_the_ledger(tiny_path):
     # the ledger's KV entry is what the kernel holds for the cache at every step
     assert all(ledger == committed == resident for ledger, committed, resident in seen), seen[:3]
     fixed = {k: v for k, v in engine.ledger.by_owner().items() if k != "kv_budget"}
-    assert set(fixed) == {"weights", "tokenizer", "runtime", "step"} and fixed["runtime"] > 0  # measured
+    assert set(fixed) == {"weights", "tokenizer", "runtime", "step", "step_scratch"} and fixed["runtime"] > 0  # measured
+    # the step arena's capacity is carved out of the step reservation, not added to it
+    assert fixed["step"] + fixed["step_scratch"] == engine.memory_plan.step_bytes
     engine.close()
 
 
