@@ -54,6 +54,7 @@ class ScratchArena:
         self.steps = 0  # steps laid out
         self.overflows = 0  # steps whose layout exceeded the capacity (they ran on ordinary allocations)
         self.high_water_bytes = 0  # the largest layout a step used
+        self._in_step = False  # inside step(): a second step of this arena is refused
 
     @staticmethod
     def layout_bytes(regions: Mapping[str, int]) -> int:
@@ -67,13 +68,20 @@ class ScratchArena:
     @contextlib.contextmanager
     def step(self, regions: Mapping[str, int]) -> Iterator[ScratchArena | None]:
         """Lay the step out as `regions` (name -> bytes), commit them, and make this arena the active one while
-        the block runs (yields it; None, and nothing active, when the layout exceeds the capacity)."""
+        the block runs (yields it; None, and nothing active, when the layout exceeds the capacity). A step of the
+        same arena inside it is refused: it would re-lay the bytes under the outer pass's live views, and give
+        its pages back under them when it ended."""
+        if self._in_step:
+            raise RuntimeError("ScratchArena.step: this arena's step is already running (a nested step would reuse "
+                               "the outer pass's bytes under its live views)")
         ok = self.begin(regions)
+        self._in_step = True
         token = _active.set(self if ok else None)
         try:
             yield self if ok else None
         finally:
             _active.reset(token)
+            self._in_step = False
             self._regions = {}
             if self.keep_bytes is not None and self.committed_bytes > self.keep_bytes:
                 self.trim(self.keep_bytes)

@@ -83,6 +83,22 @@ def test_steps_nest_and_restore_the_outer_arena():
         inner.close()
 
 
+def test_a_step_inside_a_step_of_the_same_arena_is_refused_and_the_outer_views_survive():
+    arena = ScratchArena(2 * PAGE)
+    try:
+        with arena.step({"x": 64}):
+            outer = arena.take("x", (16,), torch.float32)
+            outer.fill_(3.0)
+            with pytest.raises(RuntimeError, match="already running"):
+                with arena.step({"x": 64}):
+                    pass
+            assert scratch.active() is arena and bool((outer == 3.0).all())  # not re-laid, not given back
+        with arena.step({"x": 64}):  # and the arena is usable afterwards
+            assert arena.take("x", (16,), torch.float32) is not None
+    finally:
+        arena.close()
+
+
 def test_capacity_is_whole_pages():
     arena = ScratchArena(PAGE + 1)
     try:

@@ -319,6 +319,7 @@ class LLMEngine:
             "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
             "workspace_bytes": self.runner.workspace.nbytes,
             "step_arena_bytes": self.runner.scratch.committed_bytes if self.runner.scratch is not None else 0,
+            "step_arena_high_water_bytes": self.runner.scratch.high_water_bytes if self.runner.scratch else 0,
             "memory_budget_bytes": self.ledger.limit_bytes, "memory_reserved_bytes": self.ledger.used_bytes,
             "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
             "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
@@ -337,6 +338,9 @@ class LLMEngine:
         if self.swap is not None:
             self.swap.close()
         self.kv.close()
+        if self.runner.scratch is not None:
+            self.runner.scratch.close()
+            self.runner.scratch = None
         if self.tp is not None and self.tp.is_driver:
             self.tp.shutdown()
 

@@ -2,8 +2,8 @@
 draft, sized for the largest step the scheduler can form and carved out of the ledger's step reservation.
 
 A pass of N rows lays its intermediates out in four regions (kernels/scratch_layout.py) that every layer reuses,
-so what a step holds beside the KV cache is that layout, committed once and kept, instead of whatever the C heap
-grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU kernels run
+so what a step holds beside the KV cache is that layout, committed when the step starts and given back when it
+ends (keep_bytes 0), instead of whatever the C heap grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU kernels run
 (they write into `out=`), outside tensor parallelism (its shards' passes keep their own tensors).
 """
 from __future__ import annotations
