@@ -16,6 +16,7 @@ import torch
 from memfit.llm.engine import ledger, step_arena
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import Draft
+from memfit.llm.engine.engine_stats import engine_stats, record_timeline
 from memfit.llm.engine.errors import QueueFull, RequestError
 from memfit.llm.engine.outputs import CompletionOutput, RequestOutput
 from memfit.llm.engine.params import SamplingParams
@@ -24,7 +25,7 @@ from memfit.llm.engine.request import Sequence
 from memfit.llm.engine.policy import PolicyConfig
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 from memfit.llm.engine.sessions import adopt_session_kv
-from memfit.llm.engine.swap_tiers import build_swap, swap_stats, tier_timeline
+from memfit.llm.engine.swap_tiers import build_swap
 from memfit.llm.engine.textstream import TextStream
 from memfit.llm.kernels.backends import BackendOptions, prepare_model
 from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
@@ -277,7 +278,7 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq, stream))
         if self.timeline is not None:
-            self._record_timeline(sched.num_tokens)
+            record_timeline(self, sched.num_tokens)
         return outputs
 
     def _output(self, seq: Sequence, stream: TextStream) -> RequestOutput:
@@ -299,38 +300,9 @@ class LLMEngine:
                 self.spec.finished(seq)  # the draft's KV: freed, or kept with the target's for the session's next turn
         return out
 
-    def _record_timeline(self, step_tokens: int) -> None:
-        st = self.kv.stats()
-        self.timeline.record(  # type: ignore[union-attr]
-            step=self.num_steps, step_tokens=step_tokens, kv_committed_bytes=st.committed_bytes,
-            kv_used_bytes=st.used_bytes, kv_waste_bytes=st.waste_bytes, tokens_held=st.tokens_held,
-            kv_budget_bytes=st.budget_bytes, num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            **tier_timeline(self.swap),
-        )
-
     def stats(self) -> dict:
-        """A fresh snapshot for metrics (the server's /metrics, `memfit bench`)."""
-        st = self.kv.stats()
-        return {
-            "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-            "kv_committed_bytes": st.committed_bytes, "kv_used_bytes": st.used_bytes,
-            "kv_waste_bytes": st.waste_bytes, "kv_budget_bytes": st.budget_bytes, "tokens_held": st.tokens_held,
-            "num_steps": self.num_steps, "generated_tokens": self.num_generated_tokens,
-            "workspace_bytes": self.runner.workspace.nbytes,
-            "step_arena_bytes": self.runner.scratch.committed_bytes if self.runner.scratch is not None else 0,
-            "step_arena_high_water_bytes": self.runner.scratch.high_water_bytes if self.runner.scratch else 0,
-            "memory_budget_bytes": self.ledger.limit_bytes, "memory_reserved_bytes": self.ledger.used_bytes,
-            "memory_reserved_by_part": self.ledger.by_owner(), "prefault_failures": self.prefault_failures,
-            "kv_commit_failures": getattr(self.kv, "commit_failures", 0),
-            "heap_trims": self._heap.trims if self._heap is not None else 0,
-            "prefix_caching": self.kv.prefix_caching, "prefix_cache_queries": self.kv.prefix_stats.queries,
-            "prefix_cache_query_tokens": self.kv.prefix_stats.query_tokens,
-            "prefix_cache_hit_tokens": self.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": self.kv.cached_bytes,
-            "preemptions_by_mode": dict(self.scheduler.preemptions_by_mode),
-            "swap": swap_stats(self.swap),
-            "speculative": self.spec.stats_dict() if self.spec is not None else {},
-        }
+        """A fresh snapshot for metrics (the server's /metrics, `memfit bench`): engine_stats.py."""
+        return engine_stats(self)
 
     def close(self) -> None:
         if self.spec is not None:
