@@ -93,7 +93,7 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
 
         chosen.num_fused_layers = fuse_projections(model)
     if chosen.cpu_linear == "blocked":
-        from memfit.llm.kernels.blocked import use_blocked_linears
+        from memfit.llm.kernels.blocked_model import use_blocked_linears
 
         chosen.num_blocked_linears = use_blocked_linears(model)
         mlp_row_blocks(model)

@@ -12,7 +12,7 @@ kernel measured fastest for the weight's shape (large_m.py: this AVX-512 kernel 
 packed weight, cpu_amx.cpp); everywhere else, decode steps included, on the AVX-512 kernel.
 
 Memory: the packed copy *replaces* the weight. BlockedLinear keeps no reference to the nn.Linear's weight,
-and `use_blocked_linears` gives back the resident pages of a memory-mapped checkpoint tensor it replaced
+and `use_blocked_linears` (blocked_model.py) gives back the resident pages of a memory-mapped checkpoint tensor it replaced
 (`memfit.memory.pages.drop_file_pages`), so the model holds one copy of each matrix (plus at most `nb` - 1
 zero columns per matrix of padding); while packing, one matrix is held twice.
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from memfit.llm.kernels import large_m
 from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
-from memfit.memory.host import HostArena, transparent_huge_pages
+from memfit.memory.host import HostArena
 
 log = logging.getLogger(__name__)
 _amx_fallback_logged = False  # one warning per process
@@ -252,75 +252,3 @@ def pack_blocked(linears: list[nn.Linear], nb: int = DEFAULT_NB, nthreads: int |
     """BlockedLinear for each of `linears`, all packed into one arena (blocked_arena)."""
     arena = blocked_arena(linears, nb, huge_pages)
     return [BlockedLinear(lin, nb, nthreads, out=arena.take(packed_numel(lin, nb), lin.weight.dtype)) for lin in linears]
-
-
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
-def use_blocked_linears(model: nn.Module, nb: int = DEFAULT_NB, huge_pages: bool = True) -> int:
-    """Replace the model's CPU nn.Linear layers by BlockedLinear. Returns how many; 0 when the kernel is
-    unavailable for the model's dtype (the model is then left untouched).
-
-    A linear whose weight shares storage with an nn.Embedding (a tied lm_head) is packed only when that
-    matrix is memory-mapped from the checkpoint: its resident pages are then given back, and token lookups
-    read the packed head itself (`BlockedEmbedding`), so the matrix is held once and what is resident does
-    not depend on which rows the tokens touched (the head is a large part of a small model: 136M of
-    Qwen2.5-0.5B's 494M parameters, and the row-major kernel is 2.4x slower than the blocked one at 8 rows). An embedding in
-    ordinary memory (e.g. converted to another dtype at load) keeps its head row-major: wrap it zero-copy
-    afterwards with `memfit.llm.kernels.linear.use_row_major_linears`, which takes the nn.Linear layers left."""
-    first = next(model.parameters(), None)  # not a list of them all: it would keep every replaced weight alive
-    if first is None or first.device.type != "cpu" or not can_use_blocked(first.dtype):
-        return 0
-    dtype = first.dtype
-    del first
-    from memfit.memory.pages import drop_file_pages, file_mappings, is_file_backed
-
-    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    maps = file_mappings()
-    todo = []
-    for _, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear) or child.weight.dtype != dtype:
-                continue
-            w = child.weight.detach()
-            if any(_shares_storage(w, e) for e in embeddings) and not is_file_backed(w, maps):
-                continue  # tied to an embedding in ordinary memory: see the docstring
-            todo.append((parent, name, child))
-    if not todo:
-        return 0
-    # Every packed weight in one huge-page arena, in the order a decode step reads them; packed one at a
-    # time, each checkpoint matrix's pages given back at once, so at most one matrix is held twice.
-    arena = blocked_arena([child for _, _, child in todo], nb, huge_pages)
-    count = len(todo)
-    todo.reverse()
-    while todo:  # popped, so the last reference to a replaced weight (e.g. a fused copy) goes at once
-        parent, name, child = todo.pop()
-        w = child.weight.detach()
-        setattr(parent, name, BlockedLinear(child, nb, out=arena.take(packed_numel(child, nb), w.dtype)))
-        drop_file_pages(w, maps)  # a memory-mapped checkpoint's pages: given back
-        del parent, child, w
-    _embed_from_packed_head(model, embeddings, maps)
-    log.info("blocked kernel: %d weights packed into one %.1f MiB arena, %.1f MiB of it on huge pages (THP: %s)",
-             count, arena.used_bytes / 2**20, arena.huge_page_bytes() / 2**20, transparent_huge_pages())
-    return count
-
-
-def _embed_from_packed_head(model: nn.Module, embeddings: list[torch.Tensor], maps: list) -> None:
-    """A tied head now packed: look tokens up in it (BlockedEmbedding) and let go of the row-major matrix, whose
-    mapped pages are given back, so the matrix is held once and the resident memory does not depend on which
-    rows the tokens touched (the memory ledger counts weights exactly)."""
-    inner = getattr(model, "model", None)
-    head = getattr(model, "lm_head", None)
-    emb = getattr(inner, "embed_tokens", None)
-    if not (isinstance(head, BlockedLinear) and isinstance(emb, nn.Embedding)
-            and getattr(getattr(model, "config", None), "tie_word_embeddings", False)):
-        return
-    if (emb.num_embeddings, emb.embedding_dim) != (head.out_features, head.in_features) or emb.weight.dtype != head.dtype:
-        return
-    from memfit.memory.pages import drop_file_pages
-
-    w = emb.weight.detach()
-    inner.embed_tokens = BlockedEmbedding(head)
-    embeddings.clear()  # the caller's list held the matrix too
-    drop_file_pages(w, maps)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.llm.kernels.blocked import BlockedLinear, use_blocked_linears
+from memfit.llm.kernels.blocked import BlockedLinear
+from memfit.llm.kernels.blocked_model import use_blocked_linears
 from tests.llm.kernels.common import make_linear, need
 
 ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64]
