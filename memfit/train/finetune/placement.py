@@ -25,6 +25,7 @@ Placement changes where bytes live, never what is computed: the losses are those
 from __future__ import annotations
 
 import logging
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -227,6 +228,22 @@ def modelled_times(placement: Placement, numels: Sequence[int], compute_itemsize
             "optimizer_slowdown": opt["ratio"], "slow_tier_stream_bytes_per_step": streamed,
             "optimizer_traffic_bytes": traffic, "slow_devices": devices,
             **scale_times(opt["ratio"], streamed, traffic, optimizer_seconds, step_seconds, devices)}
+
+
+def placement_report(placement: Placement | None, numels: Sequence[int], compute_itemsize: int, recompute: bool,
+                     seconds: list[float], opt_seconds: list[float]) -> dict | None:
+    """A run's `placement` result: where each group landed; on simulated tiers also what the fitted model says
+    the times would be (modelled_times), from the run's step and optimizer times after the first step."""
+    if placement is None:
+        return None
+    out = placement.report()
+    if placement.system.modelled and seconds and opt_seconds:
+        timed = seconds[1:] or seconds  # the first step pays the pages' first touch
+        opt = opt_seconds[1:] or opt_seconds
+        reads = 2 if recompute else 1  # forward, and again for the backward's recompute
+        out["modelled_times"] = modelled_times(placement, numels, compute_itemsize, statistics.median(opt),
+                                               statistics.median(timed), reads)
+    return out
 
 
 def scale_times(slowdown: float, streamed: float, traffic: float, optimizer_seconds: float, step_seconds: float,

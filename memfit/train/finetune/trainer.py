@@ -35,7 +35,7 @@ from memfit.train.finetune.designs import make_design
 from memfit.train.finetune.executor import StepConfig, StepExecutor
 from memfit.train.finetune.gradients import streamed_layout, streams
 from memfit.train.finetune.optim import AdamW, LossScaler
-from memfit.train.finetune.placement import Placement, PlacementConfig, modelled_times
+from memfit.train.finetune.placement import Placement, PlacementConfig, placement_report
 from memfit.train.finetune.store import TIERS, GroupStore, placed_items
 from memfit.train.finetune.units import (Batch, Group, UnitRunner, loss_chunk_tokens, make_groups, skeleton,
                                          unit_groups)
@@ -296,21 +296,6 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             "other_bytes": max(peak - baseline - sum(pools.values()), 0)}
     return FinetuneResult(losses, start, seconds, peak, host, data_stats.to_json(), store.io_stats(), skipped,
                           scaler.scale, str(ckpt) if ckpt else None, history + losses, opt_seconds,
-                          _placement_report(store, groups, dtype, cfg, seconds, opt_seconds), allocator_peak)
-
-
-def _placement_report(store: GroupStore, groups, dtype, cfg: FinetuneConfig, seconds: list[float],
-                      opt_seconds: list[float]) -> dict[str, Any] | None:
-    """Where each group landed; on simulated tiers also what the fitted model says the times would be."""
-    placement = store.placement
-    if placement is None:
-        return None
-    out = placement.report()
-    if placement.system.modelled and seconds and opt_seconds:
-        timed = seconds[1:] or seconds  # the first step pays the pages' first touch
-        opt = opt_seconds[1:] or opt_seconds
-        reads = 2 if cfg.recompute else 1  # forward, and again for the backward's recompute
-        out["modelled_times"] = modelled_times(placement, [g.numel for g in groups],
-                                         store.itemsize if store.separate_copy else 0,
-                                         statistics.median(opt), statistics.median(timed), reads)
-    return out
+                          placement_report(store.placement, [g.numel for g in groups],
+                                           store.itemsize if store.separate_copy else 0, cfg.recompute, seconds,
+                                           opt_seconds), allocator_peak)
