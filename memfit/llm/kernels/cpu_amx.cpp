@@ -136,10 +136,12 @@ int64_t row_block(int64_t K) {
 }
 
 // Bytes of one thread's scratch for a call of M rows: the packed row block (rows rounded up to 32, K bf16 each)
-// and one column block's fp32 sums (32 a row), each rounded up to 64 bytes as Scratch allocates them.
+// and one column block's fp32 sums (32 a row), each as the pages malloc may map for it: whole 4 KiB pages plus
+// one, since its chunk header and the 64-byte alignment put the block one page further (a 64 KiB block spans 17).
 int64_t scratch_bytes(int64_t M, int64_t K) {
     const int64_t rows = ((M < row_block(K) ? M : row_block(K)) + 31) / 32 * 32;
-    return (rows * 32 * 4 + 63) / 64 * 64 + (rows * K * 2 + 63) / 64 * 64;
+    auto mapped = [](int64_t n) { return (n + 4095) / 4096 * 4096 + 4096; };
+    return mapped(rows * 32 * 4) + mapped(rows * K * 2);
 }
 
 bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t M,

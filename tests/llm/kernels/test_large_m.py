@@ -176,7 +176,8 @@ def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
 SCRATCH_PROBE = """
 import ctypes, json, resource, sys
 import torch
-ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: freed scratch goes back, none is reused
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD fixed: freed scratch goes back, none is reused
 from memfit.llm.kernels import large_m
 from memfit.llm.kernels.blocked import BlockedLinear
 out = []
@@ -185,6 +186,9 @@ for m, k, threads in json.loads(sys.argv[1]):
     x, y = torch.randn(m, k).to(torch.bfloat16), torch.empty(m, 320, dtype=torch.bfloat16)
     args = (x.data_ptr(), k, lin._wp, lin._bp, y.data_ptr(), 320, m, 320, k, lin.nb, threads)
     assert large_m.amx_linear()(*args) == 0  # warm: the library, the tile state, the OpenMP threads
+    # malloc serves a block from a free chunk of the heap before it maps one (mmap only when the heap can't), so
+    # the scratch could land on pages already resident and fault nothing: give free heap pages back first
+    libc.malloc_trim(0)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     assert large_m.amx_linear()(*args) == 0
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
@@ -196,8 +200,8 @@ print(json.dumps(out))
 def test_amx_scratch_bytes_cover_the_pages_a_call_touches():
     """What the ledger counts for the AMX kernel's scratch (large_m.amx_scratch_bytes) against an independent
     measure: the fresh pages a call faults in (getrusage minor faults, in a process whose malloc returns freed
-    scratch to the system). The count covers them and is not far above (the packed rows are rounded to 32, the
-    sums may land in pages already resident)."""
+    scratch to the system and whose free heap pages are trimmed before the call). The count covers them (each
+    block counted as the pages malloc may map for it: a page more than its bytes) and is not far above."""
     need_amx()
     import json
     import subprocess
