@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memfit.plan.cost import iree, store
+from memfit.plan.cost import iree, metrics, store
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.parse import pick_function
 
@@ -90,8 +90,8 @@ def runs(con, keys: list[str] | None = None) -> dict[str, list[dict]]:
 
 def pair_mape(values: list[list[float]]) -> float | None:
     """Mean over kernels' ordered pairs of runs of |a - b| / b: one run predicting another."""
-    errs = [abs(a - b) / b for vals in values for i, a in enumerate(vals) for j, b in enumerate(vals) if i != j]
-    return sum(errs) / len(errs) if errs else None
+    pairs = [(a, b) for vals in values for i, a in enumerate(vals) for j, b in enumerate(vals) if i != j]
+    return metrics.mape([a for a, _ in pairs], [b for _, b in pairs]) if pairs else None
 
 
 def summary(con, keys: list[str] | None = None, quiet_load: float | None = None) -> dict:
