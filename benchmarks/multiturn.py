@@ -4,7 +4,9 @@ something to reuse.
 
 Conversations (seeded), arriving as a Poisson process at `--rate` per second:
 - half are MT-Bench's two-turn questions (/work/shared/data/mt_bench/question.jsonl, Apache-2.0, tokenized by
-  the model's tokenizer; if the file is absent, random tokens of the same lengths as the synthetic ones);
+  the model's tokenizer; if the file is absent, random tokens of the same lengths as the synthetic ones). A
+  random-initialised shape (`--model 0.1b|0.5b`) has a placeholder tokenizer that would make each message one
+  token: there a message is random tokens as many as the bundled memfit-tiny tokenizer makes of it;
 - half are synthetic ShareGPT-like conversations of 3-8 turns (uniform), each user message log-normal in length
   (median `--prompt-median` / 4, sigma 0.6, clipped to 8..128 tokens) of random tokens.
 Every turn's answer is `max_tokens` uniform in 16..`--output-max` (greedy, ignore_eos). Turn k's prompt is the
@@ -23,6 +25,20 @@ import time
 from pathlib import Path
 
 MT_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mt_bench" / "question.jsonl"
+PLACEHOLDER_VOCAB = 256  # below this a tokenizer is a stand-in (benchmarks/decode_setup.py writes a 1-word one)
+
+
+def message_tokens(tokenizer, vocab: int, rng: random.Random):
+    """text -> token ids for an MT-Bench message: the model's own tokenizer, or, where that is a placeholder
+    (a random-initialised shape), random ids in the model's vocabulary, as many as memfit-tiny's tokenizer
+    makes of the text, so the workload's lengths match the bundled model's."""
+    if tokenizer.vocab_size >= PLACEHOLDER_VOCAB:
+        return tokenizer.encode
+    from memfit.llm.models.loader import resolve_model_path
+    from memfit.llm.models.tokenizer import Tokenizer
+
+    real = Tokenizer.from_dir(resolve_model_path("memfit-tiny"))
+    return lambda text: [rng.randrange(3, vocab) for _ in real.encode(text)]
 
 
 def conversations(a, tokenizer, vocab: int) -> list[dict]:
@@ -35,6 +51,8 @@ def conversations(a, tokenizer, vocab: int) -> list[dict]:
     def rand_tokens(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
 
+    encode = message_tokens(tokenizer, vocab, rng) if mt else None
+
     def msg_len() -> int:
         return int(min(128, max(8, rng.lognormvariate(0, 0.6) * a.prompt_median / 4)))
 
@@ -42,7 +60,7 @@ def conversations(a, tokenizer, vocab: int) -> list[dict]:
         t += rng.expovariate(a.rate)
         system = rand_tokens(int(min(a.prompt_max, max(16, rng.lognormvariate(0, 0.6) * a.prompt_median))))
         if i % 2 == 0 and mt:
-            turns = [tokenizer.encode(text) for text in mt[(i // 2) % len(mt)]]
+            turns = [encode(text) for text in mt[(i // 2) % len(mt)]]
             kind = "mt-bench"
         else:
             turns = [rand_tokens(msg_len()) for _ in range(rng.randint(3, 8))]
