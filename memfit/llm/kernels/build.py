@@ -23,10 +23,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Every C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
+# The SSD swap tier's CRC-32C and O_DIRECT loop (kv/swap_ssd.py) need only SSE4.2, not AVX-512: they are a small
+# library of their own (`load_cpu_io`), so a CPU without AVX-512 does not fall back to zlib's CRC-32 and the Python
+# I/O loop (on an AVX2 host that made a 0.5B shape's SSD swaps run at about half the C loop's rate).
+_HERE = Path(__file__).parent
+IO_SOURCES = (_HERE / "cpu_crc32c.cpp", _HERE / "cpu_staged_io.cpp")
+IO_FLAGS = ("-O3", "-std=c++17", "-msse4.2", "-fPIC", "-shared")
+# Every other C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
 # the rest of a decode step), so one compile and one cache entry cover them all.
-SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cpp")))
-HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # included by the sources: part of the cache key
+SOURCES = tuple(sorted(p for p in _HERE.glob("*.cpp") if p not in IO_SOURCES))
+HEADERS = tuple(sorted(_HERE.glob("*.h")))  # included by the sources: part of the cache key
 FLAGS = ("-O3", "-std=c++17", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
 # What each dtype's kernel needs from the CPU (flag names as in /proc/cpuinfo).
 NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
@@ -95,14 +101,15 @@ def get_cpu_linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     return lib.bf16 if dtype == torch.bfloat16 else lib.f32
 
 
-def _key_or_none() -> str | None:
+def _key_or_none(sources: tuple[Path, ...] | None = None, flags: tuple[str, ...] | None = None) -> str | None:
     cxx = compiler()
     if cxx is None:
         return None
+    sources, flags = (SOURCES + HEADERS, FLAGS) if sources is None else (sources, flags or ())
     h = hashlib.sha256()
-    for src in SOURCES + HEADERS:
+    for src in sources:
         h.update(src.name.encode() + b"\0" + src.read_bytes())
-    h.update("\0".join((os.path.realpath(cxx), *FLAGS)).encode())
+    h.update("\0".join((os.path.realpath(cxx), *flags)).encode())
     return h.hexdigest()[:16]
 
 
@@ -128,10 +135,33 @@ def load_cpu_linear() -> CpuLinearLib | None:
         return lib
 
 
-def _build(key: str) -> Path:
+def load_cpu_io() -> ctypes.CDLL | None:
+    """Build (once per cache) and load the SSD tier's I/O library (IO_SOURCES: `memfit_crc32c`,
+    `memfit_staged_pwrite`, `memfit_staged_pread`); None without a compiler or SSE4.2, or if the build fails."""
+    key = _key_or_none(IO_SOURCES, IO_FLAGS)
+    with _lock:
+        if key is None:
+            return None
+        name = f"io-{key}"
+        if name not in _loaded:
+            lib = None
+            try:
+                if "sse4_2" not in cpu_flags():
+                    raise RuntimeError("the CPU lacks sse4_2")
+                lib = ctypes.CDLL(str(_build(key, IO_SOURCES, IO_FLAGS, "cpu_io")))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                _reasons[name] = str(exc)
+                log.info("memfit CPU I/O kernels unavailable: %s", exc)
+            _loaded[name] = lib  # type: ignore[assignment]
+        return _loaded[name]  # type: ignore[return-value]
+
+
+def _build(key: str, sources: tuple[Path, ...] | None = None, flags: tuple[str, ...] | None = None,
+           stem: str = "cpu_linear") -> Path:
     global compile_count
+    sources, flags = (SOURCES, FLAGS) if sources is None else (sources, flags or ())
     out_dir = cache_dir()
-    target = out_dir / f"cpu_linear-{key}.so"
+    target = out_dir / f"{stem}-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +170,10 @@ def _build(key: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cxx, *flags, *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=120)
         compile_count += 1
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {', '.join(s.name for s in SOURCES)} with {cxx} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"compiling {', '.join(s.name for s in sources)} with {cxx} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         if os.path.getsize(tmp) == 0:
             raise RuntimeError(f"compiling the kernels with {cxx} produced no library")
         os.replace(tmp, target)

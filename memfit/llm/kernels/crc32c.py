@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from memfit.llm.kernels.build import cpu_flags, load_cpu_linear
+from memfit.llm.kernels.build import cpu_flags, load_cpu_io
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ _fn: ctypes._CFuncPtr | None = None
 def _kernel() -> ctypes._CFuncPtr | None:
     global _fn
     if _fn is None and "sse4_2" in cpu_flags():
-        lib = load_cpu_linear()  # the one library of memfit's C++ kernels (None: no compiler, no AVX-512, ...)
+        lib = load_cpu_io()  # the SSD tier's small kernel library (None: no compiler, a failed build)
         if lib is not None:
-            fn = lib.cdll.memfit_crc32c
+            fn = lib.memfit_crc32c
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint32]
             fn.restype = ctypes.c_uint32
             _fn = fn
@@ -42,7 +42,8 @@ def crc32c(data: object, crc: int = 0) -> int:
     """CRC-32C of `data` (a buffer), continuing `crc`; RuntimeError where the kernel cannot run here."""
     fn = _kernel()
     if fn is None:
-        raise RuntimeError("the CRC-32C kernel needs SSE4.2 and memfit's C++ kernels (see memfit/llm/kernels/build.py)")
+        raise RuntimeError("the CRC-32C kernel needs SSE4.2 and a C++ compiler (memfit/llm/kernels/build.py: "
+                           "load_cpu_io)")
     arr = np.frombuffer(data, dtype=np.uint8)  # type: ignore[call-overload]  # no copy; read-only is fine
     return int(fn(arr.ctypes.data, arr.size, crc & 0xFFFFFFFF)) if arr.size else crc & 0xFFFFFFFF
 

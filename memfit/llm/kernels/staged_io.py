@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memfit.llm.kernels.crc32c import _kernel as _crc_kernel
-from memfit.llm.kernels.build import load_cpu_linear
+from memfit.llm.kernels.build import load_cpu_io
 
 __all__ = ["AIO_MAX_IOS", "StagedIO", "aio_ring_bytes", "staged_io"]
 
@@ -122,11 +122,11 @@ def staged_io() -> StagedIO | None:
     """The C loops, or None where memfit's kernels (and the CRC-32C instruction) cannot run here."""
     global _io
     if _io is None and _crc_kernel() is not None:
-        lib = load_cpu_linear()
+        lib = load_cpu_io()  # SSE4.2 only: no AVX-512 needed (kernels/build.py)
         if lib is not None:
             fns = []
             for name, args in (("memfit_staged_pwrite", _ARGS), ("memfit_staged_pread", _READ_ARGS)):
-                fn = getattr(lib.cdll, name)
+                fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, ctypes.c_int64
                 fns.append(fn)
             _io = StagedIO(*fns)
