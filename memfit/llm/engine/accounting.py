@@ -9,8 +9,9 @@ The engine (llm_engine.py) reserves each part below in its `MemoryBudget` ledger
   K to whole steps, in one arena of whole 2 MiB pages). A tied head that is packed is also the embedding
   (`BlockedEmbedding` looks tokens up in it), so the matrix is held once.
 - tokenizer: the Rust tokenizer's tables, estimated from the size of tokenizer.json (`tokenizer_bytes`).
-- step: the largest step the scheduler can form, activations and logits (`activation_bytes`), plus the RoPE
-  tables and the decode attention's K/V workspace (`workspace_bytes`).
+- step: the largest step the scheduler can form, activations and logits (`activation_bytes`; where the engine's
+  step arena holds a step's intermediates, its capacity and what a step allocates beside it:
+  arena_accounting.py), plus the RoPE tables and the decode attention's K/V workspace (`workspace_bytes`).
 - runtime: what running the engine adds that no formula of the model gives: library code paged in by the
   kernels, allocator pools, oneDNN's primitive caches. Measured once per machine and build by
   `calibrate.py` (a tiny model run in a fresh process, minus its own accounted parts) and cached.
@@ -126,7 +127,13 @@ def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_b
     per-thread scratch (x's row block packed into tiles, one column block's sums: ~0.8-1.1 MiB a thread for
     K of 768-2048), where memfit's blocked kernel runs (`mlp_block` nonzero, `mlp_row_block`) in bf16 on a
     core with AMX and the step reaches BLOCKED_LARGE_M rows (kernels/large_m.amx_scratch_bytes); 0 elsewhere
-    (the AVX-512 kernel's scratch is a few KiB)."""
+    (the AVX-512 kernel's scratch is a few KiB). On a CPU without a native bf16 multiply (kernels/upcast.py), the
+    float32 scratch its bf16 linears share, sized for the step's rows and the largest K (`upcast.scratch_bytes`)."""
+    if dtype == torch.bfloat16 and not mlp_block:
+        from memfit.llm.kernels import upcast
+
+        if upcast.available(dtype):
+            return upcast.scratch_bytes(max(k for _, k in linear_shapes(cfg, fused=False)), chunk)
     if not mlp_block or dtype != torch.bfloat16 or chunk < BLOCKED_LARGE_M:
         return 0
     from memfit.llm.kernels import large_m
@@ -136,12 +143,28 @@ def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_b
 
 
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
-                     in_place: bool = False, mlp_block: int = 0) -> int:
+                     in_place: bool = False, mlp_block: int = 0, arena_rows: int = 0) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
     `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates (of one block of rows,
     at most 2 x mlp_block - 1, where the MLP runs in blocks: `mlp_row_block`), the attention mask (none where
     memfit's kernels attend in place, `in_place`), the float32 logits with their softmax, and the many-row
-    matmuls' scratch (`matmul_scratch_bytes`)."""
+    matmuls' scratch (`matmul_scratch_bytes`).
+
+    arena_rows > 0: the engine's step arena (engine/step_arena.py) holds the intermediates of every step of up to
+    that many tokens. Where memfit's kernels attend in place (`in_place`) and its blocked linears (`mlp_block`
+    nonzero: `mlp_row_block` is only there) write into the arena (`out=`), the figure is the arena's capacity and
+    what a step allocates beside it (engine/arena_accounting.py), not a tensor per intermediate; elsewhere (other
+    linears, a head size the prefill kernel lacks) the intermediates are tensors of their own, as counted here."""
+    from memfit.llm.kernels.prefill import HEAD_SIZES
+
+    logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
+    if arena_rows > 0 and in_place and mlp_block > 0 and cfg.head_dim in HEAD_SIZES:
+        from memfit.llm.engine import arena_accounting as arena
+
+        capacity = arena.arena_capacity_bytes(cfg, dtype, max(arena_rows, chunk), mlp_block)
+        beside = arena.outside_arena_bytes(cfg, dtype, arena.bucket_tokens(chunk), context_len, sampled_rows,
+                                           mlp_block)
+        return capacity + beside + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
     itemsize = _itemsize(dtype)
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -151,11 +174,8 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     # PyTorch's CPU attention (flash, blocked) never holds the chunk's whole score matrix: what grows with the
     # context is the causal mask of a chunk that does not start at 0 (bool) and its float form. memfit's
     # prefill kernel needs no mask, for the head sizes it takes.
-    from memfit.llm.kernels.prefill import HEAD_SIZES
-
     scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
     mlp = mlp_bytes(cfg, dtype, chunk, mlp_block)
-    logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
     return residual + attn + scores + mlp + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
 
 
@@ -172,21 +192,25 @@ def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batc
 
 
 def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int,
-               in_place: bool = False, mlp_block: int = 0) -> int:
+               in_place: bool = False, mlp_block: int = 0, arena: bool = False) -> int:
     """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode;
-    `in_place`: memfit's CPU attention kernels run (`attention_in_place`); `mlp_block`: `mlp_row_block`."""
-    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place, mlp_block) + \
-        workspace_bytes(cfg, dtype, context_len, batch, in_place)
+    `in_place`: memfit's CPU attention kernels run (`attention_in_place`); `mlp_block`: `mlp_row_block`;
+    `arena`: the engine builds its step arena for steps of up to `chunk` tokens (a CPU engine outside tensor
+    parallelism; it applies where `in_place` does, see `activation_bytes`)."""
+    return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place, mlp_block,
+                            chunk if arena else 0) + workspace_bytes(cfg, dtype, context_len, batch, in_place)
 
 
 def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int,
-                     batch: int, in_place: bool = False, mlp_block: int = 0) -> int:
+                     batch: int, in_place: bool = False, mlp_block: int = 0, arena: bool = False) -> int:
     """The draft's step reservation beside the target's: its workspace (RoPE tables, decode copies) is its own,
     but its activations are transient and never live at the same time as the target's (the two models run one
-    after the other), so only what they exceed the target's by is added (nothing for a smaller draft)."""
+    after the other, and share the step arena where there is one), so only what they exceed the target's by is
+    added (nothing for a smaller draft)."""
     n = min(chunk, context_len)
-    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place, mlp_block) - \
-        activation_bytes(target, dtype, n, context_len, batch, in_place, mlp_block)
+    rows = chunk if arena else 0
+    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place, mlp_block, rows) - \
+        activation_bytes(target, dtype, n, context_len, batch, in_place, mlp_block, rows)
     return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
 
 

@@ -143,7 +143,8 @@ class Draft:
                                            engine.max_model_len, cfg.max_num_seqs,
                                            accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                            accounting.mlp_row_block(device.type,
-                                                                    choose_cpu_linear(options, device, dtype), dtype))
+                                                                    choose_cpu_linear(options, device, dtype), dtype),
+                                           arena=engine.tp is None)  # the step arena the two models share
         need = weights + buffers + step
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"

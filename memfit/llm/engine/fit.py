@@ -103,17 +103,21 @@ def predict(
     runtime: dict | None = None,
     in_place: bool = False,
     draft: DraftSpec | None = None,
+    arena: bool | None = None,
 ) -> FitBreakdown:
     """The engine's ledger for `batch` sequences of `context_len` tokens, prefilled `chunk` tokens a step.
 
     cpu_linear: the backend the engine would pick (`memfit.llm.kernels.backends.choose_cpu_linear`); mapped:
     the checkpoint is stored in `dtype`; model_dir: for the tokenizer's size; runtime: `calibrate.runtime_bytes`
     (None: not counted); in_place: memfit's CPU attention kernels run (`accounting.attention_in_place`);
-    draft: speculative decoding's draft (`DraftSpec`)."""
+    draft: speculative decoding's draft (`DraftSpec`); arena: the engine's step arena holds a step's intermediates
+    (None: where memfit's kernels attend in place on a CPU, as a single-process engine builds it)."""
     if context_len < 1 or batch < 1 or chunk < 1:
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
     mlp_block = mlp_row_block(device_type, cpu_linear, dtype)  # the MLP's row block (the target's; a draft's too)
+    arena = in_place and device_type == "cpu" if arena is None else arena
+    rows = chunk if arena else 0  # the arena holds steps of up to `chunk` tokens (engine/step_arena.py)
     spec = {}
     if draft is not None:
         d = draft.config
@@ -121,7 +125,7 @@ def predict(
             draft_weights_bytes=0 if draft.shares_weights else weights_bytes(d, dtype, cpu_linear, device_type,
                                                                                 draft.mapped),
             draft_kv_bytes=kv_cache_bytes(d, dtype, context_len + draft.draft_lookahead, batch),
-            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block),
+            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block, arena),
             speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len) if draft.tree
                                else speculation_bytes(d.vocab_size, draft.gamma, batch)),
         )
@@ -130,7 +134,7 @@ def predict(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
         activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place,
-                                          mlp_block),
+                                          mlp_block, rows),
         workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch, in_place),
         tokenizer_bytes=tokenizer_bytes(model_dir),
         runtime_bytes=int(runtime.get("runtime_bytes", 0)),
@@ -247,7 +251,7 @@ def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch:
     rank_cfg = shard_config(cfg, world)
     b = predict(rank_cfg, dtype, context_len, batch, chunk, kv_budget, memory_limit, cpu_linear=linear,
                 device_type=device_type, mapped=False, model_dir=model_dir, runtime=runtime, in_place=in_place,
-                draft=draft)
+                draft=draft, arena=False)  # no step arena under tensor parallelism
     full_vocab = dataclasses.replace(rank_cfg, vocab_size=cfg.vocab_size)
     b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place)
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -51,7 +51,8 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         step_bytes=accounting.step_bytes(stored, dtype, config.max_num_batched_tokens, max_model_len,
                                          config.max_num_seqs,
                                          accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
-                                         0 if sharded else accounting.mlp_row_block(device.type, cpu_linear, dtype)),
+                                         0 if sharded else accounting.mlp_row_block(device.type, cpu_linear, dtype),
+                                         arena=not sharded),  # the step arena: not under tensor parallelism
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
     )

@@ -1,0 +1,101 @@
+"""A step's activations where the step arena holds them (engine/step_arena.py, memory/scratch.py).
+
+Where memfit's CPU kernels run, outside tensor parallelism, every decoder layer of a pass writes its residual stream,
+norm and attention output, layer output and q|k|v (then the MLP's gate|up block) into the same four regions of one
+arena (kernels/scratch_layout.py), so a step holds that layout once, not the pre-arena sum of a tensor per
+intermediate (`accounting.activation_bytes` without `arena`). What a pass still allocates beside the arena is
+counted here term by term, each from the code that allocates it:
+
+- the layout itself: the arena's capacity, the layout of the largest step the scheduler can form (`rows_cap`,
+  padded as the runner pads it) in whole pages: the engine carves exactly that out of the step reservation;
+- PyTorch tensors outside it: the step's token ids and positions (N int64 each), the embedding output (N, C) (it is
+  layer 0's residual until its attention has run), the RoPE rows gathered for the step's positions (N, D) x 2,
+  SiLU x up through PyTorch below SILU_MIN_ROWS rows (SiLU(gate) and the product, (N, I) each), and the sampled
+  rows' hidden states (S, C) and logits (S, V) in the model's dtype, beside the float32 logits and their softmax
+  the pre-arena figure already counts;
+- the C kernels' scratch, from the C heap (std::vector; not PyTorch's allocator): a BlockedLinear call below
+  LARGE_M rows packs x (M, K) step-major (cpu_blocked.cpp: run's xs; one block for each K of the model) and every
+  thread sums into (M, NB) floats (run's and run_large's acc, at most M rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
+  KB = 32 keys, x D) and every thread keeps a row block's scores (ROWS = 24 query rows x (Tk + KB) floats;
+  cpu_prefill.cpp); decode attention G = Hq / Hkv score rows of the context per thread (attend.h). Each is counted in
+  whole pages plus one (malloc's chunk header may push a block onto one more page, as `large_m.amx_scratch_bytes`
+  counts the AMX kernel's), and they are added although they never live at once (freed heap pages may stay
+  resident until the heap is trimmed);
+- the many-row matmuls' AMX scratch, as before (`accounting.matmul_scratch_bytes`).
+"""
+from __future__ import annotations
+
+import torch
+
+from memfit.llm.models.config import ModelConfig
+
+PAGE = 4096
+SMALL_STEP, STEP_BUCKET = 64, 32  # engine/runner.py: bucket_tokens (not imported: runner loads the model code)
+BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
+LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
+PREFILL_KB, PREFILL_ROWS = 32, 24  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
+SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
+
+
+def bucket_tokens(n: int) -> int:
+    """Rows the model computes for a step of `n` real tokens (engine/runner.py: bucket_tokens)."""
+    return n if n <= SMALL_STEP else -(-n // STEP_BUCKET) * STEP_BUCKET
+
+
+def _heap_block(nbytes: int) -> int:
+    """The pages a C heap block of `nbytes` may make resident: whole pages plus one (0 for none)."""
+    return (-(-nbytes // PAGE) + 1) * PAGE if nbytes > 0 else 0
+
+
+def arena_capacity_bytes(cfg: ModelConfig, dtype: torch.dtype, rows_cap: int, mlp_block: int = 0) -> int:
+    """The arena the engine builds for steps of up to `rows_cap` real tokens (step_arena.capacity_bytes), in whole
+    pages."""
+    from memfit.llm.kernels.scratch_layout import step_bytes
+
+    layout = step_bytes(cfg, bucket_tokens(rows_cap), dtype, mlp_block)
+    return -(-layout // PAGE) * PAGE
+
+
+def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, mlp_block: int = 0,
+                         threads: int | None = None) -> int:
+    """The C kernels' heap scratch in a pass of `rows` rows of sequences of up to `context_len` tokens (their chunks
+    included; see the module doc)."""
+    from memfit.llm.kernels.scratch_layout import mlp_rows
+
+    item = dtype.itemsize
+    t = threads or torch.get_num_threads()
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    # x packed for each distinct K (C, Hq*D, I), K rounded up to a bf16 pair: a freed block may stay as a hole in
+    # the heap that a larger one cannot reuse, so each is counted; one sum block a thread, of the most rows
+    m_mlp = mlp_rows(rows, mlp_block)
+    linear = sum(_heap_block(m * (k + 1) * item) for m, k in {(rows, c), (rows, q), (m_mlp, c), (m_mlp, i)}
+                 if m < LARGE_M) + t * _heap_block(max(rows, m_mlp) * BLOCKED_NB * 4)
+    tk = -(-max(context_len, 1) // PREFILL_KB) * PREFILL_KB  # keys a row may see (its context), in whole blocks
+    prefill = _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
+    group = cfg.num_attention_heads // max(1, cfg.num_key_value_heads)
+    decode = t * _heap_block(group * context_len * 4)  # attend.h: G score rows of the context
+    return linear + prefill + decode
+
+
+def outside_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, sampled_rows: int,
+                        mlp_block: int = 0) -> int:
+    """What a pass of `rows` rows (the padded step) allocates beside the arena, except the float32 logits and their
+    softmax and the AMX scratch (counted by `accounting.activation_bytes` either way)."""
+    item = dtype.itemsize
+    c = cfg.hidden_size
+    tensors = (2 * rows * 8 + rows * c * item + 2 * rows * cfg.head_dim * item
+               + (2 * rows * cfg.intermediate_size * item if rows < SILU_MIN_ROWS else 0)
+               + sampled_rows * (c + cfg.vocab_size) * item)
+    return tensors + kernel_scratch_bytes(cfg, dtype, rows, context_len, mlp_block)
+
+
+def step_in_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, sampled_rows: int,
+                        mlp_block: int = 0) -> int:
+    """What one pass of `rows` rows (the padded step) holds at most with the arena: its own layout's pages (the
+    arena commits a step's layout, not its capacity) and what it allocates beside the arena, except the float32
+    logits, their softmax and the AMX scratch. `accounting.activation_bytes` counts the capacity instead."""
+    from memfit.llm.kernels.scratch_layout import step_bytes
+
+    layout = -(-step_bytes(cfg, rows, dtype, mlp_block) // PAGE) * PAGE
+    return layout + outside_arena_bytes(cfg, dtype, rows, context_len, sampled_rows, mlp_block)

@@ -1,0 +1,149 @@
+"""The ledger's step figure with the step arena (engine/arena_accounting.py): the arena's capacity and what a step
+allocates beside it where the arena holds a step's intermediates, the pre-arena figure elsewhere (tensor
+parallelism, other linears, no memfit kernels, CUDA); and, where memfit's CPU kernels run, an upper bound of what a
+step really takes, read from the kernel (the peak RSS of the step, VmHWM reset before it, after malloc_trim, less the
+KV pages the step committed), not from the arena's or the ledger's own counters."""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+
+import pytest
+import torch
+
+from memfit.llm.engine import accounting, arena_accounting
+from memfit.llm.engine.fit import predict
+from memfit.llm.engine.runner import ModelRunner, bucket_tokens
+from memfit.llm.kernels import build
+from memfit.llm.models.config import ModelConfig
+from memfit.memory.measure import reset_peak_rss, status_bytes
+
+# memfit-large (scripts/train_default_model.py), where the arena made the difference (docs/engine.md)
+LARGE = ModelConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=32, vocab_size=4096, max_position_embeddings=2048)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk,context", [(512, 2048), (256, 448), (64, 64)])
+def test_the_arena_figure_is_its_capacity_and_what_a_step_allocates_beside_it(dtype, chunk, context):
+    with_arena = accounting.activation_bytes(LARGE, dtype, chunk, context, 8, True, 64, chunk)
+    capacity = arena_accounting.arena_capacity_bytes(LARGE, dtype, chunk, 64)
+    beside = arena_accounting.outside_arena_bytes(LARGE, dtype, bucket_tokens(chunk), context, 8, 64)
+    logits = 8 * LARGE.vocab_size * 4 * 2
+    assert with_arena == capacity + beside + logits + accounting.matmul_scratch_bytes(LARGE, dtype, chunk, 64)
+    assert capacity % 4096 == 0 and capacity >= bucket_tokens(chunk) * LARGE.hidden_size * 3 * dtype.itemsize
+    # the pre-arena figure counts a tensor per intermediate: the arena's is below it from a prefill chunk on
+    pre = accounting.activation_bytes(LARGE, dtype, chunk, context, 8, True, 64)
+    assert with_arena < pre or chunk <= 64
+
+
+def test_the_arena_counts_each_packed_x_and_every_threads_scratch():
+    """Below LARGE_M rows a blocked linear packs x once per K (C, Hq*D, I), every thread sums into its own block, and
+    the prefill kernel keeps per-thread score rows: more threads, more scratch; no packing from LARGE_M rows on."""
+    f32 = torch.float32
+    one = arena_accounting.kernel_scratch_bytes(LARGE, f32, 60, 448, 64, threads=1)
+    two = arena_accounting.kernel_scratch_bytes(LARGE, f32, 60, 448, 64, threads=2)
+    assert two > one > 60 * (LARGE.hidden_size + LARGE.intermediate_size) * 4
+    packed = arena_accounting.kernel_scratch_bytes(LARGE, f32, 63, 448, 64, threads=1)
+    in_place = arena_accounting.kernel_scratch_bytes(LARGE, f32, 64, 448, 64, threads=1)
+    assert in_place < packed  # from 64 rows x is read where it is
+
+
+def test_the_pre_arena_figure_stays_where_no_arena_runs():
+    f32, chunk, ctx = torch.float32, 256, 1024
+    pre = accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, True, 64)
+    # other linears (no row block: they do not write into the arena), PyTorch's attention, a head size the prefill
+    # kernel lacks
+    assert accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, True, 0, chunk) == \
+        accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, True, 0)
+    assert accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, False, 64, chunk) == \
+        accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, False, 64)
+    odd = dataclasses.replace(LARGE, head_dim=24)
+    assert accounting.activation_bytes(odd, f32, chunk, ctx, 4, True, 64, chunk) == \
+        accounting.activation_bytes(odd, f32, chunk, ctx, 4, True, 64)
+    assert accounting.activation_bytes(LARGE, f32, chunk, ctx, 4, True, 64, chunk) < pre
+
+
+def test_fit_predicts_the_arena_where_the_engine_builds_it():
+    """`fit.predict`: on a CPU with memfit's kernels and blocked linears the arena's figure; on CUDA, with other
+    linears, or when told there is none (tensor parallelism's ranks) the pre-arena one."""
+    f32 = torch.float32
+    kw = dict(cpu_linear="blocked", in_place=True)
+    cpu = predict(LARGE, f32, 1024, 4, 256, **kw)
+    block = accounting.mlp_row_block("cpu", "blocked", f32)
+    assert cpu.activation_bytes == accounting.activation_bytes(LARGE, f32, 256, 1024, 4, True, block, 256)
+    assert predict(LARGE, f32, 1024, 4, 256, arena=False, **kw).activation_bytes == \
+        accounting.activation_bytes(LARGE, f32, 256, 1024, 4, True, block) > cpu.activation_bytes
+    assert predict(LARGE, f32, 1024, 4, 256, cpu_linear="onednn", in_place=True).activation_bytes == \
+        accounting.activation_bytes(LARGE, f32, 256, 1024, 4, True, 0)
+    assert predict(LARGE, f32, 1024, 4, 256, device_type="cuda").activation_bytes == \
+        accounting.activation_bytes(LARGE, f32, 256, 1024, 4, False, 0)
+
+
+# ---- measured: where memfit's CPU kernels run -------------------------------------------------------------------
+_libc = ctypes.CDLL(None)
+CONFIG = dict(model="memfit-tiny", enable_prefix_caching=False, max_num_seqs=8, max_model_len=512,
+              max_num_batched_tokens=256)
+SPEC = {"plain": {}, "chain": dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=4),
+        "tree": dict(speculative_model="memfit-tiny-draft", speculative_tree="3,3")}
+WORKLOAD = ([5], [70], [150], [200], [3] * 8, [60] * 4)  # prompt lengths sent together: 5 to 240 rows, 8 decodes
+
+
+def _measured_steps(eng, monkeypatch) -> list[dict]:
+    """The workload twice (the first round warms kernel choices and tables up); for every step of the second, its
+    peak RSS above the RSS before it, less the KV pages both caches committed in it, and its passes' rows."""
+    caches = [eng.kv] + ([eng.spec.draft.kv] if eng.spec is not None else [])
+    rows: list[int] = []
+    scratch = ModelRunner.step_scratch
+    monkeypatch.setattr(ModelRunner, "step_scratch", lambda self, n: (rows.append(n), scratch(self, n))[1])
+    from memfit.llm.engine.params import SamplingParams
+
+    steps = []
+    for rnd in range(2):
+        g = torch.Generator().manual_seed(0)
+        for lens in WORKLOAD:
+            for n in lens:
+                eng.add_request(prompt_token_ids=torch.randint(5, 4000, (n,), generator=g).tolist(),
+                                params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+            while eng.has_unfinished_requests():
+                sampled = sum(1 for s in eng._seqs.values() if not s.is_finished)
+                gc.collect()
+                _libc.malloc_trim(0)  # freed heap pages go back, so the step's own heap use faults pages in again
+                reset_peak_rss()
+                before, kv0 = status_bytes()["VmRSS"], sum(c.committed_bytes for c in caches)
+                rows.clear()
+                eng.step()
+                grown = max(0, sum(c.committed_bytes for c in caches) - kv0)
+                if rnd:
+                    steps.append({"peak": status_bytes()["VmHWM"] - before - grown, "rows": list(rows),
+                                  "sampled": sampled})
+    return steps
+
+
+@pytest.mark.parametrize("spec", list(SPEC))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, monkeypatch):
+    from memfit.llm.engine.api import LLM
+
+    if build.unavailable_reason(getattr(torch, dtype)) is not None:
+        pytest.skip(f"memfit's CPU kernels do not run {dtype} here: no step arena")
+    eng = LLM(dtype=dtype, **CONFIG, **SPEC[spec]).engine
+    try:
+        assert eng.runner.scratch is not None
+        parts = eng.ledger.by_owner()
+        reserved = parts["step"] + parts["step_scratch"] + parts.get("draft_step", 0)
+        steps = _measured_steps(eng, monkeypatch)
+        assert max(s["peak"] for s in steps) <= reserved, (reserved, sorted(s["peak"] for s in steps)[-5:])
+        if spec != "plain":
+            return
+        # each plain step against the figure at its own size: its layout, what it allocates beside the arena, its
+        # sampled rows' float32 logits and softmax, and the AMX scratch
+        cfg, dt, block = eng.model_config, eng.dtype, accounting.mlp_row_block("cpu", eng.backends.cpu_linear, eng.dtype)
+        for s in steps:
+            n = max(s["rows"], default=s["sampled"])  # a pure decode step through the C++ stack: one row a sequence
+            bound = (arena_accounting.step_in_arena_bytes(cfg, dt, n, eng.max_model_len, s["sampled"], block)
+                     + s["sampled"] * cfg.vocab_size * 8 + accounting.matmul_scratch_bytes(cfg, dt, n, block))
+            assert s["peak"] <= bound, (s, bound)
+    finally:
+        eng.close()
