@@ -89,10 +89,15 @@ def test_gradients_equal_plain_autograd(tiny, tmp_path, monkeypatch, loss_chunk)
     captured = {"grads": {}}
     real = store_mod.GroupStore.update_group
 
-    def spy(self, gi, adam, step, scale):  # each group's gradient as AdamW gets it (streamed or flat)
-        captured["grads"][gi] = self.grads[gi].clone()
+    def spy(self, gi, adam, step, scale, source=None):  # each group's gradient as AdamW gets it (streamed or flat)
+        if self.streamed is not None and gi in self.streamed.blockwise:  # made piece by piece: all of it here
+            flat = torch.empty(self.groups[gi].numel)
+            source.fill(0, flat.numel(), flat) if source is not None else flat.zero_()
+            captured["grads"][gi] = flat
+        else:
+            captured["grads"][gi] = self.grads[gi].clone()
         captured["groups"] = self.groups
-        return real(self, gi, adam, step, scale)
+        return real(self, gi, adam, step, scale, source)
 
     monkeypatch.setattr(store_mod.GroupStore, "update_group", spy)
     c = cfg(tiny, tmp_path, steps=1, dtype="float32", offload="host", data=str(DATA), loss_chunk_tokens=loss_chunk)

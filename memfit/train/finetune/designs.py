@@ -12,7 +12,7 @@ with `--host-memory zero-infinity` and one with `--host-memory memascend` differ
 | first optimizer step (SSD) | both moments of the largest sub-group in fresh zeroed memory | from the pool, as every step |
 | overflow check (fp16 only) | `isinf(g).any()`, `isnan(g).any()` over the flat gradient buffer (N-byte temporaries) | one pass in fixed-size chunks (no N-sized temporary) |
 | SSD layout | one file per tensor, created by its first write | one file, extents preallocated once |
-| fp32 gradients (bf16/fp32 compute) | one flat buffer of the whole model, read by the optimizer after the backward | streamed: each group updated when its backward is done, its bytes reused (gradients.py) |
+| fp32 gradients (bf16/fp32 compute) | one flat buffer of the whole model, read by the optimizer after the backward | streamed: each group updated when its backward is done, its bytes reused (gradients.py); an untied embedding's and head's made a block of vocabulary rows at a time as the update reads them |
 
 Both use the same aio engine (1 MiB blocks, queue depth 8, O_DIRECT where allowed) so the SSD comparison
 is about layout, not request size. The DeepSpeed code each zero-infinity policy follows is cited beside it
@@ -45,6 +45,9 @@ class HostMemoryDesign:
     # fp32 gradients streamed group by group, each group updated as soon as the backward completes it
     # (gradients.py), instead of one whole-model buffer read by the optimizer after the backward
     stream_gradients = False
+    # streamed only: an untied embedding's and head's gradients made a block of vocabulary rows at a time as
+    # the update reads them (gradients.blockwise_groups), never whole
+    blockwise_gradients = False
 
     def __init__(self) -> None:
         self.engine: AioEngine | None = None
@@ -189,6 +192,7 @@ class MemAscend(HostMemoryDesign):
 
     name = "memascend"
     stream_gradients = True
+    blockwise_gradients = True
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         return aligned_buffer(nbytes)

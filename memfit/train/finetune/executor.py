@@ -11,6 +11,9 @@ Order of a step (K = layers + 2 units: embed, layers, head):
            groups' gradients are complete (store.grad_done: with streamed gradients, AdamW updates them there).
   embed    unit 0: its output's gradient added into the rows of the batch's tokens (no weights fetched, no
            autograd: the dense (V, C) gradient autograd would make is never held).
+A blockwise group (gradients.blockwise_groups: an untied embedding and head) adds into no buffer: its
+gradient goes to store.grad_done as a PieceGrad, made a block of vocabulary rows at a time as AdamW reads it
+(the head's from the logits' gradients it kept, units.HeadRows; the embedding's from the batch's rows).
 
 Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
 from the forward instead; the arithmetic is the same, so the losses are identical either way.
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.train.finetune.gradients import last_units
+from memfit.train.finetune.gradients import DenseGrad, PieceGrad, RowBlocks, embedding_rows, last_units
 from memfit.train.finetune.store import GroupStore
-from memfit.train.finetune.units import Batch, Group, State, UnitRunner, embedding_grad_rows
+from memfit.train.finetune.units import (HEAD_GRAD_ROWS, Batch, Group, HeadRows, State, UnitRunner,
+                                         embedding_grad_rows)
 
 
 class Prefetcher:
@@ -89,6 +93,7 @@ class StepExecutor:
         self.completes: dict[int, list[int]] = {}
         for gi, k in enumerate(last_units(unit_groups, len(groups))):
             self.completes.setdefault(k, []).append(gi)
+        self.blockwise = store.streamed.blockwise if store.streamed is not None else frozenset()
 
     def _weights(self, k: int, fetched, grad: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, str, torch.Tensor]]]:
         """name -> weight tensor for unit k; with grad, also (group, name, leaf) to collect gradients from."""
@@ -161,17 +166,24 @@ class StepExecutor:
         fetched = fetcher.next()  # the head: forward and backward at once
         inputs = _leaf_inputs(state)
         weights, leaves = self._weights(head, fetched, grad=True)
-        head_grad, flush = self._head_grad(head, leaves)
-        loss = self.runner.head_step(weights, inputs, batch, loss_scale, head_grad)
-        flush()
-        self._accumulate(leaves)  # the final norm's weight (the output matrix's leaf has no .grad)
-        fetcher.done(fetched)
-        self._completed(head)
+        hgi = self.unit_groups[head][0]
+        if hgi in self.blockwise:  # its gradient made a block of rows at a time by the update
+            rows = HeadRows(*weights[self.runner.head_weight].shape)
+            loss = self.runner.head_step(weights, inputs, batch, loss_scale, rows)
+            fetcher.done(fetched)
+            self._completed(head, {hgi: self._piece_grad(hgi, leaves, rows.rows)})
+            del rows
+        else:
+            head_grad, flush = self._head_grad(head, leaves)
+            loss = self.runner.head_step(weights, inputs, batch, loss_scale, head_grad)
+            flush()
+            self._accumulate(leaves)  # the final norm's weight (the output matrix's leaf has no .grad)
+            fetcher.done(fetched)
+            self._completed(head)
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward
             if k == 0:  # the embedding: its gradient is its output's, added into the rows of the batch's tokens
-                self._embedding_backward(batch, grads[0])
-                self._completed(0)
+                self._completed(0, self._embedding_backward(batch, grads[0]))
                 break
             if recompute:
                 fetched = fetcher.next()
@@ -190,22 +202,44 @@ class StepExecutor:
             self._completed(k)
         return float(loss.detach())
 
-    def _embedding_backward(self, batch: Batch, grad: torch.Tensor) -> None:
+    def _piece_grad(self, gi: int, leaves: list[tuple[int, str, torch.Tensor]], make) -> PieceGrad:
+        """Blockwise group gi's gradient: its row matrix (the head's weight, (V, C)) from make(r0, r1), and
+        the .grad of its other leaves (the final norm's)."""
+        offsets = _name_offsets(self.groups[gi])
+        shapes = dict(self.groups[gi].params)
+        parts = []
+        for g, name, leaf in leaves:
+            start, n = offsets[name]
+            if g != gi:
+                continue
+            if name == self.runner.head_weight:
+                parts.append((start, n, RowBlocks(*shapes[name], HEAD_GRAD_ROWS, make)))
+            elif leaf.grad is not None:
+                parts.append((start, n, DenseGrad(leaf.grad.reshape(-1))))
+                leaf.grad = None
+        return PieceGrad(parts)
+
+    def _embedding_backward(self, batch: Batch, grad: torch.Tensor) -> dict[int, PieceGrad] | None:
         """Unit 0's backward without autograd: the embedding's gradient rows for the batch's tokens only
         (units.embedding_grad_rows: autograd's adds, not its dense (V, C) tensor), added into the group's fp32
-        gradient; the weights are not needed, so the backward does not fetch them."""
+        gradient, or, blockwise, returned as the group's PieceGrad; the weights are not needed, so the
+        backward does not fetch them."""
         gi = self.unit_groups[0][0]
         name = "model.embed_tokens.weight"
         start, n = _name_offsets(self.groups[gi])[name]
         shape = dict(self.groups[gi].params)[name]  # (V, C)
-        dst = self.store.grad(gi)[start : start + n].view(shape)
         tokens, rows = embedding_grad_rows(batch.ids.reshape(-1), grad)  # (U,), (U, C)
+        if gi in self.blockwise:  # made a block of rows at a time by the update, from the rows
+            blocks = RowBlocks(*shape, HEAD_GRAD_ROWS, embedding_rows(tokens, rows, shape[1]))
+            return {gi: PieceGrad([(start, n, blocks)])}
+        dst = self.store.grad(gi)[start : start + n].view(shape)
         # distinct rows: each element gets one float32 add, as the dense gradient's add did (its other rows were 0)
         dst.index_add_(0, tokens.to(dst.device), rows.to(dst.device, torch.float32))
+        return None
 
-    def _completed(self, k: int) -> None:
+    def _completed(self, k: int, sources: dict[int, PieceGrad] | None = None) -> None:
         for gi in self.completes.get(k, ()):
-            self.store.grad_done(gi)
+            self.store.grad_done(gi, (sources or {}).get(gi))
 
     def _save(self, state: State) -> State:
         out = tuple(self._to_host(t) if self.cfg.checkpoints_on_host else t.detach() for t in state)

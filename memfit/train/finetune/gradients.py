@@ -17,9 +17,17 @@ every overlapping group already placed (first fit by decreasing size). An untied
 read by one unit, so the buffer is one group (the largest: the embedding or the output layer) instead of
 all of them; a tied model's embedding is live from the head to the end of the backward, so the buffer is
 the embedding plus the largest layer.
+
+**Blockwise** groups (`blockwise_groups`: an untied model's embedding, and its head while the logits'
+gradients are smaller than the head's) never hold their whole gradient: the backward hands the store a
+`PieceGrad` instead, which makes the gradient a block of vocabulary rows at a time as the update reads
+it piece by piece, into a piece-sized slice of the buffer. The embedding's rows come from the batch's
+tokens (units.embedding_grad_rows), the head's from its kept factors (units.HeadRows). At 0.1B both are
+(32000, 768): 94 MiB each, the buffer's size, which then falls to the largest layer's (27 MiB).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +46,7 @@ class StreamedLayout:
     numels: list[int]  # per group
     spans: list[tuple[int, int]]  # per group, (first, last) position in the backward's order of units
     total: int  # elements of the buffer
+    blockwise: frozenset[int] = frozenset()  # groups whose slice is one piece, filled by a PieceGrad
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Per group, its (numel,) slice of `buf` (fp32, at least `total` elements)."""
@@ -67,8 +76,23 @@ def last_units(units: list[list[int]], n_groups: int) -> list[int]:
     return [head - last for _, last in backward_spans(units, n_groups)]
 
 
-def streamed_layout(groups: list[Group], units: list[list[int]]) -> StreamedLayout:
-    numels = [g.numel for g in groups]
+def blockwise_groups(groups: list[Group], tied: bool, tokens: int, itemsize: int) -> frozenset[int]:
+    """Groups whose gradient the update can take a block of rows at a time: an untied model's embedding (its
+    gradient is the batch's token rows), and its head (last group) when the logits' gradients it keeps for
+    that, tokens * V * itemsize bytes, are no more than its float32 gradient, V * C * 4 (above that the
+    dense accumulator is the smaller). A tied embedding also takes the head's dense gradient: not blockwise."""
+    if tied:
+        return frozenset()
+    width = groups[0].params[0][1][1]  # embed_tokens (V, C)
+    return frozenset({0} | ({len(groups) - 1} if tokens * itemsize <= 4 * width else set()))
+
+
+def streamed_layout(groups: list[Group], units: list[list[int]], blockwise: frozenset[int] = frozenset(),
+                    piece: int = 0) -> StreamedLayout:
+    """The buffer's layout; a blockwise group takes one optimizer piece (`piece` elements) instead of its size."""
+    if blockwise and piece <= 0:
+        raise ValueError("blockwise gradients need the optimizer's piece size")
+    numels = [min(g.numel, piece) if gi in blockwise else g.numel for gi, g in enumerate(groups)]
     spans = backward_spans(units, len(groups))
     offsets = [0] * len(groups)
     placed: list[tuple[int, int, tuple[int, int]]] = []  # (start, end, span), elements
@@ -83,7 +107,73 @@ def streamed_layout(groups: list[Group], units: list[list[int]]) -> StreamedLayo
         offsets[gi] = at
         placed.append((at, at + numels[gi], spans[gi]))
     total = max((e for _, e, _ in placed), default=0)
-    return StreamedLayout(offsets, numels, spans, round_up(total, ALIGN))
+    return StreamedLayout(offsets, numels, spans, round_up(total, ALIGN), frozenset(blockwise))
+
+
+class RowBlocks:
+    """A (rows, cols) matrix's float32 gradient made `block` rows at a time by make(r0, r1) -> (r1 - r0, cols),
+    added into consecutive ranges of its flat elements; one block is held at a time (the update reads the
+    group in order, so each block is made once)."""
+
+    def __init__(self, rows: int, cols: int, block: int, make: Callable[[int, int], torch.Tensor]) -> None:
+        self.rows, self.cols, self.block, self.make = rows, cols, block, make
+        self._at, self._acc = -1, None  # the block held, its (rows * cols,) flat values
+
+    def add_into(self, lo: int, hi: int, out: torch.Tensor) -> None:
+        """out (hi - lo,) += flat elements [lo, hi) of the gradient."""
+        pos = lo
+        while pos < hi:
+            b = pos // self.cols // self.block
+            if b != self._at:
+                r0 = b * self.block
+                self._acc = None  # the previous block goes before the next is made
+                self._acc = self.make(r0, min(r0 + self.block, self.rows)).reshape(-1).to(out.device)
+                self._at = b
+            base = b * self.block * self.cols
+            end = min(hi, base + self._acc.numel())
+            out[pos - lo : end - lo].add_(self._acc[pos - base : end - base])
+            pos = end
+
+
+class DenseGrad:
+    """A gradient held whole (a small one: the final norm's), in any dtype."""
+
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+
+    def add_into(self, lo: int, hi: int, out: torch.Tensor) -> None:
+        out.add_(self.flat[lo:hi].to(out.device))
+
+
+class PieceGrad:
+    """A group's float32 gradient, made piece by piece for the update: parts (offset, numel, part) at their
+    offsets in the group's flat order; elements no part covers are zero. Each element is 0 + its value, the
+    add the flat buffer's zeroed slice receives, so the bits are the buffer's."""
+
+    def __init__(self, parts: list[tuple[int, int, RowBlocks | DenseGrad]]) -> None:
+        self.parts = parts
+
+    def fill(self, start: int, n: int, out: torch.Tensor) -> None:
+        """out (n,) = the group's gradient elements [start, start + n)."""
+        out.zero_()
+        for off, numel, part in self.parts:
+            lo, hi = max(start, off), min(start + n, off + numel)
+            if lo < hi:
+                part.add_into(lo - off, hi - off, out[lo - start : hi - start])
+
+
+def embedding_rows(tokens: torch.Tensor, rows: torch.Tensor, width: int) -> Callable[[int, int], torch.Tensor]:
+    """make(r0, r1) for RowBlocks: the embedding's float32 gradient on rows [r0, r1) from the batch's distinct
+    tokens (U,) and their rows (U, C) (units.embedding_grad_rows): zero but for those rows, added as the
+    dense gradient's index_add_ adds them (each element 0 + its value)."""
+
+    def make(r0: int, r1: int) -> torch.Tensor:
+        acc = torch.zeros((r1 - r0, width), dtype=torch.float32)
+        sel = (tokens >= r0) & (tokens < r1)
+        acc.index_add_(0, (tokens[sel] - r0).cpu(), rows[sel].to("cpu", torch.float32))
+        return acc
+
+    return make
 
 
 def streams(design_streams: bool, tier: str, dtype: torch.dtype, placed: bool) -> bool:

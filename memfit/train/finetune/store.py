@@ -25,7 +25,7 @@ from memfit.memory.aio import wait
 from memfit.memory.hostpool import IO_ALIGN, SlotPool
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.designs import HostMemoryDesign
-from memfit.train.finetune.gradients import StreamedLayout
+from memfit.train.finetune.gradients import PieceGrad, StreamedLayout
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.placement import Placement
 from memfit.train.finetune.units import Group
@@ -64,6 +64,7 @@ class GroupStore:
         if streamed is not None:
             if placement is not None or tier not in ("host", "ssd"):
                 raise ValueError("streamed gradients need --offload host or ssd and no --placement")
+            self.piece = design.optimizer_piece(groups)  # a blockwise group's slice holds one piece
             hb = design.host_buffer(streamed.total * 4)
             self._grad_buf = hb.tensor[: streamed.total * 4].view(torch.float32)
             self._grad_buf.zero_()  # resident from the start, as a pool is
@@ -240,17 +241,32 @@ class GroupStore:
             self.update_group(gi, adam, step, grad_scale)
         self._fresh = None
 
-    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float) -> None:
-        """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier)."""
+    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float, source: PieceGrad | None = None) -> None:
+        """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier). A blockwise
+        group's gradient is made piece by piece by `source` into its one-piece slice (None: zero)."""
         grad = self.grads[gi]
+        blockwise = self.streamed is not None and gi in self.streamed.blockwise
+
+        def piece_grad(start: int, n: int) -> torch.Tensor:
+            if not blockwise:
+                return grad[start : start + n]
+            g = grad[:n]
+            source.fill(start, n, g) if source is not None else g.zero_()
+            return g
+
         if self.tier != "ssd":
             t = self._tensors[gi]
-            adam.update(t["master"], t["exp_avg"], t["exp_avg_sq"], grad, step, grad_scale)
+            # blockwise: piece by piece (AdamW is elementwise: the same bits as one call on the group)
+            for start, n in (self._pieces(gi) if blockwise else [(0, self.groups[gi].numel)]):
+                sl = slice(start, start + n)
+                adam.update(t["master"][sl], t["exp_avg"][sl], t["exp_avg_sq"][sl], piece_grad(start, n), step,
+                            grad_scale)
             if self.separate_copy:
                 t["param"].copy_(t["master"])
             return
         fresh = self._fresh
         for start, n in self._pieces(gi):
+            g = piece_grad(start, n)
             bufs = self._read_piece(gi, start, n)
             v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
             if fresh is not None:  # zero either way at step 1: the arithmetic is the same
@@ -260,12 +276,12 @@ class GroupStore:
                 used = self._fresh_used
                 v["exp_avg"], v["exp_avg_sq"] = fresh[0, used : used + n], fresh[1, used : used + n]
                 self._fresh_used += n
-            adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], grad[start : start + n], step, grad_scale)
+            adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], g, step, grad_scale)
             if fresh is not None:  # swapped out through the pool, as DeepSpeed writes its state
                 for k in ("exp_avg", "exp_avg_sq"):
                     bufs[k][: n * 4].view(torch.float32).copy_(v[k])
             # streamed: the piece's gradient is spent, and its bytes are aligned (gradients.ALIGN)
-            spent = grad[start : start + n] if self.streamed is not None else None
+            spent = g if self.streamed is not None else None
             self._write_piece(gi, start, n, bufs, spent)
 
     # -- streamed gradients: each group updated as soon as the backward completes it --------------------
@@ -276,21 +292,25 @@ class GroupStore:
 
     def grad(self, gi: int) -> torch.Tensor:
         """Group gi's fp32 gradient to add into; streamed, its slice is zeroed when the step first asks."""
+        if self.streamed is not None and gi in self.streamed.blockwise:
+            raise RuntimeError(f"group {gi}'s gradient is blockwise: hand grad_done a PieceGrad instead")
         if self.streamed is not None and gi not in self._open:
             self.grads[gi].zero_()
             self._open.add(gi)
         return self.grads[gi]
 
-    def grad_done(self, gi: int) -> None:
+    def grad_done(self, gi: int, source: PieceGrad | None = None) -> None:
         """The backward has finished group gi's gradient: streamed, update the group now (its slice may be
-        handed to another group after); flat, nothing (the optimizer runs after the backward)."""
+        handed to another group after); flat, nothing (the optimizer runs after the backward). `source`: a
+        blockwise group's gradient (gradients.PieceGrad)."""
         if self.streamed is None:
             return
         if self._pending is None:
             raise RuntimeError("streamed gradients: call stream_updates before the step's backward")
-        self.grad(gi)  # a group no unit gave a gradient to still steps (with a zero gradient, as flat)
+        if gi not in self.streamed.blockwise:
+            self.grad(gi)  # a group no unit gave a gradient to still steps (with a zero gradient, as flat)
         t0 = time.perf_counter()
-        self.update_group(gi, *self._pending)
+        self.update_group(gi, *self._pending, source)
         self.update_seconds += time.perf_counter() - t0
         self._open.discard(gi)
 

@@ -33,7 +33,7 @@ from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
 from memfit.train.finetune.data import batch_indices, build_examples, collate
 from memfit.train.finetune.designs import make_design
 from memfit.train.finetune.executor import StepConfig, StepExecutor
-from memfit.train.finetune.gradients import streamed_layout, streams
+from memfit.train.finetune.gradients import blockwise_groups, streamed_layout, streams
 from memfit.train.finetune.optim import AdamW, LossScaler
 from memfit.train.finetune.placement import Placement, PlacementConfig, placement_report
 from memfit.train.finetune.store import TIERS, GroupStore, placed_items
@@ -208,8 +208,11 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
     design = make_design(cfg.host_memory)
     in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
     loss_chunk = cfg.loss_chunk_tokens or loss_chunk_tokens(model_cfg.vocab_size)
-    streamed = (streamed_layout(groups, units) if streams(design.stream_gradients, cfg.offload, dtype,
-                                                          cfg.placement is not None) else None)
+    streamed = None
+    if streams(design.stream_gradients, cfg.offload, dtype, cfg.placement is not None):
+        blockwise = (blockwise_groups(groups, model_cfg.tie_word_embeddings, cfg.batch_size * cfg.seq_len,
+                                      dtype.itemsize) if design.blockwise_gradients else frozenset())
+        streamed = streamed_layout(groups, units, blockwise, design.optimizer_piece(groups))
     plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
                            cfg.recompute, loss_chunk, streamed)
     budget_mod.check_budget(plan, cfg.memory_budget)

@@ -135,7 +135,7 @@ class UnitRunner:
         return (x, residual)
 
     def head_step(self, weights: dict[str, torch.Tensor], state: State, batch: Batch, loss_scale: float,
-                  head_grad: torch.Tensor) -> torch.Tensor:
+                  head_grad: torch.Tensor | HeadRows) -> torch.Tensor:
         """The head's forward and backward: final norm, logits, the mean cross-entropy over the batch's
         assistant tokens, and its gradients. Returns the (unscaled) loss, a float32 scalar.
 
@@ -154,6 +154,9 @@ class UnitRunner:
         HEAD_GRAD_ROWS vocabulary rows at a time straight into `head_grad`: the whole (V, C) gradient in the
         compute dtype (47 MiB at a 32k vocabulary, 260 MiB at 152k) is never held. Each element is the
         same dot product over the chunk's tokens, so the bits equal autograd's (tested).
+
+        `head_grad` a `HeadRows`: the chunks' factors (hc, g) are kept instead, and the float32 gradient is
+        made later a block of rows at a time by the same products (streamed updates of an untied head).
         """
         x, residual = state
         # h: (N, C) with autograd back to x, residual and the norm weight
@@ -177,12 +180,45 @@ class UnitRunner:
             total += loss.detach()
             del logits, loss  # the float32 temporaries go with the graph
             grad_h[start:end] = g.mm(w)  # (n, C)
+            if isinstance(head_grad, HeadRows):
+                head_grad.keep(hc, g)
+                del g
+                continue
             for r in range(0, w.shape[0], HEAD_GRAD_ROWS):
                 # float32 accumulator: chunk gradients are summed at full precision
                 head_grad[r : r + HEAD_GRAD_ROWS].add_(hc.t().mm(g[:, r : r + HEAD_GRAD_ROWS]).t())
             del g
         h.backward(grad_h)
         return total / batch.n_targets
+
+
+class HeadRows:
+    """The output matrix's float32 gradient (V, C) held as its factors: per chunk of tokens, hc (n, C) and the
+    logits' gradient g (n, V) in the compute dtype, so that it can be made a block of vocabulary rows at a
+    time (`rows`) while an update consumes it, instead of all at once.
+
+    Why: with few tokens the factors are smaller than the gradient (n * V * 2 bytes against V * C * 4: at 0.1B
+    and 256 tokens, 16 MB against 98 MB), and an update that reads the gradient block by block then never
+    holds the (V, C) matrix. `rows` runs the products `head_step` runs for its dense accumulator, block for
+    block (HEAD_GRAD_ROWS rows from row 0) and chunk for chunk, into a zeroed float32 block: same bits."""
+
+    def __init__(self, vocab: int, width: int) -> None:
+        self.shape = (vocab, width)
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, hc: torch.Tensor, g: torch.Tensor) -> None:
+        self.chunks.append((hc, g))
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the gradient, (r1 - r0, C) float32; r0 a multiple of HEAD_GRAD_ROWS and r1 the
+        block's end (or V), so the products are `head_step`'s."""
+        if r0 % HEAD_GRAD_ROWS or r1 != min(r0 + HEAD_GRAD_ROWS, self.shape[0]):
+            raise ValueError(f"rows {r0}:{r1} are not one block of {HEAD_GRAD_ROWS}")
+        device = self.chunks[0][0].device if self.chunks else "cpu"
+        acc = torch.zeros((r1 - r0, self.shape[1]), dtype=torch.float32, device=device)
+        for hc, g in self.chunks:
+            acc.add_(hc.t().mm(g[:, r0:r1]).t())
+        return acc
 
 
 def embedding_grad_rows(ids: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
