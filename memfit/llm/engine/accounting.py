@@ -127,7 +127,13 @@ def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_b
     per-thread scratch (x's row block packed into tiles, one column block's sums: ~0.8-1.1 MiB a thread for
     K of 768-2048), where memfit's blocked kernel runs (`mlp_block` nonzero, `mlp_row_block`) in bf16 on a
     core with AMX and the step reaches BLOCKED_LARGE_M rows (kernels/large_m.amx_scratch_bytes); 0 elsewhere
-    (the AVX-512 kernel's scratch is a few KiB)."""
+    (the AVX-512 kernel's scratch is a few KiB). On a CPU without a native bf16 multiply (kernels/upcast.py), the
+    float32 scratch its bf16 linears share, sized for the step's rows and the largest K (`upcast.scratch_bytes`)."""
+    if dtype == torch.bfloat16 and not mlp_block:
+        from memfit.llm.kernels import upcast
+
+        if upcast.available(dtype):
+            return upcast.scratch_bytes(max(k for _, k in linear_shapes(cfg, fused=False)), chunk)
     if not mlp_block or dtype != torch.bfloat16 or chunk < BLOCKED_LARGE_M:
         return 0
     from memfit.llm.kernels import large_m

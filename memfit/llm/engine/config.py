@@ -21,7 +21,7 @@ from memfit.memory.budget import parse_budget, parse_swap_space
 if TYPE_CHECKING:
     import torch
 
-CPU_LINEARS = ("auto", "blocked", "memfit", "onednn")  # what each means: memfit/llm/kernels/backends.py
+CPU_LINEARS = ("auto", "blocked", "memfit", "onednn", "upcast")  # what each means: memfit/llm/kernels/backends.py
 # The virtual cache's page layouts (kv/virtual.py says what each is for); the paged cache ignores the choice.
 KV_LAYOUTS = ("auto", "per-layer", "token-major", "head-major")
 # Kept in step with engine/policy.py's POLICIES and scheduler.py's PREEMPTION_MODES (imported lazily there).
@@ -60,7 +60,7 @@ class EngineConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     prepack: bool = True  # CPU: a decode-speed linear backend (cpu_linear); False = plain F.linear
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or CPU with cpu_linear onednn/blocked)
-    cpu_linear: str = "auto"  # CPU linears: blocked | memfit | onednn | auto; see memfit/llm/kernels/backends.py
+    cpu_linear: str = "auto"  # CPU linears: blocked | memfit | onednn | upcast | auto; see memfit/llm/kernels/backends.py
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
     scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (engine/policy.py)
     priority_aging_steps: int = 100  # priority policy's starvation guard: one unit of aging per this many steps

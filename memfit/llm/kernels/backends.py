@@ -10,9 +10,13 @@ CPU linears (`cpu_linear`):
   benchmarks/blocked_linear.py);
 - "memfit": memfit's row-major kernel on the checkpoint's own mapped weights (no copy);
 - "onednn": PyTorch's oneDNN on prepacked weights;
+- "upcast": bf16 on a CPU without a native bf16 multiply (AVX2-only x86), weights kept bf16 and computed in
+  float32: memfit's AVX2 kernel for decode rows, MKL's float32 GEMM on blocks of widened weights for prefill
+  (kernels/upcast.py);
 - "auto": "blocked" where it runs, else "memfit" for engines that decode at most AUTO_MEMFIT_MAX_SEQS
   sequences at once, else "onednn".
-A memfit kernel that can't be built or run here falls back to oneDNN (the reason is logged), and a GPU or
+A memfit kernel that can't be built or run here falls back to oneDNN (the reason is logged), a bf16 model that
+oneDNN can't pack either (it needs avx512bw/vl/dq or avx_ne_convert) to "upcast" where that applies, and a GPU or
 `prepack=False` uses plain F.linear.
 """
 from __future__ import annotations
@@ -42,12 +46,13 @@ class BackendOptions:
 class ComputeBackends:
     """What `prepare_model` chose and did to the model."""
 
-    cpu_linear: str | None  # "blocked" | "memfit" | "onednn" | None (plain F.linear)
+    cpu_linear: str | None  # "blocked" | "memfit" | "onednn" | "upcast" | None (plain F.linear)
     cpu_kernels: bool  # memfit's C++ op kernels are installed (model.set_ops)
     num_fused_layers: int = 0
     num_blocked_linears: int = 0
     num_row_major_linears: int = 0
     num_packed_linears: int = 0
+    num_upcast_linears: int = 0
 
     def decode_stack(self, model: nn.Module, kv: object):
         """memfit's whole-step CPU decode stack (kernels/stack.py) where it runs with this model and cache,
@@ -76,9 +81,14 @@ def choose_cpu_linear(options: BackendOptions, device: torch.device, dtype: torc
 
         if can_use_row_major(dtype):
             return "memfit"
+    from memfit.llm.kernels.upcast import available as upcast_available
     from memfit.llm.models.packing import can_pack_for_cpu
 
-    return "onednn" if can_pack_for_cpu(dtype) else None
+    if options.cpu_linear == "upcast" and upcast_available(dtype):
+        return "upcast"
+    if can_pack_for_cpu(dtype):
+        return "onednn"
+    return "upcast" if upcast_available(dtype) else None
 
 
 def prepare_model(model: nn.Module, options: BackendOptions, device: torch.device) -> ComputeBackends:
@@ -105,6 +115,10 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.models.packing import pack_linears_for_cpu
 
         chosen.num_packed_linears = pack_linears_for_cpu(model)
+    elif chosen.cpu_linear == "upcast":  # no fusion: the weights stay the checkpoint's, uncopied
+        from memfit.llm.kernels.upcast import use_upcast_linears
+
+        chosen.num_upcast_linears = use_upcast_linears(model)
     if device.type == "cpu":
         # Weights still mapped from the checkpoint (an untied embedding, norms, the row-major kernel's
         # matrices) are made resident now: the memory ledger counts them in full, and decode then never

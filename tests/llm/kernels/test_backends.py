@@ -91,3 +91,30 @@ def test_the_mlp_term_is_what_the_allocator_holds(rows):
         last = LARGE_M + rows % LARGE_M
         i, h = model.config.intermediate_size, model.config.hidden_size
         assert out + 3 * last * i * 4 + last * h * 4 == peak < counted
+
+
+def test_a_bf16_model_without_native_bf16_runs_upcast():
+    from memfit.llm.kernels import upcast
+    from memfit.llm.kernels.backends import choose_cpu_linear
+
+    if not upcast.available(torch.bfloat16):
+        pytest.skip("the CPU has a native bf16 multiply: memfit's AVX-512 kernels or oneDNN run bf16")
+    from memfit.llm.models.packing import can_pack_for_cpu
+
+    if can_pack_for_cpu(torch.bfloat16):
+        pytest.skip("oneDNN packs bf16 here (AVX-512 without bf16): it is chosen first")
+    cpu = torch.device("cpu")
+    assert choose_cpu_linear(BackendOptions(), cpu, torch.bfloat16) == "upcast"
+    assert choose_cpu_linear(BackendOptions(cpu_linear="upcast"), cpu, torch.bfloat16) == "upcast"
+    assert choose_cpu_linear(BackendOptions(), cpu, torch.float32) != "upcast"
+    model = tiny(tie=True, dtype=torch.bfloat16)
+    few, many = torch.randint(0, 96, (1, 5)), torch.randint(0, 96, (2, 40))  # 5 rows: AVX2 kernel; 80: MKL blocks
+    with torch.inference_mode():
+        want = [model.dense_logits(ids).float() for ids in (few, many)]
+        chosen = prepare_model(model, BackendOptions(cpu_kernels=False), cpu)
+        got = [model.dense_logits(ids).float() for ids in (few, many)]
+    assert chosen.cpu_linear == "upcast" and chosen.num_upcast_linears == 2 * 7 + 1 and chosen.num_fused_layers == 0
+    assert isinstance(model.lm_head, upcast.Bf16UpcastLinear)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied, no copy
+    for g, w in zip(got, want):  # aten's bf16 and float32-from-bf16 round differently: the packing test's bound
+        assert (g - w).abs().max().item() <= 0.1 * max(1.0, w.abs().max().item() / 10)

@@ -1,0 +1,137 @@
+"""Bf16UpcastLinear (kernels/upcast.py): bf16 linears in float32 on a CPU without a native bf16 multiply.
+
+Every test skips where the path is off (a core with avx512_bf16 or AMX runs memfit's AVX-512 kernels instead)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.llm.kernels import upcast
+from memfit.llm.kernels.avx2_build import load_avx2
+from tests.llm.kernels.common import make_linear
+
+pytestmark = pytest.mark.skipif(not upcast.available(), reason="the CPU has a native bf16 multiply (or no AVX2 + FMA)")
+
+
+def _within_bf16_rounding(got: torch.Tensor, x: torch.Tensor, lin: nn.Linear) -> tuple[bool, float]:
+    """Against the float64 product of the same bf16 values: products of two bf16 values are exact in float32, so
+    the error is the one rounding of the result to bf16 (at most 2^-8 of it) plus float32 summation (within
+    1e-5 of the sum of |terms| for K up to a few thousand)."""
+    b = None if lin.bias is None else lin.bias.double()
+    ref = F.linear(x.double(), lin.weight.double(), b)
+    scale = F.linear(x.double().abs(), lin.weight.double().abs()) + (0 if b is None else b.abs())
+    err = (got.double() - ref).abs()
+    return bool((err <= 2 ** -8 * ref.abs() + 1e-5 * scale + 1e-6).all()), err.max().item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k,n", [(1, 5), (7, 45), (77, 300), (200, 257), (768, 64)])  # K % 8 tails, N % 4 and
+def test_matches_the_float32_product_of_the_bf16_weights(k, n, bias):  # N % BLOCK_N tails
+    lin = make_linear(n, k, bias, torch.bfloat16)
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(k))
+    assert mod.weight.data_ptr() == lin.weight.data_ptr()  # the weight is not copied
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 2, 3, 5, 8, 31, 32, 33, 100, 513):  # both paths, across FEW_ROWS and BLOCK_M
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        got = mod(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+        ok, err = _within_bf16_rounding(got, x, lin)
+        assert ok, f"m={m} max err {err}"
+        # aten's bf16 matmul, rounded its own way, meets the same bound: the two differ by at most a rounding
+        ok_aten, err_aten = _within_bf16_rounding(F.linear(x, lin.weight, lin.bias), x, lin)
+        assert ok_aten, f"aten m={m} max err {err_aten}"
+
+
+def test_few_rows_without_the_avx2_kernel_fall_back_to_aten():
+    lin = make_linear(40, 24, True, torch.bfloat16)
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(24))
+    x = torch.randn(3, 24).to(torch.bfloat16)
+    mod._lib = None
+    torch.testing.assert_close(mod(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+
+
+def test_rounding_to_bf16_is_to_nearest_even():
+    if load_avx2() is None:
+        pytest.skip("the AVX2 kernel can't be built here")
+    # 1 + 2^-8 lies halfway between bf16 1.0 and 1 + 2^-7: even (1.0) wins; 1 + 3 x 2^-8 -> 1 + 2^-6
+    lin = nn.Linear(2, 2, bias=False).to(torch.bfloat16).requires_grad_(False)
+    lin.weight.copy_(torch.tensor([[1.0, 2.0 ** -8], [1.0, 3 * 2.0 ** -8]]))
+    y = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(2))(torch.ones(1, 2, dtype=torch.bfloat16))
+    assert y.tolist() == [[1.0, 1.0 + 2.0 ** -6]]
+
+
+def test_batch_dims_strided_rows_and_grad_mode():
+    lin = make_linear(24, 70, True, torch.bfloat16)
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(70))
+    x = torch.randn(40, 100).to(torch.bfloat16)[:, 10:80]  # rows 100 apart
+    assert _within_bf16_rounding(mod(x), x, lin)[0]
+    x3 = torch.randn(2, 20, 70).to(torch.bfloat16)  # (B, T, K): 40 rows, the many-row path
+    assert mod(x3).shape == (2, 20, 24)
+    assert mod(torch.empty(0, 70, dtype=torch.bfloat16)).shape == (0, 24)
+    with pytest.raises(ValueError, match="bf16"):
+        upcast.Bf16UpcastLinear(make_linear(4, 4, False, torch.float32), upcast.UpcastScratch(4))
+
+
+def _resident_bytes_of_mapping(address: int) -> int:
+    """Rss of the mapping holding `address`, from the kernel's /proc/self/smaps (not from anything we count)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.parametrize("rows", [100, 1100])  # one pass; three passes of BLOCK_M rows
+def test_scratch_stays_within_its_bound(rows):
+    # a model's linears of two K share one scratch: what the kernel maps in stays within scratch_bytes(k_max,
+    # rows), the figure the engine's ledger counts, whatever the order of the calls
+    k_max = 600
+    scratch = upcast.UpcastScratch(k_max)
+    mods = [upcast.Bf16UpcastLinear(make_linear(n, k, True, torch.bfloat16), scratch) for n, k in ((700, 200), (300, k_max))]
+    for m in (rows, 40, rows // 2):
+        for mod in mods:
+            mod(torch.randn(m, mod.in_features).to(torch.bfloat16))
+    resident = _resident_bytes_of_mapping(scratch._flat.data_ptr())
+    bound = upcast.scratch_bytes(k_max, rows)
+    assert 0.5 * bound < resident <= bound + 4096, (resident, bound)
+    if rows > upcast.BLOCK_M:
+        assert bound == upcast.scratch_bytes(k_max, upcast.BLOCK_M)  # fixed: the rows go in blocks
+
+
+def test_few_rows_use_no_scratch():
+    scratch = upcast.UpcastScratch(64)
+    mod = upcast.Bf16UpcastLinear(make_linear(64, 64, False, torch.bfloat16), scratch)
+    mod(torch.randn(upcast.FEW_ROWS, 64).to(torch.bfloat16))
+    assert scratch._flat is None and upcast.scratch_bytes(64, upcast.FEW_ROWS) == 0
+
+
+def test_the_engine_ledger_counts_the_scratch():
+    from memfit.llm.engine import accounting
+    from memfit.llm.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    got = accounting.matmul_scratch_bytes(cfg, torch.bfloat16, 512)
+    assert got == upcast.scratch_bytes(352, 512) > 0
+    assert accounting.matmul_scratch_bytes(cfg, torch.float32, 512) == 0
+
+
+def test_use_upcast_linears_shares_one_scratch_and_keeps_the_weights():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16, bias=False)).to(torch.bfloat16)
+    ptrs = [model[0].weight.data_ptr(), model[2].weight.data_ptr()]
+    x = torch.randn(50, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        want = model(x)
+        assert upcast.use_upcast_linears(model) == 2
+        got = model(x)
+    assert isinstance(model[0], upcast.Bf16UpcastLinear) and model[0].scratch is model[2].scratch
+    assert [model[0].weight.data_ptr(), model[2].weight.data_ptr()] == ptrs
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+    assert upcast.use_upcast_linears(nn.Sequential(nn.Linear(4, 4))) == 0  # float32: not this path
