@@ -1,5 +1,6 @@
 """Where the trained state lives: per swap group, the fp32 master weights, Adam's two moments and the
-16-bit compute copy, in one of three tiers; the fp32 gradients in host memory, flat or streamed.
+16-bit compute copy, in one of three tiers; the fp32 gradients in host memory, flat or streamed
+(grad_store.py).
 
 - `none`: plain tensors on the compute device;
 - `host`: buffers from the design's host allocator (pinned on CUDA); fetched to the device per group;
@@ -16,7 +17,6 @@ each group updated by AdamW as soon as the backward completes its gradient (`gra
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from memfit.memory.aio import wait
 from memfit.memory.hostpool import IO_ALIGN, SlotPool
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.designs import HostMemoryDesign
+from memfit.train.finetune.grad_store import GradientsMixin
 from memfit.train.finetune.gradients import PieceGrad, StreamedLayout
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.placement import Placement
@@ -34,7 +35,7 @@ TIERS = ("none", "host", "ssd")
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-class GroupStore:
+class GroupStore(GradientsMixin):
     def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
                  device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4,
                  placement: Placement | None = None, streamed: StreamedLayout | None = None) -> None:
@@ -53,36 +54,9 @@ class GroupStore:
         self.offsets = [0]
         for g in groups:
             self.offsets.append(self.offsets[-1] + g.numel)
-        # Gradients: one flat fp32 buffer, zeroed at the start of each step; or streamed (`streamed`: the
-        # layout of the groups live at once, each group's slice zeroed when the backward first reaches it).
-        self.streamed = streamed
-        self._open: set[int] = set()  # streamed: groups whose gradient the backward is filling
-        self._pending: tuple[AdamW, int, float] | None = None  # streamed: (adam, step, scale) of this step
-        self.update_seconds = 0.0  # streamed: time in this step's group updates
         self._fresh: torch.Tensor | None = None  # zero-infinity's first step: the sub-group's fresh moments
         self._fresh_used = 0  # elements of `_fresh` the current sub-group has taken
-        if streamed is not None:
-            if placement is not None or tier not in ("host", "ssd"):
-                raise ValueError("streamed gradients need --offload host or ssd and no --placement")
-            self.piece = design.optimizer_piece(groups)  # a blockwise group's slice holds one piece
-            hb = design.host_buffer(streamed.total * 4)
-            self._grad_buf = hb.tensor[: streamed.total * 4].view(torch.float32)
-            self._grad_buf.zero_()  # resident from the start, as a pool is
-            self.pools["gradients (streamed)"] = hb.reserved_bytes
-        elif placement is not None:
-            self._grad_buf = placement.tensor(("grad", -1), total, torch.float32)
-            self._grad_buf.zero_()  # the first touch: pages commit where the plan says
-            self.pools["gradients"] = total * 4
-        elif tier == "none":
-            self._grad_buf = torch.zeros(total, dtype=torch.float32, device=device)
-            self.pools["gradients"] = total * 4
-        else:
-            hb = design.host_buffer(total * 4)
-            self._grad_buf = hb.tensor[: total * 4].view(torch.float32)
-            self._grad_buf.zero_()
-            self.pools["gradients"] = hb.reserved_bytes
-        self.grads = (streamed.views(self._grad_buf) if streamed is not None else
-                      [self._grad_buf[self.offsets[i] : self.offsets[i + 1]] for i in range(len(groups))])
+        self._init_gradients(streamed)
         self.param_pool: SlotPool | None = None
         self.opt_pool: SlotPool | None = None
         self.space = None
@@ -283,45 +257,6 @@ class GroupStore:
             # streamed: the piece's gradient is spent, and its bytes are aligned (gradients.ALIGN)
             spent = g if self.streamed is not None else None
             self._write_piece(gi, start, n, bufs, spent)
-
-    # -- streamed gradients: each group updated as soon as the backward completes it --------------------
-    def stream_updates(self, adam: AdamW, step: int, grad_scale: float) -> None:
-        """Arm this step's updates: `grad_done(gi)` then runs AdamW step `step` on group gi."""
-        self._pending = (adam, step, grad_scale)
-        self.update_seconds = 0.0
-
-    def grad(self, gi: int) -> torch.Tensor:
-        """Group gi's fp32 gradient to add into; streamed, its slice is zeroed when the step first asks."""
-        if self.streamed is not None and gi in self.streamed.blockwise:
-            raise RuntimeError(f"group {gi}'s gradient is blockwise: hand grad_done a PieceGrad instead")
-        if self.streamed is not None and gi not in self._open:
-            self.grads[gi].zero_()
-            self._open.add(gi)
-        return self.grads[gi]
-
-    def grad_done(self, gi: int, source: PieceGrad | None = None) -> None:
-        """The backward has finished group gi's gradient: streamed, update the group now (its slice may be
-        handed to another group after); flat, nothing (the optimizer runs after the backward). `source`: a
-        blockwise group's gradient (gradients.PieceGrad)."""
-        if self.streamed is None:
-            return
-        if self._pending is None:
-            raise RuntimeError("streamed gradients: call stream_updates before the step's backward")
-        if gi not in self.streamed.blockwise:
-            self.grad(gi)  # a group no unit gave a gradient to still steps (with a zero gradient, as flat)
-        t0 = time.perf_counter()
-        self.update_group(gi, *self._pending, source)
-        self.update_seconds += time.perf_counter() - t0
-        self._open.discard(gi)
-
-    def zero_grad(self) -> None:
-        if self.streamed is None:
-            self._grad_buf.zero_()
-        self._open.clear()  # streamed: each group's slice is zeroed when the backward first reaches it
-
-    @property
-    def grad_buffer(self) -> torch.Tensor:
-        return self._grad_buf
 
     def io_stats(self) -> dict:
         if self.space is None:
