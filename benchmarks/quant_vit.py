@@ -67,19 +67,20 @@ def main() -> int:
             for seed in range(args.seeds):
                 idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:args.calib]
                 cx, cy = data.x_train[idx], data.y_train[idx]
-                # costs computed once per calibration set and reused at every setting; the time recorded is
-                # each allocator's first (uncached) allocation on that set
-                alloc = allocate_bits(model, allocator, budget, cx, cy, act_bits=act_bits, seed=seed,
-                                      cache=caches.setdefault(seed, {}))
-                first_seconds.setdefault((allocator, seed), alloc.seconds)
                 for channelwise in modes:
+                    # costs computed once per calibration set and reused at every setting; the time recorded
+                    # is each allocator's first (uncached) allocation on that set. The costs are taken on the
+                    # model as it will be quantized (folded channel-wise ranges or not), so each mode has its own.
+                    alloc = allocate_bits(model, allocator, budget, cx, cy, act_bits=act_bits, seed=seed,
+                                          cache=caches.setdefault(seed, {}), channelwise=channelwise)
+                    first_seconds.setdefault((allocator, seed, channelwise), alloc.seconds)
                     packed = to_packed(quantize_model(model, cx, QuantConfig(alloc.weight_bits, alloc.act_bits,
                                                                              channelwise)))
                     row = {"setting": setting, "allocator": allocator, "budget": budget, "seed": seed,
                            "channelwise": channelwise,
                            "top1": evaluate(packed, x_test, y_test), "avg_weight_bits": alloc.avg_weight_bits,
                            "avg_act_bits": alloc.avg_act_bits, "weight_bytes": weight_bytes(packed),
-                           "allocation_seconds": first_seconds[(allocator, seed)],
+                           "allocation_seconds": first_seconds[(allocator, seed, channelwise)],
                            "bits_per_layer": alloc.weight_bits}
                     rows.append(row)
                     print(f"{setting} {allocator} seed {seed} {'chan' if channelwise else 'tensor'}: "

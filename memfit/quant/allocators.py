@@ -14,6 +14,8 @@ differs:
 Activation bits (when not fixed) use the same importance with the relative distortion of the layer's input
 under the per-tensor quantizer (sensitivity: the measured KL of quantizing that input alone), weighted by the
 input's elements per image. The patch embedding and the heads stay at 8 bits and count toward both averages.
+Every cost is taken on the model as it will be quantized: with clipped channel-wise post-LayerNorm activations
+(the default) that is the copy with the channel ranges folded in, whose qkv / fc1 weights are W diag(r1).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from torch import nn
 from .allocate import average_bits, solve_knapsack, uniform_bits
 from .errors import QuantError
 from .lrp import quantizable_layers
-from .qmodel import best_tensor_params, record
+from .qmodel import best_tensor_params, folded_copy, record
 from .quantizers import BIT_CHOICES, fake_quant_uniform, fake_quant_weight
 
 ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
@@ -137,15 +139,20 @@ def uniform_budget(model: nn.Module, avg_bits: float) -> float:
 
 def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: torch.Tensor, calib_y: torch.Tensor,
                   act_bits: int | None = None, avg_act_bits: float | None = None, seed: int = 0,
-                  attention: str = "cp", cache: dict | None = None) -> Allocation:
+                  attention: str = "cp", cache: dict | None = None, channelwise: bool = True) -> Allocation:
     """Per-layer bits for `model` under `avg_bits` (and `act_bits` fixed, or allocated under `avg_act_bits`).
 
+    `channelwise`: the costs are taken on the model as `quantize_model` will quantize it, i.e. with the clipped
+    channel-wise post-LayerNorm ranges of `calib_x` folded in (qmodel.folded_copy). The folding computes the same
+    function but changes the weights of qkv / fc1 / reduction to W diag(r1), and those are what the weight
+    quantizer rounds; False: the weights as they are (the per-tensor mode, which folds nothing).
     `cache`: a dict the caller keeps for one model and one calibration set; the costs (scores, traces,
     sensitivities, distortions), which do not depend on the budget, are computed once into it and reused by
     later calls at other budgets. `seconds` then counts only this call's work."""
     memo = cache if cache is not None else {}
 
     def once(key: tuple, compute):
+        key = (channelwise, *key)  # the folded and the unfolded model have different costs
         if key not in memo:
             memo[key] = compute()
         return memo[key]
@@ -156,6 +163,8 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
         raise QuantError("give either --act-bits (every activation at that width) or --avg-act-bits (allocated)")
     t0 = time.perf_counter()
     model.eval()
+    if channelwise:
+        model = once(("folded",), lambda: folded_copy(model, calib_x))
     layers = quantizable_layers(model)
     fixed = [n for n in layers if n in _FIXED_NAMES]
     free = [n for n in layers if n not in fixed]

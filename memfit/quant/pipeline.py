@@ -82,7 +82,7 @@ def run_quant(cfg: QuantRun, data=None) -> tuple[dict, torch.nn.Module, object]:
     calib_x, calib_y = data.x_train[idx], data.y_train[idx]
     x_test, y_test = data.x_test[:cfg.max_test], data.y_test[:cfg.max_test]
     alloc = allocate_bits(model, cfg.allocator, cfg.avg_bits, calib_x, calib_y, cfg.act_bits, cfg.avg_act_bits,
-                          cfg.seed, cfg.attention_rule)
+                          cfg.seed, cfg.attention_rule, channelwise=cfg.channelwise)
     qmodel = quantize_model(model, calib_x, QuantConfig(alloc.weight_bits, alloc.act_bits, cfg.channelwise))
     packed = to_packed(qmodel)
     fp_bytes = sum(m.weight.numel() * m.weight.element_size() for m in quantizable_layers(model).values())

@@ -128,6 +128,22 @@ def record(model: nn.Module, x: torch.Tensor, names: list[str], outputs: bool = 
 
 
 @torch.no_grad()
+def folded_copy(model: nn.Module, calib: torch.Tensor, percentile: float = 99.9) -> nn.Module:
+    """A copy of `model` with the clipped channel-wise post-LayerNorm ranges of images `calib` (N, C, H, W) folded
+    into the LayerNorms and the Linear layers reading them, as `quantize_model` folds them: the same function in
+    float, but with the weights W diag(r1) that the weight quantizer will actually see. r1 = s / mean(s) is a
+    ratio of per-channel ranges, so it does not depend on the activation width (8 bits is used here)."""
+    q = copy.deepcopy(model).eval()
+    layers = quantizable_layers(q)
+    pairs = ln_consumers(q)
+    ln_out = record(model.eval(), calib, list(pairs), outputs=True)
+    for norm, consumers in pairs.items():
+        lo, hi = percentile_range(ln_out[norm], percentile, per_channel=True)
+        reparameterize(q.get_submodule(norm), [layers[c] for c in consumers], uniform_params(lo, hi, 8))
+    return q
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> nn.Module:
     """A fake-quantized copy of `model` calibrated on images `calib` (N, C, H, W)."""
     fp = model.eval()

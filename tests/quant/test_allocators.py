@@ -10,6 +10,7 @@ from memfit.quant.allocators import ALLOCATORS, allocate_bits, hutchinson_trace,
 from memfit.quant.checkpoint import save_checkpoint
 from memfit.quant.errors import InfeasibleBudgetError, QuantError
 from memfit.quant.pipeline import QuantRun, run_quant
+from memfit.quant.qmodel import folded_copy
 from memfit.quant.quantizers import BIT_CHOICES
 
 
@@ -125,6 +126,27 @@ def test_lrp_zplus_scores_come_from_the_zplus_rules(tiny_models, fmnist_small):
     cache: dict = {}
     for allocator, rules in (("lrp", "epsilon"), ("lrp-zplus", "zplus"), ("lrp", "epsilon")):
         a = allocate_bits(model, allocator, 3.0, x, y, act_bits=4, cache=cache)
-        want = contribution_scores(model, x, y, rules=rules).mean
+        want = contribution_scores(folded_copy(model, x), x, y, rules=rules).mean  # costed as it is quantized
         assert a.importance == pytest.approx({n: want[n] for n in a.importance}, rel=1e-5)
-    assert len([k for k in cache if k[0] == "lrp"]) == 2
+    assert len([k for k in cache if k[1] == "lrp"]) == 2  # keys: (channelwise, "lrp", attention, rules)
+
+
+def test_weight_costs_are_taken_on_the_weights_that_get_rounded(tiny_models, fmnist_small):
+    """With channelwise (the default), the distortion the knapsack weighs is that of the folded weights
+    W diag(r1) that quantize_model rounds (test_qmodel checks they are the same codes); without, of W itself.
+    One cache holds both."""
+    from memfit.quant.allocators import _rel_distortion
+    from memfit.quant.lrp import quantizable_layers
+
+    model, _, _ = tiny_models["vit"]
+    x, y = fmnist_small.x_train[:48], fmnist_small.y_train[:48]
+    cache: dict = {}
+    for channelwise in (True, False):
+        allocate_bits(model, "random", 3.0, x, y, act_bits=4, cache=cache, channelwise=channelwise)
+    seen = {cw: quantizable_layers(folded_copy(model, x) if cw else model) for cw in (True, False)}
+    for cw in (True, False):
+        for name, per_bits in cache[(cw, "w_dist")].items():
+            assert per_bits[3] == pytest.approx(_rel_distortion(seen[cw][name].weight.detach(), 3), rel=1e-6)
+    assert cache[(True, "w_dist")]["blocks.0.attn.qkv"][3] != pytest.approx(
+        cache[(False, "w_dist")]["blocks.0.attn.qkv"][3], rel=1e-3)
+    assert cache[(True, "w_dist")]["blocks.0.attn.proj"] == cache[(False, "w_dist")]["blocks.0.attn.proj"]

@@ -5,8 +5,8 @@ import torch
 
 from memfit.quant.export import load_packed, pack_codes, save_packed, to_packed, unpack_codes, weight_bytes
 from memfit.quant.lrp import quantizable_layers
-from memfit.quant.qmodel import QuantConfig, ln_consumers, quantize_model
-from memfit.quant.quantizers import BIT_CHOICES
+from memfit.quant.qmodel import QuantConfig, folded_copy, ln_consumers, quantize_model
+from memfit.quant.quantizers import BIT_CHOICES, quantize_weight
 
 
 @pytest.mark.parametrize("bits", BIT_CHOICES)
@@ -98,6 +98,46 @@ def test_channelwise_beats_per_tensor_on_outlier_channels(tiny_models, fmnist_sm
             q = quantize_model(model, fmnist_small.x_train[:64], QuantConfig(*_bits(model, 8, 4), channelwise))
             errs[channelwise] = float((q(x) - ref).norm() / ref.norm())
     assert errs[True] < 0.5 * errs[False]
+
+
+def _with_outlier_channels(model):
+    """The same FP function, but 3 post-LN channels 30x larger and the next layer's columns 30x smaller."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for norm, consumers in ln_consumers(model).items():
+            if norm == "norm":
+                continue
+            model.get_submodule(norm).weight[:3] *= 30
+            model.get_submodule(norm).bias[:3] *= 30
+            for c in consumers:
+                model.get_submodule(c).weight[:, :3] /= 30
+    return model
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_folded_copy_has_the_weights_that_quantize_model_rounds(tiny_models, fmnist_small, arch):
+    """folded_copy (what the allocators cost) computes the FP function, and its weights are the ones
+    quantize_model rounds: the same integer codes and scales at 3 and 4 bits, for every layer."""
+    model = _with_outlier_channels(tiny_models[arch][0])
+    calib, x = fmnist_small.x_train[:64], fmnist_small.x_test[:100]
+    folded = folded_copy(model, calib)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    flayers = quantizable_layers(folded)
+    for bits in (3, 4):
+        q = quantize_model(model, calib, QuantConfig(*_bits(model, bits, 4)))
+        for name, qlayer in quantizable_layers_of_quant(q).items():
+            codes, scale = quantize_weight(flayers[name].weight, bits)
+            assert torch.equal(qlayer.codes, codes) and torch.allclose(qlayer.scale, scale), name
+    # and they are not the unfolded weights: an allocator costing those would cost other matrices
+    qkv = [n for n in flayers if n.endswith("attn.qkv")][0]
+    assert not torch.allclose(flayers[qkv].weight, quantizable_layers(model)[qkv].weight, rtol=0.05)
+
+
+def quantizable_layers_of_quant(q):
+    from memfit.quant.qmodel import QuantLayer
+
+    return {n: m for n, m in q.named_modules() if isinstance(m, QuantLayer)}
 
 
 def test_ln_consumers_layouts(tiny_models):
