@@ -23,6 +23,9 @@ mechanism:
   (`swap_ssd_prewrite`), so no swap is a first write into an unwritten extent (not in the default set).
 - swap-run-reuse-ssd-unbatched: the same with one SSD I/O per chunk (`SSDTier.batch = False`), as before a
   sequence's chunks demoted together were written in one pass and read back in one (not in the default set).
+- swap-run-reuse-ssd-pyloop: the same with the SSD tier's fallback path, zlib's CRC-32 and the O_DIRECT loop in
+  Python (what a CPU without the C I/O kernels gets; before they were built apart from the AVX-512 kernels, every
+  AVX2-only CPU did; not in the default set).
 - paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
   (layer, K|V) pool, synchronously: vLLM's own per-block swap;
 - paged-swap-group: the same with block groups (`kv_block_groups`, memory/blocks.py): blocks come from a buddy
@@ -68,6 +71,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
                                         swap_ssd_prewrite=True),
     "swap-run-reuse-ssd-unbatched": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
                                          ssd_batch=False),
+    "swap-run-reuse-ssd-pyloop": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
+                                      ssd_pyloop=True),
     "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
                              swap_reuse=False),
@@ -163,6 +168,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     block_tokens = opts.pop("block_tokens", None)
     ssd = opts.pop("ssd", False)
     ssd_batch = opts.pop("ssd_batch", True)
+    ssd_pyloop = opts.pop("ssd_pyloop", False)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
@@ -189,6 +195,11 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         engine.swap.block_tokens = block_tokens
         if engine.swap.ssd is not None:
             engine.swap.ssd.batch = ssd_batch
+            if ssd_pyloop:  # the fallback: zlib's CRC-32, the store's Python loop (kv/swap_ssd.py, _staged -> None)
+                from memfit.llm.kernels.crc32c import checksum
+
+                engine.swap.ssd.checksum, engine.swap.ssd._update = checksum("crc32")
+                engine.swap.ssd._io = None
     if a.workload == "multiturn":
         from benchmarks.multiturn import replay
 
