@@ -89,7 +89,7 @@ def test_the_benchmarks_page_points_at_files_that_exist():
     assert missing == []
     import json
 
-    modules = set(re.findall(r"python -m (benchmarks\.[a-z_]+)", page))
+    modules = set(re.findall(r"python -m (benchmarks\.[a-z0-9_]+)", page))
     assert modules <= set(_scripts()), "the page runs only modules that exist"
     committed = {"benchmarks." + json.loads(p.read_text())["benchmark"].removesuffix("_seeds")
                  for p in (ROOT / "benchmarks" / "results").rglob("*.json")}
