@@ -53,7 +53,8 @@ def load_avx2() -> Avx2Lib | None:
     cxx = compiler()
     with _lock:
         why = (f"the CPU lacks {', '.join(missing)}" if missing else
-               None if cxx is not None else "no C++ compiler found (set CXX or install g++)")
+               "no C++ compiler found (set CXX or install g++)" if cxx is None else
+               None if SOURCE.is_file() else f"{SOURCE} is missing from this install")
         if why is not None:
             reason = why
             log.info("memfit AVX2 bf16 kernels unavailable: %s", why)

@@ -135,3 +135,14 @@ def test_use_upcast_linears_shares_one_scratch_and_keeps_the_weights():
     assert [model[0].weight.data_ptr(), model[2].weight.data_ptr()] == ptrs
     torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
     assert upcast.use_upcast_linears(nn.Sequential(nn.Linear(4, 4))) == 0  # float32: not this path
+
+
+def test_a_missing_source_turns_into_the_aten_fallback(monkeypatch, tmp_path):
+    from memfit.llm.kernels import avx2_build
+
+    monkeypatch.setattr(avx2_build, "SOURCE", tmp_path / "absent.cpp")
+    assert avx2_build.load_avx2() is None and "missing" in avx2_build.reason
+    lin = make_linear(12, 16, True, torch.bfloat16)
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(16))
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    torch.testing.assert_close(mod(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
