@@ -36,9 +36,19 @@ class QuantConfig:
     act_bits: dict[str, int]  # bits of each layer's input
     channelwise: bool = True  # clipped channel-wise post-LayerNorm activations (RepQ reparameterisation)
     ln_percentile: float = 99.9  # per-channel clipping of post-LayerNorm ranges
-    # post-softmax quantizer: "log_sqrt2" (RepQ-ViT) | "log2" | None (softmax output left in float). On the
-    # 25-epoch Fashion-MNIST ViT at A4, log2 alone cost 0.60 points of top-1 and log-sqrt(2) 0.27 (docs/quant.md)
-    softmax: str | None = "log_sqrt2"
+    # post-softmax quantizer: "auto" | "log_sqrt2" (RepQ-ViT) | "log2" | None (softmax output left in float). On the
+    # 25-epoch Fashion-MNIST ViT at A4, log2 alone cost 0.60 points of top-1 and log-sqrt(2) 0.27 (docs/quant.md).
+    # But log-sqrt(2)'s 2^b half-octave levels stop at 2^-(2^b / 2): at 3 bits 2^-3.5 = 0.088, above most of a
+    # 50-token attention row, which it flushes to 0 (3-epoch ViT, W3A3, held-out training images: KL to FP32 0.59
+    # against log2's 0.066). "auto": log-sqrt(2) at 4 bits and more, log2 below.
+    softmax: str | None = "auto"
+
+
+def softmax_kind(kind: str, bits: int) -> str:
+    """The post-softmax quantizer for `kind` at `bits`: "auto" is log-sqrt(2) at >= 4 bits, log2 below."""
+    if kind == "auto":
+        return "log_sqrt2" if bits >= 4 else "log2"
+    return kind
 
 
 def ln_consumers(model: nn.Module) -> dict[str, list[str]]:
@@ -178,5 +188,5 @@ def quantize_model(model: nn.Module, calib: torch.Tensor, cfg: QuantConfig) -> n
         if name in attn_qkv and cfg.softmax is not None:
             attn = modules[parent]
             attn.fused_attn = False  # the explicit path, with the softmax output passing through attn_drop
-            attn.attn_drop = SoftmaxQuant(cfg.act_bits[name], cfg.softmax)
+            attn.attn_drop = SoftmaxQuant(cfg.act_bits[name], softmax_kind(cfg.softmax, cfg.act_bits[name]))
     return q

@@ -145,3 +145,16 @@ def test_ln_consumers_layouts(tiny_models):
     assert deit["norm"] == ["head", "head_dist"] and deit["blocks.0.norm1"] == ["blocks.0.attn.qkv"]
     swin = ln_consumers(tiny_models["swin"][0])
     assert swin["layers.1.downsample.norm"] == ["layers.1.downsample.reduction"] and swin["norm"] == ["head.fc"]
+
+
+def test_auto_softmax_keeps_a_flat_attention_row_at_3_bits():
+    """A 50-token row of equal probabilities (0.02): log-sqrt(2) at 3 bits flushes all of it to 0 (its smallest
+    level is 2^-3.5), log2 keeps it within an octave; "auto" picks log2 at 3 bits and log-sqrt(2) at 4."""
+    from memfit.quant.qmodel import SoftmaxQuant, softmax_kind
+
+    row = torch.full((1, 1, 1, 50), 0.02)
+    assert float(SoftmaxQuant(3, "log_sqrt2")(row).sum()) == 0.0
+    kept = SoftmaxQuant(3, "log2")(row)
+    assert torch.all((kept >= 0.01) & (kept <= 0.04))
+    assert softmax_kind("auto", 3) == "log2" and softmax_kind("auto", 2) == "log2"
+    assert softmax_kind("auto", 4) == "log_sqrt2" and softmax_kind("log2", 8) == "log2"
