@@ -88,9 +88,11 @@ def test_kv_budget_is_a_cap_inside_the_ledger(tiny_path):
     # the ledger's KV entry is what the kernel holds for the cache at every step
     assert all(ledger == committed == resident for ledger, committed, resident in seen), seen[:3]
     fixed = {k: v for k, v in engine.ledger.by_owner().items() if k != "kv_budget"}
-    assert set(fixed) == {"weights", "tokenizer", "runtime", "step", "step_scratch"} and fixed["runtime"] > 0  # measured
+    # "step_scratch": the step arena's share, where it runs (memfit's CPU kernels: AVX-512 hosts)
+    arena = {"step_scratch"} if engine.runner.scratch is not None else set()
+    assert set(fixed) == {"weights", "tokenizer", "runtime", "step"} | arena and fixed["runtime"] > 0  # measured
     # the step arena's capacity is carved out of the step reservation, not added to it
-    assert fixed["step"] + fixed["step_scratch"] == engine.memory_plan.step_bytes
+    assert fixed["step"] + fixed.get("step_scratch", 0) == engine.memory_plan.step_bytes
     engine.close()
 
 

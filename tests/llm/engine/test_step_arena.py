@@ -83,6 +83,7 @@ def test_engine_steps_are_bit_identical_with_and_without_the_arena(engine, monke
 
 
 def test_speculative_passes_share_the_arena_and_keep_their_bits(monkeypatch):
+    need(torch.float32)  # the arena runs only where memfit's CPU kernels do
     eng = LLM(model="memfit-tiny", dtype="float32", speculative_model="memfit-tiny-draft",
               num_speculative_tokens=3, enable_prefix_caching=False).engine
     assert eng.spec.draft.scratch is eng.runner.scratch is not None
@@ -135,6 +136,7 @@ def test_the_allocator_gives_up_what_the_arena_holds(engine, monkeypatch):
 
 
 def test_the_arena_is_carved_out_of_the_step_reservation():
+    need(torch.float32)  # the arena runs only where memfit's CPU kernels do
     base = LLM(model="memfit-tiny", dtype="float32", enable_prefix_caching=False).engine
     parts = base.ledger.by_owner()
     arena = base.runner.scratch
