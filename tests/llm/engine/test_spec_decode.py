@@ -330,7 +330,10 @@ def test_a_sessions_next_turn_reuses_the_drafts_kv() -> None:
     turn2 = turn1 + answer + spec_llm.tokenizer.encode(" and then")
     assert run(spec, turn2) == run(plain, turn2)
     new = len(turn2) - len(turn1)  # the answer and the new message
-    assert sum(fed) <= new, (sum(fed), new)  # the draft's catch-up: not the whole conversation again (> 60 tokens)
+    # The draft's catch-up: not the whole conversation again (> 60 tokens). Where memfit's CPU decode stack is
+    # off (hosts without AVX-512), the draft's one-token proposal steps also go through model.forward, so only
+    # the multi-token passes (prefill and catch-up) are summed; no pass may hold the conversation.
+    assert sum(n for n in fed if n > 1) <= new and max(fed) <= new, (fed, new)
     spec.end_session("s")
     spec.step()
     assert spec.spec.draft_kv.stats().tokens_held == 0  # the session ended: the draft's KV went with the target's

@@ -76,6 +76,7 @@ def _peak_allocated_bytes(fn) -> int:
 def test_the_mlp_term_is_what_the_allocator_holds(rows):
     """accounting.mlp_bytes against the allocator: the peak an MLP call holds is its (rows, hidden) output plus
     the term, blocked (from 2 x LARGE_M rows: one block's intermediates and its down-projection output) or not."""
+    need(torch.float32)  # the blocked linears under test run only where memfit's AVX-512 kernels do
     model = tiny(tie=False, dtype=torch.float32)
     with torch.inference_mode():
         prepare_model(model, BackendOptions(max_num_seqs=8, cpu_linear="blocked"), torch.device("cpu"))
