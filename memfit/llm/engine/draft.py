@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memfit.llm.engine import accounting
+from memfit.llm.engine import accounting, arena_accounting
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
@@ -144,7 +144,7 @@ class Draft:
                                            accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                            accounting.mlp_row_block(device.type,
                                                                     choose_cpu_linear(options, device, dtype), dtype),
-                                           arena=engine.tp is None)  # the step arena the two models share
+                                           arena=engine.tp is None and arena_accounting.LEDGER_USES_ARENA)  # the step arena the two models share
         need = weights + buffers + step
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from memfit.llm.engine import arena_accounting
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
                                           weights_bytes, workspace_bytes)
@@ -116,7 +117,7 @@ def predict(
         raise ValueError("context length, batch and chunk must be at least 1")
     runtime = runtime or {}
     mlp_block = mlp_row_block(device_type, cpu_linear, dtype)  # the MLP's row block (the target's; a draft's too)
-    arena = in_place and device_type == "cpu" if arena is None else arena
+    arena = in_place and device_type == "cpu" and arena_accounting.LEDGER_USES_ARENA if arena is None else arena
     rows = chunk if arena else 0  # the arena holds steps of up to `chunk` tokens (engine/step_arena.py)
     spec = {}
     if draft is not None:

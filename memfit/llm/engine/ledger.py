@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.llm.engine import accounting
+from memfit.llm.engine import accounting, arena_accounting
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.swap_tiers import SSD_STAGING_OWNER, ssd_staging_bytes, swap_bytes
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
@@ -52,7 +52,7 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
                                          config.max_num_seqs,
                                          accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                          0 if sharded else accounting.mlp_row_block(device.type, cpu_linear, dtype),
-                                         arena=not sharded),  # the step arena: not under tensor parallelism
+                                         arena=not sharded and arena_accounting.LEDGER_USES_ARENA),  # the step arena: not under tensor parallelism
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
     )
