@@ -1,23 +1,20 @@
 """Compile and load memfit's AVX2 bf16 kernels (avx2/bf16_linear.cpp): a library of its own beside the AVX-512
 family of build.py, for x86 cores with AVX2 + FMA but no AVX-512 (Zen 2/3, Haswell to Alder Lake).
 
-It is built the way build.py builds the AVX-512 one (same compiler, same cache directory, a key hashed from the
-source, the flags and the compiler; temporary name then rename), but with its own flags, so that library's
+It is built by build.py's builder (same compiler, same cache directory, a key hashed from the source, the flags and
+the compiler; temporary name then rename), but with its own flags, so that library's
 sources, flags and cache entries are untouched. Any reason it can't be used is logged and turns into None.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from memfit.llm.kernels.build import cache_dir, compiler, cpu_flags
+from memfit.llm.kernels.build import _build, _key_or_none, compiler, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +37,6 @@ class Avx2Lib:
     peak: ctypes._CFuncPtr
 
 
-def _key(cxx: str) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update("\0".join((os.path.realpath(cxx), *FLAGS)).encode())
-    return h.hexdigest()[:16]
-
-
 def load_avx2() -> Avx2Lib | None:
     """Build (once per cache) and load the library; None (reason logged, in `reason`) where it can't run."""
     global reason
@@ -59,37 +50,19 @@ def load_avx2() -> Avx2Lib | None:
             reason = why
             log.info("memfit AVX2 bf16 kernels unavailable: %s", why)
             return None
-        key = _key(cxx)
+        key = _key_or_none((SOURCE,), FLAGS)  # build.py's key: sources, flags and compiler hashed
+        if key is None:
+            return None
         if key in _loaded:
             return _loaded[key]
         lib = None
         try:
-            lib = _open(_build(cxx, key))
+            lib = _open(_build(key, (SOURCE,), FLAGS, "avx2_bf16"))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             reason = str(exc)
             log.info("memfit AVX2 bf16 kernels unavailable: %s", exc)
         _loaded[key] = lib
         return lib
-
-
-def _build(cxx: str, key: str) -> Path:
-    out_dir = cache_dir()
-    target = out_dir / f"avx2_bf16-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0 or os.path.getsize(tmp) == 0:
-            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed (exit {proc.returncode}): "
-                               f"{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def _open(path: Path) -> Avx2Lib:
