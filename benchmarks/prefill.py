@@ -184,13 +184,13 @@ def timed_parts(acc: dict):
             setattr(cls, name, fn)
 
 
-def decode_steps(path: Path, batch: int, previous: bool, steps: int = 24) -> float:
-    """Median CPU ms of memfit's decode steps at `batch` (prompts of 32 tokens)."""
+def decode_steps(path: Path, batch: int, previous: bool, steps: int = 24, prepack: bool = True) -> float:
+    """Median CPU ms of memfit's decode steps at `batch` (prompts of 32 tokens); `prepack=False`: plain F.linear."""
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
     eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=batch,
-                                 max_model_len=512))
+                                 max_model_len=512, prepack=prepack))
     g = torch.Generator().manual_seed(batch)
     ctx = previous_kernels() if previous else contextlib.nullcontext()
     times = []

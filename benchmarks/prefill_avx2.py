@@ -40,7 +40,7 @@ import torch
 
 from benchmarks.common import emit, header, pin_threads
 from benchmarks.decode_setup import SHAPES, make_model_dir
-from benchmarks.prefill import Clock, matmul_macs, summarise
+from benchmarks.prefill import Clock, decode_steps, matmul_macs, summarise
 
 
 def fma_peak(reps: int = 5, iters: int = 4_000_000) -> float:
@@ -92,28 +92,6 @@ def transformers_system(path: Path, dtype: torch.dtype):
     return run, lambda: None, None
 
 
-def decode_steps(path: Path, batch: int, prepack: bool, steps: int = 24) -> float:
-    """Median CPU ms of memfit's bf16 decode steps at `batch` (prompts of 32 tokens, 4 warm-up steps)."""
-    from memfit.llm.engine import EngineConfig, LLMEngine
-    from memfit.llm.engine.params import SamplingParams
-
-    eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=batch,
-                                 max_model_len=512, prepack=prepack))
-    g = torch.Generator().manual_seed(batch)
-    for _ in range(batch):
-        eng.add_request(prompt_token_ids=torch.randint(0, 32000, (32,), generator=g).tolist(),
-                        params=SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
-    for _ in range(4):
-        eng.step()
-    times = []
-    while eng.has_unfinished_requests():
-        t = time.process_time()
-        eng.step()
-        times.append((time.process_time() - t) * 1e3)
-    eng.close()
-    return statistics.median(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -163,8 +141,8 @@ def main() -> int:
         for b in () if args.no_decode else (1, 8):
             t: dict[str, list[float]] = {"memfit_ms": [], "memfit_previous_ms": []}
             for _ in range(3):
-                t["memfit_ms"].append(decode_steps(paths["bfloat16"], b, True))
-                t["memfit_previous_ms"].append(decode_steps(paths["bfloat16"], b, False))
+                t["memfit_ms"].append(decode_steps(paths["bfloat16"], b, False, prepack=True))
+                t["memfit_previous_ms"].append(decode_steps(paths["bfloat16"], b, False, prepack=False))
             row = {"batch": b, **{k: round(statistics.median(v), 2) for k, v in t.items()},
                    "runs": {k: [round(x, 2) for x in v] for k, v in t.items()}}
             row["previous_over_now"] = round(row["memfit_previous_ms"] / row["memfit_ms"], 3)
