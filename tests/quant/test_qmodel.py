@@ -81,15 +81,7 @@ def test_channelwise_beats_per_tensor_on_outlier_channels(tiny_models, fmnist_sm
     """Scale a few LayerNorm channels up by 30 and the next layer's columns down by 30: the FP function is the
     same, but the post-LN activation has outlier channels. Channel-wise quantization is barely hurt; per tensor
     is."""
-    model = copy.deepcopy(tiny_models["vit"][0])
-    with torch.no_grad():
-        for norm, consumers in ln_consumers(model).items():
-            if norm == "norm":
-                continue
-            model.get_submodule(norm).weight[:3] *= 30
-            model.get_submodule(norm).bias[:3] *= 30
-            for c in consumers:
-                model.get_submodule(c).weight[:, :3] /= 30
+    model = _with_outlier_channels(tiny_models["vit"][0])
     x = fmnist_small.x_test[:200]
     with torch.no_grad():
         ref = model(x)
