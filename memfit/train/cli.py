@@ -89,7 +89,7 @@ def _register_finetune(sub) -> None:
                         "host memory (offloaded runs always recompute)")
     p.add_argument("--prefetch", type=int, default=2, help="layers fetched ahead of the compute")
     p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
-                   help="tokens per chunk of the output layer's logits and loss (default: about 256 MiB of "
+                   help="tokens per chunk of the output layer's logits and loss (default: about 16 MiB of "
                         "temporaries per chunk); the whole (tokens x vocabulary) matrix is never held")
     p.add_argument("--save", default=None, metavar="DIR", help="write checkpoints under DIR (and one at the end)")
     p.add_argument("--save-every", type=int, default=0, metavar="K", help="a checkpoint every K steps")

@@ -64,7 +64,7 @@ class FinetuneConfig:
     dtype: str = "bfloat16"  # compute dtype: bfloat16 | float16 | float32
     grad_checkpointing: str | None = None  # None | "device" | "host"
     prefetch_depth: int = 2
-    loss_chunk_tokens: int | None = None  # tokens per chunk of the head's logits (None: ~256 MiB of temporaries)
+    loss_chunk_tokens: int | None = None  # tokens per chunk of the head's logits (None: ~16 MiB of temporaries)
     save: str | None = None
     save_every: int = 0
     resume: str | None = None
