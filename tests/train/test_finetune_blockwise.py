@@ -86,7 +86,8 @@ def test_layout_takes_one_piece_for_blockwise_groups():
     piece = MemAscend().optimizer_piece(groups)
     assert blockwise_groups(groups, False, 256, 2) == {0, len(groups) - 1}
     assert blockwise_groups(groups, False, 2048, 2) == {0}  # 2048 x 32000 x 2 bytes > 32000 x 768 x 4
-    assert blockwise_groups(groups, True, 256, 2) == frozenset()
+    assert blockwise_groups(groups, True, 256, 2) == {0}  # tied: the embedding, its head rows kept to unit 0
+    assert blockwise_groups(groups, True, 2048, 2) == frozenset()
     lay = streamed_layout(groups, units, blockwise_groups(groups, False, 256, 2), piece)
     layer = max(g.numel for g in groups[1:-1])
     assert lay.total == -(-layer // 4096) * 4096 < groups[0].numel  # 27 MiB instead of 94 at 0.1B
@@ -99,12 +100,14 @@ def _tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("offload,seq_len", [("ssd", 48), ("ssd", 96), ("host", 48)])
-def test_blockwise_training_equals_the_buffer_bit_for_bit(tmp_path, monkeypatch, offload, seq_len):
+@pytest.mark.parametrize("offload,seq_len,tied", [("ssd", 48, False), ("ssd", 96, False), ("host", 48, False),
+                                                   ("ssd", 48, True), ("host", 48, True), ("ssd", 96, True)])
+def test_blockwise_training_equals_the_buffer_bit_for_bit(tmp_path, monkeypatch, offload, seq_len, tied):
     """Losses, SSD bytes, and the saved weights and Adam moments after 3 steps: identical with and without
     blockwise gradients (seq 48: embedding and head; 96: the embedding only, 2 x 96 tokens of logits' gradients
-    being larger than the head's); token chunks of 7, so the head keeps several."""
-    model = make_tiny(tmp_path / "m")
+    being larger than the head's); token chunks of 7, so the head keeps several. Tied: the embedding's blocks
+    are the head's rows plus the batch's token rows (seq 48), or dense (96)."""
+    model = make_tiny(tmp_path / "m", tied=tied)
     res = {}
     for on in (True, False):
         monkeypatch.setattr(MemAscend, "blockwise_gradients", on)
@@ -119,6 +122,10 @@ def test_blockwise_training_equals_the_buffer_bit_for_bit(tmp_path, monkeypatch,
     pool = "gradients (streamed)"
     smaller = res[True].host_memory["pools"][pool] < res[False].host_memory["pools"][pool]
     assert smaller == (seq_len == 48)  # at 96 the dense head (as large as the embedding) still sizes it
+    if tied and seq_len == 48:  # the buffer no longer holds the tied embedding's (V, C) float32 gradient
+        groups = make_groups(skeleton(ModelConfig.from_dir(model)))
+        saved = res[False].host_memory["pools"][pool] - res[True].host_memory["pools"][pool]
+        assert saved >= 4 * (groups[0].numel - MemAscend().optimizer_piece(groups)), saved
 
 
 _WORKER = """

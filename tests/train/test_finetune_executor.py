@@ -38,11 +38,11 @@ def test_embedding_backward_adds_autograds_gradient_without_the_dense_matrix(tmp
     real_backward, real_fetch = ex.StepExecutor._embedding_backward, GroupStore.fetch
     fetched: list[int] = []
 
-    def spy(self, batch, grad):
+    def spy(self, batch, grad, tied_rows=None):
         shape = dict(self.groups[0].params)["model.embed_tokens.weight"]
         before = self.store.grad(0).clone()
         with AllocatorMeter() as meter:
-            real_backward(self, batch, grad)
+            real_backward(self, batch, grad, tied_rows)
         w = torch.zeros(shape, dtype=grad.dtype, requires_grad=True)
         F.embedding(batch.ids.reshape(-1), w).backward(grad)
         want = before.view(shape).clone()

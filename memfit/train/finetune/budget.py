@@ -13,7 +13,7 @@ import torch
 from memfit.llm.models import ModelConfig
 from memfit.memory.budget import format_bytes
 from memfit.train.finetune.designs import HostMemoryDesign
-from memfit.train.finetune.gradients import StreamedLayout
+from memfit.train.finetune.gradients import StreamedLayout, head_matrix_group
 from memfit.train.finetune.units import HEAD_GRAD_ROWS, LOGIT_BYTES_PER_ENTRY, Group
 
 
@@ -70,7 +70,7 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     # One chunk of the head's logits at a time (units.py): logits, float32 copy, log-softmax, gradients.
     chunk = tokens if loss_chunk is None else min(tokens, loss_chunk)
     pools["logits and loss (estimate)"] = chunk * v * LOGIT_BYTES_PER_ENTRY
-    if streamed is not None and len(groups) - 1 in streamed.blockwise:
+    if streamed is not None and head_matrix_group(groups, model_cfg.tie_word_embeddings) in streamed.blockwise:
         # the head's kept factors (units.HeadRows): the logits' gradients, and one float32 block of rows made
         # from them with its compute-dtype product
         pools["head logit gradients (kept)"] = tokens * v * itemsize + HEAD_GRAD_ROWS * c * (4 + itemsize)

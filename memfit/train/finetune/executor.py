@@ -11,9 +11,10 @@ Order of a step (K = layers + 2 units: embed, layers, head):
            groups' gradients are complete (store.grad_done: with streamed gradients, AdamW updates them there).
   embed    unit 0: its output's gradient added into the rows of the batch's tokens (no weights fetched, no
            autograd: the dense (V, C) gradient autograd would make is never held).
-A blockwise group (gradients.blockwise_groups: an untied embedding and head) adds into no buffer: its
-gradient goes to store.grad_done as a PieceGrad, made a block of vocabulary rows at a time as AdamW reads it
-(the head's from the logits' gradients it kept, units.HeadRows; the embedding's from the batch's rows).
+A blockwise group (gradients.blockwise_groups: an untied embedding and head, or a tied embedding) adds into no
+buffer: its gradient goes to store.grad_done as a PieceGrad, made a block of vocabulary rows at a time as AdamW
+reads it (the head's from the logits' gradients it kept, units.HeadRows; the embedding's from the batch's rows;
+a tied embedding's from both, the head's factors kept through the backward until unit 0).
 
 Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
 from the forward instead; the arithmetic is the same, so the losses are identical either way.
@@ -167,11 +168,19 @@ class StepExecutor:
         inputs = _leaf_inputs(state)
         weights, leaves = self._weights(head, fetched, grad=True)
         hgi = self.unit_groups[head][0]
-        if hgi in self.blockwise:  # its gradient made a block of rows at a time by the update
+        wgi = self.unit_groups[head][-1]  # the output matrix's group: the head's own, or a tied embedding
+        tied_rows = None  # tied and blockwise: the head's factors, kept for the embedding's backward (unit 0)
+        if wgi in self.blockwise:  # its gradient made a block of rows at a time by the update
             rows = HeadRows(*weights[self.runner.head_weight].shape)
             loss = self.runner.head_step(weights, inputs, batch, loss_scale, rows)
-            fetcher.done(fetched)
-            self._completed(head, {hgi: self._piece_grad(hgi, leaves, rows.rows)})
+            if wgi == hgi:
+                fetcher.done(fetched)
+                self._completed(head, {hgi: self._piece_grad(hgi, leaves, rows.rows)})
+            else:  # the norm's gradient is dense; the matrix's is complete only after unit 0
+                self._accumulate(leaves)
+                fetcher.done(fetched)
+                self._completed(head)
+                tied_rows = rows
             del rows
         else:
             head_grad, flush = self._head_grad(head, leaves)
@@ -183,7 +192,7 @@ class StepExecutor:
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward
             if k == 0:  # the embedding: its gradient is its output's, added into the rows of the batch's tokens
-                self._completed(0, self._embedding_backward(batch, grads[0]))
+                self._completed(0, self._embedding_backward(batch, grads[0], tied_rows))
                 break
             if recompute:
                 fetched = fetcher.next()
@@ -219,18 +228,21 @@ class StepExecutor:
                 leaf.grad = None
         return PieceGrad(parts)
 
-    def _embedding_backward(self, batch: Batch, grad: torch.Tensor) -> dict[int, PieceGrad] | None:
+    def _embedding_backward(self, batch: Batch, grad: torch.Tensor,
+                            tied_rows: HeadRows | None = None) -> dict[int, PieceGrad] | None:
         """Unit 0's backward without autograd: the embedding's gradient rows for the batch's tokens only
         (units.embedding_grad_rows: autograd's adds, not its dense (V, C) tensor), added into the group's fp32
-        gradient, or, blockwise, returned as the group's PieceGrad; the weights are not needed, so the
-        backward does not fetch them."""
+        gradient, or, blockwise, returned as the group's PieceGrad (a tied one's blocks start from the head's
+        rows, `tied_rows`, as the buffer held the head's sums before these rows were added); the weights are
+        not needed, so the backward does not fetch them."""
         gi = self.unit_groups[0][0]
         name = "model.embed_tokens.weight"
         start, n = _name_offsets(self.groups[gi])[name]
         shape = dict(self.groups[gi].params)[name]  # (V, C)
         tokens, rows = embedding_grad_rows(batch.ids.reshape(-1), grad)  # (U,), (U, C)
         if gi in self.blockwise:  # made a block of rows at a time by the update, from the rows
-            blocks = RowBlocks(*shape, HEAD_GRAD_ROWS, embedding_rows(tokens, rows, shape[1]))
+            base = tied_rows.rows if tied_rows is not None else None
+            blocks = RowBlocks(*shape, HEAD_GRAD_ROWS, embedding_rows(tokens, rows, shape[1], base))
             return {gi: PieceGrad([(start, n, blocks)])}
         dst = self.store.grad(gi)[start : start + n].view(shape)
         # distinct rows: each element gets one float32 add, as the dense gradient's add did (its other rows were 0)

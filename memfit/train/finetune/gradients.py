@@ -19,11 +19,12 @@ all of them; a tied model's embedding is live from the head to the end of the ba
 the embedding plus the largest layer.
 
 **Blockwise** groups (`blockwise_groups`: an untied model's embedding, and its head while the logits'
-gradients are smaller than the head's) never hold their whole gradient: the backward hands the store a
-`PieceGrad` instead, which makes the gradient a block of vocabulary rows at a time as the update reads
-it piece by piece, into a piece-sized slice of the buffer. The embedding's rows come from the batch's
-tokens (units.embedding_grad_rows), the head's from its kept factors (units.HeadRows). At 0.1B both are
-(32000, 768): 94 MiB each, the buffer's size, which then falls to the largest layer's (27 MiB).
+gradients are smaller than the head's; a tied embedding on that same condition) never hold their whole
+gradient: the backward hands the store a `PieceGrad` instead, which makes the gradient a block of vocabulary
+rows at a time as the update reads it piece by piece, into a piece-sized slice of the buffer. The embedding's
+rows come from the batch's tokens (units.embedding_grad_rows), the head's from its kept factors
+(units.HeadRows), a tied embedding's from both. At 0.1B both are (32000, 768): 94 MiB each, the buffer's size,
+which then falls to the largest layer's (27 MiB); at 0.5B (tied) the buffer held the embedding's 545 MB.
 """
 from __future__ import annotations
 
@@ -80,11 +81,19 @@ def blockwise_groups(groups: list[Group], tied: bool, tokens: int, itemsize: int
     """Groups whose gradient the update can take a block of rows at a time: an untied model's embedding (its
     gradient is the batch's token rows), and its head (last group) when the logits' gradients it keeps for
     that, tokens * V * itemsize bytes, are no more than its float32 gradient, V * C * 4 (above that the
-    dense accumulator is the smaller). A tied embedding also takes the head's dense gradient: not blockwise."""
-    if tied:
-        return frozenset()
+    dense accumulator is the smaller). A tied embedding takes the head's gradient too: blockwise on the same
+    condition, the head's factors then kept from the head to the embedding's backward (the whole backward),
+    as the dense gradient would be."""
     width = groups[0].params[0][1][1]  # embed_tokens (V, C)
-    return frozenset({0} | ({len(groups) - 1} if tokens * itemsize <= 4 * width else set()))
+    head_fits = tokens * itemsize <= 4 * width
+    if tied:
+        return frozenset({0} if head_fits else set())
+    return frozenset({0} | ({len(groups) - 1} if head_fits else set()))
+
+
+def head_matrix_group(groups: list[Group], tied: bool) -> int:
+    """The group holding the output matrix: a tied model's embedding (0), else the head (last)."""
+    return 0 if tied else len(groups) - 1
 
 
 def streamed_layout(groups: list[Group], units: list[list[int]], blockwise: frozenset[int] = frozenset(),
@@ -162,13 +171,15 @@ class PieceGrad:
                 part.add_into(lo - off, hi - off, out[lo - start : hi - start])
 
 
-def embedding_rows(tokens: torch.Tensor, rows: torch.Tensor, width: int) -> Callable[[int, int], torch.Tensor]:
+def embedding_rows(tokens: torch.Tensor, rows: torch.Tensor, width: int,
+                   base: Callable[[int, int], torch.Tensor] | None = None) -> Callable[[int, int], torch.Tensor]:
     """make(r0, r1) for RowBlocks: the embedding's float32 gradient on rows [r0, r1) from the batch's distinct
-    tokens (U,) and their rows (U, C) (units.embedding_grad_rows): zero but for those rows, added as the
-    dense gradient's index_add_ adds them (each element 0 + its value)."""
+    tokens (U,) and their rows (U, C) (units.embedding_grad_rows), added as the dense gradient's index_add_ adds
+    them: onto zero (each element 0 + its value), or, tied, onto base(r0, r1), the head's float32 rows
+    (units.HeadRows.rows), which the dense buffer held when the embedding's rows were added."""
 
     def make(r0: int, r1: int) -> torch.Tensor:
-        acc = torch.zeros((r1 - r0, width), dtype=torch.float32)
+        acc = base(r0, r1).cpu() if base is not None else torch.zeros((r1 - r0, width), dtype=torch.float32)
         sel = (tokens >= r0) & (tokens < r1)
         acc.index_add_(0, (tokens[sel] - r0).cpu(), rows[sel].to("cpu", torch.float32))
         return acc
