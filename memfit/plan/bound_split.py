@@ -63,8 +63,6 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
     out (count as 0, always valid) the pieces whose sub-network fits spill-free in its framework or memory-aware
     order, whose bound is then almost always 0: their time goes to the others (NASNet at 2-4 MiB: ~100 such
     pieces, ~27 s)."""
-    from memfit.plan.whole import WholeConfig, solve_whole
-
     t0 = current().now()
     ps = pieces(g, piece_ops)
     subs = [subgraph(g, ops) for ops, _ in ps]
@@ -73,11 +71,22 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
         keep = [i for i, sub in enumerate(subs) if not _fits(sub, capacity)]
         skipped = len(ps) - len(keep)
         ps, subs = [ps[i] for i in keep], [subs[i] for i in keep]
-    best: list[dict | None] = [None] * len(ps)
-    # two passes: every piece gets its share of half the time, then the pieces not proven share what is left,
-    # those the first pass had no time left for included (a piece's bound is CP-SAT's proven one, so the larger
-    # of its two runs is still valid)
-    for share, todo in ((0.5, range(len(ps))), (1.0, None)):
+    results, status = solve_pieces([(sub, ops, group, None) for sub, (ops, group) in zip(subs, ps)], capacity,
+                                   time_limit_s, num_workers, enough_bytes, t0)
+    return SplitBound(_total(results), status, [b for b in results if b is not None], current().now() - t0, skipped)
+
+
+def solve_pieces(items: list[tuple[Graph, list[str], object, dict | None]], capacity: int, time_limit_s: float,
+                 num_workers: int, enough_bytes: int | None, t0: float) -> tuple[list[dict | None], str]:
+    """CP-SAT's proven all-orders bound on each (sub-network, its ops, costed, through) of `items`
+    (memfit.plan.whole.solve_whole's arguments), in two passes: every piece gets its share of half the time, then
+    the pieces not proven share what is left, those the first pass had no time left for included (a piece's bound
+    is CP-SAT's proven one, so the larger of its two runs is still valid). Per piece a dict or None (no time),
+    and the status: optimal | partial | none | enough (stopped once the sum reached enough_bytes)."""
+    from memfit.plan.whole import WholeConfig, solve_whole
+
+    best: list[dict | None] = [None] * len(items)
+    for share, todo in ((0.5, range(len(items))), (1.0, None)):
         todo = list(todo) if todo is not None else \
             [i for i, b in enumerate(best) if b is None or b["status"] != "optimal"]
         stop = t0 + share * time_limit_s
@@ -85,22 +94,21 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
             left = stop - current().now()
             if left <= 0.05:
                 break
-            ops, group = ps[i]
-            res = solve_whole(subs[i], capacity, ops, WholeConfig(left / (len(todo) - j), num_workers,
-                                                                  order_window=None), costed=group)
+            sub, ops, costed, through = items[i]
+            kw = {"through": through} if through else {}
+            res = solve_whole(sub, capacity, ops, WholeConfig(left / (len(todo) - j), num_workers,
+                                                              order_window=None), costed=costed, **kw)
             if res.status == "infeasible":  # a restriction of any valid plan fits: this is a modelling bug
                 raise RuntimeError(f"split bound: piece {i} ({len(ops)} ops) has no plan in {capacity} bytes")
             prev = best[i] or {"bound_bytes": 0, "time_s": 0.0}
-            best[i] = {"ops": len(ops), "tensors": len(group), "bound_bytes": max(res.bound_bytes, prev["bound_bytes"]),
+            best[i] = {"ops": len(ops), "tensors": len(costed), "bound_bytes": max(res.bound_bytes, prev["bound_bytes"]),
                        "plan_bytes": res.objective_bytes, "status": res.status,
                        "time_s": round(res.time_s + prev["time_s"], 2)}
             if enough_bytes is not None and _total(best) >= enough_bytes:  # any partial sum is already a bound
-                return SplitBound(_total(best), "enough", [b for b in best if b is not None],
-                                  current().now() - t0, skipped)
+                return best, "enough"
     results = [b for b in best if b is not None]
-    proven = len(results) == len(ps) and all(b["status"] == "optimal" for b in results)
-    status = "optimal" if proven else ("partial" if results else "none")
-    return SplitBound(_total(best), status, results, current().now() - t0, skipped)
+    proven = len(results) == len(items) and all(b["status"] == "optimal" for b in results)
+    return best, "optimal" if proven else ("partial" if results else "none")
 
 
 def _fits(sub: Graph, capacity: int) -> bool:

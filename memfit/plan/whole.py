@@ -74,22 +74,26 @@ def scope_name(window: int | None, n_ops: int, free_range: tuple[int, int] | Non
 def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
                 hint: list[Placement] | None = None, floor_bytes: int = 0,
                 below_bytes: int | None = None, frozen: set[str] | None = None,
-                costed: set[str] | None = None) -> WholeResult:
+                costed: set[str] | dict[str, int] | None = None,
+                through: dict[str, tuple[list[str], int, int]] | None = None) -> WholeResult:
     """Plan all of `g` in `capacity` bytes. `order`: a valid order (the hint's, or the fixed one); `hint`: a
     valid plan's placements under `order` (CP-SAT starts from it). floor_bytes: a proven lower bound on the
     non-compulsory bytes, added as a cut so the solve can stop once a plan meets it. below_bytes: only plans
     moving less are wanted (a search move): status "infeasible" then proves there is none in this scope.
     frozen: tensors whose spill decisions and addresses stay as in the hint (a search move's neighbourhood).
     costed: only these tensors' traffic is counted (None: all); the others still take space at their uses and
-    move for free. Symmetry breaking is then off: tensors or ops that look interchangeable may differ in cost,
-    and a bound over a symmetry-reduced space would not be valid (memfit.plan.bound_split relies on this)."""
+    move for free; a dict gives each named tensor its cost per dropped gap instead (memfit.plan.bound_span).
+    Symmetry breaking is then off: tensors or ops that look interchangeable may differ in cost, and a bound over
+    a symmetry-reduced space would not be valid (memfit.plan.bound_split relies on this).
+    through: name -> (ops, bytes, cost) of tensors outside `g` that are live at those ops: one optional
+    rectangle from the first to the last of them at one address, `cost` when absent (memfit.plan.bound_span)."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
     clock = current()
     c0 = clock.now()
     m = cp_model.CpModel()
-    unit = address_unit(g)
+    unit = math.gcd(address_unit(g), *[b for _, b, _ in (through or {}).values()])
     cap_u = capacity // unit
     um = UseModel(g, m, order, cfg.order_window, cfg.free_range)
     xs, ys, demands = [], [], []
@@ -112,14 +116,29 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
                     m.Add(addr[(t.name, u)] == addr[(t.name, p)]).OnlyEnforceIf(lits)
                 if costed is not None and t.name not in costed:
                     pass  # takes its space, moves for free
-                elif t.kind in ("activation", "output"):
-                    objective += 2 * t.bytes * (1 - keep)  # spill store + reload
+                elif t.kind in ("activation", "output"):  # spill store + reload
+                    objective += (costed[t.name] if isinstance(costed, dict) else 2 * t.bytes) * (1 - keep)
                 else:  # input/weight: a reload unless kept or the first (compulsory) load
-                    objective += t.bytes * (1 - keep - first)
+                    objective += (costed[t.name] if isinstance(costed, dict) else t.bytes) * (1 - keep - first)
             for x_iv in um.rectangles(t.name, u, keep, prevs):
                 xs.append(x_iv)
                 ys.append(m.NewFixedSizeIntervalVar(addr[(t.name, u)], su, f"y[{t.name},{u}]"))
                 demands.append(su)
+    for name, (ops, size, cost) in (through or {}).items():  # live across `ops`: kept from the first to the last
+        inn, su, lo, hi = m.NewBoolVar(f"in[{name}]"), size // unit, min(um.dom[o][0] for o in ops), max(
+            um.dom[o][1] for o in ops)
+        if su > cap_u:  # can never be kept
+            m.Add(inn == 0)
+            su = cap_u
+        first_s, last_s = m.NewIntVar(lo, hi, f"first[{name}]"), m.NewIntVar(lo, hi, f"last[{name}]")
+        m.AddMinEquality(first_s, [um.s[o] for o in ops])
+        m.AddMaxEquality(last_s, [um.s[o] for o in ops])
+        span = m.NewIntVar(1, hi - lo + 1, f"span[{name}]")
+        m.Add(span == last_s + 1 - first_s)
+        xs.append(m.NewOptionalIntervalVar(first_s, span, last_s + 1, inn, f"x[{name}]"))
+        ys.append(m.NewOptionalFixedSizeIntervalVar(m.NewIntVar(0, cap_u - su, f"a[{name}]"), su, inn, f"y[{name}]"))
+        demands.append(su)
+        objective += cost * (1 - inn)
     m.AddNoOverlap2D(xs, ys)
     m.AddCumulative(xs, demands, cap_u)  # redundant: the bytes resident at a step fit (a strong LP cut)
     m.Minimize(objective)
