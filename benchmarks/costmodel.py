@@ -92,7 +92,7 @@ def main() -> int:
                     "spearman_met": seq["spearman"] >= 0.95,
                     "beats_lightgbm": seq["mape"] < rep.get("lightgbm", {"all": {"mape": np.inf}})["all"]["mape"],
                     "beats_roofline": seq["mape"] < min(rep.get(k, {"all": {"mape": np.inf}})["all"]["mape"]
-                                                        for k in ("roofline", "roofline_fit")),
+                                                        for k in ("roofline", "roofline_fit", "roofline_lsq")),
                     "loop_within_5pct_met": loop.get("within_5pct_of_best", 0) >= 0.8},
         "predictions": res["shapes_predictions"],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from memfit.plan.cost import tokens as tk
 from memfit.plan.cost.dataset import Examples, from_log, to_log
 from memfit.plan.cost.features import NAMES
 from memfit.plan.cost.metrics import mape
+from memfit.plan.cost.roofline import LogBase, fit_log_base
 from memfit.plan.cost.seq import Bundle, CostNet, Normaliser, SeqConfig, batch
 
 
@@ -28,43 +29,79 @@ class FitConfig:
     d: int = 48
     layers: int = 3
     latency_weight: float = 3.0  # latency is the figure `predict` is judged on; the counts help as side tasks
+    # "smooth_l1" on standardised log latency, or "mape": |predicted / measured - 1|, the figure it is judged on
+    loss: str = "smooth_l1"
+    base: str = "none"          # "roofline": latency is learned as a residual of roofline.LogBase
+    seeds: int = 1              # an ensemble of this many nets (seeds seed, seed+1, ...), log outputs averaged
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("smooth_l1", "mape") or self.base not in ("none", "roofline") or self.seeds < 1:
+            raise ValueError(f"bad FitConfig: loss {self.loss!r}, base {self.base!r}, seeds {self.seeds}")
 
 
 def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True) -> Bundle:
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     vocab_list = tk.build_vocab(t for t, _ in train.toks)
-    vocab = {t: i for i, t in enumerate(vocab_list)}
+    base = None
     Zt = to_log(train.Y)
+    if cfg.base == "roofline":
+        base = asdict(fit_log_base(train.X, train.Y[:, 0]))
+        Zt[:, 0] -= LogBase(**base).log_us(train.X)  # (n,) log(latency / roofline estimate)
     norm = Normaliser.fit(train.X, Zt)
+    nets, vals = [], []
+    for i in range(cfg.seeds):
+        net, best = _fit_one(train, val, cfg, cfg.seed + i, vocab_list, norm, Zt, base, verbose)
+        nets.append(net)
+        vals.append(best)
+    bundle = Bundle(nets, vocab_list, norm, list(NAMES), {}, base)
+    val_mape = _val_mape(bundle, val)
+    bundle.info = {"val_latency_mape": val_mape, "val_latency_mape_each": vals, "train_kernels": len(train),
+                   "val_kernels": len(val), "loss": cfg.loss, "base": cfg.base, "seeds": cfg.seeds}
+    return bundle
+
+
+def _val_mape(bundle: Bundle, val: Examples) -> float:
+    return mape(from_log(bundle.predict_log(val.toks, val.X))[:, 0], val.Y[:, 0]) if len(val) else 0.0
+
+
+def _fit_one(train: Examples, val: Examples, cfg: FitConfig, seed: int, vocab_list: list[str], norm: Normaliser,
+             Zt: np.ndarray, base: dict | None, verbose: bool) -> tuple[CostNet, float]:
+    """One net from `seed`, early-stopped on the validation latency MAPE; returns it and that MAPE."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vocab = {t: i for i, t in enumerate(vocab_list)}
     net = CostNet(SeqConfig(vocab=len(vocab_list), n_global=train.X.shape[1], n_out=Zt.shape[1], d=cfg.d,
                             layers=cfg.layers))
     Xn = torch.tensor(norm.x(train.X), dtype=torch.float32)
     Zn = torch.tensor(norm.z(Zt), dtype=torch.float32)
+    z_std = float(norm.z_std[0])  # standardised latency units -> natural log units
     w = torch.tensor([cfg.latency_weight] + [1.0] * (Zt.shape[1] - 1))
     enc = [batch([t], vocab, net.cfg.max_len) for t in train.toks]  # tokenised once
     lengths = np.array([e[0].shape[1] for e in enc])
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    bundle = Bundle(net, vocab_list, norm, list(NAMES), {})
+    one = Bundle([net], vocab_list, norm, list(NAMES), {}, base)
     best, best_state, since = math.inf, None, 0
     for epoch in range(cfg.epochs):
         net.train()
         total = 0.0
         for idx in _buckets(rng, lengths, cfg.batch_size):
             ids, vals = _stack([enc[i] for i in idx])
-            pred = net(ids, vals, Xn[idx])
-            loss = (torch.nn.functional.smooth_l1_loss(pred, Zn[idx], reduction="none", beta=0.5) * w).mean()
+            pred = net(ids, vals, Xn[idx])                                         # (B, n_out)
+            per = torch.nn.functional.smooth_l1_loss(pred, Zn[idx], reduction="none", beta=0.5)
+            if cfg.loss == "mape":  # latency: |exp(log ratio) - 1|, the ratio capped at e^3 against blow-ups
+                ratio = torch.exp(((pred[:, 0] - Zn[idx, 0]) * z_std).clamp(max=3.0))
+                per = torch.cat([(ratio - 1).abs().unsqueeze(1), per[:, 1:]], dim=1)
+            loss = (per * w).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
-        val_mape = mape(from_log(bundle.predict_log(val.toks, val.X))[:, 0], val.Y[:, 0]) if len(val) else 0.0
+        val_mape = _val_mape(one, val)
         if verbose:
-            print(f"epoch {epoch + 1}: loss {total / len(train):.4f}, val latency MAPE {val_mape:.3f}",
+            print(f"seed {seed} epoch {epoch + 1}: loss {total / len(train):.4f}, val latency MAPE {val_mape:.3f}",
                   file=sys.stderr, flush=True)
         if val_mape < best:
             best, best_state, since = val_mape, copy.deepcopy(net.state_dict()), 0
@@ -75,8 +112,7 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
-    bundle.info = {"val_latency_mape": best, "train_kernels": len(train), "val_kernels": len(val)}
-    return bundle
+    return net, best
 
 
 def _buckets(rng: np.random.Generator, lengths: np.ndarray, size: int) -> list[np.ndarray]:

@@ -62,3 +62,62 @@ def fit_peaks(fns: list[Function], latency_us: np.ndarray, q: float = 0.95) -> P
         m = (dtypes == dt) & (fb[:, 0] > 0)
         flops[dt] = float(np.quantile(fb[m, 0] / t[m], q)) if m.any() else 1e11
     return Peaks(flops=flops, bytes_per_s=float(np.quantile(fb[:, 1] / t, q)), overhead_us=overhead)
+
+
+@dataclass
+class LogBase:
+    """A roofline read off the hand-built features alone (features.NAMES: log2 FLOPs, log2 bytes in and
+    out, the dtype one-hot), so a model can predict its latency as a residual of it without the parsed
+    function: log(overhead + max(FLOPs / rate of the dtype, bytes / bandwidth)), in log-microseconds."""
+
+    flops: dict[str, float]
+    bytes_per_s: float
+    overhead_us: float
+
+    @classmethod
+    def of(cls, p: Peaks) -> "LogBase":
+        return cls(dict(p.flops), p.bytes_per_s, p.overhead_us)
+
+    def log_us(self, X: np.ndarray) -> np.ndarray:
+        from memfit.plan.cost.features import DTYPES, NAMES
+
+        X = np.atleast_2d(np.asarray(X, float))
+        col = {n: X[:, i] for i, n in enumerate(NAMES)}
+        flops, nbytes = np.exp2(col["log_flops"]) - 1, np.exp2(col["log_bytes_io"]) - 1
+        rate = np.full(len(X), self.flops["f32"])
+        for dt in DTYPES:  # X's dtype one-hot; a kernel of none of them is rated as f32
+            rate = np.where(col[f"dtype_{dt}"] > 0.5, self.flops.get(dt, self.flops["f32"]), rate)
+        return np.log(self.overhead_us + np.maximum(flops / rate, nbytes / self.bytes_per_s) * 1e6)
+
+
+def fit_log_base(X: np.ndarray, latency_us: np.ndarray, steps: int = 600) -> LogBase:
+    """The roofline's five constants (overhead, a FLOP rate per dtype, a bandwidth) fitted to training labels
+    by least absolute log error, from the feature vectors (LogBase.log_us). Unlike fit_peaks' quantiles,
+    which read a compute-bound kernel's bytes/s as bandwidth, this is a regression: the base a residual model
+    starts from. Torch does the descent (this runs where the sequence model trains)."""
+    import torch
+
+    from memfit.plan.cost.features import DTYPES, NAMES
+
+    X = np.asarray(X, float)
+    y = np.log(np.maximum(np.asarray(latency_us, float), 1e-3))
+    col = {n: X[:, i] for i, n in enumerate(NAMES)}
+    lf = torch.tensor(col["log_flops"] * np.log(2))                  # (n,) ln FLOPs
+    lb = torch.tensor(col["log_bytes_io"] * np.log(2))               # (n,) ln bytes
+    onehot = torch.tensor(np.stack([col[f"dtype_{d}"] for d in DTYPES], 1))  # (n, 3)
+    onehot[onehot.sum(1) == 0, 0] = 1.0                               # no known dtype: rated as f32
+    t = torch.tensor(y)
+    # start: overhead the 5% latency quantile, rates and bandwidth the median achieved ones (in /us)
+    lo = torch.tensor(float(np.quantile(y, 0.05)), dtype=torch.float64, requires_grad=True)
+    lr = torch.full((len(DTYPES),), float(np.median(col["log_flops"] * np.log(2) - y)), dtype=torch.float64,
+                    requires_grad=True)
+    lbw = torch.tensor(float(np.median(col["log_bytes_io"] * np.log(2) - y)), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([lo, lr, lbw], lr=0.05)
+    for _ in range(steps):
+        pred = torch.logaddexp(lo, torch.maximum(lf - onehot @ lr, lb - lbw))  # ln(overhead + max(...)) us
+        loss = (pred - t).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rates = {d: float(np.exp(v)) * 1e6 for d, v in zip(DTYPES, lr.detach().numpy())}
+    return LogBase(rates, float(np.exp(lbw.item())) * 1e6, float(np.exp(lo.item())))

@@ -94,22 +94,31 @@ def batch(tok_lists: list[tuple[list[str], list[float]]], vocab: dict[str, int],
 
 @dataclass
 class Bundle:
-    """A trained model with what it needs to read new MLIR: vocabulary, normaliser, feature names."""
+    """A trained model with what it needs to read new MLIR: vocabulary, normaliser, feature names. `nets`
+    holds one network or an ensemble (trained from different seeds; their log predictions are averaged);
+    `base` (roofline.LogBase fields), when set, is a roofline estimate the latency output is a residual of."""
 
-    net: CostNet
+    nets: list[CostNet]
     vocab: list[str]
     norm: Normaliser
     feature_names: list[str]
     info: dict
+    base: dict | None = None
+
+    @property
+    def net(self) -> CostNet:
+        return self.nets[0]
 
     def save(self, path: str) -> None:
         from safetensors.torch import save_file
 
         meta = {"config": json.dumps(asdict(self.net.cfg)), "vocab": json.dumps(self.vocab),
                 "norm": json.dumps(asdict(self.norm)), "features": json.dumps(self.feature_names),
-                "info": json.dumps(self.info)}
-        state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in self.net.state_dict().items()}
+                "info": json.dumps(self.info), "n_nets": str(len(self.nets)), "base": json.dumps(self.base)}
+        # one net keeps the unprefixed names of the files shipped before ensembles
+        prefix = (lambda i: "") if len(self.nets) == 1 else (lambda i: f"m{i}.")
+        state = {prefix(i) + k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+                 for i, net in enumerate(self.nets) for k, v in net.state_dict().items()}
         save_file(state, path, metadata=meta)
 
     @classmethod
@@ -119,24 +128,33 @@ class Bundle:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
             state = {k: f.get_tensor(k).float() for k in f.keys()}
-        net = CostNet(SeqConfig(**json.loads(meta["config"])))
-        net.load_state_dict(state)
-        net.eval()
-        return cls(net, json.loads(meta["vocab"]), Normaliser(**json.loads(meta["norm"])),
-                   json.loads(meta["features"]), json.loads(meta["info"]))
+        n = int(meta.get("n_nets", "1"))
+        nets = []
+        for i in range(n):
+            net = CostNet(SeqConfig(**json.loads(meta["config"])))
+            pre = "" if n == 1 else f"m{i}."
+            net.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+            net.eval()
+            nets.append(net)
+        return cls(nets, json.loads(meta["vocab"]), Normaliser(**json.loads(meta["norm"])),
+                   json.loads(meta["features"]), json.loads(meta["info"]), json.loads(meta.get("base", "null")))
 
     @torch.no_grad()
     def predict_log(self, tok_lists: list, X: np.ndarray, chunk: int = 64) -> np.ndarray:
-        """Log-scale predictions (dataset.to_log's scale), one row per kernel."""
-        self.net.eval()
+        """Log-scale predictions (dataset.to_log's scale), one row per kernel: the mean over the ensemble."""
+        from memfit.plan.cost.roofline import LogBase
+
         vocab = {t: i for i, t in enumerate(self.vocab)}
         out = []
         for s in range(0, len(tok_lists), chunk):
             ids, vals = batch(tok_lists[s:s + chunk], vocab, self.net.cfg.max_len)
             g = torch.tensor(self.norm.x(X[s:s + chunk]), dtype=torch.float32)
-            out.append(self.net(ids, vals, g).numpy())
+            out.append(np.mean([net.eval()(ids, vals, g).numpy() for net in self.nets], axis=0))
         if not out:
             return np.zeros((0, self.net.cfg.n_out))
         # a program unlike any seen in training can push the head far out; beyond 4 standard deviations of
         # the training targets (a factor of ~e^8 in latency) the prediction is clamped rather than overflowing
-        return self.norm.z_inv(np.clip(np.concatenate(out), -4.0, 4.0))
+        Z = self.norm.z_inv(np.clip(np.concatenate(out), -4.0, 4.0))
+        if self.base is not None:
+            Z[:, 0] += LogBase(**self.base).log_us(X)
+        return Z

@@ -12,7 +12,7 @@ from memfit.plan.cost import dataset, store
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.evaluate import report
 from memfit.plan.cost.fit import FitConfig, fit_seq
-from memfit.plan.cost.roofline import Peaks, fit_peaks
+from memfit.plan.cost.roofline import Peaks, fit_log_base, fit_peaks
 from memfit.plan.cost.seq import Bundle
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "llvm_cpu_host.safetensors"
@@ -60,6 +60,9 @@ def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, 
             preds["roofline"] = np.array([peaks.predict_us(f) for f in te.roofline_inputs])
         fitted = fit_peaks(tr.roofline_inputs, tr.Y[:, 0])
         preds["roofline_fit"] = np.array([fitted.predict_us(f) for f in te.roofline_inputs])
+        # the roofline's constants fitted to the training labels by least log error: the base the sequence
+        # model's residual starts from, and the strongest analytical baseline
+        preds["roofline_lsq"] = np.exp(fit_log_base(tr.X, tr.Y[:, 0]).log_us(te.X))
     rep = report(preds, te.Y[:, 0], te.families)
     rep["_static"] = counts
     return bundle, rep, {"true": te.Y[:, 0].tolist(), "families": te.families,
