@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="CP-SAT worker threads (default 2)")
     p.add_argument("--plot", help="draw the scratchpad over time to this PNG")
     p.add_argument("--no-split-bound", action="store_true",
-                   help="skip the split lower bound (a share of the time limit where the other bounds leave a gap)")
+                   help="skip the span and split lower bounds (a share of the time limit where the other bounds leave a gap)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (planner, status, bound, gap, each bound's part, traffic) on stdout; "
                         "the rest goes to stderr")
