@@ -23,7 +23,7 @@ def synthetic(n: int, seed: int) -> dataset.Examples:
 def test_learns_and_round_trips(tmp_path):
     ex = synthetic(90, seed=0)
     tr, va = ex.subset(np.arange(0, 70)), ex.subset(np.arange(70, 90))
-    bundle = fit_seq(tr, va, FitConfig(epochs=12, d=32, layers=2, patience=50), verbose=False)
+    bundle = fit_seq(tr, va, FitConfig(epochs=12, d=32, layers=2, patience=50, seeds=1), verbose=False)
     pred = dataset.from_log(bundle.predict_log(va.toks, va.X))
     assert spearman(pred[:, 0], va.Y[:, 0]) > 0.7
     path = tmp_path / "m.safetensors"
