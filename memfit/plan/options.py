@@ -26,6 +26,8 @@ class PlanOptions:
     bound_max_ops: int = 600  # the all-orders bound model takes about a minute to build on 1000+ ops: skipped  # compute the whole-graph lower bound (memfit.plan.bound) and report the gap to it
     split_bound_share: float = 0.25  # whole/heuristic: at most this share of the time for the split bound
     # (memfit.plan.bound_split) when the row bounds leave the best seed above them; 0: off
+    span_bound_share: float = 0.08  # whole/heuristic: at most this share for the span bound (bound_span), run
+    # before the split bound where the row bounds leave the best seed above them (off with split_bound_share 0)
     split_piece_ops: int = 12
     clock: str = "wall"  # wall: every limit is wall time; work: CP-SAT deterministic time + thread CPU time, which
     # a loaded machine does not shrink (memfit.plan.clock), so runs compare under load

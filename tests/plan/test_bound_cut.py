@@ -58,9 +58,9 @@ def test_planner_reports_each_bound_and_takes_the_largest():
     plan = make_plan(g, cap, PlanOptions(planner="heuristic", time_limit_s=4, num_workers=1))
     parts = plan.solver.details["lower_bound"]["parts"]
     rows = {"min-cut", "every-order", "cover", "order-pairs"}
-    # the span bound, then the split bound, run where the row bounds leave a gap (the split bound not once the
-    # span bound has closed it)
-    assert set(parts) in (rows, rows | {"span"}, rows | {"span", "split"})
+    # the span bound (given time for it), then the split bound, run where the row bounds leave a gap (the split
+    # bound not once the span bound has closed it)
+    assert set(parts) in (rows, rows | {"span"}, rows | {"split"}, rows | {"span", "split"})
     assert plan.solver.bound_bytes == max(p["bytes"] for p in parts.values())
     assert plan.solver.bound_bytes <= plan.traffic["non_compulsory_bytes"]
 
