@@ -9,9 +9,13 @@ The engine (llm_engine.py) reserves each part below in its `MemoryBudget` ledger
   K to whole steps, in one arena of whole 2 MiB pages). A tied head that is packed is also the embedding
   (`BlockedEmbedding` looks tokens up in it), so the matrix is held once.
 - tokenizer: the Rust tokenizer's tables, estimated from the size of tokenizer.json (`tokenizer_bytes`).
-- step: the largest step the scheduler can form, activations and logits (`activation_bytes`; where the engine's
+- step: the largest step the scheduler can form, activations and logits (`activation_bytes`; without memfit's
+  kernels, also PyTorch ops' temporaries and oneDNN's row padding: engine/fallback_accounting.py; where the engine's
   step arena holds a step's intermediates, its capacity and what a step allocates beside it:
   arena_accounting.py), plus the RoPE tables and the decode attention's K/V workspace (`workspace_bytes`).
+- shape_cache: where the linears are oneDNN's (`cpu_linear` "onednn"), the kernels oneDNN and PyTorch's ideep
+  compile per input shape and keep for the rest of the process (`fallback_accounting.shape_cache_bytes`: a fixed
+  set of shapes, since models/packing.py pads every call's rows to a bucket).
 - runtime: what running the engine adds that no formula of the model gives: library code paged in by the
   kernels, allocator pools, oneDNN's primitive caches. Measured once per machine and build by
   `calibrate.py` (a tiny model run in a fresh process, minus its own accounted parts) and cached.
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from memfit.llm.engine.fallback_accounting import linear_shapes
 from memfit.llm.models.config import ModelConfig
 
 PAGE = 4096
@@ -42,16 +47,6 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def linear_shapes(cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer, decoder layers first, then the head."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    attn = [(q + 2 * kv, h)] if fused else [(q, h), (kv, h), (kv, h)]
-    mlp = [(2 * i, h)] if fused else [(i, h), (i, h)]
-    per_layer = attn + [(h, q)] + mlp + [(h, i)]
-    return per_layer * cfg.num_hidden_layers + [(cfg.vocab_size, h)]
 
 
 def blocked_packed_bytes(n: int, k: int, dtype: torch.dtype, nb: int = BLOCKED_NB) -> int:
@@ -143,7 +138,7 @@ def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_b
 
 
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
-                     in_place: bool = False, mlp_block: int = 0, arena_rows: int = 0) -> int:
+                     in_place: bool = False, mlp_block: int = 0, arena_rows: int = 0, packed: bool = False) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
     `sampled_rows` rows: the residual stream and norms, q/k/v/o, the MLP's intermediates (of one block of rows,
     at most 2 x mlp_block - 1, where the MLP runs in blocks: `mlp_row_block`), the attention mask (none where
@@ -154,7 +149,11 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     that many tokens. Where memfit's kernels attend in place (`in_place`) and its blocked linears (`mlp_block`
     nonzero: `mlp_row_block` is only there) write into the arena (`out=`), the figure is the arena's capacity and
     what a step allocates beside it (engine/arena_accounting.py), not a tensor per intermediate; elsewhere (other
-    linears, a head size the prefill kernel lacks) the intermediates are tensors of their own, as counted here."""
+    linears, a head size the prefill kernel lacks) the intermediates are tensors of their own, as counted here.
+
+    Without memfit's kernels (`in_place` False) PyTorch's ops add their temporaries, and with oneDNN's linears
+    (`packed`: `cpu_linear` "onednn") their row padding (engine/fallback_accounting.py); there every row-sized term is
+    of the rows the runner computes (`chunk` padded: runner.bucket_tokens)."""
     from memfit.llm.kernels.prefill import HEAD_SIZES
 
     logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
@@ -165,6 +164,13 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
         beside = arena.outside_arena_bytes(cfg, dtype, arena.bucket_tokens(chunk), context_len, sampled_rows,
                                            mlp_block)
         return capacity + beside + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
+    extra = 0
+    if not in_place:
+        from memfit.llm.engine import fallback_accounting as fb
+
+        chunk = arena_bucket(chunk)
+        extra = fb.torch_ops_bytes(cfg, dtype, chunk) + (fb.row_padding_bytes(cfg, dtype, chunk, sampled_rows)
+                                                         if packed else 0)
     itemsize = _itemsize(dtype)
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim
@@ -176,7 +182,14 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     # prefill kernel needs no mask, for the head sizes it takes.
     scores = 0 if in_place and cfg.head_dim in HEAD_SIZES else chunk * context_len * 5
     mlp = mlp_bytes(cfg, dtype, chunk, mlp_block)
-    return residual + attn + scores + mlp + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
+    return residual + attn + scores + mlp + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block) + extra
+
+
+def arena_bucket(n: int) -> int:
+    """The rows the runner computes for a step of `n` tokens (engine/runner.py: bucket_tokens)."""
+    from memfit.llm.engine.arena_accounting import bucket_tokens
+
+    return bucket_tokens(n)
 
 
 def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, in_place: bool = False) -> int:
@@ -192,25 +205,26 @@ def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batc
 
 
 def step_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, batch: int,
-               in_place: bool = False, mlp_block: int = 0, arena: bool = False) -> int:
+               in_place: bool = False, mlp_block: int = 0, arena: bool = False, packed: bool = False) -> int:
     """The step reservation: activations of a `chunk`-token step plus the workspace of a `batch` decode;
     `in_place`: memfit's CPU attention kernels run (`attention_in_place`); `mlp_block`: `mlp_row_block`;
     `arena`: the engine builds its step arena for steps of up to `chunk` tokens (a CPU engine outside tensor
-    parallelism; it applies where `in_place` does, see `activation_bytes`)."""
+    parallelism; it applies where `in_place` does, see `activation_bytes`); `packed`: the linears are oneDNN's."""
     return activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place, mlp_block,
-                            chunk if arena else 0) + workspace_bytes(cfg, dtype, context_len, batch, in_place)
+                            chunk if arena else 0, packed) + workspace_bytes(cfg, dtype, context_len, batch, in_place)
 
 
 def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int,
-                     batch: int, in_place: bool = False, mlp_block: int = 0, arena: bool = False) -> int:
+                     batch: int, in_place: bool = False, mlp_block: int = 0, arena: bool = False,
+                     packed: bool = False) -> int:
     """The draft's step reservation beside the target's: its workspace (RoPE tables, decode copies) is its own,
     but its activations are transient and never live at the same time as the target's (the two models run one
     after the other, and share the step arena where there is one), so only what they exceed the target's by is
     added (nothing for a smaller draft)."""
     n = min(chunk, context_len)
     rows = chunk if arena else 0
-    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place, mlp_block, rows) - \
-        activation_bytes(target, dtype, n, context_len, batch, in_place, mlp_block, rows)
+    extra = activation_bytes(draft, dtype, n, context_len, batch, in_place, mlp_block, rows, packed) - \
+        activation_bytes(target, dtype, n, context_len, batch, in_place, mlp_block, rows, packed)
     return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
 
 
@@ -260,11 +274,13 @@ class MemoryPlan:
     step_bytes: int
     kv_bytes: int
     runtime_baseline_bytes: int = 0
+    shape_cache_bytes: int = 0
 
     @property
     def fixed_bytes(self) -> int:
         """Everything but the KV cache: what the ledger holds before the first request."""
-        return self.weights_bytes + self.tokenizer_bytes + self.runtime_bytes + self.step_bytes
+        return (self.weights_bytes + self.tokenizer_bytes + self.runtime_bytes + self.step_bytes
+                + self.shape_cache_bytes)
 
     @property
     def total_bytes(self) -> int:

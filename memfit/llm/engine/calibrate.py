@@ -170,7 +170,7 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
     import torch
 
     from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
-    from memfit.llm.engine import accounting, arena_accounting
+    from memfit.llm.engine import accounting, arena_accounting, fallback_accounting
 
     baseline = rss_bytes() - before_import
     cuda = device.startswith("cuda")
@@ -219,9 +219,11 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
     cfg = engine.model_config
     fixed = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
              + accounting.tokenizer_bytes(model_dir)
+             + fallback_accounting.shape_cache_bytes(cfg, engine.backends.cpu_linear, 512, engine.device.type)
              + accounting.step_bytes(cfg, engine.dtype, 512, 256, batch, engine.backends.cpu_kernels,
                                      accounting.mlp_row_block(engine.device.type, engine.backends.cpu_linear,
-                                                                  engine.dtype), arena=engine.runner.scratch is not None and arena_accounting.LEDGER_USES_ARENA))
+                                                                  engine.dtype), arena=engine.runner.scratch is not None and arena_accounting.LEDGER_USES_ARENA,
+                                     packed=engine.backends.cpu_linear == "onednn"))
     # the peak between two samples is bounded with the most KV ever committed; the end with the KV at the end
     beside_kv = max(beside_kv, peak - kv_max, grown - engine.kv.committed_bytes)
     counted = fixed + engine.kv.committed_bytes

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memfit.llm.engine import accounting, arena_accounting
+from memfit.llm.engine import accounting, arena_accounting, fallback_accounting
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
@@ -144,18 +144,26 @@ class Draft:
                                            accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                            accounting.mlp_row_block(device.type,
                                                                     choose_cpu_linear(options, device, dtype), dtype),
-                                           arena=engine.tp is None and arena_accounting.LEDGER_USES_ARENA)  # the step arena the two models share
-        need = weights + buffers + step
+                                           # the step arena the two models share; oneDNN's row padding
+                                           arena=engine.tp is None and arena_accounting.LEDGER_USES_ARENA,
+                                           packed=choose_cpu_linear(options, device, dtype) == "onednn")
+        # oneDNN's per-shape kernels for the draft's matrix shapes the target lacks (none for a self-draft)
+        shapes = fallback_accounting.shape_cache_bytes(stored, choose_cpu_linear(options, device, dtype),
+                                              cfg.max_num_batched_tokens, device.type, besides=engine.model_config)
+        need = weights + buffers + step + shapes
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"
             lower = "lower --speculative-tree" if tree else "lower --num-speculative-tokens"
             raise MemoryBudgetExceeded(
                 f"the draft model {name!r} needs {format_bytes(need)} (weights {format_bytes(weights)}, step "
-                f"{format_bytes(step)}, {what} {format_bytes(buffers)}) but the memory budget has "
+                f"{format_bytes(step)}, {what} {format_bytes(buffers)}, oneDNN kernels {format_bytes(shapes)}) "
+                "but the memory budget has "
                 f"{format_bytes(engine.ledger.available_bytes)} left after the target; raise --memory-budget or "
                 f"{lower} / --max-num-seqs")
         engine.ledger.reserve(weights, "draft_weights")
         engine.ledger.reserve(step + buffers, "draft_step")
+        if shapes:
+            engine.ledger.reserve(shapes, "shape_cache")
         if path is None:
             model, mc, backends = self_draft(engine.model, layers), stored, engine.backends  # type: ignore[arg-type]
         else:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from memfit.llm.engine import arena_accounting
+from memfit.llm.engine.fallback_accounting import shape_cache_bytes
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
                                           weights_bytes, workspace_bytes)
@@ -57,6 +58,7 @@ class FitBreakdown:
     speculation_bytes: int = 0
     tensor_parallel_size: int = 1  # >1: every figure is one rank's (see the module docstring)
     replicated_weights_bytes: int = 0  # of weights_bytes: what every rank holds in full (norms, row biases)
+    shape_cache_bytes: int = 0  # oneDNN's per-shape kernels (fallback_accounting.py; a draft's own shapes too)
 
     @property
     def speculative_bytes(self) -> int:
@@ -65,7 +67,7 @@ class FitBreakdown:
     @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
-                + self.tokenizer_bytes + self.runtime_bytes + self.speculative_bytes)
+                + self.tokenizer_bytes + self.runtime_bytes + self.shape_cache_bytes + self.speculative_bytes)
 
     @property
     def all_ranks_bytes(self) -> int:
@@ -119,6 +121,7 @@ def predict(
     mlp_block = mlp_row_block(device_type, cpu_linear, dtype)  # the MLP's row block (the target's; a draft's too)
     arena = in_place and device_type == "cpu" and arena_accounting.LEDGER_USES_ARENA if arena is None else arena
     rows = chunk if arena else 0  # the arena holds steps of up to `chunk` tokens (engine/step_arena.py)
+    packed = device_type == "cpu" and cpu_linear == "onednn"  # oneDNN's linears pad rows (fallback_accounting.py)
     spec = {}
     if draft is not None:
         d = draft.config
@@ -126,7 +129,8 @@ def predict(
             draft_weights_bytes=0 if draft.shares_weights else weights_bytes(d, dtype, cpu_linear, device_type,
                                                                                 draft.mapped),
             draft_kv_bytes=kv_cache_bytes(d, dtype, context_len + draft.draft_lookahead, batch),
-            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block, arena),
+            draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block, arena,
+                                              packed),
             speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len) if draft.tree
                                else speculation_bytes(d.vocab_size, draft.gamma, batch)),
         )
@@ -135,13 +139,15 @@ def predict(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
         activation_bytes=activation_bytes(cfg, dtype, min(chunk, context_len), context_len, batch, in_place,
-                                          mlp_block, rows),
+                                          mlp_block, rows, packed),
         workspace_bytes=workspace_bytes(cfg, dtype, context_len, batch, in_place),
         tokenizer_bytes=tokenizer_bytes(model_dir),
         runtime_bytes=int(runtime.get("runtime_bytes", 0)),
         runtime_baseline_bytes=int(runtime.get("runtime_baseline_bytes", 0)),
         runtime_low_bytes=int(runtime.get("runtime_low_bytes", 0)),
         cpu_linear=cpu_linear,
+        shape_cache_bytes=shape_cache_bytes(cfg, cpu_linear, chunk, device_type) + (
+            shape_cache_bytes(draft.config, cpu_linear, chunk, device_type, besides=cfg) if draft is not None else 0),
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
         **spec,
@@ -254,7 +260,8 @@ def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch:
                 device_type=device_type, mapped=False, model_dir=model_dir, runtime=runtime, in_place=in_place,
                 draft=draft, arena=False)  # no step arena under tensor parallelism
     full_vocab = dataclasses.replace(rank_cfg, vocab_size=cfg.vocab_size)
-    b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place)
+    b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place,
+                                          packed=device_type == "cpu" and linear == "onednn")
     itemsize = torch.empty((), dtype=dtype).element_size()
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     row_biases = (h if cfg.attention_bias else 0) + (h if cfg.mlp_bias else 0)
@@ -276,6 +283,8 @@ def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: 
             if b.kv_budget_bytes else ""),
         f"  activations  {format_bytes(b.activation_bytes):>12}",
         f"  workspace    {format_bytes(b.workspace_bytes):>12}",
+        f"  oneDNN kernels {format_bytes(b.shape_cache_bytes):>10}   (one per matrix and row bucket, kept by the "
+        "process)" if b.shape_cache_bytes else "",
         f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}" + ("   (on every rank)" if n > 1 else ""),
         f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured"
         + (f"; the most of fresh runs that held {format_bytes(b.runtime_low_bytes)} at the least"

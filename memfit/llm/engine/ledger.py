@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.llm.engine import accounting, arena_accounting
+from memfit.llm.engine import accounting, arena_accounting, fallback_accounting
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.swap_tiers import SSD_STAGING_OWNER, ssd_staging_bytes, swap_bytes
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear
@@ -52,9 +52,12 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
                                          config.max_num_seqs,
                                          accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                          0 if sharded else accounting.mlp_row_block(device.type, cpu_linear, dtype),
-                                         arena=not sharded and arena_accounting.LEDGER_USES_ARENA),  # the step arena: not under tensor parallelism
+                                         arena=not sharded and arena_accounting.LEDGER_USES_ARENA,
+                                         packed=cpu_linear == "onednn"),  # the step arena: not under tensor parallelism
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
+        shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
+                                                                device.type),
     )
 
 
@@ -63,6 +66,8 @@ def reserve_fixed(ledger: MemoryBudget, plan: accounting.MemoryPlan) -> None:
     they leave no room for the KV cache."""
     parts = {"weights": plan.weights_bytes, "tokenizer": plan.tokenizer_bytes, "runtime": plan.runtime_bytes,
              "step": plan.step_bytes}
+    if plan.shape_cache_bytes:  # oneDNN's per-shape kernels (the oneDNN linear path only)
+        parts["shape_cache"] = plan.shape_cache_bytes
     one_page = 4096  # at least some KV: a model that fits with no room for a token is of no use
     if plan.fixed_bytes + one_page > ledger.limit_bytes:
         shown = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items())

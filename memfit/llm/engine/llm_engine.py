@@ -53,7 +53,8 @@ class LLMEngine:
         rank.set_threads(config, self.tp)
         kv_class = kv_cache_class(config.kv_cache)  # an unknown kind fails before the model loads
         backend_options = BackendOptions(max_num_seqs=config.max_num_seqs, prepack=config.prepack, fuse=config.fuse,
-                                         cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels)
+                                         cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels,
+                                         max_rows=config.max_num_batched_tokens)
         self.device = config.resolved_device() if self.tp is None else self.tp.device
         path = resolve_model_path(config.model)
         # The ledger first, from the memory available *before* loading: every part is reserved in it before

@@ -40,6 +40,7 @@ class BackendOptions:
     fuse: bool = True  # one matmul for q/k/v and one for gate/up (GPU, or before packing on the CPU)
     cpu_linear: str = "auto"
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
+    max_rows: int = 0  # the most rows a step computes (max_num_batched_tokens; 0: any): oneDNN kernels built at load
 
 
 @dataclass
@@ -112,9 +113,12 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
 
         chosen.num_row_major_linears = use_row_major_linears(model)
     elif chosen.cpu_linear == "onednn":
-        from memfit.llm.models.packing import pack_linears_for_cpu
+        from memfit.llm.models.packing import pack_linears_for_cpu, warm_row_buckets
 
         chosen.num_packed_linears = pack_linears_for_cpu(model)
+        # every row bucket's kernel now, as the ledger counts them (fallback_accounting.shape_cache_bytes): the
+        # process's memory then stops growing with new step sizes, and no step pays for building one
+        warm_row_buckets(model, options.max_rows or 10**9)
     elif chosen.cpu_linear == "upcast":  # no fusion: the weights stay the checkpoint's, uncopied
         from memfit.llm.kernels.upcast import use_upcast_linears
 

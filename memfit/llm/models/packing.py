@@ -33,8 +33,67 @@ def _ops_available() -> bool:
         return False
 
 
+# oneDNN, and PyTorch's ideep above it, compile a kernel per input shape and keep it for the rest of the process (up to
+# 1024 each): about 560 KiB per shape on this build, whatever the matrix (benchmarks/onednn_shape_cache.py). Called at
+# every exact row count (each decode batch, prompt tail and verification size) the heap grew 141 MiB over row counts
+# 1..64 of memfit-tiny. So x's rows are padded to one of ROW_BUCKETS (padding rows changes no real row's bits: a row of
+# oneDNN's fp32 matmul does not depend on the others, checked in tests/llm/models/test_packing.py), and a call with
+# more rows runs in blocks of the last bucket (a tied head left unpacked too: RowBucketedLinear): one matrix then has at
+# most len(ROW_BUCKETS) kernels, built at load (warm_row_buckets) and counted in
+# the engine's ledger (engine/fallback_accounting.shape_cache_bytes). Chosen by measurement (docs/engine.md).
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def row_bucket(m: int, buckets: tuple[int, ...] = ROW_BUCKETS) -> int:
+    """The rows a oneDNN call of `m` rows (at most the last bucket) computes: the smallest bucket >= m."""
+    for b in buckets:
+        if b >= m:
+            return b
+    raise ValueError(f"{m} rows is more than the largest row bucket {buckets[-1]}")
+
+
+def row_shapes(max_rows: int, buckets: tuple[int, ...] = ROW_BUCKETS) -> int:
+    """How many row counts (so kernels in oneDNN's caches) one packed matrix can be called with, for calls of up to
+    `max_rows` rows."""
+    return sum(1 for b in buckets if b <= row_bucket(min(max(1, max_rows), buckets[-1]), buckets))
+
+
+def _bucket_rows(x: torch.Tensor, out_features: int, op) -> torch.Tensor:
+    """op(x) for x (m, in), m <= the last bucket -> (m, out), computed on its bucket's rows (the tail zeros)."""
+    m, b = x.shape[0], row_bucket(x.shape[0], ROW_BUCKETS)  # the module's (a benchmark may set it)
+    if b != m:
+        padded = x.new_zeros(b, x.shape[1])  # (b, in)
+        padded[:m] = x
+        x = padded
+    y = op(x)
+    return y if b == m else y[:m]  # a view of the (b, out) result: the padding rows go with it
+
+
+def in_row_buckets(x: torch.Tensor, out_features: int, op) -> torch.Tensor:
+    """A linear `op` on x (..., in) -> (..., out) in row buckets: padded to one, or in blocks of the last."""
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    m, block = x.shape[0], ROW_BUCKETS[-1]
+    if m <= block:
+        return _bucket_rows(x, out_features, op).reshape(*lead, out_features)
+    y = x.new_empty(m, out_features)  # (m, out); one block's (block, out) result is live beside it
+    for s in range(0, m, block):
+        y[s:s + block] = _bucket_rows(x[s:s + block], out_features, op)
+    return y.reshape(*lead, out_features)
+
+
+class RowBucketedLinear(nn.Linear):
+    """An nn.Linear packing leaves as it is (a tied head whose embedding is not mapped from the checkpoint), computed
+    in row buckets as PackedLinear is: PyTorch's float32 F.linear runs on oneDNN here too, and kept a kernel per
+    row count (about 165 KiB each for memfit-tiny's head: 10 MiB over row counts 2..64). Unlike oneDNN's packed
+    matmul, its kernel for a row count may round differently from another's (3 rows and 3 padded to 4 differ in the
+    last bits): as between exact row counts before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_row_buckets(x, self.out_features, lambda t: F.linear(t, self.weight, self.bias))
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's blocked layout. x: (N, in) -> (N, out)."""
+    """y = x W^T + b with W held in oneDNN's blocked layout. x: (..., in) -> (..., out), computed in row buckets."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -46,10 +105,33 @@ class PackedLinear(nn.Module):
         self.nbytes = w.numel() * w.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_row_buckets(x, self.out_features, self._op)
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed=oneDNN"
+
+
+def warm_row_buckets(model: nn.Module, max_rows: int) -> int:
+    """Build oneDNN's kernel for every row bucket (up to `max_rows` rows) of every packed matrix shape in `model`
+    now, by one call each on zeros, so that the caches hold all they will (`row_shapes`) from the start. Returns the
+    number of calls (matrices that share a shape share their kernels: one call serves them all)."""
+    seen, calls = set(), 0
+    with torch.inference_mode():
+        for m in model.modules():
+            if not isinstance(m, (PackedLinear, RowBucketedLinear)):
+                continue
+            dtype = m.dtype if isinstance(m, PackedLinear) else m.weight.dtype
+            key = (type(m), m.out_features, m.in_features, dtype, m.bias is None)
+            if key in seen:
+                continue
+            seen.add(key)
+            for b in ROW_BUCKETS[:row_shapes(max_rows, ROW_BUCKETS)]:
+                m(torch.zeros(b, m.in_features, dtype=dtype))  # (b, in) -> (b, out), dropped
+                calls += 1
+    return calls
 
 
 def _self_check(dtype: torch.dtype) -> bool:
@@ -93,7 +175,9 @@ def pack_linears_for_cpu(model: nn.Module) -> int:
     for parent, name in todo:
         child = getattr(parent, name)
         if tied and name == "lm_head" and parent is model and not is_file_backed(child.weight.detach(), maps):
-            continue  # packing would hold the embedding matrix twice
+            if type(child) is nn.Linear:  # packing would hold the embedding matrix twice: row buckets only
+                child.__class__ = RowBucketedLinear
+            continue
         setattr(parent, name, PackedLinear(child))
         drop_file_pages(child.weight.detach(), maps)
         del child  # the parent no longer holds it: its weight (e.g. a fused copy) goes now

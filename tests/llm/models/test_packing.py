@@ -41,6 +41,7 @@ def test_tied_head_is_not_packed_so_the_embedding_is_not_duplicated():
     n = pack_linears_for_cpu(model)
     if n == 0:
         pytest.skip("this torch build/CPU has no oneDNN linear packing")
+    # (an nn.Linear computed in row buckets: RowBucketedLinear)
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
     # The packed weights replaced the originals: no float parameter is left but embeddings and norms.
@@ -65,3 +66,112 @@ def test_tied_head_is_packed_when_the_embedding_is_memory_mapped(tmp_path):
     assert isinstance(model.lm_head, PackedLinear)
     assert is_file_backed(model.model.embed_tokens.weight)  # still the checkpoint's rows, not a copy
     assert (got - ref).abs().max().item() < 1e-4
+
+
+def _packable():
+    from memfit.llm.models.packing import can_pack_for_cpu
+
+    if not can_pack_for_cpu(torch.float32):
+        pytest.skip("this torch build/CPU has no oneDNN linear packing")
+
+
+def test_rows_are_padded_to_buckets_without_changing_the_real_rows():
+    """Every row count runs on its bucket's rows (or blocks of the last bucket), and each real row comes out with
+    the bits of a call at its exact size."""
+    from memfit.llm.models.packing import ROW_BUCKETS, row_bucket, row_shapes
+
+    _packable()
+    assert [row_bucket(m) for m in (1, 3, 5, 17, 25, 49, 65, 200)] == [1, 4, 8, 24, 32, 64, 96, 256]
+    assert row_shapes(1) == 1 and row_shapes(64) == 9 and row_shapes(10**6) == len(ROW_BUCKETS)
+    with pytest.raises(ValueError, match="row bucket"):
+        row_bucket(ROW_BUCKETS[-1] + 1)
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(96, 64), (300, 40)]:
+        lin = nn.Linear(k, n, bias=True)
+        packed = PackedLinear(lin)
+        with torch.no_grad():
+            for m in list(range(1, 70)) + [255, 256, 257, 600]:
+                x = torch.randn(m, k, generator=g)
+                exact = torch.ops.mkldnn._linear_pointwise(x, packed.packed, packed.bias, "none", [], "")
+                got = packed(x)
+                assert got.shape == (m, n) and torch.equal(got, exact), (n, k, m)
+            x3 = torch.randn(2, 5, k, generator=g)  # leading dimensions are kept
+            assert torch.equal(packed(x3), packed(x3.reshape(10, k)).reshape(2, 5, n))
+    # a tied head left unpacked (its embedding not mapped): PyTorch's F.linear, in the same buckets. Its kernels differ
+    # by row count (3 rows and 3 padded to 4 differ in the last bits here), as they did between exact row counts
+    from memfit.llm.models.packing import RowBucketedLinear
+
+    model = tiny(tie=True, dtype=torch.float32)
+    pack_linears_for_cpu(model)
+    head = model.lm_head
+    assert type(head) is RowBucketedLinear and head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for m in (1, 3, 17, 70, 300):
+            x = torch.randn(m, head.in_features, generator=g)
+            torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+
+
+_SWEEP = r"""
+import ctypes, gc, json, sys
+import torch
+torch.set_num_threads(1)
+from memfit.llm.engine import accounting, fallback_accounting
+from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.packing import PackedLinear
+from memfit.memory.measure import status_bytes
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+cfg = ModelConfig.from_dir("memfit/assets/models/memfit-tiny")
+mats = sorted(set(accounting.linear_shapes(cfg, fused=True)))  # (out, in): qkv, o, gate|up, down, head
+lins = [PackedLinear(torch.nn.Linear(k, n, bias=False)) for n, k in mats]
+max_rows = int(sys.argv[1])
+xs = {k: torch.randn(max_rows, k) for _, k in mats}
+
+def sweep():
+    with torch.inference_mode():
+        for m in range(1, max_rows + 1):
+            for lin in lins:
+                lin(xs[lin.in_features][:m])
+
+def held():
+    gc.collect()
+    m = libc.mallinfo2()
+    return status_bytes()["RssAnon"], int(m.uordblks + m.hblkhd)
+
+with torch.inference_mode():
+    for lin in lins:
+        lin(xs[lin.in_features][:1])  # one shape each first: what packing and the first call set up is not a shape
+a0, h0 = held()
+sweep()
+a1, h1 = held()
+sweep()
+a2, h2 = held()
+print(json.dumps({"anon": [a1 - a0, a2 - a1], "heap": [h1 - h0, h2 - h1], "matrices": len(mats),
+                  "bound": fallback_accounting.shape_cache_bytes(cfg, "onednn", max_rows)}))
+"""
+
+
+def test_the_kernel_caches_stay_within_the_ledgers_term():
+    """A fresh process calls memfit-tiny's five packed matrices at every row count 1..130: the anonymous memory the
+    kernel counts (RssAnon) and the heap in use grow by at most `fallback_accounting.shape_cache_bytes` (exact-size
+    calls made one kernel per row count: ~390 MiB here), and a second sweep adds almost nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _packable()
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", _SWEEP, "130"], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    assert r["anon"][0] <= r["bound"] and r["heap"][0] <= r["bound"], (r, "MiB", r["anon"][0] / mib)
+    assert r["anon"][0] >= r["bound"] / 4  # the sweep did build the kernels it is bounded by
+    assert r["anon"][1] <= 1 * mib and r["heap"][1] <= 1 * mib, r

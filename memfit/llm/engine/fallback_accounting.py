@@ -1,0 +1,83 @@
+"""What a step and the process hold where memfit's CPU kernels don't run (a CPU without AVX-512: float32 linears on
+oneDNN, `cpu_linear` "onednn"; PyTorch's element-wise ops, `accounting.attention_in_place` False), beside the
+pre-arena figure's tensor per intermediate (`accounting.activation_bytes`). Each term is read from the code that
+allocates it; `tests/llm/engine/test_fallback_step.py` checks the sum against every step's peak RSS.
+
+- `torch_ops_bytes`: PyTorch's element-wise ops make temporaries memfit's kernels write in place
+  (models/ops.py: TorchOps): the RMSNorm's squares and its normalised rows in float32 beside the one float32 copy
+  counted already, RoPE's q * cos, q rolled and rolled x sin beside q (then k's, smaller), and SiLU(gate) beside
+  SiLU(gate) x up.
+- `row_padding_bytes`: models/packing.py pads a oneDNN linear's rows to a bucket (copying x) and runs more rows in
+  blocks of the last bucket, each block's result made and then copied into the output.
+- `shape_cache_bytes` (not a step's: the process's): the kernels oneDNN and PyTorch's ideep compile per input
+  shape and keep, one per (row bucket, matrix shape).
+"""
+from __future__ import annotations
+
+import torch
+
+from memfit.llm.models.config import ModelConfig
+
+# What one cached oneDNN matmul kernel holds (ideep's computation and oneDNN's primitive, JIT code included), the
+# same for every matrix and row count on this build: the heap in use grew 510-700 KiB per new (rows, out, in) shape
+# (mallinfo2), RssAnon 590-705 KiB (benchmarks/onednn_shape_cache.py; tests/llm/models/test_packing.py checks it).
+ONEDNN_SHAPE_BYTES = 768 * 1024
+
+
+def linear_shapes(cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer, decoder layers first, then the head."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attn = [(q + 2 * kv, h)] if fused else [(q, h), (kv, h), (kv, h)]
+    mlp = [(2 * i, h)] if fused else [(i, h), (i, h)]
+    per_layer = attn + [(h, q)] + mlp + [(h, i)]
+    return per_layer * cfg.num_hidden_layers + [(cfg.vocab_size, h)]
+
+
+def _mats(cfg: ModelConfig) -> list[tuple[int, int]]:
+    return linear_shapes(cfg, fused=True)  # (out, in) of every packed matrix, the head last
+
+
+def torch_ops_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int) -> int:
+    """PyTorch ops' temporaries in a pass of `rows` rows, beside those `activation_bytes` counts (module doc)."""
+    item = dtype.itemsize
+    q = cfg.num_attention_heads * cfg.head_dim
+    norm = 2 * rows * cfg.hidden_size * 4  # x^2 and x * rsqrt(mean), float32
+    rope = 3 * rows * q * item  # q * cos, q.roll, q.roll * sin while q is live
+    silu = rows * cfg.intermediate_size * item  # SiLU(gate) while the product is made
+    return norm + rope + silu
+
+
+def row_padding_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, sampled_rows: int) -> int:
+    """What padding a oneDNN linear's rows to its bucket adds in a pass of `rows` rows sampling `sampled_rows`: the
+    padded copy of x and the padding rows of the result (or, past the last bucket, a block's result and its padded
+    x), for the largest matrix of the layers, and likewise for the head's sampled rows."""
+    from memfit.llm.models.packing import ROW_BUCKETS, row_bucket
+
+    item, block = dtype.itemsize, ROW_BUCKETS[-1]
+    *layers, (vocab, hidden) = _mats(cfg)
+    n_max, k_max = max(n for n, _ in layers), max(k for _, k in layers)
+
+    def pad(m: int, n: int, k: int) -> int:
+        if m <= 0:
+            return 0
+        if m > block:
+            return block * (n + k) * item  # one block's result, and the last block's padded x
+        b = row_bucket(m, ROW_BUCKETS)
+        return 0 if b == m else b * k * item + (b - m) * n * item
+
+    return pad(rows, n_max, k_max) + pad(sampled_rows, vocab, hidden)
+
+
+def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
+                      besides: ModelConfig | None = None) -> int:
+    """The kernels oneDNN's and ideep's caches keep for the packed linears of a model stepping up to `max_rows` rows
+    a call: one per (row bucket, matrix shape) (models/packing.py: row_shapes), ONEDNN_SHAPE_BYTES each; a matrix
+    shape `besides` (another model in the same process: a draft's target) already has is not counted again. The
+    caches are the process's, kept after the engine closes. 0 where the linears are not oneDNN's."""
+    if device_type != "cpu" or cpu_linear != "onednn":
+        return 0
+    from memfit.llm.models.packing import row_shapes
+
+    mats = set(_mats(cfg)) - set(_mats(besides) if besides else ())
+    return len(mats) * row_shapes(max_rows) * ONEDNN_SHAPE_BYTES
