@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--families", action="store_true",
                     help="only hold out each family in turn (the costmodel_families result), no shapes split")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=None, help="nets in the ensemble (default: FitConfig's)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (16 tiles + default) to the dataset, then exit")
@@ -56,7 +57,8 @@ def main() -> int:
         new = store.add_kernels(con, families.generate_tuned(args.add_tuned, seed=args.seed))
         print(f"{new} tuning kernels added", file=sys.stderr)
         return 0
-    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=families.FAMILIES,
+    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed, **({'seeds': args.seeds} if args.seeds else {})),
+                      families=families.FAMILIES,
                       family_epochs=args.family_epochs)
     if args.families:
         return _families(args, cfg)
