@@ -137,7 +137,8 @@ def plot(result: dict, png: Path) -> None:
     lo = min(v["min"] for v in summary.values())
     ax.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax.legend(fontsize=7)
-    ax.set_title(f"{result['timm_name']} on Fashion-MNIST, clipped channel-wise post-LN activations")
+    # two lines: a long timm name (DeiT's) ran past the figure's edge on one
+    ax.set_title(f"{result['timm_name']} on Fashion-MNIST\nclipped channel-wise post-LN activations", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
