@@ -16,6 +16,9 @@ from memfit.memory.measure import reset_peak_rss
 from tests.llm.engine.test_arena_ledger import CONFIG, SPEC, _measured_steps
 
 
+STEP_NOISE = 512 * 1024  # the per-step noise of the peak RSS (see below)
+
+
 @pytest.mark.parametrize("spec", ["plain", "chain"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, monkeypatch):
@@ -36,6 +39,10 @@ def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, sp
         # Decode steps' own figures are a few hundred KiB, the size of the per-step noise the ledger's measured
         # runtime share covers (allocator top pad, Python objects: a 1-row bf16 step peaked 240-412 KiB in two runs);
         # the reservation above bounds them.
+        # A prefill step's own figure is checked within STEP_NOISE: in the full suite (a process after many other
+        # tests, its heap laid out differently) a 96-row float32 step peaked 192 KiB above its 2.8 MiB figure, while
+        # run alone it stays below; the reservation above, which the engine holds, is checked strictly. Before the
+        # fallback terms the figure was short by 1.9 MiB at 224 rows, which this check still catches.
         cfg, dt = eng.model_config, eng.dtype
         prefills = [s for s in steps if max(s["rows"], default=0) >= 64]
         for s in prefills:
@@ -44,7 +51,7 @@ def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, sp
                                          packed=eng.backends.cpu_linear == "onednn")
             if spec != "plain":
                 bound += parts["draft_step"]
-            assert s["peak"] <= bound, (s, bound)
+            assert s["peak"] <= bound + STEP_NOISE, (s, bound)
         assert len({max(s["rows"]) for s in prefills}) >= 4  # several row counts were measured (96 to 256)
     finally:
         eng.close()
