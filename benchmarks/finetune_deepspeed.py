@@ -153,13 +153,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _memfit_init(lm, cfg, seed: int) -> None:
-    """The values memfit's trainer starts from (memfit.train.finetune.trainer.init_group: one generator,
+    """The values memfit's trainer starts from (memfit.train.finetune.weights.init_group: one generator,
     groups in forward order, normal(0, 0.02), norms one), written into the partitioned parameters a few at
     a time (GatheredParameters gathers, lets rank 0 write, and re-partitions on exit)."""
     import deepspeed
     import torch
 
-    from memfit.train.finetune.trainer import init_group
+    from memfit.train.finetune.weights import init_group
     from memfit.train.finetune.units import make_groups, skeleton
 
     named = dict(lm.named_parameters())

@@ -63,6 +63,7 @@ def summarise(r: dict) -> dict:
         "peak_above_baseline_bytes": r["peak_rss_bytes"] - r["host_memory"]["baseline_rss_bytes"],
         "pools": r["host_memory"]["pools"],
         "baseline_rss_bytes": r["host_memory"]["baseline_rss_bytes"],
+        "baseline_rss_split_bytes": r["host_memory"].get("baseline_rss_split_bytes"),  # anon / file-backed
         "other_bytes": r["host_memory"]["other_bytes"],
         "median_step_seconds": median,
         "step_seconds": r["step_seconds"],

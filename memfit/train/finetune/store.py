@@ -17,6 +17,7 @@ each group updated by AdamW as soon as the backward completes its gradient (`gra
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,19 +110,32 @@ class GroupStore(GradientsMixin):
                     exp_avg_sq: torch.Tensor | None = None) -> None:
         """Set group gi's fp32 master (and moments, zero when None) and refresh its compute copy."""
         values = {"master": master, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+        def put(kind: str, start: int, out: torch.Tensor) -> None:
+            v = values[kind]
+            out.copy_(v.reshape(-1)[start : start + out.numel()]) if v is not None else out.zero_()
+
+        self._set_group(gi, put)
+
+    def fill_group(self, gi: int, fill: Callable[[torch.Tensor], None]) -> None:
+        """Set group gi's fp32 master from `fill`, called in order with flat fp32 views to write the next values
+        into (on the SSD tier a piece at a time, in the optimizer slot it is written from); moments zero."""
+        self._set_group(gi, lambda kind, start, out: fill(out) if kind == "master" else out.zero_())
+
+    def _set_group(self, gi: int, put: Callable[[str, int, torch.Tensor], None]) -> None:
+        """put(kind, start, out) writes `kind`'s values from element `start` into flat fp32 `out`: the whole
+        group in host tiers, a piece at a time (optimizer slots) on the SSD; then the compute copy follows."""
         if self.tier != "ssd":
             t = self._tensors[gi]
-            for kind, v in values.items():
-                t[kind].copy_(v.reshape(-1)) if v is not None else t[kind].zero_()
+            for kind in KINDS:
+                put(kind, 0, t[kind])
             if self.separate_copy:
                 t["param"].copy_(t["master"])
             return
         for start, n in self._pieces(gi):
-            bufs = {}
-            for kind, v in values.items():
-                bufs[kind] = self._slot(self.opt_pool, n * 4)
-                view = bufs[kind][: n * 4].view(torch.float32)
-                view.copy_(v.reshape(-1)[start : start + n]) if v is not None else view.zero_()
+            bufs = {kind: self._slot(self.opt_pool, n * 4) for kind in KINDS}
+            for kind in KINDS:
+                put(kind, start, bufs[kind][: n * 4].view(torch.float32))
             self._write_piece(gi, start, n, bufs)
 
     def read_group(self, gi: int) -> dict[str, torch.Tensor]:

@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from memfit.llm.models import ModelConfig, parse_dtype
-from memfit.llm.models.loader import resolve_model_path, weight_files
+from memfit.llm.models.loader import resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.allocator import AllocatorMeter
 from memfit.memory.heap import MMAP_THRESHOLD_MAX, fix_mmap_threshold
 
 MMAP_THRESHOLD = 1 << 20  # what the entry points fix glibc's mmap threshold at (FinetuneConfig.mmap_threshold)
-from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes, status_bytes
 from memfit.train.finetune import budget as budget_mod
 from memfit.train.finetune.checkpoint import load_checkpoint, save_checkpoint
 from memfit.train.finetune.data import batch_indices, build_examples, collate
@@ -37,8 +37,8 @@ from memfit.train.finetune.gradients import blockwise_groups, streamed_layout, s
 from memfit.train.finetune.optim import AdamW, LossScaler
 from memfit.train.finetune.placement import Placement, PlacementConfig, placement_report
 from memfit.train.finetune.store import TIERS, GroupStore, placed_items
-from memfit.train.finetune.units import (Batch, Group, UnitRunner, loss_chunk_tokens, make_groups, skeleton,
-                                         unit_groups)
+from memfit.train.finetune.units import Batch, UnitRunner, loss_chunk_tokens, make_groups, skeleton, unit_groups
+from memfit.train.finetune.weights import WeightsError, load_weights, random_weights
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float], None]  # (steps done, steps in all, last loss)
@@ -142,51 +142,15 @@ class FinetuneResult:
         return out
 
 
-def _load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
-    """Fill the store from the model's safetensors, one group at a time: the transient peak is one group in
-    fp32 (plus one tensor in the file's dtype), never the whole model."""
-    from safetensors import safe_open
-
-    handles = [safe_open(str(f), framework="pt") for f in weight_files(path)]
-    where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118
-    for gi, g in enumerate(groups):
-        missing = [p for p, _ in g.params if p not in where]
-        if missing:
-            raise FinetuneError(f"{path} lacks weight(s) {', '.join(missing[:4])}")
-        flat = torch.empty(g.numel, dtype=torch.float32)
-        for name, view in g.views(flat).items():
-            view.copy_(where[name].get_tensor(name))
-        store.write_group(gi, flat)
-
-
-def init_group(g: Group, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One group's starting values, Llama's initialisation (normal, std 0.02; norms one; biases zero), drawn from
-    `gen` in the group's parameter order: (flat fp32 (g.numel,), its per-parameter views). Groups taken in
-    forward order from one generator give the trainer's weights (the DeepSpeed reference starts from them too)."""
-    flat = torch.empty(g.numel, dtype=torch.float32)
-    views = g.views(flat)
-    for name, view in views.items():
-        if name.endswith("norm.weight"):
-            view.fill_(1.0)
-        elif name.endswith(".bias"):
-            view.zero_()
-        else:
-            torch.randn(view.shape, generator=gen, out=view).mul_(0.02)
-    return flat, views
-
-
-def _random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
-    """Llama's initialisation, filled in place group by group."""
-    gen = torch.Generator().manual_seed(seed)
-    for gi, g in enumerate(groups):
-        store.write_group(gi, init_group(g, gen)[0])
-
-
 def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult:
     cfg.validate()
     fixed = fix_mmap_threshold(cfg.mmap_threshold) if cfg.mmap_threshold is not None else False
     reset_peak_rss()
     baseline = rss_bytes()  # the process before this run: interpreter, torch, memfit
+    # its split: anonymous pages, and file-backed ones (the libraries' pages mapped so far), which moved by
+    # ~195 MiB between two runs of the same code on one host (docs/finetune.md)
+    status = status_bytes()
+    baseline_split = {"anon": status.get("RssAnon"), "file": status.get("RssFile")}
     device = torch.device(cfg.device)
     dtype = parse_dtype(cfg.dtype)
     model_path = resolve_model_path(cfg.model)
@@ -225,6 +189,7 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
     try:
         result = _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
                         progress, baseline)
+        result.host_memory["baseline_rss_split_bytes"] = baseline_split
         result.host_memory["mmap_threshold"] = cfg.mmap_threshold if fixed else None  # None: glibc's own policy
         return result
     finally:
@@ -242,9 +207,12 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
         start, adam_step, history = state["step"], state["adam_step"], state["losses"]
         scaler = LossScaler(**state["loss_scaler"])
     elif cfg.model_config is not None:
-        _random_weights(groups, store, cfg.seed)
+        random_weights(groups, store, cfg.seed)  # a piece at a time (weights.LlamaInit)
     else:
-        _load_weights(model_path, groups, store)
+        try:
+            load_weights(model_path, groups, store)
+        except WeightsError as exc:
+            raise FinetuneError(str(exc)) from None
     executor = StepExecutor(UnitRunner(model, cfg.loss_chunk_tokens), groups, units, store,
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
