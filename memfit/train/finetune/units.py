@@ -102,8 +102,11 @@ LOGIT_BYTES_PER_ENTRY = 16
 # 18 MiB in 32-token chunks (measured with AllocatorMeter); the matrix products are the same in number
 # of flops, only cut into more calls, and the output matrix's gradient is summed over more chunks.
 DEFAULT_LOSS_CHUNK_BYTES = 16 << 20
-# Vocabulary rows of the output matrix's gradient made at once (4096 x C in the compute dtype: 6 MiB at C = 768)
-HEAD_GRAD_ROWS = 4096
+# Vocabulary rows of the output matrix's gradient made at once: 1024 x C in the compute dtype (1.5 MiB at C = 768),
+# and in float32 where a streamed update makes it a block at a time (HeadRows, gradients.RowBlocks: 3 MiB). Was
+# 4096: memascend's 0.1B step then peaked in the head's and the embedding's updates, 24-32 MiB above the step's
+# floor (benchmarks/finetune_phases.py); every design uses the same blocks, so their losses stay equal.
+HEAD_GRAD_ROWS = 1024
 
 
 def loss_chunk_tokens(vocab_size: int, chunk_bytes: int = DEFAULT_LOSS_CHUNK_BYTES) -> int:
