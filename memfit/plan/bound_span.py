@@ -5,7 +5,7 @@ tensor only at the steps that use it. On the NAS cells at 1-2 MiB every 12-op pi
 0: the traffic comes from tensors that are live *across* pieces, written in one and read several pieces later.
 
 Here the pieces are windows of `piece_ops` consecutive ops of a topological order. Window k's sub-network is its
-ops, and two kinds of tensors get a share of their cost there:
+ops, and these tensors get a share of their cost there:
 
   * a tensor the window's ops use at two steps or more: each gap between two of those uses that the piece's plan
     drops costs w[v,k] x the tensor's cost per drop (2 x bytes for an activation or output: store and reload;
@@ -13,7 +13,9 @@ ops, and two kinds of tensors get a share of their cost there:
   * a tensor the window's ops do not use but that is live across some of them in every order (written, or for an
     input first read, by an ancestor of the op and read again by a descendant: memfit.plan.bound's
     reachability): one optional rectangle at one address from the first to the last of those ops, and
-    w[v,k] x its cost per drop when the piece leaves it out (memfit.plan.whole's `through`).
+    w[v,k] x its cost per drop when the piece leaves it out (memfit.plan.whole's `through`);
+  * with `some_orders`, also tensors live across the window only in some orders, with their writer and last
+    readers as anchors (memfit.plan.bound_some).
 
 Why the sum of the pieces' optima is a bound: restrict any valid plan of the whole graph to window k's ops, in
 the order it runs them. What is resident at a step is a subset of what the plan holds then. A gap between two
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 from memfit.plan.analysis import memory_aware_order, subgraph
 from memfit.plan.bound import reachability
+from memfit.plan.bound_some import sometimes_live, with_anchors
 from memfit.plan.bound_split import solve_pieces
 from memfit.plan.clock import current
 from memfit.plan.plan_format import Graph
@@ -81,10 +84,14 @@ def live_across(g: Graph) -> dict[str, int]:
     return out
 
 
-def span_pieces(g: Graph, piece_ops: int, order: list[str] | None = None) -> list[SpanPiece]:
-    """The windows of `order` (default: the graph's topological order) with each tensor's weighted costs."""
+def span_pieces(g: Graph, piece_ops: int, order: list[str] | None = None, some_orders: int = 0) -> list[SpanPiece]:
+    """The windows of `order` (default: the graph's topological order) with each tensor's weighted costs.
+    some_orders: also the (up to) this many largest tensors live across each window only in some orders, with
+    their anchors (memfit.plan.bound_some)."""
     order = order or g.topo_order()
-    _, _, bit = reachability(g)
+    reach = reachability(g)
+    bit = reach[2]
+    pos = {o: i for i, o in enumerate(order)}
     live = live_across(g)
     windows = [order[i:i + piece_ops] for i in range(0, len(order), piece_ops)]
     used, through = [], []
@@ -95,7 +102,10 @@ def span_pieces(g: Graph, piece_ops: int, order: list[str] | None = None) -> lis
                 count[n] = count.get(n, 0) + 1
         used.append({n for n, c in count.items() if c >= 2})
         mask = sum(bit[o] for o in w)
-        through.append({n: [o for o in w if b & bit[o]] for n, b in live.items() if b & mask and n not in count})
+        th = {n: [o for o in w if b & bit[o]] for n, b in live.items() if b & mask and n not in count}
+        if some_orders:  # live only in some orders: its anchors (ops outside the window) stand in for the window's
+            th.update(sometimes_live(g, w, set(count) | set(th), pos, reach, some_orders))
+        through.append(th)
     share: dict[str, int] = {}
     for u, th in zip(used, through):
         for n in list(u) + list(th):
@@ -115,16 +125,25 @@ def weight(windows: int) -> int:
 
 
 def span_bound(g: Graph, capacity: int, piece_ops: int = 12, time_limit_s: float = 30.0, num_workers: int = 2,
-               enough_bytes: int | None = None, skip_fitting: bool = True) -> SpanBound:
+               enough_bytes: int | None = None, skip_fitting: bool = True, some_orders: int = 0) -> SpanBound:
     """Proven lower bound on the non-compulsory traffic of any plan of `g` in `capacity` bytes, any order: the
     windows' proven bounds (CP-SAT, order free inside each) added up and divided by SCALE. skip_fitting: leave
-    out (count as 0, always valid) the windows whose tensors fit spill-free in a cheap order of the window."""
+    out (count as 0, always valid) the windows whose tensors fit spill-free in a cheap order of the window.
+    some_orders: charge also up to this many tensors per window that are live across it only in some orders
+    (memfit.plan.bound_some; 0: off)."""
     t0 = current().now()
-    ps = span_pieces(g, piece_ops)
-    subs = [subgraph(g, p.ops) for p in ps]
+    ps = span_pieces(g, piece_ops, some_orders=some_orders)
+    reach, pos = reachability(g), {o: i for i, o in enumerate(g.topo_order())}
+    subs, precs = [], []
+    for p in ps:
+        sub = subgraph(g, p.ops)
+        anchors = {o for ops, _, _ in p.through.values() for o in ops} - set(p.ops)
+        sub, pr = with_anchors(g, sub, anchors, reach, pos) if anchors else (sub, [])
+        subs.append(sub)
+        precs.append(pr)
     keep = [i for i, (p, s) in enumerate(zip(ps, subs)) if (p.costed or p.through) and
             not (skip_fitting and _fits(s, p, capacity))]
-    items = [(subs[i], ps[i].ops, ps[i].costed, ps[i].through) for i in keep]
+    items = [(subs[i], subs[i].topo_order(), ps[i].costed, ps[i].through, precs[i]) for i in keep]
     enough = None if enough_bytes is None else enough_bytes * SCALE
     best, status = solve_pieces(items, capacity, time_limit_s, num_workers, enough, t0)
     total = sum(b["bound_bytes"] for b in best if b is not None)
@@ -135,12 +154,15 @@ def span_bound(g: Graph, capacity: int, piece_ops: int = 12, time_limit_s: float
 def _fits(sub: Graph, p: SpanPiece, capacity: int) -> bool:
     """The window's tensors and the tensors live across it fit spill-free (fragmentation aside) in the window's
     own or its memory-aware order: then its bound is almost always 0."""
-    for order in (sub.topo_order(), memory_aware_order(sub)):
+    own = sub if len(sub.ops) == len(p.ops) else subgraph(sub, p.ops)  # without the anchors
+    for order in (p.ops, memory_aware_order(own)):
         pos = {o: i for i, o in enumerate(order)}
         delta = [0] * (len(order) + 1)
-        spans = [(min(pos[o] for o in ops), max(pos[o] for o in ops), b) for ops, b, _ in p.through.values()]
+        # a tensor live only in some orders (anchors outside the window): held across the whole window
+        spans = [(min(pos[o] for o in ops), max(pos[o] for o in ops), b) if all(o in pos for o in ops) else
+                 (0, len(order) - 1, b) for ops, b, _ in p.through.values()]
         for t in sub.tensors:
-            steps = [pos[o] for o in ([t.producer] if t.producer else []) + list(t.consumers)]
+            steps = [pos[o] for o in ([t.producer] if t.producer else []) + list(t.consumers) if o in pos]
             if steps:
                 spans.append((min(steps), max(steps), t.bytes))
         for a, b, size in spans:

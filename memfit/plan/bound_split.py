@@ -71,14 +71,14 @@ def split_bound(g: Graph, capacity: int, piece_ops: int = 24, time_limit_s: floa
         keep = [i for i, sub in enumerate(subs) if not _fits(sub, capacity)]
         skipped = len(ps) - len(keep)
         ps, subs = [ps[i] for i in keep], [subs[i] for i in keep]
-    results, status = solve_pieces([(sub, ops, group, None) for sub, (ops, group) in zip(subs, ps)], capacity,
+    results, status = solve_pieces([(sub, ops, group, None, []) for sub, (ops, group) in zip(subs, ps)], capacity,
                                    time_limit_s, num_workers, enough_bytes, t0)
     return SplitBound(_total(results), status, [b for b in results if b is not None], current().now() - t0, skipped)
 
 
-def solve_pieces(items: list[tuple[Graph, list[str], object, dict | None]], capacity: int, time_limit_s: float,
+def solve_pieces(items: list[tuple[Graph, list[str], object, dict | None, list]], capacity: int, time_limit_s: float,
                  num_workers: int, enough_bytes: int | None, t0: float) -> tuple[list[dict | None], str]:
-    """CP-SAT's proven all-orders bound on each (sub-network, its ops, costed, through) of `items`
+    """CP-SAT's proven all-orders bound on each (sub-network, its ops, costed, through, precedes) of `items`
     (memfit.plan.whole.solve_whole's arguments), in two passes: every piece gets its share of half the time, then
     the pieces not proven share what is left, those the first pass had no time left for included (a piece's bound
     is CP-SAT's proven one, so the larger of its two runs is still valid). Per piece a dict or None (no time),
@@ -94,8 +94,8 @@ def solve_pieces(items: list[tuple[Graph, list[str], object, dict | None]], capa
             left = stop - current().now()
             if left <= 0.05:
                 break
-            sub, ops, costed, through = items[i]
-            kw = {"through": through} if through else {}
+            sub, ops, costed, through, precedes = items[i]
+            kw = {"through": through, "precedes": precedes} if through else {}
             res = solve_whole(sub, capacity, ops, WholeConfig(left / (len(todo) - j), num_workers,
                                                               order_window=None), costed=costed, **kw)
             if res.status == "infeasible":  # a restriction of any valid plan fits: this is a modelling bug

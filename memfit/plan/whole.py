@@ -75,7 +75,8 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
                 hint: list[Placement] | None = None, floor_bytes: int = 0,
                 below_bytes: int | None = None, frozen: set[str] | None = None,
                 costed: set[str] | dict[str, int] | None = None,
-                through: dict[str, tuple[list[str], int, int]] | None = None) -> WholeResult:
+                through: dict[str, tuple[list[str], int, int]] | None = None,
+                precedes: list[tuple[str, str]] = ()) -> WholeResult:
     """Plan all of `g` in `capacity` bytes. `order`: a valid order (the hint's, or the fixed one); `hint`: a
     valid plan's placements under `order` (CP-SAT starts from it). floor_bytes: a proven lower bound on the
     non-compulsory bytes, added as a cut so the solve can stop once a plan meets it. below_bytes: only plans
@@ -86,7 +87,8 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     Symmetry breaking is then off: tensors or ops that look interchangeable may differ in cost, and a bound over
     a symmetry-reduced space would not be valid (memfit.plan.bound_split relies on this).
     through: name -> (ops, bytes, cost) of tensors outside `g` that are live at those ops: one optional
-    rectangle from the first to the last of them at one address, `cost` when absent (memfit.plan.bound_span)."""
+    rectangle from the first to the last of them at one address, `cost` when absent (memfit.plan.bound_span).
+    precedes: (a, b) pairs of ops, a runs before b, beside the graph's own (order free only)."""
     from ortools.sat.python import cp_model
 
     t0 = time.perf_counter()
@@ -95,7 +97,7 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     m = cp_model.CpModel()
     unit = math.gcd(address_unit(g), *[b for _, b, _ in (through or {}).values()])
     cap_u = capacity // unit
-    um = UseModel(g, m, order, cfg.order_window, cfg.free_range)
+    um = UseModel(g, m, order, cfg.order_window, cfg.free_range, precedes)
     xs, ys, demands = [], [], []
     objective = 0
     addr: dict[tuple[str, str], object] = {}

@@ -15,7 +15,7 @@ from memfit.plan.plan_format import Graph, Placement
 
 class UseModel:
     def __init__(self, g: Graph, m, order: list[str], window: int | None,
-                 free_range: tuple[int, int] | None = None) -> None:
+                 free_range: tuple[int, int] | None = None, precedes: list[tuple[str, str]] = ()) -> None:
         self.g, self.m, self.order = g, m, order
         self.pos = {o: i for i, o in enumerate(order)}
         n = len(order)
@@ -59,6 +59,9 @@ class UseModel:
                 p = g.tensor[t].producer
                 if p is not None and not (isinstance(self.s[p], int) and isinstance(self.s[o], int)):
                     m.Add(self.s[p] + 1 <= self.s[o])
+        for a, b in precedes:  # precedences the graph's tensors do not give (memfit.plan.bound_some's anchors)
+            if not (isinstance(self.s[a], int) and isinstance(self.s[b], int)):
+                m.Add(self.s[a] + 1 <= self.s[b])
 
     def uses(self, name: str) -> list[str]:
         t = self.g.tensor[name]
