@@ -13,6 +13,10 @@ that large is its own mapping, returned to the system when freed, and glibc stop
 `HeapTrimmer` watches what the process holds (anonymous and shared pages, from /proc/self/status: no library
 pages) against a limit and trims the heap when it gets close, so the cost (the next step faults its pages in
 again) is paid only where a budget is tight. glibc only; elsewhere it does nothing.
+
+`IdleTrimmer` trims once each time the process has been idle for a while (an engine with no request to run),
+budget or not: a server that has given its KV back should also give back the heap pages its steps freed,
+and while it is idle the cost of faulting them in again is not on any request's path.
 """
 from __future__ import annotations
 
@@ -72,5 +76,30 @@ class HeapTrimmer:
         if not self.active or self.held_bytes() < self.trim_at * self.limit_bytes:
             return False
         self._trim(0)
+        self.trims += 1
+        return True
+
+
+class IdleTrimmer:
+    """Trim the C heap once per idle period, `idle_s` seconds after the last busy moment.
+
+    The engine calls `busy()` on every step that ran work and `maybe_trim()` from its housekeeping; after a
+    trim nothing happens until the next busy step, so an idle server trims once, not every second."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = float(idle_s)
+        self._trim = _malloc_trim()
+        self._busy_at: float | None = None  # monotonic time of the last busy step not yet followed by a trim
+        self.trims = 0
+
+    def busy(self, now: float) -> None:
+        self._busy_at = now
+
+    def maybe_trim(self, now: float) -> bool:
+        """Trim if the last busy step was at least `idle_s` ago and no trim has followed it; True when it did."""
+        if self._trim is None or self._busy_at is None or now - self._busy_at < self.idle_s:
+            return False
+        self._trim(0)
+        self._busy_at = None
         self.trims += 1
         return True

@@ -3,7 +3,7 @@ import ctypes
 
 import pytest
 
-from memfit.memory.heap import HeapTrimmer
+from memfit.memory.heap import HeapTrimmer, IdleTrimmer
 from memfit.memory.measure import status_bytes
 
 MIB = 1 << 20
@@ -95,3 +95,22 @@ def test_fixed_mmap_threshold_returns_freed_temporaries(mode):
         assert out["fixed"] and out["held"] < 1 << 20, out
     else:
         assert out["held"] >= 7 << 20, out
+
+
+def test_an_idle_trim_comes_once_after_the_idle_time(fragment_heap):
+    """IdleTrimmer: nothing before `idle_s` has passed since the last busy step; then one trim, which the
+    kernel's count of anonymous pages sees; then nothing more until the next busy step."""
+    t = IdleTrimmer(idle_s=1.0)
+    if t._trim is None:
+        pytest.skip("needs glibc's malloc_trim")
+    assert not t.maybe_trim(now=100.0)  # never busy: nothing to give back
+    fragment_heap()
+    t.busy(now=100.0)
+    before = _anon()
+    assert not t.maybe_trim(now=100.5) and t.trims == 0
+    assert abs(_anon() - before) < 4 * MIB  # not trimmed: glibc still holds the freed chunks
+    assert t.maybe_trim(now=101.0) and t.trims == 1
+    assert before - _anon() > 20 * MIB
+    assert not t.maybe_trim(now=200.0) and t.trims == 1  # once per idle period
+    t.busy(now=200.0)
+    assert t.maybe_trim(now=202.0) and t.trims == 2

@@ -37,7 +37,7 @@ def engine_stats(engine: LLMEngine) -> dict:
         "memory_budget_bytes": engine.ledger.limit_bytes, "memory_reserved_bytes": engine.ledger.used_bytes,
         "memory_reserved_by_part": engine.ledger.by_owner(), "prefault_failures": engine.prefault_failures,
         "kv_commit_failures": getattr(engine.kv, "commit_failures", 0),
-        "heap_trims": engine._heap.trims if engine._heap is not None else 0,
+        "heap_trims": engine._heap.trims if engine._heap is not None else 0, "idle_heap_trims": engine._idle_heap.trims,
         "prefix_caching": engine.kv.prefix_caching, "prefix_cache_queries": engine.kv.prefix_stats.queries,
         "prefix_cache_query_tokens": engine.kv.prefix_stats.query_tokens,
         "prefix_cache_hit_tokens": engine.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": engine.kv.cached_bytes,

@@ -34,7 +34,7 @@ from memfit.llm.models.loader import resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.llm.parallel import launch as tensor_parallel
 from memfit.llm.parallel import rank
-from memfit.memory.heap import HeapTrimmer
+from memfit.memory.heap import HeapTrimmer, IdleTrimmer
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
 
 __all__ = ["EngineConfig", "LLMEngine", "QueueFull", "RequestError"]
@@ -64,6 +64,7 @@ class LLMEngine:
         # (memory/heap.py: otherwise they pile up step after step, outside every reservation).
         cpu_budget = config.memory_budget is not None and self.device.type == "cpu"
         self._heap = HeapTrimmer(self.ledger.limit_bytes) if cpu_budget else None
+        self._idle_heap = IdleTrimmer(config.kv_reclaim_idle_s)  # and, budget or not, once per idle period
         stored = rank.model_config(ModelConfig.from_dir(path), self.tp)  # under TP, this rank's share
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
         self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
@@ -136,7 +137,8 @@ class LLMEngine:
     def maintain(self, now: float | None = None) -> None:
         """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
         back KV pages idle past the watermark for `kv_reclaim_idle_s`, report failed background commits, and
-        under a memory budget trim the C heap when the process nears it."""
+        trim the C heap under a memory budget when the process nears it, and once idle for `kv_reclaim_idle_s`."""
+        now = time.monotonic() if now is None else now
         failures = self.kv.take_prefault_failures()
         if failures:
             self.prefault_failures += len(failures)
@@ -147,6 +149,8 @@ class LLMEngine:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
         if self._heap is not None:
             self._heap.maybe_trim()
+        if not self.scheduler.has_unfinished():
+            self._idle_heap.maybe_trim(now)
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -261,6 +265,7 @@ class LLMEngine:
                     request_id=head.request_id,
                 )
             return []
+        self._idle_heap.busy(time.monotonic())
         t0 = time.perf_counter()
         result = self.spec.execute(sched) if self.spec is not None else self.runner.execute(sched.scheduled)
         if self.swap is not None and self.swap.cost is not None and sched.num_tokens >= 16:

@@ -105,6 +105,8 @@ _ENGINE_SERIES = (
     ("memory_budget_bytes", "memfit_memory_budget_bytes", "gauge", "The whole engine's memory budget (the ledger's limit)."),
     ("memory_reserved_bytes", "memfit_memory_reserved_bytes", "gauge", "Bytes reserved in the ledger: weights, tokenizer, runtime, step and committed KV."),
     ("prefault_failures", "memfit_kv_prefault_failures_total", "counter", "Background KV commits that failed and were rolled back."),
+    ("heap_trims", "memfit_heap_trims_total", "counter", "C-heap trims because the process neared its memory budget."),
+    ("idle_heap_trims", "memfit_idle_heap_trims_total", "counter", "C-heap trims after the engine went idle."),
     ("kv_commit_failures", "memfit_kv_commit_failures_total", "counter", "KV commits the OS or driver refused (the request waited)."),
     ("tokens_held", "memfit_kv_tokens", "gauge", "Tokens whose K/V are in the cache."),
     ("prefix_cache_hit_tokens", "memfit_prefix_cache_hit_tokens_total", "counter",

@@ -181,11 +181,39 @@ def test_idle_kv_pages_past_the_watermark_go_back_after_the_idle_time(tiny_path,
     assert left <= max(limit, 0) and engine.ledger.by_owner()["kv_budget"] == left
 
 
+def test_the_heap_is_trimmed_once_when_the_engine_goes_idle(tiny_path):
+    """Not while a request is unfinished, not before `kv_reclaim_idle_s` has passed since the last step, then
+    once; the next trim waits for more work (tests/memory/test_heap.py checks what a trim gives back)."""
+    engine = _engine(tiny_path, kv_reclaim_idle_s=0.3)
+    if engine._idle_heap._trim is None:
+        pytest.skip("needs glibc's malloc_trim")
+    engine.add_request(prompt_token_ids=PROMPTS["a"], params=SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    assert engine.has_unfinished_requests()
+    engine.maintain(time.monotonic() + 100)
+    assert engine.stats()["idle_heap_trims"] == 0  # busy: a request is waiting for its next step
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.maintain()
+    assert engine.stats()["idle_heap_trims"] == 0  # idle, but not for 0.3 s yet
+    engine.maintain(time.monotonic() + 0.31)
+    engine.maintain(time.monotonic() + 5)
+    assert engine.stats()["idle_heap_trims"] == 1
+    _run(engine, PROMPTS, max_tokens=4)
+    engine.maintain(time.monotonic() + 0.31)
+    assert engine.stats()["idle_heap_trims"] == 2
+
+
 @pytest.mark.slow
 def test_an_idle_server_gives_its_kv_back():
-    """`memfit serve` in its own process after a burst of 16 requests (~40 MiB of KV, the bundled model in
-    float32): a few seconds after going idle its RSS is back within the watermark (0 here, plus 8 MiB for the
-    allocator's pools) of its warmed-up baseline, while during the burst it was far above it."""
+    """`memfit serve` in its own process after a burst of 16 requests (~41.5 MiB of KV, the bundled model in
+    float32): a few seconds after going idle its RSS is back within the watermark (0 here) of its warmed-up
+    baseline, give or take the process's other memory, while during the burst it was far above it.
+
+    That other memory moves from burst to burst in both directions: on the AVX2-only host, with the idle heap
+    trim, RssAnon 3 s after a burst was -0.5 to +8.0 MiB from the baseline over 17 bursts (in a glibc thread
+    arena, by /proc/PID/smaps; the KV was all given back), and the fresh-clone CI saw +8.4 MiB
+    before the idle trim. So the check allows 16 MiB: a burst whose KV stayed would leave ~40 MiB."""
     import httpx
     import psutil
 
@@ -225,7 +253,7 @@ def test_an_idle_server_gives_its_kv_back():
         assert after > 20 * 2**20  # the burst's KV, kept for reuse ...
         time.sleep(3.0)  # idle time 0.5 s; the server's idle loop runs about once a second
         idle = server.memory_info().rss - baseline
-        assert idle <= 8 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
+        assert idle <= 16 * 2**20, (idle / 2**20, after / 2**20)  # ... until it has been idle long enough
 
 
 needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
