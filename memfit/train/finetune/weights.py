@@ -1,9 +1,9 @@
 """A run's starting weights: Llama's random initialisation (benchmarks) or the model's safetensors.
 
-Random initialisation is produced a piece at a time (`LlamaInit`): the store asks for the next n fp32 values of
-a group and writes them from the optimizer slot they were made in, so the transient is one chunk of
-`LlamaInit.CHUNK` elements, not a whole group in fp32 (the untied 0.1B embedding: 94 MiB; the tied 0.5B one:
-520 MiB). The values are the same bits as `init_group`'s, which draws each parameter whole (test_finetune_units).
+Both are produced a piece at a time (`LlamaInit`, `SafetensorsFill`): the store asks for the next n fp32 values
+of a group and writes them from the optimizer slot they were made in, so the transient is a chunk or a piece,
+not a whole group in fp32 (the untied 0.1B embedding: 94 MiB; the tied 0.5B one: 520 MiB). The random values
+are the same bits as `init_group`'s, which draws each parameter whole (test_finetune_weights).
 """
 from __future__ import annotations
 
@@ -95,18 +95,54 @@ def random_weights(groups: list[Group], store: GroupStore, seed: int) -> None:
         store.fill_group(gi, LlamaInit(g, gen).fill)
 
 
+class SafetensorsFill:
+    """A group's values from the model's safetensors, handed out in order (`fill`), like LlamaInit: a matrix is
+    read only over the rows the asked-for values cover (safetensors' get_slice), so the transient is one piece
+    and a row in the file's dtype, not the group in fp32; vectors (norms, biases) are read whole."""
+
+    def __init__(self, g: Group, where: dict) -> None:
+        self.params, self.where = list(g.params), where
+        self.param = 0  # index of the parameter being read
+        self.done = 0  # its elements handed out so far
+
+    def fill(self, out: torch.Tensor) -> None:
+        """Write the group's next out.numel() values into `out` (flat fp32)."""
+        at, n = 0, out.numel()
+        while at < n:
+            if self.param == len(self.params):
+                raise ValueError("SafetensorsFill: asked for more values than the group has")
+            name, shape = self.params[self.param]
+            numel = math.prod(shape)
+            k = min(n - at, numel - self.done)
+            part = self.where[name].get_slice(name)
+            if len(shape) == 2:  # (rows, cols): the rows that hold elements [done, done + k)
+                cols = shape[1]
+                r0, r1 = self.done // cols, -(-(self.done + k) // cols)
+                skip = self.done - r0 * cols
+                src = part[r0:r1].reshape(-1)[skip : skip + k]
+            else:
+                src = part[:].reshape(-1)[self.done : self.done + k]
+            out[at : at + k].copy_(src)
+            at += k
+            self.done += k
+            if self.done == numel:
+                self.param, self.done = self.param + 1, 0
+
+
 def load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
-    """Fill the store from the model's safetensors, one group at a time: the transient peak is one group in
-    fp32 (plus one tensor in the file's dtype), never the whole model."""
+    """Fill the store from the model's safetensors, a piece at a time (SafetensorsFill); a missing weight or
+    one of another shape (a checkpoint of another model) raises WeightsError before anything is written."""
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt") for f in weight_files(path)]
     where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118
-    for gi, g in enumerate(groups):
+    for g in groups:
         missing = [p for p, _ in g.params if p not in where]
         if missing:
             raise WeightsError(f"{path} lacks weight(s) {', '.join(missing[:4])}")
-        flat = torch.empty(g.numel, dtype=torch.float32)
-        for name, view in g.views(flat).items():
-            view.copy_(where[name].get_tensor(name))
-        store.write_group(gi, flat)
+        for name, shape in g.params:
+            found = tuple(where[name].get_slice(name).get_shape())
+            if found != tuple(shape):
+                raise WeightsError(f"{path}: {name} has shape {found}, the model's config gives {tuple(shape)}")
+    for gi, g in enumerate(groups):
+        store.fill_group(gi, SafetensorsFill(g, where).fill)
