@@ -70,3 +70,12 @@ def per_step_plan(g: Graph) -> tuple[list[str], list[Placement]]:
             placements.append(Placement(n, off, t, t))
             off += g.tensor[n].bytes
     return order, placements
+
+
+def optimum_over_all_orders(g: Graph, cap: int) -> int:
+    """The exact per-step model's optimum with the order free (CP-SAT, 30 s, 1 worker): what no bound may exceed."""
+    from memfit.plan.exact import ExactConfig, Segment, solve_segment
+    from memfit.plan.planner import best_seed
+    opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
+    assert opt.status == "optimal"
+    return opt.objective_bytes

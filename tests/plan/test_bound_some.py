@@ -8,18 +8,8 @@ from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.bound import reachability
 from memfit.plan.bound_some import sometimes_live
 from memfit.plan.bound_span import SCALE, drop_cost, span_bound, span_pieces
-from memfit.plan.clock import Clock, use
-from memfit.plan.exact import ExactConfig, Segment, solve_segment
 from memfit.plan.plan_format import OpSpec, TensorSpec, build_graph
-from memfit.plan.planner import best_seed
-from tests.plan.graphs import random_branching_dag, random_dag
-
-
-@pytest.fixture
-def work_clock():
-    """Limits count CP-SAT's work, not wall time (the proofs asked for here must not depend on the load)."""
-    with use(Clock("work")) as c:
-        yield c
+from tests.plan.graphs import optimum_over_all_orders, random_branching_dag, random_dag
 
 
 def either_held():
@@ -33,12 +23,6 @@ def either_held():
            OpSpec("q2", ["A1"], ["A2"]), OpSpec("q3", ["A2"], ["A3"]), OpSpec("r1", ["T1", "U"], ["O1"]),
            OpSpec("r2", ["T2", "A3"], ["O2"])]
     return build_graph("either_held", t, ops), 160
-
-
-def optimum(g, cap) -> int:
-    opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
-    assert opt.status == "optimal"
-    return opt.objective_bytes
 
 
 def test_tensors_live_in_some_orders_come_with_their_writer_and_last_readers():
@@ -61,7 +45,7 @@ def test_every_tensor_weighs_at_most_one_over_its_windows():
 @pytest.mark.usefixtures("work_clock")
 def test_a_tensor_held_in_some_orders_is_charged_where_the_span_bound_sees_nothing():
     g, cap = either_held()
-    opt = optimum(g, cap)
+    opt = optimum_over_all_orders(g, cap)
     assert opt == 320
     assert span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False).bytes == 0
     sb = span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False, some_orders=8)
@@ -74,7 +58,7 @@ def test_a_tensor_held_in_some_orders_is_charged_where_the_span_bound_sees_nothi
 def test_the_bound_never_exceeds_the_optimum_over_all_orders(maker, n, seed):
     g = maker(n, seed)
     for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
-        opt = optimum(g, cap) if (n, seed) != (14, 7) or cap == scratchpad_sizes(g).min_feasible else None
+        opt = optimum_over_all_orders(g, cap) if (n, seed) != (14, 7) or cap == scratchpad_sizes(g).min_feasible else None
         if opt is None:
             continue
         for piece_ops in (1, 2, 3, 5):
@@ -90,7 +74,7 @@ def test_the_check_catches_weights_that_add_up_to_more_than_one(monkeypatch):
     import memfit.plan.bound_span as bs
 
     g, cap = either_held()
-    opt = optimum(g, cap)
+    opt = optimum_over_all_orders(g, cap)
     assert span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False, some_orders=8).bytes <= opt
     monkeypatch.setattr(bs, "weight", lambda windows: SCALE)
     assert span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False, some_orders=8).bytes > opt

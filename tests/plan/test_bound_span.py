@@ -6,18 +6,8 @@ import pytest
 from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.bound_span import SCALE, live_across, span_bound, span_pieces
 from memfit.plan.bound_split import split_bound
-from memfit.plan.clock import Clock, use
-from memfit.plan.exact import ExactConfig, Segment, solve_segment
 from memfit.plan.plan_format import OpSpec, TensorSpec, build_graph
-from memfit.plan.planner import best_seed
-from tests.plan.graphs import random_branching_dag, random_dag
-
-
-@pytest.fixture
-def work_clock():
-    """Limits count CP-SAT's work, not wall time (the proofs asked for here must not depend on the load)."""
-    with use(Clock("work")) as c:
-        yield c
+from tests.plan.graphs import optimum_over_all_orders, random_branching_dag, random_dag
 
 
 def held_across():
@@ -28,12 +18,6 @@ def held_across():
     ops = [OpSpec("p", ["x"], ["T"]), OpSpec("q1", ["T"], ["A1"]), OpSpec("q2", ["A1"], ["A2"]),
            OpSpec("q3", ["A2"], ["A3"]), OpSpec("r", ["T", "A3"], ["out"])]
     return build_graph("held_across", t, ops), 160
-
-
-def optimum(g, cap) -> int:
-    opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
-    assert opt.status == "optimal"
-    return opt.objective_bytes
 
 
 def test_live_across_is_the_ops_between_a_write_and_a_later_read_in_every_order():
@@ -60,7 +44,7 @@ def test_every_tensor_weighs_at_most_one_over_its_windows():
 @pytest.mark.usefixtures("work_clock")
 def test_a_tensor_held_across_pieces_is_charged_where_the_split_bound_sees_nothing():
     g, cap = held_across()
-    opt = optimum(g, cap)
+    opt = optimum_over_all_orders(g, cap)
     assert opt == 128
     assert split_bound(g, cap, 2, time_limit_s=10, num_workers=1).bytes == 0
     sb = span_bound(g, cap, 2, time_limit_s=10, num_workers=1, skip_fitting=False)
@@ -74,7 +58,7 @@ def test_a_tensor_held_across_pieces_is_charged_where_the_split_bound_sees_nothi
 def test_span_bound_never_exceeds_the_optimum_over_all_orders(maker, n, seed):
     g = maker(n, seed)
     for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
-        opt = optimum(g, cap)
+        opt = optimum_over_all_orders(g, cap)
         for piece_ops in (1, 2, 3, 5):
             sb = span_bound(g, cap, piece_ops, time_limit_s=20, num_workers=1, skip_fitting=False)
             assert sb.status == "optimal"
@@ -88,7 +72,7 @@ def test_the_check_catches_weights_that_add_up_to_more_than_one(monkeypatch):
     import memfit.plan.bound_span as bs
 
     g, cap = held_across()
-    opt = optimum(g, cap)
+    opt = optimum_over_all_orders(g, cap)
     assert span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False).bytes <= opt
     monkeypatch.setattr(bs, "weight", lambda windows: SCALE)
     assert span_bound(g, cap, 1, time_limit_s=10, num_workers=1, skip_fitting=False).bytes > opt

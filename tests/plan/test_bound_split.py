@@ -7,19 +7,9 @@ import pytest
 
 from memfit.plan.analysis import scratchpad_sizes
 from memfit.plan.bound_split import pieces, split_bound
-from memfit.plan.clock import Clock, use
-from memfit.plan.exact import ExactConfig, Segment, solve_segment
 from memfit.plan.planner import best_seed
 from memfit.plan.whole import WholeConfig, solve_whole
-from tests.plan.graphs import random_branching_dag, random_dag
-
-
-@pytest.fixture
-def work_clock():
-    """Limits count CP-SAT's work, not wall time: these tests ask for proofs (status optimal) within a limit,
-    which 20-30 s of wall time did not give at load 8-10 on 2 cores (memfit.plan.clock)."""
-    with use(Clock("work")) as c:
-        yield c
+from tests.plan.graphs import optimum_over_all_orders, random_branching_dag, random_dag
 
 
 def test_pieces_charge_every_tensor_once_and_hold_all_its_uses():
@@ -49,14 +39,13 @@ def test_costed_charges_only_the_named_tensors():
 def test_split_bound_never_exceeds_the_optimum_over_all_orders(maker, n, seed):
     g = maker(n, seed)
     for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
-        opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
-        assert opt.status == "optimal"
+        opt = optimum_over_all_orders(g, cap)
         for piece_ops in (2, 3, 5, n):
             sb = split_bound(g, cap, piece_ops, time_limit_s=20, num_workers=1)
             assert sb.status == "optimal"
-            assert sb.bytes <= opt.objective_bytes, (piece_ops, sb.pieces)
+            assert sb.bytes <= opt, (piece_ops, sb.pieces)
             if piece_ops >= n:  # one piece charged for everything: the optimum itself
-                assert sb.bytes == opt.objective_bytes
+                assert sb.bytes == opt
 
 
 def test_a_piece_the_first_pass_had_no_time_for_is_solved_in_the_second(monkeypatch):
@@ -103,9 +92,9 @@ def test_skipping_the_pieces_that_fit_stays_a_bound_and_skips_only_those(seed):
 
     g = random_branching_dag(12, seed)
     for cap in sorted({scratchpad_sizes(g).min_feasible, scratchpad_sizes(g).mid}):
-        opt = solve_segment(g, cap, Segment(best_seed(g, cap).order, free_order=True), ExactConfig(30, 1))
+        opt = optimum_over_all_orders(g, cap)
         sb = split_bound(g, cap, 3, time_limit_s=20, num_workers=1, skip_fitting=True)
-        assert sb.bytes <= opt.objective_bytes
+        assert sb.bytes <= opt
         fitting = [ops for ops, _ in pieces(g, 3) if any(peak_live_bytes(sub, o) <= cap for sub in [subgraph(g, ops)]
                                                         for o in (sub.topo_order(), memory_aware_order(sub)))]
         assert sb.skipped == len(fitting) and len(sb.pieces) == len(pieces(g, 3)) - len(fitting)
