@@ -29,7 +29,7 @@ reason: str | None = None  # why the last load failed (None: it did not)
 
 @dataclass
 class Avx2Lib:
-    """`linear`: (x f32, ldx, w bf16, b bf16 | None, y bf16, ldy, M, N, K, nthreads) -> None, pointers as ints;
+    """`linear`: (x bf16, ldx, w bf16, b bf16 | None, y bf16, ldy, M, N, K, nthreads) -> None, pointers as ints;
     `peak`: (iters, a, b, nthreads) -> sum of the accumulators (iters x 96 multiply-adds per thread)."""
 
     path: Path

@@ -7,7 +7,10 @@ exactly (it is a float32's top half), so both paths below compute in float32 fro
 
 - few rows (decode, M <= FEW_ROWS): memfit's AVX2 kernel (avx2/bf16_linear.cpp) widens each weight row in
   registers and multiplies with FMA, reading every weight once per call; where it can't be built, aten's bf16
-  matmul;
+  matmul. A decode step of a 0.1B model makes 85 such calls of 15-150 us, so the Python around each is kept to
+  one ctypes call: x goes in as bf16 (the kernel widens it), y is written into the step arena's region where the
+  model hands one (`takes_out`), parameters are read from `_parameters`. A 1-row call on an 8 x 64 weight (Zen 3,
+  one thread) went from 24-26 to 9.1-9.3 us, of which the ctypes call and kernel are 3.8 (aten's nn.Linear: 6.8);
 - many rows (prefill): x is widened once (M x K float32), then W a block of BLOCK_N output rows at a time into
   a fixed float32 scratch (BLOCK_N x K) for MKL's float32 GEMM; rows of x go in blocks of BLOCK_M, so the
   scratch is bounded whatever the step (`scratch_bytes`) and lives in one HostArena (memfit/memory/host.py)
@@ -43,8 +46,9 @@ def available(dtype: torch.dtype = torch.bfloat16) -> bool:
 def scratch_bytes(k_max: int, rows: int) -> int:
     """The float32 scratch of a call of up to `rows` rows and K up to `k_max`, beside its bf16 output: the widened
     weight block (BLOCK_N x K), x widened (rows x K, at most BLOCK_M rows) and one block of outputs (rows x
-    BLOCK_N) before they are rounded into y. 0 for calls of at most FEW_ROWS rows (the AVX2 kernel's own
-    widened x, rows x K float32, is a few KiB)."""
+    BLOCK_N) before they are rounded into y. 0 for calls of at most FEW_ROWS rows: the AVX2 kernel widens x into
+    rows x K float32 of its own, made and freed inside the call (at most 256 KiB at 32 x 2048; x.float() made the
+    same before the kernel took bf16 x)."""
     if rows <= FEW_ROWS:
         return 0
     m = min(rows, BLOCK_M)
@@ -86,25 +90,37 @@ class Bf16UpcastLinear(nn.Module):
         if w.shape[1] > scratch.k_max:
             raise ValueError(f"in_features {w.shape[1]} exceeds the scratch's K of {scratch.k_max}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = w  # the same Parameter: no copy (a tied embedding stays shared)
-        self.bias = linear.bias
-        if self.bias is not None and not self.bias.is_contiguous():
-            self.bias = nn.Parameter(self.bias.detach().contiguous(), requires_grad=False)
+        # Registered as parameters even when None or a plain tensor, so forward reads them from _parameters: a
+        # decode step makes ~85 of these calls, and nn.Module.__getattr__ costs ~1 us a parameter on this core.
+        # A Parameter is registered as it is: no copy (a tied embedding stays shared).
+        self.register_parameter("weight", w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False))
+        b = linear.bias
+        if b is not None and not (b.is_contiguous() and isinstance(b, nn.Parameter)):
+            b = nn.Parameter(b.detach().contiguous(), requires_grad=False)
+        self.register_parameter("bias", b)
         self.scratch = scratch
         self._lib = load_avx2()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if (x.dtype != torch.bfloat16 or x.device.type != "cpu"
+    takes_out = True  # models/llama.py's _linear hands a step arena's region for y: no allocation per call
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        params = self._parameters
+        w, b = params["weight"], params["bias"]
+        if (x.dtype != torch.bfloat16 or not x.is_cpu
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return F.linear(x, w, b)
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        m = x2.shape[0]
+            return F.linear(x, w, b)  # a caller given `out` uses what is returned (models/llama.py's _linear)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()  # the kernel takes a row stride only
+        m, n = x2.shape[0], self.out_features
+        if out is not None and (out.shape != (m, n) or out.dtype != torch.bfloat16 or out.stride(-1) != 1
+                                or out.stride(0) < n):
+            out = None  # not a region this call can write in place: made as usual
+        y = torch.empty(m, n, dtype=torch.bfloat16) if out is None else out  # (M, N)
         if m == 0:
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        y = torch.empty(m, self.out_features, dtype=torch.bfloat16)  # (M, N)
-        if m <= FEW_ROWS:
-            self._few_rows(x2, y)
+            pass
+        elif m <= FEW_ROWS:
+            self._few_rows(x2, w, b, y)
         elif not self.scratch.lock.acquire(blocking=False):
             self._many_rows(x2, y, UpcastScratch(self.scratch.k_max))  # another thread holds the shared one
         else:
@@ -112,17 +128,16 @@ class Bf16UpcastLinear(nn.Module):
                 self._many_rows(x2, y, self.scratch)
             finally:
                 self.scratch.lock.release()
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
-    def _few_rows(self, x2: torch.Tensor, y: torch.Tensor) -> None:
-        if self._lib is None:
-            torch.mm(x2, self.weight.t(), out=y) if self.bias is None else torch.addmm(self.bias, x2, self.weight.t(), out=y)
+    def _few_rows(self, x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> None:
+        lib = self._lib
+        if lib is None:
+            torch.mm(x2, w.t(), out=y) if b is None else torch.addmm(b, x2, w.t(), out=y)
             return
-        xf = x2.float()  # (M, K) float32, contiguous
-        b = self.bias
-        self._lib.linear(xf.data_ptr(), xf.stride(0), self.weight.data_ptr(), None if b is None else b.data_ptr(),
-                         y.data_ptr(), y.stride(0), xf.shape[0], self.out_features, self.in_features,
-                         torch.get_num_threads())
+        # x goes in as bf16: the kernel widens it (exactly), so no float32 copy is made here
+        lib.linear(x2.data_ptr(), x2.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+                   y.stride(0), x2.shape[0], self.out_features, self.in_features, torch.get_num_threads())
 
     def _many_rows(self, x2: torch.Tensor, y: torch.Tensor, scratch: UpcastScratch) -> None:
         n, k, w = self.out_features, self.in_features, self.weight

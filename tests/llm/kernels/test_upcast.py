@@ -44,6 +44,51 @@ def test_matches_the_float32_product_of_the_bf16_weights(k, n, bias):  # N % BLO
         assert ok_aten, f"aten m={m} max err {err_aten}"
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)
+
+
+@pytest.mark.parametrize("k,n,bias", [(77, 300, True), (200, 257, False), (768, 64, True)])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(k, n, bias):
+    """A decode row's result is the same bits whatever the batch it runs in: every few-row call (1..FEW_ROWS rows,
+    through the 1-row kernel and the 4-, 2- and 1-row tiles) gives each row what that row alone gives."""
+    if load_avx2() is None:
+        pytest.skip("the AVX2 kernel can't be built here")
+    # Columns 0 and 1 cancel at 2^22, where float32's step is 0.5: the order a row's sum is taken in then shows in
+    # its bf16 bits (summing one tile's lanes in another order flipped 17-82 thousand of these outputs); on plain
+    # random data the final rounding to bf16 hides such a change.
+    lin = make_linear(n, k, bias, torch.bfloat16)
+    lin.weight[:, 0], lin.weight[:, 1] = 2.0 ** 22, -2.0 ** 22
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(k))
+    x = torch.randn(upcast.FEW_ROWS, k, generator=torch.Generator().manual_seed(2))
+    x[:, :2] = 1.0
+    x = x.to(torch.bfloat16)
+    alone = torch.cat([mod(x[i:i + 1]) for i in range(x.shape[0])])  # (FEW_ROWS, N), one row a call
+    for m in range(2, upcast.FEW_ROWS + 1):
+        assert torch.equal(_bits(mod(x[:m])), _bits(alone[:m])), f"m={m}"
+
+
+def test_bf16_x_in_place_of_a_float32_copy_strided_rows_and_an_output_region():
+    """x goes to the kernel as bf16 with its own row stride (no float32 copy made in Python), and a caller's output
+    region (models/llama.py's step arena) is written in place: the same bits as a contiguous x into a new tensor."""
+    if load_avx2() is None:
+        pytest.skip("the AVX2 kernel can't be built here")
+    lin = make_linear(45, 70, True, torch.bfloat16)
+    mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(70))
+    assert mod.takes_out
+    wide = torch.randn(8, 100).to(torch.bfloat16)
+    x = wide[:, 10:80]  # (8, 70), rows 100 apart
+    want = mod(x.contiguous())
+    assert _within_bf16_rounding(want, x, lin)[0]
+    assert torch.equal(_bits(mod(x)), _bits(want))
+    region = torch.full((8, 60), 7.0, dtype=torch.bfloat16)[:, 5:50]  # (8, 45), row stride 60
+    got = mod(x, out=region)
+    assert got.data_ptr() == region.data_ptr() and torch.equal(_bits(region), _bits(want))
+    assert torch.equal(_bits(mod(x.t().contiguous().t())), _bits(want))  # columns unit-stride: made contiguous
+    wrong = torch.empty(8, 44, dtype=torch.bfloat16)  # not this call's shape: y is made as usual, `wrong` untouched
+    assert mod(x, out=wrong).shape == (8, 45)
+
+
 def test_few_rows_without_the_avx2_kernel_fall_back_to_aten():
     lin = make_linear(40, 24, True, torch.bfloat16)
     mod = upcast.Bf16UpcastLinear(lin, upcast.UpcastScratch(24))

@@ -8,6 +8,7 @@
 #include <omp.h>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 namespace {
 
@@ -39,8 +40,8 @@ inline float hsum(__m256 v) {
 }
 
 // TM rows of x (float32, row stride ldx) against TN rows of w (bf16, row-major (N, K)): TM x TN dot products of
-// length K, each with its own 8-lane accumulator (TM x TN <= 8 keeps them, TM x-vectors and one w-vector in
-// the 16 ymm registers). The w rows (TN x K x 2 bytes) stay in L1 while the caller walks x's rows past them.
+// length K, each with its own 8-lane accumulator (TM x TN <= 12: with TM x-vectors and one w-vector, about the
+// 16 ymm registers). The w rows (TN x K x 2 bytes) stay in L1 while the caller walks x's rows past them.
 template <int TM, int TN>
 inline void tile(const float* x, int64_t ldx, const uint16_t* w, int64_t K, float out[TM][TN]) {
   __m256 acc[TM][TN];
@@ -63,6 +64,18 @@ inline void tile(const float* x, int64_t ldx, const uint16_t* w, int64_t K, floa
     }
 }
 
+template <int TM, int TN>
+inline void rows_tile(const float* x, int64_t ldx, const uint16_t* wn, const float* bias, uint16_t* y, int64_t ldy,
+                      int64_t m, int64_t n0, int64_t K) {
+  float out[TM][TN];
+  tile<TM, TN>(x + m * ldx, ldx, wn, K, out);
+  for (int i = 0; i < TM; ++i)
+    for (int j = 0; j < TN; ++j) y[(m + i) * ldy + n0 + j] = f32_to_bf16(out[i][j] + bias[j]);
+}
+
+// Every row of x against weight rows n0..n0+TN-1, 4 rows of x at a time, then 2, then 1. Each output is one
+// accumulator's sum in the same order whatever the tile, so a row's results don't depend on M (the bits of a
+// request's token are the same whatever the batch it decodes in).
 template <int TN>
 inline void column_block(const float* x, int64_t ldx, const uint16_t* w, const uint16_t* b, uint16_t* y,
                          int64_t ldy, int64_t M, int64_t n0, int64_t K) {
@@ -70,28 +83,15 @@ inline void column_block(const float* x, int64_t ldx, const uint16_t* w, const u
   for (int j = 0; j < TN; ++j) bias[j] = b ? bf16_to_f32(b[n0 + j]) : 0.0f;
   const uint16_t* wn = w + n0 * K;
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) {
-    float out[2][TN];
-    tile<2, TN>(x + m * ldx, ldx, wn, K, out);
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < TN; ++j) y[(m + i) * ldy + n0 + j] = f32_to_bf16(out[i][j] + bias[j]);
-  }
-  if (m < M) {
-    float out[1][TN];
-    tile<1, TN>(x + m * ldx, ldx, wn, K, out);
-    for (int j = 0; j < TN; ++j) y[m * ldy + n0 + j] = f32_to_bf16(out[0][j] + bias[j]);
-  }
+  for (; m + 4 <= M; m += 4) rows_tile<4, TN>(x, ldx, wn, bias, y, ldy, m, n0, K);
+  for (; m + 2 <= M; m += 2) rows_tile<2, TN>(x, ldx, wn, bias, y, ldy, m, n0, K);
+  if (m < M) rows_tile<1, TN>(x, ldx, wn, bias, y, ldy, m, n0, K);
 }
 
-}  // namespace
-
-extern "C" {
-
-// y (M, N) bf16, row stride ldy = x (M, K) float32, row stride ldx @ w (N, K) bf16 row-major ^T + b (N) bf16 or
-// null. Columns are split over `nthreads` OpenMP threads in blocks of 4 weight rows; each weight row is read
-// from memory once per call (few rows: decode), whatever M.
-void memfit_avx2_linear_bf16(const float* x, int64_t ldx, const uint16_t* w, const uint16_t* b, uint16_t* y,
-                             int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+// The product of x (M, K) float32, row stride ldx, and w: columns split over `nthreads` OpenMP threads in blocks
+// of 3 weight rows (8 at M = 1); each weight row is read from memory once per call (few rows: decode), whatever M.
+void linear_f32x(const float* x, int64_t ldx, const uint16_t* w, const uint16_t* b, uint16_t* y, int64_t ldy,
+                 int64_t M, int64_t N, int64_t K, int nthreads) {
   if (M == 1) {  // bound by reading w: 8 rows at a time keep 8 streams and 8 FMA chains in flight
     const int64_t blocks = N / 8;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -99,10 +99,33 @@ void memfit_avx2_linear_bf16(const float* x, int64_t ldx, const uint16_t* w, con
     for (int64_t n = blocks * 8; n < N; ++n) column_block<1>(x, ldx, w, b, y, ldy, M, n, K);
     return;
   }
-  const int64_t blocks = N / 4;
+  // 3 weight rows against 4 x rows: 12 accumulators, fewer widenings per FMA than 4 x 2 (Zen 3, 1 thread,
+  // M = 8, (2048 x 768): 33-35 G multiply-adds per CPU second against 25-27; the widening shares the FMA ports)
+  const int64_t blocks = N / 3;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-  for (int64_t nb = 0; nb < blocks; ++nb) column_block<4>(x, ldx, w, b, y, ldy, M, nb * 4, K);
-  for (int64_t n = blocks * 4; n < N; ++n) column_block<1>(x, ldx, w, b, y, ldy, M, n, K);
+  for (int64_t nb = 0; nb < blocks; ++nb) column_block<3>(x, ldx, w, b, y, ldy, M, nb * 3, K);
+  for (int64_t n = blocks * 3; n < N; ++n) column_block<1>(x, ldx, w, b, y, ldy, M, n, K);
+}
+
+}  // namespace
+
+extern "C" {
+
+// y (M, N) bf16, row stride ldy = x (M, K) bf16, row stride ldx @ w (N, K) bf16 row-major ^T + b (N) bf16 or null.
+// x is widened here, once per call, into M x K float32 of the heap (exact; freed on return): doing it in Python
+// (x.float()) cost an ATen call and an allocation per linear, ~5 us of a 20-40 us decode linear of a 0.1B model.
+void memfit_avx2_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, const uint16_t* b, uint16_t* y,
+                             int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+  if (M <= 0 || N <= 0) return;
+  std::unique_ptr<float[]> xf(new float[M * K]);  // (M, K), row stride K; uninitialised: every value written below
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* src = x + m * ldx;
+    float* dst = xf.get() + m * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load_bf16x8(src + k));
+    for (; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
+  }
+  linear_f32x(xf.get(), K, w, b, y, ldy, M, N, K, nthreads);
 }
 
 // The core's float32 FMA peak: `iters` rounds of 12 independent 8-lane FMA chains per thread (enough to cover
