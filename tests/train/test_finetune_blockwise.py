@@ -133,7 +133,7 @@ import json, sys
 from memfit.llm.models import ModelConfig
 from memfit.train.finetune.designs import MemAscend
 from memfit.train.finetune.trainer import FinetuneConfig, run
-MemAscend.blockwise_gradients = sys.argv[1] == "1"
+setattr(MemAscend, sys.argv[5], sys.argv[1] == "1")  # the design flag under test, on or off
 cfg = FinetuneConfig(model="memfit-tiny", data=sys.argv[2], offload="ssd", ssd_dir=sys.argv[3],
                      host_memory="memascend", steps=2, batch_size=1, seq_len=64, dtype="bfloat16", seed=0,
                      model_config=ModelConfig(**json.loads(sys.argv[4])), grad_checkpointing="device",
@@ -144,22 +144,37 @@ print(json.dumps({"peak": r.peak_rss_bytes, "baseline": r.host_memory["baseline_
 """
 
 
-def test_blockwise_lowers_the_kernel_measured_peak(tmp_path):
-    """Fresh processes, VmHWM (the kernel's high-water mark): the peak falls by at least 3/4 of the bytes the
-    streamed buffer no longer holds: 4 per element of the embedding (the largest group) beyond the largest
-    layer."""
+# a 2-layer model whose (32768, 512) embedding and untied head are the largest groups
+FRESH_SHAPE = dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                   num_attention_heads=8, num_key_value_heads=8, head_dim=64, torch_dtype="bfloat16")
+
+
+def fresh_runs(tmp_path: Path, flag: str) -> dict[str, dict]:
+    """2 steps of FRESH_SHAPE (memascend, SSD) in a fresh process each with MemAscend.<flag> on ("1") and off
+    ("0"): peak (VmHWM), baseline, losses and pools of each."""
     data = write_chat_data(tmp_path / "chat.jsonl")
-    shape = dict(vocab_size=32768, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                 num_attention_heads=8, num_key_value_heads=8, head_dim=64, torch_dtype="bfloat16")
     runs = {}
     for on in ("1", "0"):
         (tmp_path / on).mkdir()
-        done = subprocess.run([sys.executable, "-c", _WORKER, on, str(data), str(tmp_path / on), json.dumps(shape)],
+        done = subprocess.run([sys.executable, "-c", _WORKER, on, str(data), str(tmp_path / on),
+                               json.dumps(FRESH_SHAPE), flag],
                               capture_output=True, text=True, cwd=ROOT, timeout=600,
                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
         assert done.returncode == 0, done.stderr[-2000:]
         runs[on] = json.loads(done.stdout.strip().splitlines()[-1])
-    groups = make_groups(skeleton(ModelConfig(**{k: v for k, v in shape.items() if k != "torch_dtype"})))
+    return runs
+
+
+def fresh_groups():
+    return make_groups(skeleton(ModelConfig(**{k: v for k, v in FRESH_SHAPE.items() if k != "torch_dtype"})))
+
+
+def test_blockwise_lowers_the_kernel_measured_peak(tmp_path):
+    """Fresh processes, VmHWM (the kernel's high-water mark): the peak falls by at least 3/4 of the bytes the
+    streamed buffer no longer holds: 4 per element of the embedding (the largest group) beyond the largest
+    layer."""
+    runs = fresh_runs(tmp_path, "blockwise_gradients")
+    groups = fresh_groups()
     expected = 4 * (groups[0].numel - max(g.numel for g in groups[1:-1]))  # ~57 MB
     on, off = runs["1"], runs["0"]
     assert on["losses"] == off["losses"]

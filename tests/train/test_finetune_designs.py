@@ -62,13 +62,22 @@ def test_pools_of_a_llama_shape():
     assert zi_param == {(int(1e8) * 2 + 4095) // 4096 * 4096: 5}  # 5 x 1e8 elements (aligned), whatever the model
     ma_param = ma.param_classes(groups, 2, in_flight=4)
     slot = lambda n: (n * 2 + 4095) // 4096 * 4096  # noqa: E731  (bf16 bytes, O_DIRECT-aligned)
-    # Three units hold slots at once (the prefetcher's depth 2, plus the unit computed): the embedding and the
-    # untied head, at the two ends of the fetch schedule, never together, share one slot (the head's, 768
-    # elements larger); three consecutive units hold at most two layers.
-    assert ma_param == {slot(groups[-1].numel): 1, slot(layer): 2}
+    # Three units hold slots at once (the prefetcher's depth 2, plus the unit computed). With the vocabulary
+    # matrices read in row blocks (vocab.py) the embedding and the head fetch nothing whole: three layer slots
+    # (three consecutive layers of the schedule) and two block slots of 1024 rows, in a pool of their own.
+    assert ma_param == {slot(layer): 3}
+    block = (1024 * 768 * 2 + 4095) // 4096 * 4096 + 2 * 4096
+    assert ma.block_classes(groups, 2) == {block: 2} and zi.block_classes(groups, 2) == {}
     tied = make_groups(skeleton(dataclasses.replace(LLAMA_01B, tie_word_embeddings=True)))
-    # tied: the head unit reads the embedding too, beside two layers, and the final norm's own small slot
-    assert ma.param_classes(tied, 2, in_flight=4) == {slot(embed): 1, slot(layer): 2, slot(tied[-1].numel): 1}
+    assert ma.param_classes(tied, 2, in_flight=4) == {slot(layer): 3}
+    whole = MemAscend()
+    whole.vocab_blocks = False  # whole groups: the embedding and the untied head, at the two ends of the fetch
+    # schedule, never together, share one slot (the head's, 768 elements larger); three consecutive units hold
+    # at most two layers (the third slot is the shared one). Tied: the head unit reads the embedding too,
+    # beside two layers, and the final norm's own small slot.
+    assert whole.param_classes(groups, 2, in_flight=4) == {slot(groups[-1].numel): 1, slot(layer): 2}
+    assert whole.param_classes(tied, 2, in_flight=4) == {slot(embed): 1, slot(layer): 2, slot(tied[-1].numel): 1}
+    assert whole.block_classes(groups, 2) == {}
     assert sum(b * c for b, c in ma_param.items()) < 0.2 * sum(b * c for b, c in zi_param.items())
     # Optimizer: DeepSpeed sizes 4 slots for its largest sub-group, which below sub_group_size (1e9 elements)
     # is the whole model; MemAscend 3 of the layer class, capped at the aio engine's 8 MiB in flight (2M fp32).

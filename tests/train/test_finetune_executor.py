@@ -57,6 +57,7 @@ def test_embedding_backward_adds_autograds_gradient_without_the_dense_matrix(tmp
     from memfit.train.finetune.designs import MemAscend
 
     monkeypatch.setattr(MemAscend, "blockwise_gradients", False)  # the path that adds into the buffer
+    monkeypatch.setattr(MemAscend, "vocab_blocks", False)  # whole groups fetched (blocks: test_finetune_vocab.py)
     monkeypatch.setattr(ex.StepExecutor, "_embedding_backward", spy)
     monkeypatch.setattr(GroupStore, "fetch", count)
     result = run(cfg(model, tmp_path, steps=1, offload="ssd", host_memory="memascend", dtype="bfloat16"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 
+import pytest
 import torch
 
 from memfit.llm.models import ModelConfig
@@ -50,7 +51,8 @@ def test_zero_infinity_reads_parameters_from_the_host_copy_not_the_ssd(tmp_path)
     assert r.host_memory["pools"]["parameter copy (flat)"] == 2 * n == r.host_memory["planned"]["parameter copy (flat)"]
     memascend = run(cfg(tiny, tmp_path / "ma", offload="ssd", host_memory="memascend", steps=2))
     assert "parameter copy (flat)" not in memascend.host_memory["pools"]
-    assert memascend.losses == r.losses
+    # memascend's head reads its matrix in row blocks with an online log-sum-exp (vocab.py): other rounding
+    assert memascend.losses == pytest.approx(r.losses, rel=1e-5)
     # sub_group_size tuned down: the same arithmetic and SSD traffic through smaller optimizer slots
     tuned = run(cfg(tiny, tmp_path / "zt", offload="ssd", host_memory="zero-infinity-tuned", steps=2))
     assert tuned.losses == r.losses

@@ -15,6 +15,7 @@ from memfit.memory.budget import format_bytes
 from memfit.train.finetune.designs import HostMemoryDesign
 from memfit.train.finetune.gradients import StreamedLayout, head_matrix_group
 from memfit.train.finetune.units import HEAD_GRAD_ROWS, LOGIT_BYTES_PER_ENTRY, Group
+from memfit.train.finetune.vocab import BLOCK_TOKENS
 
 
 class BudgetTooSmall(MemoryError):
@@ -52,7 +53,8 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
         pools["model states"] = sum(design.reserved(4 * g.numel) * 3 + (design.reserved(copy * g.numel) if copy else 0)
                                     for g in groups)
     else:
-        pools["param swap pool"] = sum(b * c for b, c in design.param_classes(groups, itemsize, in_flight).items())
+        classes = [design.param_classes(groups, itemsize, in_flight), design.block_classes(groups, itemsize)]
+        pools["param swap pool"] = sum(b * c for cl in classes for b, c in cl.items())
         pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups).items())
         if design.host_param_copy(groups):
             pools["parameter copy (flat)"] = design.reserved(itemsize * n)
@@ -67,9 +69,11 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     # 10 C + 3 I values per token per layer: norms, q/k/v/o, attention output, gate/up/act).
     per_layer = 2 * c if recompute else 10 * c + 3 * i
     pools["activations (estimate)"] = tokens * itemsize * (per_layer * layers + 10 * c + 3 * i)
-    # One chunk of the head's logits at a time (units.py): logits, float32 copy, log-softmax, gradients.
+    # One chunk of the head's logits at a time (units.py): logits, float32 copy, log-softmax, gradients; with
+    # vocab_blocks one block of rows for a pass of target tokens (vocab.py)
     chunk = tokens if loss_chunk is None else min(tokens, loss_chunk)
-    pools["logits and loss (estimate)"] = chunk * v * LOGIT_BYTES_PER_ENTRY
+    pools["logits and loss (estimate)"] = (min(tokens, BLOCK_TOKENS) * min(v, HEAD_GRAD_ROWS) if design.vocab_blocks
+                                           else chunk * v) * LOGIT_BYTES_PER_ENTRY
     if streamed is not None and head_matrix_group(groups, model_cfg.tie_word_embeddings) in streamed.blockwise:
         # the head's kept factors (units.HeadRows): the logits' gradients, and one float32 block of rows made
         # from them with its compute-dtype product

@@ -31,6 +31,7 @@ from memfit.memory.aio import AioEngine, ExtentFile, FilePerKey
 from memfit.memory.hostpool import IO_ALIGN, HostBuffer, SlotPool, aligned_buffer, caching_pinned_buffer, next_pow2
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.units import Group, unit_groups
+from memfit.train.finetune.vocab import BLOCK_SLOTS, block_slot_bytes
 
 DESIGNS = ("zero-infinity", "zero-infinity-tuned", "memascend")
 PIECE_ALIGN = 4096  # elements: a piece of any dtype (>= 1 byte) starts on an O_DIRECT boundary
@@ -48,6 +49,10 @@ class HostMemoryDesign:
     # streamed only: an untied embedding's and head's gradients made a block of vocabulary rows at a time as
     # the update reads them (gradients.blockwise_groups), never whole
     blockwise_gradients = False
+    # the embedding's forward and the head read their (V, C) matrix a block of rows at a time (vocab.py): the
+    # parameter pool holds two block slots instead of a slot of the matrix; the head's log-sum-exp runs over
+    # blocks (online softmax), so its losses equal the dense head's to rounding, not bit for bit
+    vocab_blocks = False
 
     def __init__(self) -> None:
         self.engine: AioEngine | None = None
@@ -74,6 +79,11 @@ class HostMemoryDesign:
 
     def param_pool(self, groups: list[Group], itemsize: int, in_flight: int) -> SlotPool:
         return SlotPool("param swap pool", self.param_classes(groups, itemsize, in_flight), aligned_buffer)
+
+    def block_classes(self, groups: list[Group], itemsize: int) -> dict[int, int]:
+        """With vocab_blocks, the slots the (V, C) matrices are read into a block of rows at a time (their own
+        pool: the prefetcher's layers never take them, nor they a layer's): slot bytes -> count."""
+        return {}
 
     def host_param_copy(self, groups: list[Group]) -> bool:
         """Whether the compute-dtype parameters of an SSD-offloaded run stay whole in host memory (one flat
@@ -193,6 +203,7 @@ class MemAscend(HostMemoryDesign):
     name = "memascend"
     stream_gradients = True
     blockwise_gradients = True
+    vocab_blocks = True
 
     def host_buffer(self, nbytes: int) -> HostBuffer:
         return aligned_buffer(nbytes)
@@ -201,7 +212,20 @@ class MemAscend(HostMemoryDesign):
         return round_up(max(nbytes, 1), IO_ALIGN)
 
     def param_classes(self, groups: list[Group], itemsize: int, in_flight: int) -> dict[int, int]:
-        return _schedule_classes(groups, itemsize, in_flight - 1)
+        classes = _schedule_classes(groups, itemsize, in_flight - 1, self.vocab_blocks)
+        # the largest slot also takes an optimizer piece's compute copy (the initial write and a flat update
+        # make it there), which a tiny model's layer slot may not hold once no slot is the embedding's
+        piece = round_up(self.optimizer_piece(groups) * itemsize, IO_ALIGN)
+        if not classes or max(classes) < piece:
+            top = max(classes, default=0)
+            if top:
+                classes[top] -= 1
+                classes = {b: c for b, c in classes.items() if c}
+            classes[piece] = classes.get(piece, 0) + 1
+        return classes
+
+    def block_classes(self, groups: list[Group], itemsize: int) -> dict[int, int]:
+        return {block_slot_bytes(groups, itemsize): BLOCK_SLOTS} if self.vocab_blocks else {}
 
     def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
         return {self.optimizer_piece(groups) * 4: 3}  # master, exp_avg, exp_avg_sq of the piece in hand
@@ -234,7 +258,7 @@ class MemAscend(HostMemoryDesign):
         return 8 * min(n, OVERFLOW_CHUNK) + 64  # isfinite on one chunk: an fp32 abs() copy, bool masks, scalars
 
 
-def _schedule_classes(groups: list[Group], itemsize: int, window: int) -> dict[int, int]:
+def _schedule_classes(groups: list[Group], itemsize: int, window: int, blocked: bool = False) -> dict[int, int]:
     """Slot bytes -> count for the step's fetch schedule (executor.py: units embed .. head, then back down to
     layer 0: the embedding's backward fetches nothing), of which at most `window` consecutive units hold slots at once (the prefetcher's
     depth + 1). The i-th largest slot is the largest i-th largest group over every window, so whatever is in
@@ -242,6 +266,8 @@ def _schedule_classes(groups: list[Group], itemsize: int, window: int) -> dict[i
     of the schedule, share one slot, and only `window` layers' slots are kept."""
     tied = not any(name == "lm_head.weight" for name, _ in groups[-1].params)
     units = unit_groups(groups, tied)
+    if blocked:  # the embedding and the head read their groups in blocks (vocab.py): no whole slot
+        units = [[]] + units[1:-1] + [[]]
     schedule = units + units[-2:0:-1]
     sizes = [round_up(g.numel * itemsize, IO_ALIGN) for g in groups]
     slots: list[int] = []

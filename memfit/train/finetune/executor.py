@@ -4,7 +4,9 @@ Order of a step (K = layers + 2 units: embed, layers, head):
   forward  units 0 .. K-2 (no graph kept when recomputing: only each unit's input is saved, the
            activation checkpoint, on the device or in host memory);
   head     forward and backward at once (its weights are fetched once for both), its logits a chunk of
-           tokens at a time (units.py: never the whole (tokens, vocabulary) matrix);
+           tokens at a time (units.py: never the whole (tokens, vocabulary) matrix); with vocab_blocks
+           (memascend) it and the embedding's forward fetch nothing whole: their (V, C) matrix is read in row
+           blocks (vocab.py), the head's logits with a running log-sum-exp;
   backward units K-2 .. 1: fetch the unit's weights again, recompute its forward from the saved input with
            autograd on, backpropagate the incoming gradient, add the weight gradients into the group's fp32
            gradient (store.grad), hand the input gradient to the unit before; then tell the store which
@@ -35,6 +37,7 @@ from memfit.train.finetune.gradients import DenseGrad, PieceGrad, RowBlocks, emb
 from memfit.train.finetune.store import GroupStore
 from memfit.train.finetune.units import (HEAD_GRAD_ROWS, Batch, Group, HeadRows, State, UnitRunner,
                                          embedding_grad_rows)
+from memfit.train.finetune.vocab import unit_weights
 
 
 class Prefetcher:
@@ -83,6 +86,7 @@ class StepConfig:
     recompute: bool = True
     checkpoints_on_host: bool = False
     depth: int = 2
+    vocab_blocks: bool = False  # the embedding's forward and the head read their (V, C) matrix in row blocks
 
 
 class StepExecutor:
@@ -95,9 +99,13 @@ class StepExecutor:
         for gi, k in enumerate(last_units(unit_groups, len(groups))):
             self.completes.setdefault(k, []).append(gi)
         self.blockwise = store.streamed.blockwise if store.streamed is not None else frozenset()
+        # units that fetch nothing whole: they read their groups through vocab.unit_weights (embed and head)
+        self.blocked = {0, len(unit_groups) - 1} if cfg.vocab_blocks else set()
 
     def _weights(self, k: int, fetched, grad: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, str, torch.Tensor]]]:
         """name -> weight tensor for unit k; with grad, also (group, name, leaf) to collect gradients from."""
+        if k in self.blocked:
+            return unit_weights(self.store, self.groups, self.unit_groups[k], grad)
         weights, leaves = {}, []
         for gi, (flat, _slot) in zip(self.unit_groups[k], fetched):
             for name, view in self.groups[gi].views(flat).items():
@@ -139,7 +147,8 @@ class StepExecutor:
         schedule = list(range(n_units))
         if self.cfg.recompute:  # the layers again for the backward; the embedding's needs no weights
             schedule += list(range(head - 1, 0, -1))
-        fetcher = Prefetcher(self.store, [self.unit_groups[k] for k in schedule], self.cfg.depth)
+        fetch = [[] if k in self.blocked else self.unit_groups[k] for k in schedule]
+        fetcher = Prefetcher(self.store, fetch, self.cfg.depth)
         try:
             return self._run(batch, loss_scale, fetcher, head)
         finally:

@@ -31,12 +31,13 @@ from memfit.train.finetune.gradients import PieceGrad, StreamedLayout
 from memfit.train.finetune.optim import AdamW
 from memfit.train.finetune.placement import Placement
 from memfit.train.finetune.units import Group
+from memfit.train.finetune.vocab import SpanReads
 
 TIERS = ("none", "host", "ssd")
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-class GroupStore(GradientsMixin):
+class GroupStore(GradientsMixin, SpanReads):
     def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
                  device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4,
                  placement: Placement | None = None, streamed: StreamedLayout | None = None) -> None:
@@ -59,6 +60,7 @@ class GroupStore(GradientsMixin):
         self._fresh_used = 0  # elements of `_fresh` the current sub-group has taken
         self._init_gradients(streamed)
         self.param_pool: SlotPool | None = None
+        self.block_pool: SlotPool | None = None
         self.opt_pool: SlotPool | None = None
         self.space = None
         self._tensors: list[dict[str, torch.Tensor]] = []
@@ -79,9 +81,12 @@ class GroupStore(GradientsMixin):
                     sizes[f"{g.name}.param"] = g.numel * self.itemsize
             self.space = design.swap_space(Path(ssd_dir), sizes)
             self.param_pool = design.param_pool(groups, self.itemsize, in_flight)
+            blocks = design.block_classes(groups, self.itemsize)  # vocab.py's row blocks of the (V, C) matrices
+            self.block_pool = SlotPool("param block slots", blocks) if blocks else None
             self.piece = design.optimizer_piece(groups)
             self.opt_pool = design.optimizer_pool(groups)
-            self.pools["param swap pool"] = self.param_pool.reserved_bytes
+            self.pools["param swap pool"] = self.param_pool.reserved_bytes + (
+                self.block_pool.reserved_bytes if blocks else 0)
             self.pools["optimizer swap pool"] = self.opt_pool.reserved_bytes
         else:
             held = 0

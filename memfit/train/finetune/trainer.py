@@ -214,7 +214,8 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
         except WeightsError as exc:
             raise FinetuneError(str(exc)) from None
     executor = StepExecutor(UnitRunner(model, cfg.loss_chunk_tokens), groups, units, store,
-                            StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth))
+                            StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth,
+                                       store.design.vocab_blocks))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     losses, seconds, opt_seconds, skipped, ckpt = [], [], [], [], None
     checkpoint_peak = allocator_peak = 0

@@ -130,7 +130,9 @@ class UnitRunner:
         """Units 0 .. n_layers (embed and decoder layers); the head goes through `head_step`."""
         m = self.model
         if k == 0:
-            return (F.embedding(batch.ids.reshape(-1), weights["model.embed_tokens.weight"]),)  # (N, C)
+            w = weights["model.embed_tokens.weight"]  # (V, C), or read in row blocks (vocab.VocabReader)
+            ids = batch.ids.reshape(-1)
+            return (F.embedding(ids, w) if isinstance(w, torch.Tensor) else w.embed(ids),)  # (N, C)
         if k > self.n_layers:
             raise ValueError(f"unit {k} is the head: use head_step")
         i = k - 1
@@ -165,6 +167,8 @@ class UnitRunner:
         `head_grad` a `HeadRows`: the chunks' factors (hc, g) are kept instead, and the float32 gradient is
         made later a block of rows at a time by the same products (streamed updates of an untied head).
         """
+        if not isinstance(weights[self.head_weight], torch.Tensor):  # read in row blocks (vocab.VocabReader)
+            return weights[self.head_weight].head_step(self, weights, state, batch, loss_scale, head_grad)
         x, residual = state
         # h: (N, C) with autograd back to x, residual and the norm weight
         h = self.model.model.norm.ops.add_rms_norm(x, residual, weights["model.norm.weight"], self.cfg.rms_norm_eps)[1]
