@@ -14,10 +14,12 @@ warms each up with one prompt; medians of --reps rounds, process CPU time, wall 
   token only.
 
 The peak is this core's float32 FMA rate (avx2/bf16_linear.cpp's loop, CPU time, the best of the runs before and
-after): with no bf16 multiply, a bf16 matmul here runs on that unit at best. Decode: the median CPU ms of 24 decode
-steps at batch 1 and 8 (benchmarks/prefill.decode_steps's workload), memfit and memfit_previous alternating, 3 each.
+after): with no bf16 multiply, a bf16 matmul here runs on that unit at best. Decode, at batch 1 and 8
+(benchmarks/prefill.decode_steps's workload: prompts of 32 random tokens, greedy): memfit, memfit_previous and
+memfit_fp32 held at once and stepped in turn, one decode step each per round, --decode-steps rounds; the median
+CPU ms of a step, with the medians of each third of the rounds beside it (how much the load moved them).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.prefill_avx2 --threads 1 --out benchmarks/results/prefill_avx2.json
+    OMP_NUM_THREADS=1 taskset -c 1 python -m benchmarks.prefill_avx2 --threads 1 --out benchmarks/results/prefill_avx2.json
 
 Prints one JSON object; --out also writes it.
 """
@@ -40,7 +42,7 @@ import torch
 
 from benchmarks.common import emit, header, pin_threads
 from benchmarks.decode_setup import SHAPES, make_model_dir
-from benchmarks.prefill import Clock, decode_steps, matmul_macs, summarise
+from benchmarks.prefill import Clock, matmul_macs, summarise
 
 
 def fma_peak(reps: int = 5, iters: int = 4_000_000) -> float:
@@ -77,6 +79,37 @@ def memfit_system(path: Path, dtype: str, prepack: bool):
     return run, eng.close, eng.backends.cpu_linear
 
 
+def decode_interleaved(engines: dict[str, tuple[Path, str, bool]], batch: int, steps: int) -> dict:
+    """Per-step CPU ms of each engine ((checkpoint, dtype, prepack) by name) decoding `batch` sequences, the engines
+    stepped in turn so a change of load hits them all alike: median, and the medians of each third of the steps."""
+    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine.params import SamplingParams
+
+    live = {}
+    for name, (path, dtype, prepack) in engines.items():
+        eng = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="2GiB", max_num_seqs=batch,
+                                     max_model_len=512, prepack=prepack))
+        g = torch.Generator().manual_seed(batch)  # the same prompts for every engine
+        for _ in range(batch):
+            eng.add_request(prompt_token_ids=torch.randint(0, 32000, (32,), generator=g).tolist(),
+                            params=SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True))
+        for _ in range(4):  # prefill and warm-up
+            eng.step()
+        live[name] = eng
+    times: dict[str, list[float]] = {n: [] for n in live}
+    for _ in range(steps):
+        for name, eng in live.items():
+            t = time.process_time()
+            eng.step()
+            times[name].append((time.process_time() - t) * 1e3)
+    for eng in live.values():
+        eng.close()
+    third = max(1, steps // 3)
+    return {n: {"ms": round(statistics.median(v), 2),
+                "thirds_ms": [round(statistics.median(v[i:i + third]), 2) for i in range(0, third * 3, third)]}
+            for n, v in times.items()}
+
+
 def transformers_system(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -99,6 +132,7 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-steps", type=int, default=48, help="decode rounds (one step of each engine a round)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -138,14 +172,15 @@ def main() -> int:
         for _, close, _ in systems.values():
             close()
         decode = []
+        engines = {"memfit": (paths["bfloat16"], "bfloat16", True),
+                   "memfit_previous": (paths["bfloat16"], "bfloat16", False),
+                   "memfit_fp32": (paths["float32"], "float32", True)}
         for b in () if args.no_decode else (1, 8):
-            t: dict[str, list[float]] = {"memfit_ms": [], "memfit_previous_ms": []}
-            for _ in range(3):
-                t["memfit_ms"].append(decode_steps(paths["bfloat16"], b, False, prepack=True))
-                t["memfit_previous_ms"].append(decode_steps(paths["bfloat16"], b, False, prepack=False))
-            row = {"batch": b, **{k: round(statistics.median(v), 2) for k, v in t.items()},
-                   "runs": {k: [round(x, 2) for x in v] for k, v in t.items()}}
+            got = decode_interleaved(engines, b, args.decode_steps)
+            row = {"batch": b, **{f"{n}_ms": r["ms"] for n, r in got.items()},
+                   "thirds_ms": {n: r["thirds_ms"] for n, r in got.items()}, "load_avg": round(os.getloadavg()[0], 2)}
             row["previous_over_now"] = round(row["memfit_previous_ms"] / row["memfit_ms"], 3)
+            row["fp32_over_now"] = round(row["memfit_fp32_ms"] / row["memfit_ms"], 3)
             decode.append(row)
             print(f"decode batch {b}: {row}", file=sys.stderr)
     peaks.append(fma_peak())
@@ -154,7 +189,7 @@ def main() -> int:
     rows = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems}
     result = {"benchmark": "prefill_avx2", **header(args.threads),
               "machine_note": "x86 without AVX-512/avx512_bf16/AMX (AVX2 + FMA + F16C): no native bf16 multiply",
-              "timer": "process CPU time, median (wall beside it)",
+              "timer": "process CPU time, median (wall beside it)", "cpu_affinity": sorted(os.sched_getaffinity(0)),
               "load_avg_before": [round(x, 2) for x in load_before], "load_avg_rounds": loads,
               "load_avg_after": [round(x, 2) for x in os.getloadavg()],
               "prompts": args.prompts, "prompt_len": args.prompt_len, "reps": args.reps, "matmul_macs": macs,
