@@ -7,10 +7,12 @@ exactly (it is a float32's top half), so both paths below compute in float32 fro
 
 - few rows (decode, M <= FEW_ROWS): memfit's AVX2 kernel (avx2/bf16_linear.cpp) widens each weight row in
   registers and multiplies with FMA, reading every weight once per call; where it can't be built, aten's bf16
-  matmul. A decode step of a 0.1B model makes 85 such calls of 15-150 us, so the Python around each is kept to
-  one ctypes call: x goes in as bf16 (the kernel widens it), y is written into the step arena's region where the
-  model hands one (`takes_out`), parameters are read from `_parameters`. A 1-row call on an 8 x 64 weight (Zen 3,
-  one thread) went from 24-26 to 9.1-9.3 us, of which the ctypes call and kernel are 3.8 (aten's nn.Linear: 6.8);
+  matmul. A decode step of a 0.1B model makes 85 such calls of 15 us to 5 ms, so the Python around each is kept
+  to one ctypes call: x goes in as bf16 (the kernel widens it) and parameters are read from `_parameters`. y is
+  written into a region the model hands (`takes_out`) where there is one, but the step arena that hands them is
+  built only where memfit's AVX-512 decode ops run, so on the hosts this path runs on y is made per call. A 1-row
+  call on an 8 x 64 weight (Zen 3, one thread) went from 24-26 to 9.1-9.3 us, of which the ctypes call and
+  kernel are 3.8 (aten's nn.Linear: 6.8);
 - many rows (prefill): x is widened once (M x K float32), then W a block of BLOCK_N output rows at a time into
   a fixed float32 scratch (BLOCK_N x K) for MKL's float32 GEMM; rows of x go in blocks of BLOCK_M, so the
   scratch is bounded whatever the step (`scratch_bytes`) and lives in one HostArena (memfit/memory/host.py)
@@ -101,7 +103,7 @@ class Bf16UpcastLinear(nn.Module):
         self.scratch = scratch
         self._lib = load_avx2()
 
-    takes_out = True  # models/llama.py's _linear hands a step arena's region for y: no allocation per call
+    takes_out = True  # models/llama.py's _linear hands y's region in a step arena where one is built
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         params = self._parameters
