@@ -10,8 +10,9 @@ Needs a labelled dataset, built by the commands (it is not committed):
 Reports: the label noise floor (MAPE of one timing of a kernel predicting another); on held-out shapes the
 latency MAPE / Spearman / Kendall of the sequence model, LightGBM and the roofline, per family, against the
 targets (MAPE <= max(10%, 2x noise), Spearman >= 0.95, beat both baselines); on each held-out family the
-same figures; and in the loop, over the held-out shapes' tuning candidates (16 matmul tile sizes each), how
-often the model's pick is within 5% of the measured best, and its speed-up over IREE's default.
+same figures; and in the loop, over the held-out shapes' tuning candidates (20 matmul tile sizes each, at
+least 16 compile), how often the model's pick is within 5% of the measured best, and its speed-up over IREE's
+default.
 Prints one JSON object; --out also writes it and the predicted-against-measured PNG beside it.
 `--loop` runs the in-the-loop benchmark alone (the tile ranker; benchmarks/costmodel_loop.py).
 """
@@ -40,7 +41,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=None, help="nets in the ensemble (default: FitConfig's)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
-                    help="only add SHAPES matmul shapes x (16 tiles + default) to the dataset, then exit")
+                    help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch

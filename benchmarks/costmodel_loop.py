@@ -3,7 +3,7 @@ train on, by the tile ranker, by the shipped sequence model, and by LightGBM on 
 
 Needs the tuned_matmul family labelled (it is not committed):
 
-    python -m benchmarks.costmodel --add-tuned 90 --db tuned.db      # 90 shapes x (17 tiles + IREE default)
+    python -m benchmarks.costmodel --add-tuned 90 --db tuned.db      # 90 shapes x (20 tiles + IREE default)
     memfit costmodel label --db tuned.db --family tuned_matmul        # 1 worker
     OMP_NUM_THREADS=1 python -m benchmarks.costmodel --loop --db tuned.db [--remeasure] \\
         --out benchmarks/results/costmodel_loop.json
