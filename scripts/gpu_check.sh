@@ -6,6 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/memfit-gpu}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1   # the whole run's output also comes back as one file
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 py=python3
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -14,9 +15,9 @@ step environment
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; from cuda.bindings import driver; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), 'transformers', transformers.__version__)"
 
-step "pytest -m cuda (arena, KV caches, loader, sampling, whole engine)"
-timeout 150 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/memory tests/llm \
-    --ignore=tests/llm/server 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
+step "pytest -m cuda (arena, KV caches, swap, loader, sampling, speculative, whole engine, fine-tuning)"
+timeout 240 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/memory tests/llm tests/train \
+    --ignore=tests/llm/server 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
 
 step "NCCL at N = 1 (tensor parallelism's group on CUDA; a one-GPU machine cannot run N > 1)"
 timeout 60 $py -m pytest -q -p no:cacheprovider -m cuda -o addopts="-ra" tests/llm/parallel 2>&1 | tail -5
