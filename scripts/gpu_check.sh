@@ -27,7 +27,7 @@ timeout 60 $py -m memfit.cli generate --device cuda --speculative-model memfit-t
     --max-tokens 48 --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
 timeout 60 $py -m memfit.cli generate --device cuda --speculative-model memfit-tiny-draft --speculative-tree 3,3 \
     --max-tokens 48 --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
-timeout 60 $py -m memfit.cli generate --device cuda --preemption-mode swap --kv-budget 1MiB --max-tokens 48 \
+timeout 60 $py -m memfit.cli generate --device cuda --preemption-mode swap --kv-budget 8MiB --max-tokens 48 \
     --temperature 0 "def fibonacci(n):" 2>&1 | tail -6
 
 for kv in virtual paged; do

@@ -175,7 +175,7 @@ class Draft:
         # Its KV share: the draft's bytes-per-token fraction of what is left, so both caches hold as many tokens.
         target_bpt = engine.layout.bytes_per_token
         left = engine.ledger.available_bytes
-        cap = cfg.max_num_seqs * kv_cache_class(cfg.kv_cache).full_sequence_bytes(layout, **_kv_options(cfg))
+        cap = kv_cache_class(cfg.kv_cache).all_slots_bytes(layout, cfg.max_num_seqs, **_kv_options(cfg))
         share = min(cap, left * layout.bytes_per_token // (layout.bytes_per_token + target_bpt))
         budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
         return cls(model, mc, layout, budget, backends)

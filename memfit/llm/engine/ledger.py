@@ -95,11 +95,12 @@ def reserve_ssd_staging(config: EngineConfig, ledger: MemoryBudget, device: torc
     return nbytes
 
 
-def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.device, full_sequence_bytes: int,
+def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.device, all_slots_bytes: int,
                    draft_kv_bytes: int = 0) -> int:
     """The KV cache's share: what the ledger has left (less the draft's KV share and, on a CPU, an explicit
     host swap tier), capped by kv_budget or by what every slot could hold at full length
-    (`full_sequence_bytes`: one sequence at max_model_len, with the cache's page or block rounding)."""
+    (`all_slots_bytes`: max_num_seqs sequences at max_model_len, with the cache's page or block rounding, and
+    what the cache charges beside them: KVCacheManager.all_slots_bytes)."""
     left = ledger.available_bytes - draft_kv_bytes  # the draft's KV share is set aside (engine/draft.py)
     swap = swap_bytes(config) if device.type == "cpu" and config.swap_space is not None else 0
     if swap:
@@ -111,7 +112,7 @@ def kv_share_bytes(config: EngineConfig, ledger: MemoryBudget, device: torch.dev
     if config.kv_budget is not None:
         cap = resolve_budget(config.kv_budget, Tier.DEVICE, str(device))
     else:  # room for every sequence slot at full length
-        cap = config.max_num_seqs * full_sequence_bytes
+        cap = all_slots_bytes
     return max(1, min(cap, left))
 
 

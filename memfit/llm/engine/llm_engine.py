@@ -94,7 +94,7 @@ class LLMEngine:
                                           block_groups=config.kv_block_groups)
         ledger.reserve_ssd_staging(config, self.ledger, self.device)  # the SSD tier's O_DIRECT buffers, on a CPU
         kv_share = ledger.kv_share_bytes(config, self.ledger, self.device,
-                                         kv_class.full_sequence_bytes(self.layout, **kv_opts),
+                                         kv_class.all_slots_bytes(self.layout, config.max_num_seqs, **kv_opts),
                                          self.draft.kv_budget.limit_bytes if self.draft is not None else 0)
         self.kv_budget = MemoryBudget(rank.agree_kv_share(kv_share, self.tp), Tier.DEVICE, name="kv_budget",
                                       parent=self.ledger)

@@ -252,6 +252,17 @@ class KVCacheManager(ABC):
         before building the manager, so a full-length request is never refused for rounding alone."""
         return layout.max_seq_len * layout.bytes_per_token
 
+    @classmethod
+    def fixed_bytes(cls, layout: KVLayout, **options: Any) -> int:
+        """Bytes the manager charges its budget beside its sequences' (none here; the virtual cache's CUDA
+        scratch page). The default KV share adds it, so that every slot can still hold a full-length sequence."""
+        return 0
+
+    @classmethod
+    def all_slots_bytes(cls, layout: KVLayout, num_seqs: int, **options: Any) -> int:
+        """Budget for `num_seqs` sequences at full length: the default KV share when no kv_budget is given."""
+        return num_seqs * cls.full_sequence_bytes(layout, **options) + cls.fixed_bytes(layout, **options)
+
     def bytes_needed(self, num_tokens: int) -> int:
         """Bytes one sequence of `num_tokens` commits, with this manager's rounding (pages, blocks).
         Managers override this with their exact figure; the engine uses it to refuse up front a request
@@ -382,6 +393,10 @@ class KVCacheManager(ABC):
         (B, Lpad, Hkv, D). Positions at or past a sequence's `end` hold garbage (finite) and must be masked."""
 
     # ---- layout capabilities (see fixed_stride) ------------------------------------------------
+    def make_slots_readable(self, slots: list[tuple[int, int]]) -> None:
+        """Make the first n positions of each (slot, n) of the `strided` views safe to read (a decode batch
+        that bridges empty slots reads them); caches whose memory is always readable do nothing."""
+
     def strided(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(K, V) of `layer` as (slots, max_len, Hkv, D) views when `fixed_stride`; None otherwise."""
         return None

@@ -361,3 +361,20 @@ def test_engine_on_cuda_preempts_within_a_tight_budget(tiny, kind):
         assert 1 <= most_running <= 2  # the budget, not max_num_seqs, bounded the batch
     else:  # 16-token blocks: sequences grow into the budget and some must be recomputed
         assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])])
+@pytest.mark.parametrize("kind", KV_KINDS)
+def test_engine_runs_on_its_default_kv_share(tiny, kind, device):
+    """No kv_budget: the share is room for every slot at full length plus what the cache charges beside its
+    sequences (the virtual cache's scratch page on CUDA). Before that was added, `memfit generate --device cuda`
+    failed its first step: the scratch page took the room of one sequence's page."""
+    model, _, path = tiny
+    llm = LLM(str(path), kv_cache=kind, dtype="float32", device=device, max_num_seqs=2, max_model_len=128)
+    kv = llm.engine.kv
+    scratch = kv.page if kind == "virtual" and device == "cuda" else 0
+    assert llm.engine.kv_budget.limit_bytes == 2 * kv.bytes_needed(llm.engine.max_model_len) + scratch
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+    for ids, out in zip(PROMPTS, outs):
+        assert_same_greedy(model, ids, out.token_ids, hf_greedy(model, ids, 24))
