@@ -77,11 +77,12 @@ def _fill(kind: str, order: str, layout: KVLayout, data: list[tuple[torch.Tensor
     return cache, sids, perm
 
 
-def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels):
+def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels, bridge=None):
     """One decode step of the batch in `perm` order through CachedAttention -> output rows in data order."""
     steps = [SeqStep(sids[j], ctx, 1) for j in perm]
     idx = torch.tensor(perm, device=q.device)
-    out = CachedAttention(cache, steps, len(steps), D ** -0.5, kernels=kernels)(0, q[idx], k_new[idx], v_new[idx])
+    attn = CachedAttention(cache, steps, len(steps), D ** -0.5, kernels=kernels, bridge=bridge)
+    out = attn(0, q[idx], k_new[idx], v_new[idx])
     return out[torch.argsort(idx)]
 
 
@@ -131,6 +132,9 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
                 fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k))
                 if family == "torch" and kind == "virtual" and order == "out":
                     fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx)
+                    if cuda:  # the runs path on its own: one launch a run of consecutive slots, no bridging
+                        fns["virtual_runs_out_of_order"] = (lambda c=cache, s=sids, p=perm: _decode_step(
+                            c, s, p, qd, kd, vd, ctx, None, bridge=False))
         times = (interleave(fns, reps, warmup=2, sync=torch.cuda.synchronize) if cuda
                  else interleave(fns, reps, warmup=2, clock=time.process_time))
         outs = {name: fn() for name, fn in fns.items()}
@@ -190,7 +194,7 @@ def ratios(row: dict) -> dict:
             continue
         for order, suffix in (("in_order", ""), ("out_of_order", "_out_of_order")):
             best = {kind: min(v for k, v in r.items() if k.startswith(kind) and k.endswith(suffix + "_ms")
-                              and "gather" not in k and (suffix or "out_of_order" not in k))
+                              and "gather" not in k and "runs" not in k and (suffix or "out_of_order" not in k))
                     for kind in ("virtual", "paged")}
             out[f"{family}_{order}"] = round(best["paged"] / best["virtual"], 3)
             if family == "kernel":
@@ -210,7 +214,7 @@ def plot(rows: list[dict], prefill: list[dict], path: str) -> None:
               "virtual_head_major": ("tab:green", "-"), "virtual_head_major_out_of_order": ("tab:green", "--"),
               "paged": ("tab:orange", "-"), "paged_out_of_order": ("tab:orange", "--"),
               "paged_128": ("tab:red", "-"), "paged_128_out_of_order": ("tab:red", "--"),
-              "virtual_gather": ("tab:gray", ":")}
+              "virtual_gather": ("tab:gray", ":"), "virtual_runs_out_of_order": ("tab:purple", ":")}
     for ax, b in zip(axes, batches):
         sel = [r for r in rows if r["batch"] == b]
         for family, marker in (("kernel", "o"), ("torch", "x")):
@@ -225,6 +229,12 @@ def plot(rows: list[dict], prefill: list[dict], path: str) -> None:
         ax.set_title(f"decode, batch {b}")
     axes[0].legend(fontsize=6)
     ax = axes[-1]
+    if not prefill:  # no prefill rows (measured on CPUs only)
+        ax.set_axis_off()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     for name, (color, ls) in (("virtual", styles["virtual"]), ("paged", styles["paged"])):
         ax.plot([r["prompt"] for r in prefill], [r[f"{name}_ms"] for r in prefill], color=color, ls=ls, marker="o",
                 label=name)

@@ -134,13 +134,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     return out.squeeze(2)
 
 
+def bridges_gaps(device: torch.device) -> bool:
+    """Whether decode runs are joined across empty slots: on a GPU, where every run is a launch of its own
+    (kernels/slot_runs.py); on a CPU a run costs little and a gap's reads would be wasted."""
+    return device.type == "cuda"
+
+
 def attend_slot_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, runs: list[SlotRun], scale: float,
                      out: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """q (B, Hq, D) over k_all, v_all (S, Lmax, Hkv, D) strided views, run by run -> out (B, Hq, D)."""
     for run in runs:
-        n = len(run.rows)
+        n = max(run.span, len(run.rows))
         kc, vc = k_all[run.lo : run.lo + n, : run.length], v_all[run.lo : run.lo + n, : run.length]  # views
-        if run.index is None:
+        if run.pos is not None:  # a span bridging gaps: query rows at their slots' positions, the gaps' rows zero
+            qs = q.new_zeros((n, *q.shape[1:]))  # (span, Hq, D)
+            qs.index_copy_(0, run.pos, q.index_select(0, run.index))
+            res = decode_attention(qs, kc, vc, run.lens, scale, workspace)
+            out.index_copy_(0, run.index, res.index_select(0, run.pos))
+        elif run.index is None:
             r0 = run.rows[0]
             out[r0 : r0 + n] = decode_attention(q[r0 : r0 + n], kc, vc, run.lens, scale, workspace)
         else:
@@ -188,8 +199,10 @@ class CachedAttention:
     """
 
     def __init__(self, kv, steps: list, num_decode: int, scale: float, window: int | None = None,
-                 num_real: int | None = None, workspace: Workspace | None = None, kernels=None) -> None:
+                 num_real: int | None = None, workspace: Workspace | None = None, kernels=None,
+                 bridge: bool | None = None) -> None:
         self.kv = kv
+        self.bridge = bridge  # join decode runs across empty slots; None: bridges_gaps(device)
         self.workspace = workspace
         self.num_real = num_real if num_real is not None else sum(s.num_new for s in steps)  # rows past it are padding
         self.steps = steps  # list[SeqStep], decode steps first
@@ -231,8 +244,13 @@ class CachedAttention:
     @functools.cached_property
     def _slot_runs(self) -> list:
         """The decode rows as runs of consecutive slots of a fixed-stride cache (kernels/slot_runs.py), once a step."""
-        plan = self.decode_plan
-        return slot_runs(plan.slots, self.decode_ends, DECODE_PAD, plan.max_end, self.kv.layout.device)
+        plan, device = self.decode_plan, self.kv.layout.device
+        runs = slot_runs(plan.slots, self.decode_ends, DECODE_PAD, plan.max_end, device, 
+                         bridge=bridges_gaps(device) if self.bridge is None else self.bridge)
+        gaps = [(s, run.length) for run in runs for s in run.gaps]
+        if gaps:
+            self.kv.make_slots_readable(gaps)
+        return runs
 
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""

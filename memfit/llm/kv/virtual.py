@@ -184,6 +184,12 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
         _, _, _, segments, seg_bytes = cls._geometry(layout, token_major, head_major)
         return segments * seg_bytes
 
+    @classmethod
+    def fixed_bytes(cls, layout: KVLayout, **_: Any) -> int:
+        """On CUDA, the scratch page that backs reads of uncommitted pages (VirtualArena.make_readable) is
+        charged to the KV budget: one page, 2 MiB on current GPUs. Nothing on the CPU (the zero page)."""
+        return VirtualArena.page_size_for(layout.device) if layout.device.type == "cuda" else 0
+
     # ---- page arithmetic --------------------------------------------------------------------------
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens * self.row_bytes // self.page)
@@ -418,6 +424,15 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
             npg = self.pages_for(read_len)
             self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
         return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len)
+
+    def make_slots_readable(self, slots: list[tuple[int, int]]) -> None:
+        """Make the first `n` positions of each (slot, n) safe to read, whoever holds the slot: a decode batch
+        that bridges empty slots reads them (kernels/slot_runs.py). Nothing to do on the CPU (zero page)."""
+        if self.layout.device.type != "cuda":
+            return
+        with self._lock:
+            ranges = [r for s, n in slots for r in self._ranges(s, self._pages[s], self.pages_for(n)) if r[1] > 0]
+            self.arena.make_readable(ranges)
 
     def write(self, layer: int, plan: VirtualPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:

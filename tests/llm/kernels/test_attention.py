@@ -107,3 +107,50 @@ def test_virtual_decode_with_slot_gaps_reads_views_not_a_gather(dtype, tol, monk
         ref = reference(q[i : i + 1], kc.unsqueeze(0), vc.unsqueeze(0), None, d ** -0.5)
         torch.testing.assert_close(out[i : i + 1].float(), ref, rtol=tol, atol=tol)
     cache.close()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_bridged_slot_runs_give_the_per_sequence_answer(dtype, tol, monkeypatch):
+    """Runs joined across empty slots (what CUDA uses: one launch, not one a run) give each row the answer of
+    its own sequence; the empty slots they read are made readable first, and nothing is gathered."""
+    from memfit.llm.kernels import attention as attention_mod
+    from memfit.llm.kernels.slot_runs import slot_runs
+    from memfit.llm.kv import create_kv_cache
+    from memfit.llm.kv.base import KVLayout, SeqStep
+    from memfit.llm.kv.virtual import VirtualKVCache
+    from memfit.memory.budget import MemoryBudget
+
+    cpu = torch.device("cpu")
+    runs = slot_runs([5, 3, 0, 2], [71, 65, 71, 131], 64, 192, cpu, bridge=True)
+    assert [(r.lo, r.span, r.rows, r.gaps) for r in runs] == [(0, 6, [2, 3, 1, 0], [1, 4])]
+    assert runs[0].lens.tolist() == [71, 1, 131, 65, 1, 71]  # the gaps attend to one position
+    far = slot_runs([0, 1, 9], [10, 10, 10], 64, 192, cpu, bridge=True)  # 7 empty slots for 3 rows: not joined
+    assert [(r.lo, r.span, r.rows) for r in far] == [(0, 2, [0, 1]), (9, 1, [2])]
+
+    hq, hkv, d = 8, 2, 32
+    layout = KVLayout(1, hkv, d, dtype, max_seq_len=200)
+    cache = create_kv_cache("virtual", layout, MemoryBudget(2**24), max_seqs=8, prefault=False)
+    g = torch.Generator().manual_seed(0)
+    lens = {0: 70, 1: 5, 2: 130, 3: 64, 4: 33, 5: 90}
+    for sid, n in lens.items():
+        assert cache.try_allocate(sid, n + 1)
+        kv = torch.randn(2, n, hkv, d, generator=g).to(dtype)
+        cache.write(0, cache.plan_step([SeqStep(sid, 0, n)]), kv[0], kv[1])
+    cache.free(1)
+    cache.free(4)
+    batch = [5, 3, 0, 2]
+    monkeypatch.setattr(attention_mod, "bridges_gaps", lambda device: True)
+    monkeypatch.setattr(VirtualKVCache, "context_batch", lambda *a: pytest.fail("gathered a decode batch"))
+    readable = []
+    monkeypatch.setattr(VirtualKVCache, "make_slots_readable", lambda self, slots: readable.extend(slots))
+    steps = [SeqStep(s, lens[s], 1) for s in batch]
+    q = torch.randn(4, hq, d, generator=g).to(dtype)
+    k_new, v_new = torch.randn(2, 4, hkv, d, generator=g).to(dtype)
+    attn = attention_mod.CachedAttention(cache, steps, num_decode=4, scale=d ** -0.5)
+    out = attn(0, q, k_new, v_new)
+    assert readable == [(1, 192), (4, 192)]
+    for i, st in enumerate(steps):
+        kc, vc = cache.context(0, attn.plan, i)
+        ref = reference(q[i : i + 1], kc.unsqueeze(0), vc.unsqueeze(0), None, d ** -0.5)
+        torch.testing.assert_close(out[i : i + 1].float(), ref, rtol=tol, atol=tol)
+    cache.close()
