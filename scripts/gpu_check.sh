@@ -42,7 +42,18 @@ $py -c "import json;[print(r) for r in json.load(open('$OUT/vmem_commit_cuda.jso
 
 step "kv_cache benchmark (virtual vs paged attention step, workload, concurrency)"
 timeout 120 $py -m benchmarks.kv_cache --threads 4 --reps 9 --steps 200 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
-$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r) for r in d['attention']['decode']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
+$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r['batch'],r['context'],r['torch']) for r in d['attention']['decode']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
+
+step "speculative decoding on cuda (bundled pair, wall clock; the issue asks for batch 10 on a GPU)"
+timeout 190 $py -m benchmarks.speculative --clock wall --threads 4 --batches 1,4,10,16 --gammas 2,4 --reps 3 --no-adaptive \
+    --out "$OUT/speculative_cuda.json" > /dev/null 2>"$OUT/speculative.err"; grep "^batch" "$OUT/speculative.err" | cut -c1-300
+
+step "preemption on cuda (0.5b, pinned host tier; single and multi-turn, one rep each)"
+timeout 200 $py -m benchmarks.preemption --model 0.5b --requests 24 --reps 1 --threads 4 \
+    --variants recompute,swap-run,swap-run-async,swap-run-reuse-async --out "$OUT/preemption_cuda.json" > /dev/null 2>"$OUT/preemption.err"
+timeout 150 $py -m benchmarks.preemption --model 0.5b --workload multiturn --requests 24 --reps 1 --threads 4 \
+    --variants recompute,swap-run-async,swap-run-reuse-async --out "$OUT/preemption_multiturn_cuda.json" > /dev/null 2>>"$OUT/preemption.err"
+grep '^{' "$OUT/preemption.err" | cut -c1-400
 
 step "decode throughput vs transformers on cuda"
 timeout 180 $py -m benchmarks.decode_throughput --device cuda --threads 4 --shapes 0.1b 0.5b --dtypes bfloat16 \
