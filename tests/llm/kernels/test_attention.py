@@ -68,15 +68,11 @@ def test_short_bf16_decode_token_takes_the_float32_path():
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_virtual_decode_with_slot_gaps_reads_views_not_a_gather(dtype, tol, monkeypatch):
-    """Decode rows whose slots have gaps and are out of order go through runs of views of the virtual cache
-    (kernels/slot_runs.py), never through context_batch's gather, with the per-sequence answer."""
-    from memfit.llm.kernels.attention import CachedAttention
-    from memfit.llm.kernels.slot_runs import slot_runs
+def virtual_cache_with_gaps(dtype):
+    """A one-layer virtual cache holding sequences 0, 2, 3, 5 in slots 0, 2, 3, 5 (1 and 4 freed: gaps)
+    -> (cache, lens by sequence, generator, (Hq, Hkv, D))."""
     from memfit.llm.kv import create_kv_cache
     from memfit.llm.kv.base import KVLayout, SeqStep
-    from memfit.llm.kv.virtual import VirtualKVCache
     from memfit.memory.budget import MemoryBudget
 
     hq, hkv, d = 8, 2, 32
@@ -89,7 +85,20 @@ def test_virtual_decode_with_slot_gaps_reads_views_not_a_gather(dtype, tol, monk
         kv = torch.randn(2, n, hkv, d, generator=g).to(dtype)
         cache.write(0, cache.plan_step([SeqStep(sid, 0, n)]), kv[0], kv[1])
     cache.free(1)
-    cache.free(4)  # slots 0, 2, 3, 5 stay: runs [0], [2, 3], [5]
+    cache.free(4)
+    return cache, lens, g, (hq, hkv, d)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_virtual_decode_with_slot_gaps_reads_views_not_a_gather(dtype, tol, monkeypatch):
+    """Decode rows whose slots have gaps and are out of order go through runs of views of the virtual cache
+    (kernels/slot_runs.py), never through context_batch's gather, with the per-sequence answer."""
+    from memfit.llm.kernels.attention import CachedAttention
+    from memfit.llm.kernels.slot_runs import slot_runs
+    from memfit.llm.kv.base import SeqStep
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache, lens, g, (hq, hkv, d) = virtual_cache_with_gaps(dtype)  # runs [0], [2, 3], [5]
     batch = [5, 3, 0, 2]  # not in slot order either
     assert [cache.slot_of(s) for s in batch] == [5, 3, 0, 2]
     runs = slot_runs([5, 3, 0, 2], [lens[s] + 1 for s in batch], 64, 192, torch.device("cpu"))
@@ -115,10 +124,8 @@ def test_bridged_slot_runs_give_the_per_sequence_answer(dtype, tol, monkeypatch)
     its own sequence; the empty slots they read are made readable first, and nothing is gathered."""
     from memfit.llm.kernels import attention as attention_mod
     from memfit.llm.kernels.slot_runs import slot_runs
-    from memfit.llm.kv import create_kv_cache
-    from memfit.llm.kv.base import KVLayout, SeqStep
+    from memfit.llm.kv.base import SeqStep
     from memfit.llm.kv.virtual import VirtualKVCache
-    from memfit.memory.budget import MemoryBudget
 
     cpu = torch.device("cpu")
     runs = slot_runs([5, 3, 0, 2], [71, 65, 71, 131], 64, 192, cpu, bridge=True)
@@ -127,17 +134,7 @@ def test_bridged_slot_runs_give_the_per_sequence_answer(dtype, tol, monkeypatch)
     far = slot_runs([0, 1, 9], [10, 10, 10], 64, 192, cpu, bridge=True)  # 7 empty slots for 3 rows: not joined
     assert [(r.lo, r.span, r.rows) for r in far] == [(0, 2, [0, 1]), (9, 1, [2])]
 
-    hq, hkv, d = 8, 2, 32
-    layout = KVLayout(1, hkv, d, dtype, max_seq_len=200)
-    cache = create_kv_cache("virtual", layout, MemoryBudget(2**24), max_seqs=8, prefault=False)
-    g = torch.Generator().manual_seed(0)
-    lens = {0: 70, 1: 5, 2: 130, 3: 64, 4: 33, 5: 90}
-    for sid, n in lens.items():
-        assert cache.try_allocate(sid, n + 1)
-        kv = torch.randn(2, n, hkv, d, generator=g).to(dtype)
-        cache.write(0, cache.plan_step([SeqStep(sid, 0, n)]), kv[0], kv[1])
-    cache.free(1)
-    cache.free(4)
+    cache, lens, g, (hq, hkv, d) = virtual_cache_with_gaps(dtype)
     batch = [5, 3, 0, 2]
     monkeypatch.setattr(attention_mod, "bridges_gaps", lambda device: True)
     monkeypatch.setattr(VirtualKVCache, "context_batch", lambda *a: pytest.fail("gathered a decode batch"))
