@@ -13,6 +13,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+import os
+
+from memfit.llm.kernels.chunk_batch import attend_chunks, plan_step_chunks
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
 from memfit.llm.kernels.slot_runs import SlotRun, slot_runs
 from memfit.llm.kernels.scratch_layout import ATTN_OUT
@@ -252,6 +255,18 @@ class CachedAttention:
             self.kv.make_slots_readable(gaps)
         return runs
 
+    @functools.cached_property
+    def _chunk_plan(self):
+        """Two or more chunks with cached prefixes (a verify pass) in one call per slot run (kernels/chunk_batch.py),
+        on the PyTorch path over a fixed-stride cache; the paged cache and sliding windows keep the per-sequence
+        loop (as does MEMFIT_CHUNK_LOOP=1). (step indices, runs, Q) or None."""
+        if (self._prefill is not None or not self.kv.fixed_stride or self.window is not None
+                or os.environ.get("MEMFIT_CHUNK_LOOP") == "1"):
+            return None
+        device = self.kv.layout.device
+        return plan_step_chunks(self.kv, self.steps, self.num_decode, self.plan.slots, DECODE_PAD, device,
+                                bridges_gaps(device) if self.bridge is None else self.bridge)
+
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""
         if all(e == length for e in self.decode_ends):
@@ -295,9 +310,17 @@ class CachedAttention:
                 kc, vc = self.kv.context_batch(layer, self.decode_plan)  # (B, Lmax, Hkv, D): a view, or a gather
                 out[:b] = decode_attention(q[:b], kc, vc, self._lens_for(kc.shape[1]), self.scale, self.workspace)
             first = b
+        batched = set()
+        if first < len(self.steps) and self._chunk_plan is not None:
+            batched, runs, width_q = self._chunk_plan
+            kall, vall = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
+            attend_chunks(q, kall, vall, runs, width_q, self.scale, out)
         row = first
         for i in range(first, len(self.steps)):
             n = self.steps[i].num_new
+            if i in batched:  # attended above
+                row += n
+                continue
             if self.steps[i].start == 0:  # no cached prefix: the context is this chunk's own K/V, as written
                 kc, vc = k[row : row + n], v[row : row + n]
             else:
