@@ -8,12 +8,11 @@ attention output. So the model never knows about caches, and a cache never knows
 from __future__ import annotations
 
 import functools
+import os
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-import os
 
 from memfit.llm.kernels.chunk_batch import attend_chunks, plan_step_chunks
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
