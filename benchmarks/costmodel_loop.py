@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from memfit.plan.cost.iree import DEFAULT_LABEL_KIND
 
-    t = load_table(args.db, args.label_kind or DEFAULT_LABEL_KIND)
+    from memfit.plan.cost import tiles
+
+    host = tiles.Host() if args.tile_host == "avx512" else tiles.this_host()
+    t = load_table(args.db, args.label_kind or DEFAULT_LABEL_KIND, host)
     meta = store.meta(store.connect(args.db))
     tr, va, te = split_shape_keys(list(t.shape), args.seed)
     trval = np.concatenate([tr, va])
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg, target = _variants()[chosen]
     fit_rows = trval[t.has_tile[trval]]
     y = t.log_median if target == "median" else t.log_min
-    model = TileRanker().fit(t.X_tile[fit_rows], y[fit_rows], t.shape[fit_rows], cfg)
+    model = TileRanker().fit(t.X_tile[fit_rows], y[fit_rows], t.shape[fit_rows], cfg, host)
     model.info.update(variant=chosen, target=target, label_kind=t.label_kind, split_seed=args.seed,
                       test=_short(held[chosen]),
                       iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"))
@@ -106,6 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"benchmark": "costmodel", "mode": "loop",
               **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        device="local-sync", target_cpu="host", label_kind=t.label_kind),
+              "tile_host": tiles.host_info(host),
               "shapes": {"all": int(len(np.unique(t.shape))), "test": int(len(np.unique(t.shape[te]))),
                          "train": int(len(np.unique(t.shape[trval])))},
               "spread_test": spread_summary(t, te), "spread_all": spread_summary(t, np.arange(len(t))),
@@ -215,6 +219,9 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-kind", default=None, choices=("real_median", "real_min", "cpu_median", "cpu_min"),
                     help="which time is the label, read off the stored repetitions (default: cpu_median, "
                          "memfit.plan.cost.iree.DEFAULT_LABEL_KIND)")
+    ap.add_argument("--tile-host", choices=("this", "avx512"), default="this",
+                    help="the CPU the tile features describe: this one (default), or the AVX-512 Xeon of the first "
+                         "ranker (to compare)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     emit(run(args), args.out, draw=draw)

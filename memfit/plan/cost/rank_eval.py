@@ -49,13 +49,14 @@ def complete(rows: list[dict], min_tiles: int = 16) -> list[dict]:
     return [r for r in rows if r["shape_key"] in default and tiles_of.get(r["shape_key"], 0) >= min_tiles]
 
 
-def table(rows: list[dict], label_kind: str = "real_median") -> TileTable:
+def table(rows: list[dict], label_kind: str = "real_median", host: tiles.Host | None = None) -> TileTable:
+    """Candidates' tile features against `host` (None: this CPU), plain features, and labels."""
     xt, xp, has = [], [], []
     for r in rows:
         fn = pick_function(r["mlir"])
         (m, n, k), tile = tiles.shape_and_tile(fn)
         has.append(tile is not None)
-        xt.append(tiles.vector(m, n, k, tile) if tile else [0.0] * len(tiles.NAMES))
+        xt.append(tiles.vector(m, n, k, tile, host) if tile else [0.0] * len(tiles.NAMES))
         xp.append(features.vector(fn))
     med = np.array([r["latency_us"] for r in rows], float)
     cpu = label_kind.startswith("cpu")
@@ -207,7 +208,7 @@ def spread_summary(t: TileTable, idx: np.ndarray) -> dict:
             "spread_median": float(np.median(spreads)), "shapes_spread_ge_1_5": int(sum(s >= 1.5 for s in spreads))}
 
 
-def load_table(db, label_kind: str | None = None) -> TileTable:
+def load_table(db, label_kind: str | None = None, host: tiles.Host | None = None) -> TileTable:
     """The tuning candidates of `db`, labelled by `label_kind` read off their repetitions (default: the
     file's own kind)."""
     from pathlib import Path
@@ -224,7 +225,7 @@ def load_table(db, label_kind: str | None = None) -> TileTable:
     if len({r["shape_key"] for r in rows}) < 5:
         raise CostModelError(f"{db} has tuning candidates of fewer than 5 shapes labelled; add them "
                              "(python -m benchmarks.costmodel --add-tuned N --db DB) and label them")
-    return table(rows, kind)
+    return table(rows, kind, host)
 
 
 def train_ranker(db, out, cfg: RankerConfig = RankerConfig(), target: str = "median", seed: int = 0) -> dict:

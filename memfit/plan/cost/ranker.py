@@ -9,6 +9,7 @@ loss, relevance graded in steps of 5% behind the shape's fastest candidate), fro
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from memfit.plan.cost import tiles, trees
 from memfit.plan.cost.errors import INSTALL_HINT, CostModelError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "memfit-tile-ranker/1"
 DEFAULT_RANKER = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "tile_ranker.json"
@@ -86,12 +89,15 @@ class TileRanker:
     # the tile-or-default switch: IREE's default's log latency relative to the mean over its shape's tiles,
     # predicted from the shape alone (tiles.SHAPE_NAMES); empty: the ranker always picks a tile
     default_trees: list = field(default_factory=list)
+    host: tiles.Host | None = None  # the CPU its features describe (set by fit and load; None: this CPU)
 
-    def fit(self, X: np.ndarray, log_t: np.ndarray, groups: np.ndarray, cfg: RankerConfig = RankerConfig()) \
-            -> "TileRanker":
+    def fit(self, X: np.ndarray, log_t: np.ndarray, groups: np.ndarray, cfg: RankerConfig = RankerConfig(),
+            host: tiles.Host | None = None) -> "TileRanker":
         """X: (n, len(tiles.NAMES)) candidate features; log_t: (n,) measured log latency; groups: (n,) shape
-        ids (a candidate is only compared with candidates of its own shape)."""
+        ids (a candidate is only compared with candidates of its own shape); `host`: the CPU X describes
+        (None: this one)."""
         self.feature_names = tuple(cfg.features or tiles.NAMES)
+        self.host = host or tiles.this_host()
         try:
             import lightgbm as lgb
         except ImportError as exc:
@@ -156,7 +162,7 @@ class TileRanker:
 
     def save(self, path: str | Path) -> None:
         doc = {"format": FORMAT, "objective": self.objective, "features": list(self.feature_names),
-               "host": tiles.host_info(), "info": self.info, "trees": [t.to_json() for t in self.trees],
+               "host": tiles.host_info(self.host), "info": self.info, "trees": [t.to_json() for t in self.trees],
                "default_features": list(tiles.SHAPE_NAMES),
                "default_trees": [t.to_json() for t in self.default_trees]}
         Path(path).write_text(json.dumps(doc, separators=(",", ":")))
@@ -172,16 +178,23 @@ class TileRanker:
         if doc.get("default_trees") and doc.get("default_features") != list(tiles.SHAPE_NAMES):
             raise CostModelError(f"{path}'s tile-or-default switch was trained on other shape features; retrain "
                                  "it (memfit costmodel train-ranker)")
+        host = tiles.Host(**doc["host"]) if doc.get("host") else tiles.Host()  # unrecorded: the AVX-512 Xeon
+        if host != tiles.this_host():
+            # Its trees learned what tiles cost on that CPU: candidates are described against that CPU (what
+            # the trees understand), but the picks are that CPU's, not this one's.
+            log.warning("tile ranker %s was trained on another CPU (%s); this CPU is %s: its picks describe that "
+                        "CPU; retrain it here (memfit costmodel train-ranker)", path, tiles.host_info(host),
+                        tiles.host_info(tiles.this_host()))
         return cls([trees.Tree.from_json(t) for t in doc["trees"]], doc["objective"], tuple(doc["features"]),
-                   doc.get("info", {}), [trees.Tree.from_json(t) for t in doc.get("default_trees", [])])
+                   doc.get("info", {}), [trees.Tree.from_json(t) for t in doc.get("default_trees", [])], host)
 
 
-def candidate_matrix(fns: list) -> tuple[np.ndarray, list[bool]]:
-    """Tile features of parsed candidate functions; rows of candidates without a tile (IREE's default) are
-    zeros and flagged False (the ranker does not score them)."""
+def candidate_matrix(fns: list, host: tiles.Host | None = None) -> tuple[np.ndarray, list[bool]]:
+    """Tile features of parsed candidate functions against `host` (a ranker's; None: this CPU); rows of
+    candidates without a tile (IREE's default) are zeros and flagged False (the ranker does not score them)."""
     rows, has = [], []
     for fn in fns:
         (m, n, k), tile = tiles.shape_and_tile(fn)
         has.append(tile is not None)
-        rows.append(tiles.vector(m, n, k, tile) if tile else [0.0] * len(tiles.NAMES))
+        rows.append(tiles.vector(m, n, k, tile, host) if tile else [0.0] * len(tiles.NAMES))
     return np.array(rows, dtype=np.float64).reshape(len(fns), len(tiles.NAMES)), has

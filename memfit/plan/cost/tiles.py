@@ -1,13 +1,16 @@
 """Tile-aware features of one tuning candidate: an f32 matmul (M, N, K) compiled with a vector tile (tm, tn, tk)
 through IREE's lowering config (DoubleTilingExpert, distribution tile 64x64). They describe what the tile does
-to this shape on an AVX-512 core, which whole-kernel features (FLOPs, bytes) cannot tell apart between the
-candidates of one shape: padding waste of M/N/K against the tile, how many tiles, the vector registers the
-tile needs against the 32 zmm registers, and the footprint of its A/B/C panels against L1 and L2."""
+to this shape on the host's vector unit, which whole-kernel features (FLOPs, bytes) cannot tell apart between
+the candidates of one shape: padding waste of M/N/K against the tile, how many tiles, the vector registers the
+tile needs against the host's (32 zmm with AVX-512, 16 ymm with AVX2), and the footprint of its A/B/C panels
+against the host's L1 and L2. The host is read from the CPU (`this_host`) and recorded in a ranker's file."""
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.ops import linalg_ops
@@ -20,13 +23,48 @@ DIST = 64  # the distribution (workgroup) tile of kernels.compilation_info, in M
 
 @dataclass(frozen=True)
 class Host:
-    """What the features measure against (this host's AVX-512 core; recorded in the ranker's asset)."""
+    """What the features measure against. The defaults are the AVX-512 Xeon the first ranker was trained on
+    (rankers saved before hosts were recorded are read as trained there)."""
 
     vector_regs: int = 32        # zmm0-31
     lanes: int = 16              # f32 per zmm
     l1_bytes: int = 48 * 1024    # L1d per core
     l2_bytes: int = 2 << 20      # L2 per core
     elem_bytes: int = 4          # f32
+
+    @classmethod
+    def detect(cls, cpuinfo: str | None = None, cache_dir: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> "Host":
+        """This CPU's vector registers and f32 lanes (from its flags: avx512f, else avx2, else SSE) and L1d/L2
+        sizes (from sysfs); a value that can't be read keeps the default."""
+        if cpuinfo is None:
+            try:
+                cpuinfo = Path("/proc/cpuinfo").read_text()
+            except OSError:
+                cpuinfo = ""
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+        regs, lanes = (cls.vector_regs, cls.lanes) if flags is None else (
+            (32, 16) if "avx512f" in flags else (16, 8) if "avx2" in flags else (16, 4))
+        sizes = {}
+        for index in sorted(Path(cache_dir).glob("index*")):
+            try:
+                level, kind = int((index / "level").read_text()), (index / "type").read_text().strip()
+                size = _cache_bytes((index / "size").read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if kind in ("Data", "Unified") and level in (1, 2):
+                sizes[level] = size
+        return cls(regs, lanes, sizes.get(1, cls.l1_bytes), sizes.get(2, cls.l2_bytes))
+
+
+def _cache_bytes(text: str) -> int:
+    """sysfs cache sizes: "32K", "512K", "2048K", "1M"."""
+    unit = {"K": 1024, "M": 1 << 20}.get(text[-1:].upper(), 1)
+    return int(text.rstrip("KkMm")) * unit
+
+
+@functools.lru_cache(maxsize=1)
+def this_host() -> Host:
+    return Host.detect()
 
 
 NAMES = ("log_m", "log_n", "log_k", "tm", "tn", "tk", "log_tm", "log_tn", "log_tk",
@@ -56,7 +94,9 @@ def _pad(size: int, t: int) -> float:
     return math.ceil(size / t) * t / size - 1.0
 
 
-def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Host()) -> dict[str, float]:
+def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host | None = None) -> dict[str, float]:
+    """The NAMES features of one candidate against `host` (this CPU by default)."""
+    host = host or this_host()
     tm, tn, tk = tile
     l2 = math.log2
     eb = host.elem_bytes
@@ -70,8 +110,8 @@ def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Ho
     panel = (tm * k + k * tn + tm * tn) * eb               # a C tile's whole A row panel and B column panel
     wg = (min(m, DIST) * k + k * min(n, DIST) + min(m, DIST) * min(n, DIST)) * eb  # a workgroup's panels
     # an instruction estimate of the lowered loops: per (tm x tn) tile and per k-step of tk, tm*tk broadcasts
-    # of A, tk*ceil(tn/16) loads of B and tm*tk*ceil(tn/16) FMAs, over the padded iteration space; the C tile
-    # is loaded and stored once per tile; registers beyond 32 spill once per k-step
+    # of A, tk*ceil(tn/lanes) loads of B and tm*tk*ceil(tn/lanes) FMAs, over the padded iteration space; the C
+    # tile is loaded and stored once per tile; registers beyond the host's spill once per k-step
     vn = math.ceil(tn / host.lanes)
     mn_tiles = math.ceil(m / tm) * math.ceil(n / tn)
     ksteps = math.ceil(k / tk)
@@ -107,7 +147,7 @@ def features(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Ho
     }
 
 
-def vector(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host = Host()) -> list[float]:
+def vector(m: int, n: int, k: int, tile: tuple[int, int, int], host: Host | None = None) -> list[float]:
     f = features(m, n, k, tile, host)
     return [float(f[name]) for name in NAMES]
 
@@ -124,5 +164,5 @@ def shape_vector(m: int, n: int, k: int) -> list[float]:
             (m % DIST) / DIST, (n % DIST) / DIST, (k % 16) / 16]
 
 
-def host_info(host: Host = Host()) -> dict:
-    return asdict(host)
+def host_info(host: Host | None = None) -> dict:
+    return asdict(host or this_host())

@@ -102,8 +102,8 @@ def rank_candidates(cands: dict[str, str], function: str | None = None, model: s
             raise CostModelError(f"no tile ranker at {ranker}")
         return seq, seq, "sequence model"
     names = [k for k in cands if k != "default"]
-    X, _ = candidate_matrix([pick_function(cands[k], function) for k in names])
     r = TileRanker.load(path)
+    X, _ = candidate_matrix([pick_function(cands[k], function) for k in names], r.host)
     scores = dict(zip(names, r.scores(X).tolist()))
     gate = r.default_scores(np.array([tiles.shape_vector(*tiles.shape_and_tile(pick_function(cands["default"],
                                                                                             function))[0])]))

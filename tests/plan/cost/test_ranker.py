@@ -8,7 +8,11 @@ import pytest
 from memfit.plan.cost import store, tiles
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.families import TILES, generate_tuned
-from memfit.plan.cost.ranker import COMPACT, RankerConfig, TileRanker, relative_target, relevance
+from memfit.plan.cost.parse import pick_function
+from memfit.plan.cost.ranker import COMPACT, RankerConfig, TileRanker, candidate_matrix, relative_target, relevance
+from memfit.plan.cost.tune import candidates
+
+from .conftest import TINY_MATMUL
 
 GOOD = [t for t in TILES if t != (16, 32, 16)]  # the one IREE rejects
 
@@ -153,3 +157,35 @@ def test_switch_learns_when_the_default_wins_and_survives_save_load(tmp_path):
     back = TileRanker.load(path)
     np.testing.assert_array_equal(back.default_scores(St), r.default_scores(St))
     np.testing.assert_array_equal(back.scores(Xt), r.scores(Xt))
+
+
+def test_a_ranker_records_its_cpu_and_warns_on_another(tmp_path, caplog):
+    """The tile features describe one CPU (registers, lanes, caches): a ranker keeps the one it was trained
+    on, and one trained on another CPU is loaded with that CPU's features and a warning."""
+    import json
+    import logging
+
+    pytest.importorskip("lightgbm")
+    X, y, g, _ = synthetic(8, seed=5)
+    r = TileRanker().fit(X, y, g, RankerConfig(n_estimators=10))
+    assert r.host == tiles.this_host()
+    path = tmp_path / "ranker.json"
+    r.save(path)
+    with caplog.at_level(logging.WARNING, logger="memfit.plan.cost.ranker"):
+        assert TileRanker.load(path).host == tiles.this_host()
+    assert not caplog.records
+    other = tiles.Host(64, 32, 1 << 20, 8 << 20) if tiles.this_host() != tiles.Host(64, 32, 1 << 20, 8 << 20) \
+        else tiles.Host()
+    doc = json.loads(path.read_text())
+    doc["host"] = tiles.host_info(other)
+    path.write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING, logger="memfit.plan.cost.ranker"):
+        back = TileRanker.load(path)
+    assert back.host == other and "another CPU" in caplog.text
+    doc.pop("host")  # written before hosts were recorded: the AVX-512 Xeon's
+    path.write_text(json.dumps(doc))
+    assert TileRanker.load(path).host == tiles.Host()
+    # the candidates of a shape are described against the ranker's CPU
+    fn = pick_function(candidates(TINY_MATMUL)["tile_8x32x16"])
+    np.testing.assert_array_equal(candidate_matrix([fn], other)[0][0], tiles.vector(16, 16, 32, (8, 32, 16), other))
+    assert not np.array_equal(candidate_matrix([fn], other)[0], candidate_matrix([fn])[0])
