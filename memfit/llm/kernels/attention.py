@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from memfit.llm.kernels.chunk_batch import attend_chunks, plan_step_chunks
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
-from memfit.llm.kernels.slot_runs import SlotRun, slot_runs
+from memfit.llm.kernels.slot_runs import SlotRun, make_gaps_readable, slot_runs
 from memfit.llm.kernels.scratch_layout import ATTN_OUT
 from memfit.memory import scratch
 
@@ -146,7 +146,7 @@ def attend_slot_runs(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, 
                      out: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """q (B, Hq, D) over k_all, v_all (S, Lmax, Hkv, D) strided views, run by run -> out (B, Hq, D)."""
     for run in runs:
-        n = max(run.span, len(run.rows))
+        n = run.span
         kc, vc = k_all[run.lo : run.lo + n, : run.length], v_all[run.lo : run.lo + n, : run.length]  # views
         if run.pos is not None:  # a span bridging gaps: query rows at their slots' positions, the gaps' rows zero
             qs = q.new_zeros((n, *q.shape[1:]))  # (span, Hq, D)
@@ -249,9 +249,7 @@ class CachedAttention:
         plan, device = self.decode_plan, self.kv.layout.device
         runs = slot_runs(plan.slots, self.decode_ends, DECODE_PAD, plan.max_end, device, 
                          bridge=bridges_gaps(device) if self.bridge is None else self.bridge)
-        gaps = [(s, run.length) for run in runs for s in run.gaps]
-        if gaps:
-            self.kv.make_slots_readable(gaps)
+        make_gaps_readable(self.kv, runs)
         return runs
 
     @functools.cached_property

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memfit.llm.kernels.slot_runs import SlotRun, slot_runs
+from memfit.llm.kernels.slot_runs import SlotRun, make_gaps_readable, slot_runs
 
 
 @dataclass
 class ChunkRun:
-    run: SlotRun
-    width: int  # span: slots the run's view covers (gap slots included)
+    run: SlotRun  # its span: slots the view covers (gap slots included)
     q_index: torch.Tensor  # (span * Q,) rows of the step's q gathered as the run's queries (padding: any row)
     qpos: torch.Tensor  # (span, Q) each query's position in its sequence; 0 for padding rows and gap slots
     src: torch.Tensor  # (R,) the real query rows in the run's flattened (span * Q) output
@@ -35,7 +34,7 @@ def plan_chunks(rows: list[int], starts: list[int], ends: list[int], slots: list
     width_q = max(e - s for s, e in zip(starts, ends))
     out = []
     for run in slot_runs(slots, ends, pad, max_len, device, bridge=bridge):
-        span = max(run.span, len(run.rows))
+        span = run.span
         pos = run.pos.tolist() if run.pos is not None else list(range(len(run.rows)))
         q_index = [rows[run.rows[0]]] * (span * width_q)
         qpos = [[0] * width_q for _ in range(span)]
@@ -47,7 +46,7 @@ def plan_chunks(rows: list[int], starts: list[int], ends: list[int], slots: list
                 src.append(p * width_q + j)
                 dst.append(rows[i] + j)
         t = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-        out.append(ChunkRun(run, span, t(q_index), t(qpos), t(src), t(dst)))
+        out.append(ChunkRun(run, t(q_index), t(qpos), t(src), t(dst)))
     return out, width_q
 
 
@@ -65,9 +64,7 @@ def plan_step_chunks(kv, steps: list, num_decode: int, slots: list[int], pad: in
         return None
     runs, width_q = plan_chunks(rows, [steps[i].start for i in idx], [steps[i].end for i in idx],
                                 [slots[i] for i in idx], pad, kv.strided(0)[0].shape[1], device, bridge)
-    gaps = [(s, c.run.length) for c in runs for s in c.run.gaps]
-    if gaps:
-        kv.make_slots_readable(gaps)
+    make_gaps_readable(kv, [c.run for c in runs])
     return set(idx), runs, width_q
 
 
@@ -78,12 +75,12 @@ def attend_chunks(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, run
     hq, d = q.shape[1], q.shape[2]
     for c in runs:
         r = c.run
-        kc = k_all[r.lo : r.lo + c.width, : r.length].transpose(1, 2)  # (span, Hkv, L, D) view
-        vc = v_all[r.lo : r.lo + c.width, : r.length].transpose(1, 2)
-        qs = q.index_select(0, c.q_index).view(c.width, width_q, hq, d).transpose(1, 2)  # (span, Hq, Q, D)
+        kc = k_all[r.lo : r.lo + r.span, : r.length].transpose(1, 2)  # (span, Hkv, L, D) view
+        vc = v_all[r.lo : r.lo + r.span, : r.length].transpose(1, 2)
+        qs = q.index_select(0, c.q_index).view(r.span, width_q, hq, d).transpose(1, 2)  # (span, Hq, Q, D)
         kpos = torch.arange(r.length, device=q.device)  # (L,)
         mask = (kpos.view(1, 1, -1) <= c.qpos.unsqueeze(2)).unsqueeze(1)  # (span, 1, Q, L)
         res = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, scale=scale, enable_gqa=hq != kc.shape[1])
-        res = res.transpose(1, 2).reshape(c.width * width_q, hq, d)  # (span * Q, Hq, D)
+        res = res.transpose(1, 2).reshape(r.span * width_q, hq, d)  # (span * Q, Hq, D)
         out.index_copy_(0, c.dst, res.index_select(0, c.src))
     return out

@@ -32,14 +32,21 @@ class SlotRun:
     length: int  # positions read: the run's longest sequence, padded
     lens: torch.Tensor | None  # (n,) valid lengths, None when every row fills `length`
     index: torch.Tensor | None  # rows as a tensor, None when they are a contiguous ascending range
-    span: int = 0  # slots the run's view covers; more than len(rows) when it bridges gaps
+    span: int  # slots the run's view covers; more than len(rows) when it bridges gaps
     pos: torch.Tensor | None = None  # (n,) each row's slot - lo, when it bridges gaps
 
     @property
     def gaps(self) -> list[int]:
         """The empty slots a bridging run reads (none otherwise)."""
         taken = {self.lo + p for p in (self.pos.tolist() if self.pos is not None else range(len(self.rows)))}
-        return [s for s in range(self.lo, self.lo + max(self.span, len(self.rows))) if s not in taken]
+        return [s for s in range(self.lo, self.lo + self.span) if s not in taken]
+
+
+def make_gaps_readable(kv, runs: list[SlotRun]) -> None:
+    """Have the cache make the empty slots bridged runs read safe to read (their first `length` positions)."""
+    gaps = [(s, run.length) for run in runs for s in run.gaps]
+    if gaps:
+        kv.make_slots_readable(gaps)
 
 
 def slot_runs(slots: list[int], ends: list[int], pad: int, max_len: int, device: torch.device,
