@@ -9,8 +9,10 @@ Decode, batch 1-32 at 512-8192 tokens per sequence, Llama-3.2-1B-shaped layer (H
   Layouts: the virtual cache per layer (its default) and head-major (`virtual_head_major`: a head's rows one
   run); the paged cache with head-major blocks (vLLM-CPU's layout, the CPU default) of 16 tokens (memfit's
   default) and of 128 (`paged_128`, vLLM-CPU's default).
-- `torch` (float32, the PyTorch path GPUs use; SDPA): the virtual cache hands out a strided view; the paged
-  cache has no PyTorch paged kernel and gathers its blocks (`context_batch`).
+- `torch` (float32, the PyTorch path GPUs use; SDPA): the virtual cache hands out a strided view. On the CPU the
+  paged cache gathers its blocks here (`context_batch`; its in-place CPU kernel is the `kernel` family). On CUDA
+  (bf16) the paged cache reads its block table in place with PyTorch's flex attention (kernels/paged_flex.py,
+  compiled to Triton's decoding kernel), vLLM's design on a maintained kernel; `paged_gather` keeps the gather.
 Orders: `in order` = virtual slots consecutive and ascending, paged sequences allocated whole (each one's
 blocks consecutive). `out of order` = the virtual batch in every other slot (the gaps best-fit reuse leaves),
 shuffled, read as runs of views (kernels/slot_runs.py); the paged pool fragmented (sequences grown block by
@@ -33,6 +35,7 @@ import torch
 
 from benchmarks.common import interleave
 from memfit.llm.kernels.attention import DECODE_PAD, CachedAttention, decode_attention
+from memfit.llm.kernels.paged_flex import flex_available
 from memfit.llm.kv import create_kv_cache
 from memfit.llm.kv.base import KVLayout, SeqStep
 from memfit.memory.budget import MemoryBudget
@@ -87,7 +90,8 @@ def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels, bridge=None):
 
 
 def _gather_step(cache, sids, perm, q, k_new, v_new, ctx):
-    """The virtual cache's previous path for out-of-order slots: write, copy the batch's rows, SDPA."""
+    """Write, copy the batch's rows into one tensor, SDPA: the virtual cache's previous path for out-of-order
+    slots, and the paged cache's PyTorch path where no paged kernel runs (kept on CUDA for reference)."""
     steps = [SeqStep(sids[j], ctx, 1) for j in perm]
     idx = torch.tensor(perm, device=q.device)
     plan = cache.plan_step(steps, pad_to=DECODE_PAD)
@@ -132,6 +136,9 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
                 fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k))
                 if family == "torch" and kind == "virtual" and order == "out":
                     fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx)
+                if family == "torch" and kind == "paged" and cuda and flex_available():  # flex is the paged path
+                    fns[name.replace("paged", "paged_gather")] = (  # there; its gather is kept for reference
+                        lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx))
                     if cuda:  # the runs path on its own: one launch a run of consecutive slots, no bridging
                         fns["virtual_runs_out_of_order"] = (lambda c=cache, s=sids, p=perm: _decode_step(
                             c, s, p, qd, kd, vd, ctx, None, bridge=False))
@@ -214,7 +221,8 @@ def plot(rows: list[dict], prefill: list[dict], path: str) -> None:
               "virtual_head_major": ("tab:green", "-"), "virtual_head_major_out_of_order": ("tab:green", "--"),
               "paged": ("tab:orange", "-"), "paged_out_of_order": ("tab:orange", "--"),
               "paged_128": ("tab:red", "-"), "paged_128_out_of_order": ("tab:red", "--"),
-              "virtual_gather": ("tab:gray", ":"), "virtual_runs_out_of_order": ("tab:purple", ":")}
+              "virtual_gather": ("tab:gray", ":"), "paged_gather": ("tab:brown", ":"),
+              "paged_gather_out_of_order": ("tab:brown", "-."), "virtual_runs_out_of_order": ("tab:purple", ":")}
     for ax, b in zip(axes, batches):
         sel = [r for r in rows if r["batch"] == b]
         for family, marker in (("kernel", "o"), ("torch", "x")):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.llm.kernels.chunk_batch import attend_chunks, plan_step_chunks
+from memfit.llm.kernels.paged_flex import flex_paged_for
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
 from memfit.llm.kernels.slot_runs import SlotRun, make_gaps_readable, slot_runs
 from memfit.llm.kernels.scratch_layout import ATTN_OUT
@@ -218,7 +219,13 @@ class CachedAttention:
         # memfit's CPU kernels (kernels/decode.py) read decode rows in place, with no gather, padding or mask:
         # from a cache that keeps every sequence at a fixed stride (`kv.fixed_stride`: `strided(layer)` views,
         # plan.slots), or through block tables (`kv.block_tables`: `pools(layer)`, plan.batch_table).
-        self.kernels = kernels if num_decode and hasattr(kernels, "decode_attention") else None
+        # On CUDA the paged cache reads its block tables in place too: flex attention (kernels/paged_flex.py).
+        if not num_decode:
+            self.kernels = None
+        elif hasattr(kernels, "decode_attention") or (hasattr(kernels, "paged_attention") and kv.block_tables):
+            self.kernels = kernels
+        else:
+            self.kernels = flex_paged_for(kv)
         self._paged = False
         # prefill chunks: memfit's CPU kernel (kernels/prefill.py) where memfit's kernels run, else attend_one
         self._prefill = cpu_prefill_attention if hasattr(kernels, "decode_attention") else None

@@ -1,0 +1,167 @@
+"""Paged decode attention on PyTorch's flex attention: the block table read in place on a GPU.
+
+The `paged` KV cache is memfit's vLLM-style baseline. On the CPU memfit's C++ kernel (cpu_paged.cpp) follows
+its block tables in place; on CUDA, without this module, the paged cache gathers every sequence's blocks into a
+contiguous tensor each layer and step, a copy vLLM never makes. This module is the GPU rival done properly,
+with a maintained library's kernel (issue 14 names FlashInfer, flash-attn's `block_table` or flex attention;
+only PyTorch is on the GPU machines here, so flex attention):
+
+- the pool of one layer, (blocks, block_size, Hkv, D) token-major, is viewed as ONE key sequence of
+  blocks * block_size positions, (1, Hkv, P, D), shared by every batch row (flex broadcasts a batch-1 K/V
+  when the block mask has the query's batch);
+- a BlockMask with KV_BLOCK_SIZE = the cache's block size lists row b's physical blocks: its whole blocks
+  as `full_kv_indices` (attended with no mask function) and the partly filled last block (and, under a
+  sliding window, the partly covered first one) as `kv_indices`, where a mask function keeps the offsets
+  inside [lo, hi). That is the block table itself: the kernel loads exactly the blocks it lists, in place.
+
+Flex attention runs compiled: Triton's decoding kernel for one query row on CUDA, inductor's C++ template on
+the CPU (what the tests run; memfit's own C++ kernel stays the CPU's paged path). Eager flex attention would not
+do: it evaluates the mask function over every key position and ignores the block lists, where ours is only
+valid on the partial blocks it is called for. Mask bounds live in persistent buffers updated in place each step,
+and index rows are as wide as the pool, so one compiled graph serves every step.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # flex attention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = flex_attention = None  # type: ignore[assignment]
+
+
+def flex_available() -> bool:
+    return flex_attention is not None
+
+
+@functools.cache
+def _compiled_flex():
+    # dynamic=True: batch size and table width change from step to step; one graph covers them
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_paged_for(kv) -> FlexPagedAttention | None:
+    """The in-place paged kernel for this cache where it runs: a paged cache (`block_tables`) with token-major
+    blocks on CUDA, with flex attention, and not switched off (MEMFIT_PAGED_FLEX=0: gather, as before). One
+    instance per cache, kept on it: its mask buffers then serve that cache's steps only (a draft model's cache
+    and its target's take turns within a step)."""
+    if (not getattr(kv, "block_tables", False) or kv.layout.device.type != "cuda" or getattr(kv, "head_major", False)
+            or not flex_available() or os.environ.get("MEMFIT_PAGED_FLEX") == "0"):
+        return None
+    inst = getattr(kv, "_flex_paged", None)
+    if inst is None:
+        inst = kv._flex_paged = FlexPagedAttention(kv.layout.device)
+    return inst
+
+
+class FlexPagedAttention:
+    """`paged_attention` (the CPU kernel's signature, kernels/decode.py) on flex attention. One instance per
+    cache: it owns the mask-bound buffers (B_max,) that its mask function reads, and the step's mask."""
+
+    def __init__(self, device: torch.device) -> None:
+        if not flex_available():
+            raise RuntimeError("flex attention needs torch >= 2.5")
+        self.device = torch.device(device)
+        self._mask_key: tuple | None = None
+        self._cap = 0
+        self._grow(64)
+
+    def _grow(self, batch: int) -> None:
+        cap = max(batch, 2 * self._cap)
+        # per row: the first and last partial block ids and the valid offsets [lo, hi) in each
+        self._first = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
+        self._last = torch.full((cap,), -1, dtype=torch.int64, device=self.device)
+        self._lo = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        self._hi = torch.zeros(cap, dtype=torch.int64, device=self.device)
+        self._cap = cap
+        first, last, lo, hi = self._first, self._last, self._lo, self._hi
+
+        def mask_mod(b, h, q_idx, kv_idx, bs=None):  # called for partial blocks only (kv_indices)
+            blk, off = kv_idx // self._bs, kv_idx % self._bs
+            lo_ok = (blk != first[b]) | (off >= lo[b])
+            hi_ok = (blk != last[b]) | (off < hi[b])
+            return lo_ok & hi_ok
+
+        self._mask_mod = mask_mod
+
+    def can_attend_paged(self, q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+        """Token-major pools on this module's device: (blocks, block_size, Hkv, D), rows of one block contiguous."""
+        if k_pool.dim() != 4 or q.device != k_pool.device or k_pool.device != self.device:
+            return False
+        nb, bs, hkv, d = k_pool.shape
+        return (bs >= 16 and bs & (bs - 1) == 0 and k_pool.stride(3) == 1 and k_pool.stride(2) == d
+                and k_pool.stride(1) == hkv * d and k_pool.stride(0) == bs * hkv * d and q.shape[1] % hkv == 0)
+
+    def block_mask(self, block_table: torch.Tensor, lens: torch.Tensor, block_size: int, num_blocks: int,
+                   window: int | None = None) -> BlockMask:
+        """Row b's physical blocks covering positions [max(0, lens[b] - window), lens[b]) as a BlockMask.
+        block_table: (B, >= ceil(max lens / block_size)) int64; lens: (B,) int64, each >= 1."""
+        bs, b = block_size, lens.shape[0]
+        if b > self._cap:
+            self._grow(b)
+        self._bs = bs
+        dev = self.device
+        lens = lens.to(dev)
+        table = block_table.to(dev)
+        rows = torch.arange(b, device=dev)
+        start = torch.clamp(lens - window, min=0) if window else torch.zeros_like(lens)
+        first_blk, end_blk = start // bs, (lens + bs - 1) // bs  # logical blocks [first_blk, end_blk)
+        head_partial = start % bs != 0
+        tail_partial = lens % bs != 0
+        first_phys, last_phys = table[rows, first_blk], table[rows, end_blk - 1]
+        self._first[:b] = torch.where(head_partial, first_phys, -1)
+        self._last[:b] = torch.where(tail_partial, last_phys, -1)
+        self._lo[:b] = start % bs
+        self._hi[:b] = torch.where(tail_partial, lens % bs, bs)
+        # Index rows are as wide as the pool (flex reads the listed columns only, the counts say how many; the
+        # lowering wants the mask to span the whole key sequence) and are int32, as flex expects.
+        # Whole blocks: the logical run [full_lo, full_hi), a gather from the table.
+        full_lo = first_blk + head_partial.long()
+        full_hi = torch.maximum(end_blk - tail_partial.long(), full_lo)
+        width = table.shape[1]
+        cols = torch.arange(width, device=dev)
+        full_idx = torch.zeros(b, 1, 1, num_blocks, dtype=torch.int32, device=dev)
+        full_idx[:, 0, 0, :width] = torch.gather(table, 1, torch.clamp(full_lo[:, None] + cols, max=width - 1)).int()
+        full_num = (full_hi - full_lo).int()[:, None, None]
+        # Partial blocks: the head block (window start inside it), then the tail block if it is another one.
+        two = head_partial & tail_partial & (end_blk - 1 != first_blk)
+        part_idx = torch.zeros(b, 1, 1, num_blocks, dtype=torch.int32, device=dev)
+        part_idx[:, 0, 0, 0] = torch.where(head_partial, first_phys, last_phys).int()
+        part_idx[:, 0, 0, 1] = last_phys.int()
+        part_num = (head_partial | tail_partial).int() + two.int()
+        return BlockMask.from_kv_blocks(part_num[:, None, None], part_idx, full_num, full_idx, BLOCK_SIZE=(128, bs),
+                                        mask_mod=self._mask_mod, seq_lengths=(1, num_blocks * bs),
+                                        compute_q_blocks=False)
+    def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                        lens: torch.Tensor, scale: float, window: int | None = None, k_new: torch.Tensor | None = None,
+                        v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row b of q (B, Hq, D) attends to positions [0, lens[b]) (the last `window` if given) of the sequence
+        whose blocks are row b of block_table, read in place from k_pool, v_pool (blocks, block_size, Hkv, D).
+        k_new, v_new (optional, (B, Hkv, D)): each row's new token, written at lens[b] - 1 first. -> (B, Hq, D)."""
+        nb, bs, hkv, d = k_pool.shape
+        b, lens_in = q.shape[0], lens
+        lens = lens.to(self.device)
+        if k_new is not None:
+            pos = lens - 1
+            blk = block_table.to(self.device)[torch.arange(b, device=self.device), pos // bs]
+            k_pool[blk, pos % bs] = k_new
+            v_pool[blk, pos % bs] = v_new
+        # one mask a step: every layer of a step passes the same table and lens objects (CachedAttention)
+        key = self._mask_key
+        if key is None or key[0] is not block_table or key[1] is not lens_in or key[2] != (window, nb, bs):
+            self._mask = self.block_mask(block_table, lens, bs, nb, window)
+            self._mask_key = (block_table, lens_in, (window, nb, bs))  # held, so no new tensor can take their ids
+        mask = self._mask
+        k = k_pool.view(1, nb * bs, hkv, d).transpose(1, 2)  # (1, Hkv, P, D): the pool as one key sequence
+        v = v_pool.view(1, nb * bs, hkv, d).transpose(1, 2)
+        fn = _compiled_flex()
+        o = fn(q.unsqueeze(2), k, v,
+               block_mask=mask, scale=scale, enable_gqa=q.shape[1] != hkv)  # (B, Hq, 1, D)
+        o = o.squeeze(2)
+        if out is None:
+            return o
+        out.copy_(o)
+        return out
