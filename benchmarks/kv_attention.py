@@ -80,25 +80,30 @@ def _fill(kind: str, order: str, layout: KVLayout, data: list[tuple[torch.Tensor
     return cache, sids, perm
 
 
-def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels, bridge=None):
-    """One decode step of the batch in `perm` order through CachedAttention -> output rows in data order."""
+def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels, bridge=None, layers=1):
+    """One decode step of the batch in `perm` order through CachedAttention -> output rows in data order. With
+    `layers` > 1 the step's attention runs that many times (layer 0 each time, rewriting the same token), as a
+    model's layers would: the step's planning is then shared by them, as in an engine."""
     steps = [SeqStep(sids[j], ctx, 1) for j in perm]
     idx = torch.tensor(perm, device=q.device)
     attn = CachedAttention(cache, steps, len(steps), D ** -0.5, kernels=kernels, bridge=bridge)
-    out = attn(0, q[idx], k_new[idx], v_new[idx])
+    qi, ki, vi = q[idx], k_new[idx], v_new[idx]
+    for _ in range(layers):
+        out = attn(0, qi, ki, vi)
     return out[torch.argsort(idx)]
 
 
-def _gather_step(cache, sids, perm, q, k_new, v_new, ctx):
+def _gather_step(cache, sids, perm, q, k_new, v_new, ctx, layers=1):
     """Write, copy the batch's rows into one tensor, SDPA: the virtual cache's previous path for out-of-order
     slots, and the paged cache's PyTorch path where no paged kernel runs (kept on CUDA for reference)."""
     steps = [SeqStep(sids[j], ctx, 1) for j in perm]
     idx = torch.tensor(perm, device=q.device)
     plan = cache.plan_step(steps, pad_to=DECODE_PAD)
-    cache.write(0, plan, k_new[idx], v_new[idx])
-    kc, vc = cache.context_batch(0, plan)  # a copy: the slots are not consecutive
     lens = torch.full((len(perm),), ctx + 1, device=q.device)
-    out = decode_attention(q[idx], kc, vc, lens, D ** -0.5)
+    for _ in range(layers):
+        cache.write(0, plan, k_new[idx], v_new[idx])
+        kc, vc = cache.context_batch(0, plan)  # a copy: the slots are not consecutive
+        out = decode_attention(q[idx], kc, vc, lens, D ** -0.5)
     return out[torch.argsort(idx)]
 
 
@@ -106,10 +111,12 @@ def _ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: round(1000 * statistics.median(ts), 3) for name, ts in times.items()}
 
 
-def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.device = torch.device("cpu")) -> dict:
+def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.device = torch.device("cpu"),
+                layers: int = 1) -> dict:
     """Every decode variant at one (batch, context), interleaved; caches built per dtype and freed after. On CUDA
-    only the PyTorch path runs (bf16), timed in wall time between synchronisations."""
-    row: dict = {"batch": batch, "context": ctx}
+    only the PyTorch path runs (bf16), timed in wall time between synchronisations. Times are per layer: a step of
+    `layers` attention calls sharing one plan, divided by `layers`."""
+    row: dict = {"batch": batch, "context": ctx, "layers": layers}
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed + 1000 * batch + ctx)
     base = [(torch.randn(ctx, HKV, D, generator=gen), torch.randn(ctx, HKV, D, generator=gen)) for _ in range(batch)]
@@ -133,15 +140,16 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
                 caches.append(cache)
                 name = base_name + ("" if order == "in" else "_out_of_order")
                 kern = ops if family == "kernel" else None
-                fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k))
+                fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k,
+                                                                                  layers=layers))
                 if family == "torch" and kind == "virtual" and order == "out":
-                    fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx)
+                    fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx, layers)
                 if family == "torch" and kind == "paged" and cuda and flex_available():  # flex is the paged path
                     fns[name.replace("paged", "paged_gather")] = (  # there; its gather is kept for reference
-                        lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx))
+                        lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx, layers))
                     if cuda:  # the runs path on its own: one launch a run of consecutive slots, no bridging
                         fns["virtual_runs_out_of_order"] = (lambda c=cache, s=sids, p=perm: _decode_step(
-                            c, s, p, qd, kd, vd, ctx, None, bridge=False))
+                            c, s, p, qd, kd, vd, ctx, None, bridge=False, layers=layers))
         times = (interleave(fns, reps, warmup=2, sync=torch.cuda.synchronize) if cuda
                  else interleave(fns, reps, warmup=2, clock=time.process_time))
         outs = {name: fn() for name, fn in fns.items()}
@@ -151,6 +159,7 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
         else:
             same = all(torch.allclose(ref, o.float(), atol=1e-4 if dtype == torch.float32 else 2e-2)
                        for o in outs.values())
+        times = {n: [t / layers for t in ts] for n, ts in times.items()}  # per layer
         row[family] = {"dtype": str(dtype).removeprefix("torch."), **{f"{n}_ms": t for n, t in _ms(times).items()},
                        "same_output": same}
         for cache in caches:

@@ -173,7 +173,7 @@ def attention(args, device: torch.device, progress) -> dict:
     rows = []
     for batch in args.batches:
         for ctx in args.contexts:
-            row = kv_attention.decode_cell(batch, ctx, args.reps, ops, args.seed, device)
+            row = kv_attention.decode_cell(batch, ctx, args.reps, ops, args.seed, device, args.layers)
             row["paged_over_virtual"] = kv_attention.ratios(row)
             rows.append(row)
             print(f"decode batch {batch} context {ctx}: {row['paged_over_virtual']}", file=sys.stderr, flush=True)
@@ -184,8 +184,9 @@ def attention(args, device: torch.device, progress) -> dict:
         progress()
     return {"shape": {"Hq": kv_attention.HQ, "Hkv": kv_attention.HKV, "D": kv_attention.D},
             "paged_block_size": kv_attention.BLOCK, "reps": args.reps, "kernels": ops is not None,
-            "timed": "CachedAttention per step, one layer: plan_step + write + attention; median of interleaved "
-                     "rounds, process CPU time", "decode": rows, "prefill": prefill}
+            "timed": f"CachedAttention per step: plan_step, then {args.layers} layer(s) of write + attention, per "
+                     "layer; median of interleaved rounds, process CPU time (CUDA: wall time)", "layers": args.layers,
+            "decode": rows, "prefill": prefill}
 
 
 def main() -> int:
@@ -198,10 +199,13 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--prompts", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--layers", type=int, default=1,
+                    help="decode attention calls a step (one plan shared by them, as a model's layers share it); "
+                         "times are per layer")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
-    if min(args.batches + args.contexts + args.prompts) < 1:
-        ap.error("--batches, --contexts and --prompts take positive numbers")
+    if min(args.batches + args.contexts + args.prompts + [args.layers]) < 1:
+        ap.error("--batches, --contexts, --prompts and --layers take positive numbers")
     pin_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.quick:
