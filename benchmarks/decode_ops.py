@@ -1,6 +1,6 @@
 """Small CPU decode-step operations memfit chose between, timed side by side (medians, one process).
 
-- decode attention in bf16 (`memfit.llm.attention.decode_attention`) over a strided cache view: with the
+- decode attention in bf16 (`memfit.llm.kernels.decode_batch.decode_attention`) over a strided cache view: with the
   runner's persistent `Workspace` for the head-major K/V copies against a fresh buffer per call, and the
   float32 detour for short contexts against the bf16 matmuls;
 - the K copy decode attention makes: head-major (B, Hkv, L, D) against the (B, Hkv, D, L) transpose that
@@ -19,9 +19,9 @@ import sys
 
 import torch
 
-import memfit.llm.kernels.attention as attention
+import memfit.llm.kernels.decode_batch as decode_batch
 from benchmarks.common import cpu_us, emit, header, pin_threads
-from memfit.llm.kernels.attention import Workspace, decode_attention
+from memfit.llm.kernels.decode_batch import Workspace, decode_attention
 
 
 def attention_rows(reps: int) -> list[dict]:
@@ -38,12 +38,12 @@ def attention_rows(reps: int) -> list[dict]:
             row = {"batch": b, "context": length,
                    "memfit_us": cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner),
                    "fresh_buffers_us": cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, Workspace()), reps, inner)}
-            row["uses_float32_detour"] = b * length * hkv * d <= attention.SMALL_ATTENTION_ELEMS
-            saved, attention.SMALL_ATTENTION_ELEMS = attention.SMALL_ATTENTION_ELEMS, 0  # bf16 matmuls throughout
+            row["uses_float32_detour"] = b * length * hkv * d <= decode_batch.SMALL_ATTENTION_ELEMS
+            saved, decode_batch.SMALL_ATTENTION_ELEMS = decode_batch.SMALL_ATTENTION_ELEMS, 0  # bf16 matmuls throughout
             try:
                 row["bf16_matmuls_us"] = cpu_us(lambda: decode_attention(q, k, v, lens, 0.125, ws), reps, inner)
             finally:
-                attention.SMALL_ATTENTION_ELEMS = saved
+                decode_batch.SMALL_ATTENTION_ELEMS = saved
             row["k_copy_head_major_us"] = cpu_us(lambda: k.transpose(1, 2).contiguous(), reps, inner)
             row["k_copy_transposed_us"] = cpu_us(lambda: k.permute(0, 2, 3, 1).contiguous(), reps, inner)
         rows.append(row)

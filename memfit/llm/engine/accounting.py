@@ -195,7 +195,7 @@ def arena_bucket(n: int) -> int:
 def workspace_bytes(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch: int, in_place: bool = False) -> int:
     """RoPE tables (positions up to the context x head_dim, cos and sin: the engine limits them to its
     max_model_len) and, in bf16/fp16 where memfit's kernels do not attend in place, the decode attention's
-    workspace: one layer's K and V of the decode batch copied head-major (`attention.Workspace`, kept between
+    workspace: one layer's K and V of the decode batch copied head-major (`decode_batch.Workspace`, kept between
     steps)."""
     itemsize = _itemsize(dtype)
     rope = 2 * min(cfg.max_position_embeddings, context_len) * cfg.head_dim * itemsize

@@ -1,5 +1,5 @@
 """Runs of consecutive slots: decode attention over a fixed-stride cache whose batch slots are not consecutive,
-with no gather (attention.attend_slot_runs attends each run over its view).
+with no gather (decode_batch.attend_slot_runs attends each run over its view).
 
 The virtual cache keeps sequence s at `K[l][s]`, one strided view per layer, so a decode batch whose slots are
 lo, lo+1, ..., hi-1 is one view `K[l][lo:hi, :L]`. Serving rarely keeps them so: best-fit slot reuse leaves
