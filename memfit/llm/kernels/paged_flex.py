@@ -23,9 +23,13 @@ and index rows are as wide as the pool, so one compiled graph serves every step.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 try:  # flex attention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -39,32 +43,38 @@ def flex_available() -> bool:
 
 @functools.cache
 def _compiled_flex():
-    # dynamic=True: batch size and table width change from step to step; one graph covers them
-    return torch.compile(flex_attention, dynamic=True)
+    # dynamic=True: batch size and pool size differ from step to step and cache to cache; one graph covers them.
+    # fullgraph: a graph break must fail, not fall back to eager flex attention, which would evaluate the mask
+    # function everywhere (see the module docstring) and return wrong rows.
+    return torch.compile(flex_attention, dynamic=True, fullgraph=True)
+
+
+_SHARED: dict[torch.device, FlexPagedAttention] = {}
 
 
 def flex_paged_for(kv) -> FlexPagedAttention | None:
     """The in-place paged kernel for this cache where it runs: a paged cache (`block_tables`) with token-major
     blocks on CUDA, with flex attention, and not switched off (MEMFIT_PAGED_FLEX=0: gather, as before). One
-    instance per cache, kept on it: its mask buffers then serve that cache's steps only (a draft model's cache
-    and its target's take turns within a step)."""
+    instance per device, shared by its caches (a draft model's and its target's): the same mask function, so
+    no recompilation per cache; it rebuilds the mask whenever the step's table changes."""
     if (not getattr(kv, "block_tables", False) or kv.layout.device.type != "cuda" or getattr(kv, "head_major", False)
             or not flex_available() or os.environ.get("MEMFIT_PAGED_FLEX") == "0"):
         return None
-    inst = getattr(kv, "_flex_paged", None)
-    if inst is None:
-        inst = kv._flex_paged = FlexPagedAttention(kv.layout.device)
-    return inst
+    dev = kv.layout.device
+    if dev not in _SHARED:
+        _SHARED[dev] = FlexPagedAttention(dev)
+    return _SHARED[dev] if not _SHARED[dev].failed else None
 
 
 class FlexPagedAttention:
-    """`paged_attention` (the CPU kernel's signature, kernels/decode.py) on flex attention. One instance per
-    cache: it owns the mask-bound buffers (B_max,) that its mask function reads, and the step's mask."""
+    """`paged_attention` (the CPU kernel's signature, kernels/decode.py) on flex attention. It owns the mask-bound
+    buffers (B_max,) that its mask function reads, and the last step's mask."""
 
     def __init__(self, device: torch.device) -> None:
         if not flex_available():
             raise RuntimeError("flex attention needs torch >= 2.5")
         self.device = torch.device(device)
+        self.failed: str | None = None  # why compiling failed, if it did: callers then gather instead
         self._mask_key: tuple | None = None
         self._cap = 0
         self._grow(64)
@@ -157,11 +167,31 @@ class FlexPagedAttention:
         mask = self._mask
         k = k_pool.view(1, nb * bs, hkv, d).transpose(1, 2)  # (1, Hkv, P, D): the pool as one key sequence
         v = v_pool.view(1, nb * bs, hkv, d).transpose(1, 2)
-        fn = _compiled_flex()
-        o = fn(q.unsqueeze(2), k, v,
-               block_mask=mask, scale=scale, enable_gqa=q.shape[1] != hkv)  # (B, Hq, 1, D)
-        o = o.squeeze(2)
+        try:  # a recompile past dynamo's limit must fail too (it would otherwise run eager: see _compiled_flex)
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                o = _compiled_flex()(q.unsqueeze(2), k, v, block_mask=mask, scale=scale,
+                                     enable_gqa=q.shape[1] != hkv).squeeze(2)  # (B, Hq, D)
+        except Exception as exc:  # noqa: BLE001 - any compile failure: this step and later ones gather instead
+            self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning("flex attention failed on the paged cache (%s); the paged cache gathers its blocks instead",
+                        self.failed)
+            o = _gathered(q, k_pool, v_pool, block_table.to(self.device), lens, scale, window)
         if out is None:
             return o
         out.copy_(o)
         return out
+
+
+def _gathered(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+              scale: float, window: int | None) -> torch.Tensor:
+    """The gather path, for a step whose flex call failed: each row's blocks copied out, masked SDPA -> (B, Hq, D)."""
+    nb, bs, hkv, d = k_pool.shape
+    b, width = table.shape
+    k = k_pool[table].reshape(b, width * bs, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_pool[table].reshape(b, width * bs, hkv, d).transpose(1, 2)
+    pos = torch.arange(width * bs, device=q.device)
+    keep = pos < lens[:, None]  # (B, L)
+    if window:
+        keep &= pos >= (lens - window)[:, None]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=keep[:, None, None, :], scale=scale,
+                                          enable_gqa=q.shape[1] != hkv).squeeze(2)

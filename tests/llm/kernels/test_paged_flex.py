@@ -149,9 +149,31 @@ def test_flex_paged_on_cuda_matches_reference_and_is_chosen(window, monkeypatch)
     got = attn(0, qd, kd, vd)
     assert attn._paged
     monkeypatch.setenv("MEMFIT_PAGED_FLEX", "0")
-    cache._flex_paged = None
     gathered = CachedAttention(cache, steps, 4, 0.2)
     want = gathered(0, qd, kd, vd)
     assert not gathered._paged
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     cache.close()
+
+
+@pytest.mark.parametrize("window", [None, 21])
+def test_a_failed_compile_gathers_instead_and_says_so(monkeypatch, caplog, window):
+    """If flex attention cannot compile (or would recompile past dynamo's limit), the step still comes out right,
+    from the gather path, and the kernel records why so later steps gather from the start."""
+    from memfit.llm.kernels import paged_flex
+
+    def broken():
+        def fn(*args, **kwargs):
+            raise RuntimeError("no Triton here")
+        return fn
+
+    monkeypatch.setattr(paged_flex, "_compiled_flex", broken)
+    g = torch.Generator().manual_seed(10)
+    lens = torch.tensor([1, 9, 16, 75, 64], dtype=torch.int64)
+    cache_k, cache_v, kp, vp, table, q = _case(g, lens)
+    flex = FlexPagedAttention(torch.device("cpu"))
+    out = flex.paged_attention(q, kp, vp, table, lens, 0.2, window)
+    ref = reference_attention(q, cache_k, cache_v, torch.arange(len(lens)), lens, 0.2, window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert flex.failed and "no Triton here" in flex.failed
+    assert "gathers its blocks instead" in caplog.text
