@@ -150,20 +150,24 @@ class FlexPagedAttention:
                         v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Row b of q (B, Hq, D) attends to positions [0, lens[b]) (the last `window` if given) of the sequence
         whose blocks are row b of block_table, read in place from k_pool, v_pool (blocks, block_size, Hkv, D).
-        k_new, v_new (optional, (B, Hkv, D)): each row's new token, written at lens[b] - 1 first. -> (B, Hq, D)."""
+        k_new, v_new (optional, (B, Hkv, D)): each row's new token, written at lens[b] - 1 first. -> (B, Hq, D).
+        What is derived from block_table and lens is kept while the same two objects come back: a caller must
+        pass new tensors, not edit these in place, when the step changes."""
         nb, bs, hkv, d = k_pool.shape
-        b, lens_in = q.shape[0], lens
-        lens = lens.to(self.device)
-        if k_new is not None:
-            pos = lens - 1
-            blk = block_table.to(self.device)[torch.arange(b, device=self.device), pos // bs]
-            k_pool[blk, pos % bs] = k_new
-            v_pool[blk, pos % bs] = v_new
-        # one mask a step: every layer of a step passes the same table and lens objects (CachedAttention)
+        # One mask a step: every layer of a step passes the same table and lens objects (CachedAttention), so the
+        # device copies, the mask and the new tokens' addresses are made on the first layer only.
         key = self._mask_key
-        if key is None or key[0] is not block_table or key[1] is not lens_in or key[2] != (window, nb, bs):
-            self._mask = self.block_mask(block_table, lens, bs, nb, window)
-            self._mask_key = (block_table, lens_in, (window, nb, bs))  # held, so no new tensor can take their ids
+        if key is None or key[0] is not block_table or key[1] is not lens or key[2] != (window, nb, bs):
+            dev = self.device
+            table_d, lens_d = block_table.to(dev), lens.to(dev)
+            pos = lens_d - 1  # (B,): where the new token goes
+            self._step = (table_d, lens_d, table_d[torch.arange(len(pos), device=dev), pos // bs], pos % bs)
+            self._mask = self.block_mask(table_d, lens_d, bs, nb, window)
+            self._mask_key = (block_table, lens, (window, nb, bs))  # held, so no new tensor can take their ids
+        table_d, lens_d, new_blk, new_off = self._step
+        if k_new is not None:
+            k_pool[new_blk, new_off] = k_new
+            v_pool[new_blk, new_off] = v_new
         mask = self._mask
         k = k_pool.view(1, nb * bs, hkv, d).transpose(1, 2)  # (1, Hkv, P, D): the pool as one key sequence
         v = v_pool.view(1, nb * bs, hkv, d).transpose(1, 2)
@@ -175,7 +179,7 @@ class FlexPagedAttention:
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.warning("flex attention failed on the paged cache (%s); the paged cache gathers its blocks instead",
                         self.failed)
-            o = _gathered(q, k_pool, v_pool, block_table.to(self.device), lens, scale, window)
+            o = _gathered(q, k_pool, v_pool, table_d, lens_d, scale, window)
         if out is None:
             return o
         out.copy_(o)
