@@ -82,6 +82,28 @@ def interleave(fns: Mapping[str, Callable[[], Any]], reps: int, *, warmup: int =
     return times
 
 
+def device_seconds(fns: Mapping[str, Callable[[], Any]], reps: int) -> dict[str, float] | None:
+    """Median GPU kernel time of one call of each variant, from the profiler's kernel records (CUDA only): what
+    the device spent, without the host's launch overhead, which wall time on a fast GPU mostly measures.
+    Variants take turns, one profiled call each per round. None where the profiler reports no kernel times."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+            if not kernels:
+                return None
+            out[name].append(sum(e.device_time_total for e in kernels) / 1e6)  # kernels, copies, memsets: us -> s
+    return {name: statistics.median(ts) for name, ts in out.items()}
+
+
 def cuda_sync() -> Callable[[], Any] | None:
     """torch.cuda.synchronize where CUDA is available, else None (nothing to wait for)."""
     import torch

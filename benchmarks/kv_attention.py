@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks.common import interleave
+from benchmarks.common import device_seconds, interleave
 from memfit.llm.kernels.attention import DECODE_PAD, CachedAttention, decode_attention
 from memfit.llm.kernels.paged_flex import flex_available
 from memfit.llm.kv import create_kv_cache
@@ -132,8 +132,10 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
         # (name, kind, block size, head-major virtual): the kernels also get the virtual cache's head-major layout
         # and the paged cache at vLLM-CPU's default block size, 128
         variants = [("virtual", "virtual", BLOCK, False), ("paged", "paged", BLOCK, False)]
+        if family == "kernel" or (cuda and flex_available()):  # flex on CUDA: 128-token blocks suit its kernel
+            variants += [("paged_128", "paged", 128, False)]
         if family == "kernel":
-            variants += [("virtual_head_major", "virtual", BLOCK, True), ("paged_128", "paged", 128, False)]
+            variants += [("virtual_head_major", "virtual", BLOCK, True)]
         for base_name, kind, block, hm in variants:
             for order in ("in", "out"):
                 cache, sids, perm = _fill(kind, order, layout, data, random.Random(seed + batch + ctx), block, hm)
@@ -162,6 +164,13 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
         times = {n: [t / layers for t in ts] for n, ts in times.items()}  # per layer
         row[family] = {"dtype": str(dtype).removeprefix("torch."), **{f"{n}_ms": t for n, t in _ms(times).items()},
                        "same_output": same}
+        if cuda:  # the GPU's own time: wall time on a fast GPU is mostly the host launching kernels
+            try:
+                dev = device_seconds(fns, reps)
+            except Exception as exc:  # noqa: BLE001 - a profiler that cannot trace: wall time still stands
+                dev, row[family]["device_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
+            if dev is not None:
+                row[family]["device_us"] = {n: round(1e6 * t / layers, 2) for n, t in dev.items()}
         for cache in caches:
             cache.close()
     return row
@@ -198,6 +207,14 @@ def prefill_row(prompt: int, chunk: int, reps: int, seed: int) -> dict:
     return {"prompt": prompt, "chunk": chunk, **{f"{n}_ms": t for n, t in ms.items()},
             "paged_over_virtual": round(ms["paged"] / ms["virtual"], 3),
             "same_output": bool(torch.equal(outs["virtual"], outs["paged"]))}
+
+
+def ratios_device(row: dict) -> dict:
+    """As `ratios`, over the GPU's kernel time (CUDA rows with `device_us`)."""
+    dev = row.get("torch", {}).get("device_us")
+    if not dev:
+        return {}
+    return ratios({"torch": {f"{n}_ms": t for n, t in dev.items()}})
 
 
 def ratios(row: dict) -> dict:

@@ -60,7 +60,7 @@ step "kv_cache benchmark (virtual vs paged attention step, paged on flex attenti
 # 24 layers a step (Qwen2.5-0.5B's): the step's planning (the paged cache's block table and flex mask, the virtual
 # cache's slot runs) is shared by the layers, as in the engine; times are per layer
 timeout 300 $py -m benchmarks.kv_cache --threads 4 --reps 9 --steps 200 --layers 24 --out-dir "$OUT" > /dev/null 2>"$OUT/kv_cache.err"
-$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r['batch'],r['context'],r['torch']) for r in d['attention']['decode']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
+$py -c "import json;d=json.load(open('$OUT/kv_cache.json'));[print(r['batch'],r['context'],r['paged_over_virtual'],r.get('paged_over_virtual_device'),r['torch']) for r in d['attention']['decode']];print(d['targets'])" || tail -5 "$OUT/kv_cache.err"
 fi
 
 if want spec; then
