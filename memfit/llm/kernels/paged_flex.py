@@ -23,29 +23,37 @@ and index rows are as wide as the pool, so one compiled graph serves every step.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-try:  # flex attention: torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-except ImportError:  # pragma: no cover - older torch
-    BlockMask = flex_attention = None  # type: ignore[assignment]
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
+@functools.cache
 def flex_available() -> bool:
-    return flex_attention is not None
+    """flex attention is in this torch (>= 2.5). Only looked up: importing it pulls in sympy (~35 MiB of resident
+    memory), which an engine that never uses it on a CPU should not pay."""
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 @functools.cache
 def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
     # dynamic=True: batch size and pool size differ from step to step and cache to cache; one graph covers them.
     # fullgraph: a graph break must fail, not fall back to eager flex attention, which would evaluate the mask
-    # function everywhere (see the module docstring) and return wrong rows.
+    # function everywhere (see the module docstring) and return wrong rows. A recompile past dynamo's limit must
+    # fail too, for the same reason: set once, process-wide (memfit compiles nothing else; patching the config
+    # around each call instead cost ~2x the call on the host).
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=True, fullgraph=True)
 
 
@@ -142,6 +150,8 @@ class FlexPagedAttention:
         part_idx[:, 0, 0, 0] = torch.where(head_partial, first_phys, last_phys).int()
         part_idx[:, 0, 0, 1] = last_phys.int()
         part_num = (head_partial | tail_partial).int() + two.int()
+        from torch.nn.attention.flex_attention import BlockMask
+
         return BlockMask.from_kv_blocks(part_num[:, None, None], part_idx, full_num, full_idx, BLOCK_SIZE=(128, bs),
                                         mask_mod=self._mask_mod, seq_lengths=(1, num_blocks * bs),
                                         compute_q_blocks=False)
@@ -171,10 +181,9 @@ class FlexPagedAttention:
         mask = self._mask
         k = k_pool.view(1, nb * bs, hkv, d).transpose(1, 2)  # (1, Hkv, P, D): the pool as one key sequence
         v = v_pool.view(1, nb * bs, hkv, d).transpose(1, 2)
-        try:  # a recompile past dynamo's limit must fail too (it would otherwise run eager: see _compiled_flex)
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                o = _compiled_flex()(q.unsqueeze(2), k, v, block_mask=mask, scale=scale,
-                                     enable_gqa=q.shape[1] != hkv).squeeze(2)  # (B, Hq, D)
+        try:  # no eager fallback (see _compiled_flex): a failure lands here
+            o = _compiled_flex()(q.unsqueeze(2), k, v, block_mask=mask, scale=scale,
+                                 enable_gqa=q.shape[1] != hkv).squeeze(2)  # (B, Hq, D)
         except Exception as exc:  # noqa: BLE001 - any compile failure: this step and later ones gather instead
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.warning("flex attention failed on the paged cache (%s); the paged cache gathers its blocks instead",

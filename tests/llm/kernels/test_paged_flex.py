@@ -177,3 +177,14 @@ def test_a_failed_compile_gathers_instead_and_says_so(monkeypatch, caplog, windo
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert flex.failed and "no Triton here" in flex.failed
     assert "gathers its blocks instead" in caplog.text
+
+
+def test_the_engine_does_not_import_flex_attention_until_it_is_used():
+    """Importing flex attention pulls in sympy (~35 MiB resident): a CPU engine must not pay for a GPU path."""
+    import subprocess
+    import sys
+
+    code = ("import sys, memfit.llm.kernels.attention, memfit.llm.kernels.paged_flex as p; assert p.flex_available(); "
+            "print(sorted(m for m in ('sympy', 'torch.nn.attention.flex_attention', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
