@@ -102,13 +102,15 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
 
 
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
-               kv_layout: str = "auto", cpu_linear: str = "auto") -> dict:
+               kv_layout: str = "auto", cpu_linear: str = "auto", kv_cache: str | None = None) -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
+    kv = {"kv_cache": kv_cache} if kv_cache else {}  # None: the engine's default cache
     engine = LLMEngine(EngineConfig(model=str(path), dtype=dtype, kv_budget="4GiB", max_num_seqs=max(batch, 1),
-                                    max_num_batched_tokens=max(512, batch * prompt_len), max_model_len=1024,
-                                    device=str(device), kv_layout=kv_layout, cpu_linear=cpu_linear))
+                                    max_num_batched_tokens=max(512, batch * prompt_len),
+                                    max_model_len=max(1024, prompt_len + new_tokens), device=str(device),
+                                    kv_layout=kv_layout, cpu_linear=cpu_linear, **kv))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     for i in range(batch):

@@ -105,6 +105,9 @@ def main() -> int:
     ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"])
     ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "blocked", "memfit", "onednn"],
                     help="CPU linear backend(s); several are measured side by side, interleaved rep by rep")
+    ap.add_argument("--kv-caches", nargs="+", default=None, choices=["virtual", "paged"],
+                    help="KV cache(s) (default: the engine's); several are measured side by side like backends, "
+                         "as BACKEND_KIND variants")
     ap.add_argument("--out", default=None, help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -117,6 +120,8 @@ def main() -> int:
     # shape/dtype block, and every row's limit uses the *highest* reading of the run: a reading taken while
     # another job loads the memory bus would otherwise lower the limit and flatter the fraction (one low
     # reading put a batch-1 fraction at 1.03). The block's own reading stays in the row.
+    kinds = args.kv_caches or [None]
+    variants = {b if len(kinds) == 1 else f"{b}_{kv}": (b, kv) for b in args.cpu_linear for kv in kinds}
     bw_detail: dict = {}
     bw = measure_bandwidth(args.threads, device, detail=bw_detail)
     readings = [bw]
@@ -139,18 +144,18 @@ def main() -> int:
                     if peak:  # the compute roof beside the bandwidth one (the limit stays the headline)
                         macs = decode_macs_per_token(cfg, context)
                         row.update(macs_per_token=macs, peak_macs_per_s=peak, compute_limit_tok_per_s=peak / macs)
-                    # Backends alternate rep by rep, so a busy machine's swings hit them alike.
-                    m = {b: [] for b in args.cpu_linear}
+                    # Variants alternate rep by rep, so a busy machine's swings hit them alike.
+                    m = {name: [] for name in variants}
                     for _ in range(args.reps):
-                        for b in args.cpu_linear:
-                            m[b].append(run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
-                                                   args.kv_layout, b)["tok_per_s"])
-                    for b in args.cpu_linear:
-                        row[f"memfit_{b}_tok_per_s"] = statistics.median(m[b])
-                    first = args.cpu_linear[0]
+                        for name, (b, kv) in variants.items():
+                            m[name].append(run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
+                                                      args.kv_layout, b, kv)["tok_per_s"])
+                    for name in variants:
+                        row[f"memfit_{name}_tok_per_s"] = statistics.median(m[name])
+                    first = next(iter(variants))
                     row["memfit_tok_per_s"] = row[f"memfit_{first}_tok_per_s"]
-                    if len(args.cpu_linear) > 1:  # per-rep ratios of the first backend to each other
-                        for b in args.cpu_linear[1:]:
+                    if len(variants) > 1:  # per-rep ratios of the first variant to each other
+                        for b in list(variants)[1:]:
                             row[f"ratio_{first}_vs_{b}"] = statistics.median(a / o for a, o in zip(m[first], m[b]))
                     if not args.skip_transformers:
                         t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
@@ -160,11 +165,11 @@ def main() -> int:
                     print(json.dumps(row), file=sys.stderr)
                 shutil.rmtree(path)
     for row in rows:
-        add_limits(row, max(readings), args.cpu_linear)
+        add_limits(row, max(readings), list(variants))
     result = {
         "benchmark": "decode_throughput", **header(args.threads, seed=1), "device": str(device),
         "measured_bandwidth_bytes_per_s": max(readings), "bandwidth_readings_bytes_per_s": readings,
-        "bandwidth_by_method": bw_detail, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "bandwidth_by_method": bw_detail, "kv_layout": args.kv_layout, "cpu_linear": args.cpu_linear, "kv_caches": args.kv_caches, "variants": list(variants), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "reps": args.reps, "rows": rows,
     }
     emit(result, args.out, plot)
@@ -183,7 +188,7 @@ def plot(result: dict, png: Path) -> None:
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
     w = 0.27
-    backends = result.get("cpu_linear") or ["auto"]
+    backends = result.get("variants") or result.get("cpu_linear") or ["auto"]
     if len(backends) > 1:  # one bar per CPU linear backend, side by side
         w = 0.8 / (len(backends) + 1)
         for j, b in enumerate(backends):

@@ -3,7 +3,7 @@
 # It uses the machine's own python3/torch (nothing is installed) and writes logs and JSON under $OUT.
 #   OUT=/tmp/gpu scripts/gpu_check.sh                 # every section (about 12 minutes: more than one device call)
 #   OUT=/tmp/gpu scripts/gpu_check.sh env kv spec     # only these sections
-# Sections: env pytest nccl generate vmem kv spec preempt decode. Narrower runs: PYTEST_PATHS (default: the memory,
+# Sections: env pytest nccl generate vmem kv spec preempt engine-kv decode. Narrower runs: PYTEST_PATHS (default: the memory,
 # LLM and training tests), SPEC_BATCHES / SPEC_GAMMAS (1,4,10,16 / 2,4), PREEMPT_SINGLE=0 (multi-turn only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1   # the whole run's output also comes ba
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 py=python3
 step() { echo; echo "=== $* ($(date +%T))"; }
-sections=" ${*:-env pytest nccl generate vmem kv spec preempt decode} "
+sections=" ${*:-env pytest nccl generate vmem kv spec preempt engine-kv decode} "
 want() { [[ $sections == *" $1 "* ]]; }
 
 if want env; then
@@ -76,6 +76,13 @@ step "preemption on cuda (0.5b, pinned host tier; single and multi-turn, one rep
 timeout 150 $py -m benchmarks.preemption --model 0.5b --workload multiturn --requests 24 --reps 1 --threads 4 \
     --variants recompute,swap-run-async,swap-run-reuse-async --out "$OUT/preemption_multiturn_cuda.json" > /dev/null 2>>"$OUT/preemption.err"
 grep '^{' "$OUT/preemption.err" | cut -c1-400
+fi
+
+if want engine-kv; then
+step "decode throughput on cuda, virtual vs paged (flex) KV cache in the engine (0.5b, 1k-token prompts)"
+timeout 240 $py -m benchmarks.decode_throughput --device cuda --threads 4 --shapes 0.5b --dtypes bfloat16 --batches 8 32 \
+    --prompt-len 1024 --new-tokens 64 --reps 3 --skip-transformers --kv-caches virtual paged \
+    --out "$OUT/decode_kv_cuda.json" 2>&1 | grep '^{"shape"' | cut -c1-600
 fi
 
 if want decode; then
