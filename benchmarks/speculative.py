@@ -19,6 +19,9 @@ against its plain steps), which adaptive g uses.
 safetensors, same dtype, one thread), plain and with `assistant_model=` (assisted generation, its default
 draft-length schedule), in the same rounds, with its tokens checked against memfit's.
 
+`--chunk-loop` adds a twin of every speculative engine whose verify passes attend sequence by sequence
+(MEMFIT_CHUNK_LOOP=1) instead of one call per run of cache slots, in the same rounds.
+
 The bundled 4M-parameter target is small: on a CPU a draft pass (0.9M parameters) costs about a third of a
 target step, and acceptance is ~0.35-0.5 per token, so speculation can at best break even here; the benchmark
 measures the machinery (verification at about one decode step, acceptance, tokens per step), not a speed-up that
@@ -27,9 +30,11 @@ needs a larger target and a draft that agrees with it (issue 16, item 5).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 from benchmarks.common import emit, header, interleave, pin_threads
 
@@ -116,6 +121,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="process CPU time or wall time")
     ap.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-g engine")
+    ap.add_argument("--chunk-loop", action="store_true",
+                    help="also run each speculative engine as a twin (<name>-loop) whose verify passes attend "
+                         "sequence by sequence (MEMFIT_CHUNK_LOOP=1), side by side with the batched ones")
     ap.add_argument("--hf-peer", action="store_true", help="also time transformers' assisted generation (batch 1)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
@@ -140,6 +148,8 @@ def main() -> int:
         trees = [(t.removesuffix("a"), t.endswith("a")) for t in args.trees.split(",") if t]  # 3x3a: adaptive
         variants += [(f"tree{t}{'a' if a else ''}", int(t.split("x")[1]), a, tuple(int(x) for x in t.split("x")))
                      for t, a in trees]
+        if args.chunk_loop:
+            variants += [(f"{name}-loop", g, a, tree) for name, g, a, tree in variants]
         specs = {name: (g, adaptive, LLM(args.model, max_num_seqs=batch, speculative_model=args.draft,
                                          speculative_tree=tree, speculative_adaptive=adaptive, **common,
                                          **({} if tree else {"num_speculative_tokens": g})))
@@ -148,7 +158,9 @@ def main() -> int:
 
         def runner(name: str, llm):
             def run() -> None:
-                outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+                # a -loop twin's steps read MEMFIT_CHUNK_LOOP=1 as they plan their attention: only its run loops
+                with mock.patch.dict(os.environ, {"MEMFIT_CHUNK_LOOP": "1" if name.endswith("-loop") else "0"}):
+                    outs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
             return run
 
         fns = {"plain": runner("plain", plain), **{name: runner(name, v[2]) for name, v in specs.items()}}
@@ -161,13 +173,15 @@ def main() -> int:
         for name, (g, adaptive, llm) in specs.items():
             st = llm.engine.stats()["speculative"]
             row = {
-                "batch": batch, "gamma": g, "adaptive": adaptive, "tree": st["tree"], "tokens": tokens,
+                "variant": name, "chunk_loop": name.endswith("-loop"), "batch": batch, "gamma": g, "adaptive": adaptive,
+                "tree": st["tree"], "tokens": tokens,
                 "plain_tok_s": plain_tok_s,
                 "speculative_tok_s": tokens / statistics.median(times[name]),
                 "acceptance_rate": st["acceptance_rate"], "token_acceptance": st["token_acceptance"],
                 "tokens_per_target_step": st["tokens_per_seq_step"],
                 "engine_draft_cost": st["draft_cost"], "engine_verify_cost": st["verify_cost"],
-                **(pass_costs(llm, batch, g, CLOCKS[args.clock]) if not (adaptive or st["tree"]) else {}),
+                **(pass_costs(llm, batch, g, CLOCKS[args.clock])
+                   if not (adaptive or st["tree"] or name.endswith("-loop")) else {}),
                 "plain_share": st["spec_chose_plain"] / max(1, st["spec_chose_plain"] + st["spec_seq_steps"]),
                 "identical_tokens": outs["plain"] == outs[name],
             }

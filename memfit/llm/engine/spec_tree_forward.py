@@ -3,8 +3,10 @@
 `tree_forward` runs a runner's model over tree nodes of several sequences in one pass: node i of a tree rooted at
 cache index `base` is written at base + i, rotated at position base + depth(i), and attends to the sequence's
 committed prefix and its own ancestors (`TreeAttention`: an explicit boolean mask through PyTorch's
-scaled_dot_product_attention, per sequence). The target's verification feeds every node of each tree; the draft
-feeds one level of its tree per pass. This is the PyTorch path only: the C++ decode stack (kernels/stack.py)
+scaled_dot_product_attention). On a fixed-stride cache (the virtual one) two or more trees are attended in one call
+per run of consecutive slots, their masks stacked (kernels/chunk_batch.py, as the chain's verify chunks); the paged
+cache, and MEMFIT_CHUNK_LOOP=1, attend sequence by sequence. The target's verification feeds every node of each
+tree; the draft feeds one level of its tree per pass. This is the PyTorch path only: the C++ decode stack (kernels/stack.py)
 attends causally and has no mask input, so tree passes never go through it (the chain's passes do).
 
 `compact` then moves the accepted path's K/V to contiguous indices base + 1 .. base + a (where its rotary
@@ -13,12 +15,18 @@ cache holding exactly the sequence's tokens, with no committed page for a reject
 """
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from memfit.llm.engine.runner import ModelRunner, bucket_tokens
+from memfit.llm.kernels.attention import DECODE_PAD
+from memfit.llm.kernels.chunk_batch import ChunkRun, attend_chunks, plan_chunks
+from memfit.llm.kernels.decode_batch import bridges_gaps
+from memfit.llm.kernels.slot_runs import make_gaps_readable
 from memfit.llm.engine.spec_tree import TokenTree
 from memfit.llm.kv.base import KVCacheManager, SeqStep
 
@@ -49,7 +57,8 @@ class TreeChunk:
 
 class TreeAttention:
     """An AttentionBackend (kernels/attention.py) for tree chunks: write the nodes' K/V, then attend each chunk
-    over its sequence's context under its tree mask. Rows past `num_real` are padding: they attend to nothing."""
+    over its sequence's context under its tree mask: batched per slot run (`runs`) where the cache allows, else
+    chunk by chunk. Rows past `num_real` are padding: they attend to nothing."""
 
     def __init__(self, kv: KVCacheManager, chunks: list[TreeChunk], scale: float, window: int | None,
                  num_real: int) -> None:
@@ -61,11 +70,22 @@ class TreeAttention:
         self.plan = kv.plan_step([SeqStep(c.seq_id, c.base + c.first, c.count, None) for c in chunks])
         dev = kv.layout.device
         self.masks = [c.mask(window).to(dev) for c in chunks]  # (count, end) each
+        self.runs: list[ChunkRun] | None = None  # planned once a step; every layer reuses the stacked masks
+        if kv.fixed_stride and len(chunks) > 1 and os.environ.get("MEMFIT_CHUNK_LOOP") != "1":
+            rows = [0, *itertools.accumulate(c.count for c in chunks)][:-1]  # each chunk's first row
+            starts = [c.base + c.first for c in chunks]
+            ends = [s + c.count for s, c in zip(starts, chunks)]
+            self.runs, self.width_q = plan_chunks(rows, starts, ends, self.plan.slots, DECODE_PAD,
+                                                  kv.strided(0)[0].shape[1], dev, bridges_gaps(dev), self.masks)
+            make_gaps_readable(kv, [c.run for c in self.runs])
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n = self.num_real
         self.kv.write(layer, self.plan, k[:n], v[:n])
         out = torch.zeros_like(q)  # (N, Hq, D)
+        if self.runs is not None:
+            kall, vall = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
+            return attend_chunks(q, kall, vall, self.runs, self.width_q, self.scale, out)
         row = 0
         for i, c in enumerate(self.chunks):
             kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D)

@@ -40,14 +40,21 @@ def _plain(runner, sid: int, tokens: list[int]) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
-def test_tree_logits_equal_each_paths_plain_run_and_compaction_keeps_the_path(kv_cache: str) -> None:
-    llm, runner = _runner(kv_cache)
-    trees = [_tree(p[-1], EDGES[: 2 + 2 * i]) for i, p in enumerate(PROMPTS)]  # ragged: 2, 4 and 6 nodes
+def _prefilled_trees(runner) -> tuple[list[TokenTree], list[TreeChunk]]:
+    """Sequences 1, 2, 3 hold PROMPTS but their last tokens, the roots of ragged trees of 2, 4 and 6 nodes: the trees
+    and their whole-tree chunks."""
+    trees = [_tree(p[-1], EDGES[: 2 + 2 * i]) for i, p in enumerate(PROMPTS)]
     for sid, prompt, tree in zip((1, 2, 3), PROMPTS, trees):
         assert runner.kv.try_allocate(sid, len(prompt) + len(tree))
         forward(runner, [(sid, 0, prompt[:-1])], all_rows=False)
-    chunks = [TreeChunk(sid, len(p) - 1, t, 0, len(t), t.ancestor_mask()) for sid, p, t in zip((1, 2, 3), PROMPTS, trees)]
+    return trees, [TreeChunk(sid, len(p) - 1, t, 0, len(t), t.ancestor_mask())
+                   for sid, p, t in zip((1, 2, 3), PROMPTS, trees)]
+
+
+@pytest.mark.parametrize("kv_cache", ["virtual", "paged"])
+def test_tree_logits_equal_each_paths_plain_run_and_compaction_keeps_the_path(kv_cache: str) -> None:
+    llm, runner = _runner(kv_cache)
+    trees, chunks = _prefilled_trees(runner)
     logits = tree_forward(runner, chunks)  # (sum of tree sizes, V)
     assert logits.shape[0] == sum(len(t) for t in trees)
     off = 0
@@ -83,3 +90,62 @@ def test_tree_mask_with_a_sliding_window_counts_positions_not_indices() -> None:
     assert win[4].tolist() == [False] * 5 + [True, False, True, False, True]
     # node 1 (position 6) sees positions > 3: prefix key 4, the root, itself
     assert win[1].tolist() == [False] * 4 + [True, True, True, False, False, False]
+
+
+def _sdpa_calls_of_one_tree_pass(monkeypatch) -> tuple[torch.Tensor, int, int, list]:
+    """One tree pass of three ragged trees on the virtual cache: (logits, SDPA calls, layer calls, the runs)."""
+    from memfit.llm.engine import spec_tree_forward
+
+    llm, runner = _runner("virtual")
+    _, chunks = _prefilled_trees(runner)
+    sdpa, layers, runs = [0], [0], []
+    real_sdpa, real_call = torch.nn.functional.scaled_dot_product_attention, spec_tree_forward.TreeAttention.__call__
+
+    def count_sdpa(*a, **kw):
+        sdpa[0] += 1
+        return real_sdpa(*a, **kw)
+
+    def count_layer(self, *a):
+        layers[0] += 1
+        runs[:] = self.runs or []
+        return real_call(self, *a)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
+        m.setattr(spec_tree_forward.TreeAttention, "__call__", count_layer)
+        logits = tree_forward(runner, chunks)
+    llm.engine.close()
+    return logits, sdpa[0], layers[0], runs
+
+
+def test_tree_verification_is_batched_per_slot_run_on_the_virtual_cache(monkeypatch) -> None:
+    """Three trees' chunks in one SDPA call per slot run and layer (their masks stacked), not one per tree; the
+    per-sequence loop (MEMFIT_CHUNK_LOOP=1) gives the same logits."""
+    batched, calls, layers, runs = _sdpa_calls_of_one_tree_pass(monkeypatch)
+    assert runs and len(runs) < 3 and calls == layers * len(runs)
+    monkeypatch.setenv("MEMFIT_CHUNK_LOOP", "1")
+    looped, loop_calls, loop_layers, loop_runs = _sdpa_calls_of_one_tree_pass(monkeypatch)
+    assert not loop_runs and loop_calls == loop_layers * 3
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_tree_verification_decodes_as_the_loop_and_as_plain_decoding(monkeypatch) -> None:
+    """Greedy, float32, batched: tree speculation's tokens with the batched verify attention equal the per-sequence
+    loop's and plain decoding's."""
+    from memfit.llm.engine.params import SamplingParams
+    from tests.llm.engine.spec_helpers import DRAFT, tokens
+    from tests.llm.engine.spec_helpers import PROMPTS as TEXTS
+
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    kw = dict(dtype="float32", max_num_seqs=6, threads=1)
+    plain = LLM("memfit-tiny", **kw)
+    want = tokens(plain.generate(TEXTS, sp))
+    plain.engine.close()
+    got = {}
+    for loop in ("0", "1"):
+        monkeypatch.setenv("MEMFIT_CHUNK_LOOP", loop)
+        spec = LLM("memfit-tiny", speculative_model=DRAFT, speculative_tree=(3, 3), **kw)
+        got[loop] = tokens(spec.generate(TEXTS, sp))
+        assert spec.engine.stats()["speculative"]["spec_accepted"] > 0
+        spec.engine.close()
+    assert got["0"] == got["1"] == want

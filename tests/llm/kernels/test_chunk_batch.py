@@ -71,3 +71,28 @@ def test_cached_attention_batches_verify_chunks_on_a_virtual_cache(monkeypatch):
     monkeypatch.setenv("MEMFIT_CHUNK_LOOP", "1")
     att2 = CachedAttention(KV(), [Step(5, 3), Step(9, 2)], num_decode=0, scale=1.0)
     assert att2._chunk_plan is None
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+def test_stacked_explicit_masks_match_per_sequence_masked_attention(bridge):
+    """Tree verification's path: each chunk brings its own (count, end) mask (random here: the prefix always
+    visible, the chunk's own keys at random), stacked per run; every real row gets its sequence's masked answer."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+    S, L, hkv, hq, d, scale = 12, 96, 2, 4, 16, 0.25
+    k_all, v_all = torch.randn(2, S, L, hkv, d, generator=g)
+    slots, starts, nnew = [7, 2, 5, 10, 0], [20, 3, 70, 40, 9], [5, 3, 1, 4, 2]
+    ends = [s + n for s, n in zip(starts, nnew)]
+    rows = [sum(nnew[:i]) for i in range(len(nnew))]
+    q = torch.randn(sum(nnew), hq, d, generator=g)
+    masks = [torch.cat([torch.ones(n, s, dtype=torch.bool), torch.rand(n, n, generator=g) < 0.5], dim=1)
+             for s, n in zip(starts, nnew)]
+    runs, width_q = chunk_batch.plan_chunks(rows, starts, ends, slots, 64, L, q.device, bridge, masks)
+    assert all(c.mask is not None and c.mask.shape == (c.run.span, 1, width_q, c.run.length) for c in runs)
+    out = chunk_batch.attend_chunks(q, k_all, v_all, runs, width_q, scale, torch.zeros_like(q))
+    for row, s, e, n, m in zip(rows, slots, ends, nnew, masks):
+        ref = F.scaled_dot_product_attention(q[row : row + n].transpose(0, 1), k_all[s, :e].transpose(0, 1),
+                                             v_all[s, :e].transpose(0, 1), attn_mask=m, scale=scale,
+                                             enable_gqa=True).transpose(0, 1)
+        torch.testing.assert_close(out[row : row + n], ref, rtol=1e-5, atol=1e-5)
