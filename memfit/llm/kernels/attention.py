@@ -19,6 +19,7 @@ from memfit.llm.kernels.decode_batch import (  # noqa: F401 (SMALL_ATTENTION_ELE
     SMALL_ATTENTION_ELEMS, Workspace, attend_slot_runs, bridges_gaps, decode_attention, small_cpu_lowp,
 )
 from memfit.llm.kernels.paged_flex import flex_paged_for
+from memfit.llm.kernels.paged_flex_chunk import flex_chunk_for
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
 from memfit.llm.kernels.slot_runs import make_gaps_readable, slot_runs
 from memfit.llm.kernels.scratch_layout import ATTN_OUT
@@ -127,8 +128,10 @@ class CachedAttention:
         else:
             self.kernels = flex_paged_for(kv)
         self._paged = False
-        # prefill chunks: memfit's CPU kernel (kernels/prefill.py) where memfit's kernels run, else attend_one
+        # prefill chunks: memfit's CPU kernel (kernels/prefill.py) where memfit's kernels run, else attend_one;
+        # chunks with a cached prefix in the paged cache on CUDA: flex attention (kernels/paged_flex_chunk.py)
         self._prefill = cpu_prefill_attention if hasattr(kernels, "decode_attention") else None
+        self._flex_chunk = flex_chunk_for(kv) if len(steps) > num_decode else None
         if self.kernels is not None and (kv.fixed_stride or kv.block_tables):
             self._ends = torch.tensor(self.decode_ends, dtype=torch.int64)
             if kv.fixed_stride:
@@ -227,6 +230,13 @@ class CachedAttention:
                 continue
             if self.steps[i].start == 0:  # no cached prefix: the context is this chunk's own K/V, as written
                 kc, vc = k[row : row + n], v[row : row + n]
+            elif self._flex_chunk is not None:  # the paged cache on CUDA: its blocks read in place
+                st = self.steps[i]
+                out[row : row + n] = self._flex_chunk.attention(q[row : row + n], *self.kv.pools(layer),
+                                                                self.plan.tables[i], st.start, st.end, self.scale,
+                                                                self.window)
+                row += n
+                continue
             else:
                 kc, vc = self.kv.context(layer, self.plan, i)  # (end, Hkv, D): a view, or the paged cache's gather
             if self._prefill is None or not self._prefill(q[row : row + n], kc, vc, self.scale, self.window, out[row : row + n]):

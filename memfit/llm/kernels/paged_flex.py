@@ -83,6 +83,7 @@ class FlexPagedAttention:
             raise RuntimeError("flex attention needs torch >= 2.5")
         self.device = torch.device(device)
         self.failed: str | None = None  # why compiling failed, if it did: callers then gather instead
+        self.calls = 0  # decode batches attended here (not gathered)
         self._mask_key: tuple | None = None
         self._cap = 0
         self._grow(64)
@@ -184,6 +185,7 @@ class FlexPagedAttention:
         try:  # no eager fallback (see _compiled_flex): a failure lands here
             o = _compiled_flex()(q.unsqueeze(2), k, v, block_mask=mask, scale=scale,
                                  enable_gqa=q.shape[1] != hkv).squeeze(2)  # (B, Hq, D)
+            self.calls += 1
         except Exception as exc:  # noqa: BLE001 - any compile failure: this step and later ones gather instead
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             log.warning("flex attention failed on the paged cache (%s); the paged cache gathers its blocks instead",

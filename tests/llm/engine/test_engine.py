@@ -314,6 +314,25 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny, kind, layout):
     assert st.tokens_held == 0 and st.num_seqs == 0
 
 
+@pytest.mark.cuda
+@needs_cuda
+def test_paged_engine_on_cuda_reads_chunks_in_place(tiny):
+    """Chunked prefill on the paged cache on CUDA: every chunk after a prompt's first attends through the block
+    table with flex attention (kernels/paged_flex_chunk.py), decode through paged_flex; same greedy tokens."""
+    from memfit.llm.kernels.paged_flex import flex_paged_for
+    from memfit.llm.kernels.paged_flex_chunk import flex_chunk_for
+
+    model, _, path = tiny
+    llm = LLM(str(path), kv_cache="paged", dtype="float32", kv_budget="1GiB", device="cuda",
+              max_num_batched_tokens=16)  # the 37-token prompt comes in three chunks
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+    for ids, out in zip(PROMPTS, outs):
+        assert_same_greedy(model, ids, out.token_ids, hf_greedy(model, ids, 12))
+    chunk, decode = flex_chunk_for(llm.engine.kv), flex_paged_for(llm.engine.kv)
+    assert chunk is not None and chunk.calls > 0 and decode is not None and decode.calls > 0
+
+
 def device_bytes_outside_torch(free0: int, reserved0: int) -> int:
     """Device memory taken since (free0, reserved0) that torch's caching allocator does not hold, as the
     driver reports it (cudaMemGetInfo): the virtual cache's cuMemCreate pages, measured outside memfit."""
