@@ -270,6 +270,8 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                           "bytes_per_copy": ((swap["out_bytes"] + swap["in_bytes"]) / (swap["out_ops"] + swap["in_ops"])
                                              if swap["out_ops"] + swap["in_ops"] else None),
                           "reused_tokens": swap.get("reused_tokens", 0),
+                          # host copies per swap-in: in_ops / swap_ins (merges bound it: kv/swap_pairs.py)
+                          "swap_ins": swap.get("swap_ins", 0), "merges": swap.get("merges", 0),
                           "bytes_per_s": (swap["out_bytes"] + swap["in_bytes"]) / seconds if seconds else None,
                           "tiers": {t["tier"]: {k: t[k] for k in ("out_ops", "in_ops", "out_bytes", "in_bytes",
                                                                   "seconds_sum", "io_errors")}

@@ -101,6 +101,7 @@ def swap_stats(swap: SwapSpace | None) -> dict:
         per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback,
                            checksum=swap.ssd.checksum, syscall_seconds=swap.ssd.syscall_seconds)
     return {**per_tier[0], "tiers": per_tier, "reused_tokens": st.reused_tokens,
-            "kept_evictions": st.kept_evictions, "seconds_buckets": SWAP_SECONDS_BUCKETS,
+            "kept_evictions": st.kept_evictions, "swap_ins": st.swap_ins, "merges": st.merges,
+            "seconds_buckets": SWAP_SECONDS_BUCKETS,
             "seconds_counts": list(st.seconds_counts), "seconds_sum": st.seconds_sum,
             "async_swap_ins": swap.async_swap_ins, "async_swap_outs": swap.async_swap_outs}

@@ -45,13 +45,16 @@ from memfit.llm.kv.swap_inflight import copy_out as _copy_out
 from memfit.llm.kv.swap_inflight import host_copies as _host_copies
 from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
+from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail_run
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget
 
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
 
-__all__ = ["SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
+__all__ = ["MERGE_AT", "SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
+
+MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host chunks (swap_pairs.py)
 
 class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
@@ -72,6 +75,7 @@ class SwapSpace(InFlightSwaps):
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
         self.async_swap_outs = 0  # swap-outs that ran on the pool
+        self.merge_at = MERGE_AT  # a copy's trailing host chunks merged at a swap-out once this many (0: never)
         self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
@@ -165,20 +169,33 @@ class SwapSpace(InFlightSwaps):
         elif spilled is not None:
             copy.chunks.append(Chunk(start, num_tokens, nbytes, None, spilled))
         elif pieces:
+            olds, size = self._merge_plan(copy, start, num_tokens, nbytes)  # swap_pairs.py: why merge
             try:
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-                runs = self.runs(seq_id, num_tokens, start)  # resolved here, on the engine thread
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+                job: tuple  # (the copy function, its arguments)
+                if olds:  # (held bytes, new runs) pairs, resolved here on the engine thread like the runs
+                    host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
+                    ops, job = len(device), (merge_out, host, device)
+                else:
+                    runs = self.runs(seq_id, num_tokens, start)
+                    ops, job = len(runs), (_copy_out, runs, buf)
                 if wait or not self.threads:
-                    _copy_out(runs, buf)
+                    job[0](*job[1:])
                 else:  # the chunk is booked now; its bytes land while the model step runs
-                    self._outflight[seq_id] = (len(runs), nbytes, self._pool_().submit(_copy_out, runs, buf), None)
+                    self._outflight[seq_id] = (ops, nbytes, self._pool_().submit(*job), None)
             except BaseException:
-                self.budget.release(nbytes, OWNER)
+                self.budget.release(size, OWNER)
                 raise
-            copy.chunks.append(Chunk(start, num_tokens, nbytes, buf))
-            self.stats.resident_bytes += nbytes
+            if olds:  # the merged chunk replaces the trailing run; the old buffers go once its copy has landed
+                del copy.chunks[len(copy.chunks) - len(olds):]
+                self.book.retire(seq_id, olds)
+                self.stats.merges += 1
+                if seq_id not in self._outflight:
+                    self.book.settle(seq_id)
+            copy.chunks.append(Chunk(olds[0].lo if olds else start, num_tokens, size, buf))
+            self.stats.resident_bytes += size
             if seq_id not in self._outflight:
-                self._account(self.stats, nbytes, len(runs), time.perf_counter() - t0, out=True)
+                self._account(self.stats, nbytes, ops, time.perf_counter() - t0, out=True)
         self.stats.reused_tokens += start
         copy.valid, copy.live = num_tokens, not keep
         self.book.mark_kept(seq_id, keep)
@@ -244,45 +261,23 @@ class SwapSpace(InFlightSwaps):
         return copy
 
     def _pairs(self, seq_id: int, copy: Copy) -> tuple[list[tuple[torch.Tensor, object]], int]:
-        """(destination run, source) pairs restoring positions 0..valid-1, chunk by chunk in order (a later chunk
-        rewrites a partly valid block of an earlier one), and the bytes they move. A source is a host buffer
-        slice, or consecutive SSD chunks (read in one call and checked on the copying thread)."""
-        lay, table = self.run_map, self.run_map.table(seq_id)
-        pairs: list[tuple[torch.Tensor, object]] = []
-        nbytes = 0
-        group: list[Chunk] = []  # consecutive SSD chunks: read in one call (swap_ssd.py: one submission at a time)
+        return restore_pairs(self.run_map, self.ssd, seq_id, copy)  # swap_pairs.py
 
-        def flush() -> None:
-            if group:
-                runs = [r for c in group for r in lay.runs(seq_id, c.hi, c.lo, table)]
-                pairs.append((runs, self.ssd.reader([c.extent for c in group])))  # type: ignore[union-attr, misc]
-                group.clear()
-        for chunk in copy.chunks:
-            if chunk.buf is None:  # on SSD: read into the runs, then the checksums (hi <= valid)
-                if group and not self.ssd.batch:  # type: ignore[union-attr]
-                    flush()
-                group.append(chunk)
-                continue
-            flush()  # a host chunk rewrites a partly valid block of the SSD chunks before it: keep the order
-            spans = lay.spans(chunk.lo, chunk.hi)
-            if (spans[-1][2] if spans else 0) != chunk.buf.numel():
-                raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
-                                   f"{chunk.buf.numel()} bytes held)")
-            kept = []
-            for (j, a, b), lo, hi in spans:
-                if a >= copy.valid:
-                    continue
-                if self.kv.fixed_stride and b > copy.valid:  # rows past `valid` are stale: leave them out
-                    b, hi = copy.valid, lo + (copy.valid - a) * self.kv.row_bytes  # type: ignore[attr-defined]
-                kept.append(((j, a, b), lo, hi))
-            for piece, lo, hi in lay.coalesce(kept, table):  # block groups: one copy per contiguous run
-                pairs.append((lay.view(seq_id, piece, table), chunk.buf[lo:hi]))
-                nbytes += hi - lo
-        flush()
-        return pairs, nbytes  # nbytes: from host buffers (the SSD tier counts its own reads)
+    def _merge_plan(self, copy: Copy, start: int, num_tokens: int, nbytes: int) -> tuple[list[Chunk], int]:
+        """(the host chunks a swap-out of start..num_tokens-1 merges with its new tokens, the merged buffer's bytes):
+        the trailing run once it has `merge_at` chunks and the tier has room for the merged buffer beside them
+        (reserved here; nothing is evicted for it), else ([], nbytes)."""
+        olds = tail_run(copy)
+        if not self.merge_at or len(olds) < self.merge_at:
+            return [], nbytes
+        size = self.run_map.shape(num_tokens, olds[0].lo)[0]
+        if not self.budget.try_reserve(size - nbytes, OWNER):
+            return [], nbytes
+        return olds, size
 
     def _complete(self, seq_id: int, copy: Copy, copies: int, nbytes: int, seconds: float) -> int:
         self.kv.mark_restored(seq_id, copy.valid)  # a restored sequence holds these tokens again
+        self.stats.swap_ins += 1
         self._account(self.stats, nbytes, copies, seconds, out=False)
         if self.reuse:
             copy.live = False

@@ -102,6 +102,7 @@ class InFlightSwaps:
         try:
             result = future.result()
         except Exception:  # noqa: BLE001 - a failed copy is a lost swap: recomputed, never resumed from it
+            self.book.settle(seq_id)
             if spill is not None:
                 chunk, off = spill
                 self._copies[seq_id].chunks.remove(chunk)
@@ -110,6 +111,7 @@ class InFlightSwaps:
         if spill is not None:
             spill[0].extent = result  # the SSD tier counted its own bytes
         else:
+            self.book.settle(seq_id)  # chunks a merge replaced: its copy has read them
             self._account(self.stats, nbytes, copies, result, out=True)
         return True
 

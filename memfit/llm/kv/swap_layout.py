@@ -49,6 +49,18 @@ class SwapRuns:
         blocks = (piece[2] - piece[1]) // self.granule
         return blocks * kv.block_bytes // (2 * kv.layout.num_layers)  # type: ignore[attr-defined]  # pool blocks
 
+    @property
+    def segments(self) -> int:
+        """Segments of the virtual cache's slot, or (layer, K|V) pools of the paged cache: a buffer's outer order."""
+        kv = self.kv
+        return kv.num_segments if kv.fixed_stride else 2 * kv.layout.num_layers  # type: ignore[attr-defined]
+
+    def offset(self, lo: int, hi: int, seg: int, pos: int) -> int:
+        """Where token `pos` (on a granule) of segment `seg` starts in a buffer holding positions lo..hi-1: the
+        buffer is segment-major (`pieces`' order, however `block_tokens` cuts it), whole blocks in the paged cache."""
+        end = hi if self.kv.fixed_stride else self.kv.blocks_for(hi) * self.granule  # type: ignore[attr-defined]
+        return seg * self.piece_bytes((seg, lo, end)) + self.piece_bytes((seg, lo, pos))
+
     def spans(self, lo: int, hi: int) -> list[Span]:
         """`pieces(lo, hi)` with the byte range each takes in a buffer holding them in order."""
         out, off = [], 0

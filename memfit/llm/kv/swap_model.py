@@ -31,6 +31,8 @@ class SwapStats:
     kept_evictions: int = 0  # kept copies (cross-turn reuse) dropped or demoted under pressure
     reused_tokens: int = 0  # swap-out tokens not moved because a valid copy was already held
     io_errors: int = 0  # failed writes or reads, checksum mismatches (SSD tier): each one recomputed
+    swap_ins: int = 0  # sequences restored (in_ops counts their copies)
+    merges: int = 0  # swap-outs that merged a copy's host chunks into one buffer (swap_pairs.py)
 
     def account(self, nbytes: int, ops: int, seconds: float, out: bool) -> None:
         if out:

@@ -54,6 +54,8 @@ class HostCopies:
         self.budget, self.stats, self.ssd = budget, stats, ssd
         self.copies: dict[int, Copy] = {}
         self.kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
+        # chunks a merge replaced (swap_pairs.py), still held until the merging copy that reads them lands
+        self.retiring: dict[int, list[Chunk]] = {}
 
     def valid_tokens(self, seq_id: int) -> int:
         copy = self.copies.get(seq_id)
@@ -61,7 +63,17 @@ class HostCopies:
 
     def held_bytes(self) -> int:
         """Bytes of every chunk held on the host, summed from the buffers themselves."""
-        return sum(c.buf.numel() for copy in self.copies.values() for c in copy.chunks if c.buf is not None)
+        held = [*(c for copy in self.copies.values() for c in copy.chunks), *(c for r in self.retiring.values() for c in r)]
+        return sum(c.buf.numel() for c in held if c.buf is not None)
+
+    def retire(self, seq_id: int, chunks: list[Chunk]) -> None:
+        """`chunks` left `seq_id`'s copy (merged); their bytes stay reserved until `settle`."""
+        self.retiring.setdefault(seq_id, []).extend(chunks)
+
+    def settle(self, seq_id: int) -> None:
+        """The copies reading `seq_id`'s retired chunks landed (or failed): free them."""
+        for chunk in self.retiring.pop(seq_id, []):
+            self.free_chunk(chunk)
 
     def mark_kept(self, seq_id: int, kept: bool) -> None:
         """`seq_id`'s copy is evictable (most recently used now) or not."""
@@ -93,6 +105,7 @@ class HostCopies:
     def drop(self, seq_id: int) -> None:
         copy = self.copies.pop(seq_id, None)
         self.kept.pop(seq_id, None)
+        self.settle(seq_id)  # (callers let a copy in flight land first)
         if copy is not None:
             for chunk in copy.chunks:
                 self.free_chunk(chunk)

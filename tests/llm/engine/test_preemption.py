@@ -298,10 +298,12 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
         generated = llm.generate(prompt_token_ids=PROMPTS[:4], sampling_params=PARAMS)  # presses "conv" out
         assert len(generated) == 4 and "conv" in engine.scheduler.swapped_sessions
         seq = engine.scheduler.swapped_sessions["conv"]
-        if turn:  # the kept copy held the earlier turns: the eviction copied only from where this turn started
+        if turn:  # the kept copy held the earlier turns: the eviction copied only from where this turn started;
+            # once the copy held merge_at chunks, it merged them and those tokens into one (kv/swap_pairs.py)
             last = engine.swap._copies[seq.seq_id].chunks[-1]
             n = got.num_cached_tokens
-            assert (last.lo, last.hi) == (n - n % engine.swap.granule, seq.num_computed)
+            lo = 0 if turn >= engine.swap.merge_at else n - n % engine.swap.granule
+            assert (last.lo, last.hi) == (lo, seq.num_computed)
         assert engine.swap.valid_tokens(seq.seq_id) == seq.num_computed
         ids = ids + got.outputs[0].token_ids + [40 + turn, 41, 42, 43]
     assert engine.swap.stats.in_bytes > 0 and engine.swap.budget.used_bytes == engine.swap.held_bytes()

@@ -1,0 +1,106 @@
+"""The (destination, source) pairs a swap copies, one pair per copy (kv/swap.py runs them, swap_inflight.py on a pool).
+
+- `restore_pairs`: a swap-in, chunk by chunk in order (a later chunk rewrites a partly valid block of an earlier one).
+- `merge_pairs`: a swap-out that merges the copy's trailing host chunks and its new tokens into one host buffer.
+
+Why merge. With cross-turn reuse every swap-out of a sequence adds one chunk holding only its new tokens, and a
+swap-in copies every chunk separately: after n turns, n copies per segment where one would do (on an H200, 2,089
+swap-in copies of ~1.6 MB for 272 swap-ins; issue 15). So once a copy's trailing run of host chunks reaches
+`merge_at`, the next swap-out writes those chunks' bytes (host to host) and its new tokens (device to host) into
+one buffer that replaces them: a swap-in then makes at most `merge_at` copies per segment for the host part. The
+merge runs where that swap-out's copy runs (the pool when it is asynchronous), not on a swap-in, which is what a
+request waits for; it costs one host copy of the held history every `merge_at` swap-outs.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from memfit.llm.kv.base import KVCacheError
+from memfit.llm.kv.swap_inflight import copy_in
+from memfit.llm.kv.swap_layout import SwapRuns
+from memfit.llm.kv.swap_reuse import Chunk, Copy
+
+if TYPE_CHECKING:
+    from memfit.llm.kv.swap_ssd import SSDTier
+
+__all__ = ["Pair", "merge_out", "merge_pairs", "restore_pairs", "tail_run"]
+
+Pair = tuple[torch.Tensor, object]  # (destination run, source: a host slice, or an SSD reader)
+
+
+def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy) -> tuple[list[Pair], int]:
+    """Pairs restoring positions 0..valid-1 of `seq_id`, and the bytes they move from host buffers (the SSD tier
+    counts its own reads). A source is a host buffer slice, or consecutive SSD chunks (read in one call and checked
+    on the copying thread)."""
+    table = lay.table(seq_id)
+    pairs: list[Pair] = []
+    nbytes = 0
+    group: list[Chunk] = []  # consecutive SSD chunks: read in one call (swap_ssd.py: one submission at a time)
+
+    def flush() -> None:
+        if group:
+            runs = [r for c in group for r in lay.runs(seq_id, c.hi, c.lo, table)]
+            pairs.append((runs, ssd.reader([c.extent for c in group])))  # type: ignore[union-attr, misc]
+            group.clear()
+    for chunk in copy.chunks:
+        if chunk.buf is None:  # on SSD: read into the runs, then the checksums (hi <= valid)
+            if group and not ssd.batch:  # type: ignore[union-attr]
+                flush()
+            group.append(chunk)
+            continue
+        flush()  # a host chunk rewrites a partly valid block of the SSD chunks before it: keep the order
+        spans = lay.spans(chunk.lo, chunk.hi)
+        if (spans[-1][2] if spans else 0) != chunk.buf.numel():
+            raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
+                               f"{chunk.buf.numel()} bytes held)")
+        kept = []
+        for (j, a, b), lo, hi in spans:
+            if a >= copy.valid:
+                continue
+            if lay.kv.fixed_stride and b > copy.valid:  # rows past `valid` are stale: leave them out
+                b, hi = copy.valid, lo + (copy.valid - a) * lay.kv.row_bytes  # type: ignore[attr-defined]
+            kept.append(((j, a, b), lo, hi))
+        for piece, lo, hi in lay.coalesce(kept, table):  # block groups: one copy per contiguous run
+            pairs.append((lay.view(seq_id, piece, table), chunk.buf[lo:hi]))
+            nbytes += hi - lo
+    flush()
+    return pairs, nbytes
+
+
+def tail_run(copy: Copy) -> list[Chunk]:
+    """The copy's trailing host chunks, oldest first (what a merge may replace: SSD chunks before them stay)."""
+    tail: list[Chunk] = []
+    for chunk in reversed(copy.chunks):
+        if chunk.buf is None:
+            break
+        tail.append(chunk)
+    return tail[::-1]
+
+
+def merge_pairs(lay: SwapRuns, seq_id: int, olds: list[Chunk], start: int, hi: int,
+                buf: torch.Tensor) -> tuple[list[Pair], list[Pair]]:
+    """Pairs filling `buf`, a buffer for positions olds[0].lo..hi-1: (host pairs) each old chunk's bytes for the
+    positions it alone holds, up to the next chunk's start (the next one rewrote what they share), the last up
+    to `start`; (device pairs) the sequence's runs of start..hi-1, each written where the merged layout puts it."""
+    lo0 = olds[0].lo
+    host: list[Pair] = []
+    for chunk, end in zip(olds, [c.lo for c in olds[1:]] + [start]):  # chunks start on a granule, in order
+        for seg in range(lay.segments):
+            n = lay.piece_bytes((seg, chunk.lo, end))
+            src, dst = lay.offset(chunk.lo, chunk.hi, seg, chunk.lo), lay.offset(lo0, hi, seg, chunk.lo)
+            host.append((buf[dst : dst + n], chunk.buf[src : src + n]))  # type: ignore[index]
+    table = lay.table(seq_id)
+    device: list[Pair] = []
+    for piece, a, b in lay.coalesce(lay.spans(start, hi), table):
+        dst = lay.offset(lo0, hi, piece[0], piece[1])
+        device.append((buf[dst : dst + b - a], lay.view(seq_id, piece, table)))
+    return host, device
+
+
+def merge_out(host: list[Pair], device: list[Pair]) -> float:
+    """Run a merging swap-out's copies: the held bytes, then the new runs; returns the seconds of the new runs
+    alone (what the cost model's copy bandwidth is measured on)."""
+    copy_in(host)
+    return copy_in(device)
