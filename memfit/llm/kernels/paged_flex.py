@@ -68,10 +68,14 @@ def flex_paged_for(kv) -> FlexPagedAttention | None:
     if (not getattr(kv, "block_tables", False) or kv.layout.device.type != "cuda" or getattr(kv, "head_major", False)
             or not flex_available() or os.environ.get("MEMFIT_PAGED_FLEX") == "0"):
         return None
-    dev = kv.layout.device
-    if dev not in _SHARED:
-        _SHARED[dev] = FlexPagedAttention(dev)
-    return _SHARED[dev] if not _SHARED[dev].failed else None
+    return shared_on(_SHARED, FlexPagedAttention, kv.layout.device)
+
+
+def shared_on(registry: dict, cls: type, device: torch.device):
+    """registry's instance of cls for device (made on first use), or None once its compile failed."""
+    if device not in registry:
+        registry[device] = cls(device)
+    return None if registry[device].failed else registry[device]
 
 
 class FlexPagedAttention:

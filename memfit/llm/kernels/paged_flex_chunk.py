@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.llm.kernels.paged_flex import _compiled_flex, flex_paged_for, log
+from memfit.llm.kernels.paged_flex import _compiled_flex, flex_paged_for, log, shared_on
 
 Q_BLOCK = 128  # flex attention's query tile
 NO_WINDOW = 1 << 40
@@ -27,10 +27,7 @@ def flex_chunk_for(kv) -> FlexPagedChunk | None:
     """The chunk kernel for this cache where the decode one runs (paged_flex.flex_paged_for), shared per device."""
     if flex_paged_for(kv) is None:
         return None
-    dev = kv.layout.device
-    if dev not in _SHARED:
-        _SHARED[dev] = FlexPagedChunk(dev)
-    return _SHARED[dev] if not _SHARED[dev].failed else None
+    return shared_on(_SHARED, FlexPagedChunk, kv.layout.device)
 
 
 class FlexPagedChunk:
