@@ -90,6 +90,11 @@ class DenseCausalAttention:
         return torch.cat(outs, dim=0)
 
 
+def batch_one_row(device: torch.device) -> bool:
+    """Does a lone decode row take the batched path (CachedAttention.decode_plan)? On GPUs."""
+    return device.type != "cpu"
+
+
 DECODE_PAD = 64  # tokens; see CachedAttention
 _UNSET = object()
 
@@ -143,14 +148,18 @@ class CachedAttention:
 
     @property
     def decode_plan(self):
-        """The batched read plan of the decode rows, or None (one decode row, or a sliding window shorter than
-        a context: per-sequence attention then). The context is read padded to a multiple of DECODE_PAD
-        tokens (masked), so the attention matmuls see one shape per 64 tokens instead of a new one a step."""
+        """The batched read plan of the decode rows, or None (one decode row on a CPU, or a sliding window
+        shorter than a context: per-sequence attention then). The context is read padded to a multiple of
+        DECODE_PAD tokens (masked), so the attention matmuls see one shape per 64 tokens instead of a new one a
+        step. On a GPU one row takes the batched path too: attend_one's 3-D SDPA call measured 42-243 us of
+        kernel time at 512-8192 tokens on an H200, where the batched 4-D call on a copy of the same rows took
+        23-27 us (benchmarks/results/cuda/kv_cache_cuda.json, batch 1)."""
         if self._decode_plan is _UNSET:
             n = self.num_decode
             windowed = self.window is not None and self.decode_ends and max(self.decode_ends) > self.window
+            batched = n > 1 or (n == 1 and batch_one_row(self.kv.layout.device))
             self._decode_plan = (self.kv.plan_step(self.steps[:n], pad_to=DECODE_PAD)
-                                 if n > 1 and not windowed else None)
+                                 if batched and not windowed else None)
         return self._decode_plan
 
     @functools.cached_property

@@ -151,3 +151,31 @@ def test_bridged_slot_runs_give_the_per_sequence_answer(dtype, tol, monkeypatch)
         ref = reference(q[i : i + 1], kc.unsqueeze(0), vc.unsqueeze(0), None, d ** -0.5)
         torch.testing.assert_close(out[i : i + 1].float(), ref, rtol=tol, atol=tol)
     cache.close()
+
+
+@pytest.mark.parametrize("kind", ["virtual", "paged"])
+def test_a_lone_decode_row_takes_the_batched_path_on_gpus(kind, monkeypatch):
+    """On a GPU one decode row goes through decode_plan and decode_attention (4-D SDPA), not attend_one's 3-D
+    call (10x the kernel time there); the answer is the per-sequence one. Forced here on the CPU."""
+    from memfit.llm.kernels import attention as attention_mod
+    from memfit.llm.kv import create_kv_cache
+    from memfit.llm.kv.base import KVLayout, SeqStep
+    from memfit.memory.budget import MemoryBudget
+
+    g = torch.Generator().manual_seed(12)
+    layout = KVLayout(1, 2, 32, torch.float32, max_seq_len=256)
+    cache = create_kv_cache(kind, layout, MemoryBudget(64 * 2**20), max_seqs=2)
+    assert cache.try_allocate(1, 71)
+    cache.write(0, cache.plan_step([SeqStep(1, 0, 70)]), *torch.randn(2, 70, 2, 32, generator=g))
+    q, k_new, v_new = torch.randn(1, 6, 32, generator=g), *torch.randn(2, 1, 2, 32, generator=g)
+    steps = [SeqStep(1, 70, 1)]
+    per_sequence = attention_mod.CachedAttention(cache, steps, 1, 0.2)
+    want = per_sequence(0, q, k_new, v_new)
+    assert per_sequence.decode_plan is None  # the CPU's way: attend_one
+    monkeypatch.setattr(attention_mod, "batch_one_row", lambda device: True)
+    monkeypatch.setattr(attention_mod, "attend_one", lambda *a, **k: pytest.fail("went through attend_one"))
+    batched = attention_mod.CachedAttention(cache, steps, 1, 0.2)
+    got = batched(0, q, k_new, v_new)
+    assert batched.decode_plan is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    cache.close()
