@@ -71,6 +71,11 @@ def flex_paged_for(kv) -> FlexPagedAttention | None:
     return shared_on(_SHARED, FlexPagedAttention, kv.layout.device)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """torch.device("cuda") names the current GPU: it matches a tensor's cuda:0 (`==` says it does not)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def shared_on(registry: dict, cls: type, device: torch.device):
     """registry's instance of cls for device (made on first use), or None once its compile failed."""
     if device not in registry:
@@ -112,7 +117,7 @@ class FlexPagedAttention:
 
     def can_attend_paged(self, q: torch.Tensor, k_pool: torch.Tensor) -> bool:
         """Token-major pools on this module's device: (blocks, block_size, Hkv, D), rows of one block contiguous."""
-        if k_pool.dim() != 4 or q.device != k_pool.device or k_pool.device != self.device:
+        if k_pool.dim() != 4 or q.device != k_pool.device or not same_device(k_pool.device, self.device):
             return False
         nb, bs, hkv, d = k_pool.shape
         return (bs >= 16 and bs & (bs - 1) == 0 and k_pool.stride(3) == 1 and k_pool.stride(2) == d

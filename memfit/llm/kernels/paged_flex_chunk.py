@@ -112,8 +112,11 @@ class FlexPagedChunk:
         v = v_pool.view(1, nb * bs, hkv, d).transpose(1, 2)
         try:
             # the pool of a shared instance may be smaller than its buffers: flex reads listed blocks only
+            # flex's forward kernel tiles keys by BLOCK_N, which must divide the cache's block (16 tokens by
+            # default; its default tile is larger: the H200 run refused KV_BLOCK_SIZE=16 without this)
             o = _compiled_flex()(q.transpose(0, 1).unsqueeze(0), k, v, block_mask=self._mask, scale=scale,
-                                 enable_gqa=q.shape[1] != hkv)  # (1, Hq, n, D)
+                                 enable_gqa=q.shape[1] != hkv,
+                                 kernel_options={"BLOCK_M": 64, "BLOCK_N": min(bs, 64)})  # (1, Hq, n, D)
             self.calls += 1
             return o[0].transpose(0, 1)
         except Exception as exc:  # noqa: BLE001 - as in paged_flex: say why, gather

@@ -116,6 +116,15 @@ def test_cached_attention_reads_paged_cache_in_place_with_flex():
         c.close()
 
 
+def test_the_kernel_takes_a_pool_on_its_device_however_the_device_is_named():
+    from memfit.llm.kernels.paged_flex import same_device
+
+    assert same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not same_device(torch.device("cuda", 0), torch.device("cuda", 1))
+    assert not same_device(torch.device("cpu"), torch.device("cuda"))
+
+
 def test_flex_is_the_paged_path_on_cuda_only():
     layout = KVLayout(1, 4, 32, torch.float32, max_seq_len=64)
     cpu_paged = create_kv_cache("paged", layout, MemoryBudget(8 * 2**20), block_size=16, head_major=False)
@@ -146,8 +155,10 @@ def test_flex_paged_on_cuda_matches_reference_and_is_chosen(window, monkeypatch)
     qd = torch.randn(4, 12, 32, device=dev).to(torch.bfloat16)
     kd, vd = torch.zeros(4, 4, 32, device=dev, dtype=torch.bfloat16), torch.zeros(4, 4, 32, device=dev, dtype=torch.bfloat16)
     attn = CachedAttention(cache, steps, 4, 0.2)
+    calls = flex_paged_for(cache).calls
     got = attn(0, qd, kd, vd)
-    assert attn._paged
+    assert attn._paged and flex_paged_for(cache).calls == calls + 1  # flex ran (a cuda vs cuda:0 check once
+    # sent every step to the gather while this still passed)
     monkeypatch.setenv("MEMFIT_PAGED_FLEX", "0")
     gathered = CachedAttention(cache, steps, 4, 0.2)
     want = gathered(0, qd, kd, vd)
