@@ -23,7 +23,8 @@ first write and kept by the allocator.
 
 Reading. The cache declares `block_tables`: `pools(layer)` hands out the pools and each step plan carries
 `batch_table`, so a paged-attention kernel follows the block tables in place (memfit's CPU kernel,
-kernels/cpu_paged.cpp, as vLLM's kernels do). Without one, `context` and `context_batch` gather a
+kernels/cpu_paged.cpp, as vLLM's kernels do; on CUDA flex attention, kernels/paged_flex*.py). Without one,
+`context` and `context_batch` gather a
 sequence's blocks into a contiguous tensor: a copy per layer per step that a fair comparison must not charge
 to this design, so the engine uses the kernel wherever it runs. Block sizes that are powers of two (the
 default 16) are what the kernel addresses.
