@@ -82,7 +82,7 @@ if want engine-kv; then
 step "decode throughput on cuda, virtual vs paged (flex) KV cache in the engine (0.5b, 1k-token prompts)"
 timeout 240 $py -m benchmarks.decode_throughput --device cuda --threads 4 --shapes 0.5b --dtypes bfloat16 --batches 8 32 \
     --prompt-len 1024 --new-tokens 64 --reps 3 --skip-transformers --kv-caches virtual paged \
-    --out "$OUT/decode_kv_cuda.json" 2>&1 | grep '^{"shape"' | cut -c1-600
+    --out "$OUT/decode_throughput_kv_cuda.json" 2>&1 | grep '^{"shape"' | cut -c1-600
 fi
 
 if want decode; then
