@@ -118,10 +118,13 @@ def _expected_extra_reads(model: Path, c, tied: bool) -> int:
 
 @pytest.mark.parametrize("offload,tied", [("ssd", False), ("ssd", True), ("host", False), ("host", True)])
 def test_training_with_blocks_on_and_off(tmp_path, monkeypatch, offload, tied):
-    """3 steps of a tiny model (4096-token vocabulary: 4 blocks), blocks on and off: the losses to 1e-5
-    relative; the saved masters to lr / 10 absolute (AdamW moves an element by about lr a step whatever its
-    gradient, so a rounding that flipped an update would show as ~lr); the moments to 1e-2 of the tensor's
-    largest (measured: 2.3e-3 at most); the SSD bytes written equal, and the bytes read differ
+    """3 steps of a tiny model (4096-token vocabulary: 4 blocks), blocks on and off: the losses to 2e-4
+    relative (measured: under 1e-5 on an Intel AVX-512 host, 6.3e-5 on an AMD Zen 4 one, whose bf16 kernels
+    round the blocked and whole products differently); the saved masters to lr / 10 absolute but for at most 0.1%
+    of a tensor's elements, and those within 3 lr (AdamW moves an element by about lr a step whatever its
+    gradient, so a rounding that flips the sign of a near-zero gradient moves it by up to 2 lr: none did on the
+    Intel host, at most 2.3e-5 there with lr 1e-3; on the AMD host some did, up to 1.7e-3); the moments to 1e-2 of the
+    tensor's largest (measured: 2.3e-3 at most); the SSD bytes written equal, and the bytes read differ
     by the blocks' aligned reads to the byte; the parameter pool holds no slot of the matrix."""
     model = make_tiny(tmp_path / "m", tied=tied)
     res, c = {}, {}
@@ -130,7 +133,7 @@ def test_training_with_blocks_on_and_off(tmp_path, monkeypatch, offload, tied):
         c[on] = cfg(model, tmp_path / str(on), steps=3, offload=offload, host_memory="memascend",
                     dtype="bfloat16", save=str(tmp_path / f"ck{on}"))
         res[on] = run(c[on])
-    assert res[True].losses == pytest.approx(res[False].losses, rel=1e-5)
+    assert res[True].losses == pytest.approx(res[False].losses, rel=2e-4)
     assert res[True].losses[-1] < res[True].losses[0]
     a, b = _tensors(tmp_path / "ckTrue"), _tensors(tmp_path / "ckFalse")
     assert a.keys() == b.keys() and len(a) > 0
@@ -141,7 +144,11 @@ def test_training_with_blocks_on_and_off(tmp_path, monkeypatch, offload, tied):
         if k.startswith("optimizer"):
             assert diff.max() <= 1e-2 * y.abs().max(), k
         else:
-            assert diff.max() <= lr / 10, (k, diff.max())  # measured: at most 2.3e-5 with lr 1e-3
+            # Most elements agree to rounding; a few whose gradient is near zero may take AdamW's step the other way
+            # on a host whose bf16 kernels round the two products differently (see the docstring). A wrong block
+            # would move many elements, not a few.
+            flipped = (diff > lr / 10).float().mean().item()
+            assert flipped <= 1e-3 and diff.max() <= 3 * lr, (k, flipped, diff.max())
     if offload == "ssd":
         assert res[True].ssd["bytes_written"] == res[False].ssd["bytes_written"]
         extra = res[True].ssd["bytes_read"] - res[False].ssd["bytes_read"]
@@ -159,6 +166,6 @@ def test_blocks_lower_the_kernel_measured_peak(tmp_path):
     groups = fresh_groups()
     expected = 2 * groups[-1].numel - 2 * vocab.block_slot_bytes(groups, 2)  # ~30 MiB
     on, off = runs["1"], runs["0"]
-    assert on["losses"] == pytest.approx(off["losses"], rel=1e-5)
+    assert on["losses"] == pytest.approx(off["losses"], rel=2e-4)  # as in test_training_with_blocks_on_and_off
     saved = (off["peak"] - off["baseline"]) - (on["peak"] - on["baseline"])
     assert saved >= 0.75 * expected, (saved, expected, on["pools"], off["pools"])
