@@ -107,7 +107,7 @@ class FlexPagedAttention:
         self._cap = cap
         first, last, lo, hi = self._first, self._last, self._lo, self._hi
 
-        def mask_mod(b, h, q_idx, kv_idx, bs=None):  # called for partial blocks only (kv_indices)
+        def mask_mod(b, h, q_idx, kv_idx):  # called for partial blocks only (kv_indices)
             blk, off = kv_idx // self._bs, kv_idx % self._bs
             lo_ok = (blk != first[b]) | (off >= lo[b])
             hi_ok = (blk != last[b]) | (off < hi[b])
@@ -126,14 +126,12 @@ class FlexPagedAttention:
     def block_mask(self, block_table: torch.Tensor, lens: torch.Tensor, block_size: int, num_blocks: int,
                    window: int | None = None) -> BlockMask:
         """Row b's physical blocks covering positions [max(0, lens[b] - window), lens[b]) as a BlockMask.
-        block_table: (B, >= ceil(max lens / block_size)) int64; lens: (B,) int64, each >= 1."""
+        block_table: (B, >= ceil(max lens / block_size)) int64; lens: (B,) int64, each >= 1; both on the device."""
         bs, b = block_size, lens.shape[0]
         if b > self._cap:
             self._grow(b)
         self._bs = bs
-        dev = self.device
-        lens = lens.to(dev)
-        table = block_table.to(dev)
+        dev, table = self.device, block_table  # both already on the device (paged_attention moved them)
         rows = torch.arange(b, device=dev)
         start = torch.clamp(lens - window, min=0) if window else torch.zeros_like(lens)
         first_blk, end_blk = start // bs, (lens + bs - 1) // bs  # logical blocks [first_blk, end_blk)
@@ -165,6 +163,7 @@ class FlexPagedAttention:
         return BlockMask.from_kv_blocks(part_num[:, None, None], part_idx, full_num, full_idx, BLOCK_SIZE=(128, bs),
                                         mask_mod=self._mask_mod, seq_lengths=(1, num_blocks * bs),
                                         compute_q_blocks=False)
+
     def paged_attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                         lens: torch.Tensor, scale: float, window: int | None = None, k_new: torch.Tensor | None = None,
                         v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
