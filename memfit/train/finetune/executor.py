@@ -21,64 +21,20 @@ a tied embedding's from both, the head's factors kept through the backward until
 Without recomputation (`--offload none` and no `--grad-checkpointing`) each unit keeps its autograd graph
 from the forward instead; the arithmetic is the same, so the losses are identical either way.
 
-`Prefetcher` walks that fetch schedule on one thread, at most `depth` units ahead of the compute, so SSD
-reads (and host-to-device copies on CUDA) overlap the compute of the unit in hand; a unit's pool slots go
-back as soon as the unit is done.
+The weights of the units ahead are fetched on a thread (prefetch.Prefetcher), at most `depth` units ahead.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from memfit.train.finetune.gradients import DenseGrad, PieceGrad, RowBlocks, embedding_rows, last_units
+from memfit.train.finetune.prefetch import Prefetcher
 from memfit.train.finetune.store import GroupStore
 from memfit.train.finetune.units import (HEAD_GRAD_ROWS, Batch, Group, HeadRows, State, UnitRunner,
                                          embedding_grad_rows)
 from memfit.train.finetune.vocab import unit_weights
-
-
-class Prefetcher:
-    def __init__(self, store: GroupStore, schedule: list[list[int]], depth: int) -> None:
-        self.store = store
-        self._room = threading.Semaphore(depth + 1)  # units fetched and not yet released
-        self._stop = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="memfit-prefetch")
-        self._futures: list[Future] = [self._pool.submit(self._fetch, gis) for gis in schedule]
-        self._next = 0
-
-    def _fetch(self, gis: list[int]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        self._room.acquire()
-        if self._stop:
-            return []
-        return [self.store.fetch(gi) for gi in gis]
-
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """The next unit's fetched (flat weights, slot) per group, waiting for its reads."""
-        fetched = self._futures[self._next].result()
-        self._next += 1
-        return fetched
-
-    def done(self, fetched: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        for _, slot in fetched:
-            self.store.release(slot)
-        self._room.release()
-
-    def close(self) -> None:
-        """Stop fetching and give back the slots of units fetched but never consumed (after an error)."""
-        self._stop = True
-        for _ in self._futures:
-            self._room.release()
-        for f in self._futures[self._next :]:
-            try:
-                fetched = f.result()
-            except Exception:  # noqa: BLE001 (the error that stopped the step is the one to report)
-                continue
-            for _, slot in fetched:
-                self.store.release(slot)
-        self._pool.shutdown(wait=True)
 
 
 @dataclass

@@ -14,6 +14,7 @@ fp32, where the master itself is used); plus the fp32 gradients in host memory: 
 whole-model buffer, as ZeRO-3's offloaded `grad_partitions_flat_buffer`, so the overflow check and the
 optimizer read it in place; or, streamed (gradients.py), one buffer laid out for the groups live at once,
 each group updated by AdamW as soon as the backward completes its gradient (`grad_done`).
+The optimizer step (AdamW over the groups, in their tier) is store_update.py's.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from memfit.memory.hostpool import IO_ALIGN, SlotPool
 from memfit.memory.mapping import round_up
 from memfit.train.finetune.designs import HostMemoryDesign
 from memfit.train.finetune.grad_store import GradientsMixin
-from memfit.train.finetune.gradients import PieceGrad, StreamedLayout
-from memfit.train.finetune.optim import AdamW
+from memfit.train.finetune.gradients import StreamedLayout
 from memfit.train.finetune.placement import Placement
+from memfit.train.finetune.store_update import UpdateMixin
 from memfit.train.finetune.units import Group
 from memfit.train.finetune.vocab import SpanReads
 
@@ -37,7 +38,7 @@ TIERS = ("none", "host", "ssd")
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-class GroupStore(GradientsMixin, SpanReads):
+class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
     def __init__(self, groups: list[Group], tier: str, design: HostMemoryDesign, compute_dtype: torch.dtype,
                  device: torch.device, ssd_dir: Path | None = None, in_flight: int = 4,
                  placement: Placement | None = None, streamed: StreamedLayout | None = None) -> None:
@@ -220,62 +221,6 @@ class GroupStore(GradientsMixin, SpanReads):
     @staticmethod
     def _slot(pool: SlotPool, nbytes: int) -> torch.Tensor:
         return pool.acquire(round_up(nbytes, IO_ALIGN))
-
-    # -- the optimizer step ------------------------------------------------------------------------------
-    def optimizer_step(self, adam: AdamW, step: int, grad_scale: float) -> None:
-        """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`)."""
-        self._fresh = None
-        if self.tier == "ssd" and step == 1 and self.design.fresh_first_moments:
-            # (2, piece) fp32 zeros: the moments of one sub-group, taken before any group is updated
-            self._fresh = torch.zeros(2, self.piece, dtype=torch.float32)
-            self._fresh_used = 0
-            self.pools["first-step Adam moments (transient)"] = self._fresh.numel() * 4
-        for gi in range(len(self.groups)):
-            self.update_group(gi, adam, step, grad_scale)
-        self._fresh = None
-
-    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float, source: PieceGrad | None = None) -> None:
-        """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier). A blockwise
-        group's gradient is made piece by piece by `source` into its one-piece slice (None: zero)."""
-        grad = self.grads[gi]
-        blockwise = self.streamed is not None and gi in self.streamed.blockwise
-
-        def piece_grad(start: int, n: int) -> torch.Tensor:
-            if not blockwise:
-                return grad[start : start + n]
-            g = grad[:n]
-            source.fill(start, n, g) if source is not None else g.zero_()
-            return g
-
-        if self.tier != "ssd":
-            t = self._tensors[gi]
-            # blockwise: piece by piece (AdamW is elementwise: the same bits as one call on the group)
-            for start, n in (self._pieces(gi) if blockwise else [(0, self.groups[gi].numel)]):
-                sl = slice(start, start + n)
-                adam.update(t["master"][sl], t["exp_avg"][sl], t["exp_avg_sq"][sl], piece_grad(start, n), step,
-                            grad_scale)
-            if self.separate_copy:
-                t["param"].copy_(t["master"])
-            return
-        fresh = self._fresh
-        for start, n in self._pieces(gi):
-            g = piece_grad(start, n)
-            bufs = self._read_piece(gi, start, n)
-            v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
-            if fresh is not None:  # zero either way at step 1: the arithmetic is the same
-                if self._fresh_used + n > self.piece:  # the next sub-group starts from zeros again
-                    fresh.zero_()
-                    self._fresh_used = 0
-                used = self._fresh_used
-                v["exp_avg"], v["exp_avg_sq"] = fresh[0, used : used + n], fresh[1, used : used + n]
-                self._fresh_used += n
-            adam.update(v["master"], v["exp_avg"], v["exp_avg_sq"], g, step, grad_scale)
-            if fresh is not None:  # swapped out through the pool, as DeepSpeed writes its state
-                for k in ("exp_avg", "exp_avg_sq"):
-                    bufs[k][: n * 4].view(torch.float32).copy_(v[k])
-            # streamed: the piece's gradient is spent, and its bytes are aligned (gradients.ALIGN)
-            spent = g if self.streamed is not None else None
-            self._write_piece(gi, start, n, bufs, spent)
 
     def io_stats(self) -> dict:
         if self.space is None:
