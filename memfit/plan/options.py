@@ -29,6 +29,8 @@ class PlanOptions:
     span_bound_share: float = 0.08  # whole/heuristic: at most this share for the span bound (bound_span), run
     # before the split bound where the row bounds leave the best seed above them (off with split_bound_share 0)
     split_piece_ops: int = 12
+    bounds_share: float = 0.4  # every all-orders bound together (row, span, split) stops at this share of the
+    # time limit, so the search keeps the rest (memfit.plan.planner_bounds: DenseNet-121 at 512 KiB had ~5 of 45 s)
     clock: str = "wall"  # wall: every limit is wall time; work: CP-SAT deterministic time + thread CPU time, which
     # a loaded machine does not shrink (memfit.plan.clock), so runs compare under load
     wall_cap_s: float | None = None  # work clock: end by about this much wall time anyway (None: 3 x time_limit_s;
