@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from memfit.llm.engine.candidates import sampler_scratch_bytes
 from memfit.llm.engine.fallback_accounting import linear_shapes
 from memfit.llm.models.config import ModelConfig
 
@@ -156,7 +157,8 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     of the rows the runner computes (`chunk` padded: runner.bucket_tokens)."""
     from memfit.llm.kernels.prefill import HEAD_SIZES
 
-    logits = sampled_rows * cfg.vocab_size * 4 * 2  # float32 logits and their softmax
+    # float32 logits, and the sampler's softmax or top-k/top-p search beside them (engine/candidates.py)
+    logits = sampled_rows * cfg.vocab_size * 4 + sampler_scratch_bytes(sampled_rows, cfg.vocab_size)
     if arena_rows > 0 and in_place and mlp_block > 0 and cfg.head_dim in HEAD_SIZES:
         from memfit.llm.engine import arena_accounting as arena
 
@@ -229,10 +231,11 @@ def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype
 
 
 def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
-    """Speculative decoding's buffers (engine/spec_decode.py): the verification logits and both models'
-    distributions, batch x (2g + 1) rows of V float32 (g + 1 target rows, g draft rows), each with a copy the
-    size of a softmax."""
-    return batch * (2 * gamma + 1) * vocab_size * 4 * 2
+    """Speculative decoding's buffers at their peak (engine/spec_decode.py: a sampled chain's verification), in
+    rows of V float32: the verification logits (g + 1 a sequence), the draft's distributions (g), the target's
+    (g + 1), and the sampler's scratch while it makes the target's (`sampler_scratch_bytes` of the g + 1 rows)."""
+    rows = batch * (gamma + 1)
+    return (2 * rows + batch * gamma) * vocab_size * 4 + sampler_scratch_bytes(rows, vocab_size)
 
 
 def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int) -> int:

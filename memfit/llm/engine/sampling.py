@@ -18,8 +18,11 @@ logits in float32, before temperature, top-k, top-p or min-p are applied.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
+from memfit.llm.engine.candidates import Candidates, candidate_blocks, sampler_scratch_bytes
 from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS, InvalidSamplingParams, SamplingParams, TokenLogprobs
 from memfit.llm.models.ops import TORCH_OPS, TorchOps
 
@@ -108,11 +111,13 @@ class Sampler:
         else:
             u = self._uniforms(generators, greedy, logits.device)  # (B,) in [0, 1)
             tokens = torch.empty(B, dtype=torch.long, device=logits.device)
-            for rows, pick in ((greedy, self._greedy), (filtered, self._filtered), (plain, self._plain)):
+            for rows, pick in ((greedy, self._greedy), (plain, self._plain)):
                 if rows:
                     idx = torch.tensor(rows, device=logits.device)
                     sub = logits if len(rows) == B else logits.index_select(0, idx)  # (R, V)
                     tokens.index_copy_(0, idx, pick(sub, [params[i] for i in rows], u[idx]))
+            if filtered:
+                self._filtered(logits, params, u, filtered, tokens)
         return tokens, self._logprobs(logits, params, tokens)
 
     def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -134,15 +139,13 @@ class Sampler:
             sub = [params[i] for i in plain]
             temp = torch.tensor([p.temperature for p in sub], device=logits.device).unsqueeze(1)  # (R', 1)
             out[idx] = self._min_p(torch.softmax(logits.index_select(0, idx) / temp, dim=-1), sub)
-        if filtered:
-            idx = torch.tensor(filtered, device=logits.device)
-            sub = [params[i] for i in filtered]
-            vals, ids = self._candidates(logits.index_select(0, idx), sub)  # (R', n) each, padded with (-inf, V)
-            kept = self._min_p(torch.softmax(vals, dim=-1), sub)  # (R', n)
-            rows = torch.zeros(len(filtered), V + 1, dtype=torch.float32, device=logits.device)
-            rows.scatter_(1, ids, kept)  # the padding lands in column V, dropped below
-            out[idx] = rows[:, :V]
-        return out / out.sum(dim=-1, keepdim=True)  # min-p leaves rows unnormalised
+        for c in self._blocks(logits, params, filtered):  # (r, w) each, padded with (-inf, V)
+            kept = self._min_p(torch.softmax(c.vals, dim=-1), [params[i] for i in c.rows.tolist()])  # (r, w)
+            rows = torch.zeros(len(c.rows), V + 1, dtype=torch.float32, device=logits.device)
+            rows.scatter_(1, c.ids, kept)  # the padding lands in column V, dropped below
+            out[c.rows] = rows[:, :V]
+            del c, kept, rows
+        return out.div_(out.sum(dim=-1, keepdim=True))  # min-p leaves rows unnormalised
 
     # -- the three groups -------------------------------------------------------------------------------
 
@@ -157,62 +160,26 @@ class Sampler:
         probs = self._min_p(probs, params)
         return self._inverse_cdf(probs, u)
 
-    def _filtered(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
-        """Temperature, top-k, top-p (and min-p), sampled among the kept candidates only."""
-        vals, ids = self._candidates(logits, params)  # (R, n) each, kept tokens in vocabulary order
-        probs = self._min_p(torch.softmax(vals, dim=-1), params)  # (R, n)
-        pos = self._inverse_cdf(probs, u)  # (R,)
-        return ids.gather(1, pos.unsqueeze(1)).squeeze(1)
+    def _filtered(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, rows: list[int],
+                  tokens: torch.Tensor) -> None:
+        """Temperature, top-k, top-p (and min-p) for `rows` of logits (B, V), sampled among the kept candidates
+        only, into tokens (B,)."""
+        for c in self._blocks(logits, params, rows):
+            probs = self._min_p(torch.softmax(c.vals, dim=-1), [params[i] for i in c.rows.tolist()])  # (r, w)
+            pos = self._inverse_cdf(probs, u[c.rows])  # (r,)
+            tokens[c.rows] = c.ids.gather(1, pos.unsqueeze(1)).squeeze(1)
+            del c, probs
 
     # -- building blocks --------------------------------------------------------------------------------
 
-    def _candidates(self, logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k, then top-p on the distribution renormalised after top-k, with temperature applied.
-
-        Returns (scaled logits, token ids), both (R, n): each row's kept tokens sorted by token id, padded
-        with (-inf, V). Sorting by id makes the inverse CDF walk the same order as `_plain` does, so a
-        seeded request picks the same token for the same draw whichever group computes it.
-
-        A full descending sort of the vocabulary costs far more than the rest of a step on a CPU (32 x 152k
-        fp32: ~0.7 s against ~20 ms for everything else), and real nuclei are small, so the cut-off is
-        searched among the n largest logits (`topk`), widening n 4x only while some row's nucleus may
-        extend past it. The kept set is exact whatever n ends up being.
-        """
-        V = logits.shape[1]
-        dev = logits.device
-        top_k = [min(p.top_k, V) if p.top_k > 0 else V for p in params]
-        k = torch.tensor(top_k, device=dev).unsqueeze(1)  # (R, 1); V = off
-        p = torch.tensor([q.top_p for q in params], device=dev).unsqueeze(1)  # (R, 1); 1.0 = off
-        temp = torch.tensor([q.temperature for q in params], device=dev).unsqueeze(1)  # (R, 1)
-        p_off = p >= 1.0  # (R, 1)
-        n = min(V, max(max((kk for kk in top_k if kk < V), default=0), self.first_candidates))
-        lse_full = None  # normaliser over the whole vocabulary, for rows whose top-k reaches past n
-        while True:
-            raw, ids = logits.topk(n, dim=-1)  # (R, n) descending; temperature > 0 keeps the order
-            cand = raw / temp  # (R, n)
-            rank = torch.arange(n, device=dev).unsqueeze(0)  # (1, n)
-            cand = cand.masked_fill(rank >= k, float("-inf"))  # top-k
-            lse = cand.logsumexp(dim=-1, keepdim=True)  # (R, 1): exact when a row's top-k lies within n
-            if n < V and any(kk > n for kk in top_k):
-                if lse_full is None:
-                    lse_full = (logits / temp).logsumexp(dim=-1, keepdim=True)  # (R, 1)
-                lse = torch.where(k > n, lse_full, lse)
-            probs = (cand - lse).exp()  # (R, n): probabilities after top-k
-            before = probs.cumsum(dim=-1) - probs  # (R, n): exclusive cumsum
-            # Keep a token while the ones before it fall short of top_p; the first is always kept (p > 0).
-            # p_off: with top_p = 1, rounding in the cumsum must not drop the tail of the top-k.
-            # clamp_min(1): a top_p that underflows float32 (e.g. 1e-50) still keeps the most likely token.
-            n_keep = (((before < p) | p_off) & (rank < k)).sum(dim=-1, keepdim=True).clamp_min(1)  # (R, 1)
-            # A row that keeps every candidate, and may keep more beyond n, needs a wider search.
-            if n == V or not bool(((n_keep == n) & (k > n)).any()):
-                break
-            n = min(V, n * 4)
-        keep = rank < n_keep  # (R, n)
-        ids = ids.masked_fill(~keep, V)
-        ids, order = ids.sort(dim=-1)  # (R, n): kept ids ascending, padding (V) last
-        width = int(n_keep.max())
-        cand = cand.masked_fill(~keep, float("-inf")).gather(1, order)
-        return cand[:, :width], ids[:, :width]
+    def _blocks(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> Iterator[Candidates]:
+        """Top-k, then top-p on the distribution renormalised after top-k, with temperature applied, for `rows`
+        of logits (B, V): each block's kept tokens sorted by token id (engine/candidates.py). Sorting by id
+        makes the inverse CDF walk the same order as `_plain` does, so a seeded request picks the same token
+        for the same draw whichever group computes it. The search's scratch stays within one float32 copy
+        of the rows (what the engine reserves for sampling beside the logits), one row at least."""
+        budget = sampler_scratch_bytes(len(rows), logits.shape[1])
+        return candidate_blocks(logits, params, rows, self.first_candidates, budget)
 
     @staticmethod
     def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

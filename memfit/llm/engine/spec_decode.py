@@ -325,9 +325,13 @@ class SpecDecoder:
         else:
             row_params = [params[b] for b in range(B) for _ in range(gammas[b] + 1)]
             p_flat = self.sampler.probs(logits, row_params)  # (sum(g + 1), V)
-            p = torch.zeros(B, K + 1, p_flat.shape[1], dtype=torch.float32, device=dev)
-            for b, g in enumerate(gammas):
-                p[b, : g + 1] = p_flat[starts[b] : starts[b] + g + 1]
+            if all(g == K for g in gammas):  # every row drafted K: the rows are already (B, K + 1, V), no copy
+                p = p_flat.view(B, K + 1, -1)
+            else:
+                p = torch.zeros(B, K + 1, p_flat.shape[1], dtype=torch.float32, device=dev)
+                for b, g in enumerate(gammas):
+                    p[b, : g + 1] = p_flat[starts[b] : starts[b] + g + 1]
+            del p_flat
             drafts_t = torch.tensor([d + [0] * (K - len(d)) for d in drafts], device=dev)  # (B, K)
             emitted = rejection_sample(drafts_t, torch.tensor(gammas, device=dev), q, p,  # type: ignore[arg-type]
                                        u[:, K : 2 * K], u[:, 2 * K]).emitted()  # type: ignore[index]

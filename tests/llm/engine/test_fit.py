@@ -104,21 +104,20 @@ def _avx512_without_amx() -> bool:
     return "avx512f" in flags and "amx_tile" not in flags
 
 
-# Known misses on AVX-512 hosts without AMX (an AMD Zen 4 CI host, 2026-12-04), where memfit's C++ kernels and
-# decode stack run with kernels other than the Intel host's the formulas were fitted on. Measured there: the
-# runs with a draft peaked at 1.12-1.18x the prediction (memfit-tiny-draft, g 4, batch 8: 3-4.6 MiB over, the slack
-# is 3 MiB; the model's own layers as the draft: 1.129x, 20 KiB past the slack; g 6, batch 4, context 512 passed
-# both times; the draft's decode stack is a suspect, untested); the oneDNN run measured no runtime beside the
-# fixed parts (they are over-counted there).
-# To fix in `memfit fit`'s accounting (issue 16's note of stop 34); kept visible, not skipped.
+# A known miss on AVX-512 hosts without AMX (an AMD Zen 4 CI host, 2026-12-04): the oneDNN path's fixed parts are
+# over-counted there. `fallback_accounting.ONEDNN_SHAPE_BYTES` (768 KiB a cached kernel, measured on the Intel host)
+# is 570-640 KiB there (tests/llm/models/test_packing.py's sweep: 37.7 MiB RssAnon for 60 kernels), so memfit-tiny's
+# 65 kernels are counted ~8 MiB high, the calibration finds nothing left for the runtime (runtime_bytes 0, which
+# the last check refuses) and the prediction lands high but within 10% of the peak. To fix by measuring the kernel's
+# size per machine. (The speculative runs that missed there too were a real defect, fixed: the sampler's top-p
+# search held ~10 float32 copies of its rows on flat distributions; engine/candidates.py now bounds it.)
 ZEN4_MISS = pytest.mark.xfail(_avx512_without_amx(), strict=False,
-                              reason="fit's formulas miss on AVX-512 hosts without AMX (see ZEN4_MISS)")
+                              reason="oneDNN's kernels are counted high on AVX-512 hosts without AMX (see ZEN4_MISS)")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft,gamma,batch,context", [pytest.param("memfit-tiny-draft", 4, 8, 192, marks=ZEN4_MISS),
-                                                       ("memfit-tiny-draft", 6, 4, 512),
-                                                       pytest.param("self", 4, 8, 192, marks=ZEN4_MISS)])
+@pytest.mark.parametrize("draft,gamma,batch,context", [("memfit-tiny-draft", 4, 8, 192), ("memfit-tiny-draft", 6, 4, 512),
+                                                       ("self", 4, 8, 192)])
 def test_prediction_within_10_percent_with_speculative_decoding(draft, gamma, batch, context):
     r = _probe("memfit-tiny", batch, context, "auto", "--speculative-model", draft, "--num-speculative-tokens", str(gamma))
     _check(r)

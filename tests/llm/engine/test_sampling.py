@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from memfit.llm.engine import candidates
 from memfit.llm.engine.sampling import (
     InvalidSamplingParams,
     Sampler,
@@ -339,12 +340,30 @@ def test_top_k_top_p_candidates_match_full_sort(spread):
     cases = [(-1, 0.9), (-1, 0.5), (50, 0.95), (1000, 0.99), (7, 1.0), (2999, 0.3), (-1, 0.999), (3, 0.01)]
     logits = torch.randn(len(cases), V, generator=g) * spread
     params = [SamplingParams(top_k=k, top_p=p, temperature=0.7) for k, p in cases]
-    together = Sampler()._candidates(logits, params)
+    together = _by_row(Sampler(), logits, params)
     # one row at a time too: then the search starts at 256 candidates and must widen for flat rows
-    alone = [Sampler()._candidates(logits[i : i + 1], params[i : i + 1]) for i in range(len(cases))]
+    alone = [_by_row(Sampler(), logits[i : i + 1], params[i : i + 1])[0] for i in range(len(cases))]
+    # and in blocks of one or two rows (the bound a tight scratch budget gives): the same kept sets
+    s = Sampler()
+    tight = {}
+    for c in candidates.candidate_blocks(logits, params, list(range(len(cases))), s.first_candidates,
+                                         candidates.row_cost_bytes(V, V)):
+        assert len(c.rows) <= 2
+        tight.update({r: (c.vals[j], c.ids[j]) for j, r in enumerate(c.rows.tolist())})
     for i, (k, p) in enumerate(cases):
-        _check_candidates(together[0][i], together[1][i], logits[i] / 0.7, k, p, V)
-        _check_candidates(alone[i][0][0], alone[i][1][0], logits[i] / 0.7, k, p, V)
+        for vals, ids in (together[i], alone[i], tight[i]):
+            _check_candidates(vals, ids, logits[i] / 0.7, k, p, V)
+
+
+def _by_row(sampler, logits, params):
+    """Sampler._blocks' kept tokens, row by row: {row: (vals, ids)}; every row comes exactly once."""
+    out = {}
+    for c in sampler._blocks(logits, params, list(range(len(params)))):
+        for j, r in enumerate(c.rows.tolist()):
+            assert r not in out
+            out[r] = (c.vals[j], c.ids[j])
+    assert sorted(out) == list(range(len(params)))
+    return out
 
 
 def _check_candidates(vals, ids, scaled, k, p, V):

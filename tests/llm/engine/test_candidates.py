@@ -1,0 +1,67 @@
+"""The sampler's top-k / top-p search (engine/candidates.py) stays within its scratch bound, measured by the
+kernel (VmHWM) in a fresh process where every tensor is its own mapping, so resident memory follows what is
+allocated: nearly flat rows widen the search to the whole vocabulary, where an unbounded search holds ~10
+float32 copies of the rows."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memfit.memory.measure import reset_peak_rss
+
+ROOT = Path(__file__).resolve().parents[3]
+
+PROBE = r"""
+import ctypes, json, sys
+ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: each tensor its own mapping, unmapped when freed
+import torch
+torch.set_num_threads(1)
+from memfit.llm.engine.sampling import Sampler, SamplingParams
+from memfit.memory.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+R, V, spread, what = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+logits = torch.randn(R, V, generator=torch.Generator().manual_seed(0)) * spread
+params = [SamplingParams(temperature=0.8, top_p=0.9, seed=i) for i in range(R)]
+s = Sampler()
+def run():
+    if what == "probs":
+        return s.probs(logits, params)
+    return s.sample(logits, params, s.generators_for([(str(i), i) for i in range(R)]))[0]
+run()  # library pages and thread pools, once
+reset_peak_rss()
+base = rss_bytes()
+kept = run()
+print(json.dumps({"peak": peak_rss_bytes() - base, "rows_bytes": R * V * 4}))
+"""
+
+
+def _probe(rows: int, vocab: int, spread: float, what: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(rows), str(vocab), str(spread), what], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+needs_hwm = pytest.mark.skipif(not reset_peak_rss(), reason="the peak RSS mark cannot be reset here")
+
+
+@needs_hwm
+@pytest.mark.parametrize("what", ["probs", "sample"])
+def test_a_flat_batch_searches_within_one_copy_of_its_rows(what):
+    # 40 rows = speculative verification of 8 sequences x (4 drafts + 1); 0.01: the nucleus spans most of V
+    r = _probe(40, 32768, 0.01, what)
+    copy = r["rows_bytes"]  # 5 MiB
+    # probs returns its (R, V) distribution (one copy) and may use one more for the search; sample returns tokens
+    allowed = (2 if what == "probs" else 1) * copy + 512 * 1024
+    assert r["peak"] <= allowed, (r["peak"] / copy, "copies of the rows")
+
+
+@needs_hwm
+def test_one_flat_row_is_bounded_by_a_row_at_full_width():
+    from memfit.llm.engine.candidates import row_cost_bytes
+
+    r = _probe(1, 65536, 0.01, "sample")
+    assert r["peak"] <= row_cost_bytes(65536, 65536) + 256 * 1024, r
