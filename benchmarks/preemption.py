@@ -66,6 +66,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=False),
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
+    # as before the scheduler's ski-rental rule: a swapped turn waits for room for its whole history, however long
+    "swap-run-reuse-async-wait": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, wait_always=True),
     "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
     "swap-run-reuse-ssd-prewrite": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
                                         swap_ssd_prewrite=True),
@@ -166,6 +168,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
         a.model = str(path if (path / "model.safetensors").exists() else make_model_dir(a.model, a.dtype or "float32", root))
     opts = dict(VARIANTS[name])
     block_tokens = opts.pop("block_tokens", None)
+    wait_always = opts.pop("wait_always", False)
     ssd = opts.pop("ssd", False)
     ssd_batch = opts.pop("ssd_batch", True)
     ssd_pyloop = opts.pop("ssd_pyloop", False)
@@ -191,6 +194,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     probe.close()
     del probe
     engine = LLMEngine(cfg.with_overrides(kv_budget=kv_budget, **opts))
+    engine.scheduler.recompute_after_wait = not wait_always
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
         if engine.swap.ssd is not None:
@@ -256,6 +260,7 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
         "throughput_tok_s": sum(len(ts) for ts in times.values()) / makespan,
         "makespan_s": makespan,
         "preemptions": st["preemptions_by_mode"],
+        "admission_waits": st["admission_waits"],  # steps the next waiting sequence was refused memory
         "kv_budget_bytes": kv_budget,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **extra,

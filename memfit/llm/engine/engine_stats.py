@@ -42,6 +42,7 @@ def engine_stats(engine: LLMEngine) -> dict:
         "prefix_cache_query_tokens": engine.kv.prefix_stats.query_tokens,
         "prefix_cache_hit_tokens": engine.kv.prefix_stats.hit_tokens, "prefix_cached_bytes": engine.kv.cached_bytes,
         "preemptions_by_mode": dict(engine.scheduler.preemptions_by_mode),
+        "admission_waits": dict(engine.scheduler.admission_waits),
         "swap": swap_stats(engine.swap),
         "speculative": engine.spec.stats_dict() if engine.spec is not None else {},
     }

@@ -31,6 +31,7 @@ that asked waits, or is preempted itself; no other sequence is preempted for it.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,6 +80,17 @@ class Scheduler:
         self._sync_only = False  # a second pass over an empty step: no more asynchronous swap-outs
         self.num_preemptions = 0  # total, for metrics
         self.preemptions_by_mode = {"recompute": 0, "swap": 0}
+        # steps the policy's next waiting sequence was refused memory, by whether its KV waits on the swap tiers
+        # (it needs room for its whole history) or is to be computed (room for its first chunk)
+        self.admission_waits = {"swapped": 0, "fresh": 0, "gave_up": 0}
+        # A swapped sequence refused memory for its whole history waits at most as long as recomputing that
+        # history is modelled to take, then drops its host copy and asks for its first chunk only (the
+        # ski-rental rule: never more than twice the better of waiting and recomputing). Where prefill is cheap
+        # (a GPU) it soon recomputes; where it is dear (a CPU) it waits for its KV. It applies to a conversation's
+        # next turn whose previous turn's KV is on the host (cross-turn reuse, which only saves a prefill), and
+        # in the `auto` mode to preempted sequences too; `swap` promises preempted ones no recomputation.
+        # False: always wait.
+        self.recompute_after_wait = True
 
     # ---- queue management ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -304,7 +316,14 @@ class Scheduler:
             budget = self.config.max_num_batched_tokens - out.num_tokens
             num_new = min(seq.num_pending, budget)
             if not self._admit_capacity(seq, num_new, out):
+                self.admission_waits["swapped" if seq.swapped else "fresh"] += 1
+                if seq.swapped and self._waited_past_recompute(seq):
+                    self.swap.discard(seq.seq_id)  # type: ignore[union-attr]
+                    self._recompute_lost(seq)
+                    self.admission_waits["gave_up"] += 1
+                    continue  # asks again, for its first chunk only
                 break  # nobody overtakes the policy's next sequence
+            seq.waited_since = None
             num_new = min(seq.num_pending, budget)  # a cached prefix (prefix caching) leaves fewer to compute
             if seq.swapping_in:
                 continue  # its KV is on its way back, overlapping this step; admitted once it has landed
@@ -357,6 +376,20 @@ class Scheduler:
                 other.num_computed = other.num_cached_prompt = 0
             return True
         return False
+
+    def _waited_past_recompute(self, seq: Sequence) -> bool:
+        """The swapped `seq` was refused memory again: has it waited as long as recomputing its history would
+        take (the swap space's cost model)? The wait is counted from its first refusal since it was last admitted."""
+        cost = self.swap.cost if self.swap is not None else None
+        if not self.recompute_after_wait or cost is None:
+            return False
+        if seq.num_preemptions and self.config.preemption_mode != "auto":
+            return False  # preempted in `swap` mode: its KV comes back, however long that takes
+        now = time.monotonic()
+        if seq.waited_since is None:
+            seq.waited_since = now
+            return False
+        return now - seq.waited_since >= cost.recompute_s(seq.num_computed)
 
     def _recompute_lost(self, seq: Sequence) -> None:
         """A swap-in could not be served intact: the sequence starts over from token 0, in the memory it was just

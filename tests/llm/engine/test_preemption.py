@@ -73,8 +73,10 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
         if kind == "paged":  # per-block copies, or fewer with block groups (counted at the copy in kv/test_swap_layout)
             blocks = (st["out_bytes"] + st["in_bytes"]) // (llm.engine.kv.block_bytes // (2 * llm.engine.layout.num_layers))
             assert (st["out_ops"] + st["in_ops"] < blocks) if groups else (st["out_ops"] + st["in_ops"] == blocks)
-    else:  # auto picks per victim from measured rates: either way, recomputation only where it chose it
-        assert (fed[0] > once) == (by_mode["recompute"] > 0)
+    else:  # auto picks per victim from measured rates, and per swapped victim refused memory whether to wait for
+        # its KV or recompute (the ski-rental rule): either way, recomputation only where it chose it
+        gave_up = llm.engine.scheduler.admission_waits["gave_up"]
+        assert (fed[0] > once) == (by_mode["recompute"] > 0 or gave_up > 0)
     assert llm.engine.kv.stats().num_seqs == 0
 
 
@@ -409,3 +411,35 @@ def test_an_asynchronous_swap_out_keeps_the_victims_kv_until_its_slow_copy_lands
     for ids, g, e in zip(PROMPTS, got, expected):
         assert_same_greedy(model, ids, g, e)
     assert engine.swap.budget.used_bytes == 0 and engine.kv.stats().num_seqs == 0
+
+
+@pytest.mark.parametrize("recompute_cost", ["free", "dear", "never-give-up"])
+def test_a_swapped_sequence_refused_memory_recomputes_once_it_has_waited_as_long_as_that_takes(tiny, expected,  # noqa: F811
+                                                                                               recompute_cost):
+    """The scheduler's ski-rental rule (`auto` mode): a swapped sequence refused memory for its whole history waits
+    at most the modelled time to recompute it, then drops its host copy and comes back for its first chunk. Modelled
+    free (a fast GPU's prefill), it gives up at its second refusal and recomputes; modelled dear (a slow CPU's), it
+    waits for its KV; with the rule off it always waits. The outputs stay those of an unpressed run either way.
+    (Preemption itself is left to swap here: `prefers_swap` is patched, so every victim is swapped.)"""
+    model, _, path = tiny
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode="auto", swap_space="16MiB", swap_threads=0, swap_reuse=False)
+    llm.engine.swap.prefers_swap = lambda num_tokens, seq_id=None: True
+    cost = llm.engine.swap.cost
+    cost.flops_per_s = 1e30 if recompute_cost == "free" else 1.0
+    cost.observe_compute = lambda tokens, seconds: None  # keep the modelled rate whatever the steps measure
+    llm.engine.scheduler.recompute_after_wait = recompute_cost != "never-give-up"
+    fed = count_fed_tokens(llm.engine)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
+    for ids, g, e in zip(PROMPTS, got, expected):
+        assert_same_greedy(model, ids, g, e)
+    waits = llm.engine.scheduler.admission_waits
+    assert waits["swapped"] > 0  # swapped sequences were refused memory
+    once = sum(len(p) + PARAMS.max_tokens - 1 for p in PROMPTS)  # every token fed exactly once
+    if recompute_cost == "free":
+        assert waits["gave_up"] > 0 and fed[0] > once  # they recomputed what they had swapped out
+    else:
+        assert waits["gave_up"] == 0 and fed[0] == once
+    assert llm.engine.swap.budget.used_bytes == 0 and llm.engine.kv.stats().num_seqs == 0  # dropped copies freed
