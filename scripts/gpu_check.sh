@@ -73,8 +73,8 @@ if want preempt; then
 step "preemption on cuda (0.5b, pinned host tier; single and multi-turn, one rep each)"
 [[ ${PREEMPT_SINGLE:-1} == 1 ]] && timeout 200 $py -m benchmarks.preemption --model 0.5b --requests 24 --reps 1 --threads 4 \
     --variants recompute,swap-run,swap-run-async,swap-run-reuse-async --out "$OUT/preemption_cuda.json" > /dev/null 2>"$OUT/preemption.err"
-timeout 150 $py -m benchmarks.preemption --model 0.5b --workload multiturn --requests 24 --reps 1 --threads 4 \
-    --variants recompute,swap-run-async,swap-run-reuse-async --out "$OUT/preemption_multiturn_cuda.json" > /dev/null 2>>"$OUT/preemption.err"
+timeout ${PREEMPT_MT_TIMEOUT:-240} $py -m benchmarks.preemption --model 0.5b --workload multiturn --requests 24 --reps 1 --threads 4 \
+    --variants recompute,swap-run-async,swap-run-reuse-async,swap-run-reuse-async-wait --out "$OUT/preemption_multiturn_cuda.json" > /dev/null 2>>"$OUT/preemption.err"
 grep '^{' "$OUT/preemption.err" | cut -c1-400
 fi
 
