@@ -22,53 +22,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from memfit.llm.engine.calibration_cache import cache_key, read_cache, write_cache_entry
+
 CALIBRATING_ENV = "MEMFIT_CALIBRATING"  # set in the calibration process: its own engine reserves no runtime
-
-
-def cache_path() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / "runtime.json"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _source_digest() -> str:
-    """A digest of the engine's own code (Python and C++): a measurement made with other kernels is stale."""
-    import hashlib
-
-    import memfit
-
-    root = Path(memfit.__file__).parent
-    h = hashlib.sha256()
-    for sub in ("llm", "memory"):
-        for path in sorted((root / sub).rglob("*")):
-            if path.suffix in (".py", ".cpp", ".h") and path.is_file():
-                h.update(path.relative_to(root).as_posix().encode())
-                h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def cache_key(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels: bool) -> str:
-    import torch
-
-    import memfit
-
-    return "|".join([memfit.__version__, _source_digest(), torch.__version__, platform.machine(), _cpu_model(),
-                     device_type, dtype, str(cpu_linear), str(bool(cpu_kernels))])
 
 
 CALIBRATION_BATCHES = (1, 8)  # the runtime's share is measured at both and interpolated (allocator pools grow with it)
@@ -90,12 +51,7 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
     if os.environ.get(CALIBRATING_ENV):
         return {"runtime_bytes": 0, "runtime_low_bytes": 0, "runtime_baseline_bytes": 0}
     key = cache_key(device_type, dtype, cpu_linear, cpu_kernels)
-    path = cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(key)
+    entry = read_cache().get(key)
     if entry is None or "low_by_batch" not in entry:
         by_batch, low_by_batch = {}, {}
         for b in CALIBRATION_BATCHES:
@@ -113,14 +69,7 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
             by_batch[str(b)], low_by_batch[str(b)] = max(draws), min(draws)
         entry = {"by_batch": by_batch, "low_by_batch": low_by_batch,
                  "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}
-        cache[key] = entry
-        try:  # best effort: a read-only home just measures again next time
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        write_cache_entry(key, entry)
     lo, hi = CALIBRATION_BATCHES
     t = min(max((batch - lo) / (hi - lo), 0.0), 1.0)
 

@@ -17,21 +17,9 @@ from __future__ import annotations
 import torch
 
 from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.shapes import linear_shapes
 
-# What one cached oneDNN matmul kernel holds (ideep's computation and oneDNN's primitive, JIT code included), the
-# same for every matrix and row count on this build: the heap in use grew 510-700 KiB per new (rows, out, in) shape
-# (mallinfo2), RssAnon 590-705 KiB (benchmarks/onednn_shape_cache.py; tests/llm/models/test_packing.py checks it).
-ONEDNN_SHAPE_BYTES = 768 * 1024
-
-
-def linear_shapes(cfg: ModelConfig, fused: bool) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer, decoder layers first, then the head."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    attn = [(q + 2 * kv, h)] if fused else [(q, h), (kv, h), (kv, h)]
-    mlp = [(2 * i, h)] if fused else [(i, h), (i, h)]
-    per_layer = attn + [(h, q)] + mlp + [(h, i)]
-    return per_layer * cfg.num_hidden_layers + [(cfg.vocab_size, h)]
+__all__ = ["linear_shapes", "row_padding_bytes", "shape_cache_bytes", "torch_ops_bytes"]
 
 
 def _mats(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -70,14 +58,21 @@ def row_padding_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, sampled_r
 
 
 def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
-                      besides: ModelConfig | None = None) -> int:
+                      besides: ModelConfig | None = None, measure: bool = True) -> int:
     """The kernels oneDNN's and ideep's caches keep for the packed linears of a model stepping up to `max_rows` rows
-    a call: one per (row bucket, matrix shape) (models/packing.py: row_shapes), ONEDNN_SHAPE_BYTES each; a matrix
+    a call: one per (row bucket, matrix shape) (models/packing.py: row_shapes), each of what one kernel holds on this
+    machine (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT
+    code included: 510-700 KiB on the Intel host, ~525 KiB on an AMD Zen 4); a matrix
     shape `besides` (another model in the same process: a draft's target) already has is not counted again. The
-    caches are the process's, kept after the engine closes. 0 where the linears are not oneDNN's."""
+    caches are the process's, kept after the engine closes. 0 where the linears are not oneDNN's. measure False:
+    the kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
     if device_type != "cpu" or cpu_linear != "onednn":
         return 0
     from memfit.llm.models.packing import row_shapes
 
     mats = set(_mats(cfg)) - set(_mats(besides) if besides else ())
-    return len(mats) * row_shapes(max_rows) * ONEDNN_SHAPE_BYTES
+    if not mats:
+        return 0
+    from memfit.llm.engine.onednn_kernels import kernel_bytes
+
+    return len(mats) * row_shapes(max_rows) * kernel_bytes(measure)

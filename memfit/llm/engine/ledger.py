@@ -57,7 +57,7 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
-                                                                device.type),
+                                                                device.type, measure=config.memory_budget is not None),
     )
 
 

@@ -96,25 +96,6 @@ def test_prediction_within_10_percent_on_the_bundled_model():
     _check(_probe("memfit-tiny", batch=8, context=192))
 
 
-def _avx512_without_amx() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return "avx512f" in flags and "amx_tile" not in flags
-
-
-# A known miss on AVX-512 hosts without AMX (an AMD Zen 4 CI host, 2026-12-04): the oneDNN path's fixed parts are
-# over-counted there. `fallback_accounting.ONEDNN_SHAPE_BYTES` (768 KiB a cached kernel, measured on the Intel host)
-# is 570-640 KiB there (tests/llm/models/test_packing.py's sweep: 37.7 MiB RssAnon for 60 kernels), so memfit-tiny's
-# 65 kernels are counted ~8 MiB high, the calibration finds nothing left for the runtime (runtime_bytes 0, which
-# the last check refuses) and the prediction lands high but within 10% of the peak. To fix by measuring the kernel's
-# size per machine. (The speculative runs that missed there too were a real defect, fixed: the sampler's top-p
-# search held ~10 float32 copies of its rows on flat distributions; engine/candidates.py now bounds it.)
-ZEN4_MISS = pytest.mark.xfail(_avx512_without_amx(), strict=False,
-                              reason="oneDNN's kernels are counted high on AVX-512 hosts without AMX (see ZEN4_MISS)")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("draft,gamma,batch,context", [("memfit-tiny-draft", 4, 8, 192), ("memfit-tiny-draft", 6, 4, 512),
                                                        ("self", 4, 8, 192)])
@@ -127,7 +108,7 @@ def test_prediction_within_10_percent_with_speculative_decoding(draft, gamma, ba
 @pytest.mark.slow
 @pytest.mark.parametrize("shape,batch,context,cpu_linear", [
     ("0.1b", 8, 192, "auto"),  # the case from the issue: predicted 266 MiB, measured 1.65x that
-    pytest.param("0.1b", 1, 512, "onednn", marks=ZEN4_MISS),
+    ("0.1b", 1, 512, "onednn"),
     ("0.5b", 2, 64, "auto"),  # tied head: packed once, the lookups read the packed matrix
 ])
 def test_prediction_within_10_percent_on_random_llamas(random_models, shape, batch, context, cpu_linear):
