@@ -260,7 +260,7 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
         "throughput_tok_s": sum(len(ts) for ts in times.values()) / makespan,
         "makespan_s": makespan,
         "preemptions": st["preemptions_by_mode"],
-        "admission_waits": st["admission_waits"],  # steps the next waiting sequence was refused memory
+        "admission_waits": st["admission_waits"],  # times the next waiting sequence was refused memory, give-ups
         "kv_budget_bytes": kv_budget,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         **extra,

@@ -244,8 +244,8 @@ def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, 
     - greedy: the verification logits (N rows) and a draft level's (W rows); argmax picks make no softmax copy
       (counting one put `fit` 2.2 MiB over the measured peak of memfit-tiny at 8 x 192 with a 4,3 tree);
     - sampled (engine/spec_tree_sample.py), verifying: the logits (N) and the draft's distributions kept at every
-      node with children (1 + W(D - 1)); the target's are made one row at a time (3 rows with their working
-      copies, for the whole batch);
+      node with children (1 + W(D - 1)); the target's are made one row at a time (a row and the sampler's scratch
+      for it, `sampler_scratch_bytes`, for the whole batch);
     - sampled, drafting the last level: the distributions kept before it (1 + W(D - 2)), the level's logits (W) and
       its distributions with a working copy (2W).
     plus the ancestor mask (N^2 bool) and the attention mask over the context (N x (context + N) bool). An engine
@@ -253,7 +253,8 @@ def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, 
     (speculation_bytes, with copies), so the larger of the two is."""
     n = width * depth + 1
     rows = max(n + width, n + 1 + width * (depth - 1), 1 + width * (depth + 1) if depth > 1 else 0)
-    tree = batch * (rows * vocab_size * 4 + n * n + n * (context + n)) + 3 * vocab_size * 4
+    # the target's distributions, one row at a time: the row made and the sampler's scratch for it
+    tree = batch * (rows * vocab_size * 4 + n * n + n * (context + n)) + vocab_size * 4 + sampler_scratch_bytes(1, vocab_size)
     return max(tree, speculation_bytes(vocab_size, depth, batch))
 
 

@@ -55,7 +55,7 @@ def candidate_blocks(logits: torch.Tensor, params: list[SamplingParams], rows: l
     R, V = logits.shape
     dev = logits.device
     top_k = {i: min(params[i].top_k, V) if params[i].top_k > 0 else V for i in rows}
-    n = min(V, max(max((k for k in top_k.values() if k < V), default=0), first))
+    n = min(V, max(max((k for k in top_k.values() if k < V), default=0), first, 1))
     pending = torch.tensor(rows, dtype=torch.long, device=dev)
     while pending.numel():
         whole = pending.numel() == R and R * n * BYTES_PER_CANDIDATE <= budget_bytes  # no copy of the rows

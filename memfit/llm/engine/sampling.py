@@ -114,7 +114,8 @@ class Sampler:
             for rows, pick in ((greedy, self._greedy), (plain, self._plain)):
                 if rows:
                     idx = torch.tensor(rows, device=logits.device)
-                    sub = logits if len(rows) == B else logits.index_select(0, idx)  # (R, V)
+                    # (R, V): the plain rows' own copy, which _plain works in (one copy of the rows in all)
+                    sub = logits if len(rows) == B and pick is self._greedy else logits.index_select(0, idx)
                     tokens.index_copy_(0, idx, pick(sub, [params[i] for i in rows], u[idx]))
             if filtered:
                 self._filtered(logits, params, u, filtered, tokens)
@@ -137,8 +138,7 @@ class Sampler:
         if plain:
             idx = torch.tensor(plain, device=logits.device)
             sub = [params[i] for i in plain]
-            temp = torch.tensor([p.temperature for p in sub], device=logits.device).unsqueeze(1)  # (R', 1)
-            out[idx] = self._min_p(torch.softmax(logits.index_select(0, idx) / temp, dim=-1), sub)
+            out[idx] = self._softmax_(logits.index_select(0, idx), sub)  # (R', V): one copy, worked in place
         for c in self._blocks(logits, params, filtered):  # (r, w) each, padded with (-inf, V)
             kept = self._min_p(torch.softmax(c.vals, dim=-1), [params[i] for i in c.rows.tolist()])  # (r, w)
             rows = torch.zeros(len(c.rows), V + 1, dtype=torch.float32, device=logits.device)
@@ -154,11 +154,18 @@ class Sampler:
         return logits.argmax(dim=-1)  # (R,); first index among ties
 
     def _plain(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
-        """Temperature (and min-p) over the whole vocabulary."""
+        """Temperature (and min-p) over the whole vocabulary. logits (R, V): the rows' own copy, overwritten (the
+        softmax and the CDF are made in it: one float32 copy of the rows in all, what the ledger reserves)."""
+        cdf = self._softmax_(logits, params).cumsum_(dim=-1)  # (R, V)
+        return self._inverse_cdf(cdf, u, cumulative=True)
+
+    def _softmax_(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """softmax(logits / temperature) with min-p, in place in logits (R, V) float32, which is returned."""
         temp = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)  # (R, 1)
-        probs = torch.softmax(logits / temp, dim=-1)  # (R, V)
-        probs = self._min_p(probs, params)
-        return self._inverse_cdf(probs, u)
+        logits.div_(temp)
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        logits.div_(logits.sum(dim=-1, keepdim=True))
+        return self._min_p(logits, params)
 
     def _filtered(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor, rows: list[int],
                   tokens: torch.Tensor) -> None:
@@ -187,13 +194,13 @@ class Sampler:
         if all(p.min_p == 0.0 for p in params):
             return probs
         mp = torch.tensor([p.min_p for p in params], device=probs.device).unsqueeze(1)  # (R, 1)
-        return probs.masked_fill(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)
+        return probs.masked_fill_(probs < mp * probs.amax(dim=-1, keepdim=True), 0.0)  # callers pass their own tensor
 
     @staticmethod
-    def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, cumulative: bool = False) -> torch.Tensor:
         """Column of the first entry whose cumulative probability exceeds u x row total. probs: (R, n)
-        unnormalised, u: (R,) -> (R,) long."""
-        cdf = probs.cumsum(dim=-1)  # (R, n)
+        unnormalised (or already their cumsum: `cumulative`), u: (R,) -> (R,) long."""
+        cdf = probs if cumulative else probs.cumsum(dim=-1)  # (R, n)
         total = cdf[:, -1:].contiguous()  # (R, 1)
         # right=True: the first column with cdf > x, so a zero-probability entry is never chosen.
         pos = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)  # (R, 1)

@@ -80,8 +80,8 @@ class Scheduler:
         self._sync_only = False  # a second pass over an empty step: no more asynchronous swap-outs
         self.num_preemptions = 0  # total, for metrics
         self.preemptions_by_mode = {"recompute": 0, "swap": 0}
-        # steps the policy's next waiting sequence was refused memory, by whether its KV waits on the swap tiers
-        # (it needs room for its whole history) or is to be computed (room for its first chunk)
+        # times the policy's next waiting sequence was refused memory (a step may ask up to three times), by whether
+        # its KV waits on the swap tiers (it needs room for its whole history) or is to be computed (its first chunk)
         self.admission_waits = {"swapped": 0, "fresh": 0, "gave_up": 0}
         # A swapped sequence refused memory for its whole history waits at most as long as recomputing that
         # history is modelled to take, then drops its host copy and asks for its first chunk only (the
@@ -317,7 +317,8 @@ class Scheduler:
             num_new = min(seq.num_pending, budget)
             if not self._admit_capacity(seq, num_new, out):
                 self.admission_waits["swapped" if seq.swapped else "fresh"] += 1
-                if seq.swapped and self._waited_past_recompute(seq):
+                # (not while swap-outs are in flight: their memory lands within this step's schedule)
+                if seq.swapped and not self._swapping_out and self._waited_past_recompute(seq):
                     self.swap.discard(seq.seq_id)  # type: ignore[union-attr]
                     self._recompute_lost(seq)
                     self.admission_waits["gave_up"] += 1

@@ -334,7 +334,7 @@ def _reference_mask(scaled: torch.Tensor, k: int, p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spread", [0.05, 1.0, 8.0])  # 0.05: nearly flat, the nucleus spans most of V
-def test_top_k_top_p_candidates_match_full_sort(spread):
+def test_top_k_top_p_candidates_match_full_sort(spread, monkeypatch):
     V = 3000  # > 256 candidates so the widening search is exercised
     g = torch.Generator().manual_seed(int(spread * 100))
     cases = [(-1, 0.9), (-1, 0.5), (50, 0.95), (1000, 0.99), (7, 1.0), (2999, 0.3), (-1, 0.999), (3, 0.01)]
@@ -343,16 +343,31 @@ def test_top_k_top_p_candidates_match_full_sort(spread):
     together = _by_row(Sampler(), logits, params)
     # one row at a time too: then the search starts at 256 candidates and must widen for flat rows
     alone = [_by_row(Sampler(), logits[i : i + 1], params[i : i + 1])[0] for i in range(len(cases))]
-    # and in blocks of one or two rows (the bound a tight scratch budget gives): the same kept sets
-    s = Sampler()
+    for i, (k, p) in enumerate(cases):
+        for vals, ids in (together[i], alone[i]):
+            _check_candidates(vals, ids, logits[i] / 0.7, k, p, V)
+    # and in blocks of at most two rows (the bound a tight scratch budget gives), the search starting at 256
+    # (no top-k near V among these rows): the same kept sets, with rows settling apart within a block
+    rows = [i for i, (k, _) in enumerate(cases) if k < 1000]
+    searched = []
+    search = candidates._search
+
+    def watched(sub, *args):
+        found, settled = search(sub, *args)
+        searched.append((len(settled), int(settled.sum())))
+        return found, settled
+
+    monkeypatch.setattr(candidates, "_search", watched)
     tight = {}
-    for c in candidates.candidate_blocks(logits, params, list(range(len(cases))), s.first_candidates,
-                                         candidates.row_cost_bytes(V, V)):
+    for c in candidates.candidate_blocks(logits, params, rows, Sampler.first_candidates,
+                                         candidates.row_cost_bytes(1024, V)):
         assert len(c.rows) <= 2
         tight.update({r: (c.vals[j], c.ids[j]) for j, r in enumerate(c.rows.tolist())})
-    for i, (k, p) in enumerate(cases):
-        for vals, ids in (together[i], alone[i], tight[i]):
-            _check_candidates(vals, ids, logits[i] / 0.7, k, p, V)
+    assert sorted(tight) == rows and max(n for n, _ in searched) == 2
+    if spread < 1:  # flat rows widen: some block settles one row and sends the other on
+        assert any(0 < done < n for n, done in searched), searched
+    for i in rows:
+        _check_candidates(*tight[i], logits[i] / 0.7, *cases[i], V)
 
 
 def _by_row(sampler, logits, params):

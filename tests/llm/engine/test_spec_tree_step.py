@@ -190,6 +190,7 @@ def test_tree_buffers_formula_covers_what_a_step_allocates(sampled: bool, monkey
     distributions kept over the step and the target's rows (their sizes read from the tensors). The formula reserves
     for sampled requests (an engine cannot know which will come), and is within 1.2x of a sampled step."""
     from memfit.llm.engine import accounting, spec_tree_forward
+    from memfit.llm.engine.candidates import sampler_scratch_bytes
 
     w, d, batch = 3, 3, 4
     spec = LLM("memfit-tiny", dtype="float32", max_num_seqs=batch, threads=1, speculative_model=DRAFT,
@@ -221,7 +222,10 @@ def test_tree_buffers_formula_covers_what_a_step_allocates(sampled: bool, monkey
 
     def p_spy(logits, params):
         out = real_p(logits, params)
-        steps[-2]["p"] = max(steps[-2]["p"], out.nbytes)  # one row at a time, after the verification pass
+        # one row at a time, after the verification pass, with the sampler's search beside it (within
+        # sampler_scratch_bytes: tests/llm/engine/test_candidates.py measures that bound)
+        scratch = sampler_scratch_bytes(*logits.shape)
+        steps[-2]["p"] = max(steps[-2]["p"], out.nbytes + scratch)
         return out
 
     monkeypatch.setattr(spec_tree_step, "tree_forward", fwd)
