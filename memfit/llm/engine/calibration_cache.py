@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 from pathlib import Path
 
 
@@ -59,15 +60,26 @@ def read_cache() -> dict:
 
 
 def write_cache_entry(key: str, entry: dict) -> None:
-    """Add one entry to the cache, replacing the file at once; best effort: a read-only home just measures again
-    next time."""
+    """Add one entry to the cache, replacing the file at once. Processes that measure at the same time (a server
+    and a `memfit fit`) take turns on a lock file, so neither drops the other's entry (where locks work: POSIX).
+    Best effort: a read-only home just measures again next time."""
     path = cache_path()
-    cache = read_cache()
-    cache[key] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            _lock(lock)
+            cache = read_cache()  # read under the lock: what another process wrote since is kept
+            cache[key] = entry
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            os.replace(tmp, path)
     except OSError:
         pass
+
+
+def _lock(f) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: unlocked, as before
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes

@@ -1,5 +1,6 @@
 """oneDNN's per-kernel size (engine/onednn_kernels.py): measured in fresh processes, cached per machine and build,
-never cached when the measurement fails or is implausible; the shape-cache term uses it."""
+never cached when the measurement fails or is implausible; the shape-cache term uses it; the cache file keeps
+every entry when processes write it at once."""
 from __future__ import annotations
 
 import json
@@ -78,3 +79,27 @@ def test_a_real_measurement_counts_every_bucket_of_every_matrix():
     # the activations too, would fall outside
     assert all(128 * 1024 <= v <= 2 * 2**20 for v in r["by_matrix"].values()), r
     assert r["kernel_bytes"] == max(r["by_matrix"].values())
+
+
+def _write_entries(cache_dir: str, worker: int) -> None:
+    import os
+
+    os.environ["MEMFIT_CACHE"] = cache_dir
+    for j in range(20):
+        calibration_cache.write_cache_entry(f"k{worker}-{j}", {"v": j})
+
+
+def test_processes_writing_the_cache_at_once_keep_every_entry(tmp_path, monkeypatch):
+    """A server and a `memfit fit` may calibrate at the same time: 4 processes x 20 entries, none lost (without the
+    lock, 26 of 80 were left)."""
+    import multiprocessing
+
+    monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_write_entries, args=(str(tmp_path), i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(calibration_cache.read_cache()) == sorted(f"k{i}-{j}" for i in range(4) for j in range(20))
