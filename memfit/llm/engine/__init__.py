@@ -7,7 +7,7 @@
     sessions.py    a session's next turn takes over its previous turn's KV
     api.py         LLM: offline batch generation (vLLM's convention)
     protocol.py    EngineClient / ModelInfo: what a server may ask of an engine
-    scheduler.py   who runs next (no tensors)
+    scheduler.py   who runs next (no tensors); preemption.py: its memory pressure, preemption and swaps
     request.py     sequence state; params.py: SamplingParams; errors.py: RequestError, QueueFull (no torch)
     step.py        the step's data: SchedulerOutput -> runner -> StepResult
     runner.py      the only owner of device memory: batch tensors, the model, sampling

@@ -40,7 +40,7 @@ class Sequence:
     num_preemptions: int = 0
     swapped: bool = False  # preempted by swapping: its first num_computed tokens' KV wait in the host tier
     swapping_in: bool = False  # that KV is being copied back (asynchronously): not schedulable until it lands
-    waited_since: float | None = None  # swapped and refused memory since then (time.monotonic): scheduler.py
+    waited_since: float | None = None  # swapped and refused memory since then (time.monotonic): preemption.py
     swapping_out: bool = False  # that KV is being copied out (asynchronously): its device KV is freed once it lands
     arrival_index: int = -1  # set by the scheduling policy on first arrival (ties, age)
     arrival_step: int = -1  # the scheduler step it arrived at (the priority policy's aging)

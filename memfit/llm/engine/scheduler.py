@@ -31,12 +31,12 @@ that asked waits, or is preempted itself; no other sequence is preempted for it.
 """
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memfit.llm.engine.policy import PolicyConfig, make_policy
+from memfit.llm.engine.preemption import Preemption
 from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.step import ScheduledSeq, SchedulerOutput
 
@@ -63,7 +63,7 @@ class SchedulerConfig:
                              f"{', '.join(PREEMPTION_MODES)}")
 
 
-class Scheduler:
+class Scheduler(Preemption):
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, swap: SwapSpace | None = None) -> None:
         if config.preemption_mode != "recompute" and swap is None:
             raise ValueError(f"preemption_mode {config.preemption_mode!r} needs a swap space")
@@ -142,81 +142,8 @@ class Scheduler:
         if seq is not None and seq.seq_id != keep and self.swap is not None:
             self.swap.discard(seq.seq_id)
 
-    def _free_kv(self, seq_id: int) -> None:
-        """Free a sequence's KV on the device and any copy of it on the swap tiers."""
-        if self.swap is not None:
-            self.swap.discard(seq_id)
-        if self.kv.has_seq(seq_id):
-            self.kv.free(seq_id)
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def _release(self, seq: Sequence) -> None:
-        self._free_kv(seq.seq_id)  # the swap copy first: an asynchronous swap's copies land before the KV is freed
-        if seq.swapping_out:
-            self._swapping_out.remove(seq)
-        seq.swapped = seq.swapping_in = seq.swapping_out = False
-
-    # ---- memory pressure --------------------------------------------------------------------------------
-    def _evict_retained(self) -> bool:
-        if not self.retained:
-            return False
-        session, seq = self.retained.popitem(last=False)  # least recently used first
-        if self.reuse and self._try_swap_out(seq, keep=True):  # to the host tier, for the session's next turn
-            self.swapped_sessions[session] = seq
-            self.kv.free(seq.seq_id)
-        else:
-            self._free_kv(seq.seq_id)
-        return True
-
-    def _preempt(self, victim: Sequence, out: SchedulerOutput, needy: Sequence | None = None) -> None:
-        """Free the victim's KV (swapped to the host tier first if the mode and the tier allow), requeue it
-        at the front, drop it from this step. Not swapped: its tokens are recomputed when it returns. Swapped
-        asynchronously (when a sequence other than `needy`, the one the memory is for, is left to run): the KV
-        is freed when the copy lands, at the next step."""
-        self.running.remove(victim)
-        out.scheduled = [s for s in out.scheduled if s.seq is not victim]
-        overlap = bool(self.swap is not None and self.swap.threads and not self._sync_only
-                       and any(s is not needy for s in self.running))
-        if self._try_swap_out(victim, wait=not overlap):
-            if self.swap.swapping_out(victim.seq_id):  # type: ignore[union-attr]
-                victim.swapping_out = True
-                self._swapping_out.append(victim)
-            else:
-                self.kv.free(victim.seq_id)
-            victim.swapped = True
-            mode = "swap"
-        else:
-            self._release(victim)
-            victim.num_computed = 0
-            victim.num_cached_prompt = 0
-            mode = "recompute"
-        victim.status = SeqStatus.WAITING
-        victim.num_preemptions += 1
-        self.num_preemptions += 1
-        self.preemptions_by_mode[mode] += 1
-        self.waiting.appendleft(victim)
-        out.preempted.append(victim)
-
-    def _try_swap_out(self, victim: Sequence, keep: bool = False, wait: bool = True) -> bool:
-        n = victim.num_computed
-        if self.swap is None or n == 0 or not self.kv.has_seq(victim.seq_id):
-            return False
-        if self.config.preemption_mode == "auto" and not self.swap.prefers_swap(n, victim.seq_id):
-            return False
-        if keep:
-            return self.swap.try_swap_out(victim.seq_id, n, keep=True)
-        if not wait:
-            return self.swap.try_swap_out(victim.seq_id, n, wait=False)
-        return self.swap.try_swap_out(victim.seq_id, n)  # False: the host tier is full
-
-    def _preempt_newest(self, out: SchedulerOutput, keep: Sequence) -> bool:
-        victim = self.policy.victim(self.running, keep)
-        if victim is None:
-            return False
-        self._preempt(victim, out, needy=keep)
-        return True
 
     def set_priority(self, seq: Sequence, priority: int) -> None:
         """Takes effect at the next `schedule()`: the policy reads priorities afresh every step."""
@@ -335,14 +262,6 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget = self.config.max_num_batched_tokens - out.num_tokens
 
-    def _preempt_for(self, candidate: Sequence, out: SchedulerOutput) -> bool:
-        """A preemptive policy makes room for `candidate` by preempting a less urgent running sequence."""
-        victim = self.policy.victim(self.running)
-        if victim is None or not self.policy.may_preempt_for(candidate, victim):
-            return False
-        self._preempt(victim, out)
-        return True
-
     def _admit_capacity(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """KV for a waiting sequence: preempting only sequences the policy ranks below it; a swapped
         sequence gets its KV back from the host tier (no recomputation)."""
@@ -361,62 +280,3 @@ class Scheduler:
             if restored is None:
                 self._recompute_lost(seq)
         return True
-
-    def _evict_waiting_holder(self, keep: Sequence) -> bool:
-        """Nothing runs and `keep` does not fit: a waiting sequence that holds device KV (a session's next turn,
-        adopted with its previous turn's KV) gives it up, swapped out if the mode allows or recomputed later.
-        Otherwise waiting holders could fill the memory with nothing running to free it."""
-        for other in reversed(self.waiting):
-            if other is keep or other.swapped or other.swapping_in or not self.kv.has_seq(other.seq_id):
-                continue
-            if self._try_swap_out(other):
-                self.kv.free(other.seq_id)
-                other.swapped = True
-            else:
-                self._release(other)
-                other.num_computed = other.num_cached_prompt = 0
-            return True
-        return False
-
-    def _waited_past_recompute(self, seq: Sequence) -> bool:
-        """The swapped `seq` was refused memory again: has it waited as long as recomputing its history would
-        take (the swap space's cost model)? The wait is counted from its first refusal since it was last admitted."""
-        cost = self.swap.cost if self.swap is not None else None
-        if not self.recompute_after_wait or cost is None:
-            return False
-        if seq.num_preemptions and self.config.preemption_mode != "auto":
-            return False  # preempted in `swap` mode: its KV comes back, however long that takes
-        now = time.monotonic()
-        if seq.waited_since is None:
-            seq.waited_since = now
-            return False
-        return now - seq.waited_since >= cost.recompute_s(seq.num_computed)
-
-    def _recompute_lost(self, seq: Sequence) -> None:
-        """A swap-in could not be served intact: the sequence starts over from token 0, in the memory it was just
-        given (it holds num_computed + num_new >= what the first chunk of the recomputation needs), so whatever
-        the failed read left there is overwritten before it is read."""
-        seq.swapped = seq.swapping_in = False
-        seq.num_computed = seq.num_cached_prompt = 0
-
-    def _finish_swap_outs(self) -> None:
-        """Land the asynchronous swap-outs (waiting for any still copying) and free their sequences' device KV; a
-        failed copy leaves nothing held, and the sequence is recomputed."""
-        while self._swapping_out:
-            seq = self._swapping_out.pop(0)
-            landed = self.swap.finish_swap_out(seq.seq_id)  # type: ignore[union-attr]
-            self.kv.free(seq.seq_id)
-            seq.swapping_out = False
-            if not landed:
-                seq.swapped = False
-                seq.num_computed = seq.num_cached_prompt = 0
-
-    def _finish_swap_ins(self, wait: bool = False) -> None:
-        """Complete the asynchronous swap-ins that have landed (all of them, waiting, when asked or when nothing
-        runs: there is no step to overlap with and the sequences would otherwise sit out a step)."""
-        for seq in self.waiting:
-            if seq.swapping_in and (wait or not self.running or self.swap.swap_in_ready(seq.seq_id)):  # type: ignore[union-attr]
-                restored = self.swap.finish_swap_in(seq.seq_id)  # type: ignore[union-attr]
-                seq.swapped = seq.swapping_in = False
-                if restored is None:
-                    self._recompute_lost(seq)
