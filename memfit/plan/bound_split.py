@@ -91,7 +91,7 @@ def solve_pieces(items: list[tuple[Graph, list[str], object, dict | None, list]]
             [i for i, b in enumerate(best) if b is None or b["status"] != "optimal"]
         stop = t0 + share * time_limit_s
         for j, i in enumerate(todo):
-            left = stop - current().now()
+            left = current().left(stop)
             if left <= 0.05:
                 break
             sub, ops, costed, through, precedes = items[i]

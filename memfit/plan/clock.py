@@ -15,11 +15,19 @@ compare. It is not bit-reproducible: CP-SAT's parallel workers still race, and t
 few percent. So that a plan cannot run away on a very loaded machine, the work clock never reads less than
 `min_rate` x the wall time since it started (make_plan: the time limit over its wall cap, 1/3 by default), and
 each solve also stops at its limit / min_rate of wall time; `capped` says the floor governed at some point.
+
+Either clock can carry a hard end in wall time (`wall_end`, a `time.perf_counter()` reading; make_plan sets it to
+the plan's start + its wall limit, less a reserve for the work after the last solve): no CP-SAT solve is given
+more wall time than is left to it (`solves_cut` counts the solves it shortened), and `wall_left()` lets a loop or
+a model build stop there. The phases' own shares (a bound's, a move's) never add up past the limit, but their
+floors (at least 0.5 or 1 s each), CP-SAT's overshoot and the time spent building models could; the hard end is
+what bounds the whole plan's wall time.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -35,11 +43,13 @@ CLOCKS = ("wall", "work")
 class Clock:
     kind: str = "wall"  # wall | work
     min_rate: float | None = None  # work clock: it reads at least min_rate x wall seconds (None: no floor)
+    wall_end: float | None = None  # time.perf_counter() past which no solve runs (None: no hard end)
     _work: float = field(default=0.0, repr=False)  # work seconds counted so far (solves + thread CPU)
     _thread0: float = field(default_factory=time.thread_time, repr=False)
     _wall0: float = field(default_factory=time.perf_counter, repr=False)
     solver_s: float = 0.0  # work clock: CP-SAT deterministic time counted so far
     capped: bool = False  # work clock: the wall cap was reached
+    solves_cut: int = 0  # solves whose wall limit the hard end shortened
 
     def __post_init__(self) -> None:
         if self.kind not in CLOCKS:
@@ -57,6 +67,15 @@ class Clock:
                 return floor
         return worked
 
+    def wall_left(self) -> float:
+        """Wall seconds left to the hard end (inf without one; negative once past it)."""
+        return math.inf if self.wall_end is None else self.wall_end - time.perf_counter()
+
+    def left(self, deadline: float) -> float:
+        """Seconds left to `deadline` (a reading of this clock), or to the hard end if that comes first (in wall
+        seconds: the two are compared as they are, so a loop on the work clock stops at whichever ends first)."""
+        return min(deadline - self.now(), self.wall_left())
+
     def _worked(self) -> float:
         return self._work + time.thread_time() - self._thread0
 
@@ -64,12 +83,19 @@ class Clock:
               callback: cp_model.CpSolverSolutionCallback | None = None) -> int:
         """CpSolver.Solve(model) limited to `seconds` on this clock; the status code CP-SAT returns."""
         seconds = max(0.01, float(seconds))
+        # the solve's wall limit: its own on the wall clock, limit / min_rate on the work clock, and never past
+        # the hard end
+        wall = seconds if self.kind == "wall" else seconds / self.min_rate if self.min_rate is not None else None
+        left = self.wall_left()
+        if left < (math.inf if wall is None else wall):
+            wall = max(0.01, left)
+            self.solves_cut += 1
         if self.kind == "wall":
-            solver.parameters.max_time_in_seconds = seconds
+            solver.parameters.max_time_in_seconds = wall
             return solver.Solve(model, callback)
         solver.parameters.max_deterministic_time = seconds
-        if self.min_rate is not None:
-            solver.parameters.max_time_in_seconds = seconds / self.min_rate
+        if wall is not None:
+            solver.parameters.max_time_in_seconds = wall
         t0 = time.thread_time()
         code = solver.Solve(model, callback)
         # the solve counts as its deterministic time, not as the CPU its calling thread spent in it
@@ -78,7 +104,9 @@ class Clock:
         return code
 
     def summary(self) -> dict:
-        out = {"clock": self.kind}
+        out: dict = {"clock": self.kind}
+        if self.wall_end is not None:
+            out["solves_cut_at_wall_end"] = self.solves_cut
         if self.kind == "work":
             out.update({"work_s": round(self._worked(), 2), "cpsat_deterministic_s": round(self.solver_s, 2),
                         "wall_s": round(time.perf_counter() - self._wall0, 2), "wall_capped": self.capped})

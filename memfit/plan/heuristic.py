@@ -94,7 +94,7 @@ def plan_segments(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfi
         touched = {n for o in ops for n in g.op[o].inputs + g.op[o].outputs} | set(entry)
         beyond = {n for n in touched if last_use.get(n, -1) >= s1}
         seg = Segment(ops, cfg.free_order, dict(entry), beyond, set(loaded))
-        remaining = cfg.time_limit_s - (current().now() - t0)
+        remaining = current().left(t0 + cfg.time_limit_s)
         budget = max(0.5, remaining / (len(bounds) - k))
         hint_pl, _ = arena_placements(g, ops, capacity)
         res = solve_segment(g, capacity, seg, ExactConfig(budget, cfg.num_workers, seed=cfg.seed), (ops, hint_pl))
@@ -145,7 +145,7 @@ def plan_passes(g: Graph, capacity: int, order: list[str], cfg: HeuristicConfig,
     best: tuple[int, list[str], list[Placement], dict] | None = None
     passes = []
     for i, size in enumerate(sizes):
-        remaining = deadline - current().now()
+        remaining = current().left(deadline)
         if best is not None and remaining < 1.0:
             break
         share = remaining / 2 if i == 0 and len(sizes) > 1 else remaining / (len(sizes) - i)
@@ -176,7 +176,7 @@ def improve_windows(g: Graph, capacity: int, order: list[str], placements: list[
     bounds = list(zip(starts, starts[1:] + [len(cur_order)]))
     stats = {"windows": len(bounds), "windows_improved": 0, "windows_unsolved": 0, "start_bytes": best}
     for k, (s0, s1) in enumerate(bounds):
-        remaining = deadline - current().now()
+        remaining = current().left(deadline)
         if remaining < 0.3 or best <= target_bytes:
             break
         got = _solve_window(g, capacity, cur_order, cur, s0, s1, cfg, max(0.3, remaining / (len(bounds) - k)))
@@ -232,7 +232,7 @@ def lns_passes(g: Graph, capacity: int, order: list[str], placements: list[Place
     sizes = [(cfg.max_segment_ops, False), (cfg.free_window_ops, True), *((n, False) for n in cfg.other_segment_ops)]
     passes = []
     for i, (size, free) in enumerate(sizes):
-        remaining = deadline - current().now()
+        remaining = current().left(deadline)
         if remaining < 1.0 or (passes and passes[-1]["non_compulsory_bytes"] <= target_bytes):
             break
         share = remaining / 3 if i < 2 else remaining / (len(sizes) - i)

@@ -33,5 +33,7 @@ class PlanOptions:
     # time limit, so the search keeps the rest (memfit.plan.planner_bounds: DenseNet-121 at 512 KiB had ~5 of 45 s)
     clock: str = "wall"  # wall: every limit is wall time; work: CP-SAT deterministic time + thread CPU time, which
     # a loaded machine does not shrink (memfit.plan.clock), so runs compare under load
+    wall_reserve_s: float = 2.0  # make_plan: no solve runs in the last this many seconds (at most 5%) of the wall
+    # limit, kept for what follows the last solve (validation, the plan's labels); the phases share the rest
     wall_cap_s: float | None = None  # work clock: end by about this much wall time anyway (None: 3 x time_limit_s;
     # the clock then reads at least time_limit_s / wall_cap_s x the wall time, memfit.plan.clock)

@@ -26,7 +26,7 @@ def all_orders_bound(g: Graph, scratchpad_bytes: int, opts: PlanOptions) -> Lowe
     end = current().now() + opts.bounds_share * opts.time_limit_s
 
     def limit(share: float) -> float | None:
-        left = end - current().now()
+        left = current().left(end)
         return min(share, left) if left >= 0.5 else None
 
     share = min(5.0, max(0.5, 0.1 * opts.time_limit_s))

@@ -94,6 +94,9 @@ def solve_whole(g: Graph, capacity: int, order: list[str], cfg: WholeConfig,
     t0 = time.perf_counter()
     clock = current()
     c0 = clock.now()
+    if clock.wall_left() <= 0:  # the plan's hard end (memfit.plan.clock) has passed: no model is built
+        return WholeResult([], [], "none", -1, 0, scope_name(cfg.order_window, len(g.ops), cfg.free_range), 0.0,
+                           stats={"skipped": "past the plan's wall end"})
     m = cp_model.CpModel()
     unit = math.gcd(address_unit(g), *[b for _, b, _ in (through or {}).values()])
     cap_u = capacity // unit

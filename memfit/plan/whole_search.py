@@ -108,7 +108,7 @@ def search(g: Graph, capacity: int, seeds: list[Plan], cfg: SearchConfig,
     stats: dict = {"method": "whole-graph CP-SAT (fixed-order exact + order search)", "candidates": []}
 
     def left() -> float:
-        return deadline - current().now()
+        return current().left(deadline)
 
     best: tuple[int, list[str], list[Placement]] | None = None
     seen = []
