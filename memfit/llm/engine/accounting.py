@@ -138,6 +138,15 @@ def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_b
     return large_m.amx_scratch_bytes(chunk, ks, torch.get_num_threads())
 
 
+def sampled_logits_bytes(rows: int, vocab: int, dtype: torch.dtype) -> int:
+    """The sampled rows' logits at the sampler's peak: the head's output (rows, V) in the model's dtype, its float32
+    copy where that dtype is narrower (`Sampler.sample` and `Sampler.probs` widen with .float(): bf16 cumsums over
+    a large vocabulary lose too much), and the softmax or top-k/top-p search's scratch beside them
+    (engine/candidates.py). In bf16 that is 2 + 4 bytes a logit before the scratch, not 4."""
+    widened = rows * vocab * 4 if _itemsize(dtype) < 4 else 0
+    return rows * vocab * _itemsize(dtype) + widened + sampler_scratch_bytes(rows, vocab)
+
+
 def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_len: int, sampled_rows: int,
                      in_place: bool = False, mlp_block: int = 0, arena_rows: int = 0, packed: bool = False) -> int:
     """Peak transient memory of one step of `chunk` tokens against `context_len` tokens of context, sampling
@@ -157,15 +166,17 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
     of the rows the runner computes (`chunk` padded: runner.bucket_tokens)."""
     from memfit.llm.kernels.prefill import HEAD_SIZES
 
-    # float32 logits, and the sampler's softmax or top-k/top-p search beside them (engine/candidates.py)
-    logits = sampled_rows * cfg.vocab_size * 4 + sampler_scratch_bytes(sampled_rows, cfg.vocab_size)
+    logits = sampled_logits_bytes(sampled_rows, cfg.vocab_size, dtype)
     if arena_rows > 0 and in_place and mlp_block > 0 and cfg.head_dim in HEAD_SIZES:
         from memfit.llm.engine import arena_accounting as arena
 
         capacity = arena.arena_capacity_bytes(cfg, dtype, max(arena_rows, chunk), mlp_block)
         beside = arena.outside_arena_bytes(cfg, dtype, arena.bucket_tokens(chunk), context_len, sampled_rows,
                                            mlp_block)
-        return capacity + beside + logits + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
+        # `beside` counts the head's output already (in the model's dtype): only its widened copy and the
+        # sampler's scratch are added
+        head = sampled_rows * cfg.vocab_size * _itemsize(dtype)
+        return capacity + beside + logits - head + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
     extra = 0
     if not in_place:
         from memfit.llm.engine import fallback_accounting as fb
@@ -230,15 +241,17 @@ def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype
     return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
 
 
-def speculation_bytes(vocab_size: int, gamma: int, batch: int) -> int:
+def speculation_bytes(vocab_size: int, gamma: int, batch: int, dtype: torch.dtype = torch.float32) -> int:
     """Speculative decoding's buffers at their peak (engine/spec_decode.py: a sampled chain's verification), in
-    rows of V float32: the verification logits (g + 1 a sequence), the draft's distributions (g), the target's
-    (g + 1), and the sampler's scratch while it makes the target's (`sampler_scratch_bytes` of the g + 1 rows)."""
+    rows of V: the verification logits (g + 1 a sequence) with their float32 copy in a narrower model dtype and
+    the sampler's scratch while it makes the target's distributions (`sampled_logits_bytes`), the target's
+    distributions (g + 1) and the draft's (g), float32."""
     rows = batch * (gamma + 1)
-    return (2 * rows + batch * gamma) * vocab_size * 4 + sampler_scratch_bytes(rows, vocab_size)
+    return (rows + batch * gamma) * vocab_size * 4 + sampled_logits_bytes(rows, vocab_size, dtype)
 
 
-def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int) -> int:
+def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, context: int,
+                           dtype: torch.dtype = torch.float32) -> int:
     """Tree speculation's buffers (engine/spec_tree_step.py) for `batch` sequences of up to `context` tokens, a W,D
     tree of N = W x D + 1 nodes each (with the root), in rows of V float32 per sequence, the largest of:
     - greedy: the verification logits (N rows) and a draft level's (W rows); argmax picks make no softmax copy
@@ -255,7 +268,7 @@ def tree_speculation_bytes(vocab_size: int, width: int, depth: int, batch: int, 
     rows = max(n + width, n + 1 + width * (depth - 1), 1 + width * (depth + 1) if depth > 1 else 0)
     # the target's distributions, one row at a time: the row made and the sampler's scratch for it
     tree = batch * (rows * vocab_size * 4 + n * n + n * (context + n)) + vocab_size * 4 + sampler_scratch_bytes(1, vocab_size)
-    return max(tree, speculation_bytes(vocab_size, depth, batch))
+    return max(tree, speculation_bytes(vocab_size, depth, batch, dtype))
 
 
 def tokenizer_bytes(model_dir: str | Path | None) -> int:

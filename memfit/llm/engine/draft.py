@@ -137,8 +137,9 @@ class Draft:
                                                mapped=str(dtype).removeprefix("torch.") == stored.torch_dtype)
         gamma = cfg.num_speculative_tokens or 1
         tree = cfg.speculative_tree
-        buffers = (accounting.tree_speculation_bytes(stored.vocab_size, *tree, cfg.max_num_seqs, engine.max_model_len)
-                   if tree else accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs))
+        buffers = (accounting.tree_speculation_bytes(stored.vocab_size, *tree, cfg.max_num_seqs, engine.max_model_len,
+                                                     dtype)
+                   if tree else accounting.speculation_bytes(stored.vocab_size, gamma, cfg.max_num_seqs, dtype))
         step = accounting.draft_step_bytes(engine.model_config, stored, dtype, cfg.max_num_batched_tokens,
                                            engine.max_model_len, cfg.max_num_seqs,
                                            accounting.attention_in_place(device.type, dtype, options.cpu_kernels),

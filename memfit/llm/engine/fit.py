@@ -131,8 +131,8 @@ def predict(
             draft_kv_bytes=kv_cache_bytes(d, dtype, context_len + draft.draft_lookahead, batch),
             draft_step_bytes=draft_step_bytes(cfg, d, dtype, chunk, context_len, batch, in_place, mlp_block, arena,
                                               packed),
-            speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len) if draft.tree
-                               else speculation_bytes(d.vocab_size, draft.gamma, batch)),
+            speculation_bytes=(tree_speculation_bytes(d.vocab_size, *draft.tree, batch, context_len, dtype)
+                               if draft.tree else speculation_bytes(d.vocab_size, draft.gamma, batch, dtype)),
         )
     lookahead = draft.lookahead if draft is not None else 0  # the target's KV holds the drafts past the context
     return FitBreakdown(

@@ -31,7 +31,8 @@ def test_the_arena_figure_is_its_capacity_and_what_a_step_allocates_beside_it(dt
     with_arena = accounting.activation_bytes(LARGE, dtype, chunk, context, 8, True, 64, chunk)
     capacity = arena_accounting.arena_capacity_bytes(LARGE, dtype, chunk, 64)
     beside = arena_accounting.outside_arena_bytes(LARGE, dtype, bucket_tokens(chunk), context, 8, 64)
-    logits = 8 * LARGE.vocab_size * 4 + sampler_scratch_bytes(8, LARGE.vocab_size)  # and the sampler's search
+    # the sampled rows' float32 copy in a narrower dtype and the sampler's search (`beside` holds the head's output)
+    logits = (8 * LARGE.vocab_size * 4 if dtype.itemsize < 4 else 0) + sampler_scratch_bytes(8, LARGE.vocab_size)
     assert with_arena == capacity + beside + logits + accounting.matmul_scratch_bytes(LARGE, dtype, chunk, 64)
     assert capacity % 4096 == 0 and capacity >= bucket_tokens(chunk) * LARGE.hidden_size * 3 * dtype.itemsize
     # the pre-arena figure counts a tensor per intermediate: the arena's is below it from a prefill chunk on
