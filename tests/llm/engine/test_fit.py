@@ -71,6 +71,9 @@ def _probe(model: str, batch: int, context: int, cpu_linear: str = "auto", *extr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+RUNTIME_NOISE = 3 * 2**20  # how far one process's runtime share may fall below another's (see _check)
+
+
 def _check(r: dict) -> None:
     summary = {k: r[k] >> 10 for k in ("total_bytes", "measured_end_bytes", "measured_peak_bytes", "runtime_bytes",
                                         "weights_bytes", "kv_bytes", "activation_bytes", "load_peak_bytes")}
@@ -80,13 +83,19 @@ def _check(r: dict) -> None:
     # held 15.0-20.3 MiB beside its KV (18.0-18.3 with address-space randomisation off: where the heap and
     # the mappings land decides what the allocator keeps), noise no formula can predict.
     # The runtime counted is the most of the calibration's fresh runs (a budget wants the top of that noise), so
-    # a run may hold less by as much as the draws spread (the least they held is reported: runtime_low_bytes).
+    # a run may hold less by as much as one process's runtime share differs from another's: the calibration's
+    # own draws spread (runtime_low_bytes is the least they held), but five draws can all land close together
+    # while the run measured here lands low: on a Sapphire-Rapids-class host, five draws of bf16 memfit-tiny at
+    # batch 8 spread 6.83-7.26 MiB and three more 5.69-7.98 (calibrate.py cites 6.4-9.6 MB on another machine).
+    # So the lower bound allows the larger of the draws' spread and RUNTIME_NOISE; the upper bound (the ledger
+    # covers the peak) allows no such thing.
     total = r["total_bytes"]
     slack = max(0.10 * total, 3 * 2**20)
     spread = r["runtime_bytes"] - r["runtime_low_bytes"]
     peak, end = r["measured_peak_bytes"], r["measured_end_bytes"]
     assert 0 <= spread <= max(0.5 * r["runtime_bytes"], slack), summary  # the draws agree: the bound stays tight
-    assert total - slack - spread <= peak <= total + slack, ("peak", round(peak / total, 3), "KiB:", summary)
+    low = total - slack - max(spread, RUNTIME_NOISE)
+    assert low <= peak <= total + slack, ("peak", round(peak / total, 3), "KiB:", summary)
     assert end <= total + slack, ("end", round(end / total, 3), "KiB:", summary)
     assert r["runtime_baseline_bytes"] > 0 and r["runtime_bytes"] > 0  # measured, and reported apart
 
