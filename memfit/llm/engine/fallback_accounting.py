@@ -64,13 +64,18 @@ def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, d
     machine (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT
     code included: 510-700 KiB on the Intel host, ~525 KiB on an AMD Zen 4); a matrix
     shape `besides` (another model in the same process: a draft's target) already has is not counted again. The
-    caches are the process's, kept after the engine closes. 0 where the linears are not oneDNN's. measure False:
+    caches are the process's, kept after the engine closes. Plain F.linear (cpu_linear None) counts as oneDNN's, for
+    its unfused matrices. 0 elsewhere (memfit's kernels, upcast, CUDA). measure False:
     the kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
-    if device_type != "cpu" or cpu_linear != "onednn":
+    if device_type != "cpu" or cpu_linear not in ("onednn", None):
         return 0
     from memfit.llm.models.packing import row_shapes
 
-    mats = set(_mats(cfg)) - set(_mats(besides) if besides else ())
+    # plain F.linear (cpu_linear None: prepack=False) runs the unfused matrices on oneDNN in the same row buckets
+    # (models/packing.row_bucket_plain_linears); its kernels measured ~0.54 MiB each in bf16 here, under the packed
+    # matmul's that kernel_bytes measures
+    fused = cpu_linear == "onednn"
+    mats = set(linear_shapes(cfg, fused)) - set(linear_shapes(besides, fused) if besides else ())
     if not mats:
         return 0
     from memfit.llm.engine.onednn_kernels import kernel_bytes

@@ -54,6 +54,7 @@ class ComputeBackends:
     num_row_major_linears: int = 0
     num_packed_linears: int = 0
     num_upcast_linears: int = 0
+    num_bucketed_linears: int = 0  # plain F.linear in row buckets (cpu_linear None on a CPU)
 
     def decode_stack(self, model: nn.Module, kv: object):
         """memfit's whole-step CPU decode stack (kernels/stack.py) where it runs with this model and cache,
@@ -123,6 +124,11 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.kernels.upcast import use_upcast_linears
 
         chosen.num_upcast_linears = use_upcast_linears(model)
+    elif device.type == "cpu":  # plain F.linear: on oneDNN too, so in row buckets, warmed as the packed path's
+        from memfit.llm.models.packing import row_bucket_plain_linears, warm_row_buckets
+
+        chosen.num_bucketed_linears = row_bucket_plain_linears(model)
+        warm_row_buckets(model, options.max_rows or 10**9)
     if device.type == "cpu":
         # Weights still mapped from the checkpoint (an untied embedding, norms, the row-major kernel's
         # matrices) are made resident now: the memory ledger counts them in full, and decode then never
