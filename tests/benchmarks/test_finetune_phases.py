@@ -57,16 +57,19 @@ def test_timed_steps_leave_out_the_warm_up_and_the_profiled_last():
 
 def _fake_probe(calls: list):
     """probe(args, vocab_blocks) returning a result whose figures say which variant and rep made it: the head
-    takes 2 s with blocks on and 1 s off, plus 0.1 s a rep, and each step 10 s more than its head."""
+    takes 2 s with blocks on and 1 s off, plus 0.1 s a rep, and each step 10 s more than its head; the first and
+    last steps 100 s more (they are not timed)."""
 
     def probe(args, vocab_blocks):
         calls.append(vocab_blocks)
         rep = sum(1 for c in calls if c == vocab_blocks) - 1
         head = (2.0 if vocab_blocks else 1.0) + 0.1 * rep
         steps = args.steps
-        return {"layers": 2, "head": [{"head_seconds": head, "head_wait_seconds": 0.5, "embed_forward_seconds": 0.25}
-                                      for _ in range(steps)],
-                "step_seconds": [head + 10 for _ in range(steps)], "losses": [1.0] * steps, "pools": {},
+        # the warm-up (step 0) and the last step (profiled) take 100 s more: a median over them would move
+        off = [100.0 if s in (0, steps - 1) else 0.0 for s in range(steps)]
+        return {"layers": 2, "head": [{"head_seconds": head + o, "head_wait_seconds": 0.5, "embed_forward_seconds": 0.25}
+                                      for o in off],
+                "step_seconds": [head + 10 + o for o in off], "losses": [1.0] * steps, "pools": {},
                 "peak_above_baseline_mib": 1.0, "load_before": [0, 0, 0], "load_after": [0, 0, 0]}
     return probe
 

@@ -177,13 +177,14 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
         # sampler's scratch are added
         head = sampled_rows * cfg.vocab_size * _itemsize(dtype)
         return capacity + beside + logits - head + matmul_scratch_bytes(cfg, dtype, chunk, mlp_block)
+    from memfit.llm.engine import fallback_accounting as fb
+
     extra = 0
     if not in_place:
-        from memfit.llm.engine import fallback_accounting as fb
-
         chunk = arena_bucket(chunk)
-        extra = fb.torch_ops_bytes(cfg, dtype, chunk) + (fb.row_padding_bytes(cfg, dtype, chunk, sampled_rows)
-                                                         if packed else 0)
+        extra = fb.torch_ops_bytes(cfg, dtype, chunk)
+    if packed:  # linears padded to oneDNN's row buckets, whether or not memfit's kernels attend in place
+        extra += fb.row_padding_bytes(cfg, dtype, chunk, sampled_rows)
     itemsize = _itemsize(dtype)
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim

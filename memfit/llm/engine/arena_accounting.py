@@ -87,8 +87,9 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
 
 def outside_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, sampled_rows: int,
                         mlp_block: int = 0) -> int:
-    """What a pass of `rows` rows (the padded step) allocates beside the arena, except the float32 logits and their
-    softmax and the AMX scratch (counted by `accounting.activation_bytes` either way)."""
+    """What a pass of `rows` rows (the padded step) allocates beside the arena, the head's output in the model's dtype
+    included; not the logits' float32 copy, the sampler's scratch or the AMX scratch (counted by
+    `accounting.activation_bytes` either way)."""
     item = dtype.itemsize
     c = cfg.hidden_size
     tensors = (2 * rows * 8 + rows * c * item + 2 * rows * cfg.head_dim * item
@@ -100,8 +101,8 @@ def outside_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context
 def step_in_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, sampled_rows: int,
                         mlp_block: int = 0) -> int:
     """What one pass of `rows` rows (the padded step) holds at most with the arena: its own layout's pages (the
-    arena commits a step's layout, not its capacity) and what it allocates beside the arena, except the float32
-    logits, their softmax and the AMX scratch. `accounting.activation_bytes` counts the capacity instead."""
+    arena commits a step's layout, not its capacity) and what it allocates beside the arena (the head's output
+    included), except the logits' float32 copy, the sampler's scratch and the AMX scratch. `accounting.activation_bytes` counts the capacity instead."""
     from memfit.llm.kernels.scratch_layout import step_bytes
 
     layout = -(-step_bytes(cfg, rows, dtype, mlp_block) // PAGE) * PAGE

@@ -172,7 +172,7 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
              + accounting.step_bytes(cfg, engine.dtype, 512, 256, batch, engine.backends.cpu_kernels,
                                      accounting.mlp_row_block(engine.device.type, engine.backends.cpu_linear,
                                                                   engine.dtype), arena=engine.runner.scratch is not None and arena_accounting.LEDGER_USES_ARENA,
-                                     packed=engine.backends.cpu_linear == "onednn"))
+                                     packed=fallback_accounting.pads_rows(engine.backends.cpu_linear, engine.device.type)))
     # the peak between two samples is bounded with the most KV ever committed; the end with the KV at the end
     beside_kv = max(beside_kv, peak - kv_max, grown - engine.kv.committed_bytes)
     counted = fixed + engine.kv.committed_bytes

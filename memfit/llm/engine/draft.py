@@ -147,7 +147,8 @@ class Draft:
                                                                     choose_cpu_linear(options, device, dtype), dtype),
                                            # the step arena the two models share; oneDNN's row padding
                                            arena=engine.tp is None and arena_accounting.LEDGER_USES_ARENA,
-                                           packed=choose_cpu_linear(options, device, dtype) == "onednn")
+                                           packed=fallback_accounting.pads_rows(choose_cpu_linear(options, device, dtype),
+                                                                              device.type))
         # oneDNN's per-shape kernels for the draft's matrix shapes the target lacks (none for a self-draft)
         shapes = fallback_accounting.shape_cache_bytes(stored, choose_cpu_linear(options, device, dtype),
                                               cfg.max_num_batched_tokens, device.type, besides=engine.model_config,

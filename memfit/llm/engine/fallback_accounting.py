@@ -14,12 +14,14 @@ allocates it; `tests/llm/engine/test_fallback_step.py` checks the sum against ev
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.shapes import linear_shapes
 
-__all__ = ["linear_shapes", "row_padding_bytes", "shape_cache_bytes", "torch_ops_bytes"]
+__all__ = ["kernel_keys", "linear_shapes", "pads_rows", "row_padding_bytes", "shape_cache_bytes", "torch_ops_bytes"]
 
 
 def _mats(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -34,6 +36,12 @@ def torch_ops_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int) -> int:
     rope = 3 * rows * q * item  # q * cos, q.roll, q.roll * sin while q is live
     silu = rows * cfg.intermediate_size * item  # SiLU(gate) while the product is made
     return norm + rope + silu
+
+
+def pads_rows(cpu_linear: str | None, device_type: str) -> bool:
+    """Do a model's linears pad their rows to oneDNN's row buckets (models/packing.py)? Packed oneDNN linears and
+    plain F.linear on a CPU do (`row_bucket_plain_linears`); memfit's kernels, upcast and CUDA do not."""
+    return device_type == "cpu" and cpu_linear in ("onednn", None)
 
 
 def row_padding_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, sampled_rows: int) -> int:
@@ -57,6 +65,19 @@ def row_padding_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, sampled_r
     return pad(rows, n_max, k_max) + pad(sampled_rows, vocab, hidden)
 
 
+def kernel_keys(cfg: ModelConfig, fused: bool) -> set[tuple[int, int, bool]]:
+    """(out, in, biased) of every linear: oneDNN keeps one kernel per shape *and* bias, so a biased and an unbiased
+    matrix of one shape (Qwen2's q_proj and o_proj, both C x C) build two sets (a review measured 7.13 MB for one
+    biased 896 x 896 linear's buckets, 13.92 with an unbiased one beside it)."""
+    qkv = cfg.qkv_bias or cfg.attention_bias
+    per_layer = linear_shapes(dataclasses.replace(cfg, num_hidden_layers=1), fused)  # one layer's, then the head
+    *layer, head = per_layer
+    biased = (([qkv] if fused else [qkv] * 3) + [cfg.attention_bias]
+              + ([cfg.mlp_bias] if fused else [cfg.mlp_bias] * 2) + [cfg.mlp_bias])
+    assert len(biased) == len(layer), (len(biased), len(layer))
+    return {(n, k, b) for (n, k), b in zip(layer, biased)} | {(head[0], head[1], False)}
+
+
 def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
                       besides: ModelConfig | None = None, measure: bool = True) -> int:
     """The kernels oneDNN's and ideep's caches keep for the packed linears of a model stepping up to `max_rows` rows
@@ -75,7 +96,7 @@ def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, d
     # (models/packing.row_bucket_plain_linears); its kernels measured ~0.54 MiB each in bf16 here, under the packed
     # matmul's that kernel_bytes measures
     fused = cpu_linear == "onednn"
-    mats = set(linear_shapes(cfg, fused)) - set(linear_shapes(besides, fused) if besides else ())
+    mats = kernel_keys(cfg, fused) - (kernel_keys(besides, fused) if besides else set())
     if not mats:
         return 0
     from memfit.llm.engine.onednn_kernels import kernel_bytes

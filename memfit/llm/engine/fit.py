@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.llm.engine import arena_accounting
+from memfit.llm.engine import arena_accounting, fallback_accounting
 from memfit.llm.engine.fallback_accounting import shape_cache_bytes
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
@@ -121,7 +121,7 @@ def predict(
     mlp_block = mlp_row_block(device_type, cpu_linear, dtype)  # the MLP's row block (the target's; a draft's too)
     arena = in_place and device_type == "cpu" and arena_accounting.LEDGER_USES_ARENA if arena is None else arena
     rows = chunk if arena else 0  # the arena holds steps of up to `chunk` tokens (engine/step_arena.py)
-    packed = device_type == "cpu" and cpu_linear == "onednn"  # oneDNN's linears pad rows (fallback_accounting.py)
+    packed = fallback_accounting.pads_rows(cpu_linear, device_type)  # rows padded to oneDNN's buckets
     spec = {}
     if draft is not None:
         d = draft.config
@@ -146,8 +146,10 @@ def predict(
         runtime_baseline_bytes=int(runtime.get("runtime_baseline_bytes", 0)),
         runtime_low_bytes=int(runtime.get("runtime_low_bytes", 0)),
         cpu_linear=cpu_linear,
-        shape_cache_bytes=shape_cache_bytes(cfg, cpu_linear, chunk, device_type) + (
-            shape_cache_bytes(draft.config, cpu_linear, chunk, device_type, besides=cfg) if draft is not None else 0),
+        # measured kernels only where the runtime is (a run that measures nothing starts no processes)
+        shape_cache_bytes=shape_cache_bytes(cfg, cpu_linear, chunk, device_type, measure=bool(runtime)) + (
+            shape_cache_bytes(draft.config, cpu_linear, chunk, device_type, besides=cfg, measure=bool(runtime))
+            if draft is not None else 0),
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
         **spec,
@@ -261,7 +263,7 @@ def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch:
                 draft=draft, arena=False)  # no step arena under tensor parallelism
     full_vocab = dataclasses.replace(rank_cfg, vocab_size=cfg.vocab_size)
     b.activation_bytes = activation_bytes(full_vocab, dtype, min(chunk, context_len), context_len, batch, in_place,
-                                          packed=device_type == "cpu" and linear == "onednn")
+                                          packed=fallback_accounting.pads_rows(linear, device_type))
     itemsize = torch.empty((), dtype=dtype).element_size()
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     row_biases = (h if cfg.attention_bias else 0) + (h if cfg.mlp_bias else 0)

@@ -52,8 +52,9 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
                                          config.max_num_seqs,
                                          accounting.attention_in_place(device.type, dtype, options.cpu_kernels),
                                          0 if sharded else accounting.mlp_row_block(device.type, cpu_linear, dtype),
+                                         # the step arena: not under tensor parallelism
                                          arena=not sharded and arena_accounting.LEDGER_USES_ARENA,
-                                         packed=cpu_linear == "onednn"),  # the step arena: not under tensor parallelism
+                                         packed=fallback_accounting.pads_rows(cpu_linear, device.type)),
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
@@ -66,7 +67,7 @@ def reserve_fixed(ledger: MemoryBudget, plan: accounting.MemoryPlan) -> None:
     they leave no room for the KV cache."""
     parts = {"weights": plan.weights_bytes, "tokenizer": plan.tokenizer_bytes, "runtime": plan.runtime_bytes,
              "step": plan.step_bytes}
-    if plan.shape_cache_bytes:  # oneDNN's per-shape kernels (the oneDNN linear path only)
+    if plan.shape_cache_bytes:  # oneDNN's per-shape kernels (packed oneDNN or plain F.linear)
         parts["shape_cache"] = plan.shape_cache_bytes
     one_page = 4096  # at least some KV: a model that fits with no room for a token is of no use
     if plan.fixed_bytes + one_page > ledger.limit_bytes:

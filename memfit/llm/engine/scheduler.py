@@ -12,7 +12,7 @@ Each step (the order and the victims are the policy's, policy.py: fcfs, priority
    memory allow; a long prompt is split into chunks across steps (chunked prefill). A preemptive policy
    (priority) preempts a less urgent running sequence to make room for a more urgent waiting one.
 Preemption (`preemption_mode`): `recompute` frees the victim's KV and recomputes it later; `swap` has the
-swap space (kv/swap.py, behind the `SwapSpace` calls below) copy the victim's KV to the host tier first and
+swap space (kv/swap.py, behind the `SwapSpace` calls in preemption.py) copy the victim's KV to the host tier first and
 copy it back when it is admitted again, so nothing is recomputed; `auto` asks the swap space's cost model
 which is cheaper for this victim. A full host tier falls back to recomputation.
 KV kept from finished conversation turns (`retained`) is the first thing given up under pressure; with a swap

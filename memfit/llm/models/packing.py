@@ -82,8 +82,8 @@ def in_row_buckets(x: torch.Tensor, out_features: int, op) -> torch.Tensor:
 
 
 class RowBucketedLinear(nn.Linear):
-    """An nn.Linear packing leaves as it is (a tied head whose embedding is not mapped from the checkpoint), computed
-    in row buckets as PackedLinear is: PyTorch's float32 F.linear runs on oneDNN here too, and kept a kernel per
+    """An nn.Linear left unpacked (a tied head whose embedding is not mapped from the checkpoint, or every linear of
+    the plain F.linear path: row_bucket_plain_linears), computed in row buckets as PackedLinear is: PyTorch's float32 F.linear runs on oneDNN here too, and kept a kernel per
     row count (about 165 KiB each for memfit-tiny's head: 10 MiB over row counts 2..64). Unlike oneDNN's packed
     matmul, its kernel for a row count may round differently from another's (3 rows and 3 padded to 4 differ in the
     last bits): as between exact row counts before."""

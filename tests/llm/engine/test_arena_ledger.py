@@ -155,7 +155,9 @@ def test_a_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, monke
         for s in steps:
             n = max(s["rows"], default=s["sampled"])  # a pure decode step through the C++ stack: one row a sequence
             bound = (arena_accounting.step_in_arena_bytes(cfg, dt, n, eng.max_model_len, s["sampled"], block)
-                     + s["sampled"] * cfg.vocab_size * 8 + accounting.matmul_scratch_bytes(cfg, dt, n, block))
+                     + accounting.sampled_logits_bytes(s["sampled"], cfg.vocab_size, dt)
+                     - s["sampled"] * cfg.vocab_size * dt.itemsize  # the head's output: step_in_arena_bytes has it
+                     + accounting.matmul_scratch_bytes(cfg, dt, n, block))
             assert s["peak"] <= bound, (s, bound)
     finally:
         eng.close()

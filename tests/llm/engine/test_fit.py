@@ -100,6 +100,23 @@ def _check(r: dict) -> None:
     assert r["runtime_baseline_bytes"] > 0 and r["runtime_bytes"] > 0  # measured, and reported apart
 
 
+def test_the_band_refuses_a_prediction_far_above_the_peak():
+    """_check's lower bound allows the slack and the runtime share's noise, not more: at memfit-tiny's size (a
+    24 MiB peak, its calibration's spread) that is 3 + 3 MiB, so a prediction 8% above the peak passes and 30%
+    above fails (25% is where the band ends at this size: a small model's band is that wide, a 0.1B's 10% + 3
+    MiB); one under the peak by more than the slack fails the upper bound."""
+    MiB = 2**20
+    base = {"measured_end_bytes": 20 * MiB, "runtime_bytes": 7 * MiB, "runtime_low_bytes": int(6.6 * MiB),
+            "runtime_baseline_bytes": 600 * MiB, "weights_bytes": 8 * MiB, "kv_bytes": 3 * MiB,
+            "activation_bytes": 2 * MiB, "load_peak_bytes": 18 * MiB}
+    peak = 24 * MiB
+    _check({**base, "measured_peak_bytes": peak, "total_bytes": int(1.08 * peak)})
+    with pytest.raises(AssertionError, match="peak"):
+        _check({**base, "measured_peak_bytes": peak, "total_bytes": int(1.3 * peak)})
+    with pytest.raises(AssertionError, match="peak"):
+        _check({**base, "measured_peak_bytes": peak, "total_bytes": peak - 4 * MiB})
+
+
 @pytest.mark.slow
 def test_prediction_within_10_percent_on_the_bundled_model():
     _check(_probe("memfit-tiny", batch=8, context=192))
