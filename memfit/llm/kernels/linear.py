@@ -6,7 +6,8 @@ half the machine's read bandwidth at one row; the row-major kernel (cpu_linear.c
 once, start to end, and reaches most of it. The weight is *not* copied: it stays the memory-mapped
 checkpoint tensor, so wrapping costs no memory at all.
 
-Inputs of more than `max_rows` rows (prefill) go to F.linear (oneDNN's GEMM on the same row-major weight).
+Inputs of more than `max_rows` rows (prefill) go to F.linear (oneDNN's GEMM on the same row-major weight), in
+oneDNN's row buckets (models/packing.py: it keeps a kernel per row count otherwise).
 """
 from __future__ import annotations
 
@@ -46,9 +47,15 @@ class RowMajorLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K), a view when x allows
         m = x2.shape[0]
         w = self.weight
-        if (m == 0 or m > self.max_rows or x.dtype != w.dtype or x.device.type != "cpu"
+        if (m == 0 or x.dtype != w.dtype or x.device.type != "cpu"
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
+        if m > self.max_rows:
+            # oneDNN's GEMM, which keeps a kernel per row count (the tied head of memfit-tiny in bf16: 130 MB of heap
+            # over row counts 66-299): in row buckets, as models/packing.py runs its linears
+            from memfit.llm.models.packing import in_row_buckets
+
+            return in_row_buckets(x, self.out_features, lambda t: F.linear(t, w, self.bias))
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         y = torch.empty(m, self.out_features, dtype=x.dtype)  # (M, N)

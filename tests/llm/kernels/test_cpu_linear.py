@@ -202,3 +202,59 @@ def test_auto_picks_blocked_else_memfit_for_small_batches_and_memfit_keeps_the_m
     big = LLMEngine(model=str(path), device="cpu", kv_budget="8MiB", max_num_seqs=AUTO_MEMFIT_MAX_SEQS + 1)
     assert big.backends.cpu_linear == ("onednn" if can_pack_for_cpu(big.dtype) else None)
     big.close()
+
+
+_PAST_MAX_ROWS = r"""
+import ctypes, gc, json, sys, torch
+torch.set_num_threads(1)
+from memfit.llm.kernels.linear import RowMajorLinear
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def used():
+    gc.collect()
+    m = libc.mallinfo2()
+    return m.uordblks + m.hblkhd
+lin = RowMajorLinear(torch.nn.Linear(256, 4096, bias=False).to(torch.bfloat16))  # memfit-tiny's head
+x = torch.randn(300, 256).to(torch.bfloat16)
+with torch.inference_mode():
+    lin(x[:65])
+    before = used()
+    for m in range(66, 300):
+        y = lin(x[:m])
+        assert y.shape == (m, 4096)
+    print(json.dumps({"heap": used() - before}))
+"""
+
+
+def test_rows_past_max_rows_go_to_oneDNN_in_row_buckets():
+    """Past max_rows RowMajorLinear hands the rows to F.linear, whose oneDNN GEMM kept a kernel per row count: over
+    row counts 66-299 of memfit-tiny's bf16 head the heap in use grew 124 MiB. In oneDNN's row buckets
+    (models/packing.py) at most one kernel a bucket is built: 5.8 MiB measured, bounded here by the 13 buckets at
+    the largest kernel size measured on the hosts we know (engine/onednn_kernels.py: 510-700 KiB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from memfit.llm.models.packing import ROW_BUCKETS
+
+    need(torch.bfloat16)
+    out = subprocess.run([sys.executable, "-c", _PAST_MAX_ROWS], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[3], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    heap = json.loads(out.stdout.strip().splitlines()[-1])["heap"]
+    assert heap <= len(ROW_BUCKETS) * 700 * 1024 + 2**20, heap / 2**20
+
+
+def test_rows_past_max_rows_match_f_linear():
+    need(torch.bfloat16)
+    lin = make_linear(200, 96, True, torch.bfloat16, seed=4)
+    mod = RowMajorLinear(lin, max_rows=8)
+    x = torch.randn(600, 96).to(torch.bfloat16)
+    with torch.inference_mode():
+        for m in (9, 65, 257, 600):
+            torch.testing.assert_close(mod(x[:m]), F.linear(x[:m], lin.weight, lin.bias), rtol=2e-2, atol=2e-2)
