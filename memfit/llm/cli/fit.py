@@ -85,6 +85,7 @@ def _measure(args, dtype: str) -> dict:
 
     cmd = [sys.executable, "-m", "memfit.llm.engine.fitcheck", str(args.model), "--batch", str(args.batch), "--context",
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
+    cmd += ([] if args.prepack else ["--no-prepack"]) + ([] if args.cpu_kernels else ["--no-cpu-kernels"])
     if args.speculative_model is not None:
         cmd += ["--speculative-model", args.speculative_model]
         cmd += (["--speculative-tree", args.tree] if args.tree else

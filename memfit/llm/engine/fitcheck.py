@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--speculative-model", default=None)
     ap.add_argument("--num-speculative-tokens", type=int, default=None)
     ap.add_argument("--speculative-tree", default=None)  # W,D: greedy and sampled requests draft trees
+    ap.add_argument("--no-prepack", dest="prepack", action="store_false")  # plain F.linear, as `memfit fit` predicts
+    ap.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
     a = ap.parse_args()
     before_import = rss_bytes()
     import torch
@@ -49,7 +51,8 @@ def main() -> None:
                                         max_num_batched_tokens=a.chunk, cpu_linear=a.cpu_linear,
                                         memory_budget=a.memory_budget, speculative_model=a.speculative_model,
                                         num_speculative_tokens=a.num_speculative_tokens,
-                                        speculative_tree=a.speculative_tree))
+                                        speculative_tree=a.speculative_tree, prepack=a.prepack,
+                                        cpu_kernels=a.cpu_kernels))
     vocab = engine.model_config.vocab_size
     with HeldMemoryMeter(files_under=[model_dir]) as run:
         for r in range(a.rounds):
@@ -65,7 +68,8 @@ def main() -> None:
     base = load.baseline_bytes
     end, peak = run.end_bytes - base, max(load.peak_bytes, run.peak_bytes) - base
     load_peak = load.peak_delta_bytes  # loading alone: packing must not hold weights twice
-    b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear,
+    b = predict_for_engine(a.model, a.context, a.batch, a.chunk, cpu_linear=a.cpu_linear, prepack=a.prepack,
+                           cpu_kernels=a.cpu_kernels,
                            dtype=parse_dtype(a.dtype) if a.dtype else None, speculative_model=a.speculative_model,
                            num_speculative_tokens=a.num_speculative_tokens, speculative_tree=a.speculative_tree)
     print(json.dumps({"measured_end_bytes": end, "measured_peak_bytes": peak, "load_peak_bytes": load_peak,
