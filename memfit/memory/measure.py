@@ -14,6 +14,7 @@ queue lengths ...) and writes it as JSON lines, a PNG plot, or a Chrome trace-ev
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -72,6 +73,20 @@ def reset_peak_rss() -> bool:
 
 _STATUS_FIELD_RE = re.compile(rb"^(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+)\s+kB", re.MULTILINE)
 _SMAPS_HEADER_RE = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_bytes() -> int:
+    """What glibc's malloc has handed out and not had back (mallinfo2: arena chunks in use plus mmapped blocks), the
+    allocator's own count, blind to what it keeps resident but free. Linux/glibc only (raises elsewhere)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return int(m.uordblks + m.hblkhd)
 
 
 def status_bytes() -> dict[str, int]:

@@ -19,7 +19,6 @@ oneDNN packing, no glibc) the Intel-fitted constant stands.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -33,18 +32,6 @@ DRAWS = 3
 _memo: int | None = None
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_in_use() -> int:
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
-    m = libc.mallinfo2()
-    return int(m.uordblks + m.hblkhd)
-
-
 def measure() -> dict:
     """In this process, which must not have run oneDNN yet: {"kernel_bytes", "kernels", "by_matrix"}."""
     import gc
@@ -55,6 +42,7 @@ def measure() -> dict:
     from memfit.llm.models.loader import resolve_model_path
     from memfit.llm.models.packing import ROW_BUCKETS, PackedLinear, can_pack_for_cpu
     from memfit.llm.models.shapes import linear_shapes
+    from memfit.memory.measure import heap_in_use_bytes
 
     if not can_pack_for_cpu(torch.float32):
         raise RuntimeError("this torch build or CPU has no oneDNN linear packing")
@@ -69,11 +57,11 @@ def measure() -> dict:
             lin(xs[lin.in_features][:1])  # packing's and the first call's own setup, not a shape's kernel
         for lin, (n, k) in zip(lins, mats):
             gc.collect()
-            before = _heap_in_use()
+            before = heap_in_use_bytes()
             for rows in ROW_BUCKETS[1:]:
                 lin(xs[k][:rows])  # the result is dropped at once: only the kernel stays
             gc.collect()
-            by_matrix[f"{n}x{k}"] = (_heap_in_use() - before) // (len(ROW_BUCKETS) - 1)
+            by_matrix[f"{n}x{k}"] = (heap_in_use_bytes() - before) // (len(ROW_BUCKETS) - 1)
     return {"kernel_bytes": max(by_matrix.values()), "kernels": len(mats) * (len(ROW_BUCKETS) - 1),
             "by_matrix": by_matrix}
 

@@ -205,18 +205,13 @@ def test_auto_picks_blocked_else_memfit_for_small_batches_and_memfit_keeps_the_m
 
 
 _PAST_MAX_ROWS = r"""
-import ctypes, gc, json, sys, torch
+import gc, json, torch
 torch.set_num_threads(1)
 from memfit.llm.kernels.linear import RowMajorLinear
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+from memfit.memory.measure import heap_in_use_bytes
 def used():
     gc.collect()
-    m = libc.mallinfo2()
-    return m.uordblks + m.hblkhd
+    return heap_in_use_bytes()
 lin = RowMajorLinear(torch.nn.Linear(256, 4096, bias=False).to(torch.bfloat16))  # memfit-tiny's head
 x = torch.randn(300, 256).to(torch.bfloat16)
 with torch.inference_mode():

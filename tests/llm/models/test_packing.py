@@ -112,19 +112,13 @@ def test_rows_are_padded_to_buckets_without_changing_the_real_rows():
 
 
 _SWEEP = r"""
-import ctypes, gc, json, sys
+import gc, json, sys
 import torch
 torch.set_num_threads(1)
 from memfit.llm.engine import accounting, fallback_accounting
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.packing import PackedLinear
-from memfit.memory.measure import status_bytes
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
-                                               "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
+from memfit.memory.measure import heap_in_use_bytes, status_bytes
 cfg = ModelConfig.from_dir("memfit/assets/models/memfit-tiny")
 plain = len(sys.argv) > 2  # the plain F.linear path (prepack=False) in bf16: its unfused matrices, row-bucketed
 mats = sorted(set(accounting.linear_shapes(cfg, fused=not plain)))  # (out, in): qkv, o, gate|up, down, head
@@ -146,8 +140,7 @@ def sweep():
 
 def held():
     gc.collect()
-    m = libc.mallinfo2()
-    return status_bytes()["RssAnon"], int(m.uordblks + m.hblkhd)
+    return status_bytes()["RssAnon"], heap_in_use_bytes()
 
 with torch.inference_mode():
     for lin in lins:
