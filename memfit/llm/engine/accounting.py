@@ -242,14 +242,6 @@ def draft_step_bytes(target: ModelConfig, draft: ModelConfig, dtype: torch.dtype
     return workspace_bytes(draft, dtype, context_len, batch, in_place) + max(0, extra)
 
 
-def head_rows(batch: int, gamma: int = 0, tree: tuple[int, int] | None = None) -> int:
-    """The most rows one call of the head takes: a sampled row a sequence; verifying a chain of `gamma` drafts, g + 1
-    a sequence; a W,D tree, its W x D + 1 nodes a sequence (engine/spec_decode.py, spec_tree_step.py)."""
-    if tree:
-        return batch * (tree[0] * tree[1] + 1)
-    return batch * (gamma + 1)
-
-
 def speculation_bytes(vocab_size: int, gamma: int, batch: int, dtype: torch.dtype = torch.float32) -> int:
     """Speculative decoding's buffers at their peak (engine/spec_decode.py: a sampled chain's verification), in
     rows of V: the verification logits (g + 1 a sequence) with their float32 copy in a narrower model dtype and

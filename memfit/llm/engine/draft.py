@@ -152,8 +152,7 @@ class Draft:
         # oneDNN's per-shape kernels for the draft's matrix shapes the target lacks (none for a self-draft)
         shapes = fallback_accounting.shape_cache_bytes(stored, choose_cpu_linear(options, device, dtype),
                                               cfg.max_num_batched_tokens, device.type, besides=engine.model_config,
-                                              measure=cfg.memory_budget is not None,
-                                              head_rows=accounting.head_rows(cfg.max_num_seqs, gamma, tree))
+                                              measure=cfg.memory_budget is not None)
         need = weights + buffers + step + shapes
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"

@@ -78,53 +78,27 @@ def kernel_keys(cfg: ModelConfig, fused: bool) -> set[tuple[int, int, bool]]:
     return {(n, k, b) for (n, k), b in zip(layer, biased)} | {(head[0], head[1], False)}
 
 
-def row_major_kernels(rows: int) -> int:
-    """How many oneDNN kernels memfit's row-major kernel (kernels/linear.RowMajorLinear) leaves behind for one matrix
-    called with up to `rows` rows: it takes up to DEFAULT_MAX_ROWS (64) itself and hands more to F.linear in row
-    buckets (buckets 96-256; past 256 rows in blocks of 256 whose tail may land in any bucket)."""
-    from memfit.llm.kernels.linear import DEFAULT_MAX_ROWS
-    from memfit.llm.models.packing import ROW_BUCKETS, row_shapes
-
-    if rows <= DEFAULT_MAX_ROWS:
-        return 0
-    if rows > ROW_BUCKETS[-1]:
-        return len(ROW_BUCKETS)
-    return row_shapes(rows) - row_shapes(DEFAULT_MAX_ROWS)
-
-
 def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
-                      besides: ModelConfig | None = None, measure: bool = True, head_rows: int | None = None) -> int:
+                      besides: ModelConfig | None = None, measure: bool = True) -> int:
     """The kernels oneDNN's and ideep's caches keep for the packed linears of a model stepping up to `max_rows` rows
     a call: one per (row bucket, matrix shape) (models/packing.py: row_shapes), each of what one kernel holds on this
     machine (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT
     code included: 510-700 KiB on the Intel host, ~525 KiB on an AMD Zen 4); a matrix
     shape `besides` (another model in the same process: a draft's target) already has is not counted again. The
     caches are the process's, kept after the engine closes. Plain F.linear (cpu_linear None) counts as oneDNN's, for
-    its unfused matrices; both build every bucket at load. memfit's row-major kernel (cpu_linear "memfit", and
-    "blocked"'s tied head) hands calls of more than 64 rows to F.linear in row buckets (`row_major_kernels`), built
-    as they come: its head is counted for `head_rows`, the most rows one call of the head takes (sampled and
-    verified rows: accounting.head_rows; default `max_rows`). 0 elsewhere (upcast, CUDA). measure False: the
-    kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
-    if device_type != "cpu" or cpu_linear not in ("onednn", None, "memfit", "blocked"):
+    its unfused matrices. 0 elsewhere (memfit's kernels, upcast, CUDA). measure False:
+    the kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
+    if device_type != "cpu" or cpu_linear not in ("onednn", None):
         return 0
     from memfit.llm.models.packing import row_shapes
 
-    if cpu_linear in ("onednn", None):
-        # plain F.linear (cpu_linear None: prepack=False) runs the unfused matrices on oneDNN in the same row buckets
-        # (models/packing.row_bucket_plain_linears); its kernels measured ~0.54 MiB each in bf16 here, under the
-        # packed matmul's that kernel_bytes measures
-        fused = cpu_linear == "onednn"
-        mats = kernel_keys(cfg, fused) - (kernel_keys(besides, fused) if besides else set())
-        count = len(mats) * row_shapes(max_rows)
-    else:
-        head = (cfg.vocab_size, cfg.hidden_size, False)
-        rows = max_rows if head_rows is None else head_rows
-        # "memfit" wraps every linear (unfused); "blocked" packs all but a tied head
-        keys = kernel_keys(cfg, False) if cpu_linear == "memfit" else ({head} if cfg.tie_word_embeddings else set())
-        keys -= kernel_keys(besides, False) if besides else set()
-        count = sum(row_major_kernels(rows if key == head else max_rows) for key in keys)
-    if not count:
+    # plain F.linear (cpu_linear None: prepack=False) runs the unfused matrices on oneDNN in the same row buckets
+    # (models/packing.row_bucket_plain_linears); its kernels measured ~0.54 MiB each in bf16 here, under the packed
+    # matmul's that kernel_bytes measures
+    fused = cpu_linear == "onednn"
+    mats = kernel_keys(cfg, fused) - (kernel_keys(besides, fused) if besides else set())
+    if not mats:
         return 0
     from memfit.llm.engine.onednn_kernels import kernel_bytes
 
-    return count * kernel_bytes(measure)
+    return len(mats) * row_shapes(max_rows) * kernel_bytes(measure)

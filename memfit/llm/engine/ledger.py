@@ -30,15 +30,6 @@ def ledger_bytes(config: EngineConfig, device: torch.device) -> int:
     return max(1, int(DEFAULT_MEMORY_FRACTION * available_memory(Tier.DEVICE, str(device))))
 
 
-def engine_head_rows(config: EngineConfig) -> int:
-    """The most rows one call of the model's head takes in this engine (accounting.head_rows): its decode batch, or
-    the batch's verification rows under speculative decoding."""
-    if not config.speculative_model:
-        return config.max_num_seqs
-    tree = config.speculative_tree if isinstance(config.speculative_tree, tuple) else None
-    return accounting.head_rows(config.max_num_seqs, config.num_speculative_tokens or 1, tree)
-
-
 def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, stored: ModelConfig,
                 dtype: torch.dtype, options: BackendOptions, max_model_len: int,
                 sharded: bool) -> accounting.MemoryPlan:
@@ -67,8 +58,7 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
-                                                                device.type, measure=config.memory_budget is not None,
-                                                                head_rows=engine_head_rows(config)),
+                                                                device.type, measure=config.memory_budget is not None),
     )
 
 

@@ -243,10 +243,6 @@ def test_rows_past_max_rows_go_to_oneDNN_in_row_buckets():
     assert out.returncode == 0, out.stderr[-2000:]
     heap = json.loads(out.stdout.strip().splitlines()[-1])["heap"]
     assert heap <= len(ROW_BUCKETS) * 700 * 1024 + 2**20, heap / 2**20
-    # and the ledger counts them: a tied head called with up to 299 rows leaves a kernel in every bucket
-    from memfit.llm.engine.fallback_accounting import row_major_kernels
-
-    assert row_major_kernels(299) == len(ROW_BUCKETS) and row_major_kernels(64) == 0 and row_major_kernels(100) == 2
 
 
 def test_rows_past_max_rows_match_f_linear():
