@@ -70,13 +70,16 @@ void load_config() {
     _tile_loadconfig(&cfg);
 }
 
+// 16 bf16 -> 16 floats (exact: a bf16 is a float's top half).
+inline __m512 widen_bf16(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
 // acc (16 rows of ldc floats: the tile stored as is) + bias -> y rows [0, rows), columns [n0, n0 + 16) cut at N.
 void store_tile(const float* acc, int64_t ldc, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows, int64_t n0,
                 int64_t N) {
     const int64_t left = N - n0;
     if (left <= 0) return;
     const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    const __m512 bv = b ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, b + n0)), 16))
+    const __m512 bv = b ? widen_bf16(_mm256_maskz_loadu_epi16(mk, b + n0))
                         : _mm512_setzero_ps();
     for (int64_t m = 0; m < rows; m++)
         _mm256_mask_storeu_epi16(y + m * ldy + n0, mk, to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + m * ldc), bv)));
@@ -91,8 +94,8 @@ void store_block(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, in
     if (two && n0 + 32 <= N) {
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
         if (b) {
-            b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + n0))), 16));
-            b1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + n0 + 16))), 16));
+            b0 = widen_bf16(_mm256_loadu_si256((const __m256i*)(b + n0)));
+            b1 = widen_bf16(_mm256_loadu_si256((const __m256i*)(b + n0 + 16)));
         }
         for (int64_t m = 0; m < rows; m++) {
             const __m256i lo = to_bf16(_mm512_add_ps(_mm512_loadu_ps(c + m * 32), b0));

