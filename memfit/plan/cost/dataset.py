@@ -18,7 +18,7 @@ class Examples:
     keys: list[str]
     families: list[str]
     shape_keys: list[str]
-    X: np.ndarray                 # (n, len(features.NAMES)) hand-built features
+    X: np.ndarray                 # (n, len(features.ALL_NAMES)) hand-built features (NAMES first)
     toks: list[tuple[list[str], list[float]]]
     Y: np.ndarray                 # (n, len(TARGETS)) raw figures
     roofline_inputs: list         # parsed functions (for the roofline)
@@ -34,7 +34,7 @@ class Examples:
 
 def from_rows(rows: list[dict]) -> Examples:
     fns = [pick_function(r["mlir"]) for r in rows]
-    X = np.array([features.vector(f) for f in fns], dtype=np.float64)
+    X = np.array([features.full_vector(f) for f in fns], dtype=np.float64)
     Y = np.array([[float(r.get(t) or 0.0) for t in TARGETS] for r in rows], dtype=np.float64)
     return Examples([r["key"] for r in rows], [r["family"] for r in rows], [r["shape_key"] for r in rows], X,
                     [tokens.tokenize(f) for f in fns], Y, fns)

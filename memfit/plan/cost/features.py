@@ -16,6 +16,15 @@ NAMES = ("log_flops", "log_bytes_io", "log_bytes_ops", "log_intensity", "n_ops",
          "n_mod16", "k_mod16", "m_mod16", "kh", "stride", "dilation", "log_out_elems", "out_rank",
          "log_inner_dim", "inner_mod16", "n_args", "log_max_reduce", "has_config", "log_tile_m", "log_tile_n",
          "log_tile_k")
+# Appended after NAMES (features.full_vector; dataset.Examples.X holds both): the work of each op in elements,
+# so that element-wise chains, reductions and convolutions are described by more than their FLOPs and the
+# function's bytes. The sequence network reads NAMES only (the columns it was first trained on); the roofline
+# residual trees (gbm.ResidualGBM) read all.
+EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_reduce_elems", "log_parallel_elems",
+               "reduce_inner", "log_c_in", "log_c_out", "kw", "log_spatial", "log_bytes_out", "log_inner_in",
+               "log_bytes_per_op")
+ALL_NAMES = (*NAMES, *EXTRA_NAMES)
+_CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
 _VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
 _RED = re.compile(r"vector_reduction\s*=\s*\[[^\]]*?(\d+)\]")
 
@@ -89,6 +98,54 @@ def features(fn: Function) -> dict[str, float]:
     return f
 
 
+def _work(op: LinalgOp) -> float:
+    """Loop iterations of an op: its domain (generic), or multiply-adds (contractions), or its output."""
+    if op.domain:
+        return float(math.prod(op.domain))
+    if _mnk(op)[0]:
+        return op.flops() / 2
+    return float(op.outs[0].elements) if op.outs else 0.0
+
+
+def extra(fn: Function) -> dict[str, float]:
+    """EXTRA_NAMES of a function (see there)."""
+    ops = linalg_ops(fn)
+    f = {n: 0.0 for n in EXTRA_NAMES}
+    work = trans = convert = 0.0
+    for o in ops:
+        w = _work(o)
+        work += w
+        trans += w * sum(n for sop, n in o.scalar_ops.items() if sop in TRANSCENDENTAL)
+        convert += w * sum(n for sop, n in o.scalar_ops.items() if sop in _CONVERT)
+    f.update(log_work_elems=math.log2(work + 1), log_trans_elems=math.log2(trans + 1),
+             log_convert_elems=math.log2(convert + 1), log_bytes_per_op=math.log2(
+                 sum(o.bytes() for o in ops) / max(len(ops), 1) + 1))
+    reducing = [o for o in ops if o.reductions and len(o.iterators) == len(o.domain)]
+    if reducing:
+        r = max(reducing, key=_work)
+        red = math.prod(d for d, it in zip(r.domain, r.iterators) if it == "reduction")
+        par = math.prod(d for d, it in zip(r.domain, r.iterators) if it == "parallel")
+        f.update(log_reduce_elems=math.log2(red + 1), log_parallel_elems=math.log2(par + 1),
+                 reduce_inner=float(r.iterators[-1] == "reduction"))
+    convs = [o for o in ops if _kind(o) in ("conv_nhwc", "conv_nchw", "depthwise")]
+    if convs:
+        c = max(convs, key=lambda o: o.flops())
+        k, out, w = _kind(c), c.outs[0].shape, c.ins[1].shape
+        if k == "conv_nhwc":      # filter HWCF
+            cin, cout, kw = w[2], w[3], w[1]
+        elif k == "conv_nchw":    # filter FCHW
+            cin, cout, kw = w[1], w[0], w[3]
+        else:                     # depthwise, filter HWC
+            cin, cout, kw = w[2], w[2], w[1]
+        spatial = out[2] * out[3] if k == "conv_nchw" else out[1] * out[2]
+        f.update(log_c_in=math.log2(cin), log_c_out=math.log2(cout), kw=kw, log_spatial=math.log2(spatial))
+    if fn.results:
+        f["log_bytes_out"] = math.log2(sum(t.elements * bytes_of(t.dtype) for t in fn.results) + 1)
+    if fn.args and fn.args[0].shape:
+        f["log_inner_in"] = math.log2(fn.args[0].shape[-1] + 1)
+    return f
+
+
 def flops_bytes(fn: Function) -> tuple[float, float]:
     """(FLOPs, compulsory bytes: the function's inputs and outputs) for the roofline."""
     ops = linalg_ops(fn)
@@ -99,3 +156,9 @@ def flops_bytes(fn: Function) -> tuple[float, float]:
 def vector(fn: Function) -> list[float]:
     f = features(fn)
     return [float(f[n]) for n in NAMES]
+
+
+def full_vector(fn: Function) -> list[float]:
+    """ALL_NAMES: NAMES, then EXTRA_NAMES (what dataset.Examples.X and `predict` hold)."""
+    e = extra(fn)
+    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES]

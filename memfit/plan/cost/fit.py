@@ -47,7 +47,7 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     if cfg.base == "roofline":
         base = asdict(fit_log_base(train.X, train.Y[:, 0]))
         Zt[:, 0] -= LogBase(**base).log_us(train.X)  # (n,) log(latency / roofline estimate)
-    norm = Normaliser.fit(train.X, Zt)
+    norm = Normaliser.fit(train.X[:, :len(NAMES)], Zt)  # the nets read NAMES (X may hold ALL_NAMES)
     nets, vals = [], []
     for i in range(cfg.seeds):
         net, best = _fit_one(train, val, cfg, cfg.seed + i, vocab_list, norm, Zt, base, verbose)
@@ -70,9 +70,9 @@ def _fit_one(train: Examples, val: Examples, cfg: FitConfig, seed: int, vocab_li
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vocab = {t: i for i, t in enumerate(vocab_list)}
-    net = CostNet(SeqConfig(vocab=len(vocab_list), n_global=train.X.shape[1], n_out=Zt.shape[1], d=cfg.d,
+    net = CostNet(SeqConfig(vocab=len(vocab_list), n_global=len(NAMES), n_out=Zt.shape[1], d=cfg.d,
                             layers=cfg.layers))
-    Xn = torch.tensor(norm.x(train.X), dtype=torch.float32)
+    Xn = torch.tensor(norm.x(train.X[:, :len(NAMES)]), dtype=torch.float32)
     Zn = torch.tensor(norm.z(Zt), dtype=torch.float32)
     z_std = float(norm.z_std[0])  # standardised latency units -> natural log units
     w = torch.tensor([cfg.latency_weight] + [1.0] * (Zt.shape[1] - 1))

@@ -38,3 +38,56 @@ class GBM:
     def predict(self, ex: Examples) -> np.ndarray:
         Z = np.stack([m.predict(ex.X, num_iteration=m.best_iteration) for m in self.models], axis=1)
         return from_log(Z)
+
+
+class ResidualGBM:
+    """Latency as a roofline (roofline.LogBase, fitted to the training labels) times a correction that
+    LightGBM learns on the log residual from every hand-built feature (features.ALL_NAMES). It is stored as
+    plain trees (trees.Tree), so a bundle blending it with the sequence model predicts without LightGBM."""
+
+    def __init__(self, base: dict, seed: int = 0, objective: str = "l1", n_estimators: int = 3000,
+                 learning_rate: float = 0.03, num_leaves: int = 15) -> None:
+        self.base, self.seed, self.objective = base, seed, objective
+        self.n_estimators, self.learning_rate, self.num_leaves = n_estimators, learning_rate, num_leaves
+        self.trees: list = []
+        self.n_features = 0
+
+    def _base_log(self, X: np.ndarray) -> np.ndarray:
+        from memfit.plan.cost.roofline import LogBase
+
+        return LogBase(**self.base).log_us(X)
+
+    def fit(self, train: Examples, val: Examples) -> "ResidualGBM":
+        from memfit.plan.cost import trees
+
+        lgb = _lgb()
+        rt = np.log(np.maximum(train.Y[:, 0], 1e-3)) - self._base_log(train.X)
+        rv = np.log(np.maximum(val.Y[:, 0], 1e-3)) - self._base_log(val.X)
+        params = {"objective": self.objective, "metric": "l1", "learning_rate": self.learning_rate,
+                  "num_leaves": self.num_leaves, "min_data_in_leaf": 5, "bagging_fraction": 0.8, "bagging_freq": 1,
+                  "feature_fraction": 0.8, "lambda_l2": 1.0, "seed": self.seed, "num_threads": 1, "verbose": -1}
+        dtrain = lgb.Dataset(train.X, rt)
+        booster = lgb.train(params, dtrain, self.n_estimators, valid_sets=[lgb.Dataset(val.X, rv, reference=dtrain)],
+                            callbacks=[lgb.early_stopping(100, verbose=False)])
+        self.trees, self.n_features = trees.from_lightgbm(booster, booster.best_iteration), train.X.shape[1]
+        return self
+
+    def predict_log(self, X: np.ndarray) -> np.ndarray:
+        """Log latency (log-us) of feature rows (ALL_NAMES columns)."""
+        from memfit.plan.cost import trees
+
+        X = np.atleast_2d(np.asarray(X, float))
+        if X.shape[1] < self.n_features:
+            raise CostModelError(f"the residual trees read {self.n_features} features, the rows have {X.shape[1]}")
+        return self._base_log(X) + trees.predict(self.trees, X[:, :self.n_features])
+
+    def to_json(self) -> dict:
+        return {"base": self.base, "n_features": self.n_features, "trees": [t.to_json() for t in self.trees]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ResidualGBM":
+        from memfit.plan.cost import trees
+
+        g = cls(d["base"])
+        g.trees, g.n_features = [trees.Tree.from_json(t) for t in d["trees"]], int(d["n_features"])
+        return g

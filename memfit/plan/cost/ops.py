@@ -24,6 +24,7 @@ class LinalgOp:
     outs: list[TensorType]
     domain: list[int] = field(default_factory=list)
     reductions: int = 0
+    iterators: list[str] = field(default_factory=list)  # a generic's iterator types, one per loop of `domain`
     scalar_ops: dict[str, int] = field(default_factory=dict)
     strides: int = 1
     dilations: int = 1
@@ -101,6 +102,7 @@ def _read(name: str, text: str) -> LinalgOp:
         op.domain = _domain(head, [*ins, *outs])
         iters = _ITERS.search(head)
         op.reductions = iters.group(1).count("reduction") if iters else 0
+        op.iterators = re.findall(r"parallel|reduction", iters.group(1)) if iters else []
         for _, sop in _SCALAR.findall(text.split("^bb0", 1)[-1]):
             op.scalar_ops[sop] = op.scalar_ops.get(sop, 0) + 1
     return op

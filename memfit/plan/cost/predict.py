@@ -2,6 +2,7 @@
 runtime, so it works with IREE uninstalled."""
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,6 +13,26 @@ from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.parse import pick_function
 from memfit.plan.cost.seq import Bundle
 
+log = logging.getLogger(__name__)
+
+
+def _cpu(desc: str) -> str:
+    """iree.host_cpu()'s description without the core count (the same CPU with more cores is the same)."""
+    return desc.rsplit(";", 1)[0].strip()
+
+
+def check_host(bundle: Bundle, path: str | Path) -> bool:
+    """Whether the model's labels came from this CPU (model and vector extensions); warns when not: its
+    latencies are that CPU's."""
+    from memfit.plan.cost.iree import host_cpu
+
+    trained, here = bundle.info.get("host_cpu"), host_cpu()
+    if trained and _cpu(trained) != _cpu(here):
+        log.warning("cost model %s was trained on labels of another CPU (%s); this CPU is %s: its latencies are "
+                    "that CPU's; label and train here (memfit costmodel label / train)", path, trained, here)
+        return False
+    return True
+
 
 @lru_cache(maxsize=4)
 def load_model(path: str | None = None) -> Bundle:
@@ -20,13 +41,15 @@ def load_model(path: str | None = None) -> Bundle:
     p = Path(path) if path else DEFAULT_MODEL
     if not p.exists():
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
-    return Bundle.load(str(p))
+    bundle = Bundle.load(str(p))
+    check_host(bundle, p)
+    return bundle
 
 
 def predict_many(mlirs: list[str], function: str | None = None, model: str | None = None) -> list[dict]:
     bundle = load_model(model)
     fns = [pick_function(m, function) for m in mlirs]
-    X = np.array([features.vector(f) for f in fns])
+    X = np.array([features.full_vector(f) for f in fns])
     pred = dataset.from_log(bundle.predict_log([tokens.tokenize(f) for f in fns], X))
     return [{"function": f.name, "latency_us": float(p[0]), "instructions": int(round(p[1])),
              "vector_fma": int(round(p[2])), "spills": int(round(p[3]))} for f, p in zip(fns, pred)]

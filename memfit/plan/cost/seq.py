@@ -104,6 +104,9 @@ class Bundle:
     feature_names: list[str]
     info: dict
     base: dict | None = None
+    # a blend with roofline-residual trees (gbm.ResidualGBM.to_json, plus "weight": the nets' share of the log
+    # latency); None: the nets alone
+    blend: dict | None = None
 
     @property
     def net(self) -> CostNet:
@@ -115,6 +118,8 @@ class Bundle:
         meta = {"config": json.dumps(asdict(self.net.cfg)), "vocab": json.dumps(self.vocab),
                 "norm": json.dumps(asdict(self.norm)), "features": json.dumps(self.feature_names),
                 "info": json.dumps(self.info), "n_nets": str(len(self.nets)), "base": json.dumps(self.base)}
+        if self.blend is not None:
+            meta["blend"] = json.dumps(self.blend)
         # one net keeps the unprefixed names of the files shipped before ensembles
         prefix = (lambda i: "") if len(self.nets) == 1 else (lambda i: f"m{i}.")
         state = {prefix(i) + k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
@@ -137,7 +142,8 @@ class Bundle:
             net.eval()
             nets.append(net)
         return cls(nets, json.loads(meta["vocab"]), Normaliser(**json.loads(meta["norm"])),
-                   json.loads(meta["features"]), json.loads(meta["info"]), json.loads(meta.get("base", "null")))
+                   json.loads(meta["features"]), json.loads(meta["info"]), json.loads(meta.get("base", "null")),
+                   json.loads(meta.get("blend", "null")))
 
     @torch.no_grad()
     def predict_log(self, tok_lists: list, X: np.ndarray, chunk: int = 64) -> np.ndarray:
@@ -145,10 +151,12 @@ class Bundle:
         from memfit.plan.cost.roofline import LogBase
 
         vocab = {t: i for i, t in enumerate(self.vocab)}
+        X = np.atleast_2d(np.asarray(X, float))
+        k = len(self.feature_names)  # the nets' columns lead X (features.ALL_NAMES starts with NAMES)
         out = []
         for s in range(0, len(tok_lists), chunk):
             ids, vals = batch(tok_lists[s:s + chunk], vocab, self.net.cfg.max_len)
-            g = torch.tensor(self.norm.x(X[s:s + chunk]), dtype=torch.float32)
+            g = torch.tensor(self.norm.x(X[s:s + chunk, :k]), dtype=torch.float32)
             out.append(np.mean([net.eval()(ids, vals, g).numpy() for net in self.nets], axis=0))
         if not out:
             return np.zeros((0, self.net.cfg.n_out))
@@ -157,4 +165,9 @@ class Bundle:
         Z = self.norm.z_inv(np.clip(np.concatenate(out), -4.0, 4.0))
         if self.base is not None:
             Z[:, 0] += LogBase(**self.base).log_us(X)
+        if self.blend is not None:
+            from memfit.plan.cost.gbm import ResidualGBM
+
+            w = float(self.blend["weight"])
+            Z[:, 0] = w * Z[:, 0] + (1 - w) * ResidualGBM.from_json(self.blend).predict_log(X)
         return Z

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "
 class TrainConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     baselines: bool = True
+    blend: bool = True               # blend the nets with roofline-residual trees (weight chosen on validation)
     families: tuple[str, ...] = ()   # also hold out each of these families in turn
     family_epochs: int = 12
 
@@ -41,13 +42,46 @@ def peaks_of(meta: dict) -> Peaks | None:
     return Peaks(**p) if p else None
 
 
+def fit_blend(bundle: Bundle, tr: dataset.Examples, va: dataset.Examples, seed: int = 0,
+              weights: np.ndarray = np.linspace(0.0, 1.0, 11)) -> dict:
+    """Roofline-residual trees (gbm.ResidualGBM, on the nets' own roofline base) and the nets' share of the
+    blended log latency, the weight with the lowest validation MAPE (1: the nets alone). Sets bundle.blend and
+    returns the validation MAPE of each weight."""
+    from memfit.plan.cost.gbm import ResidualGBM
+    from memfit.plan.cost.metrics import mape
+
+    bundle.blend = None
+    g = ResidualGBM(bundle.base or asdict(fit_log_base(tr.X, tr.Y[:, 0])), seed=seed).fit(tr, va)
+    nets, trees = bundle.predict_log(va.toks, va.X)[:, 0], g.predict_log(va.X)
+    scores = {round(float(w), 3): mape(np.exp(w * nets + (1 - w) * trees), va.Y[:, 0]) for w in weights}
+    best = min(scores, key=lambda w: (scores[w], -w))  # ties go to the nets
+    if best < 1.0:
+        bundle.blend = {**g.to_json(), "weight": best}
+    bundle.info.update(blend_weight=best, blend_val_mape=scores[best], nets_val_mape=scores.get(1.0),
+                       trees_val_mape=scores.get(0.0))
+    return scores
+
+
 def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, baselines: bool = True,
-            verbose: bool = True) -> tuple[Bundle, dict, dict]:
-    """Fit on split[0] (validate on split[1]); latency predictions of every model on split[2]."""
+            verbose: bool = True, blend: bool = True) -> tuple[Bundle, dict, dict]:
+    """Fit on split[0] (validate on split[1]); latency predictions of every model on split[2]. With `blend`,
+    "seq" is the nets blended with roofline-residual trees (fit_blend), and "seq_nets" the nets alone."""
     tr, va, te = (ex.subset(i) for i in split)
     bundle = fit_seq(tr, va, fit_cfg, verbose)
+    preds = {}
+    if blend:
+        nets_only = bundle.predict_log(te.toks, te.X)[:, 0]
+        scores = fit_blend(bundle, tr, va, fit_cfg.seed)
+        if verbose:
+            print("blend, validation MAPE by the nets' weight: " +
+                  ", ".join(f"{w:g} {m:.3f}" for w, m in scores.items()), file=sys.stderr)
+        preds["seq_nets"] = np.exp(nets_only)
+        if bundle.blend is not None:
+            from memfit.plan.cost.gbm import ResidualGBM
+
+            preds["seq_trees"] = np.exp(ResidualGBM.from_json(bundle.blend).predict_log(te.X))
     all_pred = dataset.from_log(bundle.predict_log(te.toks, te.X))
-    preds = {"seq": all_pred[:, 0]}
+    preds = {"seq": all_pred[:, 0], **preds}
     counts = {"seq": {t: _count_err(all_pred[:, j], te.Y[:, j]) for j, t in enumerate(dataset.TARGETS[1:], 1)}}
     if baselines:
         from memfit.plan.cost.gbm import GBM
@@ -82,7 +116,7 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
               "(held-out shapes)", file=sys.stderr)
-    bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose)
+    bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose, cfg.blend)
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        label_kind=meta.get("label_kind", "real_median"),
                        split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
@@ -105,7 +139,8 @@ def family_holdouts(ex: dataset.Examples, meta: dict, cfg: TrainConfig, verbose:
     out = {}
     for fam in cfg.families:
         fcfg = FitConfig(**{**cfg.fit.__dict__, "epochs": cfg.family_epochs})
-        _, frep, _ = compare(ex, dataset.family_split(ex, fam, cfg.fit.seed), meta, fcfg, cfg.baselines, verbose)
+        _, frep, _ = compare(ex, dataset.family_split(ex, fam, cfg.fit.seed), meta, fcfg, cfg.baselines, verbose,
+                             cfg.blend)
         out[fam] = {k: v["all"] for k, v in frep.items() if not k.startswith("_")}
         if verbose:
             print(f"held-out family {fam}: " + ", ".join(f"{k} MAPE {v['mape']:.3f} Spearman {v['spearman']:.3f}"

@@ -1,0 +1,101 @@
+"""The extra work features, the roofline-residual trees, and the bundle that blends them with the nets."""
+import numpy as np
+import pytest
+
+from memfit.plan.cost import dataset, features
+from memfit.plan.cost.fit import FitConfig, fit_seq
+from memfit.plan.cost.metrics import mape
+from memfit.plan.cost.parse import pick_function
+from memfit.plan.cost.roofline import LogBase
+from memfit.plan.cost.seq import Bundle
+from memfit.plan.cost.train import fit_blend
+from tests.plan.cost.test_seq import synthetic
+
+pytest.importorskip("lightgbm")
+
+BASE = {"flops": {"f32": 4e10, "bf16": 2e10, "i8": 8e10}, "bytes_per_s": 1.5e10, "overhead_us": 3.0}
+
+REDUCE_FIRST = """func.func @main(%x: tensor<64x8xf32>) -> tensor<8xf32> {
+  %zero = arith.constant 0.0 : f32
+  %e = tensor.empty() : tensor<8xf32>
+  %acc = linalg.fill ins(%zero : f32) outs(%e : tensor<8xf32>) -> tensor<8xf32>
+  %r = linalg.generic {indexing_maps = [affine_map<(d0, d1) -> (d0, d1)>, affine_map<(d0, d1) -> (d1)>],
+       iterator_types = ["reduction", "parallel"]} ins(%x : tensor<64x8xf32>) outs(%acc : tensor<8xf32>) {
+  ^bb0(%in: f32, %out: f32):
+    %s = arith.addf %in, %out : f32
+    linalg.yield %s : f32
+  } -> tensor<8xf32>
+  return %r : tensor<8xf32>
+}
+"""
+
+
+def test_reduction_features_name_the_reduced_axis():
+    f = features.extra(pick_function(REDUCE_FIRST))
+    assert f["log_reduce_elems"] == pytest.approx(np.log2(65))   # the first axis, 64, not the last (8)
+    assert f["log_parallel_elems"] == pytest.approx(np.log2(9))
+    assert f["reduce_inner"] == 0.0
+    assert len(features.full_vector(pick_function(REDUCE_FIRST))) == len(features.ALL_NAMES)
+
+
+def work_labelled(n: int, seed: int) -> dataset.Examples:
+    """The roofline of BASE times 3 where transcendental work is large: a factor the trees can read off the
+    extra features and the roofline cannot."""
+    ex = synthetic(n, seed)
+    col = list(features.ALL_NAMES).index("log_trans_elems")
+    ex.Y[:, 0] = np.exp(LogBase(**BASE).log_us(ex.X)) * np.where(ex.X[:, col] > 10, 3.0, 1.0)
+    return ex
+
+
+def test_residual_trees_blend_and_round_trip(tmp_path):
+    ex = work_labelled(160, seed=7)
+    tr, va = ex.subset(np.arange(0, 120)), ex.subset(np.arange(120, 160))
+    # barely trained nets: the trees must take most of the blend
+    b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1, lr=1e-4), verbose=False)
+    nets = dataset.from_log(b.predict_log(va.toks, va.X))[:, 0]
+    scores = fit_blend(b, tr, va)
+    assert b.blend is not None and b.blend["weight"] <= 0.5
+    assert b.info["blend_val_mape"] == min(scores.values())
+    blended = dataset.from_log(b.predict_log(va.toks, va.X))[:, 0]
+    assert mape(blended, va.Y[:, 0]) < 0.5 * mape(nets, va.Y[:, 0])
+    b.save(str(tmp_path / "b.safetensors"))
+    again = Bundle.load(str(tmp_path / "b.safetensors"))
+    assert again.blend["weight"] == b.blend["weight"]
+    assert np.allclose(dataset.from_log(again.predict_log(va.toks, va.X))[:, 0], blended, rtol=0.05)
+    # the nets read only their own columns: the bundle predicts the same from rows of NAMES + anything after
+    wide = np.hstack([va.X, np.full((len(va), 3), 1e9)])
+    with_nets_only = Bundle(b.nets, b.vocab, b.norm, b.feature_names, {}, b.base)
+    assert np.allclose(with_nets_only.predict_log(va.toks, wide)[:, 0],
+                       with_nets_only.predict_log(va.toks, va.X)[:, 0])
+
+
+def test_residual_trees_learn_the_factor_and_round_trip():
+    from memfit.plan.cost.gbm import ResidualGBM
+
+    ex = work_labelled(120, seed=3)
+    tr, va = ex.subset(np.arange(0, 90)), ex.subset(np.arange(90, 120))
+    g = ResidualGBM(BASE).fit(tr, va)
+    assert g.n_features == len(features.ALL_NAMES)
+    assert mape(np.exp(g.predict_log(va.X)), va.Y[:, 0]) < 0.2
+    again = ResidualGBM.from_json(g.to_json())
+    assert np.allclose(again.predict_log(va.X), g.predict_log(va.X))
+    with pytest.raises(Exception, match="features"):
+        g.predict_log(va.X[:, :len(features.NAMES)])
+
+
+def test_a_model_of_another_cpu_warns(caplog):
+    from memfit.plan.cost import iree
+    from memfit.plan.cost.predict import check_host
+
+    ex = synthetic(30, seed=2)
+    b = fit_seq(ex.subset(np.arange(20)), ex.subset(np.arange(20, 30)),
+                FitConfig(epochs=1, d=8, layers=1, seeds=1), verbose=False)
+    here = iree.host_cpu()
+    b.info["host_cpu"] = here.rsplit(";", 1)[0] + "; 64 cpus)"  # more cores of this CPU: the same CPU
+    with caplog.at_level("WARNING"):
+        assert check_host(b, "m.safetensors")
+    assert not caplog.records
+    b.info["host_cpu"] = "Some Other CPU (avx2 fma; 2 cpus)"
+    with caplog.at_level("WARNING"):
+        assert not check_host(b, "m.safetensors")
+    assert "another CPU" in caplog.text and "Some Other CPU" in caplog.text
