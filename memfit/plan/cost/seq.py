@@ -105,7 +105,7 @@ class Bundle:
     info: dict
     base: dict | None = None
     # a blend with roofline-residual trees (gbm.ResidualGBM.to_json, plus "weight": the nets' share of the log
-    # latency); None: the nets alone
+    # latency, and "shift": a constant added to the blended log latency); None: the nets alone
     blend: dict | None = None
 
     @property
@@ -169,5 +169,6 @@ class Bundle:
             from memfit.plan.cost.gbm import ResidualGBM
 
             w = float(self.blend["weight"])
-            Z[:, 0] = w * Z[:, 0] + (1 - w) * ResidualGBM.from_json(self.blend).predict_log(X)
+            trees = ResidualGBM.from_json(self.blend).predict_log(X) if w < 1.0 else 0.0
+            Z[:, 0] = w * Z[:, 0] + (1 - w) * trees + float(self.blend.get("shift", 0.0))
         return Z
