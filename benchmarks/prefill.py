@@ -22,12 +22,15 @@ Systems, timed interleaved round by round (medians of --reps):
   CPU build's 4096): 2 steps instead of 8. (4096 measured slower here, 2.3-2.4 s against 1.9-2.0: its
   activations, 32 MiB for gate/up, reach glibc's largest mmap threshold, so every step faults fresh pages in:
   130k minor faults per batch against 2-12k at 512-2048.)
+- memfit_attention_avx512: the default engine with prefill attention pinned to its AVX-512 path
+  (`kernels.prefill.force`; the default runs it on AMX tiles where the core has them): before/after in one run,
+  with its own timed breakdown (`memfit_attention_avx512_breakdown`);
 - transformers: LlamaForCausalLM (sdpa attention) on the same checkpoint, forward of `b` prompts at a time
   with logits for the last token only, for b = 4 (memfit's 512-token step) and b = all (one forward);
 - vllm (optional, `--vllm-python PATH`): vLLM's CPU build run in its own venv (it can't share this one), in
   its own process after the others, with its own warm-up (so not interleaved).
 
-Decode must not regress: decode step time at batch 1 and 8 for memfit and memfit_previous, interleaved.
+`--systems a,b,...` runs a subset (memfit and at least one peer). Decode must not regress: decode step time at batch 1 and 8 for memfit and memfit_previous, interleaved.
 
 Times are process CPU time (the machine is shared by several jobs: at a load average of 5 on 2 cores wall
 time doubles, CPU time does not); wall time is reported beside it, with the load average before and after.
@@ -105,7 +108,20 @@ class Clock:
         return time.process_time() - self.c, time.perf_counter() - self.w
 
 
-def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False):
+@contextlib.contextmanager
+def attention_avx512():
+    """memfit's prefill attention on its AVX-512 path, as before the AMX path (kernels/prefill.py)."""
+    from memfit.llm.kernels import prefill
+
+    old = prefill.force("avx512")
+    try:
+        yield
+    finally:
+        prefill.force(old)
+
+
+def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False,
+                  attention_before: bool = False):
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
 
@@ -120,7 +136,7 @@ def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int 
 
     def run(prompts: list[list[int]]) -> dict:
         ctx = previous_kernels() if previous else contextlib.nullcontext()
-        with ctx:
+        with ctx, (attention_avx512() if attention_before else contextlib.nullcontext()):
             for ids in prompts:
                 eng.add_request(prompt_token_ids=ids, params=params)
             clock, firsts = Clock(), []
@@ -263,6 +279,7 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=None, help="python of a venv with vLLM's CPU build (optional peer)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode regression check")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all)")
     args = ap.parse_args()
     pin_threads(args.threads)
     from memfit.llm.kernels.prefill import available
@@ -286,9 +303,11 @@ def main() -> int:
                   "memfit_onednn": lambda: memfit_system(path, "onednn", False),
                   "memfit_step2048": lambda: memfit_system(path, "auto", False, 2048),
                   "memfit_mlp_whole": lambda: memfit_system(path, "auto", False, mlp_whole=True),
+                  "memfit_attention_avx512": lambda: memfit_system(path, "auto", False, attention_before=True),
                   "transformers_b4": lambda: transformers_system(path, 4),
                   f"transformers_b{args.prompts}": lambda: transformers_system(path, None)}
-        systems = {name: make() for name, make in makers.items()}
+        wanted = set(args.systems.split(",")) if args.systems else set(makers)
+        systems = {name: make() for name, make in makers.items() if name in wanted}
         batch: dict[str, list[dict]] = {n: [] for n in systems}
         one: dict[str, list[dict]] = {n: [] for n in systems}
         for rnd in range(args.reps + 1):  # round 0 warms every system up
@@ -304,6 +323,13 @@ def main() -> int:
         with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
             parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
         parts["other_s"] = parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("attention_s", 0.0)
+        parts_before: dict[str, float] = {}
+        if "memfit_attention_avx512" in systems:  # the same, attention on the AVX-512 path
+            before: dict[str, float] = {}
+            with timed_parts(before):
+                before["total_s"] = systems["memfit_attention_avx512"][0](prompts(args.prompts))["cpu"]
+            before["other_s"] = before["total_s"] - before.get("matmul_s", 0.0) - before.get("attention_s", 0.0)
+            parts_before = before
         from memfit.llm.kernels import large_m
 
         kernel_choices = {f"{n}x{k} nb{nb}": {"kernel": c.kernel, "rows": c.rows,
@@ -348,9 +374,13 @@ def main() -> int:
               "kernel_choices": kernel_choices,
               "systems": rows, "best_peer": best,
               "memfit_vs_best_peer": round(peers[best]["batch_s"] / rows["memfit"]["batch_s"], 3),
-              "memfit_vs_previous": round(rows["memfit_previous"]["batch_s"] / rows["memfit"]["batch_s"], 3),
+              "memfit_vs_previous": (round(rows["memfit_previous"]["batch_s"] / rows["memfit"]["batch_s"], 3)
+                                     if "memfit_previous" in rows else None),
+              "memfit_vs_attention_avx512": (round(rows["memfit_attention_avx512"]["batch_s"] / rows["memfit"]["batch_s"], 3)
+                                             if "memfit_attention_avx512" in rows else None),
               "target": "memfit >= 1.2x the best peer (~85% of the peak)", "decode": decode,
               "memfit_breakdown": {k: round(v, 3) for k, v in parts.items()},
+              "memfit_attention_avx512_breakdown": {k: round(v, 3) for k, v in parts_before.items()},
               "memfit_matmul_fraction_of_peak": round(macs / parts["matmul_s"] / peak, 3) if parts.get("matmul_s") else None}
     emit(result, args.out, draw)
     return 0

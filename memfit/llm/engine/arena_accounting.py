@@ -16,8 +16,10 @@ counted here term by term, each from the code that allocates it:
 - the C kernels' scratch, from the C heap (std::vector; not PyTorch's allocator): a BlockedLinear call below
   LARGE_M rows packs x (M, K) step-major (cpu_blocked.cpp: run's xs; one block for each K of the model) and every
   thread sums into (M, NB) floats (run's and run_large's acc, at most M rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
-  KB = 32 keys, x D) and every thread keeps a row block's scores (ROWS = 24 query rows x (Tk + KB) floats;
-  cpu_prefill.cpp); decode attention G = Hq / Hkv score rows of the context per thread (attend.h). Each is counted in
+  KB = 32 keys, x D) and every thread keeps a row block's scores (at most ROWS = 32 query rows x (Tk + KB) floats:
+  24 rows on the AVX-512 path, 32 on the AMX path); in bf16 on a core where it runs on AMX tiles it packs one
+  head's V as well (Tk rounded to KB x D) and holds the threads' score rows as one block (cpu_prefill.cpp,
+  `memfit_prefill_amx_scratch_bytes`); decode attention G = Hq / Hkv score rows of the context per thread (attend.h). Each is counted in
   whole pages plus one (malloc's chunk header may push a block onto one more page, as `large_m.amx_scratch_bytes`
   counts the AMX kernel's), and they are added although they never live at once (freed heap pages may stay
   resident until the heap is trimmed);
@@ -40,7 +42,7 @@ PAGE = 4096
 SMALL_STEP, STEP_BUCKET = 64, 32  # engine/runner.py: bucket_tokens (not imported: runner loads the model code)
 BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
 LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
-PREFILL_KB, PREFILL_ROWS = 32, 24  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
+PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept (AR)
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
 
 
@@ -63,6 +65,13 @@ def arena_capacity_bytes(cfg: ModelConfig, dtype: torch.dtype, rows_cap: int, ml
     return -(-layout // PAGE) * PAGE
 
 
+def _prefill_on_amx() -> bool:
+    """Whether memfit's bf16 prefill attention runs on AMX tiles in this process (kernels/prefill.py)."""
+    from memfit.llm.kernels.prefill import kernel_for
+
+    return kernel_for(torch.bfloat16) == "amx"
+
+
 def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, mlp_block: int = 0,
                          threads: int | None = None) -> int:
     """The C kernels' heap scratch in a pass of `rows` rows of sequences of up to `context_len` tokens (their chunks
@@ -79,7 +88,9 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     linear = sum(_heap_block(m * (k + 1) * item) for m, k in {(rows, c), (rows, q), (m_mlp, c), (m_mlp, i)}
                  if m < LARGE_M) + t * _heap_block(max(rows, m_mlp) * BLOCKED_NB * 4)
     tk = -(-max(context_len, 1) // PREFILL_KB) * PREFILL_KB  # keys a row may see (its context), in whole blocks
-    prefill = _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
+    # K packed (and V too where bf16 prefill attention runs on AMX tiles: kernels/prefill.py's kernel_for)
+    packed = 2 if dtype == torch.bfloat16 and _prefill_on_amx() else 1
+    prefill = packed * _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
     group = cfg.num_attention_heads // max(1, cfg.num_key_value_heads)
     decode = t * _heap_block(group * context_len * 4)  # attend.h: G score rows of the context
     return linear + prefill + decode

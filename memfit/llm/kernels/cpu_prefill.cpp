@@ -247,6 +247,275 @@ int attend(const Args& a) {
 
 }  // namespace
 
+// ---- The AMX path (bf16, a core with AMX-BF16 that Linux lets this process use; chosen by prefill.py) ----
+//
+// Same semantics as run<BF16> above (exact fp32 softmax per row over the keys it may see, causal from the chunk's
+// offset, sliding window, GQA rows sharing every K/V read, K/V read from the cache's rows), but both products run
+// on the tile unit (TDPBF16PS: 16 x 16 x 32 multiply-adds an instruction):
+// - rows are the flattened (token, query head of the group) index, AR = 32 at a time: two 16-row A tiles, so any
+//   group size fits (a block may start inside a token's group);
+// - Q . K^T: the block's Q rows are copied to the stack (32 x D bf16, the A tiles); K of the head is packed once
+//   per call in pack_k's layout (VNNI pairs, 32 keys a block), which is TDPBF16PS's B layout read with a 128-byte
+//   stride; 2 x 2 accumulator tiles per 32-key block go to the block's score rows (fp32, unscaled);
+// - softmax: per row, max of the scaled scores, e = exp(scale * s - max) (0 outside the row's keys), rounded to
+//   bf16 in place over the first half of the row's own floats (the A tiles of P: row stride = the float row's),
+//   and the row's sum taken over the rounded values;
+// - P . V: V of the head is packed once per call into VNNI pairs of keys (vp[j/2][d][j%2], TDPBF16PS's B layout,
+//   4 x D bytes a row), 2 x 2 accumulator tiles per 32 output dimensions, scaled by 1 / sum and rounded to bf16.
+// P in bf16 (as flash attention does on GPUs) is the one rounding the AVX-512 path does not make: at most 2^-8 of
+// each weight, as the bf16 output's own rounding is of each output (tests/llm/kernels/test_cpu_prefill.py bounds
+// both; the mean error measured 1.2-1.5x the output rounding's alone).
+// Scratch, besides the stack: K and V of one head packed (2 x Tk rounded up to 32 x D bf16, aligned_alloc) and
+// per thread AR rows of scores (AR x Tk rounded up to 32 floats), all freed when the call returns
+// (engine/arena_accounting.py counts them).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MEMFIT_PREFILL_AMX 1
+#include <stdlib.h>
+extern "C" int memfit_amx_available(void);  // cpu_amx.cpp: the CPU has AMX-BF16 and Linux granted the tile state
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
+
+namespace {
+
+constexpr int AR = 32;  // rows a block: two 16-row tiles
+
+struct alignas(64) AmxConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void amx_config() {
+    AmxConfig cfg;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;  // C: 16 fp32; A: 32 bf16; B: 16 pairs x 16 columns x 2 bf16
+    }
+    _tile_loadconfig(&cfg);
+}
+
+struct Aligned {  // 64-byte aligned, uninitialised, freed at scope end
+    void* p;
+    explicit Aligned(size_t n) : p(aligned_alloc(64, (n + 63) / 64 * 64)) {}
+    ~Aligned() { free(p); }
+};
+
+// K of one head -> kp[blk][s][key] (32-bit VNNI pairs K[j][2s..2s+1]; pack_k<BF16>'s layout), 0 past Tk.
+void pack_k_amx(const uint16_t* k, int64_t k_ts, int64_t Tk, int64_t D, uint32_t* kp) {
+    const int64_t steps = D / 2, blocks = (Tk + KB - 1) / KB;
+    for (int64_t b = 0; b < blocks; b++) {
+        uint32_t* dst = kp + b * steps * KB;
+        for (int key = 0; key < KB; key++) {
+            const int64_t j = b * KB + key;
+            if (j < Tk) {
+                const uint16_t* src = k + j * k_ts;
+                for (int64_t s = 0; s < steps; s++) {
+                    uint32_t v;
+                    memcpy(&v, src + 2 * s, 4);
+                    dst[s * KB + key] = v;
+                }
+            } else {
+                for (int64_t s = 0; s < steps; s++) dst[s * KB + key] = 0;
+            }
+        }
+    }
+}
+
+// V of one head -> vp[j / 2][d][j % 2] for j < padded (0 past Tk): key pairs interleaved, D x 2 bf16 a pair.
+void pack_v_amx(const uint16_t* v, int64_t v_ts, int64_t Tk, int64_t D, int64_t padded, uint16_t* vp) {
+    alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+    for (int64_t j = 0; j < padded; j += 2) {
+        uint16_t* dst = vp + j * D;
+        for (int64_t d = 0; d < D; d += 32) {
+            const __m512i a = j < Tk ? _mm512_loadu_si512(v + j * v_ts + d) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < Tk ? _mm512_loadu_si512(v + (j + 1) * v_ts + d) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + 2 * d, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(dst + 2 * d + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+    }
+}
+
+// Lanes [j0, j1) of the 16 starting at jj.
+inline __mmask16 range_mask(int64_t jj, int64_t j0, int64_t j1) {
+    const int64_t a = j0 - jj < 0 ? 0 : j0 - jj > 16 ? 16 : j0 - jj, b = j1 - jj < 0 ? 0 : j1 - jj > 16 ? 16 : j1 - jj;
+    if (b <= a) return 0;
+    return (__mmask16)((((1u << (b - a)) - 1u) << a) & 0xffffu);
+}
+
+// One block of rows [i0, i0 + R) (R <= AR) of KV head h: kp, vp packed for the head; s: AR x `padded` floats.
+template <int D>
+void block_amx(const Args& a, int64_t h, int64_t i0, int64_t R, const uint16_t* kp, const uint16_t* vp, float* s,
+               uint16_t* qp) {
+    constexpr int DT = D / 32;  // 32-value steps of a row
+    const int64_t G = a.Hq / a.Hkv, off = a.Tk - a.Tq;
+    const uint16_t* q = (const uint16_t*)a.q;
+    uint16_t* out = (uint16_t*)a.out;
+    int64_t rlo[AR], rhi[AR];
+    uint16_t* orow[AR];
+    int64_t lo = INT64_MAX, hi = 0;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t t = (i0 + r) / G, hq = h * G + (i0 + r) % G, pos = off + t;
+        memcpy(qp + r * D, q + t * a.q_ts + hq * a.q_hs, D * 2);
+        orow[r] = out + t * a.o_ts + hq * a.o_hs;
+        rhi[r] = pos + 1;
+        rlo[r] = a.window > 0 && pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+        lo = rlo[r] < lo ? rlo[r] : lo;
+        hi = rhi[r] > hi ? rhi[r] : hi;
+    }
+    const int64_t b0 = lo / KB, b1 = (hi + KB - 1) / KB, base = b0 * KB, width = (b1 - b0) * KB;
+    const int64_t lds = width * 4;  // bytes a score row (the P row of bf16 starts at the same place)
+    // Q . K^T: block b's 32 keys for the 32 rows in tiles 0-3
+    for (int64_t b = b0; b < b1; b++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const uint16_t* kb = kp + b * D * KB;
+        for (int dt = 0; dt < DT; dt++) {
+            _tile_loadd(4, qp + dt * 32, D * 2);
+            _tile_loadd(5, qp + 16 * D + dt * 32, D * 2);
+            _tile_loadd(6, kb + dt * 16 * KB * 2, KB * 4);
+            _tile_loadd(7, kb + dt * 16 * KB * 2 + 32, KB * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        float* sb = s + (b - b0) * KB;
+        _tile_stored(0, sb, lds);
+        _tile_stored(1, sb + 16, lds);
+        _tile_stored(2, sb + 16 * width, lds);
+        _tile_stored(3, sb + 16 * width + 16, lds);
+    }
+    // softmax per row; P in bf16 over the row's first half. e^(scale s - max) = 2^(c s - c max), c = scale log2(e):
+    // 2^x = 2^n 2^f, n = round(x), f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error ~4e-5, ~100x below
+    // P's bf16 rounding, up to 2^-8); x <= 0, so no clamp (scalef takes 2^n to 0 below the float range).
+    float inv[AR];
+    const __m512 cv = _mm512_set1_ps(a.scale * 1.44269504088896341f);
+    for (int64_t r = 0; r < R; r++) {
+        float* sr = s + r * width;
+        uint16_t* pr = (uint16_t*)sr;
+        const int64_t j0 = rlo[r] - base, j1 = rhi[r] - base, c0 = j0 / 16 * 16, c1 = (j1 + 15) / 16 * 16;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t jj = c0; jj < c1; jj += 16) {
+            const __mmask16 mk = jj >= j0 && jj + 16 <= j1 ? (__mmask16)0xffff : range_mask(jj, j0, j1);
+            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_mul_ps(_mm512_loadu_ps(sr + jj), cv));
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (int64_t jj = 0; jj < c0; jj += 16) _mm256_storeu_si256((__m256i*)(pr + jj), _mm256_setzero_si256());
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t jj = c0; jj < c1; jj += 16) {  // writes bytes [2jj, 2jj + 32): floats already read
+            const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + jj), cv, m);
+            const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 f = _mm512_sub_ps(x, n);
+            __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(9.6181291e-3f), f, _mm512_set1_ps(5.5504109e-2f));
+            e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(2.4022651e-1f));
+            e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(6.9314718e-1f));
+            e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f));
+            e = _mm512_scalef_ps(e, n);
+            if (jj < j0 || jj + 16 > j1) e = _mm512_maskz_mov_ps(range_mask(jj, j0, j1), e);
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i*)(pr + jj), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        for (int64_t jj = c1; jj < width; jj += 16) _mm256_storeu_si256((__m256i*)(pr + jj), _mm256_setzero_si256());
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    // P . V over the keys any row sees, 32 output dimensions at a time
+    const int64_t k0 = (lo - base) / 32 * 32, k1 = (hi - base + 31) / 32 * 32;
+    const uint16_t* p0 = (const uint16_t*)s;
+    const uint16_t* p1 = (const uint16_t*)(s + 16 * width);
+    alignas(64) float c[AR * 32];
+    for (int d0 = 0; d0 < D; d0 += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kk = k0; kk < k1; kk += 32) {
+            const uint16_t* vb = vp + (base + kk) * D + d0 * 2;
+            _tile_loadd(4, p0 + kk, lds);
+            _tile_loadd(5, p1 + kk, lds);
+            _tile_loadd(6, vb, D * 4);
+            _tile_loadd(7, vb + 32, D * 4);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, 128);
+        _tile_stored(1, c + 16, 128);
+        _tile_stored(2, c + 16 * 32, 128);
+        _tile_stored(3, c + 16 * 32 + 16, 128);
+        for (int64_t r = 0; r < R; r++) {
+            const __m512 iv = _mm512_set1_ps(inv[r]);
+            // vcvtne2ps2bf16: round to nearest even, as to_bf16 (outputs below 2^-126 flush to 0)
+            _mm512_storeu_si512(orow[r] + d0, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_load_ps(c + r * 32 + 16), iv),
+                                                                           _mm512_mul_ps(_mm512_load_ps(c + r * 32), iv)));
+        }
+    }
+}
+
+// The call's heap blocks (bytes, before aligned_alloc's rounding to 64): K packed, V packed, every thread's scores.
+struct AmxScratch {
+    int64_t k, v, scores;
+};
+AmxScratch amx_scratch(int64_t Tk, int64_t D, int nthreads) {
+    const int64_t padded = (Tk + KB - 1) / KB * KB;
+    return {padded * D * 2, padded * D * 2, (int64_t)(nthreads > 0 ? nthreads : 1) * AR * padded * 4};
+}
+
+template <int D>
+int run_amx(const Args& a) {
+    const int64_t G = a.Hq / a.Hkv, rows = a.Tq * G, nrb = (rows + AR - 1) / AR;
+    const int64_t blocks = (a.Tk + KB - 1) / KB, padded = blocks * KB;
+    const int nt = a.nthreads > 0 ? a.nthreads : 1;
+    const AmxScratch sz = amx_scratch(a.Tk, D, nt);
+    Aligned kmem((size_t)sz.k), vmem((size_t)sz.v), smem((size_t)sz.scores);
+    if (!kmem.p || !vmem.p || !smem.p) return -5;
+    const uint16_t *k = (const uint16_t*)a.k, *v = (const uint16_t*)a.v;
+    for (int64_t h = 0; h < a.Hkv; h++) {
+        pack_k_amx(k + h * a.k_hs, a.k_ts, a.Tk, D, (uint32_t*)kmem.p);
+        pack_v_amx(v + h * a.v_hs, a.v_ts, a.Tk, D, padded, (uint16_t*)vmem.p);
+#pragma omp parallel num_threads(nt)
+        {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            amx_config();
+            alignas(64) uint16_t qp[AR * D];  // rows past R: whatever is there (only their own output rows, unused)
+            float* s = (float*)smem.p + (int64_t)tid * AR * padded;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t rb = 0; rb < nrb; rb++) {
+                const int64_t i0 = rb * AR, R = rows - i0 < AR ? rows - i0 : AR;
+                block_amx<D>(a, h, i0, R, (const uint16_t*)kmem.p, (const uint16_t*)vmem.p, s, qp);
+            }
+            _tile_release();
+        }
+    }
+    return 0;
+}
+
+int attend_amx(const Args& a) {
+    if (a.Tq < 0 || a.Tk < a.Tq || a.Hkv <= 0 || a.Hq % a.Hkv != 0) return -1;
+    if (a.Tq == 0) return 0;
+    if (memfit_amx_available() != 1) return -4;
+    switch (a.D) {
+        case 32: return run_amx<32>(a);
+        case 64: return run_amx<64>(a);
+        case 96: return run_amx<96>(a);
+        case 128: return run_amx<128>(a);
+        default: return -2;
+    }
+}
+
+}  // namespace
+#pragma GCC pop_options
+#endif  // MEMFIT_PREFILL_AMX
+
 extern "C" {
 
 // q (Tq, Hq, D), k/v (Tk, Hkv, D), out (Tq, Hq, D): token and head strides in elements, D contiguous.
@@ -260,5 +529,34 @@ extern "C" {
     }
 MEMFIT_PREFILL(memfit_prefill_attention_bf16, BF16, uint16_t)
 MEMFIT_PREFILL(memfit_prefill_attention_f32, F32, float)
+
+// The same on AMX tiles (bf16 only): also -4 where this process can't use AMX (no AMX-BF16, Linux refused the
+// tile state, or a compiler without AMX intrinsics), -5 where the scratch could not be allocated.
+int memfit_prefill_attention_bf16_amx(const uint16_t* q, int64_t q_ts, int64_t q_hs, const uint16_t* k, int64_t k_ts,
+                                      int64_t k_hs, const uint16_t* v, int64_t v_ts, int64_t v_hs, uint16_t* out,
+                                      int64_t o_ts, int64_t o_hs, int64_t Tq, int64_t Tk, int64_t Hq, int64_t Hkv,
+                                      int64_t D, float scale, int64_t window, int nthreads) {
+#ifdef MEMFIT_PREFILL_AMX
+    return attend_amx(Args{q, k, v, out, q_ts, q_hs, k_ts, k_hs, v_ts, v_hs, o_ts, o_hs, Tq, Tk, Hq, Hkv, D, window,
+                           scale, nthreads});
+#else
+    (void)q, (void)q_ts, (void)q_hs, (void)k, (void)k_ts, (void)k_hs, (void)v, (void)v_ts, (void)v_hs, (void)out;
+    (void)o_ts, (void)o_hs, (void)Tq, (void)Tk, (void)Hq, (void)Hkv, (void)D, (void)scale, (void)window, (void)nthreads;
+    return -4;
+#endif
+}
+
+// The largest heap block the AMX path holds during a call over Tk keys of head size D on nthreads threads
+// (`which` 0: K packed, 1: V packed, 2: every thread's score rows, one block), before aligned_alloc rounds it up to
+// 64 bytes; all three live for the whole call and are freed when it returns. 0 where there is no AMX path.
+int64_t memfit_prefill_amx_scratch_bytes(int64_t Tk, int64_t D, int nthreads, int which) {
+#ifdef MEMFIT_PREFILL_AMX
+    const AmxScratch sz = amx_scratch(Tk, D, nthreads);
+    return which == 0 ? sz.k : which == 1 ? sz.v : which == 2 ? sz.scores : 0;
+#else
+    (void)Tk, (void)D, (void)nthreads, (void)which;
+    return 0;
+#endif
+}
 
 }  // extern "C"

@@ -7,6 +7,11 @@ own K/V for a chunk with no cached prefix) and keeps only one block of rows' sco
 
 `prefill_attention` returns False where the kernel can't take the input (another dtype or device, autograd,
 a head size other than 32/64/96/128, D not contiguous): the caller then runs `attention.attend_one`.
+
+In bf16 on a core with AMX-BF16 that Linux lets this process use (cpu_amx.cpp's `memfit_amx_available`, asked once
+per process), both products run on the tile unit instead (`memfit_prefill_attention_bf16_amx`, same semantics; P is
+rounded to bf16 before P x V); float32, and other CPUs, stay on the AVX-512 kernel. `kernel=` pins one (tests,
+benchmarks/prefill_attention.py).
 """
 from __future__ import annotations
 
@@ -22,18 +27,60 @@ _fns: dict[torch.dtype, ctypes._CFuncPtr | None] = {}
 HEAD_SIZES = (32, 64, 96, 128)
 
 
+def _declare(fn):
+    fn.argtypes = [_P, _I64, _I64] * 3 + [_P, _I64, _I64] + [_I64] * 5 + [ctypes.c_float, _I64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _function(dtype: torch.dtype):
-    """The kernel for `dtype`, its signature declared; None where it can't run here (cached)."""
+    """The AVX-512 kernel for `dtype`, its signature declared; None where it can't run here (cached)."""
     if dtype not in _fns:
         fn = None
         if dtype in _SUFFIX and unavailable_reason(dtype) is None:
             lib = load_cpu_linear()
             if lib is not None:
-                fn = getattr(lib.cdll, f"memfit_prefill_attention_{_SUFFIX[dtype]}")
-                fn.argtypes = [_P, _I64, _I64] * 3 + [_P, _I64, _I64] + [_I64] * 5 + [ctypes.c_float, _I64, ctypes.c_int]
-                fn.restype = ctypes.c_int
+                fn = _declare(getattr(lib.cdll, f"memfit_prefill_attention_{_SUFFIX[dtype]}"))
         _fns[dtype] = fn
     return _fns[dtype]
+
+
+_amx: list = []  # [the AMX kernel or None], once asked
+_forced: str | None = None  # force(): "avx512" keeps bf16 off the tiles (benchmarks' before/after)
+
+
+def force(kernel: str | None) -> str | None:
+    """Pin the default kernel for every later call ("avx512"; "amx" where it can run; None: choose), returning
+    the previous pin (benchmarks/prefill.py runs memfit with the AVX-512 path beside the default this way)."""
+    global _forced
+    if kernel not in (None, "avx512", "amx"):
+        raise ValueError(f"unknown prefill attention kernel {kernel!r}")
+    old, _forced = _forced, kernel
+    return old
+
+
+def amx_function():
+    """The bf16 kernel on AMX tiles, or None where this process can't use AMX (cached)."""
+    if not _amx:
+        fn = None
+        if _function(torch.bfloat16) is not None:
+            lib = load_cpu_linear()
+            avail = lib.cdll.memfit_amx_available
+            avail.restype = ctypes.c_int
+            if avail() == 1:
+                fn = _declare(lib.cdll.memfit_prefill_attention_bf16_amx)
+        _amx.append(fn)
+    return _amx[0]
+
+
+def amx_scratch_blocks(context_len: int, head_dim: int, threads: int) -> tuple[int, int, int]:
+    """The AMX path's heap blocks for a call over `context_len` keys (bytes: K packed, V packed, every thread's
+    score rows; cpu_prefill.cpp's own sizes); zeros where this process has no AMX path."""
+    if amx_function() is None:
+        return (0, 0, 0)
+    fn = load_cpu_linear().cdll.memfit_prefill_amx_scratch_bytes
+    fn.argtypes, fn.restype = [_I64, _I64, ctypes.c_int, ctypes.c_int], _I64
+    return tuple(fn(context_len, head_dim, threads, w) for w in range(3))  # type: ignore[return-value]
 
 
 def available(dtype: torch.dtype) -> bool:
@@ -41,16 +88,25 @@ def available(dtype: torch.dtype) -> bool:
     return _function(dtype) is not None
 
 
+def kernel_for(dtype: torch.dtype) -> str | None:
+    """Which kernel `prefill_attention` runs for `dtype` by default: "amx", "avx512", or None (neither)."""
+    if dtype == torch.bfloat16 and _forced != "avx512" and amx_function() is not None:
+        return "amx"
+    return "avx512" if available(dtype) else None
+
+
 def _rows_ok(t: torch.Tensor) -> bool:
     return t.dim() == 3 and t.stride(2) == 1 and t.device.type == "cpu"
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None,
-                      out: torch.Tensor, nthreads: int | None = None) -> bool:
+                      out: torch.Tensor, nthreads: int | None = None, kernel: str | None = None) -> bool:
     """out (Tq, Hq, D) = causal attention of q (Tq, Hq, D), the last Tq positions of a Tk-token context, over
     k, v (Tk, Hkv, D); a sliding `window` when given. Any token and head strides, D contiguous. Returns False
-    (out untouched) where the kernel can't take the input."""
-    fn = _function(q.dtype)
+    (out untouched) where the kernel can't take the input. `kernel`: "amx" or "avx512" pins one (False where
+    that one can't run); None: `kernel_for`'s choice."""
+    kernel = kernel or kernel_for(q.dtype)
+    fn = (amx_function() if q.dtype == torch.bfloat16 else None) if kernel == "amx" else _function(q.dtype)
     tq, hq, d = q.shape if q.dim() == 3 else (0, 0, 0)
     if (fn is None or not all(_rows_ok(t) for t in (q, k, v, out)) or d not in HEAD_SIZES
             or not (q.dtype == k.dtype == v.dtype == out.dtype) or k.shape != v.shape or k.shape[2] != d

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memfit.llm.kernels.attention import CachedAttention, causal_mask
-from memfit.llm.kernels.prefill import prefill_attention
+from memfit.llm.kernels.prefill import amx_function, kernel_for, prefill_attention
 from tests.llm.kernels.common import need
 
 
@@ -44,6 +44,57 @@ def test_matches_float64(dtype, tq, tk, hq, hkv, d, window):
         err = (out.double() - ref).abs().max().item()
         # fp32: summation order only; bf16: the output's own rounding (2^-8 relative of values below ~4)
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), err
+
+
+# The AMX path (bf16 on a core with AMX-BF16): the bundled models' heads (memfit-tiny 8 over 4 of 32, its draft 4
+# over 2 of 32), the benchmark shapes (0.1b 12 over 4 of 64, 0.5b 14 over 2 of 64), 96 and 128; whole prompts and
+# chunks after a cached prefix, lengths that are not multiples of 16 or 32; GQA 1, 2, 3, 4, 6, 7, 8, 64 (a 32-row
+# block starting inside a token's group); windows.
+AMX_CASES = [
+    (128, 128, 8, 4, 32, None), (37, 37, 4, 2, 32, None), (45, 345, 12, 4, 64, None), (13, 77, 14, 2, 64, None),
+    (200, 200, 12, 4, 64, None), (33, 90, 4, 2, 64, 20), (17, 17, 8, 1, 96, None), (50, 300, 6, 6, 128, None),
+    (9, 200, 3, 3, 128, 5), (1, 1, 2, 1, 32, None), (1, 70, 12, 4, 64, None), (31, 100, 64, 1, 64, None),
+    (20, 53, 16, 2, 128, None), (70, 70, 14, 2, 64, 31)]
+
+
+def need_amx():
+    need(torch.bfloat16)
+    if amx_function() is None:
+        pytest.skip("no AMX-BF16 here (or Linux refused the tile state): the AMX prefill path can't run")
+
+
+@pytest.mark.parametrize("tq,tk,hq,hkv,d,window", AMX_CASES)
+def test_amx_path_matches_float64(tq, tk, hq, hkv, d, window):
+    """Bounded by what it rounds: the output to bf16 (at most 2^-8 relative), and P to bf16 before P x V (2^-8 of
+    each weight at most, so 2^-8 of softmax x |V| a row), 1% on top for fp32 sums and the exp polynomial. The mean
+    error must also stay within 2x the float64 result's own bf16 rounding (1.2-1.5x measured): a key too many or
+    too few, a wrong head, scale or normaliser shifts rows systematically (one key of 128 moves a row by ~|v| / 128)."""
+    need_amx()
+    g = torch.Generator().manual_seed(tq * 1000 + tk)
+    q = torch.randn(tq, hq, d, generator=g).to(torch.bfloat16)
+    cache = torch.randn(2, tk + 7, hkv + 1, d, generator=g).to(torch.bfloat16)  # rows of a wider slot
+    k, v = cache[0, 3 : 3 + tk, 1:], cache[1, 3 : 3 + tk, 1:]
+    ref = reference(q, k, v, d ** -0.5, window)
+    bound = 2 ** -8 * 1.01 * (ref.abs() + reference(q, k, v.abs(), d ** -0.5, window)) + 1e-6
+    rounding = (ref.to(torch.bfloat16).double() - ref).abs().mean().item()
+    for threads in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads, kernel="amx")
+        err = (out.double() - ref).abs()
+        assert (err <= bound).all(), (err - bound).max().item()
+        assert err.mean().item() <= 2 * rounding + 1e-9, (err.mean().item(), rounding)
+
+
+def test_amx_path_is_the_bf16_default_and_declines_float32():
+    need_amx()
+    assert kernel_for(torch.bfloat16) == "amx" and kernel_for(torch.float32) == "avx512"
+    q, k = torch.randn(4, 2, 64), torch.randn(4, 1, 64)
+    assert not prefill_attention(q, k, k, 0.1, None, torch.zeros_like(q), kernel="amx")  # float32: no AMX path
+    qb, kb = q.bfloat16(), k.bfloat16()
+    outs = {kern: torch.zeros_like(qb) for kern in ("amx", "avx512", None)}
+    for kern, out in outs.items():
+        assert prefill_attention(qb, kb, kb, 0.1, None, out, kernel=kern)
+    assert torch.equal(outs[None], outs["amx"])
 
 
 def test_declines_what_it_cannot_take():
