@@ -168,7 +168,8 @@ def measure(model_dir: Path, device: str, dtype: str, cpu_linear: str, cpu_kerne
     cfg = engine.model_config
     fixed = (accounting.weights_bytes(cfg, engine.dtype, engine.backends.cpu_linear, engine.device.type)
              + accounting.tokenizer_bytes(model_dir)
-             + fallback_accounting.shape_cache_bytes(cfg, engine.backends.cpu_linear, 512, engine.device.type)
+             + fallback_accounting.shape_cache_bytes(cfg, engine.backends.cpu_linear, 512, engine.device.type,
+                                                     head_rows=batch)  # a sampled row a sequence
              + accounting.step_bytes(cfg, engine.dtype, 512, 256, batch, engine.backends.cpu_kernels,
                                      accounting.mlp_row_block(engine.device.type, engine.backends.cpu_linear,
                                                                   engine.dtype), arena=engine.runner.scratch is not None and arena_accounting.LEDGER_USES_ARENA,

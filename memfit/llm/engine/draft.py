@@ -20,12 +20,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memfit.llm.engine import accounting, arena_accounting, fallback_accounting
+from memfit.llm.engine import accounting, arena_accounting, fallback_accounting, ledger
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
 from memfit.llm.kv import KVLayout, create_kv_cache, kv_cache_class
-from memfit.llm.models.config import ModelConfig
+from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.llm.models.llama import LlamaForCausalLM, LlamaModel
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
@@ -46,6 +46,7 @@ class TargetEngine(Protocol):
     backends: Any
     layout: Any
     runner: ModelRunner
+    tp: Any  # tensor parallelism's rank (None: a single process)
 
 
 class SpeculativeConfigError(ValueError):
@@ -149,10 +150,17 @@ class Draft:
                                            arena=engine.tp is None and arena_accounting.LEDGER_USES_ARENA,
                                            packed=fallback_accounting.pads_rows(choose_cpu_linear(options, device, dtype),
                                                                               device.type))
-        # oneDNN's per-shape kernels for the draft's matrix shapes the target lacks (none for a self-draft)
-        shapes = fallback_accounting.shape_cache_bytes(stored, choose_cpu_linear(options, device, dtype),
-                                              cfg.max_num_batched_tokens, device.type, besides=engine.model_config,
-                                              measure=cfg.memory_budget is not None)
+        # oneDNN's kernels for the draft's matrix shapes and head rows the target's lack (none for a self-draft)
+        cpu_linear, rows = choose_cpu_linear(options, device, dtype), cfg.max_num_batched_tokens
+        options = dataclasses.replace(options, head_rows=fallback_accounting.head_rows(cfg.max_num_seqs, tree=tree,
+                                                                                       draft=True))
+        def mapped(c: ModelConfig) -> bool:  # its checkpoint's tensors used in place (a tied head can be packed)
+            return engine.tp is None and parse_dtype(c.torch_dtype) == dtype
+
+        target = fallback_accounting.kernel_counts(engine.model_config, cpu_linear, rows, ledger.engine_head_rows(cfg),
+                                                   mapped(engine.model_config))
+        shapes = fallback_accounting.shape_cache_bytes(stored, cpu_linear, rows, device.type, target,
+                                                       cfg.memory_budget is not None, options.head_rows, mapped(stored))
         need = weights + buffers + step + shapes
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"

@@ -21,7 +21,7 @@ import torch
 from memfit.llm.models.config import ModelConfig
 from memfit.llm.models.shapes import linear_shapes
 
-__all__ = ["kernel_keys", "linear_shapes", "pads_rows", "row_padding_bytes", "shape_cache_bytes", "torch_ops_bytes"]
+__all__ = ["engine_kernels_bytes", "head_rows", "kernel_counts", "kernel_keys", "linear_shapes", "pads_rows", "row_padding_bytes", "shape_cache_bytes", "torch_ops_bytes"]
 
 
 def _mats(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -78,27 +78,74 @@ def kernel_keys(cfg: ModelConfig, fused: bool) -> set[tuple[int, int, bool]]:
     return {(n, k, b) for (n, k), b in zip(layer, biased)} | {(head[0], head[1], False)}
 
 
-def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
-                      besides: ModelConfig | None = None, measure: bool = True) -> int:
-    """The kernels oneDNN's and ideep's caches keep for the packed linears of a model stepping up to `max_rows` rows
-    a call: one per (row bucket, matrix shape) (models/packing.py: row_shapes), each of what one kernel holds on this
-    machine (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT
-    code included: 510-700 KiB on the Intel host, ~525 KiB on an AMD Zen 4); a matrix
-    shape `besides` (another model in the same process: a draft's target) already has is not counted again. The
-    caches are the process's, kept after the engine closes. Plain F.linear (cpu_linear None) counts as oneDNN's, for
-    its unfused matrices. 0 elsewhere (memfit's kernels, upcast, CUDA). measure False:
-    the kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
-    if device_type != "cpu" or cpu_linear not in ("onednn", None):
-        return 0
-    from memfit.llm.models.packing import row_shapes
+def head_rows(batch: int, gamma: int = 0, tree: tuple[int, int] | None = None, draft: bool = False) -> int:
+    """The most rows one call of a model's head takes in an engine of `batch` sequences: a sampled row a sequence
+    (engine/runner.py); the target verifying a chain of `gamma` drafts, g + 1 a sequence (spec_chain_step.py), or a
+    W,D tree, its W x D + 1 nodes (spec_tree_step.py; with speculative_adaptive it may verify a chain of D instead,
+    fewer); a draft (`draft`): one row a sequence drafting a chain or its first tree pass, a tree level's W after."""
+    if draft:
+        return batch * (tree[0] if tree else 1)
+    if tree:
+        return batch * (tree[0] * tree[1] + 1)
+    return batch * (gamma + 1)
 
-    # plain F.linear (cpu_linear None: prepack=False) runs the unfused matrices on oneDNN in the same row buckets
-    # (models/packing.row_bucket_plain_linears); its kernels measured ~0.54 MiB each in bf16 here, under the packed
-    # matmul's that kernel_bytes measures
-    fused = cpu_linear == "onednn"
-    mats = kernel_keys(cfg, fused) - (kernel_keys(besides, fused) if besides else set())
-    if not mats:
+
+def kernel_counts(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, head_rows: int | None = None,
+                  mapped: bool = True) -> dict[tuple[int, int, bool], int]:
+    """{(out, in, biased): kernels oneDNN keeps for that matrix} for a CPU model stepping up to `max_rows` rows a call
+    whose head takes up to `head_rows` (accounting.head_rows; default `max_rows`), as `packing.warm_row_buckets` builds
+    them at load: packed oneDNN linears (fused) and plain F.linear (unfused) in every bucket up to their rows;
+    memfit's row-major kernel (cpu_linear "memfit": every unfused matrix; "blocked": a tied head whose embedding is
+    not mapped from the checkpoint, `mapped` False) in the buckets past its own 64 rows."""
+    from memfit.llm.kernels.linear import DEFAULT_MAX_ROWS
+    from memfit.llm.models.packing import onednn_buckets
+
+    head = (cfg.vocab_size, cfg.hidden_size, False)
+    if cpu_linear in ("onednn", None):
+        keys, direct = kernel_keys(cfg, cpu_linear == "onednn"), 0
+    elif cpu_linear == "memfit":
+        keys, direct = kernel_keys(cfg, False), DEFAULT_MAX_ROWS
+    elif cpu_linear == "blocked" and cfg.tie_word_embeddings and not mapped:
+        keys, direct = {head}, DEFAULT_MAX_ROWS
+    else:
+        return {}
+    head_rows = max_rows if head_rows is None else head_rows
+    counts = {key: len(onednn_buckets(head_rows if key == head else max_rows, direct)) for key in keys}
+    return {key: n for key, n in counts.items() if n}
+
+
+def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
+                      besides: dict[tuple[int, int, bool], int] | None = None, measure: bool = True,
+                      head_rows: int | None = None, mapped: bool = True) -> int:
+    """The kernels oneDNN's and ideep's caches keep for a model's linears (`kernel_counts`: one per row bucket and
+    matrix shape, the head's buckets up to `head_rows`), each of what one kernel holds on this machine
+    (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT code
+    included: 510-700 KiB on the Intel host, ~525 KiB on an AMD Zen 4). `besides`: the kernel_counts of another model
+    in the same process (a draft's target), whose kernels are not counted again. The caches are the process's, kept
+    after the engine closes. 0 for upcast, a blocked model with its head packed, and CUDA. measure False: the
+    kernel's size from the cache if it was measured, else the Intel-fitted constant (no processes started)."""
+    if device_type != "cpu":
+        return 0
+    have = besides or {}
+    count = sum(max(0, n - have.get(key, 0)) for key, n in kernel_counts(cfg, cpu_linear, max_rows, head_rows,
+                                                                         mapped).items())
+    if not count:
         return 0
     from memfit.llm.engine.onednn_kernels import kernel_bytes
 
-    return len(mats) * row_shapes(max_rows) * kernel_bytes(measure)
+    return count * kernel_bytes(measure)
+
+
+def engine_kernels_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str, batch: int,
+                         mapped: bool = True, draft: ModelConfig | None = None, gamma: int = 0,
+                         tree: tuple[int, int] | None = None, draft_mapped: bool = True, measure: bool = True) -> int:
+    """`shape_cache_bytes` for an engine of `batch` sequences: its model's, with the head's rows its sampled or
+    verified rows (`head_rows`), and with a `draft` (speculating `gamma` tokens or a `tree`) the kernels the draft's
+    own shapes and rows add."""
+    rows = head_rows(batch, gamma, tree) if draft is not None else batch
+    total = shape_cache_bytes(cfg, cpu_linear, max_rows, device_type, measure=measure, head_rows=rows, mapped=mapped)
+    if draft is not None:
+        have = kernel_counts(cfg, cpu_linear, max_rows, rows, mapped)
+        total += shape_cache_bytes(draft, cpu_linear, max_rows, device_type, have, measure,
+                                   head_rows(batch, tree=tree, draft=True), draft_mapped)
+    return total

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from memfit.llm.engine import arena_accounting, fallback_accounting
-from memfit.llm.engine.fallback_accounting import shape_cache_bytes
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
                                           weights_bytes, workspace_bytes)
@@ -135,6 +134,7 @@ def predict(
                                if draft.tree else speculation_bytes(d.vocab_size, draft.gamma, batch, dtype)),
         )
     lookahead = draft.lookahead if draft is not None else 0  # the target's KV holds the drafts past the context
+    drafting = (draft.config, draft.gamma, draft.tree, draft.mapped) if draft is not None else ()
     return FitBreakdown(
         weights_bytes=weights_bytes(cfg, dtype, cpu_linear, device_type, mapped),
         kv_bytes=kv_cache_bytes(cfg, dtype, context_len + lookahead, batch),
@@ -147,9 +147,8 @@ def predict(
         runtime_low_bytes=int(runtime.get("runtime_low_bytes", 0)),
         cpu_linear=cpu_linear,
         # measured kernels only where the runtime is (a run that measures nothing starts no processes)
-        shape_cache_bytes=shape_cache_bytes(cfg, cpu_linear, chunk, device_type, measure=bool(runtime)) + (
-            shape_cache_bytes(draft.config, cpu_linear, chunk, device_type, besides=cfg, measure=bool(runtime))
-            if draft is not None else 0),
+        shape_cache_bytes=fallback_accounting.engine_kernels_bytes(cfg, cpu_linear, chunk, device_type, batch, mapped,
+                                                                   *drafting, measure=bool(runtime)),
         kv_budget_bytes=kv_budget,
         memory_limit_bytes=memory_limit,
         **spec,

@@ -18,7 +18,7 @@ from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.memory.budget import (MemoryBudget, MemoryBudgetExceeded, Tier, available_memory, format_bytes,
                                   parse_budget, resolve_budget)
 
-__all__ = ["DEFAULT_MEMORY_FRACTION", "kv_share_bytes", "ledger_bytes", "plan_memory", "reserve_fixed",
+__all__ = ["DEFAULT_MEMORY_FRACTION", "engine_head_rows", "kv_share_bytes", "ledger_bytes", "plan_memory", "reserve_fixed",
            "reserve_ssd_staging", "watermark_bytes"]
 
 DEFAULT_MEMORY_FRACTION = 0.9  # the ledger without --memory-budget: this share of the memory available at start
@@ -30,12 +30,22 @@ def ledger_bytes(config: EngineConfig, device: torch.device) -> int:
     return max(1, int(DEFAULT_MEMORY_FRACTION * available_memory(Tier.DEVICE, str(device))))
 
 
+def engine_head_rows(config: EngineConfig) -> int:
+    """The most rows one call of the target's head takes (fallback_accounting.head_rows): a sampled row a
+    sequence, or the verification rows of speculative decoding."""
+    if not config.speculative_model:
+        return config.max_num_seqs
+    tree = config.speculative_tree if isinstance(config.speculative_tree, tuple) else None
+    return fallback_accounting.head_rows(config.max_num_seqs, config.num_speculative_tokens or 1, tree)
+
+
 def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, stored: ModelConfig,
                 dtype: torch.dtype, options: BackendOptions, max_model_len: int,
                 sharded: bool) -> accounting.MemoryPlan:
     """What the ledger will hold besides the KV cache, from the same formulas `memfit fit` adds up. `sharded`:
     this rank loads its own shard (tensor parallelism), so no weight is used as mapped from the checkpoint."""
     cpu_linear = choose_cpu_linear(options, device, dtype)
+    mapped = not sharded and parse_dtype(stored.torch_dtype) == dtype  # the checkpoint's tensors used in place
     runtime = {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
     if config.memory_budget is not None:  # a bound the user asked for: measure the runtime's share (cached)
         from memfit.llm.engine.calibrate import runtime_bytes
@@ -44,8 +54,7 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         runtime = runtime_bytes(device.type, str(dtype).removeprefix("torch."), cpu_linear, kernels,
                                 batch=config.max_num_seqs)
     return accounting.MemoryPlan(
-        weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, device.type,
-                                               mapped=not sharded and parse_dtype(stored.torch_dtype) == dtype),
+        weights_bytes=accounting.weights_bytes(stored, dtype, cpu_linear, device.type, mapped=mapped),
         tokenizer_bytes=accounting.tokenizer_bytes(path),
         runtime_bytes=runtime["runtime_bytes"],
         step_bytes=accounting.step_bytes(stored, dtype, config.max_num_batched_tokens, max_model_len,
@@ -58,7 +67,8 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         kv_bytes=0,
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
-                                                                device.type, measure=config.memory_budget is not None),
+                                                                device.type, measure=config.memory_budget is not None,
+                                                                head_rows=engine_head_rows(config), mapped=mapped),
     )
 
 

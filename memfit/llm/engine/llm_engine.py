@@ -54,7 +54,8 @@ class LLMEngine:
         kv_class = kv_cache_class(config.kv_cache)  # an unknown kind fails before the model loads
         backend_options = BackendOptions(max_num_seqs=config.max_num_seqs, prepack=config.prepack, fuse=config.fuse,
                                          cpu_linear=config.cpu_linear, cpu_kernels=config.cpu_kernels,
-                                         max_rows=config.max_num_batched_tokens)
+                                         max_rows=config.max_num_batched_tokens,
+                                         head_rows=ledger.engine_head_rows(config))
         self.device = config.resolved_device() if self.tp is None else self.tp.device
         path = resolve_model_path(config.model)
         # The ledger first, from the memory available *before* loading: every part is reserved in it before

@@ -41,6 +41,7 @@ class BackendOptions:
     cpu_linear: str = "auto"
     cpu_kernels: bool = True  # CPU: memfit's C++ kernels for norm, RoPE, SiLU*up and decode attention
     max_rows: int = 0  # the most rows a step computes (max_num_batched_tokens; 0: any): oneDNN kernels built at load
+    head_rows: int = 0  # the most rows one call of the lm_head takes (sampled or verified rows; 0: max_rows)
 
 
 @dataclass
@@ -113,13 +114,17 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.kernels.linear import use_row_major_linears
 
         chosen.num_row_major_linears = use_row_major_linears(model)
+        if chosen.num_row_major_linears:  # their rows past the kernel's own run on oneDNN: its kernels now, as counted
+            from memfit.llm.models.packing import warm_row_buckets
+
+            warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     elif chosen.cpu_linear == "onednn":
         from memfit.llm.models.packing import pack_linears_for_cpu, warm_row_buckets
 
         chosen.num_packed_linears = pack_linears_for_cpu(model)
         # every row bucket's kernel now, as the ledger counts them (fallback_accounting.shape_cache_bytes): the
         # process's memory then stops growing with new step sizes, and no step pays for building one
-        warm_row_buckets(model, options.max_rows or 10**9)
+        warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     elif chosen.cpu_linear == "upcast":  # no fusion: the weights stay the checkpoint's, uncopied
         from memfit.llm.kernels.upcast import use_upcast_linears
 
@@ -128,7 +133,7 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.models.packing import row_bucket_plain_linears, warm_row_buckets
 
         chosen.num_bucketed_linears = row_bucket_plain_linears(model)
-        warm_row_buckets(model, options.max_rows or 10**9)
+        warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     if device.type == "cpu":
         # Weights still mapped from the checkpoint (an untied embedding, norms, the row-major kernel's
         # matrices) are made resident now: the memory ledger counts them in full, and decode then never

@@ -63,6 +63,11 @@ class RowMajorLinear(nn.Module):
                  self.out_features, m, self.out_features, self.in_features, torch.get_num_threads())
         return y.view(*x.shape[:-1], self.out_features)
 
+    @property
+    def direct_rows(self) -> int:
+        """Calls of up to this many rows run on memfit's kernel; more on oneDNN (packing.warm_row_buckets reads it)."""
+        return self.max_rows
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}, "
                 f"kernel=memfit row-major (rows <= {self.max_rows})")

@@ -127,22 +127,42 @@ def row_bucket_plain_linears(model: nn.Module) -> int:
     return count
 
 
-def warm_row_buckets(model: nn.Module, max_rows: int) -> int:
-    """Build oneDNN's kernel for every row bucket (up to `max_rows` rows) of every packed matrix shape in `model`
-    now, by one call each on zeros, so that the caches hold all they will (`row_shapes`) from the start. Returns the
-    number of calls (matrices that share a shape share their kernels: one call serves them all)."""
+def onednn_buckets(rows: int, direct_rows: int = 0) -> tuple[int, ...]:
+    """The row buckets oneDNN builds a kernel for when a linear in row buckets (`in_row_buckets`) is called with up to
+    `rows` rows, where calls of up to `direct_rows` rows run elsewhere (memfit's row-major kernel,
+    kernels/linear.RowMajorLinear; 0: none do). Past the last bucket every bucket: a block's tail may be any size."""
+    if rows <= direct_rows:
+        return ()
+    if rows > ROW_BUCKETS[-1]:
+        return ROW_BUCKETS
+    return ROW_BUCKETS[row_shapes(direct_rows) if direct_rows else 0 : row_shapes(rows)]
+
+
+def warm_row_buckets(model: nn.Module, max_rows: int, head_rows: int | None = None) -> int:
+    """Build oneDNN's kernel for every row bucket (up to `max_rows` rows; the model's `lm_head` up to `head_rows`, the
+    most rows one call of the head takes: the sampled or verified rows of a step) of every matrix shape in `model`
+    that runs on oneDNN in row buckets (packed, plain F.linear, and memfit's row-major kernel past its own rows) now,
+    by one call each on zeros, so that the caches hold all they will (`onednn_buckets`, as the ledger counts them:
+    engine/fallback_accounting.py) from the start. Returns the number of calls (matrices that share a shape and a
+    row limit share their kernels: one call serves them all)."""
+    head = getattr(model, "lm_head", None)
     seen, calls = set(), 0
     with torch.inference_mode():
         for m in model.modules():
-            if not isinstance(m, (PackedLinear, RowBucketedLinear)):
+            # memfit's row-major kernel (kernels/linear.py, which imports this module) says how many rows it takes
+            direct = getattr(m, "direct_rows", 0)
+            if not (isinstance(m, (PackedLinear, RowBucketedLinear)) or direct):
                 continue
             dtype = m.dtype if isinstance(m, PackedLinear) else m.weight.dtype
-            key = (type(m), m.out_features, m.in_features, dtype, m.bias is None)
+            rows = max_rows if head_rows is None or m is not head else head_rows
+            key = (type(m), m.out_features, m.in_features, dtype, m.bias is None, rows)
             if key in seen:
                 continue
             seen.add(key)
-            for b in ROW_BUCKETS[:row_shapes(max_rows, ROW_BUCKETS)]:
-                m(torch.zeros(b, m.in_features, dtype=dtype))  # (b, in) -> (b, out), dropped
+            # the row-major kernel's rows past its own go to F.linear (its small buckets too, as a block's tail)
+            op = (lambda t, m=m: F.linear(t, m.weight, m.bias)) if direct else m
+            for b in onednn_buckets(rows, direct):
+                op(torch.zeros(b, m.in_features, dtype=dtype))  # (b, in) -> (b, out), dropped
                 calls += 1
     return calls
 
