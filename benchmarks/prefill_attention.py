@@ -87,7 +87,9 @@ def main() -> int:
                     clock="process CPU time, median", load_before=load_before, load_after=os.getloadavg())
     result["rows"] = rows
     emit(result, args.out)
-    return 0
+    # the two paths differ by P's bf16 rounding only: a difference of a whole output means a broken kernel
+    # (a stale or mismatched build in the kernel cache showed up here as 3.27)
+    return 0 if all(r["max_abs_diff"] < 0.1 for r in rows) else 1
 
 
 if __name__ == "__main__":

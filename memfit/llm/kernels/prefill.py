@@ -46,6 +46,9 @@ def _function(dtype: torch.dtype):
 
 
 _amx: list = []  # [the AMX kernel or None], once asked
+# Fewer (token, query head) rows a KV head than this stay on the AVX-512 path by default: 3 rows over 128-1024 keys
+# took 20-25% longer on the tiles (V packed for the whole context, 32-row tiles mostly empty), 12 rows 0.73x.
+AMX_MIN_ROWS = 8
 _forced: str | None = None  # force(): "avx512" keeps bf16 off the tiles (benchmarks' before/after)
 
 
@@ -104,8 +107,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """out (Tq, Hq, D) = causal attention of q (Tq, Hq, D), the last Tq positions of a Tk-token context, over
     k, v (Tk, Hkv, D); a sliding `window` when given. Any token and head strides, D contiguous. Returns False
     (out untouched) where the kernel can't take the input. `kernel`: "amx" or "avx512" pins one (False where
-    that one can't run); None: `kernel_for`'s choice."""
-    kernel = kernel or kernel_for(q.dtype)
+    that one can't run); None: `kernel_for`'s choice, AVX-512 below AMX_MIN_ROWS rows a KV head."""
+    pinned, kernel = kernel is not None, kernel or kernel_for(q.dtype)
+    if not pinned and kernel == "amx" and q.dim() == 3 and k.dim() == 3 and k.shape[1] and q.shape[0] * (q.shape[1] // k.shape[1]) < AMX_MIN_ROWS:
+        kernel = "avx512"  # a few rows: packing V for 32-row tiles costs more than the tiles save
     fn = (amx_function() if q.dtype == torch.bfloat16 else None) if kernel == "amx" else _function(q.dtype)
     tq, hq, d = q.shape if q.dim() == 3 else (0, 0, 0)
     if (fn is None or not all(_rows_ok(t) for t in (q, k, v, out)) or d not in HEAD_SIZES
