@@ -175,11 +175,16 @@ def transformers_system(path: Path, per_forward: int | None):
 
 @contextlib.contextmanager
 def timed_parts(acc: dict):
-    """CPU seconds spent in memfit's matmuls (BlockedLinear) and attention (CachedAttention) while active."""
+    """CPU seconds spent in memfit's matmuls (BlockedLinear) and attention (CachedAttention) while active, and of
+    the rest, in memfit's element-wise kernels (CpuDecodeOps: the norms with their residual adds, RoPE, SiLU x up)
+    and the LM head's sampler (`*_s` keys beside matmul_s and attention_s; other_s is what none of them covers)."""
     from memfit.llm.kernels.attention import CachedAttention
     from memfit.llm.kernels.blocked import BlockedLinear
+    from memfit.llm.kernels.decode import CpuDecodeOps
 
-    saved = {(BlockedLinear, "forward"): "matmul_s", (CachedAttention, "__call__"): "attention_s"}
+    saved = {(BlockedLinear, "forward"): "matmul_s", (CachedAttention, "__call__"): "attention_s",
+             (CpuDecodeOps, "add_rms_norm"): "rest_norm_s", (CpuDecodeOps, "rope"): "rest_rope_s",
+             (CpuDecodeOps, "silu_mul"): "rest_silu_mul_s"}
     originals = {k: getattr(*k) for k in saved}
 
     def wrap(fn, key):
@@ -323,6 +328,7 @@ def main() -> int:
         with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
             parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
         parts["other_s"] = parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("attention_s", 0.0)
+        parts["other_not_element_wise_s"] = parts["other_s"] - sum(v for k, v in parts.items() if k.startswith("rest_"))
         parts_before: dict[str, float] = {}
         if "memfit_attention_avx512" in systems:  # the same, attention on the AVX-512 path
             before: dict[str, float] = {}
