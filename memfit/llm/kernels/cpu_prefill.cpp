@@ -400,12 +400,20 @@ void block_amx(const Args& a, int64_t h, int64_t i0, int64_t R, const uint16_t* 
         float* sr = s + r * width;
         uint16_t* pr = (uint16_t*)sr;
         const int64_t j0 = rlo[r] - base, j1 = rhi[r] - base, c0 = j0 / 16 * 16, c1 = (j1 + 15) / 16 * 16;
-        __m512 mx = _mm512_set1_ps(-INFINITY);
-        for (int64_t jj = c0; jj < c1; jj += 16) {
-            const __mmask16 mk = jj >= j0 && jj + 16 <= j1 ? (__mmask16)0xffff : range_mask(jj, j0, j1);
-            mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_mul_ps(_mm512_loadu_ps(sr + jj), cv));
+        // max: the first and last 16 masked, the rest in 4 independent chains (one chain waited on max's latency)
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
+        __m512 mx0 = _mm512_mask_max_ps(ninf, range_mask(c0, j0, j1), ninf, _mm512_mul_ps(_mm512_loadu_ps(sr + c0), cv));
+        __m512 mx1 = ninf, mx2 = ninf, mx3 = ninf;
+        if (c1 - 16 > c0) mx1 = _mm512_mask_max_ps(ninf, range_mask(c1 - 16, j0, j1), ninf, _mm512_mul_ps(_mm512_loadu_ps(sr + c1 - 16), cv));
+        int64_t jj = c0 + 16;
+        for (; jj + 64 <= c1 - 16; jj += 64) {
+            mx0 = _mm512_max_ps(mx0, _mm512_mul_ps(_mm512_loadu_ps(sr + jj), cv));
+            mx1 = _mm512_max_ps(mx1, _mm512_mul_ps(_mm512_loadu_ps(sr + jj + 16), cv));
+            mx2 = _mm512_max_ps(mx2, _mm512_mul_ps(_mm512_loadu_ps(sr + jj + 32), cv));
+            mx3 = _mm512_max_ps(mx3, _mm512_mul_ps(_mm512_loadu_ps(sr + jj + 48), cv));
         }
-        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        for (; jj < c1 - 16; jj += 16) mx2 = _mm512_max_ps(mx2, _mm512_mul_ps(_mm512_loadu_ps(sr + jj), cv));
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx0, mx1), _mm512_max_ps(mx2, mx3))));
         for (int64_t jj = 0; jj < c0; jj += 16) _mm256_storeu_si256((__m256i*)(pr + jj), _mm256_setzero_si256());
         __m512 sum = _mm512_setzero_ps();
         for (int64_t jj = c0; jj < c1; jj += 16) {  // writes bytes [2jj, 2jj + 32): floats already read
