@@ -5,7 +5,7 @@ Needs a labelled dataset, built by the commands (it is not committed):
     memfit costmodel generate --n 1800 --out costmodel.db
     python -m benchmarks.costmodel --add-tuned 40 --db costmodel.db   # adds the tuning candidates (unlabelled)
     memfit costmodel label --db costmodel.db --noise 30
-    OMP_NUM_THREADS=1 python -m benchmarks.costmodel --db costmodel.db --families --out benchmarks/results/costmodel.json
+    OMP_NUM_THREADS=1 python -m benchmarks.costmodel --db costmodel.db --out costmodel.json
 
 Reports: the label noise floor (MAPE of one timing of a kernel predicting another); on held-out shapes the
 latency MAPE / Spearman / Kendall of the sequence model, LightGBM and the roofline, per family, against the
@@ -39,6 +39,10 @@ def main() -> int:
                     help="only hold out each family in turn (the costmodel_families result), no shapes split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=None, help="nets in the ensemble (default: FitConfig's)")
+    ap.add_argument("--net-features", choices=("names", "all"), default=None,
+                    help="the nets' global features: ALL_NAMES (FitConfig's default) or NAMES (without the work "
+                         "features)")
+    ap.add_argument("--no-blend", action="store_true", help="the nets alone (no roofline-residual trees)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
@@ -58,9 +62,10 @@ def main() -> int:
         new = store.add_kernels(con, families.generate_tuned(args.add_tuned, seed=args.seed))
         print(f"{new} tuning kernels added", file=sys.stderr)
         return 0
-    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed, **({'seeds': args.seeds} if args.seeds else {})),
-                      families=families.FAMILIES,
-                      family_epochs=args.family_epochs)
+    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed, **({"features": args.net_features}
+                                                                         if args.net_features else {}),
+                                **({'seeds': args.seeds} if args.seeds else {})),
+                      families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend)
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -90,6 +95,9 @@ def main() -> int:
         "benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                  device="local-sync", target_cpu="host", label_kind=store.label_kind(con)),
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
+        "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
+                                                        "nets_val_mape", "trees_val_mape", "blend_weight",
+                                                        "blend_shift", "blend_val_mape")},
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
         "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,
                     "spearman_met": seq["spearman"] >= 0.95,

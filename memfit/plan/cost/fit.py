@@ -12,7 +12,7 @@ import torch
 
 from memfit.plan.cost import tokens as tk
 from memfit.plan.cost.dataset import Examples, from_log, to_log
-from memfit.plan.cost.features import NAMES
+from memfit.plan.cost.features import ALL_NAMES, NAMES
 from memfit.plan.cost.metrics import mape
 from memfit.plan.cost.roofline import LogBase, fit_log_base
 from memfit.plan.cost.seq import Bundle, CostNet, Normaliser, SeqConfig, batch
@@ -34,10 +34,19 @@ class FitConfig:
     loss: str = "mape"
     base: str = "roofline"      # latency learned as a residual of roofline.LogBase ("none": learned whole)
     seeds: int = 3              # an ensemble of this many nets (seeds seed, seed+1, ...), log outputs averaged
+    # the nets' global input: "all" (features.ALL_NAMES, with the work features; chosen on validation) or
+    # "names" (features.NAMES, the columns of the models shipped before)
+    features: str = "all"
 
     def __post_init__(self) -> None:
-        if self.loss not in ("smooth_l1", "mape") or self.base not in ("none", "roofline") or self.seeds < 1:
-            raise ValueError(f"bad FitConfig: loss {self.loss!r}, base {self.base!r}, seeds {self.seeds}")
+        if self.loss not in ("smooth_l1", "mape") or self.base not in ("none", "roofline") or self.seeds < 1 \
+                or self.features not in ("names", "all"):
+            raise ValueError(f"bad FitConfig: loss {self.loss!r}, base {self.base!r}, seeds {self.seeds}, "
+                             f"features {self.features!r}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return NAMES if self.features == "names" else ALL_NAMES
 
 
 def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True) -> Bundle:
@@ -47,13 +56,13 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     if cfg.base == "roofline":
         base = asdict(fit_log_base(train.X, train.Y[:, 0]))
         Zt[:, 0] -= LogBase(**base).log_us(train.X)  # (n,) log(latency / roofline estimate)
-    norm = Normaliser.fit(train.X[:, :len(NAMES)], Zt)  # the nets read NAMES (X may hold ALL_NAMES)
+    norm = Normaliser.fit(train.X[:, :len(cfg.names)], Zt)  # the nets read the leading columns of X
     nets, vals = [], []
     for i in range(cfg.seeds):
         net, best = _fit_one(train, val, cfg, cfg.seed + i, vocab_list, norm, Zt, base, verbose)
         nets.append(net)
         vals.append(best)
-    bundle = Bundle(nets, vocab_list, norm, list(NAMES), {}, base)
+    bundle = Bundle(nets, vocab_list, norm, list(cfg.names), {}, base)
     val_mape = _val_mape(bundle, val)
     bundle.info = {"val_latency_mape": val_mape, "val_latency_mape_each": vals, "train_kernels": len(train),
                    "val_kernels": len(val), "loss": cfg.loss, "base": cfg.base, "seeds": cfg.seeds}
@@ -70,9 +79,9 @@ def _fit_one(train: Examples, val: Examples, cfg: FitConfig, seed: int, vocab_li
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vocab = {t: i for i, t in enumerate(vocab_list)}
-    net = CostNet(SeqConfig(vocab=len(vocab_list), n_global=len(NAMES), n_out=Zt.shape[1], d=cfg.d,
+    net = CostNet(SeqConfig(vocab=len(vocab_list), n_global=len(cfg.names), n_out=Zt.shape[1], d=cfg.d,
                             layers=cfg.layers))
-    Xn = torch.tensor(norm.x(train.X[:, :len(NAMES)]), dtype=torch.float32)
+    Xn = torch.tensor(norm.x(train.X[:, :len(cfg.names)]), dtype=torch.float32)
     Zn = torch.tensor(norm.z(Zt), dtype=torch.float32)
     z_std = float(norm.z_std[0])  # standardised latency units -> natural log units
     w = torch.tensor([cfg.latency_weight] + [1.0] * (Zt.shape[1] - 1))
@@ -81,7 +90,7 @@ def _fit_one(train: Examples, val: Examples, cfg: FitConfig, seed: int, vocab_li
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    one = Bundle([net], vocab_list, norm, list(NAMES), {}, base)
+    one = Bundle([net], vocab_list, norm, list(cfg.names), {}, base)
     best, best_state, since = math.inf, None, 0
     for epoch in range(cfg.epochs):
         net.train()

@@ -112,3 +112,13 @@ def test_the_blend_is_weight_trees_and_shift():
     w, trees = b.blend["weight"], ResidualGBM.from_json(b.blend).predict_log(va.X)
     assert b.blend["shift"] == -0.2
     assert np.allclose(b.predict_log(va.toks, va.X)[:, 0], w * nets + (1 - w) * trees - 0.2)
+
+
+def test_the_nets_read_the_features_they_were_given():
+    ex = synthetic(40, seed=4)
+    tr, va = ex.subset(np.arange(30)), ex.subset(np.arange(30, 40))
+    for which, names in (("names", features.NAMES), ("all", features.ALL_NAMES)):
+        b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1, features=which), verbose=False)
+        assert b.feature_names == list(names) and b.net.cfg.n_global == len(names)
+    with pytest.raises(ValueError, match="features"):
+        FitConfig(features="some")
