@@ -24,7 +24,7 @@ The engine (llm_engine.py) reserves each part below in its `MemoryBudget` ledger
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -293,6 +293,7 @@ class MemoryPlan:
     kv_bytes: int
     runtime_baseline_bytes: int = 0
     shape_cache_bytes: int = 0
+    kernel_counts: dict = field(default_factory=dict)  # behind shape_cache (a draft's dedupe reads it)
 
     @property
     def fixed_bytes(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from memfit.llm.engine import accounting, arena_accounting, fallback_accounting, ledger
+from memfit.llm.engine import accounting, arena_accounting, fallback_accounting
 from memfit.llm.engine.runner import ModelRunner
 from memfit.llm.engine.spec_decode import SpecDecoder
 from memfit.llm.kernels.backends import BackendOptions, choose_cpu_linear, prepare_model
@@ -46,6 +46,7 @@ class TargetEngine(Protocol):
     backends: Any
     layout: Any
     runner: ModelRunner
+    memory_plan: accounting.MemoryPlan  # the target's ledger parts (its oneDNN kernels, for the draft's dedupe)
     tp: Any  # tensor parallelism's rank (None: a single process)
 
 
@@ -151,16 +152,12 @@ class Draft:
                                            packed=fallback_accounting.pads_rows(choose_cpu_linear(options, device, dtype),
                                                                               device.type))
         # oneDNN's kernels for the draft's matrix shapes and head rows the target's lack (none for a self-draft)
-        cpu_linear, rows = choose_cpu_linear(options, device, dtype), cfg.max_num_batched_tokens
         options = dataclasses.replace(options, head_rows=fallback_accounting.head_rows(cfg.max_num_seqs, tree=tree,
                                                                                        draft=True))
-        def mapped(c: ModelConfig) -> bool:  # its checkpoint's tensors used in place (a tied head can be packed)
-            return engine.tp is None and parse_dtype(c.torch_dtype) == dtype
-
-        target = fallback_accounting.kernel_counts(engine.model_config, cpu_linear, rows, ledger.engine_head_rows(cfg),
-                                                   mapped(engine.model_config))
-        shapes = fallback_accounting.shape_cache_bytes(stored, cpu_linear, rows, device.type, target,
-                                                       cfg.memory_budget is not None, options.head_rows, mapped(stored))
+        shapes = 0 if path is None else fallback_accounting.shape_cache_bytes(  # a self-draft runs the target's modules
+            stored, choose_cpu_linear(options, device, dtype), cfg.max_num_batched_tokens, device.type,
+            engine.memory_plan.kernel_counts, cfg.memory_budget is not None, options.head_rows,
+            mapped=parse_dtype(stored.torch_dtype) == dtype, fused=options.fuse)  # loaded whole, even under TP
         need = weights + buffers + step + shapes
         if need + 4096 > engine.ledger.available_bytes:
             what = f"a {tree[0]},{tree[1]} tree's buffers" if tree else "speculation buffers"

@@ -90,33 +90,40 @@ def head_rows(batch: int, gamma: int = 0, tree: tuple[int, int] | None = None, d
     return batch * (gamma + 1)
 
 
+Kernel = tuple[str, int, int, bool]  # (kind, out, in, biased): "packed" oneDNN matmul or "plain" F.linear
+
+
 def kernel_counts(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, head_rows: int | None = None,
-                  mapped: bool = True) -> dict[tuple[int, int, bool], int]:
-    """{(out, in, biased): kernels oneDNN keeps for that matrix} for a CPU model stepping up to `max_rows` rows a call
-    whose head takes up to `head_rows` (accounting.head_rows; default `max_rows`), as `packing.warm_row_buckets` builds
-    them at load: packed oneDNN linears (fused) and plain F.linear (unfused) in every bucket up to their rows;
-    memfit's row-major kernel (cpu_linear "memfit": every unfused matrix; "blocked": a tied head whose embedding is
-    not mapped from the checkpoint, `mapped` False) in the buckets past its own 64 rows."""
+                  mapped: bool = True, fused: bool = True) -> dict[Kernel, int]:
+    """{(kind, out, in, biased): kernels oneDNN keeps for that matrix} for a CPU model stepping up to `max_rows` rows a
+    call whose head takes up to `head_rows` (`head_rows`; default `max_rows`), as `packing.warm_row_buckets` builds them
+    at load: packed oneDNN linears (fused where the engine fuses, `fused`; a tied head whose embedding is not mapped
+    from the checkpoint, `mapped` False, stays plain F.linear) and plain F.linear (unfused) in every bucket up to their
+    rows; memfit's row-major kernel (cpu_linear "memfit": every unfused matrix; "blocked": a tied head not mapped)
+    in the buckets past its own 64 rows, on plain F.linear. A packed and a plain matmul of one shape are two kernels."""
     from memfit.llm.kernels.linear import DEFAULT_MAX_ROWS
     from memfit.llm.models.packing import onednn_buckets
 
     head = (cfg.vocab_size, cfg.hidden_size, False)
-    if cpu_linear in ("onednn", None):
-        keys, direct = kernel_keys(cfg, cpu_linear == "onednn"), 0
-    elif cpu_linear == "memfit":
-        keys, direct = kernel_keys(cfg, False), DEFAULT_MAX_ROWS
-    elif cpu_linear == "blocked" and cfg.tie_word_embeddings and not mapped:
-        keys, direct = {head}, DEFAULT_MAX_ROWS
+    plain_head = cfg.tie_word_embeddings and not mapped
+    if cpu_linear == "onednn":
+        keys, direct = kernel_keys(cfg, fused), 0
+        kind = {key: "plain" if key == head and plain_head else "packed" for key in keys}
+    elif cpu_linear is None or cpu_linear == "memfit":
+        keys, direct = kernel_keys(cfg, False), (0 if cpu_linear is None else DEFAULT_MAX_ROWS)
+        kind = dict.fromkeys(keys, "plain")
+    elif cpu_linear == "blocked" and plain_head:
+        keys, direct, kind = {head}, DEFAULT_MAX_ROWS, {head: "plain"}
     else:
         return {}
     head_rows = max_rows if head_rows is None else head_rows
-    counts = {key: len(onednn_buckets(head_rows if key == head else max_rows, direct)) for key in keys}
+    counts = {(kind[key], *key): len(onednn_buckets(head_rows if key == head else max_rows, direct)) for key in keys}
     return {key: n for key, n in counts.items() if n}
 
 
 def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, device_type: str = "cpu",
-                      besides: dict[tuple[int, int, bool], int] | None = None, measure: bool = True,
-                      head_rows: int | None = None, mapped: bool = True) -> int:
+                      besides: dict[Kernel, int] | None = None, measure: bool = True,
+                      head_rows: int | None = None, mapped: bool = True, fused: bool = True) -> int:
     """The kernels oneDNN's and ideep's caches keep for a model's linears (`kernel_counts`: one per row bucket and
     matrix shape, the head's buckets up to `head_rows`), each of what one kernel holds on this machine
     (engine/onednn_kernels.py: measured once and cached; ideep's computation and oneDNN's primitive, JIT code
@@ -128,7 +135,7 @@ def shape_cache_bytes(cfg: ModelConfig, cpu_linear: str | None, max_rows: int, d
         return 0
     have = besides or {}
     count = sum(max(0, n - have.get(key, 0)) for key, n in kernel_counts(cfg, cpu_linear, max_rows, head_rows,
-                                                                         mapped).items())
+                                                                         mapped, fused).items())
     if not count:
         return 0
     from memfit.llm.engine.onednn_kernels import kernel_bytes

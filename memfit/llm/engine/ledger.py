@@ -46,6 +46,7 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
     this rank loads its own shard (tensor parallelism), so no weight is used as mapped from the checkpoint."""
     cpu_linear = choose_cpu_linear(options, device, dtype)
     mapped = not sharded and parse_dtype(stored.torch_dtype) == dtype  # the checkpoint's tensors used in place
+    onednn = dict(head_rows=engine_head_rows(config), mapped=mapped, fused=options.fuse)  # its kernels (shape_cache)
     runtime = {"runtime_bytes": 0, "runtime_baseline_bytes": 0}
     if config.memory_budget is not None:  # a bound the user asked for: measure the runtime's share (cached)
         from memfit.llm.engine.calibrate import runtime_bytes
@@ -68,7 +69,9 @@ def plan_memory(config: EngineConfig, device: torch.device, path: str | Path, st
         runtime_baseline_bytes=runtime["runtime_baseline_bytes"],
         shape_cache_bytes=fallback_accounting.shape_cache_bytes(stored, cpu_linear, config.max_num_batched_tokens,
                                                                 device.type, measure=config.memory_budget is not None,
-                                                                head_rows=engine_head_rows(config), mapped=mapped),
+                                                                **onednn),
+        kernel_counts=(fallback_accounting.kernel_counts(stored, cpu_linear, config.max_num_batched_tokens, **onednn)
+                       if device.type == "cpu" else {}),
     )
 
 

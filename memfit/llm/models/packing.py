@@ -17,6 +17,7 @@ embedding is ordinary memory (e.g. converted to another dtype at load), the head
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -167,6 +168,7 @@ def warm_row_buckets(model: nn.Module, max_rows: int, head_rows: int | None = No
     return calls
 
 
+@functools.lru_cache(maxsize=None)  # once a process: its two kernels are the runtime calibration's to count
 def _self_check(dtype: torch.dtype) -> bool:
     """Packing is a private PyTorch API; make sure it computes the right thing on this build/CPU."""
     try:

@@ -93,7 +93,7 @@ def test_buckets_past_the_row_major_kernels_rows():
 
 def test_counts_follow_each_matrix_and_the_heads_own_rows():
     cfg = ModelConfig.from_dir(TINY)  # tied head, bf16 on disk
-    head = (cfg.vocab_size, cfg.hidden_size, False)
+    head = ("plain", cfg.vocab_size, cfg.hidden_size, False)
     plain = fallback_accounting.kernel_counts(cfg, None, 512, head_rows=8)
     assert plain[head] == 4 and set(plain.values()) == {4, len(ROW_BUCKETS)}  # 1, 2, 4, 8: the head; all else 13
     row_major = fallback_accounting.kernel_counts(cfg, "memfit", 512, head_rows=40)
@@ -103,6 +103,12 @@ def test_counts_follow_each_matrix_and_the_heads_own_rows():
     assert fallback_accounting.kernel_counts(cfg, "blocked", 512, head_rows=300) == {}
     assert fallback_accounting.kernel_counts(cfg, "blocked", 512, head_rows=104, mapped=False) == {head: 2}
     assert fallback_accounting.kernel_counts(cfg, "upcast", 512) == {}
+    # onednn: packed and fused; unfused where the engine does not fuse; a tied head not mapped stays plain F.linear
+    packed = fallback_accounting.kernel_counts(cfg, "onednn", 512, head_rows=8)
+    unfused = fallback_accounting.kernel_counts(cfg, "onednn", 512, head_rows=8, fused=False)
+    kv = ("packed", cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, False)  # k_proj (and v_proj) alone
+    assert {k[0] for k in packed} == {"packed"} and kv not in packed and kv in unfused
+    assert fallback_accounting.kernel_counts(cfg, "onednn", 512, head_rows=8, mapped=False)[head] == 4
     # the head's rows: sampled, verified (a chain of g, a W,D tree) and a draft's (one a sequence, W a tree level)
     assert fallback_accounting.head_rows(8) == 8 and fallback_accounting.head_rows(8, 4) == 40
     assert fallback_accounting.head_rows(8, 3, (4, 3)) == 104
