@@ -28,11 +28,12 @@ counted here term by term, each from the code that allocates it:
 from __future__ import annotations
 
 # Whether the engine's ledger (and `memfit fit` by default) reserves the arena figure below instead of the
-# pre-arena one. Off until `tests/llm/engine/test_arena_ledger.py`'s measured bound has run on a host where memfit's
-# AVX-512 kernels (and so the arena) run: the figure was written on an AVX2-only host where the arena never runs,
-# and checked only against the committed breakdown of memfit-large (1% above it at 60 rows). A ledger must not
-# under-count, so until then it keeps the conservative pre-arena figure. `fit.predict(arena=True)` gives this one.
-LEDGER_USES_ARENA = False
+# pre-arena one. On since `tests/llm/engine/test_arena_ledger.py`'s per-step bound ran on an AMX Xeon (bf16 and
+# float32, plain, chain and tree): it failed there 1 run in 8 (a 160-row bf16 step 99,328 B over) while the AMX
+# matmul's scratch was counted for the largest K only; a freed scratch block of a smaller K stays a hole the
+# next, larger one cannot reuse, so `large_m.amx_scratch_bytes` now counts one a distinct K (+110,592 B for
+# memfit-tiny at 160 rows), and the bound held in 10 runs of 10 and 2 whole-file runs.
+LEDGER_USES_ARENA = True
 
 import torch
 

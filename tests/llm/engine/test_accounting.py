@@ -12,16 +12,18 @@ CFG = ModelConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=2, 
 
 
 def test_activations_count_the_amx_scratch_where_prefill_can_run_on_amx():
-    """bf16 on the blocked kernel with AMX: a step's activations hold the AMX kernel's scratch for the largest K
-    (the MLP's down projection) on every thread; nowhere else is anything added."""
+    """bf16 on the blocked kernel with AMX: a step's activations hold the AMX kernel's scratch for each distinct K
+    (the hidden size's and the MLP's down projection's: a freed block of one may stay a hole the other cannot
+    reuse, large_m.amx_scratch_bytes) on every thread; nowhere else is anything added."""
     bf16, threads = torch.bfloat16, torch.get_num_threads()
     block = accounting.BLOCKED_LARGE_M if large_m.amx_linear() is None else 256
     scratch = accounting.matmul_scratch_bytes(CFG, bf16, 512, block)
     if large_m.amx_linear() is None:
         assert scratch == 0
     else:
-        assert scratch == large_m.amx_scratch_bytes(512, [2048], threads) > 2048 * 256 * 2 * threads
-        assert scratch >= large_m.amx_scratch_bytes(512, [768], threads)
+        assert large_m.amx_scratch_bytes(512, [2048], threads) > 2048 * 256 * 2 * threads
+        assert scratch == (large_m.amx_scratch_bytes(512, [768], threads)
+                           + large_m.amx_scratch_bytes(512, [2048], threads))  # K = 768 and 2048, one block each
     # off the blocked kernel, a CPU without a native bf16 multiply runs bf16 linears on kernels/upcast.py's scratch
     upcast_scratch = upcast.scratch_bytes(2048, 512) if upcast.available(bf16) else 0
     with_it = accounting.activation_bytes(CFG, bf16, 512, 1024, 8, True, block)
