@@ -87,15 +87,21 @@ def measure_peak(reps: int = 5) -> dict[str, float]:
 
 
 @contextlib.contextmanager
+def on_avx512(module):
+    """A kernel module's (kernels/large_m.py: the prefill matmuls; kernels/prefill.py: prefill attention) run-time
+    choice pinned to its AVX-512 path, as memfit ran before that choice existed."""
+    old = module.force("avx512")
+    try:
+        yield
+    finally:
+        module.force(old)
+
+
 def previous_kernels():
     """memfit as it was before the run-time kernel choice: every prefill matmul on the AVX-512 blocked kernel."""
     from memfit.llm.kernels import large_m
 
-    old = large_m.force("avx512")
-    try:
-        yield
-    finally:
-        large_m.force(old)
+    return on_avx512(large_m)
 
 
 class Clock:
@@ -108,16 +114,11 @@ class Clock:
         return time.process_time() - self.c, time.perf_counter() - self.w
 
 
-@contextlib.contextmanager
 def attention_avx512():
     """memfit's prefill attention on its AVX-512 path, as before the AMX path (kernels/prefill.py)."""
     from memfit.llm.kernels import prefill
 
-    old = prefill.force("avx512")
-    try:
-        yield
-    finally:
-        prefill.force(old)
+    return on_avx512(prefill)
 
 
 def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False,

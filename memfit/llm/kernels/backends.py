@@ -114,27 +114,25 @@ def prepare_model(model: nn.Module, options: BackendOptions, device: torch.devic
         from memfit.llm.kernels.linear import use_row_major_linears
 
         chosen.num_row_major_linears = use_row_major_linears(model)
-        if chosen.num_row_major_linears:  # their rows past the kernel's own run on oneDNN: its kernels now, as counted
-            from memfit.llm.models.packing import warm_row_buckets
-
-            warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     elif chosen.cpu_linear == "onednn":
-        from memfit.llm.models.packing import pack_linears_for_cpu, warm_row_buckets
+        from memfit.llm.models.packing import pack_linears_for_cpu
 
         chosen.num_packed_linears = pack_linears_for_cpu(model)
-        # every row bucket's kernel now, as the ledger counts them (fallback_accounting.shape_cache_bytes): the
-        # process's memory then stops growing with new step sizes, and no step pays for building one
-        warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     elif chosen.cpu_linear == "upcast":  # no fusion: the weights stay the checkpoint's, uncopied
         from memfit.llm.kernels.upcast import use_upcast_linears
 
         chosen.num_upcast_linears = use_upcast_linears(model)
-    elif device.type == "cpu":  # plain F.linear: on oneDNN too, so in row buckets, warmed as the packed path's
-        from memfit.llm.models.packing import row_bucket_plain_linears, warm_row_buckets
+    elif device.type == "cpu":  # plain F.linear: on oneDNN too, so in row buckets, as the packed path's
+        from memfit.llm.models.packing import row_bucket_plain_linears
 
         chosen.num_bucketed_linears = row_bucket_plain_linears(model)
-        warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
     if device.type == "cpu":
+        # Every oneDNN kernel the linears will build (packed, plain F.linear, the row-major kernel's rows past its
+        # own; the head's up to its rows) now, as the ledger counts them (fallback_accounting.kernel_counts): the
+        # process's memory then stops growing with new step sizes, and no step pays for building one
+        from memfit.llm.models.packing import warm_row_buckets
+
+        warm_row_buckets(model, options.max_rows or 10**9, options.head_rows or None)
         # Weights still mapped from the checkpoint (an untied embedding, norms, the row-major kernel's
         # matrices) are made resident now: the memory ledger counts them in full, and decode then never
         # faults a page in from the file.
