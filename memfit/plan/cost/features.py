@@ -6,11 +6,14 @@ from __future__ import annotations
 import math
 import re
 
+from memfit.plan.cost import paths
+from memfit.plan.cost.gemm import OP_KINDS
+from memfit.plan.cost.gemm import gemm_view as _mnk
+from memfit.plan.cost.gemm import kind as _kind
 from memfit.plan.cost.ops import TRANSCENDENTAL, LinalgOp, bytes_of, linalg_ops
 from memfit.plan.cost.parse import Function
 
 DTYPES = ("f32", "bf16", "i8")
-OP_KINDS = ("matmul", "batch_matmul", "conv_nhwc", "conv_nchw", "depthwise", "generic", "reduce_generic", "fill")
 NAMES = ("log_flops", "log_bytes_io", "log_bytes_ops", "log_intensity", "n_ops", *[f"n_{k}" for k in OP_KINDS],
          "n_transcendental", "n_scalar_ops", *[f"dtype_{d}" for d in DTYPES], "log_m", "log_n", "log_k",
          "n_mod16", "k_mod16", "m_mod16", "kh", "stride", "dilation", "log_out_elems", "out_rank",
@@ -23,42 +26,13 @@ NAMES = ("log_flops", "log_bytes_io", "log_bytes_ops", "log_intensity", "n_ops",
 EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_reduce_elems", "log_parallel_elems",
                "reduce_inner", "log_c_in", "log_c_out", "kw", "log_spatial", "log_bytes_out", "log_inner_in",
                "log_bytes_per_op")
-ALL_NAMES = (*NAMES, *EXTRA_NAMES)
+# Then paths.PATH_NAMES: what decides the code path IREE takes (powers of two dividing the vectorised loops, a
+# strided contiguous axis, an outer-axis reduction). Columns are only ever appended, so a model file reads the
+# leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features).
+ALL_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES)
 _CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
 _VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
 _RED = re.compile(r"vector_reduction\s*=\s*\[[^\]]*?(\d+)\]")
-
-
-def _kind(op: LinalgOp) -> str:
-    s = op.short
-    if s.startswith("conv_2d_nhwc"):
-        return "conv_nhwc"
-    if s.startswith("conv_2d_nchw"):
-        return "conv_nchw"
-    if s.startswith("depthwise"):
-        return "depthwise"
-    if s == "generic":
-        return "reduce_generic" if op.reductions else "generic"
-    return s if s in OP_KINDS else "generic"
-
-
-def _mnk(op: LinalgOp) -> tuple[int, int, int, int]:
-    """GEMM view (M, N, K) of a contraction, and its filter height (convs)."""
-    out = op.outs[0].shape
-    s = _kind(op)
-    if s in ("matmul", "batch_matmul"):
-        b = out[0] if s == "batch_matmul" else 1
-        return b * out[-2], out[-1], op.ins[0].shape[-1], 1
-    if s == "conv_nhwc":
-        kh, kw, c, f = op.ins[1].shape
-        return out[0] * out[1] * out[2], f, kh * kw * c, kh
-    if s == "conv_nchw":
-        f, c, kh, kw = op.ins[1].shape
-        return out[0] * out[2] * out[3], f, kh * kw * c, kh
-    if s == "depthwise":
-        kh, kw, c = op.ins[1].shape
-        return out[0] * out[1] * out[2], c, kh * kw, kh
-    return 0, 0, 0, 0
 
 
 def features(fn: Function) -> dict[str, float]:
@@ -159,6 +133,6 @@ def vector(fn: Function) -> list[float]:
 
 
 def full_vector(fn: Function) -> list[float]:
-    """ALL_NAMES: NAMES, then EXTRA_NAMES (what dataset.Examples.X and `predict` hold)."""
+    """ALL_NAMES: NAMES, EXTRA_NAMES, then paths.PATH_NAMES (what dataset.Examples.X and `predict` hold)."""
     e = extra(fn)
-    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES]
+    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn)
