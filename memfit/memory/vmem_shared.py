@@ -117,7 +117,7 @@ class SharedArena:
     def exclusive_bytes(self, ranges: Sequence[tuple[int, int]]) -> int:
         """Physical bytes that releasing every range would free: pages that no address outside them maps."""
         with self._lock:
-            pages = _span_pages([self._pages(off, n) for off, n in ranges])
+            pages = _span_pages(self._spans(ranges))
             if not len(pages):
                 return 0
             files = self._file_of[pages[self._mapped[pages]]]
@@ -143,15 +143,28 @@ class SharedArena:
         """Give the unmapped pages of the range pages of their own (all or nothing); False if the budget is short."""
         return self.try_commit_many([(offset, nbytes)])
 
+    def _spans(self, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Byte ranges -> (n, 2) [lo, hi) page spans, checked in a few array operations (the KV cache passes one
+        range per segment, 24-200 a call; a Python check per range cost more than the pages' syscalls)."""
+        arr = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+        off, n = arr[:, 0], arr[:, 1]
+        bad = (off % PAGE != 0) | (n % PAGE != 0) | (off < 0) | (n < 0) | (off + n > self.size)
+        if bad.any():
+            o, k = (int(v) for v in arr[int(np.argmax(bad))])
+            self._pages(o, k)  # raises the ValueError that names the range
+        lo = off // PAGE
+        return np.stack([lo, lo + n // PAGE], axis=1)  # (n, 2)
+
     def try_commit_many(self, ranges: Sequence[tuple[int, int]]) -> bool:
         """`try_commit` over several ranges at once, all or nothing (the `VirtualArena` call the KV cache makes)."""
         with self._lock:
             self._check_open()
-            spans = [self._pages(off, n) for off, n in ranges]
-            todo = np.unique(np.concatenate([np.flatnonzero(~self._mapped[lo:hi]) + lo for lo, hi in spans] or
-                                            [np.zeros(0, dtype=np.int64)])).astype(np.int64)
+            pages = _span_pages(self._spans(ranges))
+            todo = np.unique(pages[~self._mapped[pages]])
             need = len(todo) * PAGE
-            if need and self.budget is not None and not self.budget.try_reserve(need, self.owner):
+            if not need:
+                return True
+            if self.budget is not None and not self.budget.try_reserve(need, self.owner):
                 return False
             taken: list[int] = []
             try:
@@ -160,7 +173,7 @@ class SharedArena:
                     self._map_run(a, b, a)
                     self._populate(a, b)
                     taken.extend(range(a, b))
-                for v in (int(v) for v in todo if self._refs[v] != 0):  # own page still shared elsewhere
+                for v in todo[self._refs[todo] != 0].tolist():  # own page still shared elsewhere
                     f = self._free_file_page(v)
                     self._map_to(v, f)
                     self._file_of[v] = f
@@ -172,7 +185,7 @@ class SharedArena:
                 self._file_of[todo] = todo
                 for f in taken:
                     self._punch(f, f + 1)
-                if need and self.budget is not None:
+                if self.budget is not None:
                     self.budget.release(need, self.owner)
                 raise
             self._mapped[todo] = True
@@ -185,10 +198,10 @@ class SharedArena:
         one call); returns the physical bytes freed."""
         with self._lock:
             before = self.committed_bytes
-            spans = [self._pages(off, n) for off, n in ranges]
-            if not spans:
+            pages = _span_pages(self._spans(ranges))
+            gone = np.unique(pages[self._mapped[pages]])
+            if not len(gone):
                 return 0
-            gone = np.unique(np.concatenate([np.flatnonzero(self._mapped[lo:hi]) + lo for lo, hi in spans]))
             for a, b in _runs(gone):
                 self._reserve_run(a, b)
             files = self._file_of[gone].copy()
@@ -203,7 +216,7 @@ class SharedArena:
                 self._live -= len(freed)
                 for a, b in _runs(freed):
                     self._punch(a, b)
-                self._spares.extend(int(f) for f in freed if f >= len(self._file_of))
+                self._spares.extend(freed[freed >= len(self._file_of)].tolist())
                 if self.budget is not None:
                     self.budget.release(PAGE * len(freed), self.owner)
             return before - self.committed_bytes
@@ -343,7 +356,7 @@ class SharedArena:
 def _span_pages(spans: Sequence[tuple[int, int]]) -> np.ndarray:
     """Every page index of the [lo, hi) spans, in order, in a few array operations (the KV cache asks about
     thousands of small spans a step; a flatnonzero per span cost ~10 us each)."""
-    if not spans:
+    if len(spans) == 0:
         return np.zeros(0, dtype=np.int64)
     arr = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     lens = np.maximum(arr[:, 1] - arr[:, 0], 0)
@@ -352,8 +365,10 @@ def _span_pages(spans: Sequence[tuple[int, int]]) -> np.ndarray:
 
 
 def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted page indices -> maximal [lo, hi) runs."""
+    """Sorted page indices -> maximal [lo, hi) runs (array operations: np.split made an array per run)."""
     if len(pages) == 0:
         return []
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(pages, breaks)]
+    lo = np.concatenate((pages[:1], pages[breaks]))
+    hi = np.concatenate((pages[breaks - 1], pages[-1:])) + 1
+    return list(zip(lo.tolist(), hi.tolist()))

@@ -146,3 +146,22 @@ def test_commit_many_is_all_or_nothing_and_exclusive_bytes_counts_what_release_w
     assert arena.exclusive_bytes([(0, 2 * PAGE), (4 * PAGE, 2 * PAGE)]) == 2 * PAGE
     assert arena.decommit_many([(0, 2 * PAGE), (4 * PAGE, 2 * PAGE)]) == 2 * PAGE
     assert arena.allocated_bytes() == budget.used_bytes == arena.committed_bytes == 2 * PAGE
+
+
+def test_multi_range_calls_check_every_range_and_skip_what_is_already_done():
+    budget = MemoryBudget(64 * PAGE, name="kv")
+    arena = SharedArena(16 * PAGE, budget)
+    for bad in ([(0, PAGE), (PAGE, 100)], [(0, PAGE), (15 * PAGE, 2 * PAGE)], [(-PAGE, PAGE)]):
+        with pytest.raises(ValueError, match="page-aligned"):
+            arena.try_commit_many(bad)
+        with pytest.raises(ValueError, match="page-aligned"):
+            arena.decommit_many(bad)
+    assert arena.committed_bytes == budget.used_bytes == 0  # a refused call changed nothing
+    assert arena.try_commit_many([(0, 2 * PAGE), (PAGE, 2 * PAGE), (8 * PAGE, PAGE)])  # overlaps counted once
+    assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == 4 * PAGE
+    assert arena.try_commit_many([(0, 3 * PAGE), (8 * PAGE, PAGE)])  # all there already: nothing taken
+    assert arena.try_commit_many([])
+    assert budget.used_bytes == 4 * PAGE
+    assert arena.decommit_many([(2 * PAGE, 7 * PAGE), (0, PAGE)]) == 3 * PAGE  # page 1 stays
+    assert arena.decommit_many([]) == 0
+    assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == PAGE

@@ -171,6 +171,53 @@ def test_virtual_cached_slots_are_recycled_lru_first():
     physical(cache)
 
 
+def test_virtual_recycled_slots_keep_their_pages_and_never_write_a_shared_one():
+    """A finished sequence's slot keeps all its pages (a pool, counted in the budget and in cached_bytes); the
+    next sequence that recycles the slot reuses them with no new commit. Where it maps a cached prefix, the
+    recycled pages under that prefix make way and the holder's rows stay intact."""
+    cache = virtual(max_seqs=1)  # 2 slots: one live, one more for a cached prefix
+    populated = []
+    real = cache.arena._populate
+    cache.arena._populate = lambda lo, hi: (populated.append(hi - lo), real(lo, hi))[1]
+    p1, p2, p3 = ([1000 * k + i for i in range(150)] for k in (1, 2, 3))
+    for k, p in ((1, p1), (2, p2)):
+        start(cache, k, p)
+        held = physical(cache)
+        cache.free(k)
+        assert physical(cache) == held == cache.cached_bytes  # the tail past the full blocks stays too
+    both = physical(cache)
+    populated.clear()
+    assert start(cache, 3, p3) == 0  # recycles p1's slot: its pages are reused, none committed
+    assert_rows(cache, 3, p3)
+    assert populated == [] and physical(cache) == both
+    cache.free(3)
+    b = p2[:100] + [7, 8, 9]
+    assert start(cache, 4, b) == 100
+    assert_rows(cache, 4, b)  # p3's slot recycled under p2's aliased blocks
+    assert physical(cache) < both  # the recycled pages under the alias were freed, the rest reused
+    cache.free(4)
+    assert start(cache, 6, p2[:140] + [1]) == 150 // cache.prefix_block * cache.prefix_block  # its full blocks
+    assert_rows(cache, 6, p2[:140] + [1])
+    cache.free(6)
+    cache.reclaim_idle(0, 0.0)
+    assert physical(cache) == cache.cached_bytes == 0
+
+
+def test_virtual_a_recycled_slot_whose_pages_a_live_sequence_maps_is_emptied_not_reused():
+    cache = virtual(max_seqs=2)  # 4 slots
+    a, c, d, e = ([1000 * k + i for i in range(70)] for k in range(4))
+    for k, p in enumerate((a, c, d, e)):
+        start(cache, k, p)
+        cache.free(k)
+    t = a[:64] + [5, 6, 7]
+    assert start(cache, 10, t) == 64  # maps a's cached blocks (a's slot becomes the most recently used)
+    for k in (11, 12, 13):  # recycle the other cached slots, then a's, whose pages t maps
+        start(cache, k, [50_000 * k + i for i in range(70)])
+        assert_rows(cache, 10, t)
+        physical(cache)
+        cache.free(k)
+    assert_rows(cache, 10, t)
+
 def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     cache = paged()
     bs = cache.block_size
