@@ -46,9 +46,10 @@ def cache_key(device_type: str, dtype: str, cpu_linear: str | None, cpu_kernels:
     import torch
 
     import memfit
+    from memfit.llm.kernels.build import isa_cap
 
     return "|".join([memfit.__version__, _source_digest(), torch.__version__, platform.machine(), _cpu_model(),
-                     device_type, dtype, str(cpu_linear), str(bool(cpu_kernels))])
+                     isa_cap(), device_type, dtype, str(cpu_linear), str(bool(cpu_kernels))])
 
 
 def read_cache() -> dict:

@@ -59,16 +59,40 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "memfit" / "kernels"
 
 
+# MEMFIT_CPU_ISA caps the instruction sets memfit's kernel choice sees, so one machine can run the paths an older
+# CPU takes (the memory figures and fallbacks of a host it does not have): "avx512" hides AMX (a Zen 4 or Cooper
+# Lake class core), "avx2" hides AMX and AVX-512 (an AVX2-only x86). memfit/__init__.py caps oneDNN and ATen to
+# match. Unset or "native": the CPU as it is.
+ISA_CAPS = {"native": (), "avx512": ("amx",), "avx2": ("amx", "avx512")}  # cap -> flag prefixes hidden
+
+
+def isa_cap() -> str:
+    """MEMFIT_CPU_ISA, checked: "native", "avx512" or "avx2"."""
+    cap = os.environ.get("MEMFIT_CPU_ISA", "").strip().lower() or "native"
+    if cap not in ISA_CAPS:
+        raise ValueError(f"MEMFIT_CPU_ISA={cap!r}: expected one of {', '.join(ISA_CAPS)}")
+    return cap
+
+
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86)."""
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86), less those MEMFIT_CPU_ISA hides."""
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    hidden = ISA_CAPS[isa_cap()]
+    return frozenset(f for f in flags if not f.startswith(hidden)) if hidden else flags
+
+
+def amx_allowed() -> bool:
+    """Whether memfit may ask the kernel library for AMX tiles (the CPU lists AMX-BF16 and no cap hides it); the
+    library's own memfit_amx_available then asks Linux for the tile state."""
+    return "amx_bf16" in cpu_flags()
 
 
 def compiler() -> str | None:

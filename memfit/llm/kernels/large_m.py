@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.llm.kernels.build import amx_allowed, load_cpu_linear, unavailable_reason
 
 KERNELS = ("avx512", "amx")
 TRIALS = 2  # timed runs of each kernel when choosing (alternating; the first call of a shape only)
@@ -59,7 +59,7 @@ def amx_linear() -> ctypes._CFuncPtr | None:
     global _amx_fn, _amx_checked
     if not _amx_checked:
         _amx_checked = True
-        lib = load_cpu_linear() if unavailable_reason(torch.bfloat16) is None else None
+        lib = load_cpu_linear() if unavailable_reason(torch.bfloat16) is None and amx_allowed() else None
         if lib is not None:
             avail = lib.cdll.memfit_amx_available
             avail.restype = _I32

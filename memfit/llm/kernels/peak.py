@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.llm.kernels.build import amx_allowed, load_cpu_linear, unavailable_reason
 
 _LANES = {torch.float32: 16, torch.bfloat16: 32}  # multiply-adds per accumulator per instruction
 _ACC = 24  # independent accumulators in the loop (cpu_peak.cpp)
@@ -76,7 +76,7 @@ def run_amx_peak_loop(iters: int) -> float | None:
     """cpu_amx.cpp's tile loop once: iters x 4 TDPBF16PS of 16 x 16 x 32 multiply-adds on 2^-8 x 2^-8 values;
     returns one accumulator element (iters x 32 x 2^-16), or None where this process can't run AMX."""
     reason = unavailable_reason(torch.bfloat16)
-    lib = load_cpu_linear() if reason is None else None
+    lib = load_cpu_linear() if reason is None and amx_allowed() else None
     if lib is None:
         return None
     fn = lib.cdll.memfit_amx_peak

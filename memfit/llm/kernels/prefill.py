@@ -19,7 +19,7 @@ import ctypes
 
 import torch
 
-from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.llm.kernels.build import amx_allowed, load_cpu_linear, unavailable_reason
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -66,7 +66,7 @@ def amx_function():
     """The bf16 kernel on AMX tiles, or None where this process can't use AMX (cached)."""
     if not _amx:
         fn = None
-        if _function(torch.bfloat16) is not None:
+        if _function(torch.bfloat16) is not None and amx_allowed():
             lib = load_cpu_linear()
             avail = lib.cdll.memfit_amx_available
             avail.restype = ctypes.c_int
