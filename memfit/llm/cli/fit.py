@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from memfit.errors import guard
 
+if TYPE_CHECKING:
+    import torch
+
+    from memfit.llm.engine.fit import FitBreakdown
+
 
 def cmd_fit(args) -> int:
-    from memfit.llm.engine.fit import format_report, predict_for_engine
+    from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.models.config import ModelConfig, parse_dtype
     from memfit.llm.models.loader import resolve_model_path
     from memfit.memory.budget import Tier, format_bytes, resolve_budget
@@ -136,3 +142,39 @@ def register(sub) -> None:
                         "the replicated parts)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=guard(cmd_fit))
+
+
+def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:
+    """`memfit fit`'s table: a line per part of the prediction, the parts that are zero left out."""
+    from memfit.memory.budget import format_bytes
+
+    n = b.tensor_parallel_size
+    lines = [
+        f"memory needed for batch {batch} x {context_len} tokens ({str(dtype).replace('torch.', '')}"
+        + (f", {b.cpu_linear} linears" if b.cpu_linear else "") + (f"), per rank of {n}:" if n > 1 else "):"),
+        f"  weights      {format_bytes(b.weights_bytes):>12}" + (
+            f"   (1/{n} of the heads, MLP and vocabulary; {format_bytes(b.replicated_weights_bytes)} replicated: norms"
+            ", row-parallel biases)" if n > 1 else ""),
+        f"  KV cache     {format_bytes(b.kv_bytes):>12}" + (f"   (1/{n} of the KV heads)" if n > 1 else "") + (
+            f"   (budget {format_bytes(b.kv_budget_bytes)}: {'fits' if b.kv_fits else 'does NOT fit'})"
+            if b.kv_budget_bytes else ""),
+        f"  activations  {format_bytes(b.activation_bytes):>12}",
+        f"  workspace    {format_bytes(b.workspace_bytes):>12}",
+        f"  oneDNN kernels {format_bytes(b.shape_cache_bytes):>10}   (one per matrix and row bucket, kept by the "
+        "process)" if b.shape_cache_bytes else "",
+        f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}" + ("   (on every rank)" if n > 1 else ""),
+        f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured"
+        + (f"; the most of fresh runs that held {format_bytes(b.runtime_low_bytes)} at the least"
+           if b.runtime_low_bytes else "") + ("; on every rank)" if n > 1 else ")"),
+        f"  speculative  {format_bytes(b.speculative_bytes):>12}   (draft weights {format_bytes(b.draft_weights_bytes)}, "
+        f"draft KV {format_bytes(b.draft_kv_bytes)}, draft step {format_bytes(b.draft_step_bytes)}, buffers "
+        f"{format_bytes(b.speculation_bytes)})" if b.speculative_bytes else "",
+        f"  total        {format_bytes(b.total_bytes):>12}" + (
+            f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
+            if b.memory_limit_bytes else ""),
+        f"  all {n} ranks {format_bytes(b.all_ranks_bytes):>12}" + ("   (the draft on rank 0 only)" if b.speculative_bytes else "")
+        if n > 1 else "",
+        f"  (importing torch and memfit: {format_bytes(b.runtime_baseline_bytes)}, not in the total)"
+        if b.runtime_baseline_bytes else "",
+    ]
+    return "\n".join(line for line in lines if line)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from memfit.llm.engine.config import EngineConfig
-from memfit.llm.engine.llm_engine import LLMEngine, check_priority
+from memfit.llm.engine.admission import check_priority
+from memfit.llm.engine.llm_engine import LLMEngine
 from memfit.llm.engine.outputs import RequestOutput
 from memfit.llm.engine.params import SamplingParams
 

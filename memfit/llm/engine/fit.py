@@ -32,9 +32,8 @@ from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, 
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
                                           weights_bytes, workspace_bytes)
 from memfit.llm.models.config import ModelConfig
-from memfit.memory.budget import format_bytes
 
-__all__ = ["FitBreakdown", "activation_bytes", "format_report", "kv_cache_bytes", "predict", "predict_for_engine"]
+__all__ = ["FitBreakdown", "activation_bytes", "kv_cache_bytes", "predict", "predict_for_engine"]
 
 
 @dataclass
@@ -270,35 +269,3 @@ def _predict_rank(cfg: ModelConfig, dtype: torch.dtype, context_len: int, batch:
     b.tensor_parallel_size = world
     return b
 
-
-def format_report(b: FitBreakdown, dtype: torch.dtype, context_len: int, batch: int) -> str:
-    n = b.tensor_parallel_size
-    lines = [
-        f"memory needed for batch {batch} x {context_len} tokens ({str(dtype).replace('torch.', '')}"
-        + (f", {b.cpu_linear} linears" if b.cpu_linear else "") + (f"), per rank of {n}:" if n > 1 else "):"),
-        f"  weights      {format_bytes(b.weights_bytes):>12}" + (
-            f"   (1/{n} of the heads, MLP and vocabulary; {format_bytes(b.replicated_weights_bytes)} replicated: norms"
-            ", row-parallel biases)" if n > 1 else ""),
-        f"  KV cache     {format_bytes(b.kv_bytes):>12}" + (f"   (1/{n} of the KV heads)" if n > 1 else "") + (
-            f"   (budget {format_bytes(b.kv_budget_bytes)}: {'fits' if b.kv_fits else 'does NOT fit'})"
-            if b.kv_budget_bytes else ""),
-        f"  activations  {format_bytes(b.activation_bytes):>12}",
-        f"  workspace    {format_bytes(b.workspace_bytes):>12}",
-        f"  oneDNN kernels {format_bytes(b.shape_cache_bytes):>10}   (one per matrix and row bucket, kept by the "
-        "process)" if b.shape_cache_bytes else "",
-        f"  tokenizer    {format_bytes(b.tokenizer_bytes):>12}" + ("   (on every rank)" if n > 1 else ""),
-        f"  runtime      {format_bytes(b.runtime_bytes):>12}   (measured once on this machine; 0 = not measured"
-        + (f"; the most of fresh runs that held {format_bytes(b.runtime_low_bytes)} at the least"
-           if b.runtime_low_bytes else "") + ("; on every rank)" if n > 1 else ")"),
-        f"  speculative  {format_bytes(b.speculative_bytes):>12}   (draft weights {format_bytes(b.draft_weights_bytes)}, "
-        f"draft KV {format_bytes(b.draft_kv_bytes)}, draft step {format_bytes(b.draft_step_bytes)}, buffers "
-        f"{format_bytes(b.speculation_bytes)})" if b.speculative_bytes else "",
-        f"  total        {format_bytes(b.total_bytes):>12}" + (
-            f"   (limit {format_bytes(b.memory_limit_bytes)}: {'fits' if b.fits else 'does NOT fit'})"
-            if b.memory_limit_bytes else ""),
-        f"  all {n} ranks {format_bytes(b.all_ranks_bytes):>12}" + ("   (the draft on rank 0 only)" if b.speculative_bytes else "")
-        if n > 1 else "",
-        f"  (importing torch and memfit: {format_bytes(b.runtime_baseline_bytes)}, not in the total)"
-        if b.runtime_baseline_bytes else "",
-    ]
-    return "\n".join(line for line in lines if line)

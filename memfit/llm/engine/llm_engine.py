@@ -11,9 +11,8 @@ import itertools
 import logging
 import time
 
-import torch
-
-from memfit.llm.engine import ledger, step_arena
+from memfit.llm.engine import admission, ledger, step_arena
+from memfit.llm.engine.admission import check_priority
 from memfit.llm.engine.config import EngineConfig
 from memfit.llm.engine.draft import Draft
 from memfit.llm.engine.engine_stats import engine_stats, record_timeline
@@ -156,32 +155,13 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise what add_request would refuse this prompt for (RequestError, MemoryBudgetExceeded)."""
-        if not prompt_token_ids:
-            raise RequestError("the prompt is empty: it must contain at least one token")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestError(f"prompt_token_ids must be integers in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise RequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens but the model's context is {self.max_model_len} "
-                "tokens, and at least one token must be left to generate; shorten the prompt"
-            )
-        self._check_fits_budget(len(prompt_token_ids), params)
+        admission.check_prompt(prompt_token_ids, self.model_config.vocab_size, self.max_model_len)
+        total = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        admission.check_fits_budget(self.kv, self.kv_budget, self.ledger, total)
 
     def max_new_tokens(self, prompt_len: int) -> int:
         """What the context leaves after the prompt, shortened until one sequence fits the KV budget."""
-        limit = self.kv_budget.limit_bytes
-        hi = max(1, self.max_model_len - prompt_len)
-        if self.kv.bytes_needed(prompt_len + hi) <= limit:
-            return hi
-        lo = 1  # binary search for the largest max_tokens whose KV still fits
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.kv.bytes_needed(prompt_len + mid) <= limit:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return admission.max_new_tokens(self.kv, self.kv_budget.limit_bytes, self.max_model_len, prompt_len)
 
     def add_request(
         self,
@@ -214,17 +194,6 @@ class LLMEngine:
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         self.scheduler.add(seq)
         return request_id
-
-    def _check_fits_budget(self, prompt_len: int, params: SamplingParams) -> None:
-        total = min(prompt_len + params.max_tokens, self.max_model_len)
-        need = self.kv.bytes_needed(total)
-        if need > self.kv_budget.limit_bytes:
-            held = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.ledger.by_owner().items() if k != "kv_budget")
-            raise MemoryBudgetExceeded(
-                f"one sequence of {total} tokens needs {format_bytes(need)} of KV cache but the KV cache's share is "
-                f"{format_bytes(self.kv_budget.limit_bytes)} (memory budget {format_bytes(self.ledger.limit_bytes)}, "
-                f"of which {held}); raise --memory-budget (or --kv-budget) or lower max_tokens"
-            )
 
     def set_priority(self, request_id: str, priority: int) -> None:
         """Change a queued or running request's priority; it takes effect at the next step. Raises KeyError for
@@ -323,8 +292,3 @@ class LLMEngine:
         if self.tp is not None and self.tp.is_driver:
             self.tp.shutdown()
 
-
-def check_priority(priority: object) -> None:
-    """A priority is an integer (negative values are valid: more urgent); anything else is a RequestError."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise RequestError(f"priority must be an integer (lower = more urgent, negative allowed), got {priority!r}")
