@@ -184,9 +184,53 @@ class BlockedLinear(nn.Module):
         if x2.shape[0]:
             self._run(kernel, x2, y)
 
+    def silu_mul_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """For the MLP's gate/up matrix (N = 2I: the gate's rows, then the up's): SiLU(gate) * up of x (M, K) in
+        one AMX call (memfit_amx_linear_silu_bf16), the product in columns [0, I) of `out` (M, 2I), or of a new
+        (M, I) tensor; returns that (M, I) view. The same bits as this matrix's forward followed by CpuDecodeOps'
+        silu_mul kernel over its output (the kernel rounds where they do), without writing the up half and
+        reading both back: 0.057 s of a 1.17 s prefill batch went to silu_mul (benchmarks/prefill.py).
+        None, having computed nothing, where that call would not be the AMX kernel's: outside a prefill step,
+        under LARGE_M rows, a step with decode rows, a shape whose kept kernel is AVX-512, I not a multiple of
+        nb, or no AMX here; the caller then runs forward and silu_mul."""
+        fn = amx_linear_silu()
+        m, k, n = x.shape[0], self.in_features, self.out_features
+        if (fn is None or x.dim() != 2 or m < LARGE_M or not large_m.in_prefill_step() or large_m.decode_rows(m)
+                or x.dtype != self.dtype or self.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[1] != k
+                or n % 2 or (n // 2) % self.nb or (x.requires_grad and torch.is_grad_enabled())):
+            return None
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        ok = (out is not None and out.shape == (m, n) and out.dtype == self.dtype and out.is_contiguous()
+              and out.device.type == "cpu" and out.data_ptr() != x.data_ptr())
+        y = out if ok else torch.empty(m, n // 2, dtype=self.dtype)  # (M, 2I) or (M, I)
+        runs = {name: (lambda name=name: self._run(name, x, y if ok else torch.empty(m, n, dtype=self.dtype)))
+                for name in large_m.candidates(self.dtype, k)}
+        if large_m.choose((n, k, self.nb), m, runs) != "amx":  # the first call of the shape measures both
+            return None
+        rc = fn(x.data_ptr(), x.stride(0), self._wp, self._bp, y.data_ptr(), y.stride(0), m, n // 2, k, self.nb,
+                self.nthreads or torch.get_num_threads())
+        return y[:, : n // 2] if rc == 0 else None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
                 f"kernel=memfit blocked (nb={self.nb})")
+
+
+_amx_silu: list[ctypes._CFuncPtr | None] = []  # memfit_amx_linear_silu_bf16, looked up once
+
+
+def amx_linear_silu() -> ctypes._CFuncPtr | None:
+    """cpu_amx.cpp's memfit_amx_linear_silu_bf16 (the MLP's gate/up matmul with SiLU(gate) * up in its store),
+    or None where this process can't run AMX (large_m.amx_linear decides)."""
+    if not _amx_silu:
+        plain = large_m.amx_linear()
+        fn = None
+        if plain is not None:
+            fn = load_cpu_linear().cdll.memfit_amx_linear_silu_bf16
+            fn.argtypes, fn.restype = list(plain.argtypes), ctypes.c_int
+        _amx_silu.append(fn)
+    return _amx_silu[0]
 
 
 class BlockedEmbedding(nn.Module):

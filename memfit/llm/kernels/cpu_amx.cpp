@@ -34,6 +34,7 @@
 namespace {
 
 #include "bf16x16.h"
+#include "exp16.h"
 #include "omp_split.h"
 
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
@@ -113,6 +114,26 @@ void store_block(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, in
     }
 }
 
+// The fused MLP epilogue: an up block's sums (c, as in store_block) + bias -> bf16 u; the gate's bf16 values g,
+// which store_block put in y columns [ng, ng + 16 or 32) just before -> y there = SiLU(g) * u, rounded as
+// cpu_decode.cpp's silu_mul rounds it (SiLU to bf16 first, with the same exp16), so the product has the bits of
+// the unfused path (the gate/up matmul, then silu_mul over its output) and the up half is never written.
+void store_silu(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows, int64_t nu, int64_t ng,
+                bool two) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (int h = 0; h < (two ? 2 : 1); h++) {
+        const __m512 bv = b ? widen_bf16(_mm256_loadu_si256((const __m256i*)(b + nu + 16 * h))) : _mm512_setzero_ps();
+        for (int64_t m = 0; m < rows; m++) {
+            const __m512 u = widen_bf16(to_bf16(_mm512_add_ps(_mm512_loadu_ps(c + m * 32 + 16 * h), bv)));
+            uint16_t* yg = y + m * ldy + ng + 16 * h;
+            const __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i*)yg));
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m256i s16 = (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e)));
+            _mm256_storeu_si256((__m256i*)yg, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen_bf16(s16), u)));
+        }
+    }
+}
+
 // One block of R x 16 rows and C x 16 columns over `ksteps32` x 32 values of K, added to the sums in c (a
 // (32, 32) fp32 tile store, row stride 128 bytes: tile (r, c) at rows 16r, columns 16c) or started from 0.
 // a: x at the block's first row and K value (row stride lda elements); bp: the panel at the block's first
@@ -176,8 +197,11 @@ int64_t scratch_bytes(int64_t M, int64_t K) {
     return mapped(rows * 32 * 4) + mapped(rows * K * 2);
 }
 
+// half > 0: the fused MLP (memfit_amx_linear_silu_bf16): N = 2 half, W's columns [0, half) the gate's and
+// [half, N) the up's, half a multiple of nb (so the up column block of gate block cb is cb + half / nb blocks on);
+// each thread's column blocks are the gate's, each followed by its up block, whose store writes the product.
 bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t M,
-         int64_t N, int64_t K, int64_t nb, int nthreads) {
+         int64_t N, int64_t K, int64_t nb, int nthreads, int64_t half = 0) {
     const int64_t steps = K / 2, panel_elems = steps * nb * 2, ldb = nb * 4, k32 = K / 32;
     // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core (a C loop over
     // the 0.1b layer's matmuls at 512 rows, not kept): 512 rows x 256 K values ~530 GMAC/s with W in cache,
@@ -185,6 +209,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
     const int64_t kc = AMX_KC / 32, MB = row_block(K);
     // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
     const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
+    const int64_t up_off = half / nb * per_panel;  // fused: gate block cb's up block is cb + up_off
     std::atomic<bool> failed{false};  // scratch memory refused (by any thread)
     auto work = [&](int64_t cb0, int64_t cb1) {
         load_config();
@@ -215,9 +240,12 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
                     }
                 }
             }
-            for (int64_t cb = cb0; cb < cb1; cb++) {
+            // Column block cb over this row block; `nxt`: the block computed after it (its first K chunk is
+            // prefetched), -1 for none; `ng` >= 0: cb is an up block whose store writes SiLU(gate) * up over
+            // the gate's values at columns ng.
+            auto column = [&](int64_t cb, int64_t nxt, int64_t ng) {
                 const int64_t p = cb / per_panel, col = cb % per_panel * 32, n0 = p * nb + col;
-                if (n0 >= N) continue;
+                if (n0 >= N) return;
                 const bool two = col + 16 < nb && n0 + 16 < N;  // a second 16 columns in this panel, and used
                 const uint16_t* bp = wp + p * panel_elems + col * 2;
                 // K in chunks: a chunk of this column block's weights stays in L1 while every row tile reads it.
@@ -232,8 +260,8 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
                     if (k0 + kc < k32) {
                         next = (const char*)bp + (k0 + kc) * 16 * ldb;
                         next_rows = (k32 - k0 - kc < kc ? k32 - k0 - kc : kc) * 16;
-                    } else if (cb + 1 < cb1) {
-                        const int64_t q = (cb + 1) / per_panel, qcol = (cb + 1) % per_panel * 32;
+                    } else if (nxt >= 0) {
+                        const int64_t q = nxt / per_panel, qcol = nxt % per_panel * 32;
                         next = (const char*)(wp + q * panel_elems + qcol * 2);
                         next_rows = (kc < k32 ? kc : k32) * 16;
                     }
@@ -251,14 +279,26 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
                         float* c = acc + r0 * 32;
                         BlockFn fn = rows > 16 ? (two ? block<2, 2> : block<2, 1>) : (two ? block<1, 2> : block<1, 1>);
                         fn(a, K, bk, ldb, ks, c, k0 == 0);
-                        if (k0 + kc >= k32) store_block(c, b, y + (m0 + r0) * ldy, ldy, rows, n0, N, two);
+                        if (k0 + kc >= k32) {
+                            if (ng < 0) store_block(c, b, y + (m0 + r0) * ldy, ldy, rows, n0, N, two);
+                            else store_silu(c, b, y + (m0 + r0) * ldy, ldy, rows, n0, ng, two);
+                        }
                     }
                 }
+            };
+            for (int64_t cb = cb0; cb < cb1; cb++) {
+                if (!half) {
+                    column(cb, cb + 1 < cb1 ? cb + 1 : -1, -1);
+                    continue;
+                }
+                const int64_t ng = cb / per_panel * nb + cb % per_panel * 32;  // the gate block's first column
+                column(cb, cb + up_off, -1);  // the gate's bf16 values into y, then its up block over them
+                column(cb + up_off, cb + 1 < cb1 ? cb + 1 : -1, ng);
             }
         }
         _tile_release();
     };
-    for_runs(cblocks, nthreads, work);
+    for_runs(half ? up_off : cblocks, nthreads, work);
     return !failed.load();
 }
 
@@ -308,6 +348,22 @@ int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, c
     return run(x, ldx, wp, b, y, ldy, M, N, K, nb, nthreads) ? 0 : -5;
 }
 
+// The MLP's gate/up matmul with SiLU(gate) * up in its store: W (2I, K) packed as memfit_amx_linear_bf16's, rows
+// [0, I) the gate, [I, 2I) the up; y (M, I; row stride ldy) = SiLU(x Wg^T + bg) * (x Wu^T + bu), each rounded to
+// bf16 where the unfused path (that matmul into (M, 2I), then cpu_decode.cpp's silu_mul) rounds it: the same
+// bits. No (M, 2I) output: the gate's values pass through y, the up's stay in the kernel's sums. Codes as
+// memfit_amx_linear_bf16's, and -6: I not a multiple of nb.
+int memfit_amx_linear_silu_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
+                                int64_t ldy, int64_t M, int64_t I, int64_t K, int64_t nb, int nthreads) {
+    if (M < 0 || I < 0 || K < 0 || ldx < K || ldy < I) return -1;
+    if (nb != 32 && nb != 48 && nb != 64) return -2;
+    if (K % 32 || K == 0) return -3;
+    if (I % nb) return -6;
+    if (!amx_enable()) return -4;
+    if (M == 0 || I == 0) return 0;
+    return run(x, ldx, wp, b, y, ldy, M, 2 * I, K, nb, nthreads, I) ? 0 : -5;
+}
+
 // The most one thread of a call of M rows and K values a row allocates beside y (freed when the call returns);
 // a call of T threads holds T times this. 0 without AMX (no call runs).
 int64_t memfit_amx_scratch_bytes(int64_t M, int64_t K) {
@@ -327,6 +383,8 @@ extern "C" {
 int memfit_amx_available(void) { return 0; }
 int memfit_amx_linear_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t,
                            int64_t, int64_t, int64_t, int) { return -4; }
+int memfit_amx_linear_silu_bf16(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, uint16_t*, int64_t,
+                                int64_t, int64_t, int64_t, int64_t, int) { return -4; }
 double memfit_amx_peak(int64_t) { return -1.0; }
 int64_t memfit_amx_scratch_bytes(int64_t, int64_t) { return 0; }
 }

@@ -165,6 +165,14 @@ class MLP(nn.Module):
         if self.gate_up_proj is not None:
             work = (scratch.take(WORK, (x.shape[0], self.gate_up_proj.out_features), x.dtype)
                     if x.dim() == 2 and scratch.active() is not None else None)
+            fused = getattr(self.gate_up_proj, "silu_mul_rows", None)  # memfit's BlockedLinear: AMX prefill rows
+            act = fused(x, work) if fused is not None and self.ops.fuses_silu_mul else None  # (M, I) or None
+            if act is not None:
+                y = _linear(self.down_proj, act, out)  # (M, C)
+                if out is not None and y.data_ptr() != out.data_ptr():
+                    out.copy_(y)
+                    return out
+                return y
             both = _linear(self.gate_up_proj, x, work)  # (M, 2I)
             gate, up = both.chunk(2, dim=-1)  # (M, I) each, row stride 2I
             if work is not None and both.data_ptr() == work.data_ptr():

@@ -16,6 +16,10 @@ import torch.nn.functional as F
 
 
 class TorchOps:
+    # Whether a matmul kernel may fold silu_mul into its store (BlockedLinear.silu_mul_rows): only where its
+    # bits are this class's silu_mul kernel's (CpuDecodeOps), never PyTorch's F.silu.
+    fuses_silu_mul = False
+
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h = residual + x (h = x without a residual); returns (h, RMSNorm(h) * weight). x: (N, C). out: (h, normed)

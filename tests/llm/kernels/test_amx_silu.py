@@ -1,0 +1,131 @@
+"""The MLP's gate/up matmul with SiLU(gate) * up fused into the AMX kernel's store (cpu_amx.cpp,
+memfit_amx_linear_silu_bf16; BlockedLinear.silu_mul_rows; models/llama.py's MLP): the same bits as the unfused
+path (the AMX matmul into (M, 2I), then CpuDecodeOps' silu_mul kernel), the up half never written, and the
+fused call taken only where the unfused one would have run on AMX."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memfit.llm.kernels import large_m
+from memfit.llm.kernels.blocked import LARGE_M, BlockedLinear, amx_linear_silu
+from memfit.llm.kernels.decode import CpuDecodeOps
+from tests.llm.kernels.common import make_linear, need
+
+BF16 = torch.bfloat16
+
+
+def need_amx() -> None:
+    need(BF16)
+    if amx_linear_silu() is None:
+        pytest.skip("no AMX-BF16 here (or Linux refused this process the tile state)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    large_m.reset()
+    old = large_m.force(None)
+    yield
+    large_m.force(old)
+    large_m.reset()
+
+
+def unfused(mod: BlockedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The path the fusion replaces: mod(x) on AMX (M, 2I), then silu_mul's kernel over its halves -> (M, I)."""
+    with large_m.prefill_step():
+        both = mod(x)
+    gate, up = both.chunk(2, dim=-1)
+    return CpuDecodeOps(BF16).silu_mul(gate, up)
+
+
+@pytest.mark.parametrize("nb", [32, 48, 64])
+@pytest.mark.parametrize("i,k,m,bias", [(2048, 768, 600, False), (96, 64, 77, True), (192, 256, 64, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_silu_has_the_unfused_paths_bits(nb, i, k, m, bias, threads):
+    """I of several panels (and of one 48-wide panel's 32 + 16 blocks), rows past one row block (600 > 512 at
+    K = 768) and ragged row tiles (77), with and without bias, 1 and 2 threads; a strided x."""
+    need_amx()
+    if i % nb:
+        pytest.skip("I must be a multiple of nb (the kernel refuses it: see the next test)")
+    large_m.force("amx")
+    lin = make_linear(2 * i, k, bias, BF16, seed=7)
+    with torch.no_grad():  # activations of the MLP's range, where SiLU's exponential matters
+        lin.weight.mul_(4.0)
+    mod = BlockedLinear(lin, nb=nb, nthreads=threads)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(m, k + 32, generator=g).to(BF16)[:, :k]  # ldx > K
+    want = unfused(mod, x)
+    out = torch.full((m, 2 * i), 7.0, dtype=BF16)  # the step arena's (M, 2I) work region
+    with large_m.prefill_step():
+        got = mod.silu_mul_rows(x, out)
+    assert got is not None and got.data_ptr() == out.data_ptr() and got.shape == (m, i)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit
+    assert torch.all(out[:, i:] == 7.0)  # the up half is never written
+    with large_m.prefill_step():
+        alone = mod.silu_mul_rows(x)  # no output given: an (M, I) tensor of its own
+    assert torch.equal(alone.view(torch.int16), want.view(torch.int16))
+    # and both against fp32 arithmetic on the same bf16 values: within bf16 rounding of each step
+    both = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    ref = F.silu(both[:, :i]) * both[:, i:]
+    assert torch.allclose(got.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item() / 64)
+
+
+def test_fused_silu_runs_only_where_the_unfused_matmul_would_be_on_amx():
+    need_amx()
+    lin = make_linear(2 * 128, 64, False, BF16, seed=3)
+    mod = BlockedLinear(lin, nb=64)
+    x = torch.randn(LARGE_M, 64).to(BF16)
+    assert mod.silu_mul_rows(x) is None  # outside a prefill step: decode steps stay on their kernels
+    with large_m.prefill_step():
+        assert mod.silu_mul_rows(x[: LARGE_M - 1]) is None  # too few rows for the AMX kernel
+    with large_m.prefill_step(decode_rows=2):
+        assert mod.silu_mul_rows(x) is None  # a mixed step's decode rows keep the decode kernels
+    large_m.force("avx512")
+    with large_m.prefill_step():
+        assert mod.silu_mul_rows(x) is None  # the shape's kernel is AVX-512
+    large_m.force("amx")
+    with large_m.prefill_step():
+        assert mod.silu_mul_rows(x) is not None
+    odd = BlockedLinear(make_linear(2 * 96, 64, False, BF16, seed=3), nb=64)  # I = 96: not a multiple of nb
+    with large_m.prefill_step():
+        assert odd.silu_mul_rows(x) is None
+    y = torch.empty(LARGE_M, 96, dtype=BF16)
+    rc = amx_linear_silu()(x.data_ptr(), 64, odd._wp, None, y.data_ptr(), 96, LARGE_M, 96, 64, 64, 1)
+    assert rc == -6
+
+
+class _UnfusedOps(CpuDecodeOps):
+    fuses_silu_mul = False  # the model then runs the gate/up matmul and silu_mul apart, as before the fusion
+
+
+def test_the_mlp_takes_the_fused_path_in_prefill_rows_with_the_same_bits(monkeypatch):
+    """models/llama.py's MLP over 300 rows in 128-row blocks: fused where its ops allow it, the output bit for
+    bit the unfused one's, and the fused kernel really called (counted)."""
+    need_amx()
+    from memfit.llm.models.config import ModelConfig
+    from memfit.llm.models.llama import MLP
+
+    large_m.force("amx")
+    cfg = ModelConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    mlp = MLP(cfg).to(BF16).requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.2)
+    both = torch.nn.Linear(128, 512, bias=False).to(BF16).requires_grad_(False)
+    both.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    mlp.gate_up_proj, mlp.down_proj = BlockedLinear(both, nb=64), BlockedLinear(mlp.down_proj, nb=64)
+    mlp.row_block = 128
+    x = torch.randn(300, 128, generator=g).to(BF16)
+    calls = []
+    real = BlockedLinear.silu_mul_rows
+    monkeypatch.setattr(BlockedLinear, "silu_mul_rows", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
+    with large_m.prefill_step():
+        mlp.ops = CpuDecodeOps(BF16)
+        fused = mlp(x)
+        assert len(calls) == 2 and all(c is not None for c in calls)  # two blocks: 128 rows, then 172, fused
+        mlp.ops = _UnfusedOps(BF16)
+        plain = mlp(x)
+        assert len(calls) == 2  # not asked when the ops' silu_mul is not the kernel's
+    assert torch.equal(fused.view(torch.int16), plain.view(torch.int16))
