@@ -8,12 +8,26 @@ memfit-tiny's tokenizer, the same data (../shared/data/dummy_conversation.json),
 runs differ only in `--host-memory`. The first step is a warm-up (page faults of the pools, file creation);
 step time is the median of the rest. Reported per design: peak RSS and its breakdown by pool, step time,
 SSD bytes and throughput; and the ratios memascend / zero-infinity.
+
+Step time side by side on a shared machine (`--rounds N`): N rounds of one process per design, the order
+alternating from round to round (A B, B A, ...), so a drift in the machine's load falls on both designs alike:
+
+    python -m benchmarks.finetune_offload --shape 0.1b --offload ssd --steps 4 --seq-len 256 --threads 2 \
+        --ssd-dir /tmp/bench --designs memascend,zero-infinity-tuned --rounds 5 --out ...
+
+reports, per round, each design's median over its steady-state steps (neither the first, the warm-up, nor with
+3 or more steps the last, which the trainer runs under its allocator profiler) of wall time and of the
+process's CPU time (all threads: what a step costs whatever else the machine runs), the ratios memascend / rival,
+and the 1-minute load before each process; overall, each design's median over all its steady steps and the
+median, min and max of the per-round ratios. `--layers N` keeps the shape's widths and vocabulary with N decoder layers.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +45,21 @@ SHAPES = {
 DESIGNS = ("zero-infinity", "memascend")
 
 
-def model_config(shape: str):
+def model_config(shape: str, layers: int = 0):
+    """The shape's ModelConfig; `layers` > 0 replaces its decoder-layer count (widths and vocabulary kept)."""
     from memfit.llm.models import ModelConfig
 
-    vocab, hidden, inter, layers, heads, kv, tied = SHAPES[shape]
-    return ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
-                       max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
+    vocab, hidden, inter, own_layers, heads, kv, tied = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=own_layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                      max_position_embeddings=32768, tie_word_embeddings=tied, torch_dtype="bfloat16")
+    return dataclasses.replace(cfg, num_hidden_layers=layers) if layers else cfg
+
+
+def steady_steps(steps: int) -> list[int]:
+    """The steps that time the steady state: not the first (warm-up: the pools' page faults, file creation),
+    nor, with 3 or more, the last (the trainer runs it under its allocator profiler)."""
+    return list(range(1, steps - 1)) if steps >= 3 else list(range(min(1, steps - 1), steps))
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -47,7 +69,8 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, ssd_dir=args.ssd_dir,
                          host_memory=args.design, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         lr=1e-5, dtype=args.dtype, seed=args.seed, model_config=model_config(args.shape),
+                         lr=1e-5, dtype=args.dtype, seed=args.seed,
+                         model_config=model_config(args.shape, args.layers),
                          grad_checkpointing="device", mmap_threshold=MMAP_THRESHOLD)
     print(json.dumps(run(cfg).to_json()))
 
@@ -66,6 +89,10 @@ def summarise(r: dict) -> dict:
         "baseline_rss_split_bytes": r["host_memory"].get("baseline_rss_split_bytes"),  # anon / file-backed
         "other_bytes": r["host_memory"]["other_bytes"],
         "median_step_seconds": median,
+        "steady_median_step_seconds": statistics.median(r["step_seconds"][s] for s in steady_steps(steps)),
+        "step_cpu_seconds": r.get("step_cpu_seconds"),  # the process's CPU time (all threads) per step
+        "steady_median_step_cpu_seconds": statistics.median(r["step_cpu_seconds"][s] for s in steady_steps(steps))
+        if r.get("step_cpu_seconds") else None,
         "step_seconds": r["step_seconds"],
         "losses": r["losses"],
     }
@@ -73,7 +100,8 @@ def summarise(r: dict) -> dict:
         busy = ssd["read_seconds"] + ssd["write_seconds"]
         out["ssd"] = dict(ssd, bytes_per_step=(ssd["bytes_read"] + ssd["bytes_written"]) / steps,
                           effective_gb_per_s=(ssd["bytes_read"] + ssd["bytes_written"]) / sum(r["step_seconds"]) / 1e9,
-                          per_request_gb_per_s=(ssd["bytes_read"] + ssd["bytes_written"]) / busy / 1e9 if busy else None)
+                          per_request_gb_per_s=(ssd["bytes_read"] + ssd["bytes_written"]) / busy / 1e9
+                          if busy else None)
     return out
 
 
@@ -118,37 +146,104 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's own)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of one process per design, order alternating; >1 adds per-round step-time ratios")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--design", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    runs = {}
-    for design in args.designs.split(","):
-        with tempfile.TemporaryDirectory(dir=args.ssd_dir or _cache_dir()) as swap:
-            cmd = [sys.executable, "-m", "benchmarks.finetune_offload", "--worker", "--design", design,
-                   "--shape", args.shape, "--offload", args.offload, "--ssd-dir", swap, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
-                   "--data", args.data, "--seed", str(args.seed), "--threads", str(args.threads)]
-            print(f"running {design} ...", file=sys.stderr, flush=True)
-            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-            runs[design] = summarise(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.rounds < 1 or args.layers < 0:
+        p.error("--rounds must be >= 1 and --layers >= 0")
+    designs = args.designs.split(",")
+    rounds = []
+    for i in range(args.rounds):
+        order = designs if i % 2 == 0 else designs[::-1]  # alternating: a load drift falls on both designs
+        rnd: dict = {"order": order, "load_1min": {}, "designs": {}}
+        for design in order:
+            rnd["load_1min"][design] = round(os.getloadavg()[0], 2)
+            print(f"round {i + 1}/{args.rounds}: running {design} (load {rnd['load_1min'][design]}) ...",
+                  file=sys.stderr, flush=True)
+            rnd["designs"][design] = run_worker(args, design)
+        rival = _rival(rnd["designs"])
+        if rival:
+            ma, zi = rnd["designs"]["memascend"], rnd["designs"][rival]
+            rnd["step_time_ratio"] = ma["steady_median_step_seconds"] / zi["steady_median_step_seconds"]
+            if ma["steady_median_step_cpu_seconds"] and zi["steady_median_step_cpu_seconds"]:
+                rnd["step_cpu_ratio"] = ma["steady_median_step_cpu_seconds"] / zi["steady_median_step_cpu_seconds"]
+            print(f"round {i + 1}: memascend / {rival} step time {rnd['step_time_ratio']:.3f}", file=sys.stderr)
+        rounds.append(rnd)
+    runs = {d: r for d, r in rounds[0]["designs"].items()}  # the memory figures: the first round's
     result = {
-        "benchmark": "finetune_offload", "shape": args.shape, "offload": args.offload, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "steps": args.steps, "dtype": args.dtype, "designs": runs,
+        "benchmark": "finetune_offload", "shape": args.shape, "layers": model_config(args.shape, args.layers)
+        .num_hidden_layers, "offload": args.offload, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "steps": args.steps, "dtype": args.dtype, "designs": runs,
         **header(args.threads, args.seed, shared_machine=True),
     }
-    if {"zero-infinity", "memascend"} <= set(runs):
-        zi, ma = runs["zero-infinity"], runs["memascend"]
+    rival = _rival(runs)
+    if rival:
+        zi, ma = runs[rival], runs["memascend"]
         result["memascend_vs_zero_infinity"] = {
+            "rival": rival,
             "peak_rss_ratio": ma["peak_rss_bytes"] / zi["peak_rss_bytes"],
             "peak_rss_reduction": 1 - ma["peak_rss_bytes"] / zi["peak_rss_bytes"],
             "peak_above_baseline_reduction": 1 - ma["peak_above_baseline_bytes"] / zi["peak_above_baseline_bytes"],
             "step_time_ratio": ma["median_step_seconds"] / zi["median_step_seconds"],
             "losses_equal": ma["losses"] == zi["losses"],
         }
+    if args.rounds > 1:
+        result["rounds"] = rounds
+        result["step_time"] = alternated(rounds, designs, args.steps)
     emit(result, args.out, draw)
+
+
+def run_worker(args: argparse.Namespace, design: str) -> dict:
+    """One design in a fresh process (its own peak RSS) on a fresh swap directory: its summary."""
+    with tempfile.TemporaryDirectory(dir=args.ssd_dir or _cache_dir()) as swap:
+        cmd = [sys.executable, "-m", "benchmarks.finetune_offload", "--worker", "--design", design,
+               "--shape", args.shape, "--layers", str(args.layers), "--offload", args.offload, "--ssd-dir", swap,
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+               "--dtype", args.dtype, "--data", args.data, "--seed", str(args.seed), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        return summarise(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _rival(runs: dict) -> str | None:
+    """The ZeRO-Infinity design memascend is compared with: the default-buffer one if run, else the tuned one."""
+    if "memascend" not in runs:
+        return None
+    return next((d for d in ("zero-infinity", "zero-infinity-tuned") if d in runs), None)
+
+
+def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:
+    """Step time over the rounds: per design the median of all its steady steps, and the per-round ratios
+    memascend / rival (median, min, max), each round's two figures taken side by side."""
+    steady = steady_steps(steps)
+    out: dict = {"steady_steps": steady, "designs": {}}
+    for d in designs:
+        times = [r["designs"][d]["step_seconds"][s] for r in rounds for s in steady]
+        out["designs"][d] = {"median_step_seconds": statistics.median(times), "min": min(times), "max": max(times),
+                             "per_round_medians": [r["designs"][d]["steady_median_step_seconds"] for r in rounds]}
+        cpu = [r["designs"][d]["step_cpu_seconds"][s] for r in rounds for s in steady
+               if r["designs"][d]["step_cpu_seconds"]]
+        if cpu:
+            out["designs"][d]["median_step_cpu_seconds"] = statistics.median(cpu)
+    rival = _rival(rounds[0]["designs"])
+    for key, name in (("step_time_ratio", "ratio"), ("step_cpu_ratio", "cpu_ratio")):
+        ratios = [r[key] for r in rounds if key in r]
+        if ratios:
+            out["ratio_rival"] = rival
+            out[f"{name}s"] = ratios
+            out[f"{name}_median"] = statistics.median(ratios)
+            out[f"{name}_min"], out[f"{name}_max"] = min(ratios), max(ratios)
+    if rival and "ratios" in out:
+        out["ratio_of_medians"] = (out["designs"]["memascend"]["median_step_seconds"]
+                                   / out["designs"][rival]["median_step_seconds"])
+    loads = [x for r in rounds for x in r["load_1min"].values()]
+    out["load_1min_min"], out["load_1min_max"] = min(loads), max(loads)
+    return out
 
 
 def _cache_dir() -> str:

@@ -264,6 +264,8 @@ def test_cli_json_is_one_object(tiny, tmp_path, capsys, monkeypatch):
     for key in ("losses", "start_step", "peak_rss_bytes", "step_seconds", "host_memory"):
         assert key in out
     assert len(out["losses"]) == 2 and out["start_step"] == 0
+    # CPU time per step beside wall time: a step computes, so it takes some; threads may add more than wall time
+    assert len(out["step_cpu_seconds"]) == 2 and all(c > 0 for c in out["step_cpu_seconds"])
     assert set(out["host_memory"]["pools"]) >= {"gradients", "param swap pool", "optimizer swap pool"}
     assert out["peak_rss_bytes"] >= out["host_memory"]["baseline_rss_bytes"]
     # the allocator's peak within the last step holds at least the float32 logits of the batch (1 x 32 x vocab)

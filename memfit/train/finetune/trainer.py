@@ -134,6 +134,9 @@ class FinetuneResult:
     # the tensor allocator's peak within the run's last step, above what was allocated when it began
     # (memfit.memory.allocator: the CPU profiler's allocation events; CUDA's max_memory_allocated)
     allocator_peak_bytes: int = 0
+    # the process's CPU time (every thread: compute, prefetch, aio) per step: beside step_seconds, what a step
+    # costs on a machine others load (wall time there includes waiting for a core)
+    step_cpu_seconds: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -217,10 +220,10 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth,
                                        store.design.vocab_blocks))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    losses, seconds, opt_seconds, skipped, ckpt = [], [], [], [], None
+    losses, seconds, cpu_seconds, opt_seconds, skipped, ckpt = [], [], [], [], [], None
     checkpoint_peak = allocator_peak = 0
     for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ids, labels = collate([examples[i] for i in batch_indices(len(examples), cfg.batch_size, step, cfg.seed)], pad)
         # the last step runs under the allocator meter (its profiler costs a little time: one step, not all)
         metered = step == cfg.steps - 1
@@ -250,6 +253,7 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             allocator_peak = allocator.peak_bytes
         scaler.update(overflow)
         seconds.append(time.perf_counter() - t0)
+        cpu_seconds.append(time.process_time() - c0)
         losses.append(loss)
         if progress:
             progress(step + 1, cfg.steps, loss)
@@ -270,4 +274,4 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                           scaler.scale, str(ckpt) if ckpt else None, history + losses, opt_seconds,
                           placement_report(store.placement, [g.numel for g in groups],
                                            store.itemsize if store.separate_copy else 0, cfg.recompute, seconds,
-                                           opt_seconds), allocator_peak)
+                                           opt_seconds), allocator_peak, cpu_seconds)
