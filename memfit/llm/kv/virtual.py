@@ -61,6 +61,7 @@ from memfit.memory.vmem import VirtualArena, VirtualMemoryError
 from memfit.memory.vmem_shared import SharedArena
 
 log = logging.getLogger(__name__)
+WRITE_SLICES_MAX = 8  # write() copies slice by slice up to this many sequences a step, else one index_put_
 
 
 @dataclass
@@ -77,6 +78,7 @@ class VirtualPlan:
     write_pos: torch.Tensor  # (N,) position of each new token
     consecutive: bool  # slots == lo, lo+1, ..., lo+B-1
     max_end: int
+    counts: list[int] | None = None  # new tokens of each sequence, in order (their rows are consecutive in k, v)
 
 
 @register_kv_cache("virtual")
@@ -423,7 +425,8 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
         if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
             npg = self.pages_for(read_len)
             self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
-        return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len)
+        return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len,
+                           counts.tolist())
 
     def make_slots_readable(self, slots: list[tuple[int, int]]) -> None:
         """Make the first `n` positions of each (slot, n) safe to read, whoever holds the slot: a decode batch
@@ -442,6 +445,16 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
             n = k.shape[0]
             self.k[layer][s, e - n : e].copy_(k)
             self.v[layer][s, e - n : e].copy_(v)
+            return
+        if plan.counts is not None and len(plan.slots) <= WRITE_SLICES_MAX:
+            # A few sequences (a prefill step's chunks): one slice copy each. 4 x 128 rows of the 0.1b shape:
+            # 22 us against index_put_'s 55 (one thread); index_put_ wins from a dozen or so single-row decode
+            # sequences on, at ~5.5 us a copy.
+            row = 0
+            for s, e, n in zip(plan.slots, plan.ends, plan.counts):
+                self.k[layer][s, e - n : e].copy_(k[row : row + n])
+                self.v[layer][s, e - n : e].copy_(v[row : row + n])
+                row += n
             return
         idx = (plan.write_slot, plan.write_pos)
         self.k[layer].index_put_(idx, k)  # touches only rows (slot, pos) of the step

@@ -346,3 +346,25 @@ def test_head_major_layout_keeps_each_heads_rows_contiguous():
     hm.reclaim()
     assert budget.used_bytes == 0
     hm.close()
+
+
+@pytest.mark.parametrize("slices_max", [0, 8])
+def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, slices_max):
+    """write() copies a few sequences' rows slice by slice and many by one index_put_: either way each row lands
+    at (its sequence's slot, its position) and nothing else changes."""
+    import memfit.llm.kv.virtual as virtual
+
+    monkeypatch.setattr(virtual, "WRITE_SLICES_MAX", slices_max)
+    cache, _ = make()
+    for sid in (1, 2, 3):
+        assert cache.try_allocate(sid, 40)
+    write(cache, [SeqStep(1, 0, 5), SeqStep(2, 0, 9), SeqStep(3, 0, 1)])  # prefill chunks of 5, 9 and 1 rows
+    write(cache, [SeqStep(2, 9, 3), SeqStep(1, 5, 2), SeqStep(3, 1, 1)])  # out of slot order, again
+    for sid, n in ((1, 7), (2, 12), (3, 2)):
+        plan = cache.plan_step([SeqStep(sid, n, 0)])
+        for layer in range(LAYOUT.num_layers):
+            k, v = cache.context(layer, plan, 0)
+            want = kv_for(sid, 0, n, layer)[0]
+            assert torch.equal(k, want) and torch.equal(v, -want)
+            slot = cache.slot_of(sid)
+            assert torch.all(cache.k[layer][slot, n:] == 0)  # past the written rows: untouched
