@@ -446,10 +446,11 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
             self.k[layer][s, e - n : e].copy_(k)
             self.v[layer][s, e - n : e].copy_(v)
             return
-        if plan.counts is not None and len(plan.slots) <= WRITE_SLICES_MAX:
-            # A few sequences (a prefill step's chunks): one slice copy each. 4 x 128 rows of the 0.1b shape:
-            # 22 us against index_put_'s 55 (one thread); index_put_ wins from a dozen or so single-row decode
-            # sequences on, at ~5.5 us a copy.
+        if (plan.counts is not None and len(plan.slots) <= WRITE_SLICES_MAX and min(plan.counts) > 1
+                and self.layout.device.type == "cpu"):
+            # A few prefill chunks on the CPU: one slice copy each. 4 x 128 rows of the 0.1b shape: 22 us against
+            # index_put_'s 55 (one thread). Single-row (decode) sequences and CUDA keep one index_put_: a copy
+            # costs ~5.5 us here, a kernel launch each on a GPU.
             row = 0
             for s, e, n in zip(plan.slots, plan.ends, plan.counts):
                 self.k[layer][s, e - n : e].copy_(k[row : row + n])

@@ -359,8 +359,10 @@ def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, sli
     for sid in (1, 2, 3):
         assert cache.try_allocate(sid, 40)
     write(cache, [SeqStep(1, 0, 5), SeqStep(2, 0, 9), SeqStep(3, 0, 1)])  # prefill chunks of 5, 9 and 1 rows
-    write(cache, [SeqStep(2, 9, 3), SeqStep(1, 5, 2), SeqStep(3, 1, 1)])  # out of slot order, again
-    for sid, n in ((1, 7), (2, 12), (3, 2)):
+    write(cache, [SeqStep(2, 9, 3), SeqStep(1, 5, 2), SeqStep(3, 1, 1)])  # a decode row among them: by index
+    write(cache, [SeqStep(2, 12, 2), SeqStep(3, 2, 3)])  # out of slot order, by slices
+    write(cache, [SeqStep(1, 7, 1)])  # one sequence: its own slice
+    for sid, n in ((1, 8), (2, 14), (3, 5)):
         plan = cache.plan_step([SeqStep(sid, n, 0)])
         for layer in range(LAYOUT.num_layers):
             k, v = cache.context(layer, plan, 0)
