@@ -195,15 +195,28 @@ class VirtualPrefixMixin:
         self._shared_upto[slot] = 0
         return self._drop(slot, record)
 
+    def _surplus_start(self, slot: int) -> int:
+        """A cached slot's first page past its full blocks: the pool pages from there on hold no matchable rows."""
+        return min(len(self._cached[slot].hashes) * self.block_pages, self._pages[slot])
+
     def _cached_ranges(self, exclude: int | None = None) -> list[tuple[int, int]]:
-        return [r for s in self._cached if s != exclude and s not in self._pinned
-                for r in self._ranges(s, 0, self._pages[s])]
+        """What evicting every cached slot but `exclude` could free: the whole of each unpinned one, and the pool
+        pages of a pinned one (a prefix being matched keeps its full blocks, not its surplus)."""
+        starts = {s: self._surplus_start(s) if s in self._pinned else 0 for s in self._cached if s != exclude}
+        return [r for s, start in starts.items() if start < self._pages[s] for r in self._ranges(s, start, self._pages[s])]
 
     def _reclaimable_prefix(self, exclude: int | None = None) -> int:
         return self.arena.exclusive_bytes(self._cached_ranges(exclude))
 
     def _reclaim_prefix(self, nbytes: int | None, exclude: int | None = None) -> int:
         freed = 0
+        # The pool pages first, least recently used first: they cost a commit later, a whole prefix a prefill.
+        for slot in [s for s in self._cached if s != exclude and self._surplus_start(s) < self._pages[s]]:
+            if nbytes is not None and freed >= nbytes:
+                return freed
+            start = self._surplus_start(slot)
+            freed += self.arena.decommit_many(self._ranges(slot, start, self._pages[slot]))
+            self._pages[slot] = start
         for slot in [s for s in self._cached if s != exclude and s not in self._pinned]:
             if nbytes is not None and freed >= nbytes:
                 break

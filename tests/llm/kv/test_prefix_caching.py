@@ -218,6 +218,26 @@ def test_virtual_a_recycled_slot_whose_pages_a_live_sequence_maps_is_emptied_not
         cache.free(k)
     assert_rows(cache, 10, t)
 
+def test_virtual_a_cached_prefix_being_matched_gives_up_its_pool_pages_under_pressure():
+    """A cached slot keeps the pages past its full blocks (a pool). When a new sequence maps that slot's blocks
+    (pinning it) and the budget has no room for the rest, the pool pages are freed, not the new sequence refused
+    (the server test with 32 clients and a 96 KiB budget was refused with nothing running)."""
+    page_bytes = PAGE * 4  # a page in each of the 4 segments
+    cache = virtual(limit=(7 + 5 - 1) * page_bytes)  # A's 7 pages a segment, b's 5 of its own, less A's tail
+    assert start(cache, 1, A) == 0 and cache._pages[0] == 7  # 200 tokens: 6 full blocks and a partial one
+    cache.free(1)
+    assert physical(cache) == cache.cached_bytes == 7 * page_bytes  # the tail is kept too
+    b = A[:64] + [900 + i for i in range(150)]
+    assert start(cache, 2, b) == 64  # two blocks mapped; five pages of its own need A's tail
+    assert_rows(cache, 2, b)
+    assert physical(cache) == (6 + 5) * page_bytes  # A kept its six full blocks
+    cache.free(2)
+    c = A[:192] + [5]
+    assert start(cache, 3, c) == 192  # A's full blocks are still matched and intact
+    assert_rows(cache, 3, c)
+    physical(cache)
+
+
 def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     cache = paged()
     bs = cache.block_size
