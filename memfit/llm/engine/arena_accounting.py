@@ -43,7 +43,7 @@ PAGE = 4096
 SMALL_STEP, STEP_BUCKET = 64, 32  # engine/runner.py: bucket_tokens (not imported: runner loads the model code)
 BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
 LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
-PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept (AR)
+PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
 
 
