@@ -114,7 +114,9 @@ def draw(result: dict, png: Path) -> None:
     runs = result["designs"]
     names = list(runs)
     pools = sorted({p for r in runs.values() for p in r["pools"]})
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    alternated = result.get("step_time", {}).get("ratios")
+    fig, axes = plt.subplots(1, 2 if alternated else 1, figsize=(11.5 if alternated else 6.5, 4), squeeze=False)
+    ax = axes[0][0]
     bottom = [r["baseline_rss_bytes"] / 2**30 for r in runs.values()]
     ax.bar(names, bottom, label="process baseline (torch, code)", color="0.8")
     for pool in pools + ["other"]:
@@ -128,6 +130,23 @@ def draw(result: dict, png: Path) -> None:
     ax.set_title(f"peak host memory, {result['shape']} Llama, offload {result['offload']}, seq {result['seq_len']}",
                  fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
+    if alternated:  # the step-time ratios memascend / rival, round by round, with the load before each round
+        st, ax = result["step_time"], axes[0][1]
+        x = range(1, len(alternated) + 1)
+        ax.plot(x, alternated, "o-", label=f"wall time (median {st['ratio_median']:.2f})")
+        if st.get("cpu_ratios"):
+            ax.plot(x, st["cpu_ratios"], "s--", label=f"CPU time (median {st['cpu_ratio_median']:.2f})")
+        ax.axhline(1.05, color="0.5", lw=0.8, ls=":", label="target: within 5%")
+        ax.axhline(1.0, color="0.3", lw=0.8)
+        loads = [max(r["load_1min"].values()) for r in result["rounds"]]
+        for i, load in zip(x, loads):
+            ax.annotate(f"{load:.1f}", (i, alternated[i - 1]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7)
+        ax.set_xlabel("round (order alternating; label: the 1-minute load)")
+        ax.set_ylabel(f"memascend / {st['ratio_rival']}")
+        ax.set_title(f"step time (steady-step medians), {len(alternated)} rounds, {result['threads']} thread(s)",
+                     fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
