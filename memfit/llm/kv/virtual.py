@@ -451,6 +451,8 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
             # A few prefill chunks on the CPU: one slice copy each. 4 x 128 rows of the 0.1b shape: 22 us against
             # index_put_'s 55 (one thread). Single-row (decode) sequences and CUDA keep one index_put_: a copy
             # costs ~5.5 us here, a kernel launch each on a GPU.
+            if k.shape[0] != sum(plan.counts) or v.shape[0] != k.shape[0]:  # index_put_ refuses these too
+                raise KVCacheError(f"K/V have {k.shape[0]}/{v.shape[0]} rows for a step of {sum(plan.counts)}")
             row = 0
             for s, e, n in zip(plan.slots, plan.ends, plan.counts):
                 self.k[layer][s, e - n : e].copy_(k[row : row + n])

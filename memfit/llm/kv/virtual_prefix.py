@@ -10,12 +10,13 @@ own slot (`SharedArena.alias`: no copy, no new memory), copies the rows of a par
 (less than one block per segment), and is prefilled from there. Its K/V stays one strided view per layer,
 so every attention kernel reads it unchanged.
 
-Cached prefixes. A finished sequence whose full blocks nobody else holds keeps its slot with those pages
-(the rest is released): an LRU of cached slots, twice `max_seqs` slots in all (address space is free).
-Cached pages are reserved in the budget like any other, counted once however many slots map them; they go
-first when a commit would not fit (before the scheduler refuses or preempts anyone), when a new sequence
-needs a slot, or when idle for `kv_reclaim_idle_s` above the watermark. `cached_bytes` is what evicting
-them all would free.
+Cached prefixes. A finished sequence whose full blocks nobody else holds keeps its slot with all its pages: the
+full blocks for matching, and the pages past them as a pool the slot's next sequence reuses without a commit
+(`_recycle`). An LRU of cached slots, twice `max_seqs` slots in all (address space is free). Cached pages are
+reserved in the budget like any other, counted once however many slots map them; they go first when a commit
+would not fit (before the scheduler refuses or preempts anyone; the pool pages of every cached slot before any
+whole prefix), when a new sequence needs a slot, or when idle for `kv_reclaim_idle_s` above the watermark (pool
+pages first there too). `cached_bytes` is what evicting them all would free.
 
 Copy-on-write. Pages below `_shared_upto[slot]` (per segment) may be mapped by another slot too. Sequences
 only write at or past their `written` count, which is past every block they share, except after `truncate`
@@ -80,7 +81,18 @@ class VirtualPrefixMixin:
         return [], None, 0
 
     def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
-        hashes, src, ext = self._match(token_ids)
+        match = self._match(token_ids)
+        placed = self._place(token_ids, num_tokens, *match)
+        if placed is None and match[1] is not None:
+            # The matched holder stays pinned while the sequence maps it, so its blocks past the match count as
+            # neither the sequence's nor reclaimable: a sequence that would fit alone could be refused. Placed
+            # with no match, the holder may be evicted like any cached prefix (a live one is never evicted).
+            placed = self._place(token_ids, num_tokens, [], None, 0)
+        return placed
+
+    def _place(self, token_ids: Sequence[int], num_tokens: int, hashes: list[int], src: int | None,
+               ext: int) -> tuple[SeqRecord, int] | None:
+        """Place a sequence that maps `hashes`' blocks of `src` and copies `ext` rows past them (none: no match)."""
         m = len(hashes)
         cached = m * self.prefix_block + ext
         # capacity for num_tokens after the cached ones, no further than the tokens known (none: a plain placement)
@@ -208,15 +220,22 @@ class VirtualPrefixMixin:
     def _reclaimable_prefix(self, exclude: int | None = None) -> int:
         return self.arena.exclusive_bytes(self._cached_ranges(exclude))
 
+    def _trim_pool(self, slot: int) -> int:
+        """Give back a cached slot's pool pages (past its full blocks); returns the bytes that freed."""
+        start = self._surplus_start(slot)
+        if start >= self._pages[slot]:
+            return 0
+        freed = self.arena.decommit_many(self._ranges(slot, start, self._pages[slot]))
+        self._pages[slot] = start
+        return freed
+
     def _reclaim_prefix(self, nbytes: int | None, exclude: int | None = None) -> int:
         freed = 0
         # The pool pages first, least recently used first: they cost a commit later, a whole prefix a prefill.
-        for slot in [s for s in self._cached if s != exclude and self._surplus_start(s) < self._pages[s]]:
+        for slot in [s for s in self._cached if s != exclude]:
             if nbytes is not None and freed >= nbytes:
                 return freed
-            start = self._surplus_start(slot)
-            freed += self.arena.decommit_many(self._ranges(slot, start, self._pages[slot]))
-            self._pages[slot] = start
+            freed += self._trim_pool(slot)
         for slot in [s for s in self._cached if s != exclude and s not in self._pinned]:
             if nbytes is not None and freed >= nbytes:
                 break
@@ -229,13 +248,17 @@ class VirtualPrefixMixin:
         freed = 0
         if due:
             held = self._reclaimable_prefix()
-            for slot in due:  # oldest first: the OrderedDict is in LRU order
+            for slot in due:  # the pool pages of every due slot before any prefix, oldest first (LRU order)
+                if held <= watermark_bytes:
+                    return freed
+                given = self._trim_pool(slot)
+                held, freed = held - given, freed + given
+            for slot in due:
                 if held <= watermark_bytes:
                     break
                 given = self._evict(slot)
                 self._give_back(slot)
-                held -= given
-                freed += given
+                held, freed = held - given, freed + given
         return freed
 
     @property

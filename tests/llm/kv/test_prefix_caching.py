@@ -238,6 +238,34 @@ def test_virtual_a_cached_prefix_being_matched_gives_up_its_pool_pages_under_pre
     physical(cache)
 
 
+def test_virtual_a_request_that_fits_alone_is_placed_though_it_partly_matches_a_cached_prefix():
+    """The matched holder is pinned while it is mapped, so its blocks past the match are neither the new
+    sequence's nor reclaimable: placed with the match, b does not fit; it is placed without it, the holder evicted."""
+    page_bytes = PAGE * 4
+    cache = virtual(limit=7 * page_bytes)
+    assert start(cache, 1, A) == 0
+    cache.free(1)
+    b = A[:32] + [900 + i for i in range(150)]  # 182 tokens: 6 pages a segment, one block in common with A
+    assert start(cache, 2, b) == 0  # computed from the start: A's slot was the room it needed
+    assert_rows(cache, 2, b)
+    assert physical(cache) == 6 * page_bytes and cache.cached_bytes == 0
+
+
+def test_virtual_idle_reclaim_gives_back_pool_pages_before_whole_prefixes():
+    page_bytes = PAGE * 4
+    cache = virtual()
+    b = [600 + i for i in range(200)]
+    for k, p in ((1, A), (2, b)):
+        start(cache, k, p)
+        cache.free(k)
+    assert physical(cache) == 14 * page_bytes  # 6 full blocks and a partial one each
+    freed = cache.reclaim_idle(12 * page_bytes, 0.0)  # room for both prefixes' full blocks
+    assert freed == 2 * page_bytes and physical(cache) == 12 * page_bytes
+    c = A[:150] + [1]
+    assert start(cache, 3, c) == 150  # A's prefix survived
+    assert_rows(cache, 3, c)
+
+
 def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     cache = paged()
     bs = cache.block_size

@@ -370,3 +370,17 @@ def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, sli
             assert torch.equal(k, want) and torch.equal(v, -want)
             slot = cache.slot_of(sid)
             assert torch.all(cache.k[layer][slot, n:] == 0)  # past the written rows: untouched
+
+
+@pytest.mark.parametrize("slices_max", [0, 8])
+def test_a_write_with_more_rows_than_the_step_is_refused_by_slices_or_by_index(monkeypatch, slices_max):
+    import memfit.llm.kv.virtual as virtual
+
+    monkeypatch.setattr(virtual, "WRITE_SLICES_MAX", slices_max)
+    cache, _ = make()
+    for sid in (1, 2):
+        assert cache.try_allocate(sid, 40)
+    plan = cache.plan_step([SeqStep(1, 0, 4), SeqStep(2, 0, 4)])
+    k = torch.ones(8 + 3, LAYOUT.num_kv_heads, LAYOUT.head_dim, dtype=LAYOUT.dtype)
+    with pytest.raises((KVCacheError, RuntimeError)):
+        cache.write(0, plan, k, -k)
