@@ -34,6 +34,13 @@ def serve_steps(engine_class: Callable[..., Any], config: Any) -> None:
     finally:
         engine.close()
         group.closed = True
+        # Tear the process group down before the interpreter does: left to exit, gloo's threads were sometimes
+        # destroyed still joinable ("terminate called without an active exception", SIGABRT) and torchrun then
+        # failed the whole job after rank 0 had finished (tests/llm/parallel/test_launch.py, ~1 run in 4).
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def spawned_worker(engine_class: Callable[..., Any], config: Any, rank: int, world: int, init_method: str,

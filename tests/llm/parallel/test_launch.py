@@ -140,8 +140,9 @@ def test_unguarded_script_fails_at_once_with_the_fix(tmp_path):
 def test_torchrun_one_node(tmp_path, reference):
     script, out = tmp_path / "run.py", tmp_path / "out.json"
     script.write_text(SCRIPT)
-    subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", str(script), str(out)), check=True,
-                   env=_env(), timeout=300, capture_output=True)
+    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", str(script), str(out)),
+                   env=_env(), timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads(out.read_text()) == reference
 
 
