@@ -14,21 +14,13 @@ from memfit.llm.kernels.decode import CpuDecodeOps
 from tests.llm.kernels.common import make_linear, need
 
 BF16 = torch.bfloat16
+pytestmark = pytest.mark.usefixtures("fresh_large_m_choices")
 
 
 def need_amx() -> None:
     need(BF16)
     if amx_linear_silu() is None:
         pytest.skip("no AMX-BF16 here (or Linux refused this process the tile state)")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_choices():
-    large_m.reset()
-    old = large_m.force(None)
-    yield
-    large_m.force(old)
-    large_m.reset()
 
 
 def unfused(mod: BlockedLinear, x: torch.Tensor) -> torch.Tensor:

@@ -13,21 +13,13 @@ from memfit.llm.kernels.peak import run_amx_peak_loop
 from tests.llm.kernels.common import make_linear, need
 
 BF16 = torch.bfloat16
+pytestmark = pytest.mark.usefixtures("fresh_large_m_choices")
 
 
 def need_amx() -> None:
     need(BF16)
     if large_m.amx_linear() is None:
         pytest.skip("no AMX-BF16 here (or Linux refused this process the tile state)")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_choices():
-    large_m.reset()
-    old = large_m.force(None)
-    yield
-    large_m.force(old)
-    large_m.reset()
 
 
 def amx(mod: BlockedLinear, x: torch.Tensor, threads: int = 1) -> torch.Tensor:
