@@ -448,9 +448,10 @@ class VirtualKVCache(VirtualPrefixMixin, KVCacheManager):
             return
         if (plan.counts is not None and len(plan.slots) <= WRITE_SLICES_MAX and min(plan.counts) > 1
                 and self.layout.device.type == "cpu"):
-            # A few prefill chunks on the CPU: one slice copy each. 4 x 128 rows of the 0.1b shape: 22 us against
-            # index_put_'s 55 (one thread). Single-row (decode) sequences and CUDA keep one index_put_: a copy
-            # costs ~5.5 us here, a kernel launch each on a GPU.
+            # A few prefill chunks on the CPU: one slice copy each. A layer's K and V of the 0.1b shape, one thread
+            # (benchmarks/kv_write.py): 4 x 128 rows 41 us against index_put_'s 97, 8 x 64 rows 69 against 95.
+            # Single-row (decode) sequences and CUDA keep one index_put_ (8 x 1 rows: 5.8 us; a copy a row would
+            # cost more, and a kernel launch each on a GPU).
             if k.shape[0] != sum(plan.counts) or v.shape[0] != k.shape[0]:  # index_put_ refuses these too
                 raise KVCacheError(f"K/V have {k.shape[0]}/{v.shape[0]} rows for a step of {sum(plan.counts)}")
             row = 0

@@ -156,8 +156,9 @@ class VirtualPrefixMixin:
     def _recycle(self, slot: int, shared: int) -> None:
         """Forget a cached prefix and hand its slot to a new sequence with its pages still committed, where they
         are the slot's own: the new sequence overwrites them (every row it reads it writes first), so evicting
-        and committing again would only add syscalls (a decommit and a commit of every segment: ~3 ms a 128-token
-        sequence of the 0.1b shape, benchmarks/prefill.py profiled). Pages another slot may map
+        and committing again would only add syscalls (a decommit and a commit of every segment: a one-off
+        cProfile of a 32-request prefill batch, not kept, put them at 0.14 s of it; the measured before/after is
+        benchmarks/prefill.py's, docs/benchmarks.md). Pages another slot may map
         (`_shared_upto`) must not be written: kept only when the new sequence maps a prefix over all of them
         (`shared` pages, which the caller then releases and aliases), else the slot is emptied as before. The
         kept pages stay in the budget and in `committed_bytes` throughout: they change owner, not state."""
