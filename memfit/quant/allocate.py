@@ -9,7 +9,8 @@ widths, counting the fixed layers (patch embedding and head at 8 bits), must not
               sum_l sum_b n_l b x[l,b] + sum_f n_f b_f <= B * (sum_l n_l + sum_f n_f)
               x binary
 
-n_l is the layer's parameter count for weight bits (its activation elements per image for activation bits).
+n_l is the layer's parameter count for weight bits; for activation bits, the elements per image its width
+quantizes (its input, and for qkv also q/k/v and the softmax probabilities: act_groups.py).
 The allocators differ only in c: lrp (contribution score x relative distortion), sensitivity (measured loss
 of quantizing that layer alone), hessian (Hutchinson trace x squared distortion, HAWQ-V2), random (random
 importance x distortion, seeded); uniform needs no solver.

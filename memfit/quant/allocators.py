@@ -11,9 +11,11 @@ differs:
 - hessian:     Tr(H_l) / n_l x ||Q_b(W) - W||^2, the trace by Hutchinson's estimator (HAWQ-V2)
 - random:      a seeded U(0,1) importance x relative distortion (spends the budget, ignores the model)
 - uniform:     the widest single width that fits
-Activation bits (when not fixed) use the same importance with the relative distortion of the layer's input
-under the per-tensor quantizer (sensitivity: the measured KL of quantizing that input alone), weighted by the
-input's elements per image. The patch embedding and the heads stay at 8 bits and count toward both averages.
+Activation bits (when not fixed) are allocated per activation group (act_groups.py): a layer's width sets its
+input's quantizer and, for qkv, also q/k/v and the post-softmax probabilities. Cost: the same importance x the
+group's measured relative distortion at b bits (sensitivity: the measured KL of quantizing that group alone;
+hessian: its importance Tr(H_l)/n_l as a weight-derived layer importance); the average is weighted by the
+group's elements per image. The patch embedding and the heads stay at 8 bits and count toward both averages.
 Every cost is taken on the model as it will be quantized: with clipped channel-wise post-LayerNorm activations
 (the default) that is the copy with the channel ranges folded in, whose qkv / fc1 weights are W diag(r1).
 """
@@ -26,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .act_groups import act_groups, group_sensitivity, group_sizes
 from .allocate import average_bits, solve_knapsack, uniform_bits
 from .errors import QuantError
 from .lrp import quantizable_layers
-from .qmodel import best_tensor_params, folded_copy, record
-from .quantizers import BIT_CHOICES, fake_quant_uniform, fake_quant_weight
+from .qmodel import folded_copy
+from .quantizers import BIT_CHOICES, fake_quant_weight
 
 ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
 FIXED_BITS = 8
@@ -83,44 +86,23 @@ def hutchinson_trace(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: 
     return dict(zip(names, (traces / iters).tolist()))
 
 
-def _act_distortion(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, dict[int, float]]:
-    """Relative squared error of each layer's input under the per-tensor quantizer, at every width."""
-    acts = record(model, x, names)
-    out = {}
-    for n in names:
-        a = acts[n]
-        power = float(a.pow(2).mean().clamp_min(1e-30))
-        out[n] = {b: float((fake_quant_uniform(a, best_tensor_params(a, b)) - a).pow(2).mean()) / power
-                  for b in BIT_CHOICES}
-    return out
-
-
-def _sensitivity(model, x, names, layers, inputs: bool) -> dict[str, dict[int, float]]:
-    """KL of quantizing one layer's weights (or its input, per tensor) alone, at every width."""
+def _sensitivity(model, x, names, layers) -> dict[str, dict[int, float]]:
+    """KL of quantizing one layer's weights alone, at every width (activations: act_groups.group_sensitivity)."""
     with torch.no_grad():
         ref = F.log_softmax(model(x), -1)
-    acts = record(model, x, names) if inputs else {}
     costs: dict[str, dict[int, float]] = {}
     for name in names:
         layer = layers[name]
         costs[name] = {}
+        original = layer.weight.detach().clone()
         for b in BIT_CHOICES:
-            if inputs:
-                params = best_tensor_params(acts[name], b)
-                handle = layer.register_forward_pre_hook(lambda _m, a, p=params: (fake_quant_uniform(a[0], p),))
-                try:
-                    costs[name][b] = _kl(model, x, ref)
-                finally:
-                    handle.remove()
-            else:
-                original = layer.weight.detach().clone()
+            with torch.no_grad():
+                layer.weight.copy_(fake_quant_weight(original, b))
+            try:
+                costs[name][b] = _kl(model, x, ref)
+            finally:
                 with torch.no_grad():
-                    layer.weight.copy_(fake_quant_weight(original, b))
-                try:
-                    costs[name][b] = _kl(model, x, ref)
-                finally:
-                    with torch.no_grad():
-                        layer.weight.copy_(original)
+                    layer.weight.copy_(original)
     return costs
 
 
@@ -163,15 +145,15 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
         raise QuantError("give either --act-bits (every activation at that width) or --avg-act-bits (allocated)")
     t0 = time.perf_counter()
     model.eval()
+    fp = model  # activation groups are measured on the FP model: the folded copy computes the same function
     if channelwise:
         model = once(("folded",), lambda: folded_copy(model, calib_x))
     layers = quantizable_layers(model)
     fixed = [n for n in layers if n in _FIXED_NAMES]
     free = [n for n in layers if n not in fixed]
     w_sizes = {n: layers[n].weight.numel() for n in layers}
-    with torch.no_grad():
-        one = record(model, calib_x[:1], list(layers))
-    a_sizes = {n: one[n].numel() for n in layers}  # input elements per image
+    # elements per image each layer's activation width quantizes (its input; for qkv also q/k/v and the softmax)
+    a_sizes = once(("a_sizes",), lambda: group_sizes(fp, calib_x[:1]))
     w_fixed = {n: (w_sizes[n], FIXED_BITS) for n in fixed}
     a_fixed = {n: (a_sizes[n], FIXED_BITS) for n in fixed}
     w_free_sizes = {n: w_sizes[n] for n in free}
@@ -180,7 +162,7 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
                                          for n in free})
     a_dist = None
     if act_bits is None:
-        a_dist = once(("a_dist",), lambda: _act_distortion(model, calib_x[:64], free))
+        a_dist = once(("a_dist",), lambda: act_groups(fp, calib_x[:64], free, channelwise).dist)
     importance: dict[str, float] = {}
     if allocator in ("lrp", "lrp-zplus"):
         from .scores import contribution_scores
@@ -200,7 +182,7 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
         wb = uniform_bits(w_free_sizes, avg_bits, w_fixed)
     elif allocator == "sensitivity":
         w_cost = once(("sensitivity", "weights"),
-                      lambda: _sensitivity(model, calib_x[:128], free, layers, inputs=False))
+                      lambda: _sensitivity(model, calib_x[:128], free, layers))
         importance = {n: w_cost[n][min(BIT_CHOICES)] for n in free}
         wb = solve_knapsack(w_cost, w_free_sizes, avg_bits, w_fixed)
     elif allocator == "hessian":
@@ -216,9 +198,8 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
     elif allocator == "uniform":
         ab = uniform_bits(a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
     elif allocator == "sensitivity":
-        a_cost = once(("sensitivity", "inputs"), lambda: _sensitivity(model, calib_x[:128], free, layers, inputs=True))
-        ab = solve_knapsack(a_cost, a_free_sizes,
-                            avg_act_bits, a_fixed, what="--avg-act-bits")
+        a_cost = once(("sensitivity", "acts"), lambda: group_sensitivity(fp, calib_x[:128], free, channelwise))
+        ab = solve_knapsack(a_cost, a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
     else:
         ab = solve_knapsack({n: {b: importance[n] * a_dist[n][b] for b in BIT_CHOICES} for n in free},
                             a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")

@@ -67,7 +67,8 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--avg-bits", type=float, default=4.0, help="parameter-weighted average weight bits")
     q.add_argument("--act-bits", type=int, default=None, help="every activation at this width (2,3,4,6,8)")
     q.add_argument("--avg-act-bits", type=float, default=None,
-                   help="allocate activation bits too, under this element-weighted average (when --act-bits is "
+                   help="allocate activation bits too, under this average weighted by the elements each width "
+                        "quantizes (a layer's input; qkv's also sets q/k/v and the softmax) (when --act-bits is "
                         "omitted; default 4)")
     q.add_argument("--calib", type=int, default=256, help="calibration images drawn from the training set")
     q.add_argument("--seed", type=int, default=0, help="calibration draw (and the random allocator)")
