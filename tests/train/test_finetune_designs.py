@@ -80,18 +80,21 @@ def test_pools_of_a_llama_shape():
     assert whole.block_classes(groups, 2) == {}
     assert sum(b * c for b, c in ma_param.items()) < 0.2 * sum(b * c for b, c in zi_param.items())
     # Optimizer: DeepSpeed sizes 4 slots for its largest sub-group, which below sub_group_size (1e9 elements)
-    # is the whole model; MemAscend 3 of the layer class, capped at the aio engine's 8 MiB in flight (2M fp32).
+    # is the whole model; MemAscend 3 of the layer class per set in flight, capped at half the aio engine's 8 MiB
+    # in flight (1M fp32: reads and writes fly together).
     total = sum(g.numel for g in groups)
     assert embed > 3 * layer
     assert zi.optimizer_classes(groups) == {(total + 4095) // 4096 * 4096 * 4: 4}  # pieces: 4096 elements
-    assert layer > 1 << 21 and ma.optimizer_classes(groups) == {(1 << 21) * 4: 3}
+    assert layer > 1 << 20 and ma.optimizer_classes(groups) == {(1 << 20) * 4: 9}  # fp32 compute: no copy
+    # bf16: 3 sets in flight (update_depth), each master + moments and the piece's 16-bit compute copy
+    assert ma.update_depth == 3 and ma.optimizer_classes(groups, 2) == {(1 << 20) * 4: 9, (1 << 20) * 2: 3}
     engine = ma.aio()
-    assert engine.block_size * engine.queue_depth == (1 << 21) * 4  # the bytes it keeps in flight
+    assert engine.block_size * engine.queue_depth == 2 * (1 << 20) * 4  # the bytes it keeps in flight
     engine.close()
     small = make_groups(skeleton(dataclasses.replace(LLAMA_01B, hidden_size=256, intermediate_size=512,
                                                      num_attention_heads=4, num_key_value_heads=4, head_dim=64)))
     small_layer = small[1].numel  # below the cap: the layer class itself
-    assert small_layer < 1 << 21 and ma.optimizer_classes(small) == {(small_layer + 4095) // 4096 * 4096 * 4: 3}
+    assert small_layer < 1 << 20 and ma.optimizer_classes(small) == {(small_layer + 4095) // 4096 * 4096 * 4: 9}
     # The 16-bit parameters stay in host memory under ZeRO-3's max_in_cpu (1e9); MemAscend streams them.
     assert zi.host_param_copy(groups) and not ma.host_param_copy(groups)
 

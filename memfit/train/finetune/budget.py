@@ -55,7 +55,7 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     else:
         classes = [design.param_classes(groups, itemsize, in_flight), design.block_classes(groups, itemsize)]
         pools["param swap pool"] = sum(b * c for cl in classes for b, c in cl.items())
-        pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups).items())
+        pools["optimizer swap pool"] = sum(b * c for b, c in design.optimizer_classes(groups, copy).items())
         if design.host_param_copy(groups):
             pools["parameter copy (flat)"] = design.reserved(itemsize * n)
         if design.fresh_first_moments:

@@ -29,6 +29,12 @@ class HostMemoryDesign:
     # parameter pool holds two block slots instead of a slot of the matrix; the head's log-sum-exp runs over
     # blocks (online softmax), so its losses equal the dense head's to rounding, not bit for bit
     vocab_blocks = False
+    # SSD tier: sets of optimizer slots (a piece's master and moments, and its compute copy when it is
+    # separate) the update keeps in flight (store_update.py). 1: read a piece, update it, write it back and wait,
+    # then the next (DeepSpeed's default, pipeline_read/pipeline_write off). 3: the next piece is read and the
+    # last one written while AdamW runs on this one, and a group's last writes finish during the backward of
+    # the units after it (settled before the step ends).
+    update_depth = 1
 
     def __init__(self) -> None:
         self.engine: AioEngine | None = None
@@ -45,8 +51,9 @@ class HostMemoryDesign:
         """The parameter swap pool: slot bytes -> slot count."""
         raise NotImplementedError
 
-    def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
-        """The optimizer swap pool (fp32 master and moments): slot bytes -> slot count."""
+    def optimizer_classes(self, groups: list[Group], copy_itemsize: int = 0) -> dict[int, int]:
+        """The optimizer swap pool (fp32 master and moments; with update_depth > 1 also a compute-copy slot of
+        `copy_itemsize` bytes an element per set, 0 when the compute dtype is fp32): slot bytes -> slot count."""
         raise NotImplementedError
 
     def optimizer_piece(self, groups: list[Group]) -> int:
@@ -66,8 +73,8 @@ class HostMemoryDesign:
         copy, refreshed by the optimizer step) instead of being read from the SSD."""
         return False
 
-    def optimizer_pool(self, groups: list[Group]) -> SlotPool:
-        return SlotPool("optimizer swap pool", self.optimizer_classes(groups), aligned_buffer)
+    def optimizer_pool(self, groups: list[Group], copy_itemsize: int = 0) -> SlotPool:
+        return SlotPool("optimizer swap pool", self.optimizer_classes(groups, copy_itemsize), aligned_buffer)
 
     def swap_space(self, directory: Path, sizes: dict[str, int]) -> ExtentFile | FilePerKey:
         raise NotImplementedError

@@ -60,7 +60,7 @@ class ZeroInfinity(HostMemoryDesign):
         # DeepSpeed streams from NVMe through a partitioned swap buffer: not modelled here.)
         return sum(g.numel for g in groups) <= self.PARAM_MAX_IN_CPU
 
-    def optimizer_classes(self, groups: list[Group]) -> dict[int, int]:
+    def optimizer_classes(self, groups: list[Group], copy_itemsize: int = 0) -> dict[int, int]:
         # deepspeed/runtime/swap_tensor/optimizer_utils.py (OptimizerSwapper.__init__): SwapBufferManager(
         # num_elems=largest_numel, count=buffer_count): 4 fp32 slots, each the largest sub-group (stage3.py
         # _configure_tensor_swapping: largest_numel=max(fp16_partitioned_groups_flat_numel)), zeroed.

@@ -106,7 +106,9 @@ class StepExecutor:
         fetch = [[] if k in self.blocked else self.unit_groups[k] for k in schedule]
         fetcher = Prefetcher(self.store, fetch, self.cfg.depth)
         try:
-            return self._run(batch, loss_scale, fetcher, head)
+            loss = self._run(batch, loss_scale, fetcher, head)
+            self.store.settle_writes()  # streamed updates' last writes, before the next step reads the weights
+            return loss
         finally:
             fetcher.close()
 
@@ -129,6 +131,7 @@ class StepExecutor:
                 state = self.runner.forward(k, weights, inputs, batch)
                 kept.append((inputs, state, leaves))
             fetcher.done(fetched)
+        self._prepare(head)
         fetched = fetcher.next()  # the head: forward and backward at once
         inputs = _leaf_inputs(state)
         weights, leaves = self._weights(head, fetched, grad=True)
@@ -156,6 +159,7 @@ class StepExecutor:
             self._completed(head)
         grads = tuple(x.grad for x in inputs)
         for k in range(head - 1, -1, -1):  # backward
+            self._prepare(k)
             if k == 0:  # the embedding: its gradient is its output's, added into the rows of the batch's tokens
                 self._completed(0, self._embedding_backward(batch, grads[0], tied_rows))
                 break
@@ -213,6 +217,12 @@ class StepExecutor:
         # distinct rows: each element gets one float32 add, as the dense gradient's add did (its other rows were 0)
         dst.index_add_(0, tokens.to(dst.device), rows.to(dst.device, torch.float32))
         return None
+
+    def _prepare(self, k: int) -> None:
+        """Unit k's backward comes next: the store may start reading the optimizer state of the first group it
+        completes (store.prepare_update), so that read overlaps the backward."""
+        if self.store.streamed is not None and self.completes.get(k):
+            self.store.prepare_update(self.completes[k][0])
 
     def _completed(self, k: int, sources: dict[int, PieceGrad] | None = None) -> None:
         for gi in self.completes.get(k, ()):

@@ -18,6 +18,7 @@ The optimizer step (AdamW over the groups, in their tier) is store_update.py's.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
         self.space = None
         self._tensors: list[dict[str, torch.Tensor]] = []
         self._param_copy: torch.Tensor | None = None  # (total,) compute dtype: the flat host copy, if any
+        # SSD pieces written and not yet waited for (update_depth > 1): (futures, (pool, slot) to release)
+        self._writes: deque[tuple[list, list[tuple[SlotPool, torch.Tensor]]]] = deque()
+        self._early: dict[int, tuple[dict[str, torch.Tensor], list]] = {}  # gi -> its first piece, being read
         if tier == "ssd":
             if ssd_dir is None:
                 raise ValueError("--offload ssd needs --ssd-dir DIR (a directory on an SSD with room for the state)")
@@ -85,7 +89,7 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
             blocks = design.block_classes(groups, self.itemsize)  # vocab.py's row blocks of the (V, C) matrices
             self.block_pool = SlotPool("param block slots", blocks) if blocks else None
             self.piece = design.optimizer_piece(groups)
-            self.opt_pool = design.optimizer_pool(groups)
+            self.opt_pool = design.optimizer_pool(groups, self.itemsize if self.separate_copy else 0)
             self.pools["param swap pool"] = self.param_pool.reserved_bytes + (
                 self.block_pool.reserved_bytes if blocks else 0)
             self.pools["optimizer swap pool"] = self.opt_pool.reserved_bytes
@@ -138,8 +142,9 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
             if self.separate_copy:
                 t["param"].copy_(t["master"])
             return
+        self.settle_writes()
         for start, n in self._pieces(gi):
-            bufs = {kind: self._slot(self.opt_pool, n * 4) for kind in KINDS}
+            bufs = {kind: self._slot(self.opt_pool, self.piece * 4) for kind in KINDS}
             for kind in KINDS:
                 put(kind, start, bufs[kind][: n * 4].view(torch.float32))
             self._write_piece(gi, start, n, bufs)
@@ -147,6 +152,7 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
     def read_group(self, gi: int) -> dict[str, torch.Tensor]:
         """Copies of group gi's master and moments (flat fp32, on the CPU)."""
         g = self.groups[gi]
+        self.settle_writes()
         if self.tier != "ssd":
             return {k: self._tensors[gi][k].detach().to("cpu", copy=True) for k in KINDS}
         out = {k: torch.empty(g.numel, dtype=torch.float32) for k in KINDS}
@@ -189,34 +195,61 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
         return [(s, min(self.piece, numel - s)) for s in range(0, numel, self.piece)]
 
     def _read_piece(self, gi: int, start: int, n: int) -> dict[str, torch.Tensor]:
-        name = self.groups[gi].name
-        bufs = {k: self._slot(self.opt_pool, n * 4) for k in KINDS}
-        wait([f for k in KINDS for f in self.space.read(f"{name}.{k}", bufs[k], n * 4, start * 4)])
+        bufs, futures = self._start_read_piece(gi, start, n)
+        wait(futures)
         return bufs
+
+    def _start_read_piece(self, gi: int, start: int, n: int) -> tuple[dict[str, torch.Tensor], list]:
+        """Queue the reads of a piece's master and moments into whole-piece slots: (slots, futures)."""
+        name = self.groups[gi].name
+        bufs = {k: self._slot(self.opt_pool, self.piece * 4) for k in KINDS}
+        return bufs, [f for k in KINDS for f in self.space.read(f"{name}.{k}", bufs[k], n * 4, start * 4)]
 
     def _write_piece(self, gi: int, start: int, n: int, bufs: dict[str, torch.Tensor],
                      spent: torch.Tensor | None = None) -> None:
-        """Write master and moments of a piece (and its compute copy), then release the slots. `spent`: the
-        piece's gradient bytes (n fp32, O_DIRECT-aligned), used and free: the compute copy is made there
-        rather than in a parameter slot, which the prefetcher may hold while a streamed update runs."""
+        """Write master and moments of a piece (and its compute copy), then release the slots."""
+        self._writes.append(self._submit_write_piece(gi, start, n, bufs, spent))
+        self._retire_write()
+
+    def _submit_write_piece(self, gi: int, start: int, n: int, bufs: dict[str, torch.Tensor],
+                            spent: torch.Tensor | None = None) -> tuple[list, list[tuple[SlotPool, torch.Tensor]]]:
+        """Queue the writes of a piece's master and moments and of its compute copy: (futures, the slots to
+        release once they are done). The copy is made in a copy slot of the optimizer pool when it has them
+        (update_depth > 1: the write may still fly while the backward reuses the gradient's bytes); else in
+        `spent`, the piece's gradient bytes (n fp32, O_DIRECT-aligned), used and free; else in a parameter slot
+        (not under streamed updates: the prefetcher may hold those)."""
         name = self.groups[gi].name
         writes = [f for k in KINDS for f in self.space.write(f"{name}.{k}", bufs[k], n * 4, start * 4)]
-        copy = None
+        held = [(self.opt_pool, b) for b in bufs.values()]
         if self._param_copy is not None:
             at = self.offsets[gi] + start
             self._param_copy[at : at + n].copy_(bufs["master"][: n * 4].view(torch.float32))
         elif self.separate_copy:
-            if spent is not None:
+            if self.design.update_depth > 1:
+                out = self._slot(self.opt_pool, self.piece * self.itemsize)
+                held.append((self.opt_pool, out))
+            elif spent is not None:
                 out = spent.view(torch.uint8)
             else:
-                out = copy = self._slot(self.param_pool, n * self.itemsize)
+                out = self._slot(self.param_pool, n * self.itemsize)
+                held.append((self.param_pool, out))
             out[: n * self.itemsize].view(self.dtype).copy_(bufs["master"][: n * 4].view(torch.float32))
             writes += self.space.write(f"{name}.param", out, n * self.itemsize, start * self.itemsize)
-        wait(writes)
-        for b in bufs.values():
-            self.opt_pool.release(b)
-        if copy is not None:
-            self.param_pool.release(copy)
+        return writes, held
+
+    def _retire_write(self) -> None:
+        """Wait for the oldest queued piece write and release its slots."""
+        futures, held = self._writes.popleft()
+        wait(futures)
+        for pool, slot in held:
+            pool.release(slot)
+
+    def settle_writes(self) -> None:
+        """Wait for every queued piece write (before anything reads the swap space again: the next step's
+        fetches, checkpoints)."""
+        while self._writes:
+            self._retire_write()
+        self._drop_early()
 
     @staticmethod
     def _slot(pool: SlotPool, nbytes: int) -> torch.Tensor:
@@ -230,6 +263,11 @@ class GroupStore(UpdateMixin, GradientsMixin, SpanReads):
 
     def close(self) -> None:
         if self.space is not None:
+            try:
+                self.settle_writes()
+            except Exception:  # noqa: BLE001 (closing after an error: the error that stopped the run is the one to report)
+                self._writes.clear()
+                self._early.clear()
             self.space.close()
             self.space.engine.close()
             self.design.engine = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from memfit.memory.aio import wait
 from memfit.train.finetune.gradients import PieceGrad
 from memfit.train.finetune.optim import AdamW
 
@@ -31,6 +32,25 @@ class UpdateMixin:
         for gi in range(len(self.groups)):
             self.update_group(gi, adam, step, grad_scale)
         self._fresh = None
+        if self.tier == "ssd":
+            self.settle_writes()
+
+    def prepare_update(self, gi: int) -> None:
+        """Group gi's update comes next (streamed, once the backward completes its gradient): start reading its
+        first piece of master and moments now, so the read overlaps that backward. Pipelined designs
+        (update_depth > 1) on the SSD tier only, one group ahead, taking a set the update would take anyway."""
+        if self.tier != "ssd" or self.design.update_depth < 2 or self._early:
+            return
+        while self._writes and len(self._writes) + 1 > self.design.update_depth:
+            self._retire_write()
+        self._early[gi] = self._start_read_piece(gi, *self._pieces(gi)[0])
+
+    def _drop_early(self) -> None:
+        for bufs, futures in self._early.values():
+            wait(futures)
+            for b in bufs.values():
+                self.opt_pool.release(b)
+        self._early.clear()
 
     def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float, source: PieceGrad | None = None) -> None:
         """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier). A blockwise
@@ -56,9 +76,26 @@ class UpdateMixin:
                 t["param"].copy_(t["master"])
             return
         fresh = self._fresh
-        for start, n in self._pieces(gi):
+        # Pipelined by the design's update_depth D (sets of optimizer slots in flight): piece i + D - 2 is read
+        # and earlier pieces' writes fly while AdamW runs on piece i; a set is reused once its write is done.
+        # D = 1: read, update, write and wait, piece by piece. The arithmetic is the same either way.
+        depth = self.design.update_depth
+        pieces = self._pieces(gi)
+        reads: dict[int, tuple[dict[str, torch.Tensor], list]] = {}  # piece -> (its slots, read futures)
+        early = self._early.pop(gi, None)
+        self._drop_early()  # another group's (not expected: the backward completes groups in prepare's order)
+        if early is not None:
+            reads[0] = early
+        ahead = len(reads)  # the next piece to read
+        for i, (start, n) in enumerate(pieces):
+            while ahead < len(pieces) and ahead <= i + max(depth - 2, 0):
+                while len(reads) + len(self._writes) >= depth:  # every set taken: the oldest write first
+                    self._retire_write()
+                reads[ahead] = self._start_read_piece(gi, *pieces[ahead])
+                ahead += 1
             g = piece_grad(start, n)
-            bufs = self._read_piece(gi, start, n)
+            bufs, futures = reads.pop(i)
+            wait(futures)
             v = {k: b[: n * 4].view(torch.float32) for k, b in bufs.items()}
             if fresh is not None:  # zero either way at step 1: the arithmetic is the same
                 if self._fresh_used + n > self.piece:  # the next sub-group starts from zeros again
@@ -73,4 +110,6 @@ class UpdateMixin:
                     bufs[k][: n * 4].view(torch.float32).copy_(v[k])
             # streamed: the piece's gradient is spent, and its bytes are aligned (gradients.ALIGN)
             spent = g if self.streamed is not None else None
-            self._write_piece(gi, start, n, bufs, spent)
+            self._writes.append(self._submit_write_piece(gi, start, n, bufs, spent))
+        if depth == 1:
+            self.settle_writes()

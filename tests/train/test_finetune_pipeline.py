@@ -1,0 +1,87 @@
+"""The pipelined optimizer update on the SSD tier (design.update_depth > 1, store_update.py): the next piece read and
+the last ones written while AdamW runs, a group's first piece read during its backward (prepare_update), its last
+writes finishing during the next units' backward. Checked against the sequential update (depth 1) with an aio
+engine that does each transfer only when it is waited for: the latest a real engine could finish it. A slot or
+a source buffer reused before its write is waited for then holds other bytes when the write runs, and a write
+never waited for never reaches the file, so either shows in the losses or the saved state.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from memfit.memory.aio import AioEngine
+from memfit.memory.hostpool import SlotPool
+from memfit.train.finetune import store as store_mod
+from memfit.train.finetune.design_base import HostMemoryDesign
+from memfit.train.finetune.designs import MemAscend
+from tests.train.test_finetune import cfg, make_tiny, run
+from tests.train.test_finetune_blockwise import _tensors
+
+
+class LazyFuture:
+    """Runs its transfer when first waited for (from whichever thread waits)."""
+
+    def __init__(self, fn) -> None:
+        self._fn, self._done, self._lock = fn, False, threading.Lock()
+
+    def result(self, timeout: float | None = None) -> None:
+        with self._lock:
+            if not self._done:
+                self._fn()
+                self._done = True
+
+
+class LazyEngine(AioEngine):
+    def submit(self, write, fd, buf, nbytes, offset):
+        return [LazyFuture(lambda s=s, n=min(self.block_size, nbytes - s): self._one(write, fd, buf, s, n, offset + s))
+                for s in range(0, nbytes, self.block_size)]
+
+
+def _train(tmp_path, monkeypatch, name: str, depth: int, lazy: bool, tied: bool) -> tuple[list[float], dict, int]:
+    """3 steps of memascend on the SSD tier, bf16, pieces of 4096 elements (several per group): losses, the saved
+    weights and moments, and the most optimizer slots the run held at once."""
+    monkeypatch.setattr(MemAscend, "update_depth", depth)
+    monkeypatch.setattr(MemAscend, "PIECE_CAP", 4096)
+    if lazy:
+        def aio(self):
+            if self.engine is None:
+                self.engine = LazyEngine(block_size=1 << 12, queue_depth=2)  # several blocks a piece
+            return self.engine
+        monkeypatch.setattr(HostMemoryDesign, "aio", aio)
+    held = {"slots": 0}
+    real_init, real_close = store_mod.GroupStore.__init__, store_mod.GroupStore.close
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        pool = self.opt_pool
+
+        def acquire(nbytes: int, _real=SlotPool.acquire.__get__(pool)):
+            # only the main thread takes and gives back optimizer slots: a wait for one would never end
+            assert any(s >= nbytes and free for s, free in pool._free.items()), "update waited for a slot"
+            return _real(nbytes)
+        pool.acquire = acquire
+
+    def close(self):
+        held["slots"] = max(held["slots"], self.opt_pool.peak_in_use_slots)
+        real_close(self)
+
+    monkeypatch.setattr(store_mod.GroupStore, "__init__", init)
+    monkeypatch.setattr(store_mod.GroupStore, "close", close)
+    model = make_tiny(tmp_path / "m", tied=tied)
+    res = run(cfg(model, tmp_path / name, steps=3, offload="ssd", host_memory="memascend", dtype="bfloat16",
+                  save=str(tmp_path / f"ck-{name}")))
+    monkeypatch.undo()
+    return res.losses, _tensors(tmp_path / f"ck-{name}"), held["slots"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_pipelined_update_equals_the_sequential_one_bit_for_bit(tmp_path, monkeypatch, tied):
+    ref_losses, ref_state, ref_slots = _train(tmp_path, monkeypatch, "seq", 1, False, tied)
+    losses, state, slots = _train(tmp_path, monkeypatch, "pipe", 3, True, tied)
+    assert losses == ref_losses and losses[-1] < losses[0]
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    # depth 1 holds one set (master, moments); depth 3 keeps three in flight, each with its compute copy
+    assert ref_slots == 3 and slots == 3 * 4
