@@ -126,7 +126,7 @@ class LLMEngine:
         self.prefault_failures = 0
         self.timeline = None
         if config.timeline:
-            from memfit.memory.measure import MemoryTimeline
+            from memfit.memory.timeline import MemoryTimeline
 
             self.timeline = MemoryTimeline(jsonl_path=config.timeline)
 
