@@ -50,6 +50,15 @@ def _malloc_trim():
     return fn
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free pages back now (glibc's `malloc_trim(0)`); False where there is no such call."""
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True
+
+
 class HeapTrimmer:
     """Trim the C heap when the memory held since construction passes `TRIM_AT` of `limit_bytes`.
 
