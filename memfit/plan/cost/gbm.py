@@ -82,7 +82,11 @@ class ResidualGBM:
         return self._base_log(X) + trees.predict(self.trees, X[:, :self.n_features])
 
     def to_json(self) -> dict:
-        return {"base": self.base, "n_features": self.n_features, "trees": [t.to_json() for t in self.trees]}
+        from memfit.plan.cost.features import ALL_NAMES
+
+        # the columns' names, so that a model file can be checked against the features of this version
+        return {"base": self.base, "n_features": self.n_features, "names": list(ALL_NAMES[:self.n_features]),
+                "trees": [t.to_json() for t in self.trees]}
 
     @classmethod
     def from_json(cls, d: dict) -> "ResidualGBM":

@@ -34,6 +34,19 @@ def check_host(bundle: Bundle, path: str | Path) -> bool:
     return True
 
 
+def check_columns(bundle: Bundle, path: str | Path) -> None:
+    """The columns a model reads must be the leading columns of features.ALL_NAMES by name: a column whose
+    meaning changed is renamed (paths.PATH_NAMES), so a model of the old meaning fails here rather than
+    predicting from inputs read the wrong way round."""
+    names = list(features.ALL_NAMES)
+    used = [list(bundle.feature_names), list((bundle.blend or {}).get("names") or [])]
+    for cols in used:
+        if cols != names[:len(cols)]:
+            bad = next(c for i, c in enumerate(cols) if i >= len(names) or names[i] != c)
+            raise CostModelError(f"cost model {path} reads feature columns this version does not compute "
+                                 f"(first mismatch: {bad!r}); retrain it (memfit costmodel train)")
+
+
 @lru_cache(maxsize=4)
 def load_model(path: str | None = None) -> Bundle:
     from memfit.plan.cost.train import DEFAULT_MODEL
@@ -42,6 +55,7 @@ def load_model(path: str | None = None) -> Bundle:
     if not p.exists():
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
     bundle = Bundle.load(str(p))
+    check_columns(bundle, p)
     check_host(bundle, p)
     return bundle
 
