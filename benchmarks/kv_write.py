@@ -1,5 +1,5 @@
 """The virtual KV cache's write of a prefill step: one slice copy a sequence against one `index_put_` over every
-row (kv/virtual.py's WRITE_SLICES_MAX picks between them), side by side.
+row (kv/virtual_io.py's WRITE_SLICES_MAX picks between them), side by side.
 
 The 0.1b shape's layer (4 KV heads of 64, bf16), steps of B sequences x T new rows each, as a prefill step's
 chunks (B x T <= 512 rows) and as a decode step (T = 1, which keeps index_put_). Each figure is the median
@@ -18,6 +18,7 @@ import time
 import torch
 
 import memfit.llm.kv.virtual as virtual
+import memfit.llm.kv.virtual_io as virtual_io
 from benchmarks.common import emit, header, interleave, pin_threads
 from memfit.llm.kv.base import KVLayout, SeqStep
 from memfit.memory.budget import MemoryBudget
@@ -36,16 +37,16 @@ def measure(batch: int, rows: int, reps: int, inner: int) -> dict:
 
     def run(slices_max: int):
         def call() -> None:
-            virtual.WRITE_SLICES_MAX = slices_max
+            virtual_io.WRITE_SLICES_MAX = slices_max
             for _ in range(inner):
                 cache.write(0, plan, k, k)
         return call
 
-    default = virtual.WRITE_SLICES_MAX
+    default = virtual_io.WRITE_SLICES_MAX
     try:
         t = interleave({"slices": run(default), "index_put": run(0)}, reps, warmup=2, clock=time.process_time)
     finally:
-        virtual.WRITE_SLICES_MAX = default
+        virtual_io.WRITE_SLICES_MAX = default
         cache.close()
     us = {name: round(statistics.median(v) / inner * 1e6, 1) for name, v in t.items()}
     return {"sequences": batch, "rows_each": rows, "slices_us": us["slices"], "index_put_us": us["index_put"],

@@ -352,7 +352,7 @@ def test_head_major_layout_keeps_each_heads_rows_contiguous():
 def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, slices_max):
     """write() copies a few sequences' rows slice by slice and many by one index_put_: either way each row lands
     at (its sequence's slot, its position) and nothing else changes."""
-    import memfit.llm.kv.virtual as virtual
+    import memfit.llm.kv.virtual_io as virtual
 
     monkeypatch.setattr(virtual, "WRITE_SLICES_MAX", slices_max)
     cache, _ = make()
@@ -374,7 +374,7 @@ def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, sli
 
 @pytest.mark.parametrize("slices_max", [0, 8])
 def test_a_write_with_more_rows_than_the_step_is_refused_by_slices_or_by_index(monkeypatch, slices_max):
-    import memfit.llm.kv.virtual as virtual
+    import memfit.llm.kv.virtual_io as virtual
 
     monkeypatch.setattr(virtual, "WRITE_SLICES_MAX", slices_max)
     cache, _ = make()
