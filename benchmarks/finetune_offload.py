@@ -230,10 +230,11 @@ def run_worker(args: argparse.Namespace, design: str) -> dict:
 
 
 def _rival(runs: dict) -> str | None:
-    """The ZeRO-Infinity design memascend is compared with: the default-buffer one if run, else the tuned one."""
+    """The ZeRO-Infinity design memascend is compared with: the default-buffer one if run, else the tuned one, else
+    the tuned one with pipelined optimizer swaps."""
     if "memascend" not in runs:
         return None
-    return next((d for d in ("zero-infinity", "zero-infinity-tuned") if d in runs), None)
+    return next((d for d in ("zero-infinity", "zero-infinity-tuned", "zero-infinity-pipelined") if d in runs), None)
 
 
 def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:

@@ -73,9 +73,10 @@ def _register_finetune(sub) -> None:
     p.add_argument("--offload", default="none", choices=("none", "host", "ssd"),
                    help="where parameters, gradients' master copies and Adam states live")
     p.add_argument("--ssd-dir", default=None, help="swap directory for --offload ssd (on an SSD; O_DIRECT where possible)")
-    p.add_argument("--host-memory", default="memascend", choices=("zero-infinity", "zero-infinity-tuned", "memascend"),
-                   help="host-memory design: ZeRO-Infinity's buffer policies (at DeepSpeed's defaults, or -tuned: "
-                        "sub_group_size at its smallest) or MemAscend's")
+    p.add_argument("--host-memory", default="memascend",
+                   choices=("zero-infinity", "zero-infinity-tuned", "zero-infinity-pipelined", "memascend"),
+                   help="host-memory design: ZeRO-Infinity's buffer policies (at DeepSpeed's defaults; -tuned: "
+                        "sub_group_size at its smallest; -pipelined: also pipeline_read/pipeline_write) or MemAscend's")
     p.add_argument("--memory-budget", default=None,
                    help="host memory the run may plan for (e.g. 8GiB); below the minimum it stops with the breakdown")
     p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counted from step 0 (also on --resume)")

@@ -85,3 +85,69 @@ def test_pipelined_update_equals_the_sequential_one_bit_for_bit(tmp_path, monkey
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
     # depth 1 holds one set (master, moments); depth 3 keeps three in flight, each with its compute copy
     assert ref_slots == 3 and slots == 3 * 4
+
+
+def _rival(tmp_path, monkeypatch, name: str, design: str, lazy: bool) -> tuple[list[float], dict, list[tuple]]:
+    """3 steps of a ZeRO-Infinity design on the SSD tier, bf16 (its flat optimizer step): losses, the saved state,
+    and the order in which the update read groups' pieces and ran AdamW on them."""
+    if lazy:
+        def aio(self):
+            if self.engine is None:
+                self.engine = LazyEngine(block_size=1 << 12, queue_depth=2)
+            return self.engine
+        monkeypatch.setattr(HostMemoryDesign, "aio", aio)
+    events: list[tuple] = []
+    real_read, real_update = store_mod.GroupStore._start_read_piece, store_mod.GroupStore.update_group
+
+    def read(self, gi, *a, **k):
+        events.append(("read", gi))
+        return real_read(self, gi, *a, **k)
+
+    def update(self, gi, *a, **k):
+        real_update(self, gi, *a, **k)
+        events.append(("updated", gi))
+
+    real_init = store_mod.GroupStore.__init__
+
+    def init(self, *a, **k):  # a set taken beyond the pool would wait forever: fail instead
+        real_init(self, *a, **k)
+        pool = self.opt_pool
+
+        def acquire(nbytes: int, _real=SlotPool.acquire.__get__(pool)):
+            assert any(s >= nbytes and free for s, free in pool._free.items()), "update waited for a slot"
+            return _real(nbytes)
+        pool.acquire = acquire
+
+    monkeypatch.setattr(store_mod.GroupStore, "__init__", init)
+    monkeypatch.setattr(store_mod.GroupStore, "_start_read_piece", read)
+    monkeypatch.setattr(store_mod.GroupStore, "update_group", update)
+    model = make_tiny(tmp_path / "m")
+    res = run(cfg(model, tmp_path / name, steps=3, offload="ssd", host_memory=design, dtype="bfloat16",
+                  save=str(tmp_path / f"ck-{name}")))
+    monkeypatch.undo()
+    return res.losses, _tensors(tmp_path / f"ck-{name}"), events
+
+
+def test_pipelined_rival_reads_the_next_sub_group_during_this_ones_update(tmp_path, monkeypatch):
+    """zero-infinity-pipelined (pipeline_read/pipeline_write) trains as zero-infinity-tuned bit for bit, and its
+    optimizer step reads each next group's state before this group's update is done, where the tuned one reads it
+    after (a rival without that read-ahead would only defer its writes)."""
+    ref_losses, ref_state, ref_events = _rival(tmp_path, monkeypatch, "tuned", "zero-infinity-tuned", False)
+    losses, state, events = _rival(tmp_path, monkeypatch, "pipe", "zero-infinity-pipelined", True)
+    assert losses == ref_losses and losses[-1] < losses[0]
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+
+    def read_ahead(evs: list[tuple]) -> list[bool]:
+        # for each update but a step's last: was the next group's first read issued while it ran (after the
+        # previous update finished, before this one did)?
+        out, since = [], 0
+        for i, (kind, gi) in enumerate(evs):
+            if kind == "updated":
+                nxt = next((e for e in evs[i + 1 :] if e[0] == "updated"), None)
+                if nxt is not None and nxt[1] == gi + 1:
+                    out.append(("read", gi + 1) in evs[since:i])
+                since = i + 1
+        return out
+
+    assert read_ahead(events) and all(read_ahead(events))
+    assert read_ahead(ref_events) and not any(read_ahead(ref_events))

@@ -64,7 +64,11 @@ class ZeroInfinity(HostMemoryDesign):
         # deepspeed/runtime/swap_tensor/optimizer_utils.py (OptimizerSwapper.__init__): SwapBufferManager(
         # num_elems=largest_numel, count=buffer_count): 4 fp32 slots, each the largest sub-group (stage3.py
         # _configure_tensor_swapping: largest_numel=max(fp16_partitioned_groups_flat_numel)), zeroed.
-        return {self.optimizer_piece(groups) * 4: self.OPTIMIZER_BUFFER_COUNT}
+        piece = self.optimizer_piece(groups)
+        classes = {piece * 4: max(self.OPTIMIZER_BUFFER_COUNT, 3 * self.update_depth)}
+        if self.update_depth > 1 and copy_itemsize and not self.host_param_copy(groups):
+            classes[round_up(piece * copy_itemsize, IO_ALIGN)] = self.update_depth  # pipelined: a copy slot a set
+        return classes
 
     def optimizer_piece(self, groups: list[Group]) -> int:
         # DeepSpeed swaps a whole sub-group (master, moments and gradient) at once into slots sized for the
@@ -100,6 +104,18 @@ class ZeroInfinityTuned(ZeroInfinity):
     name = "zero-infinity-tuned"
     SUB_GROUP_SIZE = 1
     PARAM_BUFFER_SIZE = 1  # elements: param_classes grows a slot to the largest group, so the slot is exactly that
+
+
+class ZeroInfinityPipelined(ZeroInfinityTuned):
+    """`zero-infinity-tuned` with DeepSpeed's `offload_optimizer.pipeline_read` and `pipeline_write` on: the
+    optimizer step reads the next sub-group's state while it updates this one and writes the last ones back
+    behind it (stage3.py's PipelinedOptimizerSwapper), the rival to time memascend's pipelined update against.
+    Modelled with memfit's pipelined update (store_update.py, `update_depth` 3 sets of master and moments in
+    flight, 9 slots of the largest sub-group); how many buffers DeepSpeed's own swapper holds is not modelled,
+    so its memory is this model's. Same arithmetic, same bits as the tuned design."""
+
+    name = "zero-infinity-pipelined"
+    update_depth = 3
 
 
 def sub_groups(groups: list[Group], sub_group_size: int) -> list[int]:

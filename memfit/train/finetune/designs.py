@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from memfit.train.finetune.design_base import PIECE_ALIGN, HostMemoryDesign
 from memfit.train.finetune.design_memascend import OVERFLOW_CHUNK, MemAscend
-from memfit.train.finetune.design_zero_infinity import ZeroInfinity, ZeroInfinityTuned, sub_groups
+from memfit.train.finetune.design_zero_infinity import (ZeroInfinity, ZeroInfinityPipelined, ZeroInfinityTuned,
+                                                         sub_groups)
 
 __all__ = ["DESIGNS", "OVERFLOW_CHUNK", "PIECE_ALIGN", "HostMemoryDesign", "MemAscend", "ZeroInfinity",
-           "ZeroInfinityTuned", "make_design", "sub_groups"]
+           "ZeroInfinityPipelined", "ZeroInfinityTuned", "make_design", "sub_groups"]
 
-DESIGNS = ("zero-infinity", "zero-infinity-tuned", "memascend")
+DESIGNS = ("zero-infinity", "zero-infinity-tuned", "zero-infinity-pipelined", "memascend")
 
 
 def make_design(name: str) -> HostMemoryDesign:
@@ -38,6 +39,8 @@ def make_design(name: str) -> HostMemoryDesign:
         return ZeroInfinity()
     if name == "zero-infinity-tuned":
         return ZeroInfinityTuned()
+    if name == "zero-infinity-pipelined":
+        return ZeroInfinityPipelined()
     if name == "memascend":
         return MemAscend()
     raise ValueError(f"unknown --host-memory {name!r}; choose {', '.join(DESIGNS)}")

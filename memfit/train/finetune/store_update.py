@@ -29,8 +29,9 @@ class UpdateMixin:
             self._fresh = torch.zeros(2, self.piece, dtype=torch.float32)
             self._fresh_used = 0
             self.pools["first-step Adam moments (transient)"] = self._fresh.numel() * 4
-        for gi in range(len(self.groups)):
-            self.update_group(gi, adam, step, grad_scale)
+        last = len(self.groups) - 1
+        for gi in range(last + 1):
+            self.update_group(gi, adam, step, grad_scale, next_gi=gi + 1 if gi < last else None)
         self._fresh = None
         if self.tier == "ssd":
             self.settle_writes()
@@ -52,9 +53,12 @@ class UpdateMixin:
                 self.opt_pool.release(b)
         self._early.clear()
 
-    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float, source: PieceGrad | None = None) -> None:
+    def update_group(self, gi: int, adam: AdamW, step: int, grad_scale: float, source: PieceGrad | None = None,
+                     next_gi: int | None = None) -> None:
         """AdamW on group gi (its master and moments swapped in piece by piece on the SSD tier). A blockwise
-        group's gradient is made piece by piece by `source` into its one-piece slice (None: zero)."""
+        group's gradient is made piece by piece by `source` into its one-piece slice (None: zero). `next_gi`: the
+        group the flat optimizer step updates next; pipelined, its first piece is read once this group's reads
+        are all issued (as DeepSpeed's pipeline_read reads the next sub-group's state during this one's update)."""
         grad = self.grads[gi]
         blockwise = self.streamed is not None and gi in self.streamed.blockwise
 
@@ -93,6 +97,11 @@ class UpdateMixin:
                     self._retire_write()
                 reads[ahead] = self._start_read_piece(gi, *pieces[ahead])
                 ahead += 1
+            if depth > 1 and next_gi is not None and ahead == len(pieces) and not self._early:
+                while self._writes and len(reads) + len(self._writes) >= depth:  # a set for it, as above
+                    self._retire_write()
+                if len(reads) + len(self._writes) < depth:
+                    self._early[next_gi] = self._start_read_piece(next_gi, *self._pieces(next_gi)[0])
             g = piece_grad(start, n)
             bufs, futures = reads.pop(i)
             wait(futures)

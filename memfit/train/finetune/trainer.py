@@ -54,7 +54,7 @@ class FinetuneConfig:
     data: str
     offload: str = "none"  # none | host | ssd
     ssd_dir: str | None = None
-    host_memory: str = "memascend"  # zero-infinity | zero-infinity-tuned | memascend
+    host_memory: str = "memascend"  # zero-infinity | zero-infinity-tuned | zero-infinity-pipelined | memascend
     memory_budget: int | None = None  # bytes of host memory the plan may take
     steps: int = 10
     batch_size: int = 1
