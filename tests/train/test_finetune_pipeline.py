@@ -40,6 +40,23 @@ class LazyEngine(AioEngine):
                 for s in range(0, nbytes, self.block_size)]
 
 
+def _fail_on_slot_wait(monkeypatch) -> None:
+    """Make a store's optimizer pool fail where the update would wait for a slot: only the main thread takes and
+    gives back optimizer slots, so such a wait would never end (a set taken beyond the pool)."""
+    real_init = store_mod.GroupStore.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        pool = self.opt_pool
+
+        def acquire(nbytes: int, _real=SlotPool.acquire.__get__(pool)):
+            assert any(s >= nbytes and free for s, free in pool._free.items()), "update waited for a slot"
+            return _real(nbytes)
+        pool.acquire = acquire
+
+    monkeypatch.setattr(store_mod.GroupStore, "__init__", init)
+
+
 def _train(tmp_path, monkeypatch, name: str, depth: int, lazy: bool, tied: bool) -> tuple[list[float], dict, int]:
     """3 steps of memascend on the SSD tier, bf16, pieces of 4096 elements (several per group): losses, the saved
     weights and moments, and the most optimizer slots the run held at once."""
@@ -52,23 +69,13 @@ def _train(tmp_path, monkeypatch, name: str, depth: int, lazy: bool, tied: bool)
             return self.engine
         monkeypatch.setattr(HostMemoryDesign, "aio", aio)
     held = {"slots": 0}
-    real_init, real_close = store_mod.GroupStore.__init__, store_mod.GroupStore.close
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        pool = self.opt_pool
-
-        def acquire(nbytes: int, _real=SlotPool.acquire.__get__(pool)):
-            # only the main thread takes and gives back optimizer slots: a wait for one would never end
-            assert any(s >= nbytes and free for s, free in pool._free.items()), "update waited for a slot"
-            return _real(nbytes)
-        pool.acquire = acquire
+    real_close = store_mod.GroupStore.close
 
     def close(self):
         held["slots"] = max(held["slots"], self.opt_pool.peak_in_use_slots)
         real_close(self)
 
-    monkeypatch.setattr(store_mod.GroupStore, "__init__", init)
+    _fail_on_slot_wait(monkeypatch)
     monkeypatch.setattr(store_mod.GroupStore, "close", close)
     model = make_tiny(tmp_path / "m", tied=tied)
     res = run(cfg(model, tmp_path / name, steps=3, offload="ssd", host_memory="memascend", dtype="bfloat16",
@@ -107,18 +114,7 @@ def _rival(tmp_path, monkeypatch, name: str, design: str, lazy: bool) -> tuple[l
         real_update(self, gi, *a, **k)
         events.append(("updated", gi))
 
-    real_init = store_mod.GroupStore.__init__
-
-    def init(self, *a, **k):  # a set taken beyond the pool would wait forever: fail instead
-        real_init(self, *a, **k)
-        pool = self.opt_pool
-
-        def acquire(nbytes: int, _real=SlotPool.acquire.__get__(pool)):
-            assert any(s >= nbytes and free for s, free in pool._free.items()), "update waited for a slot"
-            return _real(nbytes)
-        pool.acquire = acquire
-
-    monkeypatch.setattr(store_mod.GroupStore, "__init__", init)
+    _fail_on_slot_wait(monkeypatch)
     monkeypatch.setattr(store_mod.GroupStore, "_start_read_piece", read)
     monkeypatch.setattr(store_mod.GroupStore, "update_group", update)
     model = make_tiny(tmp_path / "m")
