@@ -42,9 +42,16 @@ class UpdateMixin:
         (update_depth > 1) on the SSD tier only, one group ahead, taking a set the update would take anyway."""
         if self.tier != "ssd" or self.design.update_depth < 2 or self._early:
             return
-        while self._writes and len(self._writes) + 1 > self.design.update_depth:
+        self._read_first_ahead(gi)
+
+    def _read_first_ahead(self, gi: int, reading: int = 0) -> None:
+        """Start reading group gi's first piece into `_early`, in a set taken as any read takes one: the oldest
+        writes retired while `reading` reads in flight and the writes fill every set (none left: no read)."""
+        depth = self.design.update_depth
+        while self._writes and reading + len(self._writes) >= depth:
             self._retire_write()
-        self._early[gi] = self._start_read_piece(gi, *self._pieces(gi)[0])
+        if reading + len(self._writes) < depth:
+            self._early[gi] = self._start_read_piece(gi, *self._pieces(gi)[0])
 
     def _drop_early(self) -> None:
         for bufs, futures in self._early.values():
@@ -98,10 +105,7 @@ class UpdateMixin:
                 reads[ahead] = self._start_read_piece(gi, *pieces[ahead])
                 ahead += 1
             if depth > 1 and next_gi is not None and ahead == len(pieces) and not self._early:
-                while self._writes and len(reads) + len(self._writes) >= depth:  # a set for it, as above
-                    self._retire_write()
-                if len(reads) + len(self._writes) < depth:
-                    self._early[next_gi] = self._start_read_piece(next_gi, *self._pieces(next_gi)[0])
+                self._read_first_ahead(next_gi, len(reads))
             g = piece_grad(start, n)
             bufs, futures = reads.pop(i)
             wait(futures)
