@@ -2,7 +2,7 @@
 allocates beside it where the arena holds a step's intermediates, the pre-arena figure elsewhere (tensor
 parallelism, other linears, no memfit kernels, CUDA); and, where memfit's CPU kernels run, an upper bound of what a
 step really takes, read from the kernel (the peak RSS of the step, VmHWM reset before it, after malloc_trim, less the
-KV pages the step committed), not from the arena's or the ledger's own counters."""
+KV pages the step committed and the library pages it faulted back in), not from the arena's or the ledger's own counters."""
 from __future__ import annotations
 
 import ctypes
@@ -142,13 +142,21 @@ def _measured_steps(eng, monkeypatch) -> list[dict]:
                 gc.collect()
                 _libc.malloc_trim(0)  # freed heap pages go back, so the step's own heap use faults pages in again
                 reset_peak_rss()
-                before, kv0 = status_bytes()["VmRSS"], sum(c.committed_bytes for c in caches)
+                st = status_bytes()
+                before, file0, kv0 = st["VmRSS"], st.get("RssFile", 0), sum(c.committed_bytes for c in caches)
                 rows.clear()
                 eng.step()
+                st = status_bytes()
                 grown = max(0, sum(c.committed_bytes for c in caches) - kv0)
+                # Library pages the step faults back in are in VmHWM but are not memory it allocates: under memory
+                # pressure the kernel reclaims clean code pages between steps (a CI machine's 256-row bf16 step
+                # peaked 122 KiB above its figure, where this host's runs stay at 0.63-0.72 of it; dropping the
+                # code mappings before every step here, MADV_DONTNEED on r-xp, put 12-16 MiB of refaulted code in
+                # each step's VmHWM). They are file-backed, so RssFile's growth over the step takes them out.
+                refaulted = max(0, st.get("RssFile", 0) - file0)
                 if rnd:
-                    steps.append({"peak": status_bytes()["VmHWM"] - before - grown, "rows": list(rows),
-                                  "sampled": sampled})
+                    steps.append({"peak": st["VmHWM"] - before - grown - refaulted, "rows": list(rows),
+                                  "sampled": sampled, "refaulted": refaulted})
     return steps
 
 
