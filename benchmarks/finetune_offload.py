@@ -18,8 +18,10 @@ alternating from round to round (A B, B A, ...), so a drift in the machine's loa
 reports, per round, each design's median over its steady-state steps (neither the first, the warm-up, nor with
 3 or more steps the last, which the trainer runs under its allocator profiler) of wall time and of the
 process's CPU time (all threads: what a step costs whatever else the machine runs), the ratios memascend / rival,
-and the 1-minute load before each process; overall, each design's median over all its steady steps and the
-median, min and max of the per-round ratios. `--layers N` keeps the shape's widths and vocabulary with N decoder layers.
+and the 1-minute load before each process (and the 1-, 5- and 15-minute ones before and after it); overall, each
+design's median over all its steady steps (and of its optimizer update's time, `optimizer_seconds`, with the part
+a pipelined update waits for at the step's end, `optimizer_settle_seconds`) and the median, min and max of the
+per-round ratios; with more than one rival, `vs` has memascend's per-round ratios against each. `--layers N` keeps the shape's widths and vocabulary with N decoder layers.
 """
 from __future__ import annotations
 
@@ -94,8 +96,15 @@ def summarise(r: dict) -> dict:
         "steady_median_step_cpu_seconds": statistics.median(r["step_cpu_seconds"][s] for s in steady_steps(steps))
         if r.get("step_cpu_seconds") else None,
         "step_seconds": r["step_seconds"],
+        # the optimizer update's part of each step (AdamW and the waits for its SSD transfers, a pipelined update's
+        # writes settled at the step's end included), and of it the waits outside the group updates
+        "optimizer_seconds": r.get("optimizer_seconds"),
+        "optimizer_settle_seconds": r.get("optimizer_settle_seconds"),
         "losses": r["losses"],
     }
+    for key in ("optimizer_seconds", "optimizer_settle_seconds"):
+        if r.get(key) and len(r[key]) == steps:
+            out[f"steady_median_{key}"] = statistics.median(r[key][s] for s in steady_steps(steps))
     if ssd:
         busy = ssd["read_seconds"] + ssd["write_seconds"]
         out["ssd"] = dict(ssd, bytes_per_step=(ssd["bytes_read"] + ssd["bytes_written"]) / steps,
@@ -180,12 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     rounds = []
     for i in range(args.rounds):
         order = designs if i % 2 == 0 else designs[::-1]  # alternating: a load drift falls on both designs
-        rnd: dict = {"order": order, "load_1min": {}, "designs": {}}
+        rnd: dict = {"order": order, "load_1min": {}, "load": {}, "designs": {}}
         for design in order:
             rnd["load_1min"][design] = round(os.getloadavg()[0], 2)
+            before = [round(x, 2) for x in os.getloadavg()]
             print(f"round {i + 1}/{args.rounds}: running {design} (load {rnd['load_1min'][design]}) ...",
                   file=sys.stderr, flush=True)
             rnd["designs"][design] = run_worker(args, design)
+            # the 1-, 5- and 15-minute load averages before and after the process
+            rnd["load"][design] = {"before": before, "after": [round(x, 2) for x in os.getloadavg()]}
         rival = _rival(rnd["designs"])
         if rival:
             ma, zi = rnd["designs"]["memascend"], rnd["designs"][rival]
@@ -246,6 +258,11 @@ def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:
         times = [r["designs"][d]["step_seconds"][s] for r in rounds for s in steady]
         out["designs"][d] = {"median_step_seconds": statistics.median(times), "min": min(times), "max": max(times),
                              "per_round_medians": [r["designs"][d]["steady_median_step_seconds"] for r in rounds]}
+        for key in ("optimizer_seconds", "optimizer_settle_seconds"):
+            vals = [r["designs"][d][key][s] for r in rounds for s in steady
+                    if r["designs"][d].get(key) and len(r["designs"][d][key]) == steps]
+            if vals:
+                out["designs"][d][f"median_{key}"] = statistics.median(vals)
         cpu = [r["designs"][d]["step_cpu_seconds"][s] for r in rounds for s in steady
                if r["designs"][d]["step_cpu_seconds"]]
         if cpu:
@@ -261,8 +278,24 @@ def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:
     if rival and "ratios" in out:
         out["ratio_of_medians"] = (out["designs"]["memascend"]["median_step_seconds"]
                                    / out["designs"][rival]["median_step_seconds"])
+    if "memascend" in designs:  # memascend against every other design run, each round's two figures side by side
+        out["vs"] = {d: _round_ratios(rounds, d) for d in designs if d != "memascend"}
     loads = [x for r in rounds for x in r["load_1min"].values()]
     out["load_1min_min"], out["load_1min_max"] = min(loads), max(loads)
+    return out
+
+
+def _round_ratios(rounds: list[dict], rival: str) -> dict:
+    """memascend / `rival` per round, of the steady-step medians of wall time, CPU time and optimizer time: each
+    list and its median, min and max."""
+    out: dict = {}
+    for key in ("steady_median_step_seconds", "steady_median_step_cpu_seconds", "steady_median_optimizer_seconds"):
+        ratios = [r["designs"]["memascend"][key] / r["designs"][rival][key] for r in rounds
+                  if r["designs"]["memascend"].get(key) and r["designs"][rival].get(key)]
+        if ratios:
+            name = key.removeprefix("steady_median_").removesuffix("_seconds")
+            out[name] = {"ratios": ratios, "median": statistics.median(ratios), "min": min(ratios),
+                         "max": max(ratios)}
     return out
 
 

@@ -6,8 +6,9 @@ each phase of the run.
 
 One process, the same configuration as a `benchmarks.finetune_offload` worker. Phases: the initial write of the
 weights; per step each unit's forward, its recompute in the backward, the head (forward and backward at once),
-the embedding's backward, each group's AdamW update (streamed designs run them inside the backward), and what
-runs between them, named after the phase they follow. A phase's figure is the most RSS it reached, above the
+the embedding's backward, each group's AdamW update (streamed designs run them inside the backward; a pipelined
+update's last writes settled at the step's end and a group's first read started in the backward are phases of
+their own), and what runs between them, named after the phase they follow. A phase's figure is the most RSS it reached, above the
 process baseline the trainer reports; each phase's time (main thread, nested calls excluded) is recorded too.
 `--layers N` keeps the shape's widths and vocabulary with N decoder layers: a cheap probe of the phases that do
 not depend on depth (embedding, head, the updates of one layer). --json prints the one result object.
@@ -128,6 +129,10 @@ def probe(args: argparse.Namespace, vocab_blocks: bool | None = None) -> dict:
     meter.wrap(UnitRunner, "head_step", on_head)
     meter.wrap(executor.StepExecutor, "_embedding_backward", lambda *a, **k: "embedding backward")
     meter.wrap(GroupStore, "update_group", on_update)
+    # the update's waits outside a group's update (the trainer's optimizer_settle_seconds): a pipelined update's
+    # last writes settled at the step's end, and a group's first read started during the backward
+    meter.wrap(GroupStore, "settle_updates", lambda *a, **k: "update writes settled")
+    meter.wrap(GroupStore, "prepare_update", lambda self, gi: f"update read-ahead {self.groups[gi].name}")
     shape = model_config(args.shape)
     if args.layers:
         shape = dataclasses.replace(shape, num_hidden_layers=args.layers)

@@ -8,6 +8,7 @@ never waited for never reaches the file, so either shows in the losses or the sa
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -147,3 +148,65 @@ def test_pipelined_rival_reads_the_next_sub_group_during_this_ones_update(tmp_pa
 
     assert read_ahead(events) and all(read_ahead(events))
     assert read_ahead(ref_events) and not any(read_ahead(ref_events))
+
+
+class _SlowWrites(LazyEngine):
+    """Lazy, and each write block takes `delay` seconds more when first waited for; the main thread's time waiting
+    for writes is added to `waited[-1]` (one entry a step: the test appends at each step's start)."""
+
+    delay = 0.01
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.waited: list[float] = []
+
+    def submit(self, write, fd, buf, nbytes, offset):
+        futures = super().submit(write, fd, buf, nbytes, offset)
+        return [_TimedWrite(f, self) for f in futures] if write else futures
+
+
+class _TimedWrite:
+    def __init__(self, future: LazyFuture, engine: _SlowWrites) -> None:
+        self._future, self._engine, self._slept = future, engine, False
+
+    def result(self, timeout: float | None = None) -> None:
+        t0 = time.perf_counter()
+        if not self._slept:
+            self._slept = True
+            time.sleep(self._engine.delay)
+        self._future.result(timeout)
+        if threading.current_thread() is threading.main_thread() and self._engine.waited:
+            self._engine.waited[-1] += time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("design", ["memascend", "zero-infinity-pipelined"])
+def test_update_seconds_count_the_writes_a_pipelined_update_leaves_in_flight(tmp_path, monkeypatch, design):
+    """A step's optimizer_seconds holds every wait of the step for the update's writes, those a pipelined update
+    leaves in flight at a group's end and waits for later (at the step's end: optimizer_settle_seconds) included.
+    Each write block here takes 10 ms when waited for, so the step's end alone waits for tens of them."""
+    engines: list[_SlowWrites] = []
+
+    def aio(self):
+        if self.engine is None:
+            self.engine = _SlowWrites(block_size=1 << 16, queue_depth=2)
+            engines.append(self.engine)
+        return self.engine
+
+    real_zero = store_mod.GroupStore.zero_grad
+
+    def zero_grad(self):  # a step begins (the only writes in a step are the update's)
+        engines[-1].waited.append(0.0)
+        real_zero(self)
+
+    monkeypatch.setattr(HostMemoryDesign, "aio", aio)
+    monkeypatch.setattr(store_mod.GroupStore, "zero_grad", zero_grad)
+    model = make_tiny(tmp_path / "m")
+    res = run(cfg(model, tmp_path / "run", steps=2, offload="ssd", host_memory=design, dtype="bfloat16"))
+    waited = engines[-1].waited
+    assert len(waited) == len(res.optimizer_seconds) == len(res.optimizer_settle_seconds) == 2
+    for s in range(2):
+        assert waited[s] > 0.05, waited  # the delay took effect
+        assert res.optimizer_seconds[s] >= waited[s], (s, res.optimizer_seconds, waited)
+        # pipelined: the last group's writes were still in flight when its update returned
+        assert 0 < res.optimizer_settle_seconds[s] <= res.optimizer_seconds[s]
+        assert res.optimizer_settle_seconds[s] >= _SlowWrites.delay

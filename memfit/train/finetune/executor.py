@@ -107,7 +107,7 @@ class StepExecutor:
         fetcher = Prefetcher(self.store, fetch, self.cfg.depth)
         try:
             loss = self._run(batch, loss_scale, fetcher, head)
-            self.store.settle_writes()  # streamed updates' last writes, before the next step reads the weights
+            self.store.settle_updates()  # streamed updates' last writes (update time), before the next step reads
             return loss
         finally:
             fetcher.close()

@@ -31,7 +31,14 @@ class GradientsMixin:
         self.streamed = streamed
         self._open: set[int] = set()  # streamed: groups whose gradient the backward is filling
         self._pending: tuple[AdamW, int, float] | None = None  # streamed: (adam, step, scale) of this step
-        self.update_seconds = 0.0  # streamed: time in this step's group updates
+        # this step's time in the optimizer update: the group updates (streamed: inside the backward; flat: the
+        # whole optimizer_step), and the waits for their SSD transfers outside them (below)
+        self.update_seconds = 0.0
+        # of which, the time outside the group updates: a pipelined design's last writes of a group, still in
+        # flight when its update returns, waited for at the step's end (settle_updates), and, streamed, a group's
+        # first read started during the backward (prepare_update); the writes a group's update waits for inside
+        # it (the sequential design's, or a set the pipeline needs back) are not in it
+        self.update_settle_seconds = 0.0
         if streamed is not None:
             if self.placement is not None or self.tier not in ("host", "ssd"):
                 raise ValueError("streamed gradients need --offload host or ssd and no --placement")
@@ -61,7 +68,19 @@ class GradientsMixin:
     def stream_updates(self, adam: AdamW, step: int, grad_scale: float) -> None:
         """Arm this step's updates: `grad_done(gi)` then runs AdamW step `step` on group gi."""
         self._pending = (adam, step, grad_scale)
-        self.update_seconds = 0.0
+        self.update_seconds = self.update_settle_seconds = 0.0
+
+    def settle_updates(self) -> None:
+        """The step's end: wait for the update's writes still in flight (`settle_writes`), counted as update
+        time: the part of the update the pipeline did not hide behind the backward."""
+        t0 = time.perf_counter()
+        self.settle_writes()
+        self._count_outside(time.perf_counter() - t0)
+
+    def _count_outside(self, seconds: float) -> None:
+        """Update time spent outside the group updates (update_settle_seconds; part of update_seconds)."""
+        self.update_seconds += seconds
+        self.update_settle_seconds += seconds
 
     def grad(self, gi: int) -> torch.Tensor:
         """Group gi's fp32 gradient to add into; streamed, its slice is zeroed when the step first asks."""
@@ -88,6 +107,8 @@ class GradientsMixin:
         self._open.discard(gi)
 
     def zero_grad(self) -> None:
+        """A step begins: its gradients start from zero, and so do its update timers."""
+        self.update_seconds = self.update_settle_seconds = 0.0
         if self.streamed is None:
             self._grad_buf.zero_()
         self._open.clear()  # streamed: each group's slice is zeroed when the backward first reaches it

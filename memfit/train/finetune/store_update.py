@@ -8,6 +8,8 @@ update reads and writes through the store's SSD pieces (`_pieces`, `_read_piece`
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from memfit.memory.aio import wait
@@ -22,7 +24,9 @@ class UpdateMixin:
 
     # -- the optimizer step ------------------------------------------------------------------------------
     def optimizer_step(self, adam: AdamW, step: int, grad_scale: float) -> None:
-        """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`)."""
+        """AdamW on every group, reading its gradient slice in place (divided by `grad_scale`); its time goes to
+        update_seconds (the flat step's whole update, its settle at the end included)."""
+        t0, settled = time.perf_counter(), self.update_settle_seconds
         self._fresh = None
         if self.tier == "ssd" and step == 1 and self.design.fresh_first_moments:
             # (2, piece) fp32 zeros: the moments of one sub-group, taken before any group is updated
@@ -34,7 +38,8 @@ class UpdateMixin:
             self.update_group(gi, adam, step, grad_scale, next_gi=gi + 1 if gi < last else None)
         self._fresh = None
         if self.tier == "ssd":
-            self.settle_writes()
+            self.settle_updates()  # pipelined: the last group's writes still in flight
+        self.update_seconds += time.perf_counter() - t0 - (self.update_settle_seconds - settled)  # counted once
 
     def prepare_update(self, gi: int) -> None:
         """Group gi's update comes next (streamed, once the backward completes its gradient): start reading its
@@ -42,7 +47,9 @@ class UpdateMixin:
         (update_depth > 1) on the SSD tier only, one group ahead, taking a set the update would take anyway."""
         if self.tier != "ssd" or self.design.update_depth < 2 or self._early:
             return
-        self._read_first_ahead(gi)
+        t0 = time.perf_counter()
+        self._read_first_ahead(gi)  # may wait for the last group's writes first: update time, outside its update
+        self._count_outside(time.perf_counter() - t0)
 
     def _read_first_ahead(self, gi: int, reading: int = 0) -> None:
         """Start reading group gi's first piece into `_early`, in a set taken as any read takes one: the oldest

@@ -129,7 +129,9 @@ class FinetuneResult:
     loss_scale: float
     checkpoint: str | None
     all_losses: list[float] = field(default_factory=list)  # from step 0 (history of a resumed run included)
-    optimizer_seconds: list[float] = field(default_factory=list)  # the AdamW part of each step
+    # the optimizer update's part of each step (store.update_seconds): AdamW and the waits for its SSD transfers,
+    # those a pipelined update leaves in flight and waits for at the step's end included
+    optimizer_seconds: list[float] = field(default_factory=list)
     placement: dict[str, Any] | None = None  # where each group landed (--placement)
     # the tensor allocator's peak within the run's last step, above what was allocated when it began
     # (memfit.memory.allocator: the CPU profiler's allocation events; CUDA's max_memory_allocated)
@@ -137,6 +139,9 @@ class FinetuneResult:
     # the process's CPU time (every thread: compute, prefetch, aio) per step: beside step_seconds, what a step
     # costs on a machine others load (wall time there includes waiting for a core)
     step_cpu_seconds: list[float] = field(default_factory=list)
+    # of optimizer_seconds, the waits outside the group updates (store.update_settle_seconds): what a pipelined
+    # update did not hide behind the backward (its last writes, settled at the step's end)
+    optimizer_settle_seconds: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -220,7 +225,7 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                             StepConfig(cfg.recompute, cfg.grad_checkpointing == "host", cfg.prefetch_depth,
                                        store.design.vocab_blocks))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    losses, seconds, cpu_seconds, opt_seconds, skipped, ckpt = [], [], [], [], [], None
+    losses, seconds, cpu_seconds, opt_seconds, settle_seconds, skipped, ckpt = [], [], [], [], [], [], None
     checkpoint_peak = allocator_peak = 0
     for step in range(start, cfg.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -239,16 +244,16 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
             # fp16 only (a dynamic loss scale): bf16 and fp32 share fp32's range, and DeepSpeed's ZeRO-3 checks
             # only when its dtype is float16 (stage3.py _overflow_check_and_loss_scale_update)
             overflow = scaler.dynamic and store.design.has_overflow(store.grad_buffer)
-            if store.streamed is not None:
-                opt_seconds.append(store.update_seconds)
-            elif overflow:
+            if overflow and store.streamed is None:
                 skipped.append(step)
                 log.warning("step %d: non-finite gradients; step skipped (loss scale %g)", step, scaler.scale)
             else:
-                adam_step += 1
-                t_opt = time.perf_counter()
-                store.optimizer_step(adam, adam_step, scaler.scale)
-                opt_seconds.append(time.perf_counter() - t_opt)
+                if store.streamed is None:
+                    adam_step += 1
+                    store.optimizer_step(adam, adam_step, scaler.scale)
+                # streamed: the updates inside the backward, and the wait for their last writes at its end
+                opt_seconds.append(store.update_seconds)
+                settle_seconds.append(store.update_settle_seconds)
         if metered:
             allocator_peak = allocator.peak_bytes
         scaler.update(overflow)
@@ -274,4 +279,4 @@ def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cf
                           scaler.scale, str(ckpt) if ckpt else None, history + losses, opt_seconds,
                           placement_report(store.placement, [g.numel for g in groups],
                                            store.itemsize if store.separate_copy else 0, cfg.recompute, seconds,
-                                           opt_seconds), allocator_peak, cpu_seconds)
+                                           opt_seconds), allocator_peak, cpu_seconds, settle_seconds)
