@@ -11,15 +11,17 @@ Workload (issue 14): the 0.1B random-initialised Llama in bf16, one thread, --pr
   first token came out.
 
 Systems, timed interleaved round by round (medians of --reps):
-- memfit: the engine as configured by default (blocked matmuls, memfit's CPU kernels);
+- memfit: the offline `LLM` API at its defaults (blocked matmuls, memfit's CPU kernels, 2048-token steps on a
+  CPU: engine/config.py's OFFLINE_CPU_STEP_TOKENS);
 - memfit_previous: the same engine with every prefill matmul on the AVX-512 blocked kernel (memfit's default
   before the run-time choice of kernels/large_m.py; an AMX core then also runs the AMX kernel): before/after in
   one run;
 - memfit_onednn: `--cpu-linear onednn` (oneDNN's matmul on its own packed layout, memfit's other kernels);
 - memfit_mlp_whole: the default engine with the MLP run over the whole step instead of 64-row blocks (what
   the blocks' memory bound costs in time);
-- memfit_step2048: the default engine with `--max-num-batched-tokens 2048` (memfit's default is 512, vLLM's
-  CPU build's 4096): 2 steps instead of 8. (4096 measured slower here, 2.3-2.4 s against 1.9-2.0: its
+- memfit_step512: the default engine with `max_num_batched_tokens=512`, the server's and the CLI's step (the
+  offline default is 2048, vLLM's CPU build's 4096): 8 steps instead of 2. (4096 measured slower here, 2.3-2.4 s
+  against 1.9-2.0: its
   activations, 32 MiB for gate/up, reach glibc's largest mmap threshold, so every step faults fresh pages in:
   130k minor faults per batch against 2-12k at 512-2048.)
 - memfit_attention_avx512: the default engine with prefill attention pinned to its AVX-512 path
@@ -123,12 +125,14 @@ def attention_avx512():
 
 def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False,
                   attention_before: bool = False):
-    from memfit.llm.engine import EngineConfig, LLMEngine
+    from memfit.llm.engine.api import LLM
     from memfit.llm.engine.params import SamplingParams
 
-    step = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}  # default: the engine's (512)
-    eng = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=64,
-                                 max_model_len=1024, cpu_linear=cpu_linear, **step))
+    # the offline API, as a user of this workload builds it; its default step on a CPU is 2048 tokens (the
+    # server's is 512: engine/config.py's OFFLINE_CPU_STEP_TOKENS)
+    step = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}
+    eng = LLM(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=64, max_model_len=1024,
+              cpu_linear=cpu_linear, **step).engine
     if mlp_whole:  # the MLP over the whole step, not in 64-row blocks (more memory: see models/llama.py MLP)
         for m in eng.runner.model.modules():
             if hasattr(m, "row_block"):
@@ -310,7 +314,7 @@ def main() -> int:
         makers = {"memfit": lambda: memfit_system(path, "auto", False),
                   "memfit_previous": lambda: memfit_system(path, "auto", True),
                   "memfit_onednn": lambda: memfit_system(path, "onednn", False),
-                  "memfit_step2048": lambda: memfit_system(path, "auto", False, 2048),
+                  "memfit_step512": lambda: memfit_system(path, "auto", False, 512),
                   "memfit_mlp_whole": lambda: memfit_system(path, "auto", False, mlp_whole=True),
                   "memfit_attention_avx512": lambda: memfit_system(path, "auto", False, attention_before=True),
                   "transformers_b4": lambda: transformers_system(path, 4),

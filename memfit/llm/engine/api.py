@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from memfit.llm.engine.config import EngineConfig
+from memfit.llm.engine.config import OFFLINE_CPU_STEP_TOKENS, EngineConfig
 from memfit.llm.engine.admission import check_priority
 from memfit.llm.engine.llm_engine import LLMEngine
 from memfit.llm.engine.outputs import RequestOutput
@@ -18,7 +18,13 @@ from memfit.llm.engine.params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = "memfit-tiny", **engine_options) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model), **engine_options)
+        """engine_options: EngineConfig's fields. Offline on a CPU, with neither max_num_batched_tokens nor a
+        memory_budget given, a step takes up to OFFLINE_CPU_STEP_TOKENS tokens (the server's default is 512:
+        see config.py); under a memory budget the smaller step's reservation leaves the KV cache more room."""
+        config = EngineConfig(model=model).with_overrides(**engine_options)
+        if offline_step_applies(config, engine_options):
+            config = config.with_overrides(max_num_batched_tokens=OFFLINE_CPU_STEP_TOKENS)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(
@@ -107,3 +113,10 @@ def _per_prompt(value, n: int, name: str, kind) -> list:
     if len(values) != n:
         raise ValueError(f"{len(values)} {name} values for {n} prompts")
     return values
+
+
+def offline_step_applies(config: EngineConfig, given: dict) -> bool:
+    """Whether the offline API's larger CPU step replaces the engine's default: on a CPU, when the caller set
+    neither the step size nor a memory budget."""
+    return ("max_num_batched_tokens" not in given and config.memory_budget is None
+            and config.resolved_device().type == "cpu")

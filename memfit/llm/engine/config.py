@@ -21,6 +21,12 @@ from memfit.memory.budget import parse_budget, parse_swap_space
 if TYPE_CHECKING:
     import torch
 
+# The offline `LLM` API's step on a CPU when neither a step size nor a memory budget is given (engine/api.py), as
+# vLLM's offline `LLM` steps more tokens than its server: each weight then streams from memory once per 2048 rows
+# instead of 512. Measured on the 0.1B shape (benchmarks/step_size.py, docs/benchmarks.md): prefill 1.15-1.18x
+# faster, the step's reservation 28 -> 41 MiB, and a decode row's gap while prompts prefill beside it ~3x longer,
+# which is why the server and the CLI keep 512.
+OFFLINE_CPU_STEP_TOKENS = 2048
 CPU_LINEARS = ("auto", "blocked", "memfit", "onednn", "upcast")  # what each means: memfit/llm/kernels/backends.py
 # The virtual cache's page layouts (kv/virtual.py says what each is for); the paged cache ignores the choice.
 KV_LAYOUTS = ("auto", "per-layer", "token-major", "head-major")
@@ -49,6 +55,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
+    # Tokens (prefill and decode) in one step. 512 keeps a decode row's inter-token gap short while prompts prefill
+    # beside it (serving); the offline `LLM` API steps OFFLINE_CPU_STEP_TOKENS on a CPU instead (engine/api.py).
     max_num_batched_tokens: int = 512
     max_waiting: int | None = None
     block_size: int = 16  # paged cache only

@@ -397,3 +397,32 @@ def test_engine_runs_on_its_default_kv_share(tiny, kind, device):
     outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
     for ids, out in zip(PROMPTS, outs):
         assert_same_greedy(model, ids, out.token_ids, hf_greedy(model, ids, 24))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the offline step rule is a CPU default")
+def test_the_offline_api_steps_more_tokens_on_a_cpu_unless_told_or_under_a_budget(tiny, monkeypatch):
+    """`LLM` on a CPU prefills up to OFFLINE_CPU_STEP_TOKENS tokens a step when no step size and no memory budget
+    are given (engine/api.py); the engine's own default (the server's, the CLI's) stays 512, and so does the
+    offline API under a memory budget or when told a step size. Counted from the rows the runner is given."""
+    from memfit.llm.engine.config import OFFLINE_CPU_STEP_TOKENS, EngineConfig
+    from memfit.llm.engine.runner import ModelRunner
+
+    assert EngineConfig().max_num_batched_tokens == 512 < OFFLINE_CPU_STEP_TOKENS
+    _, _, path = tiny
+    rows: list[int] = []
+    scratch = ModelRunner.step_scratch
+    monkeypatch.setattr(ModelRunner, "step_scratch", lambda self, n: (rows.append(n), scratch(self, n))[1])
+    prompts = [list(range(5, 5 + 100))] * 6  # 600 prompt tokens: one step of 2048, two of 512
+    prompts = [[t + i for t in p] for i, p in enumerate(prompts)]  # distinct, so no prefix is shared
+    params = SamplingParams(max_tokens=1, temperature=0)
+    widest = {}
+    for name, opts in {"offline": {}, "budget": {"memory_budget": "2GiB"}, "told": {"max_num_batched_tokens": 512}}.items():
+        llm = LLM(str(path), dtype="float32", kv_budget="64MiB", **opts)
+        try:
+            rows.clear()
+            llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            widest[name] = max(rows)
+            assert llm.engine.config.max_num_batched_tokens == (OFFLINE_CPU_STEP_TOKENS if name == "offline" else 512)
+        finally:
+            llm.engine.close()
+    assert widest["offline"] >= 600 and widest["budget"] <= 512 and widest["told"] <= 512, widest
