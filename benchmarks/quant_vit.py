@@ -24,7 +24,7 @@ SETTINGS = {"W4A4": (4.0, 4), "W3A4": (3.0, 4), "W3A3": (3.0, 3), "W2.5A4": (2.5
 # exactly that activation budget; `uniform` puts every activation at its floor width (the fixed patch embedding's
 # and head's 8-bit inputs push its average a hair over, as for weights). Not in the default --settings.
 MIXED_ACT = {"W3A3mix": (3.0, 3.0), "W3A4mix": (3.0, 4.0), "W4A4mix": (4.0, 4.0)}
-ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
+ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "context", "uniform", "random")
 
 
 def main() -> int:
@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--max-test", type=int, default=None, help="first this many test images (default: all 10k)")
     ap.add_argument("--no-per-tensor", action="store_true", help="skip the per-tensor post-LayerNorm comparison")
+    ap.add_argument("--equal-spend", action="store_true",
+                    help="give every allocator uniform's spend (its body at the floor width, the 8-bit fixed layers "
+                         "counted), weights and allocated activations alike, instead of the setting's average")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
@@ -69,7 +72,7 @@ def main() -> int:
         # widths. At W2.5 it can only spend 2.05 (a 2-bit body); lrp at that spend has no choice left either
         # (every body layer at 2 bits), so there is no equal-budget mixed run to add.
         u_budget = uniform_budget(model, avg_bits)
-        runs = [(a, u_budget if a == "uniform" else avg_bits) for a in args.allocators.split(",")]
+        runs = [(a, u_budget if a == "uniform" or args.equal_spend else avg_bits) for a in args.allocators.split(",")]
         for allocator, budget in runs:
             for seed in range(args.seeds):
                 idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:args.calib]
@@ -80,6 +83,10 @@ def main() -> int:
                     # model as it will be quantized (folded channel-wise ranges or not), so each mode has its own.
                     acts = ({"act_bits": act_bits} if avg_act is None else {"act_bits": int(avg_act)}
                             if allocator == "uniform" else {"avg_act_bits": avg_act})
+                    if args.equal_spend and "avg_act_bits" in acts:  # uniform's activation spend (8-bit inputs counted)
+                        acts["avg_act_bits"] = allocate_bits(model, "uniform", u_budget, cx, cy, act_bits=int(avg_act),
+                                                             cache=caches.setdefault(seed, {}),
+                                                             channelwise=channelwise).avg_act_bits
                     alloc = allocate_bits(model, allocator, budget, cx, cy, **acts, seed=seed,
                                           cache=caches.setdefault(seed, {}), channelwise=channelwise)
                     first_seconds.setdefault((allocator, seed, channelwise), alloc.seconds)
@@ -102,7 +109,7 @@ def main() -> int:
     summary = {}
     for k, rs in groups.items():
         v = [r["top1"] for r in rs]
-        summary[k] = {"mean": statistics.mean(v), "min": min(v), "max": max(v),
+        summary[k] = {"mean": statistics.mean(v), "median": statistics.median(v), "min": min(v), "max": max(v),
                       "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                       "avg_weight_bits": statistics.mean(r["avg_weight_bits"] for r in rs),
                       "avg_act_bits": statistics.mean(r["avg_act_bits"] for r in rs),
@@ -119,6 +126,7 @@ def main() -> int:
         "benchmark": "quant_vit", **header(args.threads, list(range(args.seeds))),
         "model": str(args.model), "timm_name": spec.timm_name, "kwargs": spec.kwargs, "fp_top1": fp_top1,
         "fp_weight_bytes": fp_bytes, "test_images": len(y_test), "calib": args.calib, "summary": summary,
+        "equal_spend": args.equal_spend,
         "latency_ms_batch100": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "runs": rows,
     }
     emit(result, args.out, plot)

@@ -9,6 +9,9 @@ differs:
                the scores rank layers by depth rather than by contribution (docs/quant.md).
 - sensitivity: KL(fp || model with only layer l quantized to b bits) on the calibration set (Mix-QViT)
 - hessian:     Tr(H_l) / n_l x ||Q_b(W) - W||^2, the trace by Hutchinson's estimator (HAWQ-V2)
+- context:     the measured in-context damage: KL(fp || the uniform body with only layer l moved to b bits) minus
+               KL(fp || the uniform body), widths within one step of the body's (context.py; Mix-QViT measures
+               sensitivity "keeping other layers at a baseline", where `sensitivity` keeps them in FP32)
 - random:      a seeded U(0,1) importance x relative distortion (spends the budget, ignores the model)
 - uniform:     the widest single width that fits
 Activation bits (when not fixed) are allocated per activation group (act_groups.py): a layer's width sets its
@@ -35,7 +38,7 @@ from .lrp import quantizable_layers
 from .qmodel import folded_copy
 from .quantizers import BIT_CHOICES, fake_quant_weight
 
-ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "uniform", "random")
+ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "context", "uniform", "random")
 FIXED_BITS = 8
 _FIXED_NAMES = ("patch_embed.proj", "head", "head_dist", "head.fc")
 
@@ -106,6 +109,17 @@ def _sensitivity(model, x, names, layers) -> dict[str, dict[int, float]]:
     return costs
 
 
+def floor_width(avg_bits: float) -> int:
+    """The widest width within `avg_bits` (the smallest width if none is)."""
+    return max((b for b in BIT_CHOICES if b <= avg_bits + 1e-9), default=min(BIT_CHOICES))
+
+
+def around(width: int) -> tuple[int, ...]:
+    """`width` and its neighbours in BIT_CHOICES: the widths the `context` allocator measures and chooses from."""
+    i = BIT_CHOICES.index(width)
+    return BIT_CHOICES[max(0, i - 1):i + 2]
+
+
 def uniform_budget(model: nn.Module, avg_bits: float) -> float:
     """The average weight bits spent when every free layer takes the widest width <= `avg_bits`, the 8-bit fixed
     layers counted. `uniform` under `avg_bits` itself must come in under it, so on a model whose fixed layers are
@@ -113,7 +127,7 @@ def uniform_budget(model: nn.Module, avg_bits: float) -> float:
     its body at that width, as uniform W4A4 means in the papers (RepQ-ViT, LRP-QViT), and spends a little more
     than the mixed allocators."""
     layers = quantizable_layers(model)
-    width = max((b for b in BIT_CHOICES if b <= avg_bits), default=min(BIT_CHOICES))
+    width = floor_width(avg_bits)
     sizes = {n: layers[n].weight.numel() for n in layers if n not in _FIXED_NAMES}
     fixed = {n: (layers[n].weight.numel(), FIXED_BITS) for n in layers if n in _FIXED_NAMES}
     return average_bits({n: width for n in sizes}, sizes, fixed)
@@ -178,6 +192,16 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
         trace = once(("hessian", seed),
                      lambda: hutchinson_trace(model, calib_x[:128], calib_y[:128], free, seed=seed))
         importance = {n: trace[n] / w_sizes[n] for n in free}
+    elif allocator == "context":
+        from .context import context_damage
+
+        w0 = floor_width(avg_bits)
+        a0 = act_bits if act_bits is not None else floor_width(avg_act_bits)
+        a_widths = around(a0) if act_bits is None else ()
+        damage = once(("context", w0, a0, a_widths),
+                      lambda: context_damage(fp, calib_x, {n: w0 for n in free}, {n: a0 for n in free}, around(w0),
+                                             a_widths, channelwise=channelwise, fixed_bits=FIXED_BITS))
+        importance = {n: damage["weights"][n][min(around(w0))] for n in free}
     if allocator == "uniform":
         wb = uniform_bits(w_free_sizes, avg_bits, w_fixed)
     elif allocator == "sensitivity":
@@ -185,6 +209,8 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
                       lambda: _sensitivity(model, calib_x[:128], free, layers))
         importance = {n: w_cost[n][min(BIT_CHOICES)] for n in free}
         wb = solve_knapsack(w_cost, w_free_sizes, avg_bits, w_fixed)
+    elif allocator == "context":
+        wb = solve_knapsack(damage["weights"], w_free_sizes, avg_bits, w_fixed)
     elif allocator == "hessian":
         # relative distortion x ||W||^2 = HAWQ's absolute ||Q(W) - W||^2
         sq = {n: float(layers[n].weight.detach().pow(2).sum()) for n in free}
@@ -200,6 +226,8 @@ def allocate_bits(model: nn.Module, allocator: str, avg_bits: float, calib_x: to
     elif allocator == "sensitivity":
         a_cost = once(("sensitivity", "acts"), lambda: group_sensitivity(fp, calib_x[:128], free, channelwise))
         ab = solve_knapsack(a_cost, a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
+    elif allocator == "context":
+        ab = solve_knapsack(damage["acts"], a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")
     else:
         ab = solve_knapsack({n: {b: importance[n] * a_dist[n][b] for b in BIT_CHOICES} for n in free},
                             a_free_sizes, avg_act_bits, a_fixed, what="--avg-act-bits")

@@ -63,7 +63,7 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", required=True, help="checkpoint (.safetensors from train-vit, or timm's with config.json)")
     # lrp-zplus by default: lrp's epsilon rules do not conserve relevance on deeper-trained models (docs/quant.md)
     q.add_argument("--allocator", default="lrp-zplus",
-                   help="lrp-zplus (default) | lrp | sensitivity | hessian | uniform | random")
+                   help="lrp-zplus (default) | lrp | sensitivity | hessian | context | uniform | random")
     q.add_argument("--avg-bits", type=float, default=4.0, help="parameter-weighted average weight bits")
     q.add_argument("--act-bits", type=int, default=None, help="every activation at this width (2,3,4,6,8)")
     q.add_argument("--avg-act-bits", type=float, default=None,
