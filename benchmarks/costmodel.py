@@ -43,6 +43,11 @@ def main() -> int:
                     help="the nets' global features: ALL_NAMES (FitConfig's default) or NAMES (without the work "
                          "features)")
     ap.add_argument("--no-blend", action="store_true", help="the nets alone (no roofline-residual trees)")
+    ap.add_argument("--base", choices=("roofline", "pipes", "none"), default=None,
+                    help="the roofline the nets and trees learn a residual of (default: FitConfig's)")
+    ap.add_argument("--leaves", default=None,
+                    help="residual-tree sizes the blend's validation MAPE chooses among, e.g. 15,31 "
+                         "(default: TrainConfig's)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
@@ -64,8 +69,10 @@ def main() -> int:
         return 0
     cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed, **({"features": args.net_features}
                                                                          if args.net_features else {}),
-                                **({'seeds': args.seeds} if args.seeds else {})),
-                      families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend)
+                                **({'seeds': args.seeds} if args.seeds else {}),
+                                **({'base': args.base} if args.base else {})),
+                      families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend,
+                      **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}))
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -97,13 +104,14 @@ def main() -> int:
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
                                                         "nets_val_mape", "trees_val_mape", "blend_weight",
-                                                        "blend_shift", "blend_val_mape")},
+                                                        "blend_shift", "blend_val_mape", "trees_leaves", "base")},
+        "base": bundle.base,
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
         "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,
                     "spearman_met": seq["spearman"] >= 0.95,
                     "beats_lightgbm": seq["mape"] < rep.get("lightgbm", {"all": {"mape": np.inf}})["all"]["mape"],
                     "beats_roofline": seq["mape"] < min(rep.get(k, {"all": {"mape": np.inf}})["all"]["mape"]
-                                                        for k in ("roofline", "roofline_fit", "roofline_lsq")),
+                                                        for k in ("roofline", "roofline_fit", "roofline_lsq", "roofline_pipes")),
                     "loop_within_5pct_met": loop.get("within_5pct_of_best", 0) >= 0.8},
         "predictions": res["shapes_predictions"],
     }
@@ -119,7 +127,8 @@ def _families(args, cfg) -> int:
     result = {"benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"),
                                                   host_cpu=meta.get("host_cpu"), device="local-sync",
                                                   target_cpu="host"),
-              "kernels": len(ex), "family_epochs": cfg.family_epochs, "families": fam}
+              "kernels": len(ex), "family_epochs": cfg.family_epochs, "base": cfg.fit.base, "leaves": list(cfg.leaves),
+              "families": fam}
     emit(result, args.out, draw=_draw_families)
     return 0
 

@@ -29,7 +29,9 @@ EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_re
 # Then paths.PATH_NAMES: what decides the code path IREE takes (powers of two dividing the vectorised loops, a
 # strided contiguous axis, an outer-axis reduction). Columns are only ever appended, so a model file reads the
 # leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features).
-ALL_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES)
+# Then PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs; element-wise arithmetic).
+PIPE_NAMES = ("log_contract_flops", "log_arith_elems")
+ALL_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES, *PIPE_NAMES)
 _CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
 _VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
 _RED = re.compile(r"vector_reduction\s*=\s*\[[^\]]*?(\d+)\]")
@@ -120,6 +122,22 @@ def extra(fn: Function) -> dict[str, float]:
     return f
 
 
+def pipes(fn: Function) -> dict[str, float]:
+    """PIPE_NAMES: log2(1 + FLOPs of the contractions: matmuls, convolutions), and log2(1 + arithmetic of the
+    other ops: iterations x arith/math ops of the body that are neither transcendental nor conversions, which
+    EXTRA_NAMES' log_trans_elems and log_convert_elems count; a body of none, a copy or a transpose, counts one
+    op an iteration). Fills count nothing."""
+    contract = arith = 0.0
+    for o in linalg_ops(fn):
+        if _mnk(o)[0]:
+            contract += o.flops()
+        elif o.short != "fill":
+            n = sum(c for sop, c in o.scalar_ops.items()
+                    if sop not in TRANSCENDENTAL and sop not in _CONVERT and sop not in ("constant", "select"))
+            arith += _work(o) * (n if o.scalar_ops else 1)
+    return {"log_contract_flops": math.log2(contract + 1), "log_arith_elems": math.log2(arith + 1)}
+
+
 def flops_bytes(fn: Function) -> tuple[float, float]:
     """(FLOPs, compulsory bytes: the function's inputs and outputs) for the roofline."""
     ops = linalg_ops(fn)
@@ -133,6 +151,7 @@ def vector(fn: Function) -> list[float]:
 
 
 def full_vector(fn: Function) -> list[float]:
-    """ALL_NAMES: NAMES, EXTRA_NAMES, then paths.PATH_NAMES (what dataset.Examples.X and `predict` hold)."""
-    e = extra(fn)
-    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn)
+    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, then PIPE_NAMES (what dataset.Examples.X and `predict`
+    hold)."""
+    e, p = extra(fn), pipes(fn)
+    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + [float(p[n]) for n in PIPE_NAMES]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from memfit.plan.cost import tokens as tk
 from memfit.plan.cost.dataset import Examples, from_log, to_log
 from memfit.plan.cost.features import ALL_NAMES, NAMES
 from memfit.plan.cost.metrics import mape
-from memfit.plan.cost.roofline import LogBase, fit_log_base
+from memfit.plan.cost.roofline import BASES, base_of, fit_base
 from memfit.plan.cost.seq import Bundle, CostNet, Normaliser, SeqConfig, batch
 
 
@@ -32,14 +32,17 @@ class FitConfig:
     # latency loss: "mape", |predicted / measured - 1| (the figure it is judged on), or "smooth_l1" on
     # standardised log latency (the counts always use smooth-L1)
     loss: str = "mape"
-    base: str = "roofline"      # latency learned as a residual of roofline.LogBase ("none": learned whole)
+    # latency learned as a residual of a roofline fitted to the training labels: "roofline" (roofline.LogBase,
+    # the shipped recipe), "pipes" (roofline.PipeBase: no better on the held-out shapes, docs/costmodel.md), or
+    # "none" (learned whole)
+    base: str = "roofline"
     seeds: int = 3              # an ensemble of this many nets (seeds seed, seed+1, ...), log outputs averaged
     # the nets' global input: "all" (features.ALL_NAMES, with the work features; chosen on validation) or
     # "names" (features.NAMES, the columns of the models shipped before)
     features: str = "all"
 
     def __post_init__(self) -> None:
-        if self.loss not in ("smooth_l1", "mape") or self.base not in ("none", "roofline") or self.seeds < 1 \
+        if self.loss not in ("smooth_l1", "mape") or self.base not in ("none", *BASES) or self.seeds < 1 \
                 or self.features not in ("names", "all"):
             raise ValueError(f"bad FitConfig: loss {self.loss!r}, base {self.base!r}, seeds {self.seeds}, "
                              f"features {self.features!r}")
@@ -53,9 +56,9 @@ def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True
     vocab_list = tk.build_vocab(t for t, _ in train.toks)
     base = None
     Zt = to_log(train.Y)
-    if cfg.base == "roofline":
-        base = asdict(fit_log_base(train.X, train.Y[:, 0]))
-        Zt[:, 0] -= LogBase(**base).log_us(train.X)  # (n,) log(latency / roofline estimate)
+    if cfg.base != "none":
+        base = fit_base(cfg.base, train.X, train.Y[:, 0])
+        Zt[:, 0] -= base_of(base).log_us(train.X)  # (n,) log(latency / roofline estimate)
     norm = Normaliser.fit(train.X[:, :len(cfg.names)], Zt)  # the nets read the leading columns of X
     nets, vals = [], []
     for i in range(cfg.seeds):

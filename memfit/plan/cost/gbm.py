@@ -41,7 +41,7 @@ class GBM:
 
 
 class ResidualGBM:
-    """Latency as a roofline (roofline.LogBase, fitted to the training labels) times a correction that
+    """Latency as a roofline (roofline.LogBase or PipeBase, fitted to the training labels) times a correction that
     LightGBM learns on the log residual from every hand-built feature (features.ALL_NAMES). It is stored as
     plain trees (trees.Tree), so a bundle blending it with the sequence model predicts without LightGBM."""
 
@@ -53,9 +53,9 @@ class ResidualGBM:
         self.n_features = 0
 
     def _base_log(self, X: np.ndarray) -> np.ndarray:
-        from memfit.plan.cost.roofline import LogBase
+        from memfit.plan.cost.roofline import base_of
 
-        return LogBase(**self.base).log_us(X)
+        return base_of(self.base).log_us(X)
 
     def fit(self, train: Examples, val: Examples) -> "ResidualGBM":
         from memfit.plan.cost import trees

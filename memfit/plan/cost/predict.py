@@ -47,6 +47,16 @@ def check_columns(bundle: Bundle, path: str | Path) -> None:
                                  f"(first mismatch: {bad!r}); retrain it (memfit costmodel train)")
 
 
+def check_base(bundle: Bundle) -> None:
+    """The roofline bases the model reads (the nets' and the blended trees') must be of a kind this version
+    knows (roofline.base_of raises otherwise): refused at load, not at the first prediction."""
+    from memfit.plan.cost.roofline import base_of
+
+    for base in (bundle.base, (bundle.blend or {}).get("base")):
+        if base is not None:
+            base_of(base)
+
+
 @lru_cache(maxsize=4)
 def load_model(path: str | None = None) -> Bundle:
     from memfit.plan.cost.train import DEFAULT_MODEL
@@ -56,6 +66,7 @@ def load_model(path: str | None = None) -> Bundle:
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
     bundle = Bundle.load(str(p))
     check_columns(bundle, p)
+    check_base(bundle)
     check_host(bundle, p)
     return bundle
 

@@ -96,7 +96,8 @@ def batch(tok_lists: list[tuple[list[str], list[float]]], vocab: dict[str, int],
 class Bundle:
     """A trained model with what it needs to read new MLIR: vocabulary, normaliser, feature names. `nets`
     holds one network or an ensemble (trained from different seeds; their log predictions are averaged);
-    `base` (roofline.LogBase fields), when set, is a roofline estimate the latency output is a residual of."""
+    `base` (roofline.LogBase's fields, or PipeBase's with kind "pipes": roofline.base_of), when set, is a
+    roofline estimate the latency output is a residual of."""
 
     nets: list[CostNet]
     vocab: list[str]
@@ -148,7 +149,7 @@ class Bundle:
     @torch.no_grad()
     def predict_log(self, tok_lists: list, X: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Log-scale predictions (dataset.to_log's scale), one row per kernel: the mean over the ensemble."""
-        from memfit.plan.cost.roofline import LogBase
+        from memfit.plan.cost.roofline import base_of
 
         vocab = {t: i for i, t in enumerate(self.vocab)}
         X = np.atleast_2d(np.asarray(X, float))
@@ -164,7 +165,7 @@ class Bundle:
         # the training targets (a factor of ~e^8 in latency) the prediction is clamped rather than overflowing
         Z = self.norm.z_inv(np.clip(np.concatenate(out), -4.0, 4.0))
         if self.base is not None:
-            Z[:, 0] += LogBase(**self.base).log_us(X)
+            Z[:, 0] += base_of(self.base).log_us(X)
         if self.blend is not None:
             from memfit.plan.cost.gbm import ResidualGBM
 

@@ -122,3 +122,19 @@ def test_the_nets_read_the_features_they_were_given():
         assert b.feature_names == list(names) and b.net.cfg.n_global == len(names)
     with pytest.raises(ValueError, match="features"):
         FitConfig(features="some")
+
+
+def test_the_blend_keeps_the_tree_size_that_scores_best_on_validation():
+    ex = work_labelled(160, seed=13)
+    tr, va = ex.subset(np.arange(0, 120)), ex.subset(np.arange(120, 160))
+    b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1, lr=1e-4), verbose=False)
+    by_size = {}
+    for leaves in ((2,), (15,)):
+        fit_blend(b, tr, va, leaves=leaves)
+        by_size[leaves[0]] = b.info["blend_val_mape"]
+    assert by_size[2] != by_size[15]
+    fit_blend(b, tr, va, leaves=(2, 15))
+    best = min(by_size, key=by_size.get)
+    assert b.info["trees_leaves"] == best and b.info["blend_val_mape"] == by_size[best]
+    fit_blend(b, tr, va, leaves=(15, 2))  # the order offered does not matter
+    assert b.info["trees_leaves"] == best

@@ -59,9 +59,11 @@ def test_outer_reduction_counts_its_input():
 
 
 def test_path_columns_follow_the_older_ones():
-    # a model file trained before reads the leading columns: new ones go last
-    assert features.ALL_NAMES[-len(paths.PATH_NAMES):] == paths.PATH_NAMES
+    # a model file trained before reads the leading columns: new ones go last (the pipe columns after these)
+    n = len(features.NAMES) + len(features.EXTRA_NAMES)
+    assert features.ALL_NAMES[n:n + len(paths.PATH_NAMES)] == paths.PATH_NAMES
     assert features.ALL_NAMES[:len(features.NAMES)] == features.NAMES
+    assert features.ALL_NAMES[-len(features.PIPE_NAMES):] == features.PIPE_NAMES
 
 
 def test_a_model_of_the_old_encoding_is_refused(tmp_path):
