@@ -117,10 +117,10 @@ def main() -> int:
         for eng in engines.values():
             eng.close()
     med = lambda rows, k: round(statistics.median(r[k] for r in rows), 4)  # noqa: E731
-    result = header(args.threads, 0, load_before=load_before, load_after=os.getloadavg(),
+    result = {"benchmark": "step_size", **header(args.threads, 0, load_before=load_before, load_after=os.getloadavg(),
                     model="0.1b random-initialised Llama, bf16",
                     mix=dict(decoders=DECODERS, decode_prompt=DECODE_PROMPT, arrivals=ARRIVALS,
-                             arrival_len=ARRIVAL_LEN))
+                             arrival_len=ARRIVAL_LEN))}
     result["sizes"] = {str(s): {
         "batch_cpu_s": med(batch[s], "cpu_s"), "batch_cpu_s_all": [round(r["cpu_s"], 4) for r in batch[s]],
         "step_reserved_bytes": sum(reserved[s].values()), "step_reserved_by_part": reserved[s],
