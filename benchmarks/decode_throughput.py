@@ -101,8 +101,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3, help="repetitions per cell; the median is reported")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--vllm-python", default=None,
+                    help="python of a venv with vLLM's CPU build: adds vLLM as a peer (bf16 only; "
+                         "benchmarks/decode_vllm.py, decode time as a difference of two runs)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
-    ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major"])
+    ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major", "head-major"])
     ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "blocked", "memfit", "onednn"],
                     help="CPU linear backend(s); several are measured side by side, interleaved rep by rep")
     ap.add_argument("--kv-caches", nargs="+", default=None, choices=["virtual", "paged"],
@@ -161,6 +164,9 @@ def main() -> int:
                         t = [run_transformers(path, dtype, batch, args.prompt_len, args.new_tokens, device)["tok_per_s"] for _ in range(args.reps)]
                         row["transformers_tok_per_s"] = statistics.median(t)
                         row["speedup_vs_transformers"] = row["memfit_tok_per_s"] / row["transformers_tok_per_s"]
+                    if args.vllm_python and dtype == "bfloat16" and device.type == "cpu":
+                        row.update(run_vllm(args.vllm_python, path, batch, args.prompt_len, args.new_tokens,
+                                            args.reps, args.threads))
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
                 shutil.rmtree(path)
@@ -176,6 +182,24 @@ def main() -> int:
     return 0
 
 
+def run_vllm(python: str, path: Path, batch: int, prompt_len: int, new: int, reps: int, threads: int) -> dict:
+    """vLLM's decode rate (benchmarks/decode_vllm.py in its own venv), or an error that says why it did not run."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else "all",
+               VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    script = Path(__file__).with_name("decode_vllm.py")
+    res = subprocess.run([python, str(script), str(path), str(batch), str(prompt_len), str(new), str(reps)],
+                         capture_output=True, text=True, env=env, timeout=3600)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        return {"vllm_error": f"vLLM run failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1:]}"}
+    raw = json.loads(line[7:])
+    return {"vllm_tok_per_s": statistics.median(raw["tok_per_s"]), "vllm_version": raw["version"],
+            "vllm_runs": raw}
+
+
 def plot(result: dict, png: Path) -> None:
     import matplotlib
 
@@ -186,7 +210,7 @@ def plot(result: dict, png: Path) -> None:
     short = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
     labels = [f"{r['shape']} {short.get(r['dtype'], r['dtype'])} b{r['batch']}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9), 4))
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.9) + 3, 4))
     w = 0.27
     backends = result.get("variants") or result.get("cpu_linear") or ["auto"]
     if len(backends) > 1:  # one bar per CPU linear backend, side by side
@@ -198,6 +222,9 @@ def plot(result: dict, png: Path) -> None:
         ax.bar([i - w for i in x], [r["memfit_tok_per_s"] for r in rows], w, label="memfit")
     if len(backends) == 1 and rows and "transformers_tok_per_s" in rows[0]:
         ax.bar(list(x), [r["transformers_tok_per_s"] for r in rows], w, label="transformers")
+    if len(backends) == 1 and rows and all("vllm_tok_per_s" in r for r in rows):
+        ax.scatter(list(x), [r["vllm_tok_per_s"] for r in rows], marker="o", color="tab:red", zorder=3,
+                   label=f"vLLM {rows[0].get('vllm_version', '')}")
     if len(backends) == 1:
         ax.bar([i + w for i in x], [r["limit_tok_per_s"] for r in rows], w, label="bandwidth limit", alpha=0.4)
     if rows and "compute_limit_tok_per_s" in rows[0]:
@@ -208,7 +235,7 @@ def plot(result: dict, png: Path) -> None:
     ax.set_yscale("log")
     where = result.get("cuda") if result.get("device", "cpu").startswith("cuda") else f"{result['threads']} CPU thread(s)"
     ax.set_title(f"decode throughput, {where}")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: it hid the vLLM marker
     fig.tight_layout()
     fig.savefig(png, dpi=120)
 
