@@ -210,6 +210,140 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
     }
 }
 
+// All Hkv KV heads of one sequence at once, for a cache whose heads sit side by side within a token's row (the
+// per-layer layout: K row t of head h at kb + t * kstep + h * khead, khead < kstep). attend_group reads a head's
+// rows, Hkv x D apart, over the whole context, then the next head's: each pass brings the sequence's K (then V)
+// region in from memory again and uses a 1/Hkv share of each line (5.6 GB/s of useful reads at 8 x 4000 tokens,
+// docs/benchmarks.md). Here the context goes by in blocks of TB tokens, every head and query head taking its
+// turn on a block while it is in L1: each row is read from memory once. Per (KV head, query head) the same
+// instructions run on the same values in the same order as attend_group (scores 16 tokens at a time through
+// hsum16, the running max, the softmax, then o += p_t V_t in token order, kept in memory between blocks
+// instead of registers), so the bits are attend_group's (tests: the paged reader, which keeps attend_group,
+// gives identical outputs).
+// Every head's row of one token (prefetches never fault: past the end is harmless); one run when adjacent.
+template <typename T, int D>
+inline void prefetch_heads(const T* p, int Hkv, int64_t head) {
+    if (head == D) {
+        for (int i = 0; i < (int)(Hkv * D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
+    } else {
+        for (int h = 0; h < Hkv; h++) prefetch_row<T, D>(p + h * head);
+    }
+}
+constexpr int64_t PF_AHEAD = 32;  // tokens read ahead by the first head's pass
+
+template <typename T, int D>
+void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T* vb, int64_t vstep,
+                  int64_t vhead, int64_t L, int Hkv, int G, float scale, T* out, std::vector<float>& sc) {
+    constexpr int DV = D / 16;
+    constexpr int GC = DV <= 2 ? 8 : DV <= 4 ? 4 : DV <= 8 ? 2 : 1;  // as attend_group's V pass
+    constexpr int64_t TB = 64;  // tokens a block: 64 rows of every head (32 KiB at 4 x 64 bf16) stay in L1
+    const int H = Hkv * G;
+    const int64_t Ls = std::max<int64_t>(L, 1);
+    // scores (H, L), then the running maxima (H, 16) and the outputs' fp32 lanes (H, D), 64-byte aligned rows
+    sc.resize((size_t)H * (size_t)Ls + (size_t)H * 16 + (size_t)H * D + 16);
+    float* const S = sc.data();
+    float* const MX = (float*)(((uintptr_t)(S + (size_t)H * Ls) + 63) & ~(uintptr_t)63);
+    float* const O = MX + (size_t)H * 16;
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int hg = 0; hg < H; hg++) _mm512_store_ps(MX + 16 * hg, _mm512_set1_ps(-INFINITY));
+    const int64_t full = L / 16 * 16;  // tokens scored 16 at a time; the rest one by one, as attend_group
+    for (int64_t b0 = 0; b0 < full; b0 += TB) {
+        const int64_t b1 = std::min(b0 + TB, full);
+        for (int h = 0; h < Hkv; h++) {
+            for (int g = 0; g < G; g++) {
+                const int hg = h * G + g;
+                QRow<T, D> qr;
+                qr.load(q + (int64_t)hg * D);
+                __m512 mx = _mm512_load_ps(MX + 16 * hg);
+                for (int64_t t = b0; t < b1; t += 16) {
+                    const T* k0 = kb + t * kstep + h * khead;
+                    if (hg == 0)  // the first head's pass reads whole rows PF_AHEAD tokens on: memory order
+                        for (int i = 0; i < 16; i++) prefetch_heads<T, D>(kb + (t + PF_AHEAD + i) * kstep, Hkv, khead);
+                    __m512 acc[16];
+                    _Pragma("GCC unroll 16")
+                    for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(k0 + i * kstep);
+                    const __m512 r = _mm512_mul_ps(hsum16(acc), sv);
+                    _mm512_storeu_ps(S + (size_t)hg * Ls + t, r);
+                    mx = _mm512_max_ps(mx, r);
+                }
+                _mm512_store_ps(MX + 16 * hg, mx);
+            }
+        }
+    }
+    float inv[64 * 16];  // G <= 64 (the caller checks) and Hkv <= 16 here
+    for (int h = 0; h < Hkv; h++) {
+        for (int g = 0; g < G; g++) {
+            const int hg = h * G + g;
+            float* s = S + (size_t)hg * Ls;
+            float m = _mm512_reduce_max_ps(_mm512_load_ps(MX + 16 * hg));
+            if (full < L) {
+                QRow<T, D> qr;
+                qr.load(q + (int64_t)hg * D);
+                for (int64_t t = full; t < L; t++) {
+                    const float r = _mm512_reduce_add_ps(qr.dot_lanes(kb + t * kstep + h * khead)) * scale;
+                    s[t] = r;
+                    m = std::max(m, r);
+                }
+            }
+            const __m512 mv = _mm512_set1_ps(m);
+            __m512 sum = _mm512_setzero_ps();
+            int64_t t = 0;
+            for (; t + 16 <= L; t += 16) {
+                const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+                _mm512_storeu_ps(s + t, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            if (t < L) {
+                const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
+                const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
+                _mm512_mask_storeu_ps(s + t, mk, p);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
+            }
+            inv[hg] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+    }
+    for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
+    for (int64_t b0 = 0; b0 < L; b0 += TB) {
+        const int64_t b1 = std::min(b0 + TB, L);
+        for (int h = 0; h < Hkv; h++) {
+            for (int g0 = 0; g0 < G; g0 += GC) {
+                const int gn = std::min(GC, G - g0);
+                __m512 o[GC][DV];
+                _Pragma("GCC unroll 8")
+                for (int g = 0; g < GC; g++) {
+                    if (g >= gn) break;
+                    _Pragma("GCC unroll 16")
+                    for (int j = 0; j < DV; j++) o[g][j] = _mm512_load_ps(O + (size_t)(h * G + g0 + g) * D + 16 * j);
+                }
+                for (int64_t t = b0; t < b1; t++) {
+                    if (h == 0 && g0 == 0) prefetch_heads<T, D>(vb + (t + PF_AHEAD) * vstep, Hkv, vhead);
+                    __m512 vv[DV];
+                    v_lanes<D>(vb + t * vstep + h * vhead, vv);
+                    const float* pcol = S + (size_t)(h * G + g0) * Ls + t;
+                    _Pragma("GCC unroll 8")
+                    for (int g = 0; g < GC; g++) {
+                        if (g >= gn) break;
+                        const __m512 p = _mm512_set1_ps(pcol[(size_t)g * Ls]);
+                        _Pragma("GCC unroll 16")
+                        for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
+                    }
+                }
+                _Pragma("GCC unroll 8")
+                for (int g = 0; g < GC; g++) {
+                    if (g >= gn) break;
+                    _Pragma("GCC unroll 16")
+                    for (int j = 0; j < DV; j++) _mm512_store_ps(O + (size_t)(h * G + g0 + g) * D + 16 * j, o[g][j]);
+                }
+            }
+        }
+    }
+    for (int hg = 0; hg < H; hg++) {
+        __m512 o[DV];
+        for (int j = 0; j < DV; j++) o[j] = _mm512_load_ps(O + (size_t)hg * D + 16 * j);
+        store_out<D>(out + (int64_t)hg * D, o, inv[hg]);
+    }
+}
+
 // work(i, scores) for i in [0, items), on nthreads OpenMP threads (static schedule), each with its own scores.
 template <typename Work>
 void run_items(int64_t items, int nthreads, Work&& work) {

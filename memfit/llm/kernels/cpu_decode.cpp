@@ -166,6 +166,39 @@ void silu_mul(const T* g, int64_t ldg, const T* u, int64_t ldu, T* y, int64_t ld
 
 #include "attend.h"
 
+// Contexts from this many tokens on read all heads of a sequence in one pass (attend_heads); shorter ones head
+// by head (at 8 x 40 tokens the one-pass form took 1.05x the time, decode_ab, not kept).
+constexpr int64_t BY_SEQ_MIN_LEN = 256;
+
+// Sequences a thread at least, heads side by side, some context from BY_SEQ_MIN_LEN on: one item per sequence,
+// its long context through attend_heads, a short one head by head. Kept out of line, so calls of short contexts
+// run the per-head code below as compiled before it.
+template <typename T, int D>
+__attribute__((noinline)) void decode_attention_by_seq(
+        const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs, const int64_t* slots,
+        const int64_t* lens, int64_t B, int Hkv, int G, int64_t window, float scale, T* out, int64_t ldo,
+        const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
+    run_items(B, nthreads, [&](int64_t b, std::vector<float>& sc) {
+        const int64_t t1 = lens[b], t0 = window > 0 ? std::max<int64_t>(0, t1 - window) : 0;
+        for (int h = 0; k_new && h < Hkv; h++) {  // the row's new token, every head, into the cache first
+            memcpy(k + slots[b] * ks[0] + (t1 - 1) * ks[1] + h * ks[2], k_new + b * ldn + (int64_t)h * D, D * sizeof(T));
+            memcpy(v + slots[b] * vs[0] + (t1 - 1) * vs[1] + h * vs[2], v_new + b * ldn + (int64_t)h * D, D * sizeof(T));
+        }
+        if (t1 - t0 < BY_SEQ_MIN_LEN) {  // short: a head's rows stay in cache between passes anyway
+            for (int h = 0; h < Hkv; h++) {
+                const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
+                const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
+                attend_group<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
+                                   out + b * ldo + (int64_t)h * G * D, sc);
+            }
+            return;
+        }
+        attend_heads<T, D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
+                           v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale, out + b * ldo,
+                           sc);
+    });
+}
+
 template <typename T, int D>
 void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
                       const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int64_t window,
@@ -193,8 +226,23 @@ template <typename T>
 void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
                           const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int D, int64_t window,
                           float scale, T* out, int64_t ldo, const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
+    // A token's heads side by side (the per-layer layout), a sequence a thread at least and a long context:
+    // all heads of a sequence in one pass over its rows (attend.h's attend_heads: the same bits).
+    bool by_seq = Hkv > 1 && Hkv <= 16 && ks[2] < ks[1] && vs[2] < vs[1] && B >= std::max(nthreads, 1);
+    if (by_seq) {
+        by_seq = false;
+        for (int64_t b = 0; b < B && !by_seq; b++)
+            by_seq = lens[b] - (window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0) >= BY_SEQ_MIN_LEN;
+    }
 #define MEMFIT_ATTN_CASE(DIM) \
-    case DIM: decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, k_new, v_new, ldn, nthreads); break;
+    case DIM: \
+        if (by_seq) \
+            decode_attention_by_seq<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hkv, Hq / Hkv, window, scale, out, \
+                                            ldo, k_new, v_new, ldn, nthreads); \
+        else \
+            decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, k_new, \
+                                     v_new, ldn, nthreads); \
+        break;
     switch (D) {  // keep in step with HEAD_DIMS in kernels/decode.py
         MEMFIT_ATTN_CASE(32)
         MEMFIT_ATTN_CASE(64)

@@ -61,6 +61,32 @@ def test_paged_attention_matches_float64_and_the_strided_kernel(dtype, head_dim,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,hq,hkv", [(64, 12, 4), (128, 14, 2), (32, 16, 8)])
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_contexts_read_all_heads_in_one_pass_to_the_same_bits(dtype, head_dim, hq, hkv, window):
+    """From 256 tokens a per-layer (heads side by side) cache is read one sequence at a time, every head on a block
+    of tokens in turn (attend.h's attend_heads); the paged reader keeps the head-by-head kernel. Same bits, and a
+    float64 reference: lengths around the 16-token chunks and 64-token blocks, one short row beside them."""
+    ops = ops_for(dtype)
+    g = torch.Generator().manual_seed(17)
+    lens = torch.tensor([256, 1, 300, 517], dtype=torch.int64)
+    max_len = int(lens.max())
+    cache_k = torch.randn(len(lens), max_len, hkv, head_dim, generator=g).to(dtype)
+    cache_v = torch.randn(len(lens), max_len, hkv, head_dim, generator=g).to(dtype)
+    kp, vp, table = paged_layout([cache_k[i, :n] for i, n in enumerate(lens)],
+                                 [cache_v[i, :n] for i, n in enumerate(lens)], 16, g)
+    kp, vp = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kp, vp))  # head-major blocks, as on a CPU
+    q = torch.randn(len(lens), hq, head_dim, generator=g).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    slots = torch.arange(len(lens), dtype=torch.int64)
+    strided = ops.decode_attention(q, cache_k, cache_v, slots, lens, scale, window)
+    ref = reference_attention(q, cache_k, cache_v, slots, lens, scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(strided.double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(strided, ops.paged_attention(q, kp, vp, table, lens, scale, window))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_writes_the_new_rows_into_their_blocks(dtype):
     ops = ops_for(dtype)
     g = torch.Generator().manual_seed(12)
