@@ -23,7 +23,10 @@ class LLM:
         see config.py); under a memory budget the smaller step's reservation leaves the KV cache more room."""
         config = EngineConfig(model=model).with_overrides(**engine_options)
         if offline_step_applies(config, engine_options):
-            config = config.with_overrides(max_num_batched_tokens=OFFLINE_CPU_STEP_TOKENS)
+            step = OFFLINE_CPU_STEP_TOKENS
+            if config.max_model_len:  # no step holds more rows than every sequence's whole context: none reserved
+                step = min(step, max(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len))
+            config = config.with_overrides(max_num_batched_tokens=step)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 

@@ -45,6 +45,7 @@ BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
 LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
 PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
+DECODE_BY_SEQ_MIN_LEN = 256  # cpu_decode.cpp: BY_SEQ_MIN_LEN (from this context on attend_heads reads a sequence)
 
 
 def bucket_tokens(n: int) -> int:
@@ -92,8 +93,12 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     # K packed (and V too where bf16 prefill attention runs on AMX tiles: kernels/prefill.py's kernel_for)
     packed = 2 if dtype == torch.bfloat16 and _prefill_on_amx() else 1
     prefill = packed * _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
-    group = cfg.num_attention_heads // max(1, cfg.num_key_value_heads)
-    decode = t * _heap_block(group * context_len * 4)  # attend.h: G score rows of the context
+    hq, hkv = cfg.num_attention_heads, max(1, cfg.num_key_value_heads)
+    scores = hq // hkv * context_len  # attend.h's attend_group: G score rows of the context
+    if 2 <= hkv <= 16 and context_len >= DECODE_BY_SEQ_MIN_LEN:
+        # attend_heads (a per-layer cache, a long context): every head's scores, running maxima and fp32 outputs
+        scores = max(scores, hq * context_len + hq * (16 + cfg.head_dim) + 16)
+    decode = t * _heap_block(scores * 4)
     return linear + prefill + decode
 
 

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 
 # The offline `LLM` API's step on a CPU when neither a step size nor a memory budget is given (engine/api.py), as
 # vLLM's offline `LLM` steps more tokens than its server: each weight then streams from memory once per 2048 rows
-# instead of 512. Measured on the 0.1B shape (benchmarks/step_size.py, docs/benchmarks.md): prefill 1.15-1.18x
-# faster, the step's reservation 28 -> 41 MiB, and a decode row's gap while prompts prefill beside it ~3x longer,
-# which is why the server and the CLI keep 512.
+# instead of 512. Measured on the 0.1B shape (benchmarks/step_size.py, docs/benchmarks.md): prefill 1.20x faster
+# in the kept run (1.09-1.13x in benchmarks/prefill.py's interleaved runs), the step's reservation 28 -> 41 MiB,
+# and a decode row's gap while prompts prefill beside it 3.3x longer, which is why the server and the CLI keep 512.
+# The offline step is capped at max_num_seqs x max_model_len where that is smaller (no larger step can form).
 OFFLINE_CPU_STEP_TOKENS = 2048
 CPU_LINEARS = ("auto", "blocked", "memfit", "onednn", "upcast")  # what each means: memfit/llm/kernels/backends.py
 # The virtual cache's page layouts (kv/virtual.py says what each is for); the paged cache ignores the choice.

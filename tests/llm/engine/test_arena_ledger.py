@@ -2,7 +2,8 @@
 allocates beside it where the arena holds a step's intermediates, the pre-arena figure elsewhere (tensor
 parallelism, other linears, no memfit kernels, CUDA); and, where memfit's CPU kernels run, an upper bound of what a
 step really takes, read from the kernel (the peak RSS of the step, VmHWM reset before it, after malloc_trim, less the
-KV pages the step committed and the library pages it faulted back in), not from the arena's or the ledger's own counters."""
+KV pages the step committed; a step that faulted library pages back in is left out), not from the arena's or
+the ledger's own counters."""
 from __future__ import annotations
 
 import ctypes
@@ -152,12 +153,23 @@ def _measured_steps(eng, monkeypatch) -> list[dict]:
                 # pressure the kernel reclaims clean code pages between steps (a CI machine's 256-row bf16 step
                 # peaked 122 KiB above its figure, where this host's runs stay at 0.63-0.72 of it; dropping the
                 # code mappings before every step here, MADV_DONTNEED on r-xp, put 12-16 MiB of refaulted code in
-                # each step's VmHWM). They are file-backed, so RssFile's growth over the step takes them out.
+                # each step's VmHWM). Subtracting RssFile's growth would also take out file pages faulted after
+                # the anonymous peak, so a step that refaulted any is marked and left out (conclusive_steps).
                 refaulted = max(0, st.get("RssFile", 0) - file0)
                 if rnd:
-                    steps.append({"peak": st["VmHWM"] - before - grown - refaulted, "rows": list(rows),
-                                  "sampled": sampled, "refaulted": refaulted})
+                    steps.append({"peak": st["VmHWM"] - before - grown, "rows": list(rows), "sampled": sampled,
+                                  "refaulted": refaulted})
     return steps
+
+
+def conclusive_steps(steps: list[dict]) -> list[dict]:
+    """The steps that faulted no library page back in (their VmHWM is what they allocated, an upper bound read from
+    the kernel); skips the test when the machine reclaimed code pages during half of them or more."""
+    kept = [s for s in steps if s["refaulted"] == 0]
+    if 2 * len(kept) < len(steps):
+        pytest.skip(f"library pages were reclaimed and refaulted during {len(steps) - len(kept)} of {len(steps)} "
+                    "steps (memory pressure): their peaks would count those pages")
+    return kept
 
 
 @pytest.mark.parametrize("spec", list(SPEC))
@@ -174,7 +186,7 @@ def test_a_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, monke
         assert eng.runner.scratch is not None
         parts = eng.ledger.by_owner()
         reserved = parts["step"] + parts["step_scratch"] + parts.get("draft_step", 0)
-        steps = _measured_steps(eng, monkeypatch)
+        steps = conclusive_steps(_measured_steps(eng, monkeypatch))
         assert max(s["peak"] for s in steps) <= reserved, (reserved, sorted(s["peak"] for s in steps)[-5:])
         if spec != "plain" or not arena_accounting.LEDGER_USES_ARENA:
             return  # the per-step arena figure is checked here once the ledger reserves it (see LEDGER_USES_ARENA)

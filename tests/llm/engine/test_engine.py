@@ -426,3 +426,9 @@ def test_the_offline_api_steps_more_tokens_on_a_cpu_unless_told_or_under_a_budge
         finally:
             llm.engine.close()
     assert widest["offline"] >= 600 and widest["budget"] <= 512 and widest["told"] <= 512, widest
+    # no step can hold more rows than every sequence's whole context: the offline step reserves no more
+    small = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=128, max_num_seqs=6)
+    try:
+        assert small.engine.config.max_num_batched_tokens == 768
+    finally:
+        small.engine.close()
