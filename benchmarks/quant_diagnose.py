@@ -62,16 +62,12 @@ def main() -> int:
     from memfit.quant.quantizers import BIT_CHOICES
     from memfit.train.local.data import load_fashion_mnist
 
+    from benchmarks.quant_objective import calibration_split
+
     model, spec, _ = load_checkpoint(args.model)
     model.eval()
     data = load_fashion_mnist()
-    n = len(data.y_train)
-    draws = {s: torch.randperm(n, generator=torch.Generator().manual_seed(s))[:args.calib] for s in range(3)}
-    used = torch.zeros(n, dtype=torch.bool)
-    for idx in draws.values():
-        used[idx] = True
-    rest = torch.randperm(n, generator=torch.Generator().manual_seed(1234))
-    rest = rest[~used[rest]][:args.heldout]
+    draws, rest = calibration_split(len(data.y_train), args.calib, args.heldout)
     hx, hy = data.x_train[rest], data.y_train[rest]
 
     @torch.no_grad()

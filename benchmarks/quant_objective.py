@@ -36,6 +36,19 @@ OBJECTIVES = ("cur", "sqrt", "sq", "out", "outsqrt", "lin", "dflat", "eflat")
 SETTINGS = {"W3A4": (3.0, 4), "W3A3": (3.0, 3), "W2.5A4": (2.5, 4)}
 
 
+def calibration_split(n: int, calib: int, heldout: int):
+    """The calibration draws of seeds 0-2 ({seed: (calib,) indices}) and up to `heldout` training images none of
+    them uses (a fixed permutation, seed 1234): what the objective and quant_diagnose score on."""
+    import torch
+
+    draws = {s: torch.randperm(n, generator=torch.Generator().manual_seed(s))[:calib] for s in range(3)}
+    used = torch.zeros(n, dtype=torch.bool)
+    for idx in draws.values():
+        used[idx] = True
+    rest = torch.randperm(n, generator=torch.Generator().manual_seed(1234))
+    return draws, rest[~used[rest]][:heldout]
+
+
 def main() -> int:
     preset_threads()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -65,13 +78,7 @@ def main() -> int:
 
     model, spec, _ = load_checkpoint(args.model)
     data = load_fashion_mnist()
-    n = len(data.y_train)
-    draws = {s: torch.randperm(n, generator=torch.Generator().manual_seed(s))[:args.calib] for s in range(3)}
-    used = torch.zeros(n, dtype=torch.bool)
-    for idx in draws.values():
-        used[idx] = True
-    rest = torch.randperm(n, generator=torch.Generator().manual_seed(1234))
-    rest = rest[~used[rest]][:args.heldout]
+    draws, rest = calibration_split(len(data.y_train), args.calib, args.heldout)
     hx, hy = data.x_train[rest], data.y_train[rest]
     if args.eval == "test":
         hx, hy = data.x_test[:args.heldout], data.y_test[:args.heldout]

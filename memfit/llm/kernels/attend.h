@@ -84,6 +84,25 @@ inline void prefetch_row(const T* p) {
 }
 
 
+// p = exp(s - m) over one score row, in place, 16 at a time; returns 1 / sum p (the row's max is m).
+inline float softmax_in_place(float* s, int64_t L, float m) {
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= L; t += 16) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+        _mm512_storeu_ps(s + t, p);
+        sum = _mm512_add_ps(sum, p);
+    }
+    if (t < L) {
+        const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
+        _mm512_mask_storeu_ps(s + t, mk, p);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
+    }
+    return 1.f / _mm512_reduce_add_ps(sum);
+}
+
 // Rows of one (sequence, KV head), positions counted from the first one attended to. `at(t)`: row t.
 // `run(t, n, step)`: the address of row t, with n set to how many rows from t on lie at a fixed `step`
 // apart (at least 1): the kernel walks each run with a pointer instead of computing every row's address.
@@ -161,21 +180,7 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
             s[t] = r;
             m = std::max(m, r);
         }
-        const __m512 mv = _mm512_set1_ps(m);  // p = exp(s - max), in place; inv = 1 / sum p
-        __m512 sum = _mm512_setzero_ps();
-        t = 0;
-        for (; t + 16 <= L; t += 16) {
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-            _mm512_storeu_ps(s + t, p);
-            sum = _mm512_add_ps(sum, p);
-        }
-        if (t < L) {
-            const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
-            const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
-            _mm512_mask_storeu_ps(s + t, mk, p);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
-        }
-        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+        inv[g] = softmax_in_place(s, L, m);
     }
     for (int g0 = 0; g0 < G; g0 += GC) {
         const int gn = std::min(GC, G - g0);
@@ -285,21 +290,7 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
                     m = std::max(m, r);
                 }
             }
-            const __m512 mv = _mm512_set1_ps(m);
-            __m512 sum = _mm512_setzero_ps();
-            int64_t t = 0;
-            for (; t + 16 <= L; t += 16) {
-                const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-                _mm512_storeu_ps(s + t, p);
-                sum = _mm512_add_ps(sum, p);
-            }
-            if (t < L) {
-                const __mmask16 mk = (__mmask16)((1u << (L - t)) - 1u);
-                const __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv));
-                _mm512_mask_storeu_ps(s + t, mk, p);
-                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, p));
-            }
-            inv[hg] = 1.f / _mm512_reduce_add_ps(sum);
+            inv[hg] = softmax_in_place(s, L, m);
         }
     }
     for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
