@@ -6,10 +6,6 @@ at its own row count. Before the fallback terms (engine/fallback_accounting.py) 
 6.3 MiB against a 4.4 MiB figure."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -17,11 +13,10 @@ from memfit.llm.engine import accounting
 from memfit.llm.engine.runner import bucket_tokens
 from memfit.llm.kernels import build
 from memfit.memory.measure import reset_peak_rss
-from tests.llm.engine.test_arena_ledger import CONFIG, SPEC, _measured_steps, conclusive_steps
+from tests.llm.engine.test_arena_ledger import CONFIG, SPEC, _measured_steps, conclusive_steps, in_own_process
 
 
-STEP_NOISE = 512 * 1024  # the per-step noise of the peak RSS (see below)
-_CHILD = "MEMFIT_TEST_FALLBACK_STEP_CHILD"  # set in the process the measurement runs in
+STEP_NOISE = 512 * 1024  # the per-step noise of the peak RSS on this path (see below)
 
 
 @pytest.mark.parametrize("spec", ["plain", "chain"])
@@ -33,14 +28,7 @@ def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, sp
         pytest.skip(f"memfit's CPU kernels run {dtype} here: tests/llm/engine/test_arena_ledger.py measures that path")
     if not reset_peak_rss():
         pytest.skip("the kernel's peak RSS cannot be reset here (/proc/self/clear_refs)")
-    if os.environ.get(_CHILD) != "1":
-        # Measured in a process of its own, as an engine runs: in the full suite, after ~180 other tests in the same
-        # process, glibc's heap (its grown mmap threshold, its free lists) and the libraries' caches are laid out
-        # unlike any engine's, and a step's peak RSS there moved by more than the step's own terms.
-        env = dict(os.environ, **{_CHILD: "1"})
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
-                             env=env, cwd=request.config.rootpath, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    if in_own_process(request):
         return
     eng = LLM(dtype=dtype, **CONFIG, **SPEC[spec]).engine
     try:
