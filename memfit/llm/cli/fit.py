@@ -23,6 +23,7 @@ def cmd_fit(args) -> int:
     kv_budget = resolve_budget(args.kv_budget, Tier.DEVICE, "cpu") if args.kv_budget else None
     limit = resolve_budget(args.memory_budget, Tier.DEVICE, "cpu") if args.memory_budget else None
     dtype = parse_dtype(args.dtype) if args.dtype else None
+    args.chunk = _chunk(args)
     b = predict_for_engine(path, args.context, args.batch, args.chunk, dtype=dtype, cpu_linear=args.cpu_linear,
                            prepack=args.prepack, cpu_kernels=args.cpu_kernels, measure_runtime=args.runtime,
                            kv_budget=kv_budget, memory_limit=limit, speculative_model=args.speculative_model,
@@ -35,7 +36,7 @@ def cmd_fit(args) -> int:
     measured = _measure(args, str(dtype).removeprefix("torch.")) if args.measure else None
     if args.json:
         print(json.dumps({"model": args.model, "dtype": str(dtype).replace("torch.", ""), "context": args.context,
-                          "batch": args.batch, **b.to_dict(), **({"measured": measured} if measured else {}),
+                          "batch": args.batch, "chunk": args.chunk, **b.to_dict(), **({"measured": measured} if measured else {}),
                           **({"speculative_bound": bound.to_dict()} if bound else {})}))
     else:
         print(format_report(b, dtype, args.context, args.batch))
@@ -46,6 +47,20 @@ def cmd_fit(args) -> int:
                   f"({measured['measured_peak_bytes'] / b.total_bytes:.3f} of the prediction); "
                   f"{format_bytes(measured['measured_end_bytes'])} at the end")
     return 0 if b.fits else 3
+
+
+def _chunk(args) -> int:
+    """The step the predicted engine forms: --chunk if given; with --offline the offline `LLM` API's CPU step (what
+    `LLM(...)` steps without max_num_batched_tokens or a memory budget: engine/api.py), else the server's 512."""
+    from memfit.llm.engine.api import offline_step_tokens
+    from memfit.llm.engine.config import EngineConfig
+
+    default = EngineConfig().max_num_batched_tokens
+    if args.chunk is not None:
+        return args.chunk
+    if args.offline and args.memory_budget is None:
+        return offline_step_tokens(default, args.batch, args.context)
+    return default
 
 
 def _spec_bound(args, path, kv_budget, limit, dtype):
@@ -109,7 +124,11 @@ def register(sub) -> None:
     p.add_argument("--model", default="memfit-tiny")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence (prompt + output)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (max batched tokens per step)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="prefill chunk (max batched tokens per step; default 512, the engine's and the server's)")
+    p.add_argument("--offline", action="store_true",
+                   help="predict the offline LLM(...) API, which steps up to 2048 tokens on a CPU unless given a "
+                        "memory budget (--chunk still wins)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS), help="the engine's CPU linear backend")
     p.add_argument("--no-prepack", dest="prepack", action="store_false", help="plain F.linear (EngineConfig(prepack=False))")

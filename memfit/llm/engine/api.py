@@ -23,9 +23,7 @@ class LLM:
         see config.py); under a memory budget the smaller step's reservation leaves the KV cache more room."""
         config = EngineConfig(model=model).with_overrides(**engine_options)
         if offline_step_applies(config, engine_options):
-            step = OFFLINE_CPU_STEP_TOKENS
-            if config.max_model_len:  # no step holds more rows than every sequence's whole context: none reserved
-                step = min(step, max(config.max_num_batched_tokens, config.max_num_seqs * config.max_model_len))
+            step = offline_step_tokens(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len)
             config = config.with_overrides(max_num_batched_tokens=step)
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
@@ -116,6 +114,14 @@ def _per_prompt(value, n: int, name: str, kind) -> list:
     if len(values) != n:
         raise ValueError(f"{len(values)} {name} values for {n} prompts")
     return values
+
+
+def offline_step_tokens(default_step: int, max_num_seqs: int, max_model_len: int | None) -> int:
+    """The offline API's CPU step: OFFLINE_CPU_STEP_TOKENS, but no more rows than every sequence's whole context
+    (no step can form a larger one, so none is reserved), and never below the engine's own default step."""
+    if not max_model_len:
+        return OFFLINE_CPU_STEP_TOKENS
+    return min(OFFLINE_CPU_STEP_TOKENS, max(default_step, max_num_seqs * max_model_len))
 
 
 def offline_step_applies(config: EngineConfig, given: dict) -> bool:

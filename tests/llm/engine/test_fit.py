@@ -292,3 +292,33 @@ def test_fit_tree_counts_the_tree_buffers_and_lookahead(capsys):
     assert tree["draft_kv_bytes"] == kv_cache_bytes(draft, dt, 256 + 2 * 4, 2)
     assert memfit_main(["fit", "--no-runtime", "--tree", "0,3", "--speculative-model", "memfit-tiny-draft"]) != 0
     assert memfit_main(["fit", "--no-runtime", "--tree", "2,3"]) != 0  # no draft
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the offline step rule is a CPU default")
+@pytest.mark.parametrize("batch,context", [(1, 2048), (2, 384), (1, 300)])
+def test_fit_offline_predicts_the_step_the_offline_api_forms(batch, context, capsys):
+    """`memfit fit --offline` sizes its step as `LLM(...)` does on a CPU (read from an engine the offline API builds,
+    not from fit's own rule), and predicts what --chunk at that step does; --chunk and a memory budget keep their
+    meaning."""
+    from memfit.llm.engine.api import LLM
+
+    base = ["fit", "--context", str(context), "--batch", str(batch), "--json", "--no-runtime"]
+    llm = LLM(max_num_seqs=batch, max_model_len=context)
+    try:
+        step = llm.engine.config.max_num_batched_tokens
+    finally:
+        llm.engine.close()
+    assert memfit_main(base + ["--offline"]) == 0
+    offline = json.loads(capsys.readouterr().out)
+    assert offline["chunk"] == step
+    assert memfit_main(base + ["--chunk", str(step)]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == offline["total_bytes"]
+    assert memfit_main(base) == 0
+    served = json.loads(capsys.readouterr().out)
+    assert served["chunk"] == 512
+    if step > 512:  # a larger step holds more activations
+        assert offline["activation_bytes"] > served["activation_bytes"]
+    assert memfit_main(base + ["--offline", "--chunk", "256"]) == 0
+    assert json.loads(capsys.readouterr().out)["chunk"] == 256
+    assert memfit_main(base + ["--offline", "--memory-budget", "4GiB"]) == 0
+    assert json.loads(capsys.readouterr().out)["chunk"] == 512  # under a budget the offline API keeps 512
