@@ -29,9 +29,13 @@ EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_re
 # Then paths.PATH_NAMES: what decides the code path IREE takes (powers of two dividing the vectorised loops, a
 # strided contiguous axis, an outer-axis reduction). Columns are only ever appended, so a model file reads the
 # leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features).
-# Then PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs; element-wise arithmetic).
+# DEFAULT_NAMES: the 62 columns a model reads by default (the nets with FitConfig(features="all"), the residual
+# trees, the LightGBM baseline). Then PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs;
+# element-wise arithmetic), computed into every row but read by the nets and trees only with the pipe base
+# (columns(), `--base pipes`: tried, not shipped).
+DEFAULT_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES)
 PIPE_NAMES = ("log_contract_flops", "log_arith_elems")
-ALL_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES, *PIPE_NAMES)
+ALL_NAMES = (*DEFAULT_NAMES, *PIPE_NAMES)
 _CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
 _VEC = re.compile(r"vector_common_parallel\s*=\s*\[(\d+),\s*(\d+)")
 _RED = re.compile(r"vector_reduction\s*=\s*\[[^\]]*?(\d+)\]")
@@ -136,6 +140,12 @@ def pipes(fn: Function) -> dict[str, float]:
                     if sop not in TRANSCENDENTAL and sop not in _CONVERT and sop not in ("constant", "select"))
             arith += _work(o) * (n if o.scalar_ops else 1)
     return {"log_contract_flops": math.log2(contract + 1), "log_arith_elems": math.log2(arith + 1)}
+
+
+def columns(base: str | None) -> tuple[str, ...]:
+    """The leading columns of ALL_NAMES that a model with this roofline base (FitConfig.base, or a stored
+    base's "kind") reads: DEFAULT_NAMES, and PIPE_NAMES after them only with the pipe base ("pipes")."""
+    return ALL_NAMES if base == "pipes" else DEFAULT_NAMES
 
 
 def flops_bytes(fn: Function) -> tuple[float, float]:

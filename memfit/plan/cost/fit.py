@@ -12,7 +12,7 @@ import torch
 
 from memfit.plan.cost import tokens as tk
 from memfit.plan.cost.dataset import Examples, from_log, to_log
-from memfit.plan.cost.features import ALL_NAMES, NAMES
+from memfit.plan.cost.features import NAMES, columns
 from memfit.plan.cost.metrics import mape
 from memfit.plan.cost.roofline import BASES, base_of, fit_base
 from memfit.plan.cost.seq import Bundle, CostNet, Normaliser, SeqConfig, batch
@@ -37,8 +37,9 @@ class FitConfig:
     # "none" (learned whole)
     base: str = "roofline"
     seeds: int = 3              # an ensemble of this many nets (seeds seed, seed+1, ...), log outputs averaged
-    # the nets' global input: "all" (features.ALL_NAMES, with the work features; chosen on validation) or
-    # "names" (features.NAMES, the columns of the models shipped before)
+    # the nets' global input: "all" (features.DEFAULT_NAMES, with the work and path features; chosen on
+    # validation; features.ALL_NAMES, the pipe columns too, with the pipe base) or "names" (features.NAMES, the
+    # columns of the models shipped before)
     features: str = "all"
 
     def __post_init__(self) -> None:
@@ -49,7 +50,7 @@ class FitConfig:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return NAMES if self.features == "names" else ALL_NAMES
+        return NAMES if self.features == "names" else columns(self.base)
 
 
 def fit_seq(train: Examples, val: Examples, cfg: FitConfig, verbose: bool = True) -> Bundle:

@@ -17,8 +17,15 @@ def _lgb():
 
 
 class GBM:
-    def __init__(self, seed: int = 0, n_estimators: int = 3000, learning_rate: float = 0.03) -> None:
+    """`base`: the roofline base of the model it is compared with; it reads the same leading columns
+    (features.columns: the pipe columns only beside the pipe base)."""
+
+    def __init__(self, seed: int = 0, n_estimators: int = 3000, learning_rate: float = 0.03,
+                 base: str | None = None) -> None:
+        from memfit.plan.cost.features import columns
+
         self.seed, self.n_estimators, self.learning_rate = seed, n_estimators, learning_rate
+        self.n_features = len(columns(base))
         self.models: list = []
 
     def fit(self, train: Examples, val: Examples) -> "GBM":
@@ -29,21 +36,22 @@ class GBM:
                   "num_leaves": 31, "min_data_in_leaf": 5, "bagging_fraction": 0.8, "bagging_freq": 1,
                   "feature_fraction": 0.8, "lambda_l2": 1.0, "seed": self.seed, "num_threads": 1, "verbose": -1}
         for j in range(len(TARGETS)):
-            dtrain = lgb.Dataset(train.X, Zt[:, j])
-            dval = lgb.Dataset(val.X, Zv[:, j], reference=dtrain)
+            dtrain = lgb.Dataset(train.X[:, :self.n_features], Zt[:, j])
+            dval = lgb.Dataset(val.X[:, :self.n_features], Zv[:, j], reference=dtrain)
             self.models.append(lgb.train(params, dtrain, self.n_estimators, valid_sets=[dval],
                                          callbacks=[lgb.early_stopping(100, verbose=False)]))
         return self
 
     def predict(self, ex: Examples) -> np.ndarray:
-        Z = np.stack([m.predict(ex.X, num_iteration=m.best_iteration) for m in self.models], axis=1)
+        Z = np.stack([m.predict(ex.X[:, :self.n_features], num_iteration=m.best_iteration) for m in self.models], axis=1)
         return from_log(Z)
 
 
 class ResidualGBM:
     """Latency as a roofline (roofline.LogBase or PipeBase, fitted to the training labels) times a correction that
-    LightGBM learns on the log residual from every hand-built feature (features.ALL_NAMES). It is stored as
-    plain trees (trees.Tree), so a bundle blending it with the sequence model predicts without LightGBM."""
+    LightGBM learns on the log residual from the hand-built features its base goes with (features.columns of
+    the base's kind: DEFAULT_NAMES, or ALL_NAMES beside PipeBase). It is stored as plain trees (trees.Tree), so
+    a bundle blending it with the sequence model predicts without LightGBM."""
 
     def __init__(self, base: dict, seed: int = 0, objective: str = "l1", n_estimators: int = 3000,
                  learning_rate: float = 0.03, num_leaves: int = 15) -> None:
@@ -61,15 +69,19 @@ class ResidualGBM:
         from memfit.plan.cost import trees
 
         lgb = _lgb()
+        from memfit.plan.cost.features import columns
+
+        n = len(columns(self.base.get("kind", "roofline")))
         rt = np.log(np.maximum(train.Y[:, 0], 1e-3)) - self._base_log(train.X)
         rv = np.log(np.maximum(val.Y[:, 0], 1e-3)) - self._base_log(val.X)
         params = {"objective": self.objective, "metric": "l1", "learning_rate": self.learning_rate,
                   "num_leaves": self.num_leaves, "min_data_in_leaf": 5, "bagging_fraction": 0.8, "bagging_freq": 1,
                   "feature_fraction": 0.8, "lambda_l2": 1.0, "seed": self.seed, "num_threads": 1, "verbose": -1}
-        dtrain = lgb.Dataset(train.X, rt)
-        booster = lgb.train(params, dtrain, self.n_estimators, valid_sets=[lgb.Dataset(val.X, rv, reference=dtrain)],
+        dtrain = lgb.Dataset(train.X[:, :n], rt)
+        booster = lgb.train(params, dtrain, self.n_estimators,
+                            valid_sets=[lgb.Dataset(val.X[:, :n], rv, reference=dtrain)],
                             callbacks=[lgb.early_stopping(100, verbose=False)])
-        self.trees, self.n_features = trees.from_lightgbm(booster, booster.best_iteration), train.X.shape[1]
+        self.trees, self.n_features = trees.from_lightgbm(booster, booster.best_iteration), n
         return self
 
     def predict_log(self, X: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, 
     if baselines:
         from memfit.plan.cost.gbm import GBM
 
-        g = GBM(seed=fit_cfg.seed).fit(tr, va).predict(te)
+        g = GBM(seed=fit_cfg.seed, base=fit_cfg.base).fit(tr, va).predict(te)
         preds["lightgbm"] = g[:, 0]
         counts["lightgbm"] = {t: _count_err(g[:, j], te.Y[:, j]) for j, t in enumerate(dataset.TARGETS[1:], 1)}
         peaks = peaks_of(meta)

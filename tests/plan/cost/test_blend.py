@@ -75,7 +75,8 @@ def test_residual_trees_learn_the_factor_and_round_trip():
     ex = work_labelled(120, seed=3)
     tr, va = ex.subset(np.arange(0, 90)), ex.subset(np.arange(90, 120))
     g = ResidualGBM(BASE).fit(tr, va)
-    assert g.n_features == len(features.ALL_NAMES)
+    # beside LogBase the trees read the default columns, not the pipe columns computed after them
+    assert g.n_features == len(features.DEFAULT_NAMES) and g.to_json()["names"] == list(features.DEFAULT_NAMES)
     assert mape(np.exp(g.predict_log(va.X)), va.Y[:, 0]) < 0.2
     again = ResidualGBM.from_json(g.to_json())
     assert np.allclose(again.predict_log(va.X), g.predict_log(va.X))
@@ -117,8 +118,9 @@ def test_the_blend_is_weight_trees_and_shift():
 def test_the_nets_read_the_features_they_were_given():
     ex = synthetic(40, seed=4)
     tr, va = ex.subset(np.arange(30)), ex.subset(np.arange(30, 40))
-    for which, names in (("names", features.NAMES), ("all", features.ALL_NAMES)):
-        b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1, features=which), verbose=False)
+    for which, base, names in (("names", "roofline", features.NAMES), ("all", "roofline", features.DEFAULT_NAMES),
+                               ("all", "none", features.DEFAULT_NAMES), ("all", "pipes", features.ALL_NAMES)):
+        b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1, features=which, base=base), verbose=False)
         assert b.feature_names == list(names) and b.net.cfg.n_global == len(names)
     with pytest.raises(ValueError, match="features"):
         FitConfig(features="some")
@@ -138,3 +140,25 @@ def test_the_blend_keeps_the_tree_size_that_scores_best_on_validation():
     assert b.info["trees_leaves"] == best and b.info["blend_val_mape"] == by_size[best]
     fit_blend(b, tr, va, leaves=(15, 2))  # the order offered does not matter
     assert b.info["trees_leaves"] == best
+
+
+def test_the_default_columns_leave_the_pipe_columns_to_the_pipe_base():
+    # the 62 columns the shipped model reads; the two pipe columns come after them and only the pipe base reads them
+    assert len(features.DEFAULT_NAMES) == 62 and features.ALL_NAMES == (*features.DEFAULT_NAMES, *features.PIPE_NAMES)
+    assert features.columns("roofline") == features.columns("none") == features.columns(None) == features.DEFAULT_NAMES
+    assert features.columns("pipes") == features.ALL_NAMES
+    assert FitConfig().names == features.DEFAULT_NAMES
+
+
+def test_trees_and_lightgbm_read_the_pipe_columns_only_beside_the_pipe_base():
+    from dataclasses import asdict
+
+    from memfit.plan.cost.gbm import GBM, ResidualGBM
+    from memfit.plan.cost.roofline import fit_pipe_base
+
+    ex = work_labelled(120, seed=5)
+    tr, va = ex.subset(np.arange(0, 90)), ex.subset(np.arange(90, 120))
+    pipes = ResidualGBM(asdict(fit_pipe_base(tr.X, tr.Y[:, 0], steps=50))).fit(tr, va)
+    assert pipes.n_features == len(features.ALL_NAMES)
+    assert GBM(n_estimators=5).fit(tr, va).models[0].num_feature() == len(features.DEFAULT_NAMES)
+    assert GBM(n_estimators=5, base="pipes").fit(tr, va).models[0].num_feature() == len(features.ALL_NAMES)

@@ -31,6 +31,17 @@ def test_shipped_model_is_small():
     assert DEFAULT_MODEL.stat().st_size <= 5 * 1024 * 1024
 
 
+def test_shipped_model_reads_the_default_columns(kernel, no_iree, capsys):
+    # trained with the default recipe: its nets and trees read features.DEFAULT_NAMES, not the pipe columns
+    from memfit.plan.cost import features
+    from memfit.plan.cost.seq import Bundle
+
+    b = Bundle.load(str(DEFAULT_MODEL))
+    assert b.feature_names == list(features.DEFAULT_NAMES) == b.blend["names"]
+    assert main(["costmodel", "predict", str(kernel), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_us"] > 0
+
+
 def test_predict_without_iree(kernel, no_iree, capsys):
     assert main(["costmodel", "predict", str(kernel), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -81,7 +81,7 @@ def test_a_model_of_the_old_encoding_is_refused(tmp_path):
                 FitConfig(epochs=1, d=8, layers=1, seeds=1), verbose=False)
     load_model.cache_clear()
     b.save(str(tmp_path / "now.safetensors"))
-    assert load_model(str(tmp_path / "now.safetensors")).feature_names == list(features.ALL_NAMES)
+    assert load_model(str(tmp_path / "now.safetensors")).feature_names == list(features.DEFAULT_NAMES)
     old = {"short_m": "p2_m", "short_n": "p2_n", "short_lanes_n": "lanes_n"}
     b.feature_names = [old.get(n, n) for n in features.ALL_NAMES]
     b.save(str(tmp_path / "old.safetensors"))
