@@ -142,7 +142,9 @@ def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int 
     from memfit.llm.engine.params import SamplingParams
 
     ids = torch.randint(0, vocab, (32,), generator=torch.Generator().manual_seed(2)).tolist()
-    llm = LLM(str(src), dtype=dtype, kv_budget="256MiB", max_model_len=256, device="cpu")
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
+    llm = LLM(str(src), dtype=dtype, kv_budget="256MiB", max_model_len=256, device="cpu",
+              max_num_batched_tokens=512)
     ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=n, temperature=0,
                                                                                ignore_eos=True))[0].token_ids
     llm.engine.close()

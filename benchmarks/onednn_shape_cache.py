@@ -69,8 +69,9 @@ def worker(threads: int, max_rows: int, buckets: str) -> dict:
         m = libc.mallinfo2()
         return int(m.uordblks + m.hblkhd)  # heap chunks in use + mmapped chunks
 
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
     eng = LLM(model="memfit-tiny", dtype="float32", cpu_linear="onednn", cpu_kernels=False,
-              enable_prefix_caching=False).engine
+              enable_prefix_caching=False, max_num_batched_tokens=512).engine
     model = eng.model
     sizes = list(range(1, max_rows + 1)) + list(PREFILL_ROWS)
     rounds = []

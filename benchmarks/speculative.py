@@ -132,7 +132,8 @@ def main() -> int:
 
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True,
                         seed=args.seed if args.temperature > 0 else None)
-    common = dict(dtype=args.dtype, threads=args.threads)
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
+    common = dict(dtype=args.dtype, threads=args.threads, max_num_batched_tokens=512)
     rows, peer = [], None
     for batch in (int(b) for b in args.batches.split(",")):
         if batch < 1 or args.requests_per_slot < 1:

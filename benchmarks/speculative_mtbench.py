@@ -80,7 +80,8 @@ def main() -> int:
 
     questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()][: args.conversations]
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    common = dict(dtype=args.dtype, threads=args.threads, max_num_seqs=1)
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
+    common = dict(dtype=args.dtype, threads=args.threads, max_num_seqs=1, max_num_batched_tokens=512)
     gammas = [int(g) for g in args.gammas.split(",")]
     spec = {g: dict(speculative_model=args.draft, num_speculative_tokens=g) for g in gammas}
     engines = {"plain": (LLM(args.model, **common), True)}  # name: (engine, keeps a session's KV between turns)

@@ -49,7 +49,8 @@ HF_PEER = "hf_assisted"  # transformers' generate(assistant_model=...), with --h
 
 def engine_options(decoder: str, a: dict) -> tuple[dict, bool]:
     """LLM keywords of a decoder, and whether a conversation keeps its KV between turns (a session)."""
-    common = dict(dtype=a["dtype"], threads=a["threads"], max_num_seqs=1)
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
+    common = dict(dtype=a["dtype"], threads=a["threads"], max_num_seqs=1, max_num_batched_tokens=512)
     spec = dict(speculative_model=a["draft"], num_speculative_tokens=a["gamma"])
     if decoder == "vanilla":
         return common, True

@@ -148,7 +148,9 @@ def run_speculative(tp: int, spec: bool, batch: int) -> dict:
     from memfit.llm import LLM, SamplingParams
 
     opts = dict(speculative_model="memfit-tiny-draft", num_speculative_tokens=2) if spec else {}
-    llm = LLM(model="memfit-tiny", dtype="float32", threads=1, max_num_seqs=batch, tensor_parallel_size=tp, **opts)
+    # the engine's and server's step, as the committed results ran (LLM's own CPU default is 2048)
+    llm = LLM(model="memfit-tiny", dtype="float32", threads=1, max_num_seqs=batch, tensor_parallel_size=tp,
+              max_num_batched_tokens=512, **opts)
     prompts = (PROMPTS * -(-batch // len(PROMPTS)))[:batch]
     sp = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
