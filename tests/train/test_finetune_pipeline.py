@@ -18,6 +18,8 @@ from memfit.memory.hostpool import SlotPool
 from memfit.train.finetune import store as store_mod
 from memfit.train.finetune.design_base import HostMemoryDesign
 from memfit.train.finetune.designs import MemAscend
+from memfit.train.finetune.executor import StepExecutor
+from memfit.train.finetune.units import UnitRunner
 from tests.train.test_finetune import cfg, make_tiny, run
 from tests.train.test_finetune_blockwise import _tensors
 
@@ -179,11 +181,61 @@ class _TimedWrite:
             self._engine.waited[-1] += time.perf_counter() - t0
 
 
+class _StepClock:
+    """The test's own clock of each step, on the main thread: its span, from zero_grad (the step begins, and the
+    store's update timers with it) to the end of its optimizer update (StepExecutor.step returns: streamed, its
+    last writes are settled there; or the flat optimizer_step returns), and, within it, the time computing units
+    (forward, the head, autograd's backward, the embedding's backward), none of which runs any part of an update.
+    Each list has an entry a step."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.span: list[float] = []
+        self.compute: list[float] = []
+        self._start, self._inside = 0.0, False
+        for owner, name, wrap in ((store_mod.GroupStore, "zero_grad", self._begins), (StepExecutor, "step", self._ends),
+                                  (store_mod.GroupStore, "optimizer_step", self._ends),
+                                  (UnitRunner, "forward", self._computes), (UnitRunner, "head_step", self._computes),
+                                  (torch.autograd, "backward", self._computes),
+                                  (StepExecutor, "_embedding_backward", self._computes)):
+            monkeypatch.setattr(owner, name, wrap(getattr(owner, name)))
+
+    def _begins(self, real):
+        def f(*a, **k):
+            self._start = time.perf_counter()
+            self.span.append(0.0)
+            self.compute.append(0.0)
+            return real(*a, **k)
+        return f
+
+    def _ends(self, real):
+        def f(*a, **k):
+            out = real(*a, **k)
+            self.span[-1] = time.perf_counter() - self._start
+            return out
+        return f
+
+    def _computes(self, real):
+        def f(*a, **k):
+            if self._inside or threading.current_thread() is not threading.main_thread() or not self.span:
+                return real(*a, **k)  # nested in a timed call, or not the step's main thread
+            self._inside, t0 = True, time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                self._inside = False
+                self.compute[-1] += time.perf_counter() - t0
+        return f
+
+
 @pytest.mark.parametrize("design", ["memascend", "zero-infinity-pipelined"])
 def test_update_seconds_count_the_writes_a_pipelined_update_leaves_in_flight(tmp_path, monkeypatch, design):
     """A step's optimizer_seconds holds every wait of the step for the update's writes, those a pipelined update
     leaves in flight at a group's end and waits for later (at the step's end: optimizer_settle_seconds) included.
-    Each write block here takes 10 ms when waited for, so the step's end alone waits for tens of them."""
+    Each write block here takes 10 ms when waited for, so the step's end alone waits for tens of them.
+    And it holds nothing more: the update's time and the units' compute are disjoint parts of the step, so
+    together they fit in the step's span as the test's own clock measures it (a wait counted twice, or a write's
+    whole flight from its submission counted instead of the wait, does not fit: the settle alone is ~0.6 s here
+    and the step's time in neither part ~0.01 s)."""
     engines: list[_SlowWrites] = []
 
     def aio(self):
@@ -200,13 +252,18 @@ def test_update_seconds_count_the_writes_a_pipelined_update_leaves_in_flight(tmp
 
     monkeypatch.setattr(HostMemoryDesign, "aio", aio)
     monkeypatch.setattr(store_mod.GroupStore, "zero_grad", zero_grad)
+    clock = _StepClock(monkeypatch)  # wraps zero_grad in turn: both run at a step's start
     model = make_tiny(tmp_path / "m")
     res = run(cfg(model, tmp_path / "run", steps=2, offload="ssd", host_memory=design, dtype="bfloat16"))
     waited = engines[-1].waited
-    assert len(waited) == len(res.optimizer_seconds) == len(res.optimizer_settle_seconds) == 2
+    assert len(waited) == len(res.optimizer_seconds) == len(res.optimizer_settle_seconds) == len(clock.span) == 2
     for s in range(2):
         assert waited[s] > 0.05, waited  # the delay took effect
         assert res.optimizer_seconds[s] >= waited[s], (s, res.optimizer_seconds, waited)
         # pipelined: the last group's writes were still in flight when its update returned
         assert 0 < res.optimizer_settle_seconds[s] <= res.optimizer_seconds[s]
         assert res.optimizer_settle_seconds[s] >= _SlowWrites.delay
+        # from above: the update's time fits in the step beside the units' compute (an exact bound: disjoint
+        # intervals of one clock inside the span)
+        assert 0 < clock.compute[s] and res.optimizer_seconds[s] + clock.compute[s] <= clock.span[s], (
+            s, res.optimizer_seconds, clock.compute, clock.span)
