@@ -2,7 +2,8 @@
 bf16 on `upcast`, PyTorch's attention): an upper bound of what every step really takes, read from the kernel (the
 step's peak RSS, VmHWM reset before it after malloc_trim, less the KV pages the step committed), for every step of a
 workload of 1 to 240 rows, plain and speculative, in float32 and bfloat16, and each prefill step against the figure
-at its own row count. Before the fallback terms (engine/fallback_accounting.py) a 224-row float32 step peaked at
+at its own row count; on a CPU where memfit's kernels run, in a process that hides them (MEMFIT_CPU_ISA=avx2), so the
+path is measured on every machine. Before the fallback terms (engine/fallback_accounting.py) a 224-row float32 step peaked at
 6.3 MiB against a 4.4 MiB figure."""
 from __future__ import annotations
 
@@ -19,16 +20,22 @@ from tests.llm.engine.test_arena_ledger import CONFIG, SPEC, _measured_steps, co
 STEP_NOISE = 512 * 1024  # the per-step noise of the peak RSS on this path (see below)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("spec", ["plain", "chain"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, monkeypatch, request):
+def test_a_fallback_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, isa, monkeypatch, request):
+    """isa "avx2": on a CPU where memfit's kernels run, the same path with them hidden (MEMFIT_CPU_ISA=avx2, as on a
+    CPU without AVX-512), so that this path is measured on every machine."""
     from memfit.llm.engine.api import LLM
 
-    if build.unavailable_reason(getattr(torch, dtype)) is None:
-        pytest.skip(f"memfit's CPU kernels run {dtype} here: tests/llm/engine/test_arena_ledger.py measures that path")
+    runs_kernels = build.unavailable_reason(getattr(torch, dtype)) is None
+    if isa == "native" and runs_kernels:
+        pytest.skip(f"memfit's CPU kernels run {dtype} here: the avx2 case measures this path with them hidden")
+    if isa != "native" and build.isa_cap() != isa and not runs_kernels:  # (the child runs capped)
+        pytest.skip(f"memfit's CPU kernels do not run {dtype} here: the native case is this path")
     if not reset_peak_rss():
         pytest.skip("the kernel's peak RSS cannot be reset here (/proc/self/clear_refs)")
-    if in_own_process(request):
+    if in_own_process(request, isa):
         return
     eng = LLM(dtype=dtype, **CONFIG, **SPEC[spec]).engine
     try:
