@@ -48,6 +48,9 @@ def main() -> int:
     ap.add_argument("--leaves", default=None,
                     help="residual-tree sizes the blend's validation MAPE chooses among, e.g. 15,31 "
                          "(default: TrainConfig's)")
+    ap.add_argument("--trees-by-kind", action="store_true",
+                    help="residual trees of each kind of kernel too (conv, matmul, other), averaged with the shared "
+                         "trees (TrainConfig.by_kind)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
@@ -72,7 +75,8 @@ def main() -> int:
                                 **({'seeds': args.seeds} if args.seeds else {}),
                                 **({'base': args.base} if args.base else {})),
                       families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend,
-                      **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}))
+                      **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}),
+                      **({"by_kind": True} if args.trees_by_kind else {}))
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -104,7 +108,8 @@ def main() -> int:
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
                                                         "nets_val_mape", "trees_val_mape", "blend_weight",
-                                                        "blend_shift", "blend_val_mape", "trees_leaves", "base")},
+                                                        "blend_shift", "blend_val_mape", "trees_leaves", "base",
+                                                        "trees_by_kind")},
         "base": bundle.base,
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
         "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,

@@ -28,6 +28,8 @@ class TrainConfig:
     # sizes of the residual trees; with several, the blend's validation MAPE picks one. The shipped recipe uses 15
     # (15 and 31 with the pipe base: 18.7% on validation against 19.5%, 19.5% on the test shapes against 19.1%)
     leaves: tuple[int, ...] = (15,)
+    # residual trees of each kind of kernel too (gbm.ResidualGBM's by_kind), averaged with the shared trees
+    by_kind: bool = False
 
 
 def load(db: str | Path) -> tuple[dataset.Examples, dict]:
@@ -47,7 +49,8 @@ def peaks_of(meta: dict) -> Peaks | None:
 
 def fit_blend(bundle: Bundle, tr: dataset.Examples, va: dataset.Examples, seed: int = 0,
               weights: np.ndarray = np.linspace(0.0, 1.0, 11),
-              shifts: np.ndarray = np.linspace(-0.3, 0.1, 41), leaves: tuple[int, ...] = (15,)) -> dict:
+              shifts: np.ndarray = np.linspace(-0.3, 0.1, 41), leaves: tuple[int, ...] = (15,),
+              by_kind: bool = False) -> dict:
     """Roofline-residual trees (gbm.ResidualGBM, on the nets' own roofline base) and the nets' share of the
     blended log latency, the weight with the lowest validation MAPE (1: the nets alone), then the log shift
     of the blend with the lowest validation MAPE. With several `leaves`, trees of each size are fitted and the
@@ -61,7 +64,7 @@ def fit_blend(bundle: Bundle, tr: dataset.Examples, va: dataset.Examples, seed: 
     nets = bundle.predict_log(va.toks, va.X)[:, 0]
     best_fit = None
     for n_leaves in leaves:
-        g = ResidualGBM(base, seed=seed, num_leaves=n_leaves).fit(tr, va)
+        g = ResidualGBM(base, seed=seed, num_leaves=n_leaves, by_kind=by_kind).fit(tr, va)
         trees = g.predict_log(va.X)
         scores = {round(float(w), 3): mape(np.exp(w * nets + (1 - w) * trees), va.Y[:, 0]) for w in weights}
         best = min(scores, key=lambda w: (scores[w], -w))  # ties go to the nets
@@ -76,12 +79,14 @@ def fit_blend(bundle: Bundle, tr: dataset.Examples, va: dataset.Examples, seed: 
     if best < 1.0 or shift != 0.0:
         bundle.blend = {**g.to_json(), "weight": best, "shift": shift}
     bundle.info.update(blend_weight=best, blend_shift=shift, blend_val_mape=by_shift[shift],
-                       nets_val_mape=scores.get(1.0), trees_val_mape=scores.get(0.0), trees_leaves=n_leaves)
+                       nets_val_mape=scores.get(1.0), trees_val_mape=scores.get(0.0), trees_leaves=n_leaves,
+                       trees_by_kind=sorted(g.kind_trees))
     return scores
 
 
 def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, baselines: bool = True,
-            verbose: bool = True, blend: bool = True, leaves: tuple[int, ...] = (15,)) -> tuple[Bundle, dict, dict]:
+            verbose: bool = True, blend: bool = True, leaves: tuple[int, ...] = (15,),
+            by_kind: bool = False) -> tuple[Bundle, dict, dict]:
     """Fit on split[0] (validate on split[1]); latency predictions of every model on split[2]. With `blend`,
     "seq" is the nets blended with roofline-residual trees (fit_blend), and "seq_nets" the nets alone."""
     tr, va, te = (ex.subset(i) for i in split)
@@ -89,7 +94,7 @@ def compare(ex: dataset.Examples, split: tuple, meta: dict, fit_cfg: FitConfig, 
     preds = {}
     if blend:
         nets_only = bundle.predict_log(te.toks, te.X)[:, 0]
-        scores = fit_blend(bundle, tr, va, fit_cfg.seed, leaves=leaves)
+        scores = fit_blend(bundle, tr, va, fit_cfg.seed, leaves=leaves, by_kind=by_kind)
         if verbose:
             print("blend, validation MAPE by the nets' weight: " +
                   ", ".join(f"{w:g} {m:.3f}" for w, m in scores.items()), file=sys.stderr)
@@ -136,7 +141,7 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
               "(held-out shapes)", file=sys.stderr)
-    bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose, cfg.blend, cfg.leaves)
+    bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose, cfg.blend, cfg.leaves, cfg.by_kind)
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        label_kind=meta.get("label_kind", "real_median"),
                        split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
@@ -160,7 +165,7 @@ def family_holdouts(ex: dataset.Examples, meta: dict, cfg: TrainConfig, verbose:
     for fam in cfg.families:
         fcfg = FitConfig(**{**cfg.fit.__dict__, "epochs": cfg.family_epochs})
         _, frep, _ = compare(ex, dataset.family_split(ex, fam, cfg.fit.seed), meta, fcfg, cfg.baselines, verbose,
-                             cfg.blend, cfg.leaves)
+                             cfg.blend, cfg.leaves, cfg.by_kind)
         out[fam] = {k: v["all"] for k, v in frep.items() if not k.startswith("_")}
         if verbose:
             print(f"held-out family {fam}: " + ", ".join(f"{k} MAPE {v['mape']:.3f} Spearman {v['spearman']:.3f}"

@@ -162,3 +162,50 @@ def test_trees_and_lightgbm_read_the_pipe_columns_only_beside_the_pipe_base():
     assert pipes.n_features == len(features.ALL_NAMES)
     assert GBM(n_estimators=5).fit(tr, va).models[0].num_feature() == len(features.DEFAULT_NAMES)
     assert GBM(n_estimators=5, base="pipes").fit(tr, va).models[0].num_feature() == len(features.ALL_NAMES)
+
+
+def test_kind_of_reads_the_op_counts():
+    from memfit.plan.cost.gbm import kind_of
+
+    ex = synthetic(200, seed=21)
+    kinds, fam = kind_of(ex.X), np.array(ex.families)
+    assert set(kinds[fam == "conv"]) == {0}
+    assert set(kinds[np.isin(fam, ["matmul", "batch_matmul"])]) == {1}
+    assert set(kinds[np.isin(fam, ["elementwise", "reduction", "softmax", "layernorm"])]) == {2}
+    assert set(kinds[fam == "fused"]) == {0, 1}  # a conv or a matmul with its epilogue
+
+
+def test_trees_of_each_kind_are_averaged_with_the_shared_trees(tmp_path):
+    import json
+
+    from memfit.plan.cost import trees
+    from memfit.plan.cost.gbm import KINDS, ResidualGBM, kind_of
+
+    ex = work_labelled(300, seed=17)
+    tr, va = ex.subset(np.arange(0, 220)), ex.subset(np.arange(220, 300))
+    shared = ResidualGBM(BASE).fit(tr, va)
+    g = ResidualGBM(BASE, by_kind=True).fit(tr, va)
+    assert set(g.kind_trees) == set(KINDS) and "kind_trees" not in shared.to_json()
+    base = LogBase(**BASE).log_us(va.X)
+    expect = shared.predict_log(va.X) - base  # the shared trees are the same fit (same seed)
+    kinds = kind_of(va.X)
+    for i, k in enumerate(KINDS):
+        m = kinds == i
+        assert m.any()
+        expect[m] = 0.5 * (expect[m] + trees.predict(g.kind_trees[k], va.X[m][:, :g.n_features]))
+    assert np.allclose(g.predict_log(va.X), base + expect)
+    assert not np.allclose(g.predict_log(va.X), shared.predict_log(va.X))
+    again = ResidualGBM.from_json(json.loads(json.dumps(g.to_json())))
+    assert np.allclose(again.predict_log(va.X), g.predict_log(va.X))
+    # a kind with too few training rows keeps the shared trees alone
+    few = ResidualGBM(BASE, by_kind=True, min_kind=10 ** 6).fit(tr, va)
+    assert few.kind_trees == {} and np.allclose(few.predict_log(va.X), shared.predict_log(va.X))
+    # through the blend and a model file
+    b = fit_seq(tr, va, FitConfig(epochs=1, d=8, layers=1, seeds=1), verbose=False)
+    fit_blend(b, tr, va, by_kind=True)
+    assert b.info["trees_by_kind"] == sorted(KINDS) and set(b.blend["kind_trees"]) == set(KINDS)
+    b.save(str(tmp_path / "k.safetensors"))
+    loaded = Bundle.load(str(tmp_path / "k.safetensors"))
+    assert np.allclose(loaded.predict_log(va.toks, va.X)[:, 0], b.predict_log(va.toks, va.X)[:, 0], atol=0.05)
+    assert np.allclose(ResidualGBM.from_json(loaded.blend).predict_log(va.X),
+                       ResidualGBM.from_json(b.blend).predict_log(va.X))
