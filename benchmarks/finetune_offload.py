@@ -22,6 +22,13 @@ and the 1-minute load before each process (and the 1-, 5- and 15-minute ones bef
 design's median over all its steady steps (and of its optimizer update's time, `optimizer_seconds`, with the part
 a pipelined update waits for at the step's end, `optimizer_settle_seconds`) and the median, min and max of the
 per-round ratios; with more than one rival, `vs` has memascend's per-round ratios against each. `--layers N` keeps the shape's widths and vocabulary with N decoder layers.
+
+Where the steps' SSD bytes and main-thread time go (`--traffic`, benchmarks/finetune_traffic.py's meter in each
+worker): per design the SSD bytes of a steady step by direction and kind (the 16-bit copy, master, moments), and
+the medians over the rounds' steady steps of the fetch waits, the head and the update's parts:
+
+    python -m benchmarks.finetune_offload --shape 0.1b --offload ssd --steps 4 --seq-len 256 --threads 1 \
+        --ssd-dir /tmp/bench --designs memascend,zero-infinity-pipelined --rounds 4 --traffic --out ...
 """
 from __future__ import annotations
 
@@ -67,6 +74,7 @@ def steady_steps(steps: int) -> list[int]:
 def worker(args: argparse.Namespace) -> None:
     """One design, one process: print the trainer's result JSON."""
     pin_threads(args.threads)
+    from benchmarks.finetune_traffic import TrafficMeter
     from memfit.train.finetune.trainer import MMAP_THRESHOLD, FinetuneConfig, run
 
     cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, ssd_dir=args.ssd_dir,
@@ -74,7 +82,16 @@ def worker(args: argparse.Namespace) -> None:
                          lr=1e-5, dtype=args.dtype, seed=args.seed,
                          model_config=model_config(args.shape, args.layers),
                          grad_checkpointing="device", mmap_threshold=MMAP_THRESHOLD)
-    print(json.dumps(run(cfg).to_json()))
+    meter = TrafficMeter()
+    if args.traffic:
+        meter.install()
+    try:
+        out = run(cfg).to_json()
+    finally:
+        meter.uninstall()
+    if args.traffic:
+        out["traffic"] = meter.result()
+    print(json.dumps(out))
 
 
 def summarise(r: dict) -> dict:
@@ -102,6 +119,8 @@ def summarise(r: dict) -> dict:
         "optimizer_settle_seconds": r.get("optimizer_settle_seconds"),
         "losses": r["losses"],
     }
+    if "traffic" in r:  # --traffic: per step, SSD bytes by direction and kind, main-thread seconds by part
+        out["traffic"] = r["traffic"]
     for key in ("optimizer_seconds", "optimizer_settle_seconds"):
         if r.get(key) and len(r[key]) == steps:
             out[f"steady_median_{key}"] = statistics.median(r[key][s] for s in steady_steps(steps))
@@ -177,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the shape's own)")
     p.add_argument("--rounds", type=int, default=1,
                    help="rounds of one process per design, order alternating; >1 adds per-round step-time ratios")
+    p.add_argument("--traffic", action="store_true",
+                   help="per step: SSD bytes by kind and main-thread time by part (benchmarks/finetune_traffic.py)")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--design", default=None, help=argparse.SUPPRESS)
@@ -227,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds > 1:
         result["rounds"] = rounds
         result["step_time"] = alternated(rounds, designs, args.steps)
+    if args.traffic:
+        result["traffic"] = traffic(rounds, designs, args.steps)
     emit(result, args.out, draw)
 
 
@@ -237,6 +260,7 @@ def run_worker(args: argparse.Namespace, design: str) -> dict:
                "--shape", args.shape, "--layers", str(args.layers), "--offload", args.offload, "--ssd-dir", swap,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
                "--dtype", args.dtype, "--data", args.data, "--seed", str(args.seed), "--threads", str(args.threads)]
+        cmd += ["--traffic"] if args.traffic else []
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         return summarise(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -282,6 +306,30 @@ def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:
         out["vs"] = {d: _round_ratios(rounds, d) for d in designs if d != "memascend"}
     loads = [x for r in rounds for x in r["load_1min"].values()]
     out["load_1min_min"], out["load_1min_max"] = min(loads), max(loads)
+    return out
+
+
+def traffic(rounds: list[dict], designs: list[str], steps: int) -> dict:
+    """--traffic over the rounds, per design: the SSD bytes of the first round's first steady step by direction
+    and kind (`bytes_constant`: every steady step of every round moved the same), their totals, and the median over
+    all rounds' steady steps of each main-thread part (seconds), of the step and optimizer, and of the CPU time by
+    thread."""
+    steady = steady_steps(steps)
+    out: dict = {"steady_steps": steady, "designs": {}}
+    for d in designs:
+        runs = [r["designs"][d] for r in rounds]
+        per_step = [run["traffic"]["ssd_bytes"][s] for run in runs for s in steady]
+        first = per_step[0]
+        parts = {part: statistics.median(run["traffic"]["seconds"][s][part] for run in runs for s in steady)
+                 for part in runs[0]["traffic"]["seconds"][0]}
+        out["designs"][d] = {
+            "ssd_bytes_per_step": first, "bytes_constant": all(b == first for b in per_step),
+            "read_bytes_per_step": sum(first["read"].values()), "written_bytes_per_step": sum(first["write"].values()),
+            "median_seconds": dict(parts, **{key: statistics.median(run[f"{key}_seconds"][s] for run in runs
+                                                                   for s in steady) for key in ("step", "optimizer")}),
+            "median_cpu_seconds": {t: statistics.median(run["traffic"]["cpu"][s][t] for run in runs for s in steady)
+                                   for t in runs[0]["traffic"]["cpu"][steady[0]]},
+        }
     return out
 
 
