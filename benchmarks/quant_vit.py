@@ -7,11 +7,13 @@ with clipped channel-wise or per-tensor post-LayerNorm activations; packed weigh
 Every allocator goes through the same calibration, quantizers and reparameterisation (memfit.quant); only the
 bits differ. Top-1 is the packed model's (weights unpacked on the fly) on the test images (--max-test for a
 shorter run); weight bytes are read off the packed tensors. Latency: fp32 and packed side by side, round by
-round (benchmarks.common.interleave), median ms per batch of 100 images.
+round (benchmarks.common.interleave), median ms per batch of 100 images. The machine's load averages (1/5/15 min,
+as `uptime` prints them) are recorded at the start and end of the run and beside every row.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,6 +29,25 @@ MIXED_ACT = {"W3A3mix": (3.0, 3.0), "W3A4mix": (3.0, 4.0), "W4A4mix": (4.0, 4.0)
 ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "context", "uniform", "random")
 
 
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages, as `uptime` prints them (the machine is shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def budget(allocator: str, avg_bits: float, u_budget: float, equal_spend: bool) -> float:
+    """The average weight bits `allocator` may spend at a setting of `avg_bits`, `u_budget` being what `uniform`
+    spends there (its body at the floor width, the 8-bit fixed layers counted). `uniform` always gets u_budget;
+    with `equal_spend` the others get it too, where it is uniform's body at the setting's own width (W3, W4). At a
+    setting between widths (W2.5) uniform's 2-bit body would leave the others nothing to choose (every body layer
+    at 2 bits), so they all get the setting's average there, the same for every allocator but `uniform`, which
+    cannot spend it (its row's avg_weight_bits says what it spent)."""
+    from memfit.quant.allocators import floor_width
+
+    if allocator == "uniform" or (equal_spend and floor_width(avg_bits) == avg_bits):
+        return u_budget
+    return avg_bits
+
+
 def main() -> int:
     preset_threads()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -39,11 +60,13 @@ def main() -> int:
     ap.add_argument("--no-per-tensor", action="store_true", help="skip the per-tensor post-LayerNorm comparison")
     ap.add_argument("--equal-spend", action="store_true",
                     help="give every allocator uniform's spend (its body at the floor width, the 8-bit fixed layers "
-                         "counted), weights and allocated activations alike, instead of the setting's average")
+                         "counted), weights and allocated activations alike, instead of the setting's average; at a "
+                         "setting between widths (W2.5) every allocator but uniform gets the setting's average")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON here (and a PNG beside it)")
     args = ap.parse_args()
     pin_threads(args.threads)
+    load_start = load_average()
     import torch
 
     from memfit.quant.allocators import allocate_bits, uniform_budget
@@ -69,11 +92,10 @@ def main() -> int:
         else:
             (avg_bits, act_bits), avg_act = SETTINGS[setting], None
         # uniform gets the budget that puts its body at floor(avg_bits) bits, a hair over the others' at whole
-        # widths. At W2.5 it can only spend 2.05 (a 2-bit body); lrp at that spend has no choice left either
-        # (every body layer at 2 bits), so there is no equal-budget mixed run to add.
+        # widths (budget() says what --equal-spend changes, and what it cannot at W2.5)
         u_budget = uniform_budget(model, avg_bits)
-        runs = [(a, u_budget if a == "uniform" or args.equal_spend else avg_bits) for a in args.allocators.split(",")]
-        for allocator, budget in runs:
+        runs = [(a, budget(a, avg_bits, u_budget, args.equal_spend)) for a in args.allocators.split(",")]
+        for allocator, spend in runs:
             for seed in range(args.seeds):
                 idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))[:args.calib]
                 cx, cy = data.x_train[idx], data.y_train[idx]
@@ -87,17 +109,18 @@ def main() -> int:
                         acts["avg_act_bits"] = allocate_bits(model, "uniform", u_budget, cx, cy, act_bits=int(avg_act),
                                                              cache=caches.setdefault(seed, {}),
                                                              channelwise=channelwise).avg_act_bits
-                    alloc = allocate_bits(model, allocator, budget, cx, cy, **acts, seed=seed,
+                    alloc = allocate_bits(model, allocator, spend, cx, cy, **acts, seed=seed,
                                           cache=caches.setdefault(seed, {}), channelwise=channelwise)
                     first_seconds.setdefault((allocator, seed, channelwise), alloc.seconds)
                     packed = to_packed(quantize_model(model, cx, QuantConfig(alloc.weight_bits, alloc.act_bits,
                                                                              channelwise)))
-                    row = {"setting": setting, "allocator": allocator, "budget": budget, "seed": seed,
+                    row = {"setting": setting, "allocator": allocator, "budget": spend, "seed": seed,
                            "channelwise": channelwise,
                            "top1": evaluate(packed, x_test, y_test), "avg_weight_bits": alloc.avg_weight_bits,
                            "avg_act_bits": alloc.avg_act_bits, "weight_bytes": weight_bytes(packed),
                            "allocation_seconds": first_seconds[(allocator, seed, channelwise)],
-                           "bits_per_layer": alloc.weight_bits, "act_bits_per_layer": alloc.act_bits}
+                           "bits_per_layer": alloc.weight_bits, "act_bits_per_layer": alloc.act_bits,
+                           "load_average": load_average()}
                     rows.append(row)
                     print(f"{setting} {allocator} seed {seed} {'chan' if channelwise else 'tensor'}: "
                           f"top-1 {row['top1']:.4f} (fp {fp_top1:.4f}) W{alloc.avg_weight_bits:.2f}"
@@ -126,7 +149,7 @@ def main() -> int:
         "benchmark": "quant_vit", **header(args.threads, list(range(args.seeds))),
         "model": str(args.model), "timm_name": spec.timm_name, "kwargs": spec.kwargs, "fp_top1": fp_top1,
         "fp_weight_bytes": fp_bytes, "test_images": len(y_test), "calib": args.calib, "summary": summary,
-        "equal_spend": args.equal_spend,
+        "equal_spend": args.equal_spend, "load_average_start": load_start, "load_average_end": load_average(),
         "latency_ms_batch100": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "runs": rows,
     }
     emit(result, args.out, plot)
