@@ -4,7 +4,9 @@ The same random-initialised Llama checkpoints as benchmarks.decode_throughput ar
 (same weights, same dtype: bf16 or f32; q/k rows permuted to llama.cpp's rope layout as its own converter
 does; no tokenizer: token ids are fed directly), and both engines decode the same number of tokens from
 random prompts with greedy sampling at each batch size. llama.cpp decodes a batch through its low-level API
-(one sequence id per request, one unified KV cache). The rate excludes prefill.
+(one sequence id per request), at each of its settings that matter here: its KV as one stream a sequence
+(llama.cpp's default) and as one unified cache, flash attention at its default (on) and off; the fastest is
+the row's figure, each setting's in the JSON. The rate excludes prefill.
 
 llama-cpp-python is an optional peer, not a memfit dependency: it builds from source (about 15 minutes on
 2 cores) with `pip install llama-cpp-python gguf`. Without it the script says so and exits 2.
@@ -84,7 +86,11 @@ def write_gguf(src: Path, dst: Path) -> None:
     w.close()
 
 
-def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
+def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int, threads: int,
+                 unified: bool = False, flash: bool | None = None) -> dict:
+    """unified: one KV cache for every sequence (each sequence's attention then spans every sequence's cells,
+    masked); else one stream a sequence (llama.cpp's default, llama-server's parallel slots). flash: llama.cpp's
+    flash attention on or off; None leaves its default (auto: on here)."""
     import llama_cpp as L
 
     mp = L.llama_model_default_params()
@@ -92,9 +98,14 @@ def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens
     cp = L.llama_context_default_params()
     per_seq = prompt_len + new_tokens + 8
     cp.n_ctx = -(-batch * per_seq // 256) * 256
-    cp.n_batch = cp.n_ubatch = max(batch * prompt_len, 512)
+    # the prompts go in as one batch; llama.cpp computes it 512 tokens at a time (a 4000-token prompt at batch 8 as
+    # one ubatch would need its KQ scores for 32k x 32k positions)
+    cp.n_batch = max(batch * prompt_len, 512)
+    cp.n_ubatch = 512
     cp.n_seq_max = batch
-    cp.kv_unified = True
+    cp.kv_unified = unified
+    if flash is not None:
+        cp.flash_attn_type = int(flash)
     cp.n_threads = cp.n_threads_batch = threads
     ctx = L.llama_init_from_model(model, cp)
     lb = L.llama_batch_init(cp.n_batch, 0, batch)
@@ -174,6 +185,15 @@ def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int 
     return same
 
 
+def llamacpp_configs(args, batch: int) -> list[str]:
+    """The llama.cpp settings a row runs, "<kv>_fa_<flash>": its KV as streams and/or unified (one sequence: the
+    same cache either way), flash attention at its default and/or off (off was 2x faster at 8 x 1000 tokens here:
+    115 against 56 tok/s)."""
+    kvs = ["streams"] if batch == 1 else ["streams", "unified"] if args.llamacpp_kv == "both" else [args.llamacpp_kv]
+    fas = ["auto", "off"] if args.llamacpp_fa == "both" else [args.llamacpp_fa]
+    return [f"{kv}_fa_{fa}" for kv in kvs for fa in fas]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["0.1b"], choices=list(SHAPES))
@@ -183,6 +203,11 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--llamacpp-kv", default="both", choices=["streams", "unified", "both"],
+                    help="llama.cpp's KV: a stream per sequence (its default), one unified cache, or both (the faster "
+                         "is the row's llama.cpp figure)")
+    ap.add_argument("--llamacpp-fa", default="both", choices=["auto", "off", "both"],
+                    help="llama.cpp's flash attention: its default (auto), off, or both (the faster is the figure)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -206,12 +231,21 @@ def main() -> int:
                 vocab = SHAPES[shape]["vocab_size"]
                 agree = greedy_agreement(src, dst, dtype, vocab)
                 for batch in args.batches:
-                    lc, mf = [], []
+                    lc: dict[str, list[float]] = {k: [] for k in llamacpp_configs(args, batch)}
+                    mf = []
                     for _ in range(args.reps):  # interleaved, so load changes hit both alike
-                        lc.append(run_llamacpp(dst, vocab, batch, args.prompt_len, args.new_tokens, args.threads)["tok_per_s"])
+                        for k in lc:
+                            kv, fa = k.split("_fa_")
+                            lc[k].append(run_llamacpp(dst, vocab, batch, args.prompt_len, args.new_tokens, args.threads,
+                                                      unified=kv == "unified",
+                                                      flash=None if fa == "auto" else False)["tok_per_s"])
                         mf.append(run_memfit(src, dtype, batch, args.prompt_len, args.new_tokens, torch.device("cpu"))["tok_per_s"])
+                    by_kind = {k: statistics.median(v) for k, v in lc.items()}
+                    best = max(by_kind, key=by_kind.get)  # the rival at its better setting
                     row = {"shape": shape, "dtype": dtype, "batch": batch, "memfit_tok_per_s": statistics.median(mf),
-                           "llamacpp_tok_per_s": statistics.median(lc), "greedy_tokens_agreeing_of_12": agree}
+                           "llamacpp_tok_per_s": by_kind[best], "llamacpp_kv": best,
+                           **{f"llamacpp_{k}_tok_per_s": v for k, v in by_kind.items()},
+                           "greedy_tokens_agreeing_of_12": agree}
                     row["memfit_vs_llamacpp"] = row["memfit_tok_per_s"] / row["llamacpp_tok_per_s"]
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
