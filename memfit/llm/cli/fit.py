@@ -51,7 +51,8 @@ def cmd_fit(args) -> int:
 
 def _chunk(args) -> int:
     """The step the predicted engine forms: --chunk if given; with --offline the offline `LLM` API's CPU step (what
-    `LLM(...)` steps without max_num_batched_tokens or a memory budget: engine/api.py), else the server's 512."""
+    `LLM(max_num_seqs=batch, max_model_len=context)` steps without max_num_batched_tokens or a memory budget:
+    engine/api.py; fit's engine serves `batch` sequences, as everywhere in fit), else the server's 512."""
     from memfit.llm.engine.api import offline_step_tokens
     from memfit.llm.engine.config import EngineConfig
 
@@ -127,8 +128,8 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=None,
                    help="prefill chunk (max batched tokens per step; default 512, the engine's and the server's)")
     p.add_argument("--offline", action="store_true",
-                   help="predict the offline LLM(...) API, which steps up to 2048 tokens on a CPU unless given a "
-                        "memory budget (--chunk still wins)")
+                   help="predict the offline LLM(max_num_seqs=BATCH, max_model_len=CONTEXT) API, which steps up to "
+                        "2048 tokens on a CPU (at most batch x context) unless given a memory budget (--chunk wins)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS), help="the engine's CPU linear backend")
     p.add_argument("--no-prepack", dest="prepack", action="store_false", help="plain F.linear (EngineConfig(prepack=False))")
