@@ -312,8 +312,8 @@ def alternated(rounds: list[dict], designs: list[str], steps: int) -> dict:
 def traffic(rounds: list[dict], designs: list[str], steps: int) -> dict:
     """--traffic over the rounds, per design: the SSD bytes of the first round's first steady step by direction
     and kind (`bytes_constant`: every steady step of every round moved the same), their totals, and the median over
-    all rounds' steady steps of each main-thread part (seconds), of the step and optimizer, and of the CPU time by
-    thread."""
+    all rounds' steady steps of each main-thread part (seconds), of the step and optimizer, of the CPU time by
+    thread, and of the main thread's voluntary and involuntary context switches (counts)."""
     steady = steady_steps(steps)
     out: dict = {"steady_steps": steady, "designs": {}}
     for d in designs:
@@ -327,8 +327,10 @@ def traffic(rounds: list[dict], designs: list[str], steps: int) -> dict:
             "read_bytes_per_step": sum(first["read"].values()), "written_bytes_per_step": sum(first["write"].values()),
             "median_seconds": dict(parts, **{key: statistics.median(run[f"{key}_seconds"][s] for run in runs
                                                                    for s in steady) for key in ("step", "optimizer")}),
-            "median_cpu_seconds": {t: statistics.median(run["traffic"]["cpu"][s][t] for run in runs for s in steady)
-                                   for t in runs[0]["traffic"]["cpu"][steady[0]]},
+            # the CPU account holds seconds by thread and the main thread's context switches (counts), apart here
+            **{key: {t: statistics.median(run["traffic"]["cpu"][s][t] for run in runs for s in steady)
+                     for t in runs[0]["traffic"]["cpu"][steady[0]] if t.endswith("_switches") == counts}
+               for key, counts in (("median_cpu_seconds", False), ("median_main_switches", True))},
         }
     return out
 

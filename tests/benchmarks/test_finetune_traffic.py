@@ -53,7 +53,8 @@ def _run(step: float, opt: float, param_read: int, head: float) -> dict:
     # 4 steps: the steady ones are 1 and 2
     b = {"read": {"param": param_read, "master": 8}, "write": {"param": 2, "master": 8}}
     seconds = [{"head": 9.0}, {"head": head}, {"head": head + 1}, {"head": 9.0}]
-    cpu = [{"aio": 9.0}, {"aio": head / 10}, {"aio": head / 10}, {}]
+    sw = {"main_involuntary_switches": 700}  # a count: summarised apart from the seconds
+    cpu = [{"aio": 9.0, **sw}, {"aio": head / 10, **sw}, {"aio": head / 10, **sw}, {}]
     return {"step_seconds": [9.0, step, step, 9.0], "optimizer_seconds": [9.0, opt, opt, 9.0],
             "traffic": {"ssd_bytes": [b, b, b, b], "seconds": seconds, "cpu": cpu}}
 
@@ -67,6 +68,7 @@ def test_the_summary_takes_a_steady_steps_bytes_and_medians_over_rounds():
     assert ma["read_bytes_per_step"] == 12 and ma["written_bytes_per_step"] == 10 and ma["bytes_constant"]
     assert ma["median_seconds"] == {"head": pytest.approx(1.5), "step": 3.0, "optimizer": 1.25}
     assert ma["median_cpu_seconds"] == {"aio": pytest.approx(0.1)}
+    assert ma["median_main_switches"] == {"main_involuntary_switches": 700}
     assert out["designs"]["zero-infinity-pipelined"]["read_bytes_per_step"] == 8
     rounds[1]["designs"]["memascend"]["traffic"]["ssd_bytes"][2] = {"read": {"param": 5, "master": 8},
                                                                     "write": {"param": 2, "master": 8}}
