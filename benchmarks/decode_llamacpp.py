@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -220,6 +221,7 @@ def main() -> int:
     _QUIET = llama_cpp.llama_log_callback(lambda *a: None)
     llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
     pin_threads(args.threads)
+    load_before = os.getloadavg()
     bw = measure_bandwidth(args.threads, torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,7 +252,8 @@ def main() -> int:
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
     result = {"benchmark": "decode_llamacpp", **header(args.threads, seed=1), "llama_cpp_python": llama_cpp.__version__,
-              "measured_bandwidth_bytes_per_s": bw, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "measured_bandwidth_bytes_per_s": bw, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "reps": args.reps, "rows": rows}
     emit(result, args.out, plot)
     return 0
