@@ -173,6 +173,12 @@ def test_kind_of_reads_the_op_counts():
     assert set(kinds[np.isin(fam, ["matmul", "batch_matmul"])]) == {1}
     assert set(kinds[np.isin(fam, ["elementwise", "reduction", "softmax", "layernorm"])]) == {2}
     assert set(kinds[fam == "fused"]) == {0, 1}  # a conv or a matmul with its epilogue
+    # a kernel with both a convolution and a matmul is a convolution (the docstring's order)
+    from memfit.plan.cost.features import ALL_NAMES
+
+    both = np.zeros((1, len(ALL_NAMES)))
+    both[0, ALL_NAMES.index("n_conv_nhwc")] = both[0, ALL_NAMES.index("n_matmul")] = 1
+    assert kind_of(both).tolist() == [0]
 
 
 def test_trees_of_each_kind_are_averaged_with_the_shared_trees(tmp_path):
