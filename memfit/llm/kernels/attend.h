@@ -62,6 +62,22 @@ inline void v_lanes(const uint16_t* row, __m512* vv) {
         vv[2 * j + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
     }
 }
+// o[g] += p_g * V_t for the gn (<= GC) query heads of a group: a V row's fp32 lanes `row` (v_lanes), p_g read at
+// pcol[g * stride] (a column of the score rows). Both decode kernels' V pass, so both add in the same order.
+template <typename T, int D, int GC>
+inline void add_pv(const T* row, const float* pcol, size_t stride, int gn, __m512 (*o)[D / 16]) {
+    constexpr int DV = D / 16;
+    __m512 vv[DV];
+    v_lanes<D>(row, vv);
+    _Pragma("GCC unroll 8")
+    for (int g = 0; g < GC; g++) {
+        if (g >= gn) break;
+        const __m512 p = _mm512_set1_ps(pcol[g * stride]);
+        _Pragma("GCC unroll 16")
+        for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
+    }
+}
+
 template <int D>
 inline void store_out(float* dst, const __m512* o, float inv) {
     for (int j = 0; j < D / 16; j++) _mm512_storeu_ps(dst + 16 * j, _mm512_mul_ps(o[j], _mm512_set1_ps(inv)));
@@ -199,16 +215,7 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
                     if (Rows::one_run || i + 16 < n) prefetch_row<T, D>(vb + (i + 16) * vstep);  // prefetches never fault
                     else if (i + 16 - n < ahead) prefetch_row<T, D>(nb + (i + 16 - n) * vstep);
                 }
-                __m512 vv[DV];
-                v_lanes<D>(vb + i * vstep, vv);
-                const float* pcol = sc.data() + (size_t)g0 * L + t0 + i;
-                _Pragma("GCC unroll 8")
-                for (int g = 0; g < GC; g++) {
-                    if (g >= gn) break;
-                    const __m512 p = _mm512_set1_ps(pcol[(size_t)g * L]);
-                    _Pragma("GCC unroll 16")
-                    for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
-                }
+                add_pv<T, D, GC>(vb + i * vstep, sc.data() + (size_t)g0 * L + t0 + i, (size_t)L, gn, o);
             }
         }
         for (int g = 0; g < gn; g++) store_out<D>(out + (int64_t)(g0 + g) * D, o[g], inv[g0 + g]);
@@ -308,16 +315,7 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
                 }
                 for (int64_t t = b0; t < b1; t++) {
                     if (h == 0 && g0 == 0) prefetch_heads<T, D>(vb + (t + PF_AHEAD) * vstep, Hkv, vhead);
-                    __m512 vv[DV];
-                    v_lanes<D>(vb + t * vstep + h * vhead, vv);
-                    const float* pcol = S + (size_t)(h * G + g0) * Ls + t;
-                    _Pragma("GCC unroll 8")
-                    for (int g = 0; g < GC; g++) {
-                        if (g >= gn) break;
-                        const __m512 p = _mm512_set1_ps(pcol[(size_t)g * Ls]);
-                        _Pragma("GCC unroll 16")
-                        for (int j = 0; j < DV; j++) o[g][j] = _mm512_fmadd_ps(p, vv[j], o[g][j]);
-                    }
+                    add_pv<T, D, GC>(vb + t * vstep + h * vhead, S + (size_t)(h * G + g0) * Ls + t, (size_t)Ls, gn, o);
                 }
                 _Pragma("GCC unroll 8")
                 for (int g = 0; g < GC; g++) {
