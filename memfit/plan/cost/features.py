@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 
-from memfit.plan.cost import paths
+from memfit.plan.cost import paths, vtiles
 from memfit.plan.cost.gemm import OP_KINDS
 from memfit.plan.cost.gemm import gemm_view as _mnk
 from memfit.plan.cost.gemm import kind as _kind
@@ -29,11 +29,13 @@ EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_re
 # Then paths.PATH_NAMES: what decides the code path IREE takes (powers of two dividing the vectorised loops, a
 # strided contiguous axis, an outer-axis reduction). Columns are only ever appended, so a model file reads the
 # leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features).
-# DEFAULT_NAMES: the 62 columns a model reads by default (the nets with FitConfig(features="all"), the residual
-# trees, the LightGBM baseline). Then PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs;
-# element-wise arithmetic), computed into every row but read by the nets and trees only with the pipe base
-# (columns(), `--base pipes`: tried, not shipped).
-DEFAULT_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES)
+# Then vtiles.VTILE_NAMES: the vector tile IREE is modelled to give the dominant contraction, and what it costs.
+# DEFAULT_NAMES: the 70 columns a model reads by default (the nets with FitConfig(features="all"), the residual
+# trees, the LightGBM baseline); models trained before the vtile columns read the first 62 and still load. Then
+# PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs; element-wise arithmetic), computed
+# into every row but read by the nets and trees only with the pipe base (columns(), `--base pipes`: tried, not
+# shipped).
+DEFAULT_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES, *vtiles.VTILE_NAMES)
 PIPE_NAMES = ("log_contract_flops", "log_arith_elems")
 ALL_NAMES = (*DEFAULT_NAMES, *PIPE_NAMES)
 _CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
@@ -161,7 +163,8 @@ def vector(fn: Function) -> list[float]:
 
 
 def full_vector(fn: Function) -> list[float]:
-    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, then PIPE_NAMES (what dataset.Examples.X and `predict`
-    hold)."""
+    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, vtiles.VTILE_NAMES, then PIPE_NAMES (what
+    dataset.Examples.X and `predict` hold)."""
     e, p = extra(fn), pipes(fn)
-    return vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + [float(p[n]) for n in PIPE_NAMES]
+    return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.vector(fn)
+            + [float(p[n]) for n in PIPE_NAMES])

@@ -1,0 +1,76 @@
+"""The vector-tile model (vtiles.py): the tile IREE's llvm-cpu lowering gives a kernel's dominant contraction,
+read from the MLIR alone, checked against tiles IREE 3.13 chose for training kernels of the Intel host
+(`iree-compile --compile-to=executable-configurations`: vector_common_parallel / vector_reduction), and the
+costs the features derive from it."""
+import math
+
+import pytest
+
+from memfit.plan.cost import features, paths, vtiles
+from memfit.plan.cost.families import KernelSpec
+from memfit.plan.cost.gemm import gemm_view
+from memfit.plan.cost.ops import linalg_ops
+from memfit.plan.cost.parse import pick_function
+
+
+def _fn(family: str, dtype: str, params: dict):
+    return pick_function(KernelSpec(family, dtype, params).mlir())
+
+
+def _tile(family: str, dtype: str, params: dict) -> tuple[int, int, int]:
+    ops = [o for o in linalg_ops(_fn(family, dtype, params)) if gemm_view(o)[0]]
+    return vtiles.tile(max(ops, key=lambda o: o.flops()))
+
+
+def test_divisor_tile():
+    assert [vtiles.divisor_tile(x, 8) for x in (23, 196, 48, 3, 0)] == [1, 7, 8, 3, 1]  # 23 prime: 1
+    assert vtiles.divisor_tile(126, 16) == 14 and vtiles.divisor_tile(1995, 32) == 21
+
+
+@pytest.mark.parametrize("family,dtype,params,iree", [
+    # (inner, rows, reduction step) as IREE chose them: vector_common_parallel [rows.., inner], vector_reduction
+    ("matmul", "f32", {"M": 23, "K": 768, "N": 3072}, (16, 1, 16)),       # [1, 16], [16]: M prime, one row
+    ("matmul", "f32", {"M": 256, "K": 23, "N": 30}, (30, 8, 1)),          # [8, 30], [1]: K prime
+    ("matmul", "bf16", {"M": 196, "K": 256, "N": 635}, (5, 7, 16)),       # [7, 5], [16]: 635 = 5 x 127
+    ("matmul", "i8", {"M": 256, "K": 34, "N": 1995}, (21, 8, 2)),         # [8, 21], [2]
+    ("matmul", "f32", {"M": 240, "K": 41, "N": 192}, (32, 8, 1)),         # [8, 32]: a short K widens N
+    ("conv", "bf16", {"kind": "conv_nhwc", "N": 1, "C": 40, "F": 61, "KH": 5, "stride": 1, "dilation": 1,
+                      "OH": 28}, (1, 7, 8)),                             # [1, 1, 7, 1], C 8: F prime
+    ("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 96, "F": 60, "KH": 1, "stride": 1, "dilation": 1,
+                     "OH": 91}, (13, 6, 16)),                            # a matmul F x pixels: [6, 13], [16]
+    ("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 48, "F": 48, "KH": 3, "stride": 1, "dilation": 1,
+                     "OH": 28}, (7, 4, 8)),                              # [1, 4, 1, 7], C 8: OW innermost
+    ("conv", "f32", {"kind": "depthwise", "N": 1, "C": 12, "F": 12, "KH": 5, "stride": 1, "dilation": 1,
+                     "OH": 17}, (12, 1, 1)),                             # [1, 1, 1, 12], one tap a step
+])
+def test_tiles_iree_chose(family, dtype, params, iree):
+    assert _tile(family, dtype, params) == iree
+
+
+def test_costs_follow_the_tile():
+    f = vtiles.vtile(_fn("matmul", "f32", {"M": 23, "K": 768, "N": 3072}))
+    work = 23 * 768 * 3072
+    assert f["vt_log_inner"] == 4.0 and f["vt_lane_eff"] == 1.0 and f["vt_log_rows"] == 0.0
+    assert f["vt_log_red"] == 4.0 and f["vt_log_tiles"] == pytest.approx(math.log2(work / 256))
+    # a step of a 1 x 16 x 16 tile: 1 broadcast, 1 load, 1 FMA; then 2 accumulator moves a tile
+    assert f["vt_log_insts"] == pytest.approx(math.log2(work / 256 * (16 * 3 + 2)))
+    narrow = vtiles.vtile(_fn("matmul", "bf16", {"M": 196, "K": 256, "N": 635}))
+    assert narrow["vt_lane_eff"] == pytest.approx(5 / 16)
+    # one more row makes M divisible by 8: the same work in 8-row tiles, 17 instructions a step for 128
+    # multiply-adds of 16 lanes against 3 for 16, takes 1.4x fewer instructions
+    wide = vtiles.vtile(_fn("matmul", "f32", {"M": 24, "K": 768, "N": 3072}))
+    assert wide["vt_log_rows"] == 3.0 and wide["vt_log_insts"] < f["vt_log_insts"] - 0.4
+
+
+def test_no_contraction_is_all_zero():
+    f = vtiles.vtile(_fn("elementwise", "f32", {"shape": [8, 63], "ops": ["relu"], "fused": True}))
+    assert all(v == 0.0 for v in f.values())
+    assert set(f) == set(vtiles.VTILE_NAMES)
+
+
+def test_columns_come_after_the_path_columns():
+    n = len(features.NAMES) + len(features.EXTRA_NAMES) + len(paths.PATH_NAMES)
+    assert features.ALL_NAMES[n:n + len(vtiles.VTILE_NAMES)] == vtiles.VTILE_NAMES
+    assert features.ALL_NAMES[-len(features.PIPE_NAMES):] == features.PIPE_NAMES
+    x = features.full_vector(_fn("matmul", "f32", {"M": 23, "K": 768, "N": 3072}))
+    assert len(x) == len(features.ALL_NAMES) and x[n] == 4.0
