@@ -99,6 +99,16 @@ inline void prefetch_row(const T* p) {
     for (int i = 0; i < (int)(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
 }
 
+// The same into L2. The kernels' passes that read K or V from memory request rows into L2 in order, a few at each
+// step of the work, well ahead of their use (attend_heads: RowStream below, which says what it bought).
+template <typename T, int D>
+inline void prefetch_row_l2(const T* p) {
+    for (int i = 0; i < (int)(D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T1);
+}
+// attend_group: a head's rows requested this far ahead of the one read. A head's rows are one run in the
+// head-major layouts (paged blocks, head-major slots), which the hardware prefetcher follows well already: against
+// 16 rows ahead into L1, 8 x 4000 tokens head-major took 43-46 against 46-50 ms (16, 64 or 256 rows: the same).
+constexpr int64_t ROW_LEAD = 64;
 
 // p = exp(s - m) over one score row, in place, 16 at a time; returns 1 / sum p (the row's max is m).
 inline float softmax_in_place(float* s, int64_t L, float m) {
@@ -160,6 +170,7 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
     const int64_t kstep = krows.step, vstep = vrows.step;
     sc.resize((size_t)G * (size_t)std::max<int64_t>(L, 1));
     for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<T, D>(krows.at(i)), prefetch_row<T, D>(vrows.at(i));
+    int64_t kat = std::min<int64_t>(16, L), vat = kat;  // K and V rows requested so far
     float inv[64];
     for (int g = 0; g < G; g++) {
         QRow<T, D> qr;
@@ -170,15 +181,8 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
         int64_t t = 0, n;
         for (; t + 16 <= L; t += 16) {
             const T* kb = krows.run(t, L, n);
-            if (g == 0) {  // the next block's K rows: a head's rows are short strided runs the prefetcher misses
-                if (Rows::one_run) {
-                    for (int i = 0; i < 16; i++) prefetch_row<T, D>(kb + (16 + i) * kstep);  // past the end: harmless
-                } else if (t + 16 < L) {
-                    int64_t n2;
-                    const T* nb = krows.run(t + 16, L, n2);
-                    for (int i = 0; i < 16 && i < n2; i++) prefetch_row<T, D>(nb + i * kstep);
-                }
-            }
+            if (g == 0)  // the first head's pass reads K from memory: rows ROW_LEAD on into L2
+                for (const int64_t upto = std::min(t + 16 + ROW_LEAD, L); kat < upto; kat++) prefetch_row_l2<T, D>(krows.at(kat));
             __m512 acc[16];
             if (Rows::one_run || n >= 16) {  // 16 rows at one stride (always, for the virtual cache and 16-aligned blocks)
                 _Pragma("GCC unroll 16")
@@ -207,14 +211,9 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
             for (int j = 0; j < DV; j++) o[g][j] = _mm512_setzero_ps();
         for (int64_t t0 = 0, n; t0 < L; t0 += n) {  // run by run: within one, rows are `vstep` apart
             const T* vb = vrows.run(t0, L, n);
-            int64_t ahead = 0;  // rows of the next run that the prefetch below may reach
-            const T* nb = nullptr;
-            if (g0 == 0 && t0 + n < L) nb = vrows.run(t0 + n, L, ahead);
             for (int64_t i = 0; i < n; i++) {
-                if (g0 == 0) {  // 16 rows ahead: within this run, else in the next one
-                    if (Rows::one_run || i + 16 < n) prefetch_row<T, D>(vb + (i + 16) * vstep);  // prefetches never fault
-                    else if (i + 16 - n < ahead) prefetch_row<T, D>(nb + (i + 16 - n) * vstep);
-                }
+                if (g0 == 0)  // the first group's pass reads V from memory: rows ROW_LEAD on into L2
+                    for (const int64_t upto = std::min(t0 + i + ROW_LEAD, L); vat < upto; vat++) prefetch_row_l2<T, D>(vrows.at(vat));
                 add_pv<T, D, GC>(vb + i * vstep, sc.data() + (size_t)g0 * L + t0 + i, (size_t)L, gn, o);
             }
         }
@@ -232,16 +231,27 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
 // hsum16, the running max, the softmax, then o += p_t V_t in token order, kept in memory between blocks
 // instead of registers), so the bits are attend_group's (tests: the paged reader, which keeps attend_group,
 // gives identical outputs).
-// Every head's row of one token (prefetches never fault: past the end is harmless); one run when adjacent.
+// Every head's row of one token into L2 (prefetches never fault: past the end is harmless); one run when adjacent.
 template <typename T, int D>
-inline void prefetch_heads(const T* p, int Hkv, int64_t head) {
-    if (head == D) {
-        for (int i = 0; i < (int)(Hkv * D * sizeof(T)); i += 64) _mm_prefetch((const char*)p + i, _MM_HINT_T0);
-    } else {
-        for (int h = 0; h < Hkv; h++) prefetch_row<T, D>(p + h * head);
-    }
+inline void prefetch_heads_l2(const T* p, int Hkv, int64_t head) {
+    const int n = head == D ? Hkv : 1;  // adjacent heads: one run of Hkv rows
+    for (int h = 0; h < (head == D ? 1 : Hkv); h++)
+        for (int i = 0; i < (int)(n * D * sizeof(T)); i += 64) _mm_prefetch((const char*)(p + h * head) + i, _MM_HINT_T1);
 }
-constexpr int64_t PF_AHEAD = 32;  // tokens read ahead by the first head's pass
+// A sequence's token rows requested in order, into L2, a few at a time: each chunk of a block's work asks for its
+// share of the rows two blocks on. Against one burst of prefetches to L1 32 tokens ahead, on the first head's
+// pass only (what this replaced), decode attention over 12 layers of 8 x 4000-token bf16 KV (Hkv 4, G 3, D 64;
+// a harness calling CpuDecodeOps.decode_attention, alternating, load 2-3) took 40-45 against 54-57 ms: a burst
+// fills the core's L1 miss slots and the arithmetic waits for them, while requests to L2, spread out, keep memory
+// busy under the arithmetic (the same spread into L1: 47-52 ms; into L2 four blocks on: 43-44 ms).
+template <typename T, int D>
+struct RowStream {
+    const T* base;
+    int64_t step, L, at;  // rows [0, at) requested
+    void advance(int64_t upto, int Hkv, int64_t head) {
+        for (upto = std::min(upto, L); at < upto; at++) prefetch_heads_l2<T, D>(base + at * step, Hkv, head);
+    }
+};
 
 template <typename T, int D>
 void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T* vb, int64_t vstep,
@@ -259,8 +269,14 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
     const __m512 sv = _mm512_set1_ps(scale);
     for (int hg = 0; hg < H; hg++) _mm512_store_ps(MX + 16 * hg, _mm512_set1_ps(-INFINITY));
     const int64_t full = L / 16 * 16;  // tokens scored 16 at a time; the rest one by one, as attend_group
+    RowStream<T, D> kpf{kb, kstep, L, 0}, vpf{vb, vstep, L, 0};
+    kpf.advance(2 * TB, Hkv, khead);  // the first two blocks, ahead of their first use
+    const int64_t kchunks = (int64_t)Hkv * G * (TB / 16);  // score chunks a full block
+    const int64_t vunits = (int64_t)Hkv * ((G + GC - 1) / GC) * TB;  // V pass steps a full block
+    int64_t chunk = 0, vunit = 0;
     for (int64_t b0 = 0; b0 < full; b0 += TB) {
         const int64_t b1 = std::min(b0 + TB, full);
+        chunk = 0;
         for (int h = 0; h < Hkv; h++) {
             for (int g = 0; g < G; g++) {
                 const int hg = h * G + g;
@@ -269,8 +285,10 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
                 __m512 mx = _mm512_load_ps(MX + 16 * hg);
                 for (int64_t t = b0; t < b1; t += 16) {
                     const T* k0 = kb + t * kstep + h * khead;
-                    if (hg == 0)  // the first head's pass reads whole rows PF_AHEAD tokens on: memory order
-                        for (int i = 0; i < 16; i++) prefetch_heads<T, D>(kb + (t + PF_AHEAD + i) * kstep, Hkv, khead);
+                    // rows two blocks on, a share at each of the block's chunks (at the last block: V's first)
+                    chunk++;
+                    kpf.advance(b1 + TB + (chunk * TB) / kchunks, Hkv, khead);
+                    if (b1 == full) vpf.advance((chunk * TB) / kchunks, Hkv, vhead);
                     __m512 acc[16];
                     _Pragma("GCC unroll 16")
                     for (int i = 0; i < 16; i++) acc[i] = qr.dot_lanes(k0 + i * kstep);
@@ -303,6 +321,7 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
     for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
     for (int64_t b0 = 0; b0 < L; b0 += TB) {
         const int64_t b1 = std::min(b0 + TB, L);
+        vunit = 0;
         for (int h = 0; h < Hkv; h++) {
             for (int g0 = 0; g0 < G; g0 += GC) {
                 const int gn = std::min(GC, G - g0);
@@ -314,7 +333,7 @@ void attend_heads(const T* q, const T* kb, int64_t kstep, int64_t khead, const T
                     for (int j = 0; j < DV; j++) o[g][j] = _mm512_load_ps(O + (size_t)(h * G + g0 + g) * D + 16 * j);
                 }
                 for (int64_t t = b0; t < b1; t++) {
-                    if (h == 0 && g0 == 0) prefetch_heads<T, D>(vb + (t + PF_AHEAD) * vstep, Hkv, vhead);
+                    vpf.advance(b1 + TB + (++vunit * TB) / vunits, Hkv, vhead);
                     add_pv<T, D, GC>(vb + t * vstep + h * vhead, S + (size_t)(h * G + g0) * Ls + t, (size_t)Ls, gn, o);
                 }
                 _Pragma("GCC unroll 8")
