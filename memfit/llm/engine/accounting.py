@@ -120,7 +120,7 @@ def mlp_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int =
 
 def matmul_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, mlp_block: int = 0) -> int:
     """What a prefill step's many-row matmuls allocate beside their outputs while one runs: the AMX kernel's
-    per-thread scratch (x's row block packed into tiles, one column block's sums: ~0.8-1.1 MiB a thread for
+    per-thread scratch (x's row block packed into tiles, two column blocks' sums: ~0.8-1.1 MiB a thread for
     K of 768-2048), where memfit's blocked kernel runs (`mlp_block` nonzero, `mlp_row_block`) in bf16 on a
     core with AMX and the step reaches BLOCKED_LARGE_M rows (kernels/large_m.amx_scratch_bytes); 0 elsewhere
     (the AVX-512 kernel's scratch is a few KiB). On a CPU without a native bf16 multiply (kernels/upcast.py), the

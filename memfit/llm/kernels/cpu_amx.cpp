@@ -6,9 +6,10 @@
 // rows of 64 bytes, each NB * 4 bytes after the last, so TILELOADD reads it in place with that stride. x is
 // copied per row block into tiles of 16 rows x 32 K values, 1 KiB each, 64-byte aligned (rows past M zero).
 // Each 32-row by 32-column block of y sums in 4 accumulator tiles (tmm0-3) from 2 A tiles (tmm4-5) and 2 B
-// tiles (tmm6-7), over K in chunks: a chunk of W's 32 columns stays in L1 while every row tile of the block
-// passes over it, and the next chunk is prefetched meanwhile. A block goes out to y (bf16, with the bias) right
-// after its last chunk.
+// tiles (tmm6-7), over K in chunks. Two column blocks go side by side: their chunks of W stay in L1 while every
+// row tile passes over both, so each row tile's chunk of x comes from L2 once for the two (x from L2 bounded the
+// kernel), and the next chunks are prefetched meanwhile. A block goes out to y (bf16, with the bias) right after
+// its last chunk; the fused MLP pairs a gate block with its up block and writes only SiLU(gate) * up.
 //
 // Each output row is computed from its own x row alone, by the same instructions in the same K order
 // whatever M is, so a row's bits do not depend on the call's rows: the MLP's row blocks (models/llama.py)
@@ -40,7 +41,12 @@ namespace {
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
 constexpr long XFEATURE_XTILEDATA = 18;
 constexpr int64_t AMX_MB_BYTES = 1 << 20;  // x per row block (at most 512 rows): stays in L2 (2 MiB here)
-constexpr int64_t AMX_KC = 256;  // K values per chunk: a 32-column chunk of W is 16 KiB, kept in L1
+// K values per chunk: two 32-column blocks' chunks of W (8 KiB each) and a 32-row tile's of x (8 KiB) stay in L1
+constexpr int64_t AMX_KC = 128;
+// Column blocks computed side by side (the fused MLP: gate/up pairs). 2 measured best: with 3 or 4 (their W
+// chunks at 128 or 64 K values) the 0.1b layer's matmuls ran 0-20% slower, 256 K values a chunk 5-15% slower.
+constexpr int GROUP = 2;
+static_assert(GROUP % 2 == 0, "the fused MLP takes gate/up pairs");
 
 struct alignas(64) TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -48,18 +54,11 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-std::atomic<int> g_state{-1};  // -1: not asked yet; 0: no AMX here; 1: the process may use it (asking twice: harmless)
 
 bool cpu_has_amx_bf16() {
     unsigned a, b, c, d;
     __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
     return (d >> 22) & 1 && (d >> 24) & 1;  // AMX-BF16, AMX-TILE
-}
-
-bool amx_enable() {
-    if (g_state.load() < 0)
-        g_state.store(cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0);
-    return g_state.load() == 1;
 }
 
 void load_config() {
@@ -114,24 +113,56 @@ void store_block(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, in
     }
 }
 
-// The fused MLP epilogue: an up block's sums (c, as in store_block) + bias -> bf16 u; the gate's bf16 values g,
-// which store_block put in y columns [ng, ng + 16 or 32) just before -> y there = SiLU(g) * u, rounded as
-// cpu_decode.cpp's silu_mul rounds it (SiLU to bf16 first, with the same exp16), so the product has the bits of
-// the unfused path (the gate/up matmul, then silu_mul over its output) and the up half is never written.
-void store_silu(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows, int64_t nu, int64_t ng,
-                bool two) {
+// SiLU of every bf16 value, as bf16: tab[g] = bf16(g / (1 + exp16(-g))), computed by the instructions the
+// unfused path (cpu_decode.cpp's silu_mul) runs on each lane, so a lookup has its bits. Filled once, when the
+// process is first granted AMX (memfit_amx_available, asked when an engine is built, before any step); 128 KiB,
+// plus 2 bytes so a 32-bit gather at the last entry stays inside. A lookup replaces exp16 and the division in
+// the epilogue (~14% of the fused call's time at 256 rows).
+alignas(64) uint16_t g_silu_tab[65536 + 2];
+
+void fill_silu_table() {
     const __m512 one = _mm512_set1_ps(1.f);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int i = 0; i < 65536; i += 16) {
+        const __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(i)), 16));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm256_storeu_si256((__m256i*)(g_silu_tab + i), (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e))));
+    }
+}
+
+// The fused MLP epilogue for one row tile: the gate block's sums cg and the up block's cu (each as store_block's
+// c: `rows` <= 32 rows of 32 floats) + their biases -> bf16 g and u, rounded as the unfused path stores the
+// gate/up matmul's output; y rows [0, rows), columns [ng, ng + 16 or 32) = bf16(SiLU(g) * u), SiLU(g) looked up in
+// g_silu_tab, the product rounded as cpu_decode.cpp's silu_mul rounds it: the bits of the unfused path (the
+// matmul into (M, 2I), then silu_mul over it), with neither half written out.
+void store_silu(const float* cg, const float* cu, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows,
+                int64_t ng, int64_t nu, bool two) {
     for (int h = 0; h < (two ? 2 : 1); h++) {
-        const __m512 bv = b ? widen_bf16(_mm256_loadu_si256((const __m256i*)(b + nu + 16 * h))) : _mm512_setzero_ps();
+        __m512 bg = _mm512_setzero_ps(), bu = _mm512_setzero_ps();
+        if (b) {
+            bg = widen_bf16(_mm256_loadu_si256((const __m256i*)(b + ng + 16 * h)));
+            bu = widen_bf16(_mm256_loadu_si256((const __m256i*)(b + nu + 16 * h)));
+        }
         for (int64_t m = 0; m < rows; m++) {
-            const __m512 u = widen_bf16(to_bf16(_mm512_add_ps(_mm512_loadu_ps(c + m * 32 + 16 * h), bv)));
-            uint16_t* yg = y + m * ldy + ng + 16 * h;
-            const __m512 g = widen_bf16(_mm256_loadu_si256((const __m256i*)yg));
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            const __m256i s16 = (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e)));
-            _mm256_storeu_si256((__m256i*)yg, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen_bf16(s16), u)));
+            const __m256i g = to_bf16(_mm512_add_ps(_mm512_loadu_ps(cg + m * 32 + 16 * h), bg));
+            const __m512 u = widen_bf16(to_bf16(_mm512_add_ps(_mm512_loadu_ps(cu + m * 32 + 16 * h), bu)));
+            // 32 bits at byte 2g: the entry in the low half, its neighbour shifted out
+            const __m512i t = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(g), (const void*)g_silu_tab, 2);
+            const __m512 sg = _mm512_castsi512_ps(_mm512_slli_epi32(t, 16));
+            _mm256_storeu_si256((__m256i*)(y + m * ldy + ng + 16 * h), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
         }
     }
+}
+
+// Asked once per process (a function-local static: thread-safe, and the table is filled before any caller
+// sees true).
+bool amx_enable() {
+    static const bool ok = [] {
+        const bool granted = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        if (granted) fill_silu_table();
+        return granted;
+    }();
+    return ok;
 }
 
 // One block of R x 16 rows and C x 16 columns over `ksteps32` x 32 values of K, added to the sums in c (a
@@ -189,12 +220,12 @@ int64_t row_block(int64_t K) {
 }
 
 // Bytes of one thread's scratch for a call of M rows: the packed row block (rows rounded up to 32, K bf16 each)
-// and one column block's fp32 sums (32 a row), each as the pages malloc may map for it: whole 4 KiB pages plus
+// and GROUP column blocks' fp32 sums (32 a row each), each as the pages malloc may map for it: whole 4 KiB pages plus
 // one, since its chunk header and the 64-byte alignment put the block one page further (a 64 KiB block spans 17).
 int64_t scratch_bytes(int64_t M, int64_t K) {
     const int64_t rows = ((M < row_block(K) ? M : row_block(K)) + 31) / 32 * 32;
     auto mapped = [](int64_t n) { return (n + 4095) / 4096 * 4096 + 4096; };
-    return mapped(rows * 32 * 4) + mapped(rows * K * 2);
+    return mapped(rows * 32 * GROUP * 4) + mapped(rows * K * 2);
 }
 
 // half > 0: the fused MLP (memfit_amx_linear_silu_bf16): N = 2 half, W's columns [0, half) the gate's and
@@ -203,9 +234,10 @@ int64_t scratch_bytes(int64_t M, int64_t K) {
 bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t M,
          int64_t N, int64_t K, int64_t nb, int nthreads, int64_t half = 0) {
     const int64_t steps = K / 2, panel_elems = steps * nb * 2, ldb = nb * 4, k32 = K / 32;
-    // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core (a C loop over
-    // the 0.1b layer's matmuls at 512 rows, not kept): 512 rows x 256 K values ~530 GMAC/s with W in cache,
-    // 128-384 rows and 128-768 values 400-520; from L3 10-15% less.
+    // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core, a loop over 12
+    // layers' weights of the 0.1b shapes (so W comes from L3, as in the model), one process alternating builds:
+    // with two column blocks side by side at 128 K values, qkv at 2048 rows 575 -> 639 G MAC/s, gate/up (fused)
+    // at 256 rows 390 -> 458, down 532 -> 579 against one block at 256 values.
     const int64_t kc = AMX_KC / 32, MB = row_block(K);
     // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
     const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
@@ -214,13 +246,13 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
     auto work = [&](int64_t cb0, int64_t cb1) {
         load_config();
         const int64_t rows_max = ((M < MB ? M : MB) + 31) / 32 * 32;  // a block's rows, in whole 32-row tiles
-        Scratch acc_mem(rows_max * 32), ap_mem(rows_max * K / 2);  // scratch_bytes(M, K) in all
+        Scratch acc_mem(rows_max * 32 * GROUP), ap_mem(rows_max * K / 2);  // scratch_bytes(M, K) in all
         if (!acc_mem.p || !ap_mem.p) {
             failed.store(true);
             _tile_release();
             return;
         }
-        float* const acc = acc_mem.p;  // the block's sums for one column block
+        float* const acc = acc_mem.p;  // the sums of the GROUP column blocks in flight, rows_max x 32 each
         // The row block's x, packed tile by tile: for each 16-row tile and 32-value K step, 16 x 64 contiguous
         // bytes (rows past M zero), so an A tile is one 1 KiB stream instead of 16 lines strided by ldx.
         // 64-byte aligned: a tile row that straddles two cache lines loads ~6x slower (measured: 16.5 against
@@ -230,70 +262,100 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
             const int64_t mrows = M - m0 < MB ? M - m0 : MB;
             const int64_t tiles16 = (mrows + 15) / 16;
             for (int64_t t = 0; t < tiles16; t++) {
+                // K step outermost: each 1 KiB tile is written in one pass, 64-byte stores in address order
+                // (row by row over K, the stores 1 KiB apart, took ~2.5% of the prefill in store stalls)
                 uint16_t* dst = ap + t * 16 * K;
-                for (int64_t r = 0; r < 16; r++) {
-                    const int64_t m = t * 16 + r;
-                    for (int64_t kk = 0; kk < k32; kk++) {
-                        uint16_t* d = dst + (kk * 16 + r) * 32;
-                        if (m < mrows) memcpy(d, x + (m0 + m) * ldx + kk * 32, 64);
-                        else memset(d, 0, 64);
-                    }
+                const int64_t live = mrows - t * 16 < 16 ? mrows - t * 16 : 16;  // rows of this tile inside M
+                const uint16_t* xt = x + (m0 + t * 16) * ldx;
+                for (int64_t kk = 0; kk < k32; kk++) {
+                    uint16_t* d = dst + kk * 16 * 32;
+                    for (int64_t r = 0; r < live; r++)
+                        _mm512_store_si512((void*)(d + r * 32), _mm512_loadu_si512((const void*)(xt + r * ldx + kk * 32)));
+                    if (live < 16) memset(d + live * 32, 0, (size_t)(16 - live) * 64);
                 }
             }
-            // Column block cb over this row block; `nxt`: the block computed after it (its first K chunk is
-            // prefetched), -1 for none; `ng` >= 0: cb is an up block whose store writes SiLU(gate) * up over
-            // the gate's values at columns ng.
-            auto column = [&](int64_t cb, int64_t nxt, int64_t ng) {
-                const int64_t p = cb / per_panel, col = cb % per_panel * 32, n0 = p * nb + col;
-                if (n0 >= N) return;
-                const bool two = col + 16 < nb && n0 + 16 < N;  // a second 16 columns in this panel, and used
-                const uint16_t* bp = wp + p * panel_elems + col * 2;
-                // K in chunks: a chunk of this column block's weights stays in L1 while every row tile reads it.
-                // The next chunk (or the next column block's first) is prefetched meanwhile, a share of its rows
-                // (2 lines each: this block's 32 columns) per row tile: its first tile would wait on L3 otherwise.
+            // Two column blocks side by side (c2 < 0: c1 alone), K chunk by K chunk and row tile by row tile: the
+            // row tile's x chunk, loaded from L2 for the first block, is in L1 for the second (x from L2 bounded the
+            // kernel: gate/up at 256 rows 360 -> 445 G MAC/s, a C loop over 12 layers' weights). Each block's sums
+            // see the same instructions in the same K order whatever the pairing, so the bits do not change.
+            // `n1`, `n2`: the blocks computed next (their first K chunk is prefetched meanwhile), -1 for none.
+            // `fused`: c1 a gate block, c2 its up block; their sums meet in store_silu, neither half written out.
+            auto group = [&](const int64_t* cs, const int64_t* ns, bool fused) {
+                struct Blk {
+                    const char* bp = nullptr;  // the block's panel at its first column, K step 0
+                    int64_t n0 = 0;  // its first column of y
+                    bool two = false, live = false;  // a second 16 columns in this panel, and used; inside N
+                };
+                auto at = [&](int64_t cb) {
+                    Blk o;
+                    if (cb < 0) return o;
+                    const int64_t p = cb / per_panel, col = cb % per_panel * 32;
+                    o.n0 = p * nb + col;
+                    o.live = o.n0 < N;
+                    o.two = col + 16 < nb && o.n0 + 16 < N;
+                    o.bp = (const char*)(wp + p * panel_elems + col * 2);
+                    return o;
+                };
+                Blk bl[GROUP], nx[GROUP];
+                for (int j = 0; j < GROUP; j++) bl[j] = at(cs[j]), nx[j] = at(ns[j]);
                 const int64_t ntiles = (mrows + 31) / 32;
                 for (int64_t k0 = 0; k0 < k32; k0 += kc) {
-                    const int64_t ks = k32 - k0 < kc ? k32 - k0 : kc;
-                    const uint16_t* bk = (const uint16_t*)((const char*)bp + k0 * 16 * ldb);
-                    const char* next = nullptr;
+                    const int64_t ks = k32 - k0 < kc ? k32 - k0 : kc, off = k0 * 16 * ldb;  // off: bytes into a panel
+                    // Prefetched meanwhile, a share of its rows (2 lines each: a block's 32 columns) per row tile
+                    // (its first tile would wait on L3 otherwise), into L2 (into L1 measured 2-5% slower): the
+                    // next K chunk of these blocks, or the next blocks' first.
+                    const char* next[GROUP] = {};
                     int64_t next_rows = 0;
                     if (k0 + kc < k32) {
-                        next = (const char*)bp + (k0 + kc) * 16 * ldb;
+                        for (int j = 0; j < GROUP; j++) next[j] = bl[j].live ? bl[j].bp + off + kc * 16 * ldb : nullptr;
                         next_rows = (k32 - k0 - kc < kc ? k32 - k0 - kc : kc) * 16;
-                    } else if (nxt >= 0) {
-                        const int64_t q = nxt / per_panel, qcol = nxt % per_panel * 32;
-                        next = (const char*)(wp + q * panel_elems + qcol * 2);
+                    } else {
+                        for (int j = 0; j < GROUP; j++) next[j] = nx[j].live ? nx[j].bp : nullptr;
                         next_rows = (kc < k32 ? kc : k32) * 16;
                     }
                     const int64_t share = (next_rows + ntiles - 1) / ntiles;
                     for (int64_t r0 = 0; r0 < mrows; r0 += 32) {
-                        if (next) {
-                            const int64_t i0 = r0 / 32 * share, i1 = i0 + share < next_rows ? i0 + share : next_rows;
-                            for (int64_t i = i0; i < i1; i++) {
-                                _mm_prefetch(next + i * ldb, _MM_HINT_T0);
-                                _mm_prefetch(next + i * ldb + 64, _MM_HINT_T0);
-                            }
-                        }
+                        const int64_t i0 = r0 / 32 * share, i1 = i0 + share < next_rows ? i0 + share : next_rows;
+                        for (int j = 0; j < GROUP; j++)
+                            if (next[j])
+                                for (int64_t i = i0; i < i1; i++) {
+                                    _mm_prefetch(next[j] + i * ldb, _MM_HINT_T1);
+                                    _mm_prefetch(next[j] + i * ldb + 64, _MM_HINT_T1);
+                                }
                         const int64_t rows = mrows - r0 < 32 ? mrows - r0 : 32;
                         const uint16_t* a = ap + r0 * K + k0 * 16 * 32;
-                        float* c = acc + r0 * 32;
-                        BlockFn fn = rows > 16 ? (two ? block<2, 2> : block<2, 1>) : (two ? block<1, 2> : block<1, 1>);
-                        fn(a, K, bk, ldb, ks, c, k0 == 0);
-                        if (k0 + kc >= k32) {
-                            if (ng < 0) store_block(c, b, y + (m0 + r0) * ldy, ldy, rows, n0, N, two);
-                            else store_silu(c, b, y + (m0 + r0) * ldy, ldy, rows, n0, ng, two);
+                        const bool last = k0 + kc >= k32;
+                        for (int j = 0; j < GROUP; j++) {
+                            if (!bl[j].live) continue;
+                            const bool two = bl[j].two;
+                            BlockFn fn = rows > 16 ? (two ? block<2, 2> : block<2, 1>) : (two ? block<1, 2> : block<1, 1>);
+                            fn(a, K, (const uint16_t*)(bl[j].bp + off), ldb, ks, acc + (j * rows_max + r0) * 32, k0 == 0);
+                            if (last && !fused)
+                                store_block(acc + (j * rows_max + r0) * 32, b, y + (m0 + r0) * ldy, ldy, rows, bl[j].n0, N, two);
                         }
+                        if (last && fused)
+                            for (int j = 0; j < GROUP; j += 2)
+                                if (bl[j].live)
+                                    store_silu(acc + (j * rows_max + r0) * 32, acc + ((j + 1) * rows_max + r0) * 32, b,
+                                               y + (m0 + r0) * ldy, ldy, rows, bl[j].n0, bl[j + 1].n0, bl[j].two);
                     }
                 }
             };
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                if (!half) {
-                    column(cb, cb + 1 < cb1 ? cb + 1 : -1, -1);
-                    continue;
+            // GROUP blocks a pass: cb0, cb0 + 1, ... or, fused, GROUP / 2 gate blocks each followed by its up block
+            const int64_t per = half ? GROUP / 2 : GROUP;
+            for (int64_t cb = cb0; cb < cb1; cb += per) {
+                int64_t cs[GROUP], ns[GROUP];
+                for (int j = 0; j < GROUP; j++) cs[j] = ns[j] = -1;
+                for (int j = 0; j < per; j++) {
+                    const int64_t c = cb + j < cb1 ? cb + j : -1, n = cb + per + j < cb1 ? cb + per + j : -1;
+                    if (half) {
+                        cs[2 * j] = c, cs[2 * j + 1] = c < 0 ? -1 : c + up_off;
+                        ns[2 * j] = n, ns[2 * j + 1] = n < 0 ? -1 : n + up_off;
+                    } else {
+                        cs[j] = c, ns[j] = n;
+                    }
                 }
-                const int64_t ng = cb / per_panel * nb + cb % per_panel * 32;  // the gate block's first column
-                column(cb, cb + up_off, -1);  // the gate's bf16 values into y, then its up block over them
-                column(cb + up_off, cb + 1 < cb1 ? cb + 1 : -1, ng);
+                group(cs, ns, half != 0);
             }
         }
         _tile_release();
@@ -337,7 +399,7 @@ int memfit_amx_available(void) { return amx_enable() ? 1 : 0; }
 
 // y (M, N; row stride ldy) = x (M, K; row stride ldx) W^T + b, W packed by memfit_blocked_pack_bf16 with panels
 // of nb columns. 0; -1: bad arguments; -2: bad nb; -3: K not a multiple of 32; -4: no AMX here; -5: no memory
-// for the scratch (x's row block packed, one column block's sums: memfit_amx_scratch_bytes a thread).
+// for the scratch (x's row block packed, two column blocks' sums: memfit_amx_scratch_bytes a thread).
 int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t nb, int nthreads) {
     if (M < 0 || N < 0 || K < 0 || ldx < K || ldy < N) return -1;

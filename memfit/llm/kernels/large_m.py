@@ -73,12 +73,13 @@ def amx_linear() -> ctypes._CFuncPtr | None:
 
 def amx_scratch_bytes(rows: int, ks: Iterable[int], threads: int) -> int:
     """The most the AMX kernel allocates beside its output during one call of up to `rows` rows and any K in
-    `ks` on `threads` threads (cpu_amx.cpp: per thread, x's row block packed into tiles and one column block's
+    `ks` on `threads` threads (cpu_amx.cpp: per thread, x's row block packed into tiles and two column blocks'
     sums; freed when the call returns); 0 where this process can't run AMX. Only calls of LARGE_M rows or more
     in a prefill step reach it; the engine's ledger counts it in a step's activations (engine/accounting.py).
     One block a distinct K, not the largest alone: a freed block of a smaller K may stay a hole in the heap that
     the next call's larger block cannot reuse (a 160-row bf16 step of memfit-tiny peaked 99,328 B above a figure
-    with the largest; its K=256 block is 110,592 B, engine/arena_accounting.py)."""
+    with the largest; its K=256 block was 110,592 B then, 131,072 B with two column blocks' sums,
+    engine/arena_accounting.py)."""
     if amx_linear() is None:
         return 0
     fn = load_cpu_linear().cdll.memfit_amx_scratch_bytes

@@ -63,6 +63,30 @@ def test_fused_silu_has_the_unfused_paths_bits(nb, i, k, m, bias, threads):
     assert torch.allclose(got.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item() / 64)
 
 
+def test_fused_silu_has_the_unfused_paths_bits_for_every_bf16_gate_value():
+    """The kernel looks SiLU up in a table of every bf16 value (cpu_amx.cpp's g_silu_tab) instead of computing it:
+    every gate value a call can produce, each of the 65536 bf16 bit patterns as the gate's bias over a zero weight
+    (so gate = bias: denormals, infinities and NaNs included; -0 arrives as +0, a signalling NaN quieted), times
+    an up of 1, against the unfused path bit for bit."""
+    need_amx()
+    large_m.force("amx")
+    i, k, m = 1 << 16, 32, LARGE_M
+    lin = torch.nn.Linear(k, 2 * i, bias=True).to(BF16)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias[:i].view(torch.int16).copy_(torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16))
+        lin.bias[i:] = 1.0
+    mod = BlockedLinear(lin, nb=64)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).to(BF16)
+    want = unfused(mod, x)  # (M, I): row r, column j = bf16(SiLU(bias[j])) whatever the row
+    with large_m.prefill_step():
+        got = mod.silu_mul_rows(x)
+    assert got is not None and torch.equal(got.view(torch.int16), want.view(torch.int16))
+    g = lin.bias[:i].float()
+    normal = g.isfinite() & (g.abs() >= 2.0 ** -60) & (g > -60)  # the bf16 rounding flushes denormal results
+    assert torch.allclose(got[0][normal].float(), F.silu(g[normal]), rtol=2.0 ** -7, atol=0)
+
+
 def test_fused_silu_runs_only_where_the_unfused_matmul_would_be_on_amx():
     need_amx()
     lin = make_linear(2 * 128, 64, False, BF16, seed=3)
