@@ -1,8 +1,9 @@
-"""The virtual KV cache's write of a prefill step: one slice copy a sequence against one `index_put_` over every
-row (kv/virtual_io.py's WRITE_SLICES_MAX picks between them), side by side.
+"""The virtual KV cache's write of a prefill step: one slice copy a run of sequences against one `index_put_` over
+every row (kv/virtual_io.py's WRITE_SLICES_MAX picks between them), side by side.
 
-The 0.1b shape's layer (4 KV heads of 64, bf16), steps of B sequences x T new rows each, as a prefill step's
-chunks (B x T <= 512 rows) and as a decode step (T = 1, which keeps index_put_). Each figure is the median
+The 0.1b shape's layer (4 KV heads of 64, bf16), steps of B sequences x T new rows each in consecutive slots (so
+one run, one copy), as a prefill step's chunks (B x T <= 2048 rows, the offline step) and as a decode step
+(T = 1, which keeps index_put_). Each figure is the median
 process CPU time of one layer's K and V write, the two ways alternating round by round.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.kv_write --threads 1 --out benchmarks/results/kv_write.json
@@ -23,7 +24,7 @@ from benchmarks.common import emit, header, interleave, pin_threads
 from memfit.llm.kv.base import KVLayout, SeqStep
 from memfit.memory.budget import MemoryBudget
 
-STEPS = [(4, 128), (2, 256), (8, 64), (8, 1)]  # (sequences, new rows each)
+STEPS = [(4, 128), (2, 256), (8, 64), (16, 128), (8, 1)]  # (sequences, new rows each)
 
 
 def measure(batch: int, rows: int, reps: int, inner: int) -> dict:

@@ -12,7 +12,7 @@ import torch
 
 from memfit.llm.kv.base import KVCacheError, SeqRecord, SeqStep
 
-WRITE_SLICES_MAX = 8  # write() copies slice by slice up to this many sequences a step, else one index_put_
+WRITE_SLICES_MAX = 8  # write() copies slice by slice up to this many runs of sequences a step, else one index_put_
 
 
 @dataclass
@@ -25,6 +25,9 @@ class VirtualPlan:
     consecutive: bool  # slots == lo, lo+1, ..., lo+B-1
     max_end: int
     counts: list[int] | None = None  # new tokens of each sequence, in order (their rows are consecutive in k, v)
+    # (first slot, sequences, end, new tokens each): neighbours in step order in consecutive slots with the same end
+    # and count, whose rows are one (sequences, count, Hkv, D) block of k, v and one strided block of the cache
+    runs: list[tuple[int, int, int, int]] | None = None
 
 
 class VirtualIOMixin:
@@ -46,8 +49,15 @@ class VirtualIOMixin:
         if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
             npg = self.pages_for(read_len)
             self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
+        runs: list[list[int]] = []
+        for slot, end, n in zip(slots, ends, counts.tolist()):
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[1] == slot and last[2] == end and last[3] == n:
+                last[1] += 1
+            else:
+                runs.append([slot, 1, end, n])
         return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len,
-                           counts.tolist())
+                           counts.tolist(), [tuple(r) for r in runs])
 
     def make_slots_readable(self, slots: list[tuple[int, int]]) -> None:
         """Make the first `n` positions of each (slot, n) safe to read, whoever holds the slot: a decode batch
@@ -67,19 +77,20 @@ class VirtualIOMixin:
             self.k[layer][s, e - n : e].copy_(k)
             self.v[layer][s, e - n : e].copy_(v)
             return
-        if (plan.counts is not None and len(plan.slots) <= WRITE_SLICES_MAX and min(plan.counts) > 1
-                and self.layout.device.type == "cpu"):
-            # A few prefill chunks on the CPU: one slice copy each. A layer's K and V of the 0.1b shape, one thread
-            # (benchmarks/kv_write.py): 4 x 128 rows 41 us against index_put_'s 97, 8 x 64 rows 69 against 95.
-            # Single-row (decode) sequences and CUDA keep one index_put_ (8 x 1 rows: 5.8 us; a copy a row would
-            # cost more, and a kernel launch each on a GPU).
+        if (plan.counts is not None and plan.runs is not None and len(plan.runs) <= WRITE_SLICES_MAX
+                and min(plan.counts) > 1 and self.layout.device.type == "cpu"):
+            # A few prefill chunks on the CPU: one slice copy a run of sequences (a batch of equal prompts in
+            # consecutive slots is one run). A layer's K and V of the 0.1b shape, one thread
+            # (benchmarks/kv_write.py, one run each): 4 x 128 rows 22 us against index_put_'s 95, 16 x 128 rows
+            # 139 against 410 (a copy a sequence: 41 and 245). Single-row (decode) sequences and CUDA keep one
+            # index_put_ (8 x 1 rows: 6 us; a copy a row would cost more, and a kernel launch each on a GPU).
             if k.shape[0] != sum(plan.counts) or v.shape[0] != k.shape[0]:  # index_put_ refuses these too
                 raise KVCacheError(f"K/V have {k.shape[0]}/{v.shape[0]} rows for a step of {sum(plan.counts)}")
             row = 0
-            for s, e, n in zip(plan.slots, plan.ends, plan.counts):
-                self.k[layer][s, e - n : e].copy_(k[row : row + n])
-                self.v[layer][s, e - n : e].copy_(v[row : row + n])
-                row += n
+            for s, r, e, n in plan.runs:  # k, v rows [row, row + r n) -> slots [s, s + r), positions [e - n, e)
+                self.k[layer][s : s + r, e - n : e].copy_(k[row : row + r * n].unflatten(0, (r, n)))
+                self.v[layer][s : s + r, e - n : e].copy_(v[row : row + r * n].unflatten(0, (r, n)))
+                row += r * n
             return
         idx = (plan.write_slot, plan.write_pos)
         self.k[layer].index_put_(idx, k)  # touches only rows (slot, pos) of the step

@@ -372,6 +372,36 @@ def test_a_steps_rows_land_in_their_slots_by_slices_or_by_index(monkeypatch, sli
             assert torch.all(cache.k[layer][slot, n:] == 0)  # past the written rows: untouched
 
 
+@pytest.mark.parametrize("slices_max", [0, 1, 8])
+def test_equal_chunks_in_consecutive_slots_are_written_as_one_run(monkeypatch, slices_max):
+    """Sequences in consecutive slots with the same positions are one run, one copy (so a batch of equal prompts
+    takes the slice path however many there are, slices_max 1); a different length or a gap in the slots starts
+    another run. By runs or by index, each row lands at (its slot, its position)."""
+    import memfit.llm.kv.virtual_io as virtual
+
+    monkeypatch.setattr(virtual, "WRITE_SLICES_MAX", slices_max)
+    cache, _ = make(max_seqs=10)
+    sids = list(range(1, 11))
+    for sid in sids:
+        assert cache.try_allocate(sid, 40)
+    slot = {sid: cache.slot_of(sid) for sid in sids}
+    order = sorted(sids, key=lambda s: slot[s])
+    assert [slot[s] for s in order] == list(range(10))
+    plan = write(cache, [SeqStep(sid, 0, 6) for sid in order])  # ten chunks of 6 rows
+    assert plan.runs == [(0, 10, 6, 6)]
+    mixed = [SeqStep(order[0], 6, 3), SeqStep(order[1], 6, 3), SeqStep(order[2], 6, 4), SeqStep(order[4], 6, 4)]
+    plan = write(cache, mixed)
+    assert plan.runs == [(0, 2, 9, 3), (2, 1, 10, 4), (4, 1, 10, 4)]  # 3 rows twice; 4 rows; a gap in the slots
+    ends = {sid: 6 for sid in sids} | {order[0]: 9, order[1]: 9, order[2]: 10, order[4]: 10}
+    for sid, n in ends.items():
+        plan = cache.plan_step([SeqStep(sid, n, 0)])
+        for layer in range(LAYOUT.num_layers):
+            k, v = cache.context(layer, plan, 0)
+            want = kv_for(sid, 0, n, layer)[0]
+            assert torch.equal(k, want) and torch.equal(v, -want)
+            assert torch.all(cache.k[layer][slot[sid], n:] == 0)  # past the written rows: untouched
+
+
 @pytest.mark.parametrize("slices_max", [0, 8])
 def test_a_write_with_more_rows_than_the_step_is_refused_by_slices_or_by_index(monkeypatch, slices_max):
     import memfit.llm.kv.virtual_io as virtual
