@@ -40,6 +40,12 @@ def test_divisor_tile():
                      "OH": 91}, (13, 6, 16)),                            # a matmul F x pixels: [6, 13], [16]
     ("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 48, "F": 48, "KH": 3, "stride": 1, "dilation": 1,
                      "OH": 28}, (7, 4, 8)),                              # [1, 4, 1, 7], C 8: OW innermost
+    ("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 48, "F": 195, "KH": 3, "stride": 1, "dilation": 1,
+                     "OH": 6}, (6, 15, 8)),                              # [1, 15, 1, 6]: F has no power of two
+    ("conv", "i8", {"kind": "conv_nchw", "N": 2, "C": 24, "F": 32, "KH": 5, "stride": 2, "dilation": 1,
+                    "OH": 28}, (7, 8, 8)),                               # [1, 8, 1, 7]: two images, F in 4
+    ("conv", "i8", {"kind": "conv_nchw", "N": 1, "C": 16, "F": 48, "KH": 1, "stride": 1, "dilation": 1,
+                    "OH": 112}, (32, 8, 16)),                            # [8, 32], [16]: a matmul's N rule
     ("conv", "f32", {"kind": "depthwise", "N": 1, "C": 12, "F": 12, "KH": 5, "stride": 1, "dilation": 1,
                      "OH": 17}, (12, 1, 1)),                             # [1, 1, 1, 12], one tap a step
 ])
