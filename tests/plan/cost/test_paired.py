@@ -29,5 +29,6 @@ def test_cli_per_family_and_refuses_other_kernels(tmp_path, capsys):
     assert main([a, b, "--out", str(tmp_path / "o.json")]) == 0
     out = json.loads((tmp_path / "o.json").read_text())
     assert out["matmul"]["diff_points"] == -50.0 and out["conv"]["diff_points"] == 50.0
+    assert out["benchmark"] == "costmodel_paired" and out["b"] == b  # the naming scheme test_package checks
     other = _run(tmp_path / "c.json", [1.0, 2.0, 5.0], [1.0, 2.0, 2.0], fams)
     assert main([a, other]) == 2
