@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a, b, fam = np.array(pa[args.model]), np.array(pb[args.model]), np.array(pa["families"])
     # "benchmark" names the script (tests/benchmarks/test_package reads it); then the inputs, then the figures
-    out = {"benchmark": "costmodel_paired", "a": args.a, "b": args.b, "model": args.model, "all": paired(a, b, true)}
+    out = {"benchmark": "costmodel_paired", "a": args.a, "b": args.b, "model": args.model, "n_boot": 10000, "seed": 0,
+           "all": paired(a, b, true)}
     for f in sorted(set(fam)):
         m = fam == f
         out[f] = paired(a[m], b[m], true[m])

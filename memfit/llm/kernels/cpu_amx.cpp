@@ -237,7 +237,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
     // K chunk in 32s; rows a block (whole 32-row tiles). Tuned on one Sapphire-Rapids-class core, a loop over 12
     // layers' weights of the 0.1b shapes (so W comes from L3, as in the model), one process alternating builds:
     // with two column blocks side by side at 128 K values, qkv at 2048 rows 575 -> 639 G MAC/s, gate/up (fused)
-    // at 256 rows 390 -> 458, down 532 -> 579 against one block at 256 values.
+    // at 256 rows 390 -> 458 (372 -> 441 in another round), down 532 -> 579 against one block at 256 values.
     const int64_t kc = AMX_KC / 32, MB = row_block(K);
     // Column blocks of 32 inside each panel (a panel of 48 holds one of 32 and one of 16).
     const int64_t per_panel = (nb + 31) / 32, cblocks = (N + nb - 1) / nb * per_panel;
@@ -276,7 +276,7 @@ bool run(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, 
             }
             // Two column blocks side by side (c2 < 0: c1 alone), K chunk by K chunk and row tile by row tile: the
             // row tile's x chunk, loaded from L2 for the first block, is in L1 for the second (x from L2 bounded the
-            // kernel: gate/up at 256 rows 360 -> 445 G MAC/s, a C loop over 12 layers' weights). Each block's sums
+            // kernel; the figures are the tuning note's above). Each block's sums
             // see the same instructions in the same K order whatever the pairing, so the bits do not change.
             // `n1`, `n2`: the blocks computed next (their first K chunk is prefetched meanwhile), -1 for none.
             // `fused`: c1 a gate block, c2 its up block; their sums meet in store_silu, neither half written out.
@@ -413,7 +413,8 @@ int memfit_amx_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, c
 // The MLP's gate/up matmul with SiLU(gate) * up in its store: W (2I, K) packed as memfit_amx_linear_bf16's, rows
 // [0, I) the gate, [I, 2I) the up; y (M, I; row stride ldy) = SiLU(x Wg^T + bg) * (x Wu^T + bu), each rounded to
 // bf16 where the unfused path (that matmul into (M, 2I), then cpu_decode.cpp's silu_mul) rounds it: the same
-// bits. No (M, 2I) output: the gate's values pass through y, the up's stay in the kernel's sums. Codes as
+// bits. No (M, 2I) output: a gate block and its up block are computed side by side and meet in the store (neither
+// half is written to y). Codes as
 // memfit_amx_linear_bf16's, and -6: I not a multiple of nb.
 int memfit_amx_linear_silu_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
                                 int64_t ldy, int64_t M, int64_t I, int64_t K, int64_t nb, int nthreads) {

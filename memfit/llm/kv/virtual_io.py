@@ -82,7 +82,7 @@ class VirtualIOMixin:
             # A few prefill chunks on the CPU: one slice copy a run of sequences (a batch of equal prompts in
             # consecutive slots is one run). A layer's K and V of the 0.1b shape, one thread
             # (benchmarks/kv_write.py, one run each): 4 x 128 rows 22 us against index_put_'s 95, 16 x 128 rows
-            # 139 against 410 (a copy a sequence: 41 and 245). Single-row (decode) sequences and CUDA keep one
+            # 139 against 410 (a copy a sequence, before the runs: 41 at 4 x 128, and 245 at 16 x 128 in a probe not kept). Single-row (decode) sequences and CUDA keep one
             # index_put_ (8 x 1 rows: 6 us; a copy a row would cost more, and a kernel launch each on a GPU).
             if k.shape[0] != sum(plan.counts) or v.shape[0] != k.shape[0]:  # index_put_ refuses these too
                 raise KVCacheError(f"K/V have {k.shape[0]}/{v.shape[0]} rows for a step of {sum(plan.counts)}")

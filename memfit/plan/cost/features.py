@@ -27,8 +27,9 @@ EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_re
                "reduce_inner", "log_c_in", "log_c_out", "kw", "log_spatial", "log_bytes_out", "log_inner_in",
                "log_bytes_per_op")
 # Then paths.PATH_NAMES: what decides the code path IREE takes (powers of two dividing the vectorised loops, a
-# strided contiguous axis, an outer-axis reduction). Columns are only ever appended, so a model file reads the
-# leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features).
+# strided contiguous axis, an outer-axis reduction). Default columns are only appended, so a model file reads the
+# leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features); the pipe columns come after
+# the vtile ones, so a `--base pipes` model trained before them is refused by check_columns (a clear error).
 # Then vtiles.VTILE_NAMES: the vector tile IREE is modelled to give the dominant contraction, and what it costs.
 # DEFAULT_NAMES: the 70 columns a model reads by default (the nets with FitConfig(features="all"), the residual
 # trees, the LightGBM baseline); models trained before the vtile columns read the first 62 and still load. Then

@@ -2,8 +2,8 @@
 text alone (`predict` compiles nothing), and what that tile costs: the features VTILE_NAMES.
 
 Why: on the Intel host's labels the slowest kernels for their FLOPs are the ones whose vector tile IREE cuts
-small. Its lowering strategy (dumped with `iree-compile --compile-to=executable-configurations` for 1501
-training kernels) takes, for each loop it vectorises, the largest size up to a cap that divides the loop: a
+small. Its lowering strategy (dumped with `iree-compile --compile-to=executable-configurations` for 1501 of
+the data set's 1677 contraction kernels, of every split: compiler decisions, not latency labels) takes, for each loop it vectorises, the largest size up to a cap that divides the loop: a
 matmul's M up to 8, N up to 16 lanes (32 for i8, and for f32 and bf16 when the rest of the tile is small), its
 K (the reduction step) up to 16; a convolution's output width up to 8, its output channels up to 16 and input
 channels up to 8. A loop of prime length gets a tile of 1, so the kernel runs one row, one lane or one step at
