@@ -49,15 +49,17 @@ class VirtualIOMixin:
         if dev.type == "cuda":  # padded reads past a short sequence's pages must hit mapped memory
             npg = self.pages_for(read_len)
             self.arena.make_readable([r for s in slots for r in self._ranges(s, self._pages[s], npg) if r[1] > 0])
-        runs: list[list[int]] = []
-        for slot, end, n in zip(slots, ends, counts.tolist()):
-            last = runs[-1] if runs else None
-            if last is not None and last[0] + last[1] == slot and last[2] == end and last[3] == n:
-                last[1] += 1
-            else:
-                runs.append([slot, 1, end, n])
+        runs: list[list[int]] | None = None
+        if dev.type == "cpu" and counts.min() > 1:  # only write()'s slice path reads them: decode steps skip this
+            runs = []
+            for slot, end, n in zip(slots, ends, counts.tolist()):
+                last = runs[-1] if runs else None
+                if last is not None and last[0] + last[1] == slot and last[2] == end and last[3] == n:
+                    last[1] += 1
+                else:
+                    runs.append([slot, 1, end, n])
         return VirtualPlan([st.seq_id for st in steps], slots, ends, write_slot, write_pos, consecutive, read_len,
-                           counts.tolist(), [tuple(r) for r in runs])
+                           counts.tolist(), None if runs is None else [tuple(r) for r in runs])
 
     def make_slots_readable(self, slots: list[tuple[int, int]]) -> None:
         """Make the first `n` positions of each (slot, n) safe to read, whoever holds the slot: a decode batch
@@ -82,8 +84,9 @@ class VirtualIOMixin:
             # A few prefill chunks on the CPU: one slice copy a run of sequences (a batch of equal prompts in
             # consecutive slots is one run). A layer's K and V of the 0.1b shape, one thread
             # (benchmarks/kv_write.py, one run each): 4 x 128 rows 22 us against index_put_'s 95, 16 x 128 rows
-            # 139 against 410 (a copy a sequence, before the runs: 41 at 4 x 128, and 245 at 16 x 128 in a probe not kept). Single-row (decode) sequences and CUDA keep one
-            # index_put_ (8 x 1 rows: 6 us; a copy a row would cost more, and a kernel launch each on a GPU).
+            # 139 against 410 (a copy a sequence, before the runs: 41 at 4 x 128, and 245 at 16 x 128 in a probe not
+            # kept). Single-row (decode) sequences and CUDA keep one index_put_ (8 x 1 rows: 6 us; a copy a row would
+            # cost more, and a kernel launch each on a GPU). The plan carries runs only where this path may take them.
             if k.shape[0] != sum(plan.counts) or v.shape[0] != k.shape[0]:  # index_put_ refuses these too
                 raise KVCacheError(f"K/V have {k.shape[0]}/{v.shape[0]} rows for a step of {sum(plan.counts)}")
             row = 0
