@@ -248,6 +248,8 @@ void attend_group(const T* q, const Rows& krows, const Rows& vrows, int64_t L, i
 // instead of registers), so the bits are attend_group's (tests: the paged reader, which keeps attend_group,
 // gives identical outputs).
 // Every head's row of one token into L2 (prefetches never fault: past the end is harmless); one run when adjacent.
+// Kept as written: the same loops through a shared (pointer, byte count) helper, which also served prefetch_row_l2
+// and request_l2, took 56-58 against 46-47 ms in the 8 x 4000-token harness (why is not established).
 template <typename T, int D>
 inline void prefetch_heads_l2(const T* p, int Hkv, int64_t head) {
     const int n = head == D ? Hkv : 1;  // adjacent heads: one run of Hkv rows
