@@ -80,3 +80,13 @@ def test_columns_come_after_the_path_columns():
     assert features.ALL_NAMES[-len(features.PIPE_NAMES):] == features.PIPE_NAMES
     x = features.full_vector(_fn("matmul", "f32", {"M": 23, "K": 768, "N": 3072}))
     assert len(x) == len(features.ALL_NAMES) and x[n] == 4.0
+
+
+def test_rules_set_the_caps():
+    """tile() reads its caps from a Rules (SHIPPED by default); benchmarks/costmodel_vtile_rules.py fits them."""
+    ops = [o for o in linalg_ops(_fn("matmul", "i8", {"M": 24, "K": 48, "N": 96})) if gemm_view(o)[0]]
+    assert vtiles.tile(ops[0]) == vtiles.tile(ops[0], vtiles.Rules()) == (32, 8, 16)
+    assert vtiles.tile(ops[0], vtiles.Rules(mm_rows=4, mm_step=12, mm_i8_inner=48)) == (48, 4, 12)
+    dw = [o for o in linalg_ops(_fn("conv", "f32", {"kind": "depthwise", "N": 1, "C": 12, "F": 12, "KH": 5,
+                                                    "stride": 1, "dilation": 1, "OH": 17})) if gemm_view(o)[0]]
+    assert vtiles.tile(dw[0], vtiles.Rules(dw_taps=5)) == (12, 1, 5)

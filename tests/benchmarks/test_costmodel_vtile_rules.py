@@ -1,0 +1,77 @@
+"""benchmarks/costmodel_vtile_rules.py: reading IREE's vector tile off a configuration dump, and fitting
+vtiles.Rules to tiles (here, tiles that known rules generate) without the shipped values seeding the fit."""
+import dataclasses
+
+from benchmarks import costmodel_vtile_rules as R
+from memfit.plan.cost import vtiles
+from memfit.plan.cost.families import KernelSpec
+
+# lines of real `--compile-to=executable-configurations` dumps (IREE 3.13, znver4), shortened
+NCHW = """
+  %5 = linalg.fill {lowering_config = #iree_cpu.lowering_config<vector_common_parallel = [1, 4, 1, 7]>} ins(%cst : f32) outs(%4 : tensor<1x48x28x28xf32>) -> tensor<1x48x28x28xf32>
+  %7 = linalg.generic {indexing_maps = [], iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction", "reduction", "reduction"]} ins(%6, %3 : tensor<1x48x30x30xf32>, tensor<48x48x3x3xf32>) outs(%5 : tensor<1x48x28x28xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<distribution = [0, 4, 28, 28, 0, 0, 0], vector_common_parallel = [1, 4, 1, 7, 0, 0, 0], vector_reduction = [0, 0, 0, 0, 8, 1, 1]>} {
+"""
+# a batch matmul, then a softmax's reduction (one input) and its normalisation (two inputs, no reduction)
+BMM_SOFTMAX = """
+  %7 = linalg.batch_matmul {lowering_config = #iree_cpu.lowering_config<distribution = [0, 16, 64, 0], vector_common_parallel = [1, 5, 25, 0], vector_reduction = [0, 0, 0, 12]>} ins(%3, %4 : tensor<1x125x12xbf16>, tensor<1x12x125xbf16>) outs(%6 : tensor<1x125x125xf32>) -> tensor<1x125x125xf32>
+  %6 = linalg.generic {iterator_types = ["parallel", "reduction"]} ins(%2 : tensor<125x125xf32>) outs(%5 : tensor<125xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<distribution = [5, 0], vector_common_parallel = [8, 0], vector_reduction = [0, 16]>} {
+  %7 = linalg.generic {iterator_types = ["parallel", "parallel"]} ins(%2, %6 : tensor<125x125xf32>, tensor<125xf32>) outs(%3 : tensor<125x125xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<vector_common_parallel = [8, 0], vector_inner_parallel = [0, 16]>} {
+"""
+DEPTHWISE = """
+  %7 = linalg.generic {iterator_types = ["parallel", "parallel", "parallel", "parallel", "reduction", "reduction"]} ins(%a, %b : tensor<1x9x9x64xf32>, tensor<3x3x64xf32>) outs(%5 : tensor<1x7x7x64xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<distribution = [1, 1, 7, 64, 0, 0], vector_common_parallel = [1, 1, 7, 16, 0, 0], vector_reduction = [0, 0, 0, 0, 1, 3]>} {
+"""
+ELEMENTWISE = """
+  %6 = linalg.generic {iterator_types = ["parallel", "parallel"]} ins(%3, %4 : tensor<12544x3xf32>, tensor<3xf32>) outs(%5 : tensor<12544x3xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<distribution = [2048, 3], vector_common_parallel = [1, 16]>} {
+"""
+
+
+def test_iree_tile_reads_inner_rows_step():
+    assert R.iree_tile(NCHW) == (7, 4, 8)            # OW innermost, F 4, C 8 (filter taps 1 x 1)
+    assert R.iree_tile(BMM_SOFTMAX) == (25, 5, 12)   # the batch matmul, not the softmax's reduction
+    assert R.iree_tile(DEPTHWISE) == (16, 7, 3)      # the step: the filter taps of a row, 1 x 3
+    assert R.iree_tile(ELEMENTWISE) is None          # a 1x1 depthwise convolution lowers to this
+
+
+def test_iree_tile_takes_the_op_of_most_loops():
+    """A reduction with two inputs (a sum of exp(x - max)) ahead of the contraction is not taken for it."""
+    two_input_sum = ('  %6 = linalg.generic {iterator_types = ["parallel", "reduction"]} ins(%2, %5 : tensor<125x125xf32>, '
+                     'tensor<125xf32>) outs(%5 : tensor<125xf32>) attrs =  {lowering_config = #iree_cpu.lowering_config<'
+                     'distribution = [5, 0], vector_common_parallel = [8, 0], vector_reduction = [0, 16]>} {\n')
+    assert R.iree_tile(two_input_sum) == (8, 1, 16)
+    assert R.iree_tile(two_input_sum + BMM_SOFTMAX) == (25, 5, 12)
+
+
+def _items(rules: vtiles.Rules, specs: list[tuple[str, str, dict]]) -> list[dict]:
+    out = []
+    for family, dtype, params in specs:
+        op = R.contraction(KernelSpec(family, dtype, params).mlir())
+        out.append({"op": op, "dtype": dtype, "case": R.case(op), "iree": vtiles.tile(op, rules), "split": "train"})
+    return out
+
+
+MATMULS = [("matmul", dt, {"M": m, "K": k, "N": n}) for dt in ("f32", "i8")
+           for m, k, n in ((24, 64, 64), (20, 48, 30), (12, 23, 96), (36, 40, 128), (30, 60, 45), (18, 32, 77))]
+
+
+def test_fit_recovers_the_rules_that_made_the_tiles():
+    truth = dataclasses.replace(vtiles.SHIPPED, mm_rows=4, mm_step=8)
+    items = _items(truth, MATMULS)
+    fitted, report = R.fit(items)
+    assert (fitted.mm_rows, fitted.mm_step) == (4, 8)
+    assert report["mm_rows"]["agreement_fitted"] == 1.0 and report["mm_rows"]["kernels"] == len(items)
+    # the shipped cap of 8 rows gives 8, 5, 6, 6, 6, 6 rows to M = 24, 20, 12, 36, 30, 18, the truth 4 or 3
+    assert report["mm_rows"]["agreement_shipped"] < 0.5
+    assert R.agreement(items, fitted)["matmul"]["exact"] == 1.0
+    assert R.agreement(items, vtiles.SHIPPED)["matmul"]["rows"] < 0.5
+
+
+def test_fit_is_not_seeded_by_the_shipped_rules():
+    """A parameter no kernel touches takes its smallest value, whatever the shipped one."""
+    fitted, report = R.fit(_items(vtiles.SHIPPED, MATMULS))
+    assert report["dw_taps"]["kernels"] == 0 and fitted.dw_taps == 1 != vtiles.SHIPPED.dw_taps
+    # i8 N = 64, 30, 96, 128, 45, 77 tie every cap of 32..44; the smallest is kept
+    assert fitted.mm_rows == 8 and report["mm_i8_inner"]["tied_best"] == [[32, 44]] and fitted.mm_i8_inner == 32
+
+
+def test_ranges():
+    assert R._ranges([7, 1, 2, 3]) == [[1, 3], [7, 7]] and R._ranges([]) == []
