@@ -36,8 +36,8 @@ from memfit.llm.models.config import ModelConfig
 PAGE = 4096
 HUGE_PAGE = 2 * 1024 * 1024
 BLOCKED_NB = 64  # memfit.llm.kernels.blocked.DEFAULT_NB (not imported at load: that module loads the C++ kernel)
-# memfit.llm.kernels.blocked.LARGE_M: the MLP's row block where the blocked kernel runs, except bf16 on a core
-# whose prefill runs on AMX tiles (mlp_row_block imports blocked, when called, to ask)
+# memfit.llm.kernels.blocked.LARGE_M: the MLP's row block where the blocked kernel runs float32 (bf16 has a
+# larger one: mlp_row_block imports blocked, when called, to ask)
 BLOCKED_LARGE_M = 64
 TOKENIZER_BYTES_PER_FILE_BYTE = 2  # the tokenizers library's tables vs its JSON (see tokenizer_bytes)
 
@@ -99,8 +99,8 @@ def attention_in_place(device_type: str, dtype: torch.dtype, cpu_kernels: bool) 
 
 def mlp_row_block(device_type: str, cpu_linear: str | None, dtype: torch.dtype) -> int:
     """The MLP's row block (models/llama.py: MLP.row_block, set by kernels/backends.mlp_row_blocks): memfit's
-    blocked kernel on a CPU (BLOCKED_LARGE_M rows; for `dtype` bf16 on a core whose prefill runs on AMX tiles,
-    kernels/blocked.mlp_row_block's larger block); 0 (whole steps) otherwise."""
+    blocked kernel on a CPU (BLOCKED_LARGE_M rows; for `dtype` bf16 kernels/blocked.mlp_row_block's larger block);
+    0 (whole steps) otherwise."""
     if device_type != "cpu" or cpu_linear != "blocked":
         return 0
     from memfit.llm.kernels.blocked import mlp_row_block as kernel_block

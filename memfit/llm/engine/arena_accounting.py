@@ -15,7 +15,8 @@ counted here term by term, each from the code that allocates it:
   the pre-arena figure already counts;
 - the C kernels' scratch, from the C heap (std::vector; not PyTorch's allocator): a BlockedLinear call below
   LARGE_M rows packs x (M, K) step-major (cpu_blocked.cpp: run's xs; one block for each K of the model) and every
-  thread sums into (M, NB) floats (run's and run_large's acc, at most M rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
+  thread sums into (M, NB) floats (run's and run_large's acc, at most M rows; in bf16 the MLP's fused gate/up call,
+  run_large_silu, sums a gate panel and its up panel side by side: twice its rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
   KB = 32 keys, x D) and every thread keeps a row block's scores (at most ROWS = 32 query rows x (Tk + KB) floats:
   24 rows on the AVX-512 path, 32 on the AMX path); in bf16 on a core where it runs on AMX tiles it packs one
   head's V as well (Tk rounded to KB x D) and holds the threads' score rows as one block (cpu_prefill.cpp,
@@ -87,8 +88,9 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     # x packed for each distinct K (C, Hq*D, I), K rounded up to a bf16 pair: a freed block may stay as a hole in
     # the heap that a larger one cannot reuse, so each is counted; one sum block a thread, of the most rows
     m_mlp = mlp_rows(rows, mlp_block)
+    sums = max(rows, 2 * m_mlp if dtype == torch.bfloat16 else m_mlp)  # rows of one thread's sum block (see above)
     linear = sum(_heap_block(m * (k + 1) * item) for m, k in {(rows, c), (rows, q), (m_mlp, c), (m_mlp, i)}
-                 if m < LARGE_M) + t * _heap_block(max(rows, m_mlp) * BLOCKED_NB * 4)
+                 if m < LARGE_M) + t * _heap_block(sums * BLOCKED_NB * 4)
     tk = -(-max(context_len, 1) // PREFILL_KB) * PREFILL_KB  # keys a row may see (its context), in whole blocks
     # K packed (and V too where bf16 prefill attention runs on AMX tiles: kernels/prefill.py's kernel_for)
     packed = 2 if dtype == torch.bfloat16 and _prefill_on_amx() else 1

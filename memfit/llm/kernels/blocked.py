@@ -35,10 +35,14 @@ _amx_fallback_logged = False  # one warning per process
 
 DEFAULT_NB = 64  # output columns per panel (32, 48 or 64); 64 measured best overall on Zen 4
 LARGE_M = 64  # cpu_blocked.cpp's BLK_LARGE_M: from this many rows each row's sums run in one order, whatever M
-# The MLP's row block where prefill may run on AMX tiles (bf16 on a core with AMX, large_m.py): at 64 rows each
-# block re-streams the MLP's weights from L3 faster than the tiles use them (0.1b bf16, 32 x 128 tokens: 1.95 s
-# in 64-row blocks, 1.52 s whole, benchmarks/prefill.py); 256 rows keep a 512-token step to two blocks.
-AMX_MLP_ROW_BLOCK = 256
+# The MLP's row block for bf16 (models/llama.py: MLP.row_block). At 64 rows each block re-streams the MLP's
+# weights from L3 and runs the MLP's Python once more: on AMX tiles the weights arrive slower than the tiles use
+# them (0.1b bf16, 32 x 128 tokens: 1.95 s in 64-row blocks, 1.52 s whole, benchmarks/prefill.py); on one Zen 4
+# core (AVX-512 BF16, no AMX; the same batch, the blocks alternating in one process, load 5.7) 3.47 s at 64 rows,
+# 3.44 at 128, 3.37 at 256, 3.35 whole. 256 rows keep a 512-token step to two blocks; their transients (gate/up
+# and the product, 3 x I values a row) are 3 MiB at the 0.1b shape's I = 2048, 21 MiB at Llama-3-8B's 14336.
+# float32 keeps LARGE_M (not measured; twice the bytes a row).
+BF16_MLP_ROW_BLOCK = 256
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -72,9 +76,10 @@ def _functions(dtype: torch.dtype) -> _Fns | None:
 
 def mlp_row_block(dtype: torch.dtype) -> int:
     """Rows per MLP block for a model of `dtype` held in this kernel's layout (kernels/backends.mlp_row_blocks;
-    engine/accounting.mlp_row_block counts the same): LARGE_M, or AMX_MLP_ROW_BLOCK where prefill steps can run
-    on AMX tiles. Either kernel sums a row alone from LARGE_M rows on, so the block changes no bit."""
-    return AMX_MLP_ROW_BLOCK if dtype == torch.bfloat16 and large_m.amx_linear() is not None else LARGE_M
+    engine/accounting.mlp_row_block counts the same): BF16_MLP_ROW_BLOCK for bf16, whichever kernel (AVX-512 or
+    AMX tiles) runs its prefill rows, else LARGE_M. Either kernel sums a row alone from LARGE_M rows on, so the
+    block changes no bit."""
+    return BF16_MLP_ROW_BLOCK if dtype == torch.bfloat16 else LARGE_M
 
 
 def can_use_blocked(dtype: torch.dtype) -> bool:
@@ -186,27 +191,35 @@ class BlockedLinear(nn.Module):
 
     def silu_mul_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """For the MLP's gate/up matrix (N = 2I: the gate's rows, then the up's): SiLU(gate) * up of x (M, K) in
-        one AMX call (memfit_amx_linear_silu_bf16), the product in columns [0, I) of `out` (M, 2I), or of a new
-        (M, I) tensor; returns that (M, I) view. The same bits as this matrix's forward followed by CpuDecodeOps'
-        silu_mul kernel over its output (the kernel rounds where they do), without writing the up half and
-        reading both back: 0.057 s of a 1.17 s prefill batch went to silu_mul (benchmarks/prefill.py).
-        None, having computed nothing, where that call would not be the AMX kernel's: outside a prefill step,
-        under LARGE_M rows, a step with decode rows, a shape whose kept kernel is AVX-512, I not a multiple of
-        nb, or no AMX here; the caller then runs forward and silu_mul."""
-        fn = amx_linear_silu()
+        one call that sums a gate panel and its up panel side by side and meets them in the store, the product in
+        columns [0, I) of `out` (M, 2I), or of a new (M, I) tensor; returns that (M, I) view. The same bits as
+        this matrix's forward followed by CpuDecodeOps' silu_mul kernel over its output (the kernels round where
+        they do), without writing the up half and reading both back: on AMX tiles (memfit_amx_linear_silu_bf16)
+        0.057 s of a 1.17 s prefill batch went to silu_mul; on the AVX-512 kernel (memfit_blocked_linear_silu_bf16)
+        silu_mul was 2% of a 3.4 s batch on one Zen 4 core (benchmarks/prefill.py).
+        Runs on whichever kernel forward would run all of x's rows on: AMX where a prefill step keeps it for this
+        shape and the step has no decode rows, else the AVX-512 kernel from LARGE_M rows on. None, having
+        computed nothing, elsewhere (bf16 only, under LARGE_M rows, I not a multiple of nb, an odd K, a step whose
+        decode rows would run apart, autograd); the caller then runs forward and silu_mul."""
         m, k, n = x.shape[0], self.in_features, self.out_features
-        if (fn is None or x.dim() != 2 or m < LARGE_M or not large_m.in_prefill_step() or large_m.decode_rows(m)
-                or x.dtype != self.dtype or self.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[1] != k
-                or n % 2 or (n // 2) % self.nb or (x.requires_grad and torch.is_grad_enabled())):
+        if (x.dim() != 2 or m < LARGE_M or x.dtype != self.dtype or self.dtype != torch.bfloat16
+                or x.device.type != "cpu" or x.shape[1] != k or n % 2 or (n // 2) % self.nb
+                or (x.requires_grad and torch.is_grad_enabled())):
             return None
         if x.stride(-1) != 1:
             x = x.contiguous()
         ok = (out is not None and out.shape == (m, n) and out.dtype == self.dtype and out.is_contiguous()
               and out.device.type == "cpu" and out.data_ptr() != x.data_ptr())
         y = out if ok else torch.empty(m, n // 2, dtype=self.dtype)  # (M, 2I) or (M, I)
-        runs = {name: (lambda name=name: self._run(name, x, y if ok else torch.empty(m, n, dtype=self.dtype)))
-                for name in large_m.candidates(self.dtype, k)}
-        if large_m.choose((n, k, self.nb), m, runs) != "amx":  # the first call of the shape measures both
+        kernel = "avx512"
+        if large_m.in_prefill_step():
+            runs = {name: (lambda name=name: self._run(name, x, y if ok else torch.empty(m, n, dtype=self.dtype)))
+                    for name in large_m.candidates(self.dtype, k)}
+            kernel = large_m.choose((n, k, self.nb), m, runs)  # the first call of the shape measures both
+            if kernel != "avx512" and large_m.decode_rows(m):
+                return None  # its decode rows run apart on the AVX-512 kernel (_many_rows)
+        fn = amx_linear_silu() if kernel == "amx" else blocked_linear_silu()
+        if fn is None:
             return None
         rc = fn(x.data_ptr(), x.stride(0), self._wp, self._bp, y.data_ptr(), y.stride(0), m, n // 2, k, self.nb,
                 self.nthreads or torch.get_num_threads())
@@ -231,6 +244,22 @@ def amx_linear_silu() -> ctypes._CFuncPtr | None:
             fn.argtypes, fn.restype = list(plain.argtypes), ctypes.c_int
         _amx_silu.append(fn)
     return _amx_silu[0]
+
+
+_blocked_silu: list[ctypes._CFuncPtr | None] = []  # memfit_blocked_linear_silu_bf16, looked up once
+
+
+def blocked_linear_silu() -> ctypes._CFuncPtr | None:
+    """cpu_blocked.cpp's memfit_blocked_linear_silu_bf16 (the MLP's gate/up matmul with SiLU(gate) * up in the
+    AVX-512 kernel's store), or None where the bf16 kernel can't run here."""
+    if not _blocked_silu:
+        fn = None
+        if _functions(torch.bfloat16) is not None:
+            fn = load_cpu_linear().cdll.memfit_blocked_linear_silu_bf16
+            fn.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32]
+            fn.restype = _I32
+        _blocked_silu.append(fn)
+    return _blocked_silu[0]
 
 
 class BlockedEmbedding(nn.Module):

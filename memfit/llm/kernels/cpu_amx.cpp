@@ -20,6 +20,8 @@
 // CPU without AMX-BF16, or built by a compiler without AMX intrinsics, memfit_amx_available() is 0 and
 // callers stay on the AVX-512 kernel.
 #include <stdint.h>
+
+#include "silu_table.h"
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define MEMFIT_AMX 1
 #pragma GCC push_options
@@ -35,7 +37,6 @@
 namespace {
 
 #include "bf16x16.h"
-#include "exp16.h"
 #include "omp_split.h"
 
 constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
@@ -113,30 +114,14 @@ void store_block(const float* c, const uint16_t* b, uint16_t* y, int64_t ldy, in
     }
 }
 
-// SiLU of every bf16 value, as bf16: tab[g] = bf16(g / (1 + exp16(-g))), computed by the instructions the
-// unfused path (cpu_decode.cpp's silu_mul) runs on each lane, so a lookup has its bits. Filled once, when the
-// process is first granted AMX (memfit_amx_available, asked when an engine is built, before any step); 128 KiB,
-// plus 2 bytes so a 32-bit gather at the last entry stays inside. A lookup replaces exp16 and the division in
-// the epilogue (~14% of the fused call's time at 256 rows).
-alignas(64) uint16_t g_silu_tab[65536 + 2];
-
-void fill_silu_table() {
-    const __m512 one = _mm512_set1_ps(1.f);
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (int i = 0; i < 65536; i += 16) {
-        const __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(i)), 16));
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm256_storeu_si256((__m256i*)(g_silu_tab + i), (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(g, _mm512_add_ps(one, e))));
-    }
-}
-
 // The fused MLP epilogue for one row tile: the gate block's sums cg and the up block's cu (each as store_block's
 // c: `rows` <= 32 rows of 32 floats) + their biases -> bf16 g and u, rounded as the unfused path stores the
 // gate/up matmul's output; y rows [0, rows), columns [ng, ng + 16 or 32) = bf16(SiLU(g) * u), SiLU(g) looked up in
-// g_silu_tab, the product rounded as cpu_decode.cpp's silu_mul rounds it: the bits of the unfused path (the
+// memfit_silu_table(), the product rounded as cpu_decode.cpp's silu_mul rounds it: the bits of the unfused path (the
 // matmul into (M, 2I), then silu_mul over it), with neither half written out.
 void store_silu(const float* cg, const float* cu, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows,
                 int64_t ng, int64_t nu, bool two) {
+    const uint16_t* tab = memfit_silu_table();
     for (int h = 0; h < (two ? 2 : 1); h++) {
         __m512 bg = _mm512_setzero_ps(), bu = _mm512_setzero_ps();
         if (b) {
@@ -147,21 +132,16 @@ void store_silu(const float* cg, const float* cu, const uint16_t* b, uint16_t* y
             const __m256i g = to_bf16(_mm512_add_ps(_mm512_loadu_ps(cg + m * 32 + 16 * h), bg));
             const __m512 u = widen_bf16(to_bf16(_mm512_add_ps(_mm512_loadu_ps(cu + m * 32 + 16 * h), bu)));
             // 32 bits at byte 2g: the entry in the low half, its neighbour shifted out
-            const __m512i t = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(g), (const void*)g_silu_tab, 2);
+            const __m512i t = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(g), (const void*)tab, 2);
             const __m512 sg = _mm512_castsi512_ps(_mm512_slli_epi32(t, 16));
             _mm256_storeu_si256((__m256i*)(y + m * ldy + ng + 16 * h), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
         }
     }
 }
 
-// Asked once per process (a function-local static: thread-safe, and the table is filled before any caller
-// sees true).
+// Asked once per process (a function-local static: thread-safe).
 bool amx_enable() {
-    static const bool ok = [] {
-        const bool granted = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-        if (granted) fill_silu_table();
-        return granted;
-    }();
+    static const bool ok = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     return ok;
 }
 

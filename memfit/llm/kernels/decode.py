@@ -82,7 +82,7 @@ def _cache_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tenso
 class CpuDecodeOps(TorchOps):
     """TorchOps whose methods run memfit's C++ kernels when they can (see the module docstring)."""
 
-    fuses_silu_mul = True  # cpu_amx.cpp's fused store rounds as silu_mul's kernel does (its rows >= SILU_MIN_ROWS)
+    fuses_silu_mul = True  # the fused stores (cpu_amx.cpp, cpu_blocked.cpp) round as silu_mul's kernel does (rows >= SILU_MIN_ROWS)
 
     def __init__(self, dtype: torch.dtype) -> None:
         fns = _functions(dtype)

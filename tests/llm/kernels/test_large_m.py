@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from memfit.llm.kernels import large_m
-from memfit.llm.kernels.blocked import AMX_MLP_ROW_BLOCK, LARGE_M, BlockedLinear, mlp_row_block
+from memfit.llm.kernels.blocked import BF16_MLP_ROW_BLOCK, LARGE_M, BlockedLinear, mlp_row_block
 from memfit.llm.kernels.peak import run_amx_peak_loop
 from tests.llm.kernels.common import make_linear, need
 
@@ -139,7 +139,7 @@ def test_outside_a_prefill_step_many_rows_stay_on_the_decode_kernel():
 
 
 def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
-    """The MLP's blocks (AMX_MLP_ROW_BLOCK rows where prefill runs on AMX, LARGE_M otherwise) and the whole step
+    """The MLP's blocks (BF16_MLP_ROW_BLOCK rows for bf16, LARGE_M for float32) and the whole step
     give the same bits inside a prefill step too."""
     need_amx()
     from memfit.llm.kernels.backends import mlp_row_blocks
@@ -152,7 +152,7 @@ def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
     for name in ("gate_proj", "up_proj", "down_proj"):
         setattr(mlp, name, BlockedLinear(getattr(mlp, name)))
     b = mlp_row_block(BF16)
-    assert b == AMX_MLP_ROW_BLOCK  # AMX here: blocks that keep a 512-token step to two
+    assert b == BF16_MLP_ROW_BLOCK  # blocks that keep a 512-token step to two
     assert mlp_row_block(torch.float32) == LARGE_M
     x = torch.randn(3 * b - 9, 128, generator=torch.Generator().manual_seed(8)).to(BF16)  # blocks b, b - 9 + b
     large_m.force("amx")
