@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,6 +102,17 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
     return path
 
 
+def decode_clock(device: torch.device) -> Callable[[], float]:
+    """The clock every system's decode time is read on: with one CPU thread the process's CPU time (what other jobs
+    on a shared machine do not add to; on a quiet machine it is the wall time; benchmarks/decode_vllm.py reads
+    vLLM's side the same way), else (several threads, a GPU) the wall time."""
+    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def clock_name(clock: Callable[[], float]) -> str:
+    return "process CPU time" if clock is time.process_time else "wall"
+
+
 def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: int, device: torch.device,
                kv_layout: str = "auto", cpu_linear: str = "auto", kv_cache: str | None = None) -> dict:
     from memfit.llm.engine import EngineConfig, LLMEngine
@@ -116,14 +128,17 @@ def run_memfit(path: Path, dtype: str, batch: int, prompt_len: int, new_tokens: 
     for i in range(batch):
         ids = torch.randint(0, engine.model_config.vocab_size, (prompt_len,), generator=g).tolist()
         engine.add_request(prompt_token_ids=ids, params=params)
-    first_step_done = None
+    clock = decode_clock(device)
+    first_step_done = first_wall = None
     generated = 0
     while engine.has_unfinished_requests():
         outs = engine.step()  # returns after the sampled ids reached the host: no sync needed
-        if first_step_done is None:
-            first_step_done = time.perf_counter()  # prefill (and the first token) done
+        if first_step_done is None:  # prefill (and the first token) done
+            first_step_done, first_wall = clock(), time.perf_counter()
             continue
         generated += len(outs)
-    elapsed = time.perf_counter() - first_step_done
+    elapsed = clock() - first_step_done
+    wall = time.perf_counter() - first_wall
     engine.close()
-    return {"decode_tokens": generated, "decode_s": elapsed, "tok_per_s": generated / elapsed}
+    return {"decode_tokens": generated, "decode_s": elapsed, "decode_wall_s": wall,
+            "timer": clock_name(clock), "tok_per_s": generated / elapsed}

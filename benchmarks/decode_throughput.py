@@ -2,7 +2,9 @@
 
 For each model shape (random-initialised Llama shapes, ~0.1B and ~0.5B), dtype and batch size, both
 engines decode the same number of tokens from the same prompts with greedy sampling. The decode rate
-excludes prefill (time from the first generated token to the last). Each figure is also expressed as a
+excludes prefill (time from the first generated token to the last); with one CPU thread every system's time is
+its process's CPU time (decode_setup.decode_clock: what other jobs on a shared machine do not add to), else the
+wall time; each row's `memfit_runs` keep both. Each figure is also expressed as a
 fraction of this machine's limit: the bytes one decode step must read (all weights + the KV of every
 sequence) divided by the memory bandwidth this script measures itself (the fastest of three streaming reads
 with the same thread count: torch's sum, and 1-row GEMVs through memfit's row-major and blocked kernels, the
@@ -25,13 +27,13 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import emit, header, pin_threads
-from benchmarks.decode_setup import SHAPES, make_model_dir, measure_bandwidth, run_memfit, sync
+from benchmarks.decode_setup import (SHAPES, clock_name, decode_clock, make_model_dir, measure_bandwidth, run_memfit,
+                                     sync)
 
 
 def decode_bytes(cfg, dtype: torch.dtype, batch: int, context: int) -> int:
@@ -79,16 +81,17 @@ def run_transformers(path: Path, dtype: str, batch: int, prompt_len: int, new_to
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up (CUDA kernels, caches)
         sync(device)
-        t0 = time.perf_counter()
+        clock = decode_clock(device)  # the clock memfit's and vLLM's sides are read on
+        t0 = clock()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)  # prefill + first token
         sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
         sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
     decode_s = (t2 - t1) - (t1 - t0)
     n = batch * (new_tokens - 1)
-    return {"decode_tokens": n, "decode_s": decode_s, "tok_per_s": n / decode_s}
+    return {"decode_tokens": n, "decode_s": decode_s, "timer": clock_name(clock), "tok_per_s": n / decode_s}
 
 
 def main() -> int:
@@ -103,7 +106,7 @@ def main() -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--vllm-python", default=None,
                     help="python of a venv with vLLM's CPU build: adds vLLM as a peer (bf16 only; "
-                         "benchmarks/decode_vllm.py, decode time as a difference of two runs)")
+                         "benchmarks/decode_vllm.py, decode time as a difference of two calls on prefix-cached prompts)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (both engines run there)")
     ap.add_argument("--kv-layout", default="auto", choices=["auto", "per-layer", "token-major", "head-major"])
     ap.add_argument("--cpu-linear", nargs="+", default=["auto"], choices=["auto", "blocked", "memfit", "onednn"],
@@ -149,10 +152,14 @@ def main() -> int:
                         row.update(macs_per_token=macs, peak_macs_per_s=peak, compute_limit_tok_per_s=peak / macs)
                     # Variants alternate rep by rep, so a busy machine's swings hit them alike.
                     m = {name: [] for name in variants}
+                    runs: dict[str, list[dict]] = {name: [] for name in variants}
                     for _ in range(args.reps):
                         for name, (b, kv) in variants.items():
-                            m[name].append(run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
-                                                      args.kv_layout, b, kv)["tok_per_s"])
+                            r = run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
+                                           args.kv_layout, b, kv)
+                            runs[name].append({k: r[k] for k in ("tok_per_s", "decode_s", "decode_wall_s", "timer")})
+                            m[name].append(r["tok_per_s"])
+                    row["memfit_runs"] = runs
                     for name in variants:
                         row[f"memfit_{name}_tok_per_s"] = statistics.median(m[name])
                     first = next(iter(variants))
