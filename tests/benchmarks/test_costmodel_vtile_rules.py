@@ -75,3 +75,39 @@ def test_fit_is_not_seeded_by_the_shipped_rules():
 
 def test_ranges():
     assert R._ranges([7, 1, 2, 3]) == [[1, 3], [7, 7]] and R._ranges([]) == []
+
+
+def test_main_reads_cached_dumps_and_reports(tmp_path, capsys):
+    """End to end without IREE (--cached-only): matmuls whose dumps carry the tiles of rules with 6 rows on the
+    training split and 4 on the others; the fit reads the training split alone (6), and the other splits'
+    rows disagree with it."""
+    import json
+
+    from memfit.plan.cost import store
+    from memfit.plan.cost.dataset import split_shape_keys
+
+    specs = [KernelSpec("matmul", "f32", {"M": m, "K": 64, "N": 64}) for m in range(12, 240, 6)]
+    train = set(split_shape_keys([s.shape_key() for s in specs])[0].tolist())
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), specs)
+    (tmp_path / "cfg").mkdir()
+    for i, s in enumerate(specs):
+        truth = dataclasses.replace(vtiles.SHIPPED, mm_rows=6 if i in train else 4)
+        inner, rows, step = vtiles.tile(R.contraction(s.mlir()), truth)
+        (tmp_path / "cfg" / f"{s.key()}.mlir").write_text(
+            f"%7 = linalg.matmul {{lowering_config = #iree_cpu.lowering_config<vector_common_parallel = [{rows}, "
+            f"{inner}, 0], vector_reduction = [0, 0, {step}]>}} ins(%3, %4 : tensor<a>, tensor<b>) outs(%6)\n")
+    out = tmp_path / "r.json"
+    assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["fitted"]["mm_rows"] == 6 and not res["same_as_shipped"]
+    assert res["parameters"]["mm_rows"]["kernels"] == len(train)   # fitted on the training kernels only
+    assert res["parameters"]["mm_rows"]["agreement_fitted"] == 1.0
+    assert not res["shipped_on_fit_split"]["mm_rows"]["optimal"]
+    assert res["kernels"]["train"] == len(train) and 0 < len(train) < sum(res["kernels"].values()) == len(specs)
+    assert res["agreement"]["train"]["fitted"]["all"]["exact"] == 1.0
+    held = [res["agreement"][s]["fitted"]["all"]["rows"] for s in ("validation", "test") if res["kernels"][s]]
+    assert held and max(held) == 0.0   # every M is a multiple of 6: 4 rows never agree with 6
+    capsys.readouterr()
+    assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only"]) == 0
+    assert "mm_rows=8 is not optimal on train" in capsys.readouterr().out
