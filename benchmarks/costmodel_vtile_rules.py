@@ -204,6 +204,17 @@ def _score(items: list[dict], rules, which: int | None) -> float:
     return hit / len(items) if items else 0.0
 
 
+
+def _scores(items: list[dict], rules, p: str) -> tuple[list[str], list[dict], dict[tuple, float], float]:
+    """Parameter (or pair) `p` of PARAMS with the others held at `rules`: its names, the kernels it decides, each
+    candidate value's agreement on them, and the best agreement."""
+    values, cases, which, dtypes = PARAMS[p]
+    names = p.split("+")
+    sub = [it for it in items if it["case"] in cases and (dtypes is None or it["dtype"] in dtypes)]
+    tuples = [v if isinstance(v, tuple) else (v,) for v in values]
+    scores = {v: _score(sub, dataclasses.replace(rules, **dict(zip(names, v))), which) for v in tuples}
+    return names, sub, scores, max(scores.values())
+
 def fit(items: list[dict], passes: int = 3) -> tuple[object, dict]:
     """vtiles.Rules fitted to `items` (kernels with IREE's tile): coordinate-wise, each parameter (or pair) of
     PARAMS over its values on the kernels it touches, scored on the tile entry it sets, the best value kept
@@ -217,12 +228,8 @@ def fit(items: list[dict], passes: int = 3) -> tuple[object, dict]:
     rules = vtiles.Rules(**start)
     report: dict[str, dict] = {}
     for _ in range(passes):
-        for p, (values, cases, which, dtypes) in PARAMS.items():
-            names = p.split("+")
-            sub = [it for it in items if it["case"] in cases and (dtypes is None or it["dtype"] in dtypes)]
-            tuples = [v if isinstance(v, tuple) else (v,) for v in values]
-            scores = {v: _score(sub, dataclasses.replace(rules, **dict(zip(names, v))), which) for v in tuples}
-            best = max(scores.values())
+        for p in PARAMS:
+            names, sub, scores, best = _scores(items, rules, p)
             chosen = min(v for v, sc in scores.items() if sc == best)
             rules = dataclasses.replace(rules, **dict(zip(names, chosen)))
             shipped = tuple(getattr(vtiles.SHIPPED, n) for n in names)
@@ -247,12 +254,8 @@ def around(items: list[dict], rules) -> dict[str, dict]:
     the best agreement any value reaches, and the values that reach it. `rules` is optimal on `items`
     parameter by parameter when every one of its values is among them."""
     out = {}
-    for p, (values, cases, which, dtypes) in PARAMS.items():
-        names = p.split("+")
-        sub = [it for it in items if it["case"] in cases and (dtypes is None or it["dtype"] in dtypes)]
-        tuples = [v if isinstance(v, tuple) else (v,) for v in values]
-        scores = {v: _score(sub, dataclasses.replace(rules, **dict(zip(names, v))), which) for v in tuples}
-        best = max(scores.values())
+    for p in PARAMS:
+        names, sub, scores, best = _scores(items, rules, p)
         own = tuple(getattr(rules, n) for n in names)
         out[p] = {"kernels": len(sub), "value": _one(own), "agreement": round(scores[own], 4),
                   "best": round(best, 4), "optimal": scores[own] == best,
