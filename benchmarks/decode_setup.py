@@ -37,8 +37,12 @@ def measure_bandwidth(threads: int, device: torch.device, nbytes: int = 1 << 30,
     torch.set_num_threads(threads)
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
 
+    # read on the clock the decode rates are read on (decode_clock), so a fraction of the limit compares like
+    # with like: a wall-clock reading under load lowers the limit and flatters the CPU-time rates
+    clock = decode_clock(device)
+
     def timed(fn) -> float:  # the best rep, not the median: a limit is the fastest read this machine did
-        return nbytes / min(time_calls(fn, reps, sync=lambda: sync(device)))
+        return nbytes / min(time_calls(fn, reps, clock=clock, sync=lambda: sync(device)))
 
     rates = {"torch_sum": timed(buf.sum)}
     if device.type == "cpu":
@@ -103,9 +107,11 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
 
 
 def decode_clock(device: torch.device) -> Callable[[], float]:
-    """The clock every system's decode time is read on: with one CPU thread the process's CPU time (what other jobs
-    on a shared machine do not add to; on a quiet machine it is the wall time; benchmarks/decode_vllm.py reads
-    vLLM's side the same way), else (several threads, a GPU) the wall time."""
+    """The clock every system's decode time (and the bandwidth the limit is read from) is read on: with one CPU
+    thread the process's CPU time (it leaves out the time other jobs on a shared machine hold the core, though not
+    what their memory traffic and cache use add to a memory-bound step; on a quiet machine it is the wall time),
+    else (several threads, a GPU) the wall time. benchmarks/decode_vllm.py reads vLLM's side on the clock this
+    names (`vllm_command`)."""
     return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 

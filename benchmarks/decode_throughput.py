@@ -27,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -189,15 +190,27 @@ def main() -> int:
     return 0
 
 
+def vllm_command(python: str, path: Path, batch: int, prompt_len: int, new: int, reps: int, threads: int) -> list[str]:
+    """benchmarks/decode_vllm.py's command line; its last argument names the clock memfit's side is read on at
+    `threads` CPU threads (decode_setup.decode_clock): "process" at one thread, else "wall"."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        clock = "process" if decode_clock(torch.device("cpu")) is time.process_time else "wall"
+    finally:
+        torch.set_num_threads(before)
+    script = Path(__file__).with_name("decode_vllm.py")
+    return [python, str(script), str(path), str(batch), str(prompt_len), str(new), str(reps), clock]
+
+
 def run_vllm(python: str, path: Path, batch: int, prompt_len: int, new: int, reps: int, threads: int) -> dict:
     """vLLM's decode rate (benchmarks/decode_vllm.py in its own venv), or an error that says why it did not run."""
     import os
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="0" if threads == 1 else "all",
-               VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    script = Path(__file__).with_name("decode_vllm.py")
-    res = subprocess.run([python, str(script), str(path), str(batch), str(prompt_len), str(new), str(reps)],
+                VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    res = subprocess.run(vllm_command(python, path, batch, prompt_len, new, reps, threads),
                          capture_output=True, text=True, env=env, timeout=3600)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:

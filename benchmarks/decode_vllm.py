@@ -10,7 +10,10 @@ draws fresh prompts, prefills them once (1 output token: vLLM's prefix cache kee
 the prompts' last partial block (the `cached_tokens` recorded), so their difference is NEW decode steps over
 BATCH x PROMPT_LEN tokens of context. Prints one line `RESULT {json}`.
 
-    python benchmarks/decode_vllm.py MODEL_DIR BATCH PROMPT_LEN NEW REPS
+    python benchmarks/decode_vllm.py MODEL_DIR BATCH PROMPT_LEN NEW REPS [CLOCK]
+
+CLOCK: "process" (the process's CPU time, the default; what decode_throughput passes at one thread) or "wall"
+(several threads: their CPU times would add up), the clock memfit's side is read on (decode_setup.decode_clock).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import sys
 import time
 
 
-def _run(path: str, batch: int, plen: int, new: int, reps: int) -> dict:
+def _run(path: str, batch: int, plen: int, new: int, reps: int, clock_name: str = "process") -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import vllm
     from vllm import LLM, SamplingParams
@@ -34,17 +37,22 @@ def _run(path: str, batch: int, plen: int, new: int, reps: int) -> dict:
     def prompts() -> list:
         return [TokensPrompt(prompt_token_ids=[rng.randrange(32000) for _ in range(plen)]) for _ in range(batch)]
 
+    if clock_name not in ("process", "wall"):
+        raise SystemExit(f"CLOCK must be 'process' or 'wall', got {clock_name!r}")
+    clock = time.process_time if clock_name == "process" else time.perf_counter
+
     def timed(ps: list, n: int) -> tuple[float, int]:
-        """CPU seconds of one generate of n tokens a prompt, and the prompt tokens it found cached."""
+        """Seconds (on `clock`) of one generate of n tokens a prompt, and the prompt tokens it found cached."""
         params = SamplingParams(max_tokens=n, min_tokens=n, temperature=0, detokenize=False, ignore_eos=True)
-        t = time.process_time()
+        t = clock()
         outs = llm.generate(ps, params, use_tqdm=False)
-        return time.process_time() - t, sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs)
+        return clock() - t, sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs)
 
     warm = prompts()
     timed(warm, 1)
     timed(warm, new + 1)  # warm-up of both calls
     out: dict = {"version": vllm.__version__, "method": "difference of two calls on prefix-cached prompts",
+                 "timer": "process CPU time" if clock_name == "process" else "wall",
                  "full_cpu": [], "first_cpu": [], "cached_tokens": [], "prompt_tokens": batch * plen,
                  "tok_per_s": []}
     for r in range(reps):
@@ -63,4 +71,4 @@ def _run(path: str, batch: int, plen: int, new: int, reps: int) -> dict:
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    print("RESULT " + json.dumps(_run(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]))), flush=True)
+    print("RESULT " + json.dumps(_run(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]), *a[5:6])), flush=True)

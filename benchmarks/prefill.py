@@ -17,7 +17,8 @@ Systems, timed interleaved round by round (medians of --reps):
   before the run-time choice of kernels/large_m.py; an AMX core then also runs the AMX kernel): before/after in
   one run;
 - memfit_onednn: `--cpu-linear onednn` (oneDNN's matmul on its own packed layout, memfit's other kernels);
-- memfit_mlp_whole: the default engine with the MLP run over the whole step instead of 64-row blocks (what
+- memfit_mlp_whole: the default engine with the MLP run over the whole step instead of its row blocks (256 rows
+  in bf16, 64 in float32) (what
   the blocks' memory bound costs in time);
 - memfit_step512: the default engine with `max_num_batched_tokens=512`, the server's and the CLI's step (the
   offline default is 2048, vLLM's CPU build's 4096): 8 steps instead of 2. (4096 measured slower here, 2.3-2.4 s
@@ -133,7 +134,7 @@ def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int 
     step = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}
     eng = LLM(model=str(path), dtype="bfloat16", kv_budget="2GiB", max_num_seqs=64, max_model_len=1024,
               cpu_linear=cpu_linear, **step).engine
-    if mlp_whole:  # the MLP over the whole step, not in 64-row blocks (more memory: see models/llama.py MLP)
+    if mlp_whole:  # the MLP over the whole step, not in its row blocks (more memory: see models/llama.py MLP)
         for m in eng.runner.model.modules():
             if hasattr(m, "row_block"):
                 m.row_block = 0

@@ -311,14 +311,27 @@ def machine_info(threads: int, seed: int | None = None, **extra: object) -> dict
     import torch
 
     cpu = platform.processor()
+    # A virtual machine's model name can be as bare as "AMD EPYC": family/model and the vector units say which
+    # generation ran a figure (the development machine changes between sessions; results differ by host).
+    ident: dict[str, object] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            first = {}
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                first[key.strip()] = value.strip()
+        cpu = first.get("model name", cpu)
+        flags = set(first.get("flags", "").split())
+        ident = {"cpu_family": first.get("cpu family"), "cpu_model": first.get("model"),
+                 "cpu_vector_units": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
+                                                      "amx_bf16", "avx_vnni"})}
+    except OSError:
         pass
     return {
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
+        "cpu": cpu, **ident, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "threads": threads, "seed": seed, **extra,
     }

@@ -1,3 +1,4 @@
+import os
 import time
 
 import numpy as np
@@ -136,3 +137,21 @@ def test_held_memory_meter_checkpoint_gives_each_stretch_its_own_peak():
     assert busy > 0.8 * BUF
     assert quiet < 0.5 * BUF
     assert m.peak_delta_bytes > 0.8 * BUF
+
+
+def test_machine_info_names_the_cpu_generation_and_its_vector_units():
+    """A JSON records which CPU generation ran it (the development machine changes between sessions): family,
+    model and the vector units, checked against what PyTorch's own dispatcher found on this CPU."""
+    import torch
+
+    from memfit.memory.measure import machine_info
+
+    info = machine_info(1)
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo")
+    assert str(info["cpu_family"]).isdigit() and str(info["cpu_model"]).isdigit()
+    cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if cap == "AVX512":
+        assert "avx512f" in info["cpu_vector_units"]
+    if cap in ("AVX2", "AVX512"):
+        assert "avx2" in info["cpu_vector_units"]

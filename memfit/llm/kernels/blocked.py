@@ -38,8 +38,8 @@ LARGE_M = 64  # cpu_blocked.cpp's BLK_LARGE_M: from this many rows each row's su
 # The MLP's row block for bf16 (models/llama.py: MLP.row_block). At 64 rows each block re-streams the MLP's
 # weights from L3 and runs the MLP's Python once more: on AMX tiles the weights arrive slower than the tiles use
 # them (0.1b bf16, 32 x 128 tokens: 1.95 s in 64-row blocks, 1.52 s whole, benchmarks/prefill.py); on one Zen 4
-# core (AVX-512 BF16, no AMX; the same batch, the blocks alternating in one process, load 5.7) 3.47 s at 64 rows,
-# 3.44 at 128, 3.37 at 256, 3.35 whole. 256 rows keep a 512-token step to two blocks; their transients (gate/up
+# core (AVX-512 BF16, no AMX; the same batch, the blocks alternating in one process, load 5.7; a /tmp script, not
+# kept) 3.47 s at 64 rows, 3.44 at 128, 3.37 at 256, 3.35 whole. 256 rows keep a 512-token step to two blocks; their transients (gate/up
 # and the product, 3 x I values a row) are 3 MiB at the 0.1b shape's I = 2048, 21 MiB at Llama-3-8B's 14336.
 # float32 keeps LARGE_M (not measured; twice the bytes a row).
 BF16_MLP_ROW_BLOCK = 256
@@ -196,7 +196,8 @@ class BlockedLinear(nn.Module):
         this matrix's forward followed by CpuDecodeOps' silu_mul kernel over its output (the kernels round where
         they do), without writing the up half and reading both back: on AMX tiles (memfit_amx_linear_silu_bf16)
         0.057 s of a 1.17 s prefill batch went to silu_mul; on the AVX-512 kernel (memfit_blocked_linear_silu_bf16)
-        silu_mul was 2% of a 3.4 s batch on one Zen 4 core (benchmarks/prefill.py).
+        silu_mul was 1.3% of a 3.4 s batch on one Zen 4 core (benchmarks/prefill.py's batch under perf record, not
+        kept).
         Runs on whichever kernel forward would run all of x's rows on: AMX where a prefill step keeps it for this
         shape and the step has no decode rows, else the AVX-512 kernel from LARGE_M rows on. None, having
         computed nothing, elsewhere (bf16 only, under LARGE_M rows, I not a multiple of nb, an odd K, a step whose

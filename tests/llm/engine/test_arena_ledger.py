@@ -216,7 +216,7 @@ def conclusive_steps(steps: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("spec", list(SPEC))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_step_takes_no_more_than_the_ledger_reserves_for_it(dtype, spec, isa, monkeypatch, request):
-    """isa "avx512": the same on a core without AMX (MEMFIT_CPU_ISA hides it: AVX-512 matmuls, 64-row MLP blocks,
+    """isa "avx512": the same on a core without AMX (MEMFIT_CPU_ISA hides it: AVX-512 matmuls and fused gate/up store,
     the AVX-512 prefill attention), where the arena's figure has other terms."""
     from memfit.llm.engine.api import LLM
     from memfit.llm.kernels import large_m

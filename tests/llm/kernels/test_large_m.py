@@ -138,10 +138,14 @@ def test_outside_a_prefill_step_many_rows_stay_on_the_decode_kernel():
         large_m.force("onednn")
 
 
-def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
+@pytest.mark.parametrize("kernel", ["avx512", "amx"])
+def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel(kernel):
     """The MLP's blocks (BF16_MLP_ROW_BLOCK rows for bf16, LARGE_M for float32) and the whole step
-    give the same bits inside a prefill step too."""
-    need_amx()
+    give the same bits inside a prefill step too, on either kernel."""
+    if kernel == "amx":
+        need_amx()
+    else:
+        need(BF16)
     from memfit.llm.kernels.backends import mlp_row_blocks
     from memfit.llm.models.config import ModelConfig
     from memfit.llm.models.llama import MLP
@@ -155,7 +159,7 @@ def test_mlp_row_blocks_keep_their_bits_on_the_chosen_kernel():
     assert b == BF16_MLP_ROW_BLOCK  # blocks that keep a 512-token step to two
     assert mlp_row_block(torch.float32) == LARGE_M
     x = torch.randn(3 * b - 9, 128, generator=torch.Generator().manual_seed(8)).to(BF16)  # blocks b, b - 9 + b
-    large_m.force("amx")
+    large_m.force(kernel)
     with large_m.prefill_step():
         whole = mlp(x)
         mlp_row_blocks(mlp)
