@@ -106,13 +106,14 @@ def make_model_dir(shape: str, dtype: str, root: Path) -> Path:
     return path
 
 
-def decode_clock(device: torch.device) -> Callable[[], float]:
+def decode_clock(device: torch.device, threads: int | None = None) -> Callable[[], float]:
     """The clock every system's decode time (and the bandwidth the limit is read from) is read on: with one CPU
     thread the process's CPU time (it leaves out the time other jobs on a shared machine hold the core, though not
     what their memory traffic and cache use add to a memory-bound step; on a quiet machine it is the wall time),
     else (several threads, a GPU) the wall time. benchmarks/decode_vllm.py reads vLLM's side on the clock this
-    names (`vllm_command`)."""
-    return time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+    names (`vllm_command`). `threads`: torch's setting by default."""
+    one = (threads if threads is not None else torch.get_num_threads()) == 1
+    return time.process_time if device.type == "cpu" and one else time.perf_counter
 
 
 def clock_name(clock: Callable[[], float]) -> str:

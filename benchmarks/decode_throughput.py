@@ -152,15 +152,14 @@ def main() -> int:
                         macs = decode_macs_per_token(cfg, context)
                         row.update(macs_per_token=macs, peak_macs_per_s=peak, compute_limit_tok_per_s=peak / macs)
                     # Variants alternate rep by rep, so a busy machine's swings hit them alike.
-                    m = {name: [] for name in variants}
                     runs: dict[str, list[dict]] = {name: [] for name in variants}
                     for _ in range(args.reps):
                         for name, (b, kv) in variants.items():
                             r = run_memfit(path, dtype, batch, args.prompt_len, args.new_tokens, device,
                                            args.kv_layout, b, kv)
                             runs[name].append({k: r[k] for k in ("tok_per_s", "decode_s", "decode_wall_s", "timer")})
-                            m[name].append(r["tok_per_s"])
                     row["memfit_runs"] = runs
+                    m = {name: [r["tok_per_s"] for r in rs] for name, rs in runs.items()}
                     for name in variants:
                         row[f"memfit_{name}_tok_per_s"] = statistics.median(m[name])
                     first = next(iter(variants))
@@ -193,12 +192,7 @@ def main() -> int:
 def vllm_command(python: str, path: Path, batch: int, prompt_len: int, new: int, reps: int, threads: int) -> list[str]:
     """benchmarks/decode_vllm.py's command line; its last argument names the clock memfit's side is read on at
     `threads` CPU threads (decode_setup.decode_clock): "process" at one thread, else "wall"."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        clock = "process" if decode_clock(torch.device("cpu")) is time.process_time else "wall"
-    finally:
-        torch.set_num_threads(before)
+    clock = "process" if decode_clock(torch.device("cpu"), threads) is time.process_time else "wall"
     script = Path(__file__).with_name("decode_vllm.py")
     return [python, str(script), str(path), str(batch), str(prompt_len), str(new), str(reps), clock]
 

@@ -254,11 +254,11 @@ def blocked_linear_silu() -> ctypes._CFuncPtr | None:
     """cpu_blocked.cpp's memfit_blocked_linear_silu_bf16 (the MLP's gate/up matmul with SiLU(gate) * up in the
     AVX-512 kernel's store), or None where the bf16 kernel can't run here."""
     if not _blocked_silu:
+        plain = _functions(torch.bfloat16)
         fn = None
-        if _functions(torch.bfloat16) is not None:
+        if plain is not None:  # memfit_blocked_linear_bf16's signature, I in N's place
             fn = load_cpu_linear().cdll.memfit_blocked_linear_silu_bf16
-            fn.argtypes = [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32]
-            fn.restype = _I32
+            fn.argtypes, fn.restype = list(plain.linear.argtypes), _I32
         _blocked_silu.append(fn)
     return _blocked_silu[0]
 
