@@ -20,6 +20,9 @@ Systems, timed interleaved round by round (medians of --reps):
 - memfit_mlp_whole: the default engine with the MLP run over the whole step instead of its row blocks (256 rows
   in bf16, 64 in float32) (what
   the blocks' memory bound costs in time);
+- memfit_unfused: the default engine as its MLP ran before aab6db9 on a core without AMX: 64-row MLP blocks and
+  SiLU x up a separate kernel after the gate/up matmul (the fused store, `BlockedLinear.silu_mul_rows`, turned
+  off): before/after in one run;
 - memfit_step512: the default engine with `max_num_batched_tokens=512`, the server's and the CLI's step (the
   offline default is 2048, vLLM's CPU build's 4096): 8 steps instead of 2. (4096 measured slower here, 2.3-2.4 s
   against 1.9-2.0: its
@@ -125,7 +128,7 @@ def attention_avx512():
 
 
 def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int | None = None, mlp_whole: bool = False,
-                  attention_before: bool = False):
+                  attention_before: bool = False, unfused: bool = False):
     from memfit.llm.engine.api import LLM
     from memfit.llm.engine.params import SamplingParams
 
@@ -138,6 +141,12 @@ def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int 
         for m in eng.runner.model.modules():
             if hasattr(m, "row_block"):
                 m.row_block = 0
+    if unfused:  # the MLP before aab6db9: 64-row blocks, the gate/up matmul then silu_mul (see the module doc)
+        for m in eng.runner.model.modules():
+            if hasattr(m, "row_block"):
+                m.row_block = 64
+            if getattr(m, "gate_up_proj", None) is not None and hasattr(m.gate_up_proj, "silu_mul_rows"):
+                m.gate_up_proj.silu_mul_rows = lambda x, out=None: None  # MLP._rows then runs forward + silu_mul
     params = SamplingParams(max_tokens=1, temperature=0)
 
     def run(prompts: list[list[int]]) -> dict:
@@ -318,6 +327,7 @@ def main() -> int:
                   "memfit_step512": lambda: memfit_system(path, "auto", False, 512),
                   "memfit_mlp_whole": lambda: memfit_system(path, "auto", False, mlp_whole=True),
                   "memfit_attention_avx512": lambda: memfit_system(path, "auto", False, attention_before=True),
+                  "memfit_unfused": lambda: memfit_system(path, "auto", False, unfused=True),
                   "transformers_b4": lambda: transformers_system(path, 4),
                   f"transformers_b{args.prompts}": lambda: transformers_system(path, None)}
         wanted = set(args.systems.split(",")) if args.systems else set(makers)
@@ -395,6 +405,8 @@ def main() -> int:
                                      if "memfit_previous" in rows else None),
               "memfit_vs_attention_avx512": (round(rows["memfit_attention_avx512"]["batch_s"] / rows["memfit"]["batch_s"], 3)
                                              if "memfit_attention_avx512" in rows else None),
+              "memfit_vs_unfused": (round(rows["memfit_unfused"]["batch_s"] / rows["memfit"]["batch_s"], 3)
+                                    if "memfit_unfused" in rows else None),
               "target": "memfit >= 1.2x the best peer (~85% of the peak)", "decode": decode,
               "memfit_breakdown": {k: round(v, 3) for k, v in parts.items()},
               "memfit_attention_avx512_breakdown": {k: round(v, 3) for k, v in parts_before.items()},
