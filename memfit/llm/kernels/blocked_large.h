@@ -1,0 +1,152 @@
+// The many-row path of cpu_blocked.cpp (prefill: x read in place, cache blocking over M), and the MLP's fused
+// gate/up + SiLU x up call built on it. Included by cpu_blocked.cpp inside its anonymous namespace, after the
+// tiles (tile_fn, mr_max), store_panel, load_bias, to_bf16 and for_runs it uses; silu_table.h at file scope.
+// A header of its own only to keep cpu_blocked.cpp to one subject a file (the decode-sized path); one
+// translation unit, so nothing crosses a library boundary.
+#pragma once
+
+// ---- many rows (prefill): x read in place, cache blocking over M ------------------------------------------
+// From LARGE_M rows on, packing x step-major (pack_x) costs a pass over x per call and the packed copy, like
+// the (M, NB) accumulators, outgrows L2 (M = 512, K = 2048: 2 MiB), so every panel re-reads both from L3.
+// run_large instead broadcasts straight from x's rows (each row one sequential stream) and works through M in
+// blocks of about BLK_MB_BYTES of x: a block stays in L2 while every panel passes over it, each panel's K
+// chunk stays in L1 while the block's row tiles re-read it. Tuned on one Zen 5 core over the 0.1b layer's
+// four matmuls at 512 rows (a C loop timing compiled variants, not kept): 128 KiB blocks of x and 32 KiB
+// weight chunks 193 GMAC/s against 177 with 256/16 KiB, 184 for the packed path (run); at 2048 rows 199
+// against 187 (and 145 for run, whose packed x no longer fits L2). oneDNN's F.linear: 1.0-1.1x of it.
+#ifndef BLK_LARGE_M
+#define BLK_LARGE_M 64
+#endif
+#ifndef BLK_MB_BYTES
+#define BLK_MB_BYTES 131072
+#endif
+#ifndef BLK_LARGE_CHUNK_BYTES
+#define BLK_LARGE_CHUNK_BYTES 32768
+#endif
+
+static int64_t g_large_m = BLK_LARGE_M;
+inline int64_t large_m() { return g_large_m; }
+
+// One panel's sums over one block of rows (run_large): acc (rows, NB) = x's rows [0, rows) (row stride ldx)
+// times the panel w's `steps` steps, chunk by chunk, each chunk re-read from L1 by every row tile while the
+// next one is prefetched into L1 (split over the tiles, as in run).
+template <typename E, int P>
+inline void panel_sums(const typename E::T* xb, int64_t ldx, const typename E::T* w, int64_t steps, int64_t chunk,
+                       int64_t rows, const TileFn* fns, float* acc) {
+    constexpr int NB = 16 * P, MRX = mr_max<P>();
+    using T = typename E::T;
+    const int64_t ntiles = (rows + MRX - 1) / MRX;
+    for (int64_t c0 = 0; c0 < steps; c0 += chunk) {
+        const int64_t cs = steps - c0 < chunk ? steps - c0 : chunk;
+        const T* wc = w + c0 * NB * E::SPAN;
+        const int64_t cbytes = cs * NB * E::SPAN * (int64_t)sizeof(T), share = cbytes / ntiles;
+        const int64_t stride = share / cs;
+        const int lines = (int)((stride + 63) / 64);
+        for (int64_t i = 0; i < ntiles; i++) {
+            const int64_t r0 = i * MRX;
+            const int mr = (int)(rows - r0 < MRX ? rows - r0 : MRX);
+            fns[mr - 1](xb + r0 * ldx + c0 * E::SPAN, ldx, wc, cs, acc + r0 * NB, c0 == 0,
+                        (const char*)wc + PF_BYTES + i * share, stride, lines);
+        }
+    }
+}
+
+// Rows per block of x (at most about BLK_MB_BYTES: it stays in L2 while every panel passes over it), a whole
+// number of row tiles and at least four of them, so that each weight chunk is re-read from L1. M is cut into
+// blocks of near-equal size, not full blocks and a remainder: every block streams the whole weight matrix once,
+// and a remainder of a few rows (4 of a 256-row MLP block at K = 768: 84 + 84 + 84 + 4) streams it for next to
+// no arithmetic, at memory speed; 66 + 66 + 66 + 58 streams it as often, each pass under enough multiply-adds.
+template <typename E, int P>
+int64_t large_rows(int64_t M, int64_t K) {
+    constexpr int MRX = mr_max<P>();
+    int64_t mb = (int64_t)BLK_MB_BYTES / (K * (int64_t)sizeof(typename E::T)) / MRX * MRX;
+    if (mb < 4 * MRX) mb = 4 * MRX;
+    if (mb >= M) return M;
+    const int64_t blocks = (M + mb - 1) / mb;
+    const int64_t even = ((M + blocks - 1) / blocks + MRX - 1) / MRX * MRX;  // as many blocks, balanced
+    return even < mb ? even : mb;
+}
+
+template <typename E>
+int64_t large_chunk(int64_t NB) {  // steps of one panel's K chunk (BLK_LARGE_CHUNK_BYTES)
+    const int64_t c = (int64_t)(BLK_LARGE_CHUNK_BYTES / (NB * E::SPAN * sizeof(typename E::T)));
+    return c > 0 ? c : 1;
+}
+
+template <typename E, int P>
+void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typename E::T* b, typename E::T* y,
+               int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+    using T = typename E::T;
+    constexpr int NB = 16 * P, MRX = mr_max<P>();
+    const int64_t steps = K / E::SPAN;  // K is a whole number of steps here (see linear)
+    const int64_t panels = (N + NB - 1) / NB;
+    const int64_t panel_elems = steps * NB * E::SPAN;
+    const int64_t mb = large_rows<E, P>(M, K), chunk = large_chunk<E>(NB);
+    TileFn fns[MRX];
+    for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<E, P>(r, true, true);
+
+    auto work = [&](int64_t p0, int64_t p1) {
+        std::vector<float> acc((size_t)(mb * NB));
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {
+            const int64_t rows = M - m0 < mb ? M - m0 : mb;
+            for (int64_t p = p0; p < p1; p++) {
+                panel_sums<E, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, acc.data());
+                store_panel<T, P>(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, N);
+            }
+        }
+    };
+    for_runs(panels, nthreads, work);
+}
+
+// The fused MLP store for one block of rows: the gate panel's sums cg and its up panel's cu (rows, NB) + their
+// biases -> bf16 g and u, rounded as store_panel rounds the gate/up matmul's output; y[:rows, ng : ng + NB] =
+// bf16(SiLU(g) * u), SiLU(g) looked up in memfit_silu_table(), the product rounded as cpu_decode.cpp's silu_mul
+// rounds it: the bits of the unfused path (the matmul into (M, 2I), then silu_mul over it).
+template <int P>
+void store_silu_panel(const float* cg, const float* cu, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows,
+                      int64_t ng, int64_t nu, const uint16_t* tab) {
+    constexpr int NB = 16 * P;
+    for (int j = 0; j < P; j++) {
+        const __m512 bg = b ? load_bias(b + ng + j * 16, 0xffff) : _mm512_setzero_ps();
+        const __m512 bu = b ? load_bias(b + nu + j * 16, 0xffff) : _mm512_setzero_ps();
+        for (int64_t m = 0; m < rows; m++) {
+            const __m256i g = to_bf16(_mm512_add_ps(_mm512_loadu_ps(cg + m * NB + j * 16), bg));
+            const __m256i u = to_bf16(_mm512_add_ps(_mm512_loadu_ps(cu + m * NB + j * 16), bu));
+            // 32 bits at byte 2g: the entry in the low half, its neighbour shifted out
+            const __m512i t = _mm512_i32gather_epi32(_mm512_cvtepu16_epi32(g), (const void*)tab, 2);
+            const __m512 sg = _mm512_castsi512_ps(_mm512_slli_epi32(t, 16));
+            const __m512 uf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u), 16));
+            _mm256_storeu_si256((__m256i*)(y + m * ldy + ng + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, uf)));
+        }
+    }
+}
+
+// run_large for the MLP's gate/up matrix (2I rows: the gate's, then the up's; I a multiple of NB): each gate
+// panel and its up panel summed over the same block of rows, then stored fused (store_silu_panel), so neither
+// half is written out and read back by silu_mul. Threads split the gate panels.
+template <int P>
+void run_large_silu(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y, int64_t ldy,
+                    int64_t M, int64_t I, int64_t K, int nthreads) {
+    constexpr int NB = 16 * P, MRX = mr_max<P>();
+    const int64_t steps = K / BF16::SPAN, half = I / NB;
+    const int64_t panel_elems = steps * NB * BF16::SPAN;
+    const int64_t mb = large_rows<BF16, P>(M, K), chunk = large_chunk<BF16>(NB);
+    const uint16_t* tab = memfit_silu_table();
+    TileFn fns[MRX];
+    for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<BF16, P>(r, true, true);
+
+    auto work = [&](int64_t p0, int64_t p1) {
+        std::vector<float> acc((size_t)(2 * mb * NB));  // the gate panel's sums, then the up panel's
+        float* cg = acc.data();
+        float* cu = cg + mb * NB;
+        for (int64_t m0 = 0; m0 < M; m0 += mb) {
+            const int64_t rows = M - m0 < mb ? M - m0 : mb;
+            for (int64_t p = p0; p < p1; p++) {
+                panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, cg);
+                panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + (p + half) * panel_elems, steps, chunk, rows, fns, cu);
+                store_silu_panel<P>(cg, cu, b, y + m0 * ldy, ldy, rows, p * NB, I + p * NB, tab);
+            }
+        }
+    };
+    for_runs(half, nthreads, work);
+}
