@@ -16,7 +16,7 @@ counted here term by term, each from the code that allocates it:
 - the C kernels' scratch, from the C heap (std::vector; not PyTorch's allocator): a BlockedLinear call below
   LARGE_M rows packs x (M, K) step-major (cpu_blocked.cpp: run's xs; one block for each K of the model) and every
   thread sums into (M, NB) floats (run's and run_large's acc, at most M rows; in bf16 the MLP's fused gate/up call,
-  run_large_silu, sums a gate panel and its up panel side by side: twice its rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
+  run_large_silu in blocked_large.h, sums a gate panel and its up panel side by side: twice its rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
   KB = 32 keys, x D) and every thread keeps a row block's scores (at most ROWS = 32 query rows x (Tk + KB) floats:
   24 rows on the AVX-512 path, 32 on the AMX path); in bf16 on a core where it runs on AMX tiles it packs one
   head's V as well (Tk rounded to KB x D) and holds the threads' score rows as one block (cpu_prefill.cpp,

@@ -160,7 +160,7 @@ void silu_mul(const T* g, int64_t ldg, const T* u, int64_t ldu, T* y, int64_t ld
 
 // SiLU of every bf16 value, as bf16: tab[g] = bf16(g / (1 + exp16(-g))), computed by the instructions silu_mul
 // above runs on each lane, so a lookup has its bits. The fused MLP stores (cpu_amx.cpp's store_silu,
-// cpu_blocked.cpp's store_silu_panel) look SiLU up here instead of running exp16 and the division (~14% of the AMX
+// blocked_large.h's store_silu_panel) look SiLU up here instead of running exp16 and the division (~14% of the AMX
 // fused call's time at 256 rows). 128 KiB, plus 2 bytes so a 32-bit gather at the last entry stays inside; filled
 // by the first caller (a function-local static: thread-safe, filled before anyone reads it).
 }  // namespace memfit_decode
