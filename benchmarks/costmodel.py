@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--trees-by-kind", action="store_true",
                     help="residual trees of each kind of kernel too (conv, matmul, other), averaged with the shared "
                          "trees (TrainConfig.by_kind)")
+    ap.add_argument("--vtile-rules", choices=("shipped", "workgroups"), default="shipped",
+                    help="the vector-tile columns' rules (vtiles.RULES; workgroups: IREE's workgroup cut of NHWC "
+                         "and depthwise convolutions too)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
@@ -76,7 +79,7 @@ def main() -> int:
                                 **({'base': args.base} if args.base else {})),
                       families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend,
                       **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}),
-                      **({"by_kind": True} if args.trees_by_kind else {}))
+                      **({"by_kind": True} if args.trees_by_kind else {}), vtile_rules=args.vtile_rules)
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -94,7 +97,7 @@ def main() -> int:
     load_model.cache_clear()
     bundle = load_model(str(args.model_out or DEFAULT_MODEL))
     rows = [r for r in store.labelled(con) if r["family"] == families.TUNED]
-    ex = dataset.from_rows(rows) if rows else None
+    ex = dataset.from_rows(rows, args.vtile_rules) if rows else None
     loop = {"kernels": 0}
     if ex is not None:
         test = set(np.array(ex.keys)[dataset.shape_split(ex, args.seed)[2]])
@@ -109,7 +112,7 @@ def main() -> int:
         "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
                                                         "nets_val_mape", "trees_val_mape", "blend_weight",
                                                         "blend_shift", "blend_val_mape", "trees_leaves", "base",
-                                                        "trees_by_kind")},
+                                                        "trees_by_kind", "vtile_rules")},
         "base": bundle.base,
         "noise": noise, "shapes": rep, "static_figures": static, "families": res.get("families"), "loop": loop,
         "targets": {"mape_target": target_mape, "mape_met": seq["mape"] <= target_mape,
@@ -127,12 +130,13 @@ def main() -> int:
 def _families(args, cfg) -> int:
     from memfit.plan.cost.train import family_holdouts, load
 
-    ex, meta = load(args.db)
+    ex, meta = load(args.db, cfg.vtile_rules)
     fam = family_holdouts(ex, meta, cfg, verbose=True)
     result = {"benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"),
                                                   host_cpu=meta.get("host_cpu"), device="local-sync",
                                                   target_cpu="host"),
               "kernels": len(ex), "family_epochs": cfg.family_epochs, "base": cfg.fit.base, "leaves": list(cfg.leaves),
+              "vtile_rules": cfg.vtile_rules,
               "families": fam}
     emit(result, args.out, draw=_draw_families)
     return 0

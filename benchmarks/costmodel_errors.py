@@ -76,17 +76,17 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from memfit.plan.cost import dataset, store
-    from memfit.plan.cost.predict import load_model
+    from memfit.plan.cost.predict import load_model, vtile_rules
     from memfit.plan.cost.train import load
 
-    ex, meta = load(args.db)
+    bundle = load_model(args.model)
+    ex, meta = load(args.db, vtile_rules(bundle))  # the columns as the model reads them
     rows = store.labelled(store.connect(args.db))
     assert [r["key"] for r in rows] == ex.keys
     reps = [r.get("cpu_reps") or [] for r in rows]
     spread = np.array([(max(r) - min(r)) / np.median(r) if r else np.nan for r in reps])
     dtypes = np.array([r["dtype"] for r in rows])
     fams = np.array(ex.families)
-    bundle = load_model(args.model)
     pred = np.exp(bundle.predict_log(ex.toks, ex.X)[:, 0])
     true = ex.Y[:, 0]
     splits = dict(zip(("train", "validation", "test"), dataset.shape_split(ex, args.seed)))

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     t.add_argument("--epochs", type=int, default=40)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--families", action="store_true", help="also hold out each family in turn")
+    t.add_argument("--vtile-rules", choices=("shipped", "workgroups"), default="shipped",
+                   help="the vector-tile columns' rules (workgroups: IREE's workgroup cut of NHWC and depthwise "
+                        "convolutions too; the model records them)")
     t.add_argument("--json", action="store_true")
     for name, hlp in (("predict", "predict a function's figures (no compile: works without IREE)"),
                       ("measure", "compile and time a function with IREE (checks a prediction)")):
@@ -130,7 +133,8 @@ def _train(args) -> int:
     from memfit.plan.cost.fit import FitConfig
     from memfit.plan.cost.train import DEFAULT_MODEL, TrainConfig, train
 
-    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else ())
+    cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else (),
+                      vtile_rules=args.vtile_rules)
     result = train(args.db, args.out or DEFAULT_MODEL, cfg, verbose=True)
     result.pop("shapes_predictions")
     if args.json:

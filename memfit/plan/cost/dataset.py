@@ -32,9 +32,14 @@ class Examples:
         return len(self.keys)
 
 
-def from_rows(rows: list[dict]) -> Examples:
+def from_rows(rows: list[dict], vtile_rules: str | None = None) -> Examples:
+    """Labelled rows as Examples; the vector-tile columns by the rules of that name (vtiles.RULES; None: the
+    shipped ones)."""
+    from memfit.plan.cost.vtiles import rules_named
+
+    rules = rules_named(vtile_rules)
     fns = [pick_function(r["mlir"]) for r in rows]
-    X = np.array([features.full_vector(f) for f in fns], dtype=np.float64)
+    X = np.array([features.full_vector(f, rules) for f in fns], dtype=np.float64)
     Y = np.array([[float(r.get(t) or 0.0) for t in TARGETS] for r in rows], dtype=np.float64)
     return Examples([r["key"] for r in rows], [r["family"] for r in rows], [r["shape_key"] for r in rows], X,
                     [tokens.tokenize(f) for f in fns], Y, fns)

@@ -12,10 +12,12 @@ from memfit.plan.cost.train import load, peaks_of
 
 
 def evaluate(db: str | Path, model: str | None = None, plot_path: str | None = None, seed: int = 0) -> dict:
-    ex, meta = load(db)
+    from memfit.plan.cost.predict import vtile_rules
+
+    bundle = load_model(model)
+    ex, meta = load(db, vtile_rules(bundle))  # the columns as the model reads them
     tr, va, te = dataset.shape_split(ex, seed)
     train_set, val_set, test = ex.subset(tr), ex.subset(va), ex.subset(te)
-    bundle = load_model(model)
     preds = {"seq": dataset.from_log(bundle.predict_log(test.toks, test.X))[:, 0]}
     try:
         from memfit.plan.cost.gbm import GBM

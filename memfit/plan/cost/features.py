@@ -163,9 +163,9 @@ def vector(fn: Function) -> list[float]:
     return [float(f[n]) for n in NAMES]
 
 
-def full_vector(fn: Function) -> list[float]:
-    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, vtiles.VTILE_NAMES, then PIPE_NAMES (what
-    dataset.Examples.X and `predict` hold)."""
+def full_vector(fn: Function, vtile_rules: vtiles.Rules = vtiles.SHIPPED) -> list[float]:
+    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, vtiles.VTILE_NAMES (the tile by `vtile_rules`: the
+    model's, Bundle.vtile_rules), then PIPE_NAMES (what dataset.Examples.X and `predict` hold)."""
     e, p = extra(fn), pipes(fn)
-    return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.vector(fn)
+    return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.vector(fn, vtile_rules)
             + [float(p[n]) for n in PIPE_NAMES])

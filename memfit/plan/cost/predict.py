@@ -57,6 +57,16 @@ def check_base(bundle: Bundle) -> None:
             base_of(base)
 
 
+def vtile_rules(bundle: Bundle) -> str | None:
+    """The name of the vector-tile rules the model's columns were computed with (vtiles.RULES; None: the
+    shipped rules, every model trained before the key); a CostModelError for a name this version does not know."""
+    from memfit.plan.cost.vtiles import rules_named
+
+    name = bundle.info.get("vtile_rules")
+    rules_named(name)
+    return name
+
+
 @lru_cache(maxsize=4)
 def load_model(path: str | None = None) -> Bundle:
     from memfit.plan.cost.train import DEFAULT_MODEL
@@ -67,6 +77,7 @@ def load_model(path: str | None = None) -> Bundle:
     bundle = Bundle.load(str(p))
     check_columns(bundle, p)
     check_base(bundle)
+    vtile_rules(bundle)  # rules of a name this version does not know: refused at load
     check_host(bundle, p)
     return bundle
 
@@ -74,7 +85,10 @@ def load_model(path: str | None = None) -> Bundle:
 def predict_many(mlirs: list[str], function: str | None = None, model: str | None = None) -> list[dict]:
     bundle = load_model(model)
     fns = [pick_function(m, function) for m in mlirs]
-    X = np.array([features.full_vector(f) for f in fns])
+    from memfit.plan.cost.vtiles import rules_named
+
+    rules = rules_named(vtile_rules(bundle))
+    X = np.array([features.full_vector(f, rules) for f in fns])
     pred = dataset.from_log(bundle.predict_log([tokens.tokenize(f) for f in fns], X))
     return [{"function": f.name, "latency_us": float(p[0]), "instructions": int(round(p[1])),
              "vector_fma": int(round(p[2])), "spills": int(round(p[3]))} for f, p in zip(fns, pred)]

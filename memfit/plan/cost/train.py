@@ -30,16 +30,19 @@ class TrainConfig:
     leaves: tuple[int, ...] = (15,)
     # residual trees of each kind of kernel too (gbm.ResidualGBM's by_kind), averaged with the shared trees
     by_kind: bool = False
+    # the vector-tile columns' rules (vtiles.RULES: "shipped", or "workgroups", which models how IREE spreads
+    # NHWC and depthwise convolutions over workgroups); a model records the ones it was trained with
+    vtile_rules: str = "shipped"
 
 
-def load(db: str | Path) -> tuple[dataset.Examples, dict]:
+def load(db: str | Path, vtile_rules: str | None = None) -> tuple[dataset.Examples, dict]:
     if not Path(db).exists():
         raise CostModelError(f"no dataset at {db}: run `memfit costmodel generate --out {db}` and `label` first")
     con = store.connect(db)
     rows = store.labelled(con)
     if len(rows) < 20:
         raise CostModelError(f"{db} has {len(rows)} labelled kernels; label at least 20 (memfit costmodel label)")
-    return dataset.from_rows(rows), store.meta(con)
+    return dataset.from_rows(rows, vtile_rules), store.meta(con)
 
 
 def peaks_of(meta: dict) -> Peaks | None:
@@ -136,7 +139,7 @@ def _count_err(pred, true) -> dict:
 
 
 def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = True) -> dict:
-    ex, meta = load(db)
+    ex, meta = load(db, cfg.vtile_rules)
     split = dataset.shape_split(ex, cfg.fit.seed)
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
@@ -145,6 +148,8 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        label_kind=meta.get("label_kind", "real_median"),
                        split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
+    if cfg.vtile_rules != "shipped":  # a file without the key is read with the shipped rules (every earlier model)
+        bundle.info["vtile_rules"] = cfg.vtile_rules
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bundle.save(str(out))
     result = {"kernels": len(ex), "shapes": rep, "shapes_predictions": preds, "model": str(out),

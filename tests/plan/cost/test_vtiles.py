@@ -90,3 +90,66 @@ def test_rules_set_the_caps():
     dw = [o for o in linalg_ops(_fn("conv", "f32", {"kind": "depthwise", "N": 1, "C": 12, "F": 12, "KH": 5,
                                                     "stride": 1, "dilation": 1, "OH": 17})) if gemm_view(o)[0]]
     assert vtiles.tile(dw[0], vtiles.Rules(dw_taps=5)) == (12, 1, 5)
+
+
+def _conv(kind: str, dtype: str, n: int, c: int, f: int, kh: int, stride: int, dilation: int, oh: int):
+    return _fn("conv", dtype, {"kind": kind, "N": n, "C": c, "F": f, "KH": kh, "stride": stride,
+                               "dilation": dilation, "OH": oh})
+
+
+def _conv_tile(rules: vtiles.Rules, *spec) -> tuple[int, int, int]:
+    ops = [o for o in linalg_ops(_conv(*spec)) if gemm_view(o)[0]]
+    return vtiles.tile(max(ops, key=lambda o: o.flops()), rules)
+
+
+@pytest.mark.parametrize("spec,iree,shipped", [
+    # IREE 3.13's tiles on the Zen 4 host's training kernels (distribution = [N, OH, OW, F] of the dump)
+    (("conv_nhwc", "f32", 1, 64, 96, 7, 1, 1, 7), (16, 1, 8), (16, 7, 8)),   # [0, 1, 1, 96]: 7 rows, width cut to 1
+    (("conv_nhwc", "f32", 1, 128, 32, 3, 1, 1, 4), (16, 2, 8), (16, 4, 8)),  # [0, 1, 2, 32]: 4 rows x 2 = 8
+    (("conv_nhwc", "i8", 1, 476, 476, 7, 1, 1, 7), (2, 7, 7), (14, 7, 7)),   # [0, 1, 7, 34]: F in 14 shares of 34
+    (("depthwise", "f32", 2, 86, 86, 7, 2, 1, 56), (1, 8, 1), (2, 8, 1)),    # [1, 14, 56, 43]: 86 in 2 x 43
+    (("depthwise", "bf16", 1, 5, 5, 3, 1, 2, 7), (5, 1, 3), (5, 7, 3)),      # [0, 1, 1, 5]
+    (("conv_nhwc", "bf16", 1, 40, 61, 5, 1, 1, 28), (1, 7, 8), (1, 7, 8)),   # 28 rows: nothing cut, both rules agree
+    (("conv_nhwc", "f32", 1, 64, 384, 3, 1, 1, 7), (16, 7, 8), (16, 7, 8)),  # [0, 1, 7, 64]: 7 x 6 F shares, no cut
+])
+def test_workgroup_rules_follow_iree_where_shipped_does_not(spec, iree, shipped):
+    assert _conv_tile(vtiles.WORKGROUPS, *spec) == iree
+    assert _conv_tile(vtiles.SHIPPED, *spec) == shipped  # the shipped model's columns are unchanged
+
+
+def test_examples_and_predict_use_the_rules_the_model_names(tmp_path):
+    """dataset.from_rows computes the tile columns by the named rules; a model records its rules and `predict`
+    computes its columns by them (an unknown name is refused at load)."""
+    import numpy as np
+
+    from memfit.plan.cost import dataset
+    from memfit.plan.cost.errors import CostModelError
+    from memfit.plan.cost.fit import FitConfig, fit_seq
+    from memfit.plan.cost.predict import load_model, predict
+    from tests.plan.cost.test_seq import synthetic
+
+    mlir = KernelSpec("conv", "f32", {"kind": "conv_nhwc", "N": 1, "C": 64, "F": 96, "KH": 7, "stride": 1,
+                                      "dilation": 1, "OH": 7}).mlir()
+    rows = [{"key": "k", "family": "conv", "shape_key": "s", "mlir": mlir}]
+    rows_col = features.ALL_NAMES.index("vt_log_rows")
+    assert dataset.from_rows(rows).X[0, rows_col] == pytest.approx(math.log2(7))
+    assert dataset.from_rows(rows, "workgroups").X[0, rows_col] == 0.0
+    with pytest.raises(CostModelError, match="unknown vector tile rules"):
+        dataset.from_rows(rows, "nope")
+
+    ex = synthetic(40, seed=5)
+    b = fit_seq(ex.subset(np.arange(0, 32)), ex.subset(np.arange(32, 40)),
+                FitConfig(epochs=1, d=16, layers=1, seeds=1), verbose=False)
+    paths_ = {}
+    for name in ("shipped", "workgroups", "spline"):
+        b.info["vtile_rules"] = name
+        paths_[name] = tmp_path / f"{name}.safetensors"
+        b.save(str(paths_[name]))
+    load_model.cache_clear()
+    by = {name: predict(mlir, model=str(paths_[name]))["latency_us"] for name in ("shipped", "workgroups")}
+    assert by["shipped"] != by["workgroups"]  # the columns the model reads differ only by the rules it names
+    del b.info["vtile_rules"]  # every model before the key: the shipped rules
+    b.save(str(tmp_path / "old.safetensors"))
+    assert predict(mlir, model=str(tmp_path / "old.safetensors"))["latency_us"] == by["shipped"]
+    with pytest.raises(CostModelError, match="spline"):
+        load_model(str(paths_["spline"]))
