@@ -9,6 +9,13 @@ bits differ. Top-1 is the packed model's (weights unpacked on the fly) on the te
 shorter run); weight bytes are read off the packed tensors. Latency: fp32 and packed side by side, round by
 round (benchmarks.common.interleave), median ms per batch of 100 images. The machine's load averages (1/5/15 min,
 as `uptime` prints them) are recorded at the start and end of the run and beside every row.
+
+Every row keeps which test images its model got right (`correct`: the 0/1 vector as hex, decode_correct reads it),
+so each allocator can be compared with `uniform` image by image on the same calibration seed ("paired" in the
+JSON): the accuracy difference, McNemar's exact test on the images where the two disagree, and a paired bootstrap
+95% interval over test images; and, over seeds, the mean difference with a bootstrap interval that resamples the
+same images for every seed. These intervals speak for the test images drawn, given the calibration draws; the
+spread over calibration seeds is a separate source of variation (the per-seed figures show it).
 """
 from __future__ import annotations
 
@@ -32,6 +39,113 @@ ALLOCATORS = ("lrp", "lrp-zplus", "sensitivity", "hessian", "context", "uniform"
 def load_average() -> list[float]:
     """The 1, 5 and 15-minute load averages, as `uptime` prints them (the machine is shared)."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def encode_correct(correct) -> str:
+    """A 0/1 vector (one entry a test image) as hex, 8 images a byte, first image in the top bit."""
+    import numpy as np
+
+    return np.packbits(np.asarray(correct, dtype=bool)).tobytes().hex()
+
+
+def decode_correct(hexstr: str, n: int):
+    """The inverse of encode_correct for n images: a bool numpy array."""
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexstr), dtype=np.uint8))[:n].astype(bool)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: b images right only under one model, c only under the other; under the
+    null each such discordant image is a fair coin, so p = P(a Binomial(b+c, 1/2) is at least as far from
+    (b+c)/2 as b is). scipy's binomtest where it is installed (it is in the project's venv), else the same sum
+    written out with exact integers."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    try:
+        from scipy.stats import binomtest
+    except ImportError:  # pragma: no cover - the fallback; its answer is the same (the test checks both)
+        return mcnemar_exact_sum(b, c)
+    return float(binomtest(min(b, c), n, 0.5).pvalue)
+
+
+def mcnemar_exact_sum(b: int, c: int) -> float:
+    """mcnemar_exact without scipy: 2 * P(X <= min(b, c)) for X ~ Binomial(b+c, 1/2), capped at 1."""
+    from math import comb
+
+    n, k = b + c, min(b, c)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_bootstrap(diffs, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of per-image differences `diffs` (images, or images x seeds, whose rows
+    are resampled together so every seed sees the same draw of images), resampling images with replacement."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[:, None]
+    rng = np.random.default_rng(seed)
+    n = d.shape[0]
+    per_image = d.mean(axis=1)  # the mean over seeds, image by image: resampling images keeps seeds paired
+    means = np.empty(n_boot)
+    for i in range(0, n_boot, 1000):  # in chunks, so 10k images x 10k draws need not sit in memory at once
+        k = min(1000, n_boot - i)
+        means[i:i + k] = per_image[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_summary(rows: list[dict], reference: str = "uniform", n_boot: int = 10000) -> dict:
+    """Each allocator against `reference` image by image, per setting, mode and calibration seed (rows with
+    `correct`, `n_test`, `seed`, `setting`, `allocator`, `channelwise`): difference in top-1 (allocator minus
+    reference), McNemar's exact p, a paired bootstrap 95% interval; and over the seeds both share, the mean
+    difference with a bootstrap interval resampling the same images for every seed."""
+    import numpy as np
+
+    def key(r, a):
+        return f"{r['setting']}/{a}/{'channelwise' if r['channelwise'] else 'per-tensor'}"
+
+    ref = {(key(r, reference), r["seed"]): r for r in rows if r["allocator"] == reference and "correct" in r}
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["allocator"] == reference or "correct" not in r:
+            continue
+        u = ref.get((key(r, reference), r["seed"]))
+        if u is None:
+            continue
+        a_ok, u_ok = decode_correct(r["correct"], r["n_test"]), decode_correct(u["correct"], u["n_test"])
+        b = int((u_ok & ~a_ok).sum())  # reference right, allocator wrong
+        c = int((a_ok & ~u_ok).sum())  # allocator right, reference wrong
+        d = a_ok.astype(np.int8) - u_ok.astype(np.int8)
+        lo, hi = paired_bootstrap(d, n_boot, seed=r["seed"])
+        entry = out.setdefault(key(r, r["allocator"]), {"against": reference, "per_seed": [], "_d": []})
+        entry["per_seed"].append({"seed": r["seed"], "diff": float(d.mean()), "ci95": [lo, hi],
+                                  "only_reference_right": b, "only_allocator_right": c,
+                                  "mcnemar_p": mcnemar_exact(b, c)})
+        entry["_d"].append(d)
+    for entry in out.values():
+        d = np.stack(entry.pop("_d"), axis=1)  # images x seeds
+        lo, hi = paired_bootstrap(d, n_boot, seed=0)
+        entry["over_seeds"] = {"seeds": d.shape[1], "mean_diff": float(d.mean()), "ci95": [lo, hi],
+                               "seeds_ahead": sum(s["diff"] > 0 for s in entry["per_seed"]),
+                               "seeds_ahead_p_below_0.05": sum(s["diff"] > 0 and s["mcnemar_p"] < 0.05
+                                                               for s in entry["per_seed"]),
+                               "seeds_behind_p_below_0.05": sum(s["diff"] < 0 and s["mcnemar_p"] < 0.05
+                                                                for s in entry["per_seed"])}
+    return out
+
+
+def correct_per_image(model, x, y, batch_size: int = 500):
+    """Which of the images x (N, C, H, W) `model` (eval mode) labels right: a bool numpy array of N; its mean is
+    memfit.quant.train.evaluate's top-1."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]
+                          for i in range(0, len(y), batch_size)]).numpy()
 
 
 def budget(allocator: str, avg_bits: float, u_budget: float, equal_spend: bool) -> float:
@@ -114,13 +228,14 @@ def main() -> int:
                     first_seconds.setdefault((allocator, seed, channelwise), alloc.seconds)
                     packed = to_packed(quantize_model(model, cx, QuantConfig(alloc.weight_bits, alloc.act_bits,
                                                                              channelwise)))
+                    ok = correct_per_image(packed, x_test, y_test)
                     row = {"setting": setting, "allocator": allocator, "budget": spend, "seed": seed,
                            "channelwise": channelwise,
-                           "top1": evaluate(packed, x_test, y_test), "avg_weight_bits": alloc.avg_weight_bits,
+                           "top1": float(ok.mean()), "avg_weight_bits": alloc.avg_weight_bits,
                            "avg_act_bits": alloc.avg_act_bits, "weight_bytes": weight_bytes(packed),
                            "allocation_seconds": first_seconds[(allocator, seed, channelwise)],
                            "bits_per_layer": alloc.weight_bits, "act_bits_per_layer": alloc.act_bits,
-                           "load_average": load_average()}
+                           "load_average": load_average(), "n_test": len(ok), "correct": encode_correct(ok)}
                     rows.append(row)
                     print(f"{setting} {allocator} seed {seed} {'chan' if channelwise else 'tensor'}: "
                           f"top-1 {row['top1']:.4f} (fp {fp_top1:.4f}) W{alloc.avg_weight_bits:.2f}"
@@ -138,6 +253,12 @@ def main() -> int:
                       "avg_act_bits": statistics.mean(r["avg_act_bits"] for r in rs),
                       "weight_bytes": statistics.mean(r["weight_bytes"] for r in rs),
                       "allocation_seconds": statistics.median(r["allocation_seconds"] for r in rs)}
+    paired = paired_summary(rows)
+    for k, e in paired.items():
+        o = e["over_seeds"]
+        print(f"{k} - {e['against']}: {o['mean_diff'] * 100:+.2f} points over {o['seeds']} seeds "
+              f"(95% CI over images {o['ci95'][0] * 100:+.2f} to {o['ci95'][1] * 100:+.2f}); McNemar p per seed "
+              + ", ".join(f"{s['mcnemar_p']:.3g}" for s in e["per_seed"]), file=sys.stderr, flush=True)
     # latency: fp32 vs the packed W4A4 uniform model, side by side
     layers = quantizable_layers(model)
     packed = to_packed(quantize_model(model, data.x_train[:args.calib],
@@ -149,6 +270,7 @@ def main() -> int:
         "benchmark": "quant_vit", **header(args.threads, list(range(args.seeds))),
         "model": str(args.model), "timm_name": spec.timm_name, "kwargs": spec.kwargs, "fp_top1": fp_top1,
         "fp_weight_bytes": fp_bytes, "test_images": len(y_test), "calib": args.calib, "summary": summary,
+        "paired": paired,
         "equal_spend": args.equal_spend, "load_average_start": load_start, "load_average_end": load_average(),
         "latency_ms_batch100": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "runs": rows,
     }
