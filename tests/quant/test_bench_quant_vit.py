@@ -133,3 +133,27 @@ def test_correct_per_image_agrees_with_evaluate():
     assert ok.mean() == pytest.approx(evaluate(model, x, y))
     pred = model(x).argmax(-1)
     assert np.array_equal(ok, (pred == y).numpy())
+
+
+def test_repair_recomputes_the_paired_sections_from_a_written_result(tmp_path):
+    n = 400
+    rng = np.random.default_rng(3)
+    u = rng.random(n) < 0.8
+    r_ = u.copy()
+    r_[np.flatnonzero(~u)[:4]] = True  # random: 4 images more than uniform
+    c = r_.copy()
+    c[np.flatnonzero(~r_)[:6]] = True  # context: 6 more than random, 10 more than uniform
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"runs": [_row("uniform", 0, u), _row("random", 0, r_), _row("context", 0, c)]}))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--model", "unused", "--repair", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(path.read_text())
+    assert json.loads(proc.stdout)["paired"] == result["paired"]
+    vs_u = result["paired"]["W3A4/context/channelwise"]["per_seed"][0]
+    assert (vs_u["only_allocator_right"], vs_u["only_reference_right"]) == (10, 0)
+    assert result["paired"]["W3A4/random/channelwise"]["per_seed"][0]["only_allocator_right"] == 4
+    assert list(result["paired_vs_random"]) == ["W3A4/context/channelwise"]  # uniform not compared with random
+    vs_r = result["paired_vs_random"]["W3A4/context/channelwise"]
+    assert vs_r["against"] == "random" and vs_r["per_seed"][0]["only_allocator_right"] == 6
+    assert vs_r["per_seed"][0]["mcnemar_p"] == pytest.approx(2 / 64)
