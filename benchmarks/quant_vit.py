@@ -176,7 +176,7 @@ def budget(allocator: str, avg_bits: float, u_budget: float, equal_spend: bool) 
 def main() -> int:
     preset_threads()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="checkpoint from `memfit quant train-vit`")
+    ap.add_argument("--model", help="checkpoint from `memfit quant train-vit` (required unless --repair)")
     ap.add_argument("--settings", default="W4A4,W3A4,W3A3,W2.5A4", help=f"comma-separated of {', '.join([*SETTINGS, *MIXED_ACT])}")
     ap.add_argument("--allocators", default=",".join(ALLOCATORS))
     ap.add_argument("--seeds", type=int, default=3, help="calibration seeds (the random allocator's too)")
@@ -200,6 +200,8 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("paired", "paired_vs_random") if k in result}), flush=True)
         return 0
+    if not args.model:
+        ap.error("--model is required (unless --repair)")
     pin_threads(args.threads)
     load_start = load_average()
     import torch

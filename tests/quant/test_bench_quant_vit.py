@@ -145,7 +145,7 @@ def test_repair_recomputes_the_paired_sections_from_a_written_result(tmp_path):
     c[np.flatnonzero(~r_)[:6]] = True  # context: 6 more than random, 10 more than uniform
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"runs": [_row("uniform", 0, u), _row("random", 0, r_), _row("context", 0, c)]}))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--model", "unused", "--repair", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--repair", str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(path.read_text())
@@ -157,3 +157,9 @@ def test_repair_recomputes_the_paired_sections_from_a_written_result(tmp_path):
     vs_r = result["paired_vs_random"]["W3A4/context/channelwise"]
     assert vs_r["against"] == "random" and vs_r["per_seed"][0]["only_allocator_right"] == 6
     assert vs_r["per_seed"][0]["mcnemar_p"] == pytest.approx(2 / 64)
+
+
+def test_model_is_required_without_repair():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--settings", "W3A4"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--model is required" in proc.stderr
