@@ -46,7 +46,8 @@ BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
 LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
 PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
-DECODE_BY_SEQ_MIN_LEN = 256  # cpu_decode.cpp: BY_SEQ_MIN_LEN (from this context on attend_heads reads a sequence)
+DECODE_BY_SEQ_MIN_LEN = 256  # cpu_decode.cpp: BY_SEQ_MIN_LEN (from this context on attend_heads may read a sequence;
+# it also needs the step's K + V past BY_SEQ_MIN_BYTES: counted from the context alone, the larger scratch)
 
 
 def bucket_tokens(n: int) -> int:

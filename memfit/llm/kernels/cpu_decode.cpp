@@ -195,6 +195,13 @@ namespace memfit_decode {
 // Contexts from this many tokens on read all heads of a sequence in one pass (attend_heads); shorter ones head
 // by head (at 8 x 40 tokens the one-pass form took 1.05x the time, decode_ab, not kept).
 constexpr int64_t BY_SEQ_MIN_LEN = 256;
+// ... and only where the step reads at least this many bytes of K and V a layer (all its sequences' contexts):
+// below, head-by-head passes over the strided rows are faster. One Zen 4 core, the Llama-1B-shaped layer of
+// benchmarks/kv_cache.py over 12 layers, bf16: head by head 1.38-1.49x faster at batch 1 (4096-8192 tokens, 8-16
+// MiB), 1.15x at 2 x 4096 (16 MiB), 1.41x at 8 x 1024 (16 MiB); level at 4 x 4096 (32 MiB); the one pass 1.03x
+// faster at 8 x 4096 (64 MiB) and 1.07x on the 0.1b model's 8 x 4000 tokens (31 MiB; benchmarks/decode_throughput).
+constexpr int64_t BY_SEQ_MIN_BYTES = 24 << 20;
+static int64_t g_by_seq_min_bytes = BY_SEQ_MIN_BYTES;  // memfit_decode_set_by_seq_min_bytes (tests: 0)
 
 // Sequences a thread at least, heads side by side, some context from BY_SEQ_MIN_LEN on: one item per sequence,
 // its long context through attend_heads, a short one head by head. Kept out of line, so calls of short contexts
@@ -252,13 +259,19 @@ template <typename T>
 void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs,
                           const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int D, int64_t window,
                           float scale, T* out, int64_t ldo, const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
-    // A token's heads side by side (the per-layer layout), a sequence a thread at least and a long context:
-    // all heads of a sequence in one pass over its rows (attend.h's attend_heads: the same bits).
+    // A token's heads side by side (the per-layer layout), a sequence a thread at least, a long context and a
+    // step that reads BY_SEQ_MIN_BYTES of K and V or more: all heads of a sequence in one pass over its rows
+    // (attend.h's attend_heads: the same bits).
     bool by_seq = Hkv > 1 && Hkv <= 16 && ks[2] < ks[1] && vs[2] < vs[1] && B >= std::max(nthreads, 1);
     if (by_seq) {
-        by_seq = false;
-        for (int64_t b = 0; b < B && !by_seq; b++)
-            by_seq = lens[b] - (window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0) >= BY_SEQ_MIN_LEN;
+        bool long_one = false;
+        int64_t tokens = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t n = lens[b] - (window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0);
+            long_one = long_one || n >= BY_SEQ_MIN_LEN;
+            tokens += n;
+        }
+        by_seq = long_one && tokens * Hkv * D * (int64_t)sizeof(T) * 2 >= g_by_seq_min_bytes;
     }
 #define MEMFIT_ATTN_CASE(DIM) \
     case DIM: \
@@ -325,6 +338,14 @@ using namespace memfit_decode;
 extern "C" {
 
 int memfit_decode_abi_version(void) { return 1; }
+
+// The step's K + V bytes from which a per-layer cache is read a sequence at a time (BY_SEQ_MIN_BYTES); returns the
+// previous value. Tests set 0 to run attend_heads on small contexts.
+int64_t memfit_decode_set_by_seq_min_bytes(int64_t nbytes) {
+    const int64_t old = g_by_seq_min_bytes;
+    if (nbytes >= 0) g_by_seq_min_bytes = nbytes;
+    return old;
+}
 
 void memfit_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const uint16_t* r, int64_t ldr, uint16_t* r_out, int64_t ldro,
                          const uint16_t* w, float eps, uint16_t* y, int64_t ldy, int64_t M, int64_t C) {

@@ -49,6 +49,17 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
     return fns
 
 
+def set_by_seq_min_bytes(nbytes: int) -> int | None:
+    """The step's K + V bytes (a layer, all its sequences) from which a per-layer cache is read a sequence at a time,
+    every head in one pass (attend.h's attend_heads; below, head by head: the same bits, cpu_decode.cpp says which
+    is faster where). Returns the previous value, or None where the kernels do not run. Tests set 0."""
+    if unavailable_reason(torch.float32) is not None:
+        return None
+    fn = load_cpu_linear().cdll.memfit_decode_set_by_seq_min_bytes
+    fn.argtypes, fn.restype = [_I64], _I64
+    return int(fn(int(nbytes)))
+
+
 def _rows_ok(t: torch.Tensor) -> bool:
     """A 2-D CPU tensor whose rows are contiguous (any row stride)."""
     return t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from memfit.llm.kernels.decode import set_by_seq_min_bytes
 from tests.llm.kernels.test_cpu_decode import ops_for, reference_attention
 
 
@@ -64,10 +65,13 @@ def test_paged_attention_matches_float64_and_the_strided_kernel(dtype, head_dim,
 @pytest.mark.parametrize("head_dim,hq,hkv", [(64, 12, 4), (128, 14, 2), (32, 16, 8)])
 @pytest.mark.parametrize("window", [None, 300])
 def test_long_contexts_read_all_heads_in_one_pass_to_the_same_bits(dtype, head_dim, hq, hkv, window):
-    """From 256 tokens a per-layer (heads side by side) cache is read one sequence at a time, every head on a block
-    of tokens in turn (attend.h's attend_heads); the paged reader keeps the head-by-head kernel. Same bits, and a
-    float64 reference: lengths around the 16-token chunks and 64-token blocks, one short row beside them."""
+    """From 256 tokens (and, by default, 24 MiB of K and V a step: set to 0 here, so these small contexts take it)
+    a per-layer (heads side by side) cache is read one sequence at a time, every head on a block of tokens in turn
+    (attend.h's attend_heads); the paged reader keeps the head-by-head kernel. Same bits, and a float64 reference:
+    lengths around the 16-token chunks and 64-token blocks, one short row beside them. With the default threshold
+    the same call runs head by head, to the same bits again."""
     ops = ops_for(dtype)
+    old = set_by_seq_min_bytes(0)
     g = torch.Generator().manual_seed(17)
     lens = torch.tensor([256, 1, 300, 517], dtype=torch.int64)
     max_len = int(lens.max())
@@ -79,11 +83,15 @@ def test_long_contexts_read_all_heads_in_one_pass_to_the_same_bits(dtype, head_d
     q = torch.randn(len(lens), hq, head_dim, generator=g).to(dtype)
     scale = 1 / math.sqrt(head_dim)
     slots = torch.arange(len(lens), dtype=torch.int64)
-    strided = ops.decode_attention(q, cache_k, cache_v, slots, lens, scale, window)
+    try:
+        strided = ops.decode_attention(q, cache_k, cache_v, slots, lens, scale, window)
+    finally:
+        set_by_seq_min_bytes(old)
     ref = reference_attention(q, cache_k, cache_v, slots, lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(strided.double(), ref, rtol=tol, atol=tol)
     assert torch.equal(strided, ops.paged_attention(q, kp, vp, table, lens, scale, window))
+    assert old == 24 << 20 and torch.equal(strided, ops.decode_attention(q, cache_k, cache_v, slots, lens, scale, window))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
