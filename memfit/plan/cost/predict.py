@@ -67,11 +67,37 @@ def vtile_rules(bundle: Bundle) -> str | None:
     return name
 
 
+def trained_on(path: Path) -> str | None:
+    """The host_cpu a model file's labels came from (its metadata only: no tensor is read)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("info", "{}")).get("host_cpu")
+
+
+def shipped_model_for(cpu: str) -> Path:
+    """The shipped model whose labels came from `cpu` (iree.host_cpu()'s description; core counts aside), else the
+    default one (train.SHIPPED_MODELS)."""
+    from memfit.plan.cost.train import DEFAULT_MODEL, SHIPPED_MODELS
+
+    for p in SHIPPED_MODELS:
+        trained = trained_on(p)
+        if trained and _cpu(trained) == _cpu(cpu):
+            return p
+    return DEFAULT_MODEL
+
+
 @lru_cache(maxsize=4)
 def load_model(path: str | None = None) -> Bundle:
-    from memfit.plan.cost.train import DEFAULT_MODEL
+    """The model at `path`, or the shipped one trained on this CPU (the default one where none was)."""
+    if path:
+        p = Path(path)
+    else:
+        from memfit.plan.cost.iree import host_cpu
 
-    p = Path(path) if path else DEFAULT_MODEL
+        p = shipped_model_for(host_cpu())
     if not p.exists():
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
     bundle = Bundle.load(str(p))

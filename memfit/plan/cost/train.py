@@ -16,6 +16,10 @@ from memfit.plan.cost.roofline import Peaks, base_of, fit_base, fit_log_base, fi
 from memfit.plan.cost.seq import Bundle
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "llvm_cpu_host.safetensors"
+# Every shipped model, one a labelling host (each one's info["host_cpu"] names it): predict takes the one trained
+# on this CPU where there is one, else DEFAULT_MODEL (and warns). llvm_cpu_host: an Intel Sapphire-Rapids-class
+# Xeon's labels; llvm_cpu_host_zen4: an AMD EPYC Zen 4's (the same 3000 kernels, docs/costmodel.md).
+SHIPPED_MODELS = tuple(sorted(DEFAULT_MODEL.parent.glob("llvm_cpu_host*.safetensors")))
 
 
 @dataclass

@@ -140,3 +140,25 @@ def test_eval_and_train_on_a_synthetic_dataset(tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     assert main(["costmodel", "train", "--db", str(db), "--out", str(model), "--epochs", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_bytes"] == model.stat().st_size
+
+
+def test_each_shipped_model_names_its_host_and_predict_takes_this_cpus(monkeypatch):
+    """Two shipped models, one a labelling host's: predict loads the one whose labels came from this CPU (core count
+    aside) and falls back to the default one, which warns, on any other."""
+    from memfit.plan.cost import predict as pr
+    from memfit.plan.cost.train import SHIPPED_MODELS
+
+    hosts = {p.name: pr.trained_on(p) for p in SHIPPED_MODELS}
+    assert len(SHIPPED_MODELS) == 2 and all(hosts.values()) and len(set(hosts.values())) == 2
+    assert all(p.stat().st_size <= 5 * 1024 * 1024 for p in SHIPPED_MODELS)
+    zen4 = next(p for p in SHIPPED_MODELS if "AMD EPYC" in hosts[p.name])
+    amd = hosts[zen4.name].replace("2 cpus", "16 cpus")
+    assert pr.shipped_model_for(amd) == zen4
+    assert pr.shipped_model_for(hosts[DEFAULT_MODEL.name]) == DEFAULT_MODEL
+    assert pr.shipped_model_for("Some RISC-V (; 4 cpus)") == DEFAULT_MODEL
+    monkeypatch.setattr("memfit.plan.cost.iree.host_cpu", lambda: amd)
+    pr.load_model.cache_clear()
+    try:
+        assert pr.load_model().info["host_cpu"] == hosts[zen4.name]
+    finally:
+        pr.load_model.cache_clear()
