@@ -51,20 +51,37 @@ inline void panel_sums(const typename E::T* xb, int64_t ldx, const typename E::T
     }
 }
 
-// Rows per block of x (at most about BLK_MB_BYTES: it stays in L2 while every panel passes over it), a whole
-// number of row tiles and at least four of them, so that each weight chunk is re-read from L1. M is cut into
-// blocks of near-equal size, not full blocks and a remainder: every block streams the whole weight matrix once,
-// and a remainder of a few rows (4 of a 256-row MLP block at K = 768: 84 + 84 + 84 + 4) streams it for next to
-// no arithmetic, at memory speed; 66 + 66 + 66 + 58 streams it as often, each pass under enough multiply-adds.
+// Row blocks of x: at most about BLK_MB_BYTES of x a block (it stays in L2 while every panel passes over it), a
+// whole number of row tiles and, where M allows, at least four, so that each weight chunk is re-read from L1.
+// Every block streams the whole weight matrix once, so a block of a few rows (a 256-row MLP block at K = 768 cut
+// into 84 + 84 + 84 + 4) streams it for next to no arithmetic, at memory speed. M's row tiles are spread over as
+// many blocks as the size limit needs, the first blocks taking one more tile where they do not divide (84 x 3 + 4
+// -> 66 + 66 + 66 + 58; 271 rows at K = 2048: 9 x 30 + 1 -> 6 x 30 + 3 x 24 + 19). Returns the blocks' first rows
+// and M: block i is rows [b[i], b[i + 1]).
 template <typename E, int P>
-int64_t large_rows(int64_t M, int64_t K) {
+std::vector<int64_t> large_blocks(int64_t M, int64_t K) {
     constexpr int MRX = mr_max<P>();
     int64_t mb = (int64_t)BLK_MB_BYTES / (K * (int64_t)sizeof(typename E::T)) / MRX * MRX;
     if (mb < 4 * MRX) mb = 4 * MRX;
-    if (mb >= M) return M;
-    const int64_t blocks = (M + mb - 1) / mb;
-    const int64_t even = ((M + blocks - 1) / blocks + MRX - 1) / MRX * MRX;  // as many blocks, balanced
-    return even < mb ? even : mb;
+    std::vector<int64_t> starts{0};
+    if (mb >= M) {
+        starts.push_back(M);
+        return starts;
+    }
+    const int64_t tiles = (M + MRX - 1) / MRX, blocks = (M + mb - 1) / mb;  // tiles <= blocks * mb / MRX
+    const int64_t per = tiles / blocks, extra = tiles % blocks;
+    for (int64_t i = 0, r = 0; i < blocks; i++) {
+        r += (per + (i < extra ? 1 : 0)) * MRX;
+        starts.push_back(r < M ? r : M);
+    }
+    return starts;
+}
+
+// The most rows of any block large_blocks makes (the size of a thread's sum block).
+inline int64_t largest_block(const std::vector<int64_t>& starts) {
+    int64_t most = 0;
+    for (size_t i = 0; i + 1 < starts.size(); i++) most = starts[i + 1] - starts[i] > most ? starts[i + 1] - starts[i] : most;
+    return most;
 }
 
 template <typename E>
@@ -81,14 +98,15 @@ void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, con
     const int64_t steps = K / E::SPAN;  // K is a whole number of steps here (see linear)
     const int64_t panels = (N + NB - 1) / NB;
     const int64_t panel_elems = steps * NB * E::SPAN;
-    const int64_t mb = large_rows<E, P>(M, K), chunk = large_chunk<E>(NB);
+    const std::vector<int64_t> blk = large_blocks<E, P>(M, K);
+    const int64_t mb = largest_block(blk), chunk = large_chunk<E>(NB);
     TileFn fns[MRX];
     for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<E, P>(r, true, true);
 
     auto work = [&](int64_t p0, int64_t p1) {
         std::vector<float> acc((size_t)(mb * NB));
-        for (int64_t m0 = 0; m0 < M; m0 += mb) {
-            const int64_t rows = M - m0 < mb ? M - m0 : mb;
+        for (size_t bi = 0; bi + 1 < blk.size(); bi++) {
+            const int64_t m0 = blk[bi], rows = blk[bi + 1] - m0;
             for (int64_t p = p0; p < p1; p++) {
                 panel_sums<E, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, acc.data());
                 store_panel<T, P>(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, N);
@@ -130,7 +148,8 @@ void run_large_silu(const uint16_t* x, int64_t ldx, const uint16_t* wp, const ui
     constexpr int NB = 16 * P, MRX = mr_max<P>();
     const int64_t steps = K / BF16::SPAN, half = I / NB;
     const int64_t panel_elems = steps * NB * BF16::SPAN;
-    const int64_t mb = large_rows<BF16, P>(M, K), chunk = large_chunk<BF16>(NB);
+    const std::vector<int64_t> blk = large_blocks<BF16, P>(M, K);
+    const int64_t mb = largest_block(blk), chunk = large_chunk<BF16>(NB);
     const uint16_t* tab = memfit_silu_table();
     TileFn fns[MRX];
     for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<BF16, P>(r, true, true);
@@ -139,8 +158,8 @@ void run_large_silu(const uint16_t* x, int64_t ldx, const uint16_t* wp, const ui
         std::vector<float> acc((size_t)(2 * mb * NB));  // the gate panel's sums, then the up panel's
         float* cg = acc.data();
         float* cu = cg + mb * NB;
-        for (int64_t m0 = 0; m0 < M; m0 += mb) {
-            const int64_t rows = M - m0 < mb ? M - m0 : mb;
+        for (size_t bi = 0; bi + 1 < blk.size(); bi++) {
+            const int64_t m0 = blk[bi], rows = blk[bi + 1] - m0;
             for (int64_t p = p0; p < p1; p++) {
                 panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, cg);
                 panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + (p + half) * panel_elems, steps, chunk, rows, fns, cu);

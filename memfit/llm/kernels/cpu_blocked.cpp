@@ -316,6 +316,19 @@ int64_t memfit_blocked_set_large_m(int64_t m) {
     return old;
 }
 
+// The many-row path's row blocks for M rows of K (large_blocks): writes up to `cap` first rows and M into
+// `starts`; returns how many values it has (blocks + 1), or -1 for a bad nb. For tests.
+int64_t memfit_blocked_row_blocks(int64_t M, int64_t K, int64_t nb, int is_bf16, int64_t* starts, int64_t cap) {
+    if (!nb_ok(nb) || M < 1 || K < 1) return -1;
+    std::vector<int64_t> b;
+    if (is_bf16)
+        b = nb == 32 ? large_blocks<BF16, 2>(M, K) : nb == 48 ? large_blocks<BF16, 3>(M, K) : large_blocks<BF16, 4>(M, K);
+    else
+        b = nb == 32 ? large_blocks<F32, 2>(M, K) : nb == 48 ? large_blocks<F32, 3>(M, K) : large_blocks<F32, 4>(M, K);
+    for (size_t i = 0; i < b.size() && (int64_t)i < cap; i++) starts[i] = b[i];
+    return (int64_t)b.size();
+}
+
 // Elements (bf16 or fp32) of the packed form of an (N, K) weight with panels of nb columns; -1: bad nb.
 int64_t memfit_blocked_packed_elems(int64_t N, int64_t K, int64_t nb, int is_bf16) {
     if (!nb_ok(nb) || N < 0 || K < 0) return -1;

@@ -239,3 +239,31 @@ def test_model_linears_share_one_arena():
                    for m in model.modules() if isinstance(m, BlockedLinear))
     assert len(spans) == 15 and spans[0][0] % (2 << 20) == 0
     assert all(0 <= b[0] - a[1] < 64 for a, b in itertools.pairwise(spans))  # one contiguous range
+
+
+@pytest.mark.parametrize("nb,bf16", [(64, 1), (48, 1), (32, 1), (64, 0)])
+def test_many_row_blocks_are_balanced_whole_tiles_with_no_small_remainder(nb, bf16):
+    """run_large's row blocks (blocked_large.h, large_blocks): they tile [0, M) in order, each a whole number of row
+    tiles but the last, at most the L2-sized block, as few as that size allows, and within two tiles of each other:
+    no block of a few rows left over to stream the whole weight matrix for next to no arithmetic."""
+    from memfit.llm.kernels.build import load_cpu_linear
+
+    if load_cpu_linear() is None:
+        pytest.skip("memfit's CPU kernels are unavailable here")
+    fn = load_cpu_linear().cdll.memfit_blocked_row_blocks
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    fn.restype = ctypes.c_int64
+    mrx = {64: 6, 48: 8, 32: 12}[nb]
+    item = 2 if bf16 else 4
+    buf = (ctypes.c_int64 * 512)()
+    for k in (768, 2048, 4864):
+        mb = max(131072 // (k * item) // mrx * mrx, 4 * mrx)  # BLK_MB_BYTES of x, whole tiles, at least four
+        for m in range(1, 1200):
+            n = fn(m, k, nb, bf16, buf, 512)
+            starts = list(buf[:n])
+            sizes = [b - a for a, b in zip(starts, starts[1:])]
+            assert starts[0] == 0 and starts[-1] == m and all(s > 0 for s in sizes), (m, k, starts)
+            assert len(sizes) == -(-m // mb) and max(sizes) <= mb, (m, k, sizes)
+            assert all(s % mrx == 0 for s in sizes[:-1]), (m, k, sizes)
+            assert max(sizes) - min(sizes) < 2 * mrx, (m, k, sizes)
+    assert fn(10, 768, 40, 1, buf, 512) == -1
