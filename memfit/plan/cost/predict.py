@@ -77,14 +77,30 @@ def trained_on(path: Path) -> str | None:
         return json.loads((f.metadata() or {}).get("info", "{}")).get("host_cpu")
 
 
-def shipped_model_for(cpu: str) -> Path:
-    """The shipped model whose labels came from `cpu` (iree.host_cpu()'s description; core counts aside), else the
-    default one (train.SHIPPED_MODELS)."""
-    from memfit.plan.cost.train import DEFAULT_MODEL, SHIPPED_MODELS
+def cpu_id() -> tuple[str, str] | None:
+    """This CPU's (family, model) from /proc/cpuinfo, or None where it is not there."""
+    fam = mod = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key == "cpu family" and fam is None:
+                fam = line.split(":", 1)[1].strip()
+            elif key == "model" and mod is None:
+                mod = line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return (fam, mod) if fam and mod else None
+
+
+def shipped_model_for(cpu: str, ident: tuple[str, str] | None = None) -> Path:
+    """The shipped model whose labels came from `cpu` (iree.host_cpu()'s description; core counts aside) and, for a
+    file listed in train.SHIPPED_CPU_IDS, from this family and model (`ident`, as cpu_id() gives); else the default
+    one (train.SHIPPED_MODELS)."""
+    from memfit.plan.cost.train import DEFAULT_MODEL, SHIPPED_CPU_IDS, SHIPPED_MODELS
 
     for p in SHIPPED_MODELS:
         trained = trained_on(p)
-        if trained and _cpu(trained) == _cpu(cpu):
+        if trained and _cpu(trained) == _cpu(cpu) and SHIPPED_CPU_IDS.get(p.name, ident) == ident:
             return p
     return DEFAULT_MODEL
 
@@ -97,7 +113,7 @@ def load_model(path: str | None = None) -> Bundle:
     else:
         from memfit.plan.cost.iree import host_cpu
 
-        p = shipped_model_for(host_cpu())
+        p = shipped_model_for(host_cpu(), cpu_id())
     if not p.exists():
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
     bundle = Bundle.load(str(p))

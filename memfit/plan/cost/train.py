@@ -20,6 +20,9 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "costmodel" / "
 # on this CPU where there is one, else DEFAULT_MODEL (and warns). llvm_cpu_host: an Intel Sapphire-Rapids-class
 # Xeon's labels; llvm_cpu_host_zen4: an AMD EPYC Zen 4's (the same 3000 kernels, docs/costmodel.md).
 SHIPPED_MODELS = tuple(sorted(DEFAULT_MODEL.parent.glob("llvm_cpu_host*.safetensors")))
+# The labelling CPU's family and model (/proc/cpuinfo) where the model name and flags do not tell generations apart
+# (a VM's "AMD EPYC" is Zen 4 or Zen 5 alike): predict takes such a file only on that family and model.
+SHIPPED_CPU_IDS = {"llvm_cpu_host_zen4.safetensors": ("25", "17")}
 
 
 @dataclass

@@ -144,7 +144,8 @@ def test_eval_and_train_on_a_synthetic_dataset(tmp_path, capsys):
 
 def test_each_shipped_model_names_its_host_and_predict_takes_this_cpus(monkeypatch):
     """Two shipped models, one a labelling host's: predict loads the one whose labels came from this CPU (core count
-    aside) and falls back to the default one, which warns, on any other."""
+    aside; for the Zen 4 file also its family and model, which a VM's "AMD EPYC" name does not carry) and falls back
+    to the default one, which warns, on any other."""
     from memfit.plan.cost import predict as pr
     from memfit.plan.cost.train import SHIPPED_MODELS
 
@@ -153,10 +154,13 @@ def test_each_shipped_model_names_its_host_and_predict_takes_this_cpus(monkeypat
     assert all(p.stat().st_size <= 5 * 1024 * 1024 for p in SHIPPED_MODELS)
     zen4 = next(p for p in SHIPPED_MODELS if "AMD EPYC" in hosts[p.name])
     amd = hosts[zen4.name].replace("2 cpus", "16 cpus")
-    assert pr.shipped_model_for(amd) == zen4
-    assert pr.shipped_model_for(hosts[DEFAULT_MODEL.name]) == DEFAULT_MODEL
-    assert pr.shipped_model_for("Some RISC-V (; 4 cpus)") == DEFAULT_MODEL
+    assert pr.shipped_model_for(amd, ("25", "17")) == zen4  # Zen 4: family 25 model 17
+    assert pr.shipped_model_for(amd, ("26", "2")) == DEFAULT_MODEL  # a Zen 5 EPYC: same name and flags, not its labels
+    assert pr.shipped_model_for(amd, None) == DEFAULT_MODEL
+    assert pr.shipped_model_for(hosts[DEFAULT_MODEL.name], ("6", "143")) == DEFAULT_MODEL
+    assert pr.shipped_model_for("Some RISC-V (; 4 cpus)", None) == DEFAULT_MODEL
     monkeypatch.setattr("memfit.plan.cost.iree.host_cpu", lambda: amd)
+    monkeypatch.setattr(pr, "cpu_id", lambda: ("25", "17"))
     pr.load_model.cache_clear()
     try:
         assert pr.load_model().info["host_cpu"] == hosts[zen4.name]
