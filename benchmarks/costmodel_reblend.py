@@ -29,13 +29,13 @@ def run(args: argparse.Namespace) -> dict:
     from memfit.plan.cost.evaluate import report
     from memfit.plan.cost.gbm import GBM, ResidualGBM
     from memfit.plan.cost.noise import floor
-    from memfit.plan.cost.predict import load_model
+    from memfit.plan.cost.predict import load_model, vtile_rules
     from memfit.plan.cost.train import fit_blend, load, peaks_of
 
-    ex, meta = load(args.db)
+    bundle = load_model(args.nets_from)
+    ex, meta = load(args.db, vtile_rules(bundle))  # the columns as the model's nets read them
     tr, va, te = dataset.shape_split(ex, args.seed)
     train_set, val_set, test = ex.subset(tr), ex.subset(va), ex.subset(te)
-    bundle = load_model(args.nets_from)
     bundle.info = dict(bundle.info)
     before = {k: bundle.info.get(k) for k in ("blend_weight", "blend_shift", "blend_val_mape")}
     by_weight = fit_blend(bundle, train_set, val_set, seed=args.seed)

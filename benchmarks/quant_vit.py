@@ -196,6 +196,8 @@ def main() -> int:
     if args.repair:
         path = Path(args.repair)
         result = json.loads(path.read_text())
+        if not any("correct" in r for r in result.get("runs", [])):
+            ap.error(f"{path} has no per-image records (written before they were kept): nothing to pair; rerun it")
         result.update(paired_sections(result["runs"]))
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: result[k] for k in ("paired", "paired_vs_random") if k in result}), flush=True)

@@ -163,3 +163,17 @@ def test_model_is_required_without_repair():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--settings", "W3A4"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--model is required" in proc.stderr
+
+
+def test_repair_refuses_a_result_without_per_image_records(tmp_path):
+    """A result written before the per-image records were kept has nothing to pair: --repair says so and leaves the
+    file as it was, instead of writing empty paired sections into it."""
+    rows = [{k: v for k, v in _row(a, 0, np.ones(10, bool)).items() if k not in ("correct", "n_test")}
+            for a in ("uniform", "context")]
+    path = tmp_path / "old.json"
+    text = json.dumps({"runs": rows})
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quant_vit", "--repair", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no per-image records" in proc.stderr and proc.stdout == ""
+    assert path.read_text() == text
