@@ -172,3 +172,24 @@ def png_beside(json_path: str | Path, plot: str | None = None) -> Path:
     """The PNG of a result: `<stem>.png` beside it, or `<stem>.<plot>.png` for a result's further plots."""
     path = Path(json_path)
     return path.with_name(path.stem + (f".{plot}" if plot else "") + ".png")
+
+
+def paired_bootstrap(diffs: Sequence[float] | Any, n_boot: int = 10000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean of paired per-item differences `diffs` (items, or items x seeds, whose rows
+    are resampled together so every seed sees the same draw of items), resampling items with replacement. Shared by
+    the benchmarks that compare two systems item by item (quant_vit's test images, costmodel_paired's kernels)."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[:, None]
+    rng = np.random.default_rng(seed)
+    n = d.shape[0]
+    per_item = d.mean(axis=1)  # the mean over seeds, item by item: resampling items keeps seeds paired
+    means = np.empty(n_boot)
+    for i in range(0, n_boot, 1000):  # in chunks, so 10k items x 10k draws need not sit in memory at once
+        k = min(1000, n_boot - i)
+        means[i:i + k] = per_item[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

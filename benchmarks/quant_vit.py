@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import emit, header, interleave, pin_threads, preset_threads
+from benchmarks.common import emit, header, interleave, paired_bootstrap, pin_threads, preset_threads
 
 SETTINGS = {"W4A4": (4.0, 4), "W3A4": (3.0, 4), "W3A3": (3.0, 3), "W2.5A4": (2.5, 4)}
 # Activation bits allocated too (--avg-act-bits): (avg weight bits, avg activation bits). The mixed allocators get
@@ -77,25 +77,6 @@ def mcnemar_exact_sum(b: int, c: int) -> float:
 
     n, k = b + c, min(b, c)
     return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def paired_bootstrap(diffs, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the mean of per-image differences `diffs` (images, or images x seeds, whose rows
-    are resampled together so every seed sees the same draw of images), resampling images with replacement."""
-    import numpy as np
-
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.ndim == 1:
-        d = d[:, None]
-    rng = np.random.default_rng(seed)
-    n = d.shape[0]
-    per_image = d.mean(axis=1)  # the mean over seeds, image by image: resampling images keeps seeds paired
-    means = np.empty(n_boot)
-    for i in range(0, n_boot, 1000):  # in chunks, so 10k images x 10k draws need not sit in memory at once
-        k = min(1000, n_boot - i)
-        means[i:i + k] = per_image[rng.integers(0, n, size=(k, n))].mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
 def paired_summary(rows: list[dict], reference: str = "uniform", n_boot: int = 10000) -> dict:

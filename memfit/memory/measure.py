@@ -302,33 +302,39 @@ class PeakRSSSampler:
             self.peak_bytes = max(self.peak_bytes, peak_rss_bytes())
 
 
-def machine_info(threads: int, seed: int | None = None, **extra: object) -> dict:
-    """What a benchmark's JSON must state so its figures can be compared: machine, versions, threads, seed."""
-    import os
-    import platform
-
-    import psutil
-    import torch
-
-    cpu = platform.processor()
-    # A virtual machine's model name can be as bare as "AMD EPYC": family/model and the vector units say which
-    # generation ran a figure (the development machine changes between sessions; results differ by host).
-    ident: dict[str, object] = {}
+def cpu_fields() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo as {key: value} ("model name", "cpu family", "model", "flags",
+    ...); {} where there is none. A virtual machine's model name can be as bare as "AMD EPYC": family and model say
+    which generation it is (benchmark JSONs record them; the cost model picks a host's labels by them)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            first = {}
             for line in f:
                 if not line.strip():
                     break  # the first processor's block is enough
                 key, _, value = line.partition(":")
-                first[key.strip()] = value.strip()
-        cpu = first.get("model name", cpu)
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    return fields
+
+
+def machine_info(threads: int, seed: int | None = None, **extra: object) -> dict:
+    """What a benchmark's JSON must state so its figures can be compared: machine, versions, threads, seed."""
+    import platform
+
+    import torch
+
+    # family/model and the vector units say which generation ran a figure (the development machine changes between
+    # sessions; results differ by host)
+    first = cpu_fields()
+    cpu = first.get("model name", platform.processor())
+    ident: dict[str, object] = {}
+    if first:
         flags = set(first.get("flags", "").split())
         ident = {"cpu_family": first.get("cpu family"), "cpu_model": first.get("model"),
                  "cpu_vector_units": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile",
                                                       "amx_bf16", "avx_vnni"})}
-    except OSError:
-        pass
     return {
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
         "cpu": cpu, **ident, "cpu_count": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,

@@ -164,3 +164,19 @@ def test_a_benchmark_run_as_a_module_prints_one_json_object_and_writes_out(tmp_p
     assert [r["pages"] for r in result["rows"]] == [2] and '"pages": 2' in proc.stderr
     row = result["rows"][0]
     assert row["commit_s"] > 0 and row["commit_us_per_page"] == pytest.approx(1e6 * row["commit_s"] / 2)
+
+
+def test_paired_bootstrap_keeps_seeds_paired_and_brackets_the_mean():
+    """benchmarks.common.paired_bootstrap (quant_vit's images, costmodel_paired's kernels): constant differences give a
+    point interval; items x seeds are resampled as rows, so a difference that cancels between seeds on every item
+    gives 0 however the items are drawn; a known sample's interval brackets its mean."""
+    import numpy as np
+
+    from benchmarks.common import paired_bootstrap
+
+    assert paired_bootstrap(np.full(40, 2.5), n_boot=300) == (2.5, 2.5)
+    d = np.stack([np.arange(50.0), -np.arange(50.0)], axis=1)  # seed 1 undoes seed 0 item by item
+    assert paired_bootstrap(d, n_boot=300) == (0.0, 0.0)
+    x = np.random.default_rng(4).normal(1.0, 2.0, 400)
+    lo, hi = paired_bootstrap(x, n_boot=4000, seed=2)
+    assert lo < x.mean() < hi and 0.3 < hi - lo < 0.5  # about 2 x 1.96 x 2 / sqrt(400) = 0.39

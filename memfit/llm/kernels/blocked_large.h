@@ -57,7 +57,7 @@ inline void panel_sums(const typename E::T* xb, int64_t ldx, const typename E::T
 // into 84 + 84 + 84 + 4) streams it for next to no arithmetic, at memory speed. M's row tiles are spread over as
 // many blocks as the size limit needs, the first blocks taking one more tile where they do not divide (84 x 3 + 4
 // -> 66 + 66 + 66 + 58; 271 rows at K = 2048: 9 x 30 + 1 -> 6 x 30 + 3 x 24 + 19). Returns the blocks' first rows
-// and M: block i is rows [b[i], b[i + 1]).
+// and M: block i is rows [b[i], b[i + 1]); the first block is the largest.
 template <typename E, int P>
 std::vector<int64_t> large_blocks(int64_t M, int64_t K) {
     constexpr int MRX = mr_max<P>();
@@ -77,13 +77,6 @@ std::vector<int64_t> large_blocks(int64_t M, int64_t K) {
     return starts;
 }
 
-// The most rows of any block large_blocks makes (the size of a thread's sum block).
-inline int64_t largest_block(const std::vector<int64_t>& starts) {
-    int64_t most = 0;
-    for (size_t i = 0; i + 1 < starts.size(); i++) most = starts[i + 1] - starts[i] > most ? starts[i + 1] - starts[i] : most;
-    return most;
-}
-
 template <typename E>
 int64_t large_chunk(int64_t NB) {  // steps of one panel's K chunk (BLK_LARGE_CHUNK_BYTES)
     const int64_t c = (int64_t)(BLK_LARGE_CHUNK_BYTES / (NB * E::SPAN * sizeof(typename E::T)));
@@ -99,7 +92,7 @@ void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, con
     const int64_t panels = (N + NB - 1) / NB;
     const int64_t panel_elems = steps * NB * E::SPAN;
     const std::vector<int64_t> blk = large_blocks<E, P>(M, K);
-    const int64_t mb = largest_block(blk), chunk = large_chunk<E>(NB);
+    const int64_t mb = blk[1] - blk[0], chunk = large_chunk<E>(NB);
     TileFn fns[MRX];
     for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<E, P>(r, true, true);
 
@@ -149,7 +142,7 @@ void run_large_silu(const uint16_t* x, int64_t ldx, const uint16_t* wp, const ui
     const int64_t steps = K / BF16::SPAN, half = I / NB;
     const int64_t panel_elems = steps * NB * BF16::SPAN;
     const std::vector<int64_t> blk = large_blocks<BF16, P>(M, K);
-    const int64_t mb = largest_block(blk), chunk = large_chunk<BF16>(NB);
+    const int64_t mb = blk[1] - blk[0], chunk = large_chunk<BF16>(NB);
     const uint16_t* tab = memfit_silu_table();
     TileFn fns[MRX];
     for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<BF16, P>(r, true, true);

@@ -78,17 +78,11 @@ def trained_on(path: Path) -> str | None:
 
 
 def cpu_id() -> tuple[str, str] | None:
-    """This CPU's (family, model) from /proc/cpuinfo, or None where it is not there."""
-    fam = mod = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":", 1)[0].strip()
-            if key == "cpu family" and fam is None:
-                fam = line.split(":", 1)[1].strip()
-            elif key == "model" and mod is None:
-                mod = line.split(":", 1)[1].strip()
-    except OSError:
-        return None
+    """This CPU's (family, model) from /proc/cpuinfo (memory.measure.cpu_fields), or None where it is not there."""
+    from memfit.memory.measure import cpu_fields
+
+    f = cpu_fields()
+    fam, mod = f.get("cpu family"), f.get("model")
     return (fam, mod) if fam and mod else None
 
 
