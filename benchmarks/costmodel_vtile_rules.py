@@ -2,7 +2,7 @@
 contraction kernels, the rules' parameters fitted to one split's tiles, and their agreement on the others.
 
     python -m benchmarks.costmodel_vtile_rules --db costmodel.db --configs vtile_configs [--fit train] \
-        [--check validation,test] [--json] [--out benchmarks/results/costmodel_vtile_rules.json]
+        [--check validation,test] [--agreement-only] [--json] [--out benchmarks/results/costmodel_vtile_rules.json]
 
 1. Dump: every kernel with a contraction (vtiles' dominant one) of the splits read is compiled with
    `iree-compile --compile-to=executable-configurations` (the labels' target flags, so this host's CPU) into
@@ -18,6 +18,10 @@ contraction kernels, the rules' parameters fitted to one split's tiles, and thei
 4. Check: on each split, the share of kernels of each case (matmul, batch matmul, NHWC, NCHW, depthwise
    convolution; 1x1 of stride 1 and of stride 2 apart) whose inner / rows / step the fitted rules and the
    shipped rules (vtiles.SHIPPED) give exactly.
+5. Rules agreement (`rules_agreement`; alone with --agreement-only, which fits nothing): for each entry of
+   vtiles.RULES (the rules a model is trained with, `benchmarks.costmodel --vtile-rules NAME`) and each split
+   read, how often its tile is IREE's exactly (and its inner / rows / step), by case (with the group
+   conv_nhwc+depthwise, the cases the workgroup cut changes) and by the data set's family.
 
 Prints one JSON object (--json; a short table otherwise); progress to stderr.
 """
@@ -175,23 +179,43 @@ def kernels(db: str, splits: set[str], seed: int = 0) -> list[dict]:
     return out
 
 
-def agreement(items: list[dict], rules) -> dict[str, dict]:
-    """Per case (and "all"): kernels, and the share whose inner / rows / step the rules give exactly."""
+def agreement(items: list[dict], rules, by: str = "case", groups: dict[str, tuple[str, ...]] | None = None) \
+        -> dict[str, dict]:
+    """Per value of each kernel's `by` entry ("case", or "family": the data set's family) and "all": kernels, and
+    the share whose inner / rows / step the rules give exactly; with `groups`, also each group of values (name:
+    the values it joins) that has kernels."""
     from memfit.plan.cost import vtiles
 
     out: dict[str, dict] = {}
     for it in items:
         got = vtiles.tile(it["op"], rules)
-        for c in (it["case"], "all"):
+        names = [it[by], "all", *(g for g, members in (groups or {}).items() if it[by] in members)]
+        for c in names:
             d = out.setdefault(c, {"n": 0, "inner": 0, "rows": 0, "step": 0, "exact": 0})
             d["n"] += 1
             for j, name in enumerate(("inner", "rows", "step")):
                 d[name] += got[j] == it["iree"][j]
             d["exact"] += got == it["iree"]
     for d in out.values():
+        d["exact_kernels"] = d["exact"]
         for name in ("inner", "rows", "step", "exact"):
             d[name] = round(d[name] / d["n"], 4)
     return dict(sorted(out.items()))
+
+
+# the cases vtiles.WORKGROUPS' workgroup cut changes (NHWC convolutions but 1x1 ones, and depthwise ones)
+GROUPS = {"conv_nhwc+depthwise": ("conv_nhwc", "depthwise")}
+
+
+def rules_agreement(items: list[dict], splits: list[str]) -> dict[str, dict]:
+    """For each entry of vtiles.RULES (the rules a model can be trained with, `--vtile-rules`) and each split:
+    how often its tile is IREE's exactly (and each entry of it), by case (with GROUPS) and by family."""
+    from memfit.plan.cost import vtiles
+
+    return {name: {s: {"by_case": agreement([it for it in items if it["split"] == s], rules, "case", GROUPS),
+                       "by_family": agreement([it for it in items if it["split"] == s], rules, "family")}
+                   for s in splits}
+            for name, rules in vtiles.RULES.items()}
 
 
 def _score(items: list[dict], rules, which: int | None) -> float:
@@ -291,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="LLVM CPU the configurations are for (default host, as the labels; e.g. sapphirerapids for "
                          "the Intel host the shipped model's labels came from: a compiler decision, so any machine "
                          "can dump it)")
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="fit nothing: only each vtiles.RULES entry's exact-tile agreement by case and family")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -308,20 +334,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i + 1}/{len(items)} configurations read ({failed} without a contraction tile)",
                   file=sys.stderr, flush=True)
     good = [it for it in items if it["iree"] is not None]
-    fitted, report = fit([it for it in good if it["split"] == args.fit])
+    splits = list(dict.fromkeys([args.fit, *check]))
     result = {"benchmark": "costmodel_vtile_rules", **header(1, args.seed),
               "iree_version": iree.version(), "host_cpu": iree.host_cpu(), "target_cpu": args.target_cpu,
-              "fit_split": args.fit, "kernels": {s: sum(it["split"] == s for it in items) for s in SPLITS},
+              "fit_split": None if args.agreement_only else args.fit,
+              "kernels": {s: sum(it["split"] == s for it in items) for s in SPLITS},
               "without_tile": {s: sum(it["split"] == s and it["iree"] is None for it in items) for s in SPLITS},
-              "fitted": dataclasses.asdict(fitted), "shipped": dataclasses.asdict(vtiles.SHIPPED),
-              "same_as_shipped": fitted == vtiles.SHIPPED, "parameters": report,
-              "shipped_on_fit_split": around([it for it in good if it["split"] == args.fit], vtiles.SHIPPED),
-              "agreement": {s: {"fitted": agreement([it for it in good if it["split"] == s], fitted),
-                                "shipped": agreement([it for it in good if it["split"] == s], vtiles.SHIPPED)}
-                            for s in [args.fit, *check]}}
+              "rules_agreement": rules_agreement(good, splits)}
+    if not args.agreement_only:
+        fitted, report = fit([it for it in good if it["split"] == args.fit])
+        result.update({
+            "fitted": dataclasses.asdict(fitted), "shipped": dataclasses.asdict(vtiles.SHIPPED),
+            "same_as_shipped": fitted == vtiles.SHIPPED, "parameters": report,
+            "shipped_on_fit_split": around([it for it in good if it["split"] == args.fit], vtiles.SHIPPED),
+            "agreement": {s: {"fitted": agreement([it for it in good if it["split"] == s], fitted),
+                              "shipped": agreement([it for it in good if it["split"] == s], vtiles.SHIPPED)}
+                          for s in splits}})
     if args.json or args.out:
         emit(result, args.out)
-    else:
+        return 0
+    if not args.agreement_only:
         print(f"fitted on {args.fit}: {'the shipped rules' if result['same_as_shipped'] else result['fitted']}")
         for p, d in result["shipped_on_fit_split"].items():
             if not d["optimal"]:
@@ -332,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                 sh = both["shipped"][c]
                 print(f"{s:10s} {c:14s} n={d['n']:4d} fitted {d['inner']:.3f}/{d['rows']:.3f}/{d['step']:.3f}"
                       f"  shipped {sh['inner']:.3f}/{sh['rows']:.3f}/{sh['step']:.3f}")
+    names = list(result["rules_agreement"])
+    print("exact tile " + " / ".join(names))
+    for s in splits:
+        for by in ("by_case", "by_family"):
+            for c in result["rules_agreement"][names[0]][s][by]:
+                print(f"{s:10s} {c:20s} n={result['rules_agreement'][names[0]][s][by][c]['n']:4d} " +
+                      " / ".join(f"{result['rules_agreement'][n][s][by][c]['exact']:.3f}" for n in names))
     return 0
 
 

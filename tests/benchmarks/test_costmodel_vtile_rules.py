@@ -111,3 +111,64 @@ def test_main_reads_cached_dumps_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only"]) == 0
     assert "mm_rows=8 is not optimal on train" in capsys.readouterr().out
+
+
+def test_agreement_only_reports_each_rules_entry_by_case_and_family(tmp_path):
+    """--agreement-only: each vtiles.RULES entry's exact-tile share against the cached dumps, per split, by case
+    (with the NHWC + depthwise group) and by family. The fixture: 8 matmuls whose dumps carry the shipped tile
+    but one (rows off by one), and a depthwise convolution of a 7x7 output whose dump carries the workgroup
+    rules' tile (its width cut to rows of 1: 7 images x rows x F shares make 7 workgroups, under 8)."""
+    import json
+
+    from memfit.plan.cost import store
+    from memfit.plan.cost.dataset import split_shape_keys
+
+    mms = [KernelSpec("matmul", "f32", {"M": m, "K": 64, "N": 64}) for m in range(16, 80, 8)]
+    dw = KernelSpec("conv", "f32", {"kind": "depthwise", "N": 1, "C": 64, "F": 64, "KH": 3, "stride": 1,
+                                    "dilation": 1, "OH": 7})
+    specs = [*mms, dw]
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), specs)
+    (tmp_path / "cfg").mkdir()
+    for i, s in enumerate(mms):
+        inner, rows, step = vtiles.tile(R.contraction(s.mlir()))
+        rows += i == 0   # IREE's tile is not the model's
+        (tmp_path / "cfg" / f"{s.key()}.mlir").write_text(
+            f"%7 = linalg.matmul {{lowering_config = #iree_cpu.lowering_config<vector_common_parallel = [{rows}, "
+            f"{inner}, 0], vector_reduction = [0, 0, {step}]>}} ins(%3, %4 : tensor<a>, tensor<b>) outs(%6)\n")
+    inner, rows, step = vtiles.tile(R.contraction(dw.mlir()), vtiles.WORKGROUPS)
+    assert (inner, rows, step) == (16, 1, 3) != vtiles.tile(R.contraction(dw.mlir()))
+    (tmp_path / "cfg" / f"{dw.key()}.mlir").write_text(
+        f"%7 = linalg.generic {{}} ins(%a, %b : tensor<x>, tensor<y>) outs(%5) attrs = {{lowering_config = "
+        f"#iree_cpu.lowering_config<vector_common_parallel = [1, 1, {rows}, {inner}, 0, 0], "
+        f"vector_reduction = [0, 0, 0, 0, 1, {step}]>}} {{\n")
+    out = tmp_path / "a.json"
+    assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only", "--agreement-only",
+                   "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "fitted" not in res and res["fit_split"] is None
+    agree = res["rules_agreement"]
+    assert set(agree) == set(vtiles.RULES)
+    names = ("train", "validation", "test")
+    split_of = dict(zip(range(len(specs)), [None] * len(specs)))
+    for name, idx in zip(names, split_shape_keys([s.shape_key() for s in specs])):
+        for i in idx:
+            split_of[int(i)] = name
+
+    def total(rules: str, by: str, key: str, what: str) -> int:
+        return sum(agree[rules][s][by].get(key, {}).get(what, 0) for s in names)
+
+    assert total("shipped", "by_family", "matmul", "n") == 8 and total("shipped", "by_family", "conv", "n") == 1
+    for rules in ("shipped", "workgroups"):   # the rules agree on matmuls: all but the one tile off
+        assert total(rules, "by_family", "matmul", "exact_kernels") == 7
+        assert total(rules, "by_case", "matmul", "exact_kernels") == 7
+    assert total("shipped", "by_case", "depthwise", "exact_kernels") == 0
+    assert total("workgroups", "by_case", "depthwise", "exact_kernels") == 1
+    assert total("workgroups", "by_case", "conv_nhwc+depthwise", "exact_kernels") == 1
+    assert total("shipped", "by_case", "conv_nhwc+depthwise", "n") == 1
+    s = split_of[len(specs) - 1]       # the depthwise kernel's split: its shares
+    assert agree["shipped"][s]["by_family"]["conv"] == {"n": 1, "inner": 1.0, "rows": 0.0, "step": 1.0,
+                                                       "exact": 0.0, "exact_kernels": 0}
+    assert agree["workgroups"][s]["by_family"]["conv"]["exact"] == 1.0
+    assert total("workgroups", "by_family", "all", "exact_kernels") == 8
+    assert total("shipped", "by_family", "all", "exact_kernels") == 7
