@@ -38,6 +38,9 @@ def main() -> int:
     ap.add_argument("--families", action="store_true",
                     help="only hold out each family in turn (the costmodel_families result), no shapes split")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=None,
+                    help="the held-out-shapes split's seed (default: --seed's); e.g. --seed 3 --split-seed 0 retrains "
+                         "every net and tree from other seeds on the same test kernels")
     ap.add_argument("--seeds", type=int, default=None, help="nets in the ensemble (default: FitConfig's)")
     ap.add_argument("--net-features", choices=("names", "all"), default=None,
                     help="the nets' global features: ALL_NAMES (FitConfig's default) or NAMES (without the work "
@@ -79,7 +82,8 @@ def main() -> int:
                                 **({'base': args.base} if args.base else {})),
                       families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend,
                       **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}),
-                      **({"by_kind": True} if args.trees_by_kind else {}), vtile_rules=args.vtile_rules)
+                      **({"by_kind": True} if args.trees_by_kind else {}), vtile_rules=args.vtile_rules,
+                      split_seed=args.split_seed)
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -100,7 +104,7 @@ def main() -> int:
     ex = dataset.from_rows(rows, args.vtile_rules) if rows else None
     loop = {"kernels": 0}
     if ex is not None:
-        test = set(np.array(ex.keys)[dataset.shape_split(ex, args.seed)[2]])
+        test = set(np.array(ex.keys)[dataset.shape_split(ex, args.seed if args.split_seed is None else args.split_seed)[2]])
         pred = dataset.from_log(bundle.predict_log(ex.toks, ex.X))[:, 0]
         predicted = dict(zip(ex.keys, pred))
         outs = dataset_outcomes([r for r in rows if r["key"] in test], predicted)
@@ -108,6 +112,7 @@ def main() -> int:
     result = {
         "benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                  device="local-sync", target_cpu="host", label_kind=store.label_kind(con)),
+        "split_seed": args.seed if args.split_seed is None else args.split_seed,
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
                                                         "nets_val_mape", "trees_val_mape", "blend_weight",

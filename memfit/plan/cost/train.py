@@ -40,6 +40,9 @@ class TrainConfig:
     # the vector-tile columns' rules (vtiles.RULES: "shipped", or "workgroups", which models how IREE spreads
     # NHWC and depthwise convolutions over workgroups); a model records the ones it was trained with
     vtile_rules: str = "shipped"
+    # the held-out-shapes split's seed (None: fit.seed's); another fit.seed over the same split retrains the nets
+    # and trees from other seeds on the same test kernels, so that two runs' paired difference can be repeated
+    split_seed: int | None = None
 
 
 def load(db: str | Path, vtile_rules: str | None = None) -> tuple[dataset.Examples, dict]:
@@ -147,14 +150,15 @@ def _count_err(pred, true) -> dict:
 
 def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = True) -> dict:
     ex, meta = load(db, cfg.vtile_rules)
-    split = dataset.shape_split(ex, cfg.fit.seed)
+    split_seed = cfg.fit.seed if cfg.split_seed is None else cfg.split_seed
+    split = dataset.shape_split(ex, split_seed)
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
               "(held-out shapes)", file=sys.stderr)
     bundle, rep, preds = compare(ex, split, meta, cfg.fit, cfg.baselines, verbose, cfg.blend, cfg.leaves, cfg.by_kind)
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        label_kind=meta.get("label_kind", "real_median"),
-                       split="shapes", test_kernels=len(split[2]), test=rep["seq"]["all"])
+                       split="shapes", split_seed=split_seed, test_kernels=len(split[2]), test=rep["seq"]["all"])
     if cfg.vtile_rules != "shipped":  # a file without the key is read with the shipped rules (every earlier model)
         bundle.info["vtile_rules"] = cfg.vtile_rules
     Path(out).parent.mkdir(parents=True, exist_ok=True)

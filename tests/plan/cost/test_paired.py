@@ -32,3 +32,24 @@ def test_cli_per_family_and_refuses_other_kernels(tmp_path, capsys):
     assert out["benchmark"] == "costmodel_paired" and out["b"] == b  # the naming scheme test_package checks
     other = _run(tmp_path / "c.json", [1.0, 2.0, 5.0], [1.0, 2.0, 2.0], fams)
     assert main([a, other]) == 2
+
+
+def test_pairs_over_seeds_average_each_kernels_difference(tmp_path):
+    """--pair: two seeds' pairs; each kernel's difference is the mean over the pairs (here one seed's change
+    is undone by the other's on the first kernel), and each pair's own figures are kept."""
+    fams = ["matmul", "matmul", "conv"]
+    true = [1.0, 2.0, 4.0]
+    a0 = _run(tmp_path / "a0.json", true, [2.0, 2.0, 4.0], fams)   # errors 100, 0, 0 %
+    b0 = _run(tmp_path / "b0.json", true, [1.0, 2.0, 2.0], fams)   # 0, 0, 50 %
+    a1 = _run(tmp_path / "a1.json", true, [1.0, 2.0, 4.0], fams)   # 0, 0, 0 %
+    b1 = _run(tmp_path / "b1.json", true, [2.0, 2.0, 4.0], fams)   # 100, 0, 0 %
+    assert main([a0, b0, "--pair", a1, b1, "--out", str(tmp_path / "o.json")]) == 0
+    out = json.loads((tmp_path / "o.json").read_text())
+    # kernel 1: (0 - 100 + 100 - 0) / 2 = 0; kernel 3: (50 + 0) / 2 = 25 points
+    assert out["all"]["pairs"] == 2 and abs(out["all"]["diff_points"] - 25.0 / 3) < 1e-9
+    assert out["matmul"]["diff_points"] == 0.0 and out["conv"]["diff_points"] == 25.0
+    assert abs(out["all"]["mape_a"] - 0.5 / 3) < 1e-12 and abs(out["all"]["mape_b"] - 1.5 / 3 / 2 * 1) < 1e-12
+    assert np.allclose([p["all"]["diff_points"] for p in out["pairs"]], [-50.0 / 3, 100.0 / 3])
+    assert out["pair_files"] == [[a0, b0], [a1, b1]]
+    other = _run(tmp_path / "c.json", [1.0, 2.0, 5.0], [1.0, 2.0, 2.0], fams)
+    assert main([a0, b0, "--pair", a1, other]) == 2

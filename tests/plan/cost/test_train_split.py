@@ -1,0 +1,29 @@
+"""train(): the held-out-shapes split's seed apart from the training seed (TrainConfig.split_seed), so that a
+rerun from other seeds is scored on the same test kernels."""
+import numpy as np
+
+from memfit.plan.cost import dataset, families, store
+from memfit.plan.cost.fit import FitConfig
+from memfit.plan.cost.train import TrainConfig, load, train
+
+
+def test_split_seed_keeps_the_test_kernels_of_another_training_seed(tmp_path):
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    specs = families.generate(60, seed=7)
+    store.add_kernels(con, specs)
+    for i, s in enumerate(specs):  # made-up labels: only which kernels are tested is checked
+        store.put_label(con, s.key(), latency_us=10.0 + i, spread=0.1,
+                        figures={"instructions": 100 + i, "vector_fma": i, "spills": 0})
+    ex, _ = load(db)
+    test0, test3 = (sorted(ex.Y[dataset.shape_split(ex, s)[2], 0]) for s in (0, 3))
+    assert test0 != test3   # the seeds' own splits differ
+
+    def tested(seed, split_seed):
+        cfg = TrainConfig(FitConfig(epochs=1, seeds=1, seed=seed), baselines=False, blend=False,
+                          split_seed=split_seed)
+        res = train(db, tmp_path / f"m{seed}_{split_seed}.safetensors", cfg, verbose=False)
+        return sorted(res["shapes_predictions"]["true"])
+
+    assert np.allclose(tested(3, 0), test0)
+    assert np.allclose(tested(3, None), test3)   # by default the training seed's split, as before
