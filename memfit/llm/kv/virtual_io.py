@@ -37,7 +37,8 @@ class VirtualIOMixin:
         slots = [record.slot for record in records]
         if self.prefix_caching:
             for st, slot in zip(steps, slots):
-                self._check_private(slot, st.start)
+                if st.num_new:  # a step that only reads (no new rows) writes no page
+                    self._check_private(slot, st.start)
         ends = [st.end for st in steps]
         dev = self.layout.device
         counts = np.array([st.num_new for st in steps])

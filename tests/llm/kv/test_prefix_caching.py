@@ -130,6 +130,28 @@ def test_virtual_copy_on_write_keeps_the_other_sequence_intact(layout):
     assert_rows(cache, 3, A[:100] + [5])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_virtual_a_truncated_sequence_refused_its_copies_still_reads(layout):
+    """A session truncated into its shared blocks whose try_grow is refused (no budget for the copies) keeps what it
+    holds, and a step that only reads it (no new rows) is planned: it writes no page (the property test below
+    found a read-only plan raising 'no budget to copy shared pages')."""
+    b = A[:150] + [900 + i for i in range(30)]
+    probe = virtual(**LAYOUTS[layout])
+    start(probe, 1, A)
+    start(probe, 2, b)
+    full = physical(probe)
+    probe.close()
+    cache = virtual(limit=full, **LAYOUTS[layout])  # exactly the two sequences: no room for a copy
+    start(cache, 1, A)
+    assert start(cache, 2, b) == 150
+    cache.truncate(2, 40)
+    assert not cache.try_grow(2, 41)  # its pages from token 40 on are shared, and copies do not fit
+    assert cache.num_tokens(2) == 40
+    assert_rows(cache, 2, b[:40])  # plans a read of 0 new tokens from 40
+    assert_rows(cache, 1, A)
+    physical(cache)
+
+
 def test_virtual_finished_prefixes_are_kept_reused_and_evicted_under_pressure():
     probe = virtual()
     one = probe.bytes_needed(len(A))
