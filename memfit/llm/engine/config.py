@@ -36,6 +36,15 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 
 
+def check_device_name(device: object) -> None:
+    """Refuse a device name the engine does not run on (ValueError, naming those it takes): auto, cpu, cuda or
+    cuda:N. Whether a named CUDA device exists is checked where the engine resolves it (resolved_device)."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 @dataclass
 class EngineConfig:
     model: str = "memfit-tiny"  # a local Hugging Face model directory, or a bundled model's name
@@ -107,6 +116,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         # Checked here, so LLM(...) keywords, flags and with_overrides all refuse a bad value the same way.
+        check_device_name(self.device)
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int)
+                                               or isinstance(self.max_model_len, bool) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len (--max-model-len) must be an integer of at least 1 (leave it out for "
+                             f"the model's context), got {self.max_model_len!r}")
         if self.cpu_linear not in CPU_LINEARS:
             raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {self.cpu_linear!r}")
         if self.kv_layout not in KV_LAYOUTS:
@@ -187,7 +201,16 @@ class EngineConfig:
 
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":  # named by the user: say so plainly where it is missing, not torch's traceback
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"device {self.device!r}: no CUDA device is usable here (torch {torch.__version__}, "
+                                 f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu or auto")
+            if device.index is not None and device.index >= count:
+                raise ValueError(f"device {self.device!r}: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}")
+        return device
 
     def with_overrides(self, **overrides: object) -> EngineConfig:
         """A copy with some fields replaced; an unknown name is a TypeError that lists the known ones."""
