@@ -14,7 +14,8 @@ its peak RSS growth. The rest is `runtime_bytes`.
 
 The result is cached in $MEMFIT_CACHE/runtime.json (default ~/.cache/memfit), keyed by memfit's version and a
 digest of its engine code, torch's version, the CPU model, and the device, dtype and backend choices, so each
-machine pays the ~30 s once per build.
+machine pays the ~30 s (3.4 min measured on a loaded 2-core machine) once per build; runtime_bytes says so on stderr
+while it measures.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memfit.llm.engine.calibration_cache import cache_key, read_cache, write_cache_entry
+from memfit.llm.engine.calibration_cache import cache_key, cache_path, read_cache, write_cache_entry
 
 CALIBRATING_ENV = "MEMFIT_CALIBRATING"  # set in the calibration process: its own engine reserves no runtime
 
@@ -54,6 +55,13 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
     entry = read_cache().get(key)
     if entry is None or "low_by_batch" not in entry:
         by_batch, low_by_batch = {}, {}
+        runs = len(CALIBRATION_BATCHES) * CALIBRATION_REPEATS
+        # A first budgeted run on a machine spends this in silence otherwise (3.4 min measured on a loaded 2-core
+        # machine): say what it is waiting for, on stderr, so a `--json` stdout stays one object.
+        print(f"memfit: measuring the runtime's memory for the budget ({device_type}, {dtype}, {cpu_linear}): "
+              f"{runs} short runs in fresh processes, once per machine and memfit build; cached in {cache_path()}",
+              file=sys.stderr, flush=True)
+        done_runs = 0
         for b in CALIBRATION_BATCHES:
             cmd = [sys.executable, "-m", "memfit.llm.engine.calibrate", "--device", device_type, "--dtype", dtype,
                    "--cpu-linear", str(cpu_linear or "none"), "--batch", str(b), "--json"]
@@ -66,6 +74,8 @@ def runtime_bytes(device_type: str, dtype: str, cpu_linear: str | None, cpu_kern
                     raise RuntimeError(f"measuring the runtime's memory failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
                 result = json.loads(done.stdout)
                 draws.append(int(result["runtime_bytes"]))
+                done_runs += 1
+                print(f"memfit: runtime memory run {done_runs}/{runs} done", file=sys.stderr, flush=True)
             by_batch[str(b)], low_by_batch[str(b)] = max(draws), min(draws)
         entry = {"by_batch": by_batch, "low_by_batch": low_by_batch,
                  "runtime_baseline_bytes": int(result["runtime_baseline_bytes"])}

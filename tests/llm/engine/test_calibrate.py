@@ -8,7 +8,7 @@ import subprocess
 from memfit.llm.engine import calibrate
 
 
-def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cache(tmp_path, monkeypatch):
+def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEMFIT_CACHE", str(tmp_path))
     monkeypatch.delenv(calibrate.CALIBRATING_ENV, raising=False)
     draws = {"1": iter([100, 140, 120, 90, 130]), "8": iter([900, 700, 800, 1100, 650])}
@@ -25,6 +25,12 @@ def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cac
     one = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=1)
     assert calls == ["1"] * calibrate.CALIBRATION_REPEATS + ["8"] * calibrate.CALIBRATION_REPEATS
     assert one == {"runtime_bytes": 140, "runtime_low_bytes": 90, "runtime_baseline_bytes": 5}  # the largest draw
+    # the minutes of measuring are announced and counted on stderr, nothing on stdout (a --json stays one object)
+    runs = 2 * calibrate.CALIBRATION_REPEATS
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "measuring the runtime's memory" in out.err and str(tmp_path / "runtime.json") in out.err
+    assert f"run {runs}/{runs} done" in out.err
     # cached: no more processes; batch 8 and past it take batch 8's figure, between them a straight line
     eight = calibrate.runtime_bytes("cpu", "bfloat16", "blocked", True, batch=8)
     assert (eight["runtime_bytes"], eight["runtime_low_bytes"]) == (1100, 650)
@@ -33,3 +39,4 @@ def test_runtime_bytes_measures_each_batch_in_fresh_processes_then_reads_the_cac
     assert mid["runtime_bytes"] == round(140 + 3 / 7 * (1100 - 140))
     assert mid["runtime_low_bytes"] == round(90 + 3 / 7 * (650 - 90))
     assert len(calls) == 2 * calibrate.CALIBRATION_REPEATS
+    assert capsys.readouterr().err == ""  # read from the cache: nothing to announce
