@@ -60,6 +60,23 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-body-size must be at least 1KiB, got {args.max_body_size}")
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when the server listens beyond this machine with no API key: anyone who can reach the port can
+    use the model. None on a loopback address or with a key."""
+    import ipaddress
+
+    if api_key:
+        return None
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a name: only localhost is known to stay on this machine
+        if host == "localhost":
+            return None
+    return (f"memfit serve: warning: listening on {host} without an API key: anyone who can reach this port can "
+            f"use the model; set --api-key (or $MEMFIT_API_KEY), or bind 127.0.0.1")
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -96,6 +113,9 @@ def cmd_serve(args) -> int:
     app = create_app(engine, settings)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
+    warning = exposure_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level=args.log_level, timeout_graceful_shutdown=max(1, int(round(args.shutdown_timeout))),
         access_log=args.log_level == "debug",
