@@ -140,7 +140,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: --memory-budget: {exc}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from memfit.llm.engine.config import resolve_device
+
+    try:  # a CUDA device that is not there: one line, not torch's traceback
+        device = str(resolve_device(args.device or "auto"))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     placement = None
     if args.placement is not None:
         from .finetune.placement import PlacementConfig

@@ -45,6 +45,25 @@ def check_device_name(device: object) -> None:
         raise ValueError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a checked name (check_device_name): auto is cuda where there is one, else cpu. A CUDA
+    device named by the user that is not there is a ValueError saying so, not torch's traceback."""
+    import torch
+
+    check_device_name(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA device is usable here (torch {torch.__version__}, "
+                             f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return resolved
+
+
 @dataclass
 class EngineConfig:
     model: str = "memfit-tiny"  # a local Hugging Face model directory, or a bundled model's name
@@ -197,20 +216,7 @@ class EngineConfig:
                              f"max_num_batched_tokens = {self.max_num_batched_tokens}; use a smaller tree")
 
     def resolved_device(self) -> torch.device:
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda":  # named by the user: say so plainly where it is missing, not torch's traceback
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if count == 0:
-                raise ValueError(f"device {self.device!r}: no CUDA device is usable here (torch {torch.__version__}, "
-                                 f"CUDA {torch.version.cuda or 'not built in'}); use --device cpu or auto")
-            if device.index is not None and device.index >= count:
-                raise ValueError(f"device {self.device!r}: this machine has {count} CUDA device(s), "
-                                 f"cuda:0 to cuda:{count - 1}")
-        return device
+        return resolve_device(self.device)
 
     def with_overrides(self, **overrides: object) -> EngineConfig:
         """A copy with some fields replaced; an unknown name is a TypeError that lists the known ones."""
