@@ -43,7 +43,11 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
         raise FileNotFoundError(f"checkpoint {path} not found; train one with `memfit quant train-vit --out {path}`")
     if path.suffix != ".safetensors":
         raise QuantError(f"{path} is not a .safetensors file; memfit loads weights only from safetensors")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors' own SafetensorError for a corrupt or truncated header
+        raise QuantError(f"{path} is not a readable safetensors file: {exc}") from exc
+    with handle as f:
         meta = f.metadata() or {}
     if meta.get("format") == FORMAT:
         return ModelSpec(meta["timm_name"], json.loads(meta["kwargs"])), json.loads(meta.get("info", "{}"))
@@ -67,7 +71,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelSpec
 
     spec, info = read_spec(path)
     model = spec.build()
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # a header that reads but tensors that do not (SafetensorError)
+        raise QuantError(f"{path} is not a readable safetensors file: {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QuantError(

@@ -37,6 +37,8 @@ class QuantRun:
                              f"{', '.join(map(str, BIT_CHOICES))}")
         if self.calib < 4:
             raise QuantError(f"--calib must be at least 4 images (got {self.calib})")
+        if self.max_test is not None and self.max_test < 1:  # 0 scored no image; -1 sliced off the last one
+            raise QuantError(f"--max-test must be at least 1 image, or left out for all 10k (got {self.max_test})")
 
 
 def check_input_shape(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:

@@ -80,6 +80,18 @@ def test_checkpoint_errors(tmp_path):
         TrainViTConfig(arch="vit", teacher="x.safetensors").validate()
 
 
+def test_a_truncated_checkpoint_is_a_quant_error_not_a_traceback(tmp_path):
+    spec = default_spec("vit", tiny=True)
+    whole = tmp_path / "whole.safetensors"
+    save_checkpoint(whole, spec.build(), spec)  # untrained weights: only the file's shape matters here
+    data = whole.read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])  # the header reads, the tensors do not
+    (tmp_path / "head.safetensors").write_bytes(data[:20])  # not even the header
+    for name in ("half.safetensors", "head.safetensors"):
+        with pytest.raises(QuantError, match="not a readable safetensors file"):
+            load_checkpoint(tmp_path / name)
+
+
 def test_cli_train_vit_json(tmp_path):
     out = tmp_path / "m.safetensors"
     proc = subprocess.run(
