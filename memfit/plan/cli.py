@@ -96,6 +96,10 @@ def _plan(args: argparse.Namespace) -> int:
             shape = tuple(int(s) for s in args.input_shape.split(","))
         except ValueError:
             raise PlanError(f"--input-shape {args.input_shape!r}: use comma-separated integers, e.g. 3,224,224") from None
+        if not shape or min(shape) < 1:
+            raise PlanError(f"--input-shape {args.input_shape!r}: every dimension must be at least 1, e.g. 3,224,224")
+    if args.time_limit is not None and not args.time_limit >= 0:  # also NaN
+        raise PlanError(f"--time-limit must be a number of seconds >= 0, got {args.time_limit}")
     if args.batch < 1:
         raise PlanError("--batch must be at least 1")
     t0 = time.perf_counter()

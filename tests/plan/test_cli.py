@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from memfit.cli import main
 
 
@@ -34,6 +36,17 @@ def test_cli_errors_are_clear(capsys):
     assert "cannot parse size" in capsys.readouterr().err
     assert main(["plan"]) == 2
     assert "--model is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, words", [(["--input-shape", "3,-1,224"], "every dimension must be at least 1"),
+                                          (["--input-shape", "3,0,224"], "every dimension must be at least 1"),
+                                          (["--time-limit", "-1"], "--time-limit must be"),
+                                          (["--time-limit", "nan"], "--time-limit must be")])
+def test_bad_shapes_and_time_limits_are_refused(flags, words, capsys):
+    # a negative dimension was torch's 'negative dimension' traceback; a negative time limit planned anyway
+    assert main(["plan", "--model", "resnet18", "--planner", "baseline-topo", *flags]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
 
 
 def test_tile_flag_makes_a_small_scratchpad_work(tmp_path, capsys):
