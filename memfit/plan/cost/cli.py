@@ -95,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _generate(args) -> int:
     from memfit.plan.cost import families, store
+    from memfit.plan.cost.errors import CostModelError
 
+    if args.n < 1:
+        raise CostModelError(f"--n must be at least 1 kernel (got {args.n})")
     con = store.connect(args.out)
     new = store.add_kernels(con, families.generate(args.n, seed=args.seed))
     store.set_meta(con, seed=args.seed)

@@ -110,7 +110,11 @@ def load_model(path: str | None = None) -> Bundle:
         p = shipped_model_for(host_cpu(), cpu_id())
     if not p.exists():
         raise CostModelError(f"no cost model at {p}: train one with `memfit costmodel train --db DB --out {p}`")
-    bundle = Bundle.load(str(p))
+    try:
+        bundle = Bundle.load(str(p))
+    except Exception as exc:  # not safetensors (SafetensorError), or safetensors without a cost model's metadata
+        raise CostModelError(f"{p} is not a cost model file memfit can read ({type(exc).__name__}: {exc}); give one "
+                             f"written by `memfit costmodel train`, or leave --model out for the shipped one") from exc
     check_columns(bundle, p)
     check_base(bundle)
     vtile_rules(bundle)  # rules of a name this version does not know: refused at load

@@ -64,6 +64,26 @@ def test_predict_bad_input(tmp_path, capsys):
 
 
 @needs_iree
+def test_predict_refuses_a_model_file_it_cannot_read(kernel, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "garbage.safetensors").write_text("{")  # not safetensors at all
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))  # safetensors, not a cost model
+    for name in ("garbage.safetensors", "bare.safetensors"):
+        rc = main(["costmodel", "predict", str(kernel), "--model", str(tmp_path / name)])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "is not a cost model file memfit can read" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_generate_refuses_fewer_than_one_kernel(n, tmp_path, capsys):
+    assert main(["costmodel", "generate", "--n", n, "--out", str(tmp_path / "c.db")]) == 2
+    assert "--n must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "c.db").exists()  # refused before the file is made
+
+
 def test_measure(kernel, capsys):
     assert main(["costmodel", "measure", str(kernel), "--json", "--repetitions", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
