@@ -9,9 +9,10 @@ A swapped sequence's KV is a list of chunks (swap_reuse.py), each one host buffe
 a token range [lo, hi) of every segment, reserved in the swap budget before it is allocated: a full tier refuses
 (`try_swap_out` returns False) and the scheduler recomputes the sequence instead.
 
-How many copies a swap takes is the cache's layout, the point of FastSwitch's block groups: one run per segment
+How many runs a swap moves is the cache's layout, the point of FastSwitch's block groups: one run per segment
 in the virtual cache, one per block in the paged one, one per contiguous run of blocks in the paged one with block
-groups (swap_layout.py; `block_tokens` splits the virtual runs).
+groups (swap_layout.py; `block_tokens` splits the virtual runs). Each run is a copy, except in a virtual cache on
+the CPU, whose runs of a chunk are one strided (segments, bytes) copy (`SwapRuns.stacked`); the stats count runs.
 
 Cross-turn reuse (`reuse`, FastSwitch's third idea): a swap-in leaves the host copy in place, *kept*, so the
 sequence's next swap-out copies only its new tokens; kept copies are evicted least recently used first. The book
@@ -43,6 +44,7 @@ from memfit.llm.kv.swap_inflight import InFlightSwaps
 from memfit.llm.kv.swap_inflight import copy_in as _copy_in  # module names: tests patch swap._copy_out
 from memfit.llm.kv.swap_inflight import copy_out as _copy_out
 from memfit.llm.kv.swap_inflight import host_copies as _host_copies
+from memfit.llm.kv.swap_inflight import run_count
 from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
 from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail_run
@@ -175,10 +177,11 @@ class SwapSpace(InFlightSwaps):
                 job: tuple  # (the copy function, its arguments)
                 if olds:  # (held bytes, new runs) pairs, resolved here on the engine thread like the runs
                     host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
-                    ops, job = len(device), (merge_out, host, device)
-                else:
-                    runs = self.runs(seq_id, num_tokens, start)
-                    ops, job = len(runs), (_copy_out, runs, buf)
+                    ops, job = sum(run_count(src) for _, src in device), (merge_out, host, device)  # type: ignore[arg-type]
+                else:  # the virtual cache's runs as one (segments, bytes) block where it can (swap_layout.py)
+                    block = self.run_map.stacked(seq_id, start, num_tokens)
+                    runs = [block] if block is not None else self.runs(seq_id, num_tokens, start)
+                    ops, job = sum(run_count(r) for r in runs), (_copy_out, runs, buf)
                 if wait or not self.threads:
                     job[0](*job[1:])
                 else:  # the chunk is booked now; its bytes land while the model step runs

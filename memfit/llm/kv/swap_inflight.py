@@ -23,7 +23,7 @@ from memfit.llm.kv.swap_reuse import Chunk, HostCopies
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
 
-__all__ = ["InFlightSwaps", "copy_in", "copy_out", "host_copies"]
+__all__ = ["InFlightSwaps", "copy_in", "copy_out", "host_copies", "run_count"]
 
 
 class InFlightSwaps:
@@ -121,10 +121,11 @@ class InFlightSwaps:
 
 
 def copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
-    """Copy `runs`, in order, into the host buffer `buf`; returns the seconds it took."""
+    """Copy `runs` (uint8: 1-D runs, or (segments, bytes) blocks from `SwapRuns.stacked`), in order, into the host
+    buffer `buf`; returns the seconds it took."""
     t0, off = time.perf_counter(), 0
     for r in runs:
-        buf[off : off + r.numel()].copy_(r)
+        buf[off : off + r.numel()].view(r.shape).copy_(r)
         off += r.numel()
     return time.perf_counter() - t0
 
@@ -143,5 +144,11 @@ def copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
     return seconds
 
 
+def run_count(t: torch.Tensor) -> int:
+    """The runs a copy moves: one a row of a (segments, bytes) block (`SwapRuns.stacked`), else one."""
+    return t.shape[0] if t.dim() == 2 else 1
+
+
 def host_copies(pairs: list[tuple[torch.Tensor, object]]) -> int:
-    return sum(isinstance(src, torch.Tensor) for _, src in pairs)
+    """Runs the host sources of `pairs` move (SwapStats counts runs, however few calls move them)."""
+    return sum(run_count(src) for _, src in pairs if isinstance(src, torch.Tensor))

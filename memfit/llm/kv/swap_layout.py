@@ -29,6 +29,7 @@ class SwapRuns:
         self.kv = kv
         self.block_tokens = block_tokens  # None: whole runs (see the module docstring)
         self.granule = 1 if kv.fixed_stride else kv.block_size  # type: ignore[attr-defined]  # a chunk starts on one
+        self.stacking = True  # `stacked` views where they apply (benchmarks/swap_tiers.py turns it off to compare)
 
     def pieces(self, lo: int, hi: int) -> list[Piece]:
         """The runs holding positions lo..hi-1 in buffer order, by arithmetic alone (no sequence needed)."""
@@ -101,6 +102,21 @@ class SwapRuns:
         blocks = pool[first : first + (b - a) // self.granule]  # (n, bs, Hkv, D): consecutive ids (coalesce)
         blocks = blocks.transpose(1, 2) if kv.head_major else blocks  # type: ignore[attr-defined]  # storage order
         return blocks.reshape(-1).view(torch.uint8)
+
+    def stacked(self, seq_id: int, lo: int, hi: int) -> torch.Tensor | None:
+        """Positions lo..hi-1 of every segment of the sequence's slot as one (segments, bytes) uint8 view, row j
+        segment j's run (`pieces`' order, so a chunk's buffer viewed as (segments, bytes) matches it row for row):
+        one copy moves a whole swap, where a copy per run pays a view and a dispatch each (about 6 us a run, 48
+        runs a swap at the 0.5B shape: benchmarks/swap_tiers.py). For a virtual cache on the CPU with whole runs
+        (no `block_tokens`); None otherwise (a paged cache's blocks, the per-block baseline, and GPU caches, whose
+        copies of one large run each were measured that way)."""
+        kv = self.kv
+        if (not self.stacking or not kv.fixed_stride or self.block_tokens is not None or hi <= lo
+                or kv.layout.device.type != "cpu"):
+            return None
+        off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
+        size = (kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
+        return kv.arena.view(torch.uint8, size, (kv.seg_bytes, 1), off)  # type: ignore[attr-defined]
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the

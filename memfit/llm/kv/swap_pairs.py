@@ -51,6 +51,14 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy) -
             group.append(chunk)
             continue
         flush()  # a host chunk rewrites a partly valid block of the SSD chunks before it: keep the order
+        if chunk.lo >= copy.valid:
+            continue
+        block = lay.stacked(seq_id, chunk.lo, min(chunk.hi, copy.valid))
+        if block is not None:  # the virtual cache: the chunk's valid rows of every segment in one copy
+            src = _rows(lay, chunk)[:, : block.shape[1]]
+            pairs.append((block, src))
+            nbytes += block.numel()
+            continue
         spans = lay.spans(chunk.lo, chunk.hi)
         if (spans[-1][2] if spans else 0) != chunk.buf.numel():
             raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
@@ -69,6 +77,15 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy) -
     return pairs, nbytes
 
 
+def _rows(lay: SwapRuns, chunk: Chunk) -> torch.Tensor:
+    """A host chunk of the virtual cache as (segments, bytes): row j segment j's run (the buffer is segment-major)."""
+    want = lay.segments * (chunk.hi - chunk.lo) * lay.kv.row_bytes  # type: ignore[attr-defined]
+    if chunk.buf.numel() != want:  # type: ignore[union-attr]
+        raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
+                           f"{chunk.buf.numel()} bytes held, {want} expected)")  # type: ignore[union-attr]
+    return chunk.buf.view(lay.segments, -1)  # type: ignore[union-attr]
+
+
 def tail_run(copy: Copy) -> list[Chunk]:
     """The copy's trailing host chunks, oldest first (what a merge may replace: SSD chunks before them stay)."""
     tail: list[Chunk] = []
@@ -85,6 +102,14 @@ def merge_pairs(lay: SwapRuns, seq_id: int, olds: list[Chunk], start: int, hi: i
     positions it alone holds, up to the next chunk's start (the next one rewrote what they share), the last up
     to `start`; (device pairs) the sequence's runs of start..hi-1, each written where the merged layout puts it."""
     lo0 = olds[0].lo
+    block = lay.stacked(seq_id, start, hi)
+    if block is not None:  # the virtual cache: one copy per old chunk and one for the new rows, (segments, bytes) each
+        row = lay.kv.row_bytes  # type: ignore[attr-defined]
+        rows = buf.view(lay.segments, -1)  # the merged buffer, segment-major
+        ends = [c.lo for c in olds[1:]] + [start]
+        host_blocks: list[Pair] = [(rows[:, (c.lo - lo0) * row : (end - lo0) * row], _rows(lay, c)[:, : (end - c.lo) * row])
+                                   for c, end in zip(olds, ends)]
+        return host_blocks, [(rows[:, (start - lo0) * row :], block)]
     host: list[Pair] = []
     for chunk, end in zip(olds, [c.lo for c in olds[1:]] + [start]):  # chunks start on a granule, in order
         for seg in range(lay.segments):

@@ -1,6 +1,7 @@
-"""Copies per swap on the paged cache (kv/swap_layout.py): the per-block baseline copies every block of every pool,
-block groups copy each physically contiguous run of a sequence's blocks once. Copies are counted where they
-happen (every torch `copy_` during the swap), and the runs are counted from the block table by the test itself."""
+"""Copies per swap (kv/swap_layout.py): on the paged cache the per-block baseline copies every block of every pool,
+block groups copy each physically contiguous run of a sequence's blocks once; the virtual cache copies all its
+segments' runs of a chunk at once. Copies are counted where they happen (every torch `copy_` during the swap),
+and the runs are counted from the block table by the test itself."""
 from __future__ import annotations
 
 import pytest
@@ -127,4 +128,46 @@ def test_auto_models_a_block_group_sequences_swap_by_its_runs_and_they_are_the_c
     assert swap.swap_in(1) == n
     assert out == copies == seen[0]  # the model's count is what each direction actually copied
     monkeypatch.undo()
+    cache.close()
+
+
+@pytest.mark.parametrize("opts", [{}, {"head_major": True}, {"token_major": True}], ids=["per-layer", "head-major",
+                                                                                      "token-major"])
+def test_a_virtual_swap_moves_all_its_segments_in_one_copy_per_chunk(monkeypatch, opts):
+    """The virtual cache's runs of a swap (one per segment) lie at one stride in its slot, so on the CPU one copy of
+    a (segments, bytes) view moves them all (swap_layout.stacked): a swap-out, a reuse swap-out of new tokens, a
+    merging one (one copy per held chunk it merges, one for the new rows), and a swap-in (one per held chunk). The
+    stats still count runs, one a segment; the contents come back exactly."""
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=4, prefault=False, eager_pages=0,
+                           **opts)
+    swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"), reuse=True)
+    segs = swap.run_map.segments
+    assert cache.try_allocate(1, 60)
+    write(cache, [SeqStep(1, 0, 19)])
+    total = 19
+    copies = count_copies(monkeypatch)
+    for new in (0, 5, 7, 3, 6):
+        if new:
+            write(cache, [SeqStep(1, total, new)])
+            total += new
+        before = contexts(cache, 1, total)
+        held = list(swap._copies[1].chunks) if swap.holds(1) else []
+        merges, out_ops = swap.stats.merges, swap.stats.out_ops
+        copies[0] = 0
+        assert swap.try_swap_out(1, total)
+        merged = swap.stats.merges - merges
+        assert copies[0] == 1 + (len(held) if merged else 0)
+        assert swap.stats.out_ops - out_ops == segs
+        cache.free(1)
+        assert cache.try_allocate(1, 60)
+        chunks, in_ops = len(swap._copies[1].chunks), swap.stats.in_ops
+        copies[0] = 0
+        assert swap.swap_in(1) == total
+        assert copies[0] == chunks <= 2 and swap.stats.in_ops - in_ops == segs * chunks
+        assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, total)))
+    assert swap.stats.merges >= 1  # a merging swap-out was among them
+    monkeypatch.undo()
+    swap.close()
     cache.close()

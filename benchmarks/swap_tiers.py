@@ -1,0 +1,199 @@
+"""The host swap tier's own copy rate, without a model: what issue 15's "swap throughput at least 50% of the tier's
+bandwidth" asks of the tier itself.
+
+benchmarks/preemption.py reports the tier's rate inside a serving run, where on a 2-core CPU the model's compute
+and the Python around it share the cores with the copies (a swap thread waits for a CPU and for the GIL), so the
+fraction it reports moves with the load. Here a sequence's KV goes out to the host tier and back through the
+engine's own code (`SwapSpace.try_swap_out` / `swap_in` on a `VirtualKVCache`, per-layer layout, synchronous) and
+nothing else runs:
+- `out T` / `in T`: a sequence of T tokens swapped out whole (a fresh host chunk) and back in;
+- `out +n`: with cross-turn reuse (`reuse=True`), the swap-out after n new tokens, which copies only those (the
+  copies a multi-turn conversation's swaps mostly are: 48 segments of 16-48 tokens at the 0.5B shape);
+- `in after +n`: the swap-in that follows it (the two held chunks: the history's and the new tokens').
+Each mode swaps one sequence over and over on its own cache (3 warm-up rounds, then `--reps`), as an engine does.
+Each is timed around the call (the tier's planning, the host buffer's allocation and the copies: what a step
+waits for) and by the tier's own copy timer (`SwapStats`, what preemption.py's fraction uses). Two ways of
+copying take turns in every round: `stacked`, the default, a chunk's runs of every segment as one (segments, bytes)
+view and one copy (`SwapRuns.stacked`), and `runs`, a view and a copy a run (`stacking` off: the code before it,
+and what the paged cache and the per-block baseline do). (A third, a view a run and all a swap's copies in one
+`torch._foreach_copy_`, ran level with `runs` in a trial of this benchmark and was not kept.)
+The reference is this machine's memcpy (64 MiB, best of 5, `benchmarks.preemption.memcpy_bandwidth`) measured in
+the same process before and after; small copies from cache can beat it.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.swap_tiers --shapes tiny 0.5b --out benchmarks/results/swap_tiers.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.common import emit, header, pin_threads, preset_threads
+
+SHAPES = {  # (layers, KV heads, head dim, dtype): memfit-tiny (bf16) and the random shapes preemption.py runs (fp32)
+    "tiny": (2, 2, 32, "bfloat16"),
+    "0.1b": (12, 4, 64, "float32"),
+    "0.5b": (24, 2, 64, "float32"),
+}
+OPS = ("out T", "in T", "out +n", "in after +n")
+
+
+def _cache_and_swap(shape: str, max_len: int, reuse: bool):
+    import torch
+
+    from memfit.llm.kv.base import KVLayout
+    from memfit.llm.kv.swap import SwapSpace
+    from memfit.llm.kv.virtual import VirtualKVCache
+    from memfit.memory.budget import MemoryBudget, Tier
+
+    layers, heads, dim, dtype = SHAPES[shape]
+    layout = KVLayout(layers, heads, dim, getattr(torch, dtype), max_len)
+    kv_bytes = 4 * max_len * layout.bytes_per_token
+    cache = VirtualKVCache(layout, MemoryBudget(kv_bytes, name="kv_budget"), max_seqs=2, eager_pages=0)
+    swap = SwapSpace(cache, MemoryBudget(4 * kv_bytes, Tier.HOST, name="swap_space"), reuse=reuse)
+    return layout, cache, swap
+
+
+def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
+    import torch
+
+    from memfit.llm.kv.base import SeqStep
+
+    plan = cache.plan_step([SeqStep(seq_id, start, n)])
+    for layer in range(layout.num_layers):
+        k = torch.randn(n, layout.num_kv_heads, layout.head_dim).to(layout.dtype)
+        cache.write(layer, plan, k, -k)
+
+
+MODES = ("stacked", "runs")
+
+
+class Rig:
+    """One shape's cache and host tiers in one copy mode, swapping one sequence over and over (a serving engine
+    swaps on the same cache all day: its allocator and caches are warm), `cycle` timing the four ops once each."""
+
+    def __init__(self, shape: str, tokens: int, new: int, mode: str) -> None:
+        self.tokens, self.new = tokens, new
+        self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False)
+        self.reuse = _cache_and_swap(shape, tokens + new + 16, reuse=True)
+        for layout, cache, swap in (self.whole, self.reuse):
+            swap.run_map.stacking = mode == "stacked"
+            assert cache.try_allocate(1, tokens + new)
+            _write(cache, layout, 1, 0, tokens)
+        layout, cache, swap = self.reuse
+        assert swap.try_swap_out(1, tokens)  # the history, held and kept after its swap-in
+        cache.free(1)
+        assert cache.try_allocate(1, tokens + new) and swap.swap_in(1) == tokens
+        _write(cache, layout, 1, tokens, new)  # the turn's new tokens
+
+    def cycle(self) -> dict[str, tuple[float, float, int, int]]:
+        """{op: (seconds around the call, seconds the tier's copy timer counted, bytes, copies)}."""
+        out: dict[str, tuple[float, float, int, int]] = {}
+
+        def timed(name: str, swap, fn) -> None:
+            st = swap.stats
+            s0, b0, o0 = st.seconds_sum, st.out_bytes + st.in_bytes, st.out_ops + st.in_ops
+            t0 = time.perf_counter()
+            assert fn()
+            wall = time.perf_counter() - t0
+            out[name] = (wall, st.seconds_sum - s0, st.out_bytes + st.in_bytes - b0, st.out_ops + st.in_ops - o0)
+
+        t, n = self.tokens, self.new
+        layout, cache, swap = self.whole
+        timed("out T", swap, lambda: swap.try_swap_out(1, t))
+        cache.free(1)
+        assert cache.try_allocate(1, t + n)
+        timed("in T", swap, lambda: swap.swap_in(1) == t)
+        layout, cache, swap = self.reuse
+        timed("out +n", swap, lambda: swap.try_swap_out(1, t + n))
+        cache.free(1)
+        assert cache.try_allocate(1, t + n)
+        timed("in after +n", swap, lambda: swap.swap_in(1) == t + n)
+        swap.truncate(1, t)  # the next turn rewrites its n tokens: the held copy keeps 0..t-1
+        cache.truncate(1, t)
+        _write(cache, layout, 1, t, n)
+        return out
+
+    def close(self) -> None:
+        for _, cache, swap in (self.whole, self.reuse):
+            swap.close()
+            cache.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    threads = preset_threads(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["tiny", "0.5b"], choices=list(SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=[64, 256, 1024], help="T: the sequence swapped")
+    ap.add_argument("--new", type=int, default=16, help="n: new tokens before the reuse swap-out")
+    ap.add_argument("--reps", type=int, default=15, help="rounds; each runs both copy modes, the order alternating")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.reps < 1 or a.new < 1 or min(a.tokens) < 1:
+        ap.error("--reps, --new and every --tokens must be at least 1")
+    pin_threads(threads)
+    from benchmarks.preemption import memcpy_bandwidth
+
+    bw0 = memcpy_bandwidth()
+    samples: dict[tuple[str, int, str, str], list[tuple[float, float, int, int]]] = {}
+    for shape in a.shapes:
+        for tokens in a.tokens:
+            rigs = {mode: Rig(shape, tokens, a.new, mode) for mode in MODES}
+            for rnd in range(a.reps + 3):  # rounds 0-2: warm-up, not kept
+                for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+                    for op, v in rigs[mode].cycle().items():
+                        if rnd >= 3:
+                            samples.setdefault((shape, tokens, op, mode), []).append(v)
+            for rig in rigs.values():
+                rig.close()
+    bw1 = memcpy_bandwidth()
+    bw = statistics.median([bw0, bw1])
+    rows = []
+    for (shape, tokens, op, mode), vs in samples.items():
+        wall = statistics.median(v[0] for v in vs)
+        copy_s = statistics.median(v[1] for v in vs)
+        nbytes, copies = vs[0][2], vs[0][3]
+        rows.append({"shape": shape, "tokens": tokens, "new": a.new, "op": op, "mode": mode, "bytes": nbytes,
+                     "copies": copies, "bytes_per_copy": nbytes / max(1, copies), "call_s": wall, "copy_s": copy_s,
+                     "call_gb_s": nbytes / wall / 1e9, "copy_gb_s": nbytes / copy_s / 1e9,
+                     "call_fraction_of_memcpy": nbytes / wall / bw, "copy_fraction_of_memcpy": nbytes / copy_s / bw})
+    by = {(r["shape"], r["tokens"], r["op"], r["mode"]): r for r in rows}
+    ratios = {f"{s} T={t} {op}": by[(s, t, op, "runs")]["call_s"] / by[(s, t, op, "stacked")]["call_s"]
+              for (s, t, op, m) in by if m == "stacked"}
+    result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new,
+                    memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
+                    runs_over_stacked_call_time=ratios,
+                    min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in MODES})
+    emit(result, a.out, draw=draw if a.out else None)
+    return result
+
+
+def draw(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    shapes = sorted({r["shape"] for r in rows}, key=list(SHAPES).index)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        cases = sorted({(r["tokens"], r["op"]) for r in rows if r["shape"] == shape},
+                       key=lambda c: (c[0], OPS.index(c[1])))
+        for i, mode in enumerate(("runs", "stacked")):
+            vals = [next(r["call_fraction_of_memcpy"] for r in rows if r["shape"] == shape and r["mode"] == mode
+                         and (r["tokens"], r["op"]) == c) for c in cases]
+            ax.bar([j + 0.4 * i for j in range(len(cases))], vals, 0.4, label=mode)
+        ax.axhline(0.5, color="k", lw=0.8, ls="--", label="issue 15's 50%")
+        ax.set_xticks([j + 0.2 for j in range(len(cases))], [f"{op}\nT={t}" for t, op in cases], fontsize=6)
+        ax.set_ylabel("host tier / memcpy (around the call)")
+        ax.set_title(f"{shape}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
