@@ -11,6 +11,9 @@ nothing else runs:
   copies a multi-turn conversation's swaps mostly are: 48 segments of 16-48 tokens at the 0.5B shape);
 - `in after +n`: the swap-in that follows it (the two held chunks: the history's and the new tokens').
 Each mode swaps one sequence over and over on its own cache (3 warm-up rounds, then `--reps`), as an engine does.
+With `--ssd-dir`, also `ssd out T` / `ssd in T`: the sequence spilled straight to the SSD tier (a host tier too
+small for it) and read back (O_DIRECT, checksummed, the tier's C loop), against O_DIRECT 4 MiB writes and reads
+of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after).
 Each is timed around the call (the tier's planning, the host buffer's allocation and the copies: what a step
 waits for) and by the tier's own copy timer (`SwapStats`, what preemption.py's fraction uses). Two ways of
 copying take turns in every round: `stacked`, the default, a chunk's runs of every segment as one (segments, bytes)
@@ -20,7 +23,7 @@ and what the paged cache and the per-block baseline do). (A third, a view a run 
 The reference is this machine's memcpy (64 MiB, best of 5, `benchmarks.preemption.memcpy_bandwidth`) measured in
 the same process before and after; small copies from cache can beat it.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.swap_tiers --shapes tiny 0.5b --out benchmarks/results/swap_tiers.json
+    OMP_NUM_THREADS=1 python -m benchmarks.swap_tiers --shapes tiny 0.5b --ssd-dir /tmp --out benchmarks/results/swap_tiers.json
 """
 from __future__ import annotations
 
@@ -121,6 +124,71 @@ class Rig:
             cache.close()
 
 
+class SSDRig:
+    """A sequence swapped out to the SSD tier and back (a host tier too small for it: the swap-out spills straight
+    to the SSD tier, as the engine's does when the host tier is full), synchronously, over and over."""
+
+    def __init__(self, shape: str, tokens: int, directory: str) -> None:
+        from memfit.llm.kv.swap import SwapSpace
+        from memfit.llm.kv.swap_ssd import SSDTier
+        from memfit.memory.budget import MemoryBudget, Tier
+
+        self.tokens = tokens
+        self.layout, self.cache, host = _cache_and_swap(shape, tokens + 16, reuse=False)
+        host.close()
+        self.ssd = SSDTier(directory, 4 * tokens * self.layout.bytes_per_token + (8 << 20), threads=0)
+        self.swap = SwapSpace(self.cache, MemoryBudget(4096, Tier.HOST, name="swap_space"), ssd=self.ssd)
+        assert self.cache.try_allocate(1, tokens)
+        _write(self.cache, self.layout, 1, 0, tokens)
+
+    def cycle(self) -> dict[str, tuple[float, int, int]]:
+        """{op: (seconds around the call, bytes the SSD tier moved, its I/O calls)}."""
+        out: dict[str, tuple[float, int, int]] = {}
+        st = self.ssd.stats
+
+        def timed(name: str, fn) -> None:
+            b0, o0, t0 = st.out_bytes + st.in_bytes, st.out_ops + st.in_ops, time.perf_counter()
+            assert fn()
+            out[name] = (time.perf_counter() - t0, st.out_bytes + st.in_bytes - b0, st.out_ops + st.in_ops - o0)
+
+        timed("ssd out T", lambda: self.swap.try_swap_out(1, self.tokens))
+        self.cache.free(1)
+        assert self.cache.try_allocate(1, self.tokens)
+        timed("ssd in T", lambda: self.swap.swap_in(1) == self.tokens)
+        return out
+
+    def close(self) -> None:
+        self.swap.close()
+        self.cache.close()
+
+
+def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str) -> tuple[list[dict], list[dict]]:
+    """The SSD tier alone, against O_DIRECT 4 MiB writes and reads of a file in the same directory measured before
+    and after (`benchmarks.preemption.ssd_bandwidth`): (rows, the two references)."""
+    from benchmarks.preemption import ssd_bandwidth
+
+    refs = [ssd_bandwidth(directory)]
+    samples: dict[tuple[str, int, str], list[tuple[float, int, int]]] = {}
+    for shape in shapes:
+        for t in tokens:
+            rig = SSDRig(shape, t, directory)
+            for rnd in range(reps + 3):
+                for op, v in rig.cycle().items():
+                    if rnd >= 3:
+                        samples.setdefault((shape, t, op), []).append(v)
+            rig.close()
+    refs.append(ssd_bandwidth(directory))
+    rows = []
+    for (shape, t, op), vs in samples.items():
+        wall, nbytes, ios = statistics.median(v[0] for v in vs), vs[0][1], vs[0][2]
+        key = "write_bytes_per_s" if op == "ssd out T" else "read_bytes_per_s"
+        ref = statistics.median(r[key] for r in refs)
+        rows.append({"shape": shape, "tokens": t, "op": op, "bytes": nbytes, "ios": ios, "call_s": wall,
+                     "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
+                     "call_fraction_of_o_direct": nbytes / wall / ref})
+    return rows, refs
+
+
 def main(argv: list[str] | None = None) -> dict:
     threads = preset_threads(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new", type=int, default=16, help="n: new tokens before the reuse swap-out")
     ap.add_argument("--reps", type=int, default=15, help="rounds; each runs both copy modes, the order alternating")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ssd-dir", default=None, help="also the SSD tier alone, its file under this directory")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.reps < 1 or a.new < 1 or min(a.tokens) < 1:
@@ -162,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     by = {(r["shape"], r["tokens"], r["op"], r["mode"]): r for r in rows}
     ratios = {f"{s} T={t} {op}": by[(s, t, op, "runs")]["call_s"] / by[(s, t, op, "stacked")]["call_s"]
               for (s, t, op, m) in by if m == "stacked"}
-    result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new,
+    ssd, refs = ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir) if a.ssd_dir else ([], [])
+    result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     runs_over_stacked_call_time=ratios,
                     min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in MODES})

@@ -1,5 +1,6 @@
 """benchmarks/swap_tiers.py: both copy modes move the same bytes and count the same runs, through the engine's own
-SwapSpace, and the result is one JSON object with a fraction of memcpy per op."""
+SwapSpace, the SSD tier's ops move the sequence, and the result is one JSON object with a fraction of the reference
+per op."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ from benchmarks import swap_tiers
 
 def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path, capsys):
     out = tmp_path / "st.json"
-    result = swap_tiers.main(["--shapes", "tiny", "--tokens", "24", "--new", "4", "--reps", "1", "--out", str(out)])
+    ssd_dir = tmp_path / "ssd"
+    ssd_dir.mkdir()
+    result = swap_tiers.main(["--shapes", "tiny", "--tokens", "24", "--new", "4", "--reps", "1", "--out", str(out),
+                              "--ssd-dir", str(ssd_dir)])
     assert json.loads(capsys.readouterr().out) == result == json.loads(out.read_text())
     assert out.with_suffix(".png").exists()
     rows = {(r["op"], r["mode"]): r for r in result["rows"]}
@@ -26,3 +30,8 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     assert rows[("out +n", "stacked")]["bytes"] == segments * 4 * row_bytes
     assert rows[("out +n", "stacked")]["copies"] == segments
     assert rows[("in after +n", "stacked")]["bytes"] == segments * 28 * row_bytes
+    # the SSD tier: the whole sequence out and back (extents round the bytes up to its alignment), against O_DIRECT
+    ssd = {r["op"]: r for r in result["ssd_rows"]}
+    assert set(ssd) == {"ssd out T", "ssd in T"}
+    assert all(r["bytes"] >= segments * 24 * row_bytes and r["call_fraction_of_o_direct"] > 0 for r in ssd.values())
+    assert len(result["ssd_references"]) == 2 and not list(ssd_dir.iterdir())  # the tier's file is gone
