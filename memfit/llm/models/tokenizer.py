@@ -158,6 +158,12 @@ class Tokenizer:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # undecodable bytes from argv or stdin (surrogate escapes)
+                raise ValueError(f"the text is not valid UTF-8: character {exc.start} is an undecodable byte "
+                                 f"({text[exc.start:exc.end]!r}); pass UTF-8 text") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

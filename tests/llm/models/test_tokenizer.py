@@ -75,6 +75,15 @@ def test_encode_decode_roundtrip(tok):
     assert "<|im_start|>" not in tok.decode(ids) and "special tokens inline" in tok.decode(ids)
 
 
+def test_text_that_is_not_utf8_is_a_value_error(tok):
+    # what Python makes of the bytes b"\xff\xfe" in argv or stdin: surrogate escapes, which the tokenizers
+    # library refused with 'TypeError: TextInputSequence must be str' (a traceback in `memfit generate`)
+    undecodable = b"\xff\xfe hi".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="not valid UTF-8: character 0"):
+        tok.encode(undecodable)
+    assert len(tok.encode("h\u00e9llo \u4e16\u754c")) > 0  # real non-ASCII text still encodes
+
+
 def test_matches_transformers_tokenizer(tok, tok_dir):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
