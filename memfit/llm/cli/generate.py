@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from memfit.errors import guard
+from memfit.errors import USER_ERRORS, guard
 from memfit.llm.cli.common import add_sampling_args, finish_timeline, make_engine, make_params
 from memfit.llm.engine.config import add_engine_args
 
@@ -67,9 +67,15 @@ def cmd_chat(args) -> int:
             engine.end_session(session)
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-        rid = engine.add_request(prompt_token_ids=ids, params=params, session_id=session)
+        try:  # a turn the engine refuses (the conversation outgrew the context, undecodable bytes) is not sent
+            prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+            rid = engine.add_request(prompt_token_ids=ids, params=params, session_id=session)
+        except USER_ERRORS as exc:
+            messages.pop()  # the conversation stays as it was: nothing is lost, the next line goes on from it
+            print(f"memfit chat: error: {exc}; that message was not sent (/reset starts a new conversation)",
+                  file=sys.stderr)
+            continue
         sys.stdout.write("assistant> ")
         final = _stream(engine, rid)
         print(f"[prefilled {len(ids) - final.num_cached_tokens} new tokens, reused {final.num_cached_tokens} from the cache]",

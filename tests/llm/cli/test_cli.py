@@ -59,6 +59,24 @@ def test_chat_keeps_kv_between_turns(model_dir):
     assert second > 10  # the whole first turn came from the cache
 
 
+def test_chat_refuses_a_turn_that_does_not_fit_and_goes_on():
+    # a message past the context (or undecodable bytes) ended the whole chat with exit 2, losing the conversation;
+    # the bundled model: its chat template keeps two short turns inside a 64-token context
+    proc = subprocess.run(
+        [sys.executable, "-m", "memfit.cli", "chat", "--model", "memfit-tiny", "--max-tokens", "4",
+         "--temperature", "0", "--kv-budget", "32MiB", "--max-model-len", "64"],
+        input="hello\n" + "word " * 200 + "\n\udcff\nand again\n/quit\n", capture_output=True, timeout=120,
+        cwd=ROOT, text=True, errors="surrogateescape",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2  # the first and the last line were answered
+    refused = [line for line in proc.stderr.splitlines() if line.startswith("memfit chat: error:")]
+    assert len(refused) == 2 and all("that message was not sent" in line for line in refused)
+    assert "context" in refused[0] and "UTF-8" in refused[1]
+    reused = [line for line in proc.stderr.splitlines() if line.startswith("[prefilled")]
+    assert int(reused[1].split("reused ")[1].split()[0]) > 0  # the last turn continued the first one's KV
+
+
 def test_bench_prints_json(model_dir, capsys):
     rc = memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "3", "--input-len", "8",
                       "--output-len", "4", "--threads", "1", "--kv-budget", "32MiB"])
