@@ -9,6 +9,9 @@ test shapes unseen, as `python -m benchmarks.costmodel` does.
     OMP_NUM_THREADS=1 python -m benchmarks.costmodel_reblend --db costmodel.db \\
         --model-out memfit/assets/costmodel/llvm_cpu_host.safetensors --out benchmarks/results/costmodel_reblend.json
 
+`--add-nets B.safetensors` (repeatable) first joins the nets of runs from other seeds on the same split to the
+model's (an ensemble; 3 + 3 nets are the recipe with `--seeds 6`), then blends again.
+
 Prints one JSON object (validation figures of each blend weight, then on the test shapes MAPE / Spearman /
 Kendall of the blend, the nets alone, the trees alone, LightGBM and the roofline, per family, against the
 targets); --out also writes it and the predicted-against-measured PNG beside it.
@@ -33,6 +36,10 @@ def run(args: argparse.Namespace) -> dict:
     from memfit.plan.cost.train import fit_blend, load, peaks_of
 
     bundle = load_model(args.nets_from)
+    if args.add_nets:  # an ensemble: the nets of runs from other seeds on the same split (Bundle.with_nets_of)
+        from memfit.plan.cost.seq import Bundle
+
+        bundle = bundle.with_nets_of(*(Bundle.load(p) for p in args.add_nets))
     ex, meta = load(args.db, vtile_rules(bundle))  # the columns as the model's nets read them
     tr, va, te = dataset.shape_split(ex, args.seed)
     train_set, val_set, test = ex.subset(tr), ex.subset(va), ex.subset(te)
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> dict:
             **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                      device="local-sync", target_cpu="host", label_kind=store.label_kind(con)),
             "kernels": len(ex), "split": {"train": len(tr), "validation": len(va), "test": len(te)},
-            "nets_from": args.nets_from or "shipped", "model_bytes": os.path.getsize(args.model_out),
+            "nets_from": args.nets_from or "shipped", "add_nets": args.add_nets, "nets": len(bundle.nets),
+            "model_bytes": os.path.getsize(args.model_out),
             "n_features": len(ex.X[0]), "blend_before": before,
             "validation": {"mape_by_nets_weight": by_weight,
                            **{k: bundle.info.get(k) for k in ("blend_weight", "blend_shift", "blend_val_mape",
@@ -87,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", required=True)
     ap.add_argument("--nets-from", help="model whose nets are kept (default: the shipped one)")
+    ap.add_argument("--add-nets", action="append", default=[], metavar="MODEL",
+                    help="also the nets of this model (trained on the same split from other seeds, e.g. "
+                         "benchmarks.costmodel --seed 3 --split-seed 0): an ensemble of all, blended again")
     ap.add_argument("--model-out", required=True, help="where to save the re-blended model")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (the nets' own)")
     ap.add_argument("--out")

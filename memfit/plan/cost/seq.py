@@ -146,6 +146,24 @@ class Bundle:
                    json.loads(meta["features"]), json.loads(meta["info"]), json.loads(meta.get("base", "null")),
                    json.loads(meta.get("blend", "null")))
 
+    def with_nets_of(self, *others: "Bundle") -> "Bundle":
+        """This bundle with the nets of `others` appended (an ensemble of all; log predictions averaged), the
+        blend dropped (fit it again: train.fit_blend). The others must read kernels alike: the same vocabulary,
+        normaliser, feature columns, network shape and roofline base (nets trained on the same split from other
+        seeds, e.g. `benchmarks.costmodel --seed 3 --split-seed 0`: 3 + 3 nets are the recipe's `--seeds 6`)."""
+        from memfit.plan.cost.errors import CostModelError
+
+        for o in others:
+            for what, mine, theirs in (("vocabulary", self.vocab, o.vocab), ("normaliser", self.norm, o.norm),
+                                       ("feature columns", self.feature_names, o.feature_names),
+                                       ("network shape", self.net.cfg, o.net.cfg), ("roofline base", self.base, o.base)):
+                if mine != theirs:
+                    raise CostModelError(f"cannot ensemble these models: their {what} differ (train them on the "
+                                         "same data set and split)")
+        nets = [*self.nets, *(n for o in others for n in o.nets)]
+        return Bundle(nets, list(self.vocab), self.norm, list(self.feature_names),
+                      {**self.info, "seeds": len(nets)}, self.base, None)
+
     @torch.no_grad()
     def predict_log(self, tok_lists: list, X: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Log-scale predictions (dataset.to_log's scale), one row per kernel: the mean over the ensemble."""

@@ -41,3 +41,28 @@ def test_splits_hold_out_whole_groups(split):
     assert len(tr) and len(te) and not (set(tr) & set(te)) and not (set(va) & set(te))
     key = (lambda i: ex.shape_keys[i]) if split == "shapes" else (lambda i: ex.families[i])
     assert not ({key(i) for i in tr} & {key(i) for i in te})
+
+
+def test_ensembles_of_two_runs_average_and_refuse_unlike_models(tmp_path):
+    """Bundle.with_nets_of: the nets of a run from other seeds on the same split join an ensemble whose log
+    prediction is the mean of both runs' (equal counts), the blend dropped; a model of other data is refused."""
+    from memfit.plan.cost.errors import CostModelError
+
+    ex = synthetic(90, seed=0)
+    tr, va = ex.subset(np.arange(0, 70)), ex.subset(np.arange(70, 90))
+    cfg = dict(epochs=2, d=32, layers=2, patience=50, seeds=1)
+    a = fit_seq(tr, va, FitConfig(seed=0, **cfg), verbose=False)
+    b = fit_seq(tr, va, FitConfig(seed=1, **cfg), verbose=False)
+    a.blend = {"weight": 1.0, "shift": 0.1}
+    both = a.with_nets_of(b)
+    assert len(both.nets) == 2 and both.blend is None and both.info["seeds"] == 2 and len(a.nets) == 1
+    a.blend = None
+    za, zb, z = (m.predict_log(va.toks, va.X)[:, 0] for m in (a, b, both))
+    assert not np.allclose(za, zb) and np.allclose(z, (za + zb) / 2, atol=1e-5)
+    both.save(str(tmp_path / "e.safetensors"))
+    assert len(Bundle.load(str(tmp_path / "e.safetensors")).nets) == 2
+    other = synthetic(90, seed=5)
+    c = fit_seq(other.subset(np.arange(0, 70)), other.subset(np.arange(70, 90)), FitConfig(seed=0, **cfg),
+                verbose=False)
+    with pytest.raises(CostModelError, match="differ"):
+        a.with_nets_of(c)
