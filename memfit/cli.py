@@ -27,11 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # told by the command's own parser, so the usage printed is that command's, not `memfit COMMAND`
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `memfit ... | head` closed the pipe: end quietly, as `cat` would, not with a traceback
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The deepest (sub)command parser that `args` went through: `memfit train local` -> train's `local`."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs and subs[0].dest else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
 
 
 def _silence_stdout() -> None:
