@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING
 
 from memfit.errors import guard
@@ -19,6 +20,11 @@ def cmd_fit(args) -> int:
     from memfit.memory.budget import Tier, format_bytes, resolve_budget
 
     path = resolve_model_path(args.model)
+    positions = ModelConfig.from_dir(path).max_position_embeddings
+    if args.context > positions:  # the engine caps max_model_len here: no sequence this long can run
+        print(f"memfit fit: warning: --context {args.context} is past the model's {positions} positions; the engine "
+              f"caps a sequence at {positions} tokens, so this prediction is for a sequence it will not run",
+              file=sys.stderr)
     # Budgets take the same forms as everywhere else: bytes, or a fraction of the memory available now.
     kv_budget = resolve_budget(args.kv_budget, Tier.DEVICE, "cpu") if args.kv_budget else None
     limit = resolve_budget(args.memory_budget, Tier.DEVICE, "cpu") if args.memory_budget else None
@@ -103,7 +109,6 @@ def _measure(args, dtype: str) -> dict:
     """Run the workload (two rounds of `batch` requests of `context` tokens) in a fresh process and return what
     it measured (memfit.llm.engine.fitcheck)."""
     import subprocess
-    import sys
 
     cmd = [sys.executable, "-m", "memfit.llm.engine.fitcheck", str(args.model), "--batch", str(args.batch), "--context",
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]

@@ -1,0 +1,15 @@
+"""`memfit fit`: a context past the model's positions is predicted but said to be one the engine will not run."""
+from __future__ import annotations
+
+import json
+
+from memfit.cli import main as memfit_main
+
+
+def test_a_context_past_the_models_positions_is_warned_about(capsys):
+    assert memfit_main(["fit", "--context", "4096", "--batch", "1", "--no-runtime", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["context"] == 4096  # still one JSON object on stdout
+    assert "past the model's 2048 positions" in out.err
+    assert memfit_main(["fit", "--context", "2048", "--batch", "1", "--no-runtime", "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err
