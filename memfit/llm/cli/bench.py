@@ -77,6 +77,8 @@ def register(sub) -> None:
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretty", action="store_true")
+    p.add_argument("--pretty", action="store_true", help="indent the JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="the default (bench always prints one JSON object); accepted as the other commands take it")
     add_engine_args(p)
     p.set_defaults(func=guard(cmd_bench))

@@ -84,6 +84,11 @@ def test_bench_prints_json(model_dir, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["generated_tokens"] == 12 and r["output_tokens_per_s"] > 0
     assert r["kv_committed_peak_bytes"] > 0 and r["peak_rss_bytes"] > 0
+    # --json, which every other command with JSON output takes, is accepted and changes nothing (it was an error)
+    rc = memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "1", "--input-len", "4",
+                      "--output-len", "2", "--threads", "1", "--kv-budget", "32MiB", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["generated_tokens"] == 2
 
 
 def test_fit_reads_a_budget_fraction_as_a_share_of_memory(capsys):
