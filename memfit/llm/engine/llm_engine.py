@@ -68,6 +68,9 @@ class LLMEngine:
         stored = rank.model_config(ModelConfig.from_dir(path), self.tp)  # under TP, this rank's share
         dtype = parse_dtype(config.dtype) if config.dtype else parse_dtype(stored.torch_dtype)
         self.max_model_len = min(config.max_model_len or stored.max_position_embeddings, stored.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > stored.max_position_embeddings:
+            log.warning("max_model_len %d is past the model's %d positions; sequences are capped at %d tokens",
+                        config.max_model_len, stored.max_position_embeddings, self.max_model_len)
         self.memory_plan = ledger.plan_memory(config, self.device, path, stored, dtype, backend_options,
                                               self.max_model_len, sharded=self.tp is not None)
         ledger.reserve_fixed(self.ledger, self.memory_plan)

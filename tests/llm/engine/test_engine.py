@@ -271,6 +271,16 @@ def test_generation_stops_at_context_end(tiny):
     assert out.finish_reason == "length" and len(out.token_ids) == 32 - 28
 
 
+def test_max_model_len_past_the_models_positions_is_capped_with_a_warning(tiny, caplog):
+    _, _, path = tiny
+    positions = LLM(str(path), dtype="float32", kv_budget="64MiB").engine.max_model_len
+    assert not [r for r in caplog.records if "positions" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="memfit.llm.engine.llm_engine"):
+        llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=positions * 4)
+    assert llm.engine.max_model_len == positions  # capped, as before; it was silent
+    assert any(f"past the model's {positions} positions" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("kind", KV_KINDS)
 def test_session_reuses_only_the_common_prefix_when_turns_diverge(tiny, kind):
     model, _, path = tiny
