@@ -79,6 +79,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from memfit.errors import json_error
     from memfit.plan.cost.errors import CostModelError
 
     try:
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 "train-ranker": _train_ranker}[args.action](args)
     except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
         print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
+        json_error(args, exc)
         return 2
     except KeyboardInterrupt:
         print("interrupted: labels so far are saved; run the same command to resume", file=sys.stderr)

@@ -1,0 +1,33 @@
+"""memfit.errors.guard: a user's mistake is one line on stderr and exit 2; with --json also one JSON object on
+stdout, {"error": message} (what `memfit plan --json` printed already; the other commands printed nothing)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from memfit.cli import main
+from memfit.errors import guard
+
+
+def _refuse(args):
+    raise ValueError("no such thing")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_guard_prints_the_error_and_with_json_one_object(as_json, capsys):
+    args = argparse.Namespace(command="demo", json=as_json)
+    assert guard(_refuse)(args) == 2
+    out = capsys.readouterr()
+    assert out.err == "memfit demo: error: no such thing\n"
+    assert (json.loads(out.out) == {"error": "no such thing"}) if as_json else out.out == ""
+
+
+@pytest.mark.parametrize("argv", [["fit", "--context", "0", "--json"],
+                                  ["quant", "vit", "--model", "missing.safetensors", "--json"],
+                                  ["costmodel", "predict", "missing.mlir", "--json"]])
+def test_refused_json_commands_print_one_error_object(argv, capsys):
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert "error" in json.loads(out.out) and "error:" in out.err
