@@ -60,6 +60,16 @@ def _when(field: str, value: dict[str, Any], then: dict[str, Any]) -> dict[str, 
 
 
 _ZERO = _only({"type": "number", "minimum": 0, "maximum": 0}, "not supported by this server: only 0 is accepted")
+_NO = "not supported by this server (a vLLM extension): "
+# vLLM's sampling extensions that memfit does not implement, at the one value that changes nothing (None: only
+# absent or null). Declared (not left to extra="allow", which ignores a field) so that a client asking for one gets
+# a 400 naming it, not other output than it asked for; serving.py refuses any other value.
+VLLM_NEUTRAL: dict[str, Any] = {
+    "min_tokens": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "use_beam_search": False,
+    "include_stop_str_in_output": False, "prompt_logprobs": None, "allowed_token_ids": None, "bad_words": None,
+    "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None}
+_NEVER = {"not": {}}  # with `| None`: only null
 
 
 class StreamOptions(BaseModel):
@@ -93,6 +103,21 @@ class _Sampling(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0), _WHOLE]] | None = None
+    # vLLM's extensions memfit does not implement: their neutral value only (VLLM_NEUTRAL; serving.py refuses others)
+    min_tokens: Annotated[int, _WHOLE, _only({"type": "integer", "const": 0}, _NO + "only 0")] | None = None
+    repetition_penalty: Annotated[float, _only({"type": "number", "const": 1}, _NO + "only 1")] | None = None
+    length_penalty: Annotated[float, _only({"type": "number", "const": 1}, _NO + "only 1")] | None = None
+    use_beam_search: Annotated[bool, _only({"type": "boolean", "const": False}, _NO + "only false")] | None = None
+    include_stop_str_in_output: Annotated[bool, _only({"type": "boolean", "const": False},
+                                                      _NO + "only false")] | None = None
+    prompt_logprobs: Annotated[int, _only(_NEVER, _NO + "only null")] | None = None
+    allowed_token_ids: Annotated[list[int], _only(_NEVER, _NO + "only null")] | None = None
+    bad_words: Annotated[list[str], _only(_NEVER, _NO + "only null")] | None = None
+    truncate_prompt_tokens: Annotated[int, _only(_NEVER, _NO + "only null")] | None = None
+    guided_json: Annotated[Union[str, dict[str, Any]], _only(_NEVER, _NO + "only null")] | None = None
+    guided_regex: Annotated[str, _only(_NEVER, _NO + "only null")] | None = None
+    guided_choice: Annotated[list[str], _only(_NEVER, _NO + "only null")] | None = None
+    guided_grammar: Annotated[str, _only(_NEVER, _NO + "only null")] | None = None
 
 
 class PriorityUpdate(BaseModel):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
-from memfit.llm.server.protocol import ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
+from memfit.llm.server.protocol import VLLM_NEUTRAL, ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 
@@ -80,6 +80,11 @@ class OpenAIServing:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(req, name):
                 raise bad_request(f"{name} is not supported by this server (send 0 or leave it out)", param=name)
+        for name, neutral in VLLM_NEUTRAL.items():
+            value = getattr(req, name)
+            if value is not None and value != neutral:
+                keep = "leave it out" if neutral is None else f"send {neutral!r} or leave it out"
+                raise bad_request(f"{name} is not supported by this server ({keep})", param=name)
         d = self.tokenizer.generation  # the model author's defaults stand in for omitted fields (as in vLLM)
         seed = None if req.seed is None else req.seed + choice  # n seeded choices must not be identical
         try:

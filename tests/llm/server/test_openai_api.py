@@ -136,6 +136,12 @@ def test_stop_string_is_not_returned(client):
     (dict(prompt=list(range(5, 300))), "prompt"),
     (dict(stop=[""]), None),
     (dict(extra_body={"temperature": "hot"}), "temperature"),
+    # vLLM extensions memfit does not implement: refused by name, not ignored
+    (dict(extra_body={"min_tokens": 10}), "min_tokens"),
+    (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
+    (dict(extra_body={"use_beam_search": True}), "use_beam_search"),
+    (dict(extra_body={"guided_choice": ["yes", "no"]}), "guided_choice"),
+    (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
 ])
 def test_invalid_completion_parameters_raise_bad_request(client, kwargs, param):
     args = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, **kwargs}
@@ -146,6 +152,15 @@ def test_invalid_completion_parameters_raise_bad_request(client, kwargs, param):
     assert err["message"]
     if param is not None:
         assert err["param"] == param
+
+
+def test_vllm_extensions_at_their_neutral_value_are_served(client):
+    """The vLLM sampling extensions memfit does not implement are refused above unless they change nothing: at
+    their neutral value the request is served as without them."""
+    plain = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0)
+    same = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, extra_body={
+        "min_tokens": 0, "repetition_penalty": 1.0, "use_beam_search": False, "guided_json": None})
+    assert same.choices[0].text == plain.choices[0].text
 
 
 def test_chat_errors(client):
