@@ -138,15 +138,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     try:
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     except ValueError as exc:
-        print(f"error: --memory-budget: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, f"--memory-budget: {exc}")
     from memfit.llm.engine.config import resolve_device
 
     try:  # a CUDA device that is not there: one line, not torch's traceback
         device = str(resolve_device(args.device or "auto"))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, str(exc))
     placement = None
     if args.placement is not None:
         from .finetune.placement import PlacementConfig
@@ -154,14 +152,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         try:
             slow = [int(x) for x in args.slow_nodes.split(",") if x.strip()] if args.slow_nodes else None
         except ValueError:
-            print(f"error: --slow-nodes takes node numbers separated by commas (got {args.slow_nodes!r})",
-                  file=sys.stderr)
-            return 2
+            return _refuse(args, f"--slow-nodes takes node numbers separated by commas (got {args.slow_nodes!r})")
         placement = PlacementConfig(args.placement, args.local_budget, args.tier_backend, args.local_node, slow,
                                     args.simulated_cxl)
     elif args.local_budget is not None:
-        print("error: --local-budget needs --placement latency-first", file=sys.stderr)
-        return 2
+        return _refuse(args, "--local-budget needs --placement latency-first")
     cfg = FinetuneConfig(
         model=args.model, data=args.data, offload=args.offload, ssd_dir=args.ssd_dir, host_memory=args.host_memory,
         memory_budget=budget, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -174,8 +169,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         result = _finetune_with_progress(cfg, run, not args.no_progress)
     except (FinetuneError, DataFormatError, CheckpointError, BudgetTooSmall, SwapSpaceError, ModelFormatError,
             ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, str(exc))
     out = result.to_json()
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
     if plot:
@@ -191,6 +185,16 @@ def run_finetune(args: argparse.Namespace) -> int:
         if result.placement is not None:
             print(result.placement["numastat"], file=sys.stderr)
     return 0
+
+
+def _refuse(args: argparse.Namespace, message: str) -> int:
+    """A user's mistake: one line on stderr, exit 2, and with --json the one JSON object on stdout
+    (memfit.errors.json_error), as the other commands do."""
+    from memfit.errors import json_error
+
+    print(f"error: {message}", file=sys.stderr)
+    json_error(args, ValueError(message))
+    return 2
 
 
 def _finetune_with_progress(cfg, run, show: bool):
@@ -213,9 +217,8 @@ def run_local(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHOD_CHOICES]
     if not methods or bad:
-        print(f"error: unknown method {', '.join(bad) or repr(args.method)}; choose from "
-              f"{', '.join(METHOD_CHOICES)} (comma-separated for several)", file=sys.stderr)
-        return 2
+        return _refuse(args, f"unknown method {', '.join(bad) or repr(args.method)}; choose from "
+                             f"{', '.join(METHOD_CHOICES)} (comma-separated for several)")
     import torch
 
     from .local.data import load_dataset
@@ -224,8 +227,7 @@ def run_local(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         if args.threads < 1:
-            print(f"error: --threads must be positive (got {args.threads})", file=sys.stderr)
-            return 2
+            return _refuse(args, f"--threads must be positive (got {args.threads})")
         torch.set_num_threads(args.threads)
     try:
         configs = [
@@ -246,8 +248,7 @@ def run_local(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset, args.seed, args.data_dir)
         runs = [_train_with_progress(cfg, data, train, not args.no_progress) for cfg in configs]
     except (LocalTrainingError, DatasetMissingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, str(exc))
     if args.plot:
         from .local.plot import plot_accuracy_curves
 

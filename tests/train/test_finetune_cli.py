@@ -20,3 +20,15 @@ def test_finetune_refuses_a_missing_or_unknown_device(device, words, tmp_path, m
     assert rc == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_a_refused_finetune_with_json_prints_one_error_object(tmp_path, capsys):
+    """With --json a refusal is also the one JSON object on stdout ({"error": ...}), as the other commands print."""
+    import json
+
+    rc = memfit_main(["train", "finetune", "--model", "memfit-tiny", "--data", str(tmp_path / "nope.jsonl"),
+                      "--steps", "1", "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    body = json.loads(out)
+    assert set(body) == {"error"} and body["error"] and body["error"] in err and "Traceback" not in err
