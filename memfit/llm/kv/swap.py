@@ -124,11 +124,12 @@ class SwapSpace(InFlightSwaps):
 
     def prefers_swap(self, num_tokens: int, seq_id: int | None = None) -> bool:
         """The `auto` mode's choice: swapping out and back in is modelled cheaper than recomputing. With
-        `seq_id`, the copies are the sequence's own runs (swap_shape), else the layout's most (runs_shape)."""
+        `seq_id`, the copies are the sequence's own runs (swap_shape), else the layout's most (runs_shape); one
+        copy where its runs move as one (a CPU virtual cache: `SwapRuns.stacks`)."""
         if self.cost is None:
             return True
-        shape = self.runs_shape(num_tokens) if seq_id is None else self.swap_shape(seq_id, num_tokens)
-        return self.cost.swap_s(*shape) < self.cost.recompute_s(num_tokens)
+        nbytes, runs = self.runs_shape(num_tokens) if seq_id is None else self.swap_shape(seq_id, num_tokens)
+        return self.cost.swap_s(nbytes, 1 if self.run_map.stacks else runs) < self.cost.recompute_s(num_tokens)
 
     def try_swap_out(self, seq_id: int, num_tokens: int, keep: bool = False, wait: bool = True) -> bool:
         """Copy positions 0..num_tokens-1 of `seq_id` to the host tier; False (nothing held) if it is full. With

@@ -1,9 +1,10 @@
-"""Where a sequence's KV lives, as contiguous runs: the copies a swap makes (kv/swap.py moves the bytes).
+"""Where a sequence's KV lives, as contiguous runs: the runs a swap moves (kv/swap.py moves the bytes).
 
-How many copies a swap takes is the cache's layout (`pieces`), and is the point of FastSwitch's block groups:
+How many runs a swap moves is the cache's layout (`pieces`), and is the point of FastSwitch's block groups:
 - virtual cache: a sequence's K/V are contiguous per segment of its slot, so rows lo..hi-1 of each segment are
-  one run: 1 copy for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major;
-- paged cache: every block of every layer's K and V is its own run (2 x layers x blocks copies): vLLM's
+  one run: 1 run for the token-major layout, 2 x layers for per-layer, 2 x layers x heads for head-major; on the
+  CPU a chunk's runs all lie at one stride and move in one copy (`stacked`);
+- paged cache: every block of every layer's K and V is its own run and copy (2 x layers x blocks): vLLM's
   per-block synchronous swap, kept as the baseline;
 - paged cache with block groups (`block_groups`, memory/blocks.py): neighbouring blocks of a sequence that are
   also neighbours in the pool are one run (`coalesce`), so a swap takes 2 x layers x (runs in its block table).
@@ -103,6 +104,12 @@ class SwapRuns:
         blocks = blocks.transpose(1, 2) if kv.head_major else blocks  # type: ignore[attr-defined]  # storage order
         return blocks.reshape(-1).view(torch.uint8)
 
+    @property
+    def stacks(self) -> bool:
+        """Whether a chunk's runs move in one copy here (`stacked`): a virtual cache on the CPU, whole runs."""
+        kv = self.kv
+        return bool(self.stacking and kv.fixed_stride and self.block_tokens is None and kv.layout.device.type == "cpu")
+
     def stacked(self, seq_id: int, lo: int, hi: int) -> torch.Tensor | None:
         """Positions lo..hi-1 of every segment of the sequence's slot as one (segments, bytes) uint8 view, row j
         segment j's run (`pieces`' order, so a chunk's buffer viewed as (segments, bytes) matches it row for row):
@@ -111,8 +118,7 @@ class SwapRuns:
         (no `block_tokens`); None otherwise (a paged cache's blocks, the per-block baseline, and GPU caches, whose
         copies of one large run each were measured that way)."""
         kv = self.kv
-        if (not self.stacking or not kv.fixed_stride or self.block_tokens is not None or hi <= lo
-                or kv.layout.device.type != "cpu"):
+        if not self.stacks or hi <= lo:
             return None
         off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
         size = (kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
@@ -126,13 +132,13 @@ class SwapRuns:
         return [self.view(seq_id, p, table) for p, _, _ in self.coalesce(self.spans(lo, num_tokens), table)]
 
     def seq_shape(self, seq_id: int, num_tokens: int, lo: int = 0) -> tuple[int, int]:
-        """(bytes, copies) a swap-out of `seq_id`'s positions lo..num_tokens-1 makes as it is laid out now: with
-        block groups, one copy per contiguous run of its block table and pool (`coalesce`, as `runs` copies)."""
+        """(bytes, runs) a swap-out of `seq_id`'s positions lo..num_tokens-1 moves as it is laid out now: with
+        block groups, one run per contiguous run of its block table and pool (`coalesce`, as `runs` gives them)."""
         spans = self.coalesce(self.spans(lo, num_tokens), self.table(seq_id))
         return (spans[-1][2] if spans else 0), len(spans)
 
     def shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
-        """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way (block groups: at most that many
-        copies, as few as 2 x layers when the sequence's blocks are one run)."""
+        """(bytes, runs) a swap of positions lo..num_tokens-1 moves each way (block groups: at most that many
+        runs, as few as 2 x layers when the sequence's blocks are one run)."""
         pieces = self.pieces(lo, num_tokens)
         return sum(self.piece_bytes(p) for p in pieces), len(pieces)

@@ -175,8 +175,9 @@ def _table_series(table: tuple, values: Mapping, labels: str = "") -> list[str]:
 _SWAP_SERIES = (
     ("out_bytes", "memfit_swap_out_bytes_total", "counter", "KV bytes swapped out to a tier."),
     ("in_bytes", "memfit_swap_in_bytes_total", "counter", "KV bytes swapped back in from a tier."),
-    ("out_ops", "memfit_swap_out_ops_total", "counter", "Copies made swapping KV out to a tier."),
-    ("in_ops", "memfit_swap_in_ops_total", "counter", "Copies made swapping KV back in from a tier."),
+    ("out_ops", "memfit_swap_out_ops_total", "counter",
+     "KV runs moved swapping out to a tier (a copy or I/O each; a CPU virtual cache's chunk in one copy)."),
+    ("in_ops", "memfit_swap_in_ops_total", "counter", "KV runs moved swapping back in from a tier (as out)."),
     ("resident_bytes", "memfit_tier_resident_bytes", "gauge", "Swapped KV bytes a tier holds now."),
 )
 

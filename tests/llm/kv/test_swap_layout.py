@@ -171,3 +171,56 @@ def test_a_virtual_swap_moves_all_its_segments_in_one_copy_per_chunk(monkeypatch
     monkeypatch.undo()
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("opts", [{}, {"head_major": True}, {"token_major": True}], ids=["per-layer", "head-major",
+                                                                                      "token-major"])
+def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
+    """A held chunk truncated to 10 valid tokens (a next turn diverged there) restores rows 0..9 and leaves the
+    rest of the slot alone: the one-copy path clips the chunk at `valid`, or it would write stale rows, and past a
+    shorter allocation."""
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0,
+                           **opts)
+    swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True)
+    assert cache.try_allocate(1, 40)
+    write(cache, [SeqStep(1, 0, 40)])
+    first = contexts(cache, 1, 10)
+    assert swap.try_swap_out(1, 40)
+    cache.free(1)
+    swap.truncate(1, 10)
+    assert cache.try_allocate(1, 30)
+    plan = cache.plan_step([SeqStep(1, 0, 30)])
+    for layer in range(LAYOUT.num_layers):  # a sentinel in every row the swap-in must not touch
+        s = torch.full((30, LAYOUT.num_kv_heads, LAYOUT.head_dim), 7.0, dtype=LAYOUT.dtype)
+        cache.write(layer, plan, s, s)
+    assert swap.swap_in(1) == 10
+    assert all(torch.equal(a, b) for a, b in zip(first, contexts(cache, 1, 10)))
+    plan = cache.plan_step([SeqStep(1, 30, 0)])
+    for layer in range(LAYOUT.num_layers):
+        k, v = cache.context(layer, plan, 0)  # (30, Hkv, D)
+        assert bool((k[10:] == 7.0).all()) and bool((v[10:] == 7.0).all())
+    swap.close()
+    cache.close()
+
+
+def test_auto_models_a_cpu_virtual_swap_as_one_copy():
+    """The `auto` mode charges its per-copy cost once for a CPU virtual cache's swap (its runs move in one copy),
+    and per run with stacking off: at a per-copy cost between the two, only the first swaps."""
+    from memfit.llm.kv.swap import CostModel
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0)
+    cost = CostModel(params=10**5, layers=LAYOUT.num_layers, q_width=64)
+    swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"), cost)
+    n = 60
+    assert cache.try_allocate(1, n)
+    nbytes, runs = swap.swap_shape(1, n)
+    assert runs == POOLS > 1
+    recompute = cost.recompute_s(n)
+    cost.op_s = (recompute / 2 - nbytes / cost.bytes_per_s) / ((1 + runs) / 2)  # one copy < it < a copy per run
+    assert swap.run_map.stacks and swap.prefers_swap(n, seq_id=1) and swap.prefers_swap(n)
+    swap.run_map.stacking = False
+    assert not swap.prefers_swap(n, seq_id=1) and not swap.prefers_swap(n)
+    cache.close()
