@@ -68,7 +68,8 @@ VLLM_NEUTRAL: dict[str, Any] = {
     "min_tokens": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "use_beam_search": False,
     "include_stop_str_in_output": False, "prompt_logprobs": None, "allowed_token_ids": None, "bad_words": None,
     "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-    "guided_grammar": None}
+    "guided_grammar": None, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+    "add_generation_prompt": True, "continue_final_message": False, "chat_template": None}
 _NEVER = {"not": {}}  # with `| None`: only null
 
 
@@ -118,6 +119,13 @@ class _Sampling(BaseModel):
     guided_regex: Annotated[str, _only(_NEVER, _NO + "only null")] | None = None
     guided_choice: Annotated[list[str], _only(_NEVER, _NO + "only null")] | None = None
     guided_grammar: Annotated[str, _only(_NEVER, _NO + "only null")] | None = None
+    skip_special_tokens: Annotated[bool, _only({"type": "boolean", "const": True}, _NO + "only true")] | None = None
+    spaces_between_special_tokens: Annotated[bool, _only({"type": "boolean", "const": True},
+                                                         _NO + "only true")] | None = None
+    add_generation_prompt: Annotated[bool, _only({"type": "boolean", "const": True}, _NO + "only true")] | None = None
+    continue_final_message: Annotated[bool, _only({"type": "boolean", "const": False},
+                                                  _NO + "only false")] | None = None
+    chat_template: Annotated[str, _only(_NEVER, _NO + "only null")] | None = None
 
 
 class PriorityUpdate(BaseModel):

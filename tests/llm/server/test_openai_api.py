@@ -142,6 +142,7 @@ def test_stop_string_is_not_returned(client):
     (dict(extra_body={"use_beam_search": True}), "use_beam_search"),
     (dict(extra_body={"guided_choice": ["yes", "no"]}), "guided_choice"),
     (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+    (dict(extra_body={"skip_special_tokens": False}), "skip_special_tokens"),
 ])
 def test_invalid_completion_parameters_raise_bad_request(client, kwargs, param):
     args = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, **kwargs}
@@ -159,7 +160,8 @@ def test_vllm_extensions_at_their_neutral_value_are_served(client):
     their neutral value the request is served as without them."""
     plain = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0)
     same = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, extra_body={
-        "min_tokens": 0, "repetition_penalty": 1.0, "use_beam_search": False, "guided_json": None})
+        "min_tokens": 0, "repetition_penalty": 1.0, "use_beam_search": False, "guided_json": None,
+        "skip_special_tokens": True, "continue_final_message": False})
     assert same.choices[0].text == plain.choices[0].text
 
 
