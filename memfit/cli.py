@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
 # Each family owns its commands in its own `cli` module, which defines `register(subparsers)`: it adds
@@ -11,8 +12,19 @@ import sys
 FAMILY_CLIS = ("memfit.llm.cli", "memfit.train.cli", "memfit.plan.cli", "memfit.quant.cli", "memfit.plan.cost.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that keeps a usage error's message, so that with `--json` main can also print it as the one
+    JSON object on stdout. Subcommand parsers are built with the parent's class, so every one of them does."""
+
+    last_error: str | None = None
+
+    def error(self, message: str):  # type: ignore[override]
+        _Parser.last_error = message
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memfit", description="Run, serve and train models inside a memory budget.")
+    parser = _Parser(prog="memfit", description="Run, serve and train models inside a memory budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in FAMILY_CLIS:
         try:
@@ -28,9 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # told by the command's own parser, so the usage printed is that command's, not `memfit COMMAND`
-            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+        _Parser.last_error = None
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # told by the command's own parser, so the usage printed is that command's, not `memfit COMMAND`
+                _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+        except SystemExit:
+            if _Parser.last_error is not None and "--json" in (sys.argv[1:] if argv is None else argv):
+                print(json.dumps({"error": _Parser.last_error}), flush=True)  # the usage and message are on stderr
+            raise
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `memfit ... | head` closed the pipe: end quietly, as `cat` would, not with a traceback
         _silence_stdout()

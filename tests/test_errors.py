@@ -31,3 +31,22 @@ def test_refused_json_commands_print_one_error_object(argv, capsys):
     assert main(argv) == 2
     out = capsys.readouterr()
     assert "error" in json.loads(out.out) and "error:" in out.err
+
+
+@pytest.mark.parametrize("argv", [["fit", "--json", "--context", "abc"], ["generate", "hi", "--json", "--bogus"],
+                                  ["train", "local", "--json", "--epochs", "x"]])
+def test_a_usage_error_with_json_prints_one_error_object(argv, capsys):
+    """argparse's own refusals (a bad value, an unknown option) with --json: the usage on stderr, exit 2, and the one
+    JSON object on stdout, as every other refusal."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "usage:" in err
+    body = json.loads(out)
+    assert set(body) == {"error"} and body["error"] in err
+
+
+def test_train_local_takes_json_and_refuses_into_it(capsys):
+    assert main(["train", "local", "--json", "--method", "bogus"]) == 2
+    out, err = capsys.readouterr()
+    assert "bogus" in json.loads(out)["error"] and "bogus" in err

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
         description="Train with local targets (tpSGD) or a baseline and print one JSON object with accuracy, "
                     "time and measured peak memory. Progress goes to stderr.",
     )
+    p.add_argument("--json", action="store_true",
+                   help="accepted for symmetry: the result is always one JSON object on stdout (so is a refusal)")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     p.add_argument("--model", default="mlp", help="mlp | cnn | rnn")
