@@ -42,19 +42,27 @@ SHAPES = {  # (layers, KV heads, head dim, dtype): memfit-tiny (bf16) and the ra
 OPS = ("out T", "in T", "out +n", "in after +n")
 
 
-def _cache_and_swap(shape: str, max_len: int, reuse: bool):
+def _cache(shape: str, max_len: int):
+    """(layout, a virtual cache of two sequences of `max_len` tokens of `shape`)."""
     import torch
 
     from memfit.llm.kv.base import KVLayout
-    from memfit.llm.kv.swap import SwapSpace
     from memfit.llm.kv.virtual import VirtualKVCache
-    from memfit.memory.budget import MemoryBudget, Tier
+    from memfit.memory.budget import MemoryBudget
 
     layers, heads, dim, dtype = SHAPES[shape]
     layout = KVLayout(layers, heads, dim, getattr(torch, dtype), max_len)
-    kv_bytes = 4 * max_len * layout.bytes_per_token
-    cache = VirtualKVCache(layout, MemoryBudget(kv_bytes, name="kv_budget"), max_seqs=2, eager_pages=0)
-    swap = SwapSpace(cache, MemoryBudget(4 * kv_bytes, Tier.HOST, name="swap_space"), reuse=reuse)
+    return layout, VirtualKVCache(layout, MemoryBudget(4 * max_len * layout.bytes_per_token, name="kv_budget"),
+                                  max_seqs=2, eager_pages=0)
+
+
+def _cache_and_swap(shape: str, max_len: int, reuse: bool):
+    from memfit.llm.kv.swap import SwapSpace
+    from memfit.memory.budget import MemoryBudget, Tier
+
+    layout, cache = _cache(shape, max_len)
+    swap = SwapSpace(cache, MemoryBudget(16 * max_len * layout.bytes_per_token, Tier.HOST, name="swap_space"),
+                     reuse=reuse)
     return layout, cache, swap
 
 
@@ -134,8 +142,7 @@ class SSDRig:
         from memfit.memory.budget import MemoryBudget, Tier
 
         self.tokens = tokens
-        self.layout, self.cache, host = _cache_and_swap(shape, tokens + 16, reuse=False)
-        host.close()
+        self.layout, self.cache = _cache(shape, tokens + 16)
         self.ssd = SSDTier(directory, 4 * tokens * self.layout.bytes_per_token + (8 << 20), threads=0)
         self.swap = SwapSpace(self.cache, MemoryBudget(4096, Tier.HOST, name="swap_space"), ssd=self.ssd)
         assert self.cache.try_allocate(1, tokens)

@@ -36,7 +36,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: Model
 
 def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
     """The architecture stored with a checkpoint, without loading its tensors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -45,7 +45,7 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
         raise QuantError(f"{path} is not a .safetensors file; memfit loads weights only from safetensors")
     try:
         handle = safe_open(str(path), framework="pt")
-    except Exception as exc:  # safetensors' own SafetensorError for a corrupt or truncated header
+    except SafetensorError as exc:  # a corrupt or truncated header
         raise QuantError(f"{path} is not a readable safetensors file: {exc}") from exc
     with handle as f:
         meta = f.metadata() or {}
@@ -67,13 +67,14 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelSpec, dict[str, Any]]:
     """(model in eval mode, its spec, the info saved with it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     spec, info = read_spec(path)
     model = spec.build()
     try:
         state = load_file(str(path))
-    except Exception as exc:  # a header that reads but tensors that do not (SafetensorError)
+    except SafetensorError as exc:  # a header that reads but tensors that do not
         raise QuantError(f"{path} is not a readable safetensors file: {exc}") from exc
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

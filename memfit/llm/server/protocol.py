@@ -70,6 +70,8 @@ VLLM_NEUTRAL: dict[str, Any] = {
     "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
     "guided_grammar": None, "skip_special_tokens": True, "spaces_between_special_tokens": True,
     "add_generation_prompt": True, "continue_final_message": False, "chat_template": None}
+# Every sampling field the server refuses unless neutral (serving.py): OpenAI's penalties and vLLM's extensions.
+UNSUPPORTED_NEUTRAL: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, **VLLM_NEUTRAL}
 _NEVER = {"not": {}}  # with `| None`: only null
 
 

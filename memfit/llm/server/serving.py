@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
-from memfit.llm.server.protocol import VLLM_NEUTRAL, ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
+from memfit.llm.server.protocol import UNSUPPORTED_NEUTRAL, ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 
@@ -77,10 +77,7 @@ class OpenAIServing:
 
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by this server", param="logit_bias")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise bad_request(f"{name} is not supported by this server (send 0 or leave it out)", param=name)
-        for name, neutral in VLLM_NEUTRAL.items():
+        for name, neutral in UNSUPPORTED_NEUTRAL.items():
             value = getattr(req, name)
             if value is not None and value != neutral:
                 keep = "leave it out" if neutral is None else f"send {neutral!r} or leave it out"
