@@ -1,7 +1,9 @@
 """Errors a user can fix by changing their input: CLIs print these as one message, servers as a 4xx."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from memfit.memory.budget import MemoryBudgetExceeded
 
@@ -34,3 +36,26 @@ def guard(func):
             return 130
 
     return run
+
+
+# What matplotlib's savefig writes (Figure.canvas.get_supported_filetypes() with the Agg, PDF, PS, SVG, PGF backends).
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp", ".gif",
+                 ".avif", ".pgf", ".raw", ".rgba")
+
+
+def output_path(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Check an output file before the work that ends in writing it (a plot, a plan, a checkpoint), so that a path
+    that cannot be written is refused at once instead of a traceback that throws the work away. Creates its folder,
+    as the writers do; raises ValueError (a user error) naming `option`."""
+    out = Path(path)
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path}: the file name must end in one of {', '.join(suffixes)}")
+    if out.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({exc.strerror})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the folder {out.parent} is not writable")
+    return out

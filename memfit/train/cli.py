@@ -126,6 +126,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from memfit.llm.models.config import ModelFormatError
     from memfit.memory.aio import SwapSpaceError
+    from memfit.errors import PLOT_SUFFIXES, output_path
     from memfit.memory.budget import parse_bytes
 
     from .finetune.budget import BudgetTooSmall
@@ -136,11 +137,19 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        if args.threads < 1:
+            return _refuse(args, f"--threads must be positive (got {args.threads})")
+        torch.set_num_threads(args.threads)
     try:
         budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     except ValueError as exc:
         return _refuse(args, f"--memory-budget: {exc}")
+    plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
+    try:  # before the training, which a path that cannot be written would otherwise throw away
+        if plot:
+            output_path(plot, "--plot", PLOT_SUFFIXES)
+    except ValueError as exc:
+        return _refuse(args, str(exc))
     from memfit.llm.engine.config import resolve_device
 
     try:  # a CUDA device that is not there: one line, not torch's traceback
@@ -172,8 +181,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     except (FinetuneError, DataFormatError, CheckpointError, BudgetTooSmall, SwapSpaceError, ModelFormatError,
             ValueError) as exc:
         return _refuse(args, str(exc))
+    except OSError as exc:  # --ssd-dir or --save where no folder can be made or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _refuse(args, f"{where}{exc.strerror or exc}")
+    except KeyboardInterrupt:
+        return _interrupted(args.save)
     out = result.to_json()
-    plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
     if plot:
         out["plot"] = str(write_loss_curve(result.all_losses, plot, f"{args.model} {args.offload} {args.host_memory}",
                                            result.skipped_steps))
@@ -197,6 +210,13 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     json_error(args, ValueError(message))
     return 2
+
+
+def _interrupted(save: str | None = None) -> int:
+    """Ctrl-C: one line instead of a traceback, and the shell's status for SIGINT (as memfit.errors.guard)."""
+    kept = f"; the checkpoints written under {save} are kept (--resume {save})" if save else ""
+    print(f"interrupted{kept}", file=sys.stderr)
+    return 130
 
 
 def _finetune_with_progress(cfg, run, show: bool):
@@ -223,6 +243,8 @@ def run_local(args: argparse.Namespace) -> int:
                              f"{', '.join(METHOD_CHOICES)} (comma-separated for several)")
     import torch
 
+    from memfit.errors import PLOT_SUFFIXES, output_path
+
     from .local.data import load_dataset
     from .local.errors import DatasetMissingError, LocalTrainingError
     from .local.trainer import TrainConfig, environment, train
@@ -232,6 +254,8 @@ def run_local(args: argparse.Namespace) -> int:
             return _refuse(args, f"--threads must be positive (got {args.threads})")
         torch.set_num_threads(args.threads)
     try:
+        if args.plot:  # before the training, which a path that cannot be written would otherwise throw away
+            output_path(args.plot, "--plot", PLOT_SUFFIXES)
         configs = [
             TrainConfig(
                 dataset=args.dataset, model=args.model, depth=args.depth, width=args.width, method=m,
@@ -249,8 +273,10 @@ def run_local(args: argparse.Namespace) -> int:
             cfg.validate()  # fail on bad sizes before loading any data
         data = load_dataset(args.dataset, args.seed, args.data_dir)
         runs = [_train_with_progress(cfg, data, train, not args.no_progress) for cfg in configs]
-    except (LocalTrainingError, DatasetMissingError) as exc:
+    except (LocalTrainingError, DatasetMissingError, ValueError) as exc:
         return _refuse(args, str(exc))
+    except KeyboardInterrupt:
+        return _interrupted()
     if args.plot:
         from .local.plot import plot_accuracy_curves
 

@@ -32,3 +32,94 @@ def test_a_refused_finetune_with_json_prints_one_error_object(tmp_path, capsys):
     assert rc == 2
     body = json.loads(out)
     assert set(body) == {"error"} and body["error"] and body["error"] in err and "Traceback" not in err
+
+
+def _chat(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    return data
+
+
+def _finetune(tmp_path, *extra, model="memfit-tiny"):
+    return memfit_main(["train", "finetune", "--model", str(model), "--data", str(_chat(tmp_path)), "--steps", "1",
+                        "--seq-len", "32", "--threads", "1", "--no-progress", "--json", *extra])
+
+
+def _one_error(capsys, *words):
+    import json
+
+    out, err = capsys.readouterr()
+    body = json.loads(out)
+    assert set(body) == {"error"} and all(w in body["error"] for w in words), body
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, words", [(["--lr", "nan"], ["--lr"]), (["--lr", "inf"], ["--lr"]),
+                                          (["--weight-decay", "-1"], ["--weight-decay"]),
+                                          (["--threads", "0"], ["--threads"]),
+                                          (["--prefetch", "-1"], ["--prefetch", "-1"])])
+def test_bad_numbers_are_refused_not_taken(extra, words, tmp_path, capsys):
+    """--lr nan, a negative --weight-decay and --threads 0 ran (nan made every weight NaN; threads became 1);
+    --prefetch -1 was refused with a message naming --save-every."""
+    assert _finetune(tmp_path, *extra) == 2
+    _one_error(capsys, *words)
+
+
+@pytest.mark.parametrize("plot", ["afile/loss.png", "loss.txt"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_training(plot, tmp_path, capsys, monkeypatch):
+    """--plot under a file, or in a format matplotlib does not write, was a traceback after the whole run."""
+    import memfit.train.finetune.trainer as trainer
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("trained before checking --plot"))
+    assert _finetune(tmp_path, "--plot", str(tmp_path / plot)) == 2
+    _one_error(capsys, "--plot")
+
+
+@pytest.mark.parametrize("option", [["--offload", "ssd", "--ssd-dir"], ["--save"]])
+def test_a_folder_that_cannot_be_made_is_one_error(option, tmp_path, capsys):
+    """--ssd-dir or --save under a file was NotADirectoryError's traceback."""
+    (tmp_path / "afile").write_text("")
+    assert _finetune(tmp_path, *option, str(tmp_path / "afile" / "dir")) == 2
+    _one_error(capsys, "afile")
+
+
+def test_corrupt_model_weights_are_one_error(tmp_path, capsys):
+    """A truncated or garbage model.safetensors was safetensors' SafetensorError traceback."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "memfit" / "assets" / "models" / "memfit-tiny"
+    model = tmp_path / "model"
+    shutil.copytree(src, model)
+    (model / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000])
+    assert _finetune(tmp_path, model=model) == 2
+    _one_error(capsys, "model.safetensors", "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("damage", ["optimizer", "state"])
+def test_a_damaged_checkpoint_is_refused_on_resume(damage, tmp_path, capsys):
+    """--resume from a checkpoint with a truncated optimizer file was a SafetensorError traceback, and a broken
+    trainer_state.json a bare 'Expecting value' message."""
+    assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / (tmp_path / "run" / "latest").read_text().strip()
+    if damage == "optimizer":
+        opt = sorted(ckpt.glob("optimizer-*.safetensors"))[0]
+        opt.write_bytes(opt.read_bytes()[:100])
+    else:
+        (ckpt / "trainer_state.json").write_text("{")
+    assert _finetune(tmp_path, "--steps", "2", "--resume", str(tmp_path / "run")) == 2
+    _one_error(capsys, str(ckpt), "without --resume")
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import memfit.train.finetune.trainer as trainer
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run", interrupt)
+    assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("interrupted") and "--resume" in err

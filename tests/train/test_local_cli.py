@@ -73,3 +73,27 @@ def test_leak_credit_runs_from_the_cli(capsys):
     out = json.loads(capsys.readouterr().out)
     assert [r["settings"]["rnn_credit"] for r in out["runs"]] == ["leak", "leak"]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in out["runs"])
+
+
+@pytest.mark.parametrize("plot", ["afile/curves.png", "curves.txt"])
+def test_a_plot_path_that_cannot_be_written_is_refused_before_training(capsys, tmp_path, monkeypatch, plot):
+    """--plot under a file, or in a format matplotlib cannot write, was a traceback after the whole training."""
+    import memfit.train.local.trainer as trainer
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained before checking --plot"))
+    rc = main(["train", "local", "--dataset", "digits", "--no-progress", "--json", "--plot", str(tmp_path / plot)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "--plot" in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    import memfit.train.local.trainer as trainer
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupt)
+    rc = main(["train", "local", "--dataset", "digits", "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 130 and out == "" and err.strip() == "interrupted"

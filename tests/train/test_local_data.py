@@ -79,3 +79,13 @@ def test_validation_split_holds_out_train_examples(digits):
     assert torch.equal(validation_split(digits, 200, seed=0).y_test, val.y_test)  # seeded
     with pytest.raises(LocalTrainingError):
         validation_split(digits, 0)
+
+
+@pytest.mark.parametrize("damage", ["not gzip", "cut short"])
+def test_a_corrupt_idx_file_is_a_dataset_error_not_a_gzip_traceback(tmp_path, damage):
+    """A file that is not gzip (BadGzipFile) or whose stream ends early (EOFError) was a traceback from gzip."""
+    fake_fashion(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(b"garbage\n" if damage == "not gzip" else path.read_bytes()[:40])
+    with pytest.raises(DatasetMissingError, match="not a readable gzip IDX file"):
+        load_fashion_mnist(tmp_path)

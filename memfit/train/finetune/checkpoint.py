@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from memfit.llm.models import ModelConfig
@@ -129,7 +129,11 @@ def find_checkpoint(path: Path) -> Path:
 def load_checkpoint(path: Path, store: GroupStore, groups: list[Group], cfg: ModelConfig) -> dict[str, Any]:
     """Load master weights and moments into `store`; returns the trainer state. Refuses another model's."""
     ckpt = find_checkpoint(path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except ValueError as exc:  # not JSON (a truncated write by something else than memfit)
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is not valid JSON ({exc}); resume from an earlier "
+                              "checkpoint or start without --resume") from None
     mine, theirs = fingerprint(cfg), state.get("fingerprint", {})
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
@@ -142,9 +146,13 @@ def load_checkpoint(path: Path, store: GroupStore, groups: list[Group], cfg: Mod
         opt = ckpt / f"optimizer-{gi + 1:05d}.safetensors"
         if not shard.is_file() or not opt.is_file():
             raise CheckpointError(f"{ckpt} lacks {shard.name} or {opt.name}; the checkpoint is incomplete")
-        with safe_open(str(shard), framework="pt") as f, safe_open(str(opt), framework="pt") as o:
-            master = torch.cat([f.get_tensor(p).reshape(-1) for p, _ in g.params])
-            m = torch.cat([o.get_tensor(f"exp_avg.{p}").reshape(-1) for p, _ in g.params])
-            v = torch.cat([o.get_tensor(f"exp_avg_sq.{p}").reshape(-1) for p, _ in g.params])
+        try:
+            with safe_open(str(shard), framework="pt") as f, safe_open(str(opt), framework="pt") as o:
+                master = torch.cat([f.get_tensor(p).reshape(-1) for p, _ in g.params])
+                m = torch.cat([o.get_tensor(f"exp_avg.{p}").reshape(-1) for p, _ in g.params])
+                v = torch.cat([o.get_tensor(f"exp_avg_sq.{p}").reshape(-1) for p, _ in g.params])
+        except SafetensorError as exc:  # a corrupt or truncated file, or one without a tensor it should hold
+            raise CheckpointError(f"{ckpt}: {shard.name} or {opt.name} is not a readable checkpoint file ({exc}); "
+                                  "resume from an earlier checkpoint or start without --resume") from None
         store.write_group(gi, master.float(), m, v)
     return state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -92,12 +93,16 @@ class FinetuneConfig:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise FinetuneError(f"--loss-chunk-tokens must be at least 1 (got {self.loss_chunk_tokens})")
-        if self.save_every < 0 or self.prefetch_depth < 0:
-            raise FinetuneError("--save-every and the prefetch depth must be >= 0")
+        for name in ("save_every", "prefetch_depth"):
+            if getattr(self, name) < 0:
+                flag = "--prefetch" if name == "prefetch_depth" else "--save-every"
+                raise FinetuneError(f"{flag} must be >= 0 (got {getattr(self, name)})")
         if self.save_every and not self.save:
             raise FinetuneError("--save-every needs --save DIR")
-        if self.lr <= 0:
-            raise FinetuneError(f"--lr must be positive (got {self.lr})")
+        if not self.lr > 0 or math.isinf(self.lr):  # also NaN, which AdamW would take and turn every weight into
+            raise FinetuneError(f"--lr must be a positive number (got {self.lr})")
+        if not 0 <= self.weight_decay < math.inf:
+            raise FinetuneError(f"--weight-decay must be a number >= 0 (got {self.weight_decay})")
         if self.placement is not None:
             self.placement.validate()
             if self.offload == "ssd" or (self.offload == "none" and self.device != "cpu"):

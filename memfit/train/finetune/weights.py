@@ -132,9 +132,14 @@ class SafetensorsFill:
 def load_weights(path: Path, groups: list[Group], store: GroupStore) -> None:
     """Fill the store from the model's safetensors, a piece at a time (SafetensorsFill); a missing weight or
     one of another shape (a checkpoint of another model) raises WeightsError before anything is written."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    handles = [safe_open(str(f), framework="pt") for f in weight_files(path)]
+    handles = []
+    for f in weight_files(path):
+        try:
+            handles.append(safe_open(str(f), framework="pt"))
+        except SafetensorError as exc:  # a corrupt or truncated header: the message memfit generate gives
+            raise WeightsError(f"{f} is not a readable safetensors file: {exc}") from None
     where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118
     for g in groups:
         missing = [p for p, _ in g.params if p not in where]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,12 @@ class Dataset:
 
 def _read_idx(path: Path) -> np.ndarray:
     """Parse one gzip IDX file (magic: 0x00 0x00 dtype ndim, then ndim big-endian uint32 sizes, then data)."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # not gzip (BadGzipFile), cut short, or corrupt
+        raise DatasetMissingError(f"{path} is not a readable gzip IDX file ({exc}); reinstall with "
+                                  f"`{FASHION_MNIST_INSTALL}` or fetch the file again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetMissingError(f"{path} is not an unsigned-byte IDX file; reinstall with `{FASHION_MNIST_INSTALL}`")
     ndim = raw[3]
