@@ -82,6 +82,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     import torch
 
+    from memfit.errors import PLOT_SUFFIXES, output_path
     from memfit.plan.analysis import resolve_scratchpad, scratchpad_sizes, without_weights
     from memfit.plan.errors import PlanError
     from memfit.plan.graph import graph_from_name
@@ -102,6 +103,14 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlanError(f"--time-limit must be a number of seconds >= 0, got {args.time_limit}")
     if args.batch < 1:
         raise PlanError("--batch must be at least 1")
+    if args.workers < 1:
+        raise PlanError(f"--workers must be at least 1 (got {args.workers})")
+    try:  # before the planning, which a path that cannot be written would otherwise throw away
+        for option, path, suffixes in (("--out", args.out, None), ("--plot", args.plot, PLOT_SUFFIXES)):
+            if path:
+                output_path(path, option, suffixes)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     t0 = time.perf_counter()
     g = graph_from_name(args.model, batch=args.batch, dtype=args.dtype, input_shape=shape)
     if args.weights == "streamed":

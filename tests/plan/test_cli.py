@@ -110,3 +110,22 @@ def test_plan_on_the_work_clock_says_so_in_its_json(capsys):
                  "--time-limit", "3", "--workers", "1", "--json"]) == 0
     c = json.loads(capsys.readouterr().out)["clock"]  # the wall clock: the call's wall time against its limit
     assert c["clock"] == "wall" and c["wall_limit_s"] == 3 and 0 < c["plan_wall_s"] <= 3 + 1
+
+
+@pytest.mark.parametrize("flags, words", [(["--workers", "0"], "--workers must be at least 1"),
+                                          (["--workers", "-1"], "--workers must be at least 1"),
+                                          (["--out", "afile/plan.json"], "--out"),
+                                          (["--plot", "afile/plan.png"], "--plot"),
+                                          (["--plot", "plan.txt"], "--plot"),
+                                          (["--out", "."], "is a directory")])
+def test_bad_workers_and_unwritable_outputs_are_refused_before_planning(flags, words, tmp_path, capsys, monkeypatch):
+    """--workers 0/-1 planned anyway (-1 returned a 'fallback' plan); --out/--plot that cannot be written were a
+    traceback after the planning, its result lost."""
+    import memfit.plan.graph as graph
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(graph, "graph_from_name", lambda *a, **k: pytest.fail("planned before checking the options"))
+    assert main(["plan", "--model", "bert_tiny_encoder", "--json", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert words in json.loads(out)["error"] and "Traceback" not in err
