@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from memfit.memory.budget import MemoryBudgetExceeded
@@ -52,10 +53,16 @@ def output_path(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] 
         raise ValueError(f"{option} {path}: the file name must end in one of {', '.join(suffixes)}")
     if out.is_dir():
         raise ValueError(f"{option} {path} is a directory; give a file path")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{option} {path}: {above} is a file, not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({exc.strerror})") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: the folder {out.parent} is not writable")
+    try:  # a file can be made there (permissions, a read-only or pseudo file system such as /proc)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot write in {out.parent} ({exc.strerror})") from None
     return out

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from memfit.errors import guard
+from memfit.errors import PLOT_SUFFIXES, guard, output_path
 
 ARCH_CHOICES = ("vit", "deit", "swin")
 
@@ -79,6 +79,7 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.add_argument("--json", action="store_true", help="print one JSON object with the results on stdout")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -96,6 +97,7 @@ def run_train_vit(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_checkpoint(args.arch)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors (got {out})")
+    output_path(out, "--out")  # before the training, which a path that cannot be written would otherwise throw away
     _set_threads(args.threads)
     from memfit.train.local.data import load_fashion_mnist
 
@@ -122,15 +124,18 @@ def run_train_vit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quant(args: argparse.Namespace):
+def _quant(args: argparse.Namespace, out: str | None, suffixes: tuple[str, ...] | None = None):
     from .pipeline import QuantRun, run_quant
 
+    if out:  # before the quantization, which a path that cannot be written would otherwise throw away
+        output_path(out, "--plot" if suffixes else "--out", suffixes)
     _set_threads(args.threads)
     avg_act = args.avg_act_bits if args.avg_act_bits is not None or args.act_bits is not None else 4.0
     cfg = QuantRun(model=args.model, allocator=args.allocator, avg_bits=args.avg_bits, act_bits=args.act_bits,
                    avg_act_bits=avg_act, calib=args.calib, seed=args.seed, channelwise=not args.per_tensor_ln,
                    attention_rule=args.attention_rule, data_dir=args.data_dir, max_test=args.max_test)
-    return run_quant(cfg)
+    with _progress(not args.no_progress, "quantizing") as progress:
+        return run_quant(cfg, progress=progress)
 
 
 def _report(args: argparse.Namespace, result: dict) -> None:
@@ -142,7 +147,7 @@ def _report(args: argparse.Namespace, result: dict) -> None:
 
 
 def run_quant_vit(args: argparse.Namespace) -> int:
-    result, _, _ = _quant(args)
+    result, _, _ = _quant(args, args.plot, PLOT_SUFFIXES)
     if args.plot:
         from .pipeline import plot_allocation
 
@@ -155,7 +160,7 @@ def run_quant_vit(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors (got {args.out})")
-    result, packed, spec = _quant(args)
+    result, packed, spec = _quant(args, args.out)
     from .export import save_packed
 
     keep = ("top1", "fp_top1", "avg_weight_bits", "avg_act_bits", "weight_bytes", "allocator", "budget")

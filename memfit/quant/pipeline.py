@@ -1,6 +1,7 @@
 """`memfit quant vit` end to end: load, calibrate, allocate, quantize, pack, evaluate, time."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ class QuantRun:
             raise QuantError(f"--calib must be at least 4 images (got {self.calib})")
         if self.max_test is not None and self.max_test < 1:  # 0 scored no image; -1 sliced off the last one
             raise QuantError(f"--max-test must be at least 1 image, or left out for all 10k (got {self.max_test})")
+        for flag, value in (("--avg-bits", self.avg_bits), ("--avg-act-bits", self.avg_act_bits)):
+            if value is not None and not math.isfinite(value):  # NaN compared false everywhere: every layer at 8
+                raise QuantError(f"{flag} must be a number of bits (got {value})")
 
 
 def check_input_shape(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:
@@ -62,8 +66,17 @@ def _median_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 5) -> flo
     return statistics.median(times)
 
 
-def run_quant(cfg: QuantRun, data=None) -> tuple[dict, torch.nn.Module, object]:
-    """(JSON-ready result, packed runtime model, model spec)."""
+def run_quant(cfg: QuantRun, data=None, progress=None) -> tuple[dict, torch.nn.Module, object]:
+    """(JSON-ready result, packed runtime model, model spec). `progress(label, done, total)`, when given, hears of
+    each stage as it starts (the CLI's progress bar)."""
+    stages = ("allocating bits", "quantizing", "evaluating packed", "evaluating simulated", "evaluating fp32",
+              "timing")
+
+    def stage(label: str) -> None:
+        if progress is not None:
+            progress(f"{label} ({cfg.allocator})" if label == "allocating bits" else label, stages.index(label),
+                     len(stages))
+
     from memfit.train.local.data import load_fashion_mnist
 
     from .allocators import allocate_bits
@@ -83,16 +96,24 @@ def run_quant(cfg: QuantRun, data=None) -> tuple[dict, torch.nn.Module, object]:
     idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.calib]
     calib_x, calib_y = data.x_train[idx], data.y_train[idx]
     x_test, y_test = data.x_test[:cfg.max_test], data.y_test[:cfg.max_test]
+    stage("allocating bits")
     alloc = allocate_bits(model, cfg.allocator, cfg.avg_bits, calib_x, calib_y, cfg.act_bits, cfg.avg_act_bits,
                           cfg.seed, cfg.attention_rule, channelwise=cfg.channelwise)
+    stage("quantizing")
     qmodel = quantize_model(model, calib_x, QuantConfig(alloc.weight_bits, alloc.act_bits, cfg.channelwise))
     packed = to_packed(qmodel)
     fp_bytes = sum(m.weight.numel() * m.weight.element_size() for m in quantizable_layers(model).values())
     batch = x_test[:cfg.latency_batch]
+    stage("evaluating packed")
+    top1 = evaluate(packed, x_test, y_test)
+    stage("evaluating simulated")
+    simulated_top1 = evaluate(qmodel, x_test, y_test)
+    stage("evaluating fp32")
+    fp_top1 = evaluate(model, x_test, y_test)
+    stage("timing")
     result = {
         "model": str(cfg.model), "timm_name": spec.timm_name, "allocator": cfg.allocator,
-        "top1": evaluate(packed, x_test, y_test), "simulated_top1": evaluate(qmodel, x_test, y_test),
-        "fp_top1": evaluate(model, x_test, y_test), "test_images": len(y_test),
+        "top1": top1, "simulated_top1": simulated_top1, "fp_top1": fp_top1, "test_images": len(y_test),
         "avg_weight_bits": alloc.avg_weight_bits, "avg_act_bits": alloc.avg_act_bits,
         "bits_per_layer": alloc.weight_bits, "act_bits_per_layer": alloc.act_bits,
         "weight_bytes": weight_bytes(packed), "fp_weight_bytes": fp_bytes,

@@ -1,0 +1,61 @@
+"""`memfit quant` commands: bad input refused before the work, one JSON object under --json, progress on stderr."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memfit.cli import main
+
+
+def _fail(*a, **k):
+    pytest.fail("the work started before the options were checked")
+
+
+@pytest.mark.parametrize("argv", [
+    ["vit", "--model", "m.safetensors", "--plot", "afile/bits.png"],
+    ["vit", "--model", "m.safetensors", "--plot", "bits.txt"],
+    ["export", "--model", "m.safetensors", "--out", "afile/w3.safetensors"],
+    ["train-vit", "--tiny", "--out", "afile/vit.safetensors"],
+])
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(argv, tmp_path, capsys, monkeypatch):
+    """--plot/--out under a file (or a plot suffix matplotlib cannot write) were a traceback after the
+    quantization or the whole training, its result lost."""
+    import memfit.quant.pipeline as pipeline
+    import memfit.quant.train as train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(pipeline, "run_quant", _fail)
+    monkeypatch.setattr(train, "train_vit", _fail)
+    assert main(["quant", *argv, "--json", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert ("--plot" if "--plot" in argv else "--out") in json.loads(out)["error"] and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--avg-bits", "--avg-act-bits"])
+def test_nan_bit_budgets_are_refused(flag, capsys):
+    """--avg-bits nan compared false with every bound and quantized every layer at 8 bits."""
+    assert main(["quant", "vit", "--model", "missing.safetensors", flag, "nan", "--json", "--no-progress"]) == 2
+    assert flag in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_quant_vit_reports_each_stage_to_the_progress_bar(tiny_models, fmnist_small, tmp_path, monkeypatch):
+    """quant vit and export ran for minutes on a real ViT with nothing on stderr."""
+    import memfit.quant.pipeline as pipeline
+    from memfit.quant.checkpoint import save_checkpoint
+    from memfit.quant.pipeline import QuantRun, run_quant
+
+    model, spec, _ = tiny_models["vit"]
+    path = save_checkpoint(tmp_path / "vit.safetensors", model, spec)
+    seen = []
+    run_quant(QuantRun(model=str(path), act_bits=4, calib=16, max_test=20), fmnist_small,
+              progress=lambda label, done, total: seen.append((label.split(" (")[0], done, total)))
+    assert [s[0] for s in seen] == ["allocating bits", "quantizing", "evaluating packed", "evaluating simulated",
+                                    "evaluating fp32", "timing"]
+    assert [s[1] for s in seen] == list(range(6)) and {s[2] for s in seen} == {6}
+    given = []
+    monkeypatch.setattr(pipeline, "run_quant", lambda cfg, progress=None: given.append(progress) or _fail())
+    with pytest.raises(pytest.fail.Exception):
+        main(["quant", "vit", "--model", str(path)])
+    assert callable(given[0])
