@@ -18,8 +18,9 @@ counted here term by term, each from the code that allocates it:
   thread sums into (M, NB) floats (run's and run_large's acc, at most M rows; in bf16 the MLP's fused gate/up call,
   run_large_silu in blocked_large.h, sums a gate panel and its up panel side by side: twice its rows); the prefill attention kernel packs one KV head's keys (Tk rounded to
   KB = 32 keys, x D) and every thread keeps a row block's scores (at most ROWS = 32 query rows x (Tk + KB) floats:
-  24 rows on the AVX-512 path, 32 on the AMX path); in bf16 on a core where it runs on AMX tiles it packs one
-  head's V as well (Tk rounded to KB x D) and holds the threads' score rows as one block (cpu_prefill.cpp,
+  24 rows on the AVX-512 path, 32 on the AMX path); in bf16 it packs one head's V as well (Tk rounded to KB x
+  D) on either path, the AVX-512 path keeps its row block's P rounded to bf16 beside the scores (24 rows x (Tk +
+  KB) bf16), and on AMX tiles it holds the threads' score rows as one block (cpu_prefill.cpp,
   `memfit_prefill_amx_scratch_bytes`); decode attention G = Hq / Hkv score rows of the context per thread (attend.h). Each is counted in
   whole pages plus one (malloc's chunk header may push a block onto one more page, as `large_m.amx_scratch_bytes`
   counts the AMX kernel's), and they are added although they never live at once (freed heap pages may stay
@@ -45,6 +46,7 @@ SMALL_STEP, STEP_BUCKET = 64, 32  # engine/runner.py: bucket_tokens (not importe
 BLOCKED_NB = 64  # cpu_blocked.cpp: NB = 16 x P columns a panel, P <= 4
 LARGE_M = 64  # cpu_blocked.cpp: BLK_LARGE_M (from this many rows x is read in place, not packed)
 PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, query rows whose scores are kept
+PREFILL_AVX512_ROWS = 24  # cpu_prefill.cpp's ROWS: the AVX-512 path's row block (its bf16 P copy)
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
 DECODE_BY_SEQ_MIN_LEN = 256  # cpu_decode.cpp: BY_SEQ_MIN_LEN (from this context on attend_heads may read a sequence;
 # it also needs the step's K + V past BY_SEQ_MIN_BYTES: counted from the context alone, the larger scratch)
@@ -93,9 +95,13 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     linear = sum(_heap_block(m * (k + 1) * item) for m, k in {(rows, c), (rows, q), (m_mlp, c), (m_mlp, i)}
                  if m < LARGE_M) + t * _heap_block(sums * BLOCKED_NB * 4)
     tk = -(-max(context_len, 1) // PREFILL_KB) * PREFILL_KB  # keys a row may see (its context), in whole blocks
-    # K packed (and V too where bf16 prefill attention runs on AMX tiles: kernels/prefill.py's kernel_for)
-    packed = 2 if dtype == torch.bfloat16 and _prefill_on_amx() else 1
+    # K packed, and in bf16 V too (key pairs, on either path: AMX tiles or pv_tile_bf16); the AVX-512 path's bf16
+    # also keeps its row block's P rounded to bf16 beside the fp32 scores (its 24 rows, in the model's dtype)
+    bf16 = dtype == torch.bfloat16
+    packed = 2 if bf16 else 1
     prefill = packed * _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
+    if bf16 and not _prefill_on_amx():
+        prefill += t * _heap_block(PREFILL_AVX512_ROWS * (tk + PREFILL_KB) * item)
     hq, hkv = cfg.num_attention_heads, max(1, cfg.num_key_value_heads)
     scores = hq // hkv * context_len  # attend.h's attend_group: G score rows of the context
     if 2 <= hkv <= 16 and context_len >= DECODE_BY_SEQ_MIN_LEN:

@@ -8,9 +8,10 @@
 // register-blocked product with no horizontal sums. Rows are (token, query head of the group): the G query
 // heads of a GQA group share every K/V read. For each block of rows it keeps their scores over the keys they
 // may see (rows x keys floats, a few hundred KiB at 4k tokens, never the whole Tq x Tk matrix), takes an exact
-// softmax per row in fp32 (max, exp, sum: no online rescaling), then adds the probabilities times V (V read in
-// place, bf16 widened in registers) in fp32. What it holds besides the output: K of one head packed (Tk x D
-// elements) and the row block's scores.
+// softmax per row in fp32 (max, exp, sum: no online rescaling), then adds the probabilities times V: fp32 V read
+// in place with fp32 FMAs; bf16 P rounded to bf16 (as the AMX path rounds it) times V packed in key pairs, on
+// vdpbf16ps (pv_tile_bf16). What it holds besides the output: K and (bf16) V of one head packed (Tk x D elements
+// each) and the row block's scores (and, bf16, their rounded copy).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -145,6 +146,64 @@ PvFn<E, DV> pick_pv(int r, std::integer_sequence<int, Rs...>) {
     return fns[r - 1];
 }
 
+// bf16 P x V on vdpbf16ps (two keys a multiply-add, twice the fp32 FMA's rate): V of one head packed into key
+// pairs, vp[j / 2][d] = (V[j][d], V[j + 1][d]) as 32 bits (0 past Tk), and P rounded to bf16 (as the AMX path
+// rounds it, from the same fp32 softmax and its unrounded row sum). P x V ran at the fp32 FMA's roofline (44% of a
+// 128-token call on one Zen 4 core); this halves its multiply-adds' time.
+inline void pack_v_pairs(const uint16_t* v, int64_t v_ts, int64_t Tk, int64_t D, uint32_t* vp) {
+    for (int64_t jp = 0; jp < (Tk + 1) / 2; jp++) {
+        const uint16_t* v0 = v + 2 * jp * v_ts;
+        const bool has1 = 2 * jp + 1 < Tk;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v0 + d)));
+            const __m512i b = has1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v0 + v_ts + d))), 16)
+                                   : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + jp * D + d, _mm512_or_si512(a, b));
+        }
+    }
+}
+
+// out_r = sum_j p[r][j] V[j] / sum_r over key pairs [jp0, jp1) (p: bf16, 0 outside each row's range, row stride
+// ldp elements; vp: pack_v_pairs). R <= 24 / DV rows.
+template <int DV, int R>
+void pv_tile_bf16(const uint16_t* p, int64_t ldp, const uint32_t* vp, int64_t jp0, int64_t jp1, const float* inv,
+                  uint16_t* const* out) {
+    constexpr int64_t D = 16 * DV;
+    __m512 o[R][DV];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8")
+        for (int d = 0; d < DV; d++) o[r][d] = _mm512_setzero_ps();
+    for (int64_t jp = jp0; jp < jp1; jp++) {
+        __m512i vv[DV];
+        _Pragma("GCC unroll 8")
+        for (int d = 0; d < DV; d++) vv[d] = _mm512_loadu_si512(vp + jp * D + d * 16);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; r++) {
+            uint32_t pair;
+            memcpy(&pair, p + r * ldp + 2 * jp, 4);
+            const __m512i pb = _mm512_set1_epi32((int)pair);
+            _Pragma("GCC unroll 8")
+            for (int d = 0; d < DV; d++) o[r][d] = _mm512_dpbf16_ps(o[r][d], (__m512bh)vv[d], (__m512bh)pb);
+        }
+    }
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) {
+        const __m512 iv = _mm512_set1_ps(inv[r]);
+        _Pragma("GCC unroll 8")
+        for (int d = 0; d < DV; d++) BF16::store(out[r] + d * 16, _mm512_mul_ps(o[r][d], iv));
+    }
+}
+
+template <int DV>
+using PvBf16Fn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, int64_t, const float*, uint16_t* const*);
+
+template <int DV, int... Rs>
+PvBf16Fn<DV> pick_pv_bf16(int r, std::integer_sequence<int, Rs...>) {
+    PvBf16Fn<DV> fns[] = {pv_tile_bf16<DV, Rs + 1>...};
+    return fns[r - 1];
+}
+
 struct Args {
     const void *q, *k, *v;
     void* out;
@@ -161,11 +220,14 @@ void run(const Args& a) {
     const int64_t tb = ROWS / G > 0 ? ROWS / G : 1;  // tokens per row block
     const int64_t nqb = (a.Tq + tb - 1) / tb, off = a.Tk - a.Tq;
     std::vector<T> kp((size_t)(blocks * KB * a.D));
+    constexpr bool bf16 = sizeof(T) == 2;  // P x V on vdpbf16ps (pv_tile_bf16); fp32: pv_tile
+    std::vector<uint32_t> vp(bf16 ? (size_t)((a.Tk + 1) / 2 * a.D) : 0);
     const T *q = (const T*)a.q, *k = (const T*)a.k, *v = (const T*)a.v;
     T* out = (T*)a.out;
     for (int64_t h = 0; h < a.Hkv; h++) {
         pack_k<E>(k + h * a.k_hs, a.k_ts, a.Tk, a.D, kp.data());
         const T* vh = v + h * a.v_hs;
+        if (bf16) pack_v_pairs((const uint16_t*)vh, a.v_ts, a.Tk, a.D, vp.data());
 #pragma omp parallel for num_threads(a.nthreads > 0 ? a.nthreads : 1) schedule(dynamic, 1)
         for (int64_t qb = 0; qb < nqb; qb++) {
             const int64_t t0 = qb * tb, nt = a.Tq - t0 < tb ? a.Tq - t0 : tb, R = nt * G;
@@ -218,12 +280,22 @@ void run(const Args& a) {
                 for (int64_t z = base; z < j0; z++) sr[z] = 0.0f;
                 for (int64_t z = j1; z < base + width; z++) sr[z] = 0.0f;
             }
+            std::vector<uint16_t> pb(bf16 ? (size_t)(R * width) : 0);  // P in bf16 (pv_tile_bf16)
+            if (bf16)  // the whole window of each row: zeros outside its keys stay zeros
+                for (int64_t i = 0; i < R * width; i += 16)
+                    _mm256_storeu_si256((__m256i*)(pb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s.data() + i)));
             for (int64_t r0 = 0; r0 < R; r0 += RO) {
                 const int nr = (int)(R - r0 < RO ? R - r0 : RO);
                 int64_t j0 = rlo[r0], j1 = rhi[r0];
                 for (int i = 1; i < nr; i++) {
                     j0 = rlo[r0 + i] < j0 ? rlo[r0 + i] : j0;
                     j1 = rhi[r0 + i] > j1 ? rhi[r0 + i] : j1;
+                }
+                if (bf16) {  // key pairs [j0 / 2, ceil(j1 / 2)): base and width are even, so the pairs stay in the window
+                    pick_pv_bf16<DV>(nr, std::make_integer_sequence<int, RO>{})(pb.data() + r0 * width - base, width, vp.data(),
+                                                                              j0 / 2, (j1 + 1) / 2, inv.data() + r0,
+                                                                              (uint16_t* const*)orow.data() + r0);
+                    continue;
                 }
                 pick_pv<E, DV>(nr, std::make_integer_sequence<int, RO>{})(s.data() + r0 * width - base, width, vh, a.v_ts, j0,
                                                                           j1, inv.data() + r0, orow.data() + r0);
@@ -262,9 +334,9 @@ int attend(const Args& a) {
 //   and the row's sum taken over the rounded values;
 // - P . V: V of the head is packed once per call into VNNI pairs of keys (vp[j/2][d][j%2], TDPBF16PS's B layout,
 //   4 x D bytes a row), 2 x 2 accumulator tiles per 32 output dimensions, scaled by 1 / sum and rounded to bf16.
-// P in bf16 (as flash attention does on GPUs) is the one rounding the AVX-512 path does not make: at most 2^-8 of
+// P in bf16 (as flash attention does on GPUs; the AVX-512 path rounds it too, pv_tile_bf16): at most 2^-8 of
 // each weight, as the bf16 output's own rounding is of each output (tests/llm/kernels/test_cpu_prefill.py bounds
-// both; the mean error measured 1.2-1.5x the output rounding's alone).
+// both paths; the mean error measured 1.2-1.5x the output rounding's alone).
 // Scratch, besides the stack: K and V of one head packed (2 x Tk rounded up to 32 x D bf16, aligned_alloc) and
 // per thread AR rows of scores (AR x Tk rounded up to 32 floats), all freed when the call returns
 // (engine/arena_accounting.py counts them).

@@ -9,8 +9,8 @@ own K/V for a chunk with no cached prefix) and keeps only one block of rows' sco
 a head size other than 32/64/96/128, D not contiguous): the caller then runs `attention.attend_one`.
 
 In bf16 on a core with AMX-BF16 that Linux lets this process use (cpu_amx.cpp's `memfit_amx_available`, asked once
-per process), both products run on the tile unit instead (`memfit_prefill_attention_bf16_amx`, same semantics; P is
-rounded to bf16 before P x V); float32, and other CPUs, stay on the AVX-512 kernel. `kernel=` pins one (tests,
+per process), both products run on the tile unit instead (`memfit_prefill_attention_bf16_amx`, same semantics; both
+kernels round P to bf16 before P x V in bf16); float32, and other CPUs, stay on the AVX-512 kernel. `kernel=` pins one (tests,
 benchmarks/prefill_attention.py).
 """
 from __future__ import annotations

@@ -85,6 +85,28 @@ def test_amx_path_matches_float64(tq, tk, hq, hkv, d, window):
         assert err.mean().item() <= 2 * rounding + 1e-9, (err.mean().item(), rounding)
 
 
+@pytest.mark.parametrize("tq,tk,hq,hkv,d,window", AMX_CASES)
+def test_avx512_bf16_path_within_p_rounding(tq, tk, hq, hkv, d, window):
+    """The AVX-512 path in bf16 rounds P to bf16 before P x V (vdpbf16ps over key pairs, V packed in pairs), as the
+    AMX path does: the same bounds. Odd Tk (a last pair with one key), windows (a row's first key odd) and GQA
+    groups that split a PV tile are in the cases; a pair off by one key, or the pair's halves swapped, moves a row's
+    mean error far past twice the output's own rounding."""
+    need(torch.bfloat16)
+    g = torch.Generator().manual_seed(tq * 1000 + tk + 1)
+    q = torch.randn(tq, hq, d, generator=g).to(torch.bfloat16)
+    cache = torch.randn(2, tk + 7, hkv + 1, d, generator=g).to(torch.bfloat16)  # rows of a wider slot
+    k, v = cache[0, 3 : 3 + tk, 1:], cache[1, 3 : 3 + tk, 1:]
+    ref = reference(q, k, v, d ** -0.5, window)
+    bound = 2 ** -8 * 1.01 * (ref.abs() + reference(q, k, v.abs(), d ** -0.5, window)) + 1e-6
+    rounding = (ref.to(torch.bfloat16).double() - ref).abs().mean().item()
+    for threads in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads, kernel="avx512")
+        err = (out.double() - ref).abs()
+        assert (err <= bound).all(), (err - bound).max().item()
+        assert err.mean().item() <= 2 * rounding + 1e-9, (err.mean().item(), rounding)
+
+
 def test_amx_path_is_the_bf16_default_and_declines_float32():
     need_amx()
     assert kernel_for(torch.bfloat16) == "amx" and kernel_for(torch.float32) == "avx512"
