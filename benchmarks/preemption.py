@@ -66,6 +66,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=False),
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
+    # as before the host tier's region (memory/host_region.py): a fresh torch buffer for every chunk swapped out
+    "swap-run-reuse-noregion": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, region=False),
     # as before the scheduler's ski-rental rule: a swapped turn waits for room for its whole history, however long
     "swap-run-reuse-async-wait": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, wait_always=True),
     "swap-run-reuse-ssd": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True),
@@ -172,6 +174,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     ssd = opts.pop("ssd", False)
     ssd_batch = opts.pop("ssd_batch", True)
     ssd_pyloop = opts.pop("ssd_pyloop", False)
+    region = opts.pop("region", True)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
@@ -197,6 +200,9 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     engine.scheduler.recompute_after_wait = not wait_always
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
+        if not region and engine.swap.region is not None:  # before any swap: every chunk gets a buffer of its own
+            engine.swap.region.close()
+            engine.swap.region = engine.swap.book.region = None
         if engine.swap.ssd is not None:
             engine.swap.ssd.batch = ssd_batch
             if ssd_pyloop:  # the fallback: zlib's CRC-32, the store's Python loop (kv/swap_ssd.py, _staged -> None)

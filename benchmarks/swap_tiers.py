@@ -56,13 +56,13 @@ def _cache(shape: str, max_len: int):
                                   max_seqs=2, eager_pages=0)
 
 
-def _cache_and_swap(shape: str, max_len: int, reuse: bool):
+def _cache_and_swap(shape: str, max_len: int, reuse: bool, region: bool = False):
     from memfit.llm.kv.swap import SwapSpace
     from memfit.memory.budget import MemoryBudget, Tier
 
     layout, cache = _cache(shape, max_len)
     swap = SwapSpace(cache, MemoryBudget(16 * max_len * layout.bytes_per_token, Tier.HOST, name="swap_space"),
-                     reuse=reuse)
+                     reuse=reuse, region=region)
     return layout, cache, swap
 
 
@@ -77,7 +77,8 @@ def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
         cache.write(layer, plan, k, -k)
 
 
-MODES = ("stacked", "runs")
+MODES = ("stacked", "runs", "region")  # region: stacked, the chunks from the engine's HostRegion (kept warm)
+DEFAULT_MODES = ("stacked", "runs")
 
 
 class Rig:
@@ -86,10 +87,10 @@ class Rig:
 
     def __init__(self, shape: str, tokens: int, new: int, mode: str) -> None:
         self.tokens, self.new = tokens, new
-        self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False)
-        self.reuse = _cache_and_swap(shape, tokens + new + 16, reuse=True)
+        self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False, region=mode == "region")
+        self.reuse = _cache_and_swap(shape, tokens + new + 16, reuse=True, region=mode == "region")
         for layout, cache, swap in (self.whole, self.reuse):
-            swap.run_map.stacking = mode == "stacked"
+            swap.run_map.stacking = mode != "runs"
             assert cache.try_allocate(1, tokens + new)
             _write(cache, layout, 1, 0, tokens)
         layout, cache, swap = self.reuse
@@ -202,13 +203,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", nargs="+", default=["tiny", "0.5b"], choices=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=[64, 256, 1024], help="T: the sequence swapped")
     ap.add_argument("--new", type=int, default=16, help="n: new tokens before the reuse swap-out")
-    ap.add_argument("--reps", type=int, default=15, help="rounds; each runs both copy modes, the order alternating")
+    ap.add_argument("--reps", type=int, default=15, help="rounds; each runs every copy mode, the order alternating")
+    ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
+                    help="region: stacked copies into buffers from the host tier's region (what the engine uses on a "
+                         "CPU), against stacked's fresh torch buffer a chunk")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ssd-dir", default=None, help="also the SSD tier alone, its file under this directory")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.reps < 1 or a.new < 1 or min(a.tokens) < 1:
         ap.error("--reps, --new and every --tokens must be at least 1")
+    modes = tuple(dict.fromkeys(a.modes))
     pin_threads(threads)
     from benchmarks.preemption import memcpy_bandwidth
 
@@ -216,9 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     samples: dict[tuple[str, int, str, str], list[tuple[float, float, int, int]]] = {}
     for shape in a.shapes:
         for tokens in a.tokens:
-            rigs = {mode: Rig(shape, tokens, a.new, mode) for mode in MODES}
+            rigs = {mode: Rig(shape, tokens, a.new, mode) for mode in modes}
             for rnd in range(a.reps + 3):  # rounds 0-2: warm-up, not kept
-                for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
+                for mode in modes if rnd % 2 == 0 else modes[::-1]:
                     for op, v in rigs[mode].cycle().items():
                         if rnd >= 3:
                             samples.setdefault((shape, tokens, op, mode), []).append(v)
@@ -237,12 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
                      "call_fraction_of_memcpy": nbytes / wall / bw, "copy_fraction_of_memcpy": nbytes / copy_s / bw})
     by = {(r["shape"], r["tokens"], r["op"], r["mode"]): r for r in rows}
     ratios = {f"{s} T={t} {op}": by[(s, t, op, "runs")]["call_s"] / by[(s, t, op, "stacked")]["call_s"]
-              for (s, t, op, m) in by if m == "stacked"}
+              for (s, t, op, m) in by if m == "stacked" and (s, t, op, "runs") in by}
+    region_ratios = {f"{s} T={t} {op}": by[(s, t, op, "stacked")]["call_s"] / by[(s, t, op, "region")]["call_s"]
+                     for (s, t, op, m) in by if m == "region" and (s, t, op, "stacked") in by}
     ssd, refs = ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir) if a.ssd_dir else ([], [])
     result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
-                    runs_over_stacked_call_time=ratios,
-                    min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in MODES})
+                    modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
+                    min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in modes})
     emit(result, a.out, draw=draw if a.out else None)
     return result
 
@@ -259,12 +266,14 @@ def draw(result: dict, path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         cases = sorted({(r["tokens"], r["op"]) for r in rows if r["shape"] == shape},
                        key=lambda c: (c[0], OPS.index(c[1])))
-        for i, mode in enumerate(("runs", "stacked")):
+        modes = [m for m in ("runs", "stacked", "region") if m in result.get("modes", ("runs", "stacked"))]
+        width = 0.8 / len(modes)
+        for i, mode in enumerate(modes):
             vals = [next(r["call_fraction_of_memcpy"] for r in rows if r["shape"] == shape and r["mode"] == mode
                          and (r["tokens"], r["op"]) == c) for c in cases]
-            ax.bar([j + 0.4 * i for j in range(len(cases))], vals, 0.4, label=mode)
+            ax.bar([j + width * i for j in range(len(cases))], vals, width, label=mode)
         ax.axhline(0.5, color="k", lw=0.8, ls="--", label="issue 15's 50%")
-        ax.set_xticks([j + 0.2 for j in range(len(cases))], [f"{op}\nT={t}" for t, op in cases], fontsize=6)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{op}\nT={t}" for t, op in cases], fontsize=6)
         ax.set_ylabel("host tier / memcpy (around the call)")
         ax.set_title(f"{shape}")
         ax.legend(fontsize=7)

@@ -13,7 +13,7 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     ssd_dir = tmp_path / "ssd"
     ssd_dir.mkdir()
     result = swap_tiers.main(["--shapes", "tiny", "--tokens", "24", "--new", "4", "--reps", "1", "--out", str(out),
-                              "--ssd-dir", str(ssd_dir)])
+                              "--ssd-dir", str(ssd_dir), "--modes", "stacked", "runs", "region"])
     assert json.loads(capsys.readouterr().out) == result == json.loads(out.read_text())
     assert out.with_suffix(".png").exists()
     rows = {(r["op"], r["mode"]): r for r in result["rows"]}
@@ -22,9 +22,10 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     row_bytes = heads * dim * 2  # bf16: one token's K (or V) of one layer
     segments = 2 * layers
     for op in swap_tiers.OPS:
-        a, b = rows[(op, "runs")], rows[(op, "stacked")]
-        assert a["bytes"] == b["bytes"] and a["copies"] == b["copies"]
-        assert a["call_fraction_of_memcpy"] > 0 and b["call_fraction_of_memcpy"] > 0
+        a, b, c = rows[(op, "runs")], rows[(op, "stacked")], rows[(op, "region")]
+        assert a["bytes"] == b["bytes"] == c["bytes"] and a["copies"] == b["copies"] == c["copies"]
+        assert a["call_fraction_of_memcpy"] > 0 and b["call_fraction_of_memcpy"] > 0 and c["call_fraction_of_memcpy"] > 0
+    assert set(result["stacked_over_region_call_time"]) == {f"tiny T=24 {op}" for op in swap_tiers.OPS}
     # counted independently from the shape: whole swaps move 24 tokens of every segment, the reuse swap-out 4
     assert rows[("out T", "stacked")]["bytes"] == rows[("in T", "stacked")]["bytes"] == segments * 24 * row_bytes
     assert rows[("out +n", "stacked")]["bytes"] == segments * 4 * row_bytes

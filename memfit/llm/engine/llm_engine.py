@@ -140,7 +140,8 @@ class LLMEngine:
     def maintain(self, now: float | None = None) -> None:
         """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
         back KV pages idle past the watermark for `kv_reclaim_idle_s`, report failed background commits, and
-        trim the C heap under a memory budget when the process nears it, and once idle for `kv_reclaim_idle_s`."""
+        trim the C heap under a memory budget when the process nears it, and once idle for `kv_reclaim_idle_s` (with
+        the host swap tier's cached pages)."""
         now = time.monotonic() if now is None else now
         failures = self.kv.take_prefault_failures()
         if failures:
@@ -152,8 +153,8 @@ class LLMEngine:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
         if self._heap is not None:
             self._heap.maybe_trim()
-        if not self.scheduler.has_unfinished():
-            self._idle_heap.maybe_trim(now)
+        if not self.scheduler.has_unfinished() and self._idle_heap.maybe_trim(now) and self.swap is not None:
+            self.swap.trim()  # the host swap tier's warm free pages too, once per idle period
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

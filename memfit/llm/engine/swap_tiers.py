@@ -70,7 +70,11 @@ def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, d
                 ssd.store.on_fallback = lambda: ledger.release(staged, SSD_STAGING_OWNER)
             else:  # the file system refused O_DIRECT at open: buffered I/O, no staging buffers
                 ledger.release(staged, SSD_STAGING_OWNER)
-    return SwapSpace(kv, budget, cost, threads=config.swap_threads, reuse=config.swap_reuse, ssd=ssd)
+    # the tier keeps the pages it has committed (warm for the next swap-out) only where its budget is set aside for
+    # it: on a CPU without --swap-space the KV cache draws on the same ledger room, so freed pages go back at once
+    keep = 0 if parent is not None and config.swap_space is None else None
+    return SwapSpace(kv, budget, cost, threads=config.swap_threads, reuse=config.swap_reuse, ssd=ssd,
+                     keep_bytes=keep, region=True)
 
 
 def tier_timeline(swap: SwapSpace | None) -> dict:

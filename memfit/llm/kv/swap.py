@@ -50,6 +50,7 @@ from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, Swa
 from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail_run
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget
+from memfit.memory.host_region import HostRegion
 
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
@@ -61,7 +62,7 @@ MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host c
 class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
                  threads: int = 0, block_tokens: int | None = None, reuse: bool = False,
-                 ssd: SSDTier | None = None) -> None:
+                 ssd: SSDTier | None = None, keep_bytes: int | None = None, region: bool = False) -> None:
         if not (kv.fixed_stride or kv.block_tables):
             raise ValueError(f"the {kv.kind or type(kv).__name__} KV cache cannot be swapped (it declares neither "
                              "fixed_stride nor block_tables)")
@@ -78,7 +79,12 @@ class SwapSpace(InFlightSwaps):
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
         self.async_swap_outs = 0  # swap-outs that ran on the pool
         self.merge_at = MERGE_AT  # a copy's trailing host chunks merged at a swap-out once this many (0: never)
-        self.book = HostCopies(budget, self.stats, ssd)  # what is held, kept, evicted (swap_reuse.py)
+        # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
+        # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
+        # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
+        self.region = HostRegion(budget.limit_bytes, budget, keep_bytes) \
+            if region and not self.pin and HostRegion.supported else None
+        self.book = HostCopies(budget, self.stats, ssd, self.region)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
         # straight to the SSD tier (its extent is known once the write and its CRC land), else None
@@ -174,7 +180,7 @@ class SwapSpace(InFlightSwaps):
         elif pieces:
             olds, size = self._merge_plan(copy, start, num_tokens, nbytes)  # swap_pairs.py: why merge
             try:
-                buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+                buf = self._host_buffer(size)
                 job: tuple  # (the copy function, its arguments)
                 if olds:  # (held bytes, new runs) pairs, resolved here on the engine thread like the runs
                     host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
@@ -248,15 +254,27 @@ class SwapSpace(InFlightSwaps):
             self._land_out(seq_id)
         self.book.drop(seq_id)
 
+    def trim(self) -> int:
+        """Give back the host pages no held chunk uses (the region's cache); the bytes returned."""
+        return self.region.trim() if self.region is not None else 0
+
     def close(self) -> None:
         for seq_id in [*self._copies, *self._inflight, *self._outflight]:
             self.discard(seq_id)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self.region is not None:
+            self.region.close()
         if self.ssd is not None:
             self.ssd.close()
 
     # ---- inside ----------------------------------------------------------------------------------------
+
+    def _host_buffer(self, size: int) -> torch.Tensor:
+        """A (size,) uint8 host buffer for a chunk (its bytes reserved by the caller): from the region, or, where
+        it has no free extent that large (fragmented) or there is none (CUDA: pinned), a buffer of its own."""
+        buf = self.region.take(size) if self.region is not None else None
+        return buf if buf is not None else torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
 
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)

@@ -26,6 +26,7 @@ from memfit.memory.budget import MemoryBudget
 
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
+    from memfit.memory.host_region import HostRegion
 
 __all__ = ["Chunk", "Copy", "HostCopies"]
 
@@ -50,8 +51,9 @@ class HostCopies:
     """Every held copy by sequence id, the LRU order of the kept ones, and the host budget they are reserved in
     (`stats` is the swap tier's: the resident bytes and kept evictions are counted here)."""
 
-    def __init__(self, budget: MemoryBudget, stats: SwapStats, ssd: SSDTier | None = None) -> None:
-        self.budget, self.stats, self.ssd = budget, stats, ssd
+    def __init__(self, budget: MemoryBudget, stats: SwapStats, ssd: SSDTier | None = None,
+                 region: HostRegion | None = None) -> None:
+        self.budget, self.stats, self.ssd, self.region = budget, stats, ssd, region
         self.copies: dict[int, Copy] = {}
         self.kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
         # chunks a merge replaced (swap_pairs.py), still held until the merging copy that reads them lands
@@ -98,6 +100,8 @@ class HostCopies:
         if chunk.buf is not None:
             self.budget.release(chunk.nbytes, OWNER)
             self.stats.resident_bytes -= chunk.nbytes
+            if self.region is not None and self.region.owns(chunk.buf):
+                self.region.free(chunk.buf)  # its pages may stay warm, reserved by the region (host_region.py)
             chunk.buf = None
         elif self.ssd is not None:
             self.ssd.free(chunk.extent)
@@ -115,6 +119,8 @@ class HostCopies:
         first; a live copy is demoted only to the SSD tier, never dropped (and not while in `busy`: a swap-in
         of it is in flight)."""
         while not self.budget.try_reserve(nbytes, OWNER):
+            if self.region is not None and self.region.trim():  # the region's warm free pages go first
+                continue
             victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1

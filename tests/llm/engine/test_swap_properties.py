@@ -15,7 +15,11 @@ values (above) show that a copy assembled from several swap-outs restores exactl
 
 With swap threads, swap-outs run on the pool overlapped with the step: until the copy lands, the sequence still
 holds its device KV, unchanged, and its host bytes are already reserved, so both are counted and neither budget
-is exceeded."""
+is exceeded.
+
+With the host region (`region`: the engine's default on a CPU, memory/host_region.py) the tier's budget also holds
+the region's warm free pages and page rounding: there every byte of the budget beyond the held buffers is checked
+against the pages the kernel holds for the region (mincore), and the buffers' own sizes against the tier's owner."""
 from __future__ import annotations
 
 import torch
@@ -30,10 +34,12 @@ from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 from memfit.llm.kv.base import SeqStep
 from memfit.llm.kv.paged import PagedKVCache
 from memfit.llm.kv.swap import SwapSpace
+from memfit.llm.kv.swap_model import OWNER
 from memfit.llm.kv.virtual import VirtualKVCache
 from memfit.memory.budget import MemoryBudget, Tier
 from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
 from tests.llm.kv.test_virtual import LAYOUT, kv_for
+from tests.memory.test_host_region import resident_bytes
 
 STATEFUL = settings(max_examples=30, stateful_step_count=50, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -45,6 +51,7 @@ class SwapMachine(RuleBasedStateMachine):
     reuse = False
     ssd = False  # an SSD tier below the host tier (room for ~48 tokens): its budget equals the extents in use
     groups = False  # paged: the block-group allocator, whose swaps copy runs of blocks
+    region = False  # the host tier's buffers from a HostRegion that keeps freed pages warm (keep_bytes None)
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,7 +71,8 @@ class SwapMachine(RuleBasedStateMachine):
 
             self.tmp = tempfile.TemporaryDirectory()
             self.ssd_tier = SSDTier(self.tmp.name, 48 * LAYOUT.bytes_per_token)
-        self.swap = SwapSpace(self.cache, self.host, threads=self.threads, reuse=self.reuse, ssd=self.ssd_tier)
+        self.swap = SwapSpace(self.cache, self.host, threads=self.threads, reuse=self.reuse, ssd=self.ssd_tier,
+                              region=self.region)
         cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, policy=PolicyConfig("priority", aging_steps=3),
                               preemption_mode="swap")
         self.sched = Scheduler(cfg, self.cache, self.swap)
@@ -129,13 +137,14 @@ class SwapMachine(RuleBasedStateMachine):
         if self.reuse or self.ssd:
             return  # kept copies are held too: the invariant above
         expected = sum(self.swap.runs_shape(s.num_computed)[0] for s in self.seqs.values() if s.swapped)
-        assert self.host.used_bytes == expected
+        assert self.host.by_owner().get(OWNER, 0) == expected
         assert self.host.peak_bytes <= self.host.limit_bytes
         assert self.kv_budget.peak_bytes <= self.kv_budget.limit_bytes
 
     @invariant()
     def host_budget_equals_the_buffers_held_and_kept_copies_belong_to_someone(self) -> None:
-        assert self.host.used_bytes == self.swap.held_bytes() <= self.host.limit_bytes
+        assert self.host.by_owner().get(OWNER, 0) == self.swap.held_bytes()
+        assert self.host.used_bytes == self._region_bytes() + self.swap.held_bytes() <= self.host.limit_bytes
         if self.ssd_tier is not None:
             store = self.ssd_tier.store
             in_use = store.capacity - sum(n for _, n in store.free_extents)  # from the allocator's free list
@@ -172,6 +181,18 @@ class SwapMachine(RuleBasedStateMachine):
         for seq in self.sched.running:
             self._assert_holds_its_values(seq)
 
+    def _region_bytes(self) -> int:
+        """What the tier's budget must hold beyond its buffers' sizes: the pages the kernel holds for the region less
+        the bytes of the held buffers inside it (from the buffers' addresses, not the region's count); 0 without."""
+        region = self.swap.region
+        if region is None:
+            return 0
+        lo, hi = region.arena.address, region.arena.address + region.arena.size
+        held = [*(c for copy in self.swap._copies.values() for c in copy.chunks),
+                *(c for r in self.swap.book.retiring.values() for c in r)]
+        inside = sum(c.buf.numel() for c in held if c.buf is not None and lo <= c.buf.data_ptr() < hi)
+        return resident_bytes(region) - inside
+
     def _assert_holds_its_values(self, seq: Sequence) -> None:
         n = seq.num_computed
         if n == 0:
@@ -187,9 +208,12 @@ class SwapMachine(RuleBasedStateMachine):
             self.sched.abort(seq)
         for session in ("a", "b"):
             self.sched.drop_retained(session)
-        assert self.host.used_bytes == 0 and self.cache.stats().num_seqs == 0
+        assert self.host.by_owner().get(OWNER, 0) == 0 and self.cache.stats().num_seqs == 0
+        assert self.host.used_bytes == self._region_bytes()  # warm free pages only
         if self.ssd_tier is not None:
             assert self.ssd_tier.budget.used_bytes == 0
+        self.swap.trim()
+        assert self.host.used_bytes == 0 == self._region_bytes()
         self.swap.close()
         self.cache.close()
         if self.ssd:
@@ -248,6 +272,18 @@ class SSDAsyncPagedSwapMachine(SwapMachine):
     ssd = True
 
 
+class RegionReuseAsyncVirtualSwapMachine(SwapMachine):  # the engine's host tier on a CPU
+    threads = 2
+    reuse = True
+    region = True
+
+
+class RegionSSDPagedSwapMachine(SwapMachine):
+    kind = "paged"
+    ssd = True
+    region = True
+
+
 TestVirtualSwap = SwapMachine.TestCase
 TestVirtualSwap.settings = STATEFUL
 TestPagedSwap = PagedSwapMachine.TestCase
@@ -270,3 +306,7 @@ TestReuseAsyncPagedGroupsSwap = ReuseAsyncPagedGroupsSwapMachine.TestCase
 TestReuseAsyncPagedGroupsSwap.settings = STATEFUL
 TestSSDPagedGroupsSwap = SSDPagedGroupsSwapMachine.TestCase
 TestSSDPagedGroupsSwap.settings = STATEFUL
+TestRegionReuseAsyncVirtualSwap = RegionReuseAsyncVirtualSwapMachine.TestCase
+TestRegionReuseAsyncVirtualSwap.settings = STATEFUL
+TestRegionSSDPagedSwap = RegionSSDPagedSwapMachine.TestCase
+TestRegionSSDPagedSwap.settings = STATEFUL

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import mmap as real_mmap
 import os
+import time
 
 import pytest
 import torch
@@ -176,3 +177,31 @@ def test_swap_ssd_prewrite_from_the_command_line_leaves_no_unwritten_extent(tiny
     assert _unwritten_bytes(llm.engine.swap.ssd.store.path) in (0, None)  # None: FIEMAP not answered here
     assert "100% written" in capsys.readouterr().err
     llm.engine.close()
+
+
+def test_the_host_tier_keeps_its_pages_warm_only_where_its_budget_is_set_aside_and_gives_them_back_when_idle(
+        tiny):  # noqa: F811
+    """--swap-space sets the tier's bytes aside in the ledger: its region keeps freed pages for the next swap-out,
+    and the engine gives them back once idle for kv_reclaim_idle_s. Without it the KV cache draws on the same room,
+    so freed pages go back at once (kernel's page map: mincore)."""
+    from tests.memory.test_host_region import resident_bytes
+
+    _, _, path = tiny
+    one_seq = LLM(str(path), dtype="float32", kv_budget="64MiB").engine.kv.bytes_needed(80)
+    for swap_space in ("16MiB", None):
+        llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+                  preemption_mode="swap", swap_space=swap_space, swap_threads=0, kv_reclaim_idle_s=5,
+                  memory_budget="8GiB")
+        llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)
+        swap = llm.engine.swap
+        assert swap.stats.out_ops > 0 and swap.budget.by_owner().get("swap", 0) == 0
+        warm = resident_bytes(swap.region)
+        assert swap.budget.used_bytes == warm  # every page the kernel holds for the region is in the budget
+        if swap_space is None:
+            assert swap.region.keep_bytes == 0 and warm == 0
+            continue
+        assert warm > 0
+        llm.engine.maintain(now=time.monotonic() + 1)  # not idle long enough: kept
+        assert resident_bytes(swap.region) == warm
+        llm.engine.maintain(now=time.monotonic() + 10)
+        assert resident_bytes(swap.region) == 0 == swap.budget.used_bytes

@@ -6,8 +6,10 @@ import torch
 from memfit.llm.kv.paged import PagedKVCache
 from memfit.llm.kv.swap import CostModel, SwapSpace
 from memfit.llm.kv.virtual import VirtualKVCache
+from memfit.llm.kv.swap_model import OWNER
 from memfit.memory.budget import MemoryBudget, Tier
 from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
+from tests.memory.test_host_region import resident_bytes
 from memfit.llm.kv.base import KVLayout, SeqStep
 
 CACHES = {
@@ -75,6 +77,35 @@ def test_host_tier_is_a_share_of_the_ledger_when_it_has_a_parent():
     write(cache, [SeqStep(1, 0, 19)])
     assert swap.try_swap_out(1, 19)
     assert ledger.by_owner()["swap_space"] == swap.stats.resident_bytes > 0
+    cache.close()
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_with_a_region_swaps_write_into_warm_pages_and_the_budget_matches_the_kernel(kind):
+    """The engine's host tier on a CPU: chunks from a HostRegion. A second swap-out of the same size lands in the
+    pages the first one committed (no page newly held: mincore), the round trip stays exact, and the tier's budget
+    is the chunk's bytes plus the region's other pages as the kernel counts them."""
+    cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
+    host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, region=True)
+    assert cache.try_allocate(1, 19)
+    write(cache, [SeqStep(1, 0, 19)])
+    before = contexts(cache, 1, 19)
+    for turn in range(2):
+        assert swap.try_swap_out(1, 19)
+        cache.free(1)
+        chunk = swap._copies[1].chunks[0]
+        assert swap.region.owns(chunk.buf) and chunk.buf.data_ptr() == swap.region.arena.address
+        held = resident_bytes(swap.region)
+        assert host.by_owner()[OWNER] == chunk.nbytes and host.used_bytes == held  # its pages, all reserved
+        if turn == 0:
+            first = held
+        assert held == first  # the second swap-out committed nothing new
+        assert cache.try_allocate(1, 19) and swap.swap_in(1) == 19
+        assert [torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19))] == [True] * len(before)
+        assert host.by_owner()[OWNER] == 0 and host.used_bytes == resident_bytes(swap.region) == first  # warm
+    assert swap.trim() == first and host.used_bytes == 0 == resident_bytes(swap.region)
+    swap.close()
     cache.close()
 
 
