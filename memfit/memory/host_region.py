@@ -87,8 +87,7 @@ class HostRegion:
             raise ValueError(f"take needs a positive size, got {nbytes}")
         with self._lock:
             off = self.space.alloc(nbytes)
-            if off is None:
-                self._trim_locked()  # nothing to gain from cached pages when no extent fits; give them back
+            if off is None:  # fragmented: the caller's reservation fitted, no free extent is that large
                 return None
             ext = extent_bytes(nbytes)
             if not self.arena.is_committed(off, ext):  # warm already (the common case): nothing to commit
