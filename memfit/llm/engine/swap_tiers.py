@@ -81,11 +81,19 @@ def tier_timeline(swap: SwapSpace | None) -> dict:
     """The swap tiers' share of a timeline row: what each holds now, and its limit."""
     if swap is None:
         return {}
-    row = {"swap_host_resident_bytes": swap.stats.resident_bytes, "swap_host_limit_bytes": swap.budget.limit_bytes}
+    row = {"swap_host_resident_bytes": swap.stats.resident_bytes, "swap_host_limit_bytes": swap.budget.limit_bytes,
+           "swap_host_region_bytes": region_bytes(swap)}
     if swap.ssd is not None:
         row.update(swap_ssd_resident_bytes=swap.ssd.stats.resident_bytes,
                    swap_ssd_limit_bytes=swap.ssd.budget.limit_bytes)
     return row
+
+
+def region_bytes(swap: SwapSpace) -> int:
+    """What the host tier's region holds beyond its chunks' bytes (warm free pages, page rounding): RSS in its budget."""
+    from memfit.memory.host_region import REGION_OWNER
+
+    return swap.budget.by_owner().get(REGION_OWNER, 0)
 
 
 def swap_stats(swap: SwapSpace | None) -> dict:
@@ -101,6 +109,7 @@ def swap_stats(swap: SwapSpace | None) -> dict:
     per_tier = [{"tier": name, "out_bytes": s.out_bytes, "in_bytes": s.in_bytes, "out_ops": s.out_ops,
                  "in_ops": s.in_ops, "resident_bytes": s.resident_bytes, "limit_bytes": b.limit_bytes,
                  "io_errors": s.io_errors, "seconds_sum": s.seconds_sum} for name, s, b in tiers]
+    per_tier[0]["region_bytes"] = region_bytes(swap)
     if swap.ssd is not None:  # O_DIRECT in use, or why not (memory/extent_store.py)
         per_tier[1].update(direct_io=swap.ssd.store.direct, direct_io_fallback=swap.ssd.store.direct_fallback,
                            checksum=swap.ssd.checksum, syscall_seconds=swap.ssd.syscall_seconds)

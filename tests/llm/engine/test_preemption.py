@@ -177,6 +177,9 @@ def test_the_memory_timeline_shows_the_host_tier(tiny, tmp_path):  # noqa: F811
     # Some step held a swapped sequence's KV on the host (at least its prompt), none at the end.
     assert max(held) >= bpt * min(len(p) for p in PROMPTS) and held[-1] == 0
     assert all(r["swap_host_limit_bytes"] == 16 << 20 for r in rows)
+    # the region's warm pages are in the timeline too: after the last step, all the kernel holds for it (no chunk left)
+    assert rows[-1]["swap_host_region_bytes"] == resident_bytes(llm.engine.swap.region) > 0
+    assert llm.engine.stats()["swap"]["region_bytes"] == rows[-1]["swap_host_region_bytes"]
 
 
 def test_aborting_a_request_while_its_kv_swaps_back_in_leaks_nothing(tiny, expected):  # noqa: F811
