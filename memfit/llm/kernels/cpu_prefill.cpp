@@ -204,6 +204,18 @@ PvBf16Fn<DV> pick_pv_bf16(int r, std::integer_sequence<int, Rs...>) {
     return fns[r - 1];
 }
 
+// A heap block left uninitialised (std::vector zeroes its floats: a memset of the row block's scores that the
+// score tiles overwrite, ~2% of a 128-token call), freed at scope end.
+template <typename T>
+struct Scratch {
+    T* p;
+    explicit Scratch(size_t n) : p(n ? new T[n] : nullptr) {}
+    ~Scratch() { delete[] p; }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    T* data() { return p; }
+};
+
 struct Args {
     const void *q, *k, *v;
     void* out;
@@ -236,7 +248,7 @@ void run(const Args& a) {
             int64_t lo = a.window > 0 ? off + t0 - a.window + 1 : 0;
             if (lo < 0) lo = 0;
             const int64_t b0 = lo / KB, b1 = (hi + KB - 1) / KB, base = b0 * KB, width = (b1 - b0) * KB;
-            std::vector<float> s((size_t)(R * width));
+            Scratch<float> s((size_t)(R * width));  // every element written by the score tiles
             std::vector<const T*> qr((size_t)R);
             std::vector<T*> orow((size_t)R);
             std::vector<float> inv((size_t)R);
@@ -255,9 +267,12 @@ void run(const Args& a) {
                     fn(qr.data() + r0, kp.data() + b * steps * KB * E::SPAN, steps, a.scale, s.data() + r0 * width + (b - b0) * KB,
                        width);
             }
-            // exact softmax per row over [rlo, rhi); 0 elsewhere in the row's window of the block
+            // exact softmax per row over [rlo, rhi); 0 elsewhere in the row's window of the block. bf16: the
+            // probabilities go straight to P's bf16 row (pv_tile_bf16 reads that), the fp32 row is not written back
+            Scratch<uint16_t> pb(bf16 ? (size_t)(R * width) : 0);  // every element written below
             for (int64_t r = 0; r < R; r++) {
                 float* sr = s.data() + r * width - base;
+                uint16_t* pr = bf16 ? pb.data() + r * width - base : nullptr;
                 const int64_t j0 = rlo[r], j1 = rhi[r];
                 __m512 mx = _mm512_set1_ps(-INFINITY);
                 int64_t j = j0;
@@ -266,24 +281,25 @@ void run(const Args& a) {
                 mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, sr + j));
                 const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
                 __m512 sum = _mm512_setzero_ps();
+                if (bf16)  // zeros outside the row's keys (the window is whole 16-key chunks: width is a multiple of 32)
+                    for (int64_t z = base; z < base + width; z += 16) _mm256_storeu_si256((__m256i*)(pr + z), _mm256_setzero_si256());
                 for (j = j0; j + 16 <= j1; j += 16) {
                     const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + j), m));
-                    _mm512_storeu_ps(sr + j, e);
+                    if (bf16) _mm256_storeu_si256((__m256i*)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+                    else _mm512_storeu_ps(sr + j, e);
                     sum = _mm512_add_ps(sum, e);
                 }
                 if (j < j1) {
                     const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sr + j), m)));
-                    _mm512_mask_storeu_ps(sr + j, tail, e);
+                    if (bf16) _mm256_mask_storeu_epi16(pr + j, tail, (__m256i)_mm512_cvtneps_pbh(e));
+                    else _mm512_mask_storeu_ps(sr + j, tail, e);
                     sum = _mm512_add_ps(sum, e);
                 }
                 inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+                if (bf16) continue;
                 for (int64_t z = base; z < j0; z++) sr[z] = 0.0f;
                 for (int64_t z = j1; z < base + width; z++) sr[z] = 0.0f;
             }
-            std::vector<uint16_t> pb(bf16 ? (size_t)(R * width) : 0);  // P in bf16 (pv_tile_bf16)
-            if (bf16)  // the whole window of each row: zeros outside its keys stay zeros
-                for (int64_t i = 0; i < R * width; i += 16)
-                    _mm256_storeu_si256((__m256i*)(pb.data() + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s.data() + i)));
             for (int64_t r0 = 0; r0 < R; r0 += RO) {
                 const int nr = (int)(R - r0 < RO ? R - r0 : RO);
                 int64_t j0 = rlo[r0], j1 = rhi[r0];
