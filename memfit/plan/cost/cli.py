@@ -109,11 +109,26 @@ def _generate(args) -> int:
 
 
 def _label(args) -> int:
+    from pathlib import Path
+
     from memfit.plan.cost import label, store
+    from memfit.plan.cost.errors import CostModelError
+    from memfit.plan.cost.families import FAMILIES
     from memfit.plan.cost.roofline import measure_peaks
 
     from memfit.plan.cost.iree import DEFAULT_LABEL_KIND
 
+    # refused before any kernel is timed: --repetitions 0 marked each kernel it reached as failed in the dataset
+    if not Path(args.db).is_file():  # labelling a new, empty file would 'succeed' with 0 kernels
+        raise CostModelError(f"no dataset at {args.db}: run `memfit costmodel generate --out {args.db}` first")
+    for flag, value, least in (("--workers", args.workers, 1), ("--repetitions", args.repetitions, 1),
+                               ("--limit", args.limit, 0), ("--noise", args.noise, 0)):
+        if value is not None and value < least:
+            raise CostModelError(f"{flag} must be at least {least} (got {value})")
+    if not args.min_time > 0 or args.min_time == float("inf"):
+        raise CostModelError(f"--min-time must be a positive number of seconds (got {args.min_time})")
+    if args.family is not None and args.family not in FAMILIES:
+        raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join(FAMILIES)}")
     cfg = label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit, args.family,
                             args.label_kind or DEFAULT_LABEL_KIND, args.pin_cpu)
     counts = label.label_all(args.db, cfg, progress=not args.no_progress)
@@ -138,6 +153,11 @@ def _train(args) -> int:
     from memfit.plan.cost.fit import FitConfig
     from memfit.plan.cost.train import DEFAULT_MODEL, TrainConfig, train
 
+    from memfit.plan.cost.errors import CostModelError
+
+    if args.epochs < 1:
+        raise CostModelError(f"--epochs must be at least 1 (got {args.epochs})")
+    _check_output(args.out, "--out")
     cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else (),
                       vtile_rules=args.vtile_rules)
     result = train(args.db, args.out or DEFAULT_MODEL, cfg, verbose=True)
@@ -150,6 +170,18 @@ def _train(args) -> int:
         print(table({k: v for k, v in result["shapes"].items() if not k.startswith("_")}))
         print(f"model: {result['model']} ({result['model_bytes']} bytes)")
     return 0
+
+
+def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """An output path that cannot be written, refused before the work (training, tuning) that ends in writing it."""
+    from memfit.errors import output_path
+    from memfit.plan.cost.errors import CostModelError
+
+    if path:
+        try:
+            output_path(path, option, suffixes)
+        except ValueError as exc:
+            raise CostModelError(str(exc)) from None
 
 
 def _read(path: str) -> str:
@@ -170,6 +202,10 @@ def _measure(args) -> int:
 
     from memfit.plan.cost.iree import DEFAULT_LABEL_KIND
 
+    if args.repetitions < 1:
+        from memfit.plan.cost.errors import CostModelError
+
+        raise CostModelError(f"--repetitions must be at least 1 (got {args.repetitions})")
     m = measure(_read(args.file), args.function, args.repetitions)
     # latency_us is measured as the labels are (the median CPU time per call: what the real time is when the
     # process has a core to itself); the real-time median of this run is printed beside it
@@ -184,6 +220,9 @@ def _measure(args) -> int:
 def _eval(args) -> int:
     from memfit.plan.cost.evaluate_cmd import evaluate
 
+    from memfit.errors import PLOT_SUFFIXES
+
+    _check_output(args.plot, "--plot", PLOT_SUFFIXES)
     result = evaluate(args.db, args.model, args.plot, args.seed)
     if args.json:
         print(json.dumps(result))
@@ -199,6 +238,7 @@ def _eval(args) -> int:
 def _tune(args) -> int:
     from memfit.plan.cost.tune import tune
 
+    _check_output(args.out, "--out")  # before the tuning (with --measure, minutes of compiling)
     out = tune(_read(args.file), args.function, args.model, args.measure, args.ranker, not args.no_ranker)
     if args.out:
         with open(args.out, "w") as f:
@@ -226,6 +266,7 @@ def _train_ranker(args) -> int:
     from memfit.plan.cost.rank_eval import train_ranker
     from memfit.plan.cost.ranker import COMPACT, DEFAULT_RANKER, SMALL, RankerConfig
 
+    _check_output(args.out, "--out")
     cfg = RankerConfig(objective=args.objective, features=COMPACT if args.features == "compact" else None,
                        seed=args.seed, **SMALL)
     out = train_ranker(args.db, args.out or DEFAULT_RANKER, cfg, args.target, args.seed)

@@ -169,8 +169,11 @@ class TileRanker:
 
     @classmethod
     def load(cls, path: str | Path) -> "TileRanker":
-        doc = json.loads(Path(path).read_text())
-        if doc.get("format") != FORMAT:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except ValueError as exc:  # not JSON, or not UTF-8 text (UnicodeDecodeError is a ValueError)
+            raise CostModelError(f"{path} is not a tile ranker ({FORMAT}): {exc}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CostModelError(f"{path} is not a tile ranker ({FORMAT})")
         if not set(doc["features"]) <= set(tiles.NAMES):
             raise CostModelError(f"{path} was trained on other tile features; retrain it "

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.families import KernelSpec
 from memfit.plan.cost.iree import label_value
 
@@ -25,9 +26,13 @@ CREATE TABLE IF NOT EXISTS noise (key TEXT, run INTEGER, latency_us REAL, PRIMAR
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
-    con = sqlite3.connect(str(path), timeout=60)
-    con.row_factory = sqlite3.Row
-    con.executescript(SCHEMA)
+    try:
+        con = sqlite3.connect(str(path), timeout=60)
+        con.row_factory = sqlite3.Row
+        con.executescript(SCHEMA)
+    except sqlite3.DatabaseError as exc:  # not an SQLite file, or a path where none can be opened or made
+        raise CostModelError(f"{path} is not a dataset memfit can open ({exc}); give the file `memfit costmodel "
+                             "generate --out` wrote, or a new path to create one") from None
     return con
 
 

@@ -186,3 +186,66 @@ def test_each_shipped_model_names_its_host_and_predict_takes_this_cpus(monkeypat
         assert pr.load_model().info["host_cpu"] == hosts[zen4.name]
     finally:
         pr.load_model.cache_clear()
+
+
+@pytest.mark.parametrize("action", [["generate", "--n", "2", "--out"], ["label", "--db"], ["train", "--db"],
+                                    ["eval", "--db"], ["train-ranker", "--db"]])
+def test_a_file_that_is_not_a_dataset_is_one_error(action, tmp_path, capsys):
+    """A --db/--out that is not SQLite (or cannot be opened) was sqlite3's DatabaseError traceback."""
+    bad = tmp_path / "notes.db"
+    bad.write_text("garbage\n")
+    assert main(["costmodel", *action, str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a dataset memfit can open" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, words", [(["--workers", "0"], "--workers must be at least 1"),
+                                          (["--repetitions", "0"], "--repetitions must be at least 1"),
+                                          (["--min-time", "-1"], "--min-time must be a positive"),
+                                          (["--limit", "-1"], "--limit must be at least 0"),
+                                          (["--family", "nope"], "unknown family 'nope'")])
+def test_label_refuses_bad_settings_before_timing_anything(flags, words, tmp_path, capsys, monkeypatch):
+    """These were taken: --repetitions 0 marked every kernel it reached as failed in the dataset, --family nope
+    labelled nothing and exited 0."""
+    from memfit.plan.cost import label
+
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    monkeypatch.setattr(label, "label_all", lambda *a, **k: pytest.fail("labelled with bad settings"))
+    assert main(["costmodel", "label", "--db", str(db), "--no-progress", *flags]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_label_refuses_a_dataset_that_is_not_there(tmp_path, capsys):
+    """It created an empty file and printed {"kernels": 0, ...} with exit status 0."""
+    assert main(["costmodel", "label", "--db", str(tmp_path / "typo.db"), "--no-progress"]) == 2
+    assert "no dataset at" in capsys.readouterr().err and not (tmp_path / "typo.db").exists()
+
+
+def test_tune_refuses_a_bad_ranker_and_an_unwritable_out(kernel, tmp_path, capsys):
+    """A --ranker that is not JSON was json's traceback; --out under a file was a traceback after the tuning."""
+    (tmp_path / "afile").write_text("")
+    assert main(["costmodel", "tune", str(kernel), "--ranker", str(tmp_path / "afile"), "--json"]) == 2
+    assert "is not a tile ranker" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["costmodel", "tune", str(kernel), "--out", str(tmp_path / "afile" / "x.mlir"), "--json"]) == 2
+    assert "is a file, not a folder" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["costmodel", "measure", str(kernel), "--repetitions", "0", "--json"]) == 2
+    assert "--repetitions must be at least 1" in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.mark.parametrize("argv, words", [(["train", "--epochs", "0"], "--epochs must be at least 1"),
+                                         (["train", "--out", "afile/m.safetensors"], "--out"),
+                                         (["train-ranker", "--out", "afile/r.json"], "--out"),
+                                         (["eval", "--plot", "eval.txt"], "--plot")])
+def test_train_and_eval_check_their_settings_and_outputs_first(argv, words, tmp_path, capsys, monkeypatch):
+    """--epochs 0 and an --out/--plot that cannot be written were found only after the training or evaluation."""
+    from memfit.plan.cost import evaluate_cmd, rank_eval, train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for module, name in ((train, "train"), (rank_eval, "train_ranker"), (evaluate_cmd, "evaluate")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("ran before checking the options"))
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    assert main(["costmodel", argv[0], "--db", str(db), *argv[1:]]) == 2
+    assert words in capsys.readouterr().err
