@@ -215,6 +215,8 @@ def predict_for_engine(model_dir: str | Path, context_len: int, batch: int, chun
     from memfit.llm.models.config import parse_dtype
     from memfit.llm.models.loader import resolve_model_path
 
+    if tensor_parallel_size < 1:  # 0 or -3 printed the one-process breakdown, labelled tensor_parallel_size 1
+        raise ValueError(f"--tensor-parallel-size must be at least 1 (got {tensor_parallel_size})")
     model_dir = resolve_model_path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     stored = parse_dtype(cfg.torch_dtype)

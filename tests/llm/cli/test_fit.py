@@ -13,3 +13,17 @@ def test_a_context_past_the_models_positions_is_warned_about(capsys):
     assert "past the model's 2048 positions" in out.err
     assert memfit_main(["fit", "--context", "2048", "--batch", "1", "--no-runtime", "--json"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_tensor_parallel_size_below_one_is_refused(capsys):
+    """--tensor-parallel-size 0 (or -3) printed the one-process breakdown as if nothing were wrong."""
+    import pytest
+
+    for size in ("0", "-3"):
+        assert memfit_main(["fit", "--tensor-parallel-size", size, "--no-runtime", "--json"]) == 2
+        out = capsys.readouterr()
+        assert json.loads(out.out) == {"error": f"--tensor-parallel-size must be at least 1 (got {size})"}
+    with pytest.raises(ValueError, match="at least 1"):
+        from memfit.llm.engine.fit import predict_for_engine
+
+        predict_for_engine("memfit-tiny", 64, 1, tensor_parallel_size=0, measure_runtime=False)
