@@ -113,7 +113,7 @@ def _label(args) -> int:
 
     from memfit.plan.cost import label, store
     from memfit.plan.cost.errors import CostModelError
-    from memfit.plan.cost.families import FAMILIES
+    from memfit.plan.cost.families import FAMILIES, TUNED
     from memfit.plan.cost.roofline import measure_peaks
 
     from memfit.plan.cost.iree import DEFAULT_LABEL_KIND
@@ -127,8 +127,8 @@ def _label(args) -> int:
             raise CostModelError(f"{flag} must be at least {least} (got {value})")
     if not args.min_time > 0 or args.min_time == float("inf"):
         raise CostModelError(f"--min-time must be a positive number of seconds (got {args.min_time})")
-    if args.family is not None and args.family not in FAMILIES:
-        raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join(FAMILIES)}")
+    if args.family is not None and args.family not in (*FAMILIES, TUNED):  # tuned_matmul: the tile candidates
+        raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join((*FAMILIES, TUNED))}")
     cfg = label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit, args.family,
                             args.label_kind or DEFAULT_LABEL_KIND, args.pin_cpu)
     counts = label.label_all(args.db, cfg, progress=not args.no_progress)

@@ -216,6 +216,19 @@ def test_label_refuses_bad_settings_before_timing_anything(flags, words, tmp_pat
     assert words in capsys.readouterr().err
 
 
+def test_label_takes_the_tuned_matmul_family(tmp_path, capsys, monkeypatch):
+    """docs/costmodel.md labels the tile candidates with --family tuned_matmul: not one of FAMILIES, still known."""
+    from memfit.plan.cost import label
+
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    seen = []
+    monkeypatch.setattr(label, "label_all", lambda db, cfg, progress: seen.append(cfg.family) or {"kernels": 4})
+    monkeypatch.setattr(store, "meta", lambda con: {"peaks": {}})
+    assert main(["costmodel", "label", "--db", str(db), "--no-progress", "--family", "tuned_matmul"]) == 0
+    assert seen == ["tuned_matmul"]
+
+
 def test_label_refuses_a_dataset_that_is_not_there(tmp_path, capsys):
     """It created an empty file and printed {"kernels": 0, ...} with exit status 0."""
     assert main(["costmodel", "label", "--db", str(tmp_path / "typo.db"), "--no-progress"]) == 2
