@@ -129,3 +129,16 @@ def test_bad_workers_and_unwritable_outputs_are_refused_before_planning(flags, w
     assert main(["plan", "--model", "bert_tiny_encoder", "--json", *flags]) == 2
     out, err = capsys.readouterr()
     assert words in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    """Ctrl-C during a long solve was a KeyboardInterrupt traceback."""
+    import memfit.plan.graph as graph
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graph, "graph_from_name", interrupt)
+    assert main(["plan", "--model", "resnet18", "--json"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "interrupted"
