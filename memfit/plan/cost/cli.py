@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         json_error(args, exc)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: labels so far are saved; run the same command to resume", file=sys.stderr)
+        print("interrupted: labels so far are saved; run the same command to resume" if args.action == "label"
+              else "interrupted", file=sys.stderr)  # only label has anything saved to resume
         return 130
 
 

@@ -262,3 +262,19 @@ def test_train_and_eval_check_their_settings_and_outputs_first(argv, words, tmp_
     store.add_kernels(store.connect(db), families.generate(4, seed=0))
     assert main(["costmodel", argv[0], "--db", str(db), *argv[1:]]) == 2
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("action, resumable", [("label", True), ("train", False)])
+def test_ctrl_c_speaks_of_resuming_only_where_something_is_saved(action, resumable, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in train (or eval, tune, ...) said 'labels so far are saved; run the same command to resume'."""
+    from memfit.plan.cost import label, train
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(label, "label_all", interrupt)
+    monkeypatch.setattr(train, "train", interrupt)
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    assert main(["costmodel", action, "--db", str(db)] + (["--no-progress"] if action == "label" else [])) == 130
+    assert ("resume" in capsys.readouterr().err) == resumable
