@@ -226,6 +226,39 @@ class BlockedLinear(nn.Module):
                 self.nthreads or torch.get_num_threads())
         return y[:, : n // 2] if rc == 0 else None
 
+    def rope_rows(self, x: torch.Tensor, out: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  rot_cols: int) -> torch.Tensor | None:
+        """For the attention's q/k/v matrix with heads of 64: x (M, K) W^T + b with its first `rot_cols` columns (q's
+        and k's heads) rotated by each row's cos/sin rows ((M, 64) each, bf16, contiguous rows; sin signed as
+        models/llama.py's RopeAt folds it), in one call (memfit_blocked_linear_rope_bf16): the same bits as forward
+        followed by CpuDecodeOps.rope over those columns, without reading q and k back (rope was 0.7% of a prefill
+        batch on one Zen 4 core). Written into `out` (M, N) when it is a contiguous tensor of that shape, else a new
+        one; returns it. None, having computed nothing, wherever forward would not run all of x's rows on the AVX-512
+        many-row path (under LARGE_M rows, the AMX kernel kept for this shape in a prefill step, nb other than 64,
+        not bf16, autograd), and for tables of another shape: the caller then runs forward and rope."""
+        m, k, n = x.shape[0], self.in_features, self.out_features
+        if (x.dim() != 2 or m < LARGE_M or x.dtype != self.dtype or self.dtype != torch.bfloat16 or self.nb != 64
+                or x.device.type != "cpu" or x.shape[1] != k or rot_cols % 64 or not 0 <= rot_cols <= n
+                or (x.requires_grad and torch.is_grad_enabled())
+                or cos.shape != (m, 64) or sin.shape != (m, 64) or cos.dtype != self.dtype or sin.dtype != self.dtype
+                or cos.stride() != (64, 1) or sin.stride() != (64, 1)):
+            return None
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        ok = (out is not None and out.shape == (m, n) and out.dtype == self.dtype and out.is_contiguous()
+              and out.device.type == "cpu" and out.data_ptr() != x.data_ptr())
+        y = out if ok else torch.empty(m, n, dtype=self.dtype)  # (M, N)
+        if large_m.in_prefill_step():
+            runs = {name: (lambda name=name: self._run(name, x, y)) for name in large_m.candidates(self.dtype, k)}
+            if large_m.choose((n, k, self.nb), m, runs) != "avx512":  # the first call of the shape measures both
+                return None
+        fn = blocked_linear_rope()
+        if fn is None:
+            return None
+        rc = fn(x.data_ptr(), x.stride(0), self._wp, self._bp, y.data_ptr(), n, m, n, k, self.nb,
+                self.nthreads or torch.get_num_threads(), cos.data_ptr(), sin.data_ptr(), 64, rot_cols)
+        return y if rc == 0 else None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, "
                 f"kernel=memfit blocked (nb={self.nb})")
@@ -261,6 +294,22 @@ def blocked_linear_silu() -> ctypes._CFuncPtr | None:
             fn.argtypes, fn.restype = list(plain.linear.argtypes), _I32
         _blocked_silu.append(fn)
     return _blocked_silu[0]
+
+
+_blocked_rope: list[ctypes._CFuncPtr | None] = []  # memfit_blocked_linear_rope_bf16, looked up once
+
+
+def blocked_linear_rope() -> ctypes._CFuncPtr | None:
+    """cpu_blocked.cpp's memfit_blocked_linear_rope_bf16 (the q/k/v matmul with the rotary embedding in the AVX-512
+    kernel's store), or None where the bf16 kernel can't run here."""
+    if not _blocked_rope:
+        plain = _functions(torch.bfloat16)
+        fn = None
+        if plain is not None:  # memfit_blocked_linear_bf16's signature, then cos, sin, ldc, rot_cols
+            fn = load_cpu_linear().cdll.memfit_blocked_linear_rope_bf16
+            fn.argtypes, fn.restype = list(plain.linear.argtypes) + [_P, _P, _I64, _I64], _I32
+        _blocked_rope.append(fn)
+    return _blocked_rope[0]
 
 
 class BlockedEmbedding(nn.Module):

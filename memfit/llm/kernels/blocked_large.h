@@ -109,6 +109,62 @@ void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, con
     for_runs(panels, nthreads, work);
 }
 
+// ---- the attention's q/k/v matmul with the rotary embedding in its store ------------------------------------
+// For heads of D = NB = 64 columns (one panel a head): the first rot_cols columns (q's and k's heads) of y =
+// x W^T + b are stored rotated, y[m, head] = rnd(rnd(v * cos_m) + rnd(roll(v, 32) * sin_m)) with v the bf16 the
+// plain store writes and cos_m/sin_m row m's (signed-sine) tables: the instructions and roundings of
+// cpu_decode.cpp's rope_rows over the plain output (rnd16: vcvtneps2bf16), so the same bits without reading q and k
+// back. The columns past rot_cols (v's heads) are stored plain.
+inline __m512 widen16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 rnd_ne(__m512 v) { return widen16((__m256i)_mm512_cvtneps_pbh(v)); }
+
+inline void store_rope_panel(const float* acc, const uint16_t* b, uint16_t* y, int64_t ldy, int64_t rows, int64_t n0,
+                             const uint16_t* cos, const uint16_t* sin, int64_t ldc) {
+    constexpr int NB = 64;
+    __m512 bv[4];
+    for (int j = 0; j < 4; j++) bv[j] = b ? load_bias(b + n0 + j * 16, 0xffff) : _mm512_setzero_ps();
+    for (int64_t m = 0; m < rows; m++) {
+        __m512 v[4];
+        for (int j = 0; j < 4; j++) v[j] = widen16(to_bf16(_mm512_add_ps(_mm512_loadu_ps(acc + m * NB + j * 16), bv[j])));
+        const uint16_t* cm = cos + m * ldc;
+        const uint16_t* sm = sin + m * ldc;
+        for (int j = 0; j < 4; j++) {
+            const __m512 c = widen16(_mm256_loadu_si256((const __m256i*)(cm + 16 * j)));
+            const __m512 sn = widen16(_mm256_loadu_si256((const __m256i*)(sm + 16 * j)));
+            const __m512 r = _mm512_add_ps(rnd_ne(_mm512_mul_ps(v[j], c)), rnd_ne(_mm512_mul_ps(v[(j + 2) % 4], sn)));
+            _mm256_storeu_si256((__m256i*)(y + m * ldy + n0 + j * 16), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+    }
+}
+
+// run_large<BF16, 4> with store_rope_panel for the panels below rot_cols / 64 (cos, sin: (M, 64), row stride ldc).
+inline void run_large_rope(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
+                           int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads, const uint16_t* cos,
+                           const uint16_t* sin, int64_t ldc, int64_t rot_cols) {
+    constexpr int P = 4, NB = 64, MRX = mr_max<P>();
+    const int64_t steps = K / BF16::SPAN, panels = (N + NB - 1) / NB, rot = rot_cols / NB;
+    const int64_t panel_elems = steps * NB * BF16::SPAN;
+    const std::vector<int64_t> blk = large_blocks<BF16, P>(M, K);
+    const int64_t mb = blk[1] - blk[0], chunk = large_chunk<BF16>(NB);
+    TileFn fns[MRX];
+    for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<BF16, P>(r, true, true);
+
+    auto work = [&](int64_t p0, int64_t p1) {
+        std::vector<float> acc((size_t)(mb * NB));
+        for (size_t bi = 0; bi + 1 < blk.size(); bi++) {
+            const int64_t m0 = blk[bi], rows = blk[bi + 1] - m0;
+            for (int64_t p = p0; p < p1; p++) {
+                panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, acc.data());
+                if (p < rot)
+                    store_rope_panel(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, cos + m0 * ldc, sin + m0 * ldc, ldc);
+                else
+                    store_panel<uint16_t, P>(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, N);
+            }
+        }
+    };
+    for_runs(panels, nthreads, work);
+}
+
 // The fused MLP store for one block of rows: the gate panel's sums cg and its up panel's cu (rows, NB) + their
 // biases -> bf16 g and u, rounded as store_panel rounds the gate/up matmul's output; y[:rows, ng : ng + NB] =
 // bf16(SiLU(g) * u), SiLU(g) looked up in memfit_silu_table(), the product rounded as cpu_decode.cpp's silu_mul

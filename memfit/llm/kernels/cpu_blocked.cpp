@@ -394,4 +394,20 @@ int memfit_blocked_linear_silu_bf16(const uint16_t* x, int64_t ldx, const uint16
     }
 }
 
+// The attention's q/k/v matmul with the rotary embedding in its store (run_large_rope, blocked_large.h): y (M, N;
+// row stride ldy) = x W^T + b, its first rot_cols columns (q's and k's heads of 64) rotated by row m's cos/sin
+// (bf16 rows of 64, stride ldc; sin signed as models/llama.py's RopeAt folds it): the bits of
+// memfit_blocked_linear_bf16 followed by cpu_decode.cpp's memfit_rope_bf16 over those columns. 0; -1: bad
+// arguments; -7: not this kernel's case (nb other than 64, rot_cols not whole panels or past N, fewer than
+// BLK_LARGE_M rows, an odd K): the caller runs the two calls instead.
+int memfit_blocked_linear_rope_bf16(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
+                                    int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t nb, int nthreads,
+                                    const uint16_t* cos, const uint16_t* sin, int64_t ldc, int64_t rot_cols) {
+    if (M < 0 || N < 0 || K <= 0 || ldx < K || ldy < N || !cos || !sin || ldc < 64) return -1;
+    if (nb != 64 || rot_cols < 0 || rot_cols % 64 || rot_cols > N || M < large_m() || K % 2) return -7;
+    if (M == 0 || N == 0) return 0;
+    run_large_rope(x, ldx, wp, b, y, ldy, M, N, K, nthreads, cos, sin, ldc, rot_cols);
+    return 0;
+}
+
 }  // extern "C"

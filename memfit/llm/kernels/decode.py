@@ -95,6 +95,12 @@ class CpuDecodeOps(TorchOps):
 
     fuses_silu_mul = True  # the fused stores (cpu_amx.cpp, cpu_blocked.cpp) round as silu_mul's kernel does (rows >= SILU_MIN_ROWS)
 
+    @property
+    def fuses_rope(self) -> bool:
+        """The q/k/v matmul's rotating store (blocked_large.h's store_rope_panel) rounds as this class's bf16 rope
+        kernel does; float32 keeps the two calls."""
+        return self.dtype == torch.bfloat16
+
     def __init__(self, dtype: torch.dtype) -> None:
         fns = _functions(dtype)
         if fns is None:

@@ -93,6 +93,15 @@ class RopeAt:
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ops.rope(q, k, self.cos, self.sin)
 
+    def fused(self, qkv_proj: nn.Module, x: torch.Tensor, out: torch.Tensor | None, rot_cols: int) -> torch.Tensor | None:
+        """qkv_proj(x) with its first `rot_cols` columns (q's and k's heads of 64) rotated in the matmul's store, where
+        the ops allow it (ops.fuses_rope: the same bits as apply) and the projection can (BlockedLinear.rope_rows);
+        None, having computed nothing, elsewhere. x: (N, C) -> (N, q + 2 kv)."""
+        fn = getattr(qkv_proj, "rope_rows", None)
+        if fn is None or not self.ops.fuses_rope or x.dim() != 2:
+            return None
+        return fn(x, out, self.cos.view(-1, self.cos.shape[-1]), self.sin.view(-1, self.sin.shape[-1]), rot_cols)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
@@ -110,7 +119,15 @@ class Attention(nn.Module):
         n = x.shape[0]
         if self.qkv_proj is not None:
             dq, dkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            qkv = _linear(self.qkv_proj, x, scratch.take(WORK, (n, dq + 2 * dkv), x.dtype))  # (N, dq + 2 dkv)
+            work = scratch.take(WORK, (n, dq + 2 * dkv), x.dtype)
+            qkv = rope.fused(self.qkv_proj, x, work, dq + dkv) if self.head_dim == 64 else None
+            if qkv is not None:  # q and k rotated in the matmul's store (BlockedLinear.rope_rows)
+                q, k, v = qkv.split([dq, dkv, dkv], dim=-1)
+                out = attn(self.layer_idx, q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv, self.head_dim),
+                           v.view(n, self.n_kv, self.head_dim))
+                return _linear(self.o_proj, out.reshape(n, self.n_heads * self.head_dim),
+                               scratch.take(HIDDEN, (n, x.shape[-1]), x.dtype))
+            qkv = _linear(self.qkv_proj, x, work)  # (N, dq + 2 dkv)
             q, k, v = qkv.split([dq, dkv, dkv], dim=-1)  # column slices
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -19,6 +19,9 @@ class TorchOps:
     # Whether a matmul kernel may fold silu_mul into its store (BlockedLinear.silu_mul_rows): only where its
     # bits are this class's silu_mul kernel's (CpuDecodeOps), never PyTorch's F.silu.
     fuses_silu_mul = False
+    # Whether the q/k/v matmul may rotate q and k in its store (BlockedLinear.rope_rows): only where its bits are
+    # this class's rope kernel's (CpuDecodeOps), never PyTorch's ops.
+    fuses_rope = False
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                      out: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
