@@ -168,6 +168,15 @@ def run_finetune(args: argparse.Namespace) -> int:
                                     args.simulated_cxl)
     elif args.local_budget is not None:
         return _refuse(args, "--local-budget needs --placement latency-first")
+    else:  # the tier options mean nothing without a placement: say so rather than run without them
+        given = [flag for flag, value, default in (("--tier-backend", args.tier_backend, "auto"),
+                                                   ("--local-node", args.local_node, None),
+                                                   ("--slow-nodes", args.slow_nodes, None),
+                                                   ("--simulated-cxl", args.simulated_cxl, 1)) if value != default]
+        if given:
+            return _refuse(args, f"{', '.join(given)} needs --placement local-only|interleave|latency-first")
+    if args.ssd_dir is not None and args.offload != "ssd":
+        return _refuse(args, f"--ssd-dir needs --offload ssd (got --offload {args.offload}, which writes no swap)")
     cfg = FinetuneConfig(
         model=args.model, data=args.data, offload=args.offload, ssd_dir=args.ssd_dir, host_memory=args.host_memory,
         memory_budget=budget, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,

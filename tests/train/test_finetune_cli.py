@@ -123,3 +123,18 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("interrupted") and "--resume" in err
+
+
+@pytest.mark.parametrize("extra, words", [(["--ssd-dir", "swap"], "--ssd-dir needs --offload ssd"),
+                                          (["--offload", "host", "--ssd-dir", "swap"], "--ssd-dir needs --offload ssd"),
+                                          (["--tier-backend", "simulated"], "--tier-backend needs --placement"),
+                                          (["--slow-nodes", "2", "--local-node", "1"],
+                                           "--local-node, --slow-nodes needs --placement"),
+                                          (["--simulated-cxl", "3"], "--simulated-cxl needs --placement")])
+def test_options_that_would_be_ignored_are_refused(extra, words, tmp_path, capsys, monkeypatch):
+    """--ssd-dir without --offload ssd, and the tier options without --placement, ran as if not given."""
+    import memfit.train.finetune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("ran with an option it ignores"))
+    assert _finetune(tmp_path, *extra) == 2
+    _one_error(capsys, words)
