@@ -19,6 +19,13 @@ def cmd_fit(args) -> int:
     from memfit.llm.models.loader import resolve_model_path
     from memfit.memory.budget import Tier, format_bytes, resolve_budget
 
+    if args.speculative_model is None:  # the speculation options mean nothing without a draft: say so
+        given = [flag for flag, value in (("--acceptance", args.acceptance), ("--draft-cost", args.draft_cost),
+                                          ("--verify-cost", args.verify_cost),
+                                          ("--keep-speedup", None if args.keep_speedup == 0.95 else 1))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --speculative-model (the draft whose speed-up it is about)")
     path = resolve_model_path(args.model)
     positions = ModelConfig.from_dir(path).max_position_embeddings
     if args.context > positions:  # the engine caps max_model_len here: no sequence this long can run

@@ -15,6 +15,7 @@ budget is plain decoding's and the report says speculation does not pay.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -48,6 +49,11 @@ def smallest_budget(alpha: float, draft_cost: float, verify_cost: float, max_gam
     """total_at(g): the predicted footprint in bytes with g drafts (g = 0: without speculation)."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"the share of the speed-up to keep must be in (0, 1], got {keep}")
+    if not 0.0 <= alpha <= 1.0:  # a rate: 2 was taken and predicted impossible speed-ups
+        raise ValueError(f"the acceptance rate (--acceptance) must be in [0, 1], got {alpha}")
+    for flag, cost in (("--draft-cost", draft_cost), ("--verify-cost", verify_cost)):
+        if not 0.0 < cost < math.inf:  # -1 divided by zero in predicted_speedup (a traceback)
+            raise ValueError(f"{flag} is a pass's time in plain decode steps and must be positive, got {cost}")
     rates = {g: predicted_speedup(alpha, draft_cost, verify_cost, g) for g in range(0, max_gamma + 1)}
     best = max(rates, key=lambda g: (rates[g], -g))
     gamma = 0 if best == 0 else min(g for g in range(1, best + 1) if rates[g] >= keep * rates[best])

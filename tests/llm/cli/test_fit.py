@@ -27,3 +27,18 @@ def test_a_tensor_parallel_size_below_one_is_refused(capsys):
         from memfit.llm.engine.fit import predict_for_engine
 
         predict_for_engine("memfit-tiny", 64, 1, tensor_parallel_size=0, measure_runtime=False)
+
+
+def test_speculation_figures_out_of_range_or_without_a_draft_are_refused(capsys):
+    """--draft-cost -1 was a ZeroDivisionError traceback; --acceptance 2 predicted an impossible speed-up; the
+    speculation options without --speculative-model were ignored."""
+    spec = ["--speculative-model", "self:1", "--acceptance", "0.5", "--draft-cost", "0.3", "--verify-cost", "1.1"]
+    cases = [(["--speculative-model", "self:1", "--acceptance", "2", "--draft-cost", "0.3", "--verify-cost", "1.1"],
+              "--acceptance"),
+             (spec[:-1] + ["-1"], "--verify-cost"), (spec[:-3] + ["0", "--verify-cost", "1.1"], "--draft-cost"),
+             (["--acceptance", "0.5"], "--acceptance needs --speculative-model"),
+             (["--keep-speedup", "0.5"], "--keep-speedup needs --speculative-model")]
+    for flags, words in cases:
+        assert memfit_main(["fit", "--no-runtime", "--json", *flags]) == 2, flags
+        out = capsys.readouterr()
+        assert words in json.loads(out.out)["error"] and "Traceback" not in out.err
