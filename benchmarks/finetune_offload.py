@@ -46,10 +46,13 @@ from benchmarks.common import emit, header, pin_threads, preset_threads
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dummy_conversation.json"
 # Llama-family shapes: (vocab, hidden, intermediate, layers, heads, kv heads, tied). 0.1b: a GPT-2-small-sized
-# Llama (134M parameters); 0.5b: Qwen2.5-0.5B's shape (494M).
+# Llama (134M parameters); 0.5b, 1.5b, 3b: Qwen2.5-0.5B's, -1.5B's and -3B's shapes (494M, 1.54B, 3.09B). 3b is the
+# largest whose SSD files (about 14 bytes a parameter: fp32 master and moments, the 16-bit copy) fit this machine's disk.
 SHAPES = {
     "0.1b": (32000, 768, 2048, 12, 12, 12, False),
     "0.5b": (151936, 896, 4864, 24, 14, 2, True),
+    "1.5b": (151936, 1536, 8960, 28, 12, 2, True),
+    "3b": (151936, 2048, 11008, 36, 16, 2, True),
 }
 DESIGNS = ("zero-infinity", "memascend")
 
@@ -198,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="rounds of one process per design, order alternating; >1 adds per-round step-time ratios")
     p.add_argument("--traffic", action="store_true",
                    help="per step: SSD bytes by kind and main-thread time by part (benchmarks/finetune_traffic.py)")
+    p.add_argument("--plan-only", default="",
+                   help="designs (comma-separated) to plan, not run: the trainer's host-memory plan pool by pool, for a "
+                        "shape too large for them here (every design run is planned too)")
     p.add_argument("--out", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--design", default=None, help=argparse.SUPPRESS)
@@ -206,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     if args.rounds < 1 or args.layers < 0:
         p.error("--rounds must be >= 1 and --layers >= 0")
-    designs = args.designs.split(",")
+    designs = [d for d in args.designs.split(",") if d]
+    planned = list(dict.fromkeys(designs + [d for d in args.plan_only.split(",") if d]))
     rounds = []
     for i in range(args.rounds):
         order = designs if i % 2 == 0 else designs[::-1]  # alternating: a load drift falls on both designs
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps, "dtype": args.dtype, "designs": runs,
         **header(args.threads, args.seed, shared_machine=True),
     }
+    result["plans"] = {d: plan_of(args, d) for d in planned}
     rival = _rival(runs)
     if rival:
         zi, ma = runs[rival], runs["memascend"]
@@ -252,6 +260,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.traffic:
         result["traffic"] = traffic(rounds, designs, args.steps)
     emit(result, args.out, draw)
+
+
+def plan_of(args: argparse.Namespace, design: str) -> dict:
+    """The trainer's host-memory plan for `design` on this run's shape (trainer.plan_host_memory: the pools sized by
+    the same functions that size the real ones), in bytes; the process baseline (interpreter, torch) is not in it."""
+    from memfit.train.finetune.trainer import FinetuneConfig, plan_host_memory
+
+    cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, host_memory=design,
+                         batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
+                         model_config=model_config(args.shape, args.layers), grad_checkpointing="device")
+    plan = plan_host_memory(cfg)
+    return {"pools": plan.pools, "total_bytes": plan.total}
 
 
 def run_worker(args: argparse.Namespace, design: str) -> dict:

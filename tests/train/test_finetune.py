@@ -2,7 +2,10 @@
 resume bit for bit, and the CLI's JSON."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -298,6 +301,30 @@ def test_cli_budget_below_minimum_prints_the_breakdown(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "below this run's minimum" in err and "gradients" in err and "model states" in err
+
+
+def test_the_plan_without_running_is_the_one_a_run_checks_its_budget_against(tiny, tmp_path):
+    """trainer.plan_host_memory (benchmarks/finetune_offload --plan-only) plans without running; its pools are the
+    ones run() refuses a budget with, and with nothing offloaded the model states are 4+4+4 bytes of master and
+    moments and 2 of the bf16 copy a parameter, counted here from the checkpoint's own tensors."""
+    from safetensors import safe_open
+
+    from memfit.train.finetune.budget import BudgetTooSmall
+    from memfit.train.finetune.trainer import plan_host_memory
+
+    with safe_open(str(tiny / "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    for design in ("memascend", "zero-infinity-tuned"):
+        for offload in ("none", "ssd"):
+            c = cfg(tiny, tmp_path, steps=1, offload=offload, host_memory=design, dtype="bfloat16",
+                    ssd_dir=str(tmp_path / "ssd"))
+            plan = plan_host_memory(c)
+            if offload == "none":
+                assert plan.pools["model states"] == 14 * params
+            with pytest.raises(BudgetTooSmall) as refused:
+                run(dataclasses.replace(c, memory_budget=plan.total - 1))
+            assert plan.table() in str(refused.value)
+            assert not (tmp_path / "ssd").exists() or not any((tmp_path / "ssd").iterdir())  # refused before any file
 
 
 def test_cli_refuses_ssd_without_dir(tiny, capsys):

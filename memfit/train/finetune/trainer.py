@@ -179,19 +179,7 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
         log.warning("skipped %d example(s) left without an assistant token at --seq-len %d",
                     data_stats.no_assistant_after_truncation, cfg.seq_len)
 
-    model = skeleton(model_cfg)
-    groups = make_groups(model)
-    units = unit_groups(groups, model_cfg.tie_word_embeddings)
-    design = make_design(cfg.host_memory)
-    in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
-    loss_chunk = cfg.loss_chunk_tokens or loss_chunk_tokens(model_cfg.vocab_size)
-    streamed = None
-    if streams(design.stream_gradients, cfg.offload, dtype, cfg.placement is not None):
-        blockwise = (blockwise_groups(groups, model_cfg.tie_word_embeddings, cfg.batch_size * cfg.seq_len,
-                                      dtype.itemsize) if design.blockwise_gradients else frozenset())
-        streamed = streamed_layout(groups, units, blockwise, design.optimizer_piece(groups))
-    plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
-                           cfg.recompute, loss_chunk, streamed)
+    model, groups, units, design, in_flight, streamed, plan = _layout(cfg, model_cfg, dtype)
     budget_mod.check_budget(plan, cfg.memory_budget)
 
     placement = None
@@ -207,6 +195,32 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
         return result
     finally:
         store.close()
+
+
+def _layout(cfg: FinetuneConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> tuple:
+    """The run's skeleton (meta tensors), groups, units, design, units in flight, streamed-gradient layout and
+    host-memory plan (budget.py): everything decided before a byte is allocated."""
+    model = skeleton(model_cfg)
+    groups = make_groups(model)
+    units = unit_groups(groups, model_cfg.tie_word_embeddings)
+    design = make_design(cfg.host_memory)
+    in_flight = cfg.prefetch_depth + 2  # units in flight + the embedding a tied head reads
+    loss_chunk = cfg.loss_chunk_tokens or loss_chunk_tokens(model_cfg.vocab_size)
+    streamed = None
+    if streams(design.stream_gradients, cfg.offload, dtype, cfg.placement is not None):
+        blockwise = (blockwise_groups(groups, model_cfg.tie_word_embeddings, cfg.batch_size * cfg.seq_len,
+                                      dtype.itemsize) if design.blockwise_gradients else frozenset())
+        streamed = streamed_layout(groups, units, blockwise, design.optimizer_piece(groups))
+    plan = budget_mod.plan(groups, model_cfg, cfg.offload, design, dtype, cfg.batch_size, cfg.seq_len, in_flight,
+                           cfg.recompute, loss_chunk, streamed)
+    return model, groups, units, design, in_flight, streamed, plan
+
+
+def plan_host_memory(cfg: FinetuneConfig) -> budget_mod.Plan:
+    """The host-memory plan `run(cfg)` checks --memory-budget against, pool by pool, without running anything: what a
+    design would need for a model too large to try on this machine."""
+    model_cfg = cfg.model_config or ModelConfig.from_dir(resolve_model_path(cfg.model))
+    return _layout(cfg, model_cfg, parse_dtype(cfg.dtype))[-1]
 
 
 def _train(cfg, model, groups, units, store, examples, data_stats, tok, model_cfg, model_path, plan,
