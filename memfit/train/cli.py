@@ -147,7 +147,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
     try:  # before the training, which a path that cannot be written would otherwise throw away
         if plot:
-            output_path(plot, "--plot", PLOT_SUFFIXES)
+            output_path(plot, "--plot" if args.plot else "--save (its loss.png)", PLOT_SUFFIXES)
     except ValueError as exc:
         return _refuse(args, str(exc))
     from memfit.llm.engine.config import resolve_device

@@ -138,3 +138,10 @@ def test_options_that_would_be_ignored_are_refused(extra, words, tmp_path, capsy
     monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("ran with an option it ignores"))
     assert _finetune(tmp_path, *extra) == 2
     _one_error(capsys, words)
+
+
+def test_a_save_path_that_is_a_file_is_named_as_save(tmp_path, capsys):
+    """--save FILE was refused as '--plot FILE/loss.png', an option the user had not given."""
+    (tmp_path / "afile").write_text("")
+    assert _finetune(tmp_path, "--save", str(tmp_path / "afile")) == 2
+    _one_error(capsys, "--save", "afile")
