@@ -145,3 +145,14 @@ def test_a_save_path_that_is_a_file_is_named_as_save(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert _finetune(tmp_path, "--save", str(tmp_path / "afile")) == 2
     _one_error(capsys, "--save", "afile")
+
+
+def test_a_plan_above_the_available_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    """--batch-size 100000 on memfit-tiny planned 145 GiB and ran until the kernel's OOM killer stopped it; without
+    --memory-budget the plan is now held against the host memory available (here said to be 1 MiB)."""
+    import memfit.train.finetune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "available_memory", lambda: 2**20)
+    assert _finetune(tmp_path) == 2
+    _one_error(capsys, "available now", "activations (estimate)")
+    assert _finetune(tmp_path, "--memory-budget", "8GiB") == 0  # a budget the user chose is planned for as given

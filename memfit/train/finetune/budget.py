@@ -81,7 +81,15 @@ def plan(groups: list[Group], model_cfg: ModelConfig, tier: str, design: HostMem
     return Plan(pools)
 
 
-def check_budget(p: Plan, budget_bytes: int | None) -> None:
+def check_budget(p: Plan, budget_bytes: int | None, available_bytes: int | None = None) -> None:
+    """Refuse a plan above --memory-budget; without one, a plan above `available_bytes` (the host memory available
+    now, for a CPU run): --batch-size 100000 on a tiny model planned 145 GiB and went on until the kernel killed it."""
+    if budget_bytes is None and available_bytes is not None and p.total > available_bytes:
+        raise BudgetTooSmall(
+            f"this run's minimum of {format_bytes(p.total)} is more than the {format_bytes(available_bytes)} of host "
+            f"memory available now:\n{p.table()}\nlower --batch-size/--seq-len or offload further "
+            "(--offload host|ssd); --memory-budget plans for a budget you choose"
+        )
     if budget_bytes is not None and p.total > budget_bytes:
         raise BudgetTooSmall(
             f"--memory-budget {format_bytes(budget_bytes)} is below this run's minimum of {format_bytes(p.total)}:\n"

@@ -25,6 +25,7 @@ from memfit.llm.models import ModelConfig, parse_dtype
 from memfit.llm.models.loader import resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
 from memfit.memory.allocator import AllocatorMeter
+from memfit.memory.budget import available_memory
 from memfit.memory.heap import MMAP_THRESHOLD_MAX, fix_mmap_threshold
 
 MMAP_THRESHOLD = 1 << 20  # what the entry points fix glibc's mmap threshold at (FinetuneConfig.mmap_threshold)
@@ -180,7 +181,7 @@ def run(cfg: FinetuneConfig, progress: Progress | None = None) -> FinetuneResult
                     data_stats.no_assistant_after_truncation, cfg.seq_len)
 
     model, groups, units, design, in_flight, streamed, plan = _layout(cfg, model_cfg, dtype)
-    budget_mod.check_budget(plan, cfg.memory_budget)
+    budget_mod.check_budget(plan, cfg.memory_budget, available_memory() if device.type == "cpu" else None)
 
     placement = None
     if cfg.placement is not None:
