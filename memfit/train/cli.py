@@ -286,6 +286,11 @@ def run_local(args: argparse.Namespace) -> int:
         return _refuse(args, str(exc))
     except KeyboardInterrupt:
         return _interrupted()
+    except RuntimeError as exc:  # torch's CPU allocator refusing a tensor: a --width/--batch-size too large here
+        if "can't allocate memory" not in str(exc):
+            raise
+        return _refuse(args, f"not enough memory for this model: {str(exc).splitlines()[0]}; lower --width, "
+                             "--depth or --batch-size")
     if args.plot:
         from .local.plot import plot_accuracy_curves
 

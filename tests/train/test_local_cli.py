@@ -97,3 +97,25 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     rc = main(["train", "local", "--dataset", "digits", "--no-progress", "--json"])
     out, err = capsys.readouterr()
     assert rc == 130 and out == "" and err.strip() == "interrupted"
+
+
+def test_a_model_too_large_to_allocate_is_one_error(capsys, monkeypatch):
+    """--width 100000000 was torch's 'can't allocate memory' RuntimeError traceback (other RuntimeErrors still
+    propagate: they are bugs, not input)."""
+    import memfit.train.local.trainer as trainer
+
+    def too_large(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 25600000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(trainer, "train", too_large)
+    assert main(["train", "local", "--dataset", "digits", "--no-progress", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "lower --width" in json.loads(out)["error"] and "Traceback" not in err
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(trainer, "train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "local", "--dataset", "digits", "--no-progress"])
