@@ -11,6 +11,9 @@ the row's figure, each setting's in the JSON. The rate excludes prefill.
 llama-cpp-python is an optional peer, not a memfit dependency: it builds from source (about 15 minutes on
 2 cores) with `pip install llama-cpp-python gguf`. Without it the script says so and exits 2.
 
+The GGUF writer and the llama.cpp helpers here (open_llamacpp, submit, greedy) also serve benchmarks/prefill.py's
+llama.cpp peer.
+
     OMP_NUM_THREADS=1 python -m benchmarks.decode_llamacpp --threads 1 --shapes 0.1b --dtypes bfloat16 --batches 1 8 32
 
 Prints one JSON object; --out also writes it and a PNG beside it.
@@ -86,70 +89,114 @@ def write_gguf(src: Path, dst: Path) -> None:
     w.close()
 
 
-def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int, threads: int,
-                 unified: bool = False, flash: bool | None = None) -> dict:
-    """unified: one KV cache for every sequence (each sequence's attention then spans every sequence's cells,
-    masked); else one stream a sequence (llama.cpp's default, llama-server's parallel slots). flash: llama.cpp's
-    flash attention on or off; None leaves its default (auto: on here)."""
-    import llama_cpp as L
-
-    mp = L.llama_model_default_params()
-    model = L.llama_model_load_from_file(str(path).encode(), mp)
-    cp = L.llama_context_default_params()
-    per_seq = prompt_len + new_tokens + 8
-    cp.n_ctx = -(-batch * per_seq // 256) * 256
-    # the prompts go in as one batch; llama.cpp computes it 512 tokens at a time (a 4000-token prompt at batch 8 as
-    # one ubatch would need its KQ scores for 32k x 32k positions)
-    cp.n_batch = max(batch * prompt_len, 512)
-    cp.n_ubatch = 512
-    cp.n_seq_max = batch
-    cp.kv_unified = unified
-    if flash is not None:
-        cp.flash_attn_type = int(flash)
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = L.llama_init_from_model(model, cp)
-    lb = L.llama_batch_init(cp.n_batch, 0, batch)
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-
-    def submit(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, pos, seq, wants logits)
-        lb.n_tokens = len(entries)
-        for i, (tok, pos, seq, out) in enumerate(entries):
-            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = tok, pos, 1, int(out)
-            lb.seq_id[i][0] = seq
-        if L.llama_decode(ctx, lb) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    def greedy(rows: list[int]) -> list[int]:
-        out = []
-        for r in rows:
-            ptr = L.llama_get_logits_ith(ctx, r)
-            out.append(int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(vocab,)).argmax()))
-        return out
-
-    submit([(tok, p, s, p == prompt_len - 1) for s, ids in enumerate(prompts) for p, tok in enumerate(ids)])
-    nxt = greedy([s * prompt_len + prompt_len - 1 for s in range(batch)])
-    clock = decode_clock(torch.device("cpu"))  # the clock memfit's side is read on (its threads: torch's setting)
-    t0 = clock()
-    for step in range(new_tokens - 1):
-        submit([(nxt[s], prompt_len + step, s, True) for s in range(batch)])
-        nxt = greedy(list(range(batch)))
-    elapsed = clock() - t0
-    L.llama_batch_free(lb)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
-    n = batch * (new_tokens - 1)
-    return {"decode_tokens": n, "decode_s": elapsed, "timer": clock_name(clock), "tok_per_s": n / elapsed}
+def llamacpp_missing() -> str | None:
+    """Why the llama.cpp peer can't run here (llama-cpp-python or gguf not importable), or None."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama.cpp peer not installed ({exc}); pip install llama-cpp-python gguf"
+    return None
 
 
 _QUIET = None
 
 
+def quiet_llamacpp() -> None:
+    """llama.cpp's log off (it writes every load and context to stderr)."""
+    global _QUIET  # the C side keeps the pointer: keep the callback alive
+    import llama_cpp as L
+
+    if _QUIET is None:
+        _QUIET = L.llama_log_callback(lambda *a: None)
+        L.llama_log_set(_QUIET, ctypes.c_void_p())
+
+
+def open_llamacpp(path: Path, n_ctx: int, threads: int, n_batch: int | None = None, n_ubatch: int | None = None,
+                  n_seq_max: int = 1, unified: bool = False, flash: bool | None = None):
+    """(model, context, batch) for a GGUF: a context of n_ctx cells (split over n_seq_max streams unless unified),
+    n_batch tokens a llama_decode call computed n_ubatch at a time (None: llama.cpp's defaults, 2048 and 512),
+    flash attention on/off (None: llama.cpp's default, auto: on here), and a llama_batch of n_batch tokens."""
+    import llama_cpp as L
+
+    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    cp.n_ctx = n_ctx
+    if n_batch is not None:
+        cp.n_batch = n_batch
+    if n_ubatch is not None:
+        cp.n_ubatch = n_ubatch
+    cp.n_seq_max = n_seq_max
+    cp.kv_unified = unified
+    if flash is not None:
+        cp.flash_attn_type = int(flash)
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    if not ctx:
+        L.llama_model_free(model)
+        raise RuntimeError("llama_init_from_model failed")
+    return model, ctx, L.llama_batch_init(cp.n_batch, 0, n_seq_max)
+
+
+def close_llamacpp(model, ctx, lb) -> None:
+    import llama_cpp as L
+
+    L.llama_batch_free(lb)
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+
+
+def submit(ctx, lb, entries: list[tuple[int, int, int, bool]]) -> None:
+    """One llama_decode of entries (token, position, sequence id, wants logits)."""
+    import llama_cpp as L
+
+    lb.n_tokens = len(entries)
+    for i, (tok, pos, seq, out) in enumerate(entries):
+        lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = tok, pos, 1, int(out)
+        lb.seq_id[i][0] = seq
+    if L.llama_decode(ctx, lb) != 0:
+        raise RuntimeError("llama_decode failed")
+
+
+def greedy(ctx, rows: list[int], vocab: int) -> list[int]:
+    """The argmax of the logits of the last llama_decode's batch rows `rows`."""
+    import llama_cpp as L
+
+    out = []
+    for r in rows:
+        ptr = ctypes.cast(L.llama_get_logits_ith(ctx, r), ctypes.POINTER(ctypes.c_float))
+        out.append(int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax()))
+    return out
+
+
+def run_llamacpp(path: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int, threads: int,
+                 unified: bool = False, flash: bool | None = None) -> dict:
+    """unified: one KV cache for every sequence (each sequence's attention then spans every sequence's cells,
+    masked); else one stream a sequence (llama.cpp's default, llama-server's parallel slots). flash: llama.cpp's
+    flash attention on or off; None leaves its default (auto: on here)."""
+    per_seq = prompt_len + new_tokens + 8
+    # the prompts go in as one batch; llama.cpp computes it 512 tokens at a time (a 4000-token prompt at batch 8 as
+    # one ubatch would need its KQ scores for 32k x 32k positions)
+    model, ctx, lb = open_llamacpp(path, -(-batch * per_seq // 256) * 256, threads, n_batch=max(batch * prompt_len, 512),
+                                   n_ubatch=512, n_seq_max=batch, unified=unified, flash=flash)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    submit(ctx, lb, [(tok, p, s, p == prompt_len - 1) for s, ids in enumerate(prompts) for p, tok in enumerate(ids)])
+    nxt = greedy(ctx, [s * prompt_len + prompt_len - 1 for s in range(batch)], vocab)
+    clock = decode_clock(torch.device("cpu"))  # the clock memfit's side is read on (its threads: torch's setting)
+    t0 = clock()
+    for step in range(new_tokens - 1):
+        submit(ctx, lb, [(nxt[s], prompt_len + step, s, True) for s in range(batch)])
+        nxt = greedy(ctx, list(range(batch)), vocab)
+    elapsed = clock() - t0
+    close_llamacpp(model, ctx, lb)
+    n = batch * (new_tokens - 1)
+    return {"decode_tokens": n, "decode_s": elapsed, "timer": clock_name(clock), "tok_per_s": n / elapsed}
+
+
 def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int = 12) -> int:
     """How many leading greedy tokens the two engines agree on for one random prompt (a check that the
     GGUF holds the same model: all of them in float32; bf16 rounding may part them later)."""
-    import llama_cpp as L
-
     from memfit.llm.engine.api import LLM
     from memfit.llm.engine.params import SamplingParams
 
@@ -160,26 +207,14 @@ def greedy_agreement(src: Path, gguf_path: Path, dtype: str, vocab: int, n: int 
     ours = llm.generate(prompt_token_ids=[ids], sampling_params=SamplingParams(max_tokens=n, temperature=0,
                                                                                ignore_eos=True))[0].token_ids
     llm.engine.close()
-    model = L.llama_model_load_from_file(str(gguf_path).encode(), L.llama_model_default_params())
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_threads, cp.n_threads_batch = 256, 1, 1
-    ctx = L.llama_init_from_model(model, cp)
-    lb = L.llama_batch_init(64, 0, 1)
+    model, ctx, lb = open_llamacpp(gguf_path, 256, 1)
     theirs, cur, pos = [], ids, 0
     for _ in range(n):
-        lb.n_tokens = len(cur)
-        for i, t in enumerate(cur):
-            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = t, pos + i, 1, int(i == len(cur) - 1)
-            lb.seq_id[i][0] = 0
-        if L.llama_decode(ctx, lb) != 0:
-            raise RuntimeError("llama_decode failed")
+        submit(ctx, lb, [(t, pos + i, 0, i == len(cur) - 1) for i, t in enumerate(cur)])
         pos += len(cur)
-        ptr = ctypes.cast(L.llama_get_logits_ith(ctx, len(cur) - 1), ctypes.POINTER(ctypes.c_float))
-        cur = [int(np.ctypeslib.as_array(ptr, shape=(vocab,)).argmax())]
+        cur = greedy(ctx, [len(cur) - 1], vocab)
         theirs.append(cur[0])
-    L.llama_batch_free(lb)
-    L.llama_free(ctx)
-    L.llama_model_free(model)
+    close_llamacpp(model, ctx, lb)
     same = 0
     while same < n and ours[same] == theirs[same]:
         same += 1
@@ -211,15 +246,13 @@ def main() -> int:
                     help="llama.cpp's flash attention: its default (auto), off, or both (the faster is the figure)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    try:
-        import gguf  # noqa: F401
-        import llama_cpp
-    except ImportError as exc:
-        print(f"llama.cpp peer not installed ({exc}); pip install llama-cpp-python gguf", file=sys.stderr)
+    missing = llamacpp_missing()
+    if missing:
+        print(missing, file=sys.stderr)
         return 2
-    global _QUIET  # the C side keeps the pointer: keep the callback alive
-    _QUIET = llama_cpp.llama_log_callback(lambda *a: None)
-    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+    import llama_cpp
+
+    quiet_llamacpp()
     pin_threads(args.threads)
     load_before = os.getloadavg()
     bw = measure_bandwidth(args.threads, torch.device("cpu"))

@@ -1,5 +1,5 @@
-"""Prefill at the compute limit: memfit against transformers (and vLLM's CPU build, where its venv is given),
-each as a fraction of this core's measured multiply-add peak.
+"""Prefill at the compute limit: memfit against transformers, llama.cpp (where llama-cpp-python is importable) and
+vLLM's CPU build (where its venv is given), each as a fraction of this core's measured multiply-add peak.
 
 Workload (issue 14): the 0.1B random-initialised Llama in bf16, one thread, --prompts prompts of
 --prompt-len random tokens, one output token each (the logits of the last token only). Per system:
@@ -33,6 +33,18 @@ Systems, timed interleaved round by round (medians of --reps):
   with its own timed breakdown (`memfit_attention_avx512_breakdown`);
 - transformers: LlamaForCausalLM (sdpa attention) on the same checkpoint, forward of `b` prompts at a time
   with logits for the last token only, for b = 4 (memfit's 512-token step) and b = all (one forward);
+- llamacpp (optional: llama-cpp-python and gguf importable, else its row says why and the rest runs): llama.cpp
+  through llama-cpp-python's low-level API on the same checkpoint written to GGUF in bf16 (benchmarks/
+  decode_llamacpp.py's `write_gguf`; token ids fed directly, no tokenizer), one stream of KV a sequence
+  (llama.cpp's default), every prompt in one `llama_decode` call (n_batch = all the batch's tokens, each prompt
+  its own sequence id, logits for each prompt's last token only, greedy next token), `--threads` threads for
+  both n_threads and n_threads_batch. It runs at each of its settings that matter here, each its own system in
+  the rounds (`llamacpp_fa_<on|off>_ub<N>`: flash attention on (its CPU default) or off, `--llamacpp-ubatch`
+  tokens computed at a time, 512 (its default) and 2048); the fastest batch is the `llamacpp` row, every
+  setting's row under its `settings`, and `greedy_agree_with_memfit`: the prompts of the last round whose next
+  token matched memfit's (where memfit ran). Install it outside the project's venv, e.g.
+  `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-deps --target DIR llama-cpp-python gguf` (a source build,
+  about 15 minutes on 2 cores), then run with `PYTHONPATH=DIR`;
 - vllm (optional, `--vllm-python PATH`): vLLM's CPU build run in its own venv (it can't share this one), in
   its own process after the others, with its own warm-up (so not interleaved).
 
@@ -45,6 +57,7 @@ and after the systems): the larger of the AVX-512 loop's (vdpbf16ps) and, on a c
 (TDPBF16PS), both in the JSON.
 
     OMP_NUM_THREADS=1 python -m benchmarks.prefill --threads 1 --out benchmarks/results/prefill.json
+    OMP_NUM_THREADS=1 PYTHONPATH=DIR python -m benchmarks.prefill --threads 1 --systems memfit,llamacpp,transformers_b4
 
 Prints one JSON object; --out also writes it and a PNG beside it.
 """
@@ -152,16 +165,16 @@ def memfit_system(path: Path, cpu_linear: str, previous: bool, step_tokens: int 
     def run(prompts: list[list[int]]) -> dict:
         ctx = previous_kernels() if previous else contextlib.nullcontext()
         with ctx, (attention_avx512() if attention_before else contextlib.nullcontext()):
-            for ids in prompts:
-                eng.add_request(prompt_token_ids=ids, params=params)
-            clock, firsts = Clock(), []
+            rids = [eng.add_request(prompt_token_ids=ids, params=params) for ids in prompts]
+            clock, firsts, tokens = Clock(), [], {}
             while eng.has_unfinished_requests():
                 outs = eng.step()
                 firsts += [clock.read()] * len(outs)  # max_tokens=1: a request's output is its first token
+                tokens.update((o.request_id, o.token_ids[0]) for o in outs)
             cpu, wall = clock.read()
         assert len(firsts) == len(prompts)
         return {"cpu": cpu, "wall": wall, "ttft_cpu": statistics.mean(f[0] for f in firsts),
-                "ttft_wall": statistics.mean(f[1] for f in firsts)}
+                "ttft_wall": statistics.mean(f[1] for f in firsts), "next_tokens": [tokens[r] for r in rids]}
 
     return run, eng.close
 
@@ -186,6 +199,42 @@ def transformers_system(path: Path, per_forward: int | None):
                 "ttft_wall": statistics.mean(f[1] for f in firsts)}
 
     return run, lambda: None
+
+
+def llamacpp_system(path: Path, gguf: Path, prompts: int, prompt_len: int, threads: int, n_ubatch: int, flash: bool):
+    """llama.cpp on the GGUF of the checkpoint at `path`: a context for `prompts` sequences of up to `prompt_len`
+    tokens, one KV stream each, every prompt of a batch in one llama_decode call computed `n_ubatch` tokens at a
+    time, flash attention on or off. The context is built once; each run clears its KV first (untimed)."""
+    import llama_cpp as L
+
+    from benchmarks.decode_llamacpp import close_llamacpp, greedy, open_llamacpp, quiet_llamacpp, submit
+
+    quiet_llamacpp()
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    per_seq = -(-(prompt_len + 8) // 256) * 256  # a stream's cells
+    n_batch = max(prompts * prompt_len, n_ubatch)
+    model, ctx, lb = open_llamacpp(gguf, prompts * per_seq, threads, n_batch=n_batch, n_ubatch=n_ubatch,
+                                   n_seq_max=prompts, unified=False, flash=flash)
+    memory = L.llama_get_memory(ctx)
+
+    def run(batch: list[list[int]]) -> dict:
+        assert len(batch) <= prompts and sum(map(len, batch)) <= n_batch and max(map(len, batch)) <= per_seq
+        L.llama_memory_clear(memory, True)
+        entries = [(tok, p, s, p == len(ids) - 1) for s, ids in enumerate(batch) for p, tok in enumerate(ids)]
+        last = [i for i, e in enumerate(entries) if e[3]]  # each prompt's last token's row in the llama_batch
+        clock = Clock()
+        submit(ctx, lb, entries)
+        nxt = greedy(ctx, last, vocab)
+        cpu, wall = clock.read()  # every prompt's first token comes out of the one call
+        return {"cpu": cpu, "wall": wall, "ttft_cpu": cpu, "ttft_wall": wall, "next_tokens": nxt}
+
+    return run, lambda: close_llamacpp(model, ctx, lb)
+
+
+def llamacpp_settings(ubatches: list[int]) -> dict[str, dict]:
+    """The llama.cpp settings the `llamacpp` row runs, by system name: flash attention on/off x n_ubatch."""
+    return {f"llamacpp_fa_{'on' if fa else 'off'}_ub{ub}": {"flash": fa, "n_ubatch": ub}
+            for ub in ubatches for fa in (True, False)}
 
 
 @contextlib.contextmanager
@@ -302,7 +351,10 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=None, help="python of a venv with vLLM's CPU build (optional peer)")
     ap.add_argument("--no-decode", action="store_true", help="skip the decode regression check")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all)")
+    ap.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all); "
+                    "llamacpp runs each of its settings (--llamacpp-ubatch x flash attention on/off)")
+    ap.add_argument("--llamacpp-ubatch", type=int, nargs="+", default=[512, 2048],
+                    help="llama.cpp's n_ubatch values to try (tokens computed at a time; its default is 512)")
     args = ap.parse_args()
     pin_threads(args.threads)
     from memfit.llm.kernels.prefill import available
@@ -330,8 +382,26 @@ def main() -> int:
                   "memfit_unfused": lambda: memfit_system(path, "auto", False, unfused=True),
                   "transformers_b4": lambda: transformers_system(path, 4),
                   f"transformers_b{args.prompts}": lambda: transformers_system(path, None)}
-        wanted = set(args.systems.split(",")) if args.systems else set(makers)
+        wanted = set(args.systems.split(",")) if args.systems else {*makers, "llamacpp"}
+        unknown = wanted - set(makers) - {"llamacpp"}
+        if unknown:
+            ap.error(f"unknown systems {sorted(unknown)}; choose from {sorted(makers) + ['llamacpp']}")
+        llamacpp_note = None
+        if "llamacpp" in wanted:
+            from benchmarks.decode_llamacpp import llamacpp_missing, write_gguf
+
+            llamacpp_note = llamacpp_missing()
+            if llamacpp_note:
+                print(f"llamacpp skipped: {llamacpp_note}", file=sys.stderr)
+            else:
+                gguf_path = Path(tmp) / "llama-0.1b-bfloat16.gguf"
+                write_gguf(path, gguf_path)
+                for name, kw in llamacpp_settings(args.llamacpp_ubatch).items():
+                    makers[name] = (lambda kw=kw: llamacpp_system(path, gguf_path, args.prompts, args.prompt_len,
+                                                                   args.threads, **kw))
+                    wanted.add(name)
         systems = {name: make() for name, make in makers.items() if name in wanted}
+        last_tokens: dict[str, list[int]] = {}
         batch: dict[str, list[dict]] = {n: [] for n in systems}
         one: dict[str, list[dict]] = {n: [] for n in systems}
         for rnd in range(args.reps + 1):  # round 0 warms every system up
@@ -341,14 +411,17 @@ def main() -> int:
                 if rnd:
                     batch[name].append(b)
                     one[name].append(o)
+                    last_tokens[name] = b.get("next_tokens")
             print(f"round {rnd}/{args.reps}: " + ", ".join(f"{n} {batch[n][-1]['cpu']:.2f}s" for n in systems if batch[n]),
                   file=sys.stderr)
         parts: dict[str, float] = {}
-        with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
-            parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
-        parts["other_s"] = (parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("matmul_silu_s", 0.0)
-                            - parts.get("attention_s", 0.0))
-        parts["other_not_element_wise_s"] = parts["other_s"] - sum(v for k, v in parts.items() if k.startswith("rest_"))
+        if "memfit" in systems:
+            with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
+                parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
+            parts["other_s"] = (parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("matmul_silu_s", 0.0)
+                                - parts.get("attention_s", 0.0))
+            parts["other_not_element_wise_s"] = parts["other_s"] - sum(v for k, v in parts.items()
+                                                                       if k.startswith("rest_"))
         parts_before: dict[str, float] = {}
         if "memfit_attention_avx512" in systems:  # the same, attention on the AVX-512 path
             before: dict[str, float] = {}
@@ -379,7 +452,23 @@ def main() -> int:
     by_unit = {unit: max(p[unit] for p in peaks) for unit in ("avx512", "amx")}
     peak = max(v for v in by_unit.values() if v == v)  # nan (no AMX) left out
     macs, tokens = matmul_macs(SHAPES["0.1b"], args.prompts, args.prompt_len), args.prompts * args.prompt_len
-    rows = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems}
+    rows = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems if not n.startswith("llamacpp_")}
+    lc = {n: summarise(batch[n], one[n], macs, tokens, peak) for n in systems if n.startswith("llamacpp_")}
+    if lc:
+        import llama_cpp
+
+        fastest = min(lc, key=lambda n: lc[n]["batch_s"])
+        ours = last_tokens.get("memfit")
+        agree = (None if ours is None else
+                 {n: sum(a == b for a, b in zip(ours, last_tokens[n])) / len(ours) for n in lc})
+        rows["llamacpp"] = {**lc[fastest], "setting": fastest[len("llamacpp_"):],
+                            "version": f"llama-cpp-python {llama_cpp.__version__}", "kv": "a stream a sequence",
+                            "n_batch": max(tokens, *args.llamacpp_ubatch),
+                            "greedy_agree_with_memfit": agree and agree[fastest],
+                            "settings": {n[len("llamacpp_"):]: {**r, "greedy_agree_with_memfit": agree and agree[n]}
+                                         for n, r in lc.items()}}
+    elif llamacpp_note:
+        rows["llamacpp"] = {"error": llamacpp_note}
     if vllm is not None:
         if "error" in vllm:
             rows["vllm"] = vllm
@@ -391,7 +480,9 @@ def main() -> int:
                             "ttft_single_ms": round(vllm["one"]["cpu"] * 1e3, 1),
                             "ttft_single_wall_ms": round(vllm["one"]["wall"] * 1e3, 1), "version": vllm.get("version")}
     peers = {n: r for n, r in rows.items() if not n.startswith("memfit") and "batch_s" in r}
-    best = min(peers, key=lambda n: peers[n]["batch_s"])
+    best = min(peers, key=lambda n: peers[n]["batch_s"]) if peers else None
+    vs_best = (round(peers[best]["batch_s"] / rows["memfit"]["batch_s"], 3)
+               if best and "memfit" in rows else None)
     result = {"benchmark": "prefill", **header(args.threads), "timer": "process CPU time, median (wall beside it)",
               "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
               "prompts": args.prompts, "prompt_len": args.prompt_len, "reps": args.reps,
@@ -400,7 +491,9 @@ def main() -> int:
               "peak_runs_gmac_per_s": [{u: round(v / 1e9, 1) for u, v in p.items()} for p in peaks],
               "kernel_choices": kernel_choices,
               "systems": rows, "best_peer": best,
-              "memfit_vs_best_peer": round(peers[best]["batch_s"] / rows["memfit"]["batch_s"], 3),
+              "memfit_vs_best_peer": vs_best,
+              "memfit_vs_llamacpp": (round(rows["llamacpp"]["batch_s"] / rows["memfit"]["batch_s"], 3)
+                                     if "batch_s" in rows.get("llamacpp", {}) and "memfit" in rows else None),
               "memfit_vs_previous": (round(rows["memfit_previous"]["batch_s"] / rows["memfit"]["batch_s"], 3)
                                      if "memfit_previous" in rows else None),
               "memfit_vs_attention_avx512": (round(rows["memfit_attention_avx512"]["batch_s"] / rows["memfit"]["batch_s"], 3)
