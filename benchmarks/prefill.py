@@ -40,7 +40,8 @@ Systems, timed interleaved round by round (medians of --reps):
   its own sequence id, logits for each prompt's last token only, greedy next token), `--threads` threads for
   both n_threads and n_threads_batch. It runs at each of its settings that matter here, each its own system in
   the rounds (`llamacpp_fa_<on|off>_ub<N>`: flash attention on (its CPU default) or off, `--llamacpp-ubatch`
-  tokens computed at a time, 512 (its default) and 2048); the fastest batch is the `llamacpp` row, every
+  tokens computed at a time, 512 (its default), 2048 and 4096: the whole batch); the fastest batch is the
+  `llamacpp` row, every
   setting's row under its `settings`, and `greedy_agree_with_memfit`: the prompts of the last round whose next
   token matched memfit's (where memfit ran). Install it outside the project's venv, e.g.
   `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-deps --target DIR llama-cpp-python gguf` (a source build,
@@ -353,7 +354,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--systems", default=None, help="comma-separated subset of the systems (default: all); "
                     "llamacpp runs each of its settings (--llamacpp-ubatch x flash attention on/off)")
-    ap.add_argument("--llamacpp-ubatch", type=int, nargs="+", default=[512, 2048],
+    ap.add_argument("--llamacpp-ubatch", type=int, nargs="+", default=[512, 2048, 4096],
                     help="llama.cpp's n_ubatch values to try (tokens computed at a time; its default is 512)")
     args = ap.parse_args()
     pin_threads(args.threads)
