@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--rounds must be >= 1 and --layers >= 0")
     designs = [d for d in args.designs.split(",") if d]
     planned = list(dict.fromkeys(designs + [d for d in args.plan_only.split(",") if d]))
+    from memfit.train.finetune.designs import DESIGNS as KNOWN
+
+    unknown = [d for d in planned if d not in KNOWN]
+    if unknown:  # before any run: a typo must not cost the runs' minutes
+        p.error(f"unknown design(s) {', '.join(unknown)}; choose from {', '.join(KNOWN)}")
     rounds = []
     for i in range(args.rounds):
         order = designs if i % 2 == 0 else designs[::-1]  # alternating: a load drift falls on both designs
@@ -267,7 +272,10 @@ def plan_of(args: argparse.Namespace, design: str) -> dict:
     the same functions that size the real ones), in bytes; the process baseline (interpreter, torch) is not in it."""
     from memfit.train.finetune.trainer import FinetuneConfig, plan_host_memory
 
+    import tempfile
+
     cfg = FinetuneConfig(model="memfit-tiny", data=args.data, offload=args.offload, host_memory=design,
+                         ssd_dir=args.ssd_dir or tempfile.gettempdir(),  # validated, never written: nothing runs
                          batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype,
                          model_config=model_config(args.shape, args.layers), grad_checkpointing="device")
     plan = plan_host_memory(cfg)

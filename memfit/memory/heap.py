@@ -105,10 +105,12 @@ class IdleTrimmer:
         self._busy_at = now
 
     def maybe_trim(self, now: float) -> bool:
-        """Trim if the last busy step was at least `idle_s` ago and no trim has followed it; True when it did."""
-        if self._trim is None or self._busy_at is None or now - self._busy_at < self.idle_s:
+        """Trim if the last busy step was at least `idle_s` ago and no trim has followed it; True when the idle period
+        began (the caller gives back its own idle memory then), whether or not this libc has a heap to trim."""
+        if self._busy_at is None or now - self._busy_at < self.idle_s:
             return False
-        self._trim(0)
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
         self._busy_at = None
-        self.trims += 1
         return True

@@ -91,7 +91,13 @@ class HostRegion:
                 return None
             ext = extent_bytes(nbytes)
             if not self.arena.is_committed(off, ext):  # warm already (the common case): nothing to commit
-                self.arena.commit(off, ext)  # MADV_POPULATE_WRITE the pages not cached already
+                try:
+                    self.arena.commit(off, ext)  # MADV_POPULATE_WRITE the pages not cached already
+                except BaseException:  # (ENOMEM): the extent back, nothing held
+                    self.space.free(off, nbytes)
+                    self.arena.decommit(off, ext)
+                    self._settle()
+                    raise
             self.taken[off] = nbytes
             self.taken_bytes += nbytes
             self._taken_extents += ext
@@ -116,10 +122,11 @@ class HostRegion:
                 self.arena.decommit(off, extent_bytes(nbytes))
                 self._settle()
 
-    def trim(self) -> int:
-        """Return every cached page; the bytes given back."""
+    def trim(self, nbytes: int | None = None) -> int:
+        """Return cached pages, the highest first (first fit reuses the low ones), until at least `nbytes` are
+        given back (None: every one); the bytes given back."""
         with self._lock:
-            return self._trim_locked()
+            return self._trim_locked(nbytes)
 
     # ---- inside --------------------------------------------------------------------------------------------
     def _untake(self, off: int) -> int:
@@ -129,9 +136,21 @@ class HostRegion:
         self.space.free(off, nbytes)
         return nbytes
 
-    def _trim_locked(self) -> int:
+    def _trim_locked(self, nbytes: int | None = None) -> int:
         before = self.arena.committed_bytes
-        self.arena.decommit_many(self.space.free_extents)  # free extents are whole pages (ALIGN == page)
+        if nbytes is None:
+            self.arena.decommit_many(self.space.free_extents)  # free extents are whole pages (ALIGN == page)
+        elif nbytes > 0:
+            left = nbytes
+            for off, length in reversed(self.space.free_extents):
+                for run_off, run_len in reversed(self.arena.committed_runs(off, length)):
+                    lo = max(run_off, off, run_off + run_len - left)  # the run's top `left` bytes (pages)
+                    lo -= lo % ALIGN
+                    left -= self.arena.decommit(lo, run_off + run_len - lo)
+                    if left <= 0:
+                        break
+                if left <= 0:
+                    break
         self._settle()
         return before - self.arena.committed_bytes
 

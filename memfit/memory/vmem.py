@@ -293,6 +293,12 @@ class VirtualArena:
                 self.budget.release(pages * self.page_size, self.owner)
             return pages * self.page_size
 
+    def committed_runs(self, offset: int, nbytes: int) -> list[tuple[int, int]]:
+        """(offset, nbytes) of each maximal run of committed pages touching [offset, offset + nbytes), by offset."""
+        with self._lock:
+            return [(lo * self.page_size, (hi - lo) * self.page_size)
+                    for lo, hi in self._runs([(offset, nbytes)], want=False)]
+
     def is_committed(self, offset: int, nbytes: int) -> bool:
         lo, hi = self._pages(offset, nbytes)
         return bool(self._committed[lo:hi].all())

@@ -31,3 +31,19 @@ def test_memascend_is_compared_with_every_rival_round_by_round():
     assert out["designs"]["memascend"]["median_optimizer_seconds"] == pytest.approx(0.55)
     assert out["designs"]["zero-infinity-pipelined"]["median_optimizer_settle_seconds"] == pytest.approx(0.2)
     assert (out["load_1min_min"], out["load_1min_max"]) == (1.0, 3.0)
+
+
+def test_plan_only_plans_without_running_and_refuses_an_unknown_design_before_any_run(capsys):
+    import json
+
+    from benchmarks.finetune_offload import main
+
+    main(["--shape", "0.1b", "--designs", "", "--plan-only", "memascend,zero-infinity-tuned"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["designs"] == {} and set(out["plans"]) == {"memascend", "zero-infinity-tuned"}
+    plans = out["plans"]
+    assert all(p["total_bytes"] == sum(p["pools"].values()) > 0 for p in plans.values())
+    assert plans["memascend"]["total_bytes"] < plans["zero-infinity-tuned"]["total_bytes"]
+    with pytest.raises(SystemExit):
+        main(["--shape", "0.1b", "--designs", "memascend", "--plan-only", "zero-infinty"])
+    assert "unknown design(s) zero-infinty" in capsys.readouterr().err

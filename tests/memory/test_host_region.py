@@ -134,3 +134,26 @@ def test_random_takes_and_frees_keep_the_budget_equal_to_the_pages_held(ops, kee
             assert int(buf.min()) == int(buf.max()) == value
     region.close()
     assert budget.used_bytes == budget.by_owner().get(CALLER, 0)
+
+
+def resident_pages(region: HostRegion) -> list[int]:
+    vec = (ctypes.c_ubyte * (region.arena.size // PAGE))()
+    assert ctypes.CDLL(None).mincore(ctypes.c_void_p(region.arena.address), ctypes.c_size_t(region.arena.size),
+                                     vec) == 0
+    return [i for i, v in enumerate(vec) if v & 1]
+
+
+def test_a_partial_trim_gives_back_the_highest_warm_pages_and_keeps_the_low_ones_first_fit_reuses():
+    budget = MemoryBudget(32 * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(32 * PAGE, budget)
+    a, b = take(region, budget, 4 * PAGE), take(region, budget, 4 * PAGE)
+    give(region, budget, a)
+    give(region, budget, b)
+    assert resident_pages(region) == list(range(8))
+    assert region.trim(3 * PAGE - 100) == 3 * PAGE  # whole pages, from the top
+    assert resident_pages(region) == list(range(5)) and budget.used_bytes == 5 * PAGE
+    assert region.trim(0) == 0 and resident_pages(region) == list(range(5))
+    c = take(region, budget, 4 * PAGE)
+    assert c.data_ptr() == region.arena.address and resident_pages(region) == list(range(5))  # warm: no new page
+    give(region, budget, c)
+    region.close()

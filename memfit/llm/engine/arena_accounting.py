@@ -99,10 +99,12 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     # also keeps its row block's P rounded to bf16 beside the fp32 scores (its 24 rows, in the model's dtype)
     bf16 = dtype == torch.bfloat16
     packed = 2 if bf16 else 1
-    prefill = packed * _heap_block(tk * cfg.head_dim * item) + t * _heap_block(PREFILL_ROWS * (tk + PREFILL_KB) * 4)
-    if bf16 and not _prefill_on_amx():
-        prefill += t * _heap_block(PREFILL_AVX512_ROWS * (tk + PREFILL_KB) * item)
     hq, hkv = cfg.num_attention_heads, max(1, cfg.num_key_value_heads)
+    g = hq // hkv  # a row block holds whole GQA groups: G rows where a group is larger than the block (G > 24)
+    prefill = (packed * _heap_block(tk * cfg.head_dim * item)
+               + t * _heap_block(max(PREFILL_ROWS, g) * (tk + PREFILL_KB) * 4))
+    if bf16 and not _prefill_on_amx():
+        prefill += t * _heap_block(max(PREFILL_AVX512_ROWS, g) * (tk + PREFILL_KB) * item)
     scores = hq // hkv * context_len  # attend.h's attend_group: G score rows of the context
     if 2 <= hkv <= 16 and context_len >= DECODE_BY_SEQ_MIN_LEN:
         # attend_heads (a per-layer cache, a long context): every head's scores, running maxima and fp32 outputs

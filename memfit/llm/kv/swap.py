@@ -33,6 +33,7 @@ the scheduler then recomputes the sequence, so corrupt KV is never served.
 """
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -51,9 +52,12 @@ from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.host_region import HostRegion
+from memfit.memory.mapping import VirtualMemoryError
 
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MERGE_AT", "SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
 
@@ -82,8 +86,7 @@ class SwapSpace(InFlightSwaps):
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
-        self.region = HostRegion(budget.limit_bytes, budget, keep_bytes) \
-            if region and not self.pin and HostRegion.supported else None
+        self.region = self._region(budget, keep_bytes) if region and not self.pin and HostRegion.supported else None
         self.book = HostCopies(budget, self.stats, ssd, self.region)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
@@ -179,6 +182,7 @@ class SwapSpace(InFlightSwaps):
             copy.chunks.append(Chunk(start, num_tokens, nbytes, None, spilled))
         elif pieces:
             olds, size = self._merge_plan(copy, start, num_tokens, nbytes)  # swap_pairs.py: why merge
+            buf = None
             try:
                 buf = self._host_buffer(size)
                 job: tuple  # (the copy function, its arguments)
@@ -193,8 +197,10 @@ class SwapSpace(InFlightSwaps):
                     job[0](*job[1:])
                 else:  # the chunk is booked now; its bytes land while the model step runs
                     self._outflight[seq_id] = (ops, nbytes, self._pool_().submit(*job), None)
-            except BaseException:
+            except BaseException:  # nothing reads or writes the buffer now (the copy failed, or never started)
                 self.budget.release(size, OWNER)
+                if buf is not None and self.region is not None and self.region.owns(buf):
+                    self.region.free(buf)
                 raise
             if olds:  # the merged chunk replaces the trailing run; the old buffers go once its copy has landed
                 del copy.chunks[len(copy.chunks) - len(olds):]
@@ -270,6 +276,15 @@ class SwapSpace(InFlightSwaps):
 
     # ---- inside ----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _region(budget: MemoryBudget, keep_bytes: int | None) -> HostRegion | None:
+        try:
+            return HostRegion(budget.limit_bytes, budget, keep_bytes)
+        except VirtualMemoryError as exc:  # address space capped (ulimit -v, strict overcommit): buffers of their own
+            log.warning("the host swap tier's region of %d bytes could not be mapped (%s); its chunks get buffers of "
+                        "their own", budget.limit_bytes, exc)
+            return None
+
     def _host_buffer(self, size: int) -> torch.Tensor:
         """A (size,) uint8 host buffer for a chunk (its bytes reserved by the caller): from the region, or, where
         it has no free extent that large (fragmented) or there is none (CUDA: pinned), a buffer of its own."""
@@ -293,7 +308,9 @@ class SwapSpace(InFlightSwaps):
         if not self.merge_at or len(olds) < self.merge_at:
             return [], nbytes
         size = self.run_map.shape(num_tokens, olds[0].lo)[0]
-        if not self.budget.try_reserve(size - nbytes, OWNER):
+        if not self.budget.try_reserve(size - nbytes, OWNER) and not (
+                self.region is not None and self.region.trim(size - nbytes - self.budget.free_bytes)
+                and self.budget.try_reserve(size - nbytes, OWNER)):  # the region's warm pages give way first
             return [], nbytes
         return olds, size
 

@@ -119,8 +119,8 @@ class HostCopies:
         first; a live copy is demoted only to the SSD tier, never dropped (and not while in `busy`: a swap-in
         of it is in flight)."""
         while not self.budget.try_reserve(nbytes, OWNER):
-            if self.region is not None and self.region.trim():  # the region's warm free pages go first
-                continue
+            if self.region is not None and self.region.trim(nbytes - self.budget.free_bytes):
+                continue  # the region's warm free pages give way first: as many as the shortfall, the highest
             victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1

@@ -220,6 +220,7 @@ def _layout(cfg: FinetuneConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> 
 def plan_host_memory(cfg: FinetuneConfig) -> budget_mod.Plan:
     """The host-memory plan `run(cfg)` checks --memory-budget against, pool by pool, without running anything: what a
     design would need for a model too large to try on this machine."""
+    cfg.validate()  # what run() would refuse is not planned either
     model_cfg = cfg.model_config or ModelConfig.from_dir(resolve_model_path(cfg.model))
     return _layout(cfg, model_cfg, parse_dtype(cfg.dtype))[-1]
 

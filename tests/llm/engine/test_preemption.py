@@ -15,14 +15,13 @@ from tests.llm.engine.test_engine import assert_same_greedy, tiny  # noqa: F401 
 from tests.memory.test_host_region import resident_bytes
 
 
-def host_tier_empty(swap) -> bool:
+def host_tier_empty(swap) -> None:
     """The host tier holds no chunk; what its budget still holds is its region's warm free pages, as many as the
     kernel holds for the region (mincore), and nothing once they are trimmed."""
     warm = resident_bytes(swap.region) if swap.region is not None else 0
     assert swap.budget.by_owner().get(OWNER, 0) == 0 and swap.budget.used_bytes == warm
     swap.trim()
     assert swap.budget.used_bytes == 0 and (swap.region is None or resident_bytes(swap.region) == 0)
-    return True
 
 
 PARAMS = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -83,7 +82,7 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
         assert (st["async_swap_ins"] > 0) == (threads > 0)  # overlapped swap-ins happened (only) when asked
         assert (st["async_swap_outs"] > 0) == (threads > 0)  # and swap-outs
         assert llm.engine.swap.region.cached_bytes > 0  # --swap-space given: freed pages kept warm for the next swap
-        assert host_tier_empty(llm.engine.swap)
+        host_tier_empty(llm.engine.swap)
         if kind == "paged":  # per-block copies, or fewer with block groups (counted at the copy in kv/test_swap_layout)
             blocks = (st["out_bytes"] + st["in_bytes"]) // (llm.engine.kv.block_bytes // (2 * llm.engine.layout.num_layers))
             assert (st["out_ops"] + st["in_ops"] < blocks) if groups else (st["out_ops"] + st["in_ops"] == blocks)
@@ -204,7 +203,8 @@ def test_aborting_a_request_while_its_kv_swaps_back_in_leaks_nothing(tiny, expec
     for i, ids in enumerate(PROMPTS):
         if f"r{i}" != aborted:
             assert_same_greedy(model, ids, done[f"r{i}"], expected[i])
-    assert host_tier_empty(engine.swap) and engine.swap.stats.resident_bytes == 0
+    host_tier_empty(engine.swap)
+    assert engine.swap.stats.resident_bytes == 0
     assert engine.kv.stats().num_seqs == 0
 
 
@@ -329,7 +329,8 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
     engine.end_session("conv")
     for s in list(engine.scheduler.swapped_sessions):
         engine.end_session(s)
-    assert host_tier_empty(engine.swap) and engine.kv.stats().num_seqs == 0
+    host_tier_empty(engine.swap)
+    assert engine.kv.stats().num_seqs == 0
 
 
 @pytest.mark.parametrize("fault", ["none", "write-error", "flipped-byte", "full"])
@@ -381,7 +382,8 @@ def test_the_ssd_tier_serves_swaps_and_every_io_failure_falls_back_to_recompute(
         assert ssd["out_bytes"] > 0 and ssd["io_errors"] > 0 and ssd["in_bytes"] == 0
     else:
         assert by_mode["recompute"] > 0 and engine.swap.ssd.budget.peak_bytes <= 4096
-    assert host_tier_empty(engine.swap) and engine.swap.ssd.budget.used_bytes == 0
+    host_tier_empty(engine.swap)
+    assert engine.swap.ssd.budget.used_bytes == 0
     assert engine.kv.stats().num_seqs == 0
     llm.engine.close()
 
@@ -427,7 +429,8 @@ def test_an_asynchronous_swap_out_keeps_the_victims_kv_until_its_slow_copy_lands
     assert st["async_swap_outs"] > 0 and not freed_early
     for ids, g, e in zip(PROMPTS, got, expected):
         assert_same_greedy(model, ids, g, e)
-    assert host_tier_empty(engine.swap) and engine.kv.stats().num_seqs == 0
+    host_tier_empty(engine.swap)
+    assert engine.kv.stats().num_seqs == 0
 
 
 @pytest.mark.parametrize("recompute_cost", ["free", "dear", "never-give-up"])
@@ -459,4 +462,5 @@ def test_a_swapped_sequence_refused_memory_recomputes_once_it_has_waited_as_long
         assert waits["gave_up"] > 0 and fed[0] > once  # they recomputed what they had swapped out
     else:
         assert waits["gave_up"] == 0 and fed[0] == once
-    assert host_tier_empty(llm.engine.swap) and llm.engine.kv.stats().num_seqs == 0  # dropped copies freed
+    host_tier_empty(llm.engine.swap)
+    assert llm.engine.kv.stats().num_seqs == 0  # dropped copies freed

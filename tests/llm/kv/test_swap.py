@@ -109,6 +109,33 @@ def test_with_a_region_swaps_write_into_warm_pages_and_the_budget_matches_the_ke
     cache.close()
 
 
+def test_with_a_region_a_failed_swap_out_holds_nothing(monkeypatch):
+    """A copy that raises (an interrupt, a layout error) leaves neither a reservation nor a region buffer behind:
+    the budget and the kernel's page map agree, and a trim leaves nothing."""
+    import memfit.llm.kv.swap as swap_mod
+
+    cache = CACHES["paged"](MemoryBudget(2**22, name="kv_budget"))
+    host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, region=True)
+    assert cache.try_allocate(1, 19)
+    write(cache, [SeqStep(1, 0, 19)])
+
+    def interrupted(runs, buf):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(swap_mod, "_copy_out", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap.try_swap_out(1, 19)
+    assert not swap.region.taken and host.by_owner().get(OWNER, 0) == 0
+    assert host.used_bytes == resident_bytes(swap.region)  # at most warm free pages, all in the budget
+    swap.trim()
+    assert host.used_bytes == 0 == resident_bytes(swap.region)
+    monkeypatch.undo()
+    assert swap.try_swap_out(1, 19)  # and the tier still works
+    swap.close()
+    cache.close()
+
+
 def test_cost_model_prefers_swap_for_long_sequences_and_recompute_when_copies_are_slow():
     fast_copy = CostModel(params=10**9, layers=32, q_width=4096, flops_per_s=1e12, bytes_per_s=2e10)
     assert fast_copy.swap_s(4096 * 128 * 1024, 64) < fast_copy.recompute_s(4096)
