@@ -70,19 +70,7 @@ def test_amx_path_matches_float64(tq, tk, hq, hkv, d, window):
     error must also stay within 2x the float64 result's own bf16 rounding (1.2-1.5x measured): a key too many or
     too few, a wrong head, scale or normaliser shifts rows systematically (one key of 128 moves a row by ~|v| / 128)."""
     need_amx()
-    g = torch.Generator().manual_seed(tq * 1000 + tk)
-    q = torch.randn(tq, hq, d, generator=g).to(torch.bfloat16)
-    cache = torch.randn(2, tk + 7, hkv + 1, d, generator=g).to(torch.bfloat16)  # rows of a wider slot
-    k, v = cache[0, 3 : 3 + tk, 1:], cache[1, 3 : 3 + tk, 1:]
-    ref = reference(q, k, v, d ** -0.5, window)
-    bound = 2 ** -8 * 1.01 * (ref.abs() + reference(q, k, v.abs(), d ** -0.5, window)) + 1e-6
-    rounding = (ref.to(torch.bfloat16).double() - ref).abs().mean().item()
-    for threads in (1, 2):
-        out = torch.full_like(q, float("nan"))
-        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads, kernel="amx")
-        err = (out.double() - ref).abs()
-        assert (err <= bound).all(), (err - bound).max().item()
-        assert err.mean().item() <= 2 * rounding + 1e-9, (err.mean().item(), rounding)
+    check_within_p_rounding(tq, tk, hq, hkv, d, window, "amx", seed=tq * 1000 + tk)
 
 
 @pytest.mark.parametrize("tq,tk,hq,hkv,d,window", AMX_CASES)
@@ -92,7 +80,13 @@ def test_avx512_bf16_path_within_p_rounding(tq, tk, hq, hkv, d, window):
     groups that split a PV tile are in the cases; a pair off by one key, or the pair's halves swapped, moves a row's
     mean error far past twice the output's own rounding."""
     need(torch.bfloat16)
-    g = torch.Generator().manual_seed(tq * 1000 + tk + 1)
+    check_within_p_rounding(tq, tk, hq, hkv, d, window, "avx512", seed=tq * 1000 + tk + 1)
+
+
+def check_within_p_rounding(tq: int, tk: int, hq: int, hkv: int, d: int, window, kernel: str, seed: int) -> None:
+    """bf16 attention on `kernel` against a float64 reference: every element within P's bf16 rounding's bound, and
+    the mean error within twice the output's own rounding, at 1 and 2 threads."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(tq, hq, d, generator=g).to(torch.bfloat16)
     cache = torch.randn(2, tk + 7, hkv + 1, d, generator=g).to(torch.bfloat16)  # rows of a wider slot
     k, v = cache[0, 3 : 3 + tk, 1:], cache[1, 3 : 3 + tk, 1:]
@@ -101,7 +95,7 @@ def test_avx512_bf16_path_within_p_rounding(tq, tk, hq, hkv, d, window):
     rounding = (ref.to(torch.bfloat16).double() - ref).abs().mean().item()
     for threads in (1, 2):
         out = torch.full_like(q, float("nan"))
-        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads, kernel="avx512")
+        assert prefill_attention(q, k, v, d ** -0.5, window, out, nthreads=threads, kernel=kernel)
         err = (out.double() - ref).abs()
         assert (err <= bound).all(), (err - bound).max().item()
         assert err.mean().item() <= 2 * rounding + 1e-9, (err.mean().item(), rounding)
