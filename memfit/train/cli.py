@@ -107,13 +107,14 @@ def _register_finetune(sub) -> None:
                         "striped over every node, or latency-critical groups local up to --local-budget")
     p.add_argument("--local-budget", default=None, metavar="BYTES|N%",
                    help="local-DRAM budget for --placement latency-first: bytes (8GiB) or a share of the state (50%%)")
-    p.add_argument("--tier-backend", default="auto", choices=("auto", "libnuma", "plain", "simulated"),
+    p.add_argument("--tier-backend", default=None, choices=("auto", "libnuma", "plain", "simulated"),
                    help="how tiers become memory: libnuma (real nodes; auto picks it where installed), plain "
-                        "(no policy), simulated (CXL nodes in software, times modelled)")
+                        "(no policy), simulated (CXL nodes in software, times modelled); default auto")
     p.add_argument("--local-node", type=int, default=None, help="the fast node (default: the node this runs on)")
     p.add_argument("--slow-nodes", default=None, metavar="LIST",
                    help="the slow tier's nodes, e.g. 2,3 (default: the CPU-less nodes, else the other sockets)")
-    p.add_argument("--simulated-cxl", type=int, default=1, metavar="K", help="CXL devices for --tier-backend simulated")
+    p.add_argument("--simulated-cxl", type=int, default=None, metavar="K",
+                   help="CXL devices for --tier-backend simulated (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON result object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_finetune)
@@ -164,15 +165,14 @@ def run_finetune(args: argparse.Namespace) -> int:
             slow = [int(x) for x in args.slow_nodes.split(",") if x.strip()] if args.slow_nodes else None
         except ValueError:
             return _refuse(args, f"--slow-nodes takes node numbers separated by commas (got {args.slow_nodes!r})")
-        placement = PlacementConfig(args.placement, args.local_budget, args.tier_backend, args.local_node, slow,
-                                    args.simulated_cxl)
+        placement = PlacementConfig(args.placement, args.local_budget, args.tier_backend or "auto", args.local_node,
+                                    slow, 1 if args.simulated_cxl is None else args.simulated_cxl)
     elif args.local_budget is not None:
         return _refuse(args, "--local-budget needs --placement latency-first")
     else:  # the tier options mean nothing without a placement: say so rather than run without them
-        given = [flag for flag, value, default in (("--tier-backend", args.tier_backend, "auto"),
-                                                   ("--local-node", args.local_node, None),
-                                                   ("--slow-nodes", args.slow_nodes, None),
-                                                   ("--simulated-cxl", args.simulated_cxl, 1)) if value != default]
+        given = [flag for flag, value in (("--tier-backend", args.tier_backend), ("--local-node", args.local_node),
+                                          ("--slow-nodes", args.slow_nodes), ("--simulated-cxl", args.simulated_cxl))
+                 if value is not None]  # None: not given (the defaults apply above, with --placement)
         if given:
             return _refuse(args, f"{', '.join(given)} needs --placement local-only|interleave|latency-first")
     if args.ssd_dir is not None and args.offload != "ssd":
@@ -223,7 +223,8 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
 
 def _interrupted(save: str | None = None) -> int:
     """Ctrl-C: one line instead of a traceback, and the shell's status for SIGINT (as memfit.errors.guard)."""
-    kept = f"; the checkpoints written under {save} are kept (--resume {save})" if save else ""
+    saved = save is not None and (Path(save) / "latest").is_file()  # a complete checkpoint (checkpoint.py)
+    kept = f"; the checkpoints written under {save} are kept (--resume {save})" if saved else ""
     print(f"interrupted{kept}", file=sys.stderr)
     return 130
 

@@ -121,8 +121,13 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(trainer, "run", interrupt)
     assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
+    out, err = capsys.readouterr()  # interrupted before the first checkpoint: nothing to resume from
+    assert out == "" and err.strip() == "interrupted"
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run" / "latest").write_text("step-00000001\n")  # a complete checkpoint's marker (checkpoint.py)
+    assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("interrupted") and "--resume" in err
+    assert out == "" and err.startswith("interrupted") and f"--resume {tmp_path / 'run'}" in err
 
 
 @pytest.mark.parametrize("extra, words", [(["--ssd-dir", "swap"], "--ssd-dir needs --offload ssd"),
@@ -130,7 +135,9 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
                                           (["--tier-backend", "simulated"], "--tier-backend needs --placement"),
                                           (["--slow-nodes", "2", "--local-node", "1"],
                                            "--local-node, --slow-nodes needs --placement"),
-                                          (["--simulated-cxl", "3"], "--simulated-cxl needs --placement")])
+                                          (["--simulated-cxl", "3"], "--simulated-cxl needs --placement"),
+                                          (["--simulated-cxl", "1", "--tier-backend", "auto"],  # given: the defaults
+                                           "--tier-backend, --simulated-cxl needs --placement")])
 def test_options_that_would_be_ignored_are_refused(extra, words, tmp_path, capsys, monkeypatch):
     """--ssd-dir without --offload ssd, and the tier options without --placement, ran as if not given."""
     import memfit.train.finetune.trainer as trainer

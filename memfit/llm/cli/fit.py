@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from memfit.llm.engine.fit import FitBreakdown
 
 
+KEEP_SPEEDUP = 0.95  # --keep-speedup's default
+
+
 def cmd_fit(args) -> int:
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.models.config import ModelConfig, parse_dtype
@@ -22,7 +25,7 @@ def cmd_fit(args) -> int:
     if args.speculative_model is None:  # the speculation options mean nothing without a draft: say so
         given = [flag for flag, value in (("--acceptance", args.acceptance), ("--draft-cost", args.draft_cost),
                                           ("--verify-cost", args.verify_cost),
-                                          ("--keep-speedup", None if args.keep_speedup == 0.95 else 1))
+                                          ("--keep-speedup", args.keep_speedup))
                  if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} needs --speculative-model (the draft whose speed-up it is about)")
@@ -97,7 +100,8 @@ def _spec_bound(args, path, kv_budget, limit, dtype):
                                   num_speculative_tokens=g or None,
                                   tensor_parallel_size=args.tensor_parallel_size).total_bytes
 
-    return smallest_budget(*given, gamma, total_at, args.keep_speedup)
+    keep = KEEP_SPEEDUP if args.keep_speedup is None else args.keep_speedup
+    return smallest_budget(*given, gamma, total_at, keep)
 
 
 def _format_bound(r) -> str:
@@ -161,8 +165,9 @@ def register(sub) -> None:
     p.add_argument("--tree", "--speculative-tree", dest="tree", default=None, metavar="W,D",
                    help="speculation with a token tree (the engine's --speculative-tree): count its buffers (W x D + 1 "
                         "verification rows of logits, the masks) and W x D lookahead tokens of the target's KV")
-    p.add_argument("--keep-speedup", type=float, default=0.95,
-                   help="speculation: print the smallest budget keeping this share of the predicted speed-up (default 0.95)")
+    p.add_argument("--keep-speedup", type=float, default=None,  # None: not given (refused without a draft)
+                   help=f"speculation: print the smallest budget keeping this share of the predicted speed-up "
+                        f"(default {KEEP_SPEEDUP})")
     p.add_argument("--acceptance", type=float, default=None,
                    help="speculation: the draft's per-token acceptance rate (default: measured with the pair here)")
     p.add_argument("--draft-cost", type=float, default=None,

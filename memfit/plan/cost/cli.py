@@ -158,7 +158,7 @@ def _train(args) -> int:
 
     if args.epochs < 1:
         raise CostModelError(f"--epochs must be at least 1 (got {args.epochs})")
-    _check_output(args.out, "--out")
+    _check_output(str(args.out or DEFAULT_MODEL), "--out")  # the default, in the package, may be read-only
     cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else (),
                       vtile_rules=args.vtile_rules)
     result = train(args.db, args.out or DEFAULT_MODEL, cfg, verbose=True)
@@ -267,7 +267,7 @@ def _train_ranker(args) -> int:
     from memfit.plan.cost.rank_eval import train_ranker
     from memfit.plan.cost.ranker import COMPACT, DEFAULT_RANKER, SMALL, RankerConfig
 
-    _check_output(args.out, "--out")
+    _check_output(str(args.out or DEFAULT_RANKER), "--out")  # the default, in the package, may be read-only
     cfg = RankerConfig(objective=args.objective, features=COMPACT if args.features == "compact" else None,
                        seed=args.seed, **SMALL)
     out = train_ranker(args.db, args.out or DEFAULT_RANKER, cfg, args.target, args.seed)

@@ -37,7 +37,8 @@ def test_speculation_figures_out_of_range_or_without_a_draft_are_refused(capsys)
               "--acceptance"),
              (spec[:-1] + ["-1"], "--verify-cost"), (spec[:-3] + ["0", "--verify-cost", "1.1"], "--draft-cost"),
              (["--acceptance", "0.5"], "--acceptance needs --speculative-model"),
-             (["--keep-speedup", "0.5"], "--keep-speedup needs --speculative-model")]
+             (["--keep-speedup", "0.5"], "--keep-speedup needs --speculative-model"),
+             (["--keep-speedup", "0.95"], "--keep-speedup needs --speculative-model")]  # given, though the default
     for flags, words in cases:
         assert memfit_main(["fit", "--no-runtime", "--json", *flags]) == 2, flags
         out = capsys.readouterr()

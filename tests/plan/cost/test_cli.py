@@ -246,6 +246,23 @@ def test_tune_refuses_a_bad_ranker_and_an_unwritable_out(kernel, tmp_path, capsy
     assert "--repetitions must be at least 1" in json.loads(capsys.readouterr().out)["error"]
 
 
+@pytest.mark.parametrize("action, module, name", [("train", "memfit.plan.cost.train", "DEFAULT_MODEL"),
+                                                  ("train-ranker", "memfit.plan.cost.ranker", "DEFAULT_RANKER")])
+def test_training_without_out_checks_the_default_path_before_the_work(action, module, name, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Without --out the model goes to its default in the package's assets, which a system install may not let
+    anyone write: that is refused before the training, as an unwritable --out is, not after it."""
+    import importlib
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(importlib.import_module(module), name, tmp_path / "afile" / "model.bin")
+    db = tmp_path / "d.db"
+    assert main(["costmodel", "generate", "--n", "4", "--out", str(db)]) == 0
+    capsys.readouterr()
+    assert main(["costmodel", action, "--db", str(db), "--json"]) == 2
+    assert "is a file, not a folder" in json.loads(capsys.readouterr().out)["error"]
+
+
 @pytest.mark.parametrize("argv, words", [(["train", "--epochs", "0"], "--epochs must be at least 1"),
                                          (["train", "--out", "afile/m.safetensors"], "--out"),
                                          (["train-ranker", "--out", "afile/r.json"], "--out"),
