@@ -22,9 +22,17 @@ def json_error(args, exc: BaseException) -> None:
         print(json.dumps({"error": str(exc)}), flush=True)
 
 
+def interrupted(args, message: str = "interrupted") -> int:
+    """Ctrl-C: one line on stderr instead of a traceback and, with --json, {"error": message} on stdout (a script
+    reading the output still gets exactly one object); the shell's status for SIGINT."""
+    print(message, file=sys.stderr)
+    json_error(args, KeyboardInterrupt(message))
+    return 130
+
+
 def guard(func):
     """Wrap a command's `func(args) -> int`: the errors a user can fix become one message and exit code 2,
-    without a traceback (and, with --json, {"error": message} on stdout); Ctrl-C exits 130. The LLM and quant commands use it."""
+    without a traceback (and, with --json, {"error": message} on stdout); Ctrl-C exits 130 (`interrupted`). The LLM and quant commands use it."""
 
     def run(args) -> int:
         try:
@@ -34,7 +42,7 @@ def guard(func):
             json_error(args, exc)
             return 2
         except KeyboardInterrupt:
-            return 130
+            return interrupted(args)
 
     return run
 

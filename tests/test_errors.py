@@ -24,6 +24,18 @@ def test_guard_prints_the_error_and_with_json_one_object(as_json, capsys):
     assert (json.loads(out.out) == {"error": "no such thing"}) if as_json else out.out == ""
 
 
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_under_guard_is_one_line_status_130_and_with_json_one_object(as_json, capsys):
+    """Ctrl-C exits 130 without a traceback; with --json the output still holds exactly one object."""
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    assert guard(interrupt)(argparse.Namespace(command="demo", json=as_json)) == 130
+    out = capsys.readouterr()
+    assert out.err == "interrupted\n"
+    assert (json.loads(out.out) == {"error": "interrupted"}) if as_json else out.out == ""
+
+
 @pytest.mark.parametrize("argv", [["fit", "--context", "0", "--json"],
                                   ["quant", "vit", "--model", "missing.safetensors", "--json"],
                                   ["costmodel", "predict", "missing.mlir", "--json"]])

@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "json", False):  # --json: still exactly one object on stdout
             print(json.dumps({"error": str(exc)}))
         return 2
-    except KeyboardInterrupt:  # Ctrl-C in a long solve: one line, the shell's status for SIGINT (memfit.errors.guard)
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C in a long solve: one line, the shell's status for SIGINT
+        from memfit.errors import interrupted
+
+        return interrupted(args)
 
 
 def _validate(path: str, as_json: bool = False) -> int:

@@ -194,7 +194,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _refuse(args, f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
-        return _interrupted(args.save)
+        return _interrupted(args, args.save)
     out = result.to_json()
     if plot:
         out["plot"] = str(write_loss_curve(result.all_losses, plot, f"{args.model} {args.offload} {args.host_memory}",
@@ -221,12 +221,13 @@ def _refuse(args: argparse.Namespace, message: str) -> int:
     return 2
 
 
-def _interrupted(save: str | None = None) -> int:
-    """Ctrl-C: one line instead of a traceback, and the shell's status for SIGINT (as memfit.errors.guard)."""
+def _interrupted(args: argparse.Namespace, save: str | None = None) -> int:
+    """Ctrl-C: memfit.errors.interrupted, naming the checkpoints to resume from where there is one."""
+    from memfit.errors import interrupted
+
     saved = save is not None and (Path(save) / "latest").is_file()  # a complete checkpoint (checkpoint.py)
     kept = f"; the checkpoints written under {save} are kept (--resume {save})" if saved else ""
-    print(f"interrupted{kept}", file=sys.stderr)
-    return 130
+    return interrupted(args, f"interrupted{kept}")
 
 
 def _finetune_with_progress(cfg, run, show: bool):
@@ -286,7 +287,7 @@ def run_local(args: argparse.Namespace) -> int:
     except (LocalTrainingError, DatasetMissingError, ValueError) as exc:
         return _refuse(args, str(exc))
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(args)
     except RuntimeError as exc:  # torch's CPU allocator refusing a tensor: a --width/--batch-size too large here
         if "can't allocate memory" not in str(exc):
             raise

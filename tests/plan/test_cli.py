@@ -141,4 +141,4 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     monkeypatch.setattr(graph, "graph_from_name", interrupt)
     assert main(["plan", "--model", "resnet18", "--json"]) == 130
     out, err = capsys.readouterr()
-    assert out == "" and err.strip() == "interrupted"
+    assert json.loads(out) == {"error": "interrupted"} and err.strip() == "interrupted"

@@ -1,6 +1,8 @@
 """`memfit train finetune --device`: a device that is not there is one line and exit 2, not torch's traceback."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,12 +124,12 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer, "run", interrupt)
     assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
     out, err = capsys.readouterr()  # interrupted before the first checkpoint: nothing to resume from
-    assert out == "" and err.strip() == "interrupted"
+    assert json.loads(out) == {"error": "interrupted"} and err.strip() == "interrupted"
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run" / "latest").write_text("step-00000001\n")  # a complete checkpoint's marker (checkpoint.py)
     assert _finetune(tmp_path, "--save", str(tmp_path / "run")) == 130
     out, err = capsys.readouterr()
-    assert out == "" and err.startswith("interrupted") and f"--resume {tmp_path / 'run'}" in err
+    assert json.loads(out)["error"] == err.strip() and f"--resume {tmp_path / 'run'}" in err
 
 
 @pytest.mark.parametrize("extra, words", [(["--ssd-dir", "swap"], "--ssd-dir needs --offload ssd"),

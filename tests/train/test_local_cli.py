@@ -96,7 +96,7 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     monkeypatch.setattr(trainer, "train", interrupt)
     rc = main(["train", "local", "--dataset", "digits", "--no-progress", "--json"])
     out, err = capsys.readouterr()
-    assert rc == 130 and out == "" and err.strip() == "interrupted"
+    assert rc == 130 and json.loads(out) == {"error": "interrupted"} and err.strip() == "interrupted"
 
 
 def test_a_model_too_large_to_allocate_is_one_error(capsys, monkeypatch):

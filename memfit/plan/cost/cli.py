@@ -90,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
         json_error(args, exc)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: labels so far are saved; run the same command to resume" if args.action == "label"
-              else "interrupted", file=sys.stderr)  # only label has anything saved to resume
-        return 130
+    except KeyboardInterrupt:  # only label has anything saved to resume
+        from memfit.errors import interrupted
+
+        return interrupted(args, "interrupted: labels so far are saved; run the same command to resume"
+                           if args.action == "label" else "interrupted")
 
 
 def _generate(args) -> int:
