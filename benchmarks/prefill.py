@@ -238,6 +238,14 @@ def llamacpp_settings(ubatches: list[int]) -> dict[str, dict]:
             for ub in ubatches for fa in (True, False)}
 
 
+MATMUL_PARTS = ("matmul_s", "matmul_silu_s", "matmul_rope_s")  # timed_parts' keys for memfit's matmul calls
+
+
+def other_seconds(parts: dict) -> float:
+    """What none of timed_parts' matmul and attention timers covers of the batch's total."""
+    return parts["total_s"] - sum(parts.get(k, 0.0) for k in (*MATMUL_PARTS, "attention_s"))
+
+
 @contextlib.contextmanager
 def timed_parts(acc: dict):
     """CPU seconds spent in memfit's matmuls (BlockedLinear; matmul_silu_s: the gate/up matmul with SiLU x up in its
@@ -421,9 +429,7 @@ def main() -> int:
         if "memfit" in systems:
             with timed_parts(parts):  # where memfit's batch time goes (one more run, timers on)
                 parts["total_s"] = systems["memfit"][0](prompts(args.prompts))["cpu"]
-            parts["other_s"] = (parts["total_s"] - parts.get("matmul_s", 0.0) - parts.get("matmul_silu_s", 0.0)
-                                - parts.get("matmul_rope_s", 0.0)
-                                - parts.get("attention_s", 0.0))
+            parts["other_s"] = other_seconds(parts)
             parts["other_not_element_wise_s"] = parts["other_s"] - sum(v for k, v in parts.items()
                                                                        if k.startswith("rest_"))
         parts_before: dict[str, float] = {}
@@ -431,9 +437,7 @@ def main() -> int:
             before: dict[str, float] = {}
             with timed_parts(before):
                 before["total_s"] = systems["memfit_attention_avx512"][0](prompts(args.prompts))["cpu"]
-            before["other_s"] = (before["total_s"] - before.get("matmul_s", 0.0) - before.get("matmul_silu_s", 0.0)
-                                 - before.get("matmul_rope_s", 0.0)
-                                 - before.get("attention_s", 0.0))
+            before["other_s"] = other_seconds(before)
             parts_before = before
         from memfit.llm.kernels import large_m
 
@@ -508,8 +512,7 @@ def main() -> int:
               "target": "memfit >= 1.2x the best peer (~85% of the peak)", "decode": decode,
               "memfit_breakdown": {k: round(v, 3) for k, v in parts.items()},
               "memfit_attention_avx512_breakdown": {k: round(v, 3) for k, v in parts_before.items()},
-              "memfit_matmul_fraction_of_peak": (round(macs / (parts["matmul_s"] + parts.get("matmul_silu_s", 0.0)
-                                                                    + parts.get("matmul_rope_s", 0.0)) / peak, 3)
+              "memfit_matmul_fraction_of_peak": (round(macs / sum(parts.get(k, 0.0) for k in MATMUL_PARTS) / peak, 3)
                                                  if parts.get("matmul_s") else None)}
     emit(result, args.out, draw)
     return 0

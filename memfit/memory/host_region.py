@@ -1,13 +1,13 @@
 """HostRegion: one budgeted host mapping that hands out byte buffers by extent and keeps freed pages warm.
 
 Why: the host swap tier (llm/kv/swap.py) used to take a fresh `torch.empty` buffer for every chunk it swapped
-out. Inside a serving engine glibc hands a buffer of a few MiB out as a fresh mapping more often than not (its
-mmap threshold moves with what was freed last, and the engine trims the heap under a budget), so the copy into it
-page-faults and zeroes every 4 KiB page on the way: on the Zen 4 host a 2 MiB copy into a fresh mapping ran at
-2.8 GB/s against 45 GB/s into warm pages (1-25 MiB: 2.1-2.8 against 9-45 GB/s), and the tier reached 0.3 of
-memcpy inside a serving run while it reached 0.9 alone. A region of the tier's own keeps the pages it has
-committed, so a swap-out after the first writes into memory that is already there: what vLLM gets by allocating
-its whole CPU swap space up front, paid here only for the pages actually used.
+out. Past glibc's largest mmap threshold (32 MiB) every such buffer is a fresh mapping, and below it one can be
+(the threshold moves with what was freed last, and the engine trims the heap under a budget), so the copy into it
+page-faults and zeroes every 4 KiB page on the way. benchmarks/swap_tiers.py --modes stacked region measures it
+(swap_tiers_region_zen4.json, Zen 4): a 48 MiB swap-out of the 0.5B shape ran at 0.21 of memcpy into fresh
+buffers and 0.82 from the region (3.8x); at 6-24 MiB the two were level, glibc reusing its heap there. A region
+of the tier's own keeps the pages it has committed, so a swap-out after the first writes into memory that is
+already there: what vLLM gets by allocating its whole CPU swap space up front, paid here only for the pages used.
 
     region = HostRegion(1 << 30, budget, keep_bytes=None)   # None: keep every freed page (up to the capacity)
     buf = region.take(nbytes)        # (nbytes,) uint8 view, its pages committed; None if no extent fits

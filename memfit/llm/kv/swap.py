@@ -308,9 +308,7 @@ class SwapSpace(InFlightSwaps):
         if not self.merge_at or len(olds) < self.merge_at:
             return [], nbytes
         size = self.run_map.shape(num_tokens, olds[0].lo)[0]
-        if not self.budget.try_reserve(size - nbytes, OWNER) and not (
-                self.region is not None and self.region.trim(size - nbytes - self.budget.free_bytes)
-                and self.budget.try_reserve(size - nbytes, OWNER)):  # the region's warm pages give way first
+        if not self.book.try_reserve(size - nbytes):  # nothing is evicted for a merge
             return [], nbytes
         return olds, size
 

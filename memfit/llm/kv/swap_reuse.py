@@ -114,13 +114,18 @@ class HostCopies:
             for chunk in copy.chunks:
                 self.free_chunk(chunk)
 
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve host bytes if they fit, the region's warm free pages giving way first (as many as the shortfall,
+        the highest: host_region.py), nothing else evicted."""
+        return self.budget.try_reserve(nbytes, OWNER) or (
+            self.region is not None and self.region.trim(nbytes - self.budget.free_bytes) > 0
+            and self.budget.try_reserve(nbytes, OWNER))
+
     def reserve(self, nbytes: int, for_seq: int, busy: Container[int]) -> bool:
         """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used
         first; a live copy is demoted only to the SSD tier, never dropped (and not while in `busy`: a swap-in
         of it is in flight)."""
-        while not self.budget.try_reserve(nbytes, OWNER):
-            if self.region is not None and self.region.trim(nbytes - self.budget.free_bytes):
-                continue  # the region's warm free pages give way first: as many as the shortfall, the highest
+        while not self.try_reserve(nbytes):
             victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1
