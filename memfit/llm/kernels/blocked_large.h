@@ -83,10 +83,11 @@ int64_t large_chunk(int64_t NB) {  // steps of one panel's K chunk (BLK_LARGE_CH
     return c > 0 ? c : 1;
 }
 
-template <typename E, int P>
-void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typename E::T* b, typename E::T* y,
-               int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
-    using T = typename E::T;
+// The many-row driver: for each row block, every panel's sums (rows, NB) in float, handed to
+// store(acc, m0, rows, p) (row block from m0, panel p); run_large stores them plainly, run_large_rope rotated.
+template <typename E, int P, typename Store>
+void run_large_panels(const typename E::T* x, int64_t ldx, const typename E::T* wp, int64_t M, int64_t N, int64_t K,
+                      int nthreads, Store store) {
     constexpr int NB = 16 * P, MRX = mr_max<P>();
     const int64_t steps = K / E::SPAN;  // K is a whole number of steps here (see linear)
     const int64_t panels = (N + NB - 1) / NB;
@@ -102,11 +103,19 @@ void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, con
             const int64_t m0 = blk[bi], rows = blk[bi + 1] - m0;
             for (int64_t p = p0; p < p1; p++) {
                 panel_sums<E, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, acc.data());
-                store_panel<T, P>(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, N);
+                store(acc.data(), m0, rows, p);
             }
         }
     };
     for_runs(panels, nthreads, work);
+}
+
+template <typename E, int P>
+void run_large(const typename E::T* x, int64_t ldx, const typename E::T* wp, const typename E::T* b, typename E::T* y,
+               int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+    run_large_panels<E, P>(x, ldx, wp, M, N, K, nthreads, [&](const float* acc, int64_t m0, int64_t rows, int64_t p) {
+        store_panel<typename E::T, P>(acc, b, y + m0 * ldy, ldy, rows, p * 16 * P, N);
+    });
 }
 
 // ---- the attention's q/k/v matmul with the rotary embedding in its store ------------------------------------
@@ -141,28 +150,14 @@ inline void store_rope_panel(const float* acc, const uint16_t* b, uint16_t* y, i
 inline void run_large_rope(const uint16_t* x, int64_t ldx, const uint16_t* wp, const uint16_t* b, uint16_t* y,
                            int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads, const uint16_t* cos,
                            const uint16_t* sin, int64_t ldc, int64_t rot_cols) {
-    constexpr int P = 4, NB = 64, MRX = mr_max<P>();
-    const int64_t steps = K / BF16::SPAN, panels = (N + NB - 1) / NB, rot = rot_cols / NB;
-    const int64_t panel_elems = steps * NB * BF16::SPAN;
-    const std::vector<int64_t> blk = large_blocks<BF16, P>(M, K);
-    const int64_t mb = blk[1] - blk[0], chunk = large_chunk<BF16>(NB);
-    TileFn fns[MRX];
-    for (int r = 1; r <= MRX; r++) fns[r - 1] = tile_fn<BF16, P>(r, true, true);
-
-    auto work = [&](int64_t p0, int64_t p1) {
-        std::vector<float> acc((size_t)(mb * NB));
-        for (size_t bi = 0; bi + 1 < blk.size(); bi++) {
-            const int64_t m0 = blk[bi], rows = blk[bi + 1] - m0;
-            for (int64_t p = p0; p < p1; p++) {
-                panel_sums<BF16, P>(x + m0 * ldx, ldx, wp + p * panel_elems, steps, chunk, rows, fns, acc.data());
-                if (p < rot)
-                    store_rope_panel(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, cos + m0 * ldc, sin + m0 * ldc, ldc);
-                else
-                    store_panel<uint16_t, P>(acc.data(), b, y + m0 * ldy, ldy, rows, p * NB, N);
-            }
-        }
-    };
-    for_runs(panels, nthreads, work);
+    constexpr int P = 4, NB = 64;
+    const int64_t rot = rot_cols / NB;
+    run_large_panels<BF16, P>(x, ldx, wp, M, N, K, nthreads, [&](const float* acc, int64_t m0, int64_t rows, int64_t p) {
+        if (p < rot)
+            store_rope_panel(acc, b, y + m0 * ldy, ldy, rows, p * NB, cos + m0 * ldc, sin + m0 * ldc, ldc);
+        else
+            store_panel<uint16_t, P>(acc, b, y + m0 * ldy, ldy, rows, p * NB, N);
+    });
 }
 
 // The fused MLP store for one block of rows: the gate panel's sums cg and its up panel's cu (rows, NB) + their
