@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             args, extra = parser.parse_known_args(argv)
             if extra:  # told by the command's own parser, so the usage printed is that command's, not `memfit COMMAND`
                 _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+            # the command's refusals (memfit.errors.refuse) then carry the prefix argparse gives its own: 'memfit
+            # quant vit: error: ...'
+            args.prog = _chosen_parser(parser, args).prog
         except SystemExit:
             if _Parser.last_error is not None and "--json" in (sys.argv[1:] if argv is None else argv):
                 print(json.dumps({"error": _Parser.last_error}), flush=True)  # the usage and message are on stderr

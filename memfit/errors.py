@@ -22,6 +22,25 @@ def json_error(args, exc: BaseException) -> None:
         print(json.dumps({"error": str(exc)}), flush=True)
 
 
+def command_name(args) -> str:
+    """The command as argparse names it in its own usage errors, 'memfit quant vit': memfit.cli.main records the
+    chosen parser's prog in args.prog; a namespace built by hand (a test) falls back to 'memfit COMMAND'."""
+    prog = getattr(args, "prog", None)
+    if prog:
+        return prog
+    command = getattr(args, "command", None)
+    return f"memfit {command}" if command else "memfit"
+
+
+def refuse(args, message: str | BaseException) -> int:
+    """A user's mistake, said once for every command: `PROG: error: message` on stderr, the prefix argparse puts on
+    its own refusals of the same command (bad option values), exit code 2, and with --json the one object
+    {"error": message} on stdout."""
+    print(f"{command_name(args)}: error: {message}", file=sys.stderr)
+    json_error(args, message if isinstance(message, BaseException) else ValueError(message))
+    return 2
+
+
 def interrupted(args, message: str = "interrupted") -> int:
     """Ctrl-C: one line on stderr instead of a traceback and, with --json, {"error": message} on stdout (a script
     reading the output still gets exactly one object); the shell's status for SIGINT."""
@@ -38,9 +57,7 @@ def guard(func):
         try:
             return func(args)
         except USER_ERRORS as exc:
-            print(f"memfit {args.command}: error: {exc}", file=sys.stderr)
-            json_error(args, exc)
-            return 2
+            return refuse(args, exc)
         except KeyboardInterrupt:
             return interrupted(args)
 

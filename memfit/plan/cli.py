@@ -57,10 +57,9 @@ def run(args: argparse.Namespace) -> int:
             raise PlanError("--model is required (a torchvision/timm name, bert_base_encoder, or an .onnx file)")
         return _plan(args)
     except PlanError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if getattr(args, "json", False):  # --json: still exactly one object on stdout
-            print(json.dumps({"error": str(exc)}))
-        return 2
+        from memfit.errors import refuse
+
+        return refuse(args, exc)  # --json: still exactly one object on stdout
     except KeyboardInterrupt:  # Ctrl-C in a long solve: one line, the shell's status for SIGINT
         from memfit.errors import interrupted
 

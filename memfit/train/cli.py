@@ -212,13 +212,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _refuse(args: argparse.Namespace, message: str) -> int:
-    """A user's mistake: one line on stderr, exit 2, and with --json the one JSON object on stdout
-    (memfit.errors.json_error), as the other commands do."""
-    from memfit.errors import json_error
+    """A user's mistake: memfit.errors.refuse (one line on stderr, exit 2, with --json the one JSON object on stdout),
+    as the other commands do."""
+    from memfit.errors import refuse
 
-    print(f"error: {message}", file=sys.stderr)
-    json_error(args, ValueError(message))
-    return 2
+    return refuse(args, message)
 
 
 def _interrupted(args: argparse.Namespace, save: str | None = None) -> int:

@@ -79,7 +79,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memfit.errors import json_error
+    from memfit.errors import refuse
     from memfit.plan.cost.errors import CostModelError
 
     try:
@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 "measure": _measure, "eval": _eval, "tune": _tune,
                 "train-ranker": _train_ranker}[args.action](args)
     except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
-        print(f"memfit costmodel {args.action}: error: {exc}", file=sys.stderr)
-        json_error(args, exc)
-        return 2
+        return refuse(args, exc)
     except KeyboardInterrupt:  # only label has anything saved to resume
         from memfit.errors import interrupted
 
