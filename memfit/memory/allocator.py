@@ -24,6 +24,15 @@ from dataclasses import dataclass
 import torch
 
 
+# libkineto (the profiler's C++ side) writes each message at or above KINETO_LOG_LEVEL straight to fd 2, past Python's
+# logging: VERBOSE 0, INFO 1, WARNING 2, ERROR 3, STAGE 4 and, in torch 2.14's kineto, USDT 5, which prints
+# 'USDT:... SyncActivityProfilerHandler.cpp:39] profiler_start' and '...:46] profiler_stop' around every metered
+# block (in `memfit train finetune`'s stderr at level 5). Nothing it says there is the user's to act on: with no GPU
+# it reports 'gpuGetDeviceCount failed' at ERROR; a profiler that cannot start raises in _enable_profiler, which
+# still reaches the command. So the level sits above every severity, a margin left for ones added later.
+KINETO_QUIET = "99"
+
+
 @dataclass
 class AllocatorPeak:
     peak_bytes: int  # max over the block of (allocated now - allocated at its start), >= 0
@@ -62,7 +71,7 @@ class AllocatorMeter:
         from torch._C._profiler import ProfilerActivity, RecordScope, _ExperimentalConfig
         from torch.autograd import ProfilerConfig, ProfilerState, _enable_profiler, _prepare_profiler
 
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter (no GPU here, ...) to silence
+        os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)  # read once, when the profiler first starts
         # autograd's profiler, not its torch.profiler wrapper: the wrapper's start asks `hasattr(torch,
         # "_inductor")`, which imports torch._inductor and torch._dynamo, ~150 MiB of RSS in the measured process.
         # Operators are recorded only in the user scope (record_function blocks), not every op: the allocator's

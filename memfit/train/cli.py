@@ -229,13 +229,15 @@ def _interrupted(args: argparse.Namespace, save: str | None = None) -> int:
 
 
 def _finetune_with_progress(cfg, run, show: bool):
-    if not show:
-        return run(cfg)
     from rich.console import Console
+
+    console = Console(stderr=True)
+    if not show or not console.is_terminal:  # a bar to a file or pipe draws nothing and leaves one blank line
+        return run(cfg)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("finetune"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("", total=cfg.steps)
 
         def progress(done: int, total: int, loss: float) -> None:

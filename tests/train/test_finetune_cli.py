@@ -165,3 +165,29 @@ def test_a_plan_above_the_available_memory_is_refused_before_allocating(tmp_path
     assert _finetune(tmp_path) == 2
     _one_error(capsys, "available now", "activations (estimate)")
     assert _finetune(tmp_path, "--memory-budget", "8GiB") == 0  # a budget the user chose is planned for as given
+
+
+def test_a_tiny_runs_stderr_has_no_profiler_lines(tmp_path):
+    """The last step's allocator meter (torch's profiler) printed libkineto's 'USDT:<date> <pid>:<tid>
+    SyncActivityProfilerHandler.cpp:39] profiler_start' and '...profiler_stop' on stderr: KINETO_LOG_LEVEL 5 no
+    longer silenced torch 2.14's kineto, whose USDT severity is 5. A subprocess: the level is read once a process.
+    The progress bar, on a stderr that is not a terminal, left a blank line."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "memfit.cli", "train", "finetune", "--model", "memfit-tiny",
+                           "--data", str(_chat(tmp_path)), "--steps", "2", "--seq-len", "32", "--threads", "1",
+                           "--json"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["losses"]) == 2
+    # libkineto's (and glog's) line shape: SEVERITY:date time pid:tid file.cpp:line] message
+    native = [line for line in done.stderr.splitlines() if re.search(r"\S+\.(cpp|cc|h):\d+\]", line)]
+    assert not native and "profiler_" not in done.stderr, done.stderr
+    assert all(line.strip() for line in done.stderr.splitlines()), repr(done.stderr)
