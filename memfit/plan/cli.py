@@ -9,6 +9,7 @@ import sys
 PLANNER_CHOICES = ("auto", "whole", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
                    "baseline-belady", "baseline-belady-memory",
                    "baseline-memory-largest")
+SCRATCHPAD_KEYWORDS = ("min-feasible", "min-peak", "mid")  # memfit.plan.analysis.resolve_scratchpad
 
 
 def register(subparsers) -> None:
@@ -81,16 +82,17 @@ def _validate(path: str, as_json: bool = False) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    import math
     import time
 
     import torch
 
     from memfit.errors import PLOT_SUFFIXES, output_path
     from memfit.plan.analysis import resolve_scratchpad, scratchpad_sizes, without_weights
-    from memfit.plan.errors import PlanError
+    from memfit.plan.errors import PlanError, SizeParseError
     from memfit.plan.graph import graph_from_name
     from memfit.plan.planner import PlanOptions, make_plan
-    from memfit.plan.sizes import format_size
+    from memfit.plan.sizes import MAX_BYTES, approx, format_size, parse_size
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     say = sys.stderr if args.json else sys.stdout  # --json: stdout holds the one JSON object only
@@ -106,8 +108,17 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlanError(f"--time-limit must be a number of seconds >= 0, got {args.time_limit}")
     if args.batch < 1:
         raise PlanError("--batch must be at least 1")
+    elements = args.batch * math.prod(shape or ())
+    if elements > MAX_BYTES:  # torch.empty's sizes are 64-bit: larger was its 'Overflow when unpacking' traceback
+        given = "--batch" + (" x --input-shape" if shape else "")
+        raise PlanError(f"{given}: {approx(elements)} elements, above the most a tensor holds ({MAX_BYTES}, 2^63 - 1)")
     if args.workers < 1:
         raise PlanError(f"--workers must be at least 1 (got {args.workers})")
+    if args.scratchpad.strip().lower() not in SCRATCHPAD_KEYWORDS:  # a size: checked before the graph's extraction
+        try:
+            parse_size(args.scratchpad)
+        except SizeParseError as exc:
+            raise SizeParseError(f"--scratchpad: {exc}") from None
     try:  # before the planning, which a path that cannot be written would otherwise throw away
         for option, path, suffixes in (("--out", args.out, None), ("--plot", args.plot, PLOT_SUFFIXES)):
             if path:

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from memfit.plan.errors import SizeParseError
+
+# The largest size a plan holds: plan files and the CP-SAT models keep byte counts and addresses in 64-bit signed
+# integers (OR-Tools' int64), and a tensor's byte size in torch is one as well. Larger sizes used to be taken:
+# '--scratchpad 1e99' planned and wrote a 100-digit scratchpad_bytes into the plan file.
+MAX_BYTES = 2**63 - 1
 
 _UNITS = {
     "": 1, "b": 1,
@@ -19,14 +25,28 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise SizeParseError(f"size must be non-negative, got {text}")
-        return text
+        return _representable(text, text)
     match = _PATTERN.match(str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise SizeParseError(
             f"cannot parse size {text!r}: use a number of bytes or a number with a unit, e.g. 4096, 512KiB, 1.5MiB, 2GiB"
         )
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    return round(value)
+    # exact (a float lost the last digits of byte counts above 2^53 and made 1e400 an OverflowError traceback)
+    value = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
+    return _representable(round(value), text)
+
+
+def _representable(n: int, text: str | int) -> int:
+    if n > MAX_BYTES:
+        raise SizeParseError(f"size {text!r} is {approx(n)} bytes, above the largest a plan holds: {MAX_BYTES} "
+                             f"bytes (2^63 - 1, 8 EiB; plan files and the CP-SAT solver use 64-bit integers)")
+    return n
+
+
+def approx(n: int) -> str:
+    """A large integer in three digits, '1.00e99' (a float cannot hold 10**400)."""
+    digits = str(n)
+    return digits if len(digits) <= 6 else f"{digits[0]}.{digits[1:3]}e{len(digits) - 1}"
 
 
 def format_size(n: int) -> str:

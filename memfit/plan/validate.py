@@ -14,6 +14,7 @@ from typing import Any
 
 from memfit.plan.errors import PlanValidationError
 from memfit.plan.plan_format import FORMAT, KINDS, Graph, Placement, Plan
+from memfit.plan.sizes import MAX_BYTES, approx
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -100,6 +101,8 @@ def validate(plan: Plan, stored_traffic: dict[str, int] | None = None) -> dict[s
     p = check_graph(g)
     if cap <= 0:
         p.append(f"scratchpad_bytes must be positive, got {cap}")
+    elif cap > MAX_BYTES:  # what `memfit plan --scratchpad` refuses: not a 64-bit integer
+        p.append(f"scratchpad_bytes {approx(cap)} is above {MAX_BYTES} (2^63 - 1, a 64-bit integer)")
     step = {name: i for i, name in enumerate(order)}
     if sorted(order) != sorted(g.op) or len(step) != len(order):
         p.append("'order' must list every op exactly once")

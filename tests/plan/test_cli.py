@@ -142,3 +142,34 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     assert main(["plan", "--model", "resnet18", "--json"]) == 130
     out, err = capsys.readouterr()
     assert json.loads(out) == {"error": "interrupted"} and err.strip() == "interrupted"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--scratchpad", "1e99"], "size '1e99' is 1.00e99 bytes, above the largest a plan holds: 9223372036854775807"),
+    (["--scratchpad", "1e400"], "above the largest a plan holds: 9223372036854775807"),  # was an OverflowError
+    (["--scratchpad", "9223372036854775808"], "above the largest a plan holds: 9223372036854775807"),
+    (["--scratchpad", "8EiB"], "cannot parse size"),
+    (["--batch", "10000000000000000000000"], "--batch: 1.00e22 elements, above the most a tensor holds"),
+    (["--batch", "1000", "--input-shape", "100000000000,100000000000"], "--batch x --input-shape: 1.00e25"),
+])
+def test_sizes_past_64_bits_are_refused_before_the_graph(flags, words, capsys, monkeypatch):
+    """--scratchpad 1e99 planned and wrote a 100-digit scratchpad_bytes; --batch past 2^63 was torch's 'Overflow when
+    unpacking long long' traceback."""
+    import memfit.plan.graph as graph
+
+    monkeypatch.setattr(graph, "graph_from_name", lambda *a, **k: pytest.fail("extracted before checking the sizes"))
+    assert main(["plan", "--model", "bert_tiny_encoder", "--planner", "baseline-topo", "--json", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert words in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_the_largest_scratchpad_plans_and_a_larger_one_in_a_file_is_invalid(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--model", "bert_tiny_encoder", "--planner", "baseline-topo", "--scratchpad",
+                 str(2**63 - 1), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scratchpad_bytes"] == 2**63 - 1  # exact: no float on the way
+    data = json.loads(out.read_text())
+    data["scratchpad_bytes"] = 10**99
+    out.write_text(json.dumps(data))
+    assert main(["plan", "validate", str(out)]) == 2
+    assert "scratchpad_bytes 1.00e99 is above 9223372036854775807" in capsys.readouterr().err
