@@ -43,6 +43,10 @@ class QuantRun:
         for flag, value in (("--avg-bits", self.avg_bits), ("--avg-act-bits", self.avg_act_bits)):
             if value is not None and not math.isfinite(value):  # NaN compared false everywhere: every layer at 8
                 raise QuantError(f"{flag} must be a number of bits (got {value})")
+            if value is not None and value > max(BIT_CHOICES):  # 100 was taken and meant every layer at 8
+                raise QuantError(f"{flag} {value:g} is above {max(BIT_CHOICES)}, the widest width "
+                                 f"({', '.join(map(str, BIT_CHOICES))}): {max(BIT_CHOICES)} puts every layer at "
+                                 f"{max(BIT_CHOICES)} bits")
 
 
 def check_input_shape(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:
@@ -95,6 +99,9 @@ def run_quant(cfg: QuantRun, data=None, progress=None) -> tuple[dict, torch.nn.M
                          f"use at most {len(data.y_train)}")
     idx = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.calib]
     calib_x, calib_y = data.x_train[idx], data.y_train[idx]
+    if cfg.max_test is not None and cfg.max_test > len(data.y_test):  # a slice past the end: silently all of them
+        raise QuantError(f"--max-test {cfg.max_test} is larger than the {len(data.y_test)} test images; "
+                         f"leave it out to evaluate on all of them")
     x_test, y_test = data.x_test[:cfg.max_test], data.y_test[:cfg.max_test]
     stage("allocating bits")
     alloc = allocate_bits(model, cfg.allocator, cfg.avg_bits, calib_x, calib_y, cfg.act_bits, cfg.avg_act_bits,

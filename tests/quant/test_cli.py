@@ -59,3 +59,27 @@ def test_quant_vit_reports_each_stage_to_the_progress_bar(tiny_models, fmnist_sm
     with pytest.raises(pytest.fail.Exception):
         main(["quant", "vit", "--model", str(path)])
     assert callable(given[0])
+
+
+@pytest.mark.parametrize("flags, words", [(["--avg-bits", "100"], "--avg-bits 100 is above 8"),
+                                          (["--avg-bits", "8.5"], "--avg-bits 8.5 is above 8"),
+                                          (["--avg-act-bits", "9"], "--avg-act-bits 9 is above 8"),
+                                          (["--act-bits", "5"], "--act-bits 5 is not supported"),
+                                          (["--act-bits", "16"], "--act-bits 16 is not supported")])
+def test_bit_widths_past_the_widest_are_refused(flags, words, capsys):
+    """--avg-bits 100 (or anything above 8, the widest width) was taken and quantized every layer at 8 bits."""
+    assert main(["quant", "vit", "--model", "missing.safetensors", *flags, "--json", "--no-progress"]) == 2
+    assert words in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_max_test_past_the_test_set_is_refused(tiny_models, fmnist_small, tmp_path):
+    """--max-test 20000 sliced past the end of the 10k test images and evaluated on all of them without a word."""
+    from memfit.quant.checkpoint import save_checkpoint
+    from memfit.quant.errors import QuantError
+    from memfit.quant.pipeline import QuantRun, run_quant
+
+    model, spec, _ = tiny_models["vit"]
+    path = save_checkpoint(tmp_path / "vit.safetensors", model, spec)
+    n = len(fmnist_small.y_test)
+    with pytest.raises(QuantError, match=f"--max-test {n + 1} is larger than the {n} test images"):
+        run_quant(QuantRun(model=str(path), act_bits=4, calib=16, max_test=n + 1), fmnist_small)
