@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (planner, status, bound, gap, each bound's part, traffic) on stdout; "
                         "the rest goes to stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on stderr while planning: elapsed time against --time-limit)")
     p.set_defaults(func=run)
 
 
@@ -92,6 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.plan.errors import PlanError, SizeParseError
     from memfit.plan.graph import graph_from_name
     from memfit.plan.planner import PlanOptions, make_plan
+    from memfit.plan.progress import solve_progress
     from memfit.plan.sizes import MAX_BYTES, approx, format_size, parse_size
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -144,7 +147,8 @@ def _plan(args: argparse.Namespace) -> int:
     opts = PlanOptions(planner=args.planner, time_limit_s=args.time_limit, num_workers=args.workers,
                        split_bound_share=0.0 if args.no_split_bound else PlanOptions.split_bound_share,
                        clock=args.clock)
-    plan = make_plan(g, cap, opts, progress=lambda k, n: print(f"  segment {k}/{n}", file=sys.stderr, end="\r"))
+    with solve_progress(not args.no_progress, args.planner, args.time_limit, args.clock) as progress:
+        plan = make_plan(g, cap, opts, progress=progress)
     s = plan.solver
     gap = "n/a" if s.gap is None else f"{100 * s.gap:.1f}%"
     bound = "n/a" if s.bound_bytes is None else str(s.bound_bytes)

@@ -173,3 +173,17 @@ def test_the_largest_scratchpad_plans_and_a_larger_one_in_a_file_is_invalid(tmp_
     out.write_text(json.dumps(data))
     assert main(["plan", "validate", str(out)]) == 2
     assert "scratchpad_bytes 1.00e99 is above 9223372036854775807" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_progress_is_on_stderr_only_and_json_stdout_still_parses(no_progress, capsys, monkeypatch):
+    """A solve ran up to --time-limit with nothing on screen but '  segment k/n' lines. The bar (elapsed against the
+    limit) is on stderr; stdout under --json stays exactly one object; --no-progress hides it. rich draws on a
+    terminal only: TTY_COMPATIBLE/TTY_INTERACTIVE make the captured stderr one."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--planner", "heuristic",
+                 "--time-limit", "2", "--workers", "1", "--json", *(["--no-progress"] if no_progress else [])]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["model"] == "bert_tiny_encoder" and "planning" not in out
+    assert ("planning (heuristic)" in err and "/2 s" in err) != no_progress, err
