@@ -199,6 +199,19 @@ class MemoryBudget:
                 "raise the budget or lower the load"
             )
 
+    def transfer(self, nbytes: int, src: str, dst: str) -> None:
+        """Move `nbytes` of `src`'s reservation to `dst` in one step: the bytes stay reserved throughout, so no other
+        owner can take them between (a release then a reserve could lose them); the totals, and the parent's, are
+        unchanged. ValueError if `src` holds less."""
+        if nbytes < 0:
+            raise ValueError(f"cannot transfer a negative size ({nbytes})")
+        with self._lock:
+            held = self._by_owner.get(src, 0)
+            if nbytes > held:
+                raise ValueError(f"{self.name}: {src} transfers {nbytes} bytes but holds only {held}")
+            self._by_owner[src] = held - nbytes
+            self._by_owner[dst] = self._by_owner.get(dst, 0) + nbytes
+
     def release(self, nbytes: int, owner: str = "anon") -> None:
         if nbytes < 0:
             raise ValueError(f"cannot release a negative size ({nbytes})")

@@ -10,19 +10,27 @@ of the tier's own keeps the pages it has committed, so a swap-out after the firs
 already there: what vLLM gets by allocating its whole CPU swap space up front, paid here only for the pages used.
 
     region = HostRegion(1 << 30, budget, keep_bytes=None)   # None: keep every freed page (up to the capacity)
+    region.try_reserve(nbytes, "swap")   # the caller's bytes: free room, or warm pages' reservation moved to it
     buf = region.take(nbytes)        # (nbytes,) uint8 view, its pages committed; None if no extent fits
-    region.free(buf)                 # its extent back; its pages kept (cached) or returned, by keep_bytes
+    region.free(buf)                 # (after the caller released its nbytes) its extent back; pages kept or returned
     region.trim()                    # give every cached page back (a budget needs the room, or the engine idles)
 
 Accounting. The caller reserves the `nbytes` it takes in `budget` under its own owner, as it would for any
-buffer. The region reserves the rest of what it holds under `owner`: the pages of free extents it keeps
-(cached) and each taken extent's rounding to whole pages. So at every moment
+buffer. The region reserves the rest of what it holds under `owner`: its tables (`meta_bytes`: the page bitmap and
+the extent lists, reserved at construction for the most extents it will hold, `max_extents`), the pages of free
+extents it keeps (cached) and each taken extent's rounding to whole pages. So at every moment
 
-    budget.by_owner()[owner] == committed_bytes - taken_bytes
+    budget.by_owner()[owner] == meta_bytes + committed_bytes - taken_bytes - lent_bytes
 
-and the region's RSS (what the kernel's page map shows for the range) is the region's committed bytes. A
-reservation the budget cannot give makes `take` return None (after trimming the cache), and `free` return the
-pages instead of keeping them: the region never holds a byte its budget has not granted.
+and the region's RSS (what the kernel's page map shows for the range) is the region's committed bytes.
+`lent_bytes`: at the tier's high-water mark its warm pages hold the room a new chunk needs, so a reservation
+through `try_reserve` moves the shortfall's reservation from the region's owner to the caller's
+(`MemoryBudget.transfer`: no other owner can take it in between) instead of returning the pages and faulting
+them in again for the chunk; the next `take` carves the chunk from those pages (first fit: the low warm ones)
+and the loan is settled. A take that returns None (the caller's buffer will be its own) returns the lent pages,
+and `unreserve` moves the reservation back where no take followed. A reservation the budget cannot give makes
+`take` return None (after trimming the cache), and `free` return the pages instead of keeping them: the region
+never holds a byte its budget has not granted (a take reserves its cold pages before committing them).
 
 Memory: an anonymous `MAP_NORESERVE` mapping of `capacity` bytes (a `VirtualArena`: 4 KiB pages, no huge pages),
 committed with `MADV_POPULATE_WRITE` extent by extent; free space is an `ExtentMap` (first fit, coalescing),
@@ -32,17 +40,47 @@ swap tier lets copies in flight land first). CPU only, and only where the page s
 """
 from __future__ import annotations
 
+import bisect
+import struct
+import sys
 import threading
 
+import numpy as np
 import torch
 
-from memfit.memory.budget import MemoryBudget
+from memfit.memory.budget import MemoryBudget, format_bytes
 from memfit.memory.extent_map import ALIGN, ExtentMap, extent_bytes
+from memfit.memory.mapping import round_up
 from memfit.memory.vmem import CPU_PAGE_SIZE, VirtualArena
 
-__all__ = ["REGION_OWNER", "HostRegion"]
+__all__ = ["EXTENT_SPAN", "MIN_EXTENTS", "REGION_OWNER", "HostRegion", "max_extents_for", "table_bytes"]
 
-REGION_OWNER = "host_region"  # the budget owner of the region's own bytes: cached pages, and page rounding
+REGION_OWNER = "host_region"  # the budget owner of the region's own bytes: tables, cached pages, page rounding
+# The region holds at most one buffer per EXTENT_SPAN of its capacity (at least MIN_EXTENTS), so its tables have a
+# bound it reserves up front: ~1.6 MiB for a 4 GiB tier (1 MiB of it the page bitmap). A take past the bound returns
+# None and the caller's chunk gets a buffer of its own (what a fragmented region does): chunks of the 0.5B shape are
+# 12 KiB a token, so the tier's capacity is filled by chunks long before 4096 of them are held in 4 GiB.
+EXTENT_SPAN = 1 << 20
+MIN_EXTENTS = 16
+_PTR = struct.calcsize("P")
+
+
+def max_extents_for(capacity: int) -> int:
+    """How many buffers a region of `capacity` bytes holds at most (its tables are reserved for that many)."""
+    return max(MIN_EXTENTS, capacity // EXTENT_SPAN)
+
+
+def table_bytes(capacity: int, max_extents: int | None = None) -> int:
+    """The most a region of `capacity` bytes keeps in its tables, reserved in its budget at construction: the page
+    bitmap (one bool a page, as a numpy array, its header included) and four lists of ints (the free extents' starts
+    and lengths, the taken buffers' offsets and sizes), each at most max_extents + 1 long (coalescing leaves a taken
+    buffer between any two free extents), with CPython's over-allocation of a growing list (~1/8 + 6 slots) and
+    every entry its own int object of the largest size an offset takes."""
+    size = round_up(max(capacity, 1), ALIGN)
+    n = (max_extents_for(capacity) if max_extents is None else max_extents) + 1
+    bitmap = sys.getsizeof(np.zeros(0, dtype=bool)) + size // ALIGN
+    a_list = sys.getsizeof([]) + _PTR * (n + n // 8 + 8)
+    return bitmap + 4 * (a_list + n * sys.getsizeof(size))
 
 
 class HostRegion:
@@ -51,20 +89,35 @@ class HostRegion:
     supported = CPU_PAGE_SIZE == ALIGN  # an extent must be whole pages, or freeing one would decommit a neighbour
 
     def __init__(self, capacity: int, budget: MemoryBudget, keep_bytes: int | None = None,
-                 owner: str = REGION_OWNER) -> None:
+                 owner: str = REGION_OWNER, max_extents: int | None = None) -> None:
         if not self.supported:
             raise ValueError(f"HostRegion needs {ALIGN}-byte pages, this system's are {CPU_PAGE_SIZE}")
         if keep_bytes is not None and keep_bytes < 0:
             raise ValueError(f"keep_bytes must be >= 0 or None, got {keep_bytes}")
-        self.arena = VirtualArena(extent_bytes(capacity), "cpu")  # the region's own count; the budget is below
+        if max_extents is not None and max_extents < 1:
+            raise ValueError(f"max_extents must be >= 1, got {max_extents}")
+        self.max_extents = max_extents_for(capacity) if max_extents is None else max_extents
+        # the tables are reserved before they exist (the arena's bitmap is allocated with it)
+        self.meta_bytes = table_bytes(capacity, self.max_extents)
+        if not budget.try_reserve(self.meta_bytes, owner):
+            raise ValueError(f"a host region of {format_bytes(capacity)} needs {format_bytes(self.meta_bytes)} of its "
+                             f"budget for its page map and extent tables, and {budget.name} has "
+                             f"{format_bytes(budget.free_bytes)} free")
+        try:
+            self.arena = VirtualArena(extent_bytes(capacity), "cpu")  # the region's own count; the budget is below
+        except BaseException:
+            budget.release(self.meta_bytes, owner)
+            raise
         self._flat = self.arena.tensor()  # (size,) uint8: buffers are slices of it (a slice is cheaper than as_strided)
         self.space = ExtentMap(self.arena.size)
         self.budget, self.owner = budget, owner
         self.keep_bytes = self.arena.size if keep_bytes is None else keep_bytes
-        self.taken: dict[int, int] = {}  # offset -> bytes asked for, of every buffer out
+        self._offs: list[int] = []  # offsets of the buffers out, sorted (a list, not a dict: its size has a bound)
+        self._asked: list[int] = []  # the bytes each asked for (parallel to _offs)
         self.taken_bytes = 0  # their sum
         self._taken_extents = 0  # the same rounded up to whole extents (pages)
-        self._reserved = 0  # what the region holds under `owner` in the budget
+        self._lent = 0  # warm pages' reservation moved to a caller by try_reserve, for its next take
+        self._reserved = self.meta_bytes  # what the region holds under `owner` in the budget
         self._lock = threading.Lock()
 
     @property
@@ -76,38 +129,85 @@ class HostRegion:
         """Committed pages no buffer uses (kept for the next take)."""
         return self.arena.committed_bytes - self._taken_extents
 
+    @property
+    def lent_bytes(self) -> int:
+        """Bytes of cached pages whose reservation a caller holds until its next take (try_reserve)."""
+        return self._lent
+
+    @property
+    def taken(self) -> dict[int, int]:
+        """Offset -> bytes asked for, of every buffer out."""
+        return dict(zip(self._offs, self._asked))
+
     def owns(self, buf: torch.Tensor) -> bool:
-        off = buf.data_ptr() - self.arena.address
-        return 0 <= off < self.arena.size and off in self.taken
+        return self._index(buf.data_ptr() - self.arena.address) is not None
+
+    def try_reserve(self, nbytes: int, owner: str) -> bool:
+        """Reserve `nbytes` for `owner` in the budget for a take that follows: from the free room, and where that is
+        short (the tier at its high-water mark), by moving the shortfall's reservation from the region's warm free
+        pages to `owner` (the take carves the chunk from them, so they are neither returned nor faulted in again).
+        False (nothing reserved) if the room and the warm pages together fall short."""
+        if self.budget.try_reserve(nbytes, owner):
+            return True
+        with self._lock:
+            short = nbytes - max(0, self.budget.free_bytes)
+            if short <= 0 or short > self.cached_bytes - self._lent:
+                return False
+            self.budget.transfer(short, self.owner, owner)  # the bytes stay reserved: nobody can take them between
+            self._reserved -= short
+            self._lent += short
+            if nbytes > short and not self.budget.try_reserve(nbytes - short, owner):  # the room went meanwhile
+                self.budget.transfer(short, owner, self.owner)
+                self._reserved += short
+                self._lent -= short
+                return False
+            return True
+
+    def unreserve(self, nbytes: int, owner: str) -> None:
+        """Give back a reservation `try_reserve` made for a take that did not happen: what it moved from the warm
+        pages goes back to the region, the rest is released."""
+        with self._lock:
+            back = min(self._lent, nbytes)
+            if back:
+                self.budget.transfer(back, owner, self.owner)
+                self._reserved += back
+                self._lent -= back
+            if nbytes > back:
+                self.budget.release(nbytes - back, owner)
 
     def take(self, nbytes: int) -> torch.Tensor | None:
-        """A (nbytes,) uint8 buffer with its pages committed, or None: no free extent that large, or the budget
-        cannot hold the pages it adds beyond the `nbytes` the caller reserved (after the cache was trimmed)."""
+        """A (nbytes,) uint8 buffer with its pages committed, or None: no free extent that large (or the region holds
+        max_extents buffers), or the budget cannot hold the pages it adds beyond the `nbytes` the caller reserved
+        (after the cache was trimmed). On None, pages lent to the caller's reservation are returned (its buffer will
+        be one of its own, which that reservation now covers)."""
         if nbytes <= 0:
             raise ValueError(f"take needs a positive size, got {nbytes}")
         with self._lock:
-            off = self.space.alloc(nbytes)
+            off = self.space.alloc(nbytes) if len(self._offs) < self.max_extents else None
             if off is None:  # fragmented: the caller's reservation fitted, no free extent is that large
+                self._repay()
                 return None
             ext = extent_bytes(nbytes)
-            if not self.arena.is_committed(off, ext):  # warm already (the common case): nothing to commit
+            cold = ext - sum(n for _, n in self.arena.committed_runs(off, ext))  # pages to commit (0: warm already)
+            paid = min(self._lent, nbytes)  # the caller's reservation covers this buffer now, lent pages included
+            self._lent -= paid
+            self._put(off, nbytes)
+            if not self._settle(cold):  # reserve the cold pages before committing them; the cache gives way first
+                self._trim_locked(extra=cold)
+                if not self._settle(cold):  # the page rounding does not fit the budget even so: undo, and say so
+                    self._untake(off)
+                    self._lent += paid
+                    self._repay()
+                    self._settle()  # (a decrease: the trim and the repaid pages)
+                    return None
+            if cold:
                 try:
                     self.arena.commit(off, ext)  # MADV_POPULATE_WRITE the pages not cached already
-                except BaseException:  # (ENOMEM): the extent back, nothing held
-                    self.space.free(off, nbytes)
-                    self.arena.decommit(off, ext)
+                except BaseException:  # (ENOMEM): the arena is unchanged; the extent and the loan back, nothing held
+                    self._untake(off)
+                    self._lent += paid
                     self._settle()
                     raise
-            self.taken[off] = nbytes
-            self.taken_bytes += nbytes
-            self._taken_extents += ext
-            if not self._settle():
-                self._trim_locked()
-                if not self._settle():  # the page rounding does not fit the budget even so: undo, and say so
-                    self._untake(off)
-                    self.arena.decommit(off, ext)
-                    self._settle()
-                    return None
             return self._flat[off : off + nbytes]
 
     def free(self, buf: torch.Tensor) -> None:
@@ -115,7 +215,7 @@ class HostRegion:
         committed while the cache is within keep_bytes and the budget grants them, else they are returned."""
         off = buf.data_ptr() - self.arena.address
         with self._lock:
-            if off not in self.taken:
+            if self._index(off) is None:
                 raise ValueError("free of a buffer this region did not hand out (or freed twice)")
             nbytes = self._untake(off)
             if self.cached_bytes > self.keep_bytes or not self._settle():
@@ -124,40 +224,62 @@ class HostRegion:
 
     def trim(self, nbytes: int | None = None) -> int:
         """Return cached pages, the highest first (first fit reuses the low ones), until at least `nbytes` are
-        given back (None: every one); the bytes given back."""
+        given back (None: every one not lent to a caller's reservation); the bytes given back."""
         with self._lock:
             return self._trim_locked(nbytes)
 
     # ---- inside --------------------------------------------------------------------------------------------
+    def _index(self, off: int) -> int | None:
+        i = bisect.bisect_left(self._offs, off)
+        return i if i < len(self._offs) and self._offs[i] == off else None
+
+    def _put(self, off: int, nbytes: int) -> None:
+        i = bisect.bisect_left(self._offs, off)
+        self._offs.insert(i, off)
+        self._asked.insert(i, nbytes)
+        self.taken_bytes += nbytes
+        self._taken_extents += extent_bytes(nbytes)
+
     def _untake(self, off: int) -> int:
-        nbytes = self.taken.pop(off)
+        i = self._index(off)
+        assert i is not None
+        del self._offs[i]
+        nbytes = self._asked.pop(i)
         self.taken_bytes -= nbytes
         self._taken_extents -= extent_bytes(nbytes)
         self.space.free(off, nbytes)
         return nbytes
 
-    def _trim_locked(self, nbytes: int | None = None) -> int:
+    def _repay(self) -> None:
+        """The caller's reservation will cover a buffer of its own: the pages lent to it go (the highest)."""
+        lent, self._lent = self._lent, 0
+        if lent:
+            self._trim_locked(lent)
+
+    def _trim_locked(self, nbytes: int | None = None, extra: int = 0) -> int:
         before = self.arena.committed_bytes
-        if nbytes is None:
+        spare = self.cached_bytes - round_up(self._lent, ALIGN)  # lent pages stay: a take is about to carve them
+        if nbytes is None and not self._lent:
             self.arena.decommit_many(self.space.free_extents)  # free extents are whole pages (ALIGN == page)
-        elif nbytes > 0:
-            left = nbytes
-            for off, length in reversed(self.space.free_extents):
-                for run_off, run_len in reversed(self.arena.committed_runs(off, length)):
-                    lo = max(run_off, off, run_off + run_len - left)  # the run's top `left` bytes (pages)
-                    lo -= lo % ALIGN
-                    left -= self.arena.decommit(lo, run_off + run_len - lo)
+        else:
+            left = spare if nbytes is None else min(nbytes, spare)
+            if left > 0:
+                for off, length in reversed(self.space.free_extents):
+                    for run_off, run_len in reversed(self.arena.committed_runs(off, length)):
+                        lo = max(run_off, off, run_off + run_len - left)  # the run's top `left` bytes (pages)
+                        lo -= lo % ALIGN
+                        left -= self.arena.decommit(lo, run_off + run_len - lo)
+                        if left <= 0:
+                            break
                     if left <= 0:
                         break
-                if left <= 0:
-                    break
-        self._settle()
+        self._settle(extra)  # (a take in progress: its cold pages, not yet committed, counted as if they were)
         return before - self.arena.committed_bytes
 
-    def _settle(self) -> bool:
-        """Bring the region's reservation to committed - taken; False (nothing changed) if the increase does not
-        fit the budget. A decrease always succeeds."""
-        want = self.arena.committed_bytes - self.taken_bytes
+    def _settle(self, extra: int = 0) -> bool:
+        """Bring the region's reservation to its tables + committed (+ `extra` pages about to be) - taken - lent;
+        False (nothing changed) if the increase does not fit the budget. A decrease always succeeds."""
+        want = self.meta_bytes + self.arena.committed_bytes + extra - self.taken_bytes - self._lent
         if want > self._reserved:
             if not self.budget.try_reserve(want - self._reserved, self.owner):
                 return False
@@ -167,10 +289,12 @@ class HostRegion:
         return True
 
     def close(self) -> None:
-        """Return every page and reservation; buffers still out read zeros afterwards (do not use them)."""
+        """Return every page and reservation (the tables' included); buffers still out read zeros afterwards (do not
+        use them). A reservation lent to a caller stays the caller's to release."""
         with self._lock:
-            self.taken.clear()
-            self.taken_bytes = self._taken_extents = 0
+            self._offs.clear()
+            self._asked.clear()
+            self.taken_bytes = self._taken_extents = self._lent = 0
             self._flat = torch.empty(0, dtype=torch.uint8)  # this view would keep the mapping alive
             self.arena.close()
             if self._reserved:

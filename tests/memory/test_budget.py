@@ -65,6 +65,23 @@ def test_reserve_release_by_owner():
         MemoryBudget(0)
 
 
+def test_transfer_moves_a_reservation_between_owners_with_the_totals_and_the_parents_unchanged():
+    parent = MemoryBudget(1000, name="ledger")
+    b = MemoryBudget(600, name="swap_space", parent=parent)
+    b.reserve(400, "host_region")
+    b.transfer(150, "host_region", "swap")
+    assert b.by_owner() == {"host_region": 250, "swap": 150} and b.used_bytes == 400 == b.peak_bytes
+    assert parent.by_owner() == {"swap_space": 400}
+    with pytest.raises(ValueError, match="holds only"):
+        b.transfer(251, "host_region", "swap")
+    with pytest.raises(ValueError, match="negative"):
+        b.transfer(-1, "host_region", "swap")
+    assert b.by_owner() == {"host_region": 250, "swap": 150}  # refused: nothing moved
+    b.release(150, "swap")
+    b.release(250, "host_region")
+    assert b.used_bytes == 0 == parent.used_bytes
+
+
 def test_budget_is_thread_safe():
     b = MemoryBudget(10**9)
 

@@ -90,7 +90,8 @@ def tier_timeline(swap: SwapSpace | None) -> dict:
 
 
 def region_bytes(swap: SwapSpace) -> int:
-    """What the host tier's region holds beyond its chunks' bytes (warm free pages, page rounding): RSS in its budget."""
+    """What the host tier's region holds beyond its chunks' bytes (warm free pages, page rounding, its page map and
+    extent tables): RSS in its budget."""
     from memfit.memory.host_region import REGION_OWNER
 
     return swap.budget.by_owner().get(REGION_OWNER, 0)

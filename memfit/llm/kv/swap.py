@@ -50,8 +50,9 @@ from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
 from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail_run
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
-from memfit.memory.budget import MemoryBudget
-from memfit.memory.host_region import HostRegion
+from memfit.memory.budget import MemoryBudget, format_bytes
+from memfit.memory.extent_map import extent_bytes
+from memfit.memory.host_region import HostRegion, table_bytes
 from memfit.memory.mapping import VirtualMemoryError
 
 if TYPE_CHECKING:
@@ -198,9 +199,11 @@ class SwapSpace(InFlightSwaps):
                 else:  # the chunk is booked now; its bytes land while the model step runs
                     self._outflight[seq_id] = (ops, nbytes, self._pool_().submit(*job), None)
             except BaseException:  # nothing reads or writes the buffer now (the copy failed, or never started)
-                self.budget.release(size, OWNER)
                 if buf is not None and self.region is not None and self.region.owns(buf):
+                    self.budget.release(size, OWNER)
                     self.region.free(buf)
+                else:  # no region buffer took the reservation: what it borrowed from warm pages goes back
+                    self.book.unreserve(size)
                 raise
             if olds:  # the merged chunk replaces the trailing run; the old buffers go once its copy has landed
                 del copy.chunks[len(copy.chunks) - len(olds):]
@@ -276,8 +279,15 @@ class SwapSpace(InFlightSwaps):
 
     # ---- inside ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _region(budget: MemoryBudget, keep_bytes: int | None) -> HostRegion | None:
+    def _region(self, budget: MemoryBudget, keep_bytes: int | None) -> HostRegion | None:
+        # the region's tables are in the tier's budget (host_region.py); a tier that cannot hold them and one chunk
+        # (a granule of tokens) could never swap anything, so it is refused here, at start, rather than at each swap
+        tables, chunk = table_bytes(budget.limit_bytes), self.run_map.shape(self.granule)[0]
+        if tables + extent_bytes(chunk) > budget.limit_bytes:
+            raise ValueError(
+                f"the host swap tier's {format_bytes(budget.limit_bytes)} (--swap-space) cannot hold its region's page "
+                f"map and extent tables ({format_bytes(tables)}) and one chunk of {self.granule} token(s) "
+                f"({format_bytes(chunk)}); give --swap-space at least {format_bytes(tables + extent_bytes(chunk))}")
         try:
             return HostRegion(budget.limit_bytes, budget, keep_bytes)
         except VirtualMemoryError as exc:  # address space capped (ulimit -v, strict overcommit): buffers of their own

@@ -115,11 +115,19 @@ class HostCopies:
                 self.free_chunk(chunk)
 
     def try_reserve(self, nbytes: int) -> bool:
-        """Reserve host bytes if they fit, the region's warm free pages giving way first (as many as the shortfall,
-        the highest: host_region.py), nothing else evicted."""
-        return self.budget.try_reserve(nbytes, OWNER) or (
-            self.region is not None and self.region.trim(nbytes - self.budget.free_bytes) > 0
-            and self.budget.try_reserve(nbytes, OWNER))
+        """Reserve host bytes for a chunk if they fit, nothing evicted. With a region, the shortfall may come from its
+        warm free pages: their reservation moves to the chunk's owner and the chunk is carved from them (host_region.py:
+        at the high-water mark the pages are neither returned nor faulted in again)."""
+        if self.region is not None:
+            return self.region.try_reserve(nbytes, OWNER)
+        return self.budget.try_reserve(nbytes, OWNER)
+
+    def unreserve(self, nbytes: int) -> None:
+        """Give back a reservation no chunk took (its copy failed before a buffer held it)."""
+        if self.region is not None:
+            self.region.unreserve(nbytes, OWNER)  # what came from warm pages goes back to the region
+        else:
+            self.budget.release(nbytes, OWNER)
 
     def reserve(self, nbytes: int, for_seq: int, busy: Container[int]) -> bool:
         """Reserve host bytes, making room by demoting (SSD tier) or dropping kept copies, least recently used

@@ -18,8 +18,10 @@ holds its device KV, unchanged, and its host bytes are already reserved, so both
 is exceeded.
 
 With the host region (`region`: the engine's default on a CPU, memory/host_region.py) the tier's budget also holds
-the region's warm free pages and page rounding: there every byte of the budget beyond the held buffers is checked
-against the pages the kernel holds for the region (mincore), and the buffers' own sizes against the tier's owner."""
+the region's warm free pages and page rounding, and its tables: there every byte of the budget beyond the held
+buffers is checked against the pages the kernel holds for the region (mincore) plus its tables (no fewer bytes than
+sys.getsizeof finds in them), and the buffers' own sizes against the tier's owner. A swap-out at the tier's
+high-water mark borrows the reservation of warm pages (host_region.py): the same equalities hold after it."""
 from __future__ import annotations
 
 import torch
@@ -52,6 +54,7 @@ class SwapMachine(RuleBasedStateMachine):
     ssd = False  # an SSD tier below the host tier (room for ~48 tokens): its budget equals the extents in use
     groups = False  # paged: the block-group allocator, whose swaps copy runs of blocks
     region = False  # the host tier's buffers from a HostRegion that keeps freed pages warm (keep_bytes None)
+    host_tokens = 32  # the host tier's room, in tokens of KV
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +65,7 @@ class SwapMachine(RuleBasedStateMachine):
         self.cache = (VirtualKVCache(LAYOUT, self.kv_budget, max_seqs=4, prefault=False, eager_pages=0)
                       if self.kind == "virtual" else PagedKVCache(LAYOUT, self.kv_budget, block_size=4, num_blocks=20,
                                                                  block_groups=self.groups))
-        self.host = MemoryBudget(32 * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
+        self.host = MemoryBudget(self.host_tokens * LAYOUT.bytes_per_token, Tier.HOST, name="swap_space")
         self.ssd_tier = None
         if self.ssd:
             import tempfile
@@ -183,15 +186,19 @@ class SwapMachine(RuleBasedStateMachine):
 
     def _region_bytes(self) -> int:
         """What the tier's budget must hold beyond its buffers' sizes: the pages the kernel holds for the region less
-        the bytes of the held buffers inside it (from the buffers' addresses, not the region's count); 0 without."""
+        the bytes of the held buffers inside it (from the buffers' addresses, not the region's count), and its tables
+        (checked against sys.getsizeof); 0 without."""
+        from tests.memory.test_host_region import table_sizes
+
         region = self.swap.region
         if region is None:
             return 0
+        assert table_sizes(region) <= region.meta_bytes
         lo, hi = region.arena.address, region.arena.address + region.arena.size
         held = [*(c for copy in self.swap._copies.values() for c in copy.chunks),
                 *(c for r in self.swap.book.retiring.values() for c in r)]
         inside = sum(c.buf.numel() for c in held if c.buf is not None and lo <= c.buf.data_ptr() < hi)
-        return resident_bytes(region) - inside
+        return region.meta_bytes + resident_bytes(region) - inside
 
     def _assert_holds_its_values(self, seq: Sequence) -> None:
         n = seq.num_computed
@@ -213,8 +220,10 @@ class SwapMachine(RuleBasedStateMachine):
         if self.ssd_tier is not None:
             assert self.ssd_tier.budget.used_bytes == 0
         self.swap.trim()
-        assert self.host.used_bytes == 0 == self._region_bytes()
+        meta = self.swap.region.meta_bytes if self.swap.region is not None else 0
+        assert self.host.used_bytes == meta == self._region_bytes()  # the region's tables only
         self.swap.close()
+        assert self.host.used_bytes == 0  # the tables too
         self.cache.close()
         if self.ssd:
             self.tmp.cleanup()
@@ -284,6 +293,13 @@ class RegionSSDPagedSwapMachine(SwapMachine):
     region = True
 
 
+class RegionReuseVirtualFullSwapMachine(SwapMachine):
+    """A tier that holds kept copies until it is full: its swap-outs then borrow warm pages' reservation."""
+    reuse = True
+    region = True
+    host_tokens = 56
+
+
 TestVirtualSwap = SwapMachine.TestCase
 TestVirtualSwap.settings = STATEFUL
 TestPagedSwap = PagedSwapMachine.TestCase
@@ -310,3 +326,5 @@ TestRegionReuseAsyncVirtualSwap = RegionReuseAsyncVirtualSwapMachine.TestCase
 TestRegionReuseAsyncVirtualSwap.settings = STATEFUL
 TestRegionSSDPagedSwap = RegionSSDPagedSwapMachine.TestCase
 TestRegionSSDPagedSwap.settings = STATEFUL
+TestRegionReuseVirtualFullSwap = RegionReuseVirtualFullSwapMachine.TestCase
+TestRegionReuseVirtualFullSwap.settings = STATEFUL

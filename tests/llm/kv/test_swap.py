@@ -8,8 +8,11 @@ from memfit.llm.kv.swap import CostModel, SwapSpace
 from memfit.llm.kv.virtual import VirtualKVCache
 from memfit.llm.kv.swap_model import OWNER
 from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.extent_map import extent_bytes
+from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
 from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
-from tests.memory.test_host_region import resident_bytes
+from memfit.memory.host_region import REGION_OWNER, table_bytes
+from tests.memory.test_host_region import minor_faults, resident_bytes, resident_pages
 from memfit.llm.kv.base import KVLayout, SeqStep
 
 CACHES = {
@@ -84,27 +87,29 @@ def test_host_tier_is_a_share_of_the_ledger_when_it_has_a_parent():
 def test_with_a_region_swaps_write_into_warm_pages_and_the_budget_matches_the_kernel(kind):
     """The engine's host tier on a CPU: chunks from a HostRegion. A second swap-out of the same size lands in the
     pages the first one committed (no page newly held: mincore), the round trip stays exact, and the tier's budget
-    is the chunk's bytes plus the region's other pages as the kernel counts them."""
+    is the chunk's bytes plus the region's other pages as the kernel counts them, plus its tables."""
     cache = CACHES[kind](MemoryBudget(2**22, name="kv_budget"))
     host = MemoryBudget(2**20, Tier.HOST, name="swap_space")
     swap = SwapSpace(cache, host, region=True)
     assert cache.try_allocate(1, 19)
     write(cache, [SeqStep(1, 0, 19)])
     before = contexts(cache, 1, 19)
+    meta = swap.region.meta_bytes
+    assert host.used_bytes == meta == host.by_owner()[REGION_OWNER] > 0  # the tables, reserved from the start
     for turn in range(2):
         assert swap.try_swap_out(1, 19)
         cache.free(1)
         chunk = swap._copies[1].chunks[0]
         assert swap.region.owns(chunk.buf) and chunk.buf.data_ptr() == swap.region.arena.address
         held = resident_bytes(swap.region)
-        assert host.by_owner()[OWNER] == chunk.nbytes and host.used_bytes == held  # its pages, all reserved
+        assert host.by_owner()[OWNER] == chunk.nbytes and host.used_bytes == meta + held  # its pages, all reserved
         if turn == 0:
             first = held
         assert held == first  # the second swap-out committed nothing new
         assert cache.try_allocate(1, 19) and swap.swap_in(1) == 19
         assert [torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19))] == [True] * len(before)
-        assert host.by_owner()[OWNER] == 0 and host.used_bytes == resident_bytes(swap.region) == first  # warm
-    assert swap.trim() == first and host.used_bytes == 0 == resident_bytes(swap.region)
+        assert host.by_owner()[OWNER] == 0 and host.used_bytes - meta == resident_bytes(swap.region) == first  # warm
+    assert swap.trim() == first and host.used_bytes == meta and resident_bytes(swap.region) == 0
     swap.close()
     cache.close()
 
@@ -127,12 +132,76 @@ def test_with_a_region_a_failed_swap_out_holds_nothing(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         swap.try_swap_out(1, 19)
     assert not swap.region.taken and host.by_owner().get(OWNER, 0) == 0
-    assert host.used_bytes == resident_bytes(swap.region)  # at most warm free pages, all in the budget
+    meta = swap.region.meta_bytes
+    assert host.used_bytes == meta + resident_bytes(swap.region)  # at most warm free pages (and tables), all counted
     swap.trim()
-    assert host.used_bytes == 0 == resident_bytes(swap.region)
+    assert host.used_bytes == meta and resident_bytes(swap.region) == 0
     monkeypatch.undo()
     assert swap.try_swap_out(1, 19)  # and the tier still works
     swap.close()
+    cache.close()
+
+
+BIG = KVLayout(num_layers=2, num_kv_heads=4, head_dim=128, dtype=torch.float32, max_seq_len=256)  # 8 KiB a token
+
+
+def write_big(cache, seq_id: int, n: int) -> list[torch.Tensor]:
+    """Write K/V values unique to (sequence, position, head, dim, layer) for positions 0..n-1; the (n, Hkv, D) Ks."""
+    plan = cache.plan_step([SeqStep(seq_id, 0, n)])
+    ks = []
+    for layer in range(BIG.num_layers):
+        k = torch.arange(n * 4 * 128, dtype=torch.float32).view(n, 4, 128) + seq_id * 1e6 + layer * 0.5
+        cache.write(layer, plan, k, -k)
+        ks.append(k)
+    return ks
+
+
+def read_big(cache, seq_id: int, n: int) -> list[torch.Tensor]:
+    plan = cache.plan_step([SeqStep(seq_id, n, 0)])
+    return [cache.context(layer, plan, 0)[0].clone() for layer in range(BIG.num_layers)]
+
+
+@pytest.mark.parametrize("kind", ["virtual", "paged"])
+def test_with_a_region_at_its_high_water_mark_a_swap_out_reuses_the_warm_pages_without_faulting(kind):
+    """Issue 15: the tier's budget holds exactly its region's tables and warm pages (a sequence swapped out and back
+    in left them), and the same sequence is swapped out again. The chunk is carved from those pages: none is given
+    back and faulted in again (the process's minor faults around the swap-out, the kernel's page map before and
+    after), and neither the budget nor the pages the kernel holds ever pass the limit."""
+    cache = (VirtualKVCache(BIG, MemoryBudget(2**24, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0)
+             if kind == "virtual" else PagedKVCache(BIG, MemoryBudget(2**24, name="kv_budget"), block_size=16))
+    n = 256
+    chunk = extent_bytes(n * BIG.bytes_per_token)  # 2 MiB: 512 pages
+    limit = table_bytes(chunk) + chunk
+    for _ in range(2):  # the tier's tables are sized from its limit: settle on a limit that holds both exactly
+        limit = table_bytes(limit) + chunk
+    host = MemoryBudget(limit, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, region=True)
+    assert swap.region.meta_bytes + chunk == limit
+    assert cache.try_allocate(1, n)
+    before = write_big(cache, 1, n)
+    assert swap.try_swap_out(1, n)
+    cache.free(1)
+    assert cache.try_allocate(1, n) and swap.swap_in(1) == n
+    assert host.used_bytes == limit and resident_bytes(swap.region) == chunk  # full: tables and warm pages
+    pages = resident_pages(swap.region)
+    faults = minor_faults()
+    assert swap.try_swap_out(1, n)
+    faults = minor_faults() - faults
+    assert faults < chunk // PAGE // 8, f"{faults} minor faults for a swap-out of {chunk // PAGE} warm pages"
+    assert resident_pages(swap.region) == pages and host.peak_bytes == host.used_bytes == limit
+    assert host.by_owner()[OWNER] == swap.held_bytes() == n * BIG.bytes_per_token
+    cache.free(1)
+    assert cache.try_allocate(1, n) and swap.swap_in(1) == n  # and the chunk holds the sequence's KV, exactly
+    assert all(torch.equal(a, b) for a, b in zip(before, read_big(cache, 1, n)))
+    swap.close()
+    cache.close()
+
+
+def test_a_region_too_small_for_its_tables_and_one_chunk_is_refused():
+    cache = CACHES["paged"](MemoryBudget(2**22, name="kv_budget"))
+    with pytest.raises(ValueError, match="--swap-space at least"):
+        SwapSpace(cache, MemoryBudget(table_bytes(16 * PAGE), Tier.HOST, name="swap_space"), region=True)
+    SwapSpace(cache, MemoryBudget(table_bytes(16 * PAGE), Tier.HOST, name="swap_space"))  # no region: no tables
     cache.close()
 
 
