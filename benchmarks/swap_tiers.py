@@ -14,6 +14,12 @@ Each mode swaps one sequence over and over on its own cache (3 warm-up rounds, t
 With `--ssd-dir`, also `ssd out T` / `ssd in T`: the sequence spilled straight to the SSD tier (a host tier too
 small for it) and read back (O_DIRECT, checksummed, the tier's C loop), against O_DIRECT 4 MiB writes and reads
 of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after).
+`--modes full full-trim` (issue 15's high-water mark): `out T` / `in T` on a region whose tier budget holds exactly
+its tables and one chunk of T tokens, so after the first round every swap-out finds the tier full of the warm pages
+the last swap-in left. `full` is the engine's reservation (the shortfall's warm pages lend their reservation to the
+chunk, which is carved from them); `full-trim` the reservation before that fix (the shortfall's warm pages given
+back, MADV_DONTNEED, then reserved for the chunk, which faults them in again). Their ratio is
+`full_trim_over_full_call_time`; the reuse ops are not run in these modes.
 Each is timed around the call (the tier's planning, the host buffer's allocation and the copies: what a step
 waits for) and by the tier's own copy timer (`SwapStats`, what preemption.py's fraction uses). Two ways of
 copying take turns in every round: `stacked`, the default, a chunk's runs of every segment as one (segments, bytes)
@@ -56,14 +62,37 @@ def _cache(shape: str, max_len: int):
                                   max_seqs=2, eager_pages=0)
 
 
-def _cache_and_swap(shape: str, max_len: int, reuse: bool, region: bool = False):
+def _cache_and_swap(shape: str, max_len: int, reuse: bool, region: bool = False, full_at: int | None = None):
+    """(layout, cache, swap); `full_at`: the tier's budget holds exactly its region's tables and a chunk of that
+    many tokens (the high-water mark once a swap-in has left the chunk's pages warm)."""
     from memfit.llm.kv.swap import SwapSpace
     from memfit.memory.budget import MemoryBudget, Tier
 
     layout, cache = _cache(shape, max_len)
-    swap = SwapSpace(cache, MemoryBudget(16 * max_len * layout.bytes_per_token, Tier.HOST, name="swap_space"),
-                     reuse=reuse, region=region)
+    limit = 16 * max_len * layout.bytes_per_token
+    if full_at is not None:
+        from memfit.llm.kv.swap_layout import SwapRuns
+        from memfit.memory.extent_map import extent_bytes
+        from memfit.memory.host_region import table_bytes
+
+        chunk = extent_bytes(SwapRuns(cache).shape(full_at)[0])
+        limit = chunk
+        for _ in range(3):  # the tables are sized from the limit: its fixed point
+            limit = table_bytes(limit) + chunk
+    swap = SwapSpace(cache, MemoryBudget(limit, Tier.HOST, name="swap_space"), reuse=reuse, region=region)
     return layout, cache, swap
+
+
+def _trim_then_reserve(book):
+    """The host tier's reservation before issue 15's fix (a benchmark's rival, not the engine's code): the
+    shortfall's warm pages given back, then the chunk reserved, so its take faults them in again."""
+    from memfit.llm.kv.swap_model import OWNER
+
+    def try_reserve(nbytes: int) -> bool:
+        return book.budget.try_reserve(nbytes, OWNER) or (
+            book.region.trim(nbytes - book.budget.free_bytes) > 0 and book.budget.try_reserve(nbytes, OWNER))
+
+    return try_reserve
 
 
 def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
@@ -77,7 +106,9 @@ def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
         cache.write(layer, plan, k, -k)
 
 
-MODES = ("stacked", "runs", "region")  # region: stacked, the chunks from the engine's HostRegion (kept warm)
+MODES = ("stacked", "runs", "region", "full", "full-trim")  # region: stacked, the chunks from the engine's HostRegion
+# (kept warm); full, full-trim: region at its high-water mark, the engine's reservation and the one before issue 15's fix
+FULL = ("full", "full-trim")
 DEFAULT_MODES = ("stacked", "runs")
 
 
@@ -87,12 +118,18 @@ class Rig:
 
     def __init__(self, shape: str, tokens: int, new: int, mode: str) -> None:
         self.tokens, self.new = tokens, new
-        self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False, region=mode == "region")
-        self.reuse = _cache_and_swap(shape, tokens + new + 16, reuse=True, region=mode == "region")
-        for layout, cache, swap in (self.whole, self.reuse):
+        full = mode in FULL
+        self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False, region=mode == "region" or full,
+                                     full_at=tokens if full else None)
+        if mode == "full-trim":
+            self.whole[2].book.try_reserve = _trim_then_reserve(self.whole[2].book)
+        self.reuse = None if full else _cache_and_swap(shape, tokens + new + 16, reuse=True, region=mode == "region")
+        for layout, cache, swap in (self.whole, self.reuse) if self.reuse is not None else (self.whole,):
             swap.run_map.stacking = mode != "runs"
             assert cache.try_allocate(1, tokens + new)
             _write(cache, layout, 1, 0, tokens)
+        if self.reuse is None:
+            return
         layout, cache, swap = self.reuse
         assert swap.try_swap_out(1, tokens)  # the history, held and kept after its swap-in
         cache.free(1)
@@ -117,6 +154,8 @@ class Rig:
         cache.free(1)
         assert cache.try_allocate(1, t + n)
         timed("in T", swap, lambda: swap.swap_in(1) == t)
+        if self.reuse is None:
+            return out
         layout, cache, swap = self.reuse
         timed("out +n", swap, lambda: swap.try_swap_out(1, t + n))
         cache.free(1)
@@ -128,7 +167,7 @@ class Rig:
         return out
 
     def close(self) -> None:
-        for _, cache, swap in (self.whole, self.reuse):
+        for _, cache, swap in (self.whole, self.reuse) if self.reuse is not None else (self.whole,):
             swap.close()
             cache.close()
 
@@ -206,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=15, help="rounds; each runs every copy mode, the order alternating")
     ap.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES,
                     help="region: stacked copies into buffers from the host tier's region (what the engine uses on a "
-                         "CPU), against stacked's fresh torch buffer a chunk")
+                         "CPU), against stacked's fresh torch buffer a chunk; full, full-trim: the region at its "
+                         "high-water mark (out T / in T only), the engine's reservation and the one before issue 15's "
+                         "fix (warm pages given back, then faulted in again)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ssd-dir", default=None, help="also the SSD tier alone, its file under this directory")
     ap.add_argument("--out", default=None)
@@ -245,10 +286,13 @@ def main(argv: list[str] | None = None) -> dict:
               for (s, t, op, m) in by if m == "stacked" and (s, t, op, "runs") in by}
     region_ratios = {f"{s} T={t} {op}": by[(s, t, op, "stacked")]["call_s"] / by[(s, t, op, "region")]["call_s"]
                      for (s, t, op, m) in by if m == "region" and (s, t, op, "stacked") in by}
+    full_ratios = {f"{s} T={t} {op}": by[(s, t, op, "full-trim")]["call_s"] / by[(s, t, op, "full")]["call_s"]
+                   for (s, t, op, m) in by if m == "full" and (s, t, op, "full-trim") in by}
     ssd, refs = ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir) if a.ssd_dir else ([], [])
     result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
+                    full_trim_over_full_call_time=full_ratios,
                     min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in modes})
     emit(result, a.out, draw=draw if a.out else None)
     return result
@@ -266,11 +310,12 @@ def draw(result: dict, path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         cases = sorted({(r["tokens"], r["op"]) for r in rows if r["shape"] == shape},
                        key=lambda c: (c[0], OPS.index(c[1])))
-        modes = [m for m in ("runs", "stacked", "region") if m in result.get("modes", ("runs", "stacked"))]
+        modes = [m for m in ("runs", "stacked", "region", "full-trim", "full")
+                 if m in result.get("modes", ("runs", "stacked"))]
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):
-            vals = [next(r["call_fraction_of_memcpy"] for r in rows if r["shape"] == shape and r["mode"] == mode
-                         and (r["tokens"], r["op"]) == c) for c in cases]
+            vals = [next((r["call_fraction_of_memcpy"] for r in rows if r["shape"] == shape and r["mode"] == mode
+                          and (r["tokens"], r["op"]) == c), 0.0) for c in cases]  # (full modes: no reuse ops)
             ax.bar([j + width * i for j in range(len(cases))], vals, width, label=mode)
         ax.axhline(0.5, color="k", lw=0.8, ls="--", label="issue 15's 50%")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], [f"{op}\nT={t}" for t, op in cases], fontsize=6)
