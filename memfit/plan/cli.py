@@ -134,15 +134,17 @@ def _plan(args: argparse.Namespace) -> int:
         g = without_weights(g)
     sizes = scratchpad_sizes(g)
     cap = resolve_scratchpad(g, args.scratchpad)
+    # the extracted graph's sizes, printed before tiling: they were printed after it, under the tiled graph's name
+    # and op count, as if 'min-feasible 1.00 MiB' held for a graph that tiling had made fit 256 KiB
+    print(f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors, extracted in {time.perf_counter() - t0:.1f} s; "
+          f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()), file=say)
     if args.tile:
         from memfit.plan.tiling import tile_graph
 
         g, tiles = tile_graph(g, cap)
         if tiles:
             print(f"tiled {len(tiles)} operators that do not fit (up to {max(tiles.values())} tiles each): "
-                  f"{len(g.ops)} ops", file=say)
-    print(f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors, extracted in {time.perf_counter() - t0:.1f} s; "
-          f"sizes: " + ", ".join(f"{k} {format_size(v)}" for k, v in sizes.as_dict().items()), file=say)
+                  f"{g.model}: {len(g.ops)} ops, {len(g.tensors)} tensors", file=say)
     print(f"scratchpad: {cap} bytes ({format_size(cap)}), planner: {args.planner}", file=say)
     opts = PlanOptions(planner=args.planner, time_limit_s=args.time_limit, num_workers=args.workers,
                        split_bound_share=0.0 if args.no_split_bound else PlanOptions.split_bound_share,
@@ -159,7 +161,9 @@ def _plan(args: argparse.Namespace) -> int:
                                                for k, v in lb["parts"].items()), file=say)
     asked = s.details.get("requested_planner")
     if asked and asked != plan.planner:  # say so: the requested planner did not produce this plan
-        print(f"  the seed {plan.planner}, returned as it is: the {asked} planner found nothing better", file=say)
+        why = "it meets the lower bound, so there was nothing to search for" if s.details.get("seed_meets_bound") \
+            else f"the {asked} planner found nothing better"
+        print(f"  the seed {plan.planner}, returned as it is: {why}", file=say)
     _print_traffic(plan.traffic, say)
     if args.out:
         plan.save(args.out)

@@ -187,3 +187,23 @@ def test_progress_is_on_stderr_only_and_json_stdout_still_parses(no_progress, ca
     out, err = capsys.readouterr()
     assert json.loads(out)["model"] == "bert_tiny_encoder" and "planning" not in out
     assert ("planning (heuristic)" in err and "/2 s" in err) != no_progress, err
+
+
+def test_the_sizes_printed_are_the_extracted_graphs_before_tiling(capsys):
+    """With --tile the sizes (of the graph as extracted) were printed after tiling under the tiled graph's name and
+    op count ('darts_v2_cifar[tiled]: 450 ops ...; sizes: min-feasible 1.00 MiB' for a plan in 256 KiB)."""
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "96KiB", "--weights", "streamed",
+                 "--planner", "baseline-topo", "--tile"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sizes = next(i for i, line in enumerate(lines) if "sizes: min-feasible" in line)
+    tiled = next(i for i, line in enumerate(lines) if line.startswith("tiled "))
+    assert sizes < tiled and lines[sizes].startswith("bert_tiny_encoder: ") and "[tiled]" in lines[tiled]
+
+
+def test_a_seed_that_meets_the_bound_is_not_said_to_beat_the_planner(capsys):
+    """At min-peak the seed moves nothing and meets the bound: no search ran, so 'the heuristic planner found nothing
+    better' misled; the line now says the seed meets the lower bound."""
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-peak", "--planner", "heuristic",
+                 "--time-limit", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "returned as it is: it meets the lower bound" in printed and "found nothing better" not in printed
