@@ -181,10 +181,14 @@ class _progress:
         if not self.show:
             return None
         from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:  # a bar to a file or pipe draws nothing and leaves one blank line
+            return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                            TimeRemainingColumn(), console=console, transient=True)
         self.bar.__enter__()
         task = self.bar.add_task(self.label, total=None)
 

@@ -318,14 +318,18 @@ def _train_with_progress(cfg, data, train, show: bool) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(cfg.method, total=None)
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(cfg.method, total=None)
 
-        def progress(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            def progress(label: str, done: int, total: int) -> None:
+                bar.update(task, description=label, completed=done, total=total)
 
-        result = train(cfg, data, progress)
+            result = train(cfg, data, progress)
+    else:  # a bar to a file or pipe draws nothing and leaves one blank line; the summary below still goes there
+        result = train(cfg, data)
     print(f"{cfg.method}: test accuracy {result.test_accuracy:.4f} in {result.train_seconds:.1f} s, "
           f"allocator peak in a step {result.allocator_peak_bytes / 2**20:.2f} MiB "
           f"(saved + gradients {result.peak_overhead_bytes / 2**20:.2f} MiB)", file=sys.stderr)

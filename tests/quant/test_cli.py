@@ -56,6 +56,7 @@ def test_quant_vit_reports_each_stage_to_the_progress_bar(tiny_models, fmnist_sm
     assert [s[1] for s in seen] == list(range(6)) and {s[2] for s in seen} == {6}
     given = []
     monkeypatch.setattr(pipeline, "run_quant", lambda cfg, progress=None: given.append(progress) or _fail())
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # the bar is drawn on a terminal only: make the captured stderr one
     with pytest.raises(pytest.fail.Exception):
         main(["quant", "vit", "--model", str(path)])
     assert callable(given[0])
@@ -83,3 +84,14 @@ def test_max_test_past_the_test_set_is_refused(tiny_models, fmnist_small, tmp_pa
     n = len(fmnist_small.y_test)
     with pytest.raises(QuantError, match=f"--max-test {n + 1} is larger than the {n} test images"):
         run_quant(QuantRun(model=str(path), act_bits=4, calib=16, max_test=n + 1), fmnist_small)
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_bar_is_started_on_a_terminal_only(terminal, capsys, monkeypatch):
+    """To a file or pipe rich's bar drew nothing and left one blank line on stderr (`quant train-vit ... 2>log`)."""
+    from memfit.quant.cli import _progress
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1" if terminal else "0")
+    with _progress(True, "quantizing") as update:
+        assert callable(update) == terminal
+    assert (capsys.readouterr().err == "") != terminal

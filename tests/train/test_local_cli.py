@@ -119,3 +119,12 @@ def test_a_model_too_large_to_allocate_is_one_error(capsys, monkeypatch):
     monkeypatch.setattr(trainer, "train", bug)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["train", "local", "--dataset", "digits", "--no-progress"])
+
+
+def test_stderr_to_a_file_gets_the_summary_line_and_no_blank_one(capsys, monkeypatch):
+    """With the bar on (no --no-progress) and stderr not a terminal, rich drew nothing and left a blank line."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    assert main(["train", "local", "--dataset", "digits", "--method", "tpsgd", "--epochs", "1", "--batch-size", "64",
+                 "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("tpsgd: test accuracy") and all(line.strip() for line in err.splitlines()), repr(err)
