@@ -37,3 +37,23 @@ def test_an_unknown_option_is_reported_with_its_commands_usage(argv, usage, caps
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(usage) and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("command", ["plan", "quant", "costmodel", "fit"])
+def test_every_option_says_what_it_is(command):
+    """`--help` listed options with no word on them (costmodel's --db, --seed, --json; quant train-vit's --lr;
+    plan's --planner, fit's --model and --batch): a new user could not tell a seed's role or a default."""
+    import argparse
+
+    from memfit.cli import build_parser
+
+    def bare(parser: argparse.ArgumentParser, name: str):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    yield from bare(p, f"{name} {sub}")
+            elif action.help is None and action.dest != "help":
+                yield f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(bare(top.choices[command], f"memfit {command}")) == []

@@ -19,17 +19,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("action", nargs="?", metavar="validate", help="'validate' to check a plan file")
     p.add_argument("file", nargs="?", help="plan file to validate")
-    p.add_argument("--model", help="torchvision/timm name, bert_base_encoder, or an .onnx file")
+    p.add_argument("--model", help="torchvision/timm name, a memfit built-in (bert_base_encoder, bert_tiny_encoder, "
+                                    "darts_v2_cifar, randwire_ws, ...), or an .onnx file")
     p.add_argument("--scratchpad", default="mid",
                    help="bytes, or e.g. 512KiB/1.5MiB, or min-feasible | min-peak | mid (default: mid)")
     p.add_argument("--out", help="write the plan JSON here")
-    p.add_argument("--planner", default="auto", choices=PLANNER_CHOICES)
+    p.add_argument("--planner", default="auto", choices=PLANNER_CHOICES,
+                   help="auto (default): exact up to 60 ops, whole up to 2000, heuristic above; baseline-*: the "
+                        "rival policies (docs/plan-format.md)")
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds for the whole plan (default 30): on the wall "
                    "clock the call returns within it + 1 s (5%% above 20 s), the seeds it starts from aside")
     p.add_argument("--clock", choices=("wall", "work"), default="wall",
                    help="what --time-limit counts: wall time, or work (CP-SAT's deterministic time and the "
                         "planner's CPU time), which a loaded machine does not shrink (stops at 3x in wall time)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="the input's batch dimension (default 1)")
     p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | int8 (floating tensors)")
     p.add_argument("--input-shape", help="input shape without batch, e.g. 3,224,224")
     p.add_argument("--weights", choices=("resident", "streamed"), default="resident",

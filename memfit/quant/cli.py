@@ -26,12 +26,12 @@ def register(subparsers) -> None:
                     "file with its architecture in the metadata, plus a loss curve (PNG + JSON) beside it.",
     )
     p.add_argument("--arch", default="vit", help="vit | deit | swin")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training images (default 3)")
     p.add_argument("--out", default=None, help="checkpoint path (.safetensors; default: "
                                                  "~/.cache/memfit/quant/<arch>-fashion-mnist.safetensors)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's peak learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order (default 0)")
     p.add_argument("--teacher", default=None, help="deit: checkpoint whose predictions train the distillation head "
                                                     "(DeiT hard distillation; default: the labels)")
     p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of this many images")
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
     q = sub.add_parser(
         "vit", help="mixed-precision PTQ of a ViT/DeiT/Swin checkpoint; top-1, bits per layer, packed weight bytes",
-        description="Allocate per-layer bits (lrp, sensitivity, hessian, uniform, random) under an average-bit "
+        description="Allocate per-layer bits (lrp-zplus, lrp, sensitivity, hessian, context, uniform, random) under an average-bit "
                     "budget, quantize with RepQ-style clipped channel-wise post-LayerNorm activations, pack the "
                     "weights and evaluate on the 10k Fashion-MNIST test images.")
     _add_quant_args(q)
@@ -64,8 +64,12 @@ def _add_quant_args(q: argparse.ArgumentParser) -> None:
     # lrp-zplus by default: lrp's epsilon rules do not conserve relevance on deeper-trained models (docs/quant.md)
     q.add_argument("--allocator", default="lrp-zplus",
                    help="lrp-zplus (default) | lrp | sensitivity | hessian | context | uniform | random")
-    q.add_argument("--avg-bits", type=float, default=4.0, help="parameter-weighted average weight bits")
-    q.add_argument("--act-bits", type=int, default=None, help="every activation at this width (2,3,4,6,8)")
+    q.add_argument("--avg-bits", type=float, default=4.0,
+                   help="parameter-weighted average weight bits, at most 8 (default 4; the 8-bit patch embedding "
+                        "and head count toward it)")
+    q.add_argument("--act-bits", type=int, default=None,
+                   help="every activation at this width: 2, 3, 4, 6 or 8 (the patch embedding's and head's inputs "
+                        "stay at 8)")
     q.add_argument("--avg-act-bits", type=float, default=None,
                    help="allocate activation bits too, under this average weighted by the elements each width "
                         "quantizes (a layer's input; qkv's also sets q/k/v and the softmax) (when --act-bits is "

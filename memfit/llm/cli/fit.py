@@ -138,18 +138,20 @@ def register(sub) -> None:
     from memfit.llm.engine.config import CPU_LINEARS
 
     p = sub.add_parser("fit", help="predict the memory breakdown for a model, context and batch")
-    p.add_argument("--model", default="memfit-tiny")
+    p.add_argument("--model", default="memfit-tiny", help="model directory or bundled name (default memfit-tiny)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence (prompt + output)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     p.add_argument("--chunk", type=int, default=None,
                    help="prefill chunk (max batched tokens per step; default 512, the engine's and the server's)")
     p.add_argument("--offline", action="store_true",
                    help="predict the offline LLM(max_num_seqs=BATCH, max_model_len=CONTEXT) API, which steps up to "
                         "2048 tokens on a CPU (at most batch x context) unless given a memory budget (--chunk wins)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights' and KV's dtype (default: the model's torch_dtype in config.json)")
     p.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS), help="the engine's CPU linear backend")
     p.add_argument("--no-prepack", dest="prepack", action="store_false", help="plain F.linear (EngineConfig(prepack=False))")
-    p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false")
+    p.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                   help="PyTorch's ops instead of memfit's C++ kernels (EngineConfig(cpu_kernels=False))")
     p.add_argument("--no-runtime", dest="runtime", action="store_false",
                    help="do not measure the runtime's share (measured once per machine in a subprocess, then cached)")
     p.add_argument("--kv-budget", default=None, help="bytes ('512MiB') or a fraction of the available memory ('0.3', '30%%')")
@@ -177,7 +179,7 @@ def register(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="print one rank's breakdown when the model is split over this many processes (weights/N, KV/N, "
                         "the replicated parts)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the breakdown) on stdout")
     p.set_defaults(func=guard(cmd_fit))
 
 

@@ -6,19 +6,22 @@ import json
 import sys
 
 
+JSON_HELP = "print one JSON object on stdout"
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("costmodel", help="a learned cost model of MLIR kernels on IREE llvm-cpu",
                               description="memfit costmodel generate|label|train|predict|measure|eval|tune|train-ranker")
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     g = sub.add_parser("generate", help="draw N kernels into a dataset (SQLite)")
-    g.add_argument("--n", type=int, required=True)
+    g.add_argument("--n", type=int, required=True, help="kernels to draw")
     g.add_argument("--out", required=True, help="dataset file (created, or extended)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
     lb = sub.add_parser("label", help="compile and time every unlabelled kernel with IREE (resumable)")
-    lb.add_argument("--db", required=True)
+    lb.add_argument("--db", required=True, help="dataset file (from generate)")
     lb.add_argument("--workers", type=int, default=1, help="parallel labels (default 1: timings disturb "
                                                            "each other on a small machine)")
-    lb.add_argument("--repetitions", type=int, default=5)
+    lb.add_argument("--repetitions", type=int, default=5, help="timed repetitions per kernel (default 5)")
     lb.add_argument("--min-time", type=float, default=0.05, help="seconds per repetition (default 0.05)")
     lb.add_argument("--limit", type=int, help="label at most this many now")
     lb.add_argument("--family", help="label only this family now")
@@ -29,52 +32,54 @@ def register(subparsers) -> None:
     lb.add_argument("--noise", type=int, default=0, metavar="K",
                     help="also time K labelled kernels 3 more times each, free and pinned to one core: the "
                          "noise floor of every label kind")
-    lb.add_argument("--no-progress", action="store_true")
+    lb.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train the sequence model (and the baselines) on held-out shapes")
-    t.add_argument("--db", required=True)
+    t.add_argument("--db", required=True, help="labelled dataset file")
     t.add_argument("--out", help="model file (default: the one shipped in the package)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, default=40, help="training epochs of the sequence model (default 40)")
+    t.add_argument("--seed", type=int, default=0, help="the held-out shapes' split and the fits (default 0)")
     t.add_argument("--families", action="store_true", help="also hold out each family in turn")
     t.add_argument("--vtile-rules", choices=("shipped", "workgroups"), default="shipped",
                    help="the vector-tile columns' rules (workgroups: IREE's workgroup cut of NHWC and depthwise "
                         "convolutions too; the model records them)")
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--json", action="store_true", help=JSON_HELP)
     for name, hlp in (("predict", "predict a function's figures (no compile: works without IREE)"),
                       ("measure", "compile and time a function with IREE (checks a prediction)")):
         q = sub.add_parser(name, help=hlp)
         q.add_argument("file", help="an .mlir file")
         q.add_argument("--function", help="default: the module's only public function")
-        q.add_argument("--json", action="store_true")
+        q.add_argument("--json", action="store_true", help=JSON_HELP)
         if name == "predict":
             q.add_argument("--model", help="model file (default: the shipped one)")
         else:
-            q.add_argument("--repetitions", type=int, default=5)
+            q.add_argument("--repetitions", type=int, default=5, help="timed repetitions (default 5)")
     e = sub.add_parser("eval", help="MAPE, Spearman, Kendall per family on the held-out shapes, and a plot")
-    e.add_argument("--db", required=True)
-    e.add_argument("--model")
+    e.add_argument("--db", required=True, help="labelled dataset file")
+    e.add_argument("--model", help="model file (default: the shipped one)")
     e.add_argument("--plot", help="PNG of predicted against measured latency")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--seed", type=int, default=0, help="the held-out shapes' split (default 0)")
+    e.add_argument("--json", action="store_true", help=JSON_HELP)
     tn = sub.add_parser("tune", help="rank candidate tile sizes of a matmul by the model (--measure: time all)")
-    tn.add_argument("file")
-    tn.add_argument("--function")
-    tn.add_argument("--model")
+    tn.add_argument("file", help="an .mlir file with one matmul")
+    tn.add_argument("--function", help="default: the module's only public function")
+    tn.add_argument("--model", help="model file (default: the shipped one)")
     tn.add_argument("--measure", action="store_true", help="also compile and time every candidate (IREE)")
     tn.add_argument("--out", help="write the picked program here")
     tn.add_argument("--ranker", help="tile ranker file (default: the shipped one)")
     tn.add_argument("--no-ranker", action="store_true", help="rank by the sequence model's latency instead")
-    tn.add_argument("--json", action="store_true")
+    tn.add_argument("--json", action="store_true", help=JSON_HELP)
     tr = sub.add_parser("train-ranker", help="train the tile ranker on the dataset's tuning candidates")
-    tr.add_argument("--db", required=True)
+    tr.add_argument("--db", required=True, help="labelled dataset file (its tuned_matmul candidates)")
     tr.add_argument("--out", help="ranker file (default: the one shipped in the package)")
-    tr.add_argument("--objective", choices=("relative", "lambdarank"), default="relative")
+    tr.add_argument("--objective", choices=("relative", "lambdarank"), default="relative",
+                    help="relative: regression on each candidate's log latency less its shape's mean (default); "
+                         "lambdarank: LightGBM's listwise ranking")
     tr.add_argument("--features", choices=("compact", "all"), default="compact",
                     help="compact: shape, tile, padding, divisibility (the shipped ranker); all: every tile feature")
     tr.add_argument("--target", choices=("median", "min"), default="median",
                     help="train on the median repetition (the label) or the fastest one")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--seed", type=int, default=0, help="the held-out shapes' split and the fit (default 0)")
+    tr.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=run)
 
 
