@@ -53,7 +53,7 @@ from memfit.memory.extent_map import ALIGN, ExtentMap, extent_bytes
 from memfit.memory.mapping import round_up
 from memfit.memory.vmem import CPU_PAGE_SIZE, VirtualArena
 
-__all__ = ["EXTENT_SPAN", "MIN_EXTENTS", "REGION_OWNER", "HostRegion", "max_extents_for", "table_bytes"]
+__all__ = ["EXTENT_SPAN", "MIN_EXTENTS", "REGION_OWNER", "HostRegion", "budget_for", "max_extents_for", "table_bytes"]
 
 REGION_OWNER = "host_region"  # the budget owner of the region's own bytes: tables, cached pages, page rounding
 # The region holds at most one buffer per EXTENT_SPAN of its capacity (at least MIN_EXTENTS), so its tables have a
@@ -81,6 +81,16 @@ def table_bytes(capacity: int, max_extents: int | None = None) -> int:
     bitmap = sys.getsizeof(np.zeros(0, dtype=bool)) + size // ALIGN
     a_list = sys.getsizeof([]) + _PTR * (n + n // 8 + 8)
     return bitmap + 4 * (a_list + n * sys.getsizeof(size))
+
+
+def budget_for(nbytes: int) -> int:
+    """The smallest budget that holds a region's tables and `nbytes` of its pages: the tables grow with the budget
+    (the region is the budget's size), so this is a fixed point, reached in a step or two."""
+    pages = extent_bytes(nbytes)
+    limit = pages + table_bytes(pages)
+    while pages + table_bytes(limit) > limit:
+        limit = pages + table_bytes(limit)
+    return limit
 
 
 class HostRegion:

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from memfit.memory.budget import MemoryBudget, Tier
-from memfit.memory.host_region import REGION_OWNER, HostRegion, table_bytes
+from memfit.memory.extent_map import extent_bytes
+from memfit.memory.host_region import REGION_OWNER, HostRegion, budget_for, table_bytes
 from memfit.memory.vmem import CPU_PAGE_SIZE
 
 pytestmark = pytest.mark.skipif(not HostRegion.supported, reason="HostRegion needs 4 KiB pages")
@@ -172,9 +173,12 @@ def test_the_budget_holds_the_region_tables_as_measured():
     big.close()
 
 
-def test_a_budget_too_small_for_the_tables_is_refused():
+def test_a_budget_too_small_for_the_tables_is_refused_and_budget_for_is_the_least_that_holds_a_chunk():
     with pytest.raises(ValueError, match="page map and extent tables"):
         HostRegion(64 * PAGE, MemoryBudget(table_bytes(64 * PAGE) - 1, Tier.HOST, name="swap"))
+    for nbytes in (1, PAGE, 5 * PAGE + 1, 3 << 20, (1 << 30) + 17):
+        limit = budget_for(nbytes)
+        assert limit - table_bytes(limit) >= extent_bytes(nbytes) > limit - 1 - table_bytes(limit - 1)
 
 
 def test_free_rejects_foreign_and_double_frees():

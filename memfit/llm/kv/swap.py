@@ -52,7 +52,7 @@ from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget, format_bytes
 from memfit.memory.extent_map import extent_bytes
-from memfit.memory.host_region import HostRegion, table_bytes
+from memfit.memory.host_region import HostRegion, budget_for, table_bytes
 from memfit.memory.mapping import VirtualMemoryError
 
 if TYPE_CHECKING:
@@ -284,10 +284,11 @@ class SwapSpace(InFlightSwaps):
         # (a granule of tokens) could never swap anything, so it is refused here, at start, rather than at each swap
         tables, chunk = table_bytes(budget.limit_bytes), self.run_map.shape(self.granule)[0]
         if tables + extent_bytes(chunk) > budget.limit_bytes:
+            need = budget_for(chunk)
             raise ValueError(
                 f"the host swap tier's {format_bytes(budget.limit_bytes)} (--swap-space) cannot hold its region's page "
                 f"map and extent tables ({format_bytes(tables)}) and one chunk of {self.granule} token(s) "
-                f"({format_bytes(chunk)}); give --swap-space at least {format_bytes(tables + extent_bytes(chunk))}")
+                f"({format_bytes(chunk)}); give --swap-space at least {format_bytes(need)} ({need} bytes)")
         try:
             return HostRegion(budget.limit_bytes, budget, keep_bytes)
         except VirtualMemoryError as exc:  # address space capped (ulimit -v, strict overcommit): buffers of their own

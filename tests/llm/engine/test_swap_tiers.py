@@ -208,3 +208,12 @@ def test_the_host_tier_keeps_its_pages_warm_only_where_its_budget_is_set_aside_a
             llm.engine.maintain(now=time.monotonic() + 100)
             assert resident_bytes(swap.region) == 0 and swap.budget.used_bytes == meta  # its tables stay
         llm.engine.close()
+
+
+def test_a_swap_space_too_small_for_the_region_tables_and_one_chunk_is_refused_at_start(tiny):  # noqa: F811
+    """Issue 15: the host tier's region keeps its page map and extent tables in the tier's budget; a --swap-space
+    that cannot hold them and one chunk could never swap, and is refused at start, naming the size that would do."""
+    for kv_cache in ("virtual", "paged"):
+        with pytest.raises(ValueError, match=r"--swap-space\) cannot hold .* give --swap-space at least"):
+            LLM(str(tiny[2]), dtype="float32", kv_budget="4MiB", preemption_mode="swap", swap_space="4KiB",
+                memory_budget="8GiB", kv_cache=kv_cache)

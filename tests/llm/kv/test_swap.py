@@ -197,10 +197,22 @@ def test_with_a_region_at_its_high_water_mark_a_swap_out_reuses_the_warm_pages_w
     cache.close()
 
 
-def test_a_region_too_small_for_its_tables_and_one_chunk_is_refused():
+def test_a_region_too_small_for_its_tables_and_one_chunk_is_refused_and_the_size_it_names_is_enough():
+    import re
+
     cache = CACHES["paged"](MemoryBudget(2**22, name="kv_budget"))
-    with pytest.raises(ValueError, match="--swap-space at least"):
+    with pytest.raises(ValueError, match="--swap-space at least") as err:
         SwapSpace(cache, MemoryBudget(table_bytes(16 * PAGE), Tier.HOST, name="swap_space"), region=True)
+    need = int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
+    with pytest.raises(ValueError, match="--swap-space at least"):
+        SwapSpace(cache, MemoryBudget(need - 1, Tier.HOST, name="swap_space"), region=True)
+    host = MemoryBudget(need, Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, region=True)  # the size named: the tables and one chunk (a block of 4 tokens) fit
+    assert cache.try_allocate(1, 4)
+    write(cache, [SeqStep(1, 0, 4)])
+    assert swap.try_swap_out(1, 4) and swap.region.owns(swap._copies[1].chunks[0].buf)
+    assert host.used_bytes <= host.limit_bytes
+    swap.close()
     SwapSpace(cache, MemoryBudget(table_bytes(16 * PAGE), Tier.HOST, name="swap_space"))  # no region: no tables
     cache.close()
 
