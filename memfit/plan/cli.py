@@ -88,11 +88,12 @@ def _validate(path: str, as_json: bool = False) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     import math
+    import os
     import time
 
     import torch
 
-    from memfit.errors import PLOT_SUFFIXES, output_path
+    from memfit.errors import PLOT_SUFFIXES, command_name, output_path
     from memfit.plan.analysis import resolve_scratchpad, scratchpad_sizes, without_weights
     from memfit.plan.errors import PlanError, SizeParseError
     from memfit.plan.graph import graph_from_name
@@ -110,8 +111,9 @@ def _plan(args: argparse.Namespace) -> int:
             raise PlanError(f"--input-shape {args.input_shape!r}: use comma-separated integers, e.g. 3,224,224") from None
         if not shape or min(shape) < 1:
             raise PlanError(f"--input-shape {args.input_shape!r}: every dimension must be at least 1, e.g. 3,224,224")
-    if args.time_limit is not None and not args.time_limit >= 0:  # also NaN
-        raise PlanError(f"--time-limit must be a number of seconds >= 0, got {args.time_limit}")
+    # also NaN; inf planned and wrote "wall_limit_s": Infinity, which is not JSON, to stdout and the plan file
+    if args.time_limit is not None and not 0 <= args.time_limit < math.inf:
+        raise PlanError(f"--time-limit must be a finite number of seconds >= 0, got {args.time_limit}")
     if args.batch < 1:
         raise PlanError("--batch must be at least 1")
     elements = args.batch * math.prod(shape or ())
@@ -120,6 +122,12 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlanError(f"{given}: {approx(elements)} elements, above the most a tensor holds ({MAX_BYTES}, 2^63 - 1)")
     if args.workers < 1:
         raise PlanError(f"--workers must be at least 1 (got {args.workers})")
+    if args.workers > 2**31 - 1:  # CP-SAT's num_workers is an int32: larger was a TypeError traceback in the solve
+        raise PlanError(f"--workers must be at most {2**31 - 1}, CP-SAT's limit (got {args.workers})")
+    cpus = os.cpu_count() or 1
+    if args.workers > cpus:  # allowed (CP-SAT runs them in turn), but each worker gets a share of a CPU
+        print(f"{command_name(args)}: warning: --workers {args.workers} is more than this machine's {cpus} CPUs; "
+              f"the CP-SAT workers share them", file=sys.stderr)
     if args.scratchpad.strip().lower() not in SCRATCHPAD_KEYWORDS:  # a size: checked before the graph's extraction
         try:
             parse_size(args.scratchpad)

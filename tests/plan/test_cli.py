@@ -207,3 +207,26 @@ def test_a_seed_that_meets_the_bound_is_not_said_to_beat_the_planner(capsys):
                  "--time-limit", "5"]) == 0
     printed = capsys.readouterr().out
     assert "returned as it is: it meets the lower bound" in printed and "found nothing better" not in printed
+
+
+@pytest.mark.parametrize("flags, words", [(["--time-limit", "inf"], "--time-limit must be a finite number"),
+                                          (["--workers", str(2**31)], "--workers must be at most 2147483647")])
+def test_an_infinite_time_limit_and_workers_past_cp_sats_int32_are_refused(flags, words, capsys, monkeypatch):
+    """--time-limit inf planned and printed "wall_limit_s": Infinity (not JSON) under --json and into the plan file;
+    --workers 2^31 reached CP-SAT's int32 parameter as a TypeError traceback."""
+    import memfit.plan.graph as graph
+
+    monkeypatch.setattr(graph, "graph_from_name", lambda *a, **k: pytest.fail("extracted before checking"))
+    assert main(["plan", "--model", "bert_tiny_encoder", "--json", *flags]) == 2
+    assert words in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_more_workers_than_cpus_plans_with_a_warning(capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["plan", "--model", "bert_tiny_encoder", "--scratchpad", "min-feasible", "--planner", "baseline-topo",
+                 "--workers", "3", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["planner"] == "baseline-topo"
+    assert "memfit plan: warning: --workers 3 is more than this machine's 2 CPUs" in err
