@@ -36,6 +36,7 @@ class QuantRun:
         if self.act_bits is not None and self.act_bits not in BIT_CHOICES:
             raise QuantError(f"--act-bits {self.act_bits} is not supported; choose from "
                              f"{', '.join(map(str, BIT_CHOICES))}")
+        check_seed(self.seed)
         if self.calib < 4:
             raise QuantError(f"--calib must be at least 4 images (got {self.calib})")
         if self.max_test is not None and self.max_test < 1:  # 0 scored no image; -1 sliced off the last one
@@ -47,6 +48,12 @@ class QuantRun:
                 raise QuantError(f"{flag} {value:g} is above {max(BIT_CHOICES)}, the widest width "
                                  f"({', '.join(map(str, BIT_CHOICES))}): {max(BIT_CHOICES)} puts every layer at "
                                  f"{max(BIT_CHOICES)} bits")
+
+
+def check_seed(seed: int) -> None:
+    """torch's generators take a 64-bit seed: past it, --seed was 'Overflow when unpacking long long'."""
+    if not -2**63 <= seed <= 2**64 - 1:
+        raise QuantError(f"--seed must be within -2^63 .. 2^64 - 1, torch's generator seed (got {seed})")
 
 
 def check_input_shape(model: torch.nn.Module, image_shape: tuple[int, int, int]) -> None:

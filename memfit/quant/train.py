@@ -47,8 +47,11 @@ class TrainViTConfig:
         for name in ("max_train", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise QuantError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise QuantError(f"--lr must be positive (got {self.lr})")
+        if not 0 < self.lr < math.inf:  # inf trained every weight to NaN
+            raise QuantError(f"--lr must be a positive finite number (got {self.lr})")
+        from .pipeline import check_seed
+
+        check_seed(self.seed)
         if self.teacher and self.arch != "deit":
             raise QuantError("--teacher only applies to --arch deit (its distillation head)")
 

@@ -95,3 +95,21 @@ def test_the_bar_is_started_on_a_terminal_only(terminal, capsys, monkeypatch):
     with _progress(True, "quantizing") as update:
         assert callable(update) == terminal
     assert (capsys.readouterr().err == "") != terminal
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["vit", "--model", "m.safetensors", "--act-bits", "4", "--seed", str(2**64)], "--seed must be within"),
+    (["train-vit", "--tiny", "--out", "v.safetensors", "--seed", str(2**70)], "--seed must be within"),
+    (["train-vit", "--tiny", "--out", "v.safetensors", "--lr", "inf"], "--lr must be a positive finite number"),
+])
+def test_seeds_past_64_bits_and_an_infinite_lr_are_refused_before_the_work(argv, words, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--seed 2^64 was torch's 'Overflow when unpacking long long'; train-vit --lr inf trained to NaN."""
+    import memfit.quant.checkpoint as checkpoint
+    import memfit.quant.train as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", _fail)
+    monkeypatch.setattr(train, "train_vit", _fail)
+    assert main(["quant", *argv, "--json", "--no-progress"]) == 2
+    assert words in json.loads(capsys.readouterr().out)["error"]
