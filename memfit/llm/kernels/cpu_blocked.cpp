@@ -309,6 +309,16 @@ extern "C" {
 
 int memfit_blocked_abi_version(void) { return 1; }
 
+// y[i] = to_bf16(x[i]) for n floats (bf16x16.h's rounding, which every bf16 store of these kernels runs; tests).
+void memfit_bf16_round(const float* x, uint16_t* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(y + i), to_bf16(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        const __mmask16 mk = (__mmask16)((1u << (n - i)) - 1u);
+        _mm256_mask_storeu_epi16(y + i, mk, to_bf16(_mm512_maskz_loadu_ps(mk, x + i)));
+    }
+}
+
 // Rows from which the many-row path runs (for benchmarks comparing the two paths); returns the old value.
 int64_t memfit_blocked_set_large_m(int64_t m) {
     const int64_t old = g_large_m;
