@@ -21,6 +21,7 @@ from memfit.llm.kernels.decode_batch import (  # noqa: F401 (SMALL_ATTENTION_ELE
 from memfit.llm.kernels.paged_flex import flex_paged_for
 from memfit.llm.kernels.paged_flex_chunk import flex_chunk_for
 from memfit.llm.kernels.prefill import prefill_attention as cpu_prefill_attention
+from memfit.llm.kernels.prefill import prefill_attention_fresh
 from memfit.llm.kernels.slot_runs import make_gaps_readable, slot_runs
 from memfit.llm.kernels.scratch_layout import ATTN_OUT
 from memfit.memory import scratch
@@ -183,6 +184,21 @@ class CachedAttention:
         return plan_step_chunks(self.kv, self.steps, self.num_decode, self.plan.slots, DECODE_PAD, device,
                                 bridges_gaps(device) if self.bridge is None else self.bridge)
 
+    @functools.cached_property
+    def _fresh_chunks(self) -> tuple[frozenset[int], torch.Tensor] | None:
+        """The prefill chunks with no cached prefix (their context is their own K/V), once a step: (their step
+        indices, (C, 2) int64 rows (first row, rows) each), where memfit's CPU kernel may attend two or more of them
+        in one call (kernels/prefill.py: prefill_attention_fresh); else None."""
+        if self._prefill is not cpu_prefill_attention:
+            return None
+        idx, rows, row = [], [], 0
+        for i, st in enumerate(self.steps):
+            if i >= self.num_decode and st.start == 0 and st.num_new:
+                idx.append(i)
+                rows.append((row, st.num_new))
+            row += st.num_new
+        return (frozenset(idx), torch.tensor(rows, dtype=torch.int64)) if len(idx) >= 2 else None
+
     def _lens_for(self, length: int) -> torch.Tensor | None:
         """Valid lengths as a mask source, or None when every row fills the whole (padded) length."""
         if all(e == length for e in self.decode_ends):
@@ -231,6 +247,9 @@ class CachedAttention:
             batched, runs, width_q = self._chunk_plan
             kall, vall = self.kv.strided(layer)  # (S, Lmax, Hkv, D) each
             attend_chunks(q, kall, vall, runs, width_q, self.scale, out)
+        fresh = self._fresh_chunks if first < len(self.steps) else None
+        if fresh is not None and prefill_attention_fresh(q, k, v, fresh[1], self.scale, self.window, out):
+            batched = batched | fresh[0]  # every chunk with no cached prefix attended in one call
         row = first
         for i in range(first, len(self.steps)):
             n = self.steps[i].num_new

@@ -627,6 +627,25 @@ extern "C" {
 MEMFIT_PREFILL(memfit_prefill_attention_bf16, BF16, uint16_t)
 MEMFIT_PREFILL(memfit_prefill_attention_f32, F32, float)
 
+// Several prompts' chunks with no cached prefix in one call (a prefill step's layer: 32 prompts were 32 calls, each
+// paying ctypes' argument conversion and the wrapper's checks): chunk i is rows [rows[2i], rows[2i] + rows[2i + 1])
+// of q, k, v and out, attending over its own rows only (Tq = Tk = its length), exactly as a call of the function above on that
+// chunk's rows. Returns 0, or the first chunk's error (the chunks before it are done).
+#define MEMFIT_PREFILL_FRESH(NAME, E, T)                                                                              \
+    int NAME(const T* q, int64_t q_ts, int64_t q_hs, const T* k, int64_t k_ts, int64_t k_hs, const T* v, int64_t v_ts, \
+             int64_t v_hs, T* out, int64_t o_ts, int64_t o_hs, const int64_t* rows, int64_t chunks, int64_t Hq,       \
+             int64_t Hkv, int64_t D, float scale, int64_t window, int nthreads) {                                     \
+        for (int64_t i = 0; i < chunks; i++) {                                                                        \
+            const int64_t r = rows[2 * i], n = rows[2 * i + 1];                                                         \
+            const int rc = attend<E>(Args{q + r * q_ts, k + r * k_ts, v + r * v_ts, out + r * o_ts, q_ts, q_hs, k_ts, \
+                                          k_hs, v_ts, v_hs, o_ts, o_hs, n, n, Hq, Hkv, D, window, scale, nthreads});   \
+            if (rc != 0) return rc;                                                                                   \
+        }                                                                                                             \
+        return 0;                                                                                                     \
+    }
+MEMFIT_PREFILL_FRESH(memfit_prefill_attention_fresh_bf16, BF16, uint16_t)
+MEMFIT_PREFILL_FRESH(memfit_prefill_attention_fresh_f32, F32, float)
+
 // The same on AMX tiles (bf16 only): also -4 where this process can't use AMX (no AMX-BF16, Linux refused the
 // tile state, or a compiler without AMX intrinsics), -5 where the scratch could not be allocated.
 int memfit_prefill_attention_bf16_amx(const uint16_t* q, int64_t q_ts, int64_t q_hs, const uint16_t* k, int64_t k_ts,

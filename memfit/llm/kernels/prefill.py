@@ -124,3 +124,46 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if rc != 0:
         raise RuntimeError(f"memfit_prefill_attention failed with code {rc}")
     return True
+
+
+_fresh_fns: dict[torch.dtype, ctypes._CFuncPtr | None] = {}
+
+
+def _fresh_function(dtype: torch.dtype):
+    """cpu_prefill.cpp's memfit_prefill_attention_fresh_<dtype> (several chunks in one call), declared; None where
+    the AVX-512 kernel can't run here (cached)."""
+    if dtype not in _fresh_fns:
+        fn = None
+        if _function(dtype) is not None:
+            fn = getattr(load_cpu_linear().cdll, f"memfit_prefill_attention_fresh_{_SUFFIX[dtype]}")
+            fn.argtypes = [_P, _I64, _I64] * 4 + [_P, _I64] + [_I64] * 3 + [ctypes.c_float, _I64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _fresh_fns[dtype] = fn
+    return _fresh_fns[dtype]
+
+
+def prefill_attention_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: torch.Tensor, scale: float,
+                            window: int | None, out: torch.Tensor, nthreads: int | None = None) -> bool:
+    """For every chunk (start, n) in `chunks` ((C, 2) int64, contiguous: prompts' chunks with no cached prefix),
+    out[start : start + n] = prefill_attention(q[start : start + n], k[...], v[...]) over the chunk's own rows, in one
+    call on the AVX-512 kernel: the bits of one call a chunk, without a ctypes call and the checks a chunk (32 per
+    layer for a 32-prompt step). q, out (N, Hq, D); k, v (N, Hkv, D). False, having computed nothing, where that
+    kernel is not `prefill_attention`'s choice for these chunks (AMX: it picks per chunk by rows) or can't take the
+    input; the caller then attends chunk by chunk."""
+    if kernel_for(q.dtype) != "avx512" or q.dim() != 3 or k.dim() != 3:
+        return False
+    fn = _fresh_function(q.dtype)
+    n, hq, d = q.shape
+    if (fn is None or not all(_rows_ok(t) for t in (q, k, v, out)) or d not in HEAD_SIZES
+            or not (q.dtype == k.dtype == v.dtype == out.dtype) or k.shape != v.shape or k.shape[2] != d
+            or out.shape != q.shape or k.shape[0] < n or not k.shape[1] or hq % k.shape[1] != 0
+            or chunks.dtype != torch.int64 or chunks.dim() != 2 or chunks.shape[1] != 2 or not chunks.is_contiguous()
+            or not len(chunks) or int(chunks.min()) < 0 or int((chunks[:, 0] + chunks[:, 1]).max()) > n
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return False
+    rc = fn(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+            v.stride(1), out.data_ptr(), out.stride(0), out.stride(1), chunks.data_ptr(), chunks.shape[0], hq,
+            k.shape[1], d, scale, window or 0, nthreads or torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"memfit_prefill_attention_fresh failed with code {rc}")
+    return True
