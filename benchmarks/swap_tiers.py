@@ -73,12 +73,9 @@ def _cache_and_swap(shape: str, max_len: int, reuse: bool, region: bool = False,
     if full_at is not None:
         from memfit.llm.kv.swap_layout import SwapRuns
         from memfit.memory.extent_map import extent_bytes
-        from memfit.memory.host_region import table_bytes
+        from memfit.memory.host_region import budget_for
 
-        chunk = extent_bytes(SwapRuns(cache).shape(full_at)[0])
-        limit = chunk
-        for _ in range(3):  # the tables are sized from the limit: its fixed point
-            limit = table_bytes(limit) + chunk
+        limit = budget_for(extent_bytes(SwapRuns(cache).shape(full_at)[0]))  # the tables and one chunk, exactly
     swap = SwapSpace(cache, MemoryBudget(limit, Tier.HOST, name="swap_space"), reuse=reuse, region=region)
     return layout, cache, swap
 

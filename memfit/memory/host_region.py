@@ -127,6 +127,7 @@ class HostRegion:
         self.taken_bytes = 0  # their sum
         self._taken_extents = 0  # the same rounded up to whole extents (pages)
         self._lent = 0  # warm pages' reservation moved to a caller by try_reserve, for its next take
+        self._lender = ""  # the owner that reservation went to (one at a time: try_reserve)
         self._reserved = self.meta_bytes  # what the region holds under `owner` in the budget
         self._lock = threading.Lock()
 
@@ -156,16 +157,25 @@ class HostRegion:
         """Reserve `nbytes` for `owner` in the budget for a take that follows: from the free room, and where that is
         short (the tier at its high-water mark), by moving the shortfall's reservation from the region's warm free
         pages to `owner` (the take carves the chunk from them, so they are neither returned nor faulted in again).
-        False (nothing reserved) if the room and the warm pages together fall short."""
+        False (nothing reserved) if the room and the warm pages together fall short, or if another owner's loan is
+        still outstanding (one borrower at a time: its next take, or unreserve, settles it)."""
         if self.budget.try_reserve(nbytes, owner):
             return True
         with self._lock:
+            # One borrower at a time. `_lent` counts bytes for the next take, and a take uses whole warm pages: with
+            # two callers' loans out, the first take could use pages the second counts on, and the second, returning
+            # None, would repay fewer pages than were lent (the budget then over its limit). One owner may borrow
+            # again before its take (a swap-out's chunk, then its merge's extra bytes: swap.py), because that one
+            # take covers both.
+            if self._lent and owner != self._lender:
+                return False
             short = nbytes - max(0, self.budget.free_bytes)
             if short <= 0 or short > self.cached_bytes - self._lent:
                 return False
             self.budget.transfer(short, self.owner, owner)  # the bytes stay reserved: nobody can take them between
             self._reserved -= short
             self._lent += short
+            self._lender = owner
             if nbytes > short and not self.budget.try_reserve(nbytes - short, owner):  # the room went meanwhile
                 self.budget.transfer(short, owner, self.owner)
                 self._reserved += short
@@ -208,7 +218,8 @@ class HostRegion:
                     self._untake(off)
                     self._lent += paid
                     self._repay()
-                    self._settle()  # (a decrease: the trim and the repaid pages)
+                    settled = self._settle()  # (a decrease: the trim and the repaid pages)
+                    assert settled, "a region's reservation went up while it gave pages back"
                     return None
             if cold:
                 try:

@@ -126,6 +126,26 @@ def test_a_full_budget_lends_warm_pages_to_a_reservation_and_never_exceeds_its_l
     assert budget.used_bytes == 0 and budget.by_owner().get(REGION_OWNER, 0) == 0
 
 
+def test_a_second_owner_cannot_borrow_while_a_loan_is_out_and_the_pages_held_stay_within_the_limit():
+    """Two callers' loans at once could outlive the pages behind them (a take uses whole pages, a loan counts
+    bytes): A borrows 1 byte, B P+1, A's take uses a whole warm page, B's take returns None and repays too little.
+    Only one owner borrows at a time; what the process holds (the tables and mincore's pages) is checked against the
+    limit."""
+    meta = table_bytes(24 * PAGE)
+    budget = MemoryBudget(meta + 2 * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(24 * PAGE, budget)
+    give(region, budget, take(region, budget, 2 * PAGE))  # two warm pages; the budget full
+    assert budget.used_bytes == budget.limit_bytes
+    assert region.try_reserve(1, "a")
+    assert not region.try_reserve(PAGE + 1, "b")  # a's loan is out
+    assert region.try_reserve(PAGE + 1, "a")  # a again (a chunk, then its merge: one take covers both)
+    assert region.take(PAGE + 2) is not None and region.lent_bytes == 0
+    assert not region.try_reserve(1, "b")  # a's take used both warm pages: nothing left to lend
+    assert meta + resident_bytes(region) <= budget.limit_bytes
+    assert budget.by_owner()[REGION_OWNER] == meta + region.committed_bytes - region.taken_bytes - region.lent_bytes
+    region.close()
+
+
 def test_a_take_into_a_full_warm_region_faults_no_page():
     """The high-water mark: the budget holds exactly the region's tables and its warm pages. A chunk that size is
     reserved and taken without a page given back or faulted in again (the process's minor faults), and neither the

@@ -289,6 +289,12 @@ class SwapSpace(InFlightSwaps):
                 f"the host swap tier's {format_bytes(budget.limit_bytes)} (--swap-space) cannot hold its region's page "
                 f"map and extent tables ({format_bytes(tables)}) and one chunk of {self.granule} token(s) "
                 f"({format_bytes(chunk)}); give --swap-space at least {format_bytes(need)} ({need} bytes)")
+        if budget.free_bytes < tables:  # the tier's own share holds them, the ledger it draws on (no --swap-space
+            # on a CPU: the whole --memory-budget, shared with the KV cache) has not the room: as without a region
+            log.warning("the host swap tier's region needs %s for its page map and extent tables and the memory "
+                        "budget has %s free (--memory-budget, --swap-space); its chunks get buffers of their own",
+                        format_bytes(tables), format_bytes(budget.free_bytes))
+            return None
         try:
             return HostRegion(budget.limit_bytes, budget, keep_bytes)
         except VirtualMemoryError as exc:  # address space capped (ulimit -v, strict overcommit): buffers of their own

@@ -11,7 +11,7 @@ from memfit.memory.budget import MemoryBudget, Tier
 from memfit.memory.extent_map import extent_bytes
 from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
 from tests.llm.kv.test_virtual import LAYOUT, kv_for, write
-from memfit.memory.host_region import REGION_OWNER, table_bytes
+from memfit.memory.host_region import REGION_OWNER, budget_for, table_bytes
 from tests.memory.test_host_region import minor_faults, resident_bytes, resident_pages
 from memfit.llm.kv.base import KVLayout, SeqStep
 
@@ -171,9 +171,7 @@ def test_with_a_region_at_its_high_water_mark_a_swap_out_reuses_the_warm_pages_w
              if kind == "virtual" else PagedKVCache(BIG, MemoryBudget(2**24, name="kv_budget"), block_size=16))
     n = 256
     chunk = extent_bytes(n * BIG.bytes_per_token)  # 2 MiB: 512 pages
-    limit = table_bytes(chunk) + chunk
-    for _ in range(2):  # the tier's tables are sized from its limit: settle on a limit that holds both exactly
-        limit = table_bytes(limit) + chunk
+    limit = budget_for(chunk)  # the tier's tables (sized from its limit) and the chunk, exactly
     host = MemoryBudget(limit, Tier.HOST, name="swap_space")
     swap = SwapSpace(cache, host, region=True)
     assert swap.region.meta_bytes + chunk == limit
@@ -214,6 +212,23 @@ def test_a_region_too_small_for_its_tables_and_one_chunk_is_refused_and_the_size
     assert host.used_bytes <= host.limit_bytes
     swap.close()
     SwapSpace(cache, MemoryBudget(table_bytes(16 * PAGE), Tier.HOST, name="swap_space"))  # no region: no tables
+    cache.close()
+
+
+def test_a_ledger_without_room_for_the_region_tables_swaps_with_buffers_of_its_own(caplog):
+    """No --swap-space on a CPU: the tier's share (4 GiB by default) draws on the whole --memory-budget, which may
+    not have the 1.6 MiB the region's tables take. The engine still starts (as before the tables were counted):
+    the tier runs without a region, says so, and swaps within the ledger (its used bytes against its limit)."""
+    cache = CACHES["token-major"](MemoryBudget(2**22, name="kv_budget"))
+    ledger = MemoryBudget(table_bytes(4 << 30) // 2, Tier.HOST, name="ledger")  # less than the tables need
+    host = MemoryBudget(4 << 30, Tier.HOST, name="swap_space", parent=ledger)
+    with caplog.at_level("WARNING", logger="memfit.llm.kv.swap"):
+        swap = SwapSpace(cache, host, region=True)
+    assert swap.region is None and "buffers of their own" in caplog.text
+    assert cache.try_allocate(1, 4)
+    write(cache, [SeqStep(1, 0, 4)])
+    assert swap.try_swap_out(1, 4) and 0 < ledger.used_bytes <= ledger.limit_bytes
+    swap.close()
     cache.close()
 
 
