@@ -7,6 +7,8 @@ from memfit.plan.errors import InfeasibleScratchpadError, PlanError
 from memfit.plan.plan_format import Graph
 from memfit.plan.sizes import parse_size
 
+SCRATCHPAD_KEYWORDS = ("min-feasible", "min-peak", "mid")  # --scratchpad's named sizes (resolve_scratchpad)
+
 
 def max_working_set(g: Graph) -> tuple[str, int]:
     """The op with the largest working set and its bytes: no plan fits a smaller scratchpad."""
@@ -113,7 +115,7 @@ def scratchpad_sizes(g: Graph) -> ScratchpadSizes:
 
 def resolve_scratchpad(g: Graph, spec: str | int) -> int:
     """'min-feasible' | 'min-peak' | 'mid' | bytes | '1.5MiB' -> bytes."""
-    if isinstance(spec, str) and spec.strip().lower() in ("min-feasible", "min-peak", "mid"):
+    if isinstance(spec, str) and spec.strip().lower() in SCRATCHPAD_KEYWORDS:
         return scratchpad_sizes(g).as_dict()[spec.strip().lower()]
     return parse_size(spec)
 

@@ -9,7 +9,6 @@ import sys
 PLANNER_CHOICES = ("auto", "whole", "exact", "heuristic", "baseline-topo", "baseline-topo-largest", "baseline-memory",
                    "baseline-belady", "baseline-belady-memory",
                    "baseline-memory-largest")
-SCRATCHPAD_KEYWORDS = ("min-feasible", "min-peak", "mid")  # memfit.plan.analysis.resolve_scratchpad
 
 
 def register(subparsers) -> None:
@@ -99,7 +98,7 @@ def _plan(args: argparse.Namespace) -> int:
     from memfit.plan.graph import graph_from_name
     from memfit.plan.planner import PlanOptions, make_plan
     from memfit.plan.progress import solve_progress
-    from memfit.plan.sizes import MAX_BYTES, approx, format_size, parse_size
+    from memfit.plan.sizes import format_size, parse_size
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     say = sys.stderr if args.json else sys.stdout  # --json: stdout holds the one JSON object only
@@ -116,10 +115,7 @@ def _plan(args: argparse.Namespace) -> int:
         raise PlanError(f"--time-limit must be a finite number of seconds >= 0, got {args.time_limit}")
     if args.batch < 1:
         raise PlanError("--batch must be at least 1")
-    elements = args.batch * math.prod(shape or ())
-    if elements > MAX_BYTES:  # torch.empty's sizes are 64-bit: larger was its 'Overflow when unpacking' traceback
-        given = "--batch" + (" x --input-shape" if shape else "")
-        raise PlanError(f"{given}: {approx(elements)} elements, above the most a tensor holds ({MAX_BYTES}, 2^63 - 1)")
+    # (a batch whose input passes 64-bit sizes: refused where the example input is built, zoo._example)
     if args.workers < 1:
         raise PlanError(f"--workers must be at least 1 (got {args.workers})")
     if args.workers > 2**31 - 1:  # CP-SAT's num_workers is an int32: larger was a TypeError traceback in the solve
@@ -128,6 +124,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.workers > cpus:  # allowed (CP-SAT runs them in turn), but each worker gets a share of a CPU
         print(f"{command_name(args)}: warning: --workers {args.workers} is more than this machine's {cpus} CPUs; "
               f"the CP-SAT workers share them", file=sys.stderr)
+    from memfit.plan.analysis import SCRATCHPAD_KEYWORDS
+
     if args.scratchpad.strip().lower() not in SCRATCHPAD_KEYWORDS:  # a size: checked before the graph's extraction
         try:
             parse_size(args.scratchpad)

@@ -31,20 +31,31 @@ def parse_size(text: str | int) -> int:
         raise SizeParseError(
             f"cannot parse size {text!r}: use a number of bytes or a number with a unit, e.g. 4096, 512KiB, 1.5MiB, 2GiB"
         )
-    # exact (a float lost the last digits of byte counts above 2^53 and made 1e400 an OverflowError traceback)
-    value = Fraction(match.group(1)) * _UNITS[match.group(2).lower()]
-    return _representable(round(value), text)
+    unit = _UNITS[match.group(2).lower()]
+    # exact (a float lost the last digits of byte counts above 2^53 and made 1e400 an OverflowError traceback), but
+    # only once a float says the size is within reach: Fraction('1e10000000') builds 10**10000000 (seconds)
+    rough = float(match.group(1)) * unit  # inf past 1.8e308; 0.0 for tiny exponents
+    if rough > 2 * MAX_BYTES:
+        desc = f"{rough:.2e}".replace("e+", "e") if rough < float("inf") else "more than 1.8e308"
+        raise SizeParseError(f"size {text!r} is {desc} bytes, above the largest a plan holds: {_LIMIT}")
+    if rough < 0.25:  # (below half a byte even where the float rounded up)
+        return 0
+    return _representable(round(Fraction(match.group(1)) * unit), text)
+
+
+_LIMIT = f"{MAX_BYTES} bytes (2^63 - 1, 8 EiB; plan files and the CP-SAT solver use 64-bit integers)"
 
 
 def _representable(n: int, text: str | int) -> int:
     if n > MAX_BYTES:
-        raise SizeParseError(f"size {text!r} is {approx(n)} bytes, above the largest a plan holds: {MAX_BYTES} "
-                             f"bytes (2^63 - 1, 8 EiB; plan files and the CP-SAT solver use 64-bit integers)")
+        raise SizeParseError(f"size {text!r} is {approx(n)} bytes, above the largest a plan holds: {_LIMIT}")
     return n
 
 
 def approx(n: int) -> str:
     """A large integer in three digits, '1.00e99' (a float cannot hold 10**400)."""
+    if n.bit_length() > 10_000:  # str() refuses integers past 4300 digits (and is quadratic before)
+        return f"about 2^{n.bit_length() - 1}"
     digits = str(n)
     return digits if len(digits) <= 6 else f"{digits[0]}.{digits[1:3]}e{len(digits) - 1}"
 

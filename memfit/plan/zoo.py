@@ -88,13 +88,12 @@ def build_model(name: str, batch: int = 1, input_shape: tuple[int, ...] | None =
         kind, ccfg = CELL_BUILTINS[name]
         with torch.device("meta"):
             model = getattr(cells, kind)(ccfg).eval()
-        return model, torch.empty(batch, *(input_shape or ccfg.input_shape), device="meta")
+        return model, _example(batch, input_shape or ccfg.input_shape)
     if name in BUILTINS:
         cfg = BUILTINS[name]
         with torch.device("meta"):
             model = _bert_module(cfg).eval()
-        shape = input_shape or (cfg.seq_len, cfg.hidden)
-        return model, torch.empty(batch, *shape, device="meta")
+        return model, _example(batch, input_shape or (cfg.seq_len, cfg.hidden))
     factory, default_shape = _find(name)
     try:
         with torch.device("meta"):
@@ -103,7 +102,24 @@ def build_model(name: str, batch: int = 1, input_shape: tuple[int, ...] | None =
         with _params_to_meta():
             model = factory()
     model = model.eval()
-    return model, torch.empty(batch, *(input_shape or default_shape), device="meta")
+    return model, _example(batch, input_shape or default_shape)
+
+
+def _example(batch: int, shape: tuple[int, ...]):
+    """The (batch, *shape) example input on meta; refused where its bytes (float32) pass what torch and the plan's
+    64-bit sizes hold: --batch 2^62 on resnet18's 3x224x224 was torch's 'Storage size calculation overflowed'."""
+    import math
+
+    import torch
+
+    from memfit.plan.errors import PlanError
+    from memfit.plan.sizes import MAX_BYTES, approx
+
+    nbytes = 4 * batch * math.prod(shape)
+    if nbytes > MAX_BYTES:
+        raise PlanError(f"--batch {approx(batch)} x input {'x'.join(map(str, shape))}: {approx(nbytes)} bytes of "
+                        f"input alone, above the most a tensor holds ({MAX_BYTES} bytes, 2^63 - 1)")
+    return torch.empty(batch, *shape, device="meta")
 
 
 def _find(name: str):
