@@ -13,13 +13,10 @@ def solve_progress(show: bool, planner: str, time_limit_s: float, clock: str = "
     """Yield make_plan's `progress(k, n)` callback while the bar is shown, None where it is not: `show` False
     (--no-progress) or stderr not a terminal (a bar there draws nothing and leaves a blank line). On the work
     clock the bar runs against the wall cap (make_plan's 3 x --time-limit unless given)."""
-    if not show:
-        yield None
-        return
-    from rich.console import Console
+    from memfit.progress import bar_console
 
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    console = bar_console(show)
+    if console is None:
         yield None
         return
     from rich.progress import BarColumn, Progress, ProgressBar, ProgressColumn, SpinnerColumn, Task, TextColumn

@@ -182,12 +182,10 @@ class _progress:
         self.show, self.label, self.bar = show, label, None
 
     def __enter__(self):
-        if not self.show:
-            return None
-        from rich.console import Console
+        from memfit.progress import bar_console
 
-        console = Console(stderr=True)
-        if not console.is_terminal:  # a bar to a file or pipe draws nothing and leaves one blank line
+        console = bar_console(self.show)
+        if console is None:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

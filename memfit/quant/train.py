@@ -112,6 +112,9 @@ def train_vit(cfg: TrainViTConfig, data, progress: Progress | None = None) -> tu
     from memfit.train.local.data import subset
 
     cfg.validate()
+    if cfg.max_train is not None and cfg.max_train > len(data.y_train):  # as --max-test: not silently all of them
+        raise QuantError(f"--max-train {cfg.max_train} is larger than the {len(data.y_train)} training images; "
+                         f"leave it out to train on all of them")
     data = subset(data, cfg.max_train, cfg.seed)
     torch.manual_seed(cfg.seed)
     c, h, w = data.image_shape

@@ -229,10 +229,10 @@ def _interrupted(args: argparse.Namespace, save: str | None = None) -> int:
 
 
 def _finetune_with_progress(cfg, run, show: bool):
-    from rich.console import Console
+    from memfit.progress import bar_console
 
-    console = Console(stderr=True)
-    if not show or not console.is_terminal:  # a bar to a file or pipe draws nothing and leaves one blank line
+    console = bar_console(show)
+    if console is None:
         return run(cfg)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -315,11 +315,12 @@ def run_local(args: argparse.Namespace) -> int:
 def _train_with_progress(cfg, data, train, show: bool) -> dict:
     if not show:
         return train(cfg, data).to_json()
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
-    if console.is_terminal:
+    from memfit.progress import bar_console
+
+    console = bar_console()
+    if console is not None:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task(cfg.method, total=None)

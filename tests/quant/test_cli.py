@@ -86,6 +86,16 @@ def test_max_test_past_the_test_set_is_refused(tiny_models, fmnist_small, tmp_pa
         run_quant(QuantRun(model=str(path), act_bits=4, calib=16, max_test=n + 1), fmnist_small)
 
 
+def test_max_train_past_the_training_set_is_refused(fmnist_small):
+    """--max-train past the training set took all of it without a word (--max-test is refused the same way)."""
+    from memfit.quant.errors import QuantError
+    from memfit.quant.train import TrainViTConfig, train_vit
+
+    n = len(fmnist_small.y_train)
+    with pytest.raises(QuantError, match=f"--max-train {n + 1} is larger than the {n} training images"):
+        train_vit(TrainViTConfig(arch="vit", epochs=1, tiny=True, max_train=n + 1), fmnist_small)
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 def test_the_bar_is_started_on_a_terminal_only(terminal, capsys, monkeypatch):
     """To a file or pipe rich's bar drew nothing and left one blank line on stderr (`quant train-vit ... 2>log`)."""
