@@ -155,7 +155,7 @@ class Scheduler(Preemption):
         holds = self.kv.has_seq(seq.seq_id)
         while True:
             if holds:
-                if self.kv.try_grow(seq.seq_id, num_tokens):
+                if self.kv.try_grow(seq.seq_id, num_tokens, self._final_tokens(seq)):
                     return True
             elif self._try_allocate(seq, num_tokens):
                 return True
@@ -173,16 +173,23 @@ class Scheduler(Preemption):
                 continue
             return False
 
+    @staticmethod
+    def _final_tokens(seq: Sequence) -> int:
+        """The most tokens whose K/V `seq` will hold: the last sampled token is never fed back (the sequence stops
+        on it), so a KV cache that commits ahead of the writes stops at prompt + max_tokens - 1."""
+        return min(len(seq.prompt_token_ids) + seq.params.max_tokens - 1, seq.max_model_len)
+
     def _try_allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """New KV for `seq`. With prefix caching a sequence with nothing computed starts from the longest
         cached prefix of its tokens: num_computed jumps past it and only the rest is prefilled."""
+        final = self._final_tokens(seq)
         if seq.num_computed == 0 and getattr(self.kv, "prefix_caching", False):
-            cached = self.kv.try_allocate_prefix(seq.seq_id, seq.all_token_ids, num_tokens)
+            cached = self.kv.try_allocate_prefix(seq.seq_id, seq.all_token_ids, num_tokens, final)
             if cached is None:
                 return False
             seq.num_computed = seq.num_cached_prompt = cached
             return True
-        return self.kv.try_allocate(seq.seq_id, num_tokens)
+        return self.kv.try_allocate(seq.seq_id, num_tokens, final)  # positional: parallel/mirror.py logs args only
 
     # ---- the step ----------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

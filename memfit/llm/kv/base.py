@@ -113,6 +113,9 @@ class SeqRecord:
     written: int = 0  # tokens whose K/V are held: positions 0 .. written-1
     tokens: list[int] = field(default_factory=list)  # prefix caching: token ids of positions 0 .. len-1
     hashes: list[int] = field(default_factory=list)  # prefix caching: chained hashes of its full blocks
+    # The most tokens whose K/V this sequence will ever hold, if the caller knows it (try_allocate's
+    # final_tokens): a manager that commits ahead of the writes (the virtual cache's eager pages) stops there.
+    final_tokens: int | None = None
 
 
 class KVCacheManager(ABC):
@@ -150,38 +153,45 @@ class KVCacheManager(ABC):
         return {}
 
     # ---- scheduler side: bookkeeping, no tensors -------------------------------------------------
-    def try_allocate(self, seq_id: int, num_tokens: int) -> bool:
+    def try_allocate(self, seq_id: int, num_tokens: int, final_tokens: int | None = None) -> bool:
         """Start `seq_id` with capacity for `num_tokens` tokens if memory allows; otherwise change nothing
-        and return False. Raises KVCacheError if `seq_id` is already held or the length is out of range."""
+        and return False. Raises KVCacheError if `seq_id` is already held or the length is out of range.
+        `final_tokens`: the most tokens whose K/V the sequence will ever hold, if known (prompt + max_tokens - 1:
+        the last sampled token is never fed back); memory taken ahead of the writes stops there. A hint only:
+        try_grow past it still works."""
         with self._lock:
             self.last_refused = False
             if seq_id in self._seqs:
                 raise KVCacheError(f"sequence {seq_id} is already allocated")
             self._check_len(num_tokens)
-            record = self._try_place(num_tokens)
+            record = self._try_place(num_tokens, final_tokens)
             if record is None:
                 return False
             record.requested = num_tokens
+            record.final_tokens = final_tokens
             self._seqs[seq_id] = record
             return True
 
-    def try_allocate_prefix(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> int | None:
+    def try_allocate_prefix(self, seq_id: int, token_ids: Sequence[int], num_tokens: int,
+                            final_tokens: int | None = None) -> int | None:
         """Start `seq_id`, whose tokens are `token_ids`, reusing the K/V of their longest cached prefix (at
         most len - 1 tokens: the last one is always computed, it yields the logits), with capacity for
         `num_tokens` more tokens after it (capped at the length of `token_ids`). Returns the number of cached
-        tokens (0 without prefix caching or a hit), or None with nothing changed when memory is short."""
+        tokens (0 without prefix caching or a hit), or None with nothing changed when memory is short.
+        `final_tokens`: as for try_allocate."""
         with self._lock:
             if not self.prefix_caching:
-                return 0 if self.try_allocate(seq_id, num_tokens) else None
+                return 0 if self.try_allocate(seq_id, num_tokens, final_tokens) else None
             self.last_refused = False
             if seq_id in self._seqs:
                 raise KVCacheError(f"sequence {seq_id} is already allocated")
             self._check_len(num_tokens)
             self._check_len(len(token_ids))
-            placed = self._try_place_prefix(token_ids, num_tokens)
+            placed = self._try_place_prefix(token_ids, num_tokens, final_tokens)
             if placed is None:
                 return None
             record, cached = placed
+            record.final_tokens = final_tokens
             record.requested = max(record.requested, cached + min(len(token_ids) - cached, num_tokens))
             record.written = cached
             record.tokens = list(token_ids[:cached])
@@ -189,14 +199,19 @@ class KVCacheManager(ABC):
             self.prefix_stats.record(len(token_ids), cached)
             return cached
 
-    def try_grow(self, seq_id: int, num_tokens: int) -> bool:
+    def try_grow(self, seq_id: int, num_tokens: int, final_tokens: int | None = None) -> bool:
         """Make `seq_id`'s capacity reach `num_tokens` total tokens (True at once if it already does), or
-        change nothing and return False."""
+        change nothing and return False. `final_tokens`: as for try_allocate, replacing the hint given before
+        (a session's next turn goes on in the same sequence, with a final length of its own)."""
         with self._lock:
             self.last_refused = False
             record = self._seq(seq_id)
             self._check_len(num_tokens)
+            hint = record.final_tokens
+            if final_tokens is not None:
+                record.final_tokens = final_tokens
             if not self._try_extend(record, num_tokens):
+                record.final_tokens = hint
                 return False
             record.requested = max(record.requested, num_tokens)
             return True
@@ -307,9 +322,10 @@ class KVCacheManager(ABC):
             self._blocks_full(record, first)
 
     # ---- prefix caching hooks (called under self._lock; only when prefix_caching) -------------------
-    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
+    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int,
+                          final_tokens: int | None = None) -> tuple[SeqRecord, int] | None:
         """A record holding the longest cached prefix of `token_ids` and room for `num_tokens` more, and how
-        many tokens it holds; None with nothing changed."""
+        many tokens it holds; None with nothing changed. `final_tokens`: try_allocate's hint."""
         raise NotImplementedError(f"{type(self).__qualname__} has no prefix caching")
 
     def _blocks_full(self, record: SeqRecord, first: int) -> None:
@@ -325,8 +341,9 @@ class KVCacheManager(ABC):
 
     # ---- what a manager supplies (called under self._lock) ---------------------------------------
     @abstractmethod
-    def _try_place(self, num_tokens: int) -> SeqRecord | None:
-        """Take memory for a new sequence of `num_tokens` tokens; its record, or None with nothing changed."""
+    def _try_place(self, num_tokens: int, final_tokens: int | None = None) -> SeqRecord | None:
+        """Take memory for a new sequence of `num_tokens` tokens; its record, or None with nothing changed.
+        `final_tokens`: try_allocate's hint (a manager that takes nothing ahead of the writes ignores it)."""
 
     @abstractmethod
     def _try_extend(self, record: SeqRecord, num_tokens: int) -> bool:

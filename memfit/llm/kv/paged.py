@@ -146,7 +146,7 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
         return self.blocks_for(num_tokens) * self.block_size * self.layout.bytes_per_token
 
     # ---- scheduler side (base class hooks, called under self._lock) ---------------------------------
-    def _try_place(self, num_tokens: int) -> _Seq | None:
+    def _try_place(self, num_tokens: int, final_tokens: int | None = None) -> _Seq | None:
         record = _Seq()
         return record if self._try_extend(record, num_tokens) else None
 

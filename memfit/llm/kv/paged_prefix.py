@@ -76,7 +76,8 @@ class PagedPrefixMixin:
             del self._index[key[0]]
 
     # ---- prefix hits -------------------------------------------------------------------------------------
-    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
+    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int,
+                          final_tokens: int | None = None) -> tuple[SeqRecord, int] | None:
         bs = self.block_size
         hashes = chain_hashes(token_ids, bs, limit=len(token_ids) - 1) if len(token_ids) > 1 else []
         matched: list[int] = []

@@ -48,7 +48,7 @@ class PreallocatedKVCache(VirtualKVCache):
             self._empty = []
             self._idle = set(range(self.num_slots))  # free slots, each holding its full-length pages
 
-    def _try_place(self, num_tokens: int) -> _Seq | None:
+    def _try_place(self, num_tokens: int, final_tokens: int | None = None) -> _Seq | None:
         if not self._idle:
             return None  # every slot holds a live sequence
         slot = min(self._idle)  # the lowest free slot: a batch of consecutive slots reads its KV as one view

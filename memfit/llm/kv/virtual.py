@@ -23,7 +23,9 @@ the cost is at most one partly filled page per (layer, K|V, head) instead of per
 Physical memory. A slot's segments all hold the same number of committed pages P (a prefix of each
 segment). Every page is reserved in the budget (owner "kv") before it is committed.
 - eager allocation: growing to n tokens commits ceil(n x row / page) pages plus `eager_pages` more (when
-  the budget has room), so most grows are free;
+  the budget has room), so most grows are free; never past the pages of the sequence's final length when
+  try_allocate is told it (`final_tokens`: a max_tokens=1 prefill of 128 tokens, 512-byte rows, commits
+  16 pages a segment, not 18);
 - overlapped prefault: with `prefault=True` those ahead pages are committed on a background thread, and
   a sequence that enters its ahead zone asks for the next ones, so page faults leave the decode path;
 - deferred reclamation: `free` keeps the slot's pages; the next sequence takes the idle slot that fits it
@@ -221,9 +223,9 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
             if s != exclude and self._pending[s] > self._pages[s]
         )
 
-    def _try_place(self, num_tokens: int) -> _Seq | None:
+    def _try_place(self, num_tokens: int, final_tokens: int | None = None) -> _Seq | None:
         if self.prefix_caching:  # no tokens given: a sequence that shares nothing
-            placed = self._try_place_prefix((), num_tokens)
+            placed = self._try_place_prefix((), num_tokens, final_tokens)
             return None if placed is None else placed[0]  # type: ignore[return-value]
         need = self.pages_for(num_tokens)
         slot = self._pick_slot(need)
@@ -239,7 +241,7 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
         if self._pages[slot] > keep:  # an inherited surplus would break the waste bound: trim it
             self.arena.decommit_many(self._ranges(slot, keep, self._pages[slot]))
             self._pages[slot] = keep
-        self._ahead(slot, need)
+        self._ahead(slot, need, final_tokens)
         return _Seq(slot=slot)
 
     def _try_extend(self, record: _Seq, num_tokens: int) -> bool:  # type: ignore[override]
@@ -248,7 +250,7 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
             return False  # the pages it would write are shared and the copies do not fit
         if not self._try_commit_to(record.slot, need):
             return False
-        self._ahead(record.slot, need)
+        self._ahead(record.slot, need, record.final_tokens)
         return True
 
     def _release(self, record: _Seq) -> None:  # type: ignore[override]
@@ -302,9 +304,12 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
         self._pages[slot] = need
         return True
 
-    def _ahead(self, slot: int, need: int) -> None:
-        """Eager allocation: make sure `eager_pages` pages beyond `need` are committed or on their way."""
+    def _ahead(self, slot: int, need: int, final_tokens: int | None = None) -> None:
+        """Eager allocation: make sure `eager_pages` pages beyond `need` are committed or on their way, but none
+        past the pages of `final_tokens` (the sequence's final length, when known): those would never be written."""
         target = min(self.seg_pages, need + self.eager_pages)
+        if final_tokens is not None:
+            target = min(target, max(need, self.pages_for(final_tokens)))
         if target <= max(self._pages[slot], self._pending[slot]):
             return
         if not self._prefault:

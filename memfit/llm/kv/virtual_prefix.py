@@ -80,18 +80,19 @@ class VirtualPrefixMixin:
             m -= 1
         return [], None, 0
 
-    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int) -> tuple[SeqRecord, int] | None:
+    def _try_place_prefix(self, token_ids: Sequence[int], num_tokens: int,
+                          final_tokens: int | None = None) -> tuple[SeqRecord, int] | None:
         match = self._match(token_ids)
-        placed = self._place(token_ids, num_tokens, *match)
+        placed = self._place(token_ids, num_tokens, *match, final_tokens=final_tokens)
         if placed is None and match[1] is not None:
             # The matched holder stays pinned while the sequence maps it, so its blocks past the match count as
             # neither the sequence's nor reclaimable: a sequence that would fit alone could be refused. Placed
             # with no match, the holder may be evicted like any cached prefix (a live one is never evicted).
-            placed = self._place(token_ids, num_tokens, [], None, 0)
+            placed = self._place(token_ids, num_tokens, [], None, 0, final_tokens=final_tokens)
         return placed
 
     def _place(self, token_ids: Sequence[int], num_tokens: int, hashes: list[int], src: int | None,
-               ext: int) -> tuple[SeqRecord, int] | None:
+               ext: int, final_tokens: int | None = None) -> tuple[SeqRecord, int] | None:
         """Place a sequence that maps `hashes`' blocks of `src` and copies `ext` rows past them (none: no match)."""
         m = len(hashes)
         cached = m * self.prefix_block + ext
@@ -137,7 +138,7 @@ class VirtualPrefixMixin:
         for h in hashes:
             self._index.add(h, slot)
         self._holder[slot] = record
-        self._ahead(slot, need)
+        self._ahead(slot, need, final_tokens)
         return record, cached
 
     def _take_slot(self, shared: int = 0) -> int | None:

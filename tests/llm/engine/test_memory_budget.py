@@ -74,6 +74,21 @@ def _run(engine: LLMEngine, prompts: dict[str, list[int]], max_tokens: int = 60,
 PROMPTS = {"a": list(range(3, 23)), "b": list(range(40, 70))}
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_request_commits_no_kv_page_past_its_final_token(tiny_path, prefix_caching):
+    """With eager pages and the prefault thread on, a max_tokens=1 request's KV takes exactly the pages of its prompt
+    (the sampled token is never fed back), measured by the kernel; greedy outputs are those without eager pages."""
+    # 40 and 70 tokens: 2 and 3 of the tiny model's 32-token pages a segment, and at least one full 32-token prefix
+    # block each, so a finished request's pages stay (for reuse, or as a cached prefix) where the kernel shows them.
+    prompts = {"a": list(range(3, 43)), "b": list(range(50, 120))}
+    engine = _engine(tiny_path, kv_eager_pages=2, kv_prefault=True, enable_prefix_caching=prefix_caching)
+    _run(engine, prompts, max_tokens=1)
+    engine.kv.sync()
+    assert arena_resident_bytes(engine.kv) == sum(engine.kv.bytes_needed(len(p)) for p in prompts.values()) > 0
+    plain = _engine(tiny_path, enable_prefix_caching=prefix_caching)  # eager_pages=0
+    assert _run(engine, prompts, max_tokens=12) == _run(plain, prompts, max_tokens=12)
+
+
 def test_a_model_larger_than_the_budget_is_refused_before_loading(tiny_path):
     with pytest.raises(MemoryBudgetExceeded, match="too small for this model") as err:
         _engine(tiny_path, memory_budget="1MiB")

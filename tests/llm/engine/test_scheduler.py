@@ -18,14 +18,14 @@ class CountingKV:
     def _used(self) -> int:
         return sum(self.held.values())
 
-    def try_allocate(self, seq_id: int, n: int) -> bool:
+    def try_allocate(self, seq_id: int, n: int, final_tokens: int | None = None) -> bool:
         assert seq_id not in self.held
         if self._used() + n > self.capacity_tokens:
             return False
         self.held[seq_id] = n
         return True
 
-    def try_grow(self, seq_id: int, n: int) -> bool:
+    def try_grow(self, seq_id: int, n: int, final_tokens: int | None = None) -> bool:
         if self._used() - self.held[seq_id] + max(n, self.held[seq_id]) > self.capacity_tokens:
             return False
         self.held[seq_id] = max(n, self.held[seq_id])

@@ -189,6 +189,28 @@ def test_eager_pages_and_background_prefault():
     cache.close()
 
 
+@pytest.mark.parametrize("prefault", [False, True])
+def test_eager_pages_stop_at_the_final_length(prefault):
+    """A sequence whose final length is known (try_allocate's final_tokens) gets no eager page past it: the kernel
+    holds exactly the pages of its tokens. The hint caps only what is taken ahead: a grow past it still works."""
+    from tests.llm.kv.kernel_pages import arena_pages
+    cache, budget = make(eager_pages=2, prefault=prefault)
+    assert cache.try_allocate(1, 12, final_tokens=13)  # 2 pages a segment hold its 13 tokens: no page ahead
+    assert cache.try_allocate(2, 12)  # no hint: 2 pages + 2 eager
+    cache.sync()
+    write(cache, [SeqStep(1, 0, 12), SeqStep(2, 0, 12)])
+    held = arena_pages(cache).sum(axis=2)  # (slots, segments): pages the kernel holds
+    assert (held[cache.slot_of(1)] == 2).all() and (held[cache.slot_of(2)] == 4).all()
+    assert arena_resident_bytes(cache) == cache.stats().committed_bytes == budget.used_bytes
+    assert cache.try_grow(1, 30)  # past the hint: 4 pages, still none ahead of them
+    cache.sync()
+    assert (arena_pages(cache).sum(axis=2)[cache.slot_of(1)] == 4).all() and cache.capacity(1) == 32
+    assert cache.try_grow(1, 30, final_tokens=64)  # a new hint (a session's next turn): the eager pages again
+    cache.sync()
+    assert (arena_pages(cache).sum(axis=2)[cache.slot_of(1)] == 6).all()
+    cache.close()
+
+
 def test_attempts_stay_all_or_nothing_while_the_prefault_thread_commits():
     """Growth attempts race the background prefaulter (eager pages queued, not yet committed) under a budget
     too small for everyone: each attempt either gives the capacity or changes nothing, and the pages the
