@@ -341,21 +341,27 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
     def _reclaim(self, nbytes: int | None, exclude: int | None = None) -> int:
         if self.prefix_caching:
             return self._reclaim_prefix(nbytes, exclude)
-        freed = 0
+        take, freed = [], 0
         for slot in sorted(self._idle, key=lambda s: -self._pages[s]):
             if nbytes is not None and freed >= nbytes:
                 break
             if slot == exclude:
                 continue
-            freed += self._decommit_idle(slot)
-        return freed
+            take.append(slot)
+            freed += self._slot_bytes(self._pages[slot])  # an idle slot's pages [0, P) are all committed, its own
+        return self._decommit_idle(take)
 
-    def _decommit_idle(self, slot: int) -> int:
-        freed = self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
-        self._pages[slot] = 0
-        self._idle.discard(slot)
-        self._idle_since.pop(slot, None)
-        heapq.heappush(self._empty, slot)
+    def _decommit_idle(self, slots: list[int]) -> int:
+        """Decommit idle `slots` whole, in one arena call (one lock, one budget release, adjacent runs merged,
+        instead of one of each per slot); returns the bytes freed."""
+        if not slots:
+            return 0
+        freed = self.arena.decommit_many([r for slot in slots for r in self._ranges(slot, 0, self._pages[slot])])
+        for slot in slots:
+            self._pages[slot] = 0
+            self._idle.discard(slot)
+            self._idle_since.pop(slot, None)
+            heapq.heappush(self._empty, slot)
         return freed
 
     def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
@@ -369,13 +375,13 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
                 return self._reclaim_idle_prefix(watermark_bytes, idle_s, now)
             due = [s for s in self._idle if now - self._idle_since.get(s, now) >= idle_s]
             if due:
-                idle = self._reclaimable()
-                for slot in sorted(due, key=lambda s: self._idle_since[s]):
+                idle, take = self._reclaimable(), []
+                for slot in sorted(due, key=lambda s: self._idle_since[s]):  # oldest first, down to the watermark
                     if idle <= watermark_bytes:
                         break
-                    given = self._decommit_idle(slot)
-                    idle -= given
-                    freed += given
+                    take.append(slot)
+                    idle -= self._slot_bytes(self._pages[slot])  # what _reclaimable counts for it
+                freed = self._decommit_idle(take)
             if not self._seqs and not self._idle:
                 self.arena.drop_scratch()
         return freed

@@ -288,6 +288,35 @@ def test_virtual_idle_reclaim_gives_back_pool_pages_before_whole_prefixes():
     assert_rows(cache, 3, c)
 
 
+def test_virtual_idle_reclaim_of_several_prefixes_is_grouped_and_frees_every_page():
+    """Three cached prefixes, one mapping another's blocks: reclaiming them all takes one arena call for the pool
+    pages and one for the prefixes (not one each per slot), and the memfd then holds no block; the bytes returned
+    are what it held. Under a watermark that keeps one prefix, the oldest goes alone and the newest survives."""
+    page_bytes = PAGE * 4  # a page in each of the 4 segments
+    cache = virtual()
+    b = A[:64] + [900 + i for i in range(100)]  # maps A's first two blocks
+    c = [1500 + i for i in range(90)]
+    for k, p in ((1, A), (2, b), (3, c)):
+        start(cache, k, p)
+        cache.free(k)
+    assert len(cache._cached) == 3
+    held = physical(cache)
+    calls = []
+    real = cache.arena.decommit_many
+    cache.arena.decommit_many = lambda ranges: (calls.append(len(ranges)), real(ranges))[1]
+    assert cache.reclaim_idle(0, 0.0) == held
+    assert len(calls) == 2
+    assert physical(cache) == cache.cached_bytes == 0 and not cache._cached
+    for k, p in ((4, A), (5, c)):  # 7 and 3 pages a segment; the watermark keeps c's 2 full blocks
+        start(cache, k, p)
+        cache.free(k)
+    assert cache.reclaim_idle(2 * page_bytes, 0.0) == (7 + 1) * page_bytes
+    assert physical(cache) == 2 * page_bytes
+    d = c[:64] + [1]
+    assert start(cache, 6, d) == 64  # c's prefix survived
+    assert_rows(cache, 6, d)
+
+
 def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     cache = paged()
     bs = cache.block_size

@@ -211,6 +211,34 @@ def test_eager_pages_stop_at_the_final_length(prefault):
     cache.close()
 
 
+@pytest.mark.parametrize("watermark_pages", [0, 8])
+def test_idle_reclaim_of_several_slots_is_one_arena_call_that_the_kernel_sees(watermark_pages):
+    """Idle slots past the watermark go back oldest first, all in one decommit_many; the kernel's page table shows
+    exactly the kept slots' pages, and the bytes returned and the budget match it."""
+    import time
+
+    from tests.llm.kv.kernel_pages import arena_pages
+    cache, budget = make(max_seqs=4)
+    for k, n in ((1, 40), (2, 20), (3, 64)):  # 5, 3 and 8 pages a segment
+        assert cache.try_allocate(k, n)
+    slots = {k: cache.slot_of(k) for k in (1, 2, 3)}
+    for k in (1, 2, 3):  # idle in this order: the oldest goes first
+        cache.free(k)
+    assert arena_resident_bytes(cache) == SEGS * 16 * PAGE
+    calls = []
+    real = cache.arena.decommit_many
+    cache.arena.decommit_many = lambda ranges: (calls.append(len(ranges)), real(ranges))[1]
+    freed = cache.reclaim_idle(SEGS * watermark_pages * PAGE, 0.0, now=time.monotonic() + 1)
+    assert len(calls) == 1  # seq 1's and seq 2's slots (16 -> 11 -> 8 pages), or all three, in one call
+    kept = {0: [], 8: [3]}[watermark_pages]
+    held = arena_pages(cache).sum(axis=2)  # (slots, segments)
+    for k, slot in slots.items():
+        assert (held[slot] == ({3: 8}[k] if k in kept else 0)).all()
+    assert freed == SEGS * (16 - watermark_pages) * PAGE
+    assert arena_resident_bytes(cache) == budget.used_bytes == cache.idle_bytes == SEGS * watermark_pages * PAGE
+    cache.close()
+
+
 def test_attempts_stay_all_or_nothing_while_the_prefault_thread_commits():
     """Growth attempts race the background prefaulter (eager pages queued, not yet committed) under a budget
     too small for everyone: each attempt either gives the capacity or changes nothing, and the pages the
