@@ -96,9 +96,8 @@ class ModelRunner:
         # (kernels/large_m.py); a pure decode step keeps the decode kernels, whose bits its rows had before, and
         # so do the decode rows (the first num_decode) of a step that also carries prefill rows.
         with large_m.prefill_step(num_decode < len(ordered), num_decode), self.step_scratch(padded):
-            hidden = self.model(ids_t, pos_t, attn)  # (N, C), in the step arena where there is one
-            picked = hidden.index_select(0, torch.tensor(sample_rows, device=self.device)) if sampled else None
-        del hidden
+            # Only the sampled rows get the final norm: (S, C), outside the step arena.
+            picked = self.model(ids_t, pos_t, attn, rows=torch.tensor(sample_rows, dtype=torch.long, device=self.device))
         for item in ordered:
             item.seq.num_computed += item.num_new
         if not sampled:

@@ -251,14 +251,24 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, (RMSNorm, MLP)):
                 m.ops = ops
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions: (N,) -> hidden states (N, hidden)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (N,) -> hidden states (N, hidden); with `rows` (S,), those rows' only, (S, hidden),
+        in fresh memory (outside the step arena). The final residual add + RMSNorm is row by row, so taking the rows
+        first gives the same bits for S of the N rows' work (a 32-prompt, 4096-token prefill samples 32 rows)."""
         x = self.model.embed_tokens(input_ids)  # (N, C)
         rope = self.rotary.at(positions, x.dtype, self.ops)
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, attn)
-        return self.model.norm.add(x, residual)[1]
+        if rows is None:
+            return self.model.norm.add(x, residual)[1]
+        if not len(rows):
+            return x.new_empty((0, x.shape[-1]))
+        x = x.index_select(0, rows)  # (S, C)
+        residual = None if residual is None else residual.index_select(0, rows)  # (S, C)
+        norm = self.model.norm  # no out hints: the (S, C) result is not an arena region the next step reuses
+        return norm.ops.add_rms_norm(x, residual, norm.weight, norm.eps)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # (N, V)

@@ -48,6 +48,28 @@ def test_a_pass_in_the_arena_has_the_same_bits(engine, rows):
     assert torch.equal(got, want)
 
 
+def test_a_prefill_norms_only_its_sampled_rows_with_the_same_logits(engine):
+    """The runner's prefill passes the sampled rows (each prompt's last) to the model, which takes them before the
+    final add + RMSNorm: the logits are bit for bit those of norming every row and then taking them, and the rows
+    come back in memory of their own, not in the arena the next step overwrites."""
+    model = engine.model
+    lens = [37, 90, 5]
+    n = sum(lens)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=g)
+    pos = torch.cat([torch.arange(k) for k in lens])  # (N,)
+    rows = torch.tensor(lens).cumsum(0) - 1  # (3,): each prompt's last row
+    with torch.inference_mode(), large_m.prefill_step(True):
+        with engine.runner.step_scratch(n):
+            want = model(ids, pos, DenseCausalAttention(lens, model.scale)).index_select(0, rows)
+        with engine.runner.step_scratch(n) as arena:
+            got = model(ids, pos, DenseCausalAttention(lens, model.scale), rows=rows)
+            lo = arena.arena.address
+            assert got.shape == (3, model.config.hidden_size) and not lo <= got.data_ptr() < lo + arena.capacity
+        assert torch.equal(model.compute_logits(got), model.compute_logits(want))
+        assert model(ids, pos, DenseCausalAttention(lens, model.scale), rows=rows[:0]).shape == (0, got.shape[1])
+
+
 def _logits_of(eng, prompts, params, monkeypatch, arena: bool) -> list[torch.Tensor]:
     """Every logits tensor the engine sampled from (target and draft runners), with or without the arena."""
     seen: list[torch.Tensor] = []
