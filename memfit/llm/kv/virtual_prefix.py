@@ -195,19 +195,26 @@ class VirtualPrefixMixin:
         self._give_back(slot)
 
     def _drop(self, slot: int, record: SeqRecord) -> int:
+        return self.arena.decommit_many(self._unindex(slot, record))
+
+    def _unindex(self, slot: int, record: SeqRecord) -> list[tuple[int, int]]:
+        """Take `slot`'s blocks out of the index and its pages out of its count; the ranges to decommit."""
         for h in record.hashes:
             self._index.remove(h, slot)
         self._holder.pop(slot, None)
-        freed = self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+        ranges = self._ranges(slot, 0, self._pages[slot])
         self._pages[slot] = 0
-        return freed
+        return ranges
 
-    def _evict(self, slot: int) -> int:
-        """Forget a cached prefix; returns the physical bytes that freed (pages no other slot maps)."""
+    def _uncache(self, slot: int) -> SeqRecord:
         record = self._cached.pop(slot)
         self._idle_since.pop(slot, None)
         self._shared_upto[slot] = 0
-        return self._drop(slot, record)
+        return record
+
+    def _evict(self, slot: int) -> int:
+        """Forget a cached prefix; returns the physical bytes that freed (pages no other slot maps)."""
+        return self._drop(slot, self._uncache(slot))
 
     def _surplus_start(self, slot: int) -> int:
         """A cached slot's first page past its full blocks: the pool pages from there on hold no matchable rows."""
@@ -292,17 +299,7 @@ class VirtualPrefixMixin:
         """`_evict` and `_give_back` of every one of `slots` (cached) with one arena call: one lock, one pass over
         the page tables and one budget release instead of one of each per slot (32 prompts' prefixes go idle
         together in benchmarks/prefill.py; a perf profile of it put the per-slot calls at ~5 ms a batch)."""
-        ranges = []
-        for slot in slots:
-            record = self._cached.pop(slot)
-            self._idle_since.pop(slot, None)
-            self._shared_upto[slot] = 0
-            for h in record.hashes:
-                self._index.remove(h, slot)
-            self._holder.pop(slot, None)
-            ranges += self._ranges(slot, 0, self._pages[slot])
-            self._pages[slot] = 0
-        freed = self.arena.decommit_many(ranges)
+        freed = self.arena.decommit_many([r for slot in slots for r in self._unindex(slot, self._uncache(slot))])
         for slot in slots:
             self._give_back(slot)
         return freed
