@@ -261,15 +261,14 @@ class VirtualPrefixMixin:
         # The pool pages of every due slot before any prefix, oldest first (LRU order), one slot at a time until
         # what is held is down to the watermark. Where that loop would take every due slot (the usual case: the
         # default watermark is 0), one arena call does it (see _goes_whole).
-        pools = [(s, self._surplus_start(s)) for s in due if self._surplus_start(s) < self._pages[s]]
-        if not pools:
-            pass
-        elif self._goes_whole(held, watermark_bytes, [self._ranges(s, a, self._pages[s]) for s, a in pools]):
-            given = self.arena.decommit_many([r for s, a in pools for r in self._ranges(s, a, self._pages[s])])
-            for s, a in pools:
-                self._pages[s] = a
+        starts = {s: self._surplus_start(s) for s in due}
+        pools = {s: self._ranges(s, a, self._pages[s]) for s, a in starts.items() if a < self._pages[s]}  # (off, len)
+        if pools and self._goes_whole(held, watermark_bytes, list(pools.values())):
+            given = self.arena.decommit_many([r for ranges in pools.values() for r in ranges])
+            for s in pools:
+                self._pages[s] = starts[s]
             held, freed = held - given, freed + given
-        else:
+        elif pools:
             for slot in due:
                 if held <= watermark_bytes:
                     return freed
