@@ -32,6 +32,11 @@ def register(subparsers) -> None:
     lb.add_argument("--noise", type=int, default=0, metavar="K",
                     help="also time K labelled kernels 3 more times each, free and pinned to one core: the "
                          "noise floor of every label kind")
+    lb.add_argument("--compiled", metavar="DIR", help="keep the compiled modules in DIR and reuse them (compile "
+                                                       "once, time later: see --compile-only)")
+    lb.add_argument("--compile-only", action="store_true",
+                    help="only compile the kernels still to label into --compiled DIR (no timing, so --workers "
+                         "can be the core count); then run label again with --compiled DIR on a quiet machine")
     lb.add_argument("--no-progress", action="store_true", help="no progress bar")
     t = sub.add_parser("train", help="train the sequence model (and the baselines) on held-out shapes")
     t.add_argument("--db", required=True, help="labelled dataset file")
@@ -134,9 +139,16 @@ def _label(args) -> int:
         raise CostModelError(f"--min-time must be a positive number of seconds (got {args.min_time})")
     if args.family is not None and args.family not in (*FAMILIES, TUNED):  # tuned_matmul: the tile candidates
         raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join((*FAMILIES, TUNED))}")
+    if args.compile_only and not args.compiled:
+        raise CostModelError("--compile-only needs --compiled DIR (where the modules are kept for the timing run)")
+    if args.compile_only and args.noise:
+        raise CostModelError("--noise times kernels: run it with the timing run, not with --compile-only")
     cfg = label.LabelConfig(args.workers, args.repetitions, args.min_time, args.limit, args.family,
-                            args.label_kind or DEFAULT_LABEL_KIND, args.pin_cpu)
+                            args.label_kind or DEFAULT_LABEL_KIND, args.pin_cpu, args.compiled, args.compile_only)
     counts = label.label_all(args.db, cfg, progress=not args.no_progress)
+    if args.compile_only:
+        print(json.dumps(counts))  # nothing timed: no peaks, no noise
+        return 0
     con = store.connect(args.db)
     if "peaks" not in store.meta(con):
         store.set_meta(con, peaks=measure_peaks().__dict__)

@@ -1,7 +1,8 @@
 """Label kernels with IREE: compile for llvm-cpu (assembly dumped), read the static figures, time the
 function on local-sync. Runs in worker threads (each label is two subprocesses), shows a progress bar,
 commits each label as it lands so an interrupted run resumes where it stopped; failures are stored with
-the compiler's message and not retried."""
+the compiler's message and not retried. With a compiled-module store (`compiled.py`) the compiles can run
+first, in parallel (`compile_only`), and the timings later in one quiet stretch."""
 from __future__ import annotations
 
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from memfit.plan.cost import iree, store
 from memfit.plan.cost.asm import dump_figures
+from memfit.plan.cost.compiled import CompiledStore
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.parse import pick_function
 
@@ -25,6 +27,8 @@ class LabelConfig:
     family: str | None = None  # label only this family now (the rest stays for a later run)
     label_kind: str = iree.DEFAULT_LABEL_KIND  # which time is the label (iree.LABEL_KINDS)
     pin_cpu: int | None = None  # run the timings under taskset on this core
+    compiled_dir: str | None = None  # keep compiled modules here and reuse them (compiled.py)
+    compile_only: bool = False  # fill compiled_dir and time nothing (no quiet machine needed: workers > 1)
 
 
 @dataclass
@@ -38,17 +42,22 @@ class Measurement:
 
 def measure(mlir: str, function: str | None = None, repetitions: int = 5, min_time_s: float = 0.05,
             extra_flags: tuple[str, ...] = (), label_kind: str = iree.DEFAULT_LABEL_KIND,
-            pin_cpu: int | None = None) -> Measurement:
+            pin_cpu: int | None = None, compiled: CompiledStore | None = None) -> Measurement:
     """Compile and time one program (the `measure` command and every label); its latency is the
     `label_kind` of the repetitions, and the figures keep every repetition's CPU time beside the real
-    times, so any other kind can be read off the same label later."""
+    times, so any other kind can be read off the same label later. With `compiled`, the module comes from
+    (or goes into) that store and `seconds` counts only what this call did."""
     iree.label_value(label_kind, [1.0], [1.0])  # an unknown kind fails before the compile
     t0 = time.perf_counter()
     fn = pick_function(mlir, function)
-    with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:
-        vmfb = iree.compile_mlir(mlir, Path(tmp), extra_flags)
-        figures = dump_figures(Path(tmp) / "dump")
+    if compiled is not None:
+        vmfb, figures = compiled.compile(mlir, extra_flags)
         timing = iree.benchmark(vmfb, fn, repetitions, min_time_s, pin_cpu=pin_cpu)
+    else:
+        with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:
+            vmfb = iree.compile_mlir(mlir, Path(tmp), extra_flags)
+            figures = dump_figures(Path(tmp) / "dump")
+            timing = iree.benchmark(vmfb, fn, repetitions, min_time_s, pin_cpu=pin_cpu)
     # process CPU time beside the real time: on a shared machine it shows when a label was disturbed
     figures["cpu_us"] = sorted(timing.cpu_reps_us)[len(timing.cpu_reps_us) // 2]
     figures["cpu_reps"] = timing.cpu_reps_us
@@ -72,6 +81,8 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
     store.set_meta(con, iree_version=version, host_cpu=cpu, device="local-sync", target_cpu="host",
                    label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu)
     todo = [r for r in store.unlabelled(con) if cfg.family in (None, r["family"])][:cfg.limit]
+    if cfg.compile_only:
+        return _compile_all(con, todo, cfg, progress)
     bar = _bar(len(todo), progress)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         futures = {pool.submit(_one, row["mlir"], cfg): row["key"] for row in todo}
@@ -103,9 +114,35 @@ def _store_as_done(con, futures: dict, version: str, cpu: str, bar) -> None:
 
 
 
+def _compile_all(con, todo: list, cfg: LabelConfig, progress: bool) -> dict:
+    """Compile every kernel still to label into the store, timing nothing; a kernel the compiler rejects is
+    counted and left unlabelled (the timing run stores the compiler's message as its label's error)."""
+    if cfg.compiled_dir is None:
+        raise CostModelError("compiling only needs a directory to keep the modules in (--compiled DIR)")
+    compiled, failed = CompiledStore(Path(cfg.compiled_dir)), 0
+    bar = _bar(len(todo), progress)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        futures = [pool.submit(compiled.compile, row["mlir"]) for row in todo]
+        try:
+            for fut in as_completed(futures):
+                if fut.exception() is not None:
+                    if not isinstance(fut.exception(), CostModelError):
+                        raise fut.exception()
+                    failed += 1
+                bar.update(1)
+        except KeyboardInterrupt:
+            for fut in futures:
+                fut.cancel()
+            raise
+    bar.close()
+    return {**store.counts(con), "compiled": len(todo) - failed, "compile_failed": failed}
+
+
 def _one(mlir: str, cfg: LabelConfig) -> Measurement | str:
+    compiled = CompiledStore(Path(cfg.compiled_dir)) if cfg.compiled_dir else None
     try:
-        return measure(mlir, None, cfg.repetitions, cfg.min_time_s, label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu)
+        return measure(mlir, None, cfg.repetitions, cfg.min_time_s, label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu,
+                       compiled=compiled)
     except CostModelError as exc:
         return str(exc)
 
