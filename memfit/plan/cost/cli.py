@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     g.add_argument("--n", type=int, required=True, help="kernels to draw")
     g.add_argument("--out", required=True, help="dataset file (created, or extended)")
     g.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
+    g.add_argument("--family", help="draw kernels of this family only (added to the file's other kernels)")
     lb = sub.add_parser("label", help="compile and time every unlabelled kernel with IREE (resumable)")
     lb.add_argument("--db", required=True, help="dataset file (from generate)")
     lb.add_argument("--workers", type=int, default=1, help="parallel labels (default 1: timings disturb "
@@ -111,9 +112,15 @@ def _generate(args) -> int:
 
     if args.n < 1:
         raise CostModelError(f"--n must be at least 1 kernel (got {args.n})")
+    if args.n > 1_000_000:  # each kernel is a compile and a timing: a typo's extra zeros would never finish
+        raise CostModelError(f"--n at most 1000000 kernels (got {args.n})")
+    if args.family is not None and args.family not in families.FAMILIES:
+        raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join(families.FAMILIES)}")
     con = store.connect(args.out)
-    new = store.add_kernels(con, families.generate(args.n, seed=args.seed))
-    store.set_meta(con, seed=args.seed)
+    new = store.add_kernels(con, families.generate(args.n, seed=args.seed, family=args.family))
+    # every draw that went into the file, in order (`seed` stays the first draw's, as files before had it)
+    draws = [*store.meta(con).get("draws", []), {"n": args.n, "seed": args.seed, "family": args.family, "new": new}]
+    store.set_meta(con, seed=store.meta(con).get("seed", args.seed), draws=draws)
     print(f"{args.out}: {new} new kernels ({store.counts(con)['kernels']} in all)")
     return 0
 

@@ -212,13 +212,16 @@ def sample(rng: random.Random, family: str | None = None, dtype: str | None = No
     return KernelSpec(family, dtype, p)
 
 
-def generate(n: int, seed: int = 0, dtype_twins: float = 0.4) -> list[KernelSpec]:
-    """`n` distinct kernels. With probability `dtype_twins` a shape is also emitted in a second dtype, so
-    held-out shapes are whole shapes (every dtype of one), not single kernels."""
+def generate(n: int, seed: int = 0, dtype_twins: float = 0.4, family: str | None = None) -> list[KernelSpec]:
+    """`n` distinct kernels (of one `family` only, if given: more examples of one family's code paths). With
+    probability `dtype_twins` a shape is also emitted in a second dtype, so held-out shapes are whole shapes
+    (every dtype of one), not single kernels."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     rng = random.Random(seed)
     out: dict[str, KernelSpec] = {}
     while len(out) < n:
-        spec = sample(rng)
+        spec = sample(rng, family)
         out.setdefault(spec.key(), spec)
         if len(out) < n and rng.random() < dtype_twins and spec.family not in ("elementwise", "reduction"):
             allowed = [d for d in (("f32", "bf16") if spec.family in FLOAT_ONLY or spec.params.get("kind") ==

@@ -295,3 +295,17 @@ def test_ctrl_c_speaks_of_resuming_only_where_something_is_saved(action, resumab
     store.add_kernels(store.connect(db), families.generate(4, seed=0))
     assert main(["costmodel", action, "--db", str(db)] + (["--no-progress"] if action == "label" else [])) == 130
     assert ("resume" in capsys.readouterr().err) == resumable
+
+
+def test_generate_adds_a_family_draw_and_records_each_draw(tmp_path, capsys):
+    db = tmp_path / "d.db"
+    assert main(["costmodel", "generate", "--n", "20", "--out", str(db)]) == 0
+    assert main(["costmodel", "generate", "--n", "10", "--seed", "1", "--family", "conv", "--out", str(db)]) == 0
+    con = store.connect(db)
+    fams = [r[0] for r in con.execute("SELECT family FROM kernels ORDER BY rowid")]
+    assert len(fams) >= 29 and set(fams[20:]) == {"conv"}  # at most one of the 10 was already among the 20
+    meta = store.meta(con)
+    assert meta["seed"] == 0 and [(d["n"], d["seed"], d["family"]) for d in meta["draws"]] == [(20, 0, None),
+                                                                                              (10, 1, "conv")]
+    assert main(["costmodel", "generate", "--n", "5", "--family", "convolution", "--out", str(db)]) == 2
+    assert "unknown family" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 reader understands, and dtype twins that share a shape key."""
 from collections import Counter
 
+import pytest
+
 from memfit.plan.cost import families
 from memfit.plan.cost.features import flops_bytes
 from memfit.plan.cost.parse import pick_function
@@ -66,3 +68,11 @@ def test_at_least_16_tiles_fit_the_vector_limit_of_avx2_and_avx512_hosts():
     assert sum(size(t) < 16 * 1024 for t in families.TILES) >= 16
     assert sum(size(t) < 32 * 1024 for t in families.TILES) >= 16
     assert len(set(families.TILES)) == len(families.TILES)
+
+
+def test_generate_one_family_only():
+    specs = families.generate(40, seed=1, family="conv")
+    assert len(specs) == 40 and {s.family for s in specs} == {"conv"}
+    assert len({s.key() for s in specs}) == 40
+    with pytest.raises(ValueError, match="unknown family"):
+        families.generate(4, family="convolution")
