@@ -139,22 +139,33 @@ class LLMEngine:
 
     def maintain(self, now: float | None = None) -> None:
         """Housekeeping between steps and while idle (the server calls it when it has nothing to run): give
-        back KV pages idle past the watermark for `kv_reclaim_idle_s`, report failed background commits, and
-        trim the C heap under a memory budget when the process nears it, and once idle for `kv_reclaim_idle_s` (with
-        the host swap tier's cached pages)."""
+        back KV pages idle past the watermark for `kv_reclaim_idle_s` (less the slots the waiting requests are about
+        to take: `_slots_wanted`), report failed background commits, and trim the C heap under a memory budget when
+        the process nears it, and once idle for `kv_reclaim_idle_s` (with the host swap tier's cached pages and the
+        step arena's pages)."""
         now = time.monotonic() if now is None else now
         failures = self.kv.take_prefault_failures()
         if failures:
             self.prefault_failures += len(failures)
             log.warning("%d background KV commit(s) failed and were rolled back: %s", len(failures), failures[0])
         if self.tp is None or not self.kv.prefix_caching:  # under TP, evicting cached prefixes by the clock
-            self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now)  # would split the ranks
+            self.kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now,  # would split the ranks
+                                 keep_slots=self._slots_wanted())
         if self.spec is not None:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
         if self._heap is not None:
             self._heap.maybe_trim()
-        if not self.scheduler.has_unfinished() and self._idle_heap.maybe_trim(now) and self.swap is not None:
-            self.swap.trim()  # the host swap tier's warm free pages too, once per idle period
+        if not self.scheduler.has_unfinished() and self._idle_heap.maybe_trim(now):
+            if self.swap is not None:
+                self.swap.trim()  # the host swap tier's warm free pages too, once per idle period
+            if self.runner.scratch is not None:
+                self.runner.scratch.trim(0)  # and the step arena's, kept warm while busy (engine/step_arena.py)
+
+    def _slots_wanted(self) -> int:
+        """How many sequences this step may place in new KV slots: the waiting ones, up to the free sequence slots.
+        The idle reclaim keeps that many of the slots it would give back, pages committed, for them to take
+        (deferred reclamation, kv/virtual.py); a server with nobody waiting gives back everything due."""
+        return max(0, min(len(self.scheduler.waiting), self.config.max_num_seqs - len(self.scheduler.running)))
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

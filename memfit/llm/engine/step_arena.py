@@ -2,9 +2,17 @@
 draft, sized for the largest step the scheduler can form and carved out of the ledger's step reservation.
 
 A pass of N rows lays its intermediates out in four regions (kernels/scratch_layout.py) that every layer reuses,
-so what a step holds beside the KV cache is that layout, committed when the step starts and given back when it
-ends (keep_bytes 0), instead of whatever the C heap grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU kernels run
-(they write into `out=`), outside tensor parallelism (its shards' passes keep their own tensors).
+so what a step holds beside the KV cache is that layout, committed when a step first needs it, instead of whatever
+the C heap grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU
+kernels run (they write into `out=`), outside tensor parallelism (its shards' passes keep their own tensors).
+
+Warm while busy (keep_bytes None): the pages stay committed from one step to the next, up to the largest layout
+since the engine went idle, and go back when the engine has been idle for `kv_reclaim_idle_s` (LLMEngine.maintain,
+with the C heap's trim: an allocator's decay). Given back after every step, a prefill step paid a page fault per
+4 KiB of its layout each time (MADV_POPULATE_WRITE, ~2.4 us a page here); the prefill benchmark's 32 x 128-token
+batch (two 2048-token steps, then a 1-prompt batch) spent ~0.02 s of ~3.2 s committing them
+(docs/benchmarks.md). The ledger reserves the whole capacity up front either way, so keeping the pages changes
+what the process holds between steps, never what the budget allows.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ def build(ledger: MemoryBudget, models: list[torch.nn.Module], device: torch.dev
     cap = min(round_up(capacity_bytes(models, max_num_batched_tokens), page), held // page * page)
     if cap <= 0:
         return None
-    arena = ScratchArena(cap, device, owner=OWNER)  # whole pages: its capacity is cap
+    arena = ScratchArena(cap, device, owner=OWNER, keep_bytes=None)  # whole pages: its capacity is cap; kept warm
     ledger.release(arena.capacity, "step")
     ledger.reserve(arena.capacity, OWNER)
     return arena

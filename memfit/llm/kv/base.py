@@ -288,9 +288,10 @@ class KVCacheManager(ABC):
         """Give back memory held for reuse but by no sequence (all of it by default); returns the bytes."""
         return 0
 
-    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None, keep_slots: int = 0) -> int:
         """Give back memory idle for `idle_s` seconds beyond `watermark_bytes` (managers that keep freed memory
-        for reuse override this); returns the bytes."""
+        for reuse override this); returns the bytes. `keep_slots`: sequences about to be placed, which a manager
+        may hand the memory due to go back instead of giving it back and committing new (kv/virtual.py)."""
         return 0
 
     def take_prefault_failures(self) -> list[str]:

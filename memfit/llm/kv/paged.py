@@ -241,7 +241,8 @@ class PagedKVCache(PagedPrefixMixin, KVCacheManager):
         with self._lock:
             return self._evict_cached(nbytes) if self.prefix_caching else 0
 
-    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None, keep_slots: int = 0) -> int:
+        # keep_slots is not used: the pool is allocated once, so an evicted block costs no decommit and no commit
         if not self.prefix_caching:
             return 0
         now = time.monotonic() if now is None else now

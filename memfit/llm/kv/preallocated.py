@@ -62,7 +62,7 @@ class PreallocatedKVCache(VirtualKVCache):
     def _reclaim(self, nbytes: int | None, exclude: int | None = None) -> int:
         return 0
 
-    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None, keep_slots: int = 0) -> int:
         return 0
 
     def waste_bound_bytes(self) -> int:

@@ -29,8 +29,10 @@ segment). Every page is reserved in the budget (owner "kv") before it is committ
 - overlapped prefault: with `prefault=True` those ahead pages are committed on a background thread, and
   a sequence that enters its ahead zone asks for the next ones, so page faults leave the decode path;
 - deferred reclamation: `free` keeps the slot's pages; the next sequence takes the idle slot that fits it
-  best (surplus beyond its need + eager is trimmed). Idle pages are decommitted only when a commit
-  would not fit the budget, or by `reclaim()`.
+  best (surplus beyond its need + eager is trimmed). Idle pages are decommitted when a commit would not fit
+  the budget, by `reclaim()`, or by `reclaim_idle` once idle for the engine's `kv_reclaim_idle_s`, which leaves
+  as many of the slots due as there are sequences about to be placed (`keep_slots`) for them to take: their
+  pages are overwritten, not decommitted and committed again (vAttention's reclamation, lazy at admission).
 
 Prefix sharing (`prefix_caching=True`, CPU): the arena is a `SharedArena` over a memfd, so a sequence can map a
 cached prefix's physical pages at the start of its own slot; kv/virtual_prefix.py has the details.
@@ -364,15 +366,20 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
             heapq.heappush(self._empty, slot)
         return freed
 
-    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None) -> int:
+    def reclaim_idle(self, watermark_bytes: int, idle_s: float, now: float | None = None, keep_slots: int = 0) -> int:
         """Give back idle slots that have been idle for `idle_s` seconds or more, oldest first, while the idle
         bytes exceed `watermark_bytes`; returns the bytes given back. Recently freed slots stay for reuse.
-        Called at every engine step: with nothing old enough it returns after one pass over the idle slots."""
+        Called at every engine step: with nothing old enough it returns after one pass over the idle slots.
+
+        keep_slots: new sequences about to be placed (the engine passes its waiting requests). Up to that many of
+        the slots due to go back stay, with their pages, for those sequences to take (vAttention's deferred
+        reclamation: a stale slot's pages are overwritten, not decommitted and committed again); the rest go back
+        now, and what the sequences leave goes back at the next call that has fewer of them waiting."""
         now = time.monotonic() if now is None else now
         freed = 0
         with self._lock:
             if self.prefix_caching:
-                return self._reclaim_idle_prefix(watermark_bytes, idle_s, now)
+                return self._reclaim_idle_prefix(watermark_bytes, idle_s, now, keep_slots)
             due = [s for s in self._idle if now - self._idle_since.get(s, now) >= idle_s]
             if due:
                 idle, take = self._reclaimable(), []
@@ -381,7 +388,9 @@ class VirtualKVCache(VirtualIOMixin, VirtualPrefixMixin, KVCacheManager):
                         break
                     take.append(slot)
                     idle -= self._slot_bytes(self._pages[slot])  # what _reclaimable counts for it
-                freed = self._decommit_idle(take)
+                # The newest of them stay for the sequences about to be placed: _pick_slot prefers an idle slot to
+                # an empty one, so they take these pages (trimmed to their need) instead of committing new ones.
+                freed = self._decommit_idle(take[: max(0, len(take) - keep_slots)])
             if not self._seqs and not self._idle:
                 self.arena.drop_scratch()
         return freed

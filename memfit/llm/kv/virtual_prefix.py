@@ -55,6 +55,9 @@ class VirtualPrefixMixin:
         self._holder: dict[int, SeqRecord] = {}  # slot -> its record (live or cached): tokens for matching
         self._shared_upto = [0] * self.num_slots  # pages per segment that may be mapped by another slot too
         self._pinned: set[int] = set()  # cached slots an allocation in progress reads from: not evictable
+        # Cached slots the idle reclaim would have evicted but kept for the sequences waiting to be placed
+        # (`_reclaim_idle_prefix`'s keep_slots); `_take_slot` recycles them before it takes an empty slot.
+        self._stale: set[int] = set()
 
     # ---- placing a sequence --------------------------------------------------------------------------
     def _match(self, token_ids: Sequence[int]) -> tuple[list[int], int | None, int]:
@@ -128,9 +131,10 @@ class VirtualPrefixMixin:
             if shared:
                 self._shared_upto[slot] = shared
                 self._shared_upto[src] = max(self._shared_upto[src], shared)
-            if src in self._cached:  # a hit makes a cached prefix recently used
+            if src in self._cached:  # a hit makes a cached prefix recently used (and no longer stale)
                 self._cached.move_to_end(src)
                 self._idle_since[src] = time.monotonic()
+                self._stale.discard(src)
         finally:
             self._pinned.discard(src)
         record = self._record_type(slot=slot)
@@ -142,10 +146,16 @@ class VirtualPrefixMixin:
         return record, cached
 
     def _take_slot(self, shared: int = 0) -> int | None:
-        """An empty slot, else the least recently used cached one (recycled: see `_recycle`); None at max_seqs
-        live ones. `shared`: the pages per segment the new sequence will map from a cached prefix."""
+        """A stale cached slot (one the idle reclaim would have evicted: see `_reclaim_idle_prefix`), else an empty
+        slot, else the least recently used cached one; a cached slot is recycled (`_recycle`). None at max_seqs live
+        ones. `shared`: the pages per segment the new sequence will map from a cached prefix."""
         if len(self._seqs) >= self.max_seqs:
             return None
+        if self._stale:  # LRU first, as the reclaim would have evicted them
+            for slot in self._cached:
+                if slot in self._stale and slot not in self._pinned:
+                    self._recycle(slot, shared)
+                    return slot
         if self._empty:
             return heapq.heappop(self._empty)
         for slot in self._cached:
@@ -168,6 +178,7 @@ class VirtualPrefixMixin:
             return
         record = self._cached.pop(slot)
         self._idle_since.pop(slot, None)
+        self._stale.discard(slot)
         self._shared_upto[slot] = 0
         for h in record.hashes:
             self._index.remove(h, slot)
@@ -209,6 +220,7 @@ class VirtualPrefixMixin:
     def _uncache(self, slot: int) -> SeqRecord:
         record = self._cached.pop(slot)
         self._idle_since.pop(slot, None)
+        self._stale.discard(slot)
         self._shared_upto[slot] = 0
         return record
 
@@ -220,13 +232,14 @@ class VirtualPrefixMixin:
         """A cached slot's first page past its full blocks: the pool pages from there on hold no matchable rows."""
         return min(len(self._cached[slot].hashes) * self.block_pages, self._pages[slot])
 
-    def _cached_ranges(self, exclude: int | None = None) -> list[tuple[int, int]]:
-        """What evicting every cached slot but `exclude` could free: the whole of each unpinned one, and the pool
-        pages of a pinned one (a prefix being matched keeps its full blocks, not its surplus)."""
-        starts = {s: self._surplus_start(s) if s in self._pinned else 0 for s in self._cached if s != exclude}
+    def _cached_ranges(self, exclude: int | set[int] | None = None) -> list[tuple[int, int]]:
+        """What evicting every cached slot but `exclude` (one slot or a set) could free: the whole of each unpinned
+        one, and the pool pages of a pinned one (a prefix being matched keeps its full blocks, not its surplus)."""
+        out = exclude if isinstance(exclude, set) else {exclude}
+        starts = {s: self._surplus_start(s) if s in self._pinned else 0 for s in self._cached if s not in out}
         return [r for s, start in starts.items() if start < self._pages[s] for r in self._ranges(s, start, self._pages[s])]
 
-    def _reclaimable_prefix(self, exclude: int | None = None) -> int:
+    def _reclaimable_prefix(self, exclude: int | set[int] | None = None) -> int:
         return self.arena.exclusive_bytes(self._cached_ranges(exclude))
 
     def _trim_pool(self, slot: int) -> int:
@@ -252,12 +265,25 @@ class VirtualPrefixMixin:
             self._give_back(slot)
         return freed
 
-    def _reclaim_idle_prefix(self, watermark_bytes: int, idle_s: float, now: float) -> int:
+    def _reclaim_idle_prefix(self, watermark_bytes: int, idle_s: float, now: float, keep_slots: int = 0) -> int:
         due = [s for s in self._cached if now - self._idle_since.get(s, now) >= idle_s]
         freed = 0
+        self._stale = set()
         if not due:
             return 0
-        held = self._reclaimable_prefix()
+        if keep_slots:
+            # Deferred reclamation (vAttention): of the slots this call would evict, the newest `keep_slots` stay,
+            # pages and all, marked stale; the sequences about to be placed recycle them (`_take_slot`) and
+            # overwrite their pages instead of this call decommitting them and the placement committing new ones.
+            # A stale prefix can still be hit until then (a hit makes it recent again); what the placements leave
+            # goes at the next call, which has fewer sequences waiting. The rest below runs as before on the
+            # others, with the stale slots' bytes counted as gone (as the old eviction would have made them).
+            goes = self._evicted_by_time(due, watermark_bytes)
+            self._stale = set(goes[max(0, len(goes) - keep_slots):])
+            due = [s for s in due if s not in self._stale]
+            if not due:
+                return 0
+        held = self._reclaimable_prefix(self._stale)
         # The pool pages of every due slot before any prefix, oldest first (LRU order), one slot at a time until
         # what is held is down to the watermark. Where that loop would take every due slot (the usual case: the
         # default watermark is 0), one arena call does it (see _goes_whole).
@@ -283,6 +309,23 @@ class VirtualPrefixMixin:
             self._give_back(slot)
             held, freed = held - given, freed + given
         return freed
+
+    def _evicted_by_time(self, due: list[int], watermark_bytes: int) -> list[int]:
+        """The `due` slots (LRU order) that the loop of `_reclaim_idle_prefix` evicts whole: all of them under the
+        default watermark 0; above it, as that loop counts, each slot's full blocks taken as the bytes its eviction
+        frees (pages shared between due slots make this an estimate there, never an eviction: it only picks which
+        slots stay stale)."""
+        held = self._reclaimable_prefix()
+        if watermark_bytes <= 0:
+            return list(due) if held > 0 else []
+        held -= self.arena.exclusive_bytes([r for s in due for r in self._ranges(s, self._surplus_start(s), self._pages[s])])
+        goes = []
+        for slot in due:
+            if held <= watermark_bytes:
+                break
+            goes.append(slot)
+            held -= self.arena.exclusive_bytes(self._ranges(slot, 0, self._surplus_start(slot)))
+        return goes
 
     def _goes_whole(self, held: int, watermark_bytes: int, ranges: list[list[tuple[int, int]]]) -> bool:
         """Would releasing the slots of `ranges` one at a time, in order, stopping once `held` <= the watermark,

@@ -146,6 +146,8 @@ def _measured_steps(eng, monkeypatch) -> list[dict]:
                 sampled = sum(1 for s in eng._seqs.values() if not s.is_finished)
                 gc.collect()
                 _libc.malloc_trim(0)  # freed heap pages go back, so the step's own heap use faults pages in again
+                if eng.runner.scratch is not None:  # and so do the step arena's (kept warm between busy steps)
+                    eng.runner.scratch.trim(0)
                 reset_peak_rss()
                 st = status_bytes()
                 before, file0, kv0 = st["VmRSS"], st.get("RssFile", 0), sum(c.committed_bytes for c in caches)

@@ -5,6 +5,8 @@ arena's layout, whose pages the kernel holds exactly (/proc/self/pagemap); its c
 step reservation."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -16,7 +18,6 @@ from memfit.llm.kernels import large_m
 from memfit.llm.kernels.attention import DenseCausalAttention
 from memfit.llm.kernels.scratch_layout import step_bytes
 from memfit.memory.allocator import AllocatorMeter
-from memfit.memory.scratch import ScratchArena
 from memfit.memory.vmem import CPU_PAGE_SIZE as PAGE
 from tests.llm.kernels.common import need
 from tests.llm.kv.kernel_pages import resident_pages
@@ -118,21 +119,14 @@ def test_speculative_passes_share_the_arena_and_keep_their_bits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(with_arena, without)) and len(with_arena) == len(without)
 
 
-def test_the_allocator_gives_up_what_the_arena_holds(engine, monkeypatch):
+def test_the_allocator_gives_up_what_the_arena_holds(engine):
     """One 200-token prefill step: measured by PyTorch's allocator events, the pass allocates at least 60% of the
-    arena's layout less than without the arena; the kernel holds exactly the layout's pages for the arena at the
-    step's end, and none after it."""
-    at_end = []
-    trim = ScratchArena.trim
-
-    def reading_trim(self, keep_bytes=0):
-        at_end.append((int(resident_pages(self.arena.address, self.capacity).sum()) * PAGE, self.committed_bytes))
-        return trim(self, keep_bytes)
-
-    monkeypatch.setattr(ScratchArena, "trim", reading_trim)
+    arena's layout less than without the arena; the kernel holds exactly the layout's pages for the arena after the
+    step (kept warm while the engine is busy), and none once the engine has been idle for kv_reclaim_idle_s."""
     model = engine.model
     runner = engine.runner
     arena = runner.scratch
+    arena.trim(0)  # what earlier tests' larger steps left committed
     rows = 200
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(5, model.config.vocab_size, (rows,), generator=g).tolist()
@@ -152,9 +146,47 @@ def test_the_allocator_gives_up_what_the_arena_holds(engine, monkeypatch):
     dtype = model.model.norm.weight.dtype
     layout = step_bytes(model.config, 224, dtype, row_block(model))  # 200 rows, padded to 224 by the runner
     assert peaks[False] - peaks[True] >= 0.6 * layout, (peaks, layout)
-    held, committed = at_end[-1]  # the measured step's, read before its pages were given back
-    assert held == committed and layout <= held < layout + PAGE
+    held = int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE
+    assert held == arena.committed_bytes and layout <= held < layout + PAGE
+    engine.maintain(time.monotonic() + engine.config.kv_reclaim_idle_s + 1)
     assert int(resident_pages(arena.arena.address, arena.capacity).sum()) == arena.committed_bytes == 0
+
+
+def test_the_arena_keeps_its_pages_while_busy_and_gives_them_back_once_idle(engine):
+    """Consecutive steps reuse the pages the largest step so far committed: a 150-token prompt's prefill and its
+    decode steps, then a second one, fault no arena page in after the first prefill (the kernel's count of them
+    does not change); the engine going idle for kv_reclaim_idle_s gives them all back (an allocator's decay)."""
+    arena = engine.runner.scratch
+    arena.trim(0)
+    held = lambda: int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE  # noqa: E731
+    grown = []
+    real = arena.arena._backend.map
+
+    def counting(lo, hi):  # the kernel's resident arena pages before and after each commit the arena makes
+        before = held()
+        real(lo, hi)
+        grown.append(held() - before)
+
+    arena.arena._backend.map = counting
+    try:
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(5, engine.model.config.vocab_size, (150,), generator=g).tolist() for _ in range(2)]
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        engine.add_request(prompt_token_ids=prompts[0], params=params)
+        engine.step()  # the prefill
+        first = sum(grown)
+        assert first == held() > 0
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.maintain()  # idle, not yet for kv_reclaim_idle_s
+        engine.add_request(prompt_token_ids=prompts[1], params=params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert sum(grown) == first == held() == arena.committed_bytes
+        engine.maintain(time.monotonic() + engine.config.kv_reclaim_idle_s + 1)
+        assert held() == arena.committed_bytes == 0
+    finally:
+        arena.arena._backend.map = real
 
 
 def test_the_arena_is_carved_out_of_the_step_reservation():

@@ -51,3 +51,28 @@ def assert_paged_tables_consistent(cache, seq_ids) -> int:
     assert len(held) + len(cached) + cache.num_free_blocks == cache.num_blocks
     assert (len(held) + len(cached)) * cache.block_bytes == cache.budget.by_owner().get(cache.owner, 0)
     return (len(held) + len(cached)) * cache.block_bytes
+
+
+def kernel_page_changes(cache) -> dict[str, list[int]]:
+    """Record, at each commit and each give-back the virtual cache's arena makes (the calls that reach the
+    kernel: MADV_POPULATE_WRITE / fallocate(PUNCH_HOLE) on a memfd arena, MADV_POPULATE_WRITE / MADV_DONTNEED on
+    an anonymous one), what the kernel holds for the cache before and after it (`arena_resident_bytes`):
+    {"committed": [bytes gained, per call], "released": [bytes lost, per call]}."""
+    changes: dict[str, list[int]] = {"committed": [], "released": []}
+    arena = cache.arena
+    owner, (grow, shrink) = ((arena, ("_populate", "_punch")) if hasattr(arena, "allocated_bytes")
+                             else (arena._backend, ("map", "unmap")))
+
+    def measured(name: str, key: str, sign: int) -> None:
+        real = getattr(owner, name)
+
+        def call(lo: int, hi: int) -> None:
+            before = arena_resident_bytes(cache)
+            real(lo, hi)
+            changes[key].append(sign * (arena_resident_bytes(cache) - before))
+
+        setattr(owner, name, call)
+
+    measured(grow, "committed", 1)
+    measured(shrink, "released", -1)
+    return changes

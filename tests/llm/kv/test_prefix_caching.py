@@ -338,6 +338,84 @@ def test_paged_shares_blocks_keeps_an_lru_and_copies_on_write():
     physical(cache)
 
 
+# ---- deferred reclamation at admission (vAttention) ------------------------------------------------------------
+def counting_commits(cache) -> list[int]:
+    """Bytes the memfd gained at each page commit the arena makes (st_blocks before and after: the kernel's view)."""
+    grown, real = [], cache.arena._populate
+
+    def populate(lo, hi):
+        before = cache.arena.allocated_bytes()
+        real(lo, hi)
+        grown.append(cache.arena.allocated_bytes() - before)
+
+    cache.arena._populate = populate
+    return grown
+
+
+def unrelated(k: int, n: int = 150) -> list[int]:
+    return [1000 * k + i for i in range(n)]
+
+
+def test_virtual_idle_reclaim_leaves_due_prefixes_to_the_sequences_about_to_be_placed():
+    """With one sequence about to be placed (keep_slots=1), the idle reclaim evicts the older of two due prefixes
+    and keeps the newer one's slot, pages and all; the new sequence takes that slot rather than an empty one, and
+    the memfd gains no page for it (its pages are overwritten, not decommitted and committed again)."""
+    cache = virtual(max_seqs=2)  # 4 slots: 2 empty once both prefixes are cached
+    p1, p2, p3 = unrelated(1), unrelated(2), unrelated(3)
+    for k, p in ((1, p1), (2, p2)):
+        start(cache, k, p)
+        cache.free(k)
+    slot2 = next(s for s, r in cache._holder.items() if r.tokens[:5] == p2[:5])
+    both = physical(cache)
+    grown = counting_commits(cache)
+    freed = cache.reclaim_idle(0, 0.0, keep_slots=1)
+    assert freed == both // 2 and physical(cache) == both // 2  # p1's slot went back, p2's stayed
+    assert start(cache, 3, p3) == 0
+    assert cache.slot_of(3) == slot2 and sum(grown) == 0 and physical(cache) == both // 2
+    assert_rows(cache, 3, p3)
+    cache.free(3)
+    assert start(cache, 4, p2[:100] + [1]) == 0  # p2's prefix was the stale one: recycled, it no longer hits
+    cache.free(4)
+    cache.reclaim_idle(0, 0.0)  # nobody waiting: everything due goes back
+    assert physical(cache) == cache.cached_bytes == 0
+
+
+def test_virtual_only_prefixes_the_idle_reclaim_would_evict_are_recycled():
+    """A prefix not idle long enough, or kept by the watermark, is never recycled in place of an empty slot: it
+    still hits after the placements. A stale prefix that a placement hits is recent again: the next placement of
+    the same step does not recycle it."""
+    page_bytes = PAGE * 4  # a page in each of the 4 segments; a block is 32 tokens, one page a segment
+    cache = virtual(max_seqs=3)  # 6 slots
+    p1, p2, p3 = unrelated(1), unrelated(2), unrelated(3)
+    for k, p in ((1, p1), (2, p2), (3, p3)):  # 4 full blocks and a pool page each (150 tokens)
+        start(cache, k, p)
+        cache.free(k)
+    slot = {k: next(s for s, r in cache._holder.items() if r.tokens[:3] == p[:3]) for k, p in ((1, p1), (2, p2), (3, p3))}
+    cache._idle_since[slot[1]] -= 100  # p1 and p2 have been idle past 50 s, p3 has not
+    cache._idle_since[slot[2]] -= 100
+    grown = counting_commits(cache)
+    # Without waiting sequences this watermark (p2's full blocks and all of p3) evicts p1 and p2's pool page only.
+    cache.reclaim_idle((4 + 5) * page_bytes, 50.0, keep_slots=3)
+    assert cache._stale == {slot[1]}  # of three waiting, one slot: the only one the policy would evict
+    assert start(cache, 4, unrelated(4)) == 0 and cache.slot_of(4) == slot[1] and sum(grown) == 0
+    assert start(cache, 5, unrelated(5)) == 0 and cache.slot_of(5) not in slot.values() and sum(grown) > 0
+    assert start(cache, 6, p2[:100] + [1]) == 100  # the watermark's prefix still hits (3 blocks and 4 rows) ...
+    cache.free(6)
+    assert start(cache, 7, p3[:100] + [1]) == 100  # ... and so does the one not yet due
+    for k in (4, 5, 7):
+        cache.free(k)
+    cache._idle_since[slot[3]] -= 100
+    cache.reclaim_idle(0, 50.0, keep_slots=2)
+    assert slot[3] in cache._stale
+    assert start(cache, 8, p3[:70] + [2]) == 70  # a placement hits the stale prefix ...
+    assert start(cache, 9, unrelated(9)) == 0 and cache.slot_of(9) != slot[3]  # ... so the next one leaves it
+    for k in (8, 9):
+        cache.free(k)
+    assert start(cache, 10, p3[:40] + [3]) == 40
+    assert_rows(cache, 10, p3[:40] + [3])
+    physical(cache)
+
+
 # ---- property test ------------------------------------------------------------------------------------------
 BASES = [A, A[:64] + [800 + i for i in range(100)], [50 + i for i in range(120)]]
 
@@ -403,6 +481,11 @@ class PrefixMachine(RuleBasedStateMachine):
     @rule()
     def reclaim_some(self):
         self.cache.reclaim(PAGE)
+
+    @rule(keep=st.integers(0, 3), watermark_pages=st.sampled_from([0, 4, 12]))
+    def reclaim_idle_for_waiting(self, keep, watermark_pages):
+        # the engine's idle reclaim with `keep` sequences waiting: due slots stay stale for the next placements
+        self.cache.reclaim_idle(watermark_pages * PAGE, 0.0, keep_slots=keep)
 
     @invariant()
     def rows_and_memory_are_exact(self):

@@ -239,6 +239,42 @@ def test_idle_reclaim_of_several_slots_is_one_arena_call_that_the_kernel_sees(wa
     cache.close()
 
 
+def test_idle_reclaim_leaves_due_slots_to_the_sequences_about_to_be_placed():
+    """keep_slots=2 (two sequences waiting): of three due idle slots the oldest goes back, the two newest keep their
+    pages and the new sequences take them; the kernel shows their old rows still there when they are handed over
+    (a decommitted and recommitted page would read zero), each new sequence reads only its own rows, and with
+    nobody waiting everything due goes back."""
+    import time
+
+    from tests.llm.kv.kernel_pages import arena_pages
+    cache, budget = make(max_seqs=4)
+    for k in (1, 2, 3):  # 40 tokens: 5 pages a segment each
+        assert cache.try_allocate(k, 40)
+        write(cache, [SeqStep(k, 0, 40)])
+    slots = {k: cache.slot_of(k) for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        cache.free(k)
+    assert cache.reclaim_idle(0, 0.0, now=time.monotonic() + 1, keep_slots=2) == SEGS * 5 * PAGE
+    held = arena_pages(cache).sum(axis=2)  # (slots, segments)
+    assert (held[slots[1]] == 0).all() and (held[slots[2]] == 5).all() and (held[slots[3]] == 5).all()
+    for k in (4, 5):  # 30 tokens: 4 pages a segment
+        assert cache.try_allocate(k, 30)
+    old = {cache.slot_of(4): 2, cache.slot_of(5): 3} if cache.slot_of(4) == slots[2] else {cache.slot_of(4): 3, cache.slot_of(5): 2}
+    assert set(old) == {slots[2], slots[3]}
+    for slot, k in old.items():  # the stale rows of the 4 pages kept, untouched by the handover
+        assert torch.equal(cache.k[1][slot, :32], kv_for(k, 0, 32, 1)[0])
+    assert arena_resident_bytes(cache) == budget.used_bytes == SEGS * 8 * PAGE  # each surplus page trimmed
+    write(cache, [SeqStep(4, 0, 30), SeqStep(5, 0, 30)])
+    plan = cache.plan_step([SeqStep(4, 30, 0), SeqStep(5, 30, 0)])
+    for i, k in enumerate((4, 5)):
+        assert torch.equal(cache.context(1, plan, i)[0], kv_for(k, 0, 30, 1)[0])
+    cache.free(4)
+    cache.free(5)
+    assert cache.reclaim_idle(0, 0.0, now=time.monotonic() + 1) == SEGS * 8 * PAGE
+    assert arena_resident_bytes(cache) == budget.used_bytes == 0
+    cache.close()
+
+
 def test_attempts_stay_all_or_nothing_while_the_prefault_thread_commits():
     """Growth attempts race the background prefaulter (eager pages queued, not yet committed) under a budget
     too small for everyone: each attempt either gives the capacity or changes nothing, and the pages the
