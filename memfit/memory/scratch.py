@@ -14,9 +14,12 @@ so between steps the arena holds at most `keep_bytes` (None: keep the high-water
 budgeted speculative workload (benchmarks/speculative_memory_breakdown.py): with the pages kept, the 2-3 MiB of a
 second-turn prefill's layout stayed committed through every decode step and the workload's peak did not fall;
 given back, a step costs about one page fault per 4 KiB of its layout (MADV_POPULATE_WRITE), small beside a
-prefill pass but not nothing (~0.02 s of a 3.2 s batch of 32 x 128-token prompts on a Zen 4 core). The engine keeps
-them (keep_bytes None) while it is busy and calls `trim()` once it has been idle for `kv_reclaim_idle_s`
-(engine/step_arena.py): the decay an allocator applies to its free pages. The owner reserves the capacity in its ledger up front (the engine carves it out of its step
+prefill pass but not nothing (~0.02 s of a 3.2 s batch of 32 x 128-token prompts on a Zen 4 core). The engine's
+arena keeps them (keep_bytes None) but fits each step (`fit_each_step`): a step begins by giving back the pages
+above its own layout (a smaller step after a larger one holds its own layout only, and the runner gives the pages
+back before a decode step that runs outside the arena: the peak is that of giving back after every step), while
+consecutive steps of one size fault nothing in; the engine calls `trim()` once it
+has been idle for `kv_reclaim_idle_s` (engine/step_arena.py): the decay an allocator applies to its free pages. The owner reserves the capacity in its ledger up front (the engine carves it out of its step
 reservation), so a commit can never run past what the ledger holds.
 
 The active step is a context variable: code deep in a model asks `take(...)` without being handed the arena,
@@ -46,9 +49,13 @@ class ScratchArena:
     """`capacity` bytes of address space, committed on demand up to the largest step laid out in it."""
 
     def __init__(self, capacity: int, device: torch.device | str = "cpu", owner: str = "step_scratch",
-                 keep_bytes: int | None = 0) -> None:
+                 keep_bytes: int | None = 0, fit_each_step: bool = False) -> None:
         self.capacity = round_up(max(int(capacity), 1), VirtualArena.page_size_for(device))
         self.keep_bytes = keep_bytes  # committed bytes kept between steps (None: all of the high-water mark)
+        # With keep_bytes None: give back, as a step begins, the pages above its layout, so that between steps the
+        # arena holds the last step's layout and during one exactly its own (what giving back after every step
+        # holds during a step; steps of the same size then commit nothing)
+        self.fit_each_step = fit_each_step
         self.budget = MemoryBudget(self.capacity, Tier.DEVICE, name=owner)
         self.arena = VirtualArena(self.capacity, device, budget=self.budget, owner=owner)
         self._base = self.arena.tensor()  # (capacity,) uint8, a view: touches nothing
@@ -96,6 +103,8 @@ class ScratchArena:
         if need > self.capacity:
             self.overflows += 1
             return False
+        if self.fit_each_step and self.committed_bytes > round_up(need, self.arena.page_size):
+            self.trim(need)  # a smaller step than the last: its surplus goes before this step runs
         if need:
             self.arena.commit(0, need)  # idempotent: pages kept from an earlier step stay as they are
         off = 0

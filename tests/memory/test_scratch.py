@@ -107,3 +107,28 @@ def test_capacity_is_whole_pages():
             arena.budget.reserve(3 * PAGE, "x")  # the arena's own budget is its capacity
     finally:
         arena.close()
+
+
+def test_fit_each_step_holds_the_last_steps_layout_and_during_a_step_only_its_own():
+    """keep_bytes None with fit_each_step (the engine's arena): a step of the same size commits nothing new; a
+    smaller one gives back the surplus before it runs (the kernel's count shows it inside the step), so a decode
+    step after a prefill never holds the prefill's layout."""
+    arena = ScratchArena(64 * PAGE, keep_bytes=None, fit_each_step=True)
+    try:
+        with arena.step({"a": 12 * PAGE}):
+            pass
+        assert resident(arena) == arena.committed_bytes == arena.budget.used_bytes == 12 * PAGE  # kept
+        committed = []
+        real = arena.arena._backend.map
+        arena.arena._backend.map = lambda lo, hi: (committed.append(hi - lo), real(lo, hi))
+        with arena.step({"a": 12 * PAGE}):
+            assert resident(arena) == 12 * PAGE
+        assert committed == []  # the same size again: no page committed
+        with arena.step({"a": 2 * PAGE + 8}):
+            assert resident(arena) == arena.committed_bytes == 3 * PAGE  # inside the smaller step: its own only
+        assert resident(arena) == arena.budget.used_bytes == 3 * PAGE and committed == []
+        with arena.step({"a": 5 * PAGE}):
+            assert resident(arena) == 5 * PAGE
+        assert sum(committed) > 0 and resident(arena) == 5 * PAGE
+    finally:
+        arena.close()

@@ -165,7 +165,11 @@ class LLMEngine:
         """How many sequences this step may place in new KV slots: the waiting ones, up to the free sequence slots.
         The idle reclaim keeps that many of the slots it would give back, pages committed, for them to take
         (deferred reclamation, kv/virtual.py); a server with nobody waiting gives back everything due."""
-        return max(0, min(len(self.scheduler.waiting), self.config.max_num_seqs - len(self.scheduler.running)))
+        sched = self.scheduler
+        # a sequence swapping in or out already holds (or is leaving) its slot; a retained session's finished
+        # sequence holds one in the cache as a running one does
+        placing = sum(1 for s in sched.waiting if not (s.swapping_in or s.swapping_out))
+        return max(0, min(placing, self.config.max_num_seqs - len(sched.running) - len(sched.retained)))
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -65,6 +65,10 @@ class ModelRunner:
         ordered, num_decode = self._order(scheduled)
         if (self.stack is not None and num_decode == len(ordered) <= self.stack.max_rows
                 and all(item.samples for item in ordered)):
+            if self.scratch is not None and self.scratch.committed_bytes:
+                # a decode step runs outside the step arena: the pages a prefill step left there are given back
+                # before it, not held through the decode that follows (the arena is warm between its own steps)
+                self.scratch.trim(0)
             return self._execute_stack(ordered)
         input_ids: list[int] = []
         positions: list[int] = []

@@ -6,9 +6,13 @@ so what a step holds beside the KV cache is that layout, committed when a step f
 the C heap grows to. The target and the draft never run at once, so they share it. It is built where memfit's CPU
 kernels run (they write into `out=`), outside tensor parallelism (its shards' passes keep their own tensors).
 
-Warm while busy (keep_bytes None): the pages stay committed from one step to the next, up to the largest layout
-since the engine went idle, and go back when the engine has been idle for `kv_reclaim_idle_s` (LLMEngine.maintain,
-with the C heap's trim: an allocator's decay). Given back after every step, a prefill step paid a page fault per
+Warm between its steps (keep_bytes None, fit_each_step): the pages of one step stay committed for the next, which
+gives back only those above its own layout before it runs; a decode step, which runs outside the arena (the
+runner's decode stack), gives them all back before it runs (ModelRunner.execute), so no decode holds a prefill's
+layout (the peak is that of giving everything back after each step); and they go back when the engine has been
+idle for `kv_reclaim_idle_s` (LLMEngine.maintain, with the C heap's trim: an allocator's decay). The
+offline `LLM` API runs no maintenance between `generate()` calls, so there the last step's layout stays committed
+until the next call, as its idle KV slots do (`LLM.close()` or a server's idle loop gives them back). Given back after every step, a prefill step paid a page fault per
 4 KiB of its layout each time (MADV_POPULATE_WRITE, ~2.4 us a page here); the prefill benchmark's 32 x 128-token
 batch (two 2048-token steps, then a 1-prompt batch) spent ~0.02 s of ~3.2 s committing them
 (docs/benchmarks.md). The ledger reserves the whole capacity up front either way, so keeping the pages changes
@@ -52,7 +56,8 @@ def build(ledger: MemoryBudget, models: list[torch.nn.Module], device: torch.dev
     cap = min(round_up(capacity_bytes(models, max_num_batched_tokens), page), held // page * page)
     if cap <= 0:
         return None
-    arena = ScratchArena(cap, device, owner=OWNER, keep_bytes=None)  # whole pages: its capacity is cap; kept warm
+    # whole pages: its capacity is cap; kept warm, fitted to each step
+    arena = ScratchArena(cap, device, owner=OWNER, keep_bytes=None, fit_each_step=True)
     ledger.release(arena.capacity, "step")
     ledger.reserve(arena.capacity, OWNER)
     return arena

@@ -71,7 +71,9 @@ class CompiledStore:
                 os.rename(scratch, entry)
             except OSError:  # another worker stored the same kernel first: keep theirs
                 if self.get(mlir, extra_flags) is None:
-                    raise
+                    # an entry left incomplete (files removed or copied in part outside memfit): replace it
+                    shutil.rmtree(entry, ignore_errors=True)
+                    os.rename(scratch, entry)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return self.get(mlir, extra_flags)  # type: ignore[return-value]

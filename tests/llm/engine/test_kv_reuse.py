@@ -47,8 +47,9 @@ def _run(engine: LLMEngine, prompts: dict[str, list[int]], on_step=None) -> dict
 
 
 def _idle_gap(engine: LLMEngine, seconds: float = 100.0) -> None:
-    """As if the engine had been idle for `seconds` with nobody calling maintain (the offline API between batches,
-    a server between requests): every idle clock moves back."""
+    """As if the engine had been idle for `seconds` with nobody calling maintain (the offline API between batches;
+    a server runs maintain while idle and gives due slots back before a new request is queued): every idle
+    clock moves back."""
     for slot in list(engine.kv._idle_since):
         engine.kv._idle_since[slot] -= seconds
     if engine._idle_heap._busy_at is not None:
@@ -101,3 +102,25 @@ def test_the_stale_slots_kept_are_only_for_the_requests_waiting(tiny_path):
     engine.step()
     assert sum(changes["committed"]) == 0 and sum(changes["released"]) >= 3 * one_slot
     assert arena_resident_bytes(engine.kv) <= one_slot
+
+
+def test_slots_wanted_counts_only_the_requests_that_will_take_a_new_slot(tiny_path):
+    """The idle reclaim keeps as many due slots as `_slots_wanted`: waiting requests that will be placed in a new
+    slot, up to the slots free. A sequence swapping in or out holds (or is leaving) its own; a retained session
+    sequence holds one as a running one does."""
+    engine = _engine(tiny_path)
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        for rid, prompt in list(FIRST.items())[:3]:
+            engine.add_request(prompt_token_ids=prompt, params=params, request_id=rid)
+        assert engine._slots_wanted() == 3
+        first = engine.scheduler.waiting[0]
+        first.swapping_in = True
+        assert engine._slots_wanted() == 2
+        first.swapping_in = False
+        engine.scheduler.retained["s"] = object()  # a finished session sequence still holding its slot
+        engine.scheduler.retained["t"] = object()
+        assert engine._slots_wanted() == 2  # 4 slots, 2 held by retained sequences
+        engine.scheduler.retained.clear()
+    finally:
+        engine.close()

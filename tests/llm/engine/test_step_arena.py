@@ -152,10 +152,11 @@ def test_the_allocator_gives_up_what_the_arena_holds(engine):
     assert int(resident_pages(arena.arena.address, arena.capacity).sum()) == arena.committed_bytes == 0
 
 
-def test_the_arena_keeps_its_pages_while_busy_and_gives_them_back_once_idle(engine):
-    """Consecutive steps reuse the pages the largest step so far committed: a 150-token prompt's prefill and its
-    decode steps, then a second one, fault no arena page in after the first prefill (the kernel's count of them
-    does not change); the engine going idle for kv_reclaim_idle_s gives them all back (an allocator's decay)."""
+def test_the_arena_keeps_its_pages_between_its_steps_not_through_decode_nor_idle(engine):
+    """Consecutive prefill steps reuse the pages the first committed (the second commits nothing); a decode step,
+    which runs outside the arena, gives them back before it runs, so a decode is never run holding a prefill's
+    layout; the engine going idle for kv_reclaim_idle_s gives back what a last prefill left (an allocator's
+    decay). Counted by the kernel (pagemap) around each commit the arena makes."""
     arena = engine.runner.scratch
     arena.trim(0)
     held = lambda: int(resident_pages(arena.arena.address, arena.capacity).sum()) * PAGE  # noqa: E731
@@ -167,22 +168,28 @@ def test_the_arena_keeps_its_pages_while_busy_and_gives_them_back_once_idle(engi
         real(lo, hi)
         grown.append(held() - before)
 
+    def run(ids, max_tokens):
+        engine.add_request(prompt_token_ids=ids, params=SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                        ignore_eos=True))
+        engine.step()  # the prefill
+        return held()
+
     arena.arena._backend.map = counting
     try:
         g = torch.Generator().manual_seed(5)
-        prompts = [torch.randint(5, engine.model.config.vocab_size, (150,), generator=g).tolist() for _ in range(2)]
-        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        engine.add_request(prompt_token_ids=prompts[0], params=params)
-        engine.step()  # the prefill
-        first = sum(grown)
-        assert first == held() > 0
+        prompts = [torch.randint(5, engine.model.config.vocab_size, (150,), generator=g).tolist() for _ in range(4)]
+        prefill = run(prompts[0], 1)
+        assert prefill == sum(grown) == arena.committed_bytes > 0
+        assert run(prompts[1], 1) == prefill and sum(grown) == prefill  # the next prefill step: nothing committed
+        assert run(prompts[2], 4) == prefill and sum(grown) == prefill
+        engine.step()  # a decode step: the prefill's pages go back before it runs
+        assert held() == arena.committed_bytes == 0
         while engine.has_unfinished_requests():
             engine.step()
-        engine.maintain()  # idle, not yet for kv_reclaim_idle_s
-        engine.add_request(prompt_token_ids=prompts[1], params=params)
-        while engine.has_unfinished_requests():
-            engine.step()
-        assert sum(grown) == first == held() == arena.committed_bytes
+        assert held() == 0
+        assert run(prompts[3], 1) == prefill and sum(grown) == 2 * prefill  # committed again after the decode
+        engine.maintain()  # idle, not yet for kv_reclaim_idle_s: kept
+        assert held() == prefill
         engine.maintain(time.monotonic() + engine.config.kv_reclaim_idle_s + 1)
         assert held() == arena.committed_bytes == 0
     finally:

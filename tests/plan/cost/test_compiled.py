@@ -105,3 +105,13 @@ def test_compile_only_prints_one_json_object(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["compiled"] == 1 and out["labelled"] == 0
+
+
+@needs_iree
+def test_an_incomplete_entry_is_compiled_again(tmp_path):
+    cs = CompiledStore(tmp_path / "mods")
+    vmfb, figures = cs.compile(TINY_MATMUL)
+    (vmfb.parent / compiled.FIGURES).unlink()  # damaged outside memfit
+    assert cs.get(TINY_MATMUL) is None
+    vmfb2, figures2 = cs.compile(TINY_MATMUL)
+    assert vmfb2 == vmfb and vmfb2.is_file() and figures2 == figures
