@@ -9,6 +9,7 @@ import time
 import pytest
 
 from memfit.llm.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.llm.engine.test_memory_budget import _run as run_greedy
 from tests.llm.kv.kernel_pages import arena_resident_bytes, kernel_page_changes, resident_pages
 from tests.llm.tiny_models import make_tiny_model_dir
 
@@ -33,17 +34,7 @@ def _engine(path, **kw) -> LLMEngine:
 
 
 def _run(engine: LLMEngine, prompts: dict[str, list[int]], on_step=None) -> dict[str, list[int]]:
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    for rid, prompt in prompts.items():
-        engine.add_request(prompt_token_ids=prompt, params=params, request_id=rid)
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.outputs[0].token_ids
-        if on_step is not None:
-            on_step(engine)
-    return out
+    return run_greedy(engine, prompts, max_tokens=6, on_step=on_step)
 
 
 def _idle_gap(engine: LLMEngine, seconds: float = 100.0) -> None:
