@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memfit.plan.cost import iree, store
-from memfit.plan.cost.asm import dump_figures
 from memfit.plan.cost.compiled import CompiledStore
 from memfit.plan.cost.errors import CostModelError
 from memfit.plan.cost.parse import pick_function
@@ -50,14 +49,9 @@ def measure(mlir: str, function: str | None = None, repetitions: int = 5, min_ti
     iree.label_value(label_kind, [1.0], [1.0])  # an unknown kind fails before the compile
     t0 = time.perf_counter()
     fn = pick_function(mlir, function)
-    if compiled is not None:
-        vmfb, figures = compiled.compile(mlir, extra_flags)
+    with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:  # without a store: one of its own, dropped after
+        vmfb, figures = (compiled or CompiledStore(Path(tmp))).compile(mlir, extra_flags)
         timing = iree.benchmark(vmfb, fn, repetitions, min_time_s, pin_cpu=pin_cpu)
-    else:
-        with tempfile.TemporaryDirectory(prefix="memfit-cost-") as tmp:
-            vmfb = iree.compile_mlir(mlir, Path(tmp), extra_flags)
-            figures = dump_figures(Path(tmp) / "dump")
-            timing = iree.benchmark(vmfb, fn, repetitions, min_time_s, pin_cpu=pin_cpu)
     # process CPU time beside the real time: on a shared machine it shows when a label was disturbed
     figures["cpu_us"] = sorted(timing.cpu_reps_us)[len(timing.cpu_reps_us) // 2]
     figures["cpu_reps"] = timing.cpu_reps_us
