@@ -14,7 +14,7 @@ so between steps the arena holds at most `keep_bytes` (None: keep the high-water
 budgeted speculative workload (benchmarks/speculative_memory_breakdown.py): with the pages kept, the 2-3 MiB of a
 second-turn prefill's layout stayed committed through every decode step and the workload's peak did not fall;
 given back, a step costs about one page fault per 4 KiB of its layout (MADV_POPULATE_WRITE), small beside a
-prefill pass but not nothing (~0.02 s of a 3.2 s batch of 32 x 128-token prompts on a Zen 4 core). The engine's
+prefill pass but not nothing (~0.02 s of a 3.2 s batch of 32 x 128-token prompts on a Zen 4 core, timed by a /tmp A/B, not a committed benchmark). The engine's
 arena keeps them (keep_bytes None) but fits each step (`fit_each_step`): a step begins by giving back the pages
 above its own layout (a smaller step after a larger one holds its own layout only, and the runner gives the pages
 back before a decode step that runs outside the arena: the peak is that of giving back after every step), while
