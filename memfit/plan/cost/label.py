@@ -78,34 +78,35 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
     if cfg.compile_only:
         return _compile_all(con, todo, cfg, progress)
     bar = _bar(len(todo), progress)
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        futures = {pool.submit(_one, row["mlir"], cfg): row["key"] for row in todo}
-        try:
-            _store_as_done(con, futures, version, cpu, bar)
-        except KeyboardInterrupt:
-            # leaving the pool waits for its queue: drop what has not started, or Ctrl-C would time (and not
-            # store) every kernel left
-            for fut in futures:
-                fut.cancel()
-            raise
+    _in_pool(cfg.workers, lambda row: _one(row["mlir"], cfg), todo,
+             lambda row, fut: _store_label(con, row["key"], fut.result(), version, cpu, bar))
     bar.close()
     return store.counts(con)
 
 
-def _store_as_done(con, futures: dict, version: str, cpu: str, bar) -> None:
-    """Commit each label as its timing lands (so an interrupted run resumes)."""
-    for fut in as_completed(futures):
-        key = futures[fut]
-        result = fut.result()
-        if isinstance(result, Measurement):
-            store.put_label(con, key, latency_us=result.latency_us, spread=result.spread, reps=result.reps,
-                            figures=result.figures, iree_version=version, host_cpu=cpu,
-                            seconds=result.seconds)
-        else:
-            store.put_label(con, key, error=result, iree_version=version, host_cpu=cpu)
-        bar.update(1)
+def _in_pool(workers: int, fn, items: list, on_done) -> None:
+    """`fn(item)` for every item on `workers` threads, `on_done(item, future)` as each finishes. On Ctrl-C the
+    calls not yet started are dropped: leaving the pool waits for its queue, so Ctrl-C would otherwise compile or
+    time (and not store) every kernel left."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {pool.submit(fn, item): item for item in items}
+        try:
+            for fut in as_completed(futures):
+                on_done(futures[fut], fut)
+        except KeyboardInterrupt:
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
+def _store_label(con, key: str, result: Measurement | str, version: str, cpu: str, bar) -> None:
+    """Commit one label as its timing lands (so an interrupted run resumes)."""
+    if isinstance(result, Measurement):
+        store.put_label(con, key, latency_us=result.latency_us, spread=result.spread, reps=result.reps,
+                        figures=result.figures, iree_version=version, host_cpu=cpu, seconds=result.seconds)
+    else:
+        store.put_label(con, key, error=result, iree_version=version, host_cpu=cpu)
+    bar.update(1)
 
 
 def _compile_all(con, todo: list, cfg: LabelConfig, progress: bool) -> dict:
@@ -115,19 +116,16 @@ def _compile_all(con, todo: list, cfg: LabelConfig, progress: bool) -> dict:
         raise CostModelError("compiling only needs a directory to keep the modules in (--compiled DIR)")
     compiled, failed = CompiledStore(Path(cfg.compiled_dir)), 0
     bar = _bar(len(todo), progress)
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
-        futures = [pool.submit(compiled.compile, row["mlir"]) for row in todo]
-        try:
-            for fut in as_completed(futures):
-                if fut.exception() is not None:
-                    if not isinstance(fut.exception(), CostModelError):
-                        raise fut.exception()
-                    failed += 1
-                bar.update(1)
-        except KeyboardInterrupt:
-            for fut in futures:
-                fut.cancel()
-            raise
+
+    def done(row, fut) -> None:
+        nonlocal failed
+        if fut.exception() is not None:
+            if not isinstance(fut.exception(), CostModelError):
+                raise fut.exception()
+            failed += 1
+        bar.update(1)
+
+    _in_pool(cfg.workers, lambda row: compiled.compile(row["mlir"]), todo, done)
     bar.close()
     return {**store.counts(con), "compiled": len(todo) - failed, "compile_failed": failed}
 

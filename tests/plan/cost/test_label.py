@@ -6,25 +6,44 @@ import pytest
 from memfit.plan.cost import families, iree, label, store
 
 
-def test_interrupt_drops_the_queue(tmp_path, monkeypatch):
+class _InterruptingBar:
+    """A progress bar whose first update raises Ctrl-C: one kernel has landed (and, timing, been stored)."""
+
+    def update(self, n):
+        raise KeyboardInterrupt
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("compile_only", [False, True])
+def test_interrupt_drops_the_queue(tmp_path, monkeypatch, compile_only):
     db = tmp_path / "d.db"
     store.add_kernels(store.connect(db), families.generate(12, seed=2))
     calls = []
 
-    def fake_one(mlir, cfg):
+    def slow_call(mlir):
         calls.append(mlir)
         # the first lands at once; the next, started while the interrupt is raised, runs long enough that the
         # cancelling loop is not outrun on a loaded machine (at 50 ms a call a third one had started once)
         time.sleep(0 if len(calls) == 1 else 1.0)
         return "not timed"
 
-    def interrupted(con, futures, version, cpu, bar):
-        next(iter(futures)).result()  # one label lands, then Ctrl-C
-        raise KeyboardInterrupt
+    class FakeStore:
+        def __init__(self, root):
+            pass
+
+        def compile(self, mlir):
+            return slow_call(mlir)
 
     monkeypatch.setattr(iree, "version", lambda: "test")
-    monkeypatch.setattr(label, "_one", fake_one)
-    monkeypatch.setattr(label, "_store_as_done", interrupted)
+    monkeypatch.setattr(label, "_one", lambda mlir, cfg: slow_call(mlir))
+    monkeypatch.setattr(label, "CompiledStore", FakeStore)
+    monkeypatch.setattr(label, "_bar", lambda total, enabled: _InterruptingBar())
+    cfg = label.LabelConfig(workers=1, compile_only=compile_only, compiled_dir=str(tmp_path / "mods"))
     with pytest.raises(KeyboardInterrupt):
-        label.label_all(db, label.LabelConfig(workers=1), progress=False)
+        label.label_all(db, cfg, progress=False)
     assert len(calls) <= 2  # the one that landed and at most the one already running; 12 were queued
+    # timing stored the label that landed before the interrupt (the fake's "not timed", kept as an error);
+    # compiling stores no label
+    assert store.counts(store.connect(db))["failed"] == (0 if compile_only else 1)
