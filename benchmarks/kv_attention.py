@@ -117,6 +117,7 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
     only the PyTorch path runs (bf16), timed in wall time between synchronisations. Times are per layer: a step of
     `layers` attention calls sharing one plan, divided by `layers`."""
     row: dict = {"batch": batch, "context": ctx, "layers": layers}
+    rounds: dict[str, dict[str, list[float]]] = {}  # family -> variant -> per-layer seconds of each round
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(seed + 1000 * batch + ctx)
     base = [(torch.randn(ctx, HKV, D, generator=gen), torch.randn(ctx, HKV, D, generator=gen)) for _ in range(batch)]
@@ -161,7 +162,7 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
         else:
             same = all(torch.allclose(ref, o.float(), atol=1e-4 if dtype == torch.float32 else 2e-2)
                        for o in outs.values())
-        times = {n: [t / layers for t in ts] for n, ts in times.items()}  # per layer
+        times = rounds[family] = {n: [t / layers for t in ts] for n, ts in times.items()}  # per layer
         row[family] = {"dtype": str(dtype).removeprefix("torch."), **{f"{n}_ms": t for n, t in _ms(times).items()},
                        "same_output": same}
         if cuda:  # the GPU's own time: wall time on a fast GPU is mostly the host launching kernels
@@ -173,7 +174,31 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
                 row[family]["device_us"] = {n: round(1e6 * t / layers, 2) for n, t in dev.items()}
         for cache in caches:
             cache.close()
+    row["paged_over_virtual_ci"] = {k: v for family, times in rounds.items()
+                                    for k, v in ratio_intervals(times, lambda med, f=family: ratios(
+                                        {f: {f"{n}_ms": t for n, t in med.items()}}), seed).items()}
     return row
+
+
+def ratio_intervals(times: dict[str, list[float]], ratio_fn, seed: int = 0, n_boot: int = 2000,
+                    level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile intervals of the ratios `ratio_fn` takes from each variant's median time, over the interleaved
+    rounds of `times` (variant -> one time a round) resampled with replacement, a round's variants together, as
+    they ran side by side. A ratio whose whole interval lies below 1 is a cell where paged was faster beyond the
+    rounds' noise; one whose interval holds 1 is a cell the rounds cannot tell apart (why: at parity, as at short
+    contexts where contiguity buys a kernel nothing, a median ratio falls below 1 in about half the runs)."""
+    import numpy as np
+
+    names = list(times)
+    arr = np.asarray([times[n] for n in names], dtype=np.float64)  # (variants, rounds)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        med = np.median(arr[:, rng.integers(0, arr.shape[1], arr.shape[1])], axis=1)
+        for k, v in ratio_fn(dict(zip(names, med.tolist()))).items():
+            draws.setdefault(k, []).append(v)
+    a = (1 - level) / 2
+    return {k: [round(float(np.quantile(v, a)), 3), round(float(np.quantile(v, 1 - a)), 3)] for k, v in draws.items()}
 
 
 def prefill_row(prompt: int, chunk: int, reps: int, seed: int) -> dict:
@@ -204,8 +229,10 @@ def prefill_row(prompt: int, chunk: int, reps: int, seed: int) -> dict:
     for cache in caches.values():
         cache.close()
     ms = _ms(times)
+    ci = ratio_intervals(times, lambda med: {"paged_over_virtual": med["paged"] / med["virtual"]}, seed)
     return {"prompt": prompt, "chunk": chunk, **{f"{n}_ms": t for n, t in ms.items()},
             "paged_over_virtual": round(ms["paged"] / ms["virtual"], 3),
+            "paged_over_virtual_ci": ci["paged_over_virtual"],
             "same_output": bool(torch.equal(outs["virtual"], outs["paged"]))}
 
 
