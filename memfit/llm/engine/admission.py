@@ -51,3 +51,26 @@ def check_priority(priority: object) -> None:
     """A priority is an integer (negative values are valid: more urgent); anything else is a RequestError."""
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise RequestError(f"priority must be an integer (lower = more urgent, negative allowed), got {priority!r}")
+
+
+MAX_USER_CHARS = 256  # as the server's session_id: an id, not a payload (the vtc policy keys its counters by it)
+
+
+def check_user(user: object) -> None:
+    """A user is None or a string of at most MAX_USER_CHARS characters; anything else is a RequestError."""
+    if user is None:
+        return
+    if not isinstance(user, str):
+        raise RequestError(f"user must be a string (or None), got {type(user).__name__} {user!r:.60}")
+    if len(user) > MAX_USER_CHARS:
+        raise RequestError(f"user is {len(user)} characters long; at most {MAX_USER_CHARS} are allowed")
+
+
+# The same words from LLM.chat and from the server's 400 (server/errors.py), so both refuse alike.
+EMPTY_MESSAGES = "messages is empty: a chat needs at least one message ({'role': 'user', 'content': ...})"
+
+
+def check_messages(messages: object) -> None:
+    """Refuse an empty message list (a template would render a prompt of its special tokens alone)."""
+    if isinstance(messages, list) and not messages:
+        raise RequestError(EMPTY_MESSAGES)

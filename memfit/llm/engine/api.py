@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from memfit.llm.engine.config import OFFLINE_CPU_STEP_TOKENS, EngineConfig
-from memfit.llm.engine.admission import check_priority
+from memfit.llm.engine.admission import check_messages, check_priority, check_user
+from memfit.llm.engine.errors import RequestError
 from memfit.llm.engine.llm_engine import LLMEngine
 from memfit.llm.engine.outputs import RequestOutput
 from memfit.llm.engine.params import SamplingParams
@@ -58,23 +59,52 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"{len(params)} sampling params for {len(items)} prompts")
-        priorities = _per_prompt(priority, len(items), "priority", int)
-        users = _per_prompt(user, len(items), "user", (str, type(None)))
-        # Validate everything before queueing anything, so a bad prompt does not leave half a batch queued.
+        priorities = _per_prompt(priority, len(items), "priority", int, check_priority)
+        users = _per_prompt(user, len(items), "user", (str, type(None)), check_user)
+        # Validate everything before queueing anything, so a bad prompt does not leave half a batch queued (the
+        # next generate() would compute the leftovers and drop their outputs).
         ids = []
-        for (text, toks), p, prio in zip(items, params, priorities):
+        for (text, toks), p, prio, u in zip(items, params, priorities, users):
             check_priority(prio)
-            ids.append(toks if toks is not None else self.tokenizer.encode(text))
-        order = [self.engine.add_request(prompt_token_ids=t, params=p, priority=prio, user=u)
-                 for t, p, prio, u in zip(ids, params, priorities, users)]
+            check_user(u)
+            t = toks if toks is not None else self.tokenizer.encode(text)
+            self.engine.validate(t, p or SamplingParams())
+            ids.append(t)
+        order = self._add_all([dict(prompt_token_ids=t, params=p, priority=prio, user=u)
+                               for t, p, prio, u in zip(ids, params, priorities, users)])
         return self._run(order, [t for t, _ in items], use_tqdm)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, priority: int = 0,
-             user: str | None = None) -> RequestOutput:
+             user: str | None = None, session_id: str | None = None) -> RequestOutput:
+        """One assistant turn for `messages`. session_id: keep this conversation's KV after the turn, so the next
+        call with the same id (the whole conversation so far plus the new message) prefills only what is new, as
+        the server's X-Session-Id does; `end_session(session_id)` frees it."""
+        check_messages(messages)
+        check_priority(priority)
+        check_user(user)
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise RequestError(f"session_id must be a non-empty string (or None), got {session_id!r:.60}")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        rid = self.engine.add_request(prompt_token_ids=ids, params=sampling_params, priority=priority, user=user)
+        rid = self.engine.add_request(prompt_token_ids=ids, params=sampling_params, priority=priority, user=user,
+                                      session_id=session_id)
         return self._run([rid], [prompt], False)[0]
+
+    def end_session(self, session_id: str) -> None:
+        """Free the KV kept for `session_id` (LLM.chat's session_id); an unknown id is ignored."""
+        self.engine.end_session(session_id)
+
+    def _add_all(self, requests: list[dict]) -> list[str]:
+        """add_request for each; if one is still refused (the queue's limit), the ones added are aborted: all or none."""
+        added: list[str] = []
+        try:
+            for kw in requests:
+                added.append(self.engine.add_request(**kw))
+        except BaseException:
+            for rid in added:
+                self.engine.abort(rid)
+            raise
+        return added
 
     def _run(self, order: list[str], prompts: list[str | None], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -103,12 +133,13 @@ class LLM:
         return results
 
 
-def _per_prompt(value, n: int, name: str, kind) -> list:
-    """One value for every prompt, or a list of one per prompt."""
+def _per_prompt(value, n: int, name: str, kind, check) -> list:
+    """One value for every prompt, or a list of one per prompt; `check` refuses a single value of another type
+    with the same error as a bad element of a list would get."""
     if isinstance(value, kind) or value is None:
         return [value] * n
     if isinstance(value, (str, bytes)) or not isinstance(value, Seq):
-        check_priority(value) if name == "priority" else None
+        check(value)
         raise TypeError(f"{name} must be one value or a list of one per prompt, got {value!r}")
     values = list(value)
     if len(values) != n:

@@ -23,6 +23,9 @@ Policies (`--scheduling-policy`):
   idling banks no credit. Under memory pressure the most-served user's newest sequence is preempted. The
   paper's bound follows: while two users stay backlogged, their counters (their weighted service) differ by
   at most about 2 x max(input_weight x prompt + output_weight x max_tokens) x the batch size.
+  Counters of users who have left are dropped (`_prune`) once they are at or below every floor a later arrival
+  can be lifted to, so lifting on their return restores the same value: the table holds the users with requests
+  in the engine (and those still ahead of the floor), not every user ever seen.
 """
 from __future__ import annotations
 
@@ -113,6 +116,10 @@ class VTCPolicy(Policy):
         self.counters: dict[str, float] = {}
         self._last_left: str | None = None  # the user whose last waiting request left the queue most recently
         self._charged: weakref.WeakSet[Sequence] = weakref.WeakSet()  # prompt already charged
+        self._seen: weakref.WeakSet[Sequence] = weakref.WeakSet()  # added and maybe unfinished (for _prune)
+        self._prune_at = self.PRUNE_MIN
+
+    PRUNE_MIN = 64  # counters kept before the first sweep; each sweep runs when the table has doubled since the last
 
     @staticmethod
     def user(seq: Sequence) -> str:
@@ -121,17 +128,42 @@ class VTCPolicy(Policy):
     def counter(self, user: str) -> float:
         return self.counters.get(user, 0.0)
 
+    def _floor(self, backlogged: set[str]) -> float:
+        """What an arriving user's counter is lifted to: the least-served backlogged user's counter, or, if
+        nobody waits, that of the user who left the queue last."""
+        if backlogged:
+            return min(self.counter(v) for v in backlogged)
+        return self.counter(self._last_left) if self._last_left is not None else 0.0
+
     def on_add(self, seq: Sequence, waiting: Seq[Sequence]) -> None:
         super().on_add(seq, waiting)
+        self._seen.add(seq)
         u = self.user(seq)
         backlogged = {self.user(s) for s in waiting}
+        if len(self.counters) >= self._prune_at:
+            self._prune(backlogged)
         if u in backlogged:
             return
-        if backlogged:  # lift to the least-served backlogged user: time away banks no credit
-            floor = min(self.counter(v) for v in backlogged)
+        # lift to the least-served backlogged user: time away banks no credit
+        self.counters[u] = max(self.counter(u), self._floor(backlogged))
+
+    def _prune(self, backlogged: set[str]) -> None:
+        """Drop the counters of users with no unfinished request that are at or below every floor to come: on their
+        return such a user is lifted to that floor, exactly as if its counter had been kept. Every future floor is
+        at least L = min(the backlogged users' counters, the last to leave's counter): counters only grow, a user
+        that joins the backlog is lifted to the floor of its time, and the next to leave the queue comes from the
+        backlog. (The floor of the moment is not such a bound: if every waiting request is aborted, it falls back
+        to the last to leave's counter.) With nobody admitted yet, L is 0. The user who left last is kept, its
+        counter being the floor when nobody waits. Run when the table has doubled since the last sweep, so its cost
+        is amortised over the arrivals that grew it."""
+        if self._last_left is None:
+            low = 0.0
         else:
-            floor = self.counter(self._last_left) if self._last_left is not None else 0.0
-        self.counters[u] = max(self.counter(u), floor)
+            low = min([self.counter(self._last_left), *(self.counter(v) for v in backlogged)])
+        live = {self.user(s) for s in self._seen if not s.is_finished}
+        for u in [u for u, c in self.counters.items() if c <= low and u not in live and u != self._last_left]:
+            del self.counters[u]
+        self._prune_at = max(self.PRUNE_MIN, 2 * len(self.counters))
 
     def _key(self, seq: Sequence) -> tuple[float, int]:
         return self.counter(self.user(seq)), seq.arrival_index

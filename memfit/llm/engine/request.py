@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from memfit.llm.engine.admission import check_user
 from memfit.llm.engine.params import SamplingParams, TokenLogprobs
 
 
@@ -49,6 +50,11 @@ class Sequence:
     first_token_time: float | None = None
     text: str = ""  # detokenized output, stop strings removed
     stop_text_pos: int = 0  # how much of `text` has been checked for stop strings
+
+    def __post_init__(self) -> None:
+        # Every way in (LLMEngine.add_request, LLM.generate, the server) builds a Sequence before it queues or
+        # allocates anything: an unbounded `user` would otherwise live on as a vtc counter key.
+        check_user(self.user)
 
     @property
     def num_tokens(self) -> int:

@@ -2,11 +2,14 @@
 fake of test_scheduler.py. Service is measured from what each step schedules, not from the policy's counters."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from memfit.llm.engine.params import SamplingParams
-from memfit.llm.engine.policy import PolicyConfig
-from memfit.llm.engine.request import Sequence
+from memfit.llm.engine.errors import RequestError
+from memfit.llm.engine.policy import PolicyConfig, VTCPolicy
+from memfit.llm.engine.request import Sequence, SeqStatus
 from memfit.llm.engine.scheduler import Scheduler, SchedulerConfig
 from tests.llm.engine.test_scheduler import CountingKV
 
@@ -140,6 +143,94 @@ def test_vtc_lifts_a_returning_users_counter():
     sched.add(req("b0", user="b"))  # b was idle all along: lifted, it banks no credit for that time
     assert sched.policy.counters["b"] == served_a
     assert sched.policy.counters["b"] > 0
+
+
+def test_vtc_forgets_the_counters_of_users_that_left():
+    # One short request from each of 2000 distinct users, one after another: every counter used to be kept for the
+    # life of the server (issue 15's review: +121 MB for 60 users of 2 MB ids).
+    sched = make("vtc", max_num_seqs=1)
+    most = 0
+    for i in range(2000):
+        sched.add(req(f"r{i}", user=f"user-{i}"))
+        run(sched)
+        most = max(most, len(sched.policy.counters))
+    assert most <= 2 * VTCPolicy.PRUNE_MIN
+
+
+def vtc_trace(seed: int, prune: str) -> tuple[list[tuple[str, int]], list[dict[str, float]], int]:
+    """A random vtc workload (arrivals of 30 users, steps, aborts of running requests and of the whole queue),
+    with the counter table swept before every arrival (`always`) or never (`never`). Returns what each step
+    scheduled, the counters after each step, and the fewest counters held after a sweep."""
+    rng = random.Random(seed)
+    sched = make("vtc", max_num_seqs=2, capacity=60)
+    policy = sched.policy
+    if prune == "always":
+        sweep = policy._prune
+
+        def prune_every_time(backlogged):
+            sweep(backlogged)
+            policy._prune_at = 0
+
+        policy._prune, policy._prune_at = prune_every_time, 0
+    else:
+        policy._prune_at = float("inf")
+    trace, counters, fewest = [], [], 10**9
+    finished: list[str] = []
+    for i in range(600):
+        if rng.random() < 0.6:
+            sched.add(req(f"r{i}", prompt_len=rng.randint(1, 12), max_tokens=rng.randint(1, 6),
+                          user=f"u{rng.randrange(30)}"))
+        r = rng.random()
+        if r < 0.04:  # every waiting request aborted: the floor falls back to the last admitted user's counter
+            for s in list(sched.waiting):
+                sched.abort(s)
+        elif r < 0.08 and sched.running:
+            sched.abort(rng.choice(sched.running))
+        trace += [(s.request_id, n) for s, n, _ in step(sched, finished)]
+        counters.append(dict(policy.counters))
+        fewest = min(fewest, len(policy.counters)) if i > 100 else fewest
+    return trace, counters, fewest
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vtc_forgetting_a_counter_loses_nothing(seed):
+    kept_trace, kept, _ = vtc_trace(seed, "never")
+    pruned_trace, pruned, fewest = vtc_trace(seed, "always")
+    assert pruned_trace == kept_trace  # the same admissions, preemptions and service, step by step
+    for small, full in zip(pruned, kept):
+        assert small == {u: full[u] for u in small}  # what is kept is what it would have been
+    assert fewest < 30 <= len(kept[-1])  # and something was forgotten
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_vtc_keeps_a_counter_the_floor_may_still_fall_below(sweep):
+    """The floor of the moment is no bound on later floors: when every waiting request is aborted it falls back
+    to the counter of the user admitted last. A user above that must keep its counter (the hooks are driven as the
+    scheduler would: x and a run, b is admitted and done, a's second request waits, then is aborted)."""
+    policy = VTCPolicy(PolicyConfig("vtc", input_weight=1.0, output_weight=2.0))
+    x1, a1, b1, a2 = (req(n, prompt_len=4, user=n[0]) for n in ("x1", "a1", "b1", "a2"))
+    for s in (x1, a1, b1):
+        policy.on_add(s, [])
+        policy.on_admit(s)
+    b1.status = SeqStatus.FINISHED
+    policy.on_add(a2, [])  # waits (the batch is full): a is backlogged
+    for _ in range(10):
+        policy.on_sampled([a1, x1])
+    x1.status = SeqStatus.FINISHED
+    assert policy.counters == {"x": 24.0, "a": 32.0, "b": 12.0}
+    if sweep:
+        policy._prune({"a"})  # as on_add does once the table is large enough
+    a2.status = SeqStatus.FINISHED  # aborted: nobody waits, the floor falls back to b's 12
+    policy.on_add(req("x2", user="x"), [])
+    assert policy.counters["x"] == 24.0  # x banked no credit by being forgotten
+
+
+def test_a_user_id_longer_than_256_characters_or_not_a_string_is_refused():
+    req("ok", user="u" * 256)
+    with pytest.raises(RequestError, match="256"):
+        req("long", user="u" * 257)
+    with pytest.raises(RequestError, match="string"):
+        req("int", user=5)  # type: ignore[arg-type]
 
 
 def test_unknown_policy_is_refused():
