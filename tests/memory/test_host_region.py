@@ -351,3 +351,53 @@ class RegionMachine(RuleBasedStateMachine):
 TestRegionMachine = RegionMachine.TestCase
 TestRegionMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_prefault_commits_the_extent_the_next_take_gets_so_that_take_faults_no_page():
+    """Issue 15: warming ahead commits the pages of the extent a take of that size gets next (first fit, past a
+    buffer still out), every page in the budget under the region's owner; the take then commits nothing and its
+    writes fault no page (minor faults), and what the kernel holds stays what the budget says."""
+    pages = 256
+    meta = table_bytes(4 * pages * PAGE)
+    budget = MemoryBudget(meta + 4 * pages * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(4 * pages * PAGE, budget)
+    held = take(region, budget, pages * PAGE).fill_(1)  # offset 0, out: the next take lands past it
+    assert region.prefault(pages * PAGE) == pages * PAGE
+    assert resident_bytes(region) == 2 * pages * PAGE == region.committed_bytes
+    assert budget.by_owner()[REGION_OWNER] == meta + pages * PAGE  # the warm pages, reserved as cached ones are
+    assert region.prefault(pages * PAGE) == 0  # warm already: nothing more
+    faults = minor_faults()
+    buf = take(region, budget, pages * PAGE)
+    assert buf is not None and buf.data_ptr() == region.arena.address + pages * PAGE
+    buf.fill_(2)
+    faults = minor_faults() - faults
+    assert faults < pages // 8, f"{faults} minor faults for a {pages}-page take into prefaulted pages"
+    assert resident_bytes(region) == 2 * pages * PAGE and budget.by_owner()[REGION_OWNER] == meta
+    give(region, budget, buf)
+    give(region, budget, held)
+    region.close()
+
+
+def test_prefault_stays_within_keep_bytes_and_the_budget():
+    """Warm pages are cached pages: none past keep_bytes, none the budget cannot grant (the budget never goes over
+    its limit), and warm_ahead does nothing where the region keeps no page."""
+    pages = 64
+    meta = table_bytes(4 * pages * PAGE)
+    budget = MemoryBudget(meta + 4 * pages * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(4 * pages * PAGE, budget, keep_bytes=pages * PAGE // 2)
+    assert region.prefault(pages * PAGE) == pages * PAGE // 2 == resident_bytes(region)
+    region.close()
+    none = HostRegion(4 * pages * PAGE, budget, keep_bytes=0)
+    none.warm_ahead(pages * PAGE)
+    none.wait_warm()
+    assert resident_bytes(none) == 0 and none.prefaulted_bytes == 0
+    none.close()
+    small = MemoryBudget(meta + pages * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(4 * pages * PAGE, small)
+    assert small.try_reserve(pages * PAGE // 4, "other")  # room for three quarters of the pages asked
+    region.warm_ahead(2 * pages * PAGE)
+    region.wait_warm()
+    assert region.prefaulted_bytes == resident_bytes(region) == 3 * pages * PAGE // 4
+    assert small.used_bytes <= small.limit_bytes and small.peak_bytes <= small.limit_bytes
+    assert small.by_owner()[REGION_OWNER] == meta + resident_bytes(region)
+    region.close()

@@ -74,7 +74,7 @@ def build_swap(config: EngineConfig, kv: KVCacheManager, ledger: MemoryBudget, d
     # it: on a CPU without --swap-space the KV cache draws on the same ledger room, so freed pages go back at once
     keep = 0 if parent is not None and config.swap_space is None else None
     return SwapSpace(kv, budget, cost, threads=config.swap_threads, reuse=config.swap_reuse, ssd=ssd,
-                     keep_bytes=keep, region=True)
+                     keep_bytes=keep, region=True, warm_ahead=True)
 
 
 def tier_timeline(swap: SwapSpace | None) -> dict:

@@ -67,7 +67,8 @@ MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host c
 class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
                  threads: int = 0, block_tokens: int | None = None, reuse: bool = False,
-                 ssd: SSDTier | None = None, keep_bytes: int | None = None, region: bool = False) -> None:
+                 ssd: SSDTier | None = None, keep_bytes: int | None = None, region: bool = False,
+                 warm_ahead: bool = False) -> None:
         if not (kv.fixed_stride or kv.block_tables):
             raise ValueError(f"the {kv.kind or type(kv).__name__} KV cache cannot be swapped (it declares neither "
                              "fixed_stride nor block_tables)")
@@ -88,6 +89,10 @@ class SwapSpace(InFlightSwaps):
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
         self.region = self._region(budget, keep_bytes) if region and not self.pin and HostRegion.supported else None
+        # `warm_ahead` (the engine's choice, with a region): after each swap-out the region faults in the pages the
+        # next one will take, up to the largest chunk taken so far, on a thread of its own (`_warm`)
+        self.warm_ahead = warm_ahead
+        self._ahead = 0  # the largest chunk taken from the region
         self.book = HostCopies(budget, self.stats, ssd, self.region)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
@@ -215,6 +220,7 @@ class SwapSpace(InFlightSwaps):
             self.stats.resident_bytes += size
             if seq_id not in self._outflight:
                 self._account(self.stats, nbytes, ops, time.perf_counter() - t0, out=True)
+            self._warm()
         self.stats.reused_tokens += start
         copy.valid, copy.live = num_tokens, not keep
         self.book.mark_kept(seq_id, keep)
@@ -306,7 +312,17 @@ class SwapSpace(InFlightSwaps):
         """A (size,) uint8 host buffer for a chunk (its bytes reserved by the caller): from the region, or, where
         it has no free extent that large (fragmented) or there is none (CUDA: pinned), a buffer of its own."""
         buf = self.region.take(size) if self.region is not None else None
+        if buf is not None:
+            self._ahead = max(self._ahead, size)
         return buf if buf is not None else torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+
+    def _warm(self) -> None:
+        """After a swap-out's copy (or its launch), the region faults in the pages of the next chunk on a thread of
+        its own, up to the largest chunk taken so far, so that swap-out copies into warm pages: in a serving run most
+        of a 0.5B swap-out's time was faulting in and zeroing its cold pages (issue 15; docs/engine.md "region").
+        Not before the copy: that thread's Python would take the GIL from the copy's."""
+        if self.warm_ahead and self.region is not None and self._ahead:
+            self.region.warm_ahead(self._ahead)
 
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)

@@ -395,3 +395,51 @@ def test_kept_copies_are_evicted_least_recently_used_first_and_live_ones_never()
     swap.close()
     assert host.used_bytes == 0
     cache.close()
+
+
+def thread_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_ahead_faults_in_the_next_chunk_off_the_swap_out(warm):
+    """Issue 15: in a serving run most of a swap-out's time was faulting in the cold region pages its copy wrote.
+    With `warm_ahead` (the engine's setting) the region commits, after each swap-out, the pages of the next chunk
+    up to the largest taken so far: a second sequence's swap-out of that size then faults no page in the swap-out
+    (the process's minor faults) and commits none (the kernel's page map), its KV comes back exactly, and the
+    tier's budget stays the kernel's pages plus the chunks' bytes. Without it (`warm` False) that swap-out faults
+    its pages in."""
+    cache = VirtualKVCache(BIG, MemoryBudget(2**24, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0)
+    n = 256
+    chunk = extent_bytes(n * BIG.bytes_per_token)  # 2 MiB: 512 pages
+    host = MemoryBudget(4 * chunk + table_bytes(4 * chunk), Tier.HOST, name="swap_space")
+    swap = SwapSpace(cache, host, region=True, reuse=True, warm_ahead=warm)
+    assert cache.try_allocate(1, n) and cache.try_allocate(2, n)
+    before = write_big(cache, 1, n), write_big(cache, 2, n)
+    assert swap.try_swap_out(1, n, keep=True)  # kept: its chunk stays out, so the next one lands past it
+    swap.region.wait_warm()
+    pages = resident_pages(swap.region)
+    assert len(pages) == (2 if warm else 1) * chunk // PAGE
+    assert host.used_bytes == swap.region.meta_bytes + resident_bytes(swap.region)  # warm pages in the budget
+    faults = thread_faults()
+    assert swap.try_swap_out(2, n)
+    faults = thread_faults() - faults  # this thread's: the region's own thread warms the chunk after meanwhile
+    if warm:
+        assert faults < chunk // PAGE // 8, f"{faults} minor faults for a swap-out into {chunk // PAGE} warm pages"
+    else:
+        assert faults >= chunk // PAGE // 2
+    assert swap._copies[2].chunks[0].buf.data_ptr() == swap.region.arena.address + chunk  # past seq 1's, in order
+    swap.region.wait_warm()
+    assert len(resident_pages(swap.region)) == (3 if warm else 2) * chunk // PAGE  # the next chunk's, warm again
+    assert host.used_bytes <= host.limit_bytes and host.peak_bytes <= host.limit_bytes
+    assert host.used_bytes == swap.region.meta_bytes + resident_bytes(swap.region)
+    for seq in (1, 2):
+        cache.free(seq)
+    assert swap.adopt(1, n) == n  # the kept copy becomes live again
+    for seq in (1, 2):
+        assert cache.try_allocate(seq, n) and swap.swap_in(seq) == n
+        assert all(torch.equal(a, b) for a, b in zip(before[seq - 1], read_big(cache, seq, n)))
+    swap.close()
+    cache.close()
