@@ -49,8 +49,8 @@ def _check_args(args) -> None:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_waiting < 0:
-        raise ValueError(f"--max-waiting must be >= 0, got {args.max_waiting}")
+    if args.max_waiting < 1:  # 0 would answer every request 429, which no retry can get past
+        raise ValueError(f"--max-waiting must be >= 1 (requests allowed to wait for admission), got {args.max_waiting}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key.strip():

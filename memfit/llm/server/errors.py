@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memfit.llm.engine.admission import EMPTY_MESSAGES
 from memfit.llm.server.protocol import MAX_PROMPTS
 
 log = logging.getLogger("memfit.server")
@@ -97,6 +98,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
                            code="invalid_json")
     param, tagged = _loc_to_param(first.get("loc", ()))
+    if param == "messages" and first.get("type") == "too_short":  # the words LLM.chat([]) uses too
+        return bad_request(EMPTY_MESSAGES, param="messages", code="invalid_value")
     if param is None:
         return bad_request("the request body must be a JSON object", code="invalid_request_body")
     leaf = param.rsplit(".", 1)[-1].split("[", 1)[0]
@@ -129,7 +132,8 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         if status == 404:
-            message = "unknown URL; this server offers /v1/models, /v1/completions, /v1/chat/completions, /health and /metrics"
+            message = ("unknown URL; this server offers GET /v1/models, POST /v1/completions, POST /v1/chat/completions, "
+                       "PATCH /v1/requests/{id}, GET /health, /metrics, /docs and /openapi.json")
         elif status == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"

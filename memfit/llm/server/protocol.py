@@ -19,10 +19,12 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from memfit.llm.engine.admission import MAX_USER_CHARS
 from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_SESSION_ID = 256  # characters of a session id (body field or X-Session-Id header)
 MAX_PROMPTS = 256  # prompts in one /v1/completions request (each becomes n engine requests)
 
 _CONFIG = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
@@ -98,7 +100,8 @@ class _Sampling(BaseModel):
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0), _ZERO] | None = None
     logit_bias: Annotated[dict[str, float], _only({"type": "object", "maxProperties": 0},
                                                   "not supported by this server: only {} is accepted")] | None = None
-    user: str | None = None  # also the `vtc` scheduling policy's unit of fairness
+    # also the `vtc` scheduling policy's unit of fairness, which keys a counter by it: an id, capped as session_id
+    user: Annotated[str, Field(max_length=MAX_USER_CHARS)] | None = None
     # memfit/vLLM extension: lower = more urgent (negative allowed); used by --scheduling-policy priority.
     priority: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX), _WHOLE] | None = None
     # vLLM-style extensions many clients send through `extra_body`.
@@ -197,4 +200,4 @@ class ChatCompletionRequest(_Sampling):
                                                  "tool calling is not supported by this server")] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     # memfit extension: keep this conversation's KV cached between turns (same as the X-Session-Id header).
-    session_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    session_id: Annotated[str, Field(min_length=1, max_length=MAX_SESSION_ID)] | None = None

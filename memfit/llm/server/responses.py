@@ -62,6 +62,11 @@ class Group:
     prompts: list[list[int]]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
+    @property
+    def response_id(self) -> str:
+        """The response's `id` (cmpl-<hex> or chatcmpl-<hex>): its engine requests' ids less the choice index."""
+        return self.choices[0].request_id.rsplit("-", 1)[0]
+
     def unfinished(self) -> list[str]:
         return [c.request_id for c in self.choices if not c.done]
 
@@ -84,7 +89,13 @@ class Group:
     def usage(self) -> dict[str, Any]:
         prompt = sum(len(p) for p in self.prompts)  # each prompt once, however many choices it has
         completion = sum(len(c.output.outputs[0].token_ids) for c in self.choices if c.output is not None)
-        cached = sum(c.output.num_cached_tokens for c in self.choices if c.output is not None)
+        # Cached tokens are prompt tokens: counted once per prompt like prompt_tokens (from its first choice that has
+        # an output), or with n > 1 they could exceed prompt_tokens.
+        first: dict[int, int] = {}
+        for c in self.choices:
+            if c.output is not None:
+                first.setdefault(c.prompt_index, c.output.num_cached_tokens)
+        cached = sum(first.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 

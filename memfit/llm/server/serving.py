@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse
 
 from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
-from memfit.llm.server.protocol import UNSUPPORTED_NEUTRAL, ChatCompletionRequest, CompletionRequest, TextPart, _Sampling
+from memfit.llm.server.protocol import (MAX_SESSION_ID, UNSUPPORTED_NEUTRAL, ChatCompletionRequest, CompletionRequest,
+                                        TextPart, _Sampling)
 from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
 
 
@@ -111,10 +112,12 @@ class OpenAIServing:
                 param=param, code="context_length_exceeded",
             )
 
-    def _group(self, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[Group, list[RequestSpec]]:
+    def _group(self, kind: str, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[Group, list[RequestSpec]]:
         # No limit on prompts x n here (JSON schema could not state one): at most MAX_PROMPTS x MAX_N specs, and
         # the engine's waiting limit refuses a group it cannot queue whole (429, see _submit).
-        base = uuid.uuid4().hex
+        # The engine requests are <response id>-<choice>, the response id `kind`-<hex> (cmpl or chatcmpl): a PATCH
+        # finds them by that prefix, so the kind in the id it names must match too.
+        base = f"{kind}-{uuid.uuid4().hex}"
         choices, specs = [], []
         for p, ids in enumerate(prompts):
             for i in range(n):
@@ -164,12 +167,12 @@ class OpenAIServing:
         for ids in prompts:
             self._check_prompt(ids, req.max_tokens, "prompt")
         max_tokens = req.max_tokens
-        group, specs = self._group(prompts, lambda ids, i: RequestSpec(
+        group, specs = self._group("cmpl", prompts, lambda ids, i: RequestSpec(
             ids, self._params(req, max_tokens, req.logprobs, i), auto_max_tokens=max_tokens is None,
             priority=req.priority or 0, user=req.user), n)
         await self._submit(group, specs, arrival)
         echo = [tok.decode(p) for p in prompts] if req.echo else None
-        meta = {"id": f"cmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()), "model": self.model_name}
+        meta = {"id": group.response_id, "created": int(time.time()), "model": self.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return stream_response(group, meta, chat=False, include_usage=include_usage, echo=echo, top_n=req.logprobs,
@@ -220,14 +223,20 @@ class OpenAIServing:
         self._check_prompt(ids, max_tokens, "messages")
         n = req.n or 1
         session = request.headers.get("x-session-id") or req.session_id
-        session = session if n == 1 else None  # n parallel choices cannot all continue one cached conversation
+        if session is not None and len(session) > MAX_SESSION_ID:  # the header, as the body field is capped in protocol.py
+            raise bad_request(f"X-Session-Id is {len(session)} characters long; at most {MAX_SESSION_ID} are allowed",
+                              param="X-Session-Id", code="invalid_value")
+        # n parallel choices cannot all continue one cached conversation: with n > 1 the session is not used (the
+        # request is served in full, its KV not kept; the session's kept KV waits for its next n = 1 turn). Not
+        # refused: a session id is a cache hint, and a client that sends the header on every call still gets the
+        # n choices it asked for, as from any OpenAI-compatible server (docs/serving.md).
+        session = session if n == 1 else None
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        group, specs = self._group([ids], lambda p, i: RequestSpec(
+        group, specs = self._group("chatcmpl", [ids], lambda p, i: RequestSpec(
             p, self._params(req, max_tokens, top_n, i), session_id=session, auto_max_tokens=max_tokens is None,
             priority=req.priority or 0, user=req.user), n)
         await self._submit(group, specs, arrival)
-        meta = {"id": f"chatcmpl-{group.choices[0].request_id.split('-')[0]}", "created": int(time.time()),
-                "model": self.model_name}
+        meta = {"id": group.response_id, "created": int(time.time()), "model": self.model_name}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
             return stream_response(group, meta, chat=True, include_usage=include_usage, echo=None, top_n=top_n,
@@ -245,14 +254,15 @@ class OpenAIServing:
 
     # ---- PATCH /v1/requests/{id} ---------------------------------------------------------------------------
     async def set_priority(self, response_id: str, priority: int) -> dict[str, Any]:
-        """`response_id` is a response's `id` (cmpl-<hex> or chatcmpl-<hex>); its engine requests are <hex>-<i>."""
+        """`response_id` is a response's `id` (cmpl-<hex> or chatcmpl-<hex>); its engine requests are
+        <response_id>-<i>, so a chatcmpl- id names no completion's requests, nor the reverse."""
         self.check_ready()
         kind, _, base = response_id.partition("-")
         if kind not in ("cmpl", "chatcmpl") or not base or "-" in base:
             raise APIError(404, f"no request {response_id!r}: use the `id` of a completion or chat completion",
                            code="request_not_found")
         try:
-            n = await self.engine.set_priority(f"{base}-", priority)
+            n = await self.engine.set_priority(f"{response_id}-", priority)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status
             raise engine_error(exc) from exc
         if n == 0:

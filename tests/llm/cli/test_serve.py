@@ -1,9 +1,11 @@
-"""`memfit serve`'s flags: a server reachable from other machines without an API key is said so on start."""
+"""`memfit serve`'s flags: a server reachable from other machines without an API key is said so on start; flags
+that could never serve a request are refused at start."""
 from __future__ import annotations
 
 import pytest
 
-from memfit.llm.cli.serve import exposure_warning
+from memfit.llm.cli.serve import _check_args, exposure_warning
+from memfit.cli import build_parser
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "my-host.example"])
@@ -19,3 +21,18 @@ def test_loopback_addresses_do_not_warn(host):
 
 def test_an_api_key_silences_the_warning():
     assert exposure_warning("0.0.0.0", "secret") is None
+
+
+def serve_args(*argv: str):
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"].parse_args(list(argv))
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_a_waiting_limit_below_one_is_refused_at_start(n):
+    # 0 used to start a server that answered every request 429, which no retry could get past.
+    with pytest.raises(ValueError, match="--max-waiting must be >= 1"):
+        _check_args(serve_args("--max-waiting", str(n)))
+    _check_args(serve_args("--max-waiting", "1"))

@@ -5,6 +5,7 @@ import httpx
 import openai
 import pytest
 
+from memfit.llm.engine.admission import EMPTY_MESSAGES
 from memfit.llm.models.tokenizer import Tokenizer
 from tests.llm.server.live import API_KEY, parse_sse
 
@@ -169,8 +170,9 @@ def test_chat_errors(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert info.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="tiny", messages=[])
+    assert info.value.body["message"] == EMPTY_MESSAGES  # the words LLM.chat([]) uses
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError) as info:
@@ -216,6 +218,43 @@ def test_oversized_body_is_413(server):
 def test_unknown_route_is_openai_shaped_404(server):
     r = httpx.get(server.url + "/v1/engines", headers=server.headers)
     assert r.status_code == 404 and "error" in r.json()
+    message = r.json()["error"]["message"]
+    for route in ("/v1/models", "/v1/completions", "/v1/chat/completions", "PATCH /v1/requests/{id}", "/health",
+                  "/metrics", "/docs", "/openapi.json"):
+        assert route in message  # every route the server offers
+    for route in ("/docs", "/openapi.json"):
+        assert httpx.get(server.url + route).status_code == 200  # and they are there
+
+
+def test_cached_tokens_count_each_prompt_once_like_prompt_tokens(client):
+    # n choices of one prompt after the same prompt was served: each choice's prompt hits the prefix cache, but
+    # the usage counts the prompt once, so its cached tokens cannot exceed it (they summed every choice's).
+    ids = list(range(40, 120))
+    kw = dict(model="tiny", prompt=ids, max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    warm = client.completions.create(**kw)
+    out = client.completions.create(n=3, **kw)
+    cached = out.usage.prompt_tokens_details.cached_tokens
+    assert warm.usage.prompt_tokens == out.usage.prompt_tokens == len(ids)
+    assert 0 < cached <= out.usage.prompt_tokens
+    two = client.completions.create(**{**kw, "prompt": [ids, ids[:60]]}, n=2)
+    assert two.usage.prompt_tokens == len(ids) + 60
+    assert len(ids) < two.usage.prompt_tokens_details.cached_tokens <= two.usage.prompt_tokens  # each prompt once
+
+
+def test_user_and_session_ids_are_capped_at_256_characters(server):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                  "user": "u" * 256}).status_code == 200
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1, "user": "u" * 257})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "user", r.text
+        r = http.post("/v1/chat/completions", json={**chat, "user": "u" * 2_000})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "user", r.text
+        assert http.post("/v1/chat/completions", json=chat, headers={"X-Session-Id": "s" * 256}).status_code == 200
+        r = http.post("/v1/chat/completions", json=chat, headers={"X-Session-Id": "s" * 257})
+        assert r.status_code == 400 and "X-Session-Id" in r.json()["error"]["message"], r.text
+        assert http.post("/v1/chat/completions", json={**chat, "session_id": "s" * 257}).status_code == 400
+        assert http.get("/health").status_code == 200  # still serving
 
 
 def test_extreme_but_valid_values_are_served(client):

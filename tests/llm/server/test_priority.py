@@ -92,6 +92,21 @@ def test_a_queued_stream_names_its_id_in_the_headers_before_any_token(server):
         assert r.headers["x-request-id"] == r.json()["id"]
 
 
+def test_patch_needs_the_kind_of_the_response_id_to_match(server):
+    # chatcmpl-<hex of a completion> used to re-prioritise the completion: the engine ids carried the hex alone.
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        with http.stream("POST", "/v1/completions", json=body(240, priority=0, stream=True)) as stream:
+            lines = stream.iter_lines()
+            rid = stream.headers["x-request-id"]
+            next(line for line in lines if line.startswith("data: "))  # running
+            other = "chatcmpl-" + rid.removeprefix("cmpl-")
+            r = http.patch(f"/v1/requests/{other}", json={"priority": 5})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found", r.text
+            assert http.patch(f"/v1/requests/{rid}", json={"priority": 5}).json()["num_requests"] == 1
+            for _ in lines:
+                pass
+
+
 def test_priority_field_is_validated(server):
     with httpx.Client(base_url=server.url, timeout=60) as http:
         assert http.post("/v1/completions", json=body(2, priority=-7)).status_code == 200  # negative: more urgent
