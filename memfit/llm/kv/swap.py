@@ -322,7 +322,11 @@ class SwapSpace(InFlightSwaps):
         of a 0.5B swap-out's time was faulting in and zeroing its cold pages (issue 15; docs/engine.md "region").
         Not before the copy: that thread's Python would take the GIL from the copy's."""
         if self.warm_ahead and self.region is not None and self._ahead:
-            self.region.warm_ahead(self._ahead)
+            # twice the largest chunk, up to one whole sequence: a reuse swap-out of new tokens is smaller than the
+            # first, a longer sequence's first larger (the 0.5B run's second swap-out, 3.1 MB after 1.8, was still
+            # half cold when this was the largest chunk alone)
+            whole = self.run_map.shape(self.kv.layout.max_seq_len)[0]
+            self.region.warm_ahead(max(self._ahead, min(2 * self._ahead, whole)))
 
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)
