@@ -178,7 +178,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
-                       kv_eager_pages=0, kv_prefault=False, swap_space="1GiB", enable_prefix_caching=False)
+                       kv_eager_pages=0, kv_prefault=False, enable_prefix_caching=False)
     probe = LLMEngine(cfg.with_overrides(kv_budget="1GiB"))
     kv_budget = int(a.kv_seqs * probe.kv.bytes_needed(longest))
     if ssd:  # a small host tier, so swapped KV goes on down to the SSD tier
@@ -196,6 +196,8 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     vocab = probe.model_config.vocab_size
     probe.close()
     del probe
+    if opts.get("preemption_mode", "recompute") != "recompute":  # the tiers exist for swap preemption only
+        opts.setdefault("swap_space", "1GiB")
     engine = LLMEngine(cfg.with_overrides(kv_budget=kv_budget, **opts))
     engine.scheduler.recompute_after_wait = not wait_always
     if engine.swap is not None:

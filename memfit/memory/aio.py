@@ -35,8 +35,10 @@ from memfit.memory.mapping import round_up
 log = logging.getLogger(__name__)
 
 
-class SwapSpaceError(OSError):
-    """The SSD swap directory cannot hold what was asked (no space, not writable); the message says what to do."""
+class SwapSpaceError(OSError, ValueError):
+    """The SSD swap directory cannot hold what was asked (no space, not writable); the message says what to do.
+    A ValueError too: the user's input is what to change, so every command refuses it as one message (errors.py's
+    USER_ERRORS) rather than with a traceback."""
 
 
 @dataclass

@@ -7,6 +7,8 @@ scheduler admit, queue or preempt requests *before* the process runs out of memo
 """
 from __future__ import annotations
 
+import math
+
 import re
 import threading
 from dataclasses import dataclass, field
@@ -53,6 +55,8 @@ def parse_bytes(text: str | int | float) -> int:
                 "(B, KiB, MiB, GiB, TiB, or kB, MB, GB, TB)"
             )
         value, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(value):
+        raise ValueError(f"not a byte size: {text!r} is not a finite number")
     nbytes = int(value * _UNITS[unit])
     if nbytes < 0:
         raise ValueError(f"a byte size cannot be negative: {text!r}")
@@ -66,6 +70,8 @@ def parse_swap_space(spec: str | int | float) -> int:
         raise ValueError(f"not a swap size: {spec!r}")
     if isinstance(spec, str) and _SIZE_RE.match(spec) and _SIZE_RE.match(spec).group(2) == "":  # type: ignore[union-attr]
         spec = float(spec)
+    if isinstance(spec, float) and not math.isfinite(spec):
+        raise ValueError(f"not a swap size: {spec!r} is not a finite number")
     nbytes = int(spec * 1024**3) if isinstance(spec, (int, float)) else parse_bytes(spec)
     if nbytes <= 0:
         raise ValueError(f"a swap space must be positive, got {spec!r}")

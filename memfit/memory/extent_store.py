@@ -100,13 +100,18 @@ class ExtentStore(ExtentMap):
             try:
                 self.fd, self.direct = os.open(self.path, flags | os.O_DIRECT, 0o600), True
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
+                if exc.errno != errno.EINVAL:  # os.access can pass where open fails (root on a read-only mount)
+                    raise SwapSpaceError(f"cannot create the SSD swap file in {directory} ({exc.strerror or exc}); "
+                                         "choose another directory") from None
                 self._fall_back(f"open with O_DIRECT: {exc.strerror}")
         elif direct:
             self.direct_fallback = "O_DIRECT is not available on this platform"
         if self.fd < 0:
-            self.fd = os.open(self.path, flags, 0o600)
+            try:
+                self.fd = os.open(self.path, flags, 0o600)
+            except OSError as exc:
+                raise SwapSpaceError(f"cannot create the SSD swap file in {directory} ({exc.strerror or exc}); "
+                                     "choose another directory") from None
         try:
             os.posix_fallocate(self.fd, 0, self.capacity)
         except OSError as exc:

@@ -172,6 +172,16 @@ class EngineConfig:
                 parse_swap_space(self.swap_ssd_space)
             except ValueError as exc:
                 raise ValueError(f"swap_ssd_space (--swap-ssd-space): {exc}; a bare number means GiB") from None
+        if self.swap_ssd_path is not None and not str(self.swap_ssd_path).strip():
+            raise ValueError("swap_ssd_path (--swap-ssd-path / --ssd-swap DIR[:SIZE]) is empty: name the directory")
+        given = [flag for flag, value in (("--swap-space", self.swap_space),
+                                          ("--ssd-swap", self.swap_ssd_path or self.swap_ssd_space)) if value is not None]
+        if given and self.preemption_mode == "recompute":
+            # Why refuse rather than ignore: the tiers exist only for swap preemption, and a server started with
+            # them under the default mode would never check its directory or use a byte of them, silently.
+            raise ValueError(f"{' and '.join(given)} set up the swap tiers (swap_space, swap_ssd_path), which "
+                             "--preemption-mode recompute (the default) never uses: add --preemption-mode swap (or "
+                             f"auto), or drop {'it' if len(given) == 1 else 'them'}")
 
         self._check_speculative()
         self._check_parallel()
@@ -236,12 +246,22 @@ class EngineConfig:
         ssd_swap = getattr(args, "ssd_swap", None)
         if ssd_swap:  # --ssd-swap DIR[:SIZE], the short form of --swap-ssd-path / --swap-ssd-space
             path, _, size = ssd_swap.rpartition(":") if ":" in ssd_swap else (ssd_swap, "", "")
+            if size and not _is_size(size):  # a colon in the directory's own name, no size after it
+                path, size = ssd_swap, ""
             if values.get("swap_ssd_path") and values["swap_ssd_path"] != path:
                 raise ValueError("--ssd-swap and --swap-ssd-path name two directories: give one")
             values["swap_ssd_path"] = path
             if size:
                 values["swap_ssd_space"] = size
         return cls(**values).with_overrides(**overrides)
+
+
+def _is_size(text: str) -> bool:
+    try:
+        parse_swap_space(text)
+    except ValueError:
+        return False
+    return True
 
 
 def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:

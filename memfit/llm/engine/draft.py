@@ -29,7 +29,7 @@ from memfit.llm.models.config import ModelConfig, parse_dtype
 from memfit.llm.models.llama import LlamaForCausalLM, LlamaModel
 from memfit.llm.models.loader import load_model, resolve_model_path
 from memfit.llm.models.tokenizer import Tokenizer
-from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes
+from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, Tier, format_bytes, resolve_budget
 
 
 class TargetEngine(Protocol):
@@ -185,6 +185,12 @@ class Draft:
         left = engine.ledger.available_bytes
         cap = kv_cache_class(cfg.kv_cache).all_slots_bytes(layout, cfg.max_num_seqs, **_kv_options(cfg))
         share = min(cap, left * layout.bytes_per_token // (layout.bytes_per_token + target_bpt))
+        if cfg.kv_budget is not None:
+            # --kv-budget caps the target's share; the draft drafts only for sequences the target holds, so it
+            # needs no more tokens than that cap: without this its share was a fraction of the whole ledger
+            # (17x the target's tokens under a small --kv-budget), held by nothing it could use
+            target_cap = resolve_budget(cfg.kv_budget, Tier.DEVICE, str(device))
+            share = min(share, target_cap * layout.bytes_per_token // target_bpt)
         budget = MemoryBudget(max(1, share), Tier.DEVICE, name="draft_kv_budget", parent=engine.ledger)
         return cls(model, mc, layout, budget, backends)
 

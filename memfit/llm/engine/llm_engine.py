@@ -104,6 +104,11 @@ class LLMEngine:
         self.kv_reclaim_watermark = ledger.watermark_bytes(config.kv_reclaim_watermark, self.kv_budget.limit_bytes)
         shard_kv = create_kv_cache(config.kv_cache, self.layout, self.kv_budget, **kv_opts)
         self.kv = rank.mirror_kv(shard_kv, self.tp)  # under TP, rank 0's logs its decisions for the workers
+        if self.kv.bytes_needed(2) > self.kv_budget.limit_bytes:  # else it starts, then refuses every request
+            shard_kv.close()
+            raise MemoryBudgetExceeded(
+                f"the KV cache's share ({format_bytes(self.kv_budget.limit_bytes)}) cannot hold one sequence of 2 "
+                f"tokens ({format_bytes(self.kv.bytes_needed(2))}); raise --kv-budget or --memory-budget")
         self.swap = build_swap(config, self.kv, self.ledger, self.device, self.model, mc)  # engine/swap_tiers.py
         policy = PolicyConfig(config.scheduling_policy, aging_steps=config.priority_aging_steps)
         self.scheduler = Scheduler(
@@ -153,6 +158,9 @@ class LLMEngine:
                                  keep_slots=self._slots_wanted())
         if self.spec is not None:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
+            # freed draft slots keep their pages too (deferred reclamation): they go back on the same clock
+            self.spec.draft_kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now,
+                                            keep_slots=self._slots_wanted())
         if self._heap is not None:
             self._heap.maybe_trim()
         if not self.scheduler.has_unfinished() and self._idle_heap.maybe_trim(now):

@@ -63,6 +63,10 @@ class Preemption:
             return False
         session, seq = self.retained.popitem(last=False)  # least recently used first
         if self.reuse and self._try_swap_out(seq, keep=True):  # to the host tier, for the session's next turn
+            # the tiers drop kept copies under pressure without telling the scheduler: forget those sessions
+            # here (else one entry, tokens and all, stayed per session that never came back)
+            for gone in [k for k, q in self.swapped_sessions.items() if not self.swap.holds(q.seq_id)]:
+                del self.swapped_sessions[gone]
             self.swapped_sessions[session] = seq
             self.kv.free(seq.seq_id)
         else:

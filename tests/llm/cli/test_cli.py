@@ -140,15 +140,46 @@ def test_ssd_swap_short_form_equals_the_two_long_flags(tmp_path):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     serve = sub.choices["serve"]
-    short = EngineConfig.from_args(serve.parse_args(["--ssd-swap", f"{tmp_path}:64GiB"]))
-    long = EngineConfig.from_args(serve.parse_args(["--swap-ssd-path", str(tmp_path), "--swap-ssd-space", "64GiB"]))
+    swap = ["--preemption-mode", "swap"]
+    short = EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", f"{tmp_path}:64GiB"]))
+    long = EngineConfig.from_args(serve.parse_args(swap + ["--swap-ssd-path", str(tmp_path), "--swap-ssd-space", "64GiB"]))
     assert (short.swap_ssd_path, short.swap_ssd_space) == (long.swap_ssd_path, long.swap_ssd_space) == (str(tmp_path), "64GiB")
-    bare = EngineConfig.from_args(serve.parse_args(["--ssd-swap", str(tmp_path)]))
+    bare = EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", str(tmp_path)]))
     assert (bare.swap_ssd_path, bare.swap_ssd_space) == (str(tmp_path), None)
-    colon = EngineConfig.from_args(serve.parse_args(["--ssd-swap", "/tmp/a:b:8GiB"]))
+    colon = EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", "/tmp/a:b:8GiB"]))
     assert (colon.swap_ssd_path, colon.swap_ssd_space) == ("/tmp/a:b", "8GiB")
+    # a colon in the directory's name and no size after it: all of it is the directory
+    colon_only = EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", "/tmp/a:b"]))
+    assert (colon_only.swap_ssd_path, colon_only.swap_ssd_space) == ("/tmp/a:b", None)
+    with pytest.raises(ValueError, match="is empty: name the directory"):
+        EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", ":1GiB"]))
     with pytest.raises(ValueError, match="two directories"):
-        EngineConfig.from_args(serve.parse_args(["--ssd-swap", "/x:1GiB", "--swap-ssd-path", "/y"]))
+        EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", "/x:1GiB", "--swap-ssd-path", "/y"]))
+
+
+@pytest.mark.parametrize("flags", [["--swap-space", "8GiB"], ["--ssd-swap", "/tmp:64GiB"],
+                                   ["--swap-space", "8", "--swap-ssd-path", "/tmp"]])
+def test_swap_flags_under_recompute_preemption_are_refused(flags, capsys):
+    """Issue 15: the swap tiers serve swap preemption only; asked for under the default recompute mode they were
+    silently never built (the directory never checked): now the command refuses and says what to add."""
+    assert memfit_main(["generate", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "--preemption-mode recompute (the default) never uses" in err and "--preemption-mode swap" in err
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--preemption-mode", "swap", "--swap-space", "1e999"],
+                                  ["fit", "--json", "--memory-budget", "1e999GiB"],
+                                  ["generate", "hi", "--max-tokens", "1", "--threads", "1", "--preemption-mode", "swap",
+                                   "--ssd-swap", "/nonexistent/memfit-dir:1GiB"]])
+def test_infinite_sizes_and_a_missing_swap_directory_are_refused_as_user_errors(argv, capsys):
+    """A size that is not finite (int(inf) raised OverflowError) and an SSD tier's missing directory (SwapSpaceError
+    was an OSError only) gave a traceback and exit 1; now `error: ...` and exit 2, and --json its one object."""
+    assert memfit_main([*argv, "--model", "memfit-tiny"] if argv[0] == "fit" else argv) == 2
+    out, err = capsys.readouterr()
+    assert "error:" in err and "Traceback" not in err
+    assert "not a finite number" in err or "does not exist" in err
+    if "--json" in argv:
+        assert json.loads(out)["error"]
 
 
 def test_speculative_flags_on_generate_and_fit(capsys):

@@ -274,6 +274,14 @@ def test_budget_too_small_for_one_sequence_explains_the_fit(tiny):
     assert "KV cache's share" in msg and "memory budget" in msg and "weights" in msg and "raise --memory-budget" in msg
 
 
+def test_a_kv_share_too_small_for_any_sequence_is_refused_at_start(tiny):
+    """`--kv-budget 8` started a server that refused every request (400 kv_budget_exceeded); now the engine
+    refuses to start, as a too-small --memory-budget is."""
+    _, _, path = tiny
+    with pytest.raises(MemoryBudgetExceeded, match="cannot hold one sequence of 2 tokens.*raise --kv-budget"):
+        LLM(str(path), dtype="float32", kv_budget="8")
+
+
 def test_generation_stops_at_context_end(tiny):
     _, _, path = tiny
     llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_model_len=32)

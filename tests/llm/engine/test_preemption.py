@@ -68,7 +68,8 @@ def test_outputs_under_heavy_preemption_equal_outputs_without_pressure(tiny, exp
     groups = layout == "groups"
     llm = LLM(str(path), kv_cache=kind, kv_layout="auto" if groups else layout, kv_block_groups=groups,
               dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
-              preemption_mode=mode, swap_space="16MiB", swap_threads=threads, swap_reuse=reuse)
+              preemption_mode=mode, swap_space=None if mode == "recompute" else "16MiB", swap_threads=threads,
+              swap_reuse=reuse)
     fed = count_fed_tokens(llm.engine)
     got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS)]
     for ids, g, e in zip(PROMPTS, got, expected):
@@ -116,7 +117,7 @@ def test_a_full_host_tier_falls_back_to_recompute(tiny, expected):  # noqa: F811
 def test_an_urgent_request_preempts_and_finishes_first(tiny, mode):  # noqa: F811
     _, _, path = tiny
     llm = LLM(str(path), dtype="float32", kv_budget="64MiB", max_num_seqs=2, scheduling_policy="priority",
-              preemption_mode=mode, swap_space="16MiB")
+              preemption_mode=mode, swap_space=None if mode == "recompute" else "16MiB")
     engine = llm.engine
     long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     for i in range(2):
@@ -337,6 +338,26 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
         engine.end_session(s)
     host_tier_empty(engine.swap)
     assert engine.kv.stats().num_seqs == 0
+
+
+def test_sessions_whose_kept_copies_the_tier_dropped_are_forgotten(tiny):  # noqa: F811
+    """Many one-turn sessions that never come back: their finished KV goes to a small host tier, which drops the
+    oldest kept copies under pressure. The scheduler forgets those sessions (it kept one entry, tokens and all,
+    per session: 196 after 200 sessions of which 8 were still held)."""
+    _, _, path = tiny
+    probe = LLM(str(path), dtype="float32", kv_budget="64MiB")
+    one_seq = probe.engine.kv.bytes_needed(80)
+    llm = LLM(str(path), dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0, kv_prefault=False,
+              preemption_mode="swap", swap_space=f"{4 * one_seq}B", swap_threads=0)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i in range(40):
+        run_turn(engine, list(range(5 + i % 7, 45 + i % 7)), f"s{i}", params)
+    sched = engine.scheduler
+    assert engine.swap.stats.kept_evictions > 0  # the tier did drop kept copies
+    assert sched.swapped_sessions  # and holds some
+    assert all(engine.swap.holds(q.seq_id) for q in sched.swapped_sessions.values())
+    assert len(sched.swapped_sessions) + len(sched.retained) < 40
 
 
 @pytest.mark.parametrize("fault", ["none", "write-error", "flipped-byte", "full"])

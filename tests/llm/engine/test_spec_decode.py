@@ -4,6 +4,7 @@ truncated (checked against the kernel's page tables), and the errors at start.""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -16,7 +17,7 @@ from memfit.llm.engine.params import SamplingParams
 from tests.llm.engine import chi2
 from tests.llm.engine.spec_helpers import (DRAFT, PROMPTS, near_tie_divergences,
                                           run_noting_shrinks_before_preemption, run_until_finished, tokens)
-from tests.llm.kv.kernel_pages import PAGE, arena_pages
+from tests.llm.kv.kernel_pages import PAGE, arena_pages, arena_resident_bytes
 from tests.llm.tiny_models import build_tiny_hf_model, save_hf_model
 
 
@@ -149,6 +150,35 @@ def test_ledger_counts_the_draft() -> None:
     held = eng.ledger.by_owner().get("draft_kv_budget", 0)
     assert held >= eng.spec.draft_kv.stats().committed_bytes > 0
     assert spec.engine.config.num_speculative_tokens == 4  # the default with a draft
+
+
+def test_kv_budget_caps_the_drafts_share_at_the_targets_tokens() -> None:
+    """Under --kv-budget the draft's KV share was a fraction of the whole ledger: 131072 tokens against the
+    target's 2048 at 4 MiB. It drafts only for sequences the target holds, so it gets at most the target's tokens."""
+    kw = dict(dtype="float32", kv_budget="4MiB", max_model_len=2048, threads=1)
+    spec = LLM("memfit-tiny", **kw, speculative_model=DRAFT)
+    eng = spec.engine
+    target_tokens = eng.kv_budget.limit_bytes // eng.layout.bytes_per_token
+    draft = eng.spec.draft_kv
+    assert target_tokens == 4 * 2**20 // eng.layout.bytes_per_token
+    assert draft.budget.limit_bytes // draft.layout.bytes_per_token <= target_tokens
+    sp = SamplingParams(max_tokens=40, temperature=0)  # and it still speculates, losslessly
+    assert tokens(spec.generate(PROMPTS[:2], sp)) == tokens(LLM("memfit-tiny", **kw).generate(PROMPTS[:2], sp))
+    assert eng.stats()["speculative"]["spec_accepted"] > 0
+
+
+def test_an_idle_engine_gives_the_draft_kv_pages_back() -> None:
+    """Freed draft slots keep their pages for the next sequence (deferred reclamation), as the target's do; once
+    idle for kv_reclaim_idle_s both go back. Counted by the kernel's page map, not the caches' counters (the
+    draft's were never given back before: 3.6 MB stayed on an idle server)."""
+    llm = LLM("memfit-tiny", dtype="float32", max_num_seqs=2, threads=1, speculative_model=DRAFT,
+              num_speculative_tokens=3, kv_prefault=False)
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    draft, target = llm.engine.spec.draft_kv, llm.engine.kv
+    assert arena_resident_bytes(draft) > 0  # finished: the draft's slots still hold their pages
+    llm.engine.maintain(now=time.monotonic() + llm.engine.config.kv_reclaim_idle_s + 1)
+    assert arena_resident_bytes(draft) == 0
+    assert arena_resident_bytes(target) == 0
 
 
 def test_gamma_below_one_is_refused_at_start() -> None:

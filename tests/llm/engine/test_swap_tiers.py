@@ -156,9 +156,9 @@ def test_a_budget_without_room_for_the_staging_buffers_is_refused_clearly(tmp_pa
     assert ledger.used_bytes == 0
     ledger = MemoryBudget(3 * per_thread, Tier.DEVICE, name="memory_budget")
     assert reserve_ssd_staging(config, ledger, cpu) == 3 * per_thread == ledger.by_owner()[SSD_STAGING_OWNER]
-    # no SSD tier, or recompute only: nothing reserved
+    # no SSD tier: nothing reserved (and recompute only refuses an SSD tier at start: test_swap_flags_...)
     assert reserve_ssd_staging(EngineConfig(preemption_mode="swap"), ledger, cpu) == 0
-    assert reserve_ssd_staging(EngineConfig(swap_ssd_path=str(tmp_path)), ledger, cpu) == 0
+    assert reserve_ssd_staging(EngineConfig(), ledger, cpu) == 0
 
 
 def test_swap_ssd_prewrite_from_the_command_line_leaves_no_unwritten_extent(tiny, tmp_path, capsys):  # noqa: F811
