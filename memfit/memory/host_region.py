@@ -137,7 +137,9 @@ class HostRegion:
         self._lock = threading.Lock()
         self.prefaulted_bytes = 0  # pages warm_ahead / prefault committed ahead of a take
         self.prefault_seconds = 0.0  # and the seconds it took (off the takes' path: on the region's own thread)
-        self._ahead = 0  # the chunk size the background warming works towards (warm_ahead)
+        self._ahead = 0  # the chunk size the background warming works towards (warm_ahead); 0: stop
+        self._ahead_least = 0  # what it warms where no free extent holds _ahead (the next chunk alone)
+        self._warm_queued = False  # a warming submitted and not yet started
         self._warmer: ThreadPoolExecutor | None = None
         self._warming: Future | None = None
 
@@ -241,18 +243,24 @@ class HostRegion:
                     raise
             return self._flat[off : off + nbytes]
 
-    def prefault(self, nbytes: int) -> int:
+    def prefault(self, nbytes: int | None) -> int:
         """Commit the cold pages of the extent a take of `nbytes` would get now (first fit), so that take writes into
         warm pages; within keep_bytes of cached pages and what the budget grants (the region's owner reserves them,
         as it does its other cached pages). Returns the bytes committed. A step of PREFAULT_STEP bytes at a time:
         the lock is let go between steps, and each step looks for the extent again (a take may have come first)."""
         done = 0
-        need = extent_bytes(nbytes)
         while True:
             with self._lock:
-                if self.arena.closed:
+                # the background warming re-reads its target at every step: a later warm_ahead raises it, a trim
+                # (idle, or a reservation short of room) sets it to 0 and so stops the warming at its next step
+                target, least = (nbytes, nbytes) if nbytes is not None else (self._ahead, self._ahead_least)
+                if self.arena.closed or target <= 0:
                     break
+                need = extent_bytes(target)
                 off = self._fit(need)
+                if off is None and least < target:  # no extent of the whole target free: warm the next chunk's
+                    need = extent_bytes(least)
+                    off = self._fit(need)
                 if off is None:
                     break
                 cold = self._first_cold(off, need)
@@ -274,24 +282,32 @@ class HostRegion:
         self.prefaulted_bytes += done
         return done
 
-    def warm_ahead(self, nbytes: int) -> None:
+    def warm_ahead(self, nbytes: int, least: int | None = None) -> None:
         """`prefault(nbytes)` on the region's own thread, off the caller's path: the swap tier asks for its next
         chunk's pages after each take, so the swap-out that follows copies into warm pages instead of faulting in
         and zeroing each 4 KiB page inside its copy (issue 15: most of a 0.5B swap-out's time in a serving run).
-        A request made while one runs replaces its target; the thread runs while nothing else holds the lock
-        (the commit is madvise through ctypes, which lets the GIL go)."""
+        `least` (default nbytes): what to warm where no free extent holds nbytes (a full or fragmented region).
+        A request made while one runs replaces its target, which the warming re-reads at every step; `trim` stops
+        it. The thread runs while nothing else holds the lock (the commit is madvise through ctypes, which lets the
+        GIL go)."""
         if nbytes <= 0 or self.keep_bytes == 0:
             return
+        # (no lock: the warming reads these at each step; least first, so it never sees a least above the target)
+        self._ahead_least = min(nbytes, least or nbytes)
         self._ahead = nbytes
-        if self._warming is None or self._warming.done():
+        # a warming that has started may be past its last look at the target: queue another (one thread, so at
+        # most one runs and one waits); one already waiting will read the new target when it starts
+        if not self._warm_queued:
             if self._warmer is None:
                 self._warmer = ThreadPoolExecutor(1, thread_name_prefix="memfit-region")
+            self._warm_queued = True
             self._warming = self._warmer.submit(self._warm)
 
     def _warm(self) -> None:
+        self._warm_queued = False
         t0 = time.perf_counter()
         try:
-            self.prefault(self._ahead)
+            self.prefault(None)  # the target as it stands at each step (warm_ahead / trim change it)
         finally:
             self.prefault_seconds += time.perf_counter() - t0
 
@@ -316,6 +332,7 @@ class HostRegion:
         """Return cached pages, the highest first (first fit reuses the low ones), until at least `nbytes` are
         given back (None: every one not lent to a caller's reservation); the bytes given back."""
         with self._lock:
+            self._ahead = 0  # a warming under way stops at its next step rather than commit again what goes back
             return self._trim_locked(nbytes)
 
     # ---- inside --------------------------------------------------------------------------------------------
@@ -396,6 +413,7 @@ class HostRegion:
     def close(self) -> None:
         """Return every page and reservation (the tables' included); buffers still out read zeros afterwards (do not
         use them). A reservation lent to a caller stays the caller's to release."""
+        self._ahead = 0  # a warming under way stops at its next step
         self.wait_warm()  # the warming thread commits into the arena: let it finish first
         if self._warmer is not None:
             self._warmer.shutdown(wait=True)

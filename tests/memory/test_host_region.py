@@ -401,3 +401,46 @@ def test_prefault_stays_within_keep_bytes_and_the_budget():
     assert small.used_bytes <= small.limit_bytes and small.peak_bytes <= small.limit_bytes
     assert small.by_owner()[REGION_OWNER] == meta + resident_bytes(region)
     region.close()
+
+
+def test_a_second_warm_ahead_raises_the_target_of_a_warming_under_way():
+    """The warming re-reads its target at every step: a larger request made while one runs is warmed in full
+    (it was dropped: warm_ahead(4 MiB) then warm_ahead(64 MiB) warmed 4 MiB)."""
+    mib = 2**20
+    budget = MemoryBudget(table_bytes(128 * mib) + 128 * mib, Tier.HOST, name="swap")
+    region = HostRegion(128 * mib, budget)
+    region.warm_ahead(4 * mib)
+    region.warm_ahead(64 * mib)
+    region.wait_warm()
+    assert resident_bytes(region) == 64 * mib == region.prefaulted_bytes
+    region.close()
+
+
+def test_a_trim_stops_a_warming_under_way():
+    """Pages given back by a trim (the engine idle) are not committed again by a warming still running: it stops
+    at its next step (it went on: 128 MiB resident after a trim that gave back 6 MiB)."""
+    mib = 2**20
+    budget = MemoryBudget(table_bytes(256 * mib) + 256 * mib, Tier.HOST, name="swap")
+    region = HostRegion(256 * mib, budget)
+    region.warm_ahead(256 * mib)
+    while region.prefaulted_bytes == 0 and resident_bytes(region) == 0:  # under way
+        pass
+    region.trim()
+    region.wait_warm()
+    assert resident_bytes(region) == 0
+    assert budget.by_owner()[REGION_OWNER] == table_bytes(256 * mib)
+    region.close()
+
+
+def test_a_region_without_room_for_the_whole_target_warms_the_next_chunk():
+    """A full or fragmented region: no free extent holds the target (twice the largest chunk), one holds a chunk:
+    that much is warmed (nothing was)."""
+    mib = 2**20
+    budget = MemoryBudget(table_bytes(5 * mib) + 5 * mib, Tier.HOST, name="swap")
+    region = HostRegion(5 * mib, budget)
+    held = take(region, budget, 2 * mib)
+    region.warm_ahead(4 * mib, least=2 * mib)
+    region.wait_warm()
+    assert resident_bytes(region) - 2 * mib == extent_bytes(2 * mib)
+    give(region, budget, held)
+    region.close()

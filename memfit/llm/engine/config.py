@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -257,11 +258,9 @@ class EngineConfig:
 
 
 def _is_size(text: str) -> bool:
-    try:
-        parse_swap_space(text)
-    except ValueError:
-        return False
-    return True
+    """Does the text after --ssd-swap's last colon read as a size (a number, maybe signed, with or without a unit,
+    or inf/nan)? Then it is one, and a bad one is refused as such; other text is part of the directory's name."""
+    return re.match(r"\s*[-+]?(\d|\.\d|inf|nan)", text, re.IGNORECASE) is not None
 
 
 def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:

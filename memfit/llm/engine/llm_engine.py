@@ -120,6 +120,9 @@ class LLMEngine:
         self.runner.scratch = step_arena.build(self.ledger, [self.model] + ([self.draft.model] if self.draft else []),
                                                self.device, config.max_num_batched_tokens, self.tp)
         self.spec = self.draft.decoder(self) if self.draft is not None else None  # engine/spec_decode.py
+        # the draft cache's own watermark: a fraction (kv_reclaim_watermark) is of its own share, not the target's
+        self._draft_watermark = (ledger.watermark_bytes(config.kv_reclaim_watermark, self.spec.draft_kv.budget.limit_bytes)
+                                 if self.spec is not None else 0)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids)
         self._model_info = ModelInfo(
             model_path=str(path), max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
@@ -159,7 +162,7 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.sweep()  # draft KV of finished, preempted or evicted sequences
             # freed draft slots keep their pages too (deferred reclamation): they go back on the same clock
-            self.spec.draft_kv.reclaim_idle(self.kv_reclaim_watermark, self.config.kv_reclaim_idle_s, now,
+            self.spec.draft_kv.reclaim_idle(self._draft_watermark, self.config.kv_reclaim_idle_s, now,
                                             keep_slots=self._slots_wanted())
         if self._heap is not None:
             self._heap.maybe_trim()

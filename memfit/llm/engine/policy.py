@@ -137,11 +137,11 @@ class VTCPolicy(Policy):
 
     def on_add(self, seq: Sequence, waiting: Seq[Sequence]) -> None:
         super().on_add(seq, waiting)
-        self._seen.add(seq)
         u = self.user(seq)
         backlogged = {self.user(s) for s in waiting}
         if len(self.counters) >= self._prune_at:
-            self._prune(backlogged)
+            self._prune(backlogged)  # before `seq` counts as live: its user's counter is not lifted yet
+        self._seen.add(seq)
         if u in backlogged:
             return
         # lift to the least-served backlogged user: time away banks no credit
@@ -150,17 +150,21 @@ class VTCPolicy(Policy):
     def _prune(self, backlogged: set[str]) -> None:
         """Drop the counters of users with no unfinished request that are at or below every floor to come: on their
         return such a user is lifted to that floor, exactly as if its counter had been kept. Every future floor is
-        at least L = min(the backlogged users' counters, the last to leave's counter): counters only grow, a user
-        that joins the backlog is lifted to the floor of its time, and the next to leave the queue comes from the
-        backlog. (The floor of the moment is not such a bound: if every waiting request is aborted, it falls back
-        to the last to leave's counter.) With nobody admitted yet, L is 0. The user who left last is kept, its
+        at least L = min(the backlogged and running users' counters, the last to leave's counter): counters only
+        grow, a user that joins the backlog is lifted to the floor of its time, a preempted one re-enters it as it
+        is, and the next to leave the queue comes from the backlog. (The floor of the moment is not such a bound: if
+        every waiting request is aborted, it falls back to the last to leave's counter.) With nobody admitted yet,
+        L is 0. The user who left last is kept, its
         counter being the floor when nobody waits. Run when the table has doubled since the last sweep, so its cost
         is amortised over the arrivals that grew it."""
+        live = {self.user(s) for s in self._seen if not s.is_finished}
         if self._last_left is None:
             low = 0.0
         else:
-            low = min([self.counter(self._last_left), *(self.counter(v) for v in backlogged)])
-        live = {self.user(s) for s in self._seen if not s.is_finished}
+            # the users with a sequence in the engine count too: a preempted one goes back to the queue without
+            # being lifted (its counter unchanged), and then sets the floor; without them a pruned user came back
+            # at 1.0 where it had left at 104
+            low = min([self.counter(self._last_left), *(self.counter(v) for v in backlogged | live)])
         for u in [u for u, c in self.counters.items() if c <= low and u not in live and u != self._last_left]:
             del self.counters[u]
         self._prune_at = max(self.PRUNE_MIN, 2 * len(self.counters))

@@ -93,6 +93,7 @@ class SwapSpace(InFlightSwaps):
         # next one will take, up to the largest chunk taken so far, on a thread of its own (`_warm`)
         self.warm_ahead = warm_ahead
         self._ahead = 0  # the largest chunk taken from the region
+        self._whole: int | None = None  # a full-length sequence's bytes (the warming's cap), shaped once
         self.book = HostCopies(budget, self.stats, ssd, self.region)  # what is held, kept, evicted (swap_reuse.py)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
@@ -325,8 +326,9 @@ class SwapSpace(InFlightSwaps):
             # twice the largest chunk, up to one whole sequence: a reuse swap-out of new tokens is smaller than the
             # first, a longer sequence's first larger (the 0.5B run's second swap-out, 3.1 MB after 1.8, was still
             # half cold when this was the largest chunk alone)
-            whole = self.run_map.shape(self.kv.layout.max_seq_len)[0]
-            self.region.warm_ahead(max(self._ahead, min(2 * self._ahead, whole)))
+            if self._whole is None:  # once: shaping a full-length sequence walks all its pieces (ms at 32k tokens)
+                self._whole = self.run_map.shape(self.kv.layout.max_seq_len)[0]
+            self.region.warm_ahead(max(self._ahead, min(2 * self._ahead, self._whole)), least=self._ahead)
 
     def _live(self, seq_id: int) -> Copy:
         copy = self._copies.get(seq_id)

@@ -151,6 +151,9 @@ def test_ssd_swap_short_form_equals_the_two_long_flags(tmp_path):
     # a colon in the directory's name and no size after it: all of it is the directory
     colon_only = EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", "/tmp/a:b"]))
     assert (colon_only.swap_ssd_path, colon_only.swap_ssd_space) == ("/tmp/a:b", None)
+    for bad in ("0", "-1", "64XB", "inf"):  # a size after the colon, a bad one: refused as a size, not a directory
+        with pytest.raises(ValueError, match="swap_ssd_space"):
+            EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", f"{tmp_path}:{bad}"]))
     with pytest.raises(ValueError, match="is empty: name the directory"):
         EngineConfig.from_args(serve.parse_args(swap + ["--ssd-swap", ":1GiB"]))
     with pytest.raises(ValueError, match="two directories"):

@@ -236,3 +236,45 @@ def test_a_user_id_longer_than_256_characters_or_not_a_string_is_refused():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="fcfs, priority, vtc"):
         PolicyConfig("lottery")
+
+
+def test_vtc_forgetting_a_counter_survives_a_preemption(monkeypatch):
+    """A preempted sequence goes back to the queue unlifted, so a running user's low counter can set a later floor:
+    the bound on future floors counts the running users too. Without them a user pruned at 104 came back at 1,
+    ahead of users at 2-114 (helper-126's probe)."""
+    import itertools
+
+    ids = itertools.count()
+
+    def seq(user: str, prompt: int = 1) -> Sequence:
+        return Sequence(f"r{next(ids)}", list(range(1, prompt + 1)), SamplingParams(max_tokens=4), [0], 64, None,
+                        user=user)
+
+    def returning_counter(prune_min: int) -> float:
+        monkeypatch.setattr(VTCPolicy, "PRUNE_MIN", prune_min)
+        p = VTCPolicy(PolicyConfig("vtc"))
+        waiting: list[Sequence] = []
+
+        def add(s: Sequence) -> Sequence:
+            p.on_add(s, waiting)
+            waiting.append(s)
+            return s
+
+        def admit(s: Sequence) -> Sequence:
+            waiting.remove(s)
+            p.on_admit(s)
+            return s
+
+        a = admit(add(seq("A")))  # A at 1
+        admit(add(seq("E")))  # E lifted to 1, then 2
+        d = admit(add(seq("D", 100)))  # D lifted to 2, then 102
+        p.on_sampled([d])
+        d.status = SeqStatus.FINISHED  # D leaves at 104
+        admit(add(seq("B", 10)))  # B lifted to 104, then 114: the last to leave the queue
+        for i in range(4):  # other users come and go: a sweep runs (PRUNE_MIN 2)
+            admit(add(seq(f"F{i}"))).status = SeqStatus.FINISHED
+        waiting.insert(0, a)  # A preempted: back at the head of the queue, not lifted (no on_add)
+        add(seq("D"))
+        return p.counter("D")
+
+    assert returning_counter(2) == returning_counter(10**9) == 104.0
