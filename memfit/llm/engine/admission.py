@@ -3,7 +3,7 @@ generate, one sequence's KV within the KV cache's share, an integer priority. Ea
 MemoryBudgetExceeded whose message says what to change; nothing is queued or allocated first."""
 from __future__ import annotations
 
-from memfit.llm.engine.errors import RequestError
+from memfit.llm.engine.errors import EMPTY_MESSAGES, MAX_USER_CHARS, RequestError
 from memfit.memory.budget import MemoryBudget, MemoryBudgetExceeded, format_bytes
 
 
@@ -53,9 +53,6 @@ def check_priority(priority: object) -> None:
         raise RequestError(f"priority must be an integer (lower = more urgent, negative allowed), got {priority!r}")
 
 
-MAX_USER_CHARS = 256  # as the server's session_id: an id, not a payload (the vtc policy keys its counters by it)
-
-
 def check_user(user: object) -> None:
     """A user is None or a string of at most MAX_USER_CHARS characters; anything else is a RequestError."""
     if user is None:
@@ -64,10 +61,6 @@ def check_user(user: object) -> None:
         raise RequestError(f"user must be a string (or None), got {type(user).__name__} {user!r:.60}")
     if len(user) > MAX_USER_CHARS:
         raise RequestError(f"user is {len(user)} characters long; at most {MAX_USER_CHARS} are allowed")
-
-
-# The same words from LLM.chat and from the server's 400 (server/errors.py), so both refuse alike.
-EMPTY_MESSAGES = "messages is empty: a chat needs at least one message ({'role': 'user', 'content': ...})"
 
 
 def check_messages(messages: object) -> None:

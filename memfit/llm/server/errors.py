@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from memfit.llm.engine.admission import EMPTY_MESSAGES
+from memfit.llm.engine.errors import EMPTY_MESSAGES
 from memfit.llm.server.protocol import MAX_PROMPTS
 
 log = logging.getLogger("memfit.server")

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from memfit.llm.engine.admission import MAX_USER_CHARS
+from memfit.llm.engine.errors import MAX_USER_CHARS
 from memfit.llm.engine.params import MAX_LOGPROBS, MAX_STOP_STRINGS
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
