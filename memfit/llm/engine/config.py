@@ -159,6 +159,11 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}")
+        if self.max_waiting is not None and (not isinstance(self.max_waiting, int) or isinstance(self.max_waiting, bool)
+                                             or self.max_waiting < 1):
+            # 0 would refuse every request as QueueFull (429 on a server), which no retry can get past
+            raise ValueError(f"max_waiting (--max-waiting) must be an integer >= 1 or None (no limit), "
+                             f"got {self.max_waiting!r}")
         if self.swap_threads < 0:
             raise ValueError(f"swap_threads must be >= 0, got {self.swap_threads}")
         if self.priority_aging_steps < 0:

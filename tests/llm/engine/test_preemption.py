@@ -164,6 +164,9 @@ def test_bad_engine_options_are_refused_at_start(tiny):  # noqa: F811
         LLM(str(path), preemption_mode="swap", swap_space="lots")
     with pytest.raises(MemoryBudgetExceeded, match="swap-space"):
         LLM(str(path), dtype="float32", memory_budget="2GiB", preemption_mode="swap", swap_space=4)
+    for bad in (0, -1, True, 1.5):  # 0 answered every request QueueFull (the CLI refused it; Python did not)
+        with pytest.raises(ValueError, match="max_waiting"):
+            LLM(str(path), max_waiting=bad)
 
 
 def test_the_memory_timeline_shows_the_host_tier(tiny, tmp_path):  # noqa: F811
