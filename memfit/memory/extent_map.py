@@ -42,19 +42,27 @@ class ExtentMap:
         self._lengths = [self.capacity]
         self.used_bytes = 0
 
+    def first_fit(self, nbytes: int) -> int | None:
+        """The index of the first free extent that holds `nbytes` (rounded up to ALIGN), or None: where `alloc`
+        would take it (HostRegion's warming looks without taking)."""
+        need = extent_bytes(nbytes)
+        return next((i for i, length in enumerate(self._lengths) if length >= need), None)
+
+    def start(self, index: int) -> int:
+        return self._starts[index]
+
     def alloc(self, nbytes: int) -> int | None:
         """The offset of a free extent of `nbytes` (rounded up to ALIGN), first fit; None if none is large enough."""
-        need = extent_bytes(nbytes)
-        for i, length in enumerate(self._lengths):
-            if length >= need:
-                off = self._starts[i]
-                if length == need:
-                    del self._starts[i], self._lengths[i]
-                else:
-                    self._starts[i], self._lengths[i] = off + need, length - need
-                self.used_bytes += need
-                return off
-        return None
+        i = self.first_fit(nbytes)
+        if i is None:
+            return None
+        need, off, length = extent_bytes(nbytes), self._starts[i], self._lengths[i]
+        if length == need:
+            del self._starts[i], self._lengths[i]
+        else:
+            self._starts[i], self._lengths[i] = off + need, length - need
+        self.used_bytes += need
+        return off
 
     def free(self, offset: int, nbytes: int) -> None:
         """Give an extent back, merging it with free neighbours; ValueError if any of it is free already."""

@@ -340,7 +340,8 @@ class HostRegion:
         """The offset a take of `need` bytes (whole pages) would get now, first fit, without taking it."""
         if len(self._offs) >= self.max_extents:
             return None
-        return next((off for off, length in self.space.free_extents if length >= need), None)
+        i = self.space.first_fit(need)
+        return None if i is None else self.space.start(i)
 
     def _first_cold(self, off: int, nbytes: int) -> tuple[int, int] | None:
         """(offset, bytes) of the first run of uncommitted pages in [off, off + nbytes), or None."""
