@@ -60,8 +60,9 @@ def test_the_arena_counts_each_packed_x_and_every_threads_scratch():
 @pytest.mark.parametrize("context", [1, 448, 2048])
 def test_the_prefill_term_covers_the_amx_attention_scratch(context, monkeypatch):
     """bf16 prefill attention on AMX tiles (kernels/prefill.py) packs V beside K and holds every thread's 32 score
-    rows as one block: each block the kernel reports (cpu_prefill.cpp's own sizes) fits in what the term counts,
-    and the packed V is counted only where that path runs."""
+    rows as one block: each block the kernel reports (cpu_prefill.cpp's own sizes) fits in what the term counts.
+    The AVX-512 path packs V in key pairs too (pv_tile_bf16) and keeps its rows' P in bf16 beside the scores, so
+    its term is the larger."""
     from memfit.llm.kernels.prefill import amx_scratch_blocks
 
     k, v, scores = amx_scratch_blocks(context, LARGE.head_dim, 2)
@@ -72,9 +73,9 @@ def test_the_prefill_term_covers_the_amx_attention_scratch(context, monkeypatch)
     on = arena_accounting.kernel_scratch_bytes(LARGE, bf16, 60, context, 64, threads=2)
     monkeypatch.setattr(arena_accounting, "_prefill_on_amx", lambda: False)
     off = arena_accounting.kernel_scratch_bytes(LARGE, bf16, 60, context, 64, threads=2)
-    assert on - off >= block(v)  # whole pages plus one: any 64-byte-aligned start
+    assert off > on
     tk = -(-context // arena_accounting.PREFILL_KB) * arena_accounting.PREFILL_KB
-    assert block(tk * LARGE.head_dim * 2) >= block(k)
+    assert block(tk * LARGE.head_dim * 2) >= max(block(k), block(v))  # whole pages plus one: any 64-byte-aligned start
     assert 2 * block(arena_accounting.PREFILL_ROWS * (tk + arena_accounting.PREFILL_KB) * 4) >= block(scores)
 
 
