@@ -21,7 +21,8 @@ counted here term by term, each from the code that allocates it:
   24 rows on the AVX-512 path, 32 on the AMX path); in bf16 it packs one head's V as well (Tk rounded to KB x
   D) on either path, the AVX-512 path keeps its row block's P rounded to bf16 beside the scores (24 rows x (Tk +
   KB) bf16), and on AMX tiles it holds the threads' score rows as one block (cpu_prefill.cpp,
-  `memfit_prefill_amx_scratch_bytes`); decode attention G = Hq / Hkv score rows of the context per thread (attend.h). Each is counted in
+  `memfit_prefill_amx_scratch_bytes`); decode attention G = Hq / Hkv score rows of the context per thread (attend.h;
+  on AMX tiles, attend_amx.h, rows padded to 32 tokens and G x D fp32 sums beside them). Each is counted in
   whole pages plus one (malloc's chunk header may push a block onto one more page, as `large_m.amx_scratch_bytes`
   counts the AMX kernel's), and they are added although they never live at once (freed heap pages may stay
   resident until the heap is trimmed);
@@ -78,6 +79,13 @@ def _prefill_on_amx() -> bool:
     return kernel_for(torch.bfloat16) == "amx"
 
 
+def _decode_on_amx() -> bool:
+    """Whether memfit's bf16 decode attention runs on AMX tiles in this process (kernels/decode.py)."""
+    from memfit.llm.kernels.decode import decode_amx_on
+
+    return decode_amx_on()
+
+
 def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, context_len: int, mlp_block: int = 0,
                          threads: int | None = None) -> int:
     """The C kernels' heap scratch in a pass of `rows` rows of sequences of up to `context_len` tokens (their chunks
@@ -109,6 +117,11 @@ def kernel_scratch_bytes(cfg: ModelConfig, dtype: torch.dtype, rows: int, contex
     if 2 <= hkv <= 16 and context_len >= DECODE_BY_SEQ_MIN_LEN:
         # attend_heads (a per-layer cache, a long context): every head's scores, running maxima and fp32 outputs
         scores = max(scores, hq * context_len + hq * (16 + cfg.head_dim) + 16)
+    if bf16 and g <= 16 and cfg.head_dim % 32 == 0 and cfg.head_dim <= 128 and _decode_on_amx():
+        # attend_amx.h: score rows padded to 32 tokens (P's tiles) and fp32 sums, G of each a head, Hq where a
+        # per-layer cache is read a sequence at a time (attend_heads_amx)
+        score_rows = hq if 2 <= hkv <= 16 and context_len >= DECODE_BY_SEQ_MIN_LEN else g
+        scores = max(scores, score_rows * (-(-context_len // 32) * 32) + score_rows * cfg.head_dim + 16)
     decode = t * _heap_block(scores * 4)
     return linear + prefill + decode
 

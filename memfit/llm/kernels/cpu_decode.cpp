@@ -191,6 +191,31 @@ namespace memfit_decode {
 // cache's reader (cpu_paged.cpp).
 
 #include "attend.h"
+#include "attend_amx.h"
+
+// Whether bf16 attention of this shape runs on the tiles (attend_amx.h).
+template <typename T>
+inline bool amx_reads(int G, int D) {
+#ifdef MEMFIT_DECODE_AMX
+    return sizeof(T) == 2 && decode_amx_takes(G, D);
+#else
+    (void)G, (void)D;
+    return false;
+#endif
+}
+
+// One (sequence, KV head)'s attention: on AMX tiles where kernels/decode.py turned them on and the shape fits
+// (attend_amx.h), else attend.h's AVX-512 form.
+template <typename T, int D, typename Rows>
+inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, float scale, T* out,
+                       std::vector<float>& sc) {
+#ifdef MEMFIT_DECODE_AMX
+    if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {
+        if (decode_amx_takes(G, D)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
+    }
+#endif
+    attend_group<T, D>(q, kr, vr, L, G, scale, out, sc);
+}
 
 // Contexts from this many tokens on read all heads of a sequence in one pass (attend_heads); shorter ones head
 // by head (at 8 x 40 tokens the one-pass form took 1.05x the time, decode_ab, not kept).
@@ -201,7 +226,9 @@ constexpr int64_t BY_SEQ_MIN_LEN = 256;
 // MiB), 1.15x at 2 x 4096 (16 MiB), 1.41x at 8 x 1024 (16 MiB); level at 4 x 4096 (32 MiB); the one pass 1.03x
 // faster at 8 x 4096 (64 MiB) and 1.07x on the 0.1b model's 8 x 4000 tokens (31 MiB; benchmarks/decode_throughput).
 constexpr int64_t BY_SEQ_MIN_BYTES = 24 << 20;
-static int64_t g_by_seq_min_bytes = BY_SEQ_MIN_BYTES;  // memfit_decode_set_by_seq_min_bytes (tests: 0)
+// memfit_decode_set_by_seq_min_bytes (tests: 0 or 2^62 to pin a path); -1, the default: BY_SEQ_MIN_BYTES on AVX-512,
+// 0 on the tiles (below)
+static int64_t g_by_seq_min_bytes = -1;
 
 // Sequences a thread at least, heads side by side, some context from BY_SEQ_MIN_LEN on: one item per sequence,
 // its long context through attend_heads, a short one head by head. Kept out of line, so calls of short contexts
@@ -221,11 +248,20 @@ __attribute__((noinline)) void decode_attention_by_seq(
             for (int h = 0; h < Hkv; h++) {
                 const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
                 const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
-                attend_group<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
-                                   out + b * ldo + (int64_t)h * G * D, sc);
+                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
+                                 out + b * ldo + (int64_t)h * G * D, sc);
             }
             return;
         }
+#ifdef MEMFIT_DECODE_AMX
+        if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // the same steps on the tiles (attend_amx.h)
+            if (decode_amx_takes(G, D))
+                return attend_heads_amx<D>(q + b * ldq,
+                                           SideBySideRows{k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2], Hkv},
+                                           SideBySideRows{v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], Hkv},
+                                           t1 - t0, Hkv, G, scale, out + b * ldo, sc);
+        }
+#endif
         attend_heads<T, D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
                            v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale, out + b * ldo,
                            sc);
@@ -249,7 +285,7 @@ void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, co
         const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
         const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
         const int64_t head0 = (int64_t)h * G;
-        attend_group<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
     };
     run_items(items, nthreads, work);
 }
@@ -271,7 +307,11 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= BY_SEQ_MIN_LEN;
             tokens += n;
         }
-        by_seq = long_one && tokens * Hkv * D * (int64_t)sizeof(T) * 2 >= g_by_seq_min_bytes;
+        // On the tiles the one pass is the faster at any size: the kernel waits on memory, and a token's row of every
+        // head is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132
+        // against 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level)
+        const int64_t min_bytes = g_by_seq_min_bytes >= 0 ? g_by_seq_min_bytes : amx_reads<T>(Hq / Hkv, D) ? 0 : BY_SEQ_MIN_BYTES;
+        by_seq = long_one && tokens * Hkv * D * (int64_t)sizeof(T) * 2 >= min_bytes;
     }
 #define MEMFIT_ATTN_CASE(DIM) \
     case DIM: \
@@ -337,13 +377,29 @@ using namespace memfit_decode;
 
 extern "C" {
 
+int g_memfit_decode_amx = 0;  // attend_amx.h: bf16 decode attention on AMX tiles (memfit_decode_set_amx)
+
 int memfit_decode_abi_version(void) { return 1; }
+
+// Route bf16 decode attention (both caches) to the AMX tiles (1) or AVX-512 (0), or leave it (-1); returns the
+// previous setting, or -1 where this library has no AMX path (kernels/decode.py turns it on once
+// memfit_amx_available() says 1).
+int memfit_decode_set_amx(int on) {
+#ifdef MEMFIT_DECODE_AMX
+    const int old = ::g_memfit_decode_amx;
+    if (on >= 0) ::g_memfit_decode_amx = on ? 1 : 0;
+    return old;
+#else
+    (void)on;
+    return -1;
+#endif
+}
 
 // The step's K + V bytes from which a per-layer cache is read a sequence at a time (BY_SEQ_MIN_BYTES); returns the
 // previous value. Tests set 0 to run attend_heads on small contexts.
 int64_t memfit_decode_set_by_seq_min_bytes(int64_t nbytes) {
     const int64_t old = g_by_seq_min_bytes;
-    if (nbytes >= 0) g_by_seq_min_bytes = nbytes;
+    if (nbytes >= -1) g_by_seq_min_bytes = nbytes;
     return old;
 }
 

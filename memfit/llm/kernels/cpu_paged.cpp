@@ -20,6 +20,7 @@ namespace memfit_paged {
 #include "bf16.h"
 #include "exp16.h"
 #include "attend.h"
+#include "attend_amx.h"
 
 template <typename T, int D>
 void paged_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs, const int64_t* tables,
@@ -41,8 +42,18 @@ void paged_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, con
         const PagedRows<T> kr{k + h * ks[2], table, ks[0], ks[1], t0, mask, shift};
         const PagedRows<T> vr{v + h * vs[2], table, vs[0], vs[1], t0, mask, shift};
         const int64_t head0 = (int64_t)h * G;
+#ifdef MEMFIT_DECODE_AMX
+        if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // as cpu_decode.cpp's attend_one
+            if (decode_amx_takes(G, D))
+                return attend_group_amx<D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+        }
+#endif
         attend_group<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
     };
+    // On the tiles too, head by head: every head of a sequence at once (attend_heads_amx over the blocks, tried) was
+    // slower (benchmarks/paged_vllm.py's layer, 16-token blocks, one thread: 1 x 8192 tokens 1838 us and 8 x 2048
+    // 4245 us with the other jobs paused, where head by head took 1470 and 2724 us in an earlier run beside them),
+    // unlike the per-layer layout, where it is the faster.
     run_items(B * Hkv, nthreads, work);
 }
 

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
+from memfit.llm.kernels.build import amx_allowed, load_cpu_linear, unavailable_reason
 from memfit.llm.models.ops import TorchOps
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,48 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
         fn = getattr(lib.cdll, f"memfit_{name}_{_SUFFIX[dtype]}")
         fn.argtypes, fn.restype = argtypes, None
         fns[name] = fn
+    if dtype == torch.bfloat16 and not _amx_checked:
+        _amx_checked.append(set_decode_amx(True))
     return fns
+
+
+_amx_checked: list[bool | None] = []  # decode attention's AMX path set up once, at the first bf16 use
+
+
+def decode_amx_on() -> bool:
+    """Whether bf16 decode attention runs on AMX tiles in this process (set up at the kernels' first bf16 use)."""
+    if unavailable_reason(torch.bfloat16) is None and not _amx_checked:
+        _functions(torch.bfloat16)
+    if unavailable_reason(torch.bfloat16) is not None:
+        return False
+    fn = load_cpu_linear().cdll.memfit_decode_set_amx
+    fn.argtypes, fn.restype = [_I32], _I32
+    return fn(-1) == 1
+
+
+def set_decode_amx(on: bool) -> bool | None:
+    """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h) or on AVX-512 (attend.h).
+    On is taken only where this process may use AMX (the CPU has AMX-BF16, MEMFIT_CPU_ISA does not hide it, Linux
+    grants the tile state). Returns whether the AMX path was on before, or None where the kernels do not run.
+    The kernels turn it on at their first bf16 use; tests and benchmarks set it to compare the two paths."""
+    if unavailable_reason(torch.bfloat16) is not None:
+        return None
+    lib = load_cpu_linear().cdll
+    fn = lib.memfit_decode_set_amx
+    fn.argtypes, fn.restype = [_I32], _I32
+    if on:
+        avail = lib.memfit_amx_available
+        avail.restype = ctypes.c_int
+        on = amx_allowed() and avail() == 1
+    old = fn(1 if on else 0)
+    return None if old < 0 else bool(old)
 
 
 def set_by_seq_min_bytes(nbytes: int) -> int | None:
     """The step's K + V bytes (a layer, all its sequences) from which a per-layer cache is read a sequence at a time,
     every head in one pass (attend.h's attend_heads; below, head by head: the same bits, cpu_decode.cpp says which
-    is faster where). Returns the previous value, or None where the kernels do not run. Tests set 0."""
+    is faster where). -1 is the default: 24 MiB on AVX-512, 0 on AMX tiles. Returns the previous value, or None where
+    the kernels do not run. Tests set 0 (or 2**62) to pin a path."""
     if unavailable_reason(torch.float32) is not None:
         return None
     fn = load_cpu_linear().cdll.memfit_decode_set_by_seq_min_bytes

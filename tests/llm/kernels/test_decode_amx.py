@@ -1,0 +1,116 @@
+"""bf16 decode attention on AMX tiles (attend_amx.h): as accurate as the AVX-512 path against float64, one
+arithmetic for every cache layout (per-layer and head-major slots, paged blocks shorter and longer than a 16-row
+tile, windows), and the AVX-512 path wherever the shape does not fit a tile (G > 16, D = 256) or AMX is hidden."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memfit.llm.kernels.decode import decode_amx_on, set_by_seq_min_bytes, set_decode_amx
+from tests.llm.kernels.test_cpu_decode import ops_for, reference_attention
+from tests.llm.kernels.test_cpu_paged import paged_layout
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def amx_ops():
+    ops = ops_for(torch.bfloat16)
+    if not decode_amx_on():
+        pytest.skip("no AMX-BF16 here (or hidden by MEMFIT_CPU_ISA, or Linux refused the tile state)")
+    yield ops
+    set_decode_amx(True)
+
+
+def _case(hq, hkv, d, lens, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lens, dtype=torch.int64)
+    k = torch.randn(len(lens), int(lens.max()), hkv, d, generator=g).to(torch.bfloat16)
+    v = torch.randn(len(lens), int(lens.max()), hkv, d, generator=g).to(torch.bfloat16)
+    q = torch.randn(len(lens), hq, d, generator=g).to(torch.bfloat16)
+    return q, k, v, lens, g
+
+
+def _all_layouts(ops, q, k, v, lens, scale, window, g):
+    """The output read from per-layer slots (head by head, and every head of a sequence in one pass), head-major
+    slots and paged pools of 4, 16 and 32-token blocks."""
+    slots = torch.arange(len(lens), dtype=torch.int64)
+    old = set_by_seq_min_bytes(2**62)
+    try:
+        outs = {"per-layer": ops.decode_attention(q, k, v, slots, lens, scale, window)}
+        set_by_seq_min_bytes(0)  # sequences of 256 tokens or more: attend_heads(_amx)
+        outs["per-layer, by sequence"] = ops.decode_attention(q, k, v, slots, lens, scale, window)
+    finally:
+        set_by_seq_min_bytes(old)
+    kh, vh = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    outs["head-major"] = ops.decode_attention(q, kh, vh, slots, lens, scale, window)
+    for bs in (4, 16, 32):
+        kp, vp, table = paged_layout([k[i, :n] for i, n in enumerate(lens)], [v[i, :n] for i, n in enumerate(lens)],
+                                     bs, g)
+        kp, vp = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (kp, vp))
+        outs[f"paged {bs}"] = ops.paged_attention(q, kp, vp, table, lens, scale, window)
+    return outs
+
+
+# GQA 1, 3, 4, 7 (Qwen2-0.5B), 16 (a tile's columns); D 32-128; lengths below, at and around 16 and 32 and long
+@pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (6, 2, 32), (32, 8, 64), (14, 2, 64), (16, 1, 128), (12, 4, 96)])
+@pytest.mark.parametrize("window", [None, 21])
+def test_amx_decode_matches_float64_like_avx512_and_is_one_arithmetic_for_every_layout(amx_ops, hq, hkv, d, window):
+    q, k, v, lens, g = _case(hq, hkv, d, [1, 15, 16, 17, 31, 33, 300, 700], seed=hq * 100 + d)
+    scale = 1 / math.sqrt(d)
+    ref = reference_attention(q, k, v, torch.arange(len(lens)), lens, scale, window)
+    errs = {}
+    for amx in (False, True):
+        set_decode_amx(amx)
+        outs = _all_layouts(amx_ops, q, k, v, lens, scale, window, g)
+        first = outs["per-layer"]
+        for name, out in outs.items():
+            assert torch.equal(out, first), name  # every reader: the same bits
+        errs[amx] = (first.double() - ref).abs()
+        if amx:
+            amx_out = first
+        else:
+            avx_out = first
+    # P rounded to bf16 on the tiles: at most 2^-9 of each weight, as the output's own rounding is of each output
+    assert errs[True].max() < 1e-2, errs[True].max()
+    assert errs[True].mean() < 2 * errs[False].mean() + 1e-4, (errs[True].mean(), errs[False].mean())
+    assert not torch.equal(amx_out, avx_out)  # the tile path ran (its sums round in another order)
+
+
+def test_shapes_off_the_tiles_stay_on_avx512(amx_ops):
+    """G > 16 (more query heads than a tile has columns) and D = 256: the AVX-512 path's bits, AMX on or off."""
+    for hq, hkv, d in ((34, 2, 64), (4, 2, 256)):
+        q, k, v, lens, g = _case(hq, hkv, d, [40, 70], seed=5)
+        outs = {}
+        for amx in (False, True):
+            set_decode_amx(amx)
+            outs[amx] = amx_ops.decode_attention(q, k, v, torch.arange(2), lens, 0.1)
+        assert torch.equal(outs[True], outs[False]), (hq, hkv, d)
+
+
+def test_float32_never_takes_the_tiles(amx_ops):
+    ops = ops_for(torch.float32)
+    q, k, v, lens, g = _case(8, 2, 64, [50, 90], seed=7)
+    q, k, v = q.float(), k.float(), v.float()
+    outs = {}
+    for amx in (False, True):
+        set_decode_amx(amx)
+        outs[amx] = ops.decode_attention(q, k, v, torch.arange(2), lens, 0.125)
+    assert torch.equal(outs[True], outs[False])
+
+
+def test_hidden_amx_is_never_turned_on():
+    """MEMFIT_CPU_ISA=avx512 hides AMX: the decode kernels stay on AVX-512 even when asked for the tiles."""
+    ops_for(torch.bfloat16)
+    code = ("import torch\nfrom memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_decode_amx\n"
+            "CpuDecodeOps(torch.bfloat16)\nset_decode_amx(True)\nprint(decode_amx_on())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MEMFIT_CPU_ISA": "avx512", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
