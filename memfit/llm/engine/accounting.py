@@ -171,8 +171,7 @@ def activation_bytes(cfg: ModelConfig, dtype: torch.dtype, chunk: int, context_l
         from memfit.llm.engine import arena_accounting as arena
 
         capacity = arena.arena_capacity_bytes(cfg, dtype, max(arena_rows, chunk), mlp_block)
-        beside = arena.outside_arena_bytes(cfg, dtype, arena.bucket_tokens(chunk), context_len, sampled_rows,
-                                           mlp_block)
+        beside = arena.largest_outside_arena_bytes(cfg, dtype, chunk, context_len, sampled_rows, mlp_block)
         # `beside` counts the head's output already (in the model's dtype): only its widened copy and the
         # sampler's scratch are added
         head = sampled_rows * cfg.vocab_size * _itemsize(dtype)

@@ -6,8 +6,9 @@ arena (kernels/scratch_layout.py), so a step holds that layout once, not the pre
 intermediate (`accounting.activation_bytes` without `arena`). What a pass still allocates beside the arena is
 counted here term by term, each from the code that allocates it:
 
-- the layout itself: the arena's capacity, the layout of the largest step the scheduler can form (`rows_cap`,
-  padded as the runner pads it) in whole pages: the engine carves exactly that out of the step reservation;
+- the layout itself: the arena's capacity, the largest layout of any step the scheduler can form (up to `rows_cap`
+  tokens, padded as the runner pads them; not always the largest step's, see `arena_capacity_bytes`) in whole
+  pages: the engine carves exactly that out of the step reservation;
 - PyTorch tensors outside it: the step's token ids and positions (N int64 each), the embedding output (N, C) (it is
   layer 0's residual until its attention has run), the RoPE rows gathered for the step's positions (N, D) x 2,
   SiLU x up through PyTorch below SILU_MIN_ROWS rows (SiLU(gate) and the product, (N, I) each), and the sampled
@@ -63,13 +64,33 @@ def _heap_block(nbytes: int) -> int:
     return (-(-nbytes // PAGE) + 1) * PAGE if nbytes > 0 else 0
 
 
+def step_sizes(rows_cap: int) -> list[int]:
+    """Every row count a step of 1 to `rows_cap` real tokens is padded to (`bucket_tokens`), ascending."""
+    return [*range(1, min(rows_cap, SMALL_STEP) + 1),
+            *range(bucket_tokens(SMALL_STEP + 1), bucket_tokens(rows_cap) + 1, STEP_BUCKET)]
+
+
 def arena_capacity_bytes(cfg: ModelConfig, dtype: torch.dtype, rows_cap: int, mlp_block: int = 0) -> int:
     """The arena the engine builds for steps of up to `rows_cap` real tokens (step_arena.capacity_bytes), in whole
-    pages."""
+    pages: the largest layout of any step size, which is not always the largest step's. The MLP's gate|up takes
+    the WORK region for its largest call (scratch_layout.mlp_rows), and a step of twice the row block or more runs
+    it in blocks: with bf16's 256-row blocks and 512-token steps a 480-row step's whole-step MLP needs 1.4x the
+    layout of a 512-row one (memfit-tiny). Sized for 512 rows, such a step did not fit the arena and ran every
+    intermediate on the C heap beside it, uncounted: 3.3 MB of tensors at once, 6 MB of heap pages, in
+    tests/llm/engine/budget_probe.py's steps of a second prefill chunk beside 18 decodes."""
     from memfit.llm.kernels.scratch_layout import step_bytes
 
-    layout = step_bytes(cfg, bucket_tokens(rows_cap), dtype, mlp_block)
+    layout = max(step_bytes(cfg, rows, dtype, mlp_block) for rows in step_sizes(rows_cap))
     return -(-layout // PAGE) * PAGE
+
+
+def largest_outside_arena_bytes(cfg: ModelConfig, dtype: torch.dtype, rows_cap: int, context_len: int,
+                                sampled_rows: int, mlp_block: int = 0) -> int:
+    """`outside_arena_bytes` of the step size that allocates most beside the arena, of every step of up to `rows_cap`
+    real tokens: not always the largest either (the C kernels' sum blocks follow the MLP's largest call, and below
+    LARGE_M rows a linear packs its x)."""
+    return max(outside_arena_bytes(cfg, dtype, rows, context_len, sampled_rows, mlp_block)
+               for rows in step_sizes(rows_cap))
 
 
 def _prefill_on_amx() -> bool:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from memfit.llm.engine.runner import bucket_tokens
-from memfit.llm.kernels.scratch_layout import step_bytes
+from memfit.llm.engine.arena_accounting import arena_capacity_bytes
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.mapping import round_up
 from memfit.memory.scratch import ScratchArena
@@ -39,9 +38,10 @@ def row_block(model: torch.nn.Module) -> int:
 
 
 def capacity_bytes(models: list[torch.nn.Module], max_num_batched_tokens: int) -> int:
-    """The arena the largest step of any of `models` needs (rows padded as the runner pads them)."""
-    rows = bucket_tokens(max_num_batched_tokens)
-    return max(step_bytes(m.config, rows, m.model.norm.weight.dtype, row_block(m)) for m in models)
+    """The arena any step of any of `models` needs (rows padded as the runner pads them): the largest layout of
+    every step size, in whole pages (arena_accounting.arena_capacity_bytes: not always the largest step's)."""
+    return max(arena_capacity_bytes(m.config, m.model.norm.weight.dtype, max_num_batched_tokens, row_block(m))
+               for m in models)
 
 
 def build(ledger: MemoryBudget, models: list[torch.nn.Module], device: torch.device, max_num_batched_tokens: int,

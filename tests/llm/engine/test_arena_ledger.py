@@ -35,7 +35,7 @@ LARGE = ModelConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8
 def test_the_arena_figure_is_its_capacity_and_what_a_step_allocates_beside_it(dtype, chunk, context):
     with_arena = accounting.activation_bytes(LARGE, dtype, chunk, context, 8, True, 64, chunk)
     capacity = arena_accounting.arena_capacity_bytes(LARGE, dtype, chunk, 64)
-    beside = arena_accounting.outside_arena_bytes(LARGE, dtype, bucket_tokens(chunk), context, 8, 64)
+    beside = arena_accounting.largest_outside_arena_bytes(LARGE, dtype, chunk, context, 8, 64)
     # the sampled rows' float32 copy in a narrower dtype and the sampler's search (`beside` holds the head's output)
     logits = (8 * LARGE.vocab_size * 4 if dtype.itemsize < 4 else 0) + sampler_scratch_bytes(8, LARGE.vocab_size)
     assert with_arena == capacity + beside + logits + accounting.matmul_scratch_bytes(LARGE, dtype, chunk, 64)
