@@ -8,7 +8,8 @@ be mapped elsewhere as whole pages. Full blocks are hashed as they are written (
 A new sequence whose tokens start with cached blocks maps the holder's physical pages at the start of its
 own slot (`SharedArena.alias`: no copy, no new memory), copies the rows of a partly matching last block
 (less than one block per segment), and is prefilled from there. Its K/V stays one strided view per layer,
-so every attention kernel reads it unchanged.
+so every attention kernel reads it unchanged. Where the match is every full block of a cached (finished) prefix, the
+sequence takes that slot itself instead, pages where they are (`_takes_in_place`).
 
 Cached prefixes. A finished sequence whose full blocks nobody else holds keeps its slot with all its pages: the
 full blocks for matching, and the pages past them as a pool the slot's next sequence reuses without a commit
@@ -105,25 +106,34 @@ class VirtualPrefixMixin:
             self._pinned.add(src)
         try:
             shared = m * self.block_pages
-            slot = self._take_slot(shared)
-            if slot is None:
-                return None
-            if shared:  # map the holder's pages: [0, shared) of every segment
-                if self._pages[slot]:  # a recycled slot's own pages there make way (_recycle kept them private)
-                    self.arena.decommit_many(self._ranges(slot, 0, min(shared, self._pages[slot])))
-                for (s_off, n), (d_off, _) in zip(self._ranges(src, 0, shared), self._ranges(slot, 0, shared)):
-                    self.arena.alias(s_off, d_off, n)
-                self._pages[slot] = max(shared, self._pages[slot])
-            if not self._try_commit_to(slot, need):
-                self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
-                self._pages[slot] = 0
-                self._give_back(slot)
-                return None
+            if self._takes_in_place(src, m):
+                # The whole cached prefix is this sequence's: it takes the holder's slot, pages where they are,
+                # instead of mapping them at a second address (see `_takes_in_place`). Grown first, while still
+                # cached: if the budget is short the prefix stays as it was.
+                slot = src
+                if not self._try_commit_to(slot, need):
+                    return None
+                self._recycle(slot, shared)  # out of the LRU and the index; its pages change owner, not state
+            else:
+                slot = self._take_slot(shared)
+                if slot is None:
+                    return None
+                if shared:  # map the holder's pages: [0, shared) of every segment
+                    if self._pages[slot]:  # a recycled slot's own pages there make way (_recycle kept them private)
+                        self.arena.decommit_many(self._ranges(slot, 0, min(shared, self._pages[slot])))
+                    for (s_off, n), (d_off, _) in zip(self._ranges(src, 0, shared), self._ranges(slot, 0, shared)):
+                        self.arena.alias(s_off, d_off, n)
+                    self._pages[slot] = max(shared, self._pages[slot])
+                if not self._try_commit_to(slot, need):
+                    self.arena.decommit_many(self._ranges(slot, 0, self._pages[slot]))
+                    self._pages[slot] = 0
+                    self._give_back(slot)
+                    return None
             keep = max(shared, min(self.seg_pages, need + self.eager_pages))
             if self._pages[slot] > keep:  # a recycled slot's surplus would break the waste bound: trim it
                 self.arena.decommit_many(self._ranges(slot, keep, self._pages[slot]))
                 self._pages[slot] = keep
-            if ext:  # the partly matching block: copy its rows (views: every layout, no page arithmetic)
+            if ext and slot != src:  # the partly matching block: copy its rows (views: every layout, no page arithmetic)
                 a, b = m * self.prefix_block, cached
                 for layer in range(self.layout.num_layers):
                     self.k[layer][slot, a:b].copy_(self.k[layer][src, a:b])
@@ -144,6 +154,18 @@ class VirtualPrefixMixin:
         self._holder[slot] = record
         self._ahead(slot, need, final_tokens)
         return record, cached
+
+    def _takes_in_place(self, src: int | None, m: int) -> bool:
+        """Does a sequence matching `m` blocks of `src` take `src`'s slot itself? Yes when `src` is a cached prefix
+        (no live sequence) whose full blocks are all matched (a preempted request placed again, a session's next
+        turn): nothing of the prefix is lost, and its pages stay mapped once. Aliasing them into another slot
+        instead would leave them mapped at two addresses until the prefix is evicted: held once (the memfd's
+        blocks, the ledger), but twice in the process's RSS, which counts a shared page once per mapping (ps, top
+        and `HeldMemoryMeter` read it: 1.9 MB over the ledger when a preempted request came back in
+        tests/llm/engine/budget_probe.py), and with twice the page-table entries and mmap calls."""
+        return (src is not None and src in self._cached
+                and m == len(self._cached[src].hashes) and self._shared_upto[src] <= m * self.block_pages
+                and len(self._seqs) < self.max_seqs)
 
     def _take_slot(self, shared: int = 0) -> int | None:
         """A stale cached slot (one the idle reclaim would have evicted: see `_reclaim_idle_prefix`), else an empty

@@ -76,3 +76,20 @@ def kernel_page_changes(cache) -> dict[str, list[int]]:
     measured(grow, "committed", 1)
     measured(shrink, "released", -1)
     return changes
+
+
+def memfd_mapped_bytes(cache) -> int:
+    """Bytes of a prefix-caching virtual cache's memfd pages mapped into this process, each page once per address that
+    maps it (from /proc/self/smaps: the Rss of the arena's memfd mappings, which RssShmem and so the process's RSS
+    count). Beside `arena_resident_bytes` (each page once) it shows how many pages are mapped at two addresses."""
+    lo, hi = cache.arena.address, cache.arena.address + cache.arena.size
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=6)
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header: addr-addr perms off dev inode
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                inside = lo <= start and end <= hi and len(head) > 5 and "memfit-shared-arena" in head[5]
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total

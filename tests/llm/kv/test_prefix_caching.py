@@ -20,7 +20,7 @@ from memfit.llm.kv.paged import PagedKVCache
 from memfit.llm.kv.virtual import VirtualKVCache
 from memfit.memory.budget import MemoryBudget
 from memfit.memory.vmem_shared import PAGE
-from tests.llm.kv.kernel_pages import assert_paged_tables_consistent
+from tests.llm.kv.kernel_pages import assert_paged_tables_consistent, memfd_mapped_bytes
 
 # per-layer rows: 128 B (32 tokens a page); head-major: 64 B (64 a page); token-major: 512 B (a block of 16 = 2 pages)
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32, max_seq_len=256)
@@ -178,6 +178,29 @@ def test_virtual_finished_prefixes_are_kept_reused_and_evicted_under_pressure():
     cache.free(3)
     cache.reclaim_idle(0, 0.0)  # idle past the watermark: every cached page goes back
     assert physical(cache) == cache.cached_bytes == 0
+
+
+def test_virtual_a_returning_sequence_takes_its_cached_prefix_in_place():
+    """A sequence whose tokens start with every full block of a cached prefix (a preempted request placed again, a
+    session's next turn) takes the prefix's slot, pages where they are: read from the kernel (smaps), every page of
+    the memfd is mapped at one address, as many bytes as the memfd holds. Mapped into a new slot beside the cached
+    one, the prefix's pages were mapped twice (and the process's RSS counted them twice) until the prefix went."""
+    cache = virtual()
+    start(cache, 1, A)
+    slot = cache.slot_of(1)
+    cache.free(1)
+    back = A + [901, 902]
+    assert start(cache, 2, back) == len(A) // cache.prefix_block * cache.prefix_block
+    assert_rows(cache, 2, back)
+    assert memfd_mapped_bytes(cache) == physical(cache) == cache.bytes_needed(len(back))
+    assert cache.slot_of(2) == slot and not cache._cached
+    # a partial match keeps the cached prefix whole (its later blocks stay cached): mapped beside it, as before
+    cache.free(2)
+    c = A[:100] + [7] * 20
+    assert start(cache, 3, c) == 100  # 3 blocks mapped, 4 rows of the 4th copied
+    assert cache.slot_of(3) != slot and slot in cache._cached
+    assert_rows(cache, 3, c)
+    physical(cache)
 
 
 def test_virtual_cached_slots_are_recycled_lru_first():
