@@ -142,6 +142,10 @@ class HostRegion:
         self._warm_queued = False  # a warming submitted and not yet started
         self._warmer: ThreadPoolExecutor | None = None
         self._warming: Future | None = None
+        # [lo, hi): bytes known committed throughout, the extent the warming last found (or made) warm. A take inside
+        # it needs no look at the page flags (a numpy count that, after a model step, cost a swap-out more than its
+        # copy of a small chunk); every decommit forgets it (free, trim, close), so it is never stale
+        self._warm_span = (0, 0)
 
     @property
     def committed_bytes(self) -> int:
@@ -220,7 +224,9 @@ class HostRegion:
                 self._repay()
                 return None
             ext = extent_bytes(nbytes)
-            cold = ext - sum(n for _, n in self.arena.committed_runs(off, ext))  # pages to commit (0: warm already)
+            lo, hi = self._warm_span
+            # pages to commit (0: warm already)
+            cold = 0 if lo <= off and off + ext <= hi else ext - self.arena.committed_in(off, ext)
             paid = min(self._lent, nbytes)  # the caller's reservation covers this buffer now, lent pages included
             self._lent -= paid
             self._put(off, nbytes)
@@ -264,7 +270,8 @@ class HostRegion:
                 if off is None:
                     break
                 cold = self._first_cold(off, need)
-                if cold is None:  # warm already
+                if cold is None:  # warm already: the take that gets this extent need not look again
+                    self._warm_span = (off, off + need)
                     break
                 step = min(cold[1], PREFAULT_STEP, self.keep_bytes - self.cached_bytes, self.budget.free_bytes)
                 step -= step % ALIGN
@@ -325,6 +332,7 @@ class HostRegion:
                 raise ValueError("free of a buffer this region did not hand out (or freed twice)")
             nbytes = self._untake(off)
             if self.cached_bytes > self.keep_bytes or not self._settle():
+                self._warm_span = (0, 0)
                 self.arena.decommit(off, extent_bytes(nbytes))
                 self._settle()
 
@@ -381,6 +389,7 @@ class HostRegion:
 
     def _trim_locked(self, nbytes: int | None = None, extra: int = 0) -> int:
         before = self.arena.committed_bytes
+        self._warm_span = (0, 0)  # pages are about to go back
         spare = self.cached_bytes - round_up(self._lent, ALIGN)  # lent pages stay: a take is about to carve them
         if nbytes is None and not self._lent:
             self.arena.decommit_many(self.space.free_extents)  # free extents are whole pages (ALIGN == page)
@@ -424,6 +433,7 @@ class HostRegion:
             self._asked.clear()
             self.taken_bytes = self._taken_extents = self._lent = 0
             self._flat = torch.empty(0, dtype=torch.uint8)  # this view would keep the mapping alive
+            self._warm_span = (0, 0)
             self.arena.close()
             if self._reserved:
                 self.budget.release(self._reserved, self.owner)

@@ -181,6 +181,13 @@ class VirtualArena:
         """A strided view starting `offset_bytes` into the range (which must be a multiple of the itemsize)."""
         return strided_view(self.tensor(dtype), self.size, size, stride, offset_bytes)
 
+    def byte_view(self, size: tuple[int, ...], stride: tuple[int, ...], offset_bytes: int) -> torch.Tensor:
+        """`view(torch.uint8, ...)` in one torch call, without the Python checks (torch's own bound check stays: a
+        view past the range raises RuntimeError): for a caller on a hot path, the swap tier's view at every swap."""
+        if self._base is None:
+            raise RuntimeError("the arena is closed")
+        return self._base.as_strided(size, stride, offset_bytes)
+
     # ---- commit / decommit --------------------------------------------------------------------------
     @property
     def committed_bytes(self) -> int:
@@ -298,6 +305,14 @@ class VirtualArena:
         with self._lock:
             return [(lo * self.page_size, (hi - lo) * self.page_size)
                     for lo, hi in self._runs([(offset, nbytes)], want=False)]
+
+    def committed_in(self, offset: int, nbytes: int) -> int:
+        """Bytes of the committed pages among those touching [offset, offset + nbytes): the sum of `committed_runs`'
+        lengths in one count over the page flags, without building the runs (HostRegion.take asks it at every
+        swap-out, where the runs were a dozen numpy calls and a list)."""
+        lo, hi = self._pages(offset, nbytes)
+        with self._lock:
+            return int(np.count_nonzero(self._committed[lo:hi])) * self.page_size
 
     def is_committed(self, offset: int, nbytes: int) -> bool:
         lo, hi = self._pages(offset, nbytes)

@@ -108,6 +108,12 @@ class SharedArena:
     def view(self, dtype: torch.dtype, size: Sequence[int], stride: Sequence[int], offset_bytes: int = 0) -> torch.Tensor:
         return strided_view(self.tensor(dtype), self.size, size, stride, offset_bytes)
 
+    def byte_view(self, size: tuple[int, ...], stride: tuple[int, ...], offset_bytes: int) -> torch.Tensor:
+        """As VirtualArena.byte_view: a uint8 strided view in one torch call (torch checks the bounds)."""
+        if self._base is None:
+            raise RuntimeError("the arena is closed")
+        return self._base.as_strided(size, stride, offset_bytes)
+
     # ---- accounting -------------------------------------------------------------------------------------
     @property
     def committed_bytes(self) -> int:

@@ -240,6 +240,79 @@ def test_random_takes_and_frees_keep_the_budget_equal_to_the_pages_held(ops, kee
     assert budget.used_bytes == budget.by_owner().get(CALLER, 0)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["take", "free", "warm", "trim"]), st.integers(1, 6 * PAGE),
+                          st.integers(0, 1 << 20)), max_size=40),
+       st.sampled_from([None, 0, 8 * PAGE]))
+def test_warmings_trims_takes_and_frees_keep_the_budget_equal_to_the_pages_held(ops, keep):
+    """A take inside the extent the warming last found warm skips its look at the page flags (`_warm_span`); after
+    any mix of warmings, trims (whole or partial), takes and frees, the pages the kernel holds are still exactly
+    those reserved: a take never skips pages a trim or a free gave back."""
+    budget = MemoryBudget(24 * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(24 * PAGE, budget, keep_bytes=keep)
+    out: list[tuple[torch.Tensor, int]] = []
+    for op, nbytes, pick in ops:
+        if op == "take" or (op == "free" and not out):
+            buf = take(region, budget, nbytes)
+            if buf is not None:
+                buf.fill_(pick % 251)
+                out.append((buf, pick % 251))
+        elif op == "free":
+            buf, _ = out.pop(pick % len(out))
+            give(region, budget, buf)
+        elif op == "warm":
+            region.prefault(nbytes)
+        else:
+            region.trim(None if pick % 2 else nbytes)
+        assert budget.used_bytes == region.meta_bytes + resident_bytes(region) <= budget.limit_bytes
+        for buf, value in out:
+            assert int(buf.min()) == int(buf.max()) == value
+    region.close()
+    assert budget.used_bytes == budget.by_owner().get(CALLER, 0)
+
+
+def test_the_take_of_the_extent_the_warming_made_warm_skips_the_page_flags(monkeypatch):
+    """After a swap-out the warming commits the next chunk's extent and remembers it; the take that gets it then
+    neither looks at the page flags (a numpy count that, after a model step, cost more than a small chunk's copy)
+    nor commits anything. A take elsewhere still looks."""
+    budget = MemoryBudget(64 * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(32 * PAGE, budget)
+    looks: list[int] = []
+    count = region.arena.committed_in
+    monkeypatch.setattr(region.arena, "committed_in", lambda off, n: looks.append(off) or count(off, n))
+    held = take(region, budget, 4 * PAGE)  # cold: looked at
+    assert looks == [0]
+    assert region.prefault(8 * PAGE) == 8 * PAGE  # the extent past `held`
+    buf = take(region, budget, 6 * PAGE)
+    assert buf is not None and buf.data_ptr() == region.arena.address + 4 * PAGE and looks == [0]
+    assert budget.used_bytes == region.meta_bytes + resident_bytes(region)
+    give(region, budget, held)
+    assert take(region, budget, 2 * PAGE) is not None and looks == [0, 0]  # outside the warmed extent: looked at
+    region.close()
+
+
+@pytest.mark.parametrize("give_back", ["trim", "partial-trim", "free"])
+def test_a_take_after_pages_of_a_warmed_extent_went_back_commits_and_reserves_them_again(give_back):
+    """The warming remembers the extent it found warm, so the take that gets it skips the page flags; pages given
+    back since (a trim, whole or partial; a free past keep_bytes) must be committed and reserved again by that take."""
+    budget = MemoryBudget(64 * PAGE, Tier.HOST, name="swap")
+    region = HostRegion(32 * PAGE, budget)
+    assert region.prefault(8 * PAGE) == 8 * PAGE
+    if give_back == "free":
+        first = take(region, budget, 4 * PAGE)  # carved from the warm extent
+        region.keep_bytes = 0  # a region that keeps no page: the free returns the extent's pages
+        give(region, budget, first)
+    else:
+        region.trim(None if give_back == "trim" else 3 * PAGE)
+    assert budget.used_bytes == region.meta_bytes + resident_bytes(region)
+    buf = take(region, budget, 8 * PAGE)
+    assert buf is not None and buf.data_ptr() == region.arena.address
+    buf.fill_(3)
+    assert budget.used_bytes == region.meta_bytes + resident_bytes(region) == region.meta_bytes + region.committed_bytes
+    give(region, budget, buf)
+    region.close()
+
+
 def resident_pages(region: HostRegion) -> list[int]:
     vec = (ctypes.c_ubyte * (region.arena.size // PAGE))()
     assert ctypes.CDLL(None).mincore(ctypes.c_void_p(region.arena.address), ctypes.c_size_t(region.arena.size),

@@ -140,6 +140,41 @@ def test_dropping_the_arena_returns_its_budget():
     assert budget.used_bytes == 0
 
 
+def test_committed_in_counts_the_pages_the_kernel_holds_in_a_range():
+    """`committed_in` (HostRegion.take's check for cold pages) against the kernel's page map over ranges that cut
+    committed runs at every edge: whole pages touching the range, each counted once."""
+    from tests.llm.kv.kernel_pages import resident_pages
+
+    arena = VirtualArena(64 * PAGE, "cpu", MemoryBudget(64 * MiB))
+    arena.commit_many([(2 * PAGE, 5 * PAGE), (10 * PAGE + 1, 1), (20 * PAGE, 30 * PAGE)])
+    arena.decommit(30 * PAGE, 2 * PAGE)
+    arena.tensor()[: arena.size].view(-1)[::PAGE].max()  # reading cold pages maps the zero page: not committed
+    held = resident_pages(arena.address, arena.size)
+    for off in range(0, 64 * PAGE, PAGE // 2):
+        for nbytes in (1, PAGE, 3 * PAGE + 7, 17 * PAGE, 64 * PAGE - off):
+            if off + nbytes > arena.size:
+                continue
+            lo, hi = off // PAGE, -(-(off + nbytes) // PAGE)
+            assert arena.committed_in(off, nbytes) == int(held[lo:hi].sum()) * PAGE, (off, nbytes)
+            assert arena.committed_in(off, nbytes) == sum(n for _, n in arena.committed_runs(off, nbytes))
+    with pytest.raises(ValueError, match="outside"):
+        arena.committed_in(63 * PAGE, 2 * PAGE)
+    arena.close()
+
+
+def test_byte_view_is_the_uint8_view_and_refuses_a_range_past_the_arena():
+    arena = VirtualArena(4 * PAGE, "cpu")
+    arena.tensor().copy_(torch.arange(4 * PAGE, dtype=torch.int64).remainder(251).to(torch.uint8))
+    got = arena.byte_view((3, 100), (PAGE, 1), 7)
+    assert torch.equal(got, arena.view(torch.uint8, (3, 100), (PAGE, 1), 7))
+    assert got.data_ptr() == arena.address + 7  # a view, not a copy
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        arena.byte_view((2, 100), (4 * PAGE, 1), 0)
+    arena.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        arena.byte_view((1,), (1,), 0)
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="positive"):
         VirtualArena(0)

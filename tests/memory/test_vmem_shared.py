@@ -165,3 +165,14 @@ def test_multi_range_calls_check_every_range_and_skip_what_is_already_done():
     assert arena.decommit_many([(2 * PAGE, 7 * PAGE), (0, PAGE)]) == 3 * PAGE  # page 1 stays
     assert arena.decommit_many([]) == 0
     assert arena.allocated_bytes() == arena.committed_bytes == budget.used_bytes == PAGE
+
+
+def test_byte_view_is_the_uint8_view_and_refuses_a_range_past_the_arena():
+    arena = SharedArena(4 * PAGE, MemoryBudget(64 * PAGE, name="kv"))
+    assert arena.try_commit(0, 4 * PAGE)
+    arena.tensor().copy_(torch.arange(4 * PAGE, dtype=torch.int64).remainder(251).to(torch.uint8))
+    got = arena.byte_view((3, 100), (PAGE, 1), 7)
+    assert torch.equal(got, arena.view(torch.uint8, (3, 100), (PAGE, 1), 7)) and got.data_ptr() == arena.address + 7
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        arena.byte_view((2, 100), (4 * PAGE, 1), 0)
+    arena.close()

@@ -163,8 +163,7 @@ class SwapSpace(InFlightSwaps):
             self.book.drop_chunks(copy, start)  # a partly valid last block is copied again
             self.book.mark_kept(seq_id, False)  # not a victim while room is made for its own new tokens
         t0 = time.perf_counter()
-        pieces = self.run_map.pieces(start, num_tokens)
-        nbytes = sum(self.run_map.piece_bytes(p) for p in pieces)
+        nbytes = self.run_map.shape(num_tokens, start)[0]
         spilled: object = None
         if nbytes and not self.book.reserve(nbytes, seq_id, self._busy()):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
@@ -187,7 +186,7 @@ class SwapSpace(InFlightSwaps):
             self._outflight[seq_id] = (1, nbytes, spilled[1], (chunk, spilled[0]))
         elif spilled is not None:
             copy.chunks.append(Chunk(start, num_tokens, nbytes, None, spilled))
-        elif pieces:
+        elif nbytes:
             olds, size = self._merge_plan(copy, start, num_tokens, nbytes)  # swap_pairs.py: why merge
             buf = None
             try:

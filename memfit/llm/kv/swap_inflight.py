@@ -125,8 +125,10 @@ def copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
     buffer `buf`; returns the seconds it took."""
     t0, off = time.perf_counter(), 0
     for r in runs:
-        buf[off : off + r.numel()].view(r.shape).copy_(r)
-        off += r.numel()
+        n = r.numel()
+        dst = buf if n == buf.numel() else buf[off : off + n]  # a stacked chunk fills its buffer: no slice to make
+        dst.view(r.shape).copy_(r)
+        off += n
     return time.perf_counter() - t0
 
 

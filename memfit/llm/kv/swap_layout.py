@@ -31,6 +31,8 @@ class SwapRuns:
         self.block_tokens = block_tokens  # None: whole runs (see the module docstring)
         self.granule = 1 if kv.fixed_stride else kv.block_size  # type: ignore[attr-defined]  # a chunk starts on one
         self.stacking = True  # `stacked` views where they apply (benchmarks/swap_tiers.py turns it off to compare)
+        # a virtual cache on the CPU, whose runs can stack (`stacks`): fixed for the cache's life, asked at every swap
+        self._cpu_virtual = bool(kv.fixed_stride and kv.layout.device.type == "cpu")
 
     def pieces(self, lo: int, hi: int) -> list[Piece]:
         """The runs holding positions lo..hi-1 in buffer order, by arithmetic alone (no sequence needed)."""
@@ -107,8 +109,7 @@ class SwapRuns:
     @property
     def stacks(self) -> bool:
         """Whether a chunk's runs move in one copy here (`stacked`): a virtual cache on the CPU, whole runs."""
-        kv = self.kv
-        return bool(self.stacking and kv.fixed_stride and self.block_tokens is None and kv.layout.device.type == "cpu")
+        return self.stacking and self.block_tokens is None and self._cpu_virtual
 
     def stacked(self, seq_id: int, lo: int, hi: int) -> torch.Tensor | None:
         """Positions lo..hi-1 of every segment of the sequence's slot as one (segments, bytes) uint8 view, row j
@@ -122,7 +123,7 @@ class SwapRuns:
             return None
         off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
         size = (kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
-        return kv.arena.view(torch.uint8, size, (kv.seg_bytes, 1), off)  # type: ignore[attr-defined]
+        return kv.arena.byte_view(size, (kv.seg_bytes, 1), off)  # type: ignore[attr-defined]  # one torch call
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
@@ -139,6 +140,15 @@ class SwapRuns:
 
     def shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
         """(bytes, runs) a swap of positions lo..num_tokens-1 moves each way (block groups: at most that many
-        runs, as few as 2 x layers when the sequence's blocks are one run)."""
-        pieces = self.pieces(lo, num_tokens)
-        return sum(self.piece_bytes(p) for p in pieces), len(pieces)
+        runs, as few as 2 x layers when the sequence's blocks are one run): `pieces`' byte sum and count, by
+        arithmetic. Every swap-out asks it first, inside its timed window, where building and summing 48 pieces
+        (the 0.5B shape) cost more than a small chunk's copy."""
+        kv, hi = self.kv, num_tokens
+        if hi <= lo:
+            return 0, 0
+        if kv.fixed_stride:  # each segment's rows lo..hi-1, cut into copies of block_tokens
+            splits = 1 if self.block_tokens is None else -(-(hi - lo) // self.block_tokens)
+            return kv.num_segments * (hi - lo) * kv.row_bytes, kv.num_segments * splits  # type: ignore[attr-defined]
+        pools = 2 * kv.layout.num_layers
+        blocks = kv.blocks_for(hi) - lo // self.granule  # type: ignore[attr-defined]  # (hi > lo: at least one)
+        return pools * blocks * (kv.block_bytes // pools), pools * blocks  # type: ignore[attr-defined]

@@ -224,3 +224,34 @@ def test_auto_models_a_cpu_virtual_swap_as_one_copy():
     swap.run_map.stacking = False
     assert not swap.prefers_swap(n, seq_id=1) and not swap.prefers_swap(n)
     cache.close()
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "head-major", "token-major", "paged", "paged-groups"])
+@pytest.mark.parametrize("block_tokens", [None, 3, 16])
+def test_shape_is_the_count_and_byte_sum_of_the_pieces_and_the_buffer_a_swap_fills(kind, block_tokens):
+    """`shape` (what a swap-out reserves and the stats count) is computed by arithmetic; here it is held against the
+    pieces enumerated one by one (`pieces`, `piece_bytes`) for every range of a sequence, and against the bytes a
+    swap-out of that range actually writes into its host buffer."""
+    from memfit.llm.kv.swap_layout import SwapRuns
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    budget = MemoryBudget(2**22, name="kv_budget")
+    if kind.startswith("paged"):
+        cache = PagedKVCache(LAYOUT, budget, block_size=4, block_groups=kind == "paged-groups")
+    else:
+        opts = {"head_major": kind == "head-major", "token_major": kind == "token-major"}
+        cache = VirtualKVCache(LAYOUT, budget, max_seqs=2, prefault=False, eager_pages=0, **opts)
+    lay = SwapRuns(cache, block_tokens if not kind.startswith("paged") else None)
+    granule = lay.granule
+    for lo in range(0, 40, granule):
+        for hi in range(0, 42):
+            pieces = lay.pieces(lo, hi)
+            assert lay.shape(hi, lo) == (sum(lay.piece_bytes(p) for p in pieces), len(pieces)), (lo, hi)
+    assert cache.try_allocate(1, 41)
+    write(cache, [SeqStep(1, 0, 41)])
+    swap = SwapSpace(cache, MemoryBudget(2**22, Tier.HOST, name="swap_space"), block_tokens=lay.block_tokens)
+    assert swap.try_swap_out(1, 41)
+    held = swap._copies[1].chunks[0].buf
+    assert held.numel() == lay.shape(41)[0] == swap.stats.out_bytes and swap.stats.out_ops >= 1
+    swap.close()
+    cache.close()
