@@ -1,6 +1,7 @@
 // Single-token (decode) attention on AMX tiles, bf16: attend.h's attend_group with both products on the tile unit
 // (TDPBF16PS), for a CPU with AMX-BF16 whose tile state Linux granted this process (cpu_amx.cpp's
-// memfit_amx_available; kernels/decode.py turns this path on with memfit_decode_set_amx). Both cache readers
+// memfit_amx_available; kernels/decode.py turns this path on with memfit_decode_set_amx, opt-in: MEMFIT_DECODE_AMX=1,
+// since inside the engine it was the slower on the default per-layer layout, docs/engine.md). Both cache readers
 // (cpu_decode.cpp: strided rows; cpu_paged.cpp: blocks through a table) call it with their own `Rows` accessor,
 // so the two caches stay on one arithmetic, as on the AVX-512 path.
 //

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 import torch
 
@@ -47,11 +48,14 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
         fn.argtypes, fn.restype = argtypes, None
         fns[name] = fn
     if dtype == torch.bfloat16 and not _amx_checked:
-        _amx_checked.append(set_decode_amx(True))
+        _amx_checked.append(set_decode_amx(os.environ.get("MEMFIT_DECODE_AMX", "0") == "1"))
     return fns
 
 
-_amx_checked: list[bool | None] = []  # decode attention's AMX path set up once, at the first bf16 use
+# Decode attention's AMX path is set up once, at the kernels' first bf16 use: on only with MEMFIT_DECODE_AMX=1.
+# Off by default: in the engine it was the slower on the default (per-layer) KV layout, though the faster alone
+# (docs/engine.md, "On AMX tiles"); the paged reader gains from it.
+_amx_checked: list[bool | None] = []
 
 
 def decode_amx_on() -> bool:
@@ -69,7 +73,8 @@ def set_decode_amx(on: bool) -> bool | None:
     """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h) or on AVX-512 (attend.h).
     On is taken only where this process may use AMX (the CPU has AMX-BF16, MEMFIT_CPU_ISA does not hide it, Linux
     grants the tile state). Returns whether the AMX path was on before, or None where the kernels do not run.
-    The kernels turn it on at their first bf16 use; tests and benchmarks set it to compare the two paths."""
+    The kernels' first bf16 use sets it from MEMFIT_DECODE_AMX (1: on; default off); tests and benchmarks set it to
+    compare the two paths."""
     if unavailable_reason(torch.bfloat16) is not None:
         return None
     lib = load_cpu_linear().cdll

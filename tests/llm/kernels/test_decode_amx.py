@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from memfit.llm.kernels import build
 from memfit.llm.kernels.decode import decode_amx_on, set_by_seq_min_bytes, set_decode_amx
 from tests.llm.kernels.test_cpu_decode import ops_for, reference_attention
 from tests.llm.kernels.test_cpu_paged import paged_layout
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def amx_ops():
     ops = ops_for(torch.bfloat16)
+    old = set_decode_amx(True)  # off by default (MEMFIT_DECODE_AMX=1 turns it on)
     if not decode_amx_on():
         pytest.skip("no AMX-BF16 here (or hidden by MEMFIT_CPU_ISA, or Linux refused the tile state)")
     yield ops
-    set_decode_amx(True)
+    set_decode_amx(bool(old))
 
 
 def _case(hq, hkv, d, lens, seed):
@@ -105,12 +107,23 @@ def test_float32_never_takes_the_tiles(amx_ops):
     assert torch.equal(outs[True], outs[False])
 
 
-def test_hidden_amx_is_never_turned_on():
-    """MEMFIT_CPU_ISA=avx512 hides AMX: the decode kernels stay on AVX-512 even when asked for the tiles."""
-    ops_for(torch.bfloat16)
+def _amx_state_in_a_fresh_process(env: dict[str, str], ask: bool) -> str:
     code = ("import torch\nfrom memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_decode_amx\n"
-            "CpuDecodeOps(torch.bfloat16)\nset_decode_amx(True)\nprint(decode_amx_on())\n")
+            f"CpuDecodeOps(torch.bfloat16)\nprint(decode_amx_on())\n{'set_decode_amx(True)' if ask else ''}\n"
+            "print(decode_amx_on())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MEMFIT_CPU_ISA", "MEMFIT_DECODE_AMX")} | env
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "MEMFIT_CPU_ISA": "avx512", "OMP_NUM_THREADS": "1"})
+                         env={**env, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "False"
+    return " ".join(out.stdout.split())
+
+
+def test_the_tiles_are_opt_in_and_never_where_amx_is_hidden():
+    """Off by default, on with MEMFIT_DECODE_AMX=1 where AMX runs; MEMFIT_CPU_ISA=avx512 hides AMX: the decode
+    kernels stay on AVX-512 even when asked for the tiles."""
+    ops_for(torch.bfloat16)
+    assert _amx_state_in_a_fresh_process({}, ask=False) == "False False"
+    assert _amx_state_in_a_fresh_process({"MEMFIT_CPU_ISA": "avx512", "MEMFIT_DECODE_AMX": "1"}, ask=True) == \
+        "False False"
+    if "amx_bf16" in build.cpu_flags():
+        assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "1"}, ask=False) == "True True"
