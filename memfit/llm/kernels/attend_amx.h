@@ -1,7 +1,7 @@
 // Single-token (decode) attention on AMX tiles, bf16: attend.h's attend_group with both products on the tile unit
 // (TDPBF16PS), for a CPU with AMX-BF16 whose tile state Linux granted this process (cpu_amx.cpp's
 // memfit_amx_available; kernels/decode.py turns this path on with memfit_decode_set_amx, opt-in: MEMFIT_DECODE_AMX=1,
-// since inside the engine it was the slower on the default per-layer layout, docs/engine.md). Both cache readers
+// since inside the engine it is no faster on the default per-layer layout, docs/engine.md). Both cache readers
 // (cpu_decode.cpp: strided rows; cpu_paged.cpp: blocks through a table) call it with their own `Rows` accessor,
 // so the two caches stay on one arithmetic, as on the AVX-512 path.
 //
@@ -259,6 +259,7 @@ __attribute__((noinline)) void attend_group_amx(const uint16_t* q, const Rows& k
             pv32_in_memory<D>(P + t0, ps, vp, O);
     }
     if (D <= 64) o_tiles<D>(O, true);
+    _tile_release();  // the tile state back to its initial one, as cpu_amx.cpp does after its calls
     store_rows_bf16(O, G, D, inv, out);
 }
 
@@ -357,6 +358,7 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRow
             if (D <= 64) o_tiles<D>(o, true);
         }
     }
+    _tile_release();
     store_rows_bf16(O, H, D, inv, out);
 }
 

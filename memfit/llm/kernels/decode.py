@@ -53,8 +53,8 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
 
 
 # Decode attention's AMX path is set up once, at the kernels' first bf16 use: on only with MEMFIT_DECODE_AMX=1.
-# Off by default: in the engine it was the slower on the default (per-layer) KV layout, though the faster alone
-# (docs/engine.md, "On AMX tiles"); the paged reader gains from it.
+# Off by default: in the engine it is no faster on the default (per-layer) KV layout, though the faster alone; the
+# paged reader gains from it (docs/engine.md, "On AMX tiles, opt-in").
 _amx_checked: list[bool | None] = []
 
 
