@@ -225,6 +225,10 @@ constexpr int64_t BY_SEQ_MIN_LEN = 256;
 // benchmarks/kv_cache.py over 12 layers, bf16: head by head 1.38-1.49x faster at batch 1 (4096-8192 tokens, 8-16
 // MiB), 1.15x at 2 x 4096 (16 MiB), 1.41x at 8 x 1024 (16 MiB); level at 4 x 4096 (32 MiB); the one pass 1.03x
 // faster at 8 x 4096 (64 MiB) and 1.07x on the 0.1b model's 8 x 4000 tokens (31 MiB; benchmarks/decode_throughput).
+// On an Intel Sapphire-Rapids-class core it does not carry over (AVX-512, one thread, decode_attention alone,
+// interleaved, other jobs paused, 6 December): the one pass 1.9x faster at 1 x 4000 tokens of the 1B layer (830
+// against 1573 us) and 1.6x on the 0.1b shape (314 against 492), level at 8 x 1000 (1514 against 1496). Not changed:
+// one host each way, and no rule found that tells them apart.
 constexpr int64_t BY_SEQ_MIN_BYTES = 24 << 20;
 // memfit_decode_set_by_seq_min_bytes (tests: 0 or 2^62 to pin a path); -1, the default: BY_SEQ_MIN_BYTES on AVX-512,
 // 0 on the tiles (below)
