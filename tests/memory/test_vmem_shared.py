@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from memfit.memory.budget import MemoryBudget
+from memfit.memory.measure import anon_shmem_bytes
 from memfit.memory.vmem_shared import PAGE, SharedArena
 
 
@@ -133,6 +134,26 @@ def test_reading_pages_that_hold_nothing_allocates_nothing():
     arena.release(0, 4 * PAGE)  # pages 0-1 live on at 8-9, pages 2-3 are freed
     assert int(t[: 4 * PAGE].sum()) == 0 and int(t[8 * PAGE]) == 5
     assert arena.allocated_bytes() == arena.committed_bytes == 2 * PAGE
+
+
+def test_an_arena_holds_its_page_map_and_no_list_of_spare_pages():
+    """What building an arena makes the process hold, read from the kernel (RssAnon + RssShmem): its page -> file
+    page map (8 B a page of address space) and little more, not a Python list of every spare file page (another
+    36 B a page: 9.4 MB for this 1 GiB arena, outside every ledger); spares are taken as pages are shared or copied,
+    and a page freed twice over its life (shared, then copied) still finds one."""
+    pages = (1 << 30) // PAGE
+    before = anon_shmem_bytes()
+    arena = SharedArena(pages * PAGE, MemoryBudget(64 * PAGE, name="kv"))
+    held = anon_shmem_bytes() - before
+    assert held <= 10 * pages, held / pages
+    assert arena.try_commit(0, 2 * PAGE)
+    _fill(arena, 0, 2 * PAGE, 3)
+    arena.alias(0, 8 * PAGE, 2 * PAGE)
+    arena.release(0, 2 * PAGE)  # pages 8-9 keep file pages 0-1
+    assert arena.try_commit(0, 2 * PAGE)  # page 0's own file page is taken: two spares
+    assert arena.make_private(8 * PAGE, 2 * PAGE) and int(arena.tensor()[8 * PAGE]) == 3
+    assert arena.allocated_bytes() == arena.committed_bytes == 4 * PAGE
+    arena.close()
 
 
 def test_commit_many_is_all_or_nothing_and_exclusive_bytes_counts_what_release_would_free():
