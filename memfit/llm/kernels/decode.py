@@ -47,8 +47,8 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
         fn = getattr(lib.cdll, f"memfit_{name}_{_SUFFIX[dtype]}")
         fn.argtypes, fn.restype = argtypes, None
         fns[name] = fn
-    if dtype == torch.bfloat16 and not _amx_checked:
-        _amx_checked.append(set_decode_amx(os.environ.get("MEMFIT_DECODE_AMX", "0") == "1"))
+    if dtype == torch.bfloat16 and not _amx_checked:  # nothing has set it yet: the environment's default
+        set_decode_amx(os.environ.get("MEMFIT_DECODE_AMX", "0") == "1")
     return fns
 
 
@@ -77,6 +77,8 @@ def set_decode_amx(on: bool) -> bool | None:
     compare the two paths."""
     if unavailable_reason(torch.bfloat16) is not None:
         return None
+    if not _amx_checked:
+        _amx_checked.append(True)  # decided: the first bf16 use keeps this instead of the environment's default
     lib = load_cpu_linear().cdll
     fn = lib.memfit_decode_set_amx
     fn.argtypes, fn.restype = [_I32], _I32

@@ -107,9 +107,12 @@ def test_float32_never_takes_the_tiles(amx_ops):
     assert torch.equal(outs[True], outs[False])
 
 
-def _amx_state_in_a_fresh_process(env: dict[str, str], ask: bool) -> str:
+def _amx_state_in_a_fresh_process(env: dict[str, str], ask: bool, ask_first: bool | None = None) -> str:
+    """What decode_amx_on() says after the kernels' first bf16 use, and after asking for the tiles (`ask`); with
+    `ask_first`, set_decode_amx(ask_first) is called before any kernel is used."""
+    first = "" if ask_first is None else f"set_decode_amx({ask_first})\n"
     code = ("import torch\nfrom memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_decode_amx\n"
-            f"CpuDecodeOps(torch.bfloat16)\nprint(decode_amx_on())\n{'set_decode_amx(True)' if ask else ''}\n"
+            f"{first}CpuDecodeOps(torch.bfloat16)\nprint(decode_amx_on())\n{'set_decode_amx(True)' if ask else ''}\n"
             "print(decode_amx_on())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MEMFIT_CPU_ISA", "MEMFIT_DECODE_AMX")} | env
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -127,3 +130,56 @@ def test_the_tiles_are_opt_in_and_never_where_amx_is_hidden():
         "False False"
     if "amx_bf16" in build.cpu_flags():
         assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "1"}, ask=False) == "True True"
+        # an explicit call before the kernels' first use wins over the environment's default, either way
+        assert _amx_state_in_a_fresh_process({}, ask=False, ask_first=True) == "True True"
+        assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "1"}, ask=False, ask_first=False) == "False False"
+
+
+GUARDED = r'''
+import ctypes, math, mmap, sys, torch
+from memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_by_seq_min_bytes, set_decode_amx
+from tests.llm.kernels.test_cpu_decode import reference_attention
+ops = CpuDecodeOps(torch.bfloat16)
+set_decode_amx(True)
+assert decode_amx_on()
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+def guarded(shape):
+    """A bf16 tensor whose last byte sits right before a PROT_NONE page: a read past it faults."""
+    n = math.prod(shape) * 2
+    page = mmap.PAGESIZE
+    size = -(-n // page) * page
+    m = mmap.mmap(-1, size + page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(base + size, page, 0) == 0
+    t = torch.frombuffer(m, dtype=torch.bfloat16, count=n // 2, offset=size - n).view(shape)
+    keep.append(m)
+    return t
+g = torch.Generator().manual_seed(0)
+hq, hkv, d = 12, 4, 64
+for L in (1, 15, 16, 17, 31, 33, 300):
+    for head_major in (False, True):
+        for min_bytes in (0, 2**62):  # per-layer: every head in one pass, and head by head
+            shape = (1, hkv, L, d) if head_major else (1, L, hkv, d)
+            k, v = guarded(shape), guarded(shape)
+            k.copy_(torch.randn(shape, generator=g)); v.copy_(torch.randn(shape, generator=g))
+            if head_major:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            q = torch.randn(1, hq, d, generator=g).to(torch.bfloat16)
+            lens = torch.tensor([L])
+            set_by_seq_min_bytes(min_bytes)
+            out = ops.decode_attention(q, k, v, torch.tensor([0]), lens, d ** -0.5)
+            ref = reference_attention(q, k, v, torch.tensor([0]), lens, d ** -0.5)
+            assert (out.double() - ref).abs().max().item() < 2e-2, (L, head_major)
+print("ok")
+'''
+
+
+def test_no_read_past_a_sequences_last_row(amx_ops):
+    """Tile loads fault where prefetches do not: a slot whose last row ends right before an unmapped page (a
+    PROT_NONE guard) is read on the tiles without touching it, in every per-layer path and head-major; lengths
+    around the 16-row tiles and 32-token steps. In a child process, so a fault fails this test, not the run."""
+    out = subprocess.run([sys.executable, "-c", GUARDED], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
