@@ -311,9 +311,11 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= BY_SEQ_MIN_LEN;
             tokens += n;
         }
-        // On the tiles the one pass is the faster at any size: the kernel waits on memory, and a token's row of every
-        // head is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132
-        // against 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level)
+        // On the tiles (opt-in) the one pass at any size: the kernel waits on memory, and a token's row of every head
+        // is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
+        // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
+        // a later run with the other jobs paused had head by head the faster at 8 x 4000 (6125 against 7119 us),
+        // while the 0.1b shape (Hkv 4) took 1995 against 2748 there.
         const int64_t min_bytes = g_by_seq_min_bytes >= 0 ? g_by_seq_min_bytes : amx_reads<T>(Hq / Hkv, D) ? 0 : BY_SEQ_MIN_BYTES;
         by_seq = long_one && tokens * Hkv * D * (int64_t)sizeof(T) * 2 >= min_bytes;
     }
@@ -399,8 +401,8 @@ int memfit_decode_set_amx(int on) {
 #endif
 }
 
-// The step's K + V bytes from which a per-layer cache is read a sequence at a time (BY_SEQ_MIN_BYTES); returns the
-// previous value. Tests set 0 to run attend_heads on small contexts.
+// The step's K + V bytes from which a per-layer cache is read a sequence at a time (-1: the default, per path, as
+// g_by_seq_min_bytes says); returns the previous value. Tests set 0 to run attend_heads on small contexts.
 int64_t memfit_decode_set_by_seq_min_bytes(int64_t nbytes) {
     const int64_t old = g_by_seq_min_bytes;
     if (nbytes >= -1) g_by_seq_min_bytes = nbytes;
