@@ -263,31 +263,16 @@ __attribute__((noinline)) void attend_group_amx(const uint16_t* q, const Rows& k
     store_rows_bf16(O, G, D, inv, out);
 }
 
-// Where every KV head's rows of one sequence are, for attend_heads_amx. `run(h, t, L, n)`: head h's row t, n set to
-// how many rows from t on lie `step` apart; `at(h, t)`: the row; `request(a, b)`: every head's rows [a, b) into L2.
-// (A paged cache's blocks through this form measured slower than head by head: cpu_paged.cpp.)
-struct SideBySideRows {  // the per-layer layout: K row t of head h at base + t * step + h * head, head < step
-    const uint16_t* base;
-    int64_t step, head;
-    int Hkv;
-    const uint16_t* at(int h, int64_t t) const { return base + t * step + h * head; }
-    const uint16_t* run(int h, int64_t t, int64_t L, int64_t& n) const {
-        n = L - t;
-        return at(h, t);
-    }
-    template <int D>
-    void request(int64_t a, int64_t b) const {  // a token's row of every head is one run where heads touch
-        for (int64_t t = a; t < b; t++) prefetch_heads_l2<uint16_t, D>(base + t * step, Hkv, head);
-    }
-};
 // Every KV head of one sequence a block of TB tokens at a time: attend.h's attend_heads on the tiles. Read head by
 // head, each pass over a per-layer cache streams rows Hkv x D apart; here a block of tokens is scored for every
-// head while its rows are in cache, then V likewise: a token's row of every head is one run of memory. Per
-// (KV head, query head) the steps are attend_group_amx's in its order (O kept in memory between blocks: exact),
-// so the bits are attend_group_amx's.
-template <int D, typename HeadRows>
-__attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRows& kr, const HeadRows& vr, int64_t L,
-                                                int Hkv, int G, float scale, uint16_t* out, std::vector<float>& sc) {
+// head while its rows are in cache, then V likewise: a token's row of every head is one run of memory (K row t of
+// head h at kb + t * kstep + h * khead, khead < kstep; V likewise). Per (KV head, query head) the steps are
+// attend_group_amx's in its order (O kept in memory between blocks: exact), so the bits are attend_group_amx's.
+// (A paged cache's blocks read this way, every head at once, measured slower than head by head: cpu_paged.cpp.)
+template <int D>
+__attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_t* kb, int64_t kstep, int64_t khead,
+                                                const uint16_t* vb, int64_t vstep, int64_t vhead, int64_t L, int Hkv,
+                                                int G, float scale, uint16_t* out, std::vector<float>& sc) {
     constexpr int64_t TB = 64;  // tokens a block (a multiple of 32: whole PV steps)
     const int H = Hkv * G;
     const int64_t Lp = (L + 31) / 32 * 32;
@@ -295,17 +280,14 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRow
     float* const S = sc.data();
     float* const O = (float*)(((uintptr_t)(S + (size_t)H * Lp) + 63) & ~(uintptr_t)63);  // (H, D) fp32 sums
     alignas(64) uint32_t qt[16][D / 32][16][16];  // every group's Q^T (Hkv <= 16)
-    alignas(64) uint16_t krow[16][D];  // a step's K rows where they do not lie at one stride (a block ends inside)
     alignas(64) uint32_t vp[16][D];
     for (int h = 0; h < Hkv; h++) pack_q<D>(q + (int64_t)h * G * D, G, qt[h]);
     decode_tile_config(G);
     const int64_t full = L / 16 * 16;
     // rows into L2 as attend_heads asks for them: each step of a block's work asks for its share of the rows two
     // blocks on (the last block of scores: V's first rows)
-    int64_t kat = 0, vat = 0;
-    auto kreq = [&](int64_t upto) { upto = std::min(upto, L); if (upto > kat) kr.template request<D>(kat, upto), kat = upto; };
-    auto vreq = [&](int64_t upto) { upto = std::min(upto, L); if (upto > vat) vr.template request<D>(vat, upto), vat = upto; };
-    kreq(2 * TB);
+    RowStream<uint16_t, D> kpf{kb, kstep, L, 0}, vpf{vb, vstep, L, 0};
+    kpf.advance(2 * TB, Hkv, khead);
     const int64_t kchunks = (int64_t)Hkv * (TB / 16), vunits = (int64_t)Hkv * (TB / 32);
     __m512 mx[256];  // H <= 256 (G <= 16, Hkv <= 16)
     for (int hg = 0; hg < H; hg++) mx[hg] = _mm512_set1_ps(-INFINITY);
@@ -313,17 +295,12 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRow
         const int64_t b1 = std::min(b0 + TB, full);
         int64_t chunk = 0;
         for (int h = 0; h < Hkv; h++)
-            for (int64_t t = b0, n; t < b1; t += 16) {
+            for (int64_t t = b0; t < b1; t += 16) {
                 chunk++;
-                kreq(b1 + TB + (chunk * TB) / kchunks);
-                if (b1 == full) vreq((chunk * TB) / kchunks);
-                const uint16_t* kb = kr.run(h, t, L, n);
-                int64_t ks = kr.step * 2;
-                if (n < 16) {  // a paged block ends inside these 16 rows
-                    for (int i = 0; i < 16; i++) memcpy(krow[i], kr.at(h, t + i), D * 2);
-                    kb = &krow[0][0], ks = D * 2;
-                }
-                score16<D>(kb, ks, qt[h], G, scale, S + (size_t)h * G * Lp + t, Lp, mx + h * G);
+                kpf.advance(b1 + TB + (chunk * TB) / kchunks, Hkv, khead);
+                if (b1 == full) vpf.advance((chunk * TB) / kchunks, Hkv, vhead);
+                score16<D>(kb + t * kstep + h * khead, kstep * 2, qt[h], G, scale, S + (size_t)h * G * Lp + t, Lp,
+                           mx + h * G);
             }
     }
     float inv[256];
@@ -331,12 +308,13 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRow
         for (int g = 0; g < G; g++) {
             const int hg = h * G + g;
             inv[hg] = softmax_row_bf16<D>(q + (int64_t)hg * D, S + (size_t)hg * Lp, full, L, Lp, scale,
-                                          _mm512_reduce_max_ps(mx[hg]), [&](int64_t t) { return kr.at(h, t); });
+                                          _mm512_reduce_max_ps(mx[hg]),
+                                          [&](int64_t t) { return kb + t * kstep + h * khead; });
         }
     const int64_t ps = Lp * 4;
     const uint16_t* P = (const uint16_t*)S;
     for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
-    vreq(2 * TB);
+    vpf.advance(2 * TB, Hkv, vhead);
     for (int64_t b0 = 0; b0 < L; b0 += TB) {
         const int64_t b1 = std::min(b0 + TB, L);
         int64_t vunit = 0;
@@ -344,10 +322,11 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const HeadRow
             float* o = O + (size_t)h * G * D;
             if (D <= 64) o_tiles<D>(o, false);
             for (int64_t t0 = b0; t0 < b1; t0 += 32) {
-                vreq(b1 + TB + (++vunit * TB) / vunits);
+                vpf.advance(b1 + TB + (++vunit * TB) / vunits, Hkv, vhead);
                 for (int r = 0; r < 16; r++) {
                     const int64_t a = t0 + 2 * r;
-                    pair_rows<D>(a < L ? vr.at(h, a) : nullptr, a + 1 < L ? vr.at(h, a + 1) : nullptr, vp[r]);
+                    pair_rows<D>(a < L ? vb + a * vstep + h * vhead : nullptr,
+                                 a + 1 < L ? vb + (a + 1) * vstep + h * vhead : nullptr, vp[r]);
                 }
                 const uint16_t* p = P + (size_t)h * G * Lp * 2 + t0;  // P's rows of this group, at t0
                 if (D <= 64)

@@ -260,10 +260,9 @@ __attribute__((noinline)) void decode_attention_by_seq(
 #ifdef MEMFIT_DECODE_AMX
         if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // the same steps on the tiles (attend_amx.h)
             if (decode_amx_takes(G, D))
-                return attend_heads_amx<D>(q + b * ldq,
-                                           SideBySideRows{k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2], Hkv},
-                                           SideBySideRows{v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], Hkv},
-                                           t1 - t0, Hkv, G, scale, out + b * ldo, sc);
+                return attend_heads_amx<D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
+                                           v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale,
+                                           out + b * ldo, sc);
         }
 #endif
         attend_heads<T, D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
