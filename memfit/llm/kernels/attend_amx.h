@@ -12,8 +12,9 @@
 // Work item = (row, KV head), G = Hq / Hkv query heads (G <= 16: one tile's columns).
 // - Scores, transposed so K is read in place: S^T (16 tokens x G) = K (16 tokens x D, the A tiles: each token's D
 //   values are contiguous and tokens sit at one stride, whatever the layout) . Q^T (D x G, the B tiles: Q's
-//   columns in VNNI pairs, packed once a call). 16 tokens a step; rows of a paged block shorter than 16 are
-//   copied to a 16-row scratch first; the last L % 16 tokens are scored by attend.h's AVX-512 dot product.
+//   columns in VNNI pairs, packed once a call). 64 tokens a step, four groups of 16 on four accumulator tiles
+//   (score_block); rows of a paged block shorter than 16 are copied to a 16-row scratch first; the last L % 16
+//   tokens are scored by attend.h's AVX-512 dot product.
 // - Softmax in fp32 as attend.h's; P rounded to bf16 (as the AMX prefill path and flash attention round it; at
 //   most 2^-9 relative per weight) and written in place over the first half of its own fp32 score row.
 // - O (G x D) = P (G x 32 tokens, A tile) . V (32 tokens x D), V's rows paired for the B tiles (VNNI: tokens 2r and
@@ -41,7 +42,8 @@ struct alignas(64) DecodeTileConfig {
 };
 
 // Tiles: 0 = S^T (16 tokens x G fp32), 1 = K rows (A: 16 x 32 bf16) or V pairs (B: 16 pairs x 16 columns),
-// 2 = Q^T (B: 16 pairs x G), 3-6 = O (G x 16 fp32 each), 7 = P (A: G x 32 bf16).
+// 2 = Q^T (B: 16 pairs x G), 3-6 = O (G x 16 fp32 each), 7 = P (A: G x 32 bf16). attend_group_amx scores under
+// score_tile_config (below) and takes this one for P . V; attend_heads_amx runs under this one throughout.
 inline void decode_tile_config(int G) {
     DecodeTileConfig cfg;
     cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(4 * G);
@@ -54,6 +56,25 @@ inline void decode_tile_config(int G) {
 // Software requests into L2 this many rows ahead of the tile loads (attend.h's request_l2). The tile unit leaves the
 // kernel waiting on memory, so it asks further ahead than attend.h's ROW_LEAD.
 constexpr int64_t AMX_LEAD = 256;
+// Rows [at, upto) into L2 ahead of the tile loads. Rows at a stride (a per-layer head's) as attend.h's request_l2,
+// every line; a run of adjacent rows (a paged block's, a head-major slot's) by its first AMX_PRIME bytes and then
+// one line every AMX_SPARSE bytes. Why: each software request holds one of L1's few fill buffers until its line
+// arrives, which caps the lines in flight; the first lines of a run start the L2 streamer on it, which then runs
+// ahead with more. The paged reader at the 1B layer, one thread, interleaved, nothing else running (6 December,
+// 22:42 UTC, blocks of 128): every line 579 us at 8 x 512 tokens, 1050 at 1 x 8192, 2033 at 8 x 2048, 2293 at
+// 32 x 512, against 518, 905, 1811 and 1944 us; level at 32 x 2048 (14973 against 15151), where K and V (134 MB)
+// come from memory.
+constexpr int64_t AMX_PRIME = 512, AMX_SPARSE = 1024;
+template <int D, typename Rows>
+inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
+    if (rows.step != D) return request_l2<uint16_t, D>(rows, at, upto);
+    for (int64_t n; at < upto; at += n) {
+        const char* p = (const char*)rows.run(at, upto, n);
+        const int64_t bytes = n * D * 2;
+        for (int64_t i = 0; i < std::min(bytes, AMX_PRIME); i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+        for (int64_t i = AMX_SPARSE; i < bytes; i += AMX_SPARSE) _mm_prefetch(p + i, _MM_HINT_T1);
+    }
+}
 inline bool decode_amx_takes(int G, int D) { return g_memfit_decode_amx && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128; }
 
 // The steps below are shared by attend_group_amx (a head at a time) and attend_heads_amx (every head of a
@@ -92,6 +113,67 @@ inline void score16(const uint16_t* kb, int64_t ks, const uint32_t (*qt)[16][16]
         _mm512_storeu_ps(s + (int64_t)g * lds, r);
         mx[g] = _mm512_max_ps(mx[g], r);
     }
+}
+
+// Tiles of the score phase (score_block): 0-3 = S^T of four 16-token groups (16 x G fp32), 4-5 = K rows (A),
+// 6-7 = Q^T (B; for D <= 64 both chunks stay loaded, else chunks alternate between them). The P . V phase
+// reconfigures to decode_tile_config (loading a configuration zeroes every tile).
+inline void score_tile_config(int G) {
+    DecodeTileConfig cfg;
+    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = (uint16_t)(4 * G);
+    cfg.rows[4] = cfg.rows[5] = 16, cfg.colsb[4] = cfg.colsb[5] = 64;
+    cfg.rows[6] = cfg.rows[7] = 16, cfg.colsb[6] = cfg.colsb[7] = (uint16_t)(4 * G);
+    _tile_loadconfig(&cfg);
+}
+
+// The scores of n <= 4 groups of 16 tokens (group j's rows start at kb[j], ks[j] bytes apart) on four accumulator
+// tiles, so the tile unit overlaps the groups' multiply-add chains where score16 waits on one (each TDPBF16PS adds
+// to the tile the previous one wrote). Per group the same instructions on the same values in the same order as
+// score16: the same bits. Needs score_tile_config and, for D <= 64, Q^T chunk c in tile 6 + c.
+template <int D>
+inline void score_block(const uint16_t* const* kb, const int64_t* ks, int n, const uint32_t (*qt)[16][16], int G,
+                        float scale, float* s, int64_t lds, __m512* mx) {
+    _tile_zero(0);
+    if (n > 1) _tile_zero(1);
+    if (n > 2) _tile_zero(2);
+    if (n > 3) _tile_zero(3);
+#define MEMFIT_SCORE_GROUP(J, KT, QT) \
+    if (n > J) { \
+        _tile_loadd(KT, kb[J] + 32 * c, ks[J]); \
+        _tile_dpbf16ps(J, KT, QT); \
+    }
+    _Pragma("GCC unroll 4")
+    for (int c = 0; c < D / 32; c++) {
+        if (c % 2 == 0) {
+            if (D > 64) _tile_loadd(6, &qt[c][0][0], 64);
+            MEMFIT_SCORE_GROUP(0, 4, 6)
+            MEMFIT_SCORE_GROUP(1, 5, 6)
+            MEMFIT_SCORE_GROUP(2, 4, 6)
+            MEMFIT_SCORE_GROUP(3, 5, 6)
+        } else {
+            if (D > 64) _tile_loadd(7, &qt[c][0][0], 64);
+            MEMFIT_SCORE_GROUP(0, 4, 7)
+            MEMFIT_SCORE_GROUP(1, 5, 7)
+            MEMFIT_SCORE_GROUP(2, 4, 7)
+            MEMFIT_SCORE_GROUP(3, 5, 7)
+        }
+    }
+#undef MEMFIT_SCORE_GROUP
+    alignas(64) float st[4][16][16];
+    _tile_stored(0, &st[0][0][0], 64);
+    if (n > 1) _tile_stored(1, &st[1][0][0], 64);
+    if (n > 2) _tile_stored(2, &st[2][0][0], 64);
+    if (n > 3) _tile_stored(3, &st[3][0][0], 64);
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int j = 0; j < n; j++)
+        for (int g = 0; g < G; g++) {
+            const __m512 r =
+                _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(g)), &st[j][0][0], 4), sv);
+            _mm512_storeu_ps(s + (int64_t)g * lds + 16 * j, r);
+            mx[g] = _mm512_max_ps(mx[g], r);
+        }
 }
 
 // One score row: the tokens [full, L) that no 16-row tile covered by attend.h's dot product (row(t): K row t), then
@@ -210,25 +292,36 @@ __attribute__((noinline)) void attend_group_amx(const uint16_t* q, const Rows& k
     float* const S = sc.data();
     float* const O = (float*)(((uintptr_t)(S + (size_t)G * Lp) + 63) & ~(uintptr_t)63);  // (G, D) fp32 sums
     alignas(64) uint32_t qt[D / 32][16][16];
-    alignas(64) uint16_t krow[16][D];  // a step's K rows where they do not lie at one stride (paged blocks < 16)
+    alignas(64) uint16_t krow[4][16][D];  // a group's K rows where they do not lie at one stride (paged blocks < 16)
     alignas(64) uint32_t vp[16][D];  // a step's V pairs
     pack_q<D>(q, G, qt);
-    decode_tile_config(G);
     const int64_t full = L / 16 * 16;
     for (int64_t i = 0; i < 16 && i < L; i++) prefetch_row<uint16_t, D>(krows.at(i));
     int64_t kat = std::min<int64_t>(16, L);
     __m512 mx[16];
     for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0, n; t < full; t += 16) {
-        request_l2<uint16_t, D>(krows, kat, std::min(t + 16 + AMX_LEAD, L));
-        const uint16_t* kb = krows.run(t, L, n);
-        int64_t ks = krows.step * 2;
-        if (!Rows::one_run && n < 16) {  // a paged block ends inside these 16 rows
-            for (int i = 0; i < 16; i++) memcpy(krow[i], krows.at(t + i), D * 2);
-            kb = &krow[0][0], ks = D * 2;
-        }
-        score16<D>(kb, ks, qt, G, scale, S + t, Lp, mx);
+    score_tile_config(G);
+    if (D <= 64) {
+        _tile_loadd(6, &qt[0][0][0], 64);
+        if (D == 64) _tile_loadd(7, &qt[1][0][0], 64);
     }
+    for (int64_t t = 0; t < full; t += 64) {  // 64 tokens a step, in four groups of 16
+        const int ng = (int)std::min<int64_t>(4, (full - t) / 16);
+        request_runs_l2<D>(krows, kat, std::min(t + 64 + AMX_LEAD, L));
+        const uint16_t* kb[4];
+        int64_t ks[4];
+        for (int j = 0; j < ng; j++) {
+            int64_t n;
+            kb[j] = krows.run(t + 16 * j, L, n);
+            ks[j] = krows.step * 2;
+            if (!Rows::one_run && n < 16) {  // a paged block ends inside these 16 rows
+                for (int i = 0; i < 16; i++) memcpy(krow[j][i], krows.at(t + 16 * j + i), D * 2);
+                kb[j] = &krow[j][0][0], ks[j] = D * 2;
+            }
+        }
+        score_block<D>(kb, ks, ng, qt, G, scale, S + t, Lp, mx);
+    }
+    decode_tile_config(G);  // the P . V phase's tiles
     float inv[16];
     for (int g = 0; g < G; g++)
         inv[g] = softmax_row_bf16<D>(q + (int64_t)g * D, S + (size_t)g * Lp, full, L, Lp, scale,
@@ -248,7 +341,7 @@ __attribute__((noinline)) void attend_group_amx(const uint16_t* q, const Rows& k
         for (int64_t i = 0; i < (int64_t)G * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
     }
     for (int64_t t0 = 0; t0 < L; t0 += 32) {
-        request_l2<uint16_t, D>(vrows, vat, std::min(t0 + 32 + AMX_LEAD, L));
+        request_runs_l2<D>(vrows, vat, std::min(t0 + 32 + AMX_LEAD, L));
         for (int r = 0; r < 16; r++) {
             const int64_t a = t0 + 2 * r;
             pair_rows<D>(a < L ? vrows.at(a) : nullptr, a + 1 < L ? vrows.at(a + 1) : nullptr, vp[r]);

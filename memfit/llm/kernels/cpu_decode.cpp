@@ -11,6 +11,8 @@
 // Rounding follows the PyTorch reference path (memfit/llm/models/llama.py) step for step: every value the
 // reference stores in bf16 is rounded to bf16 (nearest even) at the same point here, so the two paths
 // agree to float32 summation order. Compiled together with cpu_linear.cpp by build.py.
+#include <cpuid.h>
+#include <unistd.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -225,30 +227,57 @@ constexpr int64_t BY_SEQ_MIN_LEN = 256;
 // benchmarks/kv_cache.py over 12 layers, bf16: head by head 1.38-1.49x faster at batch 1 (4096-8192 tokens, 8-16
 // MiB), 1.15x at 2 x 4096 (16 MiB), 1.41x at 8 x 1024 (16 MiB); level at 4 x 4096 (32 MiB); the one pass 1.03x
 // faster at 8 x 4096 (64 MiB) and 1.07x on the 0.1b model's 8 x 4000 tokens (31 MiB; benchmarks/decode_throughput).
-// On an Intel Sapphire-Rapids-class core it does not carry over (AVX-512, one thread, decode_attention alone,
-// interleaved, other jobs paused, 6 December): the one pass 1.9x faster at 1 x 4000 tokens of the 1B layer (830
-// against 1573 us) and 1.6x on the 0.1b shape (314 against 492), level at 8 x 1000 (1514 against 1496). Not changed:
-// one host each way, and no rule found that tells them apart.
+// On an Intel Sapphire-Rapids-class core it does not carry over: there a sequence's context length decides, not
+// the step's bytes. AVX-512, one thread, the 1B layer (Hkv 8, D 64) unless said, interleaved medians, nothing else
+// running (6 December, 22:44 UTC): head by head took 0.81x the one pass's time at 1 x 1024 tokens (2 MiB of K + V a
+// sequence), 0.87x at 8 x 512, 0.90x at 32 x 512, but 1.20x at 1 x 1536 (3 MiB), 1.47x at 1 x 2048, 1.53x at 8 x
+// 2048, 2.1x at 1 x 4000 and 2.3x at 8 x 4000; the 0.1b shape (Hkv 4) 0.71x at 1 x 1024 (1 MiB), 1.08x at 1 x 2048
+// (2 MiB), 1.15x at 8 x 2048; D 128 1.46x at 1 x 1024 (4 MiB). The turn comes where a sequence's K + V outgrow the
+// core's L2 (2 MiB here): head by head re-reads each row's lines once a head, from L2 while they fit, and Intel's L2
+// streamer, which follows runs of adjacent lines, does not follow one head's rows (128-256 B every Hkv x D x 2 bytes)
+// once they come from further away; the one pass reads whole rows. So on an Intel core (CPUID vendor) a sequence is
+// read in one pass when its K + V exceed the L2 (sysconf), whatever the step's total; elsewhere as measured on Zen 4.
+// One host of each vendor measured.
 constexpr int64_t BY_SEQ_MIN_BYTES = 24 << 20;
-// memfit_decode_set_by_seq_min_bytes (tests: 0 or 2^62 to pin a path); -1, the default: BY_SEQ_MIN_BYTES on AVX-512,
-// 0 on the tiles (below)
+inline bool cpu_is_intel() {
+    static const bool v = [] {
+        unsigned a = 0, b = 0, c = 0, d = 0;  // "GenuineIntel" in EBX, EDX, ECX of leaf 0
+        return __get_cpuid(0, &a, &b, &c, &d) && b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu;
+    }();
+    return v;
+}
+inline int64_t l2_bytes() {
+    static const int64_t v = [] {
+        const long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        return s > 0 ? (int64_t)s : (int64_t)(2 << 20);
+    }();
+    return v;
+}
+// The AVX-512 path's defaults: the step's K + V bytes from which the one pass may run, and the fewest tokens a
+// sequence needs for it (row_bytes: one token's K + V, every head).
+inline int64_t avx512_by_seq_min_bytes() { return cpu_is_intel() ? 0 : BY_SEQ_MIN_BYTES; }
+inline int64_t avx512_by_seq_min_len(int64_t row_bytes) {
+    return cpu_is_intel() ? std::max<int64_t>(BY_SEQ_MIN_LEN, l2_bytes() / row_bytes + 1) : BY_SEQ_MIN_LEN;
+}
+// memfit_decode_set_by_seq_min_bytes (tests: 0 or 2^62 to pin a path, sequences from BY_SEQ_MIN_LEN on); -1, the
+// default: the two above on AVX-512, 0 bytes and BY_SEQ_MIN_LEN on the tiles (below)
 static int64_t g_by_seq_min_bytes = -1;
 
-// Sequences a thread at least, heads side by side, some context from BY_SEQ_MIN_LEN on: one item per sequence,
+// Sequences a thread at least, heads side by side, some context from min_len tokens on: one item per sequence,
 // its long context through attend_heads, a short one head by head. Kept out of line, so calls of short contexts
 // run the per-head code below as compiled before it.
 template <typename T, int D>
 __attribute__((noinline)) void decode_attention_by_seq(
         const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, const int64_t* vs, const int64_t* slots,
         const int64_t* lens, int64_t B, int Hkv, int G, int64_t window, float scale, T* out, int64_t ldo,
-        const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
+        const T* k_new, const T* v_new, int64_t ldn, int nthreads, int64_t min_len) {
     run_items(B, nthreads, [&](int64_t b, std::vector<float>& sc) {
         const int64_t t1 = lens[b], t0 = window > 0 ? std::max<int64_t>(0, t1 - window) : 0;
         for (int h = 0; k_new && h < Hkv; h++) {  // the row's new token, every head, into the cache first
             memcpy(k + slots[b] * ks[0] + (t1 - 1) * ks[1] + h * ks[2], k_new + b * ldn + (int64_t)h * D, D * sizeof(T));
             memcpy(v + slots[b] * vs[0] + (t1 - 1) * vs[1] + h * vs[2], v_new + b * ldn + (int64_t)h * D, D * sizeof(T));
         }
-        if (t1 - t0 < BY_SEQ_MIN_LEN) {  // short: a head's rows stay in cache between passes anyway
+        if (t1 - t0 < min_len) {  // short: a head's rows stay in cache between passes anyway
             for (int h = 0; h < Hkv; h++) {
                 const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
                 const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
@@ -299,15 +328,18 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
                           const int64_t* slots, const int64_t* lens, int64_t B, int Hq, int Hkv, int D, int64_t window,
                           float scale, T* out, int64_t ldo, const T* k_new, const T* v_new, int64_t ldn, int nthreads) {
     // A token's heads side by side (the per-layer layout), a sequence a thread at least, a long context and a
-    // step that reads BY_SEQ_MIN_BYTES of K and V or more: all heads of a sequence in one pass over its rows
-    // (attend.h's attend_heads: the same bits).
+    // step that reads min_bytes of K and V or more: all heads of a sequence in one pass over its rows (attend.h's
+    // attend_heads: the same bits).
     bool by_seq = Hkv > 1 && Hkv <= 16 && ks[2] < ks[1] && vs[2] < vs[1] && B >= std::max(nthreads, 1);
+    const bool tiles = amx_reads<T>(Hq / Hkv, D);
+    const int64_t row_bytes = (int64_t)Hkv * D * (int64_t)sizeof(T) * 2;
+    const int64_t min_len = g_by_seq_min_bytes >= 0 || tiles ? BY_SEQ_MIN_LEN : avx512_by_seq_min_len(row_bytes);
     if (by_seq) {
         bool long_one = false;
         int64_t tokens = 0;
         for (int64_t b = 0; b < B; b++) {
             const int64_t n = lens[b] - (window > 0 ? std::max<int64_t>(0, lens[b] - window) : 0);
-            long_one = long_one || n >= BY_SEQ_MIN_LEN;
+            long_one = long_one || n >= min_len;
             tokens += n;
         }
         // On the tiles (opt-in) the one pass at any size: the kernel waits on memory, and a token's row of every head
@@ -315,14 +347,14 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
         // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
         // a later run with the other jobs paused had head by head the faster at 8 x 4000 (6125 against 7119 us),
         // while the 0.1b shape (Hkv 4) took 1995 against 2748 there.
-        const int64_t min_bytes = g_by_seq_min_bytes >= 0 ? g_by_seq_min_bytes : amx_reads<T>(Hq / Hkv, D) ? 0 : BY_SEQ_MIN_BYTES;
-        by_seq = long_one && tokens * Hkv * D * (int64_t)sizeof(T) * 2 >= min_bytes;
+        const int64_t min_bytes = g_by_seq_min_bytes >= 0 ? g_by_seq_min_bytes : tiles ? 0 : avx512_by_seq_min_bytes();
+        by_seq = long_one && tokens * row_bytes >= min_bytes;
     }
 #define MEMFIT_ATTN_CASE(DIM) \
     case DIM: \
         if (by_seq) \
             decode_attention_by_seq<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hkv, Hq / Hkv, window, scale, out, \
-                                            ldo, k_new, v_new, ldn, nthreads); \
+                                            ldo, k_new, v_new, ldn, nthreads, min_len); \
         else \
             decode_attention<T, DIM>(q, ldq, k, v, ks, vs, slots, lens, B, Hq, Hkv, window, scale, out, ldo, k_new, \
                                      v_new, ldn, nthreads); \
@@ -406,6 +438,12 @@ int64_t memfit_decode_set_by_seq_min_bytes(int64_t nbytes) {
     const int64_t old = g_by_seq_min_bytes;
     if (nbytes >= -1) g_by_seq_min_bytes = nbytes;
     return old;
+}
+// The AVX-512 path's defaults on this CPU: the step's bytes (avx512_by_seq_min_bytes) and, for rows of row_bytes
+// (one token's K + V, every head), a sequence's fewest tokens (avx512_by_seq_min_len), as {bytes, tokens}.
+void memfit_decode_by_seq_default(int64_t row_bytes, int64_t* out) {
+    out[0] = avx512_by_seq_min_bytes();
+    out[1] = avx512_by_seq_min_len(row_bytes);
 }
 
 void memfit_rmsnorm_bf16(const uint16_t* x, int64_t ldx, const uint16_t* r, int64_t ldr, uint16_t* r_out, int64_t ldro,

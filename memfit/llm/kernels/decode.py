@@ -93,13 +93,27 @@ def set_decode_amx(on: bool) -> bool | None:
 def set_by_seq_min_bytes(nbytes: int) -> int | None:
     """The step's K + V bytes (a layer, all its sequences) from which a per-layer cache is read a sequence at a time,
     every head in one pass (attend.h's attend_heads; below, head by head: the same bits, cpu_decode.cpp says which
-    is faster where). -1 is the default: 24 MiB on AVX-512, 0 on AMX tiles. Returns the previous value, or None where
-    the kernels do not run. Tests set 0 (or 2**62) to pin a path."""
+    is faster where). -1 is the default: on AVX-512 `by_seq_default`'s (by the CPU's vendor), 0 on AMX tiles.
+    Returns the previous value, or None where the kernels do not run. Tests set 0 (or 2**62) to pin a path."""
     if unavailable_reason(torch.float32) is not None:
         return None
     fn = load_cpu_linear().cdll.memfit_decode_set_by_seq_min_bytes
     fn.argtypes, fn.restype = [_I64], _I64
     return int(fn(int(nbytes)))
+
+
+def by_seq_default(row_bytes: int) -> tuple[int, int] | None:
+    """The AVX-512 path's defaults on this CPU for rows of `row_bytes` (one token's K + V, every head): the step's K + V
+    bytes from which a per-layer cache may be read a sequence at a time, and the fewest tokens a sequence needs for it
+    (cpu_decode.cpp: on an Intel core 0 bytes and more K + V a sequence than the core's L2; elsewhere 24 MiB and 256
+    tokens). None where the kernels do not run."""
+    if unavailable_reason(torch.float32) is not None:
+        return None
+    fn = load_cpu_linear().cdll.memfit_decode_by_seq_default
+    fn.argtypes, fn.restype = [_I64, ctypes.POINTER(ctypes.c_int64)], None
+    out = (ctypes.c_int64 * 2)()
+    fn(int(row_bytes), out)
+    return int(out[0]), int(out[1])
 
 
 def _rows_ok(t: torch.Tensor) -> bool:

@@ -227,3 +227,28 @@ def test_argmax_first_index_among_ties(dtype):
     assert ops.argmax(logits)[1] == 20 and ops.argmax(logits)[2] == 1005 and ops.argmax(logits)[3] == 0
     short = torch.randn(2, 9, generator=g).to(dtype)  # shorter than one vector
     assert torch.equal(ops.argmax(short), REF.argmax(short))
+
+
+def test_one_pass_default_follows_the_cpu_vendor():
+    # cpu_decode.cpp reads CPUID's vendor and sysconf's L2 size; /proc/cpuinfo and sysfs are the kernel's own
+    # readings of the same, read here independently.
+    ops_for(torch.float32)
+    from memfit.llm.kernels.decode import by_seq_default
+
+    try:
+        vendors = {line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if len(vendors) != 1:
+        pytest.skip(f"vendor_id not one value: {vendors}")
+    row = 8 * 64 * 2 * 2  # the 1B layer's token: K + V of 8 heads of 64, bf16
+    if vendors != {"GenuineIntel"}:
+        assert by_seq_default(row) == (24 << 20, 256)
+        return
+    try:
+        size = open("/sys/devices/system/cpu/cpu0/cache/index2/size").read().strip()
+    except OSError:
+        pytest.skip("no sysfs cache size")
+    l2 = int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]]
+    assert by_seq_default(row) == (0, max(256, l2 // row + 1))
+    assert by_seq_default(1 << 30) == (0, 256)  # rows past the L2 alone: the floor
