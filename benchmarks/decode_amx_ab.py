@@ -3,8 +3,9 @@
 One engine (the 0.1b random-initialised Llama in bf16, one thread) prefills `batch` prompts of `prompt-len` random
 tokens, then decodes; the decode attention path is switched every `switch` steps (tiles; AVX-512 with its default
 one-pass threshold; tiles head by head), so the three read the same growing KV within one process. Each step's
-CPU time is recorded; the medians per path are reported, for the virtual cache (per-layer layout) and the paged
-one. Needs a core with AMX-BF16 (else it says so and exits 2).
+CPU time is recorded; the medians per path are reported, for the virtual cache in its default per-layer layout
+(`virtual`) and head-major (`virtual-head-major`: a head's rows one run) and for the paged one. Needs a core with
+AMX-BF16 (else it says so and exits 2).
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_amx_ab --out benchmarks/results/decode_amx_ab.json
 """
@@ -23,18 +24,20 @@ from benchmarks.common import emit, header, pin_threads
 
 # path -> (AMX on, one-pass threshold: -1 the per-path default, 2**62 head by head)
 PATHS = {"amx": (True, -1), "avx512": (False, -1), "amx_head_by_head": (True, 2**62)}
+CACHES = {"virtual": ("virtual", "per-layer"), "virtual-head-major": ("virtual", "head-major"), "paged": ("paged", "auto")}
 
 
-def run_cache(kv_cache: str, batch: int, prompt_len: int, new_tokens: int, switch: int, root: Path) -> dict:
+def run_cache(cache: str, batch: int, prompt_len: int, new_tokens: int, switch: int, root: Path) -> dict:
     from benchmarks.decode_setup import make_model_dir
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
     from memfit.llm.kernels.decode import set_by_seq_min_bytes, set_decode_amx
 
     path = make_model_dir("0.1b", "bfloat16", root)
+    kv_cache, kv_layout = CACHES[cache]
     engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="4GiB", max_num_seqs=batch,
                                     max_num_batched_tokens=batch * prompt_len, max_model_len=prompt_len + new_tokens,
-                                    device="cpu", kv_cache=kv_cache))
+                                    device="cpu", kv_cache=kv_cache, kv_layout=kv_layout))
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(batch):
@@ -58,7 +61,7 @@ def run_cache(kv_cache: str, batch: int, prompt_len: int, new_tokens: int, switc
         set_by_seq_min_bytes(-1)
         engine.close()
     ms = {p: round(1e3 * statistics.median(v), 2) for p, v in times.items() if v}
-    return {"kv_cache": kv_cache, "step_ms": ms, "steps": {p: len(v) for p, v in times.items()},
+    return {"kv_cache": cache, "step_ms": ms, "steps": {p: len(v) for p, v in times.items()},
             "amx_over_avx512": round(ms["amx"] / ms["avx512"], 3)}
 
 
@@ -69,6 +72,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--switch", type=int, default=4, help="decode steps on one path before the next")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--caches", nargs="+", default=list(CACHES), choices=list(CACHES))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -81,7 +85,7 @@ def main() -> int:
     set_decode_amx(False)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_cache(c, args.batch, args.prompt_len, args.new_tokens, args.switch, Path(tmp))
-                for c in ("virtual", "paged")]
+                for c in args.caches]
         for r in rows:
             print(r, file=sys.stderr)
     result = {"benchmark": "decode_amx_ab", "machine": header(args.threads), "model": "0.1b", "dtype": "bfloat16",

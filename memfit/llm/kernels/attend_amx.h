@@ -1,7 +1,7 @@
 // Single-token (decode) attention on AMX tiles, bf16: attend.h's attend_group with both products on the tile unit
 // (TDPBF16PS), for a CPU with AMX-BF16 whose tile state Linux granted this process (cpu_amx.cpp's
-// memfit_amx_available; kernels/decode.py turns this path on with memfit_decode_set_amx, opt-in: MEMFIT_DECODE_AMX=1,
-// since inside the engine it is no faster on the default per-layer layout, docs/engine.md). Both cache readers
+// memfit_amx_available; kernels/decode.py sets the mode with memfit_decode_set_amx: by default "auto", the tiles
+// where a head's rows lie in runs, see decode_amx_takes; MEMFIT_DECODE_AMX=1 everywhere, 0 nowhere). Both cache readers
 // (cpu_decode.cpp: strided rows; cpu_paged.cpp: blocks through a table) call it with their own `Rows` accessor,
 // so the two caches stay on one arithmetic, as on the AVX-512 path.
 //
@@ -31,8 +31,8 @@
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")
 
-// The process-wide switch kernels/decode.py sets (memfit_decode_set_amx in cpu_decode.cpp): 1 routes bf16
-// decode attention with G <= 16 and D <= 128 here.
+// The process-wide mode kernels/decode.py sets (memfit_decode_set_amx in cpu_decode.cpp) for bf16 decode attention
+// with G <= 16 and D <= 128: 0 AVX-512 (attend.h), 1 here, 2 here where decode_amx_takes says.
 extern "C" int g_memfit_decode_amx;
 
 struct alignas(64) DecodeTileConfig {
@@ -75,7 +75,16 @@ inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
         for (int64_t i = AMX_SPARSE; i < bytes; i += AMX_SPARSE) _mm_prefetch(p + i, _MM_HINT_T1);
     }
 }
-inline bool decode_amx_takes(int G, int D) { return g_memfit_decode_amx && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128; }
+// Whether a read of rows `step` elements apart takes the tiles. Mode 2 ("auto", kernels/decode.py's default where
+// AMX runs): where a head's rows are adjacent (step == D: paged blocks and head-major slots, whose runs
+// request_runs_l2 primes), not the per-layer layout's rows, where every head shares each token's row. In the engine
+// (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens, 6 December 22:51 UTC, nothing else running) the tiles took
+// 0.864x AVX-512's step time on the paged cache and 0.902x on head-major slots, but 1.065x on the per-layer layout
+// (read a sequence at a time, attend_heads_amx).
+inline bool decode_amx_takes(int G, int D, int64_t step) {
+    const int mode = g_memfit_decode_amx;
+    return (mode == 1 || (mode == 2 && step == D)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
+}
 
 // The steps below are shared by attend_group_amx (a head at a time) and attend_heads_amx (every head of a
 // sequence, a block of tokens at a time): the same instructions on the same values in the same order, so both

@@ -197,11 +197,11 @@ namespace memfit_decode {
 
 // Whether bf16 attention of this shape runs on the tiles (attend_amx.h).
 template <typename T>
-inline bool amx_reads(int G, int D) {
+inline bool amx_reads(int G, int D, int64_t step) {
 #ifdef MEMFIT_DECODE_AMX
-    return sizeof(T) == 2 && decode_amx_takes(G, D);
+    return sizeof(T) == 2 && decode_amx_takes(G, D, step);
 #else
-    (void)G, (void)D;
+    (void)G, (void)D, (void)step;
     return false;
 #endif
 }
@@ -213,7 +213,7 @@ inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, in
                        std::vector<float>& sc) {
 #ifdef MEMFIT_DECODE_AMX
     if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {
-        if (decode_amx_takes(G, D)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
+        if (decode_amx_takes(G, D, kr.step)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
     }
 #endif
     attend_group<T, D>(q, kr, vr, L, G, scale, out, sc);
@@ -288,7 +288,7 @@ __attribute__((noinline)) void decode_attention_by_seq(
         }
 #ifdef MEMFIT_DECODE_AMX
         if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // the same steps on the tiles (attend_amx.h)
-            if (decode_amx_takes(G, D))
+            if (decode_amx_takes(G, D, ks[1]))
                 return attend_heads_amx<D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
                                            v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale,
                                            out + b * ldo, sc);
@@ -331,7 +331,7 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
     // step that reads min_bytes of K and V or more: all heads of a sequence in one pass over its rows (attend.h's
     // attend_heads: the same bits).
     bool by_seq = Hkv > 1 && Hkv <= 16 && ks[2] < ks[1] && vs[2] < vs[1] && B >= std::max(nthreads, 1);
-    const bool tiles = amx_reads<T>(Hq / Hkv, D);
+    const bool tiles = amx_reads<T>(Hq / Hkv, D, ks[1]);
     const int64_t row_bytes = (int64_t)Hkv * D * (int64_t)sizeof(T) * 2;
     const int64_t min_len = g_by_seq_min_bytes >= 0 || tiles ? BY_SEQ_MIN_LEN : avx512_by_seq_min_len(row_bytes);
     if (by_seq) {
@@ -414,17 +414,17 @@ using namespace memfit_decode;
 
 extern "C" {
 
-int g_memfit_decode_amx = 0;  // attend_amx.h: bf16 decode attention on AMX tiles (memfit_decode_set_amx)
+int g_memfit_decode_amx = 0;  // attend_amx.h: 0 AVX-512, 1 AMX tiles, 2 auto (memfit_decode_set_amx)
 
 int memfit_decode_abi_version(void) { return 1; }
 
-// Route bf16 decode attention (both caches) to the AMX tiles (1) or AVX-512 (0), or leave it (-1); returns the
-// previous setting, or -1 where this library has no AMX path (kernels/decode.py turns it on once
-// memfit_amx_available() says 1).
+// Route bf16 decode attention (both caches) to AVX-512 (0), the AMX tiles (1) or the tiles where a head's rows
+// lie in runs (2, attend_amx.h's decode_amx_takes), or leave it (-1); returns the previous mode, or -1 where this
+// library has no AMX path (kernels/decode.py sets 1 or 2 only once memfit_amx_available() says 1).
 int memfit_decode_set_amx(int on) {
 #ifdef MEMFIT_DECODE_AMX
     const int old = ::g_memfit_decode_amx;
-    if (on >= 0) ::g_memfit_decode_amx = on ? 1 : 0;
+    if (on >= 0) ::g_memfit_decode_amx = on > 2 ? 2 : on;
     return old;
 #else
     (void)on;

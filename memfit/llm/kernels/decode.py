@@ -48,33 +48,52 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
         fn.argtypes, fn.restype = argtypes, None
         fns[name] = fn
     if dtype == torch.bfloat16 and not _amx_checked:  # nothing has set it yet: the environment's default
-        set_decode_amx(os.environ.get("MEMFIT_DECODE_AMX", "0") == "1")
+        set_decode_amx(decode_amx_env())
     return fns
 
 
-# Decode attention's AMX path is set up once, at the kernels' first bf16 use: on only with MEMFIT_DECODE_AMX=1.
-# Off by default: in the engine it is no faster on the default (per-layer) KV layout, though the faster alone; the
-# paged reader gains from it (docs/engine.md, "On AMX tiles, opt-in").
+# Decode attention's AMX mode is set up once, at the kernels' first bf16 use, from MEMFIT_DECODE_AMX: "auto" (the
+# default) runs the tiles where a head's rows lie in runs (the paged cache's blocks, head-major slots) and AVX-512 on
+# the per-layer layout, where the tiles measured slower in the engine (attend_amx.h's decode_amx_takes); 1 the tiles
+# everywhere, 0 nowhere (docs/engine.md, "On AMX tiles").
 _amx_checked: list[bool | None] = []
+_AMX_MODES = {0: False, 1: True, 2: "auto"}
 
 
-def decode_amx_on() -> bool:
-    """Whether bf16 decode attention runs on AMX tiles in this process (set up at the kernels' first bf16 use)."""
+def decode_amx_env() -> bool | str:
+    """MEMFIT_DECODE_AMX, checked: "auto" (unset or "auto"), True ("1") or False ("0")."""
+    raw = os.environ.get("MEMFIT_DECODE_AMX", "auto").strip().lower() or "auto"
+    if raw not in ("auto", "0", "1"):
+        raise ValueError(f"MEMFIT_DECODE_AMX={raw!r}: expected auto, 1 (AMX tiles everywhere) or 0 (AVX-512 only)")
+    return "auto" if raw == "auto" else raw == "1"
+
+
+def decode_amx_mode() -> bool | str:
+    """The bf16 decode attention's AMX mode in this process (set up at the kernels' first bf16 use): False (AVX-512),
+    True (AMX tiles wherever they take the shape) or "auto" (the tiles where a head's rows lie in runs)."""
     if unavailable_reason(torch.bfloat16) is None and not _amx_checked:
         _functions(torch.bfloat16)
     if unavailable_reason(torch.bfloat16) is not None:
         return False
     fn = load_cpu_linear().cdll.memfit_decode_set_amx
     fn.argtypes, fn.restype = [_I32], _I32
-    return fn(-1) == 1
+    return _AMX_MODES.get(fn(-1), False)
 
 
-def set_decode_amx(on: bool) -> bool | None:
-    """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h) or on AVX-512 (attend.h).
-    On is taken only where this process may use AMX (the CPU has AMX-BF16, MEMFIT_CPU_ISA does not hide it, Linux
-    grants the tile state). Returns whether the AMX path was on before, or None where the kernels do not run.
-    The kernels' first bf16 use sets it from MEMFIT_DECODE_AMX (1: on; default off); tests and benchmarks set it to
-    compare the two paths."""
+def decode_amx_on() -> bool:
+    """Whether bf16 decode attention may run on AMX tiles in this process (mode True or "auto")."""
+    return decode_amx_mode() is not False
+
+
+def set_decode_amx(on: bool | str) -> bool | str | None:
+    """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h: True), on AVX-512 (attend.h:
+    False), or on the tiles where a head's rows lie in runs ("auto": paged blocks, head-major slots; the per-layer
+    layout on AVX-512). The tiles are taken only where this process may use AMX (the CPU has AMX-BF16,
+    MEMFIT_CPU_ISA does not hide it, Linux grants the tile state); elsewhere every mode is AVX-512. Returns the mode
+    before, or None where the kernels do not run. The kernels' first bf16 use sets it from MEMFIT_DECODE_AMX
+    (default auto); tests and benchmarks set it to compare the paths."""
+    if on not in (True, False, "auto"):
+        raise ValueError(f"set_decode_amx({on!r}): expected True, False or 'auto'")
     if unavailable_reason(torch.bfloat16) is not None:
         return None
     if not _amx_checked:
@@ -82,12 +101,13 @@ def set_decode_amx(on: bool) -> bool | None:
     lib = load_cpu_linear().cdll
     fn = lib.memfit_decode_set_amx
     fn.argtypes, fn.restype = [_I32], _I32
-    if on:
+    mode = 2 if on == "auto" else 1 if on else 0
+    if mode:
         avail = lib.memfit_amx_available
         avail.restype = ctypes.c_int
-        on = amx_allowed() and avail() == 1
-    old = fn(1 if on else 0)
-    return None if old < 0 else bool(old)
+        mode = mode if amx_allowed() and avail() == 1 else 0
+    old = fn(mode)
+    return None if old < 0 else _AMX_MODES.get(old, False)
 
 
 def set_by_seq_min_bytes(nbytes: int) -> int | None:

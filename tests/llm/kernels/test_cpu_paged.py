@@ -8,8 +8,18 @@ import math
 import pytest
 import torch
 
-from memfit.llm.kernels.decode import set_by_seq_min_bytes
+from memfit.llm.kernels.decode import set_by_seq_min_bytes, set_decode_amx
 from tests.llm.kernels.test_cpu_decode import ops_for, reference_attention
+
+
+@pytest.fixture(autouse=True)
+def _avx512_decode():
+    """Both readers on AVX-512: the default mode on an AMX host ("auto") reads head-major paged blocks on the tiles
+    and the per-layer cache on AVX-512, two arithmetics (test_decode_amx.py checks the tiles' readers agree)."""
+    old = set_decode_amx(False)
+    yield
+    if old is not None:
+        set_decode_amx(old)
 
 
 def paged_layout(rows_k, rows_v, block_size, g, spare=3):

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def amx_ops():
     ops = ops_for(torch.bfloat16)
-    old = set_decode_amx(True)  # off by default (MEMFIT_DECODE_AMX=1 turns it on)
+    old = set_decode_amx(True)  # the tiles everywhere ("auto", the default, takes them where a head's rows are runs)
     if not decode_amx_on():
         pytest.skip("no AMX-BF16 here (or hidden by MEMFIT_CPU_ISA, or Linux refused the tile state)")
     yield ops
-    set_decode_amx(bool(old))
+    set_decode_amx(old)
 
 
 def _case(hq, hkv, d, lens, seed):
@@ -107,32 +107,57 @@ def test_float32_never_takes_the_tiles(amx_ops):
     assert torch.equal(outs[True], outs[False])
 
 
-def _amx_state_in_a_fresh_process(env: dict[str, str], ask: bool, ask_first: bool | None = None) -> str:
-    """What decode_amx_on() says after the kernels' first bf16 use, and after asking for the tiles (`ask`); with
-    `ask_first`, set_decode_amx(ask_first) is called before any kernel is used."""
+def _fresh_process(env: dict[str, str], ask: bool, ask_first: bool | None = None) -> subprocess.CompletedProcess:
+    """A child that prints decode_amx_mode() after the kernels' first bf16 use, and after asking for the tiles
+    (`ask`); with `ask_first`, set_decode_amx(ask_first) is called before any kernel is used."""
     first = "" if ask_first is None else f"set_decode_amx({ask_first})\n"
-    code = ("import torch\nfrom memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_decode_amx\n"
-            f"{first}CpuDecodeOps(torch.bfloat16)\nprint(decode_amx_on())\n{'set_decode_amx(True)' if ask else ''}\n"
-            "print(decode_amx_on())\n")
+    code = ("import torch\nfrom memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_mode, set_decode_amx\n"
+            f"{first}CpuDecodeOps(torch.bfloat16)\nprint(decode_amx_mode())\n{'set_decode_amx(True)' if ask else ''}\n"
+            "print(decode_amx_mode())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MEMFIT_CPU_ISA", "MEMFIT_DECODE_AMX")} | env
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**env, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def _amx_state_in_a_fresh_process(env: dict[str, str], ask: bool, ask_first: bool | None = None) -> str:
+    out = _fresh_process(env, ask, ask_first)
     assert out.returncode == 0, out.stderr[-2000:]
     return " ".join(out.stdout.split())
 
 
-def test_the_tiles_are_opt_in_and_never_where_amx_is_hidden():
-    """Off by default, on with MEMFIT_DECODE_AMX=1 where AMX runs; MEMFIT_CPU_ISA=avx512 hides AMX: the decode
-    kernels stay on AVX-512 even when asked for the tiles."""
+def test_the_tiles_default_to_auto_and_never_where_amx_is_hidden():
+    """"auto" by default where AMX runs, everywhere with MEMFIT_DECODE_AMX=1, nowhere with 0; MEMFIT_CPU_ISA=avx512
+    hides AMX: the decode kernels stay on AVX-512 even when asked for the tiles. A value it does not know is refused
+    with its name, not read as off."""
     ops_for(torch.bfloat16)
-    assert _amx_state_in_a_fresh_process({}, ask=False) == "False False"
     assert _amx_state_in_a_fresh_process({"MEMFIT_CPU_ISA": "avx512", "MEMFIT_DECODE_AMX": "1"}, ask=True) == \
         "False False"
+    assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "0"}, ask=False) == "False False"
+    bad = _fresh_process({"MEMFIT_DECODE_AMX": "yes"}, ask=False)
+    assert bad.returncode != 0 and "MEMFIT_DECODE_AMX='yes'" in bad.stderr, bad.stderr[-2000:]
     if "amx_bf16" in build.cpu_flags():
+        assert _amx_state_in_a_fresh_process({}, ask=False) == "auto auto"
+        assert _amx_state_in_a_fresh_process({}, ask=True) == "auto True"
         assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "1"}, ask=False) == "True True"
         # an explicit call before the kernels' first use wins over the environment's default, either way
         assert _amx_state_in_a_fresh_process({}, ask=False, ask_first=True) == "True True"
         assert _amx_state_in_a_fresh_process({"MEMFIT_DECODE_AMX": "1"}, ask=False, ask_first=False) == "False False"
+    else:
+        assert _amx_state_in_a_fresh_process({}, ask=False) == "False False"
+
+
+def test_auto_takes_the_tiles_where_a_heads_rows_lie_in_runs(amx_ops):
+    """Mode "auto": paged blocks and head-major slots read on the tiles (the AMX bits), the per-layer layout, head
+    by head and a sequence at a time, on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
+    q, k, v, lens, g = _case(12, 4, 64, [17, 300], seed=11)
+    outs = {}
+    for mode in (False, True, "auto"):
+        set_decode_amx(mode)
+        outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
+    assert not torch.equal(outs[True]["per-layer"], outs[False]["per-layer"])
+    for name, out in outs["auto"].items():
+        want = False if name.startswith("per-layer") else True
+        assert torch.equal(out, outs[want][name]), name
 
 
 GUARDED = r'''
