@@ -236,8 +236,9 @@ constexpr int64_t BY_SEQ_MIN_LEN = 256;
 // core's L2 (2 MiB here): head by head re-reads each row's lines once a head, from L2 while they fit, and Intel's L2
 // streamer, which follows runs of adjacent lines, does not follow one head's rows (128-256 B every Hkv x D x 2 bytes)
 // once they come from further away; the one pass reads whole rows. So on an Intel core (CPUID vendor) a sequence is
-// read in one pass when its K + V exceed the L2 (sysconf), whatever the step's total; elsewhere as measured on Zen 4.
-// One host of each vendor measured.
+// read in one pass when its K + V exceed 1.25x the L2 (sysconf; between the 2 MiB where head by head still won and
+// the 3 MiB where the one pass did), whatever the step's total; elsewhere as measured on Zen 4. One host of each
+// vendor measured.
 constexpr int64_t BY_SEQ_MIN_BYTES = 24 << 20;
 inline bool cpu_is_intel() {
     static const bool v = [] {
@@ -248,8 +249,11 @@ inline bool cpu_is_intel() {
 }
 inline int64_t l2_bytes() {
     static const int64_t v = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE  // glibc; elsewhere the 2 MiB measured here
         const long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
-        return s > 0 ? (int64_t)s : (int64_t)(2 << 20);
+        if (s > 0) return (int64_t)s;
+#endif
+        return (int64_t)(2 << 20);
     }();
     return v;
 }
@@ -257,7 +261,8 @@ inline int64_t l2_bytes() {
 // sequence needs for it (row_bytes: one token's K + V, every head).
 inline int64_t avx512_by_seq_min_bytes() { return cpu_is_intel() ? 0 : BY_SEQ_MIN_BYTES; }
 inline int64_t avx512_by_seq_min_len(int64_t row_bytes) {
-    return cpu_is_intel() ? std::max<int64_t>(BY_SEQ_MIN_LEN, l2_bytes() / row_bytes + 1) : BY_SEQ_MIN_LEN;
+    if (!cpu_is_intel() || row_bytes <= 0) return BY_SEQ_MIN_LEN;
+    return std::max<int64_t>(BY_SEQ_MIN_LEN, l2_bytes() * 5 / 4 / row_bytes + 1);
 }
 // memfit_decode_set_by_seq_min_bytes (tests: 0 or 2^62 to pin a path, sequences from BY_SEQ_MIN_LEN on); -1, the
 // default: the two above on AVX-512, 0 bytes and BY_SEQ_MIN_LEN on the tiles (below)
@@ -342,7 +347,7 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= min_len;
             tokens += n;
         }
-        // On the tiles (opt-in) the one pass at any size: the kernel waits on memory, and a token's row of every head
+        // On the tiles (MEMFIT_DECODE_AMX=1 only: "auto" reads this layout on AVX-512) the one pass at any size: the kernel waits on memory, and a token's row of every head
         // is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
         // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
         // a later run with the other jobs paused had head by head the faster at 8 x 4000 (6125 against 7119 us),

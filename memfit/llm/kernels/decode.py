@@ -96,8 +96,13 @@ def set_decode_amx(on: bool | str) -> bool | str | None:
         raise ValueError(f"set_decode_amx({on!r}): expected True, False or 'auto'")
     if unavailable_reason(torch.bfloat16) is not None:
         return None
-    if not _amx_checked:
-        _amx_checked.append(True)  # decided: the first bf16 use keeps this instead of the environment's default
+    if not _amx_checked:  # the environment's default first, so the mode returned is the one this call replaces
+        _amx_checked.append(True)  # decided: the first bf16 use keeps the mode set below
+        _set_mode(decode_amx_env())
+    return _set_mode(on)
+
+
+def _set_mode(on: bool | str) -> bool | str | None:
     lib = load_cpu_linear().cdll
     fn = lib.memfit_decode_set_amx
     fn.argtypes, fn.restype = [_I32], _I32
@@ -125,8 +130,10 @@ def set_by_seq_min_bytes(nbytes: int) -> int | None:
 def by_seq_default(row_bytes: int) -> tuple[int, int] | None:
     """The AVX-512 path's defaults on this CPU for rows of `row_bytes` (one token's K + V, every head): the step's K + V
     bytes from which a per-layer cache may be read a sequence at a time, and the fewest tokens a sequence needs for it
-    (cpu_decode.cpp: on an Intel core 0 bytes and more K + V a sequence than the core's L2; elsewhere 24 MiB and 256
-    tokens). None where the kernels do not run."""
+    (cpu_decode.cpp: on an Intel core 0 bytes and more K + V a sequence than 1.25x the core's L2; elsewhere 24 MiB and
+    256 tokens). None where the kernels do not run."""
+    if row_bytes <= 0:
+        raise ValueError(f"row_bytes must be positive, got {row_bytes}")
     if unavailable_reason(torch.float32) is not None:
         return None
     fn = load_cpu_linear().cdll.memfit_decode_by_seq_default

@@ -208,3 +208,25 @@ def test_no_read_past_a_sequences_last_row(amx_ops):
     out = subprocess.run([sys.executable, "-c", GUARDED], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("kv_layout", ["paged", "head-major"])
+def test_engine_in_the_default_mode_gives_the_torch_tokens(amx_ops, tmp_path, kv_layout):
+    """The engine's default mode ("auto") reads a bf16 model's paged blocks and head-major slots on the tiles (the
+    routing test above): its greedy tokens, through the whole-step stack and op by op, are the PyTorch path's."""
+    from memfit.llm.engine.llm_engine import LLMEngine
+    from tests.llm.kernels.test_cpu_decode import _greedy
+    from tests.llm.tiny_models import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path, family="llama", dtype="bfloat16", hidden_size=128)  # D 32, G 2
+    prompts = [list(range(3, 23)), list(range(40, 45)), list(range(7, 40))]  # 20, 5, 33 tokens: partial blocks
+    cache = {"kv_cache": "paged", "block_size": 4} if kv_layout == "paged" else {"kv_layout": "head-major"}
+    opts = {"model": str(path), "device": "cpu", "kv_budget": "8MiB", "max_num_seqs": 3, **cache}
+    ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn"), prompts)
+    set_decode_amx("auto")
+    stack = LLMEngine(**opts, cpu_linear="blocked")
+    assert stack.runner.stack is not None
+    assert _greedy(stack, prompts) == ref
+    op_by_op = LLMEngine(**opts, cpu_linear="onednn")
+    assert op_by_op.runner.stack is None and op_by_op.backends.cpu_kernels
+    assert _greedy(op_by_op, prompts) == ref
