@@ -51,7 +51,7 @@ PREFILL_KB, PREFILL_ROWS = 32, 32  # cpu_prefill.cpp: keys per packed block, que
 PREFILL_AVX512_ROWS = 24  # cpu_prefill.cpp's ROWS: the AVX-512 path's row block (its bf16 P copy)
 SILU_MIN_ROWS = 8  # kernels/decode.py: below this many rows SiLU x up runs through PyTorch
 DECODE_BY_SEQ_MIN_LEN = 256  # cpu_decode.cpp: BY_SEQ_MIN_LEN (from this context on attend_heads may read a sequence;
-# it also needs the step's K + V past BY_SEQ_MIN_BYTES: counted from the context alone, the larger scratch)
+# it also needs a step or sequence size that depends on the CPU: counted from the context alone, the larger scratch)
 
 
 def bucket_tokens(n: int) -> int:

@@ -78,9 +78,9 @@ inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
 // Whether a read of rows `step` elements apart takes the tiles. Mode 2 ("auto", kernels/decode.py's default where
 // AMX runs): where a head's rows are adjacent (step == D: paged blocks and head-major slots, whose runs
 // request_runs_l2 primes), not the per-layer layout's rows, where every head shares each token's row. In the engine
-// (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens, 6 December 22:51 UTC, nothing else running) the tiles took
-// 0.864x AVX-512's step time on the paged cache and 0.902x on head-major slots, but 1.065x on the per-layer layout
-// (read a sequence at a time, attend_heads_amx).
+// (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens, 6 December, nothing else running, two runs 12 minutes apart)
+// the tiles took 0.86x AVX-512's step time on the paged cache (both runs) and 0.84x / 0.90x on head-major slots, but
+// 1.03x / 1.065x on the per-layer layout (read a sequence at a time, attend_heads_amx).
 inline bool decode_amx_takes(int G, int D, int64_t step) {
     const int mode = g_memfit_decode_amx;
     return (mode == 1 || (mode == 2 && step == D)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
