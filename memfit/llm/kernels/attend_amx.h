@@ -60,10 +60,11 @@ constexpr int64_t AMX_LEAD = 256;
 // every line; a run of adjacent rows (a paged block's, a head-major slot's) by its first AMX_PRIME bytes and then
 // one line every AMX_SPARSE bytes. Why: each software request holds one of L1's few fill buffers until its line
 // arrives, which caps the lines in flight; the first lines of a run start the L2 streamer on it, which then runs
-// ahead with more. The paged reader at the 1B layer, one thread, interleaved, nothing else running (6 December,
-// 22:42 UTC, blocks of 128): every line 579 us at 8 x 512 tokens, 1050 at 1 x 8192, 2033 at 8 x 2048, 2293 at
-// 32 x 512, against 518, 905, 1811 and 1944 us; level at 32 x 2048 (14973 against 15151), where K and V (134 MB)
-// come from memory.
+// ahead with more. The paged reader at the 1B layer, one thread, interleaved in a fixed order, nothing else running
+// (6 December, 22:42 UTC, blocks of 128, both 128 rows ahead): every line 579 us at 8 x 512 tokens, 1050 at 1 x 8192,
+// 2033 at 8 x 2048, 2293 at 32 x 512, against 518, 905, 1811 and 1944 us; level at 32 x 2048 (14973 against 15151),
+// where K and V (134 MB) come from memory. A later run at AMX_LEAD read the primed form alike, and one in shuffled
+// order moved single cells by up to 30% with the order; benchmarks/paged_vllm.py's run is the committed figure.
 constexpr int64_t AMX_PRIME = 512, AMX_SPARSE = 1024;
 template <int D, typename Rows>
 inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
