@@ -228,11 +228,12 @@ constexpr int64_t BY_SEQ_MIN_LEN = 256;
 // MiB), 1.15x at 2 x 4096 (16 MiB), 1.41x at 8 x 1024 (16 MiB); level at 4 x 4096 (32 MiB); the one pass 1.03x
 // faster at 8 x 4096 (64 MiB) and 1.07x on the 0.1b model's 8 x 4000 tokens (31 MiB; benchmarks/decode_throughput).
 // On an Intel Sapphire-Rapids-class core it does not carry over: there a sequence's context length decides, not
-// the step's bytes. AVX-512, one thread, the 1B layer (Hkv 8, D 64) unless said, interleaved medians, nothing else
-// running (6 December, 22:44 UTC): head by head took 0.81x the one pass's time at 1 x 1024 tokens (2 MiB of K + V a
-// sequence), 0.87x at 8 x 512, 0.90x at 32 x 512, but 1.20x at 1 x 1536 (3 MiB), 1.47x at 1 x 2048, 1.53x at 8 x
-// 2048, 2.1x at 1 x 4000 and 2.3x at 8 x 4000; the 0.1b shape (Hkv 4) 0.71x at 1 x 1024 (1 MiB), 1.08x at 1 x 2048
-// (2 MiB), 1.15x at 8 x 2048; D 128 1.46x at 1 x 1024 (4 MiB). The turn comes where a sequence's K + V outgrow the
+// the step's bytes. benchmarks/decode_by_seq.py (AVX-512, one thread, the 1B layer (Hkv 8, D 64) unless said,
+// interleaved medians, nothing else running, 7 December 00:21 UTC): head by head took 0.95x the one pass's time at
+// 1 x 1024 tokens (2 MiB of K + V a sequence), 0.93x at 8 x 512, 0.88x at 32 x 512, but 1.14x at 1 x 1536 (3 MiB),
+// 1.36x at 1 x 2048, 1.52x at 8 x 2048, 2.0-2.1x at 4000 tokens; the 0.1b shape (Hkv 4) 0.76x at 1 x 1024 (1 MiB),
+// 0.95x at 1 x 2048 and 1.17x at 8 x 2048 (2 MiB); D 128 1.47x at 1 x 1024 (4 MiB). The default below picks the
+// faster in 11 of its 12 cells (not the 0.1b shape's 8 x 2048). The turn comes where a sequence's K + V outgrow the
 // core's L2 (2 MiB here): head by head re-reads each row's lines once a head, from L2 while they fit, and Intel's L2
 // streamer, which follows runs of adjacent lines, does not follow one head's rows (128-256 B every Hkv x D x 2 bytes)
 // once they come from further away; the one pass reads whole rows. So on an Intel core (CPUID vendor) a sequence is
