@@ -101,6 +101,18 @@ inline void pack_q(const uint16_t* q, int G, uint32_t (*qt)[16][16]) {
         }
 }
 
+// Column g of a stored S^T tile (16 tokens x G), scaled, to s + g * lds (row g of S); mx[g] the running maxima.
+inline void scores_from_st(const float (*st)[16], int G, float scale, float* s, int64_t lds, __m512* mx) {
+    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int g = 0; g < G; g++) {
+        const __m512 r = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(g)), &st[0][0], 4), sv);
+        _mm512_storeu_ps(s + (int64_t)g * lds, r);
+        mx[g] = _mm512_max_ps(mx[g], r);
+    }
+}
+
 // Scores of 16 tokens whose rows start at kb, `ks` bytes apart: S^T in tile 0, stored to st, then column g of st
 // (scaled) to s + g * lds (row g of S), mx[g] the running maxima.
 template <int D>
@@ -115,14 +127,7 @@ inline void score16(const uint16_t* kb, int64_t ks, const uint32_t (*qt)[16][16]
         _tile_dpbf16ps(0, 1, 2);
     }
     _tile_stored(0, &st[0][0], 64);
-    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
-    const __m512 sv = _mm512_set1_ps(scale);
-    for (int g = 0; g < G; g++) {
-        const __m512 r = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(g)), &st[0][0], 4), sv);
-        _mm512_storeu_ps(s + (int64_t)g * lds, r);
-        mx[g] = _mm512_max_ps(mx[g], r);
-    }
+    scores_from_st(st, G, scale, s, lds, mx);
 }
 
 // Tiles of the score phase (score_block): 0-3 = S^T of four 16-token groups (16 x G fp32), 4-5 = K rows (A),
@@ -174,16 +179,7 @@ inline void score_block(const uint16_t* const* kb, const int64_t* ks, int n, con
     if (n > 1) _tile_stored(1, &st[1][0][0], 64);
     if (n > 2) _tile_stored(2, &st[2][0][0], 64);
     if (n > 3) _tile_stored(3, &st[3][0][0], 64);
-    const __m512i col = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
-    const __m512 sv = _mm512_set1_ps(scale);
-    for (int j = 0; j < n; j++)
-        for (int g = 0; g < G; g++) {
-            const __m512 r =
-                _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(g)), &st[j][0][0], 4), sv);
-            _mm512_storeu_ps(s + (int64_t)g * lds + 16 * j, r);
-            mx[g] = _mm512_max_ps(mx[g], r);
-        }
+    for (int j = 0; j < n; j++) scores_from_st(st[j], G, scale, s + 16 * j, lds, mx);
 }
 
 // One score row: the tokens [full, L) that no 16-row tile covered by attend.h's dot product (row(t): K row t), then

@@ -48,7 +48,8 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
         fn.argtypes, fn.restype = argtypes, None
         fns[name] = fn
     if dtype == torch.bfloat16 and not _amx_checked:  # nothing has set it yet: the environment's default
-        set_decode_amx(decode_amx_env())
+        _amx_checked.append(True)
+        _set_mode(decode_amx_env())
     return fns
 
 
