@@ -32,8 +32,8 @@ def cell(hq: int, hkv: int, d: int, batch: int, ctx: int, reps: int, ops) -> dic
     from memfit.llm.kernels.decode import by_seq_default
 
     # The C library's own switch, called before each timed call: decode.set_by_seq_min_bytes checks the kernels'
-    # availability first (reading /proc/cpuinfo and hashing the sources: about 0.6 ms a call here), which would
-    # swamp the shorter cells.
+    # availability first (about 7 us a call since build.py remembers its key; 0.6 ms before), time that is not
+    # the kernel's.
     set_by_seq_min_bytes = load_cpu_linear().cdll.memfit_decode_set_by_seq_min_bytes
     set_by_seq_min_bytes.argtypes, set_by_seq_min_bytes.restype = [ctypes.c_int64], ctypes.c_int64
 

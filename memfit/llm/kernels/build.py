@@ -40,6 +40,12 @@ NEEDS = {torch.float32: ("avx512f", "avx512bw", "avx512vl"), torch.bfloat16: ("a
 _lock = threading.Lock()
 _loaded: dict[str, CpuLinearLib | None] = {}  # cache key -> library (None: failed, with the reason logged)
 _reasons: dict[str, str] = {}
+# What the cache key and the CPU's flags are read from does not change while a process runs, and reading it was
+# the cost of every availability check (the sources hashed, /proc/cpuinfo parsed: 0.2-0.9 ms a call, paid by
+# every decode-mode query): each is read once. The key is remembered per compiler setting (CXX, PATH), sources
+# and flags, so a test or user that points CXX elsewhere still gets the key of that compiler.
+_keys: dict[tuple, str | None] = {}
+_proc_flags: frozenset[str] | None = None
 compile_count = 0  # compiles done by this process (the tests check that a cached build is reused)
 
 
@@ -74,17 +80,26 @@ def isa_cap() -> str:
     return cap
 
 
+def _read_proc_flags() -> frozenset[str]:
+    global _proc_flags
+    if _proc_flags is None:
+        flags: frozenset[str] = frozenset()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = frozenset(line.split(":", 1)[1].split())
+                        break
+        except OSError:
+            pass
+        _proc_flags = flags
+    return _proc_flags
+
+
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86), less those MEMFIT_CPU_ISA hides."""
-    flags: frozenset[str] = frozenset()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = frozenset(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86; read once a process), less those
+    MEMFIT_CPU_ISA hides (read on each call)."""
+    flags = _read_proc_flags()
     hidden = ISA_CAPS[isa_cap()]
     return frozenset(f for f in flags if not f.startswith(hidden)) if hidden else flags
 
@@ -126,15 +141,21 @@ def get_cpu_linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
 
 
 def _key_or_none(sources: tuple[Path, ...] | None = None, flags: tuple[str, ...] | None = None) -> str | None:
-    cxx = compiler()
-    if cxx is None:
-        return None
+    """The cache key of `sources` built with `flags` by this compiler (a hash of all three); None without one."""
     sources, flags = (SOURCES + HEADERS, FLAGS) if sources is None else (sources, flags or ())
-    h = hashlib.sha256()
-    for src in sources:
-        h.update(src.name.encode() + b"\0" + src.read_bytes())
-    h.update("\0".join((os.path.realpath(cxx), *flags)).encode())
-    return h.hexdigest()[:16]
+    memo = (os.environ.get("CXX"), os.environ.get("PATH"), sources, flags)
+    if memo in _keys:
+        return _keys[memo]
+    cxx = compiler()
+    key = None
+    if cxx is not None:
+        h = hashlib.sha256()
+        for src in sources:
+            h.update(src.name.encode() + b"\0" + src.read_bytes())
+        h.update("\0".join((os.path.realpath(cxx), *flags)).encode())
+        key = h.hexdigest()[:16]
+    _keys[memo] = key
+    return key
 
 
 def load_cpu_linear() -> CpuLinearLib | None:
@@ -220,7 +241,9 @@ def _open(path: Path) -> CpuLinearLib:
 
 
 def _forget_loaded() -> None:
-    """Tests only: forget what this process loaded, so the next call goes through the cache again."""
+    """Tests only: forget what this process loaded and the keys it hashed, so the next call goes through the
+    cache again (/proc/cpuinfo's flags are kept: the CPU does not change)."""
     with _lock:
         _loaded.clear()
         _reasons.clear()
+        _keys.clear()

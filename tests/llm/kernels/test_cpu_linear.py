@@ -103,6 +103,35 @@ def test_build_cache_is_reused():
     assert build.compile_count == before
 
 
+def test_availability_checks_read_no_files_once_loaded(monkeypatch):
+    # Every decode-mode query asks whether the library is available; that answer must not re-read the sources
+    # or /proc/cpuinfo (it cost 0.2-0.9 ms a call when it did).
+    need(torch.float32)
+    assert build.load_cpu_linear() is not None
+    build.cpu_flags()
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a file was read by an availability check")
+
+    monkeypatch.setattr(build.Path, "read_bytes", no_reads)
+    monkeypatch.setattr("builtins.open", no_reads)
+    assert build.unavailable_reason(torch.float32) is None
+    assert build.load_cpu_linear() is not None
+
+
+def test_the_key_follows_the_compiler_without_forgetting(monkeypatch):
+    # The remembered key is per compiler setting: pointing CXX at a missing compiler mid-process makes the
+    # library unavailable, and restoring it gives the same library back without a compile.
+    need(torch.float32)
+    lib = build.load_cpu_linear()
+    assert lib is not None
+    before = build.compile_count
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert build.load_cpu_linear() is None and "compiler" in build.unavailable_reason(torch.float32)
+    monkeypatch.undo()
+    assert build.load_cpu_linear() is lib and build.compile_count == before
+
+
 def test_broken_compiler_gives_none_and_engine_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "/bin/false")
     monkeypatch.setenv("MEMFIT_CACHE_DIR", str(tmp_path / "fresh"))  # nothing cached for this compiler
