@@ -16,6 +16,8 @@ mechanism:
 - swap-run-reuse: swap-run with cross-turn reuse (kv/swap.py): host copies are kept after a swap-in, a later
   swap-out moves only new tokens, and a finished turn's KV evicted under pressure waits on the host for the
   conversation's next turn (the other variants free it: the next turn prefills its whole history);
+- swap-run-reuse-merge2: swap-run-reuse merging a copy's host chunks once 2 are held, as before the CPU's
+  stacked copies waited for 8 (kv/swap.py MERGE_AT_STACKED; not in the default set);
 - swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
 - swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
   above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it);
@@ -40,7 +42,8 @@ all of the above.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
-(host: memcpy; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
+(host: a 64 MiB memcpy; also `fraction_of_cold_copy`: against contiguous copies of each swap's own size with cold
+caches, benchmarks/copy_reference.py, what a copy of that size can reach after a model step; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
 the tier issues: its staging buffer), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
 system calls and waiting for a CPU, and the same I/Os replayed alone against the same reference
 (benchmarks/ssd_trace.py), peak RSS;
@@ -66,6 +69,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=False),
     "swap-run-reuse": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True),
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
+    # as before MERGE_AT_STACKED (kv/swap.py): a copy's host chunks merged once 2 are held, on the CPU too
+    "swap-run-reuse-merge2": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, merge_at=2),
     # as before the host tier's region (memory/host_region.py): a fresh torch buffer for every chunk swapped out
     "swap-run-reuse-noregion": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, region=False),
     # as before the scheduler's ski-rental rule: a swapped turn waits for room for its whole history, however long
@@ -175,6 +180,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     ssd_batch = opts.pop("ssd_batch", True)
     ssd_pyloop = opts.pop("ssd_pyloop", False)
     region = opts.pop("region", True)
+    merge_at = opts.pop("merge_at", None)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
@@ -202,6 +208,8 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     engine.scheduler.recompute_after_wait = not wait_always
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
+        engine.swap.merge_at = merge_at
+        a.host_ops = record_host_ops(engine.swap)
         if not region and engine.swap.region is not None:  # before any swap: every chunk gets a buffer of its own
             engine.swap.region.close()
             engine.swap.region = engine.swap.book.region = None
@@ -254,6 +262,21 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     return summarise(a, name, engine, times, arrival, makespan, kv_budget)
 
 
+def record_host_ops(swap) -> list[tuple[int, float]]:
+    """(bytes, seconds) of every host-tier swap-out and swap-in `swap` accounts from now on, in order: the sizes
+    the cold-copy reference is taken at (benchmarks/copy_reference.py)."""
+    ops: list[tuple[int, float]] = []
+    account = swap._account
+
+    def recorded(st, nbytes: int, n: int, seconds: float, out: bool) -> None:
+        if st is swap.stats:
+            ops.append((nbytes, seconds))
+        account(st, nbytes, n, seconds, out)
+
+    swap._account = recorded
+    return ops
+
+
 def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: dict, makespan: float,
               kv_budget: int, **extra) -> dict:
     """One run's figures from each request's token stamps and arrival time."""
@@ -290,6 +313,8 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
                                                                   "seconds_sum", "io_errors")}
                                     | ({k: t[k] for k in ("direct_io", "checksum", "syscall_seconds") if k in t})
                                     for t in swap["tiers"]}}
+        if getattr(a, "host_ops", None) and "host" in result["swap"]["tiers"]:
+            result["swap"]["tiers"]["host"]["op_bytes"] = [n for n, _ in a.host_ops]
         if getattr(a, "ssd_trace", None) is not None and "ssd" in result["swap"]["tiers"]:
             result["swap"]["tiers"]["ssd"]["trace"] = a.ssd_trace.summary(a.ssd_dir, engine.swap.ssd.store.capacity)
     engine.close()
@@ -297,12 +322,14 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
 
 
 def median_row(reps: list[dict]) -> dict:
-    """The median over repetitions of every number in a variant's result (same keys in every rep)."""
+    """The median over repetitions of every number in a variant's result (over the reps that have it: a rep with
+    no host swap has no cold-copy figures)."""
     import statistics
 
     def med(values: list):
         if isinstance(values[0], dict):
-            return {k: med([v[k] for v in values]) for k in values[0]}
+            keys = dict.fromkeys(k for v in values for k in v)
+            return {k: med([v[k] for v in values if k in v]) for k in keys}
         numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if numbers:
             return statistics.median(numbers)
@@ -395,7 +422,21 @@ def main() -> int:
                 proc.check_returncode()
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[name][-1]), file=sys.stderr, flush=True)
+    cold = None
+    if any(r.get("swap", {}).get("tiers", {}).get("host", {}).get("op_bytes") for rs in runs.values() for r in rs):
+        from benchmarks.copy_reference import cold_copy_rates, cold_copy_seconds
+
+        cold = cold_copy_rates()
+        for rs in runs.values():  # per run: the seconds its host swaps would take as cold copies of their sizes
+            for r in rs:
+                t = r.get("swap", {}).get("tiers", {}).get("host")
+                if t and t.get("op_bytes") and t["seconds_sum"]:
+                    t["cold_copy_seconds"] = sum(cold_copy_seconds(n, cold) for n in t["op_bytes"])
+                    t["fraction_of_cold_copy"] = t["cold_copy_seconds"] / t["seconds_sum"]
+                    t["largest_op_bytes"] = max(t["op_bytes"])
     rows = [median_row(runs[n]) for n in names]
+    for r in rows:  # (a list per run: medians of it mean nothing)
+        r.get("swap", {}).get("tiers", {}).get("host", {}).pop("op_bytes", None)
     bw = memcpy_bandwidth()
     disk = ssd_bandwidth(a.ssd_dir) if any(VARIANTS[n].get("ssd") for n in names) else None
     if disk is not None:  # also at the tier's largest I/O, its 1 MiB staging buffer (memory/extent_store.py: STAGE)
@@ -437,7 +478,8 @@ def main() -> int:
                 "tbt_p99_9_vs_swap_block": base["tbt_p99_9_s"] / r["tbt_p99_9_s"],
             }
     result = {**header(a.threads, a.seed), "benchmark": "preemption", "workload": a.workload, "model": a.model, "rate": a.rate,
-              "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw, "ssd_bandwidth": disk,
+              "change": a.change, "requests": a.requests, "reps": a.reps, "memcpy_bytes_per_s": bw,
+              "cold_copy_bytes_per_s": {str(k): v for k, v in cold.items()} if cold else None, "ssd_bandwidth": disk,
               "rows": rows, "speedup_over_swap_block": ratios, "runs": runs}
     emit(result, a.out, plot)
     return 0

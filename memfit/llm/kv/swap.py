@@ -60,9 +60,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MERGE_AT", "SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
+__all__ = ["MERGE_AT", "MERGE_AT_STACKED", "SWAP_SECONDS_BUCKETS", "CostModel", "SwapLost", "SwapSpace", "SwapStats"]
 
 MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host chunks (swap_pairs.py)
+# Where a chunk's runs move in one copy (`SwapRuns.stacks`: the virtual cache on the CPU), a held chunk costs a
+# swap-in one copy call, not one per segment, while a merge copies the whole held history again, host to host:
+# merging at 2 made the 0.5B multi-turn run's reuse swap-outs of a few new tokens (24-600 KB) take 2-6 ms each
+# (the history's 3-12 MB re-copied): the host tier ran at 0.49 of memcpy merging at 2, 0.60 at 8 (issue 15;
+# docs/benchmarks.md, "Longer histories"). So there a copy's chunks are merged only once they are this many.
+MERGE_AT_STACKED = 8
 
 class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
@@ -84,7 +90,9 @@ class SwapSpace(InFlightSwaps):
         self.stats = SwapStats()
         self.async_swap_ins = 0  # swap-ins that ran on the pool (the rest were synchronous)
         self.async_swap_outs = 0  # swap-outs that ran on the pool
-        self.merge_at = MERGE_AT  # a copy's trailing host chunks merged at a swap-out once this many (0: never)
+        # a copy's trailing host chunks are merged at a swap-out once this many (0: never; None: by the layout,
+        # MERGE_AT_STACKED where a chunk moves in one copy, else MERGE_AT: `merging_at`)
+        self.merge_at: int | None = None
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
@@ -120,6 +128,12 @@ class SwapSpace(InFlightSwaps):
     def runs_shape(self, num_tokens: int, lo: int = 0) -> tuple[int, int]:
         """(bytes, copies) a swap of positions lo..num_tokens-1 moves each way."""
         return self.run_map.shape(num_tokens, lo)
+
+    def merging_at(self) -> int:
+        """How many trailing host chunks a swap-out merges (0: never): `merge_at`, or the layout's default."""
+        if self.merge_at is not None:
+            return self.merge_at
+        return MERGE_AT_STACKED if self.run_map.stacks else MERGE_AT
 
     # ---- the scheduler's calls ----------------------------------------------------------------------
     def holds(self, seq_id: int) -> bool:
@@ -343,7 +357,8 @@ class SwapSpace(InFlightSwaps):
         the trailing run once it has `merge_at` chunks and the tier has room for the merged buffer beside them
         (reserved here; nothing is evicted for it), else ([], nbytes)."""
         olds = tail_run(copy)
-        if not self.merge_at or len(olds) < self.merge_at:
+        at = self.merging_at()
+        if not at or len(olds) < at:
             return [], nbytes
         size = self.run_map.shape(num_tokens, olds[0].lo)[0]
         if not self.book.try_reserve(size - nbytes):  # nothing is evicted for a merge

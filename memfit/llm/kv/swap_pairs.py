@@ -9,7 +9,9 @@ swap-in copies of ~1.6 MB for 272 swap-ins; issue 15). So once a copy's trailing
 `merge_at`, the next swap-out writes those chunks' bytes (host to host) and its new tokens (device to host) into
 one buffer that replaces them: a swap-in then makes at most `merge_at` copies per segment for the host part. The
 merge runs where that swap-out's copy runs (the pool when it is asynchronous), not on a swap-in, which is what a
-request waits for; it costs one host copy of the held history every `merge_at` swap-outs.
+request waits for; it costs one host copy of the held history every `merge_at` swap-outs. Where a chunk's runs
+move in one copy (the virtual cache on the CPU) a held chunk costs a swap-in one call, so there the merge waits
+for more chunks (kv/swap.py: MERGE_AT_STACKED, and what it was measured against).
 """
 from __future__ import annotations
 

@@ -331,7 +331,7 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
             # once the copy held merge_at chunks, it merged them and those tokens into one (kv/swap_pairs.py)
             last = engine.swap._copies[seq.seq_id].chunks[-1]
             n = got.num_cached_tokens
-            lo = 0 if turn >= engine.swap.merge_at else n - n % engine.swap.granule
+            lo = 0 if turn >= engine.swap.merging_at() else n - n % engine.swap.granule
             assert (last.lo, last.hi) == (lo, seq.num_computed)
         assert engine.swap.valid_tokens(seq.seq_id) == seq.num_computed
         ids = ids + got.outputs[0].token_ids + [40 + turn, 41, 42, 43]

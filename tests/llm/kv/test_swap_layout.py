@@ -9,7 +9,7 @@ import torch
 
 from memfit.llm.kv.base import SeqStep
 from memfit.llm.kv.paged import PagedKVCache
-from memfit.llm.kv.swap import SwapSpace
+from memfit.llm.kv.swap import MERGE_AT, MERGE_AT_STACKED, SwapSpace
 from memfit.memory.budget import MemoryBudget, Tier
 from tests.llm.kv.test_swap import contexts
 from tests.llm.kv.test_virtual import LAYOUT, write
@@ -143,6 +143,7 @@ def test_a_virtual_swap_moves_all_its_segments_in_one_copy_per_chunk(monkeypatch
     cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=4, prefault=False, eager_pages=0,
                            **opts)
     swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"), reuse=True)
+    swap.merge_at = MERGE_AT  # merges at 2, as on a layout that does not stack (the default here waits for 8)
     segs = swap.run_map.segments
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 19)])
@@ -203,6 +204,46 @@ def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
         assert bool((k[10:] == 7.0).all()) and bool((v[10:] == 7.0).all())
     swap.close()
     cache.close()
+
+
+def test_a_stacking_layout_holds_chunks_unmerged_until_merge_at_stacked(monkeypatch):
+    """Where a chunk moves in one copy (a virtual cache on the CPU), reuse swap-outs of new tokens copy only those
+    tokens, turn after turn, until MERGE_AT_STACKED chunks are held; a swap-in makes one copy per chunk. With
+    per-block runs (block_tokens) the same turns merge at MERGE_AT, as before. The KV comes back exactly."""
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    for block_tokens, at in ((None, MERGE_AT_STACKED), (4, MERGE_AT)):
+        cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False,
+                               eager_pages=0)
+        swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True, block_tokens=block_tokens)
+        assert swap.merging_at() == at
+        total = 8
+        assert cache.try_allocate(1, 64)
+        write(cache, [SeqStep(1, 0, total)])
+        copies = count_copies(monkeypatch)
+        for turn in range(MERGE_AT_STACKED):
+            before = contexts(cache, 1, total)
+            out_bytes = swap.stats.out_bytes
+            assert swap.try_swap_out(1, total)
+            held = len(swap._copies[1].chunks)
+            if swap.stats.merges == 0:  # only the new tokens moved, into a chunk of their own
+                assert held == turn + 1 and swap.stats.out_bytes - out_bytes == swap.runs_shape(total, total - 4 if turn else 0)[0]
+            cache.free(1)
+            assert cache.try_allocate(1, 64)
+            copies[0] = 0
+            assert swap.swap_in(1) == total
+            if block_tokens is None:
+                assert copies[0] == held  # one copy per held chunk
+            assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, total)))
+            write(cache, [SeqStep(1, total, 4)])
+            total += 4
+        if at == MERGE_AT_STACKED:  # (a merge would come at the next swap-out, which finds `at` chunks held)
+            assert swap.stats.merges == 0 and len(swap._copies[1].chunks) == MERGE_AT_STACKED
+        else:  # merged at every other swap-out from the third on
+            assert swap.stats.merges == (MERGE_AT_STACKED - 1) // MERGE_AT
+        monkeypatch.undo()
+        swap.close()
+        cache.close()
 
 
 def test_auto_models_a_cpu_virtual_swap_as_one_copy():
