@@ -7,7 +7,9 @@ rate (the hardware prefetchers restart at each 4 KiB page and the copy ends befo
 `cold_copy_seconds` measures that ceiling per size: a contiguous uint8 copy between warm pages (committed, as the
 swap tier's region keeps them) after a buffer larger than the last-level cache has been written, as a model step
 does. A swap's fraction of it says how much of what a copy of its size can do the swap does; its fraction of the
-64 MiB memcpy says how far that is from the tier's bandwidth.
+64 MiB memcpy says how far that is from the tier's bandwidth. (A merging swap-out, kv/swap_pairs.py, is recorded
+with its new bytes only, as the tier counts it, while its seconds include copying the held history again, host to
+host: its fraction is of the useful bytes, not of the bytes it moved.)
 
     rates = cold_copy_rates()                     # {bytes: bytes/s} at powers of two, 64 KiB .. 64 MiB
     seconds = cold_copy_seconds(1_179_648, rates)  # interpolated in log size
@@ -36,12 +38,14 @@ def llc_bytes() -> int:
     return best or 32 << 20
 
 
-def cold_copy_rates(sizes: tuple[int, ...] = SIZES, reps: int = 5) -> dict[int, float]:
+def cold_copy_rates(sizes: tuple[int, ...] = SIZES, reps: int = 5, flush_bytes: int | None = None) -> dict[int, float]:
     """Bytes/s of a contiguous copy of each size with cold caches: the median of `reps`, each after writing a
-    buffer of twice the last-level cache (at least 256 MiB, at most 2 GiB)."""
+    buffer of `flush_bytes` (default twice the last-level cache, at least 256 MiB, at most 2 GiB)."""
     import torch
 
-    flush = torch.zeros(min(2 << 30, max(256 << 20, 2 * llc_bytes())), dtype=torch.uint8)
+    if flush_bytes is None:
+        flush_bytes = min(2 << 30, max(256 << 20, 2 * llc_bytes()))
+    flush = torch.zeros(flush_bytes, dtype=torch.uint8)
     top = max(sizes)
     src, dst = torch.ones(top, dtype=torch.uint8), torch.zeros(top, dtype=torch.uint8)  # pages committed: warm
     rates = {}

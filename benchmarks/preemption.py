@@ -42,9 +42,10 @@ all of the above.
 
 Reported per variant: TTFT P50/P95/P99/P99.9, TBT P99.9, throughput (generated tokens / makespan), preemptions
 by mode, swap copies and bytes per tier, each tier's swap throughput as a fraction of its bandwidth measured here
-(host: a 64 MiB memcpy; also `fraction_of_cold_copy`: against contiguous copies of each swap's own size with cold
-caches, benchmarks/copy_reference.py, what a copy of that size can reach after a model step; SSD: O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest
-the tier issues: its staging buffer), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
+(host: a 64 MiB memcpy; also `fraction_of_cold_copy`: against contiguous copies of each swap's own size
+with cold caches, benchmarks/copy_reference.py, what a copy of that size can reach after a model step; SSD:
+O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest the tier issues: its
+staging buffer), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
 system calls and waiting for a CPU, and the same I/Os replayed alone against the same reference
 (benchmarks/ssd_trace.py), peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
@@ -322,8 +323,9 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
 
 
 def median_row(reps: list[dict]) -> dict:
-    """The median over repetitions of every number in a variant's result (over the reps that have it: a rep with
-    no host swap has no cold-copy figures)."""
+    """The median over repetitions of every number in a variant's result, each over the reps that have it (a rep
+    with no host swap has no cold-copy figures): so figures of one row may come from different reps, and a ratio
+    of two medians is not the median ratio (`fraction_of_cold_copy` is taken per run, then its median)."""
     import statistics
 
     def med(values: list):

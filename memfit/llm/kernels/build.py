@@ -43,8 +43,9 @@ _reasons: dict[str, str] = {}
 # What the cache key and the CPU's flags are read from does not change while a process runs, and reading it was
 # the cost of every availability check (the sources hashed, /proc/cpuinfo parsed: 0.2-0.9 ms a call, paid by
 # every decode-mode query): each is read once. The key is remembered per compiler setting (CXX, PATH), sources
-# and flags, so a test or user that points CXX elsewhere still gets the key of that compiler.
-_keys: dict[tuple, str | None] = {}
+# and flags, so a test or user that points CXX elsewhere still gets the key of that compiler; "no compiler" is
+# not remembered.
+_keys: dict[tuple, str] = {}
 _proc_flags: frozenset[str] | None = None
 compile_count = 0  # compiles done by this process (the tests check that a cached build is reused)
 
@@ -143,18 +144,19 @@ def get_cpu_linear(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
 def _key_or_none(sources: tuple[Path, ...] | None = None, flags: tuple[str, ...] | None = None) -> str | None:
     """The cache key of `sources` built with `flags` by this compiler (a hash of all three); None without one."""
     sources, flags = (SOURCES + HEADERS, FLAGS) if sources is None else (sources, flags or ())
+    # (not in the memo: where CXX or PATH's compiler resolves to, which a process does not expect to change)
     memo = (os.environ.get("CXX"), os.environ.get("PATH"), sources, flags)
-    if memo in _keys:
-        return _keys[memo]
+    key = _keys.get(memo)
+    if key is not None:
+        return key
     cxx = compiler()
-    key = None
-    if cxx is not None:
-        h = hashlib.sha256()
-        for src in sources:
-            h.update(src.name.encode() + b"\0" + src.read_bytes())
-        h.update("\0".join((os.path.realpath(cxx), *flags)).encode())
-        key = h.hexdigest()[:16]
-    _keys[memo] = key
+    if cxx is None:  # not remembered: a compiler installed later is found by the next call
+        return None
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    h.update("\0".join((os.path.realpath(cxx), *flags)).encode())
+    key = _keys[memo] = h.hexdigest()[:16]
     return key
 
 

@@ -130,7 +130,9 @@ class SwapSpace(InFlightSwaps):
         return self.run_map.shape(num_tokens, lo)
 
     def merging_at(self) -> int:
-        """How many trailing host chunks a swap-out merges (0: never): `merge_at`, or the layout's default."""
+        """How many trailing host chunks a copy must hold for its next swap-out to merge them (the whole trailing
+        run, which may be longer where a merge was skipped for room) with its new tokens; 0: never. `merge_at`,
+        or the layout's default."""
         if self.merge_at is not None:
             return self.merge_at
         return MERGE_AT_STACKED if self.run_map.stacks else MERGE_AT
@@ -354,7 +356,7 @@ class SwapSpace(InFlightSwaps):
 
     def _merge_plan(self, copy: Copy, start: int, num_tokens: int, nbytes: int) -> tuple[list[Chunk], int]:
         """(the host chunks a swap-out of start..num_tokens-1 merges with its new tokens, the merged buffer's bytes):
-        the trailing run once it has `merge_at` chunks and the tier has room for the merged buffer beside them
+        the trailing run once it has `merging_at()` chunks and the tier has room for the merged buffer beside them
         (reserved here; nothing is evicted for it), else ([], nbytes)."""
         olds = tail_run(copy)
         at = self.merging_at()

@@ -10,6 +10,7 @@ from memfit.llm.engine.api import LLM
 from memfit.llm.engine.errors import RequestError
 from memfit.llm.engine.params import SamplingParams
 from memfit.memory.budget import MemoryBudgetExceeded
+from memfit.llm.kv.swap import MERGE_AT
 from memfit.llm.kv.swap_model import OWNER
 from tests.llm.engine.test_engine import assert_same_greedy, tiny  # noqa: F401 - the fixture
 from tests.memory.test_host_region import resident_bytes
@@ -314,6 +315,7 @@ def test_a_conversations_next_turn_swaps_its_evicted_kv_back_in_instead_of_prefi
     llm = LLM(str(path), kv_cache=kind, dtype="float32", kv_budget=int(one_seq * 2.5), kv_eager_pages=0,
               kv_prefault=False, preemption_mode="swap", swap_space="16MiB", swap_threads=0)
     engine = llm.engine
+    engine.swap.merge_at = MERGE_AT  # merges within 3 turns on both caches (the virtual one's default waits for 8)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     ids = list(range(5, 25))
     for turn in range(3):

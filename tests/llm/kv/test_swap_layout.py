@@ -208,8 +208,9 @@ def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
 
 def test_a_stacking_layout_holds_chunks_unmerged_until_merge_at_stacked(monkeypatch):
     """Where a chunk moves in one copy (a virtual cache on the CPU), reuse swap-outs of new tokens copy only those
-    tokens, turn after turn, until MERGE_AT_STACKED chunks are held; a swap-in makes one copy per chunk. With
-    per-block runs (block_tokens) the same turns merge at MERGE_AT, as before. The KV comes back exactly."""
+    tokens, turn after turn, until MERGE_AT_STACKED chunks are held, and the next swap-out merges them into one; a
+    swap-in makes one copy per chunk. With per-block runs (block_tokens) the same turns merge at MERGE_AT, as
+    before. The KV comes back exactly every turn."""
     from memfit.llm.kv.virtual import VirtualKVCache
 
     for block_tokens, at in ((None, MERGE_AT_STACKED), (4, MERGE_AT)):
@@ -221,7 +222,8 @@ def test_a_stacking_layout_holds_chunks_unmerged_until_merge_at_stacked(monkeypa
         assert cache.try_allocate(1, 64)
         write(cache, [SeqStep(1, 0, total)])
         copies = count_copies(monkeypatch)
-        for turn in range(MERGE_AT_STACKED):
+        turns = MERGE_AT_STACKED + 1
+        for turn in range(turns):
             before = contexts(cache, 1, total)
             out_bytes = swap.stats.out_bytes
             assert swap.try_swap_out(1, total)
@@ -237,10 +239,10 @@ def test_a_stacking_layout_holds_chunks_unmerged_until_merge_at_stacked(monkeypa
             assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, total)))
             write(cache, [SeqStep(1, total, 4)])
             total += 4
-        if at == MERGE_AT_STACKED:  # (a merge would come at the next swap-out, which finds `at` chunks held)
-            assert swap.stats.merges == 0 and len(swap._copies[1].chunks) == MERGE_AT_STACKED
-        else:  # merged at every other swap-out from the third on
-            assert swap.stats.merges == (MERGE_AT_STACKED - 1) // MERGE_AT
+            if at == MERGE_AT_STACKED and turn == turns - 1:  # the swap-out that found `at` chunks held merged them
+                assert swap.stats.merges == 1 and held == 1 and swap._copies[1].chunks[0].lo == 0
+        # merged at every `at`-th swap-out from the (at + 1)-th on: once at the stacking layout's last turn
+        assert swap.stats.merges == (turns - 1) // at
         monkeypatch.undo()
         swap.close()
         cache.close()
