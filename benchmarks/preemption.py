@@ -18,6 +18,8 @@ mechanism:
   conversation's next turn (the other variants free it: the next turn prefills its whole history);
 - swap-run-reuse-merge2: swap-run-reuse merging a copy's host chunks once 2 are held, as before the CPU's
   stacked copies waited for 8 (kv/swap.py MERGE_AT_STACKED; not in the default set);
+- swap-run-reuse-views: swap-run-reuse copying a stacked swap-out through a view and a torch copy, as before its
+  rows were copied by address (kv/swap.py BY_ADDRESS_MAX; not in the default set);
 - swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
 - swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
   above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it);
@@ -72,6 +74,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-reuse-async": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True),
     # as before MERGE_AT_STACKED (kv/swap.py): a copy's host chunks merged once 2 are held, on the CPU too
     "swap-run-reuse-merge2": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, merge_at=2),
+    # as before a stacked swap-out copied its rows by address (kv/swap.py BY_ADDRESS_MAX): a view and a torch copy
+    "swap-run-reuse-views": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, by_address=False),
     # as before the host tier's region (memory/host_region.py): a fresh torch buffer for every chunk swapped out
     "swap-run-reuse-noregion": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, region=False),
     # as before the scheduler's ski-rental rule: a swapped turn waits for room for its whole history, however long
@@ -182,6 +186,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     ssd_pyloop = opts.pop("ssd_pyloop", False)
     region = opts.pop("region", True)
     merge_at = opts.pop("merge_at", None)
+    by_address = opts.pop("by_address", True)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
@@ -210,6 +215,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     if engine.swap is not None:
         engine.swap.block_tokens = block_tokens
         engine.swap.merge_at = merge_at
+        engine.swap.by_address = by_address
         a.host_ops = record_host_ops(engine.swap)
         if not region and engine.swap.region is not None:  # before any swap: every chunk gets a buffer of its own
             engine.swap.region.close()

@@ -69,6 +69,11 @@ MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host c
 # (the history's 3-12 MB re-copied): the host tier ran at 0.49 of memcpy merging at 2, 0.60 at 8 (issue 15;
 # docs/benchmarks.md, "Longer histories"). So there a copy's chunks are merged only once they are this many.
 MERGE_AT_STACKED = 8
+# A stacked swap-out (the CPU virtual cache) copies its rows by address (`SwapRuns.stacked_rows`, memmove a row):
+# right after a model step the view and torch copy it replaces cost 0.2-0.3 ms of a small swap-out's ~0.5-1 ms
+# (docs/engine.md, "A swap-out's fixed cost"). Above this many bytes with several threads, torch's copy, which
+# splits a large copy across the engine's threads, is kept: there the copy's own time dominates.
+BY_ADDRESS_MAX = 8 << 20
 
 class SwapSpace(InFlightSwaps):
     def __init__(self, kv: KVCacheManager, budget: MemoryBudget, cost: CostModel | None = None,
@@ -93,6 +98,7 @@ class SwapSpace(InFlightSwaps):
         # a copy's trailing host chunks are merged at a swap-out once this many (0: never; None: by the layout,
         # MERGE_AT_STACKED where a chunk moves in one copy, else MERGE_AT: `merging_at`)
         self.merge_at: int | None = None
+        self.by_address = True  # stacked swap-outs copy rows by address (BY_ADDRESS_MAX); benchmarks turn it off
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
@@ -211,6 +217,9 @@ class SwapSpace(InFlightSwaps):
                 if olds:  # (held bytes, new runs) pairs, resolved here on the engine thread like the runs
                     host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
                     ops, job = sum(run_count(src) for _, src in device), (merge_out, host, device)  # type: ignore[arg-type]
+                elif self.by_address and (nbytes <= BY_ADDRESS_MAX or torch.get_num_threads() == 1) and \
+                        (rows := self.run_map.stacked_rows(seq_id, start, num_tokens)) is not None:
+                    ops, job = rows.rows, (_copy_out, [rows], buf)  # the stacked rows by address (BY_ADDRESS_MAX)
                 else:  # the virtual cache's runs as one (segments, bytes) block where it can (swap_layout.py)
                     block = self.run_map.stacked(seq_id, start, num_tokens)
                     runs = [block] if block is not None else self.runs(seq_id, num_tokens, start)

@@ -10,6 +10,7 @@ sequences with copies in flight, whose host chunks are not demoted meanwhile. Th
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memfit.llm.kv.base import KVCacheError
+from memfit.llm.kv.swap_layout import RowBlock
 from memfit.llm.kv.swap_model import SwapLost, SwapStats
 from memfit.llm.kv.swap_reuse import Chunk, HostCopies
 
@@ -120,12 +122,20 @@ class InFlightSwaps:
         return {*self._inflight, *self._outflight}
 
 
-def copy_out(runs: list[torch.Tensor], buf: torch.Tensor) -> float:
-    """Copy `runs` (uint8: 1-D runs, or (segments, bytes) blocks from `SwapRuns.stacked`), in order, into the host
-    buffer `buf`; returns the seconds it took."""
+def copy_out(runs: list[torch.Tensor | RowBlock], buf: torch.Tensor) -> float:
+    """Copy `runs` (uint8: 1-D runs, or (segments, bytes) blocks from `SwapRuns.stacked`, or a `RowBlock` by
+    address from `SwapRuns.stacked_rows`), in order, into the host buffer `buf`; returns the seconds it took.
+    A RowBlock's rows are copied by ctypes' memmove, one call a row (each lets the GIL go): the same bytes in the
+    same order as the view's copy, without the view and the torch copy's dispatch (kv/swap.py: BY_ADDRESS_MAX)."""
     t0, off = time.perf_counter(), 0
     for r in runs:
         n = r.numel()
+        if isinstance(r, RowBlock):
+            dst, move = buf.data_ptr() + off, ctypes.memmove
+            for i in range(r.rows):
+                move(dst + i * r.row_bytes, r.address + i * r.stride, r.row_bytes)
+            off += n
+            continue
         dst = buf if n == buf.numel() else buf[off : off + n]  # a stacked chunk fills its buffer: no slice to make
         dst.view(r.shape).copy_(r)
         off += n

@@ -13,6 +13,8 @@ same cache, so a comparison differs in the copy granularity alone (benchmarks/pr
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from memfit.llm.kv.base import KVCacheManager
@@ -21,6 +23,29 @@ __all__ = ["Piece", "SwapRuns"]
 
 Piece = tuple[int, int, int]  # (segment or pool index, first token, one past the last token)
 Span = tuple[Piece, int, int]  # a piece and the byte range [lo, hi) it takes in a swap buffer
+
+
+class RowBlock(NamedTuple):
+    """`rows` rows of `row_bytes` bytes at `address`, `stride` bytes apart: a stacked swap's source by address
+    (`SwapRuns.stacked_rows`). It answers the few questions the tier asks of a (rows, row_bytes) uint8 view."""
+
+    address: int
+    stride: int
+    rows: int
+    row_bytes: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.row_bytes
+
+    def dim(self) -> int:
+        return 2
+
+    def numel(self) -> int:
+        return self.rows * self.row_bytes
+
+    def element_size(self) -> int:
+        return 1
 
 
 class SwapRuns:
@@ -124,6 +149,16 @@ class SwapRuns:
         off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
         size = (kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
         return kv.arena.byte_view(size, (kv.seg_bytes, 1), off)  # type: ignore[attr-defined]  # one torch call
+
+    def stacked_rows(self, seq_id: int, lo: int, hi: int) -> RowBlock | None:
+        """`stacked`'s rows by address alone: no tensor is made (a view is one of the torch calls that cost 0.1-0.2
+        ms each right after a model step; docs/engine.md). None where `stacked` gives None. Valid while the
+        sequence holds its slot (the tier copies before the sequence's KV is freed)."""
+        kv = self.kv
+        if not self.stacks or hi <= lo:
+            return None
+        off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
+        return RowBlock(kv.arena.address + off, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the

@@ -144,6 +144,7 @@ def test_a_virtual_swap_moves_all_its_segments_in_one_copy_per_chunk(monkeypatch
                            **opts)
     swap = SwapSpace(cache, MemoryBudget(2**20, Tier.HOST, name="swap_space"), reuse=True)
     swap.merge_at = MERGE_AT  # merges at 2, as on a layout that does not stack (the default here waits for 8)
+    swap.by_address = False  # the views' path (the default copies a swap-out's rows by address: the test below)
     segs = swap.run_map.segments
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 19)])
@@ -202,6 +203,52 @@ def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
     for layer in range(LAYOUT.num_layers):
         k, v = cache.context(layer, plan, 0)  # (30, Hkv, D)
         assert bool((k[10:] == 7.0).all()) and bool((v[10:] == 7.0).all())
+    swap.close()
+    cache.close()
+
+
+@pytest.mark.parametrize("opts", [{}, {"head_major": True}, {"token_major": True}], ids=["per-layer", "head-major",
+                                                                                      "token-major"])
+def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactly(monkeypatch, opts):
+    """By default a CPU virtual cache's swap-out copies its segments' rows by address (`stacked_rows`: one memmove
+    a segment, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's copy. The
+    bytes held are those of the stacked view either way: the swap-ins (views) restore the KV exactly."""
+    import ctypes
+
+    import memfit.llm.kv.swap as swap_mod
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0,
+                           **opts)
+    swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True)
+    segs = swap.run_map.segments
+    moves = [0]
+    real = ctypes.memmove
+
+    def counting(*args):
+        moves[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(ctypes, "memmove", counting)
+    copies = count_copies(monkeypatch)
+    assert cache.try_allocate(1, 60)
+    write(cache, [SeqStep(1, 0, 21)])
+    total = 21
+    for new, small in ((0, True), (9, True), (6, False)):
+        if new:
+            write(cache, [SeqStep(1, total, new)])
+            total += new
+        if not small:  # this chunk counts as large, on 2 threads: torch's copy, which can split it
+            monkeypatch.setattr(swap_mod, "BY_ADDRESS_MAX", 0)
+            monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        before = contexts(cache, 1, total)
+        copies[0] = moves[0] = 0
+        assert swap.try_swap_out(1, total)
+        assert (copies[0], moves[0]) == ((0, segs) if small else (1, 0))
+        cache.free(1)
+        assert cache.try_allocate(1, 60)
+        assert swap.swap_in(1) == total
+        assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, total)))
     swap.close()
     cache.close()
 
