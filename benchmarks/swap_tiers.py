@@ -25,7 +25,9 @@ waits for) and by the tier's own copy timer (`SwapStats`, what preemption.py's f
 copying take turns in every round: `stacked`, the default, a chunk's runs of every segment as one (segments, bytes)
 view and one copy (`SwapRuns.stacked`), and `runs`, a view and a copy a run (`stacking` off: the code before it,
 and what the paged cache and the per-block baseline do). (A third, a view a run and all a swap's copies in one
-`torch._foreach_copy_`, ran level with `runs` in a trial of this benchmark and was not kept.)
+`torch._foreach_copy_`, ran level with `runs` in a trial of this benchmark and was not kept.) `address`: stacked,
+each segment's row copied by address (memmove), the engine's default for synchronous swaps (kv/swap.py
+BY_ADDRESS_MAX); every other mode turns that off, so they measure what they measured before it.
 The reference is this machine's memcpy (64 MiB, best of 5, `benchmarks.preemption.memcpy_bandwidth`) measured in
 the same process before and after; small copies from cache can beat it.
 
@@ -103,7 +105,7 @@ def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
         cache.write(layer, plan, k, -k)
 
 
-MODES = ("stacked", "runs", "region", "full", "full-trim")  # region: stacked, the chunks from the engine's HostRegion
+MODES = ("stacked", "runs", "region", "full", "full-trim", "address")  # region: stacked, the chunks from the engine's HostRegion
 # (kept warm); full, full-trim: region at its high-water mark, the engine's reservation and the one before issue 15's fix
 FULL = ("full", "full-trim")
 DEFAULT_MODES = ("stacked", "runs")
@@ -123,6 +125,7 @@ class Rig:
         self.reuse = None if full else _cache_and_swap(shape, tokens + new + 16, reuse=True, region=mode == "region")
         for layout, cache, swap in (self.whole, self.reuse) if self.reuse is not None else (self.whole,):
             swap.run_map.stacking = mode != "runs"
+            swap.by_address = mode == "address"  # the others as measured before rows went by address
             assert cache.try_allocate(1, tokens + new)
             _write(cache, layout, 1, 0, tokens)
         if self.reuse is None:

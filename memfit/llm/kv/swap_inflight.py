@@ -71,7 +71,7 @@ class InFlightSwaps:
         if seq_id in self._outflight:
             raise KVCacheError(f"sequence {seq_id} is still being swapped out")
         copy = self._live(seq_id)
-        pairs, nbytes = self._pairs(seq_id, copy)  # resolved here, on the engine thread, under the cache's lock
+        pairs, nbytes = self._pairs(seq_id, copy, on_pool=True)  # resolved here, on the engine thread
         self._inflight[seq_id] = (host_copies(pairs), nbytes, self._pool_().submit(copy_in, pairs))
 
     def in_flight(self, seq_id: int) -> bool:
@@ -131,6 +131,8 @@ def copy_out(runs: list[torch.Tensor | RowBlock], buf: torch.Tensor) -> float:
     for r in runs:
         n = r.numel()
         if isinstance(r, RowBlock):
+            if off + n > buf.numel():
+                raise ValueError(f"{n} bytes of rows at offset {off} do not fit a {buf.numel()}-byte buffer")
             dst, move = buf.data_ptr() + off, ctypes.memmove
             for i in range(r.rows):
                 move(dst + i * r.row_bytes, r.address + i * r.stride, r.row_bytes)
@@ -147,7 +149,12 @@ def copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
     which raises SwapLost on a bad read); returns the seconds the host copies took (the SSD tier times its own)."""
     seconds = 0.0
     for dst, src in pairs:
-        if isinstance(src, torch.Tensor):
+        if isinstance(src, RowBlock):  # a stacked chunk's rows by address (restore_pairs): memmove a row
+            t0, move = time.perf_counter(), ctypes.memmove
+            for i in range(src.rows):
+                move(dst.address + i * dst.stride, src.address + i * src.stride, src.row_bytes)  # type: ignore[attr-defined]
+            seconds += time.perf_counter() - t0
+        elif isinstance(src, torch.Tensor):
             t0 = time.perf_counter()
             dst.copy_(src)
             seconds += time.perf_counter() - t0
@@ -163,4 +170,4 @@ def run_count(t: torch.Tensor) -> int:
 
 def host_copies(pairs: list[tuple[torch.Tensor, object]]) -> int:
     """Runs the host sources of `pairs` move (SwapStats counts runs, however few calls move them)."""
-    return sum(run_count(src) for _, src in pairs if isinstance(src, torch.Tensor))
+    return sum(run_count(src) for _, src in pairs if isinstance(src, (torch.Tensor, RowBlock)))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from memfit.llm.kv.base import KVCacheManager
+from memfit.llm.kv.base import KVCacheError, KVCacheManager
 
 __all__ = ["Piece", "SwapRuns"]
 
@@ -153,12 +153,19 @@ class SwapRuns:
     def stacked_rows(self, seq_id: int, lo: int, hi: int) -> RowBlock | None:
         """`stacked`'s rows by address alone: no tensor is made (a view is one of the torch calls that cost 0.1-0.2
         ms each right after a model step; docs/engine.md). None where `stacked` gives None. Valid while the
-        sequence holds its slot (the tier copies before the sequence's KV is freed)."""
+        sequence holds its slot and the cache is open (the tier copies before the sequence's KV is freed, and the
+        engine closes the tier before the cache)."""
         kv = self.kv
         if not self.stacks or hi <= lo:
             return None
         off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
-        return RowBlock(kv.arena.address + off, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
+        rows = RowBlock(kv.arena.address + off, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
+        # (what `stacked`'s view would raise for: a memmove past the arena, or into one unmapped, would not)
+        if getattr(kv.arena, "_closed", False):  # type: ignore[attr-defined]
+            raise KVCacheError("the KV cache is closed")
+        if off + (rows.rows - 1) * rows.stride + rows.row_bytes > kv.arena.size:  # type: ignore[attr-defined]
+            raise KVCacheError(f"positions {lo}..{hi - 1} of sequence {seq_id} lie past its cache's arena")
+        return rows
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the

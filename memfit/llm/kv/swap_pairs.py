@@ -15,13 +15,13 @@ for more chunks (kv/swap.py: MERGE_AT_STACKED, and what it was measured against)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from memfit.llm.kv.base import KVCacheError
 from memfit.llm.kv.swap_inflight import copy_in
-from memfit.llm.kv.swap_layout import SwapRuns
+from memfit.llm.kv.swap_layout import RowBlock, SwapRuns
 from memfit.llm.kv.swap_reuse import Chunk, Copy
 
 if TYPE_CHECKING:
@@ -29,13 +29,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Pair", "merge_out", "merge_pairs", "restore_pairs", "tail_run"]
 
-Pair = tuple[torch.Tensor, object]  # (destination run, source: a host slice, or an SSD reader)
+Pair = tuple[object, object]  # (destination run, source: a host slice, or an SSD reader; or two RowBlocks)
 
 
-def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy) -> tuple[list[Pair], int]:
+def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy,
+                  by_address: Callable[[int], bool] | None = None) -> tuple[list[Pair], int]:
     """Pairs restoring positions 0..valid-1 of `seq_id`, and the bytes they move from host buffers (the SSD tier
     counts its own reads). A source is a host buffer slice, or consecutive SSD chunks (read in one call and checked
-    on the copying thread)."""
+    on the copying thread). Where a chunk stacks and `by_address(its bytes)` says so, its pair is two `RowBlock`s
+    (the slot's rows and the buffer's, by address: kv/swap.py BY_ADDRESS_MAX), not two views."""
     table = lay.table(seq_id)
     pairs: list[Pair] = []
     nbytes = 0
@@ -55,7 +57,17 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy) -
         flush()  # a host chunk rewrites a partly valid block of the SSD chunks before it: keep the order
         if chunk.lo >= copy.valid:
             continue
-        block = lay.stacked(seq_id, chunk.lo, min(chunk.hi, copy.valid))
+        hi = min(chunk.hi, copy.valid)
+        rows = lay.stacked_rows(seq_id, chunk.lo, hi) if by_address is not None else None
+        if rows is not None and by_address(rows.numel()):  # type: ignore[misc]
+            stride = (chunk.hi - chunk.lo) * lay.kv.row_bytes  # type: ignore[attr-defined]  # the buffer is segment-major
+            if chunk.buf.numel() != lay.segments * stride:  # type: ignore[union-attr]  # (as _rows checks)
+                raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
+                                   f"{chunk.buf.numel()} bytes held, {lay.segments * stride} expected)")  # type: ignore[union-attr]
+            pairs.append((rows, RowBlock(chunk.buf.data_ptr(), stride, rows.rows, rows.row_bytes)))  # type: ignore[union-attr]
+            nbytes += rows.numel()
+            continue
+        block = lay.stacked(seq_id, chunk.lo, hi)
         if block is not None:  # the virtual cache: the chunk's valid rows of every segment in one copy
             src = _rows(lay, chunk)[:, : block.shape[1]]
             pairs.append((block, src))

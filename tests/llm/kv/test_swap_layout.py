@@ -210,9 +210,9 @@ def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
 @pytest.mark.parametrize("opts", [{}, {"head_major": True}, {"token_major": True}], ids=["per-layer", "head-major",
                                                                                       "token-major"])
 def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactly(monkeypatch, opts):
-    """By default a CPU virtual cache's swap-out copies its segments' rows by address (`stacked_rows`: one memmove
-    a segment, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's copy. The
-    bytes held are those of the stacked view either way: the swap-ins (views) restore the KV exactly."""
+    """By default a CPU virtual cache's swaps copy their segments' rows by address (`stacked_rows`: one memmove a
+    segment and held chunk, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's
+    copy. The bytes held are those of the stacked view either way: every swap-in restores the KV exactly."""
     import ctypes
 
     import memfit.llm.kv.swap as swap_mod
@@ -247,8 +247,54 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
         assert (copies[0], moves[0]) == ((0, segs) if small else (1, 0))
         cache.free(1)
         assert cache.try_allocate(1, 60)
+        chunks = len(swap._copies[1].chunks)
+        copies[0] = moves[0] = 0
         assert swap.swap_in(1) == total
+        assert (copies[0], moves[0]) == ((0, segs * chunks) if small else (chunks, 0))
         assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, total)))
+    swap.close()
+    cache.close()
+
+
+@pytest.mark.parametrize("case", ["on the pool", "too many rows"])
+def test_rows_go_through_torch_on_the_pool_and_past_by_address_rows(monkeypatch, case):
+    """Swaps on the pool (each row's memmove would take the GIL back from the engine thread) and swaps of more
+    than BY_ADDRESS_ROWS rows keep the view and torch's copy; the KV still comes back exactly."""
+    import ctypes
+
+    import memfit.llm.kv.swap as swap_mod
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0)
+    pool = case == "on the pool"
+    swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True, threads=1 if pool else 0)
+    if not pool:
+        monkeypatch.setattr(swap_mod, "BY_ADDRESS_ROWS", swap.run_map.segments - 1)
+    moves = [0]
+    real = ctypes.memmove
+
+    def counting(*args):
+        moves[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(ctypes, "memmove", counting)
+    copies = count_copies(monkeypatch)
+    assert cache.try_allocate(1, 60)
+    write(cache, [SeqStep(1, 0, 21)])
+    before = contexts(cache, 1, 21)
+    copies[0] = 0
+    assert swap.try_swap_out(1, 21, wait=not pool)
+    if swap.swapping_out(1):
+        assert swap.finish_swap_out(1)
+    cache.free(1)
+    assert cache.try_allocate(1, 60)
+    if pool:
+        swap.start_swap_in(1)
+        assert swap.finish_swap_in(1) == 21
+    else:
+        assert swap.swap_in(1) == 21
+    assert (copies[0], moves[0]) == (2, 0)  # one torch copy each way, no memmove
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 21)))
     swap.close()
     cache.close()
 
@@ -264,6 +310,7 @@ def test_a_stacking_layout_holds_chunks_unmerged_until_merge_at_stacked(monkeypa
         cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False,
                                eager_pages=0)
         swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True, block_tokens=block_tokens)
+        swap.by_address = False  # torch copies, so a swap-in's copies count its chunks (rows by address: below)
         assert swap.merging_at() == at
         total = 8
         assert cache.try_allocate(1, 64)
