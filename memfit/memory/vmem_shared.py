@@ -351,6 +351,10 @@ class SharedArena:
             self._prefaulter = Prefaulter(f"memfit-prefault-{self.owner}")
         return self._prefaulter
 
+    @property
+    def closed(self) -> bool:  # (as VirtualArena.closed)
+        return self._closed
+
     def drain(self) -> None:
         if self._prefaulter is not None:
             self._prefaulter.drain()

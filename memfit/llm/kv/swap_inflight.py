@@ -10,7 +10,6 @@ sequences with copies in flight, whose host chunks are not demoted meanwhile. Th
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -125,17 +124,15 @@ class InFlightSwaps:
 def copy_out(runs: list[torch.Tensor | RowBlock], buf: torch.Tensor) -> float:
     """Copy `runs` (uint8: 1-D runs, or (segments, bytes) blocks from `SwapRuns.stacked`, or a `RowBlock` by
     address from `SwapRuns.stacked_rows`), in order, into the host buffer `buf`; returns the seconds it took.
-    A RowBlock's rows are copied by ctypes' memmove, one call a row (each lets the GIL go): the same bytes in the
-    same order as the view's copy, without the view and the torch copy's dispatch (kv/swap.py: BY_ADDRESS_MAX)."""
+    A RowBlock's rows are copied by `RowBlock.copy_to` (memmove a row): the same bytes in the same order as the
+    view's copy, without the view and the torch copy's dispatch (kv/swap.py: BY_ADDRESS_MAX)."""
     t0, off = time.perf_counter(), 0
     for r in runs:
         n = r.numel()
         if isinstance(r, RowBlock):
             if off + n > buf.numel():
                 raise ValueError(f"{n} bytes of rows at offset {off} do not fit a {buf.numel()}-byte buffer")
-            dst, move = buf.data_ptr() + off, ctypes.memmove
-            for i in range(r.rows):
-                move(dst + i * r.row_bytes, r.address + i * r.stride, r.row_bytes)
+            r.copy_to(buf.data_ptr() + off, r.row_bytes)  # packed: the buffer holds the rows back to back
             off += n
             continue
         dst = buf if n == buf.numel() else buf[off : off + n]  # a stacked chunk fills its buffer: no slice to make
@@ -150,9 +147,8 @@ def copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
     seconds = 0.0
     for dst, src in pairs:
         if isinstance(src, RowBlock):  # a stacked chunk's rows by address (restore_pairs): memmove a row
-            t0, move = time.perf_counter(), ctypes.memmove
-            for i in range(src.rows):
-                move(dst.address + i * dst.stride, src.address + i * src.stride, src.row_bytes)  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            src.copy_to(dst.address, dst.stride)  # type: ignore[attr-defined]
             seconds += time.perf_counter() - t0
         elif isinstance(src, torch.Tensor):
             t0 = time.perf_counter()

@@ -13,6 +13,7 @@ same cache, so a comparison differs in the copy granularity alone (benchmarks/pr
 """
 from __future__ import annotations
 
+import ctypes
 from typing import NamedTuple
 
 import torch
@@ -46,6 +47,13 @@ class RowBlock(NamedTuple):
 
     def element_size(self) -> int:
         return 1
+
+    def copy_to(self, address: int, stride: int) -> None:
+        """Copy the rows to `address` onwards, `stride` bytes apart, by ctypes' memmove, one call a row (each lets
+        the GIL go)."""
+        move = ctypes.memmove
+        for i in range(self.rows):
+            move(address + i * stride, self.address + i * self.stride, self.row_bytes)
 
 
 class SwapRuns:
@@ -143,16 +151,15 @@ class SwapRuns:
         runs a swap at the 0.5B shape: benchmarks/swap_tiers.py). For a virtual cache on the CPU with whole runs
         (no `block_tokens`); None otherwise (a paged cache's blocks, the per-block baseline, and GPU caches, whose
         copies of one large run each were measured that way)."""
-        kv = self.kv
-        if not self.stacks or hi <= lo:
+        rows = self.stacked_rows(seq_id, lo, hi)
+        if rows is None:
             return None
-        off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
-        size = (kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
-        return kv.arena.byte_view(size, (kv.seg_bytes, 1), off)  # type: ignore[attr-defined]  # one torch call
+        arena = self.kv.arena  # type: ignore[attr-defined]
+        return arena.byte_view(rows.shape, (rows.stride, 1), rows.address - arena.address)  # one torch call
 
     def stacked_rows(self, seq_id: int, lo: int, hi: int) -> RowBlock | None:
-        """`stacked`'s rows by address alone: no tensor is made (a view is one of the torch calls that cost 0.1-0.2
-        ms each right after a model step; docs/engine.md). None where `stacked` gives None. Valid while the
+        """`stacked`'s rows by address alone: no tensor is made (a view is one of the torch calls that cost 0.1-0.3
+        ms each right after a model step: benchmarks/swap_cold.py). None where `stacked` gives None. Valid while the
         sequence holds its slot and the cache is open (the tier copies before the sequence's KV is freed, and the
         engine closes the tier before the cache)."""
         kv = self.kv
@@ -160,8 +167,8 @@ class SwapRuns:
             return None
         off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
         rows = RowBlock(kv.arena.address + off, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
-        # (what `stacked`'s view would raise for: a memmove past the arena, or into one unmapped, would not)
-        if getattr(kv.arena, "_closed", False):  # type: ignore[attr-defined]
+        # (what a view would raise for: a memmove past the arena, or into one unmapped, would not)
+        if kv.arena.closed:  # type: ignore[attr-defined]
             raise KVCacheError("the KV cache is closed")
         if off + (rows.rows - 1) * rows.stride + rows.row_bytes > kv.arena.size:  # type: ignore[attr-defined]
             raise KVCacheError(f"positions {lo}..{hi - 1} of sequence {seq_id} lie past its cache's arena")

@@ -30,6 +30,21 @@ def count_copies(monkeypatch) -> list[int]:
     return seen
 
 
+def count_memmoves(monkeypatch) -> list[int]:
+    """Every ctypes.memmove from now on, counted (a swap's rows copied by address: RowBlock.copy_to)."""
+    import ctypes
+
+    seen = [0]
+    move = ctypes.memmove
+
+    def counting(*args):
+        seen[0] += 1
+        return move(*args)
+
+    monkeypatch.setattr(ctypes, "memmove", counting)
+    return seen
+
+
 def contiguous_runs(table: list[int]) -> int:
     return 1 + sum(b != a + 1 for a, b in zip(table, table[1:])) if table else 0
 
@@ -213,8 +228,6 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
     """By default a CPU virtual cache's swaps copy their segments' rows by address (`stacked_rows`: one memmove a
     segment and held chunk, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's
     copy. The bytes held are those of the stacked view either way: every swap-in restores the KV exactly."""
-    import ctypes
-
     import memfit.llm.kv.swap as swap_mod
     from memfit.llm.kv.virtual import VirtualKVCache
 
@@ -222,14 +235,7 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
                            **opts)
     swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True)
     segs = swap.run_map.segments
-    moves = [0]
-    real = ctypes.memmove
-
-    def counting(*args):
-        moves[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(ctypes, "memmove", counting)
+    moves = count_memmoves(monkeypatch)
     copies = count_copies(monkeypatch)
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 21)])
@@ -260,8 +266,6 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
 def test_rows_go_through_torch_on_the_pool_and_past_by_address_rows(monkeypatch, case):
     """Swaps on the pool (each row's memmove would take the GIL back from the engine thread) and swaps of more
     than BY_ADDRESS_ROWS rows keep the view and torch's copy; the KV still comes back exactly."""
-    import ctypes
-
     import memfit.llm.kv.swap as swap_mod
     from memfit.llm.kv.virtual import VirtualKVCache
 
@@ -270,14 +274,7 @@ def test_rows_go_through_torch_on_the_pool_and_past_by_address_rows(monkeypatch,
     swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True, threads=1 if pool else 0)
     if not pool:
         monkeypatch.setattr(swap_mod, "BY_ADDRESS_ROWS", swap.run_map.segments - 1)
-    moves = [0]
-    real = ctypes.memmove
-
-    def counting(*args):
-        moves[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(ctypes, "memmove", counting)
+    moves = count_memmoves(monkeypatch)
     copies = count_copies(monkeypatch)
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 21)])
