@@ -70,10 +70,10 @@ MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host c
 # docs/benchmarks.md, "Longer histories"). So there a copy's chunks are merged only once they are this many.
 MERGE_AT_STACKED = 8
 # A synchronous stacked swap (the CPU virtual cache) copies its rows by address (`SwapRuns.stacked_rows`, a
-# memmove a row), without the views and the torch copy, each slow right after a model step: 5-10% a swap with
-# cold caches (docs/engine.md, "A swap-out's fixed cost"). Not: above BY_ADDRESS_MAX bytes with several
-# threads (torch's copy splits a large copy across the engine's threads; there the copy's own time dominates),
-# above BY_ADDRESS_ROWS rows (a Python call a row: a head-major cache of a large model has thousands), and on the
+# memmove a row), without the views and the torch copy, each slow right after a model step: 0.78-0.94x their time
+# a swap with cold caches (benchmarks/swap_cold.py; docs/engine.md, "A swap-out's fixed cost"). Not: above
+# BY_ADDRESS_MAX bytes with several threads (torch's copy splits a large copy across the engine's threads; there
+# the copy's own time dominates), above BY_ADDRESS_ROWS rows (a Python call a row: a head-major cache of a large model has thousands), and on the
 # swap pool (each row's memmove lets the GIL go and must take it back from the engine thread: the SSD tier's
 # Python loop paid up to a switch interval a call that way, kernels/cpu_staged_io.cpp).
 BY_ADDRESS_MAX = 8 << 20
@@ -222,8 +222,7 @@ class SwapSpace(InFlightSwaps):
                     host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
                     ops, job = sum(run_count(src) for _, src in device), (merge_out, host, device)  # type: ignore[arg-type]
                 elif self.by_address and (wait or not self.threads) and self._by_address(nbytes) and \
-                        (rows := self.run_map.stacked_rows(seq_id, start, num_tokens)) is not None and \
-                        rows.rows <= BY_ADDRESS_ROWS:
+                        (rows := self.run_map.stacked_rows(seq_id, start, num_tokens)) is not None:
                     ops, job = rows.rows, (_copy_out, [rows], buf)  # the stacked rows by address (BY_ADDRESS_MAX)
                 else:  # the virtual cache's runs as one (segments, bytes) block where it can (swap_layout.py)
                     block = self.run_map.stacked(seq_id, start, num_tokens)
