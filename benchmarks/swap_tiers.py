@@ -13,7 +13,9 @@ nothing else runs:
 Each mode swaps one sequence over and over on its own cache (3 warm-up rounds, then `--reps`), as an engine does.
 With `--ssd-dir`, also `ssd out T` / `ssd in T`: the sequence spilled straight to the SSD tier (a host tier too
 small for it) and read back (O_DIRECT, checksummed, the tier's C loop), against O_DIRECT 4 MiB writes and reads
-of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after).
+of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after), at the C loop's depths
+taking turns (`--ssd-depths 2 1`: 2, the default, gathers or scatters half the stage while the other half's I/O is
+in flight; 1 moves one whole stage at a time); `--skip-host` runs these rows alone.
 `--modes full full-trim` (issue 15's high-water mark): `out T` / `in T` on a region whose tier budget holds exactly
 its tables and one chunk of T tokens, so after the first round every swap-out finds the tier full of the warm pages
 the last swap-in left. `full` is the engine's reservation (the shortfall's warm pages lend their reservation to the
@@ -209,31 +211,49 @@ class SSDRig:
         self.cache.close()
 
 
-def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str) -> tuple[list[dict], list[dict]]:
+def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
+             depths: tuple[int, ...] = (2, 1)) -> tuple[list[dict], list[dict], dict]:
     """The SSD tier alone, against O_DIRECT 4 MiB writes and reads of a file in the same directory measured before
-    and after (`benchmarks.preemption.ssd_bandwidth`): (rows, the two references)."""
+    and after (`benchmarks.preemption.ssd_bandwidth`), at each of the C loop's depths (kernels/staged_io.py: 2, half
+    the stage gathered or scattered while the other half's I/O is in flight; 1, one whole-stage I/O at a time),
+    taking turns within every round: (rows, the two references, {op: depth-1 call time over depth-2})."""
     from benchmarks.preemption import ssd_bandwidth
+    from memfit.llm.kernels.staged_io import staged_io
 
+    io = staged_io()
+    if io is None:  # the Python loop, which has no depths
+        depths = (0,)
+    before = io.depth if io is not None else 0
     refs = [ssd_bandwidth(directory)]
-    samples: dict[tuple[str, int, str], list[tuple[float, int, int]]] = {}
-    for shape in shapes:
-        for t in tokens:
-            rig = SSDRig(shape, t, directory)
-            for rnd in range(reps + 3):
-                for op, v in rig.cycle().items():
-                    if rnd >= 3:
-                        samples.setdefault((shape, t, op), []).append(v)
-            rig.close()
+    samples: dict[tuple[str, int, str, int], list[tuple[float, int, int]]] = {}
+    try:
+        for shape in shapes:
+            for t in tokens:
+                rig = SSDRig(shape, t, directory)
+                for rnd in range(reps + 3):
+                    for depth in depths if rnd % 2 == 0 else depths[::-1]:
+                        if io is not None:
+                            io.set_depth(depth)
+                        for op, v in rig.cycle().items():
+                            if rnd >= 3:
+                                samples.setdefault((shape, t, op, depth), []).append(v)
+                rig.close()
+    finally:
+        if io is not None:
+            io.set_depth(before)
     refs.append(ssd_bandwidth(directory))
     rows = []
-    for (shape, t, op), vs in samples.items():
+    for (shape, t, op, depth), vs in samples.items():
         wall, nbytes, ios = statistics.median(v[0] for v in vs), vs[0][1], vs[0][2]
         key = "write_bytes_per_s" if op == "ssd out T" else "read_bytes_per_s"
         ref = statistics.median(r[key] for r in refs)
-        rows.append({"shape": shape, "tokens": t, "op": op, "bytes": nbytes, "ios": ios, "call_s": wall,
-                     "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
+        rows.append({"shape": shape, "tokens": t, "op": op, "depth": depth, "bytes": nbytes, "ios": ios,
+                     "call_s": wall, "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
                      "call_fraction_of_o_direct": nbytes / wall / ref})
-    return rows, refs
+    by = {(r["shape"], r["tokens"], r["op"], r["depth"]): r["call_s"] for r in rows}
+    ratios = {f"{s} T={t} {op}": by[(s, t, op, 1)] / by[(s, t, op, 2)]
+              for (s, t, op, d) in by if d == 2 and (s, t, op, 1) in by}
+    return rows, refs, ratios
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -250,11 +270,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "fix (warm pages given back, then faulted in again)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ssd-dir", default=None, help="also the SSD tier alone, its file under this directory")
+    ap.add_argument("--ssd-depths", nargs="+", type=int, default=[2, 1], choices=[1, 2],
+                    help="the SSD tier's C loop at these depths, taking turns (2: half the stage copied while the "
+                         "other half's I/O is in flight, the default; 1: one whole-stage I/O at a time)")
+    ap.add_argument("--skip-host", action="store_true", help="the SSD rows only (with --ssd-dir)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.reps < 1 or a.new < 1 or min(a.tokens) < 1:
         ap.error("--reps, --new and every --tokens must be at least 1")
-    modes = tuple(dict.fromkeys(a.modes))
+    if a.skip_host and not a.ssd_dir:
+        ap.error("--skip-host leaves only the SSD rows: give --ssd-dir")
+    modes = () if a.skip_host else tuple(dict.fromkeys(a.modes))
     pin_threads(threads)
     from benchmarks.preemption import memcpy_bandwidth
 
@@ -288,13 +314,15 @@ def main(argv: list[str] | None = None) -> dict:
                      for (s, t, op, m) in by if m == "region" and (s, t, op, "stacked") in by}
     full_ratios = {f"{s} T={t} {op}": by[(s, t, op, "full-trim")]["call_s"] / by[(s, t, op, "full")]["call_s"]
                    for (s, t, op, m) in by if m == "full" and (s, t, op, "full-trim") in by}
-    ssd, refs = ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir) if a.ssd_dir else ([], [])
+    ssd, refs, depth_ratios = (ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir, tuple(dict.fromkeys(a.ssd_depths)))
+                               if a.ssd_dir else ([], [], {}))
     result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
+                    ssd_depth1_over_depth2_call_time=depth_ratios,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
                     full_trim_over_full_call_time=full_ratios,
                     min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in modes})
-    emit(result, a.out, draw=draw if a.out else None)
+    emit(result, a.out, draw=draw if a.out and rows else None)
     return result
 
 

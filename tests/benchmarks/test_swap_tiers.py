@@ -35,9 +35,15 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     assert rows[("out +n", "stacked")]["copies"] == segments
     assert rows[("in after +n", "stacked")]["bytes"] == segments * 28 * row_bytes
     # the SSD tier: the whole sequence out and back (extents round the bytes up to its alignment), against O_DIRECT
-    ssd = {r["op"]: r for r in result["ssd_rows"]}
-    assert set(ssd) == {"ssd out T", "ssd in T"}
+    ssd = {(r["op"], r["depth"]): r for r in result["ssd_rows"]}
+    from memfit.llm.kernels.staged_io import staged_io
+
+    depths = {2, 1} if staged_io() is not None else {0}  # the C loop at both depths, or the Python loop
+    assert set(ssd) == {(op, d) for op in ("ssd out T", "ssd in T") for d in depths}
     assert all(r["bytes"] >= segments * 24 * row_bytes and r["call_fraction_of_o_direct"] > 0 for r in ssd.values())
+    assert len({r["bytes"] for r in ssd.values()}) == 1  # the same extents at every depth
+    assert set(result["ssd_depth1_over_depth2_call_time"]) == ({"tiny T=24 ssd out T", "tiny T=24 ssd in T"}
+                                                               if depths == {2, 1} else set())
     assert len(result["ssd_references"]) == 2 and not list(ssd_dir.iterdir())  # the tier's file is gone
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # I/O loop (on an AVX2 host that made a 0.5B shape's SSD swaps run at about half the C loop's rate).
 _HERE = Path(__file__).parent
 IO_SOURCES = (_HERE / "cpu_crc32c.cpp", _HERE / "cpu_staged_io.cpp")
+IO_HEADERS = (_HERE / "staged_aio.hpp",)  # included by cpu_staged_io.cpp: part of its cache key
 IO_FLAGS = ("-O3", "-std=c++17", "-msse4.2", "-fPIC", "-shared")
 # Every other C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
 # the rest of a decode step), so one compile and one cache entry cover them all.
@@ -185,7 +186,7 @@ def load_cpu_linear() -> CpuLinearLib | None:
 def load_cpu_io() -> ctypes.CDLL | None:
     """Build (once per cache) and load the SSD tier's I/O library (IO_SOURCES: `memfit_crc32c`,
     `memfit_staged_pwrite`, `memfit_staged_pread`); None without a compiler or SSE4.2, or if the build fails."""
-    key = _key_or_none(IO_SOURCES, IO_FLAGS)
+    key = _key_or_none(IO_SOURCES + IO_HEADERS, IO_FLAGS)
     with _lock:
         if key is None:
             return None

@@ -1,6 +1,6 @@
 // The SSD swap tier's O_DIRECT loop in one call (kernels/staged_io.py): gather KV runs into a page-aligned
 // staging buffer, checksum each piece as it is staged (CRC-32C, cpu_crc32c.cpp: the bytes are in the CPU's caches
-// then) and pwrite the buffer each time it is full; or pread a buffer's worth, checksum and scatter it into the runs.
+// then) and write it each time it is full; or read a piece's worth, checksum and scatter it into the runs.
 // The same loop in Python (memory/extent_store.py) drops and retakes the GIL around every copy and system call,
 // and on a swap thread beside the engine's each retake waits for the engine thread's switch interval: a 144 KiB
 // extent took 6-8 ms instead of 0.2 ms. Here the GIL is released once per call (a ctypes call).
@@ -8,49 +8,46 @@
 // The runs are grouped in `nsegs` segments (`seg_runs[s]` runs each, in order): one extent each, laid out one
 // after another in the file, each starting on `align` (the previous one padded with zeros; an empty one takes one
 // block of zeros, as the extent allocator rounds it up), each with its own CRC in `crcs[s]`. So the extents of
-// several chunks move in one call and in `stage_size`-byte I/Os, not one small I/O each: at ~140 KB an O_DIRECT
-// I/O reached half the disk's bandwidth here, at 1 MiB 0.9 of it. With one segment the bytes on disk are exactly
-// the Python loop's: pieces of `stage_size` bytes, the last one padded with zeros to `align`.
-// A read takes each segment's own file offset (`offs`: a sequence's extents need not lie together): a stage's worth
-// of them is read with one I/O per stretch contiguous in the file, all submitted at once (Linux AIO) and waited for
-// together, then checksummed and scattered as above.
+// several chunks move in one call and in large I/Os, not one small I/O each: at ~140 KB an O_DIRECT I/O reached
+// half the disk's bandwidth here, at 1 MiB 0.9 of it. The I/Os are pieces of the stage: at depth 2 (the default,
+// g_io_depth) its two halves take turns, one gathered or scattered while the other's I/O is in flight (Linux AIO,
+// staged_aio.hpp); at depth 1 the whole stage, one I/O at a time. The bytes on disk do not depend on the pieces:
+// with one segment they are exactly the Python loop's, the data and then zeros to `align`.
+// A read takes each segment's own file offset (`offs`: a sequence's extents need not lie together): a piece's
+// worth of them is read with one I/O per stretch contiguous in the file, all submitted at once, then checksummed
+// and scattered as above.
 // Both return the bytes transferred (>= 0, padding included) or -errno; ns[0] gets the nanoseconds the call took,
-// ns[1] those spent in the system calls (the rest is gathering or scattering and checksumming).
-#include <errno.h>
+// ns[1] those spent in the system calls, waits for the disk included (the rest is gathering or scattering and
+// checksumming, which at depth 2 runs while the other half's I/O is in flight).
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
-#include <linux/aio_abi.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include <atomic>
+#include <memory>
 #include <vector>
 
 extern "C" uint32_t memfit_crc32c(const uint8_t* data, size_t n, uint32_t crc);
 
-namespace {
+#include "staged_aio.hpp"
 
-int64_t now_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
+namespace {
 
 int64_t round_up(int64_t n, int64_t align) { return (n + align - 1) / align * align; }
 
-// Write stage[0:size) at `offset` (size a multiple of align); a short write of whole blocks is continued.
-// `*io_ns` gains the time spent in the system calls.
-int64_t write_all(int fd, const uint8_t* stage, int64_t size, int64_t offset, int64_t align, int64_t* io_ns) {
-    int64_t done = 0, t0 = now_ns();
-    while (done < size) {
-        ssize_t n = pwrite(fd, stage + done, (size_t)(size - done), offset + done);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return -errno;
-        if (n == 0 || n % align) return -EIO;
-        done += n;
-    }
-    *io_ns += now_ns() - t0;
-    return 0;
+// How many stage pieces may be in flight at once (memfit_staged_io_depth): 2 splits the stage in halves, and
+// while one half is on its way to or from the disk (Linux AIO) the other is gathered and checksummed, or
+// scattered and checksummed. Why: with O_DIRECT the disk reads and writes the buffer itself while the thread
+// waits, so the copies and checksums of the next piece fit in that wait; one buffer at a time they come on top
+// of it (in a serving run a third of the SSD tier's write time was on a CPU, CRC-32C, staging copies and system
+// calls: docs/benchmarks.md). 1: the whole stage per I/O, one at a time. A call of at most half the stage is one
+// piece, with nothing to overlap, and runs as at depth 1; so does every call where AIO is unavailable, or where a
+// half would not be a whole number of blocks or could take more than half the AIO context's events. Set from
+// Python, read by the swap threads: atomic.
+std::atomic<int> g_io_depth{2};
+
+bool halves_fit(int64_t stage_size, int64_t align) {
+    return g_io_depth.load(std::memory_order_relaxed) >= 2 && align > 0 && stage_size % (2 * align) == 0 &&
+           stage_size / 2 / align <= MAX_IOS / 2;
 }
 
 }  // namespace
@@ -59,156 +56,81 @@ extern "C" int64_t memfit_staged_pwrite(int fd, int64_t offset, uint8_t* stage, 
                                         const uint8_t* const* ptrs, const int64_t* lens, const int64_t* seg_runs,
                                         int64_t nsegs, int64_t align, uint32_t* crcs, int64_t* ns) {
     ns[1] = 0;
-    int64_t t0 = now_ns(), pos = 0, fill = 0, run = 0;  // pos: file bytes written, fill: bytes staged
+    const int64_t t0 = now_ns();
+    int64_t total = 0;  // file bytes: each segment rounded up to align (an empty one: a block)
+    for (int64_t s = 0, r = 0; s < nsegs; s++) {
+        int64_t data = 0;
+        for (int64_t i = 0; i < seg_runs[s]; i++) data += lens[r++];
+        total += data == 0 ? align : round_up(data, align);
+    }
+    // halves only where there is more than one: a single I/O has nothing to overlap (through AIO it took 1.01-1.08x
+    // a pwrite's time, benchmarks/swap_tiers.py's memfit-tiny rows)
+    const bool two = halves_fit(stage_size, align) && total > stage_size / 2 && aio.get();
+    const int64_t piece = two ? stage_size / 2 : stage_size;  // bytes an I/O
+    WritePipe out{fd, align, ns + 1, two};
+    int cur = 0;  // the half being filled (the whole stage at depth 1)
+    uint8_t* buf = stage;
+    int64_t pos = 0, fill = 0, run = 0;  // pos: file bytes sent, fill: bytes staged in buf
+    auto send = [&]() -> int64_t {  // buf out; at depth 2 on to the other half once its last write is through
+        int64_t err = out.put(cur, buf, fill, offset + pos);
+        if (err) return err;
+        pos += fill;
+        fill = 0;
+        if (!two) return 0;
+        cur ^= 1;
+        buf = stage + cur * piece;
+        return out.wait(cur);
+    };
     for (int64_t s = 0; s < nsegs; s++) {
         uint32_t crc = 0;
         int64_t seg_bytes = 0;
         for (int64_t r = 0; r < seg_runs[s]; r++, run++) {
             int64_t used = 0;
             while (used < lens[run]) {  // gather
-                int64_t n = lens[run] - used < stage_size - fill ? lens[run] - used : stage_size - fill;
-                memcpy(stage + fill, ptrs[run] + used, (size_t)n);
-                crc = memfit_crc32c(stage + fill, (size_t)n, crc);
+                int64_t n = lens[run] - used < piece - fill ? lens[run] - used : piece - fill;
+                memcpy(buf + fill, ptrs[run] + used, (size_t)n);
+                crc = memfit_crc32c(buf + fill, (size_t)n, crc);
                 fill += n;
                 used += n;
-                if (fill == stage_size) {
-                    int64_t err = write_all(fd, stage, fill, offset + pos, align, ns + 1);
-                    if (err) return err;
-                    pos += fill;
-                    fill = 0;
+                if (fill == piece) {
+                    int64_t err = send();
+                    if (err) return out.drain(), err;
                 }
             }
             seg_bytes += lens[run];
         }
-        // the segment's last block: zeros to `align` (fill < stage_size here, and stage_size is a multiple of it)
+        // the segment's last block: zeros to `align` (fill < piece here, and piece is a multiple of it)
         int64_t padded = seg_bytes == 0 ? fill + align : round_up(fill, align);
-        memset(stage + fill, 0, (size_t)(padded - fill));
+        memset(buf + fill, 0, (size_t)(padded - fill));
         fill = padded;
-        if (fill == stage_size) {
-            int64_t err = write_all(fd, stage, fill, offset + pos, align, ns + 1);
-            if (err) return err;
-            pos += fill;
-            fill = 0;
+        if (fill == piece) {
+            int64_t err = send();
+            if (err) return out.drain(), err;
         }
         crcs[s] = crc;
     }
-    if (fill) {
-        int64_t err = write_all(fd, stage, fill, offset + pos, align, ns + 1);
-        if (err) return err;
-        pos += fill;
-    }
+    int64_t err = fill ? out.put(cur, buf, fill, offset + pos) : 0;
+    pos += fill;
+    int64_t drained = out.drain();
+    if (err || drained) return err ? err : drained;
     ns[0] = now_ns() - t0;
     return pos;
 }
 
 namespace {
-
-enum { MAX_IOS = 256 };  // a stage of 1 MiB holds at most 256 one-block extents
-
-// One AIO context per thread, made on its first use and destroyed when the thread exits: io_destroy waits for an
-// RCU grace period (measured: a set-up and tear-down per call made each swap-in read take ~30 ms here).
-struct AioContext {
-    aio_context_t ctx = 0;
-    bool tried = false, ok = false;
-    bool get() {
-        if (!tried) {
-            tried = true;
-            ok = syscall(SYS_io_setup, MAX_IOS, &ctx) == 0;
-        }
-        return ok;
-    }
-    void drop() {  // after a failed wait: I/Os may still be in flight; a new context next time
-        if (ok) syscall(SYS_io_destroy, ctx);
-        ctx = 0;
-        ok = tried = false;
-    }
-    ~AioContext() {
-        if (ok) syscall(SYS_io_destroy, ctx);
-    }
-};
-thread_local AioContext aio;
-
-// Read the stage's worth [pos, pos + size) of the segments' concatenated layout (segment s at virtual offset
-// virt[s], in the file at offs[s], padded[s] bytes) into stage[0:size): one I/O per stretch that is contiguous in the
-// file, all submitted at once with Linux AIO and waited for together (one sleep and one wake-up for the lot: on a
-// loaded machine each wake-up waited ~2 ms for a CPU), else one pread each. Returns 0 or -errno.
+// Read a stage's worth at depth 1: the span's I/Os submitted together and waited for, or one pread for one I/O
+// or without AIO. Returns 0 or -errno.
 int64_t read_span(int fd, uint8_t* stage, int64_t pos, int64_t size, const int64_t* offs, const int64_t* virt,
                   const int64_t* padded, int64_t nsegs, int64_t* first, int64_t* io_ns) {
-    int64_t file_off[MAX_IOS], stage_off[MAX_IOS], len[MAX_IOS], n = 0;
-    while (*first < nsegs && virt[*first] + padded[*first] <= pos) ++*first;  // segments wholly before pos: done
-    for (int64_t s = *first; s < nsegs && virt[s] < pos + size; s++) {
-        int64_t lo = virt[s] > pos ? virt[s] : pos;
-        int64_t hi = virt[s] + padded[s] < pos + size ? virt[s] + padded[s] : pos + size;
-        int64_t at = offs[s] + (lo - virt[s]);
-        if (n && file_off[n - 1] + len[n - 1] == at) {  // follows the previous stretch in the file: one I/O
-            len[n - 1] += hi - lo;
-            continue;
-        }
-        if (n == MAX_IOS) return -EINVAL;
-        file_off[n] = at;
-        stage_off[n] = lo - pos;
-        len[n++] = hi - lo;
+    Span sp;
+    int64_t err = plan_span(sp, pos, size, offs, virt, padded, nsegs, first);
+    if (err) return err;
+    if (sp.n > 1 && aio.get()) {
+        ReadPipe pipe{fd, io_ns};
+        pipe.submit(0, sp, stage);
+        return pipe.wait(0);
     }
-    int64_t t0 = now_ns();
-    if (n > 1 && aio.get()) {
-        aio_context_t ctx = aio.ctx;
-        struct iocb cbs[MAX_IOS];
-        struct iocb* list[MAX_IOS];
-        for (int64_t i = 0; i < n; i++) {
-            memset(&cbs[i], 0, sizeof(cbs[i]));
-            cbs[i].aio_fildes = (uint32_t)fd;
-            cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
-            cbs[i].aio_buf = (uint64_t)(uintptr_t)(stage + stage_off[i]);
-            cbs[i].aio_nbytes = (uint64_t)len[i];
-            cbs[i].aio_offset = file_off[i];
-            cbs[i].aio_data = (uint64_t)i;
-            list[i] = &cbs[i];
-        }
-        int64_t err = 0, submitted = 0, reaped = 0;
-        while (submitted < n) {
-            long got = syscall(SYS_io_submit, ctx, n - submitted, list + submitted);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) {
-                err = got < 0 ? -errno : -EIO;
-                break;
-            }
-            submitted += got;
-        }
-        if (submitted == 0) {  // the context is unusable (e.g. made before a fork): a new one next time, preads now
-            aio.drop();
-            goto sync;
-        }
-        struct io_event events[MAX_IOS];
-        while (reaped < submitted) {  // every submitted I/O is waited for, even after an error: the stage is reused
-            long got = syscall(SYS_io_getevents, ctx, submitted - reaped, submitted - reaped, events, nullptr);
-            if (got < 0 && errno == EINTR) continue;
-            if (got < 0) {
-                err = -errno;
-                aio.drop();
-                break;
-            }
-            for (long i = 0; i < got; i++) {
-                int64_t res = (int64_t)events[i].res;
-                if (!err && res != len[events[i].data]) err = res < 0 ? res : -EIO;  // a short read: past the end
-            }
-            reaped += got;
-        }
-        *io_ns += now_ns() - t0;
-        return err;
-    }
-sync:
-    for (int64_t i = 0; i < n; i++) {  // one I/O, or no AIO here: one pread each
-        int64_t got = 0;
-        while (got < len[i]) {  // a short read is continued; an end of file before the stretch's end is an error
-            ssize_t r = pread(fd, stage + stage_off[i] + got, (size_t)(len[i] - got), file_off[i] + got);
-            if (r < 0 && errno == EINTR) continue;
-            if (r < 0) return -errno;
-            if (r == 0) return -EIO;
-            got += r;
-        }
-    }
-    *io_ns += now_ns() - t0;
-    return 0;
+    return pread_span(fd, sp, 0, stage, io_ns);
 }
 
 }  // namespace
@@ -240,10 +162,38 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
         crc = 0;
     };
     if (nsegs) enter(0);
-    for (int64_t pos = 0; pos < total;) {
-        int64_t size = stage_size < total - pos ? stage_size : total - pos;
-        int64_t err = read_span(fd, stage, pos, size, offs, virt, padded, nsegs, &first, ns + 1);
+    // Depth 2: the stage's halves alternate; the next half's reads are in flight while this one is scattered.
+    const bool two = halves_fit(stage_size, align) && total > stage_size / 2 && aio.get();  // as in the write
+    const int64_t piece = two ? stage_size / 2 : stage_size;
+    struct Pipeline {  // on the heap (~45 KiB): swap threads' stacks need not be large
+        ReadPipe pipe;
+        Span spans[2];
+    };
+    std::unique_ptr<Pipeline> pl(two ? new Pipeline{ReadPipe{fd, ns + 1}, {}} : nullptr);
+    int cur = 0;
+    if (two) {  // total > piece here
+        int64_t err = plan_span(pl->spans[0], 0, piece, offs, virt, padded, nsegs, &first);
         if (err) return err;
+        pl->pipe.submit(0, pl->spans[0], stage);
+    }
+    for (int64_t pos = 0; pos < total; cur ^= (int)two) {
+        const int64_t size = piece < total - pos ? piece : total - pos, next = pos + size;
+        uint8_t* buf = stage + cur * piece;
+        int64_t err;
+        if (two) {
+            ReadPipe& pipe = pl->pipe;
+            if (next < total) {  // the following piece's reads go out before this one is waited for
+                const int64_t nsize = piece < total - next ? piece : total - next;
+                err = plan_span(pl->spans[cur ^ 1], next, nsize, offs, virt, padded, nsegs, &first);
+                if (err) return pipe.wait(cur), err;
+                pipe.submit(cur ^ 1, pl->spans[cur ^ 1], stage + (cur ^ 1) * piece);
+            }
+            err = pipe.wait(cur);
+            if (err) return pipe.wait(cur ^ 1), err;
+        } else {
+            err = read_span(fd, buf, pos, size, offs, virt, padded, nsegs, &first, ns + 1);
+            if (err) return err;
+        }
         for (int64_t off = 0; off < size;) {
             int64_t n;
             if (done < data) {  // scatter (and checksum) into the current run
@@ -252,8 +202,8 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
                     used = 0;
                 }
                 n = lens[run] - used < size - off ? lens[run] - used : size - off;
-                crc = memfit_crc32c(stage + off, (size_t)n, crc);
-                memcpy(ptrs[run] + used, stage + off, (size_t)n);
+                crc = memfit_crc32c(buf + off, (size_t)n, crc);
+                memcpy(ptrs[run] + used, buf + off, (size_t)n);
                 used += n;
             } else {  // the zeros after the segment's data: skipped
                 n = padded[s] - done < size - off ? padded[s] - done : size - off;
@@ -266,8 +216,13 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
                 if (++s < nsegs) enter(s);
             }
         }
-        pos += size;
+        pos = next;
     }
     ns[0] = now_ns() - t0;
     return total;
+}
+
+// The stage pieces in flight at once (1 or 2; g_io_depth above), or -1 to leave it; returns the previous depth.
+extern "C" int memfit_staged_io_depth(int depth) {
+    return depth >= 1 ? g_io_depth.exchange(depth > 2 ? 2 : depth) : g_io_depth.load();
 }

@@ -8,14 +8,17 @@ call (kv/swap_ssd.py passes them to memory/extent_store.py, which runs the same 
     crcs, seconds, io_seconds = io.write_segments(fd, offset, stage, [views0, views1, ...], align)  # several extents
     crcs, seconds, io_seconds = io.read_segments(fd, offset, stage, [views0, views1, ...], align)
     crcs, seconds, io_seconds = io.read_at(fd, [offset0, offset1, ...], stage, [views0, views1, ...], align)
+    io.set_depth(1)                  # one whole-stage I/O at a time instead of two half-stage ones in flight
 
 `stage`: the store's page-aligned staging buffer, (STAGE,) uint8; `views`: the runs, in order. A segment is one
 extent's runs; write_segments lays them out one after another in the file, each from an `align` boundary (the one
-before padded with zeros), in `stage.size`-byte I/Os; `read_at` reads extents from anywhere in the file, a stage's
-worth at a time with one I/O per stretch contiguous in the file, all submitted at once (Linux AIO) and waited for
-together. A CRC is CRC-32C (kernels/crc32c.py) of a segment's data bytes, from 0; `seconds`: the time inside the
-call (the wait to take the GIL back afterwards is not in it), `io_seconds` the part of it in the system calls (the
-rest is copies and checksums).
+before padded with zeros), in I/Os of half the stage, two in flight (depth 2, the default), or of the whole stage
+(depth 1; also at depth 2 for a call of at most half the stage, which has nothing to overlap); `read_at` reads
+extents from anywhere in the file, a piece at a time with one I/O per stretch contiguous in the file, all submitted
+at once (Linux AIO), the next piece's while this one is scattered (depth 2). A CRC is CRC-32C (kernels/crc32c.py)
+of a segment's data bytes, from 0; `seconds`: the time inside the call (the wait to take the GIL back afterwards
+is not in it), `io_seconds` the part of it in the system calls, waits for the disk included (the rest is copies
+and checksums, which at depth 2 run while the other half's I/O is in flight).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from memfit.llm.kernels.build import load_cpu_io
 
 __all__ = ["AIO_MAX_IOS", "StagedIO", "aio_ring_bytes", "staged_io"]
 
-AIO_MAX_IOS = 256  # cpu_staged_io.cpp's MAX_IOS: the events each thread's AIO context is set up for
+AIO_MAX_IOS = 256  # staged_aio.hpp's MAX_IOS: the events each thread's AIO context is set up for
 _IO_EVENT, _AIO_RING_HEADER = 32, 32  # sizeof(struct io_event), sizeof(struct aio_ring) (linux/aio_abi.h, fs/aio.c)
 
 
@@ -69,6 +72,18 @@ _READ_ARGS = [ctypes.c_int, ctypes.c_void_p, *_ARGS[2:]]
 class StagedIO:
     _write: ctypes._CFuncPtr
     _read: ctypes._CFuncPtr
+    _depth: ctypes._CFuncPtr
+
+    def set_depth(self, depth: int) -> int:
+        """Stage pieces in flight at once, process-wide: 2 (the default) splits the stage in halves and gathers or
+        scatters one while the other's I/O is in flight; 1 one whole-stage I/O at a time. Returns the previous."""
+        if depth not in (1, 2):
+            raise ValueError(f"depth must be 1 or 2, got {depth}")
+        return int(self._depth(depth))
+
+    @property
+    def depth(self) -> int:
+        return int(self._depth(-1))
 
     def write(self, fd: int, offset: int, stage: np.ndarray, views: list[memoryview], align: int) -> tuple[int, float]:
         crcs, seconds, _ = self._call(self._write, fd, offset, stage, [views], align)
@@ -129,5 +144,7 @@ def staged_io() -> StagedIO | None:
                 fn = getattr(lib, name)
                 fn.argtypes, fn.restype = args, ctypes.c_int64
                 fns.append(fn)
-            _io = StagedIO(*fns)
+            depth = lib.memfit_staged_io_depth
+            depth.argtypes, depth.restype = [ctypes.c_int], ctypes.c_int
+            _io = StagedIO(*fns, depth)
     return _io

@@ -1,5 +1,6 @@
 """The C O_DIRECT loops (kernels/staged_io.py): the same bytes on disk as the store's Python loop, runs of odd
-sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError."""
+sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError, at both
+depths (two half-stage I/Os in flight, or one whole-stage I/O at a time)."""
 from __future__ import annotations
 
 import errno
@@ -22,6 +23,16 @@ def runs() -> list[np.ndarray]:
     return [rng.integers(0, 256, n, dtype=np.uint8) for n in SIZES]
 
 
+@pytest.fixture(params=[2, 1], ids=["depth2", "depth1"])
+def depth(request):
+    """The C loop at each depth (2: the stage's halves alternate, one gathered or scattered while the other's I/O
+    is in flight; 1: one whole-stage I/O at a time), the process-wide setting restored afterwards."""
+    io = staged_io()
+    before = io.set_depth(request.param)
+    yield request.param
+    io.set_depth(before)
+
+
 def on_disk(store: ExtentStore, offset: int, n: int) -> bytes:
     fd = os.open(store.path, os.O_RDONLY)  # buffered: a second view of what the store wrote
     try:
@@ -30,8 +41,8 @@ def on_disk(store: ExtentStore, offset: int, n: int) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
-def test_the_c_loop_writes_what_the_python_loop_writes_and_reads_it_back(tmp_path, stage_bytes):
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 4 * ALIGN, 64 * ALIGN])
+def test_the_c_loop_writes_what_the_python_loop_writes_and_reads_it_back(tmp_path, stage_bytes, depth):
     io = staged_io()
     store = ExtentStore(tmp_path, 64 * ALIGN)
     data = runs()
@@ -50,7 +61,7 @@ def test_the_c_loop_writes_what_the_python_loop_writes_and_reads_it_back(tmp_pat
     store.close()
 
 
-def test_errors_come_back_as_oserror(tmp_path):
+def test_errors_come_back_as_oserror(tmp_path, depth):
     io = staged_io()
     stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)
     data = runs()
@@ -67,8 +78,50 @@ def test_errors_come_back_as_oserror(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
-def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc(tmp_path, stage_bytes):
+def test_a_write_that_fails_midway_comes_back_as_oserror_after_the_other_half(tmp_path, depth):
+    """The file may not grow past 3 blocks (RLIMIT_FSIZE, in a forked child): a 7-block write through a 2-block
+    stage fails at its fourth block (at depth 2 submitted while the third may still be in flight) and comes back as
+    EFBIG, with the three blocks before the limit whole on disk, read in the child as soon as the call returns.
+    The child writes from a thread of its own, whose AIO context is the child's. (Whether the call waited for the
+    third block's write before returning is not observable here: on this disk it is done by then either way.)"""
+    import resource
+    import signal
+    import threading
+
+    io = staged_io()
+    path = tmp_path / "limited"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+    except (AttributeError, OSError):
+        pytest.skip("this file system refuses O_DIRECT")
+    data = runs()
+    raw = b"".join(r.tobytes() for r in data)
+    pid = os.fork()
+    if pid == 0:  # the child: report by exit status only
+        code = [1]
+
+        def write() -> None:
+            stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)
+            try:
+                io.write(fd, 0, stage, [memoryview(r) for r in data], ALIGN)
+            except OSError as exc:
+                code[0] = 2 if exc.errno != errno.EFBIG else 0 if path.read_bytes() == raw[: 3 * ALIGN] else 3
+
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default (core dump)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (3 * ALIGN, 3 * ALIGN))
+            t = threading.Thread(target=write)
+            t.start()
+            t.join()
+        finally:
+            os._exit(code[0])
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0  # 2: another error, 3: blocks missing
+
+
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 8 * ALIGN, 64 * ALIGN])
+def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc(tmp_path, stage_bytes, depth):
     """Segments (one extent's runs each) written in one call land at segment_offsets: each from an ALIGN boundary,
     the one before padded with zeros (an empty one takes a block), each with the CRC-32C of its own data; read back
     in one call, every run gets its bytes and the CRCs match. With a 2-block stage the I/Os cross extents."""
@@ -99,8 +152,8 @@ def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc
     store.close()
 
 
-@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 64 * ALIGN])
-def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage_bytes):
+@pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 8 * ALIGN, 64 * ALIGN])
+def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage_bytes, depth):
     """read_at: segments from extents scattered over the file, out of file order, some adjacent (one I/O) and
     some not (submitted together): every run gets its bytes and each segment its own CRC; an extent past the end
     of the file is an error, not a short read served."""
@@ -124,13 +177,13 @@ def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage
     store.close()
 
 
-def test_a_forked_child_reads_scattered_extents_too(tmp_path):
+def test_a_forked_child_reads_scattered_extents_too(tmp_path, depth):
     """The AIO context a thread keeps is its process's: in a child forked after the parent used it, read_at still
     reads right (a new context, or preads), instead of failing every swap-in."""
     io = staged_io()
     store = ExtentStore(tmp_path, 16 * ALIGN)
     data = runs()
-    stage = np.frombuffer(mmap.mmap(-1, 4 * ALIGN), dtype=np.uint8)
+    stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)  # at depth 2: two 1-block halves in turn
     offsets = [8 * ALIGN, 1 * ALIGN]
     for off, seg in zip(offsets, [data[:2], data[5:]]):
         io.write(store.fd, off, stage, [memoryview(r) for r in seg], ALIGN)
@@ -198,3 +251,17 @@ def test_each_reading_thread_holds_one_aio_ring_of_the_size_the_ledger_counts(tm
     assert new == [aio_ring_bytes()]
     assert sorted(aio_mappings()) == sorted(before)  # given back with the thread
     store.close()
+
+
+def test_the_depth_is_1_or_2_and_set_process_wide():
+    io = staged_io()
+    before = io.depth
+    try:
+        assert io.set_depth(1) == before and io.depth == 1
+        assert io.set_depth(2) == 1 and io.depth == 2
+        for bad in (0, 3, -1):
+            with pytest.raises(ValueError, match="depth must be 1 or 2"):
+                io.set_depth(bad)
+        assert io.depth == 2
+    finally:
+        io.set_depth(before)
