@@ -31,7 +31,8 @@ mechanism:
   Python (what a CPU without the C I/O kernels gets; before they were built apart from the AVX-512 kernels, every
   AVX2-only CPU did; not in the default set).
 - swap-run-reuse-ssd-depth1: the same with the C loop at depth 1, one whole-stage I/O at a time with its copies
-  and checksums between them, as before the stage's halves overlapped them (kernels/staged_io.py; not in the
+  and checksums between them, as before the stage's pieces overlapped them; -depth2: in halves, one copied while
+  the other's I/O runs (the default cuts it in quarters, three in flight; kernels/staged_io.py; neither in the
   default set).
 - paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
   (layer, K|V) pool, synchronously: vLLM's own per-block swap;
@@ -92,6 +93,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
                                       ssd_pyloop=True),
     "swap-run-reuse-ssd-depth1": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
                                       ssd_depth=1),
+    "swap-run-reuse-ssd-depth2": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
+                                      ssd_depth=2),
     "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
                              swap_reuse=False),
@@ -189,7 +192,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     ssd = opts.pop("ssd", False)
     ssd_batch = opts.pop("ssd_batch", True)
     ssd_pyloop = opts.pop("ssd_pyloop", False)
-    ssd_depth = opts.pop("ssd_depth", 2)
+    ssd_depth = opts.pop("ssd_depth", None)  # None: the C loop's default
     region = opts.pop("region", True)
     merge_at = opts.pop("merge_at", None)
     by_address = opts.pop("by_address", True)
@@ -233,7 +236,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
 
                 engine.swap.ssd.checksum, engine.swap.ssd._update = checksum("crc32")
                 engine.swap.ssd._io = None
-            elif engine.swap.ssd._io is not None:  # process-wide; each variant runs in a fresh process
+            elif engine.swap.ssd._io is not None and ssd_depth is not None:  # process-wide; a fresh process each
                 engine.swap.ssd._io.set_depth(ssd_depth)
     if a.workload == "multiturn":
         from benchmarks.multiturn import replay

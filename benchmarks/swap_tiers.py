@@ -14,8 +14,8 @@ Each mode swaps one sequence over and over on its own cache (3 warm-up rounds, t
 With `--ssd-dir`, also `ssd out T` / `ssd in T`: the sequence spilled straight to the SSD tier (a host tier too
 small for it) and read back (O_DIRECT, checksummed, the tier's C loop), against O_DIRECT 4 MiB writes and reads
 of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after), at the C loop's depths
-taking turns (`--ssd-depths 2 1`: 2, the default, gathers or scatters half the stage while the other half's I/O is
-in flight; 1 moves one whole stage at a time); `--skip-host` runs these rows alone.
+taking turns (`--ssd-depths 4 2 1`: 4, the default, gathers or scatters a quarter of the stage while the others'
+I/Os are in flight, 2 a half; 1 moves one whole stage at a time); `--skip-host` runs these rows alone.
 `--modes full full-trim` (issue 15's high-water mark): `out T` / `in T` on a region whose tier budget holds exactly
 its tables and one chunk of T tokens, so after the first round every swap-out finds the tier full of the warm pages
 the last swap-in left. `full` is the engine's reservation (the shortfall's warm pages lend their reservation to the
@@ -212,11 +212,12 @@ class SSDRig:
 
 
 def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
-             depths: tuple[int, ...] = (2, 1)) -> tuple[list[dict], list[dict], dict]:
+             depths: tuple[int, ...] = (4, 2, 1)) -> tuple[list[dict], list[dict], dict]:
     """The SSD tier alone, against O_DIRECT 4 MiB writes and reads of a file in the same directory measured before
-    and after (`benchmarks.preemption.ssd_bandwidth`), at each of the C loop's depths (kernels/staged_io.py: 2, half
-    the stage gathered or scattered while the other half's I/O is in flight; 1, one whole-stage I/O at a time),
-    taking turns within every round: (rows, the two references, {op: depth-1 call time over depth-2})."""
+    and after (`benchmarks.preemption.ssd_bandwidth`), at each of the C loop's depths (kernels/staged_io.py: 4 or
+    2, a piece of the stage gathered or scattered while the others' I/Os are in flight; 1, one whole-stage I/O at
+    a time), taking turns within every round: (rows, the two references, {"<shape> T=<t> <op> depth <d>": its
+    call time over the first depth's})."""
     from benchmarks.preemption import ssd_bandwidth
     from memfit.llm.kernels.staged_io import staged_io
 
@@ -251,8 +252,8 @@ def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
                      "call_s": wall, "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
                      "call_fraction_of_o_direct": nbytes / wall / ref})
     by = {(r["shape"], r["tokens"], r["op"], r["depth"]): r["call_s"] for r in rows}
-    ratios = {f"{s} T={t} {op}": by[(s, t, op, 1)] / by[(s, t, op, 2)]
-              for (s, t, op, d) in by if d == 2 and (s, t, op, 1) in by}
+    ratios = {f"{s} T={t} {op} depth {d}": by[(s, t, op, d)] / by[(s, t, op, depths[0])]
+              for (s, t, op, d) in by if d != depths[0]}
     return rows, refs, ratios
 
 
@@ -270,9 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "fix (warm pages given back, then faulted in again)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ssd-dir", default=None, help="also the SSD tier alone, its file under this directory")
-    ap.add_argument("--ssd-depths", nargs="+", type=int, default=[2, 1], choices=[1, 2],
-                    help="the SSD tier's C loop at these depths, taking turns (2: half the stage copied while the "
-                         "other half's I/O is in flight, the default; 1: one whole-stage I/O at a time)")
+    ap.add_argument("--ssd-depths", nargs="+", type=int, default=[4, 2, 1], choices=[1, 2, 4],
+                    help="the SSD tier's C loop at these depths, taking turns (4, the default, and 2: a quarter or "
+                         "half of the stage copied while the others' I/Os are in flight; 1: one whole-stage I/O at a "
+                         "time); call times are reported against the first")
     ap.add_argument("--skip-host", action="store_true", help="the SSD rows only (with --ssd-dir)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     ssd, refs, depth_ratios = (ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir, tuple(dict.fromkeys(a.ssd_depths)))
                                if a.ssd_dir else ([], [], {}))
     result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
-                    ssd_depth1_over_depth2_call_time=depth_ratios,
+                    ssd_call_time_over_first_depth=depth_ratios,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
                     full_trim_over_full_call_time=full_ratios,

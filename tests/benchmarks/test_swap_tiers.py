@@ -38,12 +38,13 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     ssd = {(r["op"], r["depth"]): r for r in result["ssd_rows"]}
     from memfit.llm.kernels.staged_io import staged_io
 
-    depths = {2, 1} if staged_io() is not None else {0}  # the C loop at both depths, or the Python loop
+    depths = {4, 2, 1} if staged_io() is not None else {0}  # the C loop at every depth, or the Python loop
     assert set(ssd) == {(op, d) for op in ("ssd out T", "ssd in T") for d in depths}
     assert all(r["bytes"] >= segments * 24 * row_bytes and r["call_fraction_of_o_direct"] > 0 for r in ssd.values())
     assert len({r["bytes"] for r in ssd.values()}) == 1  # the same extents at every depth
-    assert set(result["ssd_depth1_over_depth2_call_time"]) == ({"tiny T=24 ssd out T", "tiny T=24 ssd in T"}
-                                                               if depths == {2, 1} else set())
+    ops = ("ssd out T", "ssd in T")
+    assert set(result["ssd_call_time_over_first_depth"]) == {f"tiny T=24 {op} depth {d}" for op in ops
+                                                             for d in depths - {4, 0}}
     assert len(result["ssd_references"]) == 2 and not list(ssd_dir.iterdir())  # the tier's file is gone
 
 

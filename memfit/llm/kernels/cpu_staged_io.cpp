@@ -8,17 +8,18 @@
 // The runs are grouped in `nsegs` segments (`seg_runs[s]` runs each, in order): one extent each, laid out one
 // after another in the file, each starting on `align` (the previous one padded with zeros; an empty one takes one
 // block of zeros, as the extent allocator rounds it up), each with its own CRC in `crcs[s]`. So the extents of
-// several chunks move in one call and in large I/Os, not one small I/O each: at ~140 KB an O_DIRECT I/O reached
-// half the disk's bandwidth here, at 1 MiB 0.9 of it. The I/Os are pieces of the stage: at depth 2 (the default,
-// g_io_depth) its two halves take turns, one gathered or scattered while the other's I/O is in flight (Linux AIO,
-// staged_aio.hpp); at depth 1 the whole stage, one I/O at a time. The bytes on disk do not depend on the pieces:
-// with one segment they are exactly the Python loop's, the data and then zeros to `align`.
+// several chunks move in one call and in large I/Os, not one small I/O each: at ~140 KB a lone O_DIRECT I/O
+// reached half the disk's bandwidth here, at 1 MiB 0.9 of it. The I/Os are pieces of the stage: at depth 4 (the
+// default, g_io_depth) its quarters take turns, one gathered or scattered while the others' I/Os are in flight
+// (Linux AIO, staged_aio.hpp); at depth 2 its halves; at depth 1 the whole stage, one I/O at a time. The bytes on
+// disk do not depend on the pieces: with one segment they are exactly the Python loop's, the data and then zeros
+// to `align`.
 // A read takes each segment's own file offset (`offs`: a sequence's extents need not lie together): a piece's
 // worth of them is read with one I/O per stretch contiguous in the file, all submitted at once, then checksummed
 // and scattered as above.
 // Both return the bytes transferred (>= 0, padding included) or -errno; ns[0] gets the nanoseconds the call took,
 // ns[1] those spent in the system calls, waits for the disk included (the rest is gathering or scattering and
-// checksumming, which at depth 2 runs while the other half's I/O is in flight).
+// checksumming, which at depth 2 or 4 runs while other pieces' I/Os are in flight).
 #include <stdint.h>
 #include <string.h>
 
@@ -34,20 +35,23 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t align) { return (n + align - 1) / align * align; }
 
-// How many stage pieces may be in flight at once (memfit_staged_io_depth): 2 splits the stage in halves, and
-// while one half is on its way to or from the disk (Linux AIO) the other is gathered and checksummed, or
-// scattered and checksummed. Why: with O_DIRECT the disk reads and writes the buffer itself while the thread
-// waits, so the copies and checksums of the next piece fit in that wait; one buffer at a time they come on top
-// of it (in a serving run a third of the SSD tier's write time was on a CPU, CRC-32C, staging copies and system
-// calls: docs/benchmarks.md). 1: the whole stage per I/O, one at a time. A call of at most half the stage is one
-// piece, with nothing to overlap, and runs as at depth 1; so does every call where AIO is unavailable, or where a
-// half would not be a whole number of blocks or could take more than half the AIO context's events. Set from
-// Python, read by the swap threads: atomic.
-std::atomic<int> g_io_depth{2};
+// How many stage pieces may be in flight at once (memfit_staged_io_depth): at depth n (4, the default, or 2) the
+// stage is cut in n pieces, and while some are on their way to or from the disk (Linux AIO) another is gathered
+// and checksummed, or scattered and checksummed. Why: with O_DIRECT the disk reads and writes the buffer itself
+// while the thread waits, so the copies and checksums of the next piece fit in that wait; one buffer at a time
+// they come on top of it (in a serving run a third of the SSD tier's write time was on a CPU, CRC-32C, staging
+// copies and system calls: docs/benchmarks.md). 1: the whole stage per I/O, one at a time. A call of at most one
+// piece has nothing to overlap and runs as at depth 1; so does every call where AIO is unavailable, or where a
+// piece would not be a whole number of blocks or the stage holds more blocks than the AIO context has events.
+// Set from Python, read by the swap threads: atomic.
+std::atomic<int> g_io_depth{4};
 
-bool halves_fit(int64_t stage_size, int64_t align) {
-    return g_io_depth.load(std::memory_order_relaxed) >= 2 && align > 0 && stage_size % (2 * align) == 0 &&
-           stage_size / 2 / align <= MAX_IOS / 2;
+// The pieces a call of `total` file bytes cuts its stage into: the depth, or 1.
+int pieces(int64_t stage_size, int64_t align, int64_t total) {
+    const int n = g_io_depth.load(std::memory_order_relaxed);
+    if (n < 2 || align <= 0 || stage_size % (n * align) || stage_size / align > MAX_IOS || total <= stage_size / n)
+        return 1;
+    return aio.get() ? n : 1;
 }
 
 }  // namespace
@@ -63,21 +67,19 @@ extern "C" int64_t memfit_staged_pwrite(int fd, int64_t offset, uint8_t* stage, 
         for (int64_t i = 0; i < seg_runs[s]; i++) data += lens[r++];
         total += data == 0 ? align : round_up(data, align);
     }
-    // halves only where there is more than one: a single I/O has nothing to overlap (through AIO it took 1.01-1.08x
-    // a pwrite's time, benchmarks/swap_tiers.py's memfit-tiny rows)
-    const bool two = halves_fit(stage_size, align) && total > stage_size / 2 && aio.get();
-    const int64_t piece = two ? stage_size / 2 : stage_size;  // bytes an I/O
-    WritePipe out{fd, align, ns + 1, two};
-    int cur = 0;  // the half being filled (the whole stage at depth 1)
+    const int np = pieces(stage_size, align, total);
+    const int64_t piece = stage_size / np;  // bytes an I/O
+    WritePipe out{fd, align, ns + 1, np > 1};
+    int cur = 0;  // the piece being filled (the whole stage at depth 1)
     uint8_t* buf = stage;
     int64_t pos = 0, fill = 0, run = 0;  // pos: file bytes sent, fill: bytes staged in buf
-    auto send = [&]() -> int64_t {  // buf out; at depth 2 on to the other half once its last write is through
+    auto send = [&]() -> int64_t {  // buf out; then on to the next piece once its last write is through
         int64_t err = out.put(cur, buf, fill, offset + pos);
         if (err) return err;
         pos += fill;
         fill = 0;
-        if (!two) return 0;
-        cur ^= 1;
+        if (np == 1) return 0;
+        cur = (cur + 1) % np;
         buf = stage + cur * piece;
         return out.wait(cur);
     };
@@ -126,7 +128,7 @@ int64_t read_span(int fd, uint8_t* stage, int64_t pos, int64_t size, const int64
     int64_t err = plan_span(sp, pos, size, offs, virt, padded, nsegs, first);
     if (err) return err;
     if (sp.n > 1 && aio.get()) {
-        ReadPipe pipe{fd, io_ns};
+        ReadPipe pipe{fd, io_ns, MAX_IOS};
         pipe.submit(0, sp, stage);
         return pipe.wait(0);
     }
@@ -162,34 +164,39 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
         crc = 0;
     };
     if (nsegs) enter(0);
-    // Depth 2: the stage's halves alternate; the next half's reads are in flight while this one is scattered.
-    const bool two = halves_fit(stage_size, align) && total > stage_size / 2 && aio.get();  // as in the write
-    const int64_t piece = two ? stage_size / 2 : stage_size;
-    struct Pipeline {  // on the heap (~45 KiB): swap threads' stacks need not be large
+    // Depth n > 1: the stage's n pieces take turns; while one is scattered the reads of the next n - 1 are in flight.
+    const int np = pieces(stage_size, align, total);
+    const int64_t piece = stage_size / np;
+    struct Pipeline {  // on the heap (~60 KiB): swap threads' stacks need not be large
         ReadPipe pipe;
-        Span spans[2];
+        Span spans[MAX_SLOTS];
     };
-    std::unique_ptr<Pipeline> pl(two ? new Pipeline{ReadPipe{fd, ns + 1}, {}} : nullptr);
-    int cur = 0;
-    if (two) {  // total > piece here
-        int64_t err = plan_span(pl->spans[0], 0, piece, offs, virt, padded, nsegs, &first);
+    std::unique_ptr<Pipeline> pl(np > 1 ? new Pipeline{ReadPipe{fd, ns + 1, MAX_IOS / np}, {}} : nullptr);
+    int64_t planned = 0;  // file bytes whose reads are submitted
+    auto submit_next = [&](int slot) -> int64_t {  // the next piece's reads into `slot`, if any are left
+        if (planned >= total) return 0;
+        const int64_t size = piece < total - planned ? piece : total - planned;
+        int64_t err = plan_span(pl->spans[slot], planned, size, offs, virt, padded, nsegs, &first);
         if (err) return err;
-        pl->pipe.submit(0, pl->spans[0], stage);
+        pl->pipe.submit(slot, pl->spans[slot], stage + slot * piece);
+        planned += size;
+        return 0;
+    };
+    auto drain = [&]() {  // every slot's reads complete (after an error: the stage goes back to its pool)
+        for (int i = 0; i < np; i++) pl->pipe.wait(i);
+    };
+    for (int i = 0; i < np && pl; i++) {
+        int64_t err = submit_next(i);
+        if (err) return drain(), err;
     }
-    for (int64_t pos = 0; pos < total; cur ^= (int)two) {
+    int cur = 0;
+    for (int64_t pos = 0; pos < total; cur = (cur + 1) % np) {
         const int64_t size = piece < total - pos ? piece : total - pos, next = pos + size;
         uint8_t* buf = stage + cur * piece;
         int64_t err;
-        if (two) {
-            ReadPipe& pipe = pl->pipe;
-            if (next < total) {  // the following piece's reads go out before this one is waited for
-                const int64_t nsize = piece < total - next ? piece : total - next;
-                err = plan_span(pl->spans[cur ^ 1], next, nsize, offs, virt, padded, nsegs, &first);
-                if (err) return pipe.wait(cur), err;
-                pipe.submit(cur ^ 1, pl->spans[cur ^ 1], stage + (cur ^ 1) * piece);
-            }
-            err = pipe.wait(cur);
-            if (err) return pipe.wait(cur ^ 1), err;
+        if (np > 1) {
+            err = pl->pipe.wait(cur);
+            if (err) return drain(), err;
         } else {
             err = read_span(fd, buf, pos, size, offs, virt, padded, nsegs, &first, ns + 1);
             if (err) return err;
@@ -216,13 +223,18 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
                 if (++s < nsegs) enter(s);
             }
         }
+        if (np > 1) {  // this piece is free again: the reads of the one n on
+            err = submit_next(cur);
+            if (err) return drain(), err;
+        }
         pos = next;
     }
     ns[0] = now_ns() - t0;
     return total;
 }
 
-// The stage pieces in flight at once (1 or 2; g_io_depth above), or -1 to leave it; returns the previous depth.
+// The stage pieces in flight at once (1, 2 or 4; g_io_depth above; anything else leaves it); returns the previous
+// depth.
 extern "C" int memfit_staged_io_depth(int depth) {
-    return depth >= 1 ? g_io_depth.exchange(depth > 2 ? 2 : depth) : g_io_depth.load();
+    return depth == 1 || depth == 2 || depth == 4 ? g_io_depth.exchange(depth) : g_io_depth.load();
 }

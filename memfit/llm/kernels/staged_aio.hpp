@@ -1,7 +1,8 @@
 // The SSD tier's Linux AIO for cpu_staged_io.cpp (its only includer; a .hpp so that build.py's *.h glob does not
-// put it in the AVX-512 library's cache key): each thread's AIO context, and the writes and reads of up to two
-// stage pieces in flight at once, so that one piece is gathered or scattered (and checksummed) while the other's
-// I/O runs. The disk moves an O_DIRECT buffer itself while the thread waits, so those copies fit in the wait.
+// put it in the AVX-512 library's cache key): each thread's AIO context, and the writes and reads of up to
+// MAX_SLOTS stage pieces in flight at once, so that one piece is gathered or scattered (and checksummed) while the
+// others' I/Os run. The disk moves an O_DIRECT buffer itself while the thread waits, so those copies fit in the
+// wait.
 #pragma once
 
 #include <errno.h>
@@ -75,18 +76,26 @@ long reap(struct io_event* ev, long min, long max, int64_t* io_ns) {
     return got;
 }
 
-// The writes of a stage's two halves: put() sends a half (asynchronously where `async`), wait() sees a half's
-// write through before the half is filled again.
+// The pieces a stage may be cut into, each with its own I/O in flight (memfit_staged_io_depth: 1, 2 or 4).
+enum { MAX_SLOTS = 4 };
+
+// The writes of a stage's pieces (slots): put() sends a piece (asynchronously where `async`), wait() sees a
+// slot's write through before its piece is filled again.
 struct WritePipe {
     int fd;
     int64_t align;
     int64_t* io_ns;
     bool async;
-    struct iocb cb[2] = {};
-    const uint8_t* buf[2] = {nullptr, nullptr};
-    int64_t want[2] = {0, 0}, got[2] = {0, 0}, at[2] = {0, 0};
-    bool busy[2] = {false, false}, done[2] = {false, false};
+    struct iocb cb[MAX_SLOTS] = {};
+    const uint8_t* buf[MAX_SLOTS] = {};
+    int64_t want[MAX_SLOTS] = {}, got[MAX_SLOTS] = {}, at[MAX_SLOTS] = {};
+    bool busy[MAX_SLOTS] = {}, done[MAX_SLOTS] = {};
 
+    bool others_busy(int i) const {
+        for (int j = 0; j < MAX_SLOTS; j++)
+            if (j != i && busy[j]) return true;
+        return false;
+    }
     int64_t put(int i, const uint8_t* b, int64_t size, int64_t offset) {
         if (async) {
             memset(&cb[i], 0, sizeof(cb[i]));
@@ -109,19 +118,19 @@ struct WritePipe {
             // refused: this write and the rest synchronous; a context made before a fork (EINVAL) is dropped, where
             // nothing else is in flight on it, for a new one next time (a refusal of the request, e.g. EBADF, keeps
             // it: a context's set-up and tear-down cost ~30 ms)
-            if (r < 0 && errno == EINVAL && !busy[i ^ 1]) aio.drop();
+            if (r < 0 && errno == EINVAL && !others_busy(i)) aio.drop();
             async = false;
         }
         return write_all(fd, b, size, offset, align, io_ns);
     }
-    // Half i's write complete (a short write of whole blocks is finished synchronously), or -errno.
+    // Slot i's write complete (a short write of whole blocks is finished synchronously), or -errno.
     int64_t wait(int i) {
         if (!busy[i]) return 0;
         while (!done[i]) {
-            struct io_event ev[2];
-            long n = reap(ev, 1, 2, io_ns);
+            struct io_event ev[MAX_SLOTS];
+            long n = reap(ev, 1, MAX_SLOTS, io_ns);
             if (n < 0) {
-                busy[0] = busy[1] = false;
+                for (bool& b : busy) b = false;
                 return n;
             }
             for (long k = 0; k < n; k++) done[ev[k].data] = true, got[ev[k].data] = (int64_t)ev[k].res;
@@ -131,9 +140,13 @@ struct WritePipe {
         if (got[i] == 0 || got[i] % align) return -EIO;
         return got[i] < want[i] ? write_all(fd, buf[i] + got[i], want[i] - got[i], at[i] + got[i], align, io_ns) : 0;
     }
-    int64_t drain() {  // both halves' writes through (after an error too: the stage goes back to its pool)
-        int64_t a = wait(0), b = wait(1);
-        return a ? a : b;
+    int64_t drain() {  // every slot's write through (after an error too: the stage goes back to its pool)
+        int64_t first = 0;
+        for (int i = 0; i < MAX_SLOTS; i++) {
+            int64_t e = wait(i);
+            if (e && !first) first = e;
+        }
+        return first;
     }
 };
 
@@ -182,22 +195,33 @@ int64_t pread_span(int fd, const Span& sp, int64_t from, uint8_t* buf, int64_t* 
     return 0;
 }
 
-// The reads of up to two spans in flight at once (Linux AIO), each into its own buffer. submit() sends a span's
-// I/Os (all at once: one sleep and one wake-up for the lot, where on a loaded machine each wake-up waited ~2 ms
-// for a CPU); wait() returns once all of a span's I/Os are complete. Where the context refuses them, the span is
-// read with pread instead.
+// The reads of up to MAX_SLOTS spans in flight at once (Linux AIO), each into its own piece of the stage; their
+// I/Os share MAX_IOS control blocks (a piece of a stage cut in n has at most MAX_IOS / n I/Os: one per block at
+// worst, and a stage cut in pieces holds at most MAX_IOS blocks, cpu_staged_io.cpp's pieces()). submit() sends a span's I/Os (all at once: one sleep and one
+// wake-up for the lot, where on a loaded machine each wake-up waited ~2 ms for a CPU); wait() returns once all of
+// a span's I/Os are complete. Where the context refuses them, the span is read with pread instead.
 struct ReadPipe {
     int fd;
     int64_t* io_ns;
-    struct iocb cbs[2][MAX_IOS] = {};
-    const Span* span[2] = {nullptr, nullptr};
-    int64_t pending[2] = {0, 0}, err[2] = {0, 0};
+    int per_slot;  // control blocks a slot: MAX_IOS / pieces
+    struct iocb cbs[MAX_IOS] = {};
+    const Span* span[MAX_SLOTS] = {};
+    int64_t pending[MAX_SLOTS] = {}, err[MAX_SLOTS] = {};
 
-    int64_t submit(int i, const Span& sp, uint8_t* buf) {
+    int64_t in_flight() const {
+        int64_t n = 0;
+        for (int64_t p : pending) n += p;
+        return n;
+    }
+    void submit(int i, const Span& sp, uint8_t* buf) {
         span[i] = &sp, pending[i] = 0, err[i] = 0;
+        if (sp.n > per_slot) {  // not reached: plan_span's pieces hold at most per_slot blocks
+            err[i] = -EINVAL;
+            return;
+        }
         struct iocb* list[MAX_IOS];
         for (int64_t k = 0; k < sp.n; k++) {
-            struct iocb& cb = cbs[i][k];
+            struct iocb& cb = cbs[i * per_slot + k];
             memset(&cb, 0, sizeof(cb));
             cb.aio_fildes = (uint32_t)fd;
             cb.aio_lio_opcode = IOCB_CMD_PREAD;
@@ -219,21 +243,20 @@ struct ReadPipe {
             submitted += got;
         }
         *io_ns += now_ns() - t0;
-        pending[i] = submitted;
         if (submitted < sp.n) {  // the rest (or all) with pread; a context made before a fork (EINVAL) is dropped,
             // where no other span's reads are on it, for a new one next time
-            if (submitted == 0 && refused == EINVAL && pending[i ^ 1] == 0) aio.drop();
+            if (submitted == 0 && refused == EINVAL && in_flight() == 0) aio.drop();
             int64_t e = pread_span(fd, sp, submitted, buf, io_ns);
             if (e && !err[i]) err[i] = e;
         }
-        return 0;
+        pending[i] = submitted;
     }
     int64_t wait(int i) {  // every submitted I/O is waited for, even after an error: the buffer is reused
         while (pending[i] > 0) {
             struct io_event ev[MAX_IOS];
             long n = reap(ev, pending[i], MAX_IOS, io_ns);  // one wake-up for the whole span
             if (n < 0) {
-                pending[0] = pending[1] = 0;
+                for (int64_t& p : pending) p = 0;
                 return n;
             }
             for (long k = 0; k < n; k++) {

@@ -8,17 +8,18 @@ call (kv/swap_ssd.py passes them to memory/extent_store.py, which runs the same 
     crcs, seconds, io_seconds = io.write_segments(fd, offset, stage, [views0, views1, ...], align)  # several extents
     crcs, seconds, io_seconds = io.read_segments(fd, offset, stage, [views0, views1, ...], align)
     crcs, seconds, io_seconds = io.read_at(fd, [offset0, offset1, ...], stage, [views0, views1, ...], align)
-    io.set_depth(1)                  # one whole-stage I/O at a time instead of two half-stage ones in flight
+    io.set_depth(1)                  # one whole-stage I/O at a time instead of quarter-stage ones in flight
 
 `stage`: the store's page-aligned staging buffer, (STAGE,) uint8; `views`: the runs, in order. A segment is one
 extent's runs; write_segments lays them out one after another in the file, each from an `align` boundary (the one
-before padded with zeros), in I/Os of half the stage, two in flight (depth 2, the default), or of the whole stage
-(depth 1; also at depth 2 for a call of at most half the stage, which has nothing to overlap); `read_at` reads
-extents from anywhere in the file, a piece at a time with one I/O per stretch contiguous in the file, all submitted
-at once (Linux AIO), the next piece's while this one is scattered (depth 2). A CRC is CRC-32C (kernels/crc32c.py)
+before padded with zeros), in I/Os of a quarter of the stage, up to four in flight (depth 4, the default), of
+half of it (depth 2), or of the whole stage (depth 1; also at the other depths for a call of at most one piece,
+which has nothing to overlap); `read_at` reads extents from anywhere in the file, a piece at a time with one I/O
+per stretch contiguous in the file, all submitted at once (Linux AIO), the next pieces' while this one is
+scattered. A CRC is CRC-32C (kernels/crc32c.py)
 of a segment's data bytes, from 0; `seconds`: the time inside the call (the wait to take the GIL back afterwards
 is not in it), `io_seconds` the part of it in the system calls, waits for the disk included (the rest is copies
-and checksums, which at depth 2 run while the other half's I/O is in flight).
+and checksums, which at depth 2 or 4 run while other pieces' I/Os are in flight).
 """
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ class StagedIO:
     _depth: ctypes._CFuncPtr
 
     def set_depth(self, depth: int) -> int:
-        """Stage pieces in flight at once, process-wide: 2 (the default) splits the stage in halves and gathers or
-        scatters one while the other's I/O is in flight; 1 one whole-stage I/O at a time. Returns the previous."""
-        if depth not in (1, 2):
-            raise ValueError(f"depth must be 1 or 2, got {depth}")
+        """Stage pieces in flight at once, process-wide: 4 (the default) cuts the stage in quarters and gathers or
+        scatters one while the others' I/Os are in flight, 2 in halves; 1 one whole-stage I/O at a time. Returns
+        the previous."""
+        if depth not in (1, 2, 4):
+            raise ValueError(f"depth must be 1, 2 or 4, got {depth}")
         return int(self._depth(depth))
 
     @property

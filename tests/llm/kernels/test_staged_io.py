@@ -1,6 +1,6 @@
 """The C O_DIRECT loops (kernels/staged_io.py): the same bytes on disk as the store's Python loop, runs of odd
 sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError, at both
-depths (two half-stage I/Os in flight, or one whole-stage I/O at a time)."""
+depths (quarter- or half-stage I/Os in flight, or one whole-stage I/O at a time)."""
 from __future__ import annotations
 
 import errno
@@ -23,10 +23,10 @@ def runs() -> list[np.ndarray]:
     return [rng.integers(0, 256, n, dtype=np.uint8) for n in SIZES]
 
 
-@pytest.fixture(params=[2, 1], ids=["depth2", "depth1"])
+@pytest.fixture(params=[2, 1, 4], ids=["depth2", "depth1", "depth4"])
 def depth(request):
-    """The C loop at each depth (2: the stage's halves alternate, one gathered or scattered while the other's I/O
-    is in flight; 1: one whole-stage I/O at a time), the process-wide setting restored afterwards."""
+    """The C loop at each depth (4, 2: the stage's quarters or halves take turns, one gathered or scattered while
+    the others' I/Os are in flight; 1: one whole-stage I/O at a time), the process-wide setting restored after."""
     io = staged_io()
     before = io.set_depth(request.param)
     yield request.param
@@ -78,10 +78,11 @@ def test_errors_come_back_as_oserror(tmp_path, depth):
     store.close()
 
 
-def test_a_write_that_fails_midway_comes_back_as_oserror_after_the_other_half(tmp_path, depth):
-    """The file may not grow past 3 blocks (RLIMIT_FSIZE, in a forked child): a 7-block write through a 2-block
-    stage fails at its fourth block (at depth 2 submitted while the third may still be in flight) and comes back as
-    EFBIG, with the three blocks before the limit whole on disk, read in the child as soon as the call returns.
+def test_a_write_that_fails_midway_comes_back_as_oserror_after_the_pieces_before_it(tmp_path, depth):
+    """The file may not grow past 3 blocks (RLIMIT_FSIZE, in a forked child): a 7-block write through a 4-block
+    stage fails at its fourth block (at depth 4 submitted while the third may still be in flight; at depths 2 and 1
+    a short write first) and comes back as EFBIG, with the three blocks before the limit whole on disk, read in the
+    child as soon as the call returns.
     The child writes from a thread of its own, whose AIO context is the child's. (Whether the call waited for the
     third block's write before returning is not observable here: on this disk it is done by then either way.)"""
     import resource
@@ -101,7 +102,7 @@ def test_a_write_that_fails_midway_comes_back_as_oserror_after_the_other_half(tm
         code = [1]
 
         def write() -> None:
-            stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)
+            stage = np.frombuffer(mmap.mmap(-1, 4 * ALIGN), dtype=np.uint8)
             try:
                 io.write(fd, 0, stage, [memoryview(r) for r in data], ALIGN)
             except OSError as exc:
@@ -184,6 +185,7 @@ def test_a_forked_child_reads_scattered_extents_too(tmp_path, depth):
     store = ExtentStore(tmp_path, 16 * ALIGN)
     data = runs()
     stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)  # at depth 2: two 1-block halves in turn
+    # (at depth 4 too: a 2-block stage cannot be cut in quarters, so it runs as at depth 1)
     offsets = [8 * ALIGN, 1 * ALIGN]
     for off, seg in zip(offsets, [data[:2], data[5:]]):
         io.write(store.fd, off, stage, [memoryview(r) for r in seg], ALIGN)
@@ -259,8 +261,9 @@ def test_the_depth_is_1_or_2_and_set_process_wide():
     try:
         assert io.set_depth(1) == before and io.depth == 1
         assert io.set_depth(2) == 1 and io.depth == 2
-        for bad in (0, 3, -1):
-            with pytest.raises(ValueError, match="depth must be 1 or 2"):
+        assert io.set_depth(4) == 2 and io.depth == 4 and io.set_depth(2) == 4
+        for bad in (0, 3, 5, -1):
+            with pytest.raises(ValueError, match="depth must be 1, 2 or 4"):
                 io.set_depth(bad)
         assert io.depth == 2
     finally:
