@@ -335,6 +335,9 @@ def summarise(a: argparse.Namespace, name: str, engine, times: dict, arrival: di
             result["swap"]["tiers"]["host"]["op_bytes"] = [n for n, _ in a.host_ops]
         if getattr(a, "ssd_trace", None) is not None and "ssd" in result["swap"]["tiers"]:
             result["swap"]["tiers"]["ssd"]["trace"] = a.ssd_trace.summary(a.ssd_dir, engine.swap.ssd.store.capacity)
+        if "ssd" in result["swap"]["tiers"]:  # the C loop's pieces in flight (kernels/staged_io.py), 0: Python loop
+            io = engine.swap.ssd._io
+            result["swap"]["tiers"]["ssd"]["io_depth"] = io.depth if io is not None else 0
     engine.close()
     return result
 

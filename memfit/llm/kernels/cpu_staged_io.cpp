@@ -167,7 +167,7 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
     // Depth n > 1: the stage's n pieces take turns; while one is scattered the reads of the next n - 1 are in flight.
     const int np = pieces(stage_size, align, total);
     const int64_t piece = stage_size / np;
-    struct Pipeline {  // on the heap (~60 KiB): swap threads' stacks need not be large
+    struct Pipeline {  // on the heap (~40 KiB): swap threads' stacks need not be large
         ReadPipe pipe;
         Span spans[MAX_SLOTS];
     };

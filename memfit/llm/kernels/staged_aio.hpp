@@ -197,9 +197,10 @@ int64_t pread_span(int fd, const Span& sp, int64_t from, uint8_t* buf, int64_t* 
 
 // The reads of up to MAX_SLOTS spans in flight at once (Linux AIO), each into its own piece of the stage; their
 // I/Os share MAX_IOS control blocks (a piece of a stage cut in n has at most MAX_IOS / n I/Os: one per block at
-// worst, and a stage cut in pieces holds at most MAX_IOS blocks, cpu_staged_io.cpp's pieces()). submit() sends a span's I/Os (all at once: one sleep and one
-// wake-up for the lot, where on a loaded machine each wake-up waited ~2 ms for a CPU); wait() returns once all of
-// a span's I/Os are complete. Where the context refuses them, the span is read with pread instead.
+// worst, and a stage cut in pieces holds at most MAX_IOS blocks, cpu_staged_io.cpp's pieces()). submit() sends a
+// span's I/Os (all at once: one sleep and one wake-up for the lot, where on a loaded machine each wake-up waited
+// ~2 ms for a CPU); wait() returns once all of a span's I/Os are complete. Where the context refuses them, the
+// span is read with pread instead.
 struct ReadPipe {
     int fd;
     int64_t* io_ns;

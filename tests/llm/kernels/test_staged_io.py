@@ -1,6 +1,6 @@
 """The C O_DIRECT loops (kernels/staged_io.py): the same bytes on disk as the store's Python loop, runs of odd
-sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError, at both
-depths (quarter- or half-stage I/Os in flight, or one whole-stage I/O at a time)."""
+sizes across several staging pieces read back exactly, CRC-32C of the data, and errors as OSError, at every
+depth (quarter- or half-stage I/Os in flight, or one whole-stage I/O at a time)."""
 from __future__ import annotations
 
 import errno
@@ -63,7 +63,7 @@ def test_the_c_loop_writes_what_the_python_loop_writes_and_reads_it_back(tmp_pat
 
 def test_errors_come_back_as_oserror(tmp_path, depth):
     io = staged_io()
-    stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)
+    stage = np.frombuffer(mmap.mmap(-1, 8 * ALIGN), dtype=np.uint8)  # 7 blocks of runs: several pieces at depths 2, 4
     data = runs()
     r, w = os.pipe()
     os.close(r)
@@ -74,6 +74,9 @@ def test_errors_come_back_as_oserror(tmp_path, depth):
     store = ExtentStore(tmp_path, 4 * ALIGN)
     with pytest.raises(OSError) as info:  # past the end of the file: a read that cannot be filled
         io.read(store.fd, 4 * ALIGN, stage, [memoryview(np.zeros(100, dtype=np.uint8))], ALIGN)
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError) as info:  # 6 blocks, the last 2 past the end: a later piece fails, others in flight
+        io.read(store.fd, 0, stage, [memoryview(np.zeros(6 * ALIGN, dtype=np.uint8))], ALIGN)
     assert info.value.errno == errno.EIO
     store.close()
 
@@ -184,8 +187,8 @@ def test_a_forked_child_reads_scattered_extents_too(tmp_path, depth):
     io = staged_io()
     store = ExtentStore(tmp_path, 16 * ALIGN)
     data = runs()
-    stage = np.frombuffer(mmap.mmap(-1, 2 * ALIGN), dtype=np.uint8)  # at depth 2: two 1-block halves in turn
-    # (at depth 4 too: a 2-block stage cannot be cut in quarters, so it runs as at depth 1)
+    stage = np.frombuffer(mmap.mmap(-1, 4 * ALIGN), dtype=np.uint8)  # 2 blocks of extents: two 1-block quarters
+    # at depth 4 (at depth 2 they fit one 2-block half: one piece, as at depth 1)
     offsets = [8 * ALIGN, 1 * ALIGN]
     for off, seg in zip(offsets, [data[:2], data[5:]]):
         io.write(store.fd, off, stage, [memoryview(r) for r in seg], ALIGN)
@@ -255,7 +258,7 @@ def test_each_reading_thread_holds_one_aio_ring_of_the_size_the_ledger_counts(tm
     store.close()
 
 
-def test_the_depth_is_1_or_2_and_set_process_wide():
+def test_the_depth_is_1_2_or_4_and_set_process_wide():
     io = staged_io()
     before = io.depth
     try:
