@@ -19,7 +19,8 @@ O_DIRECT (`direct`, on by default): the file is opened with it where the file sy
 the disk without a second copy in the page cache (that copy would be RAM, the very thing the tier exists to free,
 and the kernel would account it to whoever runs the engine). O_DIRECT wants the file offset, the length and the
 buffer's address aligned: extents start and end on `ALIGN`, and the KV runs (unaligned tensor memory) go through
-a page-aligned staging buffer of `STAGE` bytes (an anonymous mmap; direct_staging.py), one `STAGE`-sized write or read at a time;
+a page-aligned staging buffer of `STAGE` bytes (an anonymous mmap; direct_staging.py): in this Python loop one
+`STAGE`-sized write or read at a time (the C loop, kernels/staged_io.py, cuts it in pieces, several in flight);
 the gather into it and the scatter out of it are numpy copies, which release the GIL too. The buffers are a pool
 of at most `max_stages` (one per thread that may do I/O at once: the engine thread and each swap thread), made
 on first use and kept with the store; an I/O that finds them all in use waits for one. `staging_bytes` is what
@@ -137,8 +138,8 @@ class ExtentStore(ExtentMap):
                        staged: Staged | None = None) -> None:
         """Write several extents laid out one after another from `offset` (`segment_offsets`: each from an ALIGN
         boundary), segment i's buffers into extent i, as `write` does one; `digests[i]` sees segment i's bytes.
-        With O_DIRECT and `staged` that is one call, in STAGE-byte I/Os across the extents' boundaries (a segment
-        padded with zeros to ALIGN); without, one write per extent."""
+        With O_DIRECT and `staged` that is one call, in I/Os of the stage or its pieces across the extents'
+        boundaries (a segment padded with zeros to ALIGN); without, one write per extent."""
         segs, digests, offs = _laid_out(offset, segments, digests)
         if self.direct:
             try:

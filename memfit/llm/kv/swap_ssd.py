@@ -16,9 +16,9 @@ pass over the KV memory. With CRC-32C and O_DIRECT the whole loop (gather, check
 scatter) is one C call (kernels/staged_io.py) that releases the GIL once per call: the Python loop gave it up and
 waited to take it back around every copy and system call, and beside the engine thread a 144 KiB extent took 6-8 ms
 instead of 0.2-0.3 ms. `reader(extents)` is the swap-in: it reads a sequence's consecutive SSD chunks, wherever they
-lie, in one call into its KV runs (with O_DIRECT through the store's page-aligned staging buffer, a buffer's worth
-at a time: one I/O per stretch contiguous in the file, all submitted together with Linux AIO, so the thread sleeps
-and waits to be woken once, not once per extent; else a scatter read straight into them; memory/extent_store.py) and
+lie, in one call into its KV runs (with O_DIRECT through the store's page-aligned staging buffer, a piece of it at
+a time with the next pieces' reads in flight: one I/O per stretch contiguous in the file, a piece's submitted
+together with Linux AIO, so the thread sleeps and waits to be woken once a piece, not once per extent; else a scatter read straight into them; memory/extent_store.py) and
 checks each extent's checksum over what was read; a failed read or a mismatch raises SwapLost, and the scheduler
 recomputes the sequence, so corrupt KV is never served. Readers run on the swap thread pool; counters take a lock.
 
@@ -74,8 +74,8 @@ class SSDTier:
 
     def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
         """Write each host buffer (uint8) to an extent of its own; all or nothing. The extents are placed one after
-        another and written in one pass (STAGE-byte O_DIRECT writes across their boundaries: a sequence's chunks
-        demoted together are one I/O, or a few, not one small I/O each), so a swap-in reads them back in one
+        another and written in one pass (O_DIRECT writes of staging pieces across their boundaries: a sequence's
+        chunks demoted together are a few large I/Os, not one small I/O each), so a swap-in reads them back in one
         (`reader`); where no free stretch holds them all, each goes where it fits."""
         if self.batch and len(bufs) > 1:
             self.write_failed = False
