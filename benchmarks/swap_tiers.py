@@ -214,7 +214,7 @@ class SSDRig:
 def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
              depths: tuple[int, ...] = (4, 2, 1)) -> tuple[list[dict], list[dict], dict]:
     """The SSD tier alone, against O_DIRECT 4 MiB writes and reads of a file in the same directory measured before
-    and after (`benchmarks.preemption.ssd_bandwidth`), at each of the C loop's depths (kernels/staged_io.py: 4 or
+    and after (`benchmarks.preemption.ssd_bandwidth`; also 256 KiB ones four in flight, `in_flight`), at each of the C loop's depths (kernels/staged_io.py: 4 or
     2, a piece of the stage gathered or scattered while the others' I/Os are in flight; 1, one whole-stage I/O at
     a time), taking turns within every round: (rows, the two references, {"<shape> T=<t> <op> depth <d>": its
     call time over the first depth's})."""
@@ -225,7 +225,13 @@ def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
     if io is None:  # the Python loop, which has no depths
         depths = (0,)
     before = io.depth if io is not None else 0
-    refs = [ssd_bandwidth(directory)]
+    from memfit.memory.extent_store import STAGE
+
+    def reference() -> dict:  # 4 MiB I/Os one at a time; and the C loop's quarters, four in flight
+        return {**ssd_bandwidth(directory), "in_flight": {"piece_bytes": STAGE // 4, "depth": 4,
+                                                         **ssd_bandwidth(directory, piece=STAGE // 4, depth=4)}}
+
+    refs = [reference()]
     samples: dict[tuple[str, int, str, int], list[tuple[float, int, int]]] = {}
     try:
         for shape in shapes:
@@ -242,15 +248,18 @@ def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
     finally:
         if io is not None:
             io.set_depth(before)
-    refs.append(ssd_bandwidth(directory))
+    refs.append(reference())
     rows = []
     for (shape, t, op, depth), vs in samples.items():
         wall, nbytes, ios = statistics.median(v[0] for v in vs), vs[0][1], vs[0][2]
         key = "write_bytes_per_s" if op == "ssd out T" else "read_bytes_per_s"
         ref = statistics.median(r[key] for r in refs)
+        ref_flight = statistics.median(r["in_flight"][key] for r in refs)
         rows.append({"shape": shape, "tokens": t, "op": op, "depth": depth, "bytes": nbytes, "ios": ios,
                      "call_s": wall, "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
-                     "call_fraction_of_o_direct": nbytes / wall / ref})
+                     "call_fraction_of_o_direct": nbytes / wall / ref,
+                     "in_flight_reference_bytes_per_s": ref_flight,
+                     "call_fraction_of_o_direct_in_flight": nbytes / wall / ref_flight})
     by = {(r["shape"], r["tokens"], r["op"], r["depth"]): r["call_s"] for r in rows}
     ratios = {f"{s} T={t} {op} depth {d}": by[(s, t, op, d)] / by[(s, t, op, depths[0])]
               for (s, t, op, d) in by if d != depths[0]}

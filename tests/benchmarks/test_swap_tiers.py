@@ -41,6 +41,9 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     depths = {4, 2, 1} if staged_io() is not None else {0}  # the C loop at every depth, or the Python loop
     assert set(ssd) == {(op, d) for op in ("ssd out T", "ssd in T") for d in depths}
     assert all(r["bytes"] >= segments * 24 * row_bytes and r["call_fraction_of_o_direct"] > 0 for r in ssd.values())
+    assert all(r["call_fraction_of_o_direct_in_flight"] > 0 for r in ssd.values())
+    assert all(ref["in_flight"]["depth"] == 4 and ref["in_flight"]["read_bytes_per_s"] > 0
+               for ref in result["ssd_references"])
     assert len({r["bytes"] for r in ssd.values()}) == 1  # the same extents at every depth
     ops = ("ssd out T", "ssd in T")
     assert set(result["ssd_call_time_over_first_depth"]) == {f"tiny T=24 {op} depth {d}" for op in ops

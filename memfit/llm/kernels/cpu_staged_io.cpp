@@ -35,6 +35,14 @@ namespace {
 
 int64_t round_up(int64_t n, int64_t align) { return (n + align - 1) / align * align; }
 
+// The file bytes of segment s (its runs' data rounded up to align; an empty one takes a block), whose first run is
+// `*run` (advanced past its runs).
+int64_t segment_extent(const int64_t* lens, const int64_t* seg_runs, int64_t s, int64_t* run, int64_t align) {
+    int64_t data = 0;
+    for (int64_t i = 0; i < seg_runs[s]; i++) data += lens[(*run)++];
+    return data == 0 ? align : round_up(data, align);
+}
+
 // How many stage pieces may be in flight at once (memfit_staged_io_depth): at depth n (4, the default, or 2) the
 // stage is cut in n pieces, and while some are on their way to or from the disk (Linux AIO) another is gathered
 // and checksummed, or scattered and checksummed. Why: with O_DIRECT the disk reads and writes the buffer itself
@@ -61,12 +69,8 @@ extern "C" int64_t memfit_staged_pwrite(int fd, int64_t offset, uint8_t* stage, 
                                         int64_t nsegs, int64_t align, uint32_t* crcs, int64_t* ns) {
     ns[1] = 0;
     const int64_t t0 = now_ns();
-    int64_t total = 0;  // file bytes: each segment rounded up to align (an empty one: a block)
-    for (int64_t s = 0, r = 0; s < nsegs; s++) {
-        int64_t data = 0;
-        for (int64_t i = 0; i < seg_runs[s]; i++) data += lens[r++];
-        total += data == 0 ? align : round_up(data, align);
-    }
+    int64_t total = 0;  // file bytes
+    for (int64_t s = 0, r = 0; s < nsegs; s++) total += segment_extent(lens, seg_runs, s, &r, align);
     const int np = pieces(stage_size, align, total);
     const int64_t piece = stage_size / np;  // bytes an I/O
     WritePipe out{fd, align, ns + 1, np > 1};
@@ -145,11 +149,9 @@ extern "C" int64_t memfit_staged_pread(int fd, const int64_t* offs, uint8_t* sta
     int64_t* padded = padded_.data();
     ns[1] = 0;
     int64_t t0 = now_ns(), total = 0;
-    for (int64_t s = 0, r = 0; s < nsegs; s++) {  // file bytes: each segment rounded up to align (empty: a block)
-        int64_t data = 0;
-        for (int64_t i = 0; i < seg_runs[s]; i++) data += lens[r++];
+    for (int64_t s = 0, r = 0; s < nsegs; s++) {  // each segment's place in the concatenated layout
         virt[s] = total;
-        padded[s] = data == 0 ? align : round_up(data, align);
+        padded[s] = segment_extent(lens, seg_runs, s, &r, align);
         total += padded[s];
     }
     // the cursor: segment s (its first run `base`, its data and padded bytes), `done` bytes of it consumed, and
