@@ -34,6 +34,8 @@ mechanism:
   and checksums between them, as before the stage's pieces overlapped them; -depth2: in halves, one copied while
   the other's I/O runs (the default cuts it in quarters, three in flight; kernels/staged_io.py; neither in the
   default set).
+- swap-run-reuse-ssd-views: the same with the SSD tier given its KV runs as a torch view each, as before they
+  were named by address (`SSDTier.by_address`, kv/swap_layout.py `addresses`; not in the default set).
 - paged-swap-block: the paged cache (vLLM's block pool and free-block stack), swapped one copy per block per
   (layer, K|V) pool, synchronously: vLLM's own per-block swap;
 - paged-swap-group: the same with block groups (`kv_block_groups`, memory/blocks.py): blocks come from a buddy
@@ -95,6 +97,8 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
                                       ssd_depth=1),
     "swap-run-reuse-ssd-depth2": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
                                       ssd_depth=2),
+    "swap-run-reuse-ssd-views": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, ssd=True,
+                                     ssd_by_address=False),
     "paged-swap-block": dict(kv_cache="paged", preemption_mode="swap", swap_threads=0, swap_reuse=False),
     "paged-swap-group": dict(kv_cache="paged", kv_block_groups=True, preemption_mode="swap", swap_threads=0,
                              swap_reuse=False),
@@ -208,6 +212,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     ssd_batch = opts.pop("ssd_batch", True)
     ssd_pyloop = opts.pop("ssd_pyloop", False)
     ssd_depth = opts.pop("ssd_depth", None)  # None: the C loop's default
+    ssd_by_address = opts.pop("ssd_by_address", True)
     region = opts.pop("region", True)
     merge_at = opts.pop("merge_at", None)
     by_address = opts.pop("by_address", True)
@@ -246,6 +251,7 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
             engine.swap.region = engine.swap.book.region = None
         if engine.swap.ssd is not None:
             engine.swap.ssd.batch = ssd_batch
+            engine.swap.ssd.by_address = ssd_by_address
             if ssd_pyloop:  # the fallback: zlib's CRC-32, the store's Python loop (kv/swap_ssd.py, _staged -> None)
                 from memfit.llm.kernels.crc32c import checksum
 

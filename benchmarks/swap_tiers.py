@@ -15,7 +15,9 @@ With `--ssd-dir`, also `ssd out T` / `ssd in T`: the sequence spilled straight t
 small for it) and read back (O_DIRECT, checksummed, the tier's C loop), against O_DIRECT 4 MiB writes and reads
 of a file in the same directory (`benchmarks.preemption.ssd_bandwidth`, before and after), at the C loop's depths
 taking turns (`--ssd-depths 4 2 1`: 4, the default, gathers or scatters a quarter of the stage while the others'
-I/Os are in flight, 2 a half; 1 moves one whole stage at a time); `--skip-host` runs these rows alone.
+I/Os are in flight, 2 a half; 1 moves one whole stage at a time); `--skip-host` runs these rows alone, and
+`--ssd-views` adds the first depth with the KV runs named by a torch view each (`runs: views`, the tier before it
+took them by address, SwapRuns.addresses), reported as `ssd_views_call_time_over_address`.
 `--modes full full-trim` (issue 15's high-water mark): `out T` / `in T` on a region whose tier budget holds exactly
 its tables and one chunk of T tokens, so after the first round every swap-out finds the tier full of the warm pages
 the last swap-in left. `full` is the engine's reservation (the shortfall's warm pages lend their reservation to the
@@ -211,13 +213,15 @@ class SSDRig:
         self.cache.close()
 
 
-def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
-             depths: tuple[int, ...] = (4, 2, 1)) -> tuple[list[dict], list[dict], dict]:
+def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str, depths: tuple[int, ...] = (4, 2, 1),
+             views: bool = False) -> tuple[list[dict], list[dict], dict, dict]:
     """The SSD tier alone, against O_DIRECT 4 MiB writes and reads of a file in the same directory measured before
     and after (`benchmarks.preemption.ssd_bandwidth`; also 256 KiB ones four in flight, `in_flight`), at each of the C loop's depths (kernels/staged_io.py: 4 or
     2, a piece of the stage gathered or scattered while the others' I/Os are in flight; 1, one whole-stage I/O at
-    a time), taking turns within every round: (rows, the two references, {"<shape> T=<t> <op> depth <d>": its
-    call time over the first depth's})."""
+    a time), taking turns within every round; `views`: also at the first depth with the KV runs named by torch
+    views (SSDTier.by_address off, the tier before it named them by address): (rows, the two references,
+    {"<shape> T=<t> <op> depth <d>": its call time over the first depth's}, {"<shape> T=<t> <op>": the views'
+    call time over by address's})."""
     from benchmarks.preemption import ssd_bandwidth
     from memfit.llm.kernels.staged_io import staged_io
 
@@ -232,38 +236,42 @@ def ssd_rows(shapes: list[str], tokens: list[int], reps: int, directory: str,
                                                          **ssd_bandwidth(directory, piece=STAGE // 4, depth=4)}}
 
     refs = [reference()]
-    samples: dict[tuple[str, int, str, int], list[tuple[float, int, int]]] = {}
+    samples: dict[tuple[str, int, str, int, str], list[tuple[float, int, int]]] = {}
+    settings = [(d, "address") for d in depths] + ([(depths[0], "views")] if views else [])
     try:
         for shape in shapes:
             for t in tokens:
                 rig = SSDRig(shape, t, directory)
                 for rnd in range(reps + 3):
-                    for depth in depths if rnd % 2 == 0 else depths[::-1]:
+                    for depth, runs in settings if rnd % 2 == 0 else settings[::-1]:
                         if io is not None:
                             io.set_depth(depth)
+                        rig.ssd.by_address = runs == "address"
                         for op, v in rig.cycle().items():
                             if rnd >= 3:
-                                samples.setdefault((shape, t, op, depth), []).append(v)
+                                samples.setdefault((shape, t, op, depth, runs), []).append(v)
                 rig.close()
     finally:
         if io is not None:
             io.set_depth(before)
     refs.append(reference())
     rows = []
-    for (shape, t, op, depth), vs in samples.items():
+    for (shape, t, op, depth, runs), vs in samples.items():
         wall, nbytes, ios = statistics.median(v[0] for v in vs), vs[0][1], vs[0][2]
         key = "write_bytes_per_s" if op == "ssd out T" else "read_bytes_per_s"
         ref = statistics.median(r[key] for r in refs)
         ref_flight = statistics.median(r["in_flight"][key] for r in refs)
-        rows.append({"shape": shape, "tokens": t, "op": op, "depth": depth, "bytes": nbytes, "ios": ios,
+        rows.append({"shape": shape, "tokens": t, "op": op, "depth": depth, "runs": runs, "bytes": nbytes, "ios": ios,
                      "call_s": wall, "call_gb_s": nbytes / wall / 1e9, "reference_bytes_per_s": ref,
                      "call_fraction_of_o_direct": nbytes / wall / ref,
                      "in_flight_reference_bytes_per_s": ref_flight,
                      "call_fraction_of_o_direct_in_flight": nbytes / wall / ref_flight})
-    by = {(r["shape"], r["tokens"], r["op"], r["depth"]): r["call_s"] for r in rows}
-    ratios = {f"{s} T={t} {op} depth {d}": by[(s, t, op, d)] / by[(s, t, op, depths[0])]
-              for (s, t, op, d) in by if d != depths[0]}
-    return rows, refs, ratios
+    by = {(r["shape"], r["tokens"], r["op"], r["depth"], r["runs"]): r["call_s"] for r in rows}
+    ratios = {f"{s} T={t} {op} depth {d}": by[(s, t, op, d, n)] / by[(s, t, op, depths[0], n)]
+              for (s, t, op, d, n) in by if d != depths[0] and n == "address"}
+    view_ratios = {f"{s} T={t} {op}": by[(s, t, op, d, n)] / by[(s, t, op, d, "address")]
+                   for (s, t, op, d, n) in by if n == "views"}
+    return rows, refs, ratios, view_ratios
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the SSD tier's C loop at these depths, taking turns (4, the default, and 2: a quarter or "
                          "half of the stage copied while the others' I/Os are in flight; 1: one whole-stage I/O at a "
                          "time); call times are reported against the first")
+    ap.add_argument("--ssd-views", action="store_true",
+                    help="also the SSD tier at the first depth with its KV runs named by torch views, as before they "
+                         "were named by address (ssd_views_call_time_over_address)")
     ap.add_argument("--skip-host", action="store_true", help="the SSD rows only (with --ssd-dir)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -325,10 +336,11 @@ def main(argv: list[str] | None = None) -> dict:
                      for (s, t, op, m) in by if m == "region" and (s, t, op, "stacked") in by}
     full_ratios = {f"{s} T={t} {op}": by[(s, t, op, "full-trim")]["call_s"] / by[(s, t, op, "full")]["call_s"]
                    for (s, t, op, m) in by if m == "full" and (s, t, op, "full-trim") in by}
-    ssd, refs, depth_ratios = (ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir, tuple(dict.fromkeys(a.ssd_depths)))
-                               if a.ssd_dir else ([], [], {}))
+    ssd, refs, depth_ratios, view_ratios = (
+        ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir, tuple(dict.fromkeys(a.ssd_depths)), a.ssd_views)
+        if a.ssd_dir else ([], [], {}, {}))
     result = header(threads, None, benchmark="swap_tiers", reps=a.reps, new=a.new, ssd_rows=ssd, ssd_references=refs,
-                    ssd_call_time_over_first_depth=depth_ratios,
+                    ssd_call_time_over_first_depth=depth_ratios, ssd_views_call_time_over_address=view_ratios,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
                     full_trim_over_full_call_time=full_ratios,

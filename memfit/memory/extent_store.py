@@ -50,6 +50,7 @@ import numpy as np
 
 from memfit.memory.aio import SwapSpaceError
 from memfit.memory.budget import format_bytes
+from memfit.memory.byte_span import ByteRun, ByteSpan, as_view
 from memfit.memory.direct_staging import STAGE, Digest, StagingPool, read_direct, write_direct
 from memfit.memory.extent_map import ALIGN, ExtentMap, extent_bytes, segment_offsets
 
@@ -58,17 +59,19 @@ log = logging.getLogger(__name__)
 # extent_map's and direct_staging's names that callers of the store use, re-exported from here
 __all__ = ["ALIGN", "STAGE", "ExtentStore", "Staged", "extent_bytes", "segment_offsets"]
 
-# (fd, the extents' offsets, staging buffer, segments: each one extent's views): one I/O loop over several extents
-Staged = Callable[[int, list[int], np.ndarray, list[list[memoryview]]], None]
+# (fd, the extents' offsets, staging buffer, segments: each one extent's runs, byte views or ByteSpans by
+# address, memory/byte_span.py): one I/O loop over several extents
+Staged = Callable[[int, list[int], np.ndarray, list[list[ByteRun]]], None]
 
 
-def _laid_out(offsets: int | list[int], segments: list[list[memoryview]],
+def _laid_out(offsets: int | list[int], segments: list[list[ByteRun]],
               digests: list[Callable[[memoryview], None] | None] | None
-              ) -> tuple[list[list[memoryview]], list[Callable[[memoryview], None] | None], list[int]]:
-    """Segments as byte views, a digest slot per segment, and each segment's extent offset: the given list, or
+              ) -> tuple[list[list[ByteRun]], list[Callable[[memoryview], None] | None], list[int]]:
+    """Segments as byte runs (views cast to bytes; ByteSpans as they are, for `staged`: the Python loops make
+    views of them, `as_view`), a digest slot per segment, and each segment's extent offset: the given list, or
     from one offset, laid out one after another as `segment_offsets` places them."""
-    segs = [[b.cast("B") for b in seg] for seg in segments]
-    offs = offsets if isinstance(offsets, list) else segment_offsets(offsets, [sum(len(b) for b in seg) for seg in segs])
+    segs = [[b if isinstance(b, ByteSpan) else b.cast("B") for b in seg] for seg in segments]
+    offs = offsets if isinstance(offsets, list) else segment_offsets(offsets, [sum(b.nbytes for b in seg) for seg in segs])
     return segs, digests or [None] * len(segs), offs
 
 
@@ -123,7 +126,7 @@ class ExtentStore(ExtentMap):
             self._prewrite()
 
     # ---- I/O ------------------------------------------------------------------------------------------
-    def write(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None,
+    def write(self, offset: int, buffers: list[ByteRun], digest: Callable[[memoryview], None] | None = None,
               staged: Staged | None = None) -> None:
         """Write `buffers`, in order, from `offset` (an extent's start): through the staging buffer with O_DIRECT,
         else one gather write (a short write is continued). OSError as the OS raises it. `digest` is called on
@@ -133,7 +136,7 @@ class ExtentStore(ExtentMap):
         kernels/staged_io.py; it checksums by itself, so `digest` then runs only if the store falls back)."""
         self.write_segments(offset, [buffers], [digest], staged)
 
-    def write_segments(self, offset: int, segments: list[list[memoryview]],
+    def write_segments(self, offset: int, segments: list[list[ByteRun]],
                        digests: list[Callable[[memoryview], None] | None] | None = None,
                        staged: Staged | None = None) -> None:
         """Write several extents laid out one after another from `offset` (`segment_offsets`: each from an ALIGN
@@ -152,10 +155,10 @@ class ExtentStore(ExtentMap):
                 with self._lock:
                     if self.direct:
                         self._fall_back(f"first O_DIRECT write: {exc.strerror}")
-        for off, views, digest in zip(offs, segs, digests):
-            self._write_buffered(off, views, digest)
+        for off, runs, digest in zip(offs, segs, digests):
+            self._write_buffered(off, [as_view(b) for b in runs], digest)
 
-    def _through_stage(self, offs: list[int], segs: list[list[memoryview]],
+    def _through_stage(self, offs: list[int], segs: list[list[ByteRun]],
                        digests: list[Callable[[memoryview], None] | None], staged: Staged | None,
                        each: Callable[..., None]) -> None:
         """With O_DIRECT, every extent through one staging buffer of the pool: in one `staged` call, or one
@@ -165,8 +168,8 @@ class ExtentStore(ExtentMap):
             if staged is not None:
                 staged(self.fd, offs, stage, segs)
             else:
-                for off, views, digest in zip(offs, segs, digests):
-                    each(off, stage, views, digest)
+                for off, runs, digest in zip(offs, segs, digests):
+                    each(off, stage, [as_view(b) for b in runs], digest)
         finally:
             self._pool.give_back(stage)
 
@@ -185,14 +188,14 @@ class ExtentStore(ExtentMap):
                 lo += n
             pos += len(b)
 
-    def readinto(self, offset: int, buffers: list[memoryview], digest: Callable[[memoryview], None] | None = None,
+    def readinto(self, offset: int, buffers: list[ByteRun], digest: Callable[[memoryview], None] | None = None,
                  staged: Staged | None = None) -> None:
         """Fill `buffers`, in order, from `offset` (an extent's start; through the staging buffer with O_DIRECT,
         else one scatter read where it can); OSError on a short read. `digest`: called on the bytes read, in
         order (on each staged piece as it arrives, or on the buffers once filled). `staged`: as for `write`."""
         self.readinto_segments(offset, [buffers], [digest], staged)
 
-    def readinto_segments(self, offsets: int | list[int], segments: list[list[memoryview]],
+    def readinto_segments(self, offsets: int | list[int], segments: list[list[ByteRun]],
                           digests: list[Callable[[memoryview], None] | None] | None = None,
                           staged: Staged | None = None) -> None:
         """Fill segment i's buffers from the extent at offsets[i] (or, given one offset, from extent i of those laid
@@ -202,8 +205,8 @@ class ExtentStore(ExtentMap):
         if self.direct:
             self._through_stage(offs, segs, digests, staged, self._read_direct)
             return
-        for off, views, digest in zip(offs, segs, digests):
-            self._read_buffered(off, views, digest)
+        for off, runs, digest in zip(offs, segs, digests):
+            self._read_buffered(off, [as_view(b) for b in runs], digest)
 
     def _read_buffered(self, offset: int, buffers: list[memoryview],
                        digest: Callable[[memoryview], None] | None) -> None:

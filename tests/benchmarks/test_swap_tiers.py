@@ -13,7 +13,7 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     ssd_dir = tmp_path / "ssd"
     ssd_dir.mkdir()
     result = swap_tiers.main(["--shapes", "tiny", "--tokens", "24", "--new", "4", "--reps", "1", "--out", str(out),
-                              "--ssd-dir", str(ssd_dir), "--modes", *swap_tiers.MODES])
+                              "--ssd-dir", str(ssd_dir), "--ssd-views", "--modes", *swap_tiers.MODES])
     assert json.loads(capsys.readouterr().out) == result == json.loads(out.read_text())
     assert out.with_suffix(".png").exists()
     rows = {(r["op"], r["mode"]): r for r in result["rows"]}
@@ -35,7 +35,8 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     assert rows[("out +n", "stacked")]["copies"] == segments
     assert rows[("in after +n", "stacked")]["bytes"] == segments * 28 * row_bytes
     # the SSD tier: the whole sequence out and back (extents round the bytes up to its alignment), against O_DIRECT
-    ssd = {(r["op"], r["depth"]): r for r in result["ssd_rows"]}
+    ssd = {(r["op"], r["depth"]): r for r in result["ssd_rows"] if r["runs"] == "address"}
+    views = {(r["op"], r["depth"]): r for r in result["ssd_rows"] if r["runs"] == "views"}
     from memfit.llm.kernels.staged_io import staged_io
 
     depths = {4, 2, 1} if staged_io() is not None else {0}  # the C loop at every depth, or the Python loop
@@ -44,7 +45,10 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     assert all(r["call_fraction_of_o_direct_in_flight"] > 0 for r in ssd.values())
     assert all(ref["in_flight"]["depth"] == 4 and ref["in_flight"]["read_bytes_per_s"] > 0
                for ref in result["ssd_references"])
-    assert len({r["bytes"] for r in ssd.values()}) == 1  # the same extents at every depth
+    assert len({r["bytes"] for r in [*ssd.values(), *views.values()]}) == 1  # the same extents at every depth
+    first = 4 if staged_io() is not None else 0  # the views run at the first depth only, beside by address
+    assert set(views) == {(op, first) for op in ("ssd out T", "ssd in T")}
+    assert set(result["ssd_views_call_time_over_address"]) == {f"tiny T=24 {op}" for op in ("ssd out T", "ssd in T")}
     ops = ("ssd out T", "ssd in T")
     assert set(result["ssd_call_time_over_first_depth"]) == {f"tiny T=24 {op} depth {d}" for op in ops
                                                              for d in depths - {4, 0}}

@@ -59,19 +59,39 @@ def _is_direct(store: ExtentStore) -> bool:
     return bool(fcntl.fcntl(store.fd, fcntl.F_GETFL) & os.O_DIRECT)
 
 
-def _round_trip(store: ExtentStore, nbytes: int) -> None:
-    """Unaligned memory and sizes, several views each way, more than one STAGE piece when nbytes is large."""
-    data = os.urandom(nbytes + 3)
+def _round_trip(store: ExtentStore, nbytes: int, by_address: bool = False) -> None:
+    """Unaligned memory and sizes, several views each way, more than one STAGE piece when nbytes is large;
+    `by_address`: every other run a ByteSpan (its address and length) instead of a view."""
+    import ctypes
+
+    from memfit.memory.byte_span import ByteSpan
+
+    def cut(view: memoryview, cuts: list[int]) -> list:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(view)) if by_address else 0
+        return [ByteSpan(base + a, b - a) if by_address and i % 2 else view[a:b]
+                for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+
+    data = bytearray(os.urandom(nbytes + 3))
     src = memoryview(data)[3:]  # an address no O_DIRECT write would take as is
-    cuts = sorted([0, 1, 4097, nbytes // 2 + 7, nbytes])
     off = store.alloc(nbytes)
-    store.write(off, [src[a:b] for a, b in zip(cuts, cuts[1:])])
+    store.write(off, cut(src, sorted([0, 1, 4097, nbytes // 2 + 7, nbytes])))
     back = bytearray(nbytes + 5)
     dst = memoryview(back)[5:]
-    rcuts = [0, 3, nbytes // 3, nbytes - 1, nbytes]
-    store.readinto(off, [dst[a:b] for a, b in zip(rcuts, rcuts[1:])])
+    store.readinto(off, cut(dst, [0, 3, nbytes // 3, nbytes - 1, nbytes]))
     assert bytes(dst) == bytes(src)
     store.free(off, nbytes)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_runs_by_address_round_trip_through_the_python_loops_as_views_do(tmp_path, direct):
+    """ByteSpans (memory/byte_span.py: what the SSD tier gives for KV named by address) beside views, through the
+    store's own loops (O_DIRECT staging, or buffered), which make views of them."""
+    from memfit.memory.extent_store import STAGE
+
+    store = ExtentStore(tmp_path, 4 * STAGE, direct=direct)
+    for nbytes in (5000, 2 * STAGE + 12345):
+        _round_trip(store, nbytes, by_address=True)
+    store.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
@@ -114,7 +134,7 @@ def test_o_direct_refused_at_the_first_write_falls_back_and_a_later_einval_is_an
         pytest.skip(f"{tmp_path} refuses O_DIRECT ({store.direct_fallback})")
     with monkeypatch.context() as m:
         m.setattr(ExtentStore, "_write_direct", refuse)
-        _round_trip(store, 5000)  # the first write is refused: the same file, reopened buffered, takes it
+        _round_trip(store, 5000, by_address=True)  # the first write is refused: the file, reopened buffered, takes it
     assert not store.direct and not _is_direct(store) and "first O_DIRECT write" in store.direct_fallback
     store.close()
 

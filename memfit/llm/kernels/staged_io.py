@@ -10,7 +10,8 @@ call (kv/swap_ssd.py passes them to memory/extent_store.py, which runs the same 
     crcs, seconds, io_seconds = io.read_at(fd, [offset0, offset1, ...], stage, [views0, views1, ...], align)
     io.set_depth(1)                  # one whole-stage I/O at a time instead of quarter-stage ones in flight
 
-`stage`: the store's page-aligned staging buffer, (STAGE,) uint8; `views`: the runs, in order. A segment is one
+`stage`: the store's page-aligned staging buffer, (STAGE,) uint8; `views`: the runs, in order, byte memoryviews
+or ByteSpans (memory/byte_span.py: an address and a length, for runs named by address, no view made). A segment is one
 extent's runs; write_segments lays them out one after another in the file, each from an `align` boundary (the one
 before padded with zeros), in I/Os of a quarter of the stage, up to four in flight (depth 4, the default), of
 half of it (depth 2), or of the whole stage (depth 1; also at the other depths for a call of at most one piece,
@@ -31,6 +32,7 @@ import numpy as np
 
 from memfit.llm.kernels.crc32c import _kernel as _crc_kernel
 from memfit.llm.kernels.build import load_cpu_io
+from memfit.memory.byte_span import ByteRun, ByteSpan
 
 __all__ = ["AIO_MAX_IOS", "StagedIO", "aio_ring_bytes", "staged_io"]
 
@@ -87,28 +89,28 @@ class StagedIO:
     def depth(self) -> int:
         return int(self._depth(-1))
 
-    def write(self, fd: int, offset: int, stage: np.ndarray, views: list[memoryview], align: int) -> tuple[int, float]:
+    def write(self, fd: int, offset: int, stage: np.ndarray, views: list[ByteRun], align: int) -> tuple[int, float]:
         crcs, seconds, _ = self._call(self._write, fd, offset, stage, [views], align)
         return crcs[0], seconds
 
-    def read(self, fd: int, offset: int, stage: np.ndarray, views: list[memoryview], align: int) -> tuple[int, float]:
+    def read(self, fd: int, offset: int, stage: np.ndarray, views: list[ByteRun], align: int) -> tuple[int, float]:
         crcs, seconds, _ = self.read_at(fd, [offset], stage, [views], align)
         return crcs[0], seconds
 
-    def write_segments(self, fd: int, offset: int, stage: np.ndarray, segments: list[list[memoryview]],
+    def write_segments(self, fd: int, offset: int, stage: np.ndarray, segments: list[list[ByteRun]],
                        align: int) -> tuple[list[int], float, float]:
         return self._call(self._write, fd, offset, stage, segments, align)
 
-    def read_segments(self, fd: int, offset: int, stage: np.ndarray, segments: list[list[memoryview]],
+    def read_segments(self, fd: int, offset: int, stage: np.ndarray, segments: list[list[ByteRun]],
                       align: int) -> tuple[list[int], float, float]:
         """Segments laid out one after another from `offset`, as write_segments wrote them."""
         offsets = []
         for seg in segments:
             offsets.append(offset)
-            offset += max(align, -(-sum(len(v) for v in seg) // align) * align)
+            offset += max(align, -(-sum(v.nbytes for v in seg) // align) * align)
         return self.read_at(fd, offsets, stage, segments, align)
 
-    def read_at(self, fd: int, offsets: list[int], stage: np.ndarray, segments: list[list[memoryview]],
+    def read_at(self, fd: int, offsets: list[int], stage: np.ndarray, segments: list[list[ByteRun]],
                 align: int) -> tuple[list[int], float, float]:
         """Segment i from the extent at offsets[i] (anywhere in the file): a stage's worth at a time, one I/O per
         stretch contiguous in the file, submitted together."""
@@ -117,12 +119,11 @@ class StagedIO:
 
     @staticmethod
     def _call(fn: ctypes._CFuncPtr, fd: int, offset: int | ctypes.Array, stage: np.ndarray,
-              segments: list[list[memoryview]],
+              segments: list[list[ByteRun]],
               align: int) -> tuple[list[int], float, float]:
-        views = [v for seg in segments for v in seg]
-        arrays = [np.frombuffer(v, dtype=np.uint8) for v in views]  # type: ignore[call-overload]  # no copies
-        ptrs = (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
-        lens = (ctypes.c_int64 * max(1, len(arrays)))(*[a.size for a in arrays])
+        runs = [v for seg in segments for v in seg]
+        ptrs = (ctypes.c_void_p * max(1, len(runs)))(*[_address(v) for v in runs])
+        lens = (ctypes.c_int64 * max(1, len(runs)))(*[v.nbytes for v in runs])
         counts = (ctypes.c_int64 * max(1, len(segments)))(*[len(seg) for seg in segments])
         crcs, ns = (ctypes.c_uint32 * max(1, len(segments)))(), (ctypes.c_int64 * 2)()
         got = fn(fd, offset, stage.ctypes.data, stage.size, ptrs, lens, counts, len(segments), align, crcs, ns)
@@ -130,6 +131,13 @@ class StagedIO:
             at = offset if isinstance(offset, int) else list(offset)[:4]
             raise OSError(-got, f"{os.strerror(-got)} (staged O_DIRECT I/O at offset {at})")
         return [int(c) for c in crcs[: len(segments)]], ns[0] / 1e9, ns[1] / 1e9
+
+
+def _address(run: ByteRun) -> int:
+    """Where a run's bytes start: a ByteSpan says so; a view's pointer through numpy (no copy)."""
+    if isinstance(run, ByteSpan):
+        return run.address
+    return np.frombuffer(run, dtype=np.uint8).ctypes.data  # type: ignore[call-overload]
 
 
 _io: StagedIO | None = None

@@ -48,7 +48,7 @@ from memfit.llm.kv.swap_inflight import host_copies as _host_copies
 from memfit.llm.kv.swap_inflight import run_count
 from memfit.llm.kv.swap_layout import SwapRuns
 from memfit.llm.kv.swap_model import OWNER, SWAP_SECONDS_BUCKETS, CostModel, SwapLost, SwapStats
-from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, tail_run
+from memfit.llm.kv.swap_pairs import merge_out, merge_pairs, restore_pairs, ssd_runs, tail_run
 from memfit.llm.kv.swap_reuse import Chunk, Copy, HostCopies
 from memfit.memory.budget import MemoryBudget, format_bytes
 from memfit.memory.extent_map import extent_bytes
@@ -193,7 +193,7 @@ class SwapSpace(InFlightSwaps):
         spilled: object = None
         if nbytes and not self.book.reserve(nbytes, seq_id, self._busy()):
             if self.ssd is not None and not keep:  # the host tier cannot hold it: straight to the SSD tier
-                runs = self.runs(seq_id, num_tokens, start)
+                runs = ssd_runs(self.run_map, self.ssd, seq_id, num_tokens, start)  # by address on the CPU
                 if wait or not self.threads:
                     spilled = self.ssd.write_runs(runs)
                 else:  # placed here (the allocator is the engine thread's), written and checksummed on the pool

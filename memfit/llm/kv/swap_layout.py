@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
+from memfit.memory.byte_span import ByteSpan
 
 __all__ = ["Piece", "SwapRuns"]
 
@@ -180,6 +181,37 @@ class SwapRuns:
         into other memory, cut into other runs, matches)."""
         table = self.table(seq_id) if table is None else table
         return [self.view(seq_id, p, table) for p, _, _ in self.coalesce(self.spans(lo, num_tokens), table)]
+
+    def addresses(self, seq_id: int, num_tokens: int, lo: int = 0,
+                  table: list[int] | None = None) -> list[ByteSpan] | None:
+        """`runs`' memory by address alone, the same runs in the same order, for the SSD tier's C loop (it wants a
+        pointer and a length a run: memory/byte_span.py); no tensor is made. None for a cache not on the CPU.
+        Valid while the sequence holds its memory and the cache is open (kv/swap.py lands or waits for every
+        copy before either is given back, and the engine closes the tier before the cache)."""
+        kv = self.kv
+        if kv.layout.device.type != "cpu":
+            return None
+        if kv.fixed_stride:  # virtual cache: row `a` of segment j at a fixed offset from the slot's start
+            arena = kv.arena  # type: ignore[attr-defined]
+            if arena.closed:
+                raise KVCacheError("the KV cache is closed")
+            slot, seg, row = kv.slot_of(seq_id) * kv.slot_bytes, kv.seg_bytes, kv.row_bytes  # type: ignore[attr-defined]
+            if num_tokens > lo and slot + (self.segments - 1) * seg + num_tokens * row > arena.size:
+                raise KVCacheError(f"positions {lo}..{num_tokens - 1} of sequence {seq_id} lie past its cache's arena")
+            base = arena.address + slot
+            return [ByteSpan(base + j * seg + a * row, (b - a) * row) for j, a, b in self.pieces(lo, num_tokens)]
+        pools = (*kv.k, *kv.v)  # type: ignore[attr-defined]
+        if not pools:
+            raise KVCacheError("the KV cache is closed")
+        table = self.table(seq_id) if table is None else table
+        # a pool's blocks lie block_bytes / (2 x layers) apart (its stride(0)), each contiguous in storage (`view`)
+        per = pools[0].stride(0) * pools[0].element_size()
+        if per != self.piece_bytes((0, 0, self.granule)):
+            return None  # pools not packed block after block (no cache here makes them): views, as `runs` does
+        bases = [p.data_ptr() for p in pools]
+        bs = self.granule
+        return [ByteSpan(bases[j] + table[a // bs] * per, (b - a) // bs * per)  # type: ignore[index]
+                for (j, a, b), _, _ in self.coalesce(self.spans(lo, num_tokens), table)]
 
     def seq_shape(self, seq_id: int, num_tokens: int, lo: int = 0) -> tuple[int, int]:
         """(bytes, runs) a swap-out of `seq_id`'s positions lo..num_tokens-1 moves as it is laid out now: with

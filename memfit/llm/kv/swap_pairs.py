@@ -27,7 +27,7 @@ from memfit.llm.kv.swap_reuse import Chunk, Copy
 if TYPE_CHECKING:
     from memfit.llm.kv.swap_ssd import SSDTier
 
-__all__ = ["Pair", "merge_out", "merge_pairs", "restore_pairs", "tail_run"]
+__all__ = ["Pair", "merge_out", "merge_pairs", "restore_pairs", "ssd_runs", "tail_run"]
 
 Pair = tuple[object, object]  # (destination run, source: a host slice, or an SSD reader; or two RowBlocks)
 
@@ -45,7 +45,7 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy,
 
     def flush() -> None:
         if group:
-            runs = [r for c in group for r in lay.runs(seq_id, c.hi, c.lo, table)]
+            runs = [r for c in group for r in ssd_runs(lay, ssd, seq_id, c.hi, c.lo, table)]  # type: ignore[arg-type]
             pairs.append((runs, ssd.reader([c.extent for c in group])))  # type: ignore[union-attr, misc]
             group.clear()
     for chunk in copy.chunks:
@@ -89,6 +89,13 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy,
             nbytes += hi - lo
     flush()
     return pairs, nbytes
+
+
+def ssd_runs(lay: SwapRuns, ssd: SSDTier, seq_id: int, hi: int, lo: int = 0, table: list[int] | None = None) -> list:
+    """Positions lo..hi-1 of `seq_id` as the SSD tier's runs: by address on the CPU (SwapRuns.addresses: its C loop
+    wants pointers only), else tensor views."""
+    spans = lay.addresses(seq_id, hi, lo, table) if ssd.by_address else None
+    return lay.runs(seq_id, hi, lo, table) if spans is None else spans
 
 
 def _rows(lay: SwapRuns, chunk: Chunk) -> torch.Tensor:

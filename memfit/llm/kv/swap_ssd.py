@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from memfit.llm.kernels.crc32c import checksum
 from memfit.llm.kernels.staged_io import staged_io
 from memfit.llm.kv.swap_model import OWNER, SwapLost, SwapStats
 from memfit.memory.budget import MemoryBudget, Tier
+from memfit.memory.byte_span import ByteRun, ByteSpan
 from memfit.memory.extent_store import ALIGN, ExtentStore, Staged, extent_bytes, segment_offsets
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class SSDTier:
         # per chunk, as before; benchmarks/preemption.py compares the two)
         self.batch = batch
         self.syscall_seconds = 0.0  # of the C loop's time, that in pread/pwrite (the rest: copies and checksums)
+        # a swap names a CPU cache's KV runs by address (SwapRuns.addresses), not by a torch view each (False:
+        # views, as before; benchmarks/swap_tiers.py and preemption.py compare the two)
+        self.by_address = True
 
     def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
         """Write each host buffer (uint8) to an extent of its own; all or nothing. The extents are placed one after
@@ -96,11 +100,12 @@ class SSDTier:
             extents.append(extent)
         return extents
 
-    def write_runs(self, runs: list[torch.Tensor]) -> Extent | None:
-        """Write uint8 runs, in order, to one extent (straight from the KV cache's memory on the CPU: no host
-        buffer of the tier's own); None, with nothing kept, if the tier is full or the write fails."""
+    def write_runs(self, runs: list[Run]) -> Extent | None:
+        """Write uint8 runs (tensors, or ByteSpans: SwapRuns.addresses), in order, to one extent (straight from the
+        KV cache's memory on the CPU: no host buffer of the tier's own); None, with nothing kept, if the tier is
+        full or the write fails."""
         self.write_failed = False
-        n = sum(r.numel() for r in runs)
+        n = sum(_nbytes(r) for r in runs)
         off = self.place(n)
         if off is None:
             return None
@@ -126,17 +131,17 @@ class SSDTier:
         self.store.free(offset, nbytes)
         self.budget.release(extent_bytes(nbytes), OWNER)
 
-    def write_at(self, offset: int, runs: list[torch.Tensor]) -> Extent:
+    def write_at(self, offset: int, runs: list[Run]) -> Extent:
         """Write uint8 runs, in order, to the extent `place` gave (on any thread: a swap-out on the pool), with
         their CRC; an OSError is counted, logged and raised (the caller unplaces the extent)."""
         return self.write_segments_at(offset, [runs])[0]
 
-    def write_segments_at(self, offset: int, segments: list[list[torch.Tensor]]) -> list[Extent]:
+    def write_segments_at(self, offset: int, segments: list[list[Run]]) -> list[Extent]:
         """Write each segment's uint8 runs, in order, to extents laid out from `offset` (segment_offsets: `place`
         gave their sum of extent_bytes), in one pass, each with its CRC; one I/O op in the tier's counters."""
         t0 = time.perf_counter()
-        sizes = [sum(r.numel() for r in runs) for runs in segments]
-        views = [[memoryview((r if r.device.type == "cpu" else r.cpu()).numpy()) for r in runs] for runs in segments]
+        sizes = [sum(_nbytes(r) for r in runs) for runs in segments]
+        views = [[_byte_run(r) for r in runs] for runs in segments]
         crcs = [0] * len(segments)
         try:
             self.store.write_segments(offset, views, self._digests(crcs), self._staged(crcs, write=True))
@@ -150,19 +155,19 @@ class SSDTier:
         return [Extent(off, n, crc) for off, n, crc in zip(segment_offsets(offset, sizes), sizes, crcs)]
 
     def reader(self, extent: Extent | list[Extent]) -> Callable[[list[torch.Tensor]], None]:
-        """A function that fills the given uint8 runs (in order: the first extent's bytes, then the next one's...)
+        """A function that fills the given uint8 runs (tensors or ByteSpans; in order: the first extent's bytes, then the next one's...)
         from the extents, wherever they lie, in one call (one I/O per stretch contiguous in the file, a staging
         buffer's worth submitted at once), each checked by its CRC."""
         extents = [extent] if isinstance(extent, Extent) else list(extent)
         total = sum(e.nbytes for e in extents)
 
-        def read(runs: list[torch.Tensor]) -> None:
+        def read(runs: list[Run]) -> None:
             t0 = time.perf_counter()
-            if sum(r.numel() for r in runs) != total:
+            if sum(_nbytes(r) for r in runs) != total:
                 raise SwapLost(f"SSD extents of {total} bytes do not match their runs")
-            on_cpu = all(r.device.type == "cpu" for r in runs)
+            on_cpu = all(isinstance(r, ByteSpan) or r.device.type == "cpu" for r in runs)
             bounce = None if on_cpu else torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            views = [memoryview(r.numpy()) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
+            views = [_byte_run(r) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
             segments = _split(views, [e.nbytes for e in extents])
             crcs = [0] * len(extents)
             try:
@@ -175,10 +180,10 @@ class SSDTier:
                 if crc != e.crc:
                     self._count_error()
                     raise SwapLost(f"SSD swap extent at {e.offset} failed its checksum: recomputed, not served")
-            if bounce is not None:
+            if bounce is not None:  # (device runs: tensors)
                 off = 0
                 for r in runs:
-                    r.copy_(bounce[off : off + r.numel()])
+                    r.copy_(bounce[off : off + r.numel()])  # type: ignore[union-attr]
                     off += r.numel()
             with self._lock:
                 self.stats.account(total, 1, time.perf_counter() - t0, out=False)
@@ -200,7 +205,7 @@ class SSDTier:
             return None
         io = self._io
 
-        def staged(fd: int, offs: list[int], stage: np.ndarray, segs: list[list[memoryview]]) -> None:
+        def staged(fd: int, offs: list[int], stage: np.ndarray, segs: list[list[ByteRun]]) -> None:
             if write:  # laid out one after another from the first (write_segments_at)
                 crcs[:], _, io_seconds = io.write_segments(fd, offs[0], stage, segs, ALIGN)
             else:
@@ -229,17 +234,40 @@ class SSDTier:
             self.stats.io_errors += 1
 
 
-def _split(views: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
-    """`views` (uint8, in order) cut into consecutive groups of `sizes` bytes each, a view cut where a group ends."""
-    segments: list[list[memoryview]] = []
-    queue = [v.cast("B") for v in views]
+Run = Union[torch.Tensor, ByteSpan]  # a uint8 run of KV: a tensor, or its bytes by address (SwapRuns.addresses)
+
+
+def _nbytes(run: Run) -> int:
+    return run.nbytes if isinstance(run, ByteSpan) else run.numel()
+
+
+def _byte_run(run: Run) -> ByteRun:
+    """What the store's I/O takes for a run: by address where it can (a ByteSpan, or a contiguous CPU tensor's
+    pointer and length: no view to make), else a view of the run (moved to the CPU first)."""
+    if isinstance(run, ByteSpan):
+        return run
+    if run.device.type == "cpu" and run.is_contiguous():
+        return ByteSpan(run.data_ptr(), run.numel())  # (the caller holds `run` until the I/O returns)
+    return memoryview((run if run.device.type == "cpu" else run.cpu()).numpy())
+
+
+def _cut(run: ByteRun, lo: int, hi: int) -> ByteRun:
+    return ByteSpan(run.address + lo, hi - lo) if isinstance(run, ByteSpan) else run[lo:hi]
+
+
+def _split(runs: list[ByteRun], sizes: list[int]) -> list[list[ByteRun]]:
+    """`runs` (uint8, in order) cut into consecutive groups of `sizes` bytes each, a run cut where a group ends."""
+    queue = [r if isinstance(r, ByteSpan) else r.cast("B") for r in runs]
+    if len(sizes) == 1:  # one extent (the caller checked the total): no cuts
+        return [queue]
+    segments: list[list[ByteRun]] = []
     for n in sizes:
-        seg: list[memoryview] = []
+        seg: list[ByteRun] = []
         while n:
-            v = queue.pop(0)
-            seg.append(v[:n])
-            if len(v) > n:
-                queue.insert(0, v[n:])
-            n -= len(seg[-1])
+            r = queue.pop(0)
+            seg.append(_cut(r, 0, min(n, r.nbytes)))
+            if r.nbytes > n:
+                queue.insert(0, _cut(r, n, r.nbytes))
+            n -= seg[-1].nbytes
         segments.append(seg)
     return segments

@@ -156,6 +156,35 @@ def test_several_extents_in_one_call_lie_one_after_another_each_with_its_own_crc
     store.close()
 
 
+def test_runs_by_address_are_the_same_bytes_on_disk_and_back_as_views(tmp_path, depth):
+    """ByteSpans (an address and a length: the SSD tier's KV runs, kv/swap_layout.py `addresses`) mixed with
+    views in one call: the file holds what views alone write, with the same CRCs, and a read by address fills
+    the very memory named."""
+    from memfit.memory.byte_span import ByteSpan
+    from memfit.memory.extent_store import extent_bytes
+
+    io = staged_io()
+    store = ExtentStore(tmp_path, 64 * ALIGN)
+    data = runs()
+    segments = [data[:3], data[3:]]
+    sizes = [sum(r.size for r in seg) for seg in segments]
+    off_v, off_a = (store.alloc(sum(extent_bytes(n) for n in sizes)) for _ in range(2))
+    stage = np.frombuffer(mmap.mmap(-1, 8 * ALIGN), dtype=np.uint8)
+
+    def named(seg: list[np.ndarray]) -> list:  # every other run by address
+        return [ByteSpan(r.ctypes.data, r.size) if i % 2 else memoryview(r) for i, r in enumerate(seg)]
+    crcs_v, _, _ = io.write_segments(store.fd, off_v, stage, [[memoryview(r) for r in s] for s in segments], ALIGN)
+    crcs_a, _, _ = io.write_segments(store.fd, off_a, stage, [named(s) for s in segments], ALIGN)
+    total = sum(extent_bytes(n) for n in sizes)
+    assert crcs_a == crcs_v and on_disk(store, off_a, total) == on_disk(store, off_v, total)
+    back = [[np.zeros_like(r) for r in seg] for seg in segments]
+    crcs_in, _, _ = io.read_segments(store.fd, off_a, stage,
+                                     [[ByteSpan(b.ctypes.data, b.size) for b in s] for s in back], ALIGN)
+    assert crcs_in == crcs_v
+    assert all(np.array_equal(a, b) for sa, sb in zip(back, segments) for a, b in zip(sa, sb))
+    store.close()
+
+
 @pytest.mark.parametrize("stage_bytes", [2 * ALIGN, 8 * ALIGN, 64 * ALIGN])
 def test_extents_from_anywhere_in_the_file_read_back_in_one_call(tmp_path, stage_bytes, depth):
     """read_at: segments from extents scattered over the file, out of file order, some adjacent (one I/O) and

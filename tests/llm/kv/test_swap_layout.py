@@ -389,3 +389,37 @@ def test_shape_is_the_count_and_byte_sum_of_the_pieces_and_the_buffer_a_swap_fil
     assert held.numel() == lay.shape(41)[0] == swap.stats.out_bytes and swap.stats.out_ops >= 1
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "head-major", "token-major", "paged", "paged-head-major", "paged-groups"])
+@pytest.mark.parametrize("block_tokens", [None, 3])
+def test_addresses_name_the_very_memory_of_the_runs_in_their_order(kind, block_tokens):
+    """`addresses` (what the SSD tier's C loop is given) is computed by arithmetic; here each ByteSpan is held
+    against the tensor `runs` makes for it (its data_ptr and byte count), over several ranges of a sequence whose
+    blocks are scattered by a neighbour, and its bytes against the run's own."""
+    import ctypes
+
+    from memfit.llm.kv.base import KVCacheError
+    from memfit.llm.kv.swap_layout import SwapRuns
+    from memfit.llm.kv.virtual import VirtualKVCache
+
+    budget = MemoryBudget(2**22, name="kv_budget")
+    if kind.startswith("paged"):
+        cache = PagedKVCache(LAYOUT, budget, block_size=4, block_groups=kind == "paged-groups",
+                             head_major=kind == "paged-head-major")
+        grow_interleaved(cache, [1, 2], 40)
+    else:
+        opts = {"head_major": kind == "head-major", "token_major": kind == "token-major"}
+        cache = VirtualKVCache(LAYOUT, budget, max_seqs=3, prefault=False, eager_pages=0, **opts)
+        for s in (2, 1):  # sequence 1 in the second slot: its addresses do not start at the arena's
+            assert cache.try_allocate(s, 40)
+        write(cache, [SeqStep(s, 0, 40) for s in (1, 2)])
+    lay = SwapRuns(cache, block_tokens if not kind.startswith("paged") else None)
+    for lo, hi in [(0, 40), (lay.granule, 37), (8, 9), (12, 12)]:
+        runs, spans = lay.runs(1, hi, lo), lay.addresses(1, hi, lo)
+        assert [(r.data_ptr(), r.numel()) for r in runs] == [tuple(s) for s in spans], (lo, hi)
+        for r, s in zip(runs, spans):
+            assert bytes((ctypes.c_ubyte * s.nbytes).from_address(s.address)) == r.numpy().tobytes()
+    cache.close()
+    with pytest.raises(KVCacheError, match="closed"):
+        lay.addresses(1, 8)

@@ -256,3 +256,33 @@ def test_chunks_demoted_apart_come_back_in_one_call_without_a_read_per_extent(tm
     assert ssd.stats.io_errors == 0
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("by_address", [True, False])
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_the_ssd_tier_takes_cpu_kv_by_address_and_makes_no_view_of_it(kind, by_address, tmp_path, monkeypatch):
+    """A swap straight to the SSD tier and back names the CPU cache's runs by address (SwapRuns.addresses: the C
+    loop wants pointers only), not by a torch view each (by_address=False: a view each, the comparison the
+    benchmarks make); the KV comes back bit for bit either way."""
+    from memfit.llm.kv.swap_layout import SwapRuns
+
+    cache, host, ssd, swap = setup(kind, tmp_path, host_tokens=10)  # 19 tokens do not fit the host tier
+    ssd.by_address = by_address
+    before = contexts(cache, 1, 19)
+    views, real_view = [0], SwapRuns.view
+
+    def counting(self, *args, **kwargs):
+        views[0] += 1
+        return real_view(self, *args, **kwargs)
+
+    monkeypatch.setattr(SwapRuns, "view", counting)
+    assert swap.try_swap_out(1, 19) and ssd.stats.out_bytes == swap.runs_shape(19)[0]
+    cache.free(1)
+    assert cache.try_allocate(4, 30)
+    write(cache, [SeqStep(4, 0, 30)])
+    assert cache.try_allocate(1, 20) and swap.swap_in(1) == 19
+    assert (views[0] == 0) == by_address
+    monkeypatch.setattr(SwapRuns, "view", real_view)
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19)))
+    swap.close()
+    cache.close()
