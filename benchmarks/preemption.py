@@ -53,7 +53,8 @@ by mode, swap copies and bytes per tier, each tier's swap throughput as a fracti
 (host: a 64 MiB memcpy; also `fraction_of_cold_copy`: against contiguous copies of each swap's own size
 with cold caches, benchmarks/copy_reference.py, what a copy of that size can reach after a model step; SSD:
 O_DIRECT writes and reads of 4 MiB, under `--ssd-dir`; also against 1 MiB I/Os, the largest the tier issues: its
-staging buffer), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
+staging buffer, and 256 KiB ones four in flight, as its C loop issues them; each measured before the runs and after,
+the median of the two, `ssd_bandwidth.before_after` keeping both), the SSD tier's bytes per op (a call) and per I/O, the share of its time in the
 system calls and waiting for a CPU, and the same I/Os replayed alone against the same reference
 (benchmarks/ssd_trace.py), peak RSS;
 each the median of `--reps` interleaved repetitions (the raw runs are kept under "runs").
@@ -68,6 +69,7 @@ import random
 import resource
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -137,6 +139,30 @@ def memcpy_bandwidth(nbytes: int = 64 << 20, reps: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
+
+
+def ssd_reference(directory: str) -> dict:
+    """The SSD tier's references: `ssd_bandwidth` at 4 MiB I/Os one at a time; at the tier's largest I/O, its 1 MiB
+    staging buffer (memory/extent_store.py: STAGE), `at_stage`; and as the C loop moves it by default, quarters of
+    it four in flight (kernels/staged_io.py), `in_flight`."""
+    from memfit.memory.extent_store import STAGE
+
+    return {**ssd_bandwidth(directory), "at_stage": {"piece_bytes": STAGE, **ssd_bandwidth(directory, piece=STAGE)},
+            "in_flight": {"piece_bytes": STAGE // 4, "depth": 4,
+                          **ssd_bandwidth(directory, piece=STAGE // 4, depth=4)}}
+
+
+def _median_reference(refs: list[dict]) -> dict:
+    """`ssd_reference`s merged: each rate the median of its measures, the rest as the first has it."""
+    out: dict = {}
+    for k, v in refs[0].items():
+        if isinstance(v, dict):
+            out[k] = _median_reference([r[k] for r in refs])
+        elif isinstance(v, float):
+            out[k] = statistics.median(r[k] for r in refs)
+        else:
+            out[k] = v
+    return out
 
 
 def ssd_bandwidth(directory: str, nbytes: int = 64 << 20, piece: int = 4 << 20, reps: int = 3,
@@ -455,6 +481,9 @@ def main() -> int:
             if line.startswith("{"):
                 row = json.loads(line)
                 runs[row["variant"]].append(row)
+    uses_ssd = any(VARIANTS[n].get("ssd") for n in names)
+    # the disk's reference before the runs and after (it moves by a quarter between probes here): the median of both
+    disks = [ssd_reference(a.ssd_dir)] if uses_ssd and not a.runs_from else []
     for rep in range(0 if a.runs_from else a.reps):  # interleaved (ABCD ABCD ...): a busy spell of the shared machine hits every variant
         for name in names:
             print(f"[preemption] rep {rep + 1}/{a.reps}: {name} ...", file=sys.stderr, flush=True)
@@ -481,13 +510,10 @@ def main() -> int:
     for r in rows:  # (a list per run: medians of it mean nothing)
         r.get("swap", {}).get("tiers", {}).get("host", {}).pop("op_bytes", None)
     bw = memcpy_bandwidth()
-    disk = ssd_bandwidth(a.ssd_dir) if any(VARIANTS[n].get("ssd") for n in names) else None
-    if disk is not None:  # also at the tier's largest I/O, its 1 MiB staging buffer (memory/extent_store.py: STAGE)
-        from memfit.memory.extent_store import STAGE
-
-        disk["at_stage"] = {"piece_bytes": STAGE, **ssd_bandwidth(a.ssd_dir, piece=STAGE)}
-        # and as the C loop moves it by default: quarters of it, four in flight (kernels/staged_io.py)
-        disk["in_flight"] = {"piece_bytes": STAGE // 4, "depth": 4, **ssd_bandwidth(a.ssd_dir, piece=STAGE // 4, depth=4)}
+    disk = None
+    if uses_ssd:
+        disks.append(ssd_reference(a.ssd_dir))
+        disk = {**_median_reference(disks), "before_after": disks}
     for r in rows:
         if r.get("swap", {}).get("bytes_per_s"):
             r["swap"]["fraction_of_memcpy"] = r["swap"]["bytes_per_s"] / bw

@@ -53,3 +53,18 @@ def test_median_row_takes_each_figure_over_the_reps_that_have_it():
             {"variant": "v", "swap": {"seconds": 2.0, "fraction_of_cold_copy": 0.7}}]
     row = median_row(reps)
     assert row == {"variant": "v", "swap": {"seconds": 2.0, "fraction_of_cold_copy": 0.6}}
+
+
+def test_the_disk_reference_before_and_after_merges_rate_by_rate():
+    """benchmarks/preemption.py measures the SSD references before the runs and after: each rate (nested ones too)
+    the median of its measures, the settings (piece size, depth, O_DIRECT) as measured."""
+    from benchmarks.preemption import _median_reference
+
+    before = {"write_bytes_per_s": 3e9, "read_bytes_per_s": 2e9, "direct": True,
+              "in_flight": {"piece_bytes": 1 << 18, "depth": 4, "read_bytes_per_s": 1e9}}
+    after = {"write_bytes_per_s": 2e9, "read_bytes_per_s": 3e9, "direct": True,
+             "in_flight": {"piece_bytes": 1 << 18, "depth": 4, "read_bytes_per_s": 2e9}}
+    merged = _median_reference([before, after])
+    assert merged == {"write_bytes_per_s": 2.5e9, "read_bytes_per_s": 2.5e9, "direct": True,
+                      "in_flight": {"piece_bytes": 1 << 18, "depth": 4, "read_bytes_per_s": 1.5e9}}
+    assert _median_reference([before]) == before
