@@ -4,8 +4,8 @@
 Before every timed call a buffer of `--flush-mib` (default 2 GiB, what a 0.5B fp32 step streams) is written, so the
 interpreter's, torch's and numpy's code and data, and the copy's bytes, are out of the CPU's caches.
 - `calls`: single calls the tier makes on a swap (a slice of the region, an `as_strided` view, a numpy count over a
-  page-flag range, a (48, 24 KiB) strided torch copy against 48 `ctypes.memmove` calls), cold and again at once
-  (warm); medians.
+  page-flag range, a (48, 24 KiB) strided torch copy against 48 `ctypes.memmove` calls and against the one C call
+  that copies the rows now, kernels/copy_rows.py), cold and again at once (warm); medians.
 - `swaps`: a reuse swap-out of `--new` tokens and the swap-in that follows, on the 0.5B shape's virtual cache with
   the engine's region, with a stacked chunk's rows copied through views and a torch copy (`views`) or by address
   (`address`, kv/swap.py BY_ADDRESS_MAX), alternating each round; medians over `--rounds`, per held length T.
@@ -39,6 +39,8 @@ def calls(flush, reps: int) -> dict:
     import numpy as np
     import torch
 
+    from memfit.llm.kernels.copy_rows import copy_rows
+
     rows, row_bytes, stride = 48, 24 << 10, 400 << 10  # the 0.5B shape's 48 segments, 1024 tokens' rows apart
     region = torch.ones(64 << 20, dtype=torch.uint8)
     arena = torch.full((rows * stride,), 2, dtype=torch.uint8)
@@ -55,7 +57,8 @@ def calls(flush, reps: int) -> dict:
            "as_strided": lambda: arena.as_strided((rows, row_bytes), (stride, 1), 0),
            "np_count_nonzero": lambda: np.count_nonzero(flags[100:5000]),
            "strided_copy_48x24KiB": lambda: dst.copy_(src),
-           "memmove_48x24KiB": memmove_rows}
+           "memmove_48x24KiB": memmove_rows,
+           "copy_rows_48x24KiB": lambda: copy_rows(dp, row_bytes, sp, stride, rows, row_bytes)}
     out = {}
     for name, fn in fns.items():
         c, w = _cold(fn, flush, reps)

@@ -30,8 +30,10 @@ copying take turns in every round: `stacked`, the default, a chunk's runs of eve
 view and one copy (`SwapRuns.stacked`), and `runs`, a view and a copy a run (`stacking` off: the code before it,
 and what the paged cache and the per-block baseline do). (A third, a view a run and all a swap's copies in one
 `torch._foreach_copy_`, ran level with `runs` in a trial of this benchmark and was not kept.) `address`: stacked,
-each segment's row copied by address (memmove), the engine's default for synchronous swaps (kv/swap.py
-BY_ADDRESS_MAX); every other mode turns that off, so they measure what they measured before it.
+each segment's row copied by address, all in one C call (kernels/copy_rows.py), the engine's default (kv/swap.py
+BY_ADDRESS_MAX); `address-memmove` the same rows a `ctypes.memmove` each, as before that call
+(`memmove_over_one_call_call_time`); every other mode turns rows by address off, so they measure what they
+measured before it.
 The reference is this machine's memcpy (64 MiB, best of 5, `benchmarks.preemption.memcpy_bandwidth`) measured in
 the same process before and after; small copies from cache can beat it.
 
@@ -109,7 +111,7 @@ def _write(cache, layout, seq_id: int, start: int, n: int) -> None:
         cache.write(layer, plan, k, -k)
 
 
-MODES = ("stacked", "runs", "region", "full", "full-trim", "address")  # region: stacked, the chunks from the engine's HostRegion
+MODES = ("stacked", "runs", "region", "full", "full-trim", "address", "address-memmove")  # region: stacked, the chunks from the engine's HostRegion
 # (kept warm); full, full-trim: region at its high-water mark, the engine's reservation and the one before issue 15's fix
 FULL = ("full", "full-trim")
 DEFAULT_MODES = ("stacked", "runs")
@@ -121,6 +123,7 @@ class Rig:
 
     def __init__(self, shape: str, tokens: int, new: int, mode: str) -> None:
         self.tokens, self.new = tokens, new
+        self.one_call = mode != "address-memmove"  # (address-memmove: a memmove a row, as before the one C call)
         full = mode in FULL
         self.whole = _cache_and_swap(shape, tokens + new + 16, reuse=False, region=mode == "region" or full,
                                      full_at=tokens if full else None)
@@ -129,7 +132,7 @@ class Rig:
         self.reuse = None if full else _cache_and_swap(shape, tokens + new + 16, reuse=True, region=mode == "region")
         for layout, cache, swap in (self.whole, self.reuse) if self.reuse is not None else (self.whole,):
             swap.run_map.stacking = mode != "runs"
-            swap.by_address = mode == "address"  # the others as measured before rows went by address
+            swap.by_address = mode.startswith("address")  # the others as measured before rows went by address
             assert cache.try_allocate(1, tokens + new)
             _write(cache, layout, 1, 0, tokens)
         if self.reuse is None:
@@ -142,6 +145,15 @@ class Rig:
 
     def cycle(self) -> dict[str, tuple[float, float, int, int]]:
         """{op: (seconds around the call, seconds the tier's copy timer counted, bytes, copies)}."""
+        from memfit.llm.kernels.copy_rows import set_one_call
+
+        before = set_one_call(self.one_call)
+        try:
+            return self._cycle()
+        finally:
+            set_one_call(before)
+
+    def _cycle(self) -> dict[str, tuple[float, float, int, int]]:
         out: dict[str, tuple[float, float, int, int]] = {}
 
         def timed(name: str, swap, fn) -> None:
@@ -336,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                      for (s, t, op, m) in by if m == "region" and (s, t, op, "stacked") in by}
     full_ratios = {f"{s} T={t} {op}": by[(s, t, op, "full-trim")]["call_s"] / by[(s, t, op, "full")]["call_s"]
                    for (s, t, op, m) in by if m == "full" and (s, t, op, "full-trim") in by}
+    memmove_ratios = {f"{s} T={t} {op}": by[(s, t, op, "address-memmove")]["call_s"] / by[(s, t, op, m)]["call_s"]
+                      for (s, t, op, m) in by if m == "address" and (s, t, op, "address-memmove") in by}
     ssd, refs, depth_ratios, view_ratios = (
         ssd_rows(a.shapes, a.tokens, a.reps, a.ssd_dir, tuple(dict.fromkeys(a.ssd_depths)), a.ssd_views)
         if a.ssd_dir else ([], [], {}, {}))
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
                     ssd_call_time_over_first_depth=depth_ratios, ssd_views_call_time_over_address=view_ratios,
                     memcpy_bytes_per_s=bw, memcpy_before_after=[bw0, bw1], rows=rows,
                     modes=list(modes), runs_over_stacked_call_time=ratios, stacked_over_region_call_time=region_ratios,
-                    full_trim_over_full_call_time=full_ratios,
+                    full_trim_over_full_call_time=full_ratios, memmove_over_one_call_call_time=memmove_ratios,
                     min_call_fraction={m: min(r["call_fraction_of_memcpy"] for r in rows if r["mode"] == m) for m in modes})
     emit(result, a.out, draw=draw if a.out and rows else None)
     return result
@@ -361,7 +375,7 @@ def draw(result: dict, path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         cases = sorted({(r["tokens"], r["op"]) for r in rows if r["shape"] == shape},
                        key=lambda c: (c[0], OPS.index(c[1])))
-        modes = [m for m in ("runs", "stacked", "region", "full-trim", "full")
+        modes = [m for m in ("runs", "stacked", "address-memmove", "address", "region", "full-trim", "full")
                  if m in result.get("modes", ("runs", "stacked"))]
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):

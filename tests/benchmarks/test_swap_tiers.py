@@ -29,6 +29,7 @@ def test_both_modes_move_the_same_runs_and_report_a_fraction_of_memcpy(tmp_path,
     assert ("out +n", "full") not in rows  # the high-water modes run whole swaps only
     assert set(result["stacked_over_region_call_time"]) == {f"tiny T=24 {op}" for op in swap_tiers.OPS}
     assert set(result["full_trim_over_full_call_time"]) == {"tiny T=24 out T", "tiny T=24 in T"}
+    assert set(result["memmove_over_one_call_call_time"]) == {f"tiny T=24 {op}" for op in swap_tiers.OPS}
     # counted independently from the shape: whole swaps move 24 tokens of every segment, the reuse swap-out 4
     assert rows[("out T", "stacked")]["bytes"] == rows[("in T", "stacked")]["bytes"] == segments * 24 * row_bytes
     assert rows[("out +n", "stacked")]["bytes"] == segments * 4 * row_bytes

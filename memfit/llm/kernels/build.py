@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # library of their own (`load_cpu_io`), so a CPU without AVX-512 does not fall back to zlib's CRC-32 and the Python
 # I/O loop (on an AVX2 host that made a 0.5B shape's SSD swaps run at about half the C loop's rate).
 _HERE = Path(__file__).parent
-IO_SOURCES = (_HERE / "cpu_crc32c.cpp", _HERE / "cpu_staged_io.cpp")
+IO_SOURCES = (_HERE / "cpu_copy_rows.cpp", _HERE / "cpu_crc32c.cpp", _HERE / "cpu_staged_io.cpp")
 IO_HEADERS = (_HERE / "staged_aio.hpp",)  # included by cpu_staged_io.cpp: part of its cache key
 IO_FLAGS = ("-O3", "-std=c++17", "-msse4.2", "-fPIC", "-shared")
 # Every other C++ source beside this file goes into one library (cpu_linear.cpp: decode matmuls; cpu_decode.cpp:
@@ -184,8 +184,9 @@ def load_cpu_linear() -> CpuLinearLib | None:
 
 
 def load_cpu_io() -> ctypes.CDLL | None:
-    """Build (once per cache) and load the SSD tier's I/O library (IO_SOURCES: `memfit_crc32c`,
-    `memfit_staged_pwrite`, `memfit_staged_pread`); None without a compiler or SSE4.2, or if the build fails."""
+    """Build (once per cache) and load the swap tiers' small library (IO_SOURCES: `memfit_crc32c`,
+    `memfit_staged_pwrite`, `memfit_staged_pread`, `memfit_copy_rows`); None without a compiler or SSE4.2, or if the
+    build fails."""
     key = _key_or_none(IO_SOURCES + IO_HEADERS, IO_FLAGS)
     with _lock:
         if key is None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from memfit.llm.kernels.copy_rows import in_one_call
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
 from memfit.llm.kv.swap_inflight import InFlightSwaps
 from memfit.llm.kv.swap_inflight import copy_in as _copy_in  # module names: tests patch swap._copy_out
@@ -69,13 +70,15 @@ MERGE_AT = 2  # a swap-in makes at most this many copies per segment from host c
 # (the history's 3-12 MB re-copied): the host tier ran at 0.49 of memcpy merging at 2, 0.60 at 8 (issue 15;
 # docs/benchmarks.md, "Longer histories"). So there a copy's chunks are merged only once they are this many.
 MERGE_AT_STACKED = 8
-# A synchronous stacked swap (the CPU virtual cache) copies its rows by address (`SwapRuns.stacked_rows`, a
-# memmove a row), without the views and the torch copy, each slow right after a model step: 0.78-0.94x their time
-# a swap with cold caches (benchmarks/swap_cold.py; docs/engine.md, "A swap-out's fixed cost"). Not: above
-# BY_ADDRESS_MAX bytes with several threads (torch's copy splits a large copy across the engine's threads; there
-# the copy's own time dominates), above BY_ADDRESS_ROWS rows (a Python call a row: a head-major cache of a large model has thousands), and on the
-# swap pool (each row's memmove lets the GIL go and must take it back from the engine thread: the SSD tier's
-# Python loop paid up to a switch interval a call that way, kernels/cpu_staged_io.cpp).
+# A stacked swap (the CPU virtual cache) copies its rows by address (`SwapRuns.stacked_rows`, all a chunk's rows in
+# one C call, kernels/copy_rows.py), without the views and the torch copy, each slow right after a model step:
+# 0.78-0.94x their time a swap with cold caches (benchmarks/swap_cold.py; docs/engine.md, "A swap-out's fixed
+# cost"). Not above BY_ADDRESS_MAX bytes with several threads (torch's copy splits a large copy across the engine's
+# threads; there the copy's own time dominates). Where the C call cannot run (the rows go a ctypes.memmove each),
+# also not above BY_ADDRESS_ROWS rows (a Python call a row: a head-major cache of a large model has thousands),
+# nor on the swap pool (each row's memmove lets the GIL go and must take it back from the engine thread: the SSD
+# tier's Python loop paid up to a switch interval a call that way, kernels/cpu_staged_io.cpp); the C call lets it
+# go once, as torch's copy does.
 BY_ADDRESS_MAX = 8 << 20
 BY_ADDRESS_ROWS = 256
 
@@ -102,7 +105,7 @@ class SwapSpace(InFlightSwaps):
         # a copy's trailing host chunks are merged at a swap-out once this many (0: never; None: by the layout,
         # MERGE_AT_STACKED where a chunk moves in one copy, else MERGE_AT: `merging_at`)
         self.merge_at: int | None = None
-        self.by_address = True  # synchronous stacked swaps copy rows by address (BY_ADDRESS_MAX); benchmarks turn it off
+        self.by_address = True  # stacked swaps copy rows by address (BY_ADDRESS_MAX); benchmarks turn it off
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
@@ -221,7 +224,7 @@ class SwapSpace(InFlightSwaps):
                 if olds:  # (held bytes, new runs) pairs, resolved here on the engine thread like the runs
                     host, device = merge_pairs(self.run_map, seq_id, olds, start, num_tokens, buf)
                     ops, job = sum(run_count(src) for _, src in device), (merge_out, host, device)  # type: ignore[arg-type]
-                elif self.by_address and (wait or not self.threads) and self._by_address(nbytes) and \
+                elif self.by_address and (wait or not self.threads or in_one_call()) and self._by_address(nbytes) and \
                         (rows := self.run_map.stacked_rows(seq_id, start, num_tokens)) is not None:
                     ops, job = rows.rows, (_copy_out, [rows], buf)  # the stacked rows by address (BY_ADDRESS_MAX)
                 else:  # the virtual cache's runs as one (segments, bytes) block where it can (swap_layout.py)
@@ -365,13 +368,14 @@ class SwapSpace(InFlightSwaps):
         return copy
 
     def _pairs(self, seq_id: int, copy: Copy, on_pool: bool = False) -> tuple[list[tuple[object, object]], int]:
-        by_address = self._by_address if self.by_address and not on_pool else None
+        by_address = self._by_address if self.by_address and (not on_pool or in_one_call()) else None
         return restore_pairs(self.run_map, self.ssd, seq_id, copy, by_address)  # swap_pairs.py
 
     def _by_address(self, nbytes: int) -> bool:
-        """Whether a synchronous stacked copy of `nbytes` goes by address rather than through torch's copy
-        (BY_ADDRESS_MAX, BY_ADDRESS_ROWS)."""
-        return (nbytes <= BY_ADDRESS_MAX or torch.get_num_threads() == 1) and self.run_map.segments <= BY_ADDRESS_ROWS
+        """Whether a stacked copy of `nbytes` goes by address rather than through torch's copy (BY_ADDRESS_MAX,
+        BY_ADDRESS_ROWS)."""
+        return (nbytes <= BY_ADDRESS_MAX or torch.get_num_threads() == 1) and \
+            (self.run_map.segments <= BY_ADDRESS_ROWS or in_one_call())
 
     def _merge_plan(self, copy: Copy, start: int, num_tokens: int, nbytes: int) -> tuple[list[Chunk], int]:
         """(the host chunks a swap-out of start..num_tokens-1 merges with its new tokens, the merged buffer's bytes):

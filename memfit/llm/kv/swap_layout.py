@@ -13,11 +13,11 @@ same cache, so a comparison differs in the copy granularity alone (benchmarks/pr
 """
 from __future__ import annotations
 
-import ctypes
 from typing import NamedTuple
 
 import torch
 
+from memfit.llm.kernels.copy_rows import copy_rows
 from memfit.llm.kv.base import KVCacheError, KVCacheManager
 from memfit.memory.byte_span import ByteSpan
 
@@ -50,11 +50,9 @@ class RowBlock(NamedTuple):
         return 1
 
     def copy_to(self, address: int, stride: int) -> None:
-        """Copy the rows to `address` onwards, `stride` bytes apart, by ctypes' memmove, one call a row (each lets
-        the GIL go)."""
-        move = ctypes.memmove
-        for i in range(self.rows):
-            move(address + i * stride, self.address + i * self.stride, self.row_bytes)
+        """Copy the rows to `address` onwards, `stride` bytes apart, in one C call (kernels/copy_rows.py; a
+        memmove a row where memfit's kernels cannot run)."""
+        copy_rows(address, stride, self.address, self.stride, self.rows, self.row_bytes)
 
 
 class SwapRuns:

@@ -50,3 +50,30 @@ def test_the_io_library_is_a_cache_entry_of_its_own(tmp_path, monkeypatch):
         assert build.load_cpu_io() is not None and build.compile_count == before  # reused from the cache
     finally:
         build._forget_loaded()
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["c-call", "memmove-fallback"])
+def test_copy_rows_moves_strided_rows_exactly_and_nothing_else(one_call, monkeypatch):
+    """kernels/copy_rows.py: rows `src_stride` apart land `dst_stride` apart, byte for byte, in one C call where the
+    I/O library builds (and through the memmove fallback); the gaps between the destination's rows are untouched."""
+    import numpy as np
+
+    from memfit.llm.kernels import copy_rows as mod
+    from memfit.llm.kernels.copy_rows import copy_rows
+
+    if one_call and not mod.in_one_call():
+        pytest.skip("memfit's I/O kernels cannot run here")
+    if not one_call:
+        monkeypatch.setattr(mod, "_fn", None)
+        monkeypatch.setattr(mod, "_tried", True)
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, 7 * 1000, dtype=np.uint8)
+    dst = np.full(7 * 640, 9, dtype=np.uint8)
+    copy_rows(dst.ctypes.data + 5, 640, src.ctypes.data + 3, 1000, 7, 611)
+    want = np.full_like(dst, 9)
+    for i in range(7):
+        want[5 + i * 640 : 5 + i * 640 + 611] = src[3 + i * 1000 : 3 + i * 1000 + 611]
+    assert np.array_equal(dst, want)
+    copy_rows(dst.ctypes.data, 640, src.ctypes.data, 1000, 0, 611)  # no rows: nothing moves
+    assert np.array_equal(dst, want)

@@ -30,18 +30,27 @@ def count_copies(monkeypatch) -> list[int]:
     return seen
 
 
-def count_memmoves(monkeypatch) -> list[int]:
-    """Every ctypes.memmove from now on, counted (a swap's rows copied by address: RowBlock.copy_to)."""
+def count_row_moves(monkeypatch) -> list[int]:
+    """Rows copied by address from now on (RowBlock.copy_to: each row of a `copy_rows` call, however it copies
+    them, and any ctypes.memmove)."""
     import ctypes
 
-    seen = [0]
-    move = ctypes.memmove
+    import memfit.llm.kv.swap_layout as layout_mod
 
-    def counting(*args):
+    seen = [0]
+    move, rows = ctypes.memmove, layout_mod.copy_rows
+
+    def counting_move(*args):
         seen[0] += 1
         return move(*args)
 
-    monkeypatch.setattr(ctypes, "memmove", counting)
+    def counting_rows(dst, dst_stride, src, src_stride, n, row_bytes):
+        before = seen[0]
+        rows(dst, dst_stride, src, src_stride, n, row_bytes)
+        seen[0] = before + n  # (a fallback's memmoves are these rows, not more)
+
+    monkeypatch.setattr(ctypes, "memmove", counting_move)
+    monkeypatch.setattr(layout_mod, "copy_rows", counting_rows)
     return seen
 
 
@@ -225,8 +234,8 @@ def test_a_virtual_swap_in_of_a_truncated_copy_writes_only_its_valid_rows(opts):
 @pytest.mark.parametrize("opts", [{}, {"head_major": True}, {"token_major": True}], ids=["per-layer", "head-major",
                                                                                       "token-major"])
 def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactly(monkeypatch, opts):
-    """By default a CPU virtual cache's swaps copy their segments' rows by address (`stacked_rows`: one memmove a
-    segment and held chunk, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's
+    """By default a CPU virtual cache's swaps copy their segments' rows by address (`stacked_rows`: a row a
+    segment and held chunk, in one C call, no torch copy); a chunk above BY_ADDRESS_MAX with several threads goes through torch's
     copy. The bytes held are those of the stacked view either way: every swap-in restores the KV exactly."""
     import memfit.llm.kv.swap as swap_mod
     from memfit.llm.kv.virtual import VirtualKVCache
@@ -235,7 +244,7 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
                            **opts)
     swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True)
     segs = swap.run_map.segments
-    moves = count_memmoves(monkeypatch)
+    moves = count_row_moves(monkeypatch)
     copies = count_copies(monkeypatch)
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 21)])
@@ -262,19 +271,29 @@ def test_a_stacked_swap_out_copies_its_rows_by_address_and_they_come_back_exactl
     cache.close()
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["c-call", "memmove-fallback"])
 @pytest.mark.parametrize("case", ["on the pool", "too many rows"])
-def test_rows_go_through_torch_on_the_pool_and_past_by_address_rows(monkeypatch, case):
-    """Swaps on the pool (each row's memmove would take the GIL back from the engine thread) and swaps of more
-    than BY_ADDRESS_ROWS rows keep the view and torch's copy; the KV still comes back exactly."""
+def test_rows_on_the_pool_and_many_rows_go_by_address_only_in_one_c_call(monkeypatch, case, one_call):
+    """Swaps on the pool and swaps of more than BY_ADDRESS_ROWS rows copy their rows by address where that is one C
+    call (kernels/copy_rows.py: one GIL release, as torch's copy); where it would be a memmove a row (each a GIL
+    hand-over, a Python call each) they keep the view and torch's copy. The KV comes back exactly either way."""
+    import memfit.llm.kernels.copy_rows as rows_mod
     import memfit.llm.kv.swap as swap_mod
     from memfit.llm.kv.virtual import VirtualKVCache
 
+    if one_call and not rows_mod.in_one_call():
+        pytest.skip("memfit's I/O kernels cannot run here")
+    if not one_call:
+        monkeypatch.setattr(rows_mod, "_fn", None)
+        monkeypatch.setattr(rows_mod, "_tried", True)
+        monkeypatch.setattr(swap_mod, "in_one_call", lambda: False)
     cache = VirtualKVCache(LAYOUT, MemoryBudget(2**22, name="kv_budget"), max_seqs=2, prefault=False, eager_pages=0)
     pool = case == "on the pool"
     swap = SwapSpace(cache, MemoryBudget(2**21, Tier.HOST, name="swap_space"), reuse=True, threads=1 if pool else 0)
+    segs = swap.run_map.segments
     if not pool:
-        monkeypatch.setattr(swap_mod, "BY_ADDRESS_ROWS", swap.run_map.segments - 1)
-    moves = count_memmoves(monkeypatch)
+        monkeypatch.setattr(swap_mod, "BY_ADDRESS_ROWS", segs - 1)
+    moves = count_row_moves(monkeypatch)
     copies = count_copies(monkeypatch)
     assert cache.try_allocate(1, 60)
     write(cache, [SeqStep(1, 0, 21)])
@@ -290,7 +309,8 @@ def test_rows_go_through_torch_on_the_pool_and_past_by_address_rows(monkeypatch,
         assert swap.finish_swap_in(1) == 21
     else:
         assert swap.swap_in(1) == 21
-    assert (copies[0], moves[0]) == (2, 0)  # one torch copy each way, no memmove
+    # one C call each way moving every segment's row, or one torch copy each way and no row by address
+    assert (copies[0], moves[0]) == ((0, 2 * segs) if one_call else (2, 0))
     assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 21)))
     swap.close()
     cache.close()
