@@ -21,6 +21,9 @@ mechanism:
 - swap-run-reuse-views: swap-run-reuse copying a stacked swap-out through a view and a torch copy, as before its
   rows were copied by address (kv/swap.py BY_ADDRESS_MAX; not in the default set);
 - swap-run-reuse-async: swap-run-reuse with the copies on 2 threads (FastSwitch's three mechanisms together);
+- swap-run-reuse-async-memmove: the same as before a stacked chunk's rows went by address in one C call
+  (kernels/copy_rows.py): a `ctypes.memmove` a row on the engine thread, and on the pool a view and a torch copy
+  (not in the default set);
 - swap-run-reuse-ssd: swap-run-reuse-async with a host tier of only `--ssd-host-seqs` full-length sequences
   above an SSD tier (a preallocated file under `--ssd-dir`, O_DIRECT where the file system takes it);
 - swap-run-reuse-ssd-prewrite: the same with the SSD tier's file written with zeros before the run
@@ -84,6 +87,9 @@ VARIANTS = {  # name -> engine options (the swap granularity is set on the swap 
     "swap-run-reuse-merge2": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, merge_at=2),
     # as before a stacked swap-out copied its rows by address (kv/swap.py BY_ADDRESS_MAX): a view and a torch copy
     "swap-run-reuse-views": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, by_address=False),
+    # as before a stacked chunk's rows went in one C call (kernels/copy_rows.py): a memmove a row, synchronous swaps
+    # only (the pool's kept the view and torch's copy)
+    "swap-run-reuse-async-memmove": dict(preemption_mode="swap", swap_threads=2, swap_reuse=True, one_call=False),
     # as before the host tier's region (memory/host_region.py): a fresh torch buffer for every chunk swapped out
     "swap-run-reuse-noregion": dict(preemption_mode="swap", swap_threads=0, swap_reuse=True, region=False),
     # as before the scheduler's ski-rental rule: a swapped turn waits for room for its whole history, however long
@@ -242,6 +248,10 @@ def run_variant(a: argparse.Namespace, name: str) -> dict:
     region = opts.pop("region", True)
     merge_at = opts.pop("merge_at", None)
     by_address = opts.pop("by_address", True)
+    if not opts.pop("one_call", True):  # process-wide; a fresh process each run
+        from memfit.llm.kernels.copy_rows import set_one_call
+
+        set_one_call(False)
     longest = a.history_max if a.workload == "multiturn" else a.prompt_max + a.output_max
     cfg = EngineConfig(model=a.model, dtype=a.dtype, threads=a.threads, scheduling_policy="priority",
                        max_num_seqs=a.max_num_seqs, max_model_len=longest + 1,
