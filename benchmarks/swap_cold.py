@@ -8,7 +8,8 @@ interpreter's, torch's and numpy's code and data, and the copy's bytes, are out 
   that copies the rows now, kernels/copy_rows.py), cold and again at once (warm); medians.
 - `swaps`: a reuse swap-out of `--new` tokens and the swap-in that follows, on the 0.5B shape's virtual cache with
   the engine's region, with a stacked chunk's rows copied through views and a torch copy (`views`) or by address
-  (`address`, kv/swap.py BY_ADDRESS_MAX), alternating each round; medians over `--rounds`, per held length T.
+  (`address`, kv/swap.py BY_ADDRESS_MAX: in one C call; `address-memmove`, a memmove a row, as before it), taking
+  turns each round; medians over `--rounds`, per held length T.
 
     OMP_NUM_THREADS=1 python -m benchmarks.swap_cold --out benchmarks/results/swap_cold.json
 """
@@ -69,11 +70,14 @@ def calls(flush, reps: int) -> dict:
 def swaps(flush, held: int, new: int, rounds: int) -> dict:
     from benchmarks.swap_tiers import _cache_and_swap, _write
 
+    from memfit.llm.kernels.copy_rows import set_one_call
+
     room = held + (rounds + 1) * new + 16
     setups = {}
-    for mode in ("views", "address"):
+    modes = ("views", "address-memmove", "address")
+    for mode in modes:
         layout, cache, swap = _cache_and_swap("0.5b", room + 64, reuse=True, region=True)
-        swap.by_address = mode == "address"
+        swap.by_address = mode != "views"
         assert cache.try_allocate(1, room)
         _write(cache, layout, 1, 0, held)
         assert swap.try_swap_out(1, held)
@@ -82,7 +86,8 @@ def swaps(flush, held: int, new: int, rounds: int) -> dict:
         setups[mode] = [layout, cache, swap, held]
     times: dict[str, dict[str, list[float]]] = {m: {"out": [], "in": []} for m in setups}
     for r in range(rounds):
-        for mode in (("views", "address") if r % 2 == 0 else ("address", "views")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            one_call = set_one_call(mode != "address-memmove")  # (a memmove a row: as before the one C call)
             layout, cache, swap, t = setups[mode]
             _write(cache, layout, 1, t, new)
             t += new
@@ -97,12 +102,14 @@ def swaps(flush, held: int, new: int, rounds: int) -> dict:
             assert swap.swap_in(1) == t
             times[mode]["in"].append(time.perf_counter() - t0)
             setups[mode][3] = t
+            set_one_call(one_call)
     for _, cache, swap, _ in setups.values():
         swap.close()
         cache.close()
     med = {m: {k: statistics.median(v) * 1e6 for k, v in d.items()} for m, d in times.items()}
     return {"held_tokens": held, "new_tokens": new, "rounds": rounds, "median_us": med,
-            "address_over_views": {k: med["address"][k] / med["views"][k] for k in ("out", "in")}}
+            "address_over_views": {k: med["address"][k] / med["views"][k] for k in ("out", "in")},
+            "address_over_memmove": {k: med["address"][k] / med["address-memmove"][k] for k in ("out", "in")}}
 
 
 def main() -> int:

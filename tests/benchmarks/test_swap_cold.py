@@ -16,6 +16,6 @@ def test_calls_and_swaps_report_both_modes(monkeypatch):
     assert all(v["cold_us"] > 0 and v["warm_us"] > 0 for v in got.values())
     moves = count_row_moves(monkeypatch)
     s = swaps(flush, held=32, new=8, rounds=2)
-    assert set(s["median_us"]) == {"views", "address"}
+    assert set(s["median_us"]) == {"views", "address-memmove", "address"}
     assert all(t > 0 for m in s["median_us"].values() for t in m.values())
     assert moves[0] > 0  # the address mode did copy rows by address

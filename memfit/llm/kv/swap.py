@@ -106,6 +106,8 @@ class SwapSpace(InFlightSwaps):
         # MERGE_AT_STACKED where a chunk moves in one copy, else MERGE_AT: `merging_at`)
         self.merge_at: int | None = None
         self.by_address = True  # stacked swaps copy rows by address (BY_ADDRESS_MAX); benchmarks turn it off
+        if self.run_map.stacks:
+            in_one_call()  # the row copy's library loaded now (~1 ms), not inside the first swap
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner
