@@ -8,6 +8,7 @@ I/O kernels cannot run (no compiler, no SSE4.2) it falls back to that memmove lo
 from __future__ import annotations
 
 import ctypes
+import threading
 
 from memfit.llm.kernels.build import load_cpu_io
 
@@ -15,6 +16,7 @@ __all__ = ["copy_rows", "in_one_call", "set_one_call"]
 
 _fn: ctypes._CFuncPtr | None = None
 _tried = False
+_lock = threading.Lock()
 _off = False  # set_one_call(False): the memmove a row, as before (benchmarks compare the two)
 
 
@@ -23,14 +25,16 @@ def _kernel() -> ctypes._CFuncPtr | None:
     if _off:
         return None
     if not _tried:
-        _tried = True
-        lib = load_cpu_io()
-        if lib is not None:
-            fn = lib.memfit_copy_rows
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int64]
-            fn.restype = None
-            _fn = fn
+        with _lock:  # (swap threads may ask first: each waits for the one load, then sees its result)
+            if not _tried:
+                lib = load_cpu_io()
+                if lib is not None:
+                    fn = lib.memfit_copy_rows
+                    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_int64]
+                    fn.restype = None
+                    _fn = fn
+                _tried = True
     return _fn
 
 

@@ -5,8 +5,9 @@ A swap-in: `start_swap_in` launches the copies into the memory the sequence was 
 the sequence only once `swap_in_ready`, and `finish_swap_in` completes it on the engine thread. A swap-out:
 `try_swap_out(..., wait=False)` (kv/swap.py) books the chunk and submits its copy here; the sequence keeps its
 device KV until `finish_swap_out` lands it, and only then does the scheduler free it. `_busy()` names the
-sequences with copies in flight, whose host chunks are not demoted meanwhile. The copies are torch copies (and
-`os.pwritev`/`os.preadv` on the SSD tier), which release the GIL.
+sequences with copies in flight, whose host chunks are not demoted meanwhile. The copies are torch copies, a
+stacked chunk's rows by address in one C call (kernels/copy_rows.py) and the SSD tier's C loop (or
+`os.pwritev`/`os.preadv`), all of which release the GIL.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class InFlightSwaps:
 def copy_out(runs: list[torch.Tensor | RowBlock], buf: torch.Tensor) -> float:
     """Copy `runs` (uint8: 1-D runs, or (segments, bytes) blocks from `SwapRuns.stacked`, or a `RowBlock` by
     address from `SwapRuns.stacked_rows`), in order, into the host buffer `buf`; returns the seconds it took.
-    A RowBlock's rows are copied by `RowBlock.copy_to` (memmove a row): the same bytes in the same order as the
+    A RowBlock's rows are copied by `RowBlock.copy_to` (one C call): the same bytes in the same order as the
     view's copy, without the view and the torch copy's dispatch (kv/swap.py: BY_ADDRESS_MAX)."""
     t0, off = time.perf_counter(), 0
     for r in runs:
@@ -146,7 +147,7 @@ def copy_in(pairs: list[tuple[torch.Tensor, object]]) -> float:
     which raises SwapLost on a bad read); returns the seconds the host copies took (the SSD tier times its own)."""
     seconds = 0.0
     for dst, src in pairs:
-        if isinstance(src, RowBlock):  # a stacked chunk's rows by address (restore_pairs): memmove a row
+        if isinstance(src, RowBlock):  # a stacked chunk's rows by address (restore_pairs), in one C call
             t0 = time.perf_counter()
             src.copy_to(dst.address, dst.stride)  # type: ignore[attr-defined]
             seconds += time.perf_counter() - t0

@@ -149,8 +149,16 @@ class HostCopies:
 
     def demote(self, seq_id: int) -> bool:
         """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
-        tier cannot take them (then nothing moved)."""
+        tier cannot take them (then nothing moved). A host chunk reaching past the copy's valid tokens (truncated
+        by a new turn) is not demoted whole: a kept copy drops it and what follows first, a live copy stays on the
+        host (False)."""
         copy = self.copies[seq_id]
+        past = [c for c in copy.chunks if c.buf is not None and c.hi > copy.valid]
+        if past:  # an SSD chunk is read back whole, into memory given for `valid` tokens (truncate's rule)
+            if copy.live:  # its swap-in restores `valid` tokens, which the scheduler counts on: it stays here
+                return False
+            copy.valid = min(copy.valid, past[0].lo)  # a kept copy keeps what precedes the chunk
+            self.drop_chunks(copy, copy.valid)
         host = [c for c in copy.chunks if c.buf is not None]
         if not host:
             return False

@@ -72,8 +72,9 @@ class SSDTier:
         # per chunk, as before; benchmarks/preemption.py compares the two)
         self.batch = batch
         self.syscall_seconds = 0.0  # of the C loop's time, that in pread/pwrite (the rest: copies and checksums)
-        # a swap names a CPU cache's KV runs by address (SwapRuns.addresses), not by a torch view each (False:
-        # views, as before; benchmarks/swap_tiers.py and preemption.py compare the two)
+        # a swap names a CPU cache's KV runs, and the C loop takes tensors' memory, by address (SwapRuns.addresses,
+        # ByteSpan) (False: as before, a torch view a run and a memoryview and numpy array of each for its pointer;
+        # benchmarks/swap_tiers.py and preemption.py compare the two)
         self.by_address = True
 
     def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
@@ -141,7 +142,7 @@ class SSDTier:
         gave their sum of extent_bytes), in one pass, each with its CRC; one I/O op in the tier's counters."""
         t0 = time.perf_counter()
         sizes = [sum(_nbytes(r) for r in runs) for runs in segments]
-        views = [[_byte_run(r) for r in runs] for runs in segments]
+        views = [[_byte_run(r, self.by_address) for r in runs] for runs in segments]
         crcs = [0] * len(segments)
         try:
             self.store.write_segments(offset, views, self._digests(crcs), self._staged(crcs, write=True))
@@ -154,7 +155,7 @@ class SSDTier:
             self.stats.resident_bytes += sum(sizes)
         return [Extent(off, n, crc) for off, n, crc in zip(segment_offsets(offset, sizes), sizes, crcs)]
 
-    def reader(self, extent: Extent | list[Extent]) -> Callable[[list[torch.Tensor]], None]:
+    def reader(self, extent: Extent | list[Extent]) -> Callable[[list[Run]], None]:
         """A function that fills the given uint8 runs (tensors or ByteSpans; in order: the first extent's bytes, then the next one's...)
         from the extents, wherever they lie, in one call (one I/O per stretch contiguous in the file, a staging
         buffer's worth submitted at once), each checked by its CRC."""
@@ -167,7 +168,7 @@ class SSDTier:
                 raise SwapLost(f"SSD extents of {total} bytes do not match their runs")
             on_cpu = all(isinstance(r, ByteSpan) or r.device.type == "cpu" for r in runs)
             bounce = None if on_cpu else torch.empty(total, dtype=torch.uint8, pin_memory=True)
-            views = [_byte_run(r) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
+            views = [_byte_run(r, self.by_address) for r in runs] if on_cpu else [memoryview(bounce.numpy())]  # type: ignore[union-attr]
             segments = _split(views, [e.nbytes for e in extents])
             crcs = [0] * len(extents)
             try:
@@ -241,12 +242,13 @@ def _nbytes(run: Run) -> int:
     return run.nbytes if isinstance(run, ByteSpan) else run.numel()
 
 
-def _byte_run(run: Run) -> ByteRun:
+def _byte_run(run: Run, by_address: bool = True) -> ByteRun:
     """What the store's I/O takes for a run: by address where it can (a ByteSpan, or a contiguous CPU tensor's
-    pointer and length: no view to make), else a view of the run (moved to the CPU first)."""
+    pointer and length: no view to make), else a view of the run (moved to the CPU first; by_address=False: always,
+    as before runs went by address)."""
     if isinstance(run, ByteSpan):
         return run
-    if run.device.type == "cpu" and run.is_contiguous():
+    if by_address and run.device.type == "cpu" and run.is_contiguous():
         return ByteSpan(run.data_ptr(), run.numel())  # (the caller holds `run` until the I/O returns)
     return memoryview((run if run.device.type == "cpu" else run.cpu()).numpy())
 

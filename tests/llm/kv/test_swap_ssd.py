@@ -286,3 +286,57 @@ def test_the_ssd_tier_takes_cpu_kv_by_address_and_makes_no_view_of_it(kind, by_a
     assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 19)))
     swap.close()
     cache.close()
+
+
+def test_runs_by_address_are_cut_where_an_extent_ends_as_views_are():
+    """`_split` hands each SSD extent its share of the runs: a ByteSpan crossing an extent's end is cut into two
+    spans at the same addresses a view would be sliced at, in order, every byte once."""
+    import ctypes
+
+    from memfit.llm.kv.swap_ssd import _split
+    from memfit.memory.byte_span import ByteSpan
+
+    mem = bytearray(range(200))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    cuts = [(0, 30), (30, 110), (110, 111), (111, 200)]
+    sizes = [50, 1, 100, 49]  # extents ending inside the runs, one of a single byte
+    views = _split([memoryview(mem)[a:b] for a, b in cuts], sizes)
+    spans = _split([ByteSpan(base + a, b - a) for a, b in cuts], sizes)
+    as_ranges = [[(s.address - base, s.address - base + s.nbytes) for s in seg] for seg in spans]
+    assert [[bytes(v) for v in seg] for seg in views] == [[bytes(mem[a:b]) for a, b in seg] for seg in as_ranges]
+    assert [sum(s.nbytes for s in seg) for seg in spans] == sizes
+    assert as_ranges == [[(0, 30), (30, 50)], [(50, 51)], [(51, 110), (110, 111), (111, 151)], [(151, 200)]]
+
+
+@pytest.mark.parametrize("live", [False, True])
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_a_host_chunk_reaching_past_the_valid_tokens_is_not_demoted_whole(kind, live, tmp_path):
+    """A copy truncated inside a host chunk (a new turn's prompt diverged there) keeps the chunk whole on the host;
+    an SSD chunk is read back whole, so demoting it would write the stale rows past `valid` into memory given for
+    `valid` tokens. A kept copy loses the chunk (it keeps what precedes it); a live one, whose swap-in must restore
+    what adopt promised, stays on the host. Whatever is held still comes back exactly, and no SSD chunk reaches
+    past `valid`."""
+    cache, host, ssd, swap = setup(kind, tmp_path, reuse=True)  # the host tier holds 24 tokens
+    before = contexts(cache, 1, 8)
+    assert swap.try_swap_out(1, 19, keep=True)  # a finished turn's KV, kept: one host chunk [0, 19)
+    cache.free(1)
+    if live:
+        assert swap.adopt(1, 8) == 8  # the next turn shares 8 tokens: live, valid 8, the chunk still [0, 19)
+    else:
+        swap.truncate(1, 8)
+    copy = swap._copies[1]
+    assert copy.valid == 8 and copy.chunks[0].hi == 19 and copy.chunks[0].buf is not None
+    swap.try_swap_out(2, 19)  # host pressure: 1 is the only candidate to demote
+    cache.free(2)
+    held = swap._copies.get(1)
+    assert held is None or all(c.buf is not None or c.hi <= held.valid for c in held.chunks)
+    if live:  # stays whole on the host and restores the 8 tokens it promised into memory for 9
+        assert held is not None and held.valid == 8 and held.chunks[0].buf is not None
+        assert cache.try_allocate(1, 9) and swap.swap_in(1) == 8
+        assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 8)))
+    else:  # the kept copy's only chunk reached past valid: nothing before it, so nothing is held
+        assert held is None or held.valid == 0
+    assert ssd.budget.used_bytes == ssd_held(ssd) == sum(round_up(c.nbytes, ALIGN) for cp in swap._copies.values()
+                                                          for c in cp.chunks if c.buf is None)
+    swap.close()
+    cache.close()
