@@ -35,6 +35,7 @@ class RowBlock(NamedTuple):
     stride: int
     rows: int
     row_bytes: int
+    owner: object = None  # what holds the memory (a host chunk's buffer), kept alive while a copy on the pool runs
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -64,7 +64,7 @@ def restore_pairs(lay: SwapRuns, ssd: SSDTier | None, seq_id: int, copy: Copy,
             if chunk.buf.numel() != lay.segments * stride:  # type: ignore[union-attr]  # (as _rows checks)
                 raise KVCacheError(f"swap-in layout differs from swap-out ({chunk.lo}..{chunk.hi}: "
                                    f"{chunk.buf.numel()} bytes held, {lay.segments * stride} expected)")  # type: ignore[union-attr]
-            pairs.append((rows, RowBlock(chunk.buf.data_ptr(), stride, rows.rows, rows.row_bytes)))  # type: ignore[union-attr]
+            pairs.append((rows, RowBlock(chunk.buf.data_ptr(), stride, rows.rows, rows.row_bytes, chunk.buf)))  # type: ignore[union-attr]
             nbytes += rows.numel()
             continue
         block = lay.stacked(seq_id, chunk.lo, hi)

@@ -137,7 +137,9 @@ class HostCopies:
             victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1
-                if not (self.ssd is not None and self.demote(victim)):
+                demoted = self.ssd is not None and self.demote(victim)
+                # (a refused demotion may have left the copy's SSD part alone, off the host: it stays)
+                if not demoted and (self.on_host(victim) or self.copies[victim].valid == 0):
                     self.drop(victim)
                 continue
             if self.ssd is None or not self._demote_live(for_seq, busy):
@@ -148,17 +150,16 @@ class HostCopies:
         return any(c.buf is not None for c in self.copies[seq_id].chunks)
 
     def demote(self, seq_id: int) -> bool:
-        """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if the
-        tier cannot take them (then nothing moved). A host chunk reaching past the copy's valid tokens (truncated
-        by a new turn) is not demoted whole: a kept copy drops it and what follows first, a live copy stays on the
-        host (False)."""
+        """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if none
+        moved (the tier cannot take them, or none is left). A host chunk reaching past the copy's valid tokens
+        (truncated by a new turn) is not demoted whole: a kept copy drops it and what follows first, a live copy
+        stays on the host (False)."""
         copy = self.copies[seq_id]
         past = [c for c in copy.chunks if c.buf is not None and c.hi > copy.valid]
         if past:  # an SSD chunk is read back whole, into memory given for `valid` tokens (truncate's rule)
             if copy.live:  # its swap-in restores `valid` tokens, which the scheduler counts on: it stays here
                 return False
-            copy.valid = min(copy.valid, past[0].lo)  # a kept copy keeps what precedes the chunk
-            self.drop_chunks(copy, copy.valid)
+            self.truncate(copy, past[0].lo)  # a kept copy keeps what precedes the chunk
         host = [c for c in copy.chunks if c.buf is not None]
         if not host:
             return False

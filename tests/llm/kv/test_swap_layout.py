@@ -300,13 +300,14 @@ def test_rows_on_the_pool_and_many_rows_go_by_address_only_in_one_c_call(monkeyp
     before = contexts(cache, 1, 21)
     copies[0] = 0
     assert swap.try_swap_out(1, 21, wait=not pool)
-    if swap.swapping_out(1):
-        assert swap.finish_swap_out(1)
+    assert swap.swapping_out(1) == pool  # (on the pool: the copy runs there)
+    if pool:
+        assert swap.finish_swap_out(1) and swap.async_swap_outs == 1
     cache.free(1)
     assert cache.try_allocate(1, 60)
     if pool:
         swap.start_swap_in(1)
-        assert swap.finish_swap_in(1) == 21
+        assert swap.finish_swap_in(1) == 21 and swap.async_swap_ins == 1
     else:
         assert swap.swap_in(1) == 21
     # one C call each way moving every segment's row, or one torch copy each way and no row by address

@@ -335,8 +335,33 @@ def test_a_host_chunk_reaching_past_the_valid_tokens_is_not_demoted_whole(kind, 
         assert cache.try_allocate(1, 9) and swap.swap_in(1) == 8
         assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 8)))
     else:  # the kept copy's only chunk reached past valid: nothing before it, so nothing is held
-        assert held is None or held.valid == 0
+        assert held is None
+    assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes
     assert ssd.budget.used_bytes == ssd_held(ssd) == sum(round_up(c.nbytes, ALIGN) for cp in swap._copies.values()
                                                           for c in cp.chunks if c.buf is None)
+    swap.close()
+    cache.close()
+
+
+def test_a_kept_copy_keeps_its_ssd_prefix_when_its_host_chunk_reaches_past_valid(tmp_path):
+    """A kept copy of [0, 10) on the SSD tier and [10, 19) on the host, truncated to 15: under host pressure the
+    host chunk (past `valid`) is dropped and the SSD prefix stays, valid 10, and later restores exactly."""
+    cache, host, ssd, swap = setup("per-layer", tmp_path, reuse=True)
+    before = contexts(cache, 1, 10)
+    assert swap.try_swap_out(1, 10)
+    cache.free(1)
+    assert cache.try_allocate(1, 30) and swap.swap_in(1) == 10  # kept on the host after its swap-in
+    assert swap.book.demote(1) and swap._copies[1].chunks[0].buf is None  # [0, 10) to the SSD tier
+    write(cache, [SeqStep(1, 10, 9)])
+    assert swap.try_swap_out(1, 19, keep=True)  # [10, 19) on the host
+    cache.free(1)
+    swap.truncate(1, 15)
+    assert swap.try_swap_out(2, 19)  # host pressure: 1's host chunk cannot go down whole
+    cache.free(2)
+    copy = swap._copies[1]
+    assert copy.valid == 10 and [(c.lo, c.hi, c.buf is None) for c in copy.chunks] == [(0, 10, True)]
+    assert swap.adopt(1, 12) == 10 and cache.try_allocate(1, 11) and swap.swap_in(1) == 10
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 10)))
+    assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes
     swap.close()
     cache.close()
