@@ -23,9 +23,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The SSD swap tier's CRC-32C and O_DIRECT loop (kv/swap_ssd.py) need only SSE4.2, not AVX-512: they are a small
-# library of their own (`load_cpu_io`), so a CPU without AVX-512 does not fall back to zlib's CRC-32 and the Python
-# I/O loop (on an AVX2 host that made a 0.5B shape's SSD swaps run at about half the C loop's rate).
+# The SSD swap tier's CRC-32C and O_DIRECT loop (kv/swap_ssd.py), and the swap tiers' strided row copy
+# (copy_rows.py), need only SSE4.2, not AVX-512: they are a small library of their own (`load_cpu_io`), so a CPU
+# without AVX-512 does not fall back to zlib's CRC-32 and the Python I/O loop (on an AVX2 host that made a 0.5B
+# shape's SSD swaps run at about half the C loop's rate).
 _HERE = Path(__file__).parent
 IO_SOURCES = (_HERE / "cpu_copy_rows.cpp", _HERE / "cpu_crc32c.cpp", _HERE / "cpu_staged_io.cpp")
 IO_HEADERS = (_HERE / "staged_aio.hpp",)  # included by cpu_staged_io.cpp: part of its cache key
