@@ -1,8 +1,8 @@
 // A block of strided rows copied in one call: the swap tiers' by-address copies (kv/swap_layout.py RowBlock,
 // kernels/copy_rows.py). A swap of a CPU virtual cache moves one row a segment (2 x layers of them, 48 at the
-// 0.5B shape); through ctypes.memmove that is a foreign call a row, ~0.4 us each and a GIL hand-over each, which
-// for a reuse swap-out of a few new tokens (48 rows of 8 KiB) cost twice the copy itself. Here the loop is in C,
-// one call and one GIL release a block. The rows must not overlap (a KV slot and a host buffer never do).
+// 0.5B shape); through ctypes.memmove that is a foreign call and a GIL hand-over a row, which made a reuse
+// swap-out of 16 new tokens (48 rows of 8 KiB) 16-21 us slower, 1.20-1.30x (benchmarks/swap_tiers.py --modes
+// address-memmove address). Here the loop is in C, one call and one GIL release a block. The rows must not overlap (a KV slot and a host buffer never do).
 #include <stdint.h>
 #include <string.h>
 

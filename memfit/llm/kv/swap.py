@@ -107,7 +107,7 @@ class SwapSpace(InFlightSwaps):
         self.merge_at: int | None = None
         self.by_address = True  # stacked swaps copy rows by address (BY_ADDRESS_MAX); benchmarks turn it off
         if self.run_map.stacks:
-            in_one_call()  # the row copy's library loaded now (~1 ms), not inside the first swap
+            in_one_call()  # the row copy's library loaded now, not inside the first swap (whose time it would join)
         # `region` (the engine's choice): the CPU tier's buffers come from a region of its own whose freed pages stay
         # committed (up to keep_bytes; None: the whole budget), so a swap-out writes into warm pages
         # (memory/host_region.py: why); the budget then also holds those pages, under the region's owner

@@ -165,14 +165,20 @@ class SwapRuns:
         kv = self.kv
         if not self.stacks or hi <= lo:
             return None
-        off = kv.slot_of(seq_id) * kv.slot_bytes + lo * kv.row_bytes  # type: ignore[attr-defined]
-        rows = RowBlock(kv.arena.address + off, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
-        # (what a view would raise for: a memmove past the arena, or into one unmapped, would not)
-        if kv.arena.closed:  # type: ignore[attr-defined]
+        slot = self._slot_address(seq_id, lo, hi)
+        return RowBlock(slot + lo * kv.row_bytes, kv.seg_bytes, kv.num_segments, (hi - lo) * kv.row_bytes)  # type: ignore[attr-defined]
+
+    def _slot_address(self, seq_id: int, lo: int, hi: int) -> int:
+        """Where the virtual cache's slot of `seq_id` starts, once positions lo..hi-1 of its every segment are
+        known to lie in the open arena: what a view would raise for, and a copy by address would not (it would
+        write past the arena, or into memory unmapped)."""
+        kv, arena = self.kv, self.kv.arena  # type: ignore[attr-defined]
+        if arena.closed:
             raise KVCacheError("the KV cache is closed")
-        if off + (rows.rows - 1) * rows.stride + rows.row_bytes > kv.arena.size:  # type: ignore[attr-defined]
+        slot = kv.slot_of(seq_id) * kv.slot_bytes  # type: ignore[attr-defined]
+        if hi > lo and slot + (self.segments - 1) * kv.seg_bytes + hi * kv.row_bytes > arena.size:  # type: ignore[attr-defined]
             raise KVCacheError(f"positions {lo}..{hi - 1} of sequence {seq_id} lie past its cache's arena")
-        return rows
+        return arena.address + slot
 
     def runs(self, seq_id: int, num_tokens: int, lo: int = 0, table: list[int] | None = None) -> list[torch.Tensor]:
         """The memory holding positions lo..num_tokens-1 of `seq_id`, as the fewest contiguous uint8 runs the
@@ -191,13 +197,7 @@ class SwapRuns:
         if kv.layout.device.type != "cpu":
             return None
         if kv.fixed_stride:  # virtual cache: row `a` of segment j at a fixed offset from the slot's start
-            arena = kv.arena  # type: ignore[attr-defined]
-            if arena.closed:
-                raise KVCacheError("the KV cache is closed")
-            slot, seg, row = kv.slot_of(seq_id) * kv.slot_bytes, kv.seg_bytes, kv.row_bytes  # type: ignore[attr-defined]
-            if num_tokens > lo and slot + (self.segments - 1) * seg + num_tokens * row > arena.size:
-                raise KVCacheError(f"positions {lo}..{num_tokens - 1} of sequence {seq_id} lie past its cache's arena")
-            base = arena.address + slot
+            base, seg, row = self._slot_address(seq_id, lo, num_tokens), kv.seg_bytes, kv.row_bytes  # type: ignore[attr-defined]
             return [ByteSpan(base + j * seg + a * row, (b - a) * row) for j, a, b in self.pieces(lo, num_tokens)]
         pools = (*kv.k, *kv.v)  # type: ignore[attr-defined]
         if not pools:
