@@ -117,7 +117,8 @@ class SwapSpace(InFlightSwaps):
         self.warm_ahead = warm_ahead
         self._ahead = 0  # the largest chunk taken from the region
         self._whole: int | None = None  # a full-length sequence's bytes (the warming's cap), shaped once
-        self.book = HostCopies(budget, self.stats, ssd, self.region)  # what is held, kept, evicted (swap_reuse.py)
+        # what is held, kept, evicted (swap_reuse.py)
+        self.book = HostCopies(budget, self.stats, ssd, self.region, self.run_map.spans)
         self._inflight: dict[int, tuple[int, int, Future]] = {}  # seq -> (copies, bytes, future of seconds)
         # swap-outs on the pool: seq -> (copies, bytes, future, spill); spill = (chunk, offset) for a run written
         # straight to the SSD tier (its extent is known once the write and its CRC land), else None

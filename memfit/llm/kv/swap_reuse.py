@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -25,6 +25,7 @@ from memfit.llm.kv.swap_model import OWNER, SwapStats
 from memfit.memory.budget import MemoryBudget
 
 if TYPE_CHECKING:
+    from memfit.llm.kv.swap_layout import Span
     from memfit.llm.kv.swap_ssd import SSDTier
     from memfit.memory.host_region import HostRegion
 
@@ -52,8 +53,11 @@ class HostCopies:
     (`stats` is the swap tier's: the resident bytes and kept evictions are counted here)."""
 
     def __init__(self, budget: MemoryBudget, stats: SwapStats, ssd: SSDTier | None = None,
-                 region: HostRegion | None = None) -> None:
+                 region: HostRegion | None = None, spans: Callable[[int, int], list[Span]] | None = None) -> None:
         self.budget, self.stats, self.ssd, self.region = budget, stats, ssd, region
+        # where each run of positions lo..hi-1 lies in a chunk's buffer (SwapRuns.spans): a chunk reaching past
+        # `valid` goes to the SSD tier as its valid runs alone (`_valid_runs`)
+        self.spans = spans
         self.copies: dict[int, Copy] = {}
         self.kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
         # chunks a merge replaced (swap_pairs.py), still held until the merging copy that reads them lands
@@ -137,9 +141,7 @@ class HostCopies:
             victim = next((s for s in self.kept if s != for_seq and s not in busy and self.on_host(s)), None)
             if victim is not None:
                 self.stats.kept_evictions += 1
-                demoted = self.ssd is not None and self.demote(victim)
-                # (a refused demotion may have left the copy's SSD part alone, off the host: it stays)
-                if not demoted and (self.on_host(victim) or self.copies[victim].valid == 0):
+                if not (self.ssd is not None and self.demote(victim)):  # (a refused demotion changes nothing)
                     self.drop(victim)
                 continue
             if self.ssd is None or not self._demote_live(for_seq, busy):
@@ -152,34 +154,48 @@ class HostCopies:
     def demote(self, seq_id: int) -> bool:
         """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if none
         moved (the tier cannot take them, or none is left). A host chunk reaching past the copy's valid tokens
-        (truncated by a new turn) is not demoted whole: a kept copy drops it and what follows first, a live copy
-        stays on the host (False)."""
+        (truncated by a new turn) goes down as the runs of its valid tokens alone, and holds those from then on:
+        an SSD chunk is read back whole, into memory given for `valid` tokens (`_valid_runs`)."""
         copy = self.copies[seq_id]
-        past = [c for c in copy.chunks if c.buf is not None and c.hi > copy.valid]
-        if past:  # an SSD chunk is read back whole, into memory given for `valid` tokens (truncate's rule)
-            if copy.live:  # its swap-in restores `valid` tokens, which the scheduler counts on: it stays here
-                return False
-            self.truncate(copy, past[0].lo)  # a kept copy keeps what precedes the chunk
         host = [c for c in copy.chunks if c.buf is not None]
         if not host:
             return False
-        extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+        runs = [self._valid_runs(c, copy.valid) for c in host]
+        extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr]
         while extents is None and not self.ssd.write_failed:  # type: ignore[union-attr]  # full: its LRU kept copy goes
             victim = next((s for s in self.kept if s != seq_id and not self.on_host(s)), None)
             if victim is None:
                 return False
             self.drop(victim)
-            extents = self.ssd.write_chunks([c.buf for c in host])  # type: ignore[union-attr]
+            extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr]
         if extents is None:
             return False
         for chunk, extent in zip(host, extents):
-            self.free_chunk(chunk)
-            chunk.extent = extent
+            self.free_chunk(chunk)  # (the host reservation it held: the bytes of lo..hi-1)
+            chunk.extent, chunk.hi, chunk.nbytes = extent, min(chunk.hi, copy.valid), extent.nbytes
         self.kept.pop(seq_id, None)
         if not copy.live:
             self.kept[seq_id] = None  # still kept, now from the SSD tier: least recently used again
             self.kept.move_to_end(seq_id, last=False)
         return True
+
+    def _valid_runs(self, chunk: Chunk, valid: int) -> torch.Tensor | list[torch.Tensor]:
+        """A host chunk's bytes for the SSD tier: its buffer, or, where it reaches past `valid`, the slices of it
+        holding positions lo..valid-1, in the order a buffer of just those positions has them (a run's first rows
+        lie at its start in the buffer: a segment's rows, or whole paged blocks), with no copy made."""
+        if chunk.hi <= valid:
+            return chunk.buf  # type: ignore[return-value]
+        if self.spans is None or valid <= chunk.lo:  # (truncate drops chunks starting at or past valid)
+            raise ValueError(f"a chunk of positions {chunk.lo}..{chunk.hi - 1} has no layout to cut at {valid}")
+        at = {piece[:2]: lo for piece, lo, _ in self.spans(chunk.lo, chunk.hi)}
+        runs: list[tuple[int, int]] = []
+        for piece, lo, hi in self.spans(chunk.lo, valid):
+            start = at[piece[:2]]
+            if runs and runs[-1][1] == start:  # adjacent in the buffer too: one run
+                runs[-1] = (runs[-1][0], start + hi - lo)
+            else:
+                runs.append((start, start + hi - lo))
+        return [chunk.buf[a:b] for a, b in runs]  # type: ignore[index]
 
     def _demote_live(self, for_seq: int, busy: Container[int]) -> bool:
         """Under host pressure with no kept copy left, the oldest live copy with host chunks goes to SSD."""

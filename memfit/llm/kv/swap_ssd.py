@@ -77,25 +77,27 @@ class SSDTier:
         # benchmarks/swap_tiers.py and preemption.py compare the two)
         self.by_address = True
 
-    def write_chunks(self, bufs: list[torch.Tensor]) -> list[Extent] | None:
-        """Write each host buffer (uint8) to an extent of its own; all or nothing. The extents are placed one after
-        another and written in one pass (O_DIRECT writes of staging pieces across their boundaries: a sequence's
-        chunks demoted together are a few large I/Os, not one small I/O each), so a swap-in reads them back in one
-        (`reader`); where no free stretch holds them all, each goes where it fits."""
-        if self.batch and len(bufs) > 1:
+    def write_chunks(self, bufs: list[torch.Tensor | list[Run]]) -> list[Extent] | None:
+        """Write each host buffer (uint8), or each list of runs (a chunk's valid part: swap_reuse.py), to an extent of
+        its own; all or nothing. The extents are placed one after another and written in one pass (O_DIRECT writes
+        of staging pieces across their boundaries: a sequence's chunks demoted together are a few large I/Os, not
+        one small I/O each), so a swap-in reads them back in one (`reader`); where no free stretch holds them all,
+        each goes where it fits."""
+        segments = [b if isinstance(b, list) else [b] for b in bufs]
+        if self.batch and len(segments) > 1:
             self.write_failed = False
-            total = sum(extent_bytes(b.numel()) for b in bufs)
+            total = sum(extent_bytes(sum(_nbytes(r) for r in seg)) for seg in segments)
             off = self.place(total)
             if off is not None:
                 try:
-                    return self.write_segments_at(off, [[b] for b in bufs])
+                    return self.write_segments_at(off, segments)
                 except OSError:
                     self.write_failed = True
                     self.unplace(off, total)
                     return None
         extents: list[Extent] = []
-        for buf in bufs:
-            extent = self.write_runs([buf])
+        for seg in segments:
+            extent = self.write_runs(seg)
             if extent is None:
                 return self._undo(extents)
             extents.append(extent)

@@ -59,9 +59,9 @@ def reuse_turns(kind: str, merge_at: int, threads: int = 0, ssd: SSDTier | None 
         other.write(cache, 2, 0, LAYOUT.max_seq_len)
         cache.free(2)
         if ssd is not None and turn % 4 == 3:  # the held chunks go to the SSD tier; later ones stay on the host
-            copy = swap._copies[1]  # (but not a chunk reaching past `valid` after the divergence: read back whole,
-            past = any(c.buf is not None and c.hi > copy.valid for c in copy.chunks)  # it would write past them)
-            assert swap.book.demote(1) != past
+            assert swap.book.demote(1)  # (a chunk reaching past `valid` after the divergence: its valid rows alone)
+            copy = swap._copies[1]
+            assert all(c.buf is None and c.hi <= copy.valid for c in copy.chunks)
         assert cache.try_allocate(1, n + NEW)
         ops = swap.stats.in_ops
         if threads:

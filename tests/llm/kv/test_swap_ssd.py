@@ -309,59 +309,58 @@ def test_runs_by_address_are_cut_where_an_extent_ends_as_views_are():
 
 
 @pytest.mark.parametrize("live", [False, True])
-@pytest.mark.parametrize("kind", ["per-layer", "paged"])
-def test_a_host_chunk_reaching_past_the_valid_tokens_is_not_demoted_whole(kind, live, tmp_path):
-    """A copy truncated inside a host chunk (a new turn's prompt diverged there) keeps the chunk whole on the host;
-    an SSD chunk is read back whole, so demoting it would write the stale rows past `valid` into memory given for
-    `valid` tokens. A kept copy loses the chunk (it keeps what precedes it); a live one, whose swap-in must restore
-    what adopt promised, stays on the host. Whatever is held still comes back exactly, and no SSD chunk reaches
-    past `valid`."""
+@pytest.mark.parametrize("kind", ["per-layer", "head-major", "paged"])
+def test_a_host_chunk_reaching_past_the_valid_tokens_goes_to_ssd_as_its_valid_rows(kind, live, tmp_path):
+    """A copy truncated inside a host chunk (a new turn's prompt diverged there) is demoted with the rows of its
+    valid tokens alone: an SSD chunk is read back whole, into memory given for `valid` tokens, so the stale rows past
+    `valid` must not go down with it. Live or kept, the copy keeps its 7 valid tokens, the file holds 7 tokens' KV
+    (the paged cache: its 2 blocks of 4), and they come back exactly into memory for 8."""
     cache, host, ssd, swap = setup(kind, tmp_path, reuse=True)  # the host tier holds 24 tokens
-    before = contexts(cache, 1, 8)
+    before = contexts(cache, 1, 7)
     assert swap.try_swap_out(1, 19, keep=True)  # a finished turn's KV, kept: one host chunk [0, 19)
     cache.free(1)
     if live:
-        assert swap.adopt(1, 8) == 8  # the next turn shares 8 tokens: live, valid 8, the chunk still [0, 19)
+        assert swap.adopt(1, 7) == 7  # the next turn shares 7 tokens: live, valid 7, the chunk still [0, 19)
     else:
-        swap.truncate(1, 8)
+        swap.truncate(1, 7)
     copy = swap._copies[1]
-    assert copy.valid == 8 and copy.chunks[0].hi == 19 and copy.chunks[0].buf is not None
-    swap.try_swap_out(2, 19)  # host pressure: 1 is the only candidate to demote
+    assert copy.valid == 7 and copy.chunks[0].hi == 19 and copy.chunks[0].buf is not None
+    assert swap.try_swap_out(2, 19)  # host pressure: 1 is the only candidate to demote
     cache.free(2)
-    held = swap._copies.get(1)
-    assert held is None or all(c.buf is not None or c.hi <= held.valid for c in held.chunks)
-    if live:  # stays whole on the host and restores the 8 tokens it promised into memory for 9
-        assert held is not None and held.valid == 8 and held.chunks[0].buf is not None
-        assert cache.try_allocate(1, 9) and swap.swap_in(1) == 8
-        assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 8)))
-    else:  # the kept copy's only chunk reached past valid: nothing before it, so nothing is held
-        assert held is None
-    assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes
-    assert ssd.budget.used_bytes == ssd_held(ssd) == sum(round_up(c.nbytes, ALIGN) for cp in swap._copies.values()
-                                                          for c in cp.chunks if c.buf is None)
+    copy = swap._copies[1]
+    assert copy.valid == 7 and copy.live == live and [(c.lo, c.hi, c.buf is None) for c in copy.chunks] == [(0, 7, True)]
+    # what the file holds, and the host, by the layouts' own arithmetic (the paged cache's: whole blocks of 4)
+    on_ssd, on_host = (8, 20) if kind == "paged" else (7, 19)  # 1's valid tokens; 2's copy alone
+    assert ssd_held(ssd) == ssd.budget.used_bytes == round_up(on_ssd * BPT, ALIGN)
+    assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes == on_host * BPT
+    if not live:
+        assert swap.adopt(1, 12) == 7
+    assert cache.try_allocate(1, 8) and swap.swap_in(1) == 7
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 7)))
     swap.close()
     cache.close()
 
 
-def test_a_kept_copy_keeps_its_ssd_prefix_when_its_host_chunk_reaches_past_valid(tmp_path):
+def test_a_kept_copy_keeps_its_ssd_prefix_and_the_valid_part_of_a_host_chunk_past_valid(tmp_path):
     """A kept copy of [0, 10) on the SSD tier and [10, 19) on the host, truncated to 15: under host pressure the
-    host chunk (past `valid`) is dropped and the SSD prefix stays, valid 10, and later restores exactly."""
+    host chunk goes down as [10, 15), after the SSD prefix; valid stays 15, and the 15 tokens restore exactly."""
     cache, host, ssd, swap = setup("per-layer", tmp_path, reuse=True)
-    before = contexts(cache, 1, 10)
     assert swap.try_swap_out(1, 10)
     cache.free(1)
     assert cache.try_allocate(1, 30) and swap.swap_in(1) == 10  # kept on the host after its swap-in
     assert swap.book.demote(1) and swap._copies[1].chunks[0].buf is None  # [0, 10) to the SSD tier
     write(cache, [SeqStep(1, 10, 9)])
+    before = contexts(cache, 1, 15)
     assert swap.try_swap_out(1, 19, keep=True)  # [10, 19) on the host
     cache.free(1)
     swap.truncate(1, 15)
-    assert swap.try_swap_out(2, 19)  # host pressure: 1's host chunk cannot go down whole
+    assert swap.try_swap_out(2, 19)  # host pressure: 1's host chunk goes down with its 5 valid tokens
     cache.free(2)
     copy = swap._copies[1]
-    assert copy.valid == 10 and [(c.lo, c.hi, c.buf is None) for c in copy.chunks] == [(0, 10, True)]
-    assert swap.adopt(1, 12) == 10 and cache.try_allocate(1, 11) and swap.swap_in(1) == 10
-    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 10)))
+    assert copy.valid == 15 and [(c.lo, c.hi, c.buf is None) for c in copy.chunks] == [(0, 10, True), (10, 15, True)]
+    assert ssd_held(ssd) == round_up(10 * BPT, ALIGN) + round_up(5 * BPT, ALIGN)
+    assert swap.adopt(1, 17) == 15 and cache.try_allocate(1, 16) and swap.swap_in(1) == 15
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 15)))
     assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes
     swap.close()
     cache.close()
