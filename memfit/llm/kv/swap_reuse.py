@@ -56,7 +56,7 @@ class HostCopies:
                  region: HostRegion | None = None, spans: Callable[[int, int], list[Span]] | None = None) -> None:
         self.budget, self.stats, self.ssd, self.region = budget, stats, ssd, region
         # where each run of positions lo..hi-1 lies in a chunk's buffer (SwapRuns.spans): a chunk reaching past
-        # `valid` goes to the SSD tier as its valid runs alone (`_valid_runs`)
+        # `valid` or past the next chunk's start goes to the SSD tier as the runs before them alone (`_runs_upto`)
         self.spans = spans
         self.copies: dict[int, Copy] = {}
         self.kept: OrderedDict[int, None] = OrderedDict()  # seq ids of kept copies, least recently used first
@@ -153,43 +153,46 @@ class HostCopies:
 
     def demote(self, seq_id: int) -> bool:
         """Move `seq_id`'s host chunks to the SSD tier (a kept copy stays kept, a live one live); False if none
-        moved (the tier cannot take them, or none is left). A host chunk reaching past the copy's valid tokens
-        (truncated by a new turn) goes down as the runs of its valid tokens alone, and holds those from then on:
-        an SSD chunk is read back whole, into memory given for `valid` tokens (`_valid_runs`)."""
+        moved (the tier cannot take them, or none is left). A host chunk goes down as the runs of the positions it
+        alone holds, up to the copy's valid tokens and the next chunk's start (where a new turn diverged inside it,
+        or a later chunk rewrote its last rows), and holds only those from then on: an SSD chunk is read back whole,
+        into memory given for `valid` tokens (`_runs_upto`)."""
         copy = self.copies[seq_id]
-        host = [c for c in copy.chunks if c.buf is not None]
-        if not host:
+        ends = [c.lo for c in copy.chunks[1:]] + [copy.valid]  # (chunks are in order of their first token)
+        host = [(c, min(c.hi, copy.valid, end)) for c, end in zip(copy.chunks, ends) if c.buf is not None]
+        runs = [self._runs_upto(c, upto) for c, upto in host]
+        if not host or any(r is None for r in runs):
             return False
-        runs = [self._valid_runs(c, copy.valid) for c in host]
-        extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr]
+        extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr, arg-type]
         while extents is None and not self.ssd.write_failed:  # type: ignore[union-attr]  # full: its LRU kept copy goes
             victim = next((s for s in self.kept if s != seq_id and not self.on_host(s)), None)
             if victim is None:
                 return False
             self.drop(victim)
-            extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr]
+            extents = self.ssd.write_chunks(runs)  # type: ignore[union-attr, arg-type]
         if extents is None:
             return False
-        for chunk, extent in zip(host, extents):
+        for (chunk, upto), extent in zip(host, extents):
             self.free_chunk(chunk)  # (the host reservation it held: the bytes of lo..hi-1)
-            chunk.extent, chunk.hi, chunk.nbytes = extent, min(chunk.hi, copy.valid), extent.nbytes
+            chunk.extent, chunk.hi, chunk.nbytes = extent, upto, extent.nbytes
         self.kept.pop(seq_id, None)
         if not copy.live:
             self.kept[seq_id] = None  # still kept, now from the SSD tier: least recently used again
             self.kept.move_to_end(seq_id, last=False)
         return True
 
-    def _valid_runs(self, chunk: Chunk, valid: int) -> torch.Tensor | list[torch.Tensor]:
-        """A host chunk's bytes for the SSD tier: its buffer, or, where it reaches past `valid`, the slices of it
-        holding positions lo..valid-1, in the order a buffer of just those positions has them (a run's first rows
-        lie at its start in the buffer: a segment's rows, or whole paged blocks), with no copy made."""
-        if chunk.hi <= valid:
-            return chunk.buf  # type: ignore[return-value]
-        if self.spans is None or valid <= chunk.lo:  # (truncate drops chunks starting at or past valid)
-            raise ValueError(f"a chunk of positions {chunk.lo}..{chunk.hi - 1} has no layout to cut at {valid}")
+    def _runs_upto(self, chunk: Chunk, upto: int) -> torch.Tensor | list[torch.Tensor] | None:
+        """A host chunk's bytes of positions lo..upto-1 for the SSD tier: its buffer where upto is its end, else the
+        slices of it holding them, in the order a buffer of just those positions has them (a run's first rows lie
+        at its start in the buffer: a segment's rows, or whole paged blocks), with no copy made; None where that
+        cannot be cut (no layout given, or nothing before upto: truncate drops such chunks)."""
+        if chunk.hi <= upto:
+            return chunk.buf
+        if self.spans is None or upto <= chunk.lo:
+            return None
         at = {piece[:2]: lo for piece, lo, _ in self.spans(chunk.lo, chunk.hi)}
         runs: list[tuple[int, int]] = []
-        for piece, lo, hi in self.spans(chunk.lo, valid):
+        for piece, lo, hi in self.spans(chunk.lo, upto):
             start = at[piece[:2]]
             if runs and runs[-1][1] == start:  # adjacent in the buffer too: one run
                 runs[-1] = (runs[-1][0], start + hi - lo)

@@ -227,9 +227,8 @@ class SSDTier:
         self.store.close()
 
     def _undo(self, extents: list[Extent]) -> None:
-        for e in extents:
-            self.store.free(e.offset, e.nbytes)
-            self.budget.release(extent_bytes(e.nbytes), OWNER)
+        for e in extents:  # written, counted resident, then given back: all or nothing
+            self.free(e)
         return None
 
     def _count_error(self) -> None:

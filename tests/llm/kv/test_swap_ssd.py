@@ -335,6 +335,8 @@ def test_a_host_chunk_reaching_past_the_valid_tokens_goes_to_ssd_as_its_valid_ro
     assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes == on_host * BPT
     if not live:
         assert swap.adopt(1, 12) == 7
+    assert cache.try_allocate(4, 30)  # the freed memory is overwritten
+    write(cache, [SeqStep(4, 0, 30)])
     assert cache.try_allocate(1, 8) and swap.swap_in(1) == 7
     assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 7)))
     swap.close()
@@ -359,8 +361,50 @@ def test_a_kept_copy_keeps_its_ssd_prefix_and_the_valid_part_of_a_host_chunk_pas
     copy = swap._copies[1]
     assert copy.valid == 15 and [(c.lo, c.hi, c.buf is None) for c in copy.chunks] == [(0, 10, True), (10, 15, True)]
     assert ssd_held(ssd) == round_up(10 * BPT, ALIGN) + round_up(5 * BPT, ALIGN)
+    assert cache.try_allocate(4, 30)
+    write(cache, [SeqStep(4, 0, 30)])
     assert swap.adopt(1, 17) == 15 and cache.try_allocate(1, 16) and swap.swap_in(1) == 15
     assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 15)))
     assert host.used_bytes == swap.held_bytes() == swap.stats.resident_bytes
     swap.close()
     cache.close()
+
+
+@pytest.mark.parametrize("kind", ["per-layer", "paged"])
+def test_a_chunk_a_later_one_rewrote_goes_down_up_to_the_later_ones_start(kind, tmp_path):
+    """A turn adopts 8 tokens of a kept [0, 19) chunk and runs to 12: its swap-out adds [8, 12), and the first chunk's
+    rows from 8 on are stale. Demoted, the first goes down as [0, 8) (the file holds 12 tokens, not 19 + 4 or
+    12 + 4), and a later truncation to 10, inside the second, still keeps [0, 8) and restores it exactly."""
+    cache, host, ssd, swap = setup(kind, tmp_path, host_tokens=64, reuse=True)
+    before = contexts(cache, 1, 8)
+    assert swap.try_swap_out(1, 19, keep=True)
+    cache.free(1)
+    assert swap.adopt(1, 8) == 8 and cache.try_allocate(1, 30) and swap.swap_in(1) == 8
+    write(cache, [SeqStep(1, 8, 4)])
+    assert swap.try_swap_out(1, 12, keep=True)
+    cache.free(1)
+    assert [(c.lo, c.hi) for c in swap._copies[1].chunks] == [(0, 19), (8, 12)]
+    assert swap.book.demote(1)
+    assert [(c.lo, c.hi, c.buf is None) for c in swap._copies[1].chunks] == [(0, 8, True), (8, 12, True)]
+    assert ssd_held(ssd) == round_up(8 * BPT, ALIGN) + round_up(4 * BPT, ALIGN)  # (blocks of 4: whole ones here)
+    swap.truncate(1, 10)  # the SSD chunk [8, 12) is read whole: it goes, [0, 8) stays
+    assert swap.valid_tokens(1) == 8 and ssd_held(ssd) == round_up(8 * BPT, ALIGN)
+    assert cache.try_allocate(4, 30)
+    write(cache, [SeqStep(4, 0, 30)])
+    assert swap.adopt(1, 10) == 8 and cache.try_allocate(1, 9) and swap.swap_in(1) == 8
+    assert all(torch.equal(a, b) for a, b in zip(before, contexts(cache, 1, 8)))
+    swap.close()
+    cache.close()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_refused_write_of_several_chunks_leaves_nothing_counted(tmp_path, batch):
+    """All or nothing: chunks that do not all fit are refused, and the ones written before the refusal are given
+    back, in the store's free list, the tier's budget and its resident count alike."""
+    ssd = SSDTier(tmp_path, 2 * ALIGN, batch=batch)
+    small, large = torch.ones(ALIGN, dtype=torch.uint8), torch.ones(2 * ALIGN, dtype=torch.uint8)
+    assert ssd.write_chunks([small, large]) is None
+    assert ssd_held(ssd) == ssd.budget.used_bytes == ssd.stats.resident_bytes == 0
+    assert ssd.write_chunks([small, [small[: ALIGN // 2], small[ALIGN // 2 :]]]) is not None  # a chunk as its runs
+    assert ssd_held(ssd) == ssd.budget.used_bytes == ssd.stats.resident_bytes == 2 * ALIGN
+    ssd.close()
