@@ -63,6 +63,10 @@ __all__ = ["ALIGN", "STAGE", "ExtentStore", "Staged", "extent_bytes", "segment_o
 # address, memory/byte_span.py): one I/O loop over several extents
 Staged = Callable[[int, list[int], np.ndarray, list[list[ByteRun]]], None]
 
+# The most buffers one pwritev/preadv takes (Linux: 1024; more is EINVAL): a head-major chunk of a large model, or
+# a chunk cut at its valid tokens, can have more runs, so the buffered I/O goes a group of this many at a time
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
 
 def _laid_out(offsets: int | list[int], segments: list[list[ByteRun]],
               digests: list[Callable[[memoryview], None] | None] | None
@@ -178,15 +182,17 @@ class ExtentStore(ExtentMap):
         if digest is not None:
             for b in views:
                 digest(b)
-        done, pos = os.pwritev(self.fd, views, offset), 0
-        for b in views:  # continue whatever the kernel did not take
-            lo = max(0, done - pos)
-            while lo < len(b):
-                n = os.pwrite(self.fd, b[lo:], offset + pos + lo)
-                if n <= 0:
-                    raise OSError(f"pwrite wrote nothing at offset {offset + pos + lo} of {self.path}")
-                lo += n
-            pos += len(b)
+        for group in _iov_groups(views):  # one gather write per IOV_MAX runs (more: EINVAL)
+            done, pos = os.pwritev(self.fd, group, offset), 0
+            for b in group:  # continue whatever the kernel did not take
+                lo = max(0, done - pos)
+                while lo < len(b):
+                    n = os.pwrite(self.fd, b[lo:], offset + pos + lo)
+                    if n <= 0:
+                        raise OSError(f"pwrite wrote nothing at offset {offset + pos + lo} of {self.path}")
+                    lo += n
+                pos += len(b)
+            offset += pos
 
     def readinto(self, offset: int, buffers: list[ByteRun], digest: Callable[[memoryview], None] | None = None,
                  staged: Staged | None = None) -> None:
@@ -210,18 +216,20 @@ class ExtentStore(ExtentMap):
 
     def _read_buffered(self, offset: int, buffers: list[memoryview],
                        digest: Callable[[memoryview], None] | None) -> None:
-        want = sum(len(b) for b in buffers)
-        done = os.preadv(self.fd, buffers, offset)
-        if done != want:  # the kernel may stop early: finish buffer by buffer, and call a true end an error
-            pos = 0
-            for b in buffers:
-                lo = max(0, done - pos)
-                while lo < len(b):
-                    n = os.preadv(self.fd, [b[lo:]], offset + pos + lo)
-                    if n <= 0:
-                        raise OSError(f"short read at offset {offset + pos + lo} of {self.path}")
-                    lo += n
-                pos += len(b)
+        for group in _iov_groups(buffers):  # one scatter read per IOV_MAX runs (more: EINVAL)
+            want = sum(len(b) for b in group)
+            done = os.preadv(self.fd, group, offset)
+            if done != want:  # the kernel may stop early: finish buffer by buffer, and call a true end an error
+                pos = 0
+                for b in group:
+                    lo = max(0, done - pos)
+                    while lo < len(b):
+                        n = os.preadv(self.fd, [b[lo:]], offset + pos + lo)
+                        if n <= 0:
+                            raise OSError(f"short read at offset {offset + pos + lo} of {self.path}")
+                        lo += n
+                    pos += len(b)
+            offset += want
         if digest is not None:
             for b in buffers:
                 digest(b)
@@ -296,3 +304,7 @@ class ExtentStore(ExtentMap):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _iov_groups(views: list[memoryview]) -> list[list[memoryview]]:
+    return [views[i : i + IOV_MAX] for i in range(0, len(views), IOV_MAX)]

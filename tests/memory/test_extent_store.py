@@ -154,6 +154,20 @@ def test_buffered_io_when_o_direct_is_not_asked_for(tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_more_runs_than_one_gather_call_takes_round_trip(tmp_path, direct):
+    """Linux takes at most IOV_MAX (1024) buffers in one pwritev/preadv (more is EINVAL): 2500 runs of 7 bytes, the
+    shape of a cut head-major chunk of a large model, go down and come back whole, buffered or through staging."""
+    store = ExtentStore(tmp_path, 16 * ALIGN, direct=direct)
+    data = os.urandom(2500 * 7)
+    off = store.alloc(len(data))
+    store.write(off, [memoryview(data)[i : i + 7] for i in range(0, len(data), 7)])
+    parts = [bytearray(7) for _ in range(2500)]
+    store.readinto(off, [memoryview(p) for p in parts])
+    assert b"".join(parts) == data
+    store.close()
+
+
 def _unwritten_bytes(path) -> int | None:
     """Bytes of the file in extents the file system flags unwritten (FIEMAP, as filefrag reads it); None where
     FIEMAP is not answered."""
