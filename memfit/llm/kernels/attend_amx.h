@@ -1,7 +1,7 @@
 // Single-token (decode) attention on AMX tiles, bf16: attend.h's attend_group with both products on the tile unit
 // (TDPBF16PS), for a CPU with AMX-BF16 whose tile state Linux granted this process (cpu_amx.cpp's
 // memfit_amx_available; kernels/decode.py sets the mode with memfit_decode_set_amx: by default "auto", the tiles
-// where a head's rows lie in runs, see decode_amx_takes; MEMFIT_DECODE_AMX=1 everywhere, 0 nowhere). Both cache readers
+// where a sequence's rows lie in runs, see decode_amx_takes; MEMFIT_DECODE_AMX=1 everywhere, 0 nowhere). Both cache readers
 // (cpu_decode.cpp: strided rows; cpu_paged.cpp: blocks through a table) call it with their own `Rows` accessor,
 // so the two caches stay on one arithmetic, as on the AVX-512 path.
 //
@@ -76,15 +76,41 @@ inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
         for (int64_t i = AMX_SPARSE; i < bytes; i += AMX_SPARSE) _mm_prefetch(p + i, _MM_HINT_T1);
     }
 }
-// Whether a read of rows `step` elements apart takes the tiles. Mode 2 ("auto", kernels/decode.py's default where
-// AMX runs): where a head's rows are adjacent (step == D: paged blocks and head-major slots, whose runs
-// request_runs_l2 primes), not the per-layer layout's rows, where every head shares each token's row. In the engine
-// (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens, 6 December, nothing else running, two runs 12 minutes apart)
-// the tiles took 0.86x AVX-512's step time on the paged cache (both runs) and 0.84x / 0.90x on head-major slots, but
-// 1.03x / 1.065x on the per-layer layout (read a sequence at a time, attend_heads_amx).
-inline bool decode_amx_takes(int G, int D, int64_t step) {
+// A per-layer slot's token rows [0, upto) into L2 ahead of attend_heads_amx, asked for in order a share at a time.
+// Where each token's row of every head lies side by side and the rows follow each other (step == Hkv x D, head == D:
+// the per-layer layout), the slot's K (or V) is one run of memory and is asked for as request_runs_l2 asks for a
+// paged block's: its first AMX_PRIME bytes, then a line every AMX_SPARSE bytes, the L2 streamer fetching the rest;
+// elsewhere (rows further apart, a token-major slot's) every line of each head's row, as attend.h's RowStream.
+// Against every line, in one engine (benchmarks/decode_amx_ab.py's setup, 0.1b, 8 x 4000 tokens, 7 December):
+// part of the 0.88x below.
+template <int D>
+struct HeadRowsL2 {
+    RowStream<uint16_t, D> rows;  // base, step (elements a token), L, rows requested
+    int Hkv;
+    int64_t head;  // elements between a token's heads
+    void advance(int64_t upto) {
+        if (rows.step != Hkv * head || head != D) return rows.advance(upto, Hkv, head);
+        const char* p = (const char*)rows.base;
+        const int64_t row = rows.step * 2, from = rows.at * row, to = std::min(upto, rows.L) * row;
+        for (int64_t i = from; i < std::min(to, AMX_PRIME); i += 64) _mm_prefetch(p + i, _MM_HINT_T1);
+        for (int64_t i = std::max<int64_t>(1, (from + AMX_SPARSE - 1) / AMX_SPARSE) * AMX_SPARSE; i < to; i += AMX_SPARSE)
+            _mm_prefetch(p + i, _MM_HINT_T1);
+        rows.at = std::max(rows.at, std::min(upto, rows.L));
+    }
+};
+
+// Whether a read of rows `step` elements apart (Hkv KV heads) takes the tiles. Mode 2 ("auto", kernels/decode.py's
+// default where AMX runs): where a sequence's rows lie in runs, a head's (step == D: paged blocks and head-major
+// slots, whose runs request_runs_l2 primes) or every head's of a token after the last token's (step == Hkv x D: the
+// per-layer layout, read a sequence at a time by attend_heads_amx, HeadRowsL2), not rows further apart (a
+// token-major slot's, not measured on the tiles). In the engine (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens,
+// 7 December, nothing else running, two runs) the tiles took 0.85-0.87x AVX-512's step time on the paged cache,
+// 0.88-0.89x on head-major slots and 0.97-0.98x on the per-layer layout (1.03-1.065x before the 256-token P . V
+// blocks and HeadRowsL2, when auto kept it on AVX-512).
+inline bool decode_amx_takes(int G, int D, int64_t step, int Hkv) {
     const int mode = g_memfit_decode_amx;
-    return (mode == 1 || (mode == 2 && step == D)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
+    return (mode == 1 || (mode == 2 && (step == D || step == (int64_t)Hkv * D))) && G >= 1 && G <= 16 &&
+           D % 32 == 0 && D <= 128;
 }
 
 // The steps below are shared by attend_group_amx (a head at a time) and attend_heads_amx (every head of a
@@ -372,7 +398,10 @@ template <int D>
 __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_t* kb, int64_t kstep, int64_t khead,
                                                 const uint16_t* vb, int64_t vstep, int64_t vhead, int64_t L, int Hkv,
                                                 int G, float scale, uint16_t* out, std::vector<float>& sc) {
-    constexpr int64_t TB = 64;  // tokens a block (a multiple of 32: whole PV steps)
+    // tokens a block of the scores, and of P . V (multiples of 32: whole PV steps). P . V keeps a head's O in the
+    // tiles over a block, loaded and stored around it: blocks of 256 (128 KiB of V rows at Hkv 4, D 64, which stay in
+    // L2 while each head takes its turn) store O a quarter as often as 64's did
+    constexpr int64_t TB = 64, TV = 256;
     const int H = Hkv * G;
     const int64_t Lp = (L + 31) / 32 * 32;
     sc.resize((size_t)H * (size_t)Lp + (size_t)H * D + 16);
@@ -385,9 +414,9 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
     const int64_t full = L / 16 * 16;
     // rows into L2 as attend_heads asks for them: each step of a block's work asks for its share of the rows two
     // blocks on (the last block of scores: V's first rows)
-    RowStream<uint16_t, D> kpf{kb, kstep, L, 0}, vpf{vb, vstep, L, 0};
-    kpf.advance(2 * TB, Hkv, khead);
-    const int64_t kchunks = (int64_t)Hkv * (TB / 16), vunits = (int64_t)Hkv * (TB / 32);
+    HeadRowsL2<D> kpf{{kb, kstep, L, 0}, Hkv, khead}, vpf{{vb, vstep, L, 0}, Hkv, vhead};
+    kpf.advance(2 * TB);
+    const int64_t kchunks = (int64_t)Hkv * (TB / 16), vunits = (int64_t)Hkv * (TV / 32);
     __m512 mx[256];  // H <= 256 (G <= 16, Hkv <= 16)
     for (int hg = 0; hg < H; hg++) mx[hg] = _mm512_set1_ps(-INFINITY);
     for (int64_t b0 = 0; b0 < full; b0 += TB) {
@@ -396,8 +425,8 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
         for (int h = 0; h < Hkv; h++)
             for (int64_t t = b0; t < b1; t += 16) {
                 chunk++;
-                kpf.advance(b1 + TB + (chunk * TB) / kchunks, Hkv, khead);
-                if (b1 == full) vpf.advance((chunk * TB) / kchunks, Hkv, vhead);
+                kpf.advance(b1 + TB + (chunk * TB) / kchunks);
+                if (b1 == full) vpf.advance((chunk * TB) / kchunks);
                 score16<D>(kb + t * kstep + h * khead, kstep * 2, qt[h], G, scale, S + (size_t)h * G * Lp + t, Lp,
                            mx + h * G);
             }
@@ -413,15 +442,15 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
     const int64_t ps = Lp * 4;
     const uint16_t* P = (const uint16_t*)S;
     for (int64_t i = 0; i < (int64_t)H * D; i += 16) _mm512_store_ps(O + i, _mm512_setzero_ps());
-    vpf.advance(2 * TB, Hkv, vhead);
-    for (int64_t b0 = 0; b0 < L; b0 += TB) {
-        const int64_t b1 = std::min(b0 + TB, L);
+    vpf.advance(2 * TV);
+    for (int64_t b0 = 0; b0 < L; b0 += TV) {
+        const int64_t b1 = std::min(b0 + TV, L);
         int64_t vunit = 0;
         for (int h = 0; h < Hkv; h++) {
             float* o = O + (size_t)h * G * D;
             if (D <= 64) o_tiles<D>(o, false);
             for (int64_t t0 = b0; t0 < b1; t0 += 32) {
-                vpf.advance(b1 + TB + (++vunit * TB) / vunits, Hkv, vhead);
+                vpf.advance(b1 + TV + (++vunit * TV) / vunits);
                 for (int r = 0; r < 16; r++) {
                     const int64_t a = t0 + 2 * r;
                     pair_rows<D>(a < L ? vb + a * vstep + h * vhead : nullptr,

@@ -197,11 +197,11 @@ namespace memfit_decode {
 
 // Whether bf16 attention of this shape runs on the tiles (attend_amx.h).
 template <typename T>
-inline bool amx_reads(int G, int D, int64_t step) {
+inline bool amx_reads(int G, int D, int64_t step, int Hkv) {
 #ifdef MEMFIT_DECODE_AMX
-    return sizeof(T) == 2 && decode_amx_takes(G, D, step);
+    return sizeof(T) == 2 && decode_amx_takes(G, D, step, Hkv);
 #else
-    (void)G, (void)D, (void)step;
+    (void)G, (void)D, (void)step, (void)Hkv;
     return false;
 #endif
 }
@@ -209,12 +209,14 @@ inline bool amx_reads(int G, int D, int64_t step) {
 // One (sequence, KV head)'s attention: on AMX tiles where kernels/decode.py turned them on and the shape fits
 // (attend_amx.h), else attend.h's AVX-512 form.
 template <typename T, int D, typename Rows>
-inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, float scale, T* out,
+inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, int Hkv, float scale, T* out,
                        std::vector<float>& sc) {
 #ifdef MEMFIT_DECODE_AMX
     if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {
-        if (decode_amx_takes(G, D, kr.step)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
+        if (decode_amx_takes(G, D, kr.step, Hkv)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
     }
+#else
+    (void)Hkv;
 #endif
     attend_group<T, D>(q, kr, vr, L, G, scale, out, sc);
 }
@@ -287,14 +289,14 @@ __attribute__((noinline)) void decode_attention_by_seq(
             for (int h = 0; h < Hkv; h++) {
                 const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
                 const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
-                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
+                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, Hkv, scale,
                                  out + b * ldo + (int64_t)h * G * D, sc);
             }
             return;
         }
 #ifdef MEMFIT_DECODE_AMX
         if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // the same steps on the tiles (attend_amx.h)
-            if (decode_amx_takes(G, D, ks[1]))
+            if (decode_amx_takes(G, D, ks[1], Hkv))
                 return attend_heads_amx<D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
                                            v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale,
                                            out + b * ldo, sc);
@@ -323,7 +325,7 @@ void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, co
         const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
         const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
         const int64_t head0 = (int64_t)h * G;
-        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, Hkv, scale, out + b * ldo + head0 * D, sc);
     };
     run_items(items, nthreads, work);
 }
@@ -337,7 +339,7 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
     // step that reads min_bytes of K and V or more: all heads of a sequence in one pass over its rows (attend.h's
     // attend_heads: the same bits).
     bool by_seq = Hkv > 1 && Hkv <= 16 && ks[2] < ks[1] && vs[2] < vs[1] && B >= std::max(nthreads, 1);
-    const bool tiles = amx_reads<T>(Hq / Hkv, D, ks[1]);
+    const bool tiles = amx_reads<T>(Hq / Hkv, D, ks[1], Hkv);
     const int64_t row_bytes = (int64_t)Hkv * D * (int64_t)sizeof(T) * 2;
     const int64_t min_len = g_by_seq_min_bytes >= 0 || tiles ? BY_SEQ_MIN_LEN : avx512_by_seq_min_len(row_bytes);
     if (by_seq) {
@@ -348,7 +350,7 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= min_len;
             tokens += n;
         }
-        // On the tiles (MEMFIT_DECODE_AMX=1 only: "auto" reads this layout on AVX-512) the one pass at any size: the kernel waits on memory, and a token's row of every head
+        // On the tiles the one pass at any size: the kernel waits on memory, and a token's row of every head
         // is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
         // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
         // a later run with the other jobs paused had head by head the faster at 8 x 4000 (6125 against 7119 us),
@@ -424,7 +426,7 @@ int g_memfit_decode_amx = 0;  // attend_amx.h: 0 AVX-512, 1 AMX tiles, 2 auto (m
 
 int memfit_decode_abi_version(void) { return 1; }
 
-// Route bf16 decode attention (both caches) to AVX-512 (0), the AMX tiles (1) or the tiles where a head's rows
+// Route bf16 decode attention (both caches) to AVX-512 (0), the AMX tiles (1) or the tiles where a sequence's rows
 // lie in runs (2, attend_amx.h's decode_amx_takes), or leave it (-1); returns the previous mode, or -1 where this
 // library has no AMX path (kernels/decode.py sets 1 or 2 only once memfit_amx_available() says 1).
 int memfit_decode_set_amx(int on) {

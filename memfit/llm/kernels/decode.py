@@ -54,9 +54,9 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
 
 
 # Decode attention's AMX mode is set up once, at the kernels' first bf16 use, from MEMFIT_DECODE_AMX: "auto" (the
-# default) runs the tiles where a head's rows lie in runs (the paged cache's blocks, head-major slots) and AVX-512 on
-# the per-layer layout, where the tiles measured slower in the engine (attend_amx.h's decode_amx_takes); 1 the tiles
-# everywhere, 0 nowhere (docs/engine.md, "On AMX tiles").
+# default) runs the tiles where a sequence's rows lie in runs (the paged cache's blocks, head-major and per-layer
+# slots) and AVX-512 on rows further apart (a token-major slot's, not measured on the tiles: attend_amx.h's
+# decode_amx_takes); 1 the tiles everywhere, 0 nowhere (docs/engine.md, "On AMX tiles").
 _amx_checked: list[bool | None] = []
 _AMX_MODES = {0: False, 1: True, 2: "auto"}
 
@@ -71,7 +71,7 @@ def decode_amx_env() -> bool | str:
 
 def decode_amx_mode() -> bool | str:
     """The bf16 decode attention's AMX mode in this process (set up at the kernels' first bf16 use): False (AVX-512),
-    True (AMX tiles wherever they take the shape) or "auto" (the tiles where a head's rows lie in runs)."""
+    True (AMX tiles wherever they take the shape) or "auto" (the tiles where a sequence's rows lie in runs)."""
     if unavailable_reason(torch.bfloat16) is None and not _amx_checked:
         _functions(torch.bfloat16)
     if unavailable_reason(torch.bfloat16) is not None:
@@ -88,8 +88,8 @@ def decode_amx_on() -> bool:
 
 def set_decode_amx(on: bool | str) -> bool | str | None:
     """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h: True), on AVX-512 (attend.h:
-    False), or on the tiles where a head's rows lie in runs ("auto": paged blocks, head-major slots; the per-layer
-    layout on AVX-512). The tiles are taken only where this process may use AMX (the CPU has AMX-BF16,
+    False), or on the tiles where a sequence's rows lie in runs ("auto": paged blocks, head-major and per-layer
+    slots; a token-major slot's rows on AVX-512). The tiles are taken only where this process may use AMX (the CPU has AMX-BF16,
     MEMFIT_CPU_ISA does not hide it, Linux grants the tile state); elsewhere every mode is AVX-512. Returns the mode
     before, or None where the kernels do not run. The kernels' first bf16 use sets it from MEMFIT_DECODE_AMX
     (default auto); tests and benchmarks set it to compare the paths."""

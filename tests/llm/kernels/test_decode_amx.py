@@ -146,18 +146,26 @@ def test_the_tiles_default_to_auto_and_never_where_amx_is_hidden():
         assert _amx_state_in_a_fresh_process({}, ask=False) == "False False"
 
 
-def test_auto_takes_the_tiles_where_a_heads_rows_lie_in_runs(amx_ops):
-    """Mode "auto": paged blocks and head-major slots read on the tiles (the AMX bits), the per-layer layout, head
-    by head and a sequence at a time, on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
+def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
+    """Mode "auto": paged blocks, head-major slots and the per-layer layout (head by head and a sequence at a time)
+    read on the tiles (the AMX bits), rows further apart (a token-major slot's: a token's row holds every layer's)
+    on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
     q, k, v, lens, g = _case(12, 4, 64, [17, 300], seed=11)
-    outs = {}
+    wide_k = torch.zeros(*k.shape[:2], 3, *k.shape[2:], dtype=k.dtype)  # (S, L, 3, Hkv, D): rows 3 x Hkv x D apart
+    wide_v = torch.zeros_like(wide_k)
+    wide_k[:, :, 1], wide_v[:, :, 1] = k, v
+    wk, wv = wide_k[:, :, 1], wide_v[:, :, 1]
+    slots = torch.arange(len(lens), dtype=torch.int64)
+    outs, wide = {}, {}
     for mode in (False, True, "auto"):
         set_decode_amx(mode)
         outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
+        wide[mode] = amx_ops.decode_attention(q, wk, wv, slots, lens, 0.125)
     assert not torch.equal(outs[True]["per-layer"], outs[False]["per-layer"])
     for name, out in outs["auto"].items():
-        want = False if name.startswith("per-layer") else True
-        assert torch.equal(out, outs[want][name]), name
+        assert torch.equal(out, outs[True][name]), name
+    assert torch.equal(wide[True], outs[True]["per-layer"]) and not torch.equal(wide[True], wide[False])
+    assert torch.equal(wide["auto"], wide[False])
 
 
 GUARDED = r'''
@@ -210,17 +218,18 @@ def test_no_read_past_a_sequences_last_row(amx_ops):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize("kv_layout", ["paged", "head-major"])
+@pytest.mark.parametrize("kv_layout", ["paged", "head-major", "per-layer"])
 def test_engine_in_the_default_mode_gives_the_torch_tokens(amx_ops, tmp_path, kv_layout):
-    """The engine's default mode ("auto") reads a bf16 model's paged blocks and head-major slots on the tiles (the
-    routing test above): its greedy tokens, through the whole-step stack and op by op, are the PyTorch path's."""
+    """The engine's default mode ("auto") reads a bf16 model's paged blocks, head-major and per-layer slots on the
+    tiles (the routing test above): its greedy tokens, through the whole-step stack and op by op, are the PyTorch
+    path's."""
     from memfit.llm.engine.llm_engine import LLMEngine
     from tests.llm.kernels.test_cpu_decode import _greedy
     from tests.llm.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path, family="llama", dtype="bfloat16", hidden_size=128)  # D 32, G 2
     prompts = [list(range(3, 23)), list(range(40, 45)), list(range(7, 40))]  # 20, 5, 33 tokens: partial blocks
-    cache = {"kv_cache": "paged", "block_size": 4} if kv_layout == "paged" else {"kv_layout": "head-major"}
+    cache = {"kv_cache": "paged", "block_size": 4} if kv_layout == "paged" else {"kv_layout": kv_layout}
     opts = {"model": str(path), "device": "cpu", "kv_budget": "8MiB", "max_num_seqs": 3, **cache}
     ref = _greedy(LLMEngine(**opts, cpu_kernels=False, cpu_linear="onednn"), prompts)
     set_decode_amx("auto")
