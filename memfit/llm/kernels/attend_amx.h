@@ -101,16 +101,22 @@ struct HeadRowsL2 {
 
 // Whether a read of rows `step` elements apart (Hkv KV heads) takes the tiles. Mode 2 ("auto", kernels/decode.py's
 // default where AMX runs): where a sequence's rows lie in runs, a head's (step == D: paged blocks and head-major
-// slots, whose runs request_runs_l2 primes) or every head's of a token after the last token's (step == Hkv x D: the
-// per-layer layout, read a sequence at a time by attend_heads_amx, HeadRowsL2), not rows further apart (a
-// token-major slot's, not measured on the tiles). In the engine (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens,
-// 7 December, nothing else running, two runs) the tiles took 0.85-0.87x AVX-512's step time on the paged cache,
-// 0.88-0.89x on head-major slots and 0.97-0.98x on the per-layer layout (1.03-1.065x before the 256-token P . V
-// blocks and HeadRowsL2, when auto kept it on AVX-512).
+// slots, whose runs request_runs_l2 primes) or, up to AMX_RUN_ROW_MAX bytes a token, every head's of a token after
+// the last token's (step == Hkv x D: the per-layer layout, read a sequence at a time by attend_heads_amx, HeadRowsL2);
+// not rows further apart (a token-major slot's, not measured on the tiles). In the engine
+// (benchmarks/decode_amx_ab.py, 0.1b: Hkv 4, D 64, 8 x 4000 tokens, 7 December, nothing else running, three runs)
+// the tiles took 0.85-0.87x AVX-512's step time on the paged cache, 0.84-0.89x on head-major slots and 0.91-0.98x on
+// the per-layer layout (1.03-1.065x before the 256-token P . V blocks and HeadRowsL2).
+// Per-layer rows, 12 layers of bf16 decode attention read in turn (a /tmp harness, one thread, 15 interleaved
+// rounds, medians; tiles over AVX-512, one host): Hkv 2, G 7 (the 0.5B shape, 256-byte rows) 0.69-0.85x at 1 x 8192,
+// 8 x 4096, 32 x 2048 and 32 x 512 tokens; Hkv 4, G 3 (512 B) 0.80-0.97x, 1.03x at 32 x 512; Hkv 8, G 4 (1 KiB, the
+// 1B shape) 0.95-0.99x up to 8 x 2048 but 1.04-1.13x at 8 x 8192, 32 x 2048 and 32 x 8192 (why not established: not
+// the P . V block, 64-256 tokens measured alike). Rows past 512 B therefore stay on AVX-512: a rule from one host.
+constexpr int64_t AMX_RUN_ROW_MAX = 512;
 inline bool decode_amx_takes(int G, int D, int64_t step, int Hkv) {
     const int mode = g_memfit_decode_amx;
-    return (mode == 1 || (mode == 2 && (step == D || step == (int64_t)Hkv * D))) && G >= 1 && G <= 16 &&
-           D % 32 == 0 && D <= 128;
+    const bool runs = step == D || (step == (int64_t)Hkv * D && step * 2 <= AMX_RUN_ROW_MAX);
+    return (mode == 1 || (mode == 2 && runs)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
 }
 
 // The steps below are shared by attend_group_amx (a head at a time) and attend_heads_amx (every head of a

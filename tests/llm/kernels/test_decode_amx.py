@@ -147,9 +147,10 @@ def test_the_tiles_default_to_auto_and_never_where_amx_is_hidden():
 
 
 def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
-    """Mode "auto": paged blocks, head-major slots and the per-layer layout (head by head and a sequence at a time)
-    read on the tiles (the AMX bits), rows further apart (a token-major slot's: a token's row holds every layer's)
-    on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
+    """Mode "auto": paged blocks, head-major slots and the per-layer layout of rows up to 512 bytes (head by head
+    and a sequence at a time) read on the tiles (the AMX bits); rows further apart (a token-major slot's: a token's
+    row holds every layer's) and wider per-layer rows (8 KV heads of 64: 1 KiB) on AVX-512 (the AVX-512 bits); the
+    two paths' bits differ here."""
     q, k, v, lens, g = _case(12, 4, 64, [17, 300], seed=11)
     wide_k = torch.zeros(*k.shape[:2], 3, *k.shape[2:], dtype=k.dtype)  # (S, L, 3, Hkv, D): rows 3 x Hkv x D apart
     wide_v = torch.zeros_like(wide_k)
@@ -166,6 +167,13 @@ def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
         assert torch.equal(out, outs[True][name]), name
     assert torch.equal(wide[True], outs[True]["per-layer"]) and not torch.equal(wide[True], wide[False])
     assert torch.equal(wide["auto"], wide[False])
+    q, k, v, lens, g = _case(16, 8, 64, [17, 300], seed=12)  # 1 KiB per-layer rows: AVX-512; head-major: the tiles
+    for mode in (False, True, "auto"):
+        set_decode_amx(mode)
+        outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
+    assert not torch.equal(outs[True]["per-layer"], outs[False]["per-layer"])
+    for name, out in outs["auto"].items():
+        assert torch.equal(out, outs[not name.startswith("per-layer")][name]), name
 
 
 GUARDED = r'''
