@@ -1,5 +1,5 @@
 """memfit's decode attention on AMX tiles against its AVX-512 path, inside the engine, per KV layout (the default
-mode, MEMFIT_DECODE_AMX=auto, takes the tiles where a head's rows lie in runs; this A/B sets each path itself).
+mode, MEMFIT_DECODE_AMX=auto, takes the tiles where a sequence's rows lie in runs; this A/B sets each path itself).
 
 One engine (the 0.1b random-initialised Llama in bf16, one thread) prefills `batch` prompts of `prompt-len` random
 tokens, then decodes; the decode attention path is switched every `switch` steps (tiles; AVX-512 with its default
