@@ -81,8 +81,9 @@ inline void request_runs_l2(const Rows& rows, int64_t& at, int64_t upto) {
 // the per-layer layout), the slot's K (or V) is one run of memory and is asked for as request_runs_l2 asks for a
 // paged block's: its first AMX_PRIME bytes, then a line every AMX_SPARSE bytes, the L2 streamer fetching the rest;
 // elsewhere (rows further apart, a token-major slot's) every line of each head's row, as attend.h's RowStream.
-// Against every line, in one engine (benchmarks/decode_amx_ab.py's setup, 0.1b, 8 x 4000 tokens, 7 December):
-// part of the 0.88x below.
+// With attend_heads_amx's 256-token P . V blocks, in one engine (benchmarks/decode_amx_ab.py's setup, 0.1b, 8 x 4000
+// tokens, 7 December, scratch runs not kept) the per-layer tile step went from 75.82 to 66.50 ms (0.88x); in a
+// 12-layer harness the P . V blocks alone gave 0.94x and these run requests 0.93-0.96x on top.
 template <int D>
 struct HeadRowsL2 {
     RowStream<uint16_t, D> rows;  // base, step (elements a token), L, rows requested
@@ -99,23 +100,26 @@ struct HeadRowsL2 {
     }
 };
 
-// Whether a read of rows `step` elements apart (Hkv KV heads) takes the tiles. Mode 2 ("auto", kernels/decode.py's
-// default where AMX runs): where a sequence's rows lie in runs, a head's (step == D: paged blocks and head-major
-// slots, whose runs request_runs_l2 primes) or, up to AMX_RUN_ROW_MAX bytes a token, every head's of a token after
-// the last token's (step == Hkv x D: the per-layer layout, read a sequence at a time by attend_heads_amx, HeadRowsL2);
-// not rows further apart (a token-major slot's, not measured on the tiles). In the engine
-// (benchmarks/decode_amx_ab.py, 0.1b: Hkv 4, D 64, 8 x 4000 tokens, 7 December, nothing else running, three runs)
-// the tiles took 0.85-0.87x AVX-512's step time on the paged cache, 0.84-0.89x on head-major slots and 0.91-0.98x on
-// the per-layer layout (1.03-1.065x before the 256-token P . V blocks and HeadRowsL2).
-// Per-layer rows, 12 layers of bf16 decode attention read in turn (a /tmp harness, one thread, 15 interleaved
-// rounds, medians; tiles over AVX-512, one host): Hkv 2, G 7 (the 0.5B shape, 256-byte rows) 0.69-0.85x at 1 x 8192,
-// 8 x 4096, 32 x 2048 and 32 x 512 tokens; Hkv 4, G 3 (512 B) 0.80-0.97x, 1.03x at 32 x 512; Hkv 8, G 4 (1 KiB, the
-// 1B shape) 0.95-0.99x up to 8 x 2048 but 1.04-1.13x at 8 x 8192, 32 x 2048 and 32 x 8192 (why not established: not
-// the P . V block, 64-256 tokens measured alike). Rows past 512 B therefore stay on AVX-512: a rule from one host.
+// Whether a read of rows `step` elements apart takes the tiles, `heads` KV heads of each row at once (1: head by
+// head; Hkv: attend_heads_amx, a sequence at a time). Mode 2 ("auto", kernels/decode.py's default where AMX runs):
+// where the rows read lie in runs, a head's (step == D: paged blocks and head-major slots, whose runs
+// request_runs_l2 primes) or, up to AMX_RUN_ROW_MAX bytes a token, every head's of a token after the last token's
+// (step == heads x D: the per-layer layout read a sequence at a time, HeadRowsL2); not a per-layer slot read head by
+// head (short contexts, or fewer sequences than threads: at Hkv 4, G 3 the tiles took 1.03-1.13x AVX-512's time at
+// 128-200 tokens, though 0.59-0.84x at Hkv 2) nor rows further apart (a token-major slot's, not measured on the
+// tiles). In the engine (benchmarks/decode_amx_ab.py, 0.1b: Hkv 4, D 64, 8 x 4000 tokens, 7 December, nothing else
+// running, three runs) the tiles took 0.85-0.87x AVX-512's step time on the paged cache, 0.84-0.89x on head-major
+// slots and 0.91-0.98x on the per-layer layout (1.03-1.065x before the 256-token P . V blocks and HeadRowsL2).
+// Per-layer rows a sequence at a time, 12 layers of bf16 decode attention read in turn (a /tmp harness, one thread,
+// 15 interleaved rounds, medians; tiles over AVX-512, one host): Hkv 2, G 7 (the 0.5B shape, 256-byte rows)
+// 0.69-0.85x at 1 x 8192, 8 x 4096, 32 x 2048 and 32 x 512 tokens; Hkv 4, G 3 (512 B) 0.80-0.97x, 1.03x at 32 x 512;
+// Hkv 8, G 4 (1 KiB, the 1B shape) 0.95-0.99x up to 8 x 2048 but 1.04-1.13x at 8 x 8192, 32 x 2048 and 32 x 8192
+// (why not established: not the P . V block, 64-256 tokens measured alike). Rows past 512 B therefore stay on
+// AVX-512: a rule from one host.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
-inline bool decode_amx_takes(int G, int D, int64_t step, int Hkv) {
+inline bool decode_amx_takes(int G, int D, int64_t step, int heads) {
     const int mode = g_memfit_decode_amx;
-    const bool runs = step == D || (step == (int64_t)Hkv * D && step * 2 <= AMX_RUN_ROW_MAX);
+    const bool runs = step == D || (heads > 1 && step == (int64_t)heads * D && step * 2 <= AMX_RUN_ROW_MAX);
     return (mode == 1 || (mode == 2 && runs)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
 }
 

@@ -209,14 +209,12 @@ inline bool amx_reads(int G, int D, int64_t step, int Hkv) {
 // One (sequence, KV head)'s attention: on AMX tiles where kernels/decode.py turned them on and the shape fits
 // (attend_amx.h), else attend.h's AVX-512 form.
 template <typename T, int D, typename Rows>
-inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, int Hkv, float scale, T* out,
+inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, float scale, T* out,
                        std::vector<float>& sc) {
 #ifdef MEMFIT_DECODE_AMX
     if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {
-        if (decode_amx_takes(G, D, kr.step, Hkv)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
+        if (decode_amx_takes(G, D, kr.step, 1)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
     }
-#else
-    (void)Hkv;
 #endif
     attend_group<T, D>(q, kr, vr, L, G, scale, out, sc);
 }
@@ -289,7 +287,7 @@ __attribute__((noinline)) void decode_attention_by_seq(
             for (int h = 0; h < Hkv; h++) {
                 const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
                 const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
-                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, Hkv, scale,
+                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
                                  out + b * ldo + (int64_t)h * G * D, sc);
             }
             return;
@@ -325,7 +323,7 @@ void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, co
         const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
         const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
         const int64_t head0 = (int64_t)h * G;
-        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, Hkv, scale, out + b * ldo + head0 * D, sc);
+        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
     };
     run_items(items, nthreads, work);
 }
@@ -350,8 +348,9 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= min_len;
             tokens += n;
         }
-        // On the tiles the one pass at any size: the kernel waits on memory, and a token's row of every head
-        // is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
+        // On the tiles the one pass at any size (measured on the 1B layer's 1 KiB rows, which "auto" now reads
+        // on AVX-512: `tiles` there is MEMFIT_DECODE_AMX=1): the kernel waits on memory, and a token's row of every
+        // head is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
         // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
         // a later run with the other jobs paused had head by head the faster at 8 x 4000 (6125 against 7119 us),
         // while the 0.1b shape (Hkv 4) took 1995 against 2748 there.

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def amx_ops():
     ops = ops_for(torch.bfloat16)
-    old = set_decode_amx(True)  # the tiles everywhere ("auto", the default, takes them where a head's rows are runs)
+    old = set_decode_amx(True)  # the tiles everywhere ("auto", the default, takes them where a sequence's rows are runs)
     if not decode_amx_on():
         pytest.skip("no AMX-BF16 here (or hidden by MEMFIT_CPU_ISA, or Linux refused the tile state)")
     yield ops
@@ -147,10 +147,10 @@ def test_the_tiles_default_to_auto_and_never_where_amx_is_hidden():
 
 
 def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
-    """Mode "auto": paged blocks, head-major slots and the per-layer layout of rows up to 512 bytes (head by head
-    and a sequence at a time) read on the tiles (the AMX bits); rows further apart (a token-major slot's: a token's
-    row holds every layer's) and wider per-layer rows (8 KV heads of 64: 1 KiB) on AVX-512 (the AVX-512 bits); the
-    two paths' bits differ here."""
+    """Mode "auto": paged blocks, head-major slots and per-layer rows of up to 512 bytes read a sequence at a time
+    (from 256 tokens) run on the tiles (the AMX bits); a per-layer slot read head by head (a short context, or by
+    choice), rows further apart (a token-major slot's: a token's row holds every layer's) and wider per-layer rows
+    (8 KV heads of 64: 1 KiB) on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
     q, k, v, lens, g = _case(12, 4, 64, [17, 300], seed=11)
     wide_k = torch.zeros(*k.shape[:2], 3, *k.shape[2:], dtype=k.dtype)  # (S, L, 3, Hkv, D): rows 3 x Hkv x D apart
     wide_v = torch.zeros_like(wide_k)
@@ -162,7 +162,13 @@ def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
         set_decode_amx(mode)
         outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
         wide[mode] = amx_ops.decode_attention(q, wk, wv, slots, lens, 0.125)
-    assert not torch.equal(outs[True]["per-layer"], outs[False]["per-layer"])
+    for name in ("per-layer", "per-layer, by sequence"):
+        assert not torch.equal(outs[True][name][0], outs[False][name][0])
+        assert not torch.equal(outs[True][name][1], outs[False][name][1])
+    by_seq = outs["auto"].pop("per-layer, by sequence")  # 300 tokens a sequence at a time, 17 head by head
+    assert torch.equal(by_seq[1], outs[True]["per-layer, by sequence"][1])
+    assert torch.equal(by_seq[0], outs[False]["per-layer, by sequence"][0])
+    assert torch.equal(outs["auto"].pop("per-layer"), outs[False]["per-layer"])  # head by head
     for name, out in outs["auto"].items():
         assert torch.equal(out, outs[True][name]), name
     assert torch.equal(wide[True], outs[True]["per-layer"]) and not torch.equal(wide[True], wide[False])
@@ -171,7 +177,7 @@ def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
     for mode in (False, True, "auto"):
         set_decode_amx(mode)
         outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
-    assert not torch.equal(outs[True]["per-layer"], outs[False]["per-layer"])
+    assert not torch.equal(outs[True]["per-layer, by sequence"], outs[False]["per-layer, by sequence"])
     for name, out in outs["auto"].items():
         assert torch.equal(out, outs[not name.startswith("per-layer")][name]), name
 
