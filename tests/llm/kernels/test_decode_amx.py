@@ -61,8 +61,9 @@ def _all_layouts(ops, q, k, v, lens, scale, window, g):
 
 
 # GQA 1, 3, 4, 7 (Qwen2-0.5B), 16 (a tile's columns); D 32-128; lengths below, at and around 16 and 32 and long
-@pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (6, 2, 32), (32, 8, 64), (14, 2, 64), (16, 1, 128), (12, 4, 96)])
-@pytest.mark.parametrize("window", [None, 21])
+@pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (6, 2, 32), (32, 8, 64), (14, 2, 64), (16, 1, 128), (12, 4, 96),
+                                      (8, 2, 128)])
+@pytest.mark.parametrize("window", [None, 21, 290])  # 290: a window long enough to be read a sequence at a time
 def test_amx_decode_matches_float64_like_avx512_and_is_one_arithmetic_for_every_layout(amx_ops, hq, hkv, d, window):
     q, k, v, lens, g = _case(hq, hkv, d, [1, 15, 16, 17, 31, 33, 300, 700], seed=hq * 100 + d)
     scale = 1 / math.sqrt(d)
