@@ -114,8 +114,10 @@ struct HeadRowsL2 {
 // 15 interleaved rounds, medians; tiles over AVX-512, one host): Hkv 2, G 7 (the 0.5B shape, 256-byte rows)
 // 0.69-0.85x at 1 x 8192, 8 x 4096, 32 x 2048 and 32 x 512 tokens; Hkv 4, G 3 (512 B) 0.80-0.97x, 1.03x at 32 x 512;
 // Hkv 8, G 4 (1 KiB, the 1B shape) 0.95-0.99x up to 8 x 2048 but 1.04-1.13x at 8 x 8192, 32 x 2048 and 32 x 8192
-// (why not established: not the P . V block, 64-256 tokens measured alike). Rows past 512 B therefore stay on
-// AVX-512: a rule from one host.
+// (why not established: not the P . V block, 64-256 tokens measured alike), and an hour later 0.93-1.02x at the
+// first two and 1.05-1.06x at 32 x 8192: level at best. The tiles' lead grows with G (query heads a KV head, the tile's
+// columns): Hkv 8 at G 1 0.94-1.00x, Hkv 2 at G 16 0.55-0.58x. Rows past 512 B therefore stay on AVX-512: a rule
+// from one host.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
 inline bool decode_amx_takes(int G, int D, int64_t step, int heads) {
     const int mode = g_memfit_decode_amx;
