@@ -117,7 +117,8 @@ struct HeadRowsL2 {
 // (why not established: not the P . V block, 64-256 tokens measured alike), and an hour later 0.93-1.02x at the
 // first two and 1.05-1.06x at 32 x 8192: level at best. The tiles' lead grows with G (query heads a KV head, the tile's
 // columns): Hkv 8 at G 1 0.94-1.00x, Hkv 2 at G 16 0.55-0.58x. Rows past 512 B therefore stay on AVX-512: a rule
-// from one host.
+// from one host. benchmarks/decode_amx_rows.py measures it: 0.68-0.76x at 256 B, 0.99-1.05x at 512 B (a tie), 1.06-1.11x
+// at 1 KiB.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
 inline bool decode_amx_takes(int G, int D, int64_t step, int heads) {
     const int mode = g_memfit_decode_amx;
