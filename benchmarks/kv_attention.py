@@ -83,31 +83,40 @@ def _fill(kind: str, order: str, layout: KVLayout, data: list[tuple[torch.Tensor
     return cache, sids, perm
 
 
-def _decode_step(cache, sids, perm, q, k_new, v_new, ctx, kernels, bridge=None, layers=1):
-    """One decode step of the batch in `perm` order through CachedAttention -> output rows in data order. With
-    `layers` > 1 the step's attention runs that many times (layer 0 each time, rewriting the same token), as a
-    model's layers would: the step's planning is then shared by them, as in an engine."""
-    steps = [SeqStep(sids[j], ctx, 1) for j in perm]
+def _batch_rows(perm: list[int], q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+    """The step's Q and new K/V rows in batch order (`perm`), and the index that puts output rows back in data
+    order. Built once per variant, outside the timed step: in an engine the rows come out of the q/k/v
+    projection already in batch order, so this indexing is the harness's, not the read path's."""
     idx = torch.tensor(perm, device=q.device)
+    return q[idx], k_new[idx], v_new[idx], torch.argsort(idx)
+
+
+def _decode_step(cache, sids, perm, rows, ctx, kernels, bridge=None, layers=1):
+    """One decode step of the batch in `perm` order through CachedAttention -> output rows in batch order
+    (`rows` from _batch_rows). With `layers` > 1 the step's attention runs that many times (layer 0 each time,
+    rewriting the same token), as a model's layers would: the step's planning is then shared by them, as in an
+    engine. Timed: the scheduler's SeqSteps, the plan, and each layer's write + attention."""
+    steps = [SeqStep(sids[j], ctx, 1) for j in perm]
+    qi, ki, vi = rows[:3]
     attn = CachedAttention(cache, steps, len(steps), D ** -0.5, kernels=kernels, bridge=bridge)
-    qi, ki, vi = q[idx], k_new[idx], v_new[idx]
     for _ in range(layers):
         out = attn(0, qi, ki, vi)
-    return out[torch.argsort(idx)]
+    return out
 
 
-def _gather_step(cache, sids, perm, q, k_new, v_new, ctx, layers=1):
+def _gather_step(cache, sids, perm, rows, ctx, layers=1):
     """Write, copy the batch's rows into one tensor, SDPA: the virtual cache's previous path for out-of-order
-    slots, and the paged cache's PyTorch path where no paged kernel runs (kept on CUDA for reference)."""
+    slots, and the paged cache's PyTorch path where no paged kernel runs (kept on CUDA for reference); output
+    rows in batch order."""
     steps = [SeqStep(sids[j], ctx, 1) for j in perm]
-    idx = torch.tensor(perm, device=q.device)
+    qi, ki, vi = rows[:3]
     plan = cache.plan_step(steps, pad_to=DECODE_PAD)
-    lens = torch.full((len(perm),), ctx + 1, device=q.device)
+    lens = torch.full((len(perm),), ctx + 1, device=qi.device)
     for _ in range(layers):
-        cache.write(0, plan, k_new[idx], v_new[idx])
+        cache.write(0, plan, ki, vi)
         kc, vc = cache.context_batch(0, plan)  # a copy: the slots are not consecutive
-        out = decode_attention(q[idx], kc, vc, lens, D ** -0.5)
-    return out[torch.argsort(idx)]
+        out = decode_attention(qi, kc, vc, lens, D ** -0.5)
+    return out
 
 
 def _ms(times: dict[str, list[float]]) -> dict[str, float]:
@@ -132,7 +141,7 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
         layout = KVLayout(1, HKV, D, dtype, max_seq_len=ctx + 2 * DECODE_PAD, device=device)
         data = [(k.to(device, dtype), v.to(device, dtype)) for k, v in base]
         qd, kd, vd = q.to(device, dtype), k_new.to(device, dtype), v_new.to(device, dtype)
-        caches, fns = [], {}
+        caches, fns, undo = [], {}, {}  # undo: variant -> index putting its output rows in data order
         # (name, kind, block size, head-major virtual): the kernels also get the virtual cache's head-major layout
         # and the paged cache at vLLM-CPU's default block size, 128
         variants = [("virtual", "virtual", BLOCK, False), ("paged", "paged", BLOCK, False)]
@@ -144,21 +153,26 @@ def decode_cell(batch: int, ctx: int, reps: int, ops, seed: int, device: torch.d
             for order in ("in", "out"):
                 cache, sids, perm = _fill(kind, order, layout, data, random.Random(seed + batch + ctx), block, hm)
                 caches.append(cache)
+                rows = _batch_rows(perm, qd, kd, vd)
                 name = base_name + ("" if order == "in" else "_out_of_order")
                 kern = ops if family == "kernel" else None
-                fns[name] = (lambda c=cache, s=sids, p=perm, k=kern: _decode_step(c, s, p, qd, kd, vd, ctx, k,
-                                                                                  layers=layers))
+                fns[name] = (lambda c=cache, s=sids, p=perm, r=rows, k=kern: _decode_step(c, s, p, r, ctx, k,
+                                                                                          layers=layers))
+                undo[name] = rows[3]
                 if family == "torch" and kind == "virtual" and order == "out":
-                    fns["virtual_gather"] = lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx, layers)
+                    fns["virtual_gather"] = lambda c=cache, s=sids, p=perm, r=rows: _gather_step(c, s, p, r, ctx, layers)
+                    undo["virtual_gather"] = rows[3]
+                    if cuda:  # the runs path on its own: one launch a run of consecutive slots, no bridging
+                        fns["virtual_runs_out_of_order"] = (lambda c=cache, s=sids, p=perm, r=rows: _decode_step(
+                            c, s, p, r, ctx, None, bridge=False, layers=layers))
+                        undo["virtual_runs_out_of_order"] = rows[3]
                 if family == "torch" and kind == "paged" and cuda and flex_available():  # flex is the paged path
                     fns[name.replace("paged", "paged_gather")] = (  # there; its gather is kept for reference
-                        lambda c=cache, s=sids, p=perm: _gather_step(c, s, p, qd, kd, vd, ctx, layers))
-                    if cuda:  # the runs path on its own: one launch a run of consecutive slots, no bridging
-                        fns["virtual_runs_out_of_order"] = (lambda c=cache, s=sids, p=perm: _decode_step(
-                            c, s, p, qd, kd, vd, ctx, None, bridge=False, layers=layers))
+                        lambda c=cache, s=sids, p=perm, r=rows: _gather_step(c, s, p, r, ctx, layers))
+                    undo[name.replace("paged", "paged_gather")] = rows[3]
         times = (interleave(fns, reps, warmup=2, sync=torch.cuda.synchronize) if cuda
                  else interleave(fns, reps, warmup=2, clock=time.process_time))
-        outs = {name: fn() for name, fn in fns.items()}
+        outs = {name: fn()[undo[name]] for name, fn in fns.items()}
         ref = outs["virtual"].float()
         close = all(torch.allclose(ref, o.float(), atol=1e-4 if dtype == torch.float32 else 2e-2)
                     for o in outs.values())

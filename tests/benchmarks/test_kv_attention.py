@@ -40,3 +40,18 @@ def test_decode_cells_intervals_follow_ratios():
     # best paged (paged_128, x1.05) over best virtual (head-major, x0.95): about 1.1, clearly above 1
     assert 1.0 < ci["kernel_in_order"][0] < ci["kernel_in_order"][1]
     assert 1.0 < ci["kernel_in_order_default_layouts"][0]  # paged 16 (x1.1) over the per-layer virtual (x1.0)
+
+
+def test_decode_cell_gives_each_variant_its_rows_back_in_data_order():
+    """Each variant's batch goes through its cache in its own (shuffled) order; the cell puts the rows back before
+    it compares them. Out of order the batch is a permutation, so a wrong un-permutation makes outputs differ."""
+    import torch
+
+    from benchmarks.kv_attention import decode_cell
+
+    torch.manual_seed(0)
+    row = decode_cell(batch=3, ctx=40, reps=1, ops=None, seed=2)
+    assert row["torch"]["close_output"] is True
+    assert {"virtual_ms", "virtual_out_of_order_ms", "virtual_gather_ms", "paged_ms",
+            "paged_out_of_order_ms"} <= set(row["torch"])
+    assert "virtual_runs_out_of_order_ms" not in row["torch"]  # CUDA only
