@@ -1,12 +1,12 @@
 """memfit's decode attention on AMX tiles against its AVX-512 path, inside the engine, per KV layout (the default
 mode, MEMFIT_DECODE_AMX=auto, takes the tiles where a sequence's rows lie in runs; this A/B sets each path itself).
 
-One engine (the 0.1b random-initialised Llama in bf16, one thread) prefills `batch` prompts of `prompt-len` random
-tokens, then decodes; the decode attention path is switched every `switch` steps (tiles; AVX-512 with its default
-one-pass threshold; tiles head by head), so the three read the same growing KV within one process. Each step's
-CPU time is recorded; the medians per path are reported, for the virtual cache in its default per-layer layout
-(`virtual`) and head-major (`virtual-head-major`: a head's rows one run) and for the paged one. Needs a core with
-AMX-BF16 (else it says so and exits 2).
+One engine (a random-initialised Llama in bf16, 0.1b unless `--shape` says, one thread) prefills `batch` prompts of
+`prompt-len` random tokens, then decodes; the decode attention path is switched every `switch` steps (tiles;
+AVX-512 with its default one-pass threshold; tiles head by head), so the three read the same growing KV within one
+process. Each step's CPU time is recorded; the medians per path are reported, for the virtual cache in its default
+per-layer layout (`virtual`) and head-major (`virtual-head-major`: a head's rows one run) and for the paged one.
+Needs a core with AMX-BF16 (else it says so and exits 2).
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_amx_ab --out benchmarks/results/decode_amx_ab.json
 """
@@ -28,13 +28,14 @@ PATHS = {"amx": (True, -1), "avx512": (False, -1), "amx_head_by_head": (True, 2*
 CACHES = {"virtual": ("virtual", "per-layer"), "virtual-head-major": ("virtual", "head-major"), "paged": ("paged", "auto")}
 
 
-def run_cache(cache: str, batch: int, prompt_len: int, new_tokens: int, switch: int, root: Path) -> dict:
+def run_cache(cache: str, batch: int, prompt_len: int, new_tokens: int, switch: int, root: Path,
+              shape: str = "0.1b") -> dict:
     from benchmarks.decode_setup import make_model_dir
     from memfit.llm.engine import EngineConfig, LLMEngine
     from memfit.llm.engine.params import SamplingParams
     from memfit.llm.kernels.decode import set_by_seq_min_bytes, set_decode_amx
 
-    path = make_model_dir("0.1b", "bfloat16", root)
+    path = make_model_dir(shape, "bfloat16", root)
     kv_cache, kv_layout = CACHES[cache]
     engine = LLMEngine(EngineConfig(model=str(path), dtype="bfloat16", kv_budget="4GiB", max_num_seqs=batch,
                                     max_num_batched_tokens=batch * prompt_len, max_model_len=prompt_len + new_tokens,
@@ -68,6 +69,9 @@ def run_cache(cache: str, batch: int, prompt_len: int, new_tokens: int, switch: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="0.1b", choices=["0.1b", "0.5b", "1b"],
+                    help="the random-initialised Llama (benchmarks/decode_setup.py): 0.1b has 512-byte per-layer K rows "
+                         "(4 KV heads of 64), 0.5b 256 bytes (2), 1b 1 KiB (8)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=4000)
     ap.add_argument("--new-tokens", type=int, default=96)
@@ -85,11 +89,11 @@ def main() -> int:
         return 2
     set_decode_amx(False)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [run_cache(c, args.batch, args.prompt_len, args.new_tokens, args.switch, Path(tmp))
+        rows = [run_cache(c, args.batch, args.prompt_len, args.new_tokens, args.switch, Path(tmp), args.shape)
                 for c in args.caches]
         for r in rows:
             print(r, file=sys.stderr)
-    result = {"benchmark": "decode_amx_ab", "machine": header(args.threads), "model": "0.1b", "dtype": "bfloat16",
+    result = {"benchmark": "decode_amx_ab", "machine": header(args.threads), "model": args.shape, "dtype": "bfloat16",
               "batch": args.batch, "prompt_len": args.prompt_len, "switch": args.switch,
               "timed": "CPU time of each engine step after the prefill; medians per path", "rows": rows}
     emit(result, args.out)

@@ -22,11 +22,15 @@ import torch
 
 from benchmarks.common import emit, header, interleave, pin_threads
 
-# (Hq, Hkv, D, batch, context, layers): the 0.5B shape (256-byte rows), the 0.1b (512 B), the 1B (1 KiB); long
-# contexts read a sequence at a time, and short ones (128 tokens), which every reader takes head by head
+# (Hq, Hkv, D, batch, context, layers): the 0.5B shape (256-byte rows), the 0.1b (512 B), the 1B (1 KiB), and at
+# D 128 Qwen2.5-7B's (4 KV heads, G 7: 1 KiB) and Llama-3-8B's (8 KV heads, G 4: 2 KiB); long contexts read a
+# sequence at a time, and short ones (128 tokens), which every reader takes head by head
 CELLS = [(14, 2, 64, 8, 4096, 12), (14, 2, 64, 32, 2048, 6), (14, 2, 64, 8, 128, 12),
          (12, 4, 64, 8, 4000, 12), (12, 4, 64, 32, 512, 12), (12, 4, 64, 8, 128, 12),
-         (32, 8, 64, 8, 2048, 12), (32, 8, 64, 8, 8192, 3), (32, 8, 64, 32, 8192, 1)]
+         (32, 8, 64, 8, 2048, 12), (32, 8, 64, 8, 8192, 3), (32, 8, 64, 32, 8192, 1),
+         (32, 8, 64, 8, 128, 12),
+         (28, 4, 128, 8, 2048, 6), (28, 4, 128, 32, 2048, 2), (28, 4, 128, 8, 128, 12),
+         (32, 8, 128, 8, 2048, 4), (32, 8, 128, 32, 2048, 1), (32, 8, 128, 8, 128, 12)]
 # variant -> (memfit_decode_set_amx mode: 0 AVX-512, 1 tiles, 2 auto; set_by_seq_min_bytes: -1 default, 2**62 head
 # by head)
 VARIANTS = {"tiles": (1, -1), "avx512": (0, -1), "tiles_head_by_head": (1, 2**62),
@@ -64,6 +68,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--row-bytes", type=int, nargs="+", default=None,
+                    help="only the cells whose per-layer rows are this many bytes a token (default: every cell)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(args.threads)
@@ -85,6 +91,8 @@ def main() -> int:
     try:
         rows = []
         for c in CELLS:
+            if args.row_bytes and c[1] * c[2] * 2 not in args.row_bytes:
+                continue
             rows.append(cell(*c, args.reps, ops, lib))
             print(rows[-1], file=sys.stderr, flush=True)
     finally:

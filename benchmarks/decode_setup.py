@@ -19,6 +19,9 @@ SHAPES = {
     # ~0.5B: Qwen2.5-0.5B's shape (tied embeddings, 14 heads / 2 KV heads).
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # ~1.2B: Llama-3.2-1B's shape (32 heads / 8 KV heads of 64: 1 KiB of K a token a layer, tied embeddings)
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
 
 

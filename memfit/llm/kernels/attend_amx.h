@@ -41,14 +41,11 @@ struct alignas(64) DecodeTileConfig {
     uint8_t rows[16] = {};
 };
 
-// Tiles: 0 = S^T (16 tokens x G fp32), 1 = K rows (A: 16 x 32 bf16) or V pairs (B: 16 pairs x 16 columns),
-// 2 = Q^T (B: 16 pairs x G), 3-6 = O (G x 16 fp32 each), 7 = P (A: G x 32 bf16). attend_group_amx scores under
-// score_tile_config (below) and takes this one for P . V; attend_heads_amx runs under this one throughout.
+// Tiles of the P . V phase: 1 = V pairs (B: 16 pairs x 16 columns), 3-6 = O (G x 16 fp32 each), 7 = P (A: G x 32
+// bf16). Both kernels score under score_tile_config (below) and take this one for P . V.
 inline void decode_tile_config(int G) {
     DecodeTileConfig cfg;
-    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(4 * G);
     cfg.rows[1] = 16, cfg.colsb[1] = 64;
-    cfg.rows[2] = 16, cfg.colsb[2] = (uint16_t)(4 * G);
     for (int t = 3; t < 8; t++) cfg.rows[t] = (uint8_t)G, cfg.colsb[t] = 64;
     _tile_loadconfig(&cfg);
 }
@@ -100,29 +97,26 @@ struct HeadRowsL2 {
     }
 };
 
-// Whether a read of rows `step` elements apart takes the tiles, `heads` KV heads of each row at once (1: head by
-// head; Hkv: attend_heads_amx, a sequence at a time). Mode 2 ("auto", kernels/decode.py's default where AMX runs):
-// where the rows read lie in runs, a head's (step == D: paged blocks and head-major slots, whose runs
-// request_runs_l2 primes) or, up to AMX_RUN_ROW_MAX bytes a token, every head's of a token after the last token's
-// (step == heads x D: the per-layer layout read a sequence at a time, HeadRowsL2); not a per-layer slot read head by
-// head (short contexts, or fewer sequences than threads: at Hkv 4, G 3 the tiles took 1.03-1.13x AVX-512's time at
-// 128-200 tokens, though 0.59-0.84x at Hkv 2) nor rows further apart (a token-major slot's, not measured on the
-// tiles). In the engine (benchmarks/decode_amx_ab.py, 0.1b: Hkv 4, D 64, 8 x 4000 tokens, 7 December, nothing else
-// running, three runs) the tiles took 0.85-0.87x AVX-512's step time on the paged cache, 0.84-0.89x on head-major
-// slots and 0.91-0.98x on the per-layer layout (1.03-1.065x before the 256-token P . V blocks and HeadRowsL2).
-// Per-layer rows a sequence at a time, 12 layers of bf16 decode attention read in turn (a /tmp harness, one thread,
-// 15 interleaved rounds, medians; tiles over AVX-512, one host): Hkv 2, G 7 (the 0.5B shape, 256-byte rows)
-// 0.69-0.85x at 1 x 8192, 8 x 4096, 32 x 2048 and 32 x 512 tokens; Hkv 4, G 3 (512 B) 0.80-0.97x, 1.03x at 32 x 512;
-// Hkv 8, G 4 (1 KiB, the 1B shape) 0.95-0.99x up to 8 x 2048 but 1.04-1.13x at 8 x 8192, 32 x 2048 and 32 x 8192
-// (why not established: not the P . V block, 64-256 tokens measured alike), and an hour later 0.93-1.02x at the
-// first two and 1.05-1.06x at 32 x 8192: level at best. The tiles' lead grows with G (query heads a KV head, the tile's
-// columns): Hkv 8 at G 1 0.94-1.00x, Hkv 2 at G 16 0.55-0.58x. Rows past 512 B therefore stay on AVX-512: a rule
-// from one host. benchmarks/decode_amx_rows.py measures it: 0.68-0.76x at 256 B, 0.99-1.05x at 512 B (a tie), 1.06-1.11x
-// at 1 KiB.
+// Whether a read of rows `step` elements apart takes the tiles, for a cache with Hkv KV heads read a sequence at a
+// time (`by_seq`: attend_heads_amx) or head by head (attend_group_amx). Mode 2 ("auto", kernels/decode.py's
+// default where AMX runs):
+// - a head's rows in runs (step == D: paged blocks and head-major slots, whose runs request_runs_l2 primes): the
+//   tiles. In the engine (benchmarks/decode_amx_ab.py, 0.1b, 8 x 4000 tokens) 0.85-0.87x AVX-512's step time on the
+//   paged cache, 0.84-0.89x on head-major slots.
+// - per-layer rows (step == Hkv x D, a token's heads side by side): the tiles where a KV head has at least
+//   AMX_PER_LAYER_G query heads (G, the tiles' columns), read either way, and, a sequence at a time, rows of at most
+//   AMX_RUN_ROW_MAX bytes at any G. benchmarks/decode_amx_rows.py (12 layers read in turn, one thread, tiles over
+//   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-1.02x a sequence at a
+//   time and 0.50-0.93x head by head; at G 1-3 it goes both ways (1 KiB rows a sequence at a time 1.05-1.17x; 512 B
+//   at G 3 0.99-1.05x, and 0.91-0.98x in the engine at the 0.1b shape, whence the 512-byte rule; head by head at
+//   128-200 tokens 1.01-1.23x).
+// - rows further apart (a token-major slot's, where a token's row holds every layer's): AVX-512, not measured.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
-inline bool decode_amx_takes(int G, int D, int64_t step, int heads) {
+constexpr int AMX_PER_LAYER_G = 4;
+inline bool decode_amx_takes(int G, int D, int64_t step, int Hkv, bool by_seq) {
     const int mode = g_memfit_decode_amx;
-    const bool runs = step == D || (heads > 1 && step == (int64_t)heads * D && step * 2 <= AMX_RUN_ROW_MAX);
+    const bool per_layer = Hkv > 1 && step == (int64_t)Hkv * D;
+    const bool runs = step == D || (per_layer && (G >= AMX_PER_LAYER_G || (by_seq && step * 2 <= AMX_RUN_ROW_MAX)));
     return (mode == 1 || (mode == 2 && runs)) && G >= 1 && G <= 16 && D % 32 == 0 && D <= 128;
 }
 
@@ -152,23 +146,6 @@ inline void scores_from_st(const float (*st)[16], int G, float scale, float* s, 
     }
 }
 
-// Scores of 16 tokens whose rows start at kb, `ks` bytes apart: S^T in tile 0, stored to st, then column g of st
-// (scaled) to s + g * lds (row g of S), mx[g] the running maxima.
-template <int D>
-inline void score16(const uint16_t* kb, int64_t ks, const uint32_t (*qt)[16][16], int G, float scale, float* s,
-                    int64_t lds, __m512* mx) {
-    alignas(64) float st[16][16];
-    _tile_zero(0);
-    _Pragma("GCC unroll 4")
-    for (int c = 0; c < D / 32; c++) {
-        _tile_loadd(1, kb + 32 * c, ks);
-        _tile_loadd(2, &qt[c][0][0], 64);
-        _tile_dpbf16ps(0, 1, 2);
-    }
-    _tile_stored(0, &st[0][0], 64);
-    scores_from_st(st, G, scale, s, lds, mx);
-}
-
 // Tiles of the score phase (score_block): 0-3 = S^T of four 16-token groups (16 x G fp32), 4-5 = K rows (A),
 // 6-7 = Q^T (B; for D <= 64 both chunks stay loaded, else chunks alternate between them). The P . V phase
 // reconfigures to decode_tile_config (loading a configuration zeroes every tile).
@@ -181,9 +158,10 @@ inline void score_tile_config(int G) {
 }
 
 // The scores of n <= 4 groups of 16 tokens (group j's rows start at kb[j], ks[j] bytes apart) on four accumulator
-// tiles, so the tile unit overlaps the groups' multiply-add chains where score16 waits on one (each TDPBF16PS adds
-// to the tile the previous one wrote). Per group the same instructions on the same values in the same order as
-// score16: the same bits. Needs score_tile_config and, for D <= 64, Q^T chunk c in tile 6 + c.
+// tiles, so the tile unit overlaps the groups' multiply-add chains where one accumulator would wait on each (each
+// TDPBF16PS adds to the tile the previous one wrote). A group's S^T is its own D / 32 multiply-adds in order, so a
+// group's bits do not depend on n or on the groups beside it. Needs score_tile_config and, for D <= 64, Q^T chunk c
+// in tile 6 + c.
 template <int D>
 inline void score_block(const uint16_t* const* kb, const int64_t* ks, int n, const uint32_t (*qt)[16][16], int G,
                         float scale, float* s, int64_t lds, __m512* mx) {
@@ -423,7 +401,6 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
     alignas(64) uint32_t qt[16][D / 32][16][16];  // every group's Q^T (Hkv <= 16)
     alignas(64) uint32_t vp[16][D];
     for (int h = 0; h < Hkv; h++) pack_q<D>(q + (int64_t)h * G * D, G, qt[h]);
-    decode_tile_config(G);
     const int64_t full = L / 16 * 16;
     // rows into L2 as attend_heads asks for them: each step of a block's work asks for its share of the rows two
     // blocks on (the last block of scores: V's first rows)
@@ -432,18 +409,30 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
     const int64_t kchunks = (int64_t)Hkv * (TB / 16), vunits = (int64_t)Hkv * (TV / 32);
     __m512 mx[256];  // H <= 256 (G <= 16, Hkv <= 16)
     for (int hg = 0; hg < H; hg++) mx[hg] = _mm512_set1_ps(-INFINITY);
+    // a head's 64 tokens of a block on four accumulator tiles (score_block, as attend_group_amx scores): the tile
+    // unit overlaps the four groups' multiply-add chains. Before, 16 tokens at a time on one accumulator, waiting on
+    // each chain in turn, the tiles took 1.07-1.15x AVX-512's time at 1 KiB rows, now 0.92-1.02x, and 0.67-0.77x at
+    // 256 B, now 0.58-0.66x (benchmarks/decode_amx_rows.py, 7 December, the two trees alternating)
+    score_tile_config(G);
     for (int64_t b0 = 0; b0 < full; b0 += TB) {
         const int64_t b1 = std::min(b0 + TB, full);
+        const int ng = (int)((b1 - b0) / 16);
         int64_t chunk = 0;
-        for (int h = 0; h < Hkv; h++)
-            for (int64_t t = b0; t < b1; t += 16) {
-                chunk++;
-                kpf.advance(b1 + TB + (chunk * TB) / kchunks);
-                if (b1 == full) vpf.advance((chunk * TB) / kchunks);
-                score16<D>(kb + t * kstep + h * khead, kstep * 2, qt[h], G, scale, S + (size_t)h * G * Lp + t, Lp,
-                           mx + h * G);
+        for (int h = 0; h < Hkv; h++) {
+            chunk += ng;
+            kpf.advance(b1 + TB + (chunk * TB) / kchunks);
+            if (b1 == full) vpf.advance((chunk * TB) / kchunks);
+            if (D <= 64) {  // score_block's Q^T tiles: this head's chunks
+                _tile_loadd(6, &qt[h][0][0][0], 64);
+                if (D == 64) _tile_loadd(7, &qt[h][1][0][0], 64);
             }
+            const uint16_t* kbs[4];
+            int64_t kss[4];
+            for (int j = 0; j < ng; j++) kbs[j] = kb + (b0 + 16 * j) * kstep + h * khead, kss[j] = kstep * 2;
+            score_block<D>(kbs, kss, ng, qt[h], G, scale, S + (size_t)h * G * Lp + b0, Lp, mx + h * G);
+        }
     }
+    decode_tile_config(G);  // the P . V phase's tiles
     float inv[256];
     for (int h = 0; h < Hkv; h++)
         for (int g = 0; g < G; g++) {

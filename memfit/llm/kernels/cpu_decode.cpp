@@ -195,11 +195,11 @@ namespace memfit_decode {
 #include "attend.h"
 #include "attend_amx.h"
 
-// Whether bf16 attention of this shape runs on the tiles (attend_amx.h).
+// Whether bf16 attention of this shape, read a sequence at a time, runs on the tiles (attend_amx.h).
 template <typename T>
 inline bool amx_reads(int G, int D, int64_t step, int Hkv) {
 #ifdef MEMFIT_DECODE_AMX
-    return sizeof(T) == 2 && decode_amx_takes(G, D, step, Hkv);
+    return sizeof(T) == 2 && decode_amx_takes(G, D, step, Hkv, true);
 #else
     (void)G, (void)D, (void)step, (void)Hkv;
     return false;
@@ -209,11 +209,11 @@ inline bool amx_reads(int G, int D, int64_t step, int Hkv) {
 // One (sequence, KV head)'s attention: on AMX tiles where kernels/decode.py turned them on and the shape fits
 // (attend_amx.h), else attend.h's AVX-512 form.
 template <typename T, int D, typename Rows>
-inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, float scale, T* out,
+inline void attend_one(const T* q, const Rows& kr, const Rows& vr, int64_t L, int G, int Hkv, float scale, T* out,
                        std::vector<float>& sc) {
 #ifdef MEMFIT_DECODE_AMX
     if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {
-        if (decode_amx_takes(G, D, kr.step, 1)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
+        if (decode_amx_takes(G, D, kr.step, Hkv, false)) return attend_group_amx<D>(q, kr, vr, L, G, scale, out, sc);
     }
 #endif
     attend_group<T, D>(q, kr, vr, L, G, scale, out, sc);
@@ -287,14 +287,14 @@ __attribute__((noinline)) void decode_attention_by_seq(
             for (int h = 0; h < Hkv; h++) {
                 const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
                 const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
-                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, scale,
+                attend_one<T, D>(q + b * ldq + (int64_t)h * G * D, kr, vr, t1 - t0, G, Hkv, scale,
                                  out + b * ldo + (int64_t)h * G * D, sc);
             }
             return;
         }
 #ifdef MEMFIT_DECODE_AMX
         if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // the same steps on the tiles (attend_amx.h)
-            if (decode_amx_takes(G, D, ks[1], Hkv))
+            if (decode_amx_takes(G, D, ks[1], Hkv, true))
                 return attend_heads_amx<D>(q + b * ldq, k + slots[b] * ks[0] + t0 * ks[1], ks[1], ks[2],
                                            v + slots[b] * vs[0] + t0 * vs[1], vs[1], vs[2], t1 - t0, Hkv, G, scale,
                                            out + b * ldo, sc);
@@ -323,7 +323,7 @@ void decode_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, co
         const StridedRows<T> kr{k + slots[b] * ks[0] + t0 * ks[1] + h * ks[2], ks[1]};
         const StridedRows<T> vr{v + slots[b] * vs[0] + t0 * vs[1] + h * vs[2], vs[1]};
         const int64_t head0 = (int64_t)h * G;
-        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
+        attend_one<T, D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, Hkv, scale, out + b * ldo + head0 * D, sc);
     };
     run_items(items, nthreads, work);
 }

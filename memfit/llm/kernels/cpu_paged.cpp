@@ -44,7 +44,7 @@ void paged_attention(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks, con
         const int64_t head0 = (int64_t)h * G;
 #ifdef MEMFIT_DECODE_AMX
         if constexpr (sizeof(T) == 2 && D % 32 == 0 && D <= 128) {  // as cpu_decode.cpp's attend_one
-            if (decode_amx_takes(G, D, ks[1], 1))  // head by head
+            if (decode_amx_takes(G, D, ks[1], Hkv, false))  // head by head
                 return attend_group_amx<D>(q + b * ldq + head0 * D, kr, vr, t1 - t0, G, scale, out + b * ldo + head0 * D, sc);
         }
 #endif

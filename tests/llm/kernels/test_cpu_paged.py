@@ -15,8 +15,8 @@ from tests.llm.kernels.test_cpu_decode import ops_for, reference_attention
 @pytest.fixture(autouse=True)
 def _avx512_decode():
     """Both readers on AVX-512: the default mode on an AMX host ("auto") reads head-major paged blocks on the tiles
-    and per-layer rows wider than 512 bytes on AVX-512, two arithmetics (test_decode_amx.py checks the tiles'
-    readers agree)."""
+    and some per-layer rows on AVX-512 (fewer than 4 query heads a KV head, rows wider than 512 bytes), two
+    arithmetics (test_decode_amx.py checks the tiles' readers agree)."""
     old = set_decode_amx(False)
     yield
     if old is not None:

@@ -148,10 +148,11 @@ def test_the_tiles_default_to_auto_and_never_where_amx_is_hidden():
 
 
 def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
-    """Mode "auto": paged blocks, head-major slots and per-layer rows of up to 512 bytes read a sequence at a time
-    (from 256 tokens) run on the tiles (the AMX bits); a per-layer slot read head by head (a short context, or by
-    choice), rows further apart (a token-major slot's: a token's row holds every layer's) and wider per-layer rows
-    (8 KV heads of 64: 1 KiB) on AVX-512 (the AVX-512 bits); the two paths' bits differ here."""
+    """Mode "auto" at fewer than 4 query heads a KV head: paged blocks, head-major slots and per-layer rows of up to
+    512 bytes read a sequence at a time (from 256 tokens) run on the tiles (the AMX bits); a per-layer slot read head
+    by head (a short context, or by choice), rows further apart (a token-major slot's: a token's row holds every
+    layer's) and wider per-layer rows (8 KV heads of 64: 1 KiB) on AVX-512 (the AVX-512 bits); the two paths' bits
+    differ here."""
     q, k, v, lens, g = _case(12, 4, 64, [17, 300], seed=11)
     wide_k = torch.zeros(*k.shape[:2], 3, *k.shape[2:], dtype=k.dtype)  # (S, L, 3, Hkv, D): rows 3 x Hkv x D apart
     wide_v = torch.zeros_like(wide_k)
@@ -181,6 +182,27 @@ def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
     assert not torch.equal(outs[True]["per-layer, by sequence"], outs[False]["per-layer, by sequence"])
     for name, out in outs["auto"].items():
         assert torch.equal(out, outs[not name.startswith("per-layer")][name]), name
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 64), (28, 4, 128)])  # G 4 (1 KiB rows), G 7 (D 128: 1 KiB)
+def test_auto_takes_the_tiles_for_per_layer_rows_at_four_or_more_query_heads_a_kv_head(amx_ops, hq, hkv, d):
+    """At G >= 4 "auto" reads per-layer rows of any width on the tiles, a sequence at a time and head by head, so
+    every layout gives the tiles' bits; rows further apart (a token-major slot's) stay on AVX-512."""
+    q, k, v, lens, g = _case(hq, hkv, d, [17, 300], seed=13)
+    wide_k = torch.zeros(*k.shape[:2], 3, *k.shape[2:], dtype=k.dtype)  # (S, L, 3, Hkv, D): rows 3 x Hkv x D apart
+    wide_v = torch.zeros_like(wide_k)
+    wide_k[:, :, 1], wide_v[:, :, 1] = k, v
+    slots = torch.arange(len(lens), dtype=torch.int64)
+    outs, wide = {}, {}
+    for mode in (False, True, "auto"):
+        set_decode_amx(mode)
+        outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
+        wide[mode] = amx_ops.decode_attention(q, wide_k[:, :, 1], wide_v[:, :, 1], slots, lens, 0.125)
+    for name in ("per-layer", "per-layer, by sequence"):
+        assert not torch.equal(outs[True][name], outs[False][name])  # the two paths differ here
+    for name, out in outs["auto"].items():
+        assert torch.equal(out, outs[True][name]), name
+    assert not torch.equal(wide[True], wide[False]) and torch.equal(wide["auto"], wide[False])
 
 
 GUARDED = r'''
