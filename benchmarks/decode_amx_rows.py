@@ -1,6 +1,7 @@
-"""Per-layer decode attention on AMX tiles against AVX-512, per row width: the measurement behind `auto`'s rule for
-the per-layer layout (attend_amx.h's decode_amx_takes: the tiles for rows of at most AMX_RUN_ROW_MAX bytes a token
-read a sequence at a time; head-by-head reads and wider rows on AVX-512).
+"""Per-layer decode attention on AMX tiles against AVX-512, per shape: the measurement behind `auto`'s rule for the
+per-layer layout (attend_amx.h's decode_amx_takes: the tiles where a KV head has at least AMX_PER_LAYER_G query heads,
+read a sequence at a time or head by head, and for rows of at most AMX_RUN_ROW_MAX bytes a token read a sequence at
+a time; the rest on AVX-512).
 
     OMP_NUM_THREADS=1 python -m benchmarks.decode_amx_rows --out benchmarks/results/decode_amx_rows.json
 

@@ -6,9 +6,10 @@ Decode, batch 1-32 at 512-8192 tokens per sequence, Llama-3.2-1B-shaped layer (H
 - `kernel` (bf16, memfit's CPU kernels): the virtual cache read at a fixed stride per slot (cpu_decode.cpp),
   the paged cache read through its block tables (cpu_paged.cpp); both write the new token's K/V themselves.
   Same arithmetic (attend.h) on one path: they differ only in how a row's address is found, so outputs are
-  equal (`same_output`). On an AMX core the default decode mode ("auto", docs/engine.md) reads paged blocks and
-  head-major slots on the tiles and this layer's per-layer rows (1 KiB) on AVX-512, two arithmetics: there `same_output` is false
-  and `close_output` (every variant within 2e-2 of the per-layer output, bf16 rounding) is the check.
+  equal (`same_output`). On an AMX core the default decode mode ("auto", docs/engine.md) reads every layout of
+  this layer on the tiles (paged blocks and head-major slots always; per-layer rows because a KV head has 4 query
+  heads); where a decode mode reads two layouts on different paths, `same_output` is false and `close_output` (every
+  variant within 2e-2 of the per-layer output, bf16 rounding) is the check.
   Layouts: the virtual cache per layer (its default) and head-major (`virtual_head_major`: a head's rows one
   run); the paged cache with head-major blocks (vLLM-CPU's layout, the CPU default) of 16 tokens (memfit's
   default) and of 128 (`paged_128`, vLLM-CPU's default).

@@ -107,9 +107,8 @@ struct HeadRowsL2 {
 //   AMX_PER_LAYER_G query heads (G, the tiles' columns), read either way, and, a sequence at a time, rows of at most
 //   AMX_RUN_ROW_MAX bytes at any G. benchmarks/decode_amx_rows.py (12 layers read in turn, one thread, tiles over
 //   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-1.02x a sequence at a
-//   time and 0.50-0.93x head by head; at G 1-3 it goes both ways (1 KiB rows a sequence at a time 1.05-1.17x; 512 B
-//   at G 3 0.99-1.05x, and 0.91-0.98x in the engine at the 0.1b shape, whence the 512-byte rule; head by head at
-//   128-200 tokens 1.01-1.23x).
+//   time and 0.50-0.96x head by head; at G 1-3 it goes both ways (a sequence at a time 0.80-1.17x, 512 B at G 3
+//   1.00-1.05x and 0.91-1.04x in the engine at the 0.1b shape, whence the 512-byte rule; head by head 0.95-1.30x).
 // - rows further apart (a token-major slot's, where a token's row holds every layer's): AVX-512, not measured.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
 constexpr int AMX_PER_LAYER_G = 4;
