@@ -106,9 +106,12 @@ struct HeadRowsL2 {
 // - per-layer rows (step == Hkv x D, a token's heads side by side): the tiles where a KV head has at least
 //   AMX_PER_LAYER_G query heads (G, the tiles' columns), read either way, and, a sequence at a time, rows of at most
 //   AMX_RUN_ROW_MAX bytes at any G. benchmarks/decode_amx_rows.py (12 layers read in turn, one thread, tiles over
-//   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-1.02x a sequence at a
-//   time and 0.50-0.96x head by head; at G 1-3 it goes both ways (a sequence at a time 0.80-1.17x, 512 B at G 3
-//   1.00-1.05x and 0.91-1.04x in the engine at the 0.1b shape, whence the 512-byte rule; head by head 0.95-1.30x).
+//   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-0.98x a sequence at a
+//   time (up to 1.02x in earlier runs) and 0.51-0.96x head by head; at G 1-3 it goes both ways (a sequence at a
+//   time 0.80-1.17x; head by head 0.82-1.30x). Rows of at most 512 B a sequence at a time stay on the tiles at any G
+//   though not faster there (G 3, the 0.1b shape: 1.00-1.05x in that harness, 0.91-1.04x in the engine): level, and
+//   the tiles give the paged cache's bits. (A paged pool with token-major blocks, which the engine never builds on a
+//   CPU, has step == Hkv x D too and is read as per-layer rows.)
 // - rows further apart (a token-major slot's, where a token's row holds every layer's): AVX-512, not measured.
 constexpr int64_t AMX_RUN_ROW_MAX = 512;
 constexpr int AMX_PER_LAYER_G = 4;
@@ -410,8 +413,8 @@ __attribute__((noinline)) void attend_heads_amx(const uint16_t* q, const uint16_
     for (int hg = 0; hg < H; hg++) mx[hg] = _mm512_set1_ps(-INFINITY);
     // a head's 64 tokens of a block on four accumulator tiles (score_block, as attend_group_amx scores): the tile
     // unit overlaps the four groups' multiply-add chains. Before, 16 tokens at a time on one accumulator, waiting on
-    // each chain in turn, the tiles took 1.07-1.15x AVX-512's time at 1 KiB rows, now 0.92-1.02x, and 0.67-0.77x at
-    // 256 B, now 0.58-0.66x (benchmarks/decode_amx_rows.py, 7 December, the two trees alternating)
+    // each chain in turn, the tiles took 1.07-1.15x AVX-512's time at 1 KiB rows (now 0.92-1.02x) and 0.67-0.77x at
+    // 256 B (now 0.58-0.66x) (benchmarks/decode_amx_rows.py, 7 December, the two trees alternating)
     score_tile_config(G);
     for (int64_t b0 = 0; b0 < full; b0 += TB) {
         const int64_t b1 = std::min(b0 + TB, full);

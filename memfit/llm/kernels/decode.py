@@ -55,8 +55,8 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
 
 # Decode attention's AMX mode is set up once, at the kernels' first bf16 use, from MEMFIT_DECODE_AMX: "auto" (the
 # default) runs the tiles where they measured the faster (the paged cache's blocks, head-major slots, per-layer slots
-# where a KV head has 4 or more query heads, and per-layer slots of at most 512 bytes a token read a sequence at a
-# time) and AVX-512 elsewhere (per-layer slots with fewer query heads a KV head, where the tiles went both ways; a
+# where a KV head has 4 or more query heads) or level (per-layer slots of at most 512 bytes a token read a sequence
+# at a time, where the tiles give the paged cache's bits) and AVX-512 elsewhere (per-layer slots with fewer query heads a KV head, where the tiles went both ways; a
 # token-major slot's rows, not measured: attend_amx.h's decode_amx_takes); 1 the tiles everywhere, 0 nowhere
 # (docs/engine.md, "On AMX tiles").
 _amx_checked: list[bool | None] = []
@@ -90,9 +90,9 @@ def decode_amx_on() -> bool:
 
 def set_decode_amx(on: bool | str) -> bool | str | None:
     """Run bf16 decode attention (both caches' readers) on AMX tiles (attend_amx.h: True), on AVX-512 (attend.h:
-    False), or on the tiles where they measured the faster ("auto": paged blocks, head-major slots, per-layer slots
-    with 4 or more query heads a KV head, and those of at most 512 bytes a token read a sequence at a time; the rest
-    on AVX-512). The tiles are taken only where this process may use AMX (the CPU has AMX-BF16,
+    False), or on the tiles where they measured the faster or level ("auto": paged blocks, head-major slots, per-layer
+    slots with 4 or more query heads a KV head, and those of at most 512 bytes a token read a sequence at a time; the
+    rest on AVX-512). The tiles are taken only where this process may use AMX (the CPU has AMX-BF16,
     MEMFIT_CPU_ISA does not hide it, Linux grants the tile state); elsewhere every mode is AVX-512. Returns the mode
     before, or None where the kernels do not run. The kernels' first bf16 use sets it from MEMFIT_DECODE_AMX
     (default auto); tests and benchmarks set it to compare the paths."""
