@@ -348,7 +348,7 @@ void decode_attention_any(const T* q, int64_t ldq, T* k, T* v, const int64_t* ks
             long_one = long_one || n >= min_len;
             tokens += n;
         }
-        // On the tiles the one pass at any size (measured on the 1B layer's 1 KiB rows, before 8766294 gave the
+        // On the tiles the one pass at any size (measured on the 1B layer's 1 KiB rows, before 526d952 gave the
         // tile reader four accumulators): the kernel waits on memory, and a token's row of every
         // head is one run (benchmarks/paged_vllm.py's layer, one thread, interleaved, load ~3: 1 x 8192 tokens 1132 against
         // 1631 us head by head, 8 x 2048 2479 against 3925, 32 x 512 2341 against 3326; 1 x 512 level). Not settled:
