@@ -25,11 +25,12 @@ from benchmarks.common import emit, header, interleave, pin_threads
 
 # (Hq, Hkv, D, batch, context, layers): the 0.5B shape (256-byte rows), the 0.1b (512 B), the 1B (1 KiB), and at
 # D 128 Qwen2.5-7B's (4 KV heads, G 7: 1 KiB) and Llama-3-8B's (8 KV heads, G 4: 2 KiB); long contexts read a
-# sequence at a time, and short ones (128 tokens), which every reader takes head by head
+# sequence at a time, short ones (128 tokens), which every reader takes head by head, and, for the 1B shape, 512-1024
+# tokens, where the tiles read a sequence at a time (from 256 tokens) and AVX-512 head by head (below ~1300)
 CELLS = [(14, 2, 64, 8, 4096, 12), (14, 2, 64, 32, 2048, 6), (14, 2, 64, 8, 128, 12),
          (12, 4, 64, 8, 4000, 12), (12, 4, 64, 32, 512, 12), (12, 4, 64, 8, 128, 12),
          (32, 8, 64, 8, 2048, 12), (32, 8, 64, 8, 8192, 3), (32, 8, 64, 32, 8192, 1),
-         (32, 8, 64, 8, 128, 12),
+         (32, 8, 64, 8, 128, 12), (32, 8, 64, 8, 512, 12), (32, 8, 64, 1, 1024, 12),
          (28, 4, 128, 8, 2048, 6), (28, 4, 128, 32, 2048, 2), (28, 4, 128, 8, 128, 12),
          (32, 8, 128, 8, 2048, 4), (32, 8, 128, 32, 2048, 1), (32, 8, 128, 8, 128, 12)]
 # variant -> (memfit_decode_set_amx mode: 0 AVX-512, 1 tiles, 2 auto; set_by_seq_min_bytes: -1 default, 2**62 head

@@ -60,9 +60,10 @@ def _all_layouts(ops, q, k, v, lens, scale, window, g):
     return outs
 
 
-# GQA 1, 3, 4, 7 (Qwen2-0.5B), 16 (a tile's columns); D 32-128; lengths below, at and around 16 and 32 and long
+# GQA 1, 3, 4, 7 (Qwen2-0.5B), 16 (a tile's columns); D 32-128; lengths below, at and around 16 and 32 and long;
+# (32, 2, 64) and (256, 16, 32): G 16 read a sequence at a time, and 16 KV heads of 16 (attend_heads_amx's largest H)
 @pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (6, 2, 32), (32, 8, 64), (14, 2, 64), (16, 1, 128), (12, 4, 96),
-                                      (8, 2, 128)])
+                                      (8, 2, 128), (32, 2, 64), (256, 16, 32)])
 @pytest.mark.parametrize("window", [None, 21, 290])  # 290: a window long enough to be read a sequence at a time
 def test_amx_decode_matches_float64_like_avx512_and_is_one_arithmetic_for_every_layout(amx_ops, hq, hkv, d, window):
     q, k, v, lens, g = _case(hq, hkv, d, [1, 15, 16, 17, 31, 33, 300, 700], seed=hq * 100 + d)
@@ -184,8 +185,11 @@ def test_auto_takes_the_tiles_where_a_sequences_rows_lie_in_runs(amx_ops):
         assert torch.equal(out, outs[not name.startswith("per-layer")][name]), name
 
 
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 64), (28, 4, 128)])  # G 4 (1 KiB rows), G 7 (D 128: 1 KiB)
-def test_auto_takes_the_tiles_for_per_layer_rows_at_four_or_more_query_heads_a_kv_head(amx_ops, hq, hkv, d):
+# G 4 (1 KiB rows), G 7 (D 128: 1 KiB), G 4 at D 96 (768 B) and at D 32 (512 B); a window long enough to be read a
+# sequence at a time
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 64), (28, 4, 128), (16, 4, 96), (32, 8, 32)])
+@pytest.mark.parametrize("window", [None, 290])
+def test_auto_takes_the_tiles_for_per_layer_rows_at_four_or_more_query_heads_a_kv_head(amx_ops, hq, hkv, d, window):
     """At G >= 4 "auto" reads per-layer rows of any width on the tiles, a sequence at a time and head by head, so
     every layout gives the tiles' bits; rows further apart (a token-major slot's) stay on AVX-512."""
     q, k, v, lens, g = _case(hq, hkv, d, [17, 300], seed=13)
@@ -196,8 +200,8 @@ def test_auto_takes_the_tiles_for_per_layer_rows_at_four_or_more_query_heads_a_k
     outs, wide = {}, {}
     for mode in (False, True, "auto"):
         set_decode_amx(mode)
-        outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, None, torch.Generator().manual_seed(1))
-        wide[mode] = amx_ops.decode_attention(q, wide_k[:, :, 1], wide_v[:, :, 1], slots, lens, 0.125)
+        outs[mode] = _all_layouts(amx_ops, q, k, v, lens, 0.125, window, torch.Generator().manual_seed(1))
+        wide[mode] = amx_ops.decode_attention(q, wide_k[:, :, 1], wide_v[:, :, 1], slots, lens, 0.125, window)
     for name in ("per-layer", "per-layer, by sequence"):
         assert not torch.equal(outs[True][name], outs[False][name])  # the two paths differ here
     for name, out in outs["auto"].items():
