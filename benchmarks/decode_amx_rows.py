@@ -32,7 +32,11 @@ CELLS = [(14, 2, 64, 8, 4096, 12), (14, 2, 64, 32, 2048, 6), (14, 2, 64, 8, 128,
          (32, 8, 64, 8, 2048, 12), (32, 8, 64, 8, 8192, 3), (32, 8, 64, 32, 8192, 1),
          (32, 8, 64, 8, 128, 12), (32, 8, 64, 8, 512, 12), (32, 8, 64, 1, 1024, 12),
          (28, 4, 128, 8, 2048, 6), (28, 4, 128, 32, 2048, 2), (28, 4, 128, 8, 128, 12),
-         (32, 8, 128, 8, 2048, 4), (32, 8, 128, 32, 2048, 1), (32, 8, 128, 8, 128, 12)]
+         (32, 8, 128, 8, 2048, 4), (32, 8, 128, 32, 2048, 1), (32, 8, 128, 8, 128, 12),
+         # fewer query heads a KV head (G 1-3) at 8 x 2048, where `auto` keeps wider rows on AVX-512: G decides more
+         # than the row's width
+         (2, 2, 64, 8, 2048, 12), (8, 8, 64, 8, 2048, 12), (4, 2, 64, 8, 2048, 12), (8, 4, 64, 8, 2048, 12),
+         (16, 8, 64, 8, 2048, 12), (24, 8, 64, 8, 2048, 12)]
 # variant -> (memfit_decode_set_amx mode: 0 AVX-512, 1 tiles, 2 auto; set_by_seq_min_bytes: -1 default, 2**62 head
 # by head)
 VARIANTS = {"tiles": (1, -1), "avx512": (0, -1), "tiles_head_by_head": (1, 2**62),
@@ -75,13 +79,13 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(args.threads)
-    from memfit.llm.kernels.build import load_cpu_linear, unavailable_reason
-    from memfit.llm.kernels.decode import CpuDecodeOps, decode_amx_on, set_decode_amx
+    from benchmarks.decode_setup import cpu_bf16_decode_ops
+    from memfit.llm.kernels.build import load_cpu_linear
+    from memfit.llm.kernels.decode import decode_amx_on, set_decode_amx
 
-    if unavailable_reason(torch.bfloat16) is not None:
-        print(f"memfit's CPU kernels do not run here: {unavailable_reason(torch.bfloat16)}", file=sys.stderr)
+    ops = cpu_bf16_decode_ops()
+    if ops is None:
         return 2
-    ops = CpuDecodeOps(torch.bfloat16)
     old = set_decode_amx(True)
     if not decode_amx_on():
         print("no AMX decode attention here (no AMX-BF16, MEMFIT_CPU_ISA hides it, or Linux refused)", file=sys.stderr)

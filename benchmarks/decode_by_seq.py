@@ -67,13 +67,12 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     pin_threads(args.threads)
-    from memfit.llm.kernels.build import unavailable_reason
-    from memfit.llm.kernels.decode import CpuDecodeOps, set_decode_amx
+    from benchmarks.decode_setup import cpu_bf16_decode_ops
+    from memfit.llm.kernels.decode import set_decode_amx
 
-    if unavailable_reason(torch.bfloat16) is not None:
-        print(f"memfit's CPU kernels do not run here: {unavailable_reason(torch.bfloat16)}", file=sys.stderr)
+    ops = cpu_bf16_decode_ops()
+    if ops is None:
         return 2
-    ops = CpuDecodeOps(torch.bfloat16)
     old = set_decode_amx(False)
     try:
         rows = []

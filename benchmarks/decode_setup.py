@@ -25,6 +25,21 @@ SHAPES = {
 }
 
 
+def cpu_bf16_decode_ops():
+    """memfit's bf16 CPU decode kernels (kernels/decode.py's CpuDecodeOps), or None after saying on stderr why they
+    do not run here (the kernel benchmarks then exit 2)."""
+    import sys
+
+    from memfit.llm.kernels.build import unavailable_reason
+    from memfit.llm.kernels.decode import CpuDecodeOps
+
+    reason = unavailable_reason(torch.bfloat16)
+    if reason is not None:
+        print(f"memfit's CPU kernels do not run here: {reason}", file=sys.stderr)
+        return None
+    return CpuDecodeOps(torch.bfloat16)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

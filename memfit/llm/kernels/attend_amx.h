@@ -106,9 +106,9 @@ struct HeadRowsL2 {
 // - per-layer rows (step == Hkv x D, a token's heads side by side): the tiles where a KV head has at least
 //   AMX_PER_LAYER_G query heads (G, the tiles' columns), read either way, and, a sequence at a time, rows of at most
 //   AMX_RUN_ROW_MAX bytes at any G. benchmarks/decode_amx_rows.py (12 layers read in turn, one thread, tiles over
-//   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-0.98x a sequence at a
-//   time (up to 1.02x in earlier runs) and 0.51-1.01x head by head; at G 1-3 it goes both ways (a sequence at a
-//   time 0.80-1.17x; head by head 0.82-1.30x). Rows of at most 512 B a sequence at a time stay on the tiles at any G
+//   AVX-512; docs/benchmarks.md): at G 4 and 7, 256 B to 2 KiB rows (D 64 and 128), 0.58-0.85x a sequence at a
+//   time but level at 1 KiB and D 64 (0.92-1.04x over three runs), and 0.51-1.01x head by head; at G 1-3 it goes
+//   both ways (a sequence at a time 0.79-1.17x; head by head 0.82-1.30x). Rows of at most 512 B a sequence at a time stay on the tiles at any G
 //   though not faster there (G 3, the 0.1b shape: 1.00-1.05x in that harness, 0.91-1.04x in the engine): level, and
 //   the tiles give the paged cache's bits. (A paged pool with token-major blocks, which the engine never builds on a
 //   CPU, has step == Hkv x D too and is read as per-layer rows.)

@@ -56,9 +56,9 @@ def _functions(dtype: torch.dtype) -> dict[str, ctypes._CFuncPtr] | None:
 # Decode attention's AMX mode is set up once, at the kernels' first bf16 use, from MEMFIT_DECODE_AMX: "auto" (the
 # default) runs the tiles where they measured the faster (the paged cache's blocks, head-major slots, per-layer slots
 # where a KV head has 4 or more query heads) or level (per-layer slots of at most 512 bytes a token read a sequence
-# at a time, where the tiles give the paged cache's bits) and AVX-512 elsewhere (per-layer slots with fewer query heads a KV head, where the tiles went both ways; a
-# token-major slot's rows, not measured: attend_amx.h's decode_amx_takes); 1 the tiles everywhere, 0 nowhere
-# (docs/engine.md, "On AMX tiles").
+# at a time, where the tiles give the paged cache's bits) and AVX-512 elsewhere (other per-layer reads with fewer
+# query heads a KV head, where the tiles went both ways; a token-major slot's rows, not measured: attend_amx.h's
+# decode_amx_takes); 1 the tiles everywhere, 0 nowhere (docs/engine.md, "On AMX tiles").
 _amx_checked: list[bool | None] = []
 _AMX_MODES = {0: False, 1: True, 2: "auto"}
 
@@ -73,7 +73,7 @@ def decode_amx_env() -> bool | str:
 
 def decode_amx_mode() -> bool | str:
     """The bf16 decode attention's AMX mode in this process (set up at the kernels' first bf16 use): False (AVX-512),
-    True (AMX tiles wherever they take the shape) or "auto" (the tiles where the rows read lie in runs)."""
+    True (AMX tiles wherever they take the shape) or "auto" (the tiles where they measured the faster or level)."""
     if unavailable_reason(torch.bfloat16) is None and not _amx_checked:
         _functions(torch.bfloat16)
     if unavailable_reason(torch.bfloat16) is not None:
