@@ -31,7 +31,9 @@ def main() -> int:
         from benchmarks.costmodel_loop import cli as loop_main
 
         return loop_main([a for a in sys.argv[1:] if a != "--loop"])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="--loop (first): the tile choice in the loop instead, benchmarks/costmodel_loop.py "
+                                        "(see `python -m benchmarks.costmodel --loop --help` for its options)")
     ap.add_argument("--db", required=True)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--family-epochs", type=int, default=12)

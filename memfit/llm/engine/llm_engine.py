@@ -127,7 +127,7 @@ class LLMEngine:
         self._model_info = ModelInfo(
             model_path=str(path), max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
             dtype=str(self.dtype).replace("torch.", ""), device=str(self.device), kv_cache=config.kv_cache,
-            kv_budget_bytes=self.kv_budget.limit_bytes, tokenizer=self.tokenizer,
+            kv_budget_bytes=self.kv_budget.limit_bytes, tokenizer=self.tokenizer, max_waiting=config.max_waiting,
         )
         self._seqs: dict[str, Sequence] = {}
         self._streams: dict[str, TextStream] = {}

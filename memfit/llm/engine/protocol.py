@@ -28,6 +28,7 @@ class ModelInfo:
     # The engine's own tokenizer (memfit.llm.models.tokenizer.Tokenizer). Shared, not copied: its calls are
     # read-only (encode, decode, chat template) and the Rust tokenizer behind it is safe across threads.
     tokenizer: Any
+    max_waiting: int | None = None  # the waiting queue's limit (EngineConfig.max_waiting); None: no limit
 
 
 @runtime_checkable

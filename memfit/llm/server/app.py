@@ -93,8 +93,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop, settings.drain_timeout)
 
+    # redirect_slashes off: /v1/completions/ is not a route, answered 404 in OpenAI's error shape rather than
+    # with a bodiless 307 redirect
     app = FastAPI(title="memfit OpenAI-compatible server", version="1", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url="/docs", redoc_url=None, redirect_slashes=False)
     app.state.engine, app.state.serving, app.state.settings = engine, serving, settings
     install_error_handlers(app, on_error=lambda status: metrics.http_errors.inc(status=str(status)))
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)

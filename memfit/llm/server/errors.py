@@ -6,6 +6,7 @@ bug) into the same shape, so a client only ever has to parse one kind of error.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -32,6 +33,15 @@ _TYPES = {
 }
 
 
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped. An error message may echo what the client sent, and a lone
+    surrogate ("\\ud800" in the request's JSON) cannot be encoded as UTF-8: Starlette's JSONResponse would fail
+    on it while answering, and the client would get a 500 instead of the 4xx."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 class APIError(Exception):
     """An error the server answers with `status` and an OpenAI error body."""
 
@@ -50,12 +60,14 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer", **self.headers} if self.status == 401 else self.headers
-        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
+        return _AsciiJSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
+
+_BODY_PARSE_FAILED = "There was an error parsing the body"  # fastapi.routing's detail for a body it could not read
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none", "is-instance", "function-after", "function-plain"}
 # Fields that accept several shapes: say which, instead of pydantic's message about the first shape tried.
@@ -89,7 +101,13 @@ def _loc_to_param(loc: tuple | list) -> tuple[str | None, bool]:
     return out or None, tagged
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def _is_json(content_type: str | None) -> bool:
+    """FastAPI parses a body as JSON only under a JSON media type (application/json, application/*+json)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = "application/json") -> APIError:
     errors = exc.errors()
     if not errors:
         return bad_request("the request body is invalid")
@@ -97,9 +115,20 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
                            code="invalid_json")
+    bad_text = next((e for e in errors if e.get("type") == "string_unicode"), None)
+    if bad_text is not None:  # a lone surrogate ("\\ud800" in the JSON): say so, not which union member failed
+        param, _ = _loc_to_param(bad_text.get("loc", ()))
+        return bad_request(f"invalid value for '{param}': the text is not valid Unicode (it holds a lone surrogate "
+                           "such as \\ud800, which no UTF-8 text can)", param=param, code="invalid_value")
     param, tagged = _loc_to_param(first.get("loc", ()))
     if param == "messages" and first.get("type") == "too_short":  # the words LLM.chat([]) uses too
         return bad_request(EMPTY_MESSAGES, param="messages", code="invalid_value")
+    if param is None and not _is_json(content_type):
+        # the body was not read as JSON at all (plain `curl -d` sends application/x-www-form-urlencoded)
+        return bad_request(f"send the request body as JSON with the header 'Content-Type: application/json' (got "
+                           f"{content_type!r})" if content_type else "send the request body as JSON with the header "
+                           "'Content-Type: application/json' (the request had no Content-Type)",
+                           code="invalid_request_body")
     if param is None:
         return bad_request("the request body must be a JSON object", code="invalid_request_body")
     leaf = param.rsplit(".", 1)[-1].split("[", 1)[0]
@@ -124,9 +153,9 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
         return answer(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI answers 422; OpenAI answers 400 for every malformed request.
-        return answer(validation_error(exc))
+        return answer(validation_error(exc, request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -137,6 +166,12 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
         elif status == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
+        elif status == 400 and exc.detail == _BODY_PARSE_FAILED:
+            # FastAPI's words when reading the body as JSON raised something other than a JSON syntax error
+            return answer(bad_request(
+                "the request body could not be read as JSON: it must be UTF-8 (the charset of its Content-Type "
+                "too), nested at most a few hundred levels deep, and hold no number thousands of digits long",
+                code="invalid_json"))
         else:
             message = str(exc.detail)
         # Starlette's own headers stay: the 405 it raises carries `Allow`, listing the route's methods.

@@ -61,6 +61,11 @@ def _when(field: str, value: dict[str, Any], then: dict[str, Any]) -> dict[str, 
     return {"if": {"properties": {field: value}, "required": [field]}, "then": then}
 
 
+# stream_options means nothing without stream: refused (as OpenAI and vLLM do), not ignored
+_STREAM_OPTIONS_NEED_STREAM = _when("stream_options", {"type": "object"},
+                                    {"properties": {"stream": {"const": True}}, "required": ["stream"]})
+
+
 _ZERO = _only({"type": "number", "minimum": 0, "maximum": 0}, "not supported by this server: only 0 is accepted")
 _NO = "not supported by this server (a vLLM extension): "
 # vLLM's sampling extensions that memfit does not implement, at the one value that changes nothing (None: only
@@ -88,7 +93,7 @@ class _Sampling(BaseModel):
     model_config = _CONFIG
 
     model: str | None = Field(None, description="the served model's id (see GET /v1/models); optional")
-    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=_INT64_MAX), _WHOLE] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N), _WHOLE] | None = 1
@@ -142,6 +147,7 @@ class PriorityUpdate(BaseModel):
 
 class CompletionRequest(_Sampling):
     model_config = _rules(
+        _STREAM_OPTIONS_NEED_STREAM,
         # best_of = 1 means n = 1 (OpenAI: best_of >= n); best_of > 1 is not implemented (as in vLLM V1).
         _when("best_of", {"const": 1}, {"properties": {"n": {"enum": [1, None]}}}),
         # echo together with logprobs would need prompt logprobs, which are not computed.
@@ -150,7 +156,7 @@ class CompletionRequest(_Sampling):
     )
     prompt: Union[PromptText, TokenIds, Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
-    max_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = 16  # OpenAI's default for completions
+    max_tokens: Annotated[int, Field(ge=1, le=_INT64_MAX), _WHOLE] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE] | None = None
     echo: bool | None = False
     best_of: Annotated[int, Field(ge=1, le=MAX_N), _WHOLE, _only(
@@ -179,18 +185,26 @@ _TEXT_PARTS = _only({"type": "array", "items": {"type": "object", "required": ["
 
 
 class ChatMessage(BaseModel):
-    model_config = _CONFIG
+    # Every role but the assistant's must carry its content (an assistant's may be null, as after a tool call in
+    # OpenAI's API); serving.py refuses the rest with a message naming the field.
+    model_config = ConfigDict(**_CONFIG, json_schema_extra={"allOf": [{
+        "if": {"properties": {"role": {"const": "assistant"}}},
+        "else": {"required": ["content"], "properties": {"content": {"anyOf": [
+            {"type": "string"}, {"type": "array", "minItems": 1}]}}}}]})
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Union[str, Annotated[list[Union[TextPart, OtherPart]], _TEXT_PARTS], None] = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: Annotated[list[Any], _only({"type": "array", "maxItems": 0},
+                                           "tool calls are not supported by this server")] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     model_config = _rules(_when("top_logprobs", {"type": "integer"},
-                                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}))
+                                {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}),
+                          _STREAM_OPTIONS_NEED_STREAM)
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1), _WHOLE] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=_INT64_MAX), _WHOLE] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), _WHOLE] | None = None
     response_format: Annotated[dict[str, Any], _only(
@@ -198,6 +212,8 @@ class ChatCompletionRequest(_Sampling):
         "only {'type': 'text'} is supported")] | None = None
     tools: Annotated[list[dict[str, Any]], _only({"type": "array", "maxItems": 0},
                                                  "tool calling is not supported by this server")] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    # without tools only "none" means anything (OpenAI and vLLM refuse the others without tools)
+    tool_choice: Annotated[Union[str, dict[str, Any]], _only(
+        {"const": "none"}, "tool calling is not supported by this server: only 'none' is accepted")] | None = None
     # memfit extension: keep this conversation's KV cached between turns (same as the X-Session-Id header).
     session_id: Annotated[str, Field(min_length=1, max_length=MAX_SESSION_ID)] | None = None

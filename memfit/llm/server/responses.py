@@ -21,6 +21,7 @@ from memfit.llm.server.async_engine import EngineFailure, EngineNotReady
 from memfit.llm.server.errors import APIError, bad_request
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+RETRY_AFTER = {"Retry-After": "1"}  # seconds, on the 429 and 503 a client may retry (RFC 9110)
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -31,11 +32,15 @@ def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFull):
-        return APIError(429, f"the server is busy: {exc}; retry later", code="queue_full")
+        return APIError(429, f"the server is busy: {exc}; retry later", code="queue_full", headers=RETRY_AFTER)
     if isinstance(exc, EngineNotReady):
-        return APIError(503, str(exc), code="not_ready")
+        return APIError(503, str(exc), code="not_ready", headers=RETRY_AFTER)
     if isinstance(exc, MemoryBudgetExceeded):
-        return bad_request(str(exc).split("\n")[0], param="max_tokens", code="kv_budget_exceeded")
+        # The engine's words are the operator's (the ledger's holders, "raise --memory-budget"); a client can
+        # only shorten the request. The prompt or max_tokens may be the cause, so no one field is named.
+        what = str(exc).split("\n")[0].split(" (memory budget", 1)[0]
+        return bad_request(f"{what}: this server cannot hold the sequence; send a shorter prompt or a smaller "
+                           "max_tokens", code="kv_budget_exceeded")
     if isinstance(exc, ValueError):  # RequestError, InvalidSamplingParams, ChatTemplateError
         return bad_request(str(exc))
     if isinstance(exc, EngineFailure):

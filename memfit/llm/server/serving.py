@@ -22,8 +22,13 @@ from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
 from memfit.llm.server.protocol import (MAX_SESSION_ID, UNSUPPORTED_NEUTRAL, ChatCompletionRequest, CompletionRequest,
                                         TextPart, _Sampling)
-from memfit.llm.server.responses import Choice, Group, Logprobs, engine_error, stream_response, wait_disconnect
+from memfit.llm.server.responses import (RETRY_AFTER, Choice, Group, Logprobs, engine_error, stream_response,
+                                         wait_disconnect)
 
+# Text longer than this is tokenized on a worker thread, not the event loop: a 4 MB prompt takes seconds to
+# tokenize, and on the loop it would stall every other client's stream and /health for that long. Shorter text
+# stays on the loop, where the hop to a thread would cost more than the encode.
+OFF_LOOP_CHARS = 16384
 
 
 class OpenAIServing:
@@ -65,12 +70,20 @@ class OpenAIServing:
 
     def check_ready(self) -> None:
         if not self.engine.ready:
-            raise APIError(503, self.engine.not_ready_message(), code="not_ready")
+            raise APIError(503, self.engine.not_ready_message(), code="not_ready", headers=RETRY_AFTER)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.aliases:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
+
+    async def _tokenize(self, fn, chars: int, param: str):
+        """`fn()` (tokenizer calls), off the event loop when the text is long; a text the tokenizer refuses
+        (not valid UTF-8: a lone surrogate such as "\\ud800" in the JSON) is a 400 naming `param`."""
+        try:
+            return await asyncio.to_thread(fn) if chars > OFF_LOOP_CHARS else fn()
+        except ValueError as exc:
+            raise bad_request(str(exc), param=param, code="invalid_value") from exc
 
     # ---- request -> engine specs ---------------------------------------------------------------------
     def _params(self, req: _Sampling, max_tokens: int | None, logprobs: int | None, choice: int) -> Any:
@@ -97,7 +110,8 @@ class OpenAIServing:
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
 
-    def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+    def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str,
+                      max_tokens_param: str = "max_tokens") -> None:
         if not ids:
             raise bad_request("the prompt is empty: it must contain at least one token", param=param)
         if any(t >= self.vocab_size for t in ids):
@@ -105,11 +119,13 @@ class OpenAIServing:
         limit = self.max_model_len
         if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
             asked = len(ids) + (max_tokens or 1)
+            # the prompt alone fits: the completion's length is what to change (`max_tokens_param`, the field sent)
+            blame = param if len(ids) >= limit else max_tokens_param
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens "
                 f"({len(ids)} in the {'messages' if param == 'messages' else 'prompt'}, {max_tokens or 1} in the "
                 "completion). Please reduce the length of the prompt or the completion.",
-                param=param, code="context_length_exceeded",
+                param=blame, code="context_length_exceeded",
             )
 
     def _group(self, kind: str, prompts: list[list[int]], specs_for_prompt, n: int) -> tuple[Group, list[RequestSpec]]:
@@ -127,6 +143,15 @@ class OpenAIServing:
 
     async def _submit(self, group: Group, specs: list[RequestSpec], arrival: float) -> None:
         ids = [c.request_id for c in group.choices]
+        limit = self.engine.model_info.max_waiting
+        if limit is not None and len(ids) > limit:
+            # queued all or none, so it could never be queued: a 429 would send clients (OpenAI's SDKs retry 429s
+            # on their own) into retries that cannot succeed
+            n = len(ids) // len(group.prompts)
+            raise bad_request(
+                f"this request asks for {len(ids)} completions ({len(group.prompts)} prompt(s) x n={n}), more than "
+                f"the server queues at once ({limit}, its --max-waiting): send fewer prompts or a smaller n",
+                param="n" if n > 1 else "prompt", code="too_many_completions")
         try:
             await self.engine.add(specs, ids, group.queue, arrival)
         except asyncio.CancelledError:
@@ -154,12 +179,14 @@ class OpenAIServing:
                               "with n = 1)", param="best_of")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (prompt logprobs are not computed)", param="echo")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         tok = self.tokenizer
         raw = req.prompt
         if isinstance(raw, str):
-            prompts = [tok.encode(raw)]
+            prompts = await self._tokenize(lambda: [tok.encode(raw)], len(raw), "prompt")
         elif raw and isinstance(raw[0], str):
-            prompts = [tok.encode(p) for p in raw]  # type: ignore[arg-type]
+            prompts = await self._tokenize(lambda: [tok.encode(p) for p in raw], sum(map(len, raw)), "prompt")  # type: ignore[arg-type]
         elif raw and isinstance(raw[0], int):
             prompts = [list(raw)]  # type: ignore[arg-type]
         else:
@@ -197,8 +224,20 @@ class OpenAIServing:
             raise bad_request("only response_format {'type': 'text'} is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if req.tool_choice is not None and req.tool_choice != "none":
+            raise bad_request("tool_choice is only allowed when tools are specified, and this server supports no "
+                              "tools: leave tool_choice out (or send 'none')", param="tool_choice")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
         messages = []
         for i, m in enumerate(req.messages):
+            if m.tool_calls:  # tool calling is not supported
+                raise bad_request("tool calls are not supported by this server: a message cannot carry tool_calls",
+                                  param=f"messages[{i}].tool_calls")
+            if m.content is None or (isinstance(m.content, list) and not m.content):
+                if m.role != "assistant":  # OpenAI requires the content of every other role's message
+                    raise bad_request(f"a {m.role} message needs its content (a string or a list of text parts)",
+                                      param=f"messages[{i}].content")
             if isinstance(m.content, list):
                 parts = []
                 for j, part in enumerate(m.content):
@@ -214,13 +253,19 @@ class OpenAIServing:
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         from memfit.llm.models.tokenizer import ChatTemplateError
 
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ChatTemplateError as exc:
-            raise bad_request(str(exc), param="messages") from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        tok = self.tokenizer
+
+        def encode() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=True)
+            except ChatTemplateError as exc:
+                raise bad_request(str(exc), param="messages") from exc
+            return tok.encode(text, add_special_tokens=False)
+
+        ids = await self._tokenize(encode, sum(len(m["content"]) for m in messages), "messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
-        self._check_prompt(ids, max_tokens, "messages")
+        self._check_prompt(ids, max_tokens, "messages",
+                           "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
         n = req.n or 1
         session = request.headers.get("x-session-id") or req.session_id
         if session is not None and len(session) > MAX_SESSION_ID:  # the header, as the body field is capped in protocol.py
@@ -258,15 +303,16 @@ class OpenAIServing:
         <response_id>-<i>, so a chatcmpl- id names no completion's requests, nor the reverse."""
         self.check_ready()
         kind, _, base = response_id.partition("-")
+        shown = response_id if len(response_id) <= 80 else response_id[:77] + "..."  # not echoed whole
         if kind not in ("cmpl", "chatcmpl") or not base or "-" in base:
-            raise APIError(404, f"no request {response_id!r}: use the `id` of a completion or chat completion",
+            raise APIError(404, f"no request {shown!r}: use the `id` of a completion or chat completion",
                            code="request_not_found")
         try:
             n = await self.engine.set_priority(f"{response_id}-", priority)
         except BaseException as exc:  # noqa: BLE001 - mapped to a status
             raise engine_error(exc) from exc
         if n == 0:
-            raise APIError(404, f"no running or queued request {response_id!r} (finished, aborted, or never sent)",
+            raise APIError(404, f"no running or queued request {shown!r} (finished, aborted, or never sent)",
                            code="request_not_found")
         return {"id": response_id, "object": "request.priority", "priority": priority, "num_requests": n}
 

@@ -31,6 +31,7 @@ def test_503_while_loading_then_ready(model_dir):
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert r.headers.get("retry-after") == "1"
         assert live.metrics()["memfit_up"] == 0
         gate.set()
         assert live.engine.wait_loaded(30)

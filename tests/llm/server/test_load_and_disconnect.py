@@ -150,6 +150,7 @@ def test_full_waiting_queue_answers_429_and_keeps_serving(model_dir):
         served = [r for r in results if not isinstance(r, Exception)]
         assert limited and served
         assert all(e.status_code == 429 and e.body["type"] == "rate_limit_exceeded" for e in limited)
+        assert all(e.response.headers.get("retry-after") == "1" for e in limited)  # when to try again
         assert all(r.usage.completion_tokens == r.usage.total_tokens - 3 for r in served)
         # Once the queue drains the server accepts again.
         r = httpx.post(live.url + "/v1/completions", json={"prompt": [5], "max_tokens": 2}, timeout=30)

@@ -126,7 +126,7 @@ def test_stop_string_is_not_returned(client):
 
 @pytest.mark.parametrize("kwargs, param", [
     (dict(max_tokens=-1), "max_tokens"),
-    (dict(max_tokens=10**9), "prompt"),
+    (dict(max_tokens=10**9), "max_tokens"),  # the prompt alone fits: the completion is what to shorten
     (dict(temperature=-0.5), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
@@ -270,9 +270,115 @@ def test_prompt_lists_and_groups_that_cannot_be_queued(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt=[[5]] * 257, max_tokens=1)
     assert info.value.body["param"] == "prompt" and "at most 256" in info.value.body["message"]
-    # 40 prompts x n=2 is more than the shared server's waiting queue (64) holds: all or none, so none.
-    with pytest.raises(openai.RateLimitError) as info:
+    # 40 prompts x n=2 is more than the shared server's waiting queue (64) holds: all or none, so never; a 400,
+    # not a 429 a client would retry in vain
+    with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt=[[5]] * 40, n=2, max_tokens=1)
-    assert info.value.body["code"] == "queue_full" and "80 completions" in info.value.body["message"]
+    assert info.value.body["code"] == "too_many_completions" and "80 completions" in info.value.body["message"]
+    assert info.value.body["param"] == "n"
     out = client.completions.create(model="tiny", prompt=[[5]] * 16, n=2, max_tokens=1)  # 32 fit
     assert len(out.choices) == 32 and out.usage.completion_tokens == 32
+
+
+def test_text_that_is_not_unicode_is_a_400_or_404_not_a_500(server):
+    """A lone surrogate ("\\ud800" in the JSON) cannot be encoded as UTF-8: refused with the field named, and the
+    404 that echoes an unknown model name still renders."""
+    h = {**server.headers, "content-type": "application/json"}
+    cases = [
+        ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\ud800"}], "max_tokens": 2}', 400,
+         "messages"),
+        ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+         400, "messages"),
+        ("/v1/completions", rb'{"prompt": "\ud800", "max_tokens": 2}', 400, "prompt"),
+        ("/v1/completions", rb'{"prompt": "Hi", "stop": "\ud800", "max_tokens": 2}', 400, "stop"),
+        ("/v1/completions", rb'{"prompt": "Hi", "max_tokens": 2, "model": "\udc80"}', 404, "model"),
+    ]
+    for path, body, status, param in cases:
+        r = httpx.post(server.url + path, content=body, headers=h)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["param"] == param, r.text
+    assert "lone surrogate" in httpx.post(server.url + "/v1/completions", content=cases[2][1], headers=h).text
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=server.headers)
+    assert ok.status_code == 200  # still serving
+
+
+def test_body_that_is_not_json_says_how_to_send_it(server):
+    url = server.url + "/v1/completions"
+    r = httpx.post(url, content=b'{"prompt": "Hi", "max_tokens": 2}',  # what plain `curl -d` sends
+                   headers={**server.headers, "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    assert "application/x-www-form-urlencoded" in r.json()["error"]["message"]
+    for body in (b'{"prompt": "\xff\xfe"}', b"[" * 20_000):  # not UTF-8; nested past the JSON parser's depth
+        r = httpx.post(url, content=body, headers={**server.headers, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+        assert "UTF-8" in r.json()["error"]["message"]
+    r = httpx.post(url + "/", json={"prompt": "Hi", "max_tokens": 2}, headers=server.headers)
+    assert r.status_code == 404 and "error" in r.json()  # a trailing slash is no route, not a bodiless redirect
+
+
+def test_context_errors_name_the_field_to_change(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=10**12)
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_completion_tokens=10**12)
+    assert info.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=2**64)  # past int64: a range error
+    assert info.value.body["param"] == "max_tokens" and info.value.body["code"] == "invalid_value"
+
+
+def test_chat_fields_that_mean_nothing_here_are_refused(server, client):
+    url, h = server.url + "/v1/chat/completions", server.headers
+    user = {"role": "user", "content": "Hi"}
+    refused = [
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [{"role": "system", "content": []}, user]}, "messages[0].content"),
+        ({"messages": [user], "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [user], "tool_choice": "auto"}, "tool_choice"),
+        ({"messages": [user, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                                                  "function": {"name": "f"}}]},
+                       user]}, "messages[1].tool_calls"),
+    ]
+    for body, param in refused:
+        r = httpx.post(url, json={**body, "max_tokens": 2}, headers=h)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "stream_options": {"include_usage": True}},
+                   headers=h)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+    # what stays accepted: an assistant turn without content, tool_choice "none", an empty tool_calls list
+    out = client.chat.completions.create(model="tiny", max_tokens=2, tool_choice="none", messages=[
+        user, {"role": "assistant", "content": None, "tool_calls": []}, user])
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_patch_of_a_long_unknown_id_does_not_echo_it_whole(server):
+    rid = "cmpl-" + "a" * 5000
+    r = httpx.patch(f"{server.url}/v1/requests/{rid}", json={"priority": 1}, headers=server.headers)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 300, r.text
+
+
+def test_long_text_is_tokenized_off_the_event_loop():
+    """A multi-megabyte prompt would hold the event loop (every other stream, /health) while it is tokenized."""
+    import asyncio
+    import threading
+
+    from memfit.llm.server import serving as serving_mod
+
+    seen: list[str] = []
+
+    def fn():
+        seen.append(threading.current_thread().name)
+        return [[1]]
+
+    async def main():
+        s = serving_mod.OpenAIServing.__new__(serving_mod.OpenAIServing)
+        loop_thread = threading.current_thread().name
+        await s._tokenize(fn, serving_mod.OFF_LOOP_CHARS + 1, "prompt")
+        await s._tokenize(fn, 10, "prompt")
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert seen[0] != loop_thread and seen[1] == loop_thread
