@@ -8,19 +8,27 @@ import statistics
 import time
 
 from memfit.errors import guard
-from memfit.llm.cli.common import make_engine
+from memfit.llm.cli.common import check_timeline, make_engine
 from memfit.llm.engine.config import add_engine_args
 
 
 def cmd_bench(args) -> int:
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        raise ValueError("--num-prompts, --input-len and --output-len must be at least 1")
+    check_timeline(args)
+    engine = make_engine(args)
+    try:  # closed on every path: an SSD swap tier's preallocated file must not outlive the command
+        return _bench(engine, args)
+    finally:
+        engine.close()
+
+
+def _bench(engine, args) -> int:
     import torch
 
     from memfit.llm.engine.params import SamplingParams
     from memfit.memory.measure import peak_rss_bytes, rss_bytes
 
-    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
-        raise ValueError("--num-prompts, --input-len and --output-len must be at least 1")
-    engine = make_engine(args)
     rng = random.Random(args.seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -59,7 +67,6 @@ def cmd_bench(args) -> int:
     if engine.spec is not None:  # --speculative-model: acceptance, tokens per target pass, the draft's KV
         result["speculative"] = engine.stats()["speculative"]
     print(json.dumps(result, indent=2 if args.pretty else None))
-    engine.close()
     return 0
 
 
@@ -73,12 +80,15 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="throughput, latency and memory of the engine, as JSON")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-prompts", type=int, default=16, help="requests, all submitted at the start (default 16)")
+    p.add_argument("--input-len", type=int, default=64, help="random prompt tokens per request (default 64)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per request, greedy, end-of-sequence ignored (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     p.add_argument("--pretty", action="store_true", help="indent the JSON object")
+    # A refusal prints nothing on stdout unless --json is given: the help says what happens.
     p.add_argument("--json", action="store_true",
-                   help="the default (bench always prints one JSON object); accepted as the other commands take it")
+                   help="a finished run prints its one JSON object either way; with --json a refusal also prints one, "
+                        '{"error": message}, on stdout')
     add_engine_args(p)
     p.set_defaults(func=guard(cmd_bench))

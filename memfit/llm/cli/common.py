@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, per_turn: bool = False) -> None:
+    """The sampling flags; `per_turn`: chat's, where --max-tokens is per reply and logprobs are not shown."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens to generate{' per reply' if per_turn else ''} (default {max_tokens})")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1] "
+                        "(default: the model's generation_config, else 1 = off)")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="sample from the K most likely tokens; -1 or 0 = off (default: the model's generation_config, "
+                        "else off)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed the sampling, so the same flags give the same text (default: unseeded)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="computed but not shown by chat (use generate)" if per_turn else
+                   "after the text, print a JSON line with each generated token's log-probability and its N most "
+                   "likely alternatives (0: the chosen token's only)")
 
 
 def make_engine(args: argparse.Namespace, **overrides: object):
@@ -38,8 +49,32 @@ def make_params(args: argparse.Namespace, engine):
     )
 
 
+def timeline_plot_path(timeline: str) -> Path:
+    """Where generate and chat draw --timeline's plot: beside the JSON lines, the suffix replaced by .png
+    (tl.jsonl -> tl.png, ./tl -> tl.png, v1.2/timeline -> v1.2/timeline.png)."""
+    return Path(timeline).with_suffix(".png")
+
+
+def check_timeline(args: argparse.Namespace, plot: bool = False) -> None:
+    """Refuse a --timeline path that cannot be written before the model is loaded and anything generated: a
+    folder, a path under a file, an unwritable place, or a .png name, whose plot would overwrite the JSON lines
+    just written (ValueError naming --timeline). `plot`: the command also draws timeline_plot_path."""
+    from memfit.errors import output_path
+
+    timeline = getattr(args, "timeline", None)
+    if not timeline:
+        return
+    if Path(timeline).suffix.lower() == ".png":
+        raise ValueError(f"--timeline {timeline}: give the JSON-lines file (such as "
+                         f"{Path(timeline).with_suffix('.jsonl')}); generate and chat draw the plot beside it, as a "
+                         ".png of the same name")
+    output_path(timeline, "--timeline")
+    if plot:
+        output_path(timeline_plot_path(timeline), f"--timeline {timeline} (its plot)")
+
+
 def finish_timeline(engine, args: argparse.Namespace) -> None:
     if getattr(args, "timeline", None) and engine.timeline is not None:
-        png = args.timeline.rsplit(".", 1)[0] + ".png"
+        png = timeline_plot_path(args.timeline)
         engine.timeline.plot(png)
         print(f"[memory timeline: {args.timeline}, {png}]", file=sys.stderr)

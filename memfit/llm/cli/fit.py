@@ -19,17 +19,27 @@ KEEP_SPEEDUP = 0.95  # --keep-speedup's default
 def cmd_fit(args) -> int:
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.models.config import ModelConfig, parse_dtype
-    from memfit.llm.models.loader import resolve_model_path
+    from memfit.llm.models import loader
     from memfit.memory.budget import Tier, format_bytes, resolve_budget
 
+    g = args.num_speculative_tokens
+    if g is not None and g < 1:  # 0 was read as the default 4; the engine commands refuse it
+        raise ValueError(f"--num-speculative-tokens must be at least 1, got {g}")
     if args.speculative_model is None:  # the speculation options mean nothing without a draft: say so
-        given = [flag for flag, value in (("--acceptance", args.acceptance), ("--draft-cost", args.draft_cost),
+        given = [flag for flag, value in (("--num-speculative-tokens", g),
+                                          ("--acceptance", args.acceptance), ("--draft-cost", args.draft_cost),
                                           ("--verify-cost", args.verify_cost),
                                           ("--keep-speedup", args.keep_speedup))
                  if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} needs --speculative-model (the draft whose speed-up it is about)")
-    path = resolve_model_path(args.model)
+    path = loader.resolve_model_path(args.model)
+    # The weights are never read here, but a directory the engine would refuse (pickle only, no or truncated
+    # safetensors) must not get a prediction: the same checks as the loader, from the files' headers.
+    loader.check_weight_files(path)
+    draft = args.speculative_model
+    if draft is not None and draft != "self" and not draft.startswith("self:"):  # self[:N] shares the target's
+        loader.check_weight_files(loader.resolve_model_path(draft))
     positions = ModelConfig.from_dir(path).max_position_embeddings
     if args.context > positions:  # the engine caps max_model_len here: no sequence this long can run
         print(f"memfit fit: warning: --context {args.context} is past the model's {positions} positions; the engine "
@@ -86,7 +96,7 @@ def _spec_bound(args, path, kv_budget, limit, dtype):
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.engine.spec_budget import measure, smallest_budget
 
-    gamma = args.num_speculative_tokens or 4
+    gamma = 4 if args.num_speculative_tokens is None else args.num_speculative_tokens
     given = (args.acceptance, args.draft_cost, args.verify_cost)
     if None in given:
         got = measure(str(args.model), args.speculative_model, gamma, str(dtype).removeprefix("torch."))
@@ -125,10 +135,17 @@ def _measure(args, dtype: str) -> dict:
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
     cmd += ([] if args.prepack else ["--no-prepack"]) + ([] if args.cpu_kernels else ["--no-cpu-kernels"])
     if args.speculative_model is not None:
+        gamma = 4 if args.num_speculative_tokens is None else args.num_speculative_tokens
         cmd += ["--speculative-model", args.speculative_model]
-        cmd += (["--speculative-tree", args.tree] if args.tree else
-                ["--num-speculative-tokens", str(args.num_speculative_tokens or 4)])
+        cmd += ["--speculative-tree", args.tree] if args.tree else ["--num-speculative-tokens", str(gamma)]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode == 2:  # fitcheck refused the input with a user error, as {"error": message}: say it once
+        try:
+            message = json.loads(done.stdout.strip().splitlines()[-1])["error"]
+        except (IndexError, ValueError, KeyError, TypeError):
+            message = None
+        if isinstance(message, str):
+            raise ValueError(f"--measure: the measuring run refused the workload: {message}")
     if done.returncode != 0:
         raise RuntimeError(f"the measuring run failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -5,7 +5,7 @@ import json
 import sys
 
 from memfit.errors import USER_ERRORS, guard
-from memfit.llm.cli.common import add_sampling_args, finish_timeline, make_engine, make_params
+from memfit.llm.cli.common import add_sampling_args, check_timeline, finish_timeline, make_engine, make_params
 from memfit.llm.engine.config import add_engine_args
 
 
@@ -26,7 +26,15 @@ def _stream(engine, rid: str):
 
 
 def cmd_generate(args) -> int:
+    check_timeline(args, plot=True)
     engine = make_engine(args)
+    try:  # closed on every path: an SSD swap tier's preallocated file must not outlive the command
+        return _generate(engine, args)
+    finally:
+        engine.close()
+
+
+def _generate(engine, args) -> int:
     params = make_params(args, engine)
     rid = engine.add_request(args.prompt, params)
     if not args.no_echo:
@@ -44,7 +52,15 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     """Interactive multi-turn chat. The conversation's KV stays in the cache between turns (a session),
     so each turn only prefills the tokens it adds."""
+    check_timeline(args, plot=True)
     engine = make_engine(args)
+    try:  # closed on every path, Ctrl-C included: an SSD swap tier's preallocated file must not outlive the chat
+        return _chat(engine, args)
+    finally:
+        engine.close()
+
+
+def _chat(engine, args) -> int:
     params = make_params(args, engine)
     messages: list[dict] = []
     if args.system:
@@ -96,5 +112,5 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     p.add_argument("--system", default=None, help="system message")
     add_engine_args(p, max_num_seqs=1)  # one conversation: its turns reuse one sequence's KV
-    add_sampling_args(p, max_tokens=256)
+    add_sampling_args(p, max_tokens=256, per_turn=True)
     p.set_defaults(func=guard(cmd_chat))

@@ -19,7 +19,7 @@ from memfit.llm.engine.config import add_engine_args
 def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on; 0 picks a free one (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("MEMFIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEMFIT_API_KEY, else no auth)")
     g.add_argument("--served-model-name", default=None,
@@ -29,7 +29,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-body-size", default="4MiB", help="largest request body; larger gets 413 (default: 4MiB)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are aborted")
-    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the server's and uvicorn's log level; debug also logs every request (default info)")
 
 
 def engine_config(args):
@@ -45,16 +46,20 @@ def served_name(model: str) -> str:
 
 
 def _check_args(args) -> None:
+    import math
+
+    from memfit.llm.cli.common import check_timeline
     from memfit.memory.budget import parse_bytes
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_waiting < 1:  # 0 would answer every request 429, which no retry can get past
         raise ValueError(f"--max-waiting must be >= 1 (requests allowed to wait for admission), got {args.max_waiting}")
-    if args.shutdown_timeout < 0:
-        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if not math.isfinite(args.shutdown_timeout) or args.shutdown_timeout < 0:  # nan passed `< 0`; inf overflowed int()
+        raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got {args.shutdown_timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty; give a key or leave the option out")
+    check_timeline(args)  # before the model loads, as the other engine commands check it
     args.max_body_bytes = parse_bytes(args.max_body_size)
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-size must be at least 1KiB, got {args.max_body_size}")

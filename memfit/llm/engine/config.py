@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -145,8 +146,9 @@ class EngineConfig:
             raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEARS)}, got {self.cpu_linear!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)}, got {self.kv_layout!r}")
-        if self.kv_reclaim_idle_s < 0:
-            raise ValueError(f"kv_reclaim_idle_s must be >= 0, got {self.kv_reclaim_idle_s}")
+        if not math.isfinite(self.kv_reclaim_idle_s) or self.kv_reclaim_idle_s < 0:  # NaN passed `< 0`
+            raise ValueError(f"kv_reclaim_idle_s (--kv-reclaim-idle-s) must be a finite number of seconds >= 0, "
+                             f"got {self.kv_reclaim_idle_s}")
         if self.kv_eager_pages is not None and self.kv_eager_pages < 0:
             raise ValueError(f"kv_eager_pages must be >= 0, got {self.kv_eager_pages}")
         for name in ("memory_budget", "kv_budget"):
@@ -300,12 +302,18 @@ def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:
                    help="prefill every prompt in full (default: reuse the KV of a cached prefix, docs/engine.md)")
     g.add_argument("--kv-eager-pages", type=int, default=None,
                    help="KV pages committed ahead of need per sequence (default 2 on a CPU, 1 on a GPU)")
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, prompt and output, in tokens (default and most: the model's "
+                        "max_position_embeddings)")
     g.add_argument("--max-num-seqs", type=int, default=max_num_seqs,
                    help=f"sequences decoded at once (default {max_num_seqs})")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512)
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens (prefill and decode) one engine step processes; longer prompts are prefilled in "
+                        "chunks of this size (default 512)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core; 1 is best for tiny models or a busy machine)")
-    g.add_argument("--timeline", default=None, help="write the per-step memory timeline here (JSON lines) and a PNG beside it")
+    g.add_argument("--timeline", default=None,
+                   help="write the per-step memory timeline here (JSON lines); generate and chat also plot it beside, "
+                        "the suffix replaced by .png (tl.jsonl: tl.png), so the path must not end in .png")
     g.add_argument("--cpu-linear", default="auto", choices=list(CPU_LINEARS),
                    help="CPU matmuls: memfit's kernel on packed weights (blocked), its row-major kernel on the mapped checkpoint (memfit), oneDNN, or auto = blocked where it runs (docs/engine.md)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),

@@ -191,7 +191,7 @@ class DraftSpec:
         if shape is not None and gamma not in (None, shape[1]):
             raise ValueError(f"with a W,D tree the depth D is the number of speculative tokens: {gamma} differs from "
                              f"D = {shape[1]}")
-        g = shape[1] if shape else (gamma or 4)
+        g = shape[1] if shape else (4 if gamma is None else gamma)  # 0 is refused below, not read as 4
         if g < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {g}")
         layers = self_draft_layers(name, target.num_hidden_layers)

@@ -79,4 +79,18 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as exc:
+        # memfit.errors is imported only here: importing it before main() would add to the RSS measured.
+        import sys
+
+        from memfit.errors import USER_ERRORS
+
+        if not isinstance(exc, USER_ERRORS):
+            raise
+        # A user's error (a model the loader refuses, a budget too small): one JSON object that `memfit fit
+        # --measure` reports as its own refusal, instead of this process's traceback inside its own.
+        print(json.dumps({"error": str(exc)}), flush=True)
+        print(f"fitcheck: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -22,6 +22,14 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": {"qkv_bias": True},
 }
 
+# Upper bounds on a config's sizes: far above any released model (Llama 3.1 405B: 126 layers, hidden 16384,
+# intermediate 53248, vocabulary 128256), low enough that a typo or a hostile config.json (1000000000000 layers)
+# is refused here instead of exhausting memory in shapes.py or the RoPE tables.
+MAX_SIZES = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 18, "intermediate_size": 1 << 20, "num_hidden_layers": 4096,
+    "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096, "max_position_embeddings": 1 << 27,
+}
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,6 +44,58 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; use one of {', '.join(_DTYPES)}")
     return _DTYPES[key]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field_types(raw: dict[str, Any]) -> None:
+    """Refuse a config.json field of the wrong JSON type, naming the field, what it holds and what it should; the
+    sizes also get their upper bound here, before `_sliding_window` ranges over the layers. Absent and null fields
+    are left to the defaults."""
+
+    def wrong(name: str, expected: str) -> ModelFormatError:
+        return ModelFormatError(f"config field {name} must be {expected}, got {raw[name]!r}")
+
+    def given(name: str) -> bool:
+        return raw.get(name) is not None
+
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise wrong("architectures", 'a list of class names such as ["LlamaForCausalLM"]')
+    if given("model_type") and not isinstance(raw["model_type"], str):
+        raise wrong("model_type", 'a name such as "llama"')
+    for name in MAX_SIZES:
+        if given(name):
+            value = raw[name]
+            if not _is_int(value) or value <= 0:
+                raise wrong(name, "a positive integer")
+            if value > MAX_SIZES[name]:
+                raise wrong(name, f"at most {MAX_SIZES[name]} (the config is wrong)")
+    for name in ("sliding_window", "max_window_layers"):
+        if given(name) and (not _is_int(raw[name]) or raw[name] < 0):
+            raise wrong(name, "a non-negative integer or null")
+    if given("bos_token_id") and not _is_int(raw["bos_token_id"]):
+        raise wrong("bos_token_id", "a token id (an integer) or null")
+    eos = raw.get("eos_token_id")
+    if eos is not None and not (_is_int(eos) or (isinstance(eos, list) and all(_is_int(e) for e in eos))):
+        raise wrong("eos_token_id", "a token id (an integer), a list of them, or null")
+    for name in ("rms_norm_eps", "rope_theta"):
+        if given(name) and (not _is_number(raw[name]) or raw[name] < 0):
+            raise wrong(name, "a non-negative number")
+    if given("rope_scaling") and not isinstance(raw["rope_scaling"], dict):
+        raise wrong("rope_scaling", 'an object (such as {"rope_type": "llama3", "factor": 8.0}) or null')
+    for name in ("hidden_act", "torch_dtype", "dtype"):
+        if given(name) and not isinstance(raw[name], str):
+            raise wrong(name, "a string")
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(k, str) for k in layer_types)):
+        raise wrong("layer_types", "a list of strings")
 
 
 def _sliding_window(raw: dict[str, Any], arch: str) -> int | None:
@@ -97,6 +157,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
+            if value > MAX_SIZES[name]:
+                raise ModelFormatError(f"config field {name} is {value}, past the largest memfit accepts "
+                                       f"({MAX_SIZES[name]}); the config is wrong")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelFormatError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -105,6 +168,9 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ModelFormatError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ModelFormatError(f"config field rope_scaling must be an object or null, "
+                                       f"got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "llama3"):
                 raise ModelFormatError(
@@ -130,6 +196,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        _check_field_types(raw)  # a wrong JSON type is named here, not met as a TypeError deep in the build
         archs = raw.get("architectures") or []
         if not archs:
             model_type = raw.get("model_type", "")

@@ -95,6 +95,28 @@ def weight_files(path: Path) -> list[Path]:
     raise ModelFormatError(f"{path} has no *.safetensors weights (and no {_INDEX_NAME})")
 
 
+def _open_safetensors(file: Path):
+    """A safe_open handle on `file`; a corrupt or truncated file (its header promises more bytes than the file
+    holds) is a ModelFormatError naming it."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError for a corrupt header
+        raise ModelFormatError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+
+def check_weight_files(path: Path) -> list[Path]:
+    """The weight files `load_model` would read, refused as it refuses them (pickle only, none, an index naming
+    missing shards, a corrupt or truncated file), from their headers alone: no tensor is read. For commands that
+    predict from the config (`memfit fit`) and must not accept a directory every loading command refuses."""
+    files = weight_files(path)
+    for file in files:
+        with _open_safetensors(file):
+            pass
+    return files
+
+
 def load_state_dict(
     files: list[Path],
     expected: dict[str, torch.Tensor],
@@ -107,16 +129,10 @@ def load_state_dict(
 
     Same dtype on CPU: the returned tensors are views of the files' private memory maps (no copy).
     """
-    from safetensors import safe_open
-
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own SafetensorError for a corrupt header
-            raise ModelFormatError(f"{file} is not a readable safetensors file: {exc}") from exc
-        with handle as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 if name not in expected:
                     if name not in ignore and not name.endswith(_IGNORED_SUFFIXES):

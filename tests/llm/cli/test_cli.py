@@ -216,3 +216,93 @@ def test_speculative_tree_flag_on_generate(capsys):
     assert capsys.readouterr().out.splitlines()[0] == plain.splitlines()[0]
     assert memfit_main(["generate", "x", "--speculative-model", "memfit-tiny-draft", "--tree", "0,3"]) == 2
     assert "at least 1" in capsys.readouterr().err
+
+
+SWAP = ["--preemption-mode", "swap", "--threads", "1"]
+SAMPLING = ["--max-tokens", "2", "--temperature", "0"]
+
+
+@pytest.mark.parametrize("prompt", ["hello", "word " * 300])  # the second is past --max-model-len: refused
+def test_generate_removes_its_ssd_swap_file(model_dir, tmp_path, prompt, capsys):
+    """The preallocated SSD swap tier's file stayed in its folder after every run (the engine was never closed),
+    on the success path and the refusal path alike."""
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    rc = memfit_main(["generate", prompt, "--model", str(model_dir), "--max-model-len", "64", "--ssd-swap",
+                      f"{ssd}:1MiB", *SWAP, *SAMPLING])
+    assert rc == (0 if prompt == "hello" else 2)
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(ssd.iterdir()) == []
+
+
+def test_chat_and_bench_remove_their_ssd_swap_file(model_dir, tmp_path, monkeypatch, capsys):
+    import io
+
+    ssd = tmp_path / "ssd"
+    ssd.mkdir()
+    flags = ["--model", str(model_dir), "--ssd-swap", f"{ssd}:1MiB", *SWAP]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+    assert memfit_main(["chat", *flags, *SAMPLING]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 1
+    assert list(ssd.iterdir()) == []
+    bench = ["bench", "--num-prompts", "1", "--output-len", "2", *flags]
+    assert memfit_main(bench + ["--input-len", "4"]) == 0
+    assert list(ssd.iterdir()) == []
+    assert memfit_main(bench + ["--input-len", "100", "--max-model-len", "64", "--json"]) == 2  # refused prompt
+    assert "context" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    assert list(ssd.iterdir()) == []
+
+
+@pytest.mark.parametrize("timeline, plot", [("tl", "tl.png"), ("./tl", "tl.png"),
+                                            ("v1.2/timeline", "v1.2/timeline.png"), ("out/tl.jsonl", "out/tl.png")])
+def test_the_timeline_plot_replaces_the_suffix_only(model_dir, tmp_path, monkeypatch, timeline, plot):
+    """The plot's name was `rsplit('.')`'s: ./tl wrote ./.png, v1.2/timeline wrote v1.png outside its folder."""
+    monkeypatch.chdir(tmp_path)
+    assert memfit_main(["generate", "hi", "--model", str(model_dir), "--max-tokens", "2", "--threads", "1",
+                        "--timeline", timeline]) == 0
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted([str(Path(timeline)), plot])
+    assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "kv_committed_bytes" in json.loads((tmp_path / timeline).read_text().splitlines()[0])
+
+
+def test_a_timeline_path_that_cannot_be_written_is_refused_before_generating(model_dir, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A .png name had its JSON lines overwritten by the plot; a folder, a path under a file or an unwritable place
+    gave a traceback after the generation, or a message that did not name --timeline."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "some_dir").mkdir()
+    (tmp_path / "afile").write_text("kept")
+    for timeline, words in (("tl.png", "give the JSON-lines file"), ("some_dir/", "is a directory"),
+                            ("afile/x.jsonl", "is a file, not a folder"), ("/proc/x.jsonl", "cannot write")):
+        for command in (["generate", "hi", "--max-tokens", "2"], ["chat"], ["bench", "--json"]):
+            rc = memfit_main([*command, "--model", str(model_dir), "--timeline", timeline])
+            assert rc == 2, (command, timeline)
+            out = capsys.readouterr()
+            line = out.err.strip()
+            assert line.startswith(f"memfit {command[0]}: error: --timeline {timeline}") and words in line, line
+            assert "\n" not in line and "Traceback" not in line
+            assert out.out == ('{"error": ' + json.dumps(line.split(": error: ", 1)[1]) + "}\n"
+                               if "--json" in command else "")  # refused before the prompt was echoed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "some_dir"]
+    assert (tmp_path / "afile").read_text() == "kept" and not any((tmp_path / "some_dir").iterdir())
+
+
+def test_every_llm_command_option_says_what_it_does():
+    import argparse
+
+    from memfit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("generate", "chat", "bench", "serve", "fit"):
+        missing = [a.option_strings[0] for a in sub.choices[name]._actions if a.option_strings and not a.help]
+        assert missing == [], (name, missing)
+    bench_json = next(a for a in sub.choices["bench"]._actions if "--json" in a.option_strings)
+    assert "always" not in bench_json.help  # a refusal without --json prints nothing on stdout
+
+
+def test_bench_refusal_prints_json_only_with_json(model_dir, capsys):
+    assert memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "0"]) == 2
+    assert capsys.readouterr().out == ""
+    assert memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "0", "--json"]) == 2
+    assert "--num-prompts" in json.loads(capsys.readouterr().out)["error"]

@@ -43,3 +43,73 @@ def test_speculation_figures_out_of_range_or_without_a_draft_are_refused(capsys)
         assert memfit_main(["fit", "--no-runtime", "--json", *flags]) == 2, flags
         out = capsys.readouterr()
         assert words in json.loads(out.out)["error"] and "Traceback" not in out.err
+
+
+def _tiny_copy(tmp_path, name="model"):
+    import shutil
+
+    from memfit.llm.models.loader import resolve_model_path
+
+    return shutil.copytree(resolve_model_path("memfit-tiny"), tmp_path / name)
+
+
+def _truncate(d):
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(100_000)
+
+
+def _pickle_only(d):
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"never unpickled")
+
+
+def _no_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def test_weights_every_other_command_refuses_are_refused(tmp_path, capsys):
+    """fit read only config.json: a pickle-only, truncated or weightless directory got a prediction (exit 0, 8 MiB
+    of weights) where generate, chat, bench and serve refuse it."""
+    import pytest
+
+    from memfit.llm.models.loader import load_model
+
+    for i, (breaks, words) in enumerate(((_pickle_only, "only pickle checkpoint"),
+                                         (_truncate, "not a readable safetensors file"),
+                                         (_no_weights, "has no *.safetensors weights"))):
+        d = _tiny_copy(tmp_path, f"m{i}")
+        breaks(d)
+        with pytest.raises(ValueError, match=words.replace("*", r"\*")):  # the loader's own message
+            load_model(d)
+        for flags in (["--model", str(d)], ["--speculative-model", str(d)]):
+            assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", *flags]) == 2, (words, flags)
+            out = capsys.readouterr()
+            assert words in json.loads(out.out)["error"] and "Traceback" not in out.err
+    assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", "--model", str(_tiny_copy(tmp_path))]) == 0
+    assert json.loads(capsys.readouterr().out)["weights_bytes"] > 0
+
+
+def test_measure_reports_the_measuring_runs_refusal_as_its_own(tmp_path, monkeypatch, capsys):
+    """A model the measuring process refused was a RuntimeError wrapping that process's traceback; it is one line,
+    exit code 2, and under --json the one object {"error": message}. fit's own weight check is skipped here so the
+    measuring process is the one that meets the truncated file."""
+    from memfit.llm.models import loader
+
+    d = _tiny_copy(tmp_path)
+    _truncate(d)
+    monkeypatch.setattr(loader, "check_weight_files", lambda path: [])
+    assert memfit_main(["fit", "--model", str(d), "--context", "64", "--no-runtime", "--measure", "--json"]) == 2
+    out = capsys.readouterr()
+    error = json.loads(out.out)["error"]
+    assert error.startswith("--measure: the measuring run refused") and "not a readable safetensors file" in error
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+def test_zero_speculative_tokens_is_refused_not_read_as_four(capsys):
+    for g in ("0", "-2"):
+        assert memfit_main(["fit", "--no-runtime", "--json", "--speculative-model", "memfit-tiny-draft",
+                            "--num-speculative-tokens", g, "--acceptance", "0.8", "--draft-cost", "0.1",
+                            "--verify-cost", "1.0"]) == 2
+        assert json.loads(capsys.readouterr().out) == {"error": f"--num-speculative-tokens must be at least 1, got {g}"}
+    assert memfit_main(["fit", "--no-runtime", "--json", "--num-speculative-tokens", "3"]) == 2
+    assert "needs --speculative-model" in json.loads(capsys.readouterr().out)["error"]

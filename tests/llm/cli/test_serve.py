@@ -36,3 +36,19 @@ def test_a_waiting_limit_below_one_is_refused_at_start(n):
     with pytest.raises(ValueError, match="--max-waiting must be >= 1"):
         _check_args(serve_args("--max-waiting", str(n)))
     _check_args(serve_args("--max-waiting", "1"))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_shutdown_timeout_that_is_not_a_finite_number_is_refused_at_start(value):
+    # nan passed the `< 0` check and inf was an OverflowError traceback when the server was configured
+    with pytest.raises(ValueError, match="--shutdown-timeout must be a finite number"):
+        _check_args(serve_args("--shutdown-timeout", value))
+    _check_args(serve_args("--shutdown-timeout", "0"))
+
+
+def test_a_timeline_path_that_cannot_be_written_is_refused_at_start(tmp_path):
+    (tmp_path / "afile").write_text("kept")
+    for path in (str(tmp_path), str(tmp_path / "afile" / "x.jsonl"), str(tmp_path / "tl.png")):
+        with pytest.raises(ValueError, match="--timeline"):
+            _check_args(serve_args("--timeline", path))
+    assert (tmp_path / "afile").read_text() == "kept"

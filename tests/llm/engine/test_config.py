@@ -53,3 +53,14 @@ def test_cli_refuses_a_bad_device_and_context_without_traceback(monkeypatch, cap
         assert memfit_main(["generate", "hi", "--max-tokens", "2", *flags]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_kv_reclaim_idle_s_must_be_a_finite_number_of_seconds(value, capsys):
+    # NaN passed the `< 0` check and made "idle for longer than NaN seconds" never true
+    with pytest.raises(ValueError, match=r"kv_reclaim_idle_s \(--kv-reclaim-idle-s\) must be a finite"):
+        EngineConfig(kv_reclaim_idle_s=value)
+    assert memfit_main(["generate", "hi", "--kv-reclaim-idle-s", str(value)]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-reclaim-idle-s" in err and "Traceback" not in err
+    EngineConfig(kv_reclaim_idle_s=0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -224,6 +225,58 @@ def test_missing_and_malformed_config(llama_dir):
     (llama_dir / "config.json").unlink()
     with pytest.raises(ModelFormatError, match="config.json not found"):
         load_model(llama_dir)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("architectures", -1, "architectures must be a list of class names"),
+    ("architectures", [7], "architectures must be a list of class names"),
+    ("rope_scaling", "x", "rope_scaling must be an object"),
+    ("eos_token_id", 1.5, "eos_token_id must be a token id"),
+    ("eos_token_id", [2, True], "eos_token_id must be a token id"),
+    ("bos_token_id", "1", "bos_token_id must be a token id"),
+    ("num_hidden_layers", 1e12, "num_hidden_layers must be a positive integer"),
+    ("num_hidden_layers", True, "num_hidden_layers must be a positive integer"),
+    ("num_hidden_layers", 10**12, "num_hidden_layers must be at most 4096"),
+    ("hidden_size", 2.0, "hidden_size must be a positive integer"),
+    ("vocab_size", 1 << 40, "vocab_size must be at most"),
+    ("head_dim", "32", "head_dim must be a positive integer"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps must be a non-negative number"),
+    ("sliding_window", 4.5, "sliding_window must be a non-negative integer"),
+    ("torch_dtype", 16, "torch_dtype must be a string"),
+])
+def test_wrong_field_types_in_config_are_named(llama_dir, field, value, words):
+    """A wrong JSON type was a TypeError or AttributeError traceback (architectures -1, rope_scaling "x",
+    eos_token_id 1.5), and 10**12 layers a MemoryError while shapes were listed: the field, what it holds and
+    what it should hold are said instead."""
+    from memfit.llm.models import ModelConfig
+
+    raw = json.loads((llama_dir / "config.json").read_text())
+    with pytest.raises(ModelFormatError, match=f"config field {words}.*got {re.escape(repr(value))}$"):
+        ModelConfig.from_hf_dict({**raw, field: value})
+    (llama_dir / "config.json").write_text(json.dumps({**raw, field: value}))
+    with pytest.raises(ModelFormatError, match=f"config field {words}"):
+        load_model(llama_dir)
+
+
+def test_qwen2_layer_count_is_bounded_before_its_window_layers_are_listed(built):
+    # _sliding_window listed a kind per layer: 10**12 layers ran out of memory before any size check
+    from memfit.llm.models import ModelConfig
+
+    raw = json.loads((built["qwen2"] / "config.json").read_text())
+    raw.update(use_sliding_window=True, sliding_window=64, num_hidden_layers=10**12)
+    with pytest.raises(ModelFormatError, match="num_hidden_layers must be at most"):
+        ModelConfig.from_hf_dict(raw)
+
+
+def test_check_weight_files_refuses_what_the_loader_refuses(llama_dir):
+    assert loader.check_weight_files(llama_dir) == [llama_dir / "model.safetensors"]
+    with open(llama_dir / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelFormatError, match="not a readable safetensors file"):
+        loader.check_weight_files(llama_dir)
+    (llama_dir / "model.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match="no .*safetensors"):
+        loader.check_weight_files(llama_dir)
 
 
 def test_wrong_shape_names_the_tensor_and_both_shapes(llama_dir):
