@@ -91,3 +91,28 @@ def output_path(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] 
     except OSError as exc:
         raise ValueError(f"{option} {path}: cannot write in {out.parent} ({exc.strerror})") from None
     return out
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: os.path.samefile where both exist (it sees through links, hard links and
+    a case-insensitive file system), else the paths with links and '..' resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one does not exist yet (ValueError: an embedded NUL)
+        pass
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # a link loop: compare the paths as written, made absolute
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def distinct_output(out: str | os.PathLike | None, option: str, *others: tuple[str, str | os.PathLike | None]) -> None:
+    """Refuse an output path that names a file the command also reads or writes (`others`: (what, path) pairs,
+    e.g. ("--model", args.model)): writing it would replace the user's input, or one output the other. Raises
+    ValueError (a user error) naming both."""
+    if not out:
+        return
+    for what, path in others:
+        if path and same_file(out, path):
+            raise ValueError(f"{option} {out} is the same file as {what} {path}; writing it would replace that: "
+                             f"give {option} another path")

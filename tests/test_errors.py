@@ -62,3 +62,26 @@ def test_train_local_takes_json_and_refuses_into_it(capsys):
     assert main(["train", "local", "--json", "--method", "bogus"]) == 2
     out, err = capsys.readouterr()
     assert "bogus" in json.loads(out)["error"] and "bogus" in err
+
+
+def test_same_file_sees_through_spellings_and_links(tmp_path, monkeypatch):
+    from memfit.errors import same_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.bin").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.bin").symlink_to(tmp_path / "a.bin")
+    (tmp_path / "hard.bin").hardlink_to(tmp_path / "a.bin")
+    for other in ("./a.bin", "sub/../a.bin", str(tmp_path / "a.bin"), "link.bin", "hard.bin"):
+        assert same_file("a.bin", other), other
+    assert same_file("new.png", "./new.png")  # neither there yet: the resolved paths
+    assert not same_file("a.bin", "b.bin") and not same_file("new.png", "new.json")
+
+
+def test_distinct_output_names_both_options():
+    from memfit.errors import distinct_output
+
+    distinct_output(None, "--out", ("--model", "m.safetensors"))  # no output: nothing to check
+    distinct_output("o.json", "--out", ("--plot", None), ("--model", "m.onnx"))
+    with pytest.raises(ValueError, match=r"--plot ./p\.png is the same file as --out p\.png"):
+        distinct_output("./p.png", "--plot", ("--out", "p.png"))

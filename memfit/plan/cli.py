@@ -92,7 +92,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from memfit.errors import PLOT_SUFFIXES, command_name, output_path
+    from memfit.errors import PLOT_SUFFIXES, command_name, distinct_output, output_path
     from memfit.plan.analysis import resolve_scratchpad, scratchpad_sizes, without_weights
     from memfit.plan.errors import PlanError, SizeParseError
     from memfit.plan.graph import graph_from_name
@@ -135,6 +135,10 @@ def _plan(args: argparse.Namespace) -> int:
         for option, path, suffixes in (("--out", args.out, None), ("--plot", args.plot, PLOT_SUFFIXES)):
             if path:
                 output_path(path, option, suffixes)
+        # one file for both: the plot was written over the plan; an .onnx --model is the user's input
+        model_file = [("--model", args.model)] if os.path.isfile(args.model) else []
+        distinct_output(args.plot, "--plot", ("--out", args.out), *model_file)
+        distinct_output(args.out, "--out", *model_file)
     except ValueError as exc:
         raise PlanError(str(exc)) from None
     t0 = time.perf_counter()

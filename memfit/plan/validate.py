@@ -23,13 +23,17 @@ def load_plan(path: str | Path) -> Plan:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PlanValidationError([f"cannot read {path} as JSON: {exc}"]) from None
+    except UnicodeDecodeError as exc:  # a binary file (a PNG given for the plan): JSON is UTF-8 text
+        raise PlanValidationError([f"cannot read {path} as JSON: it is not UTF-8 text ({exc.reason} at byte "
+                                   f"{exc.start})"]) from None
     plan = _structure(data)
     validate(plan, stored_traffic=data.get("traffic"))
     return plan
 
 
 def _structure(data: Any) -> Plan:
-    """Type checks on raw JSON, so the rule checks below never hit a KeyError."""
+    """Type checks on raw JSON, so the rule checks below never hit a KeyError, a TypeError (a null or an object
+    where a name belongs: names are compared, sorted and hashed) or an AttributeError."""
     p: list[str] = []
     if not isinstance(data, dict):
         raise PlanValidationError(["top level must be a JSON object"])
@@ -38,16 +42,28 @@ def _structure(data: Any) -> Plan:
     for key, typ in (("scratchpad_bytes", int), ("tensors", list), ("ops", list), ("order", list), ("placements", list)):
         if not isinstance(data.get(key), typ) or isinstance(data.get(key), bool):
             p.append(f"'{key}' must be a {typ.__name__}")
+    for key in ("model", "planner"):  # optional; printed and written back as strings
+        if key in data and not isinstance(data[key], str):
+            p.append(f"'{key}' must be a string")
+    p.extend(_solver_problems(data.get("solver")))
+    traffic = data.get("traffic")
+    if traffic is not None and not (isinstance(traffic, dict) and all(_is_int(v) for v in traffic.values())):
+        p.append("'traffic' must be an object of integer byte counts (or absent)")
     if p:
         raise PlanValidationError(p)
     for i, t in enumerate(data["tensors"]):
         if not (isinstance(t, dict) and isinstance(t.get("name"), str) and _is_int(t.get("bytes"))
-                and isinstance(t.get("consumers", []), list)):
-            p.append(f"tensors[{i}] needs 'name' (string), 'bytes' (integer), 'kind', 'producer', 'consumers' (list)")
+                and isinstance(t.get("kind"), str) and isinstance(t.get("producer"), (str, type(None)))
+                and _is_names(t.get("consumers", []))):
+            p.append(f"tensors[{i}] needs 'name' (string), 'bytes' (integer), 'kind' (string), 'producer' (op name "
+                     f"or null), 'consumers' (list of op names)")
     for i, o in enumerate(data["ops"]):
-        if not (isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("inputs"), list)
-                and isinstance(o.get("outputs"), list)):
+        if not (isinstance(o, dict) and isinstance(o.get("name"), str) and _is_names(o.get("inputs"))
+                and _is_names(o.get("outputs")) and isinstance(o.get("type", ""), str)):
             p.append(f"ops[{i}] needs 'name' (string), 'inputs' and 'outputs' (lists of tensor names)")
+    for i, name in enumerate(data["order"]):
+        if not isinstance(name, str):
+            p.append(f"order[{i}] must be an op name (string), got {json.dumps(name)}")
     for i, pl in enumerate(data["placements"]):
         if not (isinstance(pl, dict) and isinstance(pl.get("tensor"), str)
                 and all(_is_int(pl.get(k)) for k in ("offset", "start", "end"))):
@@ -55,6 +71,32 @@ def _structure(data: Any) -> Plan:
     if p:
         raise PlanValidationError(p)
     return Plan.from_dict(data)
+
+
+# solver's fields (plan_format.SolverInfo): the JSON types each may hold, and how to say so; status and time_s
+# are required
+_NONE = type(None)
+_SOLVER_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "status": ((str,), "a string"), "time_s": ((int, float), "a number"),
+    "objective_bytes": ((int, _NONE), "an integer or null"), "bound_bytes": ((int, _NONE), "an integer or null"),
+    "gap": ((int, float, _NONE), "a number or null"), "details": ((dict,), "an object")}
+
+
+def _solver_problems(solver: Any) -> list[str]:
+    if solver is None:  # optional: a plan written by hand need not say how it was found
+        return []
+    if not isinstance(solver, dict):
+        return ["'solver' must be an object (or absent)"]
+    p = [f"'solver' needs '{k}'" for k in ("status", "time_s") if k not in solver]
+    p += [f"'solver' has an unknown field '{k}'; known: {', '.join(_SOLVER_FIELDS)}" for k in solver
+          if k not in _SOLVER_FIELDS]
+    p += [f"'solver.{k}' must be {what}" for k, (types, what) in _SOLVER_FIELDS.items()
+          if k in solver and (not isinstance(solver[k], types) or isinstance(solver[k], bool))]
+    return p
+
+
+def _is_names(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(n, str) for n in x)
 
 
 def _is_int(x: Any) -> bool:

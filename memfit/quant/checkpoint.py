@@ -53,7 +53,13 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
         return ModelSpec(meta["timm_name"], json.loads(meta["kwargs"])), json.loads(meta.get("info", "{}"))
     config = path.parent / "config.json"  # timm's hub layout
     if config.is_file():
-        cfg = json.loads(config.read_text())
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+            raise QuantError(f"{config} (the timm config beside {path.name}) is not readable JSON: {exc}") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("model_args", {}), dict):
+            raise QuantError(f"{config} (the timm config beside {path.name}) must be a JSON object whose "
+                             f"\"model_args\", if any, is an object")
         if "architecture" in cfg:
             kwargs = dict(cfg.get("model_args", {}))
             if "num_classes" in cfg:
@@ -76,10 +82,19 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelSpec
         state = load_file(str(path))
     except SafetensorError as exc:  # a header that reads but tensors that do not
         raise QuantError(f"{path} is not a readable safetensors file: {exc}") from exc
+    # load_state_dict(strict=False) still raises on a shape mismatch (a config.json naming a wider model than the
+    # weights): say which file and which tensors instead of torch's RuntimeError
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    source = f" (from {info['source']})" if "source" in info else ""  # the config.json that named the model
+    if wrong:
+        raise QuantError(f"{path} does not match {spec.timm_name}{source} with {spec.kwargs}: {len(wrong)} tensors "
+                         f"differ in shape, e.g. {'; '.join(wrong[:3])}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise QuantError(
-            f"{path} does not match {spec.timm_name} with {spec.kwargs}: missing {sorted(missing)[:5]}, "
+            f"{path} does not match {spec.timm_name}{source} with {spec.kwargs}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     return model.eval(), spec, info

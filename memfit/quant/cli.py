@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from memfit.errors import PLOT_SUFFIXES, guard, output_path
+from memfit.errors import PLOT_SUFFIXES, distinct_output, guard, output_path
 
 ARCH_CHOICES = ("vit", "deit", "swin")
 
@@ -102,6 +102,7 @@ def run_train_vit(args: argparse.Namespace) -> int:
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors (got {out})")
     output_path(out, "--out")  # before the training, which a path that cannot be written would otherwise throw away
+    distinct_output(out, "--out", ("--teacher", args.teacher))  # the student saved over its teacher
     _set_threads(args.threads)
     from memfit.train.local.data import load_fashion_mnist
 
@@ -164,6 +165,8 @@ def run_quant_vit(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors (got {args.out})")
+    # before the quantization: the packed file written over the fp32 checkpoint it was made from loses that
+    distinct_output(args.out, "--out", ("--model", args.model))
     result, packed, spec = _quant(args, args.out)
     from .export import save_packed
 

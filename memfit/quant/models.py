@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnknownArchitectureError
+from .errors import QuantError, UnknownArchitectureError
 
 ARCHS = ("vit", "deit", "swin")
 
@@ -60,6 +60,8 @@ class ModelSpec:
                 f"timm does not know the model {self.timm_name!r} ({exc}); memfit.quant supports timm ViT, "
                 f"DeiT (distilled) and Swin models"
             ) from exc
+        except TypeError as exc:  # arguments the model does not take (a config.json's "model_args")
+            raise QuantError(f"timm cannot build {self.timm_name!r} with {self.kwargs}: {exc}") from None
         check_supported(model)
         return model
 

@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                     "time and measured peak memory. Progress goes to stderr.",
     )
     p.add_argument("--json", action="store_true",
-                   help="accepted for symmetry: the result is always one JSON object on stdout (so is a refusal)")
+                   help="the result is one JSON object on stdout with or without it; with it a refusal is one too "
+                        "({\"error\": ...}), without it a refusal is only its message on stderr")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | digits")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX .gz files")
     p.add_argument("--model", default="mlp", help="mlp | cnn | rnn")
@@ -80,7 +81,9 @@ def _register_finetune(sub) -> None:
                    help="host-memory design: ZeRO-Infinity's buffer policies (at DeepSpeed's defaults; -tuned: "
                         "sub_group_size at its smallest; -pipelined: also pipeline_read/pipeline_write) or MemAscend's")
     p.add_argument("--memory-budget", default=None,
-                   help="host memory the run may plan for (e.g. 8GiB); below the minimum it stops with the breakdown")
+                   help="host memory the run may plan for: bytes ('8GiB') or a fraction of the available memory "
+                        "('0.5' or '50%%'), as every command's --memory-budget; below the minimum it stops with "
+                        "the breakdown")
     p.add_argument("--steps", type=int, default=10, help="total optimizer steps, counted from step 0 (also on --resume)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512, help="examples are cut to this many tokens")
@@ -128,7 +131,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from memfit.llm.models.config import ModelFormatError
     from memfit.memory.aio import SwapSpaceError
     from memfit.errors import PLOT_SUFFIXES, output_path
-    from memfit.memory.budget import parse_bytes
+    from memfit.memory.budget import Tier, resolve_budget
 
     from .finetune.budget import BudgetTooSmall
     from .finetune.checkpoint import CheckpointError
@@ -141,8 +144,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         if args.threads < 1:
             return _refuse(args, f"--threads must be positive (got {args.threads})")
         torch.set_num_threads(args.threads)
-    try:
-        budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    try:  # the LLM commands' rule: '0.5' and '50%' are a share of the memory available now, not 0 bytes
+        budget = resolve_budget(args.memory_budget, Tier.HOST) if args.memory_budget is not None else None
     except ValueError as exc:
         return _refuse(args, f"--memory-budget: {exc}")
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)

@@ -256,3 +256,25 @@ def test_more_workers_than_cpus_plans_with_a_warning(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert json.loads(out)["planner"] == "baseline-topo"
     assert "memfit plan: warning: --workers 3 is more than this machine's 2 CPUs" in err
+
+
+@pytest.mark.parametrize("out, plot", [("same.png", "same.png"), ("same.png", "./sub/../same.png")])
+def test_out_and_plot_naming_one_file_are_refused_before_planning(out, plot, tmp_path, capsys, monkeypatch):
+    """The plot was written over the plan, and the command exited 0."""
+    import memfit.plan.graph as graph
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr(graph, "graph_from_name", lambda *a, **k: pytest.fail("planned before the check"))
+    assert main(["plan", "--model", "bert_tiny_encoder", "--out", out, "--plot", plot, "--json"]) == 2
+    cap = capsys.readouterr()
+    assert "is the same file as --out" in json.loads(cap.out)["error"] and "Traceback" not in cap.err
+    assert not (tmp_path / "same.png").exists()
+
+
+def test_an_out_onto_the_onnx_model_is_refused(tmp_path, capsys):
+    model = tmp_path / "net.onnx"
+    model.write_bytes(b"the user's model")
+    assert main(["plan", "--model", str(model), "--out", str(model)]) == 2
+    assert "is the same file as --model" in capsys.readouterr().err
+    assert model.read_bytes() == b"the user's model"

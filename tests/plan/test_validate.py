@@ -110,3 +110,71 @@ def test_to_dict_does_not_alias():
     p = good_plan()
     d = copy.deepcopy(p.to_dict())
     assert Plan.from_dict(d).to_dict() == p.to_dict()
+
+
+@pytest.fixture(scope="module")
+def made_plan(tmp_path_factory) -> dict:
+    """A plan as `memfit plan --out` writes it (bert_tiny_encoder, the fast baseline planner)."""
+    from memfit.cli import main
+
+    out = tmp_path_factory.mktemp("plan") / "p.json"
+    assert main(["plan", "--model", "bert_tiny_encoder", "--planner", "baseline-topo", "--out", str(out),
+                 "--no-progress", "--json"]) == 0
+    data = json.loads(out.read_text())
+    assert data["solver"] and data["traffic"]  # what the mutations below break
+    return data
+
+
+def _set(path, value):
+    def mutate(d):
+        *keys, last = path
+        for k in keys:
+            d = d[k]
+        d[last] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (_set(["order", 0], None), "order[0] must be an op name"),                      # was TypeError '<'
+    (_set(["solver"], {}), "'solver' needs 'status'"),                                # was SolverInfo's TypeError
+    (_set(["solver", "extra"], 1), "unknown field 'extra'"),
+    (_set(["solver", "time_s"], "fast"), "'solver.time_s' must be a number"),
+    (_set(["solver"], "x"), "'solver' must be an object"),
+    (_set(["traffic"], []), "'traffic' must be an object"),                           # was AttributeError 'items'
+    (_set(["traffic", "load_bytes"], "many"), "'traffic' must be an object"),
+    (_set(["tensors", 0, "consumers"], [{}]), "tensors[0] needs"),                    # was unhashable dict
+    (_set(["tensors", 0, "producer"], []), "tensors[0] needs"),
+    (_set(["tensors", 0, "kind"], None), "tensors[0] needs"),                         # was KeyError on a missing kind
+    (_set(["ops", 0, "inputs"], [None]), "ops[0] needs"),
+    (_set(["model"], 7), "'model' must be a string"),
+])
+def test_malformed_plan_files_are_listed_not_crashed_on(made_plan, mutate, words, tmp_path, capsys):
+    from memfit.cli import main
+
+    data = copy.deepcopy(made_plan)
+    mutate(data)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    assert main(["plan", "validate", str(path), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert words in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_the_generated_plan_is_valid_and_solver_may_be_left_out(made_plan, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(made_plan))
+    assert load_plan(path).solver.status == made_plan["solver"]["status"]
+    path.write_text(json.dumps({k: v for k, v in made_plan.items() if k not in ("solver", "traffic")}))
+    assert load_plan(path).solver is None
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path, capsys):
+    """A binary file (a PNG given for the plan) was a UnicodeDecodeError traceback."""
+    from memfit.cli import main
+
+    path = tmp_path / "plan.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(PlanValidationError, match="not UTF-8"):
+        load_plan(path)
+    assert main(["plan", "validate", str(path)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err

@@ -123,3 +123,27 @@ def test_seeds_past_64_bits_and_an_infinite_lr_are_refused_before_the_work(argv,
     monkeypatch.setattr(train, "train_vit", _fail)
     assert main(["quant", *argv, "--json", "--no-progress"]) == 2
     assert words in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--model", "q/src.safetensors", "--out", "q/src.safetensors"],
+    ["export", "--model", "q/src.safetensors", "--out", "q/../q/src.safetensors"],
+    ["export", "--model", "q/src.safetensors", "--out", "link.safetensors"],
+    ["train-vit", "--arch", "deit", "--tiny", "--teacher", "q/src.safetensors", "--out", "./q/src.safetensors"],
+])
+def test_an_out_that_is_the_input_checkpoint_is_refused_before_the_work(argv, tmp_path, capsys, monkeypatch):
+    """export --out onto its --model exited 0 with the fp32 checkpoint replaced by the packed file."""
+    import memfit.quant.pipeline as pipeline
+    import memfit.quant.train as train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q").mkdir()
+    src = tmp_path / "q" / "src.safetensors"
+    src.write_bytes(b"the user's fp32 checkpoint")
+    (tmp_path / "link.safetensors").symlink_to(src)
+    monkeypatch.setattr(pipeline, "run_quant", _fail)
+    monkeypatch.setattr(train, "train_vit", _fail)
+    assert main(["quant", *argv, "--json", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "is the same file as --" in json.loads(out)["error"] and "Traceback" not in err
+    assert src.read_bytes() == b"the user's fp32 checkpoint"

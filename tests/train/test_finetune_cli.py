@@ -191,3 +191,34 @@ def test_a_tiny_runs_stderr_has_no_profiler_lines(tmp_path):
     native = [line for line in done.stderr.splitlines() if re.search(r"\S+\.(cpp|cc|h):\d+\]", line)]
     assert not native and "profiler_" not in done.stderr, done.stderr
     assert all(line.strip() for line in done.stderr.splitlines()), repr(done.stderr)
+
+
+@pytest.mark.parametrize("budget, planned", [("0.5", 4 * 2**30), ("50%", 4 * 2**30), ("2GiB", 2 * 2**30),
+                                             ("4096", 4096)])
+def test_memory_budget_takes_a_fraction_as_the_other_commands_do(budget, planned, tmp_path, capsys, monkeypatch):
+    """--memory-budget 0.5 was read as 0 bytes and 1.5 as 1 byte, 50% was 'not a byte size', where every other
+    command's --memory-budget takes a share of the available memory (memory.budget.parse_budget)."""
+    import memfit.memory.budget as budget_mod
+    import memfit.train.finetune.trainer as trainer
+
+    seen = []
+
+    def fake_run(cfg, progress=None):
+        seen.append(cfg.memory_budget)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(budget_mod, "available_memory", lambda *a, **k: 8 * 2**30)
+    monkeypatch.setattr(trainer, "run", fake_run)
+    assert _finetune(tmp_path, "--memory-budget", budget) == 2
+    assert seen == [planned]
+    _one_error(capsys, "stopped by the test")
+
+
+@pytest.mark.parametrize("budget, words", [("1.5", "fraction must be in (0, 1]"), ("0", "must be positive"),
+                                           ("lots", "not a byte size")])
+def test_a_memory_budget_that_is_neither_is_refused(budget, words, tmp_path, capsys, monkeypatch):
+    import memfit.train.finetune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("ran with a bad --memory-budget"))
+    assert _finetune(tmp_path, "--memory-budget", budget) == 2
+    _one_error(capsys, "--memory-budget", words)

@@ -128,3 +128,17 @@ def test_stderr_to_a_file_gets_the_summary_line_and_no_blank_one(capsys, monkeyp
                  "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert err.startswith("tpsgd: test accuracy") and all(line.strip() for line in err.splitlines()), repr(err)
+
+
+def test_the_json_help_says_what_a_refusal_prints(capsys):
+    """The help said a refusal is always one JSON object on stdout; without --json it prints nothing there."""
+    with pytest.raises(SystemExit):
+        main(["train", "local", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "so is a refusal" not in text
+    assert "without it a refusal is only its message on stderr" in text
+    assert main(["train", "local", "--method", "hebb", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "unknown method hebb" in err
+    assert main(["train", "local", "--method", "hebb", "--no-progress", "--json"]) == 2
+    assert "unknown method hebb" in json.loads(capsys.readouterr().out)["error"]

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return {"generate": _generate, "label": _label, "train": _train, "predict": _predict,
                 "measure": _measure, "eval": _eval, "tune": _tune,
                 "train-ranker": _train_ranker}[args.action](args)
-    except (CostModelError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as exc:
+    except (CostModelError, FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
         return refuse(args, exc)
     except KeyboardInterrupt:  # only label has anything saved to resume
         from memfit.errors import interrupted
@@ -146,6 +146,17 @@ def _label(args) -> int:
         raise CostModelError(f"--min-time must be a positive number of seconds (got {args.min_time})")
     if args.family is not None and args.family not in (*FAMILIES, TUNED):  # tuned_matmul: the tile candidates
         raise CostModelError(f"unknown family {args.family!r}; choose one of {', '.join((*FAMILIES, TUNED))}")
+    if args.pin_cpu is not None:  # taskset's refusal was stored as every kernel's label, never retried
+        allowed = _cpus()
+        if args.pin_cpu not in allowed:
+            raise CostModelError(f"--pin-cpu {args.pin_cpu}: this process may run only on CPUs "
+                                 f"{_cpu_list(allowed)}; pick one of those")
+    if args.compiled:  # a file there was a NotADirectoryError traceback when the first module was stored
+        compiled = Path(args.compiled).absolute()
+        above = next((p for p in (compiled, *compiled.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise CostModelError(f"--compiled {args.compiled}: {'it' if above == compiled else above} is a file, "
+                                 f"not a directory")
     if args.compile_only and not args.compiled:
         raise CostModelError("--compile-only needs --compiled DIR (where the modules are kept for the timing run)")
     if args.compile_only and args.noise:
@@ -161,15 +172,34 @@ def _label(args) -> int:
         store.set_meta(con, peaks=measure_peaks().__dict__)
     out = {**counts, "peaks": store.meta(con)["peaks"]}
     if args.noise:
-        import os
-
         from memfit.plan.cost import noise
 
-        # every label kind, free and pinned to the last core, 3 rounds: docs/costmodel.md's noise table
-        noise.remeasure(args.db, args.noise, 3, (None, (os.cpu_count() or 1) - 1), progress=not args.no_progress)
+        # every label kind, free and pinned to the last core this process may use, 3 rounds: docs/costmodel.md's
+        # noise table
+        noise.remeasure(args.db, args.noise, 3, (None, max(_cpus())), progress=not args.no_progress)
         out["noise"] = noise.floor(con)
     print(json.dumps(out))
     return 0
+
+
+def _cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity: a container's or taskset's share, not the machine's)."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return os.sched_getaffinity(0)
+    return set(range(os.cpu_count() or 1))
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """CPUs as taskset and /proc write them: '0-3,8'."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _train(args) -> int:
@@ -181,7 +211,8 @@ def _train(args) -> int:
 
     if args.epochs < 1:
         raise CostModelError(f"--epochs must be at least 1 (got {args.epochs})")
-    _check_output(str(args.out or DEFAULT_MODEL), "--out")  # the default, in the package, may be read-only
+    # the default, in the package, may be read-only; the model written over the dataset would lose every label
+    _check_output(str(args.out or DEFAULT_MODEL), "--out", inputs=(("--db", args.db),))
     cfg = TrainConfig(FitConfig(epochs=args.epochs, seed=args.seed), families=FAMILIES if args.families else (),
                       vtile_rules=args.vtile_rules)
     result = train(args.db, args.out or DEFAULT_MODEL, cfg, verbose=True)
@@ -196,14 +227,17 @@ def _train(args) -> int:
     return 0
 
 
-def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
-    """An output path that cannot be written, refused before the work (training, tuning) that ends in writing it."""
-    from memfit.errors import output_path
+def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] | None = None,
+                  inputs: tuple[tuple[str, str | None], ...] = ()) -> None:
+    """An output path that cannot be written, or that names one of the command's `inputs` ((option, path) pairs:
+    the output would be written over it), refused before the work (training, tuning) that ends in writing it."""
+    from memfit.errors import distinct_output, output_path
     from memfit.plan.cost.errors import CostModelError
 
     if path:
         try:
             output_path(path, option, suffixes)
+            distinct_output(path, option, *inputs)
         except ValueError as exc:
             raise CostModelError(str(exc)) from None
 
@@ -262,7 +296,10 @@ def _eval(args) -> int:
 def _tune(args) -> int:
     from memfit.plan.cost.tune import tune
 
-    _check_output(args.out, "--out")  # before the tuning (with --measure, minutes of compiling)
+    # before the tuning (with --measure, minutes of compiling); the picked program written over the input file
+    # (or a model file) would replace it
+    _check_output(args.out, "--out", inputs=(("the input", args.file), ("--model", args.model),
+                                             ("--ranker", args.ranker)))
     out = tune(_read(args.file), args.function, args.model, args.measure, args.ranker, not args.no_ranker)
     if args.out:
         with open(args.out, "w") as f:
@@ -290,7 +327,8 @@ def _train_ranker(args) -> int:
     from memfit.plan.cost.rank_eval import train_ranker
     from memfit.plan.cost.ranker import COMPACT, DEFAULT_RANKER, SMALL, RankerConfig
 
-    _check_output(str(args.out or DEFAULT_RANKER), "--out")  # the default, in the package, may be read-only
+    # the default, in the package, may be read-only; the ranker written over the dataset would lose every label
+    _check_output(str(args.out or DEFAULT_RANKER), "--out", inputs=(("--db", args.db),))
     cfg = RankerConfig(objective=args.objective, features=COMPACT if args.features == "compact" else None,
                        seed=args.seed, **SMALL)
     out = train_ranker(args.db, args.out or DEFAULT_RANKER, cfg, args.target, args.seed)

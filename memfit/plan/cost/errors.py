@@ -17,6 +17,11 @@ class IreeMissingError(CostModelError):
         super().__init__(f"{tool} is not installed: the IREE tools come with the cost extra, {INSTALL_HINT}")
 
 
+class HarnessError(CostModelError):
+    """The timing harness failed, not the kernel (taskset could not pin the benchmark): never stored as a
+    kernel's label, since a stored failure is not retried (label.py)."""
+
+
 class CompileError(CostModelError):
     """iree-compile rejected the MLIR; the message is the compiler's."""
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memfit.plan.cost.errors import CompileError, CostModelError, IreeMissingError
+from memfit.plan.cost.errors import CompileError, CostModelError, HarnessError, IreeMissingError
 from memfit.plan.cost.parse import Function
 
 TARGET_FLAGS = ("--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu",
@@ -133,7 +133,12 @@ def benchmark(vmfb: Path, fn: Function, repetitions: int = 5, min_time_s: float 
     except subprocess.TimeoutExpired as exc:
         raise CostModelError(f"iree-benchmark-module took over {timeout:.0f} s") from exc
     if proc.returncode != 0:
-        raise CostModelError("iree-benchmark-module failed:\n" + (proc.stderr.strip() or proc.stdout.strip())[:4000])
+        msg = (proc.stderr.strip() or proc.stdout.strip())[:4000]
+        # taskset prefixes its own errors with its name and exits before starting the benchmark: a CPU it may
+        # not use (--pin-cpu), not this kernel's failure
+        if pin and msg.startswith("taskset:"):
+            raise HarnessError(f"could not run the benchmark under taskset -c {pin_cpu}: {msg}")
+        raise CostModelError("iree-benchmark-module failed:\n" + msg)
     text = proc.stdout[proc.stdout.index("{"):]
     runs = json.loads(text)["benchmarks"]
     scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}

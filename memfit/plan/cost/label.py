@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memfit.plan.cost import iree, store
 from memfit.plan.cost.compiled import CompiledStore
-from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.errors import CostModelError, HarnessError, IreeMissingError
 from memfit.plan.cost.parse import pick_function
 
 
@@ -85,15 +85,15 @@ def label_all(db: str | Path, cfg: LabelConfig, progress: bool = True) -> dict:
 
 
 def _in_pool(workers: int, fn, items: list, on_done) -> None:
-    """`fn(item)` for every item on `workers` threads, `on_done(item, future)` as each finishes. On Ctrl-C the
-    calls not yet started are dropped: leaving the pool waits for its queue, so Ctrl-C would otherwise compile or
-    time (and not store) every kernel left."""
+    """`fn(item)` for every item on `workers` threads, `on_done(item, future)` as each finishes. On Ctrl-C (or an
+    error that stops the run, a HarnessError) the calls not yet started are dropped: leaving the pool waits for
+    its queue, so it would otherwise compile or time (and not store) every kernel left."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = {pool.submit(fn, item): item for item in items}
         try:
             for fut in as_completed(futures):
                 on_done(futures[fut], fut)
-        except KeyboardInterrupt:
+        except BaseException:
             for fut in futures:
                 fut.cancel()
             raise
@@ -135,7 +135,9 @@ def _one(mlir: str, cfg: LabelConfig) -> Measurement | str:
     try:
         return measure(mlir, None, cfg.repetitions, cfg.min_time_s, label_kind=cfg.label_kind, pin_cpu=cfg.pin_cpu,
                        compiled=compiled)
-    except CostModelError as exc:
+    except (HarnessError, IreeMissingError):  # the machine's fault, not the kernel's: stop, store nothing
+        raise
+    except CostModelError as exc:  # the kernel's own failure (the compiler's message): its label, not retried
         return str(exc)
 
 

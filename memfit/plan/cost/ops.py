@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from memfit.plan.cost.errors import MlirParseError
 from memfit.plan.cost.parse import Function, TensorType, tensor_type
 
 _OP = re.compile(r"(linalg\.[a-z_0-9]+)\b")
@@ -106,6 +107,62 @@ def _read(name: str, text: str) -> LinalgOp:
         for _, sop in _SCALAR.findall(text.split("^bb0", 1)[-1]):
             op.scalar_ops[sop] = op.scalar_ops.get(sop, 0) + 1
     return op
+
+
+# The dialects of the data set's kernels (families.py): the model has seen no op of another, so it refuses one
+# rather than predict as if the op were not there (features count linalg ops only; docs/costmodel.md).
+DIALECTS = ("linalg", "tensor", "arith", "math", "func")
+# An op's name: at the start of a statement or after `%x =`, not an attribute's name (`{some.attr = ...}`).
+_OP_NAME = re.compile(r'(?:^|[\n{}=])\s*"?([A-Za-z_][\w$]*)\.([A-Za-z_][\w$.]*)(?![\w$.])(?!\s*=)')
+
+
+def _ranks(short: str) -> tuple[tuple[int, ...], int] | None:
+    """(ranks of the input tensors, rank of the output) an op's FLOPs and GEMM view read axes of (flops(),
+    gemm.gemm_view, features.extra), or None where they read no axis of a given operand."""
+    if short in ("matmul", "matmul_transpose_b"):
+        return (2, 2), 2
+    if short in ("batch_matmul", "batch_matmul_transpose_b"):
+        return (3, 3), 3
+    if short.startswith(("conv_2d_nhwc", "conv_2d_nchw")):
+        return (4, 4), 4
+    if short.startswith("depthwise"):
+        return (4, 3), 4
+    return None
+
+
+def check_readable(fn: Function) -> list[LinalgOp]:
+    """The linalg ops of `fn`, or an MlirParseError where the cost model cannot read it: an op of a dialect it
+    has not seen, no linalg op at all (nothing to predict), an op without the tensor operands and result its
+    figures are read from (a cut or hand-edited file: these were IndexErrors deep in the features), or a
+    tensor with a dimension of 0 (its log sizes)."""
+    for m in _OP_NAME.finditer(fn.body):
+        if m.group(1) not in DIALECTS:
+            raise MlirParseError(f"@{fn.name}: op {m.group(1)}.{m.group(2)} is not one the cost model can read: it "
+                                 f"reads {', '.join(DIALECTS[:-2])} and {DIALECTS[-2]} ops only (docs/costmodel.md)")
+    ops = linalg_ops(fn)
+    if not ops:
+        raise MlirParseError(f"@{fn.name} has no linalg op (matmul, conv, generic, ...): nothing for the cost "
+                             f"model to predict")
+    for t in (*fn.args, *fn.results):
+        if 0 in t.shape:
+            raise MlirParseError(f"@{fn.name}: tensor<{t.input_flag()}> is empty; the cost model needs every "
+                                 f"dimension >= 1")
+    for i, op in enumerate(ops, 1):
+        rule, types = _ranks(op.short), ", ".join(f"tensor<{t.input_flag()}>" for t in (*op.ins, *op.outs))
+        bad = None
+        if not op.outs:
+            bad = "no result tensor"
+        elif any(0 in t.shape for t in (*op.ins, *op.outs)):
+            bad = "an empty tensor"
+        elif rule is not None:
+            ins, out = rule
+            if len(op.ins) < len(ins) or any(len(t.shape) != r for t, r in zip(op.ins, ins)) \
+                    or len(op.outs[0].shape) != out:
+                bad = (f"expected inputs of rank {', '.join(map(str, ins))} and an output of rank {out}, read "
+                       f"{types or 'none'}")
+        if bad:
+            raise MlirParseError(f"@{fn.name}: cannot read the operands of {op.name} (linalg op {i}): {bad}")
+    return ops
 
 
 def _domain(head: str, operands: list[TensorType]) -> list[int]:

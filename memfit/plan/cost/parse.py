@@ -11,6 +11,7 @@ from memfit.plan.cost.errors import MlirParseError
 _FUNC = re.compile(r"func\.func\s+(?P<vis>private\s+|public\s+)?@(?P<name>[\w$.-]+)\s*\((?P<args>[^)]*)\)"
                    r"\s*(->\s*(?P<res>\([^)]*\)|[^{]+?))?\s*(attributes\s*\{[^}]*\})?\s*\{")
 _TENSOR = re.compile(r"tensor<([^>]*)>")
+_NOT_CODE = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*')  # string literals and comments: their braces do not count
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,22 @@ def tensor_type(text: str) -> TensorType:
 def functions(text: str) -> list[Function]:
     """Every func.func with a body in `text` (public ones first, in order)."""
     out = []
-    for m in _FUNC.finditer(text):
+    code = _NOT_CODE.sub(lambda c: " " * len(c.group()), text)  # the same offsets as `text`
+    for m in _FUNC.finditer(code):
         start, depth, i = m.end(), 1, m.end()
-        while depth and i < len(text):  # the body runs to the matching brace
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
+        while depth and i < len(code):  # the body runs to the matching brace
+            depth += {"{": 1, "}": -1}.get(code[i], 0)
             i += 1
+        if depth:  # the text ended inside the body: read as it was, a cut file was predicted from what was left
+            raise MlirParseError(f"@{m.group('name')} has no closing brace: the file is cut short or its braces do "
+                                 f"not balance")
         args = tuple(tensor_type(t) for t in _TENSOR.findall(m.group("args")))
         results = tuple(tensor_type(t) for t in _TENSOR.findall(m.group("res") or ""))
         out.append((bool(m.group("vis") and "private" in m.group("vis")),
                     Function(m.group("name"), args, results, text[start:i - 1])))
+    if code.count("{") != code.count("}"):  # e.g. a module cut after its function's closing brace
+        raise MlirParseError(f"the braces do not balance ({code.count('{')} '{{' against {code.count('}')} '}}'): "
+                             f"the file is cut short or not MLIR")
     return [f for private, f in sorted(out, key=lambda x: x[0])]
 
 

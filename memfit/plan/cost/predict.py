@@ -10,6 +10,7 @@ import numpy as np
 
 from memfit.plan.cost import dataset, features, tokens
 from memfit.plan.cost.errors import CostModelError
+from memfit.plan.cost.ops import check_readable
 from memfit.plan.cost.parse import pick_function
 from memfit.plan.cost.seq import Bundle
 
@@ -125,6 +126,8 @@ def load_model(path: str | None = None) -> Bundle:
 def predict_many(mlirs: list[str], function: str | None = None, model: str | None = None) -> list[dict]:
     bundle = load_model(model)
     fns = [pick_function(m, function) for m in mlirs]
+    for f in fns:  # a model, not a compiler: still, what it cannot read is refused, not predicted from a guess
+        check_readable(f)
     from memfit.plan.cost.vtiles import rules_named
 
     rules = rules_named(vtile_rules(bundle))

@@ -309,3 +309,97 @@ def test_generate_adds_a_family_draw_and_records_each_draw(tmp_path, capsys):
                                                                                               (10, 1, "conv")]
     assert main(["costmodel", "generate", "--n", "5", "--family", "convolution", "--out", str(db)]) == 2
     assert "unknown family" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["tune", "{k}", "--out", "{k}"], ["tune", "{k}", "--out", "../{d}/k.mlir"],
+                                  ["train", "--db", "{db}", "--out", "{db}"],
+                                  ["train-ranker", "--db", "{db}", "--out", "./{db}"]])
+def test_an_out_onto_an_input_is_refused_before_the_work(argv, kernel, tmp_path, capsys, monkeypatch):
+    """tune --out onto its MLIR file replaced it with the picked program; train --out onto --db would have written
+    the model over the labels."""
+    from memfit.plan.cost import rank_eval, train, tune
+
+    monkeypatch.chdir(tmp_path)
+    db = "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    before = {p: p.read_bytes() for p in (kernel, tmp_path / db)}
+    for module, name in ((train, "train"), (rank_eval, "train_ranker"), (tune, "tune")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("ran before checking --out"))
+    args = [a.format(k=kernel.name, d=tmp_path.name, db=db) for a in argv]
+    assert main(["costmodel", *args, "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "is the same file as" in json.loads(out)["error"] and "Traceback" not in err
+    assert before == {p: p.read_bytes() for p in before}
+
+
+@pytest.mark.parametrize("cpu", ["999", "-1"])
+def test_label_refuses_a_cpu_it_may_not_run_on_before_labelling(cpu, tmp_path, capsys, monkeypatch):
+    """--pin-cpu 999 exited 0 with taskset's 'failed to set affinity' stored as every kernel's label; stored failures
+    are never retried, so the dataset was spoiled."""
+    import os
+
+    from memfit.plan.cost import label
+
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    monkeypatch.setattr(label, "label_all", lambda *a, **k: pytest.fail("labelled with a CPU it may not use"))
+    monkeypatch.setattr(iree, "tool", lambda name: pytest.fail("needed IREE before checking --pin-cpu"))
+    assert main(["costmodel", "label", "--db", str(db), "--pin-cpu", cpu, "--limit", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--pin-cpu {cpu}: this process may run only on CPUs" in err and "Traceback" not in err
+    assert str(min(os.sched_getaffinity(0))) in err
+    assert store.counts(store.connect(db))["labelled"] == 0 and store.counts(store.connect(db))["failed"] == 0
+
+
+@pytest.mark.parametrize("compiled", ["afile", "afile/sub"])
+def test_label_refuses_a_compiled_dir_that_is_a_file(compiled, tmp_path, capsys, monkeypatch):
+    """--compiled FILE --compile-only was a NotADirectoryError traceback."""
+    from memfit.plan.cost import label
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    store.add_kernels(store.connect("k.db"), families.generate(4, seed=0))
+    monkeypatch.setattr(label, "label_all", lambda *a, **k: pytest.fail("labelled before checking --compiled"))
+    assert main(["costmodel", "label", "--db", "k.db", "--compiled", compiled, "--compile-only",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--compiled {compiled}:" in err and "is a file, not a directory" in err and "Traceback" not in err
+
+
+def test_an_input_under_a_file_is_one_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["costmodel", "predict", str(tmp_path / "afile" / "k.mlir"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert "Not a directory" in json.loads(out)["error"] and "Traceback" not in err
+
+
+def _cut(text: str) -> str:
+    return text[:300]  # `head -c 300` of a kernel
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_cut, "has no closing brace"),                                                    # was IndexError
+    (lambda t: t.rstrip().removesuffix("}"), "has no closing brace"),                  # was predicted
+    (lambda t: "module {\n" + t, "the braces do not balance"),
+    (lambda t: t.replace("linalg.fill", "foo.bar"), "op foo.bar is not one the cost model can read"),
+    (lambda t: "func.func @main() {}\n", "has no linalg op"),
+    (lambda t: t.replace("ins(%lhs, %rhs : tensor<16x32xf32>, tensor<32x16xf32>)", "ins(%lhs : tensor<16x32xf32>)"),
+     "cannot read the operands of linalg.matmul"),
+])
+def test_predict_refuses_what_it_cannot_read(edit, words, kernel, tmp_path, capsys):
+    bad = tmp_path / "bad.mlir"
+    bad.write_text(edit(kernel.read_text()))
+    assert main(["costmodel", "predict", str(bad), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert words in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_predict_refuses_a_generated_kernel_cut_short(tmp_path, capsys):
+    """`head -c 300` of generated kernels: an IndexError in gemm_view on some, a prediction from half a kernel on
+    others."""
+    for i, spec in enumerate(families.generate(6, seed=0)):
+        cut = tmp_path / f"cut{i}.mlir"
+        cut.write_text(families.render(spec)[:300])
+        assert main(["costmodel", "predict", str(cut), "--json"]) == 2
+        out, err = capsys.readouterr()
+        assert "closing brace" in json.loads(out)["error"] and "Traceback" not in err

@@ -52,3 +52,18 @@ def test_pinned_timing_runs_on_the_core_it_is_given(tmp_path, monkeypatch):
     t = iree.benchmark(vmfb, pick_function(TINY_MATMUL), repetitions=3, min_time_s=0.01, pin_cpu=core)
     assert seen[-1][:3] == ["taskset", "-c", str(core)]
     assert len(t.reps_us) == 3 and len(t.cpu_reps_us) == 3 and all(c > 0 for c in t.cpu_reps_us)
+
+
+@needs_iree
+def test_a_cpu_taskset_may_not_use_is_a_harness_error_not_the_kernels(tmp_path):
+    """taskset exits before the benchmark starts: its message said the kernel failed, and was stored as its label."""
+    import shutil
+
+    from memfit.plan.cost.errors import HarnessError
+
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset not installed")
+    vmfb = iree.compile_mlir(TINY_MATMUL, tmp_path, dump=False)
+    cpu = max(os.sched_getaffinity(0)) + 1  # one this process may not run on
+    with pytest.raises(HarnessError, match=f"taskset -c {cpu}"):
+        iree.benchmark(vmfb, pick_function(TINY_MATMUL), repetitions=1, min_time_s=0.01, pin_cpu=cpu)

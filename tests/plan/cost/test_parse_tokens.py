@@ -44,3 +44,12 @@ def test_features_see_the_matmul():
     f = features(pick_function(TINY_MATMUL))
     assert f["n_matmul"] == 1 and f["dtype_f32"] == 1
     assert f["log_m"] == 4 and f["log_n"] == 4 and f["log_k"] == 5
+
+
+def test_a_function_cut_short_is_refused_and_braces_in_comments_and_strings_do_not_count():
+    with pytest.raises(MlirParseError, match="@main has no closing brace"):
+        pick_function(TINY_MATMUL.rstrip().removesuffix("}"))
+    with pytest.raises(MlirParseError, match="braces do not balance"):
+        pick_function("module {\n" + TINY_MATMUL)
+    commented = TINY_MATMUL.replace("return", '// a } in a comment\n  "test.note" = "{" \n  return')
+    assert pick_function(commented).body.count("return") == 1

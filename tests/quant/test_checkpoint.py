@@ -1,0 +1,56 @@
+"""memfit.quant.checkpoint with timm's hub layout: a config.json that does not describe the weights beside it is a
+QuantError naming the file and what differs, not torch's RuntimeError or json's bare message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memfit.cli import main
+from memfit.quant.checkpoint import load_checkpoint
+from memfit.quant.errors import QuantError
+from memfit.quant.models import default_spec
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A tiny ViT's weights as timm's model.safetensors (no memfit metadata): its config.json is what is read."""
+    from safetensors.torch import save_file
+
+    spec = default_spec("vit", tiny=True)
+    model = spec.build()  # untrained: only the tensors' shapes matter here
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_a_config_naming_a_wider_model_names_the_files_and_the_shapes(hub):
+    (hub / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    with pytest.raises(QuantError) as info:
+        load_checkpoint(hub / "model.safetensors")
+    msg = str(info.value)
+    assert str(hub / "model.safetensors") in msg and str(hub / "config.json") in msg
+    assert "differ in shape" in msg and "in the file" in msg and "in the model" in msg
+
+
+@pytest.mark.parametrize("config, words", [("not json {", "is not readable JSON"), ("[1, 2]", "a JSON object"),
+                                           ('{"architecture": "vit_tiny_patch16_224", "model_args": 3}',
+                                            "a JSON object")])
+def test_a_config_that_is_not_a_config_names_the_file(hub, config, words):
+    (hub / "config.json").write_text(config)
+    with pytest.raises(QuantError, match=words) as info:
+        load_checkpoint(hub / "model.safetensors")
+    assert str(hub / "config.json") in str(info.value)
+
+
+def test_model_args_the_model_does_not_take_are_a_quant_error(hub):
+    (hub / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                 "model_args": {"no_such_arg": 1}}))
+    with pytest.raises(QuantError, match="no_such_arg"):
+        load_checkpoint(hub / "model.safetensors")
+
+
+def test_quant_vit_refuses_the_mismatch_in_one_line(hub, capsys):
+    (hub / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224"}))
+    assert main(["quant", "vit", "--model", str(hub / "model.safetensors"), "--json", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "differ in shape" in json.loads(out)["error"] and "Traceback" not in err
