@@ -8,19 +8,14 @@ import statistics
 import time
 
 from memfit.errors import guard
-from memfit.llm.cli.common import check_timeline, make_engine
+from memfit.llm.cli.common import run_with_engine
 from memfit.llm.engine.config import add_engine_args
 
 
 def cmd_bench(args) -> int:
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be at least 1")
-    check_timeline(args)
-    engine = make_engine(args)
-    try:  # closed on every path: an SSD swap tier's preallocated file must not outlive the command
-        return _bench(engine, args)
-    finally:
-        engine.close()
+    return run_with_engine(args, _bench)
 
 
 def _bench(engine, args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, per_turn: bool = False) -> None:
@@ -47,6 +48,17 @@ def make_params(args: argparse.Namespace, engine):
         top_k=args.top_k if args.top_k is not None else (d.top_k if d.top_k is not None else -1),
         seed=args.seed, stop=args.stop, logprobs=args.logprobs,
     )
+
+
+def run_with_engine(args: argparse.Namespace, body: Callable[[Any, argparse.Namespace], int], plot: bool = False) -> int:
+    """Check --timeline, build the engine, run `body(engine, args)` and close the engine on every path (a refusal,
+    Ctrl-C): an SSD swap tier's preallocated file must not outlive the command. `plot`: as check_timeline's."""
+    check_timeline(args, plot=plot)
+    engine = make_engine(args)
+    try:
+        return body(engine, args)
+    finally:
+        engine.close()
 
 
 def timeline_plot_path(timeline: str) -> Path:

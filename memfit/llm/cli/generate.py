@@ -5,7 +5,7 @@ import json
 import sys
 
 from memfit.errors import USER_ERRORS, guard
-from memfit.llm.cli.common import add_sampling_args, check_timeline, finish_timeline, make_engine, make_params
+from memfit.llm.cli.common import add_sampling_args, finish_timeline, make_params, run_with_engine
 from memfit.llm.engine.config import add_engine_args
 
 
@@ -26,12 +26,7 @@ def _stream(engine, rid: str):
 
 
 def cmd_generate(args) -> int:
-    check_timeline(args, plot=True)
-    engine = make_engine(args)
-    try:  # closed on every path: an SSD swap tier's preallocated file must not outlive the command
-        return _generate(engine, args)
-    finally:
-        engine.close()
+    return run_with_engine(args, _generate, plot=True)
 
 
 def _generate(engine, args) -> int:
@@ -52,12 +47,7 @@ def _generate(engine, args) -> int:
 def cmd_chat(args) -> int:
     """Interactive multi-turn chat. The conversation's KV stays in the cache between turns (a session),
     so each turn only prefills the tokens it adds."""
-    check_timeline(args, plot=True)
-    engine = make_engine(args)
-    try:  # closed on every path, Ctrl-C included: an SSD swap tier's preallocated file must not outlive the chat
-        return _chat(engine, args)
-    finally:
-        engine.close()
+    return run_with_engine(args, _chat, plot=True)
 
 
 def _chat(engine, args) -> int:
