@@ -89,6 +89,8 @@ class ExtentStore(ExtentMap):
             raise ValueError(f"max_stages must be >= 1, got {max_stages}")
         if capacity < ALIGN:
             raise SwapSpaceError(f"an SSD swap space of {format_bytes(capacity)} cannot hold one {ALIGN}-byte extent")
+        if directory.exists() and not directory.is_dir():
+            raise SwapSpaceError(f"the SSD swap directory {directory} is a file, not a directory; choose a directory")
         if not directory.is_dir():
             raise SwapSpaceError(f"the SSD swap directory {directory} does not exist; create it or choose another")
         if not os.access(directory, os.W_OK | os.X_OK):

@@ -41,6 +41,9 @@ def test_write_then_scatter_read_returns_the_bytes(tmp_path):
 def test_a_directory_that_cannot_hold_the_tier_is_refused_clearly(tmp_path):
     with pytest.raises(SwapSpaceError, match="does not exist"):
         ExtentStore(tmp_path / "missing", 1 << 20)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SwapSpaceError, match="is a file, not a directory"):  # it said "does not exist"
+        ExtentStore(tmp_path / "afile", 1 << 20)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

@@ -153,9 +153,11 @@ class EngineConfig:
             raise ValueError(f"kv_eager_pages must be >= 0, got {self.kv_eager_pages}")
         for name in ("memory_budget", "kv_budget"):
             if getattr(self, name) is not None:
-                parse_budget(getattr(self, name))  # a bad budget fails here, with the rule
+                _budget(name, getattr(self, name))  # a bad budget fails here, with the rule and the option named
         if self.kv_reclaim_watermark not in ("0", 0):
-            parse_budget(self.kv_reclaim_watermark)
+            _budget("kv_reclaim_watermark", self.kv_reclaim_watermark)
+        if not isinstance(self.max_num_seqs, int) or isinstance(self.max_num_seqs, bool) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs (--max-num-seqs) must be an integer of at least 1, got {self.max_num_seqs!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")
@@ -182,6 +184,15 @@ class EngineConfig:
                 raise ValueError(f"swap_ssd_space (--swap-ssd-space): {exc}; a bare number means GiB") from None
         if self.swap_ssd_path is not None and not str(self.swap_ssd_path).strip():
             raise ValueError("swap_ssd_path (--swap-ssd-path / --ssd-swap DIR[:SIZE]) is empty: name the directory")
+        # Options that only qualify another one are refused without it, not ignored (the user meant something)
+        if self.swap_ssd_path is None and (self.swap_ssd_space is not None or self.swap_ssd_prewrite):
+            flag = "--swap-ssd-space" if self.swap_ssd_space is not None else "--swap-ssd-prewrite"
+            raise ValueError(f"{flag} configures the SSD swap tier, which needs its directory: add --ssd-swap "
+                             "DIR[:SIZE] (or --swap-ssd-path DIR)")
+        if self.kv_block_groups and self.kv_cache != "paged":
+            raise ValueError(f"kv_block_groups (--kv-block-groups) is the paged cache's block-group allocator; the "
+                             f"{self.kv_cache} cache swaps a sequence's contiguous run in one copy already: add "
+                             "--kv-cache paged, or drop it")
         given = [flag for flag, value in (("--swap-space", self.swap_space),
                                           ("--ssd-swap", self.swap_ssd_path or self.swap_ssd_space)) if value is not None]
         if given and self.preemption_mode == "recompute":
@@ -250,7 +261,7 @@ class EngineConfig:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         for name in ("kv_budget", "memory_budget"):
             if values.get(name) is not None:
-                values[name] = parse_budget(values[name])  # a bad budget fails here, with the rule
+                values[name] = _budget(name, values[name])  # a bad budget fails here, with the rule
         ssd_swap = getattr(args, "ssd_swap", None)
         if ssd_swap:  # --ssd-swap DIR[:SIZE], the short form of --swap-ssd-path / --swap-ssd-space
             path, _, size = ssd_swap.rpartition(":") if ":" in ssd_swap else (ssd_swap, "", "")
@@ -268,6 +279,15 @@ def _is_size(text: str) -> bool:
     """Does the text after --ssd-swap's last colon read as a size (a number, maybe signed, with or without a unit,
     or inf/nan)? Then it is one, and a bad one is refused as such; other text is part of the directory's name."""
     return re.match(r"\s*[-+]?(\d|\.\d|inf|nan)", text, re.IGNORECASE) is not None
+
+
+def _budget(name: str, spec: object) -> int | float:
+    """parse_budget, its refusal naming the field and its flag (--memory-budget 0 and --kv-budget 0 used to read
+    alike)."""
+    try:
+        return parse_budget(spec)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"{name} (--{name.replace('_', '-')}): {exc}") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser, max_num_seqs: int = 64) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 
 
@@ -151,6 +152,9 @@ def _label(args) -> int:
         if args.pin_cpu not in allowed:
             raise CostModelError(f"--pin-cpu {args.pin_cpu}: this process may run only on CPUs "
                                  f"{_cpu_list(allowed)}; pick one of those")
+        if shutil.which("taskset") is None:  # the timings would run unpinned while the data set records the pin
+            raise CostModelError("--pin-cpu needs the taskset command (util-linux), which is not on PATH: install it "
+                                 "or label without --pin-cpu")
     if args.compiled:  # a file there was a NotADirectoryError traceback when the first module was stored
         compiled = Path(args.compiled).absolute()
         above = next((p for p in (compiled, *compiled.parents) if p.exists()), None)

@@ -1,6 +1,8 @@
 """EngineConfig refuses a bad device or context length with a message, before torch is asked (no traceback)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -64,3 +66,30 @@ def test_kv_reclaim_idle_s_must_be_a_finite_number_of_seconds(value, capsys):
     err = capsys.readouterr().err
     assert "--kv-reclaim-idle-s" in err and "Traceback" not in err
     EngineConfig(kv_reclaim_idle_s=0.0)
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(kv_budget=0), "--kv-budget"),
+    (dict(memory_budget="0"), "--memory-budget"),
+    (dict(memory_budget="150%"), "--memory-budget"),
+    (dict(kv_reclaim_watermark="150%"), "--kv-reclaim-watermark"),
+    (dict(max_num_seqs=0), "--max-num-seqs"),
+    (dict(max_num_seqs=2.5), "--max-num-seqs"),
+])
+def test_a_bad_size_or_count_is_refused_naming_its_option(kwargs, flag):
+    # --kv-budget 0 and --memory-budget 0 used to give one message naming neither; --max-num-seqs 0 said "max_seqs"
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(preemption_mode="swap", swap_ssd_space="1GiB"), "--swap-ssd-space"),
+    (dict(preemption_mode="swap", swap_ssd_prewrite=True), "--swap-ssd-prewrite"),
+    (dict(kv_block_groups=True), "--kv-block-groups"),
+])
+def test_an_option_that_qualifies_a_missing_one_is_refused_not_ignored(kwargs, flag, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        EngineConfig(**kwargs)
+    # with the option it qualifies, accepted
+    needed = dict(kv_cache="paged") if "kv_block_groups" in kwargs else dict(swap_ssd_path=str(tmp_path))
+    EngineConfig(**kwargs, **needed)

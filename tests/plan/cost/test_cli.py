@@ -403,3 +403,21 @@ def test_predict_refuses_a_generated_kernel_cut_short(tmp_path, capsys):
         assert main(["costmodel", "predict", str(cut), "--json"]) == 2
         out, err = capsys.readouterr()
         assert "closing brace" in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_label_refuses_pin_cpu_without_taskset(tmp_path, capsys, monkeypatch):
+    """Without taskset the timings ran unpinned while the data set recorded the pin."""
+    import os
+    import shutil
+
+    from memfit.plan.cost import label
+
+    db = tmp_path / "k.db"
+    store.add_kernels(store.connect(db), families.generate(4, seed=0))
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "taskset" else real_which(name, *a, **k))
+    monkeypatch.setattr(label, "label_all", lambda *a, **k: pytest.fail("labelled unpinned"))
+    cpu = str(min(os.sched_getaffinity(0)))
+    assert main(["costmodel", "label", "--db", str(db), "--pin-cpu", cpu, "--limit", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--pin-cpu needs the taskset command" in err and "Traceback" not in err
