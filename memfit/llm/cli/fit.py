@@ -16,6 +16,17 @@ if TYPE_CHECKING:
 KEEP_SPEEDUP = 0.95  # --keep-speedup's default
 
 
+
+def _check_weights(path, option: str, measure: bool) -> None:
+    from memfit.llm.models import loader
+
+    if measure or loader.has_weight_files(path):
+        loader.check_weight_files(path)
+    else:
+        print(f"memfit fit: warning: {option} {path} has no weight files yet; predicting from its config.json alone "
+              "(generate, chat, bench and serve need its *.safetensors)", file=sys.stderr)
+
+
 def cmd_fit(args) -> int:
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.models.config import ModelConfig, parse_dtype
@@ -34,12 +45,14 @@ def cmd_fit(args) -> int:
         if given:
             raise ValueError(f"{', '.join(given)} needs --speculative-model (the draft whose speed-up it is about)")
     path = loader.resolve_model_path(args.model)
-    # The weights are never read here, but a directory the engine would refuse (pickle only, no or truncated
-    # safetensors) must not get a prediction: the same checks as the loader, from the files' headers.
-    loader.check_weight_files(path)
+    # The weights are never read here, but a directory the engine would refuse (pickle only, truncated
+    # safetensors) must not get a prediction: the same checks as the loader, from the files' headers. A directory
+    # with no weight file at all is sized from config.json alone, with a warning: "will it fit?" is asked before
+    # the weights are downloaded (--measure, which runs the model, needs them).
+    _check_weights(path, "--model", args.measure)
     draft = args.speculative_model
     if draft is not None and draft != "self" and not draft.startswith("self:"):  # self[:N] shares the target's
-        loader.check_weight_files(loader.resolve_model_path(draft))
+        _check_weights(loader.resolve_model_path(draft), "--speculative-model", args.measure)
     positions = ModelConfig.from_dir(path).max_position_embeddings
     if args.context > positions:  # the engine caps max_model_len here: no sequence this long can run
         print(f"memfit fit: warning: --context {args.context} is past the model's {positions} positions; the engine "

@@ -106,6 +106,12 @@ def _open_safetensors(file: Path):
         raise ModelFormatError(f"{file} is not a readable safetensors file: {exc}") from exc
 
 
+def has_weight_files(path: Path) -> bool:
+    """Whether `path` holds any weight file, loadable or not (safetensors, an index, a pickle checkpoint)."""
+    return ((path / _INDEX_NAME).is_file() or any(path.glob("*.safetensors"))
+            or any(p for pat in _PICKLE_PATTERNS for p in path.glob(pat)))
+
+
 def check_weight_files(path: Path) -> list[Path]:
     """The weight files `load_model` would read, refused as it refuses them (pickle only, none, an index naming
     missing shards, a corrupt or truncated file), from their headers alone: no tensor is read. For commands that

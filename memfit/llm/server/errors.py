@@ -170,7 +170,7 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
             # FastAPI's words when reading the body as JSON raised something other than a JSON syntax error
             return answer(bad_request(
                 "the request body could not be read as JSON: it must be UTF-8 (the charset of its Content-Type "
-                "too), nested at most a few hundred levels deep, and hold no number thousands of digits long",
+                "too), nested less than about a thousand levels deep, and hold no number thousands of digits long",
                 code="invalid_json"))
         else:
             message = str(exc.detail)

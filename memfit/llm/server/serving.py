@@ -26,8 +26,9 @@ from memfit.llm.server.responses import (RETRY_AFTER, Choice, Group, Logprobs, e
                                          wait_disconnect)
 
 # Text longer than this is tokenized on a worker thread, not the event loop: a 4 MB prompt takes seconds to
-# tokenize, and on the loop it would stall every other client's stream and /health for that long. Shorter text
-# stays on the loop, where the hop to a thread would cost more than the encode.
+# tokenize, and on the loop it would stall every other client's stream and /health for that long (the tokenizer
+# releases the GIL for such text: Tokenizer.encode). Shorter text stays on the loop, where the hop to a thread would
+# cost more than the encode.
 OFF_LOOP_CHARS = 16384
 
 
@@ -111,7 +112,9 @@ class OpenAIServing:
             raise bad_request(str(exc)) from exc
 
     def _check_prompt(self, ids: list[int], max_tokens: int | None, param: str,
-                      max_tokens_param: str = "max_tokens") -> None:
+                      max_tokens_param: str | None = "max_tokens") -> None:
+        """`max_tokens_param`: the field the client sent the completion's length in (None: it sent none, and
+        the default applies)."""
         if not ids:
             raise bad_request("the prompt is empty: it must contain at least one token", param=param)
         if any(t >= self.vocab_size for t in ids):
@@ -120,7 +123,7 @@ class OpenAIServing:
         if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
             asked = len(ids) + (max_tokens or 1)
             # the prompt alone fits: the completion's length is what to change (`max_tokens_param`, the field sent)
-            blame = param if len(ids) >= limit else max_tokens_param
+            blame = param if len(ids) >= limit or max_tokens_param is None else max_tokens_param
             raise bad_request(
                 f"This model's maximum context length is {limit} tokens. However, you requested {asked} tokens "
                 f"({len(ids)} in the {'messages' if param == 'messages' else 'prompt'}, {max_tokens or 1} in the "
@@ -191,8 +194,9 @@ class OpenAIServing:
             prompts = [list(raw)]  # type: ignore[arg-type]
         else:
             prompts = [list(p) for p in raw]  # type: ignore[union-attr]
+        sent = "max_tokens" if "max_tokens" in req.model_fields_set else None  # else OpenAI's default, 16
         for ids in prompts:
-            self._check_prompt(ids, req.max_tokens, "prompt")
+            self._check_prompt(ids, req.max_tokens, "prompt", sent)
         max_tokens = req.max_tokens
         group, specs = self._group("cmpl", prompts, lambda ids, i: RequestSpec(
             ids, self._params(req, max_tokens, req.logprobs, i), auto_max_tokens=max_tokens is None,

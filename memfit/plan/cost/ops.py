@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from memfit.plan.cost.errors import MlirParseError
 from memfit.plan.cost.parse import Function, TensorType, tensor_type
 
-_OP = re.compile(r"(linalg\.[a-z_0-9]+)\b")
+_OP = re.compile(r"(?<![#!\w.])(linalg\.[a-z_0-9]+)\b")  # not an attribute's #linalg.type_fn<...>
 _TYPES = re.compile(r"(ins|outs)\(([^)]*)\)")
 _TENSOR = re.compile(r"tensor<([^>]*)>")
 _MAPS = re.compile(r"affine_map<\(([^)]*)\)\s*->\s*\(([^)]*)\)>")

@@ -68,15 +68,14 @@ def _no_weights(d):
 
 
 def test_weights_every_other_command_refuses_are_refused(tmp_path, capsys):
-    """fit read only config.json: a pickle-only, truncated or weightless directory got a prediction (exit 0, 8 MiB
-    of weights) where generate, chat, bench and serve refuse it."""
+    """fit read only config.json: a pickle-only or truncated directory got a prediction (exit 0, 8 MiB of weights)
+    where generate, chat, bench and serve refuse it."""
     import pytest
 
     from memfit.llm.models.loader import load_model
 
     for i, (breaks, words) in enumerate(((_pickle_only, "only pickle checkpoint"),
-                                         (_truncate, "not a readable safetensors file"),
-                                         (_no_weights, "has no *.safetensors weights"))):
+                                         (_truncate, "not a readable safetensors file"))):
         d = _tiny_copy(tmp_path, f"m{i}")
         breaks(d)
         with pytest.raises(ValueError, match=words.replace("*", r"\*")):  # the loader's own message
@@ -87,6 +86,21 @@ def test_weights_every_other_command_refuses_are_refused(tmp_path, capsys):
             assert words in json.loads(out.out)["error"] and "Traceback" not in out.err
     assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", "--model", str(_tiny_copy(tmp_path))]) == 0
     assert json.loads(capsys.readouterr().out)["weights_bytes"] > 0
+
+
+def test_a_model_without_weights_yet_is_sized_from_its_config_with_a_warning(tmp_path, capsys):
+    """"Will it fit?" comes before the download: no weight file at all is a prediction from config.json and a
+    warning, the same bytes as with the weights there; --measure, which runs the model, refuses it."""
+    whole = _tiny_copy(tmp_path, "whole")
+    assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", "--model", str(whole)]) == 0
+    expected = json.loads(capsys.readouterr().out)["weights_bytes"]
+    bare = _tiny_copy(tmp_path, "bare")
+    _no_weights(bare)
+    assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", "--model", str(bare)]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["weights_bytes"] == expected and "has no weight files yet" in out.err
+    assert memfit_main(["fit", "--context", "64", "--no-runtime", "--json", "--measure", "--model", str(bare)]) == 2
+    assert "has no *.safetensors weights" in json.loads(capsys.readouterr().out)["error"]
 
 
 def test_measure_reports_the_measuring_runs_refusal_as_its_own(tmp_path, monkeypatch, capsys):

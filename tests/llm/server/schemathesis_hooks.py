@@ -7,7 +7,12 @@ schema-valid request that breaks it. `positive_data_acceptance_in_context` is th
 server's numbers) confirms that the request does not fit. Run with
 `--exclude-checks positive_data_acceptance` so that only this stricter-but-fair version runs.
 
-Environment: MEMFIT_SCHEMA_MODEL (the served model directory or bundled name), MEMFIT_SCHEMA_MAX_MODEL_LEN.
+A second rule is a product of two fields: prompts x n must not exceed the server's waiting queue (all or none
+are queued), else a 400 `too_many_completions`; it passes when the request's own prompt count times n is over
+MEMFIT_SCHEMA_MAX_WAITING.
+
+Environment: MEMFIT_SCHEMA_MODEL (the served model directory or bundled name), MEMFIT_SCHEMA_MAX_MODEL_LEN,
+MEMFIT_SCHEMA_MAX_WAITING.
 """
 from __future__ import annotations
 
@@ -53,6 +58,14 @@ def _prompts_and_max_tokens(path: str, body: dict[str, Any]) -> tuple[list[list[
     return prompts, body.get("max_tokens", 16)  # 16: OpenAI's default for completions
 
 
+def exceeds_queue(path: str, body: dict[str, Any], max_waiting: int) -> bool:
+    """True when the request asks for more completions (prompts x n) than the waiting queue holds."""
+    prompt = body.get("prompt")
+    many = (not path.endswith("/chat/completions") and isinstance(prompt, list) and prompt
+            and not isinstance(prompt[0], int))
+    return (len(prompt) if many else 1) * int(body.get("n") or 1) > max_waiting
+
+
 def exceeds_context(path: str, body: dict[str, Any], max_model_len: int) -> bool:
     """True when some prompt of `body` leaves no room, or no room for max_tokens, in the context."""
     prompts, max_tokens = _prompts_and_max_tokens(path, body)
@@ -72,5 +85,8 @@ def positive_data_acceptance_in_context(ctx, response, case) -> bool | None:
                 code = None
             limit = int(os.environ["MEMFIT_SCHEMA_MAX_MODEL_LEN"])
             if code == "context_length_exceeded" and exceeds_context(case.path, case.body, limit):
+                return None
+            waiting = int(os.environ["MEMFIT_SCHEMA_MAX_WAITING"])
+            if code == "too_many_completions" and exceeds_queue(case.path, case.body, waiting):
                 return None
         raise

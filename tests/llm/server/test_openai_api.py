@@ -324,6 +324,12 @@ def test_context_errors_name_the_field_to_change(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                        max_completion_tokens=10**12)
     assert info.value.body["param"] == "max_completion_tokens"
+    # the prompt fits, but not with the 16 tokens a completion gets by default: max_tokens was not sent, the prompt
+    # is what the client can change
+    limit = client.models.retrieve("tiny").model_extra["max_model_len"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=[5] * (limit - 4))
+    assert info.value.body["code"] == "context_length_exceeded" and info.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="Hi", max_tokens=2**64)  # past int64: a range error
     assert info.value.body["param"] == "max_tokens" and info.value.body["code"] == "invalid_value"

@@ -26,6 +26,7 @@ from tests.llm.server.live import API_KEY, LiveServer  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 WALL_CLOCK_S = 300  # a hang guard for a run of 70-135 s on 2 shared, busy cores; not a speed check
 MAX_MODEL_LEN = 64  # a short context keeps every generated request short (n up to 128 choices)
+MAX_WAITING = 256  # the contract server's waiting queue (schemathesis_hooks.exceeds_queue reads it too)
 # Every warning but missing_test_data: PATCH /v1/requests/{id} names a request that exists only while it runs, so
 # generated ids always get 404 (test_priority.py exercises the route with live ids).
 WARNINGS = ",".join(["missing_auth", "base_url_mismatch", "validation_mismatch", "missing_deserializer",
@@ -38,7 +39,7 @@ WARNINGS = ",".join(["missing_auth", "base_url_mismatch", "validation_mismatch",
 def contract_server(model_dir):
     """An API key (so 401 and the bearer scheme are part of the contract) and a short context."""
     settings = ServerSettings(model_name="tiny", aliases=(str(model_dir),), api_key=API_KEY, max_body_bytes=64 * 1024)
-    with LiveServer(model_dir, settings, max_waiting=256, max_model_len=MAX_MODEL_LEN) as live:
+    with LiveServer(model_dir, settings, max_waiting=MAX_WAITING, max_model_len=MAX_MODEL_LEN) as live:
         yield live
 
 
@@ -50,7 +51,8 @@ def run_schemathesis(url: str, model_dir, max_model_len: int, *extra: str, cwd: 
            "--no-color", "--workers", "1", "--warnings", WARNINGS, *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
            "SCHEMATHESIS_HOOKS": "tests.llm.server.schemathesis_hooks",
-           "MEMFIT_SCHEMA_MODEL": str(model_dir), "MEMFIT_SCHEMA_MAX_MODEL_LEN": str(max_model_len)}
+           "MEMFIT_SCHEMA_MODEL": str(model_dir), "MEMFIT_SCHEMA_MAX_MODEL_LEN": str(max_model_len),
+           "MEMFIT_SCHEMA_MAX_WAITING": str(MAX_WAITING)}
     # cwd: where schemathesis may keep its state (.schemathesis/), never the repository.
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=WALL_CLOCK_S)
 

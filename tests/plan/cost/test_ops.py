@@ -31,3 +31,11 @@ def test_what_the_model_cannot_read_is_refused(old, new, words):
 
 def test_an_attribute_name_with_a_dot_is_not_an_op():
     assert check_readable(pick_function(TINY_MATMUL.replace("linalg.matmul", "linalg.matmul {some.attr = 1}")))
+
+
+def test_a_linalg_attribute_is_not_read_as_an_op():
+    # `#linalg.type_fn<...>` was read as an op without operands, and the matmul refused as "no result tensor"
+    with_cast = TINY_MATMUL.replace("linalg.matmul", "linalg.matmul {cast = #linalg.type_fn<cast_signed>}")
+    assert with_cast != TINY_MATMUL
+    ops = [op.name for op in check_readable(pick_function(with_cast))]
+    assert ops == [op.name for op in check_readable(pick_function(TINY_MATMUL))] and "linalg.matmul" in ops
