@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 KEEP_SPEEDUP = 0.95  # --keep-speedup's default
 
 
-
 def _check_weights(path, option: str, measure: bool) -> None:
     from memfit.llm.models import loader
 
@@ -106,10 +105,11 @@ def _chunk(args) -> int:
 def _spec_bound(args, path, kv_budget, limit, dtype):
     """The smallest budget keeping --keep-speedup of the predicted speed-up (engine/spec_budget.py), from the
     acceptance and pass costs given, or measured with the pair on this machine."""
+    from memfit.llm.engine.config import DEFAULT_SPECULATIVE_TOKENS
     from memfit.llm.engine.fit import predict_for_engine
     from memfit.llm.engine.spec_budget import measure, smallest_budget
 
-    gamma = 4 if args.num_speculative_tokens is None else args.num_speculative_tokens
+    gamma = DEFAULT_SPECULATIVE_TOKENS if args.num_speculative_tokens is None else args.num_speculative_tokens
     given = (args.acceptance, args.draft_cost, args.verify_cost)
     if None in given:
         got = measure(str(args.model), args.speculative_model, gamma, str(dtype).removeprefix("torch."))
@@ -148,7 +148,9 @@ def _measure(args, dtype: str) -> dict:
            str(args.context), "--chunk", str(args.chunk), "--dtype", dtype, "--cpu-linear", args.cpu_linear]
     cmd += ([] if args.prepack else ["--no-prepack"]) + ([] if args.cpu_kernels else ["--no-cpu-kernels"])
     if args.speculative_model is not None:
-        gamma = 4 if args.num_speculative_tokens is None else args.num_speculative_tokens
+        from memfit.llm.engine.config import DEFAULT_SPECULATIVE_TOKENS
+
+        gamma = DEFAULT_SPECULATIVE_TOKENS if args.num_speculative_tokens is None else args.num_speculative_tokens
         cmd += ["--speculative-model", args.speculative_model]
         cmd += ["--speculative-tree", args.tree] if args.tree else ["--num-speculative-tokens", str(gamma)]
     done = subprocess.run(cmd, capture_output=True, text=True)

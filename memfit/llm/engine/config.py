@@ -66,6 +66,8 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+DEFAULT_SPECULATIVE_TOKENS = 4  # num_speculative_tokens with a draft and no γ given (also `memfit fit`'s)
+
 @dataclass
 class EngineConfig:
     model: str = "memfit-tiny"  # a local Hugging Face model directory, or a bundled model's name
@@ -227,7 +229,7 @@ class EngineConfig:
         if self.speculative_tree is not None:
             self._check_tree()
         if self.speculative_model is not None and self.num_speculative_tokens is None:
-            self.num_speculative_tokens = 4
+            self.num_speculative_tokens = DEFAULT_SPECULATIVE_TOKENS
 
     def _check_tree(self) -> None:
         from memfit.llm.engine.spec_tree import parse_tree

@@ -31,6 +31,7 @@ from memfit.llm.engine import arena_accounting, fallback_accounting
 from memfit.llm.engine.accounting import (activation_bytes, attention_in_place, draft_step_bytes, kv_cache_bytes,
                                           mlp_row_block, speculation_bytes, tokenizer_bytes, tree_speculation_bytes,
                                           weights_bytes, workspace_bytes)
+from memfit.llm.engine.config import DEFAULT_SPECULATIVE_TOKENS
 from memfit.llm.models.config import ModelConfig
 
 __all__ = ["FitBreakdown", "activation_bytes", "kv_cache_bytes", "predict", "predict_for_engine"]
@@ -191,7 +192,7 @@ class DraftSpec:
         if shape is not None and gamma not in (None, shape[1]):
             raise ValueError(f"with a W,D tree the depth D is the number of speculative tokens: {gamma} differs from "
                              f"D = {shape[1]}")
-        g = shape[1] if shape else (4 if gamma is None else gamma)  # 0 is refused below, not read as 4
+        g = shape[1] if shape else (DEFAULT_SPECULATIVE_TOKENS if gamma is None else gamma)  # 0 is refused below
         if g < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {g}")
         layers = self_draft_layers(name, target.num_hidden_layers)

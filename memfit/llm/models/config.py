@@ -54,6 +54,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_size(name: str, value: object) -> None:
+    """A size field (MAX_SIZES) is a positive integer within its bound, read from the JSON or the dataclass alike."""
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
+    if value > MAX_SIZES[name]:  # type: ignore[operator]
+        raise ModelFormatError(f"config field {name} must be at most {MAX_SIZES[name]} (the config is wrong), "
+                               f"got {value!r}")
+
+
 def _check_field_types(raw: dict[str, Any]) -> None:
     """Refuse a config.json field of the wrong JSON type, naming the field, what it holds and what it should; the
     sizes also get their upper bound here, before `_sliding_window` ranges over the layers. Absent and null fields
@@ -72,11 +81,7 @@ def _check_field_types(raw: dict[str, Any]) -> None:
         raise wrong("model_type", 'a name such as "llama"')
     for name in MAX_SIZES:
         if given(name):
-            value = raw[name]
-            if not _is_int(value) or value <= 0:
-                raise wrong(name, "a positive integer")
-            if value > MAX_SIZES[name]:
-                raise wrong(name, f"at most {MAX_SIZES[name]} (the config is wrong)")
+            _check_size(name, raw[name])
     for name in ("sliding_window", "max_window_layers"):
         if given(name) and (not _is_int(raw[name]) or raw[name] < 0):
             raise wrong(name, "a non-negative integer or null")
@@ -149,17 +154,8 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelFormatError(f"config field {name} must be a positive integer, got {value!r}")
-            if value > MAX_SIZES[name]:
-                raise ModelFormatError(f"config field {name} is {value}, past the largest memfit accepts "
-                                       f"({MAX_SIZES[name]}); the config is wrong")
+        for name in MAX_SIZES:
+            _check_size(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelFormatError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -18,6 +18,11 @@ from typing import Any
 from memfit.llm.models.config import ModelFormatError
 
 
+# Text longer than this is encoded with the GIL released (Tokenizer.encode); shorter text through the single-text
+# call, which holds it for too short a time to matter.
+GIL_FREE_CHARS = 16384
+
+
 class ChatTemplateError(ValueError):
     """The model has no chat template, or its template rejected the messages."""
 
@@ -164,6 +169,11 @@ class Tokenizer:
             except UnicodeEncodeError as exc:  # undecodable bytes from argv or stdin (surrogate escapes)
                 raise ValueError(f"the text is not valid UTF-8: character {exc.start} is an undecodable byte "
                                  f"({text[exc.start:exc.end]!r}); pass UTF-8 text") from None
+        if len(text) > GIL_FREE_CHARS:
+            # tokenizers' single-text encode keeps the GIL for its whole run (3.4 s for 4 MB here: a server's event
+            # loop stopped that long although the text was tokenized on a worker thread); its batch encode releases
+            # it (the loop's longest pause 0.17 s; benchmarks/serve_long_prompt.py)
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
