@@ -52,3 +52,36 @@ def test_a_timeline_path_that_cannot_be_written_is_refused_at_start(tmp_path):
         with pytest.raises(ValueError, match="--timeline"):
             _check_args(serve_args("--timeline", path))
     assert (tmp_path / "afile").read_text() == "kept"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_the_servers_connections_send_without_waiting_for_acks(host):
+    # The listening socket must say it is TCP, or asyncio leaves Nagle on for every connection it accepts
+    # (base_events._set_nodelay checks sock.proto); then a keep-alive response's body waited ~40 ms for the
+    # client's delayed ACK. The option is read back from the kernel on the accepted connection.
+    import asyncio
+    import socket
+
+    from memfit.llm.cli.serve import _bind
+
+    try:
+        sock = _bind(host, 0)
+    except ValueError:
+        pytest.skip(f"{host} is not available here")
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def on_client(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_client, sock=sock)
+        port = sock.getsockname()[1]
+        reader, writer = await asyncio.open_connection(host, port)
+        await reader.read()  # the server closed it after looking
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
