@@ -59,11 +59,16 @@ def main() -> int:
     ap.add_argument("--vtile-rules", choices=("shipped", "workgroups"), default="shipped",
                     help="the vector-tile columns' rules (vtiles.RULES; workgroups: IREE's workgroup cut of NHWC "
                          "and depthwise convolutions too)")
+    ap.add_argument("--train-first", type=int, metavar="N",
+                    help="train and validate on the file's first N kernels only (as drawn); test on all its held-out "
+                         "shapes, so runs with several N score on the same test kernels (a learning curve)")
     ap.add_argument("--model-out", help="where to save the trained model (default: the package's shipped model)")
     ap.add_argument("--add-tuned", type=int, metavar="SHAPES",
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.train_first is not None and (args.families or args.train_first < 1):
+        ap.error("--train-first takes a count >= 1, and holds out shapes (not with --families)")
     import torch
 
     torch.set_num_threads(1)
@@ -85,7 +90,7 @@ def main() -> int:
                       families=families.FAMILIES, family_epochs=args.family_epochs, blend=not args.no_blend,
                       **({"leaves": tuple(int(x) for x in args.leaves.split(","))} if args.leaves else {}),
                       **({"by_kind": True} if args.trees_by_kind else {}), vtile_rules=args.vtile_rules,
-                      split_seed=args.split_seed)
+                      split_seed=args.split_seed, train_first=args.train_first)
     if args.families:
         return _families(args, cfg)
     cfg.families = ()
@@ -114,7 +119,7 @@ def main() -> int:
     result = {
         "benchmark": "costmodel", **header(1, args.seed, iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                  device="local-sync", target_cpu="host", label_kind=store.label_kind(con)),
-        "split_seed": args.seed if args.split_seed is None else args.split_seed,
+        "split_seed": args.seed if args.split_seed is None else args.split_seed, "train_first": args.train_first,
         "kernels": res["kernels"], "model_bytes": res["model_bytes"], "peaks": meta.get("peaks"),
         "validation": {k: bundle.info.get(k) for k in ("val_kernels", "train_kernels", "val_latency_mape",
                                                         "nets_val_mape", "trees_val_mape", "blend_weight",

@@ -96,6 +96,13 @@ def labelled(con: sqlite3.Connection, kind: str | None = None) -> list[dict]:
     return out
 
 
+def first_keys(con: sqlite3.Connection, n: int) -> set[str]:
+    """The keys of the file's first `n` kernels, in the order they were drawn (added)."""
+    if n < 1:
+        raise ValueError(f"the first n kernels needs n >= 1 (got {n})")
+    return {r[0] for r in con.execute("SELECT key FROM kernels ORDER BY rowid LIMIT ?", (n,))}
+
+
 def counts(con: sqlite3.Connection) -> dict:
     one = lambda q: con.execute(q).fetchone()[0]  # noqa: E731
     return {"kernels": one("SELECT COUNT(*) FROM kernels"),

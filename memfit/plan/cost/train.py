@@ -43,6 +43,9 @@ class TrainConfig:
     # the held-out-shapes split's seed (None: fit.seed's); another fit.seed over the same split retrains the nets
     # and trees from other seeds on the same test kernels, so that two runs' paired difference can be repeated
     split_seed: int | None = None
+    # train and validate on the first N kernels of the file only (in the order drawn), test on all of its held-out
+    # shapes: models trained on more or fewer labels are scored on the same test kernels (a learning curve)
+    train_first: int | None = None
 
 
 def load(db: str | Path, vtile_rules: str | None = None) -> tuple[dataset.Examples, dict]:
@@ -148,10 +151,19 @@ def _count_err(pred, true) -> dict:
             "mae": float(np.mean(np.abs(pred - true)))}
 
 
+def _first_only(split: tuple, keys: list[str], first: set[str]) -> tuple:
+    """The split with its training and validation kernels cut to `first`; the test kernels unchanged."""
+    tr, va, te = split
+    keep = lambda idx: np.array([i for i in idx if keys[i] in first], dtype=idx.dtype)  # noqa: E731
+    return keep(tr), keep(va), te
+
+
 def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = True) -> dict:
     ex, meta = load(db, cfg.vtile_rules)
     split_seed = cfg.fit.seed if cfg.split_seed is None else cfg.split_seed
     split = dataset.shape_split(ex, split_seed)
+    if cfg.train_first is not None:
+        split = _first_only(split, ex.keys, store.first_keys(store.connect(db), cfg.train_first))
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
               "(held-out shapes)", file=sys.stderr)
@@ -159,6 +171,8 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     bundle.info.update(iree_version=meta.get("iree_version"), host_cpu=meta.get("host_cpu"),
                        label_kind=meta.get("label_kind", "real_median"),
                        split="shapes", split_seed=split_seed, test_kernels=len(split[2]), test=rep["seq"]["all"])
+    if cfg.train_first is not None:
+        bundle.info["train_first"] = cfg.train_first
     if cfg.vtile_rules != "shipped":  # a file without the key is read with the shipped rules (every earlier model)
         bundle.info["vtile_rules"] = cfg.vtile_rules
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,3 +27,26 @@ def test_split_seed_keeps_the_test_kernels_of_another_training_seed(tmp_path):
 
     assert np.allclose(tested(3, 0), test0)
     assert np.allclose(tested(3, None), test3)   # by default the training seed's split, as before
+
+
+def test_train_first_cuts_training_and_validation_to_the_first_kernels_drawn_and_keeps_every_test_kernel(tmp_path):
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    specs = families.generate(120, seed=5)
+    store.add_kernels(con, specs)
+    for i, s in enumerate(specs):  # the label is the kernel's place in the draw, so a prediction's origin shows
+        store.put_label(con, s.key(), latency_us=10.0 + i, spread=0.1,
+                        figures={"instructions": 100 + i, "vector_fma": i, "spills": 0})
+    ex, _ = load(db)
+    tr, va, te = dataset.shape_split(ex, 0)
+    first = {s.key() for s in specs[:50]}
+    assert store.first_keys(con, 50) == first
+    cfg = TrainConfig(FitConfig(epochs=1, seeds=1, seed=0), baselines=False, blend=False, train_first=50)
+    res = train(db, tmp_path / "m.safetensors", cfg, verbose=False)
+    assert np.allclose(sorted(res["shapes_predictions"]["true"]), sorted(ex.Y[te, 0]))  # all the test kernels
+    from memfit.plan.cost.predict import load_model
+
+    info = load_model(str(tmp_path / "m.safetensors")).info
+    n_first = sum(ex.keys[i] in first for i in (*tr, *va))
+    assert 0 < n_first < len(tr) + len(va)
+    assert info["train_kernels"] + info["val_kernels"] == n_first and info["train_first"] == 50
