@@ -128,7 +128,13 @@ def wait(futures: list[Future]) -> None:
 
 
 def check_free_space(directory: Path, nbytes: int) -> None:
-    free = shutil.disk_usage(directory).free
+    total, _, free = shutil.disk_usage(directory)  # statvfs
+    if total == 0:  # no blocks at all, not a full disk: a pseudo file system such as /proc or /sys
+        raise SwapSpaceError(
+            f"{directory} is not on a disk that can hold the swap files: its file system reports no space at all "
+            "(0 bytes in total, as pseudo file systems such as /proc and /sys do); pass --ssd-dir a directory on an "
+            "SSD"
+        )
     if free < nbytes:
         raise SwapSpaceError(
             f"{directory} has {free / 2**30:.2f} GiB free but the swap space needs {nbytes / 2**30:.2f} GiB; "

@@ -39,6 +39,12 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():  # timm's hub layout is a folder, but what is loaded is the weights file in it
+        found = sorted(path.glob("*.safetensors"))
+        which = f", e.g. {found[0]}" if found else ""
+        raise QuantError(f"checkpoint {path} is a directory; --model takes a .safetensors file{which} (as "
+                         "`memfit quant train-vit --out FILE` writes, or timm's model.safetensors with its "
+                         "config.json beside it)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; train one with `memfit quant train-vit --out {path}`")
     if path.suffix != ".safetensors":

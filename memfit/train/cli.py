@@ -149,6 +149,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _refuse(args, f"--memory-budget: {exc}")
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
+    if args.save:  # a file on its path stopped the run at its first checkpoint with the OS's bare "File exists"
+        save = Path(args.save).absolute()
+        blocker = next((p for p in (save, *save.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            return _refuse(args, f"--save {args.save}: {blocker} is a file, not a folder; --save takes a folder to "
+                                 "write the checkpoints under")
     try:  # before the training, which a path that cannot be written would otherwise throw away
         if plot:
             output_path(plot, "--plot" if args.plot else "--save (its loss.png)", PLOT_SUFFIXES)

@@ -75,6 +75,16 @@ def test_falls_back_to_buffered_io_with_a_warning(tmp_path, engine, monkeypatch,
 
 
 @pytest.mark.parametrize("layout", [ExtentFile, FilePerKey])
+def test_a_file_system_that_reports_no_space_at_all_is_not_called_full(tmp_path, engine, monkeypatch, layout):
+    """--ssd-dir /proc (statvfs: 0 blocks in all) was refused as '/proc has 0.00 GiB free', as if a disk were full."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(0, 0, 0))
+    with pytest.raises(SwapSpaceError, match="not on a disk that can hold the swap files") as info:
+        layout(tmp_path, {"k": 8 << 20}, engine)
+    assert "reports no space at all" in str(info.value) and "GiB free" not in str(info.value)
+    assert "--ssd-dir" in str(info.value)
+
+
+@pytest.mark.parametrize("layout", [ExtentFile, FilePerKey])
 def test_refuses_a_directory_without_space(tmp_path, engine, monkeypatch, layout):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(SwapSpaceError, match="--ssd-dir on a larger disk"):

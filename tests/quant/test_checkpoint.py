@@ -54,3 +54,12 @@ def test_quant_vit_refuses_the_mismatch_in_one_line(hub, capsys):
     assert main(["quant", "vit", "--model", str(hub / "model.safetensors"), "--json", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert "differ in shape" in json.loads(out)["error"] and "Traceback" not in err
+
+
+def test_quant_vit_with_a_directory_says_it_is_one_and_names_the_file_to_give(hub, capsys):
+    """--model DIR (timm's hub folder) was refused as 'checkpoint DIR not found'."""
+    assert main(["quant", "vit", "--model", str(hub), "--json", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    msg = json.loads(out)["error"]
+    assert f"checkpoint {hub} is a directory" in msg and "not found" not in msg and "Traceback" not in err
+    assert f"--model takes a .safetensors file, e.g. {hub / 'model.safetensors'}" in msg

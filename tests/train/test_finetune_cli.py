@@ -156,6 +156,19 @@ def test_a_save_path_that_is_a_file_is_named_as_save(tmp_path, capsys):
     _one_error(capsys, "--save", "afile")
 
 
+@pytest.mark.parametrize("save", ["afile", "afile/run", "afile/sub/run"])
+def test_a_save_path_through_a_file_names_the_file_before_training(save, tmp_path, capsys, monkeypatch):
+    """With --plot elsewhere (so that its check did not see --save), --save through a file trained first and then
+    stopped with the OS's bare '.../afile: File exists' or '.../afile/run: Not a directory'."""
+    import memfit.train.finetune.trainer as trainer
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("trained before checking --save"))
+    assert _finetune(tmp_path, "--save", str(tmp_path / save), "--plot", str(tmp_path / "loss.png")) == 2
+    _one_error(capsys, f"--save {tmp_path / save}: {tmp_path / 'afile'} is a file, not a folder",
+               "--save takes a folder")
+
+
 def test_a_plan_above_the_available_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     """--batch-size 100000 on memfit-tiny planned 145 GiB and ran until the kernel's OOM killer stopped it; without
     --memory-budget the plan is now held against the host memory available (here said to be 1 MiB)."""

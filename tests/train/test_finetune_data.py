@@ -86,6 +86,14 @@ def test_truncation_without_assistant_token_is_skipped_not_nan(tok, tmp_path):
         build_examples(_only(data, tmp_path), tok, 32)
 
 
+def test_a_data_directory_is_named_as_one_not_as_missing(tok, tmp_path):
+    """--data DIR, a folder that exists, was refused as 'data file DIR not found'."""
+    with pytest.raises(DataFormatError, match="--data .* is a directory, not a file; pass --data one ShareGPT"):
+        build_examples(tmp_path, tok, 32)
+    with pytest.raises(DataFormatError, match="not found"):  # a path that is not there still says so
+        build_examples(tmp_path / "nope.jsonl", tok, 32)
+
+
 def _only(data: Path, tmp: Path) -> Path:
     out = tmp / "only.jsonl"
     out.write_text(data.read_text().splitlines()[0] + "\n")

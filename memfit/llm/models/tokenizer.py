@@ -73,12 +73,19 @@ class GenerationDefaults:
     @classmethod
     def from_dir(cls, path: str | Path) -> GenerationDefaults:
         raw = _read_json(Path(path) / "generation_config.json")
+        where = "generation_config.json: {}"
 
         def num(key: str, kind: type) -> Any:
             value = raw.get(key)
-            return None if value is None else kind(value)
+            if value is None:
+                return None
+            try:
+                return kind(value)
+            except (TypeError, ValueError):  # "hot", a list: float()'s bare message named neither file nor field
+                what = "an integer" if kind is int else "a number"
+                raise ModelFormatError(f"{Path(path) / 'generation_config.json'}: {key} must be {what}, got "
+                                       f"{value!r}; correct or remove it") from None
 
-        where = "generation_config.json: {}"
         pad = _id_list(raw.get("pad_token_id"), where.format("pad_token_id"))
         bos = _id_list(raw.get("bos_token_id"), where.format("bos_token_id"))
         return cls(

@@ -87,6 +87,9 @@ def _messages(record: Any) -> list[dict[str, str]]:
 
 def read_records(path: Path, stats: DataStats) -> list[tuple[str, list[dict[str, str]]]]:
     """(where, messages) for every well-formed record of a JSON array or a JSONL file."""
+    if path.is_dir():  # the data set is one file: a folder of them is not read
+        raise DataFormatError(f"--data {path} is a directory, not a file; pass --data one ShareGPT .json or chat "
+                              ".jsonl file")
     if not path.is_file():
         raise DataFormatError(f"data file {path} not found; pass --data with a ShareGPT .json or chat .jsonl file")
     text = path.read_text(encoding="utf-8", errors="replace")

@@ -185,6 +185,18 @@ def test_generation_defaults_without_file(tmp_path):
         GenerationDefaults.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("field, value, kind", [("temperature", "hot", "a number"), ("top_p", [0.9], "a number"),
+                                               ("top_k", "many", "an integer")])
+def test_a_sampling_default_that_is_not_a_number_names_the_file_and_field(field, value, kind, tmp_path):
+    """temperature "hot" was refused as float()'s bare "could not convert string to float: 'hot'" (a list was a
+    TypeError's traceback)."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
+    with pytest.raises(ModelFormatError) as info:
+        GenerationDefaults.from_dir(tmp_path)
+    assert str(info.value) == (f"{tmp_path / 'generation_config.json'}: {field} must be {kind}, got {value!r}; "
+                               "correct or remove it")
+
+
 def test_missing_or_broken_tokenizer_files(edit_dir):
     (edit_dir / "tokenizer_config.json").write_text("{oops")
     with pytest.raises(ModelFormatError, match="tokenizer_config.json is not valid JSON"):
