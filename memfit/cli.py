@@ -17,9 +17,10 @@ class _Parser(argparse.ArgumentParser):
     JSON object on stdout. Subcommand parsers are built with the parent's class, so every one of them does."""
 
     last_error: str | None = None
+    last_refuser: argparse.ArgumentParser | None = None  # the (sub)command parser that said last_error
 
     def error(self, message: str):  # type: ignore[override]
-        _Parser.last_error = message
+        _Parser.last_error, _Parser.last_refuser = message, self
         super().error(message)
 
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
-        _Parser.last_error = None
+        _Parser.last_error = _Parser.last_refuser = None
         try:
             args, extra = parser.parse_known_args(argv)
             if extra:  # told by the command's own parser, so the usage printed is that command's, not `memfit COMMAND`
@@ -49,13 +50,33 @@ def main(argv: list[str] | None = None) -> int:
             # quant vit: error: ...'
             args.prog = _chosen_parser(parser, args).prog
         except SystemExit:
-            if _Parser.last_error is not None and "--json" in (sys.argv[1:] if argv is None else argv):
+            if _Parser.last_error is not None and _asks_for_json(_Parser.last_refuser,
+                                                                 sys.argv[1:] if argv is None else argv):
                 print(json.dumps({"error": _Parser.last_error}), flush=True)  # the usage and message are on stderr
             raise
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `memfit ... | head` closed the pipe: end quietly, as `cat` would, not with a traceback
         _silence_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
+def _asks_for_json(parser: argparse.ArgumentParser | None, argv: list[str]) -> bool:
+    """Whether `argv` holds `--json` as argparse reads it: the word itself, or (as `parser`, the command's parser
+    that refused the arguments, resolves an option) `--json=...` or an abbreviation that only --json starts with,
+    `--js` or `--jso`, which a command that runs takes for --json too. Nothing after `--`, which ends the options."""
+    options = [] if parser is None else [s for a in parser._actions for s in a.option_strings]
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+        name = arg.split("=", 1)[0]
+        if parser is None or "--json" not in options or not name.startswith("--") or len(name) < 3:
+            continue
+        if name == "--json" or (name not in options and parser.allow_abbrev
+                                and [s for s in options if s.startswith(name)] == ["--json"]):
+            return True
+    return False
 
 
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

@@ -32,6 +32,22 @@ def command_name(args) -> str:
     return f"memfit {command}" if command else "memfit"
 
 
+def warn_budget_past_memory(args, option: str, spec: object, nbytes: int) -> None:
+    """A budget of more bytes than the machine's memory (`--memory-budget 1000TiB`) is taken, but can never be what
+    stops the work: memory runs out first. Say so on stderr (stdout may be a --json object), `PROG: warning: ...`,
+    naming the option, the value given and the machine's total memory (psutil's, as memory.budget measures what is
+    available). `nbytes` is the budget as resolved; a fraction of the available memory never passes the total."""
+    import psutil
+
+    from memfit.memory.budget import format_bytes
+
+    total = int(psutil.virtual_memory().total)
+    if nbytes > total:
+        print(f"{command_name(args)}: warning: {option} {spec} ({format_bytes(nbytes)}) is more than this machine's "
+              f"memory, {format_bytes(total)} in all: memory runs out before the budget does, so the budget is never "
+              "what stops the work", file=sys.stderr)
+
+
 def refuse(args, message: str | BaseException) -> int:
     """A user's mistake, said once for every command: `PROG: error: message` on stderr, the prefix argparse puts on
     its own refusals of the same command (bad option values), exit code 2, and with --json the one object

@@ -2,6 +2,8 @@
 reported with its command's usage."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +59,32 @@ def test_every_option_says_what_it_is(command):
 
     top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(bare(top.choices[command], f"memfit {command}")) == []
+
+
+@pytest.mark.parametrize("argv", [["fit", "--batch", "abc"], ["plan", "--bogus"]])
+@pytest.mark.parametrize("option, as_json", [("--json", True), ("--jso", True), ("--js", True), ("--jsonx", False)])
+def test_a_usage_error_is_json_when_json_is_asked_for_as_argparse_reads_it(argv, option, as_json, capsys):
+    # argparse takes --jso for --json (the command then prints JSON), but a usage error came out as text only
+    with pytest.raises(SystemExit) as exit_:
+        main([argv[0], option, *argv[1:]])
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert (json.loads(out)["error"] in err) if as_json else out == ""
+
+
+def test_json_is_detected_exactly_where_argparse_resolves_an_option_to_it():
+    from memfit.cli import _asks_for_json
+
+    for allow_abbrev in (True, False):
+        parser = argparse.ArgumentParser(allow_abbrev=allow_abbrev, exit_on_error=False)
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--jobs", type=int)
+        parser.add_argument("rest", nargs="*")
+        for arg in ("--json", "--jso", "--js", "--j", "--jo", "--jsonx", "-json", "json"):
+            try:
+                parsed = parser.parse_known_args([arg])[0].json
+            except (argparse.ArgumentError, SystemExit):  # ambiguous: --j could be --json or --jobs
+                parsed = False
+            assert _asks_for_json(parser, [arg]) == parsed, (arg, allow_abbrev)
+        assert not _asks_for_json(parser, ["--", "--json"])  # after `--`, a positional word
+        assert not parser.parse_known_args(["--", "--json"])[0].json

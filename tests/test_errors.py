@@ -85,3 +85,23 @@ def test_distinct_output_names_both_options():
     distinct_output("o.json", "--out", ("--plot", None), ("--model", "m.onnx"))
     with pytest.raises(ValueError, match=r"--plot ./p\.png is the same file as --out p\.png"):
         distinct_output("./p.png", "--plot", ("--out", "p.png"))
+
+
+def test_a_budget_past_the_machines_memory_is_a_warning_on_stderr(capsys, monkeypatch):
+    """--memory-budget 1000TiB was taken silently: memory runs out long before such a budget, so it never stops
+    anything. A warning (not a refusal) names the option, the value and the machine's total memory."""
+    import types
+
+    import psutil
+
+    from memfit.errors import warn_budget_past_memory
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(total=16 * 2**30, available=8 * 2**30))
+    args = argparse.Namespace(command="demo", prog="memfit demo", json=True)
+    warn_budget_past_memory(args, "--memory-budget", "1000TiB", 1000 * 2**40)
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout stays for the one --json object
+    assert err.startswith("memfit demo: warning: --memory-budget 1000TiB (1000.00 TiB)") and "16.00 GiB in all" in err
+    for nbytes in (16 * 2**30, 12 * 2**30):  # the machine's memory or less (past what is available now, too): silent
+        warn_budget_past_memory(args, "--memory-budget", "x", nbytes)
+        assert capsys.readouterr() == ("", "")

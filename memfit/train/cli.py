@@ -130,7 +130,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from memfit.llm.models.config import ModelFormatError
     from memfit.memory.aio import SwapSpaceError
-    from memfit.errors import PLOT_SUFFIXES, output_path
+    from memfit.errors import PLOT_SUFFIXES, output_path, warn_budget_past_memory
     from memfit.memory.budget import Tier, resolve_budget
 
     from .finetune.budget import BudgetTooSmall
@@ -148,6 +148,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         budget = resolve_budget(args.memory_budget, Tier.HOST) if args.memory_budget is not None else None
     except ValueError as exc:
         return _refuse(args, f"--memory-budget: {exc}")
+    if budget is not None:
+        warn_budget_past_memory(args, "--memory-budget", args.memory_budget, budget)
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
     if args.save:  # a file on its path stopped the run at its first checkpoint with the OS's bare "File exists"
         save = Path(args.save).absolute()

@@ -235,3 +235,24 @@ def test_a_memory_budget_that_is_neither_is_refused(budget, words, tmp_path, cap
     monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("ran with a bad --memory-budget"))
     assert _finetune(tmp_path, "--memory-budget", budget) == 2
     _one_error(capsys, "--memory-budget", words)
+
+
+def test_a_memory_budget_past_the_machines_memory_is_warned_about_and_kept(tmp_path, capsys, monkeypatch):
+    """--memory-budget 1000TiB was taken silently, a budget that can never be what stops the run: now a warning on
+    stderr names the option, the value and the machine's memory; the run still gets the budget as given."""
+    import memfit.train.finetune.trainer as trainer
+
+    seen = []
+
+    def fake_run(cfg, progress=None):
+        seen.append(cfg.memory_budget)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    assert _finetune(tmp_path, "--memory-budget", "1000TiB") == 2
+    assert seen == [1000 * 2**40]
+    err = capsys.readouterr().err
+    assert "memfit train finetune: warning: --memory-budget 1000TiB (1000.00 TiB) is more than this machine's " \
+           "memory" in err and "in all" in err
+    assert _finetune(tmp_path, "--memory-budget", "64MiB") == 2
+    assert "warning" not in capsys.readouterr().err

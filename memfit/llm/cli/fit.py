@@ -5,7 +5,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from memfit.errors import guard
+from memfit.errors import guard, warn_budget_past_memory
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +60,8 @@ def cmd_fit(args) -> int:
     # Budgets take the same forms as everywhere else: bytes, or a fraction of the memory available now.
     kv_budget = resolve_budget(args.kv_budget, Tier.DEVICE, "cpu") if args.kv_budget else None
     limit = resolve_budget(args.memory_budget, Tier.DEVICE, "cpu") if args.memory_budget else None
+    if limit is not None:
+        warn_budget_past_memory(args, "--memory-budget", args.memory_budget, limit)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     args.chunk = _chunk(args)
     b = predict_for_engine(path, args.context, args.batch, args.chunk, dtype=dtype, cpu_linear=args.cpu_linear,

@@ -110,6 +110,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
             raise APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    def answer_head_too(router: APIRouter | FastAPI, path: str, endpoint) -> None:
+        """HEAD on `path` runs the GET endpoint (the same checks, status and headers; uvicorn sends no body), for
+        uptime monitors and load balancers that probe with HEAD. A route of its own, out of the OpenAPI schema: the
+        schema lists only GET, and a 405 from another method still says `Allow: GET`, as the schema does."""
+        router.add_api_route(path, endpoint, methods=["HEAD"], response_model=None, include_in_schema=False)
+
     auth = (401,) if settings.api_key is not None else ()
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
@@ -121,6 +127,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
     async def get_model(model_id: str) -> JSONResponse:
         serving.check_model(model_id)
         return JSONResponse(serving.model_card())
+
+    answer_head_too(v1, "/models", list_models)
+    answer_head_too(v1, "/models/{model_id:path}", get_model)
 
     generation = (400, *auth, 404, 413, 429, 500, 503)
 
@@ -150,6 +159,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
         if engine.ready:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": engine.state, "message": engine.not_ready_message()}, status_code=503)
+
+    answer_head_too(app, "/health", health)
 
     @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:

@@ -127,3 +127,14 @@ def test_zero_speculative_tokens_is_refused_not_read_as_four(capsys):
         assert json.loads(capsys.readouterr().out) == {"error": f"--num-speculative-tokens must be at least 1, got {g}"}
     assert memfit_main(["fit", "--no-runtime", "--json", "--num-speculative-tokens", "3"]) == 2
     assert "needs --speculative-model" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_memory_budget_past_the_machines_memory_is_warned_about(capsys):
+    """--memory-budget 1000TiB was taken silently; a budget no machine here has is still checked against, with a
+    warning on stderr naming the machine's memory (stdout stays one JSON object)."""
+    assert memfit_main(["fit", "--memory-budget", "1000TiB", "--no-runtime", "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["fits"] is True
+    assert "memfit fit: warning: --memory-budget 1000TiB (1000.00 TiB) is more than this machine's memory" in out.err
+    assert memfit_main(["fit", "--memory-budget", "64MiB", "--no-runtime", "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err
