@@ -67,8 +67,9 @@ def main() -> int:
                     help="only add SHAPES matmul shapes x (20 tiles + default) to the dataset, then exit")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.train_first is not None and (args.families or args.train_first < 1):
-        ap.error("--train-first takes a count >= 1, and holds out shapes (not with --families)")
+    if args.train_first is not None and (args.families or args.train_first < 1 or not args.model_out):
+        # --model-out: without it the run would write over the shipped model with one trained on fewer labels
+        ap.error("--train-first takes a count >= 1 and a --model-out, and holds out shapes (not with --families)")
     import torch
 
     torch.set_num_threads(1)

@@ -163,7 +163,16 @@ def train(db: str | Path, out: str | Path, cfg: TrainConfig, verbose: bool = Tru
     split_seed = cfg.fit.seed if cfg.split_seed is None else cfg.split_seed
     split = dataset.shape_split(ex, split_seed)
     if cfg.train_first is not None:
-        split = _first_only(split, ex.keys, store.first_keys(store.connect(db), cfg.train_first))
+        if cfg.families:  # the held-out families are trained on every other family's kernels, not on the first N
+            raise CostModelError("train_first cuts the held-out-shapes split; it does not apply to held-out families")
+        con = store.connect(db)
+        try:
+            split = _first_only(split, ex.keys, store.first_keys(con, cfg.train_first))
+        finally:
+            con.close()
+        if len(split[0]) < 20 or len(split[1]) == 0:  # as load() asks of the whole file; the trees need validation
+            raise CostModelError(f"the first {cfg.train_first} kernels hold {len(split[0])} training and "
+                                 f"{len(split[1])} validation kernels; take more (at least 20 training, 1 validation)")
     if verbose:
         print(f"{len(ex)} kernels: {len(split[0])} train, {len(split[1])} validation, {len(split[2])} test "
               "(held-out shapes)", file=sys.stderr)

@@ -50,3 +50,24 @@ def test_train_first_cuts_training_and_validation_to_the_first_kernels_drawn_and
     n_first = sum(ex.keys[i] in first for i in (*tr, *va))
     assert 0 < n_first < len(tr) + len(va)
     assert info["train_kernels"] + info["val_kernels"] == n_first and info["train_first"] == 50
+
+
+def test_train_first_too_few_to_train_is_refused_with_the_counts(tmp_path):
+    import pytest
+
+    from memfit.plan.cost.errors import CostModelError
+
+    db = tmp_path / "d.db"
+    con = store.connect(db)
+    specs = families.generate(120, seed=5)
+    store.add_kernels(con, specs)
+    for i, s in enumerate(specs):
+        store.put_label(con, s.key(), latency_us=10.0 + i, spread=0.1,
+                        figures={"instructions": 100 + i, "vector_fma": i, "spills": 0})
+    cfg = TrainConfig(FitConfig(epochs=1, seeds=1, seed=0), baselines=False, blend=False, train_first=3)
+    with pytest.raises(CostModelError, match="first 3 kernels hold"):
+        train(db, tmp_path / "m.safetensors", cfg, verbose=False)
+    assert not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(CostModelError, match="held-out families"):
+        train(db, tmp_path / "m.safetensors", TrainConfig(FitConfig(epochs=1, seeds=1), families=("conv",),
+                                                          train_first=60), verbose=False)
