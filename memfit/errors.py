@@ -85,28 +85,62 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps"
                  ".avif", ".pgf", ".raw", ".rgba")
 
 
-def output_path(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] | None = None) -> Path:
+def output_path(path: str | os.PathLike, option: str, suffixes: tuple[str, ...] | None = None, *,
+                keep: bool = True) -> Path:
     """Check an output file before the work that ends in writing it (a plot, a plan, a checkpoint), so that a path
-    that cannot be written is refused at once instead of a traceback that throws the work away. Creates its folder,
-    as the writers do; raises ValueError (a user error) naming `option`."""
+    that cannot be written is refused at once instead of a traceback that throws the work away. Its folder is checked
+    as `output_dir` checks one, and kept as the writers would make it (`keep=False`: nothing is left behind, for a
+    writer that makes its folder itself); raises ValueError (a user error) naming `option`."""
     out = Path(path)
     if suffixes is not None and out.suffix.lower() not in suffixes:
         raise ValueError(f"{option} {path}: the file name must end in one of {', '.join(suffixes)}")
     if out.is_dir():
         raise ValueError(f"{option} {path} is a directory; give a file path")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ValueError(f"{option} {path}: {above} is a file, not a folder")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: cannot create its folder {out.parent} ({exc.strerror})") from None
-    try:  # a file can be made there (permissions, a read-only or pseudo file system such as /proc)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: cannot write in {out.parent} ({exc.strerror})") from None
+    _writable_folder(out.parent, f"{option} {path}", keep)
     return out
+
+
+def output_dir(path: str | os.PathLike, option: str, *, keep: bool = True) -> Path:
+    """Check an output folder (`--save DIR`) before the work that ends in writing under it: the deepest part of the
+    path that exists must be a folder (not a file, on the path or at its end), the folder must be creatable, and a
+    file must be writable in it (permissions, a read-only or pseudo file system such as /proc); a temporary file
+    proves it and is removed. With `keep` the folders made for the check stay, for a command that would make them
+    anyway; without, they are removed again and nothing is left behind. Raises ValueError (a user error) naming
+    `option`, its value and the reason."""
+    folder = Path(path)
+    _writable_folder(folder, f"{option} {path}", keep, f"; {option} takes a folder")
+    return folder
+
+
+def _writable_folder(folder: Path, what: str, keep: bool, file_hint: str = "") -> None:
+    """output_dir's check of `folder`, its messages starting `what: ` (the option and the value given)."""
+    full = folder.absolute()
+    missing = []  # the parts of the path not there yet, deepest first
+    for part in (full, *full.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"{what}: {part} is a file, not a folder{file_hint}")
+            break
+        missing.append(part)
+    done = False
+    try:
+        try:
+            full.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot create the folder {folder} ({exc.strerror or exc})") from None
+        try:  # a file can be made there (permissions, a read-only or pseudo file system such as /proc)
+            with tempfile.TemporaryFile(dir=full):
+                pass
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot write in {folder} ({exc.strerror or exc})") from None
+        done = True
+    finally:
+        if not (keep and done):  # what the check made, deepest first; a folder something else filled meanwhile stays
+            for part in missing:
+                try:
+                    part.rmdir()
+                except OSError:
+                    break
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

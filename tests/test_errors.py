@@ -105,3 +105,43 @@ def test_a_budget_past_the_machines_memory_is_a_warning_on_stderr(capsys, monkey
     for nbytes in (16 * 2**30, 12 * 2**30):  # the machine's memory or less (past what is available now, too): silent
         warn_budget_past_memory(args, "--memory-budget", "x", nbytes)
         assert capsys.readouterr() == ("", "")
+
+
+def test_output_dir_refuses_a_folder_that_cannot_be_made_or_written(tmp_path, monkeypatch):
+    """--save /proc/x (or a read-only folder) was taken, and the run failed at its first checkpoint, after the
+    training; only a path through a file was refused."""
+    import errno
+    import tempfile
+
+    from memfit.errors import output_dir
+
+    (tmp_path / "afile").write_text("")
+    for path in ("afile", "afile/run", "afile/sub/run"):  # the file at the end of the path or on it
+        with pytest.raises(ValueError, match=f"--save {tmp_path / path}: {tmp_path / 'afile'} is a file, not a "
+                                             "folder; --save takes a folder"):
+            output_dir(tmp_path / path, "--save")
+    with pytest.raises(ValueError, match=r"--save /proc/x/run: cannot create the folder /proc/x/run \(No such file"):
+        output_dir("/proc/x/run", "--save")  # a pseudo file system: refused even for root
+    with pytest.raises(ValueError, match=r"--save /proc: cannot write in /proc \("):
+        output_dir("/proc", "--save")
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)  # a folder this user may not write (root may write any)
+    with pytest.raises(ValueError, match=r"--out DIR .*: cannot write in .*/new/run \(Permission denied\)"):
+        output_dir(tmp_path / "new" / "run", "--out DIR")
+    assert not (tmp_path / "new").exists()  # what the check made is removed again when it fails
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_output_dir_keeps_the_folder_it_made_only_when_asked(keep, tmp_path):
+    from memfit.errors import output_dir
+
+    (tmp_path / "old").mkdir()
+    assert output_dir(tmp_path / "old" / "a" / "b", "--save", keep=keep) == tmp_path / "old" / "a" / "b"
+    assert (tmp_path / "old" / "a" / "b").is_dir() == keep and (tmp_path / "old" / "a").exists() == keep
+    assert (tmp_path / "old").is_dir()  # what was there stays
+    assert not keep or list((tmp_path / "old" / "a" / "b").iterdir()) == []  # the test file is gone
+    output_dir(tmp_path / "old", "--save", keep=False)  # an existing folder: nothing made, nothing removed
+    assert (tmp_path / "old").is_dir()

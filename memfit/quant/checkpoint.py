@@ -42,7 +42,8 @@ def read_spec(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, Any]]:
     if path.is_dir():  # timm's hub layout is a folder, but what is loaded is the weights file in it
         found = sorted(path.glob("*.safetensors"))
         which = f", e.g. {found[0]}" if found else ""
-        raise QuantError(f"checkpoint {path} is a directory; --model takes a .safetensors file{which} (as "
+        # no option named: `quant vit --model` and `quant train-vit --teacher` both read a checkpoint here
+        raise QuantError(f"checkpoint {path} is a directory; a .safetensors file is needed{which} (as "
                          "`memfit quant train-vit --out FILE` writes, or timm's model.safetensors with its "
                          "config.json beside it)")
     if not path.is_file():

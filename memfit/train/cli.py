@@ -130,7 +130,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     from memfit.llm.models.config import ModelFormatError
     from memfit.memory.aio import SwapSpaceError
-    from memfit.errors import PLOT_SUFFIXES, output_path, warn_budget_past_memory
+    from memfit.errors import PLOT_SUFFIXES, output_dir, output_path, warn_budget_past_memory
     from memfit.memory.budget import Tier, resolve_budget
 
     from .finetune.budget import BudgetTooSmall
@@ -151,15 +151,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     if budget is not None:
         warn_budget_past_memory(args, "--memory-budget", args.memory_budget, budget)
     plot = args.plot or (str(Path(args.save) / "loss.png") if args.save else None)
-    if args.save:  # a file on its path stopped the run at its first checkpoint with the OS's bare "File exists"
-        save = Path(args.save).absolute()
-        blocker = next((p for p in (save, *save.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            return _refuse(args, f"--save {args.save}: {blocker} is a file, not a folder; --save takes a folder to "
-                                 "write the checkpoints under")
     try:  # before the training, which a path that cannot be written would otherwise throw away
-        if plot:
-            output_path(plot, "--plot" if args.plot else "--save (its loss.png)", PLOT_SUFFIXES)
+        if args.save:
+            # Checked, not made: the run makes the folder at its first checkpoint (save_checkpoint), and a run
+            # refused or stopped before that (bad data, a plan too big, Ctrl-C, a --resume already at --steps)
+            # leaves no folder behind, so neither does this check.
+            output_dir(args.save, "--save", keep=False)
+        if plot:  # write_loss_curve makes its folder too (and for the default, SAVE/loss.png, that is --save's)
+            output_path(plot, "--plot" if args.plot else "--save (its loss.png)", PLOT_SUFFIXES, keep=False)
     except ValueError as exc:
         return _refuse(args, str(exc))
     from memfit.llm.engine.config import resolve_device

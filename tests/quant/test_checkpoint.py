@@ -62,4 +62,18 @@ def test_quant_vit_with_a_directory_says_it_is_one_and_names_the_file_to_give(hu
     out, err = capsys.readouterr()
     msg = json.loads(out)["error"]
     assert f"checkpoint {hub} is a directory" in msg and "not found" not in msg and "Traceback" not in err
-    assert f"--model takes a .safetensors file, e.g. {hub / 'model.safetensors'}" in msg
+    assert f"a .safetensors file is needed, e.g. {hub / 'model.safetensors'}" in msg
+
+
+def test_a_directory_is_refused_without_naming_an_option(hub, tmp_path_factory):
+    """read_spec serves `quant vit --model` and `quant train-vit --teacher` alike: the message said '--model takes
+    a .safetensors file', wrong for --teacher DIR. It names the file to give where the folder holds one."""
+    from memfit.quant.checkpoint import read_spec
+
+    with pytest.raises(QuantError) as info:
+        read_spec(hub)
+    msg = str(info.value)
+    assert "--model" not in msg and "--teacher" not in msg and "a .safetensors file is needed, e.g." in msg
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(QuantError, match=r"is a directory; a \.safetensors file is needed \(as `memfit quant"):
+        read_spec(empty)

@@ -256,3 +256,30 @@ def test_a_memory_budget_past_the_machines_memory_is_warned_about_and_kept(tmp_p
            "memory" in err and "in all" in err
     assert _finetune(tmp_path, "--memory-budget", "64MiB") == 2
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("save, words", [("/proc/x", "--save /proc/x: cannot create the folder /proc/x"),
+                                         ("/proc", "--save /proc: cannot write in /proc")])
+def test_a_save_folder_that_cannot_be_made_or_written_is_refused_before_training(save, words, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Only a --save through a file was refused: /proc/x (or a read-only folder) trained fully and then failed at
+    the first checkpoint. --plot elsewhere, so that its check does not see --save."""
+    import memfit.train.finetune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "run", lambda *a, **k: pytest.fail("trained before checking --save"))
+    assert _finetune(tmp_path, "--save", save, "--plot", str(tmp_path / "loss.png")) == 2
+    _one_error(capsys, words)
+
+
+def test_the_save_check_leaves_no_folder_behind_a_run_that_writes_none(tmp_path, capsys, monkeypatch):
+    """The folder is the first checkpoint's to make: a run refused before it (here by the trainer) leaves none."""
+    import memfit.train.finetune.trainer as trainer
+
+    def refused(cfg, progress=None):
+        assert not (tmp_path / "runs").exists()
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(trainer, "run", refused)
+    assert _finetune(tmp_path, "--save", str(tmp_path / "runs" / "a")) == 2
+    _one_error(capsys, "stopped by the test")
+    assert not (tmp_path / "runs").exists()

@@ -28,12 +28,34 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, per_tur
                    "likely alternatives (0: the chosen token's only)")
 
 
+def engine_config(args: argparse.Namespace, **overrides: object):
+    """The EngineConfig of the parsed engine flags (add_engine_args): what generate, chat, bench (make_engine) and
+    serve build their engine from. A --memory-budget of more than the machine's memory is warned about on stderr
+    (warn_budget_past_memory, as `memfit fit` and `memfit train finetune` do), resolved as the engine's ledger
+    resolves it; on the CPU only: on a GPU the budget is of device memory, which the machine's total says nothing
+    about."""
+    from memfit.errors import warn_budget_past_memory
+    from memfit.llm.engine.config import EngineConfig
+    from memfit.memory.budget import Tier, resolve_budget
+
+    config = EngineConfig.from_args(args, **overrides)
+    spec = getattr(args, "memory_budget", None)
+    if spec is not None and config.memory_budget is not None and "memory_budget" not in overrides:
+        try:
+            device = config.resolved_device()
+        except ValueError:  # a CUDA device that is not there: the engine refuses it, in its words
+            device = None
+        if device is not None and device.type == "cpu":
+            warn_budget_past_memory(args, "--memory-budget", spec,
+                                    resolve_budget(config.memory_budget, Tier.DEVICE, str(device)))  # ledger_bytes'
+    return config
+
+
 def make_engine(args: argparse.Namespace, **overrides: object):
     """An LLMEngine from the parsed engine flags (add_engine_args)."""
-    from memfit.llm.engine.config import EngineConfig
     from memfit.llm.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig.from_args(args, **overrides))
+    return LLMEngine(engine_config(args, **overrides))
 
 
 def make_params(args: argparse.Namespace, engine):

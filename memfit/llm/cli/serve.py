@@ -34,9 +34,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args):
-    from memfit.llm.engine.config import EngineConfig
+    from memfit.llm.cli.common import engine_config
 
-    return EngineConfig.from_args(args)  # --max-waiting is an engine field too: the queue limit behind 429
+    return engine_config(args)  # --max-waiting is an engine field too: the queue limit behind 429
 
 
 def served_name(model: str) -> str:
@@ -83,18 +83,30 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on connections whose socket says it is TCP
-    # (base_events._set_nodelay checks sock.proto), and uvicorn writes a response's head and body apart. With
-    # proto 0 Nagle held each body back for the client's delayed ACK: every keep-alive request after a
-    # connection's first waited ~40 ms (/health 44 ms against 1 ms; benchmarks/serve_keepalive.py).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """The server's listening socket, bound to `host` (an address, `[v6 address]` as in a URL, or a name) and
+    `port`; the address family is the resolver's first answer, so `::1`, `[::1]` and a name that has only an IPv6
+    address are bound as IPv6 (IPV6_V6ONLY left at the OS's default). Every failure (a name that does not resolve,
+    a family this host lacks, a port in use) is the ValueError `cannot listen on HOST:PORT: why; pick another
+    --port or --host`."""
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    sock = None
     try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") from exc
+        # AI_PASSIVE: no host ("") is the wildcard address, as bind(("", port)) took it
+        family, _, _, _, address = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)[0]
+        # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on connections whose socket says it is TCP
+        # (base_events._set_nodelay checks sock.proto), and uvicorn writes a response's head and body apart. With
+        # proto 0 Nagle held each body back for the client's delayed ACK: every keep-alive request after a
+        # connection's first waited ~40 ms (/health 44 ms against 1 ms; benchmarks/serve_keepalive.py).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except (OSError, ValueError) as exc:  # gaierror is an OSError; a name idna cannot encode ("a..b") a ValueError
+        if sock is not None:
+            sock.close()
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        where = host if host.startswith("[") or ":" not in host else f"[{host}]"  # [::1]:8000, as in a URL
+        raise ValueError(f"cannot listen on {where}:{port}: {why}; pick another --port or --host") from exc
     sock.set_inheritable(True)
     return sock
 

@@ -79,12 +79,14 @@ class GenerationDefaults:
             value = raw.get(key)
             if value is None:
                 return None
-            try:
-                return kind(value)
-            except (TypeError, ValueError):  # "hot", a list: float()'s bare message named neither file nor field
+            # A JSON number, not what float() or int() would turn into one: true (1.0), "0.7"; an integer field a
+            # whole number (40.0 is 40), not 40.5 cut to 40. Refused naming the file and the field.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or (kind is int and isinstance(value, float) and not value.is_integer()):
                 what = "an integer" if kind is int else "a number"
                 raise ModelFormatError(f"{Path(path) / 'generation_config.json'}: {key} must be {what}, got "
-                                       f"{value!r}; correct or remove it") from None
+                                       f"{value!r}; correct or remove it")
+            return kind(value)
 
         pad = _id_list(raw.get("pad_token_id"), where.format("pad_token_id"))
         bos = _id_list(raw.get("bos_token_id"), where.format("bos_token_id"))

@@ -112,8 +112,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings | None = None) -> F
 
     def answer_head_too(router: APIRouter | FastAPI, path: str, endpoint) -> None:
         """HEAD on `path` runs the GET endpoint (the same checks, status and headers; uvicorn sends no body), for
-        uptime monitors and load balancers that probe with HEAD. A route of its own, out of the OpenAPI schema: the
-        schema lists only GET, and a 405 from another method still says `Allow: GET`, as the schema does."""
+        uptime monitors and load balancers that probe with HEAD. A route of its own, out of the OpenAPI schema (which
+        lists only GET); a 405 from another method says `Allow: GET, HEAD`, the methods the path answers
+        (errors.allowed_methods)."""
         router.add_api_route(path, endpoint, methods=["HEAD"], response_model=None, include_in_schema=False)
 
     auth = (401,) if settings.api_key is not None else ()

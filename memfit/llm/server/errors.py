@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from memfit.llm.engine.errors import EMPTY_MESSAGES
 from memfit.llm.server.protocol import MAX_PROMPTS
@@ -140,6 +141,22 @@ def validation_error(exc: RequestValidationError, content_type: str | None = "ap
     return bad_request(f"invalid value for '{param}': {msg}{more}", param=param, code="invalid_value")
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")  # RFC 9110's methods, CONNECT aside
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of the app answers on the request's path, for `Allow` on a 405: GET and HEAD
+    on /health, whose HEAD is a route of its own, where Starlette's 405 names only the route it tried first. Each
+    method is put to the routes as the router would (a route matches FULL when it takes the path and the method;
+    FastAPI's included routers answer for their own routes), so nothing depends on how routes are stored."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None = None) -> None:
     """Install the handlers; `on_error(status)` is called for every error answered (for metrics)."""
 
@@ -164,8 +181,13 @@ def install_error_handlers(app: FastAPI, on_error: Callable[[int], None] | None 
             message = ("unknown URL; this server offers GET /v1/models, POST /v1/completions, POST /v1/chat/completions, "
                        "PATCH /v1/requests/{id}, GET /health, /metrics, /docs and /openapi.json")
         elif status == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            headers = dict(exc.headers or {})
+            methods = allowed_methods(request)
+            if methods:  # Starlette's Allow names only the first route on the path, and HEAD has routes of its own
+                headers = {k: v for k, v in headers.items() if k.lower() != "allow"} | {"Allow": ", ".join(methods)}
+            allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "")
             message = f"method {request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}"
+            return answer(APIError(status, message, headers=headers))
         elif status == 400 and exc.detail == _BODY_PARSE_FAILED:
             # FastAPI's words when reading the body as JSON raised something other than a JSON syntax error
             return answer(bad_request(

@@ -306,3 +306,41 @@ def test_bench_refusal_prints_json_only_with_json(model_dir, capsys):
     assert capsys.readouterr().out == ""
     assert memfit_main(["bench", "--model", str(model_dir), "--num-prompts", "0", "--json"]) == 2
     assert "--num-prompts" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_memory_budget_past_the_machines_memory_is_warned_about_on_the_cpu(monkeypatch, capsys):
+    """generate, chat, bench and serve took --memory-budget 1000TiB silently (fit and train finetune warned): the
+    engine's config warns now, on the CPU, where the budget is of the machine's memory; on a GPU it is of the
+    device's, and the machine's total says nothing about it."""
+    import torch
+
+    import memfit.llm.engine.llm_engine as llm_engine
+    from memfit.llm.cli import serve
+
+    def stop(config):
+        raise ValueError("stopped by the test")  # the warning comes before the model loads
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", stop)
+    warning = "memfit generate: warning: --memory-budget 1000TiB (1000.00 TiB) is more than this machine's memory"
+    assert memfit_main(["generate", "hi", "--device", "cpu", "--memory-budget", "1000TiB"]) == 2
+    err = capsys.readouterr().err
+    assert warning in err and "stopped by the test" in err
+    for small in ("64MiB", "0.5"):  # within the machine's memory (a fraction always is): silent
+        assert memfit_main(["generate", "hi", "--device", "cpu", "--memory-budget", small]) == 2
+        assert "warning" not in capsys.readouterr().err
+    args = sub_parser("serve").parse_args(["--device", "cpu", "--memory-budget", "1000TiB"])
+    assert serve.engine_config(args).memory_budget == 1000 * 2**40  # serve builds its config the same way
+    assert "warning: --memory-budget 1000TiB" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU: the budget is of its memory
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert memfit_main(["generate", "hi", "--device", "cuda", "--memory-budget", "1000TiB"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+def sub_parser(command: str):
+    import argparse
+
+    from memfit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]

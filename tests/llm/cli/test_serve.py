@@ -2,6 +2,8 @@
 that could never serve a request are refused at start."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from memfit.llm.cli.serve import _check_args, exposure_warning
@@ -54,7 +56,24 @@ def test_a_timeline_path_that_cannot_be_written_is_refused_at_start(tmp_path):
     assert (tmp_path / "afile").read_text() == "kept"
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def _has_ipv6() -> bool:
+    """Whether this host can listen on ::1 (no IPv6 in the kernel, or no loopback address for it: not)."""
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback on this host")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)])
 def test_the_servers_connections_send_without_waiting_for_acks(host):
     # The listening socket must say it is TCP, or asyncio leaves Nagle on for every connection it accepts
     # (base_events._set_nodelay checks sock.proto); then a keep-alive response's body waited ~40 ms for the
@@ -64,10 +83,7 @@ def test_the_servers_connections_send_without_waiting_for_acks(host):
 
     from memfit.llm.cli.serve import _bind
 
-    try:
-        sock = _bind(host, 0)
-    except ValueError:
-        pytest.skip(f"{host} is not available here")
+    sock = _bind(host, 0)  # where the family is there, binding must work: a failure here is a failure
     seen: list[int] = []
 
     async def main() -> None:
@@ -76,12 +92,76 @@ def test_the_servers_connections_send_without_waiting_for_acks(host):
             writer.close()
 
         server = await asyncio.start_server(on_client, sock=sock)
-        port = sock.getsockname()[1]
-        reader, writer = await asyncio.open_connection(host, port)
-        await reader.read()  # the server closed it after looking
-        writer.close()
-        server.close()
-        await server.wait_closed()
+        try:
+            port = sock.getsockname()[1]
+            reader, writer = await asyncio.open_connection(host, port)
+            await reader.read()  # the server closed it after looking
+            writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
 
-    asyncio.run(main())
+    asyncio.run(asyncio.wait_for(main(), timeout=30))  # a hang guard, not a speed check
     assert seen and seen[0] != 0
+
+
+@needs_ipv6
+def test_a_bracketed_ipv6_address_binds_as_the_bare_one():
+    """--host [::1] (as in a URL) picked IPv6 and then failed with the resolver's 'Name or service not known'."""
+    import socket
+
+    from memfit.llm.cli.serve import _bind
+
+    for host in ("::1", "[::1]"):
+        with _bind(host, 0) as sock:
+            assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1", host
+            assert sock.proto == socket.IPPROTO_TCP, host  # what makes asyncio set TCP_NODELAY
+
+
+def test_a_name_is_bound_in_the_family_it_resolves_to(monkeypatch):
+    """The family came from ':' in the host, so a name with only an IPv6 address was bound as IPv4; it is the
+    resolver's now (here `localhost`, said to be ::1 only, which is skipped where ::1 cannot be bound)."""
+    import socket
+
+    from memfit.llm.cli.serve import _bind
+
+    if not _has_ipv6():
+        pytest.skip("no IPv6 loopback on this host")
+    real = socket.getaddrinfo
+
+    def v6_only(host, port, *a, **k):
+        return real("::1" if host == "localhost" else host, port, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", v6_only)
+    with _bind("localhost", 0) as sock:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
+
+
+@pytest.mark.parametrize("host", ["nohost.invalid", "a..b", "[::1"])
+def test_a_host_that_cannot_be_resolved_is_the_listen_error(host):
+    """A name the resolver does not know (.invalid never resolves, RFC 6761), one that is no valid name at all
+    (idna refuses 'a..b' before any lookup): the one 'cannot listen on' message, not a traceback."""
+    from memfit.llm.cli.serve import _bind
+
+    with pytest.raises(ValueError, match=rf"^cannot listen on {re.escape(host)}:0: .+; pick another --port or "
+                                         "--host$"):
+        _bind(host, 0)
+
+
+def test_a_family_this_host_lacks_is_the_listen_error_not_a_traceback(monkeypatch):
+    """On a host without IPv6, `--host ::` failed in socket.socket(), outside the try: an OSError traceback."""
+    import errno
+    import socket
+
+    from memfit.llm.cli.serve import _bind
+
+    class NoIPv6(socket.socket):
+        def __init__(self, family=-1, *a, **k):
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *a, **k)
+
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    with pytest.raises(ValueError, match=r"^cannot listen on \[::\]:0: Address family not supported by protocol; "
+                                         "pick another --port or --host$"):
+        _bind("::", 0)

@@ -186,15 +186,30 @@ def test_generation_defaults_without_file(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, kind", [("temperature", "hot", "a number"), ("top_p", [0.9], "a number"),
-                                               ("top_k", "many", "an integer")])
+                                               ("top_k", "many", "an integer"),
+                                               # what float() and int() took: true as 1.0, a numeric string,
+                                               # 40.5 cut to 40
+                                               ("temperature", True, "a number"), ("top_p", False, "a number"),
+                                               ("temperature", "0.7", "a number"), ("top_k", 40.5, "an integer"),
+                                               ("top_k", "40", "an integer"), ("max_new_tokens", True, "an integer"),
+                                               ("max_new_tokens", float("inf"), "an integer"),
+                                               ("repetition_penalty", {"x": 1}, "a number")])
 def test_a_sampling_default_that_is_not_a_number_names_the_file_and_field(field, value, kind, tmp_path):
     """temperature "hot" was refused as float()'s bare "could not convert string to float: 'hot'" (a list was a
-    TypeError's traceback)."""
+    TypeError's traceback); true, "0.7" and top_k 40.5 were taken as 1.0, 0.7 and 40."""
     (tmp_path / "generation_config.json").write_text(json.dumps({field: value}))
     with pytest.raises(ModelFormatError) as info:
         GenerationDefaults.from_dir(tmp_path)
     assert str(info.value) == (f"{tmp_path / 'generation_config.json'}: {field} must be {kind}, got {value!r}; "
                                "correct or remove it")
+
+
+def test_sampling_defaults_take_json_numbers_and_whole_floats_for_integers(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 1, "top_p": 0.9, "top_k": 40.0, "max_new_tokens": 256, "repetition_penalty": 1.1}))
+    d = GenerationDefaults.from_dir(tmp_path)
+    assert (d.temperature, d.top_p, d.top_k, d.max_new_tokens, d.repetition_penalty) == (1.0, 0.9, 40, 256, 1.1)
+    assert type(d.temperature) is float and type(d.top_k) is int and type(d.max_new_tokens) is int
 
 
 def test_missing_or_broken_tokenizer_files(edit_dir):

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import httpx
 import uvicorn
 
+from memfit.llm.cli.serve import _bind
 from memfit.llm.server.app import ServerSettings, create_app
 from memfit.llm.server.async_engine import AsyncEngine
 
@@ -34,8 +35,7 @@ class LiveServer:
         self.engine = AsyncEngine(factory or load)
         self.settings = settings or ServerSettings(model_name="tiny")
         self.app = create_app(self.engine, self.settings)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock = _bind("127.0.0.1", 0)  # memfit serve's own socket (IPPROTO_TCP, so TCP_NODELAY as served)
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=2))
