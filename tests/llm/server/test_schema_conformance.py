@@ -24,7 +24,7 @@ from memfit.llm.server.app import ServerSettings  # noqa: E402
 from tests.llm.server.live import API_KEY, LiveServer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-WALL_CLOCK_S = 300  # a hang guard for a run of 70-135 s on 2 shared, busy cores; not a speed check
+WALL_CLOCK_S = 300  # a hang guard (the run takes ~10 s, 70-135 s while responses waited for delayed ACKs); not a speed check
 MAX_MODEL_LEN = 64  # a short context keeps every generated request short (n up to 128 choices)
 MAX_WAITING = 256  # the contract server's waiting queue (schemathesis_hooks.exceeds_queue reads it too)
 # Every warning but missing_test_data: PATCH /v1/requests/{id} names a request that exists only while it runs, so
