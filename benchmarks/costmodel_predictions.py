@@ -19,14 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-seed", type=int, default=0, help="the held-out-shapes split (default 0, as benchmarks.costmodel)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    from memfit.plan.cost import dataset
-    from memfit.plan.cost.predict import load_model, vtile_rules
-    from memfit.plan.cost.train import load
+    from memfit.plan.cost.evaluate_cmd import held_out
 
-    bundle = load_model(args.model)
-    ex, _ = load(args.db, vtile_rules(bundle))  # the columns as this model reads them
-    test = ex.subset(dataset.shape_split(ex, args.split_seed)[2])
-    pred = dataset.from_log(bundle.predict_log(test.toks, test.X))[:, 0]
+    _, _, test, _, pred = held_out(args.db, args.model, args.split_seed)
     result = {"benchmark": "costmodel_predictions", "db": args.db, "model": args.model or "shipped",
               "split_seed": args.split_seed, "test_kernels": len(test),
               "predictions": {"true": test.Y[:, 0].tolist(), "families": test.families, "seq": pred.tolist()}}

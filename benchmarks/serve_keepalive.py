@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from benchmarks.common import emit, header
-from benchmarks.serve_load import ROOT, free_port, wait_ready
+from benchmarks.serve_load import memfit_server
 
 REQUESTS = {
     "health": ("GET", "/health", None),
@@ -67,17 +64,9 @@ def main() -> int:
         return 2
     import httpx
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "memfit.llm.server", "--model", args.model, "--port", str(port), "--threads",
-           str(args.threads), "--log-level", "warning"]
-    log = open(Path(tempfile.gettempdir()) / f"serve_keepalive_{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
     times: dict[str, dict[str, list[float]]] = {k: {"kept_alive": [], "new_connection": []} for k in REQUESTS}
-    try:
-        wait_ready(proc, url, 300)
-        # Connections are plain TCP here; the client's own cost of a new connection (a fresh pool) is the
-        # same for both ways, so only the connection's reuse differs.
+    with memfit_server(args.model, args.threads) as url:
+        # A fresh client is made outside the timed call: a new connection's time is its TCP connect and the request.
         with httpx.Client(timeout=60) as kept:
             for name, (method, path, body) in REQUESTS.items():
                 timed(kept, method, url + path, body)  # warm: the server's first of each, the connection made
@@ -91,9 +80,6 @@ def main() -> int:
                             times[name]["new_connection"].append(timed(fresh, method, url + path, body))
                 if (i + 1) % 10 == 0:
                     print(f"[{i + 1}/{args.rounds}]", file=sys.stderr)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     requests = {}
     for name, ways in times.items():
         kept, new = summary(ways["kept_alive"]), summary(ways["new_connection"])

@@ -34,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.common import emit, header
@@ -91,6 +93,23 @@ def start_server(kind: str, model: str, port: int, args) -> subprocess.Popen:
         raise ValueError(kind)
     log = open(Path(tempfile.gettempdir()) / f"serve_load_{kind}_{port}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+
+
+@contextmanager
+def memfit_server(model: str, threads: int, *extra: str) -> Iterator[str]:
+    """A `memfit serve` of `model` on a free port, ready (its log in the temp folder); yields its URL, stops it after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "memfit.llm.server", "--model", model, "--port", str(port), "--threads",
+           str(threads), "--log-level", "warning", *extra]
+    with open(Path(tempfile.gettempdir()) / f"memfit_server_{port}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(proc, url, 300)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from benchmarks.common import emit, header
-from benchmarks.serve_load import ROOT, free_port, wait_ready
+from benchmarks.serve_load import memfit_server
 
 
 def poll_health(url: str, stop: threading.Event, out: list[float]) -> None:
@@ -62,15 +59,8 @@ def main() -> int:
         return 2
     import httpx
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     body_mb = int(args.mb) + 2
-    cmd = [sys.executable, "-m", "memfit.llm.server", "--model", args.model, "--port", str(port), "--threads",
-           str(args.threads), "--log-level", "warning", "--max-body-size", f"{body_mb}MiB"]
-    log = open(Path(tempfile.gettempdir()) / f"serve_long_prompt_{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    try:
-        wait_ready(proc, url, 300)
+    with memfit_server(args.model, args.threads, "--max-body-size", f"{body_mb}MiB") as url:
         prompt = "hello world " * int(args.mb * 1e6 / 12)
         _, idle = health_during(url, lambda: time.sleep(1.0))
         rounds = []
@@ -86,9 +76,6 @@ def main() -> int:
                            "health_median_s": statistics.median(lat), "health_polls": len(lat)})
             print(f"[{i + 1}/{args.reps}] {args.mb} MB prompt: {took:.2f} s (HTTP {status[0]}), /health max "
                   f"{max(lat) * 1e3:.0f} ms", file=sys.stderr)
-    finally:
-        proc.terminate()
-        proc.wait(30)
     result = {**header(args.threads), "benchmark": "serve_long_prompt", "model": args.model,
               "prompt_chars": len(prompt),
               "idle_health_max_s": max(idle), "idle_health_median_s": statistics.median(idle),

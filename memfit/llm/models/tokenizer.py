@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from memfit.llm.models.config import ModelFormatError
+from memfit.llm.models.config import ModelFormatError, _is_int, _is_number
 
 
 # Text longer than this is encoded with the GIL released (Tokenizer.encode); shorter text through the single-text
@@ -81,8 +81,7 @@ class GenerationDefaults:
                 return None
             # A JSON number, not what float() or int() would turn into one: true (1.0), "0.7"; an integer field a
             # whole number (40.0 is 40), not 40.5 cut to 40. Refused naming the file and the field.
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or (kind is int and isinstance(value, float) and not value.is_integer()):
+            if not _is_number(value) or (kind is int and not _is_int(value) and not value.is_integer()):
                 what = "an integer" if kind is int else "a number"
                 raise ModelFormatError(f"{Path(path) / 'generation_config.json'}: {key} must be {what}, got "
                                        f"{value!r}; correct or remove it")

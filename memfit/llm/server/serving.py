@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from memfit.llm.models.tokenizer import GIL_FREE_CHARS
 from memfit.llm.server.async_engine import AsyncEngine, RequestSpec
 from memfit.llm.server.errors import APIError, bad_request
 from memfit.llm.server.protocol import (MAX_SESSION_ID, UNSUPPORTED_NEUTRAL, ChatCompletionRequest, CompletionRequest,
@@ -28,8 +29,8 @@ from memfit.llm.server.responses import (RETRY_AFTER, Choice, Group, Logprobs, e
 # Text longer than this is tokenized on a worker thread, not the event loop: a 4 MB prompt takes seconds to
 # tokenize, and on the loop it would stall every other client's stream and /health for that long (the tokenizer
 # releases the GIL for such text: Tokenizer.encode). Shorter text stays on the loop, where the hop to a thread would
-# cost more than the encode.
-OFF_LOOP_CHARS = 16384
+# cost more than the encode. The same bound as the tokenizer's: text sent to a thread must also release the GIL.
+OFF_LOOP_CHARS = GIL_FREE_CHARS
 
 
 class OpenAIServing:

@@ -11,14 +11,20 @@ from memfit.plan.cost.predict import load_model
 from memfit.plan.cost.train import load, peaks_of
 
 
-def evaluate(db: str | Path, model: str | None = None, plot_path: str | None = None, seed: int = 0) -> dict:
+def held_out(db: str | Path, model: str | None = None, seed: int = 0):
+    """The model's latency predictions (us) on a data set's held-out-shapes test kernels: (train, validation and
+    test Examples, the data set's meta, the predictions)."""
     from memfit.plan.cost.predict import vtile_rules
 
     bundle = load_model(model)
     ex, meta = load(db, vtile_rules(bundle))  # the columns as the model reads them
-    tr, va, te = dataset.shape_split(ex, seed)
-    train_set, val_set, test = ex.subset(tr), ex.subset(va), ex.subset(te)
-    preds = {"seq": dataset.from_log(bundle.predict_log(test.toks, test.X))[:, 0]}
+    train_set, val_set, test = (ex.subset(i) for i in dataset.shape_split(ex, seed))
+    return train_set, val_set, test, meta, dataset.from_log(bundle.predict_log(test.toks, test.X))[:, 0]
+
+
+def evaluate(db: str | Path, model: str | None = None, plot_path: str | None = None, seed: int = 0) -> dict:
+    train_set, val_set, test, meta, seq = held_out(db, model, seed)
+    preds = {"seq": seq}
     try:
         from memfit.plan.cost.gbm import GBM
 
@@ -33,4 +39,4 @@ def evaluate(db: str | Path, model: str | None = None, plot_path: str | None = N
     rep = report(preds, test.Y[:, 0], test.families)
     if plot_path:
         plot(plot_path, preds, test.Y[:, 0], test.families, f"held-out shapes: {len(test)} kernels")
-    return {"kernels": len(ex), "test_kernels": len(test), "report": rep}
+    return {"kernels": len(train_set) + len(val_set) + len(test), "test_kernels": len(test), "report": rep}
