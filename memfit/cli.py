@@ -63,15 +63,21 @@ def main(argv: list[str] | None = None) -> int:
 def _asks_for_json(parser: argparse.ArgumentParser | None, argv: list[str]) -> bool:
     """Whether `argv` holds `--json` as argparse reads it: the word itself, or (as `parser`, the command's parser
     that refused the arguments, resolves an option) `--json=...` or an abbreviation that only --json starts with,
-    `--js` or `--jso`, which a command that runs takes for --json too. Nothing after `--`, which ends the options."""
+    `--js` or `--jso`, which a command that runs takes for --json too. Nothing after `--`, which ends the options;
+    and an abbreviation only after the command's own words (`memfit --jso fit` gave --jso to `memfit`, which has no
+    --json, so `fit` would not print JSON)."""
     options = [] if parser is None else [s for a in parser._actions for s in a.option_strings]
+    words = [] if parser is None else parser.prog.split()[1:]  # 'memfit train local' -> the words 'train', 'local'
     for arg in argv:
         if arg == "--":
             return False
         if arg == "--json":
             return True
+        if words and arg == words[0]:
+            words.pop(0)
+            continue
         name = arg.split("=", 1)[0]
-        if parser is None or "--json" not in options or not name.startswith("--") or len(name) < 3:
+        if parser is None or words or "--json" not in options or not name.startswith("--") or len(name) < 3:
             continue
         if name == "--json" or (name not in options and parser.allow_abbrev
                                 and [s for s in options if s.startswith(name)] == ["--json"]):

@@ -72,6 +72,18 @@ def test_a_usage_error_is_json_when_json_is_asked_for_as_argparse_reads_it(argv,
     assert (json.loads(out)["error"] in err) if as_json else out == ""
 
 
+@pytest.mark.parametrize("option", ["--jso", "--js"])
+def test_an_abbreviation_before_the_command_is_not_taken_for_json(option, capsys):
+    # `memfit --jso fit` hands --jso to `memfit`, which has no --json: the usage error is text, as the command's
+    # output would be, while `memfit fit --jso` asks fit for JSON
+    with pytest.raises(SystemExit):
+        main([option, "fit", "--batch", "abc"])
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):
+        main(["fit", option, "--batch", "abc"])
+    assert json.loads(capsys.readouterr().out)["error"]
+
+
 def test_json_is_detected_exactly_where_argparse_resolves_an_option_to_it():
     from memfit.cli import _asks_for_json
 
