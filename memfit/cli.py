@@ -65,7 +65,8 @@ def _asks_for_json(parser: argparse.ArgumentParser | None, argv: list[str]) -> b
     that refused the arguments, resolves an option) `--json=...` or an abbreviation that only --json starts with,
     `--js` or `--jso`, which a command that runs takes for --json too. Nothing after `--`, which ends the options;
     and an abbreviation only after the command's own words (`memfit --jso fit` gave --jso to `memfit`, which has no
-    --json, so `fit` would not print JSON)."""
+    --json, so `fit` would not print JSON). The word itself counts anywhere: whoever typed `--json` asked for JSON,
+    wherever argparse refused it."""
     options = [] if parser is None else [s for a in parser._actions for s in a.option_strings]
     words = [] if parser is None else parser.prog.split()[1:]  # 'memfit train local' -> the words 'train', 'local'
     for arg in argv:
