@@ -56,9 +56,12 @@ def main() -> int:
     ap.add_argument("--trees-by-kind", action="store_true",
                     help="residual trees of each kind of kernel too (conv, matmul, other), averaged with the shared "
                          "trees (TrainConfig.by_kind)")
-    ap.add_argument("--vtile-rules", choices=("shipped", "workgroups"), default="shipped",
+    ap.add_argument("--vtile-rules", choices=("shipped", "workgroups", "strided", "odd_n", "gathered"),
+                    default="shipped",
                     help="the vector-tile columns' rules (vtiles.RULES; workgroups: IREE's workgroup cut of NHWC "
-                         "and depthwise convolutions too)")
+                         "and depthwise convolutions too; strided: IREE's tile of NCHW 1x1 convolutions of stride "
+                         "2; odd_n: and of f32 matmuls whose N is not a multiple of 16; gathered: and f32 "
+                         "whole-width strided tiles counted lane by lane)")
     ap.add_argument("--train-first", type=int, metavar="N",
                     help="train and validate on the file's first N kernels only (as drawn); test on all its held-out "
                          "shapes, so runs with several N score on the same test kernels (a learning curve)")

@@ -2,7 +2,8 @@
 contraction kernels, the rules' parameters fitted to one split's tiles, and their agreement on the others.
 
     python -m benchmarks.costmodel_vtile_rules --db costmodel.db --configs vtile_configs [--fit train] \
-        [--check validation,test] [--agreement-only] [--json] [--out benchmarks/results/costmodel_vtile_rules.json]
+        [--check validation,test] [--agreement-only] [--cases conv_nchw_1x1s] [--dtypes f32] [--json] \
+        [--out benchmarks/results/costmodel_vtile_rules.json]
 
 1. Dump: every kernel with a contraction (vtiles' dominant one) of the splits read is compiled with
    `iree-compile --compile-to=executable-configurations` (the labels' target flags, so this host's CPU) into
@@ -317,13 +318,20 @@ def main(argv: list[str] | None = None) -> int:
                          "can dump it)")
     ap.add_argument("--agreement-only", action="store_true",
                     help="fit nothing: only each vtiles.RULES entry's exact-tile agreement by case and family")
+    ap.add_argument("--cases", default="",
+                    help="read only kernels of these cases (comma-separated, as case() names them: e.g. "
+                         "conv_nchw_1x1s, a few minutes to compile where the whole set takes an hour); default all")
+    ap.add_argument("--dtypes", default="", help="read only kernels of these dtypes (comma-separated); default all")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from memfit.plan.cost import iree, vtiles
 
     check = [s for s in args.check.split(",") if s]
-    items = kernels(args.db, {args.fit, *check}, args.seed)
+    cases = {c for c in args.cases.split(",") if c}
+    dtypes = {d for d in args.dtypes.split(",") if d}
+    items = [it for it in kernels(args.db, {args.fit, *check}, args.seed)
+             if (not cases or it["case"] in cases) and (not dtypes or it["dtype"] in dtypes)]
     failed = 0
     for i, it in enumerate(items):
         text = dump(it["mlir"], Path(args.configs) / f"{it['key']}.mlir", compile=not args.cached_only,
@@ -337,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = list(dict.fromkeys([args.fit, *check]))
     result = {"benchmark": "costmodel_vtile_rules", **header(1, args.seed),
               "iree_version": iree.version(), "host_cpu": iree.host_cpu(), "target_cpu": args.target_cpu,
-              "fit_split": None if args.agreement_only else args.fit,
+              "fit_split": None if args.agreement_only else args.fit, "cases": sorted(cases) or "all",
+              "dtypes": sorted(dtypes) or "all",
               "kernels": {s: sum(it["split"] == s for it in items) for s in SPLITS},
               "without_tile": {s: sum(it["split"] == s and it["iree"] is None for it in items) for s in SPLITS},
               "rules_agreement": rules_agreement(good, splits)}

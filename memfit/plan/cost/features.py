@@ -30,13 +30,15 @@ EXTRA_NAMES = ("log_work_elems", "log_trans_elems", "log_convert_elems", "log_re
 # strided contiguous axis, an outer-axis reduction). Default columns are only appended, so a model file reads the
 # leading columns it was trained on (Bundle.feature_names, ResidualGBM.n_features); the pipe columns come after
 # the vtile ones, so a `--base pipes` model trained before them is refused by check_columns (a clear error).
-# Then vtiles.VTILE_NAMES: the vector tile IREE is modelled to give the dominant contraction, and what it costs.
-# DEFAULT_NAMES: the 70 columns a model reads by default (the nets with FitConfig(features="all"), the residual
-# trees, the LightGBM baseline); models trained before the vtile columns read the first 62 and still load. Then
+# Then vtiles.VTILE_NAMES: the vector tile IREE is modelled to give the dominant contraction, and what it costs,
+# and vtiles.LAYOUT_NAMES: whether that tile ends in a part-filled vector and how its input is strided.
+# DEFAULT_NAMES: the 72 columns a model reads by default (the nets with FitConfig(features="all"), the residual
+# trees, the LightGBM baseline); models trained before the vtile columns read the first 62, those trained before
+# the layout columns the first 70, and still load. Then
 # PIPE_NAMES: the work of each pipe of roofline.PipeBase (contraction FLOPs; element-wise arithmetic), computed
 # into every row but read by the nets and trees only with the pipe base (columns(), `--base pipes`: tried, not
 # shipped).
-DEFAULT_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES, *vtiles.VTILE_NAMES)
+DEFAULT_NAMES = (*NAMES, *EXTRA_NAMES, *paths.PATH_NAMES, *vtiles.VTILE_NAMES, *vtiles.LAYOUT_NAMES)
 PIPE_NAMES = ("log_contract_flops", "log_arith_elems")
 ALL_NAMES = (*DEFAULT_NAMES, *PIPE_NAMES)
 _CONVERT = {"extf", "truncf", "extsi", "trunci", "sitofp", "fptosi", "uitofp"}
@@ -164,8 +166,9 @@ def vector(fn: Function) -> list[float]:
 
 
 def full_vector(fn: Function, vtile_rules: vtiles.Rules = vtiles.SHIPPED) -> list[float]:
-    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, vtiles.VTILE_NAMES (the tile by `vtile_rules`: the
-    model's, Bundle.vtile_rules), then PIPE_NAMES (what dataset.Examples.X and `predict` hold)."""
+    """ALL_NAMES: NAMES, EXTRA_NAMES, paths.PATH_NAMES, vtiles.VTILE_NAMES and LAYOUT_NAMES (the tile by
+    `vtile_rules`: the model's, Bundle.vtile_rules), then PIPE_NAMES (what dataset.Examples.X and `predict`
+    hold)."""
     e, p = extra(fn), pipes(fn)
     return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.vector(fn, vtile_rules)
-            + [float(p[n]) for n in PIPE_NAMES])
+            + vtiles.layout(fn, vtile_rules) + [float(p[n]) for n in PIPE_NAMES])

@@ -18,6 +18,14 @@ thresholds differ by one kernel each, and
 on the validation and test kernels SHIPPED gives IREE's exact tile on 90.4%, the training fit 90.8%
 (docs/costmodel.md, "The vector tile model").
 
+IREE takes an NCHW 1x1 convolution of stride 2 differently: its output width whole (up to 28; a multiple of 16
+gets 16 f32 lanes, up to 32 for bf16 and i8), with the rows cut to a budget of inner x rows x step. SHIPPED
+keeps the divisor rule the model was trained with (17 of the 60 such kernels of the Intel host's 12000-label set
+exact); STRIDED (`--vtile-rules strided`) has IREE's rule (60 of 60). Where such a tile is f32 and 21-28 wide,
+IREE's code runs ~15x slower than at 16 lanes, which LAYOUT_NAMES let a model see (and GATHERED counts in the
+instruction columns). ODD_N adds IREE's N tile of f32 matmuls whose N is not a multiple of 16: 16 lanes where
+N's largest divisor up to 32 is over 16 and the tile is full, where SHIPPED keeps the divisor for an N over 64.
+
 The features: log2 of the inner (vector) tile and its share of the 16-lane vectors it fills, log2 of the
 tile's other parallel sizes (rows) and of its reduction step, log2 of the number of tiles (iterations / tile
 volume: each has a fixed cost of accumulator loads and stores and loop control), of the vector operations
@@ -39,6 +47,13 @@ from memfit.plan.cost.parse import Function
 
 VTILE_NAMES = ("vt_log_inner", "vt_lane_eff", "vt_log_rows", "vt_log_red", "vt_log_tiles", "vt_log_vec_ops",
                "vt_log_insts", "vt_log_inner_loads")
+# Appended after VTILE_NAMES (features.DEFAULT_NAMES): how the inner tile meets memory. vt_wide_tail: 1 when
+# it spans more than one vector and ends in a part-filled one (a 28-wide f32 tile: 16 + 12 lanes), 0 otherwise;
+# vt_log_inner_stride: log2 of the input's stride along the inner loop (an NCHW convolution that vectorises its
+# output width, stride 2: 1; every other contraction reads it contiguously: 0). Why: IREE lowers a strided f32
+# tile of 21-28 lanes into ~2000 single-lane moves; such kernels ran at 0.14-0.19 GFLOP/s against 1.8-3.3 for
+# the same convolutions with a 16- or 14-lane tile (docs/costmodel.md, "The vector tile model").
+LAYOUT_NAMES = ("vt_wide_tail", "vt_log_inner_stride")
 LANES = 16  # f32 (and i32 accumulator) lanes of a 512-bit vector
 
 
@@ -61,6 +76,15 @@ class Rules:
     mm_f32_small: int = 56       # f32: ... when rows x step is under this and the step is under mm_f32_short_k
     mm_f32_short_k: int = 16
     mm_f32_full_n: int = 64      # f32: an N up to this, not a multiple of 16, gets 16 lanes unless small
+    # IREE's rule for an f32 N over 16 that is not a multiple of 16 (0: not modelled, as in SHIPPED; STRIDED sets
+    # them): its largest divisor up to mm_wide, or 16 lanes (and a remainder) where that divisor is over 16 and
+    # the tile is full: a K step of at least mm_f32_odd_step and rows x step of at least mm_f32_odd_tile.
+    mm_f32_odd_step: int = 0
+    mm_f32_odd_tile: int = 0
+    # 1: an f32 tile of more than one vector that ends part-filled and reads a strided input (an NCHW 1x1 of
+    # stride 2 taken whole-width) is counted as IREE compiles it, its inner operand moved one lane at a time
+    # (the instruction and load columns); 0 (SHIPPED): a vector load per 16 lanes, as every other tile
+    gather_f32_strided: int = 0
     nhwc_inner: int = 16         # NHWC convolution (not 1x1 stride 1): F tile
     nhwc_rows: int = 8           # output width tile (also of a 1x1 of stride 2)
     nhwc_step: int = 8           # C step
@@ -73,6 +97,14 @@ class Rules:
     nchw_step: int = 8           # C step
     nchw_1x1s_inner: int = 16    # an NCHW 1x1 of stride 2: output width tile
     nchw_1x1s_rows: int = 8      # ... output height tile
+    # IREE's own rule for an NCHW 1x1 of stride 2 (0: not modelled, as in SHIPPED; STRIDED sets them): the
+    # output width is taken whole (its largest divisor up to nchw_1x1s_whole) unless it is a multiple of 16,
+    # which gets 16 lanes (f32) or its largest multiple of 16 up to 32 (bf16, i8); where inner x rows x step
+    # is over the dtype's budget (in elements), the rows are cut to the largest power of two within it.
+    nchw_1x1s_whole: int = 0
+    nchw_1x1s_budget_f32: int = 0
+    nchw_1x1s_budget_bf16: int = 0
+    nchw_1x1s_budget_i8: int = 0
     dw_inner: int = 16           # depthwise: channel tile
     dw_rows: int = 8             # output width tile
     dw_taps: int = 3             # a filter up to this wide is one step; wider: one tap a step
@@ -91,7 +123,17 @@ SHIPPED = Rules()
 # kernels the exact tile goes from 88.1% to 99.1% on training, 77.8% to 92.6% on validation, 83.3% to 98.1%
 # on test; docs/costmodel.md). A model trained with them records it (Bundle.info["vtile_rules"]).
 WORKGROUPS = dataclasses.replace(SHIPPED, conv_f_dist=64, conv_groups=8)
-RULES = {"shipped": SHIPPED, "workgroups": WORKGROUPS}
+# IREE's rule for NCHW 1x1 convolutions of stride 2 (read off the Intel host's compiled configurations of all
+# 60 such kernels of the 12000-label set: SHIPPED gives the exact tile on 17, these on 60; docs/costmodel.md).
+STRIDED = dataclasses.replace(SHIPPED, nchw_1x1s_whole=28, nchw_1x1s_budget_f32=448, nchw_1x1s_budget_bf16=896,
+                              nchw_1x1s_budget_i8=1536)
+# ... and IREE's N tile of f32 matmuls whose N is not a multiple of 16 (its two numbers fitted to the 462
+# training kernels of the 12000-label set with such an N over 16: IREE's inner tile on 443, SHIPPED's on 322;
+# out of sample 74 / 76 validation and 129 / 134 test kernels, SHIPPED 50 and 88).
+ODD_N = dataclasses.replace(STRIDED, mm_f32_odd_step=11, mm_f32_odd_tile=48)
+# ... and the f32 whole-width strided tiles counted as IREE compiles them, lane by lane (Rules.gather_f32_strided)
+GATHERED = dataclasses.replace(ODD_N, gather_f32_strided=1)
+RULES = {"shipped": SHIPPED, "workgroups": WORKGROUPS, "strided": STRIDED, "odd_n": ODD_N, "gathered": GATHERED}
 
 
 def rules_named(name: str | None) -> Rules:
@@ -129,6 +171,8 @@ def tile(op: LinalgOp, rules: Rules = SHIPPED) -> tuple[int, int, int]:
         if kh == kw == 1 and op.strides == 1:  # a matmul: F x output pixels, reduced over C
             tm, tk = divisor_tile(f, r.mm_rows), divisor_tile(c, r.mm_step)
             return _matmul_inner(out[2] * out[3], tm, tk, dtype, r), tm, tk
+        if kh == kw == 1 and r.nchw_1x1s_whole:
+            return _nchw_1x1s(out[2], out[3], c, dtype, r)
         if kh == kw == 1:
             return (divisor_tile(out[3], r.nchw_1x1s_inner), divisor_tile(out[2], r.nchw_1x1s_rows),
                     divisor_tile(c, r.conv_1x1s_step))
@@ -146,7 +190,8 @@ def _matmul_inner(n: int, tm: int, tk: int, dtype: str, r: Rules = SHIPPED) -> i
     """A matmul's N tile: the largest divisor of N up to 32 for i8. For f32 and bf16 a multiple of 16 gets
     16, or 32 when the rest of the tile is small (tm x tk under 112 for bf16; for f32 a reduction step under
     16 and tm x tk under 56); an N under 16 is taken whole; an f32 N of 17-64 with a full tile gets 16 (and a
-    remainder); any other N its largest divisor up to 32. (The numbers are SHIPPED's; `r` may change them.)"""
+    remainder); any other N its largest divisor up to 32. (The numbers are SHIPPED's; `r` may change them.)
+    With Rules.mm_f32_odd_step set (ODD_N), an f32 N that is not a multiple of 16 follows IREE's rule instead."""
     if dtype == "i8":
         return divisor_tile(n, r.mm_i8_inner)
     small = tm * tk < r.mm_bf16_small if dtype == "bf16" else (tk < r.mm_f32_short_k and tm * tk < r.mm_f32_small)
@@ -154,9 +199,29 @@ def _matmul_inner(n: int, tm: int, tk: int, dtype: str, r: Rules = SHIPPED) -> i
         return 2 * LANES if small else LANES
     if n < LANES:
         return n
+    if dtype == "f32" and r.mm_f32_odd_step:
+        d = divisor_tile(n, r.mm_wide)
+        return LANES if d > LANES and tk >= r.mm_f32_odd_step and tm * tk >= r.mm_f32_odd_tile else d
     if n <= r.mm_f32_full_n and dtype == "f32" and not small:
         return LANES
     return divisor_tile(n, r.mm_wide)
+
+
+def _nchw_1x1s(oh: int, ow: int, c: int, dtype: str, r: Rules) -> tuple[int, int, int]:
+    """(inner, rows, step) of an NCHW 1x1 convolution of stride 2 by IREE's rule (Rules.nchw_1x1s_whole)."""
+    if ow % LANES == 0:
+        most = LANES if dtype == "f32" else 2 * LANES
+        inner = max(d for d in range(LANES, most + 1, LANES) if ow % d == 0)
+    else:
+        inner = divisor_tile(ow, r.nchw_1x1s_whole)
+    step = divisor_tile(c, r.conv_1x1s_step)
+    rows = divisor_tile(oh, r.nchw_1x1s_rows)
+    budget = {"i8": r.nchw_1x1s_budget_i8, "bf16": r.nchw_1x1s_budget_bf16}.get(dtype, r.nchw_1x1s_budget_f32)
+    if inner * rows * step > budget:
+        rows = 1
+        while inner * 2 * rows * step <= budget:
+            rows *= 2
+    return inner, rows, step
 
 
 def _f_dist(f: int, cap: int) -> int:
@@ -189,17 +254,25 @@ def _nchw_f_share(f: int, n: int, groups: int = 8) -> int:
     return p2 if p2 >= 2 else divisor_tile(f, most)
 
 
-def features_of(inner: int, rows: int, red: int, work: float) -> dict[str, float]:
+def features_of(inner: int, rows: int, red: int, work: float, gathered: bool = False) -> dict[str, float]:
     if work <= 0:
         return {n: 0.0 for n in VTILE_NAMES}
     vectors = math.ceil(inner / LANES)
+    loads = inner if gathered else vectors  # a gathered inner operand: one move per lane
     tiles = max(work / (inner * rows * red), 1.0)
-    # a reduction step of a tile: `rows` broadcasts, `vectors` loads of the inner operand, rows x vectors FMAs;
+    # a reduction step of a tile: `rows` broadcasts, `loads` of the inner operand, rows x vectors FMAs;
     # a tile also loads and stores its rows x vectors accumulators
-    insts = tiles * (red * (rows + vectors + rows * vectors) + 2 * rows * vectors)
+    insts = tiles * (red * (rows + loads + rows * vectors) + 2 * rows * vectors)
     return dict(zip(VTILE_NAMES, (math.log2(inner), inner / (vectors * LANES), math.log2(rows), math.log2(red),
                                   math.log2(tiles), math.log2(work * vectors / inner), math.log2(insts),
-                                  math.log2(tiles * red * vectors))))
+                                  math.log2(tiles * red * loads))))
+
+
+def gathered(op: LinalgOp, inner: int, rules: Rules) -> bool:
+    """Whether `rules` count the tile's inner operand as moved one lane at a time (Rules.gather_f32_strided)."""
+    dtype = op.ins[0].dtype if op.ins else "f32"
+    return (bool(rules.gather_f32_strided) and dtype == "f32" and inner_stride(op) > 1 and inner > LANES
+            and inner % LANES != 0)
 
 
 def vtile(fn: Function, rules: Rules = SHIPPED) -> dict[str, float]:
@@ -208,9 +281,30 @@ def vtile(fn: Function, rules: Rules = SHIPPED) -> dict[str, float]:
     if not ops:
         return {n: 0.0 for n in VTILE_NAMES}
     main = max(ops, key=lambda o: o.flops())
-    return features_of(*tile(main, rules), main.flops() / 2)
+    t = tile(main, rules)
+    return features_of(*t, main.flops() / 2, gathered(main, t[0], rules))
 
 
 def vector(fn: Function, rules: Rules = SHIPPED) -> list[float]:
     v = vtile(fn, rules)
     return [float(v[n]) for n in VTILE_NAMES]
+
+
+def inner_stride(op: LinalgOp) -> int:
+    """The input's stride along the loop a contraction vectorises: an NCHW convolution's (not a 1x1 of stride
+    1, which is lowered as a matmul over output pixels) vectorises its output width, which steps the input by
+    the stride; every other kind's inner loop (N, F or channels) is contiguous."""
+    if kind(op) != "conv_nchw":
+        return 1
+    kh, kw = op.ins[1].shape[2:]
+    return 1 if kh == kw == 1 and op.strides == 1 else max(op.strides, 1)
+
+
+def layout(fn: Function, rules: Rules = SHIPPED) -> list[float]:
+    """LAYOUT_NAMES of a function (the tile by `rules`; all 0 without a contraction)."""
+    ops = [o for o in linalg_ops(fn) if gemm_view(o)[0]]
+    if not ops:
+        return [0.0] * len(LAYOUT_NAMES)
+    main = max(ops, key=lambda o: o.flops())
+    inner = tile(main, rules)[0]
+    return [float(inner > LANES and inner % LANES != 0), math.log2(inner_stride(main))]

@@ -117,6 +117,93 @@ def test_workgroup_rules_follow_iree_where_shipped_does_not(spec, iree, shipped)
     assert _conv_tile(vtiles.SHIPPED, *spec) == shipped  # the shipped model's columns are unchanged
 
 
+@pytest.mark.parametrize("spec,iree,shipped", [
+    # IREE 3.13's tiles of NCHW 1x1 convolutions of stride 2 on the Intel host (vector_common_parallel
+    # [1, 1, rows, inner], vector_reduction's C step), kernels of the 12000-label set
+    (("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 28), (28, 1, 16), (14, 7, 16)),  # the width whole: 28 lanes
+    (("conv_nchw", "f32", 2, 65, 384, 1, 2, 1, 23), (23, 1, 13), (1, 1, 13)),    # 23 prime: whole, not 1
+    (("conv_nchw", "f32", 1, 233, 68, 1, 2, 1, 50), (25, 5, 1), (10, 5, 1)),     # 50: its divisor 25
+    (("conv_nchw", "f32", 1, 16, 256, 1, 2, 1, 7), (7, 4, 16), (7, 7, 16)),      # 7 x 7 x 16 over 448: 4 rows
+    (("conv_nchw", "f32", 2, 96, 192, 1, 2, 1, 32), (16, 1, 16), (16, 8, 16)),   # a multiple of 16: 16 lanes
+    (("conv_nchw", "bf16", 2, 96, 192, 1, 2, 1, 32), (32, 1, 16), (16, 8, 16)),  # ... 32 for bf16
+    (("conv_nchw", "bf16", 1, 336, 232, 1, 2, 1, 14), (14, 4, 16), (14, 7, 16)),  # bf16's budget: 896
+    (("conv_nchw", "i8", 1, 69, 384, 1, 2, 1, 32), (32, 8, 3), (16, 8, 3)),
+    (("conv_nchw", "i8", 2, 256, 27, 1, 2, 1, 21), (21, 4, 16), (7, 7, 16)),
+])
+def test_strided_rules_follow_iree_on_nchw_1x1_stride_2(spec, iree, shipped):
+    assert _conv_tile(vtiles.STRIDED, *spec) == iree
+    assert _conv_tile(vtiles.SHIPPED, *spec) == shipped  # the shipped model's columns are unchanged
+
+
+def test_strided_rules_change_nothing_else():
+    for spec in (("conv_nchw", "f32", 1, 48, 48, 3, 1, 1, 28), ("conv_nchw", "f32", 1, 96, 60, 1, 1, 1, 91),
+                 ("conv_nhwc", "f32", 1, 64, 96, 1, 2, 1, 14), ("depthwise", "f32", 2, 86, 86, 7, 2, 1, 56)):
+        assert _conv_tile(vtiles.STRIDED, *spec) == _conv_tile(vtiles.SHIPPED, *spec)
+    assert vtiles.rules_named("strided") is vtiles.STRIDED
+
+
+@pytest.mark.parametrize("params,iree,shipped", [
+    # IREE 3.13's tiles of f32 matmuls whose N is not a multiple of 16 (Intel host, 12000-label set)
+    ({"M": 256, "K": 256, "N": 500}, (16, 8, 16), (25, 8, 16)),   # divisor 25 over 16, full tile: 16 lanes
+    ({"M": 296, "K": 1536, "N": 49}, (7, 8, 16), (16, 8, 16)),    # divisor 7: kept (SHIPPED: 16 up to N 64)
+    ({"M": 197, "K": 576, "N": 462}, (22, 1, 16), (22, 1, 16)),   # one row: the divisor stays
+    ({"M": 32, "K": 155, "N": 1000}, (25, 8, 5), (25, 8, 5)),     # a K step of 5: the divisor stays
+    ({"M": 256, "K": 23, "N": 30}, (30, 8, 1), (30, 8, 1)),
+])
+def test_odd_n_rules_follow_iree_on_f32_matmuls(params, iree, shipped):
+    op = max((o for o in linalg_ops(_fn("matmul", "f32", params)) if gemm_view(o)[0]), key=lambda o: o.flops())
+    assert vtiles.tile(op, vtiles.ODD_N) == iree
+    assert vtiles.tile(op) == shipped
+    # bf16 and i8 keep SHIPPED's rule
+    for dtype in ("bf16", "i8"):
+        op = [o for o in linalg_ops(_fn("matmul", dtype, params)) if gemm_view(o)[0]][0]
+        assert vtiles.tile(op, vtiles.ODD_N) == vtiles.tile(op)
+
+
+def test_odd_n_rules_keep_the_strided_ones():
+    spec = ("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 28)
+    assert _conv_tile(vtiles.ODD_N, *spec) == _conv_tile(vtiles.STRIDED, *spec) == (28, 1, 16)
+
+
+def test_gathered_rules_count_a_strided_wide_f32_tile_lane_by_lane():
+    """GATHERED: an f32 NCHW 1x1 stride-2 tile of 28 lanes moves its inner operand one lane at a time, 28 loads a
+    step where a vector load takes 2; the instruction count follows. Nothing else changes."""
+    wide = _conv("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 28)
+    g, o = vtiles.vtile(wide, vtiles.GATHERED), vtiles.vtile(wide, vtiles.ODD_N)
+    assert g["vt_log_inner_loads"] == pytest.approx(o["vt_log_inner_loads"] + math.log2(28 / 2))
+    # a step of the 28 x 1 x 16 tile: 1 broadcast, 28 (not 2) loads, 2 FMAs; 4 accumulator moves a tile
+    assert g["vt_log_insts"] - o["vt_log_insts"] == pytest.approx(math.log2((16 * 31 + 4) / (16 * 5 + 4)))
+    assert {k: v for k, v in g.items() if k not in ("vt_log_inner_loads", "vt_log_insts")} == \
+        {k: v for k, v in o.items() if k not in ("vt_log_inner_loads", "vt_log_insts")}
+    for fn in (_conv("conv_nchw", "bf16", 1, 256, 144, 1, 2, 1, 28),     # bf16: IREE's vector code is fine
+               _conv("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 32),      # 16 lanes: no part-filled vector
+               _fn("matmul", "f32", {"M": 256, "K": 23, "N": 30})):      # 30 lanes, contiguous
+        assert vtiles.vtile(fn, vtiles.GATHERED) == vtiles.vtile(fn, vtiles.ODD_N)
+
+
+def test_layout_columns():
+    """vt_wide_tail: the inner tile spans more than one vector and ends part-filled; vt_log_inner_stride: the
+    input's stride along the inner loop (NCHW convolutions that vectorise the output width)."""
+    def cols(fn, rules=vtiles.SHIPPED):
+        return dict(zip(vtiles.LAYOUT_NAMES, vtiles.layout(fn, rules)))
+
+    wide = _conv("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 28)
+    assert cols(wide, vtiles.STRIDED) == {"vt_wide_tail": 1.0, "vt_log_inner_stride": 1.0}  # 28 = 16 + 12 lanes
+    assert cols(wide) == {"vt_wide_tail": 0.0, "vt_log_inner_stride": 1.0}                   # SHIPPED's tile: 14
+    assert cols(_conv("conv_nchw", "f32", 1, 48, 48, 3, 1, 1, 28)) == {"vt_wide_tail": 0.0, "vt_log_inner_stride": 0.0}
+    assert cols(_conv("conv_nchw", "i8", 2, 24, 32, 5, 2, 1, 28))["vt_log_inner_stride"] == 1.0  # 5x5, stride 2
+    assert cols(_conv("conv_nhwc", "f32", 1, 64, 96, 3, 2, 1, 14))["vt_log_inner_stride"] == 0.0  # F is contiguous
+    assert cols(_fn("matmul", "f32", {"M": 256, "K": 23, "N": 30})) == {"vt_wide_tail": 1.0, "vt_log_inner_stride": 0.0}
+    assert cols(_fn("matmul", "f32", {"M": 240, "K": 41, "N": 192}))["vt_wide_tail"] == 0.0  # 32 = 2 full vectors
+    assert cols(_fn("matmul", "bf16", {"M": 196, "K": 256, "N": 635}))["vt_wide_tail"] == 0.0  # 5: one vector
+    assert cols(_fn("elementwise", "f32", {"shape": [8, 63], "ops": ["relu"], "fused": True})) == \
+        {"vt_wide_tail": 0.0, "vt_log_inner_stride": 0.0}
+    # in the feature row right after the vtile columns, by the rules the row is computed with
+    at = features.ALL_NAMES.index(vtiles.LAYOUT_NAMES[0])
+    assert features.ALL_NAMES[at - 1] == vtiles.VTILE_NAMES[-1]
+    assert features.full_vector(wide, vtiles.STRIDED)[at:at + 2] == [1.0, 1.0]
+
+
 def test_examples_and_predict_use_the_rules_the_model_names(tmp_path):
     """dataset.from_rows computes the tile columns by the named rules; a model records its rules and `predict`
     computes its columns by them (an unknown name is refused at load)."""
@@ -141,13 +228,18 @@ def test_examples_and_predict_use_the_rules_the_model_names(tmp_path):
     b = fit_seq(ex.subset(np.arange(0, 32)), ex.subset(np.arange(32, 40)),
                 FitConfig(epochs=1, d=16, layers=1, seeds=1), verbose=False)
     paths_ = {}
-    for name in ("shipped", "workgroups", "spline"):
+    for name in ("shipped", "workgroups", "strided", "spline"):
         b.info["vtile_rules"] = name
         paths_[name] = tmp_path / f"{name}.safetensors"
         b.save(str(paths_[name]))
     load_model.cache_clear()
     by = {name: predict(mlir, model=str(paths_[name]))["latency_us"] for name in ("shipped", "workgroups")}
     assert by["shipped"] != by["workgroups"]  # the columns the model reads differ only by the rules it names
+    strided = KernelSpec("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 256, "F": 144, "KH": 1, "stride": 2,
+                                         "dilation": 1, "OH": 28}).mlir()
+    assert (predict(strided, model=str(paths_["strided"]))["latency_us"]
+            != predict(strided, model=str(paths_["shipped"]))["latency_us"])
+    assert predict(mlir, model=str(paths_["strided"]))["latency_us"] == by["shipped"]  # not an NCHW 1x1 stride 2
     del b.info["vtile_rules"]  # every model before the key: the shipped rules
     b.save(str(tmp_path / "old.safetensors"))
     assert predict(mlir, model=str(tmp_path / "old.safetensors"))["latency_us"] == by["shipped"]
