@@ -35,7 +35,7 @@ WEIGHTS = np.round(np.linspace(0.0, 1.0, 11), 3)
 SHIFTS = np.round(np.linspace(-0.3, 0.1, 41), 3)
 
 
-def working_set(fn, l1: int = 32 << 10, l2: int = 1 << 20, l3: int = 32 << 20) -> list[float]:
+def working_set(fn, l1: int = 32 << 10, l2: int = 1 << 20, l3: int = 32 << 20, rules=None) -> list[float]:
     """WORKING_SET of a function: its op of most work (FLOPs of a contraction, else iterations), the bytes of
     its operands (log2 and against each cache level), and for a contraction its operands apart, the B panel a
     row tile streams (K x the modelled inner tile) and the 64x64 tiles of its M x N."""
@@ -60,7 +60,7 @@ def working_set(fn, l1: int = 32 << 10, l2: int = 1 << 20, l3: int = 32 << 20) -
              ws_over_l2_log=math.log2(max(ws, 1) / l2), max_t_log=math.log2(max(bs) + 1))
     if gemm_view(main)[0]:
         m, n, k, _ = gemm_view(main)
-        inner = vtiles.tile(main)[0]
+        inner = vtiles.tile(main, rules or vtiles.SHIPPED)[0]   # by the model's rules (run passes them)
         panel = k * inner * bytes_of(main.ins[0].dtype)
         f.update(a_log=math.log2(bs[0] + 1), b_log=math.log2(bs[1] + 1), c_log=math.log2(bs[-1] + 1),
                  panel_log=math.log2(panel + 1), panel_l1=float(panel > l1), panel_l2=float(panel > l2),
@@ -122,15 +122,17 @@ def _trees(X: np.ndarray, resid: np.ndarray, tr: np.ndarray, va: np.ndarray, see
     return b.predict(X, num_iteration=b.best_iteration)
 
 
-def oracle_columns(ex, configs: Path) -> tuple[np.ndarray, int, int]:
-    """ex.X's vector-tile columns with IREE's own tile (cached dumps) where a kernel's contraction has one;
-    the kernels replaced and how many of them the modelled tile had wrong."""
+def oracle_columns(ex, configs: Path, rules=None) -> tuple[np.ndarray, int, int]:
+    """ex.X's vector-tile columns (and the layout columns after them) with IREE's own tile (cached dumps) where a
+    kernel's contraction has one; the kernels replaced and how many of them the modelled tile (by `rules`, the
+    model's; default SHIPPED) had wrong."""
     from benchmarks.costmodel_vtile_rules import iree_tile
     from memfit.plan.cost import vtiles
     from memfit.plan.cost.features import DEFAULT_NAMES
     from memfit.plan.cost.gemm import gemm_view
     from memfit.plan.cost.ops import linalg_ops
 
+    rules = rules or vtiles.SHIPPED
     X = ex.X.copy()
     at = DEFAULT_NAMES.index(vtiles.VTILE_NAMES[0])
     have = wrong = 0
@@ -143,9 +145,12 @@ def oracle_columns(ex, configs: Path) -> tuple[np.ndarray, int, int]:
             continue
         op = max(ops, key=lambda o: o.flops())   # vtiles' dominant contraction, as costmodel_vtile_rules reads it
         have += 1
-        wrong += tuple(t) != vtiles.tile(op)
-        f = vtiles.features_of(*t, op.flops() / 2)
+        wrong += tuple(t) != vtiles.tile(op, rules)
+        f = vtiles.features_of(*t, op.flops() / 2, vtiles.gathered(op, t[0], rules))
         X[i, at:at + len(vtiles.VTILE_NAMES)] = [f[n] for n in vtiles.VTILE_NAMES]
+        lt = at + len(vtiles.VTILE_NAMES)   # the layout columns follow (features.DEFAULT_NAMES)
+        X[i, lt:lt + len(vtiles.LAYOUT_NAMES)] = [float(t[0] > vtiles.LANES and t[0] % vtiles.LANES != 0),
+                                                   math.log2(vtiles.inner_stride(op))]
     return X, have, wrong
 
 
@@ -156,8 +161,11 @@ def run(args: argparse.Namespace) -> dict:
     from memfit.plan.cost.roofline import base_of
     from memfit.plan.cost.train import load
 
+    from memfit.plan.cost.vtiles import rules_named
+
     bundle = load_model(args.nets_from)
     ex, meta = load(args.db, vtile_rules(bundle))
+    rules = rules_named(vtile_rules(bundle))   # the tile the model's columns were computed by
     tr, va, te = dataset.shape_split(ex, args.seed)
     true = ex.Y[:, 0]
     fam = np.array(ex.families)
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
     info: dict = {}
     for v in variants:
         if v == "working_set":
-            W = np.array([working_set(fn) for fn in ex.roofline_inputs])
+            W = np.array([working_set(fn, rules=rules) for fn in ex.roofline_inputs])
             z, c = choose_blend(nets, base_log + _trees(np.hstack([X, W]), resid, tr, va, args.seed), true, va)
         elif v == "huber":
             z, c = choose_blend(nets, base_log + _trees(X, resid, tr, va, args.seed, objective="huber"), true, va)
@@ -210,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         elif v == "family_shift":
             z, c = family_shift(z0, true, fam, va)
         else:
-            Xo, have, wrong = oracle_columns(ex, Path(args.configs))
+            Xo, have, wrong = oracle_columns(ex, Path(args.configs), rules)
             info["oracle_tile"] = {"kernels_with_iree_tile": have, "modelled_tile_differs": wrong}
             z, c = choose_blend(nets, base_log + _trees(Xo[:, :nd], resid, tr, va, args.seed), true, va)
         record(v, z, c)

@@ -3,6 +3,7 @@ and the calibration recover a known offset, and the working-set columns of a kno
 import math
 
 import numpy as np
+import pytest
 
 from benchmarks import costmodel_variants as V
 from memfit.plan.cost import vtiles
@@ -53,3 +54,29 @@ def test_working_set_of_a_matmul():
     inner = vtiles.tile(contraction(spec.mlir()))[0]
     assert f["panel_log"] == math.log2(128 * inner * 4 + 1) and f["wg_log"] == 2.0  # 64 x 256 / 64^2 = 4 tiles
     assert f["conv_in_log"] == 0.0
+
+
+def test_oracle_columns_put_iree_tile_in_the_tile_and_layout_columns(tmp_path):
+    """IREE's tile from a dump replaces the modelled one in the 8 tile columns and the 2 layout columns after
+    them; a tile the model's rules got wrong is counted."""
+    from memfit.plan.cost import dataset, features, vtiles
+    from memfit.plan.cost.families import KernelSpec
+
+    spec = KernelSpec("conv", "f32", {"kind": "conv_nchw", "N": 1, "C": 256, "F": 144, "KH": 1, "stride": 2,
+                                      "dilation": 1, "OH": 28})
+    rows = [{"key": "k", "family": "conv", "shape_key": "s", "mlir": spec.mlir()}]
+    (tmp_path / "k.mlir").write_text(
+        "%7 = linalg.generic {} ins(%a, %b : tensor<x>, tensor<y>) outs(%5) attrs = {lowering_config = "
+        "#iree_cpu.lowering_config<vector_common_parallel = [1, 1, 1, 28, 0, 0, 0], "
+        "vector_reduction = [0, 0, 0, 0, 16, 1, 1]>} {\n")
+    at = features.ALL_NAMES.index(vtiles.VTILE_NAMES[0])
+    n = len(vtiles.VTILE_NAMES) + len(vtiles.LAYOUT_NAMES)
+    ex = dataset.from_rows(rows)                     # SHIPPED's tile: 14 x 7 x 16
+    X, have, wrong = V.oracle_columns(ex, tmp_path)
+    assert (have, wrong) == (1, 1)
+    f = vtiles.features_of(28, 1, 16, 144 * 28 * 28 * 256)
+    assert list(X[0, at:at + n]) == pytest.approx([f[k] for k in vtiles.VTILE_NAMES] + [1.0, 1.0])
+    assert list(ex.X[0, at + n - 2:at + n]) == [0.0, 1.0]   # the modelled 14 lanes: no part-filled vector
+    ex = dataset.from_rows(rows, "strided")          # STRIDED's tile is IREE's: the same row, nothing wrong
+    X, have, wrong = V.oracle_columns(ex, tmp_path, vtiles.STRIDED)
+    assert (have, wrong) == (1, 0) and list(X[0]) == pytest.approx(list(ex.X[0]))

@@ -179,8 +179,15 @@ def test_agreement_only_reports_each_rules_entry_by_case_and_family(tmp_path):
     res = json.loads(out.read_text())
     agree = res["rules_agreement"]
     assert res["cases"] == ["depthwise"] and res["dtypes"] == "all"
+    assert total("shipped", "by_family", "all", "n") == 1
+    assert total("workgroups", "by_family", "all", "exact_kernels") == 1
     assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only", "--agreement-only",
                    "--dtypes", "i8", "--out", str(out)]) == 0
     assert sum(json.loads(out.read_text())["kernels"].values()) == 0  # every kernel here is f32
-    assert total("shipped", "by_family", "all", "n") == 1
-    assert total("workgroups", "by_family", "all", "exact_kernels") == 1
+    assert R.main(["--db", str(db), "--configs", str(tmp_path / "cfg"), "--cached-only", "--agreement-only",
+                   "--dtypes", "f32", "--cases", "matmul", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    agree = res["rules_agreement"]
+    assert (res["cases"], res["dtypes"]) == (["matmul"], ["f32"]) and sum(res["kernels"].values()) == 8
+    assert total("shipped", "by_case", "matmul", "exact_kernels") == 7
+    assert total("shipped", "by_case", "depthwise", "n") == 0

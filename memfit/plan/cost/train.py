@@ -37,9 +37,9 @@ class TrainConfig:
     leaves: tuple[int, ...] = (15,)
     # residual trees of each kind of kernel too (gbm.ResidualGBM's by_kind), averaged with the shared trees
     by_kind: bool = False
-    # the vector-tile columns' rules (vtiles.RULES: "shipped", or "workgroups", which models how IREE spreads
-    # NHWC and depthwise convolutions over workgroups); a model records the ones it was trained with
-    vtile_rules: str = "shipped"
+    # the vector-tile columns' rules (vtiles.RULES; vtiles.DEFAULT_RULES, "odd_n", the shipped Intel model's);
+    # a model records the ones it was trained with
+    vtile_rules: str = "odd_n"
     # the held-out-shapes split's seed (None: fit.seed's); another fit.seed over the same split retrains the nets
     # and trees from other seeds on the same test kernels, so that two runs' paired difference can be repeated
     split_seed: int | None = None

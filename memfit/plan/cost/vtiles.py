@@ -20,7 +20,7 @@ on the validation and test kernels SHIPPED gives IREE's exact tile on 90.4%, the
 
 IREE takes an NCHW 1x1 convolution of stride 2 differently: its output width whole (up to 28; a multiple of 16
 gets 16 f32 lanes, up to 32 for bf16 and i8), with the rows cut to a budget of inner x rows x step. SHIPPED
-keeps the divisor rule the model was trained with (17 of the 60 such kernels of the Intel host's 12000-label set
+keeps the divisor rule the models before 8 December were trained with (17 of the 60 such kernels of the Intel host's 12000-label set
 exact); STRIDED (`--vtile-rules strided`) has IREE's rule (60 of 60). Where such a tile is f32 and 21-28 wide,
 IREE's code runs ~15x slower than at 16 lanes, which LAYOUT_NAMES let a model see (and GATHERED counts in the
 instruction columns). ODD_N adds IREE's N tile of f32 matmuls whose N is not a multiple of 16: 16 lanes where
@@ -51,8 +51,8 @@ VTILE_NAMES = ("vt_log_inner", "vt_lane_eff", "vt_log_rows", "vt_log_red", "vt_l
 # it spans more than one vector and ends in a part-filled one (a 28-wide f32 tile: 16 + 12 lanes), 0 otherwise;
 # vt_log_inner_stride: log2 of the input's stride along the inner loop (an NCHW convolution that vectorises its
 # output width, stride 2: 1; every other contraction reads it contiguously: 0). Why: IREE lowers a strided f32
-# tile of 21-28 lanes into ~2000 single-lane moves; such kernels ran at 0.14-0.19 GFLOP/s against 1.8-3.3 for
-# the same convolutions with a 16- or 14-lane tile (docs/costmodel.md, "The vector tile model").
+# tile of 21-28 lanes into ~2000 single-lane moves; such kernels ran at 0.14-0.19 GFLOP/s against 1.55-3.46
+# for those with a tile of 16 lanes or fewer (docs/costmodel.md, "The vector tile model").
 LAYOUT_NAMES = ("vt_wide_tail", "vt_log_inner_stride")
 LANES = 16  # f32 (and i32 accumulator) lanes of a 512-bit vector
 
@@ -66,8 +66,10 @@ def divisor_tile(x: int, cap: int) -> int:
 
 @dataclass(frozen=True)
 class Rules:
-    """The caps and thresholds of the tile rules (see tile()). SHIPPED are the values the model was trained
-    with; benchmarks/costmodel_vtile_rules.py fits each of them to one split's compiled configurations."""
+    """The caps and thresholds of the tile rules (see tile()). SHIPPED are the values the models shipped before
+    8 December (and the Zen 4 model) were trained with, ODD_N the shipped Intel model's;
+    benchmarks/costmodel_vtile_rules.py fits the numbers it names (PARAMS: not the NCHW 1x1 stride-2, odd-N or
+    gathered ones) to one split's compiled configurations."""
     mm_rows: int = 8             # a matmul's M tile: largest divisor up to this (and a 1x1 convolution's)
     mm_step: int = 16            # its K step
     mm_i8_inner: int = 32        # an i8 matmul's N tile: largest divisor up to this
@@ -76,7 +78,7 @@ class Rules:
     mm_f32_small: int = 56       # f32: ... when rows x step is under this and the step is under mm_f32_short_k
     mm_f32_short_k: int = 16
     mm_f32_full_n: int = 64      # f32: an N up to this, not a multiple of 16, gets 16 lanes unless small
-    # IREE's rule for an f32 N over 16 that is not a multiple of 16 (0: not modelled, as in SHIPPED; STRIDED sets
+    # IREE's rule for an f32 N over 16 that is not a multiple of 16 (0: not modelled, as in SHIPPED; ODD_N sets
     # them): its largest divisor up to mm_wide, or 16 lanes (and a remainder) where that divisor is over 16 and
     # the tile is full: a K step of at least mm_f32_odd_step and rows x step of at least mm_f32_odd_tile.
     mm_f32_odd_step: int = 0
@@ -134,6 +136,9 @@ ODD_N = dataclasses.replace(STRIDED, mm_f32_odd_step=11, mm_f32_odd_tile=48)
 # ... and the f32 whole-width strided tiles counted as IREE compiles them, lane by lane (Rules.gather_f32_strided)
 GATHERED = dataclasses.replace(ODD_N, gather_f32_strided=1)
 RULES = {"shipped": SHIPPED, "workgroups": WORKGROUPS, "strided": STRIDED, "odd_n": ODD_N, "gathered": GATHERED}
+# what `train` uses unless told otherwise: the shipped Intel model's rules (a model file without the key, the
+# Zen 4 one and every one before 8 December, reads SHIPPED's)
+DEFAULT_RULES = "odd_n"
 
 
 def rules_named(name: str | None) -> Rules:
@@ -293,7 +298,8 @@ def vector(fn: Function, rules: Rules = SHIPPED) -> list[float]:
 def inner_stride(op: LinalgOp) -> int:
     """The input's stride along the loop a contraction vectorises: an NCHW convolution's (not a 1x1 of stride
     1, which is lowered as a matmul over output pixels) vectorises its output width, which steps the input by
-    the stride; every other kind's inner loop (N, F or channels) is contiguous."""
+    the stride (LinalgOp.strides: the first, as every kernel the generator draws has equal strides); every
+    other kind's inner loop (N, F or channels) is contiguous."""
     if kind(op) != "conv_nchw":
         return 1
     kh, kw = op.ins[1].shape[2:]

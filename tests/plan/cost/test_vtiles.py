@@ -160,6 +160,16 @@ def test_odd_n_rules_follow_iree_on_f32_matmuls(params, iree, shipped):
         assert vtiles.tile(op, vtiles.ODD_N) == vtiles.tile(op)
 
 
+@pytest.mark.parametrize("m,k,inner", [
+    # ODD_N's two numbers (an N of 1000: divisor 25): 16 lanes from a K step of 11 and rows x step of 48
+    (8, 10, 25), (8, 11, 16),      # rows 8: the step decides
+    (2, 16, 25), (3, 16, 16),      # step 16: rows x step 32 against 48
+])
+def test_odd_n_thresholds(m, k, inner):
+    op = [o for o in linalg_ops(_fn("matmul", "f32", {"M": m, "K": k, "N": 1000})) if gemm_view(o)[0]][0]
+    assert vtiles.tile(op, vtiles.ODD_N) == (inner, m, k)
+
+
 def test_odd_n_rules_keep_the_strided_ones():
     spec = ("conv_nchw", "f32", 1, 256, 144, 1, 2, 1, 28)
     assert _conv_tile(vtiles.ODD_N, *spec) == _conv_tile(vtiles.STRIDED, *spec) == (28, 1, 16)
