@@ -56,14 +56,9 @@ def main() -> int:
     ap.add_argument("--trees-by-kind", action="store_true",
                     help="residual trees of each kind of kernel too (conv, matmul, other), averaged with the shared "
                          "trees (TrainConfig.by_kind)")
-    from memfit.plan.cost.vtiles import DEFAULT_RULES, RULES
+    from memfit.plan.cost.vtiles import DEFAULT_RULES, RULES, RULES_HELP
 
-    ap.add_argument("--vtile-rules", choices=tuple(RULES), default=DEFAULT_RULES,
-                    help=f"the vector-tile columns' rules (vtiles.RULES; default {DEFAULT_RULES}, the shipped "
-                         "model's: IREE's tile of NCHW 1x1 convolutions of stride 2 and of f32 matmuls whose N is "
-                         "not a multiple of 16; shipped: the rules of the models before; strided: the first alone; "
-                         "workgroups: shipped and IREE's workgroup cut of NHWC and depthwise convolutions; "
-                         "gathered: odd_n and f32 whole-width strided tiles counted lane by lane)")
+    ap.add_argument("--vtile-rules", choices=tuple(RULES), default=DEFAULT_RULES, help=RULES_HELP)
     ap.add_argument("--train-first", type=int, metavar="N",
                     help="train and validate on the file's first N kernels only (as drawn); test on all its held-out "
                          "shapes, so runs with several N score on the same test kernels (a learning curve)")

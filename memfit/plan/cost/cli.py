@@ -46,14 +46,9 @@ def register(subparsers) -> None:
     t.add_argument("--epochs", type=int, default=40, help="training epochs of the sequence model (default 40)")
     t.add_argument("--seed", type=int, default=0, help="the held-out shapes' split and the fits (default 0)")
     t.add_argument("--families", action="store_true", help="also hold out each family in turn")
-    from memfit.plan.cost.vtiles import DEFAULT_RULES, RULES
+    from memfit.plan.cost.vtiles import DEFAULT_RULES, RULES, RULES_HELP
 
-    t.add_argument("--vtile-rules", choices=tuple(RULES), default=DEFAULT_RULES,
-                   help=f"the vector-tile columns' rules (default {DEFAULT_RULES}, the shipped model's: IREE's tile of "
-                        "NCHW 1x1 convolutions of stride 2 and of f32 matmuls whose N is not a multiple of 16; "
-                        "shipped: the rules of the models before; strided: the first of the two alone; workgroups: "
-                        "shipped and IREE's workgroup cut of NHWC and depthwise convolutions; gathered: odd_n and "
-                        "f32 whole-width strided tiles counted lane by lane; the model records them)")
+    t.add_argument("--vtile-rules", choices=tuple(RULES), default=DEFAULT_RULES, help=RULES_HELP)
     t.add_argument("--json", action="store_true", help=JSON_HELP)
     for name, hlp in (("predict", "predict a function's figures (no compile: works without IREE)"),
                       ("measure", "compile and time a function with IREE (checks a prediction)")):

@@ -139,6 +139,12 @@ RULES = {"shipped": SHIPPED, "workgroups": WORKGROUPS, "strided": STRIDED, "odd_
 # what `train` uses unless told otherwise: the shipped Intel model's rules (a model file without the key, the
 # Zen 4 one and every one before 8 December, reads SHIPPED's)
 DEFAULT_RULES = "odd_n"
+# `--vtile-rules`'s help, in `memfit costmodel train` and benchmarks/costmodel.py alike
+RULES_HELP = (f"the vector-tile columns' rules (vtiles.RULES; default {DEFAULT_RULES}, the shipped model's: IREE's "
+              "tile of NCHW 1x1 convolutions of stride 2 and of f32 matmuls whose N is not a multiple of 16; "
+              "shipped: the rules of the models before; strided: the first alone; workgroups: shipped and IREE's "
+              "workgroup cut of NHWC and depthwise convolutions; gathered: odd_n and f32 whole-width strided tiles "
+              "counted lane by lane; the model records them)")
 
 
 def rules_named(name: str | None) -> Rules:
