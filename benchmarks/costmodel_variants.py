@@ -149,8 +149,7 @@ def oracle_columns(ex, configs: Path, rules=None) -> tuple[np.ndarray, int, int]
         f = vtiles.features_of(*t, op.flops() / 2, vtiles.gathered(op, t[0], rules))
         X[i, at:at + len(vtiles.VTILE_NAMES)] = [f[n] for n in vtiles.VTILE_NAMES]
         lt = at + len(vtiles.VTILE_NAMES)   # the layout columns follow (features.DEFAULT_NAMES)
-        X[i, lt:lt + len(vtiles.LAYOUT_NAMES)] = [float(t[0] > vtiles.LANES and t[0] % vtiles.LANES != 0),
-                                                   math.log2(vtiles.inner_stride(op))]
+        X[i, lt:lt + len(vtiles.LAYOUT_NAMES)] = vtiles.layout_of(op, t[0])
     return X, have, wrong
 
 

@@ -170,5 +170,5 @@ def full_vector(fn: Function, vtile_rules: vtiles.Rules = vtiles.SHIPPED) -> lis
     `vtile_rules`: the model's, Bundle.vtile_rules), then PIPE_NAMES (what dataset.Examples.X and `predict`
     hold)."""
     e, p = extra(fn), pipes(fn)
-    return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.vector(fn, vtile_rules)
-            + vtiles.layout(fn, vtile_rules) + [float(p[n]) for n in PIPE_NAMES])
+    return (vector(fn) + [float(e[n]) for n in EXTRA_NAMES] + paths.vector(fn) + vtiles.columns(fn, vtile_rules)
+            + [float(p[n]) for n in PIPE_NAMES])

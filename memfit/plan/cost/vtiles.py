@@ -279,26 +279,15 @@ def features_of(inner: int, rows: int, red: int, work: float, gathered: bool = F
                                   math.log2(tiles * red * loads))))
 
 
+def wide_tail(inner: int) -> bool:
+    """An inner tile of more than one 16-lane vector that ends in a part-filled one (28 lanes: 16 + 12)."""
+    return inner > LANES and inner % LANES != 0
+
+
 def gathered(op: LinalgOp, inner: int, rules: Rules) -> bool:
     """Whether `rules` count the tile's inner operand as moved one lane at a time (Rules.gather_f32_strided)."""
     dtype = op.ins[0].dtype if op.ins else "f32"
-    return (bool(rules.gather_f32_strided) and dtype == "f32" and inner_stride(op) > 1 and inner > LANES
-            and inner % LANES != 0)
-
-
-def vtile(fn: Function, rules: Rules = SHIPPED) -> dict[str, float]:
-    """VTILE_NAMES of a function (see the module's note), its tile by `rules`."""
-    ops = [o for o in linalg_ops(fn) if gemm_view(o)[0]]
-    if not ops:
-        return {n: 0.0 for n in VTILE_NAMES}
-    main = max(ops, key=lambda o: o.flops())
-    t = tile(main, rules)
-    return features_of(*t, main.flops() / 2, gathered(main, t[0], rules))
-
-
-def vector(fn: Function, rules: Rules = SHIPPED) -> list[float]:
-    v = vtile(fn, rules)
-    return [float(v[n]) for n in VTILE_NAMES]
+    return bool(rules.gather_f32_strided) and dtype == "f32" and inner_stride(op) > 1 and wide_tail(inner)
 
 
 def inner_stride(op: LinalgOp) -> int:
@@ -312,11 +301,37 @@ def inner_stride(op: LinalgOp) -> int:
     return 1 if kh == kw == 1 and op.strides == 1 else max(op.strides, 1)
 
 
+def layout_of(op: LinalgOp, inner: int) -> list[float]:
+    """LAYOUT_NAMES of a contraction `op` whose vector tile is `inner` lanes wide."""
+    return [float(wide_tail(inner)), math.log2(inner_stride(op))]
+
+
+def _dominant(fn: Function) -> LinalgOp | None:
+    """The contraction of most FLOPs (the one the tile columns describe), or None."""
+    ops = [o for o in linalg_ops(fn) if gemm_view(o)[0]]
+    return max(ops, key=lambda o: o.flops()) if ops else None
+
+
+def vtile(fn: Function, rules: Rules = SHIPPED) -> dict[str, float]:
+    """VTILE_NAMES of a function (see the module's note), its tile by `rules`."""
+    main = _dominant(fn)
+    if main is None:
+        return {n: 0.0 for n in VTILE_NAMES}
+    t = tile(main, rules)
+    return features_of(*t, main.flops() / 2, gathered(main, t[0], rules))
+
+
 def layout(fn: Function, rules: Rules = SHIPPED) -> list[float]:
     """LAYOUT_NAMES of a function (the tile by `rules`; all 0 without a contraction)."""
-    ops = [o for o in linalg_ops(fn) if gemm_view(o)[0]]
-    if not ops:
-        return [0.0] * len(LAYOUT_NAMES)
-    main = max(ops, key=lambda o: o.flops())
-    inner = tile(main, rules)[0]
-    return [float(inner > LANES and inner % LANES != 0), math.log2(inner_stride(main))]
+    main = _dominant(fn)
+    return [0.0] * len(LAYOUT_NAMES) if main is None else layout_of(main, tile(main, rules)[0])
+
+
+def columns(fn: Function, rules: Rules = SHIPPED) -> list[float]:
+    """VTILE_NAMES then LAYOUT_NAMES of a function, its ops parsed and its tile found once (features.full_vector)."""
+    main = _dominant(fn)
+    if main is None:
+        return [0.0] * (len(VTILE_NAMES) + len(LAYOUT_NAMES))
+    t = tile(main, rules)
+    f = features_of(*t, main.flops() / 2, gathered(main, t[0], rules))
+    return [float(f[n]) for n in VTILE_NAMES] + layout_of(main, t[0])

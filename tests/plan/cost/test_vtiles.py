@@ -212,6 +212,10 @@ def test_layout_columns():
     at = features.ALL_NAMES.index(vtiles.LAYOUT_NAMES[0])
     assert features.ALL_NAMES[at - 1] == vtiles.VTILE_NAMES[-1]
     assert features.full_vector(wide, vtiles.STRIDED)[at:at + 2] == [1.0, 1.0]
+    # columns() (what full_vector reads) finds the tile once: the same as the tile and layout columns apart
+    for rules in (vtiles.SHIPPED, vtiles.STRIDED, vtiles.GATHERED):
+        v = vtiles.vtile(wide, rules)
+        assert vtiles.columns(wide, rules) == [v[k] for k in vtiles.VTILE_NAMES] + vtiles.layout(wide, rules)
 
 
 def test_examples_and_predict_use_the_rules_the_model_names(tmp_path):
